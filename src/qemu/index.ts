@@ -1,0 +1,5 @@
+export * from './constants';
+export * from './errors';
+export * from './records';
+export { StreamParser, type Framing, type ParserOptions } from './parser';
+export { StreamWriter } from './writer';
