@@ -133,6 +133,7 @@ export class StreamParser {
   private blockListRemaining = 0;
   private blockListFlags = 0;
   private blockListTotal = 0;
+  private blockListStart = 0;
   private lastBlock: RamBlock | null = null;
   private wordFlags = 0;
   private wordOffset = 0;
@@ -508,6 +509,7 @@ export class StreamParser {
         }
 
         case State.BlockListNameLength: {
+          this.startRecord();
           if (!this.need(1)) return;
           this.payloadLength = this.rb[this.ro];
           this.state = State.BlockListEntry;
@@ -549,7 +551,7 @@ export class StreamParser {
               flags: this.blockListFlags,
               totalBytes: this.blockListTotal,
               blocks: this.blocks,
-              streamOffset: this.recordStart,
+              streamOffset: this.blockListStart,
             });
             this.state = State.RamWord;
           }
@@ -800,6 +802,7 @@ export class StreamParser {
           this.fail(StreamErrorCode.AbsurdLength, `RAM size of ${high * TWO_32} bytes or more`);
         }
         this.blockListFlags = flags;
+        this.blockListStart = this.recordStart;
         this.blockListTotal = this.wordOffset;
         this.blockListRemaining = this.wordOffset;
         if (this.wordOffset === 0) {

@@ -1,0 +1,14 @@
+// Writes the hand-built fixtures of test/fixtures.ts to fixtures/ with a manifest.
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { buildFixtures } from '../test/fixtures';
+
+const dir = join(__dirname, '..', '..', 'fixtures');
+const target = process.argv[2] ?? dir;
+mkdirSync(target, { recursive: true });
+const manifest = buildFixtures().map((f) => {
+  writeFileSync(join(target, `${f.name}.bin`), f.bytes);
+  return { file: `${f.name}.bin`, description: f.description, bytes: f.bytes.length, expect: f.expect };
+});
+writeFileSync(join(target, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n');
+console.log(`wrote ${manifest.length} fixtures to ${target}`);

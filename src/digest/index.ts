@@ -1,0 +1,171 @@
+/**
+ * Page digests: XXH3-128 (seed 0, default secret) of guest pages, computed
+ * in batch by the native addon `bfmig_digest` (native/digest.c).
+ *
+ * Each digest is the 16-byte canonical form of the 128-bit hash (big-endian,
+ * XXH128_canonicalFromHash), i.e. the same bytes as the hex string printed by
+ * `xxhsum -H2` / hash-wasm's `xxhash128`.
+ *
+ * The functions write into a caller-supplied buffer: digest i goes to
+ * out[outOffset + 16*i .. outOffset + 16*i + 16). They allocate nothing per
+ * page and return undefined. Every offset and length is validated in C before
+ * any byte is read or written; bad arguments throw RangeError (out of bounds,
+ * non-integer, negative) or TypeError (wrong argument type) and leave `out`
+ * untouched. If `out` overlaps the pages being hashed, digests are written in
+ * page order and may overwrite pages not yet hashed: don't do that.
+ *
+ * The addon is loaded when this module is first imported, so a missing build
+ * fails at startup, not in the middle of a migration. Build it with
+ * `npm run build:native` (needs g++, make, python3 and libxxhash-dev).
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+/** Bytes per digest (XXH3-128). */
+export const DIGEST_BYTES = 16;
+
+/** Kernel names: "avx2"/"sse2" on x86-64, "default" elsewhere. */
+export type DigestVariant = 'avx2' | 'sse2' | 'default';
+
+/**
+ * Hash `count` pages of `pageSize` bytes at src[offsets[i]]; write digest i at
+ * out[outOffset + 16*i]. Requires count <= offsets.length,
+ * offsets[i] + pageSize <= src.length, outOffset + 16*count <= out.length.
+ */
+export type DigestPagesFn = (
+  src: Uint8Array,
+  offsets: Uint32Array,
+  count: number,
+  pageSize: number,
+  out: Uint8Array,
+  outOffset: number,
+) => void;
+
+/** Hash `count` consecutive pages starting at src[start]. */
+export type DigestContiguousFn = (
+  src: Uint8Array,
+  start: number,
+  count: number,
+  pageSize: number,
+  out: Uint8Array,
+  outOffset: number,
+) => void;
+
+/** Hash src[start .. start+len) (any length, including 0). */
+export type DigestOneFn = (
+  src: Uint8Array,
+  start: number,
+  len: number,
+  out: Uint8Array,
+  outOffset: number,
+) => void;
+
+interface DigestAddon {
+  digestPages: DigestPagesFn;
+  digestContiguous: DigestContiguousFn;
+  digestOne: DigestOneFn;
+  variant: () => DigestVariant;
+  variants: () => DigestVariant[];
+  selectVariant: (name: DigestVariant | 'auto') => DigestVariant;
+}
+
+const ADDON_RELATIVE_PATH = path.join('build', 'Release', 'bfmig_digest.node');
+const PACKAGE_NAME = 'bfmig';
+
+/** Directory of the bfmig package.json, found by walking up from here. */
+function findPackageRoot(from: string): string {
+  let dir = from;
+  for (;;) {
+    const pkgFile = path.join(dir, 'package.json');
+    if (fs.existsSync(pkgFile)) {
+      try {
+        const pkg: unknown = JSON.parse(fs.readFileSync(pkgFile, 'utf8'));
+        if (typeof pkg === 'object' && pkg !== null && (pkg as { name?: unknown }).name === PACKAGE_NAME) {
+          return dir;
+        }
+      } catch {
+        // Unreadable package.json: keep walking up.
+      }
+    }
+    const parent = path.dirname(dir);
+    if (parent === dir) {
+      throw new Error(`bfmig digest: cannot find the ${PACKAGE_NAME} package root above ${from}`);
+    }
+    dir = parent;
+  }
+}
+
+/** Absolute path of the addon this module loads. */
+export const DIGEST_ADDON_PATH: string = path.join(findPackageRoot(__dirname), ADDON_RELATIVE_PATH);
+
+const BUILD_HINT = 'run `npm run build:native` (needs g++, make, python3 and libxxhash-dev)';
+
+function isDigestAddon(m: unknown): m is DigestAddon {
+  if (typeof m !== 'object' || m === null) return false;
+  const r = m as Record<string, unknown>;
+  return ['digestPages', 'digestContiguous', 'digestOne', 'variant', 'variants', 'selectVariant'].every(
+    (k) => typeof r[k] === 'function',
+  );
+}
+
+function loadAddon(file: string): DigestAddon {
+  if (!fs.existsSync(file)) {
+    throw new Error(`bfmig digest: native addon not built (${file} is missing): ${BUILD_HINT}`);
+  }
+  let mod: unknown;
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    mod = require(file);
+  } catch (err) {
+    const why = err instanceof Error ? err.message : String(err);
+    throw new Error(`bfmig digest: cannot load native addon ${file}: ${why}; ${BUILD_HINT}`, { cause: err });
+  }
+  if (!isDigestAddon(mod)) {
+    throw new Error(`bfmig digest: ${file} is not the bfmig_digest addon; ${BUILD_HINT}`);
+  }
+  return mod;
+}
+
+const addon: DigestAddon = loadAddon(DIGEST_ADDON_PATH);
+
+// Ops escape hatch: BFMIG_DIGEST_VARIANT=sse2 forces the baseline kernel.
+{
+  const forced = process.env.BFMIG_DIGEST_VARIANT;
+  if (forced !== undefined && forced !== '') {
+    addon.selectVariant(forced as DigestVariant | 'auto');
+  }
+}
+
+/** Batch digest of pages at arbitrary offsets (one native call). */
+export const digestPages: DigestPagesFn = addon.digestPages;
+/** Batch digest of consecutive pages (one native call). */
+export const digestContiguous: DigestContiguousFn = addon.digestContiguous;
+/** Digest of an arbitrary byte range (tests and tools). */
+export const digestOne: DigestOneFn = addon.digestOne;
+
+/** Kernel currently used by the digest functions (process-wide). */
+export function digestVariant(): DigestVariant {
+  return addon.variant();
+}
+
+/** Kernels this build can run on this CPU, best first. */
+export function availableDigestVariants(): DigestVariant[] {
+  return addon.variants();
+}
+
+/**
+ * Select the kernel for the whole process ("auto" = best available); for
+ * tests and benchmarks. All kernels produce identical digests. Throws if the
+ * CPU does not support the requested kernel.
+ */
+export function selectDigestVariant(name: DigestVariant | 'auto'): DigestVariant {
+  return addon.selectVariant(name);
+}
+
+/** Lower-case hex of the digest at buf[offset .. offset+16). */
+export function digestHex(buf: Uint8Array, offset = 0): string {
+  if (!Number.isInteger(offset) || offset < 0 || offset + DIGEST_BYTES > buf.length) {
+    throw new RangeError(`digestHex: offset ${offset} out of range for length ${buf.length}`);
+  }
+  return Buffer.from(buf.buffer, buf.byteOffset + offset, DIGEST_BYTES).toString('hex');
+}
