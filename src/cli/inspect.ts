@@ -1,0 +1,68 @@
+import { createReadStream } from 'node:fs';
+import type { Readable } from 'node:stream';
+import { type InspectReport, StreamInspector } from '../qemu/inspect';
+
+export async function inspectSource(source: Readable): Promise<InspectReport> {
+  const inspector = new StreamInspector();
+  for await (const chunk of source) inspector.push(chunk as Buffer);
+  return inspector.end();
+}
+
+export async function inspectPath(path: string): Promise<InspectReport> {
+  return inspectSource(path === '-' ? process.stdin : createReadStream(path, { highWaterMark: 1 << 20 }));
+}
+
+const n = (v: number): string => v.toLocaleString('en-US');
+
+function table(rows: (string | number)[][], align: ('l' | 'r')[]): string {
+  const cells = rows.map((r) => r.map((c) => (typeof c === 'number' ? n(c) : c)));
+  const widths = align.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
+  return cells
+    .map((r) => '  ' + r.map((c, i) => (align[i] === 'r' ? c.padStart(widths[i]) : c.padEnd(widths[i]))).join('  ').trimEnd())
+    .join('\n');
+}
+
+export function formatReport(r: InspectReport): string {
+  const lines: string[] = [];
+  const framing = [
+    r.configuration ? `configuration ${r.configuration.machineType}` : 'no configuration',
+    r.footers ? 'footers' : 'no footers',
+    r.vmDescription.present ? `vmdesc ${n(r.vmDescription.bytes)} bytes` : 'no vmdesc',
+  ].join(', ');
+  lines.push(`stream     ${n(r.bytes)} bytes, version ${r.version ?? '?'}, framing ${r.framing} (${framing})`);
+  lines.push(`rewrite    ${r.identical ? 'byte-identical' : 'NOT identical'}${r.complete ? '' : ' (stream incomplete)'}`);
+  if (r.error) lines.push(`error      ${r.error.message}`);
+  if (r.fallback) lines.push(`fallback   relayed verbatim from byte ${n(r.fallback.offset)}: ${r.fallback.reason}`);
+  lines.push(`RAM        ${n(r.ram.totalBytes)} bytes in ${r.ram.blocks.length} blocks`);
+  lines.push(table([['block', 'bytes', 'pages'], ...r.ram.blocks.map((b) => [b.name, b.bytes, b.pages])], ['l', 'r', 'r']));
+  const rec = r.ram.records;
+  lines.push(
+    `RAM records normal ${n(rec.normal)}, zero ${n(rec.zero)}, xbzrle ${n(rec.xbzrle)}, compressed ${n(rec.compressed)}, ` +
+      `eos ${n(rec.eos)}, multifd-flush ${n(rec.multifdFlush)}, hook ${n(rec.hook)}`,
+  );
+  lines.push('sections');
+  lines.push(
+    table(
+      [
+        ['id', 'idstr', 'instance', 'version', 'headers', 'bytes'],
+        ...r.sections.map((s) => [
+          String(s.sectionId),
+          s.idstr,
+          String(s.instanceId),
+          String(s.versionId),
+          (['start', 'part', 'end', 'full'] as const).filter((k) => s.headers[k] > 0).map((k) => `${k} ${s.headers[k]}`).join(', '),
+          s.bytes,
+        ]),
+      ],
+      ['r', 'l', 'r', 'r', 'l', 'r'],
+    ),
+  );
+  if (r.framing === 'legacy') lines.push('  (the legacy framing does not mark where one device section ends: later devices are counted in the first)');
+  if (r.vmDescription.matchesSections !== null) {
+    lines.push(`vmdesc     ${r.vmDescription.devices} devices, ${r.vmDescription.matchesSections ? 'matching' : 'NOT matching'} the FULL sections found`);
+  }
+  if (r.commands.length) lines.push(`commands   ${r.commands.map((c) => `${c.command}(${c.length})`).join(' ')}`);
+  lines.push('bytes by kind');
+  lines.push(table(Object.entries(r.bytesByKind).sort((a, b) => b[1] - a[1]), ['l', 'r']));
+  return lines.join('\n');
+}

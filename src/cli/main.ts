@@ -1,0 +1,74 @@
+import { parseEndpoint, formatEndpoint } from '../address';
+import { Capture } from '../capture';
+import { parseArgs, requireOption, stringOption, UsageError } from './args';
+import { formatReport, inspectPath } from './inspect';
+
+const USAGE = `usage: bfmig <command> [options]
+
+commands:
+  inspect <file|-> [--json]       report what a captured migration stream holds
+  capture --listen HOST:PORT --out FILE [--forward HOST:PORT]
+                                  accept one migration from a source QEMU and write it to FILE,
+                                  relaying it to the destination QEMU with --forward
+`;
+
+async function run(argv: readonly string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  switch (command) {
+    case 'inspect': {
+      const args = parseArgs(rest, ['json']);
+      const path = args.positionals[0];
+      if (!path) throw new UsageError('inspect needs a file, or - for standard input');
+      const report = await inspectPath(path);
+      process.stdout.write(args.options.has('json') ? JSON.stringify(report, null, 2) + '\n' : formatReport(report) + '\n');
+      return report.error || !report.identical ? 1 : 0;
+    }
+    case 'capture': {
+      const args = parseArgs(rest, []);
+      const forward = stringOption(args, 'forward');
+      const capture = new Capture({
+        listen: parseEndpoint(requireOption(args, 'listen')),
+        out: requireOption(args, 'out'),
+        ...(forward ? { forward: parseEndpoint(forward) } : {}),
+      });
+      const bound = await capture.listen();
+      process.stdout.write(`listening on ${formatEndpoint(bound)}\n`);
+      const stop = (): void => {
+        capture.close();
+        process.exit(1);
+      };
+      process.once('SIGINT', stop);
+      process.once('SIGTERM', stop);
+      const result = await capture.done;
+      process.stdout.write(
+        `captured ${result.bytes} bytes` + (forward ? `, relayed ${result.returnBytes} bytes back` : '') + (result.error ? `; ${result.error}` : '') + '\n',
+      );
+      return result.error ? 1 : 0;
+    }
+    case undefined:
+    case 'help':
+    case '--help':
+    case '-h':
+      process.stdout.write(USAGE);
+      return command === undefined ? 2 : 0;
+    default:
+      throw new UsageError(`unknown command "${command}"`);
+  }
+}
+
+export function main(argv: readonly string[]): void {
+  run(argv).then(
+    (code) => {
+      process.exitCode = code;
+    },
+    (err: unknown) => {
+      if (err instanceof UsageError) {
+        process.stderr.write(`bfmig: ${err.message}\n\n${USAGE}`);
+        process.exitCode = 2;
+      } else {
+        process.stderr.write(`bfmig: ${err instanceof Error ? err.message : String(err)}\n`);
+        process.exitCode = 1;
+      }
+    },
+  );
+}
