@@ -20,6 +20,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { PACKAGE_ROOT } from '../paths';
 
 /** Bytes per digest (XXH3-128). */
 export const DIGEST_BYTES = 16;
@@ -70,33 +71,7 @@ interface DigestAddon {
 }
 
 const ADDON_RELATIVE_PATH = path.join('build', 'Release', 'bfmig_digest.node');
-const PACKAGE_NAME = 'bfmig';
-
-/** Directory of the bfmig package.json, found by walking up from here. */
-function findPackageRoot(from: string): string {
-  let dir = from;
-  for (;;) {
-    const pkgFile = path.join(dir, 'package.json');
-    if (fs.existsSync(pkgFile)) {
-      try {
-        const pkg: unknown = JSON.parse(fs.readFileSync(pkgFile, 'utf8'));
-        if (typeof pkg === 'object' && pkg !== null && (pkg as { name?: unknown }).name === PACKAGE_NAME) {
-          return dir;
-        }
-      } catch {
-        // Unreadable package.json: keep walking up.
-      }
-    }
-    const parent = path.dirname(dir);
-    if (parent === dir) {
-      throw new Error(`bfmig digest: cannot find the ${PACKAGE_NAME} package root above ${from}`);
-    }
-    dir = parent;
-  }
-}
-
-/** Absolute path of the addon this module loads. */
-export const DIGEST_ADDON_PATH: string = path.join(findPackageRoot(__dirname), ADDON_RELATIVE_PATH);
+export const DIGEST_ADDON_PATH: string = path.join(PACKAGE_ROOT, ADDON_RELATIVE_PATH);
 
 const BUILD_HINT = 'run `npm run build:native` (needs g++, make, python3 and libxxhash-dev)';
 

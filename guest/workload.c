@@ -1,0 +1,233 @@
+/*
+ * bfmig guest memory workload: a self-verifying memory pattern for migration tests.
+ *
+ * Build: gcc -O2 -static -o workload guest/workload.c
+ *
+ * It allocates N MiB as 4 KiB pages, fills every page with content derived only from
+ * (seed, page index, generation), then loops forever: each interval it rewrites a share
+ * of the pages with a new generation and verifies EVERY page against what it last wrote.
+ * A migration stream that loses, reorders, or corrupts a page is caught by the guest.
+ *
+ * Page layout (512 little-endian 64-bit words):
+ *   word 0: 0x574B4C44 ("WKLD") << 32 | page index (low 32 bits)
+ *   word 1: generation << 32 | seed (low 32 bits)
+ *   words 2..511: xorshift64 stream seeded from splitmix64(seed, index, generation)
+ * The header words only help diagnose a failure (which page / generation landed here).
+ *
+ * Console lines (stdout, line-buffered; the guest's /init points stdout at the console):
+ *   WORKLOAD START mib=<m> pages=<n> seed=<s> rewrite_pct=<p> interval_ms=<i> mlock=<0|1>
+ *   WORKLOAD READY pages=<n>
+ *   WORKLOAD VERIFY OK round=<r> pages=<n> rewritten=<k>
+ *   WORKLOAD VERIFY FAIL page=<i> round=<r> gen=<g> word=<w> expected=0x.. got=0x.. hdr_page=<p> hdr_gen=<g>
+ *   WORKLOAD VERIFY FAIL round=<r> pages=<n> bad=<b> rewritten=<k>      (per-round summary)
+ * A failing page is not repaired: the failure is reported again every round.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <inttypes.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE_SIZE 4096u
+#define WORDS_PER_PAGE (PAGE_SIZE / 8u)
+#define HDR_MAGIC 0x574B4C44ull
+#define MAX_FAIL_LINES_PER_ROUND 8u
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t page_state(uint64_t seed, uint64_t index, uint32_t gen) {
+    uint64_t x = seed ^ (index * 0xD1B54A32D192ED03ull) ^ ((uint64_t)gen * 0x8CB92BA72F3D8DD7ull);
+    uint64_t s = splitmix64(&x);
+    s ^= splitmix64(&x);
+    return s ? s : 0x2545F4914F6CDD1Dull;
+}
+
+static inline uint64_t xorshift64(uint64_t *s) {
+    uint64_t x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *s = x;
+    return x;
+}
+
+static inline uint64_t hdr0(uint64_t index) { return (HDR_MAGIC << 32) | (index & 0xFFFFFFFFull); }
+static inline uint64_t hdr1(uint64_t seed, uint32_t gen) {
+    return ((uint64_t)gen << 32) | (seed & 0xFFFFFFFFull);
+}
+
+static void fill_page(uint64_t *p, uint64_t seed, uint64_t index, uint32_t gen) {
+    uint64_t s = page_state(seed, index, gen);
+    p[0] = hdr0(index);
+    p[1] = hdr1(seed, gen);
+    for (unsigned w = 2; w < WORDS_PER_PAGE; w++) p[w] = xorshift64(&s);
+}
+
+/* Returns the index of the first mismatching word, or -1 if the page is intact. */
+static int check_page(const uint64_t *p, uint64_t seed, uint64_t index, uint32_t gen,
+                      uint64_t *expected_out) {
+    if (p[0] != hdr0(index)) { *expected_out = hdr0(index); return 0; }
+    if (p[1] != hdr1(seed, gen)) { *expected_out = hdr1(seed, gen); return 1; }
+    uint64_t s = page_state(seed, index, gen);
+    uint64_t diff = 0;
+    for (unsigned w = 2; w < WORDS_PER_PAGE; w++) diff |= p[w] ^ xorshift64(&s);
+    if (diff == 0) return -1;
+    s = page_state(seed, index, gen);
+    for (unsigned w = 2; w < WORDS_PER_PAGE; w++) {
+        uint64_t e = xorshift64(&s);
+        if (p[w] != e) { *expected_out = e; return (int)w; }
+    }
+    return -1; /* not reached */
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void sleep_until_ns(uint64_t deadline) {
+    for (;;) {
+        uint64_t t = now_ns();
+        if (t >= deadline) return;
+        uint64_t d = deadline - t;
+        struct timespec ts = { (time_t)(d / 1000000000ull), (long)(d % 1000000000ull) };
+        if (nanosleep(&ts, NULL) == 0) return;
+        if (errno != EINTR) return;
+    }
+}
+
+static void usage(const char *argv0) {
+    fprintf(stderr,
+            "usage: %s [--mib N] [--seed S] [--rewrite-pct P] [--interval-ms MS]\n"
+            "          [--rounds R] [--report-every K] [--inject-fault-round R]\n"
+            "  --mib N          memory to allocate and verify, MiB (default 64)\n"
+            "  --seed S         pattern seed (default 1)\n"
+            "  --rewrite-pct P  share of pages rewritten per second, percent (default 0)\n"
+            "  --interval-ms MS verify/rewrite interval (default 1000)\n"
+            "  --rounds R       stop after R rounds, 0 = run forever (default 0)\n"
+            "  --report-every K print VERIFY OK every K rounds (default 1); FAIL always printed\n"
+            "  --inject-fault-round R  self-test: flip one bit of one page in round R\n",
+            argv0);
+}
+
+static int parse_u64(const char *s, uint64_t *out) {
+    char *end = NULL;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno || end == s || *end != '\0') return -1;
+    *out = (uint64_t)v;
+    return 0;
+}
+
+static int parse_double(const char *s, double *out) {
+    char *end = NULL;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end != '\0') return -1;
+    *out = v;
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    uint64_t mib = 64, seed = 1, interval_ms = 1000, rounds = 0, report_every = 1, fault_round = 0;
+    double rewrite_pct = 0.0;
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = (i + 1 < argc) ? argv[i + 1] : NULL;
+        int bad;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(argv[0]); return 0; }
+        if (!strcmp(a, "--mib")) bad = !v || parse_u64(v, &mib) || mib == 0;
+        else if (!strcmp(a, "--seed")) bad = !v || parse_u64(v, &seed);
+        else if (!strcmp(a, "--rewrite-pct")) bad = !v || parse_double(v, &rewrite_pct) || rewrite_pct < 0 || rewrite_pct > 100;
+        else if (!strcmp(a, "--interval-ms")) bad = !v || parse_u64(v, &interval_ms) || interval_ms == 0;
+        else if (!strcmp(a, "--rounds")) bad = !v || parse_u64(v, &rounds);
+        else if (!strcmp(a, "--report-every")) bad = !v || parse_u64(v, &report_every) || report_every == 0;
+        else if (!strcmp(a, "--inject-fault-round")) bad = !v || parse_u64(v, &fault_round);
+        else bad = 2;
+        if (bad) {
+            if (bad == 2) fprintf(stderr, "workload: unknown option %s\n", a);
+            else fprintf(stderr, "workload: bad option %s %s\n", a, v ? v : "(missing value)");
+            usage(argv[0]);
+            return 2;
+        }
+        i++;
+    }
+
+    setvbuf(stdout, NULL, _IOLBF, 0);
+
+    const uint64_t npages = mib * (1024u * 1024u / PAGE_SIZE);
+    if (npages > 0xFFFFFFFFull) { fprintf(stderr, "workload: too many pages\n"); return 2; }
+    const size_t bytes = (size_t)npages * PAGE_SIZE;
+
+    int locked = mlockall(MCL_CURRENT | MCL_FUTURE) == 0;
+    uint8_t *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (mem == MAP_FAILED) {
+        printf("WORKLOAD ERROR mmap %" PRIu64 " MiB failed: %s\n", mib, strerror(errno));
+        return 1;
+    }
+    uint32_t *gens = calloc((size_t)npages, sizeof(uint32_t));
+    if (!gens) { printf("WORKLOAD ERROR calloc generations failed\n"); return 1; }
+    madvise(mem, bytes, MADV_NOHUGEPAGE); /* keep dirty tracking at 4 KiB granularity */
+
+    printf("WORKLOAD START mib=%" PRIu64 " pages=%" PRIu64 " seed=%" PRIu64 " rewrite_pct=%g interval_ms=%" PRIu64
+           " mlock=%d\n", mib, npages, seed, rewrite_pct, interval_ms, locked);
+
+    for (uint64_t i = 0; i < npages; i++) fill_page((uint64_t *)(mem + i * PAGE_SIZE), seed, i, 0);
+    printf("WORKLOAD READY pages=%" PRIu64 "\n", npages);
+
+    /* Pages to rewrite per round, carried as a fraction so small shares still happen. */
+    const double per_round = (double)npages * rewrite_pct / 100.0 * (double)interval_ms / 1000.0;
+    double carry = 0.0;
+    uint64_t pick = seed ^ 0x5DEECE66Dull;
+    uint64_t next = now_ns();
+
+    for (uint64_t round = 1; rounds == 0 || round <= rounds; round++) {
+        next += interval_ms * 1000000ull;
+        sleep_until_ns(next);
+        if (now_ns() > next + interval_ms * 1000000ull) next = now_ns(); /* fell behind (or VM was paused) */
+
+        carry += per_round;
+        uint64_t k = (uint64_t)carry;
+        carry -= (double)k;
+        for (uint64_t j = 0; j < k; j++) {
+            uint64_t i = splitmix64(&pick) % npages;
+            gens[i]++;
+            fill_page((uint64_t *)(mem + i * PAGE_SIZE), seed, i, gens[i]);
+        }
+
+        if (round == fault_round) mem[(npages / 2) * PAGE_SIZE + 1234] ^= 0x10;
+
+        uint64_t bad = 0;
+        for (uint64_t i = 0; i < npages; i++) {
+            const uint64_t *p = (const uint64_t *)(mem + i * PAGE_SIZE);
+            uint64_t expected = 0;
+            int w = check_page(p, seed, i, gens[i], &expected);
+            if (w < 0) continue;
+            if (bad < MAX_FAIL_LINES_PER_ROUND) {
+                printf("WORKLOAD VERIFY FAIL page=%" PRIu64 " round=%" PRIu64 " gen=%" PRIu32 " word=%d expected=0x%016" PRIx64
+                       " got=0x%016" PRIx64 " hdr_page=%" PRIu64 " hdr_gen=%" PRIu64 "\n",
+                       i, round, gens[i], w, expected, p[w], (uint64_t)(p[0] & 0xFFFFFFFFu), (uint64_t)(p[1] >> 32));
+            }
+            bad++;
+        }
+        if (bad) {
+            printf("WORKLOAD VERIFY FAIL round=%" PRIu64 " pages=%" PRIu64 " bad=%" PRIu64 " rewritten=%" PRIu64 "\n",
+                   round, npages, bad, k);
+        } else if (round % report_every == 0) {
+            printf("WORKLOAD VERIFY OK round=%" PRIu64 " pages=%" PRIu64 " rewritten=%" PRIu64 "\n", round, npages, k);
+        }
+    }
+    return 0;
+}

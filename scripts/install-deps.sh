@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Debian packages bfmig needs: QEMU for real migrations, a kernel and busybox for the test guest,
+# gcc for the guest's workload program, libxxhash-dev for the native page-digest addon.
+set -euo pipefail
+packages=(qemu-system-x86 linux-image-amd64 busybox-static cpio gzip libxxhash-dev gcc libc6-dev make g++ python3)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all Debian packages present"
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
