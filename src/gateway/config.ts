@@ -1,0 +1,385 @@
+/**
+ * Gateway configuration: one YAML file per site.
+ *
+ * ```yaml
+ * name: site-a                 # this site (required, [A-Za-z0-9._-]{1,64})
+ * data: /var/lib/bfmig         # store directory (required; relative to the config file's directory)
+ * peerListen: 0.0.0.0:7300     # required: where peer gateways connect
+ * metrics: 127.0.0.1:9464      # optional: Prometheus /metrics endpoint
+ * insecurePlaintext: false     # optional (default false)
+ * shutdownGraceSeconds: 30     # optional, 0 < n <= 86400 (default 30)
+ * routes:                      # optional
+ *   - vm: vm1                  # VM name
+ *     listen: 127.0.0.1:7101   # the source QEMU migrates here
+ *     peer: gw-b.example:7300  # far gateway's peerListen
+ *     target: 10.1.0.5:4444    # destination QEMU's -incoming address, as the far gateway reaches it
+ * allowTargets:                # what this gateway may dial when receiving; default loopback only
+ *   - 10.1.0.0/24:4444
+ * ```
+ *
+ * Every problem is reported as a {@link ConfigError} whose `key` names the offending setting,
+ * e.g. `routes[1].listen: "127.0.0.1" is not HOST:PORT`.
+ */
+import { readFileSync } from 'node:fs';
+import { BlockList, isIP } from 'node:net';
+import * as path from 'node:path';
+import { parseDocument } from 'yaml';
+import { Endpoint, formatEndpoint, parseEndpoint } from '../address';
+
+export class ConfigError extends Error {
+  /**
+   * @param key the offending setting, e.g. `routes[1].listen` ('' when the whole file is at fault)
+   * @param detail what is wrong with it
+   * @param source the config file, or '<config>' when parsed from a string
+   */
+  constructor(
+    readonly key: string,
+    readonly detail: string,
+    readonly source: string = DEFAULT_SOURCE,
+  ) {
+    const prefix = [source === DEFAULT_SOURCE ? '' : source, key].filter((s) => s !== '').join(': ');
+    super(prefix === '' ? detail : `${prefix}: ${detail}`);
+    this.name = 'ConfigError';
+  }
+}
+
+export interface RouteConfig {
+  /** VM name; also the key both gateways use for the VM's retained pages. */
+  vm: string;
+  /** Where the source QEMU migrates to (this gateway listens here). */
+  listen: Endpoint;
+  /** The far gateway's peerListen. */
+  peer: Endpoint;
+  /** The destination QEMU's -incoming address, as the far gateway reaches it. */
+  target: Endpoint;
+}
+
+/** One parsed `allowTargets` entry. */
+export type TargetRule =
+  | {
+      kind: 'net';
+      /** The entry as written. */
+      text: string;
+      family: 4 | 6;
+      /** Network address (an exact address when prefix is 32 / 128). */
+      address: string;
+      prefix: number;
+      /** '*' = any port. */
+      port: number | '*';
+    }
+  | {
+      kind: 'host';
+      text: string;
+      /** Hostname, lower-cased; matches only exactly. */
+      host: string;
+      port: number;
+    };
+
+export interface GatewayConfig {
+  /** The file this came from, or '<config>'. */
+  source: string;
+  name: string;
+  /** Store directory, absolute. */
+  data: string;
+  peerListen: Endpoint;
+  metrics: Endpoint | null;
+  insecurePlaintext: boolean;
+  shutdownGraceSeconds: number;
+  routes: RouteConfig[];
+  allowTargets: TargetRule[];
+  /** Accepted but not interpreted yet; null when absent. */
+  tls: Record<string, unknown> | null;
+}
+
+export const DEFAULT_SOURCE = '<config>';
+export const DEFAULT_ALLOW_TARGETS: readonly string[] = ['127.0.0.0/8:*', '[::1]:*'];
+export const DEFAULT_SHUTDOWN_GRACE_SECONDS = 30;
+export const MAX_SHUTDOWN_GRACE_SECONDS = 86400;
+
+const SITE_NAME = /^[A-Za-z0-9._-]{1,64}$/;
+const VM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const TOP_LEVEL_KEYS = [
+  'name',
+  'data',
+  'peerListen',
+  'metrics',
+  'insecurePlaintext',
+  'shutdownGraceSeconds',
+  'routes',
+  'allowTargets',
+  'tls',
+] as const;
+const ROUTE_KEYS = ['vm', 'listen', 'peer', 'target'] as const;
+
+export function loadConfig(file: string): GatewayConfig {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError('', `cannot read config: ${(err as Error).message}`, file);
+  }
+  return parseConfig(text, file);
+}
+
+/**
+ * Parse and validate a config. `source` names the file in errors; relative `data` paths resolve
+ * against its directory (against the working directory when source is '<config>').
+ */
+export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfig {
+  const fail = (key: string, detail: string): never => {
+    throw new ConfigError(key, detail, source);
+  };
+
+  const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: true });
+  if (doc.errors.length > 0) fail('', `invalid YAML: ${doc.errors[0].message.trimEnd()}`);
+  let root: unknown;
+  try {
+    root = doc.toJS({ maxAliasCount: 100 });
+  } catch (err) {
+    fail('', `invalid YAML: ${(err as Error).message}`);
+  }
+  if (!isMapping(root)) {
+    return fail('', root == null ? 'config is empty' : 'config must be a mapping of settings');
+  }
+
+  checkKeys(root, TOP_LEVEL_KEYS, '', fail);
+
+  const name = requiredString(root, 'name', 'name', fail);
+  if (!SITE_NAME.test(name)) fail('name', `"${name}" must be 1-64 characters of A-Z a-z 0-9 . _ -`);
+
+  const dataText = requiredString(root, 'data', 'data', fail);
+  const baseDir = source === DEFAULT_SOURCE ? process.cwd() : path.dirname(path.resolve(source));
+  const data = path.resolve(baseDir, dataText);
+
+  const peerListen = endpoint(requiredString(root, 'peerListen', 'peerListen', fail), 'peerListen', false, fail);
+  const metricsText = optionalString(root, 'metrics', 'metrics', fail);
+  const metrics = metricsText === undefined ? null : endpoint(metricsText, 'metrics', false, fail);
+
+  const insecurePlaintext = optional(root, 'insecurePlaintext') ?? false;
+  if (typeof insecurePlaintext !== 'boolean') fail('insecurePlaintext', `must be true or false, not ${describe(insecurePlaintext)}`);
+
+  const grace = optional(root, 'shutdownGraceSeconds') ?? DEFAULT_SHUTDOWN_GRACE_SECONDS;
+  if (typeof grace !== 'number' || !Number.isFinite(grace)) {
+    fail('shutdownGraceSeconds', `must be a number, not ${describe(grace)}`);
+  }
+  const shutdownGraceSeconds = grace as number;
+  if (shutdownGraceSeconds <= 0 || shutdownGraceSeconds > MAX_SHUTDOWN_GRACE_SECONDS) {
+    fail('shutdownGraceSeconds', `${shutdownGraceSeconds} is out of range (must be > 0 and <= ${MAX_SHUTDOWN_GRACE_SECONDS})`);
+  }
+
+  const tlsValue = optional(root, 'tls');
+  if (tlsValue !== undefined && !isMapping(tlsValue)) fail('tls', `must be a mapping, not ${describe(tlsValue)}`);
+  const tls = tlsValue === undefined ? null : (tlsValue as Record<string, unknown>);
+
+  // Every endpoint this gateway listens on, to catch two listeners on one port.
+  const listeners: Array<{ key: string; at: Endpoint }> = [{ key: 'peerListen', at: peerListen }];
+  const claim = (key: string, at: Endpoint): void => {
+    const clash = listeners.find((l) => listenersCollide(l.at, at));
+    if (clash) fail(key, `${formatEndpoint(at)} collides with ${clash.key} (${formatEndpoint(clash.at)})`);
+    listeners.push({ key, at });
+  };
+  if (metrics) claim('metrics', metrics);
+
+  const routes: RouteConfig[] = [];
+  const routesValue = optional(root, 'routes') ?? [];
+  if (!Array.isArray(routesValue)) fail('routes', `must be a list, not ${describe(routesValue)}`);
+  (routesValue as unknown[]).forEach((item, i) => {
+    const at = `routes[${i}]`;
+    if (!isMapping(item)) return fail(at, `must be a mapping with vm, listen, peer, target; not ${describe(item)}`);
+    checkKeys(item, ROUTE_KEYS, `${at}.`, fail);
+    const vm = requiredString(item, 'vm', `${at}.vm`, fail);
+    if (!VM_NAME.test(vm)) {
+      fail(`${at}.vm`, `"${vm}" must start with A-Z a-z 0-9 and be 1-64 characters of A-Z a-z 0-9 . _ -`);
+    }
+    const dup = routes.findIndex((r) => r.vm === vm);
+    if (dup >= 0) fail(`${at}.vm`, `"${vm}" is already routed by routes[${dup}]`);
+    const listen = endpoint(requiredString(item, 'listen', `${at}.listen`, fail), `${at}.listen`, false, fail);
+    claim(`${at}.listen`, listen);
+    const peer = endpoint(requiredString(item, 'peer', `${at}.peer`, fail), `${at}.peer`, true, fail);
+    const target = endpoint(requiredString(item, 'target', `${at}.target`, fail), `${at}.target`, true, fail);
+    routes.push({ vm, listen, peer, target });
+  });
+
+  const allowValue = optional(root, 'allowTargets') ?? DEFAULT_ALLOW_TARGETS;
+  if (!Array.isArray(allowValue)) fail('allowTargets', `must be a list, not ${describe(allowValue)}`);
+  const allowTargets = (allowValue as unknown[]).map((entry, i) => {
+    const key = `allowTargets[${i}]`;
+    if (typeof entry !== 'string') return fail(key, `must be a string "HOST:PORT", "CIDR:PORT" or "CIDR:*", not ${describe(entry)}`);
+    return parseTargetRule(entry, key, fail);
+  });
+
+  return {
+    source,
+    name,
+    data,
+    peerListen,
+    metrics,
+    insecurePlaintext: insecurePlaintext as boolean,
+    shutdownGraceSeconds,
+    routes,
+    allowTargets,
+    tls,
+  };
+}
+
+/** May the receiving side dial `target`? IP literals match CIDR / address rules; hostnames only an exact HOST:PORT rule. */
+export function targetAllowed(config: Pick<GatewayConfig, 'allowTargets'>, target: Endpoint): boolean {
+  const family = isIP(target.host);
+  const host = target.host.toLowerCase();
+  return config.allowTargets.some((rule) => {
+    if (rule.kind === 'host') return family === 0 && rule.host === host && rule.port === target.port;
+    if (family === 0 || (rule.port !== '*' && rule.port !== target.port)) return false;
+    const list = new BlockList();
+    list.addSubnet(rule.address, rule.prefix, rule.family === 4 ? 'ipv4' : 'ipv6');
+    return list.check(target.host, family === 4 ? 'ipv4' : 'ipv6');
+  });
+}
+
+/**
+ * Peer traffic is plaintext unless a tls block is configured. Refuse (throw ConfigError) when it
+ * would leave the loopback interface without `insecurePlaintext: true`; otherwise return a warning
+ * worth logging at startup, or null.
+ */
+export function checkTransportSecurity(config: GatewayConfig): { warn: string | null } {
+  // TLS is not implemented yet: the block is accepted so configs can be written ahead of it, but it
+  // secures nothing, so the plaintext rule below still applies.
+  const tlsIgnored = config.tls !== null ? 'tls is configured but not implemented yet; the block is ignored' : null;
+  const exposed: string[] = [];
+  if (!isLoopbackHost(config.peerListen.host)) exposed.push(`peerListen (${formatEndpoint(config.peerListen)})`);
+  config.routes.forEach((r, i) => {
+    if (!isLoopbackHost(r.peer.host)) exposed.push(`routes[${i}].peer (${formatEndpoint(r.peer)})`);
+  });
+  if (exposed.length === 0) return { warn: tlsIgnored };
+  const what = `${exposed.join(', ')} ${exposed.length === 1 ? 'is' : 'are'} not loopback`;
+  if (!config.insecurePlaintext) {
+    const key = exposed[0].slice(0, exposed[0].indexOf(' '));
+    throw new ConfigError(
+      key,
+      `${what} and TLS is not available yet: peer traffic would cross the network unencrypted; ` +
+        'set insecurePlaintext: true to allow that',
+      config.source,
+    );
+  }
+  return { warn: [tlsIgnored, `insecurePlaintext: peer traffic is unencrypted; ${what}`].filter(Boolean).join('; ') };
+}
+
+/** 127.0.0.0/8, ::1 (any spelling, including ::ffff:127.x.y.z) or "localhost". */
+export function isLoopbackHost(host: string): boolean {
+  const family = isIP(host);
+  if (family === 0) return host.toLowerCase() === 'localhost';
+  const list = new BlockList();
+  list.addSubnet('127.0.0.0', 8, 'ipv4');
+  list.addAddress('::1', 'ipv6');
+  return list.check(host, family === 4 ? 'ipv4' : 'ipv6');
+}
+
+// ---------------------------------------------------------------------------------------------
+
+type Fail = (key: string, detail: string) => never;
+
+function isMapping(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function describe(v: unknown): string {
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'a list';
+  if (typeof v === 'object') return 'a mapping';
+  if (typeof v === 'string') return `the string ${JSON.stringify(v)}`;
+  return `${typeof v} ${String(v)}`;
+}
+
+function checkKeys(obj: Record<string, unknown>, known: readonly string[], prefix: string, fail: Fail): void {
+  const unknown = Object.keys(obj).filter((k) => !known.includes(k));
+  if (unknown.length > 0) {
+    fail(
+      `${prefix}${unknown[0]}`,
+      `unknown key${unknown.length > 1 ? 's' : ''} ${unknown.map((k) => JSON.stringify(`${prefix}${k}`)).join(', ')}` +
+        ` (expected ${known.join(', ')})`,
+    );
+  }
+}
+
+/** A present, non-null value, or undefined (a key written with no value counts as absent). */
+function optional(obj: Record<string, unknown>, name: string): unknown {
+  const v = obj[name];
+  return v === null ? undefined : v;
+}
+
+function optionalString(obj: Record<string, unknown>, name: string, key: string, fail: Fail): string | undefined {
+  const v = optional(obj, name);
+  if (v === undefined) return undefined;
+  if (typeof v !== 'string') return fail(key, `must be a string, not ${describe(v)} (quote it)`);
+  if (v.trim() === '') return fail(key, 'must not be empty');
+  return v;
+}
+
+function requiredString(obj: Record<string, unknown>, name: string, key: string, fail: Fail): string {
+  const v = optionalString(obj, name, key, fail);
+  if (v === undefined) return fail(key, 'is required');
+  return v;
+}
+
+function endpoint(text: string, key: string, dialled: boolean, fail: Fail): Endpoint {
+  let e: Endpoint;
+  try {
+    e = parseEndpoint(text);
+  } catch (err) {
+    return fail(key, (err as Error).message);
+  }
+  if (e.host.includes(':') && isIP(e.host) !== 6) return fail(key, `"${e.host}" in "${text}" is not an IPv6 address`);
+  if (dialled && e.port === 0) return fail(key, `port 0 in "${text}" cannot be dialled`);
+  return e;
+}
+
+function isWildcard(host: string): boolean {
+  return host === '0.0.0.0' || isUnspecified6(host);
+}
+
+function isUnspecified6(host: string): boolean {
+  if (isIP(host) !== 6) return false;
+  const list = new BlockList();
+  list.addAddress('::', 'ipv6');
+  return list.check(host, 'ipv6');
+}
+
+function sameHost(a: string, b: string): boolean {
+  const fa = isIP(a);
+  const fb = isIP(b);
+  if (fa === 0 || fb === 0) return a.toLowerCase() === b.toLowerCase();
+  const list = new BlockList();
+  list.addAddress(a, fa === 4 ? 'ipv4' : 'ipv6');
+  return list.check(b, fb === 4 ? 'ipv4' : 'ipv6');
+}
+
+/** Would binding both fail? Same port and the same host, or either host a wildcard. Port 0 (ephemeral) never collides. */
+function listenersCollide(a: Endpoint, b: Endpoint): boolean {
+  if (a.port === 0 || b.port === 0 || a.port !== b.port) return false;
+  return isWildcard(a.host) || isWildcard(b.host) || sameHost(a.host, b.host);
+}
+
+function parseTargetRule(text: string, key: string, fail: Fail): TargetRule {
+  const match = /^(?:\[([0-9a-fA-F:.]+(?:\/\d{1,3})?)\]|([^:[\]\s]+)):(\d{1,5}|\*)$/.exec(text.trim());
+  if (!match) return fail(key, `"${text}" is not "HOST:PORT", "CIDR:PORT" or "CIDR:*"`);
+  const hostPart = match[1] ?? match[2];
+  let port: number | '*' = '*';
+  if (match[3] !== '*') {
+    port = Number(match[3]);
+    if (port < 1 || port > 65535) return fail(key, `port ${port} in "${text}" is out of range`);
+  }
+  const slash = hostPart.indexOf('/');
+  const address = slash < 0 ? hostPart : hostPart.slice(0, slash);
+  const family = isIP(address);
+  if (family === 0) {
+    if (slash >= 0 || match[1] !== undefined) return fail(key, `"${address}" in "${text}" is not an IP address`);
+    if (port === '*') return fail(key, `"${text}": a hostname needs an exact port (only CIDR:* may use *)`);
+    return { kind: 'host', text, host: address.toLowerCase(), port };
+  }
+  if (family === 6 && match[1] === undefined) return fail(key, `IPv6 "${address}" in "${text}" must be in brackets`);
+  const max = family === 4 ? 32 : 128;
+  const prefix = slash < 0 ? max : Number(hostPart.slice(slash + 1));
+  if (!Number.isInteger(prefix) || prefix < 0 || prefix > max) {
+    return fail(key, `prefix /${hostPart.slice(slash + 1)} in "${text}" is out of range (0-${max})`);
+  }
+  return { kind: 'net', text, family: family === 4 ? 4 : 6, address, prefix, port };
+}

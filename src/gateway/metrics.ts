@@ -1,0 +1,157 @@
+/**
+ * Prometheus metrics for one gateway, in its own registry (several gateways, or tests, can live in
+ * one process). All series are labelled by `vm` and `direction` ('send' = this gateway forwards a
+ * source QEMU's stream to a peer; 'receive' = it rebuilds a stream for a destination QEMU).
+ */
+import * as http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import type { Endpoint } from '../address';
+
+export type Direction = 'send' | 'receive';
+export type PageKind = 'sent' | 'reused' | 'zero';
+export type MigrationResult = 'completed' | 'failed';
+
+export interface MigrationSummary {
+  result: MigrationResult;
+  /** Wall-clock duration of the migration. */
+  seconds: number;
+  /** QEMU stream bytes of this migration (what QEMU sent / the destination QEMU received). */
+  qemuBytes: number;
+  /** Bytes this migration put on / took off the WAN link. */
+  wanBytes: number;
+}
+
+type VmLabels = 'vm' | 'direction';
+
+export class GatewayMetrics {
+  readonly registry = new Registry();
+
+  private readonly streamBytes = new Counter<VmLabels>({
+    name: 'bfmig_qemu_stream_bytes_total',
+    help: 'Bytes of QEMU migration stream read from the source QEMU (send) or written to the destination QEMU (receive)',
+    labelNames: ['vm', 'direction'],
+    registers: [this.registry],
+  });
+
+  private readonly wanBytes = new Counter<VmLabels>({
+    name: 'bfmig_wan_bytes_total',
+    help: 'Bytes sent to (send) or received from (receive) the peer gateway',
+    labelNames: ['vm', 'direction'],
+    registers: [this.registry],
+  });
+
+  private readonly pages = new Counter<VmLabels | 'kind'>({
+    name: 'bfmig_pages_total',
+    help: 'RAM pages by how they crossed the WAN: sent in full, reused from the far site, or zero',
+    labelNames: ['vm', 'direction', 'kind'],
+    registers: [this.registry],
+  });
+
+  private readonly migrations = new Counter<VmLabels | 'result'>({
+    name: 'bfmig_migrations_total',
+    help: 'Migrations finished, by result',
+    labelNames: ['vm', 'direction', 'result'],
+    registers: [this.registry],
+  });
+
+  private readonly lastDuration = new Gauge<VmLabels>({
+    name: 'bfmig_last_migration_duration_seconds',
+    help: 'Duration of the last finished (completed or failed) migration',
+    labelNames: ['vm', 'direction'],
+    registers: [this.registry],
+  });
+
+  private readonly savingRatio = new Gauge<VmLabels>({
+    name: 'bfmig_saving_ratio',
+    help: '1 - WAN bytes / QEMU stream bytes of the last finished migration (absent when it had no stream bytes)',
+    labelNames: ['vm', 'direction'],
+    registers: [this.registry],
+  });
+
+  private server: http.Server | null = null;
+
+  constructor(opts: { defaultMetrics?: boolean } = {}) {
+    if (opts.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
+  }
+
+  addStreamBytes(vm: string, direction: Direction, n: number): void {
+    this.streamBytes.inc({ vm, direction }, n);
+  }
+
+  addWanBytes(vm: string, direction: Direction, n: number): void {
+    this.wanBytes.inc({ vm, direction }, n);
+  }
+
+  addPages(vm: string, direction: Direction, kind: PageKind, n: number): void {
+    this.pages.inc({ vm, direction, kind }, n);
+  }
+
+  /**
+   * Count a finished migration and set the last-migration gauges. The byte counts only feed the
+   * saving ratio; the byte counters are fed by addStreamBytes / addWanBytes as data flows.
+   */
+  migrationFinished(vm: string, direction: Direction, m: MigrationSummary): void {
+    const labels = { vm, direction };
+    this.migrations.inc({ ...labels, result: m.result });
+    this.lastDuration.set(labels, m.seconds);
+    if (m.qemuBytes > 0) this.savingRatio.set(labels, 1 - m.wanBytes / m.qemuBytes);
+    else this.savingRatio.remove(labels);
+  }
+
+  /** The exposition text, as GET /metrics serves it. */
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  /** Serve GET /metrics on `endpoint` (port 0 = any); resolves to the bound address. */
+  serve(endpoint: Endpoint): Promise<Endpoint> {
+    if (this.server) return Promise.reject(new Error('metrics server already running'));
+    const server = http.createServer((req, res) => this.handle(req, res));
+    this.server = server;
+    return new Promise<Endpoint>((resolve, reject) => {
+      const onError = (err: Error): void => {
+        this.server = null;
+        reject(err);
+      };
+      server.once('error', onError);
+      server.listen(endpoint.port, endpoint.host, () => {
+        server.off('error', onError);
+        const addr = server.address() as AddressInfo;
+        resolve({ host: addr.address, port: addr.port });
+      });
+    });
+  }
+
+  /** Stop the HTTP server (if any), dropping open keep-alive connections. */
+  close(): Promise<void> {
+    const server = this.server;
+    this.server = null;
+    if (!server) return Promise.resolve();
+    return new Promise<void>((resolve, reject) => {
+      server.close((err) => (err ? reject(err) : resolve()));
+      server.closeAllConnections();
+    });
+  }
+
+  private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    const pathname = (req.url ?? '/').split('?')[0];
+    if (pathname !== '/metrics') {
+      res.writeHead(404, { 'Content-Type': 'text/plain; charset=utf-8' }).end('not found; try /metrics\n');
+      return;
+    }
+    if (req.method !== 'GET' && req.method !== 'HEAD') {
+      res.writeHead(405, { Allow: 'GET, HEAD', 'Content-Type': 'text/plain; charset=utf-8' }).end('method not allowed\n');
+      return;
+    }
+    this.registry.metrics().then(
+      (body) => {
+        res.writeHead(200, { 'Content-Type': this.registry.contentType });
+        res.end(req.method === 'HEAD' ? undefined : body);
+      },
+      (err: unknown) => {
+        res.writeHead(500, { 'Content-Type': 'text/plain; charset=utf-8' }).end(`${String(err)}\n`);
+      },
+    );
+  }
+}

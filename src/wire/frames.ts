@@ -1,0 +1,232 @@
+/**
+ * The WAN protocol between two bfmig gateways: length-prefixed frames over one TCP (or TLS)
+ * connection per migration. It knows nothing of QEMU: Literal and Run payloads are defined by the
+ * proxy layer; this module only moves and bounds them.
+ *
+ *   frame = u8 type | u32 payload length | payload
+ */
+
+export const PROTOCOL_VERSION = 1;
+export const FRAME_HEADER_BYTES = 5;
+/** Larger frames are refused: a peer cannot make us buffer more than this per frame. */
+export const MAX_FRAME_PAYLOAD = 4 * 1024 * 1024;
+
+export const enum FrameType {
+  /** Sender → receiver, first frame: JSON HelloMessage. */
+  Hello = 1,
+  /** Receiver → sender, answer to Hello: JSON OfferMessage (what it holds for the VM). */
+  Offer = 2,
+  /** Sender → receiver: send your digest table (empty payload). */
+  TableRequest = 3,
+  /** Receiver → sender: the next piece of the digest table. */
+  TableData = 4,
+  /** Receiver → sender: the digest table is complete (empty payload). */
+  TableEnd = 5,
+  /** Sender → receiver: bytes of the stream, to be passed on as they are. */
+  Literal = 6,
+  /** Sender → receiver: a run of records the receiver rebuilds itself. */
+  Run = 7,
+  /** Receiver → sender: bytes the destination sent back (QEMU's return path). */
+  Return = 8,
+  /** Sender → receiver: the source's stream ended: JSON EndMessage. */
+  End = 9,
+  /** Receiver → sender: the destination has every byte and the store committed: JSON DoneMessage. */
+  Done = 10,
+  /** Either way: the migration is over, with JSON AbortMessage saying why. */
+  Abort = 11,
+}
+
+export interface HelloMessage {
+  protocol: number;
+  /** The sending site's name, for logs. */
+  site: string;
+  vm: string;
+  /** HOST:PORT of the destination QEMU, as the receiving gateway reaches it. */
+  target: string;
+}
+
+export interface OfferMessage {
+  site: string;
+  /** The complete snapshot the receiver holds for the VM, if any. */
+  snapshotId: string | null;
+  /** Layout of what it holds (pages may be held even without a complete snapshot). */
+  layoutId: string | null;
+  pageCount: number;
+  presentPages: number;
+}
+
+export interface EndMessage {
+  /** Bytes of the QEMU stream the sender read from the source. */
+  streamBytes: number;
+  /** The id both stores will give the snapshot this migration leaves. */
+  snapshotId: string;
+}
+
+export interface DoneMessage {
+  snapshotId: string;
+  streamBytes: number;
+}
+
+export interface AbortMessage {
+  error: string;
+}
+
+export class WireError extends Error {
+  override readonly name = 'WireError';
+}
+
+/** The 5-byte header of a frame, to be written before (or corked with) its payload. */
+export function frameHeader(type: FrameType, length: number): Buffer {
+  if (length > MAX_FRAME_PAYLOAD) throw new WireError(`frame of ${length} bytes exceeds ${MAX_FRAME_PAYLOAD}`);
+  const header = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
+  header[0] = type;
+  header.writeUInt32BE(length, 1);
+  return header;
+}
+
+/** A whole frame in one buffer: for control messages, not for bulk data. */
+export function encodeFrame(type: FrameType, payload: Buffer = Buffer.alloc(0)): Buffer {
+  return Buffer.concat([frameHeader(type, payload.length), payload]);
+}
+
+export function encodeJson(type: FrameType, message: object): Buffer {
+  return encodeFrame(type, Buffer.from(JSON.stringify(message), 'utf8'));
+}
+
+type FieldType = 'string' | 'number' | 'nullableString';
+
+function decodeJson<T>(payload: Buffer, what: string, fields: Record<string, FieldType>): T {
+  let value: unknown;
+  try {
+    value = JSON.parse(payload.toString('utf8'));
+  } catch {
+    throw new WireError(`${what}: not JSON`);
+  }
+  if (typeof value !== 'object' || value === null) throw new WireError(`${what}: not an object`);
+  const record = value as Record<string, unknown>;
+  for (const [key, type] of Object.entries(fields)) {
+    const v = record[key];
+    const ok =
+      type === 'string' ? typeof v === 'string' : type === 'number' ? typeof v === 'number' && Number.isFinite(v) && v >= 0 : v === null || typeof v === 'string';
+    if (!ok) throw new WireError(`${what}: field ${key} is not a ${type}`);
+  }
+  return value as T;
+}
+
+export const decodeHello = (p: Buffer): HelloMessage =>
+  decodeJson(p, 'Hello', { protocol: 'number', site: 'string', vm: 'string', target: 'string' });
+export const decodeOffer = (p: Buffer): OfferMessage =>
+  decodeJson(p, 'Offer', { site: 'string', snapshotId: 'nullableString', layoutId: 'nullableString', pageCount: 'number', presentPages: 'number' });
+export const decodeEnd = (p: Buffer): EndMessage => decodeJson(p, 'End', { streamBytes: 'number', snapshotId: 'string' });
+export const decodeDone = (p: Buffer): DoneMessage => decodeJson(p, 'Done', { snapshotId: 'string', streamBytes: 'number' });
+export const decodeAbort = (p: Buffer): AbortMessage => decodeJson(p, 'Abort', { error: 'string' });
+
+export type FrameHandler = (type: FrameType, payload: Buffer) => void;
+
+/**
+ * An incremental frame parser. Payloads that arrived within one chunk are views of it; others are
+ * assembled in a buffer of their own. The handler may call pause() to stop delivery mid-chunk (the
+ * rest is kept) until resume(): that is how a receiver whose destination is slow stops expanding
+ * frames into megabytes of output.
+ */
+export class FrameParser {
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+  private paused = false;
+  private delivering = false;
+
+  constructor(private readonly handler: FrameHandler) {}
+
+  get isPaused(): boolean {
+    return this.paused;
+  }
+
+  /** Bytes received but not yet delivered as frames. */
+  get pending(): number {
+    return this.buffered;
+  }
+
+  push(chunk: Buffer): void {
+    if (chunk.length === 0) return;
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    this.deliver();
+  }
+
+  pause(): void {
+    this.paused = true;
+  }
+
+  resume(): void {
+    this.paused = false;
+    this.deliver();
+  }
+
+  /** True when the input ended between frames. */
+  get atBoundary(): boolean {
+    return this.buffered === 0;
+  }
+
+  private deliver(): void {
+    if (this.delivering) return;
+    this.delivering = true;
+    try {
+      while (!this.paused && this.buffered >= FRAME_HEADER_BYTES) {
+        const head = this.peekHeader();
+        const type = head[0] as FrameType;
+        const length = head.readUInt32BE(1);
+        if (length > MAX_FRAME_PAYLOAD) throw new WireError(`frame of ${length} bytes exceeds ${MAX_FRAME_PAYLOAD}`);
+        if (this.buffered < FRAME_HEADER_BYTES + length) break;
+        this.consume(FRAME_HEADER_BYTES);
+        const payload = this.consume(length);
+        this.handler(type, payload);
+      }
+    } finally {
+      this.delivering = false;
+    }
+  }
+
+  private peekHeader(): Buffer {
+    const first = this.chunks[0];
+    if (first.length >= FRAME_HEADER_BYTES) return first;
+    return this.gather(FRAME_HEADER_BYTES, false);
+  }
+
+  /** Takes n bytes from the front: a view when they lie in one chunk, else a new buffer. */
+  private consume(n: number): Buffer {
+    if (n === 0) return Buffer.alloc(0);
+    return this.gather(n, true);
+  }
+
+  private gather(n: number, remove: boolean): Buffer {
+    const first = this.chunks[0];
+    if (first.length >= n) {
+      if (!remove) return first.subarray(0, n);
+      const out = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+      this.buffered -= n;
+      return out;
+    }
+    const out = Buffer.allocUnsafe(n);
+    let filled = 0;
+    let i = 0;
+    while (filled < n) {
+      const c = this.chunks[i];
+      const take = Math.min(c.length, n - filled);
+      c.copy(out, filled, 0, take);
+      filled += take;
+      if (remove) {
+        if (take === c.length) {
+          this.chunks.shift();
+        } else {
+          this.chunks[0] = c.subarray(take);
+        }
+      } else {
+        i++;
+      }
+    }
+    if (remove) this.buffered -= n;
+    return out;
+  }
+}
