@@ -1,0 +1,72 @@
+import {
+  decodeHello,
+  decodeOffer,
+  encodeFrame,
+  encodeJson,
+  FrameParser,
+  frameHeader,
+  FrameType,
+  MAX_FRAME_PAYLOAD,
+  WireError,
+} from '../src/wire/frames';
+
+function collect(): { frames: [FrameType, string][]; parser: FrameParser } {
+  const frames: [FrameType, string][] = [];
+  const parser = new FrameParser((type, payload) => frames.push([type, payload.toString('latin1')]));
+  return { frames, parser };
+}
+
+const sample = Buffer.concat([
+  encodeJson(FrameType.Hello, { protocol: 1, site: 'a', vm: 'vm1', target: '127.0.0.1:4444' }),
+  encodeFrame(FrameType.Literal, Buffer.from('QEVM\x00\x00\x00\x03', 'latin1')),
+  encodeFrame(FrameType.TableRequest),
+  encodeFrame(FrameType.Run, Buffer.alloc(20, 7)),
+]);
+
+describe('frames', () => {
+  test('the same frames come out whatever the chunking', () => {
+    const whole = collect();
+    whole.parser.push(sample);
+    expect(whole.frames.map(([t]) => t)).toEqual([FrameType.Hello, FrameType.Literal, FrameType.TableRequest, FrameType.Run]);
+    for (let cut = 0; cut <= sample.length; cut++) {
+      const split = collect();
+      split.parser.push(sample.subarray(0, cut));
+      split.parser.push(sample.subarray(cut));
+      expect(split.frames).toEqual(whole.frames);
+      expect(split.parser.atBoundary).toBe(true);
+    }
+    const bytewise = collect();
+    for (const b of sample) bytewise.parser.push(Buffer.of(b));
+    expect(bytewise.frames).toEqual(whole.frames);
+  });
+
+  test('pause stops delivery mid-chunk and resume picks up where it stopped', () => {
+    const seen: FrameType[] = [];
+    const parser: FrameParser = new FrameParser((type) => {
+      seen.push(type);
+      if (type === FrameType.Literal) parser.pause();
+    });
+    parser.push(sample);
+    expect(seen).toEqual([FrameType.Hello, FrameType.Literal]);
+    expect(parser.pending).toBe(5 + 5 + 20);
+    parser.resume();
+    expect(seen).toEqual([FrameType.Hello, FrameType.Literal, FrameType.TableRequest, FrameType.Run]);
+  });
+
+  test('an oversized frame is refused from its header, before its payload is buffered', () => {
+    const { parser } = collect();
+    const header = Buffer.alloc(5);
+    header[0] = FrameType.Literal;
+    header.writeUInt32BE(MAX_FRAME_PAYLOAD + 1, 1);
+    expect(() => parser.push(header)).toThrow(WireError);
+    expect(() => frameHeader(FrameType.Literal, MAX_FRAME_PAYLOAD + 1)).toThrow(WireError);
+  });
+
+  test('control messages are validated', () => {
+    expect(decodeHello(Buffer.from(JSON.stringify({ protocol: 1, site: 's', vm: 'v', target: 'h:1' })))).toEqual({ protocol: 1, site: 's', vm: 'v', target: 'h:1' });
+    expect(() => decodeHello(Buffer.from('{"protocol":1}'))).toThrow(/site/);
+    expect(() => decodeHello(Buffer.from('not json'))).toThrow(WireError);
+    expect(() => decodeOffer(Buffer.from(JSON.stringify({ site: 's', snapshotId: 5, layoutId: null, pageCount: 1, presentPages: 0 })))).toThrow(/snapshotId/);
+    expect(() => decodeOffer(Buffer.from(JSON.stringify({ site: 's', snapshotId: null, layoutId: null, pageCount: -1, presentPages: 0 })))).toThrow(/pageCount/);
+  });
+});
