@@ -1,0 +1,170 @@
+import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
+import { RamFlag, type RamBlock, RecordKind, StreamParser, type StreamRecord } from '../qemu';
+import { writeRamWord } from '../qemu/encode';
+import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
+import { newCounts, type TransferCounts } from './encoder';
+import { continuingFlags, layoutOf, PAGE_SIZE, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
+
+/** The rebuilt stream cannot be trusted: the migration must fail rather than go on. */
+export class RebuildError extends Error {
+  override readonly name = 'RebuildError';
+}
+
+/**
+ * The receiving gateway's codec: turns Literal bytes and Run payloads back into the exact stream the
+ * source sent. Reused pages come from the store and are checked against the digest the sender sent
+ * before a byte of them is passed on. The rebuilt stream is parsed again as it goes out, which keeps
+ * the store in step exactly as on the sending side.
+ */
+export class StreamDecoder {
+  readonly counts: TransferCounts = newCounts();
+  layout: PageLayout | null = null;
+
+  private readonly parser: StreamParser;
+  private readonly retainer: PageRetainer;
+  /** The run whose rebuilt records are passing through the parser: its held pages are in the store already. */
+  private replaying: Run | null = null;
+  private replayFirst = 0;
+  /** Which record of the run the parser reads next. */
+  private replayNext = 0;
+  private readonly pages = Buffer.allocUnsafe(MAX_RUN_HELD * PAGE_SIZE);
+  private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
+  private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
+
+  constructor(
+    /** Receives the rebuilt stream; it owns each buffer. */
+    private readonly out: (bytes: Buffer) => void,
+    store: RetainedPages | null,
+    private readonly onLayout: (layout: PageLayout) => void = () => undefined,
+  ) {
+    this.retainer = new PageRetainer(store);
+    this.parser = new StreamParser((record) => this.onRecord(record));
+  }
+
+  literal(bytes: Buffer): void {
+    this.out(bytes);
+    this.counts.streamBytes += bytes.length;
+    this.parser.push(bytes);
+  }
+
+  run(payload: Buffer): void {
+    const run = decodeRun(payload);
+    if ((run.firstFlags & ~RamFlag.Continue) !== (continuingFlags(isHeld(run.bitmap, 0)) & ~RamFlag.Continue)) {
+      throw new RebuildError(`Run starts with flags 0x${run.firstFlags.toString(16)} for a ${isHeld(run.bitmap, 0) ? 'held' : 'fill'} page`);
+    }
+    const blocks = this.parser.ramBlocks;
+    const block = blocks[run.blockIndex];
+    if (!block) throw new RebuildError(`Run names RAM block ${run.blockIndex} of ${blocks.length}`);
+    if (run.firstOffset % PAGE_SIZE !== 0 || run.firstOffset + run.count * PAGE_SIZE > block.pages * PAGE_SIZE) {
+      throw new RebuildError(`Run of ${run.count} pages at ${run.firstOffset} overruns block ${block.name}`);
+    }
+    const first = block.firstPage + run.firstOffset / PAGE_SIZE;
+    if (run.held > 0) this.readHeld(run, first);
+    const bytes = this.records(run, block);
+    this.out(bytes);
+    this.counts.streamBytes += bytes.length;
+    this.counts.pagesReused += run.held;
+    this.replaying = run;
+    this.replayFirst = first;
+    this.replayNext = 0;
+    try {
+      this.parser.push(bytes);
+    } finally {
+      this.replaying = null;
+    }
+  }
+
+  /** The sender's stream ended: the rebuilt stream must be complete and of the sender's length. */
+  end(streamBytes: number): void {
+    this.parser.end();
+    if (streamBytes !== this.counts.streamBytes) {
+      throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes, the source sent ${streamBytes}`);
+    }
+  }
+
+  /** Reads the run's held pages into `pages`, in order, and checks them against the sender's digest. */
+  private readHeld(run: Run, first: number): void {
+    const store = this.retainer.store;
+    if (!store) throw new RebuildError('Run of held pages, but this gateway keeps no store');
+    let filled = 0;
+    for (let k = 0; k < run.count; ) {
+      if (!isHeld(run.bitmap, k)) {
+        k++;
+        continue;
+      }
+      let end = k + 1;
+      while (end < run.count && isHeld(run.bitmap, end)) end++;
+      try {
+        store.readPages(first + k, end - k, this.pages, filled * PAGE_SIZE);
+      } catch (err) {
+        throw new RebuildError(`pages ${first + k}..${first + end - 1} are not held: ${err instanceof Error ? err.message : String(err)}`);
+      }
+      filled += end - k;
+      k = end;
+    }
+    digestContiguous(this.pages, 0, filled, PAGE_SIZE, this.digests, 0);
+    digestOne(this.digests, 0, filled * DIGEST_BYTES, this.runDigest, 0);
+    if (!sameDigest(this.runDigest, 0, run.digest, 0)) {
+      throw new RebuildError(`retained pages in ${first}..${first + run.count - 1} do not match the sender's digest`);
+    }
+  }
+
+  /** Lays out the run's records: header word, the block name on a named first record, then the body. */
+  private records(run: Run, block: RamBlock): Buffer {
+    const named = (run.firstFlags & RamFlag.Continue) === 0;
+    const out = Buffer.allocUnsafe(run.count * 9 + run.held * (PAGE_SIZE - 1) + (named ? 1 + block.name.length : 0));
+    let at = 0;
+    let held = 0;
+    for (let k = 0; k < run.count; k++) {
+      const page = isHeld(run.bitmap, k);
+      at = writeRamWord(out, at, run.firstOffset + k * PAGE_SIZE, k === 0 ? run.firstFlags : continuingFlags(page));
+      if (k === 0 && named) {
+        out[at] = block.name.length;
+        at += 1 + out.write(block.name, at + 1, 'latin1');
+      }
+      if (page) {
+        at += this.pages.copy(out, at, held * PAGE_SIZE, (held + 1) * PAGE_SIZE);
+        held++;
+      } else {
+        out[at++] = run.fill;
+      }
+    }
+    return out;
+  }
+
+  private onRecord(record: StreamRecord): void {
+    switch (record.kind) {
+      case RecordKind.RamBlockList:
+        this.layout = layoutOf(record.blocks);
+        this.retainer.store?.begin(this.layout);
+        this.onLayout(this.layout);
+        return;
+      case RecordKind.RamPage:
+        if (this.replaying) {
+          this.checkReplayed(record.pageIndex);
+          return;
+        }
+        this.counts.pagesSent++;
+        this.retainer.retain(record, this.retainer.digestOf(record));
+        return;
+      case RecordKind.RamZero:
+        if (this.replaying) this.checkReplayed(record.pageIndex);
+        this.counts.pagesZero++;
+        this.retainer.retain(record, this.retainer.digestOf(record));
+        return;
+      case RecordKind.RamXbzrle:
+      case RecordKind.RamCompressed:
+        this.counts.pagesOther++;
+        this.retainer.retain(record, false);
+        return;
+      default:
+        return;
+    }
+  }
+
+  /** A CONTINUE first record is read in the parser's current block: it must be the run's. */
+  private checkReplayed(pageIndex: number): void {
+    const expected = this.replayFirst + this.replayNext++;
+    if (pageIndex !== expected) throw new RebuildError(`Run rebuilt page ${pageIndex}, not ${expected}`);
+  }
+}

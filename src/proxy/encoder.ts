@@ -1,0 +1,172 @@
+import { DIGEST_BYTES, digestOne } from '../digest';
+import { type RamPageRecord, RecordKind, StreamParser, type StreamRecord, StreamWriter } from '../qemu';
+import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
+import { continuingFlags, layoutOf, PAGE_SIZE, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
+
+/** Where the encoder's output goes: in stream order, Literal bytes and Run payloads. */
+export interface EncoderSink {
+  literal(bytes: Buffer): void;
+  run(payload: Buffer): void;
+}
+
+export interface TransferCounts {
+  /** QEMU stream bytes. */
+  streamBytes: number;
+  /** Normal pages sent in full. */
+  pagesSent: number;
+  /** Normal pages the receiver rebuilt from its store. */
+  pagesReused: number;
+  /** QEMU zero (fill) pages. */
+  pagesZero: number;
+  /** XBZRLE and compressed pages, passed on as they are. */
+  pagesOther: number;
+}
+
+export const newCounts = (): TransferCounts => ({ streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesZero: 0, pagesOther: 0 });
+
+/**
+ * The sending gateway's codec: parses the source's stream and replaces every run of pages the
+ * receiver already holds (by the receiver's digest table, `reference`) with a Run frame, and runs of
+ * fill pages with a Run of their own. Everything else goes out as Literal bytes, re-serialised by the
+ * QEMU writer. It also keeps the local store in step with the stream.
+ */
+export class StreamEncoder {
+  /**
+   * The receiver's digest table (16 bytes per page; all zero = not held), or null for no reuse. When
+   * the local store holds the same snapshot this is the store's own table. Updated as pages are sent,
+   * so it always says what the receiver holds at this point of the stream.
+   */
+  reference: Uint8Array | null = null;
+  readonly counts: TransferCounts = newCounts();
+  layout: PageLayout | null = null;
+
+  private readonly parser: StreamParser;
+  private readonly writer: StreamWriter;
+  private readonly retainer: PageRetainer;
+  // The open run: consecutive held and fill pages of one block.
+  private runOpen = false;
+  /** Fill byte of the run's fill pages; -1 until one joins. */
+  private runFill = -1;
+  private runFlags = 0;
+  private runBlock = -1;
+  private runStart = 0;
+  private runNext = 0;
+  private runCount = 0;
+  private runHeld = 0;
+  private readonly runBitmap = Buffer.alloc(MAX_RUN_RECORDS / 8);
+  private readonly runDigests = Buffer.alloc(MAX_RUN_HELD * DIGEST_BYTES);
+  private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
+
+  constructor(
+    private readonly sink: EncoderSink,
+    store: RetainedPages | null,
+    /** Called once the RAM block list is known, after the store has begun; may set `reference`. */
+    private readonly onLayout: (layout: PageLayout) => void = () => undefined,
+  ) {
+    this.retainer = new PageRetainer(store);
+    this.writer = new StreamWriter((bytes) => sink.literal(bytes));
+    this.parser = new StreamParser((record) => this.onRecord(record));
+  }
+
+  get fallbackReason(): string | null {
+    return this.parser.fallbackReason;
+  }
+
+  /** Throws StreamError on malformed input. */
+  push(chunk: Buffer): void {
+    this.counts.streamBytes += chunk.length;
+    this.parser.push(chunk);
+    this.writer.flush();
+  }
+
+  end(): void {
+    this.parser.end();
+    this.closeRun();
+    this.writer.flush();
+  }
+
+  private onRecord(record: StreamRecord): void {
+    switch (record.kind) {
+      case RecordKind.RamPage:
+      case RecordKind.RamZero:
+      case RecordKind.RamXbzrle:
+      case RecordKind.RamCompressed:
+        this.onPage(record);
+        return;
+      case RecordKind.RamBlockList:
+        this.closeRun();
+        this.writer.write(record);
+        this.layout = layoutOf(record.blocks);
+        this.retainer.store?.begin(this.layout);
+        this.onLayout(this.layout);
+        return;
+      default:
+        this.closeRun();
+        this.writer.write(record);
+    }
+  }
+
+  private onPage(record: RamPageRecord): void {
+    const retainer = this.retainer;
+    const known = retainer.digestOf(record);
+    const at = record.pageIndex * DIGEST_BYTES;
+    const reference = this.reference;
+    const storeTable = retainer.store?.digests;
+    if (record.kind === RecordKind.RamZero) {
+      this.counts.pagesZero++;
+      this.addToRun(false, record);
+    } else if (record.kind === RecordKind.RamPage && reference !== null && sameDigest(reference, at, retainer.digest, 0)) {
+      this.counts.pagesReused++;
+      this.addToRun(true, record);
+    } else {
+      this.closeRun();
+      this.writer.write(record);
+      if (record.kind === RecordKind.RamPage) this.counts.pagesSent++;
+      else this.counts.pagesOther++;
+    }
+    // The receiver now holds this version of the page (or, for encoded pages, nothing we can name).
+    if (reference !== null && reference !== storeTable) {
+      if (known) reference.set(retainer.digest, at);
+      else reference.fill(0, at, at + DIGEST_BYTES);
+    }
+    retainer.retain(record, known);
+  }
+
+  private addToRun(held: boolean, record: RamPageRecord): void {
+    const joins =
+      this.runOpen &&
+      record.block.index === this.runBlock &&
+      record.offset === this.runNext &&
+      record.flags === continuingFlags(held) &&
+      this.runCount < MAX_RUN_RECORDS &&
+      (held ? this.runHeld < MAX_RUN_HELD : this.runFill < 0 || this.runFill === record.byteValue);
+    if (!joins) {
+      this.closeRun();
+      this.writer.flush(); // Literal bytes before the run go first
+      this.runOpen = true;
+      this.runFill = -1;
+      this.runFlags = record.flags;
+      this.runBlock = record.block.index;
+      this.runStart = record.offset;
+      this.runCount = 0;
+      this.runHeld = 0;
+      this.runBitmap.fill(0);
+    }
+    if (held) {
+      this.retainer.digest.copy(this.runDigests, this.runHeld * DIGEST_BYTES);
+      this.runHeld++;
+      this.runBitmap[this.runCount >>> 3] |= 1 << (this.runCount & 7);
+    } else {
+      this.runFill = record.byteValue;
+    }
+    this.runCount++;
+    this.runNext = record.offset + PAGE_SIZE;
+  }
+
+  private closeRun(): void {
+    if (!this.runOpen) return;
+    digestOne(this.runDigests, 0, this.runHeld * DIGEST_BYTES, this.runDigest, 0);
+    this.sink.run(encodeRun(Math.max(this.runFill, 0), this.runFlags, this.runBlock, this.runCount, this.runStart, this.runDigest, this.runBitmap));
+    this.runOpen = false;
+  }
+}

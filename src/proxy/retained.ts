@@ -1,0 +1,110 @@
+import { createHash } from 'node:crypto';
+import { DIGEST_BYTES, digestOne } from '../digest';
+import { RamFlag, type RamBlock, type RamPageRecord, RecordKind } from '../qemu';
+
+/** The store's data-path face (src/store PageStore implements it). */
+export interface RetainedPages {
+  begin(layout: PageLayout): void;
+  /** 16 bytes per page; all zero = not held. */
+  readonly digests: Uint8Array;
+  writePage(index: number, src: Uint8Array, srcStart: number, digest: Uint8Array, digestStart: number): void;
+  markAbsent(index: number): void;
+  readPages(index: number, count: number, dest: Uint8Array, destStart: number): void;
+}
+
+export interface PageLayout {
+  pageSize: number;
+  pageCount: number;
+  /** Changes whenever block names or sizes change: pages of another layout mean nothing. */
+  layoutId: string;
+  layout: { blocks: { name: string; length: number }[] };
+}
+
+export const PAGE_SIZE = 4096;
+
+export function layoutOf(blocks: readonly RamBlock[]): PageLayout {
+  const list = blocks.map((b) => ({ name: b.name, length: b.length }));
+  const last = blocks[blocks.length - 1];
+  return {
+    pageSize: PAGE_SIZE,
+    pageCount: last ? last.firstPage + last.pages : 0,
+    layoutId: createHash('sha256').update(JSON.stringify(list)).digest('hex').slice(0, 32),
+    layout: { blocks: list },
+  };
+}
+
+const ZERO_DIGEST_BYTES = new Uint8Array(DIGEST_BYTES);
+
+/** Compares 16-byte digests in place, allocating nothing. */
+export function sameDigest(a: Uint8Array, aAt: number, b: Uint8Array, bAt: number): boolean {
+  for (let i = 0; i < DIGEST_BYTES; i++) if (a[aAt + i] !== b[bAt + i]) return false;
+  return true;
+}
+
+export function isAbsent(table: Uint8Array, at: number): boolean {
+  return sameDigest(table, at, ZERO_DIGEST_BYTES, 0);
+}
+
+/**
+ * Keeps a store in step with the RAM records of a stream, the same way on both gateways: the last
+ * version of each page wins; pages whose content the stream does not give in clear are dropped.
+ */
+export class PageRetainer {
+  /** The digest of the last record passed to digestOf(). */
+  readonly digest = Buffer.alloc(DIGEST_BYTES);
+  private readonly fillPage = Buffer.alloc(PAGE_SIZE);
+  private fillValue = 0;
+  private readonly zeroDigest = Buffer.alloc(DIGEST_BYTES);
+
+  constructor(readonly store: RetainedPages | null) {
+    digestOne(this.fillPage, 0, PAGE_SIZE, this.zeroDigest, 0);
+  }
+
+  /** Computes the record's page digest into `digest`; false when its content is not in clear. */
+  digestOf(record: RamPageRecord): boolean {
+    if (record.kind === RecordKind.RamPage) {
+      digestOne(record.data, record.dataStart, PAGE_SIZE, this.digest, 0);
+      return true;
+    }
+    if (record.kind === RecordKind.RamZero) {
+      if (record.byteValue === 0) {
+        this.zeroDigest.copy(this.digest);
+      } else {
+        this.fill(record.byteValue);
+        digestOne(this.fillPage, 0, PAGE_SIZE, this.digest, 0);
+      }
+      return true;
+    }
+    return false;
+  }
+
+  /** Stores the record's page (digestOf() must have been called for it) unless the store has it already. */
+  retain(record: RamPageRecord, known: boolean): void {
+    const store = this.store;
+    if (!store) return;
+    const i = record.pageIndex;
+    if (!known) {
+      store.markAbsent(i);
+      return;
+    }
+    if (sameDigest(store.digests, i * DIGEST_BYTES, this.digest, 0)) return;
+    if (record.kind === RecordKind.RamPage) {
+      store.writePage(i, record.data, record.dataStart, this.digest, 0);
+    } else {
+      this.fill(record.byteValue);
+      store.writePage(i, this.fillPage, 0, this.digest, 0);
+    }
+  }
+
+  private fill(value: number): void {
+    if (this.fillValue !== value) {
+      this.fillPage.fill(value);
+      this.fillValue = value;
+    }
+  }
+}
+
+/** Flags of a record that continues a run: its kind plus CONTINUE (no block name). */
+export function continuingFlags(held: boolean): number {
+  return (held ? RamFlag.Page : RamFlag.Zero) | RamFlag.Continue;
+}

@@ -1,0 +1,185 @@
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { DIGEST_BYTES } from '../src/digest';
+import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
+import { StreamEncoder } from '../src/proxy/encoder';
+import { PageStore } from '../src/store';
+import { FRAME_HEADER_BYTES, FrameType } from '../src/wire/frames';
+import { dirty, guestMemory, migrationStream, PAGE } from './migration-stream';
+
+let root = '';
+beforeEach(() => {
+  root = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-proxy-'));
+});
+afterEach(() => fs.rmSync(root, { recursive: true, force: true }));
+
+type Reference = 'none' | 'shared' | 'table';
+
+/**
+ * Runs one migration through an encoder and a decoder, as the two gateways would, feeding the
+ * encoder in chunks of pseudo-random sizes. Returns the rebuilt stream and the WAN bytes.
+ */
+function transfer(stream: Buffer, sender: PageStore, receiver: PageStore, reference: Reference, seed = 1) {
+  const frames: { type: FrameType; payload: Buffer }[] = [];
+  const encoder = new StreamEncoder(
+    {
+      literal: (bytes) => frames.push({ type: FrameType.Literal, payload: Buffer.from(bytes) }),
+      run: (payload) => frames.push({ type: FrameType.Run, payload }),
+    },
+    sender,
+    () => {
+      if (reference === 'shared') encoder.reference = sender.digests;
+    },
+  );
+  const out: Buffer[] = [];
+  const decoder = new StreamDecoder((b) => out.push(b), receiver);
+  let x = seed;
+  let tableTaken = false;
+  for (let at = 0; at < stream.length; ) {
+    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+    const size = 1 + (x % 70_000);
+    encoder.push(stream.subarray(at, at + size));
+    at += size;
+    // The decoder keeps up with the encoder, as over a connection.
+    for (const f of frames.splice(0)) (f.type === FrameType.Literal ? decoder.literal(f.payload) : decoder.run(f.payload));
+    if (reference === 'table' && !tableTaken && encoder.layout) {
+      // What the gateway does on a digest-table exchange: a copy of the receiver's table, now.
+      encoder.reference = Uint8Array.from(receiver.digests);
+      tableTaken = true;
+    }
+  }
+  encoder.end();
+  for (const f of frames.splice(0)) (f.type === FrameType.Literal ? decoder.literal(f.payload) : decoder.run(f.payload));
+  decoder.end(stream.length);
+  return { rebuilt: Buffer.concat(out), encoder, decoder };
+}
+
+/** WAN bytes of a migration: every frame's header and payload. */
+function wanBytesOf(stream: Buffer, sender: PageStore, receiver: PageStore, reference: Reference): { wan: number; rebuilt: Buffer; reused: number; sent: number } {
+  let wan = 0;
+  const encoder = new StreamEncoder(
+    {
+      literal: (bytes) => {
+        wan += FRAME_HEADER_BYTES + bytes.length;
+        decoder.literal(Buffer.from(bytes));
+      },
+      run: (payload) => {
+        wan += FRAME_HEADER_BYTES + payload.length;
+        decoder.run(payload);
+      },
+    },
+    sender,
+    () => {
+      if (reference === 'shared') encoder.reference = sender.digests;
+    },
+  );
+  const out: Buffer[] = [];
+  const decoder = new StreamDecoder((b) => out.push(b), receiver);
+  for (let at = 0; at < stream.length; at += 65536) encoder.push(stream.subarray(at, at + 65536));
+  encoder.end();
+  decoder.end(stream.length);
+  return { wan, rebuilt: Buffer.concat(out), reused: encoder.counts.pagesReused, sent: encoder.counts.pagesSent };
+}
+
+const LAYOUT: [string, number][] = [
+  ['pc.ram', 1500],
+  ['0000:00:02.0/vga.vram', 100],
+];
+
+describe('encoder → decoder', () => {
+  test('first leg: nothing to reuse, the stream is rebuilt byte for byte and both stores hold every page', () => {
+    const memory = guestMemory(LAYOUT, 1);
+    const stream = migrationStream(memory, [[5, 6, 7, 1200]]);
+    const a = PageStore.open(root, 'vm1');
+    const b = PageStore.open(path.join(root, 'b'), 'vm1');
+    const { rebuilt, encoder, decoder } = transfer(stream, a, b, 'none');
+    expect(rebuilt.equals(stream)).toBe(true);
+    expect(encoder.counts.pagesReused).toBe(0);
+    expect(decoder.counts.pagesSent).toBe(encoder.counts.pagesSent);
+    expect(decoder.counts.pagesZero).toBe(encoder.counts.pagesZero);
+    expect(Buffer.from(a.digests).equals(Buffer.from(b.digests))).toBe(true);
+    const page = Buffer.alloc(PAGE);
+    b.readPages(1200, 1, page, 0);
+    expect(page.equals(memory.pages[1200])).toBe(true);
+  });
+
+  test('back legs reuse the shared snapshot: idle costs bytes, changed pages cost themselves', () => {
+    const memory = guestMemory(LAYOUT, 2);
+    const a = PageStore.open(root, 'vm1');
+    const b = PageStore.open(path.join(root, 'b'), 'vm1');
+    const first = migrationStream(memory, [[10, 11]]);
+    const leg1 = wanBytesOf(first, a, b, 'none');
+    expect(leg1.rebuilt.equals(first)).toBe(true);
+    a.commit('snap-1');
+    b.commit('snap-1');
+
+    // B → A, idle guest: every page is reused or a fill page.
+    const idle = migrationStream(memory, []);
+    const leg2 = wanBytesOf(idle, b, a, 'shared');
+    expect(leg2.rebuilt.equals(idle)).toBe(true);
+    expect(leg2.sent).toBe(0);
+    expect(leg2.wan).toBeLessThan(first.length * 0.005);
+    a.commit('snap-2');
+    b.commit('snap-2');
+
+    // A → B with 3% of the pages changed, some of them sent twice.
+    const changed = dirty(memory, 0.03, 9);
+    const third = migrationStream(memory, [changed.slice(0, 10)]);
+    const leg3 = wanBytesOf(third, a, b, 'shared');
+    expect(leg3.rebuilt.equals(third)).toBe(true);
+    const nonZeroChanged = changed.filter((i) => !memory.pages[i].every((v) => v === 0)).length;
+    // Changed pages go in full; a page sent again in the same migration is reused from the first copy.
+    expect(leg3.sent).toBe(nonZeroChanged);
+    expect(leg3.wan).toBeLessThan(1.05 * nonZeroChanged * PAGE + 0.001 * first.length + 4096);
+  });
+
+  test('a receiver whose snapshot the sender lacks is matched through its digest table', () => {
+    const memory = guestMemory(LAYOUT, 3);
+    const a = PageStore.open(root, 'vm1');
+    const b = PageStore.open(path.join(root, 'b'), 'vm1');
+    wanBytesOf(migrationStream(memory, []), a, b, 'none');
+    a.commit('snap-ab');
+    b.commit('snap-ab');
+    dirty(memory, 0.02, 4);
+    // C never saw this VM: it learns what A holds from A's digest table.
+    const c = PageStore.open(path.join(root, 'c'), 'vm1');
+    const stream = migrationStream(memory, []);
+    const { rebuilt, encoder } = transfer(stream, c, a, 'table', 5);
+    expect(rebuilt.equals(stream)).toBe(true);
+    expect(encoder.counts.pagesReused).toBeGreaterThan(encoder.counts.pagesSent * 10);
+  });
+
+  test('a retained page that no longer matches fails the rebuild before it is passed on', () => {
+    const memory = guestMemory(LAYOUT, 4, 0);
+    const a = PageStore.open(root, 'vm1');
+    const b = PageStore.open(path.join(root, 'b'), 'vm1');
+    wanBytesOf(migrationStream(memory, []), a, b, 'none');
+    a.commit('s');
+    b.commit('s');
+    // Corrupt page 700 of B's store on disk, behind its digest.
+    const file = path.join(root, 'b', 'vm1', 'pages');
+    const fd = fs.openSync(file, 'r+');
+    fs.writeSync(fd, Buffer.from([0xff ^ memory.pages[700][5]]), 0, 1, 700 * PAGE + 5);
+    fs.closeSync(fd);
+    const stream = migrationStream(memory, []);
+    const out: Buffer[] = [];
+    const decoder = new StreamDecoder((bytes) => out.push(bytes), b);
+    const encoder = new StreamEncoder(
+      { literal: (bytes) => decoder.literal(Buffer.from(bytes)), run: (payload) => decoder.run(payload) },
+      a,
+      () => (encoder.reference = a.digests),
+    );
+    expect(() => {
+      for (let at = 0; at < stream.length; at += 65536) encoder.push(stream.subarray(at, at + 65536));
+      encoder.end();
+    }).toThrow(RebuildError);
+    // Nothing rebuilt from the corrupted run reached the destination.
+    const rebuilt = Buffer.concat(out);
+    expect(rebuilt.equals(stream.subarray(0, rebuilt.length))).toBe(true);
+    expect(rebuilt.length).toBeLessThan(stream.indexOf(memory.pages[700]));
+    b.abort();
+    expect(b.snapshotId()).toBeNull();
+    expect(b.digests.length).toBe((1500 + 100) * DIGEST_BYTES);
+  });
+});
