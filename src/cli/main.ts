@@ -1,12 +1,19 @@
 import { parseEndpoint, formatEndpoint } from '../address';
 import { Capture } from '../capture';
 import { parseArgs, requireOption, stringOption, UsageError } from './args';
+import { runDemo } from './demo';
+import { runGateway } from './gateway';
 import { formatReport, inspectPath } from './inspect';
 
 const USAGE = `usage: bfmig <command> [options]
 
 commands:
   inspect <file|-> [--json]       report what a captured migration stream holds
+  demo [--legs 3] [--mbit 100] [--delay-ms 20] [--mem-mib 256] [--workload-mib 64] [--rewrite-pct 0]
+       [--no-direct] [--json FILE]
+                                  migrate a guest back and forth on this machine through two gateways
+                                  and a WAN emulator, direct versus through bfmig
+  gateway --config FILE           run a site's gateway (see the README for the YAML keys)
   capture --listen HOST:PORT --out FILE [--forward HOST:PORT]
                                   accept one migration from a source QEMU and write it to FILE,
                                   relaying it to the destination QEMU with --forward
@@ -22,6 +29,12 @@ async function run(argv: readonly string[]): Promise<number> {
       const report = await inspectPath(path);
       process.stdout.write(args.options.has('json') ? JSON.stringify(report, null, 2) + '\n' : formatReport(report) + '\n');
       return report.error || !report.identical ? 1 : 0;
+    }
+    case 'demo':
+      return runDemo(parseArgs(rest, ['no-direct']));
+    case 'gateway': {
+      const args = parseArgs(rest, []);
+      return runGateway(requireOption(args, 'config'), stringOption(args, 'log-level'));
     }
     case 'capture': {
       const args = parseArgs(rest, []);

@@ -1,0 +1,32 @@
+import { checkTransportSecurity, ConfigError, loadConfig } from '../gateway/config';
+import { Gateway } from '../gateway/gateway';
+import { createLogger } from '../gateway/log';
+import { GatewayMetrics } from '../gateway/metrics';
+
+/** `bfmig gateway --config FILE`: runs until SIGTERM/SIGINT, then drains and exits 0. */
+export async function runGateway(configPath: string, level = process.env.BFMIG_LOG_LEVEL ?? 'info'): Promise<number> {
+  const log = createLogger({ name: 'bfmig', level });
+  let gateway: Gateway;
+  try {
+    const config = loadConfig(configPath);
+    const { warn } = checkTransportSecurity(config);
+    if (warn) log.warn(warn);
+    gateway = new Gateway(config, log.child({ site: config.name }), new GatewayMetrics());
+    await gateway.start();
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`bfmig gateway: ${err.message}\n`);
+      return 2;
+    }
+    throw err;
+  }
+  await new Promise<void>((resolve) => {
+    const stop = (signal: string): void => {
+      log.info({ signal }, 'stopping');
+      gateway.stop().then(resolve, resolve);
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+  return 0;
+}

@@ -1,0 +1,163 @@
+import { createServer, type Server, type Socket } from 'node:net';
+import { type Endpoint, formatEndpoint } from '../address';
+import { type GatewayConfig, targetAllowed } from './config';
+import type { Logger } from './log';
+import type { GatewayMetrics } from './metrics';
+import { ReceiveSession } from './receive';
+import { SendSession } from './send';
+import type { Direction, MigrationReport, SessionObserver } from './session';
+
+interface Totals {
+  streamBytes: number;
+  wanBytes: number;
+  sent: number;
+  reused: number;
+  zero: number;
+}
+
+/**
+ * A site's gateway: listens for source QEMUs on each route and for peer gateways on peerListen,
+ * and runs one session per migration. Sessions report to the log and the metrics.
+ */
+export class Gateway implements SessionObserver {
+  private readonly servers: Server[] = [];
+  private readonly sessions = new Set<{ done: Promise<void>; socket: Socket }>();
+  private readonly busy = new Set<string>();
+  private readonly totals = new Map<string, Totals>();
+  /** Addresses actually bound, by role: "peer", "metrics", "route:<vm>". */
+  readonly bound = new Map<string, Endpoint>();
+  /** Reports of finished migrations, newest last (bounded). */
+  readonly history: MigrationReport[] = [];
+  private stopping = false;
+
+  constructor(
+    private readonly config: GatewayConfig,
+    private readonly log: Logger,
+    private readonly metrics: GatewayMetrics | null,
+  ) {}
+
+  async start(): Promise<void> {
+    const c = this.config;
+    this.bound.set('peer', await this.listen(c.peerListen, (socket) => this.acceptPeer(socket)));
+    for (const route of c.routes) {
+      this.bound.set(`route:${route.vm}`, await this.listen(route.listen, (socket) => this.acceptSource(socket, route.vm)));
+    }
+    if (c.metrics && this.metrics) this.bound.set('metrics', await this.metrics.serve(c.metrics));
+    this.log.info({ site: c.name, listening: Object.fromEntries([...this.bound].map(([k, v]) => [k, formatEndpoint(v)])) }, 'gateway started');
+  }
+
+  /** Stops accepting, lets running migrations finish within the grace period, then cuts the rest. */
+  async stop(graceSeconds = this.config.shutdownGraceSeconds): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    await Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    const running = [...this.sessions];
+    if (running.length > 0) {
+      this.log.info({ running: running.length, graceSeconds }, 'waiting for running migrations');
+      let timer: NodeJS.Timeout | undefined;
+      const grace = new Promise<'timeout'>((resolve) => (timer = setTimeout(() => resolve('timeout'), graceSeconds * 1000)));
+      const outcome = await Promise.race([Promise.all(running.map((s) => s.done)).then(() => 'done' as const), grace]);
+      clearTimeout(timer);
+      if (outcome === 'timeout') {
+        for (const s of running) s.socket.destroy();
+        await Promise.all(running.map((s) => s.done));
+      }
+    }
+    await this.metrics?.close();
+    this.log.info('gateway stopped');
+  }
+
+  private listen(endpoint: Endpoint, onConnection: (socket: Socket) => void): Promise<Endpoint> {
+    return new Promise((resolve, reject) => {
+      const server = createServer({ noDelay: true, pauseOnConnect: true }, onConnection);
+      server.once('error', reject);
+      server.listen(endpoint.port, endpoint.host, () => {
+        server.off('error', reject);
+        server.on('error', (err) => this.log.error({ err, endpoint: formatEndpoint(endpoint) }, 'listener error'));
+        this.servers.push(server);
+        const address = server.address();
+        if (address === null || typeof address === 'string') return reject(new Error('no TCP address'));
+        resolve({ host: address.address, port: address.port });
+      });
+    });
+  }
+
+  private acceptSource(socket: Socket, vm: string): void {
+    const route = this.config.routes.find((r) => r.vm === vm);
+    if (!route || this.stopping) return void socket.destroy();
+    if (this.busy.has(vm)) {
+      this.log.warn({ vm, direction: 'send' }, 'migration refused: this VM is already migrating through this gateway');
+      socket.resetAndDestroy();
+      return;
+    }
+    this.busy.add(vm);
+    const session = new SendSession(socket, { site: this.config.name, route, storeRoot: this.config.data, observer: this });
+    this.track(session.done, socket, () => this.busy.delete(vm));
+  }
+
+  private acceptPeer(socket: Socket): void {
+    if (this.stopping) return void socket.destroy();
+    socket.resume();
+    const session = new ReceiveSession(socket, {
+      site: this.config.name,
+      storeRoot: this.config.data,
+      observer: this,
+      targetAllowed: (target) => targetAllowed(this.config, target),
+      busy: this.busy,
+    });
+    this.track(session.done, socket, () => undefined);
+  }
+
+  private track(done: Promise<void>, socket: Socket, cleanup: () => void): void {
+    const entry = { done, socket };
+    this.sessions.add(entry);
+    void done.then(() => {
+      this.sessions.delete(entry);
+      cleanup();
+    });
+  }
+
+  // SessionObserver ------------------------------------------------------------------------------
+
+  event(vm: string, direction: Direction, message: string, fields?: Record<string, unknown>): void {
+    this.log.info({ vm, direction, ...fields }, message);
+  }
+
+  progress(vm: string, direction: Direction, now: { streamBytes: number; wanBytes: number; counts: { pagesSent: number; pagesReused: number; pagesZero: number } }): void {
+    const key = `${vm}\u0000${direction}`;
+    const before = this.totals.get(key) ?? { streamBytes: 0, wanBytes: 0, sent: 0, reused: 0, zero: 0 };
+    const m = this.metrics;
+    if (m) {
+      m.addStreamBytes(vm, direction, now.streamBytes - before.streamBytes);
+      m.addWanBytes(vm, direction, now.wanBytes - before.wanBytes);
+      m.addPages(vm, direction, 'sent', now.counts.pagesSent - before.sent);
+      m.addPages(vm, direction, 'reused', now.counts.pagesReused - before.reused);
+      m.addPages(vm, direction, 'zero', now.counts.pagesZero - before.zero);
+    }
+    this.totals.set(key, { streamBytes: now.streamBytes, wanBytes: now.wanBytes, sent: now.counts.pagesSent, reused: now.counts.pagesReused, zero: now.counts.pagesZero });
+  }
+
+  finished(report: MigrationReport): void {
+    this.totals.delete(`${report.vm}\u0000${report.direction}`);
+    const wanBytes = report.direction === 'send' ? report.wanBytesOut : report.wanBytesIn;
+    this.metrics?.migrationFinished(report.vm, report.direction, { result: report.result, seconds: report.seconds, qemuBytes: report.streamBytes, wanBytes });
+    this.history.push(report);
+    if (this.history.length > 100) this.history.shift();
+    const fields = {
+      vm: report.vm,
+      direction: report.direction,
+      result: report.result,
+      seconds: report.seconds,
+      streamBytes: report.streamBytes,
+      wanBytes,
+      pagesSent: report.counts.pagesSent,
+      pagesReused: report.counts.pagesReused,
+      pagesZero: report.counts.pagesZero,
+      mode: report.mode,
+      snapshotId: report.snapshotId,
+      ...(report.error ? { error: report.error } : {}),
+    };
+    if (report.result === 'completed') this.log.info(fields, 'migration completed');
+    else this.log.warn(fields, 'migration failed');
+  }
+}

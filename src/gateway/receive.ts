@@ -1,0 +1,244 @@
+import { connect, type Socket } from 'node:net';
+import { type Endpoint, parseEndpoint } from '../address';
+import { StreamDecoder } from '../proxy/decoder';
+import { newCounts } from '../proxy/encoder';
+import { PageStore, validateVmName } from '../store';
+import {
+  decodeAbort,
+  decodeEnd,
+  decodeHello,
+  encodeFrame,
+  encodeJson,
+  FrameParser,
+  frameHeader,
+  FrameType,
+  PROTOCOL_VERSION,
+} from '../wire/frames';
+import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, PROGRESS_INTERVAL_MS, type SessionObserver, TABLE_FRAME_BYTES } from './session';
+
+export interface ReceiveOptions {
+  site: string;
+  storeRoot: string;
+  observer: SessionObserver;
+  /** Whether this gateway may dial the destination a peer names (no open relay). */
+  targetAllowed: (target: Endpoint) => boolean;
+  /** VMs migrating through this gateway now, in either direction: one migration per VM at a time. */
+  busy: Set<string>;
+}
+
+/**
+ * One incoming migration: a peer gateway's frames, rebuilt into the exact QEMU stream for the
+ * destination. Any failure resets the destination's connection before a wrong byte could reach it,
+ * and leaves the store claiming no snapshot.
+ */
+export class ReceiveSession {
+  readonly done: Promise<void>;
+  private resolveDone!: () => void;
+  private vm = '?';
+  private readonly started = Date.now();
+  private readonly frames: FrameParser;
+  private dest: Socket | null = null;
+  private store: PageStore | null = null;
+  private decoder: StreamDecoder | null = null;
+  private holdsVm = false;
+  private ending = false;
+  private finished = false;
+  private wanOut = 0;
+  private wanIn = 0;
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    private readonly peer: Socket,
+    private readonly options: ReceiveOptions,
+  ) {
+    this.done = new Promise((resolve) => (this.resolveDone = resolve));
+    peer.setNoDelay(true);
+    peer.setTimeout(HANDSHAKE_TIMEOUT_MS, () => this.fail('no Hello from the peer in time'));
+    this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
+    peer.on('data', (chunk: Buffer) => {
+      this.wanIn += chunk.length;
+      try {
+        this.frames.push(chunk);
+      } catch (err) {
+        this.fail(message(err));
+      }
+      if (this.frames.isPaused) peer.pause();
+    });
+    peer.on('error', (err) => this.fail(`peer: ${err.message}`));
+    peer.on('close', () => this.fail('the peer gateway closed the connection'));
+    this.timer = setInterval(() => this.progress(), PROGRESS_INTERVAL_MS);
+  }
+
+  private event(message: string, fields?: Record<string, unknown>): void {
+    this.options.observer.event(this.vm, 'receive', message, fields);
+  }
+
+  private onFrame(type: FrameType, payload: Buffer): void {
+    if (this.finished) return;
+    if (!this.dest && type !== FrameType.Hello) throw new Error(`frame type ${type} before Hello`);
+    switch (type) {
+      case FrameType.Hello:
+        this.onHello(payload);
+        return;
+      case FrameType.Literal:
+        this.requireDecoder().literal(payload);
+        return;
+      case FrameType.Run:
+        this.requireDecoder().run(payload);
+        return;
+      case FrameType.TableRequest:
+        this.sendTable();
+        return;
+      case FrameType.End: {
+        const end = decodeEnd(payload);
+        this.onEnd(end.streamBytes, end.snapshotId);
+        return;
+      }
+      case FrameType.Abort:
+        this.fail(`the sending gateway aborted: ${decodeAbort(payload).error}`);
+        return;
+      default:
+        throw new Error(`unexpected frame type ${type}`);
+    }
+  }
+
+  private requireDecoder(): StreamDecoder {
+    if (!this.decoder || this.ending) throw new Error('stream data outside a migration');
+    return this.decoder;
+  }
+
+  private onHello(payload: Buffer): void {
+    if (this.dest) throw new Error('a second Hello');
+    const hello = decodeHello(payload);
+    if (hello.protocol !== PROTOCOL_VERSION) throw new Error(`protocol ${hello.protocol}; this gateway speaks ${PROTOCOL_VERSION}`);
+    this.vm = validateVmName(hello.vm);
+    const target = parseEndpoint(hello.target);
+    if (!this.options.targetAllowed(target)) throw new Error(`destination ${hello.target} is not in allowTargets`);
+    if (this.options.busy.has(this.vm)) throw new Error(`VM ${this.vm} is already migrating through this gateway`);
+    this.options.busy.add(this.vm);
+    this.holdsVm = true;
+    this.peer.setTimeout(0);
+    this.event('migration offered', { peerSite: hello.site, target: hello.target });
+    this.store = PageStore.open(this.options.storeRoot, this.vm);
+    const meta = this.store.meta();
+    const dest = connect({ ...target, noDelay: true });
+    this.dest = dest;
+    dest.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`destination ${hello.target} did not answer in time`));
+    dest.on('error', (err) => this.fail(`destination ${hello.target}: ${err.message}`));
+    dest.on('close', () => {
+      if (!this.finished) this.fail(`destination ${hello.target} closed the connection`);
+    });
+    dest.on('drain', () => {
+      this.frames.resume();
+      if (!this.frames.isPaused) this.peer.resume();
+    });
+    dest.on('data', (chunk: Buffer) => {
+      // The destination's return path goes back to the source as it is.
+      this.writeFrame(frameHeader(FrameType.Return, chunk.length));
+      this.writeFrame(chunk);
+    });
+    dest.on('connect', () => {
+      dest.setTimeout(0);
+      this.decoder = new StreamDecoder((bytes) => {
+        if (!dest.write(bytes)) this.frames.pause();
+      }, this.store);
+      this.writeFrame(
+        encodeJson(FrameType.Offer, {
+          site: this.options.site,
+          snapshotId: this.store?.snapshotId() ?? null,
+          layoutId: meta?.layoutId ?? null,
+          pageCount: meta?.pageCount ?? 0,
+          presentPages: meta?.presentPages ?? 0,
+        }),
+      );
+    });
+  }
+
+  private sendTable(): void {
+    const store = this.store;
+    if (!store || !this.decoder?.layout) throw new Error('digest table requested before the RAM layout');
+    const table = store.digests;
+    for (let at = 0; at < table.length; at += TABLE_FRAME_BYTES) {
+      const piece = Buffer.from(table.buffer, table.byteOffset + at, Math.min(TABLE_FRAME_BYTES, table.length - at));
+      this.writeFrame(frameHeader(FrameType.TableData, piece.length));
+      // A copy: the table changes as the migration goes on, the socket may send later.
+      this.writeFrame(Buffer.from(piece));
+    }
+    this.writeFrame(encodeFrame(FrameType.TableEnd));
+    this.event('digest table sent', { bytes: table.length });
+  }
+
+  private onEnd(streamBytes: number, snapshotId: string): void {
+    const decoder = this.requireDecoder();
+    const dest = this.dest;
+    if (!dest) throw new Error('End before the destination was reached');
+    decoder.end(streamBytes);
+    this.ending = true;
+    // Commit once the destination has been handed every byte.
+    dest.end(() => {
+      if (this.finished) return;
+      try {
+        this.store?.commit(snapshotId);
+      } catch (err) {
+        this.fail(`store commit: ${message(err)}`);
+        return;
+      }
+      this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
+      this.finish('completed', null, snapshotId);
+      this.peer.end();
+    });
+  }
+
+  private writeFrame(bytes: Buffer): void {
+    if (this.peer.destroyed) return;
+    this.wanOut += bytes.length;
+    this.peer.write(bytes);
+  }
+
+  private progress(): void {
+    if (!this.decoder) return;
+    this.options.observer.progress(this.vm, 'receive', { streamBytes: this.decoder.counts.streamBytes, wanBytes: this.wanIn, counts: this.decoder.counts });
+  }
+
+  private fail(reason: string): void {
+    if (this.finished) return;
+    this.event('migration failed', { error: reason });
+    // Reset, not end: the destination must see a broken stream, never a short one that parses.
+    this.dest?.resetAndDestroy();
+    if (!this.peer.destroyed && this.peer.writable) this.peer.end(encodeJson(FrameType.Abort, { error: reason }));
+    else this.peer.destroy();
+    try {
+      this.store?.abort();
+    } catch (err) {
+      this.event('store abort failed', { error: message(err) });
+    }
+    this.finish('failed', reason, null);
+  }
+
+  private finish(result: 'completed' | 'failed', error: string | null, snapshotId: string | null): void {
+    this.finished = true;
+    clearInterval(this.timer);
+    this.progress();
+    if (this.holdsVm) this.options.busy.delete(this.vm);
+    this.store?.close();
+    const counts = this.decoder?.counts ?? newCounts();
+    this.options.observer.finished({
+      vm: this.vm,
+      direction: 'receive',
+      result,
+      error,
+      seconds: (Date.now() - this.started) / 1000,
+      streamBytes: counts.streamBytes,
+      wanBytesOut: this.wanOut,
+      wanBytesIn: this.wanIn,
+      counts,
+      mode: 'none',
+      snapshotId,
+    });
+    this.resolveDone();
+  }
+}
+
+function message(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

@@ -1,0 +1,285 @@
+import { randomUUID } from 'node:crypto';
+import { connect, type Socket } from 'node:net';
+import { formatEndpoint } from '../address';
+import { DIGEST_BYTES } from '../digest';
+import { StreamEncoder } from '../proxy/encoder';
+import type { PageLayout } from '../proxy/retained';
+import { PageStore } from '../store';
+import {
+  decodeAbort,
+  decodeDone,
+  decodeOffer,
+  encodeFrame,
+  encodeJson,
+  FrameParser,
+  frameHeader,
+  FrameType,
+  type OfferMessage,
+  PROTOCOL_VERSION,
+} from '../wire/frames';
+import type { RouteConfig } from './config';
+import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
+
+export interface SendOptions {
+  site: string;
+  route: RouteConfig;
+  storeRoot: string;
+  observer: SessionObserver;
+}
+
+/**
+ * One outgoing migration: the source QEMU's connection, relayed to the far gateway as Literal and
+ * Run frames. Any failure destroys the QEMU connection, so the source sees a failed migration and
+ * its VM keeps running; the local store then claims no snapshot.
+ */
+export class SendSession {
+  readonly done: Promise<void>;
+  private resolveDone!: () => void;
+  private readonly vm: string;
+  private readonly started = Date.now();
+  private readonly peer: Socket;
+  private readonly frames: FrameParser;
+  private store: PageStore | null = null;
+  private localSnapshot: string | null = null;
+  private encoder: StreamEncoder | null = null;
+  private offer: OfferMessage | null = null;
+  private mode: ReuseMode = 'none';
+  private table: Uint8Array | null = null;
+  private tableFilled = 0;
+  private waitingForTable = false;
+  private sourceEnded = false;
+  private snapshotId: string | null = null;
+  private wanOut = 0;
+  private wanIn = 0;
+  private finished = false;
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    private readonly qemu: Socket,
+    private readonly options: SendOptions,
+  ) {
+    this.done = new Promise((resolve) => (this.resolveDone = resolve));
+    this.vm = options.route.vm;
+    qemu.pause();
+    qemu.setNoDelay(true);
+    this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
+    this.event('migration accepted', { source: `${qemu.remoteAddress}:${qemu.remotePort}`, peer: formatEndpoint(options.route.peer) });
+    this.peer = connect({ ...options.route.peer, noDelay: true });
+    this.peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail('the peer gateway did not answer in time'));
+    this.peer.on('connect', () => this.onPeerConnect());
+    this.peer.on('data', (chunk: Buffer) => {
+      this.wanIn += chunk.length;
+      try {
+        this.frames.push(chunk);
+      } catch (err) {
+        this.fail(`peer: ${message(err)}`);
+      }
+    });
+    this.peer.on('drain', () => this.resumeSource());
+    this.peer.on('error', (err) => this.fail(`peer ${formatEndpoint(options.route.peer)}: ${err.message}`));
+    this.peer.on('close', () => this.fail('the peer gateway closed the connection'));
+    qemu.on('data', (chunk: Buffer) => this.onSourceData(chunk));
+    qemu.on('end', () => this.onSourceEnd());
+    qemu.on('error', (err) => this.fail(`source: ${err.message}`));
+    qemu.on('close', () => {
+      if (!this.sourceEnded) this.fail('the source closed the connection');
+    });
+    this.timer = setInterval(() => this.progress(), PROGRESS_INTERVAL_MS);
+  }
+
+  private event(message: string, fields?: Record<string, unknown>): void {
+    this.options.observer.event(this.vm, 'send', message, fields);
+  }
+
+  private onPeerConnect(): void {
+    this.peer.setTimeout(HANDSHAKE_TIMEOUT_MS);
+    try {
+      this.store = PageStore.open(this.options.storeRoot, this.vm);
+      this.localSnapshot = this.store.snapshotId();
+    } catch (err) {
+      this.fail(`store: ${message(err)}`);
+      return;
+    }
+    this.writeFrame(
+      encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: this.options.site, vm: this.vm, target: formatEndpoint(this.options.route.target) }),
+    );
+  }
+
+  private onFrame(type: FrameType, payload: Buffer): void {
+    switch (type) {
+      case FrameType.Offer: {
+        if (this.offer) throw new Error('a second Offer');
+        this.offer = decodeOffer(payload);
+        this.peer.setTimeout(0);
+        this.event('peer offered', { peerSite: this.offer.site, snapshotId: this.offer.snapshotId, presentPages: this.offer.presentPages, localSnapshot: this.localSnapshot });
+        this.encoder = new StreamEncoder(
+          {
+            literal: (bytes) => {
+              this.writeFrame(frameHeader(FrameType.Literal, bytes.length));
+              this.writeFrame(bytes);
+            },
+            run: (run) => this.writeFrame(encodeFrame(FrameType.Run, run)),
+          },
+          this.store,
+          (layout) => this.chooseReference(layout),
+        );
+        this.resumeSource();
+        return;
+      }
+      case FrameType.TableData: {
+        const table = this.table;
+        if (!table || !this.waitingForTable || this.tableFilled + payload.length > table.length) throw new Error('unexpected digest table data');
+        table.set(payload, this.tableFilled);
+        this.tableFilled += payload.length;
+        return;
+      }
+      case FrameType.TableEnd: {
+        if (!this.table || this.tableFilled !== this.table.length) throw new Error(`digest table of ${this.tableFilled} bytes, expected ${this.table?.length}`);
+        if (this.encoder) this.encoder.reference = this.table;
+        this.waitingForTable = false;
+        this.event('digest table received', { bytes: this.tableFilled });
+        this.resumeSource();
+        return;
+      }
+      case FrameType.Return:
+        if (!this.qemu.write(payload)) {
+          this.peer.pause();
+          this.qemu.once('drain', () => this.peer.resume());
+        }
+        return;
+      case FrameType.Done: {
+        const done = decodeDone(payload);
+        if (done.snapshotId !== this.snapshotId) throw new Error(`Done for snapshot ${done.snapshotId}, not ${this.snapshotId}`);
+        this.complete();
+        return;
+      }
+      case FrameType.Abort:
+        this.fail(`the peer gateway aborted: ${decodeAbort(payload).error}`);
+        return;
+      default:
+        throw new Error(`unexpected frame type ${type}`);
+    }
+  }
+
+  /** The RAM layout is known: decide what the receiver is known to hold. */
+  private chooseReference(layout: PageLayout): void {
+    const offer = this.offer;
+    const encoder = this.encoder;
+    if (!offer || !encoder || !this.store || offer.layoutId !== layout.layoutId) {
+      this.mode = 'none';
+    } else if (offer.snapshotId !== null && offer.snapshotId === this.localSnapshot) {
+      // Both sides committed the same snapshot: our digest table is theirs.
+      encoder.reference = this.store.digests;
+      this.mode = 'shared-snapshot';
+    } else if (offer.presentPages > 0) {
+      this.table = new Uint8Array(layout.pageCount * DIGEST_BYTES);
+      this.tableFilled = 0;
+      this.waitingForTable = true;
+      this.qemu.pause();
+      this.writeFrame(encodeFrame(FrameType.TableRequest));
+      this.mode = 'digest-table';
+    } else {
+      this.mode = 'none';
+    }
+    this.event('reuse decided', { mode: this.mode, pages: layout.pageCount });
+  }
+
+  private onSourceData(chunk: Buffer): void {
+    if (!this.encoder || this.finished) return;
+    try {
+      this.encoder.push(chunk);
+    } catch (err) {
+      this.fail(`source stream: ${message(err)}`);
+      return;
+    }
+    if (this.peer.writableNeedDrain) this.qemu.pause();
+  }
+
+  private onSourceEnd(): void {
+    this.sourceEnded = true;
+    if (this.finished || !this.encoder) {
+      this.fail('the source ended before the peer answered');
+      return;
+    }
+    try {
+      this.encoder.end();
+    } catch (err) {
+      this.fail(`source stream: ${message(err)}`);
+      return;
+    }
+    this.snapshotId = randomUUID();
+    this.writeFrame(encodeJson(FrameType.End, { streamBytes: this.encoder.counts.streamBytes, snapshotId: this.snapshotId }));
+    this.event('source stream ended', { streamBytes: this.encoder.counts.streamBytes });
+  }
+
+  private resumeSource(): void {
+    if (!this.finished && this.encoder && !this.waitingForTable && !this.peer.writableNeedDrain) this.qemu.resume();
+  }
+
+  private writeFrame(bytes: Buffer): void {
+    this.wanOut += bytes.length;
+    this.peer.write(bytes);
+  }
+
+  private progress(): void {
+    if (!this.encoder) return;
+    this.options.observer.progress(this.vm, 'send', { streamBytes: this.encoder.counts.streamBytes, wanBytes: this.wanOut, counts: this.encoder.counts });
+  }
+
+  private complete(): void {
+    if (this.finished) return;
+    this.finished = true;
+    try {
+      if (this.store && this.snapshotId) this.store.commit(this.snapshotId);
+    } catch (err) {
+      this.event('store commit failed', { error: message(err) });
+    }
+    this.peer.end();
+    this.qemu.end();
+    this.report('completed', null);
+  }
+
+  private fail(reason: string): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.event('migration failed', { error: reason });
+    if (!this.peer.destroyed && this.peer.writable && this.offer) {
+      this.peer.end(encodeJson(FrameType.Abort, { error: reason }));
+    } else {
+      this.peer.destroy();
+    }
+    // Resetting the connection makes the source QEMU fail the migration; its VM keeps running.
+    this.qemu.resetAndDestroy();
+    try {
+      this.store?.abort();
+    } catch (err) {
+      this.event('store abort failed', { error: message(err) });
+    }
+    this.report('failed', reason);
+  }
+
+  private report(result: 'completed' | 'failed', error: string | null): void {
+    clearInterval(this.timer);
+    this.progress();
+    const counts = this.encoder?.counts ?? { streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesZero: 0, pagesOther: 0 };
+    this.store?.close();
+    this.options.observer.finished({
+      vm: this.vm,
+      direction: 'send',
+      result,
+      error,
+      seconds: (Date.now() - this.started) / 1000,
+      streamBytes: counts.streamBytes,
+      wanBytesOut: this.wanOut,
+      wanBytesIn: this.wanIn,
+      counts,
+      mode: this.mode,
+      snapshotId: result === 'completed' ? this.snapshotId : null,
+    });
+    this.resolveDone();
+  }
+}
+
+function message(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

@@ -1,0 +1,38 @@
+import type { TransferCounts } from '../proxy/encoder';
+
+export type Direction = 'send' | 'receive';
+
+/** How the sender knew what the receiver holds. */
+export type ReuseMode = 'shared-snapshot' | 'digest-table' | 'none';
+
+export interface MigrationReport {
+  vm: string;
+  direction: Direction;
+  result: 'completed' | 'failed';
+  error: string | null;
+  seconds: number;
+  /** QEMU stream bytes through this gateway. */
+  streamBytes: number;
+  /** Bytes this gateway sent over the WAN (frames included). */
+  wanBytesOut: number;
+  /** Bytes it received over the WAN. */
+  wanBytesIn: number;
+  counts: TransferCounts;
+  mode: ReuseMode;
+  snapshotId: string | null;
+}
+
+/** What a migration session tells the gateway: log lines, live totals, the outcome. */
+export interface SessionObserver {
+  event(vm: string, direction: Direction, message: string, fields?: Record<string, unknown>): void;
+  /** Cumulative totals so far (about once a second and at the end). */
+  progress(vm: string, direction: Direction, totals: { streamBytes: number; wanBytes: number; counts: TransferCounts }): void;
+  finished(report: MigrationReport): void;
+}
+
+/** Limits on one migration's connections. */
+export const HANDSHAKE_TIMEOUT_MS = 10_000;
+export const CONNECT_TIMEOUT_MS = 10_000;
+export const PROGRESS_INTERVAL_MS = 1_000;
+/** Digest-table frames: 64 Ki pages each. */
+export const TABLE_FRAME_BYTES = 1024 * 1024;

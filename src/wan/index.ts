@@ -1,0 +1,2 @@
+export { WanEmulator, resolveShape, type WanEmulatorOptions, type WanEmulatorStats, type DirectionStats } from './emulator';
+export { TcpRelay, type TcpRelayOptions, type TcpRelayStats } from './relay';
