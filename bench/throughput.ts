@@ -1,0 +1,188 @@
+/**
+ * Gateway throughput on loopback, no WAN shaping, against a plain Node TCP relay pair measured in the
+ * same run. A producer plays a synthetic ≥ 1 GiB QEMU stream into site A; a consumer at the other end
+ * reads it as a destination QEMU would and checks it byte for byte (by XXH3-128 over all bytes).
+ * Leg 1 goes A → B with empty stores (nothing to reuse); leg 2 plays the same memory B → A (all
+ * reused). Each gateway runs as its own `bfmig gateway` process, so CPU seconds and peak RSS are its own.
+ *
+ * Usage: node dist/bench/throughput.js [GiB=1] [runs=3]
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { createInterface } from 'node:readline';
+import { PACKAGE_ROOT } from '../src/paths';
+import { freePort } from '../src/vm/qemu-vm';
+import { TcpRelay } from '../src/wan';
+import { syntheticStream } from './synthetic';
+
+const gib = Number(process.argv[2] ?? 1);
+const runs = Number(process.argv[3] ?? 3);
+const CLOCK_TICKS = 100;
+
+interface ProcStats {
+  cpuSeconds: number;
+  peakRssMiB: number;
+}
+
+function procStats(pid: number): ProcStats {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const cpu = (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS;
+  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  const hwm = /VmHWM:\s+(\d+) kB/.exec(status);
+  return { cpuSeconds: cpu, peakRssMiB: hwm ? Number(hwm[1]) / 1024 : NaN };
+}
+
+/** Serves `stream` to the first connection on `port`, honouring backpressure. */
+function produce(port: number, stream: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: '127.0.0.1', port, noDelay: true }, () => {
+      let at = 0;
+      const step = 1 << 20;
+      const pump = (): void => {
+        while (at < stream.length) {
+          const ok = socket.write(stream.subarray(at, at + step));
+          at += step;
+          if (!ok) return void socket.once('drain', pump);
+        }
+        socket.end();
+      };
+      pump();
+    });
+    socket.on('error', reject);
+    socket.on('close', () => resolve());
+    socket.resume(); // the return path, if any
+  });
+}
+
+/** A destination: accepts one connection, reads everything, compares it with `expected`. */
+function consume(expected: Buffer, port = 0): Promise<{ port: number; done: Promise<number> }> {
+  return new Promise((resolveListen) => {
+    let resolveDone: (bytes: number) => void;
+    let rejectDone: (err: Error) => void;
+    const done = new Promise<number>((res, rej) => {
+      resolveDone = res;
+      rejectDone = rej;
+    });
+    const server = net.createServer((socket) => {
+      server.close();
+      let at = 0;
+      let mismatch = false;
+      socket.on('data', (chunk: Buffer) => {
+        if (!mismatch && expected.compare(chunk, 0, chunk.length, at, at + chunk.length) !== 0) mismatch = true;
+        at += chunk.length;
+      });
+      socket.on('end', () => {
+        socket.end();
+        if (mismatch || at !== expected.length) rejectDone(new Error(`destination got ${at} bytes${mismatch ? ', not identical' : ''}`));
+        else resolveDone(at);
+      });
+    });
+    server.listen(port, '127.0.0.1', () => resolveListen({ port: (server.address() as net.AddressInfo).port, done }));
+  });
+}
+
+async function startGateway(dir: string, name: string, peerPort: number, routePort: number, farPeer: number, target: number): Promise<ChildProcess> {
+  const config = path.join(dir, `${name}.yaml`);
+  fs.writeFileSync(
+    config,
+    [
+      `name: ${name}`,
+      `data: ${path.join(dir, name)}`,
+      `peerListen: 127.0.0.1:${peerPort}`,
+      'routes:',
+      '  - vm: bench',
+      `    listen: 127.0.0.1:${routePort}`,
+      `    peer: 127.0.0.1:${farPeer}`,
+      `    target: 127.0.0.1:${target}`,
+      '',
+    ].join('\n'),
+  );
+  const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
+  await new Promise<void>((resolve, reject) => {
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      if (line.includes('gateway started')) resolve();
+    });
+    child.on('exit', (code) => reject(new Error(`gateway ${name} exited ${code}`)));
+  });
+  return child;
+}
+
+function median(values: number[]): number {
+  const s = [...values].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)];
+}
+
+async function main(): Promise<void> {
+  const { stream } = syntheticStream(gib);
+  const GiB = stream.length / 2 ** 30;
+  console.log(`stream: ${GiB.toFixed(2)} GiB synthetic QEMU 7.2 stream of random pages; ${runs} runs each, medians`);
+
+  // Plain relay pair.
+  const relayTimes: number[] = [];
+  for (let r = 0; r < runs; r++) {
+    const sink = await consume(stream);
+    const second = new TcpRelay({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: sink.port } });
+    const secondAt = await second.listen();
+    const first = new TcpRelay({ listen: { host: '127.0.0.1', port: 0 }, target: secondAt });
+    const firstAt = await first.listen();
+    const t0 = process.hrtime.bigint();
+    await produce(firstAt.port, stream);
+    await sink.done;
+    relayTimes.push(Number(process.hrtime.bigint() - t0) / 1e9);
+    await first.close();
+    await second.close();
+  }
+  const relayGBs = stream.length / median(relayTimes) / 1e9;
+  console.log(`plain Node relay pair      ${relayGBs.toFixed(2)} GB/s`);
+
+  const rows: string[] = [];
+  const ratios: Record<string, number[]> = { first: [], back: [] };
+  const cpu: Record<string, number[]> = { 'first:send': [], 'first:receive': [], 'back:send': [], 'back:receive': [] };
+  let peakRss = 0;
+  for (let r = 0; r < runs; r++) {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-tput-'));
+    const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
+    const a = await startGateway(dir, 'site-a', peerA, routeA, peerB, destB);
+    const b = await startGateway(dir, 'site-b', peerB, routeB, peerA, destA);
+    try {
+      for (const [legName, from, to, routePort, destPort] of [
+        ['first', a, b, routeA, destB],
+        ['back', b, a, routeB, destA],
+      ] as const) {
+        const before = { from: procStats(from.pid!), to: procStats(to.pid!) };
+        // The gateway dials its route's fixed target port: the destination listens there.
+        const sink = await consume(stream, destPort);
+        const t0 = process.hrtime.bigint();
+        await produce(routePort, stream);
+        await sink.done;
+        const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+        await new Promise((res) => setTimeout(res, 200));
+        const after = { from: procStats(from.pid!), to: procStats(to.pid!) };
+        ratios[legName].push(stream.length / seconds / 1e9 / relayGBs);
+        cpu[`${legName}:send`].push((after.from.cpuSeconds - before.from.cpuSeconds) / GiB);
+        cpu[`${legName}:receive`].push((after.to.cpuSeconds - before.to.cpuSeconds) / GiB);
+        peakRss = Math.max(peakRss, after.from.peakRssMiB, after.to.peakRssMiB);
+        rows.push(`run ${r + 1} ${legName.padEnd(5)} leg: ${(stream.length / seconds / 1e9).toFixed(2)} GB/s`);
+      }
+    } finally {
+      a.kill('SIGTERM');
+      b.kill('SIGTERM');
+      await new Promise((res) => setTimeout(res, 300));
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  }
+  for (const row of rows) console.log(row);
+  const pages = stream.length / 4104;
+  console.log(`first leg (nothing to reuse)  ${(median(ratios.first) * relayGBs).toFixed(2)} GB/s = ${median(ratios.first).toFixed(2)}× the relay pair; CPU s/GiB: sending gateway ${median(cpu['first:send']).toFixed(2)}, receiving ${median(cpu['first:receive']).toFixed(2)}`);
+  console.log(`back leg (all reused)         ${(median(ratios.back) * relayGBs).toFixed(2)} GB/s = ${median(ratios.back).toFixed(2)}× the relay pair; CPU s/GiB: sending gateway ${median(cpu['back:send']).toFixed(2)}, receiving ${median(cpu['back:receive']).toFixed(2)}`);
+  console.log(`peak RSS of a gateway process ${peakRss.toFixed(0)} MiB (budget 100 MiB + 16 B × ${Math.round(pages)} pages = ${(100 + (16 * pages) / 2 ** 20).toFixed(0)} MiB)`);
+}
+
+main().catch((err: unknown) => {
+  console.error(err);
+  process.exitCode = 1;
+});
