@@ -13,7 +13,7 @@ import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';
 import { GatewayMetrics } from '../src/gateway/metrics';
 import type { MigrationReport } from '../src/gateway/session';
-import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../src/vm/qemu-vm';
+import { MigrationFailedError, QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../src/vm/qemu-vm';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
@@ -144,4 +144,35 @@ interface Site {
     // eslint-disable-next-line no-console
     console.log(legs.map((l, i) => `leg ${i + 1}: stream ${l.streamBytes} B, WAN ${l.wanBytesOut} B, sent ${l.counts.pagesSent}, reused ${l.counts.pagesReused}, zero ${l.counts.pagesZero}, ${l.seconds.toFixed(2)} s`).join('\n'));
   }, 900_000);
+
+  test('an unreachable peer fails the source migration promptly; the VM keeps running', async () => {
+    const closedPort = await freePort();
+    const routePort = await freePort();
+    const config = parseConfig(
+      ['name: lonely', `data: ${path.join(tmp, 'lonely')}`, 'peerListen: 127.0.0.1:0', 'routes:', '  - vm: vm2', `    listen: 127.0.0.1:${routePort}`, `    peer: 127.0.0.1:${closedPort}`, '    target: 127.0.0.1:4444'].join('\n'),
+    );
+    const gateway = new Gateway(config, createLogger({ name: 'lonely', level: 'silent' }), null);
+    await gateway.start();
+    const vm = new QemuVm({ ...options, name: 'lonely-source' });
+    try {
+      await vm.start();
+      await vm.waitForSerial(/WORKLOAD READY/, 180_000);
+      const t0 = Date.now();
+      await vm.migrate(`tcp:127.0.0.1:${routePort}`);
+      const failure = await vm.waitForMigration({ timeoutMs: 60_000 }).then(
+        () => null,
+        (err: unknown) => err,
+      );
+      expect(failure).toBeInstanceOf(MigrationFailedError);
+      expect((failure as MigrationFailedError).info.status).toBe('failed');
+      expect(Date.now() - t0).toBeLessThan(15_000);
+      expect(await vm.status()).toMatchObject({ status: 'running', running: true });
+      const round = Number(/round=(\d+)/.exec(vm.serial.split('\n').reverse().find((l) => VERIFIED.test(l)) ?? 'round=0')?.[1]);
+      await vm.waitForSerial(new RegExp(`WORKLOAD VERIFY OK round=${round + 1} `), 30_000);
+      expect(gateway.history.at(-1)).toMatchObject({ vm: 'vm2', direction: 'send', result: 'failed' });
+    } finally {
+      await vm.dispose();
+      await gateway.stop(1);
+    }
+  }, 300_000);
 });
