@@ -2,7 +2,7 @@
  * Back-and-forth over the emulated WAN (100 Mbit/s, 20 ms by default) with a 256 MiB guest, direct
  * versus through bfmig, for an idle guest and for one rewriting 1% of its workload pages per second.
  * Checks the figures the gateways must reach and prints them.
- * Usage: node dist/bench/backforth.js [--mbit 100] [--delay-ms 20] [--legs 3] [--workload-mib 128]
+ * Usage: node dist/bench/backforth.js [--mbit 100] [--delay-ms 20] [--legs 3] [--workload-mib 128] [--rewrite-pcts 0,1]
  */
 import { formatTable, type LegResult, runBackForth } from '../src/demo/backforth';
 import { parseArgs, stringOption } from '../src/cli/args';
@@ -13,7 +13,7 @@ async function main(): Promise<void> {
   const memMiB = 256;
   const base = { legs: num('legs', 3), memMiB, workloadMiB: num('workload-mib', 128), rateMbit: num('mbit', 100), delayMs: num('delay-ms', 20), machine: 'pc-i440fx-7.2', direct: true, out: process.stdout };
   let ok = true;
-  for (const rewritePct of [0, 1]) {
+  for (const rewritePct of (stringOption(args, 'rewrite-pcts') ?? '0,1').split(',').map(Number)) {
     console.log(`\n== guest rewriting ${rewritePct}% of its ${base.workloadMiB} MiB workload per second ==`);
     const results = await runBackForth({ ...base, rewritePct });
     console.log(formatTable(results));

@@ -118,8 +118,10 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         const history = from.gateway.history.length;
         await vm.migrate(uri);
         const info = await waitWithProgress(vm, `leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}`, o.out);
-        await dest.waitForStatus('running', 60_000);
-        const verified = await dest.waitForSerial(VERIFIED, 60_000).then(
+        const verified = await dest
+          .waitForStatus('running', 60_000)
+          .then(() => dest.waitForSerial(VERIFIED, 60_000))
+          .then(
           () => true,
           () => false,
         );
@@ -150,6 +152,15 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         say(`leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}: ${mib(wanBytes)} over the WAN in ${(result.totalTimeMs / 1000).toFixed(1)} s, guest memory ${result.verified ? 'verified' : 'NOT VERIFIED'}`);
         await vm.dispose();
         vm = dest;
+        if (!result.verified) {
+          // Carry on with a fresh guest so the remaining legs are still measured.
+          say(`  the guest did not survive leg ${leg}; booting a fresh one at ${to.name}`);
+          await vm.dispose();
+          vm = new QemuVm({ ...vmOptions, name: `${path_}-reboot${leg}` });
+          await vm.start();
+          await vm.waitForSerial(/WORKLOAD READY/, 180_000);
+          await vm.waitForSerial(VERIFIED, 60_000);
+        }
       }
       await vm.dispose();
     }

@@ -9,15 +9,18 @@
  *
  * Invariant (whenever meta.json says state "clean"): every page whose digest
  * in `digests` is non-zero holds, in `pages`, content with exactly that digest.
- * Pages and digests are only modified while meta.json says "dirty" (or, for
- * verify(), only by zeroing digests). A process that dies mid-migration
- * leaves "dirty" behind; the next open() re-hashes every present page and so
- * restores the invariant (pages written by the dead migration that were
- * absent before it stay absent: their digests never reached the disk).
+ * Pages and digests are only modified while meta.json says "dirty". A process
+ * that dies mid-migration leaves "dirty" behind; the next open() re-hashes
+ * every present page and so restores the invariant (pages written by the dead
+ * migration that were absent before it stay absent: their digests never
+ * reached the disk). The digest table goes to disk only at commit()/abort()
+ * (and verify()/recovery), never during a migration.
  *
  * Data path: writePage() copies into one preallocated coalescing buffer and
  * the buffer goes to disk in one positioned write per run of consecutive
- * pages; no allocation, promise or syscall per page.
+ * pages; no allocation, promise or syscall per page. After a reset, all-zero
+ * pages (recognised by their digest) are not written at all while their
+ * region of the sparse file is known to be a hole.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';

@@ -1,0 +1,147 @@
+/**
+ * PageStore throughput benchmark.
+ *
+ *   npx tsc -p tsconfig.json && node dist/bench/store.js [MiB] [dir]
+ *
+ * Default 1024 MiB of random 4 KiB pages, in a fresh temp dir under `dir`
+ * (default: os.tmpdir(); BENCH_DIR also works). Figures are the median of
+ * RUNS runs, MB/s = 1e6 B/s of page data:
+ *
+ *   write fresh      begin() with a new layoutId (reset: truncated sparse
+ *                    file), writePage() for every page in order, commit()
+ *                    (fsync pages + digests + meta) — "loop" is the
+ *                    writePage() calls alone (data reaches the page cache),
+ *                    "+commit" includes the fsyncs.
+ *   write overwrite  the same with an unchanged layout (blocks already allocated).
+ *   read             readPages() in 64-page runs, in order, into one buffer
+ *                    (page cache is hot: the file was just written).
+ *   verify           verify(): read + re-hash every present page.
+ *   recovery         open() of a store left "dirty" (as after a crash).
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { randomFillSync } from 'node:crypto';
+import { DIGEST_BYTES, digestContiguous } from '../src/digest';
+import { PageStore, type StoreLayout, storeCopyMode } from '../src/store';
+
+const PAGE = 4096;
+const RUNS = 3;
+const READ_RUN = 64;
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+function seconds(t0: bigint): number {
+  return Number(process.hrtime.bigint() - t0) / 1e9;
+}
+
+function mbps(bytes: number, s: number): string {
+  return `${(bytes / s / 1e6).toFixed(0).padStart(6)} MB/s`;
+}
+
+function main(): void {
+  const mib = Number(process.argv[2] ?? process.env.BENCH_MIB ?? 1024);
+  if (!Number.isInteger(mib) || mib < 1) throw new Error(`size must be a positive whole number of MiB, got ${process.argv[2]}`);
+  const base = process.argv[3] ?? process.env.BENCH_DIR ?? os.tmpdir();
+  const total = mib * 1024 * 1024;
+  const pages = total / PAGE;
+  const root = fs.mkdtempSync(path.join(base, 'bfmig-bench-store-'));
+  console.log(`PageStore bench: ${mib} MiB = ${pages} pages of ${PAGE} B in ${root} (copy: ${storeCopyMode()})`);
+
+  try {
+    process.stdout.write('filling with random bytes and hashing... ');
+    const src = Buffer.allocUnsafeSlow(total);
+    for (let o = 0; o < total; o += 1 << 26) randomFillSync(src, o, Math.min(1 << 26, total - o));
+    const digests = new Uint8Array(pages * DIGEST_BYTES);
+    for (let p = 0; p < pages; p += 4096) digestContiguous(src, p * PAGE, Math.min(4096, pages - p), PAGE, digests, p * DIGEST_BYTES);
+    process.stdout.write('done\n');
+
+    const layout = (id: string): StoreLayout => ({ pageSize: PAGE, pageCount: pages, layoutId: id, layout: { bench: true } });
+    const writeBuffers = (process.env.BENCH_WRITE_BUFFERS ?? '1048576')
+      .split(',')
+      .map((v) => Number(v));
+
+    let store: PageStore | null = null;
+    let layoutNo = 0;
+    for (const wb of writeBuffers) {
+      store?.close();
+      fs.rmSync(path.join(root, 'vm'), { recursive: true, force: true });
+      store = PageStore.open(root, 'vm', { writeBufferBytes: wb });
+      const s = store;
+      const writeAll = (id: string): [number, number] => {
+        const t0 = process.hrtime.bigint();
+        s.begin(layout(id));
+        for (let i = 0; i < pages; i++) s.writePage(i, src, i * PAGE, digests, i * DIGEST_BYTES);
+        const loop = seconds(t0);
+        s.commit(`snap-${id}`);
+        return [loop, seconds(t0)];
+      };
+      for (const mode of ['fresh', 'overwrite'] as const) {
+        const loops: number[] = [];
+        const alls: number[] = [];
+        for (let r = 0; r < RUNS; r++) {
+          const id = mode === 'fresh' ? `L${layoutNo++}` : `L${layoutNo - 1}`;
+          const [loop, all] = writeAll(id);
+          loops.push(loop);
+          alls.push(all);
+        }
+        console.log(
+          `  write ${mode.padEnd(9)} (buffer ${(wb / 1024).toFixed(0).padStart(5)} KiB)  loop ${mbps(total, median(loops))}   +commit ${mbps(total, median(alls))}`,
+        );
+      }
+    }
+    const s = store as PageStore;
+
+    // read: 64-page runs in order into one buffer; check the content once, untimed
+    const dest = Buffer.allocUnsafeSlow(READ_RUN * PAGE);
+    const readAll = (check: boolean): void => {
+      for (let i = 0; i < pages; i += READ_RUN) {
+        const n = Math.min(READ_RUN, pages - i);
+        s.readPages(i, n, dest, 0);
+        if (check && dest.compare(src, i * PAGE, (i + n) * PAGE, 0, n * PAGE) !== 0) {
+          throw new Error(`read back pages ${i}..${i + n - 1} differ`);
+        }
+      }
+    };
+    readAll(true);
+    const reads: number[] = [];
+    for (let r = 0; r < RUNS; r++) {
+      const t0 = process.hrtime.bigint();
+      readAll(false);
+      reads.push(seconds(t0));
+    }
+    console.log(`  read  ${READ_RUN}-page runs (hot page cache)            ${mbps(total, median(reads))}`);
+
+    const verifies: number[] = [];
+    for (let r = 0; r < RUNS; r++) {
+      const t0 = process.hrtime.bigint();
+      const bad = s.verify();
+      verifies.push(seconds(t0));
+      if (bad.length !== 0) throw new Error(`verify found ${bad.length} bad pages`);
+    }
+    console.log(`  verify (read + re-hash every page)             ${mbps(total, median(verifies))}`);
+
+    // recovery: mark the store dirty as a crash would leave it, then reopen
+    s.close();
+    const metaPath = path.join(root, 'vm', 'meta.json');
+    const recoveries: number[] = [];
+    for (let r = 0; r < RUNS; r++) {
+      const meta = JSON.parse(fs.readFileSync(metaPath, 'utf8')) as Record<string, unknown>;
+      fs.writeFileSync(metaPath, JSON.stringify({ ...meta, state: 'dirty', snapshotId: null }));
+      const t0 = process.hrtime.bigint();
+      const re = PageStore.open(root, 'vm');
+      recoveries.push(seconds(t0));
+      if (!/recovered/.test(re.warnings.join())) throw new Error('no recovery happened');
+      re.close();
+    }
+    console.log(`  recovery open() of a dirty store               ${mbps(total, median(recoveries))}  (${median(recoveries).toFixed(2)} s)`);
+  } finally {
+    fs.rmSync(root, { recursive: true, force: true });
+  }
+}
+
+main();
