@@ -13,6 +13,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
+import { loopbackSiteYaml } from '../src/demo/loopback-config';
 import { PACKAGE_ROOT } from '../src/paths';
 import { freePort } from '../src/vm/qemu-vm';
 import { TcpRelay } from '../src/wan';
@@ -87,20 +88,7 @@ function consume(expected: Buffer, port = 0): Promise<{ port: number; done: Prom
 
 async function startGateway(dir: string, name: string, peerPort: number, routePort: number, farPeer: number, target: number): Promise<ChildProcess> {
   const config = path.join(dir, `${name}.yaml`);
-  fs.writeFileSync(
-    config,
-    [
-      `name: ${name}`,
-      `data: ${path.join(dir, name)}`,
-      `peerListen: 127.0.0.1:${peerPort}`,
-      'routes:',
-      '  - vm: bench',
-      `    listen: 127.0.0.1:${routePort}`,
-      `    peer: 127.0.0.1:${farPeer}`,
-      `    target: 127.0.0.1:${target}`,
-      '',
-    ].join('\n'),
-  );
+  fs.writeFileSync(config, loopbackSiteYaml({ name, data: path.join(dir, name), peerPort, vm: 'bench', routePort, farPeerPort: farPeer, targetPort: target }));
   const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
   await new Promise<void>((resolve, reject) => {
     createInterface({ input: child.stdout! }).on('line', (line) => {

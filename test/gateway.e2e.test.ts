@@ -8,6 +8,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { Capture } from '../src/capture';
+import { loopbackSiteYaml } from '../src/demo/loopback-config';
 import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';
@@ -47,16 +48,7 @@ interface Site {
     ];
     for (const s of specs) {
       const config = parseConfig(
-        [
-          `name: ${s.name}`,
-          `data: ${path.join(tmp, s.name)}`,
-          `peerListen: 127.0.0.1:${s.peer}`,
-          'routes:',
-          '  - vm: vm1',
-          `    listen: 127.0.0.1:${s.gwRoute}`,
-          `    peer: 127.0.0.1:${s.farPeer}`,
-          `    target: 127.0.0.1:${s.farTarget}`,
-        ].join('\n'),
+        loopbackSiteYaml({ name: s.name, data: path.join(tmp, s.name), peerPort: s.peer, vm: 'vm1', routePort: s.gwRoute, farPeerPort: s.farPeer, targetPort: s.farTarget }),
       );
       const logLines: string[] = [];
       const sink = new Writable({

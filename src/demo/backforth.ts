@@ -3,6 +3,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { parseConfig } from '../gateway/config';
+import { loopbackSiteYaml } from './loopback-config';
 import { Gateway } from '../gateway/gateway';
 import { createLogger } from '../gateway/log';
 import { GatewayMetrics } from '../gateway/metrics';
@@ -76,16 +77,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
     ];
     for (const s of specs) {
       const config = parseConfig(
-        [
-          `name: ${s.name}`,
-          `data: ${path.join(tmp, s.name)}`,
-          `peerListen: 127.0.0.1:${s.peer}`,
-          'routes:',
-          '  - vm: demo-vm',
-          `    listen: 127.0.0.1:${s.route}`,
-          `    peer: 127.0.0.1:${s.farWan}`,
-          `    target: 127.0.0.1:${s.farQemu}`,
-        ].join('\n'),
+        loopbackSiteYaml({ name: s.name, data: path.join(tmp, s.name), peerPort: s.peer, vm: 'demo-vm', routePort: s.route, farPeerPort: s.farWan, targetPort: s.farQemu }),
       );
       const log = createLogger({ name: s.name, level: 'warn', destination: fs.createWriteStream(path.join(tmp, `${s.name}.log`)) });
       const gateway = new Gateway(config, log, new GatewayMetrics({ defaultMetrics: false }));
