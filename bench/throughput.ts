@@ -7,7 +7,7 @@
  *
  * Usage: node dist/bench/throughput.js [GiB=1] [runs=3]
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { fork, spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
@@ -16,7 +16,6 @@ import { createInterface } from 'node:readline';
 import { loopbackSiteYaml } from '../src/demo/loopback-config';
 import { PACKAGE_ROOT } from '../src/paths';
 import { freePort } from '../src/vm/qemu-vm';
-import { TcpRelay } from '../src/wan';
 import { syntheticStream } from './synthetic';
 
 const gib = Number(process.argv[2] ?? 1);
@@ -89,7 +88,8 @@ function consume(expected: Buffer, port = 0): Promise<{ port: number; done: Prom
 async function startGateway(dir: string, name: string, peerPort: number, routePort: number, farPeer: number, target: number): Promise<ChildProcess> {
   const config = path.join(dir, `${name}.yaml`);
   fs.writeFileSync(config, loopbackSiteYaml({ name, data: path.join(dir, name), peerPort, vm: 'bench', routePort, farPeerPort: farPeer, targetPort: target }));
-  const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
+  const child = spawn(process.execPath, [...nodeArgs, path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
   await new Promise<void>((resolve, reject) => {
     createInterface({ input: child.stdout! }).on('line', (line) => {
       if (line.includes('gateway started')) resolve();
@@ -97,6 +97,16 @@ async function startGateway(dir: string, name: string, peerPort: number, routePo
     child.on('exit', (code) => reject(new Error(`gateway ${name} exited ${code}`)));
   });
   return child;
+}
+
+/** A TcpRelay in a child process (bench/wan.js serve). */
+function startRelay(targetPort: number): Promise<{ child: ChildProcess; port: number }> {
+  return new Promise((resolve, reject) => {
+    const request = { kind: 'relay', target: { host: '127.0.0.1', port: targetPort }, rateMbit: 0, delayMs: 0 };
+    const child = fork(path.join(__dirname, 'wan.js'), ['serve', JSON.stringify(request)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    child.once('error', reject);
+    child.once('message', (m: { port: number }) => resolve({ child, port: m.port }));
+  });
 }
 
 function median(values: number[]): number {
@@ -109,30 +119,31 @@ async function main(): Promise<void> {
   const GiB = stream.length / 2 ** 30;
   console.log(`stream: ${GiB.toFixed(2)} GiB synthetic QEMU 7.2 stream of random pages; ${runs} runs each, medians`);
 
-  // Plain relay pair.
+  // Plain relay pair, each relay in a process of its own as each gateway is.
   const relayTimes: number[] = [];
+  const relayCpu: number[] = [];
   for (let r = 0; r < runs; r++) {
     const sink = await consume(stream);
-    const second = new TcpRelay({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: sink.port } });
-    const secondAt = await second.listen();
-    const first = new TcpRelay({ listen: { host: '127.0.0.1', port: 0 }, target: secondAt });
-    const firstAt = await first.listen();
+    const second = await startRelay(sink.port);
+    const first = await startRelay(second.port);
+    const before = procStats(first.child.pid!).cpuSeconds + procStats(second.child.pid!).cpuSeconds;
     const t0 = process.hrtime.bigint();
-    await produce(firstAt.port, stream);
+    await produce(first.port, stream);
     await sink.done;
     relayTimes.push(Number(process.hrtime.bigint() - t0) / 1e9);
-    await first.close();
-    await second.close();
+    relayCpu.push((procStats(first.child.pid!).cpuSeconds + procStats(second.child.pid!).cpuSeconds - before) / 2 / GiB);
+    first.child.kill();
+    second.child.kill();
   }
   const relayGBs = stream.length / median(relayTimes) / 1e9;
-  console.log(`plain Node relay pair      ${relayGBs.toFixed(2)} GB/s`);
+  console.log(`plain Node relay pair      ${relayGBs.toFixed(2)} GB/s; CPU s/GiB per relay ${median(relayCpu).toFixed(2)}`);
 
   const rows: string[] = [];
   const ratios: Record<string, number[]> = { first: [], back: [] };
   const cpu: Record<string, number[]> = { 'first:send': [], 'first:receive': [], 'back:send': [], 'back:receive': [] };
   let peakRss = 0;
   for (let r = 0; r < runs; r++) {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-tput-'));
+    const dir = fs.mkdtempSync(path.join(process.env.BFMIG_BENCH_STORE_DIR ?? os.tmpdir(), 'bfmig-tput-'));
     const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
     const a = await startGateway(dir, 'site-a', peerA, routeA, peerB, destB);
     const b = await startGateway(dir, 'site-b', peerB, routeB, peerA, destA);
@@ -154,7 +165,7 @@ async function main(): Promise<void> {
         cpu[`${legName}:send`].push((after.from.cpuSeconds - before.from.cpuSeconds) / GiB);
         cpu[`${legName}:receive`].push((after.to.cpuSeconds - before.to.cpuSeconds) / GiB);
         peakRss = Math.max(peakRss, after.from.peakRssMiB, after.to.peakRssMiB);
-        rows.push(`run ${r + 1} ${legName.padEnd(5)} leg: ${(stream.length / seconds / 1e9).toFixed(2)} GB/s`);
+        rows.push(`run ${r + 1} ${legName.padEnd(5)} leg: ${(stream.length / seconds / 1e9).toFixed(2)} GB/s; peak RSS so far: sender ${after.from.peakRssMiB.toFixed(0)} MiB, receiver ${after.to.peakRssMiB.toFixed(0)} MiB`);
       }
     } finally {
       a.kill('SIGTERM');

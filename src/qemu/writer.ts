@@ -3,13 +3,16 @@ import { encodeConfiguration, writeRamWord } from './encode';
 import { type RamBlock, RecordKind, type StreamRecord } from './records';
 
 /**
- * Serialises records back into a migration stream. Small records and page payloads are gathered into
- * output buffers of `bufferSize` bytes handed to the sink, which owns them; opaque byte runs larger than
- * a buffer go to the sink as copies of their own. Parse → write reproduces the input byte for byte.
+ * Serialises records back into a migration stream. Records are gathered into buffers of `bufferSize`
+ * bytes; flush() hands the sink a view of what was written since the last flush, which the writer
+ * never touches again (the sink may keep it). Opaque byte runs larger than a buffer go to the sink as
+ * copies of their own. Parse → write reproduces the input byte for byte.
  */
 export class StreamWriter {
   private out: Buffer;
   private used = 0;
+  /** out[0, flushed) belongs to the sink already; flushes hand on views, not fresh buffers. */
+  private flushed = 0;
   private blocks: readonly RamBlock[] = [];
 
   constructor(
@@ -122,14 +125,18 @@ export class StreamWriter {
 
   /** Hands everything written so far to the sink. */
   flush(): void {
-    if (this.used === 0) return;
-    this.sink(this.out.subarray(0, this.used));
-    this.out = Buffer.allocUnsafe(this.bufferSize);
-    this.used = 0;
+    if (this.used === this.flushed) return;
+    this.sink(this.out.subarray(this.flushed, this.used));
+    this.flushed = this.used;
   }
 
   private reserve(n: number): void {
-    if (this.used + n > this.out.length) this.flush();
+    if (this.used + n > this.out.length) {
+      this.flush();
+      this.out = Buffer.allocUnsafe(this.bufferSize);
+      this.used = 0;
+      this.flushed = 0;
+    }
   }
 
   private shortString(text: string): void {
