@@ -1,7 +1,6 @@
 import { connect, type Socket } from 'node:net';
 import { type Endpoint, parseEndpoint } from '../address';
 import { StreamDecoder } from '../proxy/decoder';
-import { newCounts } from '../proxy/encoder';
 import { PageStore, validateVmName } from '../store';
 import {
   decodeAbort,
@@ -14,7 +13,7 @@ import {
   FrameType,
   PROTOCOL_VERSION,
 } from '../wire/frames';
-import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, PROGRESS_INTERVAL_MS, type SessionObserver, TABLE_FRAME_BYTES } from './session';
+import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, TABLE_FRAME_BYTES } from './session';
 
 export interface ReceiveOptions {
   site: string;
@@ -41,6 +40,7 @@ export class ReceiveSession {
   private store: PageStore | null = null;
   private decoder: StreamDecoder | null = null;
   private holdsVm = false;
+  private tableSent = false;
   private ending = false;
   private finished = false;
   private wanOut = 0;
@@ -60,7 +60,7 @@ export class ReceiveSession {
       try {
         this.frames.push(chunk);
       } catch (err) {
-        this.fail(message(err));
+        this.fail(errorMessage(err));
       }
       if (this.frames.isPaused) peer.pause();
     });
@@ -165,6 +165,7 @@ export class ReceiveSession {
       this.writeFrame(Buffer.from(piece));
     }
     this.writeFrame(encodeFrame(FrameType.TableEnd));
+    this.tableSent = true;
     this.event('digest table sent', { bytes: table.length });
   }
 
@@ -180,7 +181,7 @@ export class ReceiveSession {
       try {
         this.store?.commit(snapshotId);
       } catch (err) {
-        this.fail(`store commit: ${message(err)}`);
+        this.fail(`store commit: ${errorMessage(err)}`);
         return;
       }
       this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
@@ -210,7 +211,7 @@ export class ReceiveSession {
     try {
       this.store?.abort();
     } catch (err) {
-      this.event('store abort failed', { error: message(err) });
+      this.event('store abort failed', { error: errorMessage(err) });
     }
     this.finish('failed', reason, null);
   }
@@ -221,24 +222,13 @@ export class ReceiveSession {
     this.progress();
     if (this.holdsVm) this.options.busy.delete(this.vm);
     this.store?.close();
-    const counts = this.decoder?.counts ?? newCounts();
-    this.options.observer.finished({
-      vm: this.vm,
-      direction: 'receive',
-      result,
-      error,
-      seconds: (Date.now() - this.started) / 1000,
-      streamBytes: counts.streamBytes,
-      wanBytesOut: this.wanOut,
-      wanBytesIn: this.wanIn,
-      counts,
-      mode: 'none',
-      snapshotId,
-    });
+    this.options.observer.finished(
+      migrationReport(
+        { vm: this.vm, direction: 'receive', startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn },
+        this.decoder?.counts,
+        { result, error, mode: this.tableSent ? 'digest-table' : (this.decoder?.counts.pagesReused ?? 0) > 0 ? 'shared-snapshot' : 'none', snapshotId },
+      ),
+    );
     this.resolveDone();
   }
-}
-
-function message(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
 }

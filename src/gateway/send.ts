@@ -18,7 +18,7 @@ import {
   PROTOCOL_VERSION,
 } from '../wire/frames';
 import type { RouteConfig } from './config';
-import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
+import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
 
 export interface SendOptions {
   site: string;
@@ -72,7 +72,7 @@ export class SendSession {
       try {
         this.frames.push(chunk);
       } catch (err) {
-        this.fail(`peer: ${message(err)}`);
+        this.fail(`peer: ${errorMessage(err)}`);
       }
     });
     this.peer.on('drain', () => this.resumeSource());
@@ -97,7 +97,7 @@ export class SendSession {
       this.store = PageStore.open(this.options.storeRoot, this.vm);
       this.localSnapshot = this.store.snapshotId();
     } catch (err) {
-      this.fail(`store: ${message(err)}`);
+      this.fail(`store: ${errorMessage(err)}`);
       return;
     }
     this.writeFrame(
@@ -189,7 +189,7 @@ export class SendSession {
     try {
       this.encoder.push(chunk);
     } catch (err) {
-      this.fail(`source stream: ${message(err)}`);
+      this.fail(`source stream: ${errorMessage(err)}`);
       return;
     }
     if (this.peer.writableNeedDrain) this.qemu.pause();
@@ -204,7 +204,7 @@ export class SendSession {
     try {
       this.encoder.end();
     } catch (err) {
-      this.fail(`source stream: ${message(err)}`);
+      this.fail(`source stream: ${errorMessage(err)}`);
       return;
     }
     this.snapshotId = randomUUID();
@@ -232,7 +232,7 @@ export class SendSession {
     try {
       if (this.store && this.snapshotId) this.store.commit(this.snapshotId);
     } catch (err) {
-      this.event('store commit failed', { error: message(err) });
+      this.event('store commit failed', { error: errorMessage(err) });
     }
     this.peer.end();
     this.qemu.end();
@@ -253,7 +253,7 @@ export class SendSession {
     try {
       this.store?.abort();
     } catch (err) {
-      this.event('store abort failed', { error: message(err) });
+      this.event('store abort failed', { error: errorMessage(err) });
     }
     this.report('failed', reason);
   }
@@ -261,25 +261,14 @@ export class SendSession {
   private report(result: 'completed' | 'failed', error: string | null): void {
     clearInterval(this.timer);
     this.progress();
-    const counts = this.encoder?.counts ?? { streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesZero: 0, pagesOther: 0 };
     this.store?.close();
-    this.options.observer.finished({
-      vm: this.vm,
-      direction: 'send',
-      result,
-      error,
-      seconds: (Date.now() - this.started) / 1000,
-      streamBytes: counts.streamBytes,
-      wanBytesOut: this.wanOut,
-      wanBytesIn: this.wanIn,
-      counts,
-      mode: this.mode,
-      snapshotId: result === 'completed' ? this.snapshotId : null,
-    });
+    this.options.observer.finished(
+      migrationReport(
+        { vm: this.vm, direction: 'send', startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn },
+        this.encoder?.counts,
+        { result, error, mode: this.mode, snapshotId: result === 'completed' ? this.snapshotId : null },
+      ),
+    );
     this.resolveDone();
   }
-}
-
-function message(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
 }

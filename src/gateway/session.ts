@@ -1,4 +1,4 @@
-import type { TransferCounts } from '../proxy/encoder';
+import { newCounts, type TransferCounts } from '../proxy/encoder';
 
 export type Direction = 'send' | 'receive';
 
@@ -36,3 +36,26 @@ export const CONNECT_TIMEOUT_MS = 10_000;
 export const PROGRESS_INTERVAL_MS = 1_000;
 /** Digest-table frames: 64 Ki pages each. */
 export const TABLE_FRAME_BYTES = 1024 * 1024;
+
+/** What a session knows when it ends, as the report the observer gets. */
+export function migrationReport(
+  session: { vm: string; direction: Direction; startedAt: number; wanBytesOut: number; wanBytesIn: number },
+  counts: TransferCounts | undefined,
+  outcome: { result: 'completed' | 'failed'; error: string | null; mode: ReuseMode; snapshotId: string | null },
+): MigrationReport {
+  const c = counts ?? newCounts();
+  return {
+    vm: session.vm,
+    direction: session.direction,
+    ...outcome,
+    seconds: (Date.now() - session.startedAt) / 1000,
+    streamBytes: c.streamBytes,
+    wanBytesOut: session.wanBytesOut,
+    wanBytesIn: session.wanBytesIn,
+    counts: c,
+  };
+}
+
+export function errorMessage(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
