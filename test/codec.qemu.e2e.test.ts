@@ -69,7 +69,11 @@ async function expectCaptureMatches(file: string, info: MigrationInfo, framing: 
   } else {
     expect(report.configuration).toBeNull();
     expect(report.vmDescription.present).toBe(false);
+    // Device sections after the first are found by their header pattern.
+    const scanned = report.sections.filter((s) => s.found === 'scanned').map((s) => s.idstr);
+    expect(scanned).toEqual(expect.arrayContaining(['cpu', 'apic', 'mc146818rtc', '0000:00:01.1/ide']));
   }
+  expect(report.sections.reduce((n, s) => n + s.bytes, 0)).toBeLessThanOrEqual(report.bytes);
 }
 
 const MACHINES: [string, 'legacy' | 'current'][] = [

@@ -139,7 +139,7 @@ function legacyBasic(): Fixture {
     name: 'legacy-basic',
     description: 'QEMU 2.0 framing: no configuration, no footers, no vmdesc; pages, zero pages, CONTINUE, two blocks, device state',
     bytes: b.build(),
-    expect: { outcome: 'ok', framing: 'legacy', normal: 4, zero: 2, sections: 2 },
+    expect: { outcome: 'ok', framing: 'legacy', normal: 4, zero: 2, sections: 3 },
   };
 }
 

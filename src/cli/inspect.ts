@@ -47,7 +47,7 @@ export function formatReport(r: InspectReport): string {
         ['id', 'idstr', 'instance', 'version', 'headers', 'bytes'],
         ...r.sections.map((s) => [
           String(s.sectionId),
-          s.idstr,
+          s.found === 'scanned' ? `${s.idstr} *` : s.idstr,
           String(s.instanceId),
           String(s.versionId),
           (['start', 'part', 'end', 'full'] as const).filter((k) => s.headers[k] > 0).map((k) => `${k} ${s.headers[k]}`).join(', '),
@@ -57,7 +57,9 @@ export function formatReport(r: InspectReport): string {
       ['r', 'l', 'r', 'r', 'l', 'r'],
     ),
   );
-  if (r.framing === 'legacy') lines.push('  (the legacy framing does not mark where one device section ends: later devices are counted in the first)');
+  if (r.sections.some((s) => s.found === 'scanned')) {
+    lines.push('  * found by its header pattern: the legacy framing does not mark where a device section ends');
+  }
   if (r.vmDescription.matchesSections !== null) {
     lines.push(`vmdesc     ${r.vmDescription.devices} devices, ${r.vmDescription.matchesSections ? 'matching' : 'NOT matching'} the FULL sections found`);
   }

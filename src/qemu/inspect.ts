@@ -7,6 +7,8 @@ import { StreamWriter } from './writer';
 
 export interface SectionReport {
   sectionId: number;
+  /** "scanned" for device sections found in legacy-framed device state by their header pattern. */
+  found?: 'scanned';
   idstr: string;
   instanceId: number;
   versionId: number;
@@ -86,6 +88,10 @@ export class StreamInspector {
   private readonly sections = new Map<number, SectionReport>();
   private readonly fullOrder: SectionReport[] = [];
   private vmdescChunks: Buffer[] = [];
+  /** Unframed (legacy) device state after the first FULL header, kept to find the later sections. */
+  private unframed: Buffer[] = [];
+  private unframedBytes = 0;
+  private unframedStart = -1;
   private vmdescKept = 0;
   private readonly report: InspectReport = {
     bytes: 0,
@@ -137,6 +143,7 @@ export class StreamInspector {
     r.bytes = this.inputBytes;
     r.footers = this.parser.framing.footers;
     r.framing = r.footers === true ? 'current' : r.footers === false && r.configuration === null ? 'legacy' : 'unknown';
+    if (r.framing === 'legacy') this.scanUnframed();
     r.sections = [...this.sections.values()];
     r.complete = this.parser.complete && !r.error;
     r.identical =
@@ -251,9 +258,51 @@ export class StreamInspector {
         this.lastSection = null;
         break;
       case RecordKind.SectionData:
+        if (this.parser.framing.footers !== true && this.unframedBytes + record.bytes.length <= MAX_VMDESC_KEPT) {
+          if (this.unframedStart < 0) this.unframedStart = record.streamOffset;
+          this.unframed.push(Buffer.from(record.bytes));
+          this.unframedBytes += record.bytes.length;
+        }
+        break;
       case RecordKind.Verbatim:
         break;
     }
+  }
+
+  /**
+   * The legacy framing marks no section ends: QEMU 2.0 device sections follow one another with nothing
+   * between them. Later sections are found by their header pattern — type FULL, an unseen section id,
+   * a plausible idstr, small instance and version — and reported as "scanned".
+   */
+  private scanUnframed(): void {
+    const first = this.fullOrder[this.fullOrder.length - 1];
+    if (!first || this.unframedBytes === 0 || this.unframedBytes !== this.unframed.reduce((n, b) => n + b.length, 0)) return;
+    const data = Buffer.concat(this.unframed);
+    const ids = new Set(this.sections.keys());
+    const idstrPattern = /^[A-Za-z0-9/][A-Za-z0-9_.:/@-]*$/;
+    const found: { at: number; section: SectionReport }[] = [];
+    for (let p = data.indexOf(SectionType.Full); p >= 0; p = data.indexOf(SectionType.Full, p + 1)) {
+      if (p + 6 > data.length) break;
+      const id = data.readUInt32BE(p + 1);
+      const length = data[p + 5];
+      const end = p + 6 + length + 8;
+      if (ids.has(id) || length === 0 || end > data.length) continue;
+      const idstr = data.toString('latin1', p + 6, p + 6 + length);
+      const instanceId = data.readUInt32BE(p + 6 + length);
+      const versionId = data.readUInt32BE(p + 10 + length);
+      if (!idstrPattern.test(idstr) || instanceId > 0xffff || versionId > 0xffff) continue;
+      ids.add(id);
+      found.push({ at: p, section: { sectionId: id, found: 'scanned', idstr, instanceId, versionId, headers: { start: 0, part: 0, end: 0, full: 1 }, bytes: 0 } });
+      p = end - 1;
+    }
+    if (found.length === 0) return;
+    // The first section keeps its header and the data before the first header found.
+    first.bytes -= data.length - found[0].at;
+    found.forEach((f, i) => {
+      f.section.bytes = (i + 1 < found.length ? found[i + 1].at : data.length) - f.at;
+      this.sections.set(f.section.sectionId, f.section);
+      this.fullOrder.push(f.section);
+    });
   }
 
   /** The vmdesc lists every device saved in FULL sections, in order: a check on the boundaries found. */
