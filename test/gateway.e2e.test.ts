@@ -71,9 +71,13 @@ interface Site {
   });
 
   /** One leg: the VM running at `from` migrates through both gateways to a fresh QEMU at `to`. */
-  async function leg(source: QemuVm, from: Site, to: Site, n: number): Promise<{ dest: QemuVm; sent: MigrationReport; received: MigrationReport }> {
+  async function leg(source: QemuVm, from: Site, to: Site, n: number, returnPath = false): Promise<{ dest: QemuVm; sent: MigrationReport; received: MigrationReport }> {
     const dest = new QemuVm({ ...options, name: `leg${n}-${to.name}`, incoming: `tcp:127.0.0.1:${to.qemuPort}` });
     await dest.start();
+    if (returnPath) {
+      await dest.setMigrationCapabilities({ 'return-path': true });
+      await source.setMigrationCapabilities({ 'return-path': true });
+    }
     const sourceSide = new Capture({ listen: { host: '127.0.0.1', port: from.routePort }, out: path.join(tmp, `leg${n}-source.mig`), forward: { host: '127.0.0.1', port: from.gateway.bound.get('route:vm1')?.port ?? 0 } });
     const destSide = new Capture({ listen: { host: '127.0.0.1', port: to.targetPort }, out: path.join(tmp, `leg${n}-dest.mig`), forward: { host: '127.0.0.1', port: to.qemuPort } });
     await sourceSide.listen();
@@ -84,6 +88,7 @@ interface Site {
     const info = await source.waitForMigration({ timeoutMs: 300_000 });
     expect(info.status).toBe('completed');
     const [a, b] = await Promise.all([sourceSide.done, destSide.done]);
+    if (a.error || b.error) console.log(from.logLines.slice(-12).join('\n'), '\n----\n', to.logLines.slice(-12).join('\n'));
     expect(a.error).toBeNull();
     expect(b.error).toBeNull();
     await dest.waitForStatus('running', 60_000);
@@ -103,7 +108,7 @@ interface Site {
     return { dest, sent: sentReport, received: receivedReport };
   }
 
-  test('A → B → A → B: byte-identical rebuilds, verified guest, back legs cost only what changed', async () => {
+  test('A → B → A → B → A: byte-identical rebuilds, verified guest, back legs cost only what changed', async () => {
     const [a, b] = sites;
     let vm = new QemuVm({ ...options, name: 'origin' });
     await vm.start();
@@ -113,14 +118,18 @@ interface Site {
       [a, b],
       [b, a],
       [a, b],
+      [b, a],
     ];
     for (const [n, [from, to]] of route.entries()) {
-      const result = await leg(vm, from, to, n + 1);
+      // The last leg turns on QEMU's return path: the destination talks back through both gateways.
+      const result = await leg(vm, from, to, n + 1, n === 3);
       await vm.dispose();
       vm = result.dest;
       legs.push(result.sent);
     }
-    const [first, second, third] = legs;
+    const [first, second, third, fourth] = legs;
+    expect(fourth.mode).toBe('shared-snapshot');
+    expect(fourth.wanBytesIn).toBeGreaterThan(first.wanBytesIn);
     expect(first.mode).toBe('none');
     expect(first.counts.pagesReused).toBe(0);
     expect(second.mode).toBe('shared-snapshot');

@@ -41,6 +41,7 @@ export class ReceiveSession {
   private decoder: StreamDecoder | null = null;
   private holdsVm = false;
   private tableSent = false;
+  private destClosed = false;
   private ending = false;
   private finished = false;
   private wanOut = 0;
@@ -124,9 +125,14 @@ export class ReceiveSession {
     const dest = connect({ ...target, noDelay: true });
     this.dest = dest;
     dest.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`destination ${hello.target} did not answer in time`));
-    dest.on('error', (err) => this.fail(`destination ${hello.target}: ${err.message}`));
+    // With QEMU's return path on, the destination closes as soon as it has loaded the whole stream,
+    // which may be before the sender's End arrives: that is no failure once the stream is complete.
+    dest.on('error', (err) => {
+      if (!this.decoder?.complete) this.fail(`destination ${hello.target}: ${err.message}`);
+    });
     dest.on('close', () => {
-      if (!this.finished) this.fail(`destination ${hello.target} closed the connection`);
+      this.destClosed = true;
+      if (!this.finished && !this.decoder?.complete) this.fail(`destination ${hello.target} closed the connection`);
     });
     dest.on('drain', () => {
       this.frames.resume();
@@ -176,7 +182,7 @@ export class ReceiveSession {
     decoder.end(streamBytes);
     this.ending = true;
     // Commit once the destination has been handed every byte.
-    dest.end(() => {
+    const commit = (): void => {
       if (this.finished) return;
       try {
         this.store?.commit(snapshotId);
@@ -187,7 +193,9 @@ export class ReceiveSession {
       this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
       this.finish('completed', null, snapshotId);
       this.peer.end();
-    });
+    };
+    if (this.destClosed) commit();
+    else dest.end(commit);
   }
 
   private writeFrame(bytes: Buffer): void {

@@ -80,7 +80,11 @@ export class SendSession {
     this.peer.on('close', () => this.fail('the peer gateway closed the connection'));
     qemu.on('data', (chunk: Buffer) => this.onSourceData(chunk));
     qemu.on('end', () => this.onSourceEnd());
-    qemu.on('error', (err) => this.fail(`source: ${err.message}`));
+    qemu.on('error', (err) => {
+      // After the source's stream ended, only the return path can fail: the migration goes on.
+      if (this.sourceEnded) this.event('source connection error after its stream ended', { error: err.message });
+      else this.fail(`source: ${err.message}`);
+    });
     qemu.on('close', () => {
       if (!this.sourceEnded) this.fail('the source closed the connection');
     });
@@ -142,6 +146,8 @@ export class SendSession {
         return;
       }
       case FrameType.Return:
+        // Once the source has closed its side there is no one left to tell.
+        if (this.sourceEnded || !this.qemu.writable) return;
         if (!this.qemu.write(payload)) {
           this.peer.pause();
           this.qemu.once('drain', () => this.peer.resume());

@@ -41,6 +41,11 @@ export class StreamDecoder {
     this.parser = new StreamParser((record) => this.onRecord(record));
   }
 
+  /** The rebuilt stream has reached its end marker: the destination has all it will read. */
+  get complete(): boolean {
+    return this.parser.complete;
+  }
+
   literal(bytes: Buffer): void {
     this.out(bytes);
     this.counts.streamBytes += bytes.length;
