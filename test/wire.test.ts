@@ -70,3 +70,23 @@ describe('frames', () => {
     expect(() => decodeOffer(Buffer.from(JSON.stringify({ site: 's', snapshotId: null, layoutId: null, pageCount: -1, presentPages: 0 })))).toThrow(/pageCount/);
   });
 });
+
+describe('streamed frames', () => {
+  test('Literal payloads arrive as views, piece by piece, and join up to the payload whatever the chunking', () => {
+    const literal = Buffer.from('0123456789abcdefghijklmnopqrstuvwxyz'.repeat(50));
+    const input = Buffer.concat([encodeFrame(FrameType.Literal, literal), encodeFrame(FrameType.Run, Buffer.alloc(20, 9)), encodeFrame(FrameType.Literal, literal.subarray(0, 7))]);
+    for (const size of [1, 2, 5, 13, 100, 4096]) {
+      const pieces: Buffer[] = [];
+      const others: FrameType[] = [];
+      const parser = new FrameParser(
+        (type, payload) => (type === FrameType.Literal ? pieces.push(Buffer.from(payload)) : others.push(type)),
+        (type) => type === FrameType.Literal,
+      );
+      for (let at = 0; at < input.length; at += size) parser.push(input.subarray(at, at + size));
+      expect(Buffer.concat(pieces).equals(Buffer.concat([literal, literal.subarray(0, 7)]))).toBe(true);
+      expect(others).toEqual([FrameType.Run]);
+      expect(parser.atBoundary).toBe(true);
+      if (size >= 4096) expect(pieces.length).toBe(2);
+    }
+  });
+});

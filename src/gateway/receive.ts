@@ -55,7 +55,11 @@ export class ReceiveSession {
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
     peer.setNoDelay(true);
     peer.setTimeout(HANDSHAKE_TIMEOUT_MS, () => this.fail('no Hello from the peer in time'));
-    this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
+    // Literal bytes pass through as they arrive; only control frames and Runs are assembled.
+    this.frames = new FrameParser(
+      (type, payload) => this.onFrame(type, payload),
+      (type) => type === FrameType.Literal,
+    );
     peer.on('data', (chunk: Buffer) => {
       this.wanIn += chunk.length;
       try {

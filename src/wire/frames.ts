@@ -125,17 +125,24 @@ export type FrameHandler = (type: FrameType, payload: Buffer) => void;
 
 /**
  * An incremental frame parser. Payloads that arrived within one chunk are views of it; others are
- * assembled in a buffer of their own. The handler may call pause() to stop delivery mid-chunk (the
- * rest is kept) until resume(): that is how a receiver whose destination is slow stops expanding
- * frames into megabytes of output.
+ * assembled in a buffer of their own — except for the frame types `streamed` names, whose payloads are
+ * delivered piece by piece as they arrive (views, never copies), for bytes that need no assembling.
+ * The handler may call pause() to stop delivery mid-chunk (the rest is kept) until resume(): that is
+ * how a receiver whose destination is slow stops expanding frames into megabytes of output.
  */
 export class FrameParser {
   private chunks: Buffer[] = [];
   private buffered = 0;
   private paused = false;
   private delivering = false;
+  /** The streamed frame being delivered, and how many of its payload bytes are still to come. */
+  private streamType: FrameType = FrameType.Literal;
+  private streamRemaining = 0;
 
-  constructor(private readonly handler: FrameHandler) {}
+  constructor(
+    private readonly handler: FrameHandler,
+    private readonly streamed: (type: FrameType) => boolean = () => false,
+  ) {}
 
   get isPaused(): boolean {
     return this.paused;
@@ -164,18 +171,32 @@ export class FrameParser {
 
   /** True when the input ended between frames. */
   get atBoundary(): boolean {
-    return this.buffered === 0;
+    return this.buffered === 0 && this.streamRemaining === 0;
   }
 
   private deliver(): void {
     if (this.delivering) return;
     this.delivering = true;
     try {
-      while (!this.paused && this.buffered >= FRAME_HEADER_BYTES) {
+      while (!this.paused) {
+        if (this.streamRemaining > 0) {
+          if (this.buffered === 0) break;
+          const piece = this.consume(Math.min(this.chunks[0].length, this.streamRemaining));
+          this.streamRemaining -= piece.length;
+          this.handler(this.streamType, piece);
+          continue;
+        }
+        if (this.buffered < FRAME_HEADER_BYTES) break;
         const head = this.peekHeader();
         const type = head[0] as FrameType;
         const length = head.readUInt32BE(1);
         if (length > MAX_FRAME_PAYLOAD) throw new WireError(`frame of ${length} bytes exceeds ${MAX_FRAME_PAYLOAD}`);
+        if (length > 0 && this.streamed(type)) {
+          this.consume(FRAME_HEADER_BYTES);
+          this.streamType = type;
+          this.streamRemaining = length;
+          continue;
+        }
         if (this.buffered < FRAME_HEADER_BYTES + length) break;
         this.consume(FRAME_HEADER_BYTES);
         const payload = this.consume(length);
