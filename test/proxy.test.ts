@@ -183,3 +183,19 @@ describe('encoder → decoder', () => {
     expect(b.digests.length).toBe((1500 + 100) * DIGEST_BYTES);
   });
 });
+
+describe('encoder → decoder on every hand-built fixture, split at every offset', () => {
+  const { buildFixtures } = require('./fixtures') as typeof import('./fixtures');
+  const parsable = buildFixtures().filter((f) => f.expect.outcome !== 'error');
+  test.each(parsable.map((f) => [f.name, f] as const))('%s', (_name, f) => {
+    for (let cut = 0; cut <= f.bytes.length; cut += cut < 64 || f.bytes.length - cut < 64 ? 1 : 7) {
+      const out: Buffer[] = [];
+      const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), null);
+      const encoder = new StreamEncoder({ literal: (b) => decoder.literal(Buffer.from(b)), run: (p) => decoder.run(p) }, null);
+      encoder.push(f.bytes.subarray(0, cut));
+      encoder.push(f.bytes.subarray(cut));
+      encoder.end();
+      expect(Buffer.concat(out).equals(f.bytes)).toBe(true);
+    }
+  });
+});

@@ -62,10 +62,14 @@ export class ReceiveSession {
     );
     peer.on('data', (chunk: Buffer) => {
       this.wanIn += chunk.length;
+      // What this chunk rebuilds reaches the destination in one writev.
+      this.dest?.cork();
       try {
         this.frames.push(chunk);
       } catch (err) {
         this.fail(errorMessage(err));
+      } finally {
+        this.dest?.uncork();
       }
       if (this.frames.isPaused) peer.pause();
     });

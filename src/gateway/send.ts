@@ -192,11 +192,15 @@ export class SendSession {
 
   private onSourceData(chunk: Buffer): void {
     if (!this.encoder || this.finished) return;
+    // Every frame this chunk produces leaves in one writev.
+    this.peer.cork();
     try {
       this.encoder.push(chunk);
     } catch (err) {
       this.fail(`source stream: ${errorMessage(err)}`);
       return;
+    } finally {
+      this.peer.uncork();
     }
     if (this.peer.writableNeedDrain) this.qemu.pause();
   }

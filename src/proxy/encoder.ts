@@ -1,5 +1,5 @@
 import { DIGEST_BYTES, digestOne } from '../digest';
-import { type RamPageRecord, RecordKind, StreamParser, type StreamRecord, StreamWriter } from '../qemu';
+import { type RamPageRecord, RecordKind, StreamParser, type StreamRecord } from '../qemu';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
 import { continuingFlags, layoutOf, PAGE_SIZE, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 
@@ -26,9 +26,9 @@ export const newCounts = (): TransferCounts => ({ streamBytes: 0, pagesSent: 0, 
 
 /**
  * The sending gateway's codec: parses the source's stream and replaces every run of pages the
- * receiver already holds (by the receiver's digest table, `reference`) with a Run frame, and runs of
- * fill pages with a Run of their own. Everything else goes out as Literal bytes, re-serialised by the
- * QEMU writer. It also keeps the local store in step with the stream.
+ * receiver already holds (by the receiver's digest table, `reference`) and of fill pages with a Run
+ * frame. Everything else goes out as Literal bytes: views of the chunks pushed, never copies, so a
+ * pushed chunk must not be changed afterwards. It also keeps the local store in step with the stream.
  */
 export class StreamEncoder {
   /**
@@ -41,8 +41,12 @@ export class StreamEncoder {
   layout: PageLayout | null = null;
 
   private readonly parser: StreamParser;
-  private readonly writer: StreamWriter;
   private readonly retainer: PageRetainer;
+  /** Input not yet sent: views of the pushed chunks, from stream offset `literalFrom` on. */
+  private held: Buffer[] = [];
+  private heldFrom = 0;
+  private literalFrom = 0;
+  private pushedEnd = 0;
   // The open run: consecutive held and fill pages of one block.
   private runOpen = false;
   /** Fill byte of the run's fill pages; -1 until one joins. */
@@ -64,7 +68,6 @@ export class StreamEncoder {
     private readonly onLayout: (layout: PageLayout) => void = () => undefined,
   ) {
     this.retainer = new PageRetainer(store);
-    this.writer = new StreamWriter((bytes) => sink.literal(bytes));
     this.parser = new StreamParser((record) => this.onRecord(record));
   }
 
@@ -74,15 +77,43 @@ export class StreamEncoder {
 
   /** Throws StreamError on malformed input. */
   push(chunk: Buffer): void {
+    if (chunk.length === 0) return;
     this.counts.streamBytes += chunk.length;
+    this.held.push(chunk);
+    this.pushedEnd += chunk.length;
     this.parser.push(chunk);
-    this.writer.flush();
+    // Bytes of records the parser has finished can go; a record still being read may yet join a run.
+    this.sendLiteral(Math.max(this.literalFrom, this.parser.recordsEnd));
   }
 
   end(): void {
     this.parser.end();
     this.closeRun();
-    this.writer.flush();
+    this.sendLiteral(this.pushedEnd);
+  }
+
+  /** Sends the input in [literalFrom, to) as Literal bytes and lets go of it. */
+  private sendLiteral(to: number): void {
+    while (this.literalFrom < to) {
+      const chunk = this.held[0];
+      const start = this.literalFrom - this.heldFrom;
+      const end = Math.min(chunk.length, to - this.heldFrom);
+      this.sink.literal(chunk.subarray(start, end));
+      this.literalFrom = this.heldFrom + end;
+      if (end === chunk.length) {
+        this.held.shift();
+        this.heldFrom += chunk.length;
+      }
+    }
+  }
+
+  /** Drops input a run stands for, up to stream offset `to`. */
+  private skipTo(to: number): void {
+    this.literalFrom = to;
+    while (this.held.length > 0 && this.heldFrom + this.held[0].length <= to) {
+      this.heldFrom += this.held[0].length;
+      this.held.shift();
+    }
   }
 
   private onRecord(record: StreamRecord): void {
@@ -95,14 +126,12 @@ export class StreamEncoder {
         return;
       case RecordKind.RamBlockList:
         this.closeRun();
-        this.writer.write(record);
         this.layout = layoutOf(record.blocks);
         this.retainer.store?.begin(this.layout);
         this.onLayout(this.layout);
         return;
       default:
         this.closeRun();
-        this.writer.write(record);
     }
   }
 
@@ -120,7 +149,6 @@ export class StreamEncoder {
       this.addToRun(true, record);
     } else {
       this.closeRun();
-      this.writer.write(record);
       if (record.kind === RecordKind.RamPage) this.counts.pagesSent++;
       else this.counts.pagesOther++;
     }
@@ -142,7 +170,7 @@ export class StreamEncoder {
       (held ? this.runHeld < MAX_RUN_HELD : this.runFill < 0 || this.runFill === record.byteValue);
     if (!joins) {
       this.closeRun();
-      this.writer.flush(); // Literal bytes before the run go first
+      this.sendLiteral(record.streamOffset); // what comes before the run goes first
       this.runOpen = true;
       this.runFill = -1;
       this.runFlags = record.flags;
@@ -161,6 +189,8 @@ export class StreamEncoder {
     }
     this.runCount++;
     this.runNext = record.offset + PAGE_SIZE;
+    // The record ends where the parser stands: it calls us as soon as the record is read.
+    this.skipTo(this.parser.offset);
   }
 
   private closeRun(): void {

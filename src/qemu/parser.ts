@@ -19,6 +19,7 @@ import {
   type RamPageRecord,
   RecordKind,
   type RecordSink,
+  type StreamRecord,
   type SectionHeaderRecord,
 } from './records';
 
@@ -148,6 +149,9 @@ export class StreamParser {
   private vmDescriptionRemaining = 0;
   /** The last byte of unframed device data, held back until we know whether it is EOF. */
   private heldByte = -1;
+
+  /** Stream offset just past the last record handed to the sink: every byte before it is accounted for. */
+  recordsEnd = 0;
 
   constructor(
     private readonly sink: RecordSink,
@@ -302,7 +306,7 @@ export class StreamParser {
           if (version === FILE_VERSION_COMPAT || version < FILE_VERSION) {
             this.fail(StreamErrorCode.BadVersion, `stream version ${version} is obsolete`, 4);
           }
-          this.sink({ kind: RecordKind.FileHeader, version, streamOffset: 0 });
+          this.emit({ kind: RecordKind.FileHeader, version, streamOffset: 0 });
           if (version !== FILE_VERSION) {
             this.fallback(`stream version ${version} is newer than ${FILE_VERSION}`);
             break;
@@ -323,7 +327,7 @@ export class StreamParser {
             this.state = State.SectionId;
           } else if (type === SectionType.Eof) {
             this.pos++;
-            this.sink({ kind: RecordKind.Eof, streamOffset: this.recordStart });
+            this.emit({ kind: RecordKind.Eof, streamOffset: this.recordStart });
             this.state = State.AfterEof;
           } else if (type === SectionType.Command) {
             this.state = State.CommandHeader;
@@ -363,7 +367,7 @@ export class StreamParser {
             this.state = State.SubsectionHeader;
             break;
           }
-          this.sink({
+          this.emit({
             kind: RecordKind.Configuration,
             machineType: this.configName,
             subsections: this.configSubsections,
@@ -491,7 +495,7 @@ export class StreamParser {
           const record: SectionHeaderRecord = { ...known, type, streamOffset: this.recordStart };
           this.sections.set(id, record);
           this.currentSection = record;
-          this.sink(record);
+          this.emit(record);
           // Only RAM is ever started (any other live section falls back), so this is RAM data.
           this.state = State.RamWord;
           break;
@@ -546,7 +550,7 @@ export class StreamParser {
           if (this.blockListRemaining > 0) {
             this.state = State.BlockListNameLength;
           } else {
-            this.sink({
+            this.emit({
               kind: RecordKind.RamBlockList,
               flags: this.blockListFlags,
               totalBytes: this.blockListTotal,
@@ -638,7 +642,7 @@ export class StreamParser {
             this.fail(StreamErrorCode.FooterMismatch, `footer of section ${id} ends section ${expected}`);
           }
           this.framing.footers = true;
-          this.sink({ kind: RecordKind.SectionFooter, sectionId: id, streamOffset: this.recordStart });
+          this.emit({ kind: RecordKind.SectionFooter, sectionId: id, streamOffset: this.recordStart });
           this.state = State.Top;
           break;
         }
@@ -683,7 +687,7 @@ export class StreamParser {
         case State.CommandData: {
           if (!this.need(this.commandLength)) return;
           const data = Buffer.from(this.rb.subarray(this.ro, this.ro + this.commandLength));
-          this.sink({ kind: RecordKind.Command, command: this.command, data, streamOffset: this.recordStart });
+          this.emit({ kind: RecordKind.Command, command: this.command, data, streamOffset: this.recordStart });
           if (this.command === VmCommand.OpenReturnPath || this.command === VmCommand.Ping) {
             this.state = State.Top;
           } else {
@@ -709,7 +713,7 @@ export class StreamParser {
           if (!this.need(5)) return;
           this.vmDescriptionRemaining = this.rb.readUInt32BE(this.ro + 1);
           this.framing.vmDescription = true;
-          this.sink({
+          this.emit({
             kind: RecordKind.VmDescriptionHeader,
             length: this.vmDescriptionRemaining,
             streamOffset: this.recordStart,
@@ -770,16 +774,16 @@ export class StreamParser {
     this.currentSection = record;
     const isRam = h.idstr === 'ram';
     if (h.type === SectionType.Start && !isRam) {
-      this.sink(record);
+      this.emit(record);
       this.fallback(`live section ${JSON.stringify(h.idstr)} is not understood`);
       return;
     }
     if (isRam && (h.type === SectionType.Full || this.ramSectionId >= 0)) {
-      this.sink(record);
+      this.emit(record);
       this.fallback('a second or FULL ram section');
       return;
     }
-    this.sink(record);
+    this.emit(record);
     if (isRam) {
       this.ramSectionId = h.sectionId;
       this.state = State.RamWord;
@@ -806,7 +810,7 @@ export class StreamParser {
         this.blockListTotal = this.wordOffset;
         this.blockListRemaining = this.wordOffset;
         if (this.wordOffset === 0) {
-          this.sink({ kind: RecordKind.RamBlockList, flags, totalBytes: 0, blocks: this.blocks, streamOffset: this.recordStart });
+          this.emit({ kind: RecordKind.RamBlockList, flags, totalBytes: 0, blocks: this.blocks, streamOffset: this.recordStart });
           this.state = State.RamWord;
         } else {
           this.state = State.BlockListNameLength;
@@ -876,7 +880,7 @@ export class StreamParser {
   }
 
   private emitPage(): void {
-    this.sink(this.page);
+    this.emit(this.page);
     this.state = State.RamWord;
   }
 
@@ -886,7 +890,7 @@ export class StreamParser {
     marker.flags = this.wordFlags;
     marker.offset = this.wordOffset;
     marker.streamOffset = this.recordStart;
-    this.sink(marker);
+    this.emit(marker);
   }
 
   private emitBytes(kind: BytesRecord['kind'], bytes: Buffer, streamOffset: number): void {
@@ -895,6 +899,12 @@ export class StreamParser {
     record.sectionId = this.currentSection?.sectionId ?? 0;
     record.bytes = bytes;
     record.streamOffset = streamOffset;
+    this.emit(record, streamOffset + bytes.length);
+  }
+
+  /** Hands a record to the sink; `end` is where its bytes end when that is not where parsing stands. */
+  private emit(record: StreamRecord, end = this.base + this.pos): void {
+    this.recordsEnd = end;
     this.sink(record);
   }
 
@@ -909,7 +919,7 @@ export class StreamParser {
    */
   private fallback(reason: string, consumed?: Buffer): void {
     this.fallbackReason = reason;
-    this.sink({ kind: RecordKind.Fallback, reason, streamOffset: this.recordStart });
+    this.emit({ kind: RecordKind.Fallback, reason, streamOffset: this.recordStart }, this.recordStart);
     if (consumed && consumed.length > 0) this.emitBytes(RecordKind.Verbatim, consumed, this.recordStart);
     if (this.carryLength > 0) {
       this.emitBytes(RecordKind.Verbatim, Buffer.from(this.carry.subarray(0, this.carryLength)), this.recordStart);
@@ -975,7 +985,7 @@ export class StreamParser {
     this.recordStart = windowStart;
     let rest: Buffer;
     if (verdict === Verdict.Footer) {
-      this.sink({ kind: RecordKind.SectionFooter, sectionId: this.currentSection?.sectionId ?? 0, streamOffset: windowStart });
+      this.emit({ kind: RecordKind.SectionFooter, sectionId: this.currentSection?.sectionId ?? 0, streamOffset: windowStart }, windowStart + 5);
       this.state = State.Top;
       rest = window.subarray(5);
     } else {
@@ -1050,7 +1060,7 @@ export class StreamParser {
           this.fail(StreamErrorCode.Truncated, 'the stream ended inside device state (no EOF marker)', at + 1);
         }
         this.heldByte = -1;
-        this.sink({ kind: RecordKind.Eof, streamOffset: at });
+        this.emit({ kind: RecordKind.Eof, streamOffset: at }, at + 1);
         this.state = State.Done;
         return;
       }
