@@ -338,7 +338,7 @@ export class QemuVm {
   private exitPromise: Promise<void> | null = null;
   private serialListeners = new Set<() => void>();
   private disposed = false;
-  private maxBandwidth = 10 * 1024 * 1024 * 1024; // bytes/s: don't let QEMU's 32 MiB/s default throttle tests
+  private maxBandwidth = 10 * 1024 * 1024 * 1024; // bytes/s: don't let QEMU 7.2's 128 MiB/s default throttle tests
   private downtimeLimitMs = 500;
 
   constructor(options: QemuVmOptions = {}) {
