@@ -90,6 +90,7 @@ async function startGateway(dir: string, name: string, peerPort: number, routePo
   fs.writeFileSync(config, loopbackSiteYaml({ name, data: path.join(dir, name), peerPort, vm: 'bench', routePort, farPeerPort: farPeer, targetPort: target }));
   const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
   const child = spawn(process.execPath, [...nodeArgs, path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
+  if (process.env.BFMIG_BENCH_LOG) child.stdout?.pipe(fs.createWriteStream(`${process.env.BFMIG_BENCH_LOG}.${name}.log`));
   await new Promise<void>((resolve, reject) => {
     createInterface({ input: child.stdout! }).on('line', (line) => {
       if (line.includes('gateway started')) resolve();

@@ -156,8 +156,16 @@ export class Gateway implements SessionObserver {
       mode: report.mode,
       snapshotId: report.snapshotId,
       ...(report.error ? { error: report.error } : {}),
+      memoryMiB: memoryMiB(),
     };
     if (report.result === 'completed') this.log.info(fields, 'migration completed');
     else this.log.warn(fields, 'migration failed');
   }
+}
+
+/** The process's memory now, in MiB, for the log line of each finished migration. */
+function memoryMiB(): Record<string, number> {
+  const m = process.memoryUsage();
+  const mib = (n: number): number => Math.round(n / 104857.6) / 10;
+  return { rss: mib(m.rss), heapUsed: mib(m.heapUsed), external: mib(m.external), arrayBuffers: mib(m.arrayBuffers) };
 }

@@ -41,6 +41,8 @@ export class ReceiveSession {
   private decoder: StreamDecoder | null = null;
   private holdsVm = false;
   private tableSent = false;
+  /** Buffers for rebuilt Runs, reused once the destination socket has written them. */
+  private readonly outputs = new OutputSlabs();
   private destClosed = false;
   private ending = false;
   private finished = false;
@@ -142,10 +144,7 @@ export class ReceiveSession {
       this.destClosed = true;
       if (!this.finished && !this.decoder?.complete) this.fail(`destination ${hello.target} closed the connection`);
     });
-    dest.on('drain', () => {
-      this.frames.resume();
-      if (!this.frames.isPaused) this.peer.resume();
-    });
+    dest.on('drain', () => this.resumeFrames());
     dest.on('data', (chunk: Buffer) => {
       // The destination's return path goes back to the source as it is.
       this.writeFrame(frameHeader(FrameType.Return, chunk.length));
@@ -153,9 +152,22 @@ export class ReceiveSession {
     });
     dest.on('connect', () => {
       dest.setTimeout(0);
-      this.decoder = new StreamDecoder((bytes) => {
-        if (!dest.write(bytes)) this.frames.pause();
-      }, this.store);
+      this.decoder = new StreamDecoder(
+        (bytes) => {
+          const slab = this.outputs.owner(bytes);
+          const ok = dest.write(bytes, slab ? () => this.outputs.release(slab) : undefined);
+          if (!ok) {
+            this.frames.pause(); // 'drain' resumes
+          } else if (this.outputs.exhausted) {
+            // The socket took it all, but its buffers are not free yet: let the event loop run first.
+            this.frames.pause();
+            setImmediate(() => this.resumeFrames());
+          }
+        },
+        this.store,
+        undefined,
+        (size) => this.outputs.take(size),
+      );
       this.writeFrame(
         encodeJson(FrameType.Offer, {
           site: this.options.site,
@@ -166,6 +178,12 @@ export class ReceiveSession {
         }),
       );
     });
+  }
+
+  private resumeFrames(): void {
+    if (this.finished) return;
+    this.frames.resume();
+    if (!this.frames.isPaused) this.peer.resume();
   }
 
   private sendTable(): void {
@@ -246,5 +264,43 @@ export class ReceiveSession {
       ),
     );
     this.resolveDone();
+  }
+}
+
+/**
+ * A few large buffers for rebuilt Run records, each reused once the socket has written it: fresh
+ * megabyte buffers would pile up as garbage between collections and swell the process.
+ */
+class OutputSlabs {
+  private static readonly SLAB = 2 * 1024 * 1024;
+  private static readonly COUNT = 4;
+  private readonly free: Buffer[] = [];
+  private readonly busy = new Set<ArrayBufferLike>();
+  private made = 0;
+
+  take(size: number): Buffer {
+    if (size > OutputSlabs.SLAB) return Buffer.allocUnsafe(size);
+    let slab = this.free.pop();
+    if (!slab) {
+      if (this.made >= OutputSlabs.COUNT) return Buffer.allocUnsafe(size);
+      slab = Buffer.allocUnsafeSlow(OutputSlabs.SLAB);
+      this.made++;
+    }
+    this.busy.add(slab.buffer);
+    return slab.subarray(0, size);
+  }
+
+  /** Every slab is out: the next take() would allocate. */
+  get exhausted(): boolean {
+    return this.made >= OutputSlabs.COUNT && this.free.length === 0;
+  }
+
+  /** The slab a buffer from take() lives in, if any. */
+  owner(bytes: Buffer): Buffer | null {
+    return this.busy.has(bytes.buffer) ? Buffer.from(bytes.buffer, 0, OutputSlabs.SLAB) : null;
+  }
+
+  release(slab: Buffer): void {
+    if (this.busy.delete(slab.buffer)) this.free.push(slab);
   }
 }

@@ -36,6 +36,8 @@ export class StreamDecoder {
     private readonly out: (bytes: Buffer) => void,
     store: RetainedPages | null,
     private readonly onLayout: (layout: PageLayout) => void = () => undefined,
+    /** Where rebuilt Run records are laid out; `out` then owns the buffer. */
+    private readonly allocate: (size: number) => Buffer = (size) => Buffer.allocUnsafe(size),
   ) {
     this.retainer = new PageRetainer(store);
     this.parser = new StreamParser((record) => this.onRecord(record));
@@ -117,7 +119,7 @@ export class StreamDecoder {
   /** Lays out the run's records: header word, the block name on a named first record, then the body. */
   private records(run: Run, block: RamBlock): Buffer {
     const named = (run.firstFlags & RamFlag.Continue) === 0;
-    const out = Buffer.allocUnsafe(run.count * 9 + run.held * (PAGE_SIZE - 1) + (named ? 1 + block.name.length : 0));
+    const out = this.allocate(run.count * 9 + run.held * (PAGE_SIZE - 1) + (named ? 1 + block.name.length : 0));
     let at = 0;
     let held = 0;
     for (let k = 0; k < run.count; k++) {
