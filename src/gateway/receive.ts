@@ -211,7 +211,9 @@ export class ReceiveSession {
     const commit = (): void => {
       if (this.finished) return;
       try {
-        this.store?.commit(snapshotId);
+        // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
+        if (decoder.layout && !decoder.fallbackReason) this.store?.commit(snapshotId);
+        else this.store?.abort();
       } catch (err) {
         this.fail(`store commit: ${errorMessage(err)}`);
         return;

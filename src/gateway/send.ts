@@ -240,7 +240,9 @@ export class SendSession {
     if (this.finished) return;
     this.finished = true;
     try {
-      if (this.store && this.snapshotId) this.store.commit(this.snapshotId);
+      // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
+      if (this.store && this.snapshotId && this.encoder?.layout && !this.encoder.fallbackReason) this.store.commit(this.snapshotId);
+      else this.store?.abort();
     } catch (err) {
       this.event('store commit failed', { error: errorMessage(err) });
     }

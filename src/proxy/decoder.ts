@@ -43,6 +43,11 @@ export class StreamDecoder {
     this.parser = new StreamParser((record) => this.onRecord(record));
   }
 
+  /** Set when the stream held something the codec does not understand and was relayed verbatim. */
+  get fallbackReason(): string | null {
+    return this.parser.fallbackReason;
+  }
+
   /** The rebuilt stream has reached its end marker: the destination has all it will read. */
   get complete(): boolean {
     return this.parser.complete;
@@ -112,7 +117,21 @@ export class StreamDecoder {
     digestContiguous(this.pages, 0, filled, PAGE_SIZE, this.digests, 0);
     digestOne(this.digests, 0, filled * DIGEST_BYTES, this.runDigest, 0);
     if (!sameDigest(this.runDigest, 0, run.digest, 0)) {
+      this.dropCorrupted(run, first, store);
       throw new RebuildError(`retained pages in ${first}..${first + run.count - 1} do not match the sender's digest`);
+    }
+  }
+
+  /**
+   * After a failed check: every held page whose content no longer matches the store's own digest is
+   * corrupt. It stops being held, so no later migration is offered it.
+   */
+  private dropCorrupted(run: Run, first: number, store: RetainedPages): void {
+    let h = 0;
+    for (let k = 0; k < run.count; k++) {
+      if (!isHeld(run.bitmap, k)) continue;
+      if (!sameDigest(this.digests, h * DIGEST_BYTES, store.digests, (first + k) * DIGEST_BYTES)) store.markAbsent(first + k);
+      h++;
     }
   }
 

@@ -126,6 +126,8 @@ export class StreamEncoder {
         return;
       case RecordKind.RamBlockList:
         this.closeRun();
+        // The receiver must have the block list before anything onLayout sends (a table request).
+        this.sendLiteral(this.parser.recordsEnd);
         this.layout = layoutOf(record.blocks);
         this.retainer.store?.begin(this.layout);
         this.onLayout(this.layout);

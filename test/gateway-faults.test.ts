@@ -1,0 +1,163 @@
+/**
+ * Failures through a real gateway pair on loopback, with synthetic QEMU streams standing in for
+ * QEMU: every failure ends that one migration, resets the source's connection (a real source QEMU
+ * then reports a failed migration), hands the destination no wrong byte, and the next migration works.
+ */
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { loopbackSiteYaml } from '../src/demo/loopback-config';
+import { parseConfig } from '../src/gateway/config';
+import { Gateway } from '../src/gateway/gateway';
+import { createLogger } from '../src/gateway/log';
+import type { MigrationReport } from '../src/gateway/session';
+import { freePort } from '../src/vm/qemu-vm';
+import { guestMemory, migrationStream, PAGE } from './migration-stream';
+
+interface Site {
+  gateway: Gateway;
+  routePort: number;
+  /** The destination stand-in at this site listens here. */
+  destPort: number;
+  data: string;
+}
+
+/** A source stand-in: sends `stream` to the route, reports how the connection ended. */
+function migrate(port: number, stream: Buffer): Promise<'closed' | 'reset'> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host: '127.0.0.1', port }, () => {
+      socket.write(stream);
+      socket.end();
+    });
+    let reset = false;
+    socket.on('error', () => (reset = true));
+    socket.resume();
+    socket.on('close', () => resolve(reset ? 'reset' : 'closed'));
+  });
+}
+
+/** A destination stand-in: accepts one connection and keeps what it receives. */
+function destination(port: number): Promise<{ received: Promise<{ bytes: Buffer; reset: boolean }> }> {
+  return new Promise((listening) => {
+    let done: (r: { bytes: Buffer; reset: boolean }) => void;
+    const received = new Promise<{ bytes: Buffer; reset: boolean }>((r) => (done = r));
+    const server = net.createServer((socket) => {
+      server.close();
+      const parts: Buffer[] = [];
+      let reset = false;
+      socket.on('data', (b: Buffer) => parts.push(b));
+      socket.on('error', () => (reset = true));
+      socket.on('end', () => socket.end());
+      socket.on('close', () => done({ bytes: Buffer.concat(parts), reset }));
+    });
+    server.listen(port, '127.0.0.1', () => listening({ received }));
+  });
+}
+
+async function lastReport(gateway: Gateway, count: number): Promise<MigrationReport> {
+  for (let i = 0; i < 200 && gateway.history.length < count; i++) await new Promise((r) => setTimeout(r, 10));
+  return gateway.history[count - 1];
+}
+
+describe('gateway failures', () => {
+  let tmp = '';
+  let a: Site;
+  let b: Site;
+  const memory = guestMemory(
+    [
+      ['pc.ram', 600],
+      ['vga', 40],
+    ],
+    21,
+  );
+  const stream = migrationStream(memory, []);
+
+  beforeAll(async () => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-faults-'));
+    const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
+    const make = async (name: string, peer: number, route: number, farPeer: number, farDest: number, dest: number): Promise<Site> => {
+      const data = path.join(tmp, name);
+      const config = parseConfig(loopbackSiteYaml({ name, data, peerPort: peer, vm: 'vm1', routePort: route, farPeerPort: farPeer, targetPort: farDest }));
+      const gateway = new Gateway(config, createLogger({ name, level: process.env.FAULT_LOG ?? 'silent' }), null);
+      await gateway.start();
+      return { gateway, routePort: route, destPort: dest, data };
+    };
+    a = await make('site-a', peerA, routeA, peerB, destB, destA);
+    b = await make('site-b', peerB, routeB, peerA, destA, destB);
+  });
+
+  afterAll(async () => {
+    await a.gateway.stop(1);
+    await b.gateway.stop(1);
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  test('a first leg, then a retained page corrupted on disk: the back leg fails before the bad page leaves, and the next one succeeds', async () => {
+    // A → B: nothing to reuse.
+    let dest = await destination(b.destPort);
+    expect(await migrate(a.routePort, stream)).toBe('closed');
+    let got = await dest.received;
+    expect(got.bytes.equals(stream)).toBe(true);
+    expect(await lastReport(a.gateway, 1)).toMatchObject({ result: 'completed', mode: 'none' });
+
+    // Corrupt one retained page at A, behind its digest.
+    const pages = path.join(a.data, 'vm1', 'pages');
+    const fd = fs.openSync(pages, 'r+');
+    const victim = memory.pages.findIndex((page, i) => i >= 300 && !page.every((v) => v === 0));
+    const original = memory.pages[victim];
+    fs.writeSync(fd, Buffer.from([original[100] ^ 0x55]), 0, 1, victim * PAGE + 100);
+    fs.closeSync(fd);
+
+    // B → A: the run holding the corrupted page fails its digest check at A.
+    dest = await destination(a.destPort);
+    expect(await migrate(b.routePort, stream)).toBe('reset');
+    got = await dest.received;
+    expect(got.reset).toBe(true);
+    expect(got.bytes.equals(stream.subarray(0, got.bytes.length))).toBe(true);
+    expect(got.bytes.length).toBeLessThan(stream.indexOf(original));
+    const failed = await lastReport(b.gateway, 2);
+    expect(failed).toMatchObject({ direction: 'send', result: 'failed' });
+    expect(failed.error).toMatch(/do not match the sender's digest/);
+
+    // Neither store claims a snapshot now; the next B → A sends what it must and completes.
+    dest = await destination(a.destPort);
+    expect(await migrate(b.routePort, stream)).toBe('closed');
+    got = await dest.received;
+    expect(got.bytes.equals(stream)).toBe(true);
+    const retried = await lastReport(b.gateway, 3);
+    expect(retried).toMatchObject({ result: 'completed' });
+    expect(retried.mode).not.toBe('shared-snapshot');
+  });
+
+  test('a stream the codec does not understand is relayed verbatim and leaves the stores as they were', async () => {
+    const metaOf = (site: Site): string => fs.readFileSync(path.join(site.data, 'vm1', 'meta.json'), 'utf8');
+    const before = [metaOf(a), metaOf(b)];
+    const dest = await destination(b.destPort);
+    const odd = Buffer.concat([stream.subarray(0, 8), Buffer.alloc(5000, 0xee)]);
+    expect(await migrate(a.routePort, odd)).toBe('closed');
+    expect((await dest.received).bytes.equals(odd)).toBe(true);
+    const report = await lastReport(a.gateway, a.gateway.history.length);
+    expect(report).toMatchObject({ direction: 'send', result: 'completed' });
+    // It carried no RAM the codec could follow, so neither store changed (nor claims anything new).
+    expect([metaOf(a), metaOf(b)]).toEqual(before);
+
+    // Truncated input (no EOF) is bad input: that migration fails, the next one works.
+    const truncated = await destination(b.destPort);
+    expect(await migrate(a.routePort, stream.subarray(0, stream.length - 100))).toBe('reset');
+    expect((await truncated.received).reset).toBe(true);
+    expect((await lastReport(a.gateway, a.gateway.history.length)).error).toMatch(/TRUNCATED/);
+
+    const next = await destination(b.destPort);
+    expect(await migrate(a.routePort, stream)).toBe('closed');
+    expect((await next.received).bytes.equals(stream)).toBe(true);
+  });
+
+  test('an unreachable destination fails the migration at the source', async () => {
+    // Nothing listens on B's destination port now.
+    expect(await migrate(a.routePort, stream)).toBe('reset');
+    const report = await lastReport(a.gateway, a.gateway.history.length);
+    expect(report).toMatchObject({ direction: 'send', result: 'failed' });
+    expect(report.error).toMatch(/destination/);
+  });
+});
