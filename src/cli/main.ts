@@ -3,6 +3,7 @@ import { Capture } from '../capture';
 import { parseArgs, requireOption, stringOption, UsageError } from './args';
 import { runDemo } from './demo';
 import { runGateway } from './gateway';
+import { runSnapshots } from './snapshots';
 import { formatReport, inspectPath } from './inspect';
 
 const USAGE = `usage: bfmig <command> [options]
@@ -14,6 +15,8 @@ commands:
                                   migrate a guest back and forth on this machine through two gateways
                                   and a WAN emulator, direct versus through bfmig
   gateway --config FILE           run a site's gateway (see the README for the YAML keys)
+  snapshots list|show VM|verify VM|rm VM --data DIR [--json]
+                                  the retained snapshots in a gateway's store directory
   capture --listen HOST:PORT --out FILE [--forward HOST:PORT]
                                   accept one migration from a source QEMU and write it to FILE,
                                   relaying it to the destination QEMU with --forward
@@ -32,6 +35,11 @@ async function run(argv: readonly string[]): Promise<number> {
     }
     case 'demo':
       return runDemo(parseArgs(rest, ['no-direct']));
+    case 'snapshots': {
+      const args = parseArgs(rest, ['json']);
+      const [action, vm] = args.positionals;
+      return runSnapshots(action, requireOption(args, 'data'), vm, args.options.has('json'), (text) => process.stdout.write(text));
+    }
     case 'gateway': {
       const args = parseArgs(rest, []);
       return runGateway(requireOption(args, 'config'), stringOption(args, 'log-level'));

@@ -1,0 +1,106 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { PageStore, validateVmName } from '../store';
+import { UsageError } from './args';
+
+export interface SnapshotSummary {
+  vm: string;
+  snapshotId: string | null;
+  pages: number;
+  presentPages: number;
+  /** Bytes the store's files take on disk (pages are sparse). */
+  diskBytes: number;
+  updatedAt: string | null;
+}
+
+function diskBytes(dir: string): number {
+  let total = 0;
+  for (const name of fs.readdirSync(dir)) {
+    const st = fs.statSync(path.join(dir, name));
+    if (st.isFile()) total += st.blocks * 512;
+  }
+  return total;
+}
+
+export function listSnapshots(data: string): SnapshotSummary[] {
+  if (!fs.existsSync(data)) return [];
+  const out: SnapshotSummary[] = [];
+  for (const vm of fs.readdirSync(data).sort()) {
+    const dir = path.join(data, vm);
+    if (!fs.statSync(dir).isDirectory()) continue;
+    try {
+      validateVmName(vm);
+    } catch {
+      continue;
+    }
+    const store = PageStore.open(data, vm);
+    try {
+      const meta = store.meta();
+      out.push({
+        vm,
+        snapshotId: store.snapshotId(),
+        pages: meta?.pageCount ?? 0,
+        presentPages: meta?.presentPages ?? 0,
+        diskBytes: diskBytes(dir),
+        updatedAt: meta?.updatedAt ?? null,
+      });
+    } finally {
+      store.close();
+    }
+  }
+  return out;
+}
+
+/** `bfmig snapshots list|show|verify|rm --data DIR [VM]`; returns the exit status. */
+export function runSnapshots(action: string | undefined, data: string, vm: string | undefined, json: boolean, write: (s: string) => void): number {
+  switch (action) {
+    case 'list': {
+      const list = listSnapshots(data);
+      if (json) {
+        write(JSON.stringify(list, null, 2) + '\n');
+      } else if (list.length === 0) {
+        write(`no retained VMs in ${data}\n`);
+      } else {
+        write('vm'.padEnd(24) + 'snapshot'.padEnd(38) + 'pages held'.padStart(22) + 'on disk MiB'.padStart(13) + '  updated\n');
+        for (const s of list) {
+          const held = `${s.presentPages}/${s.pages}`;
+          write(s.vm.padEnd(24) + (s.snapshotId ?? '(none claimed)').padEnd(38) + held.padStart(22) + (s.diskBytes / 2 ** 20).toFixed(1).padStart(13) + `  ${s.updatedAt ?? '-'}\n`);
+        }
+      }
+      return 0;
+    }
+    case 'show':
+    case 'verify':
+    case 'rm': {
+      if (!vm) throw new UsageError(`snapshots ${action} needs a VM name`);
+      const name = validateVmName(vm);
+      const dir = path.join(data, name);
+      if (!fs.existsSync(path.join(dir, 'meta.json'))) {
+        write(`no retained snapshot for VM ${name} in ${data}\n`);
+        return 1;
+      }
+      if (action === 'rm') {
+        fs.rmSync(dir, { recursive: true, force: true });
+        write(`removed ${dir}\n`);
+        return 0;
+      }
+      const store = PageStore.open(data, name);
+      try {
+        if (action === 'show') {
+          write(JSON.stringify({ ...store.meta(), diskBytes: diskBytes(dir), warnings: store.warnings }, null, 2) + '\n');
+          return 0;
+        }
+        const corrupted = store.verify();
+        const result = { vm: name, presentPages: store.meta()?.presentPages ?? 0, corrupted, snapshotId: store.snapshotId() };
+        if (json) write(JSON.stringify(result, null, 2) + '\n');
+        else if (corrupted.length === 0) write(`${name}: every held page matches its digest\n`);
+        else write(`${name}: ${corrupted.length} corrupted page(s), no longer held: ${corrupted.slice(0, 20).join(', ')}${corrupted.length > 20 ? ', …' : ''}\n`);
+        return corrupted.length === 0 ? 0 : 1;
+      } finally {
+        store.close();
+      }
+    }
+    default:
+      throw new UsageError('snapshots takes list, show VM, verify VM or rm VM');
+  }
+}

@@ -1,0 +1,57 @@
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { listSnapshots, runSnapshots } from '../src/cli/snapshots';
+import { digestOne } from '../src/digest';
+import { PageStore } from '../src/store';
+
+describe('bfmig snapshots', () => {
+  let data = '';
+  const page = (seed: number): Buffer => Buffer.alloc(4096, seed);
+  beforeEach(() => {
+    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-snaps-'));
+    const store = PageStore.open(data, 'vm1');
+    store.begin({ pageSize: 4096, pageCount: 8, layoutId: 'l1', layout: {} });
+    const digest = Buffer.alloc(16);
+    for (let i = 0; i < 6; i++) {
+      digestOne(page(i + 1), 0, 4096, digest, 0);
+      store.writePage(i, page(i + 1), 0, digest, 0);
+    }
+    store.commit('snap-1');
+    store.close();
+  });
+  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
+
+  const run = (action: string, vm?: string, json = false): { code: number; out: string } => {
+    let out = '';
+    const code = runSnapshots(action, data, vm, json, (s) => (out += s));
+    return { code, out };
+  };
+
+  test('list shows each VM with its snapshot and held pages', () => {
+    expect(listSnapshots(data)).toMatchObject([{ vm: 'vm1', snapshotId: 'snap-1', pages: 8, presentPages: 6 }]);
+    const { code, out } = run('list');
+    expect(code).toBe(0);
+    expect(out).toMatch(/vm1\s+snap-1\s+6\/8/);
+  });
+
+  test('verify passes a clean store and catches a flipped byte, which then stops being held', () => {
+    expect(run('verify', 'vm1').code).toBe(0);
+    const fd = fs.openSync(path.join(data, 'vm1', 'pages'), 'r+');
+    fs.writeSync(fd, Buffer.from([0x99]), 0, 1, 2 * 4096 + 17);
+    fs.closeSync(fd);
+    const bad = run('verify', 'vm1', true);
+    expect(bad.code).toBe(1);
+    expect(JSON.parse(bad.out)).toMatchObject({ vm: 'vm1', corrupted: [2] });
+    expect(listSnapshots(data)[0]).toMatchObject({ presentPages: 5, snapshotId: null });
+    expect(run('verify', 'vm1').code).toBe(0);
+  });
+
+  test('show prints the metadata; rm removes the VM; unknown and unsafe names are refused', () => {
+    expect(JSON.parse(run('show', 'vm1').out)).toMatchObject({ vm: 'vm1', snapshotId: 'snap-1', pageCount: 8 });
+    expect(run('show', 'nope').code).toBe(1);
+    expect(() => run('rm', '../etc')).toThrow(/name/);
+    expect(run('rm', 'vm1').code).toBe(0);
+    expect(listSnapshots(data)).toEqual([]);
+  });
+});
