@@ -8,6 +8,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { Capture } from '../src/capture';
+import { restoreSnapshot } from '../src/restore';
 import { loopbackSiteYaml } from '../src/demo/loopback-config';
 import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';
@@ -139,6 +140,18 @@ interface Site {
       expect(back.counts.pagesReused).toBeGreaterThan(16384);
       expect(back.wanBytesOut).toBeLessThan(first.wanBytesOut * 0.05);
     }
+    // The far site fails: the VM (now back at A) is gone. B retained the last migration's snapshot —
+    // it sent it — and `bfmig restore` brings the VM back in a fresh QEMU there.
+    await vm.dispose();
+    const restorePort = await freePort();
+    const restored = new QemuVm({ ...options, name: 'restored-at-b', incoming: `tcp:127.0.0.1:${restorePort}` });
+    await restored.start();
+    const result = await restoreSnapshot(path.join(tmp, 'site-b'), 'vm1', { host: '127.0.0.1', port: restorePort });
+    expect(result.snapshotId).toBe(fourth.snapshotId);
+    await restored.waitForStatus('running', 60_000);
+    await restored.waitForSerial(VERIFIED, 60_000);
+    vm = restored;
+
     const text = await b.metrics.registry.metrics();
     expect(text).toMatch(/bfmig_migrations_total\{[^}]*result="completed"[^}]*\} [1-9]/);
     expect(a.logLines.some((l) => l.includes('"migration completed"'))).toBe(true);

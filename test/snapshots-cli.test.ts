@@ -55,3 +55,33 @@ describe('bfmig snapshots', () => {
     expect(listSnapshots(data)).toEqual([]);
   });
 });
+
+describe('bfmig restore refuses what it cannot rebuild', () => {
+  let data = '';
+  beforeEach(() => {
+    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-restore-'));
+  });
+  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
+  const to = { host: '127.0.0.1', port: 9 };
+
+  test('an unknown VM, a snapshot without device state, an incomplete snapshot', async () => {
+    const { restoreSnapshot } = await import('../src/restore');
+    await expect(restoreSnapshot(data, 'ghost', to)).rejects.toThrow(/no retained snapshot/);
+
+    const store = PageStore.open(data, 'vm1');
+    store.begin({ pageSize: 4096, pageCount: 4, layoutId: 'l', layout: { blocks: [{ name: 'pc.ram', length: 4 * 4096 }] } });
+    const digest = Buffer.alloc(16);
+    digestOne(Buffer.alloc(4096, 1), 0, 4096, digest, 0);
+    for (let i = 0; i < 3; i++) store.writePage(i, Buffer.alloc(4096, 1), 0, digest, 0);
+    store.commit('s1');
+    store.close();
+    await expect(restoreSnapshot(data, 'vm1', to)).rejects.toThrow(/device state of snapshot s1 was not retained/);
+
+    const again = PageStore.open(data, 'vm1');
+    again.saveBlob('stream-head', Buffer.from('QEVM'));
+    again.saveBlob('stream-tail', Buffer.from([0]));
+    again.saveBlob('stream-info', Buffer.from(JSON.stringify({ snapshotId: 's1', ramSectionId: 2, footers: true })));
+    again.close();
+    await expect(restoreSnapshot(data, 'vm1', to)).rejects.toThrow(/incomplete: 1 of 4 pages are not held/);
+  });
+});

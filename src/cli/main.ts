@@ -4,6 +4,7 @@ import { parseArgs, requireOption, stringOption, UsageError } from './args';
 import { runDemo } from './demo';
 import { runGateway } from './gateway';
 import { runSnapshots } from './snapshots';
+import { restoreSnapshot } from '../restore';
 import { formatReport, inspectPath } from './inspect';
 
 const USAGE = `usage: bfmig <command> [options]
@@ -15,6 +16,9 @@ commands:
                                   migrate a guest back and forth on this machine through two gateways
                                   and a WAN emulator, direct versus through bfmig
   gateway --config FILE           run a site's gateway (see the README for the YAML keys)
+  restore --data DIR --vm NAME --to tcp:HOST:PORT
+                                  rebuild the VM's last retained snapshot into a destination QEMU
+                                  started with -incoming and the same machine shape
   snapshots list|show VM|verify VM|rm VM --data DIR [--json]
                                   the retained snapshots in a gateway's store directory
   capture --listen HOST:PORT --out FILE [--forward HOST:PORT]
@@ -35,6 +39,14 @@ async function run(argv: readonly string[]): Promise<number> {
     }
     case 'demo':
       return runDemo(parseArgs(rest, ['no-direct']));
+    case 'restore': {
+      const args = parseArgs(rest, []);
+      const to = requireOption(args, 'to');
+      if (!to.startsWith('tcp:')) throw new UsageError('--to takes tcp:HOST:PORT');
+      const result = await restoreSnapshot(requireOption(args, 'data'), requireOption(args, 'vm'), parseEndpoint(to.slice(4)));
+      process.stdout.write(`restored snapshot ${result.snapshotId}: ${result.pages} pages, ${result.bytes} bytes sent\n`);
+      return 0;
+    }
     case 'snapshots': {
       const args = parseArgs(rest, ['json']);
       const [action, vm] = args.positionals;

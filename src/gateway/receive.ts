@@ -13,7 +13,7 @@ import {
   FrameType,
   PROTOCOL_VERSION,
 } from '../wire/frames';
-import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, TABLE_FRAME_BYTES } from './session';
+import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, TABLE_FRAME_BYTES } from './session';
 
 export interface ReceiveOptions {
   site: string;
@@ -212,7 +212,10 @@ export class ReceiveSession {
       if (this.finished) return;
       try {
         // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
-        if (decoder.layout && !decoder.fallbackReason) this.store?.commit(snapshotId);
+        if (this.store && decoder.layout && !decoder.fallbackReason) {
+          keepStreamParts(this.store, decoder.parts, decoder.footers, snapshotId);
+          this.store.commit(snapshotId);
+        }
         else this.store?.abort();
       } catch (err) {
         this.fail(`store commit: ${errorMessage(err)}`);

@@ -18,7 +18,7 @@ import {
   PROTOCOL_VERSION,
 } from '../wire/frames';
 import type { RouteConfig } from './config';
-import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
+import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
 
 export interface SendOptions {
   site: string;
@@ -241,7 +241,10 @@ export class SendSession {
     this.finished = true;
     try {
       // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
-      if (this.store && this.snapshotId && this.encoder?.layout && !this.encoder.fallbackReason) this.store.commit(this.snapshotId);
+      if (this.store && this.snapshotId && this.encoder?.layout && !this.encoder.fallbackReason) {
+        keepStreamParts(this.store, this.encoder.parts, this.encoder.footers, this.snapshotId);
+        this.store.commit(this.snapshotId);
+      }
       else this.store?.abort();
     } catch (err) {
       this.event('store commit failed', { error: errorMessage(err) });

@@ -59,3 +59,17 @@ export function migrationReport(
 export function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
+
+/** What `bfmig restore` needs besides the pages, saved beside them before the store commits. */
+export function keepStreamParts(
+  store: { saveBlob(name: string, data: Buffer): void },
+  parts: { result(): { head: Buffer; tail: Buffer; ramSectionId: number } | null },
+  footers: boolean | null,
+  snapshotId: string,
+): void {
+  const r = parts.result();
+  if (!r || footers === null) return;
+  store.saveBlob('stream-head', r.head);
+  store.saveBlob('stream-tail', r.tail);
+  store.saveBlob('stream-info', Buffer.from(JSON.stringify({ snapshotId, ramSectionId: r.ramSectionId, footers })));
+}

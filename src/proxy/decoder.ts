@@ -2,6 +2,7 @@ import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { RamFlag, type RamBlock, RecordKind, StreamParser, type StreamRecord } from '../qemu';
 import { writeRamWord } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
+import { StreamParts } from './stream-parts';
 import { newCounts, type TransferCounts } from './encoder';
 import { continuingFlags, layoutOf, PAGE_SIZE, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 
@@ -22,6 +23,8 @@ export class StreamDecoder {
 
   private readonly parser: StreamParser;
   private readonly retainer: PageRetainer;
+  /** The stream's head and device-state tail, kept for rebuilding a whole stream from the store. */
+  readonly parts = new StreamParts();
   /** The run whose rebuilt records are passing through the parser: its held pages are in the store already. */
   private replaying: Run | null = null;
   private replayFirst = 0;
@@ -43,6 +46,11 @@ export class StreamDecoder {
     this.parser = new StreamParser((record) => this.onRecord(record));
   }
 
+  /** Whether sections end with footers (null until the stream shows it). */
+  get footers(): boolean | null {
+    return this.parser.framing.footers;
+  }
+
   /** Set when the stream held something the codec does not understand and was relayed verbatim. */
   get fallbackReason(): string | null {
     return this.parser.fallbackReason;
@@ -56,6 +64,7 @@ export class StreamDecoder {
   literal(bytes: Buffer): void {
     this.out(bytes);
     this.counts.streamBytes += bytes.length;
+    this.parts.feed(bytes);
     this.parser.push(bytes);
   }
 
@@ -76,6 +85,7 @@ export class StreamDecoder {
     this.out(bytes);
     this.counts.streamBytes += bytes.length;
     this.counts.pagesReused += run.held;
+    this.parts.feed(bytes);
     this.replaying = run;
     this.replayFirst = first;
     this.replayNext = 0;
@@ -184,6 +194,7 @@ export class StreamDecoder {
         this.retainer.retain(record, false);
         return;
       default:
+        this.parts.record(record);
         return;
     }
   }

@@ -1,6 +1,7 @@
 import { DIGEST_BYTES, digestOne } from '../digest';
 import { type RamPageRecord, RecordKind, StreamParser, type StreamRecord } from '../qemu';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
+import { StreamParts } from './stream-parts';
 import { continuingFlags, layoutOf, PAGE_SIZE, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 
 /** Where the encoder's output goes: in stream order, Literal bytes and Run payloads. */
@@ -42,6 +43,8 @@ export class StreamEncoder {
 
   private readonly parser: StreamParser;
   private readonly retainer: PageRetainer;
+  /** The stream's head and device-state tail, kept for rebuilding a whole stream from the store. */
+  readonly parts = new StreamParts();
   /** Input not yet sent: views of the pushed chunks, from stream offset `literalFrom` on. */
   private held: Buffer[] = [];
   private heldFrom = 0;
@@ -75,12 +78,18 @@ export class StreamEncoder {
     return this.parser.fallbackReason;
   }
 
+  /** Whether sections end with footers (null until the stream shows it). */
+  get footers(): boolean | null {
+    return this.parser.framing.footers;
+  }
+
   /** Throws StreamError on malformed input. */
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
     this.counts.streamBytes += chunk.length;
     this.held.push(chunk);
     this.pushedEnd += chunk.length;
+    this.parts.feed(chunk);
     this.parser.push(chunk);
     // Bytes of records the parser has finished can go; a record still being read may yet join a run.
     this.sendLiteral(Math.max(this.literalFrom, this.parser.recordsEnd));
@@ -134,6 +143,7 @@ export class StreamEncoder {
         return;
       default:
         this.closeRun();
+        this.parts.record(record);
     }
   }
 

@@ -42,11 +42,11 @@ export function fsyncDir(dir: string): void {
 }
 
 /** Replaces dir/name with data atomically and durably: temp file, fsync, rename, fsync dir. */
-export function writeFileAtomic(dir: string, name: string, data: string): void {
+export function writeFileAtomic(dir: string, name: string, data: string | Buffer): void {
   const tmp = path.join(dir, `${name}.tmp`);
   const fd = fs.openSync(tmp, 'w', 0o600);
   try {
-    const buf = Buffer.from(data, 'utf8');
+    const buf = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
     pwriteFully(fd, buf, 0, buf.length, 0);
     fs.fsyncSync(fd);
   } finally {

@@ -351,6 +351,25 @@ export class PageStore {
   }
 
   /**
+   * Keeps an opaque named blob beside the pages (written atomically), e.g. what a caller needs besides
+   * the pages to rebuild what it stored. Names are simple words.
+   */
+  saveBlob(name: string, data: Buffer): void {
+    this.checkOpen();
+    writeFileAtomic(this.dir, blobFile(name), data);
+  }
+
+  /** A blob saved by saveBlob(), or null. */
+  loadBlob(name: string): Buffer | null {
+    this.checkOpen();
+    try {
+      return fs.readFileSync(path.join(this.dir, blobFile(name)));
+    } catch {
+      return null;
+    }
+  }
+
+  /**
    * Re-hashes every present page and compares with its digest; corrupted
    * pages are marked absent and their indexes returned (ascending). Outside a
    * migration, finding any also drops the snapshot claim (snapshotId null)
@@ -667,4 +686,9 @@ export class PageStore {
   private checkOpen(): void {
     if (this.closed) throw new Error(`store ${this.vm}: closed`);
   }
+}
+
+function blobFile(name: string): string {
+  if (!/^[a-z][a-z0-9-]{0,31}$/.test(name)) throw new Error(`blob name ${JSON.stringify(name)} is not a simple word`);
+  return `blob-${name}`;
 }

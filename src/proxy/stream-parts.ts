@@ -1,0 +1,77 @@
+import { SectionType } from '../qemu';
+import { RecordKind, type StreamRecord } from '../qemu/records';
+
+/** Limits on what is kept: the head is a few hundred bytes, the device state rarely above a megabyte. */
+const MAX_HEAD = 64 * 1024;
+const MAX_TAIL = 16 * 1024 * 1024;
+
+/**
+ * Keeps the parts of a migration stream that are not RAM pages, so that the store can later rebuild a
+ * whole stream from its pages: the head (file header, configuration, the RAM setup section with its
+ * block list) and the tail (every device section, EOF, the vmdesc trailer).
+ */
+export class StreamParts {
+  private head: Buffer[] = [];
+  private headBytes = 0;
+  private headEnd = -1;
+  /** Recent input, kept until the tail's start is known. */
+  private recent: { bytes: Buffer; at: number }[] = [];
+  private tailStart = -1;
+  private tail: Buffer[] = [];
+  private tailBytes = 0;
+  private ramEnded = false;
+  private ramSectionId = -1;
+  private overflow = false;
+  private fedTo = 0;
+
+  /** Bytes of the stream, in order, as they pass (views are fine: what is kept is copied). */
+  feed(bytes: Buffer): void {
+    const at = this.fedTo;
+    this.fedTo += bytes.length;
+    if (this.headEnd < 0 && this.headBytes < MAX_HEAD) {
+      const take = bytes.subarray(0, MAX_HEAD - this.headBytes);
+      this.head.push(Buffer.from(take));
+      this.headBytes += take.length;
+    }
+    if (this.tailStart >= 0) {
+      this.keepTail(bytes);
+    } else {
+      this.recent.push({ bytes, at });
+      // Two chunks cover any section header split across them.
+      if (this.recent.length > 3) this.recent.shift();
+    }
+  }
+
+  /** Records of the same stream, as the parser emits them (after the bytes they came in were fed). */
+  record(record: StreamRecord): void {
+    if (record.kind !== RecordKind.SectionHeader) return;
+    if (record.idstr === 'ram') {
+      if (record.type === SectionType.Start) this.ramSectionId = record.sectionId;
+      if (this.headEnd < 0 && (record.type === SectionType.Part || record.type === SectionType.End)) this.headEnd = record.streamOffset;
+      if (record.type === SectionType.End) this.ramEnded = true;
+      return;
+    }
+    if (record.type === SectionType.Full && this.ramEnded && this.tailStart < 0) {
+      this.tailStart = record.streamOffset;
+      for (const { bytes, at } of this.recent) {
+        if (at + bytes.length > this.tailStart) this.keepTail(bytes.subarray(Math.max(0, this.tailStart - at)));
+      }
+      this.recent = [];
+    }
+  }
+
+  private keepTail(bytes: Buffer): void {
+    if (this.tailBytes + bytes.length > MAX_TAIL) {
+      this.overflow = true;
+      return;
+    }
+    this.tail.push(Buffer.from(bytes));
+    this.tailBytes += bytes.length;
+  }
+
+  /** The head and tail, when the stream had both and they fit the limits. */
+  result(): { head: Buffer; tail: Buffer; ramSectionId: number } | null {
+    if (this.headEnd < 0 || this.tailStart < 0 || this.overflow || this.headEnd > this.headBytes || this.ramSectionId < 0) return null;
+    return { head: Buffer.concat(this.head).subarray(0, this.headEnd), tail: Buffer.concat(this.tail), ramSectionId: this.ramSectionId };
+  }
+}
