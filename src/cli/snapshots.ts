@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { PageStore, validateVmName } from '../store';
+import { lockHolder, PageStore, StoreBusyError, validateVmName } from '../store';
 import { UsageError } from './args';
 
 export interface SnapshotSummary {
@@ -11,6 +11,8 @@ export interface SnapshotSummary {
   /** Bytes the store's files take on disk (pages are sparse). */
   diskBytes: number;
   updatedAt: string | null;
+  /** "pid@host" of a process using the store now (a migration), else null. */
+  inUse: string | null;
 }
 
 function diskBytes(dir: string): number {
@@ -20,6 +22,14 @@ function diskBytes(dir: string): number {
     if (st.isFile()) total += st.blocks * 512;
   }
   return total;
+}
+
+function readMeta(dir: string): { pageCount?: number; presentPages?: number; updatedAt?: string } | null {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(dir, 'meta.json'), 'utf8')) as { pageCount?: number; presentPages?: number; updatedAt?: string };
+  } catch {
+    return null;
+  }
 }
 
 export function listSnapshots(data: string): SnapshotSummary[] {
@@ -33,6 +43,13 @@ export function listSnapshots(data: string): SnapshotSummary[] {
     } catch {
       continue;
     }
+    const holder = lockHolder(dir);
+    if (holder) {
+      // In use: report what its metadata says without opening it.
+      const meta = readMeta(dir);
+      out.push({ vm, snapshotId: null, pages: meta?.pageCount ?? 0, presentPages: meta?.presentPages ?? 0, diskBytes: diskBytes(dir), updatedAt: meta?.updatedAt ?? null, inUse: `${holder.pid}@${holder.host}` });
+      continue;
+    }
     const store = PageStore.open(data, vm);
     try {
       const meta = store.meta();
@@ -43,6 +60,7 @@ export function listSnapshots(data: string): SnapshotSummary[] {
         presentPages: meta?.presentPages ?? 0,
         diskBytes: diskBytes(dir),
         updatedAt: meta?.updatedAt ?? null,
+        inUse: null,
       });
     } finally {
       store.close();
@@ -64,7 +82,7 @@ export function runSnapshots(action: string | undefined, data: string, vm: strin
         write('vm'.padEnd(24) + 'snapshot'.padEnd(38) + 'pages held'.padStart(22) + 'on disk MiB'.padStart(13) + '  updated\n');
         for (const s of list) {
           const held = `${s.presentPages}/${s.pages}`;
-          write(s.vm.padEnd(24) + (s.snapshotId ?? '(none claimed)').padEnd(38) + held.padStart(22) + (s.diskBytes / 2 ** 20).toFixed(1).padStart(13) + `  ${s.updatedAt ?? '-'}\n`);
+          write(s.vm.padEnd(24) + (s.inUse ? `(in use by ${s.inUse})` : s.snapshotId ?? '(none claimed)').padEnd(38) + held.padStart(22) + (s.diskBytes / 2 ** 20).toFixed(1).padStart(13) + `  ${s.updatedAt ?? '-'}\n`);
         }
       }
       return 0;
@@ -80,6 +98,8 @@ export function runSnapshots(action: string | undefined, data: string, vm: strin
         return 1;
       }
       if (action === 'rm') {
+        const holder = lockHolder(dir);
+        if (holder) throw new StoreBusyError(`the store of ${name} is in use by process ${holder.pid} on ${holder.host}`);
         fs.rmSync(dir, { recursive: true, force: true });
         write(`removed ${dir}\n`);
         return 0;

@@ -27,6 +27,7 @@ import * as path from 'node:path';
 import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { copyBytes } from './copy';
 import { fsyncDir, openRW, preadFully, pwriteFully, writeFileAtomic } from './fsio';
+import { acquireLock, releaseLock, StoreBusyError } from './lock';
 import { type StoreLayout, type StoreMeta, parseMeta, serializeMeta, validateLayout, validateVmName } from './meta';
 
 export const PAGES_FILE = 'pages';
@@ -152,7 +153,8 @@ export class PageStore {
     }
     if (created) fsyncDir(absRoot);
     const lockKey = fs.realpathSync(dir);
-    if (openDirs.has(lockKey)) throw new Error(`store ${dir} is already open in this process`);
+    if (openDirs.has(lockKey)) throw new StoreBusyError(`store ${dir} is already open in this process`);
+    acquireLock(dir);
 
     let pagesFd = -1;
     let digestsFd = -1;
@@ -166,6 +168,7 @@ export class PageStore {
     } catch (err) {
       if (pagesFd >= 0) fs.closeSync(pagesFd);
       if (digestsFd >= 0) fs.closeSync(digestsFd);
+      releaseLock(dir);
       throw err;
     }
   }
@@ -421,6 +424,7 @@ export class PageStore {
         fs.closeSync(this.pagesFd);
       } finally {
         fs.closeSync(this.digestsFd);
+        releaseLock(this.dir);
       }
     }
   }

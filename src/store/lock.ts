@@ -1,0 +1,62 @@
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+export const LOCK_FILE = 'lock';
+
+/** Another process (perhaps on another host sharing the store) holds this VM's store. */
+export class StoreBusyError extends Error {
+  override readonly name = 'StoreBusyError';
+}
+
+/** Who holds a store's lock, or null. A holder on this host whose process is gone does not count. */
+export function lockHolder(dir: string): { host: string; pid: number } | null {
+  let text: string;
+  try {
+    text = fs.readFileSync(path.join(dir, LOCK_FILE), 'utf8');
+  } catch {
+    return null;
+  }
+  const [host, pidText] = text.trim().split(' ');
+  const pid = Number(pidText);
+  if (host === os.hostname() && Number.isInteger(pid) && !alive(pid)) return null;
+  return { host: host ?? '?', pid };
+}
+
+/**
+ * Takes a VM store's lock: a file created exclusively (atomic on local filesystems and NFSv3+), holding
+ * "host pid". A lock left by a dead process on this host is taken over; one held elsewhere is not.
+ */
+export function acquireLock(dir: string): void {
+  const file = path.join(dir, LOCK_FILE);
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      const fd = fs.openSync(file, 'wx', 0o600);
+      try {
+        fs.writeSync(fd, `${os.hostname()} ${process.pid}\n`);
+      } finally {
+        fs.closeSync(fd);
+      }
+      return;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    const holder = lockHolder(dir);
+    if (holder) throw new StoreBusyError(`the store of ${path.basename(dir)} is in use by process ${holder.pid} on ${holder.host}`);
+    fs.rmSync(file, { force: true }); // stale: its process is gone
+  }
+  throw new StoreBusyError(`the store of ${path.basename(dir)} is being taken by another process`);
+}
+
+export function releaseLock(dir: string): void {
+  fs.rmSync(path.join(dir, LOCK_FILE), { force: true });
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
