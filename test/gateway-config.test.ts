@@ -18,6 +18,7 @@ peerListen: 0.0.0.0:7300
 metrics: 127.0.0.1:9464
 insecurePlaintext: true
 shutdownGraceSeconds: 12.5
+storeBudget: 200GiB
 routes:
   - vm: vm1
     listen: 127.0.0.1:7101
@@ -59,6 +60,7 @@ describe('parseConfig', () => {
       metrics: { host: '127.0.0.1', port: 9464 },
       insecurePlaintext: true,
       shutdownGraceSeconds: 12.5,
+      storeBudget: 200 * 2 ** 30,
       routes: [
         {
           vm: 'vm1',
@@ -131,6 +133,8 @@ describe('parseConfig', () => {
     ['metrics collides with peerListen', minimal('metrics: 127.0.0.1:7300\n'), 'metrics', /collides with peerListen/],
     ['insecurePlaintext not boolean', minimal('insecurePlaintext: "yes"\n'), 'insecurePlaintext', /true or false/],
     ['shutdownGraceSeconds not a number', minimal('shutdownGraceSeconds: soon\n'), 'shutdownGraceSeconds', /must be a number/],
+    ['storeBudget not a size', minimal('storeBudget: lots\n'), 'storeBudget', /not a size/],
+    ['storeBudget zero', minimal('storeBudget: 0GiB\n'), 'storeBudget', /more than 0/],
     ['shutdownGraceSeconds zero', minimal('shutdownGraceSeconds: 0\n'), 'shutdownGraceSeconds', /out of range/],
     ['shutdownGraceSeconds negative', minimal('shutdownGraceSeconds: -1\n'), 'shutdownGraceSeconds', /out of range/],
     ['shutdownGraceSeconds huge', minimal('shutdownGraceSeconds: 1e9\n'), 'shutdownGraceSeconds', /out of range/],

@@ -25,6 +25,7 @@ import { BlockList, isIP } from 'node:net';
 import * as path from 'node:path';
 import { parseDocument } from 'yaml';
 import { Endpoint, formatEndpoint, parseEndpoint } from '../address';
+import { parseSize } from '../store/budget';
 
 export class ConfigError extends Error {
   /**
@@ -85,6 +86,8 @@ export interface GatewayConfig {
   metrics: Endpoint | null;
   insecurePlaintext: boolean;
   shutdownGraceSeconds: number;
+  /** Disk budget of the store directory in bytes (`storeBudget: 200GiB`), or null for none. */
+  storeBudget: number | null;
   routes: RouteConfig[];
   allowTargets: TargetRule[];
   /** Accepted but not interpreted yet; null when absent. */
@@ -105,6 +108,7 @@ const TOP_LEVEL_KEYS = [
   'metrics',
   'insecurePlaintext',
   'shutdownGraceSeconds',
+  'storeBudget',
   'routes',
   'allowTargets',
   'tls',
@@ -167,6 +171,17 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     fail('shutdownGraceSeconds', `${shutdownGraceSeconds} is out of range (must be > 0 and <= ${MAX_SHUTDOWN_GRACE_SECONDS})`);
   }
 
+  const budgetValue = optional(root, 'storeBudget');
+  let storeBudget: number | null = null;
+  if (budgetValue !== undefined) {
+    try {
+      storeBudget = parseSize(typeof budgetValue === 'number' ? String(budgetValue) : String(budgetValue));
+    } catch (err) {
+      fail('storeBudget', err instanceof Error ? err.message : String(err));
+    }
+    if (storeBudget !== null && storeBudget <= 0) fail('storeBudget', 'must be more than 0');
+  }
+
   const tlsValue = optional(root, 'tls');
   if (tlsValue !== undefined && !isMapping(tlsValue)) fail('tls', `must be a mapping, not ${describe(tlsValue)}`);
   const tls = tlsValue === undefined ? null : (tlsValue as Record<string, unknown>);
@@ -216,6 +231,7 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     metrics,
     insecurePlaintext: insecurePlaintext as boolean,
     shutdownGraceSeconds,
+    storeBudget,
     routes,
     allowTargets,
     tls,

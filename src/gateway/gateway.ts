@@ -1,5 +1,6 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { type Endpoint, formatEndpoint } from '../address';
+import { StoreBudget } from '../store';
 import { type GatewayConfig, targetAllowed } from './config';
 import type { Logger } from './log';
 import type { GatewayMetrics } from './metrics';
@@ -29,12 +30,15 @@ export class Gateway implements SessionObserver {
   /** Reports of finished migrations, newest last (bounded). */
   readonly history: MigrationReport[] = [];
   private stopping = false;
+  private readonly budget: StoreBudget | null;
 
   constructor(
     private readonly config: GatewayConfig,
     private readonly log: Logger,
     private readonly metrics: GatewayMetrics | null,
-  ) {}
+  ) {
+    this.budget = config.storeBudget !== null ? new StoreBudget(config.data, config.storeBudget) : null;
+  }
 
   async start(): Promise<void> {
     const c = this.config;
@@ -118,6 +122,14 @@ export class Gateway implements SessionObserver {
   }
 
   // SessionObserver ------------------------------------------------------------------------------
+
+  storeGrows(vm: string, bytes: number): void {
+    if (!this.budget) return;
+    for (const evicted of this.budget.makeRoom(vm, bytes)) {
+      this.log.warn({ vm: evicted.vm, bytes: evicted.bytes, budget: this.budget.budgetBytes, for: vm }, 'retained snapshot evicted to stay within storeBudget');
+      this.metrics?.storeEvicted(evicted.vm);
+    }
+  }
 
   event(vm: string, direction: Direction, message: string, fields?: Record<string, unknown>): void {
     this.log.info({ vm, direction, ...fields }, message);

@@ -41,6 +41,13 @@ export class GatewayMetrics {
     registers: [this.registry],
   });
 
+  private readonly evictions = new Counter<'vm'>({
+    name: 'bfmig_store_evictions_total',
+    help: 'Retained VM snapshots removed to keep the store directory within storeBudget',
+    labelNames: ['vm'],
+    registers: [this.registry],
+  });
+
   private readonly pages = new Counter<VmLabels | 'kind'>({
     name: 'bfmig_pages_total',
     help: 'RAM pages by how they crossed the WAN: sent in full, reused from the far site, or zero',
@@ -81,6 +88,10 @@ export class GatewayMetrics {
 
   addWanBytes(vm: string, direction: Direction, n: number): void {
     this.wanBytes.inc({ vm, direction }, n);
+  }
+
+  storeEvicted(vm: string): void {
+    this.evictions.inc({ vm });
   }
 
   addPages(vm: string, direction: Direction, kind: PageKind, n: number): void {

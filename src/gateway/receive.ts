@@ -165,7 +165,7 @@ export class ReceiveSession {
           }
         },
         this.store,
-        undefined,
+        (layout) => this.options.observer.storeGrows(this.vm, layout.pageCount * layout.pageSize),
         (size) => this.outputs.take(size),
       );
       this.writeFrame(

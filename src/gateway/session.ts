@@ -24,6 +24,8 @@ export interface MigrationReport {
 
 /** What a migration session tells the gateway: log lines, live totals, the outcome. */
 export interface SessionObserver {
+  /** The VM's store is about to hold `bytes`: the gateway keeps the store directory within its budget. */
+  storeGrows(vm: string, bytes: number): void;
   event(vm: string, direction: Direction, message: string, fields?: Record<string, unknown>): void;
   /** Cumulative totals so far (about once a second and at the end). */
   progress(vm: string, direction: Direction, totals: { streamBytes: number; wanBytes: number; counts: TransferCounts }): void;
