@@ -8,6 +8,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { Capture } from '../src/capture';
+import { listSnapshots } from '../src/cli/snapshots';
 import { restoreSnapshot } from '../src/restore';
 import { loopbackSiteYaml } from '../src/demo/loopback-config';
 import { parseConfig } from '../src/gateway/config';
@@ -146,6 +147,7 @@ interface Site {
     const restorePort = await freePort();
     const restored = new QemuVm({ ...options, name: 'restored-at-b', incoming: `tcp:127.0.0.1:${restorePort}` });
     await restored.start();
+    expect(listSnapshots(path.join(tmp, 'site-b'))).toMatchObject([{ vm: 'vm1', snapshotId: fourth.snapshotId, restorable: true, machineType: 'pc-i440fx-7.2' }]);
     const result = await restoreSnapshot(path.join(tmp, 'site-b'), 'vm1', { host: '127.0.0.1', port: restorePort });
     expect(result.snapshotId).toBe(fourth.snapshotId);
     await restored.waitForStatus('running', 60_000);

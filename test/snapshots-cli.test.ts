@@ -29,7 +29,8 @@ describe('bfmig snapshots', () => {
   };
 
   test('list shows each VM with its snapshot and held pages', () => {
-    expect(listSnapshots(data)).toMatchObject([{ vm: 'vm1', snapshotId: 'snap-1', pages: 8, presentPages: 6 }]);
+    // Two pages are not held and no device state was kept: not restorable.
+    expect(listSnapshots(data)).toMatchObject([{ vm: 'vm1', snapshotId: 'snap-1', pages: 8, presentPages: 6, restorable: false, inUse: null }]);
     const { code, out } = run('list');
     expect(code).toBe(0);
     expect(out).toMatch(/vm1\s+snap-1\s+6\/8/);

@@ -13,6 +13,10 @@ export interface SnapshotSummary {
   updatedAt: string | null;
   /** "pid@host" of a process using the store now (a migration), else null. */
   inUse: string | null;
+  /** Whether `bfmig restore` can rebuild the VM: a claimed snapshot, every page held, its device state kept. */
+  restorable: boolean;
+  /** The machine type the snapshot came from, when its stream said. */
+  machineType: string | null;
 }
 
 function diskBytes(dir: string): number {
@@ -22,6 +26,16 @@ function diskBytes(dir: string): number {
     if (st.isFile()) total += st.blocks * 512;
   }
   return total;
+}
+
+function streamInfo(store: PageStore): { snapshotId?: string; machineType?: string | null } | null {
+  const blob = store.loadBlob('stream-info');
+  if (!blob) return null;
+  try {
+    return JSON.parse(blob.toString('utf8')) as { snapshotId?: string; machineType?: string | null };
+  } catch {
+    return null;
+  }
 }
 
 function readMeta(dir: string): { pageCount?: number; presentPages?: number; updatedAt?: string } | null {
@@ -47,20 +61,24 @@ export function listSnapshots(data: string): SnapshotSummary[] {
     if (holder) {
       // In use: report what its metadata says without opening it.
       const meta = readMeta(dir);
-      out.push({ vm, snapshotId: null, pages: meta?.pageCount ?? 0, presentPages: meta?.presentPages ?? 0, diskBytes: diskBytes(dir), updatedAt: meta?.updatedAt ?? null, inUse: `${holder.pid}@${holder.host}` });
+      out.push({ vm, snapshotId: null, pages: meta?.pageCount ?? 0, presentPages: meta?.presentPages ?? 0, diskBytes: diskBytes(dir), updatedAt: meta?.updatedAt ?? null, inUse: `${holder.pid}@${holder.host}`, restorable: false, machineType: null });
       continue;
     }
     const store = PageStore.open(data, vm);
     try {
       const meta = store.meta();
+      const info = streamInfo(store);
+      const snapshotId = store.snapshotId();
       out.push({
         vm,
-        snapshotId: store.snapshotId(),
+        snapshotId,
         pages: meta?.pageCount ?? 0,
         presentPages: meta?.presentPages ?? 0,
         diskBytes: diskBytes(dir),
         updatedAt: meta?.updatedAt ?? null,
         inUse: null,
+        restorable: snapshotId !== null && info?.snapshotId === snapshotId && meta !== null && meta.presentPages === meta.pageCount,
+        machineType: info?.snapshotId === snapshotId ? info?.machineType ?? null : null,
       });
     } finally {
       store.close();
@@ -79,10 +97,10 @@ export function runSnapshots(action: string | undefined, data: string, vm: strin
       } else if (list.length === 0) {
         write(`no retained VMs in ${data}\n`);
       } else {
-        write('vm'.padEnd(24) + 'snapshot'.padEnd(38) + 'pages held'.padStart(22) + 'on disk MiB'.padStart(13) + '  updated\n');
+        write('vm'.padEnd(24) + 'snapshot'.padEnd(38) + 'pages held'.padStart(22) + 'on disk MiB'.padStart(13) + '  restorable  updated\n');
         for (const s of list) {
           const held = `${s.presentPages}/${s.pages}`;
-          write(s.vm.padEnd(24) + (s.inUse ? `(in use by ${s.inUse})` : s.snapshotId ?? '(none claimed)').padEnd(38) + held.padStart(22) + (s.diskBytes / 2 ** 20).toFixed(1).padStart(13) + `  ${s.updatedAt ?? '-'}\n`);
+          write(s.vm.padEnd(24) + (s.inUse ? `(in use by ${s.inUse})` : s.snapshotId ?? '(none claimed)').padEnd(38) + held.padStart(22) + (s.diskBytes / 2 ** 20).toFixed(1).padStart(13) + `  ${(s.restorable ? `yes${s.machineType ? ` (${s.machineType})` : ''}` : 'no').padEnd(11)}${s.updatedAt ?? '-'}\n`);
         }
       }
       return 0;

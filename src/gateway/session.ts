@@ -65,7 +65,7 @@ export function errorMessage(err: unknown): string {
 /** What `bfmig restore` needs besides the pages, saved beside them before the store commits. */
 export function keepStreamParts(
   store: { saveBlob(name: string, data: Buffer): void },
-  parts: { result(): { head: Buffer; tail: Buffer; ramSectionId: number } | null },
+  parts: { result(): { head: Buffer; tail: Buffer; ramSectionId: number; machineType: string | null } | null },
   footers: boolean | null,
   snapshotId: string,
 ): void {
@@ -73,5 +73,5 @@ export function keepStreamParts(
   if (!r || footers === null) return;
   store.saveBlob('stream-head', r.head);
   store.saveBlob('stream-tail', r.tail);
-  store.saveBlob('stream-info', Buffer.from(JSON.stringify({ snapshotId, ramSectionId: r.ramSectionId, footers })));
+  store.saveBlob('stream-info', Buffer.from(JSON.stringify({ snapshotId, ramSectionId: r.ramSectionId, footers, machineType: r.machineType })));
 }

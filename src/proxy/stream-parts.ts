@@ -22,6 +22,8 @@ export class StreamParts {
   private ramEnded = false;
   private ramSectionId = -1;
   private overflow = false;
+  /** From the configuration section; QEMU 2.0-framed streams do not say. */
+  private machineType: string | null = null;
   private fedTo = 0;
 
   /** Bytes of the stream, in order, as they pass (views are fine: what is kept is copied). */
@@ -44,6 +46,7 @@ export class StreamParts {
 
   /** Records of the same stream, as the parser emits them (after the bytes they came in were fed). */
   record(record: StreamRecord): void {
+    if (record.kind === RecordKind.Configuration) this.machineType = record.machineType;
     if (record.kind !== RecordKind.SectionHeader) return;
     if (record.idstr === 'ram') {
       if (record.type === SectionType.Start) this.ramSectionId = record.sectionId;
@@ -70,8 +73,8 @@ export class StreamParts {
   }
 
   /** The head and tail, when the stream had both and they fit the limits. */
-  result(): { head: Buffer; tail: Buffer; ramSectionId: number } | null {
+  result(): { head: Buffer; tail: Buffer; ramSectionId: number; machineType: string | null } | null {
     if (this.headEnd < 0 || this.tailStart < 0 || this.overflow || this.headEnd > this.headBytes || this.ramSectionId < 0) return null;
-    return { head: Buffer.concat(this.head).subarray(0, this.headEnd), tail: Buffer.concat(this.tail), ramSectionId: this.ramSectionId };
+    return { head: Buffer.concat(this.head).subarray(0, this.headEnd), tail: Buffer.concat(this.tail), ramSectionId: this.ramSectionId, machineType: this.machineType };
   }
 }
