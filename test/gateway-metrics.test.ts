@@ -104,6 +104,7 @@ describe('GatewayMetrics over HTTP', () => {
       'bfmig_pages_total',
       'bfmig_qemu_stream_bytes_total',
       'bfmig_saving_ratio',
+      'bfmig_store_evictions_total',
       'bfmig_wan_bytes_total',
     ]);
     for (const name of ours) {
