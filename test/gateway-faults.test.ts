@@ -55,6 +55,10 @@ function destination(port: number): Promise<{ received: Promise<{ bytes: Buffer;
   });
 }
 
+function snapshotOf(site: Site): string | null {
+  return (JSON.parse(fs.readFileSync(path.join(site.data, 'vm1', 'meta.json'), 'utf8')) as { snapshotId: string | null }).snapshotId;
+}
+
 async function lastReport(gateway: Gateway, count: number): Promise<MigrationReport> {
   for (let i = 0; i < 200 && gateway.history.length < count; i++) await new Promise((r) => setTimeout(r, 10));
   return gateway.history[count - 1];
@@ -142,11 +146,16 @@ describe('gateway failures', () => {
     expect([metaOf(a), metaOf(b)]).toEqual(before);
 
     // Truncated input (no EOF) is bad input: that migration fails, the next one works.
+    const claimed = [snapshotOf(a), snapshotOf(b)];
+    expect(claimed[0]).not.toBeNull();
     const truncated = await destination(b.destPort);
     expect(await migrate(a.routePort, stream.subarray(0, stream.length - 100))).toBe('reset');
     // The destination never sees a stream that parses to the end (it is reset, or cut short).
     expect((await truncated.received).bytes.length).toBeLessThanOrEqual(stream.length - 100);
     expect((await lastReport(a.gateway, a.gateway.history.length)).error).toMatch(/TRUNCATED/);
+    // Both stores went back to the snapshot they held before the failed migration: still restorable.
+    for (let i = 0; i < 100 && snapshotOf(b) !== claimed[1]; i++) await new Promise((r) => setTimeout(r, 10));
+    expect([snapshotOf(a), snapshotOf(b)]).toEqual(claimed);
 
     const next = await destination(b.destPort);
     expect(await migrate(a.routePort, stream)).toBe('closed');

@@ -1,7 +1,7 @@
 import { connect, type Socket } from 'node:net';
 import { type Endpoint, parseEndpoint } from '../address';
 import { StreamDecoder } from '../proxy/decoder';
-import { PageStore, validateVmName } from '../store';
+import { PageStore, UndoableStore, validateVmName } from '../store';
 import {
   decodeAbort,
   decodeEnd,
@@ -38,6 +38,8 @@ export class ReceiveSession {
   private readonly frames: FrameParser;
   private dest: Socket | null = null;
   private store: PageStore | null = null;
+  /** The store as the codec writes it: a failed migration puts back the snapshot it started from. */
+  private retained: UndoableStore | null = null;
   private decoder: StreamDecoder | null = null;
   private holdsVm = false;
   private tableSent = false;
@@ -131,6 +133,7 @@ export class ReceiveSession {
     this.peer.setTimeout(0);
     this.event('migration offered', { peerSite: hello.site, target: hello.target });
     this.store = PageStore.open(this.options.storeRoot, this.vm);
+    this.retained = new UndoableStore(this.store);
     const meta = this.store.meta();
     const dest = connect({ ...target, noDelay: true });
     this.dest = dest;
@@ -164,7 +167,7 @@ export class ReceiveSession {
             setImmediate(() => this.resumeFrames());
           }
         },
-        this.store,
+        this.retained,
         (layout) => this.options.observer.storeGrows(this.vm, layout.pageCount * layout.pageSize),
         (size) => this.outputs.take(size),
       );
@@ -212,11 +215,12 @@ export class ReceiveSession {
       if (this.finished) return;
       try {
         // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
-        if (this.store && decoder.layout && !decoder.fallbackReason) {
+        if (this.store && this.retained && decoder.layout && !decoder.fallbackReason) {
           keepStreamParts(this.store, decoder.parts, decoder.footers, snapshotId);
-          this.store.commit(snapshotId);
+          this.retained.commit(snapshotId);
+        } else {
+          this.retained?.rollback();
         }
-        else this.store?.abort();
       } catch (err) {
         this.fail(`store commit: ${errorMessage(err)}`);
         return;
@@ -248,9 +252,9 @@ export class ReceiveSession {
     if (!this.peer.destroyed && this.peer.writable) this.peer.end(encodeJson(FrameType.Abort, { error: reason }));
     else this.peer.destroy();
     try {
-      this.store?.abort();
+      this.retained?.rollback();
     } catch (err) {
-      this.event('store abort failed', { error: errorMessage(err) });
+      this.event('store rollback failed', { error: errorMessage(err) });
     }
     this.finish('failed', reason, null);
   }

@@ -4,7 +4,7 @@ import { formatEndpoint } from '../address';
 import { DIGEST_BYTES } from '../digest';
 import { StreamEncoder } from '../proxy/encoder';
 import type { PageLayout } from '../proxy/retained';
-import { PageStore } from '../store';
+import { PageStore, UndoableStore } from '../store';
 import {
   decodeAbort,
   decodeDone,
@@ -40,6 +40,8 @@ export class SendSession {
   private readonly peer: Socket;
   private readonly frames: FrameParser;
   private store: PageStore | null = null;
+  /** The store as the codec writes it: a failed migration puts back the snapshot it started from. */
+  private retained: UndoableStore | null = null;
   private localSnapshot: string | null = null;
   private encoder: StreamEncoder | null = null;
   private offer: OfferMessage | null = null;
@@ -99,6 +101,7 @@ export class SendSession {
     this.peer.setTimeout(HANDSHAKE_TIMEOUT_MS);
     try {
       this.store = PageStore.open(this.options.storeRoot, this.vm);
+      this.retained = new UndoableStore(this.store);
       this.localSnapshot = this.store.snapshotId();
     } catch (err) {
       this.fail(`store: ${errorMessage(err)}`);
@@ -124,7 +127,7 @@ export class SendSession {
             },
             run: (run) => this.writeFrame(encodeFrame(FrameType.Run, run)),
           },
-          this.store,
+          this.retained,
           (layout) => this.chooseReference(layout),
         );
         this.resumeSource();
@@ -242,11 +245,12 @@ export class SendSession {
     this.finished = true;
     try {
       // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
-      if (this.store && this.snapshotId && this.encoder?.layout && !this.encoder.fallbackReason) {
+      if (this.store && this.retained && this.snapshotId && this.encoder?.layout && !this.encoder.fallbackReason) {
         keepStreamParts(this.store, this.encoder.parts, this.encoder.footers, this.snapshotId);
-        this.store.commit(this.snapshotId);
+        this.retained.commit(this.snapshotId);
+      } else {
+        this.retained?.rollback();
       }
-      else this.store?.abort();
     } catch (err) {
       this.event('store commit failed', { error: errorMessage(err) });
     }
@@ -267,9 +271,9 @@ export class SendSession {
     // Resetting the connection makes the source QEMU fail the migration; its VM keeps running.
     this.qemu.resetAndDestroy();
     try {
-      this.store?.abort();
+      this.retained?.rollback();
     } catch (err) {
-      this.event('store abort failed', { error: errorMessage(err) });
+      this.event('store rollback failed', { error: errorMessage(err) });
     }
     this.report('failed', reason);
   }

@@ -140,7 +140,10 @@ export class StreamDecoder {
     let h = 0;
     for (let k = 0; k < run.count; k++) {
       if (!isHeld(run.bitmap, k)) continue;
-      if (!sameDigest(this.digests, h * DIGEST_BYTES, store.digests, (first + k) * DIGEST_BYTES)) store.markAbsent(first + k);
+      if (!sameDigest(this.digests, h * DIGEST_BYTES, store.digests, (first + k) * DIGEST_BYTES)) {
+        if (store.dropCorrupt) store.dropCorrupt(first + k);
+        else store.markAbsent(first + k);
+      }
       h++;
     }
   }

@@ -9,6 +9,8 @@ export interface RetainedPages {
   readonly digests: Uint8Array;
   writePage(index: number, src: Uint8Array, srcStart: number, digest: Uint8Array, digestStart: number): void;
   markAbsent(index: number): void;
+  /** The page's content no longer matches its digest: it stops being held (default: markAbsent). */
+  dropCorrupt?(index: number): void;
   readPages(index: number, count: number, dest: Uint8Array, destStart: number): void;
 }
 

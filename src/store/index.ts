@@ -7,3 +7,4 @@ export { type StoreLayout, type StoreMeta, validateVmName, META_FORMAT, MAX_PAGE
 export { copyMode as storeCopyMode } from './copy';
 export { lockHolder, StoreBusyError } from './lock';
 export { StoreBudget, parseSize, type Eviction } from './budget';
+export { UndoableStore } from './undo';
