@@ -2,7 +2,7 @@ import { connect, type Socket } from 'node:net';
 import { type Endpoint, formatEndpoint } from './address';
 import { DIGEST_BYTES, digestOne } from './digest';
 import { RamFlag, SectionType } from './qemu';
-import { writeRamWord } from './qemu/encode';
+import { writeRamWord, writeShortString } from './qemu/encode';
 import { sameDigest } from './proxy/retained';
 import { PageStore } from './store';
 
@@ -78,8 +78,7 @@ export async function restoreSnapshot(data: string, vm: string, to: Endpoint): P
           const named = at === 0 && k === 0;
           p = writeRamWord(records, p, (at + k) * PAGE, (zero ? RamFlag.Zero : RamFlag.Page) | (named ? 0 : RamFlag.Continue));
           if (named) {
-            records[p] = block.name.length;
-            p += 1 + records.write(block.name, p + 1, 'latin1');
+            p = writeShortString(records, p, block.name);
           }
           if (zero) records[p++] = 0;
           else p += pages.copy(records, p, k * PAGE, (k + 1) * PAGE);

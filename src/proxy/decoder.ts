@@ -1,6 +1,6 @@
 import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { RamFlag, type RamBlock, RecordKind, StreamParser, type StreamRecord } from '../qemu';
-import { writeRamWord } from '../qemu/encode';
+import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
 import { StreamParts } from './stream-parts';
 import { newCounts, type TransferCounts } from './encoder';
@@ -158,8 +158,7 @@ export class StreamDecoder {
       const page = isHeld(run.bitmap, k);
       at = writeRamWord(out, at, run.firstOffset + k * PAGE_SIZE, k === 0 ? run.firstFlags : continuingFlags(page));
       if (k === 0 && named) {
-        out[at] = block.name.length;
-        at += 1 + out.write(block.name, at + 1, 'latin1');
+        at = writeShortString(out, at, block.name);
       }
       if (page) {
         at += this.pages.copy(out, at, held * PAGE_SIZE, (held + 1) * PAGE_SIZE);

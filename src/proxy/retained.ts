@@ -35,17 +35,12 @@ export function layoutOf(blocks: readonly RamBlock[]): PageLayout {
   };
 }
 
-const ZERO_DIGEST_BYTES = new Uint8Array(DIGEST_BYTES);
-
 /** Compares 16-byte digests in place, allocating nothing. */
 export function sameDigest(a: Uint8Array, aAt: number, b: Uint8Array, bAt: number): boolean {
   for (let i = 0; i < DIGEST_BYTES; i++) if (a[aAt + i] !== b[bAt + i]) return false;
   return true;
 }
 
-export function isAbsent(table: Uint8Array, at: number): boolean {
-  return sameDigest(table, at, ZERO_DIGEST_BYTES, 0);
-}
 
 /**
  * Keeps a store in step with the RAM records of a stream, the same way on both gateways: the last

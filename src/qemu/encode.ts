@@ -49,6 +49,12 @@ export function encodeShortString(text: string): Buffer {
   return out;
 }
 
+/** Writes u8 length + bytes (a block name, an idstr) at out[at]; returns the next position. */
+export function writeShortString(out: Buffer, at: number, text: string): number {
+  out[at] = text.length;
+  return at + 1 + out.write(text, at + 1, 'latin1');
+}
+
 /** Writes a RAM header word (page offset | flags) at out[at]; returns the next position. */
 export function writeRamWord(out: Buffer, at: number, offset: number, flags: number): number {
   const high = Math.floor(offset / 0x1_0000_0000);

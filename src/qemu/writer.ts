@@ -1,5 +1,5 @@
 import { SectionType } from './constants';
-import { encodeConfiguration, writeRamWord } from './encode';
+import { encodeConfiguration, writeRamWord, writeShortString } from './encode';
 import { type RamBlock, RecordKind, type StreamRecord } from './records';
 
 /**
@@ -140,9 +140,7 @@ export class StreamWriter {
   }
 
   private shortString(text: string): void {
-    this.out[this.used] = text.length;
-    this.out.write(text, this.used + 1, 'latin1');
-    this.used += 1 + text.length;
+    this.used = writeShortString(this.out, this.used, text);
   }
 
   private bytes(bytes: Buffer): void {
