@@ -113,7 +113,7 @@ export function freePort(): Promise<number> {
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 let kvmUsable: boolean | null = null;
-/** /dev/kvm exists and we may open it read-write (QEMU still falls back to TCG if it fails). */
+/** /dev/kvm exists and we may open it read-write (it may still not boot a guest: see kvmBootsGuest). */
 export function kvmAvailable(): boolean {
   if (kvmUsable === null) {
     try {
@@ -124,6 +124,97 @@ export function kvmAvailable(): boolean {
     }
   }
   return kvmUsable;
+}
+
+/** How long a KVM guest may take to reach its init before KVM is judged unusable here. */
+const KVM_PROBE_TIMEOUT_MS = 15_000;
+const KVM_PROBE_MARKER = 'GUEST INIT';
+
+interface KvmProbeRecord {
+  bootId: string;
+  qemu: string;
+  kernelVersion: string;
+  boots: boolean;
+}
+
+let kvmProbe: Promise<boolean> | null = null;
+
+function hostBootId(): string {
+  try {
+    return fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {
+    return 'unknown';
+  }
+}
+
+/**
+ * Whether a guest actually boots under KVM. QEMU's own `-accel kvm -accel tcg` fallback only covers
+ * KVM failing to open; on some nested hosts /dev/kvm opens but the guest hangs before its kernel
+ * prints anything, so this boots the test guest once and waits for its init. The verdict is cached
+ * per host boot (in the guest directory), so a test run pays for the probe once.
+ */
+export function kvmBootsGuest(qemu: string, img: GuestImage, guestDir: string): Promise<boolean> {
+  if (!kvmAvailable()) return Promise.resolve(false);
+  if (kvmProbe) return kvmProbe;
+  const cacheFile = path.join(guestDir, 'kvm-probe.json');
+  const key = { bootId: hostBootId(), qemu, kernelVersion: img.kernelVersion };
+  try {
+    const cached = JSON.parse(fs.readFileSync(cacheFile, 'utf8')) as Partial<KvmProbeRecord>;
+    if (cached.bootId === key.bootId && cached.qemu === key.qemu && cached.kernelVersion === key.kernelVersion) {
+      kvmProbe = Promise.resolve(cached.boots === true);
+      return kvmProbe;
+    }
+  } catch {
+    // no verdict yet
+  }
+  kvmProbe = new Promise<boolean>((resolve) => {
+    const args = [
+      ...deathSignalPrefix(),
+      qemu,
+      '-nodefaults',
+      '-no-user-config',
+      '-accel',
+      'kvm',
+      '-m',
+      '128',
+      '-display',
+      'none',
+      '-no-reboot',
+      '-serial',
+      'stdio',
+      '-kernel',
+      img.kernel,
+      '-initrd',
+      img.initrd,
+      '-append',
+      `${img.baseCmdline} workload.mib=1`,
+    ];
+    const child = spawn(args[0], args.slice(1), { stdio: ['ignore', 'pipe', 'ignore'] });
+    let seen = '';
+    let settled = false;
+    const finish = (boots: boolean): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      child.kill('SIGKILL');
+      const record: KvmProbeRecord = { ...key, boots };
+      try {
+        fs.writeFileSync(cacheFile, JSON.stringify(record, null, 2) + '\n');
+      } catch {
+        // a read-only guest dir only costs a probe per process
+      }
+      resolve(boots);
+    };
+    const timer = setTimeout(() => finish(false), KVM_PROBE_TIMEOUT_MS);
+    child.stdout?.setEncoding('latin1');
+    child.stdout?.on('data', (chunk: string) => {
+      seen = (seen + chunk).slice(-4096);
+      if (seen.includes(KVM_PROBE_MARKER)) finish(true);
+    });
+    child.once('error', () => finish(false));
+    child.once('exit', () => finish(false));
+  });
+  return kvmProbe;
 }
 
 let pdeathsigPrefix: string[] | null = null;
@@ -401,17 +492,17 @@ export class QemuVm {
     return words.join(' ');
   }
 
-  private accelArgs(): string[] {
+  private async accelArgs(qemu: string, img: GuestImage, guestDir: string): Promise<string[]> {
     const env = process.env.BFMIG_QEMU_ACCEL;
     const fromEnv: Accel | undefined = env === 'kvm' || env === 'tcg' || env === 'auto' ? env : undefined;
     const want = this.options.accel ?? fromEnv ?? 'auto';
     if (want === 'tcg') return ['-accel', 'tcg'];
     if (want === 'kvm') return ['-accel', 'kvm'];
-    // QEMU tries -accel options in order: KVM when /dev/kvm is there, TCG when it fails.
-    return kvmAvailable() ? ['-accel', 'kvm', '-accel', 'tcg'] : ['-accel', 'tcg'];
+    // QEMU tries -accel options in order: KVM when it opens, TCG when it does not.
+    return (await kvmBootsGuest(qemu, img, guestDir)) ? ['-accel', 'kvm', '-accel', 'tcg'] : ['-accel', 'tcg'];
   }
 
-  private buildArgs(img: GuestImage): string[] {
+  private buildArgs(img: GuestImage, accel: string[]): string[] {
     const o = this.options;
     const args = [
       '-name',
@@ -420,7 +511,7 @@ export class QemuVm {
       ...(o.nodefaults === false ? [] : ['-nodefaults']),
       '-machine',
       o.machine ?? 'pc-i440fx-7.2',
-      ...this.accelArgs(),
+      ...accel,
       ...(o.cpu ? ['-cpu', o.cpu] : []),
       '-m',
       String(o.memMiB ?? 256),
@@ -458,7 +549,7 @@ export class QemuVm {
     if (!img) throw new Error(`${this.name}: no guest image in ${dir} (run scripts/build-guest.sh)`);
 
     const qemu = this.options.qemuBinary ?? process.env.BFMIG_QEMU ?? 'qemu-system-x86_64';
-    this.args = [qemu, ...this.buildArgs(img)];
+    this.args = [qemu, ...this.buildArgs(img, await this.accelArgs(qemu, img, dir))];
     const argv = [...deathSignalPrefix(), ...this.args];
     this.serialLog = fs.createWriteStream(this.serialLogPath);
     const stderrLog = fs.createWriteStream(this.stderrLogPath);
