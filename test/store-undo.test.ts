@@ -1,7 +1,9 @@
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { digestOne } from '../src/digest';
+import { PACKAGE_ROOT } from '../src/paths';
 import { PageStore, UndoableStore } from '../src/store';
 
 const layout = { pageSize: 4096, pageCount: 16, layoutId: 'l1', layout: {} };
@@ -71,6 +73,128 @@ describe('a failed migration keeps the last complete snapshot', () => {
     expect(store.snapshotId()).toBeNull();
     expect(store.isPresent(5)).toBe(false);
     expect(store.verify()).toEqual([]);
+    store.close();
+  });
+});
+
+describe('a gateway killed mid-migration', () => {
+  const pageCount = 600;
+  const big = { pageSize: 4096, pageCount, layoutId: 'l2', layout: {} };
+  const oldPage = (i: number): Buffer => Buffer.alloc(4096, (i % 250) + 1);
+  let data = '';
+  beforeEach(() => {
+    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-crash-'));
+  });
+  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
+
+  const commitOld = (snapshot: string | null): void => {
+    const store = PageStore.open(data, 'vm1');
+    store.begin(big);
+    for (let i = 0; i < pageCount; i++) store.writePage(i, oldPage(i), 0, digestOf(oldPage(i)), 0);
+    if (snapshot === null) store.abort();
+    else store.commit(snapshot);
+    store.close();
+  };
+
+  /** Another process rewrites every page (and drops some) through an UndoableStore, then is killed with SIGKILL. */
+  const crashMidMigration = async (): Promise<void> => {
+    const store = JSON.stringify(path.join(PACKAGE_ROOT, 'dist', 'src', 'store', 'index.js'));
+    const digest = JSON.stringify(path.join(PACKAGE_ROOT, 'dist', 'src', 'digest', 'index.js'));
+    const script = `const { PageStore, UndoableStore } = require(${store}); const { digestOne } = require(${digest});
+      const s = new UndoableStore(PageStore.open(${JSON.stringify(data)}, 'vm1'));
+      s.begin(${JSON.stringify(big)});
+      const d = Buffer.alloc(16);
+      for (let i = 0; i < ${pageCount}; i++) {
+        if (i % 7 === 0) { s.markAbsent(i); continue; }
+        const p = Buffer.alloc(4096, 0xf0 ^ (i & 0xff)); digestOne(p, 0, 4096, d, 0); s.writePage(i, p, 0, d, 0);
+      }
+      s.readPages(${pageCount - 1}, 1, Buffer.alloc(4096), 0); // flushes the last buffered run to the pages file
+      console.log('written'); setInterval(() => {}, 1000);`;
+    const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const said = await new Promise<string>((resolve) => {
+      let out = '';
+      child.stdout.on('data', (c: Buffer) => (out += c.toString()).includes('written') && resolve(out));
+      child.on('exit', () => resolve(out));
+    });
+    child.kill('SIGKILL');
+    await new Promise((resolve) => child.on('exit', resolve));
+    expect(said).toContain('written');
+  };
+
+  const pagesFileHoldsNew = (): boolean => {
+    const pages = fs.readFileSync(path.join(data, 'vm1', 'pages'));
+    return pages[1 * 4096] === (0xf0 ^ 1);
+  };
+
+  test('the restarted store puts the old snapshot back from the undo journal and claims it again', async () => {
+    commitOld('snap-old');
+    await crashMidMigration();
+    expect(pagesFileHoldsNew()).toBe(true); // the dead migration did overwrite the snapshot on disk
+    const store = PageStore.open(data, 'vm1');
+    try {
+      expect(store.warnings.join('\n')).toMatch(/put back \d+ pages from the undo journal.*snapshot snap-old is claimed again/);
+      expect(store.snapshotId()).toBe('snap-old');
+      expect(store.meta()?.presentPages).toBe(pageCount);
+      const b = Buffer.alloc(4096);
+      for (let i = 0; i < pageCount; i++) {
+        store.readPages(i, 1, b, 0);
+        expect(b.equals(oldPage(i))).toBe(true);
+      }
+      expect(store.verify()).toEqual([]);
+      expect(fs.existsSync(path.join(data, 'vm1', 'undo'))).toBe(false);
+    } finally {
+      store.close();
+    }
+  });
+
+  test('a journal missing its last entry (as after a power loss) leaves a consistent store that claims nothing', async () => {
+    commitOld('snap-old');
+    await crashMidMigration();
+    const journal = path.join(data, 'vm1', 'undo');
+    const entry = 8 + 16 + 4096;
+    fs.truncateSync(journal, fs.statSync(journal).size - entry);
+    const store = PageStore.open(data, 'vm1');
+    try {
+      expect(store.snapshotId()).toBeNull();
+      expect(store.warnings.join('\n')).toMatch(/corrected 1 digests; no snapshot claimed/);
+      expect(store.verify()).toEqual([]);
+    } finally {
+      store.close();
+    }
+  });
+
+  test('without a snapshot to protect there is no journal, and recovery claims nothing', async () => {
+    commitOld(null);
+    await crashMidMigration();
+    expect(fs.existsSync(path.join(data, 'vm1', 'undo'))).toBe(false);
+    const store = PageStore.open(data, 'vm1');
+    try {
+      expect(store.snapshotId()).toBeNull();
+      expect(store.warnings.join('\n')).toMatch(/no undo journal/);
+      expect(store.verify()).toEqual([]);
+    } finally {
+      store.close();
+    }
+  });
+
+  test('a journal left by an earlier migration is never replayed into a later one', () => {
+    commitOld('snap-old');
+    const store = PageStore.open(data, 'vm1');
+    const undo = new UndoableStore(store);
+    undo.begin(big);
+    undo.writePage(5, Buffer.alloc(4096, 0xee), 0, digestOf(Buffer.alloc(4096, 0xee)), 0);
+    undo.commit('snap-new');
+    // As if the process died right after committing, before removing the journal: a stale one.
+    fs.writeFileSync(path.join(data, 'vm1', 'undo'), 'bfmig-undo/1\n{"snapshotId":"snap-old"}');
+    undo.begin(big);
+    undo.writePage(6, Buffer.alloc(4096, 0xdd), 0, digestOf(Buffer.alloc(4096, 0xdd)), 0);
+    undo.rollback();
+    expect(store.snapshotId()).toBe('snap-new');
+    const b = Buffer.alloc(4096);
+    store.readPages(5, 1, b, 0);
+    expect(b[0]).toBe(0xee);
+    store.readPages(6, 1, b, 0);
+    expect(b.equals(oldPage(6))).toBe(true);
     store.close();
   });
 });

@@ -642,7 +642,7 @@ describe('crash recovery', () => {
     fs.closeSync(fd);
 
     const r = open();
-    expect(r.warnings.join('\n')).toMatch(/recovered from an interrupted migration: re-hashed 100 present pages, corrected 49 digests/);
+    expect(r.warnings.join('\n')).toMatch(/recovered from an interrupted migration: no undo journal, re-hashed 100 present pages, corrected 49 digests/);
     expect(r.meta()).toMatchObject({ state: 'clean', snapshotId: null, presentPages: 100 });
     expect(r.snapshotId()).toBeNull();
     expect(readMetaJson()).toMatchObject({ state: 'clean', snapshotId: null, presentPages: 100 });

@@ -13,7 +13,8 @@
  * that dies mid-migration leaves "dirty" behind; the next open() re-hashes
  * every present page and so restores the invariant (pages written by the dead
  * migration that were absent before it stay absent: their digests never
- * reached the disk). The digest table goes to disk only at commit()/abort()
+ * reached the disk), and claims the last snapshot again when the dead
+ * migration's undo journal (see undo.ts) puts every page of it back. The digest table goes to disk only at commit()/abort()
  * (and verify()/recovery), never during a migration.
  *
  * Data path: writePage() copies into one preallocated coalescing buffer and
@@ -29,6 +30,7 @@ import { copyBytes } from './copy';
 import { fsyncDir, openRW, preadFully, pwriteFully, writeFileAtomic } from './fsio';
 import { acquireLock, releaseLock, StoreBusyError } from './lock';
 import { type StoreLayout, type StoreMeta, parseMeta, serializeMeta, validateLayout, validateVmName } from './meta';
+import { UndoJournal } from './undo';
 
 export const PAGES_FILE = 'pages';
 export const DIGESTS_FILE = 'digests';
@@ -464,23 +466,56 @@ export class PageStore {
     if (m.state === 'dirty') this.recover();
   }
 
-  /** Crash recovery: make every present page's digest match the pages file, claim nothing. */
+  /**
+   * Crash recovery. The digests file still holds the last committed table (it is only rewritten at the
+   * end of a migration); the pages file holds whatever the dead migration wrote. First the undo journal,
+   * if the dead migration kept one, puts back the pages and digests of the snapshot it protected; then
+   * every present page is re-hashed and any digest that disagrees with its page is corrected. The
+   * protected snapshot is claimed again only if the journal replayed whole and no digest needed
+   * correcting; otherwise the store is consistent and claims nothing.
+   */
   private recover(): void {
-    fs.fsyncSync(this.pagesFd); // hash what is durable, not just what is in the page cache
+    const m = this.m as StoreMeta;
     const t = this.ensureTable();
+    const journal = UndoJournal.open(this.dir, m);
+    let restored = 0;
+    let replayed = false;
+    if (journal !== null) {
+      try {
+        replayed = journal.replay((index, digest, page, pageStart) => {
+          if (digest.every((b) => b === 0)) {
+            this.clearDigest(index);
+          } else {
+            pwriteFully(this.pagesFd, page, pageStart, this.ps, index * this.ps);
+            this.setDigest(index, digest, 0);
+          }
+          restored++;
+        });
+      } finally {
+        journal.close();
+      }
+    }
+    fs.fsyncSync(this.pagesFd); // hash what is durable, not just what is in the page cache
     let corrected = 0;
     const hashed = this.rehash((i, out, outOff) => {
       copyBytes(out, outOff, t, i * DIGEST_BYTES, DIGEST_BYTES);
       corrected++;
     });
+    const claim = journal !== null && replayed && corrected === 0 ? journal.header.snapshotId : null;
     this.present = this.countPresent();
     (this.dirty as Uint8Array).fill(1);
     this.writeDirtyDigests();
     fs.fsyncSync(this.digestsFd);
-    this.persistMeta({ ...(this.m as StoreMeta), state: 'clean', snapshotId: null, presentPages: this.present });
+    this.persistMeta({ ...m, state: 'clean', snapshotId: claim, presentPages: this.present });
+    UndoJournal.remove(this.dir);
+    const undo =
+      journal === null
+        ? 'no undo journal'
+        : `put back ${restored} pages from the undo journal${replayed ? '' : ' (journal cut short)'}`;
     this.warnings.push(
-      `${this.dir}: recovered from an interrupted migration: re-hashed ${hashed} present pages, ` +
-        `corrected ${corrected} digests; no snapshot claimed`,
+      `${this.dir}: recovered from an interrupted migration: ${undo}, re-hashed ${hashed} present pages, ` +
+        `corrected ${corrected} digests; ` +
+        (claim !== null ? `snapshot ${claim} is claimed again` : 'no snapshot claimed'),
     );
   }
 

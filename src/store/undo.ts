@@ -1,32 +1,160 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { preadFully, pwriteFully } from './fsio';
 import type { PageStore, StoreLayout } from './index';
 
 const DIGEST_BYTES = 16;
-const UNDO_FILE = 'undo';
+export const UNDO_FILE = 'undo';
+const UNDO_MAGIC = 'bfmig-undo/1\n';
+/** The header (magic + JSON, zero-padded) occupies this much; entries follow it. */
+const UNDO_HEADER_BYTES = 512;
+const INDEX_BYTES = 8;
+
+/** Which snapshot an undo journal protects, and the page geometry its entries use. */
+export interface UndoHeader {
+  snapshotId: string;
+  layoutId: string;
+  pageSize: number;
+  pageCount: number;
+}
+
+/**
+ * The undo journal of one migration: a header naming the snapshot it protects, then one entry per
+ * page the migration changed, holding that page's index, digest (all zero = absent) and content as the
+ * snapshot had them. An entry is appended before the page it saves can reach the pages file (pages
+ * are buffered by the store), so after a process crash every changed page has its entry; after a
+ * power loss a page may lack its entry, which recovery then finds by re-hashing.
+ */
+export class UndoJournal {
+  private entries = 0;
+  private readonly entry: Buffer;
+
+  private constructor(
+    private readonly fd: number,
+    readonly header: UndoHeader,
+  ) {
+    this.entry = Buffer.alloc(INDEX_BYTES + DIGEST_BYTES + header.pageSize);
+  }
+
+  /** Starts a journal (replacing any earlier one); the header is durable before this returns. */
+  static create(dir: string, header: UndoHeader): UndoJournal {
+    const fd = fs.openSync(path.join(dir, UNDO_FILE), 'w+', 0o600);
+    try {
+      const head = Buffer.alloc(UNDO_HEADER_BYTES);
+      const text = UNDO_MAGIC + JSON.stringify(header);
+      if (Buffer.byteLength(text) > UNDO_HEADER_BYTES) throw new Error('undo journal header too long (snapshot id?)');
+      head.write(text);
+      pwriteFully(fd, head, 0, head.length, 0);
+      fs.fsyncSync(fd);
+      return new UndoJournal(fd, header);
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
+  }
+
+  /**
+   * Opens the journal left in dir, or null when there is none or it does not belong to a store of this
+   * geometry (a journal that cannot be trusted protects nothing).
+   */
+  static open(dir: string, expect: { layoutId: string; pageSize: number; pageCount: number }): UndoJournal | null {
+    let fd: number;
+    try {
+      fd = fs.openSync(path.join(dir, UNDO_FILE), 'r');
+    } catch {
+      return null;
+    }
+    const head = Buffer.alloc(UNDO_HEADER_BYTES);
+    const got = fs.readSync(fd, head, 0, head.length, 0);
+    const text = head.subarray(0, got).toString('latin1');
+    const end = text.indexOf('\0');
+    let header: unknown = null;
+    if (got === UNDO_HEADER_BYTES && text.startsWith(UNDO_MAGIC)) {
+      try {
+        header = JSON.parse(text.slice(UNDO_MAGIC.length, end < 0 ? undefined : end));
+      } catch {
+        header = null;
+      }
+    }
+    const h = header as Partial<UndoHeader> | null;
+    if (
+      h === null ||
+      typeof h.snapshotId !== 'string' ||
+      h.snapshotId.length === 0 ||
+      h.layoutId !== expect.layoutId ||
+      h.pageSize !== expect.pageSize ||
+      h.pageCount !== expect.pageCount
+    ) {
+      fs.closeSync(fd);
+      return null;
+    }
+    const journal = new UndoJournal(fd, h as UndoHeader);
+    // A torn last entry (the crash hit its write) is ignored: its page never reached the pages file.
+    journal.entries = Math.floor((fs.fstatSync(fd).size - UNDO_HEADER_BYTES) / journal.entry.length);
+    return journal;
+  }
+
+  /** Appends page index's old digest and content (content only when the digest says it is held). */
+  append(index: number, digests: Uint8Array, readPage: (dest: Buffer, at: number) => void): void {
+    const entry = this.entry;
+    entry.writeUInt32BE(Math.floor(index / 0x1_0000_0000), 0);
+    entry.writeUInt32BE(index % 0x1_0000_0000, 4);
+    const at = index * DIGEST_BYTES;
+    entry.set(digests.subarray(at, at + DIGEST_BYTES), INDEX_BYTES);
+    if (isZero(entry, INDEX_BYTES, DIGEST_BYTES)) entry.fill(0, INDEX_BYTES + DIGEST_BYTES);
+    else readPage(entry, INDEX_BYTES + DIGEST_BYTES);
+    pwriteFully(this.fd, entry, 0, entry.length, UNDO_HEADER_BYTES + this.entries * entry.length);
+    this.entries++;
+  }
+
+  /**
+   * Calls restore(index, digest, page, pageStart) for every entry, oldest first; digest is all zero when
+   * the page was absent. Returns false, having stopped, at an entry whose index is out of range.
+   */
+  replay(restore: (index: number, digest: Uint8Array, page: Buffer, pageStart: number) => void): boolean {
+    const entry = this.entry;
+    for (let e = 0; e < this.entries; e++) {
+      preadFully(this.fd, entry, 0, entry.length, UNDO_HEADER_BYTES + e * entry.length);
+      const index = entry.readUInt32BE(0) * 0x1_0000_0000 + entry.readUInt32BE(4);
+      if (index >= this.header.pageCount) return false;
+      restore(index, entry.subarray(INDEX_BYTES, INDEX_BYTES + DIGEST_BYTES), entry, INDEX_BYTES + DIGEST_BYTES);
+    }
+    return true;
+  }
+
+  /** Makes every appended entry durable (before the snapshot's pages may be replaced for good). */
+  sync(): void {
+    fs.fsyncSync(this.fd);
+  }
+
+  close(): void {
+    fs.closeSync(this.fd);
+  }
+
+  static remove(dir: string): void {
+    fs.rmSync(path.join(dir, UNDO_FILE), { force: true });
+  }
+}
+
+function isZero(b: Uint8Array, start: number, length: number): boolean {
+  for (let i = start; i < start + length; i++) if (b[i] !== 0) return false;
+  return true;
+}
 
 /**
  * A store whose committed snapshot survives a failed migration: before a migration first overwrites
- * (or drops) a page of that snapshot, the old page and digest are appended to an undo file; rollback()
- * puts them back and the store claims the old snapshot again — unless a page was found corrupted, in
- * which case the store stays consistent but claims nothing. Data-path calls pass straight through
- * for pages already saved or not part of the snapshot. (After a crash the store still recovers to a
- * consistent state, but without its snapshot claim: the undo file is only used by rollback().)
+ * (or drops) a page of that snapshot, the old page and digest go to an undo journal; rollback() puts
+ * them back and the store claims the old snapshot again — unless a page was found corrupted, in which
+ * case the store stays consistent but claims nothing. After a crash, PageStore.open() replays the same
+ * journal. Data-path calls pass straight through for pages already saved or not part of the snapshot.
  */
 export class UndoableStore {
   private snapshot: string | null = null;
   private saved: Uint8Array | null = null;
-  private fd = -1;
-  private entries = 0;
+  private journal: UndoJournal | null = null;
   private corrupted = false;
-  private readonly entry: Buffer;
 
-  constructor(
-    readonly store: PageStore,
-    pageSize = 4096,
-  ) {
-    this.entry = Buffer.alloc(8 + DIGEST_BYTES + pageSize);
-  }
+  constructor(readonly store: PageStore) {}
 
   get digests(): Uint8Array {
     return this.store.digests;
@@ -35,12 +163,24 @@ export class UndoableStore {
   begin(layout: StoreLayout): void {
     const before = this.store.meta();
     const snapshot = this.store.snapshotId();
-    this.store.begin(layout);
+    // A journal left by an earlier migration must never be taken for this one's.
+    UndoJournal.remove(this.store.dir);
     // Pages of another layout are discarded by begin(): nothing left to protect.
     this.snapshot = snapshot !== null && before?.layoutId === layout.layoutId ? snapshot : null;
     if (this.snapshot !== null) {
+      this.journal = UndoJournal.create(this.store.dir, {
+        snapshotId: this.snapshot,
+        layoutId: layout.layoutId,
+        pageSize: layout.pageSize,
+        pageCount: layout.pageCount,
+      });
       this.saved = new Uint8Array(Math.ceil(layout.pageCount / 8));
-      this.fd = fs.openSync(path.join(this.store.dir, UNDO_FILE), 'w+', 0o600);
+    }
+    try {
+      this.store.begin(layout);
+    } catch (err) {
+      this.discard();
+      throw err;
     }
   }
 
@@ -66,6 +206,9 @@ export class UndoableStore {
 
   /** The migration completed: the new snapshot replaces the old one. */
   commit(snapshotId: string): void {
+    // The digest table on disk is the old snapshot's until commit rewrites it; a crash part-way through
+    // that must still find every changed page's entry, after a power loss too.
+    this.journal?.sync();
     this.store.commit(snapshotId);
     this.discard();
   }
@@ -75,19 +218,18 @@ export class UndoableStore {
    * an old snapshot, leaves a consistent store that claims none.
    */
   rollback(): void {
-    if (this.snapshot === null || this.fd < 0 || this.corrupted) {
+    const journal = this.journal;
+    if (this.snapshot === null || journal === null || this.corrupted) {
       this.store.abort();
       this.discard();
       return;
     }
-    for (let e = 0; e < this.entries; e++) {
-      fs.readSync(this.fd, this.entry, 0, this.entry.length, e * this.entry.length);
-      const index = this.entry.readUInt32BE(0) * 0x1_0000_0000 + this.entry.readUInt32BE(4);
-      const digest = this.entry.subarray(8, 8 + DIGEST_BYTES);
-      if (digest.every((b) => b === 0)) this.store.markAbsent(index);
-      else this.store.writePage(index, this.entry, 8 + DIGEST_BYTES, digest, 0);
-    }
-    this.store.commit(this.snapshot);
+    const complete = journal.replay((index, digest, page, pageStart) => {
+      if (isZero(digest, 0, DIGEST_BYTES)) this.store.markAbsent(index);
+      else this.store.writePage(index, page, pageStart, digest, 0);
+    });
+    if (complete) this.store.commit(this.snapshot);
+    else this.store.abort();
     this.discard();
   }
 
@@ -95,29 +237,17 @@ export class UndoableStore {
     const saved = this.saved;
     if (saved === null || (saved[index >>> 3] & (1 << (index & 7))) !== 0) return;
     saved[index >>> 3] |= 1 << (index & 7);
-    const table = this.store.digests;
-    const at = index * DIGEST_BYTES;
-    const entry = this.entry;
-    entry.writeUInt32BE(Math.floor(index / 0x1_0000_0000), 0);
-    entry.writeUInt32BE(index % 0x1_0000_0000, 4);
-    entry.set(table.subarray(at, at + DIGEST_BYTES), 8);
-    let held = false;
-    for (let i = 0; i < DIGEST_BYTES; i++) held ||= table[at + i] !== 0;
-    if (held) this.store.readPages(index, 1, entry, 8 + DIGEST_BYTES);
-    else entry.fill(0, 8 + DIGEST_BYTES);
-    fs.writeSync(this.fd, entry, 0, entry.length, this.entries * entry.length);
-    this.entries++;
+    (this.journal as UndoJournal).append(index, this.store.digests, (dest, at) => this.store.readPages(index, 1, dest, at));
   }
 
   private discard(): void {
-    if (this.fd >= 0) {
-      fs.closeSync(this.fd);
-      fs.rmSync(path.join(this.store.dir, UNDO_FILE), { force: true });
+    if (this.journal !== null) {
+      this.journal.close();
+      UndoJournal.remove(this.store.dir);
     }
-    this.fd = -1;
+    this.journal = null;
     this.saved = null;
     this.snapshot = null;
-    this.entries = 0;
     this.corrupted = false;
   }
 }
