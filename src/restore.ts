@@ -1,7 +1,7 @@
 import { connect, type Socket } from 'node:net';
 import { type Endpoint, formatEndpoint } from './address';
 import { DIGEST_BYTES, digestOne } from './digest';
-import { RamFlag, SectionType } from './qemu';
+import { describeOrigin, RamFlag, SectionType, streamOrigin, type StreamOrigin } from './qemu';
 import { writeRamWord, writeShortString } from './qemu/encode';
 import { sameDigest } from './proxy/retained';
 import { PageStore } from './store';
@@ -13,7 +13,7 @@ export class RestoreError extends Error {
   override readonly name = 'RestoreError';
 }
 
-interface StreamInfo {
+interface StreamInfo extends Partial<StreamOrigin> {
   snapshotId: string;
   ramSectionId: number;
   footers: boolean;
@@ -25,7 +25,7 @@ interface StreamInfo {
  * started with `-incoming` and the same machine shape. The VM resumes as it was at the end of that
  * migration.
  */
-export async function restoreSnapshot(data: string, vm: string, to: Endpoint): Promise<{ bytes: number; pages: number; snapshotId: string }> {
+export async function restoreSnapshot(data: string, vm: string, to: Endpoint): Promise<{ bytes: number; pages: number; snapshotId: string; origin: string }> {
   const store = PageStore.open(data, vm);
   let socket: Socket | null = null;
   try {
@@ -100,7 +100,8 @@ export async function restoreSnapshot(data: string, vm: string, to: Endpoint): P
       out.once('error', reject);
       out.end(() => resolve());
     });
-    return { bytes, pages: sent, snapshotId };
+    const origin = describeOrigin(streamOrigin(info.machineType ?? null, info.footers));
+    return { bytes, pages: sent, snapshotId, origin };
   } finally {
     socket?.destroy();
     store.close();

@@ -147,7 +147,7 @@ interface Site {
     const restorePort = await freePort();
     const restored = new QemuVm({ ...options, name: 'restored-at-b', incoming: `tcp:127.0.0.1:${restorePort}` });
     await restored.start();
-    expect(listSnapshots(path.join(tmp, 'site-b'))).toMatchObject([{ vm: 'vm1', snapshotId: fourth.snapshotId, restorable: true, machineType: 'pc-i440fx-7.2' }]);
+    expect(listSnapshots(path.join(tmp, 'site-b'))).toMatchObject([{ vm: 'vm1', snapshotId: fourth.snapshotId, restorable: true, machineType: 'pc-i440fx-7.2', minQemuRelease: '7.2' }]);
     const result = await restoreSnapshot(path.join(tmp, 'site-b'), 'vm1', { host: '127.0.0.1', port: restorePort });
     expect(result.snapshotId).toBe(fourth.snapshotId);
     await restored.waitForStatus('running', 60_000);

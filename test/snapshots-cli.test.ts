@@ -3,6 +3,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { listSnapshots, runSnapshots } from '../src/cli/snapshots';
 import { digestOne } from '../src/digest';
+import { keepStreamParts } from '../src/gateway/session';
+import { describeOrigin, streamOrigin } from '../src/qemu';
 import { PageStore } from '../src/store';
 
 describe('bfmig snapshots', () => {
@@ -46,6 +48,26 @@ describe('bfmig snapshots', () => {
     expect(JSON.parse(bad.out)).toMatchObject({ vm: 'vm1', corrupted: [2] });
     expect(listSnapshots(data)[0]).toMatchObject({ presentPages: 5, snapshotId: null });
     expect(run('verify', 'vm1').code).toBe(0);
+  });
+
+  test('a complete snapshot with its device state is restorable and says which QEMU it came from', () => {
+    const store = PageStore.open(data, 'vm1');
+    store.begin({ pageSize: 4096, pageCount: 8, layoutId: 'l1', layout: {} });
+    const digest = Buffer.alloc(16);
+    for (let i = 6; i < 8; i++) {
+      digestOne(page(i + 1), 0, 4096, digest, 0);
+      store.writePage(i, page(i + 1), 0, digest, 0);
+    }
+    const parts = { result: () => ({ head: Buffer.from('head'), tail: Buffer.from('tail'), ramSectionId: 2, machineType: 'pc-q35-7.2' }) };
+    keepStreamParts(store, parts, true, 'snap-2');
+    store.commit('snap-2');
+    store.close();
+    expect(listSnapshots(data)).toMatchObject([{ vm: 'vm1', snapshotId: 'snap-2', restorable: true, machineType: 'pc-q35-7.2', minQemuRelease: '7.2' }]);
+    expect(run('list').out).toMatch(/yes \(pc-q35-7\.2, QEMU ≥ 7\.2\)/);
+    expect(JSON.parse(run('show', 'vm1').out)).toMatchObject({ stream: { machineType: 'pc-q35-7.2', minQemuRelease: '7.2', framing: 'current' } });
+    // The legacy framing names no machine type, so no version can be told.
+    expect(streamOrigin(null, false)).toEqual({ machineType: null, minQemuRelease: null, framing: 'legacy' });
+    expect(describeOrigin(streamOrigin('pc-i440fx-2.0', true))).toBe('pc-i440fx-2.0, QEMU ≥ 2.0');
   });
 
   test('show prints the metadata; rm removes the VM; unknown and unsafe names are refused', () => {

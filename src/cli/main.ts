@@ -44,7 +44,7 @@ async function run(argv: readonly string[]): Promise<number> {
       const to = requireOption(args, 'to');
       if (!to.startsWith('tcp:')) throw new UsageError('--to takes tcp:HOST:PORT');
       const result = await restoreSnapshot(requireOption(args, 'data'), requireOption(args, 'vm'), parseEndpoint(to.slice(4)));
-      process.stdout.write(`restored snapshot ${result.snapshotId}: ${result.pages} pages, ${result.bytes} bytes sent\n`);
+      process.stdout.write(`restored snapshot ${result.snapshotId} (${result.origin}): ${result.pages} pages, ${result.bytes} bytes sent\n`);
       return 0;
     }
     case 'snapshots': {

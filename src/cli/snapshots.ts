@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { type StreamOrigin } from '../qemu';
 import { lockHolder, PageStore, StoreBusyError, validateVmName } from '../store';
 import { UsageError } from './args';
 
@@ -17,6 +18,8 @@ export interface SnapshotSummary {
   restorable: boolean;
   /** The machine type the snapshot came from, when its stream said. */
   machineType: string | null;
+  /** The QEMU release that introduced that machine type: the sender ran it or later (the stream carries no version). */
+  minQemuRelease: string | null;
 }
 
 function diskBytes(dir: string): number {
@@ -28,11 +31,13 @@ function diskBytes(dir: string): number {
   return total;
 }
 
-function streamInfo(store: PageStore): { snapshotId?: string; machineType?: string | null } | null {
+type StreamInfo = Partial<StreamOrigin> & { snapshotId?: string };
+
+function streamInfo(store: PageStore): StreamInfo | null {
   const blob = store.loadBlob('stream-info');
   if (!blob) return null;
   try {
-    return JSON.parse(blob.toString('utf8')) as { snapshotId?: string; machineType?: string | null };
+    return JSON.parse(blob.toString('utf8')) as StreamInfo;
   } catch {
     return null;
   }
@@ -61,7 +66,7 @@ export function listSnapshots(data: string): SnapshotSummary[] {
     if (holder) {
       // In use: report what its metadata says without opening it.
       const meta = readMeta(dir);
-      out.push({ vm, snapshotId: null, pages: meta?.pageCount ?? 0, presentPages: meta?.presentPages ?? 0, diskBytes: diskBytes(dir), updatedAt: meta?.updatedAt ?? null, inUse: `${holder.pid}@${holder.host}`, restorable: false, machineType: null });
+      out.push({ vm, snapshotId: null, pages: meta?.pageCount ?? 0, presentPages: meta?.presentPages ?? 0, diskBytes: diskBytes(dir), updatedAt: meta?.updatedAt ?? null, inUse: `${holder.pid}@${holder.host}`, restorable: false, machineType: null, minQemuRelease: null });
       continue;
     }
     const store = PageStore.open(data, vm);
@@ -79,6 +84,7 @@ export function listSnapshots(data: string): SnapshotSummary[] {
         inUse: null,
         restorable: snapshotId !== null && info?.snapshotId === snapshotId && meta !== null && meta.presentPages === meta.pageCount,
         machineType: info?.snapshotId === snapshotId ? info?.machineType ?? null : null,
+        minQemuRelease: info?.snapshotId === snapshotId ? info?.minQemuRelease ?? null : null,
       });
     } finally {
       store.close();
@@ -100,7 +106,7 @@ export function runSnapshots(action: string | undefined, data: string, vm: strin
         write('vm'.padEnd(24) + 'snapshot'.padEnd(38) + 'pages held'.padStart(22) + 'on disk MiB'.padStart(13) + '  restorable  updated\n');
         for (const s of list) {
           const held = `${s.presentPages}/${s.pages}`;
-          write(s.vm.padEnd(24) + (s.inUse ? `(in use by ${s.inUse})` : s.snapshotId ?? '(none claimed)').padEnd(38) + held.padStart(22) + (s.diskBytes / 2 ** 20).toFixed(1).padStart(13) + `  ${(s.restorable ? `yes${s.machineType ? ` (${s.machineType})` : ''}` : 'no').padEnd(11)}${s.updatedAt ?? '-'}\n`);
+          write(s.vm.padEnd(24) + (s.inUse ? `(in use by ${s.inUse})` : s.snapshotId ?? '(none claimed)').padEnd(38) + held.padStart(22) + (s.diskBytes / 2 ** 20).toFixed(1).padStart(13) + `  ${(s.restorable ? `yes${s.machineType ? ` (${s.machineType}${s.minQemuRelease ? `, QEMU ≥ ${s.minQemuRelease}` : ''})` : ''}` : 'no').padEnd(11)}${s.updatedAt ?? '-'}\n`);
         }
       }
       return 0;
@@ -125,7 +131,10 @@ export function runSnapshots(action: string | undefined, data: string, vm: strin
       const store = PageStore.open(data, name);
       try {
         if (action === 'show') {
-          write(JSON.stringify({ ...store.meta(), diskBytes: diskBytes(dir), warnings: store.warnings }, null, 2) + '\n');
+          const info = streamInfo(store);
+          const origin = info !== null && info.snapshotId === store.snapshotId() ? info : null;
+          const stream = origin && { machineType: origin.machineType ?? null, minQemuRelease: origin.minQemuRelease ?? null, framing: origin.framing ?? null };
+          write(JSON.stringify({ ...store.meta(), stream, diskBytes: diskBytes(dir), warnings: store.warnings }, null, 2) + '\n');
           return 0;
         }
         const corrupted = store.verify();

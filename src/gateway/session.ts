@@ -1,3 +1,4 @@
+import { streamOrigin } from '../qemu';
 import { newCounts, type TransferCounts } from '../proxy/encoder';
 
 export type Direction = 'send' | 'receive';
@@ -73,5 +74,6 @@ export function keepStreamParts(
   if (!r || footers === null) return;
   store.saveBlob('stream-head', r.head);
   store.saveBlob('stream-tail', r.tail);
-  store.saveBlob('stream-info', Buffer.from(JSON.stringify({ snapshotId, ramSectionId: r.ramSectionId, footers, machineType: r.machineType })));
+  const origin = streamOrigin(r.machineType, footers);
+  store.saveBlob('stream-info', Buffer.from(JSON.stringify({ snapshotId, ramSectionId: r.ramSectionId, footers, ...origin })));
 }
