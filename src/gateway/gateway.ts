@@ -96,7 +96,7 @@ export class Gateway implements SessionObserver {
     }
     this.busy.add(vm);
     const session = new SendSession(socket, { site: this.config.name, route, storeRoot: this.config.data, observer: this });
-    this.track(session.done, socket, () => this.busy.delete(vm));
+    this.track(session.done, session.qemu, () => this.busy.delete(vm));
   }
 
   private acceptPeer(socket: Socket): void {

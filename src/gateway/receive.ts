@@ -185,7 +185,17 @@ export class ReceiveSession {
 
   private resumeFrames(): void {
     if (this.finished) return;
-    this.frames.resume();
+    // Frames held back while paused are delivered now, outside the 'data' handler: a bad one must
+    // fail this migration here too, never escape as an uncaught exception.
+    this.dest?.cork();
+    try {
+      this.frames.resume();
+    } catch (err) {
+      this.fail(errorMessage(err));
+      return;
+    } finally {
+      this.dest?.uncork();
+    }
     if (!this.frames.isPaused) this.peer.resume();
   }
 

@@ -18,6 +18,7 @@ import {
   PROTOCOL_VERSION,
 } from '../wire/frames';
 import type { RouteConfig } from './config';
+import { PooledReads } from './pooled-reads';
 import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
 
 export interface SendOptions {
@@ -55,18 +56,29 @@ export class SendSession {
   private wanIn = 0;
   private finished = false;
   private readonly timer: NodeJS.Timeout;
+  private readonly transientReads: boolean;
+
+  /** The source QEMU's connection. */
+  readonly qemu: Socket;
 
   constructor(
-    private readonly qemu: Socket,
+    accepted: Socket,
     private readonly options: SendOptions,
   ) {
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
     this.vm = options.route.vm;
+    accepted.pause();
+    this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
+    this.event('migration accepted', { source: `${accepted.remoteAddress}:${accepted.remotePort}`, peer: formatEndpoint(options.route.peer) });
+    this.peer = connect({ ...options.route.peer, noDelay: true });
+    // Source bytes reach the WAN socket as views of the read buffers: PooledReads reuses a buffer only
+    // once the WAN socket's queue has emptied, and the encoder copies what it keeps across reads.
+    const reads = new PooledReads(accepted, this.peer, (chunk) => this.onSourceData(chunk));
+    this.transientReads = reads.pooled;
+    const qemu = reads.socket;
+    this.qemu = qemu;
     qemu.pause();
     qemu.setNoDelay(true);
-    this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
-    this.event('migration accepted', { source: `${qemu.remoteAddress}:${qemu.remotePort}`, peer: formatEndpoint(options.route.peer) });
-    this.peer = connect({ ...options.route.peer, noDelay: true });
     this.peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail('the peer gateway did not answer in time'));
     this.peer.on('connect', () => this.onPeerConnect());
     this.peer.on('data', (chunk: Buffer) => {
@@ -80,7 +92,6 @@ export class SendSession {
     this.peer.on('drain', () => this.resumeSource());
     this.peer.on('error', (err) => this.fail(`peer ${formatEndpoint(options.route.peer)}: ${err.message}`));
     this.peer.on('close', () => this.fail('the peer gateway closed the connection'));
-    qemu.on('data', (chunk: Buffer) => this.onSourceData(chunk));
     qemu.on('end', () => this.onSourceEnd());
     qemu.on('error', (err) => {
       // After the source's stream ended, only the return path can fail: the migration goes on.
@@ -129,6 +140,7 @@ export class SendSession {
           },
           this.retained,
           (layout) => this.chooseReference(layout),
+          this.transientReads,
         );
         this.resumeSource();
         return;

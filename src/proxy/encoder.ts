@@ -44,7 +44,7 @@ export class StreamEncoder {
   private readonly parser: StreamParser;
   private readonly retainer: PageRetainer;
   /** The stream's head and device-state tail, kept for rebuilding a whole stream from the store. */
-  readonly parts = new StreamParts();
+  readonly parts: StreamParts;
   /** Input not yet sent: views of the pushed chunks, from stream offset `literalFrom` on. */
   private held: Buffer[] = [];
   private heldFrom = 0;
@@ -69,7 +69,14 @@ export class StreamEncoder {
     store: RetainedPages | null,
     /** Called once the RAM block list is known, after the store has begun; may set `reference`. */
     private readonly onLayout: (layout: PageLayout) => void = () => undefined,
+    /**
+     * Pushed chunks are reused by the caller once push() returns (pooled socket reads): what the
+     * encoder keeps of them past the call, it copies. Literal bytes handed to the sink are views
+     * still; the sink must have sent or copied them before the caller reuses the chunk.
+     */
+    private readonly transientInput = false,
   ) {
+    this.parts = new StreamParts();
     this.retainer = new PageRetainer(store);
     this.parser = new StreamParser((record) => this.onRecord(record));
   }
@@ -93,6 +100,26 @@ export class StreamEncoder {
     this.parser.push(chunk);
     // Bytes of records the parser has finished can go; a record still being read may yet join a run.
     this.sendLiteral(Math.max(this.literalFrom, this.parser.recordsEnd));
+    if (this.transientInput) {
+      this.ownHeld();
+      this.parts.release();
+    }
+  }
+
+  /** Replaces the views still held (the record being read, at most a page or so) by one copy. */
+  private ownHeld(): void {
+    if (this.held.length === 0) return;
+    const from = this.literalFrom;
+    const copy = Buffer.allocUnsafe(this.pushedEnd - from);
+    let at = 0;
+    let chunkStart = this.heldFrom;
+    for (const chunk of this.held) {
+      const start = Math.max(0, from - chunkStart);
+      at += chunk.copy(copy, at, start);
+      chunkStart += chunk.length;
+    }
+    this.held = [copy];
+    this.heldFrom = from;
   }
 
   end(): void {

@@ -4,6 +4,8 @@ import { RecordKind, type StreamRecord } from '../qemu/records';
 /** Limits on what is kept: the head is a few hundred bytes, the device state rarely above a megabyte. */
 const MAX_HEAD = 64 * 1024;
 const MAX_TAIL = 16 * 1024 * 1024;
+/** Bytes kept of a released chunk: far more than a section header and the parser's footer lookahead. */
+const RECENT_KEEP = 4096;
 
 /**
  * Keeps the parts of a migration stream that are not RAM pages, so that the store can later rebuild a
@@ -15,7 +17,7 @@ export class StreamParts {
   private headBytes = 0;
   private headEnd = -1;
   /** Recent input, kept until the tail's start is known. */
-  private recent: { bytes: Buffer; at: number }[] = [];
+  private recent: { bytes: Buffer; at: number; spare: Buffer | null }[] = [];
   private tailStart = -1;
   private tail: Buffer[] = [];
   private tailBytes = 0;
@@ -25,6 +27,8 @@ export class StreamParts {
   /** From the configuration section; QEMU 2.0-framed streams do not say. */
   private machineType: string | null = null;
   private fedTo = 0;
+  /** Copies of the ends of earlier chunks, for callers whose chunks do not outlive their turn. */
+  private readonly spares: Buffer[] = [];
 
   /** Bytes of the stream, in order, as they pass (views are fine: what is kept is copied). */
   feed(bytes: Buffer): void {
@@ -38,10 +42,26 @@ export class StreamParts {
     if (this.tailStart >= 0) {
       this.keepTail(bytes);
     } else {
-      this.recent.push({ bytes, at });
+      this.recent.push({ bytes, at, spare: null });
       // Two chunks cover any section header split across them.
-      if (this.recent.length > 3) this.recent.shift();
+      if (this.recent.length > 3) {
+        const dropped = this.recent.shift();
+        if (dropped?.spare) this.spares.push(dropped.spare);
+      }
     }
+  }
+
+  /**
+   * The last chunk fed is about to be reused by its owner: keep a copy of its last RECENT_KEEP bytes
+   * instead of the view. Call after the records of that chunk have been passed to record().
+   */
+  release(): void {
+    const newest = this.recent[this.recent.length - 1];
+    if (!newest || newest.spare) return;
+    const keep = Math.min(RECENT_KEEP, newest.bytes.length);
+    const spare = this.spares.pop() ?? Buffer.allocUnsafe(RECENT_KEEP);
+    newest.bytes.copy(spare, 0, newest.bytes.length - keep);
+    this.recent[this.recent.length - 1] = { bytes: spare.subarray(0, keep), at: newest.at + newest.bytes.length - keep, spare };
   }
 
   /** Records of the same stream, as the parser emits them (after the bytes they came in were fed). */
@@ -56,6 +76,15 @@ export class StreamParts {
     }
     if (record.type === SectionType.Full && this.ramEnded && this.tailStart < 0) {
       this.tailStart = record.streamOffset;
+      // The kept input must cover the tail's start without a gap (released chunks keep only their
+      // ends); otherwise no tail, so no restore, rather than a wrong one.
+      let covered = this.tailStart;
+      for (const { bytes, at } of this.recent) {
+        if (at + bytes.length <= this.tailStart) continue;
+        if (at > covered) this.overflow = true;
+        covered = at + bytes.length;
+      }
+      if (covered !== this.fedTo) this.overflow = true;
       for (const { bytes, at } of this.recent) {
         if (at + bytes.length > this.tailStart) this.keepTail(bytes.subarray(Math.max(0, this.tailStart - at)));
       }
