@@ -518,12 +518,12 @@ function encodeToFrames(stream: Buffer, cuts: readonly number[], ctx: ProxyConte
   } catch (err) {
     return { wire: Buffer.concat(frames), error: err, fallback: encoder.fallbackReason !== null };
   }
-  frames.push(encodeJson(FrameType.End, { streamBytes: encoder.counts.streamBytes, snapshotId: 'fuzz' }));
+  frames.push(encodeJson(FrameType.End, { streamBytes: encoder.counts.streamBytes, streamCrc32: encoder.streamCrc32, snapshotId: 'fuzz' }));
   return { wire: Buffer.concat(frames), error: null, fallback: encoder.fallbackReason !== null };
 }
 
 /** The receiving side: frames in, rebuilt stream out. Returns the output and the typed error, if any. */
-function decodeFrames(wire: Buffer, cuts: readonly number[], ctx: ProxyContext | null): { output: Buffer; error: unknown; ended: boolean } {
+export function decodeFrames(wire: Buffer, cuts: readonly number[], ctx: ProxyContext | null): { output: Buffer; error: unknown; ended: boolean } {
   const out: Buffer[] = [];
   const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), ctx ? ctx.receiver.clone() : null);
   let ended = false;
@@ -533,7 +533,8 @@ function decodeFrames(wire: Buffer, cuts: readonly number[], ctx: ProxyContext |
       if (type === FrameType.Literal) decoder.literal(payload);
       else if (type === FrameType.Run) decoder.run(payload);
       else if (type === FrameType.End) {
-        decoder.end(decodeEnd(payload).streamBytes);
+        const end = decodeEnd(payload);
+        decoder.end(end.streamBytes, end.streamCrc32);
         ended = true;
       } else throw new ProtocolError(`unexpected frame type ${type}`);
     },
@@ -624,7 +625,7 @@ export function buildCorpus(extra: { name: string; bytes: Buffer }[] = []): Corp
   const enc = new StreamEncoder({ literal: (b) => leg1.literal(Buffer.from(b)), run: (p) => leg1.run(p) }, sender);
   enc.push(first);
   enc.end();
-  leg1.end(first.length);
+  leg1.end(first.length, enc.streamCrc32);
   const ctx: ProxyContext = { sender, receiver };
   dirty(memory, 0.1, 5);
   const second = migrationStream(memory, [[7, 8, 41]]);

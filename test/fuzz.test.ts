@@ -5,10 +5,14 @@
  * FUZZ_SEED=N picks another seed.
  */
 import fc from 'fast-check';
+import { RebuildError } from '../src/proxy/decoder';
+import { decodeRun, isHeld } from '../src/proxy/run';
 import { StreamInspector } from '../src/qemu/inspect';
+import { FRAME_HEADER_BYTES, FrameType } from '../src/wire/frames';
 import {
   applyMutations,
   buildCorpus,
+  decodeFrames,
   fuzzCodec,
   fuzzFrames,
   fuzzProxyStream,
@@ -121,5 +125,49 @@ describe('regressions found by fuzzing', () => {
     const report = inspector.end();
     expect(report.error?.code).toBe('TRUNCATED');
     expect(report.bytesByKind).toEqual({ rejected: 5 });
+  });
+
+  /** The frames of the second-leg seed's wire bytes: [type, payload start, payload length]. */
+  function framesOf(wire: Buffer): [FrameType, number, number][] {
+    const out: [FrameType, number, number][] = [];
+    for (let at = 0; at < wire.length; at += FRAME_HEADER_BYTES + wire.readUInt32BE(at + 1)) {
+      out.push([wire[at] as FrameType, at + FRAME_HEADER_BYTES, wire.readUInt32BE(at + 1)]);
+    }
+    return out;
+  }
+  const leg = corpus.proxy.find((p) => p.seed.name === 'synthetic-second-leg');
+  if (!leg) throw new Error('no second-leg seed');
+
+  test('proxy: a damaged byte of a page inside a Literal frame fails the migration (it used to reach the destination unnoticed)', () => {
+    const wire = Buffer.from(leg.wire.bytes);
+    // The largest Literal frame carries whole changed pages; damage a byte deep inside it.
+    const [, start, length] = framesOf(wire)
+      .filter(([type]) => type === FrameType.Literal)
+      .sort((a, b) => b[2] - a[2])[0];
+    expect(length).toBeGreaterThan(4096);
+    wire[start + length - 100] ^= 0x10;
+    const decoded = decodeFrames(wire, [wire.length], leg.ctx);
+    expect(decoded.error).toBeInstanceOf(RebuildError);
+    expect(String(decoded.error)).toMatch(/CRC-32/);
+  });
+
+  test("proxy: a changed fill byte of a Run fails the migration (Runs' fill pages carry no digest)", () => {
+    const wire = Buffer.from(leg.wire.bytes);
+    const run = framesOf(wire).find(([type, start, length]) => {
+      if (type !== FrameType.Run) return false;
+      const r = decodeRun(wire.subarray(start, start + length));
+      return Array.from({ length: r.count }, (_, k) => isHeld(r.bitmap, k)).includes(false);
+    });
+    if (!run) throw new Error('no Run with fill pages in the seed');
+    wire[run[1]] = 0x5a; // the fill byte
+    const decoded = decodeFrames(wire, [wire.length], leg.ctx);
+    expect(decoded.error).toBeInstanceOf(RebuildError);
+    expect(String(decoded.error)).toMatch(/CRC-32/);
+  });
+
+  test('proxy: the undamaged wire bytes rebuild the stream exactly', () => {
+    const decoded = decodeFrames(leg.wire.bytes, [leg.wire.bytes.length], leg.ctx);
+    expect(decoded.error).toBeNull();
+    expect(decoded.output.equals(leg.seed.bytes)).toBe(true);
   });
 });
