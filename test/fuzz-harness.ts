@@ -607,7 +607,13 @@ export interface Corpus {
   /** Frame streams: encodings of the streams, and control messages. */
   frames: Seed[];
   /** Streams for the proxy, with the stores of the migration before (null: no store). */
-  proxy: { seed: Seed; ctx: ProxyContext | null; wire: Seed }[];
+  proxy: { seed: Seed; ctx: ProxyContext | null; wire: Seed; donor: Seed }[];
+  /**
+   * The proxy seeds' frames without their End frame, to splice into other wire inputs. A whole
+   * migration spliced in with its own End is a valid migration of another stream, which no check on
+   * one migration's bytes can tell apart (that is the job of the peer's authentication, not of the
+   * codec); any part of one without its End must be caught.
+   */
 }
 
 const seedOf = (name: string, bytes: Buffer): Seed => ({ name, bytes, boundaries: recordBoundaries(bytes) });
@@ -641,7 +647,14 @@ export function buildCorpus(extra: { name: string; bytes: Buffer }[] = []): Corp
     } catch {
       continue; // an error fixture: fine for the stream target, no valid encoding for the wire target
     }
-    proxy.push({ seed: s, ctx: withStore, wire: { name: `${s.name}.frames`, bytes: wire, boundaries: frameBoundaries(wire) } });
+    const boundaries = frameBoundaries(wire);
+    const withoutEnd = wire.subarray(0, boundaries[boundaries.length - 2]);
+    proxy.push({
+      seed: s,
+      ctx: withStore,
+      wire: { name: `${s.name}.frames`, bytes: wire, boundaries },
+      donor: { name: `${s.name}.frames-without-end`, bytes: withoutEnd, boundaries: boundaries.slice(0, -1) },
+    });
   }
   const control = Buffer.concat([
     encodeJson(FrameType.Hello, { protocol: 1, site: 'site-a', vm: 'vm1', target: '127.0.0.1:4444' }),
@@ -683,7 +696,8 @@ export function makeInput(target: TargetName, corpus: Corpus, seed: number): { i
   const from = pool[k];
   // A few inputs go through unmutated: the seeds themselves must pass every property.
   const mutations = rng.below(50) === 0 ? [] : randomMutations(rng, from, pool.length);
-  return { input: applyMutations(from, mutations, pool), from: `${from.name}#${k}`, mutations, rng };
+  const donors = target === 'proxy-wire' ? corpus.proxy.map((p) => p.donor) : pool;
+  return { input: applyMutations(from, mutations, donors), from: `${from.name}#${k}`, mutations, rng };
 }
 
 /** Runs input `seed` against `target`; throws FuzzFailure when a property breaks. */

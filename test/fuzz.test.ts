@@ -83,9 +83,10 @@ describe('fast-check properties (shrinking mutations)', () => {
   test('proxy: mutated wire bytes never complete a migration with a stream that differs from the source', () => {
     const pool = corpus.proxy;
     const wires = pool.map((p) => p.wire);
+    const donors = pool.map((p) => p.donor);
     fc.assert(
       fc.property(fc.nat(pool.length - 1), mutations, fc.nat(), (k, ms, split) => {
-        fuzzProxyWire(pool[k].seed.bytes, applyMutations(wires[k], ms, wires), new Rng(split), pool[k].ctx);
+        fuzzProxyWire(pool[k].seed.bytes, applyMutations(wires[k], ms, donors), new Rng(split), pool[k].ctx);
       }),
       { seed: SEED, numRuns: 600 },
     );
@@ -169,5 +170,22 @@ describe('regressions found by fuzzing', () => {
     const decoded = decodeFrames(leg.wire.bytes, [leg.wire.bytes.length], leg.ctx);
     expect(decoded.error).toBeNull();
     expect(decoded.output.equals(leg.seed.bytes)).toBe(true);
+  });
+
+  test('proxy: the destination gets the last byte of a complete stream only once End has checked it', () => {
+    const wire = leg.wire.bytes;
+    const frames = framesOf(wire);
+    const [endType, endStart] = frames[frames.length - 1];
+    expect(endType).toBe(FrameType.End);
+    const withoutEnd = decodeFrames(wire.subarray(0, endStart - FRAME_HEADER_BYTES), [wire.length], leg.ctx);
+    expect(String(withoutEnd.error)).toMatch(/before End/);
+    expect(withoutEnd.output.equals(leg.seed.bytes.subarray(0, leg.seed.bytes.length - 1))).toBe(true);
+    // A damaged page: the migration fails and the destination never holds a complete stream.
+    const damaged = Buffer.from(wire);
+    const [, start, length] = frames.filter(([type]) => type === FrameType.Literal).sort((a, b) => b[2] - a[2])[0];
+    damaged[start + length - 100] ^= 0x01;
+    const decoded = decodeFrames(damaged, [damaged.length], leg.ctx);
+    expect(decoded.error).toBeInstanceOf(RebuildError);
+    expect(decoded.output.length).toBe(leg.seed.bytes.length - 1);
   });
 });

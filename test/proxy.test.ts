@@ -195,6 +195,7 @@ describe('encoder → decoder on every hand-built fixture, split at every offset
       encoder.push(f.bytes.subarray(0, cut));
       encoder.push(f.bytes.subarray(cut));
       encoder.end();
+      decoder.end(f.bytes.length, encoder.streamCrc32);
       expect(Buffer.concat(out).equals(f.bytes)).toBe(true);
     }
   });
