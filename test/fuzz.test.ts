@@ -188,4 +188,15 @@ describe('regressions found by fuzzing', () => {
     expect(decoded.error).toBeInstanceOf(RebuildError);
     expect(decoded.output.length).toBe(leg.seed.bytes.length - 1);
   });
+
+  test('proxy: in the QEMU 2.0 framing too (no end marker before the last byte), the last byte waits for End', () => {
+    const legacy = corpus.proxy.find((p) => p.seed.name === 'legacy-basic');
+    if (!legacy) throw new Error('no legacy seed');
+    const frames = framesOf(legacy.wire.bytes);
+    const withoutEnd = decodeFrames(legacy.wire.bytes.subarray(0, frames[frames.length - 1][1] - FRAME_HEADER_BYTES), [legacy.wire.bytes.length], null);
+    expect(withoutEnd.output.equals(legacy.seed.bytes.subarray(0, legacy.seed.bytes.length - 1))).toBe(true);
+    const whole = decodeFrames(legacy.wire.bytes, [7, 19, 300], null);
+    expect(whole.error).toBeNull();
+    expect(whole.output.equals(legacy.seed.bytes)).toBe(true);
+  });
 });

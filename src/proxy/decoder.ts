@@ -62,8 +62,8 @@ export class StreamDecoder {
   }
 
   /**
-   * The rebuilt stream has reached its end marker: the destination has all it will read but, in the
-   * current framing, the last byte, which end() passes on once the stream checks out.
+   * The rebuilt stream has reached its end marker: the destination has all it will read but the last
+   * byte, which end() passes on once the stream checks out.
    */
   get complete(): boolean {
     return this.parser.complete;
@@ -74,12 +74,13 @@ export class StreamDecoder {
     this.streamCrc32 = crc32(bytes, this.streamCrc32);
     this.parts.feed(bytes);
     this.parser.push(bytes);
-    if (!this.parser.complete && this.lastByte === null) {
+    // From the end marker on, the stream's last byte waits for end(): the destination cannot finish
+    // loading a stream whose length and CRC-32 have not been checked. Without footers (QEMU 2.0
+    // framing) nothing marks the end before the stream's last byte, so every last byte waits.
+    if (!this.parser.complete && this.parser.framing.footers !== false && this.lastByte === null) {
       this.out(bytes);
       return;
     }
-    // From the end marker on, the stream's last byte waits for end(): the destination cannot finish
-    // loading a stream whose length and CRC-32 have not been checked.
     if (this.lastByte) this.out(this.lastByte);
     if (bytes.length > 1) this.out(bytes.subarray(0, bytes.length - 1));
     this.lastByte = Buffer.from(bytes.subarray(bytes.length - 1));
