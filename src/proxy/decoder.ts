@@ -36,8 +36,6 @@ export class StreamDecoder {
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
   /** CRC-32 of the stream rebuilt so far. */
   private streamCrc32 = 0;
-  /** The last byte of a complete stream, held back until end() has checked it. */
-  private lastByte: Buffer | null = null;
 
   constructor(
     /** Receives the rebuilt stream; it owns each buffer. */
@@ -61,29 +59,17 @@ export class StreamDecoder {
     return this.parser.fallbackReason;
   }
 
-  /**
-   * The rebuilt stream has reached its end marker: the destination has all it will read but the last
-   * byte, which end() passes on once the stream checks out.
-   */
+  /** The rebuilt stream has reached its end marker: the destination has all it will read. */
   get complete(): boolean {
     return this.parser.complete;
   }
 
   literal(bytes: Buffer): void {
+    this.out(bytes);
     this.counts.streamBytes += bytes.length;
     this.streamCrc32 = crc32(bytes, this.streamCrc32);
     this.parts.feed(bytes);
     this.parser.push(bytes);
-    // From the end marker on, the stream's last byte waits for end(): the destination cannot finish
-    // loading a stream whose length and CRC-32 have not been checked. Without footers (QEMU 2.0
-    // framing) nothing marks the end before the stream's last byte, so every last byte waits.
-    if (!this.parser.complete && this.parser.framing.footers !== false && this.lastByte === null) {
-      this.out(bytes);
-      return;
-    }
-    if (this.lastByte) this.out(this.lastByte);
-    if (bytes.length > 1) this.out(bytes.subarray(0, bytes.length - 1));
-    this.lastByte = Buffer.from(bytes.subarray(bytes.length - 1));
   }
 
   run(payload: Buffer): void {
@@ -100,7 +86,6 @@ export class StreamDecoder {
     const first = block.firstPage + run.firstOffset / PAGE_SIZE;
     if (run.held > 0) this.readHeld(run, first);
     const bytes = this.records(run, block);
-    this.releaseLastByte();
     this.out(bytes);
     this.counts.streamBytes += bytes.length;
     this.streamCrc32 = crc32(bytes, this.streamCrc32);
@@ -129,13 +114,6 @@ export class StreamDecoder {
     if (streamCrc32 !== this.streamCrc32) {
       throw new RebuildError(`the rebuilt stream's CRC-32 is ${this.streamCrc32}, the source's ${streamCrc32}: bytes were damaged between the gateways`);
     }
-    this.releaseLastByte();
-  }
-
-  private releaseLastByte(): void {
-    if (this.lastByte === null) return;
-    this.out(this.lastByte);
-    this.lastByte = null;
   }
 
   /** Reads the run's held pages into `pages`, in order, and checks them against the sender's digest. */
