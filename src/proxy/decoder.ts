@@ -1,3 +1,4 @@
+import { crc32 } from 'node:zlib';
 import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { RamFlag, type RamBlock, RecordKind, StreamParser, type StreamRecord } from '../qemu';
 import { writeRamWord, writeShortString } from '../qemu/encode';
@@ -33,6 +34,8 @@ export class StreamDecoder {
   private readonly pages = Buffer.allocUnsafe(MAX_RUN_HELD * PAGE_SIZE);
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
+  /** CRC-32 of the stream rebuilt so far. */
+  private streamCrc32 = 0;
 
   constructor(
     /** Receives the rebuilt stream; it owns each buffer. */
@@ -64,6 +67,7 @@ export class StreamDecoder {
   literal(bytes: Buffer): void {
     this.out(bytes);
     this.counts.streamBytes += bytes.length;
+    this.streamCrc32 = crc32(bytes, this.streamCrc32);
     this.parts.feed(bytes);
     this.parser.push(bytes);
   }
@@ -84,6 +88,7 @@ export class StreamDecoder {
     const bytes = this.records(run, block);
     this.out(bytes);
     this.counts.streamBytes += bytes.length;
+    this.streamCrc32 = crc32(bytes, this.streamCrc32);
     this.counts.pagesReused += run.held;
     this.parts.feed(bytes);
     this.replaying = run;
@@ -96,11 +101,18 @@ export class StreamDecoder {
     }
   }
 
-  /** The sender's stream ended: the rebuilt stream must be complete and of the sender's length. */
-  end(streamBytes: number): void {
+  /**
+   * The sender's stream ended: the rebuilt stream must be complete, of the sender's length and CRC-32.
+   * Literal bytes and the fill pages of Runs carry no digest of their own; the CRC catches any of
+   * them damaged on the way.
+   */
+  end(streamBytes: number, streamCrc32: number): void {
     this.parser.end();
     if (streamBytes !== this.counts.streamBytes) {
       throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes, the source sent ${streamBytes}`);
+    }
+    if (streamCrc32 !== this.streamCrc32) {
+      throw new RebuildError(`the rebuilt stream's CRC-32 is ${this.streamCrc32}, the source's ${streamCrc32}: bytes were damaged between the gateways`);
     }
   }
 

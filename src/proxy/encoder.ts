@@ -1,3 +1,4 @@
+import { crc32 } from 'node:zlib';
 import { DIGEST_BYTES, digestOne } from '../digest';
 import { type RamPageRecord, RecordKind, StreamParser, type StreamRecord } from '../qemu';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
@@ -40,6 +41,8 @@ export class StreamEncoder {
   reference: Uint8Array | null = null;
   readonly counts: TransferCounts = newCounts();
   layout: PageLayout | null = null;
+  /** CRC-32 of the stream pushed so far, for the End message. */
+  streamCrc32 = 0;
 
   private readonly parser: StreamParser;
   private readonly retainer: PageRetainer;
@@ -94,6 +97,7 @@ export class StreamEncoder {
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
     this.counts.streamBytes += chunk.length;
+    this.streamCrc32 = crc32(chunk, this.streamCrc32);
     this.held.push(chunk);
     this.pushedEnd += chunk.length;
     this.parts.feed(chunk);

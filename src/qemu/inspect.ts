@@ -138,6 +138,8 @@ export class StreamInspector {
       }
     }
     this.writer.flush();
+    // The bytes of the record that was rejected, and everything after it, count as `rejected`.
+    if (this.report.error) this.account('rejected', this.lastKind === null ? 0 : Math.max(this.lastOffset, this.parser.recordsEnd));
     this.account(null, this.inputBytes);
     const r = this.report;
     r.bytes = this.inputBytes;
