@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { formatEndpoint } from '../address';
 import { DIGEST_BYTES } from '../digest';
 import { StreamEncoder } from '../proxy/encoder';
@@ -18,13 +18,20 @@ import {
   PROTOCOL_VERSION,
 } from '../wire/frames';
 import type { RouteConfig } from './config';
-import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
+import type { PeerTransport } from './transport';
+import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, IdleWatch, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
 
 export interface SendOptions {
   site: string;
   route: RouteConfig;
   storeRoot: string;
   observer: SessionObserver;
+  /** How the peer gateway is dialled (TCP or mutual TLS). */
+  transport: PeerTransport;
+  /** A migration whose connections move no byte this long fails. */
+  idleMs: number;
+  /** Largest frame accepted from the peer. */
+  maxFrameBytes: number;
 }
 
 /**
@@ -55,6 +62,7 @@ export class SendSession {
   private wanIn = 0;
   private finished = false;
   private readonly timer: NodeJS.Timeout;
+  private readonly idle: IdleWatch;
 
   constructor(
     private readonly qemu: Socket,
@@ -65,10 +73,11 @@ export class SendSession {
     qemu.pause();
     qemu.setNoDelay(true);
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
-    this.event('migration accepted', { source: `${qemu.remoteAddress}:${qemu.remotePort}`, peer: formatEndpoint(options.route.peer) });
-    this.peer = connect({ ...options.route.peer, noDelay: true });
+    this.frames.maxPayload = options.maxFrameBytes;
+    this.idle = new IdleWatch(options.idleMs);
+    this.event('migration accepted', { source: `${qemu.remoteAddress}:${qemu.remotePort}`, peer: formatEndpoint(options.route.peer), tls: options.transport.secure });
+    this.peer = options.transport.connect(options.route.peer, () => this.onPeerConnect());
     this.peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail('the peer gateway did not answer in time'));
-    this.peer.on('connect', () => this.onPeerConnect());
     this.peer.on('data', (chunk: Buffer) => {
       this.wanIn += chunk.length;
       try {
@@ -236,6 +245,11 @@ export class SendSession {
   }
 
   private progress(): void {
+    if (this.offer && !this.finished && this.idle.stalled(this.wanIn + this.wanOut + (this.encoder?.counts.streamBytes ?? 0))) {
+      this.options.observer.idleTimeout(this.vm, 'send');
+      this.fail(`no bytes moved for ${this.options.idleMs / 1000} s (limits.idleSeconds)`);
+      return;
+    }
     if (!this.encoder) return;
     this.options.observer.progress(this.vm, 'send', { streamBytes: this.encoder.counts.streamBytes, wanBytes: this.wanOut, counts: this.encoder.counts });
   }
