@@ -150,6 +150,7 @@ export class Gateway implements SessionObserver {
     const { limits } = this.config;
     const deadline = Date.now() + limits.handshakeSeconds * 1000;
     this.handshake(raw, 'peer', this.transport.accept(raw), (socket) => {
+      const peerName = peerNameOf(socket);
       const session = new ReceiveSession(socket, {
         site: this.config.name,
         storeRoot: this.config.data,
@@ -159,7 +160,7 @@ export class Gateway implements SessionObserver {
         handshakeDeadline: deadline,
         idleMs: limits.idleSeconds * 1000,
         maxFrameBytes: limits.maxFrameBytes,
-        refused: (reason, detail) => this.refused('peer', raw, reason, detail, peerNameOf(socket)),
+        refused: (reason, detail) => this.refused('peer', raw, reason, detail, peerName),
       });
       this.track(session.done, socket, () => undefined);
     });

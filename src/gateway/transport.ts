@@ -10,18 +10,40 @@
  * certificate names a site, not a host, and a route's peer may be dialled by any address.
  */
 import { connect as connectTcp, type Socket } from 'node:net';
-import { connect as connectTls, createSecureContext, type PeerCertificate, type SecureContext, TLSSocket } from 'node:tls';
+import { connect as connectTls, createSecureContext, type PeerCertificate, type SecureContext, Server, TLSSocket } from 'node:tls';
 import { type Endpoint, formatEndpoint } from '../address';
 import { Refusal } from './limits';
 import type { TlsConfig } from './security-config';
 
 export class PeerTransport {
   private readonly context: SecureContext | null;
+  /** Runs the TLS handshakes of accepted connections (it never listens itself). */
+  private readonly server: Server | null;
+  /** Accepted connections in their TLS handshake, by remote address:port. */
+  private readonly handshaking = new Map<string, { settle: (result: Socket | Refusal) => void }>();
 
   constructor(private readonly tls: TlsConfig | null) {
-    this.context = tls
-      ? createSecureContext({ cert: tls.cert, key: tls.key, ca: tls.ca, minVersion: 'TLSv1.3', maxVersion: 'TLSv1.3' })
-      : null;
+    this.context = tls ? createSecureContext({ cert: tls.cert, key: tls.key, ca: tls.ca, minVersion: 'TLSv1.3', maxVersion: 'TLSv1.3' }) : null;
+    if (!tls) {
+      this.server = null;
+      return;
+    }
+    // rejectUnauthorized is false so that an unverified peer reaches 'secureConnection' with its
+    // authorizationError, and is refused below with that reason, before a byte of it is read.
+    this.server = new Server({ cert: tls.cert, key: tls.key, ca: tls.ca, minVersion: 'TLSv1.3', maxVersion: 'TLSv1.3', requestCert: true, rejectUnauthorized: false, handshakeTimeout: 3_600_000 });
+    this.server.on('secureConnection', (socket: TLSSocket) => {
+      const pending = this.handshaking.get(addressKey(socket));
+      if (!pending) return void socket.destroy();
+      if (!socket.authorized) {
+        pending.settle(new Refusal('tls', `peer certificate not accepted: ${String(socket.authorizationError ?? 'none presented')}`));
+        return;
+      }
+      const denied = allowedPeerError(this.tls, certificateNames(socket.getPeerCertificate()));
+      pending.settle(denied ? new Refusal('peer-not-allowed', denied) : socket);
+    });
+    this.server.on('tlsClientError', (err: Error, socket: TLSSocket) => {
+      this.handshaking.get(addressKey(socket))?.settle(new Refusal('tls', `TLS handshake failed: ${err.message.trim()}`));
+    });
   }
 
   get secure(): boolean {
@@ -30,41 +52,33 @@ export class PeerTransport {
 
   /**
    * The accepting side: the socket to read frames from once the link is up (the TCP socket itself
-   * without TLS). Rejects with a Refusal ('tls' or 'peer-not-allowed') and destroys the connection
-   * when the peer fails the handshake or is not allowed. The caller bounds how long this may take.
+   * without TLS). Rejects with a Refusal ('tls', 'peer-not-allowed' or 'closed') and destroys the
+   * connection when the peer fails the handshake or is not allowed. The caller bounds how long this may take.
    */
   accept(raw: Socket): Promise<Socket> {
-    if (!this.tls || !this.context) {
+    const server = this.server;
+    if (!server) {
       raw.resume();
       return Promise.resolve(raw);
     }
-    const tls = this.tls;
-    const socket = new TLSSocket(raw, { isServer: true, secureContext: this.context, requestCert: true, rejectUnauthorized: true });
+    const key = addressKey(raw);
     return new Promise((resolve, reject) => {
-      const refuse = (refusal: Refusal): void => {
-        socket.off('secure', onSecure);
-        socket.off('error', onError);
-        socket.off('close', onClose);
-        // Errors after this are of a connection already refused and logged.
-        socket.on('error', () => undefined);
-        socket.destroy();
-        raw.destroy();
-        reject(refusal);
+      const settle = (result: Socket | Refusal): void => {
+        if (this.handshaking.get(key)?.settle !== settle) return;
+        this.handshaking.delete(key);
+        raw.off('close', onClose);
+        if (result instanceof Refusal) {
+          raw.destroy();
+          reject(result);
+        } else {
+          resolve(result);
+        }
       };
-      const onSecure = (): void => {
-        socket.off('error', onError);
-        socket.off('close', onClose);
-        if (!socket.authorized) return refuse(new Refusal('tls', `peer certificate not accepted: ${String(socket.authorizationError)}`));
-        const names = certificateNames(socket.getPeerCertificate());
-        const denied = allowedPeerError(tls, names);
-        if (denied) return refuse(new Refusal('peer-not-allowed', denied));
-        resolve(socket);
-      };
-      const onError = (err: Error): void => refuse(new Refusal('tls', `TLS handshake failed: ${err.message}`));
-      const onClose = (): void => refuse(new Refusal('closed', 'the peer closed the connection during the TLS handshake'));
-      socket.once('secure', onSecure);
-      socket.once('error', onError);
-      socket.once('close', onClose);
+      const onClose = (): void => settle(new Refusal('closed', 'the connection closed during the TLS handshake'));
+      if (this.handshaking.has(key)) return reject(new Refusal('protocol', `a second connection from ${key} in handshake`));
+      this.handshaking.set(key, { settle });
+      raw.once('close', onClose);
+      server.emit('connection', raw);
     });
   }
 
@@ -117,8 +131,12 @@ export function peerNameOf(socket: Socket): string | null {
   return certificateNames(socket.getPeerCertificate()).join(',') || null;
 }
 
-function allowedPeerError(tls: TlsConfig, names: string[]): string | null {
-  if (tls.allowPeers === null) return null;
+function addressKey(socket: Socket): string {
+  return `${socket.remoteAddress}:${socket.remotePort}`;
+}
+
+function allowedPeerError(tls: TlsConfig | null, names: string[]): string | null {
+  if (tls === null || tls.allowPeers === null) return null;
   if (names.some((n) => tls.allowPeers?.includes(n))) return null;
   return `peer certificate names ${names.length > 0 ? names.map((n) => JSON.stringify(n)).join(', ') : 'nothing'}, not one of allowPeers (${tls.allowPeers.join(', ')})`;
 }
