@@ -3,12 +3,11 @@
  * (a source that sends a synthetic stream, a destination that keeps what it gets) and a raw peer
  * client that speaks frames by hand, over TCP or TLS.
  */
-import { createHash } from 'node:crypto';
-import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import * as tls from 'node:tls';
+export { treeListing } from '../bench/hostile-load';
 import { loopbackSiteYaml } from '../src/demo/loopback-config';
 import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';
@@ -133,25 +132,6 @@ export function rawPeer(port: number, credentials?: { cert?: Buffer; key?: Buffe
     };
     socket.once(credentials ? 'secureConnect' : 'connect', () => resolve(peer));
   });
-}
-
-/** Every file under `dir` with its size and content digest: equal listings mean nothing was written. */
-export function treeListing(dir: string): string[] {
-  if (!fs.existsSync(dir)) return [];
-  const out: string[] = [];
-  const walk = (d: string): void => {
-    for (const entry of fs.readdirSync(d, { withFileTypes: true }).sort((x, y) => x.name.localeCompare(y.name))) {
-      const p = path.join(d, entry.name);
-      if (entry.isDirectory()) {
-        out.push(`${path.relative(dir, p)}/`);
-        walk(p);
-      } else {
-        out.push(`${path.relative(dir, p)} ${createHash('sha256').update(fs.readFileSync(p)).digest('hex').slice(0, 16)}`);
-      }
-    }
-  };
-  walk(dir);
-  return out;
 }
 
 export async function waitFor(condition: () => boolean, timeoutMs = 10_000): Promise<void> {
