@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages bfmig needs: QEMU for real migrations, a kernel and busybox for the test guest,
-# gcc for the guest's workload program, libxxhash-dev for the native page-digest addon.
+# gcc for the guest's workload program, libxxhash-dev for the native page-digest addon, openssl for
+# `bfmig certs` (it issues the gateways' TLS certificates).
 set -euo pipefail
-packages=(qemu-system-x86 linux-image-amd64 busybox-static cpio gzip libxxhash-dev gcc libc6-dev make g++ python3)
+packages=(qemu-system-x86 linux-image-amd64 busybox-static cpio gzip libxxhash-dev gcc libc6-dev make g++ python3 openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

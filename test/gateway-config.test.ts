@@ -81,6 +81,7 @@ describe('parseConfig', () => {
         { kind: 'net', text: '[fd00::/64]:*', family: 6, address: 'fd00::', prefix: 64, port: '*' },
       ],
       tls: null,
+      limits: { handshakeSeconds: 10, idleSeconds: 120, maxFrameBytes: 4 * 1024 * 1024, maxConnections: 64 },
     });
   });
 
@@ -94,11 +95,12 @@ describe('parseConfig', () => {
     expect(c.tls).toBeNull();
   });
 
-  test('keys written with no value count as absent; a tls mapping is accepted', () => {
-    const c = parseConfig(minimal('metrics:\nroutes:\ntls:\n  cert: /x.pem\n'));
+  test('keys written with no value count as absent', () => {
+    const c = parseConfig(minimal('metrics:\nroutes:\ntls:\nlimits:\n'));
     expect(c.metrics).toBeNull();
     expect(c.routes).toEqual([]);
-    expect(c.tls).toEqual({ cert: '/x.pem' });
+    expect(c.tls).toBeNull();
+    expect(c.limits.maxConnections).toBe(64);
   });
 
   test('ConfigError carries key and message "key: detail"', () => {
@@ -309,11 +311,6 @@ describe('checkTransportSecurity', () => {
     expect(checkTransportSecurity(cfg('127.0.0.1:7300', [], 'insecurePlaintext: true\n')).warn).toBeNull();
   });
 
-  test('a tls block does not lift the rule while TLS is not implemented, and is warned about', () => {
-    expect(() => checkTransportSecurity(cfg('0.0.0.0:7300', ['gw-b.example:7300'], 'tls: {}\n'))).toThrow(/TLS is not available/);
-    const { warn } = checkTransportSecurity(cfg('127.0.0.1:7300', ['127.0.0.1:7301'], 'tls: {}\n'));
-    expect(warn).toMatch(/tls is configured but not implemented/);
-  });
 
   test.each<[string, boolean]>([
     ['127.0.0.1', true],

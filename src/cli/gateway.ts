@@ -12,7 +12,6 @@ export async function runGateway(configPath: string, level = process.env.BFMIG_L
     const { warn } = checkTransportSecurity(config);
     if (warn) log.warn(warn);
     gateway = new Gateway(config, log.child({ site: config.name }), new GatewayMetrics());
-    await gateway.start();
   } catch (err) {
     if (err instanceof ConfigError) {
       process.stderr.write(`bfmig gateway: ${err.message}\n`);
@@ -20,7 +19,8 @@ export async function runGateway(configPath: string, level = process.env.BFMIG_L
     }
     throw err;
   }
-  await new Promise<void>((resolve) => {
+  // The handlers go in before start(): a supervisor may signal as soon as it reads "gateway started".
+  const stopped = new Promise<void>((resolve) => {
     const stop = (signal: string): void => {
       log.info({ signal }, 'stopping');
       gateway.stop().then(resolve, resolve);
@@ -28,5 +28,7 @@ export async function runGateway(configPath: string, level = process.env.BFMIG_L
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
   });
+  await gateway.start();
+  await stopped;
   return 0;
 }

@@ -1,5 +1,6 @@
 import { parseEndpoint, formatEndpoint } from '../address';
 import { Capture } from '../capture';
+import { configSnippets, DEFAULT_CERT_DAYS, issueCerts } from '../certs';
 import { parseArgs, requireOption, stringOption, UsageError } from './args';
 import { runDemo } from './demo';
 import { runGateway } from './gateway';
@@ -16,6 +17,9 @@ commands:
                                   migrate a guest back and forth on this machine through two gateways
                                   and a WAN emulator, direct versus through bfmig
   gateway --config FILE           run a site's gateway (see the README for the YAML keys)
+  certs --out DIR --sites site-a,site-b [--days 825]
+                                  create a CA (or reuse DIR's) and a certificate per site for mutual
+                                  TLS between gateways, and print each site's tls: config block
   restore --data DIR --vm NAME --to tcp:HOST:PORT
                                   rebuild the VM's last retained snapshot into a destination QEMU
                                   started with -incoming and the same machine shape
@@ -55,6 +59,19 @@ async function run(argv: readonly string[]): Promise<number> {
     case 'gateway': {
       const args = parseArgs(rest, []);
       return runGateway(requireOption(args, 'config'), stringOption(args, 'log-level'));
+    }
+    case 'certs': {
+      const args = parseArgs(rest, []);
+      const days = stringOption(args, 'days');
+      if (days !== undefined && !/^\d+$/.test(days)) throw new UsageError('--days takes a whole number of days');
+      const sites = requireOption(args, 'sites').split(',').map((s) => s.trim()).filter((s) => s !== '');
+      const issued = issueCerts(requireOption(args, 'out'), sites, days === undefined ? DEFAULT_CERT_DAYS : Number(days));
+      process.stdout.write(
+        `${issued.ca.created ? 'created CA' : 'reused CA'} ${issued.ca.cert} (keep ${issued.ca.key} off the gateways)\n` +
+          issued.sites.map((s) => `issued ${s.cert} for ${s.site}\n`).join('') +
+          `\n${configSnippets(issued)}\n`,
+      );
+      return 0;
     }
     case 'capture': {
       const args = parseArgs(rest, []);

@@ -15,6 +15,8 @@
  *     target: 10.1.0.5:4444    # destination QEMU's -incoming address, as the far gateway reaches it
  * allowTargets:                # what this gateway may dial when receiving; default loopback only
  *   - 10.1.0.0/24:4444
+ * tls: ...                     # mutual TLS between gateways, see security-config.ts
+ * limits: ...                  # handshake / idle timeouts, frame size, connections, see security-config.ts
  * ```
  *
  * Every problem is reported as a {@link ConfigError} whose `key` names the offending setting,
@@ -26,6 +28,7 @@ import * as path from 'node:path';
 import { parseDocument } from 'yaml';
 import { Endpoint, formatEndpoint, parseEndpoint } from '../address';
 import { parseSize } from '../store/budget';
+import { type Limits, parseLimits, parseTls, type TlsConfig } from './security-config';
 
 export class ConfigError extends Error {
   /**
@@ -90,8 +93,9 @@ export interface GatewayConfig {
   storeBudget: number | null;
   routes: RouteConfig[];
   allowTargets: TargetRule[];
-  /** Accepted but not interpreted yet; null when absent. */
-  tls: Record<string, unknown> | null;
+  /** Mutual TLS between gateways; null when absent (then only loopback peers, or insecurePlaintext). */
+  tls: TlsConfig | null;
+  limits: Limits;
 }
 
 export const DEFAULT_SOURCE = '<config>';
@@ -112,6 +116,7 @@ const TOP_LEVEL_KEYS = [
   'routes',
   'allowTargets',
   'tls',
+  'limits',
 ] as const;
 const ROUTE_KEYS = ['vm', 'listen', 'peer', 'target'] as const;
 
@@ -182,9 +187,8 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     if (storeBudget !== null && storeBudget <= 0) fail('storeBudget', 'must be more than 0');
   }
 
-  const tlsValue = optional(root, 'tls');
-  if (tlsValue !== undefined && !isMapping(tlsValue)) fail('tls', `must be a mapping, not ${describe(tlsValue)}`);
-  const tls = tlsValue === undefined ? null : (tlsValue as Record<string, unknown>);
+  const tls = parseTls(optional(root, 'tls'), baseDir, fail);
+  const limits = parseLimits(optional(root, 'limits'), fail);
 
   // Every endpoint this gateway listens on, to catch two listeners on one port.
   const listeners: Array<{ key: string; at: Endpoint }> = [{ key: 'peerListen', at: peerListen }];
@@ -235,6 +239,7 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     routes,
     allowTargets,
     tls,
+    limits,
   };
 }
 
@@ -257,26 +262,24 @@ export function targetAllowed(config: Pick<GatewayConfig, 'allowTargets'>, targe
  * worth logging at startup, or null.
  */
 export function checkTransportSecurity(config: GatewayConfig): { warn: string | null } {
-  // TLS is not implemented yet: the block is accepted so configs can be written ahead of it, but it
-  // secures nothing, so the plaintext rule below still applies.
-  const tlsIgnored = config.tls !== null ? 'tls is configured but not implemented yet; the block is ignored' : null;
+  if (config.tls !== null) return { warn: null };
   const exposed: string[] = [];
   if (!isLoopbackHost(config.peerListen.host)) exposed.push(`peerListen (${formatEndpoint(config.peerListen)})`);
   config.routes.forEach((r, i) => {
     if (!isLoopbackHost(r.peer.host)) exposed.push(`routes[${i}].peer (${formatEndpoint(r.peer)})`);
   });
-  if (exposed.length === 0) return { warn: tlsIgnored };
+  if (exposed.length === 0) return { warn: null };
   const what = `${exposed.join(', ')} ${exposed.length === 1 ? 'is' : 'are'} not loopback`;
   if (!config.insecurePlaintext) {
     const key = exposed[0].slice(0, exposed[0].indexOf(' '));
     throw new ConfigError(
       key,
-      `${what} and TLS is not available yet: peer traffic would cross the network unencrypted; ` +
-        'set insecurePlaintext: true to allow that',
+      `${what} and no tls block is configured: peer traffic would cross the network unencrypted and unauthenticated; ` +
+        'configure tls (see bfmig certs), or set insecurePlaintext: true to allow that',
       config.source,
     );
   }
-  return { warn: [tlsIgnored, `insecurePlaintext: peer traffic is unencrypted; ${what}`].filter(Boolean).join('; ') };
+  return { warn: `insecurePlaintext: peer traffic is unencrypted and unauthenticated; ${what}` };
 }
 
 /** 127.0.0.0/8, ::1 (any spelling, including ::ffff:127.x.y.z) or "localhost". */
@@ -291,13 +294,13 @@ export function isLoopbackHost(host: string): boolean {
 
 // ---------------------------------------------------------------------------------------------
 
-type Fail = (key: string, detail: string) => never;
+export type Fail = (key: string, detail: string) => never;
 
-function isMapping(v: unknown): v is Record<string, unknown> {
+export function isMapping(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
-function describe(v: unknown): string {
+export function describe(v: unknown): string {
   if (v === null) return 'null';
   if (Array.isArray(v)) return 'a list';
   if (typeof v === 'object') return 'a mapping';

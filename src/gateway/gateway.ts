@@ -2,11 +2,13 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { type Endpoint, formatEndpoint } from '../address';
 import { StoreBudget } from '../store';
 import { type GatewayConfig, targetAllowed } from './config';
+import { awaitStreamMagic, ConnectionGate, type Listener, Refusal, type RefusalReason } from './limits';
 import type { Logger } from './log';
 import type { GatewayMetrics } from './metrics';
 import { ReceiveSession } from './receive';
 import { SendSession } from './send';
-import type { Direction, MigrationReport, SessionObserver } from './session';
+import { errorMessage, type Direction, type MigrationReport, type SessionObserver } from './session';
+import { PeerTransport, peerNameOf } from './transport';
 
 interface Totals {
   streamBytes: number;
@@ -31,6 +33,10 @@ export class Gateway implements SessionObserver {
   readonly history: MigrationReport[] = [];
   private stopping = false;
   private readonly budget: StoreBudget | null;
+  private readonly transport: PeerTransport;
+  private readonly gate: ConnectionGate;
+  /** Accepted connections that have not yet said who they are (TLS, Hello, QEMU's magic). */
+  private readonly pending = new Set<Socket>();
 
   constructor(
     private readonly config: GatewayConfig,
@@ -38,23 +44,43 @@ export class Gateway implements SessionObserver {
     private readonly metrics: GatewayMetrics | null,
   ) {
     this.budget = config.storeBudget !== null ? new StoreBudget(config.data, config.storeBudget) : null;
+    this.transport = new PeerTransport(config.tls);
+    this.gate = new ConnectionGate(config.limits.maxConnections, (listener, open) => metrics?.connectionsOpenNow(listener, open));
+  }
+
+  /** Open connections across all listeners (limits.maxConnections bounds it). */
+  get openConnections(): number {
+    return this.gate.openConnections;
   }
 
   async start(): Promise<void> {
     const c = this.config;
-    this.bound.set('peer', await this.listen(c.peerListen, (socket) => this.acceptPeer(socket)));
+    this.bound.set('peer', await this.listen(c.peerListen, 'peer', (socket) => this.acceptPeer(socket)));
     for (const route of c.routes) {
-      this.bound.set(`route:${route.vm}`, await this.listen(route.listen, (socket) => this.acceptSource(socket, route.vm)));
+      this.bound.set(`route:${route.vm}`, await this.listen(route.listen, 'source', (socket) => this.acceptSource(socket, route.vm)));
     }
-    if (c.metrics && this.metrics) this.bound.set('metrics', await this.metrics.serve(c.metrics));
-    this.log.info({ site: c.name, listening: Object.fromEntries([...this.bound].map(([k, v]) => [k, formatEndpoint(v)])) }, 'gateway started');
+    if (c.metrics && this.metrics) {
+      const admit = (socket: Socket): boolean => {
+        if (this.gate.admit(socket, 'metrics')) return true;
+        this.refused('metrics', socket, 'connection-limit', `${this.gate.maxConnections} connections are open (limits.maxConnections)`);
+        return false;
+      };
+      const { handshakeSeconds, idleSeconds } = c.limits;
+      this.bound.set('metrics', await this.metrics.serve(c.metrics, { admit, headersTimeoutMs: handshakeSeconds * 1000, idleTimeoutMs: idleSeconds * 1000 }));
+    }
+    this.log.info(
+      { site: c.name, listening: Object.fromEntries([...this.bound].map(([k, v]) => [k, formatEndpoint(v)])), tls: this.transport.secure, limits: c.limits, ...(c.tls ? { certValidTo: c.tls.validTo.toISOString(), allowPeers: c.tls.allowPeers } : {}) },
+      'gateway started',
+    );
   }
 
   /** Stops accepting, lets running migrations finish within the grace period, then cuts the rest. */
   async stop(graceSeconds = this.config.shutdownGraceSeconds): Promise<void> {
     if (this.stopping) return;
     this.stopping = true;
-    await Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    const closed = Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    for (const socket of this.pending) socket.destroy();
+    await closed;
     const running = [...this.sessions];
     if (running.length > 0) {
       this.log.info({ running: running.length, graceSeconds }, 'waiting for running migrations');
@@ -71,9 +97,15 @@ export class Gateway implements SessionObserver {
     this.log.info('gateway stopped');
   }
 
-  private listen(endpoint: Endpoint, onConnection: (socket: Socket) => void): Promise<Endpoint> {
+  private listen(endpoint: Endpoint, listener: Listener, onConnection: (socket: Socket) => void): Promise<Endpoint> {
+    const admit = (socket: Socket): void => {
+      if (this.stopping) return void socket.destroy();
+      if (this.gate.admit(socket, listener)) return onConnection(socket);
+      this.refused(listener, socket, 'connection-limit', `${this.gate.maxConnections} connections are open (limits.maxConnections)`);
+      socket.resetAndDestroy();
+    };
     return new Promise((resolve, reject) => {
-      const server = createServer({ noDelay: true, pauseOnConnect: true }, onConnection);
+      const server = createServer({ noDelay: true, pauseOnConnect: true }, admit);
       server.once('error', reject);
       server.listen(endpoint.port, endpoint.host, () => {
         server.off('error', reject);
@@ -86,30 +118,87 @@ export class Gateway implements SessionObserver {
     });
   }
 
+  /**
+   * A source connection: nothing is opened or dialled until it has sent QEMU's stream magic, within
+   * limits.handshakeSeconds; only then does it claim the VM.
+   */
   private acceptSource(socket: Socket, vm: string): void {
     const route = this.config.routes.find((r) => r.vm === vm);
-    if (!route || this.stopping) return void socket.destroy();
-    if (this.busy.has(vm)) {
-      this.log.warn({ vm, direction: 'send' }, 'migration refused: this VM is already migrating through this gateway');
-      socket.resetAndDestroy();
-      return;
-    }
-    this.busy.add(vm);
-    const session = new SendSession(socket, { site: this.config.name, route, storeRoot: this.config.data, observer: this });
-    this.track(session.done, session.qemu, () => this.busy.delete(vm));
+    if (!route) return void socket.destroy();
+    const { limits } = this.config;
+    this.handshake(socket, 'source', awaitStreamMagic(socket), () => {
+      if (this.busy.has(vm)) throw new Refusal('busy', `VM ${vm} is already migrating through this gateway`);
+      this.busy.add(vm);
+      const session = new SendSession(socket, {
+        site: this.config.name,
+        route,
+        storeRoot: this.config.data,
+        observer: this,
+        transport: this.transport,
+        idleMs: limits.idleSeconds * 1000,
+        maxFrameBytes: limits.maxFrameBytes,
+      });
+      this.track(session.done, session.qemu, () => this.busy.delete(vm));
+    });
   }
 
-  private acceptPeer(socket: Socket): void {
-    if (this.stopping) return void socket.destroy();
-    socket.resume();
-    const session = new ReceiveSession(socket, {
-      site: this.config.name,
-      storeRoot: this.config.data,
-      observer: this,
-      targetAllowed: (target) => targetAllowed(this.config, target),
-      busy: this.busy,
+  /**
+   * A peer connection: the TLS handshake (when configured) and a valid Hello must both be done within
+   * limits.handshakeSeconds of the TCP accept; the receive session checks the Hello.
+   */
+  private acceptPeer(raw: Socket): void {
+    const { limits } = this.config;
+    const deadline = Date.now() + limits.handshakeSeconds * 1000;
+    this.handshake(raw, 'peer', this.transport.accept(raw), (socket) => {
+      const peerName = peerNameOf(socket);
+      const session = new ReceiveSession(socket, {
+        site: this.config.name,
+        storeRoot: this.config.data,
+        observer: this,
+        targetAllowed: (target) => targetAllowed(this.config, target),
+        busy: this.busy,
+        handshakeDeadline: deadline,
+        idleMs: limits.idleSeconds * 1000,
+        maxFrameBytes: limits.maxFrameBytes,
+        refused: (reason, detail) => this.refused('peer', raw, reason, detail, peerName),
+      });
+      this.track(session.done, socket, () => undefined);
     });
-    this.track(session.done, socket, () => undefined);
+  }
+
+  /** Runs a connection's first step under the handshake timeout; a failure refuses the connection. */
+  private handshake<T>(socket: Socket, listener: Listener, step: Promise<T>, then: (value: T) => void): void {
+    this.pending.add(socket);
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      socket.destroy();
+    }, this.config.limits.handshakeSeconds * 1000);
+    socket.on('error', () => undefined); // reported through the step's refusal
+    step
+      .then((value) => {
+        if (this.stopping) throw new Refusal('closed', 'the gateway is stopping');
+        then(value);
+      })
+      .catch((err: unknown) => {
+        const refusal = timedOut
+          ? new Refusal('handshake-timeout', `not done within ${this.config.limits.handshakeSeconds} s (limits.handshakeSeconds)`)
+          : err instanceof Refusal
+            ? err
+            : new Refusal('protocol', errorMessage(err));
+        this.refused(listener, socket, refusal.reason, refusal.message);
+        socket.resetAndDestroy();
+      })
+      .finally(() => {
+        clearTimeout(timer);
+        this.pending.delete(socket);
+      });
+  }
+
+  /** Logs and counts a connection turned away before any migration began. */
+  private refused(listener: Listener, socket: Socket, reason: RefusalReason, detail: string, peerName: string | null = null): void {
+    this.metrics?.connectionRefused(listener, reason);
+    this.log.warn({ listener, reason, remote: `${socket.remoteAddress}:${socket.remotePort}`, ...(peerName ? { peerName } : {}), error: detail }, 'connection refused');
   }
 
   private track(done: Promise<void>, socket: Socket, cleanup: () => void): void {
@@ -129,6 +218,11 @@ export class Gateway implements SessionObserver {
       this.log.warn({ vm: evicted.vm, bytes: evicted.bytes, budget: this.budget.budgetBytes, for: vm }, 'retained snapshot evicted to stay within storeBudget');
       this.metrics?.storeEvicted(evicted.vm);
     }
+  }
+
+  idleTimeout(vm: string, direction: Direction): void {
+    this.metrics?.idleTimeout(direction);
+    this.log.warn({ vm, direction, idleSeconds: this.config.limits.idleSeconds }, 'migration idle too long');
   }
 
   event(vm: string, direction: Direction, message: string, fields?: Record<string, unknown>): void {

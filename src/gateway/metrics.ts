@@ -4,7 +4,7 @@
  * source QEMU's stream to a peer; 'receive' = it rebuilds a stream for a destination QEMU).
  */
 import * as http from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import type { Endpoint } from '../address';
 
@@ -76,6 +76,27 @@ export class GatewayMetrics {
     registers: [this.registry],
   });
 
+  private readonly connectionsOpen = new Gauge<'listener'>({
+    name: 'bfmig_connections_open',
+    help: 'Open connections by listener (peer, source, metrics); limits.maxConnections bounds their sum',
+    labelNames: ['listener'],
+    registers: [this.registry],
+  });
+
+  private readonly connectionsRefused = new Counter<'listener' | 'reason'>({
+    name: 'bfmig_connections_refused_total',
+    help: 'Connections turned away before a migration began, by listener and reason (connection-limit, tls, peer-not-allowed, handshake-timeout, frame-too-large, protocol, bad-vm-name, target-not-allowed, busy, not-qemu, closed)',
+    labelNames: ['listener', 'reason'],
+    registers: [this.registry],
+  });
+
+  private readonly idleTimeouts = new Counter<'direction'>({
+    name: 'bfmig_idle_timeouts_total',
+    help: 'Migrations failed because no byte moved on their connections for limits.idleSeconds',
+    labelNames: ['direction'],
+    registers: [this.registry],
+  });
+
   private server: http.Server | null = null;
 
   constructor(opts: { defaultMetrics?: boolean } = {}) {
@@ -92,6 +113,18 @@ export class GatewayMetrics {
 
   storeEvicted(vm: string): void {
     this.evictions.inc({ vm });
+  }
+
+  connectionsOpenNow(listener: string, open: number): void {
+    this.connectionsOpen.set({ listener }, open);
+  }
+
+  connectionRefused(listener: string, reason: string): void {
+    this.connectionsRefused.inc({ listener, reason });
+  }
+
+  idleTimeout(direction: Direction): void {
+    this.idleTimeouts.inc({ direction });
   }
 
   addPages(vm: string, direction: Direction, kind: PageKind, n: number): void {
@@ -115,10 +148,22 @@ export class GatewayMetrics {
     return this.registry.metrics();
   }
 
-  /** Serve GET /metrics on `endpoint` (port 0 = any); resolves to the bound address. */
-  serve(endpoint: Endpoint): Promise<Endpoint> {
+  /**
+   * Serve GET /metrics on `endpoint` (port 0 = any); resolves to the bound address. `admit` may turn
+   * a connection away (the gateway's connection limit); a client gets `headersTimeoutMs` to send its
+   * request headers and is dropped after `idleTimeoutMs` without traffic.
+   */
+  serve(endpoint: Endpoint, limits: { admit?: (socket: Socket) => boolean; headersTimeoutMs?: number; idleTimeoutMs?: number } = {}): Promise<Endpoint> {
     if (this.server) return Promise.reject(new Error('metrics server already running'));
-    const server = http.createServer((req, res) => this.handle(req, res));
+    // Header and request timeouts are checked this often (Node's default, 30 s, would stretch them).
+    const server = http.createServer({ connectionsCheckingInterval: 1000 }, (req, res) => this.handle(req, res));
+    const admit = limits.admit;
+    if (admit) server.on('connection', (socket: Socket) => admit(socket) || socket.destroy());
+    if (limits.headersTimeoutMs !== undefined) {
+      server.headersTimeout = limits.headersTimeoutMs;
+      server.requestTimeout = limits.headersTimeoutMs;
+    }
+    if (limits.idleTimeoutMs !== undefined) server.setTimeout(limits.idleTimeoutMs, (socket: Socket) => socket.destroy());
     this.server = server;
     return new Promise<Endpoint>((resolve, reject) => {
       const onError = (err: Error): void => {

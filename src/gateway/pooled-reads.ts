@@ -25,6 +25,7 @@ export class PooledReads {
   /** Buffers read into since the downstream queue was last seen empty. */
   private readonly lent: Buffer[] = [];
   private made = 0;
+  private early: Buffer | null = null;
 
   constructor(
     accepted: Socket,
@@ -33,12 +34,16 @@ export class PooledReads {
   ) {
     const holder = accepted as unknown as { _handle?: { readStart?: unknown; useUserBuffer?: unknown } | null };
     const handle = holder._handle;
-    if (!handle || typeof handle.readStart !== 'function' || typeof handle.useUserBuffer !== 'function' || accepted.readableLength > 0) {
+    if (!handle || typeof handle.readStart !== 'function' || typeof handle.useUserBuffer !== 'function') {
       this.socket = accepted;
       this.pooled = false;
       accepted.on('data', onChunk);
       return;
     }
+    // Bytes already read (the stream magic the gateway checked first) go first, at the first resume.
+    const early: Buffer[] = [];
+    for (let b: unknown = accepted.read(); b !== null; b = accepted.read()) early.push(b as Buffer);
+    this.early = early.length > 0 ? Buffer.concat(early) : null;
     holder._handle = null;
     accepted.destroy(); // no handle left to close: this only lets the server count the connection as gone
     this.pooled = true;
@@ -58,6 +63,16 @@ export class PooledReads {
         },
       },
     } as ConstructorParameters<typeof Socket>[0]);
+  }
+
+  /**
+   * Bytes read from the connection before it was adopted, to be passed on before any other; null
+   * once taken. (With 'data' events they are still in the socket's buffer and come as a first event.)
+   */
+  takeEarly(): Buffer | null {
+    const early = this.early;
+    this.early = null;
+    return early;
   }
 
   /** Buffers this connection has allocated for reads (bounded by the write queue: see the class). */

@@ -10,10 +10,13 @@ import {
   encodeJson,
   FrameParser,
   frameHeader,
+  FrameTooLargeError,
   FrameType,
+  MAX_HANDSHAKE_PAYLOAD,
   PROTOCOL_VERSION,
 } from '../wire/frames';
-import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, TABLE_FRAME_BYTES } from './session';
+import { Refusal, type RefusalReason } from './limits';
+import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, TABLE_FRAME_BYTES } from './session';
 
 export interface ReceiveOptions {
   site: string;
@@ -23,6 +26,14 @@ export interface ReceiveOptions {
   targetAllowed: (target: Endpoint) => boolean;
   /** VMs migrating through this gateway now, in either direction: one migration per VM at a time. */
   busy: Set<string>;
+  /** When (Date.now() time) a valid Hello must have arrived: the connection was accepted before. */
+  handshakeDeadline: number;
+  /** A migration whose connections move no byte this long fails. */
+  idleMs: number;
+  /** Largest frame accepted once the Hello is; before it only MAX_HANDSHAKE_PAYLOAD. */
+  maxFrameBytes: number;
+  /** A connection turned away before its migration began (the observer logs and counts it). */
+  refused: (reason: RefusalReason, detail: string) => void;
 }
 
 /**
@@ -51,6 +62,8 @@ export class ReceiveSession {
   private wanOut = 0;
   private wanIn = 0;
   private readonly timer: NodeJS.Timeout;
+  private readonly handshakeTimer: NodeJS.Timeout;
+  private readonly idle: IdleWatch;
 
   constructor(
     private readonly peer: Socket,
@@ -58,12 +71,18 @@ export class ReceiveSession {
   ) {
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
     peer.setNoDelay(true);
-    peer.setTimeout(HANDSHAKE_TIMEOUT_MS, () => this.fail('no Hello from the peer in time'));
+    this.handshakeTimer = setTimeout(
+      () => this.fail('no valid Hello from the peer in time', 'handshake-timeout'),
+      Math.max(0, options.handshakeDeadline - Date.now()),
+    );
+    this.idle = new IdleWatch(options.idleMs);
     // Literal bytes pass through as they arrive; only control frames and Runs are assembled.
     this.frames = new FrameParser(
       (type, payload) => this.onFrame(type, payload),
       (type) => type === FrameType.Literal,
     );
+    // A peer that has not said who it is gets no more than a Hello's worth of buffer.
+    this.frames.maxPayload = MAX_HANDSHAKE_PAYLOAD;
     peer.on('data', (chunk: Buffer) => {
       this.wanIn += chunk.length;
       // What this chunk rebuilds reaches the destination in one writev.
@@ -71,14 +90,14 @@ export class ReceiveSession {
       try {
         this.frames.push(chunk);
       } catch (err) {
-        this.fail(errorMessage(err));
+        this.fail(errorMessage(err), err instanceof Refusal ? err.reason : err instanceof FrameTooLargeError ? 'frame-too-large' : 'protocol');
       } finally {
         this.dest?.uncork();
       }
       if (this.frames.isPaused) peer.pause();
     });
-    peer.on('error', (err) => this.fail(`peer: ${err.message}`));
-    peer.on('close', () => this.fail('the peer gateway closed the connection'));
+    peer.on('error', (err) => this.fail(`peer: ${err.message}`, 'closed'));
+    peer.on('close', () => this.fail('the peer gateway closed the connection', 'closed'));
     this.timer = setInterval(() => this.progress(), PROGRESS_INTERVAL_MS);
   }
 
@@ -123,14 +142,27 @@ export class ReceiveSession {
   private onHello(payload: Buffer): void {
     if (this.dest) throw new Error('a second Hello');
     const hello = decodeHello(payload);
-    if (hello.protocol !== PROTOCOL_VERSION) throw new Error(`protocol ${hello.protocol}; this gateway speaks ${PROTOCOL_VERSION}`);
-    this.vm = validateVmName(hello.vm);
-    const target = parseEndpoint(hello.target);
-    if (!this.options.targetAllowed(target)) throw new Error(`destination ${hello.target} is not in allowTargets`);
-    if (this.options.busy.has(this.vm)) throw new Error(`VM ${this.vm} is already migrating through this gateway`);
-    this.options.busy.add(this.vm);
+    if (hello.protocol !== PROTOCOL_VERSION) throw new Refusal('protocol', `protocol ${hello.protocol}; this gateway speaks ${PROTOCOL_VERSION}`);
+    let vm: string;
+    let target: Endpoint;
+    try {
+      vm = validateVmName(hello.vm);
+    } catch (err) {
+      throw new Refusal('bad-vm-name', errorMessage(err));
+    }
+    try {
+      target = parseEndpoint(hello.target);
+    } catch (err) {
+      throw new Refusal('target-not-allowed', `destination: ${errorMessage(err)}`);
+    }
+    if (!this.options.targetAllowed(target)) throw new Refusal('target-not-allowed', `destination ${hello.target} is not in allowTargets`);
+    if (this.options.busy.has(vm)) throw new Refusal('busy', `VM ${vm} is already migrating through this gateway`);
+    // Accepted: from here on this is a migration of a valid VM name, reported as one.
+    this.vm = vm;
+    this.options.busy.add(vm);
     this.holdsVm = true;
-    this.peer.setTimeout(0);
+    clearTimeout(this.handshakeTimer);
+    this.frames.maxPayload = this.options.maxFrameBytes;
     this.event('migration offered', { peerSite: hello.site, target: hello.target });
     this.store = PageStore.open(this.options.storeRoot, this.vm);
     this.retained = new UndoableStore(this.store);
@@ -250,12 +282,22 @@ export class ReceiveSession {
   }
 
   private progress(): void {
+    if (this.holdsVm && !this.finished && this.idle.stalled(this.wanIn + this.wanOut + (this.decoder?.counts.streamBytes ?? 0))) {
+      this.options.observer.idleTimeout(this.vm, 'receive');
+      this.fail(`no bytes moved for ${this.options.idleMs / 1000} s (limits.idleSeconds)`);
+      return;
+    }
     if (!this.decoder) return;
     this.options.observer.progress(this.vm, 'receive', { streamBytes: this.decoder.counts.streamBytes, wanBytes: this.wanIn, counts: this.decoder.counts });
   }
 
-  private fail(reason: string): void {
+  /** Ends the migration; before the Hello was accepted, `refusal` says why the connection was refused. */
+  private fail(reason: string, refusal: RefusalReason = 'protocol'): void {
     if (this.finished) return;
+    if (!this.holdsVm) {
+      this.refuse(refusal, reason);
+      return;
+    }
     this.event('migration failed', { error: reason });
     // Reset, not end: the destination must see a broken stream, never a short one that parses.
     this.dest?.resetAndDestroy();
@@ -269,9 +311,26 @@ export class ReceiveSession {
     this.finish('failed', reason, null);
   }
 
+  /** Nothing was opened or dialled yet: tell the peer why, close, and report a refusal, not a migration. */
+  private refuse(reason: RefusalReason, detail: string): void {
+    this.finished = true;
+    clearInterval(this.timer);
+    clearTimeout(this.handshakeTimer);
+    if (!this.peer.destroyed && this.peer.writable) {
+      this.peer.end(encodeJson(FrameType.Abort, { error: detail }));
+      // A peer that does not read its Abort does not keep the connection.
+      setTimeout(() => this.peer.destroy(), 1000).unref();
+    } else {
+      this.peer.destroy();
+    }
+    this.options.refused(reason, detail);
+    this.resolveDone();
+  }
+
   private finish(result: 'completed' | 'failed', error: string | null, snapshotId: string | null): void {
     this.finished = true;
     clearInterval(this.timer);
+    clearTimeout(this.handshakeTimer);
     this.progress();
     if (this.holdsVm) this.options.busy.delete(this.vm);
     this.store?.close();

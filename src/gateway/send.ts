@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { formatEndpoint } from '../address';
 import { DIGEST_BYTES } from '../digest';
 import { StreamEncoder } from '../proxy/encoder';
@@ -19,13 +19,20 @@ import {
 } from '../wire/frames';
 import type { RouteConfig } from './config';
 import { PooledReads } from './pooled-reads';
-import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
+import type { PeerTransport } from './transport';
+import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, IdleWatch, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
 
 export interface SendOptions {
   site: string;
   route: RouteConfig;
   storeRoot: string;
   observer: SessionObserver;
+  /** How the peer gateway is dialled (TCP or mutual TLS). */
+  transport: PeerTransport;
+  /** A migration whose connections move no byte this long fails. */
+  idleMs: number;
+  /** Largest frame accepted from the peer. */
+  maxFrameBytes: number;
 }
 
 /**
@@ -56,7 +63,8 @@ export class SendSession {
   private wanIn = 0;
   private finished = false;
   private readonly timer: NodeJS.Timeout;
-  private readonly transientReads: boolean;
+  private readonly idle: IdleWatch;
+  private readonly reads: PooledReads;
 
   /** The source QEMU's connection. */
   readonly qemu: Socket;
@@ -69,18 +77,18 @@ export class SendSession {
     this.vm = options.route.vm;
     accepted.pause();
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
-    this.event('migration accepted', { source: `${accepted.remoteAddress}:${accepted.remotePort}`, peer: formatEndpoint(options.route.peer) });
-    this.peer = connect({ ...options.route.peer, noDelay: true });
+    this.frames.maxPayload = options.maxFrameBytes;
+    this.idle = new IdleWatch(options.idleMs);
+    this.event('migration accepted', { source: `${accepted.remoteAddress}:${accepted.remotePort}`, peer: formatEndpoint(options.route.peer), tls: options.transport.secure });
+    this.peer = options.transport.connect(options.route.peer, () => this.onPeerConnect());
     // Source bytes reach the WAN socket as views of the read buffers: PooledReads reuses a buffer only
     // once the WAN socket's queue has emptied, and the encoder copies what it keeps across reads.
-    const reads = new PooledReads(accepted, this.peer, (chunk) => this.onSourceData(chunk));
-    this.transientReads = reads.pooled;
-    const qemu = reads.socket;
+    this.reads = new PooledReads(accepted, this.peer, (chunk) => this.onSourceData(chunk));
+    const qemu = this.reads.socket;
     this.qemu = qemu;
     qemu.pause();
     qemu.setNoDelay(true);
     this.peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail('the peer gateway did not answer in time'));
-    this.peer.on('connect', () => this.onPeerConnect());
     this.peer.on('data', (chunk: Buffer) => {
       this.wanIn += chunk.length;
       try {
@@ -140,7 +148,7 @@ export class SendSession {
           },
           this.retained,
           (layout) => this.chooseReference(layout),
-          this.transientReads,
+          this.reads.pooled,
         );
         this.resumeSource();
         return;
@@ -239,7 +247,11 @@ export class SendSession {
   }
 
   private resumeSource(): void {
-    if (!this.finished && this.encoder && !this.waitingForTable && !this.peer.writableNeedDrain) this.qemu.resume();
+    const ready = (): boolean => !this.finished && this.encoder !== null && !this.waitingForTable && !this.peer.writableNeedDrain;
+    if (!ready()) return;
+    const early = this.reads.takeEarly();
+    if (early) this.onSourceData(early);
+    if (ready()) this.qemu.resume();
   }
 
   private writeFrame(bytes: Buffer): void {
@@ -248,6 +260,11 @@ export class SendSession {
   }
 
   private progress(): void {
+    if (this.offer && !this.finished && this.idle.stalled(this.wanIn + this.wanOut + (this.encoder?.counts.streamBytes ?? 0))) {
+      this.options.observer.idleTimeout(this.vm, 'send');
+      this.fail(`no bytes moved for ${this.options.idleMs / 1000} s (limits.idleSeconds)`);
+      return;
+    }
     if (!this.encoder) return;
     this.options.observer.progress(this.vm, 'send', { streamBytes: this.encoder.counts.streamBytes, wanBytes: this.wanOut, counts: this.encoder.counts });
   }

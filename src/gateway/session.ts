@@ -28,13 +28,16 @@ export interface SessionObserver {
   /** The VM's store is about to hold `bytes`: the gateway keeps the store directory within its budget. */
   storeGrows(vm: string, bytes: number): void;
   event(vm: string, direction: Direction, message: string, fields?: Record<string, unknown>): void;
+  /** No byte moved on the migration's connections for limits.idleSeconds; it fails next. */
+  idleTimeout(vm: string, direction: Direction): void;
   /** Cumulative totals so far (about once a second and at the end). */
   progress(vm: string, direction: Direction, totals: { streamBytes: number; wanBytes: number; counts: TransferCounts }): void;
   finished(report: MigrationReport): void;
 }
 
-/** Limits on one migration's connections. */
-export const HANDSHAKE_TIMEOUT_MS = 10_000;
+/** Limits on one migration's connections (the configurable ones are in `limits:`, see security-config.ts). */
+/** The sender's wait from its Hello to the peer's Offer (the peer dials the destination meanwhile). */
+export const HANDSHAKE_TIMEOUT_MS = 15_000;
 export const CONNECT_TIMEOUT_MS = 10_000;
 export const PROGRESS_INTERVAL_MS = 1_000;
 /** Digest-table frames: 64 Ki pages each. */
@@ -76,4 +79,24 @@ export function keepStreamParts(
   store.saveBlob('stream-tail', r.tail);
   const origin = streamOrigin(r.machineType, footers);
   store.saveBlob('stream-info', Buffer.from(JSON.stringify({ snapshotId, ramSectionId: r.ramSectionId, footers, ...origin })));
+}
+
+/**
+ * Notices a migration that has stopped moving: fed a running total of bytes moved on all of the
+ * session's connections at each progress tick, it says when that total has not changed for `idleMs`.
+ */
+export class IdleWatch {
+  private lastTotal = -1;
+  private lastChange = Date.now();
+
+  constructor(private readonly idleMs: number) {}
+
+  stalled(total: number, now = Date.now()): boolean {
+    if (total !== this.lastTotal) {
+      this.lastTotal = total;
+      this.lastChange = now;
+      return false;
+    }
+    return now - this.lastChange >= this.idleMs;
+  }
 }

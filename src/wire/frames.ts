@@ -11,6 +11,9 @@ export const PROTOCOL_VERSION = 2;
 export const FRAME_HEADER_BYTES = 5;
 /** Larger frames are refused: a peer cannot make us buffer more than this per frame. */
 export const MAX_FRAME_PAYLOAD = 4 * 1024 * 1024;
+/** Control frames exchanged before a migration is accepted (Hello, Offer) are small: a peer that has
+ * not yet said who it is cannot make us buffer more than this. */
+export const MAX_HANDSHAKE_PAYLOAD = 4 * 1024;
 
 export const enum FrameType {
   /** Sender → receiver, first frame: JSON HelloMessage. */
@@ -78,7 +81,12 @@ export interface AbortMessage {
 }
 
 export class WireError extends Error {
-  override readonly name = 'WireError';
+  override readonly name: string = 'WireError';
+}
+
+/** A frame header announced more payload than the parser accepts (refused before any of it is buffered). */
+export class FrameTooLargeError extends WireError {
+  override readonly name = 'FrameTooLargeError';
 }
 
 /** The 5-byte header of a frame, to be written before (or corked with) its payload. */
@@ -144,6 +152,8 @@ export class FrameParser {
   /** The streamed frame being delivered, and how many of its payload bytes are still to come. */
   private streamType: FrameType = FrameType.Literal;
   private streamRemaining = 0;
+  /** Largest payload accepted, checked on the header before any payload is buffered; may change between frames. */
+  maxPayload = MAX_FRAME_PAYLOAD;
 
   constructor(
     private readonly handler: FrameHandler,
@@ -196,7 +206,7 @@ export class FrameParser {
         const head = this.peekHeader();
         const type = head[0] as FrameType;
         const length = head.readUInt32BE(1);
-        if (length > MAX_FRAME_PAYLOAD) throw new WireError(`frame of ${length} bytes exceeds ${MAX_FRAME_PAYLOAD}`);
+        if (length > this.maxPayload) throw new FrameTooLargeError(`frame of ${length} bytes exceeds ${this.maxPayload}`);
         if (length > 0 && this.streamed(type)) {
           this.consume(FRAME_HEADER_BYTES);
           this.streamType = type;

@@ -1,0 +1,150 @@
+/**
+ * The security parts of a gateway's config: the `tls:` block and the `limits:` block.
+ *
+ * ```yaml
+ * tls:                         # mutual TLS 1.3 between gateways (both directions)
+ *   cert: tls/site-a.crt       # this site's certificate (PEM; relative paths: to the config file)
+ *   key: tls/site-a.key        # its private key (PEM)
+ *   ca: tls/ca.crt             # the CA every peer's certificate must be issued by
+ *   allowPeers: [site-b]       # optional: peer certificate names (CN or DNS SAN) accepted
+ * limits:
+ *   handshakeSeconds: 10       # TCP accept → a valid Hello (TLS handshake included) / QEMU's stream magic
+ *   idleSeconds: 120           # a migration whose connections move no byte this long is failed
+ *   maxFrameBytes: 4MiB        # largest gateway-to-gateway frame accepted (1MiB..4MiB)
+ *   maxConnections: 64         # open connections across all of this gateway's listeners
+ * ```
+ */
+import { createPrivateKey, type KeyObject, X509Certificate } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import * as path from 'node:path';
+import { parseSize } from '../store/budget';
+import { MAX_FRAME_PAYLOAD } from '../wire/frames';
+import { describe, type Fail, isMapping } from './config';
+import { TABLE_FRAME_BYTES } from './session';
+
+export interface TlsConfig {
+  /** Absolute paths as resolved, for messages. */
+  certFile: string;
+  keyFile: string;
+  caFile: string;
+  cert: Buffer;
+  key: Buffer;
+  ca: Buffer;
+  /** Peer certificate names accepted (subject CN or DNS subjectAltName), or null for any the CA issued. */
+  allowPeers: string[] | null;
+  /** When this site's certificate stops being valid. */
+  validTo: Date;
+}
+
+export interface Limits {
+  handshakeSeconds: number;
+  idleSeconds: number;
+  maxFrameBytes: number;
+  maxConnections: number;
+}
+
+export const DEFAULT_LIMITS: Readonly<Limits> = {
+  handshakeSeconds: 10,
+  idleSeconds: 120,
+  maxFrameBytes: MAX_FRAME_PAYLOAD,
+  maxConnections: 64,
+};
+/** A digest-table frame must fit: smaller frame limits would break every digest-table exchange. */
+export const MIN_FRAME_BYTES = TABLE_FRAME_BYTES;
+
+const TLS_KEYS = ['cert', 'key', 'ca', 'allowPeers'] as const;
+const LIMIT_KEYS = ['handshakeSeconds', 'idleSeconds', 'maxFrameBytes', 'maxConnections'] as const;
+const PEER_NAME = /^[A-Za-z0-9._-]{1,64}$/;
+
+/** The `tls:` block, or null when absent. Reads and checks the PEM files so a bad one stops start-up. */
+export function parseTls(value: unknown, baseDir: string, fail: Fail): TlsConfig | null {
+  if (value === undefined || value === null) return null;
+  if (!isMapping(value)) return fail('tls', `must be a mapping with cert, key, ca (and optionally allowPeers), not ${describe(value)}`);
+  const unknown = Object.keys(value).filter((k) => !(TLS_KEYS as readonly string[]).includes(k));
+  if (unknown.length > 0) fail(`tls.${unknown[0]}`, `unknown key "tls.${unknown[0]}" (expected ${TLS_KEYS.join(', ')})`);
+
+  const file = (name: 'cert' | 'key' | 'ca'): { file: string; bytes: Buffer } => {
+    const v = value[name];
+    if (v === undefined || v === null) return fail(`tls.${name}`, 'is required');
+    if (typeof v !== 'string' || v.trim() === '') return fail(`tls.${name}`, `must be a file name, not ${describe(v)}`);
+    const resolved = path.resolve(baseDir, v);
+    try {
+      return { file: resolved, bytes: readFileSync(resolved) };
+    } catch (err) {
+      return fail(`tls.${name}`, `cannot read ${resolved}: ${(err as Error).message}`);
+    }
+  };
+  const certPem = file('cert');
+  const keyPem = file('key');
+  const caPem = file('ca');
+
+  const x509 = (key: string, bytes: Buffer, resolved: string): X509Certificate => {
+    try {
+      return new X509Certificate(bytes);
+    } catch (err) {
+      return fail(key, `${resolved} is not a PEM certificate: ${(err as Error).message}`);
+    }
+  };
+  const cert = x509('tls.cert', certPem.bytes, certPem.file);
+  const ca = x509('tls.ca', caPem.bytes, caPem.file);
+  let key: KeyObject;
+  try {
+    key = createPrivateKey(keyPem.bytes);
+  } catch (err) {
+    return fail('tls.key', `${keyPem.file} is not a PEM private key: ${(err as Error).message}`);
+  }
+  if (!cert.checkPrivateKey(key)) fail('tls.key', `${keyPem.file} is not the private key of ${certPem.file}`);
+  if (!ca.ca) fail('tls.ca', `${caPem.file} is not a CA certificate (basicConstraints CA:TRUE)`);
+  if (!cert.checkIssued(ca) || !cert.verify(ca.publicKey)) fail('tls.cert', `${certPem.file} is not issued by the CA in ${caPem.file}`);
+  const validTo = new Date(cert.validTo);
+  if (validTo.getTime() < Date.now()) fail('tls.cert', `${certPem.file} expired on ${validTo.toISOString()}`);
+  if (new Date(cert.validFrom).getTime() > Date.now()) fail('tls.cert', `${certPem.file} is not valid before ${new Date(cert.validFrom).toISOString()}`);
+
+  let allowPeers: string[] | null = null;
+  const allowValue = value.allowPeers;
+  if (allowValue !== undefined && allowValue !== null) {
+    if (!Array.isArray(allowValue) || allowValue.length === 0) fail('tls.allowPeers', `must be a non-empty list of peer names, not ${describe(allowValue)}`);
+    allowPeers = (allowValue as unknown[]).map((name, i) => {
+      if (typeof name !== 'string' || !PEER_NAME.test(name)) {
+        return fail(`tls.allowPeers[${i}]`, `${describe(name)} is not a peer name (1-64 characters of A-Z a-z 0-9 . _ -)`);
+      }
+      return name;
+    });
+  }
+  return { certFile: certPem.file, keyFile: keyPem.file, caFile: caPem.file, cert: certPem.bytes, key: keyPem.bytes, ca: caPem.bytes, allowPeers, validTo };
+}
+
+/** The `limits:` block; every key optional. */
+export function parseLimits(value: unknown, fail: Fail): Limits {
+  if (value === undefined || value === null) return { ...DEFAULT_LIMITS };
+  if (!isMapping(value)) return fail('limits', `must be a mapping of ${LIMIT_KEYS.join(', ')}, not ${describe(value)}`);
+  const unknown = Object.keys(value).filter((k) => !(LIMIT_KEYS as readonly string[]).includes(k));
+  if (unknown.length > 0) fail(`limits.${unknown[0]}`, `unknown key "limits.${unknown[0]}" (expected ${LIMIT_KEYS.join(', ')})`);
+  const number = (name: keyof Limits, min: number, max: number, integer: boolean): number => {
+    const v = value[name];
+    if (v === undefined || v === null) return DEFAULT_LIMITS[name];
+    if (typeof v !== 'number' || !Number.isFinite(v) || (integer && !Number.isInteger(v))) {
+      return fail(`limits.${name}`, `must be ${integer ? 'a whole number' : 'a number'}, not ${describe(v)}`);
+    }
+    if (v < min || v > max) return fail(`limits.${name}`, `${v} is out of range (${min}..${max})`);
+    return v;
+  };
+  let maxFrameBytes = DEFAULT_LIMITS.maxFrameBytes;
+  const frameValue = value.maxFrameBytes;
+  if (frameValue !== undefined && frameValue !== null) {
+    try {
+      maxFrameBytes = parseSize(String(frameValue));
+    } catch (err) {
+      fail('limits.maxFrameBytes', (err as Error).message);
+    }
+    if (maxFrameBytes < MIN_FRAME_BYTES || maxFrameBytes > MAX_FRAME_PAYLOAD) {
+      fail('limits.maxFrameBytes', `${maxFrameBytes} bytes is out of range (${MIN_FRAME_BYTES}..${MAX_FRAME_PAYLOAD}: 1MiB..4MiB)`);
+    }
+  }
+  return {
+    handshakeSeconds: number('handshakeSeconds', 0.1, 3600, false),
+    idleSeconds: number('idleSeconds', 1, 86400, false),
+    maxFrameBytes,
+    maxConnections: number('maxConnections', 1, 100_000, true),
+  };
+}

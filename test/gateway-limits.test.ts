@@ -1,0 +1,157 @@
+/**
+ * The `limits:` of a real gateway pair on loopback: connections that do not say who they are in time
+ * are cut, a migration that stops moving fails on both sides, and connections above the limit are
+ * turned away; each is logged and counted, and none touches a store.
+ */
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { FrameType } from '../src/wire/frames';
+import { destinationStandIn, rawPeer, refusals, sourceStandIn, startPair, type TestSite, treeListing, waitFor } from './gateway-pair';
+import { guestMemory, migrationStream } from './migration-stream';
+
+const LIMITS = 'limits:\n  handshakeSeconds: 1\n  idleSeconds: 2\n  maxConnections: 6\n';
+
+/** Connects and reports when the gateway closed the connection, in ms after connecting (or trying to). */
+function openIdle(port: number, drip = false): Promise<{ socket: net.Socket; closedAfterMs: Promise<number> }> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host: '127.0.0.1', port });
+    const t0 = Date.now();
+    socket.on('error', () => undefined);
+    socket.resume();
+    let timer: NodeJS.Timeout | null = null;
+    const closedAfterMs = new Promise<number>((r) =>
+      socket.once('close', () => {
+        if (timer) clearInterval(timer);
+        r(Date.now() - t0);
+      }),
+    );
+    // A gateway that refuses at once may reset the connection before 'connect' is seen here.
+    socket.once('close', () => resolve({ socket, closedAfterMs }));
+    socket.once('connect', () => {
+      // A slow drip of bytes does not extend the handshake deadline.
+      if (drip) timer = setInterval(() => socket.write(Buffer.from([0])), 200);
+      resolve({ socket, closedAfterMs });
+    });
+  });
+}
+
+describe('gateway limits', () => {
+  let tmp = '';
+  let a: TestSite;
+  let b: TestSite;
+  const memory = guestMemory([['pc.ram', 300]], 9);
+  const stream = migrationStream(memory, []);
+
+  beforeAll(async () => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-limits-'));
+    [a, b] = await startPair(tmp, [LIMITS, LIMITS]);
+  });
+
+  afterAll(async () => {
+    await a?.gateway.stop(1);
+    await b?.gateway.stop(1);
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  test.each([
+    ['peer', false],
+    ['peer', true],
+    ['source', false],
+  ])('a silent or dripping %s connection (drip %s) is cut at limits.handshakeSeconds', async (listener, drip) => {
+    const before = treeListing(tmp);
+    const logged = refusals(b).length;
+    const { closedAfterMs } = await openIdle(listener === 'peer' ? b.peerPort : b.routePort, drip);
+    const ms = await closedAfterMs;
+    expect(ms).toBeGreaterThanOrEqual(900);
+    expect(ms).toBeLessThan(5000);
+    await waitFor(() => refusals(b).length > logged);
+    expect(refusals(b).slice(logged)).toEqual(expect.arrayContaining([expect.objectContaining({ listener, reason: 'handshake-timeout' })]));
+    expect(treeListing(tmp)).toEqual(before);
+  });
+
+  test('a source that does not start with QEMU\'s stream magic opens nothing and dials no one', async () => {
+    const before = treeListing(tmp);
+    const logged = refusals(b).length;
+    const historyA = a.gateway.history.length;
+    expect(await sourceStandIn(b.routePort, Buffer.from('GET / HTTP/1.1\r\n\r\n'))).toBe('reset');
+    await waitFor(() => refusals(b).length > logged);
+    expect(refusals(b)[logged]).toMatchObject({ listener: 'source', reason: 'not-qemu' });
+    expect(b.gateway.history).toHaveLength(0);
+    expect(a.gateway.history).toHaveLength(historyA);
+    expect(treeListing(tmp)).toEqual(before);
+  });
+
+  test('a migration that stops moving fails on both sides at limits.idleSeconds and is counted', async () => {
+    // A source that sends the start of a real stream and then stalls without closing.
+    const dest = await destinationStandIn(b.destPort);
+    const source = net.connect({ host: '127.0.0.1', port: a.routePort });
+    source.on('error', () => undefined);
+    source.resume();
+    const reset = new Promise<boolean>((r) => {
+      let error = false;
+      source.on('error', () => (error = true));
+      source.on('close', () => r(error));
+    });
+    source.write(stream.subarray(0, 64 * 1024));
+    const t0 = Date.now();
+    expect(await reset).toBe(true);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(1500);
+    await waitFor(() => a.gateway.history.length === 1 && b.gateway.history.length === 1);
+    expect(a.gateway.history[0]).toMatchObject({ direction: 'send', result: 'failed' });
+    expect(a.gateway.history[0].error).toMatch(/no bytes moved for 2 s/);
+    expect(b.gateway.history[0]).toMatchObject({ direction: 'receive', result: 'failed' });
+    expect((await dest.received).reset || (await dest.received).bytes.length < stream.length).toBe(true);
+    expect(await a.metrics.text()).toMatch(/bfmig_idle_timeouts_total\{direction="send"\} 1/);
+    expect(a.logs.some((l) => l.msg === 'migration idle too long')).toBe(true);
+  });
+
+  test('an authenticated-looking peer that stalls after its Hello is cut by the idle limit', async () => {
+    const dest = await destinationStandIn(b.destPort);
+    const peer = await rawPeer(b.peerPort);
+    const history = b.gateway.history.length;
+    peer.hello('vm1', `127.0.0.1:${b.destPort}`);
+    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
+    await peer.closed;
+    await waitFor(() => b.gateway.history.length > history);
+    expect(b.gateway.history[history].error).toMatch(/no bytes moved/);
+    expect((await dest.received).bytes.length).toBe(0);
+    expect(await b.metrics.text()).toMatch(/bfmig_idle_timeouts_total\{direction="receive"\} [1-9]/);
+  });
+
+  test('connections above limits.maxConnections are turned away at once; below it they are accepted again', async () => {
+    // Six silent connections fill the gateway until the handshake limit cuts them (1 s).
+    const held = await Promise.all(Array.from({ length: 6 }, () => openIdle(b.peerPort)));
+    await waitFor(() => b.gateway.openConnections === 6, 800);
+    expect(await b.metrics.text()).toMatch(/bfmig_connections_open\{listener="peer"\} 6/);
+    const logged = refusals(b).length;
+    const extra = await openIdle(b.routePort);
+    expect(await extra.closedAfterMs).toBeLessThan(500);
+    expect(refusals(b)[logged]).toMatchObject({ listener: 'source', reason: 'connection-limit' });
+    expect(await b.metrics.text()).toMatch(/bfmig_connections_refused_total\{listener="source",reason="connection-limit"\} 1/);
+    await Promise.all(held.map((h) => h.closedAfterMs));
+    await waitFor(() => b.gateway.openConnections === 0);
+    // Room again: a whole migration goes through.
+    const dest = await destinationStandIn(a.destPort);
+    expect(await sourceStandIn(b.routePort, stream)).toBe('closed');
+    expect((await dest.received).bytes.equals(stream)).toBe(true);
+  });
+
+  test('the metrics port: absurd headers are answered 431, idle clients are cut, /metrics still works', async () => {
+    const port = b.gateway.bound.get('metrics')?.port ?? 0;
+    const absurd = await new Promise<string>((resolve) => {
+      const socket = net.connect({ host: '127.0.0.1', port }, () => socket.write(`GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(100_000)}\r\n\r\n`));
+      let text = '';
+      socket.on('data', (d: Buffer) => (text += d.toString()));
+      socket.on('error', () => undefined);
+      socket.on('close', () => resolve(text));
+    });
+    expect(absurd).toMatch(/^HTTP\/1\.1 431/);
+    const idle = await openIdle(port);
+    expect(await idle.closedAfterMs).toBeLessThan(5000);
+    const res = await fetch(`http://127.0.0.1:${port}/metrics`);
+    expect(res.status).toBe(200);
+    expect(await res.text()).toMatch(/bfmig_connections_refused_total/);
+  });
+});

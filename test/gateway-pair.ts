@@ -1,0 +1,148 @@
+/**
+ * A gateway pair on loopback for tests of the gateway-to-gateway link, with stand-ins for QEMU
+ * (a source that sends a synthetic stream, a destination that keeps what it gets) and a raw peer
+ * client that speaks frames by hand, over TCP or TLS.
+ */
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { Writable } from 'node:stream';
+import * as tls from 'node:tls';
+export { treeListing } from '../bench/hostile-load';
+import { loopbackSiteYaml } from '../src/demo/loopback-config';
+import { parseConfig } from '../src/gateway/config';
+import { Gateway } from '../src/gateway/gateway';
+import { createLogger } from '../src/gateway/log';
+import { GatewayMetrics } from '../src/gateway/metrics';
+import { freePort } from '../src/vm/qemu-vm';
+import { encodeJson, FrameParser, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
+
+export interface TestSite {
+  name: string;
+  gateway: Gateway;
+  metrics: GatewayMetrics;
+  data: string;
+  routePort: number;
+  peerPort: number;
+  /** The destination stand-in at this site listens here. */
+  destPort: number;
+  logs: Array<Record<string, unknown>>;
+}
+
+/** Two gateways routing vm1 to each other; `extra[i]` is YAML appended to site i's config (tls:, limits:). */
+export async function startPair(tmp: string, extra: [string, string] = ['', '']): Promise<[TestSite, TestSite]> {
+  const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
+  const make = async (name: string, peer: number, route: number, farPeer: number, farDest: number, dest: number, more: string): Promise<TestSite> => {
+    const data = path.join(tmp, name);
+    const yaml = loopbackSiteYaml({ name, data, peerPort: peer, vm: 'vm1', routePort: route, farPeerPort: farPeer, targetPort: farDest }) + 'metrics: 127.0.0.1:0\n' + more;
+    const logs: Array<Record<string, unknown>> = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, cb) {
+        for (const line of chunk.toString().split('\n').filter(Boolean)) logs.push(JSON.parse(line) as Record<string, unknown>);
+        cb();
+      },
+    });
+    const metrics = new GatewayMetrics({ defaultMetrics: false });
+    const gateway = new Gateway(parseConfig(yaml, path.join(tmp, `${name}.yaml`)), createLogger({ name, destination: sink }), metrics);
+    await gateway.start();
+    return { name, gateway, metrics, data, routePort: route, peerPort: peer, destPort: dest, logs };
+  };
+  const a = await make('site-a', peerA, routeA, peerB, destB, destA, extra[0]);
+  const b = await make('site-b', peerB, routeB, peerA, destA, destB, extra[1]);
+  return [a, b];
+}
+
+/** A source stand-in: sends `stream` to the route, reports how the connection ended. */
+export function sourceStandIn(port: number, stream: Buffer): Promise<'closed' | 'reset'> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host: '127.0.0.1', port }, () => {
+      socket.write(stream);
+      socket.end();
+    });
+    let reset = false;
+    socket.on('error', () => (reset = true));
+    socket.resume();
+    socket.on('close', () => resolve(reset ? 'reset' : 'closed'));
+  });
+}
+
+/** A destination stand-in: accepts one connection and keeps what it receives. */
+export function destinationStandIn(port: number): Promise<{ received: Promise<{ bytes: Buffer; reset: boolean }>; close: () => void }> {
+  return new Promise((listening) => {
+    let done: (r: { bytes: Buffer; reset: boolean }) => void;
+    const received = new Promise<{ bytes: Buffer; reset: boolean }>((r) => (done = r));
+    const server = net.createServer((socket) => {
+      server.close();
+      const parts: Buffer[] = [];
+      let reset = false;
+      socket.on('data', (b: Buffer) => parts.push(b));
+      socket.on('error', () => (reset = true));
+      socket.on('end', () => socket.end());
+      socket.on('close', () => done({ bytes: Buffer.concat(parts), reset }));
+    });
+    server.listen(port, '127.0.0.1', () => listening({ received, close: () => server.close() }));
+  });
+}
+
+export interface RawPeer {
+  socket: net.Socket;
+  /** Frames received so far. */
+  frames: Array<{ type: FrameType; payload: Buffer }>;
+  /** Resolves when the connection is gone, with any socket error. */
+  closed: Promise<{ error: string | null }>;
+  /** Sends a Hello for `vm`, asking the gateway to dial `target`. */
+  hello(vm: string, target: string): void;
+  /** The error text of an Abort the gateway sent, if any. */
+  abortText(): string | null;
+}
+
+/**
+ * A hand-driven peer: plain TCP when `credentials` is undefined, else TLS 1.3 with the given client
+ * certificate (or none). It does not verify the gateway's certificate: the tests are about what the
+ * gateway accepts.
+ */
+export function rawPeer(port: number, credentials?: { cert?: Buffer; key?: Buffer }): Promise<RawPeer> {
+  return new Promise((resolve, reject) => {
+    const socket: net.Socket = credentials
+      ? tls.connect({ host: '127.0.0.1', port, rejectUnauthorized: false, minVersion: 'TLSv1.3', ...credentials })
+      : net.connect({ host: '127.0.0.1', port });
+    const frames: RawPeer['frames'] = [];
+    const parser = new FrameParser((type, payload) => frames.push({ type, payload: Buffer.from(payload) }));
+    let error: string | null = null;
+    socket.on('data', (chunk: Buffer) => {
+      try {
+        parser.push(chunk);
+      } catch {
+        socket.destroy();
+      }
+    });
+    socket.on('error', (err) => {
+      error = err.message;
+      reject(err);
+    });
+    const closed = new Promise<{ error: string | null }>((r) => socket.on('close', () => r({ error })));
+    const peer: RawPeer = {
+      socket,
+      frames,
+      closed,
+      hello: (vm, target) => socket.write(encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: 'raw', vm, target })),
+      abortText: () => {
+        const abort = frames.find((f) => f.type === FrameType.Abort);
+        return abort ? (JSON.parse(abort.payload.toString()) as { error: string }).error : null;
+      },
+    };
+    socket.once(credentials ? 'secureConnect' : 'connect', () => resolve(peer));
+  });
+}
+
+export async function waitFor(condition: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > until) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** The log lines of connections the site refused, newest last. */
+export function refusals(site: TestSite): Array<{ listener: string; reason: string; error: string; peerName?: string }> {
+  return site.logs.filter((l) => l.msg === 'connection refused') as Array<{ listener: string; reason: string; error: string; peerName?: string }>;
+}
