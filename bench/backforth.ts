@@ -62,7 +62,7 @@ function hostInfo(): BenchResults['host'] {
 }
 
 const CSV_COLUMNS: Array<keyof GridRun | keyof LegResult> = [
-  'id', 'mbit', 'delayMs', 'memMiB', 'workloadMiB', 'rewritePct', 'leg', 'path', 'from', 'to', 'changedPages', 'wanBytes', 'wanBytesForward', 'wanBytesBackward',
+  'id', 'mbit', 'delayMs', 'memMiB', 'workloadMiB', 'rewritePct', 'leg', 'path', 'from', 'to', 'changedPages', 'secondsAtSource', 'wanBytes', 'wanBytesForward', 'wanBytesBackward',
   'streamBytes', 'qemuTransferredBytes', 'totalTimeMs', 'downtimeMs', 'setupTimeMs', 'pagesSent', 'pagesReused', 'qemuNormalPages', 'qemuZeroPages', 'dirtySyncCount',
   'gatewayCpuSecondsSend', 'gatewayCpuSecondsReceive', 'verified',
 ];

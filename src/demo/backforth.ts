@@ -56,6 +56,8 @@ export interface LegResult {
   dirtySyncCount: number;
   /** Pages the guest rewrote at the source site since it arrived there (the change before this leg). */
   changedPages: number;
+  /** Seconds the guest ran at the source site, from its arrival (or boot) to this leg's start. */
+  secondsAtSource: number;
   /** CPU seconds of the sending and receiving gateways during the leg (null: direct, or gateways in process). */
   gatewayCpuSecondsSend: number | null;
   gatewayCpuSecondsReceive: number | null;
@@ -120,6 +122,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       await vm.start();
       await vm.waitForSerial(/WORKLOAD READY/, 300_000);
       await vm.waitForSerial(VERIFIED, 120_000);
+      let arrivedAt = Date.now();
       for (let leg = 1; leg <= o.legs; leg++) {
         const from = sites[(leg - 1) % 2];
         const to = sites[leg % 2];
@@ -143,8 +146,10 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         const sentBefore = from.gateway.reports.length;
         const receivedBefore = to.gateway.reports.length;
         const cpuBefore = { send: from.gateway.cpuSeconds(), receive: to.gateway.cpuSeconds() };
+        const secondsAtSource = (Date.now() - arrivedAt) / 1000;
         await vm.migrate(uri);
         const info = await waitWithProgress(vm, `leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}`, o.out);
+        arrivedAt = Date.now(); // the guest runs at the destination from here
         const verified = await dest
           .waitForStatus('running', 60_000)
           .then(() => dest.waitForSerial(VERIFIED, 120_000))
@@ -182,6 +187,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           qemuTransferredBytes: info.ram?.transferred ?? 0,
           dirtySyncCount: info.ram?.['dirty-sync-count'] ?? 0,
           changedPages,
+          secondsAtSource,
           gatewayCpuSecondsSend: cpuDelta(cpuBefore.send, from.gateway.cpuSeconds()),
           gatewayCpuSecondsReceive: cpuDelta(cpuBefore.receive, to.gateway.cpuSeconds()),
           verified: verified && info.status === 'completed' && (report === undefined || report.result === 'completed'),
@@ -198,6 +204,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           await vm.start();
           await vm.waitForSerial(/WORKLOAD READY/, 300_000);
           await vm.waitForSerial(VERIFIED, 120_000);
+          arrivedAt = Date.now();
         }
       }
       await vm.dispose();
