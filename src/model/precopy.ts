@@ -48,6 +48,13 @@ export interface Platform {
   sourceBytesPerS: number;
   /** Ceiling of a gateway pair, stream bytes/s, when the WAN is not the limit (parse, hash, store). */
   gatewayBytesPerS: number;
+  /**
+   * Gateway time per Run a changed page breaks off, seconds: the receiver reads and checks each Run's
+   * held pages from its store separately, the sender saves each changed page's old version (undo).
+   */
+  gatewaySecondsPerRun: number;
+  /** Rate the WAN path really carries at most, bytes/s (here the user-space emulator under load). */
+  linkCeilingBytesPerS: number;
   /** Fixed cost of stopping the VM and finishing, beyond the bytes sent meanwhile, seconds. */
   stopSeconds: number;
   /** Fixed cost before the first page (QEMU setup, connection), seconds. */
@@ -112,10 +119,11 @@ export interface Prediction {
   };
 }
 
-/** Pages of one kind: stream and WAN bytes each. */
+/** Pages of one kind: stream and WAN bytes each, and extra local-stage seconds each (per-Run costs). */
 interface PageKind {
   stream: number;
   wan: number;
+  extraSeconds?: number;
 }
 
 /** Pending pages by kind, as the source's dirty bitmap holds them. */
@@ -149,14 +157,15 @@ const total = (p: Pending): number => p.literal + p.held + p.zero;
 function simulate(inputs: ModelInputs, start: Pending, costs: PathCosts): PathPrediction {
   checkInputs(inputs);
   const { platform } = inputs;
-  const wanBytesPerS = (inputs.rateMbit * 1e6) / 8;
+  const wanBytesPerS = Math.min((inputs.rateMbit * 1e6) / 8, platform.linkCeilingBytesPerS);
   const limitS = inputs.downtimeLimitMs / 1000;
   const pages = inputs.ramBytes / PAGE_BYTES;
   const hot = Math.max(1, inputs.hotShare * pages);
   const dirtyPerS = (inputs.dirtyMbit * 1e6) / 8 / PAGE_BYTES;
   const fullCopyS = (total(start) * costs.literal.wan) / wanBytesPerS;
   const capS = 20 * fullCopyS + 600;
-  const dt = Math.min(0.01, Math.max(1e-4, fullCopyS / 20_000));
+  // About 2,000 steps for a full copy (a step longer than QEMU's 100 ms window measures the same rate).
+  const dt = Math.max(1e-4, fullCopyS / 2_000);
 
   let pending: Pending = { ...start };
   let t = costs.setupSeconds;
@@ -177,14 +186,16 @@ function simulate(inputs: ModelInputs, start: Pending, costs: PathCosts): PathPr
     if (n === 0) return { used: 0, sent: { literal: 0, held: 0, zero: 0 } };
     const streamPerPage = (p.literal * costs.literal.stream + p.held * costs.held.stream + p.zero * costs.zero.stream) / n;
     const wanPerPage = (p.literal * costs.literal.wan + p.held * costs.held.wan + p.zero * costs.zero.wan) / n;
+    // Local-stage seconds a page: its stream bytes at the local ceiling plus any per-Run cost.
+    const localPerPage = streamPerPage / costs.localBytesPerS + (p.literal * (costs.literal.extraSeconds ?? 0)) / n;
     // Pages the local stage lets through in budgetS, and the pages the WAN stage accepts: what it drains
     // meanwhile plus the room left in the buffer.
-    const byLocal = (costs.localBytesPerS * budgetS) / streamPerPage;
+    const byLocal = budgetS / localPerPage;
     const byWan = wanPerPage > 0 ? (wanBytesPerS * budgetS + Math.max(0, costs.bufferBytes - queue)) / wanPerPage : Infinity;
     const k = Math.min(n, byLocal, byWan);
     const share = k / n;
     const sent = { literal: p.literal * share, held: p.held * share, zero: p.zero * share };
-    const used = k === n ? Math.max((k * streamPerPage) / costs.localBytesPerS, (k * wanPerPage - Math.max(0, costs.bufferBytes - queue)) / wanBytesPerS, 0) : budgetS;
+    const used = k === n ? Math.max(k * localPerPage, (k * wanPerPage - Math.max(0, costs.bufferBytes - queue)) / wanBytesPerS, 0) : budgetS;
     queue = Math.max(0, queue + k * wanPerPage - wanBytesPerS * used);
     wan += k * wanPerPage;
     stream += k * streamPerPage;
@@ -196,8 +207,11 @@ function simulate(inputs: ModelInputs, start: Pending, costs: PathCosts): PathPr
     // QEMU checks pending against the threshold before each iteration; it syncs when below.
     if (total(pending) * PAGE_BYTES < threshold || total(pending) === 0) {
       const dirtied = hot * (1 - Math.exp((-dirtyPerS * sinceSync) / hot));
+      // Dirtied pages already sent are pending again; dirtied pages still pending as held are no longer
+      // what the far site holds.
       const fresh = dirtied * (1 - Math.min(1, total(pending) / pages));
-      pending = { literal: pending.literal + fresh, held: pending.held, zero: pending.zero };
+      const spoiled = Math.min(pending.held, dirtied * (pending.held / pages));
+      pending = { literal: pending.literal + fresh + spoiled, held: pending.held - spoiled, zero: pending.zero };
       sinceSync = 0;
       rounds++;
       if (total(pending) * PAGE_BYTES < threshold || (total(pending) < 1 && threshold >= 0)) break;
@@ -293,11 +307,18 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
   const p = inputs.platform;
   const pages = inputs.ramBytes / PAGE_BYTES;
   const runFrame = FRAME_HEADER_BYTES + RUN_FIXED_BYTES;
-  const literal = { stream: NORMAL_PAGE_STREAM_BYTES, wan: NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES + (warm ? runFrame : 0) };
+  // Changed pages scattered uniformly over the used pages: a changed page ends a Run when the record
+  // before it is held, which it is with probability 1 − (changed share of the used pages).
+  const runsPerChanged = warm ? 1 - Math.min(1, inputs.changedShare / inputs.usedShare) : 0;
+  const literal = {
+    stream: NORMAL_PAGE_STREAM_BYTES,
+    wan: NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES + runsPerChanged * runFrame,
+    extraSeconds: runsPerChanged * p.gatewaySecondsPerRun,
+  };
   const held = { stream: NORMAL_PAGE_STREAM_BYTES, wan: 1 / 8 + runFrame / RUN_MAX_HELD };
   const zero = { stream: ZERO_PAGE_STREAM_BYTES, wan: 1 / 8 + runFrame / RUN_MAX_RECORDS };
   const rttS = inputs.rttMs / 1000;
-  const wanBytesPerS = (inputs.rateMbit * 1e6) / 8;
+  const wanBytesPerS = Math.min((inputs.rateMbit * 1e6) / 8, p.linkCeilingBytesPerS);
   // Hello → Offer costs a round trip before the sender passes the first byte on; a sender that lacks the
   // receiver's digests asks for the table (another round trip and 16 bytes a page over the WAN).
   const needsTable = warm && !inputs.senderHasDigests;
@@ -319,7 +340,7 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
 function firstTrue(lo: number, hi: number, f: (x: number) => boolean, geometric = false): number | null {
   if (!f(hi)) return null;
   if (f(lo)) return lo;
-  for (let i = 0; i < 40; i++) {
+  for (let i = 0; i < 24; i++) {
     const mid = geometric ? Math.sqrt(lo * hi) : (lo + hi) / 2;
     if (f(mid)) hi = mid;
     else lo = mid;
