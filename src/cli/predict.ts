@@ -62,7 +62,7 @@ export function predictInputs(args: ParsedArgs): ModelInputs {
 }
 
 const mb = (bytes: number): string => (bytes >= 1e9 ? `${(bytes / 1e9).toFixed(2)} GB` : bytes >= 1e6 ? `${(bytes / 1e6).toFixed(1)} MB` : `${(bytes / 1e3).toFixed(1)} kB`);
-const pct = (share: number | null): string => (share === null ? 'no share (never)' : `${(share * 100).toFixed(share < 0.1 ? 2 : 1)}% of RAM`);
+const above = (share: number | null): string => (share === null ? 'at no share of RAM changed' : `above ${(share * 100).toFixed(share < 0.1 ? 2 : 1)}% of RAM changed`);
 
 export function formatPrediction(inputs: ModelInputs, p: Prediction): string {
   const row = (name: string, r: PathPrediction): string =>
@@ -82,7 +82,7 @@ export function formatPrediction(inputs: ModelInputs, p: Prediction): string {
     ...(inputs.maxBandwidthBytesPerS < Math.min(inputs.platform.gatewayBytesPerS, inputs.platform.sourceBytesPerS)
       ? [`QEMU's max-bandwidth (${mb(inputs.maxBandwidthBytesPerS)}/s) caps the stream into the gateway: raise it (--max-bandwidth 10GiB) to see bfmig unthrottled`]
       : []),
-    `break-even: bfmig takes longer than direct above ${pct(p.breakEven.changedShareForTime)} changed, sends more bytes above ${pct(p.breakEven.changedShareForBytes)} changed;`,
+    `break-even: bfmig takes longer than direct ${above(p.breakEven.changedShareForTime)}, sends more bytes ${above(p.breakEven.changedShareForBytes)};`,
     `            at this change it takes longer than direct on links faster than ${p.breakEven.rateMbitForTime === null ? 'any up to 100 Gbit/s (never)' : `${p.breakEven.rateMbitForTime.toFixed(0)} Mbit/s`}`,
   ].join('\n');
 }
