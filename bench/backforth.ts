@@ -7,7 +7,8 @@
  *       [--changes 0,1,10]   percent of guest RAM rewritten before leg 2, 3, … (the guest quiet while it migrates)
  *       [--out FILE.json]    also write every leg to FILE.json and FILE.csv
  * A grid of runs (bench/backforth-grid.json), every leg written to JSON and CSV as it finishes:
- *   node dist/bench/backforth.js --grid bench/backforth-grid.json --out docs/benchmarks/backforth.json [--only ID,ID]
+ *   node dist/bench/backforth.js --grid bench/backforth-grid.json --out docs/benchmarks/backforth.json [--only ID,ID [--merge]]
+ * (--merge: re-measure the --only runs and replace them in an existing results file, keeping the others)
  * Gateways run as `bfmig gateway` child processes so their CPU seconds are their own.
  */
 import { execFileSync } from 'node:child_process';
@@ -62,7 +63,7 @@ function hostInfo(): BenchResults['host'] {
 }
 
 const CSV_COLUMNS: Array<keyof GridRun | keyof LegResult> = [
-  'id', 'mbit', 'delayMs', 'memMiB', 'workloadMiB', 'rewritePct', 'leg', 'path', 'from', 'to', 'changedPages', 'secondsAtSource', 'wanBytes', 'wanBytesForward', 'wanBytesBackward',
+  'id', 'mbit', 'delayMs', 'memMiB', 'workloadMiB', 'rewritePct', 'leg', 'path', 'from', 'to', 'changedPages', 'secondsAtSource', 'pageWritesAtSource', 'wanBytes', 'wanBytesForward', 'wanBytesBackward',
   'streamBytes', 'qemuTransferredBytes', 'totalTimeMs', 'downtimeMs', 'setupTimeMs', 'pagesSent', 'pagesReused', 'qemuNormalPages', 'qemuZeroPages', 'dirtySyncCount',
   'gatewayCpuSecondsSend', 'gatewayCpuSecondsReceive', 'verified',
 ];
@@ -103,9 +104,12 @@ function allBfmigVerified(legs: LegResult[]): boolean {
   return legs.filter((l) => l.path === 'bfmig').every((l) => l.verified);
 }
 
-async function runGrid(gridPath: string, outFile: string, only: string[] | null): Promise<boolean> {
+async function runGrid(gridPath: string, outFile: string, only: string[] | null, merge: boolean): Promise<boolean> {
   const grid = JSON.parse(fs.readFileSync(gridPath, 'utf8')) as GridFile;
-  const results: BenchResults = { host: hostInfo(), downtimeLimitMs: grid.downtimeLimitMs, started: new Date().toISOString(), runs: [] };
+  const results: BenchResults = merge
+    ? (JSON.parse(fs.readFileSync(outFile, 'utf8')) as BenchResults)
+    : { host: hostInfo(), downtimeLimitMs: grid.downtimeLimitMs, started: new Date().toISOString(), runs: [] };
+  if (results.downtimeLimitMs !== grid.downtimeLimitMs) throw new Error(`${outFile} was measured with another downtime limit`);
   let ok = true;
   for (const run of grid.runs.filter((r) => !only || only.includes(r.id))) {
     console.log(`\n== ${run.id}: ${run.mbit} Mbit/s, ${run.delayMs} ms, ${run.memMiB} MiB guest (${run.workloadMiB} MiB workload), changes ${run.changePcts.join('/')}%, rewriting ${run.rewritePct}%/s ==`);
@@ -113,7 +117,10 @@ async function runGrid(gridPath: string, outFile: string, only: string[] | null)
     const legs = await runBackForth(runOptions(run, grid.downtimeLimitMs));
     console.log(formatTable(legs));
     console.log(`(${((Date.now() - t0) / 1000).toFixed(0)} s)`);
-    results.runs.push({ ...run, finished: new Date().toISOString(), legs });
+    const measured = { ...run, finished: new Date().toISOString(), legs };
+    const at = results.runs.findIndex((r) => r.id === run.id);
+    if (at >= 0) results.runs[at] = measured;
+    else results.runs.push(measured);
     writeResults(outFile, results);
     ok &&= allBfmigVerified(legs);
   }
@@ -121,14 +128,16 @@ async function runGrid(gridPath: string, outFile: string, only: string[] | null)
 }
 
 async function main(): Promise<void> {
-  const args = parseArgs(process.argv.slice(2), []);
+  const args = parseArgs(process.argv.slice(2), ['merge']);
   const num = (name: string, fallback: number): number => Number(stringOption(args, name) ?? fallback);
   const outFile = stringOption(args, 'out');
   const gridPath = stringOption(args, 'grid');
   if (gridPath) {
     if (!outFile) throw new Error('--grid needs --out FILE.json');
     const only = stringOption(args, 'only')?.split(',') ?? null;
-    process.exitCode = (await runGrid(gridPath, outFile, only)) ? 0 : 1;
+    const merge = args.options.has('merge');
+    if (merge && !only) throw new Error('--merge needs --only');
+    process.exitCode = (await runGrid(gridPath, outFile, only, merge)) ? 0 : 1;
     return;
   }
   const memMiB = num('mem-mib', 256);

@@ -34,9 +34,14 @@ function inputsFor(run: GridRun, leg: LegResult, firstDirect: LegResult, downtim
   const ramPages = leg.qemuNormalPages + leg.qemuZeroPages;
   const workloadPages = (run.workloadMiB * 2 ** 20) / PAGE_BYTES;
   const dirtyPagesPerS = (run.rewritePct / 100) * workloadPages;
-  // Pages changed since the VM left the destination: the guest's commanded change, its rewriting while it
-  // ran at the source (uniform over the workload), the generation counters those touch, and idle churn.
-  const rewritten = leg.leg === 1 ? 0 : leg.changedPages + workloadPages * (1 - Math.exp((-dirtyPagesPerS * (leg.secondsAtSource ?? 0)) / workloadPages));
+  // Pages changed since the VM left the destination: the guest's commanded change (distinct pages), its
+  // per-second rewriting at the source (random pages of the workload, so k writes touch W·(1 − e^(−k/W))
+  // of them) — as the guest reported it, or else at its rate over the seconds it spent there — the
+  // generation counters those writes update, and idle churn.
+  const writes = leg.pageWritesAtSource !== null && leg.pageWritesAtSource !== undefined
+    ? leg.pageWritesAtSource - leg.changedPages
+    : dirtyPagesPerS * (leg.secondsAtSource ?? 0);
+  const rewritten = leg.leg === 1 ? 0 : leg.changedPages + workloadPages * (1 - Math.exp(-writes / workloadPages));
   const counters = Math.min(rewritten, (workloadPages * 4) / PAGE_BYTES);
   const changed = leg.leg === 1 ? ramPages : Math.min(firstDirect.qemuNormalPages, rewritten + counters + IDLE_CHURN_PAGES);
   return {

@@ -20,6 +20,7 @@
  *   WORKLOAD VERIFY OK round=<r> pages=<n> rewritten=<k>
  *   WORKLOAD VERIFY FAIL page=<i> round=<r> gen=<g> word=<w> expected=0x.. got=0x.. hdr_page=<p> hdr_gen=<g>
  *   WORKLOAD VERIFY FAIL round=<r> pages=<n> bad=<b> rewritten=<k>      (per-round summary)
+ *   WORKLOAD REWROTE round=<r> pages=<k>          (with --control: this round's rewriting, before its check)
  *   WORKLOAD CHANGED seq=<q> pages=<k> round=<r>   (a "change" command was carried out; the VERIFY
  *                                                   line of the same round follows)
  *
@@ -272,6 +273,9 @@ int main(int argc, char **argv) {
             gens[i]++;
             fill_page((uint64_t *)(mem + i * PAGE_SIZE), seed, i, gens[i]);
         }
+        /* With a control port, say at once what was rewritten (the VERIFY line comes after the whole
+         * check), so a benchmark knows what changed before it starts a migration. */
+        if (control_fd >= 0 && k > 0) printf("WORKLOAD REWROTE round=%" PRIu64 " pages=%" PRIu64 "\n", round, k);
 
         if (control_fd >= 0) {
             uint64_t seq = 0;

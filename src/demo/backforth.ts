@@ -58,6 +58,12 @@ export interface LegResult {
   changedPages: number;
   /** Seconds the guest ran at the source site, from its arrival (or boot) to this leg's start. */
   secondsAtSource: number;
+  /**
+   * Page writes the workload reported at the source site since the guest arrived there, the change
+   * before this leg included (its per-second rewriting picks pages at random, so some twice); null
+   * without the control port.
+   */
+  pageWritesAtSource: number | null;
   /** CPU seconds of the sending and receiving gateways during the leg (null: direct, or gateways in process). */
   gatewayCpuSecondsSend: number | null;
   gatewayCpuSecondsReceive: number | null;
@@ -123,6 +129,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       await vm.waitForSerial(/WORKLOAD READY/, 300_000);
       await vm.waitForSerial(VERIFIED, 120_000);
       let arrivedAt = Date.now();
+      let arrivedMark = vm.serialMark();
       for (let leg = 1; leg <= o.legs; leg++) {
         const from = sites[(leg - 1) % 2];
         const to = sites[leg % 2];
@@ -147,9 +154,11 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         const receivedBefore = to.gateway.reports.length;
         const cpuBefore = { send: from.gateway.cpuSeconds(), receive: to.gateway.cpuSeconds() };
         const secondsAtSource = (Date.now() - arrivedAt) / 1000;
+        const pageWritesAtSource = control ? pageWritesSince(vm.serial, arrivedMark) : null;
         await vm.migrate(uri);
         const info = await waitWithProgress(vm, `leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}`, o.out);
         arrivedAt = Date.now(); // the guest runs at the destination from here
+        arrivedMark = 0; // and everything on the destination's console is from there
         const verified = await dest
           .waitForStatus('running', 60_000)
           .then(() => dest.waitForSerial(VERIFIED, 120_000))
@@ -188,6 +197,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           dirtySyncCount: info.ram?.['dirty-sync-count'] ?? 0,
           changedPages,
           secondsAtSource,
+          pageWritesAtSource,
           gatewayCpuSecondsSend: cpuDelta(cpuBefore.send, from.gateway.cpuSeconds()),
           gatewayCpuSecondsReceive: cpuDelta(cpuBefore.receive, to.gateway.cpuSeconds()),
           verified: verified && info.status === 'completed' && (report === undefined || report.result === 'completed'),
@@ -205,6 +215,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           await vm.waitForSerial(/WORKLOAD READY/, 300_000);
           await vm.waitForSerial(VERIFIED, 120_000);
           arrivedAt = Date.now();
+          arrivedMark = vm.serialMark();
         }
       }
       await vm.dispose();
@@ -218,6 +229,13 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
     }
     fs.rmSync(tmp, { recursive: true, force: true });
   }
+}
+
+/** Pages the workload said it rewrote (per-second rewriting and change commands) in `serial` from `mark` on. */
+function pageWritesSince(serial: string, mark: number): number {
+  let pages = 0;
+  for (const m of serial.slice(mark).matchAll(/WORKLOAD (?:REWROTE round=\d+|CHANGED seq=\d+) pages=(\d+)/g)) pages += Number(m[1]);
+  return pages;
 }
 
 async function waitWithProgress(vm: QemuVm, label: string, out: NodeJS.WriteStream | Writable): Promise<MigrationInfo> {
