@@ -14,27 +14,13 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { loopbackSiteYaml } from '../src/demo/loopback-config';
+import { procStats } from '../src/demo/proc-stats';
 import { PACKAGE_ROOT } from '../src/paths';
 import { freePort } from '../src/vm/qemu-vm';
 import { syntheticStream } from './synthetic';
 
 const gib = Number(process.argv[2] ?? 1);
 const runs = Number(process.argv[3] ?? 3);
-const CLOCK_TICKS = 100;
-
-interface ProcStats {
-  cpuSeconds: number;
-  peakRssMiB: number;
-}
-
-function procStats(pid: number): ProcStats {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const cpu = (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS;
-  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-  const hwm = /VmHWM:\s+(\d+) kB/.exec(status);
-  return { cpuSeconds: cpu, peakRssMiB: hwm ? Number(hwm[1]) / 1024 : NaN };
-}
 
 /** Serves `stream` to the first connection on `port`, honouring backpressure. */
 function produce(port: number, stream: Buffer): Promise<void> {

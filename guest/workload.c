@@ -20,6 +20,14 @@
  *   WORKLOAD VERIFY OK round=<r> pages=<n> rewritten=<k>
  *   WORKLOAD VERIFY FAIL page=<i> round=<r> gen=<g> word=<w> expected=0x.. got=0x.. hdr_page=<p> hdr_gen=<g>
  *   WORKLOAD VERIFY FAIL round=<r> pages=<n> bad=<b> rewritten=<k>      (per-round summary)
+ *   WORKLOAD REWROTE round=<r> pages=<k>          (with --control: this round's rewriting, before its check)
+ *   WORKLOAD CHANGED seq=<q> pages=<k> round=<r>   (a "change" command was carried out; the VERIFY
+ *                                                   line of the same round follows)
+ *
+ * Control (--control PATH, e.g. /dev/ttyS1, a second serial port the host writes to): each round,
+ * before rewriting, the workload reads the lines waiting there. "change <seq> <pct>" rewrites, once,
+ * every page with probability pct/100 (distinct pages, a new generation each), so a benchmark can
+ * change a share of memory between two migrations and keep the guest quiet during them.
  * A failing page is not repaired: the failure is reported again every round.
  */
 #define _GNU_SOURCE
@@ -29,7 +37,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -107,6 +117,51 @@ static void sleep_until_ns(uint64_t deadline) {
     }
 }
 
+/* Opens the control port non-blocking and raw (no echo, no line editing); -1 when it cannot. */
+static int open_control(const char *path) {
+    int fd = open(path, O_RDWR | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0) return -1;
+    struct termios t;
+    if (tcgetattr(fd, &t) == 0) {
+        cfmakeraw(&t);
+        tcsetattr(fd, TCSANOW, &t);
+    }
+    return fd;
+}
+
+/*
+ * Reads what is waiting on the control port and returns the share (0..1) of pages the last complete
+ * "change <seq> <pct>" line asks to rewrite, or -1 when no complete command arrived; *seq_out gets its seq.
+ */
+static double read_control(int fd, char *buf, size_t cap, size_t *len, uint64_t *seq_out) {
+    double share = -1.0;
+    for (;;) {
+        if (*len == cap - 1) *len = 0; /* a line longer than the buffer is garbage: drop it */
+        ssize_t n = read(fd, buf + *len, cap - 1 - *len);
+        if (n <= 0) break;
+        *len += (size_t)n;
+    }
+    buf[*len] = '\0';
+    char *line = buf;
+    char *nl;
+    while ((nl = strchr(line, '\n')) != NULL) {
+        *nl = '\0';
+        unsigned long long seq = 0;
+        double pct = 0;
+        if (sscanf(line, "change %llu %lf", &seq, &pct) == 2 && pct >= 0 && pct <= 100) {
+            share = pct / 100.0;
+            *seq_out = (uint64_t)seq;
+        } else if (line[0] != '\0' && line[0] != '\r') {
+            printf("WORKLOAD CONTROL IGNORED \"%.60s\"\n", line);
+        }
+        line = nl + 1;
+    }
+    size_t rest = strlen(line);
+    memmove(buf, line, rest + 1);
+    *len = rest;
+    return share;
+}
+
 static void usage(const char *argv0) {
     fprintf(stderr,
             "usage: %s [--mib N] [--seed S] [--rewrite-pct P] [--interval-ms MS]\n"
@@ -117,7 +172,8 @@ static void usage(const char *argv0) {
             "  --interval-ms MS verify/rewrite interval (default 1000)\n"
             "  --rounds R       stop after R rounds, 0 = run forever (default 0)\n"
             "  --report-every K print VERIFY OK every K rounds (default 1); FAIL always printed\n"
-            "  --inject-fault-round R  self-test: flip one bit of one page in round R\n",
+            "  --inject-fault-round R  self-test: flip one bit of one page in round R\n"
+            "  --control PATH   read \"change <seq> <pct>\" commands from PATH (e.g. /dev/ttyS1)\n",
             argv0);
 }
 
@@ -142,6 +198,7 @@ static int parse_double(const char *s, double *out) {
 int main(int argc, char **argv) {
     uint64_t mib = 64, seed = 1, interval_ms = 1000, rounds = 0, report_every = 1, fault_round = 0;
     double rewrite_pct = 0.0;
+    const char *control_path = NULL;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -155,6 +212,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--rounds")) bad = !v || parse_u64(v, &rounds);
         else if (!strcmp(a, "--report-every")) bad = !v || parse_u64(v, &report_every) || report_every == 0;
         else if (!strcmp(a, "--inject-fault-round")) bad = !v || parse_u64(v, &fault_round);
+        else if (!strcmp(a, "--control")) bad = !v || (control_path = v, 0);
         else bad = 2;
         if (bad) {
             if (bad == 2) fprintf(stderr, "workload: unknown option %s\n", a);
@@ -185,6 +243,15 @@ int main(int argc, char **argv) {
            " mlock=%d\n", mib, npages, seed, rewrite_pct, interval_ms, locked);
 
     for (uint64_t i = 0; i < npages; i++) fill_page((uint64_t *)(mem + i * PAGE_SIZE), seed, i, 0);
+    int control_fd = -1;
+    if (control_path && control_path[0]) {
+        control_fd = open_control(control_path);
+        if (control_fd < 0) printf("WORKLOAD CONTROL UNAVAILABLE %s: %s\n", control_path, strerror(errno));
+    }
+    char control_buf[256];
+    size_t control_len = 0;
+    uint64_t change_pick = seed ^ 0x2545F4914F6CDD1Dull;
+
     printf("WORKLOAD READY pages=%" PRIu64 "\n", npages);
 
     /* Pages to rewrite per round, carried as a fraction so small shares still happen. */
@@ -205,6 +272,27 @@ int main(int argc, char **argv) {
             uint64_t i = splitmix64(&pick) % npages;
             gens[i]++;
             fill_page((uint64_t *)(mem + i * PAGE_SIZE), seed, i, gens[i]);
+        }
+        /* With a control port, say at once what was rewritten (the VERIFY line comes after the whole
+         * check), so a benchmark knows what changed before it starts a migration. */
+        if (control_fd >= 0 && k > 0) printf("WORKLOAD REWROTE round=%" PRIu64 " pages=%" PRIu64 "\n", round, k);
+
+        if (control_fd >= 0) {
+            uint64_t seq = 0;
+            double share = read_control(control_fd, control_buf, sizeof control_buf, &control_len, &seq);
+            if (share >= 0) {
+                /* Each page independently with probability `share`: distinct pages, about share × npages. */
+                const uint64_t cut = share >= 1.0 ? UINT64_MAX : (uint64_t)(share * 18446744073709551616.0);
+                uint64_t changed = 0;
+                for (uint64_t i = 0; i < npages; i++) {
+                    if (share < 1.0 && splitmix64(&change_pick) >= cut) continue;
+                    gens[i]++;
+                    fill_page((uint64_t *)(mem + i * PAGE_SIZE), seed, i, gens[i]);
+                    changed++;
+                }
+                k += changed;
+                printf("WORKLOAD CHANGED seq=%" PRIu64 " pages=%" PRIu64 " round=%" PRIu64 "\n", seq, changed, round);
+            }
         }
 
         if (round == fault_round) mem[(npages / 2) * PAGE_SIZE + 1234] ^= 0x10;

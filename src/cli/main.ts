@@ -5,6 +5,7 @@ import { parseArgs, requireOption, stringOption, UsageError } from './args';
 import { runDemo } from './demo';
 import { runGateway } from './gateway';
 import { runSnapshots } from './snapshots';
+import { PREDICT_USAGE, runPredict } from './predict';
 import { restoreSnapshot } from '../restore';
 import { formatReport, inspectPath } from './inspect';
 
@@ -28,6 +29,7 @@ commands:
   capture --listen HOST:PORT --out FILE [--forward HOST:PORT]
                                   accept one migration from a source QEMU and write it to FILE,
                                   relaying it to the destination QEMU with --forward
+${PREDICT_USAGE}
 `;
 
 async function run(argv: readonly string[]): Promise<number> {
@@ -43,6 +45,8 @@ async function run(argv: readonly string[]): Promise<number> {
     }
     case 'demo':
       return runDemo(parseArgs(rest, ['no-direct']));
+    case 'predict':
+      return runPredict(parseArgs(rest, ['json', 'no-digests']), (text) => process.stdout.write(text));
     case 'restore': {
       const args = parseArgs(rest, []);
       const to = requireOption(args, 'to');

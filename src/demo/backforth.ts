@@ -2,12 +2,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
-import { parseConfig } from '../gateway/config';
 import { loopbackSiteYaml } from './loopback-config';
-import { Gateway } from '../gateway/gateway';
-import { createLogger } from '../gateway/log';
-import { GatewayMetrics } from '../gateway/metrics';
-import type { MigrationReport } from '../gateway/session';
+import { type GatewayLegReport, type SiteGateway, startSiteGateway } from './site-gateway';
 import { type MigrationInfo, QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../vm/qemu-vm';
 import { WanEmulator } from '../wan';
 
@@ -15,13 +11,23 @@ export interface BackForthOptions {
   legs: number;
   memMiB: number;
   workloadMiB: number;
-  /** Share of the workload's pages the guest rewrites per second. */
+  /** Share of the workload's pages the guest rewrites per second, also while it migrates. */
   rewritePct: number;
+  /**
+   * Percent of the guest's RAM pages the workload rewrites, once, at the site it is at, before leg
+   * 2, 3, …: element i applies before leg i + 2 (missing: none). The guest is quiet meanwhile unless
+   * rewritePct says otherwise. Capped at the workload's own pages.
+   */
+  changePcts?: number[];
   rateMbit: number;
   delayMs: number;
   machine: string;
+  /** QEMU's downtime-limit, ms (default: the harness's, 500). */
+  downtimeLimitMs?: number;
   /** Also migrate directly, QEMU to QEMU through the same WAN emulator, for comparison. */
   direct: boolean;
+  /** Run each gateway as a `bfmig gateway` child process, so its CPU seconds are measured (default: in this process). */
+  gatewayProcesses?: boolean;
   /** Prints progress lines; a TTY gets one updating line per leg. */
   out: NodeJS.WriteStream | Writable;
 }
@@ -31,18 +37,42 @@ export interface LegResult {
   path: 'direct' | 'bfmig';
   from: string;
   to: string;
+  /** WAN bytes both ways, and each way (forward: towards the destination). */
   wanBytes: number;
+  wanBytesForward: number;
+  wanBytesBackward: number;
+  /** QEMU stream bytes (the sending gateway's count through bfmig, QEMU's ram.transferred direct). */
   streamBytes: number;
   totalTimeMs: number;
   downtimeMs: number;
+  setupTimeMs: number;
+  /** Pages sent in full over the WAN (QEMU's ram.normal direct). */
   pagesSent: number;
   pagesReused: number;
+  /** QEMU's own counts for the migration: pages sent in full, zero pages, dirty-bitmap syncs (≈ rounds). */
+  qemuNormalPages: number;
+  qemuZeroPages: number;
+  qemuTransferredBytes: number;
+  dirtySyncCount: number;
+  /** Pages the guest rewrote at the source site since it arrived there (the change before this leg). */
+  changedPages: number;
+  /** Seconds the guest ran at the source site, from its arrival (or boot) to this leg's start. */
+  secondsAtSource: number;
+  /**
+   * Page writes the workload reported at the source site since the guest arrived there, the change
+   * before this leg included (its per-second rewriting picks pages at random, so some twice); null
+   * without the control port.
+   */
+  pageWritesAtSource: number | null;
+  /** CPU seconds of the sending and receiving gateways during the leg (null: direct, or gateways in process). */
+  gatewayCpuSecondsSend: number | null;
+  gatewayCpuSecondsReceive: number | null;
   verified: boolean;
 }
 
 interface Site {
   name: string;
-  gateway: Gateway;
+  gateway: SiteGateway;
   /** The source QEMU at this site migrates to this port (the gateway's route). */
   routePort: number;
   /** The destination QEMU at this site listens here. */
@@ -64,7 +94,14 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
   const say = (line: string): void => void o.out.write(line + '\n');
   const sites: Site[] = [];
   const results: LegResult[] = [];
-  const vmOptions = { machine: o.machine, memMiB: o.memMiB, workload: { mib: o.workloadMiB, seed: 5, rewritePct: o.rewritePct, intervalMs: 1000 } };
+  const changes = o.changePcts ?? [];
+  const control = changes.length > 0;
+  const vmOptions = { machine: o.machine, memMiB: o.memMiB, workload: { mib: o.workloadMiB, seed: 5, rewritePct: o.rewritePct, intervalMs: 1000, control } };
+  const startVm = (options: ConstructorParameters<typeof QemuVm>[0]): QemuVm => {
+    const vm = new QemuVm(options);
+    if (o.downtimeLimitMs !== undefined) vm.setDowntimeLimit(o.downtimeLimitMs);
+    return vm;
+  };
   try {
     const [peerA, peerB, routeA, routeB, qemuA, qemuB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
     const inboundA = new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: peerA }, rateMbit: o.rateMbit, delayMs: o.delayMs });
@@ -76,82 +113,109 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       { name: 'site-b', peer: peerB, farWan: wanA.port, route: routeB, qemu: qemuB, farQemu: qemuA, inbound: inboundB },
     ];
     for (const s of specs) {
-      const config = parseConfig(
-        loopbackSiteYaml({ name: s.name, data: path.join(tmp, s.name), peerPort: s.peer, vm: 'demo-vm', routePort: s.route, farPeerPort: s.farWan, targetPort: s.farQemu }),
-      );
-      const log = createLogger({ name: s.name, level: 'warn', destination: fs.createWriteStream(path.join(tmp, `${s.name}.log`)) });
-      const gateway = new Gateway(config, log, new GatewayMetrics({ defaultMetrics: false }));
-      await gateway.start();
+      const yaml = loopbackSiteYaml({ name: s.name, data: path.join(tmp, s.name), peerPort: s.peer, vm: 'demo-vm', routePort: s.route, farPeerPort: s.farWan, targetPort: s.farQemu });
+      const gateway = await startSiteGateway(tmp, s.name, yaml, o.gatewayProcesses ? 'child-process' : 'in-process');
       sites.push({ name: s.name, gateway, routePort: s.route, qemuPort: s.qemu, inbound: s.inbound });
     }
 
     say(`guest: ${o.memMiB} MiB RAM (${o.machine}), workload ${o.workloadMiB} MiB of pseudo-random pages, rewriting ${o.rewritePct}%/s`);
+    if (control) say(`before legs 2..${changes.length + 1}: ${changes.join('%, ')}% of the guest's RAM pages rewritten at the site it is at`);
     say(`WAN: ${o.rateMbit} Mbit/s, ${o.delayMs} ms one way (user-space emulator); QEMU max-bandwidth raised to 10 GiB/s`);
+    const memPages = (o.memMiB * 2 ** 20) / 4096;
+    const workloadPages = (o.workloadMiB * 2 ** 20) / 4096;
     for (const path_ of o.direct ? (['direct', 'bfmig'] as const) : (['bfmig'] as const)) {
-      let vm = new QemuVm({ ...vmOptions, name: `${path_}-origin` });
+      let vm = startVm({ ...vmOptions, name: `${path_}-origin` });
       await vm.start();
-      await vm.waitForSerial(/WORKLOAD READY/, 180_000);
-      await vm.waitForSerial(VERIFIED, 60_000);
+      await vm.waitForSerial(/WORKLOAD READY/, 300_000);
+      await vm.waitForSerial(VERIFIED, 120_000);
+      let arrivedAt = Date.now();
+      let arrivedMark = vm.serialMark();
       for (let leg = 1; leg <= o.legs; leg++) {
         const from = sites[(leg - 1) % 2];
         const to = sites[leg % 2];
-        const dest = new QemuVm({ ...vmOptions, name: `${path_}-leg${leg}`, incoming: `tcp:127.0.0.1:${to.qemuPort}` });
+        const changePct = leg >= 2 ? changes[leg - 2] ?? 0 : 0;
+        let changedPages = 0;
+        if (changePct > 0) {
+          changedPages = await vm.changePages(Math.min(100, (changePct * memPages) / workloadPages), 300_000);
+          say(`  ${changedPages} pages (${((changedPages / memPages) * 100).toFixed(2)}% of RAM) rewritten at ${from.name} before leg ${leg}`);
+        }
+        const dest = startVm({ ...vmOptions, name: `${path_}-leg${leg}`, incoming: `tcp:127.0.0.1:${to.qemuPort}` });
         await dest.start();
-        let wanBefore = 0;
         let uri: string;
         let directWan: WanEmulator | null = null;
+        const wanBefore = { forward: to.inbound.bytesForward, backward: to.inbound.bytesBackward };
         if (path_ === 'direct') {
           directWan = new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: to.qemuPort }, rateMbit: o.rateMbit, delayMs: o.delayMs });
           uri = `tcp:127.0.0.1:${(await directWan.listen()).port}`;
         } else {
-          wanBefore = to.inbound.bytesForward + to.inbound.bytesBackward;
           uri = `tcp:127.0.0.1:${from.routePort}`;
         }
-        const history = from.gateway.history.length;
+        const sentBefore = from.gateway.reports.length;
+        const receivedBefore = to.gateway.reports.length;
+        const cpuBefore = { send: from.gateway.cpuSeconds(), receive: to.gateway.cpuSeconds() };
+        const secondsAtSource = (Date.now() - arrivedAt) / 1000;
+        const pageWritesAtSource = control ? pageWritesSince(vm.serial, arrivedMark) : null;
         await vm.migrate(uri);
         const info = await waitWithProgress(vm, `leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}`, o.out);
+        arrivedAt = Date.now(); // the guest runs at the destination from here
+        arrivedMark = 0; // and everything on the destination's console is from there
         const verified = await dest
           .waitForStatus('running', 60_000)
-          .then(() => dest.waitForSerial(VERIFIED, 60_000))
+          .then(() => dest.waitForSerial(VERIFIED, 120_000))
           .then(
           () => true,
           () => false,
         );
-        let wanBytes: number;
-        let report: MigrationReport | undefined;
+        let wan: { forward: number; backward: number };
+        let report: GatewayLegReport | undefined;
         if (directWan) {
-          wanBytes = directWan.bytesForward + directWan.bytesBackward;
+          wan = { forward: directWan.bytesForward, backward: directWan.bytesBackward };
           await directWan.close();
         } else {
-          for (let i = 0; i < 200 && from.gateway.history.length === history; i++) await sleep(25);
-          report = from.gateway.history[history];
-          wanBytes = to.inbound.bytesForward + to.inbound.bytesBackward - wanBefore;
+          for (let i = 0; i < 400 && (from.gateway.reports.length === sentBefore || to.gateway.reports.length === receivedBefore); i++) await sleep(25);
+          report = from.gateway.reports[sentBefore];
+          wan = { forward: to.inbound.bytesForward - wanBefore.forward, backward: to.inbound.bytesBackward - wanBefore.backward };
         }
+        const cpuDelta = (before: number | null, after: number | null): number | null => (before === null || after === null || directWan ? null : Math.round((after - before) * 100) / 100);
         const result: LegResult = {
           leg,
           path: path_,
           from: from.name,
           to: to.name,
-          wanBytes,
+          wanBytes: wan.forward + wan.backward,
+          wanBytesForward: wan.forward,
+          wanBytesBackward: wan.backward,
           streamBytes: report?.streamBytes ?? info.ram?.transferred ?? 0,
           totalTimeMs: info['total-time'] ?? 0,
           downtimeMs: info.downtime ?? 0,
-          pagesSent: report ? report.counts.pagesSent : info.ram?.normal ?? 0,
-          pagesReused: report?.counts.pagesReused ?? 0,
-          verified: verified && info.status === 'completed',
+          setupTimeMs: info['setup-time'] ?? 0,
+          pagesSent: report ? report.pagesSent : info.ram?.normal ?? 0,
+          pagesReused: report?.pagesReused ?? 0,
+          qemuNormalPages: info.ram?.normal ?? 0,
+          qemuZeroPages: info.ram?.duplicate ?? 0,
+          qemuTransferredBytes: info.ram?.transferred ?? 0,
+          dirtySyncCount: info.ram?.['dirty-sync-count'] ?? 0,
+          changedPages,
+          secondsAtSource,
+          pageWritesAtSource,
+          gatewayCpuSecondsSend: cpuDelta(cpuBefore.send, from.gateway.cpuSeconds()),
+          gatewayCpuSecondsReceive: cpuDelta(cpuBefore.receive, to.gateway.cpuSeconds()),
+          verified: verified && info.status === 'completed' && (report === undefined || report.result === 'completed'),
         };
         results.push(result);
-        say(`leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}: ${mib(wanBytes)} over the WAN in ${(result.totalTimeMs / 1000).toFixed(1)} s, guest memory ${result.verified ? 'verified' : 'NOT VERIFIED'}`);
+        say(`leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}: ${mib(result.wanBytes)} over the WAN in ${(result.totalTimeMs / 1000).toFixed(1)} s, guest memory ${result.verified ? 'verified' : 'NOT VERIFIED'}`);
         await vm.dispose();
         vm = dest;
         if (!result.verified) {
           // Carry on with a fresh guest so the remaining legs are still measured.
           say(`  the guest did not survive leg ${leg}; booting a fresh one at ${to.name}`);
           await vm.dispose();
-          vm = new QemuVm({ ...vmOptions, name: `${path_}-reboot${leg}` });
+          vm = startVm({ ...vmOptions, name: `${path_}-reboot${leg}` });
           await vm.start();
-          await vm.waitForSerial(/WORKLOAD READY/, 180_000);
-          await vm.waitForSerial(VERIFIED, 60_000);
+          await vm.waitForSerial(/WORKLOAD READY/, 300_000);
+          await vm.waitForSerial(VERIFIED, 120_000);
+          arrivedAt = Date.now();
+          arrivedMark = vm.serialMark();
         }
       }
       await vm.dispose();
@@ -160,11 +224,18 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
   } finally {
     await disposeAllVms();
     for (const s of sites) {
-      await s.gateway.stop(1);
+      await s.gateway.stop();
       await s.inbound.close();
     }
     fs.rmSync(tmp, { recursive: true, force: true });
   }
+}
+
+/** Pages the workload said it rewrote (per-second rewriting and change commands) in `serial` from `mark` on. */
+function pageWritesSince(serial: string, mark: number): number {
+  let pages = 0;
+  for (const m of serial.slice(mark).matchAll(/WORKLOAD (?:REWROTE round=\d+|CHANGED seq=\d+) pages=(\d+)/g)) pages += Number(m[1]);
+  return pages;
 }
 
 async function waitWithProgress(vm: QemuVm, label: string, out: NodeJS.WriteStream | Writable): Promise<MigrationInfo> {

@@ -340,6 +340,11 @@ export interface WorkloadParams {
   faultRound?: number;
   /** run (default), shell (busybox sh on the console), idle (nothing). */
   mode?: 'run' | 'shell' | 'idle';
+  /**
+   * Give the guest a second serial port (ttyS1) the workload reads commands from; send them with
+   * QemuVm.changePages(). A migration destination needs the same setting (same devices).
+   */
+  control?: boolean;
 }
 
 export interface QemuVmOptions {
@@ -413,6 +418,9 @@ export class QemuVm {
   readonly qmpSocketPath: string;
   readonly serialLogPath: string;
   readonly stderrLogPath: string;
+  /** The host end of the guest's control port (workload.control). */
+  readonly controlSocketPath: string;
+  private changeSeq = 0;
   /** The full QEMU command line (after start()). */
   args: string[] = [];
   /** Accelerator in use, known after start(). */
@@ -439,6 +447,7 @@ export class QemuVm {
     this.qmpSocketPath = path.join(this.tempDir, 'qmp.sock');
     this.serialLogPath = path.join(this.tempDir, 'serial.log');
     this.stderrLogPath = path.join(this.tempDir, 'stderr.log');
+    this.controlSocketPath = path.join(this.tempDir, 'control.sock');
     liveVms.add(this);
     installExitHook();
   }
@@ -488,6 +497,7 @@ export class QemuVm {
     if (w.reportEvery !== undefined) words.push(`workload.report=${w.reportEvery}`);
     if (w.faultRound !== undefined) words.push(`workload.fault=${w.faultRound}`);
     if (w.mode !== undefined) words.push(`workload.mode=${w.mode}`);
+    if (w.control) words.push('workload.control=ttyS1');
     if (this.options.appendExtra) words.push(this.options.appendExtra);
     return words.join(' ');
   }
@@ -534,6 +544,9 @@ export class QemuVm {
       '-append',
       this.kernelCmdline(img),
     ];
+    if (o.workload?.control) {
+      args.push('-chardev', `socket,id=control0,path=${this.controlSocketPath},server=on,wait=off`, '-serial', 'chardev:control0');
+    }
     if (o.incoming !== undefined) args.push('-incoming', o.incoming);
     if (o.extraArgs) args.push(...o.extraArgs);
     return args;
@@ -700,6 +713,25 @@ export class QemuVm {
       this.serialListeners.add(check);
       check();
     });
+  }
+
+  /**
+   * Has the workload rewrite each of its pages with probability pct/100, once, and resolves with how
+   * many it rewrote once the guest has verified every page after the change. Needs workload.control.
+   */
+  async changePages(pct: number, timeoutMs = 120_000): Promise<number> {
+    if (!this.options.workload?.control) throw new Error(`${this.name}: started without workload.control`);
+    const seq = ++this.changeSeq;
+    const since = this.serialMark();
+    await new Promise<void>((resolve, reject) => {
+      const socket = net.createConnection(this.controlSocketPath, () => socket.end(`change ${seq} ${pct}\n`, () => resolve()));
+      socket.on('error', reject);
+      socket.on('close', () => resolve());
+    });
+    const changed = await this.waitForSerial(new RegExp(`WORKLOAD CHANGED seq=${seq} pages=(\\d+) round=(\\d+)`), timeoutMs, { since });
+    const round = Number(changed[2]);
+    await this.waitForSerial(/WORKLOAD VERIFY OK round=(\d+)/, timeoutMs, { since, accept: (m) => Number(m[1]) >= round });
+    return Number(changed[1]);
   }
 
   /** max-bandwidth (bytes/s) applied by the next migrate(); default 10 GiB/s. */

@@ -1,0 +1,101 @@
+import { parseSize } from '../store/budget';
+import { BENCH_PLATFORM, DEFAULT_PLATFORM, type ModelInputs, type PathPrediction, type Platform, type Prediction, predict } from '../model';
+import { type ParsedArgs, requireOption, stringOption, UsageError } from './args';
+
+export const PREDICT_USAGE = `  predict --ram 8GiB --mbit 100 --rtt-ms 40 [--changed 2%] [--used 100%] [--dirty-mbps 0] [--hot 100%]
+          [--downtime-limit-ms 300] [--max-bandwidth 128MiB] [--no-digests] [--gateway-gbps G]
+          [--platform default|bench] [--json]
+                                  predicted WAN bytes, total time and downtime of a migration, direct
+                                  and through bfmig, and the break-even point (docs/model.md)`;
+
+/** "2%" or "2" → 0.02. */
+function percentOption(args: ParsedArgs, name: string, fallback: number): number {
+  const text = stringOption(args, name);
+  if (text === undefined) return fallback;
+  const value = Number(text.trim().replace(/%$/, ''));
+  if (!Number.isFinite(value) || value < 0 || value > 100) throw new UsageError(`--${name} takes a percentage from 0 to 100, not "${text}"`);
+  return value / 100;
+}
+
+function numberOption(args: ParsedArgs, name: string, fallback?: number): number {
+  const text = fallback === undefined ? requireOption(args, name) : stringOption(args, name);
+  if (text === undefined) return fallback as number;
+  const value = Number(text);
+  if (!Number.isFinite(value) || value < 0) throw new UsageError(`--${name} takes a non-negative number, not "${text}"`);
+  return value;
+}
+
+function sizeOption(args: ParsedArgs, name: string, fallback?: number): number {
+  const text = fallback === undefined ? requireOption(args, name) : stringOption(args, name);
+  if (text === undefined) return fallback as number;
+  try {
+    return parseSize(text);
+  } catch (err) {
+    throw new UsageError(`--${name}: ${err instanceof Error ? err.message : String(err)}`);
+  }
+}
+
+export function predictInputs(args: ParsedArgs): ModelInputs {
+  const platformName = stringOption(args, 'platform') ?? 'default';
+  if (platformName !== 'default' && platformName !== 'bench') throw new UsageError(`--platform is default or bench, not "${platformName}"`);
+  let platform: Platform = platformName === 'bench' ? BENCH_PLATFORM : DEFAULT_PLATFORM;
+  const gatewayGbps = stringOption(args, 'gateway-gbps');
+  if (gatewayGbps !== undefined) platform = { ...platform, gatewayBytesPerS: numberOption(args, 'gateway-gbps') * 1e9 };
+  const usedShare = percentOption(args, 'used', 1);
+  const inputs: ModelInputs = {
+    ramBytes: sizeOption(args, 'ram'),
+    usedShare,
+    rateMbit: numberOption(args, 'mbit'),
+    rttMs: numberOption(args, 'rtt-ms'),
+    changedShare: Math.min(usedShare, percentOption(args, 'changed', 0.01)),
+    dirtyMbit: numberOption(args, 'dirty-mbps', 0),
+    hotShare: percentOption(args, 'hot', usedShare),
+    downtimeLimitMs: numberOption(args, 'downtime-limit-ms', 300),
+    maxBandwidthBytesPerS: sizeOption(args, 'max-bandwidth', 128 * 2 ** 20),
+    senderHasDigests: !args.options.has('no-digests'),
+    platform,
+  };
+  if (inputs.rateMbit <= 0) throw new UsageError('--mbit must be above 0');
+  if (inputs.usedShare <= 0 || inputs.hotShare <= 0) throw new UsageError('--used and --hot must be above 0%');
+  if (inputs.ramBytes < 4096) throw new UsageError('--ram must be at least one page');
+  return inputs;
+}
+
+const mb = (bytes: number): string => (bytes >= 1e9 ? `${(bytes / 1e9).toFixed(2)} GB` : bytes >= 1e6 ? `${(bytes / 1e6).toFixed(1)} MB` : `${(bytes / 1e3).toFixed(1)} kB`);
+const above = (share: number | null): string => (share === null ? 'at no share of RAM changed' : `above ${(share * 100).toFixed(share < 0.1 ? 2 : 1)}% of RAM changed`);
+
+export function formatPrediction(inputs: ModelInputs, p: Prediction): string {
+  const row = (name: string, r: PathPrediction): string =>
+    `${name.padEnd(26)} ${mb(r.wanBytes).padStart(10)} ${`${r.totalSeconds.toFixed(2)} s`.padStart(10)} ${`${Math.round(r.downtimeMs)} ms`.padStart(10)} ${String(r.rounds).padStart(7)}` +
+    (r.converged ? '' : '  (does not converge: QEMU would iterate until stopped)');
+  const saving = (a: number, b: number): string => `${((1 - a / b) * 100).toFixed(1)}%`;
+  return [
+    `guest ${mb(inputs.ramBytes)} RAM (${(inputs.usedShare * 100).toFixed(0)}% non-zero), ${inputs.rateMbit} Mbit/s, RTT ${inputs.rttMs} ms, ` +
+      `${(inputs.changedShare * 100).toFixed(2)}% changed since it left the destination, dirtying ${inputs.dirtyMbit} Mbit/s`,
+    '',
+    `${'path'.padEnd(26)} ${'WAN'.padStart(10)} ${'total'.padStart(10)} ${'downtime'.padStart(10)} ${'rounds'.padStart(7)}`,
+    row('direct QEMU', p.direct),
+    row('bfmig, nothing retained', p.bfmigCold),
+    row('bfmig, back to a site', p.bfmigWarm),
+    '',
+    `bfmig back leg saves ${saving(p.bfmigWarm.wanBytes, p.direct.wanBytes)} of the WAN bytes and ${saving(p.bfmigWarm.totalSeconds, p.direct.totalSeconds)} of the time`,
+    ...(inputs.maxBandwidthBytesPerS < Math.min(inputs.platform.gatewayBytesPerS, inputs.platform.sourceBytesPerS)
+      ? [`QEMU's max-bandwidth (${mb(inputs.maxBandwidthBytesPerS)}/s) caps the stream into the gateway: raise it (--max-bandwidth 10GiB) to see bfmig unthrottled`]
+      : []),
+    `break-even: bfmig takes longer than direct ${above(p.breakEven.changedShareForTime)}, sends more bytes ${above(p.breakEven.changedShareForBytes)};`,
+    `            at this change it takes longer than direct on links faster than ${p.breakEven.rateMbitForTime === null ? 'any up to 100 Gbit/s (never)' : `${p.breakEven.rateMbitForTime.toFixed(0)} Mbit/s`}`,
+  ].join('\n');
+}
+
+/** `bfmig predict`. */
+export function runPredict(args: ParsedArgs, write: (text: string) => void): number {
+  const inputs = predictInputs(args);
+  const prediction = predict(inputs);
+  if (args.options.has('json')) {
+    const { platform, ...rest } = inputs;
+    write(JSON.stringify({ inputs: rest, platform, ...prediction }, (_k, v: unknown) => (v === Infinity ? null : v), 2) + '\n');
+  } else {
+    write(formatPrediction(inputs, prediction) + '\n');
+  }
+  return 0;
+}

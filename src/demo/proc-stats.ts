@@ -1,0 +1,21 @@
+import * as fs from 'node:fs';
+
+/** Linux's USER_HZ: the unit of utime/stime in /proc/PID/stat. */
+const CLOCK_TICKS = 100;
+
+export interface ProcStats {
+  /** User + system CPU seconds the process has used so far. */
+  cpuSeconds: number;
+  /** Peak resident set size (VmHWM), MiB. */
+  peakRssMiB: number;
+}
+
+/** CPU time and peak RSS of a running process on this host, from /proc. */
+export function procStats(pid: number): ProcStats {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const cpu = (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS;
+  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  const hwm = /VmHWM:\s+(\d+) kB/.exec(status);
+  return { cpuSeconds: cpu, peakRssMiB: hwm ? Number(hwm[1]) / 1024 : NaN };
+}

@@ -1,0 +1,40 @@
+import type { Platform } from './precopy';
+
+/**
+ * Constants of the machine the benchmarks ran on (2 shared cores, QEMU 7.2 under TCG, the user-space
+ * WAN emulator on loopback), each calibrated from one named measurement of docs/benchmarks/backforth*.json
+ * or one named class of them (named below), not fitted per row; docs/model.md says how.
+ */
+export const BENCH_PLATFORM: Platform = {
+  // First grid run (docs/benchmarks/backforth-run1.json), run r100-d20-m256, direct leg 1: WAN bytes −
+  // QEMU's ram.transferred = 114 kB (device state, header, block list, vmdesc).
+  deviceStateBytes: 114_000,
+  // Same run and leg: 192.14 MB at 12.5 MB/s is 15.37 s of link time; QEMU's total-time was 15.04 s with a
+  // 0.39 s downtime: the source finished ≈ 4 MB ahead of the link (QEMU's send buffer, ≤ 4 MiB here,
+  // and the emulator's queue, BDP + 512 KiB).
+  directBufferBytes: 4_200_000,
+  // Same run, bfmig leg 1: 191.97 MB over the WAN, total 14.55 s: ≈ 10 MB ahead of the link (two more sockets).
+  bfmigBufferBytes: 10_000_000,
+  // Idle back legs of a 256 MiB guest (192 MB of stream, everything held): 0.33–0.66 s in the two grid
+  // runs, median ≈ 0.58 s; less the round trip and fixed costs that is ≈ 0.4 GB/s through the source QEMU
+  // and the gateway pair — the figure bench/throughput.ts gives for a back leg on this machine
+  // (README: 0.84–2.0 × a 0.31–0.41 GB/s relay pair).
+  sourceBytesPerS: Infinity,
+  gatewayBytesPerS: 400e6,
+  // First grid run, r1000-d5-m1024, bfmig leg 4 (10% changed, ≈ 22,000 Runs broken off by changed
+  // pages): 2.53 s against 0.98 s for the idle leg 2 of the same run → 70 µs of gateway time per Run.
+  gatewaySecondsPerRun: 70e-6,
+  // First grid run, r1000-d5-m1024, direct leg 1: 609.4 MB in 5.53 s: the 1000 Mbit/s emulated link carries
+  // ≈ 111 MB/s while two TCG guests share the two cores with it.
+  linkCeilingBytesPerS: 111e6,
+  stopSeconds: 0.05,
+  setupSeconds: 0.01,
+  // Hello/Offer/End/Done JSON frames, both ways.
+  bfmigControlBytes: 600,
+};
+
+/**
+ * What `bfmig predict` assumes unless told otherwise: this project's gateway and QEMU figures, on a
+ * real WAN (no emulator ceiling). `--gateway-gbps` and `--platform bench` change it.
+ */
+export const DEFAULT_PLATFORM: Platform = { ...BENCH_PLATFORM, linkCeilingBytesPerS: Infinity };

@@ -1,0 +1,2 @@
+export * from './precopy';
+export { BENCH_PLATFORM, DEFAULT_PLATFORM } from './calibration';

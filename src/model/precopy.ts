@@ -1,0 +1,371 @@
+/**
+ * A performance model of QEMU pre-copy live migration over a WAN, direct (QEMU to QEMU) and through a
+ * bfmig gateway pair, with and without a retained snapshot at the destination. Pure functions, no I/O.
+ * docs/model.md derives every equation and says where each constant comes from.
+ *
+ * QEMU's loop (migration/migration.c, migration/ram.c, QEMU 7.2) is simulated in small time steps:
+ *  - every page of RAM starts dirty; the source sends pending pages in address order, a zero page as a
+ *    9-byte record, any other as 8 + 4096 bytes (ram.c save_zero_page / save_normal_page);
+ *  - every 100 ms (BUFFER_DELAY) it measures the stream bytes it wrote in that window, bandwidth × the
+ *    downtime-limit is the threshold (migration_update_counters);
+ *  - when the pending dirty pages × 4096 fall below the threshold it syncs the dirty bitmap
+ *    (ram_save_pending); if they are still below, it stops the VM and sends the rest, then the device
+ *    state (migration_iteration_run → migration_completion): that is the downtime;
+ *  - the guest dirties `dirtyPagesPerS` page writes a second, uniformly over a hot set of H pages, so in
+ *    τ seconds H·(1 − e^(−d·τ/H)) distinct pages (Clark et al. 2005's writable working set; the
+ *    saturating form as in Akoush et al. 2010's simulation model).
+ * The source writes into a pipeline: a local stage (QEMU's max-bandwidth, the host's and — through
+ * bfmig — the gateways' ceiling, in stream bytes per second), then the WAN (link rate, WAN bytes) with
+ * `bufferBytes` of socket buffers and emulator queue in between. QEMU's total time ends when its last
+ * byte enters that pipeline, not when it reaches the destination.
+ */
+
+export const PAGE_BYTES = 4096;
+/** A normal page record: 8-byte offset|flags word + the page (the block name only on a block's first record). */
+export const NORMAL_PAGE_STREAM_BYTES = 8 + PAGE_BYTES;
+/** A zero page record: the word + one fill byte. */
+export const ZERO_PAGE_STREAM_BYTES = 9;
+/** bfmig frame header (u8 type, u32 length) and the fixed part of a Run payload (src/wire, src/proxy/run.ts). */
+export const FRAME_HEADER_BYTES = 5;
+export const RUN_FIXED_BYTES = 1 + 2 + 2 + 4 + 8 + 16;
+/** Most held pages and most records in one Run frame. */
+export const RUN_MAX_HELD = 256;
+export const RUN_MAX_RECORDS = 4096;
+/** Digest-table entry the receiver sends when the sender lacks its snapshot's digests. */
+export const DIGEST_TABLE_BYTES_PER_PAGE = 16;
+/** QEMU's bandwidth window (migration.c BUFFER_DELAY). */
+const WINDOW_S = 0.1;
+
+/** What this machine and its software stack add; see src/model/calibration.ts for measured values. */
+export interface Platform {
+  /** Device state, stream header, configuration and RAM block list: bytes per migration beyond the pages. */
+  deviceStateBytes: number;
+  /** Bytes in flight between the source QEMU and the WAN that it does not wait for, direct path. */
+  directBufferBytes: number;
+  /** The same through a gateway pair (two more sockets and the sender's reads). */
+  bfmigBufferBytes: number;
+  /** Ceiling of the source QEMU's stream, bytes/s (host CPU; TCG here), before any link. */
+  sourceBytesPerS: number;
+  /** Ceiling of a gateway pair, stream bytes/s, when the WAN is not the limit (parse, hash, store). */
+  gatewayBytesPerS: number;
+  /**
+   * Gateway time per Run a changed page breaks off, seconds: the receiver reads and checks each Run's
+   * held pages from its store separately, the sender saves each changed page's old version (undo).
+   */
+  gatewaySecondsPerRun: number;
+  /** Rate the WAN path really carries at most, bytes/s (here the user-space emulator under load). */
+  linkCeilingBytesPerS: number;
+  /** Fixed cost of stopping the VM and finishing, beyond the bytes sent meanwhile, seconds. */
+  stopSeconds: number;
+  /** Fixed cost before the first page (QEMU setup, connection), seconds. */
+  setupSeconds: number;
+  /** bfmig control frames (Hello, Offer, End, Done) both ways, bytes per migration. */
+  bfmigControlBytes: number;
+}
+
+export interface ModelInputs {
+  /** Guest RAM, bytes (every RAM block QEMU migrates). */
+  ramBytes: number;
+  /** Share of RAM pages that are not zero (0..1]; zero pages cost QEMU 9 bytes. */
+  usedShare: number;
+  rateMbit: number;
+  /** Round-trip time of the WAN, ms. */
+  rttMs: number;
+  /** Share of RAM pages changed since the VM last left the destination site (bfmig's warm leg). */
+  changedShare: number;
+  /** Page writes of the guest while it migrates, Mbit/s (pages/s × 4 KiB × 8). */
+  dirtyMbit: number;
+  /** Share of RAM those writes fall on (the writable working set). */
+  hotShare: number;
+  /** QEMU's downtime-limit, ms (300 by default in 7.2). */
+  downtimeLimitMs: number;
+  /** QEMU's max-bandwidth, bytes/s (128 MiB/s by default in 7.2). */
+  maxBandwidthBytesPerS: number;
+  /** Whether the sending gateway already has the digests of the receiver's snapshot (it took part in it). */
+  senderHasDigests: boolean;
+  platform: Platform;
+}
+
+export interface PathPrediction {
+  /** Bytes over the WAN, both ways. */
+  wanBytes: number;
+  /** QEMU stream bytes. */
+  streamBytes: number;
+  /** QEMU's total-time, seconds. */
+  totalSeconds: number;
+  /** QEMU's downtime, ms. */
+  downtimeMs: number;
+  /** Dirty-bitmap syncs after the first (≈ pre-copy rounds). */
+  rounds: number;
+  /** Pages sent in full over the WAN. */
+  pagesSent: number;
+  /** False when the dirtying outpaces the link: QEMU 7.2 would iterate forever (figures are at the cap). */
+  converged: boolean;
+}
+
+export interface Prediction {
+  direct: PathPrediction;
+  /** Through bfmig when the destination retains nothing for this VM (first leg). */
+  bfmigCold: PathPrediction;
+  /** Through bfmig to the site the VM last left, `changedShare` of its pages changed since. */
+  bfmigWarm: PathPrediction;
+  breakEven: {
+    /** Changed share above which the warm leg takes longer than direct (null: not up to 100%). */
+    changedShareForTime: number | null;
+    /** Changed share above which the warm leg sends more WAN bytes than direct (null: not up to 100%). */
+    changedShareForBytes: number | null;
+    /** Link rate, Mbit/s, above which the warm leg takes longer than direct at this changed share (null: not up to 100 Gbit/s). */
+    rateMbitForTime: number | null;
+  };
+}
+
+/** Pages of one kind: stream and WAN bytes each, and extra local-stage seconds each (per-Run costs). */
+interface PageKind {
+  stream: number;
+  wan: number;
+  extraSeconds?: number;
+}
+
+/** Pending pages by kind, as the source's dirty bitmap holds them. */
+interface Pending {
+  /** Pages whose content the far site lacks (direct: every non-zero page). */
+  literal: number;
+  /** Non-zero pages the far site holds (bfmig warm leg only). */
+  held: number;
+  zero: number;
+}
+
+interface PathCosts {
+  literal: PageKind;
+  held: PageKind;
+  zero: PageKind;
+  /** Stream-byte ceiling of the local stage. */
+  localBytesPerS: number;
+  bufferBytes: number;
+  setupSeconds: number;
+  /** WAN bytes that cross before the stream (digest table) and control frames. */
+  extraWanBytes: number;
+}
+
+const total = (p: Pending): number => p.literal + p.held + p.zero;
+
+/**
+ * Simulates one migration. Time advances in steps of `dt`; each step the source writes what the local
+ * stage and the WAN (after its buffer) let through, taking pending pages in proportion to their kinds
+ * (dirty pages are spread over RAM, so the mix is uniform along QEMU's address-order walk).
+ */
+function simulate(inputs: ModelInputs, start: Pending, costs: PathCosts): PathPrediction {
+  checkInputs(inputs);
+  const { platform } = inputs;
+  const wanBytesPerS = Math.min((inputs.rateMbit * 1e6) / 8, platform.linkCeilingBytesPerS);
+  const limitS = inputs.downtimeLimitMs / 1000;
+  const pages = inputs.ramBytes / PAGE_BYTES;
+  const hot = Math.max(1, inputs.hotShare * pages);
+  const dirtyPerS = (inputs.dirtyMbit * 1e6) / 8 / PAGE_BYTES;
+  const fullCopyS = (total(start) * costs.literal.wan) / wanBytesPerS;
+  const capS = 20 * fullCopyS + 600;
+  // About 2,000 steps for a full copy (a step longer than QEMU's 100 ms window measures the same rate).
+  const dt = Math.max(1e-4, fullCopyS / 2_000);
+
+  let pending: Pending = { ...start };
+  let t = costs.setupSeconds;
+  let queue = 0;
+  let wan = costs.extraWanBytes;
+  let stream = 0;
+  let pagesSent = 0;
+  let sinceSync = 0;
+  let windowStart = t;
+  let windowStream = 0;
+  let threshold = 0;
+  let rounds = 0;
+  let converged = true;
+
+  /** Sends up to `budgetS` seconds' worth of pending pages; returns the seconds used. */
+  const sendFor = (budgetS: number, p: Pending): { used: number; sent: Pending } => {
+    const n = total(p);
+    if (n === 0) return { used: 0, sent: { literal: 0, held: 0, zero: 0 } };
+    const streamPerPage = (p.literal * costs.literal.stream + p.held * costs.held.stream + p.zero * costs.zero.stream) / n;
+    const wanPerPage = (p.literal * costs.literal.wan + p.held * costs.held.wan + p.zero * costs.zero.wan) / n;
+    // Local-stage seconds a page: its stream bytes at the local ceiling plus any per-Run cost.
+    const localPerPage = streamPerPage / costs.localBytesPerS + (p.literal * (costs.literal.extraSeconds ?? 0)) / n;
+    // Pages the local stage lets through in budgetS, and the pages the WAN stage accepts: what it drains
+    // meanwhile plus the room left in the buffer.
+    const byLocal = budgetS / localPerPage;
+    const byWan = wanPerPage > 0 ? (wanBytesPerS * budgetS + Math.max(0, costs.bufferBytes - queue)) / wanPerPage : Infinity;
+    const k = Math.min(n, byLocal, byWan);
+    const share = k / n;
+    const sent = { literal: p.literal * share, held: p.held * share, zero: p.zero * share };
+    const used = k === n ? Math.max(k * localPerPage, (k * wanPerPage - Math.max(0, costs.bufferBytes - queue)) / wanBytesPerS, 0) : budgetS;
+    queue = Math.max(0, queue + k * wanPerPage - wanBytesPerS * used);
+    wan += k * wanPerPage;
+    stream += k * streamPerPage;
+    pagesSent += sent.literal;
+    return { used, sent };
+  };
+
+  for (;;) {
+    // QEMU checks pending against the threshold before each iteration; it syncs when below.
+    if (total(pending) * PAGE_BYTES < threshold || total(pending) === 0) {
+      const dirtied = hot * (1 - Math.exp((-dirtyPerS * sinceSync) / hot));
+      // Dirtied pages already sent are pending again; dirtied pages still pending as held are no longer
+      // what the far site holds.
+      const fresh = dirtied * (1 - Math.min(1, total(pending) / pages));
+      const spoiled = Math.min(pending.held, dirtied * (pending.held / pages));
+      pending = { literal: pending.literal + fresh + spoiled, held: pending.held - spoiled, zero: pending.zero };
+      sinceSync = 0;
+      rounds++;
+      if (total(pending) * PAGE_BYTES < threshold || (total(pending) < 1 && threshold >= 0)) break;
+    }
+    if (t > capS) {
+      converged = false;
+      break;
+    }
+    const { used, sent } = sendFor(dt, pending);
+    pending = { literal: pending.literal - sent.literal, held: pending.held - sent.held, zero: pending.zero - sent.zero };
+    t += used;
+    sinceSync += used;
+    windowStream += sent.literal * costs.literal.stream + sent.held * costs.held.stream + sent.zero * costs.zero.stream;
+    if (t - windowStart >= WINDOW_S) {
+      threshold = (windowStream / (t - windowStart)) * limitS;
+      windowStart = t;
+      windowStream = 0;
+    }
+  }
+
+  // Stop and copy: the rest of the pending pages, then the device state, as fast as the pipeline takes them.
+  const stopStart = t;
+  while (total(pending) > 1e-9) {
+    const { used, sent } = sendFor(1, pending);
+    pending = { literal: pending.literal - sent.literal, held: pending.held - sent.held, zero: pending.zero - sent.zero };
+    t += used;
+  }
+  const deviceWan = platform.deviceStateBytes + FRAME_HEADER_BYTES;
+  t += Math.max(platform.deviceStateBytes / costs.localBytesPerS, (deviceWan - Math.max(0, costs.bufferBytes - queue)) / wanBytesPerS, 0);
+  t += platform.stopSeconds;
+  wan += deviceWan;
+  stream += platform.deviceStateBytes;
+  return { wanBytes: wan, streamBytes: stream, totalSeconds: t, downtimeMs: (t - stopStart) * 1000, rounds, pagesSent: Math.round(pagesSent), converged };
+}
+
+/** Throws on inputs the model has no answer for (they would also stall the simulation). */
+export function checkInputs(i: ModelInputs): void {
+  const bad = (name: string, ok: boolean): void => {
+    if (!ok) throw new RangeError(`model input ${name} is out of range`);
+  };
+  bad('ramBytes', Number.isFinite(i.ramBytes) && i.ramBytes >= PAGE_BYTES);
+  bad('usedShare', i.usedShare > 0 && i.usedShare <= 1);
+  bad('rateMbit', Number.isFinite(i.rateMbit) && i.rateMbit > 0);
+  bad('rttMs', Number.isFinite(i.rttMs) && i.rttMs >= 0);
+  bad('changedShare', i.changedShare >= 0 && i.changedShare <= 1);
+  bad('dirtyMbit', Number.isFinite(i.dirtyMbit) && i.dirtyMbit >= 0);
+  bad('hotShare', i.hotShare > 0 && i.hotShare <= 1);
+  bad('downtimeLimitMs', Number.isFinite(i.downtimeLimitMs) && i.downtimeLimitMs > 0);
+  bad('maxBandwidthBytesPerS', i.maxBandwidthBytesPerS > 0);
+  const p = i.platform;
+  for (const [name, v] of Object.entries(p)) bad(`platform.${name}`, typeof v === 'number' && v >= 0 && !Number.isNaN(v));
+  bad('platform.gatewayBytesPerS', p.gatewayBytesPerS > 0 && p.sourceBytesPerS > 0);
+}
+
+/** Pages of the guest by kind at the start of a migration. */
+function startPages(inputs: ModelInputs, heldShare: number): Pending {
+  const pages = inputs.ramBytes / PAGE_BYTES;
+  const used = pages * inputs.usedShare;
+  const held = used * heldShare;
+  return { literal: used - held, held, zero: pages - used };
+}
+
+function localCeiling(inputs: ModelInputs, throughGateways: boolean): number {
+  const p = inputs.platform;
+  return Math.min(inputs.maxBandwidthBytesPerS, p.sourceBytesPerS, throughGateways ? p.gatewayBytesPerS : Infinity);
+}
+
+export function predictDirect(inputs: ModelInputs): PathPrediction {
+  const p = inputs.platform;
+  const literal = { stream: NORMAL_PAGE_STREAM_BYTES, wan: NORMAL_PAGE_STREAM_BYTES };
+  const zero = { stream: ZERO_PAGE_STREAM_BYTES, wan: ZERO_PAGE_STREAM_BYTES };
+  return simulate(inputs, startPages(inputs, 0), {
+    literal,
+    held: literal,
+    zero,
+    localBytesPerS: localCeiling(inputs, false),
+    bufferBytes: p.directBufferBytes,
+    setupSeconds: p.setupSeconds,
+    extraWanBytes: 0,
+  });
+}
+
+/**
+ * Through bfmig. `warm`: the destination holds the snapshot the VM left there, of which all but
+ * `changedShare` of the pages are still current.
+ *
+ * WAN bytes per page: a changed page goes as a Literal (its record plus a frame header) and, changed
+ * pages being scattered, ends a Run frame (fixed part + header); a held page is one bit of a Run's
+ * bitmap plus its share of a Run's fixed part (≤ 256 held pages a Run); a zero page one bit and its
+ * share of a Run (≤ 4096 records a Run).
+ */
+export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction {
+  const p = inputs.platform;
+  const pages = inputs.ramBytes / PAGE_BYTES;
+  const runFrame = FRAME_HEADER_BYTES + RUN_FIXED_BYTES;
+  // Changed pages scattered uniformly over the used pages: a changed page ends a Run when the record
+  // before it is held, which it is with probability 1 − (changed share of the used pages).
+  const runsPerChanged = warm ? 1 - Math.min(1, inputs.changedShare / inputs.usedShare) : 0;
+  const literal = {
+    stream: NORMAL_PAGE_STREAM_BYTES,
+    wan: NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES + runsPerChanged * runFrame,
+    extraSeconds: runsPerChanged * p.gatewaySecondsPerRun,
+  };
+  const held = { stream: NORMAL_PAGE_STREAM_BYTES, wan: 1 / 8 + runFrame / RUN_MAX_HELD };
+  const zero = { stream: ZERO_PAGE_STREAM_BYTES, wan: 1 / 8 + runFrame / RUN_MAX_RECORDS };
+  const rttS = inputs.rttMs / 1000;
+  const wanBytesPerS = Math.min((inputs.rateMbit * 1e6) / 8, p.linkCeilingBytesPerS);
+  // Hello → Offer costs a round trip before the sender passes the first byte on; a sender that lacks the
+  // receiver's digests asks for the table (another round trip and 16 bytes a page over the WAN).
+  const needsTable = warm && !inputs.senderHasDigests;
+  const tableBytes = needsTable ? pages * DIGEST_TABLE_BYTES_PER_PAGE : 0;
+  const setupSeconds = p.setupSeconds + rttS + (needsTable ? rttS + tableBytes / wanBytesPerS : 0);
+  const heldShare = warm ? Math.max(0, 1 - inputs.changedShare / Math.max(inputs.usedShare, 1e-12)) : 0;
+  return simulate(inputs, startPages(inputs, heldShare), {
+    literal,
+    held,
+    zero,
+    localBytesPerS: localCeiling(inputs, true),
+    bufferBytes: p.bfmigBufferBytes,
+    setupSeconds,
+    extraWanBytes: tableBytes + p.bfmigControlBytes,
+  });
+}
+
+/** Smallest x in [lo, hi] where f turns true, by bisection (f monotone); null when f(hi) is false. */
+function firstTrue(lo: number, hi: number, f: (x: number) => boolean, geometric = false): number | null {
+  if (!f(hi)) return null;
+  if (f(lo)) return lo;
+  for (let i = 0; i < 24; i++) {
+    const mid = geometric ? Math.sqrt(lo * hi) : (lo + hi) / 2;
+    if (f(mid)) hi = mid;
+    else lo = mid;
+  }
+  return hi;
+}
+
+export function predict(inputs: ModelInputs): Prediction {
+  const direct = predictDirect(inputs);
+  const bfmigWarm = predictBfmig(inputs, true);
+  const warmAt = (changedShare: number): PathPrediction => predictBfmig({ ...inputs, changedShare }, true);
+  const maxChanged = inputs.usedShare;
+  return {
+    direct,
+    bfmigCold: predictBfmig(inputs, false),
+    bfmigWarm,
+    breakEven: {
+      changedShareForTime: firstTrue(0, maxChanged, (c) => warmAt(c).totalSeconds > direct.totalSeconds),
+      changedShareForBytes: firstTrue(0, maxChanged, (c) => warmAt(c).wanBytes > direct.wanBytes),
+      rateMbitForTime: firstTrue(
+        0.1,
+        100_000,
+        (rateMbit) => predictBfmig({ ...inputs, rateMbit }, true).totalSeconds > predictDirect({ ...inputs, rateMbit }).totalSeconds,
+        true,
+      ),
+    },
+  };
+}

@@ -1,0 +1,156 @@
+/**
+ * The performance model's arithmetic on cases small enough to compute by hand (docs/model.md), and
+ * `bfmig predict`'s flags and output.
+ */
+import { parseArgs } from '../src/cli/args';
+import { predictInputs, runPredict } from '../src/cli/predict';
+import { type ModelInputs, type Platform, predict, predictBfmig, predictDirect } from '../src/model';
+
+/** No overheads at all: every figure below follows from pages, record sizes and the link rate. */
+const BARE: Platform = {
+  deviceStateBytes: 0,
+  directBufferBytes: 0,
+  bfmigBufferBytes: 0,
+  sourceBytesPerS: Infinity,
+  gatewayBytesPerS: Infinity,
+  gatewaySecondsPerRun: 0,
+  linkCeilingBytesPerS: Infinity,
+  stopSeconds: 0,
+  setupSeconds: 0,
+  bfmigControlBytes: 0,
+};
+
+/** 1000 pages over a link of 8.208 Mbit/s = 1,026,000 B/s = 250 normal records (4104 B) a second. */
+const BASE: ModelInputs = {
+  ramBytes: 1000 * 4096,
+  usedShare: 1,
+  rateMbit: 8.208,
+  rttMs: 0,
+  changedShare: 0.1,
+  dirtyMbit: 0,
+  hotShare: 1,
+  downtimeLimitMs: 300,
+  maxBandwidthBytesPerS: Infinity,
+  senderHasDigests: true,
+  platform: BARE,
+};
+
+describe('direct pre-copy', () => {
+  test('an idle guest: every page once, at the link rate; the last threshold-worth goes in the downtime', () => {
+    const r = predictDirect(BASE);
+    // 1000 × (8 + 4096) bytes, plus the 5 bytes of the (empty) device-state frame the model counts.
+    expect(r.wanBytes).toBeCloseTo(4_104_005, 0);
+    // 4,104,000 B / 1,026,000 B/s.
+    expect(r.totalSeconds).toBeCloseTo(4.0, 2);
+    // QEMU stops once pending × 4096 < 1,026,000 B/s × 0.3 s, i.e. 75 pages left: 75 × 4104 / 1,026,000 = 0.3 s.
+    expect(r.downtimeMs).toBeGreaterThan(295);
+    expect(r.downtimeMs).toBeLessThan(305);
+    expect(r.pagesSent).toBe(1000);
+    expect(r.converged).toBe(true);
+  });
+
+  test('zero pages cost QEMU 9 bytes each', () => {
+    const r = predictDirect({ ...BASE, usedShare: 0.5 });
+    // 500 × 4104 + 500 × 9 (+ 5).
+    expect(r.wanBytes).toBeCloseTo(2_056_505, 0);
+    expect(r.totalSeconds).toBeCloseTo(2_056_500 / 1_026_000, 2);
+  });
+
+  test('bytes the path buffers are bytes the source need not wait for', () => {
+    const r = predictDirect({ ...BASE, platform: { ...BARE, directBufferBytes: 1_026_000 } });
+    // (4,104,000 − 1,026,000) / 1,026,000.
+    expect(r.totalSeconds).toBeCloseTo(3.0, 2);
+  });
+
+  test("QEMU's max-bandwidth caps the stream below the link", () => {
+    const r = predictDirect({ ...BASE, maxBandwidthBytesPerS: 513_000 });
+    expect(r.totalSeconds).toBeCloseTo(8.0, 1);
+  });
+
+  test('a guest dirtying faster than the link never converges; a slow one costs extra rounds', () => {
+    // 10 Mbit/s of page writes over the whole RAM against an 8.2 Mbit/s link.
+    expect(predictDirect({ ...BASE, dirtyMbit: 10 }).converged).toBe(false);
+    const slow = predictDirect({ ...BASE, dirtyMbit: 0.5, hotShare: 0.2 });
+    expect(slow.converged).toBe(true);
+    // 0.5 Mbit/s = 15.3 page writes/s over a 200-page hot set for ~4 s: ≈ 200 × (1 − e^(−61/200)) = 53 pages
+    // dirtied before the first sync, fewer than the 75-page threshold: they go in the downtime.
+    expect(slow.pagesSent).toBeGreaterThan(1040);
+    expect(slow.pagesSent).toBeLessThan(1060);
+  });
+});
+
+describe('through bfmig', () => {
+  test('back to a site with 10% of the pages changed', () => {
+    const r = predictBfmig(BASE, true);
+    // 100 changed pages, each 4104 + a 5-byte Literal header + 0.9 × a 38-byte Run it breaks off;
+    // 900 held pages, each 1/8 byte of bitmap + 1/256 of a 38-byte Run; + 5 (device-state frame).
+    const expected = 100 * (4104 + 5 + 0.9 * 38) + 900 * (1 / 8 + 38 / 256) + 5;
+    expect(r.wanBytes).toBeCloseTo(expected, 0);
+    expect(r.pagesSent).toBe(100);
+    // The WAN is the only limit: 414,571 B / 1,026,000 B/s.
+    expect(r.totalSeconds).toBeCloseTo(expected / 1_026_000, 2);
+  });
+
+  test('nothing retained: every page as a Literal, a round trip for Hello/Offer first', () => {
+    const r = predictBfmig({ ...BASE, rttMs: 100 }, false);
+    expect(r.wanBytes).toBeCloseTo(1000 * 4109 + 5, 0);
+    expect(r.totalSeconds).toBeCloseTo(0.1 + 4_109_000 / 1_026_000, 2);
+  });
+
+  test('a sender without the digests fetches the table: 16 bytes a page and another round trip', () => {
+    const has = predictBfmig({ ...BASE, rttMs: 100 }, true);
+    const lacks = predictBfmig({ ...BASE, rttMs: 100, senderHasDigests: false }, true);
+    expect(lacks.wanBytes - has.wanBytes).toBeCloseTo(16_000, 0);
+    expect(lacks.totalSeconds - has.totalSeconds).toBeCloseTo(0.1 + 16_000 / 1_026_000, 2);
+  });
+
+  test('the gateway ceiling bounds an all-held leg', () => {
+    const r = predictBfmig({ ...BASE, changedShare: 0, platform: { ...BARE, gatewayBytesPerS: 410_400 } }, true);
+    // 4,104,000 stream bytes at 410,400 B/s.
+    expect(r.totalSeconds).toBeCloseTo(10, 1);
+  });
+
+  test('break-even: bytes only when nearly every page changed; time where the link outruns the gateway', () => {
+    const p = predict(BASE);
+    // N·[c·(4109 + 38(1 − c)) + (1 − c)(1/8 + 38/256)] = N·4104 → c = 0.99882.
+    expect(p.breakEven.changedShareForBytes).toBeCloseTo(0.99882, 4);
+    const slowGateway = predict({ ...BASE, changedShare: 0, platform: { ...BARE, gatewayBytesPerS: 1_026_000 } });
+    // Held pages cost the gateway 4104 B of stream each at 1,026,000 B/s, the direct path 4104 B of link:
+    // bfmig is slower as soon as the link is faster than 8.208 Mbit/s.
+    expect(slowGateway.breakEven.rateMbitForTime).toBeGreaterThan(8.1);
+    expect(slowGateway.breakEven.rateMbitForTime).toBeLessThan(8.4);
+  });
+
+  test('inputs it has no answer for are refused', () => {
+    expect(() => predictDirect({ ...BASE, rateMbit: 0 })).toThrow(/rateMbit/);
+    expect(() => predictDirect({ ...BASE, usedShare: Number.NaN })).toThrow(/usedShare/);
+  });
+});
+
+describe('bfmig predict', () => {
+  const args = (line: string): ReturnType<typeof parseArgs> => parseArgs(line.split(' '), ['json', 'no-digests']);
+
+  test('flags in the units users think in', () => {
+    const i = predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --changed 2% --dirty-mbps 5 --used 75%'));
+    expect(i.ramBytes).toBe(8 * 2 ** 30);
+    expect(i.changedShare).toBeCloseTo(0.02);
+    expect(i.usedShare).toBeCloseTo(0.75);
+    expect(i.hotShare).toBeCloseTo(0.75);
+    expect(i.downtimeLimitMs).toBe(300);
+    expect(i.maxBandwidthBytesPerS).toBe(128 * 2 ** 20);
+    expect(() => predictInputs(args('--ram 8GiB --mbit 100'))).toThrow(/--rtt-ms is required/);
+    expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --changed 120%'))).toThrow(/percentage/);
+  });
+
+  test('--json gives every path and the break-even', () => {
+    let out = '';
+    runPredict(args('--ram 1GiB --mbit 100 --rtt-ms 40 --changed 1% --json'), (t) => (out += t));
+    const json = JSON.parse(out) as Record<string, { wanBytes: number; totalSeconds: number }> & { breakEven: Record<string, number | null> };
+    for (const path of ['direct', 'bfmigCold', 'bfmigWarm']) {
+      expect(json[path].wanBytes).toBeGreaterThan(0);
+      expect(json[path].totalSeconds).toBeGreaterThan(0);
+    }
+    expect(json.bfmigWarm.wanBytes).toBeLessThan(json.direct.wanBytes / 20);
+    expect(Object.keys(json.breakEven).sort()).toEqual(['changedShareForBytes', 'changedShareForTime', 'rateMbitForTime']);
+  });
+});
