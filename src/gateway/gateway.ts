@@ -78,9 +78,9 @@ export class Gateway implements SessionObserver {
   async stop(graceSeconds = this.config.shutdownGraceSeconds): Promise<void> {
     if (this.stopping) return;
     this.stopping = true;
+    // A server's close completes only once its connections have: awaited last, after the grace period.
     const closed = Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
     for (const socket of this.pending) socket.destroy();
-    await closed;
     const running = [...this.sessions];
     if (running.length > 0) {
       this.log.info({ running: running.length, graceSeconds }, 'waiting for running migrations');
@@ -93,6 +93,7 @@ export class Gateway implements SessionObserver {
         await Promise.all(running.map((s) => s.done));
       }
     }
+    await closed;
     await this.metrics?.close();
     this.log.info('gateway stopped');
   }

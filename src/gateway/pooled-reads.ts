@@ -45,7 +45,6 @@ export class PooledReads {
     for (let b: unknown = accepted.read(); b !== null; b = accepted.read()) early.push(b as Buffer);
     this.early = early.length > 0 ? Buffer.concat(early) : null;
     holder._handle = null;
-    accepted.destroy(); // no handle left to close: this only lets the server count the connection as gone
     this.pooled = true;
     this.socket = new Socket({
       handle,
@@ -63,6 +62,9 @@ export class PooledReads {
         },
       },
     } as ConstructorParameters<typeof Socket>[0]);
+    // The accepted Socket has no handle left to close; destroying it when the connection really closes
+    // is what tells its server (and the gateway's connection count) that the connection is gone.
+    this.socket.once('close', () => accepted.destroy());
   }
 
   /**

@@ -301,8 +301,14 @@ export class ReceiveSession {
     this.event('migration failed', { error: reason });
     // Reset, not end: the destination must see a broken stream, never a short one that parses.
     this.dest?.resetAndDestroy();
-    if (!this.peer.destroyed && this.peer.writable) this.peer.end(encodeJson(FrameType.Abort, { error: reason }));
-    else this.peer.destroy();
+    if (!this.peer.destroyed && this.peer.writable) {
+      this.peer.end(encodeJson(FrameType.Abort, { error: reason }));
+      // Read on (a paused socket never sees the peer's FIN), and never wait long for a peer's close.
+      this.peer.resume();
+      setTimeout(() => this.peer.destroy(), 1000).unref();
+    } else {
+      this.peer.destroy();
+    }
     try {
       this.retained?.rollback();
     } catch (err) {

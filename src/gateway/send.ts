@@ -294,6 +294,9 @@ export class SendSession {
     this.event('migration failed', { error: reason });
     if (!this.peer.destroyed && this.peer.writable && this.offer) {
       this.peer.end(encodeJson(FrameType.Abort, { error: reason }));
+      // Read on (a paused socket never sees the peer's FIN), and never wait long for a peer's close.
+      this.peer.resume();
+      setTimeout(() => this.peer.destroy(), 1000).unref();
     } else {
       this.peer.destroy();
     }
