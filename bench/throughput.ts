@@ -16,6 +16,7 @@ import { createInterface } from 'node:readline';
 import { loopbackSiteYaml } from '../src/demo/loopback-config';
 import { procStats } from '../src/demo/proc-stats';
 import { PACKAGE_ROOT } from '../src/paths';
+import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
 import { freePort } from '../src/vm/qemu-vm';
 import { syntheticStream } from './synthetic';
 
@@ -71,10 +72,12 @@ function consume(expected: Buffer, port = 0): Promise<{ port: number; done: Prom
   });
 }
 
+/** Node flags of the gateway processes: the deployment's recommended ones (README, docker/Dockerfile) unless overridden. */
+const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
+
 async function startGateway(dir: string, name: string, peerPort: number, routePort: number, farPeer: number, target: number): Promise<ChildProcess> {
   const config = path.join(dir, `${name}.yaml`);
   fs.writeFileSync(config, loopbackSiteYaml({ name, data: path.join(dir, name), peerPort, vm: 'bench', routePort, farPeerPort: farPeer, targetPort: target }));
-  const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
   const child = spawn(process.execPath, [...nodeArgs, path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
   if (process.env.BFMIG_BENCH_LOG) child.stdout?.pipe(fs.createWriteStream(`${process.env.BFMIG_BENCH_LOG}.${name}.log`));
   await new Promise<void>((resolve, reject) => {
@@ -104,7 +107,7 @@ function median(values: number[]): number {
 async function main(): Promise<void> {
   const { stream } = syntheticStream(gib);
   const GiB = stream.length / 2 ** 30;
-  console.log(`stream: ${GiB.toFixed(2)} GiB synthetic QEMU 7.2 stream of random pages; ${runs} runs each, medians`);
+  console.log(`stream: ${GiB.toFixed(2)} GiB synthetic QEMU 7.2 stream of random pages; ${runs} runs each, medians; gateways run with node ${nodeArgs.join(' ') || '(no flags)'}`);
 
   // Plain relay pair, each relay in a process of its own as each gateway is.
   const relayTimes: number[] = [];

@@ -1,6 +1,7 @@
 import { checkTransportSecurity, ConfigError, loadConfig } from '../gateway/config';
 import { Gateway } from '../gateway/gateway';
 import { createLogger } from '../gateway/log';
+import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../gateway/node-options';
 import { GatewayMetrics } from '../gateway/metrics';
 
 /** `bfmig gateway --config FILE`: runs until SIGTERM/SIGINT, then drains and exits 0. */
@@ -11,6 +12,10 @@ export async function runGateway(configPath: string, level = process.env.BFMIG_L
     const config = loadConfig(configPath);
     const { warn } = checkTransportSecurity(config);
     if (warn) log.warn(warn);
+    const flag = RECOMMENDED_GATEWAY_NODE_OPTIONS.split('=')[0];
+    if (![...process.execArgv, ...(process.env.NODE_OPTIONS ?? '').split(' ')].some((a) => a.startsWith(flag))) {
+      log.info({ recommended: `NODE_OPTIONS=${RECOMMENDED_GATEWAY_NODE_OPTIONS}` }, 'node runs with its default young generation; the recommended option lowers peak memory');
+    }
     gateway = new Gateway(config, log.child({ site: config.name }), new GatewayMetrics());
   } catch (err) {
     if (err instanceof ConfigError) {

@@ -2,7 +2,6 @@ import { parseEndpoint, formatEndpoint } from '../address';
 import { Capture } from '../capture';
 import { configSnippets, DEFAULT_CERT_DAYS, issueCerts } from '../certs';
 import { parseArgs, requireOption, stringOption, UsageError } from './args';
-import { runDemo } from './demo';
 import { runGateway } from './gateway';
 import { runSnapshots } from './snapshots';
 import { PREDICT_USAGE, runPredict } from './predict';
@@ -43,8 +42,11 @@ async function run(argv: readonly string[]): Promise<number> {
       process.stdout.write(args.options.has('json') ? JSON.stringify(report, null, 2) + '\n' : formatReport(report) + '\n');
       return report.error || !report.identical ? 1 : 0;
     }
-    case 'demo':
+    case 'demo': {
+      // The demo pulls in the QEMU harness and the WAN emulator (about 4 MiB): a gateway never loads it.
+      const { runDemo } = await import('./demo');
       return runDemo(parseArgs(rest, ['no-direct']));
+    }
     case 'predict':
       return runPredict(parseArgs(rest, ['json', 'no-digests']), (text) => process.stdout.write(text));
     case 'restore': {
