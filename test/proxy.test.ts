@@ -200,3 +200,59 @@ describe('encoder → decoder on every hand-built fixture, split at every offset
     }
   });
 });
+
+describe('chunks reused by the caller (pooled socket reads)', () => {
+  /** Encodes stream through one reused read buffer, scribbled over after every push, as PooledReads reuses it. */
+  function encodeReusingBuffer(stream: Buffer, transient: boolean, chunkBytes: number) {
+    const frames: { type: FrameType; payload: Buffer }[] = [];
+    const encoder = new StreamEncoder(
+      {
+        // The WAN socket has taken (copied) the bytes before the buffer is read into again.
+        literal: (bytes) => frames.push({ type: FrameType.Literal, payload: Buffer.from(bytes) }),
+        run: (payload) => frames.push({ type: FrameType.Run, payload }),
+      },
+      null,
+      () => undefined,
+      transient,
+    );
+    const readBuffer = Buffer.alloc(chunkBytes);
+    for (let at = 0; at < stream.length; at += chunkBytes) {
+      const n = stream.copy(readBuffer, 0, at, at + chunkBytes);
+      encoder.push(readBuffer.subarray(0, n));
+      readBuffer.fill(0xa5);
+    }
+    encoder.end();
+    const out: Buffer[] = [];
+    const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), null);
+    for (const f of frames) (f.type === FrameType.Literal ? decoder.literal(f.payload) : decoder.run(f.payload));
+    decoder.end(stream.length, encoder.streamCrc32);
+    return { rebuilt: Buffer.concat(out), parts: encoder.parts.result() };
+  }
+
+  const memory = guestMemory([['pc.ram', 300]], 5);
+  const stream = migrationStream(memory, [dirty(memory, 0.1, 9)]);
+  const whole = new StreamEncoder({ literal: () => undefined, run: () => undefined }, null);
+  whole.push(stream);
+  whole.end();
+  const expectedParts = whole.parts.result();
+
+  test.each([4096 + 3, 65536, 1000, 7])('with transientInput the encoder copies what it keeps: %i-byte reads', (chunkBytes) => {
+    expect(expectedParts).not.toBeNull();
+    const { rebuilt, parts } = encodeReusingBuffer(stream, true, chunkBytes);
+    expect(rebuilt.equals(stream)).toBe(true);
+    // The device-state tail is kept whole, or (reads too small to keep a section header) not at all.
+    if (parts !== null) {
+      expect(parts.head.equals(expectedParts!.head)).toBe(true);
+      expect(parts.tail.equals(expectedParts!.tail)).toBe(true);
+    } else {
+      expect(chunkBytes).toBeLessThan(64);
+    }
+  });
+
+  test('without transientInput, reusing the buffer corrupts the stream (the test can tell)', () => {
+    expect(() => {
+      const { rebuilt } = encodeReusingBuffer(stream, false, 4096 + 3);
+      if (!rebuilt.equals(stream)) throw new Error('differs');
+    }).toThrow();
+  });
+});
