@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { createXXHash128, xxhash128, type IHasher } from 'hash-wasm';
+import { createXXHash128, xxhash128, xxhash3, type IHasher } from 'hash-wasm';
 import {
   DIGEST_BYTES,
   availableDigestVariants,
@@ -9,6 +9,7 @@ import {
   digestPages,
   digestVariant,
   selectDigestVariant,
+  StreamHash,
 } from '../src/digest';
 
 const PAGE = 4096;
@@ -343,5 +344,25 @@ describe('argument validation', () => {
     expect((typeErr as NodeJS.ErrnoException).code).toBe('ERR_INVALID_ARG_TYPE');
     digestOne(src, 0, PAGE, out, 0);
     expect(digestHex(out)).toBe(refHex(src.subarray(0, PAGE)));
+  });
+});
+
+describe('StreamHash', () => {
+  test('hashes a stream the same however it is split, as an independent XXH3-64 does, and tells streams apart', async () => {
+    const bytes = Buffer.alloc(300_000);
+    for (let i = 0; i < bytes.length; i++) bytes[i] = (i * 2654435761) >>> 24;
+    const whole = new StreamHash();
+    whole.update(bytes);
+    const pieces = new StreamHash();
+    for (let at = 0, n = 1; at < bytes.length; at += n, n = (n * 7 + 3) % 70_001) pieces.update(bytes.subarray(at, at + n));
+    expect(pieces.digest()).toBe(whole.digest());
+    expect(whole.digest()).toMatch(/^[0-9a-f]{16}$/);
+    expect(whole.digest()).toBe(await xxhash3(bytes));
+    expect(new StreamHash().digest()).toBe(await xxhash3(Buffer.alloc(0)));
+    const flipped = Buffer.from(bytes);
+    flipped[123_456] ^= 1;
+    const other = new StreamHash();
+    other.update(flipped);
+    expect(other.digest()).not.toBe(whole.digest());
   });
 });

@@ -518,7 +518,7 @@ function encodeToFrames(stream: Buffer, cuts: readonly number[], ctx: ProxyConte
   } catch (err) {
     return { wire: Buffer.concat(frames), error: err, fallback: encoder.fallbackReason !== null };
   }
-  frames.push(encodeJson(FrameType.End, { streamBytes: encoder.counts.streamBytes, streamCrc32: encoder.streamCrc32, snapshotId: 'fuzz' }));
+  frames.push(encodeJson(FrameType.End, { streamBytes: encoder.counts.streamBytes, streamCheck: encoder.streamCheck, snapshotId: 'fuzz' }));
   return { wire: Buffer.concat(frames), error: null, fallback: encoder.fallbackReason !== null };
 }
 
@@ -534,7 +534,7 @@ export function decodeFrames(wire: Buffer, cuts: readonly number[], ctx: ProxyCo
       else if (type === FrameType.Run) decoder.run(payload);
       else if (type === FrameType.End) {
         const end = decodeEnd(payload);
-        decoder.end(end.streamBytes, end.streamCrc32);
+        decoder.end(end.streamBytes, end.streamCheck);
         ended = true;
       } else throw new ProtocolError(`unexpected frame type ${type}`);
     },
@@ -631,7 +631,7 @@ export function buildCorpus(extra: { name: string; bytes: Buffer }[] = []): Corp
   const enc = new StreamEncoder({ literal: (b) => leg1.literal(Buffer.from(b)), run: (p) => leg1.run(p) }, sender);
   enc.push(first);
   enc.end();
-  leg1.end(first.length, enc.streamCrc32);
+  leg1.end(first.length, enc.streamCheck);
   const ctx: ProxyContext = { sender, receiver };
   dirty(memory, 0.1, 5);
   const second = migrationStream(memory, [[7, 8, 41]]);

@@ -51,7 +51,7 @@ function transfer(stream: Buffer, sender: PageStore, receiver: PageStore, refere
   }
   encoder.end();
   for (const f of frames.splice(0)) (f.type === FrameType.Literal ? decoder.literal(f.payload) : decoder.run(f.payload));
-  decoder.end(stream.length, encoder.streamCrc32);
+  decoder.end(stream.length, encoder.streamCheck);
   return { rebuilt: Buffer.concat(out), encoder, decoder };
 }
 
@@ -78,7 +78,7 @@ function wanBytesOf(stream: Buffer, sender: PageStore, receiver: PageStore, refe
   const decoder = new StreamDecoder((b) => out.push(b), receiver);
   for (let at = 0; at < stream.length; at += 65536) encoder.push(stream.subarray(at, at + 65536));
   encoder.end();
-  decoder.end(stream.length, encoder.streamCrc32);
+  decoder.end(stream.length, encoder.streamCheck);
   return { wan, rebuilt: Buffer.concat(out), reused: encoder.counts.pagesReused, sent: encoder.counts.pagesSent };
 }
 
@@ -195,7 +195,7 @@ describe('encoder → decoder on every hand-built fixture, split at every offset
       encoder.push(f.bytes.subarray(0, cut));
       encoder.push(f.bytes.subarray(cut));
       encoder.end();
-      decoder.end(f.bytes.length, encoder.streamCrc32);
+      decoder.end(f.bytes.length, encoder.streamCheck);
       expect(Buffer.concat(out).equals(f.bytes)).toBe(true);
     }
   });
@@ -225,7 +225,7 @@ describe('chunks reused by the caller (pooled socket reads)', () => {
     const out: Buffer[] = [];
     const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), null);
     for (const f of frames) (f.type === FrameType.Literal ? decoder.literal(f.payload) : decoder.run(f.payload));
-    decoder.end(stream.length, encoder.streamCrc32);
+    decoder.end(stream.length, encoder.streamCheck);
     return { rebuilt: Buffer.concat(out), parts: encoder.parts.result() };
   }
 

@@ -68,7 +68,14 @@ interface DigestAddon {
   variant: () => DigestVariant;
   variants: () => DigestVariant[];
   selectVariant: (name: DigestVariant | 'auto') => DigestVariant;
+  streamHashNew: () => StreamHashState;
+  streamHashUpdate: (state: StreamHashState, src: Uint8Array, start: number, len: number) => void;
+  streamHashDigest: (state: StreamHashState) => string;
 }
+
+/** Opaque native XXH3 streaming state. */
+declare const streamHashState: unique symbol;
+type StreamHashState = { readonly [streamHashState]: true };
 
 const ADDON_RELATIVE_PATH = path.join('build', 'Release', 'bfmig_digest.node');
 export const DIGEST_ADDON_PATH: string = path.join(PACKAGE_ROOT, ADDON_RELATIVE_PATH);
@@ -78,7 +85,7 @@ const BUILD_HINT = 'run `npm run build:native` (needs g++, make, python3 and lib
 function isDigestAddon(m: unknown): m is DigestAddon {
   if (typeof m !== 'object' || m === null) return false;
   const r = m as Record<string, unknown>;
-  return ['digestPages', 'digestContiguous', 'digestOne', 'variant', 'variants', 'selectVariant'].every(
+  return ['digestPages', 'digestContiguous', 'digestOne', 'variant', 'variants', 'selectVariant', 'streamHashNew', 'streamHashUpdate', 'streamHashDigest'].every(
     (k) => typeof r[k] === 'function',
   );
 }
@@ -143,4 +150,22 @@ export function digestHex(buf: Uint8Array, offset = 0): string {
     throw new RangeError(`digestHex: offset ${offset} out of range for length ${buf.length}`);
   }
   return Buffer.from(buf.buffer, buf.byteOffset + offset, DIGEST_BYTES).toString('hex');
+}
+
+/**
+ * XXH3-64 of a whole byte stream fed piece by piece: what both gateways compute over a migration
+ * stream (the source's and the rebuilt one) to prove them equal at the end. About three times the
+ * speed of zlib's CRC-32 here, and 64 bits wide.
+ */
+export class StreamHash {
+  private readonly state = addon.streamHashNew();
+
+  update(bytes: Uint8Array): void {
+    addon.streamHashUpdate(this.state, bytes, 0, bytes.length);
+  }
+
+  /** 16 lower-case hex digits of the hash of everything fed so far. */
+  digest(): string {
+    return addon.streamHashDigest(this.state);
+  }
 }

@@ -123,7 +123,7 @@ export class ReceiveSession {
         return;
       case FrameType.End: {
         const end = decodeEnd(payload);
-        this.onEnd(end.streamBytes, end.streamCrc32, end.snapshotId);
+        this.onEnd(end.streamBytes, end.streamCheck, end.snapshotId);
         return;
       }
       case FrameType.Abort:
@@ -246,11 +246,11 @@ export class ReceiveSession {
     this.event('digest table sent', { bytes: table.length });
   }
 
-  private onEnd(streamBytes: number, streamCrc32: number, snapshotId: string): void {
+  private onEnd(streamBytes: number, streamCheck: string, snapshotId: string): void {
     const decoder = this.requireDecoder();
     const dest = this.dest;
     if (!dest) throw new Error('End before the destination was reached');
-    decoder.end(streamBytes, streamCrc32);
+    decoder.end(streamBytes, streamCheck);
     this.ending = true;
     // Commit once the destination has been handed every byte.
     const commit = (): void => {

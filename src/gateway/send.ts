@@ -242,7 +242,7 @@ export class SendSession {
       return;
     }
     this.snapshotId = randomUUID();
-    this.writeFrame(encodeJson(FrameType.End, { streamBytes: this.encoder.counts.streamBytes, streamCrc32: this.encoder.streamCrc32, snapshotId: this.snapshotId }));
+    this.writeFrame(encodeJson(FrameType.End, { streamBytes: this.encoder.counts.streamBytes, streamCheck: this.encoder.streamCheck, snapshotId: this.snapshotId }));
     this.event('source stream ended', { streamBytes: this.encoder.counts.streamBytes });
   }
 

@@ -1,5 +1,4 @@
-import { crc32 } from 'node:zlib';
-import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
+import { DIGEST_BYTES, digestContiguous, digestOne, StreamHash } from '../digest';
 import { RamFlag, type RamBlock, RecordKind, StreamParser, type StreamRecord } from '../qemu';
 import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
@@ -34,8 +33,8 @@ export class StreamDecoder {
   private readonly pages = Buffer.allocUnsafe(MAX_RUN_HELD * PAGE_SIZE);
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
-  /** CRC-32 of the stream rebuilt so far. */
-  private streamCrc32 = 0;
+  /** Of the stream rebuilt so far. */
+  private readonly streamHash = new StreamHash();
 
   constructor(
     /** Receives the rebuilt stream; it owns each buffer. */
@@ -67,7 +66,7 @@ export class StreamDecoder {
   literal(bytes: Buffer): void {
     this.out(bytes);
     this.counts.streamBytes += bytes.length;
-    this.streamCrc32 = crc32(bytes, this.streamCrc32);
+    this.streamHash.update(bytes);
     this.parts.feed(bytes);
     this.parser.push(bytes);
   }
@@ -88,7 +87,7 @@ export class StreamDecoder {
     const bytes = this.records(run, block);
     this.out(bytes);
     this.counts.streamBytes += bytes.length;
-    this.streamCrc32 = crc32(bytes, this.streamCrc32);
+    this.streamHash.update(bytes);
     this.counts.pagesReused += run.held;
     this.parts.feed(bytes);
     this.replaying = run;
@@ -102,17 +101,18 @@ export class StreamDecoder {
   }
 
   /**
-   * The sender's stream ended: the rebuilt stream must be complete, of the sender's length and CRC-32.
-   * Literal bytes and the fill pages of Runs carry no digest of their own; the CRC catches any of
-   * them damaged on the way.
+   * The sender's stream ended: the rebuilt stream must be complete, of the sender's length and XXH3-64.
+   * Literal bytes and the fill pages of Runs carry no digest of their own; the stream hash catches any
+   * of them damaged on the way.
    */
-  end(streamBytes: number, streamCrc32: number): void {
+  end(streamBytes: number, streamCheck: string): void {
     this.parser.end();
     if (streamBytes !== this.counts.streamBytes) {
       throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes, the source sent ${streamBytes}`);
     }
-    if (streamCrc32 !== this.streamCrc32) {
-      throw new RebuildError(`the rebuilt stream's CRC-32 is ${this.streamCrc32}, the source's ${streamCrc32}: bytes were damaged between the gateways`);
+    const rebuilt = this.streamHash.digest();
+    if (streamCheck !== rebuilt) {
+      throw new RebuildError(`the rebuilt stream's XXH3-64 is ${rebuilt}, the source's ${streamCheck}: bytes were damaged between the gateways`);
     }
   }
 

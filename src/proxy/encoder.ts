@@ -1,5 +1,4 @@
-import { crc32 } from 'node:zlib';
-import { DIGEST_BYTES, digestOne } from '../digest';
+import { DIGEST_BYTES, digestOne, StreamHash } from '../digest';
 import { type RamPageRecord, RecordKind, StreamParser, type StreamRecord } from '../qemu';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
 import { StreamParts } from './stream-parts';
@@ -41,8 +40,8 @@ export class StreamEncoder {
   reference: Uint8Array | null = null;
   readonly counts: TransferCounts = newCounts();
   layout: PageLayout | null = null;
-  /** CRC-32 of the stream pushed so far, for the End message. */
-  streamCrc32 = 0;
+  /** Of the stream pushed so far, for the End message. */
+  private readonly streamHash = new StreamHash();
 
   private readonly parser: StreamParser;
   private readonly retainer: PageRetainer;
@@ -84,6 +83,11 @@ export class StreamEncoder {
     this.parser = new StreamParser((record) => this.onRecord(record));
   }
 
+  /** XXH3-64 (hex) of the stream pushed so far: the End frame carries it, the receiver checks its rebuild against it. */
+  get streamCheck(): string {
+    return this.streamHash.digest();
+  }
+
   get fallbackReason(): string | null {
     return this.parser.fallbackReason;
   }
@@ -97,7 +101,7 @@ export class StreamEncoder {
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
     this.counts.streamBytes += chunk.length;
-    this.streamCrc32 = crc32(chunk, this.streamCrc32);
+    this.streamHash.update(chunk);
     this.held.push(chunk);
     this.pushedEnd += chunk.length;
     this.parts.feed(chunk);

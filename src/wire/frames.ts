@@ -6,8 +6,8 @@
  *   frame = u8 type | u32 payload length | payload
  */
 
-/** 2: End carries the stream's CRC-32. */
-export const PROTOCOL_VERSION = 2;
+/** 2: End carries a check of the whole stream; 3: that check is XXH3-64 (was CRC-32). */
+export const PROTOCOL_VERSION = 3;
 export const FRAME_HEADER_BYTES = 5;
 /** Larger frames are refused: a peer cannot make us buffer more than this per frame. */
 export const MAX_FRAME_PAYLOAD = 4 * 1024 * 1024;
@@ -63,10 +63,11 @@ export interface EndMessage {
   /** Bytes of the QEMU stream the sender read from the source. */
   streamBytes: number;
   /**
-   * CRC-32 of those bytes: the receiver checks the stream it rebuilt against it, so bytes damaged
+   * XXH3-64 of those bytes: the receiver checks the stream it rebuilt against it, so bytes damaged
    * between the gateways fail the migration instead of reaching the destination unnoticed.
    */
-  streamCrc32: number;
+  /** XXH3-64 of the whole QEMU stream, 16 hex digits. */
+  streamCheck: string;
   /** The id both stores will give the snapshot this migration leaves. */
   snapshotId: string;
 }
@@ -131,7 +132,7 @@ export const decodeHello = (p: Buffer): HelloMessage =>
   decodeJson(p, 'Hello', { protocol: 'number', site: 'string', vm: 'string', target: 'string' });
 export const decodeOffer = (p: Buffer): OfferMessage =>
   decodeJson(p, 'Offer', { site: 'string', snapshotId: 'nullableString', layoutId: 'nullableString', pageCount: 'number', presentPages: 'number' });
-export const decodeEnd = (p: Buffer): EndMessage => decodeJson(p, 'End', { streamBytes: 'number', streamCrc32: 'number', snapshotId: 'string' });
+export const decodeEnd = (p: Buffer): EndMessage => decodeJson(p, 'End', { streamBytes: 'number', streamCheck: 'string', snapshotId: 'string' });
 export const decodeDone = (p: Buffer): DoneMessage => decodeJson(p, 'Done', { snapshotId: 'string', streamBytes: 'number' });
 export const decodeAbort = (p: Buffer): AbortMessage => decodeJson(p, 'Abort', { error: 'string' });
 
