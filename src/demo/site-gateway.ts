@@ -15,12 +15,14 @@ import { procStats } from './proc-stats';
 
 /** What a gateway says about one finished migration (its report, or its 'migration completed' log line). */
 export interface GatewayLegReport {
+  vm: string;
   direction: 'send' | 'receive';
   result: 'completed' | 'failed';
   streamBytes: number;
   pagesSent: number;
   pagesReused: number;
   pagesZero: number;
+  snapshotId: string | null;
 }
 
 export interface SiteGateway {
@@ -28,6 +30,8 @@ export interface SiteGateway {
   readonly reports: readonly GatewayLegReport[];
   /** CPU seconds the gateway has used so far, or null when it shares this process. */
   cpuSeconds(): number | null;
+  /** Peak resident set size (VmHWM) in MiB so far, or null when it shares this process. */
+  peakRssMiB(): number | null;
   stop(): Promise<void>;
 }
 
@@ -45,9 +49,10 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
   await gateway.start();
   return {
     get reports(): GatewayLegReport[] {
-      return gateway.history.map((r) => ({ direction: r.direction, result: r.result, streamBytes: r.streamBytes, ...pick(r.counts) }));
+      return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, streamBytes: r.streamBytes, ...pick(r.counts), snapshotId: r.snapshotId }));
     },
     cpuSeconds: () => null,
+    peakRssMiB: () => null,
     stop: () => gateway.stop(1),
   };
 }
@@ -60,12 +65,14 @@ const pick = (c: { pagesSent: number; pagesReused: number; pagesZero: number }):
 
 interface FinishedLine {
   msg?: string;
+  vm?: string;
   direction?: 'send' | 'receive';
   result?: 'completed' | 'failed';
   streamBytes?: number;
   pagesSent?: number;
   pagesReused?: number;
   pagesZero?: number;
+  snapshotId?: string | null;
 }
 
 async function startChild(configPath: string, logPath: string): Promise<SiteGateway> {
@@ -87,7 +94,7 @@ async function startChild(configPath: string, logPath: string): Promise<SiteGate
         return;
       }
       if (f.direction && f.result) {
-        reports.push({ direction: f.direction, result: f.result, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0 });
+        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, snapshotId: f.snapshotId ?? null });
       }
     });
     child.once('exit', (code) => {
@@ -98,6 +105,7 @@ async function startChild(configPath: string, logPath: string): Promise<SiteGate
   return {
     reports,
     cpuSeconds: () => (exited || child.pid === undefined ? null : procStats(child.pid).cpuSeconds),
+    peakRssMiB: () => (exited || child.pid === undefined ? null : procStats(child.pid).peakRssMiB),
     stop: async () => {
       if (!exited) child.kill('SIGTERM');
       const timer = setTimeout(() => child.kill('SIGKILL'), 5000);

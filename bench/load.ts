@@ -1,0 +1,257 @@
+/**
+ * Many concurrent migrations of different VMs through one gateway pair, against one stream alone
+ * measured in the same run.
+ *
+ * Two `bfmig gateway` processes route VMs solo, vm01 … vmNN to each other (one route per VM). Every
+ * VM has a synthetic QEMU 7.2 stream of random pages of its own, so no two VMs share a byte of page
+ * content. A source stand-in per VM plays its stream into its route port honouring backpressure; a
+ * destination stand-in per VM at the far site hashes what arrives. Pass "first" goes A → B with
+ * empty stores (nothing to reuse), pass "back" plays the same memory B → A (all reused). Each pass
+ * runs solo alone, then the N VMs at once; every destination must receive exactly its own source's
+ * bytes (SHA-256), every migration must complete at both gateways and every VM's store must verify
+ * at both sites and claim the snapshot of its last migration. Prints aggregate throughput of the N
+ * streams, the one stream's throughput, their ratio (target ≥ 0.8), CPU seconds of each gateway
+ * process per phase and each gateway's peak RSS.
+ *
+ * Usage: node dist/bench/load.js [vms=16] [MiB per VM=64]
+ */
+import { createHash } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { loopbackMultiRouteYaml, type LoopbackRoute } from '../src/demo/loopback-config';
+import { type SiteGateway, startSiteGateway } from '../src/demo/site-gateway';
+import { PageStore } from '../src/store';
+import { freePort } from '../src/vm/qemu-vm';
+import { syntheticStream } from './synthetic';
+
+/** One VM's migration stream and the digest its destination must see. */
+export interface VmStream {
+  vm: string;
+  stream: Buffer;
+  sha256: string;
+}
+
+export function vmStream(vm: string, stream: Buffer): VmStream {
+  return { vm, stream, sha256: createHash('sha256').update(stream).digest('hex') };
+}
+
+/** A source stand-in: plays `stream` into the route at `port` in 1 MiB writes, waiting for 'drain' when the gateway pushes back. */
+export function playStream(port: number, stream: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: '127.0.0.1', port, noDelay: true }, () => {
+      let at = 0;
+      const step = 1 << 20;
+      const pump = (): void => {
+        while (at < stream.length) {
+          const ok = socket.write(stream.subarray(at, at + step));
+          at += step;
+          if (!ok) return void socket.once('drain', pump);
+        }
+        socket.end();
+      };
+      pump();
+    });
+    let failure: Error | null = null;
+    socket.on('error', (err) => (failure = err));
+    socket.resume(); // QEMU's return path, unused in precopy
+    socket.on('close', () => (failure ? reject(failure) : resolve()));
+  });
+}
+
+/** What a destination stand-in received. */
+export interface Received {
+  bytes: number;
+  sha256: string;
+  reset: boolean;
+}
+
+/** A destination stand-in: accepts one connection on `port` and hashes everything it receives. */
+export function hashingDestination(port: number): Promise<{ received: Promise<Received>; close: () => void }> {
+  return new Promise((listening, failed) => {
+    let done: (r: Received) => void;
+    const received = new Promise<Received>((r) => (done = r));
+    const server = net.createServer((socket) => {
+      server.close();
+      const hash = createHash('sha256');
+      let bytes = 0;
+      let reset = false;
+      socket.on('data', (chunk: Buffer) => {
+        hash.update(chunk);
+        bytes += chunk.length;
+      });
+      socket.on('error', () => (reset = true));
+      socket.on('end', () => socket.end());
+      socket.on('close', () => done({ bytes, sha256: hash.digest('hex'), reset }));
+    });
+    server.once('error', failed);
+    server.listen(port, '127.0.0.1', () => listening({ received, close: () => server.close() }));
+  });
+}
+
+export interface LoadSite {
+  name: string;
+  gateway: SiteGateway;
+  /** The gateway's data directory: one page store per VM. */
+  data: string;
+  /** Per VM: the route port its source connects to at this site. */
+  routePorts: Map<string, number>;
+  /** Per VM: the port its destination stand-in at this site listens on. */
+  destPorts: Map<string, number>;
+}
+
+/** Two gateways on loopback, each with one route per VM to the other; in this process (tests) or as `bfmig gateway` children (benchmark). */
+export async function startLoadPair(dir: string, vms: readonly string[], own: 'in-process' | 'child-process'): Promise<[LoadSite, LoadSite]> {
+  const ports = (): Promise<number[]> => Promise.all(vms.map(() => freePort()));
+  const [peerA, peerB] = [await freePort(), await freePort()];
+  const [routeA, routeB, destA, destB] = [await ports(), await ports(), await ports(), await ports()];
+  const byVm = (list: number[]): Map<string, number> => new Map(vms.map((vm, i) => [vm, list[i]]));
+  const start = async (name: string, peerPort: number, farPeerPort: number, route: number[], farDest: number[], dest: number[]): Promise<LoadSite> => {
+    const data = path.join(dir, name);
+    const routes: LoopbackRoute[] = vms.map((vm, i) => ({ vm, routePort: route[i], targetPort: farDest[i] }));
+    const gateway = await startSiteGateway(dir, name, loopbackMultiRouteYaml({ name, data, peerPort, farPeerPort, routes }), own);
+    return { name, gateway, data, routePorts: byVm(route), destPorts: byVm(dest) };
+  };
+  const a = await start('site-a', peerA, peerB, routeA, destB, destA);
+  try {
+    return [a, await start('site-b', peerB, peerA, routeB, destA, destB)];
+  } catch (err) {
+    await a.gateway.stop();
+    throw err;
+  }
+}
+
+/** One VM's migration in a pass. */
+export interface VmOutcome {
+  vm: string;
+  received: Received;
+  /** The destination got exactly its own source's bytes. */
+  intact: boolean;
+}
+
+export interface PassResult {
+  seconds: number;
+  /** QEMU stream bytes of all VMs of the pass. */
+  bytes: number;
+  outcomes: VmOutcome[];
+}
+
+/** Migrates every VM of `streams` at once from `from` to `to`: starts the destinations, plays every source, waits for every destination. */
+export async function runPass(from: LoadSite, to: LoadSite, streams: readonly VmStream[]): Promise<PassResult> {
+  const destinations = await Promise.all(streams.map((s) => hashingDestination(to.destPorts.get(s.vm) as number)));
+  const t0 = process.hrtime.bigint();
+  const played = streams.map((s) => playStream(from.routePorts.get(s.vm) as number, s.stream).then(() => null, (err: Error) => err));
+  const received = await Promise.all(destinations.map((d) => d.received));
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  const playErrors = await Promise.all(played);
+  const outcomes = streams.map((s, i) => ({
+    vm: s.vm,
+    received: received[i],
+    intact: playErrors[i] === null && !received[i].reset && received[i].bytes === s.stream.length && received[i].sha256 === s.sha256,
+  }));
+  return { seconds, bytes: streams.reduce((n, s) => n + s.stream.length, 0), outcomes };
+}
+
+/** Waits until `site` has reported `count` finished migrations (reports of a child gateway come from its log and may lag). */
+export async function awaitReports(site: LoadSite, count: number, timeoutMs = 30_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  while (site.gateway.reports.length < count) {
+    if (Date.now() > until) throw new Error(`${site.name} reported ${site.gateway.reports.length} of ${count} migrations`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** What a VM's store at one site says about itself. */
+export interface StoreCheck {
+  vm: string;
+  /** Page indexes whose digest disagrees (verify()); empty when the store is sound. */
+  badPages: number[];
+  snapshotId: string | null;
+  presentPages: number;
+}
+
+/** Opens each VM's store in `data` (the gateway must not be migrating it), verifies it and closes it. */
+export function checkStores(data: string, vms: readonly string[]): StoreCheck[] {
+  return vms.map((vm) => {
+    const store = PageStore.open(data, vm);
+    try {
+      const badPages = store.verify();
+      return { vm, badPages, snapshotId: store.snapshotId(), presentPages: store.meta()?.presentPages ?? 0 };
+    } finally {
+      store.close();
+    }
+  });
+}
+
+async function main(): Promise<void> {
+  const vmCount = Number(process.argv[2] ?? 16);
+  const mib = Number(process.argv[3] ?? 64);
+  if (!Number.isInteger(vmCount) || vmCount < 1 || !(mib > 0)) throw new Error('usage: node dist/bench/load.js [vms=16] [MiB per VM=64]');
+  const vms = Array.from({ length: vmCount }, (_, i) => `vm${String(i + 1).padStart(2, '0')}`);
+  const solo = vmStream('solo', syntheticStream(mib / 1024).stream);
+  const streams = vms.map((vm) => vmStream(vm, syntheticStream(mib / 1024).stream));
+  if (new Set([solo, ...streams].map((s) => s.sha256)).size !== vmCount + 1) throw new Error('two VMs got the same stream');
+  const MiB = solo.stream.length / 2 ** 20;
+  console.log(`${vmCount} VMs + solo, each a ${MiB.toFixed(1)} MiB synthetic QEMU 7.2 stream of its own random pages; 2 bfmig gateway processes on loopback`);
+
+  const dir = fs.mkdtempSync(path.join(process.env.BFMIG_BENCH_STORE_DIR ?? os.tmpdir(), 'bfmig-load-'));
+  const [a, b] = await startLoadPair(dir, ['solo', ...vms], 'child-process');
+  let failures = 0;
+  try {
+    let finished = 0;
+    const ratios: string[] = [];
+    for (const [pass, from, to] of [
+      ['first', a, b],
+      ['back', b, a],
+    ] as const) {
+      const rates: number[] = [];
+      for (const [phase, group] of [
+        ['one stream ', [solo]],
+        [`${vmCount} streams`, streams],
+      ] as const) {
+        const cpuBefore = [from.gateway.cpuSeconds() ?? NaN, to.gateway.cpuSeconds() ?? NaN];
+        const result = await runPass(from, to, group);
+        finished += group.length;
+        await Promise.all([awaitReports(from, finished), awaitReports(to, finished)]);
+        const cpu = [(from.gateway.cpuSeconds() ?? NaN) - cpuBefore[0], (to.gateway.cpuSeconds() ?? NaN) - cpuBefore[1]];
+        const bad = result.outcomes.filter((o) => !o.intact);
+        const failed = [from, to].flatMap((s) => s.gateway.reports.slice(-group.length).filter((r) => r.result !== 'completed'));
+        const reused = from.gateway.reports.slice(-group.length).reduce((n, r) => n + r.pagesReused, 0);
+        const sent = from.gateway.reports.slice(-group.length).reduce((n, r) => n + r.pagesSent, 0);
+        failures += bad.length + failed.length;
+        const rate = result.bytes / result.seconds / 2 ** 20;
+        rates.push(rate);
+        console.log(
+          `${pass.padEnd(5)} ${phase}  ${(result.bytes / 2 ** 20).toFixed(0).padStart(5)} MiB in ${result.seconds.toFixed(2).padStart(6)} s = ${rate.toFixed(0).padStart(4)} MiB/s` +
+            `  pages sent ${sent} reused ${reused}  CPU s ${from.name} ${cpu[0].toFixed(2)} ${to.name} ${cpu[1].toFixed(2)}` +
+            `  intact ${group.length - bad.length}/${group.length}  completed ${2 * group.length - failed.length}/${2 * group.length}`,
+        );
+      }
+      ratios.push(`${pass} ${(rates[1] / rates[0]).toFixed(2)}`);
+      console.log(`${pass.padEnd(5)} aggregate / one stream = ${(rates[1] / rates[0]).toFixed(2)} (target >= 0.80)`);
+    }
+    console.log(`peak RSS MiB: site-a ${(a.gateway.peakRssMiB() ?? NaN).toFixed(0)} site-b ${(b.gateway.peakRssMiB() ?? NaN).toFixed(0)}`);
+    const lastSnapshot = (site: LoadSite, vm: string): string | null => [...site.gateway.reports].reverse().find((r) => r.vm === vm)?.snapshotId ?? null;
+    for (const site of [a, b]) {
+      await site.gateway.stop();
+      const checks = checkStores(site.data, ['solo', ...vms]);
+      const unsound = checks.filter((c) => c.badPages.length > 0 || c.snapshotId === null || c.snapshotId !== lastSnapshot(site, c.vm));
+      failures += unsound.length;
+      console.log(`stores at ${site.name}: ${checks.length - unsound.length}/${checks.length} verify and claim their last snapshot`);
+    }
+    console.log(`ratio ${ratios.join(', ')}; ${failures === 0 ? 'all migrations intact and completed' : `${failures} FAILURES`}`);
+  } finally {
+    await a.gateway.stop();
+    await b.gateway.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  if (failures > 0) process.exitCode = 1;
+}
+
+if (require.main === module) {
+  main().catch((err: unknown) => {
+    console.error(err);
+    process.exitCode = 1;
+  });
+}
