@@ -67,13 +67,16 @@ export interface Received {
   reset: boolean;
 }
 
-/** A destination stand-in: accepts one connection on `port` and hashes everything it receives. */
-export function hashingDestination(port: number): Promise<{ received: Promise<Received>; close: () => void }> {
-  return new Promise((listening, failed) => {
-    let done: (r: Received) => void;
-    const received = new Promise<Received>((r) => (done = r));
-    const server = net.createServer((socket) => {
-      server.close();
+/**
+ * A destination stand-in: listens from the start (a port picked now and bound later could be taken by
+ * then) and hashes everything each connection brings, one connection per migration.
+ */
+export class HashingDestination {
+  private readonly outcomes: Received[] = [];
+  private readonly waiting: Array<(r: Received) => void> = [];
+
+  private constructor(private readonly server: net.Server) {
+    server.on('connection', (socket) => {
       const hash = createHash('sha256');
       let bytes = 0;
       let reset = false;
@@ -83,11 +86,36 @@ export function hashingDestination(port: number): Promise<{ received: Promise<Re
       });
       socket.on('error', () => (reset = true));
       socket.on('end', () => socket.end());
-      socket.on('close', () => done({ bytes, sha256: hash.digest('hex'), reset }));
+      socket.on('close', () => {
+        const outcome = { bytes, sha256: hash.digest('hex'), reset };
+        const waiter = this.waiting.shift();
+        if (waiter) waiter(outcome);
+        else this.outcomes.push(outcome);
+      });
     });
-    server.once('error', failed);
-    server.listen(port, '127.0.0.1', () => listening({ received, close: () => server.close() }));
-  });
+  }
+
+  static listen(): Promise<HashingDestination> {
+    return new Promise((resolve, reject) => {
+      const server = net.createServer();
+      server.once('error', reject);
+      server.listen(0, '127.0.0.1', () => resolve(new HashingDestination(server)));
+    });
+  }
+
+  get port(): number {
+    return (this.server.address() as net.AddressInfo).port;
+  }
+
+  /** What the next connection (in order of closing) received. */
+  next(): Promise<Received> {
+    const ready = this.outcomes.shift();
+    return ready ? Promise.resolve(ready) : new Promise((r) => this.waiting.push(r));
+  }
+
+  close(): Promise<void> {
+    return new Promise((r) => this.server.close(() => r()));
+  }
 }
 
 export interface LoadSite {
@@ -97,28 +125,47 @@ export interface LoadSite {
   data: string;
   /** Per VM: the route port its source connects to at this site. */
   routePorts: Map<string, number>;
-  /** Per VM: the port its destination stand-in at this site listens on. */
-  destPorts: Map<string, number>;
+  /** Per VM: its destination stand-in at this site. */
+  destinations: Map<string, HashingDestination>;
 }
 
 /** Two gateways on loopback, each with one route per VM to the other; in this process (tests) or as `bfmig gateway` children (benchmark). */
 export async function startLoadPair(dir: string, vms: readonly string[], own: 'in-process' | 'child-process'): Promise<[LoadSite, LoadSite]> {
   const ports = (): Promise<number[]> => Promise.all(vms.map(() => freePort()));
+  const destinations = (): Promise<HashingDestination[]> => Promise.all(vms.map(() => HashingDestination.listen()));
   const [peerA, peerB] = [await freePort(), await freePort()];
-  const [routeA, routeB, destA, destB] = [await ports(), await ports(), await ports(), await ports()];
-  const byVm = (list: number[]): Map<string, number> => new Map(vms.map((vm, i) => [vm, list[i]]));
-  const start = async (name: string, peerPort: number, farPeerPort: number, route: number[], farDest: number[], dest: number[]): Promise<LoadSite> => {
+  const [routeA, routeB] = [await ports(), await ports()];
+  const [destA, destB] = [await destinations(), await destinations()];
+  const byVm = <T>(list: T[]): Map<string, T> => new Map(vms.map((vm, i) => [vm, list[i]]));
+  const start = async (name: string, peerPort: number, farPeerPort: number, route: number[], farDest: HashingDestination[], dest: HashingDestination[]): Promise<LoadSite> => {
     const data = path.join(dir, name);
-    const routes: LoopbackRoute[] = vms.map((vm, i) => ({ vm, routePort: route[i], targetPort: farDest[i] }));
+    const routes: LoopbackRoute[] = vms.map((vm, i) => ({ vm, routePort: route[i], targetPort: farDest[i].port }));
     const gateway = await startSiteGateway(dir, name, loopbackMultiRouteYaml({ name, data, peerPort, farPeerPort, routes }), own);
-    return { name, gateway, data, routePorts: byVm(route), destPorts: byVm(dest) };
+    return { name, gateway, data, routePorts: byVm(route), destinations: byVm(dest) };
   };
-  const a = await start('site-a', peerA, peerB, routeA, destB, destA);
+  const closeAll = (): Promise<unknown> => Promise.all([...destA, ...destB].map((d) => d.close()));
+  let a: LoadSite;
+  try {
+    a = await start('site-a', peerA, peerB, routeA, destB, destA);
+  } catch (err) {
+    await closeAll();
+    throw err;
+  }
   try {
     return [a, await start('site-b', peerB, peerA, routeB, destA, destB)];
   } catch (err) {
     await a.gateway.stop();
+    await closeAll();
     throw err;
+  }
+}
+
+/** Stops both gateways and closes every destination stand-in. */
+export async function stopLoadPair(sites: readonly (LoadSite | undefined)[]): Promise<void> {
+  for (const site of sites) {
+    if (!site) continue;
+    await site.gateway.stop();
+    await Promise.all([...site.destinations.values()].map((d) => d.close()));
   }
 }
 
@@ -139,10 +186,10 @@ export interface PassResult {
 
 /** Migrates every VM of `streams` at once from `from` to `to`: starts the destinations, plays every source, waits for every destination. */
 export async function runPass(from: LoadSite, to: LoadSite, streams: readonly VmStream[]): Promise<PassResult> {
-  const destinations = await Promise.all(streams.map((s) => hashingDestination(to.destPorts.get(s.vm) as number)));
+  const arrivals = streams.map((s) => (to.destinations.get(s.vm) as HashingDestination).next());
   const t0 = process.hrtime.bigint();
   const played = streams.map((s) => playStream(from.routePorts.get(s.vm) as number, s.stream).then(() => null, (err: Error) => err));
-  const received = await Promise.all(destinations.map((d) => d.received));
+  const received = await Promise.all(arrivals);
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   const playErrors = await Promise.all(played);
   const outcomes = streams.map((s, i) => ({
@@ -242,8 +289,7 @@ async function main(): Promise<void> {
     }
     console.log(`ratio ${ratios.join(', ')}; ${failures === 0 ? 'all migrations intact and completed' : `${failures} FAILURES`}`);
   } finally {
-    await a.gateway.stop();
-    await b.gateway.stop();
+    await stopLoadPair([a, b]);
     fs.rmSync(dir, { recursive: true, force: true });
   }
   if (failures > 0) process.exitCode = 1;

@@ -104,10 +104,12 @@ describe('GatewayMetrics over HTTP', () => {
       'bfmig_idle_timeouts_total',
       'bfmig_last_migration_duration_seconds',
       'bfmig_migrations_total',
+      'bfmig_migrations_unretained_total',
       'bfmig_pages_total',
       'bfmig_qemu_stream_bytes_total',
       'bfmig_saving_ratio',
       'bfmig_store_evictions_total',
+      'bfmig_store_full_total',
       'bfmig_wan_bytes_total',
     ]);
     for (const name of ours) {

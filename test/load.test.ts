@@ -7,7 +7,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { awaitReports, checkStores, type LoadSite, runPass, startLoadPair, vmStream, type VmStream } from '../bench/load';
+import { awaitReports, checkStores, type LoadSite, runPass, startLoadPair, stopLoadPair, vmStream, type VmStream } from '../bench/load';
 import type { GatewayLegReport } from '../src/demo/site-gateway';
 import { guestMemory, migrationStream } from './migration-stream';
 
@@ -36,8 +36,7 @@ describe('16 concurrent migrations through one gateway pair', () => {
   });
 
   afterAll(async () => {
-    await a?.gateway.stop();
-    await b?.gateway.stop();
+    await stopLoadPair([a, b]);
     fs.rmSync(tmp, { recursive: true, force: true });
   });
 

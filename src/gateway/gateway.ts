@@ -7,6 +7,7 @@ import type { Logger } from './log';
 import type { GatewayMetrics } from './metrics';
 import { ReceiveSession } from './receive';
 import { SendSession } from './send';
+import { StoreSpace } from './store-space';
 import { errorMessage, type Direction, type MigrationReport, type SessionObserver } from './session';
 import { PeerTransport, peerNameOf } from './transport';
 
@@ -33,6 +34,7 @@ export class Gateway implements SessionObserver {
   readonly history: MigrationReport[] = [];
   private stopping = false;
   private readonly budget: StoreBudget | null;
+  private readonly space: StoreSpace;
   private readonly transport: PeerTransport;
   private readonly gate: ConnectionGate;
   /** Accepted connections that have not yet said who they are (TLS, Hello, QEMU's magic). */
@@ -44,6 +46,7 @@ export class Gateway implements SessionObserver {
     private readonly metrics: GatewayMetrics | null,
   ) {
     this.budget = config.storeBudget !== null ? new StoreBudget(config.data, config.storeBudget) : null;
+    this.space = new StoreSpace(config.data);
     this.transport = new PeerTransport(config.tls);
     this.gate = new ConnectionGate(config.limits.maxConnections, (listener, open) => metrics?.connectionsOpenNow(listener, open));
   }
@@ -219,6 +222,19 @@ export class Gateway implements SessionObserver {
       this.log.warn({ vm: evicted.vm, bytes: evicted.bytes, budget: this.budget.budgetBytes, for: vm }, 'retained snapshot evicted to stay within storeBudget');
       this.metrics?.storeEvicted(evicted.vm);
     }
+  }
+
+  retains(vm: string, direction: Direction): boolean {
+    if (this.space.retains(vm)) return true;
+    this.metrics?.migrationUnretained(vm, direction);
+    this.log.warn({ vm, direction, data: this.config.data, needBytes: this.space.waiting.get(vm) }, 'store has no room: this migration retains nothing');
+    return false;
+  }
+
+  storeFull(vm: string, direction: Direction, needBytes: number, error: string): void {
+    this.space.exhausted(vm, needBytes);
+    this.metrics?.storeWriteNoSpace(vm, direction);
+    this.log.error({ vm, direction, data: this.config.data, needBytes, error }, 'store ran out of space: retention off for this VM until the filesystem has room');
   }
 
   idleTimeout(vm: string, direction: Direction): void {

@@ -48,6 +48,20 @@ export class GatewayMetrics {
     registers: [this.registry],
   });
 
+  private readonly storeFull = new Counter<VmLabels>({
+    name: 'bfmig_store_full_total',
+    help: 'Store writes that failed for lack of space (the VM then migrates without retention until there is room)',
+    labelNames: ['vm', 'direction'],
+    registers: [this.registry],
+  });
+
+  private readonly unretained = new Counter<VmLabels>({
+    name: 'bfmig_migrations_unretained_total',
+    help: 'Migrations that retained nothing because the store had no room: the next one reuses nothing',
+    labelNames: ['vm', 'direction'],
+    registers: [this.registry],
+  });
+
   private readonly pages = new Counter<VmLabels | 'kind'>({
     name: 'bfmig_pages_total',
     help: 'RAM pages by how they crossed the WAN: sent in full, reused from the far site, or zero',
@@ -113,6 +127,14 @@ export class GatewayMetrics {
 
   storeEvicted(vm: string): void {
     this.evictions.inc({ vm });
+  }
+
+  storeWriteNoSpace(vm: string, direction: Direction): void {
+    this.storeFull.inc({ vm, direction });
+  }
+
+  migrationUnretained(vm: string, direction: Direction): void {
+    this.unretained.inc({ vm, direction });
   }
 
   connectionsOpenNow(listener: string, open: number): void {

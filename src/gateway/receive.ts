@@ -16,6 +16,7 @@ import {
   PROTOCOL_VERSION,
 } from '../wire/frames';
 import { Refusal, type RefusalReason } from './limits';
+import { isNoSpace, storeNeedBytes } from './store-space';
 import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, TABLE_FRAME_BYTES } from './session';
 
 export interface ReceiveOptions {
@@ -90,6 +91,7 @@ export class ReceiveSession {
       try {
         this.frames.push(chunk);
       } catch (err) {
+        this.storeError(err);
         this.fail(errorMessage(err), err instanceof Refusal ? err.reason : err instanceof FrameTooLargeError ? 'frame-too-large' : 'protocol');
       } finally {
         this.dest?.uncork();
@@ -164,9 +166,12 @@ export class ReceiveSession {
     clearTimeout(this.handshakeTimer);
     this.frames.maxPayload = this.options.maxFrameBytes;
     this.event('migration offered', { peerSite: hello.site, target: hello.target });
-    this.store = PageStore.open(this.options.storeRoot, this.vm);
-    this.retained = new UndoableStore(this.store);
-    const meta = this.store.meta();
+    // Without retention (its filesystem is full) the store is left as it is and the peer is offered nothing.
+    if (this.options.observer.retains(vm, 'receive')) {
+      this.store = PageStore.open(this.options.storeRoot, this.vm);
+      this.retained = new UndoableStore(this.store);
+    }
+    const meta = this.store?.meta() ?? null;
     const dest = connect({ ...target, noDelay: true });
     this.dest = dest;
     dest.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`destination ${hello.target} did not answer in time`));
@@ -223,6 +228,7 @@ export class ReceiveSession {
     try {
       this.frames.resume();
     } catch (err) {
+      this.storeError(err);
       this.fail(errorMessage(err));
       return;
     } finally {
@@ -255,20 +261,28 @@ export class ReceiveSession {
     // Commit once the destination has been handed every byte.
     const commit = (): void => {
       if (this.finished) return;
+      let claimed: string | null = null;
       try {
         // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
         if (this.store && this.retained && decoder.layout && !decoder.fallbackReason) {
           keepStreamParts(this.store, decoder.parts, decoder.footers, snapshotId);
           this.retained.commit(snapshotId);
+          claimed = snapshotId;
         } else {
           this.retained?.rollback();
         }
       } catch (err) {
-        this.fail(`store commit: ${errorMessage(err)}`);
-        return;
+        // The destination has the whole stream: the migration stands; only the store claims nothing new.
+        this.storeError(err);
+        this.event('store commit failed', { error: errorMessage(err) });
+        try {
+          this.retained?.rollback();
+        } catch (again) {
+          this.event('store rollback failed', { error: errorMessage(again) });
+        }
       }
       this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
-      this.finish('completed', null, snapshotId);
+      this.finish('completed', null, claimed);
       this.peer.end();
     };
     if (this.destClosed) commit();
@@ -289,6 +303,13 @@ export class ReceiveSession {
     }
     if (!this.decoder) return;
     this.options.observer.progress(this.vm, 'receive', { streamBytes: this.decoder.counts.streamBytes, wanBytes: this.wanIn, counts: this.decoder.counts });
+  }
+
+  /** A store write that failed for lack of space turns retention off for this VM until there is room. */
+  private storeError(err: unknown): void {
+    if (!this.holdsVm || !isNoSpace(err)) return;
+    const layout = this.decoder?.layout;
+    this.options.observer.storeFull(this.vm, 'receive', storeNeedBytes(layout?.pageCount ?? 0, layout?.pageSize ?? 0), errorMessage(err));
   }
 
   /** Ends the migration; before the Hello was accepted, `refusal` says why the connection was refused. */
@@ -339,7 +360,13 @@ export class ReceiveSession {
     clearTimeout(this.handshakeTimer);
     this.progress();
     if (this.holdsVm) this.options.busy.delete(this.vm);
-    this.store?.close();
+    try {
+      this.store?.close();
+    } catch (err) {
+      // The files are closed anyway and the store claims nothing; its next open() recovers it.
+      this.storeError(err);
+      this.event('store close failed', { error: errorMessage(err) });
+    }
     this.options.observer.finished(
       migrationReport(
         { vm: this.vm, direction: 'receive', startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn },

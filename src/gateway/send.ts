@@ -18,6 +18,7 @@ import {
   PROTOCOL_VERSION,
 } from '../wire/frames';
 import type { RouteConfig } from './config';
+import { isNoSpace, storeNeedBytes } from './store-space';
 import { PooledReads } from './pooled-reads';
 import type { PeerTransport } from './transport';
 import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, IdleWatch, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
@@ -119,10 +120,14 @@ export class SendSession {
   private onPeerConnect(): void {
     this.peer.setTimeout(HANDSHAKE_TIMEOUT_MS);
     try {
-      this.store = PageStore.open(this.options.storeRoot, this.vm);
-      this.retained = new UndoableStore(this.store);
-      this.localSnapshot = this.store.snapshotId();
+      // Without retention (its filesystem is full) the store is left as it is: every page is sent.
+      if (this.options.observer.retains(this.vm, 'send')) {
+        this.store = PageStore.open(this.options.storeRoot, this.vm);
+        this.retained = new UndoableStore(this.store);
+        this.localSnapshot = this.store.snapshotId();
+      }
     } catch (err) {
+      this.storeError(err);
       this.fail(`store: ${errorMessage(err)}`);
       return;
     }
@@ -221,6 +226,7 @@ export class SendSession {
     try {
       this.encoder.push(chunk);
     } catch (err) {
+      this.storeError(err);
       this.fail(`source stream: ${errorMessage(err)}`);
       return;
     } finally {
@@ -238,6 +244,7 @@ export class SendSession {
     try {
       this.encoder.end();
     } catch (err) {
+      this.storeError(err);
       this.fail(`source stream: ${errorMessage(err)}`);
       return;
     }
@@ -281,11 +288,24 @@ export class SendSession {
         this.retained?.rollback();
       }
     } catch (err) {
+      this.storeError(err);
       this.event('store commit failed', { error: errorMessage(err) });
+      try {
+        this.retained?.rollback();
+      } catch (again) {
+        this.event('store rollback failed', { error: errorMessage(again) });
+      }
     }
     this.peer.end();
     this.qemu.end();
     this.report('completed', null);
+  }
+
+  /** A store write that failed for lack of space turns retention off for this VM until there is room. */
+  private storeError(err: unknown): void {
+    if (!isNoSpace(err)) return;
+    const layout = this.encoder?.layout;
+    this.options.observer.storeFull(this.vm, 'send', storeNeedBytes(layout?.pageCount ?? 0, layout?.pageSize ?? 0), errorMessage(err));
   }
 
   private fail(reason: string): void {
@@ -313,7 +333,13 @@ export class SendSession {
   private report(result: 'completed' | 'failed', error: string | null): void {
     clearInterval(this.timer);
     this.progress();
-    this.store?.close();
+    try {
+      this.store?.close();
+    } catch (err) {
+      // The files are closed anyway and the store claims nothing; its next open() recovers it.
+      this.storeError(err);
+      this.event('store close failed', { error: errorMessage(err) });
+    }
     this.options.observer.finished(
       migrationReport(
         { vm: this.vm, direction: 'send', startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn },

@@ -33,6 +33,10 @@ export interface SessionObserver {
   /** Cumulative totals so far (about once a second and at the end). */
   progress(vm: string, direction: Direction, totals: { streamBytes: number; wanBytes: number; counts: TransferCounts }): void;
   finished(report: MigrationReport): void;
+  /** Whether this migration may write the VM's store: false while a full filesystem keeps retention off. */
+  retains(vm: string, direction: Direction): boolean;
+  /** A store write failed for lack of space; the VM's store needs about `needBytes`. */
+  storeFull(vm: string, direction: Direction, needBytes: number, error: string): void;
 }
 
 /** Limits on one migration's connections (the configurable ones are in `limits:`, see security-config.ts). */
