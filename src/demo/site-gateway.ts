@@ -33,6 +33,8 @@ export interface SiteGateway {
   /** Peak resident set size (VmHWM) in MiB so far, or null when it shares this process. */
   peakRssMiB(): number | null;
   stop(): Promise<void>;
+  /** SIGKILL: the gateway dies mid-whatever, as on a crash (a gateway in this process cannot be killed). */
+  kill(): Promise<void>;
 }
 
 /** Writes `yaml` to DIR/NAME.yaml and starts the gateway, in process or as a child. */
@@ -54,6 +56,7 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
     cpuSeconds: () => null,
     peakRssMiB: () => null,
     stop: () => gateway.stop(1),
+    kill: () => Promise.reject(new Error('a gateway in this process cannot be killed')),
   };
 }
 
@@ -111,6 +114,11 @@ async function startChild(configPath: string, logPath: string): Promise<SiteGate
       const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
       await exitedPromise;
       clearTimeout(timer);
+      logFile.end();
+    },
+    kill: async () => {
+      if (!exited) child.kill('SIGKILL');
+      await exitedPromise;
       logFile.end();
     },
   };

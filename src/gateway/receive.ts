@@ -330,10 +330,21 @@ export class ReceiveSession {
     } else {
       this.peer.destroy();
     }
+    const corrupted = this.retained?.corruptionFound ?? false;
     try {
       this.retained?.rollback();
     } catch (err) {
       this.event('store rollback failed', { error: errorMessage(err) });
+    }
+    // One corrupted page makes the whole store suspect: every present page is checked now, so that the
+    // next migration is offered only pages that match their digests instead of failing on the next one.
+    if (corrupted && this.store) {
+      try {
+        const dropped = this.store.verify();
+        this.event('store verified after a corrupted page', { furtherCorruptPages: dropped.length });
+      } catch (err) {
+        this.event('store verify failed', { error: errorMessage(err) });
+      }
     }
     this.finish('failed', reason, null);
   }

@@ -194,6 +194,11 @@ export class UndoableStore {
     this.store.markAbsent(index);
   }
 
+  /** Whether this migration found a corrupted page (until commit or rollback). */
+  get corruptionFound(): boolean {
+    return this.corrupted;
+  }
+
   /** A corrupted page: dropped for good, and the old snapshot cannot be claimed again. */
   dropCorrupt(index: number): void {
     this.corrupted = true;

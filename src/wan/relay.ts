@@ -56,6 +56,14 @@ export class TcpRelay {
     await Promise.all([closed, ...pairs.map((p) => p.closed)]);
   }
 
+  /** Cuts every open connection with a TCP reset, as a failing link would, and goes on accepting. */
+  async cut(): Promise<number> {
+    const pairs = [...this.live];
+    for (const pair of pairs) pair.teardown(true);
+    await Promise.all(pairs.map((p) => p.closed));
+    return pairs.length;
+  }
+
   private accept(client: Socket): void {
     this.connections++;
     client.setNoDelay(true);

@@ -1,0 +1,390 @@
+/**
+ * The fault matrix, with real QEMU and real processes on loopback: two `bfmig gateway` child processes
+ * joined through TCP relays that stand for the WAN link, and one self-verifying guest that keeps moving
+ * between the sites. Each fault hits a migration of that guest (or, for the malformed streams, a
+ * stream played into the gateway beside it). Every fault must end in a clean failure: the source QEMU
+ * reports a failed migration and its VM keeps running and verifying, the destination QEMU never runs
+ * what it got. The migration of that VM started right after the failure must succeed, the guest must
+ * verify at the destination, and both stores must hold only pages that match their digests.
+ *
+ * QEMU's return path is on, as the README recommends: a fault found after the source QEMU has written
+ * its last byte (a fast local leg buffers megabytes) reaches it only that way.
+ */
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { checkStores } from '../bench/load';
+import { Capture } from '../src/capture';
+import { loopbackMultiRouteYaml } from '../src/demo/loopback-config';
+import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../src/demo/site-gateway';
+import { TcpRelay } from '../src/wan';
+import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type QemuVmOptions } from '../src/vm/qemu-vm';
+
+const SKIP = process.env.BFMIG_SKIP_E2E === '1';
+const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
+const VM = 'vm1';
+const PAGE = 4096;
+/** Slow enough that a fault lands mid-migration: the guest's 64 MiB of data take some 4 s. */
+const SLOW = 16 * 1024 * 1024;
+const FAST = 4 * 1024 * 1024 * 1024;
+
+interface Site {
+  name: string;
+  yaml: string;
+  data: string;
+  gateway: SiteGateway;
+  /** The source QEMU here migrates to this port (the gateway's route for vm1). */
+  routePort: number;
+  /** A destination QEMU here listens on this port; the far gateway dials it. */
+  qemuPort: number;
+  /** The link the far site's gateway reaches this site's gateway through. */
+  link: TcpRelay;
+}
+
+/** One row of the matrix, printed at the end (the README's fault table comes from it). */
+interface Outcome {
+  fault: string;
+  source: string;
+  destination: string;
+  storeClaims: string;
+  restart: string;
+}
+
+function canMountTmpfs(): boolean {
+  if (process.getuid?.() !== 0) return false;
+  const probe = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-mount-probe-'));
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', probe], { stdio: 'ignore' });
+    execFileSync('umount', [probe], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  } finally {
+    fs.rmSync(probe, { recursive: true, force: true });
+  }
+}
+
+/** The snapshot a site's store claims, read from its meta file without opening (and so recovering) it. */
+function claimedSnapshot(site: Site): string | null {
+  try {
+    return (JSON.parse(fs.readFileSync(path.join(site.data, VM, 'meta.json'), 'utf8')) as { snapshotId: string | null }).snapshotId;
+  } catch {
+    return null;
+  }
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+async function waitUntil(what: string, condition: () => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  while (!(await condition())) {
+    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+(SKIP ? describe.skip : describe)('fault matrix with real QEMU', () => {
+  let tmp = '';
+  let a: Site;
+  let b: Site;
+  /** The running guest, and the site it runs at. */
+  let vm: QemuVm;
+  let here: Site;
+  /** A real QEMU stream of this guest (its first leg), for the malformed-stream faults. */
+  let captured: Buffer;
+  const outcomes: Outcome[] = [];
+  const options: QemuVmOptions = { machine: 'pc-i440fx-7.2', memMiB: 256, workload: { mib: 64, seed: 23, rewritePct: 0, intervalMs: 500 } };
+  const there = (): Site => (here === a ? b : a);
+
+  async function startGateway(site: Site): Promise<void> {
+    site.gateway = await startSiteGateway(tmp, site.name, site.yaml, 'child-process');
+  }
+
+  beforeAll(async () => {
+    ensureGuestBuilt();
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-faultmx-'));
+    const [peerA, peerB, routeA, routeB, qemuA, qemuB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
+    // linkToB carries A's gateway to B's, and the other way round.
+    const linkToB = new TcpRelay({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: peerB } });
+    const linkToA = new TcpRelay({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: peerA } });
+    const [toB, toA] = [await linkToB.listen(), await linkToA.listen()];
+    const site = (name: string, peer: number, farLink: number, route: number, qemu: number, farQemu: number, link: TcpRelay): Site => {
+      const data = path.join(tmp, name);
+      fs.mkdirSync(data);
+      const yaml = loopbackMultiRouteYaml({ name, data, peerPort: peer, farPeerPort: farLink, routes: [{ vm: VM, routePort: route, targetPort: farQemu }] });
+      return { name, yaml, data, routePort: route, qemuPort: qemu, link, gateway: null as unknown as SiteGateway };
+    };
+    a = site('site-a', peerA, toB.port, routeA, qemuA, qemuB, linkToA);
+    b = site('site-b', peerB, toA.port, routeB, qemuB, qemuA, linkToB);
+    await startGateway(a);
+    await startGateway(b);
+    vm = new QemuVm({ ...options, name: 'origin' });
+    await vm.start();
+    await vm.setMigrationCapabilities({ 'return-path': true });
+    await vm.waitForSerial(/WORKLOAD READY/, 180_000);
+    here = a;
+  });
+
+  afterAll(async () => {
+    await disposeAllVms();
+    for (const s of [a, b]) {
+      await s?.gateway?.stop();
+      await s?.link.close();
+    }
+    if (outcomes.length > 0) {
+      console.log(
+        ['fault matrix (real QEMU):', ...outcomes.map((o) => `- ${o.fault} | source: ${o.source} | destination: ${o.destination} | stores: ${o.storeClaims} | next migration: ${o.restart}`)].join(
+          '\n',
+        ),
+      );
+    }
+    if (process.env.BFMIG_KEEP_VM_TMP === '1') console.log(`fault matrix: gateway logs and stores kept in ${tmp}`);
+    else fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  /** Reports `site`'s gateway has written since `count`, once it has written `n` more. */
+  async function reportsAfter(site: Site, count: number, n = 1): Promise<GatewayLegReport[]> {
+    await waitUntil(`${site.name} to report`, () => site.gateway.reports.length >= count + n);
+    return site.gateway.reports.slice(count);
+  }
+
+  /** A destination QEMU at `site`, waiting for the stream. */
+  async function destinationAt(site: Site, label: string): Promise<QemuVm> {
+    const dest = new QemuVm({ ...options, name: `${label}-at-${site.name}`, incoming: `tcp:127.0.0.1:${site.qemuPort}` });
+    await dest.start();
+    // With the return path a destination that fails to load tells the source, which then fails the
+    // migration and resumes its VM even when it had already sent its last byte.
+    await dest.setMigrationCapabilities({ 'return-path': true });
+    return dest;
+  }
+
+  /** The guest moves from `here` to the other site; it must complete and verify there. Returns the send report. */
+  async function migrateOn(): Promise<GatewayLegReport> {
+    const from = here;
+    const to = there();
+    const counts = [from.gateway.reports.length, to.gateway.reports.length];
+    const dest = await destinationAt(to, 'next');
+    vm.setMaxBandwidth(FAST);
+    await vm.migrate(`tcp:127.0.0.1:${from.routePort}`);
+    const info = await vm.waitForMigration({ timeoutMs: 300_000 });
+    expect(info.status).toBe('completed');
+    await dest.waitForStatus('running', 60_000);
+    await dest.waitForSerial(VERIFIED, 60_000);
+    const [sent] = await reportsAfter(from, counts[0]);
+    const [received] = await reportsAfter(to, counts[1]);
+    expect(sent).toMatchObject({ vm: VM, direction: 'send', result: 'completed' });
+    expect(received).toMatchObject({ vm: VM, direction: 'receive', result: 'completed' });
+    await vm.dispose();
+    vm = dest;
+    here = to;
+    return sent;
+  }
+
+  /**
+   * Starts a migration of the guest to the other site, slowly, and calls `inject` once `atBytes` have
+   * left the source. The migration must fail at the source while the guest runs on and verifies; the
+   * destination QEMU must not run. Returns what the destination did.
+   */
+  async function failingMigration(inject: (dest: QemuVm) => Promise<void>, atBytes = 8 * 1024 * 1024): Promise<string> {
+    const dest = await destinationAt(there(), 'faulted');
+    vm.setMaxBandwidth(SLOW);
+    await vm.migrate(`tcp:127.0.0.1:${here.routePort}`);
+    await waitUntil('the migration to get under way', async () => {
+      const info = await vm.queryMigrate();
+      return (info.ram?.transferred ?? 0) >= atBytes || info.status === 'completed' || info.status === 'failed';
+    });
+    expect((await vm.queryMigrate()).status).toBe('active');
+    await inject(dest);
+    return expectCleanFailure(dest);
+  }
+
+  /** The source failed and runs on, verified; the destination QEMU exited without running the guest. */
+  async function expectCleanFailure(dest: QemuVm | null): Promise<string> {
+    const info = await vm.waitForMigration({ timeoutMs: 120_000, allowFailure: true });
+    expect(info.status).toBe('failed');
+    expect((await vm.status()).status).toBe('running');
+    const mark = vm.serialMark();
+    await vm.waitForSerial(VERIFIED, 60_000, { since: mark });
+    if (!dest) return 'n/a';
+    const exited = await dest.waitForExit(30_000);
+    if (!exited) {
+      // Still waiting for a stream that will not come: it must not be running the guest.
+      expect((await dest.status()).status).not.toBe('running');
+    }
+    const how = exited ? `exited (code ${dest.exit?.code ?? dest.exit?.signal})` : 'still waiting, never ran';
+    await dest.dispose();
+    return how;
+  }
+
+  /** Both stores verify, and claim the snapshot of the last completed migration. */
+  function expectStoresSound(snapshotId: string | null): void {
+    for (const site of [a, b]) {
+      const [check] = checkStores(site.data, [VM]);
+      expect({ site: site.name, bad: check.badPages }).toEqual({ site: site.name, bad: [] });
+      if (snapshotId !== null) expect({ site: site.name, snapshot: check.snapshotId }).toEqual({ site: site.name, snapshot: snapshotId });
+    }
+  }
+
+  /** The migration started right after the failure succeeds; both stores are sound afterwards. */
+  async function restartSucceeds(): Promise<string> {
+    const sent = await migrateOn();
+    expectStoresSound(sent.snapshotId);
+    return `completed and verified (${sent.pagesSent} pages sent, ${sent.pagesReused} reused)`;
+  }
+
+  const claims = (before: [string | null, string | null]): string => {
+    const now = [claimedSnapshot(a), claimedSnapshot(b)];
+    for (const [i, claim] of now.entries()) expect([before[i], null]).toContain(claim);
+    return now.map((c, i) => (c === null ? 'none' : c === before[i] ? 'previous snapshot' : 'other')).join(' / ');
+  };
+
+  test('first leg, captured: A → B completes and verifies', async () => {
+    const capturePort = await freePort();
+    const out = path.join(tmp, 'first-leg.mig');
+    const capture = new Capture({ listen: { host: '127.0.0.1', port: capturePort }, out, forward: { host: '127.0.0.1', port: a.routePort } });
+    await capture.listen();
+    const dest = await destinationAt(b, 'first');
+    vm.setMaxBandwidth(FAST);
+    await vm.migrate(`tcp:127.0.0.1:${capturePort}`);
+    expect((await vm.waitForMigration({ timeoutMs: 300_000 })).status).toBe('completed');
+    expect((await capture.done).error).toBeNull();
+    await dest.waitForSerial(VERIFIED, 60_000);
+    await vm.dispose();
+    vm = dest;
+    here = b;
+    captured = fs.readFileSync(out);
+    expect(captured.length).toBeGreaterThan(64 * 1024 * 1024);
+    // And back, so that both sites retain this guest's snapshot.
+    await migrateOn();
+  });
+
+  test('WAN link drops mid-migration', async () => {
+    const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
+    let cut = 0;
+    const destination = await failingMigration(async () => {
+      cut = await there().link.cut();
+    });
+    expect(cut).toBe(1);
+    outcomes.push({ fault: 'WAN link drops mid-migration', source: 'failed, VM runs and verifies', destination, storeClaims: claims(before), restart: await restartSucceeds() });
+  });
+
+  for (const role of ['sending', 'receiving'] as const) {
+    test(`kill -9 of the ${role} gateway mid-migration, then restart`, async () => {
+      const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
+      const victim = role === 'sending' ? here : there();
+      const destination = await failingMigration(async () => {
+        await victim.gateway.kill();
+      });
+      const storeClaims = claims(before);
+      await startGateway(victim);
+      outcomes.push({ fault: `kill -9 of the ${role} gateway mid-migration, restarted`, source: 'failed, VM runs and verifies', destination, storeClaims, restart: await restartSucceeds() });
+    });
+  }
+
+  test('the destination QEMU dies mid-migration', async () => {
+    const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
+    const destination = await failingMigration(async (dest) => {
+      await dest.kill();
+    });
+    expect(destination).toMatch(/exited/);
+    outcomes.push({ fault: 'destination QEMU killed mid-migration', source: 'failed, VM runs and verifies', destination, storeClaims: claims(before), restart: await restartSucceeds() });
+  });
+
+  test('retained pages corrupted in the receiving store', async () => {
+    const to = there();
+    const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
+    // Flip a byte in 8 present pages of the guest's data, behind their digests.
+    const digests = fs.readFileSync(path.join(to.data, VM, 'digests'));
+    const present: number[] = [];
+    for (let i = 0; i < digests.length / 16; i++) if (digests.readBigUInt64LE(i * 16) !== 0n) present.push(i);
+    const victims = Array.from({ length: 8 }, (_, k) => present[Math.floor(((k + 0.5) * present.length) / 8)]);
+    const fd = fs.openSync(path.join(to.data, VM, 'pages'), 'r+');
+    for (const page of victims) {
+      const byte = Buffer.alloc(1);
+      fs.readSync(fd, byte, 0, 1, page * PAGE + 777);
+      byte[0] ^= 0x5a;
+      fs.writeSync(fd, byte, 0, 1, page * PAGE + 777);
+    }
+    fs.closeSync(fd);
+    const counts = [here.gateway.reports.length, to.gateway.reports.length];
+    const dest = await destinationAt(to, 'corrupt');
+    vm.setMaxBandwidth(FAST);
+    await vm.migrate(`tcp:127.0.0.1:${here.routePort}`);
+    const destination = await expectCleanFailure(dest);
+    const [received] = await reportsAfter(to, counts[1]);
+    expect(received).toMatchObject({ direction: 'receive', result: 'failed' });
+    await reportsAfter(here, counts[0]);
+    const storeClaims = claims(before);
+    outcomes.push({ fault: 'retained pages corrupted in the receiving store', source: 'failed, VM runs and verifies', destination, storeClaims, restart: await restartSucceeds() });
+  });
+
+  (canMountTmpfs() ? test : test.skip)('the receiving store’s disk is full', async () => {
+    const to = there();
+    // A 16 MiB filesystem over the receiving store: the guest's 64 MiB of data do not fit.
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', to.data]);
+    try {
+      const counts = [to.gateway.reports.length];
+      const dest = await destinationAt(to, 'diskfull');
+      vm.setMaxBandwidth(FAST);
+      await vm.migrate(`tcp:127.0.0.1:${here.routePort}`);
+      const destination = await expectCleanFailure(dest);
+      const [received] = await reportsAfter(to, counts[0]);
+      expect(received).toMatchObject({ direction: 'receive', result: 'failed' });
+      // The disk is still full: the next migration goes on without retention there, and completes.
+      const sent = await migrateOn();
+      expect(sent.pagesReused).toBe(0);
+      const restart = `completed and verified without retention (${sent.pagesSent} pages sent)`;
+      outcomes.push({ fault: 'receiving store’s disk full (16 MiB tmpfs)', source: 'failed, VM runs and verifies', destination, storeClaims: 'sending store: previous snapshot', restart });
+      expect(claimedSnapshot(there())).not.toBeNull();
+    } finally {
+      execFileSync('umount', ['-l', to.data]);
+    }
+    // Room again (the store under the mount reappears): the next migration retains and reuses.
+    const next = await migrateOn();
+    expect(next.result).toBe('completed');
+    expectStoresSound(next.snapshotId);
+  });
+
+  /** Plays `stream` into the route of the site the guest runs at, to a real destination QEMU at the other. */
+  async function playMalformed(stream: Buffer, label: string): Promise<{ destination: string; report: GatewayLegReport; source: string }> {
+    const from = here;
+    const counts = [from.gateway.reports.length];
+    const dest = await destinationAt(there(), label);
+    const reset = await new Promise<boolean>((resolve) => {
+      const socket = net.connect({ host: '127.0.0.1', port: from.routePort }, () => socket.end(stream));
+      let failed = false;
+      socket.on('error', () => (failed = true));
+      socket.resume();
+      socket.on('close', () => resolve(failed));
+    });
+    const [report] = await reportsAfter(from, counts[0]);
+    const exited = await dest.waitForExit(30_000);
+    if (!exited) expect((await dest.status()).status).not.toBe('running');
+    const destination = exited ? `exited (code ${dest.exit?.code ?? dest.exit?.signal})` : 'still waiting, never ran';
+    await dest.dispose();
+    // The guest itself never noticed.
+    expect((await vm.status()).status).toBe('running');
+    return { destination, report, source: reset ? 'stand-in: connection reset' : 'stand-in: connection closed' };
+  }
+
+  test('a truncated stream', async () => {
+    const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
+    const { destination, report, source } = await playMalformed(captured.subarray(0, Math.floor(captured.length * 0.6)), 'truncated');
+    expect(report).toMatchObject({ direction: 'send', result: 'failed' });
+    expect(source).toBe('stand-in: connection reset');
+    outcomes.push({ fault: 'truncated stream (60% of a real one)', source, destination, storeClaims: claims(before), restart: await restartSucceeds() });
+  });
+
+  test('garbage after the stream header', async () => {
+    const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
+    const garbage = Buffer.concat([captured.subarray(0, 8), randomBytes(4 * 1024 * 1024)]);
+    const { destination, report, source } = await playMalformed(garbage, 'garbage');
+    // The gateway cannot parse it and relays it verbatim; the destination QEMU refuses it.
+    expect(report.direction).toBe('send');
+    expect(destination).toMatch(/exited|never ran/);
+    outcomes.push({ fault: 'garbage after the stream header (4 MiB random)', source: `${source}; gateway: ${report.result}`, destination, storeClaims: claims(before), restart: await restartSucceeds() });
+  });
+});
