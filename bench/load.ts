@@ -24,7 +24,7 @@ import { loopbackMultiRouteYaml, type LoopbackRoute } from '../src/demo/loopback
 import { type SiteGateway, startSiteGateway } from '../src/demo/site-gateway';
 import { PageStore } from '../src/store';
 import { freePort } from '../src/vm/qemu-vm';
-import { syntheticStream } from './synthetic';
+import { playStream, syntheticStream } from './synthetic';
 
 /** One VM's migration stream and the digest its destination must see. */
 export interface VmStream {
@@ -35,29 +35,6 @@ export interface VmStream {
 
 export function vmStream(vm: string, stream: Buffer): VmStream {
   return { vm, stream, sha256: createHash('sha256').update(stream).digest('hex') };
-}
-
-/** A source stand-in: plays `stream` into the route at `port` in 1 MiB writes, waiting for 'drain' when the gateway pushes back. */
-export function playStream(port: number, stream: Buffer): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const socket = net.connect({ host: '127.0.0.1', port, noDelay: true }, () => {
-      let at = 0;
-      const step = 1 << 20;
-      const pump = (): void => {
-        while (at < stream.length) {
-          const ok = socket.write(stream.subarray(at, at + step));
-          at += step;
-          if (!ok) return void socket.once('drain', pump);
-        }
-        socket.end();
-      };
-      pump();
-    });
-    let failure: Error | null = null;
-    socket.on('error', (err) => (failure = err));
-    socket.resume(); // QEMU's return path, unused in precopy
-    socket.on('close', () => (failure ? reject(failure) : resolve()));
-  });
 }
 
 /** What a destination stand-in received. */

@@ -18,32 +18,10 @@ import { procStats } from '../src/demo/proc-stats';
 import { PACKAGE_ROOT } from '../src/paths';
 import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
 import { freePort } from '../src/vm/qemu-vm';
-import { syntheticStream } from './synthetic';
+import { playStream, syntheticStream } from './synthetic';
 
 const gib = Number(process.argv[2] ?? 1);
 const runs = Number(process.argv[3] ?? 3);
-
-/** Serves `stream` to the first connection on `port`, honouring backpressure. */
-function produce(port: number, stream: Buffer): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const socket = net.connect({ host: '127.0.0.1', port, noDelay: true }, () => {
-      let at = 0;
-      const step = 1 << 20;
-      const pump = (): void => {
-        while (at < stream.length) {
-          const ok = socket.write(stream.subarray(at, at + step));
-          at += step;
-          if (!ok) return void socket.once('drain', pump);
-        }
-        socket.end();
-      };
-      pump();
-    });
-    socket.on('error', reject);
-    socket.on('close', () => resolve());
-    socket.resume(); // the return path, if any
-  });
-}
 
 /** A destination: accepts one connection, reads everything, compares it with `expected`. */
 function consume(expected: Buffer, port = 0): Promise<{ port: number; done: Promise<number> }> {
@@ -118,7 +96,7 @@ async function main(): Promise<void> {
     const first = await startRelay(second.port);
     const before = procStats(first.child.pid!).cpuSeconds + procStats(second.child.pid!).cpuSeconds;
     const t0 = process.hrtime.bigint();
-    await produce(first.port, stream);
+    await playStream(first.port, stream);
     await sink.done;
     relayTimes.push(Number(process.hrtime.bigint() - t0) / 1e9);
     relayCpu.push((procStats(first.child.pid!).cpuSeconds + procStats(second.child.pid!).cpuSeconds - before) / 2 / GiB);
@@ -146,7 +124,7 @@ async function main(): Promise<void> {
         // The gateway dials its route's fixed target port: the destination listens there.
         const sink = await consume(stream, destPort);
         const t0 = process.hrtime.bigint();
-        await produce(routePort, stream);
+        await playStream(routePort, stream);
         await sink.done;
         const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
         await new Promise((res) => setTimeout(res, 200));

@@ -22,6 +22,7 @@ import { loopbackMultiRouteYaml } from '../src/demo/loopback-config';
 import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../src/demo/site-gateway';
 import { TcpRelay } from '../src/wan';
 import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type QemuVmOptions } from '../src/vm/qemu-vm';
+import { canMountTmpfs } from './mounts';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
@@ -51,20 +52,6 @@ interface Outcome {
   destination: string;
   storeClaims: string;
   restart: string;
-}
-
-function canMountTmpfs(): boolean {
-  if (process.getuid?.() !== 0) return false;
-  const probe = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-mount-probe-'));
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', probe], { stdio: 'ignore' });
-    execFileSync('umount', [probe], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  } finally {
-    fs.rmSync(probe, { recursive: true, force: true });
-  }
 }
 
 /** The snapshot a site's store claims, read from its meta file without opening (and so recovering) it. */

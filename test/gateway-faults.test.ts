@@ -4,56 +4,12 @@
  * then reports a failed migration), hands the destination no wrong byte, and the next migration works.
  */
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { loopbackSiteYaml } from '../src/demo/loopback-config';
-import { parseConfig } from '../src/gateway/config';
-import { Gateway } from '../src/gateway/gateway';
-import { createLogger } from '../src/gateway/log';
+import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
-import { freePort } from '../src/vm/qemu-vm';
+import { destinationStandIn as destination, sourceStandIn as migrate, startPair, type TestSite as Site } from './gateway-pair';
 import { guestMemory, migrationStream, PAGE } from './migration-stream';
-
-interface Site {
-  gateway: Gateway;
-  routePort: number;
-  /** The destination stand-in at this site listens here. */
-  destPort: number;
-  data: string;
-}
-
-/** A source stand-in: sends `stream` to the route, reports how the connection ended. */
-function migrate(port: number, stream: Buffer): Promise<'closed' | 'reset'> {
-  return new Promise((resolve) => {
-    const socket = net.connect({ host: '127.0.0.1', port }, () => {
-      socket.write(stream);
-      socket.end();
-    });
-    let reset = false;
-    socket.on('error', () => (reset = true));
-    socket.resume();
-    socket.on('close', () => resolve(reset ? 'reset' : 'closed'));
-  });
-}
-
-/** A destination stand-in: accepts one connection and keeps what it receives. */
-function destination(port: number): Promise<{ received: Promise<{ bytes: Buffer; reset: boolean }> }> {
-  return new Promise((listening) => {
-    let done: (r: { bytes: Buffer; reset: boolean }) => void;
-    const received = new Promise<{ bytes: Buffer; reset: boolean }>((r) => (done = r));
-    const server = net.createServer((socket) => {
-      server.close();
-      const parts: Buffer[] = [];
-      let reset = false;
-      socket.on('data', (b: Buffer) => parts.push(b));
-      socket.on('error', () => (reset = true));
-      socket.on('end', () => socket.end());
-      socket.on('close', () => done({ bytes: Buffer.concat(parts), reset }));
-    });
-    server.listen(port, '127.0.0.1', () => listening({ received }));
-  });
-}
 
 function snapshotOf(site: Site): string | null {
   return (JSON.parse(fs.readFileSync(path.join(site.data, 'vm1', 'meta.json'), 'utf8')) as { snapshotId: string | null }).snapshotId;
@@ -79,16 +35,7 @@ describe('gateway failures', () => {
 
   beforeAll(async () => {
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-faults-'));
-    const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
-    const make = async (name: string, peer: number, route: number, farPeer: number, farDest: number, dest: number): Promise<Site> => {
-      const data = path.join(tmp, name);
-      const config = parseConfig(loopbackSiteYaml({ name, data, peerPort: peer, vm: 'vm1', routePort: route, farPeerPort: farPeer, targetPort: farDest }));
-      const gateway = new Gateway(config, createLogger({ name, level: process.env.FAULT_LOG ?? 'silent' }), null);
-      await gateway.start();
-      return { gateway, routePort: route, destPort: dest, data };
-    };
-    a = await make('site-a', peerA, routeA, peerB, destB, destA);
-    b = await make('site-b', peerB, routeB, peerA, destA, destB);
+    [a, b] = await startPair(tmp);
   });
 
   afterAll(async () => {

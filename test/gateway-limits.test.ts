@@ -159,3 +159,44 @@ describe('gateway limits', () => {
     expect(await res.text()).toMatch(/bfmig_connections_refused_total/);
   });
 });
+
+describe('limits.maxGuestRam', () => {
+  let tmp = '';
+  let a: TestSite;
+  let b: TestSite;
+  // 300 pages (1.2 MB): more than site-b's 1 MiB.
+  const stream = migrationStream(guestMemory([['pc.ram', 300]], 4), []);
+
+  beforeAll(async () => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-maxram-'));
+    [a, b] = await startPair(tmp, ['', 'limits:\n  maxGuestRam: 1MiB\n']);
+  });
+
+  afterAll(async () => {
+    await a?.gateway.stop(1);
+    await b?.gateway.stop(1);
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  const storeBytes = (site: TestSite): number => {
+    const pages = path.join(site.data, 'vm1', 'pages');
+    return fs.existsSync(pages) ? fs.statSync(pages).size : 0;
+  };
+
+  test.each([
+    ['receiving', () => [a, b] as const],
+    ['sending', () => [b, a] as const],
+  ])('a stream declaring more guest RAM than the %s gateway allows fails there before its store grows', async (_role, sites) => {
+    const [from, to] = sites();
+    const limited = b;
+    const counts = [from.gateway.history.length, to.gateway.history.length];
+    const dest = await destinationStandIn(to.destPort);
+    expect(await sourceStandIn(from.routePort, stream)).toBe('reset');
+    await waitFor(() => from.gateway.history.length > counts[0] && limited.gateway.history.length > (limited === from ? counts[0] : counts[1]));
+    const report = limited.gateway.history[limited.gateway.history.length - 1];
+    expect(report.result).toBe('failed');
+    expect(report.error).toMatch(/300 pages .* more than the 256 allowed \(limits\.maxGuestRam\)/);
+    expect(storeBytes(limited)).toBe(0);
+    dest.close();
+  });
+});

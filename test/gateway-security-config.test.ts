@@ -65,6 +65,8 @@ describe('tls: and limits: config', () => {
     ['maxFrameBytes below a digest-table frame', () => config('limits:\n  maxFrameBytes: 64KiB\n'), 'limits.maxFrameBytes', /out of range/],
     ['maxFrameBytes above the protocol maximum', () => config('limits:\n  maxFrameBytes: 1GiB\n'), 'limits.maxFrameBytes', /out of range/],
     ['maxFrameBytes not a size', () => config('limits:\n  maxFrameBytes: big\n'), 'limits.maxFrameBytes', /not a size/],
+    ['maxGuestRam above what a store can index', () => config('limits:\n  maxGuestRam: 2TiB\n'), 'limits.maxGuestRam', /out of range/],
+    ['maxGuestRam not a size', () => config('limits:\n  maxGuestRam: lots\n'), 'limits.maxGuestRam', /not a size/],
   ])('%s', (_what, text, key, message) => {
     const err = errorOf(text());
     expect(err.key).toBe(key);
@@ -85,12 +87,21 @@ describe('tls: and limits: config', () => {
   });
 
   test('limits: defaults, and values as written', () => {
-    expect(parse(config('', '127.0.0.1:7300')).limits).toEqual({ handshakeSeconds: 10, idleSeconds: 120, maxFrameBytes: 4 * 1024 * 1024, maxConnections: 64 });
-    expect(parse(config('limits:\n  handshakeSeconds: 2.5\n  idleSeconds: 30\n  maxFrameBytes: 2MiB\n  maxConnections: 500\n', '127.0.0.1:7300')).limits).toEqual({
+    expect(parse(config('', '127.0.0.1:7300')).limits).toEqual({
+      handshakeSeconds: 10,
+      idleSeconds: 120,
+      maxFrameBytes: 4 * 1024 * 1024,
+      maxConnections: 64,
+      maxGuestRamBytes: 256 * 2 ** 30,
+    });
+    expect(
+      parse(config('limits:\n  handshakeSeconds: 2.5\n  idleSeconds: 30\n  maxFrameBytes: 2MiB\n  maxConnections: 500\n  maxGuestRam: 512GiB\n', '127.0.0.1:7300')).limits,
+    ).toEqual({
       handshakeSeconds: 2.5,
       idleSeconds: 30,
       maxFrameBytes: 2 * 1024 * 1024,
       maxConnections: 500,
+      maxGuestRamBytes: 512 * 2 ** 30,
     });
   });
 

@@ -12,20 +12,7 @@ import { isNoSpace, StoreSpace } from '../src/gateway/store-space';
 import { PageStore } from '../src/store';
 import { destinationStandIn, sourceStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
 import { guestMemory, migrationStream } from './migration-stream';
-
-function canMountTmpfs(): boolean {
-  if (process.getuid?.() !== 0) return false;
-  const probe = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-mount-probe-'));
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', probe], { stdio: 'ignore' });
-    execFileSync('umount', [probe], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  } finally {
-    fs.rmSync(probe, { recursive: true, force: true });
-  }
-}
+import { canMountTmpfs } from './mounts';
 
 describe('StoreSpace', () => {
   test('a no-space error is recognised through the store error that wraps it', () => {

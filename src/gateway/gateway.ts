@@ -1,5 +1,6 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { type Endpoint, formatEndpoint } from '../address';
+import { PAGE_SIZE } from '../proxy/retained';
 import { StoreBudget } from '../store';
 import { type GatewayConfig, targetAllowed } from './config';
 import { awaitStreamMagic, ConnectionGate, type Listener, Refusal, type RefusalReason } from './limits';
@@ -141,6 +142,7 @@ export class Gateway implements SessionObserver {
         transport: this.transport,
         idleMs: limits.idleSeconds * 1000,
         maxFrameBytes: limits.maxFrameBytes,
+        maxGuestPages: Math.floor(limits.maxGuestRamBytes / PAGE_SIZE),
       });
       this.track(session.done, session.qemu, () => this.busy.delete(vm));
     });
@@ -164,6 +166,7 @@ export class Gateway implements SessionObserver {
         handshakeDeadline: deadline,
         idleMs: limits.idleSeconds * 1000,
         maxFrameBytes: limits.maxFrameBytes,
+        maxGuestPages: Math.floor(limits.maxGuestRamBytes / PAGE_SIZE),
         refused: (reason, detail) => this.refused('peer', raw, reason, detail, peerName),
       });
       this.track(session.done, socket, () => undefined);

@@ -17,7 +17,7 @@ import {
 } from '../wire/frames';
 import { Refusal, type RefusalReason } from './limits';
 import { isNoSpace, storeNeedBytes } from './store-space';
-import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, TABLE_FRAME_BYTES } from './session';
+import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
 
 export interface ReceiveOptions {
   site: string;
@@ -33,6 +33,8 @@ export interface ReceiveOptions {
   idleMs: number;
   /** Largest frame accepted once the Hello is; before it only MAX_HANDSHAKE_PAYLOAD. */
   maxFrameBytes: number;
+  /** Largest guest a stream may declare, in pages (limits.maxGuestRam). */
+  maxGuestPages: number;
   /** A connection turned away before its migration began (the observer logs and counts it). */
   refused: (reason: RefusalReason, detail: string) => void;
 }
@@ -168,7 +170,7 @@ export class ReceiveSession {
     this.event('migration offered', { peerSite: hello.site, target: hello.target });
     // Without retention (its filesystem is full) the store is left as it is and the peer is offered nothing.
     if (this.options.observer.retains(vm, 'receive')) {
-      this.store = PageStore.open(this.options.storeRoot, this.vm);
+      this.store = PageStore.open(this.options.storeRoot, this.vm, { maxPages: this.options.maxGuestPages });
       this.retained = new UndoableStore(this.store);
     }
     const meta = this.store?.meta() ?? null;
@@ -261,26 +263,10 @@ export class ReceiveSession {
     // Commit once the destination has been handed every byte.
     const commit = (): void => {
       if (this.finished) return;
-      let claimed: string | null = null;
-      try {
-        // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
-        if (this.store && this.retained && decoder.layout && !decoder.fallbackReason) {
-          keepStreamParts(this.store, decoder.parts, decoder.footers, snapshotId);
-          this.retained.commit(snapshotId);
-          claimed = snapshotId;
-        } else {
-          this.retained?.rollback();
-        }
-      } catch (err) {
-        // The destination has the whole stream: the migration stands; only the store claims nothing new.
+      const claimed = settleStore(this.store, this.retained, decoder, snapshotId, (what, err) => {
         this.storeError(err);
-        this.event('store commit failed', { error: errorMessage(err) });
-        try {
-          this.retained?.rollback();
-        } catch (again) {
-          this.event('store rollback failed', { error: errorMessage(again) });
-        }
-      }
+        this.event(what, { error: errorMessage(err) });
+      });
       this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
       this.finish('completed', null, claimed);
       this.peer.end();

@@ -12,6 +12,7 @@
  *   idleSeconds: 120           # a migration whose connections move no byte this long is failed
  *   maxFrameBytes: 4MiB        # largest gateway-to-gateway frame accepted (1MiB..4MiB)
  *   maxConnections: 64         # open connections across all of this gateway's listeners
+ *   maxGuestRam: 256GiB        # largest guest RAM a stream may declare (the store keeps 16 B a page in memory)
  * ```
  */
 import { createPrivateKey, type KeyObject, X509Certificate } from 'node:crypto';
@@ -41,6 +42,8 @@ export interface Limits {
   idleSeconds: number;
   maxFrameBytes: number;
   maxConnections: number;
+  /** Largest guest RAM (bytes) a migration's stream may declare: the digest table costs 16 B a page. */
+  maxGuestRamBytes: number;
 }
 
 export const DEFAULT_LIMITS: Readonly<Limits> = {
@@ -48,12 +51,15 @@ export const DEFAULT_LIMITS: Readonly<Limits> = {
   idleSeconds: 120,
   maxFrameBytes: MAX_FRAME_PAYLOAD,
   maxConnections: 64,
+  maxGuestRamBytes: 256 * 2 ** 30,
 };
+/** The store's own ceiling: 2^28 pages of 4 KiB (a 4 GiB digest table). */
+const MAX_GUEST_RAM_BYTES = 2 ** 40;
 /** A digest-table frame must fit: smaller frame limits would break every digest-table exchange. */
 export const MIN_FRAME_BYTES = TABLE_FRAME_BYTES;
 
 const TLS_KEYS = ['cert', 'key', 'ca', 'allowPeers'] as const;
-const LIMIT_KEYS = ['handshakeSeconds', 'idleSeconds', 'maxFrameBytes', 'maxConnections'] as const;
+const LIMIT_KEYS = ['handshakeSeconds', 'idleSeconds', 'maxFrameBytes', 'maxConnections', 'maxGuestRam'] as const;
 const PEER_NAME = /^[A-Za-z0-9._-]{1,64}$/;
 
 /** The `tls:` block, or null when absent. Reads and checks the PEM files so a bad one stops start-up. */
@@ -120,7 +126,7 @@ export function parseLimits(value: unknown, fail: Fail): Limits {
   if (!isMapping(value)) return fail('limits', `must be a mapping of ${LIMIT_KEYS.join(', ')}, not ${describe(value)}`);
   const unknown = Object.keys(value).filter((k) => !(LIMIT_KEYS as readonly string[]).includes(k));
   if (unknown.length > 0) fail(`limits.${unknown[0]}`, `unknown key "limits.${unknown[0]}" (expected ${LIMIT_KEYS.join(', ')})`);
-  const number = (name: keyof Limits, min: number, max: number, integer: boolean): number => {
+  const number = (name: 'handshakeSeconds' | 'idleSeconds' | 'maxConnections', min: number, max: number, integer: boolean): number => {
     const v = value[name];
     if (v === undefined || v === null) return DEFAULT_LIMITS[name];
     if (typeof v !== 'number' || !Number.isFinite(v) || (integer && !Number.isInteger(v))) {
@@ -141,10 +147,23 @@ export function parseLimits(value: unknown, fail: Fail): Limits {
       fail('limits.maxFrameBytes', `${maxFrameBytes} bytes is out of range (${MIN_FRAME_BYTES}..${MAX_FRAME_PAYLOAD}: 1MiB..4MiB)`);
     }
   }
+  let maxGuestRamBytes = DEFAULT_LIMITS.maxGuestRamBytes;
+  const ramValue = value.maxGuestRam;
+  if (ramValue !== undefined && ramValue !== null) {
+    try {
+      maxGuestRamBytes = parseSize(String(ramValue));
+    } catch (err) {
+      fail('limits.maxGuestRam', (err as Error).message);
+    }
+    if (maxGuestRamBytes < 2 ** 20 || maxGuestRamBytes > MAX_GUEST_RAM_BYTES) {
+      fail('limits.maxGuestRam', `${maxGuestRamBytes} bytes is out of range (1MiB..1TiB)`);
+    }
+  }
   return {
     handshakeSeconds: number('handshakeSeconds', 0.1, 3600, false),
     idleSeconds: number('idleSeconds', 1, 86400, false),
     maxFrameBytes,
     maxConnections: number('maxConnections', 1, 100_000, true),
+    maxGuestRamBytes,
   };
 }

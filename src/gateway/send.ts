@@ -21,7 +21,7 @@ import type { RouteConfig } from './config';
 import { isNoSpace, storeNeedBytes } from './store-space';
 import { PooledReads } from './pooled-reads';
 import type { PeerTransport } from './transport';
-import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, IdleWatch, keepStreamParts, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver } from './session';
+import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 
 export interface SendOptions {
   site: string;
@@ -34,6 +34,8 @@ export interface SendOptions {
   idleMs: number;
   /** Largest frame accepted from the peer. */
   maxFrameBytes: number;
+  /** Largest guest a stream may declare, in pages (limits.maxGuestRam). */
+  maxGuestPages: number;
 }
 
 /**
@@ -122,7 +124,7 @@ export class SendSession {
     try {
       // Without retention (its filesystem is full) the store is left as it is: every page is sent.
       if (this.options.observer.retains(this.vm, 'send')) {
-        this.store = PageStore.open(this.options.storeRoot, this.vm);
+        this.store = PageStore.open(this.options.storeRoot, this.vm, { maxPages: this.options.maxGuestPages });
         this.retained = new UndoableStore(this.store);
         this.localSnapshot = this.store.snapshotId();
       }
@@ -279,23 +281,10 @@ export class SendSession {
   private complete(): void {
     if (this.finished) return;
     this.finished = true;
-    try {
-      // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
-      if (this.store && this.retained && this.snapshotId && this.encoder?.layout && !this.encoder.fallbackReason) {
-        keepStreamParts(this.store, this.encoder.parts, this.encoder.footers, this.snapshotId);
-        this.retained.commit(this.snapshotId);
-      } else {
-        this.retained?.rollback();
-      }
-    } catch (err) {
+    settleStore(this.store, this.retained, this.encoder, this.snapshotId, (what, err) => {
       this.storeError(err);
-      this.event('store commit failed', { error: errorMessage(err) });
-      try {
-        this.retained?.rollback();
-      } catch (again) {
-        this.event('store rollback failed', { error: errorMessage(again) });
-      }
-    }
+      this.event(what, { error: errorMessage(err) });
+    });
     this.peer.end();
     this.qemu.end();
     this.report('completed', null);

@@ -1,4 +1,5 @@
 import { streamOrigin } from '../qemu';
+import type { PageStore, UndoableStore } from '../store';
 import { newCounts, type TransferCounts } from '../proxy/encoder';
 
 export type Direction = 'send' | 'receive';
@@ -83,6 +84,46 @@ export function keepStreamParts(
   store.saveBlob('stream-tail', r.tail);
   const origin = streamOrigin(r.machineType, footers);
   store.saveBlob('stream-info', Buffer.from(JSON.stringify({ snapshotId, ramSectionId: r.ramSectionId, footers, ...origin })));
+}
+
+/** What settleStore() needs of a session's codec. */
+interface SettledCodec {
+  layout: unknown;
+  fallbackReason: string | null;
+  parts: Parameters<typeof keepStreamParts>[1];
+  footers: boolean | null;
+}
+
+/**
+ * The store's part of a completed migration: commits `snapshotId` when the codec followed the whole
+ * stream, else puts back the snapshot the migration started from. The stream was delivered, so a store
+ * failure does not fail the migration: `failed` hears of it and the store claims nothing new. Returns
+ * the snapshot the store now claims for this migration (null when none).
+ */
+export function settleStore(
+  store: PageStore | null,
+  retained: UndoableStore | null,
+  codec: SettledCodec | null,
+  snapshotId: string | null,
+  failed: (what: string, err: unknown) => void,
+): string | null {
+  try {
+    // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
+    if (store && retained && snapshotId !== null && codec?.layout && !codec.fallbackReason) {
+      keepStreamParts(store, codec.parts, codec.footers, snapshotId);
+      retained.commit(snapshotId);
+      return snapshotId;
+    }
+    retained?.rollback();
+  } catch (err) {
+    failed('store commit failed', err);
+    try {
+      retained?.rollback();
+    } catch (again) {
+      failed('store rollback failed', again);
+    }
+  }
+  return null;
 }
 
 /**

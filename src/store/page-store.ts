@@ -29,7 +29,7 @@ import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { copyBytes } from './copy';
 import { fsyncDir, openRW, preadFully, pwriteFully, writeFileAtomic } from './fsio';
 import { acquireLock, releaseLock, StoreBusyError } from './lock';
-import { type StoreLayout, type StoreMeta, parseMeta, serializeMeta, validateLayout, validateVmName } from './meta';
+import { type StoreLayout, type StoreMeta, parseMeta, serializeMeta, validateLayout, validateVmName, MAX_PAGE_COUNT } from './meta';
 import { UndoJournal } from './undo';
 
 export const PAGES_FILE = 'pages';
@@ -47,6 +47,8 @@ export interface PageStoreOptions {
   writeBufferBytes?: number;
   /** Bytes read per batch by verify() and crash recovery. Default 8 MiB. */
   hashBatchBytes?: number;
+  /** Largest layout begin() accepts, in pages: its digest table is held in memory (16 B a page). */
+  maxPages?: number;
 }
 
 const DEFAULT_WRITE_BUFFER_BYTES = 1024 * 1024;
@@ -82,6 +84,7 @@ export class PageStore {
   private readonly lockKey: string;
   private readonly writeBufferBytes: number;
   private readonly hashBatchBytes: number;
+  private readonly maxPages: number;
   private pagesFd: number;
   private digestsFd: number;
   private closed = false;
@@ -131,6 +134,7 @@ export class PageStore {
     this.digestsFd = digestsFd;
     this.writeBufferBytes = bufferOption('writeBufferBytes', options.writeBufferBytes, DEFAULT_WRITE_BUFFER_BYTES);
     this.hashBatchBytes = bufferOption('hashBatchBytes', options.hashBatchBytes, DEFAULT_HASH_BATCH_BYTES);
+    this.maxPages = options.maxPages ?? MAX_PAGE_COUNT;
   }
 
   /**
@@ -232,6 +236,9 @@ export class PageStore {
     this.checkOpen();
     if (this.active) throw new Error(`store ${this.vm}: begin(): a migration is already in progress (commit or abort it)`);
     const layoutJson = validateLayout(layout);
+    if (layout.pageCount > this.maxPages) {
+      throw new RangeError(`store ${this.vm}: the stream declares ${layout.pageCount} pages of ${layout.pageSize} bytes, more than the ${this.maxPages} allowed (limits.maxGuestRam)`);
+    }
     const layoutValue: unknown = JSON.parse(layoutJson);
     const m = this.m;
     const same =
