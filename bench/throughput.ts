@@ -111,7 +111,7 @@ async function main(): Promise<void> {
   const cpu: Record<string, number[]> = { 'first:send': [], 'first:receive': [], 'back:send': [], 'back:receive': [] };
   let peakRss = 0;
   for (let r = 0; r < runs; r++) {
-    const dir = fs.mkdtempSync(path.join(process.env.BFMIG_BENCH_STORE_DIR ?? os.tmpdir(), 'bfmig-tput-'));
+    const dir = fs.mkdtempSync(path.join(path.resolve(process.env.BFMIG_BENCH_STORE_DIR || os.tmpdir()), 'bfmig-tput-'));
     const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
     const a = await startGateway(dir, 'site-a', peerA, routeA, peerB, destB);
     const b = await startGateway(dir, 'site-b', peerB, routeB, peerA, destA);
