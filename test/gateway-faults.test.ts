@@ -4,11 +4,14 @@
  * then reports a failed migration), hands the destination no wrong byte, and the next migration works.
  */
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
-import { destinationStandIn as destination, sourceStandIn as migrate, startPair, type TestSite as Site } from './gateway-pair';
+import { StreamHash } from '../src/digest';
+import { encodeFrame, encodeJson, FrameType } from '../src/wire/frames';
+import { destinationStandIn as destination, rawPeer, sourceStandIn as migrate, startPair, type TestSite as Site, waitFor } from './gateway-pair';
 import { guestMemory, migrationStream, PAGE } from './migration-stream';
 
 function snapshotOf(site: Site): string | null {
@@ -115,5 +118,40 @@ describe('gateway failures', () => {
     const report = await lastReport(a.gateway, a.gateway.history.length);
     expect(report).toMatchObject({ direction: 'send', result: 'failed' });
     expect(report.error).toMatch(/destination/);
+  });
+
+  test('a page damaged between the gateways: the destination never gets the last byte of the stream, so it never finishes loading it', async () => {
+    const original = migrationStream(guestMemory([['pc.ram', 64]], 31), []);
+    const check = new StreamHash();
+    check.update(original);
+    // One byte of one page flipped on the way, in a Literal frame: no page digest covers it, only the
+    // stream check in the sender's End.
+    const damaged = Buffer.from(original);
+    damaged[original.length >> 1] ^= 0x01;
+    // A destination that counts what it has been given.
+    let given = 0;
+    let cut = false;
+    const server = net.createServer((socket) => {
+      server.close();
+      socket.on('data', (chunk: Buffer) => (given += chunk.length));
+      socket.on('error', () => (cut = true));
+      socket.on('close', () => (cut = true));
+    });
+    await new Promise<void>((r) => server.listen(b.destPort, '127.0.0.1', () => r()));
+    const peer = await rawPeer(b.peerPort);
+    peer.hello('vm1', `127.0.0.1:${b.destPort}`);
+    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
+    peer.socket.write(encodeFrame(FrameType.Literal, damaged));
+    // Everything but the last byte reaches the destination, which waits for it...
+    await waitFor(() => given === original.length - 1);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(given).toBe(original.length - 1);
+    expect(cut).toBe(false);
+    // ...until the End shows the damage: then the destination is cut off, the last byte never sent.
+    peer.socket.write(encodeJson(FrameType.End, { streamBytes: original.length, streamCheck: check.digest(), snapshotId: 'damaged-on-the-way' }));
+    await waitFor(() => cut);
+    expect(given).toBe(original.length - 1);
+    await peer.closed;
+    expect(peer.abortText()).toMatch(/XXH3-64 .* bytes were damaged between the gateways/);
   });
 });

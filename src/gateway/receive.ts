@@ -60,6 +60,10 @@ export class ReceiveSession {
   /** Buffers for rebuilt Runs, reused once the destination socket has written them. */
   private readonly outputs = new OutputSlabs();
   private destClosed = false;
+  /** The last byte rebuilt so far, not yet given to the destination (see the decoder's output). */
+  private lastByte: Buffer | null = null;
+  /** Until the destination talks back (QEMU's return path), the last byte waits for the checked End. */
+  private holdLastByte = true;
   private ending = false;
   private finished = false;
   private wanOut = 0;
@@ -177,17 +181,26 @@ export class ReceiveSession {
     const dest = connect({ ...target, noDelay: true });
     this.dest = dest;
     dest.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`destination ${hello.target} did not answer in time`));
-    // With QEMU's return path on, the destination closes as soon as it has loaded the whole stream,
-    // which may be before the sender's End arrives: that is no failure once the stream is complete.
+    // The stream's last byte is held back until the sender's End has been checked: without it the
+    // destination cannot finish loading, so it never runs a stream damaged on the way. With QEMU's
+    // return path on (the destination talks back) the source keeps its side open until the destination
+    // has loaded everything, so End comes last: then nothing is held, and the destination may close as
+    // soon as it has the whole stream.
+    const delivered = (): boolean => (this.holdLastByte ? this.ending && this.lastByte === null : this.decoder?.complete === true);
     dest.on('error', (err) => {
-      if (!this.decoder?.complete) this.fail(`destination ${hello.target}: ${err.message}`);
+      if (!delivered()) this.fail(`destination ${hello.target}: ${err.message}`);
     });
     dest.on('close', () => {
       this.destClosed = true;
-      if (!this.finished && !this.decoder?.complete) this.fail(`destination ${hello.target} closed the connection`);
+      if (!this.finished && !delivered()) this.fail(`destination ${hello.target} closed the connection`);
     });
     dest.on('drain', () => this.resumeFrames());
     dest.on('data', (chunk: Buffer) => {
+      if (this.holdLastByte) {
+        this.holdLastByte = false;
+        if (this.lastByte !== null) dest.write(this.lastByte);
+        this.lastByte = null;
+      }
       // The destination's return path goes back to the source as it is.
       this.writeFrame(frameHeader(FrameType.Return, chunk.length));
       this.writeFrame(chunk);
@@ -196,8 +209,17 @@ export class ReceiveSession {
       dest.setTimeout(0);
       this.decoder = new StreamDecoder(
         (bytes) => {
+          if (bytes.length === 0) return;
           const slab = this.outputs.owner(bytes);
-          const ok = dest.write(bytes, slab ? () => this.outputs.release(slab) : undefined);
+          const release = slab ? () => this.outputs.release(slab) : undefined;
+          let ok: boolean;
+          if (this.holdLastByte) {
+            if (this.lastByte !== null) dest.write(this.lastByte);
+            this.lastByte = Buffer.from(bytes.subarray(bytes.length - 1));
+            ok = dest.write(bytes.subarray(0, bytes.length - 1), release);
+          } else {
+            ok = dest.write(bytes, release);
+          }
           if (!ok) {
             this.frames.pause(); // 'drain' resumes
           } else if (this.outputs.exhausted) {
@@ -260,6 +282,8 @@ export class ReceiveSession {
     if (!dest) throw new Error('End before the destination was reached');
     decoder.end(streamBytes, streamCheck);
     this.ending = true;
+    if (this.lastByte !== null && !this.destClosed) dest.write(this.lastByte);
+    this.lastByte = null;
     // Commit once the destination has been handed every byte.
     const commit = (): void => {
       if (this.finished) return;
