@@ -13,7 +13,10 @@
  * streams, the one stream's throughput, their ratio (target ≥ 0.8), CPU seconds of each gateway
  * process per phase and each gateway's peak RSS.
  *
- * Usage: node dist/bench/load.js [vms=16] [MiB per VM=64]   (BFMIG_BENCH_STORE_DIR: where the stores go)
+ * With --real, every VM's stream is a real QEMU 7.2 migration stream instead: the test guest booted with
+ * a workload seed of its own, migrated once to a file (cached under .cache/load-captures) and replayed.
+ *
+ * Usage: node dist/bench/load.js [vms=16] [MiB per VM=64] [--real]   (BFMIG_BENCH_STORE_DIR: where the stores go)
  */
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -23,7 +26,8 @@ import * as path from 'node:path';
 import { loopbackMultiRouteYaml, type LoopbackRoute } from '../src/demo/loopback-config';
 import { type SiteGateway, startSiteGateway } from '../src/demo/site-gateway';
 import { PageStore } from '../src/store';
-import { freePort } from '../src/vm/qemu-vm';
+import { PACKAGE_ROOT } from '../src/paths';
+import { ensureGuestBuilt, freePort, QemuVm } from '../src/vm/qemu-vm';
 import { playStream, syntheticStream } from './synthetic';
 
 /** One VM's migration stream and the digest its destination must see. */
@@ -208,18 +212,54 @@ export function checkStores(data: string, vms: readonly string[]): StoreCheck[] 
   });
 }
 
+/**
+ * A real QEMU migration stream of a guest of its own: the test guest booted with workload seed `seed`,
+ * filling `mib` MiB, migrated by QEMU to a file (`exec:cat`). Cached in `dir` by its parameters.
+ */
+async function realCapture(dir: string, seed: number, memMiB: number, mib: number): Promise<Buffer> {
+  const file = path.join(dir, `guest-m${memMiB}-w${mib}-s${seed}.mig`);
+  if (!fs.existsSync(file)) {
+    const vm = new QemuVm({ name: `capture-${seed}`, memMiB, workload: { mib, seed, intervalMs: 1000 } });
+    try {
+      await vm.start();
+      await vm.waitForSerial(/WORKLOAD READY/, 180_000);
+      vm.setMaxBandwidth(8 * 2 ** 30);
+      await vm.migrate(`exec:cat > '${file}.part'`);
+      await vm.waitForMigration({ timeoutMs: 120_000 });
+      fs.renameSync(`${file}.part`, file);
+    } finally {
+      await vm.dispose();
+    }
+  }
+  return fs.readFileSync(file);
+}
+
 async function main(): Promise<void> {
-  const vmCount = Number(process.argv[2] ?? 16);
-  const mib = Number(process.argv[3] ?? 64);
-  if (!Number.isInteger(vmCount) || vmCount < 1 || !(mib > 0)) throw new Error('usage: node dist/bench/load.js [vms=16] [MiB per VM=64]');
+  const args = process.argv.slice(2).filter((a) => a !== '--real');
+  const real = process.argv.includes('--real');
+  const vmCount = Number(args[0] ?? 16);
+  const mib = Number(args[1] ?? 64);
+  if (!Number.isInteger(vmCount) || vmCount < 1 || !(mib > 0)) throw new Error('usage: node dist/bench/load.js [vms=16] [MiB per VM=64] [--real]');
   const vms = Array.from({ length: vmCount }, (_, i) => `vm${String(i + 1).padStart(2, '0')}`);
   // One stream alone is measured three times, each a VM of its own (a repeat of one VM would reuse
   // everything), and the median taken: a single short run swings with the machine's noise.
-  const solos = ['solo1', 'solo2', 'solo3'].map((vm) => vmStream(vm, syntheticStream(mib / 1024).stream));
-  const streams = vms.map((vm) => vmStream(vm, syntheticStream(mib / 1024).stream));
+  const soloNames = ['solo1', 'solo2', 'solo3'];
+  let make: (i: number) => Promise<Buffer> = (_i) => Promise.resolve(syntheticStream(mib / 1024).stream);
+  if (real) {
+    // Real QEMU streams, replayed: a guest of 2 × mib MiB filling mib MiB with a seed of its own.
+    ensureGuestBuilt();
+    const cache = path.join(PACKAGE_ROOT, '.cache', 'load-captures');
+    fs.mkdirSync(cache, { recursive: true });
+    make = (i) => realCapture(cache, 1000 + i, 2 * mib, mib);
+  }
+  const solos: VmStream[] = [];
+  for (const [i, vm] of soloNames.entries()) solos.push(vmStream(vm, await make(i)));
+  const streams: VmStream[] = [];
+  for (const [i, vm] of vms.entries()) streams.push(vmStream(vm, await make(soloNames.length + i)));
   if (new Set([...solos, ...streams].map((s) => s.sha256)).size !== vmCount + solos.length) throw new Error('two VMs got the same stream');
   const MiB = solos[0].stream.length / 2 ** 20;
-  console.log(`${vmCount} VMs + 3 solo VMs, each a ${MiB.toFixed(1)} MiB synthetic QEMU 7.2 stream of its own random pages; 2 bfmig gateway processes on loopback`);
+  const kind = real ? `real QEMU 7.2 stream (a ${2 * mib} MiB guest filling ${mib} MiB with a seed of its own, captured once and replayed)` : 'synthetic QEMU 7.2 stream of its own random pages';
+  console.log(`${vmCount} VMs + 3 solo VMs, each a ${MiB.toFixed(1)} MiB ${kind}; 2 bfmig gateway processes on loopback`);
   const allVms = [...solos.map((s) => s.vm), ...vms];
 
   const dir = fs.mkdtempSync(path.join(path.resolve(process.env.BFMIG_BENCH_STORE_DIR || os.tmpdir()), 'bfmig-load-'));
