@@ -246,11 +246,11 @@ async function main(): Promise<void> {
   const soloNames = ['solo1', 'solo2', 'solo3'];
   let make: (i: number) => Promise<Buffer> = (_i) => Promise.resolve(syntheticStream(mib / 1024).stream);
   if (real) {
-    // Real QEMU streams, replayed: a guest of 2 × mib MiB filling mib MiB with a seed of its own.
+    // Real QEMU streams, replayed: a guest of mib + 128 MiB (its kernel and initramfs need room) filling mib MiB.
     ensureGuestBuilt();
     const cache = path.join(PACKAGE_ROOT, '.cache', 'load-captures');
     fs.mkdirSync(cache, { recursive: true });
-    make = (i) => realCapture(cache, 1000 + i, 2 * mib, mib);
+    make = (i) => realCapture(cache, 1000 + i, mib + 128, mib);
   }
   const solos: VmStream[] = [];
   for (const [i, vm] of soloNames.entries()) solos.push(vmStream(vm, await make(i)));
@@ -258,7 +258,7 @@ async function main(): Promise<void> {
   for (const [i, vm] of vms.entries()) streams.push(vmStream(vm, await make(soloNames.length + i)));
   if (new Set([...solos, ...streams].map((s) => s.sha256)).size !== vmCount + solos.length) throw new Error('two VMs got the same stream');
   const MiB = solos[0].stream.length / 2 ** 20;
-  const kind = real ? `real QEMU 7.2 stream (a ${2 * mib} MiB guest filling ${mib} MiB with a seed of its own, captured once and replayed)` : 'synthetic QEMU 7.2 stream of its own random pages';
+  const kind = real ? `real QEMU 7.2 stream (a ${mib + 128} MiB guest filling ${mib} MiB with a seed of its own, captured once and replayed)` : 'synthetic QEMU 7.2 stream of its own random pages';
   console.log(`${vmCount} VMs + 3 solo VMs, each a ${MiB.toFixed(1)} MiB ${kind}; 2 bfmig gateway processes on loopback`);
   const allVms = [...solos.map((s) => s.vm), ...vms];
 
