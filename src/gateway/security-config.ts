@@ -135,30 +135,21 @@ export function parseLimits(value: unknown, fail: Fail): Limits {
     if (v < min || v > max) return fail(`limits.${name}`, `${v} is out of range (${min}..${max})`);
     return v;
   };
-  let maxFrameBytes = DEFAULT_LIMITS.maxFrameBytes;
-  const frameValue = value.maxFrameBytes;
-  if (frameValue !== undefined && frameValue !== null) {
+  /** A size limit written like 4MiB, checked against [min, max] (`range` says it for people). */
+  const size = (key: 'maxFrameBytes' | 'maxGuestRam', fallback: number, min: number, max: number, range: string): number => {
+    const v = value[key];
+    if (v === undefined || v === null) return fallback;
+    let bytes = fallback;
     try {
-      maxFrameBytes = parseSize(String(frameValue));
+      bytes = parseSize(String(v));
     } catch (err) {
-      fail('limits.maxFrameBytes', (err as Error).message);
+      fail(`limits.${key}`, (err as Error).message);
     }
-    if (maxFrameBytes < MIN_FRAME_BYTES || maxFrameBytes > MAX_FRAME_PAYLOAD) {
-      fail('limits.maxFrameBytes', `${maxFrameBytes} bytes is out of range (${MIN_FRAME_BYTES}..${MAX_FRAME_PAYLOAD}: 1MiB..4MiB)`);
-    }
-  }
-  let maxGuestRamBytes = DEFAULT_LIMITS.maxGuestRamBytes;
-  const ramValue = value.maxGuestRam;
-  if (ramValue !== undefined && ramValue !== null) {
-    try {
-      maxGuestRamBytes = parseSize(String(ramValue));
-    } catch (err) {
-      fail('limits.maxGuestRam', (err as Error).message);
-    }
-    if (maxGuestRamBytes < 2 ** 20 || maxGuestRamBytes > MAX_GUEST_RAM_BYTES) {
-      fail('limits.maxGuestRam', `${maxGuestRamBytes} bytes is out of range (1MiB..1TiB)`);
-    }
-  }
+    if (bytes < min || bytes > max) fail(`limits.${key}`, `${bytes} bytes is out of range (${range})`);
+    return bytes;
+  };
+  const maxFrameBytes = size('maxFrameBytes', DEFAULT_LIMITS.maxFrameBytes, MIN_FRAME_BYTES, MAX_FRAME_PAYLOAD, `${MIN_FRAME_BYTES}..${MAX_FRAME_PAYLOAD}: 1MiB..4MiB`);
+  const maxGuestRamBytes = size('maxGuestRam', DEFAULT_LIMITS.maxGuestRamBytes, 2 ** 20, MAX_GUEST_RAM_BYTES, '1MiB..1TiB');
   return {
     handshakeSeconds: number('handshakeSeconds', 0.1, 3600, false),
     idleSeconds: number('idleSeconds', 1, 86400, false),
