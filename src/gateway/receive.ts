@@ -16,7 +16,7 @@ import {
   PROTOCOL_VERSION,
 } from '../wire/frames';
 import { Refusal, type RefusalReason } from './limits';
-import { isNoSpace, storeNeedBytes } from './store-space';
+import { noteStoreError } from './store-space';
 import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
 
 export interface ReceiveOptions {
@@ -317,9 +317,7 @@ export class ReceiveSession {
 
   /** A store write that failed for lack of space turns retention off for this VM until there is room. */
   private storeError(err: unknown): void {
-    if (!this.holdsVm || !isNoSpace(err)) return;
-    const layout = this.decoder?.layout;
-    this.options.observer.storeFull(this.vm, 'receive', storeNeedBytes(layout?.pageCount ?? 0, layout?.pageSize ?? 0), errorMessage(err));
+    if (this.holdsVm) noteStoreError(this.options.observer, this.vm, 'receive', this.decoder?.layout, err);
   }
 
   /** Ends the migration; before the Hello was accepted, `refusal` says why the connection was refused. */

@@ -18,7 +18,7 @@ import {
   PROTOCOL_VERSION,
 } from '../wire/frames';
 import type { RouteConfig } from './config';
-import { isNoSpace, storeNeedBytes } from './store-space';
+import { noteStoreError } from './store-space';
 import { PooledReads } from './pooled-reads';
 import type { PeerTransport } from './transport';
 import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
@@ -292,9 +292,7 @@ export class SendSession {
 
   /** A store write that failed for lack of space turns retention off for this VM until there is room. */
   private storeError(err: unknown): void {
-    if (!isNoSpace(err)) return;
-    const layout = this.encoder?.layout;
-    this.options.observer.storeFull(this.vm, 'send', storeNeedBytes(layout?.pageCount ?? 0, layout?.pageSize ?? 0), errorMessage(err));
+    noteStoreError(this.options.observer, this.vm, 'send', this.encoder?.layout, err);
   }
 
   private fail(reason: string): void {

@@ -13,6 +13,21 @@ export function isNoSpace(err: unknown): boolean {
   return false;
 }
 
+/**
+ * Tells `observer` of a store write that failed for lack of space (other errors are not its business):
+ * retention then stays off for the VM until its filesystem has the room its store needs.
+ */
+export function noteStoreError(
+  observer: { storeFull(vm: string, direction: 'send' | 'receive', needBytes: number, error: string): void },
+  vm: string,
+  direction: 'send' | 'receive',
+  layout: { pageCount: number; pageSize: number } | null | undefined,
+  err: unknown,
+): void {
+  if (!isNoSpace(err)) return;
+  observer.storeFull(vm, direction, storeNeedBytes(layout?.pageCount ?? 0, layout?.pageSize ?? 0), err instanceof Error ? err.message : String(err));
+}
+
 /** Room a VM's store may need for one migration: its pages and digests, and as much again for the undo journal. */
 export function storeNeedBytes(pageCount: number, pageSize: number): number {
   return Math.max(MIN_FREE_BYTES, 2 * pageCount * (pageSize + 16));
