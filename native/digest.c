@@ -27,6 +27,10 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <errno.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #  define BF_X86_DISPATCH 1
@@ -510,6 +514,38 @@ static napi_value SelectVariant(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* tuneSocket(fd, recvBufferBytes, notSentLowatBytes): sets SO_RCVBUF and TCP_NOTSENT_LOWAT on a
+ * connected TCP socket (0 leaves an option as it is). Node has no API for either on TCP sockets; the
+ * gateway uses them to keep the stream queued between QEMU and the WAN small (see
+ * src/gateway/socket-tuning.ts). Returns whether TCP_NOTSENT_LOWAT exists on this platform. */
+static napi_value TuneSocket(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], result;
+  int32_t fd = -1, rcv = 0, lowat = 0;
+  bool have_lowat = false;
+  BF_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || napi_get_value_int32(env, argv[1], &rcv) != napi_ok ||
+      napi_get_value_int32(env, argv[2], &lowat) != napi_ok || fd < 0 || rcv < 0 || lowat < 0)
+    return bf_type(env, "tuneSocket expects (fd, recvBufferBytes, notSentLowatBytes) as non-negative integers");
+  if (rcv > 0 && setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv) != 0) {
+    char msg[96];
+    snprintf(msg, sizeof msg, "setsockopt(SO_RCVBUF): %s", strerror(errno));
+    napi_throw_error(env, "ERR_BFMIG_SOCKET", msg);
+    return NULL;
+  }
+#ifdef TCP_NOTSENT_LOWAT
+  have_lowat = true;
+  if (lowat > 0 && setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat) != 0) {
+    char msg[96];
+    snprintf(msg, sizeof msg, "setsockopt(TCP_NOTSENT_LOWAT): %s", strerror(errno));
+    napi_throw_error(env, "ERR_BFMIG_SOCKET", msg);
+    return NULL;
+  }
+#endif
+  BF_CALL(env, napi_get_boolean(env, have_lowat, &result));
+  return result;
+}
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"digestPages", NULL, DigestPages, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -521,6 +557,7 @@ NAPI_MODULE_INIT() {
       {"streamHashNew", NULL, StreamHashNew, NULL, NULL, NULL, napi_enumerable, NULL},
       {"streamHashUpdate", NULL, StreamHashUpdate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"streamHashDigest", NULL, StreamHashDigest, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"tuneSocket", NULL, TuneSocket, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   static int initialised = 0;
   if (!initialised) {

@@ -4,7 +4,7 @@ import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { loopbackSiteYaml } from './loopback-config';
 import { type GatewayLegReport, type SiteGateway, startSiteGateway } from './site-gateway';
-import { type MigrationInfo, QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../vm/qemu-vm';
+import { type MigrationInfo, type QmpEvent, QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../vm/qemu-vm';
 import { WanEmulator } from '../wan';
 
 export interface BackForthOptions {
@@ -43,9 +43,17 @@ export interface LegResult {
   wanBytesBackward: number;
   /** QEMU stream bytes (the sending gateway's count through bfmig, QEMU's ram.transferred direct). */
   streamBytes: number;
+  /** QEMU's total-time and downtime: the source's view, which ends when it has written its last byte. */
   totalTimeMs: number;
   downtimeMs: number;
   setupTimeMs: number;
+  /**
+   * What the guest saw, from QMP event timestamps: from the migrate command to the destination's RESUME,
+   * and from the source's STOP to the destination's RESUME. Bytes still on their way (socket buffers,
+   * the WAN) when the source says it is done count here, not in QEMU's figures.
+   */
+  untilRunningMs: number | null;
+  pausedMs: number | null;
   /** Pages sent in full over the WAN (QEMU's ram.normal direct). */
   pagesSent: number;
   pagesReused: number;
@@ -155,6 +163,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         const cpuBefore = { send: from.gateway.cpuSeconds(), receive: to.gateway.cpuSeconds() };
         const secondsAtSource = (Date.now() - arrivedAt) / 1000;
         const pageWritesAtSource = control ? pageWritesSince(vm.serial, arrivedMark) : null;
+        const migrateAt = Date.now();
+        const eventsBefore = vm.qmpEvents.length;
         await vm.migrate(uri);
         const info = await waitWithProgress(vm, `leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}`, o.out);
         arrivedAt = Date.now(); // the guest runs at the destination from here
@@ -176,6 +186,9 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           report = from.gateway.reports[sentBefore];
           wan = { forward: to.inbound.bytesForward - wanBefore.forward, backward: to.inbound.bytesBackward - wanBefore.backward };
         }
+        const at = (e: QmpEvent | undefined): number | null => (e?.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : null);
+        const stoppedAt = at([...vm.qmpEvents.slice(eventsBefore)].reverse().find((e) => e.event === 'STOP'));
+        const resumedAt = at(dest.qmpEvents.find((e) => e.event === 'RESUME'));
         const cpuDelta = (before: number | null, after: number | null): number | null => (before === null || after === null || directWan ? null : Math.round((after - before) * 100) / 100);
         const result: LegResult = {
           leg,
@@ -189,6 +202,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           totalTimeMs: info['total-time'] ?? 0,
           downtimeMs: info.downtime ?? 0,
           setupTimeMs: info['setup-time'] ?? 0,
+          untilRunningMs: resumedAt === null ? null : Math.round(resumedAt - migrateAt),
+          pausedMs: resumedAt === null || stoppedAt === null ? null : Math.round(resumedAt - stoppedAt),
           pagesSent: report ? report.pagesSent : info.ram?.normal ?? 0,
           pagesReused: report?.pagesReused ?? 0,
           qemuNormalPages: info.ram?.normal ?? 0,
@@ -262,7 +277,7 @@ async function waitWithProgress(vm: QemuVm, label: string, out: NodeJS.WriteStre
 }
 
 export function formatTable(results: LegResult[]): string {
-  const rows = [['leg', 'path', 'from → to', 'WAN bytes', 'WAN MiB', 'total time s', 'downtime ms', 'pages sent', 'pages reused', 'guest']];
+  const rows = [['leg', 'path', 'from → to', 'WAN bytes', 'WAN MiB', 'total time s', 'downtime ms', 'until running s', 'paused ms', 'pages sent', 'pages reused', 'guest']];
   for (const r of results) {
     rows.push([
       String(r.leg),
@@ -272,13 +287,15 @@ export function formatTable(results: LegResult[]): string {
       (r.wanBytes / 2 ** 20).toFixed(2),
       (r.totalTimeMs / 1000).toFixed(2),
       String(r.downtimeMs),
+      r.untilRunningMs === null ? '?' : (r.untilRunningMs / 1000).toFixed(2),
+      r.pausedMs === null ? '?' : String(r.pausedMs),
       String(r.pagesSent),
       String(r.pagesReused),
       r.verified ? 'verified' : 'FAILED',
     ]);
   }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
-  return rows.map((r) => r.map((c, i) => (i >= 3 && i <= 8 ? c.padStart(widths[i]) : c.padEnd(widths[i]))).join('  ')).join('\n');
+  return rows.map((r) => r.map((c, i) => (i >= 3 && i <= 10 ? c.padStart(widths[i]) : c.padEnd(widths[i]))).join('  ')).join('\n');
 }
 
 const mib = (bytes: number): string => `${(bytes / 2 ** 20).toFixed(1)} MiB`;

@@ -20,6 +20,7 @@ import {
 import type { RouteConfig } from './config';
 import { noteStoreError } from './store-space';
 import { PooledReads } from './pooled-reads';
+import { SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './socket-tuning';
 import type { PeerTransport } from './transport';
 import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 
@@ -91,6 +92,7 @@ export class SendSession {
     this.qemu = qemu;
     qemu.pause();
     qemu.setNoDelay(true);
+    tuneSocket(qemu, { recvBufferBytes: SOURCE_RECV_BUFFER_BYTES });
     this.peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail('the peer gateway did not answer in time'));
     this.peer.on('data', (chunk: Buffer) => {
       this.wanIn += chunk.length;
@@ -121,6 +123,7 @@ export class SendSession {
 
   private onPeerConnect(): void {
     this.peer.setTimeout(HANDSHAKE_TIMEOUT_MS);
+    tuneSocket(this.peer, { notSentBytes: WAN_NOT_SENT_BYTES });
     try {
       // Without retention (its filesystem is full) the store is left as it is: every page is sent.
       if (this.options.observer.retains(this.vm, 'send')) {

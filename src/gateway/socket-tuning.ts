@@ -1,0 +1,54 @@
+/**
+ * Keeps the stream queued between the source QEMU and the WAN small. QEMU counts a byte as migrated
+ * once its socket has taken it; every byte queued after that (the gateway's receive buffer, the WAN
+ * socket's unsent bytes) still has to cross the WAN after QEMU has stopped the guest for the last
+ * round, and adds to the guest's real downtime. Node has no API for these socket options on TCP; the
+ * project's native addon sets them.
+ */
+import type { Socket } from 'node:net';
+import { DIGEST_ADDON_PATH } from '../digest';
+
+/** The accepted source connection's receive buffer (the kernel doubles it for its bookkeeping). */
+export const SOURCE_RECV_BUFFER_BYTES = 256 * 1024;
+/** Unsent bytes the WAN socket may hold beyond what is in flight (TCP_NOTSENT_LOWAT). */
+export const WAN_NOT_SENT_BYTES = 256 * 1024;
+
+type TuneSocket = (fd: number, recvBufferBytes: number, notSentLowatBytes: number) => boolean;
+
+let tune: TuneSocket | null | undefined;
+
+function tuner(): TuneSocket | null {
+  if (tune === undefined) {
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const addon = require(DIGEST_ADDON_PATH) as { tuneSocket?: unknown };
+      tune = typeof addon.tuneSocket === 'function' ? (addon.tuneSocket as TuneSocket) : null;
+    } catch {
+      tune = null;
+    }
+  }
+  return tune;
+}
+
+/** The file descriptor under a TCP socket (or a TLS socket over one), if Node exposes it. */
+function fdOf(socket: Socket): number | null {
+  type Handle = { fd?: unknown } | null | undefined;
+  const s = socket as unknown as { _handle?: Handle; _parent?: { _handle?: Handle } | null };
+  for (const handle of [s._handle, s._parent?._handle]) {
+    if (typeof handle?.fd === 'number' && handle.fd >= 0) return handle.fd;
+  }
+  return null;
+}
+
+/** Applies the options to a connected socket; false when they could not be (no fd, no addon): the stream then just queues more. */
+export function tuneSocket(socket: Socket, options: { recvBufferBytes?: number; notSentBytes?: number }): boolean {
+  const fd = fdOf(socket);
+  const set = tuner();
+  if (fd === null || set === null) return false;
+  try {
+    set(fd, options.recvBufferBytes ?? 0, options.notSentBytes ?? 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
