@@ -13,17 +13,20 @@ export const BENCH_PLATFORM: Platform = {
   // 0.39 s downtime: the source finished ≈ 4 MB ahead of the link (QEMU's send buffer, ≤ 4 MiB here,
   // and the emulator's queue, BDP + 512 KiB).
   directBufferBytes: 4_200_000,
-  // Same run, bfmig leg 1: 191.97 MB over the WAN, total 14.55 s: ≈ 10 MB ahead of the link (two more sockets).
-  bfmigBufferBytes: 10_000_000,
-  // Idle back legs of a 256 MiB guest (192 MB of stream, everything held): 0.33–0.66 s in the two grid
-  // runs, median ≈ 0.58 s; less the round trip and fixed costs that is ≈ 0.4 GB/s through the source QEMU
-  // and the gateway pair — the figure bench/throughput.ts gives for a back leg on this machine
-  // (README: 0.84–2.0 × a 0.31–0.41 GB/s relay pair).
+  // Third grid run (docs/benchmarks/backforth.json, after the gateway limited its socket queues),
+  // r100-d20-m256 bfmig leg 1: 191.89 MB over the WAN is 15.35 s of link time; QEMU's total-time was
+  // 15.01 s: ≈ 4.3 MB ahead of the link, as direct (before the limits: 10 MB in the first run).
+  bfmigBufferBytes: 4_300_000,
+  // Third grid run, idle back legs: 191 MB of stream, everything held, in 0.27–0.37 s (256 MiB guest), and
+  // 609 MB in 0.71–0.88 s (1 GiB guest); less the round trip and fixed costs ≈ 0.9 GB/s through the source
+  // QEMU and the gateway pair, as bench/throughput.ts gives for a back leg (README: 1.0 GB/s). The first
+  // two runs (0.33–1.56 s for the same legs, an older and slower gateway) had given 0.4 GB/s.
   sourceBytesPerS: Infinity,
-  gatewayBytesPerS: 400e6,
-  // First grid run, r1000-d5-m1024, bfmig leg 4 (10% changed, ≈ 22,000 Runs broken off by changed
-  // pages): 2.53 s against 0.98 s for the idle leg 2 of the same run → 70 µs of gateway time per Run.
-  gatewaySecondsPerRun: 70e-6,
+  gatewayBytesPerS: 900e6,
+  // Third grid run, r1000-d5-m1024, bfmig leg 4 (10% changed, ≈ 22,000 Runs broken off by changed
+  // pages): 1.386 s against 0.883 s for the idle leg 2 of the same run → 23 µs of gateway time per Run
+  // (the first run, same method: 70 µs).
+  gatewaySecondsPerRun: 23e-6,
   // First grid run, r1000-d5-m1024, direct leg 1: 609.4 MB in 5.53 s: the 1000 Mbit/s emulated link carries
   // ≈ 111 MB/s while two TCG guests share the two cores with it.
   linkCeilingBytesPerS: 111e6,
