@@ -10,15 +10,19 @@ import { PageStore } from '../src/store';
 describe('bfmig snapshots', () => {
   let data = '';
   const page = (seed: number): Buffer => Buffer.alloc(4096, seed);
+  /** Writes pages [from, to), page i filled with i + 1, with their digests. */
+  const writePages = (store: PageStore, from: number, to: number): void => {
+    const digest = Buffer.alloc(16);
+    for (let i = from; i < to; i++) {
+      digestOne(page(i + 1), 0, 4096, digest, 0);
+      store.writePage(i, page(i + 1), 0, digest, 0);
+    }
+  };
   beforeEach(() => {
     data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-snaps-'));
     const store = PageStore.open(data, 'vm1');
     store.begin({ pageSize: 4096, pageCount: 8, layoutId: 'l1', layout: {} });
-    const digest = Buffer.alloc(16);
-    for (let i = 0; i < 6; i++) {
-      digestOne(page(i + 1), 0, 4096, digest, 0);
-      store.writePage(i, page(i + 1), 0, digest, 0);
-    }
+    writePages(store, 0, 6);
     store.commit('snap-1');
     store.close();
   });
@@ -53,11 +57,7 @@ describe('bfmig snapshots', () => {
   test('a complete snapshot with its device state is restorable and says which QEMU it came from', () => {
     const store = PageStore.open(data, 'vm1');
     store.begin({ pageSize: 4096, pageCount: 8, layoutId: 'l1', layout: {} });
-    const digest = Buffer.alloc(16);
-    for (let i = 6; i < 8; i++) {
-      digestOne(page(i + 1), 0, 4096, digest, 0);
-      store.writePage(i, page(i + 1), 0, digest, 0);
-    }
+    writePages(store, 6, 8);
     const parts = { result: () => ({ head: Buffer.from('head'), tail: Buffer.from('tail'), ramSectionId: 2, machineType: 'pc-q35-7.2' }) };
     keepStreamParts(store, parts, true, 'snap-2');
     store.commit('snap-2');
