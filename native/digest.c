@@ -546,6 +546,8 @@ static napi_value TuneSocket(napi_env env, napi_callback_info info) {
   return result;
 }
 
+napi_status bf_pageio_register(napi_env env, napi_value exports); /* native/pageio.c */
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"digestPages", NULL, DigestPages, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -565,7 +567,8 @@ NAPI_MODULE_INIT() {
     bf_current = bf_best_variant();
     initialised = 1;
   }
-  if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok)
+  if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok ||
+      bf_pageio_register(env, exports) != napi_ok)
     return bf_rethrow(env, "napi_define_properties");
   return exports;
 }

@@ -110,6 +110,14 @@ function loadAddon(file: string): DigestAddon {
 
 const addon: DigestAddon = loadAddon(DIGEST_ADDON_PATH);
 
+/**
+ * The addon's other functions (socket options, the store's direct page I/O), for the modules that wrap
+ * them; undefined where an older build lacks one.
+ */
+export function nativeFunction(name: string): unknown {
+  return (addon as unknown as Record<string, unknown>)[name];
+}
+
 // Ops escape hatch: BFMIG_DIGEST_VARIANT=sse2 forces the baseline kernel.
 {
   const forced = process.env.BFMIG_DIGEST_VARIANT;

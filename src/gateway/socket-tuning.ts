@@ -6,7 +6,7 @@
  * project's native addon sets them.
  */
 import type { Socket } from 'node:net';
-import { DIGEST_ADDON_PATH } from '../digest';
+import { nativeFunction } from '../digest';
 
 /** The accepted source connection's receive buffer (the kernel doubles it for its bookkeeping). */
 export const SOURCE_RECV_BUFFER_BYTES = 256 * 1024;
@@ -15,19 +15,9 @@ export const WAN_NOT_SENT_BYTES = 256 * 1024;
 
 type TuneSocket = (fd: number, recvBufferBytes: number, notSentLowatBytes: number) => boolean;
 
-let tune: TuneSocket | null | undefined;
-
 function tuner(): TuneSocket | null {
-  if (tune === undefined) {
-    try {
-      // eslint-disable-next-line @typescript-eslint/no-require-imports
-      const addon = require(DIGEST_ADDON_PATH) as { tuneSocket?: unknown };
-      tune = typeof addon.tuneSocket === 'function' ? (addon.tuneSocket as TuneSocket) : null;
-    } catch {
-      tune = null;
-    }
-  }
-  return tune;
+  const fn = nativeFunction('tuneSocket');
+  return typeof fn === 'function' ? (fn as TuneSocket) : null;
 }
 
 /** The file descriptor under a TCP socket (or a TLS socket over one), if Node exposes it. */

@@ -19,7 +19,10 @@
  *
  * Data path: writePage() copies into one preallocated coalescing buffer and
  * the buffer goes to disk in one positioned write per run of consecutive
- * pages; no allocation, promise or syscall per page. After a reset, all-zero
+ * pages; no allocation, promise or syscall per page. Where the filesystem
+ * allows, page reads and writes bypass the page cache (direct-pages.ts):
+ * writes are queued to a thread and settled before anything relies on them
+ * being on disk (commit, abort, verify, reset). After a reset, all-zero
  * pages (recognised by their digest) are not written at all while their
  * region of the sparse file is known to be a hole.
  */
@@ -27,6 +30,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { copyBytes } from './copy';
+import { DIRECT_IO_ALIGN, DirectPages, DirectWriteError } from './direct-pages';
 import { fsyncDir, openRW, preadFully, pwriteFully, writeFileAtomic } from './fsio';
 import { acquireLock, releaseLock, StoreBusyError } from './lock';
 import { type StoreLayout, type StoreMeta, parseMeta, serializeMeta, validateLayout, validateVmName, MAX_PAGE_COUNT } from './meta';
@@ -49,6 +53,8 @@ export interface PageStoreOptions {
   hashBatchBytes?: number;
   /** Largest layout begin() accepts, in pages: its digest table is held in memory (16 B a page). */
   maxPages?: number;
+  /** Move pages with O_DIRECT where the filesystem allows (default true; BFMIG_STORE_DIRECT_IO=0 turns it off). */
+  directIo?: boolean;
 }
 
 const DEFAULT_WRITE_BUFFER_BYTES = 1024 * 1024;
@@ -87,6 +93,8 @@ export class PageStore {
   private readonly maxPages: number;
   private pagesFd: number;
   private digestsFd: number;
+  /** The pages file opened for direct I/O, or null (page cache only). */
+  private readonly direct: DirectPages | null;
   private closed = false;
 
   private m: StoreMeta | null = null;
@@ -125,6 +133,7 @@ export class PageStore {
     lockKey: string,
     pagesFd: number,
     digestsFd: number,
+    direct: DirectPages | null,
     options: PageStoreOptions,
   ) {
     this.vm = vm;
@@ -132,6 +141,7 @@ export class PageStore {
     this.lockKey = lockKey;
     this.pagesFd = pagesFd;
     this.digestsFd = digestsFd;
+    this.direct = direct;
     this.writeBufferBytes = bufferOption('writeBufferBytes', options.writeBufferBytes, DEFAULT_WRITE_BUFFER_BYTES);
     this.hashBatchBytes = bufferOption('hashBatchBytes', options.hashBatchBytes, DEFAULT_HASH_BATCH_BYTES);
     this.maxPages = options.maxPages ?? MAX_PAGE_COUNT;
@@ -164,14 +174,18 @@ export class PageStore {
 
     let pagesFd = -1;
     let digestsFd = -1;
+    let direct: DirectPages | null = null;
     try {
-      pagesFd = openRW(path.join(dir, PAGES_FILE));
+      const pagesFile = path.join(dir, PAGES_FILE);
+      pagesFd = openRW(pagesFile);
       digestsFd = openRW(path.join(dir, DIGESTS_FILE));
-      const store = new PageStore(vm, dir, lockKey, pagesFd, digestsFd, options);
+      if (options.directIo !== false) direct = DirectPages.open(pagesFile, fs.fstatSync(pagesFd).size);
+      const store = new PageStore(vm, dir, lockKey, pagesFd, digestsFd, direct, options);
       store.init();
       openDirs.add(lockKey);
       return store;
     } catch (err) {
+      if (direct !== null) direct.close();
       if (pagesFd >= 0) fs.closeSync(pagesFd);
       if (digestsFd >= 0) fs.closeSync(digestsFd);
       releaseLock(dir);
@@ -200,6 +214,11 @@ export class PageStore {
   /** True between begin() and a successful commit()/abort(). */
   get migrating(): boolean {
     return this.active;
+  }
+
+  /** Whether pages move with O_DIRECT (else through the page cache). */
+  get directIo(): boolean {
+    return this.directPages() !== null;
   }
 
   /**
@@ -313,8 +332,11 @@ export class PageStore {
    * Reads pages index .. index+count-1 into dest[destStart ..]. Throws if any
    * of them is absent (before reading anything). Pending writes overlapping
    * the range are flushed first. Works during and outside a migration.
+   * inStream: the read is one of a series in ascending page order (a
+   * rebuild), so the pages after it are worth reading ahead; false for a
+   * lone page.
    */
-  readPages(index: number, count: number, dest: Uint8Array, destStart: number): void {
+  readPages(index: number, count: number, dest: Uint8Array, destStart: number, inStream = true): void {
     this.checkOpen();
     const t32 = (this.ensureTable(), this.t32 as Uint32Array);
     const ps = this.ps;
@@ -334,7 +356,9 @@ export class PageStore {
     }
     if (count === 0) return;
     if (this.wCount > 0 && index < this.wStart + this.wCount && this.wStart < end) this.flush();
-    preadFully(this.pagesFd, dest, destStart, count * ps, index * ps);
+    const direct = this.directPages();
+    if (direct !== null) direct.read(dest, destStart, count * ps, index * ps, inStream);
+    else preadFully(this.pagesFd, dest, destStart, count * ps, index * ps);
   }
 
   /**
@@ -393,6 +417,7 @@ export class PageStore {
     if (this.m === null) return [];
     this.ensureTable();
     if (this.active) this.flush();
+    this.settleWrites();
     const bad: number[] = [];
     this.rehash((i) => {
       bad.push(i);
@@ -429,6 +454,12 @@ export class PageStore {
       this.wbuf = null;
       this.wCount = 0;
       openDirs.delete(this.lockKey);
+      try {
+        if (this.direct !== null) this.direct.close();
+      } catch {
+        // Writes still queued here are those of a finish() that failed: the store on disk is still
+        // "dirty", and the next open() re-hashes every page.
+      }
       try {
         fs.closeSync(this.pagesFd);
       } finally {
@@ -534,6 +565,11 @@ export class PageStore {
    * open() treats as "reset again".
    */
   private resetFiles(layoutId: string, layout: unknown, pageSize: number, pageCount: number): void {
+    try {
+      this.settleWrites();
+    } catch {
+      // a failed write of pages the reset throws away
+    }
     this.zeroKnown = null;
     this.table = null;
     this.t32 = null;
@@ -556,6 +592,7 @@ export class PageStore {
     fs.ftruncateSync(this.pagesFd, 0); // drop the old blocks
     fs.ftruncateSync(this.pagesFd, pageCount * pageSize);
     fs.ftruncateSync(this.digestsFd, pageCount * DIGEST_BYTES);
+    this.direct?.setSize(pageCount * pageSize);
     fs.fsyncSync(this.pagesFd);
     fs.fsyncSync(this.digestsFd);
     this.setTable(new Uint8Array(pageCount * DIGEST_BYTES));
@@ -564,6 +601,7 @@ export class PageStore {
 
   private finish(snapshotId: string | null): void {
     this.flush();
+    this.settleWrites();
     fs.fsyncSync(this.pagesFd);
     this.writeDirtyDigests();
     fs.fsyncSync(this.digestsFd);
@@ -577,15 +615,46 @@ export class PageStore {
     if (n === 0) return;
     const start = this.wStart;
     this.wCount = 0;
+    const direct = this.directPages();
     try {
-      pwriteFully(this.pagesFd, this.wbuf as Buffer, 0, n * this.ps, start * this.ps);
+      if (direct !== null) direct.write(this.wbuf as Buffer, 0, n * this.ps, start * this.ps);
+      else pwriteFully(this.pagesFd, this.wbuf as Buffer, 0, n * this.ps, start * this.ps);
     } catch (err) {
+      if (err instanceof DirectWriteError) throw this.directWriteFailed(err);
       for (let i = start; i < start + n; i++) this.clearDigest(i);
       throw new Error(
         `store ${this.vm}: writing pages ${start}..${start + n - 1} failed: ${errMessage(err)}; they are now absent`,
         { cause: err },
       );
     }
+  }
+
+  /** Direct I/O for the current page size (O_DIRECT needs whole 4 KiB blocks), else null. */
+  private directPages(): DirectPages | null {
+    return this.direct !== null && this.ps > 0 && this.ps % DIRECT_IO_ALIGN === 0 ? this.direct : null;
+  }
+
+  /**
+   * Waits for the queued page writes: before the pages are fsynced, read another way, or thrown away.
+   * A write that failed makes its pages absent and throws.
+   */
+  private settleWrites(): void {
+    if (this.direct === null) return;
+    try {
+      this.direct.drain();
+    } catch (err) {
+      if (err instanceof DirectWriteError) throw this.directWriteFailed(err);
+      throw err;
+    }
+  }
+
+  /** The pages a failed queued write covered become absent (their content on disk is unknown). */
+  private directWriteFailed(err: DirectWriteError): Error {
+    const ps = this.ps;
+    const first = Math.floor(err.start / ps);
+    const last = Math.min(this.pc, Math.ceil(err.end / ps)) - 1;
+    if (this.t32 !== null) for (let i = first; i <= last; i++) this.clearDigest(i);
+    return new Error(`store ${this.vm}: writing pages ${first}..${last} failed: ${err.message}; they are now absent`, { cause: err });
   }
 
   private setDigest(index: number, digest: Uint8Array, digestStart: number): void {

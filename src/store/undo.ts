@@ -242,7 +242,7 @@ export class UndoableStore {
     const saved = this.saved;
     if (saved === null || (saved[index >>> 3] & (1 << (index & 7))) !== 0) return;
     saved[index >>> 3] |= 1 << (index & 7);
-    (this.journal as UndoJournal).append(index, this.store.digests, (dest, at) => this.store.readPages(index, 1, dest, at));
+    (this.journal as UndoJournal).append(index, this.store.digests, (dest, at) => this.store.readPages(index, 1, dest, at, false));
   }
 
   private discard(): void {

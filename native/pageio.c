@@ -1,0 +1,548 @@
+/*
+ * bfmig page I/O: a store's pages file read and written with O_DIRECT, the writes queued to a thread
+ * of the store's own, the reads of a sequential stream fetched ahead by that thread.
+ *
+ * Why: the store writes each page once per migration and reads it once in the next one, in stream
+ * order. Through the page cache every byte costs a fresh page of kernel memory, and on a virtual
+ * machine whose freed memory goes back to the host (virtio-balloon free page reporting) that costs
+ * more CPU than everything else the gateway does to the byte. O_DIRECT moves pages between the
+ * gateway's own reused buffers and the device; the thread keeps the device busy while the event loop
+ * parses, hashes and forwards.
+ *
+ * The JavaScript API stays synchronous (src/store/direct-pages.ts): pageioWrite copies the bytes into
+ * a free queue buffer and returns (waiting only when all are queued); pageioRead returns the bytes;
+ * pageioDrain waits for every queued write. Ordering: the thread works its queue in order, and a read
+ * first waits for every queued write that overlaps it, so a read always sees the last write before it.
+ * A read-ahead buffer whose range a later write overlaps is dropped.
+ *
+ * A failed write is reported once, by the next pageioWrite or pageioDrain, as the range of the file
+ * that may not hold what was written (errno and [start, end)); the caller must stop trusting it.
+ */
+#ifndef NAPI_VERSION
+#define NAPI_VERSION 8
+#endif
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <node_api.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#define PIO_ALIGN 4096
+/* One queue buffer; a write or a read-ahead moves at most this much. */
+#define PIO_SLOT_BYTES (1024 * 1024)
+#define PIO_WRITE_SLOTS 4
+#define PIO_READ_SLOTS 4
+#define PIO_SLOTS (PIO_WRITE_SLOTS + PIO_READ_SLOTS)
+/* A stream read this large starts read-ahead without waiting for a second one. */
+#define PIO_STREAM_READ_BYTES (64 * 1024)
+
+enum slot_state {
+  SLOT_FREE = 0,
+  SLOT_QUEUED, /* in the queue, not started */
+  SLOT_BUSY,   /* the thread is on it */
+  SLOT_DONE,   /* a finished read-ahead holding [pos, pos + got) */
+};
+
+typedef struct {
+  uint8_t *buf;
+  int state;
+  int is_write;
+  int stale; /* a read-ahead whose range was written since it was queued: never served */
+  int err;   /* read-ahead: errno, or 0 */
+  off_t pos;
+  size_t len;
+  size_t got;
+} pio_slot;
+
+typedef struct {
+  int fd;
+  off_t file_size; /* read-ahead stops here */
+  pthread_t thread;
+  int thread_started;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  pio_slot slots[PIO_SLOTS];
+  int queue[PIO_SLOTS]; /* slot indexes in submission order */
+  int qhead, qlen;
+  int closing, closed;
+  /* First failed write since it was last reported, widened to cover every failure since. */
+  int werr;
+  off_t werr_start, werr_end;
+  /* End of the last read: a read starting there (or a little after) is sequential. */
+  off_t last_read_end;
+  uint8_t *bounce; /* the calling thread's aligned buffer for reads not served ahead */
+} pio;
+
+static void pio_enqueue(pio *p, int s) {
+  p->queue[(p->qhead + p->qlen) % PIO_SLOTS] = s;
+  p->qlen++;
+  pthread_cond_broadcast(&p->cv);
+}
+
+static void *pio_thread(void *arg) {
+  pio *p = (pio *)arg;
+  pthread_mutex_lock(&p->mu);
+  for (;;) {
+    while (p->qlen == 0 && !p->closing) pthread_cond_wait(&p->cv, &p->mu);
+    if (p->qlen == 0) break;
+    int s = p->queue[p->qhead];
+    pio_slot *sl = &p->slots[s];
+    sl->state = SLOT_BUSY;
+    int is_write = sl->is_write;
+    off_t pos = sl->pos;
+    size_t len = sl->len;
+    pthread_mutex_unlock(&p->mu);
+
+    size_t done = 0;
+    int err = 0;
+    while (done < len) {
+      ssize_t n = is_write ? pwrite(p->fd, sl->buf + done, len - done, pos + (off_t)done)
+                           : pread(p->fd, sl->buf + done, len - done, pos + (off_t)done);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        err = errno;
+        break;
+      }
+      if (n == 0) {
+        if (is_write) err = EIO;
+        break;
+      }
+      done += (size_t)n;
+    }
+
+    pthread_mutex_lock(&p->mu);
+    p->qhead = (p->qhead + 1) % PIO_SLOTS;
+    p->qlen--;
+    if (is_write) {
+      if (err != 0) {
+        if (p->werr == 0) {
+          p->werr = err;
+          p->werr_start = pos;
+          p->werr_end = pos + (off_t)len;
+        } else {
+          if (pos < p->werr_start) p->werr_start = pos;
+          if (pos + (off_t)len > p->werr_end) p->werr_end = pos + (off_t)len;
+        }
+      }
+      sl->state = SLOT_FREE;
+    } else {
+      sl->err = err;
+      sl->got = done;
+      sl->state = sl->stale ? SLOT_FREE : SLOT_DONE;
+    }
+    pthread_cond_broadcast(&p->cv);
+  }
+  pthread_mutex_unlock(&p->mu);
+  return NULL;
+}
+
+static int overlaps(off_t a, size_t alen, off_t b, size_t blen) {
+  return a < b + (off_t)blen && b < a + (off_t)alen;
+}
+
+/* Waits (mu held) until no queued or running write overlaps [pos, pos + len). */
+static void pio_wait_writes(pio *p, off_t pos, size_t len) {
+  for (;;) {
+    int busy = 0;
+    for (int i = 0; i < p->qlen; i++) {
+      pio_slot *sl = &p->slots[p->queue[(p->qhead + i) % PIO_SLOTS]];
+      if (sl->is_write && overlaps(sl->pos, sl->len, pos, len)) {
+        busy = 1;
+        break;
+      }
+    }
+    if (!busy) return;
+    pthread_cond_wait(&p->cv, &p->mu);
+  }
+}
+
+/* Waits (mu held) until the queue is empty. */
+static void pio_wait_idle(pio *p) {
+  while (p->qlen > 0) pthread_cond_wait(&p->cv, &p->mu);
+}
+
+/* Drops (mu held) every read-ahead: finished ones are freed, queued or running ones freed when done. */
+static void pio_drop_reads(pio *p, off_t pos, size_t len, int all) {
+  for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS; s++) {
+    pio_slot *sl = &p->slots[s];
+    if (sl->state == SLOT_FREE || sl->stale) continue;
+    if (!all && !overlaps(sl->pos, sl->len, pos, len)) continue;
+    if (sl->state == SLOT_DONE) sl->state = SLOT_FREE;
+    else sl->stale = 1;
+  }
+}
+
+static void pio_destroy(pio *p) {
+  if (p->thread_started) {
+    pthread_mutex_lock(&p->mu);
+    p->closing = 1;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    pthread_join(p->thread, NULL);
+    p->thread_started = 0;
+  }
+  if (p->fd >= 0) {
+    close(p->fd);
+    p->fd = -1;
+  }
+  for (int s = 0; s < PIO_SLOTS; s++) {
+    free(p->slots[s].buf);
+    p->slots[s].buf = NULL;
+  }
+  free(p->bounce);
+  p->bounce = NULL;
+  p->closed = 1;
+}
+
+static void pio_finalize(napi_env env, void *data, void *hint) {
+  pio *p = (pio *)data;
+  if (!p->closed) pio_destroy(p);
+  pthread_mutex_destroy(&p->mu);
+  pthread_cond_destroy(&p->cv);
+  free(p);
+}
+
+/* ----------------------------------------------------------------------------------- N-API glue */
+
+static napi_value pio_throw(napi_env env, const char *code, const char *msg) {
+  napi_throw_error(env, code, msg);
+  return NULL;
+}
+
+static napi_value pio_throw_errno(napi_env env, int err, const char *what) {
+  char msg[160];
+  snprintf(msg, sizeof msg, "%s: %s", what, strerror(err));
+  napi_value m, e, c, n;
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
+  napi_create_error(env, NULL, m, &e);
+  napi_create_int32(env, err, &n);
+  napi_set_named_property(env, e, "errno", n);
+  napi_create_string_utf8(env, "EPAGEIO", NAPI_AUTO_LENGTH, &c);
+  napi_set_named_property(env, e, "pageio", c);
+  napi_throw(env, e);
+  return NULL;
+}
+
+static pio *pio_arg(napi_env env, napi_value v) {
+  void *data = NULL;
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_external || napi_get_value_external(env, v, &data) != napi_ok) {
+    pio_throw(env, "ERR_BFMIG_PAGEIO", "expected a page I/O handle");
+    return NULL;
+  }
+  pio *p = (pio *)data;
+  if (p->closed) {
+    pio_throw(env, "ERR_BFMIG_PAGEIO", "page I/O handle is closed");
+    return NULL;
+  }
+  return p;
+}
+
+static int get_num(napi_env env, napi_value v, double *out) {
+  return napi_get_value_double(env, v, out) == napi_ok && *out >= 0 && *out <= 9007199254740991.0 && *out == (double)(int64_t)*out;
+}
+
+/* Bytes of a Uint8Array/Buffer argument, and the range [off, off + len) checked inside it. */
+static uint8_t *bytes_arg(napi_env env, napi_value v, double off, double len) {
+  bool is_ta = false;
+  napi_typedarray_type type;
+  size_t length = 0;
+  void *data = NULL;
+  if (napi_is_typedarray(env, v, &is_ta) != napi_ok || !is_ta) {
+    pio_throw(env, "ERR_BFMIG_PAGEIO", "expected a Uint8Array");
+    return NULL;
+  }
+  if (napi_get_typedarray_info(env, v, &type, &length, &data, NULL, NULL) != napi_ok || type != napi_uint8_array) {
+    pio_throw(env, "ERR_BFMIG_PAGEIO", "expected a Uint8Array");
+    return NULL;
+  }
+  if (off + len > (double)length) {
+    napi_throw_range_error(env, "ERR_BFMIG_PAGEIO", "range exceeds the buffer");
+    return NULL;
+  }
+  return (uint8_t *)data + (size_t)off;
+}
+
+/* pageioOpen(path, fileSize) -> handle. Throws (with .errno) when the file cannot be opened with
+ * O_DIRECT, e.g. EINVAL on a filesystem without it. */
+static napi_value PageioOpen(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2], handle;
+  char file[4096];
+  size_t n = 0;
+  double size = 0;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2 ||
+      napi_get_value_string_utf8(env, argv[0], file, sizeof file, &n) != napi_ok || n == 0 || n >= sizeof file - 1 ||
+      !get_num(env, argv[1], &size))
+    return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioOpen expects (path, fileSize)");
+  int fd = open(file, O_RDWR | O_DIRECT | O_CLOEXEC);
+  if (fd < 0) return pio_throw_errno(env, errno, "open O_DIRECT");
+  pio *p = (pio *)calloc(1, sizeof *p);
+  if (p == NULL) {
+    close(fd);
+    return pio_throw_errno(env, ENOMEM, "pageioOpen");
+  }
+  p->fd = fd;
+  p->file_size = (off_t)size;
+  p->last_read_end = -1;
+  pthread_mutex_init(&p->mu, NULL);
+  pthread_cond_init(&p->cv, NULL);
+  int err = 0;
+  for (int s = 0; s < PIO_SLOTS && err == 0; s++) {
+    p->slots[s].is_write = s < PIO_WRITE_SLOTS;
+    err = posix_memalign((void **)&p->slots[s].buf, PIO_ALIGN, PIO_SLOT_BYTES);
+  }
+  if (err == 0) err = posix_memalign((void **)&p->bounce, PIO_ALIGN, PIO_SLOT_BYTES);
+  if (err == 0) err = pthread_create(&p->thread, NULL, pio_thread, p);
+  if (err == 0) p->thread_started = 1;
+  if (err != 0) {
+    pio_finalize(env, p, NULL);
+    return pio_throw_errno(env, err, "pageioOpen");
+  }
+  if (napi_create_external(env, p, pio_finalize, NULL, &handle) != napi_ok) {
+    pio_finalize(env, p, NULL);
+    return pio_throw(env, "ERR_BFMIG_PAGEIO", "napi_create_external failed");
+  }
+  return handle;
+}
+
+static napi_value take_error(napi_env env, pio *p) {
+  napi_value r;
+  if (p->werr == 0) {
+    napi_get_null(env, &r);
+    return r;
+  }
+  napi_value v;
+  napi_create_object(env, &r);
+  napi_create_int32(env, p->werr, &v);
+  napi_set_named_property(env, r, "errno", v);
+  napi_create_double(env, (double)p->werr_start, &v);
+  napi_set_named_property(env, r, "start", v);
+  napi_create_double(env, (double)p->werr_end, &v);
+  napi_set_named_property(env, r, "end", v);
+  p->werr = 0;
+  return r;
+}
+
+/* pageioWrite(h, src, srcOff, len, pos) -> null | {errno, start, end} of an earlier failed write.
+ * pos and len must be multiples of 4096. Copies the bytes; waits only while every write buffer is queued. */
+static napi_value PageioWrite(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  double off, len, pos;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioWrite expects 5 arguments");
+  pio *p = pio_arg(env, argv[0]);
+  if (p == NULL) return NULL;
+  if (!get_num(env, argv[2], &off) || !get_num(env, argv[3], &len) || !get_num(env, argv[4], &pos) ||
+      ((int64_t)len % PIO_ALIGN) != 0 || ((int64_t)pos % PIO_ALIGN) != 0)
+    return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioWrite: offsets must be integers, len and pos multiples of 4096");
+  uint8_t *src = bytes_arg(env, argv[1], off, len);
+  if (src == NULL) return NULL;
+  size_t left = (size_t)len;
+  off_t at = (off_t)pos;
+  pthread_mutex_lock(&p->mu);
+  pio_drop_reads(p, at, left, 0);
+  while (left > 0) {
+    size_t part = left < PIO_SLOT_BYTES ? left : PIO_SLOT_BYTES;
+    int s = -1;
+    for (;;) {
+      for (int i = 0; i < PIO_WRITE_SLOTS; i++) {
+        if (p->slots[i].state == SLOT_FREE) {
+          s = i;
+          break;
+        }
+      }
+      if (s >= 0) break;
+      pthread_cond_wait(&p->cv, &p->mu);
+    }
+    pio_slot *sl = &p->slots[s];
+    memcpy(sl->buf, src, part);
+    sl->pos = at;
+    sl->len = part;
+    sl->state = SLOT_QUEUED;
+    pio_enqueue(p, s);
+    src += part;
+    at += (off_t)part;
+    left -= part;
+  }
+  napi_value r = take_error(env, p);
+  pthread_mutex_unlock(&p->mu);
+  return r;
+}
+
+/* pageioDrain(h) -> null | {errno, start, end}: waits for every queued write and drops the read-ahead
+ * (before the file is touched another way: fsync, buffered reads, truncation). */
+static napi_value PageioDrain(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioDrain expects a handle");
+  pio *p = pio_arg(env, argv[0]);
+  if (p == NULL) return NULL;
+  pthread_mutex_lock(&p->mu);
+  pio_drop_reads(p, 0, 0, 1);
+  pio_wait_idle(p);
+  p->last_read_end = -1;
+  napi_value r = take_error(env, p);
+  pthread_mutex_unlock(&p->mu);
+  return r;
+}
+
+/* pageioSetSize(h, fileSize): the file's new length (after a truncation); drains first. */
+static napi_value PageioSetSize(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  double size;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2 || !get_num(env, argv[1], &size))
+    return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioSetSize expects (handle, fileSize)");
+  pio *p = pio_arg(env, argv[0]);
+  if (p == NULL) return NULL;
+  pthread_mutex_lock(&p->mu);
+  pio_drop_reads(p, 0, 0, 1);
+  pio_wait_idle(p);
+  p->file_size = (off_t)size;
+  p->last_read_end = -1;
+  pthread_mutex_unlock(&p->mu);
+  return NULL;
+}
+
+/* Queues (mu held) read-ahead of the windows after `from`, as far as free read slots allow. */
+static void pio_read_ahead(pio *p, off_t from) {
+  off_t w = from - from % PIO_SLOT_BYTES;
+  for (int k = 0; k < PIO_READ_SLOTS; k++, w += PIO_SLOT_BYTES) {
+    if (w >= p->file_size) return;
+    int have = 0, free_slot = -1;
+    for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS; s++) {
+      pio_slot *sl = &p->slots[s];
+      if (sl->state != SLOT_FREE && !sl->stale && sl->pos == w) have = 1;
+      if (sl->state == SLOT_DONE && sl->pos + (off_t)sl->len <= from) sl->state = SLOT_FREE; /* behind the reader */
+      if (sl->state == SLOT_FREE && free_slot < 0) free_slot = s;
+    }
+    if (have) continue;
+    if (free_slot < 0) return;
+    pio_slot *sl = &p->slots[free_slot];
+    size_t len = PIO_SLOT_BYTES;
+    if (w + (off_t)len > p->file_size) len = (size_t)(p->file_size - w);
+    len = (len + PIO_ALIGN - 1) / PIO_ALIGN * PIO_ALIGN;
+    sl->pos = w;
+    sl->len = len;
+    sl->got = 0;
+    sl->err = 0;
+    sl->stale = 0;
+    sl->state = SLOT_QUEUED;
+    pio_enqueue(p, free_slot);
+  }
+}
+
+/* pageioRead(h, dest, destOff, len, pos, inStream): reads exactly len bytes at pos (multiples of 4096)
+ * after every earlier write to them; throws (with .errno) on an I/O error or the end of the file.
+ * inStream: the read is one of a stream read in ascending order (a rebuild), not a lone page; once
+ * such reads follow one another (or one is large), the windows after it are read ahead. */
+static napi_value PageioRead(napi_env env, napi_callback_info info) {
+  size_t argc = 6;
+  napi_value argv[6];
+  double off, len, pos;
+  bool in_stream = false;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 6 || napi_get_value_bool(env, argv[5], &in_stream) != napi_ok)
+    return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioRead expects (handle, dest, destOff, len, pos, inStream)");
+  pio *p = pio_arg(env, argv[0]);
+  if (p == NULL) return NULL;
+  if (!get_num(env, argv[2], &off) || !get_num(env, argv[3], &len) || !get_num(env, argv[4], &pos) ||
+      ((int64_t)len % PIO_ALIGN) != 0 || ((int64_t)pos % PIO_ALIGN) != 0)
+    return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioRead: offsets must be integers, len and pos multiples of 4096");
+  uint8_t *dest = bytes_arg(env, argv[1], off, len);
+  if (dest == NULL) return NULL;
+  off_t at = (off_t)pos;
+  size_t left = (size_t)len;
+  pthread_mutex_lock(&p->mu);
+  int sequential = in_stream && p->last_read_end >= 0 && at >= p->last_read_end && at - p->last_read_end <= PIO_SLOT_BYTES;
+  if (sequential) pio_read_ahead(p, at);
+  while (left > 0) {
+    off_t w = at - at % PIO_SLOT_BYTES;
+    size_t part = (size_t)(w + PIO_SLOT_BYTES - at);
+    if (part > left) part = left;
+    int served = 0;
+    for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS && !served; s++) {
+      pio_slot *sl = &p->slots[s];
+      if (sl->state == SLOT_FREE || sl->stale || sl->pos != w) continue;
+      while (sl->state != SLOT_DONE && !sl->stale) pthread_cond_wait(&p->cv, &p->mu);
+      if (sl->stale || sl->state != SLOT_DONE) break;
+      if (sl->err == 0 && (size_t)(at - w) + part <= sl->got) {
+        memcpy(dest, sl->buf + (at - w), part);
+        served = 1;
+      }
+    }
+    if (!served) {
+      /* Not read ahead: read it here, once no queued write overlaps it. */
+      pio_wait_writes(p, at, part);
+      pthread_mutex_unlock(&p->mu);
+      uint8_t *into = ((uintptr_t)dest % PIO_ALIGN) == 0 ? dest : p->bounce;
+      size_t done = 0;
+      int err = 0;
+      while (done < part) {
+        ssize_t n = pread(p->fd, into + done, part - done, at + (off_t)done);
+        if (n < 0) {
+          if (errno == EINTR) continue;
+          err = errno;
+          break;
+        }
+        if (n == 0) break;
+        done += (size_t)n;
+      }
+      if (err == 0 && done < part) err = ENODATA;
+      if (err == 0 && into != dest) memcpy(dest, into, part);
+      pthread_mutex_lock(&p->mu);
+      if (err != 0) {
+        p->last_read_end = -1;
+        pthread_mutex_unlock(&p->mu);
+        return pio_throw_errno(env, err == ENODATA ? EIO : err, err == ENODATA ? "pread O_DIRECT: end of file" : "pread O_DIRECT");
+      }
+    }
+    dest += part;
+    at += (off_t)part;
+    left -= part;
+  }
+  if (in_stream) {
+    p->last_read_end = at;
+    if (sequential || len >= PIO_STREAM_READ_BYTES) pio_read_ahead(p, at);
+  }
+  pthread_mutex_unlock(&p->mu);
+  return NULL;
+}
+
+/* pageioClose(h) -> null | {errno, start, end}: waits for the queued writes, stops the thread, closes the file. */
+static napi_value PageioClose(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioClose expects a handle");
+  pio *p = pio_arg(env, argv[0]);
+  if (p == NULL) return NULL;
+  pthread_mutex_lock(&p->mu);
+  pio_drop_reads(p, 0, 0, 1);
+  pio_wait_idle(p);
+  napi_value r = take_error(env, p);
+  pthread_mutex_unlock(&p->mu);
+  pio_destroy(p);
+  return r;
+}
+
+napi_status bf_pageio_register(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"pageioOpen", NULL, PageioOpen, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioWrite", NULL, PageioWrite, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioRead", NULL, PageioRead, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioDrain", NULL, PageioDrain, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioSetSize", NULL, PageioSetSize, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioClose", NULL, PageioClose, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  return napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+}

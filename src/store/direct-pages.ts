@@ -1,0 +1,111 @@
+/**
+ * The pages file moved with O_DIRECT by the native addon (native/pageio.c): writes queued to a thread
+ * of the store's own, reads of a stream read ahead by it, nothing through the page cache. A store
+ * writes each page once per migration and reads it once in the next, in stream order: the page cache
+ * gains nothing from holding them, and filling it costs a fresh page of kernel memory per page (on a
+ * virtual machine with free page reporting, more CPU than the rest of the gateway's work on it).
+ *
+ * The calls are synchronous; ordering is the native side's: a read sees every write before it.
+ */
+import { getSystemErrorMap } from 'node:util';
+import { nativeFunction } from '../digest';
+
+/** Alignment O_DIRECT asks of file offsets and lengths here. */
+export const DIRECT_IO_ALIGN = 4096;
+
+/** A range of the file a queued write failed to fill: it holds unknown bytes. */
+interface NativeWriteFailure {
+  errno: number;
+  start: number;
+  end: number;
+}
+
+type Handle = object;
+
+interface PageioAddon {
+  pageioOpen(file: string, fileSize: number): Handle;
+  pageioWrite(h: Handle, src: Uint8Array, srcOff: number, len: number, pos: number): NativeWriteFailure | null;
+  pageioRead(h: Handle, dest: Uint8Array, destOff: number, len: number, pos: number, inStream: boolean): void;
+  pageioDrain(h: Handle): NativeWriteFailure | null;
+  pageioSetSize(h: Handle, fileSize: number): void;
+  pageioClose(h: Handle): NativeWriteFailure | null;
+}
+
+function pageioAddon(): PageioAddon | null {
+  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWrite', 'pageioRead', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
+  const fns = names.map((n) => nativeFunction(n));
+  if (!fns.every((f) => typeof f === 'function')) return null;
+  return Object.fromEntries(names.map((n, i) => [n, fns[i]])) as unknown as PageioAddon;
+}
+
+const addon = pageioAddon();
+
+/** The errno's name and text as Node's own fs errors give them (libuv numbers errors negative). */
+function describeErrno(errno: number): [string, string] {
+  return getSystemErrorMap().get(-errno) ?? [`errno ${errno}`, 'unknown error'];
+}
+
+/** An earlier queued write failed: bytes [start, end) of the file are not what was written. */
+export class DirectWriteError extends Error {
+  override readonly name = 'DirectWriteError';
+  /** The errno name (ENOSPC, EIO, ...), as on Node's own fs errors. */
+  readonly code: string;
+  readonly start: number;
+  readonly end: number;
+  constructor(failure: NativeWriteFailure) {
+    const [code, text] = describeErrno(failure.errno);
+    super(`${code}: ${text}, a queued write of bytes ${failure.start}..${failure.end - 1}`);
+    this.code = code;
+    this.start = failure.start;
+    this.end = failure.end;
+  }
+}
+
+function check(failure: NativeWriteFailure | null): void {
+  if (failure !== null) throw new DirectWriteError(failure);
+}
+
+export class DirectPages {
+  private constructor(private readonly handle: Handle) {}
+
+  /**
+   * Opens file for direct I/O, or null where that is not to be had (no addon function, a filesystem
+   * without O_DIRECT, BFMIG_STORE_DIRECT_IO=0): the store then uses the page cache.
+   */
+  static open(file: string, fileSize: number): DirectPages | null {
+    if (addon === null || process.env.BFMIG_STORE_DIRECT_IO === '0') return null;
+    try {
+      return new DirectPages(addon.pageioOpen(file, fileSize));
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * Queues a write of src[srcOff, +len) at pos (len and pos multiples of DIRECT_IO_ALIGN); the bytes
+   * are copied. Throws DirectWriteError for an earlier write that failed (this one is queued).
+   */
+  write(src: Uint8Array, srcOff: number, len: number, pos: number): void {
+    check((addon as PageioAddon).pageioWrite(this.handle, src, srcOff, len, pos));
+  }
+
+  /** Reads exactly len bytes at pos into dest[destOff..]; inStream: one of an ascending series (read ahead). */
+  read(dest: Uint8Array, destOff: number, len: number, pos: number, inStream: boolean): void {
+    (addon as PageioAddon).pageioRead(this.handle, dest, destOff, len, pos, inStream);
+  }
+
+  /** Waits for every queued write and forgets what was read ahead. Throws DirectWriteError. */
+  drain(): void {
+    check((addon as PageioAddon).pageioDrain(this.handle));
+  }
+
+  /** The file's length after it was truncated or extended (read-ahead stops there). */
+  setSize(fileSize: number): void {
+    (addon as PageioAddon).pageioSetSize(this.handle, fileSize);
+  }
+
+  /** Waits for the queued writes and closes. Throws DirectWriteError (closed all the same). */
+  close(): void {
+    check((addon as PageioAddon).pageioClose(this.handle));
+  }
+}

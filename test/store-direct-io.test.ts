@@ -1,0 +1,186 @@
+/**
+ * The store's pages moved with O_DIRECT (src/store/direct-pages.ts, native/pageio.c): writes queued to
+ * a thread, stream reads read ahead. What must hold is what the page cache gave for free: a read sees
+ * every write before it, and a write that fails is never claimed.
+ */
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { DIGEST_BYTES, digestOne } from '../src/digest';
+import { PageStore, PAGES_FILE, type StoreLayout } from '../src/store';
+import { isNoSpace } from '../src/gateway/store-space';
+import { canMountTmpfs } from './mounts';
+
+const PAGE = 4096;
+let tmp: string;
+const opened: PageStore[] = [];
+
+beforeEach(() => {
+  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-direct-'));
+});
+
+afterEach(() => {
+  for (const s of opened.splice(0)) {
+    try {
+      s.close();
+    } catch {
+      // closed by the test
+    }
+  }
+  fs.rmSync(tmp, { recursive: true, force: true });
+});
+
+function open(root: string, options?: Parameters<typeof PageStore.open>[2]): PageStore {
+  const s = PageStore.open(root, 'vm1', options);
+  opened.push(s);
+  return s;
+}
+
+function layout(pageCount: number): StoreLayout {
+  return { pageSize: PAGE, pageCount, layoutId: 'L1', layout: { blocks: [{ name: 'pc.ram', length: pageCount * PAGE }] } };
+}
+
+const page = Buffer.alloc(PAGE);
+const digest = Buffer.alloc(DIGEST_BYTES);
+
+/** Stores page i with content unique to (i, generation). */
+function put(store: PageStore, i: number, generation: number): void {
+  page.fill(0);
+  page.writeUInt32LE(i, 0);
+  page.writeUInt32LE(generation, 4);
+  page.fill(generation & 0xff, 8, 64);
+  digestOne(page, 0, PAGE, digest, 0);
+  store.writePage(i, page, 0, digest, 0);
+}
+
+/** Which (index, generation) a read page holds. */
+function identify(buf: Buffer, at: number): [number, number] {
+  return [buf.readUInt32LE(at), buf.readUInt32LE(at + 4)];
+}
+
+function directOrSkip(store: PageStore): boolean {
+  if (!store.directIo) console.warn('store-direct-io: this filesystem has no O_DIRECT; the store uses the page cache here');
+  return store.directIo;
+}
+
+test('pages rewritten while earlier writes are still queued read back as their last version, in and out of stream order', () => {
+  const pages = 3000; // about 12 MiB: more than the write queue and the read-ahead hold
+  const direct = open(path.join(tmp, 'direct'));
+  const cached = open(path.join(tmp, 'cached'), { directIo: false });
+  expect(cached.directIo).toBe(false);
+  for (const store of [direct, cached]) {
+    store.begin(layout(pages));
+    for (let generation = 1; generation <= 3; generation++) {
+      for (let i = 0; i < pages; i += generation) put(store, i, generation);
+    }
+  }
+  const want = (i: number): number => (i % 3 === 0 ? 3 : i % 2 === 0 ? 2 : 1);
+  // A destination offset that is not 4 KiB aligned takes the native bounce buffer.
+  const buf = Buffer.alloc(250 * PAGE + 7);
+  for (const store of [direct, cached]) {
+    const seen: string[] = [];
+    for (let i = 0; i < pages; i += 250) {
+      const n = Math.min(250, pages - i);
+      store.readPages(i, n, buf, 7);
+      for (let k = 0; k < n; k++) {
+        const [index, generation] = identify(buf, 7 + k * PAGE);
+        if (index !== i + k || generation !== want(i + k)) seen.push(`${i + k}: ${index}/${generation}`);
+      }
+    }
+    for (const i of [2999, 5, 1777, 0]) {
+      store.readPages(i, 1, buf, 0, false);
+      expect(identify(buf, 0)).toEqual([i, want(i)]);
+    }
+    expect(seen).toEqual([]);
+    store.commit('s1');
+    expect(store.verify()).toEqual([]);
+  }
+  directOrSkip(direct);
+  // Both ways leave the same bytes on disk.
+  direct.close();
+  cached.close();
+  const a = fs.readFileSync(path.join(tmp, 'direct', 'vm1', PAGES_FILE));
+  const b = fs.readFileSync(path.join(tmp, 'cached', 'vm1', PAGES_FILE));
+  expect(a.equals(b)).toBe(true);
+  const again = open(path.join(tmp, 'direct'));
+  expect(again.snapshotId()).toBe('s1');
+  expect(again.verify()).toEqual([]);
+});
+
+test('a page written after the reader fetched it ahead is read back new', () => {
+  const pages = 2048; // 8 MiB
+  const store = open(tmp);
+  store.begin(layout(pages));
+  if (!directOrSkip(store)) return;
+  for (let i = 0; i < pages; i++) put(store, i, 1);
+  store.commit('s1');
+  store.begin(layout(pages));
+  const buf = Buffer.alloc(64 * PAGE);
+  // Two stream reads: the second starts read-ahead of the megabytes after it.
+  store.readPages(0, 64, buf, 0);
+  store.readPages(64, 64, buf, 0);
+  // Pages in the windows now read ahead, rewritten (one through the coalescing buffer, one as a run).
+  put(store, 300, 2);
+  for (let i = 500; i < 520; i++) put(store, i, 2);
+  put(store, 900, 2);
+  store.readPages(128, 64, buf, 0); // flushes nothing of the rewrites: they are ahead of it
+  const out = Buffer.alloc(PAGE);
+  for (const [i, generation] of [[300, 2], [301, 1], [499, 1], [500, 2], [519, 2], [520, 1], [900, 2], [1200, 1]]) {
+    store.readPages(i, 1, out, 0);
+    expect(identify(out, 0)).toEqual([i, generation]);
+  }
+  store.commit('s2');
+  expect(store.verify()).toEqual([]);
+});
+
+const MOUNT = canMountTmpfs();
+(MOUNT ? test : test.skip)('a queued write that fails leaves its pages absent, names ENOSPC, and the store verifies', () => {
+  const mounted = path.join(tmp, 'small');
+  fs.mkdirSync(mounted);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', mounted]);
+  try {
+    const store = open(mounted);
+    const pages = 1024; // 4 MiB of pages into a 2 MiB filesystem
+    store.begin(layout(pages));
+    let failure: unknown = null;
+    try {
+      for (let i = 0; i < pages; i++) put(store, i, 1);
+      store.commit('full');
+    } catch (err) {
+      failure = err;
+    }
+    expect(failure).toBeInstanceOf(Error);
+    expect(isNoSpace(failure)).toBe(true);
+    expect(String((failure as Error).message)).toMatch(/no space left on device/i);
+    // Later queued writes fail too; abort() reports them (the store then stays "dirty" for open() to repair).
+    try {
+      store.abort();
+    } catch (err) {
+      expect(isNoSpace(err)).toBe(true);
+    }
+    expect(store.snapshotId()).toBeNull();
+    try {
+      store.close(); // closes the files even when its last attempt to persist fails
+    } catch (err) {
+      expect(isNoSpace(err)).toBe(true);
+    }
+    // Opening repairs the store, which needs room to write its digests.
+    execFileSync('mount', ['-o', 'remount,size=16m', mounted]);
+    const reopened = open(mounted);
+    expect(reopened.snapshotId()).toBeNull();
+    const held = reopened.meta()?.presentPages ?? 0;
+    expect(held).toBeLessThan(pages);
+    // Every page the store still claims holds exactly what its digest says.
+    expect(reopened.verify()).toEqual([]);
+  } finally {
+    for (const s of opened.splice(0)) {
+      try {
+        s.close();
+      } catch {
+        // closed above
+      }
+    }
+    execFileSync('umount', ['-l', mounted]);
+  }
+});
