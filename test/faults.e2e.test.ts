@@ -338,8 +338,9 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
   /** Plays `stream` into the route of the site the guest runs at, to a real destination QEMU at the other. */
   async function playMalformed(stream: Buffer, label: string): Promise<{ destination: string; report: GatewayLegReport; source: string }> {
     const from = here;
-    const counts = [from.gateway.reports.length];
-    const dest = await destinationAt(there(), label);
+    const to = there();
+    const counts = [from.gateway.reports.length, to.gateway.reports.length];
+    const dest = await destinationAt(to, label);
     const reset = await new Promise<boolean>((resolve) => {
       const socket = net.connect({ host: '127.0.0.1', port: from.routePort }, () => socket.end(stream));
       let failed = false;
@@ -348,6 +349,9 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
       socket.on('close', () => resolve(failed));
     });
     const [report] = await reportsAfter(from, counts[0]);
+    // The receiving side's account of this leg comes in its own time; the next leg's must not be taken for it.
+    const [received] = await reportsAfter(to, counts[1]);
+    expect(received).toMatchObject({ direction: 'receive', result: 'failed' });
     const exited = await dest.waitForExit(30_000);
     if (!exited) expect((await dest.status()).status).not.toBe('running');
     const destination = exited ? `exited (code ${dest.exit?.code ?? dest.exit?.signal})` : 'still waiting, never ran';

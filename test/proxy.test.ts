@@ -5,7 +5,7 @@ import { DIGEST_BYTES } from '../src/digest';
 import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
 import { StreamEncoder } from '../src/proxy/encoder';
 import { PageStore } from '../src/store';
-import { FRAME_HEADER_BYTES, FrameType } from '../src/wire/frames';
+import { encodeFrame, FRAME_HEADER_BYTES, FrameParser, FrameType } from '../src/wire/frames';
 import { dirty, guestMemory, migrationStream, PAGE } from './migration-stream';
 
 let root = '';
@@ -247,6 +247,62 @@ describe('chunks reused by the caller (pooled socket reads)', () => {
     } else {
       expect(chunkBytes).toBeLessThan(64);
     }
+  });
+
+  /**
+   * The receiving side: wire bytes read into one reused buffer, scribbled over after every read, framed
+   * by a FrameParser (literal payloads streamed as views) into a decoder, as a pooled peer connection does.
+   */
+  function decodeReusingBuffer(chunkBytes: number, releasing: boolean) {
+    const wire: Buffer[] = [];
+    const encoder = new StreamEncoder(
+      {
+        literal: (bytes) => wire.push(encodeFrame(FrameType.Literal, Buffer.from(bytes))),
+        run: (payload) => wire.push(encodeFrame(FrameType.Run, payload)),
+      },
+      null,
+    );
+    encoder.push(stream);
+    encoder.end();
+    const bytes = Buffer.concat(wire);
+    const out: Buffer[] = [];
+    const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), null);
+    const frames = new FrameParser(
+      (type, payload) => (type === FrameType.Literal ? decoder.literal(payload) : decoder.run(payload)),
+      (type) => type === FrameType.Literal,
+    );
+    const readBuffer = Buffer.alloc(chunkBytes);
+    for (let at = 0; at < bytes.length; at += chunkBytes) {
+      const n = bytes.copy(readBuffer, 0, at, at + chunkBytes);
+      frames.push(readBuffer.subarray(0, n));
+      frames.ownRetained();
+      if (releasing) decoder.releaseInput();
+      readBuffer.fill(0xa5);
+    }
+    expect(frames.atBoundary).toBe(true);
+    decoder.end(stream.length, encoder.streamCheck);
+    return { rebuilt: Buffer.concat(out), parts: decoder.parts.result() };
+  }
+
+  test.each([4096 + 3, 65536, 1000, 7])('the decoder and frame parser copy what they keep: %i-byte reads', (chunkBytes) => {
+    const { rebuilt, parts } = decodeReusingBuffer(chunkBytes, true);
+    expect(rebuilt.equals(stream)).toBe(true);
+    if (parts !== null) {
+      expect(parts.head.equals(expectedParts!.head)).toBe(true);
+      expect(parts.tail.equals(expectedParts!.tail)).toBe(true);
+    } else {
+      expect(chunkBytes).toBeLessThan(64);
+    }
+  });
+
+  test('without releaseInput, the kept device state is damaged by a reused buffer (the test can tell)', () => {
+    // Reads this small split the first device section's header, so its start lies in an earlier read.
+    const damaged = [7, 13, 61].some((chunkBytes) => {
+      const { rebuilt, parts } = decodeReusingBuffer(chunkBytes, false);
+      expect(rebuilt.equals(stream)).toBe(true);
+      return parts !== null && !parts.tail.equals(expectedParts!.tail);
+    });
+    expect(damaged).toBe(true);
   });
 
   test('without transientInput, reusing the buffer corrupts the stream (the test can tell)', () => {

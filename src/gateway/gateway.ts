@@ -169,7 +169,7 @@ export class Gateway implements SessionObserver {
         maxGuestPages: Math.floor(limits.maxGuestRamBytes / PAGE_SIZE),
         refused: (reason, detail) => this.refused('peer', raw, reason, detail, peerName),
       });
-      this.track(session.done, socket, () => undefined);
+      this.track(session.done, session.peer, () => undefined);
     });
   }
 

@@ -4,7 +4,7 @@ import { Socket } from 'node:net';
 export const SOURCE_READ_BYTES = 256 * 1024;
 
 /**
- * The source QEMU's connection read into a few reused buffers instead of a fresh 64 KiB Buffer per
+ * A connection read into a few reused buffers instead of a fresh 64 KiB Buffer per
  * read. Those dead buffers are what pushed a sending gateway's RSS tens of MiB above its live data
  * until V8 got round to collecting them, and what cost the GC time on an all-reused leg.
  *
@@ -31,6 +31,8 @@ export class PooledReads {
     accepted: Socket,
     private readonly downstream: { readonly writableLength: number },
     onChunk: (chunk: Buffer) => void,
+    /** Whether the connection stays open for writing once the other side has ended its stream. */
+    allowHalfOpen = true,
   ) {
     const holder = accepted as unknown as { _handle?: { readStart?: unknown; useUserBuffer?: unknown } | null };
     const handle = holder._handle;
@@ -48,8 +50,7 @@ export class PooledReads {
     this.pooled = true;
     this.socket = new Socket({
       handle,
-      // The source's end of its stream is not ours: QEMU's return path stays open until the session ends it.
-      allowHalfOpen: true,
+      allowHalfOpen,
       pauseOnCreate: true,
       readable: true,
       writable: true,

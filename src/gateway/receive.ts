@@ -1,4 +1,5 @@
 import { connect, type Socket } from 'node:net';
+import { TLSSocket } from 'node:tls';
 import { type Endpoint, parseEndpoint } from '../address';
 import { StreamDecoder } from '../proxy/decoder';
 import { PageStore, UndoableStore, validateVmName } from '../store';
@@ -17,6 +18,7 @@ import {
 } from '../wire/frames';
 import { Refusal, type RefusalReason } from './limits';
 import { noteStoreError } from './store-space';
+import { PooledReads } from './pooled-reads';
 import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
 
 export interface ReceiveOptions {
@@ -72,12 +74,14 @@ export class ReceiveSession {
   private readonly handshakeTimer: NodeJS.Timeout;
   private readonly idle: IdleWatch;
 
+  /** The peer gateway's connection as this session reads it (plain TCP: adopted by PooledReads). */
+  readonly peer: Socket;
+
   constructor(
-    private readonly peer: Socket,
+    accepted: Socket,
     private readonly options: ReceiveOptions,
   ) {
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
-    peer.setNoDelay(true);
     this.handshakeTimer = setTimeout(
       () => this.fail('no valid Hello from the peer in time', 'handshake-timeout'),
       Math.max(0, options.handshakeDeadline - Date.now()),
@@ -90,23 +94,52 @@ export class ReceiveSession {
     );
     // A peer that has not said who it is gets no more than a Hello's worth of buffer.
     this.frames.maxPayload = MAX_HANDSHAKE_PAYLOAD;
-    peer.on('data', (chunk: Buffer) => {
-      this.wanIn += chunk.length;
-      // What this chunk rebuilds reaches the destination in one writev.
-      this.dest?.cork();
-      try {
-        this.frames.push(chunk);
-      } catch (err) {
-        this.storeError(err);
-        this.fail(errorMessage(err), err instanceof Refusal ? err.reason : err instanceof FrameTooLargeError ? 'frame-too-large' : 'protocol');
-      } finally {
-        this.dest?.uncork();
-      }
-      if (this.frames.isPaused) peer.pause();
-    });
+    // Plain TCP is read into reused buffers (a TLS socket decrypts into buffers of its own). Literal bytes
+    // reach the destination as views of them: a buffer is read into again only once the destination's
+    // write queue has emptied, and the frame parser copies what it keeps past a chunk.
+    let pooled = false;
+    let peer = accepted;
+    if (!(accepted instanceof TLSSocket)) {
+      const session = this;
+      const destination = {
+        get writableLength(): number {
+          return session.dest?.writableLength ?? 0;
+        },
+      };
+      const reads = new PooledReads(accepted, destination, (chunk) => this.onPeerData(chunk, reads.pooled), false);
+      pooled = reads.pooled;
+      peer = reads.socket;
+      const early = reads.takeEarly();
+      if (early !== null) queueMicrotask(() => this.onPeerData(early, false));
+    } else {
+      peer.on('data', (chunk: Buffer) => this.onPeerData(chunk, false));
+    }
+    this.peer = peer;
+    peer.setNoDelay(true);
     peer.on('error', (err) => this.fail(`peer: ${err.message}`, 'closed'));
     peer.on('close', () => this.fail('the peer gateway closed the connection', 'closed'));
     this.timer = setInterval(() => this.progress(), PROGRESS_INTERVAL_MS);
+    if (pooled || peer.readableFlowing === false) peer.resume();
+  }
+
+  /** reused: the chunk's buffer is read into again after this returns. */
+  private onPeerData(chunk: Buffer, reused: boolean): void {
+    this.wanIn += chunk.length;
+    // What this chunk rebuilds reaches the destination in one writev.
+    this.dest?.cork();
+    try {
+      this.frames.push(chunk);
+      if (reused) {
+        this.frames.ownRetained();
+        this.decoder?.releaseInput();
+      }
+    } catch (err) {
+      this.storeError(err);
+      this.fail(errorMessage(err), err instanceof Refusal ? err.reason : err instanceof FrameTooLargeError ? 'frame-too-large' : 'protocol');
+    } finally {
+      this.dest?.uncork();
+    }
+    if (this.frames.isPaused) this.peer.pause();
   }
 
   private event(message: string, fields?: Record<string, unknown>): void {

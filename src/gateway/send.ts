@@ -87,7 +87,8 @@ export class SendSession {
     this.peer = options.transport.connect(options.route.peer, () => this.onPeerConnect());
     // Source bytes reach the WAN socket as views of the read buffers: PooledReads reuses a buffer only
     // once the WAN socket's queue has emptied, and the encoder copies what it keeps across reads.
-    this.reads = new PooledReads(accepted, this.peer, (chunk) => this.onSourceData(chunk));
+    // The source's end of its stream is not ours: QEMU's return path stays open until the session ends it.
+    this.reads = new PooledReads(accepted, this.peer, (chunk) => this.onSourceData(chunk), true);
     const qemu = this.reads.socket;
     this.qemu = qemu;
     qemu.pause();

@@ -57,10 +57,7 @@ export class PeerTransport {
    */
   accept(raw: Socket): Promise<Socket> {
     const server = this.server;
-    if (!server) {
-      raw.resume();
-      return Promise.resolve(raw);
-    }
+    if (!server) return Promise.resolve(raw); // still paused: the session adopts it unread (PooledReads)
     const key = addressKey(raw);
     return new Promise((resolve, reject) => {
       const settle = (result: Socket | Refusal): void => {

@@ -71,6 +71,14 @@ export class StreamDecoder {
     this.parser.push(bytes);
   }
 
+  /**
+   * The bytes given to literal() so far are views of buffers their owner is about to read into again:
+   * whatever is kept of them past this call must be a copy.
+   */
+  releaseInput(): void {
+    this.parts.release();
+  }
+
   run(payload: Buffer): void {
     const run = decodeRun(payload);
     if ((run.firstFlags & ~RamFlag.Continue) !== (continuingFlags(isHeld(run.bitmap, 0)) & ~RamFlag.Continue)) {

@@ -52,16 +52,18 @@ export class StreamParts {
   }
 
   /**
-   * The last chunk fed is about to be reused by its owner: keep a copy of its last RECENT_KEEP bytes
-   * instead of the view. Call after the records of that chunk have been passed to record().
+   * The chunks fed so far are about to be reused by their owner: keep copies of their last RECENT_KEEP
+   * bytes instead of views. Call after the records of those chunks have been passed to record().
    */
   release(): void {
-    const newest = this.recent[this.recent.length - 1];
-    if (!newest || newest.spare) return;
-    const keep = Math.min(RECENT_KEEP, newest.bytes.length);
-    const spare = this.spares.pop() ?? Buffer.allocUnsafe(RECENT_KEEP);
-    newest.bytes.copy(spare, 0, newest.bytes.length - keep);
-    this.recent[this.recent.length - 1] = { bytes: spare.subarray(0, keep), at: newest.at + newest.bytes.length - keep, spare };
+    for (let i = 0; i < this.recent.length; i++) {
+      const entry = this.recent[i];
+      if (entry.spare) continue;
+      const keep = Math.min(RECENT_KEEP, entry.bytes.length);
+      const spare = this.spares.pop() ?? Buffer.allocUnsafe(RECENT_KEEP);
+      entry.bytes.copy(spare, 0, entry.bytes.length - keep);
+      this.recent[i] = { bytes: spare.subarray(0, keep), at: entry.at + entry.bytes.length - keep, spare };
+    }
   }
 
   /** Records of the same stream, as the parser emits them (after the bytes they came in were fed). */

@@ -191,6 +191,18 @@ export class FrameParser {
     return this.buffered === 0 && this.streamRemaining === 0;
   }
 
+  /**
+   * Makes the bytes still held (a frame cut by the chunk's end, or the rest of a chunk while paused)
+   * copies of their own: for a caller that reuses its chunk buffers once push() has returned.
+   */
+  ownRetained(): void {
+    if (this.buffered === 0) return;
+    const owned = Buffer.allocUnsafe(this.buffered);
+    let at = 0;
+    for (const c of this.chunks) at += c.copy(owned, at);
+    this.chunks = [owned];
+  }
+
   private deliver(): void {
     if (this.delivering) return;
     this.delivering = true;
