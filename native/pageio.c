@@ -9,9 +9,9 @@
  * gateway's own reused buffers and the device; the thread keeps the device busy while the event loop
  * parses, hashes and forwards.
  *
- * The JavaScript API stays synchronous (src/store/direct-pages.ts): pageioWrite copies the bytes into
- * a free queue buffer and returns (waiting only when all are queued); pageioRead returns the bytes;
- * pageioDrain waits for every queued write. Ordering: the thread works its queue in order, and a read
+ * The JavaScript API stays synchronous (src/store/direct-pages.ts): the store fills a write buffer of
+ * the queue itself (pageioWriteBuffers, pageioAcquire: waits only while all are queued) and hands it to
+ * the thread (pageioSubmit); pageioRead returns the bytes; pageioDrain waits for every queued write. Ordering: the thread works its queue in order, and a read
  * first waits for every queued write that overlaps it, so a read always sees the last write before it.
  * A read-ahead buffer whose range a later write overlaps is dropped.
  *
@@ -48,6 +48,7 @@
 
 enum slot_state {
   SLOT_FREE = 0,
+  SLOT_FILLING, /* a write buffer lent to JavaScript (pageioAcquire) until pageioSubmit */
   SLOT_QUEUED, /* in the queue, not started */
   SLOT_BUSY,   /* the thread is on it */
   SLOT_DONE,   /* a finished read-ahead holding [pos, pos + got) */
@@ -75,6 +76,8 @@ typedef struct {
   int queue[PIO_SLOTS]; /* slot indexes in submission order */
   int qhead, qlen;
   int closing, closed;
+  int exported; /* the write buffers are also JavaScript ArrayBuffers */
+  int refs;     /* the handle and each exported ArrayBuffer: the last one gone frees everything */
   /* First failed write since it was last reported, widened to cover every failure since. */
   int werr;
   off_t werr_start, werr_end;
@@ -195,21 +198,28 @@ static void pio_destroy(pio *p) {
     close(p->fd);
     p->fd = -1;
   }
-  for (int s = 0; s < PIO_SLOTS; s++) {
+  for (int s = p->exported ? PIO_WRITE_SLOTS : 0; s < PIO_SLOTS; s++) {
     free(p->slots[s].buf);
     p->slots[s].buf = NULL;
   }
+  /* Exported write buffers stay until their ArrayBuffers are collected (pio_release). */
   free(p->bounce);
   p->bounce = NULL;
   p->closed = 1;
 }
 
-static void pio_finalize(napi_env env, void *data, void *hint) {
-  pio *p = (pio *)data;
+/* Drops one reference (the handle's or an exported buffer's); the last one stops the thread and frees all. */
+static void pio_release(pio *p) {
+  if (--p->refs > 0) return;
   if (!p->closed) pio_destroy(p);
+  for (int s = 0; s < PIO_WRITE_SLOTS; s++) free(p->slots[s].buf);
   pthread_mutex_destroy(&p->mu);
   pthread_cond_destroy(&p->cv);
   free(p);
+}
+
+static void pio_finalize(napi_env env, void *data, void *hint) {
+  pio_release((pio *)data);
 }
 
 /* ----------------------------------------------------------------------------------- N-API glue */
@@ -293,6 +303,7 @@ static napi_value PageioOpen(napi_env env, napi_callback_info info) {
     return pio_throw_errno(env, ENOMEM, "pageioOpen");
   }
   p->fd = fd;
+  p->refs = 1;
   p->file_size = (off_t)size;
   p->last_read_end = -1;
   pthread_mutex_init(&p->mu, NULL);
@@ -334,46 +345,83 @@ static napi_value take_error(napi_env env, pio *p) {
   return r;
 }
 
-/* pageioWrite(h, src, srcOff, len, pos) -> null | {errno, start, end} of an earlier failed write.
- * pos and len must be multiples of 4096. Copies the bytes; waits only while every write buffer is queued. */
-static napi_value PageioWrite(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
-  napi_value argv[5];
-  double off, len, pos;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioWrite expects 5 arguments");
+static void release_exported(napi_env env, void *data, void *hint) {
+  pio_release((pio *)hint);
+}
+
+/* pageioWriteBuffers(h) -> ArrayBuffer[]: the queue's write buffers (PIO_SLOT_BYTES each, 4 KiB aligned),
+ * once per handle. JavaScript writes only into the one pageioAcquire lent it. */
+static napi_value PageioWriteBuffers(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], list, ab;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioWriteBuffers expects a handle");
   pio *p = pio_arg(env, argv[0]);
   if (p == NULL) return NULL;
-  if (!get_num(env, argv[2], &off) || !get_num(env, argv[3], &len) || !get_num(env, argv[4], &pos) ||
-      ((int64_t)len % PIO_ALIGN) != 0 || ((int64_t)pos % PIO_ALIGN) != 0)
-    return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioWrite: offsets must be integers, len and pos multiples of 4096");
-  uint8_t *src = bytes_arg(env, argv[1], off, len);
-  if (src == NULL) return NULL;
-  size_t left = (size_t)len;
-  off_t at = (off_t)pos;
+  if (p->exported) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioWriteBuffers: already taken");
+  if (napi_create_array_with_length(env, PIO_WRITE_SLOTS, &list) != napi_ok) return pio_throw(env, "ERR_BFMIG_PAGEIO", "napi_create_array failed");
+  for (int s = 0; s < PIO_WRITE_SLOTS; s++) {
+    p->exported = 1;
+    if (napi_create_external_arraybuffer(env, p->slots[s].buf, PIO_SLOT_BYTES, release_exported, p, &ab) != napi_ok)
+      return pio_throw(env, "ERR_BFMIG_PAGEIO", "napi_create_external_arraybuffer failed");
+    p->refs++;
+    if (napi_set_element(env, list, (uint32_t)s, ab) != napi_ok) return pio_throw(env, "ERR_BFMIG_PAGEIO", "napi_set_element failed");
+  }
+  return list;
+}
+
+/* pageioAcquire(h) -> index of a free write buffer, now lent to the caller; waits while every one is queued. */
+static napi_value PageioAcquire(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], r;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioAcquire expects a handle");
+  pio *p = pio_arg(env, argv[0]);
+  if (p == NULL) return NULL;
+  int s = -1;
   pthread_mutex_lock(&p->mu);
-  pio_drop_reads(p, at, left, 0);
-  while (left > 0) {
-    size_t part = left < PIO_SLOT_BYTES ? left : PIO_SLOT_BYTES;
-    int s = -1;
-    for (;;) {
-      for (int i = 0; i < PIO_WRITE_SLOTS; i++) {
-        if (p->slots[i].state == SLOT_FREE) {
-          s = i;
-          break;
-        }
-      }
-      if (s >= 0) break;
-      pthread_cond_wait(&p->cv, &p->mu);
+  for (;;) {
+    int lent = 0;
+    for (int i = 0; i < PIO_WRITE_SLOTS; i++) {
+      if (p->slots[i].state == SLOT_FREE && s < 0) s = i;
+      if (p->slots[i].state == SLOT_FILLING) lent++;
     }
-    pio_slot *sl = &p->slots[s];
-    memcpy(sl->buf, src, part);
-    sl->pos = at;
-    sl->len = part;
+    if (s >= 0 || lent == PIO_WRITE_SLOTS) break;
+    pthread_cond_wait(&p->cv, &p->mu);
+  }
+  if (s >= 0) p->slots[s].state = SLOT_FILLING;
+  pthread_mutex_unlock(&p->mu);
+  if (s < 0) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioAcquire: every write buffer is lent already");
+  napi_create_int32(env, s, &r);
+  return r;
+}
+
+/* pageioSubmit(h, index, len, pos) -> null | {errno, start, end} of an earlier failed write: queues the
+ * lent buffer's first len bytes for writing at pos (multiples of 4096); len 0 just gives it back. */
+static napi_value PageioSubmit(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  int32_t s = -1;
+  double len, pos;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 4) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioSubmit expects 4 arguments");
+  pio *p = pio_arg(env, argv[0]);
+  if (p == NULL) return NULL;
+  if (napi_get_value_int32(env, argv[1], &s) != napi_ok || s < 0 || s >= PIO_WRITE_SLOTS || !get_num(env, argv[2], &len) ||
+      !get_num(env, argv[3], &pos) || len > PIO_SLOT_BYTES || ((int64_t)len % PIO_ALIGN) != 0 || ((int64_t)pos % PIO_ALIGN) != 0)
+    return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioSubmit: bad buffer index, or len/pos not multiples of 4096 within a buffer");
+  pthread_mutex_lock(&p->mu);
+  pio_slot *sl = &p->slots[s];
+  if (sl->state != SLOT_FILLING) {
+    pthread_mutex_unlock(&p->mu);
+    return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioSubmit: that buffer is not lent");
+  }
+  if (len == 0) {
+    sl->state = SLOT_FREE;
+    pthread_cond_broadcast(&p->cv);
+  } else {
+    pio_drop_reads(p, (off_t)pos, (size_t)len, 0);
+    sl->pos = (off_t)pos;
+    sl->len = (size_t)len;
     sl->state = SLOT_QUEUED;
     pio_enqueue(p, s);
-    src += part;
-    at += (off_t)part;
-    left -= part;
   }
   napi_value r = take_error(env, p);
   pthread_mutex_unlock(&p->mu);
@@ -538,7 +586,9 @@ static napi_value PageioClose(napi_env env, napi_callback_info info) {
 napi_status bf_pageio_register(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"pageioOpen", NULL, PageioOpen, NULL, NULL, NULL, napi_enumerable, NULL},
-      {"pageioWrite", NULL, PageioWrite, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioWriteBuffers", NULL, PageioWriteBuffers, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioAcquire", NULL, PageioAcquire, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioSubmit", NULL, PageioSubmit, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioRead", NULL, PageioRead, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioDrain", NULL, PageioDrain, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioSetSize", NULL, PageioSetSize, NULL, NULL, NULL, napi_enumerable, NULL},

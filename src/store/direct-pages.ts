@@ -24,7 +24,9 @@ type Handle = object;
 
 interface PageioAddon {
   pageioOpen(file: string, fileSize: number): Handle;
-  pageioWrite(h: Handle, src: Uint8Array, srcOff: number, len: number, pos: number): NativeWriteFailure | null;
+  pageioWriteBuffers(h: Handle): ArrayBuffer[];
+  pageioAcquire(h: Handle): number;
+  pageioSubmit(h: Handle, index: number, len: number, pos: number): NativeWriteFailure | null;
   pageioRead(h: Handle, dest: Uint8Array, destOff: number, len: number, pos: number, inStream: boolean): void;
   pageioDrain(h: Handle): NativeWriteFailure | null;
   pageioSetSize(h: Handle, fileSize: number): void;
@@ -32,7 +34,7 @@ interface PageioAddon {
 }
 
 function pageioAddon(): PageioAddon | null {
-  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWrite', 'pageioRead', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
+  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
   const fns = names.map((n) => nativeFunction(n));
   if (!fns.every((f) => typeof f === 'function')) return null;
   return Object.fromEntries(names.map((n, i) => [n, fns[i]])) as unknown as PageioAddon;
@@ -66,7 +68,15 @@ function check(failure: NativeWriteFailure | null): void {
 }
 
 export class DirectPages {
-  private constructor(private readonly handle: Handle) {}
+  /**
+   * The write queue's buffers (4 KiB aligned, all of one size): the store lays pages out in the one
+   * acquire() lends it, then submit()s it, so that each page is copied once on its way to the device.
+   */
+  readonly writeBuffers: Buffer[];
+
+  private constructor(private readonly handle: Handle) {
+    this.writeBuffers = (addon as PageioAddon).pageioWriteBuffers(handle).map((ab) => Buffer.from(ab));
+  }
 
   /**
    * Opens file for direct I/O, or null where that is not to be had (no addon function, a filesystem
@@ -81,12 +91,18 @@ export class DirectPages {
     }
   }
 
+  /** Lends a free write buffer (its index in writeBuffers); waits while every one is queued. */
+  acquire(): number {
+    return (addon as PageioAddon).pageioAcquire(this.handle);
+  }
+
   /**
-   * Queues a write of src[srcOff, +len) at pos (len and pos multiples of DIRECT_IO_ALIGN); the bytes
-   * are copied. Throws DirectWriteError for an earlier write that failed (this one is queued).
+   * Queues the lent buffer's first len bytes for writing at pos (len and pos multiples of
+   * DIRECT_IO_ALIGN; len 0 gives the buffer back unwritten). Throws DirectWriteError for an earlier
+   * write that failed (this one is queued all the same).
    */
-  write(src: Uint8Array, srcOff: number, len: number, pos: number): void {
-    check((addon as PageioAddon).pageioWrite(this.handle, src, srcOff, len, pos));
+  submit(index: number, len: number, pos: number): void {
+    check((addon as PageioAddon).pageioSubmit(this.handle, index, len, pos));
   }
 
   /** Reads exactly len bytes at pos into dest[destOff..]; inStream: one of an ascending series (read ahead). */

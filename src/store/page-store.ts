@@ -47,7 +47,7 @@ const DIRTY_CHUNK_PAGES = 1 << DIRTY_CHUNK_SHIFT;
 const DIGEST_WRITE_MAX_BYTES = 16 * 1024 * 1024;
 
 export interface PageStoreOptions {
-  /** Size of the write-coalescing buffer (rounded down to whole pages, at least one). Default 1 MiB. */
+  /** Size of the write-coalescing buffer (rounded down to whole pages, at least one). Default 1 MiB. Direct I/O uses its queue's buffers instead. */
   writeBufferBytes?: number;
   /** Bytes read per batch by verify() and crash recovery. Default 8 MiB. */
   hashBatchBytes?: number;
@@ -124,6 +124,8 @@ export class PageStore {
   /** Write-coalescing buffer: pages wStart .. wStart+wCount-1 pending at slots 0..wCount-1. */
   private wbuf: Buffer | null = null;
   private wcap = 0;
+  /** With direct I/O, wbuf is the write queue's buffer of this index, lent until flush() submits it. */
+  private lent = -1;
   private wStart = 0;
   private wCount = 0;
 
@@ -316,7 +318,7 @@ export class PageStore {
       this.wStart = index;
       slot = 0;
     }
-    copyBytes(src, srcStart, this.wbuf as Buffer, slot * ps, ps);
+    copyBytes(src, srcStart, this.wbuf ?? this.lendBuffer(), slot * ps, ps);
     if (slot === this.wCount) this.wCount = slot + 1;
     this.setDigest(index, digest, digestStart);
   }
@@ -617,8 +619,14 @@ export class PageStore {
     this.wCount = 0;
     const direct = this.directPages();
     try {
-      if (direct !== null) direct.write(this.wbuf as Buffer, 0, n * this.ps, start * this.ps);
-      else pwriteFully(this.pagesFd, this.wbuf as Buffer, 0, n * this.ps, start * this.ps);
+      if (direct !== null) {
+        const lent = this.lent;
+        this.lent = -1;
+        this.wbuf = null;
+        direct.submit(lent, n * this.ps, start * this.ps);
+      } else {
+        pwriteFully(this.pagesFd, this.wbuf as Buffer, 0, n * this.ps, start * this.ps);
+      }
     } catch (err) {
       if (err instanceof DirectWriteError) throw this.directWriteFailed(err);
       for (let i = start; i < start + n; i++) this.clearDigest(i);
@@ -779,11 +787,28 @@ export class PageStore {
       this.zeroDigest = zd;
       this.zeroDigestSize = this.ps;
     }
+    const direct = this.directPages();
+    if (direct !== null) {
+      // Pages are laid out in the write queue's own buffers (lent one at a time), not in one of ours.
+      if (this.lent >= 0) direct.submit(this.lent, 0, 0);
+      this.lent = -1;
+      this.wbuf = null;
+      this.wcap = Math.max(1, Math.floor(Math.min(direct.writeBuffers[0].length, this.writeBufferBytes) / this.ps));
+      return;
+    }
     const cap = Math.max(1, Math.floor(this.writeBufferBytes / this.ps));
     if (this.wbuf === null || this.wcap !== cap || this.wbuf.length !== cap * this.ps) {
       this.wbuf = Buffer.allocUnsafeSlow(cap * this.ps);
       this.wcap = cap;
     }
+  }
+
+  /** Borrows a buffer of the direct write queue for the next run of pages (waits while all are queued). */
+  private lendBuffer(): Buffer {
+    const direct = this.direct as DirectPages;
+    this.lent = direct.acquire();
+    this.wbuf = direct.writeBuffers[this.lent];
+    return this.wbuf;
   }
 
   private persistMeta(fields: Omit<StoreMeta, 'updatedAt'>): void {
