@@ -5,7 +5,7 @@
  * Leg 1 goes A → B with empty stores (nothing to reuse); leg 2 plays the same memory B → A (all
  * reused). Each gateway runs as its own `bfmig gateway` process, so CPU seconds and peak RSS are its own.
  *
- * Usage: node dist/bench/throughput.js [GiB=1] [runs=3]
+ * Usage: node dist/bench/throughput.js [GiB=1] [runs=5]
  */
 import { fork, spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -21,7 +21,7 @@ import { freePort } from '../src/vm/qemu-vm';
 import { playStream, syntheticStream } from './synthetic';
 
 const gib = Number(process.argv[2] ?? 1);
-const runs = Number(process.argv[3] ?? 3);
+const runs = Number(process.argv[3] ?? 5);
 
 /** A destination: accepts one connection, reads everything, compares it with `expected`. */
 function consume(expected: Buffer, port = 0): Promise<{ port: number; done: Promise<number> }> {
@@ -87,10 +87,8 @@ async function main(): Promise<void> {
   const GiB = stream.length / 2 ** 30;
   console.log(`stream: ${GiB.toFixed(2)} GiB synthetic QEMU 7.2 stream of random pages; ${runs} runs each, medians; gateways run with node ${nodeArgs.join(' ') || '(no flags)'}`);
 
-  // Plain relay pair, each relay in a process of its own as each gateway is.
-  const relayTimes: number[] = [];
-  const relayCpu: number[] = [];
-  for (let r = 0; r < runs; r++) {
+  /** Seconds for the stream through a plain relay pair, each relay in a process of its own as each gateway is. */
+  async function relayRun(): Promise<{ seconds: number; cpu: number }> {
     const sink = await consume(stream);
     const second = await startRelay(sink.port);
     const first = await startRelay(second.port);
@@ -98,20 +96,29 @@ async function main(): Promise<void> {
     const t0 = process.hrtime.bigint();
     const delivered = sink.done.then(() => process.hrtime.bigint());
     await playStream(first.port, stream);
-    relayTimes.push(Number((await delivered) - t0) / 1e9);
-    relayCpu.push((procStats(first.child.pid!).cpuSeconds + procStats(second.child.pid!).cpuSeconds - before) / 2 / GiB);
+    const seconds = Number((await delivered) - t0) / 1e9;
+    const cpu = (procStats(first.child.pid!).cpuSeconds + procStats(second.child.pid!).cpuSeconds - before) / 2 / GiB;
     first.child.kill();
     second.child.kill();
+    return { seconds, cpu };
   }
-  const relayGBs = stream.length / median(relayTimes) / 1e9;
-  console.log(`plain Node relay pair      ${relayGBs.toFixed(2)} GB/s; CPU s/GiB per relay ${median(relayCpu).toFixed(2)}`);
 
   const rows: string[] = [];
   const ratios: Record<string, number[]> = { first: [], back: [] };
   const committedRatios: Record<string, number[]> = { first: [], back: [] };
+  const legTimes: Record<string, number[]> = { first: [], back: [] };
   const cpu: Record<string, number[]> = { 'first:send': [], 'first:receive': [], 'back:send': [], 'back:receive': [] };
+  const relayTimes: number[] = [];
+  const relayCpu: number[] = [];
   let peakRss = 0;
   for (let r = 0; r < runs; r++) {
+    // The relay pair is measured in every run, right before the gateways: each leg is compared with the
+    // relay of its own run, so that a machine whose speed drifts during the benchmark does not skew the ratio.
+    const relay = await relayRun();
+    relayTimes.push(relay.seconds);
+    relayCpu.push(relay.cpu);
+    const relayGBs = stream.length / relay.seconds / 1e9;
+    rows.push(`run ${r + 1} relay pair: ${relayGBs.toFixed(2)} GB/s`);
     const dir = fs.mkdtempSync(path.join(path.resolve(process.env.BFMIG_BENCH_STORE_DIR || os.tmpdir()), 'bfmig-tput-'));
     const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
     const a = await startGateway(dir, 'site-a', peerA, routeA, peerB, destB);
@@ -135,6 +142,7 @@ async function main(): Promise<void> {
         await new Promise((res) => setTimeout(res, 200));
         const after = { from: procStats(from.pid!), to: procStats(to.pid!) };
         ratios[legName].push(stream.length / seconds / 1e9 / relayGBs);
+        legTimes[legName].push(seconds);
         cpu[`${legName}:send`].push((after.from.cpuSeconds - before.from.cpuSeconds) / GiB);
         cpu[`${legName}:receive`].push((after.to.cpuSeconds - before.to.cpuSeconds) / GiB);
         peakRss = Math.max(peakRss, after.from.peakRssMiB, after.to.peakRssMiB);
@@ -148,9 +156,13 @@ async function main(): Promise<void> {
     }
   }
   for (const row of rows) console.log(row);
+  const relayGBs = stream.length / median(relayTimes) / 1e9;
+  console.log(`plain Node relay pair      ${relayGBs.toFixed(2)} GB/s; CPU s/GiB per relay ${median(relayCpu).toFixed(2)}`);
   const pages = stream.length / 4104;
-  console.log(`first leg (nothing to reuse)  ${(median(ratios.first) * relayGBs).toFixed(2)} GB/s = ${median(ratios.first).toFixed(2)}× the relay pair; CPU s/GiB: sending gateway ${median(cpu['first:send']).toFixed(2)}, receiving ${median(cpu['first:receive']).toFixed(2)}`);
-  console.log(`back leg (all reused)         ${(median(ratios.back) * relayGBs).toFixed(2)} GB/s = ${median(ratios.back).toFixed(2)}× the relay pair; CPU s/GiB: sending gateway ${median(cpu['back:send']).toFixed(2)}, receiving ${median(cpu['back:receive']).toFixed(2)}`);
+  const legGBs = (legName: string): number => stream.length / median(legTimes[legName]) / 1e9;
+  console.log(`ratios are medians of each run's leg over that run's relay pair`);
+  console.log(`first leg (nothing to reuse)  ${legGBs('first').toFixed(2)} GB/s = ${median(ratios.first).toFixed(2)}× the relay pair; CPU s/GiB: sending gateway ${median(cpu['first:send']).toFixed(2)}, receiving ${median(cpu['first:receive']).toFixed(2)}`);
+  console.log(`back leg (all reused)         ${legGBs('back').toFixed(2)} GB/s = ${median(ratios.back).toFixed(2)}× the relay pair; CPU s/GiB: sending gateway ${median(cpu['back:send']).toFixed(2)}, receiving ${median(cpu['back:receive']).toFixed(2)}`);
   console.log(
     `until both stores committed (fsync included): first leg ${median(committedRatios.first).toFixed(2)}×, back leg ${median(committedRatios.back).toFixed(2)}× the relay pair`,
   );
