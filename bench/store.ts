@@ -10,11 +10,15 @@
  *   write fresh      begin() with a new layoutId (reset: truncated sparse
  *                    file), writePage() for every page in order, commit()
  *                    (fsync pages + digests + meta) — "loop" is the
- *                    writePage() calls alone (data reaches the page cache),
- *                    "+commit" includes the fsyncs.
+ *                    writePage() calls alone (with direct I/O the pages are
+ *                    queued to the store's I/O thread; without, they reach the
+ *                    page cache), "+commit" includes the fsyncs.
  *   write overwrite  the same with an unchanged layout (blocks already allocated).
  *   read             readPages() in 64-page runs, in order, into one buffer
- *                    (page cache is hot: the file was just written).
+ *                    (direct I/O: from the device, read ahead by the I/O thread;
+ *                    page cache: hot, the file was just written).
+ *
+ * BFMIG_STORE_DIRECT_IO=0 measures the page-cache store.
  *   verify           verify(): read + re-hash every present page.
  *   recovery         open() of a store left "dirty" (as after a crash).
  */
@@ -50,7 +54,7 @@ function main(): void {
   const total = mib * 1024 * 1024;
   const pages = total / PAGE;
   const root = fs.mkdtempSync(path.join(base, 'bfmig-bench-store-'));
-  console.log(`PageStore bench: ${mib} MiB = ${pages} pages of ${PAGE} B in ${root} (copy: ${storeCopyMode()})`);
+  console.log(`PageStore bench: ${mib} MiB = ${pages} pages of ${PAGE} B in ${root} (copy: ${storeCopyMode()}; I/O: ${process.env.BFMIG_STORE_DIRECT_IO === '0' ? 'page cache' : 'O_DIRECT where the filesystem allows'})`);
 
   try {
     process.stdout.write('filling with random bytes and hashing... ');
@@ -114,7 +118,8 @@ function main(): void {
       readAll(false);
       reads.push(seconds(t0));
     }
-    console.log(`  read  ${READ_RUN}-page runs (hot page cache)            ${mbps(total, median(reads))}`);
+    const source = s.directIo ? 'from the device, read ahead' : 'hot page cache';
+    console.log(`  read  ${READ_RUN}-page runs (${source})`.padEnd(49) + mbps(total, median(reads)));
 
     const verifies: number[] = [];
     for (let r = 0; r < RUNS; r++) {

@@ -81,6 +81,7 @@ typedef struct {
   int qhead, qlen;
   int closing, closed;
   int exported; /* the write buffers are also JavaScript ArrayBuffers */
+  napi_ref exported_refs[PIO_WRITE_SLOTS]; /* weak: detached at close */
   int refs;     /* the handle and each exported ArrayBuffer: the last one gone frees everything */
   /* First failed write since it was last reported, widened to cover every failure since. */
   int werr;
@@ -223,8 +224,28 @@ static void pio_release(pio *p) {
   free(p);
 }
 
+/*
+ * Detaches the exported write buffers (JavaScript sees them empty from now on) so that their memory
+ * goes back as soon as Node runs their finalizers, not whenever the GC gets round to the ArrayBuffers:
+ * a gateway that runs many migrations in turn would otherwise hold 4 MiB per closed store.
+ */
+static void pio_detach_exported(napi_env env, pio *p) {
+  for (int s = 0; s < PIO_WRITE_SLOTS; s++) {
+    if (p->exported_refs[s] == NULL) continue;
+    napi_value ab = NULL;
+    if (napi_get_reference_value(env, p->exported_refs[s], &ab) == napi_ok && ab != NULL) napi_detach_arraybuffer(env, ab);
+    napi_delete_reference(env, p->exported_refs[s]);
+    p->exported_refs[s] = NULL;
+  }
+}
+
 static void pio_finalize(napi_env env, void *data, void *hint) {
-  pio_release((pio *)data);
+  pio *p = (pio *)data;
+  for (int s = 0; s < PIO_WRITE_SLOTS; s++) {
+    if (p->exported_refs[s] != NULL) napi_delete_reference(env, p->exported_refs[s]);
+    p->exported_refs[s] = NULL;
+  }
+  pio_release(p);
 }
 
 /* ----------------------------------------------------------------------------------- N-API glue */
@@ -378,6 +399,7 @@ static napi_value PageioWriteBuffers(napi_env env, napi_callback_info info) {
     if (napi_create_external_arraybuffer(env, p->slots[s].buf, PIO_SLOT_BYTES, release_exported, p, &ab) != napi_ok)
       return pio_throw(env, "ERR_BFMIG_PAGEIO", "napi_create_external_arraybuffer failed");
     p->refs++;
+    if (napi_create_reference(env, ab, 0, &p->exported_refs[s]) != napi_ok) p->exported_refs[s] = NULL;
     if (napi_set_element(env, list, (uint32_t)s, ab) != napi_ok) return pio_throw(env, "ERR_BFMIG_PAGEIO", "napi_set_element failed");
   }
   return list;
@@ -594,6 +616,7 @@ static napi_value PageioClose(napi_env env, napi_callback_info info) {
   napi_value r = take_error(env, p);
   pthread_mutex_unlock(&p->mu);
   pio_destroy(p);
+  pio_detach_exported(env, p);
   return r;
 }
 
