@@ -16,8 +16,23 @@ export const SOURCE_READ_BYTES = 256 * 1024;
  *
  * A chunk handed to `onChunk` is valid only during that call: whatever keeps bytes of it beyond the
  * call must copy them, except writes to `downstream`, which are tracked: a buffer whose bytes may
- * still wait in `downstream`'s write queue is not read into again until that queue is empty.
+ * still wait in `downstream`'s write queue is not read into again until that queue has been seen
+ * empty, or until an empty write queued behind them has completed (writes complete in order). The
+ * marker is what bounds the buffers when the queue never quite empties, as it does with a write
+ * high-water mark of a few reads.
  */
+/** Where the chunks' bytes are written: a net.Socket or a TLS socket. */
+export interface PooledDownstream {
+  readonly writableLength: number;
+  readonly writableEnded: boolean;
+  readonly destroyed: boolean;
+  write(chunk: Uint8Array, callback: (err?: Error | null) => void): boolean;
+}
+
+/** Lent buffers that make it worth queuing a marker write to get them back. */
+const MARK_AFTER_BUFFERS = 2;
+const EMPTY = Buffer.alloc(0);
+
 export class PooledReads {
   readonly socket: Socket;
   readonly pooled: boolean;
@@ -26,10 +41,12 @@ export class PooledReads {
   private readonly lent: Buffer[] = [];
   private made = 0;
   private early: Buffer | null = null;
+  /** An empty write is queued on downstream to free the buffers lent before it. */
+  private marking = false;
 
   constructor(
     accepted: Socket,
-    private readonly downstream: { readonly writableLength: number },
+    private readonly downstream: PooledDownstream,
     onChunk: (chunk: Buffer) => void,
     /** Whether the connection stays open for writing once the other side has ended its stream. */
     allowHalfOpen = true,
@@ -84,9 +101,18 @@ export class PooledReads {
   }
 
   private next(): Buffer {
-    if (this.downstream.writableLength === 0) {
+    const downstream = this.downstream;
+    if (downstream.writableLength === 0) {
       for (const b of this.lent) this.free.push(b);
       this.lent.length = 0;
+    } else if (this.lent.length >= MARK_AFTER_BUFFERS && !this.marking && !downstream.writableEnded && !downstream.destroyed) {
+      const written = this.lent.splice(0);
+      this.marking = true;
+      // Called once every write queued before it has completed (or failed: then nothing holds them either).
+      downstream.write(EMPTY, () => {
+        this.marking = false;
+        for (const b of written) this.free.push(b);
+      });
     }
     const reuse = this.free.pop();
     if (reuse) return reuse;

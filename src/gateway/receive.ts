@@ -1,4 +1,4 @@
-import { connect, type Socket } from 'node:net';
+import { connect, type NetConnectOpts, type Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import { type Endpoint, parseEndpoint } from '../address';
 import { StreamDecoder } from '../proxy/decoder';
@@ -18,8 +18,15 @@ import {
 } from '../wire/frames';
 import { Refusal, type RefusalReason } from './limits';
 import { noteStoreError } from './store-space';
-import { PooledReads } from './pooled-reads';
+import { type PooledDownstream, PooledReads } from './pooled-reads';
 import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
+
+/**
+ * The destination's write queue may hold this much before the frame parser pauses. Node's default
+ * (16 KiB) paused it within nearly every read from the peer (256 KiB), and a paused parser copies the
+ * rest of that read out of the reused read buffer.
+ */
+const DEST_QUEUE_BYTES = 1024 * 1024;
 
 export interface ReceiveOptions {
   site: string;
@@ -101,9 +108,21 @@ export class ReceiveSession {
     let peer = accepted;
     if (!(accepted instanceof TLSSocket)) {
       const session = this;
-      const destination = {
+      // Before the destination is connected nothing is written to it: every buffer is free.
+      const destination: PooledDownstream = {
         get writableLength(): number {
           return session.dest?.writableLength ?? 0;
+        },
+        get writableEnded(): boolean {
+          return session.dest?.writableEnded ?? false;
+        },
+        get destroyed(): boolean {
+          return session.dest?.destroyed ?? false;
+        },
+        write: (chunk, callback) => {
+          if (session.dest) return session.dest.write(chunk, callback);
+          callback();
+          return true;
         },
       };
       const reads = new PooledReads(accepted, destination, (chunk) => this.onPeerData(chunk, reads.pooled), false);
@@ -211,7 +230,9 @@ export class ReceiveSession {
       this.retained = new UndoableStore(this.store);
     }
     const meta = this.store?.meta() ?? null;
-    const dest = connect({ ...target, noDelay: true });
+    // Node passes the option on to the socket's Writable; @types/node does not list it.
+    const destOptions: NetConnectOpts & { writableHighWaterMark: number } = { ...target, noDelay: true, writableHighWaterMark: DEST_QUEUE_BYTES };
+    const dest = connect(destOptions);
     this.dest = dest;
     dest.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`destination ${hello.target} did not answer in time`));
     // The stream's last byte is held back until the sender's End has been checked: without it the

@@ -9,7 +9,7 @@
  * DNS subjectAltName), in both directions. Host names are not checked against the certificate: a site
  * certificate names a site, not a host, and a route's peer may be dialled by any address.
  */
-import { connect as connectTcp, type Socket } from 'node:net';
+import { connect as connectTcp, type NetConnectOpts, type Socket } from 'node:net';
 import { connect as connectTls, createSecureContext, type PeerCertificate, type SecureContext, Server, TLSSocket } from 'node:tls';
 import { type Endpoint, formatEndpoint } from '../address';
 import { Refusal } from './limits';
@@ -87,7 +87,8 @@ export class PeerTransport {
   connect(peer: Endpoint, onReady: () => void): Socket {
     const tls = this.tls;
     if (!tls || !this.context) {
-      const socket = connectTcp({ ...peer, noDelay: true });
+      const options: NetConnectOpts & { writableHighWaterMark: number } = { ...peer, noDelay: true, writableHighWaterMark: 1024 * 1024 };
+      const socket = connectTcp(options);
       socket.once('connect', onReady);
       return socket;
     }
