@@ -1,5 +1,7 @@
 import { DIGEST_BYTES, digestContiguous, digestOne, StreamHash } from '../digest';
-import { RamFlag, type RamBlock, RecordKind, StreamParser, type StreamRecord } from '../qemu';
+import { RamFlag } from '../qemu/constants';
+import { StreamParser } from '../qemu/parser';
+import { type RamBlock, RecordKind, type StreamRecord } from '../qemu/records';
 import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
 import { StreamParts } from './stream-parts';

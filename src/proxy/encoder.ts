@@ -1,5 +1,6 @@
 import { DIGEST_BYTES, digestOne, StreamHash } from '../digest';
-import { type RamPageRecord, RecordKind, StreamParser, type StreamRecord } from '../qemu';
+import { StreamParser } from '../qemu/parser';
+import { type RamPageRecord, RecordKind, type StreamRecord } from '../qemu/records';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
 import { StreamParts } from './stream-parts';
 import { continuingFlags, layoutOf, PAGE_SIZE, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';

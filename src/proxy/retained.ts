@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { DIGEST_BYTES, digestOne } from '../digest';
-import { RamFlag, type RamBlock, type RamPageRecord, RecordKind } from '../qemu';
+import { RamFlag } from '../qemu/constants';
+import { type RamBlock, type RamPageRecord, RecordKind } from '../qemu/records';
 
 /** The store's data-path face (src/store PageStore implements it). */
 export interface RetainedPages {

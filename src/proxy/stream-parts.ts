@@ -1,4 +1,4 @@
-import { SectionType } from '../qemu';
+import { SectionType } from '../qemu/constants';
 import { RecordKind, type StreamRecord } from '../qemu/records';
 
 /** Limits on what is kept: the head is a few hundred bytes, the device state rarely above a megabyte. */

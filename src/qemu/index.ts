@@ -1,3 +1,8 @@
+/**
+ * The codec's public face. Compiled to CommonJS, every name re-exported here is a getter on this
+ * module: code on the data path (src/proxy) imports from the defining modules instead, where an enum
+ * member is a plain property load rather than a getter call per access.
+ */
 export * from './constants';
 export * from './errors';
 export * from './records';
