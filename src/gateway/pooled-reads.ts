@@ -95,7 +95,7 @@ export class PooledReads {
     return early;
   }
 
-  /** Buffers this connection has allocated for reads (bounded by the write queue: see the class). */
+  /** Buffers this connection has allocated for reads (bounded by the downstream's queue: see the class). */
   get buffers(): number {
     return this.made;
   }

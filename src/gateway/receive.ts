@@ -102,8 +102,8 @@ export class ReceiveSession {
     // A peer that has not said who it is gets no more than a Hello's worth of buffer.
     this.frames.maxPayload = MAX_HANDSHAKE_PAYLOAD;
     // Plain TCP is read into reused buffers (a TLS socket decrypts into buffers of its own). Literal bytes
-    // reach the destination as views of them: a buffer is read into again only once the destination's
-    // write queue has emptied, and the frame parser copies what it keeps past a chunk.
+    // reach the destination as views of them: a buffer is read into again only once the destination has
+    // written them (PooledReads), and the frame parser and decoder copy what they keep past a chunk.
     let pooled = false;
     let peer = accepted;
     if (!(accepted instanceof TLSSocket)) {

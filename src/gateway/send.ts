@@ -86,7 +86,7 @@ export class SendSession {
     this.event('migration accepted', { source: `${accepted.remoteAddress}:${accepted.remotePort}`, peer: formatEndpoint(options.route.peer), tls: options.transport.secure });
     this.peer = options.transport.connect(options.route.peer, () => this.onPeerConnect());
     // Source bytes reach the WAN socket as views of the read buffers: PooledReads reuses a buffer only
-    // once the WAN socket's queue has emptied, and the encoder copies what it keeps across reads.
+    // once the WAN socket has written them, and the encoder copies what it keeps across reads.
     // The source's end of its stream is not ours: QEMU's return path stays open until the session ends it.
     this.reads = new PooledReads(accepted, this.peer, (chunk) => this.onSourceData(chunk), true);
     const qemu = this.reads.socket;
