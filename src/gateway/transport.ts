@@ -14,6 +14,7 @@ import { connect as connectTls, createSecureContext, type PeerCertificate, type 
 import { type Endpoint, formatEndpoint } from '../address';
 import { Refusal } from './limits';
 import type { TlsConfig } from './security-config';
+import { WAN_QUEUE_BYTES } from './socket-tuning';
 
 export class PeerTransport {
   private readonly context: SecureContext | null;
@@ -87,7 +88,8 @@ export class PeerTransport {
   connect(peer: Endpoint, onReady: () => void): Socket {
     const tls = this.tls;
     if (!tls || !this.context) {
-      const options: NetConnectOpts & { writableHighWaterMark: number } = { ...peer, noDelay: true, writableHighWaterMark: 1024 * 1024 };
+      // Node passes writableHighWaterMark on to the socket's Writable; @types/node does not list it.
+      const options: NetConnectOpts & { writableHighWaterMark: number } = { ...peer, noDelay: true, writableHighWaterMark: WAN_QUEUE_BYTES };
       const socket = connectTcp(options);
       socket.once('connect', onReady);
       return socket;
