@@ -17,10 +17,10 @@
  *   read             readPages() in 64-page runs, in order, into one buffer
  *                    (direct I/O: from the device, read ahead by the I/O thread;
  *                    page cache: hot, the file was just written).
- *
- * BFMIG_STORE_DIRECT_IO=0 measures the page-cache store.
  *   verify           verify(): read + re-hash every present page.
  *   recovery         open() of a store left "dirty" (as after a crash).
+ *
+ * BFMIG_STORE_DIRECT_IO=0 measures the page-cache store.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';

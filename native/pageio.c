@@ -11,8 +11,8 @@
  *
  * The JavaScript API stays synchronous (src/store/direct-pages.ts): the store fills a write buffer of
  * the queue itself (pageioWriteBuffers, pageioAcquire: waits only while all are queued) and hands it to
- * the thread (pageioSubmit); pageioRead returns the bytes; pageioDrain waits for every queued write. Ordering: the thread works its queue in order, and a read
- * first waits for every queued write that overlaps it, so a read always sees the last write before it.
+ * the thread (pageioSubmit); pageioRead returns the bytes; pageioDrain waits for every queued write.
+ * Ordering: the thread works its queue in order, and a read first waits for every queued write that overlaps it, so a read always sees the last write before it.
  * A read-ahead buffer whose range a later write overlaps is dropped.
  *
  * A failed write is reported once, by the next pageioWrite or pageioDrain, as the range of the file
@@ -225,15 +225,16 @@ static void pio_release(pio *p) {
 }
 
 /*
- * Detaches the exported write buffers (JavaScript sees them empty from now on) so that their memory
- * goes back as soon as Node runs their finalizers, not whenever the GC gets round to the ArrayBuffers:
- * a gateway that runs many migrations in turn would otherwise hold 4 MiB per closed store.
+ * Forgets the exported write buffers' references; with `detach`, first detaches them (JavaScript sees
+ * them empty from now on) so that their memory goes back as soon as Node runs their finalizers, not
+ * whenever the GC gets round to the ArrayBuffers: a gateway running many migrations in turn would
+ * otherwise hold 4 MiB per closed store.
  */
-static void pio_detach_exported(napi_env env, pio *p) {
+static void pio_forget_exported(napi_env env, pio *p, int detach) {
   for (int s = 0; s < PIO_WRITE_SLOTS; s++) {
     if (p->exported_refs[s] == NULL) continue;
     napi_value ab = NULL;
-    if (napi_get_reference_value(env, p->exported_refs[s], &ab) == napi_ok && ab != NULL) napi_detach_arraybuffer(env, ab);
+    if (detach && napi_get_reference_value(env, p->exported_refs[s], &ab) == napi_ok && ab != NULL) napi_detach_arraybuffer(env, ab);
     napi_delete_reference(env, p->exported_refs[s]);
     p->exported_refs[s] = NULL;
   }
@@ -241,10 +242,7 @@ static void pio_detach_exported(napi_env env, pio *p) {
 
 static void pio_finalize(napi_env env, void *data, void *hint) {
   pio *p = (pio *)data;
-  for (int s = 0; s < PIO_WRITE_SLOTS; s++) {
-    if (p->exported_refs[s] != NULL) napi_delete_reference(env, p->exported_refs[s]);
-    p->exported_refs[s] = NULL;
-  }
+  pio_forget_exported(env, p, 0);
   pio_release(p);
 }
 
@@ -394,8 +392,8 @@ static napi_value PageioWriteBuffers(napi_env env, napi_callback_info info) {
   if (p == NULL) return NULL;
   if (p->exported) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioWriteBuffers: already taken");
   if (napi_create_array_with_length(env, PIO_WRITE_SLOTS, &list) != napi_ok) return pio_throw(env, "ERR_BFMIG_PAGEIO", "napi_create_array failed");
+  p->exported = 1;
   for (int s = 0; s < PIO_WRITE_SLOTS; s++) {
-    p->exported = 1;
     if (napi_create_external_arraybuffer(env, p->slots[s].buf, PIO_SLOT_BYTES, release_exported, p, &ab) != napi_ok)
       return pio_throw(env, "ERR_BFMIG_PAGEIO", "napi_create_external_arraybuffer failed");
     p->refs++;
@@ -616,7 +614,7 @@ static napi_value PageioClose(napi_env env, napi_callback_info info) {
   napi_value r = take_error(env, p);
   pthread_mutex_unlock(&p->mu);
   pio_destroy(p);
-  pio_detach_exported(env, p);
+  pio_forget_exported(env, p, 1);
   return r;
 }
 

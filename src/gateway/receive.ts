@@ -1,4 +1,4 @@
-import { connect, type NetConnectOpts, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import { type Endpoint, parseEndpoint } from '../address';
 import { StreamDecoder } from '../proxy/decoder';
@@ -17,9 +17,10 @@ import {
   PROTOCOL_VERSION,
 } from '../wire/frames';
 import { Refusal, type RefusalReason } from './limits';
-import { noteStoreError } from './store-space';
 import { type PooledDownstream, PooledReads } from './pooled-reads';
 import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
+import { connectWithQueue } from './socket-tuning';
+import { noteStoreError } from './store-space';
 
 /**
  * The destination's write queue may hold this much before the frame parser pauses. Node's default
@@ -108,7 +109,8 @@ export class ReceiveSession {
     let peer = accepted;
     if (!(accepted instanceof TLSSocket)) {
       const session = this;
-      // Before the destination is connected nothing is written to it: every buffer is free.
+      // Before the destination is dialled nothing is written to it: its queue is empty, every buffer
+      // free, and no marker is written (PooledReads writes one only behind queued bytes).
       const destination: PooledDownstream = {
         get writableLength(): number {
           return session.dest?.writableLength ?? 0;
@@ -119,11 +121,7 @@ export class ReceiveSession {
         get destroyed(): boolean {
           return session.dest?.destroyed ?? false;
         },
-        write: (chunk, callback) => {
-          if (session.dest) return session.dest.write(chunk, callback);
-          callback();
-          return true;
-        },
+        write: (chunk, callback) => (session.dest as Socket).write(chunk, callback),
       };
       const reads = new PooledReads(accepted, destination, (chunk) => this.onPeerData(chunk, reads.pooled), false);
       pooled = reads.pooled;
@@ -230,9 +228,7 @@ export class ReceiveSession {
       this.retained = new UndoableStore(this.store);
     }
     const meta = this.store?.meta() ?? null;
-    // Node passes the option on to the socket's Writable; @types/node does not list it.
-    const destOptions: NetConnectOpts & { writableHighWaterMark: number } = { ...target, noDelay: true, writableHighWaterMark: DEST_QUEUE_BYTES };
-    const dest = connect(destOptions);
+    const dest = connectWithQueue({ ...target, noDelay: true }, DEST_QUEUE_BYTES);
     this.dest = dest;
     dest.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`destination ${hello.target} did not answer in time`));
     // The stream's last byte is held back until the sender's End has been checked: without it the

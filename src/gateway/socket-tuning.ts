@@ -5,7 +5,7 @@
  * round, and adds to the guest's real downtime. Node has no API for these socket options on TCP; the
  * project's native addon sets them.
  */
-import type { Socket } from 'node:net';
+import { connect, type NetConnectOpts, type Socket } from 'node:net';
 import { nativeFunction } from '../digest';
 
 /** The accepted source connection's receive buffer (the kernel doubles it for its bookkeeping). */
@@ -19,6 +19,15 @@ export const WAN_NOT_SENT_BYTES = 256 * 1024;
  * slow WAN (1 MiB is 84 ms at 100 Mbit/s), this one adds about 20 ms.
  */
 export const WAN_QUEUE_BYTES = 256 * 1024;
+
+/**
+ * Dials a TCP connection whose Writable queues up to `queueBytes` before write() asks the caller to
+ * wait. Node passes writableHighWaterMark on to the socket's Writable; @types/node does not list it.
+ */
+export function connectWithQueue(options: NetConnectOpts, queueBytes: number): Socket {
+  const withQueue: NetConnectOpts & { writableHighWaterMark: number } = { ...options, writableHighWaterMark: queueBytes };
+  return connect(withQueue);
+}
 
 type TuneSocket = (fd: number, recvBufferBytes: number, notSentLowatBytes: number) => boolean;
 

@@ -9,12 +9,12 @@
  * DNS subjectAltName), in both directions. Host names are not checked against the certificate: a site
  * certificate names a site, not a host, and a route's peer may be dialled by any address.
  */
-import { connect as connectTcp, type NetConnectOpts, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { connect as connectTls, createSecureContext, type PeerCertificate, type SecureContext, Server, TLSSocket } from 'node:tls';
 import { type Endpoint, formatEndpoint } from '../address';
 import { Refusal } from './limits';
 import type { TlsConfig } from './security-config';
-import { WAN_QUEUE_BYTES } from './socket-tuning';
+import { connectWithQueue, WAN_QUEUE_BYTES } from './socket-tuning';
 
 export class PeerTransport {
   private readonly context: SecureContext | null;
@@ -88,9 +88,7 @@ export class PeerTransport {
   connect(peer: Endpoint, onReady: () => void): Socket {
     const tls = this.tls;
     if (!tls || !this.context) {
-      // Node passes writableHighWaterMark on to the socket's Writable; @types/node does not list it.
-      const options: NetConnectOpts & { writableHighWaterMark: number } = { ...peer, noDelay: true, writableHighWaterMark: WAN_QUEUE_BYTES };
-      const socket = connectTcp(options);
+      const socket = connectWithQueue({ ...peer, noDelay: true }, WAN_QUEUE_BYTES);
       socket.once('connect', onReady);
       return socket;
     }

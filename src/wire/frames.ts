@@ -192,15 +192,13 @@ export class FrameParser {
   }
 
   /**
-   * Makes the bytes still held (a frame cut by the chunk's end, or the rest of a chunk while paused)
-   * copies of their own: for a caller that reuses its chunk buffers once push() has returned.
+   * Makes the bytes still held of the last chunk pushed (a frame cut by its end, or its rest while
+   * paused) a copy of their own: for a caller that reuses its chunk buffers once push() has returned.
+   * Called after every push(), so what is held of earlier chunks is a copy already.
    */
   ownRetained(): void {
-    if (this.buffered === 0) return;
-    const owned = Buffer.allocUnsafe(this.buffered);
-    let at = 0;
-    for (const c of this.chunks) at += c.copy(owned, at);
-    this.chunks = [owned];
+    const last = this.chunks.length - 1;
+    if (last >= 0) this.chunks[last] = Buffer.from(this.chunks[last]);
   }
 
   private deliver(): void {
