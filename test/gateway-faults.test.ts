@@ -10,6 +10,8 @@ import * as path from 'node:path';
 import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
 import { StreamHash } from '../src/digest';
+import { StreamParts } from '../src/proxy/stream-parts';
+import { StreamParser } from '../src/qemu/parser';
 import { encodeFrame, encodeJson, FrameType } from '../src/wire/frames';
 import { destinationStandIn as destination, rawPeer, sourceStandIn as migrate, startPair, type TestSite as Site, waitFor } from './gateway-pair';
 import { guestMemory, migrationStream, PAGE } from './migration-stream';
@@ -120,38 +122,104 @@ describe('gateway failures', () => {
     expect(report.error).toMatch(/destination/);
   });
 
-  test('a page damaged between the gateways: the destination never gets the last byte of the stream, so it never finishes loading it', async () => {
-    const original = migrationStream(guestMemory([['pc.ram', 64]], 31), []);
-    const check = new StreamHash();
-    check.update(original);
-    // One byte of one page flipped on the way, in a Literal frame: no page digest covers it, only the
-    // stream check in the sender's End.
-    const damaged = Buffer.from(original);
-    damaged[original.length >> 1] ^= 0x01;
-    // A destination that counts what it has been given.
+  /** Where the stream's device-state tail starts: the receiver holds everything from there on back. */
+  function tailStartOf(bytes: Buffer): number {
+    const parts = new StreamParts();
+    const parser = new StreamParser((record) => parts.record(record));
+    parts.feed(bytes);
+    parser.push(bytes);
+    return parts.tailStart;
+  }
+
+  /** A destination that counts what it has been given and can talk back like QEMU's return path. */
+  async function countingDestination(): Promise<{ given: () => number; cut: () => boolean; socket: Promise<net.Socket> }> {
     let given = 0;
     let cut = false;
-    const server = net.createServer((socket) => {
+    let accepted!: (s: net.Socket) => void;
+    const socket = new Promise<net.Socket>((r) => (accepted = r));
+    const server = net.createServer((s) => {
       server.close();
-      socket.on('data', (chunk: Buffer) => (given += chunk.length));
-      socket.on('error', () => (cut = true));
-      socket.on('close', () => (cut = true));
+      s.on('data', (chunk: Buffer) => (given += chunk.length));
+      s.on('error', () => (cut = true));
+      s.on('close', () => (cut = true));
+      accepted(s);
     });
     await new Promise<void>((r) => server.listen(b.destPort, '127.0.0.1', () => r()));
+    return { given: () => given, cut: () => cut, socket };
+  }
+
+  const original = migrationStream(guestMemory([['pc.ram', 64]], 31), []);
+  const check = new StreamHash();
+  check.update(original);
+  const tailStart = tailStartOf(original);
+
+  test.each([
+    ['in a page', original.length >> 1],
+    ['in the device state', tailStart + 40],
+    ['in the vmdesc trailer', original.length - 2],
+  ])('a byte damaged between the gateways %s: the destination never gets the stream\'s device-state tail, so it never finishes loading it', async (_where, at) => {
+    expect(tailStart).toBeGreaterThan(0);
+    // One byte flipped on the way, in a Literal frame: no page digest covers it, only the stream check.
+    const damaged = Buffer.from(original);
+    damaged[at] ^= 0x01;
+    const dest = await countingDestination();
     const peer = await rawPeer(b.peerPort);
     peer.hello('vm1', `127.0.0.1:${b.destPort}`);
     await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
     peer.socket.write(encodeFrame(FrameType.Literal, damaged));
-    // Everything but the last byte reaches the destination, which waits for it...
-    await waitFor(() => given === original.length - 1);
+    // Everything before the device state reaches the destination, which waits for the rest...
+    await waitFor(() => dest.given() === tailStart);
     await new Promise((r) => setTimeout(r, 200));
-    expect(given).toBe(original.length - 1);
-    expect(cut).toBe(false);
-    // ...until the End shows the damage: then the destination is cut off, the last byte never sent.
+    expect(dest.given()).toBe(tailStart);
+    expect(dest.cut()).toBe(false);
+    // ...until the End shows the damage: then the destination is cut off, the tail never sent.
     peer.socket.write(encodeJson(FrameType.End, { streamBytes: original.length, streamCheck: check.digest(), snapshotId: 'damaged-on-the-way' }));
-    await waitFor(() => cut);
-    expect(given).toBe(original.length - 1);
+    await waitFor(() => dest.cut());
+    expect(dest.given()).toBe(tailStart);
     await peer.closed;
     expect(peer.abortText()).toMatch(/XXH3-64 .* bytes were damaged between the gateways/);
+  });
+
+  test('with QEMU\'s return path open, the tail waits for the sender\'s Seal; a Seal that does not match cuts the destination off before its EOF', async () => {
+    const damaged = Buffer.from(original);
+    damaged[tailStart + 40] ^= 0x01;
+    const dest = await countingDestination();
+    const peer = await rawPeer(b.peerPort);
+    peer.hello('vm1', `127.0.0.1:${b.destPort}`);
+    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
+    peer.socket.write(encodeFrame(FrameType.Literal, damaged.subarray(0, 64)));
+    await waitFor(() => dest.given() === 64);
+    // The destination opens its return path (a PONG, as QEMU answers the source's first PING).
+    const pong = Buffer.from([0, 2, 0, 4, 0, 0, 0, 1]);
+    (await dest.socket).write(pong);
+    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Return));
+    expect(Buffer.concat(peer.frames.filter((f) => f.type === FrameType.Return).map((f) => f.payload)).equals(pong)).toBe(true);
+    peer.socket.write(encodeFrame(FrameType.Literal, damaged.subarray(64)));
+    await new Promise((r) => setTimeout(r, 300));
+    // Current framing: the tail is held although the return path is open, waiting for the Seal.
+    expect(dest.given()).toBe(tailStart);
+    peer.socket.write(encodeJson(FrameType.Seal, { streamBytes: original.length, streamCheck: check.digest() }));
+    await waitFor(() => dest.cut());
+    expect(dest.given()).toBe(tailStart);
+    await peer.closed;
+    expect(peer.abortText()).toMatch(/bytes were damaged between the gateways/);
+  });
+
+  test('with QEMU\'s return path open, a matching Seal lets the tail go before the source closes', async () => {
+    const dest = await countingDestination();
+    const peer = await rawPeer(b.peerPort);
+    peer.hello('vm1', `127.0.0.1:${b.destPort}`);
+    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
+    peer.socket.write(encodeFrame(FrameType.Literal, original.subarray(0, 64)));
+    await waitFor(() => dest.given() === 64);
+    (await dest.socket).write(Buffer.from([0, 2, 0, 4, 0, 0, 0, 1]));
+    peer.socket.write(encodeFrame(FrameType.Literal, original.subarray(64)));
+    await new Promise((r) => setTimeout(r, 200));
+    expect(dest.given()).toBe(tailStart);
+    peer.socket.write(encodeJson(FrameType.Seal, { streamBytes: original.length, streamCheck: check.digest() }));
+    await waitFor(() => dest.given() === original.length);
+    expect(dest.cut()).toBe(false);
+    peer.socket.destroy();
+    await waitFor(() => dest.cut());
   });
 });

@@ -7,6 +7,7 @@ import {
   decodeAbort,
   decodeEnd,
   decodeHello,
+  decodeSeal,
   encodeFrame,
   encodeJson,
   FrameParser,
@@ -70,10 +71,6 @@ export class ReceiveSession {
   /** Buffers for rebuilt Runs, reused once the destination socket has written them. */
   private readonly outputs = new OutputSlabs();
   private destClosed = false;
-  /** The last byte rebuilt so far, not yet given to the destination (see the decoder's output). */
-  private lastByte: Buffer | null = null;
-  /** Until the destination talks back (QEMU's return path), the last byte waits for the checked End. */
-  private holdLastByte = true;
   private ending = false;
   private finished = false;
   private wanOut = 0;
@@ -179,6 +176,12 @@ export class ReceiveSession {
       case FrameType.TableRequest:
         this.sendTable();
         return;
+      case FrameType.Seal: {
+        const seal = decodeSeal(payload);
+        this.requireDecoder().seal(seal.streamBytes, seal.streamCheck);
+        this.event('stream sealed', { streamBytes: seal.streamBytes });
+        return;
+      }
       case FrameType.End: {
         const end = decodeEnd(payload);
         this.onEnd(end.streamBytes, end.streamCheck, end.snapshotId);
@@ -231,12 +234,9 @@ export class ReceiveSession {
     const dest = connectWithQueue({ ...target, noDelay: true }, DEST_QUEUE_BYTES);
     this.dest = dest;
     dest.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`destination ${hello.target} did not answer in time`));
-    // The stream's last byte is held back until the sender's End has been checked: without it the
-    // destination cannot finish loading, so it never runs a stream damaged on the way. With QEMU's
-    // return path on (the destination talks back) the source keeps its side open until the destination
-    // has loaded everything, so End comes last: then nothing is held, and the destination may close as
-    // soon as it has the whole stream.
-    const delivered = (): boolean => (this.holdLastByte ? this.ending && this.lastByte === null : this.decoder?.complete === true);
+    // The decoder holds the stream's device-state tail back until the sender's Seal or End check has
+    // passed: a destination that closes before it has been handed the whole stream is a failure.
+    const delivered = (): boolean => this.decoder?.delivered === true;
     dest.on('error', (err) => {
       if (!delivered()) this.fail(`destination ${hello.target}: ${err.message}`);
     });
@@ -246,11 +246,6 @@ export class ReceiveSession {
     });
     dest.on('drain', () => this.resumeFrames());
     dest.on('data', (chunk: Buffer) => {
-      if (this.holdLastByte) {
-        this.holdLastByte = false;
-        if (this.lastByte !== null) dest.write(this.lastByte);
-        this.lastByte = null;
-      }
       // The destination's return path goes back to the source as it is.
       this.writeFrame(frameHeader(FrameType.Return, chunk.length));
       this.writeFrame(chunk);
@@ -262,15 +257,7 @@ export class ReceiveSession {
           if (bytes.length === 0) return;
           const slab = this.outputs.owner(bytes);
           const release = slab ? () => this.outputs.release(slab) : undefined;
-          let ok: boolean;
-          if (this.holdLastByte) {
-            if (this.lastByte !== null) dest.write(this.lastByte);
-            this.lastByte = Buffer.from(bytes.subarray(bytes.length - 1));
-            ok = dest.write(bytes.subarray(0, bytes.length - 1), release);
-          } else {
-            ok = dest.write(bytes, release);
-          }
-          if (!ok) {
+          if (!dest.write(bytes, release)) {
             this.frames.pause(); // 'drain' resumes
           } else if (this.outputs.exhausted) {
             // The socket took it all, but its buffers are not free yet: let the event loop run first.
@@ -332,8 +319,6 @@ export class ReceiveSession {
     if (!dest) throw new Error('End before the destination was reached');
     decoder.end(streamBytes, streamCheck);
     this.ending = true;
-    if (this.lastByte !== null && !this.destClosed) dest.write(this.lastByte);
-    this.lastByte = null;
     // Commit once the destination has been handed every byte.
     const commit = (): void => {
       if (this.finished) return;

@@ -24,6 +24,13 @@ import { SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './sock
 import type { PeerTransport } from './transport';
 import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 
+/**
+ * A source that sends nothing for this long in its device-state tail, without closing, is taken to have
+ * sent its whole stream (see seal()); in the QEMU 2.0 framing with the return path on it delays the
+ * destination's start by this much.
+ */
+const QUIET_SEAL_MS = 50;
+
 export interface SendOptions {
   site: string;
   route: RouteConfig;
@@ -62,6 +69,10 @@ export class SendSession {
   private tableFilled = 0;
   private waitingForTable = false;
   private sourceEnded = false;
+  /** Stream bytes the last Seal covered. */
+  private sealedBytes = 0;
+  /** Fires when the source has sent nothing for QUIET_SEAL_MS (re-armed by every read). */
+  private quietTimer: NodeJS.Timeout | null = null;
   private snapshotId: string | null = null;
   private wanOut = 0;
   private wanIn = 0;
@@ -238,7 +249,37 @@ export class SendSession {
     } finally {
       this.peer.uncork();
     }
+    if (this.encoder.sealable) this.seal(this.encoder);
+    else (this.quietTimer ??= setTimeout(() => this.onQuiet(), QUIET_SEAL_MS).unref()).refresh();
     if (this.peer.writableNeedDrain) this.qemu.pause();
+  }
+
+  /**
+   * The receiver holds the stream's device-state tail back until a check covers it. The source closes
+   * its side only after the destination has loaded when QEMU's return path is on, so End would come too
+   * late: the stream is sealed as soon as its end has been read (current framing), or, where nothing
+   * marks the end (the QEMU 2.0 framing, a stream relayed verbatim), once the source has gone quiet.
+   */
+  private seal(encoder: StreamEncoder): void {
+    const streamBytes = encoder.counts.streamBytes;
+    if (streamBytes === this.sealedBytes) return;
+    this.sealedBytes = streamBytes;
+    this.writeFrame(encodeJson(FrameType.Seal, { streamBytes, streamCheck: encoder.streamCheck }));
+    this.event('stream sealed', { streamBytes });
+  }
+
+  private onQuiet(): void {
+    const encoder = this.encoder;
+    if (this.finished || this.sourceEnded || !encoder) return;
+    // Quiet because this session stopped reading is not the source's doing.
+    if (this.waitingForTable || this.peer.writableNeedDrain) return void this.quietTimer?.refresh();
+    if (encoder.counts.streamBytes === this.sealedBytes) return;
+    this.peer.cork();
+    try {
+      if (encoder.flush()) this.seal(encoder);
+    } finally {
+      this.peer.uncork();
+    }
   }
 
   private onSourceEnd(): void {
@@ -323,6 +364,7 @@ export class SendSession {
 
   private report(result: 'completed' | 'failed', error: string | null): void {
     clearInterval(this.timer);
+    if (this.quietTimer) clearTimeout(this.quietTimer);
     this.progress();
     try {
       this.store?.close();

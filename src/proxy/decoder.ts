@@ -8,6 +8,13 @@ import { StreamParts } from './stream-parts';
 import { newCounts, type TransferCounts } from './encoder';
 import { continuingFlags, layoutOf, PAGE_SIZE, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 
+/**
+ * Most device-state tail a receiver holds back until the stream is checked: real tails are well under a
+ * megabyte (device sections and the vmdesc JSON); one beyond this fails the migration rather than
+ * reach the destination unchecked.
+ */
+const MAX_HELD_TAIL = 64 * 1024 * 1024;
+
 /** The rebuilt stream cannot be trusted: the migration must fail rather than go on. */
 export class RebuildError extends Error {
   override readonly name = 'RebuildError';
@@ -37,6 +44,19 @@ export class StreamDecoder {
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
   /** Of the stream rebuilt so far. */
   private readonly streamHash = new StreamHash();
+  /**
+   * Rebuilt bytes of the device-state tail (every device section, EOF, the vmdesc trailer) not yet given
+   * to `out`: without its EOF marker a destination QEMU cannot finish loading, so it never runs a stream
+   * that was damaged between the gateways. Copies, let go only once a Seal or End check covers them.
+   */
+  private held: Buffer[] = [];
+  private heldBytes = 0;
+  /** The tail has begun: every byte rebuilt from here on is held until a check covers it. */
+  private holding = false;
+  /** Stream bytes covered by the last Seal or End check that passed. */
+  private verifiedTo = 0;
+  /** A Seal covered the stream's very end: nothing more may follow. */
+  private sealed = false;
 
   constructor(
     /** Receives the rebuilt stream; it owns each buffer. */
@@ -65,12 +85,20 @@ export class StreamDecoder {
     return this.parser.complete;
   }
 
+  /** The destination has been handed every byte rebuilt so far, and a check covered all of them. */
+  get delivered(): boolean {
+    return this.heldBytes === 0 && this.verifiedTo === this.counts.streamBytes;
+  }
+
   literal(bytes: Buffer): void {
-    this.out(bytes);
+    if (this.sealed) throw new RebuildError('stream bytes after the sealed end of the stream');
+    const at = this.counts.streamBytes;
     this.counts.streamBytes += bytes.length;
     this.streamHash.update(bytes);
     this.parts.feed(bytes);
+    // Parsed before it goes out, so that the tail is known before any byte of it could leave.
     this.parser.push(bytes);
+    this.emit(bytes, at);
   }
 
   /**
@@ -95,7 +123,7 @@ export class StreamDecoder {
     const first = block.firstPage + run.firstOffset / PAGE_SIZE;
     if (run.held > 0) this.readHeld(run, first);
     const bytes = this.records(run, block);
-    this.out(bytes);
+    const at = this.counts.streamBytes;
     this.counts.streamBytes += bytes.length;
     this.streamHash.update(bytes);
     this.counts.pagesReused += run.held;
@@ -108,6 +136,50 @@ export class StreamDecoder {
     } finally {
       this.replaying = null;
     }
+    this.emit(bytes, at);
+  }
+
+  /** Passes rebuilt bytes (at stream offset `at`) on, holding back everything from the tail's start. */
+  private emit(bytes: Buffer, at: number): void {
+    if (!this.holding) {
+      const tail = this.parts.tailStart;
+      if (tail < 0 || tail >= at + bytes.length) {
+        this.out(bytes);
+        return;
+      }
+      // The tail starts in these bytes (or started in earlier ones, whose last bytes were a partial
+      // section header: a destination cannot act on those).
+      const cut = Math.max(0, tail - at);
+      if (cut > 0) this.out(bytes.subarray(0, cut));
+      bytes = bytes.subarray(cut);
+      this.holding = true;
+    }
+    if (this.heldBytes + bytes.length > MAX_HELD_TAIL) {
+      throw new RebuildError(`the device state exceeds ${MAX_HELD_TAIL} bytes, more than a gateway holds back until the stream is checked`);
+    }
+    this.held.push(Buffer.from(bytes));
+    this.heldBytes += bytes.length;
+  }
+
+  /** Hands every held byte to the destination: a check has just covered them. */
+  private releaseHeld(): void {
+    const held = this.held;
+    this.held = [];
+    this.heldBytes = 0;
+    for (const bytes of held) this.out(bytes);
+  }
+
+  /**
+   * The sender has sent every byte it read so far and checks them: its source has reached the end of
+   * its stream (or gone quiet in the device state) without closing, as QEMU does while its return path
+   * waits for the destination's verdict. What is held goes to the destination only if they match.
+   */
+  seal(streamBytes: number, streamCheck: string): void {
+    if (this.sealed) throw new RebuildError('a Seal after the sealed end of the stream');
+    this.check(streamBytes, streamCheck);
+    this.verifiedTo = streamBytes;
+    this.sealed = this.parser.ended;
+    this.releaseHeld();
   }
 
   /**
@@ -117,6 +189,13 @@ export class StreamDecoder {
    */
   end(streamBytes: number, streamCheck: string): void {
     this.parser.end();
+    this.check(streamBytes, streamCheck);
+    this.verifiedTo = streamBytes;
+    this.holding = false;
+    this.releaseHeld();
+  }
+
+  private check(streamBytes: number, streamCheck: string): void {
     if (streamBytes !== this.counts.streamBytes) {
       throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes, the source sent ${streamBytes}`);
     }

@@ -89,6 +89,28 @@ export class StreamEncoder {
     return this.streamHash.digest();
   }
 
+  /**
+   * The stream has been read to a point nothing can follow, and every byte of it has gone to the sink:
+   * the receiver can check it now, before the source closes (it does not, while QEMU's return path
+   * waits for the destination's verdict).
+   */
+  get sealable(): boolean {
+    return this.parser.ended && !this.runOpen && this.literalFrom === this.pushedEnd;
+  }
+
+  /**
+   * Sends every byte pushed so far, where no later record can still turn any of them into a Run: in the
+   * device-state tail, or once the stream is relayed verbatim. Returns whether it could. For a source
+   * that goes quiet without closing (QEMU's return path waits for the destination, and in the QEMU 2.0
+   * framing nothing marks the stream's end), so that the receiver can check the stream so far.
+   */
+  flush(): boolean {
+    if (this.parts.tailStart < 0 && this.parser.fallbackReason === null) return false;
+    this.closeRun();
+    this.sendLiteral(this.pushedEnd);
+    return true;
+  }
+
   get fallbackReason(): string | null {
     return this.parser.fallbackReason;
   }

@@ -18,7 +18,7 @@ export class StreamParts {
   private headEnd = -1;
   /** Recent input, kept until the tail's start is known. */
   private recent: { bytes: Buffer; at: number; spare: Buffer | null }[] = [];
-  private tailStart = -1;
+  private tailFrom = -1;
   private tail: Buffer[] = [];
   private tailBytes = 0;
   private ramEnded = false;
@@ -30,6 +30,11 @@ export class StreamParts {
   /** Copies of the ends of earlier chunks, for callers whose chunks do not outlive their turn. */
   private readonly spares: Buffer[] = [];
 
+  /** Stream offset of the first device section after RAM's last one (-1 until it is seen). */
+  get tailStart(): number {
+    return this.tailFrom;
+  }
+
   /** Bytes of the stream, in order, as they pass (views are fine: what is kept is copied). */
   feed(bytes: Buffer): void {
     const at = this.fedTo;
@@ -39,7 +44,7 @@ export class StreamParts {
       this.head.push(Buffer.from(take));
       this.headBytes += take.length;
     }
-    if (this.tailStart >= 0) {
+    if (this.tailFrom >= 0) {
       this.keepTail(bytes);
     } else {
       this.recent.push({ bytes, at, spare: null });
@@ -76,19 +81,19 @@ export class StreamParts {
       if (record.type === SectionType.End) this.ramEnded = true;
       return;
     }
-    if (record.type === SectionType.Full && this.ramEnded && this.tailStart < 0) {
-      this.tailStart = record.streamOffset;
+    if (record.type === SectionType.Full && this.ramEnded && this.tailFrom < 0) {
+      this.tailFrom = record.streamOffset;
       // The kept input must cover the tail's start without a gap (released chunks keep only their
       // ends); otherwise no tail, so no restore, rather than a wrong one.
-      let covered = this.tailStart;
+      let covered = this.tailFrom;
       for (const { bytes, at } of this.recent) {
-        if (at + bytes.length <= this.tailStart) continue;
+        if (at + bytes.length <= this.tailFrom) continue;
         if (at > covered) this.overflow = true;
         covered = at + bytes.length;
       }
       if (covered !== this.fedTo) this.overflow = true;
       for (const { bytes, at } of this.recent) {
-        if (at + bytes.length > this.tailStart) this.keepTail(bytes.subarray(Math.max(0, this.tailStart - at)));
+        if (at + bytes.length > this.tailFrom) this.keepTail(bytes.subarray(Math.max(0, this.tailFrom - at)));
       }
       this.recent = [];
     }
@@ -105,7 +110,7 @@ export class StreamParts {
 
   /** The head and tail, when the stream had both and they fit the limits. */
   result(): { head: Buffer; tail: Buffer; ramSectionId: number; machineType: string | null } | null {
-    if (this.headEnd < 0 || this.tailStart < 0 || this.overflow || this.headEnd > this.headBytes || this.ramSectionId < 0) return null;
+    if (this.headEnd < 0 || this.tailFrom < 0 || this.overflow || this.headEnd > this.headBytes || this.ramSectionId < 0) return null;
     return { head: Buffer.concat(this.head).subarray(0, this.headEnd), tail: Buffer.concat(this.tail), ramSectionId: this.ramSectionId, machineType: this.machineType };
   }
 }

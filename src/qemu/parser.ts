@@ -203,6 +203,14 @@ export class StreamParser {
     return this.state === State.Done || this.state === State.AfterEof;
   }
 
+  /**
+   * True once the stream has been read to a point nothing can follow: the end of the vmdesc trailer
+   * (a stream whose end is only known when its input ends says so only after end()).
+   */
+  get ended(): boolean {
+    return this.state === State.Done;
+  }
+
   push(chunk: Buffer): void {
     if (this.error) throw this.error;
     try {

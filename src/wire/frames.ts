@@ -6,8 +6,11 @@
  *   frame = u8 type | u32 payload length | payload
  */
 
-/** 2: End carries a check of the whole stream; 3: that check is XXH3-64 (was CRC-32). */
-export const PROTOCOL_VERSION = 3;
+/**
+ * 2: End carries a check of the whole stream; 3: that check is XXH3-64 (was CRC-32); 4: Seal checks
+ * the stream as soon as the sender has parsed its end, before the receiver lets the destination finish.
+ */
+export const PROTOCOL_VERSION = 4;
 export const FRAME_HEADER_BYTES = 5;
 /** Larger frames are refused: a peer cannot make us buffer more than this per frame. */
 export const MAX_FRAME_PAYLOAD = 4 * 1024 * 1024;
@@ -38,6 +41,12 @@ export const enum FrameType {
   Done = 10,
   /** Either way: the migration is over, with JSON AbortMessage saying why. */
   Abort = 11,
+  /**
+   * Sender → receiver: the sender has parsed the whole stream (nothing can follow it) although the
+   * source has not closed: JSON SealMessage. Until a Seal or End check passes, the receiver holds the
+   * stream's device-state tail back, so the destination cannot finish loading a damaged stream.
+   */
+  Seal = 12,
 }
 
 export interface HelloMessage {
@@ -59,15 +68,19 @@ export interface OfferMessage {
   presentPages: number;
 }
 
-export interface EndMessage {
+/** The length and XXH3-64 of the whole QEMU stream, as the sender read it. */
+export interface SealMessage {
   /** Bytes of the QEMU stream the sender read from the source. */
   streamBytes: number;
   /**
-   * XXH3-64 of those bytes: the receiver checks the stream it rebuilt against it, so bytes damaged
-   * between the gateways fail the migration instead of reaching the destination unnoticed.
+   * XXH3-64 of those bytes, 16 hex digits: the receiver checks the stream it rebuilt against it, so
+   * bytes damaged between the gateways fail the migration instead of reaching the destination unnoticed.
    */
-  /** XXH3-64 of the whole QEMU stream, 16 hex digits. */
   streamCheck: string;
+}
+
+/** The source closed its stream: the check once more, and the snapshot id both stores will commit. */
+export interface EndMessage extends SealMessage {
   /** The id both stores will give the snapshot this migration leaves. */
   snapshotId: string;
 }
@@ -133,6 +146,7 @@ export const decodeHello = (p: Buffer): HelloMessage =>
 export const decodeOffer = (p: Buffer): OfferMessage =>
   decodeJson(p, 'Offer', { site: 'string', snapshotId: 'nullableString', layoutId: 'nullableString', pageCount: 'number', presentPages: 'number' });
 export const decodeEnd = (p: Buffer): EndMessage => decodeJson(p, 'End', { streamBytes: 'number', streamCheck: 'string', snapshotId: 'string' });
+export const decodeSeal = (p: Buffer): SealMessage => decodeJson(p, 'Seal', { streamBytes: 'number', streamCheck: 'string' });
 export const decodeDone = (p: Buffer): DoneMessage => decodeJson(p, 'Done', { snapshotId: 'string', streamBytes: 'number' });
 export const decodeAbort = (p: Buffer): AbortMessage => decodeJson(p, 'Abort', { error: 'string' });
 
