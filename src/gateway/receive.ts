@@ -18,7 +18,7 @@ import {
 } from '../wire/frames';
 import { Refusal, type RefusalReason } from './limits';
 import { type PooledDownstream, PooledReads } from './pooled-reads';
-import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
+import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
 import { connectWithQueue } from './socket-tuning';
 import { noteStoreError } from './store-space';
 
@@ -185,7 +185,7 @@ export class ReceiveSession {
         return;
       }
       case FrameType.Abort:
-        this.fail(`the sending gateway aborted: ${decodeAbort(payload).error}`);
+        this.fail(`the sending gateway aborted: ${peerText(decodeAbort(payload).error)}`);
         return;
       default:
         throw new Error(`unexpected frame type ${type}`);
