@@ -35,6 +35,10 @@ export interface ReceiveOptions {
   observer: SessionObserver;
   /** Whether this gateway may dial the destination a peer names (no open relay). */
   targetAllowed: (target: Endpoint) => boolean;
+  /** Why this peer may not migrate `vm` here (config peerVms), or null; asked before any store is opened. */
+  vmRefused: (vm: string) => string | null;
+  /** The Hello was accepted: the connection has said who it is (it leaves the gateway's pending pool). */
+  identified: () => void;
   /** VMs migrating through this gateway now, in either direction: one migration per VM at a time. */
   busy: Set<string>;
   /** When (Date.now() time) a valid Hello must have arrived: the connection was accepted before. */
@@ -214,11 +218,14 @@ export class ReceiveSession {
       throw new Refusal('target-not-allowed', `destination: ${errorMessage(err)}`);
     }
     if (!this.options.targetAllowed(target)) throw new Refusal('target-not-allowed', `destination ${hello.target} is not in allowTargets`);
+    const vmRefused = this.options.vmRefused(vm);
+    if (vmRefused !== null) throw new Refusal('vm-not-allowed', vmRefused);
     if (this.options.busy.has(vm)) throw new Refusal('busy', `VM ${vm} is already migrating through this gateway`);
     // Accepted: from here on this is a migration of a valid VM name, reported as one.
     this.vm = vm;
     this.options.busy.add(vm);
     this.holdsVm = true;
+    this.options.identified();
     clearTimeout(this.handshakeTimer);
     this.frames.maxPayload = this.options.maxFrameBytes;
     this.event('migration offered', { peerSite: hello.site, target: hello.target });
