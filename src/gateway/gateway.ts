@@ -74,10 +74,11 @@ export class Gateway implements SessionObserver {
       this.bound.set(`route:${route.vm}`, await this.listen(route.listen, 'source', (socket) => this.acceptSource(socket, route.vm)));
     }
     if (c.metrics && this.metrics) {
+      // A metrics client never proves who it is (any request is answered), so its connection stays
+      // pending for its whole life: scrapers can never crowd out a migration, only each other.
       const admit = (socket: Socket): boolean => this.admit(socket, 'metrics');
-      const identified = (socket: Socket): void => this.gate.identified(socket);
       const { handshakeSeconds, idleSeconds } = c.limits;
-      this.bound.set('metrics', await this.metrics.serve(c.metrics, { admit, identified, headersTimeoutMs: handshakeSeconds * 1000, idleTimeoutMs: idleSeconds * 1000 }));
+      this.bound.set('metrics', await this.metrics.serve(c.metrics, { admit, headersTimeoutMs: handshakeSeconds * 1000, idleTimeoutMs: idleSeconds * 1000 }));
     }
     this.log.info(
       { site: c.name, listening: Object.fromEntries([...this.bound].map(([k, v]) => [k, formatEndpoint(v)])), tls: this.transport.secure, limits: c.limits, ...(c.tls ? { certValidTo: c.tls.validTo.toISOString(), allowPeers: c.tls.allowPeers } : {}) },

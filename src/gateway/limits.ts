@@ -1,8 +1,8 @@
 /**
  * What a connection must do before it costs the gateway anything: fit under the connection limits,
  * and say who it is in time (a peer: TLS and a valid Hello; a source: QEMU's stream magic; a metrics
- * client: its request headers). Until then a connection holds no store, no VM and no outgoing
- * connection, and at most a few KiB of input.
+ * client: its request headers, in time, though it never leaves the pending pools). Until then a
+ * connection holds no store, no VM and no outgoing connection, and at most a few KiB of input.
  */
 import type { Socket } from 'node:net';
 import { FILE_MAGIC } from '../qemu/constants';
@@ -113,7 +113,7 @@ export class ConnectionGate {
     return { admitted: true };
   }
 
-  /** The connection has said who it is (TLS and Hello, QEMU's magic, request headers): no longer pending. */
+  /** The connection has said who it is (TLS and an accepted Hello, QEMU's magic): no longer pending. */
   identified(socket: Socket): void {
     const entry = this.pending.get(socket);
     if (!entry) return;

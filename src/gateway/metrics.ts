@@ -172,20 +172,13 @@ export class GatewayMetrics {
 
   /**
    * Serve GET /metrics on `endpoint` (port 0 = any); resolves to the bound address. `admit` may turn
-   * a connection away (the gateway's connection limits); `identified` hears of each request whose
-   * headers arrived (the client has said what it is); a client gets `headersTimeoutMs` to send its
+   * a connection away (the gateway's connection limits); a client gets `headersTimeoutMs` to send its
    * request headers and is dropped after `idleTimeoutMs` without traffic.
    */
-  serve(
-    endpoint: Endpoint,
-    limits: { admit?: (socket: Socket) => boolean; identified?: (socket: Socket) => void; headersTimeoutMs?: number; idleTimeoutMs?: number } = {},
-  ): Promise<Endpoint> {
+  serve(endpoint: Endpoint, limits: { admit?: (socket: Socket) => boolean; headersTimeoutMs?: number; idleTimeoutMs?: number } = {}): Promise<Endpoint> {
     if (this.server) return Promise.reject(new Error('metrics server already running'));
     // Header and request timeouts are checked this often (Node's default, 30 s, would stretch them).
-    const server = http.createServer({ connectionsCheckingInterval: 1000 }, (req, res) => {
-      limits.identified?.(req.socket);
-      this.handle(req, res);
-    });
+    const server = http.createServer({ connectionsCheckingInterval: 1000 }, (req, res) => this.handle(req, res));
     const admit = limits.admit;
     if (admit) server.on('connection', (socket: Socket) => admit(socket) || socket.destroy());
     if (limits.headersTimeoutMs !== undefined) {

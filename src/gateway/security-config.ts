@@ -14,7 +14,7 @@
  *   idleSeconds: 120           # a migration whose connections move no byte this long is failed
  *   maxFrameBytes: 4MiB        # largest gateway-to-gateway frame accepted (1MiB..4MiB)
  *   maxConnections: 64         # open connections across all of this gateway's listeners
- *   maxPendingConnections: 16  # of those, not yet identified (TLS+Hello, QEMU's magic, request headers), per listener kind
+ *   maxPendingConnections: 16  # of those, not yet identified (TLS+Hello, QEMU's magic; metrics clients: always), per listener kind
  *   maxPendingPerAddress: 8    # not yet identified, from one remote address across all listeners
  *   maxGuestRam: 256GiB        # largest guest RAM a stream may declare (the store keeps 16 B a page in memory)
  * ```
