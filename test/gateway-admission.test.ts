@@ -148,3 +148,39 @@ describe('peerVms and a peer\'s Abort text', () => {
     dest.close();
   });
 });
+
+describe('a receiving peer\'s Abort text at the sending gateway', () => {
+  let tmp = '';
+  let a: TestSite;
+  let b: TestSite;
+  let fake: net.Server | null = null;
+
+  beforeAll(async () => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-abort-'));
+    [a, b] = await startPair(tmp);
+    // Site B's gateway gives way to a peer that answers every Hello with a 4 MB Abort.
+    await b.gateway.stop(1);
+    fake = net.createServer((socket) => {
+      socket.on('error', () => undefined);
+      socket.once('data', () => socket.end(encodeJson(FrameType.Abort, { error: `\u001b[2J${'B'.repeat(4_000_000)}` })));
+    });
+    await new Promise<void>((r) => fake?.listen(b.peerPort, '127.0.0.1', () => r()));
+  });
+
+  afterAll(async () => {
+    await a?.gateway.stop(1);
+    await new Promise<void>((r) => (fake ? fake.close(() => r()) : r()));
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  test('is logged bounded, without its control characters', async () => {
+    expect(await sourceStandIn(a.routePort, migrationStream(guestMemory([['pc.ram', 50]], 2), []))).toBe('reset');
+    await waitFor(() => a.gateway.history.length === 1);
+    const error = a.gateway.history[0].error ?? '';
+    expect(error).toMatch(/^the peer gateway aborted: {2}\[2JB+… \(\d+ more characters\)$/);
+    expect(error.length).toBeLessThan(PEER_TEXT_CHARS + 100);
+    const lines = a.logs.filter((l) => typeof l.error === 'string' && (l.error as string).includes('BBBB'));
+    expect(lines.length).toBeGreaterThan(0);
+    for (const line of lines) expect(String(line.error).length).toBeLessThan(PEER_TEXT_CHARS + 100);
+  });
+});
