@@ -11,7 +11,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
 import { issueCerts } from '../src/certs';
-import { ConnectionGate, type Listener, type RefusalReason } from '../src/gateway/limits';
+import { addressGroup, ConnectionGate, type Listener, type RefusalReason } from '../src/gateway/limits';
 import { PEER_TEXT_CHARS, peerText } from '../src/gateway/session';
 import { encodeJson, FrameType } from '../src/wire/frames';
 import { destinationStandIn, rawPeer, refusals, sourceStandIn, startPair, type TestSite, treeListing, waitFor } from './gateway-pair';
@@ -46,6 +46,20 @@ describe('ConnectionGate', () => {
     expect(gate.pendingConnections).toBe(2);
     s1.emit('close');
     expect(gate.openConnections).toBe(2);
+  });
+
+  test('IPv6 addresses count by their /64; IPv4 and IPv4-mapped ones as they are', () => {
+    expect(addressGroup('2001:db8:0:1::5')).toBe('2001:db8:0:1::/64');
+    expect(addressGroup('2001:0db8:0000:0001:ffff:0:0:7')).toBe('2001:db8:0:1::/64');
+    expect(addressGroup('fe80::1%eth0')).toBe('fe80:0:0:0::/64');
+    expect(addressGroup('::1')).toBe('0:0:0:0::/64');
+    expect(addressGroup('127.0.0.1')).toBe('127.0.0.1');
+    expect(addressGroup('::ffff:10.0.0.1')).toBe('::ffff:10.0.0.1');
+    const { gate } = make(10, 10, 2);
+    expect(gate.admit(fakeSocket('2001:db8::1'), 'peer').admitted).toBe(true);
+    expect(gate.admit(fakeSocket('2001:db8::2'), 'peer').admitted).toBe(true);
+    expect(gate.admit(fakeSocket('2001:db8::3'), 'peer')).toMatchObject({ admitted: false, reason: 'per-address-limit', detail: expect.stringMatching(/^2001:db8:0:0::\/64 already/) });
+    expect(gate.admit(fakeSocket('2001:db8:0:1::1'), 'peer').admitted).toBe(true);
   });
 
   test('a full pending pool makes room by cutting the oldest connection of the address holding the most', () => {

@@ -4,7 +4,7 @@
  * client: its request headers, in time, though it never leaves the pending pools). Until then a
  * connection holds no store, no VM and no outgoing connection, and at most a few KiB of input.
  */
-import type { Socket } from 'node:net';
+import { isIP, type Socket } from 'node:net';
 import { FILE_MAGIC } from '../qemu/constants';
 
 /** Which listener a connection came in on. */
@@ -94,7 +94,7 @@ export class ConnectionGate {
    */
   admit(socket: Socket, listener: Listener): Admission {
     const { maxConnections, maxPendingConnections, maxPendingPerAddress } = this.limits;
-    const address = socket.remoteAddress ?? '?';
+    const address = addressGroup(socket.remoteAddress ?? '?');
     if ((this.pendingPerAddress.get(address) ?? 0) >= maxPendingPerAddress) {
       return { admitted: false, reason: 'per-address-limit', detail: `${address} already has ${maxPendingPerAddress} connections that have not said who they are (limits.maxPendingPerAddress)` };
     }
@@ -171,6 +171,24 @@ export class ConnectionGate {
     this.open.set(listener, n);
     this.onChange(listener, n);
   }
+}
+
+/**
+ * The "remote address" the per-address limit counts by: an IPv4 address as it is, an IPv6 address by
+ * its /64, since one host or site is routinely handed a whole /64 and could otherwise take a fresh
+ * address for each connection.
+ */
+export function addressGroup(address: string): string {
+  const bare = address.replace(/%.*$/, '');
+  if (isIP(bare) !== 6 || bare.includes('.')) return bare; // includes IPv4-mapped ::ffff:a.b.c.d
+  const [head, tail] = bare.split('::');
+  const left = head === '' ? [] : head.split(':');
+  const right = tail === undefined || tail === '' ? [] : tail.split(':');
+  const groups = tail === undefined ? left : [...left, ...Array<string>(8 - left.length - right.length).fill('0'), ...right];
+  return `${groups
+    .slice(0, 4)
+    .map((g) => parseInt(g, 16).toString(16))
+    .join(':')}::/64`;
 }
 
 /**

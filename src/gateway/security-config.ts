@@ -15,7 +15,7 @@
  *   maxFrameBytes: 4MiB        # largest gateway-to-gateway frame accepted (1MiB..4MiB)
  *   maxConnections: 64         # open connections across all of this gateway's listeners
  *   maxPendingConnections: 16  # of those, not yet identified (TLS+Hello, QEMU's magic; metrics clients: always), per listener kind
- *   maxPendingPerAddress: 8    # not yet identified, from one remote address across all listeners
+ *   maxPendingPerAddress: 8    # not yet identified, from one remote address (IPv6: one /64) across all listeners
  *   maxGuestRam: 256GiB        # largest guest RAM a stream may declare (the store keeps 16 B a page in memory)
  * ```
  */
