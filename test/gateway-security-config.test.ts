@@ -101,8 +101,8 @@ describe('tls: and limits: config', () => {
       idleSeconds: 120,
       maxFrameBytes: 4 * 1024 * 1024,
       maxConnections: 64,
-      maxPendingConnections: 16,
-      maxPendingPerAddress: 8,
+      maxPendingConnections: 32,
+      maxPendingPerAddress: 16,
       maxGuestRamBytes: 256 * 2 ** 30,
     });
     expect(

@@ -14,8 +14,8 @@
  *   idleSeconds: 120           # a migration whose connections move no byte this long is failed
  *   maxFrameBytes: 4MiB        # largest gateway-to-gateway frame accepted (1MiB..4MiB)
  *   maxConnections: 64         # open connections across all of this gateway's listeners
- *   maxPendingConnections: 16  # of those, not yet identified (TLS+Hello, QEMU's magic; metrics clients: always), per listener kind
- *   maxPendingPerAddress: 8    # not yet identified, from one remote address (IPv6: one /64) across all listeners
+ *   maxPendingConnections: 32  # of those, not yet identified (TLS+Hello, QEMU's magic; metrics clients: always), per listener kind
+ *   maxPendingPerAddress: 16   # not yet identified, from one remote address (IPv6: one /64) across all listeners
  *   maxGuestRam: 256GiB        # largest guest RAM a stream may declare (the store keeps 16 B a page in memory)
  * ```
  */
@@ -59,8 +59,8 @@ export const DEFAULT_LIMITS: Readonly<Limits> = {
   idleSeconds: 120,
   maxFrameBytes: MAX_FRAME_PAYLOAD,
   maxConnections: 64,
-  maxPendingConnections: 16,
-  maxPendingPerAddress: 8,
+  maxPendingConnections: 32,
+  maxPendingPerAddress: 16,
   maxGuestRamBytes: 256 * 2 ** 30,
 };
 /** The store's own ceiling: 2^28 pages of 4 KiB (a 4 GiB digest table). */
