@@ -43,7 +43,7 @@ export interface AdmissionLimits {
   maxConnections: number;
   /** Pending connections (not yet said who they are) on one listener kind. */
   maxPendingConnections: number;
-  /** Pending connections from one remote address, across every listener. */
+  /** Pending connections from one remote address (IPv6: one /64, see addressGroup), across every listener. */
   maxPendingPerAddress: number;
 }
 
