@@ -1,7 +1,7 @@
 /**
  * The `limits:` of a real gateway pair on loopback: connections that do not say who they are in time
- * are cut, a migration that stops moving fails on both sides, and connections above the limit are
- * turned away; each is logged and counted, and none touches a store.
+ * are cut, a migration that stops moving fails on both sides, and connections above the limits are
+ * turned away or make way; each is logged and counted, and none touches a store.
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
@@ -14,9 +14,9 @@ import { guestMemory, migrationStream } from './migration-stream';
 const LIMITS = 'limits:\n  handshakeSeconds: 1\n  idleSeconds: 2\n  maxConnections: 6\n';
 
 /** Connects and reports when the gateway closed the connection, in ms after connecting (or trying to). */
-function openIdle(port: number, drip = false): Promise<{ socket: net.Socket; closedAfterMs: Promise<number> }> {
+function openIdle(port: number, drip = false, localAddress = '127.0.0.1'): Promise<{ socket: net.Socket; closedAfterMs: Promise<number> }> {
   return new Promise((resolve) => {
-    const socket = net.connect({ host: '127.0.0.1', port });
+    const socket = net.connect({ host: '127.0.0.1', port, localAddress });
     const t0 = Date.now();
     socket.on('error', () => undefined);
     socket.resume();
@@ -124,17 +124,25 @@ describe('gateway limits', () => {
     expect(await b.metrics.text()).toMatch(/bfmig_idle_timeouts_total\{direction="receive"\} [1-9]/);
   });
 
-  test('connections above limits.maxConnections are turned away at once; below it they are accepted again', async () => {
-    // Six silent connections fill the gateway until the handshake limit cuts them (1 s).
+  test('silent connections: one address is held to limits.maxPendingPerAddress, others take their place; all are cut in time', async () => {
+    // Six silent connections fill the gateway (maxConnections 6) until the handshake limit cuts them (1 s).
     const held = await Promise.all(Array.from({ length: 6 }, () => openIdle(b.peerPort)));
     await waitFor(() => b.gateway.openConnections === 6, 800);
     expect(await b.metrics.text()).toMatch(/bfmig_connections_open\{listener="peer"\} 6/);
-    const logged = refusals(b).length;
+    // A seventh from the same address is refused at once: that address holds its share of strangers.
+    let logged = refusals(b).length;
     const extra = await openIdle(b.routePort);
     expect(await extra.closedAfterMs).toBeLessThan(500);
-    expect(refusals(b)[logged]).toMatchObject({ listener: 'source', reason: 'connection-limit' });
-    expect(await b.metrics.text()).toMatch(/bfmig_connections_refused_total\{listener="source",reason="connection-limit"\} 1/);
-    await Promise.all(held.map((h) => h.closedAfterMs));
+    expect(refusals(b)[logged]).toMatchObject({ listener: 'source', reason: 'per-address-limit' });
+    expect(await b.metrics.text()).toMatch(/bfmig_connections_refused_total\{listener="source",reason="per-address-limit"\} 1/);
+    // One from another address gets in, in the place of the oldest silent one: none has said who it
+    // is, and only connections that have can make a gateway refuse for maxConnections.
+    logged = refusals(b).length;
+    const other = await openIdle(b.routePort, false, '127.0.0.2');
+    expect(await Promise.race([held[0].closedAfterMs, new Promise((r) => setTimeout(() => r('open'), 500))])).not.toBe('open');
+    expect(refusals(b)[logged]).toMatchObject({ listener: 'peer', reason: 'pending-limit', error: expect.stringMatching(/limits\.maxConnections/) });
+    expect(b.gateway.openConnections).toBe(6);
+    await Promise.all([...held, other].map((h) => h.closedAfterMs));
     await waitFor(() => b.gateway.openConnections === 0);
     // Room again: a whole migration goes through.
     const dest = await destinationStandIn(a.destPort);

@@ -9,6 +9,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { configSnippets, issueCerts } from '../src/certs';
 import { checkTransportSecurity, ConfigError, parseConfig } from '../src/gateway/config';
+import { peerVmError } from '../src/gateway/security-config';
 
 describe('tls: and limits: config', () => {
   let dir = '';
@@ -67,6 +68,14 @@ describe('tls: and limits: config', () => {
     ['maxFrameBytes not a size', () => config('limits:\n  maxFrameBytes: big\n'), 'limits.maxFrameBytes', /not a size/],
     ['maxGuestRam above what a store can index', () => config('limits:\n  maxGuestRam: 2TiB\n'), 'limits.maxGuestRam', /out of range/],
     ['maxGuestRam not a size', () => config('limits:\n  maxGuestRam: lots\n'), 'limits.maxGuestRam', /not a size/],
+    ['maxPendingConnections above maxConnections', () => config('limits:\n  maxConnections: 10\n  maxPendingConnections: 20\n'), 'limits.maxPendingConnections', /more than limits\.maxConnections/],
+    ['maxPendingPerAddress above maxPendingConnections', () => config('limits:\n  maxPendingConnections: 4\n  maxPendingPerAddress: 5\n'), 'limits.maxPendingPerAddress', /more than limits\.maxPendingConnections/],
+    ['maxPendingPerAddress zero', () => config('limits:\n  maxPendingPerAddress: 0\n'), 'limits.maxPendingPerAddress', /out of range/],
+    ['peerVms without tls', () => config('peerVms:\n  site-b: [vm1]\n'), 'peerVms', /needs a tls block/],
+    ['peerVms not a mapping', () => config(`${tlsBlock()}peerVms: [vm1]\n`), 'peerVms', /must be a mapping/],
+    ['peerVms peer not in allowPeers', () => config(`${tlsBlock(undefined, undefined, undefined, '  allowPeers: [site-b]\n')}peerVms:\n  site-x: [vm1]\n`), 'peerVms.site-x', /not in tls\.allowPeers/],
+    ['peerVms list empty', () => config(`${tlsBlock()}peerVms:\n  site-b: []\n`), 'peerVms.site-b', /non-empty list/],
+    ['peerVms bad pattern', () => config(`${tlsBlock()}peerVms:\n  site-b: [vm1, "../x"]\n`), 'peerVms.site-b[1]', /not a VM name or glob/],
   ])('%s', (_what, text, key, message) => {
     const err = errorOf(text());
     expect(err.key).toBe(key);
@@ -92,17 +101,42 @@ describe('tls: and limits: config', () => {
       idleSeconds: 120,
       maxFrameBytes: 4 * 1024 * 1024,
       maxConnections: 64,
+      maxPendingConnections: 32,
+      maxPendingPerAddress: 16,
       maxGuestRamBytes: 256 * 2 ** 30,
     });
     expect(
-      parse(config('limits:\n  handshakeSeconds: 2.5\n  idleSeconds: 30\n  maxFrameBytes: 2MiB\n  maxConnections: 500\n  maxGuestRam: 512GiB\n', '127.0.0.1:7300')).limits,
+      parse(
+        config(
+          'limits:\n  handshakeSeconds: 2.5\n  idleSeconds: 30\n  maxFrameBytes: 2MiB\n  maxConnections: 500\n  maxPendingConnections: 100\n  maxPendingPerAddress: 3\n  maxGuestRam: 512GiB\n',
+          '127.0.0.1:7300',
+        ),
+      ).limits,
     ).toEqual({
       handshakeSeconds: 2.5,
       idleSeconds: 30,
       maxFrameBytes: 2 * 1024 * 1024,
       maxConnections: 500,
+      maxPendingConnections: 100,
+      maxPendingPerAddress: 3,
       maxGuestRamBytes: 512 * 2 ** 30,
     });
+    // A small maxConnections alone stays valid: the pending limits' defaults shrink to fit under it.
+    expect(parse(config('limits:\n  maxConnections: 6\n', '127.0.0.1:7300')).limits).toMatchObject({ maxPendingConnections: 6, maxPendingPerAddress: 6 });
+  });
+
+  test('peerVms: names and globs per peer; none for an unlisted peer', () => {
+    const c = parse(config(`${tlsBlock(undefined, undefined, undefined, '  allowPeers: [site-b, site-c]\n')}peerVms:\n  site-b: [vm1, "web-*", "db-?", app.1]\n`));
+    expect(c.peerVms?.map((r) => [r.peer, r.patterns])).toEqual([['site-b', ['vm1', 'web-*', 'db-?', 'app.1']]]);
+    expect(peerVmError(c.peerVms, ['site-b'], 'vm1')).toBeNull();
+    expect(peerVmError(c.peerVms, ['site-b'], 'web-frontend.2')).toBeNull();
+    expect(peerVmError(c.peerVms, ['site-b'], 'db-1')).toBeNull();
+    expect(peerVmError(c.peerVms, ['site-b'], 'db-12')).toMatch(/VM db-12 is not among peerVms for "site-b"/);
+    expect(peerVmError(c.peerVms, ['site-b'], 'vm10')).not.toBeNull();
+    expect(peerVmError(c.peerVms, ['site-b'], 'app.1')).toBeNull();
+    expect(peerVmError(c.peerVms, ['site-b'], 'appx1')).not.toBeNull();
+    expect(peerVmError(c.peerVms, ['site-c'], 'vm1')).toMatch(/peerVms lists no VM for "site-c"/);
+    expect(peerVmError(null, [], 'anything')).toBeNull();
   });
 
   test('bfmig certs: reuses the CA for new sites, refuses to overwrite, prints blocks that parse', () => {

@@ -16,6 +16,7 @@
  * allowTargets:                # what this gateway may dial when receiving; default loopback only
  *   - 10.1.0.0/24:4444
  * tls: ...                     # mutual TLS between gateways, see security-config.ts
+ * peerVms: ...                 # which VMs each peer may migrate here, see security-config.ts
  * limits: ...                  # handshake / idle timeouts, frame size, connections, see security-config.ts
  * ```
  *
@@ -28,7 +29,7 @@ import * as path from 'node:path';
 import { parseDocument } from 'yaml';
 import { Endpoint, formatEndpoint, parseEndpoint } from '../address';
 import { parseSize } from '../store/budget';
-import { type Limits, parseLimits, parseTls, type TlsConfig } from './security-config';
+import { type Limits, parseLimits, parsePeerVms, parseTls, type PeerVmRule, type TlsConfig } from './security-config';
 
 export class ConfigError extends Error {
   /**
@@ -95,6 +96,8 @@ export interface GatewayConfig {
   allowTargets: TargetRule[];
   /** Mutual TLS between gateways; null when absent (then only loopback peers, or insecurePlaintext). */
   tls: TlsConfig | null;
+  /** The VMs each peer may migrate to this gateway (`peerVms:`), or null: any VM. */
+  peerVms: PeerVmRule[] | null;
   limits: Limits;
 }
 
@@ -116,6 +119,7 @@ const TOP_LEVEL_KEYS = [
   'routes',
   'allowTargets',
   'tls',
+  'peerVms',
   'limits',
 ] as const;
 const ROUTE_KEYS = ['vm', 'listen', 'peer', 'target'] as const;
@@ -188,6 +192,7 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
   }
 
   const tls = parseTls(optional(root, 'tls'), baseDir, fail);
+  const peerVms = parsePeerVms(optional(root, 'peerVms'), tls, fail);
   const limits = parseLimits(optional(root, 'limits'), fail);
 
   // Every endpoint this gateway listens on, to catch two listeners on one port.
@@ -239,6 +244,7 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     routes,
     allowTargets,
     tls,
+    peerVms,
     limits,
   };
 }

@@ -3,14 +3,15 @@ import { type Endpoint, formatEndpoint } from '../address';
 import { PAGE_SIZE } from '../proxy/retained';
 import { StoreBudget } from '../store';
 import { type GatewayConfig, targetAllowed } from './config';
-import { awaitStreamMagic, ConnectionGate, type Listener, Refusal, type RefusalReason } from './limits';
+import { type Admission, awaitStreamMagic, ConnectionGate, type Listener, Refusal, type RefusalReason } from './limits';
 import type { Logger } from './log';
 import type { GatewayMetrics } from './metrics';
 import { ReceiveSession } from './receive';
 import { SendSession } from './send';
 import { StoreSpace } from './store-space';
 import { errorMessage, type Direction, type MigrationReport, type SessionObserver } from './session';
-import { PeerTransport, peerNameOf } from './transport';
+import { peerVmError } from './security-config';
+import { PeerTransport, peerNameOf, peerNamesOf } from './transport';
 
 interface Totals {
   streamBytes: number;
@@ -38,8 +39,10 @@ export class Gateway implements SessionObserver {
   private readonly space: StoreSpace;
   private readonly transport: PeerTransport;
   private readonly gate: ConnectionGate;
-  /** Accepted connections that have not yet said who they are (TLS, Hello, QEMU's magic). */
-  private readonly pending = new Set<Socket>();
+  /** Connections already refused: one that is also cut for a newer one, or fails again, is logged and counted once. */
+  private readonly refusedOnce = new WeakSet<Socket>();
+  /** Accepted sockets whose connection a session reads through another Socket object (PooledReads). */
+  private readonly adopted = new WeakMap<Socket, Socket>();
 
   constructor(
     private readonly config: GatewayConfig,
@@ -49,7 +52,14 @@ export class Gateway implements SessionObserver {
     this.budget = config.storeBudget !== null ? new StoreBudget(config.data, config.storeBudget) : null;
     this.space = new StoreSpace(config.data);
     this.transport = new PeerTransport(config.tls);
-    this.gate = new ConnectionGate(config.limits.maxConnections, (listener, open) => metrics?.connectionsOpenNow(listener, open));
+    this.gate = new ConnectionGate(
+      config.limits,
+      (socket, listener, reason, detail) => {
+        this.refused(listener, socket, reason, detail);
+        this.cut(socket);
+      },
+      (listener, open) => metrics?.connectionsOpenNow(listener, open),
+    );
   }
 
   /** Open connections across all listeners (limits.maxConnections bounds it). */
@@ -64,11 +74,9 @@ export class Gateway implements SessionObserver {
       this.bound.set(`route:${route.vm}`, await this.listen(route.listen, 'source', (socket) => this.acceptSource(socket, route.vm)));
     }
     if (c.metrics && this.metrics) {
-      const admit = (socket: Socket): boolean => {
-        if (this.gate.admit(socket, 'metrics')) return true;
-        this.refused('metrics', socket, 'connection-limit', `${this.gate.maxConnections} connections are open (limits.maxConnections)`);
-        return false;
-      };
+      // A metrics client never proves who it is (any request is answered), so its connection stays
+      // pending for its whole life: scrapers can never crowd out a migration, only each other.
+      const admit = (socket: Socket): boolean => this.admit(socket, 'metrics');
       const { handshakeSeconds, idleSeconds } = c.limits;
       this.bound.set('metrics', await this.metrics.serve(c.metrics, { admit, headersTimeoutMs: handshakeSeconds * 1000, idleTimeoutMs: idleSeconds * 1000 }));
     }
@@ -84,7 +92,7 @@ export class Gateway implements SessionObserver {
     this.stopping = true;
     // A server's close completes only once its connections have: awaited last, after the grace period.
     const closed = Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
-    for (const socket of this.pending) socket.destroy();
+    for (const socket of this.gate.pendingSockets()) this.cut(socket);
     const running = [...this.sessions];
     if (running.length > 0) {
       this.log.info({ running: running.length, graceSeconds }, 'waiting for running migrations');
@@ -105,9 +113,7 @@ export class Gateway implements SessionObserver {
   private listen(endpoint: Endpoint, listener: Listener, onConnection: (socket: Socket) => void): Promise<Endpoint> {
     const admit = (socket: Socket): void => {
       if (this.stopping) return void socket.destroy();
-      if (this.gate.admit(socket, listener)) return onConnection(socket);
-      this.refused(listener, socket, 'connection-limit', `${this.gate.maxConnections} connections are open (limits.maxConnections)`);
-      socket.resetAndDestroy();
+      if (this.admit(socket, listener)) onConnection(socket);
     };
     return new Promise((resolve, reject) => {
       const server = createServer({ noDelay: true, pauseOnConnect: true }, admit);
@@ -123,6 +129,15 @@ export class Gateway implements SessionObserver {
     });
   }
 
+  /** Counts a new connection in (see ConnectionGate), or refuses and resets it. */
+  private admit(socket: Socket, listener: Listener): boolean {
+    const admission: Admission = this.gate.admit(socket, listener);
+    if (admission.admitted) return true;
+    this.refused(listener, socket, admission.reason, admission.detail);
+    socket.resetAndDestroy();
+    return false;
+  }
+
   /**
    * A source connection: nothing is opened or dialled until it has sent QEMU's stream magic, within
    * limits.handshakeSeconds; only then does it claim the VM.
@@ -132,6 +147,7 @@ export class Gateway implements SessionObserver {
     if (!route) return void socket.destroy();
     const { limits } = this.config;
     this.handshake(socket, 'source', awaitStreamMagic(socket), () => {
+      this.gate.identified(socket);
       if (this.busy.has(vm)) throw new Refusal('busy', `VM ${vm} is already migrating through this gateway`);
       this.busy.add(vm);
       const session = new SendSession(socket, {
@@ -150,18 +166,22 @@ export class Gateway implements SessionObserver {
 
   /**
    * A peer connection: the TLS handshake (when configured) and a valid Hello must both be done within
-   * limits.handshakeSeconds of the TCP accept; the receive session checks the Hello.
+   * limits.handshakeSeconds of the TCP accept; the receive session checks the Hello (and peerVms),
+   * and the connection stays pending (see ConnectionGate) until it has accepted it.
    */
   private acceptPeer(raw: Socket): void {
     const { limits } = this.config;
     const deadline = Date.now() + limits.handshakeSeconds * 1000;
     this.handshake(raw, 'peer', this.transport.accept(raw), (socket) => {
       const peerName = peerNameOf(socket);
+      const peerNames = peerNamesOf(socket);
       const session = new ReceiveSession(socket, {
         site: this.config.name,
         storeRoot: this.config.data,
         observer: this,
         targetAllowed: (target) => targetAllowed(this.config, target),
+        vmRefused: (vm) => peerVmError(this.config.peerVms, peerNames, vm),
+        identified: () => this.gate.identified(raw),
         busy: this.busy,
         handshakeDeadline: deadline,
         idleMs: limits.idleSeconds * 1000,
@@ -169,13 +189,18 @@ export class Gateway implements SessionObserver {
         maxGuestPages: Math.floor(limits.maxGuestRamBytes / PAGE_SIZE),
         refused: (reason, detail) => this.refused('peer', raw, reason, detail, peerName),
       });
+      if (session.peer !== socket) this.adopted.set(raw, session.peer);
       this.track(session.done, session.peer, () => undefined);
     });
   }
 
+  /** Resets an accepted connection, through the Socket that now holds it if a session adopted it. */
+  private cut(socket: Socket): void {
+    (this.adopted.get(socket) ?? socket).resetAndDestroy();
+  }
+
   /** Runs a connection's first step under the handshake timeout; a failure refuses the connection. */
   private handshake<T>(socket: Socket, listener: Listener, step: Promise<T>, then: (value: T) => void): void {
-    this.pending.add(socket);
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
@@ -196,14 +221,13 @@ export class Gateway implements SessionObserver {
         this.refused(listener, socket, refusal.reason, refusal.message);
         socket.resetAndDestroy();
       })
-      .finally(() => {
-        clearTimeout(timer);
-        this.pending.delete(socket);
-      });
+      .finally(() => clearTimeout(timer));
   }
 
   /** Logs and counts a connection turned away before any migration began. */
   private refused(listener: Listener, socket: Socket, reason: RefusalReason, detail: string, peerName: string | null = null): void {
+    if (this.refusedOnce.has(socket)) return;
+    this.refusedOnce.add(socket);
     this.metrics?.connectionRefused(listener, reason);
     this.log.warn({ listener, reason, remote: `${socket.remoteAddress}:${socket.remotePort}`, ...(peerName ? { peerName } : {}), error: detail }, 'connection refused');
   }

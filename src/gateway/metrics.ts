@@ -99,7 +99,7 @@ export class GatewayMetrics {
 
   private readonly connectionsRefused = new Counter<'listener' | 'reason'>({
     name: 'bfmig_connections_refused_total',
-    help: 'Connections turned away before a migration began, by listener and reason (connection-limit, tls, peer-not-allowed, handshake-timeout, frame-too-large, protocol, bad-vm-name, target-not-allowed, busy, not-qemu, closed)',
+    help: 'Connections turned away before a migration began, by listener and reason (connection-limit, pending-limit, per-address-limit, tls, peer-not-allowed, handshake-timeout, frame-too-large, protocol, bad-vm-name, target-not-allowed, vm-not-allowed, busy, not-qemu, closed)',
     labelNames: ['listener', 'reason'],
     registers: [this.registry],
   });
@@ -172,7 +172,7 @@ export class GatewayMetrics {
 
   /**
    * Serve GET /metrics on `endpoint` (port 0 = any); resolves to the bound address. `admit` may turn
-   * a connection away (the gateway's connection limit); a client gets `headersTimeoutMs` to send its
+   * a connection away (the gateway's connection limits); a client gets `headersTimeoutMs` to send its
    * request headers and is dropped after `idleTimeoutMs` without traffic.
    */
   serve(endpoint: Endpoint, limits: { admit?: (socket: Socket) => boolean; headersTimeoutMs?: number; idleTimeoutMs?: number } = {}): Promise<Endpoint> {

@@ -19,7 +19,7 @@ import {
 } from '../wire/frames';
 import { Refusal, type RefusalReason } from './limits';
 import { type PooledDownstream, PooledReads } from './pooled-reads';
-import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
+import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
 import { connectWithQueue } from './socket-tuning';
 import { noteStoreError } from './store-space';
 
@@ -36,6 +36,10 @@ export interface ReceiveOptions {
   observer: SessionObserver;
   /** Whether this gateway may dial the destination a peer names (no open relay). */
   targetAllowed: (target: Endpoint) => boolean;
+  /** Why this peer may not migrate `vm` here (config peerVms), or null; asked before any store is opened. */
+  vmRefused: (vm: string) => string | null;
+  /** The Hello was accepted: the connection has said who it is (it leaves the gateway's pending pool). */
+  identified: () => void;
   /** VMs migrating through this gateway now, in either direction: one migration per VM at a time. */
   busy: Set<string>;
   /** When (Date.now() time) a valid Hello must have arrived: the connection was accepted before. */
@@ -188,7 +192,7 @@ export class ReceiveSession {
         return;
       }
       case FrameType.Abort:
-        this.fail(`the sending gateway aborted: ${decodeAbort(payload).error}`);
+        this.fail(`the sending gateway aborted: ${peerText(decodeAbort(payload).error)}`);
         return;
       default:
         throw new Error(`unexpected frame type ${type}`);
@@ -217,11 +221,14 @@ export class ReceiveSession {
       throw new Refusal('target-not-allowed', `destination: ${errorMessage(err)}`);
     }
     if (!this.options.targetAllowed(target)) throw new Refusal('target-not-allowed', `destination ${hello.target} is not in allowTargets`);
+    const vmRefused = this.options.vmRefused(vm);
+    if (vmRefused !== null) throw new Refusal('vm-not-allowed', vmRefused);
     if (this.options.busy.has(vm)) throw new Refusal('busy', `VM ${vm} is already migrating through this gateway`);
     // Accepted: from here on this is a migration of a valid VM name, reported as one.
     this.vm = vm;
     this.options.busy.add(vm);
     this.holdsVm = true;
+    this.options.identified();
     clearTimeout(this.handshakeTimer);
     this.frames.maxPayload = this.options.maxFrameBytes;
     this.event('migration offered', { peerSite: hello.site, target: hello.target });

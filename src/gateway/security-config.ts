@@ -1,5 +1,5 @@
 /**
- * The security parts of a gateway's config: the `tls:` block and the `limits:` block.
+ * The security parts of a gateway's config: the `tls:` block, the `peerVms:` block and the `limits:` block.
  *
  * ```yaml
  * tls:                         # mutual TLS 1.3 between gateways (both directions)
@@ -7,11 +7,15 @@
  *   key: tls/site-a.key        # its private key (PEM)
  *   ca: tls/ca.crt             # the CA every peer's certificate must be issued by
  *   allowPeers: [site-b]       # optional: peer certificate names (CN or DNS SAN) accepted
+ * peerVms:                     # optional (needs tls): the VMs each peer may migrate to this gateway
+ *   site-b: [vm1, "web-*"]     # names or globs (* any run of characters, ? one); unlisted peers: none
  * limits:
  *   handshakeSeconds: 10       # TCP accept → a valid Hello (TLS handshake included) / QEMU's stream magic
  *   idleSeconds: 120           # a migration whose connections move no byte this long is failed
  *   maxFrameBytes: 4MiB        # largest gateway-to-gateway frame accepted (1MiB..4MiB)
  *   maxConnections: 64         # open connections across all of this gateway's listeners
+ *   maxPendingConnections: 32  # of those, not yet identified (TLS+Hello, QEMU's magic; metrics clients: always), per listener kind
+ *   maxPendingPerAddress: 16   # not yet identified, from one remote address (IPv6: one /64) across all listeners
  *   maxGuestRam: 256GiB        # largest guest RAM a stream may declare (the store keeps 16 B a page in memory)
  * ```
  */
@@ -42,6 +46,10 @@ export interface Limits {
   idleSeconds: number;
   maxFrameBytes: number;
   maxConnections: number;
+  /** Connections on one listener kind that have not yet said who they are (see ConnectionGate). */
+  maxPendingConnections: number;
+  /** Connections from one remote address that have not yet said who they are, across all listeners. */
+  maxPendingPerAddress: number;
   /** Largest guest RAM (bytes) a migration's stream may declare: the digest table costs 16 B a page. */
   maxGuestRamBytes: number;
 }
@@ -51,6 +59,8 @@ export const DEFAULT_LIMITS: Readonly<Limits> = {
   idleSeconds: 120,
   maxFrameBytes: MAX_FRAME_PAYLOAD,
   maxConnections: 64,
+  maxPendingConnections: 32,
+  maxPendingPerAddress: 16,
   maxGuestRamBytes: 256 * 2 ** 30,
 };
 /** The store's own ceiling: 2^28 pages of 4 KiB (a 4 GiB digest table). */
@@ -59,8 +69,19 @@ const MAX_GUEST_RAM_BYTES = 2 ** 40;
 export const MIN_FRAME_BYTES = TABLE_FRAME_BYTES;
 
 const TLS_KEYS = ['cert', 'key', 'ca', 'allowPeers'] as const;
-const LIMIT_KEYS = ['handshakeSeconds', 'idleSeconds', 'maxFrameBytes', 'maxConnections', 'maxGuestRam'] as const;
+const LIMIT_KEYS = ['handshakeSeconds', 'idleSeconds', 'maxFrameBytes', 'maxConnections', 'maxPendingConnections', 'maxPendingPerAddress', 'maxGuestRam'] as const;
 const PEER_NAME = /^[A-Za-z0-9._-]{1,64}$/;
+/** A VM name (see the store's validateVmName) or a glob of one: * any run of characters, ? one. */
+const VM_PATTERN = /^[A-Za-z0-9._*?-]{1,64}$/;
+
+/** `peerVms:`: the VMs each peer (by certificate name) may migrate to this gateway. */
+export interface PeerVmRule {
+  peer: string;
+  /** As written, for messages. */
+  patterns: string[];
+  /** The patterns as one anchored expression. */
+  match: RegExp;
+}
 
 /** The `tls:` block, or null when absent. Reads and checks the PEM files so a bad one stops start-up. */
 export function parseTls(value: unknown, baseDir: string, fail: Fail): TlsConfig | null {
@@ -126,7 +147,7 @@ export function parseLimits(value: unknown, fail: Fail): Limits {
   if (!isMapping(value)) return fail('limits', `must be a mapping of ${LIMIT_KEYS.join(', ')}, not ${describe(value)}`);
   const unknown = Object.keys(value).filter((k) => !(LIMIT_KEYS as readonly string[]).includes(k));
   if (unknown.length > 0) fail(`limits.${unknown[0]}`, `unknown key "limits.${unknown[0]}" (expected ${LIMIT_KEYS.join(', ')})`);
-  const number = (name: 'handshakeSeconds' | 'idleSeconds' | 'maxConnections', min: number, max: number, integer: boolean): number => {
+  const number = (name: 'handshakeSeconds' | 'idleSeconds' | 'maxConnections' | 'maxPendingConnections' | 'maxPendingPerAddress', min: number, max: number, integer: boolean): number => {
     const v = value[name];
     if (v === undefined || v === null) return DEFAULT_LIMITS[name];
     if (typeof v !== 'number' || !Number.isFinite(v) || (integer && !Number.isInteger(v))) {
@@ -150,11 +171,61 @@ export function parseLimits(value: unknown, fail: Fail): Limits {
   };
   const maxFrameBytes = size('maxFrameBytes', DEFAULT_LIMITS.maxFrameBytes, MIN_FRAME_BYTES, MAX_FRAME_PAYLOAD, `${MIN_FRAME_BYTES}..${MAX_FRAME_PAYLOAD}: 1MiB..4MiB`);
   const maxGuestRamBytes = size('maxGuestRam', DEFAULT_LIMITS.maxGuestRamBytes, 2 ** 20, MAX_GUEST_RAM_BYTES, '1MiB..1TiB');
+  const maxConnections = number('maxConnections', 1, 100_000, true);
+  // Defaults shrink with a small maxConnections, so that setting only it stays a valid config.
+  const pendingDefault = (name: 'maxPendingConnections' | 'maxPendingPerAddress', cap: number): number =>
+    value[name] === undefined || value[name] === null ? Math.min(DEFAULT_LIMITS[name], cap) : number(name, 1, 100_000, true);
+  const maxPendingConnections = pendingDefault('maxPendingConnections', maxConnections);
+  const maxPendingPerAddress = pendingDefault('maxPendingPerAddress', maxPendingConnections);
+  if (maxPendingConnections > maxConnections) {
+    fail('limits.maxPendingConnections', `${maxPendingConnections} is more than limits.maxConnections (${maxConnections}): pending connections are part of that total`);
+  }
+  if (maxPendingPerAddress > maxPendingConnections) {
+    fail('limits.maxPendingPerAddress', `${maxPendingPerAddress} is more than limits.maxPendingConnections (${maxPendingConnections}): one address would fill a listener's pending pool`);
+  }
   return {
     handshakeSeconds: number('handshakeSeconds', 0.1, 3600, false),
     idleSeconds: number('idleSeconds', 1, 86400, false),
     maxFrameBytes,
-    maxConnections: number('maxConnections', 1, 100_000, true),
+    maxConnections,
+    maxPendingConnections,
+    maxPendingPerAddress,
     maxGuestRamBytes,
   };
+}
+
+/**
+ * The `peerVms:` block (null when absent): a mapping from peer name to a list of VM names or globs.
+ * Peer names come from certificates, so it needs a `tls:` block; with `allowPeers` set, every name
+ * must be one of them (another could never connect: most likely a typo).
+ */
+export function parsePeerVms(value: unknown, tls: TlsConfig | null, fail: Fail): PeerVmRule[] | null {
+  if (value === undefined || value === null) return null;
+  if (!isMapping(value)) return fail('peerVms', `must be a mapping of peer name → list of VM names or globs, not ${describe(value)}`);
+  if (tls === null) return fail('peerVms', "needs a tls block: a peer's name is known only from its certificate");
+  return Object.entries(value).map(([peer, list]) => {
+    const key = `peerVms.${peer}`;
+    if (!PEER_NAME.test(peer)) return fail(key, `${JSON.stringify(peer)} is not a peer name (1-64 characters of A-Z a-z 0-9 . _ -)`);
+    if (tls.allowPeers !== null && !tls.allowPeers.includes(peer)) return fail(key, `"${peer}" is not in tls.allowPeers (${tls.allowPeers.join(', ')}), so it can never connect`);
+    if (!Array.isArray(list) || list.length === 0) return fail(key, `must be a non-empty list of VM names or globs, not ${describe(list)}`);
+    const patterns = (list as unknown[]).map((p, i) => {
+      if (typeof p !== 'string' || !VM_PATTERN.test(p)) return fail(`${key}[${i}]`, `${describe(p)} is not a VM name or glob (1-64 characters of A-Z a-z 0-9 . _ - * ?)`);
+      return p;
+    });
+    const glob = (p: string): string => p.replace(/[.]/g, '\\.').replace(/\*/g, '.*').replace(/\?/g, '.');
+    return { peer, patterns, match: new RegExp(`^(?:${patterns.map(glob).join('|')})$`) };
+  });
+}
+
+/**
+ * May a peer whose certificate gives `peerNames` migrate `vm` to this gateway? Always, without a
+ * `peerVms:` block; with one, only when one of its names lists a pattern matching the VM. Returns
+ * why not, or null.
+ */
+export function peerVmError(rules: readonly PeerVmRule[] | null, peerNames: readonly string[], vm: string): string | null {
+  if (rules === null) return null;
+  const mine = rules.filter((r) => peerNames.includes(r.peer));
+  if (mine.some((r) => r.match.test(vm))) return null;
+  const who = peerNames.length > 0 ? peerNames.map((n) => JSON.stringify(n)).join(', ') : 'a peer without a certificate name';
+  return mine.length === 0 ? `peerVms lists no VM for ${who}` : `VM ${vm} is not among peerVms for ${who} (${mine.flatMap((r) => r.patterns).join(', ')})`;
 }

@@ -22,7 +22,7 @@ import { noteStoreError } from './store-space';
 import { PooledReads } from './pooled-reads';
 import { SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './socket-tuning';
 import type { PeerTransport } from './transport';
-import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, IdleWatch, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
+import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 
 /**
  * A source that sends nothing for this long in its device-state tail, without closing, is taken to have
@@ -205,7 +205,7 @@ export class SendSession {
         return;
       }
       case FrameType.Abort:
-        this.fail(`the peer gateway aborted: ${decodeAbort(payload).error}`);
+        this.fail(`the peer gateway aborted: ${peerText(decodeAbort(payload).error)}`);
         return;
       default:
         throw new Error(`unexpected frame type ${type}`);

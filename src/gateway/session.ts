@@ -67,6 +67,19 @@ export function migrationReport(
   };
 }
 
+/** The most of a peer's own text (an Abort's error) that is logged or sent back. */
+export const PEER_TEXT_CHARS = 512;
+
+/**
+ * A peer's text as this gateway logs it and echoes it in its own Abort: control characters (which
+ * could forge log lines or terminal escapes) become spaces, and it is cut to PEER_TEXT_CHARS, so a
+ * peer cannot make either side log or send back megabytes.
+ */
+export function peerText(text: string): string {
+  const clean = text.replace(/[\u0000-\u001f\u007f-\u009f]/g, ' ');
+  return clean.length <= PEER_TEXT_CHARS ? clean : `${clean.slice(0, PEER_TEXT_CHARS)}… (${clean.length - PEER_TEXT_CHARS} more characters)`;
+}
+
 export function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }

@@ -123,10 +123,14 @@ export function certificateNames(cert: PeerCertificate | null | undefined): stri
   return [...names];
 }
 
+/** The names a connected peer's certificate gives (none on a plain connection). */
+export function peerNamesOf(socket: Socket): string[] {
+  return socket instanceof TLSSocket ? certificateNames(socket.getPeerCertificate()) : [];
+}
+
 /** The name a connected peer's certificate gives (for logs), or null on a plain connection. */
 export function peerNameOf(socket: Socket): string | null {
-  if (!(socket instanceof TLSSocket)) return null;
-  return certificateNames(socket.getPeerCertificate()).join(',') || null;
+  return peerNamesOf(socket).join(',') || null;
 }
 
 function addressKey(socket: Socket): string {

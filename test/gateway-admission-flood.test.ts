@@ -1,0 +1,181 @@
+/**
+ * A flood of unidentified connections against every port of a TLS gateway pair (both peer ports, both
+ * route ports, both metrics ports): 2,000 idle and slow-handshake connections, each re-opened when the
+ * gateway cuts it, while a migration goes A → B. The stream is a synthetic QEMU stream from
+ * migration-stream.ts (a real QEMU under TCG would take minutes to boot here); it must arrive byte for
+ * byte. The config uses only keys older than the pending pools, so this runs unchanged against a
+ * gateway without them (which refuses the migration: `connection-limit`).
+ */
+import * as fs from 'node:fs';
+import * as http from 'node:http';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { issueCerts } from '../src/certs';
+import { destinationStandIn, refusals, sourceStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
+import { guestMemory, migrationStream } from './migration-stream';
+
+type Role = 'peer' | 'source' | 'metrics';
+
+/**
+ * Hostile clients that keep `slots` connections to `targets` open: each slot connects (from one of
+ * `sources`, bounded to `concurrency` connects in flight), stays idle or drips the start of a
+ * handshake it never finishes, and when the gateway cuts it reconnects after a second or two.
+ */
+interface Flood {
+  stats: { connects: number; openNow: number; peakOpen: number; firstRoundDone: number };
+  /** Stops re-opening and closes every connection. */
+  stop: () => Promise<void>;
+}
+
+function holdConnections(targets: Array<{ port: number; role: Role }>, slots: number, concurrency: number, sources: string[]): Flood {
+  const drip: Record<Role, Buffer> = {
+    // A TLS record header announcing a ClientHello that never comes.
+    peer: Buffer.from([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]),
+    // Three bytes of QEMU's magic, never the fourth.
+    source: Buffer.from('QEV'),
+    metrics: Buffer.from('GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n'),
+  };
+  const stats = { connects: 0, openNow: 0, peakOpen: 0, firstRoundDone: 0 };
+  let running = true;
+  let inFlight = 0;
+  const waiting: Array<() => void> = [];
+  const sockets = new Set<net.Socket>();
+  const timers = new Set<NodeJS.Timeout>();
+  const later = (ms: number, fn: () => void): void => {
+    if (!running) return;
+    const t = setTimeout(() => {
+      timers.delete(t);
+      fn();
+    }, ms);
+    timers.add(t);
+  };
+  const open = (slot: number, first: boolean): void => {
+    if (!running) return;
+    if (inFlight >= concurrency) return void waiting.push(() => open(slot, first));
+    inFlight++;
+    const target = targets[slot % targets.length];
+    const slow = slot % 2 === 1;
+    const socket = net.connect({ host: '127.0.0.1', port: target.port, localAddress: sources[slot % sources.length] });
+    sockets.add(socket);
+    stats.connects++;
+    let settled = false;
+    const settle = (): void => {
+      if (settled) return;
+      settled = true;
+      inFlight--;
+      if (first) stats.firstRoundDone++;
+      waiting.shift()?.();
+    };
+    let sent = 0;
+    let connected = false;
+    let dripTimer: NodeJS.Timeout | null = null;
+    socket.on('error', () => undefined);
+    socket.resume();
+    socket.once('connect', () => {
+      settle();
+      connected = true;
+      stats.openNow++;
+      stats.peakOpen = Math.max(stats.peakOpen, stats.openNow);
+      if (slow) {
+        dripTimer = setInterval(() => {
+          if (sent < drip[target.role].length) socket.write(drip[target.role].subarray(sent, ++sent));
+        }, 1000);
+      }
+    });
+    socket.once('close', () => {
+      settle();
+      if (connected) stats.openNow--;
+      if (dripTimer) clearInterval(dripTimer);
+      sockets.delete(socket);
+      later(1000 + Math.random() * 1000, () => open(slot, false));
+    });
+  };
+  for (let slot = 0; slot < slots; slot++) open(slot, true);
+  return {
+    stats,
+    stop: async (): Promise<void> => {
+      running = false;
+      for (const t of timers) clearTimeout(t);
+      const closed = [...sockets].map((s) => new Promise<void>((r) => (s.destroyed ? r() : s.once('close', () => r()))));
+      for (const s of sockets) s.destroy();
+      await Promise.all(closed);
+    },
+  };
+}
+
+describe('admission under a flood of unidentified connections (TLS pair, synthetic QEMU stream)', () => {
+  let tmp = '';
+  let a: TestSite;
+  let b: TestSite;
+  const stream = migrationStream(guestMemory([['pc.ram', 2000]], 21), [[5, 9, 300]]);
+
+  beforeAll(async () => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-admission-'));
+    const certs = path.join(tmp, 'certs');
+    issueCerts(certs, ['site-a', 'site-b'], 30);
+    // Only keys that the code before pending pools had: this test runs unchanged against it.
+    const block = (site: string, peer: string): string =>
+      `tls:\n  cert: ${certs}/${site}.crt\n  key: ${certs}/${site}.key\n  ca: ${certs}/ca.crt\n  allowPeers: [${peer}]\nlimits:\n  handshakeSeconds: 5\n  maxConnections: 64\n`;
+    [a, b] = await startPair(tmp, [block('site-a', 'site-b'), block('site-b', 'site-a')]);
+  });
+
+  afterAll(async () => {
+    await a?.gateway.stop(1);
+    await b?.gateway.stop(1);
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  test('2,000 idle and slow-handshake connections on every port do not keep a migration out', async () => {
+    const ports = (s: TestSite): Array<{ port: number; role: Role }> => [
+      { port: s.peerPort, role: 'peer' },
+      { port: s.routePort, role: 'source' },
+      { port: s.gateway.bound.get('metrics')?.port ?? 0, role: 'metrics' },
+    ];
+    // The flood comes from 50 addresses of its own; the source QEMU and the far gateway from 127.0.0.1.
+    const sources = Array.from({ length: 50 }, (_, i) => `127.0.1.${i + 1}`);
+    const flood = holdConnections([...ports(a), ...ports(b)], 2000, 100, sources);
+    try {
+      await waitFor(() => flood.stats.firstRoundDone >= 2000, 30_000);
+      // ...and has come back for more: the slots the gateways cut are re-opening.
+      await waitFor(() => flood.stats.connects >= 3000, 30_000);
+      // Both gateways are as full as the flood can make them.
+      await waitFor(() => a.gateway.openConnections >= 40 && b.gateway.openConnections >= 40, 5_000);
+      const dest = await destinationStandIn(b.destPort);
+      const t0 = Date.now();
+      const outcome = await sourceStandIn(a.routePort, stream);
+      const received = await Promise.race([dest.received, new Promise<null>((r) => setTimeout(() => r(null), 30_000).unref())]);
+      dest.close();
+      const seconds = (Date.now() - t0) / 1000;
+      // Prometheus, too, gets its answer during the flood.
+      const scrape = await new Promise<number | string>((resolve) => {
+        const req = http.get({ host: '127.0.0.1', port: a.gateway.bound.get('metrics')?.port, path: '/metrics', agent: false }, (res) => {
+          res.resume();
+          res.on('end', () => resolve(res.statusCode ?? 0));
+        });
+        req.on('error', (err) => resolve(String(err)));
+      });
+      const reasons = (site: TestSite): Record<string, number> => {
+        const out: Record<string, number> = {};
+        for (const r of refusals(site)) out[`${r.listener}/${r.reason}`] = (out[`${r.listener}/${r.reason}`] ?? 0) + 1;
+        return out;
+      };
+      console.log(
+        `flood: ${flood.stats.connects} connects, peak ${flood.stats.peakOpen} open at the clients; gateways open ${a.gateway.openConnections}/${b.gateway.openConnections}; ` +
+          `migration ${outcome} in ${seconds.toFixed(2)} s; refusals A ${JSON.stringify(reasons(a))} B ${JSON.stringify(reasons(b))}`,
+      );
+      // The flood was as strong as it says: nearly all 2,000 connected at once (accepted or in the backlog).
+      expect(flood.stats.peakOpen).toBeGreaterThan(1900);
+      expect({ outcome, delivered: received?.bytes.equals(stream) ?? false, scrape }).toEqual({ outcome: 'closed', delivered: true, scrape: 200 });
+      await waitFor(() => a.gateway.history.length === 1 && b.gateway.history.length === 1);
+      expect(a.gateway.history[0]).toMatchObject({ direction: 'send', result: 'completed' });
+      expect(b.gateway.history[0]).toMatchObject({ direction: 'receive', result: 'completed' });
+      expect(a.gateway.openConnections).toBeLessThanOrEqual(64);
+      const text = await a.metrics.text();
+      expect(text).toMatch(/bfmig_connections_refused_total\{listener="(peer|source|metrics)",reason="(pending-limit|per-address-limit)"\} [1-9]/);
+    } finally {
+      await flood.stop();
+    }
+    expect(fs.readdirSync(b.data).filter((n) => !n.startsWith('.'))).toEqual(['vm1']);
+  }, 90_000);
+});
