@@ -1,0 +1,222 @@
+/**
+ * A stream damaged between the gateways never runs, with real QEMU 7.2 and two `bfmig gateway`
+ * processes on a plaintext link. A relay standing for the WAN flips one byte of one Literal frame —
+ * in a page, in the device state, or in the vmdesc trailer — for the QEMU 7.2 framing and the QEMU
+ * 2.0 one (which has no trailer), with QEMU's return path off and on. Each time the source QEMU must
+ * report a failed migration while its VM runs on and verifies, and the destination QEMU must never
+ * reach `completed` or `running`. A control migration through the same relay, untouched, completes:
+ * the relay itself breaks nothing, so the failures are the damage's doing.
+ */
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { loopbackMultiRouteYaml } from '../src/demo/loopback-config';
+import { type SiteGateway, startSiteGateway } from '../src/demo/site-gateway';
+import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type QemuVmOptions } from '../src/vm/qemu-vm';
+import { encodeFrame, FrameParser, FrameType, MAX_FRAME_PAYLOAD } from '../src/wire/frames';
+
+const SKIP = process.env.BFMIG_SKIP_E2E === '1';
+const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
+const VM = 'vm1';
+
+/** Where to flip a byte: returns the index in a Literal payload, or -1 where this frame has no such place. */
+type Target = (payload: Buffer) => number;
+
+/** A byte of the SeaBIOS image in guest memory: a page the destination would load without a word. */
+const inPage: Target = (p) => {
+  const at = p.indexOf('SeaBIOS');
+  return at < 0 ? -1 : at;
+};
+
+/** A byte of the `timer` device's state (its clock offsets: any value loads). */
+const inDeviceState: Target = (p) => {
+  // FULL section header: 0x04, u32 id, u8 name length, "timer", u32 instance, u32 version; then data.
+  const name = p.indexOf(Buffer.from([5, ...Buffer.from('timer')]));
+  if (name < 5 || p[name - 5] !== 0x04 || name + 6 + 8 + 8 > p.length) return -1;
+  return name + 6 + 8 + 3;
+};
+
+/** A byte of the vmdesc JSON after EOF, which QEMU's loader reads after the machine state. */
+const inTrailer: Target = (p) => {
+  const at = p.indexOf('{"page_size":');
+  return at < 0 || at + 20 > p.length ? -1 : at + 15;
+};
+
+/**
+ * The WAN link from the sending gateway to the receiving one: frames pass as they are, except that
+ * `target`, while set, flips one byte of the first Literal frame it finds a place in.
+ */
+class TamperLink {
+  target: Target | null = null;
+  flipped = false;
+  private readonly server: net.Server;
+
+  constructor(private readonly to: number) {
+    this.server = net.createServer((client) => this.accept(client));
+  }
+
+  listen(): Promise<number> {
+    return new Promise((resolve) => this.server.listen(0, '127.0.0.1', () => resolve((this.server.address() as net.AddressInfo).port)));
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve) => this.server.close(() => resolve()));
+  }
+
+  private accept(client: net.Socket): void {
+    const far = net.connect({ host: '127.0.0.1', port: this.to });
+    const frames = new FrameParser((type, payload) => {
+      let bytes = payload;
+      if (type === FrameType.Literal && this.target && !this.flipped) {
+        const at = this.target(payload);
+        if (at >= 0) {
+          bytes = Buffer.from(payload);
+          bytes[at] ^= 0x01;
+          this.flipped = true;
+        }
+      }
+      far.write(encodeFrame(type, Buffer.from(bytes)));
+    });
+    frames.maxPayload = MAX_FRAME_PAYLOAD;
+    client.on('data', (chunk: Buffer) => frames.push(chunk));
+    far.on('data', (chunk: Buffer) => client.write(chunk));
+    const close = (): void => {
+      client.destroy();
+      far.destroy();
+    };
+    for (const s of [client, far]) {
+      s.on('error', close);
+      s.on('close', close);
+    }
+  }
+}
+
+(SKIP ? describe.skip : describe)('a stream damaged between the gateways never runs (real QEMU)', () => {
+  let tmp = '';
+  let sender: SiteGateway;
+  let receiver: SiteGateway;
+  let link: TamperLink;
+  let routePort = 0;
+  let destPort = 0;
+  const outcomes: string[] = [];
+
+  beforeAll(async () => {
+    ensureGuestBuilt();
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-tamper-'));
+    const [peerA, peerB, route, dest, unused] = await Promise.all(Array.from({ length: 5 }, () => freePort()));
+    routePort = route;
+    destPort = dest;
+    link = new TamperLink(peerB);
+    const linkPort = await link.listen();
+    const site = (name: string, peer: number, farPeer: number, routeAt: number, target: number): string => {
+      const data = path.join(tmp, name);
+      fs.mkdirSync(data);
+      return loopbackMultiRouteYaml({ name, data, peerPort: peer, farPeerPort: farPeer, routes: [{ vm: VM, routePort: routeAt, targetPort: target }] });
+    };
+    sender = await startSiteGateway(tmp, 'site-a', site('site-a', peerA, linkPort, routePort, destPort), 'child-process');
+    receiver = await startSiteGateway(tmp, 'site-b', site('site-b', peerB, peerA, unused, unused), 'child-process');
+  });
+
+  afterAll(async () => {
+    await disposeAllVms();
+    await sender?.stop();
+    await receiver?.stop();
+    await link?.close();
+    if (outcomes.length > 0) console.log(['damaged between the gateways (real QEMU):', ...outcomes].join('\n'));
+    if (process.env.BFMIG_KEEP_VM_TMP === '1') console.log(`gateway logs kept in ${tmp}`);
+    else fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  const framings: Array<{ machine: string; targets: Array<[string, Target]> }> = [
+    {
+      machine: 'pc-i440fx-7.2',
+      targets: [
+        ['a page', inPage],
+        ['the device state', inDeviceState],
+        ['the vmdesc trailer', inTrailer],
+      ],
+    },
+    {
+      machine: 'pc-i440fx-2.0',
+      targets: [
+        ['a page', inPage],
+        ['the device state', inDeviceState],
+      ],
+    },
+  ];
+
+  for (const { machine, targets } of framings) {
+    for (const returnPath of [false, true]) {
+      test(`${machine}, return path ${returnPath ? 'on' : 'off'}: every damaged migration fails cleanly, the untouched one completes`, async () => {
+        const options: QemuVmOptions = { machine, memMiB: 128, workload: { mib: 16, seed: 41, rewritePct: 0, intervalMs: 500 } };
+        const vm = new QemuVm({ ...options, name: `tamper-src-${machine}` });
+        await vm.start();
+        if (returnPath) await vm.setMigrationCapabilities({ 'return-path': true });
+        await vm.waitForSerial(/WORKLOAD READY/, 180_000);
+        const destination = async (label: string): Promise<QemuVm> => {
+          const dest = new QemuVm({ ...options, name: `tamper-${label}`, incoming: `tcp:127.0.0.1:${destPort}` });
+          await dest.start();
+          if (returnPath) await dest.setMigrationCapabilities({ 'return-path': true });
+          return dest;
+        };
+        for (const [where, target] of targets) {
+          // Nothing retained: every page crosses as Literal bytes (a retained one would cross as a Run).
+          for (const site of ['site-a', 'site-b']) fs.rmSync(path.join(tmp, site, VM), { recursive: true, force: true });
+          const counts = receiver.reports.length;
+          link.target = target;
+          link.flipped = false;
+          const dest = await destination(`${where.replace(/ /g, '-')}`);
+          await vm.migrate(`tcp:127.0.0.1:${routePort}`);
+          const info = await vm.waitForMigration({ timeoutMs: 120_000, allowFailure: true });
+          // Without the return path the source may be done before the link has passed the tail on.
+          await waitFor(() => receiver.reports.length > counts);
+          expect(link.flipped).toBe(true);
+          let source = 'failed and runs on';
+          if (returnPath) {
+            // The destination's verdict reaches the source QEMU, which fails the migration and runs on.
+            expect({ where, status: info.status }).toEqual({ where, status: 'failed' });
+          } else if (info.status === 'completed') {
+            // Without the return path QEMU's source counts a migration complete once its socket took the
+            // last byte, and leaves its VM paused: what reaches it is the destination's failure, below.
+            expect((await vm.status()).status).toBe('postmigrate');
+            await vm.qmp('cont');
+            source = 'reported completed (no return path), VM paused; resumed with cont';
+          } else {
+            expect({ where, status: info.status }).toEqual({ where, status: 'failed' });
+          }
+          // The source's VM runs and still verifies its memory.
+          expect((await vm.status()).status).toBe('running');
+          await vm.waitForSerial(VERIFIED, 60_000, { since: vm.serialMark() });
+          // The destination never completed loading nor ran the guest.
+          const exited = await dest.waitForExit(30_000);
+          if (!exited) {
+            expect((await dest.status()).status).not.toBe('running');
+            expect((await dest.queryMigrate()).status).not.toBe('completed');
+          }
+          expect(receiver.reports[counts]).toMatchObject({ direction: 'receive', result: 'failed' });
+          outcomes.push(`- ${machine}, return path ${returnPath ? 'on' : 'off'}, byte flipped in ${where}: source ${source}; destination ${exited ? `exited (${dest.exit?.code ?? dest.exit?.signal})` : 'waiting, never ran'}`);
+          await dest.dispose();
+        }
+        // The control: the same link, nothing flipped.
+        link.target = null;
+        const dest = await destination('control');
+        await vm.migrate(`tcp:127.0.0.1:${routePort}`);
+        expect((await vm.waitForMigration({ timeoutMs: 120_000 })).status).toBe('completed');
+        await dest.waitForStatus('running', 60_000);
+        await dest.waitForSerial(VERIFIED, 60_000);
+        outcomes.push(`- ${machine}, return path ${returnPath ? 'on' : 'off'}, nothing flipped: completed, guest verified at the destination`);
+        await dest.dispose();
+        await vm.dispose();
+      });
+    }
+  }
+});
+
+async function waitFor(condition: () => boolean, timeoutMs = 30_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > until) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
