@@ -112,3 +112,22 @@ export function migrationStream(memory: GuestMemory, laterRounds: number[][], ma
   w.flush();
   return Buffer.concat(parts);
 }
+
+/** The first records of a stream, up to the RAM block list: what a receiver needs to lay out its store. */
+export function streamStart(blocks: [string, number][], machine = 'pc-i440fx-7.2'): Buffer {
+  const parts: Buffer[] = [];
+  const w = new StreamWriter((b) => parts.push(Buffer.from(b)), 64 * 1024);
+  const layout: RamBlock[] = [];
+  let first = 0;
+  for (const [name, bytes] of blocks) {
+    layout.push({ index: layout.length, name, length: bytes, firstPage: first, pages: bytes / PAGE });
+    first += bytes / PAGE;
+  }
+  w.write({ kind: RecordKind.FileHeader, version: 3, streamOffset: 0 });
+  w.write({ kind: RecordKind.Configuration, machineType: machine, subsections: [], streamOffset: 0 });
+  w.write({ kind: RecordKind.SectionHeader, type: SectionType.Start, sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4, streamOffset: 0 });
+  const total = layout.reduce((s, b) => s + b.length, 0);
+  w.write({ kind: RecordKind.RamBlockList, flags: RamFlag.MemSize, totalBytes: total, blocks: layout, streamOffset: 0 });
+  w.flush();
+  return Buffer.concat(parts);
+}

@@ -29,6 +29,8 @@ import { noteStoreError } from './store-space';
  * rest of that read out of the reused read buffer.
  */
 const DEST_QUEUE_BYTES = 1024 * 1024;
+/** The digest table is queued for the peer no further ahead than this. */
+const TABLE_QUEUE_BYTES = 2 * 1024 * 1024;
 
 export interface ReceiveOptions {
   site: string;
@@ -72,6 +74,8 @@ export class ReceiveSession {
   private decoder: StreamDecoder | null = null;
   private holdsVm = false;
   private tableSent = false;
+  /** Bytes of the digest table queued for the peer so far; -1 until it asks (once per migration). */
+  private tableQueued = -1;
   /** Buffers for rebuilt Runs, reused once the destination socket has written them. */
   private readonly outputs = new OutputSlabs();
   private destClosed = false;
@@ -134,6 +138,7 @@ export class ReceiveSession {
     }
     this.peer = peer;
     peer.setNoDelay(true);
+    peer.on('drain', () => this.pumpTable());
     peer.on('error', (err) => this.fail(`peer: ${err.message}`, 'closed'));
     peer.on('close', () => this.fail('the peer gateway closed the connection', 'closed'));
     this.timer = setInterval(() => this.progress(), PROGRESS_INTERVAL_MS);
@@ -306,14 +311,27 @@ export class ReceiveSession {
   }
 
   private sendTable(): void {
+    if (this.tableQueued >= 0) throw new Error('a second digest table request');
+    if (!this.store || !this.decoder?.layout) throw new Error('digest table requested before the RAM layout');
+    this.tableQueued = 0;
+    this.pumpTable();
+  }
+
+  /**
+   * Queues the digest table (16 bytes a page: a gigabyte for the largest guest) a piece at a time, only
+   * while the peer reads it: a peer that stops reading holds no more than TABLE_QUEUE_BYTES of it here.
+   */
+  private pumpTable(): void {
     const store = this.store;
-    if (!store || !this.decoder?.layout) throw new Error('digest table requested before the RAM layout');
+    if (!store || this.tableSent || this.tableQueued < 0 || this.finished) return;
     const table = store.digests;
-    for (let at = 0; at < table.length; at += TABLE_FRAME_BYTES) {
-      const piece = Buffer.from(table.buffer, table.byteOffset + at, Math.min(TABLE_FRAME_BYTES, table.length - at));
-      this.writeFrame(frameHeader(FrameType.TableData, piece.length));
+    while (this.tableQueued < table.length) {
+      if (this.peer.writableLength >= TABLE_QUEUE_BYTES) return; // 'drain' goes on
+      const length = Math.min(TABLE_FRAME_BYTES, table.length - this.tableQueued);
+      this.writeFrame(frameHeader(FrameType.TableData, length));
       // A copy: the table changes as the migration goes on, the socket may send later.
-      this.writeFrame(Buffer.from(piece));
+      this.writeFrame(Buffer.from(table.subarray(this.tableQueued, this.tableQueued + length)));
+      this.tableQueued += length;
     }
     this.writeFrame(encodeFrame(FrameType.TableEnd));
     this.tableSent = true;

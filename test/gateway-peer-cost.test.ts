@@ -1,0 +1,69 @@
+/**
+ * What a peer can make a receiving gateway hold is bounded: requests and frames a peer can repeat
+ * cost the gateway no more memory than it states. Measured on a `bfmig gateway` child process (its
+ * peak RSS), against a hand-driven peer that never reads what it asked for.
+ */
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { loopbackMultiRouteYaml } from '../src/demo/loopback-config';
+import { type SiteGateway, startSiteGateway } from '../src/demo/site-gateway';
+import { freePort } from '../src/vm/qemu-vm';
+import { encodeFrame, FrameType } from '../src/wire/frames';
+import { rawPeer, waitFor } from './gateway-pair';
+import { streamStart } from './migration-stream';
+
+const GiB = 1024 * 1024 * 1024;
+
+describe('a peer costs the receiving gateway a bounded amount', () => {
+  let tmp = '';
+  let gateway: SiteGateway;
+  let peerPort = 0;
+  let destPort = 0;
+  let destination: net.Server;
+
+  beforeAll(async () => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-peercost-'));
+    const [peer, route, farPeer, dest] = await Promise.all(Array.from({ length: 4 }, () => freePort()));
+    peerPort = peer;
+    destPort = dest;
+    // A destination that takes whatever it is given.
+    destination = net.createServer((s) => {
+      s.resume();
+      s.on('error', () => undefined);
+    });
+    await new Promise<void>((r) => destination.listen(destPort, '127.0.0.1', () => r()));
+    const data = path.join(tmp, 'site-b');
+    fs.mkdirSync(data);
+    const yaml = loopbackMultiRouteYaml({ name: 'site-b', data, peerPort, farPeerPort: farPeer, routes: [{ vm: 'vm1', routePort: route, targetPort: destPort }] });
+    gateway = await startSiteGateway(tmp, 'site-b', yaml, 'child-process');
+  });
+
+  afterAll(async () => {
+    await gateway?.stop();
+    destination?.close();
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  test('20 digest table requests for a 16 GiB guest from a peer that does not read: the table is queued once, a little at a time, and the second request ends the migration', async () => {
+    const before = gateway.peakRssMiB() ?? 0;
+    const peer = await rawPeer(peerPort);
+    peer.hello('vm1', `127.0.0.1:${destPort}`);
+    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
+    // The stream's start declares one 16 GiB block: its digest table is 64 MiB.
+    peer.socket.write(encodeFrame(FrameType.Literal, streamStart([['pc.ram', 16 * GiB]])));
+    // Stop reading: whatever the gateway writes for this peer now stays queued on its side.
+    peer.socket.pause();
+    for (let i = 0; i < 20; i++) peer.socket.write(encodeFrame(FrameType.TableRequest));
+    await waitFor(() => gateway.reports.length > 0, 30_000);
+    expect(gateway.reports[0]).toMatchObject({ direction: 'receive', result: 'failed' });
+    const log = fs.readFileSync(path.join(tmp, 'site-b.log'), 'utf8');
+    expect(log).toMatch(/a second digest table request/);
+    const peak = gateway.peakRssMiB() ?? Infinity;
+    console.log(`receiving gateway peak RSS: ${before.toFixed(1)} MiB before, ${peak.toFixed(1)} MiB after 20 table requests (16 GiB guest, 64 MiB table)`);
+    // The store's own table (64 MiB) and what is queued for the peer (a few MiB) — not 20 copies of it.
+    expect(peak - before).toBeLessThan(64 + 48);
+    peer.socket.destroy();
+  });
+});
