@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { preadFully, pwriteFully } from './fsio';
+import { openNoFollow, preadFully, pwriteFully } from './fsio';
 import type { PageStore, StoreLayout } from './index';
 
 const DIGEST_BYTES = 16;
@@ -38,7 +38,7 @@ export class UndoJournal {
 
   /** Starts a journal (replacing any earlier one); the header is durable before this returns. */
   static create(dir: string, header: UndoHeader): UndoJournal {
-    const fd = fs.openSync(path.join(dir, UNDO_FILE), 'w+', 0o600);
+    const fd = openNoFollow(path.join(dir, UNDO_FILE), fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC);
     try {
       const head = Buffer.alloc(UNDO_HEADER_BYTES);
       const text = UNDO_MAGIC + JSON.stringify(header);
@@ -60,7 +60,7 @@ export class UndoJournal {
   static open(dir: string, expect: { layoutId: string; pageSize: number; pageCount: number }): UndoJournal | null {
     let fd: number;
     try {
-      fd = fs.openSync(path.join(dir, UNDO_FILE), 'r');
+      fd = openNoFollow(path.join(dir, UNDO_FILE), fs.constants.O_RDONLY);
     } catch {
       return null;
     }
