@@ -93,15 +93,17 @@ describe('tls: and limits: config', () => {
       maxFrameBytes: 4 * 1024 * 1024,
       maxConnections: 64,
       maxGuestRamBytes: 256 * 2 ** 30,
+      maxStores: 1024,
     });
     expect(
-      parse(config('limits:\n  handshakeSeconds: 2.5\n  idleSeconds: 30\n  maxFrameBytes: 2MiB\n  maxConnections: 500\n  maxGuestRam: 512GiB\n', '127.0.0.1:7300')).limits,
+      parse(config('limits:\n  handshakeSeconds: 2.5\n  idleSeconds: 30\n  maxFrameBytes: 2MiB\n  maxConnections: 500\n  maxGuestRam: 512GiB\n  maxStores: 20\n', '127.0.0.1:7300')).limits,
     ).toEqual({
       handshakeSeconds: 2.5,
       idleSeconds: 30,
       maxFrameBytes: 2 * 1024 * 1024,
       maxConnections: 500,
       maxGuestRamBytes: 512 * 2 ** 30,
+      maxStores: 20,
     });
   });
 

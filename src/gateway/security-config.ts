@@ -13,6 +13,7 @@
  *   maxFrameBytes: 4MiB        # largest gateway-to-gateway frame accepted (1MiB..4MiB)
  *   maxConnections: 64         # open connections across all of this gateway's listeners
  *   maxGuestRam: 256GiB        # largest guest RAM a stream may declare (the store keeps 16 B a page in memory)
+ *   maxStores: 1024            # store directories (VMs) kept; a new VM above it migrates without retention
  * ```
  */
 import { createPrivateKey, type KeyObject, X509Certificate } from 'node:crypto';
@@ -44,6 +45,8 @@ export interface Limits {
   maxConnections: number;
   /** Largest guest RAM (bytes) a migration's stream may declare: the digest table costs 16 B a page. */
   maxGuestRamBytes: number;
+  /** Most store directories the data directory holds: a peer naming ever new VMs cannot fill it with stores. */
+  maxStores: number;
 }
 
 export const DEFAULT_LIMITS: Readonly<Limits> = {
@@ -52,6 +55,7 @@ export const DEFAULT_LIMITS: Readonly<Limits> = {
   maxFrameBytes: MAX_FRAME_PAYLOAD,
   maxConnections: 64,
   maxGuestRamBytes: 256 * 2 ** 30,
+  maxStores: 1024,
 };
 /** The store's own ceiling: 2^28 pages of 4 KiB (a 4 GiB digest table). */
 const MAX_GUEST_RAM_BYTES = 2 ** 40;
@@ -59,7 +63,7 @@ const MAX_GUEST_RAM_BYTES = 2 ** 40;
 export const MIN_FRAME_BYTES = TABLE_FRAME_BYTES;
 
 const TLS_KEYS = ['cert', 'key', 'ca', 'allowPeers'] as const;
-const LIMIT_KEYS = ['handshakeSeconds', 'idleSeconds', 'maxFrameBytes', 'maxConnections', 'maxGuestRam'] as const;
+const LIMIT_KEYS = ['handshakeSeconds', 'idleSeconds', 'maxFrameBytes', 'maxConnections', 'maxGuestRam', 'maxStores'] as const;
 const PEER_NAME = /^[A-Za-z0-9._-]{1,64}$/;
 
 /** The `tls:` block, or null when absent. Reads and checks the PEM files so a bad one stops start-up. */
@@ -126,7 +130,7 @@ export function parseLimits(value: unknown, fail: Fail): Limits {
   if (!isMapping(value)) return fail('limits', `must be a mapping of ${LIMIT_KEYS.join(', ')}, not ${describe(value)}`);
   const unknown = Object.keys(value).filter((k) => !(LIMIT_KEYS as readonly string[]).includes(k));
   if (unknown.length > 0) fail(`limits.${unknown[0]}`, `unknown key "limits.${unknown[0]}" (expected ${LIMIT_KEYS.join(', ')})`);
-  const number = (name: 'handshakeSeconds' | 'idleSeconds' | 'maxConnections', min: number, max: number, integer: boolean): number => {
+  const number = (name: 'handshakeSeconds' | 'idleSeconds' | 'maxConnections' | 'maxStores', min: number, max: number, integer: boolean): number => {
     const v = value[name];
     if (v === undefined || v === null) return DEFAULT_LIMITS[name];
     if (typeof v !== 'number' || !Number.isFinite(v) || (integer && !Number.isInteger(v))) {
@@ -156,5 +160,6 @@ export function parseLimits(value: unknown, fail: Fail): Limits {
     maxFrameBytes,
     maxConnections: number('maxConnections', 1, 100_000, true),
     maxGuestRamBytes,
+    maxStores: number('maxStores', 1, 1_000_000, true),
   };
 }

@@ -400,6 +400,34 @@ export class PageStore {
   }
 
   /**
+   * Empties the store for good, outside a migration: no pages, no digests, no meta.json (it is then a
+   * store that never held anything). For a caller that may not keep what it began to store, e.g. when
+   * the disk budget has no room for it: the files stop taking their full size at once.
+   */
+  discardAll(): void {
+    this.checkOpen();
+    if (this.active) throw new Error(`store ${this.vm}: discardAll() during a migration (abort it first)`);
+    try {
+      this.settleWrites();
+    } catch {
+      // failed writes of pages thrown away anyway
+    }
+    fs.rmSync(path.join(this.dir, META_FILE), { force: true });
+    fsyncDir(this.dir);
+    fs.ftruncateSync(this.digestsFd, 0);
+    fs.ftruncateSync(this.pagesFd, 0);
+    this.direct?.setSize(0);
+    this.m = null;
+    this.ps = 0;
+    this.pc = 0;
+    this.table = null;
+    this.t32 = null;
+    this.dirty = null;
+    this.zeroKnown = null;
+    this.present = 0;
+  }
+
+  /**
    * Keeps an opaque named blob beside the pages (written atomically), e.g. what a caller needs besides
    * the pages to rebuild what it stored. Names are simple words.
    */
