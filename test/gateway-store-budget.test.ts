@@ -54,7 +54,8 @@ describe('storeBudget at the receiving gateway', () => {
     plant(dataB, 'other', 'snap-other'); // another VM's snapshot
     plant(dataB, 'failed', null); // a migration that never completed
     fs.mkdirSync(path.join(dataB, 'hello-only')); // an accepted Hello that got no further
-    [a, b] = await startPair(tmp, ['', 'storeBudget: 1MiB\n']);
+    // Both sites: the sending gateway's store is held to the budget the same way.
+    [a, b] = await startPair(tmp, ['storeBudget: 1MiB\n', 'storeBudget: 1MiB\n']);
   });
 
   afterAll(async () => {
@@ -87,8 +88,11 @@ describe('storeBudget at the receiving gateway', () => {
     } finally {
       other.close();
     }
-    // The store it began holds nothing and is gone after the migration.
+    expect(last(a)).toMatchObject({ direction: 'send', result: 'completed', mode: 'none' });
+    expect(a.logs.some((l) => l.msg === 'storeBudget has no room for this store: this migration retains nothing')).toBe(true);
+    // The stores they began hold nothing and are gone after the migration.
     expect(fs.existsSync(path.join(b.data, 'vm1'))).toBe(false);
+    expect(fs.existsSync(path.join(a.data, 'vm1'))).toBe(false);
   });
 });
 

@@ -6,6 +6,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { listSnapshots } from '../src/cli/snapshots';
 import { PageStore, removeStore, removeUnclaimedStores, StoreBusyError, UndoableStore } from '../src/store';
 import { DirectPages } from '../src/store/direct-pages';
 
@@ -93,6 +94,13 @@ describe('symbolic links in the data directory are never followed', () => {
     const link = path.join(data, 'link');
     fs.symlinkSync(real, link);
     expect(DirectPages.open(link, 8192)).toBeNull();
+  });
+
+  test('bfmig snapshots list skips a VM directory that is a symbolic link, writing nothing where it points', () => {
+    committed('vm1', 's1');
+    fs.symlinkSync(outside, path.join(data, 'linked'));
+    expect(listSnapshots(data).map((s) => s.vm)).toEqual(['vm1']);
+    expect(fs.readdirSync(outside)).toEqual([]);
   });
 
   test('a lock file planted as a symbolic link is not read through: it is removed and the store opens', () => {

@@ -214,6 +214,7 @@ export class StoreBudget {
    */
   makeRoom(vm: string, bytes: number): Room {
     this.touched.set(vm, Date.now());
+    removeLeftovers(this.root); // what a remover that died left behind takes space no scan counts
     const others = scanStores(this.root).filter((e) => e.vm !== vm);
     let total = bytes + others.reduce((sum, e) => sum + e.bytes, 0);
     if (total <= this.budgetBytes) return { fits: true, evicted: [] };
