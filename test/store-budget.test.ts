@@ -133,6 +133,27 @@ describe('storeBudget bounds the disk', () => {
     }
   });
 
+  test('a running migration counts at what it was let grow to, not at what its files hold yet', () => {
+    const budget = new StoreBudget(data, 200 * 1024);
+    const store = PageStore.open(data, 'vm1');
+    const undoable = new UndoableStore(store);
+    try {
+      undoable.begin({ pageSize: 4096, pageCount: 8, layoutId: 'l', layout: {} }); // its undo journal may reach 8 pages
+      const need = undoable.needBytes();
+      expect(need).toBeGreaterThan(2 * 8 * 4096);
+      expect(budget.makeRoom('vm1', need)).toEqual({ fits: true, evicted: [] });
+      // vm2 and vm3 are idle and may go; vm1's journal is still empty on disk but must stay counted.
+      expect(budget.makeRoom('vm4', 200 * 1024 - need + 1)).toEqual({ fits: false, evicted: [] });
+    } finally {
+      undoable.rollback();
+      store.close();
+    }
+    // Once vm1's migration is over (its store unlocked), only its files count.
+    const room = budget.makeRoom('vm4', 200 * 1024 - du(path.join(data, 'vm1')));
+    expect(room.fits).toBe(true);
+    expect(room.evicted.map((e) => e.vm)).toEqual(['vm2', 'vm3']);
+  });
+
   test('a store created after the budget was made counts and can be evicted', () => {
     const budget = new StoreBudget(data, 100 * 1024);
     commitStore('vm0', 8, Date.now() / 1000 - 200); // written later, but used longest ago

@@ -197,6 +197,12 @@ function alive(pid: number): boolean {
 export class StoreBudget {
   /** Uses seen by this process (ms), newer than a store's meta.json may yet say. */
   private readonly touched = new Map<string, number>();
+  /**
+   * What makeRoom() let each store grow to, while the store stays locked (its migration running): its
+   * files are still growing toward it (the undo journal fills as pages change), so it counts at least
+   * that much. Dropped once the store is found unlocked.
+   */
+  private readonly reserved = new Map<string, number>();
 
   constructor(
     private readonly root: string,
@@ -216,10 +222,18 @@ export class StoreBudget {
     this.touched.set(vm, Date.now());
     removeLeftovers(this.root); // what a remover that died left behind takes space no scan counts
     const others = scanStores(this.root).filter((e) => e.vm !== vm);
-    let total = bytes + others.reduce((sum, e) => sum + e.bytes, 0);
-    if (total <= this.budgetBytes) return { fits: true, evicted: [] };
     // Which stores a removal could take: a store whose lock is held now is not one of them.
-    const removable = others.filter((e) => lockHolder(path.join(this.root, e.vm)) === null);
+    const removable: StoreEntry[] = [];
+    for (const e of others) {
+      if (lockHolder(path.join(this.root, e.vm)) === null) {
+        this.reserved.delete(e.vm);
+        removable.push(e);
+      } else {
+        e.bytes = Math.max(e.bytes, this.reserved.get(e.vm) ?? 0);
+      }
+    }
+    let total = bytes + others.reduce((sum, e) => sum + e.bytes, 0);
+    if (total <= this.budgetBytes) return this.granted(vm, bytes, []);
     const floor = total - removable.reduce((sum, e) => sum + e.bytes, 0);
     if (floor > this.budgetBytes) return { fits: false, evicted: [] };
     const usedAt = (e: StoreEntry): number => Math.max(e.usedAt, this.touched.get(e.vm) ?? 0);
@@ -233,11 +247,18 @@ export class StoreBudget {
       total -= gone.bytes;
       evicted.push({ vm: e.vm, bytes: gone.bytes });
     }
-    return { fits: total <= this.budgetBytes, evicted };
+    if (total > this.budgetBytes) return { fits: false, evicted };
+    return this.granted(vm, bytes, evicted);
+  }
+
+  private granted(vm: string, bytes: number, evicted: Eviction[]): Room {
+    this.reserved.set(vm, bytes);
+    return { fits: true, evicted };
   }
 
   forget(vm: string): void {
     this.touched.delete(vm);
+    this.reserved.delete(vm);
   }
 }
 
