@@ -154,7 +154,7 @@ export class UndoableStore {
   private journal: UndoJournal | null = null;
   private corrupted = false;
   private layout: StoreLayout | null = null;
-  /** Set by withhold(): this migration keeps nothing; the digests it is shown are all absent. */
+  /** Set by overBudget() for a store that keeps nothing this migration: the digests it shows, all absent. */
   private withheld: Uint8Array | null = null;
 
   constructor(readonly store: PageStore) {}
