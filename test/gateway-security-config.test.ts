@@ -67,6 +67,8 @@ describe('tls: and limits: config', () => {
     ['maxFrameBytes not a size', () => config('limits:\n  maxFrameBytes: big\n'), 'limits.maxFrameBytes', /not a size/],
     ['maxGuestRam above what a store can index', () => config('limits:\n  maxGuestRam: 2TiB\n'), 'limits.maxGuestRam', /out of range/],
     ['maxGuestRam not a size', () => config('limits:\n  maxGuestRam: lots\n'), 'limits.maxGuestRam', /not a size/],
+    ['maxStores zero', () => config('limits:\n  maxStores: 0\n'), 'limits.maxStores', /out of range/],
+    ['maxStores fractional', () => config('limits:\n  maxStores: 1.5\n'), 'limits.maxStores', /whole number/],
   ])('%s', (_what, text, key, message) => {
     const err = errorOf(text());
     expect(err.key).toBe(key);
