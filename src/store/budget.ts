@@ -116,8 +116,11 @@ export function removeStore(root: string, vm: string, still: (entry: StoreEntry)
     return null; // not a VM name: no store has it
   }
   const dir = path.join(root, vm);
+  // Checked once without the lock so that a store that stays (the usual case) is never locked, not even
+  // for a moment another process could find it busy in; checked again under the lock before removal.
+  const before = statStore(dir, vm);
+  if (before === null || !still(before)) return null;
   try {
-    if (!fs.lstatSync(dir).isDirectory()) return null;
     acquireLock(dir);
   } catch (err) {
     if (err instanceof StoreBusyError || (err as NodeJS.ErrnoException).code === 'ENOENT') return null;
