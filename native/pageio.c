@@ -319,7 +319,7 @@ static napi_value PageioOpen(napi_env env, napi_callback_info info) {
       napi_get_value_string_utf8(env, argv[0], file, sizeof file, &n) != napi_ok || n == 0 || n >= sizeof file - 1 ||
       !get_num(env, argv[1], &size))
     return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioOpen expects (path, fileSize)");
-  int fd = open(file, O_RDWR | O_DIRECT | O_CLOEXEC);
+  int fd = open(file, O_RDWR | O_DIRECT | O_CLOEXEC | O_NOFOLLOW); /* a planted symlink must not redirect the pages */
   if (fd < 0) return pio_throw_errno(env, errno, "open O_DIRECT");
   pio *p = (pio *)calloc(1, sizeof *p);
   if (p == NULL) {

@@ -76,6 +76,8 @@ describe('tls: and limits: config', () => {
     ['peerVms peer not in allowPeers', () => config(`${tlsBlock(undefined, undefined, undefined, '  allowPeers: [site-b]\n')}peerVms:\n  site-x: [vm1]\n`), 'peerVms.site-x', /not in tls\.allowPeers/],
     ['peerVms list empty', () => config(`${tlsBlock()}peerVms:\n  site-b: []\n`), 'peerVms.site-b', /non-empty list/],
     ['peerVms bad pattern', () => config(`${tlsBlock()}peerVms:\n  site-b: [vm1, "../x"]\n`), 'peerVms.site-b[1]', /not a VM name or glob/],
+    ['maxStores zero', () => config('limits:\n  maxStores: 0\n'), 'limits.maxStores', /out of range/],
+    ['maxStores fractional', () => config('limits:\n  maxStores: 1.5\n'), 'limits.maxStores', /whole number/],
   ])('%s', (_what, text, key, message) => {
     const err = errorOf(text());
     expect(err.key).toBe(key);
@@ -104,11 +106,12 @@ describe('tls: and limits: config', () => {
       maxPendingConnections: 32,
       maxPendingPerAddress: 16,
       maxGuestRamBytes: 256 * 2 ** 30,
+      maxStores: 1024,
     });
     expect(
       parse(
         config(
-          'limits:\n  handshakeSeconds: 2.5\n  idleSeconds: 30\n  maxFrameBytes: 2MiB\n  maxConnections: 500\n  maxPendingConnections: 100\n  maxPendingPerAddress: 3\n  maxGuestRam: 512GiB\n',
+          'limits:\n  handshakeSeconds: 2.5\n  idleSeconds: 30\n  maxFrameBytes: 2MiB\n  maxConnections: 500\n  maxPendingConnections: 100\n  maxPendingPerAddress: 3\n  maxGuestRam: 512GiB\n  maxStores: 20\n',
           '127.0.0.1:7300',
         ),
       ).limits,
@@ -120,6 +123,7 @@ describe('tls: and limits: config', () => {
       maxPendingConnections: 100,
       maxPendingPerAddress: 3,
       maxGuestRamBytes: 512 * 2 ** 30,
+      maxStores: 20,
     });
     // A small maxConnections alone stays valid: the pending limits' defaults shrink to fit under it.
     expect(parse(config('limits:\n  maxConnections: 6\n', '127.0.0.1:7300')).limits).toMatchObject({ maxPendingConnections: 6, maxPendingPerAddress: 6 });

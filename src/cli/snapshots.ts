@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { type StreamOrigin } from '../qemu';
-import { lockHolder, PageStore, StoreBusyError, validateVmName } from '../store';
+import { lockHolder, PageStore, removeStore, StoreBusyError, validateVmName } from '../store';
 import { UsageError } from './args';
 
 export interface SnapshotSummary {
@@ -56,7 +56,7 @@ export function listSnapshots(data: string): SnapshotSummary[] {
   const out: SnapshotSummary[] = [];
   for (const vm of fs.readdirSync(data).sort()) {
     const dir = path.join(data, vm);
-    if (!fs.statSync(dir).isDirectory()) continue;
+    if (!fs.lstatSync(dir).isDirectory()) continue; // a symbolic link is no store: never followed
     try {
       validateVmName(vm);
     } catch {
@@ -122,9 +122,11 @@ export function runSnapshots(action: string | undefined, data: string, vm: strin
         return 1;
       }
       if (action === 'rm') {
-        const holder = lockHolder(dir);
-        if (holder) throw new StoreBusyError(`the store of ${name} is in use by process ${holder.pid} on ${holder.host}`);
-        fs.rmSync(dir, { recursive: true, force: true });
+        // Removed under its own lock, so never while a gateway has just opened it.
+        if (removeStore(data, name) === null) {
+          const holder = lockHolder(dir);
+          throw new StoreBusyError(`the store of ${name} is in use by process ${holder?.pid ?? '?'} on ${holder?.host ?? '?'}`);
+        }
         write(`removed ${dir}\n`);
         return 0;
       }

@@ -1,7 +1,9 @@
+import * as fs from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
+import * as path from 'node:path';
 import { type Endpoint, formatEndpoint } from '../address';
 import { PAGE_SIZE } from '../proxy/retained';
-import { StoreBudget } from '../store';
+import { claimsNothing, removeStore, removeUnclaimedStores, scanStores, StoreBudget, type UndoableStore } from '../store';
 import { type GatewayConfig, targetAllowed } from './config';
 import { type Admission, awaitStreamMagic, ConnectionGate, type Listener, Refusal, type RefusalReason } from './limits';
 import type { Logger } from './log';
@@ -69,6 +71,9 @@ export class Gateway implements SessionObserver {
 
   async start(): Promise<void> {
     const c = this.config;
+    // Stores of migrations that never completed (or an accepted Hello that never got further) hold
+    // nothing a later migration can use: they go, unless another process is using them.
+    for (const gone of removeUnclaimedStores(c.data)) this.log.info({ vm: gone.vm, bytes: gone.bytes }, 'removed a store that claims no snapshot');
     this.bound.set('peer', await this.listen(c.peerListen, 'peer', (socket) => this.acceptPeer(socket)));
     for (const route of c.routes) {
       this.bound.set(`route:${route.vm}`, await this.listen(route.listen, 'source', (socket) => this.acceptSource(socket, route.vm)));
@@ -243,19 +248,42 @@ export class Gateway implements SessionObserver {
 
   // SessionObserver ------------------------------------------------------------------------------
 
-  storeGrows(vm: string, bytes: number): void {
-    if (!this.budget) return;
-    for (const evicted of this.budget.makeRoom(vm, bytes)) {
+  storeGrows(vm: string, retained: UndoableStore | null): void {
+    if (!this.budget || !retained) return;
+    const need = retained.needBytes();
+    const room = this.budget.makeRoom(vm, need);
+    for (const evicted of room.evicted) {
       this.log.warn({ vm: evicted.vm, bytes: evicted.bytes, budget: this.budget.budgetBytes, for: vm }, 'retained snapshot evicted to stay within storeBudget');
       this.metrics?.storeEvicted(evicted.vm);
     }
+    if (room.fits) return;
+    const outcome = retained.overBudget();
+    this.log.warn(
+      { vm, needBytes: need, budget: this.budget.budgetBytes, outcome },
+      outcome === 'withheld' ? 'storeBudget has no room for this store: this migration retains nothing' : 'storeBudget has no room for the undo journal: a failed migration will not restore the old snapshot',
+    );
   }
 
   retains(vm: string, direction: Direction): boolean {
-    if (this.space.retains(vm)) return true;
+    if (!this.space.retains(vm)) {
+      this.metrics?.migrationUnretained(vm, direction);
+      this.log.warn({ vm, direction, data: this.config.data, needBytes: this.space.waiting.get(vm) }, 'store has no room: this migration retains nothing');
+      return false;
+    }
+    if (this.roomForStore(vm)) return true;
     this.metrics?.migrationUnretained(vm, direction);
-    this.log.warn({ vm, direction, data: this.config.data, needBytes: this.space.waiting.get(vm) }, 'store has no room: this migration retains nothing');
+    this.log.warn({ vm, direction, data: this.config.data, maxStores: this.config.limits.maxStores }, 'limits.maxStores stores exist: this new VM migrates without retention');
     return false;
+  }
+
+  /** Whether `vm` has a store, or a new one may be created within limits.maxStores. */
+  private roomForStore(vm: string): boolean {
+    const root = this.config.data;
+    if (fs.existsSync(path.join(root, vm))) return true;
+    const max = this.config.limits.maxStores;
+    if (scanStores(root).length < max) return true;
+    removeUnclaimedStores(root);
+    return scanStores(root).length < max;
   }
 
   storeFull(vm: string, direction: Direction, needBytes: number, error: string): void {
@@ -288,6 +316,13 @@ export class Gateway implements SessionObserver {
   }
 
   finished(report: MigrationReport): void {
+    // A store left claiming nothing (a failed first migration, or one that retained nothing) is removed:
+    // otherwise every accepted Hello could leave a store directory behind for good.
+    try {
+      if (removeStore(this.config.data, report.vm, claimsNothing)) this.log.info({ vm: report.vm }, 'removed a store that claims no snapshot');
+    } catch (err) {
+      this.log.warn({ vm: report.vm, error: errorMessage(err) }, 'could not remove a store that claims no snapshot');
+    }
     this.totals.delete(`${report.vm}\u0000${report.direction}`);
     const wanBytes = report.direction === 'send' ? report.wanBytesOut : report.wanBytesIn;
     this.metrics?.migrationFinished(report.vm, report.direction, { result: report.result, seconds: report.seconds, qemuBytes: report.streamBytes, wanBytes });

@@ -278,7 +278,7 @@ export class ReceiveSession {
           }
         },
         this.retained,
-        (layout) => this.options.observer.storeGrows(this.vm, layout.pageCount * layout.pageSize),
+        () => this.options.observer.storeGrows(this.vm, this.retained),
         (size) => this.outputs.take(size),
       );
       this.writeFrame(

@@ -214,7 +214,7 @@ export class SendSession {
 
   /** The RAM layout is known: decide what the receiver is known to hold. */
   private chooseReference(layout: PageLayout): void {
-    this.options.observer.storeGrows(this.vm, layout.pageCount * layout.pageSize);
+    this.options.observer.storeGrows(this.vm, this.retained);
     const offer = this.offer;
     const encoder = this.encoder;
     if (!offer || !encoder || !this.store || offer.layoutId !== layout.layoutId) {

@@ -26,8 +26,12 @@ export interface MigrationReport {
 
 /** What a migration session tells the gateway: log lines, live totals, the outcome. */
 export interface SessionObserver {
-  /** The VM's store is about to hold `bytes`: the gateway keeps the store directory within its budget. */
-  storeGrows(vm: string, bytes: number): void;
+  /**
+   * The VM's store has just begun a migration (nothing written yet): the gateway keeps the store
+   * directory within its budget, and may tell the store to go on without its undo journal or without
+   * retaining anything (UndoableStore.overBudget) when the budget has no room for it.
+   */
+  storeGrows(vm: string, retained: UndoableStore | null): void;
   event(vm: string, direction: Direction, message: string, fields?: Record<string, unknown>): void;
   /** No byte moved on the migration's connections for limits.idleSeconds; it fails next. */
   idleTimeout(vm: string, direction: Direction): void;
@@ -122,7 +126,8 @@ export function settleStore(
 ): string | null {
   try {
     // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
-    if (store && retained && snapshotId !== null && codec?.layout && !codec.fallbackReason) {
+    // Neither does a store that retained nothing because the disk budget had no room for it.
+    if (store && retained && !retained.withholding && snapshotId !== null && codec?.layout && !codec.fallbackReason) {
       keepStreamParts(store, codec.parts, codec.footers, snapshotId);
       retained.commit(snapshotId);
       return snapshotId;

@@ -1,75 +1,267 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { LRUCache } from 'lru-cache';
-import { lockHolder } from './lock';
-import { validateVmName } from './meta';
+import { acquireLock, lockHolder, releaseLock, StoreBusyError } from './lock';
+import { readFileNoFollow } from './fsio';
+import { META_FILE } from './page-store';
+import { parseMeta, validateVmName } from './meta';
 
 export interface Eviction {
   vm: string;
   bytes: number;
 }
 
+/** What makeRoom() decided. */
+export interface Room {
+  /** Whether the store may grow to the bytes asked for: everything then fits the budget. */
+  fits: boolean;
+  /** The stores removed to make it fit (none when it does not fit). */
+  evicted: Eviction[];
+}
+
+/** One store directory as a scan of the data directory found it (stat sizes and meta.json only). */
+export interface StoreEntry {
+  vm: string;
+  /** Sum of the sizes (st_size) of every file in it: pages, digests, undo journal, blobs, meta, lock. */
+  bytes: number;
+  /** The complete snapshot it claims, or null (none, never, or its meta.json is missing/unreadable). */
+  snapshotId: string | null;
+  /** meta.json says a migration was writing (it may claim its snapshot again on recovery). */
+  dirty: boolean;
+  /** When it was last used: meta.json's modification time (ms), 0 without one. */
+  usedAt: number;
+}
+
+/** Prefix of a store directory being removed; never a VM name (those start with a letter or digit). */
+const REMOVING_PREFIX = '.removing-';
+
 /**
- * A disk budget over one store directory: before a VM's store grows to `bytes`, whole stores of the
- * least recently used other VMs are removed until everything fits. A store in use by any process (its
- * lock is held) is never removed. Sizes are the stores' full size (pages × page size), not what the
- * sparse files happen to take, so the budget holds however full they become.
+ * The store directories under root, found by stat alone (no page is read): every VM-named entry that is
+ * a real directory (a symbolic link is not a store, and is not followed). A store created by another
+ * process sharing the directory counts as soon as its directory exists.
+ */
+export function scanStores(root: string): StoreEntry[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync(root);
+  } catch {
+    return [];
+  }
+  const found: StoreEntry[] = [];
+  for (const vm of names) {
+    try {
+      validateVmName(vm);
+    } catch {
+      continue;
+    }
+    const entry = statStore(path.join(root, vm), vm);
+    if (entry !== null) found.push(entry);
+  }
+  return found;
+}
+
+/** One store's sizes and claim, or null when dir is not a real directory (or vanished meanwhile). */
+export function statStore(dir: string, vm: string): StoreEntry | null {
+  let files: string[];
+  try {
+    if (!fs.lstatSync(dir).isDirectory()) return null;
+    files = fs.readdirSync(dir);
+  } catch {
+    return null;
+  }
+  let bytes = 0;
+  let usedAt = 0;
+  for (const f of files) {
+    try {
+      // lstat: a symbolic link counts as what it is here, never as what it points to.
+      const st = fs.lstatSync(path.join(dir, f));
+      bytes += st.size;
+      if (f === META_FILE) usedAt = st.mtimeMs;
+    } catch {
+      // removed meanwhile
+    }
+  }
+  let snapshotId: string | null = null;
+  let dirty = false;
+  try {
+    const parsed = parseMeta(readFileNoFollow(path.join(dir, META_FILE)).toString('utf8'), vm);
+    if ('meta' in parsed) {
+      dirty = parsed.meta.state === 'dirty';
+      snapshotId = parsed.meta.state === 'clean' ? parsed.meta.snapshotId : null;
+    }
+  } catch {
+    // no meta: a store that never held anything
+  }
+  return { vm, bytes, snapshotId, dirty, usedAt };
+}
+
+/**
+ * A store that holds nothing worth keeping: no valid meta.json, or a clean one claiming no snapshot. A
+ * "dirty" store is kept: its recovery may claim its snapshot again from the undo journal.
+ */
+export function claimsNothing(entry: StoreEntry): boolean {
+  return entry.snapshotId === null && !entry.dirty;
+}
+
+/**
+ * Removes root/<vm> if `still(entry)` holds once its lock is ours. Taking the lock first is what makes
+ * this safe against a process opening the store meanwhile: either that process holds the lock (we skip
+ * the store) or it finds the directory gone and creates a new, empty one (PageStore.open retries when
+ * its directory vanishes under it). The directory is renamed away under the lock, then deleted.
+ * Returns the removed store's entry, or null when it was in use, gone, or no longer matched.
+ */
+export function removeStore(root: string, vm: string, still: (entry: StoreEntry) => boolean = () => true): StoreEntry | null {
+  try {
+    validateVmName(vm);
+  } catch {
+    return null; // not a VM name: no store has it
+  }
+  const dir = path.join(root, vm);
+  // Checked once without the lock so that a store that stays (the usual case) is never locked, not even
+  // for a moment another process could find it busy in; checked again under the lock before removal.
+  const before = statStore(dir, vm);
+  if (before === null || !still(before)) return null;
+  try {
+    acquireLock(dir);
+  } catch (err) {
+    if (err instanceof StoreBusyError || (err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw err;
+  }
+  let entry: StoreEntry | null = null;
+  try {
+    entry = statStore(dir, vm);
+    if (entry === null || !still(entry)) {
+      releaseLock(dir);
+      return null;
+    }
+    const away = path.join(root, `${REMOVING_PREFIX}${vm}-${process.pid}-${Date.now()}`);
+    fs.renameSync(dir, away);
+    fs.rmSync(away, { recursive: true, force: true });
+    return entry;
+  } catch (err) {
+    if (fs.existsSync(dir)) releaseLock(dir);
+    throw err;
+  }
+}
+
+/**
+ * Removes every store that claims nothing (see claimsNothing) and is not in use, and what a removal
+ * interrupted by a crash left behind. Returns the stores removed.
+ */
+export function removeUnclaimedStores(root: string): StoreEntry[] {
+  removeLeftovers(root);
+  const removed: StoreEntry[] = [];
+  for (const entry of scanStores(root)) {
+    if (!claimsNothing(entry)) continue;
+    const gone = removeStore(root, entry.vm, claimsNothing);
+    if (gone !== null) removed.push(gone);
+  }
+  return removed;
+}
+
+/** Directories renamed away for removal by a process that died before deleting them. */
+function removeLeftovers(root: string): void {
+  let names: string[];
+  try {
+    names = fs.readdirSync(root);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    if (!name.startsWith(REMOVING_PREFIX)) continue;
+    const pid = Number(/-(\d+)-\d+$/.exec(name)?.[1]);
+    // Another live process on this host may be deleting it right now: leave it to that process.
+    if (Number.isInteger(pid) && pid !== process.pid && alive(pid)) continue;
+    try {
+      fs.rmSync(path.join(root, name), { recursive: true, force: true });
+    } catch {
+      // another process removed it first
+    }
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * A disk budget over one store directory. Before a VM's store grows to `bytes` (everything it will
+ * hold: pages, digests, undo journal, blobs), the directory is scanned again (stat sizes only, so
+ * stores written by other processes sharing it count) and whole idle stores of other VMs are removed —
+ * those claiming no snapshot first, then the least recently used — until everything fits. A store in
+ * use by any process is never removed (see removeStore). When the store could not fit even with every
+ * removable store gone, nothing is removed: a VM declaring a guest larger than the room the budget can
+ * make never costs another VM its snapshot (the caller goes on without retention instead).
  */
 export class StoreBudget {
-  /** Store sizes by VM, least recently used first when iterated with rkeys(). */
-  private readonly used = new LRUCache<string, number>({ max: 1_000_000 });
+  /** Uses seen by this process (ms), newer than a store's meta.json may yet say. */
+  private readonly touched = new Map<string, number>();
+  /**
+   * What makeRoom() let each store grow to, while the store stays locked (its migration running): its
+   * files are still growing toward it (the undo journal fills as pages change), so it counts at least
+   * that much. Dropped once the store is found unlocked.
+   */
+  private readonly reserved = new Map<string, number>();
 
   constructor(
     private readonly root: string,
     readonly budgetBytes: number,
-  ) {
-    // Existing stores, oldest use first.
-    const found: { vm: string; bytes: number; at: string }[] = [];
-    if (fs.existsSync(root)) {
-      for (const vm of fs.readdirSync(root)) {
-        try {
-          validateVmName(vm);
-          const meta = JSON.parse(fs.readFileSync(path.join(root, vm, 'meta.json'), 'utf8')) as { pageCount: number; pageSize: number; updatedAt: string };
-          found.push({ vm, bytes: meta.pageCount * meta.pageSize, at: meta.updatedAt });
-        } catch {
-          // not a store, or one never written: nothing to account for
-        }
-      }
-    }
-    found.sort((a, b) => a.at.localeCompare(b.at));
-    for (const f of found) this.used.set(f.vm, f.bytes);
-  }
+  ) {}
 
+  /** Bytes every store in the directory holds now. */
   get totalBytes(): number {
-    let total = 0;
-    for (const bytes of this.used.values()) total += bytes;
-    return total;
+    return scanStores(this.root).reduce((sum, e) => sum + e.bytes, 0);
   }
 
   /**
-   * `vm`'s store is about to hold `bytes`: marks it most recently used and removes the least recently
-   * used idle stores of other VMs until the total fits. Returns what it removed.
+   * `vm`'s store is about to hold `bytes` in all: marks it most recently used and, if it then fits,
+   * removes idle stores of other VMs until the total fits the budget.
    */
-  makeRoom(vm: string, bytes: number): Eviction[] {
-    this.used.set(vm, bytes);
-    const evicted: Eviction[] = [];
-    let total = this.totalBytes;
-    for (const other of [...this.used.rkeys()]) {
-      if (total <= this.budgetBytes) break;
-      if (other === vm) continue;
-      const dir = path.join(this.root, other);
-      if (lockHolder(dir)) continue;
-      const size = this.used.get(other) ?? 0;
-      fs.rmSync(dir, { recursive: true, force: true });
-      this.used.delete(other);
-      total -= size;
-      evicted.push({ vm: other, bytes: size });
+  makeRoom(vm: string, bytes: number): Room {
+    this.touched.set(vm, Date.now());
+    removeLeftovers(this.root); // what a remover that died left behind takes space no scan counts
+    const others = scanStores(this.root).filter((e) => e.vm !== vm);
+    // Which stores a removal could take: a store whose lock is held now is not one of them.
+    const removable: StoreEntry[] = [];
+    for (const e of others) {
+      if (lockHolder(path.join(this.root, e.vm)) === null) {
+        this.reserved.delete(e.vm);
+        removable.push(e);
+      } else {
+        e.bytes = Math.max(e.bytes, this.reserved.get(e.vm) ?? 0);
+      }
     }
-    return evicted;
+    let total = bytes + others.reduce((sum, e) => sum + e.bytes, 0);
+    if (total <= this.budgetBytes) return this.granted(vm, bytes, []);
+    const floor = total - removable.reduce((sum, e) => sum + e.bytes, 0);
+    if (floor > this.budgetBytes) return { fits: false, evicted: [] };
+    const usedAt = (e: StoreEntry): number => Math.max(e.usedAt, this.touched.get(e.vm) ?? 0);
+    removable.sort((a, b) => Number(a.snapshotId !== null) - Number(b.snapshotId !== null) || usedAt(a) - usedAt(b));
+    const evicted: Eviction[] = [];
+    for (const e of removable) {
+      if (total <= this.budgetBytes) break;
+      const gone = removeStore(this.root, e.vm);
+      if (gone === null) continue; // taken meanwhile by another process
+      this.touched.delete(e.vm);
+      total -= gone.bytes;
+      evicted.push({ vm: e.vm, bytes: gone.bytes });
+    }
+    if (total > this.budgetBytes) return { fits: false, evicted };
+    return this.granted(vm, bytes, evicted);
+  }
+
+  private granted(vm: string, bytes: number, evicted: Eviction[]): Room {
+    this.reserved.set(vm, bytes);
+    return { fits: true, evicted };
   }
 
   forget(vm: string): void {
-    this.used.delete(vm);
+    this.touched.delete(vm);
+    this.reserved.delete(vm);
   }
 }
 

@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { readFileNoFollow } from './fsio';
 
 export const LOCK_FILE = 'lock';
 
@@ -13,7 +14,8 @@ export class StoreBusyError extends Error {
 export function lockHolder(dir: string): { host: string; pid: number } | null {
   let text: string;
   try {
-    text = fs.readFileSync(path.join(dir, LOCK_FILE), 'utf8');
+    // A symbolic link planted as the lock counts as no lock: acquireLock removes it (rm does not follow).
+    text = readFileNoFollow(path.join(dir, LOCK_FILE)).toString('utf8');
   } catch {
     return null;
   }

@@ -31,7 +31,7 @@ import * as path from 'node:path';
 import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { copyBytes } from './copy';
 import { DIRECT_IO_ALIGN, DirectPages, DirectWriteError } from './direct-pages';
-import { fsyncDir, openRW, preadFully, pwriteFully, writeFileAtomic } from './fsio';
+import { fsyncDir, openRW, preadFully, pwriteFully, readFileNoFollow, requireRealDir, writeFileAtomic } from './fsio';
 import { acquireLock, releaseLock, StoreBusyError } from './lock';
 import { type StoreLayout, type StoreMeta, parseMeta, serializeMeta, validateLayout, validateVmName, MAX_PAGE_COUNT } from './meta';
 import { UndoJournal } from './undo';
@@ -162,17 +162,28 @@ export class PageStore {
     const absRoot = path.resolve(root);
     fs.mkdirSync(absRoot, { recursive: true });
     const dir = path.join(absRoot, vm);
-    let created = false;
-    try {
-      fs.mkdirSync(dir, { mode: 0o700 });
-      created = true;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    // A store being evicted is renamed away under its lock (budget.ts): if that happens between our
+    // mkdir and our lock, the lock's directory is gone (ENOENT) and we start again with a new one.
+    for (let attempt = 0; ; attempt++) {
+      let created = false;
+      try {
+        fs.mkdirSync(dir, { mode: 0o700 });
+        created = true;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      }
+      try {
+        if (created) fsyncDir(absRoot);
+        requireRealDir(dir);
+        if (openDirs.has(fs.realpathSync(dir))) throw new StoreBusyError(`store ${dir} is already open in this process`);
+        acquireLock(dir);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT' && attempt < 5) continue;
+        throw err;
+      }
+      break;
     }
-    if (created) fsyncDir(absRoot);
     const lockKey = fs.realpathSync(dir);
-    if (openDirs.has(lockKey)) throw new StoreBusyError(`store ${dir} is already open in this process`);
-    acquireLock(dir);
 
     let pagesFd = -1;
     let digestsFd = -1;
@@ -389,6 +400,34 @@ export class PageStore {
   }
 
   /**
+   * Empties the store for good, outside a migration: no pages, no digests, no meta.json (it is then a
+   * store that never held anything). For a caller that may not keep what it began to store, e.g. when
+   * the disk budget has no room for it: the files stop taking their full size at once.
+   */
+  discardAll(): void {
+    this.checkOpen();
+    if (this.active) throw new Error(`store ${this.vm}: discardAll() during a migration (abort it first)`);
+    try {
+      this.settleWrites();
+    } catch {
+      // failed writes of pages thrown away anyway
+    }
+    fs.rmSync(path.join(this.dir, META_FILE), { force: true });
+    fsyncDir(this.dir);
+    fs.ftruncateSync(this.digestsFd, 0);
+    fs.ftruncateSync(this.pagesFd, 0);
+    this.direct?.setSize(0);
+    this.m = null;
+    this.ps = 0;
+    this.pc = 0;
+    this.table = null;
+    this.t32 = null;
+    this.dirty = null;
+    this.zeroKnown = null;
+    this.present = 0;
+  }
+
+  /**
    * Keeps an opaque named blob beside the pages (written atomically), e.g. what a caller needs besides
    * the pages to rebuild what it stored. Names are simple words.
    */
@@ -401,7 +440,7 @@ export class PageStore {
   loadBlob(name: string): Buffer | null {
     this.checkOpen();
     try {
-      return fs.readFileSync(path.join(this.dir, blobFile(name)));
+      return readFileNoFollow(path.join(this.dir, blobFile(name)));
     } catch {
       return null;
     }
@@ -477,7 +516,7 @@ export class PageStore {
     const metaPath = path.join(this.dir, META_FILE);
     let text: string;
     try {
-      text = fs.readFileSync(metaPath, 'utf8');
+      text = readFileNoFollow(metaPath).toString('utf8');
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw err;

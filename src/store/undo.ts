@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { preadFully, pwriteFully } from './fsio';
+import { openNoFollow, preadFully, pwriteFully } from './fsio';
 import type { PageStore, StoreLayout } from './index';
 
 const DIGEST_BYTES = 16;
@@ -38,7 +38,7 @@ export class UndoJournal {
 
   /** Starts a journal (replacing any earlier one); the header is durable before this returns. */
   static create(dir: string, header: UndoHeader): UndoJournal {
-    const fd = fs.openSync(path.join(dir, UNDO_FILE), 'w+', 0o600);
+    const fd = openNoFollow(path.join(dir, UNDO_FILE), fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC);
     try {
       const head = Buffer.alloc(UNDO_HEADER_BYTES);
       const text = UNDO_MAGIC + JSON.stringify(header);
@@ -60,7 +60,7 @@ export class UndoJournal {
   static open(dir: string, expect: { layoutId: string; pageSize: number; pageCount: number }): UndoJournal | null {
     let fd: number;
     try {
-      fd = fs.openSync(path.join(dir, UNDO_FILE), 'r');
+      fd = openNoFollow(path.join(dir, UNDO_FILE), fs.constants.O_RDONLY);
     } catch {
       return null;
     }
@@ -153,14 +153,67 @@ export class UndoableStore {
   private saved: Uint8Array | null = null;
   private journal: UndoJournal | null = null;
   private corrupted = false;
+  private layout: StoreLayout | null = null;
+  /** Set by overBudget() for a store that keeps nothing this migration: the digests it shows, all absent. */
+  private withheld: Uint8Array | null = null;
 
   constructor(readonly store: PageStore) {}
 
   get digests(): Uint8Array {
-    return this.store.digests;
+    return this.withheld ?? this.store.digests;
+  }
+
+  /**
+   * Everything the store may hold by the end of the migration begun: pages and digests at their full
+   * size, the undo journal if it protects a snapshot (one entry per page at most), and the files it
+   * holds besides (meta, blobs) as they are now. What the disk budget must make room for.
+   */
+  needBytes(): number {
+    const l = this.layout;
+    if (l === null) return 0;
+    const pages = l.pageCount * (l.pageSize + DIGEST_BYTES);
+    const undo = this.journal !== null ? UNDO_HEADER_BYTES + l.pageCount * (INDEX_BYTES + DIGEST_BYTES + l.pageSize) : 0;
+    let besides = 0;
+    for (const name of fs.readdirSync(this.store.dir)) {
+      if (name === 'pages' || name === 'digests' || name === UNDO_FILE) continue;
+      try {
+        besides += fs.lstatSync(path.join(this.store.dir, name)).size;
+      } catch {
+        // removed meanwhile
+      }
+    }
+    return pages + undo + besides;
+  }
+
+  /** Whether this migration keeps nothing (overBudget() withheld it). */
+  get withholding(): boolean {
+    return this.withheld !== null;
+  }
+
+  /**
+   * The disk budget has no room for needBytes(), right after begin() (nothing written yet). A store that
+   * already holds pages of this layout keeps them, and the migration may reuse them, but goes on without
+   * an undo journal: a failed migration then leaves the store claiming no snapshot instead of the old
+   * one. Any other store (new, or reset for a new layout: the peer can reuse none of its pages) keeps
+   * nothing at all: it is emptied, writes are ignored and every page reads as absent. Returns which.
+   */
+  overBudget(): 'no-undo' | 'withheld' {
+    const l = this.layout;
+    if (l === null) throw new Error('overBudget() before begin()');
+    if (this.journal !== null || (this.store.meta()?.presentPages ?? 0) > 0) {
+      this.discard();
+      return 'no-undo';
+    }
+    this.store.abort();
+    this.store.discardAll();
+    this.discard();
+    this.withheld = new Uint8Array(l.pageCount * DIGEST_BYTES);
+    return 'withheld';
   }
 
   begin(layout: StoreLayout): void {
+    this.withheld = null;
+    this.layout = layout;
     const before = this.store.meta();
     const snapshot = this.store.snapshotId();
     // A journal left by an earlier migration must never be taken for this one's.
@@ -185,11 +238,13 @@ export class UndoableStore {
   }
 
   writePage(index: number, src: Uint8Array, srcStart: number, digest: Uint8Array, digestStart: number): void {
+    if (this.withheld !== null) return;
     this.save(index);
     this.store.writePage(index, src, srcStart, digest, digestStart);
   }
 
   markAbsent(index: number): void {
+    if (this.withheld !== null) return;
     this.save(index);
     this.store.markAbsent(index);
   }
@@ -201,6 +256,7 @@ export class UndoableStore {
 
   /** A corrupted page: dropped for good, and the old snapshot cannot be claimed again. */
   dropCorrupt(index: number): void {
+    if (this.withheld !== null) return;
     this.corrupted = true;
     this.store.markAbsent(index);
   }
@@ -211,6 +267,7 @@ export class UndoableStore {
 
   /** The migration completed: the new snapshot replaces the old one. */
   commit(snapshotId: string): void {
+    if (this.withheld !== null) return;
     // The digest table on disk is the old snapshot's until commit rewrites it; a crash part-way through
     // that must still find every changed page's entry, after a power loss too.
     this.journal?.sync();
@@ -223,6 +280,7 @@ export class UndoableStore {
    * an old snapshot, leaves a consistent store that claims none.
    */
   rollback(): void {
+    if (this.withheld !== null) return;
     const journal = this.journal;
     if (this.snapshot === null || journal === null || this.corrupted) {
       this.store.abort();
