@@ -113,6 +113,8 @@ export async function startHostilePair(tmp: string, qemuPorts: { a: number; b: n
         `    listen: 127.0.0.1:${me.route}`,
         `    peer: 127.0.0.1:${far.peer}`,
         `    target: 127.0.0.1:${farQemu}`,
+        'allowTargets:',
+        `  - 127.0.0.1:${name === 'site-a' ? qemuPorts.a : qemuPorts.b}`,
         'tls:',
         `  cert: ${certs}/${name}.crt`,
         `  key: ${certs}/${name}.key`,

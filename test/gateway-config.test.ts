@@ -92,7 +92,8 @@ describe('parseConfig', () => {
     expect(c.insecurePlaintext).toBe(false);
     expect(c.shutdownGraceSeconds).toBe(30);
     expect(c.routes).toEqual([]);
-    expect(c.allowTargets.map((r) => r.text)).toEqual(['127.0.0.0/8:*', '[::1]:*']);
+    // Nothing to dial unless listed: a peer cannot reach any service through a gateway by default.
+    expect(c.allowTargets).toEqual([]);
     expect(c.tls).toBeNull();
   });
 
@@ -233,12 +234,12 @@ describe('targetAllowed', () => {
     parseConfig(minimal(`allowTargets:\n${rules.map((r) => `  - "${r}"\n`).join('')}`));
 
   test.each<[string, string[], string, number, boolean]>([
-    ['default allows IPv4 loopback, any port', [], '127.0.0.1', 4444, true],
-    ['default allows all of 127/8', [], '127.9.8.7', 1, true],
-    ['default allows ::1', [], '::1', 4444, true],
-    ['default allows ::1 in another spelling', [], '0:0:0:0:0:0:0:1', 4444, true],
-    ['default refuses other addresses', [], '10.1.0.5', 4444, false],
-    ['default refuses localhost by name', [], 'localhost', 4444, false],
+    ['no allowTargets: loopback is refused', [], '127.0.0.1', 4444, false],
+    ['no allowTargets: ::1 is refused', [], '::1', 4444, false],
+    ['no allowTargets: other addresses are refused', [], '10.1.0.5', 4444, false],
+    ['loopback rule allows all of 127/8', ['127.0.0.0/8:*'], '127.9.8.7', 1, true],
+    ['::1 rule allows ::1 in another spelling', ['[::1]:*'], '0:0:0:0:0:0:0:1', 4444, true],
+    ['loopback rule refuses localhost by name', ['127.0.0.0/8:*'], 'localhost', 4444, false],
     ['CIDR:PORT inside, right port', ['10.1.0.0/24:4444'], '10.1.0.5', 4444, true],
     ['CIDR:PORT inside, wrong port', ['10.1.0.0/24:4444'], '10.1.0.5', 4445, false],
     ['CIDR:PORT outside', ['10.1.0.0/24:4444'], '10.1.1.5', 4444, false],

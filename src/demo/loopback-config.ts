@@ -18,6 +18,9 @@ export function loopbackMultiRouteYaml(site: { name: string; data: string; peerP
     `peerListen: 127.0.0.1:${site.peerPort}`,
     'routes:',
     ...site.routes.flatMap((r) => [`  - vm: ${r.vm}`, `    listen: 127.0.0.1:${r.routePort}`, `    peer: 127.0.0.1:${site.farPeerPort}`, `    target: 127.0.0.1:${r.targetPort}`]),
+    // The destinations the far site's routes name: loopback QEMUs.
+    'allowTargets:',
+    '  - 127.0.0.0/8:*',
     '',
   ].join('\n');
 }

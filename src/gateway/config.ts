@@ -13,7 +13,7 @@
  *     listen: 127.0.0.1:7101   # the source QEMU migrates here
  *     peer: gw-b.example:7300  # far gateway's peerListen
  *     target: 10.1.0.5:4444    # destination QEMU's -incoming address, as the far gateway reaches it
- * allowTargets:                # what this gateway may dial when receiving; default loopback only
+ * allowTargets:                # what this gateway may dial when receiving; none unless listed
  *   - 10.1.0.0/24:4444
  * tls: ...                     # mutual TLS between gateways, see security-config.ts
  * peerVms: ...                 # which VMs each peer may migrate here, see security-config.ts
@@ -102,7 +102,6 @@ export interface GatewayConfig {
 }
 
 export const DEFAULT_SOURCE = '<config>';
-export const DEFAULT_ALLOW_TARGETS: readonly string[] = ['127.0.0.0/8:*', '[::1]:*'];
 export const DEFAULT_SHUTDOWN_GRACE_SECONDS = 30;
 export const MAX_SHUTDOWN_GRACE_SECONDS = 86400;
 
@@ -224,7 +223,9 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     routes.push({ vm, listen, peer, target });
   });
 
-  const allowValue = optional(root, 'allowTargets') ?? DEFAULT_ALLOW_TARGETS;
+  // No default: a gateway dials for its peers only what its operator listed. Loopback used to be the
+  // default, which let any peer reach any local service (an SSH daemon, a database) through it.
+  const allowValue = optional(root, 'allowTargets') ?? [];
   if (!Array.isArray(allowValue)) fail('allowTargets', `must be a list, not ${describe(allowValue)}`);
   const allowTargets = (allowValue as unknown[]).map((entry, i) => {
     const key = `allowTargets[${i}]`;

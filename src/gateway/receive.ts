@@ -17,6 +17,7 @@ import {
   MAX_HANDSHAKE_PAYLOAD,
   PROTOCOL_VERSION,
 } from '../wire/frames';
+import { ReturnPathMessages, STREAM_HEADER_BYTES } from './return-path-relay';
 import { Refusal, type RefusalReason } from './limits';
 import { type PooledDownstream, PooledReads } from './pooled-reads';
 import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
@@ -74,6 +75,9 @@ export class ReceiveSession {
   private decoder: StreamDecoder | null = null;
   private holdsVm = false;
   private tableSent = false;
+  /** Stream bytes handed to the destination's socket. */
+  private destGiven = 0;
+  private readonly returnPath = new ReturnPathMessages();
   /** Bytes of the digest table queued for the peer so far; -1 until it asks (once per migration). */
   private tableQueued = -1;
   /** Buffers for rebuilt Runs, reused once the destination socket has written them. */
@@ -257,16 +261,13 @@ export class ReceiveSession {
       if (!this.finished && !delivered()) this.fail(`destination ${hello.target} closed the connection`);
     });
     dest.on('drain', () => this.resumeFrames());
-    dest.on('data', (chunk: Buffer) => {
-      // The destination's return path goes back to the source as it is.
-      this.writeFrame(frameHeader(FrameType.Return, chunk.length));
-      this.writeFrame(chunk);
-    });
+    dest.on('data', (chunk: Buffer) => this.onReturnPath(chunk));
     dest.on('connect', () => {
       dest.setTimeout(0);
       this.decoder = new StreamDecoder(
         (bytes) => {
           if (bytes.length === 0) return;
+          this.destGiven += bytes.length;
           const slab = this.outputs.owner(bytes);
           const release = slab ? () => this.outputs.release(slab) : undefined;
           if (!dest.write(bytes, release)) {
@@ -291,6 +292,25 @@ export class ReceiveSession {
         }),
       );
     });
+  }
+
+  /**
+   * What the destination sends back goes to the source only as QEMU return-path messages, each checked
+   * whole, and only once the destination has been handed the stream's header: a QEMU only ever answers
+   * a stream. Anything else (a banner, a reply of some other service) ends the migration, so a peer can
+   * never use this gateway to talk to whatever listens at an allowed address.
+   */
+  private onReturnPath(chunk: Buffer): void {
+    if (this.finished) return;
+    try {
+      if (this.destGiven < STREAM_HEADER_BYTES) throw new Error(`the destination sent ${chunk.length} bytes before the stream began: not a QEMU waiting for a migration`);
+      const bytes = this.returnPath.check(chunk);
+      if (bytes === null) return;
+      this.writeFrame(frameHeader(FrameType.Return, bytes.length));
+      this.writeFrame(bytes);
+    } catch (err) {
+      this.fail(`destination: ${errorMessage(err)}`);
+    }
   }
 
   private resumeFrames(): void {

@@ -19,6 +19,7 @@ import {
 } from '../wire/frames';
 import type { RouteConfig } from './config';
 import { noteStoreError } from './store-space';
+import { ReturnPathMessages } from './return-path-relay';
 import { PooledReads } from './pooled-reads';
 import { SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './socket-tuning';
 import type { PeerTransport } from './transport';
@@ -69,6 +70,7 @@ export class SendSession {
   private tableFilled = 0;
   private waitingForTable = false;
   private sourceEnded = false;
+  private readonly returnPath = new ReturnPathMessages();
   /** Stream bytes the last Seal covered. */
   private sealedBytes = 0;
   /** Fires when the source has sent nothing for QUIET_SEAL_MS (re-armed by every read). */
@@ -190,14 +192,17 @@ export class SendSession {
         this.resumeSource();
         return;
       }
-      case FrameType.Return:
+      case FrameType.Return: {
+        // Only whole, well-formed return-path messages reach the source QEMU, whatever the peer sends.
+        const messages = this.returnPath.check(payload);
         // Once the source has closed its side there is no one left to tell.
-        if (this.sourceEnded || !this.qemu.writable) return;
-        if (!this.qemu.write(payload)) {
+        if (messages === null || this.sourceEnded || !this.qemu.writable) return;
+        if (!this.qemu.write(messages)) {
           this.peer.pause();
           this.qemu.once('drain', () => this.peer.resume());
         }
         return;
+      }
       case FrameType.Done: {
         const done = decodeDone(payload);
         if (done.snapshotId !== this.snapshotId) throw new Error(`Done for snapshot ${done.snapshotId}, not ${this.snapshotId}`);

@@ -182,3 +182,12 @@ export class ReturnPathParser {
     throw new ReturnPathError(code, this.messageStart, detail);
   }
 }
+
+/** The bytes of a parsed message, as QEMU sent them: for passing on exactly what was checked. */
+export function returnPathBytes(message: ReturnPathRecord): Buffer {
+  const bytes = Buffer.allocUnsafe(HEADER_BYTES + message.body.length);
+  bytes.writeUInt16BE(message.type, 0);
+  bytes.writeUInt16BE(message.body.length, 2);
+  message.body.copy(bytes, HEADER_BYTES);
+  return bytes;
+}
