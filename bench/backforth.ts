@@ -15,9 +15,9 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { type BackForthOptions, formatTable, type LegResult, runBackForth } from '../src/demo/backforth';
+import { type BackForthOptions, formatTable, type LegResult, runBackForth } from '../src/lab/demo/backforth';
 import { parseArgs, stringOption } from '../src/cli/args';
-import { defaultGuestDir } from '../src/vm/qemu-vm';
+import { defaultGuestDir } from '../src/lab/vm/qemu-vm';
 
 /** One run of the grid: a guest migrated `changePcts.length + 1` legs over one link, both paths. */
 export interface GridRun {

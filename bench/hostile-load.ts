@@ -23,7 +23,7 @@ import { createInterface } from 'node:readline';
 import * as tls from 'node:tls';
 import { issueCerts } from '../src/certs';
 import { PACKAGE_ROOT } from '../src/paths';
-import { disposeAllVms, ensureGuestBuilt, freePort, QemuVm } from '../src/vm/qemu-vm';
+import { disposeAllVms, ensureGuestBuilt, freePort, QemuVm } from '../src/lab/vm/qemu-vm';
 import { encodeJson, FrameType, frameHeader, PROTOCOL_VERSION } from '../src/wire/frames';
 import { syntheticStream } from './synthetic';
 

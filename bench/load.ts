@@ -23,11 +23,11 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { loopbackMultiRouteYaml, type LoopbackRoute } from '../src/demo/loopback-config';
-import { type SiteGateway, startSiteGateway } from '../src/demo/site-gateway';
+import { loopbackMultiRouteYaml, type LoopbackRoute } from '../src/lab/demo/loopback-config';
+import { type SiteGateway, startSiteGateway } from '../src/lab/demo/site-gateway';
 import { PageStore } from '../src/store';
 import { PACKAGE_ROOT } from '../src/paths';
-import { ensureGuestBuilt, freePort, QemuVm } from '../src/vm/qemu-vm';
+import { ensureGuestBuilt, freePort, QemuVm } from '../src/lab/vm/qemu-vm';
 import { playStream, syntheticStream } from './synthetic';
 
 /** One VM's migration stream and the digest its destination must see. */

@@ -6,7 +6,7 @@
  */
 import * as fs from 'node:fs';
 import { parseArgs, stringOption } from '../src/cli/args';
-import type { LegResult } from '../src/demo/backforth';
+import type { LegResult } from '../src/lab/demo/backforth';
 import { BENCH_PLATFORM } from '../src/model/calibration';
 import { PAGE_BYTES, type PathPrediction, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
 import type { BenchResults, GridRun } from './backforth';

@@ -13,11 +13,11 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
-import { loopbackSiteYaml } from '../src/demo/loopback-config';
-import { procStats } from '../src/demo/proc-stats';
+import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
+import { procStats } from '../src/lab/demo/proc-stats';
 import { PACKAGE_ROOT } from '../src/paths';
 import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
-import { freePort } from '../src/vm/qemu-vm';
+import { freePort } from '../src/lab/vm/qemu-vm';
 import { playStream, syntheticStream } from './synthetic';
 
 const gib = Number(process.argv[2] ?? 1);

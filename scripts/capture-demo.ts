@@ -9,7 +9,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { PACKAGE_ROOT } from '../src/paths';
-import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../src/vm/qemu-vm';
+import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../src/lab/vm/qemu-vm';
 
 async function main(): Promise<void> {
   const machine = process.argv[2] ?? 'pc-i440fx-7.2';

@@ -11,7 +11,7 @@ import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { inspectPath } from '../src/cli/inspect';
 import { PACKAGE_ROOT } from '../src/paths';
-import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type MigrationInfo } from '../src/vm/qemu-vm';
+import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type MigrationInfo } from '../src/lab/vm/qemu-vm';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const OK_RE = /WORKLOAD VERIFY OK round=(\d+)/g;

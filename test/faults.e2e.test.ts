@@ -17,11 +17,11 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { checkStores } from '../bench/load';
-import { Capture } from '../src/capture';
-import { loopbackMultiRouteYaml } from '../src/demo/loopback-config';
-import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../src/demo/site-gateway';
-import { TcpRelay } from '../src/wan';
-import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type QemuVmOptions } from '../src/vm/qemu-vm';
+import { Capture } from '../src/lab/capture';
+import { loopbackMultiRouteYaml } from '../src/lab/demo/loopback-config';
+import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../src/lab/demo/site-gateway';
+import { TcpRelay } from '../src/lab/wan';
+import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
 import { canMountTmpfs } from './mounts';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';

@@ -8,12 +8,12 @@ import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import * as tls from 'node:tls';
 export { treeListing } from '../bench/hostile-load';
-import { loopbackSiteYaml } from '../src/demo/loopback-config';
+import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
 import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';
 import { GatewayMetrics } from '../src/gateway/metrics';
-import { freePort } from '../src/vm/qemu-vm';
+import { freePort } from '../src/lab/vm/qemu-vm';
 import { encodeJson, FrameParser, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
 
 export interface TestSite {

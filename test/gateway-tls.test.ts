@@ -13,7 +13,7 @@ import { issueCerts } from '../src/certs';
 import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';
-import { freePort } from '../src/vm/qemu-vm';
+import { freePort } from '../src/lab/vm/qemu-vm';
 import { FrameType, frameHeader, MAX_HANDSHAKE_PAYLOAD } from '../src/wire/frames';
 import { destinationStandIn, rawPeer, refusals, sourceStandIn, startPair, type TestSite, treeListing, waitFor } from './gateway-pair';
 import { guestMemory, migrationStream } from './migration-stream';

@@ -23,7 +23,7 @@ import {
   freePort,
   type MigrationInfo,
   type QemuVmOptions,
-} from '../src/vm/qemu-vm';
+} from '../src/lab/vm/qemu-vm';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const describeE2e = SKIP ? describe.skip : describe;

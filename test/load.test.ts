@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { awaitReports, checkStores, type LoadSite, runPass, startLoadPair, stopLoadPair, vmStream, type VmStream } from '../bench/load';
-import type { GatewayLegReport } from '../src/demo/site-gateway';
+import type { GatewayLegReport } from '../src/lab/demo/site-gateway';
 import { guestMemory, migrationStream } from './migration-stream';
 
 const VMS = Array.from({ length: 16 }, (_, i) => `vm${String(i + 1).padStart(2, '0')}`);

@@ -11,9 +11,9 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { loopbackMultiRouteYaml } from '../src/demo/loopback-config';
-import { type SiteGateway, startSiteGateway } from '../src/demo/site-gateway';
-import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type QemuVmOptions } from '../src/vm/qemu-vm';
+import { loopbackMultiRouteYaml } from '../src/lab/demo/loopback-config';
+import { type SiteGateway, startSiteGateway } from '../src/lab/demo/site-gateway';
+import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
 import { encodeFrame, FrameParser, FrameType, MAX_FRAME_PAYLOAD } from '../src/wire/frames';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';

@@ -5,7 +5,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import type { Endpoint } from '../src/address';
-import { TcpRelay, WanEmulator } from '../src/wan';
+import { TcpRelay, WanEmulator } from '../src/lab/wan';
 
 const MiB = 1024 * 1024;
 const LOOPBACK: Endpoint = { host: '127.0.0.1', port: 0 };

@@ -1,5 +1,4 @@
 import { parseEndpoint, formatEndpoint } from '../address';
-import { Capture } from '../capture';
 import { configSnippets, DEFAULT_CERT_DAYS, issueCerts } from '../certs';
 import { parseArgs, requireOption, stringOption, UsageError } from './args';
 import { runGateway } from './gateway';
@@ -43,8 +42,8 @@ async function run(argv: readonly string[]): Promise<number> {
       return report.error || !report.identical ? 1 : 0;
     }
     case 'demo': {
-      // The demo pulls in the QEMU harness and the WAN emulator (about 4 MiB): a gateway never loads it.
-      const { runDemo } = await import('./demo');
+      // The demo pulls in the QEMU harness and the WAN emulator (the lab, src/lab/): a gateway never loads it.
+      const { runDemo } = await import('../lab/demo/command');
       return runDemo(parseArgs(rest, ['no-direct']));
     }
     case 'predict':
@@ -80,6 +79,8 @@ async function run(argv: readonly string[]): Promise<number> {
       return 0;
     }
     case 'capture': {
+      // Lab code, like the demo: loaded only when asked for.
+      const { Capture } = await import('../lab/capture');
       const args = parseArgs(rest, []);
       const forward = stringOption(args, 'forward');
       const capture = new Capture({

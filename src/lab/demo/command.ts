@@ -1,7 +1,7 @@
 import { spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
-import { formatTable, runBackForth } from '../demo/backforth';
-import { type ParsedArgs, stringOption } from './args';
+import { formatTable, runBackForth } from './backforth';
+import { type ParsedArgs, stringOption } from '../../cli/args';
 
 function numberOption(args: ParsedArgs, name: string, fallback: number): number {
   const text = stringOption(args, name);

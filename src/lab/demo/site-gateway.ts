@@ -6,11 +6,11 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
-import { parseConfig } from '../gateway/config';
-import { Gateway } from '../gateway/gateway';
-import { createLogger } from '../gateway/log';
-import { GatewayMetrics } from '../gateway/metrics';
-import { PACKAGE_ROOT } from '../paths';
+import { parseConfig } from '../../gateway/config';
+import { Gateway } from '../../gateway/gateway';
+import { createLogger } from '../../gateway/log';
+import { GatewayMetrics } from '../../gateway/metrics';
+import { PACKAGE_ROOT } from '../../paths';
 import { procStats } from './proc-stats';
 
 /** What a gateway says about one finished migration (its report, or its 'migration completed' log line). */
