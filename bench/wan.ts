@@ -17,7 +17,7 @@
 import { randomBytes } from 'node:crypto';
 import { fork, type ChildProcess } from 'node:child_process';
 import { createServer, connect, type Server, type Socket } from 'node:net';
-import type { Endpoint } from '../src/address';
+import type { Endpoint } from '../src/gateway/address';
 import { TcpRelay, WanEmulator } from '../src/lab/wan';
 
 const MiB = 1024 * 1024;

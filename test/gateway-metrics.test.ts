@@ -1,6 +1,6 @@
 import * as http from 'node:http';
 import { Writable } from 'node:stream';
-import { Endpoint } from '../src/address';
+import { Endpoint } from '../src/gateway/address';
 import { createLogger } from '../src/gateway/log';
 import { GatewayMetrics } from '../src/gateway/metrics';
 

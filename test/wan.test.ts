@@ -4,7 +4,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { createServer, connect, type Server, type Socket } from 'node:net';
-import type { Endpoint } from '../src/address';
+import type { Endpoint } from '../src/gateway/address';
 import { TcpRelay, WanEmulator } from '../src/lab/wan';
 
 const MiB = 1024 * 1024;

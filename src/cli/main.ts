@@ -1,4 +1,4 @@
-import { parseEndpoint, formatEndpoint } from '../address';
+import { parseEndpoint, formatEndpoint } from '../gateway/address';
 import { configSnippets, DEFAULT_CERT_DAYS, issueCerts } from '../certs';
 import { parseArgs, requireOption, stringOption, UsageError } from './args';
 import { runGateway } from './gateway';

@@ -27,7 +27,7 @@ import { readFileSync } from 'node:fs';
 import { BlockList, isIP } from 'node:net';
 import * as path from 'node:path';
 import { parseDocument } from 'yaml';
-import { Endpoint, formatEndpoint, parseEndpoint } from '../address';
+import { Endpoint, formatEndpoint, parseEndpoint } from './address';
 import { parseSize } from '../store/budget';
 import { type Limits, parseLimits, parsePeerVms, parseTls, type PeerVmRule, type TlsConfig } from './security-config';
 

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import * as path from 'node:path';
-import { type Endpoint, formatEndpoint } from '../address';
+import { type Endpoint, formatEndpoint } from './address';
 import { PAGE_SIZE } from '../proxy/retained';
 import { claimsNothing, removeStore, removeUnclaimedStores, scanStores, StoreBudget, type UndoableStore } from '../store';
 import { type GatewayConfig, targetAllowed } from './config';

@@ -6,7 +6,7 @@
 import * as http from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
-import type { Endpoint } from '../address';
+import type { Endpoint } from './address';
 
 export type Direction = 'send' | 'receive';
 export type PageKind = 'sent' | 'reused' | 'zero';

@@ -1,6 +1,6 @@
 import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
-import { type Endpoint, parseEndpoint } from '../address';
+import { type Endpoint, parseEndpoint } from './address';
 import { StreamDecoder } from '../proxy/decoder';
 import { PageStore, UndoableStore, validateVmName } from '../store';
 import {

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
-import { formatEndpoint } from '../address';
+import { formatEndpoint } from './address';
 import { DIGEST_BYTES } from '../digest';
 import { StreamEncoder } from '../proxy/encoder';
 import type { PageLayout } from '../proxy/retained';

@@ -11,7 +11,7 @@
  */
 import type { Socket } from 'node:net';
 import { connect as connectTls, createSecureContext, type PeerCertificate, type SecureContext, Server, TLSSocket } from 'node:tls';
-import { type Endpoint, formatEndpoint } from '../address';
+import { type Endpoint, formatEndpoint } from './address';
 import { Refusal } from './limits';
 import type { TlsConfig } from './security-config';
 import { connectWithQueue, WAN_QUEUE_BYTES } from './socket-tuning';

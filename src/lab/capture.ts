@@ -1,6 +1,6 @@
 import { createWriteStream, type WriteStream } from 'node:fs';
 import { createServer, connect, type Server, type Socket } from 'node:net';
-import { type Endpoint, formatEndpoint } from '../address';
+import { type Endpoint, formatEndpoint } from '../gateway/address';
 
 export interface CaptureOptions {
   listen: Endpoint;

@@ -24,7 +24,7 @@
  */
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
-import type { Endpoint } from '../../address';
+import type { Endpoint } from '../../gateway/address';
 import { closeServer, listenServer, watchPair, type Pair } from './net';
 
 export interface WanEmulatorOptions {

@@ -1,5 +1,5 @@
 import type { Server, Socket } from 'node:net';
-import type { Endpoint } from '../../address';
+import type { Endpoint } from '../../gateway/address';
 
 /** Starts `server` listening on `at`; resolves with the bound endpoint (port 0 picks a free one). */
 export function listenServer(server: Server, at: Endpoint): Promise<Endpoint> {

@@ -3,7 +3,7 @@
  * ways (noDelay, half-close relayed). The baseline the gateway's throughput is compared against.
  */
 import { createServer, connect, type Server, type Socket } from 'node:net';
-import type { Endpoint } from '../../address';
+import type { Endpoint } from '../../gateway/address';
 import { closeServer, listenServer, watchPair, type Pair } from './net';
 
 export interface TcpRelayOptions {
