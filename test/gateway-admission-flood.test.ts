@@ -11,7 +11,7 @@ import * as http from 'node:http';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { issueCerts } from '../src/certs';
+import { issueCerts } from '../src/cli/certs';
 import { destinationStandIn, refusals, sourceStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
 import { guestMemory, migrationStream } from './migration-stream';
 

@@ -10,7 +10,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
-import { issueCerts } from '../src/certs';
+import { issueCerts } from '../src/cli/certs';
 import { addressGroup, ConnectionGate, type Listener, type RefusalReason } from '../src/gateway/limits';
 import { PEER_TEXT_CHARS, peerText } from '../src/gateway/session';
 import { encodeJson, FrameType } from '../src/wire/frames';

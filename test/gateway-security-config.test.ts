@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { configSnippets, issueCerts } from '../src/certs';
+import { configSnippets, issueCerts } from '../src/cli/certs';
 import { checkTransportSecurity, ConfigError, parseConfig } from '../src/gateway/config';
 import { peerVmError } from '../src/gateway/security-config';
 

@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
-import { issueCerts } from '../src/certs';
+import { issueCerts } from '../src/cli/certs';
 import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';

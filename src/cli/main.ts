@@ -1,5 +1,5 @@
 import { parseEndpoint, formatEndpoint } from '../gateway/address';
-import { configSnippets, DEFAULT_CERT_DAYS, issueCerts } from '../certs';
+import { configSnippets, DEFAULT_CERT_DAYS, issueCerts } from './certs';
 import { parseArgs, requireOption, stringOption, UsageError } from './args';
 import { runGateway } from './gateway';
 import { runSnapshots } from './snapshots';
