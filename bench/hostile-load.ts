@@ -22,7 +22,7 @@ import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import * as tls from 'node:tls';
 import { issueCerts } from '../src/cli/certs';
-import { PACKAGE_ROOT } from '../src/paths';
+import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { disposeAllVms, ensureGuestBuilt, freePort, QemuVm } from '../src/lab/vm/qemu-vm';
 import { encodeJson, FrameType, frameHeader, PROTOCOL_VERSION } from '../src/wire/frames';
 import { syntheticStream } from './synthetic';

@@ -26,7 +26,7 @@ import * as path from 'node:path';
 import { loopbackMultiRouteYaml, type LoopbackRoute } from '../src/lab/demo/loopback-config';
 import { type SiteGateway, startSiteGateway } from '../src/lab/demo/site-gateway';
 import { PageStore } from '../src/store';
-import { PACKAGE_ROOT } from '../src/paths';
+import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { ensureGuestBuilt, freePort, QemuVm } from '../src/lab/vm/qemu-vm';
 import { playStream, syntheticStream } from './synthetic';
 

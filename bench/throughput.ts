@@ -15,7 +15,7 @@ import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
 import { procStats } from '../src/lab/demo/proc-stats';
-import { PACKAGE_ROOT } from '../src/paths';
+import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
 import { freePort } from '../src/lab/vm/qemu-vm';
 import { playStream, syntheticStream } from './synthetic';

@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
-import { PACKAGE_ROOT } from '../src/paths';
+import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../src/lab/vm/qemu-vm';
 
 async function main(): Promise<void> {

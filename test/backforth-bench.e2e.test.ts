@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { promisify } from 'node:util';
 import type { BenchResults } from '../bench/backforth';
 import { checkResults } from '../bench/model-check';
-import { PACKAGE_ROOT } from '../src/paths';
+import { PACKAGE_ROOT } from '../src/digest/package-root';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 

@@ -10,7 +10,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { inspectPath } from '../src/cli/inspect';
-import { PACKAGE_ROOT } from '../src/paths';
+import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type MigrationInfo } from '../src/lab/vm/qemu-vm';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';

@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { PACKAGE_ROOT } from '../src/paths';
+import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { PageStore, parseSize, statStore, StoreBudget, UndoableStore } from '../src/store';
 
 describe('store budget', () => {

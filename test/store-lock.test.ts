@@ -3,7 +3,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { listSnapshots, runSnapshots } from '../src/cli/snapshots';
-import { PACKAGE_ROOT } from '../src/paths';
+import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { PageStore, StoreBusyError } from '../src/store';
 
 describe('a VM store shared by several gateway processes', () => {

@@ -3,7 +3,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { digestOne } from '../src/digest';
-import { PACKAGE_ROOT } from '../src/paths';
+import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { PageStore, UndoableStore } from '../src/store';
 
 const layout = { pageSize: 4096, pageCount: 16, layoutId: 'l1', layout: {} };

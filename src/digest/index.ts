@@ -20,7 +20,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { PACKAGE_ROOT } from '../paths';
+import { PACKAGE_ROOT } from './package-root';
 
 /** Bytes per digest (XXH3-128). */
 export const DIGEST_BYTES = 16;

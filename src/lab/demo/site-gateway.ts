@@ -10,7 +10,7 @@ import { parseConfig } from '../../gateway/config';
 import { Gateway } from '../../gateway/gateway';
 import { createLogger } from '../../gateway/log';
 import { GatewayMetrics } from '../../gateway/metrics';
-import { PACKAGE_ROOT } from '../../paths';
+import { PACKAGE_ROOT } from '../../digest/package-root';
 import { procStats } from './proc-stats';
 
 /** What a gateway says about one finished migration (its report, or its 'migration completed' log line). */

@@ -23,7 +23,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { PACKAGE_ROOT } from '../../paths';
+import { PACKAGE_ROOT } from '../../digest/package-root';
 import { QmpClient, type QmpEvent } from './qmp';
 
 export { QmpClient, QmpError } from './qmp';
