@@ -29,6 +29,7 @@ import * as path from 'node:path';
 import { parseDocument } from 'yaml';
 import { Endpoint, formatEndpoint, parseEndpoint } from './address';
 import { parseSize } from '../store/budget';
+import { describe, type Fail, isMapping } from './config-schema';
 import { type Limits, parseLimits, parsePeerVms, parseTls, type PeerVmRule, type TlsConfig } from './security-config';
 
 export class ConfigError extends Error {
@@ -300,20 +301,6 @@ export function isLoopbackHost(host: string): boolean {
 }
 
 // ---------------------------------------------------------------------------------------------
-
-export type Fail = (key: string, detail: string) => never;
-
-export function isMapping(v: unknown): v is Record<string, unknown> {
-  return typeof v === 'object' && v !== null && !Array.isArray(v);
-}
-
-export function describe(v: unknown): string {
-  if (v === null) return 'null';
-  if (Array.isArray(v)) return 'a list';
-  if (typeof v === 'object') return 'a mapping';
-  if (typeof v === 'string') return `the string ${JSON.stringify(v)}`;
-  return `${typeof v} ${String(v)}`;
-}
 
 function checkKeys(obj: Record<string, unknown>, known: readonly string[], prefix: string, fail: Fail): void {
   const unknown = Object.keys(obj).filter((k) => !known.includes(k));

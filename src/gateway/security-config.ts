@@ -25,7 +25,7 @@ import { readFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { parseSize } from '../store/budget';
 import { MAX_FRAME_PAYLOAD } from '../wire/frames';
-import { describe, type Fail, isMapping } from './config';
+import { describe, type Fail, isMapping } from './config-schema';
 import { TABLE_FRAME_BYTES } from './session';
 
 export interface TlsConfig {
