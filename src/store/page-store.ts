@@ -34,7 +34,7 @@ import { DIRECT_IO_ALIGN, DirectPages, DirectWriteError } from './direct-pages';
 import { fsyncDir, openRW, preadFully, pwriteFully, readFileNoFollow, requireRealDir, writeFileAtomic } from './fsio';
 import { acquireLock, releaseLock, StoreBusyError } from './lock';
 import { type StoreLayout, type StoreMeta, parseMeta, serializeMeta, validateLayout, validateVmName, MAX_PAGE_COUNT } from './meta';
-import { UndoJournal } from './undo';
+import { UndoJournal } from './undo-journal';
 
 export const PAGES_FILE = 'pages';
 export const DIGESTS_FILE = 'digests';
