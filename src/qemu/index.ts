@@ -9,3 +9,4 @@ export * from './records';
 export { StreamParser, type Framing, type ParserOptions } from './parser';
 export { StreamWriter } from './writer';
 export { streamOrigin, describeOrigin, type StreamOrigin } from './origin';
+export { ReturnPathParser, ReturnPathError, ReturnPathErrorCode, ReturnPathMessage, RETURN_PATH_MAX_BODY, type ReturnPathRecord, type ReturnPathSink } from './return-path';
