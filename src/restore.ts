@@ -239,11 +239,21 @@ class Destination {
     const where = formatEndpoint(to);
     return new Promise((resolve, reject) => {
       const socket = connect({ ...to, noDelay: true }, () => {
+        clearTimeout(timer);
         socket.off('error', onError);
         resolve(new Destination(socket, where, timeoutMs));
       });
-      const onError = (err: Error): void => reject(new RestoreError(`the destination ${where} refused the stream: ${err.message}`));
+      const onError = (err: Error): void => {
+        clearTimeout(timer);
+        reject(new RestoreError(`the destination ${where} refused the stream: ${err.message}`));
+      };
       socket.once('error', onError);
+      // A host that drops the connection attempt would otherwise keep restore waiting for minutes.
+      const timer = setTimeout(() => {
+        socket.destroy();
+        onError(new Error(`no answer within ${Math.round(timeoutMs / 1000)} s`));
+      }, timeoutMs);
+      timer.unref();
     });
   }
 
