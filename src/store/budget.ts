@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { acquireLock, lockHolder, releaseLock, StoreBusyError } from './lock';
+import { acquireLock, alive, lockHolder, releaseLock, StoreBusyError } from './lock';
 import { readFileNoFollow } from './fsio';
 import { META_FILE } from './page-store';
 import { parseMeta, validateVmName } from './meta';
@@ -176,15 +176,6 @@ function removeLeftovers(root: string): void {
     } catch {
       // another process removed it first
     }
-  }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 
