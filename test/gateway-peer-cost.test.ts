@@ -10,9 +10,10 @@ import * as path from 'node:path';
 import { loopbackMultiRouteYaml } from '../src/lab/demo/loopback-config';
 import { type SiteGateway, startSiteGateway } from '../src/lab/demo/site-gateway';
 import { freePort } from '../src/lab/vm/qemu-vm';
-import { encodeFrame, FrameType } from '../src/wire/frames';
+import { StreamHash } from '../src/digest';
+import { encodeFrame, encodeJson, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
 import { rawPeer, waitFor } from './gateway-pair';
-import { streamStart } from './migration-stream';
+import { guestMemory, migrationStream, streamStart } from './migration-stream';
 
 const GiB = 1024 * 1024 * 1024;
 
@@ -65,5 +66,62 @@ describe('a peer costs the receiving gateway a bounded amount', () => {
     // The store's own table (64 MiB) and what is queued for the peer (a few MiB) — not 20 copies of it.
     expect(peak - before).toBeLessThan(64 + 48);
     peer.socket.destroy();
+  });
+});
+
+describe('every frame a sending peer can repeat has a bound', () => {
+  let tmp = '';
+  let gateway: SiteGateway;
+  let peerPort = 0;
+  let destPort = 0;
+  let destination: net.Server;
+  const start = streamStart([['pc.ram', 64 * 4096]]);
+  const whole = migrationStream(guestMemory([['pc.ram', 64]], 9), []);
+
+  beforeAll(async () => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-peerrepeat-'));
+    const [peer, route, farPeer, dest] = await Promise.all(Array.from({ length: 4 }, () => freePort()));
+    peerPort = peer;
+    destPort = dest;
+    destination = net.createServer((s) => {
+      s.resume();
+      s.on('error', () => undefined);
+    });
+    await new Promise<void>((r) => destination.listen(destPort, '127.0.0.1', () => r()));
+    const data = path.join(tmp, 'site-b');
+    fs.mkdirSync(data);
+    const yaml = loopbackMultiRouteYaml({ name: 'site-b', data, peerPort, farPeerPort: farPeer, routes: [{ vm: 'vm1', routePort: route, targetPort: destPort }] });
+    gateway = await startSiteGateway(tmp, 'site-b', yaml, 'child-process');
+  });
+
+  afterAll(async () => {
+    await gateway?.stop();
+    destination?.close();
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  test.each<[string, (peer: net.Socket) => void, RegExp]>([
+    ['a second Hello', (s) => s.write(encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: 'raw', vm: 'vm1', target: `127.0.0.1:${destPort}` })), /a second Hello/],
+    ['a Seal that does not match, after one that did', (s) => s.write(encodeJson(FrameType.Seal, { streamBytes: start.length, streamCheck: '0000000000000000' })), /damaged between the gateways/],
+    ['stream bytes after the sealed end of the stream', (s) => s.write(encodeFrame(FrameType.Literal, Buffer.alloc(16))), /after the sealed end/],
+    ['an unknown frame type, 10,000 times', (s) => s.write(Buffer.concat(Array.from({ length: 10_000 }, () => encodeFrame(99 as FrameType)))), /unexpected frame type 99/],
+  ])('%s ends the migration, and the gateway serves the next one', async (what, repeat, error) => {
+    const reports = gateway.reports.length;
+    const peer = await rawPeer(peerPort);
+    peer.hello('vm1', `127.0.0.1:${destPort}`);
+    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
+    // A whole stream for the sealed-end case (a Seal seals the end only once the stream has one).
+    const sent = what.startsWith('stream bytes') ? whole : start;
+    peer.socket.write(encodeFrame(FrameType.Literal, sent));
+    const check = new StreamHash();
+    check.update(sent);
+    if (!what.startsWith('a second Hello') && !what.startsWith('an unknown')) {
+      peer.socket.write(encodeJson(FrameType.Seal, { streamBytes: sent.length, streamCheck: check.digest() }));
+    }
+    repeat(peer.socket);
+    await waitFor(() => gateway.reports.length > reports, 30_000);
+    expect(gateway.reports[reports]).toMatchObject({ direction: 'receive', result: 'failed' });
+    await peer.closed;
+    expect(peer.abortText()).toMatch(error);
   });
 });

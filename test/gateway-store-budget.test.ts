@@ -20,10 +20,10 @@ const memory = guestMemory(
 );
 const stream = migrationStream(memory, []);
 
-function plant(data: string, vm: string, snapshot: string | null): void {
+function plant(data: string, vm: string, snapshot: string | null, pages = 1): void {
   const store = PageStore.open(data, vm);
   store.begin({ pageSize: 4096, pageCount: 4, layoutId: 'small', layout: {} });
-  store.writePage(0, Buffer.alloc(4096, 1), 0, Buffer.alloc(16, 1), 0);
+  if (pages > 0) store.writePage(0, Buffer.alloc(4096, 1), 0, Buffer.alloc(16, 1), 0);
   if (snapshot === null) store.abort();
   else store.commit(snapshot);
   store.close();
@@ -52,7 +52,8 @@ describe('storeBudget at the receiving gateway', () => {
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-gw-budget-'));
     const dataB = path.join(tmp, 'site-b');
     plant(dataB, 'other', 'snap-other'); // another VM's snapshot
-    plant(dataB, 'failed', null); // a migration that never completed
+    plant(dataB, 'failed', null, 0); // a first migration that never completed: it holds no page
+    plant(dataB, 'lost', null); // lost its snapshot but holds a page a digest-table exchange can reuse
     fs.mkdirSync(path.join(dataB, 'hello-only')); // an accepted Hello that got no further
     // Both sites: the sending gateway's store is held to the budget the same way.
     [a, b] = await startPair(tmp, ['storeBudget: 1MiB\n', 'storeBudget: 1MiB\n']);
@@ -64,8 +65,8 @@ describe('storeBudget at the receiving gateway', () => {
     fs.rmSync(tmp, { recursive: true, force: true });
   });
 
-  test('at start, stores that claim nothing are removed; snapshots stay', () => {
-    expect(fs.readdirSync(b.data).sort()).toEqual(['other']);
+  test('at start, stores that hold nothing are removed; snapshots and held pages stay', () => {
+    expect(fs.readdirSync(b.data).sort()).toEqual(['lost', 'other']);
   });
 
   test('a failed first migration leaves no store behind at either gateway (whether the budget let it retain or not)', async () => {

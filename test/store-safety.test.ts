@@ -26,10 +26,10 @@ beforeEach(() => {
 });
 afterEach(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
-function committed(vm: string, snapshot: string | null): void {
+function committed(vm: string, snapshot: string | null, pages = 1): void {
   const store = PageStore.open(data, vm);
   store.begin(LAYOUT);
-  store.writePage(0, page(1), 0, digest(1), 0);
+  if (pages > 0) store.writePage(0, page(1), 0, digest(1), 0);
   if (snapshot !== null) store.commit(snapshot);
   else store.abort();
   store.close();
@@ -113,10 +113,11 @@ describe('symbolic links in the data directory are never followed', () => {
   });
 });
 
-describe('stores that claim nothing are removed, under their lock', () => {
-  test('empty and unclaimed stores go; snapshots, interrupted migrations and stores in use stay', () => {
+describe('stores that hold nothing are removed, under their lock', () => {
+  test('empty stores and failed first migrations go; snapshots, held pages, interrupted migrations and stores in use stay', () => {
     fs.mkdirSync(path.join(data, 'empty')); // an accepted Hello that got no further
-    committed('failed', null);
+    committed('failed', null, 0); // a first migration that failed: its pages were put back to absent
+    committed('lost', null); // lost its snapshot but holds pages: a digest-table exchange reuses them
     committed('kept', 's1');
     committed('inuse', null);
     // An interrupted migration: its recovery may claim the snapshot again.
@@ -133,7 +134,7 @@ describe('stores that claim nothing are removed, under their lock', () => {
     try {
       const removed = removeUnclaimedStores(data).map((e) => e.vm).sort();
       expect(removed).toEqual(['empty', 'failed']);
-      expect(fs.readdirSync(data).sort()).toEqual(['dirty', 'inuse', 'kept', 'linked']);
+      expect(fs.readdirSync(data).sort()).toEqual(['dirty', 'inuse', 'kept', 'linked', 'lost']);
       expect(removeStore(data, 'inuse')).toBeNull();
     } finally {
       held.close();
@@ -142,7 +143,7 @@ describe('stores that claim nothing are removed, under their lock', () => {
   });
 
   test('a store taken by its lock before removal is left alone; once free it can be removed', () => {
-    committed('vm1', null);
+    committed('vm1', null, 0);
     const store = PageStore.open(data, 'vm1');
     expect(removeStore(data, 'vm1')).toBeNull();
     store.close();

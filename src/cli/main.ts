@@ -4,7 +4,7 @@ import { parseArgs, requireOption, stringOption, UsageError } from './args';
 import { runGateway } from './gateway';
 import { runSnapshots } from './snapshots';
 import { PREDICT_USAGE, runPredict } from './predict';
-import { restoreSnapshot } from '../restore';
+import { DEFAULT_RESTORE_TIMEOUT_MS, restoreSnapshot } from '../restore';
 import { formatReport, inspectPath } from './inspect';
 
 const USAGE = `usage: bfmig <command> [options]
@@ -19,9 +19,10 @@ commands:
   certs --out DIR --sites site-a,site-b [--days 825]
                                   create a CA (or reuse DIR's) and a certificate per site for mutual
                                   TLS between gateways, and print each site's tls: config block
-  restore --data DIR --vm NAME --to tcp:HOST:PORT
+  restore --data DIR --vm NAME --to tcp:HOST:PORT [--timeout 60]
                                   rebuild the VM's last retained snapshot into a destination QEMU
-                                  started with -incoming and the same machine shape
+                                  started with -incoming and the same machine shape; exits 0 only
+                                  once that QEMU has loaded it
   snapshots list|show VM|verify VM|rm VM --data DIR [--json]
                                   the retained snapshots in a gateway's store directory
   capture --listen HOST:PORT --out FILE [--forward HOST:PORT]
@@ -52,8 +53,12 @@ async function run(argv: readonly string[]): Promise<number> {
       const args = parseArgs(rest, []);
       const to = requireOption(args, 'to');
       if (!to.startsWith('tcp:')) throw new UsageError('--to takes tcp:HOST:PORT');
-      const result = await restoreSnapshot(requireOption(args, 'data'), requireOption(args, 'vm'), parseEndpoint(to.slice(4)));
-      process.stdout.write(`restored snapshot ${result.snapshotId} (${result.origin}): ${result.pages} pages, ${result.bytes} bytes sent\n`);
+      const timeout = stringOption(args, 'timeout');
+      if (timeout !== undefined && !/^[1-9]\d*$/.test(timeout)) throw new UsageError('--timeout takes a whole number of seconds');
+      const result = await restoreSnapshot(requireOption(args, 'data'), requireOption(args, 'vm'), parseEndpoint(to.slice(4)), {
+        timeoutMs: timeout === undefined ? DEFAULT_RESTORE_TIMEOUT_MS : Number(timeout) * 1000,
+      });
+      process.stdout.write(`restored snapshot ${result.snapshotId} (${result.origin}): ${result.pages} pages, ${result.bytes} bytes sent; the destination loaded it\n`);
       return 0;
     }
     case 'snapshots': {

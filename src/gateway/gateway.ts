@@ -3,7 +3,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import * as path from 'node:path';
 import { type Endpoint, formatEndpoint } from './address';
 import { PAGE_SIZE } from '../proxy/retained';
-import { claimsNothing, removeStore, removeUnclaimedStores, scanStores, StoreBudget, type UndoableStore } from '../store';
+import { holdsNothing, removeStore, removeUnclaimedStores, scanStores, StoreBudget, type UndoableStore } from '../store';
 import { type GatewayConfig, targetAllowed } from './config';
 import { type Admission, awaitStreamMagic, ConnectionGate, type Listener, Refusal, type RefusalReason } from './limits';
 import type { Logger } from './log';
@@ -73,7 +73,7 @@ export class Gateway implements SessionObserver {
     const c = this.config;
     // Stores of migrations that never completed (or an accepted Hello that never got further) hold
     // nothing a later migration can use: they go, unless another process is using them.
-    for (const gone of removeUnclaimedStores(c.data)) this.log.info({ vm: gone.vm, bytes: gone.bytes }, 'removed a store that claims no snapshot');
+    for (const gone of removeUnclaimedStores(c.data)) this.log.info({ vm: gone.vm, bytes: gone.bytes }, 'removed a store that holds nothing');
     this.bound.set('peer', await this.listen(c.peerListen, 'peer', (socket) => this.acceptPeer(socket)));
     for (const route of c.routes) {
       this.bound.set(`route:${route.vm}`, await this.listen(route.listen, 'source', (socket) => this.acceptSource(socket, route.vm)));
@@ -319,7 +319,7 @@ export class Gateway implements SessionObserver {
     // A store left claiming nothing (a failed first migration, or one that retained nothing) is removed:
     // otherwise every accepted Hello could leave a store directory behind for good.
     try {
-      if (removeStore(this.config.data, report.vm, claimsNothing)) this.log.info({ vm: report.vm }, 'removed a store that claims no snapshot');
+      if (removeStore(this.config.data, report.vm, holdsNothing)) this.log.info({ vm: report.vm }, 'removed a store that holds nothing');
     } catch (err) {
       this.log.warn({ vm: report.vm, error: errorMessage(err) }, 'could not remove a store that claims no snapshot');
     }

@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { acquireLock, lockHolder, releaseLock, StoreBusyError } from './lock';
+import { acquireLock, alive, lockHolder, releaseLock, StoreBusyError } from './lock';
 import { readFileNoFollow } from './fsio';
 import { META_FILE } from './page-store';
 import { parseMeta, validateVmName } from './meta';
@@ -27,6 +27,8 @@ export interface StoreEntry {
   snapshotId: string | null;
   /** meta.json says a migration was writing (it may claim its snapshot again on recovery). */
   dirty: boolean;
+  /** Pages it holds (each matching its digest), whether or not it claims a snapshot. */
+  presentPages: number;
   /** When it was last used: meta.json's modification time (ms), 0 without one. */
   usedAt: number;
 }
@@ -82,24 +84,28 @@ export function statStore(dir: string, vm: string): StoreEntry | null {
   }
   let snapshotId: string | null = null;
   let dirty = false;
+  let presentPages = 0;
   try {
     const parsed = parseMeta(readFileNoFollow(path.join(dir, META_FILE)).toString('utf8'), vm);
     if ('meta' in parsed) {
       dirty = parsed.meta.state === 'dirty';
       snapshotId = parsed.meta.state === 'clean' ? parsed.meta.snapshotId : null;
+      presentPages = parsed.meta.presentPages;
     }
   } catch {
     // no meta: a store that never held anything
   }
-  return { vm, bytes, snapshotId, dirty, usedAt };
+  return { vm, bytes, snapshotId, dirty, presentPages, usedAt };
 }
 
 /**
- * A store that holds nothing worth keeping: no valid meta.json, or a clean one claiming no snapshot. A
- * "dirty" store is kept: its recovery may claim its snapshot again from the undo journal.
+ * A store that holds nothing worth keeping: no valid meta.json, or a clean one that claims no snapshot
+ * and holds no page (a first migration that failed leaves one: its pages were put back to absent). A
+ * "dirty" store is kept: its recovery may claim its snapshot again from the undo journal. So is one that
+ * lost its snapshot but holds pages (to a corrupted page, say): a digest-table exchange reuses them.
  */
-export function claimsNothing(entry: StoreEntry): boolean {
-  return entry.snapshotId === null && !entry.dirty;
+export function holdsNothing(entry: StoreEntry): boolean {
+  return entry.snapshotId === null && !entry.dirty && entry.presentPages === 0;
 }
 
 /**
@@ -144,15 +150,15 @@ export function removeStore(root: string, vm: string, still: (entry: StoreEntry)
 }
 
 /**
- * Removes every store that claims nothing (see claimsNothing) and is not in use, and what a removal
+ * Removes every store that claims nothing (see holdsNothing) and is not in use, and what a removal
  * interrupted by a crash left behind. Returns the stores removed.
  */
 export function removeUnclaimedStores(root: string): StoreEntry[] {
   removeLeftovers(root);
   const removed: StoreEntry[] = [];
   for (const entry of scanStores(root)) {
-    if (!claimsNothing(entry)) continue;
-    const gone = removeStore(root, entry.vm, claimsNothing);
+    if (!holdsNothing(entry)) continue;
+    const gone = removeStore(root, entry.vm, holdsNothing);
     if (gone !== null) removed.push(gone);
   }
   return removed;
@@ -176,15 +182,6 @@ function removeLeftovers(root: string): void {
     } catch {
       // another process removed it first
     }
-  }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

@@ -54,7 +54,8 @@ export function releaseLock(dir: string): void {
   fs.rmSync(path.join(dir, LOCK_FILE), { force: true });
 }
 
-function alive(pid: number): boolean {
+/** Whether a process with this pid exists on this host (one we may not signal counts). */
+export function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
