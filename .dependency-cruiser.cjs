@@ -32,9 +32,9 @@ module.exports = {
     {
       name: 'product-not-cli',
       severity: 'error',
-      comment: 'The CLI and restore sit on top of the product; nothing below them imports them.',
+      comment: 'The CLI sits on top of the product; nothing below it imports it.',
       from: { path: PRODUCT },
-      to: { path: '^src/(cli/|restore\\.ts$)' },
+      to: { path: '^src/cli/' },
     },
     // Each layer below the gateway may import only itself and the layers listed for it.
     {
@@ -85,13 +85,6 @@ module.exports = {
       comment: 'Codecs, frames and the store do no network I/O: sockets belong to src/gateway/ (and the CLI and lab).',
       from: { path: '^src/(qemu|proxy|wire|store|digest|model)/' },
       to: { dependencyTypes: ['core'], path: '^(node:)?(net|tls|dgram|http|https|http2)$' },
-    },
-    {
-      name: 'address-shim-only-for-restore',
-      severity: 'error',
-      comment: 'src/address.ts only re-exports src/gateway/address.ts for src/restore.ts until that file is updated; import src/gateway/address.ts instead.',
-      from: { pathNot: '^src/restore\\.ts$' },
-      to: { path: '^src/address\\.ts$' },
     },
     {
       name: 'src-not-tests',

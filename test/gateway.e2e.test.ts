@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { Capture } from '../src/lab/capture';
 import { listSnapshots } from '../src/cli/snapshots';
-import { restoreSnapshot } from '../src/restore';
+import { restoreSnapshot } from '../src/cli/restore';
 import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
 import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';

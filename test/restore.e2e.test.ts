@@ -11,7 +11,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { DIGEST_BYTES, digestOne } from '../src/digest';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
-import { restoreSnapshot } from '../src/restore';
+import { restoreSnapshot } from '../src/cli/restore';
 import { PageStore } from '../src/store';
 import { disposeAllVms, ensureGuestBuilt, freePort, QemuVm } from '../src/lab/vm/qemu-vm';
 import { startPair, type TestSite } from './gateway-pair';

@@ -11,7 +11,7 @@ import { keepStreamParts } from '../src/gateway/session';
 import { StreamParts } from '../src/proxy/stream-parts';
 import { RecordKind, SectionType, StreamParser, VmCommand } from '../src/qemu';
 import { ReturnPathMessage } from '../src/qemu/return-path';
-import { CorruptPagesError, restoreSnapshot } from '../src/restore';
+import { CorruptPagesError, restoreSnapshot } from '../src/cli/restore';
 import { PageStore } from '../src/store';
 import { guestMemory, migrationStream, PAGE, type GuestMemory } from './migration-stream';
 

@@ -88,7 +88,7 @@ describe('bfmig restore refuses what it cannot rebuild', () => {
   const to = { host: '127.0.0.1', port: 9 };
 
   test('an unknown VM, a snapshot without device state, an incomplete snapshot', async () => {
-    const { restoreSnapshot } = await import('../src/restore');
+    const { restoreSnapshot } = await import('../src/cli/restore');
     await expect(restoreSnapshot(data, 'ghost', to)).rejects.toThrow(/no retained snapshot/);
 
     const store = PageStore.open(data, 'vm1');

@@ -4,7 +4,7 @@ import { parseArgs, requireOption, stringOption, UsageError } from './args';
 import { runGateway } from './gateway';
 import { runSnapshots } from './snapshots';
 import { PREDICT_USAGE, runPredict } from './predict';
-import { DEFAULT_RESTORE_TIMEOUT_MS, restoreSnapshot } from '../restore';
+import { DEFAULT_RESTORE_TIMEOUT_MS, restoreSnapshot } from './restore';
 import { formatReport, inspectPath } from './inspect';
 
 const USAGE = `usage: bfmig <command> [options]

@@ -1,14 +1,14 @@
 import { connect, type Socket } from 'node:net';
-import { type Endpoint, formatEndpoint } from './address';
-import { DIGEST_BYTES, digestContiguous, digestOne } from './digest';
-import { describeOrigin, RamFlag, SectionType, streamOrigin, type StreamOrigin, VmCommand } from './qemu';
-import { writeRamWord, writeShortString } from './qemu/encode';
-import { StreamError } from './qemu/errors';
-import { StreamParser } from './qemu/parser';
-import { RecordKind } from './qemu/records';
-import { ReturnPathError, ReturnPathMessage, ReturnPathParser, type ReturnPathRecord } from './qemu/return-path';
-import { sameDigest } from './proxy/retained';
-import { PageStore } from './store';
+import { type Endpoint, formatEndpoint } from '../gateway/address';
+import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
+import { describeOrigin, RamFlag, SectionType, streamOrigin, type StreamOrigin, VmCommand } from '../qemu';
+import { writeRamWord, writeShortString } from '../qemu/encode';
+import { StreamError } from '../qemu/errors';
+import { StreamParser } from '../qemu/parser';
+import { RecordKind } from '../qemu/records';
+import { ReturnPathError, ReturnPathMessage, ReturnPathParser, type ReturnPathRecord } from '../qemu/return-path';
+import { sameDigest } from '../proxy/retained';
+import { PageStore } from '../store';
 
 const PAGE = 4096;
 const BATCH = 256;
