@@ -16,7 +16,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { type BackForthOptions, formatTable, type LegResult, runBackForth } from '../src/lab/demo/backforth';
-import { parseArgs, stringOption } from '../src/cli/args';
+import { parseArgs } from 'node:util';
 import { defaultGuestDir } from '../src/lab/vm/qemu-vm';
 
 /** One run of the grid: a guest migrated `changePcts.length + 1` legs over one link, both paths. */
@@ -128,25 +128,33 @@ async function runGrid(gridPath: string, outFile: string, only: string[] | null,
 }
 
 async function main(): Promise<void> {
-  const args = parseArgs(process.argv.slice(2), ['merge']);
-  const num = (name: string, fallback: number): number => Number(stringOption(args, name) ?? fallback);
-  const outFile = stringOption(args, 'out');
-  const gridPath = stringOption(args, 'grid');
+  const text = { type: 'string' } as const;
+  const { values: args } = parseArgs({
+    args: process.argv.slice(2),
+    options: {
+      merge: { type: 'boolean' }, out: text, grid: text, only: text, changes: text, 'rewrite-pcts': text,
+      'mem-mib': text, 'downtime-limit-ms': text, mbit: text, 'delay-ms': text, 'workload-mib': text, legs: text,
+    },
+    strict: true,
+  });
+  const num = (name: 'mem-mib' | 'downtime-limit-ms' | 'mbit' | 'delay-ms' | 'workload-mib' | 'legs', fallback: number): number => Number(args[name] ?? fallback);
+  const outFile = args.out;
+  const gridPath = args.grid;
   if (gridPath) {
     if (!outFile) throw new Error('--grid needs --out FILE.json');
-    const only = stringOption(args, 'only')?.split(',') ?? null;
-    const merge = args.options.has('merge');
+    const only = args.only?.split(',') ?? null;
+    const merge = args.merge === true;
     if (merge && !only) throw new Error('--merge needs --only');
     process.exitCode = (await runGrid(gridPath, outFile, only, merge)) ? 0 : 1;
     return;
   }
   const memMiB = num('mem-mib', 256);
-  const changes = stringOption(args, 'changes')?.split(',').map(Number);
+  const changes = args.changes?.split(',').map(Number);
   const downtimeLimitMs = num('downtime-limit-ms', 500);
   const base = { mbit: num('mbit', 100), delayMs: num('delay-ms', 20), memMiB, workloadMiB: num('workload-mib', 128) };
   const results: BenchResults = { host: hostInfo(), downtimeLimitMs, started: new Date().toISOString(), runs: [] };
   let ok = true;
-  for (const rewritePct of (stringOption(args, 'rewrite-pcts') ?? '0,1').split(',').map(Number)) {
+  for (const rewritePct of (args['rewrite-pcts'] ?? '0,1').split(',').map(Number)) {
     const run: GridRun = { id: `cli-rewrite${rewritePct}`, ...base, rewritePct, changePcts: changes ?? Array.from({ length: num('legs', 3) - 1 }, () => 0) };
     console.log(`\n== guest rewriting ${rewritePct}% of its ${base.workloadMiB} MiB workload per second ==`);
     const results_ = await runBackForth({ ...runOptions(run, downtimeLimitMs), changePcts: changes });

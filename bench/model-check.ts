@@ -5,7 +5,7 @@
  * Usage: node dist/bench/model-check.js [docs/benchmarks/backforth.json] [--markdown] [--out FILE.json]
  */
 import * as fs from 'node:fs';
-import { parseArgs, stringOption } from '../src/cli/args';
+import { parseArgs } from 'node:util';
 import type { LegResult } from '../src/lab/demo/backforth';
 import { BENCH_PLATFORM } from '../src/model/calibration';
 import { PAGE_BYTES, type PathPrediction, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
@@ -97,13 +97,13 @@ export function markdownTable(checked: CheckedLeg[]): string {
 }
 
 function main(): void {
-  const args = parseArgs(process.argv.slice(2), ['markdown']);
-  const file = args.positionals[0] ?? 'docs/benchmarks/backforth.json';
+  const { values: args, positionals } = parseArgs({ args: process.argv.slice(2), options: { markdown: { type: 'boolean' }, out: { type: 'string' } }, strict: true, allowPositionals: true });
+  const file = positionals[0] ?? 'docs/benchmarks/backforth.json';
   const results = JSON.parse(fs.readFileSync(file, 'utf8')) as BenchResults;
   const checked = checkResults(results);
-  const outFile = stringOption(args, 'out');
+  const outFile = args.out;
   if (outFile) fs.writeFileSync(outFile, JSON.stringify(checked, null, 1) + '\n');
-  if (args.options.has('markdown')) {
+  if (args.markdown === true) {
     console.log(markdownTable(checked));
   } else {
     for (const c of checked) {
