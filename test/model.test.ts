@@ -2,7 +2,8 @@
  * The performance model's arithmetic on cases small enough to compute by hand (docs/model.md), and
  * `bfmig predict`'s flags and output.
  */
-import { parseArgs } from '../src/cli/args';
+import { PREDICT } from '../src/cli/commands';
+import { parseCommand } from '../src/cli/parse';
 import { predictInputs, runPredict } from '../src/cli/predict';
 import { type ModelInputs, type Platform, predict, predictBfmig, predictDirect } from '../src/model';
 
@@ -128,7 +129,7 @@ describe('through bfmig', () => {
 });
 
 describe('bfmig predict', () => {
-  const args = (line: string): ReturnType<typeof parseArgs> => parseArgs(line.split(' '), ['json', 'no-digests']);
+  const args = (line: string): ReturnType<typeof parseCommand<typeof PREDICT.options>>['values'] => parseCommand(PREDICT, line.split(' ')).values;
 
   test('flags in the units users think in', () => {
     const i = predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --changed 2% --dirty-mbps 5 --used 75%'));

@@ -1,81 +1,98 @@
+import { parseArgs } from 'node:util';
 import { parseEndpoint, formatEndpoint } from '../gateway/address';
-import { configSnippets, DEFAULT_CERT_DAYS, issueCerts } from './certs';
-import { parseArgs, requireOption, stringOption, UsageError } from './args';
+import { configSnippets, issueCerts } from './certs';
+import { CAPTURE, CERTS, DEMO, GATEWAY, INSPECT, PREDICT, RESTORE, SNAPSHOTS, SNAPSHOTS_ACTIONS, USAGE } from './commands';
+import { type Command, converted, HelpRequest, type OptionSchema, parseCommand, required, usageOf, UsageError } from './parse';
 import { runGateway } from './gateway';
 import { runSnapshots } from './snapshots';
-import { PREDICT_USAGE, runPredict } from './predict';
-import { DEFAULT_RESTORE_TIMEOUT_MS, restoreSnapshot } from './restore';
+import { runPredict } from './predict';
+import { restoreSnapshot } from './restore';
 import { formatReport, inspectPath } from './inspect';
 
-const USAGE = `usage: bfmig <command> [options]
+/** A demo option's number: finite and not negative. */
+function demoNumber(text: string, option: string): number {
+  const value = Number(text);
+  if (text.trim() === '' || !Number.isFinite(value) || value < 0) throw new UsageError(`--${option} takes a non-negative number, not "${text}"`);
+  return value;
+}
 
-commands:
-  inspect <file|-> [--json]       report what a captured migration stream holds
-  demo [--legs 3] [--mbit 100] [--delay-ms 20] [--mem-mib 256] [--workload-mib 64] [--rewrite-pct 0]
-       [--no-direct] [--json FILE]
-                                  migrate a guest back and forth on this machine through two gateways
-                                  and a WAN emulator, direct versus through bfmig
-  gateway --config FILE           run a site's gateway (see the README for the YAML keys)
-  certs --out DIR --sites site-a,site-b [--days 825]
-                                  create a CA (or reuse DIR's) and a certificate per site for mutual
-                                  TLS between gateways, and print each site's tls: config block
-  restore --data DIR --vm NAME --to tcp:HOST:PORT [--timeout 60]
-                                  rebuild the VM's last retained snapshot into a destination QEMU
-                                  started with -incoming and the same machine shape; exits 0 only
-                                  once that QEMU has loaded it
-  snapshots list|show VM|verify VM|rm VM --data DIR [--json]
-                                  the retained snapshots in a gateway's store directory
-  capture --listen HOST:PORT --out FILE [--forward HOST:PORT]
-                                  accept one migration from a source QEMU and write it to FILE,
-                                  relaying it to the destination QEMU with --forward
-${PREDICT_USAGE}
-`;
+/**
+ * `bfmig snapshots ACTION ...`: the action's command and the arguments without it. Without an action,
+ * the group's command, whose parse gives its help or says an action is needed.
+ */
+function snapshotsAction(argv: readonly string[]): { command: Command<typeof SNAPSHOTS.options>; action?: string; argv: readonly string[] } {
+  const { tokens } = parseArgs({ args: [...argv], options: SNAPSHOTS.options, strict: false, allowPositionals: true, tokens: true });
+  const first = tokens.find((t) => t.kind === 'positional');
+  if (first === undefined || first.kind !== 'positional') return { command: SNAPSHOTS, argv };
+  const name = first.value;
+  if (!Object.hasOwn(SNAPSHOTS_ACTIONS, name)) throw new UsageError(`unknown action "${name}" for bfmig snapshots (list, show VM, verify VM or rm VM)`, SNAPSHOTS);
+  return { command: SNAPSHOTS_ACTIONS[name as keyof typeof SNAPSHOTS_ACTIONS], action: name, argv: argv.filter((_, i) => i !== first.index) };
+}
+
+/** The command being run: a UsageError its code raised without naming one is reported with its usage. */
+let active: Command | null = null;
+
+function parse<O extends OptionSchema>(command: Command<O>, argv: readonly string[]): ReturnType<typeof parseCommand<O>> {
+  active = command;
+  return parseCommand(command, argv);
+}
 
 async function run(argv: readonly string[]): Promise<number> {
   const [command, ...rest] = argv;
   switch (command) {
     case 'inspect': {
-      const args = parseArgs(rest, ['json']);
-      const path = args.positionals[0];
-      if (!path) throw new UsageError('inspect needs a file, or - for standard input');
-      const report = await inspectPath(path);
-      process.stdout.write(args.options.has('json') ? JSON.stringify(report, null, 2) + '\n' : formatReport(report) + '\n');
+      const { values, positionals } = parse(INSPECT, rest);
+      const report = await inspectPath(positionals[0]);
+      process.stdout.write(values.json === true ? JSON.stringify(report, null, 2) + '\n' : formatReport(report) + '\n');
       return report.error || !report.identical ? 1 : 0;
     }
     case 'demo': {
+      const { values } = parse(DEMO, rest);
+      const options = {
+        legs: demoNumber(values.legs, 'legs'),
+        memMiB: demoNumber(values['mem-mib'], 'mem-mib'),
+        workloadMiB: demoNumber(values['workload-mib'], 'workload-mib'),
+        rewritePct: demoNumber(values['rewrite-pct'], 'rewrite-pct'),
+        rateMbit: demoNumber(values.mbit, 'mbit'),
+        delayMs: demoNumber(values['delay-ms'], 'delay-ms'),
+        machine: values.machine,
+        direct: values['no-direct'] !== true,
+        ...(values.json !== undefined ? { json: values.json } : {}),
+      };
       // The demo pulls in the QEMU harness and the WAN emulator (the lab, src/lab/): a gateway never loads it.
       const { runDemo } = await import('../lab/demo/command');
-      return runDemo(parseArgs(rest, ['no-direct']));
+      return runDemo(options);
     }
     case 'predict':
-      return runPredict(parseArgs(rest, ['json', 'no-digests']), (text) => process.stdout.write(text));
+      return runPredict(parse(PREDICT, rest).values, (text) => process.stdout.write(text));
     case 'restore': {
-      const args = parseArgs(rest, []);
-      const to = requireOption(args, 'to');
+      const { values } = parse(RESTORE, rest);
+      const to = required(values.to, 'to');
       if (!to.startsWith('tcp:')) throw new UsageError('--to takes tcp:HOST:PORT');
-      const timeout = stringOption(args, 'timeout');
+      const endpoint = converted(to.slice(4), 'to', parseEndpoint);
+      const timeout = values.timeout;
       if (timeout !== undefined && !/^[1-9]\d*$/.test(timeout)) throw new UsageError('--timeout takes a whole number of seconds');
-      const result = await restoreSnapshot(requireOption(args, 'data'), requireOption(args, 'vm'), parseEndpoint(to.slice(4)), {
-        timeoutMs: timeout === undefined ? DEFAULT_RESTORE_TIMEOUT_MS : Number(timeout) * 1000,
+      const result = await restoreSnapshot(required(values.data, 'data'), required(values.vm, 'vm'), endpoint, {
+        ...(timeout !== undefined ? { timeoutMs: Number(timeout) * 1000 } : {}),
       });
       process.stdout.write(`restored snapshot ${result.snapshotId} (${result.origin}): ${result.pages} pages, ${result.bytes} bytes sent; the destination loaded it\n`);
       return 0;
     }
     case 'snapshots': {
-      const args = parseArgs(rest, ['json']);
-      const [action, vm] = args.positionals;
-      return runSnapshots(action, requireOption(args, 'data'), vm, args.options.has('json'), (text) => process.stdout.write(text));
+      const { command: snapshots, action, argv: actionArgv } = snapshotsAction(rest);
+      const { values, positionals } = parse(snapshots, actionArgv);
+      return runSnapshots(action, required(values.data, 'data'), positionals[0], values.json === true, (text) => process.stdout.write(text));
     }
     case 'gateway': {
-      const args = parseArgs(rest, []);
-      return runGateway(requireOption(args, 'config'), stringOption(args, 'log-level'));
+      const { values } = parse(GATEWAY, rest);
+      return runGateway(required(values.config, 'config'), values['log-level']);
     }
     case 'certs': {
-      const args = parseArgs(rest, []);
-      const days = stringOption(args, 'days');
+      const { values } = parse(CERTS, rest);
+      const days = values.days;
       if (days !== undefined && !/^\d+$/.test(days)) throw new UsageError('--days takes a whole number of days');
-      const sites = requireOption(args, 'sites').split(',').map((s) => s.trim()).filter((s) => s !== '');
-      const issued = issueCerts(requireOption(args, 'out'), sites, days === undefined ? DEFAULT_CERT_DAYS : Number(days));
+      const sites = required(values.sites, 'sites').split(',').map((s) => s.trim()).filter((s) => s !== '');
+      const issued = issueCerts(required(values.out, 'out'), sites, days === undefined ? undefined : Number(days));
       process.stdout.write(
         `${issued.ca.created ? 'created CA' : 'reused CA'} ${issued.ca.cert} (keep ${issued.ca.key} off the gateways)\n` +
           issued.sites.map((s) => `issued ${s.cert} for ${s.site}\n`).join('') +
@@ -84,15 +101,13 @@ async function run(argv: readonly string[]): Promise<number> {
       return 0;
     }
     case 'capture': {
+      const { values } = parse(CAPTURE, rest);
+      const listen = converted(required(values.listen, 'listen'), 'listen', parseEndpoint);
+      const out = required(values.out, 'out');
+      const forward = values.forward === undefined ? undefined : converted(values.forward, 'forward', parseEndpoint);
       // Lab code, like the demo: loaded only when asked for.
       const { Capture } = await import('../lab/capture');
-      const args = parseArgs(rest, []);
-      const forward = stringOption(args, 'forward');
-      const capture = new Capture({
-        listen: parseEndpoint(requireOption(args, 'listen')),
-        out: requireOption(args, 'out'),
-        ...(forward ? { forward: parseEndpoint(forward) } : {}),
-      });
+      const capture = new Capture({ listen, out, ...(forward ? { forward } : {}) });
       const bound = await capture.listen();
       process.stdout.write(`listening on ${formatEndpoint(bound)}\n`);
       const stop = (): void => {
@@ -108,11 +123,12 @@ async function run(argv: readonly string[]): Promise<number> {
       return result.error ? 1 : 0;
     }
     case undefined:
+      throw new UsageError('a command is needed');
     case 'help':
     case '--help':
     case '-h':
       process.stdout.write(USAGE);
-      return command === undefined ? 2 : 0;
+      return 0;
     default:
       throw new UsageError(`unknown command "${command}"`);
   }
@@ -124,8 +140,12 @@ export function main(argv: readonly string[]): void {
       process.exitCode = code;
     },
     (err: unknown) => {
-      if (err instanceof UsageError) {
-        process.stderr.write(`bfmig: ${err.message}\n\n${USAGE}`);
+      if (err instanceof HelpRequest) {
+        process.stdout.write(usageOf(err.command));
+        process.exitCode = 0;
+      } else if (err instanceof UsageError) {
+        const command = err.command ?? active;
+        process.stderr.write(`bfmig: ${err.message}\n\n${command ? usageOf(command) : USAGE}`);
         process.exitCode = 2;
       } else {
         process.stderr.write(`bfmig: ${err instanceof Error ? err.message : String(err)}\n`);

@@ -1,32 +1,36 @@
 import { parseSize } from '../store/budget';
 import { BENCH_PLATFORM, DEFAULT_PLATFORM, type ModelInputs, type PathPrediction, type Platform, type Prediction, predict } from '../model';
-import { type ParsedArgs, requireOption, stringOption, UsageError } from './args';
+import { PREDICT } from './commands';
+import { type OptionValues, UsageError } from './parse';
 
-export const PREDICT_USAGE = `  predict --ram 8GiB --mbit 100 --rtt-ms 40 [--changed 2%] [--used 100%] [--dirty-mbps 0] [--hot 100%]
-          [--downtime-limit-ms 300] [--max-bandwidth 128MiB] [--no-digests] [--gateway-gbps G]
-          [--platform default|bench] [--json]
-                                  predicted WAN bytes, total time and downtime of a migration, direct
-                                  and through bfmig, and the break-even point (docs/model.md)`;
+type PredictArgs = OptionValues<typeof PREDICT.options>;
+type TextOption = { [K in keyof PredictArgs]: PredictArgs[K] extends boolean | undefined ? never : K }[keyof PredictArgs];
 
 /** "2%" or "2" → 0.02. */
-function percentOption(args: ParsedArgs, name: string, fallback: number): number {
-  const text = stringOption(args, name);
+function percentOption(args: PredictArgs, name: TextOption, fallback: number): number {
+  const text = args[name];
   if (text === undefined) return fallback;
   const value = Number(text.trim().replace(/%$/, ''));
   if (!Number.isFinite(value) || value < 0 || value > 100) throw new UsageError(`--${name} takes a percentage from 0 to 100, not "${text}"`);
   return value / 100;
 }
 
-function numberOption(args: ParsedArgs, name: string, fallback?: number): number {
-  const text = fallback === undefined ? requireOption(args, name) : stringOption(args, name);
+function requireOption(args: PredictArgs, name: TextOption): string {
+  const text = args[name];
+  if (text === undefined) throw new UsageError(`--${name} is required`);
+  return text;
+}
+
+function numberOption(args: PredictArgs, name: TextOption, fallback?: number): number {
+  const text = fallback === undefined ? requireOption(args, name) : args[name];
   if (text === undefined) return fallback as number;
   const value = Number(text);
   if (!Number.isFinite(value) || value < 0) throw new UsageError(`--${name} takes a non-negative number, not "${text}"`);
   return value;
 }
 
-function sizeOption(args: ParsedArgs, name: string, fallback?: number): number {
-  const text = fallback === undefined ? requireOption(args, name) : stringOption(args, name);
+function sizeOption(args: PredictArgs, name: TextOption, fallback?: number): number {
+  const text = fallback === undefined ? requireOption(args, name) : args[name];
   if (text === undefined) return fallback as number;
   try {
     return parseSize(text);
@@ -35,11 +39,11 @@ function sizeOption(args: ParsedArgs, name: string, fallback?: number): number {
   }
 }
 
-export function predictInputs(args: ParsedArgs): ModelInputs {
-  const platformName = stringOption(args, 'platform') ?? 'default';
+export function predictInputs(args: PredictArgs): ModelInputs {
+  const platformName = args.platform ?? 'default';
   if (platformName !== 'default' && platformName !== 'bench') throw new UsageError(`--platform is default or bench, not "${platformName}"`);
   let platform: Platform = platformName === 'bench' ? BENCH_PLATFORM : DEFAULT_PLATFORM;
-  const gatewayGbps = stringOption(args, 'gateway-gbps');
+  const gatewayGbps = args['gateway-gbps'];
   if (gatewayGbps !== undefined) platform = { ...platform, gatewayBytesPerS: numberOption(args, 'gateway-gbps') * 1e9 };
   const usedShare = percentOption(args, 'used', 1);
   const inputs: ModelInputs = {
@@ -52,7 +56,7 @@ export function predictInputs(args: ParsedArgs): ModelInputs {
     hotShare: percentOption(args, 'hot', usedShare),
     downtimeLimitMs: numberOption(args, 'downtime-limit-ms', 300),
     maxBandwidthBytesPerS: sizeOption(args, 'max-bandwidth', 128 * 2 ** 20),
-    senderHasDigests: !args.options.has('no-digests'),
+    senderHasDigests: args['no-digests'] !== true,
     platform,
   };
   if (inputs.rateMbit <= 0) throw new UsageError('--mbit must be above 0');
@@ -88,10 +92,10 @@ export function formatPrediction(inputs: ModelInputs, p: Prediction): string {
 }
 
 /** `bfmig predict`. */
-export function runPredict(args: ParsedArgs, write: (text: string) => void): number {
+export function runPredict(args: PredictArgs, write: (text: string) => void): number {
   const inputs = predictInputs(args);
   const prediction = predict(inputs);
-  if (args.options.has('json')) {
+  if (args.json === true) {
     const { platform, ...rest } = inputs;
     write(JSON.stringify({ inputs: rest, platform, ...prediction }, (_k, v: unknown) => (v === Infinity ? null : v), 2) + '\n');
   } else {

@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { type StreamOrigin } from '../qemu';
 import { lockHolder, PageStore, removeStore, StoreBusyError, validateVmName } from '../store';
-import { UsageError } from './args';
+import { UsageError } from './parse';
 
 export interface SnapshotSummary {
   vm: string;

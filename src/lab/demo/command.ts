@@ -1,18 +1,12 @@
 import { spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
-import { formatTable, runBackForth } from './backforth';
-import { type ParsedArgs, stringOption } from '../../cli/args';
+import { type BackForthOptions, formatTable, runBackForth } from './backforth';
 
-function numberOption(args: ParsedArgs, name: string, fallback: number): number {
-  const text = stringOption(args, name);
-  if (text === undefined) return fallback;
-  const value = Number(text);
-  if (!Number.isFinite(value) || value < 0) throw new Error(`--${name} takes a non-negative number, not "${text}"`);
-  return value;
-}
+/** The demo's settings, as `bfmig demo` parsed them from its options (src/cli/commands.ts). */
+export type DemoOptions = Pick<BackForthOptions, 'legs' | 'memMiB' | 'workloadMiB' | 'rewritePct' | 'rateMbit' | 'delayMs' | 'machine' | 'direct'> & { json?: string };
 
 /** `bfmig demo`: a back-and-forth migration on this machine, direct versus through bfmig. */
-export async function runDemo(args: ParsedArgs): Promise<number> {
+export async function runDemo(options: DemoOptions): Promise<number> {
   const qemu = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
   if (qemu.error || qemu.status !== 0) {
     process.stderr.write(
@@ -22,19 +16,9 @@ export async function runDemo(args: ParsedArgs): Promise<number> {
     );
     return 3;
   }
-  const results = await runBackForth({
-    legs: numberOption(args, 'legs', 3),
-    memMiB: numberOption(args, 'mem-mib', 256),
-    workloadMiB: numberOption(args, 'workload-mib', 64),
-    rewritePct: numberOption(args, 'rewrite-pct', 0),
-    rateMbit: numberOption(args, 'mbit', 100),
-    delayMs: numberOption(args, 'delay-ms', 20),
-    machine: stringOption(args, 'machine') ?? 'pc-i440fx-7.2',
-    direct: !args.options.has('no-direct'),
-    out: process.stdout,
-  });
+  const { json, ...settings } = options;
+  const results = await runBackForth({ ...settings, out: process.stdout });
   process.stdout.write('\n' + formatTable(results) + '\n');
-  const json = stringOption(args, 'json');
   if (json) writeFileSync(json, JSON.stringify(results, null, 2) + '\n');
   return results.every((r) => r.verified) ? 0 : 1;
 }
