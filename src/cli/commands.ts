@@ -3,7 +3,9 @@
  * and the usage printed after a mistake all come from here, and the README's "Commands" section heads
  * each command with its synopsis (test/cli-args.test.ts checks that they agree).
  */
+import { DEFAULT_CERT_DAYS } from './certs';
 import type { Command, OptionSchema } from './parse';
+import { DEFAULT_RESTORE_TIMEOUT_MS } from './restore';
 
 const command = <O extends OptionSchema>(c: Command<O>): Command<O> => c;
 
@@ -15,24 +17,28 @@ export const INSPECT = command({
   positionals: ['FILE|-'],
 });
 
+const DEMO_OPTIONS = {
+  legs: { type: 'string', default: '3' },
+  mbit: { type: 'string', default: '100' },
+  'delay-ms': { type: 'string', default: '20' },
+  'mem-mib': { type: 'string', default: '256' },
+  'workload-mib': { type: 'string', default: '64' },
+  'rewrite-pct': { type: 'string', default: '0' },
+  machine: { type: 'string', default: 'pc-i440fx-7.2' },
+  'no-direct': { type: 'boolean' },
+  json: { type: 'string' },
+} as const;
+
+type DemoDefaulted = { [K in keyof typeof DEMO_OPTIONS]: (typeof DEMO_OPTIONS)[K] extends { default: string } ? K : never }[keyof typeof DEMO_OPTIONS];
+
+/** `[--name default]`, from the schema: the default is written once. */
+const demoDefault = (...names: DemoDefaulted[]): string => names.map((name) => `[--${name} ${DEMO_OPTIONS[name].default}]`).join(' ');
+
 export const DEMO = command({
   name: 'demo',
-  synopsis: [
-    'demo [--legs 3] [--mbit 100] [--delay-ms 20] [--mem-mib 256] [--workload-mib 64] [--rewrite-pct 0]',
-    '[--machine pc-i440fx-7.2] [--no-direct] [--json FILE]',
-  ],
+  synopsis: [`demo ${demoDefault('legs', 'mbit', 'delay-ms', 'mem-mib', 'workload-mib', 'rewrite-pct')}`, `${demoDefault('machine')} [--no-direct] [--json FILE]`],
   summary: ['migrate a guest back and forth on this machine through two gateways', 'and a WAN emulator, direct versus through bfmig'],
-  options: {
-    legs: { type: 'string', default: '3' },
-    mbit: { type: 'string', default: '100' },
-    'delay-ms': { type: 'string', default: '20' },
-    'mem-mib': { type: 'string', default: '256' },
-    'workload-mib': { type: 'string', default: '64' },
-    'rewrite-pct': { type: 'string', default: '0' },
-    machine: { type: 'string', default: 'pc-i440fx-7.2' },
-    'no-direct': { type: 'boolean' },
-    json: { type: 'string' },
-  },
+  options: DEMO_OPTIONS,
   positionals: [],
 });
 
@@ -46,7 +52,7 @@ export const GATEWAY = command({
 
 export const CERTS = command({
   name: 'certs',
-  synopsis: ['certs --out DIR --sites site-a,site-b [--days 825]'],
+  synopsis: [`certs --out DIR --sites site-a,site-b [--days ${DEFAULT_CERT_DAYS}]`],
   summary: [
     "create a CA (or reuse DIR's) and a certificate per site for mutual",
     "TLS between gateways, and print each site's tls: config block",
@@ -57,7 +63,7 @@ export const CERTS = command({
 
 export const RESTORE = command({
   name: 'restore',
-  synopsis: ['restore --data DIR --vm NAME --to tcp:HOST:PORT [--timeout 60]'],
+  synopsis: [`restore --data DIR --vm NAME --to tcp:HOST:PORT [--timeout ${DEFAULT_RESTORE_TIMEOUT_MS / 1000}]`],
   summary: [
     "rebuild the VM's last retained snapshot into a destination QEMU",
     'started with -incoming and the same machine shape; exits 0 only',
@@ -103,7 +109,7 @@ export const CAPTURE = command({
 export const PREDICT = command({
   name: 'predict',
   synopsis: [
-    'predict --ram 8GiB --mbit 100 --rtt-ms 40 [--changed 2%] [--used 100%] [--dirty-mbps 0] [--hot 100%]',
+    'predict --ram 8GiB --mbit 100 --rtt-ms 40 [--changed 1%] [--used 100%] [--dirty-mbps 0] [--hot 100%]',
     '[--downtime-limit-ms 300] [--max-bandwidth 128MiB] [--no-digests] [--gateway-gbps G]',
     '[--platform default|bench] [--json]',
   ],
