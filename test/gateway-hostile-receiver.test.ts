@@ -34,7 +34,11 @@ const doneFor = (c: HostileConnection): Buffer => json(FrameType.Done, { snapsho
 describe('a hostile receiving peer against the sending gateway', () => {
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-hostile-recv-'));
   const rig = new HostileReceiverRig(tmp);
-  const memory = guestMemory([['pc.ram', 64]], 71);
+  // 96 MiB of guest, nearly all zero pages, so that an honest migration is quick; the never-reading
+  // peer gets the same layout with every page written (a stream of another layout would discard the
+  // sender's snapshot whatever the receiver does).
+  const GUEST: [string, number][] = [['pc.ram', 24 * 1024]];
+  const memory = guestMemory(GUEST, 71, 0.99);
   const stream = migrationStream(memory, []);
   /** The layout id the real receiver offers for `memory` (after the first honest migration). */
   let layoutId = '';
@@ -157,4 +161,35 @@ describe('a hostile receiving peer against the sending gateway', () => {
     expect(report.error).toMatch(/unexpected TableEnd/);
     expect(rig.senderSnapshot()).toBe(snapshot);
   });
+
+  test('a peer that never reads: the sender stops reading the source instead of buffering the stream', async () => {
+    const snapshot = rig.senderSnapshot();
+    const before = rig.lastReport();
+    const big = migrationStream(guestMemory(GUEST, 5, 0), []);
+    let peer: HostileConnection | null = null;
+    rig.hostile = (c, f) => {
+      if (f.type !== FrameType.Hello) return;
+      peer = c;
+      c.socket.write(json(FrameType.Offer, NOTHING));
+      c.socket.pause();
+    };
+    const heapBefore = process.memoryUsage().arrayBuffers;
+    const source = rig.pushingSource(big);
+    // Wait until the source can push no more.
+    let last = -1;
+    while (source.taken() !== last) {
+      last = source.taken();
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    const held = process.memoryUsage().arrayBuffers - heapBefore;
+    // Kernel buffers on loopback (source, WAN, peer) hold some MiB; the gateway itself holds little.
+    expect(source.taken()).toBeLessThan(big.length / 3);
+    expect(held).toBeLessThan(16 * 1024 * 1024);
+    (peer as HostileConnection | null)?.socket.destroy();
+    expect(await source.ending).toBe('reset');
+    const report = await rig.nextReport(before);
+    expect(report).toMatchObject({ result: 'failed', snapshotId: null });
+    expect(rig.senderSnapshot()).toBe(snapshot);
+    expect(await rig.honest(stream)).toMatchObject({ identical: true, report: { result: 'completed' } });
+  }, 30_000);
 });

@@ -174,6 +174,32 @@ export class HostileReceiverRig {
     });
   }
 
+  /**
+   * A source stand-in that writes `stream` a MiB at a time, as fast as the gateway reads it, and keeps
+   * count of the bytes the gateway's side took (a write's callback: handed to the kernel).
+   */
+  pushingSource(stream: Buffer): { taken: () => number; ending: Promise<'closed' | 'reset'> } {
+    let taken = 0;
+    const socket = net.connect({ host: '127.0.0.1', port: this.a.routePort });
+    let reset = false;
+    socket.on('error', () => (reset = true));
+    socket.resume();
+    const ending = new Promise<'closed' | 'reset'>((r) => socket.on('close', () => r(reset ? 'reset' : 'closed')));
+    const push = (at: number): void => {
+      while (at < stream.length && !socket.destroyed) {
+        const piece = stream.subarray(at, at + 1024 * 1024);
+        at += piece.length;
+        const more = socket.write(piece, (err) => {
+          if (!err) taken += piece.length;
+        });
+        if (!more) return void socket.once('drain', () => push(at));
+      }
+      if (at >= stream.length) socket.end();
+    };
+    socket.on('connect', () => push(0));
+    return { taken: () => taken, ending };
+  }
+
   /** An honest migration through the real receiving gateway: true when it completed byte for byte. */
   async honest(stream: Buffer): Promise<{ identical: boolean; ending: SourceOutcome['ending']; report: MigrationReport }> {
     this.hostile = null;
