@@ -8,12 +8,27 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import fc from 'fast-check';
 import { FrameType } from '../src/wire/frames';
-import { type Hostile, type HostileConnection, HostileReceiverRig, json, longestLogLine, rawFrame, rmTmp, wholeReturnPathMessages } from './hostile-receiver';
+import {
+  honestScript,
+  type Hostile,
+  type HostileConnection,
+  HostileReceiverRig,
+  json,
+  longestLogLine,
+  mutateScript,
+  rawFrame,
+  rmTmp,
+  scripted,
+  type ScriptMutation,
+  wholeReturnPathMessages,
+} from './hostile-receiver';
 import { guestMemory, migrationStream } from './migration-stream';
 
 const PONG = Buffer.from([0, 2, 0, 4, 0, 0, 0, 1]);
 const BANNER = Buffer.from('SSH-2.0-OpenSSH_9.2p1\r\n');
+const SEED = Number(process.env.FUZZ_SEED ?? 20240611);
 const NOTHING = { site: 'site-b', snapshotId: null, layoutId: null, pageCount: 0, presentPages: 0 };
 /** Longest log line accepted, in characters. */
 const LOG_LINE_LIMIT = 8 * 1024;
@@ -192,4 +207,60 @@ describe('a hostile receiving peer against the sending gateway', () => {
     expect(rig.senderSnapshot()).toBe(snapshot);
     expect(await rig.honest(stream)).toMatchObject({ identical: true, report: { result: 'completed' } });
   }, 30_000);
+
+  test('seeded fuzz: mutations of an honest receiver\'s answers never leave the source hanging, the store claiming a failed migration, or the gateway stuck', async () => {
+    const at = fc.nat(15);
+    const value = fc.constantFrom<unknown>(-1, 0, 1e308, 2 ** 53, 0.5, 'x', '', null, true, [], {}, 'Z'.repeat(5000));
+    const mutation: fc.Arbitrary<ScriptMutation> = fc.oneof(
+      fc.record({ op: fc.constantFrom('drop' as const, 'dup' as const, 'close' as const), at }),
+      fc.record({ op: fc.constant('swap' as const), at, other: fc.nat(15) }),
+      fc.record({ op: fc.constant('phase' as const), at, phase: fc.constantFrom(0 as const, 1 as const, 2 as const) }),
+      fc.record({ op: fc.constant('type' as const), at, type: fc.constantFrom(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 200, 255) }),
+      fc.record({ op: fc.constant('flip' as const), at, byte: fc.nat(), bit: fc.nat(7) }),
+      fc.record({ op: fc.constant('cut' as const), at, keep: fc.nat() }),
+      fc.record({ op: fc.constant('field' as const), at, key: fc.constantFrom('site', 'snapshotId', 'layoutId', 'pageCount', 'presentPages', 'streamBytes', 'error'), value }),
+      fc.record({ op: fc.constant('junk' as const), at, bytes: fc.array(fc.nat(255), { minLength: 1, maxLength: 32 }) }),
+    );
+    const BUDGET_MS = 15_000;
+    let runs = 0;
+    let completed = 0;
+    const start = Date.now();
+    await fc.assert(
+      fc.asyncProperty(fc.boolean(), fc.array(mutation, { minLength: 1, maxLength: 4 }), async (table, mutations) => {
+        // A time budget of its own: fast-check's interruptAfterTimeLimit would abandon a migration mid-way.
+        if (Date.now() - start > BUDGET_MS) return;
+        runs++;
+        const snapshot = rig.senderSnapshot();
+        const logsFrom = rig.a.logs.length;
+        const before = rig.lastReport();
+        let end: string | null = null;
+        const play = scripted(mutateScript(honestScript(table ? { layoutId, pageCount } : null), mutations), 600);
+        rig.hostile = (c, f) => {
+          play(c, f);
+          end = c.end?.snapshotId ?? end;
+        };
+        const outcome = await rig.source(stream);
+        const report = await rig.nextReport(before);
+        expect(outcome.ending).not.toBe('hanging');
+        expect(wholeReturnPathMessages(outcome.back)).not.toBeNull();
+        expect(longestLogLine(rig.a, logsFrom)).toBeLessThan(LOG_LINE_LIMIT);
+        if (report.result === 'completed') {
+          // A receiver that says Done for the End's snapshot is believed (it could lie just as well unmutated).
+          completed++;
+          expect(report.snapshotId).toBe(end);
+          expect(rig.senderSnapshot()).toBe(end);
+        } else {
+          expect(report.snapshotId).toBeNull();
+          expect(rig.senderSnapshot()).toBe(snapshot);
+        }
+        if (runs % 4 === 0) expect(await rig.honest(stream)).toMatchObject({ identical: true, ending: 'closed', report: { result: 'completed' } });
+      }),
+      // No shrinking: each run is a migration; a failure prints the seed and the mutations.
+      { seed: SEED, numRuns: 80, endOnFailure: true },
+    );
+    expect(await rig.honest(stream)).toMatchObject({ identical: true, ending: 'closed', report: { result: 'completed' } });
+    // Enough runs to mean something, and not all of them the honest outcome.
+    expect(runs).toBeGreaterThanOrEqual(15);
+    expect(completed).toBeLessThan(runs);
+  }, 40_000);
 });

@@ -206,7 +206,8 @@ export class HostileReceiverRig {
     const before = this.lastReport();
     const dest = await destinationStandIn(this.destPort);
     const { ending } = await this.source(stream);
-    const got = await dest.received;
+    // A migration that failed before the destination was dialled leaves the stand-in waiting.
+    const got = ending === 'closed' ? await dest.received : (dest.close(), { bytes: Buffer.alloc(0) });
     const report = await this.nextReport(before);
     return { identical: got.bytes.equals(stream), ending, report };
   }
@@ -231,4 +232,127 @@ export function longestLogLine(site: TestSite, from: number): number {
 
 export function rmTmp(tmp: string): void {
   fs.rmSync(tmp, { recursive: true, force: true });
+}
+
+/** When a scripted frame goes out: in answer to the Hello, the TableRequest or the End. */
+export type Phase = 0 | 1 | 2;
+const PHASE_OF: Partial<Record<FrameType, Phase>> = { [FrameType.Hello]: 0, [FrameType.TableRequest]: 1, [FrameType.End]: 2 };
+
+export interface ScriptFrame {
+  phase: Phase;
+  make: (c: HostileConnection) => Buffer;
+  /** Close the connection once this frame is out. */
+  close?: boolean;
+}
+
+/** One change to a receiver's script (see mutateScript). */
+export type ScriptMutation =
+  | { op: 'drop' | 'dup' | 'close'; at: number }
+  | { op: 'swap'; at: number; other: number }
+  | { op: 'phase'; at: number; phase: Phase }
+  | { op: 'type'; at: number; type: number }
+  | { op: 'flip'; at: number; byte: number; bit: number }
+  | { op: 'cut'; at: number; keep: number }
+  | { op: 'field'; at: number; key: string; value: unknown }
+  | { op: 'junk'; at: number; bytes: number[] };
+
+/**
+ * What an honest receiver answers: an Offer (of nothing, or of the sender's layout, so that it asks for
+ * the digest table), the table in pieces, a PONG on the return path and Done for the End's snapshot.
+ */
+export function honestScript(offer: { layoutId: string; pageCount: number } | null): ScriptFrame[] {
+  const script: ScriptFrame[] = [
+    {
+      phase: 0,
+      make: () =>
+        json(FrameType.Offer, offer ? { site: 'site-b', snapshotId: 'held', layoutId: offer.layoutId, pageCount: offer.pageCount, presentPages: offer.pageCount } : { site: 'site-b', snapshotId: null, layoutId: null, pageCount: 0, presentPages: 0 }),
+    },
+  ];
+  if (offer) {
+    const bytes = offer.pageCount * 16;
+    const half = Math.floor(bytes / 32) * 16;
+    script.push({ phase: 1, make: () => rawFrame(FrameType.TableData, Buffer.alloc(half, 0x5a)) });
+    script.push({ phase: 1, make: () => rawFrame(FrameType.TableData, Buffer.alloc(bytes - half, 0xa5)) });
+    script.push({ phase: 1, make: () => rawFrame(FrameType.TableEnd) });
+  }
+  script.push({ phase: 2, make: () => rawFrame(FrameType.Return, Buffer.from([0, 2, 0, 4, 0, 0, 0, 7])) });
+  script.push({ phase: 2, make: (c) => json(FrameType.Done, { snapshotId: c.end?.snapshotId, streamBytes: c.end?.streamBytes }) });
+  return script;
+}
+
+/** The script with `mutations` applied in order (indexes wrap around the script's length). */
+export function mutateScript(base: readonly ScriptFrame[], mutations: readonly ScriptMutation[]): ScriptFrame[] {
+  const s = [...base];
+  for (const m of mutations) {
+    if (s.length === 0) break;
+    const i = m.at % s.length;
+    const f = s[i];
+    const map = (change: (b: Buffer) => Buffer): ScriptFrame => ({ ...f, make: (c) => change(f.make(c)) });
+    switch (m.op) {
+      case 'drop':
+        s.splice(i, 1);
+        break;
+      case 'dup':
+        s.splice(i, 0, f);
+        break;
+      case 'close':
+        s[i] = { ...f, close: true };
+        break;
+      case 'swap': {
+        const j = m.other % s.length;
+        [s[i], s[j]] = [s[j], s[i]];
+        break;
+      }
+      case 'phase':
+        s[i] = { ...f, phase: m.phase };
+        break;
+      case 'type':
+        s[i] = map((b) => Buffer.concat([Buffer.from([m.type]), b.subarray(1)]));
+        break;
+      case 'flip':
+        s[i] = map((b) => {
+          const out = Buffer.from(b);
+          if (out.length > 0) out[m.byte % out.length] ^= 1 << m.bit;
+          return out;
+        });
+        break;
+      case 'cut':
+        s[i] = map((b) => b.subarray(0, m.keep % (b.length + 1)));
+        break;
+      case 'field':
+        s[i] = map((b) => {
+          let message: unknown;
+          try {
+            message = JSON.parse(b.subarray(5).toString());
+          } catch {
+            return b;
+          }
+          if (typeof message !== 'object' || message === null) return b;
+          return json(b[0], { ...message, [m.key]: m.value });
+        });
+        break;
+      case 'junk':
+        s.splice(i, 0, { phase: f.phase, make: () => Buffer.from(m.bytes) });
+        break;
+    }
+  }
+  return s;
+}
+
+/**
+ * A hostile receiver that plays `script`: each phase's frames go out in answer to the sender's frame
+ * that opens it. It closes the connection itself after `lifeMs`, so that a script that never says
+ * Done cannot hold the migration until limits.idleSeconds.
+ */
+export function scripted(script: readonly ScriptFrame[], lifeMs: number): Hostile {
+  return (c, frame) => {
+    const phase = PHASE_OF[frame.type];
+    if (phase === 0) setTimeout(() => c.socket.destroy(), lifeMs).unref();
+    if (phase === undefined) return;
+    for (const f of script) {
+      if (f.phase !== phase || c.socket.destroyed || c.socket.writableEnded) continue;
+      c.socket.write(f.make(c));
+      if (f.close) c.socket.end();
+    }
+  };
 }
