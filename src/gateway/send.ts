@@ -80,6 +80,8 @@ export class SendSession {
   private wanOut = 0;
   private wanIn = 0;
   private finished = false;
+  /** From the Hello to the Offer: a deadline, not an inactivity timeout a trickling peer could keep resetting. */
+  private offerTimer: NodeJS.Timeout | null = null;
   private readonly timer: NodeJS.Timeout;
   private readonly idle: IdleWatch;
   private readonly reads: PooledReads;
@@ -139,6 +141,9 @@ export class SendSession {
 
   private onPeerConnect(): void {
     this.peer.setTimeout(HANDSHAKE_TIMEOUT_MS);
+    this.offerTimer = setTimeout(() => {
+      if (!this.offer) this.fail(`the peer gateway sent no Offer within ${HANDSHAKE_TIMEOUT_MS / 1000} s`);
+    }, HANDSHAKE_TIMEOUT_MS);
     tuneSocket(this.peer, { notSentBytes: WAN_NOT_SENT_BYTES });
     try {
       // Without retention (its filesystem is full) the store is left as it is: every page is sent.
@@ -375,6 +380,7 @@ export class SendSession {
 
   private report(result: 'completed' | 'failed', error: string | null): void {
     clearInterval(this.timer);
+    if (this.offerTimer) clearTimeout(this.offerTimer);
     if (this.quietTimer) clearTimeout(this.quietTimer);
     this.progress();
     try {
