@@ -14,6 +14,7 @@ import {
   FrameParser,
   frameHeader,
   FrameType,
+  MAX_HANDSHAKE_PAYLOAD,
   type OfferMessage,
   PROTOCOL_VERSION,
 } from '../wire/frames';
@@ -79,6 +80,8 @@ export class SendSession {
   private wanOut = 0;
   private wanIn = 0;
   private finished = false;
+  /** From the Hello to the Offer: a deadline, not an inactivity timeout a trickling peer could keep resetting. */
+  private offerTimer: NodeJS.Timeout | null = null;
   private readonly timer: NodeJS.Timeout;
   private readonly idle: IdleWatch;
   private readonly reads: PooledReads;
@@ -94,7 +97,8 @@ export class SendSession {
     this.vm = options.route.vm;
     accepted.pause();
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
-    this.frames.maxPayload = options.maxFrameBytes;
+    // Until the peer's Offer, only small frames: a peer cannot make us buffer (or log) megabytes of it.
+    this.frames.maxPayload = MAX_HANDSHAKE_PAYLOAD;
     this.idle = new IdleWatch(options.idleMs);
     this.event('migration accepted', { source: `${accepted.remoteAddress}:${accepted.remotePort}`, peer: formatEndpoint(options.route.peer), tls: options.transport.secure });
     this.peer = options.transport.connect(options.route.peer, () => this.onPeerConnect());
@@ -137,6 +141,9 @@ export class SendSession {
 
   private onPeerConnect(): void {
     this.peer.setTimeout(HANDSHAKE_TIMEOUT_MS);
+    this.offerTimer = setTimeout(() => {
+      if (!this.offer) this.fail(`the peer gateway sent no Offer within ${HANDSHAKE_TIMEOUT_MS / 1000} s`);
+    }, HANDSHAKE_TIMEOUT_MS);
     tuneSocket(this.peer, { notSentBytes: WAN_NOT_SENT_BYTES });
     try {
       // Without retention (its filesystem is full) the store is left as it is: every page is sent.
@@ -160,8 +167,10 @@ export class SendSession {
       case FrameType.Offer: {
         if (this.offer) throw new Error('a second Offer');
         this.offer = decodeOffer(payload);
+        this.frames.maxPayload = this.options.maxFrameBytes;
         this.peer.setTimeout(0);
-        this.event('peer offered', { peerSite: this.offer.site, snapshotId: this.offer.snapshotId, presentPages: this.offer.presentPages, localSnapshot: this.localSnapshot });
+        const { site, snapshotId } = this.offer;
+        this.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: this.offer.presentPages, localSnapshot: this.localSnapshot });
         this.encoder = new StreamEncoder(
           {
             literal: (bytes) => {
@@ -185,7 +194,9 @@ export class SendSession {
         return;
       }
       case FrameType.TableEnd: {
-        if (!this.table || this.tableFilled !== this.table.length) throw new Error(`digest table of ${this.tableFilled} bytes, expected ${this.table?.length}`);
+        // One TableEnd per TableRequest.
+        if (!this.table || !this.waitingForTable) throw new Error('unexpected TableEnd');
+        if (this.tableFilled !== this.table.length) throw new Error(`digest table of ${this.tableFilled} bytes, expected ${this.table?.length}`);
         if (this.encoder) this.encoder.reference = this.table;
         this.waitingForTable = false;
         this.event('digest table received', { bytes: this.tableFilled });
@@ -205,7 +216,7 @@ export class SendSession {
       }
       case FrameType.Done: {
         const done = decodeDone(payload);
-        if (done.snapshotId !== this.snapshotId) throw new Error(`Done for snapshot ${done.snapshotId}, not ${this.snapshotId}`);
+        if (done.snapshotId !== this.snapshotId) throw new Error(`Done for snapshot ${peerText(done.snapshotId)}, not ${this.snapshotId}`);
         this.complete();
         return;
       }
@@ -369,6 +380,7 @@ export class SendSession {
 
   private report(result: 'completed' | 'failed', error: string | null): void {
     clearInterval(this.timer);
+    if (this.offerTimer) clearTimeout(this.offerTimer);
     if (this.quietTimer) clearTimeout(this.quietTimer);
     this.progress();
     try {
