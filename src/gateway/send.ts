@@ -208,7 +208,9 @@ export class SendSession {
         const messages = this.returnPath.check(payload);
         // Once the source has closed its side there is no one left to tell.
         if (messages === null || this.sourceEnded || !this.qemu.writable) return;
-        if (!this.qemu.write(messages)) {
+        // A source that does not read its return path pauses the peer; one 'drain' listener at a time,
+        // however many Return frames the peer had already sent.
+        if (!this.qemu.write(messages) && !this.peer.isPaused()) {
           this.peer.pause();
           this.qemu.once('drain', () => this.peer.resume());
         }
