@@ -1,9 +1,9 @@
 /**
  * A flood of unidentified connections against every port of a TLS gateway pair (both peer ports, both
  * route ports, both metrics ports): 2,000 idle and slow-handshake connections, each re-opened when the
- * gateway cuts it, while a migration goes A → B. The stream is a synthetic QEMU stream from
- * migration-stream.ts (a real QEMU under TCG would take minutes to boot here); it must arrive byte for
- * byte. The config uses only keys older than the pending pools, so this runs unchanged against a
+ * gateway cuts it, while migrations go A → B: a synthetic QEMU stream from migration-stream.ts, which
+ * must arrive byte for byte, then a real QEMU 7.2 guest, which must complete and verify its memory at
+ * the destination (unless BFMIG_SKIP_E2E=1). The config uses only keys older than the pending pools, so this runs unchanged against a
  * gateway without them (which refuses the migration: `connection-limit`).
  */
 import * as fs from 'node:fs';
@@ -12,6 +12,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { issueCerts } from '../src/cli/certs';
+import { disposeAllVms, ensureGuestBuilt, QemuVm, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
 import { destinationStandIn, refusals, sourceStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
 import { guestMemory, migrationStream } from './migration-stream';
 
@@ -121,6 +122,7 @@ describe('admission under a flood of unidentified connections (TLS pair, synthet
   });
 
   afterAll(async () => {
+    await disposeAllVms();
     await a?.gateway.stop(1);
     await b?.gateway.stop(1);
     fs.rmSync(tmp, { recursive: true, force: true });
@@ -134,6 +136,16 @@ describe('admission under a flood of unidentified connections (TLS pair, synthet
     ];
     // The flood comes from 50 addresses of its own; the source QEMU and the far gateway from 127.0.0.1.
     const sources = Array.from({ length: 50 }, (_, i) => `127.0.1.${i + 1}`);
+    // The real guest boots before the flood starts (under it, TCG would only boot slower).
+    const real = process.env.BFMIG_SKIP_E2E !== '1';
+    const options: QemuVmOptions = { machine: 'pc-i440fx-7.2', memMiB: 128, workload: { mib: 16, seed: 7, rewritePct: 0, intervalMs: 500 } };
+    let guest: QemuVm | null = null;
+    if (real) {
+      ensureGuestBuilt();
+      guest = new QemuVm({ ...options, name: 'flood-source' });
+      await guest.start();
+      await guest.waitForSerial(/WORKLOAD READY/, 120_000);
+    }
     const flood = holdConnections([...ports(a), ...ports(b)], 2000, 100, sources);
     try {
       await waitFor(() => flood.stats.firstRoundDone >= 2000, 30_000);
@@ -173,9 +185,20 @@ describe('admission under a flood of unidentified connections (TLS pair, synthet
       expect(a.gateway.openConnections).toBeLessThanOrEqual(64);
       const text = await a.metrics.text();
       expect(text).toMatch(/bfmig_connections_refused_total\{listener="(peer|source|metrics)",reason="(pending-limit|per-address-limit)"\} [1-9]/);
+      if (guest) {
+        // A real QEMU migrates through the same flood, and its guest verifies its memory at B.
+        const destination = new QemuVm({ ...options, name: 'flood-destination', incoming: `tcp:127.0.0.1:${b.destPort}` });
+        await destination.start();
+        await guest.migrate(`tcp:127.0.0.1:${a.routePort}`);
+        expect((await guest.waitForMigration({ timeoutMs: 120_000 })).status).toBe('completed');
+        await destination.waitForSerial(/WORKLOAD VERIFY OK round=\d+ pages=\d+/, 60_000);
+        await waitFor(() => a.gateway.history.length === 2 && b.gateway.history.length === 2, 30_000);
+        expect(b.gateway.history[1]).toMatchObject({ direction: 'receive', result: 'completed' });
+        console.log(`flood: a real QEMU 7.2 guest migrated A → B through it and verified at B (${flood.stats.connects} connects so far)`);
+      }
     } finally {
       await flood.stop();
     }
     expect(fs.readdirSync(b.data).filter((n) => !n.startsWith('.'))).toEqual(['vm1']);
-  }, 90_000);
+  }, 300_000);
 });
