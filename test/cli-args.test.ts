@@ -105,6 +105,14 @@ describe('valid command lines that fail, or work, for other reasons: exit status
     expect(r).toMatchObject({ code: 1, stderr: expect.stringMatching(/^bfmig: ENOENT/) });
   });
 
+  test('inspect: a stream parsed only up to what the codec does not understand: complete false, exit 1', () => {
+    // A header, then an unknown section type: the codec stops understanding and relays the rest.
+    const file = path.join(dir, 'fallback.mig');
+    fs.writeFileSync(file, Buffer.concat([Buffer.from('QEVM'), Buffer.from([0, 0, 0, 3, 0x42, 1, 2, 3])]));
+    const r = bfmig(['inspect', file, '--json']);
+    expect({ code: r.code, complete: (JSON.parse(r.stdout) as { complete: boolean }).complete }).toEqual({ code: 1, complete: false });
+  });
+
   test('inspect -: standard input, here empty: reported, exit 1', () => {
     const r = bfmig(['inspect', '-']);
     expect(r.code).toBe(1);

@@ -44,7 +44,8 @@ async function run(argv: readonly string[]): Promise<number> {
       const { values, positionals } = parse(INSPECT, rest);
       const report = await inspectPath(positionals[0]);
       process.stdout.write(values.json === true ? JSON.stringify(report, null, 2) + '\n' : formatReport(report) + '\n');
-      return report.error || !report.identical ? 1 : 0;
+      // 0 only for a stream read to its end: one relayed past a Fallback was not understood whole.
+      return report.error || !report.identical || !report.complete ? 1 : 0;
     }
     case 'demo': {
       const { values } = parse(DEMO, rest);
