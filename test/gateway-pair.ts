@@ -143,6 +143,6 @@ export async function waitFor(condition: () => boolean, timeoutMs = 10_000): Pro
 }
 
 /** The log lines of connections the site refused, newest last. */
-export function refusals(site: TestSite): Array<{ listener: string; reason: string; error: string; peerName?: string }> {
-  return site.logs.filter((l) => l.msg === 'connection refused') as Array<{ listener: string; reason: string; error: string; peerName?: string }>;
+export function refusals(site: TestSite): Array<{ listener: string; reason: string; error: string; peerName?: string; remote?: string }> {
+  return site.logs.filter((l) => l.msg === 'connection refused') as Array<{ listener: string; reason: string; error: string; peerName?: string; remote?: string }>;
 }

@@ -43,6 +43,8 @@ export class Gateway implements SessionObserver {
   private readonly gate: ConnectionGate;
   /** Connections already refused: one that is also cut for a newer one, or fails again, is logged and counted once. */
   private readonly refusedOnce = new WeakSet<Socket>();
+  /** HOST:PORT of each accepted connection's far end, for the refusal log. */
+  private readonly remotes = new WeakMap<Socket, string>();
   /** Accepted sockets whose connection a session reads through another Socket object (PooledReads). */
   private readonly adopted = new WeakMap<Socket, Socket>();
 
@@ -136,6 +138,8 @@ export class Gateway implements SessionObserver {
 
   /** Counts a new connection in (see ConnectionGate), or refuses and resets it. */
   private admit(socket: Socket, listener: Listener): boolean {
+    // Kept now: a socket forgets its peer's address once it is closed, before a late refusal is logged.
+    this.remotes.set(socket, `${socket.remoteAddress}:${socket.remotePort}`);
     const admission: Admission = this.gate.admit(socket, listener);
     if (admission.admitted) return true;
     this.refused(listener, socket, admission.reason, admission.detail);
@@ -234,7 +238,7 @@ export class Gateway implements SessionObserver {
     if (this.refusedOnce.has(socket)) return;
     this.refusedOnce.add(socket);
     this.metrics?.connectionRefused(listener, reason);
-    this.log.warn({ listener, reason, remote: `${socket.remoteAddress}:${socket.remotePort}`, ...(peerName ? { peerName } : {}), error: detail }, 'connection refused');
+    this.log.warn({ listener, reason, remote: this.remotes.get(socket) ?? `${socket.remoteAddress}:${socket.remotePort}`, ...(peerName ? { peerName } : {}), error: detail }, 'connection refused');
   }
 
   private track(done: Promise<void>, socket: Socket, cleanup: () => void): void {
