@@ -11,7 +11,7 @@ import { DIGEST_BYTES, digestOne } from '../src/digest';
 import { PageStore, PAGES_FILE, type StoreLayout } from '../src/store';
 import { isNoSpace } from '../src/gateway/store-space';
 import { DirectPages } from '../src/store/direct-pages';
-import { canMountTmpfs } from './mounts';
+import { canMountTmpfs, requireInCi } from './mounts';
 
 const PAGE = 4096;
 let tmp: string;
@@ -61,8 +61,7 @@ function identify(buf: Buffer, at: number): [number, number] {
 }
 
 function directOrSkip(store: PageStore): boolean {
-  if (!store.directIo) console.warn('store-direct-io: this filesystem has no O_DIRECT; the store uses the page cache here');
-  return store.directIo;
+  return requireInCi(store.directIo, `O_DIRECT on the filesystem of ${os.tmpdir()}`);
 }
 
 test('pages rewritten while earlier writes are still queued read back as their last version, in and out of stream order', () => {
@@ -190,8 +189,7 @@ test('closing hands the write queue’s buffers back at once: JavaScript sees th
   const file = path.join(tmp, 'pages');
   fs.writeFileSync(file, Buffer.alloc(0));
   const direct = DirectPages.open(file, 0);
-  if (direct === null) {
-    console.warn('store-direct-io: this filesystem has no O_DIRECT; nothing to hand back');
+  if (!requireInCi(direct !== null, `O_DIRECT on the filesystem of ${os.tmpdir()}`)) {
     return;
   }
   const buffers = (direct as DirectPages).writeBuffers;
