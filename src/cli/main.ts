@@ -6,6 +6,7 @@ import { runSnapshots } from './snapshots';
 import { PREDICT_USAGE, runPredict } from './predict';
 import { DEFAULT_RESTORE_TIMEOUT_MS, restoreSnapshot } from './restore';
 import { formatReport, inspectPath } from './inspect';
+import { errorMessage } from '../common/errors';
 
 const USAGE = `usage: bfmig <command> [options]
 
@@ -128,7 +129,7 @@ export function main(argv: readonly string[]): void {
         process.stderr.write(`bfmig: ${err.message}\n\n${USAGE}`);
         process.exitCode = 2;
       } else {
-        process.stderr.write(`bfmig: ${err instanceof Error ? err.message : String(err)}\n`);
+        process.stderr.write(`bfmig: ${errorMessage(err)}\n`);
         process.exitCode = 1;
       }
     },

@@ -1,6 +1,7 @@
-import { parseSize } from '../store/budget';
+import { parseSize } from '../common/units';
 import { BENCH_PLATFORM, DEFAULT_PLATFORM, type ModelInputs, type PathPrediction, type Platform, type Prediction, predict } from '../model';
 import { type ParsedArgs, requireOption, stringOption, UsageError } from './args';
+import { errorMessage } from '../common/errors';
 
 export const PREDICT_USAGE = `  predict --ram 8GiB --mbit 100 --rtt-ms 40 [--changed 2%] [--used 100%] [--dirty-mbps 0] [--hot 100%]
           [--downtime-limit-ms 300] [--max-bandwidth 128MiB] [--no-digests] [--gateway-gbps G]
@@ -31,7 +32,7 @@ function sizeOption(args: ParsedArgs, name: string, fallback?: number): number {
   try {
     return parseSize(text);
   } catch (err) {
-    throw new UsageError(`--${name}: ${err instanceof Error ? err.message : String(err)}`);
+    throw new UsageError(`--${name}: ${errorMessage(err)}`);
   }
 }
 

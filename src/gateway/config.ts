@@ -28,9 +28,10 @@ import { BlockList, isIP } from 'node:net';
 import * as path from 'node:path';
 import { parseDocument } from 'yaml';
 import { Endpoint, formatEndpoint, parseEndpoint } from './address';
-import { parseSize } from '../store/budget';
+import { parseSize } from '../common/units';
 import { describe, type Fail, isMapping } from './config-schema';
 import { type Limits, parseLimits, parsePeerVms, parseTls, type PeerVmRule, type TlsConfig } from './security-config';
+import { errorMessage } from '../common/errors';
 
 export class ConfigError extends Error {
   /**
@@ -186,7 +187,7 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     try {
       storeBudget = parseSize(typeof budgetValue === 'number' ? String(budgetValue) : String(budgetValue));
     } catch (err) {
-      fail('storeBudget', err instanceof Error ? err.message : String(err));
+      fail('storeBudget', errorMessage(err));
     }
     if (storeBudget !== null && storeBudget <= 0) fail('storeBudget', 'must be more than 0');
   }

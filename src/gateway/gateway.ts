@@ -11,7 +11,8 @@ import type { GatewayMetrics } from './metrics';
 import { ReceiveSession } from './receive';
 import { SendSession } from './send';
 import { StoreSpace } from './store-space';
-import { errorMessage, type Direction, type MigrationReport, type SessionObserver } from './session';
+import { errorMessage } from '../common/errors';
+import { type Direction, type MigrationReport, type SessionObserver } from './session';
 import { peerVmError } from './security-config';
 import { PeerTransport, peerNameOf, peerNamesOf } from './transport';
 

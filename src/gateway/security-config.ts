@@ -23,7 +23,7 @@
 import { createPrivateKey, type KeyObject, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import * as path from 'node:path';
-import { parseSize } from '../store/budget';
+import { parseSize } from '../common/units';
 import { MAX_FRAME_PAYLOAD } from '../wire/frames';
 import { describe, type Fail, isMapping } from './config-schema';
 import { TABLE_FRAME_BYTES } from './session';

@@ -84,10 +84,6 @@ export function peerText(text: string): string {
   return clean.length <= PEER_TEXT_CHARS ? clean : `${clean.slice(0, PEER_TEXT_CHARS)}… (${clean.length - PEER_TEXT_CHARS} more characters)`;
 }
 
-export function errorMessage(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}
-
 /** What `bfmig restore` needs besides the pages, saved beside them before the store commits. */
 export function keepStreamParts(
   store: { saveBlob(name: string, data: Buffer): void },

@@ -1,4 +1,5 @@
 import * as fs from 'node:fs';
+import { errorMessage } from '../common/errors';
 
 /** The filesystem has no room (or the quota is used up): what a store write fails with on a full disk. */
 export function isNoSpace(err: unknown): boolean {
@@ -25,7 +26,7 @@ export function noteStoreError(
   err: unknown,
 ): void {
   if (!isNoSpace(err)) return;
-  observer.storeFull(vm, direction, storeNeedBytes(layout?.pageCount ?? 0, layout?.pageSize ?? 0), err instanceof Error ? err.message : String(err));
+  observer.storeFull(vm, direction, storeNeedBytes(layout?.pageCount ?? 0, layout?.pageSize ?? 0), errorMessage(err));
 }
 
 /** Room a VM's store may need for one migration: its pages and digests, and as much again for the undo journal. */

@@ -7,6 +7,7 @@ import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
 import { StreamParts } from './stream-parts';
 import { newCounts, type TransferCounts } from './encoder';
 import { continuingFlags, layoutOf, PAGE_SIZE, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
+import { errorMessage } from '../common/errors';
 
 /**
  * Most device-state tail a receiver holds back until the stream is checked: real tails are well under a
@@ -220,7 +221,7 @@ export class StreamDecoder {
       try {
         store.readPages(first + k, end - k, this.pages, filled * PAGE_SIZE);
       } catch (err) {
-        throw new RebuildError(`pages ${first + k}..${first + end - 1} are not held: ${err instanceof Error ? err.message : String(err)}`);
+        throw new RebuildError(`pages ${first + k}..${first + end - 1} are not held: ${errorMessage(err)}`);
       }
       filled += end - k;
       k = end;

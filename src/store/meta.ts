@@ -1,6 +1,7 @@
 /**
  * Store metadata (meta.json), layout validation and VM-name validation.
  */
+import { errorMessage } from '../common/errors';
 
 /** What the caller tells begin() about the VM's RAM. */
 export interface StoreLayout {
@@ -86,7 +87,7 @@ export function parseMeta(text: string, vm: string): { meta: StoreMeta } | { err
   try {
     raw = JSON.parse(text);
   } catch (err) {
-    return { error: `not JSON (${err instanceof Error ? err.message : String(err)})` };
+    return { error: `not JSON (${errorMessage(err)})` };
   }
   if (typeof raw !== 'object' || raw === null) return { error: 'not a JSON object' };
   const r = raw as Record<string, unknown>;
