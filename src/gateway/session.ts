@@ -2,6 +2,7 @@ import { streamOrigin } from '../qemu';
 import type { PageStore, UndoableStore } from '../store';
 import { newCounts, type TransferCounts } from '../proxy/encoder';
 
+/** Which way a migration goes through this gateway: 'send' forwards a source QEMU's stream to a peer, 'receive' rebuilds it for a destination QEMU. */
 export type Direction = 'send' | 'receive';
 
 /** How the sender knew what the receiver holds. */

@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import { errorMessage } from '../common/errors';
+import type { Direction } from './session';
 
 /** The filesystem has no room (or the quota is used up): what a store write fails with on a full disk. */
 export function isNoSpace(err: unknown): boolean {
@@ -19,9 +20,9 @@ export function isNoSpace(err: unknown): boolean {
  * retention then stays off for the VM until its filesystem has the room its store needs.
  */
 export function noteStoreError(
-  observer: { storeFull(vm: string, direction: 'send' | 'receive', needBytes: number, error: string): void },
+  observer: { storeFull(vm: string, direction: Direction, needBytes: number, error: string): void },
   vm: string,
-  direction: 'send' | 'receive',
+  direction: Direction,
   layout: { pageCount: number; pageSize: number } | null | undefined,
   err: unknown,
 ): void {
