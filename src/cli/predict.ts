@@ -1,5 +1,5 @@
 import { parseSize } from '../common/units';
-import { BENCH_PLATFORM, DEFAULT_PLATFORM, type ModelInputs, type PathPrediction, type Platform, type Prediction, predict } from '../model';
+import { BENCH_PLATFORM, DEFAULT_PLATFORM, type ModelInputs, PAGE_BYTES, type PathPrediction, type Platform, type Prediction, predict } from '../model';
 import { type ParsedArgs, requireOption, stringOption, UsageError } from './args';
 import { errorMessage } from '../common/errors';
 
@@ -58,7 +58,7 @@ export function predictInputs(args: ParsedArgs): ModelInputs {
   };
   if (inputs.rateMbit <= 0) throw new UsageError('--mbit must be above 0');
   if (inputs.usedShare <= 0 || inputs.hotShare <= 0) throw new UsageError('--used and --hot must be above 0%');
-  if (inputs.ramBytes < 4096) throw new UsageError('--ram must be at least one page');
+  if (inputs.ramBytes < PAGE_BYTES) throw new UsageError('--ram must be at least one page');
   return inputs;
 }
 

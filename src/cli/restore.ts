@@ -3,6 +3,7 @@ import { type Endpoint, formatEndpoint } from '../gateway/address';
 import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { describeOrigin, RamFlag, SectionType, streamOrigin, type StreamOrigin, VmCommand } from '../qemu';
 import { writeRamWord, writeShortString } from '../qemu/encode';
+import { X86_PAGE_SIZE as PAGE } from '../qemu/constants';
 import { StreamError } from '../qemu/errors';
 import { StreamParser } from '../qemu/parser';
 import { RecordKind } from '../qemu/records';
@@ -10,7 +11,6 @@ import { ReturnPathError, ReturnPathMessage, ReturnPathParser, type ReturnPathRe
 import { sameDigest } from '../proxy/retained';
 import { PageStore } from '../store';
 
-const PAGE = 4096;
 const BATCH = 256;
 /** How long restore waits for the destination to take more of the stream, or to give its verdict. */
 export const DEFAULT_RESTORE_TIMEOUT_MS = 60_000;
