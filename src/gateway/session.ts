@@ -1,5 +1,6 @@
 import { streamOrigin } from '../qemu';
 import type { PageStore, UndoableStore } from '../store';
+import { saveStreamParts } from '../store/snapshot-parts';
 import { newCounts, type TransferCounts } from '../proxy/encoder';
 
 /** Which way a migration goes through this gateway: 'send' forwards a source QEMU's stream to a peer, 'receive' rebuilds it for a destination QEMU. */
@@ -94,10 +95,7 @@ export function keepStreamParts(
 ): void {
   const r = parts.result();
   if (!r || footers === null) return;
-  store.saveBlob('stream-head', r.head);
-  store.saveBlob('stream-tail', r.tail);
-  const origin = streamOrigin(r.machineType, footers);
-  store.saveBlob('stream-info', Buffer.from(JSON.stringify({ snapshotId, ramSectionId: r.ramSectionId, footers, ...origin })));
+  saveStreamParts(store, { head: r.head, tail: r.tail, info: { snapshotId, ramSectionId: r.ramSectionId, footers, ...streamOrigin(r.machineType, footers) } });
 }
 
 /** What settleStore() needs of a session's codec. */
