@@ -3,7 +3,7 @@
  * `npm test`). ARCHITECTURE.md explains the layers. A rule that must bend for one file gets an explicit
  * `pathNot` here with a comment saying why, never a silent widening of the pattern.
  */
-const PRODUCT = '^src/(qemu|proxy|wire|store|digest|gateway|model)/';
+const PRODUCT = '^src/(common|qemu|proxy|wire|store|digest|gateway|model)/';
 
 /** @type {import('dependency-cruiser').IConfiguration} */
 module.exports = {
@@ -36,54 +36,62 @@ module.exports = {
       from: { path: PRODUCT },
       to: { path: '^src/cli/' },
     },
-    // Each layer below the gateway may import only itself and the layers listed for it.
+    // Each layer below the gateway may import only itself and the layers listed for it (src/common/, the
+    // small pure helpers every layer shares, is allowed to all of them and imports nothing itself).
+    {
+      name: 'layer-common',
+      severity: 'error',
+      comment: 'src/common/ (errorMessage, parseSize) imports nothing else of bfmig, so every layer may import it.',
+      from: { path: '^src/common/' },
+      to: { path: '^src/', pathNot: '^src/common/' },
+    },
     {
       name: 'layer-digest',
       severity: 'error',
-      comment: 'src/digest/ (page digests, native addon) imports nothing else of bfmig.',
+      comment: 'src/digest/ (page digests, native addon) imports nothing else of bfmig but common.',
       from: { path: '^src/digest/' },
-      to: { path: '^src/', pathNot: '^src/digest/' },
+      to: { path: '^src/', pathNot: '^src/(digest|common)/' },
     },
     {
       name: 'layer-qemu',
       severity: 'error',
-      comment: 'The QEMU stream codec imports only digest.',
+      comment: 'The QEMU stream codec imports only digest (and common).',
       from: { path: '^src/qemu/' },
-      to: { path: '^src/', pathNot: '^src/(qemu|digest)/' },
+      to: { path: '^src/', pathNot: '^src/(qemu|digest|common)/' },
     },
     {
       name: 'layer-wire',
       severity: 'error',
-      comment: 'Gateway frames only move and bound payloads: src/wire/ imports only digest, never qemu, proxy, store or gateway.',
+      comment: 'Gateway frames only move and bound payloads: src/wire/ imports only digest (and common), never qemu, proxy, store or gateway.',
       from: { path: '^src/wire/' },
-      to: { path: '^src/', pathNot: '^src/(wire|digest)/' },
+      to: { path: '^src/', pathNot: '^src/(wire|digest|common)/' },
     },
     {
       name: 'layer-store',
       severity: 'error',
-      comment: 'The page store knows pages and digests, not QEMU, the codecs, frames or sessions: it imports only digest.',
+      comment: 'The page store knows pages and digests, not QEMU, the codecs, frames or sessions: it imports only digest (and common).',
       from: { path: '^src/store/' },
-      to: { path: '^src/', pathNot: '^src/(store|digest)/' },
+      to: { path: '^src/', pathNot: '^src/(store|digest|common)/' },
     },
     {
       name: 'layer-proxy',
       severity: 'error',
-      comment: 'The encoder/decoder import qemu and digest only; they see the store through the RetainedPages interface and know no frames or sessions.',
+      comment: 'The encoder/decoder import qemu, digest and common only; they see the store through the RetainedPages interface and know no frames or sessions.',
       from: { path: '^src/proxy/' },
-      to: { path: '^src/', pathNot: '^src/(proxy|qemu|digest)/' },
+      to: { path: '^src/', pathNot: '^src/(proxy|qemu|digest|common)/' },
     },
     {
       name: 'layer-model',
       severity: 'error',
-      comment: 'The pre-copy model is pure arithmetic: it imports nothing else of bfmig.',
+      comment: 'The pre-copy model is pure arithmetic: it imports nothing else of bfmig but common.',
       from: { path: '^src/model/' },
-      to: { path: '^src/', pathNot: '^src/model/' },
+      to: { path: '^src/', pathNot: '^src/(model|common)/' },
     },
     {
       name: 'no-sockets-below-gateway',
       severity: 'error',
       comment: 'Codecs, frames and the store do no network I/O: sockets belong to src/gateway/ (and the CLI and lab).',
-      from: { path: '^src/(qemu|proxy|wire|store|digest|model)/' },
+      from: { path: '^src/(common|qemu|proxy|wire|store|digest|model)/' },
       to: { dependencyTypes: ['core'], path: '^(node:)?(net|tls|dgram|http|https|http2)$' },
     },
     {

@@ -18,6 +18,7 @@ import * as path from 'node:path';
 import { type BackForthOptions, formatTable, type LegResult, runBackForth } from '../src/lab/demo/backforth';
 import { parseArgs } from 'node:util';
 import { defaultGuestDir } from '../src/lab/vm/qemu-vm';
+import { X86_PAGE_SIZE } from '../src/qemu/constants';
 
 /** One run of the grid: a guest migrated `changePcts.length + 1` legs over one link, both paths. */
 export interface GridRun {
@@ -168,7 +169,7 @@ async function main(): Promise<void> {
     for (const back of bfmig.slice(1)) {
       const twin = direct.find((d) => d.leg === back.leg) as LegResult;
       const share = back.wanBytes / first.wanBytes;
-      const bound = 1.05 * back.pagesSent * 4096 + 0.001 * memMiB * 2 ** 20;
+      const bound = 1.05 * back.pagesSent * X86_PAGE_SIZE + 0.001 * memMiB * 2 ** 20;
       const idle = rewritePct === 0 && back.changedPages === 0;
       const pass = idle ? share <= 0.005 : back.wanBytes <= bound;
       ok &&= pass && back.verified;

@@ -18,8 +18,8 @@ import {
   digestPages,
   selectDigestVariant,
 } from '../src/digest';
+import { X86_PAGE_SIZE as PAGE } from '../src/qemu/constants';
 
-const PAGE = 4096;
 const CHUNK = 256 * 1024;
 const PAGES_PER_CHUNK = CHUNK / PAGE;
 const RUNS = 5;

@@ -5,6 +5,7 @@
 import { performance } from 'node:perf_hooks';
 import { DIGEST_BYTES, digestOne, digestPages } from '../src/digest';
 import { RecordKind, StreamParser, type StreamRecord } from '../src/qemu';
+import { X86_PAGE_SIZE } from '../src/qemu/constants';
 import { syntheticStream } from './synthetic';
 
 const gib = Number(process.argv[2] ?? 2);
@@ -22,7 +23,7 @@ function median(values: number[]): number {
 
 /** Parses the stream; `onChunkPages` sees each chunk's in-chunk page offsets once the chunk is parsed. */
 function parseOnce(withDigest: boolean): { seconds: number; counted: number; checksum: number } {
-  const maxPagesPerChunk = Math.ceil(chunkBytes / 4096) + 1;
+  const maxPagesPerChunk = Math.ceil(chunkBytes / X86_PAGE_SIZE) + 1;
   const offsets = new Uint32Array(maxPagesPerChunk);
   const digests = Buffer.alloc(maxPagesPerChunk * DIGEST_BYTES);
   const straddled = Buffer.alloc(DIGEST_BYTES);
@@ -48,7 +49,7 @@ function parseOnce(withDigest: boolean): { seconds: number; counted: number; che
     count = 0;
     parser.push(chunk);
     if (count > 0) {
-      digestPages(chunk, offsets, count, 4096, digests, 0);
+      digestPages(chunk, offsets, count, X86_PAGE_SIZE, digests, 0);
       checksum ^= digests[0];
     }
   }

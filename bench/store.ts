@@ -28,8 +28,8 @@ import * as path from 'node:path';
 import { randomFillSync } from 'node:crypto';
 import { DIGEST_BYTES, digestContiguous } from '../src/digest';
 import { PageStore, type StoreLayout, storeCopyMode } from '../src/store';
+import { X86_PAGE_SIZE as PAGE } from '../src/qemu/constants';
 
-const PAGE = 4096;
 const RUNS = 3;
 const READ_RUN = 64;
 

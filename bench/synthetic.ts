@@ -1,5 +1,6 @@
 import * as net from 'node:net';
 import { randomFillSync } from 'node:crypto';
+import { X86_PAGE_SIZE as PAGE } from '../src/qemu/constants';
 
 /**
  * Builds an in-memory QEMU 7.2-framed migration stream of about `gib` GiB of normal pages, laid out
@@ -8,7 +9,6 @@ import { randomFillSync } from 'node:crypto';
  * sees realistic, incompressible data.
  */
 export function syntheticStream(gib: number, pagesPerPart = 4096): { stream: Buffer; pages: number } {
-  const PAGE = 4096;
   const pages = Math.floor((gib * 1024 * 1024 * 1024) / (PAGE + 8));
   const blockBytes = pages * PAGE;
   const parts = Math.ceil(pages / pagesPerPart);

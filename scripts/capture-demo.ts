@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../src/lab/vm/qemu-vm';
+import { errorMessage } from '../src/common/errors';
 
 async function main(): Promise<void> {
   const machine = process.argv[2] ?? 'pc-i440fx-7.2';
@@ -53,6 +54,6 @@ async function main(): Promise<void> {
 
 main().catch(async (err: unknown) => {
   await disposeAllVms();
-  console.error(`capture demo failed: ${err instanceof Error ? err.message : String(err)}`);
+  console.error(`capture demo failed: ${errorMessage(err)}`);
   process.exitCode = 1;
 });

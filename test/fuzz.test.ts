@@ -25,6 +25,7 @@ import {
   runInput,
   TARGETS,
 } from './fuzz-harness';
+import { errorMessage } from '../src/common/errors';
 
 const SEED = Number(process.env.FUZZ_SEED ?? 20240611);
 const corpus = buildCorpus();
@@ -100,7 +101,7 @@ describe('mutator loop (the long run, shortened)', () => {
       try {
         outcomes[runInput(target, corpus, inputSeed(SEED, i)).outcome]++;
       } catch (err) {
-        throw new Error(`input ${i} of seed ${SEED} (replay: node dist/bench/fuzz.js --seed ${SEED} --target ${target} --replay ${i}): ${err instanceof Error ? err.message : String(err)}`);
+        throw new Error(`input ${i} of seed ${SEED} (replay: node dist/bench/fuzz.js --seed ${SEED} --target ${target} --replay ${i}): ${errorMessage(err)}`);
       }
     }
     // The mutations reach every outcome: a harness that only ever rejects proves nothing.

@@ -8,6 +8,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { awaitReports, checkStores, type LoadSite, runPass, startLoadPair, stopLoadPair, vmStream, type VmStream } from '../bench/load';
+import type { Direction } from '../src/gateway/session';
 import type { GatewayLegReport } from '../src/lab/demo/site-gateway';
 import { guestMemory, migrationStream } from './migration-stream';
 
@@ -41,7 +42,7 @@ describe('16 concurrent migrations through one gateway pair', () => {
   });
 
   /** The report of `vm`'s migration in the given direction among a site's last `count` reports. */
-  const reportOf = (site: LoadSite, vm: string, direction: 'send' | 'receive', count: number): GatewayLegReport | undefined =>
+  const reportOf = (site: LoadSite, vm: string, direction: Direction, count: number): GatewayLegReport | undefined =>
     site.gateway.reports.slice(-count).find((r) => r.vm === vm && r.direction === direction);
 
   /** Each VM's store at both sites verifies and claims the snapshot its last migration committed. */

@@ -6,6 +6,7 @@ import { digestOne } from '../src/digest';
 import { keepStreamParts } from '../src/gateway/session';
 import { describeOrigin, streamOrigin } from '../src/qemu';
 import { PageStore } from '../src/store';
+import { saveStreamParts } from '../src/store/snapshot-parts';
 
 describe('bfmig snapshots', () => {
   let data = '';
@@ -101,9 +102,7 @@ describe('bfmig restore refuses what it cannot rebuild', () => {
     await expect(restoreSnapshot(data, 'vm1', to)).rejects.toThrow(/device state of snapshot s1 was not retained/);
 
     const again = PageStore.open(data, 'vm1');
-    again.saveBlob('stream-head', Buffer.from('QEVM'));
-    again.saveBlob('stream-tail', Buffer.from([0]));
-    again.saveBlob('stream-info', Buffer.from(JSON.stringify({ snapshotId: 's1', ramSectionId: 2, footers: true })));
+    saveStreamParts(again, { head: Buffer.from('QEVM'), tail: Buffer.from([0]), info: { snapshotId: 's1', ramSectionId: 2, footers: true } });
     again.close();
     await expect(restoreSnapshot(data, 'vm1', to)).rejects.toThrow(/incomplete: 1 of 4 pages are not held/);
   });

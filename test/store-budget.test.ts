@@ -3,7 +3,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
-import { PageStore, parseSize, statStore, StoreBudget, UndoableStore } from '../src/store';
+import { parseSize } from '../src/common/units';
+import { PageStore, statStore, StoreBudget, UndoableStore } from '../src/store';
 
 describe('store budget', () => {
   let data = '';

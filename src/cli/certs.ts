@@ -12,10 +12,10 @@ import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { SITE_NAME } from '../gateway/config-schema';
 
 export const DEFAULT_CERT_DAYS = 825;
 const CA_DAYS = 3650;
-const SITE_NAME = /^[A-Za-z0-9._-]{1,64}$/;
 
 export interface IssuedCerts {
   ca: { cert: string; key: string; created: boolean };

@@ -8,6 +8,7 @@ import { runSnapshots } from './snapshots';
 import { runPredict } from './predict';
 import { restoreSnapshot } from './restore';
 import { formatReport, inspectPath } from './inspect';
+import { errorMessage } from '../common/errors';
 
 /** A demo option's number: finite and not negative. */
 function demoNumber(text: string, option: string): number {
@@ -149,7 +150,7 @@ export function main(argv: readonly string[]): void {
         process.stderr.write(`bfmig: ${err.message}\n\n${command ? usageOf(command) : USAGE}`);
         process.exitCode = 2;
       } else {
-        process.stderr.write(`bfmig: ${err instanceof Error ? err.message : String(err)}\n`);
+        process.stderr.write(`bfmig: ${errorMessage(err)}\n`);
         process.exitCode = 1;
       }
     },

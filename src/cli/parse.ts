@@ -2,6 +2,7 @@
  * What every command shares: its usage text and option schema (a `Command`), and the parse of its
  * arguments with Node's `util.parseArgs` in strict mode. `--help` / `-h` is every command's option.
  */
+import { errorMessage } from '../common/errors';
 import { parseArgs } from 'node:util';
 
 interface OptionSpec {
@@ -99,7 +100,7 @@ function diagnose(command: Command, argv: readonly string[], err: unknown): Erro
     }
     if (spec.type === 'boolean' && t.value !== undefined) return new UsageError(`${t.rawName} takes no value`, command);
   }
-  return new UsageError(err instanceof Error ? err.message : String(err), command);
+  return new UsageError(errorMessage(err), command);
 }
 
 /** A string option the command cannot do without. */
@@ -113,6 +114,6 @@ export function converted<T>(value: string, option: string, convert: (text: stri
   try {
     return convert(value);
   } catch (err) {
-    throw new UsageError(`--${option}: ${err instanceof Error ? err.message : String(err)}`);
+    throw new UsageError(`--${option}: ${errorMessage(err)}`);
   }
 }

@@ -1,5 +1,6 @@
-import { parseSize } from '../store/budget';
-import { BENCH_PLATFORM, DEFAULT_PLATFORM, type ModelInputs, type PathPrediction, type Platform, type Prediction, predict } from '../model';
+import { parseSize } from '../common/units';
+import { errorMessage } from '../common/errors';
+import { BENCH_PLATFORM, DEFAULT_PLATFORM, type ModelInputs, PAGE_BYTES, type PathPrediction, type Platform, type Prediction, predict } from '../model';
 import { PREDICT } from './commands';
 import { type OptionValues, UsageError } from './parse';
 
@@ -35,7 +36,7 @@ function sizeOption(args: PredictArgs, name: TextOption, fallback?: number): num
   try {
     return parseSize(text);
   } catch (err) {
-    throw new UsageError(`--${name}: ${err instanceof Error ? err.message : String(err)}`);
+    throw new UsageError(`--${name}: ${errorMessage(err)}`);
   }
 }
 
@@ -61,7 +62,7 @@ export function predictInputs(args: PredictArgs): ModelInputs {
   };
   if (inputs.rateMbit <= 0) throw new UsageError('--mbit must be above 0');
   if (inputs.usedShare <= 0 || inputs.hotShare <= 0) throw new UsageError('--used and --hot must be above 0%');
-  if (inputs.ramBytes < 4096) throw new UsageError('--ram must be at least one page');
+  if (inputs.ramBytes < PAGE_BYTES) throw new UsageError('--ram must be at least one page');
   return inputs;
 }
 

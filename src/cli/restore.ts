@@ -1,16 +1,17 @@
 import { connect, type Socket } from 'node:net';
 import { type Endpoint, formatEndpoint } from '../gateway/address';
 import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
-import { describeOrigin, RamFlag, SectionType, streamOrigin, type StreamOrigin, VmCommand } from '../qemu';
+import { describeOrigin, RamFlag, SectionType, streamOrigin, VmCommand } from '../qemu';
 import { writeRamWord, writeShortString } from '../qemu/encode';
+import { X86_PAGE_SIZE as PAGE } from '../qemu/constants';
 import { StreamError } from '../qemu/errors';
 import { StreamParser } from '../qemu/parser';
 import { RecordKind } from '../qemu/records';
 import { ReturnPathError, ReturnPathMessage, ReturnPathParser, type ReturnPathRecord } from '../qemu/return-path';
 import { sameDigest } from '../proxy/retained';
 import { PageStore } from '../store';
+import { loadStreamParts } from '../store/snapshot-parts';
 
-const PAGE = 4096;
 const BATCH = 256;
 /** How long restore waits for the destination to take more of the stream, or to give its verdict. */
 export const DEFAULT_RESTORE_TIMEOUT_MS = 60_000;
@@ -39,12 +40,6 @@ export class CorruptPagesError extends RestoreError {
         `${listed}; the destination's connection was reset, so it loaded nothing (\`bfmig snapshots verify\` stops holding them)`,
     );
   }
-}
-
-interface StreamInfo extends Partial<StreamOrigin> {
-  snapshotId: string;
-  ramSectionId: number;
-  footers: boolean;
 }
 
 export interface RestoreOptions {
@@ -79,10 +74,7 @@ export async function restoreSnapshot(data: string, vm: string, to: Endpoint, op
     if (!meta) throw new RestoreError(`no retained snapshot for VM ${vm} in ${data}`);
     const snapshotId = store.snapshotId();
     if (!snapshotId) throw new RestoreError(`VM ${vm}: the store claims no complete snapshot (its last migration did not complete)`);
-    const infoBlob = store.loadBlob('stream-info');
-    const storedHead = store.loadBlob('stream-head');
-    const tail = store.loadBlob('stream-tail');
-    const info = infoBlob ? (JSON.parse(infoBlob.toString('utf8')) as StreamInfo) : null;
+    const { head: storedHead, tail, info } = loadStreamParts(store);
     if (!info || !storedHead || !tail || info.snapshotId !== snapshotId) {
       throw new RestoreError(`VM ${vm}: the device state of snapshot ${snapshotId} was not retained`);
     }

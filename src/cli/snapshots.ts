@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { type StreamOrigin } from '../qemu';
+import { loadStreamInfo, type StreamInfo } from '../store/snapshot-parts';
 import { lockHolder, PageStore, removeStore, StoreBusyError, validateVmName } from '../store';
 import { UsageError } from './parse';
 
@@ -31,13 +31,10 @@ function diskBytes(dir: string): number {
   return total;
 }
 
-type StreamInfo = Partial<StreamOrigin> & { snapshotId?: string };
-
+/** The retained stream's description, or null when absent or unreadable. */
 function streamInfo(store: PageStore): StreamInfo | null {
-  const blob = store.loadBlob('stream-info');
-  if (!blob) return null;
   try {
-    return JSON.parse(blob.toString('utf8')) as StreamInfo;
+    return loadStreamInfo(store);
   } catch {
     return null;
   }

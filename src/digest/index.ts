@@ -21,6 +21,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { PACKAGE_ROOT } from './package-root';
+import { errorMessage } from '../common/errors';
 
 /** Bytes per digest (XXH3-128). */
 export const DIGEST_BYTES = 16;
@@ -99,7 +100,7 @@ function loadAddon(file: string): DigestAddon {
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     mod = require(file);
   } catch (err) {
-    const why = err instanceof Error ? err.message : String(err);
+    const why = errorMessage(err);
     throw new Error(`bfmig digest: cannot load native addon ${file}: ${why}; ${BUILD_HINT}`, { cause: err });
   }
   if (!isDigestAddon(mod)) {

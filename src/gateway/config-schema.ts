@@ -3,6 +3,9 @@
  * setting, and how it names a YAML value in that report. Imports neither parser, so both can use it.
  */
 
+/** A site's name: the config's `name:`, a peer's certificate name in `allowPeers:` and `peerVms:`, a `bfmig certs` site. */
+export const SITE_NAME = /^[A-Za-z0-9._-]{1,64}$/;
+
 /** Reports the setting `key` as wrong and throws (a ConfigError naming the config file). */
 export type Fail = (key: string, detail: string) => never;
 

@@ -28,9 +28,11 @@ import { BlockList, isIP } from 'node:net';
 import * as path from 'node:path';
 import { parseDocument } from 'yaml';
 import { Endpoint, formatEndpoint, parseEndpoint } from './address';
-import { parseSize } from '../store/budget';
-import { describe, type Fail, isMapping } from './config-schema';
+import { parseSize } from '../common/units';
+import { describe, type Fail, isMapping, SITE_NAME } from './config-schema';
 import { type Limits, parseLimits, parsePeerVms, parseTls, type PeerVmRule, type TlsConfig } from './security-config';
+import { errorMessage } from '../common/errors';
+import { VM_NAME_RE } from '../store/meta';
 
 export class ConfigError extends Error {
   /**
@@ -106,8 +108,6 @@ export const DEFAULT_SOURCE = '<config>';
 export const DEFAULT_SHUTDOWN_GRACE_SECONDS = 30;
 export const MAX_SHUTDOWN_GRACE_SECONDS = 86400;
 
-const SITE_NAME = /^[A-Za-z0-9._-]{1,64}$/;
-const VM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const TOP_LEVEL_KEYS = [
   'name',
   'data',
@@ -186,7 +186,7 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     try {
       storeBudget = parseSize(typeof budgetValue === 'number' ? String(budgetValue) : String(budgetValue));
     } catch (err) {
-      fail('storeBudget', err instanceof Error ? err.message : String(err));
+      fail('storeBudget', errorMessage(err));
     }
     if (storeBudget !== null && storeBudget <= 0) fail('storeBudget', 'must be more than 0');
   }
@@ -212,7 +212,7 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     if (!isMapping(item)) return fail(at, `must be a mapping with vm, listen, peer, target; not ${describe(item)}`);
     checkKeys(item, ROUTE_KEYS, `${at}.`, fail);
     const vm = requiredString(item, 'vm', `${at}.vm`, fail);
-    if (!VM_NAME.test(vm)) {
+    if (!VM_NAME_RE.test(vm)) {
       fail(`${at}.vm`, `"${vm}" must start with A-Z a-z 0-9 and be 1-64 characters of A-Z a-z 0-9 . _ -`);
     }
     const dup = routes.findIndex((r) => r.vm === vm);

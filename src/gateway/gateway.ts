@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import * as path from 'node:path';
 import { type Endpoint, formatEndpoint } from './address';
-import { PAGE_SIZE } from '../proxy/retained';
+import { X86_PAGE_SIZE } from '../qemu/constants';
 import { holdsNothing, removeStore, removeUnclaimedStores, scanStores, StoreBudget, type UndoableStore } from '../store';
 import { type GatewayConfig, targetAllowed } from './config';
 import { type Admission, awaitStreamMagic, ConnectionGate, type Listener, Refusal, type RefusalReason } from './limits';
@@ -11,7 +11,8 @@ import type { GatewayMetrics } from './metrics';
 import { ReceiveSession } from './receive';
 import { SendSession } from './send';
 import { StoreSpace } from './store-space';
-import { errorMessage, type Direction, type MigrationReport, type SessionObserver } from './session';
+import { errorMessage } from '../common/errors';
+import { type Direction, type MigrationReport, type SessionObserver } from './session';
 import { peerVmError } from './security-config';
 import { PeerTransport, peerNameOf, peerNamesOf } from './transport';
 
@@ -167,7 +168,7 @@ export class Gateway implements SessionObserver {
         transport: this.transport,
         idleMs: limits.idleSeconds * 1000,
         maxFrameBytes: limits.maxFrameBytes,
-        maxGuestPages: Math.floor(limits.maxGuestRamBytes / PAGE_SIZE),
+        maxGuestPages: Math.floor(limits.maxGuestRamBytes / X86_PAGE_SIZE),
       });
       this.track(session.done, session.qemu, () => this.busy.delete(vm));
     });
@@ -195,7 +196,7 @@ export class Gateway implements SessionObserver {
         handshakeDeadline: deadline,
         idleMs: limits.idleSeconds * 1000,
         maxFrameBytes: limits.maxFrameBytes,
-        maxGuestPages: Math.floor(limits.maxGuestRamBytes / PAGE_SIZE),
+        maxGuestPages: Math.floor(limits.maxGuestRamBytes / X86_PAGE_SIZE),
         refused: (reason, detail) => this.refused('peer', raw, reason, detail, peerName),
       });
       if (session.peer !== socket) this.adopted.set(raw, session.peer);

@@ -7,8 +7,8 @@ import * as http from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import type { Endpoint } from './address';
+import type { Direction } from './session';
 
-export type Direction = 'send' | 'receive';
 export type PageKind = 'sent' | 'reused' | 'zero';
 export type MigrationResult = 'completed' | 'failed';
 

@@ -20,7 +20,8 @@ import {
 import { ReturnPathMessages, STREAM_HEADER_BYTES } from './return-path-relay';
 import { Refusal, type RefusalReason } from './limits';
 import { type PooledDownstream, PooledReads } from './pooled-reads';
-import { CONNECT_TIMEOUT_MS, errorMessage, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
+import { errorMessage } from '../common/errors';
+import { CONNECT_TIMEOUT_MS, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
 import { connectWithQueue } from './socket-tuning';
 import { noteStoreError } from './store-space';
 

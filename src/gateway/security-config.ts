@@ -23,9 +23,9 @@
 import { createPrivateKey, type KeyObject, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import * as path from 'node:path';
-import { parseSize } from '../store/budget';
+import { parseSize } from '../common/units';
 import { MAX_FRAME_PAYLOAD } from '../wire/frames';
-import { describe, type Fail, isMapping } from './config-schema';
+import { describe, type Fail, isMapping, SITE_NAME } from './config-schema';
 import { TABLE_FRAME_BYTES } from './session';
 
 export interface TlsConfig {
@@ -74,7 +74,6 @@ export const MIN_FRAME_BYTES = TABLE_FRAME_BYTES;
 
 const TLS_KEYS = ['cert', 'key', 'ca', 'allowPeers'] as const;
 const LIMIT_KEYS = ['handshakeSeconds', 'idleSeconds', 'maxFrameBytes', 'maxConnections', 'maxPendingConnections', 'maxPendingPerAddress', 'maxGuestRam', 'maxStores'] as const;
-const PEER_NAME = /^[A-Za-z0-9._-]{1,64}$/;
 /** A VM name (see the store's validateVmName) or a glob of one: * any run of characters, ? one. */
 const VM_PATTERN = /^[A-Za-z0-9._*?-]{1,64}$/;
 
@@ -136,7 +135,7 @@ export function parseTls(value: unknown, baseDir: string, fail: Fail): TlsConfig
   if (allowValue !== undefined && allowValue !== null) {
     if (!Array.isArray(allowValue) || allowValue.length === 0) fail('tls.allowPeers', `must be a non-empty list of peer names, not ${describe(allowValue)}`);
     allowPeers = (allowValue as unknown[]).map((name, i) => {
-      if (typeof name !== 'string' || !PEER_NAME.test(name)) {
+      if (typeof name !== 'string' || !SITE_NAME.test(name)) {
         return fail(`tls.allowPeers[${i}]`, `${describe(name)} is not a peer name (1-64 characters of A-Z a-z 0-9 . _ -)`);
       }
       return name;
@@ -210,7 +209,7 @@ export function parsePeerVms(value: unknown, tls: TlsConfig | null, fail: Fail):
   if (tls === null) return fail('peerVms', "needs a tls block: a peer's name is known only from its certificate");
   return Object.entries(value).map(([peer, list]) => {
     const key = `peerVms.${peer}`;
-    if (!PEER_NAME.test(peer)) return fail(key, `${JSON.stringify(peer)} is not a peer name (1-64 characters of A-Z a-z 0-9 . _ -)`);
+    if (!SITE_NAME.test(peer)) return fail(key, `${JSON.stringify(peer)} is not a peer name (1-64 characters of A-Z a-z 0-9 . _ -)`);
     if (tls.allowPeers !== null && !tls.allowPeers.includes(peer)) return fail(key, `"${peer}" is not in tls.allowPeers (${tls.allowPeers.join(', ')}), so it can never connect`);
     if (!Array.isArray(list) || list.length === 0) return fail(key, `must be a non-empty list of VM names or globs, not ${describe(list)}`);
     const patterns = (list as unknown[]).map((p, i) => {

@@ -24,7 +24,8 @@ import { ReturnPathMessages } from './return-path-relay';
 import { PooledReads } from './pooled-reads';
 import { SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './socket-tuning';
 import type { PeerTransport } from './transport';
-import { CONNECT_TIMEOUT_MS, errorMessage, HANDSHAKE_TIMEOUT_MS, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
+import { errorMessage } from '../common/errors';
+import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 
 /**
  * A source that sends nothing for this long in its device-state tail, without closing, is taken to have

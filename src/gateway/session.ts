@@ -1,7 +1,9 @@
 import { streamOrigin } from '../qemu';
 import type { PageStore, UndoableStore } from '../store';
+import { saveStreamParts } from '../store/snapshot-parts';
 import { newCounts, type TransferCounts } from '../proxy/encoder';
 
+/** Which way a migration goes through this gateway: 'send' forwards a source QEMU's stream to a peer, 'receive' rebuilds it for a destination QEMU. */
 export type Direction = 'send' | 'receive';
 
 /** How the sender knew what the receiver holds. */
@@ -84,10 +86,6 @@ export function peerText(text: string): string {
   return clean.length <= PEER_TEXT_CHARS ? clean : `${clean.slice(0, PEER_TEXT_CHARS)}… (${clean.length - PEER_TEXT_CHARS} more characters)`;
 }
 
-export function errorMessage(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}
-
 /** What `bfmig restore` needs besides the pages, saved beside them before the store commits. */
 export function keepStreamParts(
   store: { saveBlob(name: string, data: Buffer): void },
@@ -97,10 +95,7 @@ export function keepStreamParts(
 ): void {
   const r = parts.result();
   if (!r || footers === null) return;
-  store.saveBlob('stream-head', r.head);
-  store.saveBlob('stream-tail', r.tail);
-  const origin = streamOrigin(r.machineType, footers);
-  store.saveBlob('stream-info', Buffer.from(JSON.stringify({ snapshotId, ramSectionId: r.ramSectionId, footers, ...origin })));
+  saveStreamParts(store, { head: r.head, tail: r.tail, info: { snapshotId, ramSectionId: r.ramSectionId, footers, ...streamOrigin(r.machineType, footers) } });
 }
 
 /** What settleStore() needs of a session's codec. */

@@ -1,4 +1,6 @@
 import * as fs from 'node:fs';
+import { errorMessage } from '../common/errors';
+import type { Direction } from './session';
 
 /** The filesystem has no room (or the quota is used up): what a store write fails with on a full disk. */
 export function isNoSpace(err: unknown): boolean {
@@ -18,14 +20,14 @@ export function isNoSpace(err: unknown): boolean {
  * retention then stays off for the VM until its filesystem has the room its store needs.
  */
 export function noteStoreError(
-  observer: { storeFull(vm: string, direction: 'send' | 'receive', needBytes: number, error: string): void },
+  observer: { storeFull(vm: string, direction: Direction, needBytes: number, error: string): void },
   vm: string,
-  direction: 'send' | 'receive',
+  direction: Direction,
   layout: { pageCount: number; pageSize: number } | null | undefined,
   err: unknown,
 ): void {
   if (!isNoSpace(err)) return;
-  observer.storeFull(vm, direction, storeNeedBytes(layout?.pageCount ?? 0, layout?.pageSize ?? 0), err instanceof Error ? err.message : String(err));
+  observer.storeFull(vm, direction, storeNeedBytes(layout?.pageCount ?? 0, layout?.pageSize ?? 0), errorMessage(err));
 }
 
 /** Room a VM's store may need for one migration: its pages and digests, and as much again for the undo journal. */

@@ -1,12 +1,13 @@
 import { DIGEST_BYTES, digestContiguous, digestOne, StreamHash } from '../digest';
-import { RamFlag } from '../qemu/constants';
+import { RamFlag, X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
 import { type RamBlock, RecordKind, type StreamRecord } from '../qemu/records';
 import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
 import { StreamParts } from './stream-parts';
 import { newCounts, type TransferCounts } from './encoder';
-import { continuingFlags, layoutOf, PAGE_SIZE, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
+import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
+import { errorMessage } from '../common/errors';
 
 /**
  * Most device-state tail a receiver holds back until the stream is checked: real tails are well under a
@@ -39,7 +40,7 @@ export class StreamDecoder {
   private replayFirst = 0;
   /** Which record of the run the parser reads next. */
   private replayNext = 0;
-  private readonly pages = Buffer.allocUnsafe(MAX_RUN_HELD * PAGE_SIZE);
+  private readonly pages = Buffer.allocUnsafe(MAX_RUN_HELD * X86_PAGE_SIZE);
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
   /** Of the stream rebuilt so far. */
@@ -117,10 +118,10 @@ export class StreamDecoder {
     const blocks = this.parser.ramBlocks;
     const block = blocks[run.blockIndex];
     if (!block) throw new RebuildError(`Run names RAM block ${run.blockIndex} of ${blocks.length}`);
-    if (run.firstOffset % PAGE_SIZE !== 0 || run.firstOffset + run.count * PAGE_SIZE > block.pages * PAGE_SIZE) {
+    if (run.firstOffset % X86_PAGE_SIZE !== 0 || run.firstOffset + run.count * X86_PAGE_SIZE > block.pages * X86_PAGE_SIZE) {
       throw new RebuildError(`Run of ${run.count} pages at ${run.firstOffset} overruns block ${block.name}`);
     }
-    const first = block.firstPage + run.firstOffset / PAGE_SIZE;
+    const first = block.firstPage + run.firstOffset / X86_PAGE_SIZE;
     if (run.held > 0) this.readHeld(run, first);
     const bytes = this.records(run, block);
     const at = this.counts.streamBytes;
@@ -218,14 +219,14 @@ export class StreamDecoder {
       let end = k + 1;
       while (end < run.count && isHeld(run.bitmap, end)) end++;
       try {
-        store.readPages(first + k, end - k, this.pages, filled * PAGE_SIZE);
+        store.readPages(first + k, end - k, this.pages, filled * X86_PAGE_SIZE);
       } catch (err) {
-        throw new RebuildError(`pages ${first + k}..${first + end - 1} are not held: ${err instanceof Error ? err.message : String(err)}`);
+        throw new RebuildError(`pages ${first + k}..${first + end - 1} are not held: ${errorMessage(err)}`);
       }
       filled += end - k;
       k = end;
     }
-    digestContiguous(this.pages, 0, filled, PAGE_SIZE, this.digests, 0);
+    digestContiguous(this.pages, 0, filled, X86_PAGE_SIZE, this.digests, 0);
     digestOne(this.digests, 0, filled * DIGEST_BYTES, this.runDigest, 0);
     if (!sameDigest(this.runDigest, 0, run.digest, 0)) {
       this.dropCorrupted(run, first, store);
@@ -252,17 +253,17 @@ export class StreamDecoder {
   /** Lays out the run's records: header word, the block name on a named first record, then the body. */
   private records(run: Run, block: RamBlock): Buffer {
     const named = (run.firstFlags & RamFlag.Continue) === 0;
-    const out = this.allocate(run.count * 9 + run.held * (PAGE_SIZE - 1) + (named ? 1 + block.name.length : 0));
+    const out = this.allocate(run.count * 9 + run.held * (X86_PAGE_SIZE - 1) + (named ? 1 + block.name.length : 0));
     let at = 0;
     let held = 0;
     for (let k = 0; k < run.count; k++) {
       const page = isHeld(run.bitmap, k);
-      at = writeRamWord(out, at, run.firstOffset + k * PAGE_SIZE, k === 0 ? run.firstFlags : continuingFlags(page));
+      at = writeRamWord(out, at, run.firstOffset + k * X86_PAGE_SIZE, k === 0 ? run.firstFlags : continuingFlags(page));
       if (k === 0 && named) {
         at = writeShortString(out, at, block.name);
       }
       if (page) {
-        at += this.pages.copy(out, at, held * PAGE_SIZE, (held + 1) * PAGE_SIZE);
+        at += this.pages.copy(out, at, held * X86_PAGE_SIZE, (held + 1) * X86_PAGE_SIZE);
         held++;
       } else {
         out[at++] = run.fill;

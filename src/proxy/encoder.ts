@@ -1,9 +1,10 @@
 import { DIGEST_BYTES, digestOne, StreamHash } from '../digest';
+import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
 import { type RamPageRecord, RecordKind, type StreamRecord } from '../qemu/records';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
 import { StreamParts } from './stream-parts';
-import { continuingFlags, layoutOf, PAGE_SIZE, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
+import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 
 /** Where the encoder's output goes: in stream order, Literal bytes and Run payloads. */
 export interface EncoderSink {
@@ -258,7 +259,7 @@ export class StreamEncoder {
       this.runFill = record.byteValue;
     }
     this.runCount++;
-    this.runNext = record.offset + PAGE_SIZE;
+    this.runNext = record.offset + X86_PAGE_SIZE;
     // The record ends where the parser stands: it calls us as soon as the record is read.
     this.skipTo(this.parser.offset);
   }

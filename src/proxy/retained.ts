@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { DIGEST_BYTES, digestOne } from '../digest';
-import { RamFlag } from '../qemu/constants';
+import { RamFlag, X86_PAGE_SIZE } from '../qemu/constants';
 import { type RamBlock, type RamPageRecord, RecordKind } from '../qemu/records';
 
 /** The store's data-path face (src/store PageStore implements it). */
@@ -23,13 +23,11 @@ export interface PageLayout {
   layout: { blocks: { name: string; length: number }[] };
 }
 
-export const PAGE_SIZE = 4096;
-
 export function layoutOf(blocks: readonly RamBlock[]): PageLayout {
   const list = blocks.map((b) => ({ name: b.name, length: b.length }));
   const last = blocks[blocks.length - 1];
   return {
-    pageSize: PAGE_SIZE,
+    pageSize: X86_PAGE_SIZE,
     pageCount: last ? last.firstPage + last.pages : 0,
     layoutId: createHash('sha256').update(JSON.stringify(list)).digest('hex').slice(0, 32),
     layout: { blocks: list },
@@ -50,18 +48,18 @@ export function sameDigest(a: Uint8Array, aAt: number, b: Uint8Array, bAt: numbe
 export class PageRetainer {
   /** The digest of the last record passed to digestOf(). */
   readonly digest = Buffer.alloc(DIGEST_BYTES);
-  private readonly fillPage = Buffer.alloc(PAGE_SIZE);
+  private readonly fillPage = Buffer.alloc(X86_PAGE_SIZE);
   private fillValue = 0;
   private readonly zeroDigest = Buffer.alloc(DIGEST_BYTES);
 
   constructor(readonly store: RetainedPages | null) {
-    digestOne(this.fillPage, 0, PAGE_SIZE, this.zeroDigest, 0);
+    digestOne(this.fillPage, 0, X86_PAGE_SIZE, this.zeroDigest, 0);
   }
 
   /** Computes the record's page digest into `digest`; false when its content is not in clear. */
   digestOf(record: RamPageRecord): boolean {
     if (record.kind === RecordKind.RamPage) {
-      digestOne(record.data, record.dataStart, PAGE_SIZE, this.digest, 0);
+      digestOne(record.data, record.dataStart, X86_PAGE_SIZE, this.digest, 0);
       return true;
     }
     if (record.kind === RecordKind.RamZero) {
@@ -69,7 +67,7 @@ export class PageRetainer {
         this.zeroDigest.copy(this.digest);
       } else {
         this.fill(record.byteValue);
-        digestOne(this.fillPage, 0, PAGE_SIZE, this.digest, 0);
+        digestOne(this.fillPage, 0, X86_PAGE_SIZE, this.digest, 0);
       }
       return true;
     }

@@ -6,5 +6,5 @@ export { PageStore, type PageStoreOptions, PAGES_FILE, DIGESTS_FILE, META_FILE }
 export { type StoreLayout, type StoreMeta, validateVmName, META_FORMAT, MAX_PAGE_COUNT, MAX_PAGE_SIZE } from './meta';
 export { copyMode as storeCopyMode } from './copy';
 export { lockHolder, StoreBusyError } from './lock';
-export { StoreBudget, parseSize, scanStores, statStore, removeStore, removeUnclaimedStores, holdsNothing, type Eviction, type Room, type StoreEntry } from './budget';
+export { StoreBudget, scanStores, statStore, removeStore, removeUnclaimedStores, holdsNothing, type Eviction, type Room, type StoreEntry } from './budget';
 export { UndoableStore } from './undo';

@@ -1,6 +1,7 @@
 /**
  * Store metadata (meta.json), layout validation and VM-name validation.
  */
+import { errorMessage } from '../common/errors';
 
 /** What the caller tells begin() about the VM's RAM. */
 export interface StoreLayout {
@@ -38,7 +39,8 @@ export const MAX_PAGE_SIZE = 16 * 1024 * 1024;
 /** Largest page count: the in-memory digest table (16 B/page) must fit one typed array (< 4 GiB). */
 export const MAX_PAGE_COUNT = 2 ** 28 - 1;
 
-const VM_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+/** A VM name: the store keys its directories by it (validateVmName says what is wrong with one that fails). */
+export const VM_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 /**
  * Returns name if it is a safe VM name (a single path component):
@@ -86,7 +88,7 @@ export function parseMeta(text: string, vm: string): { meta: StoreMeta } | { err
   try {
     raw = JSON.parse(text);
   } catch (err) {
-    return { error: `not JSON (${err instanceof Error ? err.message : String(err)})` };
+    return { error: `not JSON (${errorMessage(err)})` };
   }
   if (typeof raw !== 'object' || raw === null) return { error: 'not a JSON object' };
   const r = raw as Record<string, unknown>;

@@ -33,6 +33,7 @@ import { copyBytes } from './copy';
 import { DIRECT_IO_ALIGN, DirectPages, DirectWriteError } from './direct-pages';
 import { fsyncDir, openRW, preadFully, pwriteFully, readFileNoFollow, requireRealDir, writeFileAtomic } from './fsio';
 import { acquireLock, releaseLock, StoreBusyError } from './lock';
+import { errorMessage } from '../common/errors';
 import { type StoreLayout, type StoreMeta, parseMeta, serializeMeta, validateLayout, validateVmName, MAX_PAGE_COUNT } from './meta';
 import { UndoJournal } from './undo-journal';
 
@@ -63,10 +64,6 @@ const MAX_BUFFER_OPTION = 256 * 1024 * 1024;
 
 /** Store directories open in this process (realpath): two instances on one directory would corrupt it. */
 const openDirs = new Set<string>();
-
-function errMessage(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}
 
 function bufferOption(name: string, v: number | undefined, dflt: number): number {
   if (v === undefined) return dflt;
@@ -670,7 +667,7 @@ export class PageStore {
       if (err instanceof DirectWriteError) throw this.directWriteFailed(err);
       for (let i = start; i < start + n; i++) this.clearDigest(i);
       throw new Error(
-        `store ${this.vm}: writing pages ${start}..${start + n - 1} failed: ${errMessage(err)}; they are now absent`,
+        `store ${this.vm}: writing pages ${start}..${start + n - 1} failed: ${errorMessage(err)}; they are now absent`,
         { cause: err },
       );
     }

@@ -6,6 +6,7 @@ import { loopbackSiteYaml } from './loopback-config';
 import { type GatewayLegReport, type SiteGateway, startSiteGateway } from './site-gateway';
 import { type MigrationInfo, type QmpEvent, QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../vm/qemu-vm';
 import { WanEmulator } from '../wan';
+import { X86_PAGE_SIZE } from '../../qemu/constants';
 
 export interface BackForthOptions {
   legs: number;
@@ -129,8 +130,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
     say(`guest: ${o.memMiB} MiB RAM (${o.machine}), workload ${o.workloadMiB} MiB of pseudo-random pages, rewriting ${o.rewritePct}%/s`);
     if (control) say(`before legs 2..${changes.length + 1}: ${changes.join('%, ')}% of the guest's RAM pages rewritten at the site it is at`);
     say(`WAN: ${o.rateMbit} Mbit/s, ${o.delayMs} ms one way (user-space emulator); QEMU max-bandwidth raised to 10 GiB/s`);
-    const memPages = (o.memMiB * 2 ** 20) / 4096;
-    const workloadPages = (o.workloadMiB * 2 ** 20) / 4096;
+    const memPages = (o.memMiB * 2 ** 20) / X86_PAGE_SIZE;
+    const workloadPages = (o.workloadMiB * 2 ** 20) / X86_PAGE_SIZE;
     for (const path_ of o.direct ? (['direct', 'bfmig'] as const) : (['bfmig'] as const)) {
       let vm = startVm({ ...vmOptions, name: `${path_}-origin` });
       await vm.start();

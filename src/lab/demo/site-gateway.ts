@@ -10,13 +10,14 @@ import { parseConfig } from '../../gateway/config';
 import { Gateway } from '../../gateway/gateway';
 import { createLogger } from '../../gateway/log';
 import { GatewayMetrics } from '../../gateway/metrics';
+import type { Direction } from '../../gateway/session';
 import { PACKAGE_ROOT } from '../../digest/package-root';
 import { procStats } from './proc-stats';
 
 /** What a gateway says about one finished migration (its report, or its 'migration completed' log line). */
 export interface GatewayLegReport {
   vm: string;
-  direction: 'send' | 'receive';
+  direction: Direction;
   result: 'completed' | 'failed';
   streamBytes: number;
   pagesSent: number;
@@ -69,7 +70,7 @@ const pick = (c: { pagesSent: number; pagesReused: number; pagesZero: number }):
 interface FinishedLine {
   msg?: string;
   vm?: string;
-  direction?: 'send' | 'receive';
+  direction?: Direction;
   result?: 'completed' | 'failed';
   streamBytes?: number;
   pagesSent?: number;

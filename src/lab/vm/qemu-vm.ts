@@ -25,6 +25,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { PACKAGE_ROOT } from '../../digest/package-root';
 import { QmpClient, type QmpEvent } from './qmp';
+import { errorMessage } from '../../common/errors';
 
 export { QmpClient, QmpError } from './qmp';
 export type { JsonValue, QmpEvent, QmpGreeting } from './qmp';
@@ -632,7 +633,7 @@ export class QemuVm {
       const kvm = await qmp.execute<{ enabled: boolean; present: boolean }>('query-kvm');
       this.accel = kvm.enabled ? 'kvm' : 'tcg';
     } catch (e) {
-      const msg = e instanceof Error ? e.message : String(e);
+      const msg = errorMessage(e);
       await this.kill();
       throw new Error(`${this.name}: QEMU failed to start: ${msg}\n${this.describe()}`);
     }
