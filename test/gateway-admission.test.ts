@@ -172,11 +172,15 @@ describe('a receiving peer\'s Abort text at the sending gateway', () => {
   beforeAll(async () => {
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-abort-'));
     [a, b] = await startPair(tmp);
-    // Site B's gateway gives way to a peer that answers every Hello with a 4 MB Abort.
+    // Site B's gateway gives way to a peer that answers every Hello with an Offer and a 4 MB Abort.
     await b.gateway.stop(1);
     fake = net.createServer((socket) => {
       socket.on('error', () => undefined);
-      socket.once('data', () => socket.end(encodeJson(FrameType.Abort, { error: `\u001b[2J${'B'.repeat(4_000_000)}` })));
+      // After its Offer (before it, a peer gets 4 KiB frames at most, so a 4 MB Abort would be refused unread).
+      socket.once('data', () => {
+        socket.write(encodeJson(FrameType.Offer, { site: 'site-b', snapshotId: null, layoutId: null, pageCount: 0, presentPages: 0 }));
+        socket.end(encodeJson(FrameType.Abort, { error: `\u001b[2J${'B'.repeat(4_000_000)}` }));
+      });
     });
     await new Promise<void>((r) => fake?.listen(b.peerPort, '127.0.0.1', () => r()));
   });
