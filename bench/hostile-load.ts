@@ -308,6 +308,8 @@ async function main(): Promise<void> {
     console.log(`  refused by the gateways: ${JSON.stringify(f.refusals)}`);
     console.log(`  RSS MiB before → peak: site-a ${mib(f.idleRssMiB['site-a'])} → ${mib(f.peakRssMiB['site-a'])}, site-b ${mib(f.idleRssMiB['site-b'])} → ${mib(f.peakRssMiB['site-b'])}`);
     console.log(`  gateways alive: ${f.alive}; stores untouched: ${f.storesUntouched}`);
+    // A gateway that died or a store that changed is the benchmark failing, not a figure to print.
+    if (!f.alive || !f.storesUntouched) throw new Error(`hostile load broke the pair: gateways alive ${f.alive}, stores untouched ${f.storesUntouched}`);
     const m = await migrateThroughPair(a, qemuPorts.b);
     console.log(`real migration A → B through the pair afterwards: completed in ${m.seconds.toFixed(1)} s; guest: ${m.serial.trim()}`);
   } finally {
