@@ -51,29 +51,59 @@ async function reported(site: TestSite, count: number): Promise<void> {
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-restore-e2e-'));
     const [a, b] = await startPair(tmp);
     try {
-      const source = new QemuVm({ ...options, name: 'source' });
-      await source.start();
-      await source.waitForSerial(VERIFIED, 180_000);
-      // A → B without the return path: site-a, the sender, keeps its snapshot.
-      const atB = new QemuVm({ ...options, name: 'at-b', incoming: `tcp:127.0.0.1:${b.destPort}` });
-      await atB.start();
-      await source.migrate(`tcp:127.0.0.1:${a.routePort}`);
-      expect((await source.waitForMigration({ timeoutMs: 120_000 })).status).toBe('completed');
-      await atB.waitForStatus('running', 60_000);
-      await source.dispose();
-      await reported(a, 1);
+      // A → B without the return path: site-a, the sender, keeps its snapshot. QEMU 7.2 under TCG now and
+      // then panics a guest right after it resumes (README, "Known problem"; it happens with direct
+      // migration too): that one leg is tried once more with a fresh guest, and says so.
+      let atB: QemuVm | null = null;
+      let legs = 0;
+      for (let attempt = 1; atB === null; attempt++) {
+        legs = attempt;
+        const source = new QemuVm({ ...options, name: `source-${attempt}` });
+        await source.start();
+        await source.waitForSerial(VERIFIED, 180_000);
+        const dest = new QemuVm({ ...options, name: `at-b-${attempt}`, incoming: `tcp:127.0.0.1:${b.destPort}` });
+        await dest.start();
+        await source.migrate(`tcp:127.0.0.1:${a.routePort}`);
+        expect((await source.waitForMigration({ timeoutMs: 120_000 })).status).toBe('completed');
+        await dest.waitForStatus('running', 60_000);
+        await source.dispose();
+        await reported(a, attempt);
+        try {
+          await dest.waitForSerial(VERIFIED, 60_000);
+          atB = dest;
+        } catch (err) {
+          if (attempt > 1 || !/Kernel panic/.test(String(err))) throw err;
+          console.warn('restore e2e: the guest panicked right after resuming at B (QEMU 7.2 TCG); trying that leg once more');
+          await dest.dispose();
+        }
+      }
       withoutRp = path.join(tmp, 'without-rp');
       fs.cpSync(path.join(a.data, 'vm1'), path.join(withoutRp, 'vm1'), { recursive: true });
-      // B → A with the return path on both QEMUs: site-b's stored head opens the return path itself.
-      await atB.waitForSerial(VERIFIED, 60_000);
-      const atA = new QemuVm({ ...options, name: 'at-a', incoming: `tcp:127.0.0.1:${a.destPort}` });
-      await atA.start();
-      await atA.setMigrationCapabilities({ 'return-path': true });
+      // B → A with the return path on both QEMUs: site-b's stored head opens the return path itself. The
+      // guest must verify at A: a snapshot of a state that panics on resume (the TCG problem above)
+      // would make every restore of it panic too. Such a leg is tried once more: the source, paused
+      // after its completed migration, is resumed and migrated again.
       await atB.setMigrationCapabilities({ 'return-path': true });
-      await atB.migrate(`tcp:127.0.0.1:${b.routePort}`);
-      expect((await atB.waitForMigration({ timeoutMs: 120_000 })).status).toBe('completed');
-      await atA.waitForStatus('running', 60_000);
-      await reported(b, 2);
+      for (let attempt = 1; ; attempt++) {
+        const atA = new QemuVm({ ...options, name: `at-a-${attempt}`, incoming: `tcp:127.0.0.1:${a.destPort}` });
+        await atA.start();
+        await atA.setMigrationCapabilities({ 'return-path': true });
+        await atB.migrate(`tcp:127.0.0.1:${b.routePort}`);
+        expect((await atB.waitForMigration({ timeoutMs: 120_000 })).status).toBe('completed');
+        await atA.waitForStatus('running', 60_000);
+        // Site B's history: one received leg per attempt above, then each sent one.
+        await reported(b, legs + attempt);
+        try {
+          await atA.waitForSerial(VERIFIED, 60_000);
+          break;
+        } catch (err) {
+          if (attempt > 1 || !/Kernel panic/.test(String(err))) throw err;
+          console.warn('restore e2e: the guest panicked right after resuming at A (QEMU 7.2 TCG); trying that leg once more');
+          await atA.dispose();
+          await atB.qmp('cont');
+          await atB.waitForSerial(VERIFIED, 60_000, { since: atB.serialMark() });
+        }
+      }
       withRp = path.join(tmp, 'with-rp');
       fs.cpSync(path.join(b.data, 'vm1'), path.join(withRp, 'vm1'), { recursive: true });
     } finally {
