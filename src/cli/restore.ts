@@ -271,7 +271,11 @@ class Destination {
 
   /** Breaks the stream: a reset, so that whatever the destination got cannot end as a loadable stream. */
   reset(): void {
-    if (!this.socket.destroyed) this.socket.resetAndDestroy();
+    if (this.socket.destroyed) return;
+    // Once the destination has closed its side there is nothing left to break, and Node 20's
+    // resetAndDestroy() on such a socket never closes its handle (the process would not exit).
+    if (this.socket.readableEnded) this.socket.destroy();
+    else this.socket.resetAndDestroy();
   }
 
   private message(message: ReturnPathRecord): void {
