@@ -81,11 +81,6 @@ export class StreamDecoder {
     return this.parser.fallbackReason;
   }
 
-  /** The rebuilt stream has reached its end marker: the destination has all it will read. */
-  get complete(): boolean {
-    return this.parser.complete;
-  }
-
   /** The destination has been handed every byte rebuilt so far, and a check covered all of them. */
   get delivered(): boolean {
     return this.heldBytes === 0 && this.verifiedTo === this.counts.streamBytes;
