@@ -31,6 +31,14 @@ export interface BackForthOptions {
   gatewayProcesses?: boolean;
   /** Prints progress lines; a TTY gets one updating line per leg. */
   out: NodeJS.WriteStream | Writable;
+  /** The QEMU binary at site-a and at site-b (default: $BFMIG_QEMU or the system's at both). */
+  qemuAt?: readonly [string, string];
+  /** migrate-set-capabilities at both ends of every leg (destinations start with -incoming defer). */
+  capabilities?: Record<string, boolean>;
+  /** migrate-set-parameters at the source of every leg, besides the harness's bandwidth and downtime. */
+  parameters?: Record<string, unknown>;
+  /** Switch each leg to postcopy (migrate-start-postcopy) once QEMU has sent this many bytes. */
+  postcopyAfterBytes?: number;
 }
 
 export interface LegResult {
@@ -77,6 +85,8 @@ export interface LegResult {
   gatewayCpuSecondsSend: number | null;
   gatewayCpuSecondsReceive: number | null;
   verified: boolean;
+  /** Whether migrate-start-postcopy was issued while the leg was still active. */
+  postcopyStarted: boolean;
 }
 
 interface Site {
@@ -106,8 +116,9 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
   const changes = o.changePcts ?? [];
   const control = changes.length > 0;
   const vmOptions = { machine: o.machine, memMiB: o.memMiB, workload: { mib: o.workloadMiB, seed: 5, rewritePct: o.rewritePct, intervalMs: 1000, control } };
-  const startVm = (options: ConstructorParameters<typeof QemuVm>[0]): QemuVm => {
-    const vm = new QemuVm(options);
+  const siteIndex = (name: string): number => (name === 'site-a' ? 0 : 1);
+  const startVm = (options: ConstructorParameters<typeof QemuVm>[0], site: string): QemuVm => {
+    const vm = new QemuVm({ ...options, qemuBinary: o.qemuAt?.[siteIndex(site)] });
     if (o.downtimeLimitMs !== undefined) vm.setDowntimeLimit(o.downtimeLimitMs);
     return vm;
   };
@@ -133,7 +144,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
     const memPages = (o.memMiB * 2 ** 20) / X86_PAGE_SIZE;
     const workloadPages = (o.workloadMiB * 2 ** 20) / X86_PAGE_SIZE;
     for (const path_ of o.direct ? (['direct', 'bfmig'] as const) : (['bfmig'] as const)) {
-      let vm = startVm({ ...vmOptions, name: `${path_}-origin` });
+      let vm = startVm({ ...vmOptions, name: `${path_}-origin` }, sites[0].name);
       await vm.start();
       await vm.waitForSerial(/WORKLOAD READY/, 300_000);
       await vm.waitForSerial(VERIFIED, 120_000);
@@ -148,8 +159,16 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           changedPages = await vm.changePages(Math.min(100, (changePct * memPages) / workloadPages), 300_000);
           say(`  ${changedPages} pages (${((changedPages / memPages) * 100).toFixed(2)}% of RAM) rewritten at ${from.name} before leg ${leg}`);
         }
-        const dest = startVm({ ...vmOptions, name: `${path_}-leg${leg}`, incoming: `tcp:127.0.0.1:${to.qemuPort}` });
+        const incoming = `tcp:127.0.0.1:${to.qemuPort}`;
+        const dest = startVm({ ...vmOptions, name: `${path_}-leg${leg}`, incoming: o.capabilities ? 'defer' : incoming }, to.name);
         await dest.start();
+        if (o.capabilities) {
+          // Capabilities such as postcopy-ram must be on at the destination before the stream arrives.
+          await dest.setMigrationCapabilities(o.capabilities);
+          await dest.migrateIncoming(incoming);
+          await vm.setMigrationCapabilities(o.capabilities);
+        }
+        if (o.parameters) await vm.setMigrationParameters(o.parameters);
         let uri: string;
         let directWan: WanEmulator | null = null;
         const wanBefore = { forward: to.inbound.bytesForward, backward: to.inbound.bytesBackward };
@@ -167,6 +186,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         const migrateAt = Date.now();
         const eventsBefore = vm.qmpEvents.length;
         await vm.migrate(uri);
+        const postcopyStarted = o.postcopyAfterBytes === undefined ? false : await startPostcopyAfter(vm, o.postcopyAfterBytes);
         const info = await waitWithProgress(vm, `leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}`, o.out);
         arrivedAt = Date.now(); // the guest runs at the destination from here
         arrivedMark = 0; // and everything on the destination's console is from there
@@ -217,6 +237,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           gatewayCpuSecondsSend: cpuDelta(cpuBefore.send, from.gateway.cpuSeconds()),
           gatewayCpuSecondsReceive: cpuDelta(cpuBefore.receive, to.gateway.cpuSeconds()),
           verified: verified && info.status === 'completed' && (report === undefined || report.result === 'completed'),
+          postcopyStarted,
         };
         results.push(result);
         say(`leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}: ${mib(result.wanBytes)} over the WAN in ${(result.totalTimeMs / 1000).toFixed(1)} s, guest memory ${result.verified ? 'verified' : 'NOT VERIFIED'}`);
@@ -226,7 +247,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           // Carry on with a fresh guest so the remaining legs are still measured.
           say(`  the guest did not survive leg ${leg}; booting a fresh one at ${to.name}`);
           await vm.dispose();
-          vm = startVm({ ...vmOptions, name: `${path_}-reboot${leg}` });
+          vm = startVm({ ...vmOptions, name: `${path_}-reboot${leg}` }, to.name);
           await vm.start();
           await vm.waitForSerial(/WORKLOAD READY/, 300_000);
           await vm.waitForSerial(VERIFIED, 120_000);
@@ -244,6 +265,25 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       await s.inbound.close();
     }
     fs.rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Waits until the source has sent `bytes`, then switches the migration to postcopy. Returns whether it
+ * did: a migration that ended first (or failed) stays precopy.
+ */
+async function startPostcopyAfter(vm: QemuVm, bytes: number): Promise<boolean> {
+  for (;;) {
+    const info = await vm.queryMigrate();
+    if (info.status !== 'active' && info.status !== 'setup') return false;
+    if ((info.ram?.transferred ?? 0) >= bytes) break;
+    await sleep(20);
+  }
+  try {
+    await vm.qmp('migrate-start-postcopy');
+    return true;
+  } catch {
+    return false;
   }
 }
 

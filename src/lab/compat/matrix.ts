@@ -1,0 +1,166 @@
+/**
+ * The compatibility matrix: which QEMU releases, machine types and migration capabilities bfmig
+ * carries, each row measured with a real guest migrated there and back through two gateways. A row
+ * passes when every leg completes with the guest's memory verified at its destination, and — where
+ * the row expects reuse — the back leg costs a small share of the first leg's WAN bytes.
+ *
+ * The README's compatibility table is this list (`node dist/bench/compat.js` prints it measured);
+ * test/compat.e2e.test.ts runs the rows marked `everyRun` in the default test run and all of them with
+ * BFMIG_COMPAT=all (as CI does).
+ */
+import { Writable } from 'node:stream';
+import { type LegResult, runBackForth } from '../demo/backforth';
+import { type QemuRelease, qemuBinary } from '../vm/qemu-releases';
+
+export interface CompatRow {
+  id: string;
+  /** QEMU at the first leg's source and destination (a back leg runs the other way). */
+  qemu: readonly [QemuRelease, QemuRelease];
+  machine: string;
+  /** What the row turns on, as the table says it. */
+  label: string;
+  capabilities?: Record<string, boolean>;
+  parameters?: Record<string, unknown>;
+  /** Switch to postcopy once the source has sent this many bytes. */
+  postcopyAfterBytes?: number;
+  /** 2: there and back (the back leg shows reuse); 1: one way only (a 7.2 → 10.0 upgrade). */
+  legs: 1 | 2;
+  /** Whether the back leg should reuse what the first leg left at the site it returns to. */
+  expectReuse: boolean;
+  /** In the default test run (the others run with BFMIG_COMPAT=all, and in CI). */
+  everyRun: boolean;
+}
+
+/**
+ * An idle guest's back leg is a few hundred KiB of device state and page headers against tens of
+ * MiB sent the first time (0.4% was measured at 256 MiB); a back leg above this share did not reuse.
+ */
+export const REUSE_MAX_BACK_SHARE = 0.02;
+
+const rp = { 'return-path': true };
+/** Postcopy switched on this far into a first leg: pages move in both phases. */
+const POSTCOPY_AFTER = 24 * 2 ** 20;
+
+export const COMPAT_ROWS: readonly CompatRow[] = [
+  { id: '7.2/pc-i440fx-2.0', qemu: ['7.2', '7.2'], machine: 'pc-i440fx-2.0', label: 'none', legs: 2, expectReuse: true, everyRun: false },
+  { id: '7.2/pc-i440fx-7.2', qemu: ['7.2', '7.2'], machine: 'pc-i440fx-7.2', label: 'none', legs: 2, expectReuse: true, everyRun: false },
+  { id: '7.2/pc-q35-7.2', qemu: ['7.2', '7.2'], machine: 'pc-q35-7.2', label: 'none', legs: 2, expectReuse: true, everyRun: false },
+  { id: '7.2/pc-i440fx-7.2/return-path', qemu: ['7.2', '7.2'], machine: 'pc-i440fx-7.2', label: 'return-path', capabilities: rp, legs: 2, expectReuse: true, everyRun: false },
+  { id: '10.0/pc-i440fx-7.2', qemu: ['10.0', '10.0'], machine: 'pc-i440fx-7.2', label: 'none', legs: 2, expectReuse: true, everyRun: false },
+  { id: '10.0/pc-i440fx-9.2', qemu: ['10.0', '10.0'], machine: 'pc-i440fx-9.2', label: 'none', legs: 2, expectReuse: true, everyRun: false },
+  { id: '10.0/pc-i440fx-10.0', qemu: ['10.0', '10.0'], machine: 'pc-i440fx-10.0', label: 'none', legs: 2, expectReuse: true, everyRun: true },
+  { id: '10.0/pc-q35-10.0', qemu: ['10.0', '10.0'], machine: 'pc-q35-10.0', label: 'none', legs: 2, expectReuse: true, everyRun: false },
+  { id: '10.0/pc-i440fx-10.0/return-path', qemu: ['10.0', '10.0'], machine: 'pc-i440fx-10.0', label: 'return-path', capabilities: rp, legs: 2, expectReuse: true, everyRun: false },
+  {
+    id: '10.0/pc-i440fx-10.0/postcopy-allowed',
+    qemu: ['10.0', '10.0'],
+    machine: 'pc-i440fx-10.0',
+    label: 'postcopy-ram allowed, never started',
+    capabilities: { ...rp, 'postcopy-ram': true },
+    legs: 2,
+    expectReuse: true,
+    everyRun: true,
+  },
+  {
+    id: '10.0/pc-i440fx-10.0/postcopy-started',
+    qemu: ['10.0', '10.0'],
+    machine: 'pc-i440fx-10.0',
+    label: 'postcopy started (migrate-start-postcopy)',
+    capabilities: { ...rp, 'postcopy-ram': true },
+    postcopyAfterBytes: POSTCOPY_AFTER,
+    legs: 2,
+    expectReuse: true,
+    everyRun: true,
+  },
+  {
+    id: '10.0/pc-i440fx-10.0/xbzrle',
+    qemu: ['10.0', '10.0'],
+    machine: 'pc-i440fx-10.0',
+    label: 'xbzrle',
+    capabilities: { xbzrle: true },
+    legs: 2,
+    expectReuse: true,
+    everyRun: false,
+  },
+  {
+    id: '10.0/pc-i440fx-10.0/auto-converge',
+    qemu: ['10.0', '10.0'],
+    machine: 'pc-i440fx-10.0',
+    label: 'auto-converge',
+    capabilities: { 'auto-converge': true },
+    legs: 2,
+    expectReuse: true,
+    everyRun: false,
+  },
+  {
+    id: '10.0/pc-i440fx-10.0/switchover-ack',
+    qemu: ['10.0', '10.0'],
+    machine: 'pc-i440fx-10.0',
+    label: 'switchover-ack (with return-path)',
+    capabilities: { ...rp, 'switchover-ack': true },
+    legs: 2,
+    expectReuse: true,
+    everyRun: false,
+  },
+  { id: '7.2→10.0/pc-i440fx-7.2', qemu: ['7.2', '10.0'], machine: 'pc-i440fx-7.2', label: 'QEMU 7.2 source, 10.0 destination', legs: 1, expectReuse: false, everyRun: true },
+];
+
+export interface CompatOutcome {
+  row: CompatRow;
+  /** Every leg completed and the guest verified its memory at each destination. */
+  verified: boolean;
+  firstLegWanBytes: number;
+  /** Null for one-way rows. */
+  backLegWanBytes: number | null;
+  /** The back leg's WAN bytes as a share of the first leg's (null for one-way rows). */
+  backShare: number | null;
+  postcopyStarted: boolean;
+  legs: LegResult[];
+}
+
+/** Whether the outcome is what the row promises. */
+export function compatPassed(o: CompatOutcome): boolean {
+  if (!o.verified) return false;
+  if (o.row.postcopyAfterBytes !== undefined && !o.legs.every((l) => l.postcopyStarted)) return false;
+  return !o.row.expectReuse || (o.backShare !== null && o.backShare <= REUSE_MAX_BACK_SHARE);
+}
+
+/** Runs one row: boots a guest under the row's source QEMU and migrates it there (and back). */
+export async function runCompatRow(row: CompatRow, opts: { mbit?: number; delayMs?: number; out?: Writable } = {}): Promise<CompatOutcome> {
+  const legs = await runBackForth({
+    legs: row.legs,
+    memMiB: 256,
+    workloadMiB: 32,
+    rewritePct: 0,
+    rateMbit: opts.mbit ?? 1000,
+    delayMs: opts.delayMs ?? 1,
+    machine: row.machine,
+    direct: false,
+    out: opts.out ?? new Writable({ write: (_chunk, _enc, done) => done() }),
+    qemuAt: [qemuBinary(row.qemu[0]), qemuBinary(row.qemu[1])],
+    capabilities: row.capabilities,
+    parameters: row.parameters,
+    postcopyAfterBytes: row.postcopyAfterBytes,
+  });
+  const first = legs[0];
+  const back = legs.length > 1 ? legs[1] : null;
+  return {
+    row,
+    verified: legs.length === row.legs && legs.every((l) => l.verified),
+    firstLegWanBytes: first?.wanBytes ?? 0,
+    backLegWanBytes: back?.wanBytes ?? null,
+    backShare: back && first && first.wanBytes > 0 ? back.wanBytes / first.wanBytes : null,
+    postcopyStarted: legs.some((l) => l.postcopyStarted),
+    legs,
+  };
+}
+
+/** The README's table row of an outcome. */
+export function compatTableRow(o: CompatOutcome): string {
+  const r = o.row;
+  const qemu = r.qemu[0] === r.qemu[1] ? r.qemu[0] : `${r.qemu[0]} → ${r.qemu[1]}`;
+  const back = o.backShare === null ? 'one way' : `${(o.backShare * 100).toFixed(2)}%`;
+  return `| ${qemu} | ${r.machine} | ${r.label} | ${o.verified ? 'yes, verified' : 'NO'} | ${back} |`;
+}
+
+export const COMPAT_TABLE_HEAD = '| QEMU | machine | capabilities | completes | back leg WAN bytes / first leg |\n| --- | --- | --- | --- | --- |';
