@@ -56,7 +56,10 @@ export const enum RamFlag {
   MultifdFlush = 0x200,
 }
 
-/** QEMU_VM_COMMAND codes (enum qemu_vm_cmd). */
+/**
+ * QEMU_VM_COMMAND codes (enum qemu_vm_cmd in migration/savevm.c; the same numbers from QEMU 2.x to
+ * 10.0, new ones only appended).
+ */
 export const enum VmCommand {
   OpenReturnPath = 1,
   Ping = 2,
@@ -65,9 +68,10 @@ export const enum VmCommand {
   PostcopyRun = 5,
   PostcopyRamDiscard = 6,
   Packaged = 7,
-  RecvBitmap = 8,
-  Resume = 9,
-  EnableColo = 10,
+  EnableColo = 8,
+  PostcopyResume = 9,
+  RecvBitmap = 10,
+  /** Machine types 10.0 and newer, as the source switches over (machine property send-switchover-start). */
   SwitchoverStart = 11,
 }
 
