@@ -58,6 +58,8 @@ export class StreamDecoder {
   private verifiedTo = 0;
   /** A Seal covered the stream's very end: nothing more may follow. */
   private sealed = false;
+  /** A Seal covered a postcopy package: the destination runs the guest, nothing more is held. */
+  private guestRunning = false;
 
   constructor(
     /** Receives the rebuilt stream; it owns each buffer. */
@@ -137,6 +139,10 @@ export class StreamDecoder {
 
   /** Passes rebuilt bytes (at stream offset `at`) on, holding back everything from the tail's start. */
   private emit(bytes: Buffer, at: number): void {
+    if (this.guestRunning) {
+      this.out(bytes);
+      return;
+    }
     if (!this.holding) {
       const tail = this.parts.tailStart;
       if (tail < 0 || tail >= at + bytes.length) {
@@ -175,6 +181,10 @@ export class StreamDecoder {
     this.check(streamBytes, streamCheck);
     this.verifiedTo = streamBytes;
     this.sealed = this.parser.ended;
+    // Postcopy: once the package is checked and delivered the destination runs the guest and asks for
+    // the pages it lacks; the rest of the stream goes on as it is rebuilt (Run pages still checked
+    // against their digests, everything by the End check), since the guest cannot wait for the end.
+    if (this.parts.postcopyStarted) this.guestRunning = true;
     this.releaseHeld();
   }
 

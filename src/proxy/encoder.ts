@@ -54,6 +54,8 @@ export class StreamEncoder {
   private heldFrom = 0;
   private literalFrom = 0;
   private pushedEnd = 0;
+  /** Stream offset just past the postcopy package (-1 until one has been read). */
+  private packageEnd = -1;
   // The open run: consecutive held and fill pages of one block.
   private runOpen = false;
   /** Fill byte of the run's fill pages; -1 until one joins. */
@@ -85,18 +87,31 @@ export class StreamEncoder {
     this.parser = new StreamParser((record) => this.onRecord(record));
   }
 
-  /** XXH3-64 (hex) of the stream pushed so far: the End frame carries it, the receiver checks its rebuild against it. */
+  /**
+   * Stream bytes gone to the sink (as Literal bytes or as the Runs standing for them), and the XXH3-64
+   * (hex) of those bytes: a Seal or the End frame carries both, and the receiver checks its rebuild
+   * against them.
+   */
+  get sentBytes(): number {
+    return this.literalFrom;
+  }
+
   get streamCheck(): string {
     return this.streamHash.digest();
   }
 
   /**
-   * The stream has been read to a point nothing can follow, and every byte of it has gone to the sink:
-   * the receiver can check it now, before the source closes (it does not, while QEMU's return path
-   * waits for the destination's verdict).
+   * The receiver can check the stream now, and must, before the source can go on:
+   * - it has been read to a point nothing can follow, and every byte of it has gone to the sink (the
+   *   source does not close while QEMU's return path waits for the destination's verdict);
+   * - or a postcopy package (the device state the destination loads before it runs the guest) has gone
+   *   to the sink whole: the receiver holds it until a check covers it, and the source will not pause
+   *   for it, since it goes on sending pages at once.
    */
   get sealable(): boolean {
-    return this.parser.ended && !this.runOpen && this.literalFrom === this.pushedEnd;
+    if (this.runOpen) return false;
+    if (this.parser.ended) return this.literalFrom === this.pushedEnd;
+    return this.packageEnd >= 0 && this.literalFrom >= this.packageEnd;
   }
 
   /**
@@ -106,7 +121,9 @@ export class StreamEncoder {
    * framing nothing marks the stream's end), so that the receiver can check the stream so far.
    */
   flush(): boolean {
-    if (this.parts.tailStart < 0 && this.parser.fallbackReason === null) return false;
+    // After a postcopy package RAM records follow again: one cut short here could not join a run later.
+    const inTail = this.parts.tailStart >= 0 && !this.parts.postcopyStarted;
+    if (!inTail && this.parser.fallbackReason === null) return false;
     this.closeRun();
     this.sendLiteral(this.pushedEnd);
     return true;
@@ -125,13 +142,15 @@ export class StreamEncoder {
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
     this.counts.streamBytes += chunk.length;
-    this.streamHash.update(chunk);
     this.held.push(chunk);
     this.pushedEnd += chunk.length;
     this.parts.feed(chunk);
     this.parser.push(chunk);
     // Bytes of records the parser has finished can go; a record still being read may yet join a run.
     this.sendLiteral(Math.max(this.literalFrom, this.parser.recordsEnd));
+    // Once the destination runs the guest (postcopy), a page it asked for must not wait in an open run
+    // for pages that may never come: every run ends with the chunk it arrived in.
+    if (this.packageEnd >= 0 && this.parser.recordsEnd >= this.packageEnd) this.closeRun();
     if (this.transientInput) {
       this.ownHeld();
       this.parts.release();
@@ -162,25 +181,32 @@ export class StreamEncoder {
 
   /** Sends the input in [literalFrom, to) as Literal bytes and lets go of it. */
   private sendLiteral(to: number): void {
+    this.consume(to, true);
+  }
+
+  /** Drops input a run stands for, up to stream offset `to`. */
+  private skipTo(to: number): void {
+    this.consume(to, false);
+  }
+
+  /**
+   * Lets go of the input in [literalFrom, to), sending it as Literal bytes or not (a run stands for it).
+   * The stream hash is taken here, as bytes are accounted for, so that it covers exactly the stream a
+   * Seal at `sentBytes` covers.
+   */
+  private consume(to: number, send: boolean): void {
     while (this.literalFrom < to) {
       const chunk = this.held[0];
       const start = this.literalFrom - this.heldFrom;
       const end = Math.min(chunk.length, to - this.heldFrom);
-      this.sink.literal(chunk.subarray(start, end));
+      const piece = chunk.subarray(start, end);
+      this.streamHash.update(piece);
+      if (send) this.sink.literal(piece);
       this.literalFrom = this.heldFrom + end;
       if (end === chunk.length) {
         this.held.shift();
         this.heldFrom += chunk.length;
       }
-    }
-  }
-
-  /** Drops input a run stands for, up to stream offset `to`. */
-  private skipTo(to: number): void {
-    this.literalFrom = to;
-    while (this.held.length > 0 && this.heldFrom + this.held[0].length <= to) {
-      this.heldFrom += this.held[0].length;
-      this.held.shift();
     }
   }
 
@@ -199,6 +225,11 @@ export class StreamEncoder {
         this.layout = layoutOf(record.blocks);
         this.retainer.store?.begin(this.layout);
         this.onLayout(this.layout);
+        return;
+      case RecordKind.PackageEnd:
+        this.closeRun();
+        this.packageEnd = record.streamOffset;
+        this.parts.record(record);
         return;
       default:
         this.closeRun();

@@ -1,4 +1,4 @@
-import { SectionType } from '../qemu/constants';
+import { SectionType, VmCommand } from '../qemu/constants';
 import { RecordKind, type StreamRecord } from '../qemu/records';
 
 /** Limits on what is kept: the head is a few hundred bytes, the device state rarely above a megabyte. */
@@ -22,6 +22,7 @@ export class StreamParts {
   private tail: Buffer[] = [];
   private tailBytes = 0;
   private ramEnded = false;
+  private postcopy = false;
   private ramSectionId = -1;
   private overflow = false;
   /** From the configuration section; QEMU 2.0-framed streams do not say. */
@@ -30,7 +31,10 @@ export class StreamParts {
   /** Copies of the ends of earlier chunks, for callers whose chunks do not outlive their turn. */
   private readonly spares: Buffer[] = [];
 
-  /** Stream offset of the first device section after RAM's last one (-1 until it is seen). */
+  /**
+   * Stream offset of the first device section after RAM's last one, or of a postcopy package (-1 until
+   * it is seen).
+   */
   get tailStart(): number {
     return this.tailFrom;
   }
@@ -73,33 +77,58 @@ export class StreamParts {
 
   /** Records of the same stream, as the parser emits them (after the bytes they came in were fed). */
   record(record: StreamRecord): void {
-    if (record.kind === RecordKind.Configuration) this.machineType = record.machineType;
-    if (record.kind !== RecordKind.SectionHeader) return;
+    switch (record.kind) {
+      case RecordKind.Configuration:
+        this.machineType = record.machineType;
+        return;
+      case RecordKind.Command:
+        // Postcopy: the device state travels in this package, and the destination runs the guest
+        // once it has loaded it, while RAM still arrives. The package is the stream's tail.
+        if (record.command === VmCommand.Packaged && this.tailFrom < 0) this.startTail(record.streamOffset);
+        return;
+      case RecordKind.PackageEnd:
+        // What follows is RAM again, and the END and EOF of postcopy: not device state. A store keeps
+        // no tail of a postcopy stream (restore rebuilds precopy streams only).
+        this.postcopy = true;
+        return;
+      case RecordKind.SectionHeader:
+        break;
+      default:
+        return;
+    }
     if (record.idstr === 'ram') {
       if (record.type === SectionType.Start) this.ramSectionId = record.sectionId;
       if (this.headEnd < 0 && (record.type === SectionType.Part || record.type === SectionType.End)) this.headEnd = record.streamOffset;
       if (record.type === SectionType.End) this.ramEnded = true;
       return;
     }
-    if (record.type === SectionType.Full && this.ramEnded && this.tailFrom < 0) {
-      this.tailFrom = record.streamOffset;
-      // The kept input must cover the tail's start without a gap (released chunks keep only their
-      // ends); otherwise no tail, so no restore, rather than a wrong one.
-      let covered = this.tailFrom;
-      for (const { bytes, at } of this.recent) {
-        if (at + bytes.length <= this.tailFrom) continue;
-        if (at > covered) this.overflow = true;
-        covered = at + bytes.length;
-      }
-      if (covered !== this.fedTo) this.overflow = true;
-      for (const { bytes, at } of this.recent) {
-        if (at + bytes.length > this.tailFrom) this.keepTail(bytes.subarray(Math.max(0, this.tailFrom - at)));
-      }
-      this.recent = [];
+    if (record.type === SectionType.Full && this.ramEnded && this.tailFrom < 0) this.startTail(record.streamOffset);
+  }
+
+  /** Whether the stream switched to postcopy: its device state went in a package, before RAM's end. */
+  get postcopyStarted(): boolean {
+    return this.postcopy;
+  }
+
+  private startTail(from: number): void {
+    this.tailFrom = from;
+    // The kept input must cover the tail's start without a gap (released chunks keep only their
+    // ends); otherwise no tail, so no restore, rather than a wrong one.
+    let covered = this.tailFrom;
+    for (const { bytes, at } of this.recent) {
+      if (at + bytes.length <= this.tailFrom) continue;
+      if (at > covered) this.overflow = true;
+      covered = at + bytes.length;
     }
+    if (covered !== this.fedTo) this.overflow = true;
+    for (const { bytes, at } of this.recent) {
+      if (at + bytes.length > this.tailFrom) this.keepTail(bytes.subarray(Math.max(0, this.tailFrom - at)));
+    }
+    this.recent = [];
   }
 
   private keepTail(bytes: Buffer): void {
+    if (this.postcopy) return;
     if (this.tailBytes + bytes.length > MAX_TAIL) {
       this.overflow = true;
       return;
@@ -110,7 +139,7 @@ export class StreamParts {
 
   /** The head and tail, when the stream had both and they fit the limits. */
   result(): { head: Buffer; tail: Buffer; ramSectionId: number; machineType: string | null } | null {
-    if (this.headEnd < 0 || this.tailFrom < 0 || this.overflow || this.headEnd > this.headBytes || this.ramSectionId < 0) return null;
+    if (this.headEnd < 0 || this.tailFrom < 0 || this.postcopy || this.overflow || this.headEnd > this.headBytes || this.ramSectionId < 0) return null;
     return { head: Buffer.concat(this.head).subarray(0, this.headEnd), tail: Buffer.concat(this.tail), ramSectionId: this.ramSectionId, machineType: this.machineType };
   }
 }

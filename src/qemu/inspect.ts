@@ -61,6 +61,7 @@ const KIND_NAMES: Record<RecordKind, string> = {
   [RecordKind.RamMultifdFlush]: 'ramMultifdFlush',
   [RecordKind.RamHook]: 'ramHook',
   [RecordKind.Command]: 'commands',
+  [RecordKind.PackageEnd]: 'postcopyPackages',
   [RecordKind.Eof]: 'eof',
   [RecordKind.VmDescriptionHeader]: 'vmDescription',
   [RecordKind.VmDescriptionData]: 'vmDescription',

@@ -30,6 +30,11 @@ export const enum RecordKind {
   RamHook,
   /** A QEMU_VM_COMMAND packet. */
   Command,
+  /**
+   * The end of a PACKAGED command's nested stream (postcopy: the device state, LISTEN, RUN): the
+   * destination loads it whole, then runs the guest while the rest of RAM still arrives.
+   */
+  PackageEnd,
   /** End of device state. */
   Eof,
   /** Start of the vmdesc JSON trailer (its length). */
@@ -146,6 +151,12 @@ export interface CommandRecord {
   streamOffset: number;
 }
 
+export interface PackageEndRecord {
+  kind: RecordKind.PackageEnd;
+  /** Just past the package's last byte. */
+  streamOffset: number;
+}
+
 export interface EofRecord {
   kind: RecordKind.Eof;
   streamOffset: number;
@@ -173,6 +184,7 @@ export type StreamRecord =
   | RamPageRecord
   | RamMarkerRecord
   | CommandRecord
+  | PackageEndRecord
   | EofRecord
   | VmDescriptionHeaderRecord
   | FallbackRecord;

@@ -119,6 +119,7 @@ export class StreamWriter {
         this.used += 5;
         return;
       case RecordKind.Fallback:
+      case RecordKind.PackageEnd:
         return;
     }
   }
