@@ -137,6 +137,16 @@ describe('gateway limits', () => {
     await extra.closedAfterMs; // refused at once: a handshake timeout would be logged as such
     expect(refusals(b)[logged]).toMatchObject({ listener: 'source', reason: 'per-address-limit' });
     expect(await b.metrics.text()).toMatch(/bfmig_connections_refused_total\{listener="source",reason="per-address-limit"\} 1/);
+    // The metrics port is held to the same share, and its refused connections are reset too.
+    logged = refusals(b).length;
+    const metricsPort = b.gateway.bound.get('metrics')?.port ?? 0;
+    const metricsExtra = await new Promise<string>((resolve) => {
+      const socket = net.connect({ host: '127.0.0.1', port: metricsPort });
+      socket.on('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
+      socket.on('close', () => resolve('closed'));
+    });
+    expect(metricsExtra).toBe('ECONNRESET');
+    expect(refusals(b)[logged]).toMatchObject({ listener: 'metrics', reason: 'per-address-limit' });
     // One from another address gets in, in the place of the oldest silent one: none has said who it
     // is, and only connections that have can make a gateway refuse for maxConnections.
     logged = refusals(b).length;
