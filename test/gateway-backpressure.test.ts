@@ -2,7 +2,8 @@
  * A destination that reads slowly, through a real gateway pair on plain TCP: the receiving gateway
  * pauses its frame parser and its peer connection while the destination is behind, and reads the peer
  * into reused buffers. The bytes it holds across a pause are views of those buffers; every leg must
- * still reach the destination byte for byte.
+ * still reach the destination byte for byte. That the gateways do stop taking the source's stream
+ * while the destination reads nothing is observed in gateway-backpressure-stall.test.ts.
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';

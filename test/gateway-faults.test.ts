@@ -56,6 +56,10 @@ describe('gateway failures', () => {
     let got = await dest.received;
     expect(got.bytes.equals(stream)).toBe(true);
     expect(await lastReport(a.gateway, 1)).toMatchObject({ result: 'completed', mode: 'none' });
+    await lastReport(b.gateway, 1);
+    const firstLeg = snapshotOf(a);
+    expect(firstLeg).not.toBeNull();
+    expect(snapshotOf(b)).toBe(firstLeg);
 
     // Corrupt one retained page at A, behind its digest.
     const pages = path.join(a.data, 'vm1', 'pages');
@@ -75,14 +79,18 @@ describe('gateway failures', () => {
     expect(failed).toMatchObject({ direction: 'send', result: 'failed' });
     expect(failed.error).toMatch(/do not match the sender's digest/);
 
-    // Neither store claims a snapshot now; the next B → A sends what it must and completes.
+    // The sender put back the snapshot of the first leg; the receiver, having found a corrupted page,
+    // claims none. So the stores share no snapshot, and the next B → A reuses what A still holds
+    // through the digest-table exchange, sends what it must and completes.
+    await lastReport(a.gateway, 2);
+    expect(snapshotOf(b)).toBe(firstLeg);
+    expect(snapshotOf(a)).toBeNull();
     dest = await destination(a.destPort);
     expect(await migrate(b.routePort, stream)).toBe('closed');
     got = await dest.received;
     expect(got.bytes.equals(stream)).toBe(true);
     const retried = await lastReport(b.gateway, 3);
-    expect(retried).toMatchObject({ result: 'completed' });
-    expect(retried.mode).not.toBe('shared-snapshot');
+    expect(retried).toMatchObject({ result: 'completed', mode: 'digest-table' });
   });
 
   test('a stream the codec does not understand is relayed verbatim and leaves the stores as they were', async () => {
@@ -101,12 +109,16 @@ describe('gateway failures', () => {
     const claimed = [snapshotOf(a), snapshotOf(b)];
     expect(claimed[0]).not.toBeNull();
     const truncated = await destination(b.destPort);
+    const receivedBefore = b.gateway.history.length;
     expect(await migrate(a.routePort, stream.subarray(0, stream.length - 100))).toBe('reset');
-    // The destination never sees a stream that parses to the end (it is reset, or cut short).
-    expect((await truncated.received).bytes.length).toBeLessThanOrEqual(stream.length - 100);
+    // The destination never gets the device-state tail (held back until a check passes) and is reset.
+    const cutShort = await truncated.received;
+    expect(cutShort.reset).toBe(true);
+    expect(cutShort.bytes.length).toBeLessThanOrEqual(tailStartOf(stream));
+    expect(cutShort.bytes.equals(stream.subarray(0, cutShort.bytes.length))).toBe(true);
     expect((await lastReport(a.gateway, a.gateway.history.length)).error).toMatch(/TRUNCATED/);
     // Both stores went back to the snapshot they held before the failed migration: still restorable.
-    for (let i = 0; i < 100 && snapshotOf(b) !== claimed[1]; i++) await new Promise((r) => setTimeout(r, 10));
+    await lastReport(b.gateway, receivedBefore + 1);
     expect([snapshotOf(a), snapshotOf(b)]).toEqual(claimed);
 
     const next = await destination(b.destPort);
@@ -169,10 +181,9 @@ describe('gateway failures', () => {
     peer.socket.write(encodeFrame(FrameType.Literal, damaged));
     // Everything before the device state reaches the destination, which waits for the rest...
     await waitFor(() => dest.given() === tailStart);
-    await new Promise((r) => setTimeout(r, 200));
-    expect(dest.given()).toBe(tailStart);
     expect(dest.cut()).toBe(false);
-    // ...until the End shows the damage: then the destination is cut off, the tail never sent.
+    // ...until the End shows the damage: then the destination is cut off, the tail never sent (the
+    // gateway handles frames in order, so the whole Literal was handled before the End).
     peer.socket.write(encodeJson(FrameType.End, { streamBytes: original.length, streamCheck: check.digest(), snapshotId: 'damaged-on-the-way' }));
     await waitFor(() => dest.cut());
     expect(dest.given()).toBe(tailStart);
@@ -195,9 +206,9 @@ describe('gateway failures', () => {
     await waitFor(() => peer.frames.some((f) => f.type === FrameType.Return));
     expect(Buffer.concat(peer.frames.filter((f) => f.type === FrameType.Return).map((f) => f.payload)).equals(pong)).toBe(true);
     peer.socket.write(encodeFrame(FrameType.Literal, damaged.subarray(64)));
-    await new Promise((r) => setTimeout(r, 300));
-    // Current framing: the tail is held although the return path is open, waiting for the Seal.
-    expect(dest.given()).toBe(tailStart);
+    // Current framing: the tail is held although the return path is open, waiting for the Seal (which
+    // the gateway handles after the whole Literal).
+    await waitFor(() => dest.given() === tailStart);
     peer.socket.write(encodeJson(FrameType.Seal, { streamBytes: original.length, streamCheck: check.digest() }));
     await waitFor(() => dest.cut());
     expect(dest.given()).toBe(tailStart);
@@ -214,8 +225,7 @@ describe('gateway failures', () => {
     await waitFor(() => dest.given() === 64);
     (await dest.socket).write(Buffer.from([0, 2, 0, 4, 0, 0, 0, 1]));
     peer.socket.write(encodeFrame(FrameType.Literal, original.subarray(64)));
-    await new Promise((r) => setTimeout(r, 200));
-    expect(dest.given()).toBe(tailStart);
+    await waitFor(() => dest.given() === tailStart);
     peer.socket.write(encodeJson(FrameType.Seal, { streamBytes: original.length, streamCheck: check.digest() }));
     await waitFor(() => dest.given() === original.length);
     expect(dest.cut()).toBe(false);

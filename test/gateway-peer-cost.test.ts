@@ -28,15 +28,18 @@ interface Receiver {
 
 async function startReceiver(): Promise<Receiver> {
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-peercost-'));
-  const [peerPort, route, farPeer, destPort] = await Promise.all(Array.from({ length: 4 }, () => freePort()));
+  // The peer port is read from the config by the test; the route's (never used here) is any free one.
+  const [peerPort, farPeer] = await Promise.all(Array.from({ length: 2 }, () => freePort()));
   const destination = net.createServer((s) => {
     s.resume();
     s.on('error', () => undefined);
   });
-  await new Promise<void>((r) => destination.listen(destPort, '127.0.0.1', () => r()));
+  // Bound before its port goes into the config: no other process can take it in between.
+  await new Promise<void>((r) => destination.listen(0, '127.0.0.1', () => r()));
+  const destPort = (destination.address() as net.AddressInfo).port;
   const data = path.join(tmp, 'site-b');
   fs.mkdirSync(data);
-  const yaml = loopbackMultiRouteYaml({ name: 'site-b', data, peerPort, farPeerPort: farPeer, routes: [{ vm: 'vm1', routePort: route, targetPort: destPort }] });
+  const yaml = loopbackMultiRouteYaml({ name: 'site-b', data, peerPort, farPeerPort: farPeer, routes: [{ vm: 'vm1', routePort: 0, targetPort: destPort }] });
   const gateway = await startSiteGateway(tmp, 'site-b', yaml, 'child-process');
   return {
     tmp,

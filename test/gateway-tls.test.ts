@@ -13,7 +13,6 @@ import { issueCerts } from '../src/cli/certs';
 import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';
-import { freePort } from '../src/lab/vm/qemu-vm';
 import { FrameType, frameHeader, MAX_HANDSHAKE_PAYLOAD } from '../src/wire/frames';
 import { destinationStandIn, rawPeer, refusals, sourceStandIn, startPair, type TestSite, treeListing, waitFor } from './gateway-pair';
 import { guestMemory, migrationStream } from './migration-stream';
@@ -138,14 +137,13 @@ describe('gateways over mutual TLS', () => {
     };
     const tlsAs = (site: string, allow: string): string => `tls:\n  cert: ${certs}/${site}.crt\n  key: ${certs}/${site}.key\n  ca: ${certs}/ca.crt\n${allow}`;
     const c = await start('site-c', tlsAs('site-c', ''));
-    const routePort = await freePort();
     const sender = await start(
       'sender',
       tlsAs('site-a', '  allowPeers: [site-b]\n') +
-        `routes:\n  - vm: vm9\n    listen: 127.0.0.1:${routePort}\n    peer: 127.0.0.1:${c.bound.get('peer')?.port}\n    target: 127.0.0.1:${b.destPort}\n`,
+        `routes:\n  - vm: vm9\n    listen: 127.0.0.1:0\n    peer: 127.0.0.1:${c.bound.get('peer')?.port}\n    target: 127.0.0.1:${b.destPort}\n`,
     );
     try {
-      expect(await sourceStandIn(routePort, stream)).toBe('reset');
+      expect(await sourceStandIn(sender.bound.get('route:vm9')?.port ?? 0, stream)).toBe('reset');
       await waitFor(() => sender.history.length === 1);
       expect(sender.history[0]).toMatchObject({ direction: 'send', result: 'failed' });
       expect(sender.history[0].error).toMatch(/"site-c", not one of allowPeers \(site-b\)/);

@@ -86,7 +86,8 @@ export class Gateway implements SessionObserver {
       // pending for its whole life: scrapers can never crowd out a migration, only each other.
       const admit = (socket: Socket): boolean => this.admit(socket, 'metrics');
       const { handshakeSeconds, idleSeconds } = c.limits;
-      this.bound.set('metrics', await this.metrics.serve(c.metrics, { admit, headersTimeoutMs: handshakeSeconds * 1000, idleTimeoutMs: idleSeconds * 1000 }));
+      const refused = (socket: Socket, reason: RefusalReason, detail: string): void => this.refused('metrics', socket, reason, detail);
+      this.bound.set('metrics', await this.metrics.serve(c.metrics, { admit, refused, headersTimeoutMs: handshakeSeconds * 1000, idleTimeoutMs: idleSeconds * 1000 }));
     }
     this.log.info(
       { site: c.name, listening: Object.fromEntries([...this.bound].map(([k, v]) => [k, formatEndpoint(v)])), tls: this.transport.secure, limits: c.limits, ...(c.tls ? { certValidTo: c.tls.validTo.toISOString(), allowPeers: c.tls.allowPeers } : {}) },

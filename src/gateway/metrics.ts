@@ -7,6 +7,7 @@ import * as http from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import type { Endpoint } from './address';
+import type { RefusalReason } from './limits';
 import type { Direction } from './session';
 
 export type PageKind = 'sent' | 'reused' | 'zero';
@@ -173,9 +174,14 @@ export class GatewayMetrics {
   /**
    * Serve GET /metrics on `endpoint` (port 0 = any); resolves to the bound address. `admit` may turn
    * a connection away (the gateway's connection limits); a client gets `headersTimeoutMs` to send its
-   * request headers and is dropped after `idleTimeoutMs` without traffic.
+   * request headers and is dropped after `idleTimeoutMs` without traffic. A client whose request is
+   * refused (headers not complete in time: reset; malformed or too large: answered 400 or 431) is
+   * reported to `refused`.
    */
-  serve(endpoint: Endpoint, limits: { admit?: (socket: Socket) => boolean; headersTimeoutMs?: number; idleTimeoutMs?: number } = {}): Promise<Endpoint> {
+  serve(
+    endpoint: Endpoint,
+    limits: { admit?: (socket: Socket) => boolean; headersTimeoutMs?: number; idleTimeoutMs?: number; refused?: (socket: Socket, reason: RefusalReason, detail: string) => void } = {},
+  ): Promise<Endpoint> {
     if (this.server) return Promise.reject(new Error('metrics server already running'));
     // Header and request timeouts are checked this often (Node's default, 30 s, would stretch them).
     const server = http.createServer({ connectionsCheckingInterval: 1000 }, (req, res) => this.handle(req, res));
@@ -185,6 +191,21 @@ export class GatewayMetrics {
       server.headersTimeout = limits.headersTimeoutMs;
       server.requestTimeout = limits.headersTimeoutMs;
     }
+    const refused = limits.refused ?? (() => undefined);
+    // Replaces Node's own answer to a bad or late request, so that each refusal is reported.
+    server.on('clientError', (err: NodeJS.ErrnoException, duplex) => {
+      const socket = duplex as Socket;
+      if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') {
+        refused(socket, 'handshake-timeout', `request headers not complete within ${server.headersTimeout / 1000} s (limits.handshakeSeconds)`);
+        socket.resetAndDestroy();
+      } else if (err.code?.startsWith('HPE_') && socket.writable && socket.bytesWritten === 0) {
+        refused(socket, 'protocol', `bad HTTP request: ${err.message}`);
+        const status = err.code === 'HPE_HEADER_OVERFLOW' ? '431 Request Header Fields Too Large' : '400 Bad Request';
+        socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\n\r\n`);
+      } else {
+        socket.destroy(); // the client went away (reset), or broke a connection already answered
+      }
+    });
     if (limits.idleTimeoutMs !== undefined) server.setTimeout(limits.idleTimeoutMs, (socket: Socket) => socket.destroy());
     this.server = server;
     return new Promise<Endpoint>((resolve, reject) => {

@@ -10,7 +10,7 @@
  * certificate names a site, not a host, and a route's peer may be dialled by any address.
  */
 import type { Socket } from 'node:net';
-import { connect as connectTls, createSecureContext, type PeerCertificate, type SecureContext, Server, TLSSocket } from 'node:tls';
+import { connect as connectTls, type ConnectionOptions, createSecureContext, type PeerCertificate, type SecureContext, Server, TLSSocket } from 'node:tls';
 import { type Endpoint, formatEndpoint } from './address';
 import { Refusal } from './limits';
 import type { TlsConfig } from './security-config';
@@ -92,18 +92,22 @@ export class PeerTransport {
       socket.once('connect', onReady);
       return socket;
     }
-    const socket = connectTls({
+    // Node passes highWaterMark on to the TLS socket's Writable (and Readable); @types/node does not list it.
+    const options: ConnectionOptions & { highWaterMark: number } = {
       host: peer.host,
       port: peer.port,
       secureContext: this.context,
       minVersion: 'TLSv1.3',
       rejectUnauthorized: true,
+      // The same WAN queue as a plain TCP link (Node's default would be 16 KiB).
+      highWaterMark: WAN_QUEUE_BYTES,
       // The chain is checked against the CA by rejectUnauthorized; this replaces only the host-name match.
       checkServerIdentity: (_host: string, cert: PeerCertificate) => {
         const denied = allowedPeerError(tls, certificateNames(cert));
         return denied ? new Error(`${formatEndpoint(peer)}: ${denied}`) : undefined;
       },
-    });
+    };
+    const socket = connectTls(options);
     socket.setNoDelay(true);
     socket.once('secureConnect', onReady);
     return socket;
