@@ -12,7 +12,6 @@ import {
   encodeJson,
   FrameParser,
   frameHeader,
-  FrameTooLargeError,
   FrameType,
   MAX_HANDSHAKE_PAYLOAD,
   PROTOCOL_VERSION,
@@ -21,6 +20,7 @@ import { ReturnPathMessages, STREAM_HEADER_BYTES } from './return-path-relay';
 import { Refusal, type RefusalReason } from './limits';
 import { type PooledDownstream, PooledReads } from './pooled-reads';
 import { errorMessage } from '../common/errors';
+import { decodePayload, ProtocolViolation, refusalReason } from './protocol-violation';
 import { CONNECT_TIMEOUT_MS, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
 import { connectWithQueue } from './socket-tuning';
 import { noteStoreError } from './store-space';
@@ -163,12 +163,17 @@ export class ReceiveSession {
         this.decoder?.releaseInput();
       }
     } catch (err) {
-      this.storeError(err);
-      this.fail(errorMessage(err), err instanceof Refusal ? err.reason : err instanceof FrameTooLargeError ? 'frame-too-large' : 'protocol');
+      this.framesFailed(err);
     } finally {
       this.dest?.uncork();
     }
     if (this.frames.isPaused) this.peer.pause();
+  }
+
+  /** What the frames did wrong (a ProtocolViolation, a Refusal, an oversized frame, a store error) ends the session. */
+  private framesFailed(err: unknown): void {
+    this.storeError(err);
+    this.fail(errorMessage(err), refusalReason(err));
   }
 
   private event(message: string, fields?: Record<string, unknown>): void {
@@ -177,7 +182,7 @@ export class ReceiveSession {
 
   private onFrame(type: FrameType, payload: Buffer): void {
     if (this.finished) return;
-    if (!this.dest && type !== FrameType.Hello) throw new Error(`frame type ${type} before Hello`);
+    if (!this.dest && type !== FrameType.Hello) throw new ProtocolViolation('unexpected-frame', `frame type ${type} before Hello`);
     switch (type) {
       case FrameType.Hello:
         this.onHello(payload);
@@ -192,32 +197,32 @@ export class ReceiveSession {
         this.sendTable();
         return;
       case FrameType.Seal: {
-        const seal = decodeSeal(payload);
+        const seal = decodePayload(decodeSeal, payload);
         this.requireDecoder().seal(seal.streamBytes, seal.streamCheck);
         this.event('stream sealed', { streamBytes: seal.streamBytes });
         return;
       }
       case FrameType.End: {
-        const end = decodeEnd(payload);
+        const end = decodePayload(decodeEnd, payload);
         this.onEnd(end.streamBytes, end.streamCheck, end.snapshotId);
         return;
       }
       case FrameType.Abort:
-        this.fail(`the sending gateway aborted: ${peerText(decodeAbort(payload).error)}`);
+        this.fail(`the sending gateway aborted: ${peerText(decodePayload(decodeAbort, payload).error)}`);
         return;
       default:
-        throw new Error(`unexpected frame type ${type}`);
+        throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type}`);
     }
   }
 
   private requireDecoder(): StreamDecoder {
-    if (!this.decoder || this.ending) throw new Error('stream data outside a migration');
+    if (!this.decoder || this.ending) throw new ProtocolViolation('unexpected-frame', 'stream data outside a migration');
     return this.decoder;
   }
 
   private onHello(payload: Buffer): void {
-    if (this.dest) throw new Error('a second Hello');
-    const hello = decodeHello(payload);
+    if (this.dest) throw new ProtocolViolation('unexpected-frame', 'a second Hello');
+    const hello = decodePayload(decodeHello, payload);
     if (hello.protocol !== PROTOCOL_VERSION) throw new Refusal('protocol', `protocol ${hello.protocol}; this gateway speaks ${PROTOCOL_VERSION}`);
     let vm: string;
     let target: Endpoint;
@@ -323,8 +328,7 @@ export class ReceiveSession {
     try {
       this.frames.resume();
     } catch (err) {
-      this.storeError(err);
-      this.fail(errorMessage(err));
+      this.framesFailed(err);
       return;
     } finally {
       this.dest?.uncork();
@@ -333,8 +337,8 @@ export class ReceiveSession {
   }
 
   private sendTable(): void {
-    if (this.tableQueued >= 0) throw new Error('a second digest table request');
-    if (!this.store || !this.decoder?.layout) throw new Error('digest table requested before the RAM layout');
+    if (this.tableQueued >= 0) throw new ProtocolViolation('unexpected-frame', 'a second digest table request');
+    if (!this.store || !this.decoder?.layout) throw new ProtocolViolation('unexpected-frame', 'digest table requested before the RAM layout');
     this.tableQueued = 0;
     this.pumpTable();
   }

@@ -25,6 +25,7 @@ import { PooledReads } from './pooled-reads';
 import { SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './socket-tuning';
 import type { PeerTransport } from './transport';
 import { errorMessage } from '../common/errors';
+import { decodePayload, ProtocolViolation } from './protocol-violation';
 import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 
 /**
@@ -118,6 +119,7 @@ export class SendSession {
       try {
         this.frames.push(chunk);
       } catch (err) {
+        // A ProtocolViolation, an oversized frame: the peer broke the protocol.
         this.fail(`peer: ${errorMessage(err)}`);
       }
     });
@@ -166,8 +168,8 @@ export class SendSession {
   private onFrame(type: FrameType, payload: Buffer): void {
     switch (type) {
       case FrameType.Offer: {
-        if (this.offer) throw new Error('a second Offer');
-        this.offer = decodeOffer(payload);
+        if (this.offer) throw new ProtocolViolation('unexpected-frame', 'a second Offer');
+        this.offer = decodePayload(decodeOffer, payload);
         this.frames.maxPayload = this.options.maxFrameBytes;
         this.peer.setTimeout(0);
         const { site, snapshotId } = this.offer;
@@ -189,15 +191,15 @@ export class SendSession {
       }
       case FrameType.TableData: {
         const table = this.table;
-        if (!table || !this.waitingForTable || this.tableFilled + payload.length > table.length) throw new Error('unexpected digest table data');
+        if (!table || !this.waitingForTable || this.tableFilled + payload.length > table.length) throw new ProtocolViolation('unexpected-frame', 'unexpected digest table data');
         table.set(payload, this.tableFilled);
         this.tableFilled += payload.length;
         return;
       }
       case FrameType.TableEnd: {
         // One TableEnd per TableRequest.
-        if (!this.table || !this.waitingForTable) throw new Error('unexpected TableEnd');
-        if (this.tableFilled !== this.table.length) throw new Error(`digest table of ${this.tableFilled} bytes, expected ${this.table?.length}`);
+        if (!this.table || !this.waitingForTable) throw new ProtocolViolation('unexpected-frame', 'unexpected TableEnd');
+        if (this.tableFilled !== this.table.length) throw new ProtocolViolation('bad-payload', `digest table of ${this.tableFilled} bytes, expected ${this.table?.length}`);
         if (this.encoder) this.encoder.reference = this.table;
         this.waitingForTable = false;
         this.event('digest table received', { bytes: this.tableFilled });
@@ -218,16 +220,16 @@ export class SendSession {
         return;
       }
       case FrameType.Done: {
-        const done = decodeDone(payload);
-        if (done.snapshotId !== this.snapshotId) throw new Error(`Done for snapshot ${peerText(done.snapshotId)}, not ${this.snapshotId}`);
+        const done = decodePayload(decodeDone, payload);
+        if (done.snapshotId !== this.snapshotId) throw new ProtocolViolation('bad-payload', `Done for snapshot ${peerText(done.snapshotId)}, not ${this.snapshotId}`);
         this.complete();
         return;
       }
       case FrameType.Abort:
-        this.fail(`the peer gateway aborted: ${peerText(decodeAbort(payload).error)}`);
+        this.fail(`the peer gateway aborted: ${peerText(decodePayload(decodeAbort, payload).error)}`);
         return;
       default:
-        throw new Error(`unexpected frame type ${type}`);
+        throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type}`);
     }
   }
 
