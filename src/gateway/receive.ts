@@ -1,8 +1,23 @@
+/**
+ * One incoming migration, as phases (each move is listed in RECEIVE_MOVES; transition() checks it):
+ *
+ *   awaiting-hello ─▶ dialling ─▶ streaming ─▶ committing ─▶ completed
+ *        │               │            │             │
+ *        ▼               └────────────┴─────────────┴──────▶ failed
+ *     refused
+ *
+ * awaiting-hello: a peer connection, nothing opened; a bad Hello (or none in time) refuses it.
+ * dialling: the Hello was accepted (the VM is busy here), the store opened, the destination dialled.
+ * streaming: the destination answered and the peer was offered the migration; Literal, Run, Seal and
+ *   the digest table's request are taken. The decoder holds the device-state tail until a check passes.
+ * committing: End was checked; the destination is being handed its last bytes, then the store commits
+ *   and the peer hears Done.
+ */
 import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import { type Endpoint, parseEndpoint } from './address';
-import { StreamDecoder } from '../proxy/decoder';
-import { PageStore, UndoableStore, validateVmName } from '../store';
+import type { StreamDecoder } from '../proxy/decoder';
+import { validateVmName } from '../store';
 import {
   decodeAbort,
   decodeEnd,
@@ -12,27 +27,32 @@ import {
   encodeJson,
   FrameParser,
   frameHeader,
-  FrameTooLargeError,
   FrameType,
   MAX_HANDSHAKE_PAYLOAD,
   PROTOCOL_VERSION,
 } from '../wire/frames';
-import { ReturnPathMessages, STREAM_HEADER_BYTES } from './return-path-relay';
 import { Refusal, type RefusalReason } from './limits';
 import { type PooledDownstream, PooledReads } from './pooled-reads';
 import { errorMessage } from '../common/errors';
-import { CONNECT_TIMEOUT_MS, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type SessionObserver, settleStore, TABLE_FRAME_BYTES } from './session';
-import { connectWithQueue } from './socket-tuning';
-import { noteStoreError } from './store-space';
+import { IdleWatch, peerText, type SessionObserver, TABLE_FRAME_BYTES } from './session';
+import { checkedMove, type PhaseMoves, SessionLifecycle } from './session-lifecycle';
+import { DestinationWriter } from './destination-writer';
+import { decodePayload, ProtocolViolation, refusalReason } from './protocol-violation';
 
-/**
- * The destination's write queue may hold this much before the frame parser pauses. Node's default
- * (16 KiB) paused it within nearly every read from the peer (256 KiB), and a paused parser copies the
- * rest of that read out of the reused read buffer.
- */
-const DEST_QUEUE_BYTES = 1024 * 1024;
 /** The digest table is queued for the peer no further ahead than this. */
 const TABLE_QUEUE_BYTES = 2 * 1024 * 1024;
+
+type ReceivePhase = 'awaiting-hello' | 'dialling' | 'streaming' | 'committing' | 'completed' | 'failed' | 'refused';
+
+const RECEIVE_MOVES: PhaseMoves<ReceivePhase> = {
+  'awaiting-hello': ['dialling', 'refused'],
+  dialling: ['streaming', 'failed'],
+  streaming: ['committing', 'failed'],
+  committing: ['completed', 'failed'],
+  completed: [],
+  failed: [],
+  refused: [],
+};
 
 export interface ReceiveOptions {
   site: string;
@@ -64,31 +84,15 @@ export interface ReceiveOptions {
  * and leaves the store claiming no snapshot.
  */
 export class ReceiveSession {
-  readonly done: Promise<void>;
-  private resolveDone!: () => void;
-  private vm = '?';
-  private readonly started = Date.now();
+  private phase: ReceivePhase = 'awaiting-hello';
+  private readonly life: SessionLifecycle;
   private readonly frames: FrameParser;
-  private dest: Socket | null = null;
-  private store: PageStore | null = null;
-  /** The store as the codec writes it: a failed migration puts back the snapshot it started from. */
-  private retained: UndoableStore | null = null;
-  private decoder: StreamDecoder | null = null;
-  private holdsVm = false;
-  private tableSent = false;
-  /** Stream bytes handed to the destination's socket. */
-  private destGiven = 0;
-  private readonly returnPath = new ReturnPathMessages();
-  /** Bytes of the digest table queued for the peer so far; -1 until it asks (once per migration). */
-  private tableQueued = -1;
-  /** Buffers for rebuilt Runs, reused once the destination socket has written them. */
-  private readonly outputs = new OutputSlabs();
-  private destClosed = false;
-  private ending = false;
-  private finished = false;
-  private wanOut = 0;
-  private wanIn = 0;
-  private readonly timer: NodeJS.Timeout;
+  /** From the accepted Hello on. */
+  private destination: DestinationWriter | null = null;
+  /** How far the digest table has been queued for the peer (it asks at most once per migration). */
+  private table: 'not-asked' | 'queuing' | 'sent' = 'not-asked';
+  /** Bytes of the digest table queued for the peer so far. */
+  private tableQueued = 0;
   private readonly handshakeTimer: NodeJS.Timeout;
   private readonly idle: IdleWatch;
 
@@ -99,7 +103,7 @@ export class ReceiveSession {
     accepted: Socket,
     private readonly options: ReceiveOptions,
   ) {
-    this.done = new Promise((resolve) => (this.resolveDone = resolve));
+    this.life = new SessionLifecycle('receive', '?', options, () => this.progress());
     this.handshakeTimer = setTimeout(
       () => this.fail('no valid Hello from the peer in time', 'handshake-timeout'),
       Math.max(0, options.handshakeDeadline - Date.now()),
@@ -123,15 +127,15 @@ export class ReceiveSession {
       // free, and no marker is written (PooledReads writes one only behind queued bytes).
       const destination: PooledDownstream = {
         get writableLength(): number {
-          return session.dest?.writableLength ?? 0;
+          return session.destination?.socket.writableLength ?? 0;
         },
         get writableEnded(): boolean {
-          return session.dest?.writableEnded ?? false;
+          return session.destination?.socket.writableEnded ?? false;
         },
         get destroyed(): boolean {
-          return session.dest?.destroyed ?? false;
+          return session.destination?.socket.destroyed ?? false;
         },
-        write: (chunk, callback) => (session.dest as Socket).write(chunk, callback),
+        write: (chunk, callback) => (session.destination as DestinationWriter).socket.write(chunk, callback),
       };
       const reads = new PooledReads(accepted, destination, (chunk) => this.onPeerData(chunk, reads.pooled), false);
       pooled = reads.pooled;
@@ -146,15 +150,35 @@ export class ReceiveSession {
     peer.on('drain', () => this.pumpTable());
     peer.on('error', (err) => this.fail(`peer: ${err.message}`, 'closed'));
     peer.on('close', () => this.fail('the peer gateway closed the connection', 'closed'));
-    this.timer = setInterval(() => this.progress(), PROGRESS_INTERVAL_MS);
     if (pooled || peer.readableFlowing === false) peer.resume();
+  }
+
+  get done(): Promise<void> {
+    return this.life.done;
+  }
+
+  private transition(to: ReceivePhase): void {
+    this.phase = checkedMove('receive', RECEIVE_MOVES, this.phase, to);
+  }
+
+  private get over(): boolean {
+    return this.phase === 'completed' || this.phase === 'failed' || this.phase === 'refused';
+  }
+
+  /** The Hello was accepted: this is a migration of a valid VM name, which this session holds busy. */
+  private get holdsVm(): boolean {
+    return this.phase !== 'awaiting-hello' && this.phase !== 'refused';
+  }
+
+  private get decoder(): StreamDecoder | null {
+    return this.destination?.decoder ?? null;
   }
 
   /** reused: the chunk's buffer is read into again after this returns. */
   private onPeerData(chunk: Buffer, reused: boolean): void {
-    this.wanIn += chunk.length;
+    this.life.wanIn += chunk.length;
     // What this chunk rebuilds reaches the destination in one writev.
-    this.dest?.cork();
+    this.destination?.socket.cork();
     try {
       this.frames.push(chunk);
       if (reused) {
@@ -162,21 +186,22 @@ export class ReceiveSession {
         this.decoder?.releaseInput();
       }
     } catch (err) {
-      this.storeError(err);
-      this.fail(errorMessage(err), err instanceof Refusal ? err.reason : err instanceof FrameTooLargeError ? 'frame-too-large' : 'protocol');
+      this.framesFailed(err);
     } finally {
-      this.dest?.uncork();
+      this.destination?.socket.uncork();
     }
     if (this.frames.isPaused) this.peer.pause();
   }
 
-  private event(message: string, fields?: Record<string, unknown>): void {
-    this.options.observer.event(this.vm, 'receive', message, fields);
+  /** What the frames did wrong (a ProtocolViolation, a Refusal, an oversized frame, a store error) ends the session. */
+  private framesFailed(err: unknown): void {
+    this.storeError(err);
+    this.fail(errorMessage(err), refusalReason(err));
   }
 
   private onFrame(type: FrameType, payload: Buffer): void {
-    if (this.finished) return;
-    if (!this.dest && type !== FrameType.Hello) throw new Error(`frame type ${type} before Hello`);
+    if (this.over) return;
+    if (this.phase === 'awaiting-hello' && type !== FrameType.Hello) throw new ProtocolViolation('unexpected-frame', `frame type ${type} before Hello`);
     switch (type) {
       case FrameType.Hello:
         this.onHello(payload);
@@ -191,32 +216,34 @@ export class ReceiveSession {
         this.sendTable();
         return;
       case FrameType.Seal: {
-        const seal = decodeSeal(payload);
+        const seal = decodePayload(decodeSeal, payload);
         this.requireDecoder().seal(seal.streamBytes, seal.streamCheck);
-        this.event('stream sealed', { streamBytes: seal.streamBytes });
+        this.life.event('stream sealed', { streamBytes: seal.streamBytes });
         return;
       }
       case FrameType.End: {
-        const end = decodeEnd(payload);
+        const end = decodePayload(decodeEnd, payload);
         this.onEnd(end.streamBytes, end.streamCheck, end.snapshotId);
         return;
       }
       case FrameType.Abort:
-        this.fail(`the sending gateway aborted: ${peerText(decodeAbort(payload).error)}`);
+        this.fail(`the sending gateway aborted: ${peerText(decodePayload(decodeAbort, payload).error)}`);
         return;
       default:
-        throw new Error(`unexpected frame type ${type}`);
+        throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type}`);
     }
   }
 
+  /** Stream data is taken only while streaming. */
   private requireDecoder(): StreamDecoder {
-    if (!this.decoder || this.ending) throw new Error('stream data outside a migration');
-    return this.decoder;
+    const decoder = this.decoder;
+    if (this.phase !== 'streaming' || !decoder) throw new ProtocolViolation('unexpected-frame', 'stream data outside a migration');
+    return decoder;
   }
 
   private onHello(payload: Buffer): void {
-    if (this.dest) throw new Error('a second Hello');
-    const hello = decodeHello(payload);
+    if (this.phase !== 'awaiting-hello') throw new ProtocolViolation('unexpected-frame', 'a second Hello');
+    const hello = decodePayload(decodeHello, payload);
     if (hello.protocol !== PROTOCOL_VERSION) throw new Refusal('protocol', `protocol ${hello.protocol}; this gateway speaks ${PROTOCOL_VERSION}`);
     let vm: string;
     let target: Endpoint;
@@ -235,63 +262,36 @@ export class ReceiveSession {
     if (vmRefused !== null) throw new Refusal('vm-not-allowed', vmRefused);
     if (this.options.busy.has(vm)) throw new Refusal('busy', `VM ${vm} is already migrating through this gateway`);
     // Accepted: from here on this is a migration of a valid VM name, reported as one.
-    this.vm = vm;
+    this.life.vm = vm;
     this.options.busy.add(vm);
-    this.holdsVm = true;
+    this.transition('dialling');
     this.options.identified();
     clearTimeout(this.handshakeTimer);
     this.frames.maxPayload = this.options.maxFrameBytes;
-    this.event('migration offered', { peerSite: hello.site, target: hello.target });
+    this.life.event('migration offered', { peerSite: hello.site, target: hello.target });
     // Without retention (its filesystem is full) the store is left as it is and the peer is offered nothing.
-    if (this.options.observer.retains(vm, 'receive')) {
-      this.store = PageStore.open(this.options.storeRoot, this.vm, { maxPages: this.options.maxGuestPages });
-      this.retained = new UndoableStore(this.store);
-    }
-    const meta = this.store?.meta() ?? null;
-    const dest = connectWithQueue({ ...target, noDelay: true }, DEST_QUEUE_BYTES);
-    this.dest = dest;
-    dest.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`destination ${hello.target} did not answer in time`));
-    // The decoder holds the stream's device-state tail back until the sender's Seal or End check has
-    // passed: a destination that closes before it has been handed the whole stream is a failure.
-    const delivered = (): boolean => this.decoder?.delivered === true;
-    dest.on('error', (err) => {
-      if (!delivered()) this.fail(`destination ${hello.target}: ${err.message}`);
-    });
-    dest.on('close', () => {
-      this.destClosed = true;
-      if (!this.finished && !delivered()) this.fail(`destination ${hello.target} closed the connection`);
-    });
-    dest.on('drain', () => this.resumeFrames());
-    dest.on('data', (chunk: Buffer) => this.onReturnPath(chunk));
-    dest.on('connect', () => {
-      dest.setTimeout(0);
-      this.decoder = new StreamDecoder(
-        (bytes) => {
-          if (bytes.length === 0) return;
-          this.destGiven += bytes.length;
-          const slab = this.outputs.owner(bytes);
-          const release = slab ? () => this.outputs.release(slab) : undefined;
-          if (!dest.write(bytes, release)) {
-            this.frames.pause(); // 'drain' resumes
-          } else if (this.outputs.exhausted) {
-            // The socket took it all, but its buffers are not free yet: let the event loop run first.
-            this.frames.pause();
-            setImmediate(() => this.resumeFrames());
-          }
-        },
-        this.retained,
-        () => this.options.observer.storeGrows(this.vm, this.retained),
-        (size) => this.outputs.take(size),
-      );
-      this.writeFrame(
-        encodeJson(FrameType.Offer, {
-          site: this.options.site,
-          snapshotId: this.store?.snapshotId() ?? null,
-          layoutId: meta?.layoutId ?? null,
-          pageCount: meta?.pageCount ?? 0,
-          presentPages: meta?.presentPages ?? 0,
-        }),
-      );
+    this.life.openStore();
+    const store = this.life.store;
+    const meta = store?.meta() ?? null;
+    this.destination = new DestinationWriter(target, hello.target, this.life.retained, {
+      connected: () => {
+        if (this.phase !== 'dialling') return;
+        this.transition('streaming');
+        this.writeFrame(
+          encodeJson(FrameType.Offer, {
+            site: this.options.site,
+            snapshotId: store?.snapshotId() ?? null,
+            layoutId: meta?.layoutId ?? null,
+            pageCount: meta?.pageCount ?? 0,
+            presentPages: meta?.presentPages ?? 0,
+          }),
+        );
+      },
+      failed: (reason) => this.fail(reason),
+      pause: () => this.frames.pause(),
+      resume: () => this.resumeFrames(),
+      returned: (chunk) => this.onReturnPath(chunk),
+      storeGrows: () => this.life.storeGrows(),
     });
   }
 
@@ -302,10 +302,10 @@ export class ReceiveSession {
    * never use this gateway to talk to whatever listens at an allowed address.
    */
   private onReturnPath(chunk: Buffer): void {
-    if (this.finished) return;
+    const destination = this.destination;
+    if (this.over || !destination) return;
     try {
-      if (this.destGiven < STREAM_HEADER_BYTES) throw new Error(`the destination sent ${chunk.length} bytes before the stream began: not a QEMU waiting for a migration`);
-      const bytes = this.returnPath.check(chunk);
+      const bytes = destination.returnMessages(chunk);
       if (bytes === null) return;
       this.writeFrame(frameHeader(FrameType.Return, bytes.length));
       this.writeFrame(bytes);
@@ -315,26 +315,25 @@ export class ReceiveSession {
   }
 
   private resumeFrames(): void {
-    if (this.finished) return;
+    if (this.over) return;
     // Frames held back while paused are delivered now, outside the 'data' handler: a bad one must
     // fail this migration here too, never escape as an uncaught exception.
-    this.dest?.cork();
+    this.destination?.socket.cork();
     try {
       this.frames.resume();
     } catch (err) {
-      this.storeError(err);
-      this.fail(errorMessage(err));
+      this.framesFailed(err);
       return;
     } finally {
-      this.dest?.uncork();
+      this.destination?.socket.uncork();
     }
     if (!this.frames.isPaused) this.peer.resume();
   }
 
   private sendTable(): void {
-    if (this.tableQueued >= 0) throw new Error('a second digest table request');
-    if (!this.store || !this.decoder?.layout) throw new Error('digest table requested before the RAM layout');
-    this.tableQueued = 0;
+    if (this.table !== 'not-asked') throw new ProtocolViolation('unexpected-frame', 'a second digest table request');
+    if (!this.life.store || !this.decoder?.layout) throw new ProtocolViolation('unexpected-frame', 'digest table requested before the RAM layout');
+    this.table = 'queuing';
     this.pumpTable();
   }
 
@@ -343,8 +342,8 @@ export class ReceiveSession {
    * while the peer reads it: a peer that stops reading holds no more than TABLE_QUEUE_BYTES of it here.
    */
   private pumpTable(): void {
-    const store = this.store;
-    if (!store || this.tableSent || this.tableQueued < 0 || this.finished) return;
+    const store = this.life.store;
+    if (!store || this.table !== 'queuing' || this.over) return;
     const table = store.digests;
     while (this.tableQueued < table.length) {
       if (this.peer.writableLength >= TABLE_QUEUE_BYTES) return; // 'drain' goes on
@@ -355,163 +354,80 @@ export class ReceiveSession {
       this.tableQueued += length;
     }
     this.writeFrame(encodeFrame(FrameType.TableEnd));
-    this.tableSent = true;
-    this.event('digest table sent', { bytes: table.length });
+    this.table = 'sent';
+    this.life.event('digest table sent', { bytes: table.length });
   }
 
   private onEnd(streamBytes: number, streamCheck: string, snapshotId: string): void {
     const decoder = this.requireDecoder();
-    const dest = this.dest;
-    if (!dest) throw new Error('End before the destination was reached');
+    const destination = this.destination as DestinationWriter; // streaming: dialled
     decoder.end(streamBytes, streamCheck);
-    this.ending = true;
+    this.transition('committing');
     // Commit once the destination has been handed every byte.
-    const commit = (): void => {
-      if (this.finished) return;
-      const claimed = settleStore(this.store, this.retained, decoder, snapshotId, (what, err) => {
-        this.storeError(err);
-        this.event(what, { error: errorMessage(err) });
-      });
+    destination.end(() => {
+      if (this.over) return;
+      const claimed = this.life.settle(decoder, snapshotId);
       this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
       this.finish('completed', null, claimed);
       this.peer.end();
-    };
-    if (this.destClosed) commit();
-    else dest.end(commit);
+    });
   }
 
   private writeFrame(bytes: Buffer): void {
     if (this.peer.destroyed) return;
-    this.wanOut += bytes.length;
+    this.life.wanOut += bytes.length;
     this.peer.write(bytes);
   }
 
   private progress(): void {
-    if (this.holdsVm && !this.finished && this.idle.stalled(this.wanIn + this.wanOut + (this.decoder?.counts.streamBytes ?? 0))) {
-      this.options.observer.idleTimeout(this.vm, 'receive');
+    const moving = this.phase === 'dialling' || this.phase === 'streaming' || this.phase === 'committing';
+    if (moving && this.idle.stalled(this.life.wanIn + this.life.wanOut + (this.decoder?.counts.streamBytes ?? 0))) {
+      this.options.observer.idleTimeout(this.life.vm, 'receive');
       this.fail(`no bytes moved for ${this.options.idleMs / 1000} s (limits.idleSeconds)`);
       return;
     }
     if (!this.decoder) return;
-    this.options.observer.progress(this.vm, 'receive', { streamBytes: this.decoder.counts.streamBytes, wanBytes: this.wanIn, counts: this.decoder.counts });
+    this.options.observer.progress(this.life.vm, 'receive', { streamBytes: this.decoder.counts.streamBytes, wanBytes: this.life.wanIn, counts: this.decoder.counts });
   }
 
   /** A store write that failed for lack of space turns retention off for this VM until there is room. */
   private storeError(err: unknown): void {
-    if (this.holdsVm) noteStoreError(this.options.observer, this.vm, 'receive', this.decoder?.layout, err);
+    if (this.holdsVm) this.life.storeError(err, this.decoder);
   }
 
   /** Ends the migration; before the Hello was accepted, `refusal` says why the connection was refused. */
   private fail(reason: string, refusal: RefusalReason = 'protocol'): void {
-    if (this.finished) return;
-    if (!this.holdsVm) {
+    if (this.over) return;
+    if (this.phase === 'awaiting-hello') {
       this.refuse(refusal, reason);
       return;
     }
-    this.event('migration failed', { error: reason });
-    // Reset, not end: the destination must see a broken stream, never a short one that parses.
-    this.dest?.resetAndDestroy();
-    if (!this.peer.destroyed && this.peer.writable) {
-      this.peer.end(encodeJson(FrameType.Abort, { error: reason }));
-      // Read on (a paused socket never sees the peer's FIN), and never wait long for a peer's close.
-      this.peer.resume();
-      setTimeout(() => this.peer.destroy(), 1000).unref();
-    } else {
-      this.peer.destroy();
-    }
-    const corrupted = this.retained?.corruptionFound ?? false;
-    try {
-      this.retained?.rollback();
-    } catch (err) {
-      this.event('store rollback failed', { error: errorMessage(err) });
-    }
-    // One corrupted page makes the whole store suspect: every present page is checked now, so that the
-    // next migration is offered only pages that match their digests instead of failing on the next one.
-    if (corrupted && this.store) {
-      try {
-        const dropped = this.store.verify();
-        this.event('store verified after a corrupted page', { furtherCorruptPages: dropped.length });
-      } catch (err) {
-        this.event('store verify failed', { error: errorMessage(err) });
-      }
-    }
+    this.life.event('migration failed', { error: reason });
+    this.destination?.reset();
+    this.life.abortPeer(this.peer, reason, true);
+    this.life.rollBack();
     this.finish('failed', reason, null);
   }
 
   /** Nothing was opened or dialled yet: tell the peer why, close, and report a refusal, not a migration. */
   private refuse(reason: RefusalReason, detail: string): void {
-    this.finished = true;
-    clearInterval(this.timer);
+    this.transition('refused');
     clearTimeout(this.handshakeTimer);
-    if (!this.peer.destroyed && this.peer.writable) {
-      this.peer.end(encodeJson(FrameType.Abort, { error: detail }));
-      // A peer that does not read its Abort does not keep the connection.
-      setTimeout(() => this.peer.destroy(), 1000).unref();
-    } else {
-      this.peer.destroy();
-    }
+    this.life.abortPeer(this.peer, detail, false);
     this.options.refused(reason, detail);
-    this.resolveDone();
+    this.life.endUnreported();
   }
 
   private finish(result: 'completed' | 'failed', error: string | null, snapshotId: string | null): void {
-    this.finished = true;
-    clearInterval(this.timer);
+    this.transition(result);
     clearTimeout(this.handshakeTimer);
-    this.progress();
-    if (this.holdsVm) this.options.busy.delete(this.vm);
-    try {
-      this.store?.close();
-    } catch (err) {
-      // The files are closed anyway and the store claims nothing; its next open() recovers it.
-      this.storeError(err);
-      this.event('store close failed', { error: errorMessage(err) });
-    }
-    this.options.observer.finished(
-      migrationReport(
-        { vm: this.vm, direction: 'receive', startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn },
-        this.decoder?.counts,
-        { result, error, mode: this.tableSent ? 'digest-table' : (this.decoder?.counts.pagesReused ?? 0) > 0 ? 'shared-snapshot' : 'none', snapshotId },
-      ),
-    );
-    this.resolveDone();
-  }
-}
-
-/**
- * A few large buffers for rebuilt Run records, each reused once the socket has written it: fresh
- * megabyte buffers would pile up as garbage between collections and swell the process.
- */
-class OutputSlabs {
-  private static readonly SLAB = 2 * 1024 * 1024;
-  private static readonly COUNT = 4;
-  private readonly free: Buffer[] = [];
-  private readonly busy = new Set<ArrayBufferLike>();
-  private made = 0;
-
-  take(size: number): Buffer {
-    if (size > OutputSlabs.SLAB) return Buffer.allocUnsafe(size);
-    let slab = this.free.pop();
-    if (!slab) {
-      if (this.made >= OutputSlabs.COUNT) return Buffer.allocUnsafe(size);
-      slab = Buffer.allocUnsafeSlow(OutputSlabs.SLAB);
-      this.made++;
-    }
-    this.busy.add(slab.buffer);
-    return slab.subarray(0, size);
-  }
-
-  /** Every slab is out: the next take() would allocate. */
-  get exhausted(): boolean {
-    return this.made >= OutputSlabs.COUNT && this.free.length === 0;
-  }
-
-  /** The slab a buffer from take() lives in, if any. */
-  owner(bytes: Buffer): Buffer | null {
-    return this.busy.has(bytes.buffer) ? Buffer.from(bytes.buffer, 0, OutputSlabs.SLAB) : null;
-  }
-
-  release(slab: Buffer): void {
-    if (this.busy.delete(slab.buffer)) this.free.push(slab);
+    this.options.busy.delete(this.life.vm);
+    const decoder = this.decoder;
+    this.life.report(decoder, {
+      result,
+      error,
+      mode: this.table === 'sent' ? 'digest-table' : (decoder?.counts.pagesReused ?? 0) > 0 ? 'shared-snapshot' : 'none',
+      snapshotId,
+    });
   }
 }

@@ -1,10 +1,23 @@
+/**
+ * One outgoing migration, as phases (each move is listed in SEND_MOVES; transition() checks it):
+ *
+ *   connecting ─▶ awaiting-offer ─▶ streaming ─▶ awaiting-done ─▶ completed
+ *        │              │               │              │
+ *        └──────────────┴───────────────┴──────────────┴──────▶ failed
+ *
+ * connecting: the source QEMU's stream magic has arrived (the gateway waited for it); the peer gateway
+ *   is being dialled and the source is not read.
+ * awaiting-offer: the store is open and Hello sent; the peer has HANDSHAKE_TIMEOUT_MS to offer.
+ * streaming: the source is read and encoded. When the receiver's digest table is needed, the source is
+ *   paused while it arrives (`table` is set until TableEnd).
+ * awaiting-done: the source ended its stream and End was sent; the peer's Done completes the migration.
+ */
 import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
 import { formatEndpoint } from './address';
 import { DIGEST_BYTES } from '../digest';
 import { StreamEncoder } from '../proxy/encoder';
 import type { PageLayout } from '../proxy/retained';
-import { PageStore, UndoableStore } from '../store';
 import {
   decodeAbort,
   decodeDone,
@@ -19,13 +32,14 @@ import {
   PROTOCOL_VERSION,
 } from '../wire/frames';
 import type { RouteConfig } from './config';
-import { noteStoreError } from './store-space';
 import { ReturnPathMessages } from './return-path-relay';
 import { PooledReads } from './pooled-reads';
 import { SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './socket-tuning';
 import type { PeerTransport } from './transport';
 import { errorMessage } from '../common/errors';
-import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, IdleWatch, migrationReport, peerText, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
+import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, IdleWatch, peerText, type ReuseMode, type SessionObserver } from './session';
+import { checkedMove, type PhaseMoves, SessionLifecycle } from './session-lifecycle';
+import { decodePayload, ProtocolViolation } from './protocol-violation';
 
 /**
  * A source that sends nothing for this long in its device-state tail, without closing, is taken to have
@@ -33,6 +47,17 @@ import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, IdleWatch, migrationReport, p
  * destination's start by this much.
  */
 const QUIET_SEAL_MS = 50;
+
+type SendPhase = 'connecting' | 'awaiting-offer' | 'streaming' | 'awaiting-done' | 'completed' | 'failed';
+
+const SEND_MOVES: PhaseMoves<SendPhase> = {
+  connecting: ['awaiting-offer', 'failed'],
+  'awaiting-offer': ['streaming', 'failed'],
+  streaming: ['awaiting-done', 'failed'],
+  'awaiting-done': ['completed', 'failed'],
+  completed: [],
+  failed: [],
+};
 
 export interface SendOptions {
   site: string;
@@ -55,35 +80,27 @@ export interface SendOptions {
  * its VM keeps running; the local store then claims no snapshot.
  */
 export class SendSession {
-  readonly done: Promise<void>;
-  private resolveDone!: () => void;
-  private readonly vm: string;
-  private readonly started = Date.now();
+  private phase: SendPhase = 'connecting';
+  private readonly life: SessionLifecycle;
   private readonly peer: Socket;
   private readonly frames: FrameParser;
-  private store: PageStore | null = null;
-  /** The store as the codec writes it: a failed migration puts back the snapshot it started from. */
-  private retained: UndoableStore | null = null;
+  /** The snapshot the local store held when the migration began. */
   private localSnapshot: string | null = null;
+  /** From the peer's Offer on. */
   private encoder: StreamEncoder | null = null;
-  private offer: OfferMessage | null = null;
   private mode: ReuseMode = 'none';
+  /** The receiver's digest table as it arrives: set while the source waits for it (until TableEnd). */
   private table: Uint8Array | null = null;
   private tableFilled = 0;
-  private waitingForTable = false;
-  private sourceEnded = false;
   private readonly returnPath = new ReturnPathMessages();
   /** Stream bytes the last Seal covered. */
   private sealedBytes = 0;
   /** Fires when the source has sent nothing for QUIET_SEAL_MS (re-armed by every read). */
   private quietTimer: NodeJS.Timeout | null = null;
+  /** The snapshot both stores commit, from the source's end on. */
   private snapshotId: string | null = null;
-  private wanOut = 0;
-  private wanIn = 0;
-  private finished = false;
   /** From the Hello to the Offer: a deadline, not an inactivity timeout a trickling peer could keep resetting. */
   private offerTimer: NodeJS.Timeout | null = null;
-  private readonly timer: NodeJS.Timeout;
   private readonly idle: IdleWatch;
   private readonly reads: PooledReads;
 
@@ -94,14 +111,13 @@ export class SendSession {
     accepted: Socket,
     private readonly options: SendOptions,
   ) {
-    this.done = new Promise((resolve) => (this.resolveDone = resolve));
-    this.vm = options.route.vm;
+    this.life = new SessionLifecycle('send', options.route.vm, options, () => this.progress());
     accepted.pause();
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
     // Until the peer's Offer, only small frames: a peer cannot make us buffer (or log) megabytes of it.
     this.frames.maxPayload = MAX_HANDSHAKE_PAYLOAD;
     this.idle = new IdleWatch(options.idleMs);
-    this.event('migration accepted', { source: `${accepted.remoteAddress}:${accepted.remotePort}`, peer: formatEndpoint(options.route.peer), tls: options.transport.secure });
+    this.life.event('migration accepted', { source: `${accepted.remoteAddress}:${accepted.remotePort}`, peer: formatEndpoint(options.route.peer), tls: options.transport.secure });
     this.peer = options.transport.connect(options.route.peer, () => this.onPeerConnect());
     // Source bytes reach the WAN socket as views of the read buffers: PooledReads reuses a buffer only
     // once the WAN socket has written them, and the encoder copies what it keeps across reads.
@@ -114,10 +130,11 @@ export class SendSession {
     tuneSocket(qemu, { recvBufferBytes: SOURCE_RECV_BUFFER_BYTES });
     this.peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail('the peer gateway did not answer in time'));
     this.peer.on('data', (chunk: Buffer) => {
-      this.wanIn += chunk.length;
+      this.life.wanIn += chunk.length;
       try {
         this.frames.push(chunk);
       } catch (err) {
+        // A ProtocolViolation, an oversized frame: the peer broke the protocol.
         this.fail(`peer: ${errorMessage(err)}`);
       }
     });
@@ -127,80 +144,78 @@ export class SendSession {
     qemu.on('end', () => this.onSourceEnd());
     qemu.on('error', (err) => {
       // After the source's stream ended, only the return path can fail: the migration goes on.
-      if (this.sourceEnded) this.event('source connection error after its stream ended', { error: err.message });
+      if (this.sourceEnded) this.life.event('source connection error after its stream ended', { error: err.message });
       else this.fail(`source: ${err.message}`);
     });
     qemu.on('close', () => {
       if (!this.sourceEnded) this.fail('the source closed the connection');
     });
-    this.timer = setInterval(() => this.progress(), PROGRESS_INTERVAL_MS);
   }
 
-  private event(message: string, fields?: Record<string, unknown>): void {
-    this.options.observer.event(this.vm, 'send', message, fields);
+  get done(): Promise<void> {
+    return this.life.done;
+  }
+
+  private transition(to: SendPhase): void {
+    this.phase = checkedMove('send', SEND_MOVES, this.phase, to);
+  }
+
+  private get over(): boolean {
+    return this.phase === 'completed' || this.phase === 'failed';
+  }
+
+  /** The peer has offered: frames flow both ways. */
+  private get answered(): boolean {
+    return this.phase === 'streaming' || this.phase === 'awaiting-done';
+  }
+
+  /** The source has ended its stream ('end' was emitted). */
+  private get sourceEnded(): boolean {
+    return this.qemu.readableEnded;
   }
 
   private onPeerConnect(): void {
+    if (this.phase !== 'connecting') return;
+    this.transition('awaiting-offer');
     this.peer.setTimeout(HANDSHAKE_TIMEOUT_MS);
     this.offerTimer = setTimeout(() => {
-      if (!this.offer) this.fail(`the peer gateway sent no Offer within ${HANDSHAKE_TIMEOUT_MS / 1000} s`);
+      if (this.phase === 'awaiting-offer') this.fail(`the peer gateway sent no Offer within ${HANDSHAKE_TIMEOUT_MS / 1000} s`);
     }, HANDSHAKE_TIMEOUT_MS);
     tuneSocket(this.peer, { notSentBytes: WAN_NOT_SENT_BYTES });
     try {
       // Without retention (its filesystem is full) the store is left as it is: every page is sent.
-      if (this.options.observer.retains(this.vm, 'send')) {
-        this.store = PageStore.open(this.options.storeRoot, this.vm, { maxPages: this.options.maxGuestPages });
-        this.retained = new UndoableStore(this.store);
-        this.localSnapshot = this.store.snapshotId();
-      }
+      this.life.openStore();
+      this.localSnapshot = this.life.store?.snapshotId() ?? null;
     } catch (err) {
       this.storeError(err);
       this.fail(`store: ${errorMessage(err)}`);
       return;
     }
     this.writeFrame(
-      encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: this.options.site, vm: this.vm, target: formatEndpoint(this.options.route.target) }),
+      encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: this.options.site, vm: this.life.vm, target: formatEndpoint(this.options.route.target) }),
     );
   }
 
   private onFrame(type: FrameType, payload: Buffer): void {
     switch (type) {
-      case FrameType.Offer: {
-        if (this.offer) throw new Error('a second Offer');
-        this.offer = decodeOffer(payload);
-        this.frames.maxPayload = this.options.maxFrameBytes;
-        this.peer.setTimeout(0);
-        const { site, snapshotId } = this.offer;
-        this.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: this.offer.presentPages, localSnapshot: this.localSnapshot });
-        this.encoder = new StreamEncoder(
-          {
-            literal: (bytes) => {
-              this.writeFrame(frameHeader(FrameType.Literal, bytes.length));
-              this.writeFrame(bytes);
-            },
-            run: (run) => this.writeFrame(encodeFrame(FrameType.Run, run)),
-          },
-          this.retained,
-          (layout) => this.chooseReference(layout),
-          this.reads.pooled,
-        );
-        this.resumeSource();
+      case FrameType.Offer:
+        this.onOffer(payload);
         return;
-      }
       case FrameType.TableData: {
         const table = this.table;
-        if (!table || !this.waitingForTable || this.tableFilled + payload.length > table.length) throw new Error('unexpected digest table data');
+        if (!table || this.tableFilled + payload.length > table.length) throw new ProtocolViolation('unexpected-frame', 'unexpected digest table data');
         table.set(payload, this.tableFilled);
         this.tableFilled += payload.length;
         return;
       }
       case FrameType.TableEnd: {
         // One TableEnd per TableRequest.
-        if (!this.table || !this.waitingForTable) throw new Error('unexpected TableEnd');
-        if (this.tableFilled !== this.table.length) throw new Error(`digest table of ${this.tableFilled} bytes, expected ${this.table?.length}`);
-        if (this.encoder) this.encoder.reference = this.table;
-        this.waitingForTable = false;
-        this.event('digest table received', { bytes: this.tableFilled });
+        const table = this.table;
+        if (!table) throw new ProtocolViolation('unexpected-frame', 'unexpected TableEnd');
+        if (this.tableFilled !== table.length) throw new ProtocolViolation('bad-payload', `digest table of ${this.tableFilled} bytes, expected ${table.length}`);
+        if (this.encoder) this.encoder.reference = table;
+        this.table = null;
+        this.life.event('digest table received', { bytes: this.tableFilled });
         this.resumeSource();
         return;
       }
@@ -218,45 +233,68 @@ export class SendSession {
         return;
       }
       case FrameType.Done: {
-        const done = decodeDone(payload);
-        if (done.snapshotId !== this.snapshotId) throw new Error(`Done for snapshot ${peerText(done.snapshotId)}, not ${this.snapshotId}`);
+        const done = decodePayload(decodeDone, payload);
+        // Before End there is no snapshot: a Done then never matches.
+        if (done.snapshotId !== this.snapshotId) throw new ProtocolViolation('bad-payload', `Done for snapshot ${peerText(done.snapshotId)}, not ${this.snapshotId}`);
         this.complete();
         return;
       }
       case FrameType.Abort:
-        this.fail(`the peer gateway aborted: ${peerText(decodeAbort(payload).error)}`);
+        this.fail(`the peer gateway aborted: ${peerText(decodePayload(decodeAbort, payload).error)}`);
         return;
       default:
-        throw new Error(`unexpected frame type ${type}`);
+        throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type}`);
     }
   }
 
+  private onOffer(payload: Buffer): void {
+    if (this.phase !== 'awaiting-offer') throw new ProtocolViolation('unexpected-frame', 'a second Offer');
+    const offer = decodePayload(decodeOffer, payload);
+    this.transition('streaming');
+    this.frames.maxPayload = this.options.maxFrameBytes;
+    this.peer.setTimeout(0);
+    const { site, snapshotId } = offer;
+    this.life.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: offer.presentPages, localSnapshot: this.localSnapshot });
+    this.encoder = new StreamEncoder(
+      {
+        literal: (bytes) => {
+          this.writeFrame(frameHeader(FrameType.Literal, bytes.length));
+          this.writeFrame(bytes);
+        },
+        run: (run) => this.writeFrame(encodeFrame(FrameType.Run, run)),
+      },
+      this.life.retained,
+      (layout) => this.chooseReference(layout, offer),
+      this.reads.pooled,
+    );
+    this.resumeSource();
+  }
+
   /** The RAM layout is known: decide what the receiver is known to hold. */
-  private chooseReference(layout: PageLayout): void {
-    this.options.observer.storeGrows(this.vm, this.retained);
-    const offer = this.offer;
+  private chooseReference(layout: PageLayout, offer: OfferMessage): void {
+    this.life.storeGrows();
     const encoder = this.encoder;
-    if (!offer || !encoder || !this.store || offer.layoutId !== layout.layoutId) {
+    const store = this.life.store;
+    if (!encoder || !store || offer.layoutId !== layout.layoutId) {
       this.mode = 'none';
     } else if (offer.snapshotId !== null && offer.snapshotId === this.localSnapshot) {
       // Both sides committed the same snapshot: our digest table is theirs.
-      encoder.reference = this.store.digests;
+      encoder.reference = store.digests;
       this.mode = 'shared-snapshot';
     } else if (offer.presentPages > 0) {
       this.table = new Uint8Array(layout.pageCount * DIGEST_BYTES);
       this.tableFilled = 0;
-      this.waitingForTable = true;
       this.qemu.pause();
       this.writeFrame(encodeFrame(FrameType.TableRequest));
       this.mode = 'digest-table';
     } else {
       this.mode = 'none';
     }
-    this.event('reuse decided', { mode: this.mode, pages: layout.pageCount });
+    this.life.event('reuse decided', { mode: this.mode, pages: layout.pageCount });
   }
 
   private onSourceData(chunk: Buffer): void {
-    if (!this.encoder || this.finished) return;
+    if (!this.encoder || this.over) return;
     // Every frame this chunk produces leaves in one writev.
     this.peer.cork();
     try {
@@ -284,14 +322,14 @@ export class SendSession {
     if (streamBytes === this.sealedBytes) return;
     this.sealedBytes = streamBytes;
     this.writeFrame(encodeJson(FrameType.Seal, { streamBytes, streamCheck: encoder.streamCheck }));
-    this.event('stream sealed', { streamBytes });
+    this.life.event('stream sealed', { streamBytes });
   }
 
   private onQuiet(): void {
     const encoder = this.encoder;
-    if (this.finished || this.sourceEnded || !encoder) return;
+    if (this.over || this.sourceEnded || !encoder) return;
     // Quiet because this session stopped reading is not the source's doing.
-    if (this.waitingForTable || this.peer.writableNeedDrain) return void this.quietTimer?.refresh();
+    if (this.table || this.peer.writableNeedDrain) return void this.quietTimer?.refresh();
     if (encoder.counts.streamBytes === this.sealedBytes) return;
     this.peer.cork();
     try {
@@ -302,25 +340,26 @@ export class SendSession {
   }
 
   private onSourceEnd(): void {
-    this.sourceEnded = true;
-    if (this.finished || !this.encoder) {
+    const encoder = this.encoder;
+    if (this.phase !== 'streaming' || !encoder) {
       this.fail('the source ended before the peer answered');
       return;
     }
     try {
-      this.encoder.end();
+      encoder.end();
     } catch (err) {
       this.storeError(err);
       this.fail(`source stream: ${errorMessage(err)}`);
       return;
     }
     this.snapshotId = randomUUID();
-    this.writeFrame(encodeJson(FrameType.End, { streamBytes: this.encoder.counts.streamBytes, streamCheck: this.encoder.streamCheck, snapshotId: this.snapshotId }));
-    this.event('source stream ended', { streamBytes: this.encoder.counts.streamBytes });
+    this.writeFrame(encodeJson(FrameType.End, { streamBytes: encoder.counts.streamBytes, streamCheck: encoder.streamCheck, snapshotId: this.snapshotId }));
+    this.transition('awaiting-done');
+    this.life.event('source stream ended', { streamBytes: encoder.counts.streamBytes });
   }
 
   private resumeSource(): void {
-    const ready = (): boolean => !this.finished && this.encoder !== null && !this.waitingForTable && !this.peer.writableNeedDrain;
+    const ready = (): boolean => !this.over && this.encoder !== null && this.table === null && !this.peer.writableNeedDrain;
     if (!ready()) return;
     const early = this.reads.takeEarly();
     if (early) this.onSourceData(early);
@@ -328,27 +367,24 @@ export class SendSession {
   }
 
   private writeFrame(bytes: Buffer): void {
-    this.wanOut += bytes.length;
+    this.life.wanOut += bytes.length;
     this.peer.write(bytes);
   }
 
   private progress(): void {
-    if (this.offer && !this.finished && this.idle.stalled(this.wanIn + this.wanOut + (this.encoder?.counts.streamBytes ?? 0))) {
-      this.options.observer.idleTimeout(this.vm, 'send');
+    if (this.answered && this.idle.stalled(this.life.wanIn + this.life.wanOut + (this.encoder?.counts.streamBytes ?? 0))) {
+      this.options.observer.idleTimeout(this.life.vm, 'send');
       this.fail(`no bytes moved for ${this.options.idleMs / 1000} s (limits.idleSeconds)`);
       return;
     }
     if (!this.encoder) return;
-    this.options.observer.progress(this.vm, 'send', { streamBytes: this.encoder.counts.streamBytes, wanBytes: this.wanOut, counts: this.encoder.counts });
+    this.options.observer.progress(this.life.vm, 'send', { streamBytes: this.encoder.counts.streamBytes, wanBytes: this.life.wanOut, counts: this.encoder.counts });
   }
 
   private complete(): void {
-    if (this.finished) return;
-    this.finished = true;
-    settleStore(this.store, this.retained, this.encoder, this.snapshotId, (what, err) => {
-      this.storeError(err);
-      this.event(what, { error: errorMessage(err) });
-    });
+    if (this.over) return;
+    this.transition('completed');
+    this.life.settle(this.encoder, this.snapshotId);
     this.peer.end();
     this.qemu.end();
     this.report('completed', null);
@@ -356,50 +392,26 @@ export class SendSession {
 
   /** A store write that failed for lack of space turns retention off for this VM until there is room. */
   private storeError(err: unknown): void {
-    noteStoreError(this.options.observer, this.vm, 'send', this.encoder?.layout, err);
+    this.life.storeError(err, this.encoder);
   }
 
   private fail(reason: string): void {
-    if (this.finished) return;
-    this.finished = true;
-    this.event('migration failed', { error: reason });
-    if (!this.peer.destroyed && this.peer.writable && this.offer) {
-      this.peer.end(encodeJson(FrameType.Abort, { error: reason }));
-      // Read on (a paused socket never sees the peer's FIN), and never wait long for a peer's close.
-      this.peer.resume();
-      setTimeout(() => this.peer.destroy(), 1000).unref();
-    } else {
-      this.peer.destroy();
-    }
+    if (this.over) return;
+    // Before the Offer the peer has nothing to abort: the connection is just closed.
+    const answered = this.answered;
+    this.transition('failed');
+    this.life.event('migration failed', { error: reason });
+    if (answered) this.life.abortPeer(this.peer, reason, true);
+    else this.peer.destroy();
     // Resetting the connection makes the source QEMU fail the migration; its VM keeps running.
     this.qemu.resetAndDestroy();
-    try {
-      this.retained?.rollback();
-    } catch (err) {
-      this.event('store rollback failed', { error: errorMessage(err) });
-    }
+    this.life.rollBack();
     this.report('failed', reason);
   }
 
   private report(result: 'completed' | 'failed', error: string | null): void {
-    clearInterval(this.timer);
     if (this.offerTimer) clearTimeout(this.offerTimer);
     if (this.quietTimer) clearTimeout(this.quietTimer);
-    this.progress();
-    try {
-      this.store?.close();
-    } catch (err) {
-      // The files are closed anyway and the store claims nothing; its next open() recovers it.
-      this.storeError(err);
-      this.event('store close failed', { error: errorMessage(err) });
-    }
-    this.options.observer.finished(
-      migrationReport(
-        { vm: this.vm, direction: 'send', startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn },
-        this.encoder?.counts,
-        { result, error, mode: this.mode, snapshotId: result === 'completed' ? this.snapshotId : null },
-      ),
-    );
-    this.resolveDone();
+    this.life.report(this.encoder, { result, error, mode: this.mode, snapshotId: result === 'completed' ? this.snapshotId : null });
   }
 }

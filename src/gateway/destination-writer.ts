@@ -1,0 +1,118 @@
+import type { Socket } from 'node:net';
+import type { Endpoint } from './address';
+import { StreamDecoder } from '../proxy/decoder';
+import type { UndoableStore } from '../store';
+import { OutputSlabs } from './output-slabs';
+import { ReturnPathMessages, STREAM_HEADER_BYTES } from './return-path-relay';
+import { CONNECT_TIMEOUT_MS } from './session';
+import { connectWithQueue } from './socket-tuning';
+
+/**
+ * The destination's write queue may hold this much before the frame parser pauses. Node's default
+ * (16 KiB) paused it within nearly every read from the peer (256 KiB), and a paused parser copies the
+ * rest of that read out of the reused read buffer.
+ */
+const DEST_QUEUE_BYTES = 1024 * 1024;
+
+/** What the destination writer tells its receiving session. */
+export interface DestinationEvents {
+  /** The destination answered: the decoder is ready, the peer may be offered the migration. */
+  connected(): void;
+  /** The destination failed, or closed, before it had been handed the whole stream. */
+  failed(reason: string): void;
+  /** Stop feeding frames: the destination's queue is full, or every output slab is out. */
+  pause(): void;
+  /** Frames may flow again. */
+  resume(): void;
+  /** Bytes the destination sent back, unchecked (see returnMessages()). */
+  returned(chunk: Buffer): void;
+  /** The decoder knows the RAM layout: the store begins the migration. */
+  storeGrows(): void;
+}
+
+/**
+ * The receiving side's connection to the destination QEMU and the StreamDecoder that feeds it. The
+ * decoder holds the stream's device-state tail back until the sender's Seal or End check has passed,
+ * so a destination that closes before it has been handed the whole stream is a failure, and one that
+ * closes after it is not. Rebuilt Runs are laid out in reused slabs, each free again once written.
+ */
+export class DestinationWriter {
+  readonly socket: Socket;
+  /** Rebuilds the stream from the peer's frames; null until the destination has answered. */
+  decoder: StreamDecoder | null = null;
+  /** Stream bytes handed to the socket. */
+  private given = 0;
+  private closed = false;
+  private readonly outputs = new OutputSlabs();
+  private readonly returnPath = new ReturnPathMessages();
+
+  constructor(
+    target: Endpoint,
+    /** The destination as the peer named it, for messages. */
+    name: string,
+    retained: UndoableStore | null,
+    private readonly events: DestinationEvents,
+  ) {
+    const socket = connectWithQueue({ ...target, noDelay: true }, DEST_QUEUE_BYTES);
+    this.socket = socket;
+    socket.setTimeout(CONNECT_TIMEOUT_MS, () => events.failed(`destination ${name} did not answer in time`));
+    socket.on('error', (err) => {
+      if (!this.delivered) events.failed(`destination ${name}: ${err.message}`);
+    });
+    socket.on('close', () => {
+      this.closed = true;
+      if (!this.delivered) events.failed(`destination ${name} closed the connection`);
+    });
+    socket.on('drain', () => events.resume());
+    socket.on('data', (chunk: Buffer) => events.returned(chunk));
+    socket.on('connect', () => {
+      socket.setTimeout(0);
+      this.decoder = new StreamDecoder(
+        (bytes) => this.write(bytes),
+        retained,
+        () => events.storeGrows(),
+        (size) => this.outputs.take(size),
+      );
+      events.connected();
+    });
+  }
+
+  /** The decoder has handed over the whole stream, checked. */
+  get delivered(): boolean {
+    return this.decoder?.delivered === true;
+  }
+
+  private write(bytes: Buffer): void {
+    if (bytes.length === 0) return;
+    this.given += bytes.length;
+    const slab = this.outputs.owner(bytes);
+    const release = slab ? () => this.outputs.release(slab) : undefined;
+    if (!this.socket.write(bytes, release)) {
+      this.events.pause(); // 'drain' resumes
+    } else if (this.outputs.exhausted) {
+      // The socket took it all, but its buffers are not free yet: let the event loop run first.
+      this.events.pause();
+      setImmediate(() => this.events.resume());
+    }
+  }
+
+  /**
+   * The whole return-path messages among what the destination sent (null while none is complete). A
+   * QEMU only ever answers a stream: bytes before it has been handed the stream's header throw.
+   */
+  returnMessages(chunk: Buffer): Buffer | null {
+    if (this.given < STREAM_HEADER_BYTES) throw new Error(`the destination sent ${chunk.length} bytes before the stream began: not a QEMU waiting for a migration`);
+    return this.returnPath.check(chunk);
+  }
+
+  /** Calls `written` once the destination has every byte (at once if it has closed already). */
+  end(written: () => void): void {
+    if (this.closed) written();
+    else this.socket.end(written);
+  }
+
+  /** Reset, not end: the destination must see a broken stream, never a short one that parses. */
+  reset(): void {
+    this.socket.resetAndDestroy();
+  }
+}

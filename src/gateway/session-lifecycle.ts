@@ -1,0 +1,154 @@
+import type { Socket } from 'node:net';
+import { errorMessage } from '../common/errors';
+import type { TransferCounts } from '../proxy/encoder';
+import { PageStore, UndoableStore } from '../store';
+import { encodeJson, FrameType } from '../wire/frames';
+import { type Direction, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
+import { noteStoreError } from './store-space';
+
+/** The moves a session's phase may make: from each phase, the phases it may go to next. */
+export type PhaseMoves<P extends string> = Readonly<Record<P, readonly P[]>>;
+
+/** `to`, when `moves` allows going there from `from`; any other move is a bug in the session. */
+export function checkedMove<P extends string>(direction: Direction, moves: PhaseMoves<P>, from: P, to: P): P {
+  if (!moves[from].includes(to)) throw new Error(`${direction} session: no move from ${from} to ${to}`);
+  return to;
+}
+
+/** What a session's codec tells the lifecycle: its counts, and the RAM layout once it knows it. */
+interface Codec {
+  readonly counts: TransferCounts;
+  readonly layout: { pageCount: number; pageSize: number } | null;
+}
+
+export interface LifecycleOptions {
+  storeRoot: string;
+  observer: SessionObserver;
+  /** Largest guest a stream may declare, in pages (limits.maxGuestRam). */
+  maxGuestPages: number;
+}
+
+/**
+ * What both directions of a migration do the same way around their protocol: open the VM's store,
+ * count the WAN bytes, tick progress, abort the peer with a reason, roll the store back or settle it,
+ * close it and report the outcome to the observer once.
+ */
+export class SessionLifecycle {
+  readonly done: Promise<void>;
+  private resolveDone!: () => void;
+  private readonly started = Date.now();
+  private readonly timer: NodeJS.Timeout;
+  private ended = false;
+  /** The VM's store, while this migration may retain pages (null when retention is off). */
+  store: PageStore | null = null;
+  /** The store as the codec writes it: a failed migration puts back the snapshot it started from. */
+  retained: UndoableStore | null = null;
+  /** Bytes sent to and received from the peer gateway, frames included. */
+  wanOut = 0;
+  wanIn = 0;
+
+  constructor(
+    readonly direction: Direction,
+    /** The VM migrating; a receiving session learns it from the Hello. */
+    public vm: string,
+    private readonly options: LifecycleOptions,
+    /** Called about once a second until the end, and once more at it. */
+    private readonly progress: () => void,
+  ) {
+    this.done = new Promise((resolve) => (this.resolveDone = resolve));
+    this.timer = setInterval(progress, PROGRESS_INTERVAL_MS);
+  }
+
+  event(message: string, fields?: Record<string, unknown>): void {
+    this.options.observer.event(this.vm, this.direction, message, fields);
+  }
+
+  /** Opens the VM's store, unless retention is off for it (its filesystem is full): then it is left as it is. */
+  openStore(): void {
+    if (!this.options.observer.retains(this.vm, this.direction)) return;
+    this.store = PageStore.open(this.options.storeRoot, this.vm, { maxPages: this.options.maxGuestPages });
+    this.retained = new UndoableStore(this.store);
+  }
+
+  /** The store has just begun a migration (the codec knows the layout): the gateway keeps it within budget. */
+  storeGrows(): void {
+    this.options.observer.storeGrows(this.vm, this.retained);
+  }
+
+  /** A store write that failed for lack of space turns retention off for this VM until there is room. */
+  storeError(err: unknown, codec: Codec | null): void {
+    noteStoreError(this.options.observer, this.vm, this.direction, codec?.layout, err);
+  }
+
+  /**
+   * Tells the peer why with an Abort and closes, or destroys a connection that cannot be written. A peer
+   * that does not read its Abort does not keep the connection. `readOn`: read on meanwhile (a paused
+   * socket never sees the peer's FIN).
+   */
+  abortPeer(peer: Socket, reason: string, readOn: boolean): void {
+    if (!peer.destroyed && peer.writable) {
+      peer.end(encodeJson(FrameType.Abort, { error: reason }));
+      if (readOn) peer.resume();
+      setTimeout(() => peer.destroy(), 1000).unref();
+    } else {
+      peer.destroy();
+    }
+  }
+
+  /** A failed migration: the store puts back the snapshot it started from. */
+  rollBack(): void {
+    const corrupted = this.retained?.corruptionFound ?? false;
+    try {
+      this.retained?.rollback();
+    } catch (err) {
+      this.event('store rollback failed', { error: errorMessage(err) });
+    }
+    // One corrupted page makes the whole store suspect: every present page is checked now, so that the
+    // next migration is offered only pages that match their digests instead of failing on the next one.
+    if (corrupted && this.store) {
+      try {
+        const dropped = this.store.verify();
+        this.event('store verified after a corrupted page', { furtherCorruptPages: dropped.length });
+      } catch (err) {
+        this.event('store verify failed', { error: errorMessage(err) });
+      }
+    }
+  }
+
+  /** A completed migration: see settleStore(). Returns the snapshot the store now claims, or null. */
+  settle(codec: (NonNullable<Parameters<typeof settleStore>[2]> & Codec) | null, snapshotId: string | null): string | null {
+    return settleStore(this.store, this.retained, codec, snapshotId, (what, err) => {
+      this.storeError(err, codec);
+      this.event(what, { error: errorMessage(err) });
+    });
+  }
+
+  /** The migration is over: a last progress tick, the store closed, the observer told. Once. */
+  report(codec: Codec | null, outcome: { result: 'completed' | 'failed'; error: string | null; mode: ReuseMode; snapshotId: string | null }): void {
+    this.end();
+    this.progress();
+    try {
+      this.store?.close();
+    } catch (err) {
+      // The files are closed anyway and the store claims nothing; its next open() recovers it.
+      this.storeError(err, codec);
+      this.event('store close failed', { error: errorMessage(err) });
+    }
+    this.options.observer.finished(
+      migrationReport({ vm: this.vm, direction: this.direction, startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn }, codec?.counts, outcome),
+    );
+    this.resolveDone();
+  }
+
+  /** The connection was refused before a migration began: nothing to report to the observer. */
+  endUnreported(): void {
+    this.end();
+    this.resolveDone();
+  }
+
+  private end(): void {
+    if (this.ended) throw new Error(`${this.direction} session ended twice`);
+    this.ended = true;
+    clearInterval(this.timer);
+  }
+}
