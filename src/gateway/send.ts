@@ -306,7 +306,7 @@ export class SendSession {
     } finally {
       this.peer.uncork();
     }
-    if (this.encoder.sealable) this.seal(this.encoder);
+    if (this.encoder.sealPoint > this.sealedBytes) this.seal(this.encoder);
     else (this.quietTimer ??= setTimeout(() => this.onQuiet(), QUIET_SEAL_MS).unref()).refresh();
     if (this.peer.writableNeedDrain) this.qemu.pause();
   }
@@ -315,10 +315,11 @@ export class SendSession {
    * The receiver holds the stream's device-state tail back until a check covers it. The source closes
    * its side only after the destination has loaded when QEMU's return path is on, so End would come too
    * late: the stream is sealed as soon as its end has been read (current framing), or, where nothing
-   * marks the end (the QEMU 2.0 framing, a stream relayed verbatim), once the source has gone quiet.
+   * marks the end (the QEMU 2.0 framing, a stream relayed verbatim), once the source has gone quiet;
+   * and a postcopy package as soon as it has been sent (the destination needs it to run the guest).
    */
   private seal(encoder: StreamEncoder): void {
-    const streamBytes = encoder.counts.streamBytes;
+    const streamBytes = encoder.sentBytes;
     if (streamBytes === this.sealedBytes) return;
     this.sealedBytes = streamBytes;
     this.writeFrame(encodeJson(FrameType.Seal, { streamBytes, streamCheck: encoder.streamCheck }));
@@ -353,7 +354,7 @@ export class SendSession {
       return;
     }
     this.snapshotId = randomUUID();
-    this.writeFrame(encodeJson(FrameType.End, { streamBytes: encoder.counts.streamBytes, streamCheck: encoder.streamCheck, snapshotId: this.snapshotId }));
+    this.writeFrame(encodeJson(FrameType.End, { streamBytes: encoder.sentBytes, streamCheck: encoder.streamCheck, snapshotId: this.snapshotId }));
     this.transition('awaiting-done');
     this.life.event('source stream ended', { streamBytes: encoder.counts.streamBytes });
   }

@@ -101,17 +101,18 @@ export class StreamEncoder {
   }
 
   /**
-   * The receiver can check the stream now, and must, before the source can go on:
+   * The stream offset a check must cover now (-1: none is due), with every byte before it sent: the
+   * receiver can check the stream to there, and must, before the source can go on:
    * - it has been read to a point nothing can follow, and every byte of it has gone to the sink (the
    *   source does not close while QEMU's return path waits for the destination's verdict);
    * - or a postcopy package (the device state the destination loads before it runs the guest) has gone
    *   to the sink whole: the receiver holds it until a check covers it, and the source will not pause
    *   for it, since it goes on sending pages at once.
    */
-  get sealable(): boolean {
-    if (this.runOpen) return false;
-    if (this.parser.ended) return this.literalFrom === this.pushedEnd;
-    return this.packageEnd >= 0 && this.literalFrom >= this.packageEnd;
+  get sealPoint(): number {
+    if (this.runOpen) return -1;
+    if (this.parser.ended) return this.literalFrom === this.pushedEnd ? this.pushedEnd : -1;
+    return this.packageEnd >= 0 && this.literalFrom >= this.packageEnd ? this.packageEnd : -1;
   }
 
   /**
