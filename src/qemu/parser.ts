@@ -268,11 +268,11 @@ export class StreamParser {
         case State.ConfigHeader: more = this.readConfigHeader(); break;
         case State.ConfigName: more = this.readConfigName(); break;
         case State.ConfigNext: more = this.readConfigNext(); break;
-        case State.SubsectionHeader: more = this.readSubsectionHeader(); break;
+        case State.SubsectionHeader: more = this.readNameLength(2, State.SubsectionName); break;
         case State.SubsectionName: more = this.readSubsectionName(); break;
         case State.SubsectionBody: more = this.readSubsectionBody(); break;
         case State.CapabilityCount: more = this.readCapabilityCount(); break;
-        case State.CapabilityLength: more = this.readCapabilityLength(); break;
+        case State.CapabilityLength: more = this.readNameLength(1, State.CapabilityName); break;
         case State.CapabilityName: more = this.readCapabilityName(); break;
         case State.SectionStartHeader: more = this.readSectionStartHeader(); break;
         case State.SectionStartName: more = this.readSectionStartName(); break;
@@ -280,7 +280,7 @@ export class StreamParser {
         case State.RamWord: more = this.readRamWord(); break;
         case State.BlockListNameLength: more = this.readBlockListNameLength(); break;
         case State.BlockListEntry: more = this.readBlockListEntry(); break;
-        case State.RamBlockNameLength: more = this.readRamBlockNameLength(); break;
+        case State.RamBlockNameLength: more = this.readNameLength(1, State.RamBlockName); break;
         case State.RamBlockName: more = this.readRamBlockName(); break;
         case State.RamBody: more = this.readRamBody(); break;
         case State.RamPayload: more = this.readRamPayload(); break;
@@ -350,6 +350,17 @@ export class StreamParser {
     return true;
   }
 
+  /**
+   * The states that read a field ending in a name's length byte (SubsectionHeader, CapabilityLength,
+   * BlockListNameLength, RamBlockNameLength): takes the field; `next` reads the name.
+   */
+  private readNameLength(fieldBytes: number, next: State): boolean {
+    if (!this.input.take(fieldBytes)) return false;
+    this.payloadLength = this.input.u8(fieldBytes - 1);
+    this.state = next;
+    return true;
+  }
+
   // Configuration section.
 
   private readConfigHeader(): boolean {
@@ -386,13 +397,6 @@ export class StreamParser {
       streamOffset: this.recordStart,
     });
     this.state = State.NextRecord;
-    return true;
-  }
-
-  private readSubsectionHeader(): boolean {
-    if (!this.input.take(2)) return false;
-    this.payloadLength = this.input.u8(1);
-    this.state = State.SubsectionName;
     return true;
   }
 
@@ -446,13 +450,6 @@ export class StreamParser {
       this.pushCapabilities();
       this.state = State.ConfigNext;
     }
-    return true;
-  }
-
-  private readCapabilityLength(): boolean {
-    if (!this.input.take(1)) return false;
-    this.payloadLength = this.input.u8(0);
-    this.state = State.CapabilityName;
     return true;
   }
 
@@ -614,12 +611,10 @@ export class StreamParser {
     }
   }
 
+  /** Each entry of the list is a record of its own where an error points. */
   private readBlockListNameLength(): boolean {
     this.startRecord();
-    if (!this.input.take(1)) return false;
-    this.payloadLength = this.input.u8(0);
-    this.state = State.BlockListEntry;
-    return true;
+    return this.readNameLength(1, State.BlockListEntry);
   }
 
   private readBlockListEntry(): boolean {
@@ -680,13 +675,6 @@ export class StreamParser {
     } else {
       this.state = State.RamBlockNameLength;
     }
-  }
-
-  private readRamBlockNameLength(): boolean {
-    if (!this.input.take(1)) return false;
-    this.payloadLength = this.input.u8(0);
-    this.state = State.RamBlockName;
-    return true;
   }
 
   private readRamBlockName(): boolean {
