@@ -131,7 +131,7 @@ export class StreamParser {
   private readonly sectionHeader: SectionHeaderRecord;
   private currentSection: SectionHeaderRecord | null = null;
   private ramSectionId = -1;
-  private readonly footers = new DeviceFooterScanner(this.sections);
+  private readonly footerScanner = new DeviceFooterScanner(this.sections);
 
   // Configuration being assembled.
   private configName = '';
@@ -522,7 +522,7 @@ export class StreamParser {
       this.ramSectionId = h.sectionId;
       this.state = State.RamWord;
     } else if (this.framing.footers === true) {
-      this.footers.expect(h.sectionId);
+      this.footerScanner.expect(h.sectionId);
       this.state = State.DeviceData;
     } else {
       this.state = State.UnframedDeviceData;
@@ -789,7 +789,7 @@ export class StreamParser {
     const chunk = input.chunk;
     const start = input.position;
     if (start >= chunk.length) return false;
-    const candidate = this.footers.nextCandidate(chunk, start);
+    const candidate = this.footerScanner.nextCandidate(chunk, start);
     if (candidate < 0) {
       this.emitBytes(RecordKind.SectionData, chunk.subarray(start), input.offsetOf(start));
       input.moveTo(chunk.length);
@@ -798,7 +798,7 @@ export class StreamParser {
     if (candidate > start) this.emitBytes(RecordKind.SectionData, chunk.subarray(start, candidate), input.offsetOf(start));
     input.moveTo(candidate);
     this.recordStart = input.offsetOf(candidate);
-    const verdict = this.footers.verdict(chunk, candidate, chunk.length, false);
+    const verdict = this.footerScanner.verdict(chunk, candidate, chunk.length, false);
     if (verdict === FooterVerdict.Footer) {
       this.state = State.Footer;
     } else if (verdict === FooterVerdict.Data) {
@@ -822,7 +822,7 @@ export class StreamParser {
     const input = this.input;
     const windowStart = input.offset - input.carriedBytes;
     const window = input.takeCarried();
-    const verdict = this.footers.verdict(window, 0, window.length, final);
+    const verdict = this.footerScanner.verdict(window, 0, window.length, final);
     this.recordStart = windowStart;
     let rest: Buffer;
     if (verdict === FooterVerdict.Footer) {
