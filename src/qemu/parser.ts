@@ -1,3 +1,4 @@
+import { ByteCursor } from './byte-cursor';
 import {
   FILE_MAGIC,
   FILE_VERSION,
@@ -9,6 +10,7 @@ import {
   VmCommand,
   X86_PAGE_SIZE,
 } from './constants';
+import { DeviceFooterScanner, FOOTER_LOOKAHEAD, FooterVerdict } from './device-footer';
 import { encodeConfiguration, encodeSubsectionHeader } from './encode';
 import { StreamError, StreamErrorCode } from './errors';
 import {
@@ -23,12 +25,14 @@ import {
   type SectionHeaderRecord,
 } from './records';
 
-/** What the parser is waiting for. */
+/** What the parser reads next; each state has one method in run()'s switch. */
 const enum State {
   FileHeader,
-  Top,
+  /** The type byte of the next top-level record. */
+  NextRecord,
   ConfigHeader,
   ConfigName,
+  /** A configuration subsection, or the end of the configuration. */
   ConfigNext,
   SubsectionHeader,
   SubsectionName,
@@ -36,21 +40,29 @@ const enum State {
   CapabilityCount,
   CapabilityLength,
   CapabilityName,
-  SectionIdent,
-  SectionIdstr,
-  SectionId,
+  /** START or FULL: type, section id, idstr length. */
+  SectionStartHeader,
+  /** START or FULL: idstr, instance and version. */
+  SectionStartName,
+  /** PART or END: type and section id. */
+  SectionPartHeader,
+  /** A RAM record's 64-bit header word: offset and flags. */
   RamWord,
   BlockListNameLength,
   BlockListEntry,
   RamBlockNameLength,
   RamBlockName,
+  /** The fixed-size fields between a RAM record's header and its payload. */
   RamBody,
-  RamBodyLength,
   RamPayload,
-  AfterSection,
+  /** A RAM section's EOS has been read: its footer, or (QEMU 2.0 framing) the next record. */
+  AfterRamSection,
   Footer,
+  /** Opaque device data, up to a candidate footer. */
   DeviceData,
+  /** Bytes after a candidate footer, gathered until they decide it. */
   DeviceLookahead,
+  /** Device data without footers: only the stream's last byte (EOF) ends it. */
   UnframedDeviceData,
   CommandHeader,
   CommandData,
@@ -77,8 +89,9 @@ export interface ParserOptions {
   pageSize?: number;
 }
 
-/** Bytes of lookahead that decide whether `0x7e <id>` in device data is really its footer. */
-const FOOTER_LOOKAHEAD = 5 + 1 + 4 + 1 + 255 + 8;
+/** Reads on past one main-channel command, given its data; see StreamParser.commands. */
+type CommandReader = (this: StreamParser, data: Buffer) => void;
+
 const TWO_32 = 0x1_0000_0000;
 const MAX_RAM_BYTES = 2 ** Limit.RamBytesLog2;
 
@@ -90,6 +103,16 @@ const MAX_RAM_BYTES = 2 ** Limit.RamBytesLog2;
  * StreamError, after which the parser refuses further input.
  */
 export class StreamParser {
+  /**
+   * The main-channel commands the parser reads on past, each with the method that takes its data;
+   * any other command ends parsing with a Fallback (the stream is relayed as it is). Following a
+   * new command is one method and one row here.
+   */
+  private static readonly commands: ReadonlyMap<number, CommandReader> = new Map([
+    [VmCommand.OpenReturnPath, StreamParser.prototype.readOnAfterCommand],
+    [VmCommand.Ping, StreamParser.prototype.readOnAfterCommand],
+  ]);
+
   readonly framing: Framing = { configuration: null, footers: null, vmDescription: null };
   /** Set once the parser has fallen back to verbatim relay. */
   fallbackReason: string | null = null;
@@ -99,16 +122,7 @@ export class StreamParser {
   private state = State.FileHeader;
   private error: StreamError | null = null;
 
-  // Input: the current chunk, and a carry buffer that assembles records split across chunks.
-  private chunk: Buffer = Buffer.alloc(0);
-  private pos = 0;
-  /** Absolute stream offset of chunk[0]. */
-  private base = 0;
-  private readonly carry: Buffer;
-  private carryLength = 0;
-  /** Where need() left the bytes it gathered. */
-  private rb: Buffer = Buffer.alloc(0);
-  private ro = 0;
+  private readonly input: ByteCursor;
   /** Absolute offset where the current record began. */
   private recordStart = 0;
 
@@ -117,7 +131,7 @@ export class StreamParser {
   private readonly sectionHeader: SectionHeaderRecord;
   private currentSection: SectionHeaderRecord | null = null;
   private ramSectionId = -1;
-  private readonly footerPattern = Buffer.alloc(5);
+  private readonly footerScanner = new DeviceFooterScanner(this.sections);
 
   // Configuration being assembled.
   private configName = '';
@@ -138,6 +152,7 @@ export class StreamParser {
   private lastBlock: RamBlock | null = null;
   private wordFlags = 0;
   private wordOffset = 0;
+  /** Length of the variable-size field the current state takes (a name, a payload). */
   private payloadLength = 0;
   private readonly page: RamPageRecord;
   private readonly marker: RamMarkerRecord;
@@ -159,9 +174,9 @@ export class StreamParser {
   ) {
     this.pageSize = options.pageSize ?? X86_PAGE_SIZE;
     this.pageMask = this.pageSize - 1;
-    // Large enough for any record the parser assembles: a page, an XBZRLE delta (u16 length), the
-    // footer lookahead.
-    this.carry = Buffer.alloc(Math.max(this.pageSize, 0x10000) + 64);
+    // Large enough for any field the parser assembles: a page, an XBZRLE delta (u16 length), a
+    // command's data (u16 length), the footer lookahead.
+    this.input = new ByteCursor(Math.max(this.pageSize, 0x10000) + 64);
     this.sectionHeader = {
       kind: RecordKind.SectionHeader,
       type: SectionType.Start,
@@ -172,6 +187,7 @@ export class StreamParser {
       streamOffset: 0,
     };
     const noBlock: RamBlock = { index: -1, name: '', length: 0, firstPage: 0, pages: 0 };
+    const noData = Buffer.alloc(0);
     this.page = {
       kind: RecordKind.RamPage,
       flags: 0,
@@ -179,13 +195,13 @@ export class StreamParser {
       offset: 0,
       pageIndex: 0,
       byteValue: 0,
-      data: this.carry,
+      data: noData,
       dataStart: 0,
       dataLength: 0,
       streamOffset: 0,
     };
     this.marker = { kind: RecordKind.RamEos, flags: 0, offset: 0, streamOffset: 0 };
-    this.bytes = { kind: RecordKind.SectionData, sectionId: 0, bytes: this.carry, streamOffset: 0 };
+    this.bytes = { kind: RecordKind.SectionData, sectionId: 0, bytes: noData, streamOffset: 0 };
   }
 
   /** The RAM block list, once the MEM_SIZE record has been parsed. */
@@ -195,7 +211,7 @@ export class StreamParser {
 
   /** Bytes consumed so far. */
   get offset(): number {
-    return this.base + this.pos;
+    return this.input.offset;
   }
 
   /** True once the stream has been read to its end marker (EOF, or the vmdesc after it). */
@@ -214,12 +230,10 @@ export class StreamParser {
   push(chunk: Buffer): void {
     if (this.error) throw this.error;
     try {
-      this.feed(chunk);
+      this.input.feed(chunk);
+      this.run();
     } catch (err) {
-      if (err instanceof StreamError) {
-        this.error = err;
-        this.state = State.Failed;
-      }
+      this.noteFailure(err);
       throw err;
     }
   }
@@ -230,534 +244,227 @@ export class StreamParser {
     try {
       this.finish();
     } catch (err) {
-      if (err instanceof StreamError) {
-        this.error = err;
-        this.state = State.Failed;
-      }
+      this.noteFailure(err);
       throw err;
     }
   }
 
   // ---------------------------------------------------------------------------------------------
 
-  private feed(chunk: Buffer): void {
-    this.base += this.chunk.length;
-    this.chunk = chunk;
-    this.pos = 0;
-    this.run();
-  }
-
-  /**
-   * Parses bytes that were gathered as lookahead and turned out to belong to later records; they
-   * stand at stream offset `at`, before the rest of the current chunk.
-   */
-  private refeed(bytes: Buffer, at: number): void {
-    const chunk = this.chunk;
-    const pos = this.pos;
-    const base = this.base;
-    this.chunk = bytes;
-    this.pos = 0;
-    this.base = at;
-    this.run();
-    this.chunk = chunk;
-    this.pos = pos;
-    this.base = base;
-  }
-
-  private fail(code: StreamErrorCode, detail: string, at = this.recordStart): never {
-    throw new StreamError(code, at, detail);
-  }
-
-  /**
-   * Makes n contiguous bytes available at rb[ro..], consuming them. Returns false (having kept what
-   * there was) when the chunk runs out first; the state machine resumes at the same state.
-   */
-  private need(n: number): boolean {
-    const available = this.chunk.length - this.pos;
-    if (this.carryLength === 0 && available >= n) {
-      this.rb = this.chunk;
-      this.ro = this.pos;
-      this.pos += n;
-      return true;
+  private noteFailure(err: unknown): void {
+    if (err instanceof StreamError) {
+      this.error = err;
+      this.state = State.Failed;
     }
-    const take = Math.min(n - this.carryLength, available);
-    this.chunk.copy(this.carry, this.carryLength, this.pos, this.pos + take);
-    this.carryLength += take;
-    this.pos += take;
-    if (this.carryLength < n) return false;
-    this.rb = this.carry;
-    this.ro = 0;
-    this.carryLength = 0;
+  }
+
+  /** Runs the state methods until one finds the input used up. */
+  private run(): void {
+    let more = true;
+    while (more) {
+      switch (this.state) {
+        case State.FileHeader: more = this.readFileHeader(); break;
+        case State.NextRecord: more = this.readNextRecord(); break;
+        case State.ConfigHeader: more = this.readConfigHeader(); break;
+        case State.ConfigName: more = this.readConfigName(); break;
+        case State.ConfigNext: more = this.readConfigNext(); break;
+        case State.SubsectionHeader: more = this.readNameLength(2, State.SubsectionName); break;
+        case State.SubsectionName: more = this.readSubsectionName(); break;
+        case State.SubsectionBody: more = this.readSubsectionBody(); break;
+        case State.CapabilityCount: more = this.readCapabilityCount(); break;
+        case State.CapabilityLength: more = this.readNameLength(1, State.CapabilityName); break;
+        case State.CapabilityName: more = this.readCapabilityName(); break;
+        case State.SectionStartHeader: more = this.readSectionStartHeader(); break;
+        case State.SectionStartName: more = this.readSectionStartName(); break;
+        case State.SectionPartHeader: more = this.readSectionPartHeader(); break;
+        case State.RamWord: more = this.readRamWord(); break;
+        case State.BlockListNameLength: more = this.readBlockListNameLength(); break;
+        case State.BlockListEntry: more = this.readBlockListEntry(); break;
+        case State.RamBlockNameLength: more = this.readNameLength(1, State.RamBlockName); break;
+        case State.RamBlockName: more = this.readRamBlockName(); break;
+        case State.RamBody: more = this.readRamBody(); break;
+        case State.RamPayload: more = this.readRamPayload(); break;
+        case State.AfterRamSection: more = this.readAfterRamSection(); break;
+        case State.Footer: more = this.readFooter(); break;
+        case State.DeviceData: more = this.readDeviceData(); break;
+        case State.DeviceLookahead: more = this.readDeviceLookahead(); break;
+        case State.UnframedDeviceData: more = this.readUnframedDeviceData(); break;
+        case State.CommandHeader: more = this.readCommandHeader(); break;
+        case State.CommandData: more = this.readCommandData(); break;
+        case State.AfterEof: more = this.readAfterEof(); break;
+        case State.VmDescriptionLength: more = this.readVmDescriptionLength(); break;
+        case State.VmDescriptionData: more = this.readVmDescriptionData(); break;
+        case State.Done: more = this.readAfterEnd(); break;
+        case State.Verbatim: more = this.readVerbatim(); break;
+        case State.Failed: more = false; break;
+      }
+    }
+  }
+
+  // Each state method below consumes what it can of the input and returns whether to go on: false
+  // once the chunk is used up (the method runs again, in the same state, on the next chunk).
+
+  private readFileHeader(): boolean {
+    const input = this.input;
+    if (!input.take(8)) return false;
+    const magic = input.u32(0);
+    const version = input.u32(4);
+    if (magic !== FILE_MAGIC) {
+      this.fail(StreamErrorCode.BadMagic, `magic 0x${magic.toString(16)} is not QEVM`, 0);
+    }
+    if (version === FILE_VERSION_COMPAT || version < FILE_VERSION) {
+      this.fail(StreamErrorCode.BadVersion, `stream version ${version} is obsolete`, 4);
+    }
+    this.emit({ kind: RecordKind.FileHeader, version, streamOffset: 0 });
+    if (version !== FILE_VERSION) {
+      this.fallback(`stream version ${version} is newer than ${FILE_VERSION}`);
+    } else {
+      this.state = State.NextRecord;
+    }
     return true;
   }
 
-  /** The next byte without consuming it, or -1 when the chunk has none. */
-  private peek(): number {
-    return this.pos < this.chunk.length ? this.chunk[this.pos] : -1;
-  }
-
-  /** Notes where a record begins; a no-op while need() is still gathering that record. */
-  private startRecord(): void {
-    if (this.carryLength === 0) this.recordStart = this.base + this.pos;
-  }
-
-  private run(): void {
-    for (;;) {
-      switch (this.state) {
-        case State.FileHeader: {
-          if (!this.need(8)) return;
-          const magic = this.rb.readUInt32BE(this.ro);
-          const version = this.rb.readUInt32BE(this.ro + 4);
-          if (magic !== FILE_MAGIC) {
-            this.fail(StreamErrorCode.BadMagic, `magic 0x${magic.toString(16)} is not QEVM`, 0);
-          }
-          if (version === FILE_VERSION_COMPAT || version < FILE_VERSION) {
-            this.fail(StreamErrorCode.BadVersion, `stream version ${version} is obsolete`, 4);
-          }
-          this.emit({ kind: RecordKind.FileHeader, version, streamOffset: 0 });
-          if (version !== FILE_VERSION) {
-            this.fallback(`stream version ${version} is newer than ${FILE_VERSION}`);
-            break;
-          }
-          this.state = State.Top;
-          break;
-        }
-
-        case State.Top: {
-          if (this.pos >= this.chunk.length) return;
-          this.startRecord();
-          const type = this.chunk[this.pos];
-          if (type === SectionType.Configuration && this.recordStart === 8) {
-            this.state = State.ConfigHeader;
-          } else if (type === SectionType.Start || type === SectionType.Full) {
-            this.state = State.SectionIdent;
-          } else if (type === SectionType.Part || type === SectionType.End) {
-            this.state = State.SectionId;
-          } else if (type === SectionType.Eof) {
-            this.pos++;
-            this.emit({ kind: RecordKind.Eof, streamOffset: this.recordStart });
-            this.state = State.AfterEof;
-          } else if (type === SectionType.Command) {
-            this.state = State.CommandHeader;
-          } else {
-            this.fallback(`unknown section type 0x${type.toString(16)}`);
-          }
-          if (this.framing.configuration === null && this.state !== State.ConfigHeader) {
-            this.framing.configuration = false;
-          }
-          break;
-        }
-
-        case State.ConfigHeader: {
-          if (!this.need(5)) return;
-          const length = this.rb.readUInt32BE(this.ro + 1);
-          if (length > Limit.ConfigNameBytes) {
-            this.fail(StreamErrorCode.AbsurdLength, `configuration name of ${length} bytes`);
-          }
-          this.payloadLength = length;
-          this.state = State.ConfigName;
-          break;
-        }
-
-        case State.ConfigName: {
-          if (!this.need(this.payloadLength)) return;
-          this.configName = this.rb.toString('latin1', this.ro, this.ro + this.payloadLength);
-          this.configSubsections = [];
-          this.framing.configuration = true;
-          this.state = State.ConfigNext;
-          break;
-        }
-
-        case State.ConfigNext: {
-          const next = this.peek();
-          if (next < 0) return;
-          if (next === SectionType.Subsection) {
-            this.state = State.SubsectionHeader;
-            break;
-          }
-          this.emit({
-            kind: RecordKind.Configuration,
-            machineType: this.configName,
-            subsections: this.configSubsections,
-            streamOffset: this.recordStart,
-          });
-          this.state = State.Top;
-          break;
-        }
-
-        case State.SubsectionHeader: {
-          if (!this.need(2)) return;
-          this.payloadLength = this.rb[this.ro + 1];
-          this.state = State.SubsectionName;
-          break;
-        }
-
-        case State.SubsectionName: {
-          if (!this.need(this.payloadLength + 4)) return;
-          this.subsectionName = this.rb.toString('latin1', this.ro, this.ro + this.payloadLength);
-          this.subsectionVersion = this.rb.readUInt32BE(this.ro + this.payloadLength);
-          if (this.subsectionVersion !== 1) {
-            this.fallbackInConfiguration(`configuration subsection ${this.subsectionName} version ${this.subsectionVersion}`);
-          } else if (this.subsectionName === 'configuration/capabilities') {
-            this.state = State.CapabilityCount;
-          } else if (
-            this.subsectionName === 'configuration/target-page-bits' ||
-            this.subsectionName === 'configuration/uuid'
-          ) {
-            this.state = State.SubsectionBody;
-          } else {
-            this.fallbackInConfiguration(`unknown configuration subsection ${JSON.stringify(this.subsectionName)}`);
-          }
-          break;
-        }
-
-        case State.SubsectionBody: {
-          if (this.subsectionName === 'configuration/uuid') {
-            if (!this.need(16)) return;
-            this.configSubsections.push({
-              name: 'configuration/uuid',
-              version: this.subsectionVersion,
-              uuid: Buffer.from(this.rb.subarray(this.ro, this.ro + 16)),
-            });
-          } else {
-            if (!this.need(4)) return;
-            const bits = this.rb.readUInt32BE(this.ro);
-            this.configSubsections.push({
-              name: 'configuration/target-page-bits',
-              version: this.subsectionVersion,
-              targetPageBits: bits,
-            });
-            if (2 ** bits !== this.pageSize) {
-              this.configSubsections.pop();
-              this.fallbackInConfiguration(`target page size 2^${bits} differs from ${this.pageSize}`, bits);
-              break;
-            }
-          }
-          this.state = State.ConfigNext;
-          break;
-        }
-
-        case State.CapabilityCount: {
-          if (!this.need(4)) return;
-          this.capabilityCount = this.rb.readUInt32BE(this.ro);
-          if (this.capabilityCount > Limit.ConfigCapabilities) {
-            this.fail(StreamErrorCode.AbsurdLength, `${this.capabilityCount} capabilities`);
-          }
-          this.capabilities = [];
-          this.state = this.capabilityCount > 0 ? State.CapabilityLength : State.ConfigNext;
-          if (this.capabilityCount === 0) this.pushCapabilities();
-          break;
-        }
-
-        case State.CapabilityLength: {
-          if (!this.need(1)) return;
-          this.payloadLength = this.rb[this.ro];
-          this.state = State.CapabilityName;
-          break;
-        }
-
-        case State.CapabilityName: {
-          if (!this.need(this.payloadLength)) return;
-          const capability = this.rb.toString('latin1', this.ro, this.ro + this.payloadLength);
-          this.capabilities.push(capability);
-          if (capability === 'x-ignore-shared') this.ignoreShared = true;
-          if (this.capabilities.length < this.capabilityCount) {
-            this.state = State.CapabilityLength;
-          } else {
-            this.pushCapabilities();
-            this.state = State.ConfigNext;
-          }
-          break;
-        }
-
-        case State.SectionIdent: {
-          // type, section id, idstr length
-          if (!this.need(6)) return;
-          const h = this.sectionHeader;
-          h.type = this.rb[this.ro] as SectionType.Start | SectionType.Full;
-          h.sectionId = this.rb.readUInt32BE(this.ro + 1);
-          this.payloadLength = this.rb[this.ro + 5];
-          h.streamOffset = this.recordStart;
-          this.state = State.SectionIdstr;
-          break;
-        }
-
-        case State.SectionIdstr: {
-          if (!this.need(this.payloadLength + 8)) return;
-          const h = this.sectionHeader;
-          h.idstr = this.rb.toString('latin1', this.ro, this.ro + this.payloadLength);
-          h.instanceId = this.rb.readUInt32BE(this.ro + this.payloadLength);
-          h.versionId = this.rb.readUInt32BE(this.ro + this.payloadLength + 4);
-          this.openSection();
-          break;
-        }
-
-        case State.SectionId: {
-          if (!this.need(5)) return;
-          const type = this.rb[this.ro] as SectionType.Part | SectionType.End;
-          const id = this.rb.readUInt32BE(this.ro + 1);
-          const known = this.sections.get(id);
-          if (!known || (known.type !== SectionType.Start && known.type !== SectionType.Part)) {
-            this.fail(StreamErrorCode.Malformed, `section ${id} continues but was never started`);
-          }
-          const record: SectionHeaderRecord = { ...known, type, streamOffset: this.recordStart };
-          this.sections.set(id, record);
-          this.currentSection = record;
-          this.emit(record);
-          // Only RAM is ever started (any other live section falls back), so this is RAM data.
-          this.state = State.RamWord;
-          break;
-        }
-
-        case State.RamWord: {
-          this.startRecord();
-          if (!this.need(8)) return;
-          const high = this.rb.readUInt32BE(this.ro);
-          const low = this.rb.readUInt32BE(this.ro + 4);
-          this.wordFlags = low & this.pageMask;
-          this.wordOffset = high * TWO_32 + (low - this.wordFlags);
-          this.dispatchRamWord(high);
-          break;
-        }
-
-        case State.BlockListNameLength: {
-          this.startRecord();
-          if (!this.need(1)) return;
-          this.payloadLength = this.rb[this.ro];
-          this.state = State.BlockListEntry;
-          break;
-        }
-
-        case State.BlockListEntry: {
-          const extra = this.ignoreShared ? 8 : 0;
-          if (!this.need(this.payloadLength + 8 + extra)) return;
-          const name = this.rb.toString('latin1', this.ro, this.ro + this.payloadLength);
-          const lengthHigh = this.rb.readUInt32BE(this.ro + this.payloadLength);
-          const length = lengthHigh * TWO_32 + this.rb.readUInt32BE(this.ro + this.payloadLength + 4);
-          if (lengthHigh >= 2 ** (Limit.RamBytesLog2 - 32) || length > this.blockListRemaining) {
-            this.fail(StreamErrorCode.AbsurdLength, `RAM block ${JSON.stringify(name)} of ${length} bytes exceeds the ${this.blockListTotal} bytes announced`);
-          }
-          if (this.blocksByName.has(name)) {
-            this.fail(StreamErrorCode.Malformed, `RAM block ${JSON.stringify(name)} listed twice`);
-          }
-          if (this.blocks.length >= Limit.RamBlocks) {
-            this.fail(StreamErrorCode.AbsurdLength, `more than ${Limit.RamBlocks} RAM blocks`);
-          }
-          const previous = this.blocks[this.blocks.length - 1];
-          const block: RamBlock = {
-            index: this.blocks.length,
-            name,
-            length,
-            firstPage: previous ? previous.firstPage + previous.pages : 0,
-            pages: Math.ceil(length / this.pageSize),
-            ...(extra ? { sharedAddr: this.rb.readBigUInt64BE(this.ro + this.payloadLength + 8) } : {}),
-          };
-          this.blocks.push(block);
-          this.blocksByName.set(name, block);
-          this.blockListRemaining -= length;
-          if (this.blockListRemaining > 0) {
-            this.state = State.BlockListNameLength;
-          } else {
-            this.emit({
-              kind: RecordKind.RamBlockList,
-              flags: this.blockListFlags,
-              totalBytes: this.blockListTotal,
-              blocks: this.blocks,
-              streamOffset: this.blockListStart,
-            });
-            this.state = State.RamWord;
-          }
-          break;
-        }
-
-        case State.RamBlockNameLength: {
-          if (!this.need(1)) return;
-          this.payloadLength = this.rb[this.ro];
-          this.state = State.RamBlockName;
-          break;
-        }
-
-        case State.RamBlockName: {
-          if (!this.need(this.payloadLength)) return;
-          const name = this.rb.toString('latin1', this.ro, this.ro + this.payloadLength);
-          const block = this.blocksByName.get(name);
-          if (!block) this.fail(StreamErrorCode.UnknownBlock, `RAM block ${JSON.stringify(name)} is not in the block list`);
-          this.lastBlock = block;
-          this.enterRamBody(block);
-          break;
-        }
-
-        case State.RamBody: {
-          // Fixed-size part after the header: ZERO's fill byte, XBZRLE's encoding and length,
-          // COMPRESS_PAGE's length; a plain page goes straight to its payload.
-          const kind = this.page.kind;
-          if (kind === RecordKind.RamZero) {
-            if (!this.need(1)) return;
-            this.page.byteValue = this.rb[this.ro];
-            this.page.data = this.rb;
-            this.page.dataStart = this.ro + 1;
-            this.page.dataLength = 0;
-            this.emitPage();
-          } else if (kind === RecordKind.RamXbzrle) {
-            if (!this.need(3)) return;
-            this.page.byteValue = this.rb[this.ro];
-            this.payloadLength = this.rb.readUInt16BE(this.ro + 1);
-            if (this.payloadLength > this.pageSize) {
-              this.fail(StreamErrorCode.AbsurdLength, `XBZRLE delta of ${this.payloadLength} bytes`);
-            }
-            this.state = State.RamPayload;
-          } else {
-            if (!this.need(4)) return;
-            this.payloadLength = this.rb.readUInt32BE(this.ro);
-            if (this.payloadLength > MAX_COMPRESSED_PAGE) {
-              this.fail(StreamErrorCode.AbsurdLength, `compressed page of ${this.payloadLength} bytes`);
-            }
-            this.state = State.RamPayload;
-          }
-          break;
-        }
-
-        case State.RamPayload: {
-          if (!this.need(this.payloadLength)) return;
-          this.page.data = this.rb;
-          this.page.dataStart = this.ro;
-          this.page.dataLength = this.payloadLength;
-          this.emitPage();
-          break;
-        }
-
-        case State.AfterSection: {
-          const next = this.peek();
-          if (next < 0) return;
-          if (next === SectionType.Footer) {
-            this.startRecord();
-            this.state = State.Footer;
-          } else if (this.framing.footers === true) {
-            this.startRecord();
-            this.fail(StreamErrorCode.FooterMismatch, `section ${this.currentSection?.sectionId} has no footer`);
-          } else {
-            this.framing.footers = false;
-            this.state = State.Top;
-          }
-          break;
-        }
-
-        case State.Footer: {
-          if (!this.need(5)) return;
-          const id = this.rb.readUInt32BE(this.ro + 1);
-          const expected = this.currentSection?.sectionId;
-          if (id !== expected) {
-            this.fail(StreamErrorCode.FooterMismatch, `footer of section ${id} ends section ${expected}`);
-          }
-          this.framing.footers = true;
-          this.emit({ kind: RecordKind.SectionFooter, sectionId: id, streamOffset: this.recordStart });
-          this.state = State.Top;
-          break;
-        }
-
-        case State.DeviceData:
-          if (!this.scanDeviceData()) return;
-          break;
-
-        case State.DeviceLookahead: {
-          // Gather enough bytes after a candidate footer to decide, then re-feed them.
-          const wanted = FOOTER_LOOKAHEAD - this.carryLength;
-          const take = Math.min(wanted, this.chunk.length - this.pos);
-          this.chunk.copy(this.carry, this.carryLength, this.pos, this.pos + take);
-          this.carryLength += take;
-          this.pos += take;
-          if (this.carryLength < FOOTER_LOOKAHEAD) return;
-          this.resolveLookahead(false);
-          break;
-        }
-
-        case State.UnframedDeviceData: {
-          // Without footers, nothing marks where device state ends but EOF, the last byte.
-          if (this.pos >= this.chunk.length) return;
-          const from = this.pos;
-          const to = this.chunk.length - 1;
-          this.recordStart = this.base + from;
-          if (this.heldByte >= 0) this.emitHeldByte(this.recordStart - 1);
-          if (to > from) this.emitBytes(RecordKind.SectionData, this.chunk.subarray(from, to), this.base + from);
-          this.heldByte = this.chunk[to];
-          this.pos = this.chunk.length;
-          return;
-        }
-
-        case State.CommandHeader: {
-          if (!this.need(5)) return;
-          this.command = this.rb.readUInt16BE(this.ro + 1);
-          this.commandLength = this.rb.readUInt16BE(this.ro + 3);
-          this.state = State.CommandData;
-          break;
-        }
-
-        case State.CommandData: {
-          if (!this.need(this.commandLength)) return;
-          const data = Buffer.from(this.rb.subarray(this.ro, this.ro + this.commandLength));
-          this.emit({ kind: RecordKind.Command, command: this.command, data, streamOffset: this.recordStart });
-          if (this.command === VmCommand.OpenReturnPath || this.command === VmCommand.Ping) {
-            this.state = State.Top;
-          } else {
-            this.fallback(`migration command ${this.command} (postcopy, packaged or COLO streams are relayed as they are)`);
-          }
-          break;
-        }
-
-        case State.AfterEof: {
-          const next = this.peek();
-          if (next < 0) return;
-          this.startRecord();
-          if (next === SectionType.VmDescription) {
-            this.state = State.VmDescriptionLength;
-          } else {
-            this.framing.vmDescription = false;
-            this.fallback(`byte 0x${next.toString(16)} after EOF`);
-          }
-          break;
-        }
-
-        case State.VmDescriptionLength: {
-          if (!this.need(5)) return;
-          this.vmDescriptionRemaining = this.rb.readUInt32BE(this.ro + 1);
-          this.framing.vmDescription = true;
-          this.emit({
-            kind: RecordKind.VmDescriptionHeader,
-            length: this.vmDescriptionRemaining,
-            streamOffset: this.recordStart,
-          });
-          this.state = this.vmDescriptionRemaining > 0 ? State.VmDescriptionData : State.Done;
-          break;
-        }
-
-        case State.VmDescriptionData: {
-          if (this.pos >= this.chunk.length) return;
-          const take = Math.min(this.vmDescriptionRemaining, this.chunk.length - this.pos);
-          this.emitBytes(RecordKind.VmDescriptionData, this.chunk.subarray(this.pos, this.pos + take), this.base + this.pos);
-          this.pos += take;
-          this.vmDescriptionRemaining -= take;
-          if (this.vmDescriptionRemaining === 0) this.state = State.Done;
-          break;
-        }
-
-        case State.Done: {
-          if (this.pos >= this.chunk.length) return;
-          this.startRecord();
-          this.fallback('bytes after the end of the stream');
-          break;
-        }
-
-        case State.Verbatim: {
-          if (this.pos >= this.chunk.length) return;
-          this.emitBytes(RecordKind.Verbatim, this.chunk.subarray(this.pos), this.base + this.pos);
-          this.pos = this.chunk.length;
-          return;
-        }
-
-        case State.Failed:
-          return;
-      }
+  /** Looks at the next record's type byte; the state it picks reads the record from that byte. */
+  private readNextRecord(): boolean {
+    const type = this.input.peek();
+    if (type < 0) return false;
+    this.startRecord();
+    if (type === SectionType.Configuration && this.recordStart === 8) {
+      this.state = State.ConfigHeader;
+    } else if (type === SectionType.Start || type === SectionType.Full) {
+      this.state = State.SectionStartHeader;
+    } else if (type === SectionType.Part || type === SectionType.End) {
+      this.state = State.SectionPartHeader;
+    } else if (type === SectionType.Eof) {
+      this.input.moveTo(this.input.position + 1);
+      this.emit({ kind: RecordKind.Eof, streamOffset: this.recordStart });
+      this.state = State.AfterEof;
+    } else if (type === SectionType.Command) {
+      this.state = State.CommandHeader;
+    } else {
+      this.fallback(`unknown section type 0x${type.toString(16)}`);
     }
+    if (this.framing.configuration === null && this.state !== State.ConfigHeader) {
+      this.framing.configuration = false;
+    }
+    return true;
+  }
+
+  /**
+   * The states that read a field ending in a name's length byte (SubsectionHeader, CapabilityLength,
+   * BlockListNameLength, RamBlockNameLength): takes the field; `next` reads the name.
+   */
+  private readNameLength(fieldBytes: number, next: State): boolean {
+    if (!this.input.take(fieldBytes)) return false;
+    this.payloadLength = this.input.u8(fieldBytes - 1);
+    this.state = next;
+    return true;
+  }
+
+  // Configuration section.
+
+  private readConfigHeader(): boolean {
+    if (!this.input.take(5)) return false;
+    const length = this.input.u32(1);
+    if (length > Limit.ConfigNameBytes) {
+      this.fail(StreamErrorCode.AbsurdLength, `configuration name of ${length} bytes`);
+    }
+    this.payloadLength = length;
+    this.state = State.ConfigName;
+    return true;
+  }
+
+  private readConfigName(): boolean {
+    if (!this.input.take(this.payloadLength)) return false;
+    this.configName = this.input.latin1(0, this.payloadLength);
+    this.configSubsections = [];
+    this.framing.configuration = true;
+    this.state = State.ConfigNext;
+    return true;
+  }
+
+  private readConfigNext(): boolean {
+    const next = this.input.peek();
+    if (next < 0) return false;
+    if (next === SectionType.Subsection) {
+      this.state = State.SubsectionHeader;
+      return true;
+    }
+    this.emit({
+      kind: RecordKind.Configuration,
+      machineType: this.configName,
+      subsections: this.configSubsections,
+      streamOffset: this.recordStart,
+    });
+    this.state = State.NextRecord;
+    return true;
+  }
+
+  private readSubsectionName(): boolean {
+    if (!this.input.take(this.payloadLength + 4)) return false;
+    this.subsectionName = this.input.latin1(0, this.payloadLength);
+    this.subsectionVersion = this.input.u32(this.payloadLength);
+    if (this.subsectionVersion !== 1) {
+      this.fallbackInConfiguration(`configuration subsection ${this.subsectionName} version ${this.subsectionVersion}`);
+    } else if (this.subsectionName === 'configuration/capabilities') {
+      this.state = State.CapabilityCount;
+    } else if (
+      this.subsectionName === 'configuration/target-page-bits' ||
+      this.subsectionName === 'configuration/uuid'
+    ) {
+      this.state = State.SubsectionBody;
+    } else {
+      this.fallbackInConfiguration(`unknown configuration subsection ${JSON.stringify(this.subsectionName)}`);
+    }
+    return true;
+  }
+
+  private readSubsectionBody(): boolean {
+    const input = this.input;
+    if (this.subsectionName === 'configuration/uuid') {
+      if (!input.take(16)) return false;
+      this.configSubsections.push({ name: 'configuration/uuid', version: this.subsectionVersion, uuid: input.copy(0, 16) });
+    } else {
+      if (!input.take(4)) return false;
+      const bits = input.u32(0);
+      if (2 ** bits !== this.pageSize) {
+        this.fallbackInConfiguration(`target page size 2^${bits} differs from ${this.pageSize}`, bits);
+        return true;
+      }
+      this.configSubsections.push({ name: 'configuration/target-page-bits', version: this.subsectionVersion, targetPageBits: bits });
+    }
+    this.state = State.ConfigNext;
+    return true;
+  }
+
+  private readCapabilityCount(): boolean {
+    if (!this.input.take(4)) return false;
+    this.capabilityCount = this.input.u32(0);
+    if (this.capabilityCount > Limit.ConfigCapabilities) {
+      this.fail(StreamErrorCode.AbsurdLength, `${this.capabilityCount} capabilities`);
+    }
+    this.capabilities = [];
+    if (this.capabilityCount > 0) {
+      this.state = State.CapabilityLength;
+    } else {
+      this.pushCapabilities();
+      this.state = State.ConfigNext;
+    }
+    return true;
+  }
+
+  private readCapabilityName(): boolean {
+    if (!this.input.take(this.payloadLength)) return false;
+    const capability = this.input.latin1(0, this.payloadLength);
+    this.capabilities.push(capability);
+    if (capability === 'x-ignore-shared') this.ignoreShared = true;
+    if (this.capabilities.length < this.capabilityCount) {
+      this.state = State.CapabilityLength;
+    } else {
+      this.pushCapabilities();
+      this.state = State.ConfigNext;
+    }
+    return true;
   }
 
   private pushCapabilities(): void {
@@ -766,6 +473,31 @@ export class StreamParser {
       version: this.subsectionVersion,
       capabilities: this.capabilities,
     });
+  }
+
+  // Section headers.
+
+  private readSectionStartHeader(): boolean {
+    const input = this.input;
+    if (!input.take(6)) return false;
+    const h = this.sectionHeader;
+    h.type = input.u8(0) as SectionType.Start | SectionType.Full;
+    h.sectionId = input.u32(1);
+    this.payloadLength = input.u8(5);
+    h.streamOffset = this.recordStart;
+    this.state = State.SectionStartName;
+    return true;
+  }
+
+  private readSectionStartName(): boolean {
+    const input = this.input;
+    if (!input.take(this.payloadLength + 8)) return false;
+    const h = this.sectionHeader;
+    h.idstr = input.latin1(0, this.payloadLength);
+    h.instanceId = input.u32(this.payloadLength);
+    h.versionId = input.u32(this.payloadLength + 4);
+    this.openSection();
+    return true;
   }
 
   /** A START or FULL header has been read. */
@@ -781,27 +513,51 @@ export class StreamParser {
     this.sections.set(h.sectionId, record);
     this.currentSection = record;
     const isRam = h.idstr === 'ram';
-    if (h.type === SectionType.Start && !isRam) {
-      this.emit(record);
-      this.fallback(`live section ${JSON.stringify(h.idstr)} is not understood`);
-      return;
-    }
-    if (isRam && (h.type === SectionType.Full || this.ramSectionId >= 0)) {
-      this.emit(record);
-      this.fallback('a second or FULL ram section');
-      return;
-    }
     this.emit(record);
-    if (isRam) {
+    if (h.type === SectionType.Start && !isRam) {
+      this.fallback(`live section ${JSON.stringify(h.idstr)} is not understood`);
+    } else if (isRam && (h.type === SectionType.Full || this.ramSectionId >= 0)) {
+      this.fallback('a second or FULL ram section');
+    } else if (isRam) {
       this.ramSectionId = h.sectionId;
       this.state = State.RamWord;
     } else if (this.framing.footers === true) {
-      this.footerPattern[0] = SectionType.Footer;
-      this.footerPattern.writeUInt32BE(h.sectionId, 1);
+      this.footerScanner.expect(h.sectionId);
       this.state = State.DeviceData;
     } else {
       this.state = State.UnframedDeviceData;
     }
+  }
+
+  private readSectionPartHeader(): boolean {
+    if (!this.input.take(5)) return false;
+    const type = this.input.u8(0) as SectionType.Part | SectionType.End;
+    const id = this.input.u32(1);
+    const known = this.sections.get(id);
+    if (!known || (known.type !== SectionType.Start && known.type !== SectionType.Part)) {
+      this.fail(StreamErrorCode.Malformed, `section ${id} continues but was never started`);
+    }
+    const record: SectionHeaderRecord = { ...known, type, streamOffset: this.recordStart };
+    this.sections.set(id, record);
+    this.currentSection = record;
+    this.emit(record);
+    // Only RAM is ever started (any other live section falls back), so this is RAM data.
+    this.state = State.RamWord;
+    return true;
+  }
+
+  // RAM section.
+
+  private readRamWord(): boolean {
+    this.startRecord();
+    const input = this.input;
+    if (!input.take(8)) return false;
+    const high = input.u32(0);
+    const low = input.u32(4);
+    this.wordFlags = low & this.pageMask;
+    this.wordOffset = high * TWO_32 + (low - this.wordFlags);
+    this.dispatchRamWord(high);
+    return true;
   }
 
   private dispatchRamWord(high: number): void {
@@ -839,7 +595,7 @@ export class StreamParser {
         return;
       case RamFlag.Eos:
         this.emitMarker(RecordKind.RamEos);
-        this.state = State.AfterSection;
+        this.state = State.AfterRamSection;
         return;
       case RamFlag.MultifdFlush:
         this.emitMarker(RecordKind.RamMultifdFlush);
@@ -850,9 +606,59 @@ export class StreamParser {
           this.emitMarker(RecordKind.RamHook);
           this.fallback('RDMA hook in the RAM section');
         } else {
-          this.fallback(`unknown RAM flags 0x${flags.toString(16)}`, Buffer.from(this.rb.subarray(this.ro, this.ro + 8)));
+          this.fallback(`unknown RAM flags 0x${flags.toString(16)}`, this.input.copy(0, 8));
         }
     }
+  }
+
+  /** Each entry of the list is a record of its own where an error points. */
+  private readBlockListNameLength(): boolean {
+    this.startRecord();
+    return this.readNameLength(1, State.BlockListEntry);
+  }
+
+  private readBlockListEntry(): boolean {
+    const input = this.input;
+    const nameLength = this.payloadLength;
+    const extra = this.ignoreShared ? 8 : 0;
+    if (!input.take(nameLength + 8 + extra)) return false;
+    const name = input.latin1(0, nameLength);
+    const lengthHigh = input.u32(nameLength);
+    const length = lengthHigh * TWO_32 + input.u32(nameLength + 4);
+    if (lengthHigh >= 2 ** (Limit.RamBytesLog2 - 32) || length > this.blockListRemaining) {
+      this.fail(StreamErrorCode.AbsurdLength, `RAM block ${JSON.stringify(name)} of ${length} bytes exceeds the ${this.blockListTotal} bytes announced`);
+    }
+    if (this.blocksByName.has(name)) {
+      this.fail(StreamErrorCode.Malformed, `RAM block ${JSON.stringify(name)} listed twice`);
+    }
+    if (this.blocks.length >= Limit.RamBlocks) {
+      this.fail(StreamErrorCode.AbsurdLength, `more than ${Limit.RamBlocks} RAM blocks`);
+    }
+    const previous = this.blocks[this.blocks.length - 1];
+    const block: RamBlock = {
+      index: this.blocks.length,
+      name,
+      length,
+      firstPage: previous ? previous.firstPage + previous.pages : 0,
+      pages: Math.ceil(length / this.pageSize),
+      ...(extra ? { sharedAddr: input.u64(nameLength + 8) } : {}),
+    };
+    this.blocks.push(block);
+    this.blocksByName.set(name, block);
+    this.blockListRemaining -= length;
+    if (this.blockListRemaining > 0) {
+      this.state = State.BlockListNameLength;
+    } else {
+      this.emit({
+        kind: RecordKind.RamBlockList,
+        flags: this.blockListFlags,
+        totalBytes: this.blockListTotal,
+        blocks: this.blocks,
+        streamOffset: this.blockListStart,
+      });
+      this.state = State.RamWord;
+    }
+    return true;
   }
 
   private beginPage(kind: RamPageRecord['kind'], flags: number): void {
@@ -871,6 +677,16 @@ export class StreamParser {
     }
   }
 
+  private readRamBlockName(): boolean {
+    if (!this.input.take(this.payloadLength)) return false;
+    const name = this.input.latin1(0, this.payloadLength);
+    const block = this.blocksByName.get(name);
+    if (!block) this.fail(StreamErrorCode.UnknownBlock, `RAM block ${JSON.stringify(name)} is not in the block list`);
+    this.lastBlock = block;
+    this.enterRamBody(block);
+    return true;
+  }
+
   private enterRamBody(block: RamBlock): void {
     const page = this.page;
     if (page.offset >= block.length) {
@@ -887,9 +703,281 @@ export class StreamParser {
     }
   }
 
+  /**
+   * The fixed-size part after the header: ZERO's fill byte, XBZRLE's encoding and length,
+   * COMPRESS_PAGE's length (a plain page goes straight to its payload).
+   */
+  private readRamBody(): boolean {
+    const input = this.input;
+    const page = this.page;
+    if (page.kind === RecordKind.RamZero) {
+      if (!input.take(1)) return false;
+      page.byteValue = input.u8(0);
+      page.data = input.fieldData;
+      page.dataStart = input.fieldIndex + 1;
+      page.dataLength = 0;
+      this.emitPage();
+    } else if (page.kind === RecordKind.RamXbzrle) {
+      if (!input.take(3)) return false;
+      page.byteValue = input.u8(0);
+      this.payloadLength = input.u16(1);
+      if (this.payloadLength > this.pageSize) {
+        this.fail(StreamErrorCode.AbsurdLength, `XBZRLE delta of ${this.payloadLength} bytes`);
+      }
+      this.state = State.RamPayload;
+    } else {
+      if (!input.take(4)) return false;
+      this.payloadLength = input.u32(0);
+      if (this.payloadLength > MAX_COMPRESSED_PAGE) {
+        this.fail(StreamErrorCode.AbsurdLength, `compressed page of ${this.payloadLength} bytes`);
+      }
+      this.state = State.RamPayload;
+    }
+    return true;
+  }
+
+  private readRamPayload(): boolean {
+    const input = this.input;
+    if (!input.take(this.payloadLength)) return false;
+    const page = this.page;
+    page.data = input.fieldData;
+    page.dataStart = input.fieldIndex;
+    page.dataLength = this.payloadLength;
+    this.emitPage();
+    return true;
+  }
+
   private emitPage(): void {
     this.emit(this.page);
     this.state = State.RamWord;
+  }
+
+  private readAfterRamSection(): boolean {
+    const next = this.input.peek();
+    if (next < 0) return false;
+    if (next === SectionType.Footer) {
+      this.startRecord();
+      this.state = State.Footer;
+    } else if (this.framing.footers === true) {
+      this.startRecord();
+      this.fail(StreamErrorCode.FooterMismatch, `section ${this.currentSection?.sectionId} has no footer`);
+    } else {
+      this.framing.footers = false;
+      this.state = State.NextRecord;
+    }
+    return true;
+  }
+
+  private readFooter(): boolean {
+    if (!this.input.take(5)) return false;
+    const id = this.input.u32(1);
+    const expected = this.currentSection?.sectionId;
+    if (id !== expected) {
+      this.fail(StreamErrorCode.FooterMismatch, `footer of section ${id} ends section ${expected}`);
+    }
+    this.framing.footers = true;
+    this.emit({ kind: RecordKind.SectionFooter, sectionId: id, streamOffset: this.recordStart });
+    this.state = State.NextRecord;
+    return true;
+  }
+
+  // Device sections (opaque data).
+
+  /** Relays device data up to the next candidate footer of the current section and judges it. */
+  private readDeviceData(): boolean {
+    const input = this.input;
+    const chunk = input.chunk;
+    const start = input.position;
+    if (start >= chunk.length) return false;
+    const candidate = this.footerScanner.nextCandidate(chunk, start);
+    if (candidate < 0) {
+      this.emitBytes(RecordKind.SectionData, chunk.subarray(start), input.offsetOf(start));
+      input.moveTo(chunk.length);
+      return false;
+    }
+    if (candidate > start) this.emitBytes(RecordKind.SectionData, chunk.subarray(start, candidate), input.offsetOf(start));
+    input.moveTo(candidate);
+    this.recordStart = input.offsetOf(candidate);
+    const verdict = this.footerScanner.verdict(chunk, candidate, chunk.length, false);
+    if (verdict === FooterVerdict.Footer) {
+      this.state = State.Footer;
+    } else if (verdict === FooterVerdict.Data) {
+      this.emitBytes(RecordKind.SectionData, chunk.subarray(candidate, candidate + 1), this.recordStart);
+      input.moveTo(candidate + 1);
+    } else {
+      this.state = State.DeviceLookahead;
+    }
+    return true;
+  }
+
+  /** Gathers enough bytes after a candidate footer to decide it (it began near a chunk's end). */
+  private readDeviceLookahead(): boolean {
+    if (!this.input.gather(FOOTER_LOOKAHEAD)) return false;
+    this.resolveLookahead(false);
+    return true;
+  }
+
+  /** The lookahead window is complete (or the stream ended): decide, then parse the window again. */
+  private resolveLookahead(final: boolean): void {
+    const input = this.input;
+    const windowStart = input.offset - input.carriedBytes;
+    const window = input.takeCarried();
+    const verdict = this.footerScanner.verdict(window, 0, window.length, final);
+    this.recordStart = windowStart;
+    let rest: Buffer;
+    if (verdict === FooterVerdict.Footer) {
+      this.emit({ kind: RecordKind.SectionFooter, sectionId: this.currentSection?.sectionId ?? 0, streamOffset: windowStart }, windowStart + 5);
+      this.state = State.NextRecord;
+      rest = window.subarray(5);
+    } else {
+      this.emitBytes(RecordKind.SectionData, window.subarray(0, 1), windowStart);
+      this.state = State.DeviceData;
+      rest = window.subarray(1);
+    }
+    if (rest.length > 0) input.interpose(rest, windowStart + window.length - rest.length, () => this.run());
+    if (final) this.finish();
+  }
+
+  /** Without footers, nothing marks where device state ends but EOF, the last byte. */
+  private readUnframedDeviceData(): boolean {
+    const input = this.input;
+    const chunk = input.chunk;
+    const from = input.position;
+    if (from >= chunk.length) return false;
+    const to = chunk.length - 1;
+    this.recordStart = input.offsetOf(from);
+    if (this.heldByte >= 0) this.emitHeldByte(this.recordStart - 1);
+    if (to > from) this.emitBytes(RecordKind.SectionData, chunk.subarray(from, to), this.recordStart);
+    this.heldByte = chunk[to];
+    input.moveTo(chunk.length);
+    return false;
+  }
+
+  private emitHeldByte(at: number): void {
+    this.emitBytes(RecordKind.SectionData, Buffer.of(this.heldByte), at);
+    this.heldByte = -1;
+  }
+
+  // Commands.
+
+  private readCommandHeader(): boolean {
+    if (!this.input.take(5)) return false;
+    this.command = this.input.u16(1);
+    this.commandLength = this.input.u16(3);
+    this.state = State.CommandData;
+    return true;
+  }
+
+  private readCommandData(): boolean {
+    if (!this.input.take(this.commandLength)) return false;
+    const data = this.input.copy(0, this.commandLength);
+    this.emit({ kind: RecordKind.Command, command: this.command, data, streamOffset: this.recordStart });
+    const reader = StreamParser.commands.get(this.command);
+    if (reader) {
+      reader.call(this, data);
+    } else {
+      this.fallback(`migration command ${this.command} (postcopy, packaged or COLO streams are relayed as they are)`);
+    }
+    return true;
+  }
+
+  /** OPEN_RETURN_PATH, PING: they ask something of the destination; the stream goes on. */
+  private readOnAfterCommand(): void {
+    this.state = State.NextRecord;
+  }
+
+  // The end of the stream.
+
+  private readAfterEof(): boolean {
+    const next = this.input.peek();
+    if (next < 0) return false;
+    this.startRecord();
+    if (next === SectionType.VmDescription) {
+      this.state = State.VmDescriptionLength;
+    } else {
+      this.framing.vmDescription = false;
+      this.fallback(`byte 0x${next.toString(16)} after EOF`);
+    }
+    return true;
+  }
+
+  private readVmDescriptionLength(): boolean {
+    if (!this.input.take(5)) return false;
+    this.vmDescriptionRemaining = this.input.u32(1);
+    this.framing.vmDescription = true;
+    this.emit({
+      kind: RecordKind.VmDescriptionHeader,
+      length: this.vmDescriptionRemaining,
+      streamOffset: this.recordStart,
+    });
+    this.state = this.vmDescriptionRemaining > 0 ? State.VmDescriptionData : State.Done;
+    return true;
+  }
+
+  private readVmDescriptionData(): boolean {
+    const input = this.input;
+    const from = input.position;
+    if (input.available === 0) return false;
+    const take = Math.min(this.vmDescriptionRemaining, input.available);
+    this.emitBytes(RecordKind.VmDescriptionData, input.chunk.subarray(from, from + take), input.offsetOf(from));
+    input.moveTo(from + take);
+    this.vmDescriptionRemaining -= take;
+    if (this.vmDescriptionRemaining === 0) this.state = State.Done;
+    return true;
+  }
+
+  private readAfterEnd(): boolean {
+    if (this.input.available === 0) return false;
+    this.startRecord();
+    this.fallback('bytes after the end of the stream');
+    return true;
+  }
+
+  private readVerbatim(): boolean {
+    const input = this.input;
+    const from = input.position;
+    if (input.available === 0) return false;
+    this.emitBytes(RecordKind.Verbatim, input.chunk.subarray(from), input.offsetOf(from));
+    input.moveTo(input.chunk.length);
+    return false;
+  }
+
+  private finish(): void {
+    switch (this.state) {
+      case State.Done:
+      case State.Verbatim:
+        return;
+      case State.AfterEof:
+        this.framing.vmDescription = false;
+        this.state = State.Done;
+        return;
+      case State.DeviceLookahead:
+        this.resolveLookahead(true);
+        return;
+      case State.UnframedDeviceData: {
+        const at = this.input.offset - 1;
+        if (this.heldByte !== SectionType.Eof) {
+          this.fail(StreamErrorCode.Truncated, 'the stream ended inside device state (no EOF marker)', at + 1);
+        }
+        this.heldByte = -1;
+        this.emit({ kind: RecordKind.Eof, streamOffset: at }, at + 1);
+        this.state = State.Done;
+        return;
+      }
+      default:
+        this.fail(StreamErrorCode.Truncated, 'the stream ended before its EOF marker', this.input.offset);
+    }
+  }
+
+  // Records and failures.
+
+  private fail(code: StreamErrorCode, detail: string, at = this.recordStart): never {
+    throw new StreamError(code, at, detail);
+  }
+
+  /** Notes where a record begins; a no-op while the cursor is still gathering that record. */
+  private startRecord(): void {
+    if (this.input.carriedBytes === 0) this.recordStart = this.input.offset;
   }
 
   private emitMarker(kind: RamMarkerRecord['kind']): void {
@@ -911,14 +999,9 @@ export class StreamParser {
   }
 
   /** Hands a record to the sink; `end` is where its bytes end when that is not where parsing stands. */
-  private emit(record: StreamRecord, end = this.base + this.pos): void {
+  private emit(record: StreamRecord, end = this.input.offset): void {
     this.recordsEnd = end;
     this.sink(record);
-  }
-
-  private emitHeldByte(at: number): void {
-    this.emitBytes(RecordKind.SectionData, Buffer.of(this.heldByte), at);
-    this.heldByte = -1;
   }
 
   /**
@@ -929,10 +1012,7 @@ export class StreamParser {
     this.fallbackReason = reason;
     this.emit({ kind: RecordKind.Fallback, reason, streamOffset: this.recordStart }, this.recordStart);
     if (consumed && consumed.length > 0) this.emitBytes(RecordKind.Verbatim, consumed, this.recordStart);
-    if (this.carryLength > 0) {
-      this.emitBytes(RecordKind.Verbatim, Buffer.from(this.carry.subarray(0, this.carryLength)), this.recordStart);
-      this.carryLength = 0;
-    }
+    if (this.input.carriedBytes > 0) this.emitBytes(RecordKind.Verbatim, this.input.takeCarried(), this.recordStart);
     this.state = State.Verbatim;
   }
 
@@ -949,137 +1029,4 @@ export class StreamParser {
     }
     this.fallback(reason, Buffer.concat(read));
   }
-
-  /**
-   * Relays device data up to the next candidate footer of the current section. Returns false when
-   * the chunk is used up.
-   */
-  private scanDeviceData(): boolean {
-    const chunk = this.chunk;
-    if (this.pos >= chunk.length) return false;
-    const start = this.pos;
-    let candidate = chunk.indexOf(this.footerPattern, start);
-    if (candidate < 0) {
-      // A footer may begin in the last four bytes and end in the next chunk.
-      const tail = chunk.indexOf(SectionType.Footer, Math.max(start, chunk.length - 4));
-      if (tail < 0) {
-        this.emitBytes(RecordKind.SectionData, chunk.subarray(start), this.base + start);
-        this.pos = chunk.length;
-        return false;
-      }
-      candidate = tail;
-    }
-    if (candidate > start) this.emitBytes(RecordKind.SectionData, chunk.subarray(start, candidate), this.base + start);
-    this.pos = candidate;
-    this.recordStart = this.base + candidate;
-    const verdict = this.footerVerdict(chunk, candidate, chunk.length, false);
-    if (verdict === Verdict.Footer) {
-      this.state = State.Footer;
-    } else if (verdict === Verdict.Data) {
-      this.emitBytes(RecordKind.SectionData, chunk.subarray(candidate, candidate + 1), this.recordStart);
-      this.pos = candidate + 1;
-    } else {
-      this.state = State.DeviceLookahead;
-    }
-    return true;
-  }
-
-  /** The lookahead window in carry is complete (or the stream ended): decide and re-feed it. */
-  private resolveLookahead(final: boolean): void {
-    const window = Buffer.from(this.carry.subarray(0, this.carryLength));
-    const windowStart = this.base + this.pos - this.carryLength;
-    this.carryLength = 0;
-    const verdict = this.footerVerdict(window, 0, window.length, final);
-    this.recordStart = windowStart;
-    let rest: Buffer;
-    if (verdict === Verdict.Footer) {
-      this.emit({ kind: RecordKind.SectionFooter, sectionId: this.currentSection?.sectionId ?? 0, streamOffset: windowStart }, windowStart + 5);
-      this.state = State.Top;
-      rest = window.subarray(5);
-    } else {
-      this.emitBytes(RecordKind.SectionData, window.subarray(0, 1), windowStart);
-      this.state = State.DeviceData;
-      rest = window.subarray(1);
-    }
-    if (rest.length > 0) this.refeed(rest, windowStart + window.length - rest.length);
-    if (final) this.finish();
-  }
-
-  /**
-   * Whether `0x7e <section id>` at buf[p] ends the current device section: it does when what follows
-   * is a record that can follow a section (another section, EOF, a command). `final` says the stream
-   * has ended at `end`.
-   */
-  private footerVerdict(buf: Buffer, p: number, end: number, final: boolean): Verdict {
-    const more = final ? Verdict.Data : Verdict.NeedMore;
-    if (end - p < 5) return more;
-    if (buf.compare(this.footerPattern, 0, 5, p, p + 5) !== 0) return Verdict.Data;
-    const q = p + 5;
-    // A footer as the very last bytes leaves a truncated stream either way; call it a footer.
-    if (q >= end) return final ? Verdict.Footer : Verdict.NeedMore;
-    const type = buf[q];
-    switch (type) {
-      case SectionType.Eof:
-        if (end - q < 2) return final ? Verdict.Footer : more;
-        return buf[q + 1] === SectionType.VmDescription ? Verdict.Footer : Verdict.Data;
-      case SectionType.Full:
-      case SectionType.Start: {
-        if (end - q < 6) return more;
-        const id = buf.readUInt32BE(q + 1);
-        const length = buf[q + 5];
-        if (length === 0 || this.sections.has(id)) return Verdict.Data;
-        if (end - q < 6 + length + 8) return more;
-        for (let i = q + 6; i < q + 6 + length; i++) {
-          const c = buf[i];
-          if (c < 0x21 || c > 0x7e) return Verdict.Data;
-        }
-        return Verdict.Footer;
-      }
-      case SectionType.Part:
-      case SectionType.End: {
-        if (end - q < 5) return more;
-        return this.sections.has(buf.readUInt32BE(q + 1)) ? Verdict.Footer : Verdict.Data;
-      }
-      case SectionType.Command: {
-        if (end - q < 3) return more;
-        const command = buf.readUInt16BE(q + 1);
-        return command >= VmCommand.OpenReturnPath && command <= VmCommand.SwitchoverStart ? Verdict.Footer : Verdict.Data;
-      }
-      default:
-        return Verdict.Data;
-    }
-  }
-
-  private finish(): void {
-    switch (this.state) {
-      case State.Done:
-      case State.Verbatim:
-        return;
-      case State.AfterEof:
-        this.framing.vmDescription = false;
-        this.state = State.Done;
-        return;
-      case State.DeviceLookahead:
-        this.resolveLookahead(true);
-        return;
-      case State.UnframedDeviceData: {
-        const at = this.base + this.pos - 1;
-        if (this.heldByte !== SectionType.Eof) {
-          this.fail(StreamErrorCode.Truncated, 'the stream ended inside device state (no EOF marker)', at + 1);
-        }
-        this.heldByte = -1;
-        this.emit({ kind: RecordKind.Eof, streamOffset: at }, at + 1);
-        this.state = State.Done;
-        return;
-      }
-      default:
-        this.fail(StreamErrorCode.Truncated, 'the stream ended before its EOF marker', this.base + this.pos);
-    }
-  }
-}
-
-const enum Verdict {
-  Footer,
-  Data,
-  NeedMore,
 }
