@@ -2,8 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { acquireLock, alive, lockHolder, releaseLock, StoreBusyError } from './lock';
 import { readFileNoFollow } from './fsio';
-import { META_FILE } from './page-store';
-import { parseMeta, validateVmName } from './meta';
+import { META_FILE, parseMeta, validateVmName } from './meta';
 
 export interface Eviction {
   vm: string;

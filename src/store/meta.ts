@@ -3,6 +3,9 @@
  */
 import { errorMessage } from '../common/errors';
 
+/** The store's metadata file in its directory, replaced atomically by the store. */
+export const META_FILE = 'meta.json';
+
 /** What the caller tells begin() about the VM's RAM. */
 export interface StoreLayout {
   /** Bytes per page (4096 for x86 guests). */
