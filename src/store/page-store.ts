@@ -165,8 +165,8 @@ export class PageStore {
 
   /** The complete snapshot this store claims (meta.snapshotId when clean), else null. */
   snapshotId(): string | null {
-    const m = this.storedMeta;
-    return m !== null && m.state === 'clean' ? m.snapshotId : null;
+    const stored = this.storedMeta;
+    return stored !== null && stored.state === 'clean' ? stored.snapshotId : null;
   }
 
   /** True between begin() and a successful commit()/abort(). */
@@ -215,15 +215,15 @@ export class PageStore {
       throw new RangeError(`store ${this.vm}: the stream declares ${layout.pageCount} pages of ${layout.pageSize} bytes, more than the ${this.maxPages} allowed (limits.maxGuestRam)`);
     }
     const layoutValue: unknown = JSON.parse(layoutJson);
-    const m = this.storedMeta;
+    const stored = this.storedMeta;
     const same =
-      m !== null &&
-      m.layoutId === layout.layoutId &&
-      m.pageSize === layout.pageSize &&
-      m.pageCount === layout.pageCount;
+      stored !== null &&
+      stored.layoutId === layout.layoutId &&
+      stored.pageSize === layout.pageSize &&
+      stored.pageCount === layout.pageCount;
     if (same) {
       const table = this.loadTable();
-      this.persistMeta({ ...m, state: 'dirty', snapshotId: null, layout: layoutValue, presentPages: table.presentPages });
+      this.persistMeta({ ...stored, state: 'dirty', snapshotId: null, layout: layoutValue, presentPages: table.presentPages });
     } else {
       this.resetFiles(layout.layoutId, layoutValue, layout.pageSize, layout.pageCount);
     }
@@ -424,22 +424,22 @@ export class PageStore {
       this.warnings.push(`ignored ${metaPath}: ${parsed.error}; the store is treated as empty`);
       return;
     }
-    const m = parsed.meta;
-    this.storedMeta = m;
-    this.pages.setGeometry(m.pageSize, m.pageCount);
+    const meta = parsed.meta;
+    this.storedMeta = meta;
+    this.pages.setGeometry(meta.pageSize, meta.pageCount);
     const pagesSize = this.pages.size();
     const digestsSize = fs.fstatSync(this.digestsFd).size;
-    if (pagesSize !== m.pageCount * m.pageSize || digestsSize !== m.pageCount * DIGEST_BYTES) {
+    if (pagesSize !== meta.pageCount * meta.pageSize || digestsSize !== meta.pageCount * DIGEST_BYTES) {
       // Also the trace of a crash in the middle of a reset (see resetFiles).
       this.warnings.push(
         `${this.dir}: pages file is ${pagesSize} bytes and digests file ${digestsSize} bytes, ` +
-          `want ${m.pageCount * m.pageSize} and ${m.pageCount * DIGEST_BYTES}; reset to empty`,
+          `want ${meta.pageCount * meta.pageSize} and ${meta.pageCount * DIGEST_BYTES}; reset to empty`,
       );
-      this.resetFiles(m.layoutId, m.layout, m.pageSize, m.pageCount);
+      this.resetFiles(meta.layoutId, meta.layout, meta.pageSize, meta.pageCount);
       this.persistMeta({ ...(this.storedMeta as StoreMeta), state: 'clean' });
       return;
     }
-    if (m.state === 'dirty') this.recover();
+    if (meta.state === 'dirty') this.recover();
   }
 
   /**
@@ -451,9 +451,9 @@ export class PageStore {
    * correcting; otherwise the store is consistent and claims nothing.
    */
   private recover(): void {
-    const m = this.storedMeta as StoreMeta;
+    const meta = this.storedMeta as StoreMeta;
     const table = this.loadTable();
-    const journal = UndoJournal.open(this.dir, m);
+    const journal = UndoJournal.open(this.dir, meta);
     let restored = 0;
     let replayed = false;
     if (journal !== null) {
@@ -481,7 +481,7 @@ export class PageStore {
     table.markAllDirty();
     table.writeDirty(this.digestsFd);
     fs.fsyncSync(this.digestsFd);
-    this.persistMeta({ ...m, state: 'clean', snapshotId: claim, presentPages: table.presentPages });
+    this.persistMeta({ ...meta, state: 'clean', snapshotId: claim, presentPages: table.presentPages });
     UndoJournal.remove(this.dir);
     const undo =
       journal === null
@@ -579,9 +579,9 @@ export class PageStore {
   }
 
   private persistMeta(fields: Omit<StoreMeta, 'updatedAt'>): void {
-    const m: StoreMeta = { ...fields, vm: this.vm, updatedAt: new Date().toISOString() };
-    writeFileAtomic(this.dir, META_FILE, serializeMeta(m));
-    this.storedMeta = m;
+    const meta: StoreMeta = { ...fields, vm: this.vm, updatedAt: new Date().toISOString() };
+    writeFileAtomic(this.dir, META_FILE, serializeMeta(meta));
+    this.storedMeta = meta;
   }
 
   private checkIndex(index: number, op: string): void {

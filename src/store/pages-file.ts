@@ -21,8 +21,8 @@ import { openRW, preadFully, pwriteFully } from './fsio';
 export const PAGES_FILE = 'pages';
 
 export class PagesFile {
-  private pageBytes = 0;
-  private pages = 0;
+  private bytesPerPage = 0;
+  private pagesInFile = 0;
 
   /** The run of pages runStart .. runStart+runLength-1 waits in runBuffer at slots 0 .. runLength-1. */
   private runBuffer: Buffer | null = null;
@@ -68,12 +68,12 @@ export class PagesFile {
 
   /** Bytes per page (0 when the store holds no layout). */
   get pageSize(): number {
-    return this.pageBytes;
+    return this.bytesPerPage;
   }
 
   /** Pages the file holds room for. */
   get pageCount(): number {
-    return this.pages;
+    return this.pagesInFile;
   }
 
   /** Whether pages move with O_DIRECT (else through the page cache). */
@@ -88,8 +88,8 @@ export class PagesFile {
 
   /** Takes the geometry of a file already of that size (as a store's meta says). */
   setGeometry(pageSize: number, pageCount: number): void {
-    this.pageBytes = pageSize;
-    this.pages = pageCount;
+    this.bytesPerPage = pageSize;
+    this.pagesInFile = pageCount;
   }
 
   /**
@@ -119,13 +119,13 @@ export class PagesFile {
 
   /** Readies the write path for the current page size; any run not flushed is dropped. */
   prepareWrites(): void {
-    const ps = this.pageBytes;
+    const pageSize = this.bytesPerPage;
     this.runLength = 0;
-    if (this.zeroPageDigest === null || this.zeroPageDigestSize !== ps) {
+    if (this.zeroPageDigest === null || this.zeroPageDigestSize !== pageSize) {
       const digest = new Uint8Array(DIGEST_BYTES);
-      digestOne(new Uint8Array(ps), 0, ps, digest, 0);
+      digestOne(new Uint8Array(pageSize), 0, pageSize, digest, 0);
       this.zeroPageDigest = digest;
-      this.zeroPageDigestSize = ps;
+      this.zeroPageDigestSize = pageSize;
     }
     const direct = this.directForPageSize();
     if (direct !== null) {
@@ -133,12 +133,12 @@ export class PagesFile {
       if (this.lentBuffer >= 0) direct.submit(this.lentBuffer, 0, 0);
       this.lentBuffer = -1;
       this.runBuffer = null;
-      this.runCapacity = Math.max(1, Math.floor(Math.min(direct.writeBuffers[0].length, this.runBufferBytes) / ps));
+      this.runCapacity = Math.max(1, Math.floor(Math.min(direct.writeBuffers[0].length, this.runBufferBytes) / pageSize));
       return;
     }
-    const capacity = Math.max(1, Math.floor(this.runBufferBytes / ps));
-    if (this.runBuffer === null || this.runCapacity !== capacity || this.runBuffer.length !== capacity * ps) {
-      this.runBuffer = Buffer.allocUnsafeSlow(capacity * ps);
+    const capacity = Math.max(1, Math.floor(this.runBufferBytes / pageSize));
+    if (this.runBuffer === null || this.runCapacity !== capacity || this.runBuffer.length !== capacity * pageSize) {
+      this.runBuffer = Buffer.allocUnsafeSlow(capacity * pageSize);
       this.runCapacity = capacity;
     }
   }
@@ -149,26 +149,26 @@ export class PagesFile {
    * indexes, and rewrites of a page still in the run, are coalesced into one write.
    */
   write(index: number, src: Uint8Array, srcStart: number, digest: Uint8Array, digestStart: number): void {
-    const ps = this.pageBytes;
+    const pageSize = this.bytesPerPage;
     const holes = this.holes;
     if (holes !== null && (holes[index >>> 3] & (1 << (index & 7))) !== 0) {
       // The page's region of the file is still a hole. A zero page needs no write.
       if (this.isZeroPage(digest, digestStart)) return;
       holes[index >>> 3] &= ~(1 << (index & 7));
     }
-    const n = this.runLength;
+    const pending = this.runLength;
     const rel = index - this.runStart;
     let slot: number;
-    if (n > 0 && rel >= 0 && rel < n) {
+    if (pending > 0 && rel >= 0 && rel < pending) {
       slot = rel; // rewrite of a pending page
-    } else if (n > 0 && rel === n && n < this.runCapacity) {
-      slot = n; // extends the run
+    } else if (pending > 0 && rel === pending && pending < this.runCapacity) {
+      slot = pending; // extends the run
     } else {
-      if (n > 0) this.flush();
+      if (pending > 0) this.flush();
       this.runStart = index;
       slot = 0;
     }
-    copyBytes(src, srcStart, this.runBuffer ?? this.lendBuffer(), slot * ps, ps);
+    copyBytes(src, srcStart, this.runBuffer ?? this.lendBuffer(), slot * pageSize, pageSize);
     if (slot === this.runLength) this.runLength = slot + 1;
   }
 
@@ -177,7 +177,7 @@ export class PagesFile {
    * page is queued).
    */
   writeThrough(index: number, src: Uint8Array, srcStart: number): void {
-    pwriteFully(this.fd, src, srcStart, this.pageBytes, index * this.pageBytes);
+    pwriteFully(this.fd, src, srcStart, this.bytesPerPage, index * this.bytesPerPage);
   }
 
   /** Writes the pending run. On failure its pages are lost (their content on disk is unknown) and it throws. */
@@ -185,7 +185,7 @@ export class PagesFile {
     const n = this.runLength;
     if (n === 0) return;
     const start = this.runStart;
-    const ps = this.pageBytes;
+    const pageSize = this.bytesPerPage;
     this.runLength = 0;
     const direct = this.directForPageSize();
     try {
@@ -193,9 +193,9 @@ export class PagesFile {
         const lent = this.lentBuffer;
         this.lentBuffer = -1;
         this.runBuffer = null;
-        direct.submit(lent, n * ps, start * ps);
+        direct.submit(lent, n * pageSize, start * pageSize);
       } else {
-        pwriteFully(this.fd, this.runBuffer as Buffer, 0, n * ps, start * ps);
+        pwriteFully(this.fd, this.runBuffer as Buffer, 0, n * pageSize, start * pageSize);
       }
     } catch (err) {
       if (err instanceof DirectWriteError) throw this.directWriteFailed(err);
@@ -229,11 +229,11 @@ export class PagesFile {
    * the pages after it are worth reading ahead.
    */
   read(index: number, count: number, dest: Uint8Array, destStart: number, inStream: boolean): void {
-    const ps = this.pageBytes;
+    const pageSize = this.bytesPerPage;
     if (this.runLength > 0 && index < this.runStart + this.runLength && this.runStart < index + count) this.flush();
     const direct = this.directForPageSize();
-    if (direct !== null) direct.read(dest, destStart, count * ps, index * ps, inStream);
-    else preadFully(this.fd, dest, destStart, count * ps, index * ps);
+    if (direct !== null) direct.read(dest, destStart, count * pageSize, index * pageSize, inStream);
+    else preadFully(this.fd, dest, destStart, count * pageSize, index * pageSize);
   }
 
   /**
@@ -267,7 +267,7 @@ export class PagesFile {
 
   /** Direct I/O for the current page size (O_DIRECT needs whole 4 KiB blocks), else null. */
   private directForPageSize(): DirectPages | null {
-    return this.direct !== null && this.pageBytes > 0 && this.pageBytes % DIRECT_IO_ALIGN === 0 ? this.direct : null;
+    return this.direct !== null && this.bytesPerPage > 0 && this.bytesPerPage % DIRECT_IO_ALIGN === 0 ? this.direct : null;
   }
 
   private isZeroPage(digest: Uint8Array, at: number): boolean {
@@ -278,9 +278,9 @@ export class PagesFile {
 
   /** The pages a failed queued write covered are lost (their content on disk is unknown). */
   private directWriteFailed(err: DirectWriteError): Error {
-    const ps = this.pageBytes;
-    const first = Math.floor(err.start / ps);
-    const last = Math.min(this.pages, Math.ceil(err.end / ps)) - 1;
+    const pageSize = this.bytesPerPage;
+    const first = Math.floor(err.start / pageSize);
+    const last = Math.min(this.pagesInFile, Math.ceil(err.end / pageSize)) - 1;
     this.lose(first, last);
     return new Error(`${this.owner}: writing pages ${first}..${last} failed: ${err.message}; they are now absent`, { cause: err });
   }
