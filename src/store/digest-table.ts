@@ -36,25 +36,25 @@ export class DigestTable {
   private readonly words: Uint32Array;
   /** One flag per DIRTY_CHUNK_PAGES pages: set when a digest in the chunk changed since writeDirty(). */
   private readonly dirtyChunks: Uint8Array;
-  private presentCount = 0;
+  private presentCount: number;
 
-  private constructor(readonly pageCount: number, bytes: Uint8Array) {
+  private constructor(readonly pageCount: number, bytes: Uint8Array, loaded: boolean) {
     this.bytes = bytes;
     this.words = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.length >>> 2);
     this.dirtyChunks = new Uint8Array(Math.ceil(pageCount / DIRTY_CHUNK_PAGES));
-    this.presentCount = this.countPresent();
+    this.presentCount = loaded ? this.countPresent() : 0; // a new table holds nothing: no need to count
   }
 
   /** A table of pageCount absent pages. */
   static empty(pageCount: number): DigestTable {
-    return new DigestTable(pageCount, new Uint8Array(pageCount * DIGEST_BYTES));
+    return new DigestTable(pageCount, new Uint8Array(pageCount * DIGEST_BYTES), false);
   }
 
   /** The table of pageCount pages as the digests file (fd) holds it. */
   static load(fd: number, pageCount: number): DigestTable {
     const bytes = new Uint8Array(pageCount * DIGEST_BYTES);
     preadFully(fd, bytes, 0, bytes.length, 0);
-    return new DigestTable(pageCount, bytes);
+    return new DigestTable(pageCount, bytes, true);
   }
 
   /** How many pages are held (non-zero digest). */
