@@ -26,7 +26,7 @@ describe('a VM store shared by several gateway processes', () => {
     try {
       expect(() => PageStore.open(data, 'vm1')).toThrow(StoreBusyError);
       expect(() => PageStore.open(data, 'vm1')).toThrow(new RegExp(`in use by process ${child.pid}`));
-      expect(listSnapshots(data)).toMatchObject([{ vm: 'vm1', inUse: `${child.pid}@${os.hostname()}` }]);
+      expect(listSnapshots(data)).toMatchObject([{ vm: 'vm1', pages: 2, presentPages: 0, inUse: `${child.pid}@${os.hostname()}` }]);
       expect(() => runSnapshots('rm', data, 'vm1', false, () => undefined)).toThrow(StoreBusyError);
       // Other VMs are not affected.
       PageStore.open(data, 'vm2').close();

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { loadStreamInfo, type StreamInfo } from '../store/snapshot-parts';
-import { lockHolder, PageStore, removeStore, StoreBusyError, validateVmName } from '../store';
+import { hasMetaFile, lockHolder, PageStore, readMetaFile, removeStore, StoreBusyError, validateVmName } from '../store';
 import { UsageError } from './parse';
 
 export interface SnapshotSummary {
@@ -40,14 +40,6 @@ function streamInfo(store: PageStore): StreamInfo | null {
   }
 }
 
-function readMeta(dir: string): { pageCount?: number; presentPages?: number; updatedAt?: string } | null {
-  try {
-    return JSON.parse(fs.readFileSync(path.join(dir, 'meta.json'), 'utf8')) as { pageCount?: number; presentPages?: number; updatedAt?: string };
-  } catch {
-    return null;
-  }
-}
-
 export function listSnapshots(data: string): SnapshotSummary[] {
   if (!fs.existsSync(data)) return [];
   const out: SnapshotSummary[] = [];
@@ -62,7 +54,7 @@ export function listSnapshots(data: string): SnapshotSummary[] {
     const holder = lockHolder(dir);
     if (holder) {
       // In use: report what its metadata says without opening it.
-      const meta = readMeta(dir);
+      const meta = readMetaFile(dir, vm);
       out.push({ vm, snapshotId: null, pages: meta?.pageCount ?? 0, presentPages: meta?.presentPages ?? 0, diskBytes: diskBytes(dir), updatedAt: meta?.updatedAt ?? null, inUse: `${holder.pid}@${holder.host}`, restorable: false, machineType: null, minQemuRelease: null });
       continue;
     }
@@ -114,7 +106,7 @@ export function runSnapshots(action: string | undefined, data: string, vm: strin
       if (!vm) throw new UsageError(`snapshots ${action} needs a VM name`);
       const name = validateVmName(vm);
       const dir = path.join(data, name);
-      if (!fs.existsSync(path.join(dir, 'meta.json'))) {
+      if (!hasMetaFile(dir)) {
         write(`no retained snapshot for VM ${name} in ${data}\n`);
         return 1;
       }

@@ -1,9 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { acquireLock, alive, lockHolder, releaseLock, StoreBusyError } from './lock';
-import { readFileNoFollow } from './fsio';
-import { META_FILE } from './page-store';
-import { parseMeta, validateVmName } from './meta';
+import { META_FILE, readMetaFile, validateVmName } from './meta';
 
 export interface Eviction {
   vm: string;
@@ -82,20 +80,11 @@ export function statStore(dir: string, vm: string): StoreEntry | null {
       // removed meanwhile
     }
   }
-  let snapshotId: string | null = null;
-  let dirty = false;
-  let presentPages = 0;
-  try {
-    const parsed = parseMeta(readFileNoFollow(path.join(dir, META_FILE)).toString('utf8'), vm);
-    if ('meta' in parsed) {
-      dirty = parsed.meta.state === 'dirty';
-      snapshotId = parsed.meta.state === 'clean' ? parsed.meta.snapshotId : null;
-      presentPages = parsed.meta.presentPages;
-    }
-  } catch {
-    // no meta: a store that never held anything
-  }
-  return { vm, bytes, snapshotId, dirty, presentPages, usedAt };
+  // No valid meta: a store that never held anything.
+  const meta = readMetaFile(dir, vm);
+  const dirty = meta?.state === 'dirty';
+  const snapshotId = meta?.state === 'clean' ? meta.snapshotId : null;
+  return { vm, bytes, snapshotId, dirty, presentPages: meta?.presentPages ?? 0, usedAt };
 }
 
 /**

@@ -1,7 +1,13 @@
 /**
  * Store metadata (meta.json), layout validation and VM-name validation.
  */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { errorMessage } from '../common/errors';
+import { readFileNoFollow } from './fsio';
+
+/** The store's metadata file in its directory, replaced atomically by the store. */
+export const META_FILE = 'meta.json';
 
 /** What the caller tells begin() about the VM's RAM. */
 export interface StoreLayout {
@@ -126,4 +132,22 @@ export function parseMeta(text: string, vm: string): { meta: StoreMeta } | { err
 /** meta.json text for m. */
 export function serializeMeta(m: StoreMeta): string {
   return `${JSON.stringify({ format: META_FORMAT, ...m }, null, 2)}\n`;
+}
+
+/**
+ * The meta.json of the store in dir as it is on disk, read without opening the store (which would take
+ * its lock, and recover it): null when it is missing, unreadable or not a valid meta of vm's store.
+ */
+export function readMetaFile(dir: string, vm: string): StoreMeta | null {
+  try {
+    const parsed = parseMeta(readFileNoFollow(path.join(dir, META_FILE)).toString('utf8'), vm);
+    return 'meta' in parsed ? parsed.meta : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Whether the store in dir has a meta.json: whether it holds anything, or ever began to. */
+export function hasMetaFile(dir: string): boolean {
+  return fs.existsSync(path.join(dir, META_FILE));
 }

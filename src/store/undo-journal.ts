@@ -1,8 +1,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { DIGEST_BYTES } from '../digest';
 import { openNoFollow, preadFully, pwriteFully } from './fsio';
 
-export const DIGEST_BYTES = 16;
 export const UNDO_FILE = 'undo';
 const UNDO_MAGIC = 'bfmig-undo/1\n';
 /** The header (magic + JSON, zero-padded) occupies this much; entries follow it. */

@@ -1,8 +1,11 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { DIGEST_BYTES } from '../digest';
+import { DIGESTS_FILE } from './digest-table';
 import type { StoreLayout } from './meta';
 import type { PageStore } from './page-store';
-import { DIGEST_BYTES, INDEX_BYTES, isZero, UNDO_FILE, UNDO_HEADER_BYTES, UndoJournal } from './undo-journal';
+import { PAGES_FILE } from './pages-file';
+import { INDEX_BYTES, isZero, UNDO_FILE, UNDO_HEADER_BYTES, UndoJournal } from './undo-journal';
 
 /**
  * A store whose committed snapshot survives a failed migration: before a migration first overwrites
@@ -38,7 +41,7 @@ export class UndoableStore {
     const undo = this.journal !== null ? UNDO_HEADER_BYTES + l.pageCount * (INDEX_BYTES + DIGEST_BYTES + l.pageSize) : 0;
     let besides = 0;
     for (const name of fs.readdirSync(this.store.dir)) {
-      if (name === 'pages' || name === 'digests' || name === UNDO_FILE) continue;
+      if (name === PAGES_FILE || name === DIGESTS_FILE || name === UNDO_FILE) continue;
       try {
         besides += fs.lstatSync(path.join(this.store.dir, name)).size;
       } catch {

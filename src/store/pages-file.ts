@@ -1,0 +1,295 @@
+/**
+ * The pages file (page i at byte i*pageSize, sparse) and the write path into it.
+ *
+ * write() copies a page into one run buffer; the run goes to disk in one positioned write per run of
+ * consecutive pages: no allocation, promise or syscall per page. Where the filesystem allows, pages
+ * move with O_DIRECT (direct-pages.ts): the run buffer is then one the direct write queue lends, runs are
+ * written by its thread, and settle() waits for them before anything relies on their being on disk.
+ * After the file was recreated empty, all-zero pages are not written at all while their region of the
+ * file is known to be a hole.
+ *
+ * A write that fails leaves its pages' content unknown: the pages it covered are handed to `lose`, for
+ * the store to mark absent, and the error is thrown.
+ */
+import * as fs from 'node:fs';
+import { DIGEST_BYTES, digestOne } from '../digest';
+import { errorMessage } from '../common/errors';
+import { copyBytes } from './copy';
+import { DIRECT_IO_ALIGN, DirectPages, DirectWriteError } from './direct-pages';
+import { openRW, preadFully, pwriteFully } from './fsio';
+
+export const PAGES_FILE = 'pages';
+
+export class PagesFile {
+  private bytesPerPage = 0;
+  private pagesInFile = 0;
+
+  /** The run of pages runStart .. runStart+runLength-1 waits in runBuffer at slots 0 .. runLength-1. */
+  private runBuffer: Buffer | null = null;
+  /** Pages runBuffer holds. */
+  private runCapacity = 0;
+  /** With direct I/O, runBuffer is the write queue's buffer of this index, lent until flush() submits it. */
+  private lentBuffer = -1;
+  private runStart = 0;
+  private runLength = 0;
+
+  /**
+   * After recreate(): bit i set = page i's region of the file is still a hole (reads as zeros), so an
+   * all-zero page there needs no write. pageCount/8 bytes; null when unknown (e.g. after reopen).
+   */
+  private holes: Uint8Array | null = null;
+  /** Digest of an all-zero page of zeroPageDigestSize bytes. */
+  private zeroPageDigest: Uint8Array | null = null;
+  private zeroPageDigestSize = 0;
+
+  private constructor(
+    private readonly fd: number,
+    /** The file opened for direct I/O, or null (page cache only). */
+    private readonly direct: DirectPages | null,
+    /** Size of the run buffer (rounded down to whole pages, at least one). */
+    private readonly runBufferBytes: number,
+    /** Who the file belongs to, to begin error messages ("store vm1"). */
+    private readonly owner: string,
+    /** Called with the first and last page of a failed write: their content on disk is unknown. */
+    private readonly lose: (first: number, last: number) => void,
+  ) {}
+
+  /** Opens (creating if missing) file; with directIo, for O_DIRECT too where the filesystem allows. */
+  static open(file: string, directIo: boolean, runBufferBytes: number, owner: string, lose: (first: number, last: number) => void): PagesFile {
+    const fd = openRW(file);
+    try {
+      const direct = directIo ? DirectPages.open(file, fs.fstatSync(fd).size) : null;
+      return new PagesFile(fd, direct, runBufferBytes, owner, lose);
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
+  }
+
+  /** Bytes per page (0 when the store holds no layout). */
+  get pageSize(): number {
+    return this.bytesPerPage;
+  }
+
+  /** Pages the file holds room for. */
+  get pageCount(): number {
+    return this.pagesInFile;
+  }
+
+  /** Whether pages move with O_DIRECT (else through the page cache). */
+  get directIo(): boolean {
+    return this.directForPageSize() !== null;
+  }
+
+  /** The file's current size in bytes. */
+  size(): number {
+    return fs.fstatSync(this.fd).size;
+  }
+
+  /** Takes the geometry of a file already of that size (as a store's meta says). */
+  setGeometry(pageSize: number, pageCount: number): void {
+    this.bytesPerPage = pageSize;
+    this.pagesInFile = pageCount;
+  }
+
+  /**
+   * Empties the file and sizes it for pageCount pages of pageSize (all of it a hole, which the write path
+   * then knows). No fsync. Pending writes must be settled first.
+   */
+  recreate(pageSize: number, pageCount: number): void {
+    this.setGeometry(pageSize, pageCount);
+    fs.ftruncateSync(this.fd, 0); // drop the old blocks
+    fs.ftruncateSync(this.fd, pageCount * pageSize);
+    this.direct?.setSize(pageCount * pageSize);
+    this.holes = new Uint8Array(Math.ceil(pageCount / 8)).fill(0xff);
+  }
+
+  /** Truncates the file to nothing and forgets the geometry. Pending writes must be settled first. */
+  truncateAll(): void {
+    this.setGeometry(0, 0);
+    fs.ftruncateSync(this.fd, 0);
+    this.direct?.setSize(0);
+    this.holes = null;
+  }
+
+  /** Forgets where the holes are (the file is about to be emptied another way). */
+  forgetHoles(): void {
+    this.holes = null;
+  }
+
+  /** Readies the write path for the current page size; any run not flushed is dropped. */
+  prepareWrites(): void {
+    const pageSize = this.bytesPerPage;
+    this.runLength = 0;
+    if (this.zeroPageDigest === null || this.zeroPageDigestSize !== pageSize) {
+      const digest = new Uint8Array(DIGEST_BYTES);
+      digestOne(new Uint8Array(pageSize), 0, pageSize, digest, 0);
+      this.zeroPageDigest = digest;
+      this.zeroPageDigestSize = pageSize;
+    }
+    const direct = this.directForPageSize();
+    if (direct !== null) {
+      // Pages are laid out in the write queue's own buffers (lent one at a time), not in one of ours.
+      if (this.lentBuffer >= 0) direct.submit(this.lentBuffer, 0, 0);
+      this.lentBuffer = -1;
+      this.runBuffer = null;
+      this.runCapacity = Math.max(1, Math.floor(Math.min(direct.writeBuffers[0].length, this.runBufferBytes) / pageSize));
+      return;
+    }
+    const capacity = Math.max(1, Math.floor(this.runBufferBytes / pageSize));
+    if (this.runBuffer === null || this.runCapacity !== capacity || this.runBuffer.length !== capacity * pageSize) {
+      this.runBuffer = Buffer.allocUnsafeSlow(capacity * pageSize);
+      this.runCapacity = capacity;
+    }
+  }
+
+  /**
+   * Queues page index = src[srcStart .. srcStart+pageSize), whose digest is digest[digestStart .. +16)
+   * (the caller has checked every bound). The bytes are copied: src may be reused at once. Consecutive
+   * indexes, and rewrites of a page still in the run, are coalesced into one write.
+   */
+  write(index: number, src: Uint8Array, srcStart: number, digest: Uint8Array, digestStart: number): void {
+    const pageSize = this.bytesPerPage;
+    const holes = this.holes;
+    if (holes !== null && (holes[index >>> 3] & (1 << (index & 7))) !== 0) {
+      // The page's region of the file is still a hole. A zero page needs no write.
+      if (this.isZeroPage(digest, digestStart)) return;
+      holes[index >>> 3] &= ~(1 << (index & 7));
+    }
+    const pending = this.runLength;
+    const rel = index - this.runStart;
+    let slot: number;
+    if (pending > 0 && rel >= 0 && rel < pending) {
+      slot = rel; // rewrite of a pending page
+    } else if (pending > 0 && rel === pending && pending < this.runCapacity) {
+      slot = pending; // extends the run
+    } else {
+      if (pending > 0) this.flush();
+      this.runStart = index;
+      slot = 0;
+    }
+    copyBytes(src, srcStart, this.runBuffer ?? this.lendBuffer(), slot * pageSize, pageSize);
+    if (slot === this.runLength) this.runLength = slot + 1;
+  }
+
+  /**
+   * Writes page index = src[srcStart .. +pageSize) now, around the run buffer (recovery: before any
+   * page is queued).
+   */
+  writeThrough(index: number, src: Uint8Array, srcStart: number): void {
+    pwriteFully(this.fd, src, srcStart, this.bytesPerPage, index * this.bytesPerPage);
+  }
+
+  /** Writes the pending run. On failure its pages are lost (their content on disk is unknown) and it throws. */
+  flush(): void {
+    const n = this.runLength;
+    if (n === 0) return;
+    const start = this.runStart;
+    const pageSize = this.bytesPerPage;
+    this.runLength = 0;
+    const direct = this.directForPageSize();
+    try {
+      if (direct !== null) {
+        const lent = this.lentBuffer;
+        this.lentBuffer = -1;
+        this.runBuffer = null;
+        direct.submit(lent, n * pageSize, start * pageSize);
+      } else {
+        pwriteFully(this.fd, this.runBuffer as Buffer, 0, n * pageSize, start * pageSize);
+      }
+    } catch (err) {
+      if (err instanceof DirectWriteError) throw this.directWriteFailed(err);
+      this.lose(start, start + n - 1);
+      throw new Error(`${this.owner}: writing pages ${start}..${start + n - 1} failed: ${errorMessage(err)}; they are now absent`, { cause: err });
+    }
+  }
+
+  /**
+   * Waits for the queued page writes: before the pages are fsynced, read another way, or thrown away.
+   * A write that failed loses its pages and throws.
+   */
+  settle(): void {
+    if (this.direct === null) return;
+    try {
+      this.direct.drain();
+    } catch (err) {
+      if (err instanceof DirectWriteError) throw this.directWriteFailed(err);
+      throw err;
+    }
+  }
+
+  /** fsync (settle() first: queued writes are not in it). */
+  sync(): void {
+    fs.fsyncSync(this.fd);
+  }
+
+  /**
+   * Reads pages index .. index+count-1 into dest[destStart ..] (bounds checked by the caller), after
+   * writing the pending run if it overlaps them. inStream: one of a series in ascending page order, so
+   * the pages after it are worth reading ahead.
+   */
+  read(index: number, count: number, dest: Uint8Array, destStart: number, inStream: boolean): void {
+    const pageSize = this.bytesPerPage;
+    if (this.runLength > 0 && index < this.runStart + this.runLength && this.runStart < index + count) this.flush();
+    const direct = this.directForPageSize();
+    if (direct !== null) direct.read(dest, destStart, count * pageSize, index * pageSize, inStream);
+    else preadFully(this.fd, dest, destStart, count * pageSize, index * pageSize);
+  }
+
+  /**
+   * Reads len bytes at pos through the page cache, for a pass over the whole file (verify, recovery)
+   * after settle(); the pending run is not looked at.
+   */
+  readRaw(dest: Uint8Array, destStart: number, len: number, pos: number): void {
+    preadFully(this.fd, dest, destStart, len, pos);
+  }
+
+  /** Drops the write path's state (the store is closing; a failed finish left a run unwritten). */
+  dropWrites(): void {
+    this.holes = null;
+    this.runBuffer = null;
+    this.runLength = 0;
+  }
+
+  /**
+   * Closes the file, waiting for queued writes. Writes still queued here are those of a store's finish
+   * that failed: the store on disk is still "dirty" and its next open re-hashes every page, so their
+   * failure is not reported.
+   */
+  close(): void {
+    try {
+      if (this.direct !== null) this.direct.close();
+    } catch {
+      // see above
+    }
+    fs.closeSync(this.fd);
+  }
+
+  /** Direct I/O for the current page size (O_DIRECT needs whole 4 KiB blocks), else null. */
+  private directForPageSize(): DirectPages | null {
+    return this.direct !== null && this.bytesPerPage > 0 && this.bytesPerPage % DIRECT_IO_ALIGN === 0 ? this.direct : null;
+  }
+
+  private isZeroPage(digest: Uint8Array, at: number): boolean {
+    const zero = this.zeroPageDigest as Uint8Array;
+    for (let k = 0; k < DIGEST_BYTES; k++) if (digest[at + k] !== zero[k]) return false;
+    return true;
+  }
+
+  /** The pages a failed queued write covered are lost (their content on disk is unknown). */
+  private directWriteFailed(err: DirectWriteError): Error {
+    const pageSize = this.bytesPerPage;
+    const first = Math.floor(err.start / pageSize);
+    const last = Math.min(this.pagesInFile, Math.ceil(err.end / pageSize)) - 1;
+    this.lose(first, last);
+    return new Error(`${this.owner}: writing pages ${first}..${last} failed: ${err.message}; they are now absent`, { cause: err });
+  }
+
+  /** Borrows a buffer of the direct write queue for the next run of pages (waits while all are queued). */
+  private lendBuffer(): Buffer {
+    const direct = this.direct as DirectPages;
+    this.lentBuffer = direct.acquire();
+    this.runBuffer = direct.writeBuffers[this.lentBuffer];
+    return this.runBuffer;
+  }
+}
