@@ -230,6 +230,59 @@ function commands(): Fixture {
   };
 }
 
+/** QEMU 10.0 with postcopy-ram and the return path on: precopy to the end, the commands on the way. */
+function commandsQemu10(): Fixture {
+  const b = new B().header().config('pc-i440fx-10.0');
+  b.u8(0x08).be16(3).be16(16).be64(4096n).be64(4096n); // POSTCOPY_ADVISE: host and target page sizes
+  b.u8(0x08).be16(1).be16(0); // OPEN_RETURN_PATH
+  b.u8(0x08).be16(2).be16(4).be32(1); // PING 1
+  b.start(2, 'ram').memSize(BLOCKS).eos().footer(2);
+  b.part(2).page(0, 'pc.ram', 1).zero(PAGE, null).page(2 * PAGE, null, 2).eos().footer(2);
+  b.u8(0x08).be16(11).be16(0); // SWITCHOVER_START
+  b.part(2, 0x03).page(PAGE, 'pc.ram', 5).eos().footer(2);
+  b.start(3, 'timer', 0, 2, 0x04).raw(deviceData(3)).footer(3);
+  b.u8(0x00);
+  const json = JSON.stringify({ page_size: 4096, devices: [{ name: 'timer', instance_id: 0 }] });
+  b.u8(0x06).be32(json.length).raw(Buffer.from(json));
+  return {
+    name: 'commands-qemu10',
+    description: 'QEMU 10.0, postcopy-ram allowed, return path: POSTCOPY_ADVISE, OPEN_RETURN_PATH, PING, SWITCHOVER_START',
+    bytes: b.build(),
+    expect: { outcome: 'ok', framing: 'current', normal: 3, zero: 1, sections: 2 },
+  };
+}
+
+/** A migration switched to postcopy: the device state in a package, RAM after it, EOF and no vmdesc. */
+function postcopy(): Fixture {
+  const b = new B().header().config('pc-i440fx-10.0');
+  b.u8(0x08).be16(3).be16(16).be64(4096n).be64(4096n); // POSTCOPY_ADVISE
+  b.u8(0x08).be16(1).be16(0); // OPEN_RETURN_PATH
+  b.start(2, 'ram').memSize(BLOCKS).eos().footer(2);
+  b.part(2).page(0, 'pc.ram', 1).zero(PAGE, null).page(2 * PAGE, null, 2).eos().footer(2);
+  b.u8(0x08).be16(11).be16(0); // SWITCHOVER_START
+  const discard = Buffer.concat([Buffer.from([0, 6]), Buffer.from('pc.ram'), Buffer.from([0]), Buffer.alloc(16)]);
+  discard.writeBigUInt64BE(2n * BigInt(PAGE), 9);
+  discard.writeBigUInt64BE(BigInt(PAGE), 17);
+  b.u8(0x08).be16(6).be16(discard.length).raw(discard); // POSTCOPY_RAM_DISCARD of page 2
+  b.u8(0x08).be16(2).be16(4).be32(2); // PING 2
+  const pkg = new B();
+  pkg.u8(0x08).be16(4).be16(0); // POSTCOPY_LISTEN
+  pkg.start(3, 'timer', 0, 2, 0x04).raw(deviceData(3)).footer(3);
+  pkg.u8(0x08).be16(2).be16(4).be32(3); // PING 3
+  pkg.u8(0x08).be16(5).be16(0); // POSTCOPY_RUN
+  const packaged = pkg.build();
+  b.u8(0x08).be16(7).be16(4).be32(packaged.length).raw(packaged); // PACKAGED
+  b.part(2).page(2 * PAGE, 'pc.ram', 6).page(0, '0000:00:02.0/vga.vram', 3).eos().footer(2);
+  b.part(2, 0x03).eos().footer(2);
+  b.u8(0x00);
+  return {
+    name: 'postcopy',
+    description: 'Switched to postcopy: RAM_DISCARD, PACKAGED device state (LISTEN, timer, PING, RUN), RAM after it, EOF without vmdesc',
+    bytes: b.build(),
+    expect: { outcome: 'ok', framing: 'current', normal: 4, zero: 1, sections: 2 },
+  };
+}
+
 function fallback(name: string, description: string, build: (b: B) => number, reasonIncludes: string): Fixture {
   const b = new B();
   const offset = build(b);
@@ -255,6 +308,8 @@ export function buildFixtures(): Fixture[] {
     configSubsections(),
     xbzrleCompressMultifd(),
     commands(),
+    commandsQemu10(),
+    postcopy(),
     fallback('fallback-newer-version', 'Stream version 4', (b) => {
       b.header(4).raw([1, 2, 3]);
       return 0;
@@ -277,13 +332,14 @@ export function buildFixtures(): Fixture[] {
       b.word(0, 0x80).raw([9, 9]);
       return at;
     }, 'RDMA'),
-    fallback('fallback-postcopy-advise', 'POSTCOPY_ADVISE command', (b) => {
+    fallback('fallback-colo', 'ENABLE_COLO command: COLO checkpoints follow, which bfmig does not parse', (b) => {
       b.header().config('pc-i440fx-7.2');
-      const at = b.length;
-      b.u8(0x08).be16(3).be16(16).be64(4096n).be64(4096n);
       currentRam(b);
+      const at = b.length;
+      b.u8(0x08).be16(8).be16(0);
+      b.start(3, 'timer', 0, 2, 0x04).raw(deviceData(3)).footer(3).u8(0);
       return at;
-    }, 'migration command 3'),
+    }, 'migration command 8'),
     fallback('fallback-block-migration', 'A live section other than ram', (b) => {
       b.header().config('pc-i440fx-7.2');
       const at = b.length;

@@ -1,9 +1,10 @@
 /**
- * Synthetic pre-copy migration streams of a guest memory image, in QEMU 7.2 framing, for tests of
- * the proxy: a bulk round over every page (fill records for zero pages), further rounds over dirtied
- * pages, then device state and the vmdesc trailer.
+ * Synthetic migration streams of a guest memory image, in QEMU 7.2 framing, for tests of the proxy:
+ * a bulk round over every page (fill records for zero pages), further rounds over dirtied pages, then
+ * device state and the vmdesc trailer; optionally with QEMU 10's SWITCHOVER_START, postcopy's ADVISE,
+ * or a switch to postcopy (the device state in a package, the later rounds after it).
  */
-import { RamFlag, type RamBlock, RecordKind, SectionType, StreamWriter } from '../src/qemu';
+import { RamFlag, type RamBlock, RecordKind, SectionType, StreamWriter, VmCommand } from '../src/qemu';
 
 export const PAGE = 4096;
 
@@ -56,13 +57,58 @@ export function dirty(memory: GuestMemory, share: number, seed: number): number[
   return changed;
 }
 
-/** A whole migration: bulk round over every page, then each later round over the pages listed. */
-export function migrationStream(memory: GuestMemory, laterRounds: number[][], machine = 'pc-i440fx-7.2'): Buffer {
+export interface StreamShape {
+  machine?: string;
+  /** The source says SWITCHOVER_START as it stops the guest (QEMU 10.0 machine types). */
+  switchoverStart?: boolean;
+  /** postcopy-ram on: POSTCOPY_ADVISE opens the stream. */
+  postcopyAdvise?: boolean;
+  /**
+   * Postcopy starts before later round `postcopyAt` (0: before the first later round): the device state
+   * goes in a package, and the remaining rounds follow it, ending with RAM's END, EOF and no vmdesc.
+   */
+  postcopyAt?: number;
+}
+
+const command = (w: StreamWriter, code: number, data: Buffer = Buffer.alloc(0)): void =>
+  w.write({ kind: RecordKind.Command, command: code, data, streamOffset: 0 });
+
+/** The one device section of these streams, with a footer-like byte pair inside its data. */
+function writeDeviceState(w: StreamWriter): void {
+  w.write({ kind: RecordKind.SectionHeader, type: SectionType.Full, sectionId: 3, idstr: 'timer', instanceId: 0, versionId: 2, streamOffset: 0 });
+  w.write({ kind: RecordKind.SectionData, sectionId: 3, bytes: Buffer.from([1, 2, 3, 0x7e, 0, 0, 0, 3]), streamOffset: 0 });
+  w.write({ kind: RecordKind.SectionFooter, sectionId: 3, streamOffset: 0 });
+}
+
+/** The postcopy package as QEMU builds it: LISTEN, the device state, PING 3, RUN. */
+function postcopyPackage(): Buffer {
+  const parts: Buffer[] = [];
+  const p = new StreamWriter((b) => parts.push(Buffer.from(b)), 64 * 1024);
+  command(p, VmCommand.PostcopyListen);
+  writeDeviceState(p);
+  command(p, VmCommand.Ping, Buffer.of(0, 0, 0, 3));
+  command(p, VmCommand.PostcopyRun);
+  p.flush();
+  return Buffer.concat(parts);
+}
+
+/**
+ * A whole migration: bulk round over every page, then each later round over the pages listed; with
+ * `shape`, the commands of current QEMU and postcopy.
+ */
+export function migrationStream(memory: GuestMemory, laterRounds: number[][], machineOrShape: string | StreamShape = 'pc-i440fx-7.2'): Buffer {
+  const shape: StreamShape = typeof machineOrShape === 'string' ? { machine: machineOrShape } : machineOrShape;
   const parts: Buffer[] = [];
   const w = new StreamWriter((b) => parts.push(Buffer.from(b)), 64 * 1024);
   const ram = { kind: RecordKind.SectionHeader, sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 } as const;
   w.write({ kind: RecordKind.FileHeader, version: 3, streamOffset: 0 });
-  w.write({ kind: RecordKind.Configuration, machineType: machine, subsections: [], streamOffset: 0 });
+  w.write({ kind: RecordKind.Configuration, machineType: shape.machine ?? 'pc-i440fx-7.2', subsections: [], streamOffset: 0 });
+  if (shape.postcopyAdvise || shape.postcopyAt !== undefined) {
+    const pageSizes = Buffer.alloc(16);
+    pageSizes.writeBigUInt64BE(BigInt(PAGE), 0);
+    pageSizes.writeBigUInt64BE(BigInt(PAGE), 8);
+    command(w, VmCommand.PostcopyAdvise, pageSizes);
+  }
   w.write({ ...ram, type: SectionType.Start, streamOffset: 0 });
   const total = memory.blocks.reduce((s, b) => s + b.length, 0);
   w.write({ kind: RecordKind.RamBlockList, flags: RamFlag.MemSize, totalBytes: total, blocks: memory.blocks, streamOffset: 0 });
@@ -92,7 +138,22 @@ export function migrationStream(memory: GuestMemory, laterRounds: number[][], ma
     });
   };
   const rounds = [memory.pages.map((_, i) => i), ...laterRounds];
+  const postcopyRound = shape.postcopyAt === undefined ? -1 : shape.postcopyAt + 1;
   rounds.forEach((round, r) => {
+    // QEMU stops the guest and says so before the last round (precopy) or before the package.
+    if (shape.switchoverStart && r === (postcopyRound >= 0 ? postcopyRound : rounds.length - 1)) command(w, VmCommand.SwitchoverStart);
+    if (r === postcopyRound) {
+      const discard = Buffer.concat([Buffer.of(0, memory.blocks[0].name.length), Buffer.from(memory.blocks[0].name), Buffer.of(0), Buffer.alloc(16)]);
+      discard.writeBigUInt64BE(BigInt(PAGE), discard.length - 8);
+      command(w, VmCommand.PostcopyRamDiscard, discard);
+      command(w, VmCommand.Ping, Buffer.of(0, 0, 0, 2));
+      const pkg = postcopyPackage();
+      const length = Buffer.alloc(4);
+      length.writeUInt32BE(pkg.length);
+      command(w, VmCommand.Packaged, length);
+      w.flush();
+      parts.push(pkg);
+    }
     // Sections of at most 200 pages, as QEMU's rate-limited iterations cut them.
     for (let at = 0; at < round.length || (at === 0 && r === rounds.length - 1); at += 200) {
       const last = r === rounds.length - 1 && at + 200 >= round.length;
@@ -102,9 +163,12 @@ export function migrationStream(memory: GuestMemory, laterRounds: number[][], ma
       if (last) break;
     }
   });
-  w.write({ kind: RecordKind.SectionHeader, type: SectionType.Full, sectionId: 3, idstr: 'timer', instanceId: 0, versionId: 2, streamOffset: 0 });
-  w.write({ kind: RecordKind.SectionData, sectionId: 3, bytes: Buffer.from([1, 2, 3, 0x7e, 0, 0, 0, 3]), streamOffset: 0 });
-  w.write({ kind: RecordKind.SectionFooter, sectionId: 3, streamOffset: 0 });
+  if (postcopyRound >= 0) {
+    w.write({ kind: RecordKind.Eof, streamOffset: 0 });
+    w.flush();
+    return Buffer.concat(parts);
+  }
+  writeDeviceState(w);
   w.write({ kind: RecordKind.Eof, streamOffset: 0 });
   const json = Buffer.from(JSON.stringify({ page_size: PAGE, devices: [{ name: 'timer', instance_id: 0 }] }));
   w.write({ kind: RecordKind.VmDescriptionHeader, length: json.length, streamOffset: 0 });

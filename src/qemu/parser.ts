@@ -15,6 +15,7 @@ import { encodeConfiguration, encodeSubsectionHeader } from './encode';
 import { StreamError, StreamErrorCode } from './errors';
 import {
   type BytesRecord,
+  type FallbackCode,
   type ConfigSubsection,
   type RamBlock,
   type RamMarkerRecord,
@@ -93,6 +94,8 @@ export interface ParserOptions {
 type CommandReader = (this: StreamParser, data: Buffer) => void;
 
 const TWO_32 = 0x1_0000_0000;
+/** MAX_VM_CMD_PACKAGED_SIZE in QEMU's savevm.h: the largest postcopy package a source sends. */
+const MAX_PACKAGE_BYTES = 1 << 24;
 const MAX_RAM_BYTES = 2 ** Limit.RamBytesLog2;
 
 /**
@@ -111,6 +114,17 @@ export class StreamParser {
   private static readonly commands: ReadonlyMap<number, CommandReader> = new Map([
     [VmCommand.OpenReturnPath, StreamParser.prototype.readOnAfterCommand],
     [VmCommand.Ping, StreamParser.prototype.readOnAfterCommand],
+    [VmCommand.PostcopyAdvise, StreamParser.prototype.readPostcopyAdvise],
+    [VmCommand.PostcopyListen, StreamParser.prototype.readPackagedOnlyCommand],
+    [VmCommand.PostcopyRun, StreamParser.prototype.readPackagedOnlyCommand],
+    // Pages the destination drops because they changed since precopy sent them; postcopy sends each
+    // of them again, and the store keeps the version sent last, as the destination does.
+    [VmCommand.PostcopyRamDiscard, StreamParser.prototype.readOnAfterCommand],
+    [VmCommand.Packaged, StreamParser.prototype.readPackaged],
+    // Postcopy recovery asks these of the destination on a resumed stream; they carry no RAM.
+    [VmCommand.PostcopyResume, StreamParser.prototype.readOnAfterCommand],
+    [VmCommand.RecvBitmap, StreamParser.prototype.readOnAfterCommand],
+    [VmCommand.SwitchoverStart, StreamParser.prototype.readOnAfterCommand],
   ]);
 
   readonly framing: Framing = { configuration: null, footers: null, vmDescription: null };
@@ -161,6 +175,10 @@ export class StreamParser {
   // Commands, vmdesc, unframed tail.
   private command = 0;
   private commandLength = 0;
+  /** Stream offset just past the postcopy package being read (-1: none is). */
+  private packageEnd = -1;
+  /** A postcopy package has been read: the destination runs the guest while RAM still arrives. */
+  private postcopy = false;
   private vmDescriptionRemaining = 0;
   /** The last byte of unframed device data, held back until we know whether it is EOF. */
   private heldByte = -1;
@@ -317,7 +335,7 @@ export class StreamParser {
     }
     this.emit({ kind: RecordKind.FileHeader, version, streamOffset: 0 });
     if (version !== FILE_VERSION) {
-      this.fallback(`stream version ${version} is newer than ${FILE_VERSION}`);
+      this.fallback('stream-version', `stream version ${version} is newer than ${FILE_VERSION}`);
     } else {
       this.state = State.NextRecord;
     }
@@ -326,6 +344,7 @@ export class StreamParser {
 
   /** Looks at the next record's type byte; the state it picks reads the record from that byte. */
   private readNextRecord(): boolean {
+    if (this.packageEnd >= 0 && this.input.offset >= this.packageEnd) this.endPackage();
     const type = this.input.peek();
     if (type < 0) return false;
     this.startRecord();
@@ -336,13 +355,16 @@ export class StreamParser {
     } else if (type === SectionType.Part || type === SectionType.End) {
       this.state = State.SectionPartHeader;
     } else if (type === SectionType.Eof) {
+      if (this.packageEnd >= 0) this.fail(StreamErrorCode.Malformed, 'EOF inside a postcopy package');
       this.input.moveTo(this.input.position + 1);
       this.emit({ kind: RecordKind.Eof, streamOffset: this.recordStart });
-      this.state = State.AfterEof;
+      // Postcopy ends at EOF: its device state went in the package, and no vmdesc follows.
+      this.state = this.postcopy ? State.Done : State.AfterEof;
+      if (this.postcopy) this.framing.vmDescription = false;
     } else if (type === SectionType.Command) {
       this.state = State.CommandHeader;
     } else {
-      this.fallback(`unknown section type 0x${type.toString(16)}`);
+      this.fallback('section-type', `unknown section type 0x${type.toString(16)}`);
     }
     if (this.framing.configuration === null && this.state !== State.ConfigHeader) {
       this.framing.configuration = false;
@@ -515,9 +537,9 @@ export class StreamParser {
     const isRam = h.idstr === 'ram';
     this.emit(record);
     if (h.type === SectionType.Start && !isRam) {
-      this.fallback(`live section ${JSON.stringify(h.idstr)} is not understood`);
+      this.fallback('live-section', `live section ${JSON.stringify(h.idstr)} is not understood`);
     } else if (isRam && (h.type === SectionType.Full || this.ramSectionId >= 0)) {
-      this.fallback('a second or FULL ram section');
+      this.fallback('ram-section', 'a second or FULL ram section');
     } else if (isRam) {
       this.ramSectionId = h.sectionId;
       this.state = State.RamWord;
@@ -604,9 +626,9 @@ export class StreamParser {
       default:
         if (kind & RamFlag.Hook) {
           this.emitMarker(RecordKind.RamHook);
-          this.fallback('RDMA hook in the RAM section');
+          this.fallback('rdma', 'RDMA hook in the RAM section');
         } else {
-          this.fallback(`unknown RAM flags 0x${flags.toString(16)}`, this.input.copy(0, 8));
+          this.fallback('ram-flags', `unknown RAM flags 0x${flags.toString(16)}`, this.input.copy(0, 8));
         }
     }
   }
@@ -876,14 +898,70 @@ export class StreamParser {
     if (reader) {
       reader.call(this, data);
     } else {
-      this.fallback(`migration command ${this.command} (postcopy, packaged or COLO streams are relayed as they are)`);
+      this.fallback('command', `migration command ${this.command} (COLO, or one this version of bfmig does not know)`);
     }
     return true;
   }
 
-  /** OPEN_RETURN_PATH, PING: they ask something of the destination; the stream goes on. */
+  /**
+   * OPEN_RETURN_PATH, PING, SWITCHOVER_START, …: they ask something of the destination or tell it
+   * something; the stream goes on.
+   */
   private readOnAfterCommand(): void {
     this.state = State.NextRecord;
+  }
+
+  /** POSTCOPY_ADVISE: 16 bytes (host and target page sizes) with postcopy-ram, none without. */
+  private readPostcopyAdvise(data: Buffer): void {
+    if (data.length !== 0 && data.length !== 16) {
+      this.fallback('command', `POSTCOPY_ADVISE of ${data.length} bytes`);
+      return;
+    }
+    this.state = State.NextRecord;
+  }
+
+  /** POSTCOPY_LISTEN, POSTCOPY_RUN: QEMU sends them only inside a package. */
+  private readPackagedOnlyCommand(): void {
+    if (this.packageEnd < 0) {
+      this.fallback('command', `migration command ${this.command} outside a postcopy package`);
+      return;
+    }
+    this.state = State.NextRecord;
+  }
+
+  /**
+   * PACKAGED: a u32 length, then that many bytes of a stream within the stream (LISTEN, the device
+   * sections, PING, RUN) that the destination loads whole before it runs the guest. Its records are
+   * parsed like any others; PackageEnd marks where it ends.
+   */
+  private readPackaged(data: Buffer): void {
+    if (data.length !== 4) {
+      this.fallback('command', `PACKAGED command of ${data.length} bytes`);
+      return;
+    }
+    const length = data.readUInt32BE(0);
+    if (this.packageEnd >= 0 || this.postcopy) {
+      this.fallback('command', 'a second postcopy package');
+    } else if (length > MAX_PACKAGE_BYTES) {
+      this.fallback('command', `a postcopy package of ${length} bytes (QEMU sends at most ${MAX_PACKAGE_BYTES})`);
+    } else if (this.framing.footers !== true) {
+      // Without footers a device section's end is known only from what follows it: here the end of
+      // the package, which the unframed reader cannot see.
+      this.fallback('command', 'a postcopy package in a stream without section footers');
+    } else {
+      this.packageEnd = this.input.offset + length;
+      this.state = State.NextRecord;
+    }
+  }
+
+  /** The package's last record has been read: the stream goes on with postcopy RAM. */
+  private endPackage(): void {
+    if (this.input.offset !== this.packageEnd) {
+      this.fail(StreamErrorCode.Malformed, `a record runs ${this.input.offset - this.packageEnd} bytes past the end of its postcopy package`, this.packageEnd);
+    }
+    this.emit({ kind: RecordKind.PackageEnd, streamOffset: this.packageEnd }, this.packageEnd);
+    this.packageEnd = -1;
+    this.postcopy = true;
   }
 
   // The end of the stream.
@@ -896,7 +974,7 @@ export class StreamParser {
       this.state = State.VmDescriptionLength;
     } else {
       this.framing.vmDescription = false;
-      this.fallback(`byte 0x${next.toString(16)} after EOF`);
+      this.fallback('after-end', `byte 0x${next.toString(16)} after EOF`);
     }
     return true;
   }
@@ -929,7 +1007,7 @@ export class StreamParser {
   private readAfterEnd(): boolean {
     if (this.input.available === 0) return false;
     this.startRecord();
-    this.fallback('bytes after the end of the stream');
+    this.fallback('after-end', 'bytes after the end of the stream');
     return true;
   }
 
@@ -1008,9 +1086,9 @@ export class StreamParser {
    * Stops parsing: every byte from here on is relayed as Verbatim. `consumed` are the bytes of the
    * current record that were read but not emitted; they are relayed first.
    */
-  private fallback(reason: string, consumed?: Buffer): void {
+  private fallback(code: FallbackCode, reason: string, consumed?: Buffer): void {
     this.fallbackReason = reason;
-    this.emit({ kind: RecordKind.Fallback, reason, streamOffset: this.recordStart }, this.recordStart);
+    this.emit({ kind: RecordKind.Fallback, code, reason, streamOffset: this.recordStart }, this.recordStart);
     if (consumed && consumed.length > 0) this.emitBytes(RecordKind.Verbatim, consumed, this.recordStart);
     if (this.input.carriedBytes > 0) this.emitBytes(RecordKind.Verbatim, this.input.takeCarried(), this.recordStart);
     this.state = State.Verbatim;
@@ -1027,6 +1105,6 @@ export class StreamParser {
       bits.writeUInt32BE(targetPageBits);
       read.push(bits);
     }
-    this.fallback(reason, Buffer.concat(read));
+    this.fallback('configuration', reason, Buffer.concat(read));
   }
 }

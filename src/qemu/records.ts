@@ -168,8 +168,27 @@ export interface VmDescriptionHeaderRecord {
   streamOffset: number;
 }
 
+/**
+ * What made the parser give up and relay the rest verbatim, in a few stable words (a metric label):
+ * a newer stream version, an unknown section type, a live section other than RAM, a second or FULL
+ * RAM section, RDMA, unknown RAM flags, a command it does not follow (COLO, unknown ones), bytes
+ * after the end, a configuration it does not know.
+ */
+export type FallbackCode =
+  | 'stream-version'
+  | 'section-type'
+  | 'live-section'
+  | 'ram-section'
+  | 'rdma'
+  | 'ram-flags'
+  | 'command'
+  | 'after-end'
+  | 'configuration';
+
 export interface FallbackRecord {
   kind: RecordKind.Fallback;
+  code: FallbackCode;
+  /** The same, said for a person. */
   reason: string;
   streamOffset: number;
 }
