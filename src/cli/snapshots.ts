@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { loadStreamInfo, type StreamInfo } from '../store/snapshot-parts';
 import { hasMetaFile, lockHolder, PageStore, readMetaFile, removeStore, StoreBusyError, validateVmName } from '../store';
+import { describeMigrationRecord, type MigrationRecord, readMigrationRecord } from '../store/migration-record';
 import { UsageError } from './parse';
 
 export interface SnapshotSummary {
@@ -20,6 +21,8 @@ export interface SnapshotSummary {
   machineType: string | null;
   /** The QEMU release that introduced that machine type: the sender ran it or later (the stream carries no version). */
   minQemuRelease: string | null;
+  /** What became of the VM's last migration through this gateway (null: none noted). */
+  lastMigration: MigrationRecord | null;
 }
 
 function diskBytes(dir: string): number {
@@ -55,7 +58,7 @@ export function listSnapshots(data: string): SnapshotSummary[] {
     if (holder) {
       // In use: report what its metadata says without opening it.
       const meta = readMetaFile(dir, vm);
-      out.push({ vm, snapshotId: null, pages: meta?.pageCount ?? 0, presentPages: meta?.presentPages ?? 0, diskBytes: diskBytes(dir), updatedAt: meta?.updatedAt ?? null, inUse: `${holder.pid}@${holder.host}`, restorable: false, machineType: null, minQemuRelease: null });
+      out.push({ vm, snapshotId: null, pages: meta?.pageCount ?? 0, presentPages: meta?.presentPages ?? 0, diskBytes: diskBytes(dir), updatedAt: meta?.updatedAt ?? null, inUse: `${holder.pid}@${holder.host}`, restorable: false, machineType: null, minQemuRelease: null, lastMigration: readMigrationRecord(dir) });
       continue;
     }
     const store = PageStore.open(data, vm);
@@ -74,6 +77,7 @@ export function listSnapshots(data: string): SnapshotSummary[] {
         restorable: snapshotId !== null && info?.snapshotId === snapshotId && meta !== null && meta.presentPages === meta.pageCount,
         machineType: info?.snapshotId === snapshotId ? info?.machineType ?? null : null,
         minQemuRelease: info?.snapshotId === snapshotId ? info?.minQemuRelease ?? null : null,
+        lastMigration: readMigrationRecord(dir),
       });
     } finally {
       store.close();
@@ -96,6 +100,7 @@ export function runSnapshots(action: string | undefined, data: string, vm: strin
         for (const s of list) {
           const held = `${s.presentPages}/${s.pages}`;
           write(s.vm.padEnd(24) + (s.inUse ? `(in use by ${s.inUse})` : s.snapshotId ?? '(none claimed)').padEnd(38) + held.padStart(22) + (s.diskBytes / 2 ** 20).toFixed(1).padStart(13) + `  ${(s.restorable ? `yes${s.machineType ? ` (${s.machineType}${s.minQemuRelease ? `, QEMU ≥ ${s.minQemuRelease}` : ''})` : ''}` : 'no').padEnd(11)}${s.updatedAt ?? '-'}\n`);
+          if (s.lastMigration) write(`  last migration ${describeMigrationRecord(s.lastMigration)}\n`);
         }
       }
       return 0;
@@ -125,7 +130,7 @@ export function runSnapshots(action: string | undefined, data: string, vm: strin
           const info = streamInfo(store);
           const origin = info !== null && info.snapshotId === store.snapshotId() ? info : null;
           const stream = origin && { machineType: origin.machineType ?? null, minQemuRelease: origin.minQemuRelease ?? null, framing: origin.framing ?? null };
-          write(JSON.stringify({ ...store.meta(), stream, diskBytes: diskBytes(dir), warnings: store.warnings }, null, 2) + '\n');
+          write(JSON.stringify({ ...store.meta(), stream, lastMigration: readMigrationRecord(dir), diskBytes: diskBytes(dir), warnings: store.warnings }, null, 2) + '\n');
           return 0;
         }
         const corrupted = store.verify();

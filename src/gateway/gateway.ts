@@ -331,7 +331,14 @@ export class Gateway implements SessionObserver {
     }
     this.totals.delete(`${report.vm}\u0000${report.direction}`);
     const wanBytes = report.direction === 'send' ? report.wanBytesOut : report.wanBytesIn;
-    this.metrics?.migrationFinished(report.vm, report.direction, { result: report.result, seconds: report.seconds, qemuBytes: report.streamBytes, wanBytes });
+    this.metrics?.migrationFinished(report.vm, report.direction, { result: report.result, seconds: report.seconds, qemuBytes: report.streamBytes, wanBytes, verbatimReason: report.verbatim?.code ?? null });
+    if (report.verbatim) {
+      // Never silent: from here on the stream crossed the WAN whole and nothing of it was retained.
+      this.log.warn(
+        { vm: report.vm, direction: report.direction, reason: report.verbatim.code, streamOffset: report.verbatim.streamOffset, detail: report.verbatim.reason },
+        'stream relayed verbatim: bfmig could not parse it past this point, so nothing after it was reused or retained',
+      );
+    }
     this.history.push(report);
     if (this.history.length > 100) this.history.shift();
     const fields = {
@@ -346,6 +353,8 @@ export class Gateway implements SessionObserver {
       pagesZero: report.counts.pagesZero,
       mode: report.mode,
       snapshotId: report.snapshotId,
+      ...(report.postcopy ? { postcopy: true } : {}),
+      ...(report.verbatim ? { verbatim: report.verbatim.code, verbatimFrom: report.verbatim.streamOffset } : {}),
       ...(report.error ? { error: report.error } : {}),
       memoryMiB: memoryMiB(),
     };

@@ -21,6 +21,8 @@ export interface MigrationSummary {
   qemuBytes: number;
   /** Bytes this migration put on / took off the WAN link. */
   wanBytes: number;
+  /** Why its stream was relayed verbatim from some point on (a fallback code), or null. */
+  verbatimReason: string | null;
 }
 
 type VmLabels = 'vm' | 'direction';
@@ -74,6 +76,13 @@ export class GatewayMetrics {
     name: 'bfmig_migrations_total',
     help: 'Migrations finished, by result',
     labelNames: ['vm', 'direction', 'result'],
+    registers: [this.registry],
+  });
+
+  private readonly verbatim = new Counter<VmLabels | 'reason'>({
+    name: 'bfmig_streams_relayed_verbatim_total',
+    help: 'Migrations whose stream bfmig stopped parsing and relayed as it was from some point on (no reuse and nothing retained after it), by reason (stream-version, section-type, live-section, ram-section, rdma, ram-flags, command, after-end, configuration)',
+    labelNames: ['vm', 'direction', 'reason'],
     registers: [this.registry],
   });
 
@@ -161,6 +170,7 @@ export class GatewayMetrics {
   migrationFinished(vm: string, direction: Direction, m: MigrationSummary): void {
     const labels = { vm, direction };
     this.migrations.inc({ ...labels, result: m.result });
+    if (m.verbatimReason !== null) this.verbatim.inc({ ...labels, reason: m.verbatimReason });
     this.lastDuration.set(labels, m.seconds);
     if (m.qemuBytes > 0) this.savingRatio.set(labels, 1 - m.wanBytes / m.qemuBytes);
     else this.savingRatio.remove(labels);

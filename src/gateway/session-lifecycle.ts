@@ -1,7 +1,9 @@
 import type { Socket } from 'node:net';
 import { errorMessage } from '../common/errors';
 import type { TransferCounts } from '../proxy/encoder';
+import type { StreamFallback } from '../qemu/records';
 import { PageStore, UndoableStore } from '../store';
+import { saveMigrationRecord } from '../store/migration-record';
 import { encodeJson, FrameType } from '../wire/frames';
 import { type Direction, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 import { noteStoreError } from './store-space';
@@ -15,10 +17,15 @@ export function checkedMove<P extends string>(direction: Direction, moves: Phase
   return to;
 }
 
-/** What a session's codec tells the lifecycle: its counts, and the RAM layout once it knows it. */
+/**
+ * What a session's codec tells the lifecycle: its counts, the RAM layout once it knows it, whether (and
+ * where) it relayed the stream verbatim, whether the migration switched to postcopy.
+ */
 interface Codec {
   readonly counts: TransferCounts;
   readonly layout: { pageCount: number; pageSize: number } | null;
+  readonly fallback: StreamFallback | null;
+  readonly postcopy: boolean;
 }
 
 export interface LifecycleOptions {
@@ -128,6 +135,22 @@ export class SessionLifecycle {
     this.end();
     this.progress();
     try {
+      // What `bfmig snapshots` says of this VM's last migration, the stream relayed verbatim included.
+      if (this.store) {
+        const verbatim = codec?.fallback ?? null;
+        saveMigrationRecord(this.store, {
+          at: new Date().toISOString(),
+          direction: this.direction,
+          ...outcome,
+          snapshotId: this.store.snapshotId(),
+          verbatim: verbatim && { code: verbatim.code, reason: verbatim.reason, streamOffset: verbatim.streamOffset },
+          postcopy: codec?.postcopy ?? false,
+        });
+      }
+    } catch (err) {
+      this.event('store note of the migration failed', { error: errorMessage(err) });
+    }
+    try {
       this.store?.close();
     } catch (err) {
       // The files are closed anyway and the store claims nothing; its next open() recovers it.
@@ -135,7 +158,7 @@ export class SessionLifecycle {
       this.event('store close failed', { error: errorMessage(err) });
     }
     this.options.observer.finished(
-      migrationReport({ vm: this.vm, direction: this.direction, startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn }, codec?.counts, outcome),
+      migrationReport({ vm: this.vm, direction: this.direction, startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn }, codec, outcome),
     );
     this.resolveDone();
   }

@@ -1,4 +1,5 @@
 import { streamOrigin } from '../qemu';
+import type { StreamFallback } from '../qemu/records';
 import type { PageStore, UndoableStore } from '../store';
 import { saveStreamParts } from '../store/snapshot-parts';
 import { newCounts, type TransferCounts } from '../proxy/encoder';
@@ -24,6 +25,10 @@ export interface MigrationReport {
   counts: TransferCounts;
   mode: ReuseMode;
   snapshotId: string | null;
+  /** Where and why the stream stopped being parsed and was relayed as it was (null: parsed whole). */
+  verbatim: StreamFallback | null;
+  /** The migration switched to postcopy. */
+  postcopy: boolean;
 }
 
 /** What a migration session tells the gateway: log lines, live totals, the outcome. */
@@ -57,10 +62,10 @@ export const TABLE_FRAME_BYTES = 1024 * 1024;
 /** What a session knows when it ends, as the report the observer gets. */
 export function migrationReport(
   session: { vm: string; direction: Direction; startedAt: number; wanBytesOut: number; wanBytesIn: number },
-  counts: TransferCounts | undefined,
+  codec: { counts: TransferCounts; fallback: StreamFallback | null; postcopy: boolean } | null,
   outcome: { result: 'completed' | 'failed'; error: string | null; mode: ReuseMode; snapshotId: string | null },
 ): MigrationReport {
-  const c = counts ?? newCounts();
+  const c = codec?.counts ?? newCounts();
   return {
     vm: session.vm,
     direction: session.direction,
@@ -70,6 +75,8 @@ export function migrationReport(
     wanBytesOut: session.wanBytesOut,
     wanBytesIn: session.wanBytesIn,
     counts: c,
+    verbatim: codec?.fallback ?? null,
+    postcopy: codec?.postcopy ?? false,
   };
 }
 

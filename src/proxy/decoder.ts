@@ -1,7 +1,7 @@
 import { DIGEST_BYTES, digestContiguous, digestOne, StreamHash } from '../digest';
 import { RamFlag, X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
-import { type RamBlock, RecordKind, type StreamRecord } from '../qemu/records';
+import { type RamBlock, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
 import { StreamParts } from './stream-parts';
@@ -60,6 +60,7 @@ export class StreamDecoder {
   private sealed = false;
   /** A Seal covered a postcopy package: the destination runs the guest, nothing more is held. */
   private guestRunning = false;
+  private fallbackAt: StreamFallback | null = null;
 
   constructor(
     /** Receives the rebuilt stream; it owns each buffer. */
@@ -81,6 +82,16 @@ export class StreamDecoder {
   /** Set when the stream held something the codec does not understand and was relayed verbatim. */
   get fallbackReason(): string | null {
     return this.parser.fallbackReason;
+  }
+
+  /** Where and why the stream stopped being parsed (null: it was parsed whole). */
+  get fallback(): StreamFallback | null {
+    return this.fallbackAt;
+  }
+
+  /** The stream switched to postcopy. */
+  get postcopy(): boolean {
+    return this.parts.postcopyStarted;
   }
 
   /** The destination has been handed every byte rebuilt so far, and a check covered all of them. */
@@ -301,6 +312,9 @@ export class StreamDecoder {
       case RecordKind.RamCompressed:
         this.counts.pagesOther++;
         this.retainer.retain(record, false);
+        return;
+      case RecordKind.Fallback:
+        this.fallbackAt = { code: record.code, reason: record.reason, streamOffset: record.streamOffset };
         return;
       default:
         this.parts.record(record);

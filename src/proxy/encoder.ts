@@ -1,7 +1,7 @@
 import { DIGEST_BYTES, digestOne, StreamHash } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
-import { type RamPageRecord, RecordKind, type StreamRecord } from '../qemu/records';
+import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
 import { StreamParts } from './stream-parts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
@@ -56,6 +56,7 @@ export class StreamEncoder {
   private pushedEnd = 0;
   /** Stream offset just past the postcopy package (-1 until one has been read). */
   private packageEnd = -1;
+  private fallbackAt: StreamFallback | null = null;
   // The open run: consecutive held and fill pages of one block.
   private runOpen = false;
   /** Fill byte of the run's fill pages; -1 until one joins. */
@@ -132,6 +133,16 @@ export class StreamEncoder {
 
   get fallbackReason(): string | null {
     return this.parser.fallbackReason;
+  }
+
+  /** Where and why the stream stopped being parsed (null: it was parsed whole). */
+  get fallback(): StreamFallback | null {
+    return this.fallbackAt;
+  }
+
+  /** The stream switched to postcopy. */
+  get postcopy(): boolean {
+    return this.parts.postcopyStarted;
   }
 
   /** Whether sections end with footers (null until the stream shows it). */
@@ -231,6 +242,10 @@ export class StreamEncoder {
         this.closeRun();
         this.packageEnd = record.streamOffset;
         this.parts.record(record);
+        return;
+      case RecordKind.Fallback:
+        this.closeRun();
+        this.fallbackAt = { code: record.code, reason: record.reason, streamOffset: record.streamOffset };
         return;
       default:
         this.closeRun();

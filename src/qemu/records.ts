@@ -185,6 +185,13 @@ export type FallbackCode =
   | 'after-end'
   | 'configuration';
 
+/** Where and why a stream stopped being parsed: everything from `streamOffset` on was relayed as it was. */
+export interface StreamFallback {
+  code: FallbackCode;
+  reason: string;
+  streamOffset: number;
+}
+
 export interface FallbackRecord {
   kind: RecordKind.Fallback;
   code: FallbackCode;

@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { acquireLock, alive, lockHolder, releaseLock, StoreBusyError } from './lock';
 import { META_FILE, readMetaFile, validateVmName } from './meta';
+import { readMigrationRecord } from './migration-record';
 
 export interface Eviction {
   vm: string;
@@ -29,6 +30,8 @@ export interface StoreEntry {
   presentPages: number;
   /** When it was last used: meta.json's modification time (ms), 0 without one. */
   usedAt: number;
+  /** Its VM's last migration was relayed verbatim from some point on (see migration-record.ts). */
+  lastRelayedVerbatim: boolean;
 }
 
 /** Prefix of a store directory being removed; never a VM name (those start with a letter or digit). */
@@ -84,7 +87,8 @@ export function statStore(dir: string, vm: string): StoreEntry | null {
   const meta = readMetaFile(dir, vm);
   const dirty = meta?.state === 'dirty';
   const snapshotId = meta?.state === 'clean' ? meta.snapshotId : null;
-  return { vm, bytes, snapshotId, dirty, presentPages: meta?.presentPages ?? 0, usedAt };
+  const lastRelayedVerbatim = (readMigrationRecord(dir)?.verbatim ?? null) !== null;
+  return { vm, bytes, snapshotId, dirty, presentPages: meta?.presentPages ?? 0, usedAt, lastRelayedVerbatim };
 }
 
 /**
@@ -92,9 +96,11 @@ export function statStore(dir: string, vm: string): StoreEntry | null {
  * and holds no page (a first migration that failed leaves one: its pages were put back to absent). A
  * "dirty" store is kept: its recovery may claim its snapshot again from the undo journal. So is one that
  * lost its snapshot but holds pages (to a corrupted page, say): a digest-table exchange reuses them.
+ * And so is one whose last migration was relayed verbatim: it is how `bfmig snapshots` tells the
+ * operator why that VM reuses nothing (the store budget still evicts it like any other).
  */
 export function holdsNothing(entry: StoreEntry): boolean {
-  return entry.snapshotId === null && !entry.dirty && entry.presentPages === 0;
+  return entry.snapshotId === null && !entry.dirty && entry.presentPages === 0 && !entry.lastRelayedVerbatim;
 }
 
 /**

@@ -121,6 +121,8 @@ export interface CompatOutcome {
 /** Whether the outcome is what the row promises. */
 export function compatPassed(o: CompatOutcome): boolean {
   if (!o.verified) return false;
+  // A row that promises reuse must have been parsed whole: a stream relayed verbatim reuses little.
+  if (o.row.expectReuse && o.legs.some((l) => l.verbatim !== null)) return false;
   if (o.row.postcopyAfterBytes !== undefined && !o.legs.every((l) => l.postcopyStarted)) return false;
   return !o.row.expectReuse || (o.backShare !== null && o.backShare <= REUSE_MAX_BACK_SHARE);
 }

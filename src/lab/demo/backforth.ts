@@ -87,6 +87,8 @@ export interface LegResult {
   verified: boolean;
   /** Whether migrate-start-postcopy was issued while the leg was still active. */
   postcopyStarted: boolean;
+  /** Why the sending gateway relayed (part of) the stream verbatim (a fallback code); null when it parsed it all, or direct. */
+  verbatim: string | null;
 }
 
 interface Site {
@@ -238,6 +240,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           gatewayCpuSecondsReceive: cpuDelta(cpuBefore.receive, to.gateway.cpuSeconds()),
           verified: verified && info.status === 'completed' && (report === undefined || report.result === 'completed'),
           postcopyStarted,
+          verbatim: report?.verbatim ?? null,
         };
         results.push(result);
         say(`leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}: ${mib(result.wanBytes)} over the WAN in ${(result.totalTimeMs / 1000).toFixed(1)} s, guest memory ${result.verified ? 'verified' : 'NOT VERIFIED'}`);

@@ -24,6 +24,9 @@ export interface GatewayLegReport {
   pagesReused: number;
   pagesZero: number;
   snapshotId: string | null;
+  /** Why the stream was relayed verbatim from some point on (the fallback code), null when parsed whole. */
+  verbatim: string | null;
+  postcopy: boolean;
 }
 
 export interface SiteGateway {
@@ -52,7 +55,7 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
   await gateway.start();
   return {
     get reports(): GatewayLegReport[] {
-      return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, streamBytes: r.streamBytes, ...pick(r.counts), snapshotId: r.snapshotId }));
+      return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, streamBytes: r.streamBytes, ...pick(r.counts), snapshotId: r.snapshotId, verbatim: r.verbatim?.code ?? null, postcopy: r.postcopy }));
     },
     cpuSeconds: () => null,
     peakRssMiB: () => null,
@@ -77,6 +80,8 @@ interface FinishedLine {
   pagesReused?: number;
   pagesZero?: number;
   snapshotId?: string | null;
+  verbatim?: string;
+  postcopy?: boolean;
 }
 
 async function startChild(configPath: string, logPath: string): Promise<SiteGateway> {
@@ -98,7 +103,7 @@ async function startChild(configPath: string, logPath: string): Promise<SiteGate
         return;
       }
       if (f.direction && f.result) {
-        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, snapshotId: f.snapshotId ?? null });
+        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false });
       }
     });
     child.once('exit', (code) => {
