@@ -32,7 +32,8 @@ export function formatReport(r: InspectReport): string {
   lines.push(`stream     ${n(r.bytes)} bytes, version ${r.version ?? '?'}, framing ${r.framing} (${framing})`);
   lines.push(`rewrite    ${r.identical ? 'byte-identical' : 'NOT identical'}${r.complete ? '' : ' (stream incomplete)'}`);
   if (r.error) lines.push(`error      ${r.error.message}`);
-  if (r.fallback) lines.push(`fallback   relayed verbatim from byte ${n(r.fallback.offset)}: ${r.fallback.reason}`);
+  if (r.postcopy) lines.push(`postcopy   device state packaged at byte ${n(r.postcopy.packageOffset)} (${n(r.postcopy.packageBytes)} bytes); RAM after it went while the guest ran at the destination`);
+  if (r.fallback) lines.push(`fallback   relayed verbatim from byte ${n(r.fallback.offset)} (${r.fallback.code}): ${r.fallback.reason}`);
   lines.push(`RAM        ${n(r.ram.totalBytes)} bytes in ${r.ram.blocks.length} blocks`);
   lines.push(table([['block', 'bytes', 'pages'], ...r.ram.blocks.map((b) => [b.name, b.bytes, b.pages])], ['l', 'r', 'r']));
   const rec = r.ram.records;

@@ -1,5 +1,5 @@
 import { createHash, type Hash } from 'node:crypto';
-import { SectionType } from './constants';
+import { SectionType, VmCommand } from './constants';
 import { StreamError } from './errors';
 import { StreamParser } from './parser';
 import { type ConfigSubsection, RecordKind, type StreamRecord } from './records';
@@ -37,8 +37,10 @@ export interface InspectReport {
   /** Bytes of the stream by record kind; they add up to `bytes`. */
   bytesByKind: Record<string, number>;
   commands: { command: number; length: number }[];
+  /** Set when the migration switched to postcopy: where its package (the device state) starts, and its size. */
+  postcopy: { packageOffset: number; packageBytes: number } | null;
   /** Set when the parser met something it does not understand and relayed the rest verbatim. */
-  fallback: { reason: string; offset: number } | null;
+  fallback: { code: string; reason: string; offset: number } | null;
   /** Set when the stream was rejected. */
   error: { code: string; offset: number; message: string } | null;
   complete: boolean;
@@ -61,7 +63,7 @@ const KIND_NAMES: Record<RecordKind, string> = {
   [RecordKind.RamMultifdFlush]: 'ramMultifdFlush',
   [RecordKind.RamHook]: 'ramHook',
   [RecordKind.Command]: 'commands',
-  [RecordKind.PackageEnd]: 'postcopyPackages',
+  [RecordKind.PackageEnd]: 'commands',
   [RecordKind.Eof]: 'eof',
   [RecordKind.VmDescriptionHeader]: 'vmDescription',
   [RecordKind.VmDescriptionData]: 'vmDescription',
@@ -105,6 +107,7 @@ export class StreamInspector {
     ram: { totalBytes: 0, blocks: [], records: { normal: 0, zero: 0, xbzrle: 0, compressed: 0, eos: 0, multifdFlush: 0, hook: 0 } },
     bytesByKind: {},
     commands: [],
+    postcopy: null,
     fallback: null,
     error: null,
     complete: false,
@@ -237,6 +240,7 @@ export class StreamInspector {
         break;
       case RecordKind.Command:
         r.commands.push({ command: record.command, length: record.data.length });
+        if (record.command === VmCommand.Packaged && record.data.length === 4) r.postcopy = { packageOffset: record.streamOffset, packageBytes: record.data.readUInt32BE(0) };
         this.lastSection = null;
         break;
       case RecordKind.Eof:
@@ -257,7 +261,7 @@ export class StreamInspector {
         }
         break;
       case RecordKind.Fallback:
-        r.fallback = { reason: record.reason, offset: record.streamOffset };
+        r.fallback = { code: record.code, reason: record.reason, offset: record.streamOffset };
         this.lastSection = null;
         break;
       case RecordKind.SectionData:
