@@ -6,10 +6,9 @@
  */
 import * as fs from 'node:fs';
 import { parseArgs } from 'node:util';
-import type { LegResult } from '../src/lab/demo/backforth';
+import type { BenchResults, GridRun, LegResult } from '../src/lab/demo/backforth';
 import { BENCH_PLATFORM } from '../src/model/calibration';
 import { PAGE_BYTES, type PathPrediction, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
-import type { BenchResults, GridRun } from './backforth';
 
 /**
  * Pages the guest dirties at a site besides the workload's own pages: its kernel and the workload's

@@ -9,46 +9,19 @@
  */
 import { fork, spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
-import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
+import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
 import { procStats } from '../src/lab/demo/proc-stats';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
 import { freePort } from '../src/lab/vm/qemu-vm';
-import { playStream, syntheticStream } from './synthetic';
+import { checkingDestination, playStream } from '../src/lab/harness/qemu-standins';
+import { syntheticStream } from '../src/lab/harness/synthetic-stream';
 
 const gib = Number(process.argv[2] ?? 1);
 const runs = Number(process.argv[3] ?? 5);
-
-/** A destination: accepts one connection, reads everything, compares it with `expected`. */
-function consume(expected: Buffer, port = 0): Promise<{ port: number; done: Promise<number> }> {
-  return new Promise((resolveListen) => {
-    let resolveDone: (bytes: number) => void;
-    let rejectDone: (err: Error) => void;
-    const done = new Promise<number>((res, rej) => {
-      resolveDone = res;
-      rejectDone = rej;
-    });
-    const server = net.createServer((socket) => {
-      server.close();
-      let at = 0;
-      let mismatch = false;
-      socket.on('data', (chunk: Buffer) => {
-        if (!mismatch && expected.compare(chunk, 0, chunk.length, at, at + chunk.length) !== 0) mismatch = true;
-        at += chunk.length;
-      });
-      socket.on('end', () => {
-        socket.end();
-        if (mismatch || at !== expected.length) rejectDone(new Error(`destination got ${at} bytes${mismatch ? ', not identical' : ''}`));
-        else resolveDone(at);
-      });
-    });
-    server.listen(port, '127.0.0.1', () => resolveListen({ port: (server.address() as net.AddressInfo).port, done }));
-  });
-}
 
 /** Node flags of the gateway processes: the deployment's recommended ones (README, docker/Dockerfile) unless overridden. */
 const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
@@ -89,7 +62,7 @@ async function main(): Promise<void> {
 
   /** Seconds for the stream through a plain relay pair, each relay in a process of its own as each gateway is. */
   async function relayRun(): Promise<{ seconds: number; cpu: number }> {
-    const sink = await consume(stream);
+    const sink = await checkingDestination(stream);
     const second = await startRelay(sink.port);
     const first = await startRelay(second.port);
     const before = procStats(first.child.pid!).cpuSeconds + procStats(second.child.pid!).cpuSeconds;
@@ -130,7 +103,7 @@ async function main(): Promise<void> {
       ] as const) {
         const before = { from: procStats(from.pid!), to: procStats(to.pid!) };
         // The gateway dials its route's fixed target port: the destination listens there.
-        const sink = await consume(stream, destPort);
+        const sink = await checkingDestination(stream, destPort);
         const t0 = process.hrtime.bigint();
         const delivered = sink.done.then(() => process.hrtime.bigint());
         // The source's connection closes once both gateways have committed their stores (Done): QEMU

@@ -1,7 +1,7 @@
 // Writes the hand-built fixtures of test/fixtures.ts to fixtures/ with a manifest.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { buildFixtures } from '../test/fixtures';
+import { buildFixtures } from '../src/lab/harness/fixtures';
 
 const dir = join(__dirname, '..', '..', 'fixtures');
 const target = process.argv[2] ?? dir;

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { RecordKind, StreamError, StreamParser, StreamWriter, type StreamRecord } from '../src/qemu';
 import { StreamInspector } from '../src/qemu/inspect';
-import { buildFixtures, type Fixture } from './fixtures';
+import { buildFixtures, type Fixture } from '../src/lab/harness/fixtures';
 
 const FIXTURES = join(__dirname, '..', 'fixtures');
 const fixtures = buildFixtures();

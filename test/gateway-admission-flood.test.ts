@@ -13,8 +13,9 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { issueCerts } from '../src/cli/certs';
 import { disposeAllVms, ensureGuestBuilt, QemuVm, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
-import { destinationStandIn, refusals, sourceStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { refusals, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 type Role = 'peer' | 'source' | 'metrics';
 

@@ -14,8 +14,10 @@ import { issueCerts } from '../src/cli/certs';
 import { addressGroup, ConnectionGate, type Listener, type RefusalReason } from '../src/gateway/limits';
 import { PEER_TEXT_CHARS, peerText } from '../src/gateway/session';
 import { encodeJson, FrameType } from '../src/wire/frames';
-import { destinationStandIn, rawPeer, refusals, sourceStandIn, startPair, type TestSite, treeListing, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { rawPeer, refusals, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { treeListing } from '../src/lab/harness/stores';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 /** A stand-in for an accepted socket: what the gate reads of one. */
 function fakeSocket(remoteAddress: string): net.Socket & { cut: boolean } {

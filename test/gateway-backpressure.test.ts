@@ -8,8 +8,9 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { sourceStandIn as migrate, startPair, type TestSite as Site } from './gateway-pair';
-import { dirty, guestMemory, migrationStream } from './migration-stream';
+import { startPair, type TestSite as Site } from '../src/lab/harness/gateway-pair';
+import { sourceStandIn as migrate } from '../src/lab/harness/qemu-standins';
+import { dirty, guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 /** Accepts one connection and reads it in small sips: a pause after every chunk. */
 function slowDestination(port: number): Promise<{ received: Promise<Buffer> }> {

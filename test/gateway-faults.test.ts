@@ -13,8 +13,9 @@ import { StreamHash } from '../src/digest';
 import { StreamParts } from '../src/proxy/stream-parts';
 import { StreamParser } from '../src/qemu/parser';
 import { encodeFrame, encodeJson, FrameType } from '../src/wire/frames';
-import { destinationStandIn as destination, rawPeer, sourceStandIn as migrate, startPair, type TestSite as Site, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream, PAGE } from './migration-stream';
+import { rawPeer, startPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn as destination, sourceStandIn as migrate } from '../src/lab/harness/qemu-standins';
+import { guestMemory, migrationStream, PAGE } from '../src/lab/harness/migration-stream';
 
 function snapshotOf(site: Site): string | null {
   return (JSON.parse(fs.readFileSync(path.join(site.data, 'vm1', 'meta.json'), 'utf8')) as { snapshotId: string | null }).snapshotId;

@@ -8,7 +8,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { FrameType } from '../src/wire/frames';
 import { HostileReceiverRig, rawFrame, rmTmp } from './hostile-receiver';
-import { guestMemory, migrationStream } from './migration-stream';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 jest.mock('../src/gateway/session', () => ({ ...jest.requireActual<object>('../src/gateway/session'), HANDSHAKE_TIMEOUT_MS: 1000 }));
 

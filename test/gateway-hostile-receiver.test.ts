@@ -24,7 +24,7 @@ import {
   type ScriptMutation,
   wholeReturnPathMessages,
 } from './hostile-receiver';
-import { guestMemory, migrationStream } from './migration-stream';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 const PONG = Buffer.from([0, 2, 0, 4, 0, 0, 0, 1]);
 const BANNER = Buffer.from('SSH-2.0-OpenSSH_9.2p1\r\n');

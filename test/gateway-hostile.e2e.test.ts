@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { type GatewayProcess, hostileFlood, migrateThroughPair, startHostilePair, stopGateway } from '../bench/hostile-load';
+import { type GatewayProcess, hostileFlood, migrateThroughPair, startHostilePair, stopGateway } from '../src/lab/harness/hostile-flood';
 import { freePort } from '../src/lab/vm/qemu-vm';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';

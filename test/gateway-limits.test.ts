@@ -8,8 +8,10 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { FrameType } from '../src/wire/frames';
-import { destinationStandIn, rawPeer, refusals, sourceStandIn, startPair, type TestSite, treeListing, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { rawPeer, refusals, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { treeListing } from '../src/lab/harness/stores';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 const LIMITS = 'limits:\n  handshakeSeconds: 1\n  idleSeconds: 2\n  maxConnections: 6\n';
 

@@ -7,13 +7,13 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { loopbackMultiRouteYaml } from '../src/lab/demo/loopback-config';
-import { type SiteGateway, startSiteGateway } from '../src/lab/demo/site-gateway';
+import { loopbackMultiRouteYaml } from '../src/lab/harness/loopback-config';
+import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
 import { freePort } from '../src/lab/vm/qemu-vm';
 import { StreamHash } from '../src/digest';
 import { encodeFrame, encodeJson, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
-import { rawPeer, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream, streamStart } from './migration-stream';
+import { rawPeer, waitFor } from '../src/lab/harness/gateway-pair';
+import { guestMemory, migrationStream, streamStart } from '../src/lab/harness/migration-stream';
 
 const GiB = 1024 * 1024 * 1024;
 

@@ -7,8 +7,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { PageStore } from '../src/store';
-import { destinationStandIn, sourceStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 // 2,000 pages: some 8 MiB in a store.
 const memory = guestMemory(

@@ -15,8 +15,10 @@ import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';
 import { freePort } from '../src/lab/vm/qemu-vm';
 import { FrameType, frameHeader, MAX_HANDSHAKE_PAYLOAD } from '../src/wire/frames';
-import { destinationStandIn, rawPeer, refusals, sourceStandIn, startPair, type TestSite, treeListing, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { rawPeer, refusals, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { treeListing } from '../src/lab/harness/stores';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 describe('gateways over mutual TLS', () => {
   let tmp = '';

@@ -9,8 +9,8 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { encodeFrame, encodeJson, FrameParser, FrameType } from '../src/wire/frames';
-import { rawPeer, startPair, type TestSite, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { rawPeer, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 const BANNER = Buffer.from('SSH-2.0-OpenSSH_9.2p1\r\n');
 

@@ -10,7 +10,7 @@ import { Writable } from 'node:stream';
 import { Capture } from '../src/lab/capture';
 import { listSnapshots } from '../src/cli/snapshots';
 import { restoreSnapshot } from '../src/cli/restore';
-import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
+import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
 import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';

@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
-import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
+import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
 import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';
@@ -18,7 +18,8 @@ import { ReturnPathParser, returnPathBytes } from '../src/qemu/return-path';
 import { scanStores } from '../src/store';
 import { freePort } from '../src/lab/vm/qemu-vm';
 import { decodeEnd, type EndMessage, FrameParser, FrameType, MAX_FRAME_PAYLOAD } from '../src/wire/frames';
-import { destinationStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
+import { startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn } from '../src/lab/harness/qemu-standins';
 
 export interface Frame {
   type: FrameType;

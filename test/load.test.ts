@@ -7,10 +7,11 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { awaitReports, checkStores, type LoadSite, runPass, startLoadPair, stopLoadPair, vmStream, type VmStream } from '../bench/load';
+import { awaitReports, type LoadSite, runPass, startLoadPair, stopLoadPair, vmStream, type VmStream } from '../src/lab/harness/load-pair';
+import { checkStores } from '../src/lab/harness/stores';
 import type { Direction } from '../src/gateway/session';
-import type { GatewayLegReport } from '../src/lab/demo/site-gateway';
-import { guestMemory, migrationStream } from './migration-stream';
+import type { GatewayLegReport } from '../src/lab/harness/site-gateway';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 const VMS = Array.from({ length: 16 }, (_, i) => `vm${String(i + 1).padStart(2, '0')}`);
 

@@ -14,7 +14,7 @@ import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { restoreSnapshot } from '../src/cli/restore';
 import { PageStore } from '../src/store';
 import { disposeAllVms, ensureGuestBuilt, freePort, QemuVm } from '../src/lab/vm/qemu-vm';
-import { startPair, type TestSite } from './gateway-pair';
+import { startPair, type TestSite } from '../src/lab/harness/gateway-pair';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const REPEAT = Number(process.env.BFMIG_RESTORE_REPEAT ?? '10');

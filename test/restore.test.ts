@@ -13,7 +13,7 @@ import { RecordKind, SectionType, StreamParser, VmCommand } from '../src/qemu';
 import { ReturnPathMessage } from '../src/qemu/return-path';
 import { CorruptPagesError, restoreSnapshot } from '../src/cli/restore';
 import { PageStore } from '../src/store';
-import { guestMemory, migrationStream, PAGE, type GuestMemory } from './migration-stream';
+import { guestMemory, migrationStream, PAGE, type GuestMemory } from '../src/lab/harness/migration-stream';
 
 /** What the stand-in does once it has the whole stream (or, for 'exit', as soon as it has any). */
 type Verdict = 'shut0' | 'shut1' | 'close' | 'exit' | 'malformed' | 'silent' | 'shut0-early';

@@ -11,8 +11,8 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { loopbackMultiRouteYaml } from '../src/lab/demo/loopback-config';
-import { type SiteGateway, startSiteGateway } from '../src/lab/demo/site-gateway';
+import { loopbackMultiRouteYaml } from '../src/lab/harness/loopback-config';
+import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
 import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
 import { encodeFrame, FrameParser, FrameType, MAX_FRAME_PAYLOAD } from '../src/wire/frames';
 

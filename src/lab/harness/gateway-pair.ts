@@ -1,20 +1,19 @@
 /**
- * A gateway pair on loopback for tests of the gateway-to-gateway link, with stand-ins for QEMU
- * (a source that sends a synthetic stream, a destination that keeps what it gets) and a raw peer
- * client that speaks frames by hand, over TCP or TLS.
+ * A gateway pair on loopback, both in this process, for tests of the gateway-to-gateway link, and a
+ * raw peer client that speaks frames by hand, over TCP or TLS. The QEMU stand-ins that drive it are in
+ * qemu-standins.ts; pairs of `bfmig gateway` child processes in load-pair.ts and hostile-flood.ts.
  */
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import * as tls from 'node:tls';
-export { treeListing } from '../bench/hostile-load';
-import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
-import { parseConfig } from '../src/gateway/config';
-import { Gateway } from '../src/gateway/gateway';
-import { createLogger } from '../src/gateway/log';
-import { GatewayMetrics } from '../src/gateway/metrics';
-import { freePort } from '../src/lab/vm/qemu-vm';
-import { encodeJson, FrameParser, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
+import { loopbackSiteYaml } from './loopback-config';
+import { parseConfig } from '../../gateway/config';
+import { Gateway } from '../../gateway/gateway';
+import { createLogger } from '../../gateway/log';
+import { GatewayMetrics } from '../../gateway/metrics';
+import { freePort } from '../vm/qemu-vm';
+import { encodeJson, FrameParser, FrameType, PROTOCOL_VERSION } from '../../wire/frames';
 
 export interface TestSite {
   name: string;
@@ -49,38 +48,6 @@ export async function startPair(tmp: string, extra: [string, string] = ['', ''])
   const a = await make('site-a', peerA, routeA, peerB, destB, destA, extra[0]);
   const b = await make('site-b', peerB, routeB, peerA, destA, destB, extra[1]);
   return [a, b];
-}
-
-/** A source stand-in: sends `stream` to the route, reports how the connection ended. */
-export function sourceStandIn(port: number, stream: Buffer): Promise<'closed' | 'reset'> {
-  return new Promise((resolve) => {
-    const socket = net.connect({ host: '127.0.0.1', port }, () => {
-      socket.write(stream);
-      socket.end();
-    });
-    let reset = false;
-    socket.on('error', () => (reset = true));
-    socket.resume();
-    socket.on('close', () => resolve(reset ? 'reset' : 'closed'));
-  });
-}
-
-/** A destination stand-in: accepts one connection and keeps what it receives. */
-export function destinationStandIn(port: number): Promise<{ received: Promise<{ bytes: Buffer; reset: boolean }>; close: () => void }> {
-  return new Promise((listening) => {
-    let done: (r: { bytes: Buffer; reset: boolean }) => void;
-    const received = new Promise<{ bytes: Buffer; reset: boolean }>((r) => (done = r));
-    const server = net.createServer((socket) => {
-      server.close();
-      const parts: Buffer[] = [];
-      let reset = false;
-      socket.on('data', (b: Buffer) => parts.push(b));
-      socket.on('error', () => (reset = true));
-      socket.on('end', () => socket.end());
-      socket.on('close', () => done({ bytes: Buffer.concat(parts), reset }));
-    });
-    server.listen(port, '127.0.0.1', () => listening({ received, close: () => server.close() }));
-  });
 }
 
 export interface RawPeer {

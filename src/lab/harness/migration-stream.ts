@@ -3,7 +3,7 @@
  * the proxy: a bulk round over every page (fill records for zero pages), further rounds over dirtied
  * pages, then device state and the vmdesc trailer.
  */
-import { RamFlag, type RamBlock, RecordKind, SectionType, StreamWriter } from '../src/qemu';
+import { RamFlag, type RamBlock, RecordKind, SectionType, StreamWriter } from '../../qemu';
 
 export const PAGE = 4096;
 

@@ -7,13 +7,13 @@
  * an exception that is not a typed error, output that differs from the input without an error, or a
  * result that depends on how the input was split into chunks.
  */
-import { DIGEST_BYTES } from '../src/digest';
-import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
-import { StreamEncoder } from '../src/proxy/encoder';
-import type { PageLayout, RetainedPages } from '../src/proxy/retained';
-import { RunError, decodeRun } from '../src/proxy/run';
-import { RecordKind, StreamError, StreamParser, StreamWriter, type StreamRecord } from '../src/qemu';
-import { StreamInspector } from '../src/qemu/inspect';
+import { DIGEST_BYTES } from '../../digest';
+import { RebuildError, StreamDecoder } from '../../proxy/decoder';
+import { StreamEncoder } from '../../proxy/encoder';
+import type { PageLayout, RetainedPages } from '../../proxy/retained';
+import { RunError, decodeRun } from '../../proxy/run';
+import { RecordKind, StreamError, StreamParser, StreamWriter, type StreamRecord } from '../../qemu';
+import { StreamInspector } from '../../qemu/inspect';
 import {
   decodeAbort,
   decodeDone,
@@ -28,7 +28,7 @@ import {
   FrameType,
   MAX_FRAME_PAYLOAD,
   WireError,
-} from '../src/wire/frames';
+} from '../../wire/frames';
 import { buildFixtures } from './fixtures';
 import { dirty, guestMemory, migrationStream } from './migration-stream';
 

@@ -12,7 +12,7 @@ import { createLogger } from '../../gateway/log';
 import { GatewayMetrics } from '../../gateway/metrics';
 import type { Direction } from '../../gateway/session';
 import { PACKAGE_ROOT } from '../../digest/package-root';
-import { procStats } from './proc-stats';
+import { procStats } from '../demo/proc-stats';
 
 /** What a gateway says about one finished migration (its report, or its 'migration completed' log line). */
 export interface GatewayLegReport {
