@@ -5,17 +5,19 @@
  */
 import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
 import type { BenchResults } from '../src/lab/demo/backforth';
+import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 
 (SKIP ? describe.skip : describe)('bench/backforth smoke run', () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-bench-smoke-'));
-  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+  let dir = '';
+  beforeAll(() => {
+    dir = suiteTempDir('bfmig-bench-smoke-');
+  });
 
   test('one leg pair direct and through bfmig, written to JSON and CSV', async () => {
     const out = path.join(dir, 'smoke.json');

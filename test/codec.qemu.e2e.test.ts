@@ -6,12 +6,12 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { inspectPath } from '../src/cli/inspect';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type MigrationInfo } from '../src/lab/vm/qemu-vm';
+import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const OK_RE = /WORKLOAD VERIFY OK round=(\d+)/g;
@@ -86,11 +86,10 @@ const MACHINES: [string, 'legacy' | 'current'][] = [
   let tmp = '';
   beforeAll(() => {
     ensureGuestBuilt();
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-codec-'));
+    tmp = suiteTempDir('bfmig-codec-');
   });
   afterAll(async () => {
     await disposeAllVms();
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   test('capture --forward and exec: streams rewrite byte-identically, match query-migrate and restore', async () => {

@@ -1,8 +1,8 @@
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
+import { suiteTempDir } from './temp-dir';
 
 const BFMIG = path.join(PACKAGE_ROOT, 'bin', 'bfmig.js');
 
@@ -27,9 +27,8 @@ function run(args: string[], untilLine?: RegExp): Promise<{ code: number | null;
 describe('bfmig gateway (the process)', () => {
   let dir = '';
   beforeAll(() => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-cli-'));
+    dir = suiteTempDir('bfmig-cli-');
   });
-  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
   test('a config error stops start-up with a message naming the key', async () => {
     const file = path.join(dir, 'bad.yaml');

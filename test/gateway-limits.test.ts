@@ -5,13 +5,13 @@
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { FrameType } from '../src/wire/frames';
 import { rawPeer, refusals, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
 import { treeListing } from '../src/lab/harness/stores';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 const LIMITS = 'limits:\n  handshakeSeconds: 1\n  idleSeconds: 2\n  maxConnections: 6\n';
 
@@ -47,14 +47,13 @@ describe('gateway limits', () => {
   const stream = migrationStream(memory, []);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-limits-'));
+    tmp = suiteTempDir('bfmig-limits-');
     [a, b] = await startPair(tmp, [LIMITS, LIMITS]);
   });
 
   afterAll(async () => {
     await a?.gateway.stop(1);
     await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   test.each([
@@ -179,14 +178,13 @@ describe('limits.maxGuestRam', () => {
   const stream = migrationStream(guestMemory([['pc.ram', 300]], 4), []);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-maxram-'));
+    tmp = suiteTempDir('bfmig-maxram-');
     [a, b] = await startPair(tmp, ['', 'limits:\n  maxGuestRam: 1MiB\n']);
   });
 
   afterAll(async () => {
     await a?.gateway.stop(1);
     await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   const storeBytes = (site: TestSite): number => {

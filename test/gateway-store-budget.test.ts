@@ -4,12 +4,12 @@
  * and limits.maxStores bounds how many store directories peers can make.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { PageStore } from '../src/store';
 import { startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 // 2,000 pages: some 8 MiB in a store.
 const memory = guestMemory(
@@ -50,7 +50,7 @@ describe('storeBudget at the receiving gateway', () => {
   let b: TestSite;
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-gw-budget-'));
+    tmp = suiteTempDir('bfmig-gw-budget-');
     const dataB = path.join(tmp, 'site-b');
     plant(dataB, 'other', 'snap-other'); // another VM's snapshot
     plant(dataB, 'failed', null, 0); // a first migration that never completed: it holds no page
@@ -63,7 +63,6 @@ describe('storeBudget at the receiving gateway', () => {
   afterAll(async () => {
     await a?.gateway.stop(1);
     await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   test('at start, stores that hold nothing are removed; snapshots and held pages stay', () => {
@@ -104,7 +103,7 @@ describe('stores of migrations that never completed, and limits.maxStores', () =
   let b: TestSite;
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-gw-stores-'));
+    tmp = suiteTempDir('bfmig-gw-stores-');
     const dataB = path.join(tmp, 'site-b');
     plant(dataB, 'other1', 'snap-1');
     plant(dataB, 'other2', 'snap-2');
@@ -114,7 +113,6 @@ describe('stores of migrations that never completed, and limits.maxStores', () =
   afterAll(async () => {
     await a?.gateway.stop(1);
     await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   test('with limits.maxStores stores kept, a new VM migrates without retention and makes no store', async () => {

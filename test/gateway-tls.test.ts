@@ -6,7 +6,6 @@
  * logged and counted before anything reaches a store.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
 import { issueCerts } from '../src/cli/certs';
@@ -19,6 +18,7 @@ import { rawPeer, refusals, startPair, type TestSite, waitFor } from '../src/lab
 import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
 import { treeListing } from '../src/lab/harness/stores';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 describe('gateways over mutual TLS', () => {
   let tmp = '';
@@ -37,7 +37,7 @@ describe('gateways over mutual TLS', () => {
   const stream = migrationStream(memory, [[3, 9, 200]]);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-tls-'));
+    tmp = suiteTempDir('bfmig-tls-');
     certs = path.join(tmp, 'certs');
     foreign = path.join(tmp, 'foreign');
     issueCerts(certs, ['site-a', 'site-b', 'site-c'], 30);
@@ -51,7 +51,6 @@ describe('gateways over mutual TLS', () => {
   afterAll(async () => {
     await a?.gateway.stop(1);
     await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   const refusedCount = async (site: TestSite, reason: string): Promise<number> => {

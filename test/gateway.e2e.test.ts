@@ -4,7 +4,6 @@
  * byte-identical to what the source QEMU sent; the guest verifies its memory after every leg.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { Capture } from '../src/lab/capture';
@@ -17,6 +16,7 @@ import { createLogger } from '../src/gateway/log';
 import { GatewayMetrics } from '../src/gateway/metrics';
 import type { MigrationReport } from '../src/gateway/session';
 import { MigrationFailedError, QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../src/lab/vm/qemu-vm';
+import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
@@ -41,7 +41,7 @@ interface Site {
 
   beforeAll(async () => {
     ensureGuestBuilt();
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-gw-'));
+    tmp = suiteTempDir('bfmig-gw-');
     const ports = await Promise.all(Array.from({ length: 10 }, () => freePort()));
     const [peerA, peerB, routeA, routeB, gwRouteA, gwRouteB, qemuA, qemuB, targetA, targetB] = ports;
     const specs = [
@@ -69,7 +69,6 @@ interface Site {
   afterAll(async () => {
     await disposeAllVms();
     for (const s of sites) await s.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   /** One leg: the VM running at `from` migrates through both gateways to a fresh QEMU at `to`. */

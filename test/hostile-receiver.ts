@@ -5,7 +5,6 @@
  * it and keeps serving, the source's connection is cut and never left hanging, only whole return-path
  * messages reach the source, the sender's store keeps the snapshot it had, and its log lines stay short.
  */
-import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
@@ -20,6 +19,7 @@ import { freePort } from '../src/lab/vm/qemu-vm';
 import { decodeEnd, type EndMessage, FrameParser, FrameType, MAX_FRAME_PAYLOAD } from '../src/wire/frames';
 import { startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn } from '../src/lab/harness/qemu-standins';
+import { suiteTempDir } from './temp-dir';
 
 export interface Frame {
   type: FrameType;
@@ -69,9 +69,13 @@ export class HostileReceiverRig {
   /** The frames the real receiving gateway sent in the last honest migration. */
   honestFrames: Frame[] = [];
 
-  constructor(private readonly tmp: string) {}
+  /** The directory of both sites' stores and configs, made by start(), which runs in a beforeAll. */
+  private tmp = '';
+
+  constructor(private readonly tmpPrefix: string) {}
 
   async start(): Promise<void> {
+    this.tmp = suiteTempDir(this.tmpPrefix);
     const [a, b] = await startPair(this.tmp);
     this.a = a;
     this.destPort = b.destPort;
@@ -229,10 +233,6 @@ export function wholeReturnPathMessages(bytes: Buffer): number | null {
 /** The longest log line the site wrote from `from` on, in characters. */
 export function longestLogLine(site: TestSite, from: number): number {
   return Math.max(0, ...site.logs.slice(from).map((l) => JSON.stringify(l).length));
-}
-
-export function rmTmp(tmp: string): void {
-  fs.rmSync(tmp, { recursive: true, force: true });
 }
 
 /** When a scripted frame goes out: in answer to the Hello, the TableRequest or the End. */

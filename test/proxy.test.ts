@@ -1,5 +1,4 @@
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { DIGEST_BYTES } from '../src/digest';
 import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
@@ -7,12 +6,12 @@ import { StreamEncoder } from '../src/proxy/encoder';
 import { PageStore } from '../src/store';
 import { encodeFrame, FRAME_HEADER_BYTES, FrameParser, FrameType } from '../src/wire/frames';
 import { dirty, guestMemory, migrationStream, PAGE } from '../src/lab/harness/migration-stream';
+import { testTempDir } from './temp-dir';
 
 let root = '';
 beforeEach(() => {
-  root = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-proxy-'));
+  root = testTempDir('bfmig-proxy-');
 });
-afterEach(() => fs.rmSync(root, { recursive: true, force: true }));
 
 type Reference = 'none' | 'shared' | 'table';
 

@@ -7,7 +7,6 @@
  */
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { DIGEST_BYTES, digestOne } from '../src/digest';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
@@ -15,6 +14,7 @@ import { restoreSnapshot } from '../src/cli/restore';
 import { PageStore } from '../src/store';
 import { disposeAllVms, ensureGuestBuilt, freePort, QemuVm } from '../src/lab/vm/qemu-vm';
 import { startPair, type TestSite } from '../src/lab/harness/gateway-pair';
+import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const REPEAT = Number(process.env.BFMIG_RESTORE_REPEAT ?? '10');
@@ -48,7 +48,7 @@ async function reported(site: TestSite, count: number): Promise<void> {
 
   beforeAll(async () => {
     ensureGuestBuilt();
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-restore-e2e-'));
+    tmp = suiteTempDir('bfmig-restore-e2e-');
     const [a, b] = await startPair(tmp);
     try {
       // A → B without the return path: site-a, the sender, keeps its snapshot. QEMU 7.2 under TCG now and
@@ -114,7 +114,6 @@ async function reported(site: TestSite, count: number): Promise<void> {
 
   afterAll(async () => {
     await disposeAllVms();
-    if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   /** A fresh destination QEMU waiting for a stream. */

@@ -1,15 +1,15 @@
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { parseSize } from '../src/common/units';
 import { PageStore, statStore, StoreBudget, UndoableStore } from '../src/store';
+import { testTempDir } from './temp-dir';
 
 describe('store budget', () => {
   let data = '';
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-budget-'));
+    data = testTempDir('bfmig-budget-');
     // Three VMs of 8 pages (32 KiB each), used in the order vm1, vm2, vm3.
     for (const vm of ['vm1', 'vm2', 'vm3']) {
       const store = PageStore.open(data, vm);
@@ -23,7 +23,6 @@ describe('store budget', () => {
   });
   /** What a store holds on disk: every file in its directory. */
   const size = (vm: string): number => statStore(path.join(data, vm), vm)?.bytes ?? 0;
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   test('sizes parse in the units users write', () => {
     expect(parseSize('200GiB')).toBe(200 * 2 ** 30);
@@ -108,11 +107,10 @@ describe('storeBudget bounds the disk', () => {
     fs.utimesSync(path.join(data, vm, 'meta.json'), at, at);
   };
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-bound-'));
+    data = testTempDir('bfmig-bound-');
     const t0 = Date.now() / 1000 - 100;
     ['vm1', 'vm2', 'vm3'].forEach((vm, i) => commitStore(vm, 8, t0 + i));
   });
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   test('everything a store holds counts: pages, digests, meta, blobs and the undo journal', () => {
     const budget = new StoreBudget(data, 1 << 30);

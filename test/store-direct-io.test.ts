@@ -12,16 +12,14 @@ import { PageStore, PAGES_FILE, type StoreLayout } from '../src/store';
 import { isNoSpace } from '../src/gateway/store-space';
 import { DirectPages } from '../src/store/direct-pages';
 import { canMountTmpfs, requireInCi } from './mounts';
+import { testTempDir } from './temp-dir';
 
 const PAGE = 4096;
 let tmp: string;
 const opened: PageStore[] = [];
 
-beforeEach(() => {
-  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-direct-'));
-});
-
-afterEach(() => {
+/** Closes the stores a test left open, before its directory is removed. */
+function closeOpened(): void {
   for (const s of opened.splice(0)) {
     try {
       s.close();
@@ -29,7 +27,10 @@ afterEach(() => {
       // closed by the test
     }
   }
-  fs.rmSync(tmp, { recursive: true, force: true });
+}
+
+beforeEach(() => {
+  tmp = testTempDir('bfmig-direct-', { release: closeOpened });
 });
 
 function open(root: string, options?: Parameters<typeof PageStore.open>[2]): PageStore {

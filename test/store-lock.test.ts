@@ -5,13 +5,13 @@ import * as path from 'node:path';
 import { listSnapshots, runSnapshots } from '../src/cli/snapshots';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { PageStore, StoreBusyError } from '../src/store';
+import { testTempDir } from './temp-dir';
 
 describe('a VM store shared by several gateway processes', () => {
   let data = '';
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-lock-'));
+    data = testTempDir('bfmig-lock-');
   });
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   test('a second process cannot open a VM store another holds, and takes it over once that process is gone', async () => {
     const first = PageStore.open(data, 'vm1');

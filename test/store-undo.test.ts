@@ -1,10 +1,10 @@
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { digestOne } from '../src/digest';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { PageStore, UndoableStore } from '../src/store';
+import { testTempDir } from './temp-dir';
 
 const layout = { pageSize: 4096, pageCount: 16, layoutId: 'l1', layout: {} };
 const digestOf = (page: Buffer): Buffer => {
@@ -17,7 +17,7 @@ describe('a failed migration keeps the last complete snapshot', () => {
   let data = '';
   let original: Buffer[];
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-undo-'));
+    data = testTempDir('bfmig-undo-');
     original = Array.from({ length: 16 }, (_, i) => Buffer.alloc(4096, i + 1));
     const store = PageStore.open(data, 'vm1');
     store.begin(layout);
@@ -25,7 +25,6 @@ describe('a failed migration keeps the last complete snapshot', () => {
     store.commit('snap-1');
     store.close();
   });
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   const contents = (store: PageStore): Buffer[] =>
     original.map((_, i) => {
@@ -83,9 +82,8 @@ describe('a gateway killed mid-migration', () => {
   const oldPage = (i: number): Buffer => Buffer.alloc(4096, (i % 250) + 1);
   let data = '';
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-crash-'));
+    data = testTempDir('bfmig-crash-');
   });
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   const commitOld = (snapshot: string | null): void => {
     const store = PageStore.open(data, 'vm1');

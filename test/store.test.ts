@@ -1,10 +1,10 @@
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { DIGEST_BYTES, digestHex, digestOne } from '../src/digest';
 import { PageStore, type StoreLayout, storeCopyMode, validateVmName } from '../src/store';
 import * as copyModule from '../src/store/copy';
+import { testTempDir } from './temp-dir';
 
 const PAGE = 4096;
 const ZERO_DIGEST = Buffer.alloc(DIGEST_BYTES);
@@ -12,11 +12,8 @@ const ZERO_DIGEST = Buffer.alloc(DIGEST_BYTES);
 let tmp: string;
 const opened: PageStore[] = [];
 
-beforeEach(() => {
-  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-store-'));
-});
-
-afterEach(() => {
+/** Closes the stores a test left open, before its directory is removed. */
+function closeOpened(): void {
   for (const s of opened.splice(0)) {
     try {
       s.close();
@@ -24,7 +21,10 @@ afterEach(() => {
       // already closed / test broke it on purpose
     }
   }
-  fs.rmSync(tmp, { recursive: true, force: true });
+}
+
+beforeEach(() => {
+  tmp = testTempDir('bfmig-store-', { release: closeOpened });
 });
 
 function open(vm = 'vm1', options?: Parameters<typeof PageStore.open>[2]): PageStore {

@@ -92,11 +92,6 @@ interface Site {
 
 const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
 
-/**
- * Migrates a self-verifying guest back and forth between two sites on this machine, through two
- * bfmig gateways joined by a user-space WAN emulator, and (optionally) directly through the same
- * emulator. Everything stays on loopback.
- */
 /** One run of the grid (bench/backforth-grid.json): a guest migrated `changePcts.length + 1` legs over one link, both paths. */
 export interface GridRun {
   id: string;
@@ -124,6 +119,11 @@ export interface BenchResults {
   runs: Array<GridRun & { finished: string; legs: LegResult[] }>;
 }
 
+/**
+ * Migrates a self-verifying guest back and forth between two sites on this machine, through two
+ * bfmig gateways joined by a user-space WAN emulator, and (optionally) directly through the same
+ * emulator. Everything stays on loopback.
+ */
 export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
   ensureGuestBuilt();
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-backforth-'));
