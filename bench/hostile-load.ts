@@ -13,36 +13,34 @@
  *
  * Usage: node dist/bench/hostile-load.js [connections=2000] [concurrency=64]
  */
-import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
 import { hostileFlood, migrateThroughPair, startHostilePair, stopGateway } from '../src/lab/harness/hostile-flood';
+import { withTempDir } from '../src/lab/harness/temp-dir';
 import { freePort } from '../src/lab/vm/qemu-vm';
 
 async function main(): Promise<void> {
   const count = Number(process.argv[2] ?? 2000);
   const concurrency = Number(process.argv[3] ?? 64);
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-hostile-'));
-  const qemuPorts = { a: await freePort(), b: await freePort() };
-  const [a, b] = await startHostilePair(tmp, qemuPorts);
-  try {
-    const f = await hostileFlood([a, b], count, concurrency);
-    const mib = (n: number): string => n.toFixed(1);
-    console.log(`hostile connections: ${f.connections} in ${f.seconds.toFixed(1)} s (${f.perSecond.toFixed(0)}/s), concurrency ${concurrency}`);
-    console.log(`  by kind: ${JSON.stringify(f.byKind)}; by port: ${JSON.stringify(f.byRole)}`);
-    console.log(`  client outcomes: ${JSON.stringify(f.outcomes)}`);
-    console.log(`  refused by the gateways: ${JSON.stringify(f.refusals)}`);
-    console.log(`  RSS MiB before → peak: site-a ${mib(f.idleRssMiB['site-a'])} → ${mib(f.peakRssMiB['site-a'])}, site-b ${mib(f.idleRssMiB['site-b'])} → ${mib(f.peakRssMiB['site-b'])}`);
-    console.log(`  gateways alive: ${f.alive}; stores untouched: ${f.storesUntouched}`);
-    // A gateway that died or a store that changed is the benchmark failing, not a figure to print.
-    if (!f.alive || !f.storesUntouched) throw new Error(`hostile load broke the pair: gateways alive ${f.alive}, stores untouched ${f.storesUntouched}`);
-    const m = await migrateThroughPair(a, qemuPorts.b);
-    console.log(`real migration A → B through the pair afterwards: completed in ${m.seconds.toFixed(1)} s; guest: ${m.serial.trim()}`);
-  } finally {
-    await stopGateway(a);
-    await stopGateway(b);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  }
+  await withTempDir('bfmig-hostile-', async (tmp) => {
+    const qemuPorts = { a: await freePort(), b: await freePort() };
+    const [a, b] = await startHostilePair(tmp, qemuPorts);
+    try {
+      const f = await hostileFlood([a, b], count, concurrency);
+      const mib = (n: number): string => n.toFixed(1);
+      console.log(`hostile connections: ${f.connections} in ${f.seconds.toFixed(1)} s (${f.perSecond.toFixed(0)}/s), concurrency ${concurrency}`);
+      console.log(`  by kind: ${JSON.stringify(f.byKind)}; by port: ${JSON.stringify(f.byRole)}`);
+      console.log(`  client outcomes: ${JSON.stringify(f.outcomes)}`);
+      console.log(`  refused by the gateways: ${JSON.stringify(f.refusals)}`);
+      console.log(`  RSS MiB before → peak: site-a ${mib(f.idleRssMiB['site-a'])} → ${mib(f.peakRssMiB['site-a'])}, site-b ${mib(f.idleRssMiB['site-b'])} → ${mib(f.peakRssMiB['site-b'])}`);
+      console.log(`  gateways alive: ${f.alive}; stores untouched: ${f.storesUntouched}`);
+      // A gateway that died or a store that changed is the benchmark failing, not a figure to print.
+      if (!f.alive || !f.storesUntouched) throw new Error(`hostile load broke the pair: gateways alive ${f.alive}, stores untouched ${f.storesUntouched}`);
+      const m = await migrateThroughPair(a, qemuPorts.b);
+      console.log(`real migration A → B through the pair afterwards: completed in ${m.seconds.toFixed(1)} s; guest: ${m.serial.trim()}`);
+    } finally {
+      await stopGateway(a);
+      await stopGateway(b);
+    }
+  });
 }
 
 if (require.main === module) {

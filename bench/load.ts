@@ -19,10 +19,10 @@
  * Usage: node dist/bench/load.js [vms=16] [MiB per VM=64] [--real]   (BFMIG_BENCH_STORE_DIR: where the stores go)
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { awaitReports, type LoadSite, runPass, startLoadPair, stopLoadPair, vmStream, type VmStream } from '../src/lab/harness/load-pair';
 import { checkStores } from '../src/lab/harness/stores';
+import { withTempDir } from '../src/lab/harness/temp-dir';
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { ensureGuestBuilt, QemuVm } from '../src/lab/vm/qemu-vm';
@@ -77,56 +77,60 @@ async function main(): Promise<void> {
   console.log(`${vmCount} VMs + 3 solo VMs, each a ${MiB.toFixed(1)} MiB ${kind}; 2 bfmig gateway processes on loopback`);
   const allVms = [...solos.map((s) => s.vm), ...vms];
 
-  const dir = fs.mkdtempSync(path.join(path.resolve(process.env.BFMIG_BENCH_STORE_DIR || os.tmpdir()), 'bfmig-load-'));
-  const [a, b] = await startLoadPair(dir, allVms, 'child-process');
   let failures = 0;
-  try {
-    let finished = 0;
-    const ratios: string[] = [];
-    for (const [pass, from, to] of [
-      ['first', a, b],
-      ['back', b, a],
-    ] as const) {
-      const rates: number[] = [];
-      const phases: Array<[string, VmStream[]]> = [...solos.map((s, i): [string, VmStream[]] => [`one stream #${i + 1}`, [s]]), [`${vmCount} streams  `, streams]];
-      for (const [phase, group] of phases) {
-        const cpuBefore = [from.gateway.cpuSeconds() ?? NaN, to.gateway.cpuSeconds() ?? NaN];
-        const result = await runPass(from, to, group);
-        finished += group.length;
-        await Promise.all([awaitReports(from, finished), awaitReports(to, finished)]);
-        const cpu = [(from.gateway.cpuSeconds() ?? NaN) - cpuBefore[0], (to.gateway.cpuSeconds() ?? NaN) - cpuBefore[1]];
-        const bad = result.outcomes.filter((o) => !o.intact);
-        const failed = [from, to].flatMap((s) => s.gateway.reports.slice(-group.length).filter((r) => r.result !== 'completed'));
-        const reused = from.gateway.reports.slice(-group.length).reduce((n, r) => n + r.pagesReused, 0);
-        const sent = from.gateway.reports.slice(-group.length).reduce((n, r) => n + r.pagesSent, 0);
-        failures += bad.length + failed.length;
-        const rate = result.bytes / result.seconds / 2 ** 20;
-        rates.push(rate);
-        console.log(
-          `${pass.padEnd(5)} ${phase}  ${(result.bytes / 2 ** 20).toFixed(0).padStart(5)} MiB in ${result.seconds.toFixed(2).padStart(6)} s = ${rate.toFixed(0).padStart(4)} MiB/s` +
-            `  pages sent ${sent} reused ${reused}  CPU s ${from.name} ${cpu[0].toFixed(2)} ${to.name} ${cpu[1].toFixed(2)}` +
-            `  intact ${group.length - bad.length}/${group.length}  completed ${2 * group.length - failed.length}/${2 * group.length}`,
-        );
+  await withTempDir(
+    'bfmig-load-',
+    async (dir) => {
+      const [a, b] = await startLoadPair(dir, allVms, 'child-process');
+      try {
+        let finished = 0;
+        const ratios: string[] = [];
+        for (const [pass, from, to] of [
+          ['first', a, b],
+          ['back', b, a],
+        ] as const) {
+          const rates: number[] = [];
+          const phases: Array<[string, VmStream[]]> = [...solos.map((s, i): [string, VmStream[]] => [`one stream #${i + 1}`, [s]]), [`${vmCount} streams  `, streams]];
+          for (const [phase, group] of phases) {
+            const cpuBefore = [from.gateway.cpuSeconds() ?? NaN, to.gateway.cpuSeconds() ?? NaN];
+            const result = await runPass(from, to, group);
+            finished += group.length;
+            await Promise.all([awaitReports(from, finished), awaitReports(to, finished)]);
+            const cpu = [(from.gateway.cpuSeconds() ?? NaN) - cpuBefore[0], (to.gateway.cpuSeconds() ?? NaN) - cpuBefore[1]];
+            const bad = result.outcomes.filter((o) => !o.intact);
+            const failed = [from, to].flatMap((s) => s.gateway.reports.slice(-group.length).filter((r) => r.result !== 'completed'));
+            const reused = from.gateway.reports.slice(-group.length).reduce((n, r) => n + r.pagesReused, 0);
+            const sent = from.gateway.reports.slice(-group.length).reduce((n, r) => n + r.pagesSent, 0);
+            failures += bad.length + failed.length;
+            const rate = result.bytes / result.seconds / 2 ** 20;
+            rates.push(rate);
+            console.log(
+              `${pass.padEnd(5)} ${phase}  ${(result.bytes / 2 ** 20).toFixed(0).padStart(5)} MiB in ${result.seconds.toFixed(2).padStart(6)} s = ${rate.toFixed(0).padStart(4)} MiB/s` +
+                `  pages sent ${sent} reused ${reused}  CPU s ${from.name} ${cpu[0].toFixed(2)} ${to.name} ${cpu[1].toFixed(2)}` +
+                `  intact ${group.length - bad.length}/${group.length}  completed ${2 * group.length - failed.length}/${2 * group.length}`,
+            );
+          }
+          const one = [...rates.slice(0, solos.length)].sort((x, y) => x - y)[1];
+          const ratio = rates[solos.length] / one;
+          ratios.push(`${pass} ${ratio.toFixed(2)}`);
+          console.log(`${pass.padEnd(5)} aggregate ${rates[solos.length].toFixed(0)} MiB/s / one stream (median) ${one.toFixed(0)} MiB/s = ${ratio.toFixed(2)} (target >= 0.80)`);
+        }
+        console.log(`peak RSS MiB: site-a ${(a.gateway.peakRssMiB() ?? NaN).toFixed(0)} site-b ${(b.gateway.peakRssMiB() ?? NaN).toFixed(0)}`);
+        const lastSnapshot = (site: LoadSite, vm: string): string | null => [...site.gateway.reports].reverse().find((r) => r.vm === vm)?.snapshotId ?? null;
+        for (const site of [a, b]) {
+          await site.gateway.stop();
+          const checks = checkStores(site.data, allVms);
+          const unsound = checks.filter((c) => c.badPages.length > 0 || c.snapshotId === null || c.snapshotId !== lastSnapshot(site, c.vm));
+          failures += unsound.length;
+          console.log(`stores at ${site.name}: ${checks.length - unsound.length}/${checks.length} verify and claim their last snapshot`);
+        }
+        console.log(`ratio ${ratios.join(', ')}; ${failures === 0 ? 'all migrations intact and completed' : `${failures} FAILURES`}`);
+      } finally {
+        await stopLoadPair([a, b]);
       }
-      const one = [...rates.slice(0, solos.length)].sort((x, y) => x - y)[1];
-      const ratio = rates[solos.length] / one;
-      ratios.push(`${pass} ${ratio.toFixed(2)}`);
-      console.log(`${pass.padEnd(5)} aggregate ${rates[solos.length].toFixed(0)} MiB/s / one stream (median) ${one.toFixed(0)} MiB/s = ${ratio.toFixed(2)} (target >= 0.80)`);
-    }
-    console.log(`peak RSS MiB: site-a ${(a.gateway.peakRssMiB() ?? NaN).toFixed(0)} site-b ${(b.gateway.peakRssMiB() ?? NaN).toFixed(0)}`);
-    const lastSnapshot = (site: LoadSite, vm: string): string | null => [...site.gateway.reports].reverse().find((r) => r.vm === vm)?.snapshotId ?? null;
-    for (const site of [a, b]) {
-      await site.gateway.stop();
-      const checks = checkStores(site.data, allVms);
-      const unsound = checks.filter((c) => c.badPages.length > 0 || c.snapshotId === null || c.snapshotId !== lastSnapshot(site, c.vm));
-      failures += unsound.length;
-      console.log(`stores at ${site.name}: ${checks.length - unsound.length}/${checks.length} verify and claim their last snapshot`);
-    }
-    console.log(`ratio ${ratios.join(', ')}; ${failures === 0 ? 'all migrations intact and completed' : `${failures} FAILURES`}`);
-  } finally {
-    await stopLoadPair([a, b]);
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+    },
+    { base: process.env.BFMIG_BENCH_STORE_DIR },
+  );
   if (failures > 0) process.exitCode = 1;
 }
 

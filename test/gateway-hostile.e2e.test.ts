@@ -44,7 +44,7 @@ const SKIP = process.env.BFMIG_SKIP_E2E === '1';
     const migration = await migrateThroughPair(pair[0], qemuPorts.b);
     expect(migration.serial).toMatch(/WORKLOAD VERIFY OK/);
     // The sender logs its completion once the receiver's Done has crossed back: it may lag the guest.
-    const completed = (): number[] => pair.map((g) => g.logLines.filter((l) => l.includes('"migration completed"')).length);
+    const completed = (): number[] => pair.map((g) => g.gateway.logLines.filter((l) => l.includes('"migration completed"')).length);
     for (let i = 0; i < 200 && completed().some((n) => n < 1); i++) await new Promise((r) => setTimeout(r, 50));
     expect(completed()).toEqual([1, 1]);
   }, 600_000);

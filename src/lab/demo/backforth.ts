@@ -1,9 +1,8 @@
-import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { loopbackSiteYaml } from '../harness/loopback-config';
 import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../harness/site-gateway';
+import { makeTempDir, removeTempDir } from '../harness/temp-dir';
 import { type MigrationInfo, type QmpEvent, QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../vm/qemu-vm';
 import { WanEmulator } from '../wan';
 import { X86_PAGE_SIZE } from '../../qemu/constants';
@@ -126,7 +125,7 @@ export interface BenchResults {
  */
 export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
   ensureGuestBuilt();
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-backforth-'));
+  const tmp = makeTempDir('bfmig-backforth-');
   const say = (line: string): void => void o.out.write(line + '\n');
   const sites: Site[] = [];
   const results: LegResult[] = [];
@@ -270,7 +269,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       await s.gateway.stop();
       await s.inbound.close();
     }
-    fs.rmSync(tmp, { recursive: true, force: true });
+    removeTempDir(tmp);
   }
 }
 

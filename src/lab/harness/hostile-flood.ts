@@ -4,17 +4,15 @@
  * throughout; then a real migration through the same pair. bench/hostile-load.ts runs the full count and
  * prints the figures; test/gateway-hostile.e2e.test.ts runs a smaller one and checks them.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { createInterface } from 'node:readline';
 import * as tls from 'node:tls';
 import { issueCerts } from '../../cli/certs';
-import { PACKAGE_ROOT } from '../../digest/package-root';
 import { disposeAllVms, ensureGuestBuilt, freePort, QemuVm } from '../vm/qemu-vm';
 import { encodeJson, FrameType, frameHeader, PROTOCOL_VERSION } from '../../wire/frames';
+import { type SiteGateway, startSiteGateway } from './site-gateway';
 import { treeListing } from './stores';
 import { syntheticStream } from './synthetic-stream';
 
@@ -25,10 +23,9 @@ export type Outcome = 'closed-by-gateway' | 'reset' | 'client-gave-up' | 'connec
 
 export interface GatewayProcess {
   name: string;
-  child: ChildProcess;
+  gateway: SiteGateway;
   data: string;
   ports: Record<PortRole, number>;
-  logLines: string[];
   peakRssKiB: number;
 }
 
@@ -67,57 +64,42 @@ export async function startHostilePair(tmp: string, qemuPorts: { a: number; b: n
     a: { peer: ports[0], route: ports[1], metrics: ports[2] },
     b: { peer: ports[3], route: ports[4], metrics: ports[5] },
   };
-  const start = (name: 'site-a' | 'site-b'): Promise<GatewayProcess> => {
+  const start = async (name: 'site-a' | 'site-b'): Promise<GatewayProcess> => {
     const me = name === 'site-a' ? spec.a : spec.b;
     const far = name === 'site-a' ? spec.b : spec.a;
     const farQemu = name === 'site-a' ? qemuPorts.b : qemuPorts.a;
     const data = path.join(tmp, name);
-    const config = path.join(tmp, `${name}.yaml`);
-    fs.writeFileSync(
-      config,
-      [
-        `name: ${name}`,
-        `data: ${data}`,
-        `peerListen: 127.0.0.1:${me.peer}`,
-        `metrics: 127.0.0.1:${me.metrics}`,
-        'routes:',
-        '  - vm: vm1',
-        `    listen: 127.0.0.1:${me.route}`,
-        `    peer: 127.0.0.1:${far.peer}`,
-        `    target: 127.0.0.1:${farQemu}`,
-        'allowTargets:',
-        `  - 127.0.0.1:${name === 'site-a' ? qemuPorts.a : qemuPorts.b}`,
-        'tls:',
-        `  cert: ${certs}/${name}.crt`,
-        `  key: ${certs}/${name}.key`,
-        `  ca: ${certs}/ca.crt`,
-        `  allowPeers: [${name === 'site-a' ? 'site-b' : 'site-a'}]`,
-        'limits:',
-        '  handshakeSeconds: 2',
-        '  idleSeconds: 60',
-        '  maxConnections: 64',
-        '',
-      ].join('\n'),
-    );
-    const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
-    const gw: GatewayProcess = { name, child, data, ports: { source: me.route, peer: me.peer, metrics: me.metrics }, logLines: [], peakRssKiB: 0 };
-    return new Promise((resolve, reject) => {
-      const lines = createInterface({ input: child.stdout as NodeJS.ReadableStream });
-      lines.on('line', (line) => {
-        gw.logLines.push(line);
-        if (line.includes('"gateway started"')) resolve(gw);
-      });
-      child.once('exit', (code) => reject(new Error(`${name} exited with ${code} before it started`)));
-    });
+    const yaml = [
+      `name: ${name}`,
+      `data: ${data}`,
+      `peerListen: 127.0.0.1:${me.peer}`,
+      `metrics: 127.0.0.1:${me.metrics}`,
+      'routes:',
+      '  - vm: vm1',
+      `    listen: 127.0.0.1:${me.route}`,
+      `    peer: 127.0.0.1:${far.peer}`,
+      `    target: 127.0.0.1:${farQemu}`,
+      'allowTargets:',
+      `  - 127.0.0.1:${name === 'site-a' ? qemuPorts.a : qemuPorts.b}`,
+      'tls:',
+      `  cert: ${certs}/${name}.crt`,
+      `  key: ${certs}/${name}.key`,
+      `  ca: ${certs}/ca.crt`,
+      `  allowPeers: [${name === 'site-a' ? 'site-b' : 'site-a'}]`,
+      'limits:',
+      '  handshakeSeconds: 2',
+      '  idleSeconds: 60',
+      '  maxConnections: 64',
+      '',
+    ].join('\n');
+    const gateway = await startSiteGateway(tmp, name, yaml, 'child-process');
+    return { name, gateway, data, ports: { source: me.route, peer: me.peer, metrics: me.metrics }, peakRssKiB: 0 };
   };
   return [await start('site-a'), await start('site-b')];
 }
 
-export async function stopGateway(gw: GatewayProcess): Promise<void> {
-  if (gw.child.exitCode !== null) return;
-  const exited = new Promise<void>((r) => gw.child.once('exit', () => r()));
-  gw.child.kill('SIGTERM');
-  await exited;
+export function stopGateway(gw: GatewayProcess): Promise<void> {
+  return gw.gateway.stop();
 }
 
 /** Bytes a hostile client of `kind` sends to a port of `role`. `null`: the kind does its own thing. */
@@ -193,14 +175,14 @@ export async function hostileFlood(gateways: GatewayProcess[], count: number, co
   const targets = gateways.flatMap((g) => (['source', 'peer', 'metrics'] as PortRole[]).map((role) => ({ g, role, port: g.ports[role] })));
   const kinds: HostileKind[] = ['random', 'truncated', 'absurd', 'idle'];
   const before = gateways.map((g) => treeListing(g.data));
-  const idleRss = Object.fromEntries(gateways.map((g) => [g.name, rssKiB(g.child.pid ?? 0) / 1024]));
+  const idleRss = Object.fromEntries(gateways.map((g) => [g.name, rssKiB(g.gateway.pid ?? 0) / 1024]));
   const sampler = setInterval(() => {
-    for (const g of gateways) g.peakRssKiB = Math.max(g.peakRssKiB, rssKiB(g.child.pid ?? 0));
+    for (const g of gateways) g.peakRssKiB = Math.max(g.peakRssKiB, rssKiB(g.gateway.pid ?? 0));
   }, 50);
   const outcomes: Record<Outcome, number> = { 'closed-by-gateway': 0, reset: 0, 'client-gave-up': 0, 'connect-failed': 0 };
   const byKind: Record<HostileKind, number> = { random: 0, truncated: 0, absurd: 0, idle: 0 };
   const byRole: Record<PortRole, number> = { source: 0, peer: 0, metrics: 0 };
-  const logged = gateways.map((g) => g.logLines.length);
+  const logged = gateways.map((g) => g.gateway.logLines.length);
   const t0 = process.hrtime.bigint();
   let next = 0;
   const worker = async (): Promise<void> => {
@@ -222,7 +204,7 @@ export async function hostileFlood(gateways: GatewayProcess[], count: number, co
   clearInterval(sampler);
   const refusals: Record<string, number> = {};
   gateways.forEach((g, i) => {
-    for (const line of g.logLines.slice(logged[i])) {
+    for (const line of g.gateway.logLines.slice(logged[i])) {
       if (!line.includes('"connection refused"')) continue;
       const reason = (JSON.parse(line) as { reason: string }).reason;
       refusals[reason] = (refusals[reason] ?? 0) + 1;
@@ -238,7 +220,7 @@ export async function hostileFlood(gateways: GatewayProcess[], count: number, co
     refusals,
     peakRssMiB: Object.fromEntries(gateways.map((g) => [g.name, g.peakRssKiB / 1024])),
     idleRssMiB: idleRss,
-    alive: gateways.every((g) => g.child.exitCode === null && g.child.signalCode === null),
+    alive: gateways.every((g) => g.gateway.alive()),
     storesUntouched: gateways.every((g, i) => JSON.stringify(treeListing(g.data)) === JSON.stringify(before[i])),
   };
 }
