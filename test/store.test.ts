@@ -4,33 +4,20 @@ import { DIGEST_BYTES, digestHex, digestOne } from '../src/digest';
 import { PageStore, type StoreLayout, storeCopyMode, validateVmName } from '../src/store';
 import * as copyModule from '../src/store/copy';
 import { distModule, startNodeChild } from '../src/lab/harness/child';
-import { testTempDir } from './temp-dir';
+import { TestStores } from './test-stores';
 
 const PAGE = 4096;
 const ZERO_DIGEST = Buffer.alloc(DIGEST_BYTES);
 
 let tmp: string;
-const opened: PageStore[] = [];
-
-/** Closes the stores a test left open, before its directory is removed. */
-function closeOpened(): void {
-  for (const s of opened.splice(0)) {
-    try {
-      s.close();
-    } catch {
-      // already closed / test broke it on purpose
-    }
-  }
-}
+const stores = new TestStores();
 
 beforeEach(() => {
-  tmp = testTempDir('bfmig-store-', { release: closeOpened });
+  tmp = stores.dir('bfmig-store-');
 });
 
 function open(vm = 'vm1', options?: Parameters<typeof PageStore.open>[2]): PageStore {
-  const s = PageStore.open(tmp, vm, options);
-  opened.push(s);
-  return s;
+  return stores.open(tmp, vm, options);
 }
 
 function layout(pageCount: number, layoutId = 'L1', pageSize = PAGE): StoreLayout {
