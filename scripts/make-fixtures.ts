@@ -1,4 +1,4 @@
-// Writes the hand-built fixtures of test/fixtures.ts to fixtures/ with a manifest.
+// Writes the hand-built fixtures of src/lab/harness/fixtures.ts to fixtures/ with a manifest.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { buildFixtures } from '../src/lab/harness/fixtures';

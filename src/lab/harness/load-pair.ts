@@ -1,7 +1,7 @@
 /**
  * Many VMs through one gateway pair at once: two gateways on loopback, each with one route per VM to
  * the other, a hashing destination stand-in per VM at each site, and passes that play every VM's
- * stream from one site to the other. bench/load.ts measures it; test/load.test.ts checks it.
+ * stream from one site to the other. bench/load.ts measures it; test/gateway-concurrent-vms.test.ts checks it.
  */
 import { createHash } from 'node:crypto';
 import * as path from 'node:path';
