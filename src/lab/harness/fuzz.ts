@@ -1,7 +1,7 @@
 /**
  * Fuzz harness for the codec, the wire protocol and the proxy pair. Shared by the short run in
- * test/fuzz-codec-frames-proxy.test.ts (fast-check properties with shrinking) and the long run in bench/fuzz.ts (a fast
- * mutator loop). Everything is deterministic from a numeric seed.
+ * test/fuzz-codec-frames-proxy.test.ts (fast-check properties with shrinking) and the long run in
+ * bench/fuzz.ts (a fast mutator loop). Everything is deterministic from a numeric seed.
  *
  * Each target takes one input and returns its outcome, or throws FuzzFailure when a property breaks:
  * an exception that is not a typed error, output that differs from the input without an error, or a
