@@ -7,17 +7,14 @@
  */
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { Writable } from 'node:stream';
 import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
-import { parseConfig } from '../src/gateway/config';
-import { Gateway } from '../src/gateway/gateway';
-import { createLogger } from '../src/gateway/log';
+import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
 import { ReturnPathParser, returnPathBytes } from '../src/qemu/return-path';
 import { scanStores } from '../src/store';
 import { freePort } from '../src/lab/vm/qemu-vm';
 import { decodeEnd, type EndMessage, FrameParser, FrameType, MAX_FRAME_PAYLOAD } from '../src/wire/frames';
-import { startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { startLoggedGateway, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn } from '../src/lab/harness/qemu-standins';
 import { suiteTempDir } from './temp-dir';
 
@@ -83,9 +80,7 @@ export class HostileReceiverRig {
     // The real receiver listens elsewhere; site A's route reaches it only through the switch.
     this.bPeerPort = await freePort();
     const yaml = loopbackSiteYaml({ name: 'site-b', data: b.data, peerPort: this.bPeerPort, vm: 'vm1', routePort: await freePort(), farPeerPort: a.peerPort, targetPort: a.destPort });
-    const sink = new Writable({ write: (_c, _e, cb) => cb() });
-    this.b = new Gateway(parseConfig(yaml, path.join(this.tmp, 'site-b2.yaml')), createLogger({ name: 'site-b', destination: sink }), null);
-    await this.b.start();
+    this.b = (await startLoggedGateway('site-b', yaml, path.join(this.tmp, 'site-b2.yaml'))).gateway;
     this.server = net.createServer((socket) => this.accept(socket));
     await new Promise<void>((r) => this.server.listen(b.peerPort, '127.0.0.1', () => r()));
   }

@@ -27,22 +27,35 @@ export interface TestSite {
   logs: Array<Record<string, unknown>>;
 }
 
+export interface LoggedGateway {
+  gateway: Gateway;
+  metrics: GatewayMetrics;
+  /** Its log lines, parsed, oldest first. */
+  logs: Array<Record<string, unknown>>;
+}
+
+/** A gateway in this process from `yaml` (relative paths resolve beside `configPath`), keeping its metrics and log lines. */
+export async function startLoggedGateway(name: string, yaml: string, configPath?: string): Promise<LoggedGateway> {
+  const logs: Array<Record<string, unknown>> = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      for (const line of chunk.toString().split('\n').filter(Boolean)) logs.push(JSON.parse(line) as Record<string, unknown>);
+      cb();
+    },
+  });
+  const metrics = new GatewayMetrics({ defaultMetrics: false });
+  const gateway = new Gateway(parseConfig(yaml, configPath), createLogger({ name, destination: sink }), metrics);
+  await gateway.start();
+  return { gateway, metrics, logs };
+}
+
 /** Two gateways routing vm1 to each other; `extra[i]` is YAML appended to site i's config (tls:, limits:). */
 export async function startPair(tmp: string, extra: [string, string] = ['', '']): Promise<[TestSite, TestSite]> {
   const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
   const make = async (name: string, peer: number, route: number, farPeer: number, farDest: number, dest: number, more: string): Promise<TestSite> => {
     const data = path.join(tmp, name);
     const yaml = loopbackSiteYaml({ name, data, peerPort: peer, vm: 'vm1', routePort: route, farPeerPort: farPeer, targetPort: farDest }) + 'metrics: 127.0.0.1:0\n' + more;
-    const logs: Array<Record<string, unknown>> = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, cb) {
-        for (const line of chunk.toString().split('\n').filter(Boolean)) logs.push(JSON.parse(line) as Record<string, unknown>);
-        cb();
-      },
-    });
-    const metrics = new GatewayMetrics({ defaultMetrics: false });
-    const gateway = new Gateway(parseConfig(yaml, path.join(tmp, `${name}.yaml`)), createLogger({ name, destination: sink }), metrics);
-    await gateway.start();
+    const { gateway, metrics, logs } = await startLoggedGateway(name, yaml, path.join(tmp, `${name}.yaml`));
     return { name, gateway, metrics, data, routePort: route, peerPort: peer, destPort: dest, logs };
   };
   const a = await make('site-a', peerA, routeA, peerB, destB, destA, extra[0]);
