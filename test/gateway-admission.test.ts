@@ -13,7 +13,7 @@ import { issueCerts } from '../src/cli/certs';
 import { addressGroup, ConnectionGate, type Listener, type RefusalReason } from '../src/gateway/limits';
 import { PEER_TEXT_CHARS, peerText } from '../src/gateway/session';
 import { encodeJson, FrameType } from '../src/wire/frames';
-import { rawPeer, refusals, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { rawPeer, refusals, startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
 import { treeListing } from '../src/lab/harness/stores';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
@@ -117,10 +117,7 @@ describe('peerVms and a peer\'s Abort text', () => {
     [a, b] = await startPair(tmp, [block('site-a', 'site-b'), `${block('site-b', 'site-a, site-c')}peerVms:\n  site-a: ["vm*"]\n  site-c: ["db-?", "web-*"]\n`]);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-  });
+  afterAll(() => stopPair([a, b]));
 
   test('a peer not allowed a VM is refused at its Hello before any store directory exists', async () => {
     const before = treeListing(b.data);

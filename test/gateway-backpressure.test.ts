@@ -5,7 +5,7 @@
  * still reach the destination byte for byte.
  */
 import * as net from 'node:net';
-import { startPair, type TestSite as Site } from '../src/lab/harness/gateway-pair';
+import { startPair, stopPair, type TestSite as Site } from '../src/lab/harness/gateway-pair';
 import { sourceStandIn as migrate } from '../src/lab/harness/qemu-standins';
 import { dirty, guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 import { suiteTempDir } from './temp-dir';
@@ -43,10 +43,7 @@ describe('a slow destination behind the receiving gateway', () => {
     [a, b] = await startPair(tmp);
   });
 
-  afterAll(async () => {
-    await a.gateway.stop(1);
-    await b.gateway.stop(1);
-  });
+  afterAll(() => stopPair([a, b]));
 
   test('first leg, back leg and legs with changed pages all arrive byte for byte', async () => {
     const memory = guestMemory([['pc.ram', 6000]], 33);

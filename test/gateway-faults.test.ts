@@ -12,7 +12,7 @@ import { StreamHash } from '../src/digest';
 import { StreamParts } from '../src/proxy/stream-parts';
 import { StreamParser } from '../src/qemu/parser';
 import { encodeFrame, encodeJson, FrameType } from '../src/wire/frames';
-import { rawPeer, startPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
+import { rawPeer, startPair, stopPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn as destination, sourceStandIn as migrate } from '../src/lab/harness/qemu-standins';
 import { guestMemory, migrationStream, PAGE } from '../src/lab/harness/migration-stream';
 import { suiteTempDir } from './temp-dir';
@@ -44,10 +44,7 @@ describe('gateway failures', () => {
     [a, b] = await startPair(tmp);
   });
 
-  afterAll(async () => {
-    await a.gateway.stop(1);
-    await b.gateway.stop(1);
-  });
+  afterAll(() => stopPair([a, b]));
 
   test('a first leg, then a retained page corrupted on disk: the back leg fails before the bad page leaves, and the next one succeeds', async () => {
     // A → B: nothing to reuse.

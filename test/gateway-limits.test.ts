@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { FrameType } from '../src/wire/frames';
-import { rawPeer, refusals, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { rawPeer, refusals, startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
 import { treeListing } from '../src/lab/harness/stores';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
@@ -51,10 +51,7 @@ describe('gateway limits', () => {
     [a, b] = await startPair(tmp, [LIMITS, LIMITS]);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-  });
+  afterAll(() => stopPair([a, b]));
 
   test.each([
     ['peer', false],
@@ -182,10 +179,7 @@ describe('limits.maxGuestRam', () => {
     [a, b] = await startPair(tmp, ['', 'limits:\n  maxGuestRam: 1MiB\n']);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-  });
+  afterAll(() => stopPair([a, b]));
 
   const storeBytes = (site: TestSite): number => {
     const pages = path.join(site.data, 'vm1', 'pages');

@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { PageStore } from '../src/store';
-import { startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 import { suiteTempDir } from './temp-dir';
@@ -60,10 +60,7 @@ describe('storeBudget at the receiving gateway', () => {
     [a, b] = await startPair(tmp, ['storeBudget: 1MiB\n', 'storeBudget: 1MiB\n']);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-  });
+  afterAll(() => stopPair([a, b]));
 
   test('at start, stores that hold nothing are removed; snapshots and held pages stay', () => {
     expect(fs.readdirSync(b.data).sort()).toEqual(['lost', 'other']);
@@ -110,10 +107,7 @@ describe('stores of migrations that never completed, and limits.maxStores', () =
     [a, b] = await startPair(tmp, ['', 'limits:\n  maxStores: 2\n']);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-  });
+  afterAll(() => stopPair([a, b]));
 
   test('with limits.maxStores stores kept, a new VM migrates without retention and makes no store', async () => {
     const received = await migrate(a, b, stream);

@@ -14,7 +14,7 @@ import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';
 import { freePort } from '../src/lab/vm/qemu-vm';
 import { FrameType, frameHeader, MAX_HANDSHAKE_PAYLOAD } from '../src/wire/frames';
-import { rawPeer, refusals, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { rawPeer, refusals, startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
 import { treeListing } from '../src/lab/harness/stores';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
@@ -48,10 +48,7 @@ describe('gateways over mutual TLS', () => {
     [a, b] = await startPair(tmp, [block('site-a', 'site-b'), block('site-b', 'site-a')]);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-  });
+  afterAll(() => stopPair([a, b]));
 
   const refusedCount = async (site: TestSite, reason: string): Promise<number> => {
     const text = await site.metrics.text();

@@ -6,7 +6,7 @@
  */
 import * as net from 'node:net';
 import { encodeFrame, encodeJson, FrameParser, FrameType } from '../src/wire/frames';
-import { rawPeer, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { rawPeer, startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 import { suiteTempDir } from './temp-dir';
 
@@ -39,10 +39,7 @@ describe('the receiving gateway relays only QEMU return-path messages', () => {
     [a, b] = await startPair(tmp);
   });
 
-  afterAll(async () => {
-    await a.gateway.stop(1);
-    await b.gateway.stop(1);
-  });
+  afterAll(() => stopPair([a, b]));
 
   test.each([
     ['a banner it sends on connect, before any stream byte', 0, /before the stream began/],

@@ -63,6 +63,11 @@ export async function startPair(tmp: string, extra: [string, string] = ['', ''])
   return [a, b];
 }
 
+/** Stops both gateways of a pair (a second's grace for their sessions); a site that never started is passed over. */
+export async function stopPair(sites: readonly (TestSite | undefined)[]): Promise<void> {
+  for (const site of sites) await site?.gateway.stop(1);
+}
+
 export interface RawPeer {
   socket: net.Socket;
   /** Frames received so far. */
