@@ -1,7 +1,8 @@
 /**
- * A Node child process for crash tests: it runs a CommonJS script against the compiled modules of
- * dist/ (jest's globalSetup rebuilds a stale dist first), says when it got somewhere, and is killed
- * with SIGKILL, as a crash leaves things: no flush, no close, no exit handlers.
+ * Child processes for tests: a CommonJS script against the compiled modules of dist/, or the `bfmig`
+ * command (bin/bfmig.js, which runs dist/ too; jest's globalSetup rebuilds a stale dist first). A test
+ * waits for what the child says, signals it, or kills it with SIGKILL, as a crash leaves things: no
+ * flush, no close, no exit handlers.
  */
 import { spawn } from 'node:child_process';
 import * as path from 'node:path';
@@ -24,8 +25,10 @@ export interface ChildExit {
 
 export interface NodeChild {
   readonly pid: number;
-  /** Resolves with its output so far once its stdout holds `text`; rejects if it exits before. */
-  said(text: string): Promise<string>;
+  /** Resolves with its output so far once its stdout holds `text` (or matches it); rejects if it exits before. */
+  said(text: string | RegExp): Promise<string>;
+  /** Sends `signal` if it still runs. */
+  signal(signal: NodeJS.Signals): void;
   /** Resolves when it has exited, however it ended. */
   readonly exited: Promise<ChildExit>;
   /** SIGKILL (a crash); resolves once it is gone. */
@@ -41,7 +44,16 @@ export interface NodeChildOptions {
 
 /** Starts `node -e script`. */
 export function startNodeChild(script: string, options: NodeChildOptions = {}): NodeChild {
-  const proc = spawn(process.execPath, ['-e', script, ...(options.args ?? [])], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...options.env } });
+  return startNode(['-e', script, ...(options.args ?? [])], options.env);
+}
+
+/** Starts `bfmig ARGS` (bin/bfmig.js). */
+export function startBfmig(args: readonly string[], env?: NodeJS.ProcessEnv): NodeChild {
+  return startNode([path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), ...args], env);
+}
+
+function startNode(argv: readonly string[], env: NodeJS.ProcessEnv = {}): NodeChild {
+  const proc = spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   if (proc.pid === undefined) throw new Error('node did not start');
   let stdout = '';
   let stderr = '';
@@ -57,7 +69,7 @@ export function startNodeChild(script: string, options: NodeChildOptions = {}): 
     said: (text) =>
       new Promise<string>((resolve, reject) => {
         const check = (): void => {
-          if (!stdout.includes(text)) return;
+          if (typeof text === 'string' ? !stdout.includes(text) : !text.test(stdout)) return;
           waiting.delete(check);
           resolve(stdout);
         };
@@ -69,6 +81,9 @@ export function startNodeChild(script: string, options: NodeChildOptions = {}): 
         });
       }),
     exited,
+    signal: (signal) => {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+    },
     kill: () => {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
       return exited;
