@@ -102,6 +102,20 @@ module.exports = {
       to: { path: '^(test|bench|scripts)/' },
     },
     {
+      name: 'tests-not-bench',
+      severity: 'error',
+      comment: 'Tests and benchmarks share equipment through src/lab/harness/, never each other: a test runs a benchmark as a child process if it must.',
+      from: { path: '^test/' },
+      to: { path: '^bench/' },
+    },
+    {
+      name: 'bench-not-tests',
+      severity: 'error',
+      comment: 'Benchmarks share equipment with tests through src/lab/harness/, never by importing test/ (jest helpers have no place in a benchmark).',
+      from: { path: '^bench/' },
+      to: { path: '^test/' },
+    },
+    {
       name: 'not-to-unresolvable',
       severity: 'error',
       comment: 'Every import resolves (a rule over paths is only as good as the paths it can see).',

@@ -15,36 +15,10 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { type BackForthOptions, formatTable, type LegResult, runBackForth } from '../src/lab/demo/backforth';
+import { type BackForthOptions, type BenchResults, formatTable, type GridFile, type GridRun, type LegResult, runBackForth } from '../src/lab/demo/backforth';
 import { parseArgs } from 'node:util';
 import { defaultGuestDir } from '../src/lab/vm/qemu-vm';
 import { X86_PAGE_SIZE } from '../src/qemu/constants';
-
-/** One run of the grid: a guest migrated `changePcts.length + 1` legs over one link, both paths. */
-export interface GridRun {
-  id: string;
-  mbit: number;
-  delayMs: number;
-  memMiB: number;
-  workloadMiB: number;
-  /** Percent of guest RAM rewritten between legs (before leg 2, 3, …). */
-  changePcts: number[];
-  /** Percent of the workload's pages rewritten per second, also during the migrations. */
-  rewritePct: number;
-}
-
-export interface GridFile {
-  description?: string;
-  downtimeLimitMs: number;
-  runs: GridRun[];
-}
-
-export interface BenchResults {
-  host: { cpu: string; cores: number; node: string; qemu: string; accel: string; kernel: string };
-  downtimeLimitMs: number;
-  started: string;
-  runs: Array<GridRun & { finished: string; legs: LegResult[] }>;
-}
 
 function hostInfo(): BenchResults['host'] {
   let qemu = 'unknown';

@@ -13,7 +13,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Worker } from 'node:worker_threads';
-import { buildCorpus, FuzzFailure, inputSeed, makeInput, type Outcome, runInput, type TargetName, TARGETS } from '../test/fuzz-harness';
+import { buildCorpus, FuzzFailure, inputSeed, makeInput, type Outcome, runInput, type TargetName, TARGETS } from '../src/lab/harness/fuzz';
 
 function option(name: string): string[] {
   const values: string[] = [];

@@ -13,310 +13,34 @@
  *
  * Usage: node dist/bench/hostile-load.js [connections=2000] [concurrency=64]
  */
-import { type ChildProcess, spawn } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
-import * as fs from 'node:fs';
-import * as net from 'node:net';
-import * as os from 'node:os';
-import * as path from 'node:path';
-import { createInterface } from 'node:readline';
-import * as tls from 'node:tls';
-import { issueCerts } from '../src/cli/certs';
-import { PACKAGE_ROOT } from '../src/digest/package-root';
-import { disposeAllVms, ensureGuestBuilt, freePort, QemuVm } from '../src/lab/vm/qemu-vm';
-import { encodeJson, FrameType, frameHeader, PROTOCOL_VERSION } from '../src/wire/frames';
-import { syntheticStream } from './synthetic';
-
-export type PortRole = 'source' | 'peer' | 'metrics';
-export type HostileKind = 'random' | 'truncated' | 'absurd' | 'idle';
-/** How a hostile connection ended, seen from the client. */
-export type Outcome = 'closed-by-gateway' | 'reset' | 'client-gave-up' | 'connect-failed';
-
-export interface GatewayProcess {
-  name: string;
-  child: ChildProcess;
-  data: string;
-  ports: Record<PortRole, number>;
-  logLines: string[];
-  peakRssKiB: number;
-}
-
-export interface LoadFigures {
-  connections: number;
-  seconds: number;
-  perSecond: number;
-  outcomes: Record<Outcome, number>;
-  byKind: Record<HostileKind, number>;
-  byRole: Record<PortRole, number>;
-  /** Refusals the gateways logged, by reason. */
-  refusals: Record<string, number>;
-  peakRssMiB: Record<string, number>;
-  idleRssMiB: Record<string, number>;
-  alive: boolean;
-  storesUntouched: boolean;
-}
-
-const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
-
-/** Every file under `dir` with its size and content digest: equal listings mean nothing was written. */
-export function treeListing(dir: string): string[] {
-  if (!fs.existsSync(dir)) return [];
-  const out: string[] = [];
-  const walk = (d: string): void => {
-    for (const entry of fs.readdirSync(d, { withFileTypes: true }).sort((x, y) => x.name.localeCompare(y.name))) {
-      const p = path.join(d, entry.name);
-      if (entry.isDirectory()) {
-        out.push(`${path.relative(dir, p)}/`);
-        walk(p);
-      } else {
-        out.push(`${path.relative(dir, p)} ${createHash('sha256').update(fs.readFileSync(p)).digest('hex').slice(0, 16)}`);
-      }
-    }
-  };
-  walk(dir);
-  return out;
-}
-
-function rssKiB(pid: number): number {
-  try {
-    const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) : 0;
-  } catch {
-    return 0;
-  }
-}
-
-/** The pair: site-a and site-b route vm1 to each other over mutual TLS; destination QEMUs listen on qemuPorts. */
-export async function startHostilePair(tmp: string, qemuPorts: { a: number; b: number }): Promise<[GatewayProcess, GatewayProcess]> {
-  const certs = path.join(tmp, 'certs');
-  issueCerts(certs, ['site-a', 'site-b'], 30);
-  const ports = await Promise.all(Array.from({ length: 6 }, () => freePort()));
-  const spec = {
-    a: { peer: ports[0], route: ports[1], metrics: ports[2] },
-    b: { peer: ports[3], route: ports[4], metrics: ports[5] },
-  };
-  const start = (name: 'site-a' | 'site-b'): Promise<GatewayProcess> => {
-    const me = name === 'site-a' ? spec.a : spec.b;
-    const far = name === 'site-a' ? spec.b : spec.a;
-    const farQemu = name === 'site-a' ? qemuPorts.b : qemuPorts.a;
-    const data = path.join(tmp, name);
-    const config = path.join(tmp, `${name}.yaml`);
-    fs.writeFileSync(
-      config,
-      [
-        `name: ${name}`,
-        `data: ${data}`,
-        `peerListen: 127.0.0.1:${me.peer}`,
-        `metrics: 127.0.0.1:${me.metrics}`,
-        'routes:',
-        '  - vm: vm1',
-        `    listen: 127.0.0.1:${me.route}`,
-        `    peer: 127.0.0.1:${far.peer}`,
-        `    target: 127.0.0.1:${farQemu}`,
-        'allowTargets:',
-        `  - 127.0.0.1:${name === 'site-a' ? qemuPorts.a : qemuPorts.b}`,
-        'tls:',
-        `  cert: ${certs}/${name}.crt`,
-        `  key: ${certs}/${name}.key`,
-        `  ca: ${certs}/ca.crt`,
-        `  allowPeers: [${name === 'site-a' ? 'site-b' : 'site-a'}]`,
-        'limits:',
-        '  handshakeSeconds: 2',
-        '  idleSeconds: 60',
-        '  maxConnections: 64',
-        '',
-      ].join('\n'),
-    );
-    const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
-    const gw: GatewayProcess = { name, child, data, ports: { source: me.route, peer: me.peer, metrics: me.metrics }, logLines: [], peakRssKiB: 0 };
-    return new Promise((resolve, reject) => {
-      const lines = createInterface({ input: child.stdout as NodeJS.ReadableStream });
-      lines.on('line', (line) => {
-        gw.logLines.push(line);
-        if (line.includes('"gateway started"')) resolve(gw);
-      });
-      child.once('exit', (code) => reject(new Error(`${name} exited with ${code} before it started`)));
-    });
-  };
-  return [await start('site-a'), await start('site-b')];
-}
-
-export async function stopGateway(gw: GatewayProcess): Promise<void> {
-  if (gw.child.exitCode !== null) return;
-  const exited = new Promise<void>((r) => gw.child.once('exit', () => r()));
-  gw.child.kill('SIGTERM');
-  await exited;
-}
-
-/** Bytes a hostile client of `kind` sends to a port of `role`. `null`: the kind does its own thing. */
-function hostileBytes(kind: HostileKind, role: PortRole, samples: { qemu: Buffer; frames: Buffer }): Buffer | null {
-  const pick = <T>(xs: T[]): T => xs[Math.floor(Math.random() * xs.length)];
-  switch (kind) {
-    case 'random':
-      return randomBytes(1 + Math.floor(Math.random() * 65536));
-    case 'truncated': {
-      if (role === 'peer') return samples.frames.subarray(0, 1 + Math.floor(Math.random() * samples.frames.length));
-      if (role === 'metrics') return Buffer.from('GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: text/pl');
-      // A stretch from the middle of a real QEMU stream: no magic, so not a migration.
-      const from = 8 + Math.floor(Math.random() * (samples.qemu.length / 2));
-      return samples.qemu.subarray(from, from + 1 + Math.floor(Math.random() * 200_000));
-    }
-    case 'absurd':
-      if (role === 'peer') {
-        return pick([
-          frameHeader(FrameType.Hello, 0).fill(0xff, 1, 5), // a Hello of 4 GiB
-          Buffer.from([0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0xff, 0xff, 0xff]), // a TLS record and ClientHello of absurd length
-          Buffer.concat([Buffer.from([0x16, 0x03, 0x03, 0x40, 0x00]), randomBytes(16384)]),
-        ]);
-      }
-      return Buffer.from(`GET /metrics HTTP/1.1\r\nHost: x\r\nX-Absurd: ${'a'.repeat(100_000)}\r\n\r\n`);
-    case 'idle':
-      return null;
-  }
-}
-
-/**
- * One hostile connection from `localAddress`; resolves with how it ended. Idle clients wait for the
- * gateway (at most `idleWaitMs`).
- */
-function hostileConnection(port: number, kind: HostileKind, role: PortRole, samples: { qemu: Buffer; frames: Buffer }, idleWaitMs: number, localAddress: string): Promise<Outcome> {
-  return new Promise((resolve) => {
-    let outcome: Outcome | null = null;
-    let connected = false;
-    const done = (o: Outcome): void => {
-      if (outcome === null) outcome = o;
-    };
-    // Half of the 'truncated' clients on a peer port give up a real TLS handshake half-way.
-    const abandonTls = kind === 'truncated' && role === 'peer' && Math.random() < 0.5;
-    const socket: net.Socket = abandonTls ? tls.connect({ socket: net.connect({ host: '127.0.0.1', port, localAddress }), rejectUnauthorized: false }) : net.connect({ host: '127.0.0.1', port, localAddress });
-    const giveUp = setTimeout(() => {
-      done('client-gave-up');
-      socket.destroy();
-    }, abandonTls ? 5 + Math.random() * 20 : idleWaitMs);
-    socket.on('error', (err: NodeJS.ErrnoException) => done(connected ? 'reset' : err.code === 'ECONNREFUSED' ? 'connect-failed' : 'reset'));
-    socket.on('data', () => undefined);
-    socket.on('close', () => {
-      clearTimeout(giveUp);
-      done('closed-by-gateway');
-      resolve(outcome as Outcome);
-    });
-    socket.once('connect', () => {
-      connected = true;
-      if (abandonTls) return;
-      const bytes = hostileBytes(kind, role, samples);
-      if (bytes) socket.write(bytes, () => socket.end());
-    });
-  });
-}
-
-/** Runs `count` hostile connections over every port of the pair with at most `concurrency` at once. */
-export async function hostileFlood(gateways: GatewayProcess[], count: number, concurrency: number): Promise<LoadFigures> {
-  const { stream } = syntheticStream(0.01);
-  const frames = Buffer.concat([
-    encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: 'site-a', vm: 'vm1', target: '127.0.0.1:4444' }),
-    frameHeader(FrameType.Literal, 65536),
-    stream.subarray(0, 65536),
-  ]);
-  const samples = { qemu: stream, frames };
-  const targets = gateways.flatMap((g) => (['source', 'peer', 'metrics'] as PortRole[]).map((role) => ({ g, role, port: g.ports[role] })));
-  const kinds: HostileKind[] = ['random', 'truncated', 'absurd', 'idle'];
-  const before = gateways.map((g) => treeListing(g.data));
-  const idleRss = Object.fromEntries(gateways.map((g) => [g.name, rssKiB(g.child.pid ?? 0) / 1024]));
-  const sampler = setInterval(() => {
-    for (const g of gateways) g.peakRssKiB = Math.max(g.peakRssKiB, rssKiB(g.child.pid ?? 0));
-  }, 50);
-  const outcomes: Record<Outcome, number> = { 'closed-by-gateway': 0, reset: 0, 'client-gave-up': 0, 'connect-failed': 0 };
-  const byKind: Record<HostileKind, number> = { random: 0, truncated: 0, absurd: 0, idle: 0 };
-  const byRole: Record<PortRole, number> = { source: 0, peer: 0, metrics: 0 };
-  const logged = gateways.map((g) => g.logLines.length);
-  const t0 = process.hrtime.bigint();
-  let next = 0;
-  const worker = async (): Promise<void> => {
-    while (next < count) {
-      const i = next++;
-      const target = targets[i % targets.length];
-      const kind = kinds[Math.floor(i / targets.length) % kinds.length];
-      byKind[kind]++;
-      byRole[target.role]++;
-      // From 250 loopback addresses, so that the gateways' per-address limit does not turn nearly all
-      // away at accept and the hostile bytes reach the TLS, frame and stream checks behind it.
-      outcomes[await hostileConnection(target.port, kind, target.role, samples, 15_000, `127.0.2.${1 + (i % 250)}`)]++;
-    }
-  };
-  await Promise.all(Array.from({ length: concurrency }, () => worker()));
-  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-  // Let the gateways finish with what they were refusing.
-  await new Promise((r) => setTimeout(r, 2500));
-  clearInterval(sampler);
-  const refusals: Record<string, number> = {};
-  gateways.forEach((g, i) => {
-    for (const line of g.logLines.slice(logged[i])) {
-      if (!line.includes('"connection refused"')) continue;
-      const reason = (JSON.parse(line) as { reason: string }).reason;
-      refusals[reason] = (refusals[reason] ?? 0) + 1;
-    }
-  });
-  return {
-    connections: count,
-    seconds,
-    perSecond: count / seconds,
-    outcomes,
-    byKind,
-    byRole,
-    refusals,
-    peakRssMiB: Object.fromEntries(gateways.map((g) => [g.name, g.peakRssKiB / 1024])),
-    idleRssMiB: idleRss,
-    alive: gateways.every((g) => g.child.exitCode === null && g.child.signalCode === null),
-    storesUntouched: gateways.every((g, i) => JSON.stringify(treeListing(g.data)) === JSON.stringify(before[i])),
-  };
-}
-
-/** A real guest migrates A → B through the pair; resolves once the destination guest verified its memory. */
-export async function migrateThroughPair(a: GatewayProcess, qemuPortB: number): Promise<{ seconds: number; serial: string }> {
-  ensureGuestBuilt();
-  const options = { machine: 'pc-i440fx-7.2', memMiB: 128, workload: { mib: 32, seed: 3, rewritePct: 0, intervalMs: 500 } };
-  const source = new QemuVm({ ...options, name: 'hostile-src' });
-  const dest = new QemuVm({ ...options, name: 'hostile-dst', incoming: `tcp:127.0.0.1:${qemuPortB}` });
-  try {
-    await source.start();
-    await source.waitForSerial(/WORKLOAD READY/, 180_000);
-    await dest.start();
-    const t0 = Date.now();
-    await source.migrate(`tcp:127.0.0.1:${a.ports.source}`);
-    const info = await source.waitForMigration({ timeoutMs: 300_000 });
-    if (info.status !== 'completed') throw new Error(`migration ${info.status}`);
-    await dest.waitForStatus('running', 60_000);
-    await dest.waitForSerial(VERIFIED, 60_000);
-    return { seconds: (Date.now() - t0) / 1000, serial: dest.serial.split('\n').filter((l) => VERIFIED.test(l)).slice(-1)[0] ?? '' };
-  } finally {
-    await disposeAllVms();
-  }
-}
+import { hostileFlood, migrateThroughPair, startHostilePair, stopGateway } from '../src/lab/harness/hostile-flood';
+import { withTempDir } from '../src/lab/harness/temp-dir';
+import { freePort } from '../src/lab/vm/qemu-vm';
 
 async function main(): Promise<void> {
   const count = Number(process.argv[2] ?? 2000);
   const concurrency = Number(process.argv[3] ?? 64);
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-hostile-'));
-  const qemuPorts = { a: await freePort(), b: await freePort() };
-  const [a, b] = await startHostilePair(tmp, qemuPorts);
-  try {
-    const f = await hostileFlood([a, b], count, concurrency);
-    const mib = (n: number): string => n.toFixed(1);
-    console.log(`hostile connections: ${f.connections} in ${f.seconds.toFixed(1)} s (${f.perSecond.toFixed(0)}/s), concurrency ${concurrency}`);
-    console.log(`  by kind: ${JSON.stringify(f.byKind)}; by port: ${JSON.stringify(f.byRole)}`);
-    console.log(`  client outcomes: ${JSON.stringify(f.outcomes)}`);
-    console.log(`  refused by the gateways: ${JSON.stringify(f.refusals)}`);
-    console.log(`  RSS MiB before → peak: site-a ${mib(f.idleRssMiB['site-a'])} → ${mib(f.peakRssMiB['site-a'])}, site-b ${mib(f.idleRssMiB['site-b'])} → ${mib(f.peakRssMiB['site-b'])}`);
-    console.log(`  gateways alive: ${f.alive}; stores untouched: ${f.storesUntouched}`);
-    // A gateway that died or a store that changed is the benchmark failing, not a figure to print.
-    if (!f.alive || !f.storesUntouched) throw new Error(`hostile load broke the pair: gateways alive ${f.alive}, stores untouched ${f.storesUntouched}`);
-    const m = await migrateThroughPair(a, qemuPorts.b);
-    console.log(`real migration A → B through the pair afterwards: completed in ${m.seconds.toFixed(1)} s; guest: ${m.serial.trim()}`);
-  } finally {
-    await stopGateway(a);
-    await stopGateway(b);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  }
+  await withTempDir('bfmig-hostile-', async (tmp) => {
+    const qemuPorts = { a: await freePort(), b: await freePort() };
+    const [a, b] = await startHostilePair(tmp, qemuPorts);
+    try {
+      const f = await hostileFlood([a, b], count, concurrency);
+      const mib = (n: number): string => n.toFixed(1);
+      console.log(`hostile connections: ${f.connections} in ${f.seconds.toFixed(1)} s (${f.perSecond.toFixed(0)}/s), concurrency ${concurrency}`);
+      console.log(`  by kind: ${JSON.stringify(f.byKind)}; by port: ${JSON.stringify(f.byRole)}`);
+      console.log(`  client outcomes: ${JSON.stringify(f.outcomes)}`);
+      console.log(`  refused by the gateways: ${JSON.stringify(f.refusals)}`);
+      console.log(`  RSS MiB before → peak: site-a ${mib(f.idleRssMiB['site-a'])} → ${mib(f.peakRssMiB['site-a'])}, site-b ${mib(f.idleRssMiB['site-b'])} → ${mib(f.peakRssMiB['site-b'])}`);
+      console.log(`  gateways alive: ${f.alive}; stores untouched: ${f.storesUntouched}`);
+      // A gateway that died or a store that changed is the benchmark failing, not a figure to print.
+      if (!f.alive || !f.storesUntouched) throw new Error(`hostile load broke the pair: gateways alive ${f.alive}, stores untouched ${f.storesUntouched}`);
+      const m = await migrateThroughPair(a, qemuPorts.b);
+      console.log(`real migration A → B through the pair afterwards: completed in ${m.seconds.toFixed(1)} s; guest: ${m.serial.trim()}`);
+    } finally {
+      await stopGateway(a);
+      await stopGateway(b);
+    }
+  });
 }
 
 if (require.main === module) {

@@ -6,7 +6,7 @@ import { performance } from 'node:perf_hooks';
 import { DIGEST_BYTES, digestOne, digestPages } from '../src/digest';
 import { RecordKind, StreamParser, type StreamRecord } from '../src/qemu';
 import { X86_PAGE_SIZE } from '../src/qemu/constants';
-import { syntheticStream } from './synthetic';
+import { syntheticStream } from '../src/lab/harness/synthetic-stream';
 
 const gib = Number(process.argv[2] ?? 2);
 const chunkBytes = Number(process.argv[3] ?? 256) * 1024;

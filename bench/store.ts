@@ -29,6 +29,7 @@ import { randomFillSync } from 'node:crypto';
 import { DIGEST_BYTES, digestContiguous } from '../src/digest';
 import { PageStore, type StoreLayout, storeCopyMode } from '../src/store';
 import { X86_PAGE_SIZE as PAGE } from '../src/qemu/constants';
+import { makeTempDir, removeTempDir } from '../src/lab/harness/temp-dir';
 
 const RUNS = 3;
 const READ_RUN = 64;
@@ -53,7 +54,8 @@ function main(): void {
   const base = process.argv[3] ?? process.env.BENCH_DIR ?? os.tmpdir();
   const total = mib * 1024 * 1024;
   const pages = total / PAGE;
-  const root = fs.mkdtempSync(path.join(base, 'bfmig-bench-store-'));
+  // A directory on the file system under test (O_DIRECT needs a disk, not the tmpfs /tmp may be).
+  const root = makeTempDir('bfmig-bench-store-', { base });
   console.log(`PageStore bench: ${mib} MiB = ${pages} pages of ${PAGE} B in ${root} (copy: ${storeCopyMode()}; I/O: ${process.env.BFMIG_STORE_DIRECT_IO === '0' ? 'page cache' : 'O_DIRECT where the filesystem allows'})`);
 
   try {
@@ -145,7 +147,7 @@ function main(): void {
     }
     console.log(`  recovery open() of a dirty store               ${mbps(total, median(recoveries))}  (${median(recoveries).toFixed(2)} s)`);
   } finally {
-    fs.rmSync(root, { recursive: true, force: true });
+    removeTempDir(root);
   }
 }
 

@@ -7,64 +7,28 @@
  *
  * Usage: node dist/bench/throughput.js [GiB=1] [runs=5]
  */
-import { fork, spawn, type ChildProcess } from 'node:child_process';
-import * as fs from 'node:fs';
-import * as net from 'node:net';
-import * as os from 'node:os';
+import { fork, type ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
-import { createInterface } from 'node:readline';
-import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
+import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
 import { procStats } from '../src/lab/demo/proc-stats';
-import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
 import { freePort } from '../src/lab/vm/qemu-vm';
-import { playStream, syntheticStream } from './synthetic';
+import { checkingDestination, playStream } from '../src/lab/harness/qemu-standins';
+import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
+import { withTempDir } from '../src/lab/harness/temp-dir';
+import { syntheticStream } from '../src/lab/harness/synthetic-stream';
 
 const gib = Number(process.argv[2] ?? 1);
 const runs = Number(process.argv[3] ?? 5);
 
-/** A destination: accepts one connection, reads everything, compares it with `expected`. */
-function consume(expected: Buffer, port = 0): Promise<{ port: number; done: Promise<number> }> {
-  return new Promise((resolveListen) => {
-    let resolveDone: (bytes: number) => void;
-    let rejectDone: (err: Error) => void;
-    const done = new Promise<number>((res, rej) => {
-      resolveDone = res;
-      rejectDone = rej;
-    });
-    const server = net.createServer((socket) => {
-      server.close();
-      let at = 0;
-      let mismatch = false;
-      socket.on('data', (chunk: Buffer) => {
-        if (!mismatch && expected.compare(chunk, 0, chunk.length, at, at + chunk.length) !== 0) mismatch = true;
-        at += chunk.length;
-      });
-      socket.on('end', () => {
-        socket.end();
-        if (mismatch || at !== expected.length) rejectDone(new Error(`destination got ${at} bytes${mismatch ? ', not identical' : ''}`));
-        else resolveDone(at);
-      });
-    });
-    server.listen(port, '127.0.0.1', () => resolveListen({ port: (server.address() as net.AddressInfo).port, done }));
-  });
-}
-
 /** Node flags of the gateway processes: the deployment's recommended ones (README, docker/Dockerfile) unless overridden. */
 const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
 
-async function startGateway(dir: string, name: string, peerPort: number, routePort: number, farPeer: number, target: number): Promise<ChildProcess> {
-  const config = path.join(dir, `${name}.yaml`);
-  fs.writeFileSync(config, loopbackSiteYaml({ name, data: path.join(dir, name), peerPort, vm: 'bench', routePort, farPeerPort: farPeer, targetPort: target }));
-  const child = spawn(process.execPath, [...nodeArgs, path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', config], { stdio: ['ignore', 'pipe', 'inherit'] });
-  if (process.env.BFMIG_BENCH_LOG) child.stdout?.pipe(fs.createWriteStream(`${process.env.BFMIG_BENCH_LOG}.${name}.log`));
-  await new Promise<void>((resolve, reject) => {
-    createInterface({ input: child.stdout! }).on('line', (line) => {
-      if (line.includes('gateway started')) resolve();
-    });
-    child.on('exit', (code) => reject(new Error(`gateway ${name} exited ${code}`)));
-  });
-  return child;
+/** A `bfmig gateway` child process routing vm "bench" to the far site; its log goes to $BFMIG_BENCH_LOG.NAME.log when that is set. */
+function startGateway(dir: string, name: string, peerPort: number, routePort: number, farPeer: number, target: number): Promise<SiteGateway> {
+  const yaml = loopbackSiteYaml({ name, data: path.join(dir, name), peerPort, vm: 'bench', routePort, farPeerPort: farPeer, targetPort: target });
+  const logPath = process.env.BFMIG_BENCH_LOG ? `${process.env.BFMIG_BENCH_LOG}.${name}.log` : undefined;
+  return startSiteGateway(dir, name, yaml, 'child-process', { nodeArgs, logPath });
 }
 
 /** A TcpRelay in a child process (bench/wan.js serve). */
@@ -89,7 +53,7 @@ async function main(): Promise<void> {
 
   /** Seconds for the stream through a plain relay pair, each relay in a process of its own as each gateway is. */
   async function relayRun(): Promise<{ seconds: number; cpu: number }> {
-    const sink = await consume(stream);
+    const sink = await checkingDestination(stream);
     const second = await startRelay(sink.port);
     const first = await startRelay(second.port);
     const before = procStats(first.child.pid!).cpuSeconds + procStats(second.child.pid!).cpuSeconds;
@@ -119,41 +83,43 @@ async function main(): Promise<void> {
     relayCpu.push(relay.cpu);
     const relayGBs = stream.length / relay.seconds / 1e9;
     rows.push(`run ${r + 1} relay pair: ${relayGBs.toFixed(2)} GB/s`);
-    const dir = fs.mkdtempSync(path.join(path.resolve(process.env.BFMIG_BENCH_STORE_DIR || os.tmpdir()), 'bfmig-tput-'));
-    const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
-    const a = await startGateway(dir, 'site-a', peerA, routeA, peerB, destB);
-    const b = await startGateway(dir, 'site-b', peerB, routeB, peerA, destA);
-    try {
-      for (const [legName, from, to, routePort, destPort] of [
-        ['first', a, b, routeA, destB],
-        ['back', b, a, routeB, destA],
-      ] as const) {
-        const before = { from: procStats(from.pid!), to: procStats(to.pid!) };
-        // The gateway dials its route's fixed target port: the destination listens there.
-        const sink = await consume(stream, destPort);
-        const t0 = process.hrtime.bigint();
-        const delivered = sink.done.then(() => process.hrtime.bigint());
-        // The source's connection closes once both gateways have committed their stores (Done): QEMU
-        // does not wait for that, the migration is over when the destination has the whole stream.
-        await playStream(routePort, stream);
-        const seconds = Number((await delivered) - t0) / 1e9;
-        const committedSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
-        committedRatios[legName].push(stream.length / committedSeconds / 1e9 / relayGBs);
-        await new Promise((res) => setTimeout(res, 200));
-        const after = { from: procStats(from.pid!), to: procStats(to.pid!) };
-        ratios[legName].push(stream.length / seconds / 1e9 / relayGBs);
-        legTimes[legName].push(seconds);
-        cpu[`${legName}:send`].push((after.from.cpuSeconds - before.from.cpuSeconds) / GiB);
-        cpu[`${legName}:receive`].push((after.to.cpuSeconds - before.to.cpuSeconds) / GiB);
-        peakRss = Math.max(peakRss, after.from.peakRssMiB, after.to.peakRssMiB);
-        rows.push(`run ${r + 1} ${legName.padEnd(5)} leg: ${(stream.length / seconds / 1e9).toFixed(2)} GB/s to the destination, ${(stream.length / committedSeconds / 1e9).toFixed(2)} GB/s until both stores committed; peak RSS so far: sender ${after.from.peakRssMiB.toFixed(0)} MiB, receiver ${after.to.peakRssMiB.toFixed(0)} MiB`);
-      }
-    } finally {
-      a.kill('SIGTERM');
-      b.kill('SIGTERM');
-      await new Promise((res) => setTimeout(res, 300));
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
+    await withTempDir(
+      'bfmig-tput-',
+      async (dir) => {
+        const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
+        const a = await startGateway(dir, 'site-a', peerA, routeA, peerB, destB);
+        const b = await startGateway(dir, 'site-b', peerB, routeB, peerA, destA);
+        try {
+          for (const [legName, from, to, routePort, destPort] of [
+            ['first', a, b, routeA, destB],
+            ['back', b, a, routeB, destA],
+          ] as const) {
+            const before = { from: procStats(from.pid!), to: procStats(to.pid!) };
+            // The gateway dials its route's fixed target port: the destination listens there.
+            const sink = await checkingDestination(stream, destPort);
+            const t0 = process.hrtime.bigint();
+            const delivered = sink.done.then(() => process.hrtime.bigint());
+            // The source's connection closes once both gateways have committed their stores (Done): QEMU
+            // does not wait for that, the migration is over when the destination has the whole stream.
+            await playStream(routePort, stream);
+            const seconds = Number((await delivered) - t0) / 1e9;
+            const committedSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
+            committedRatios[legName].push(stream.length / committedSeconds / 1e9 / relayGBs);
+            await new Promise((res) => setTimeout(res, 200));
+            const after = { from: procStats(from.pid!), to: procStats(to.pid!) };
+            ratios[legName].push(stream.length / seconds / 1e9 / relayGBs);
+            legTimes[legName].push(seconds);
+            cpu[`${legName}:send`].push((after.from.cpuSeconds - before.from.cpuSeconds) / GiB);
+            cpu[`${legName}:receive`].push((after.to.cpuSeconds - before.to.cpuSeconds) / GiB);
+            peakRss = Math.max(peakRss, after.from.peakRssMiB, after.to.peakRssMiB);
+            rows.push(`run ${r + 1} ${legName.padEnd(5)} leg: ${(stream.length / seconds / 1e9).toFixed(2)} GB/s to the destination, ${(stream.length / committedSeconds / 1e9).toFixed(2)} GB/s until both stores committed; peak RSS so far: sender ${after.from.peakRssMiB.toFixed(0)} MiB, receiver ${after.to.peakRssMiB.toFixed(0)} MiB`);
+          }
+        } finally {
+          await Promise.all([a.stop(), b.stop()]);
+        }
+      },
+      { base: process.env.BFMIG_BENCH_STORE_DIR },
+    );
   }
   for (const row of rows) console.log(row);
   const relayGBs = stream.length / median(relayTimes) / 1e9;

@@ -1,9 +1,11 @@
-// Writes the hand-built fixtures of test/fixtures.ts to fixtures/ with a manifest.
+// Writes the hand-built fixtures of src/lab/harness/fixtures.ts to fixtures/ with a manifest.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { buildFixtures } from '../test/fixtures';
+import { PACKAGE_ROOT } from '../src/digest/package-root';
+import { buildFixtures } from '../src/lab/harness/fixtures';
 
-const dir = join(__dirname, '..', '..', 'fixtures');
+// The package's fixtures/, whether this runs from scripts/ (npm run fixtures, ts-node) or dist/scripts/.
+const dir = join(PACKAGE_ROOT, 'fixtures');
 const target = process.argv[2] ?? dir;
 mkdirSync(target, { recursive: true });
 const manifest = buildFixtures().map((f) => {

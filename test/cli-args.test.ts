@@ -5,15 +5,14 @@
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { COMMANDS, SNAPSHOTS_ACTIONS, USAGE } from '../src/cli/commands';
 import { synopsisLine, usageOf } from '../src/cli/parse';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
+import { suiteTempDir } from './temp-dir';
 
 const BFMIG = path.join(PACKAGE_ROOT, 'bin', 'bfmig.js');
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-cli-args-'));
-afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+const dir = suiteTempDir('bfmig-cli-args-');
 
 function bfmig(args: readonly string[]): { code: number | null; stdout: string; stderr: string } {
   const run = spawnSync(process.execPath, [BFMIG, ...args], { encoding: 'utf8', cwd: dir, timeout: 30_000 });

@@ -1,6 +1,7 @@
 /**
  * The import rules of ARCHITECTURE.md, as written in .dependency-cruiser.cjs: no cycles, the product
- * never imports the lab, the wire knows no QEMU, no sockets below the gateway, and so on.
+ * never imports the lab, the wire knows no QEMU, no sockets below the gateway, tests and benchmarks
+ * never import each other, and so on.
  * `npm run check:deps` runs the same check and prints each offending import.
  */
 import { spawnSync } from 'node:child_process';
@@ -37,7 +38,7 @@ describe('import rules (ARCHITECTURE.md, .dependency-cruiser.cjs)', () => {
     // Guard against a check that passes because it saw nothing.
     expect(summary.totalCruised).toBeGreaterThan(100);
     expect((summary.ruleSetUsed.forbidden ?? []).map((r) => r.name)).toEqual(
-      expect.arrayContaining(['no-circular', 'product-not-lab', 'cli-loads-lab-lazily', 'layer-wire', 'layer-store', 'no-sockets-below-gateway']),
+      expect.arrayContaining(['no-circular', 'product-not-lab', 'cli-loads-lab-lazily', 'layer-wire', 'layer-store', 'no-sockets-below-gateway', 'tests-not-bench', 'bench-not-tests']),
     );
     const found = summary.violations.map((v) => `${v.rule.name}: ${v.from} → ${v.cycle ? v.cycle.map((c) => c.name).join(' → ') : v.to}`);
     expect(found).toEqual([]);

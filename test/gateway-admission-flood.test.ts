@@ -9,12 +9,13 @@
 import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { issueCerts } from '../src/cli/certs';
 import { disposeAllVms, ensureGuestBuilt, QemuVm, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
-import { destinationStandIn, refusals, sourceStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { refusals, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 type Role = 'peer' | 'source' | 'metrics';
 
@@ -112,7 +113,7 @@ describe('admission under a flood of unidentified connections (TLS pair, synthet
   const stream = migrationStream(guestMemory([['pc.ram', 2000]], 21), [[5, 9, 300]]);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-admission-'));
+    tmp = suiteTempDir('bfmig-admission-');
     const certs = path.join(tmp, 'certs');
     issueCerts(certs, ['site-a', 'site-b'], 30);
     // Only keys that the code before pending pools had: this test runs unchanged against it.
@@ -125,7 +126,6 @@ describe('admission under a flood of unidentified connections (TLS pair, synthet
     await disposeAllVms();
     await a?.gateway.stop(1);
     await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   test('2,000 idle and slow-handshake connections on every port do not keep a migration out', async () => {

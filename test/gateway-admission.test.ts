@@ -7,15 +7,17 @@
 import { EventEmitter } from 'node:events';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
 import { issueCerts } from '../src/cli/certs';
 import { addressGroup, ConnectionGate, type Listener, type RefusalReason } from '../src/gateway/limits';
 import { PEER_TEXT_CHARS, peerText } from '../src/gateway/session';
 import { encodeJson, FrameType } from '../src/wire/frames';
-import { destinationStandIn, rawPeer, refusals, sourceStandIn, startPair, type TestSite, treeListing, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { rawPeer, refusals, startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { treeListing } from '../src/lab/harness/stores';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 /** A stand-in for an accepted socket: what the gate reads of one. */
 function fakeSocket(remoteAddress: string): net.Socket & { cut: boolean } {
@@ -108,18 +110,14 @@ describe('peerVms and a peer\'s Abort text', () => {
   const credentials = (site: string): { cert: Buffer; key: Buffer } => ({ cert: fs.readFileSync(path.join(certs, `${site}.crt`)), key: fs.readFileSync(path.join(certs, `${site}.key`)) });
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-peervms-'));
+    tmp = suiteTempDir('bfmig-peervms-');
     certs = path.join(tmp, 'certs');
     issueCerts(certs, ['site-a', 'site-b', 'site-c'], 30);
     const block = (site: string, peers: string): string => `tls:\n  cert: ${certs}/${site}.crt\n  key: ${certs}/${site}.key\n  ca: ${certs}/ca.crt\n  allowPeers: [${peers}]\n`;
     [a, b] = await startPair(tmp, [block('site-a', 'site-b'), `${block('site-b', 'site-a, site-c')}peerVms:\n  site-a: ["vm*"]\n  site-c: ["db-?", "web-*"]\n`]);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  });
+  afterAll(() => stopPair([a, b]));
 
   test('a peer not allowed a VM is refused at its Hello before any store directory exists', async () => {
     const before = treeListing(b.data);
@@ -170,7 +168,7 @@ describe('a receiving peer\'s Abort text at the sending gateway', () => {
   let fake: net.Server | null = null;
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-abort-'));
+    tmp = suiteTempDir('bfmig-abort-');
     [a, b] = await startPair(tmp);
     // Site B's gateway gives way to a peer that answers every Hello with an Offer and a 4 MB Abort.
     await b.gateway.stop(1);
@@ -188,7 +186,6 @@ describe('a receiving peer\'s Abort text at the sending gateway', () => {
   afterAll(async () => {
     await a?.gateway.stop(1);
     await new Promise<void>((r) => (fake ? fake.close(() => r()) : r()));
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   test('is logged bounded, without its control characters', async () => {

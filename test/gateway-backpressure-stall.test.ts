@@ -9,8 +9,8 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { startPair, type TestSite as Site } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { startPair, type TestSite as Site } from '../src/lab/harness/gateway-pair';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 const MiB = 2 ** 20;
 

@@ -5,12 +5,11 @@
  * still reach the destination byte for byte. That the gateways do stop taking the source's stream
  * while the destination reads nothing is observed in gateway-backpressure-stall.test.ts.
  */
-import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
-import * as path from 'node:path';
-import { sourceStandIn as migrate, startPair, type TestSite as Site } from './gateway-pair';
-import { dirty, guestMemory, migrationStream } from './migration-stream';
+import { startPair, stopPair, type TestSite as Site } from '../src/lab/harness/gateway-pair';
+import { sourceStandIn as migrate } from '../src/lab/harness/qemu-standins';
+import { dirty, guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 /** Accepts one connection and reads it in small sips: a pause after every chunk. */
 function slowDestination(port: number): Promise<{ received: Promise<Buffer> }> {
@@ -41,15 +40,11 @@ describe('a slow destination behind the receiving gateway', () => {
   let b: Site;
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-backpressure-'));
+    tmp = suiteTempDir('bfmig-backpressure-');
     [a, b] = await startPair(tmp);
   });
 
-  afterAll(async () => {
-    await a.gateway.stop(1);
-    await b.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  });
+  afterAll(() => stopPair([a, b]));
 
   test('first leg, back leg and legs with changed pages all arrive byte for byte', async () => {
     const memory = guestMemory([['pc.ram', 6000]], 33);

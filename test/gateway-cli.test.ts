@@ -1,35 +1,30 @@
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { PACKAGE_ROOT } from '../src/digest/package-root';
+import { startBfmig } from '../src/lab/harness/child';
+import { suiteTempDir } from './temp-dir';
 
-const BFMIG = path.join(PACKAGE_ROOT, 'bin', 'bfmig.js');
-
-function run(args: string[], untilLine?: RegExp): Promise<{ code: number | null; stdout: string; stderr: string; signalSent: boolean }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [BFMIG, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    let signalSent = false;
-    child.stdout.on('data', (b: Buffer) => {
-      stdout += b.toString();
-      if (untilLine && !signalSent && untilLine.test(stdout)) {
+/** Runs `bfmig ARGS`; once its output matches `untilLine`, sends it SIGTERM. */
+async function run(args: string[], untilLine?: RegExp): Promise<{ code: number | null; stdout: string; stderr: string; signalSent: boolean }> {
+  const child = startBfmig(args);
+  let signalSent = false;
+  if (untilLine) {
+    void child.said(untilLine).then(
+      () => {
         signalSent = true;
-        child.kill('SIGTERM');
-      }
-    });
-    child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
-    child.on('exit', (code) => resolve({ code, stdout, stderr, signalSent }));
-  });
+        child.signal('SIGTERM');
+      },
+      () => undefined, // exited without saying it: the test sees signalSent false
+    );
+  }
+  const { code, stdout, stderr } = await child.exited;
+  return { code, stdout, stderr, signalSent };
 }
 
 describe('bfmig gateway (the process)', () => {
   let dir = '';
   beforeAll(() => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-cli-'));
+    dir = suiteTempDir('bfmig-cli-');
   });
-  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
   test('a config error stops start-up with a message naming the key', async () => {
     const file = path.join(dir, 'bad.yaml');

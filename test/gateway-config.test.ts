@@ -1,6 +1,6 @@
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
+import { suiteTempDir } from './temp-dir';
 import {
   ConfigError,
   GatewayConfig,
@@ -197,9 +197,8 @@ describe('parseConfig', () => {
 describe('data directory and loadConfig', () => {
   let dir: string;
   beforeAll(() => {
-    dir = mkdtempSync(path.join(tmpdir(), 'bfmig-config-'));
+    dir = suiteTempDir('bfmig-config-');
   });
-  afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
   test('a relative data dir resolves against the config file directory', () => {
     const file = path.join(dir, 'etc', 'gw.yaml');

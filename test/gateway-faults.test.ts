@@ -5,7 +5,6 @@
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
@@ -13,8 +12,10 @@ import { StreamHash } from '../src/digest';
 import { StreamParts } from '../src/proxy/stream-parts';
 import { StreamParser } from '../src/qemu/parser';
 import { encodeFrame, encodeJson, FrameType } from '../src/wire/frames';
-import { destinationStandIn as destination, rawPeer, sourceStandIn as migrate, startPair, type TestSite as Site, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream, PAGE } from './migration-stream';
+import { rawPeer, startPair, stopPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn as destination, sourceStandIn as migrate } from '../src/lab/harness/qemu-standins';
+import { guestMemory, migrationStream, PAGE } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 function snapshotOf(site: Site): string | null {
   return (JSON.parse(fs.readFileSync(path.join(site.data, 'vm1', 'meta.json'), 'utf8')) as { snapshotId: string | null }).snapshotId;
@@ -39,15 +40,11 @@ describe('gateway failures', () => {
   const stream = migrationStream(memory, []);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-faults-'));
+    tmp = suiteTempDir('bfmig-faults-');
     [a, b] = await startPair(tmp);
   });
 
-  afterAll(async () => {
-    await a.gateway.stop(1);
-    await b.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  });
+  afterAll(() => stopPair([a, b]));
 
   test('a first leg, then a retained page corrupted on disk: the back leg fails before the bad page leaves, and the next one succeeds', async () => {
     // A → B: nothing to reuse.

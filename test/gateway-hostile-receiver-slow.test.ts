@@ -3,25 +3,18 @@
  * wait for the Offer is a deadline (HANDSHAKE_TIMEOUT_MS, shortened here), not an inactivity timeout
  * that every trickled byte would reset, so the source is cut instead of waiting for ever.
  */
-import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
 import { FrameType } from '../src/wire/frames';
-import { HostileReceiverRig, rawFrame, rmTmp } from './hostile-receiver';
-import { guestMemory, migrationStream } from './migration-stream';
+import { HostileReceiverRig, rawFrame } from './hostile-receiver';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 jest.mock('../src/gateway/session', () => ({ ...jest.requireActual<object>('../src/gateway/session'), HANDSHAKE_TIMEOUT_MS: 1000 }));
 
 describe('a receiving peer that trickles its Offer', () => {
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-hostile-slow-'));
-  const rig = new HostileReceiverRig(tmp);
+  const rig = new HostileReceiverRig('bfmig-hostile-slow-');
   const stream = migrationStream(guestMemory([['pc.ram', 64]], 3), []);
 
   beforeAll(() => rig.start(), 30_000);
-  afterAll(async () => {
-    await rig.stop();
-    rmTmp(tmp);
-  });
+  afterAll(() => rig.stop());
 
   test('the sender fails the migration at its deadline and cuts the source', async () => {
     const before = rig.lastReport();

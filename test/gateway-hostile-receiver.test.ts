@@ -5,9 +5,6 @@
  * whole return-path messages, keeps its store's previous snapshot, logs a bounded line, and then still
  * carries an honest migration byte for byte.
  */
-import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
 import fc from 'fast-check';
 import { FrameType } from '../src/wire/frames';
 import {
@@ -19,12 +16,11 @@ import {
   longestLogLine,
   mutateScript,
   rawFrame,
-  rmTmp,
   scripted,
   type ScriptMutation,
   wholeReturnPathMessages,
 } from './hostile-receiver';
-import { guestMemory, migrationStream } from './migration-stream';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 const PONG = Buffer.from([0, 2, 0, 4, 0, 0, 0, 1]);
 const BANNER = Buffer.from('SSH-2.0-OpenSSH_9.2p1\r\n');
@@ -47,8 +43,7 @@ const onEnd = (make: (c: HostileConnection) => Buffer[]): Hostile => (c, f) => {
 const doneFor = (c: HostileConnection): Buffer => json(FrameType.Done, { snapshotId: c.end?.snapshotId, streamBytes: c.end?.streamBytes });
 
 describe('a hostile receiving peer against the sending gateway', () => {
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-hostile-recv-'));
-  const rig = new HostileReceiverRig(tmp);
+  const rig = new HostileReceiverRig('bfmig-hostile-recv-');
   // 96 MiB of guest, nearly all zero pages, so that an honest migration is quick; the never-reading
   // peer gets the same layout with every page written (a stream of another layout would discard the
   // sender's snapshot whatever the receiver does).
@@ -79,10 +74,7 @@ describe('a hostile receiving peer against the sending gateway', () => {
     expect(pageCount).toBeGreaterThan(0);
   }, 30_000);
 
-  afterAll(async () => {
-    await rig.stop();
-    rmTmp(tmp);
-  });
+  afterAll(() => rig.stop());
 
   const cases: Array<[string, () => Hostile, RegExp]> = [
     ['an Offer that is not JSON', () => onHello(rawFrame(FrameType.Offer, '{"site":')), /Offer: not JSON/],

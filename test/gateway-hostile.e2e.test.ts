@@ -3,11 +3,9 @@
  * mutual TLS), then a real QEMU migration through the same pair. The full 2,000-connection run with
  * its figures is `node dist/bench/hostile-load.js`; this test runs a smaller count of the same mix.
  */
-import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
-import { type GatewayProcess, hostileFlood, migrateThroughPair, startHostilePair, stopGateway } from '../bench/hostile-load';
+import { type GatewayProcess, hostileFlood, migrateThroughPair, startHostilePair, stopGateway } from '../src/lab/harness/hostile-flood';
 import { freePort } from '../src/lab/vm/qemu-vm';
+import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 
@@ -17,7 +15,7 @@ const SKIP = process.env.BFMIG_SKIP_E2E === '1';
   const qemuPorts = { a: 0, b: 0 };
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-hostile-'));
+    tmp = suiteTempDir('bfmig-hostile-');
     qemuPorts.a = await freePort();
     qemuPorts.b = await freePort();
     pair = await startHostilePair(tmp, qemuPorts);
@@ -25,7 +23,6 @@ const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 
   afterAll(async () => {
     for (const g of pair) await stopGateway(g);
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   test('every kind on every port is refused cheaply; the gateways live, stores stay empty, and a real migration then verifies', async () => {
@@ -47,7 +44,7 @@ const SKIP = process.env.BFMIG_SKIP_E2E === '1';
     const migration = await migrateThroughPair(pair[0], qemuPorts.b);
     expect(migration.serial).toMatch(/WORKLOAD VERIFY OK/);
     // The sender logs its completion once the receiver's Done has crossed back: it may lag the guest.
-    const completed = (): number[] => pair.map((g) => g.logLines.filter((l) => l.includes('"migration completed"')).length);
+    const completed = (): number[] => pair.map((g) => g.gateway.logLines.filter((l) => l.includes('"migration completed"')).length);
     for (let i = 0; i < 200 && completed().some((n) => n < 1); i++) await new Promise((r) => setTimeout(r, 50));
     expect(completed()).toEqual([1, 1]);
   }, 600_000);

@@ -5,11 +5,13 @@
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { FrameType } from '../src/wire/frames';
-import { destinationStandIn, rawPeer, refusals, sourceStandIn, startPair, type TestSite, treeListing, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { rawPeer, refusals, startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { treeListing } from '../src/lab/harness/stores';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 const LIMITS = 'limits:\n  handshakeSeconds: 1\n  idleSeconds: 2\n  maxConnections: 6\n';
 
@@ -45,15 +47,11 @@ describe('gateway limits', () => {
   const stream = migrationStream(memory, []);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-limits-'));
+    tmp = suiteTempDir('bfmig-limits-');
     [a, b] = await startPair(tmp, [LIMITS, LIMITS]);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  });
+  afterAll(() => stopPair([a, b]));
 
   test.each([
     ['peer', false],
@@ -201,15 +199,11 @@ describe('limits.maxGuestRam', () => {
   const stream = migrationStream(guestMemory([['pc.ram', 300]], 4), []);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-maxram-'));
+    tmp = suiteTempDir('bfmig-maxram-');
     [a, b] = await startPair(tmp, ['', 'limits:\n  maxGuestRam: 1MiB\n']);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  });
+  afterAll(() => stopPair([a, b]));
 
   const storeBytes = (site: TestSite): number => {
     const pages = path.join(site.data, 'vm1', 'pages');

@@ -5,15 +5,15 @@
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { loopbackMultiRouteYaml } from '../src/lab/demo/loopback-config';
-import { type SiteGateway, startSiteGateway } from '../src/lab/demo/site-gateway';
+import { loopbackMultiRouteYaml } from '../src/lab/harness/loopback-config';
+import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
 import { freePort } from '../src/lab/vm/qemu-vm';
 import { StreamHash } from '../src/digest';
 import { encodeFrame, encodeJson, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
-import { rawPeer, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream, streamStart } from './migration-stream';
+import { rawPeer, waitFor } from '../src/lab/harness/gateway-pair';
+import { guestMemory, migrationStream, streamStart } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 const GiB = 1024 * 1024 * 1024;
 
@@ -27,7 +27,7 @@ interface Receiver {
 }
 
 async function startReceiver(): Promise<Receiver> {
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-peercost-'));
+  const tmp = suiteTempDir('bfmig-peercost-');
   // The peer port is read from the config by the test; the route's (never used here) is any free one.
   const [peerPort, farPeer] = await Promise.all(Array.from({ length: 2 }, () => freePort()));
   const destination = net.createServer((s) => {
@@ -49,7 +49,6 @@ async function startReceiver(): Promise<Receiver> {
     stop: async () => {
       await gateway.stop();
       destination.close();
-      fs.rmSync(tmp, { recursive: true, force: true });
     },
   };
 }

@@ -15,7 +15,7 @@ import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
-import { guestMemory, migrationStream } from './migration-stream';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 const BFMIG = path.join(PACKAGE_ROOT, 'bin', 'bfmig.js');
 

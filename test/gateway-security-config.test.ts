@@ -5,22 +5,21 @@
  */
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { configSnippets, issueCerts } from '../src/cli/certs';
 import { checkTransportSecurity, ConfigError, parseConfig } from '../src/gateway/config';
 import { peerVmError } from '../src/gateway/security-config';
+import { suiteTempDir } from './temp-dir';
 
 describe('tls: and limits: config', () => {
   let dir = '';
   let other = '';
   beforeAll(() => {
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-seccfg-'));
+    dir = suiteTempDir('bfmig-seccfg-');
     other = path.join(dir, 'other');
     issueCerts(dir, ['site-a', 'site-b'], 30);
     issueCerts(other, ['site-a'], 30);
   });
-  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
   const config = (extra: string, peerListen = '0.0.0.0:7300'): string => `name: site-a\ndata: ${dir}/store\npeerListen: ${peerListen}\n${extra}`;
   const tlsBlock = (cert = 'site-a.crt', key = 'site-a.key', ca = 'ca.crt', more = ''): string => `tls:\n  cert: ${cert}\n  key: ${key}\n  ca: ${ca}\n${more}`;

@@ -4,11 +4,12 @@
  * and limits.maxStores bounds how many store directories peers can make.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { PageStore } from '../src/store';
-import { destinationStandIn, sourceStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 // 2,000 pages: some 8 MiB in a store.
 const memory = guestMemory(
@@ -49,7 +50,7 @@ describe('storeBudget at the receiving gateway', () => {
   let b: TestSite;
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-gw-budget-'));
+    tmp = suiteTempDir('bfmig-gw-budget-');
     const dataB = path.join(tmp, 'site-b');
     plant(dataB, 'other', 'snap-other'); // another VM's snapshot
     plant(dataB, 'failed', null, 0); // a first migration that never completed: it holds no page
@@ -59,11 +60,7 @@ describe('storeBudget at the receiving gateway', () => {
     [a, b] = await startPair(tmp, ['storeBudget: 1MiB\n', 'storeBudget: 1MiB\n']);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  });
+  afterAll(() => stopPair([a, b]));
 
   test('at start, stores that hold nothing are removed; snapshots and held pages stay', () => {
     expect(fs.readdirSync(b.data).sort()).toEqual(['lost', 'other']);
@@ -103,18 +100,14 @@ describe('stores of migrations that never completed, and limits.maxStores', () =
   let b: TestSite;
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-gw-stores-'));
+    tmp = suiteTempDir('bfmig-gw-stores-');
     const dataB = path.join(tmp, 'site-b');
     plant(dataB, 'other1', 'snap-1');
     plant(dataB, 'other2', 'snap-2');
     [a, b] = await startPair(tmp, ['', 'limits:\n  maxStores: 2\n']);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  });
+  afterAll(() => stopPair([a, b]));
 
   test('with limits.maxStores stores kept, a new VM migrates without retention and makes no store', async () => {
     const received = await migrate(a, b, stream);

@@ -6,13 +6,14 @@
  */
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { isNoSpace, StoreSpace } from '../src/gateway/store-space';
 import { PageStore } from '../src/store';
-import { destinationStandIn, sourceStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 import { canMountTmpfs } from './mounts';
+import { suiteTempDir } from './temp-dir';
 
 describe('StoreSpace', () => {
   test('a no-space error is recognised through the store error that wraps it', () => {
@@ -59,7 +60,7 @@ if (!MOUNT) console.warn('gateway-store-full: skipped, this process may not moun
   const stream = migrationStream(memory, []);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-full-'));
+    tmp = suiteTempDir('bfmig-full-');
     mounted = path.join(tmp, 'site-b');
     fs.mkdirSync(mounted);
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', mounted]);
@@ -70,7 +71,6 @@ if (!MOUNT) console.warn('gateway-store-full: skipped, this process may not moun
     await a?.gateway.stop(1);
     await b?.gateway.stop(1);
     if (mounted) execFileSync('umount', ['-l', mounted]);
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   async function migrate(from: TestSite, to: TestSite): Promise<{ source: 'closed' | 'reset'; received: Buffer; reset: boolean }> {

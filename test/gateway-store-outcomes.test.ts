@@ -11,8 +11,9 @@ import * as path from 'node:path';
 import type { MigrationReport } from '../src/gateway/session';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { PageStore } from '../src/store';
-import { destinationStandIn, sourceStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 
 const PAGES = 2000; // 8 MiB of pages in a store
 const stream = migrationStream(guestMemory([['pc.ram', PAGES]], 13), []);

@@ -6,7 +6,6 @@
  * logged and counted before anything reaches a store.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
 import { issueCerts } from '../src/cli/certs';
@@ -14,8 +13,11 @@ import { parseConfig } from '../src/gateway/config';
 import { Gateway } from '../src/gateway/gateway';
 import { createLogger } from '../src/gateway/log';
 import { FrameType, frameHeader, MAX_HANDSHAKE_PAYLOAD } from '../src/wire/frames';
-import { destinationStandIn, rawPeer, refusals, sourceStandIn, startPair, type TestSite, treeListing, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { rawPeer, refusals, startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { treeListing } from '../src/lab/harness/stores';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 describe('gateways over mutual TLS', () => {
   let tmp = '';
@@ -34,7 +36,7 @@ describe('gateways over mutual TLS', () => {
   const stream = migrationStream(memory, [[3, 9, 200]]);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-tls-'));
+    tmp = suiteTempDir('bfmig-tls-');
     certs = path.join(tmp, 'certs');
     foreign = path.join(tmp, 'foreign');
     issueCerts(certs, ['site-a', 'site-b', 'site-c'], 30);
@@ -45,11 +47,7 @@ describe('gateways over mutual TLS', () => {
     [a, b] = await startPair(tmp, [block('site-a', 'site-b'), block('site-b', 'site-a')]);
   });
 
-  afterAll(async () => {
-    await a?.gateway.stop(1);
-    await b?.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  });
+  afterAll(() => stopPair([a, b]));
 
   const refusedCount = async (site: TestSite, reason: string): Promise<number> => {
     const text = await site.metrics.text();

@@ -4,13 +4,11 @@
  * receiving peer sends back reaches the source QEMU only as such messages too. Anything else ends the
  * migration, and none of it is passed on.
  */
-import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
-import * as path from 'node:path';
 import { encodeFrame, encodeJson, FrameParser, FrameType } from '../src/wire/frames';
-import { rawPeer, startPair, type TestSite, waitFor } from './gateway-pair';
-import { guestMemory, migrationStream } from './migration-stream';
+import { rawPeer, startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 const BANNER = Buffer.from('SSH-2.0-OpenSSH_9.2p1\r\n');
 
@@ -37,15 +35,11 @@ describe('the receiving gateway relays only QEMU return-path messages', () => {
   const stream = migrationStream(guestMemory([['pc.ram', 16]], 5), []);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-tunnel-'));
+    tmp = suiteTempDir('bfmig-tunnel-');
     [a, b] = await startPair(tmp);
   });
 
-  afterAll(async () => {
-    await a.gateway.stop(1);
-    await b.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  });
+  afterAll(() => stopPair([a, b]));
 
   test.each([
     ['a banner it sends on connect, before any stream byte', 0, /before the stream began/],
@@ -72,7 +66,7 @@ describe('the sending gateway passes a receiving peer\'s Return frames to the so
   const stream = migrationStream(guestMemory([['pc.ram', 16]], 6), []);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-tunnel-send-'));
+    tmp = suiteTempDir('bfmig-tunnel-send-');
     [a, b] = await startPair(tmp);
     // Site B's gateway gives way to a hostile receiver: it offers nothing, then sends a valid PONG and
     // some other service's banner as the destination's "return path".
@@ -93,7 +87,6 @@ describe('the sending gateway passes a receiving peer\'s Return frames to the so
   afterAll(async () => {
     await a.gateway.stop(1);
     await new Promise<void>((r) => (fake ? fake.close(() => r()) : r()));
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   test('the PONG reaches the source, the banner never does, and the migration fails', async () => {

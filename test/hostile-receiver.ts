@@ -5,20 +5,18 @@
  * it and keeps serving, the source's connection is cut and never left hanging, only whole return-path
  * messages reach the source, the sender's store keeps the snapshot it had, and its log lines stay short.
  */
-import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { Writable } from 'node:stream';
-import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
-import { parseConfig } from '../src/gateway/config';
-import { Gateway } from '../src/gateway/gateway';
-import { createLogger } from '../src/gateway/log';
+import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
+import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
 import { ReturnPathParser, returnPathBytes } from '../src/qemu/return-path';
 import { scanStores } from '../src/store';
 import { freePort } from '../src/lab/vm/qemu-vm';
 import { decodeEnd, type EndMessage, FrameParser, FrameType, MAX_FRAME_PAYLOAD } from '../src/wire/frames';
-import { destinationStandIn, startPair, type TestSite, waitFor } from './gateway-pair';
+import { startLoggedGateway, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn } from '../src/lab/harness/qemu-standins';
+import { suiteTempDir } from './temp-dir';
 
 export interface Frame {
   type: FrameType;
@@ -68,9 +66,13 @@ export class HostileReceiverRig {
   /** The frames the real receiving gateway sent in the last honest migration. */
   honestFrames: Frame[] = [];
 
-  constructor(private readonly tmp: string) {}
+  /** The directory of both sites' stores and configs, made by start(), which runs in a beforeAll. */
+  private tmp = '';
+
+  constructor(private readonly tmpPrefix: string) {}
 
   async start(): Promise<void> {
+    this.tmp = suiteTempDir(this.tmpPrefix);
     const [a, b] = await startPair(this.tmp);
     this.a = a;
     this.destPort = b.destPort;
@@ -78,9 +80,7 @@ export class HostileReceiverRig {
     // The real receiver listens elsewhere; site A's route reaches it only through the switch.
     this.bPeerPort = await freePort();
     const yaml = loopbackSiteYaml({ name: 'site-b', data: b.data, peerPort: this.bPeerPort, vm: 'vm1', routePort: await freePort(), farPeerPort: a.peerPort, targetPort: a.destPort });
-    const sink = new Writable({ write: (_c, _e, cb) => cb() });
-    this.b = new Gateway(parseConfig(yaml, path.join(this.tmp, 'site-b2.yaml')), createLogger({ name: 'site-b', destination: sink }), null);
-    await this.b.start();
+    this.b = (await startLoggedGateway('site-b', yaml, path.join(this.tmp, 'site-b2.yaml'))).gateway;
     this.server = net.createServer((socket) => this.accept(socket));
     await new Promise<void>((r) => this.server.listen(b.peerPort, '127.0.0.1', () => r()));
   }
@@ -228,10 +228,6 @@ export function wholeReturnPathMessages(bytes: Buffer): number | null {
 /** The longest log line the site wrote from `from` on, in characters. */
 export function longestLogLine(site: TestSite, from: number): number {
   return Math.max(0, ...site.logs.slice(from).map((l) => JSON.stringify(l).length));
-}
-
-export function rmTmp(tmp: string): void {
-  fs.rmSync(tmp, { recursive: true, force: true });
 }
 
 /** When a scripted frame goes out: in answer to the Hello, the TableRequest or the End. */

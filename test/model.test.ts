@@ -5,8 +5,8 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import type { BenchResults } from '../bench/backforth';
-import { checkResults } from '../bench/model-check';
+import type { BenchResults } from '../src/lab/demo/backforth';
+import { checkResults } from '../src/lab/harness/model-check';
 import { PREDICT } from '../src/cli/commands';
 import { parseCommand } from '../src/cli/parse';
 import { predictInputs, runPredict } from '../src/cli/predict';

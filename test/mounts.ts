@@ -1,7 +1,5 @@
 import { execFileSync } from 'node:child_process';
-import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
+import { makeTempDir, removeTempDir } from '../src/lab/harness/temp-dir';
 
 /**
  * Whether the environment has a capability some tests need. A developer's machine may lack it, and those
@@ -22,7 +20,7 @@ export function canMountTmpfs(): boolean {
 
 function probeTmpfs(): boolean {
   if (process.getuid?.() !== 0) return false;
-  const probe = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-mount-probe-'));
+  const probe = makeTempDir('bfmig-mount-probe-');
   try {
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', probe], { stdio: 'ignore' });
     execFileSync('umount', [probe], { stdio: 'ignore' });
@@ -30,6 +28,6 @@ function probeTmpfs(): boolean {
   } catch {
     return false;
   } finally {
-    fs.rmSync(probe, { recursive: true, force: true });
+    removeTempDir(probe);
   }
 }

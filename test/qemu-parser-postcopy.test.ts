@@ -15,7 +15,7 @@ import { StreamWriter } from '../src/qemu/writer';
 import { StreamDecoder } from '../src/proxy/decoder';
 import { StreamEncoder } from '../src/proxy/encoder';
 import { PageStore } from '../src/store';
-import { dirty, guestMemory, migrationStream, type StreamShape } from './migration-stream';
+import { dirty, guestMemory, migrationStream, type StreamShape } from '../src/lab/harness/migration-stream';
 
 interface Parsed {
   records: StreamRecord[];

@@ -5,33 +5,22 @@
  *
  * BFMIG_RESTORE_REPEAT=N restores each snapshot N times (default 10, so 20 restores in all).
  */
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { DIGEST_BYTES, digestOne } from '../src/digest';
-import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { restoreSnapshot } from '../src/cli/restore';
 import { PageStore } from '../src/store';
 import { disposeAllVms, ensureGuestBuilt, freePort, QemuVm } from '../src/lab/vm/qemu-vm';
-import { startPair, type TestSite } from './gateway-pair';
+import { type ChildExit, startBfmig } from '../src/lab/harness/child';
+import { startPair, type TestSite } from '../src/lab/harness/gateway-pair';
+import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const REPEAT = Number(process.env.BFMIG_RESTORE_REPEAT ?? '10');
-const BFMIG = path.join(PACKAGE_ROOT, 'bin', 'bfmig.js');
 const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
 const MEM_MIB = 128;
 
-function cli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [BFMIG, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (b: Buffer) => (stdout += b.toString()));
-    child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
-    child.on('exit', (code) => resolve({ code, stdout, stderr }));
-  });
-}
+const cli = (args: string[]): Promise<ChildExit> => startBfmig(args).exited;
 
 /** Waits until `site` has reported `count` migrations: its store is closed and settled then. */
 async function reported(site: TestSite, count: number): Promise<void> {
@@ -48,7 +37,7 @@ async function reported(site: TestSite, count: number): Promise<void> {
 
   beforeAll(async () => {
     ensureGuestBuilt();
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-restore-e2e-'));
+    tmp = suiteTempDir('bfmig-restore-e2e-');
     const [a, b] = await startPair(tmp);
     try {
       // A → B without the return path: site-a, the sender, keeps its snapshot. QEMU 7.2 under TCG now and
@@ -114,7 +103,6 @@ async function reported(site: TestSite, count: number): Promise<void> {
 
   afterAll(async () => {
     await disposeAllVms();
-    if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   /** A fresh destination QEMU waiting for a stream. */

@@ -4,7 +4,6 @@
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { digestOne } from '../src/digest';
 import { keepStreamParts } from '../src/gateway/session';
@@ -13,7 +12,8 @@ import { RecordKind, SectionType, StreamParser, VmCommand } from '../src/qemu';
 import { ReturnPathMessage } from '../src/qemu/return-path';
 import { CorruptPagesError, restoreSnapshot } from '../src/cli/restore';
 import { PageStore } from '../src/store';
-import { guestMemory, migrationStream, PAGE, type GuestMemory } from './migration-stream';
+import { guestMemory, migrationStream, PAGE, type GuestMemory } from '../src/lab/harness/migration-stream';
+import { testTempDir } from './temp-dir';
 
 /** What the stand-in does once it has the whole stream (or, for 'exit', as soon as it has any). */
 type Verdict = 'shut0' | 'shut1' | 'close' | 'exit' | 'malformed' | 'silent' | 'shut0-early';
@@ -131,12 +131,11 @@ describe('bfmig restore (stand-in destination)', () => {
   }
 
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-restore-'));
+    data = testTempDir('bfmig-restore-');
     memory = guestMemory([['pc.ram', 600], ['vga.vram', 40]], 7);
     stream = migrationStream(memory, []);
     retain(stream);
   });
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   const to = (port: number): { host: string; port: number } => ({ host: '127.0.0.1', port });
 

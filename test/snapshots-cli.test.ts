@@ -1,5 +1,4 @@
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { listSnapshots, runSnapshots } from '../src/cli/snapshots';
 import { digestOne } from '../src/digest';
@@ -7,6 +6,7 @@ import { keepStreamParts } from '../src/gateway/session';
 import { describeOrigin, streamOrigin } from '../src/qemu';
 import { PageStore } from '../src/store';
 import { saveStreamParts } from '../src/store/snapshot-parts';
+import { testTempDir } from './temp-dir';
 
 describe('bfmig snapshots', () => {
   let data = '';
@@ -20,14 +20,13 @@ describe('bfmig snapshots', () => {
     }
   };
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-snaps-'));
+    data = testTempDir('bfmig-snaps-');
     const store = PageStore.open(data, 'vm1');
     store.begin({ pageSize: 4096, pageCount: 8, layoutId: 'l1', layout: {} });
     writePages(store, 0, 6);
     store.commit('snap-1');
     store.close();
   });
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   const run = (action: string, vm?: string, json = false): { code: number; out: string } => {
     let out = '';
@@ -83,9 +82,8 @@ describe('bfmig snapshots', () => {
 describe('bfmig restore refuses what it cannot rebuild', () => {
   let data = '';
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-restore-'));
+    data = testTempDir('bfmig-restore-');
   });
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
   const to = { host: '127.0.0.1', port: 9 };
 
   test('an unknown VM, a snapshot without device state, an incomplete snapshot', async () => {

@@ -1,15 +1,14 @@
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { parseSize } from '../src/common/units';
 import { PageStore, statStore, StoreBudget, UndoableStore } from '../src/store';
+import { distModule, type NodeChild, startNodeChild } from '../src/lab/harness/child';
+import { testTempDir } from './temp-dir';
 
 describe('store budget', () => {
   let data = '';
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-budget-'));
+    data = testTempDir('bfmig-budget-');
     // Three VMs of 8 pages (32 KiB each), used in the order vm1, vm2, vm3.
     for (const vm of ['vm1', 'vm2', 'vm3']) {
       const store = PageStore.open(data, vm);
@@ -23,7 +22,6 @@ describe('store budget', () => {
   });
   /** What a store holds on disk: every file in its directory. */
   const size = (vm: string): number => statStore(path.join(data, vm), vm)?.bytes ?? 0;
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   test('sizes parse in the units users write', () => {
     expect(parseSize('200GiB')).toBe(200 * 2 ** 30);
@@ -70,30 +68,8 @@ function du(dir: string): number {
   return total;
 }
 
-const STORE_JS = JSON.stringify(path.join(PACKAGE_ROOT, 'dist', 'src', 'store', 'index.js'));
-
-/** Runs `script` in another Node process (the compiled store as `store`); resolves with its stdout. */
-function child(script: string): { out: Promise<string>; started: Promise<void>; kill: () => Promise<void> } {
-  const proc = spawn(process.execPath, ['-e', `const store = require(${STORE_JS});\n${script}`], { stdio: ['ignore', 'pipe', 'inherit'] });
-  let text = '';
-  let started: () => void = () => undefined;
-  const startedP = new Promise<void>((resolve) => (started = resolve));
-  proc.stdout.on('data', (b: Buffer) => {
-    text += b.toString();
-    if (text.includes('ready')) started();
-  });
-  const out = new Promise<string>((resolve, reject) =>
-    proc.on('exit', (code, signal) => (code === 0 || signal === 'SIGKILL' ? resolve(text) : reject(new Error(`child exited ${code ?? signal}: ${text}`)))),
-  );
-  return {
-    out,
-    started: startedP,
-    kill: async () => {
-      proc.kill('SIGKILL');
-      await out.catch(() => undefined);
-    },
-  };
-}
+/** Runs `script` in another Node process, the compiled store as `store`. */
+const child = (script: string): NodeChild => startNodeChild(`const store = require(${distModule('src/store/index')});\n${script}`);
 
 describe('storeBudget bounds the disk', () => {
   let data = '';
@@ -108,11 +84,10 @@ describe('storeBudget bounds the disk', () => {
     fs.utimesSync(path.join(data, vm, 'meta.json'), at, at);
   };
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-bound-'));
+    data = testTempDir('bfmig-bound-');
     const t0 = Date.now() / 1000 - 100;
     ['vm1', 'vm2', 'vm3'].forEach((vm, i) => commitStore(vm, 8, t0 + i));
   });
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   test('everything a store holds counts: pages, digests, meta, blobs and the undo journal', () => {
     const budget = new StoreBudget(data, 1 << 30);
@@ -190,7 +165,7 @@ describe('storeBudget bounds the disk', () => {
       s.commit('snap-far');
       console.log('ready');
       setInterval(() => {}, 1000);`);
-    await other.started;
+    await other.said('ready');
     try {
       const room = budget.makeRoom('vm5', 32 * 1024);
       expect(room.fits).toBe(true);
@@ -243,7 +218,7 @@ describe('storeBudget bounds the disk', () => {
         }
       }
       console.log(JSON.stringify({ rounds, busy, found, errors: errors.slice(0, 5), errorCount: errors.length }));`);
-    await other.started;
+    await other.said('ready');
     const budget = new StoreBudget(data, 32 * 1024);
     let evictions = 0;
     const end = Date.now() + 2000;
@@ -251,7 +226,9 @@ describe('storeBudget bounds the disk', () => {
       for (const e of budget.makeRoom('hog', 30 * 1024).evicted) if (e.vm === 'vm1') evictions++;
       await new Promise((resolve) => setImmediate(resolve));
     }
-    const report = JSON.parse((await other.out).trim().split('\n').pop() ?? '{}') as { rounds: number; errorCount: number; errors: string[] };
+    const exit = await other.exited;
+    expect(exit).toMatchObject({ code: 0, stderr: '' });
+    const report = JSON.parse(exit.stdout.trim().split('\n').pop() ?? '{}') as { rounds: number; errorCount: number; errors: string[] };
     expect(report.errors).toEqual([]);
     expect(report.errorCount).toBe(0);
     expect(report.rounds).toBeGreaterThan(10);

@@ -12,30 +12,18 @@ import { PageStore, PAGES_FILE, type StoreLayout } from '../src/store';
 import { isNoSpace } from '../src/gateway/store-space';
 import { DirectPages } from '../src/store/direct-pages';
 import { canMountTmpfs, requireInCi } from './mounts';
+import { TestStores } from './test-stores';
 
 const PAGE = 4096;
 let tmp: string;
-const opened: PageStore[] = [];
+const stores = new TestStores();
 
 beforeEach(() => {
-  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-direct-'));
-});
-
-afterEach(() => {
-  for (const s of opened.splice(0)) {
-    try {
-      s.close();
-    } catch {
-      // closed by the test
-    }
-  }
-  fs.rmSync(tmp, { recursive: true, force: true });
+  tmp = stores.dir('bfmig-direct-');
 });
 
 function open(root: string, options?: Parameters<typeof PageStore.open>[2]): PageStore {
-  const s = PageStore.open(root, 'vm1', options);
-  opened.push(s);
-  return s;
+  return stores.open(root, 'vm1', options);
 }
 
 function layout(pageCount: number): StoreLayout {
@@ -174,13 +162,7 @@ const MOUNT = canMountTmpfs();
     // Every page the store still claims holds exactly what its digest says.
     expect(reopened.verify()).toEqual([]);
   } finally {
-    for (const s of opened.splice(0)) {
-      try {
-        s.close();
-      } catch {
-        // closed above
-      }
-    }
+    stores.closeAll();
     execFileSync('umount', ['-l', mounted]);
   }
 });

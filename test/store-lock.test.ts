@@ -1,17 +1,16 @@
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { listSnapshots, runSnapshots } from '../src/cli/snapshots';
-import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { PageStore, StoreBusyError } from '../src/store';
+import { distModule, startNodeChild } from '../src/lab/harness/child';
+import { testTempDir } from './temp-dir';
 
 describe('a VM store shared by several gateway processes', () => {
   let data = '';
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-lock-'));
+    data = testTempDir('bfmig-lock-');
   });
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   test('a second process cannot open a VM store another holds, and takes it over once that process is gone', async () => {
     const first = PageStore.open(data, 'vm1');
@@ -19,10 +18,9 @@ describe('a VM store shared by several gateway processes', () => {
     first.commit('s1');
     first.close();
     // Another process opens vm1's store and keeps it open.
-    const script = `const { PageStore } = require(${JSON.stringify(path.join(PACKAGE_ROOT, 'dist', 'src', 'store', 'index.js'))});
-      PageStore.open(${JSON.stringify(data)}, 'vm1'); console.log('held'); setInterval(() => {}, 1000);`;
-    const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
-    await new Promise<void>((resolve) => child.stdout.on('data', () => resolve()));
+    const child = startNodeChild(`const { PageStore } = require(${distModule('src/store/index')});
+      PageStore.open(${JSON.stringify(data)}, 'vm1'); console.log('held'); setInterval(() => {}, 1000);`);
+    await child.said('held');
     try {
       expect(() => PageStore.open(data, 'vm1')).toThrow(StoreBusyError);
       expect(() => PageStore.open(data, 'vm1')).toThrow(new RegExp(`in use by process ${child.pid}`));
@@ -31,8 +29,7 @@ describe('a VM store shared by several gateway processes', () => {
       // Other VMs are not affected.
       PageStore.open(data, 'vm2').close();
     } finally {
-      child.kill('SIGKILL');
-      await new Promise((resolve) => child.on('exit', resolve));
+      await child.kill();
     }
     // Its process died without letting go: the lock is stale and is taken over.
     const store = PageStore.open(data, 'vm1');

@@ -9,6 +9,7 @@ import * as path from 'node:path';
 import { listSnapshots } from '../src/cli/snapshots';
 import { PageStore, removeStore, removeUnclaimedStores, StoreBusyError, UndoableStore } from '../src/store';
 import { DirectPages } from '../src/store/direct-pages';
+import { testTempDir } from './temp-dir';
 
 const LAYOUT = { pageSize: 4096, pageCount: 8, layoutId: 'l', layout: {} };
 const page = (v: number): Buffer => Buffer.alloc(4096, v);
@@ -18,13 +19,12 @@ let tmp = '';
 let data = '';
 let outside = '';
 beforeEach(() => {
-  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-safety-'));
+  tmp = testTempDir('bfmig-safety-');
   data = path.join(tmp, 'data');
   outside = path.join(tmp, 'outside');
   fs.mkdirSync(data);
   fs.mkdirSync(outside);
 });
-afterEach(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
 function committed(vm: string, snapshot: string | null, pages = 1): void {
   const store = PageStore.open(data, vm);

@@ -1,10 +1,9 @@
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { digestOne } from '../src/digest';
-import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { PageStore, UndoableStore } from '../src/store';
+import { distModule, startNodeChild } from '../src/lab/harness/child';
+import { testTempDir } from './temp-dir';
 
 const layout = { pageSize: 4096, pageCount: 16, layoutId: 'l1', layout: {} };
 const digestOf = (page: Buffer): Buffer => {
@@ -17,7 +16,7 @@ describe('a failed migration keeps the last complete snapshot', () => {
   let data = '';
   let original: Buffer[];
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-undo-'));
+    data = testTempDir('bfmig-undo-');
     original = Array.from({ length: 16 }, (_, i) => Buffer.alloc(4096, i + 1));
     const store = PageStore.open(data, 'vm1');
     store.begin(layout);
@@ -25,7 +24,6 @@ describe('a failed migration keeps the last complete snapshot', () => {
     store.commit('snap-1');
     store.close();
   });
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   const contents = (store: PageStore): Buffer[] =>
     original.map((_, i) => {
@@ -83,9 +81,8 @@ describe('a gateway killed mid-migration', () => {
   const oldPage = (i: number): Buffer => Buffer.alloc(4096, (i % 250) + 1);
   let data = '';
   beforeEach(() => {
-    data = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-crash-'));
+    data = testTempDir('bfmig-crash-');
   });
-  afterEach(() => fs.rmSync(data, { recursive: true, force: true }));
 
   const commitOld = (snapshot: string | null): void => {
     const store = PageStore.open(data, 'vm1');
@@ -98,9 +95,7 @@ describe('a gateway killed mid-migration', () => {
 
   /** Another process rewrites every page (and drops some) through an UndoableStore, then is killed with SIGKILL. */
   const crashMidMigration = async (): Promise<void> => {
-    const store = JSON.stringify(path.join(PACKAGE_ROOT, 'dist', 'src', 'store', 'index.js'));
-    const digest = JSON.stringify(path.join(PACKAGE_ROOT, 'dist', 'src', 'digest', 'index.js'));
-    const script = `const { PageStore, UndoableStore } = require(${store}); const { digestOne } = require(${digest});
+    const child = startNodeChild(`const { PageStore, UndoableStore } = require(${distModule('src/store/index')}); const { digestOne } = require(${distModule('src/digest/index')});
       const s = new UndoableStore(PageStore.open(${JSON.stringify(data)}, 'vm1'));
       s.begin(${JSON.stringify(big)});
       const d = Buffer.alloc(16);
@@ -109,16 +104,12 @@ describe('a gateway killed mid-migration', () => {
         const p = Buffer.alloc(4096, 0xf0 ^ (i & 0xff)); digestOne(p, 0, 4096, d, 0); s.writePage(i, p, 0, d, 0);
       }
       s.readPages(${pageCount - 1}, 1, Buffer.alloc(4096), 0); // flushes the last buffered run to the pages file
-      console.log('written'); setInterval(() => {}, 1000);`;
-    const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
-    const said = await new Promise<string>((resolve) => {
-      let out = '';
-      child.stdout.on('data', (c: Buffer) => (out += c.toString()).includes('written') && resolve(out));
-      child.on('exit', () => resolve(out));
-    });
-    child.kill('SIGKILL');
-    await new Promise((resolve) => child.on('exit', resolve));
-    expect(said).toContain('written');
+      console.log('written'); setInterval(() => {}, 1000);`);
+    try {
+      expect(await child.said('written')).toContain('written');
+    } finally {
+      await child.kill();
+    }
   };
 
   const pagesFileHoldsNew = (): boolean => {

@@ -1,36 +1,23 @@
-import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { DIGEST_BYTES, digestHex, digestOne } from '../src/digest';
 import { PageStore, type StoreLayout, storeCopyMode, validateVmName } from '../src/store';
 import * as copyModule from '../src/store/copy';
+import { distModule, startNodeChild } from '../src/lab/harness/child';
+import { TestStores } from './test-stores';
 
 const PAGE = 4096;
 const ZERO_DIGEST = Buffer.alloc(DIGEST_BYTES);
 
 let tmp: string;
-const opened: PageStore[] = [];
+const stores = new TestStores();
 
 beforeEach(() => {
-  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-store-'));
-});
-
-afterEach(() => {
-  for (const s of opened.splice(0)) {
-    try {
-      s.close();
-    } catch {
-      // already closed / test broke it on purpose
-    }
-  }
-  fs.rmSync(tmp, { recursive: true, force: true });
+  tmp = stores.dir('bfmig-store-');
 });
 
 function open(vm = 'vm1', options?: Parameters<typeof PageStore.open>[2]): PageStore {
-  const s = PageStore.open(tmp, vm, options);
-  opened.push(s);
-  return s;
+  return stores.open(tmp, vm, options);
 }
 
 function layout(pageCount: number, layoutId = 'L1', pageSize = PAGE): StoreLayout {
@@ -574,13 +561,12 @@ describe('PageStore', () => {
 describe('crash recovery', () => {
   /**
    * The child: opens the store, begins a migration, writes/marks pages as
-   * told, then SIGKILLs itself (no flush, no commit/abort, no close).
-   * Inline script (ts-node for the TS sources) so the test needs no other file.
+   * told, then SIGKILLs itself (no flush, no commit/abort, no close). It runs the compiled dist/, as
+   * every crash test does.
    */
   const CHILD_SCRIPT = `
-    const path = require('node:path');
-    const { PageStore } = require(path.join(process.cwd(), 'src', 'store'));
-    const { digestOne } = require(path.join(process.cwd(), 'src', 'digest'));
+    const { PageStore } = require(${distModule('src/store/index')});
+    const { digestOne } = require(${distModule('src/digest/index')});
     const PAGE = ${PAGE};
     const pageContent = ${pageContent.toString()};
     const cfg = JSON.parse(process.argv[1]);
@@ -599,21 +585,14 @@ describe('crash recovery', () => {
   `;
 
   /** Runs the child process that drives the store and SIGKILLs itself mid-migration. */
-  function crashChild(script: object): void {
-    const res = spawnSync(process.execPath, ['-r', 'ts-node/register/transpile-only', '-e', CHILD_SCRIPT, JSON.stringify(script)], {
-      cwd: path.join(__dirname, '..'),
-      // Through the page cache a flushed run is in the file when the process dies, which the exact counts
-      // below rely on; queued direct writes may or may not have landed (recovery re-hashes either way).
-      env: { ...process.env, TS_NODE_PROJECT: path.join(__dirname, '..', 'tsconfig.json'), BFMIG_STORE_DIRECT_IO: '0' },
-      encoding: 'utf8',
-      timeout: 60000,
-    });
-    expect(res.stderr).toBe('');
-    expect(res.stdout).toBe('ready to die\n');
-    expect(res.signal).toBe('SIGKILL');
+  async function crashChild(script: object): Promise<void> {
+    // Through the page cache a flushed run is in the file when the process dies, which the exact counts
+    // below rely on; queued direct writes may or may not have landed (recovery re-hashes either way).
+    const end = await startNodeChild(CHILD_SCRIPT, { args: [JSON.stringify(script)], env: { BFMIG_STORE_DIRECT_IO: '0' } }).exited;
+    expect(end).toEqual({ code: null, signal: 'SIGKILL', stdout: 'ready to die\n', stderr: '' });
   }
 
-  test('begin + writes without commit/abort, then reopen: recovered, clean, no snapshot, digests match content', () => {
+  test('begin + writes without commit/abort, then reopen: recovered, clean, no snapshot, digests match content', async () => {
     const N = 200;
     const s = open('vm1', { writeBufferBytes: 8 * PAGE });
     s.begin(layout(N));
@@ -621,7 +600,7 @@ describe('crash recovery', () => {
     s.commit('snap-1');
     s.close();
 
-    crashChild({
+    await crashChild({
       root: tmp,
       vm: 'vm1',
       layout: layout(N),
@@ -671,13 +650,13 @@ describe('crash recovery', () => {
     expect(again.meta()!.state).toBe('clean');
   });
 
-  test('a crash right after begin (nothing written) recovers to the old pages, minus the snapshot claim', () => {
+  test('a crash right after begin (nothing written) recovers to the old pages, minus the snapshot claim', async () => {
     const s = open();
     s.begin(layout(10));
     for (let i = 0; i < 10; i++) put(s, i, 1);
     s.commit('snap-1');
     s.close();
-    crashChild({ root: tmp, vm: 'vm1', layout: layout(10), writes: [], absent: [] });
+    await crashChild({ root: tmp, vm: 'vm1', layout: layout(10), writes: [], absent: [] });
     const r = open();
     expect(r.warnings.join('\n')).toMatch(/re-hashed 10 present pages, corrected 0 digests/);
     expect(r.snapshotId()).toBeNull();

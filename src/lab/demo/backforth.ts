@@ -1,9 +1,8 @@
-import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
-import { loopbackSiteYaml } from './loopback-config';
-import { type GatewayLegReport, type SiteGateway, startSiteGateway } from './site-gateway';
+import { loopbackSiteYaml } from '../harness/loopback-config';
+import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../harness/site-gateway';
+import { makeTempDir, removeTempDir } from '../harness/temp-dir';
 import { type MigrationInfo, type QmpEvent, QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../vm/qemu-vm';
 import { WanEmulator } from '../wan';
 import { X86_PAGE_SIZE } from '../../qemu/constants';
@@ -104,6 +103,33 @@ interface Site {
 
 const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
 
+/** One run of the grid (bench/backforth-grid.json): a guest migrated `changePcts.length + 1` legs over one link, both paths. */
+export interface GridRun {
+  id: string;
+  mbit: number;
+  delayMs: number;
+  memMiB: number;
+  workloadMiB: number;
+  /** Percent of guest RAM rewritten between legs (before leg 2, 3, …). */
+  changePcts: number[];
+  /** Percent of the workload's pages rewritten per second, also during the migrations. */
+  rewritePct: number;
+}
+
+export interface GridFile {
+  description?: string;
+  downtimeLimitMs: number;
+  runs: GridRun[];
+}
+
+/** What bench/backforth.ts writes and bench/model-check.ts reads. */
+export interface BenchResults {
+  host: { cpu: string; cores: number; node: string; qemu: string; accel: string; kernel: string };
+  downtimeLimitMs: number;
+  started: string;
+  runs: Array<GridRun & { finished: string; legs: LegResult[] }>;
+}
+
 /**
  * Migrates a self-verifying guest back and forth between two sites on this machine, through two
  * bfmig gateways joined by a user-space WAN emulator, and (optionally) directly through the same
@@ -111,7 +137,7 @@ const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
  */
 export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
   ensureGuestBuilt();
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-backforth-'));
+  const tmp = makeTempDir('bfmig-backforth-');
   const say = (line: string): void => void o.out.write(line + '\n');
   const sites: Site[] = [];
   const results: LegResult[] = [];
@@ -267,7 +293,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       await s.gateway.stop();
       await s.inbound.close();
     }
-    fs.rmSync(tmp, { recursive: true, force: true });
+    removeTempDir(tmp);
   }
 }
 

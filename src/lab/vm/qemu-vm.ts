@@ -21,11 +21,11 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { PACKAGE_ROOT } from '../../digest/package-root';
 import { QmpClient, type QmpEvent } from './qmp';
 import { errorMessage } from '../../common/errors';
+import { makeTempDir, removeTempDir } from '../harness/temp-dir';
 
 export { QmpClient, QmpError } from './qmp';
 export type { JsonValue, QmpEvent, QmpGreeting } from './qmp';
@@ -465,7 +465,7 @@ export class QemuVm {
   constructor(options: QemuVmOptions = {}) {
     this.options = { ...options };
     this.name = options.name ?? `vm${++vmCounter}`;
-    this.tempDir = fs.mkdtempSync(path.join(os.tmpdir(), `bfmig-${this.name.replace(/[^A-Za-z0-9_-]/g, '_')}-`));
+    this.tempDir = makeTempDir(`bfmig-${this.name.replace(/[^A-Za-z0-9_-]/g, '_')}-`);
     this.qmpSocketPath = path.join(this.tempDir, 'qmp.sock');
     this.serialLogPath = path.join(this.tempDir, 'serial.log');
     this.stderrLogPath = path.join(this.tempDir, 'stderr.log');
@@ -869,7 +869,7 @@ export class QemuVm {
       await new Promise<void>((r) => (this.serialLog ? this.serialLog.end(() => r()) : r()));
       liveVms.delete(this);
       const keep = this.options.keepTempDir ?? process.env.BFMIG_KEEP_VM_TMP === '1';
-      if (!keep) fs.rmSync(this.tempDir, { recursive: true, force: true });
+      if (!keep) removeTempDir(this.tempDir);
     }
   }
 }

@@ -24,7 +24,7 @@ import {
   Rng,
   runInput,
   TARGETS,
-} from './fuzz-harness';
+} from '../src/lab/harness/fuzz';
 import { errorMessage } from '../src/common/errors';
 
 const SEED = Number(process.env.FUZZ_SEED ?? 20240611);

@@ -9,12 +9,12 @@
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { loopbackMultiRouteYaml } from '../src/lab/demo/loopback-config';
-import { type SiteGateway, startSiteGateway } from '../src/lab/demo/site-gateway';
+import { loopbackMultiRouteYaml } from '../src/lab/harness/loopback-config';
+import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
 import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
 import { encodeFrame, FrameParser, FrameType, MAX_FRAME_PAYLOAD } from '../src/wire/frames';
+import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
@@ -103,7 +103,7 @@ class TamperLink {
 
   beforeAll(async () => {
     ensureGuestBuilt();
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-tamper-'));
+    tmp = suiteTempDir('bfmig-tamper-');
     const [peerA, peerB, route, dest, unused] = await Promise.all(Array.from({ length: 5 }, () => freePort()));
     routePort = route;
     destPort = dest;
@@ -124,8 +124,6 @@ class TamperLink {
     await receiver?.stop();
     await link?.close();
     if (outcomes.length > 0) console.log(['damaged between the gateways (real QEMU):', ...outcomes].join('\n'));
-    if (process.env.BFMIG_KEEP_VM_TMP === '1') console.log(`gateway logs kept in ${tmp}`);
-    else fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   const framings: Array<{ machine: string; targets: Array<[string, Target]> }> = [

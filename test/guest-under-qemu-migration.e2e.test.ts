@@ -14,8 +14,8 @@
  * picks another machine type (pc-i440fx-2.0, pc-q35-7.2).
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
+import { suiteTempDir } from './temp-dir';
 import {
   QemuVm,
   disposeAllVms,
@@ -81,13 +81,12 @@ describeE2e(`e2e: self-verifying guest migrates under QEMU (${MACHINE})`, () => 
     const t0 = Date.now();
     ensureGuestBuilt();
     note('guest build (or up-to-date check)', `${Date.now() - t0} ms`);
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-e2e-'));
+    tmp = suiteTempDir('bfmig-e2e-');
     streamFile = path.join(tmp, 'capture.mig');
   });
 
   afterAll(async () => {
     await disposeAllVms();
-    if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
     const width = Math.max(...timings.map(([k]) => k.length));
     // eslint-disable-next-line no-console
     console.log(`e2e timings (${MACHINE}, accel ${src?.accel ?? '?'}):\n${timings.map(([k, v]) => `  ${k.padEnd(width)}  ${v}`).join('\n')}`);

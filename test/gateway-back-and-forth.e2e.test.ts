@@ -4,19 +4,17 @@
  * byte-identical to what the source QEMU sent; the guest verifies its memory after every leg.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { Writable } from 'node:stream';
 import { Capture } from '../src/lab/capture';
 import { listSnapshots } from '../src/cli/snapshots';
 import { restoreSnapshot } from '../src/cli/restore';
-import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
-import { parseConfig } from '../src/gateway/config';
-import { Gateway } from '../src/gateway/gateway';
-import { createLogger } from '../src/gateway/log';
-import { GatewayMetrics } from '../src/gateway/metrics';
+import { startLoggedGateway } from '../src/lab/harness/gateway-pair';
+import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
+import type { Gateway } from '../src/gateway/gateway';
+import type { GatewayMetrics } from '../src/gateway/metrics';
 import type { MigrationReport } from '../src/gateway/session';
 import { MigrationFailedError, QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../src/lab/vm/qemu-vm';
+import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
@@ -31,7 +29,7 @@ interface Site {
   qemuPort: number;
   /** The far gateway dials this port to reach our destination QEMU: a capture forwarding to qemuPort. */
   targetPort: number;
-  logLines: string[];
+  logs: Array<Record<string, unknown>>;
 }
 
 (SKIP ? describe.skip : describe)('gateways: back and forth with real QEMU', () => {
@@ -41,7 +39,7 @@ interface Site {
 
   beforeAll(async () => {
     ensureGuestBuilt();
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-gw-'));
+    tmp = suiteTempDir('bfmig-gw-');
     const ports = await Promise.all(Array.from({ length: 10 }, () => freePort()));
     const [peerA, peerB, routeA, routeB, gwRouteA, gwRouteB, qemuA, qemuB, targetA, targetB] = ports;
     const specs = [
@@ -49,27 +47,15 @@ interface Site {
       { name: 'site-b', peer: peerB, farPeer: peerA, route: routeB, gwRoute: gwRouteB, qemu: qemuB, target: targetB, farTarget: targetA },
     ];
     for (const s of specs) {
-      const config = parseConfig(
-        loopbackSiteYaml({ name: s.name, data: path.join(tmp, s.name), peerPort: s.peer, vm: 'vm1', routePort: s.gwRoute, farPeerPort: s.farPeer, targetPort: s.farTarget }),
-      );
-      const logLines: string[] = [];
-      const sink = new Writable({
-        write(chunk: Buffer, _enc, cb) {
-          logLines.push(...chunk.toString().split('\n').filter(Boolean));
-          cb();
-        },
-      });
-      const metrics = new GatewayMetrics({ defaultMetrics: false });
-      const gateway = new Gateway(config, createLogger({ name: s.name, destination: sink }), metrics);
-      await gateway.start();
-      sites.push({ name: s.name, gateway, metrics, routePort: s.route, qemuPort: s.qemu, targetPort: s.target, logLines });
+      const yaml = loopbackSiteYaml({ name: s.name, data: path.join(tmp, s.name), peerPort: s.peer, vm: 'vm1', routePort: s.gwRoute, farPeerPort: s.farPeer, targetPort: s.farTarget });
+      const { gateway, metrics, logs } = await startLoggedGateway(s.name, yaml);
+      sites.push({ name: s.name, gateway, metrics, routePort: s.route, qemuPort: s.qemu, targetPort: s.target, logs });
     }
   });
 
   afterAll(async () => {
     await disposeAllVms();
     for (const s of sites) await s.gateway.stop(1);
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   /** One leg: the VM running at `from` migrates through both gateways to a fresh QEMU at `to`. */
@@ -90,7 +76,8 @@ interface Site {
     const info = await source.waitForMigration({ timeoutMs: 300_000 });
     expect(info.status).toBe('completed');
     const [a, b] = await Promise.all([sourceSide.done, destSide.done]);
-    if (a.error || b.error) console.log(from.logLines.slice(-12).join('\n'), '\n----\n', to.logLines.slice(-12).join('\n'));
+    const lastLines = (s: Site): string => s.logs.slice(-12).map((l) => JSON.stringify(l)).join('\n');
+    if (a.error || b.error) console.log(lastLines(from), '\n----\n', lastLines(to));
     expect(a.error).toBeNull();
     expect(b.error).toBeNull();
     await dest.waitForStatus('running', 60_000);
@@ -156,7 +143,7 @@ interface Site {
 
     const text = await b.metrics.registry.metrics();
     expect(text).toMatch(/bfmig_migrations_total\{[^}]*result="completed"[^}]*\} [1-9]/);
-    expect(a.logLines.some((l) => l.includes('"migration completed"'))).toBe(true);
+    expect(a.logs.some((l) => l.msg === 'migration completed')).toBe(true);
     // eslint-disable-next-line no-console
     console.log(legs.map((l, i) => `leg ${i + 1}: stream ${l.streamBytes} B, WAN ${l.wanBytesOut} B, sent ${l.counts.pagesSent}, reused ${l.counts.pagesReused}, zero ${l.counts.pagesZero}, ${l.seconds.toFixed(2)} s`).join('\n'));
   }, 900_000);
@@ -164,11 +151,10 @@ interface Site {
   test('an unreachable peer fails the source migration promptly; the VM keeps running', async () => {
     const closedPort = await freePort();
     const routePort = await freePort();
-    const config = parseConfig(
+    const { gateway } = await startLoggedGateway(
+      'lonely',
       ['name: lonely', `data: ${path.join(tmp, 'lonely')}`, 'peerListen: 127.0.0.1:0', 'routes:', '  - vm: vm2', `    listen: 127.0.0.1:${routePort}`, `    peer: 127.0.0.1:${closedPort}`, '    target: 127.0.0.1:4444'].join('\n'),
     );
-    const gateway = new Gateway(config, createLogger({ name: 'lonely', level: 'silent' }), null);
-    await gateway.start();
     const vm = new QemuVm({ ...options, name: 'lonely-source' });
     try {
       await vm.start();

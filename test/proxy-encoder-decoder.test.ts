@@ -1,18 +1,17 @@
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { DIGEST_BYTES } from '../src/digest';
 import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
 import { StreamEncoder } from '../src/proxy/encoder';
 import { PageStore } from '../src/store';
 import { encodeFrame, FRAME_HEADER_BYTES, FrameParser, FrameType } from '../src/wire/frames';
-import { dirty, guestMemory, migrationStream, PAGE } from './migration-stream';
+import { dirty, guestMemory, migrationStream, PAGE } from '../src/lab/harness/migration-stream';
+import { testTempDir } from './temp-dir';
 
 let root = '';
 beforeEach(() => {
-  root = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-proxy-'));
+  root = testTempDir('bfmig-proxy-');
 });
-afterEach(() => fs.rmSync(root, { recursive: true, force: true }));
 
 type Reference = 'none' | 'shared' | 'table';
 
@@ -185,7 +184,7 @@ describe('encoder → decoder', () => {
 });
 
 describe('encoder → decoder on every hand-built fixture, split at every offset', () => {
-  const { buildFixtures } = require('./fixtures') as typeof import('./fixtures');
+  const { buildFixtures } = require('../src/lab/harness/fixtures') as typeof import('../src/lab/harness/fixtures');
   const parsable = buildFixtures().filter((f) => f.expect.outcome !== 'error');
   test.each(parsable.map((f) => [f.name, f] as const))('%s', (_name, f) => {
     for (let cut = 0; cut <= f.bytes.length; cut += cut < 64 || f.bytes.length - cut < 64 ? 1 : 7) {

@@ -1,7 +1,7 @@
 /**
  * Hand-built migration streams, one per record kind and per bad-input class. They are encoded here
  * byte by byte, independently of src/qemu's writer, from the layouts in QEMU's savevm.c and ram.c.
- * `npm run fixtures` writes them to fixtures/; test/fixtures.test.ts checks the files still match.
+ * `npm run fixtures` writes them to fixtures/; test/qemu-parser-fixtures.test.ts checks the files still match.
  */
 
 export type Expectation =

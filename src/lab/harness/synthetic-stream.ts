@@ -1,6 +1,5 @@
-import * as net from 'node:net';
 import { randomFillSync } from 'node:crypto';
-import { X86_PAGE_SIZE as PAGE } from '../src/qemu/constants';
+import { X86_PAGE_SIZE as PAGE } from '../../qemu/constants';
 
 /**
  * Builds an in-memory QEMU 7.2-framed migration stream of about `gib` GiB of normal pages, laid out
@@ -79,27 +78,4 @@ export function syntheticStream(gib: number, pagesPerPart = 4096): { stream: Buf
   be32(3);
   u8(0x00);
   return { stream: out.subarray(0, p), pages };
-}
-
-/** A source stand-in: plays `stream` into `port` in 1 MiB writes, waiting for 'drain' when the receiver pushes back. */
-export function playStream(port: number, stream: Buffer): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const socket = net.connect({ host: '127.0.0.1', port, noDelay: true }, () => {
-      let at = 0;
-      const step = 1 << 20;
-      const pump = (): void => {
-        while (at < stream.length) {
-          const ok = socket.write(stream.subarray(at, at + step));
-          at += step;
-          if (!ok) return void socket.once('drain', pump);
-        }
-        socket.end();
-      };
-      pump();
-    });
-    let failure: Error | null = null;
-    socket.on('error', (err) => (failure = err));
-    socket.resume(); // QEMU's return path, unused in precopy
-    socket.on('close', () => (failure ? reject(failure) : resolve()));
-  });
 }

@@ -1,20 +1,19 @@
 /**
- * A gateway pair on loopback for tests of the gateway-to-gateway link, with stand-ins for QEMU
- * (a source that sends a synthetic stream, a destination that keeps what it gets) and a raw peer
- * client that speaks frames by hand, over TCP or TLS.
+ * A gateway pair on loopback, both in this process, for tests of the gateway-to-gateway link, and a
+ * raw peer client that speaks frames by hand, over TCP or TLS. The QEMU stand-ins that drive it are in
+ * qemu-standins.ts; pairs of `bfmig gateway` child processes in load-pair.ts and hostile-flood.ts.
  */
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import * as tls from 'node:tls';
-export { treeListing } from '../bench/hostile-load';
-import { loopbackSiteYaml } from '../src/lab/demo/loopback-config';
-import { parseConfig } from '../src/gateway/config';
-import { Gateway } from '../src/gateway/gateway';
-import { createLogger } from '../src/gateway/log';
-import { GatewayMetrics } from '../src/gateway/metrics';
-import { freePort } from '../src/lab/vm/qemu-vm';
-import { encodeJson, FrameParser, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
+import { loopbackSiteYaml } from './loopback-config';
+import { parseConfig } from '../../gateway/config';
+import { Gateway } from '../../gateway/gateway';
+import { createLogger } from '../../gateway/log';
+import { GatewayMetrics } from '../../gateway/metrics';
+import { freePort } from '../vm/qemu-vm';
+import { encodeJson, FrameParser, FrameType, PROTOCOL_VERSION } from '../../wire/frames';
 
 export interface TestSite {
   name: string;
@@ -28,22 +27,35 @@ export interface TestSite {
   logs: Array<Record<string, unknown>>;
 }
 
+export interface LoggedGateway {
+  gateway: Gateway;
+  metrics: GatewayMetrics;
+  /** Its log lines, parsed, oldest first. */
+  logs: Array<Record<string, unknown>>;
+}
+
+/** A gateway in this process from `yaml` (relative paths resolve beside `configPath`), keeping its metrics and log lines. */
+export async function startLoggedGateway(name: string, yaml: string, configPath?: string): Promise<LoggedGateway> {
+  const logs: Array<Record<string, unknown>> = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      for (const line of chunk.toString().split('\n').filter(Boolean)) logs.push(JSON.parse(line) as Record<string, unknown>);
+      cb();
+    },
+  });
+  const metrics = new GatewayMetrics({ defaultMetrics: false });
+  const gateway = new Gateway(parseConfig(yaml, configPath), createLogger({ name, destination: sink }), metrics);
+  await gateway.start();
+  return { gateway, metrics, logs };
+}
+
 /** Two gateways routing vm1 to each other; `extra[i]` is YAML appended to site i's config (tls:, limits:). */
 export async function startPair(tmp: string, extra: [string, string] = ['', '']): Promise<[TestSite, TestSite]> {
   const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
   const make = async (name: string, peer: number, route: number, farPeer: number, farDest: number, dest: number, more: string): Promise<TestSite> => {
     const data = path.join(tmp, name);
     const yaml = loopbackSiteYaml({ name, data, peerPort: peer, vm: 'vm1', routePort: route, farPeerPort: farPeer, targetPort: farDest }) + 'metrics: 127.0.0.1:0\n' + more;
-    const logs: Array<Record<string, unknown>> = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, cb) {
-        for (const line of chunk.toString().split('\n').filter(Boolean)) logs.push(JSON.parse(line) as Record<string, unknown>);
-        cb();
-      },
-    });
-    const metrics = new GatewayMetrics({ defaultMetrics: false });
-    const gateway = new Gateway(parseConfig(yaml, path.join(tmp, `${name}.yaml`)), createLogger({ name, destination: sink }), metrics);
-    await gateway.start();
+    const { gateway, metrics, logs } = await startLoggedGateway(name, yaml, path.join(tmp, `${name}.yaml`));
     return { name, gateway, metrics, data, routePort: route, peerPort: peer, destPort: dest, logs };
   };
   const a = await make('site-a', peerA, routeA, peerB, destB, destA, extra[0]);
@@ -51,36 +63,9 @@ export async function startPair(tmp: string, extra: [string, string] = ['', ''])
   return [a, b];
 }
 
-/** A source stand-in: sends `stream` to the route, reports how the connection ended. */
-export function sourceStandIn(port: number, stream: Buffer): Promise<'closed' | 'reset'> {
-  return new Promise((resolve) => {
-    const socket = net.connect({ host: '127.0.0.1', port }, () => {
-      socket.write(stream);
-      socket.end();
-    });
-    let reset = false;
-    socket.on('error', () => (reset = true));
-    socket.resume();
-    socket.on('close', () => resolve(reset ? 'reset' : 'closed'));
-  });
-}
-
-/** A destination stand-in: accepts one connection and keeps what it receives. */
-export function destinationStandIn(port: number): Promise<{ received: Promise<{ bytes: Buffer; reset: boolean }>; close: () => void }> {
-  return new Promise((listening) => {
-    let done: (r: { bytes: Buffer; reset: boolean }) => void;
-    const received = new Promise<{ bytes: Buffer; reset: boolean }>((r) => (done = r));
-    const server = net.createServer((socket) => {
-      server.close();
-      const parts: Buffer[] = [];
-      let reset = false;
-      socket.on('data', (b: Buffer) => parts.push(b));
-      socket.on('error', () => (reset = true));
-      socket.on('end', () => socket.end());
-      socket.on('close', () => done({ bytes: Buffer.concat(parts), reset }));
-    });
-    server.listen(port, '127.0.0.1', () => listening({ received, close: () => server.close() }));
-  });
+/** Stops both gateways of a pair (a second's grace for their sessions); a site that never started is passed over. */
+export async function stopPair(sites: readonly (TestSite | undefined)[]): Promise<void> {
+  for (const site of sites) await site?.gateway.stop(1);
 }
 
 export interface RawPeer {

@@ -5,18 +5,19 @@
  */
 import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
-import type { BenchResults } from '../bench/backforth';
-import { checkResults } from '../bench/model-check';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
+import type { BenchResults } from '../src/lab/demo/backforth';
+import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 
 (SKIP ? describe.skip : describe)('bench/backforth smoke run', () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-bench-smoke-'));
-  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+  let dir = '';
+  beforeAll(() => {
+    dir = suiteTempDir('bfmig-bench-smoke-');
+  });
 
   test('one leg pair direct and through bfmig, written to JSON and CSV', async () => {
     const out = path.join(dir, 'smoke.json');
@@ -51,6 +52,8 @@ const SKIP = process.env.BFMIG_SKIP_E2E === '1';
     expect(csv[0].split(',')).toEqual(expect.arrayContaining(['wanBytesForward', 'gatewayCpuSecondsSend', 'verified', 'changedPages']));
 
     // The model check reads the same file: one prediction per leg.
-    expect(checkResults(results)).toHaveLength(4);
+    const checked = path.join(dir, 'model-check.json');
+    await promisify(execFile)(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'model-check.js'), out, '--out', checked], { timeout: 30_000 });
+    expect(JSON.parse(fs.readFileSync(checked, 'utf8'))).toHaveLength(4);
   }, 180_000);
 });

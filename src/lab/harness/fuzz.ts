@@ -1,19 +1,19 @@
 /**
  * Fuzz harness for the codec, the wire protocol and the proxy pair. Shared by the short run in
- * test/fuzz.test.ts (fast-check properties with shrinking) and the long run in bench/fuzz.ts (a fast
- * mutator loop). Everything is deterministic from a numeric seed.
+ * test/fuzz-codec-frames-proxy.test.ts (fast-check properties with shrinking) and the long run in
+ * bench/fuzz.ts (a fast mutator loop). Everything is deterministic from a numeric seed.
  *
  * Each target takes one input and returns its outcome, or throws FuzzFailure when a property breaks:
  * an exception that is not a typed error, output that differs from the input without an error, or a
  * result that depends on how the input was split into chunks.
  */
-import { DIGEST_BYTES } from '../src/digest';
-import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
-import { StreamEncoder } from '../src/proxy/encoder';
-import type { PageLayout, RetainedPages } from '../src/proxy/retained';
-import { RunError, decodeRun } from '../src/proxy/run';
-import { RecordKind, StreamError, StreamParser, StreamWriter, type StreamRecord } from '../src/qemu';
-import { StreamInspector } from '../src/qemu/inspect';
+import { DIGEST_BYTES } from '../../digest';
+import { RebuildError, StreamDecoder } from '../../proxy/decoder';
+import { StreamEncoder } from '../../proxy/encoder';
+import type { PageLayout, RetainedPages } from '../../proxy/retained';
+import { RunError, decodeRun } from '../../proxy/run';
+import { RecordKind, StreamError, StreamParser, StreamWriter, type StreamRecord } from '../../qemu';
+import { StreamInspector } from '../../qemu/inspect';
 import {
   decodeAbort,
   decodeDone,
@@ -28,7 +28,7 @@ import {
   FrameType,
   MAX_FRAME_PAYLOAD,
   WireError,
-} from '../src/wire/frames';
+} from '../../wire/frames';
 import { buildFixtures } from './fixtures';
 import { dirty, guestMemory, migrationStream } from './migration-stream';
 

@@ -1,6 +1,6 @@
 /**
- * A site's gateway for the back-and-forth runs, either in this process (the demo) or as a `bfmig gateway`
- * child process of its own (the benchmark), so that its CPU seconds are its own.
+ * A site's gateway, either in this process (the demo, tests) or as a `bfmig gateway` child process of
+ * its own (benchmarks, crash tests), so that its CPU seconds and memory are its own and it can be killed.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -12,7 +12,7 @@ import { createLogger } from '../../gateway/log';
 import { GatewayMetrics } from '../../gateway/metrics';
 import type { Direction } from '../../gateway/session';
 import { PACKAGE_ROOT } from '../../digest/package-root';
-import { procStats } from './proc-stats';
+import { procStats } from '../demo/proc-stats';
 
 /** What a gateway says about one finished migration (its report, or its 'migration completed' log line). */
 export interface GatewayLegReport {
@@ -36,16 +36,30 @@ export interface SiteGateway {
   cpuSeconds(): number | null;
   /** Peak resident set size (VmHWM) in MiB so far, or null when it shares this process. */
   peakRssMiB(): number | null;
+  /** The child's process id, or null when the gateway shares this process. */
+  readonly pid: number | null;
+  /** Whether it still runs (a gateway in this process runs until stopped). */
+  alive(): boolean;
+  /** The child's log lines (JSON, one per line), oldest first; empty for a gateway in this process (its log is DIR/NAME.log). */
+  readonly logLines: readonly string[];
   stop(): Promise<void>;
   /** SIGKILL: the gateway dies mid-whatever, as on a crash (a gateway in this process cannot be killed). */
   kill(): Promise<void>;
 }
 
+export interface SiteGatewayOptions {
+  /** Node flags of a child gateway (the deployment's recommended ones, for a benchmark). */
+  nodeArgs?: readonly string[];
+  /** Where its log goes; DIR/NAME.log unless given. */
+  logPath?: string;
+}
+
 /** Writes `yaml` to DIR/NAME.yaml and starts the gateway, in process or as a child. */
-export async function startSiteGateway(dir: string, name: string, yaml: string, own: 'in-process' | 'child-process'): Promise<SiteGateway> {
+export async function startSiteGateway(dir: string, name: string, yaml: string, own: 'in-process' | 'child-process', options: SiteGatewayOptions = {}): Promise<SiteGateway> {
   const configPath = path.join(dir, `${name}.yaml`);
   fs.writeFileSync(configPath, yaml);
-  return own === 'child-process' ? startChild(configPath, path.join(dir, `${name}.log`)) : startInProcess(yaml, path.join(dir, `${name}.log`));
+  const logPath = options.logPath ?? path.join(dir, `${name}.log`);
+  return own === 'child-process' ? startChild(configPath, logPath, options.nodeArgs ?? []) : startInProcess(yaml, logPath);
 }
 
 async function startInProcess(yaml: string, logPath: string): Promise<SiteGateway> {
@@ -59,6 +73,9 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
     },
     cpuSeconds: () => null,
     peakRssMiB: () => null,
+    pid: null,
+    alive: () => true,
+    logLines: [],
     stop: () => gateway.stop(1),
     kill: () => Promise.reject(new Error('a gateway in this process cannot be killed')),
   };
@@ -84,16 +101,18 @@ interface FinishedLine {
   postcopy?: boolean;
 }
 
-async function startChild(configPath: string, logPath: string): Promise<SiteGateway> {
-  const child: ChildProcess = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
+async function startChild(configPath: string, logPath: string, nodeArgs: readonly string[]): Promise<SiteGateway> {
+  const child: ChildProcess = spawn(process.execPath, [...nodeArgs, path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
   const logFile = fs.createWriteStream(logPath);
   child.stderr?.pipe(logFile, { end: false });
   const reports: GatewayLegReport[] = [];
+  const logLines: string[] = [];
   let exited = false;
   const exitedPromise = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   await new Promise<void>((resolve, reject) => {
     createInterface({ input: child.stdout! }).on('line', (line) => {
       logFile.write(line + '\n');
+      logLines.push(line);
       if (line.includes('gateway started')) resolve();
       if (!line.includes('"migration completed"') && !line.includes('"migration failed"')) return;
       let f: FinishedLine;
@@ -115,6 +134,9 @@ async function startChild(configPath: string, logPath: string): Promise<SiteGate
     reports,
     cpuSeconds: () => (exited || child.pid === undefined ? null : procStats(child.pid).cpuSeconds),
     peakRssMiB: () => (exited || child.pid === undefined ? null : procStats(child.pid).peakRssMiB),
+    pid: child.pid ?? null,
+    alive: () => !exited,
+    logLines,
     stop: async () => {
       if (!exited) child.kill('SIGTERM');
       const timer = setTimeout(() => child.kill('SIGKILL'), 5000);

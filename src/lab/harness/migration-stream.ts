@@ -4,7 +4,7 @@
  * device state and the vmdesc trailer; optionally with QEMU 10's SWITCHOVER_START, postcopy's ADVISE,
  * or a switch to postcopy (the device state in a package, the later rounds after it).
  */
-import { RamFlag, type RamBlock, RecordKind, SectionType, StreamWriter, VmCommand } from '../src/qemu';
+import { RamFlag, type RamBlock, RecordKind, SectionType, StreamWriter, VmCommand } from '../../qemu';
 
 export const PAGE = 4096;
 

@@ -4,13 +4,12 @@
  * A first pass A → B retains nothing; the back pass plays the same memory B → A and reuses it all.
  * Throughput is measured by bench/load.ts, not here.
  */
-import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
-import { awaitReports, checkStores, type LoadSite, runPass, startLoadPair, stopLoadPair, vmStream, type VmStream } from '../bench/load';
+import { awaitReports, type LoadSite, runPass, startLoadPair, stopLoadPair, vmStream, type VmStream } from '../src/lab/harness/load-pair';
+import { checkStores } from '../src/lab/harness/stores';
 import type { Direction } from '../src/gateway/session';
-import type { GatewayLegReport } from '../src/lab/demo/site-gateway';
-import { guestMemory, migrationStream } from './migration-stream';
+import type { GatewayLegReport } from '../src/lab/harness/site-gateway';
+import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { suiteTempDir } from './temp-dir';
 
 const VMS = Array.from({ length: 16 }, (_, i) => `vm${String(i + 1).padStart(2, '0')}`);
 
@@ -32,13 +31,12 @@ describe('16 concurrent migrations through one gateway pair', () => {
   const nonZeroPages = memories.map((m) => m.pages.filter((p) => !p.every((v) => v === 0)).length);
 
   beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-load-'));
+    tmp = suiteTempDir('bfmig-load-');
     [a, b] = await startLoadPair(tmp, VMS, 'in-process');
   });
 
   afterAll(async () => {
     await stopLoadPair([a, b]);
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   /** The report of `vm`'s migration in the given direction among a site's last `count` reports. */

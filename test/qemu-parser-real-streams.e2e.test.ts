@@ -5,21 +5,18 @@
  * then from there into a file with QEMU's own exec: URI. Both captures must rewrite byte-identically,
  * match query-migrate's page counts, and restore.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { createInterface } from 'node:readline';
 import { inspectPath } from '../src/cli/inspect';
-import { PACKAGE_ROOT } from '../src/digest/package-root';
+import { type NodeChild, startBfmig } from '../src/lab/harness/child';
 import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type MigrationInfo } from '../src/lab/vm/qemu-vm';
 import { qemuBinary, qemuInstalled, type QemuRelease } from '../src/lab/vm/qemu-releases';
 import { requireInCi } from './mounts';
+import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const OK_RE = /WORKLOAD VERIFY OK round=(\d+)/g;
 const READY_RE = /WORKLOAD READY pages=(\d+)/;
-const BFMIG = path.join(PACKAGE_ROOT, 'bin', 'bfmig.js');
 
 function lastRound(vm: QemuVm): number {
   let max = 0;
@@ -35,24 +32,11 @@ async function waitForVerified(vm: QemuVm): Promise<void> {
   await vm.waitForSerial(/WORKLOAD VERIFY OK round=\d+ pages=\d+/, 60_000);
 }
 
-/** Starts `bfmig capture` and resolves once it listens. */
-async function startCapture(out: string, forwardPort: number): Promise<{ child: ChildProcess; port: number; done: Promise<string> }> {
-  const child = spawn(process.execPath, [BFMIG, 'capture', '--listen', '127.0.0.1:0', '--out', out, '--forward', `127.0.0.1:${forwardPort}`], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let output = '';
-  child.stderr?.on('data', (b: Buffer) => (output += b.toString()));
-  const lines = createInterface({ input: child.stdout! });
-  const done = new Promise<string>((resolve) => child.on('exit', (code) => resolve(`exit ${code}: ${output}`)));
-  const port = await new Promise<number>((resolve, reject) => {
-    lines.on('line', (line) => {
-      output += line + '\n';
-      const m = /^listening on 127\.0\.0\.1:(\d+)$/.exec(line);
-      if (m) resolve(Number(m[1]));
-    });
-    child.on('exit', () => reject(new Error(`bfmig capture exited: ${output}`)));
-  });
-  return { child, port, done };
+/** Starts `bfmig capture` and resolves once it listens, with the port it listens on. */
+async function startCapture(out: string, forwardPort: number): Promise<{ child: NodeChild; port: number }> {
+  const child = startBfmig(['capture', '--listen', '127.0.0.1:0', '--out', out, '--forward', `127.0.0.1:${forwardPort}`]);
+  const listening = /^listening on 127\.0\.0\.1:(\d+)$/m;
+  return { child, port: Number(listening.exec(await child.said(listening))?.[1]) };
 }
 
 async function expectCaptureMatches(file: string, info: MigrationInfo, framing: 'legacy' | 'current', postcopy: boolean): Promise<void> {
@@ -109,11 +93,10 @@ const label = (c: StreamCase): string => `QEMU ${c.qemu}, ${c.machine}${c.postco
   let tmp = '';
   beforeAll(() => {
     ensureGuestBuilt();
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-codec-'));
+    tmp = suiteTempDir('bfmig-codec-');
   });
   afterAll(async () => {
     await disposeAllVms();
-    fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   test('capture --forward and exec: streams rewrite byte-identically, match query-migrate and restore', async () => {
@@ -138,7 +121,8 @@ const label = (c: StreamCase): string => `QEMU ${c.qemu}, ${c.machine}${c.postco
     if (c.postcopy) await source.qmp('migrate-start-postcopy');
     const sourceInfo = await source.waitForMigration({ timeoutMs: 120_000 });
     expect(sourceInfo.status).toBe('completed');
-    expect(await capture.done).toMatch(/^exit 0/);
+    const end = await capture.child.exited;
+    expect(`exit ${end.code}: ${end.stdout}${end.stderr}`).toMatch(/^exit 0:/);
     await dest.waitForStatus('running', 60_000);
     await waitForVerified(dest);
     await expectCaptureMatches(captured, sourceInfo, framing, c.postcopy === true);

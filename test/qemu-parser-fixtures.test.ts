@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { RecordKind, StreamError, StreamParser, StreamWriter, type StreamRecord } from '../src/qemu';
 import { StreamInspector } from '../src/qemu/inspect';
-import { buildFixtures, type Fixture } from './fixtures';
+import { buildFixtures, type Fixture } from '../src/lab/harness/fixtures';
 
 const FIXTURES = join(__dirname, '..', 'fixtures');
 const fixtures = buildFixtures();
@@ -46,7 +46,7 @@ function checkOutcome(f: Fixture, result: ReturnType<typeof roundTrip>): void {
 }
 
 describe('hand-built fixtures', () => {
-  test('fixtures/ holds exactly what test/fixtures.ts builds', () => {
+  test('fixtures/ holds exactly what src/lab/harness/fixtures.ts builds', () => {
     const manifest = JSON.parse(readFileSync(join(FIXTURES, 'manifest.json'), 'utf8')) as { file: string }[];
     expect(manifest.map((m) => m.file)).toEqual(fixtures.map((f) => `${f.name}.bin`));
     for (const f of fixtures) expect(readFileSync(join(FIXTURES, `${f.name}.bin`)).equals(f.bytes)).toBe(true);

@@ -14,15 +14,15 @@ import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { checkStores } from '../bench/load';
+import { checkStores } from '../src/lab/harness/stores';
 import { Capture } from '../src/lab/capture';
-import { loopbackMultiRouteYaml } from '../src/lab/demo/loopback-config';
-import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../src/lab/demo/site-gateway';
+import { loopbackMultiRouteYaml } from '../src/lab/harness/loopback-config';
+import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
 import { TcpRelay } from '../src/lab/wan';
 import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
 import { canMountTmpfs } from './mounts';
+import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
@@ -92,7 +92,7 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
 
   beforeAll(async () => {
     ensureGuestBuilt();
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-faultmx-'));
+    tmp = suiteTempDir('bfmig-faultmx-');
     const [peerA, peerB, routeA, routeB, qemuA, qemuB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
     // linkToB carries A's gateway to B's, and the other way round.
     const linkToB = new TcpRelay({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: peerB } });
@@ -128,8 +128,6 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
         ),
       );
     }
-    if (process.env.BFMIG_KEEP_VM_TMP === '1') console.log(`fault matrix: gateway logs and stores kept in ${tmp}`);
-    else fs.rmSync(tmp, { recursive: true, force: true });
   });
 
   /** Reports `site`'s gateway has written since `count`, once it has written `n` more. */

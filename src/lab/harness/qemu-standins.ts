@@ -1,0 +1,147 @@
+/**
+ * Stand-ins for QEMU at either end of a gateway pair: sources that play a migration stream into a
+ * route's listen port, destinations that take what the receiving gateway delivers and keep it, hash it
+ * or compare it with what was sent.
+ */
+import { createHash } from 'node:crypto';
+import * as net from 'node:net';
+
+/** A source stand-in: sends `stream` to the route, reports how the connection ended. */
+export function sourceStandIn(port: number, stream: Buffer): Promise<'closed' | 'reset'> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host: '127.0.0.1', port }, () => {
+      socket.write(stream);
+      socket.end();
+    });
+    let reset = false;
+    socket.on('error', () => (reset = true));
+    socket.resume();
+    socket.on('close', () => resolve(reset ? 'reset' : 'closed'));
+  });
+}
+
+/** A destination stand-in: accepts one connection and keeps what it receives. */
+export function destinationStandIn(port: number): Promise<{ received: Promise<{ bytes: Buffer; reset: boolean }>; close: () => void }> {
+  return new Promise((listening) => {
+    let done: (r: { bytes: Buffer; reset: boolean }) => void;
+    const received = new Promise<{ bytes: Buffer; reset: boolean }>((r) => (done = r));
+    const server = net.createServer((socket) => {
+      server.close();
+      const parts: Buffer[] = [];
+      let reset = false;
+      socket.on('data', (b: Buffer) => parts.push(b));
+      socket.on('error', () => (reset = true));
+      socket.on('end', () => socket.end());
+      socket.on('close', () => done({ bytes: Buffer.concat(parts), reset }));
+    });
+    server.listen(port, '127.0.0.1', () => listening({ received, close: () => server.close() }));
+  });
+}
+
+/** A source stand-in: plays `stream` into `port` in 1 MiB writes, waiting for 'drain' when the receiver pushes back. */
+export function playStream(port: number, stream: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: '127.0.0.1', port, noDelay: true }, () => {
+      let at = 0;
+      const step = 1 << 20;
+      const pump = (): void => {
+        while (at < stream.length) {
+          const ok = socket.write(stream.subarray(at, at + step));
+          at += step;
+          if (!ok) return void socket.once('drain', pump);
+        }
+        socket.end();
+      };
+      pump();
+    });
+    let failure: Error | null = null;
+    socket.on('error', (err) => (failure = err));
+    socket.resume(); // QEMU's return path, unused in precopy
+    socket.on('close', () => (failure ? reject(failure) : resolve()));
+  });
+}
+
+/** What a destination stand-in received. */
+export interface Received {
+  bytes: number;
+  sha256: string;
+  reset: boolean;
+}
+
+/**
+ * A destination stand-in: listens from the start (a port picked now and bound later could be taken by
+ * then) and hashes everything each connection brings, one connection per migration.
+ */
+export class HashingDestination {
+  private readonly outcomes: Received[] = [];
+  private readonly waiting: Array<(r: Received) => void> = [];
+
+  private constructor(private readonly server: net.Server) {
+    server.on('connection', (socket) => {
+      const hash = createHash('sha256');
+      let bytes = 0;
+      let reset = false;
+      socket.on('data', (chunk: Buffer) => {
+        hash.update(chunk);
+        bytes += chunk.length;
+      });
+      socket.on('error', () => (reset = true));
+      socket.on('end', () => socket.end());
+      socket.on('close', () => {
+        const outcome = { bytes, sha256: hash.digest('hex'), reset };
+        const waiter = this.waiting.shift();
+        if (waiter) waiter(outcome);
+        else this.outcomes.push(outcome);
+      });
+    });
+  }
+
+  static listen(): Promise<HashingDestination> {
+    return new Promise((resolve, reject) => {
+      const server = net.createServer();
+      server.once('error', reject);
+      server.listen(0, '127.0.0.1', () => resolve(new HashingDestination(server)));
+    });
+  }
+
+  get port(): number {
+    return (this.server.address() as net.AddressInfo).port;
+  }
+
+  /** What the next connection (in order of closing) received. */
+  next(): Promise<Received> {
+    const ready = this.outcomes.shift();
+    return ready ? Promise.resolve(ready) : new Promise((r) => this.waiting.push(r));
+  }
+
+  close(): Promise<void> {
+    return new Promise((r) => this.server.close(() => r()));
+  }
+}
+
+/** A destination: accepts one connection, reads everything, compares it with `expected`. */
+export function checkingDestination(expected: Buffer, port = 0): Promise<{ port: number; done: Promise<number> }> {
+  return new Promise((resolveListen) => {
+    let resolveDone: (bytes: number) => void;
+    let rejectDone: (err: Error) => void;
+    const done = new Promise<number>((res, rej) => {
+      resolveDone = res;
+      rejectDone = rej;
+    });
+    const server = net.createServer((socket) => {
+      server.close();
+      let at = 0;
+      let mismatch = false;
+      socket.on('data', (chunk: Buffer) => {
+        if (!mismatch && expected.compare(chunk, 0, chunk.length, at, at + chunk.length) !== 0) mismatch = true;
+        at += chunk.length;
+      });
+      socket.on('end', () => {
+        socket.end();
+        if (mismatch || at !== expected.length) rejectDone(new Error(`destination got ${at} bytes${mismatch ? ', not identical' : ''}`));
+        else resolveDone(at);
+      });
+    });
+    server.listen(port, '127.0.0.1', () => resolveListen({ port: (server.address() as net.AddressInfo).port, done }));
+  });
+}
