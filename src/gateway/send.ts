@@ -99,6 +99,8 @@ export class SendSession {
   private quietTimer: NodeJS.Timeout | null = null;
   /** The snapshot both stores commit, from the source's end on. */
   private snapshotId: string | null = null;
+  /** The snapshot the store claims once the migration completed (null: none). */
+  private claimed: string | null = null;
   /** From the Hello to the Offer: a deadline, not an inactivity timeout a trickling peer could keep resetting. */
   private offerTimer: NodeJS.Timeout | null = null;
   private readonly idle: IdleWatch;
@@ -385,7 +387,9 @@ export class SendSession {
   private complete(): void {
     if (this.over) return;
     this.transition('completed');
-    this.life.settle(this.encoder, this.snapshotId);
+    // Reported is what the store now claims: not the migration's id when the stream was relayed
+    // verbatim or the store could not keep it.
+    this.claimed = this.life.settle(this.encoder, this.snapshotId);
     this.peer.end();
     this.qemu.end();
     this.report('completed', null);
@@ -413,6 +417,6 @@ export class SendSession {
   private report(result: 'completed' | 'failed', error: string | null): void {
     if (this.offerTimer) clearTimeout(this.offerTimer);
     if (this.quietTimer) clearTimeout(this.quietTimer);
-    this.life.report(this.encoder, { result, error, mode: this.mode, snapshotId: result === 'completed' ? this.snapshotId : null });
+    this.life.report(this.encoder, { result, error, mode: this.mode, snapshotId: result === 'completed' ? this.claimed : null });
   }
 }
