@@ -6,6 +6,7 @@
  *   node dist/bench/backforth.js [--mbit 100] [--delay-ms 20] [--legs 3] [--mem-mib 256] [--workload-mib 128] [--rewrite-pcts 0,1]
  *       [--changes 0,1,10]   percent of guest RAM rewritten before leg 2, 3, … (the guest quiet while it migrates)
  *       [--out FILE.json]    also write every leg to FILE.json and FILE.csv
+ *       [--qemu 7.2|10.0] [--machine pc-i440fx-7.2] [--capabilities postcopy-ram,return-path]
  * A grid of runs (bench/backforth-grid.json), every leg written to JSON and CSV as it finishes:
  *   node dist/bench/backforth.js --grid bench/backforth-grid.json --out docs/benchmarks/backforth.json [--only ID,ID [--merge]]
  * (--merge: re-measure the --only runs and replace them in an existing results file, keeping the others)
@@ -18,6 +19,7 @@ import * as path from 'node:path';
 import { type BackForthOptions, type BenchResults, formatTable, type GridFile, type GridRun, type LegResult, runBackForth } from '../src/lab/demo/backforth';
 import { parseArgs } from 'node:util';
 import { defaultGuestDir } from '../src/lab/vm/qemu-vm';
+import { QEMU_RELEASES, type QemuRelease, qemuBinary, qemuVersion } from '../src/lab/vm/qemu-releases';
 import { X86_PAGE_SIZE } from '../src/qemu/constants';
 
 function hostInfo(): BenchResults['host'] {
@@ -57,7 +59,16 @@ function writeResults(file: string, results: BenchResults): void {
   fs.writeFileSync(file.replace(/\.json$/, '') + '.csv', lines.join('\n') + '\n');
 }
 
-function runOptions(run: GridRun, downtimeLimitMs: number): BackForthOptions {
+/** What the command line may change of the QEMU side of a run. */
+interface QemuChoice {
+  qemu: QemuRelease;
+  machine: string;
+  capabilities?: Record<string, boolean>;
+}
+
+const DEFAULT_QEMU: QemuChoice = { qemu: '7.2', machine: 'pc-i440fx-7.2' };
+
+function runOptions(run: GridRun, downtimeLimitMs: number, q: QemuChoice = DEFAULT_QEMU): BackForthOptions {
   return {
     legs: run.changePcts.length + 1,
     memMiB: run.memMiB,
@@ -66,11 +77,13 @@ function runOptions(run: GridRun, downtimeLimitMs: number): BackForthOptions {
     changePcts: run.changePcts,
     rateMbit: run.mbit,
     delayMs: run.delayMs,
-    machine: 'pc-i440fx-7.2',
+    machine: q.machine,
     downtimeLimitMs,
     direct: true,
     gatewayProcesses: true,
     out: process.stdout,
+    qemuAt: [qemuBinary(q.qemu), qemuBinary(q.qemu)],
+    capabilities: q.capabilities,
   };
 }
 
@@ -109,6 +122,7 @@ async function main(): Promise<void> {
     options: {
       merge: { type: 'boolean' }, out: text, grid: text, only: text, changes: text, 'rewrite-pcts': text,
       'mem-mib': text, 'downtime-limit-ms': text, mbit: text, 'delay-ms': text, 'workload-mib': text, legs: text,
+      qemu: text, machine: text, capabilities: text,
     },
     strict: true,
   });
@@ -123,6 +137,13 @@ async function main(): Promise<void> {
     process.exitCode = (await runGrid(gridPath, outFile, only, merge)) ? 0 : 1;
     return;
   }
+  const release = args.qemu ?? '7.2';
+  if (!(QEMU_RELEASES as readonly string[]).includes(release)) throw new Error(`--qemu takes ${QEMU_RELEASES.join(' or ')}`);
+  const choice: QemuChoice = {
+    qemu: release as QemuRelease,
+    machine: args.machine ?? DEFAULT_QEMU.machine,
+    capabilities: args.capabilities ? Object.fromEntries(args.capabilities.split(',').map((c) => [c, true])) : undefined,
+  };
   const memMiB = num('mem-mib', 256);
   const changes = args.changes?.split(',').map(Number);
   const downtimeLimitMs = num('downtime-limit-ms', 500);
@@ -131,8 +152,8 @@ async function main(): Promise<void> {
   let ok = true;
   for (const rewritePct of (args['rewrite-pcts'] ?? '0,1').split(',').map(Number)) {
     const run: GridRun = { id: `cli-rewrite${rewritePct}`, ...base, rewritePct, changePcts: changes ?? Array.from({ length: num('legs', 3) - 1 }, () => 0) };
-    console.log(`\n== guest rewriting ${rewritePct}% of its ${base.workloadMiB} MiB workload per second ==`);
-    const results_ = await runBackForth({ ...runOptions(run, downtimeLimitMs), changePcts: changes });
+    console.log(`\n== QEMU ${choice.qemu} (${qemuVersion(qemuBinary(choice.qemu)) ?? '?'}), ${choice.machine}${choice.capabilities ? `, ${Object.keys(choice.capabilities).join(', ')}` : ''}: guest rewriting ${rewritePct}% of its ${base.workloadMiB} MiB workload per second ==`);
+    const results_ = await runBackForth({ ...runOptions(run, downtimeLimitMs, choice), changePcts: changes });
     console.log(formatTable(results_));
     results.runs.push({ ...run, finished: new Date().toISOString(), legs: results_ });
     if (outFile) writeResults(outFile, results);

@@ -150,14 +150,19 @@ function currentRam(b: B): B {
   return b;
 }
 
+/** The vmdesc trailer naming `devices` (instance 0 each). */
+function vmDescription(b: B, devices: string[]): B {
+  const json = JSON.stringify({ page_size: 4096, devices: devices.map((name) => ({ name, instance_id: 0 })) });
+  return b.u8(0x06).be32(json.length).raw(Buffer.from(json));
+}
+
 function currentBasic(): Fixture {
   const b = new B().header().config('pc-i440fx-7.2');
   currentRam(b);
   b.start(3, 'timer', 0, 2, 0x04).raw(deviceData(3)).footer(3);
   b.start(4, 'apic', 0, 3, 0x04).raw(Buffer.from([1, 2, 0x7e, 0, 0, 0, 4])).footer(4);
   b.u8(0x00);
-  const json = JSON.stringify({ page_size: 4096, devices: [{ name: 'timer', instance_id: 0 }, { name: 'apic', instance_id: 0 }] });
-  b.u8(0x06).be32(json.length).raw(Buffer.from(json));
+  vmDescription(b, ['timer', 'apic']);
   return {
     name: 'current-basic',
     description: 'QEMU 7.2 framing: configuration, footers, device sections whose data holds footer-like bytes, vmdesc',
@@ -242,8 +247,7 @@ function commandsQemu10(): Fixture {
   b.part(2, 0x03).page(PAGE, 'pc.ram', 5).eos().footer(2);
   b.start(3, 'timer', 0, 2, 0x04).raw(deviceData(3)).footer(3);
   b.u8(0x00);
-  const json = JSON.stringify({ page_size: 4096, devices: [{ name: 'timer', instance_id: 0 }] });
-  b.u8(0x06).be32(json.length).raw(Buffer.from(json));
+  vmDescription(b, ['timer']);
   return {
     name: 'commands-qemu10',
     description: 'QEMU 10.0, postcopy-ram allowed, return path: POSTCOPY_ADVISE, OPEN_RETURN_PATH, PING, SWITCHOVER_START',
