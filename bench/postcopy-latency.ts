@@ -21,7 +21,7 @@ import { RamFlag, SectionType, VmCommand } from '../src/qemu/constants';
 import { StreamParser } from '../src/qemu/parser';
 import { ReturnPathMessage, ReturnPathParser } from '../src/qemu/return-path';
 import { RecordKind } from '../src/qemu/records';
-import { StreamWriter } from '../src/qemu/writer';
+import { writeRamWord, writeShortString } from '../src/qemu/encode';
 
 const PAGE = 4096;
 const RAM_SECTION = 2;
@@ -40,19 +40,22 @@ function streamHead(memory: GuestMemory): Buffer {
 
 /** One RAM section carrying page `index` (what QEMU sends for a page request), or the stream's end. */
 function pageSection(memory: GuestMemory, index: number | null): Buffer {
-  const parts: Buffer[] = [];
-  const w = new StreamWriter((b) => parts.push(Buffer.from(b)));
   const block = memory.blocks[0];
-  const last = index === null;
-  w.write({ kind: RecordKind.SectionHeader, type: last ? SectionType.End : SectionType.Part, sectionId: RAM_SECTION, idstr: 'ram', instanceId: 0, versionId: 4, streamOffset: 0 });
+  const out = Buffer.alloc(5 + 8 + 1 + block.name.length + PAGE + 8 + 5 + 1);
+  out[0] = index === null ? SectionType.End : SectionType.Part;
+  out.writeUInt32BE(RAM_SECTION, 1);
+  let at = 5;
   if (index !== null) {
-    w.write({ kind: RecordKind.RamPage, flags: RamFlag.Page, block, offset: index * PAGE, pageIndex: index, byteValue: 0, data: memory.pages[index], dataStart: 0, dataLength: PAGE, streamOffset: 0 });
+    at = writeRamWord(out, at, index * PAGE, RamFlag.Page);
+    at = writeShortString(out, at, block.name);
+    at += memory.pages[index].copy(out, at);
   }
-  w.write({ kind: RecordKind.RamEos, flags: RamFlag.Eos, offset: 0, streamOffset: 0 });
-  w.write({ kind: RecordKind.SectionFooter, sectionId: RAM_SECTION, streamOffset: 0 });
-  if (last) w.write({ kind: RecordKind.Eof, streamOffset: 0 });
-  w.flush();
-  return Buffer.concat(parts);
+  at = writeRamWord(out, at, 0, RamFlag.Eos);
+  out[at] = SectionType.Footer;
+  out.writeUInt32BE(RAM_SECTION, at + 1);
+  at += 5;
+  if (index === null) out[at++] = SectionType.Eof;
+  return out.subarray(0, at);
 }
 
 /** A postcopy source: the head, then a page section per request, then the end once `requests` are served. */
