@@ -44,6 +44,8 @@ export class StreamEncoder {
   layout: PageLayout | null = null;
   /** Of the stream pushed so far, for the End message. */
   private readonly streamHash = new StreamHash();
+  /** The stream hash covers [0, hashedTo); heldFrom ≤ hashedTo ≤ literalFrom. */
+  private hashedTo = 0;
 
   private readonly parser: StreamParser;
   private readonly retainer: PageRetainer;
@@ -98,6 +100,7 @@ export class StreamEncoder {
   }
 
   get streamCheck(): string {
+    this.hashConsumedHead();
     return this.streamHash.digest();
   }
 
@@ -172,6 +175,8 @@ export class StreamEncoder {
   /** Replaces the views still held (the record being read, at most a page or so) by one copy. */
   private ownHeld(): void {
     if (this.held.length === 0) return;
+    // What has gone of the first chunk is dropped here: hash it first.
+    this.hashConsumedHead();
     const from = this.literalFrom;
     const copy = Buffer.allocUnsafe(this.pushedEnd - from);
     let at = 0;
@@ -203,23 +208,31 @@ export class StreamEncoder {
 
   /**
    * Lets go of the input in [literalFrom, to), sending it as Literal bytes or not (a run stands for it).
-   * The stream hash is taken here, as bytes are accounted for, so that it covers exactly the stream a
-   * Seal at `sentBytes` covers.
+   * The stream hash follows what has been let go of, so that it covers exactly the stream a Seal at
+   * `sentBytes` covers: a chunk is hashed whole once it has all gone (one call per chunk, not one per
+   * record), the rest of the first one only when a check is asked for.
    */
   private consume(to: number, send: boolean): void {
     while (this.literalFrom < to) {
       const chunk = this.held[0];
       const start = this.literalFrom - this.heldFrom;
       const end = Math.min(chunk.length, to - this.heldFrom);
-      const piece = chunk.subarray(start, end);
-      this.streamHash.update(piece);
-      if (send) this.sink.literal(piece);
+      if (send) this.sink.literal(chunk.subarray(start, end));
       this.literalFrom = this.heldFrom + end;
       if (end === chunk.length) {
+        this.streamHash.update(this.hashedTo > this.heldFrom ? chunk.subarray(this.hashedTo - this.heldFrom) : chunk);
         this.held.shift();
         this.heldFrom += chunk.length;
+        this.hashedTo = this.heldFrom;
       }
     }
+  }
+
+  /** Hashes what has gone of the first held chunk (everything before it is hashed already). */
+  private hashConsumedHead(): void {
+    if (this.literalFrom <= this.hashedTo) return;
+    this.streamHash.update(this.held[0].subarray(this.hashedTo - this.heldFrom, this.literalFrom - this.heldFrom));
+    this.hashedTo = this.literalFrom;
   }
 
   private onRecord(record: StreamRecord): void {
