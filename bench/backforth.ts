@@ -18,7 +18,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { type BackForthOptions, type BenchResults, formatTable, type GridFile, type GridRun, type LegResult, runBackForth } from '../src/lab/demo/backforth';
 import { parseArgs } from 'node:util';
-import { defaultGuestDir } from '../src/lab/vm/qemu-vm';
+import { defaultGuestDir } from '../src/lab/vm/guest-image';
 import { QEMU_RELEASES, type QemuRelease, qemuBinary, qemuVersion } from '../src/lab/vm/qemu-releases';
 import { X86_PAGE_SIZE } from '../src/qemu/constants';
 

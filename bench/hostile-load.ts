@@ -15,7 +15,7 @@
  */
 import { hostileFlood, migrateThroughPair, startHostilePair, stopGateway } from '../src/lab/harness/hostile-flood';
 import { withTempDir } from '../src/lab/harness/temp-dir';
-import { freePort } from '../src/lab/vm/qemu-vm';
+import { freePort } from '../src/lab/vm/ports';
 
 async function main(): Promise<void> {
   const count = Number(process.argv[2] ?? 2000);

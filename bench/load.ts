@@ -25,7 +25,8 @@ import { checkStores } from '../src/lab/harness/stores';
 import { withTempDir } from '../src/lab/harness/temp-dir';
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
-import { ensureGuestBuilt, QemuVm } from '../src/lab/vm/qemu-vm';
+import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
+import { QemuVm } from '../src/lab/vm/qemu-vm';
 
 /**
  * A real QEMU migration stream of a guest of its own: the test guest booted with workload seed `seed`,

@@ -12,7 +12,7 @@ import * as path from 'node:path';
 import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
 import { procStats } from '../src/lab/demo/proc-stats';
 import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
-import { freePort } from '../src/lab/vm/qemu-vm';
+import { freePort } from '../src/lab/vm/ports';
 import { checkingDestination, playStream } from '../src/lab/harness/qemu-standins';
 import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
 import { withTempDir } from '../src/lab/harness/temp-dir';

@@ -9,7 +9,9 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
-import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../src/lab/vm/qemu-vm';
+import { QemuVm, disposeAllVms } from '../src/lab/vm/qemu-vm';
+import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
+import { freePort } from '../src/lab/vm/ports';
 import { errorMessage } from '../src/common/errors';
 
 async function main(): Promise<void> {

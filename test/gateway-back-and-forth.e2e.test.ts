@@ -13,7 +13,10 @@ import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
 import type { Gateway } from '../src/gateway/gateway';
 import type { GatewayMetrics } from '../src/gateway/metrics';
 import type { MigrationReport } from '../src/gateway/session';
-import { MigrationFailedError, QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../src/lab/vm/qemu-vm';
+import { MigrationFailedError } from '../src/lab/vm/qmp-types';
+import { QemuVm, disposeAllVms } from '../src/lab/vm/qemu-vm';
+import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
+import { freePort } from '../src/lab/vm/ports';
 import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';

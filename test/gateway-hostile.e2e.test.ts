@@ -4,7 +4,7 @@
  * its figures is `node dist/bench/hostile-load.js`; this test runs a smaller count of the same mix.
  */
 import { type GatewayProcess, hostileFlood, migrateThroughPair, startHostilePair, stopGateway } from '../src/lab/harness/hostile-flood';
-import { freePort } from '../src/lab/vm/qemu-vm';
+import { freePort } from '../src/lab/vm/ports';
 import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';

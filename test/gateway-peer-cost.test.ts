@@ -8,7 +8,7 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { loopbackMultiRouteYaml } from '../src/lab/harness/loopback-config';
 import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
-import { freePort } from '../src/lab/vm/qemu-vm';
+import { freePort } from '../src/lab/vm/ports';
 import { StreamHash } from '../src/digest';
 import { encodeFrame, encodeJson, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
 import { rawPeer, waitFor } from '../src/lab/harness/gateway-pair';

@@ -12,7 +12,9 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { loopbackMultiRouteYaml } from '../src/lab/harness/loopback-config';
 import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
-import { QemuVm, disposeAllVms, ensureGuestBuilt, freePort, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
+import { QemuVm, disposeAllVms, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
+import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
+import { freePort } from '../src/lab/vm/ports';
 import { encodeFrame, FrameParser, FrameType, MAX_FRAME_PAYLOAD } from '../src/wire/frames';
 import { suiteTempDir } from './temp-dir';
 

@@ -16,14 +16,10 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { suiteTempDir } from './temp-dir';
-import {
-  QemuVm,
-  disposeAllVms,
-  ensureGuestBuilt,
-  freePort,
-  type MigrationInfo,
-  type QemuVmOptions,
-} from '../src/lab/vm/qemu-vm';
+import { QemuVm, disposeAllVms, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
+import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
+import { freePort } from '../src/lab/vm/ports';
+import { type MigrationInfo } from '../src/lab/vm/qmp-types';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const describeE2e = SKIP ? describe.skip : describe;

@@ -12,7 +12,7 @@ import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
 import { ReturnPathParser, returnPathBytes } from '../src/qemu/return-path';
 import { scanStores } from '../src/store';
-import { freePort } from '../src/lab/vm/qemu-vm';
+import { freePort } from '../src/lab/vm/ports';
 import { decodeEnd, type EndMessage, FrameParser, FrameType, MAX_FRAME_PAYLOAD } from '../src/wire/frames';
 import { startLoggedGateway, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn } from '../src/lab/harness/qemu-standins';

@@ -3,7 +3,10 @@ import { Writable } from 'node:stream';
 import { loopbackSiteYaml } from '../harness/loopback-config';
 import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../harness/site-gateway';
 import { makeTempDir, removeTempDir } from '../harness/temp-dir';
-import { type MigrationInfo, type QmpEvent, QemuVm, disposeAllVms, ensureGuestBuilt, freePort } from '../vm/qemu-vm';
+import { type MigrationInfo } from '../vm/qmp-types';
+import { type QmpEvent, QemuVm, disposeAllVms } from '../vm/qemu-vm';
+import { ensureGuestBuilt } from '../vm/guest-image';
+import { freePort } from '../vm/ports';
 import { WanEmulator } from '../wan';
 import { X86_PAGE_SIZE } from '../../qemu/constants';
 

@@ -12,7 +12,7 @@ import { parseConfig } from '../../gateway/config';
 import { Gateway } from '../../gateway/gateway';
 import { createLogger } from '../../gateway/log';
 import { GatewayMetrics } from '../../gateway/metrics';
-import { freePort } from '../vm/qemu-vm';
+import { freePort } from '../vm/ports';
 import { encodeJson, FrameParser, FrameType, PROTOCOL_VERSION } from '../../wire/frames';
 
 export interface TestSite {

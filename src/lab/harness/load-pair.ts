@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import { loopbackMultiRouteYaml, type LoopbackRoute } from './loopback-config';
 import { HashingDestination, playStream, type Received } from './qemu-standins';
 import { type SiteGateway, startSiteGateway } from './site-gateway';
-import { freePort } from '../vm/qemu-vm';
+import { freePort } from '../vm/ports';
 
 /** One VM's migration stream and the digest its destination must see. */
 export interface VmStream {
