@@ -81,7 +81,7 @@ export interface ReceiveOptions {
 /**
  * One incoming migration: a peer gateway's frames, rebuilt into the exact QEMU stream for the
  * destination. Any failure resets the destination's connection before a wrong byte could reach it,
- * and leaves the store claiming no snapshot.
+ * and the store puts back the snapshot it started from (SessionLifecycle.rollBack).
  */
 export class ReceiveSession {
   private phase: ReceivePhase = 'awaiting-hello';

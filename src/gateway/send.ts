@@ -77,7 +77,7 @@ export interface SendOptions {
 /**
  * One outgoing migration: the source QEMU's connection, relayed to the far gateway as Literal and
  * Run frames. Any failure destroys the QEMU connection, so the source sees a failed migration and
- * its VM keeps running; the local store then claims no snapshot.
+ * its VM keeps running; the local store puts back the snapshot it started from (SessionLifecycle.rollBack).
  */
 export class SendSession {
   private phase: SendPhase = 'connecting';
