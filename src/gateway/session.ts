@@ -127,7 +127,8 @@ export function settleStore(
   failed: (what: string, err: unknown) => void,
 ): string | null {
   try {
-    // A stream relayed (partly) verbatim updated pages the store never saw: it claims no snapshot.
+    // A stream relayed (partly) verbatim updated pages the store never saw: it claims no new snapshot
+    // (rollback puts back the one it held before).
     // Neither does a store that retained nothing because the disk budget had no room for it.
     if (store && retained && !retained.withholding && snapshotId !== null && codec?.layout && !codec.fallbackReason) {
       keepStreamParts(store, codec.parts, codec.footers, snapshotId);
