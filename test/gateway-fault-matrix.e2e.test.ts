@@ -289,18 +289,26 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
     await vm.migrate(`tcp:127.0.0.1:${here.routePort}`);
     await waitUntil('the migration to get under way', async () => ((await vm.queryMigrate()).ram?.transferred ?? 0) >= 8 * 1024 * 1024);
     await vm.qmp('migrate-start-postcopy');
-    await waitUntil('postcopy to run at the destination', async () => (await dest.status()).status === 'running' && (await vm.queryMigrate()).status === 'postcopy-active');
-    await waitUntil('postcopy to move some pages', async () => ((await vm.queryMigrate()).ram?.['postcopy-bytes'] ?? 0) >= 4 * 1024 * 1024);
+    // Only the source is asked from here on: the destination's main thread may block on a page that
+    // has not arrived (a postcopy destination answers only out-of-band commands then).
+    await waitUntil('postcopy to move some pages', async () => {
+      const info = await vm.queryMigrate();
+      return info.status === 'postcopy-active' && (info.ram?.['postcopy-bytes'] ?? 0) >= 4 * 1024 * 1024;
+    });
     expect(await to.link.cut()).toBe(1);
     // Both QEMUs pause (postcopy cannot fail back: the guest already ran at the destination).
     await waitUntil('the source to pause', async () => (await vm.queryMigrate()).status === 'postcopy-paused', 60_000);
-    await waitUntil('the destination to pause', async () => (await dest.queryMigrate()).status === 'postcopy-paused', 60_000);
     const storeClaims = claims(before, true);
     // The gateways failed the migration and closed both QEMU connections; a resumed channel carries no
     // stream header (it opens with RECV_BITMAP commands), so a route cannot take it. QEMU's own
-    // recovery over a direct connection completes it.
+    // recovery over a direct connection completes it. migrate-recover succeeds once the destination
+    // has paused too (it answers out of band, whatever its main thread waits for).
     const recoverPort = await freePort();
-    await dest.qmp('migrate-recover', { uri: `tcp:127.0.0.1:${recoverPort}` });
+    await waitUntil(
+      'the destination to pause and listen for the recovery',
+      () => dest.qmpOob('migrate-recover', { uri: `tcp:127.0.0.1:${recoverPort}` }).then(() => true, () => false),
+      60_000,
+    );
     vm.setMaxBandwidth(FAST);
     await vm.qmp('migrate', { uri: `tcp:127.0.0.1:${recoverPort}`, resume: true });
     expect((await vm.waitForMigration({ timeoutMs: 300_000 })).status).toBe('completed');

@@ -355,6 +355,11 @@ export class QemuVm {
     return this.requireQmp().execute<T>(command, args, timeoutMs);
   }
 
+  /** The same out of band: for migrate-recover and migrate-pause, which must answer while the main thread waits for a page. */
+  async qmpOob<T = unknown>(command: string, args?: Record<string, unknown>, timeoutMs?: number): Promise<T> {
+    return this.requireQmp().executeOob<T>(command, args, timeoutMs);
+  }
+
   status(): Promise<StatusInfo> {
     return this.qmp<StatusInfo>('query-status');
   }

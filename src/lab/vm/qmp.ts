@@ -57,6 +57,8 @@ export class QmpClient {
   /** The most recent events, oldest first (at most `maxEvents`). */
   readonly events: QmpEvent[] = [];
   greeting: QmpGreeting | null = null;
+  /** Out-of-band execution was negotiated. */
+  private oob = false;
 
   constructor(
     readonly socketPath: string,
@@ -84,8 +86,11 @@ export class QmpClient {
         await sleep(50);
       }
     }
-    await this.execute('qmp_capabilities', undefined, Math.max(1000, deadline - Date.now()));
     if (!this.greeting) throw new Error('QMP: no greeting');
+    // Out-of-band execution where QEMU offers it: a postcopy destination's main thread can block on a
+    // page that has not arrived, and only OOB commands (migrate-recover, migrate-pause) still answer.
+    this.oob = this.greeting.capabilities.includes('oob');
+    await this.execute('qmp_capabilities', this.oob ? { enable: ['oob'] } : undefined, Math.max(1000, deadline - Date.now()));
     return this.greeting;
   }
 
@@ -185,13 +190,26 @@ export class QmpClient {
 
   /** Sends one command and resolves with its `return` value (typed by the caller). */
   execute<T = unknown>(command: string, args?: Record<string, unknown>, timeoutMs = 30_000): Promise<T> {
+    return this.send('execute', command, args, timeoutMs);
+  }
+
+  /**
+   * Sends a command out of band (QEMU runs it even while its main thread is blocked); only commands
+   * QEMU marks OOB-capable, and only when it offered the capability.
+   */
+  executeOob<T = unknown>(command: string, args?: Record<string, unknown>, timeoutMs = 30_000): Promise<T> {
+    if (!this.oob) return Promise.reject(new Error(`QMP ${command}: this QEMU offers no out-of-band execution`));
+    return this.send('exec-oob', command, args, timeoutMs);
+  }
+
+  private send<T>(verb: 'execute' | 'exec-oob', command: string, args: Record<string, unknown> | undefined, timeoutMs: number): Promise<T> {
     const sock = this.socket;
     if (!sock) {
       const why = this.closedError ? ` (${this.closedError.message})` : '';
       return Promise.reject(new Error(`QMP ${command}: not connected${why}`));
     }
     const id = `bfmig-${this.nextId++}`;
-    const msg: Record<string, unknown> = { execute: command, id };
+    const msg: Record<string, unknown> = { [verb]: command, id };
     if (args !== undefined) msg.arguments = args;
     return new Promise<T>((resolve, reject) => {
       const timer = setTimeout(() => {
