@@ -1,6 +1,6 @@
 /**
  * A stream bfmig cannot parse to the end is relayed as it is, and never silently: both gateways log a
- * warning with the reason and stream offset, count it in bfmig_streams_relayed_verbatim_total{reason},
+ * warning with the reason and stream offset as it happens, count it in bfmig_streams_relayed_verbatim_total{reason},
  * and `bfmig snapshots list|show` says so for the VM's last migration, also when its store holds
  * nothing (the store is kept for that). A stream parsed whole (postcopy included) says none of this.
  */
@@ -62,8 +62,11 @@ describe('a stream relayed verbatim through a gateway pair', () => {
     ] as const) {
       const report = site.gateway.history[site.gateway.history.length - 1];
       expect(report).toMatchObject({ result: 'completed', snapshotId: null, verbatim: { code: 'command', streamOffset: at } });
-      const warning = site.logs.find((l) => l.msg?.toString().startsWith('stream relayed verbatim'));
-      expect(warning).toMatchObject({ level: 40, vm: 'vm1', direction, reason: 'command', streamOffset: at });
+      const warnings = site.logs.filter((l) => l.msg?.toString().startsWith('stream relayed verbatim'));
+      expect(warnings).toHaveLength(1);
+      expect(warnings[0]).toMatchObject({ level: 40, vm: 'vm1', direction, reason: 'command', streamOffset: at });
+      // Said as it happened, not only when the migration ended.
+      expect(site.logs.indexOf(warnings[0])).toBeLessThan(site.logs.findIndex((l) => l.msg === 'migration completed'));
       expect(await site.metrics.text()).toContain(`bfmig_streams_relayed_verbatim_total{vm="vm1",direction="${direction}",reason="command"} 1`);
       // The store holds nothing (a first migration that claims no snapshot), yet it stays to say why.
       const list = snapshotsText(site, 'list');

@@ -1,3 +1,4 @@
+import type { StreamFallback } from '../qemu/records';
 import * as fs from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import * as path from 'node:path';
@@ -303,6 +304,15 @@ export class Gateway implements SessionObserver {
     this.log.warn({ vm, direction, idleSeconds: this.config.limits.idleSeconds }, 'migration idle too long');
   }
 
+  relayedVerbatim(vm: string, direction: Direction, at: StreamFallback): void {
+    // Never silent, and said as it happens (a migration may go on for hours): from here on the stream
+    // crosses the WAN whole and nothing of it is retained. The metric counts it when the migration ends.
+    this.log.warn(
+      { vm, direction, reason: at.code, streamOffset: at.streamOffset, detail: at.reason },
+      'stream relayed verbatim: bfmig could not parse it past this point, so nothing after it is reused or retained',
+    );
+  }
+
   event(vm: string, direction: Direction, message: string, fields?: Record<string, unknown>): void {
     this.log.info({ vm, direction, ...fields }, message);
   }
@@ -332,13 +342,7 @@ export class Gateway implements SessionObserver {
     this.totals.delete(`${report.vm}\u0000${report.direction}`);
     const wanBytes = report.direction === 'send' ? report.wanBytesOut : report.wanBytesIn;
     this.metrics?.migrationFinished(report.vm, report.direction, { result: report.result, seconds: report.seconds, qemuBytes: report.streamBytes, wanBytes, verbatimReason: report.verbatim?.code ?? null });
-    if (report.verbatim) {
-      // Never silent: from here on the stream crossed the WAN whole and nothing of it was retained.
-      this.log.warn(
-        { vm: report.vm, direction: report.direction, reason: report.verbatim.code, streamOffset: report.verbatim.streamOffset, detail: report.verbatim.reason },
-        'stream relayed verbatim: bfmig could not parse it past this point, so nothing after it was reused or retained',
-      );
-    }
+
     this.history.push(report);
     if (this.history.length > 100) this.history.shift();
     const fields = {

@@ -206,9 +206,12 @@ export class ReceiveSession {
       case FrameType.Hello:
         this.onHello(payload);
         return;
-      case FrameType.Literal:
-        this.requireDecoder().literal(payload);
+      case FrameType.Literal: {
+        const decoder = this.requireDecoder();
+        decoder.literal(payload);
+        this.life.noteVerbatim(decoder);
         return;
+      }
       case FrameType.Run:
         this.requireDecoder().run(payload);
         return;

@@ -308,6 +308,7 @@ export class SendSession {
     } finally {
       this.peer.uncork();
     }
+    this.life.noteVerbatim(this.encoder);
     if (this.encoder.sealPoint > this.sealedBytes) this.seal(this.encoder);
     else (this.quietTimer ??= setTimeout(() => this.onQuiet(), QUIET_SEAL_MS).unref()).refresh();
     if (this.peer.writableNeedDrain) this.qemu.pause();

@@ -46,6 +46,7 @@ export class SessionLifecycle {
   private readonly started = Date.now();
   private readonly timer: NodeJS.Timeout;
   private ended = false;
+  private verbatimTold = false;
   /** The VM's store, while this migration may retain pages (null when retention is off). */
   store: PageStore | null = null;
   /** The store as the codec writes it: a failed migration puts back the snapshot it started from. */
@@ -80,6 +81,13 @@ export class SessionLifecycle {
   /** The store has just begun a migration (the codec knows the layout): the gateway keeps it within budget. */
   storeGrows(): void {
     this.options.observer.storeGrows(this.vm, this.retained);
+  }
+
+  /** Tells the observer, once, as soon as the codec has fallen back to relaying the stream as it is. */
+  noteVerbatim(codec: Codec): void {
+    if (this.verbatimTold || codec.fallback === null) return;
+    this.verbatimTold = true;
+    this.options.observer.relayedVerbatim(this.vm, this.direction, codec.fallback);
   }
 
   /** A store write that failed for lack of space turns retention off for this VM until there is room. */

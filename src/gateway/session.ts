@@ -40,6 +40,11 @@ export interface SessionObserver {
    */
   storeGrows(vm: string, retained: UndoableStore | null): void;
   event(vm: string, direction: Direction, message: string, fields?: Record<string, unknown>): void;
+  /**
+   * The stream stopped being parsed at `at`: from there it is relayed as it is, nothing of it reused or
+   * retained. Told once per migration, as soon as it happens.
+   */
+  relayedVerbatim(vm: string, direction: Direction, at: StreamFallback): void;
   /** No byte moved on the migration's connections for limits.idleSeconds; it fails next. */
   idleTimeout(vm: string, direction: Direction): void;
   /** Cumulative totals so far (about once a second and at the end). */
