@@ -145,13 +145,13 @@ export class SessionLifecycle {
     try {
       // What `bfmig snapshots` says of this VM's last migration, the stream relayed verbatim included.
       if (this.store) {
-        const verbatim = codec?.fallback ?? null;
         saveMigrationRecord(this.store, {
           at: new Date().toISOString(),
           direction: this.direction,
-          ...outcome,
+          result: outcome.result,
+          error: outcome.error,
           snapshotId: this.store.snapshotId(),
-          verbatim: verbatim && { code: verbatim.code, reason: verbatim.reason, streamOffset: verbatim.streamOffset },
+          verbatim: codec?.fallback ?? null,
           postcopy: codec?.postcopy ?? false,
         });
       }

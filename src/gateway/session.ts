@@ -113,7 +113,7 @@ export function keepStreamParts(
 /** What settleStore() needs of a session's codec. */
 interface SettledCodec {
   layout: unknown;
-  fallbackReason: string | null;
+  fallback: StreamFallback | null;
   parts: Parameters<typeof keepStreamParts>[1];
   footers: boolean | null;
 }
@@ -135,7 +135,7 @@ export function settleStore(
     // A stream relayed (partly) verbatim updated pages the store never saw: it claims no new snapshot
     // (rollback puts back the one it held before).
     // Neither does a store that retained nothing because the disk budget had no room for it.
-    if (store && retained && !retained.withholding && snapshotId !== null && codec?.layout && !codec.fallbackReason) {
+    if (store && retained && !retained.withholding && snapshotId !== null && codec?.layout && !codec.fallback) {
       keepStreamParts(store, codec.parts, codec.footers, snapshotId);
       retained.commit(snapshotId);
       return snapshotId;

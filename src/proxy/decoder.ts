@@ -60,7 +60,6 @@ export class StreamDecoder {
   private sealed = false;
   /** A Seal covered a postcopy package: the destination runs the guest, nothing more is held. */
   private guestRunning = false;
-  private fallbackAt: StreamFallback | null = null;
 
   constructor(
     /** Receives the rebuilt stream; it owns each buffer. */
@@ -79,14 +78,9 @@ export class StreamDecoder {
     return this.parser.framing.footers;
   }
 
-  /** Set when the stream held something the codec does not understand and was relayed verbatim. */
-  get fallbackReason(): string | null {
-    return this.parser.fallbackReason;
-  }
-
   /** Where and why the stream stopped being parsed (null: it was parsed whole). */
   get fallback(): StreamFallback | null {
-    return this.fallbackAt;
+    return this.parser.fallenBack;
   }
 
   /** The stream switched to postcopy. */
@@ -312,9 +306,6 @@ export class StreamDecoder {
       case RecordKind.RamCompressed:
         this.counts.pagesOther++;
         this.retainer.retain(record, false);
-        return;
-      case RecordKind.Fallback:
-        this.fallbackAt = { code: record.code, reason: record.reason, streamOffset: record.streamOffset };
         return;
       default:
         this.parts.record(record);

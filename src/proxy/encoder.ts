@@ -58,7 +58,6 @@ export class StreamEncoder {
   private pushedEnd = 0;
   /** Stream offset just past the postcopy package (-1 until one has been read). */
   private packageEnd = -1;
-  private fallbackAt: StreamFallback | null = null;
   // The open run: consecutive held and fill pages of one block.
   private runOpen = false;
   /** Fill byte of the run's fill pages; -1 until one joins. */
@@ -128,19 +127,15 @@ export class StreamEncoder {
   flush(): boolean {
     // After a postcopy package RAM records follow again: one cut short here could not join a run later.
     const inTail = this.parts.tailStart >= 0 && !this.parts.postcopyStarted;
-    if (!inTail && this.parser.fallbackReason === null) return false;
+    if (!inTail && this.parser.fallenBack === null) return false;
     this.closeRun();
     this.sendLiteral(this.pushedEnd);
     return true;
   }
 
-  get fallbackReason(): string | null {
-    return this.parser.fallbackReason;
-  }
-
   /** Where and why the stream stopped being parsed (null: it was parsed whole). */
   get fallback(): StreamFallback | null {
-    return this.fallbackAt;
+    return this.parser.fallenBack;
   }
 
   /** The stream switched to postcopy. */
@@ -255,10 +250,6 @@ export class StreamEncoder {
         this.closeRun();
         this.packageEnd = record.streamOffset;
         this.parts.record(record);
-        return;
-      case RecordKind.Fallback:
-        this.closeRun();
-        this.fallbackAt = { code: record.code, reason: record.reason, streamOffset: record.streamOffset };
         return;
       default:
         this.closeRun();

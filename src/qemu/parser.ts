@@ -16,6 +16,7 @@ import { StreamError, StreamErrorCode } from './errors';
 import {
   type BytesRecord,
   type FallbackCode,
+  type StreamFallback,
   type ConfigSubsection,
   type RamBlock,
   type RamMarkerRecord,
@@ -129,7 +130,12 @@ export class StreamParser {
 
   readonly framing: Framing = { configuration: null, footers: null, vmDescription: null };
   /** Set once the parser has fallen back to verbatim relay. */
-  fallbackReason: string | null = null;
+  fallenBack: StreamFallback | null = null;
+
+  /** Why the parser fell back, said for a person (null while it has not). */
+  get fallbackReason(): string | null {
+    return this.fallenBack?.reason ?? null;
+  }
 
   private readonly pageSize: number;
   private readonly pageMask: number;
@@ -1087,8 +1093,8 @@ export class StreamParser {
    * current record that were read but not emitted; they are relayed first.
    */
   private fallback(code: FallbackCode, reason: string, consumed?: Buffer): void {
-    this.fallbackReason = reason;
-    this.emit({ kind: RecordKind.Fallback, code, reason, streamOffset: this.recordStart }, this.recordStart);
+    this.fallenBack = { code, reason, streamOffset: this.recordStart };
+    this.emit({ kind: RecordKind.Fallback, ...this.fallenBack }, this.recordStart);
     if (consumed && consumed.length > 0) this.emitBytes(RecordKind.Verbatim, consumed, this.recordStart);
     if (this.input.carriedBytes > 0) this.emitBytes(RecordKind.Verbatim, this.input.takeCarried(), this.recordStart);
     this.state = State.Verbatim;

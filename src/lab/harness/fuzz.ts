@@ -516,10 +516,10 @@ function encodeToFrames(stream: Buffer, cuts: readonly number[], ctx: ProxyConte
     for (const chunk of chunksOf(stream, cuts)) encoder.push(chunk);
     encoder.end();
   } catch (err) {
-    return { wire: Buffer.concat(frames), error: err, fallback: encoder.fallbackReason !== null };
+    return { wire: Buffer.concat(frames), error: err, fallback: encoder.fallback !== null };
   }
   frames.push(encodeJson(FrameType.End, { streamBytes: encoder.counts.streamBytes, streamCheck: encoder.streamCheck, snapshotId: 'fuzz' }));
-  return { wire: Buffer.concat(frames), error: null, fallback: encoder.fallbackReason !== null };
+  return { wire: Buffer.concat(frames), error: null, fallback: encoder.fallback !== null };
 }
 
 /** The receiving side: frames in, rebuilt stream out. Returns the output and the typed error, if any. */

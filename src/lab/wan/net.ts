@@ -15,12 +15,15 @@ export function listenServer(server: Server, at: Endpoint): Promise<Endpoint> {
   });
 }
 
-/** Stops accepting; resolves once the server is closed (its connections must be ended by the caller). */
-export function closeServer(server: Server): Promise<void> {
-  return new Promise((resolve) => {
+/** Stops accepting and destroys every open connection; resolves once the server and all their sockets are closed. */
+export async function closeServer(server: Server, live: Iterable<Pair>): Promise<void> {
+  const pairs = [...live];
+  const closed = new Promise<void>((resolve) => {
     if (!server.listening) return resolve();
     server.close(() => resolve());
   });
+  for (const pair of pairs) pair.teardown(false);
+  await Promise.all([closed, ...pairs.map((p) => p.closed)]);
 }
 
 /**
