@@ -9,6 +9,7 @@ import { ensureGuestBuilt } from '../vm/guest-image';
 import { freePort } from '../vm/ports';
 import { WanEmulator } from '../wan';
 import { X86_PAGE_SIZE } from '../../qemu/constants';
+import { makeQemuTlsCredentials } from '../vm/qemu-tls';
 
 export interface BackForthOptions {
   legs: number;
@@ -41,6 +42,8 @@ export interface BackForthOptions {
   parameters?: Record<string, unknown>;
   /** Switch each leg to postcopy (migrate-start-postcopy) once QEMU has sent this many bytes. */
   postcopyAfterBytes?: number;
+  /** QEMU's own TLS on every leg (x509 credentials made for the run): the stream is encrypted end to end. */
+  qemuTls?: boolean;
 }
 
 export interface LegResult {
@@ -148,8 +151,9 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
   const control = changes.length > 0;
   const vmOptions = { machine: o.machine, memMiB: o.memMiB, workload: { mib: o.workloadMiB, seed: 5, rewritePct: o.rewritePct, intervalMs: 1000, control } };
   const siteIndex = (name: string): number => (name === 'site-a' ? 0 : 1);
+  const tls = o.qemuTls ? makeQemuTlsCredentials(path.join(tmp, 'qemu-tls')) : null;
   const startVm = (options: ConstructorParameters<typeof QemuVm>[0], site: string): QemuVm => {
-    const vm = new QemuVm({ ...options, qemuBinary: o.qemuAt?.[siteIndex(site)] });
+    const vm = new QemuVm({ ...options, qemuBinary: o.qemuAt?.[siteIndex(site)], extraArgs: tls?.args });
     if (o.downtimeLimitMs !== undefined) vm.setDowntimeLimit(o.downtimeLimitMs);
     return vm;
   };
@@ -191,15 +195,17 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           say(`  ${changedPages} pages (${((changedPages / memPages) * 100).toFixed(2)}% of RAM) rewritten at ${from.name} before leg ${leg}`);
         }
         const incoming = `tcp:127.0.0.1:${to.qemuPort}`;
-        const dest = startVm({ ...vmOptions, name: `${path_}-leg${leg}`, incoming: o.capabilities ? 'defer' : incoming }, to.name);
+        const defer = o.capabilities !== undefined || tls !== null;
+        const dest = startVm({ ...vmOptions, name: `${path_}-leg${leg}`, incoming: defer ? 'defer' : incoming }, to.name);
         await dest.start();
-        if (o.capabilities) {
-          // Capabilities such as postcopy-ram must be on at the destination before the stream arrives.
-          await dest.setMigrationCapabilities(o.capabilities);
+        if (defer) {
+          // Capabilities such as postcopy-ram, and TLS credentials, must be set at the destination before the stream arrives.
+          if (o.capabilities) await dest.setMigrationCapabilities(o.capabilities);
+          if (tls) await dest.setMigrationParameters(tls.incoming);
           await dest.migrateIncoming(incoming);
-          await vm.setMigrationCapabilities(o.capabilities);
+          if (o.capabilities) await vm.setMigrationCapabilities(o.capabilities);
         }
-        if (o.parameters) await vm.setMigrationParameters(o.parameters);
+        if (o.parameters || tls) await vm.setMigrationParameters({ ...o.parameters, ...tls?.outgoing });
         let uri: string;
         let directWan: WanEmulator | null = null;
         const wanBefore = { forward: to.inbound.bytesForward, backward: to.inbound.bytesBackward };
