@@ -1,6 +1,8 @@
 import {
   decodeHello,
   decodeOffer,
+  Feature,
+  offers,
   encodeFrame,
   encodeJson,
   FrameParser,
@@ -68,6 +70,15 @@ describe('frames', () => {
     expect(() => decodeHello(Buffer.from('not json'))).toThrow(WireError);
     expect(() => decodeOffer(Buffer.from(JSON.stringify({ site: 's', snapshotId: 5, layoutId: null, pageCount: 1, presentPages: 0 })))).toThrow(/snapshotId/);
     expect(() => decodeOffer(Buffer.from(JSON.stringify({ site: 's', snapshotId: null, layoutId: null, pageCount: -1, presentPages: 0 })))).toThrow(/pageCount/);
+  });
+
+  test('an Offer lists the features its receiver takes; an older receiver lists none', () => {
+    const base = { site: 's', snapshotId: null, layoutId: null, pageCount: 1, presentPages: 0 };
+    expect(offers(decodeOffer(Buffer.from(JSON.stringify(base))), Feature.Delta)).toBe(false);
+    expect(offers(decodeOffer(Buffer.from(JSON.stringify({ ...base, features: ['delta'] }))), Feature.Delta)).toBe(true);
+    expect(offers(decodeOffer(Buffer.from(JSON.stringify({ ...base, features: ['later-feature'] }))), Feature.Delta)).toBe(false);
+    expect(() => decodeOffer(Buffer.from(JSON.stringify({ ...base, features: 'delta' })))).toThrow(/features/);
+    expect(() => decodeOffer(Buffer.from(JSON.stringify({ ...base, features: [1] })))).toThrow(/features/);
   });
 });
 

@@ -30,6 +30,7 @@ import {
   FrameType,
   MAX_HANDSHAKE_PAYLOAD,
   PROTOCOL_VERSION,
+  Feature,
 } from '../wire/frames';
 import { Refusal, type RefusalReason } from './limits';
 import { type PooledDownstream, PooledReads } from './pooled-reads';
@@ -215,6 +216,9 @@ export class ReceiveSession {
       case FrameType.Run:
         this.requireDecoder().run(payload);
         return;
+      case FrameType.Delta:
+        this.requireDecoder().delta(payload);
+        return;
       case FrameType.TableRequest:
         this.sendTable();
         return;
@@ -287,6 +291,8 @@ export class ReceiveSession {
             layoutId: meta?.layoutId ?? null,
             pageCount: meta?.pageCount ?? 0,
             presentPages: meta?.presentPages ?? 0,
+            // Deltas patch pages this store holds: without a store there is nothing to patch.
+            features: store ? [Feature.Delta] : [],
           }),
         );
       },

@@ -30,6 +30,8 @@ import {
   MAX_HANDSHAKE_PAYLOAD,
   type OfferMessage,
   PROTOCOL_VERSION,
+  Feature,
+  offers,
 } from '../wire/frames';
 import type { RouteConfig } from './config';
 import { ReturnPathMessages } from './return-path-relay';
@@ -264,11 +266,16 @@ export class SendSession {
           this.writeFrame(bytes);
         },
         run: (run) => this.writeFrame(encodeFrame(FrameType.Run, run)),
+        delta: (delta) => {
+          this.writeFrame(frameHeader(FrameType.Delta, delta.length));
+          this.writeFrame(delta);
+        },
       },
       this.life.retained,
       (layout) => this.chooseReference(layout, offer),
       this.reads.pooled,
     );
+    this.encoder.deltas = offers(offer, Feature.Delta);
     this.resumeSource();
   }
 

@@ -4,6 +4,7 @@ import { StreamParser } from '../qemu/parser';
 import { type RamBlock, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
+import { applyPageDelta, DELTA_HEADER_BYTES, MAX_DELTA_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
 import { newCounts, type TransferCounts } from './encoder';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
@@ -40,6 +41,9 @@ export class StreamDecoder {
   private replayFirst = 0;
   /** Which record of the run the parser reads next. */
   private replayNext = 0;
+  /** The page a Delta's rebuilt data is completing in the parser (-1: none), and whether it did. */
+  private deltaPage = -1;
+  private deltaDone = false;
   private readonly pages = Buffer.allocUnsafe(MAX_RUN_HELD * X86_PAGE_SIZE);
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
@@ -139,6 +143,56 @@ export class StreamDecoder {
     } finally {
       this.replaying = null;
     }
+    this.emit(bytes, at);
+  }
+
+  /**
+   * A Delta: the data of the page whose header came last as Literal bytes, rebuilt by patching the
+   * version this store holds. The version patched and the page rebuilt are both checked against the
+   * sender's digests before a byte goes on.
+   */
+  delta(payload: Buffer): void {
+    if (this.sealed) throw new RebuildError('stream bytes after the sealed end of the stream');
+    if (payload.length < DELTA_HEADER_BYTES || payload.length > DELTA_HEADER_BYTES + MAX_DELTA_BYTES) throw new RebuildError(`Delta frame of ${payload.length} bytes`);
+    const store = this.retainer.store;
+    if (!store) throw new RebuildError('Delta frame, but this gateway keeps no store');
+    const page = payload.readUInt32BE(0);
+    if (this.layout === null || page >= this.layout.pageCount) throw new RebuildError(`Delta for page ${page}, outside the RAM layout`);
+    if (!sameDigest(store.digests, page * DIGEST_BYTES, payload, 4)) throw new RebuildError(`Delta against a version of page ${page} this store does not hold`);
+    try {
+      store.readPages(page, 1, this.pages, 0);
+    } catch (err) {
+      throw new RebuildError(`page ${page} is not held: ${errorMessage(err)}`);
+    }
+    digestOne(this.pages, 0, X86_PAGE_SIZE, this.digests, 0);
+    if (!sameDigest(this.digests, 0, payload, 4)) {
+      if (store.dropCorrupt) store.dropCorrupt(page);
+      else store.markAbsent(page);
+      throw new RebuildError(`retained page ${page} does not match its digest`);
+    }
+    const bytes = this.allocate(X86_PAGE_SIZE);
+    try {
+      applyPageDelta(this.pages, 0, payload, DELTA_HEADER_BYTES, payload.length - DELTA_HEADER_BYTES, X86_PAGE_SIZE, bytes, 0);
+    } catch (err) {
+      throw new RebuildError(`Delta for page ${page}: ${errorMessage(err)}`);
+    }
+    digestOne(bytes, 0, X86_PAGE_SIZE, this.digests, 0);
+    if (!sameDigest(this.digests, 0, payload, 4 + DIGEST_BYTES)) throw new RebuildError(`Delta for page ${page} does not rebuild the sender's page`);
+    const at = this.counts.streamBytes;
+    this.counts.streamBytes += bytes.length;
+    this.streamHash.update(bytes);
+    this.parts.feed(bytes);
+    this.deltaPage = page;
+    this.deltaDone = false;
+    try {
+      this.parser.push(bytes);
+      // The rebuilt data must be exactly the rest of that page's record.
+      if (!this.deltaDone || this.parser.recordsEnd !== this.counts.streamBytes) throw new RebuildError(`Delta for page ${page} does not complete that page's record`);
+    } finally {
+      this.deltaPage = -1;
+    }
+    this.counts.pagesDelta++;
+    this.counts.deltaBytes += payload.length;
     this.emit(bytes, at);
   }
 
@@ -294,7 +348,12 @@ export class StreamDecoder {
           this.checkReplayed(record.pageIndex);
           return;
         }
-        this.counts.pagesSent++;
+        if (this.deltaPage >= 0) {
+          if (record.pageIndex !== this.deltaPage || this.deltaDone) throw new RebuildError(`Delta for page ${this.deltaPage} rebuilt page ${record.pageIndex}`);
+          this.deltaDone = true;
+        } else {
+          this.counts.pagesSent++;
+        }
         this.retainer.retain(record, this.retainer.digestOf(record));
         return;
       case RecordKind.RamZero:

@@ -3,6 +3,7 @@ import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
 import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
+import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 
@@ -10,6 +11,8 @@ import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type Retained
 export interface EncoderSink {
   literal(bytes: Buffer): void;
   run(payload: Buffer): void;
+  /** A Delta payload (`page-delta.ts`): needed once the encoder's `deltas` is on. */
+  delta?(payload: Buffer): void;
 }
 
 export interface TransferCounts {
@@ -23,9 +26,16 @@ export interface TransferCounts {
   pagesZero: number;
   /** XBZRLE and compressed pages, passed on as they are. */
   pagesOther: number;
+  /** Normal pages sent as a delta against the version the receiver held (not counted in pagesSent). */
+  pagesDelta: number;
+  /** What those deltas took (Delta payloads), against pagesDelta × 4 KiB sent whole. */
+  deltaBytes: number;
 }
 
-export const newCounts = (): TransferCounts => ({ streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesZero: 0, pagesOther: 0 });
+/** The digest of a page the receiver does not hold. */
+const ABSENT = new Uint8Array(DIGEST_BYTES);
+
+export const newCounts = (): TransferCounts => ({ streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesZero: 0, pagesOther: 0, pagesDelta: 0, deltaBytes: 0 });
 
 /**
  * The sending gateway's codec: parses the source's stream and replaces every run of pages the
@@ -40,6 +50,17 @@ export class StreamEncoder {
    * so it always says what the receiver holds at this point of the stream.
    */
   reference: Uint8Array | null = null;
+  /**
+   * Send a changed page as a delta against the version the receiver holds, where this site's store
+   * holds that same version (the receiver said it takes Delta frames).
+   */
+  deltas = false;
+  private readonly deltaOut = new DeltaSlab();
+  private readonly basePage = Buffer.alloc(X86_PAGE_SIZE);
+  private readonly baseDigest = Buffer.alloc(DIGEST_BYTES);
+  /** Candidates to pass over before trying a delta again: random content makes every try a loss. */
+  private deltaSkip = 0;
+  private deltaMisses = 0;
   readonly counts: TransferCounts = newCounts();
   layout: PageLayout | null = null;
   /** Of the stream pushed so far, for the End message. */
@@ -269,6 +290,8 @@ export class StreamEncoder {
     } else if (record.kind === RecordKind.RamPage && reference !== null && sameDigest(reference, at, retainer.digest, 0)) {
       this.counts.pagesReused++;
       this.addToRun(true, record);
+    } else if (record.kind === RecordKind.RamPage && reference !== null && this.deltas && this.sendDelta(record, reference, at)) {
+      // sent as a delta
     } else {
       this.closeRun();
       if (record.kind === RecordKind.RamPage) this.counts.pagesSent++;
@@ -280,6 +303,51 @@ export class StreamEncoder {
       else reference.fill(0, at, at + DIGEST_BYTES);
     }
     retainer.retain(record, known);
+  }
+
+  /**
+   * Sends the page as a Delta against the version the receiver holds, when this site's store holds the
+   * same version and the delta is small; false when the page must go whole. Its header has gone as
+   * Literal bytes before the Delta.
+   */
+  private sendDelta(record: RamPageRecord, reference: Uint8Array, at: number): boolean {
+    const store = this.retainer.store;
+    if (store === null || sameDigest(reference, at, ABSENT, 0)) return false;
+    if (this.deltaSkip > 0) {
+      this.deltaSkip--;
+      return false;
+    }
+    if (reference !== store.digests && !sameDigest(reference, at, store.digests, at)) return false;
+    try {
+      store.readPages(record.pageIndex, 1, this.basePage, 0);
+    } catch {
+      return false; // not readable here: the page goes whole
+    }
+    digestOne(this.basePage, 0, X86_PAGE_SIZE, this.baseDigest, 0);
+    if (!sameDigest(this.baseDigest, 0, reference, at)) return false;
+    const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);
+    const length = encodePageDelta(this.basePage, 0, record.data, record.dataStart, X86_PAGE_SIZE, out, DELTA_HEADER_BYTES, MAX_DELTA_BYTES);
+    if (length < 0) {
+      // Each miss in a row doubles the candidates passed over (up to 256): pseudo-random rewrites cost
+      // a few store reads, not one per page.
+      this.deltaMisses = Math.min(this.deltaMisses + 1, 8);
+      this.deltaSkip = (1 << this.deltaMisses) - 1;
+      return false;
+    }
+    this.deltaMisses = 0;
+    out.writeUInt32BE(record.pageIndex, 0);
+    out.set(reference.subarray(at, at + DIGEST_BYTES), 4);
+    this.retainer.digest.copy(out, 4 + DIGEST_BYTES);
+    const payload = this.deltaOut.take(DELTA_HEADER_BYTES + length);
+    this.closeRun();
+    // The record's header goes as it is; the Delta stands for its page data, the record's last bytes.
+    this.sendLiteral(this.parser.offset - X86_PAGE_SIZE);
+    if (!this.sink.delta) throw new Error('StreamEncoder: deltas are on but the sink takes no Delta frames');
+    this.sink.delta(payload);
+    this.skipTo(this.parser.offset);
+    this.counts.pagesDelta++;
+    this.counts.deltaBytes += payload.length;
+    return true;
   }
 
   private addToRun(held: boolean, record: RamPageRecord): void {

@@ -47,6 +47,19 @@ export const enum FrameType {
    * stream's device-state tail back, so the destination cannot finish loading a damaged stream.
    */
   Seal = 12,
+  /**
+   * Sender → receiver: a page that changed since the version both sides hold, as a delta against it
+   * (payload defined by the proxy layer). Sent only to a receiver whose Offer lists `delta`.
+   */
+  Delta = 13,
+}
+
+/**
+ * What a receiver takes beyond its protocol version, listed in its Offer; a sender uses only what is
+ * listed, so gateways of one protocol version but different releases still work together.
+ */
+export const enum Feature {
+  Delta = 'delta',
 }
 
 export interface HelloMessage {
@@ -66,6 +79,8 @@ export interface OfferMessage {
   layoutId: string | null;
   pageCount: number;
   presentPages: number;
+  /** Feature names the receiver takes (absent from older receivers: none). */
+  features?: string[];
 }
 
 /** The length and XXH3-64 of the whole QEMU stream, as the sender read it. */
@@ -143,8 +158,17 @@ function decodeJson<T>(payload: Buffer, what: string, fields: Record<string, Fie
 
 export const decodeHello = (p: Buffer): HelloMessage =>
   decodeJson(p, 'Hello', { protocol: 'number', site: 'string', vm: 'string', target: 'string' });
-export const decodeOffer = (p: Buffer): OfferMessage =>
-  decodeJson(p, 'Offer', { site: 'string', snapshotId: 'nullableString', layoutId: 'nullableString', pageCount: 'number', presentPages: 'number' });
+export const decodeOffer = (p: Buffer): OfferMessage => {
+  const offer = decodeJson<OfferMessage>(p, 'Offer', { site: 'string', snapshotId: 'nullableString', layoutId: 'nullableString', pageCount: 'number', presentPages: 'number' });
+  const features: unknown = offer.features;
+  if (features !== undefined && !(Array.isArray(features) && features.length <= 64 && features.every((f) => typeof f === 'string'))) {
+    throw new WireError('Offer: field features is not a list of names');
+  }
+  return offer;
+};
+
+/** Whether an Offer lists a feature. */
+export const offers = (offer: OfferMessage, feature: Feature): boolean => offer.features?.includes(feature) ?? false;
 export const decodeEnd = (p: Buffer): EndMessage => decodeJson(p, 'End', { streamBytes: 'number', streamCheck: 'string', snapshotId: 'string' });
 export const decodeSeal = (p: Buffer): SealMessage => decodeJson(p, 'Seal', { streamBytes: 'number', streamCheck: 'string' });
 export const decodeDone = (p: Buffer): DoneMessage => decodeJson(p, 'Done', { snapshotId: 'string', streamBytes: 'number' });

@@ -506,10 +506,12 @@ function encodeToFrames(stream: Buffer, cuts: readonly number[], ctx: ProxyConte
     {
       literal: (bytes) => frames.push(frameHeader(FrameType.Literal, bytes.length), Buffer.from(bytes)),
       run: (payload) => frames.push(encodeFrame(FrameType.Run, payload)),
+      delta: (payload) => frames.push(encodeFrame(FrameType.Delta, payload)),
     },
     sender,
     () => {
       if (sender) encoder.reference = sender.digests;
+      encoder.deltas = sender !== null;
     },
   );
   try {
@@ -532,6 +534,7 @@ export function decodeFrames(wire: Buffer, cuts: readonly number[], ctx: ProxyCo
       if (ended) throw new ProtocolError(`frame type ${type} after End`);
       if (type === FrameType.Literal) decoder.literal(payload);
       else if (type === FrameType.Run) decoder.run(payload);
+      else if (type === FrameType.Delta) decoder.delta(payload);
       else if (type === FrameType.End) {
         const end = decodeEnd(payload);
         decoder.end(end.streamBytes, end.streamCheck);

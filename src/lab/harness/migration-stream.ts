@@ -57,6 +57,24 @@ export function dirty(memory: GuestMemory, share: number, seed: number): number[
   return changed;
 }
 
+/**
+ * Rewrites `bytes` bytes at pseudo-random offsets inside a `share` of the pages, as a database or a
+ * key-value store changes records in place; returns the pages changed.
+ */
+export function patchPages(memory: GuestMemory, share: number, bytes: number, seed: number): number[] {
+  const changed: number[] = [];
+  let x = seed >>> 0 || 7;
+  const next = (): number => (x = (Math.imul(x, 1103515245) + 12345) >>> 0);
+  for (let i = 0; i < memory.pages.length; i++) {
+    if (next() / 2 ** 32 >= share) continue;
+    const page = Buffer.from(memory.pages[i]);
+    for (let b = 0; b < bytes; b++) page[next() % PAGE] ^= 1 + (next() % 255);
+    memory.pages[i] = page;
+    changed.push(i);
+  }
+  return changed;
+}
+
 export interface StreamShape {
   machine?: string;
   /** The source says SWITCHOVER_START as it stops the guest (QEMU 10.0 machine types). */

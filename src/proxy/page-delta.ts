@@ -1,0 +1,63 @@
+import { DIGEST_BYTES, nativeFunction } from '../digest';
+
+/**
+ * A Delta frame's payload: one RAM page that changed since the version both gateways hold, as the
+ * byte ranges that differ from that version (`native/pagedelta.c`: ULEB128 unchanged bytes, ULEB128
+ * changed bytes, the changed bytes; the rest of the page is unchanged).
+ *
+ *   u32 page index (in the stream's RAM layout) | 16-byte XXH3-128 of the version it patches
+ *   | 16-byte XXH3-128 of the new content | the ranges
+ *
+ * The Delta stands for the page's 4 KiB of data only: the record's header word (and block name) goes
+ * before it as Literal bytes. The receiver patches the version it holds, checks the result against
+ * the new digest, and passes the page on; any mismatch fails the migration.
+ */
+export const DELTA_HEADER_BYTES = 4 + 2 * DIGEST_BYTES;
+
+/**
+ * Largest delta worth sending: above it the page goes whole. A delta costs a store read on both sides
+ * and a patch; under a quarter of a page saved it is not worth it.
+ */
+export const MAX_DELTA_BYTES = 3072;
+
+type EncodeFn = (old: Uint8Array, oldStart: number, next: Uint8Array, nextStart: number, pageSize: number, out: Uint8Array, outStart: number, maxLen: number) => number;
+type ApplyFn = (old: Uint8Array, oldStart: number, delta: Uint8Array, deltaStart: number, deltaLen: number, pageSize: number, out: Uint8Array, outStart: number) => void;
+
+function native<T>(name: string): T {
+  const fn = nativeFunction(name);
+  if (typeof fn !== 'function') throw new Error(`bfmig: the native addon lacks ${name}; rebuild it (npm run build:native)`);
+  return fn as T;
+}
+
+/** Writes the ranges of `next` that differ from `old` at out[outStart…]; their length, or -1 above maxLen. */
+export const encodePageDelta: EncodeFn = native<EncodeFn>('pageDeltaEncode');
+/** Writes `old` patched by the ranges at out[outStart…]; throws RangeError on a malformed delta. */
+export const applyPageDelta: ApplyFn = native<ApplyFn>('pageDeltaApply');
+
+const SLAB_BYTES = 256 * 1024;
+
+/**
+ * Where the encoder lays out Delta payloads: consecutive pieces of 256 KiB slabs, so a delta costs no
+ * allocation of its own. A slab is never written again once a payload was taken from it; it goes when
+ * the last payload in it has been sent.
+ */
+export class DeltaSlab {
+  private slab = Buffer.allocUnsafe(SLAB_BYTES);
+  private used = 0;
+
+  /** Room for `bytes` at the slab's free end (valid until the next reserve()). */
+  reserve(bytes: number): Buffer {
+    if (this.used + bytes > SLAB_BYTES) {
+      this.slab = Buffer.allocUnsafe(SLAB_BYTES);
+      this.used = 0;
+    }
+    return this.slab.subarray(this.used, this.used + bytes);
+  }
+
+  /** The first `bytes` of what reserve() gave, now owned by the caller. */
+  take(bytes: number): Buffer {
+    const out = this.slab.subarray(this.used, this.used + bytes);
+    this.used += bytes;
+    return out;
+  }
+}

@@ -1,0 +1,69 @@
+/**
+ * Delta frames between two real gateways on loopback: a page changed in a few bytes since the far site
+ * last held it crosses as the bytes that changed, and the destination still gets the source's stream
+ * byte for byte.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import type { MigrationReport } from '../src/gateway/session';
+import { startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { dirty, guestMemory, migrationStream, PAGE, patchPages } from '../src/lab/harness/migration-stream';
+
+async function migrate(from: TestSite, to: TestSite, stream: Buffer): Promise<{ received: Buffer; sent: MigrationReport; got: MigrationReport }> {
+  const dest = await destinationStandIn(to.destPort);
+  const before = [from.gateway.history.length, to.gateway.history.length];
+  await sourceStandIn(from.routePort, stream);
+  await waitFor(() => from.gateway.history.length > before[0] && to.gateway.history.length > before[1]);
+  dest.close();
+  return { received: (await dest.received).bytes, sent: from.gateway.history[before[0]], got: to.gateway.history[before[1]] };
+}
+
+describe('page deltas through a gateway pair', () => {
+  let tmp = '';
+  let a: TestSite;
+  let b: TestSite;
+
+  beforeAll(async () => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-deltas-'));
+    [a, b] = await startPair(tmp);
+  });
+
+  afterAll(async () => {
+    await a?.gateway.stop(1);
+    await b?.gateway.stop(1);
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  test('there, back with small in-page changes, and back again with pages rewritten whole', async () => {
+    const memory = guestMemory([['pc.ram', 4000]], 21);
+    const first = migrationStream(memory, []);
+    const leg1 = await migrate(a, b, first);
+    expect(leg1.received.equals(first)).toBe(true);
+    expect(leg1.sent.counts.pagesDelta).toBe(0); // nothing held at B yet
+
+    // At B the guest changes 32 bytes in each of 20% of its pages.
+    const changed = patchPages(memory, 0.2, 32, 3);
+    const back = migrationStream(memory, []);
+    const leg2 = await migrate(b, a, back);
+    expect(leg2.received.equals(back)).toBe(true);
+    expect(leg2.got.result).toBe('completed');
+    expect(leg2.sent.counts.pagesDelta).toBeGreaterThan(0.9 * changed.length);
+    expect(leg2.got.counts.pagesDelta).toBe(leg2.sent.counts.pagesDelta);
+    // What crossed for the changed pages: about their changed bytes, far below the pages themselves.
+    expect(leg2.sent.counts.deltaBytes).toBeLessThan(0.1 * leg2.sent.counts.pagesDelta * PAGE);
+    expect(leg2.sent.wanBytesOut).toBeLessThan(0.1 * changed.length * PAGE + 0.02 * first.length);
+
+    // At A the guest rewrites 10% of its pages whole: they go in full, the stream still exact.
+    const rewritten = dirty(memory, 0.1, 4);
+    const third = migrationStream(memory, []);
+    const leg3 = await migrate(a, b, third);
+    expect(leg3.received.equals(third)).toBe(true);
+    expect(leg3.sent.counts.pagesSent).toBeGreaterThanOrEqual(rewritten.length - leg3.sent.counts.pagesDelta);
+    expect(leg3.sent.counts.pagesDelta).toBeLessThan(0.01 * rewritten.length + 1);
+    // Both gateways' log lines say how many pages crossed as deltas, and what they took.
+    expect(a.logs.some((l) => l.msg === 'migration completed' && l.direction === 'receive' && l.pagesDelta === leg2.sent.counts.pagesDelta && l.deltaBytes === leg2.sent.counts.deltaBytes)).toBe(true);
+    expect(b.logs.some((l) => l.msg === 'migration completed' && l.direction === 'send' && l.pagesDelta === leg2.sent.counts.pagesDelta)).toBe(true);
+  });
+});

@@ -1,0 +1,200 @@
+import * as path from 'node:path';
+import { DIGEST_BYTES } from '../src/digest';
+import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
+import { StreamEncoder } from '../src/proxy/encoder';
+import { applyPageDelta, DELTA_HEADER_BYTES, encodePageDelta, MAX_DELTA_BYTES } from '../src/proxy/page-delta';
+import { PageStore } from '../src/store';
+import { FRAME_HEADER_BYTES } from '../src/wire/frames';
+import { dirty, guestMemory, migrationStream, PAGE, patchPages } from '../src/lab/harness/migration-stream';
+import { testTempDir } from './temp-dir';
+
+let root = '';
+beforeEach(() => {
+  root = testTempDir('bfmig-delta-');
+});
+
+function lcg(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => (x = (Math.imul(x, 1103515245) + 12345) >>> 0);
+}
+
+function randomPage(next: () => number): Buffer {
+  const page = Buffer.alloc(PAGE);
+  for (let w = 0; w < PAGE; w += 4) page.writeUInt32LE(next(), w);
+  return page;
+}
+
+describe('page deltas (native)', () => {
+  test('patching the old page with the delta gives the new page, for changes anywhere', () => {
+    const next = lcg(3);
+    const out = Buffer.alloc(MAX_DELTA_BYTES);
+    const rebuilt = Buffer.alloc(PAGE);
+    for (let trial = 0; trial < 400; trial++) {
+      const old = randomPage(next);
+      const fresh = Buffer.from(old);
+      const changes = trial % 40;
+      for (let c = 0; c < changes; c++) fresh[next() % PAGE] = next() & 0xff;
+      if (trial % 7 === 0) fresh[0] ^= 0x80; // the very first byte
+      if (trial % 11 === 0) fresh[PAGE - 1] ^= 0x01; // and the last
+      const length = encodePageDelta(old, 0, fresh, 0, PAGE, out, 0, MAX_DELTA_BYTES);
+      expect(length).toBeGreaterThanOrEqual(0);
+      // Each changed byte costs itself plus at most a few length bytes, and a word's neighbours at worst.
+      expect(length).toBeLessThanOrEqual(((changes + 2) * 20));
+      rebuilt.fill(0xee);
+      applyPageDelta(old, 0, out, 0, length, PAGE, rebuilt, 0);
+      expect(rebuilt.equals(fresh)).toBe(true);
+    }
+  });
+
+  test('an unchanged page is an empty delta; a rewritten one does not fit', () => {
+    const next = lcg(4);
+    const old = randomPage(next);
+    const out = Buffer.alloc(MAX_DELTA_BYTES);
+    expect(encodePageDelta(old, 0, Buffer.from(old), 0, PAGE, out, 0, MAX_DELTA_BYTES)).toBe(0);
+    expect(encodePageDelta(old, 0, randomPage(next), 0, PAGE, out, 0, MAX_DELTA_BYTES)).toBe(-1);
+  });
+
+  test('malformed deltas are refused, never written past the page', () => {
+    const old = Buffer.alloc(PAGE, 1);
+    const out = Buffer.alloc(PAGE + 64, 0xaa);
+    const bad: [string, number[]][] = [
+      ['a range past the page', [0x80, 0x20, 0x01, 0xff]], // skip 4096, then 1 byte
+      ['a skip past the page', [0x81, 0x20, 0x00]],
+      ['truncated data', [0x00, 0x05, 1, 2]],
+      ['a truncated length', [0x80]],
+      ['an overlong length', [0xff, 0xff, 0xff, 0x7f, 0x00]],
+    ];
+    for (const [what, bytes] of bad) {
+      expect(() => applyPageDelta(old, 0, Buffer.from(bytes), 0, bytes.length, PAGE, out, 0)).toThrow(/page delta/);
+      expect(out.subarray(PAGE).every((b) => b === 0xaa)).toBe(true);
+      void what;
+    }
+    // Random bytes either patch within the page or are refused.
+    const next = lcg(9);
+    for (let trial = 0; trial < 2000; trial++) {
+      const delta = Buffer.from(Array.from({ length: 1 + (next() % 12) }, () => next() & 0xff));
+      try {
+        applyPageDelta(old, 0, delta, 0, delta.length, PAGE, out, 0);
+      } catch (err) {
+        expect(String(err)).toMatch(/RangeError: page delta/);
+      }
+      expect(out.subarray(PAGE).every((b) => b === 0xaa)).toBe(true);
+    }
+  });
+});
+
+const LAYOUT: [string, number][] = [
+  ['pc.ram', 2000],
+  ['0000:00:02.0/vga.vram', 64],
+];
+
+/** One migration through an encoder and a decoder over frames; returns the rebuilt stream and WAN bytes. */
+function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void) {
+  let wan = 0;
+  const out: Buffer[] = [];
+  const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), receiver);
+  const encoder = new StreamEncoder(
+    {
+      literal: (bytes) => {
+        wan += FRAME_HEADER_BYTES + bytes.length;
+        decoder.literal(Buffer.from(bytes));
+      },
+      run: (payload) => {
+        wan += FRAME_HEADER_BYTES + payload.length;
+        decoder.run(payload);
+      },
+      delta: (payload) => {
+        wan += FRAME_HEADER_BYTES + payload.length;
+        const copy = Buffer.from(payload);
+        tamper?.(copy);
+        decoder.delta(copy);
+      },
+    },
+    sender,
+    () => {
+      encoder.reference = sender.digests;
+      encoder.deltas = deltas;
+    },
+  );
+  for (let at = 0; at < stream.length; at += 50_000) encoder.push(stream.subarray(at, at + 50_000));
+  encoder.end();
+  decoder.end(stream.length, encoder.streamCheck);
+  return { rebuilt: Buffer.concat(out), wan, encoder, decoder };
+}
+
+function firstLeg(seed: number) {
+  const memory = guestMemory(LAYOUT, seed);
+  const a = PageStore.open(path.join(root, 'a'), 'vm');
+  const b = PageStore.open(path.join(root, 'b'), 'vm');
+  const first = migrationStream(memory, []);
+  expect(migrate(first, a, b, true).rebuilt.equals(first)).toBe(true);
+  a.commit('snap-1');
+  b.commit('snap-1');
+  return { memory, a, b };
+}
+
+describe('Delta frames between an encoder and a decoder', () => {
+  test('pages with small changes cross as deltas; the stream and both stores come out exact', () => {
+    const { memory, a, b } = firstLeg(5);
+    // At site B the guest changes 64 bytes in each of 10% of its pages, and also rewrites one page in
+    // the middle of a pass twice (the second version patches the first).
+    const changed = patchPages(memory, 0.1, 64, 11);
+    const stream = migrationStream(memory, [changed.slice(0, 5)]);
+    const withDeltas = migrate(stream, b, a, true);
+    expect(withDeltas.rebuilt.equals(stream)).toBe(true);
+    expect(Buffer.from(a.digests).equals(Buffer.from(b.digests))).toBe(true);
+    const { counts } = withDeltas.encoder;
+    expect(counts.pagesDelta).toBeGreaterThan(0.9 * changed.length);
+    expect(withDeltas.decoder.counts.pagesDelta).toBe(counts.pagesDelta);
+    expect(withDeltas.decoder.counts.deltaBytes).toBe(counts.deltaBytes);
+    const page = Buffer.alloc(PAGE);
+    for (const i of changed.slice(0, 50)) {
+      a.readPages(i, 1, page, 0);
+      expect(page.equals(memory.pages[i])).toBe(true);
+    }
+    // The changed pages cost well under a tenth of their size.
+    a.commit('snap-2');
+    b.commit('snap-2');
+    const idle = migrate(migrationStream(memory, []), a, b, true);
+    expect(withDeltas.wan - idle.wan).toBeLessThan(0.1 * changed.length * PAGE);
+  });
+
+  test('pseudo-random rewrites go whole, at no more than 1% above a migration without deltas', () => {
+    const { memory, a, b } = firstLeg(6);
+    dirty(memory, 0.2, 12);
+    const stream = migrationStream(memory, []);
+    const aCopy = PageStore.open(path.join(root, 'a2'), 'vm');
+    const bCopy = PageStore.open(path.join(root, 'b2'), 'vm');
+    // The same two stores once more, so the two runs start alike.
+    const again = migrationStream(guestMemory(LAYOUT, 6), []);
+    migrate(again, aCopy, bCopy, false);
+    aCopy.commit('snap-1');
+    bCopy.commit('snap-1');
+    const tried = migrate(stream, b, a, true);
+    const plain = migrate(stream, bCopy, aCopy, false);
+    expect(tried.rebuilt.equals(stream)).toBe(true);
+    expect(tried.encoder.counts.pagesDelta).toBe(0);
+    expect(tried.wan).toBeLessThanOrEqual(plain.wan * 1.01);
+  });
+
+  test('a Delta damaged on the way, or against a version the receiver does not hold, fails the migration', () => {
+    const { memory, a, b } = firstLeg(7);
+    const changed = patchPages(memory, 0.05, 16, 13);
+    const stream = migrationStream(memory, []);
+    expect(changed.length).toBeGreaterThan(0);
+    // A byte of the patch flipped: the rebuilt page does not match the sender's digest.
+    expect(() => migrate(stream, b, a, true, (p) => (p[p.length - 1] ^= 1))).toThrow(RebuildError);
+  });
+
+  test.each([
+    ['names a version the receiver does not hold', (p: Buffer) => void (p[4] ^= 1), /does not hold/],
+    ['names a page outside the layout', (p: Buffer) => void p.writeUInt32BE(0xffffff, 0), /outside the RAM layout/],
+    ['names another page than the record it completes', (p: Buffer) => void p.writeUInt32BE(p.readUInt32BE(0) === 0 ? 1 : 0, 0), /does not hold|does not rebuild|rebuilt page/],
+    ['is cut short', (p: Buffer) => void p.fill(0, DELTA_HEADER_BYTES - DIGEST_BYTES, DELTA_HEADER_BYTES), /does not rebuild/],
+  ])('a Delta that %s fails the migration', (_what, tamper, message) => {
+    const { memory, a, b } = firstLeg(8);
+    patchPages(memory, 0.05, 16, 14);
+    const stream = migrationStream(memory, []);
+    expect(() => migrate(stream, b, a, true, tamper)).toThrow(message);
+  });
+});
