@@ -61,7 +61,8 @@ export class ConsoleFile {
    * The first match of `re` in complete lines after `since`; rejects as soon as the guest reports a
    * failure there (QemuVm's DEFAULT_SERIAL_FAIL) or when `timeoutMs` passes.
    */
-  async waitFor(re: RegExp, timeoutMs: number, since = 0): Promise<RegExpExecArray> {
+  async waitFor(pattern: RegExp, timeoutMs: number, since = 0): Promise<RegExpExecArray> {
+    const re = new RegExp(pattern.source, pattern.flags.replace('g', ''));
     const until = Date.now() + timeoutMs;
     for (;;) {
       const text = fs.readFileSync(this.path, 'latin1').slice(since);
