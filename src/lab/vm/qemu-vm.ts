@@ -61,6 +61,21 @@ export interface WorkloadParams {
   control?: boolean;
 }
 
+/** The guest's kernel command line: the image's own words, then the workload's parameters and `appendExtra`. */
+export function guestKernelCmdline(img: GuestImage, w: WorkloadParams, appendExtra?: string): string {
+  const words = [img.baseCmdline];
+  if (w.mib !== undefined) words.push(`workload.mib=${w.mib}`);
+  if (w.seed !== undefined) words.push(`workload.seed=${w.seed}`);
+  if (w.rewritePct !== undefined) words.push(`workload.rewrite=${w.rewritePct}`);
+  if (w.intervalMs !== undefined) words.push(`workload.interval=${w.intervalMs}`);
+  if (w.reportEvery !== undefined) words.push(`workload.report=${w.reportEvery}`);
+  if (w.faultRound !== undefined) words.push(`workload.fault=${w.faultRound}`);
+  if (w.mode !== undefined) words.push(`workload.mode=${w.mode}`);
+  if (w.control) words.push('workload.control=ttyS1');
+  if (appendExtra) words.push(appendExtra);
+  return words.join(' ');
+}
+
 export interface QemuVmOptions {
   /** Label used in the QEMU -name, temp dir and error messages. */
   name?: string;
@@ -201,21 +216,6 @@ export class QemuVm {
     return this.qmpClient?.events ?? [];
   }
 
-  private kernelCmdline(img: GuestImage): string {
-    const w = this.options.workload ?? {};
-    const words = [img.baseCmdline];
-    if (w.mib !== undefined) words.push(`workload.mib=${w.mib}`);
-    if (w.seed !== undefined) words.push(`workload.seed=${w.seed}`);
-    if (w.rewritePct !== undefined) words.push(`workload.rewrite=${w.rewritePct}`);
-    if (w.intervalMs !== undefined) words.push(`workload.interval=${w.intervalMs}`);
-    if (w.reportEvery !== undefined) words.push(`workload.report=${w.reportEvery}`);
-    if (w.faultRound !== undefined) words.push(`workload.fault=${w.faultRound}`);
-    if (w.mode !== undefined) words.push(`workload.mode=${w.mode}`);
-    if (w.control) words.push('workload.control=ttyS1');
-    if (this.options.appendExtra) words.push(this.options.appendExtra);
-    return words.join(' ');
-  }
-
   private async accelArgs(qemu: string, img: GuestImage, guestDir: string): Promise<string[]> {
     const env = process.env.BFMIG_QEMU_ACCEL;
     const fromEnv: Accel | undefined = env === 'kvm' || env === 'tcg' || env === 'auto' ? env : undefined;
@@ -256,7 +256,7 @@ export class QemuVm {
       '-initrd',
       img.initrd,
       '-append',
-      this.kernelCmdline(img),
+      guestKernelCmdline(img, this.options.workload ?? {}, this.options.appendExtra),
     ];
     if (o.workload?.control) {
       args.push('-chardev', `socket,id=control0,path=${this.controlSocketPath},server=on,wait=off`, '-serial', 'chardev:control0');
