@@ -2,7 +2,7 @@ import * as path from 'node:path';
 import { DIGEST_BYTES } from '../src/digest';
 import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
 import { StreamEncoder } from '../src/proxy/encoder';
-import { applyPageDelta, DELTA_HEADER_BYTES, encodePageDelta, MAX_DELTA_BYTES } from '../src/proxy/page-delta';
+import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, encodePageDelta, MAX_DELTA_BYTES } from '../src/proxy/page-delta';
 import { PageStore } from '../src/store';
 import { FRAME_HEADER_BYTES } from '../src/wire/frames';
 import { dirty, guestMemory, migrationStream, PAGE, patchPages } from '../src/lab/harness/migration-stream';
@@ -186,8 +186,24 @@ describe('Delta frames between an encoder and a decoder', () => {
     expect(() => migrate(stream, b, a, true, (p) => (p[p.length - 1] ^= 1))).toThrow(RebuildError);
   });
 
+  test('a page whose content the receiver holds elsewhere goes as a reference to it', () => {
+    const { memory, a, b } = firstLeg(9);
+    // At B the guest moves pages around (page cache that moved): pages 100..199 take 1000..1099's content.
+    for (let i = 0; i < 100; i++) memory.pages[100 + i] = Buffer.from(memory.pages[1000 + i]);
+    const stream = migrationStream(memory, []);
+    const leg = migrate(stream, b, a, true);
+    expect(leg.rebuilt.equals(stream)).toBe(true);
+    const nonZero = memory.pages.slice(1000, 1100).filter((p) => p.some((x) => x !== 0)).length;
+    expect(leg.encoder.counts.pagesMatched).toBeGreaterThanOrEqual(nonZero);
+    expect(leg.decoder.counts.pagesMatched).toBe(leg.encoder.counts.pagesMatched);
+    expect(leg.encoder.counts.pagesSent).toBe(0);
+    const page = Buffer.alloc(PAGE);
+    a.readPages(150, 1, page, 0);
+    expect(page.equals(memory.pages[1050])).toBe(true);
+  });
+
   test.each([
-    ['names a version the receiver does not hold', (p: Buffer) => void (p[4] ^= 1), /does not hold/],
+    ['names a version the receiver does not hold', (p: Buffer) => void (p[DELTA_BASE_DIGEST_AT] ^= 1), /does not hold/],
     ['names a page outside the layout', (p: Buffer) => void p.writeUInt32BE(0xffffff, 0), /outside the RAM layout/],
     ['names another page than the record it completes', (p: Buffer) => void p.writeUInt32BE(p.readUInt32BE(0) === 0 ? 1 : 0, 0), /does not hold|does not rebuild|rebuilt page/],
     ['is cut short', (p: Buffer) => void p.fill(0, DELTA_HEADER_BYTES - DIGEST_BYTES, DELTA_HEADER_BYTES), /does not rebuild/],

@@ -24,6 +24,7 @@ interface Totals {
   reused: number;
   zero: number;
   delta: number;
+  matched: number;
 }
 
 /**
@@ -318,9 +319,9 @@ export class Gateway implements SessionObserver {
     this.log.info({ vm, direction, ...fields }, message);
   }
 
-  progress(vm: string, direction: Direction, now: { streamBytes: number; wanBytes: number; counts: { pagesSent: number; pagesReused: number; pagesZero: number; pagesDelta: number } }): void {
+  progress(vm: string, direction: Direction, now: { streamBytes: number; wanBytes: number; counts: { pagesSent: number; pagesReused: number; pagesZero: number; pagesDelta: number; pagesMatched: number } }): void {
     const key = `${vm}\u0000${direction}`;
-    const before = this.totals.get(key) ?? { streamBytes: 0, wanBytes: 0, sent: 0, reused: 0, zero: 0, delta: 0 };
+    const before = this.totals.get(key) ?? { streamBytes: 0, wanBytes: 0, sent: 0, reused: 0, zero: 0, delta: 0, matched: 0 };
     const m = this.metrics;
     if (m) {
       m.addStreamBytes(vm, direction, now.streamBytes - before.streamBytes);
@@ -329,8 +330,9 @@ export class Gateway implements SessionObserver {
       m.addPages(vm, direction, 'reused', now.counts.pagesReused - before.reused);
       m.addPages(vm, direction, 'zero', now.counts.pagesZero - before.zero);
       m.addPages(vm, direction, 'delta', now.counts.pagesDelta - before.delta);
+      m.addPages(vm, direction, 'matched', now.counts.pagesMatched - before.matched);
     }
-    this.totals.set(key, { streamBytes: now.streamBytes, wanBytes: now.wanBytes, sent: now.counts.pagesSent, reused: now.counts.pagesReused, zero: now.counts.pagesZero, delta: now.counts.pagesDelta });
+    this.totals.set(key, { streamBytes: now.streamBytes, wanBytes: now.wanBytes, sent: now.counts.pagesSent, reused: now.counts.pagesReused, zero: now.counts.pagesZero, delta: now.counts.pagesDelta, matched: now.counts.pagesMatched });
   }
 
   finished(report: MigrationReport): void {
@@ -357,7 +359,7 @@ export class Gateway implements SessionObserver {
       pagesSent: report.counts.pagesSent,
       pagesReused: report.counts.pagesReused,
       pagesZero: report.counts.pagesZero,
-      ...(report.counts.pagesDelta > 0 ? { pagesDelta: report.counts.pagesDelta, deltaBytes: report.counts.deltaBytes } : {}),
+      ...(report.counts.deltaBytes > 0 ? { pagesDelta: report.counts.pagesDelta, pagesMatched: report.counts.pagesMatched, deltaBytes: report.counts.deltaBytes } : {}),
       mode: report.mode,
       snapshotId: report.snapshotId,
       ...(report.postcopy ? { postcopy: true } : {}),

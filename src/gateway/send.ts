@@ -299,6 +299,11 @@ export class SendSession {
     } else {
       this.mode = 'none';
     }
+    if (this.mode === 'none' && encoder && offers(offer, Feature.Delta)) {
+      // The receiver holds nothing of this layout yet, but will hold every page it is sent: a page whose
+      // content came earlier in this migration can still go as a reference to it.
+      encoder.reference = new Uint8Array(layout.pageCount * DIGEST_BYTES);
+    }
     this.life.event('reuse decided', { mode: this.mode, pages: layout.pageCount });
   }
 

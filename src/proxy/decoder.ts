@@ -4,7 +4,7 @@ import { StreamParser } from '../qemu/parser';
 import { type RamBlock, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
-import { applyPageDelta, DELTA_HEADER_BYTES, MAX_DELTA_BYTES } from './page-delta';
+import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
 import { newCounts, type TransferCounts } from './encoder';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
@@ -157,18 +157,19 @@ export class StreamDecoder {
     const store = this.retainer.store;
     if (!store) throw new RebuildError('Delta frame, but this gateway keeps no store');
     const page = payload.readUInt32BE(0);
-    if (this.layout === null || page >= this.layout.pageCount) throw new RebuildError(`Delta for page ${page}, outside the RAM layout`);
-    if (!sameDigest(store.digests, page * DIGEST_BYTES, payload, 4)) throw new RebuildError(`Delta against a version of page ${page} this store does not hold`);
+    const base = payload.readUInt32BE(4);
+    if (this.layout === null || page >= this.layout.pageCount || base >= this.layout.pageCount) throw new RebuildError(`Delta for page ${page} from page ${base}, outside the RAM layout`);
+    if (!sameDigest(store.digests, base * DIGEST_BYTES, payload, DELTA_BASE_DIGEST_AT)) throw new RebuildError(`Delta from a version of page ${base} this store does not hold`);
     try {
-      store.readPages(page, 1, this.pages, 0);
+      store.readPages(base, 1, this.pages, 0);
     } catch (err) {
-      throw new RebuildError(`page ${page} is not held: ${errorMessage(err)}`);
+      throw new RebuildError(`page ${base} is not held: ${errorMessage(err)}`);
     }
     digestOne(this.pages, 0, X86_PAGE_SIZE, this.digests, 0);
-    if (!sameDigest(this.digests, 0, payload, 4)) {
-      if (store.dropCorrupt) store.dropCorrupt(page);
-      else store.markAbsent(page);
-      throw new RebuildError(`retained page ${page} does not match its digest`);
+    if (!sameDigest(this.digests, 0, payload, DELTA_BASE_DIGEST_AT)) {
+      if (store.dropCorrupt) store.dropCorrupt(base);
+      else store.markAbsent(base);
+      throw new RebuildError(`retained page ${base} does not match its digest`);
     }
     const bytes = this.allocate(X86_PAGE_SIZE);
     try {
@@ -177,7 +178,7 @@ export class StreamDecoder {
       throw new RebuildError(`Delta for page ${page}: ${errorMessage(err)}`);
     }
     digestOne(bytes, 0, X86_PAGE_SIZE, this.digests, 0);
-    if (!sameDigest(this.digests, 0, payload, 4 + DIGEST_BYTES)) throw new RebuildError(`Delta for page ${page} does not rebuild the sender's page`);
+    if (!sameDigest(this.digests, 0, payload, DELTA_NEW_DIGEST_AT)) throw new RebuildError(`Delta for page ${page} does not rebuild the sender's page`);
     const at = this.counts.streamBytes;
     this.counts.streamBytes += bytes.length;
     this.streamHash.update(bytes);
@@ -191,7 +192,8 @@ export class StreamDecoder {
     } finally {
       this.deltaPage = -1;
     }
-    this.counts.pagesDelta++;
+    if (base === page) this.counts.pagesDelta++;
+    else this.counts.pagesMatched++;
     this.counts.deltaBytes += payload.length;
     this.emit(bytes, at);
   }

@@ -3,7 +3,8 @@ import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
 import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
-import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES } from './page-delta';
+import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES } from './page-delta';
+import { ContentIndex } from './content-index';
 import { StreamParts } from './stream-parts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 
@@ -28,14 +29,16 @@ export interface TransferCounts {
   pagesOther: number;
   /** Normal pages sent as a delta against the version the receiver held (not counted in pagesSent). */
   pagesDelta: number;
-  /** What those deltas took (Delta payloads), against pagesDelta × 4 KiB sent whole. */
+  /** Normal pages sent as a reference to another page the receiver held with the same content. */
+  pagesMatched: number;
+  /** What deltas and content matches took (Delta payloads), against (pagesDelta + pagesMatched) × 4 KiB sent whole. */
   deltaBytes: number;
 }
 
 /** The digest of a page the receiver does not hold. */
 const ABSENT = new Uint8Array(DIGEST_BYTES);
 
-export const newCounts = (): TransferCounts => ({ streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesZero: 0, pagesOther: 0, pagesDelta: 0, deltaBytes: 0 });
+export const newCounts = (): TransferCounts => ({ streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesZero: 0, pagesOther: 0, pagesDelta: 0, pagesMatched: 0, deltaBytes: 0 });
 
 /**
  * The sending gateway's codec: parses the source's stream and replaces every run of pages the
@@ -61,6 +64,9 @@ export class StreamEncoder {
   /** Candidates to pass over before trying a delta again: random content makes every try a loss. */
   private deltaSkip = 0;
   private deltaMisses = 0;
+  private contentIndex: ContentIndex | null = null;
+  /** The reference the content index was built over. */
+  private indexed: Uint8Array | null = null;
   readonly counts: TransferCounts = newCounts();
   layout: PageLayout | null = null;
   /** Of the stream pushed so far, for the End message. */
@@ -303,14 +309,24 @@ export class StreamEncoder {
       else reference.fill(0, at, at + DIGEST_BYTES);
     }
     retainer.retain(record, known);
+    if (known && record.kind === RecordKind.RamPage && this.contentIndex !== null) this.contentIndex.add(record.pageIndex, retainer.digest, 0);
   }
 
   /**
-   * Sends the page as a Delta against the version the receiver holds, when this site's store holds the
-   * same version and the delta is small; false when the page must go whole. Its header has gone as
-   * Literal bytes before the Delta.
+   * Sends the page as a Delta: as a reference to another page the receiver holds with the same content,
+   * or as the ranges that changed from the version of this page the receiver holds, when this site's
+   * store holds that same version and they are few. False when the page must go whole.
    */
   private sendDelta(record: RamPageRecord, reference: Uint8Array, at: number): boolean {
+    const page = record.pageIndex;
+    const digest = this.retainer.digest;
+    const index = this.contentIndexOf(reference);
+    const match = index.find(digest, 0);
+    if (match >= 0) {
+      this.emitDelta(page, match, digest, 0, 0);
+      this.counts.pagesMatched++;
+      return true;
+    }
     const store = this.retainer.store;
     if (store === null || sameDigest(reference, at, ABSENT, 0)) return false;
     if (this.deltaSkip > 0) {
@@ -319,7 +335,7 @@ export class StreamEncoder {
     }
     if (reference !== store.digests && !sameDigest(reference, at, store.digests, at)) return false;
     try {
-      store.readPages(record.pageIndex, 1, this.basePage, 0);
+      store.readPages(page, 1, this.basePage, 0);
     } catch {
       return false; // not readable here: the page goes whole
     }
@@ -328,16 +344,25 @@ export class StreamEncoder {
     const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);
     const length = encodePageDelta(this.basePage, 0, record.data, record.dataStart, X86_PAGE_SIZE, out, DELTA_HEADER_BYTES, MAX_DELTA_BYTES);
     if (length < 0) {
-      // Each miss in a row doubles the candidates passed over (up to 256): pseudo-random rewrites cost
+      // Each miss in a row doubles the candidates passed over (up to 255): pseudo-random rewrites cost
       // a few store reads, not one per page.
       this.deltaMisses = Math.min(this.deltaMisses + 1, 8);
       this.deltaSkip = (1 << this.deltaMisses) - 1;
       return false;
     }
     this.deltaMisses = 0;
-    out.writeUInt32BE(record.pageIndex, 0);
-    out.set(reference.subarray(at, at + DIGEST_BYTES), 4);
-    this.retainer.digest.copy(out, 4 + DIGEST_BYTES);
+    this.emitDelta(page, page, this.baseDigest, 0, length);
+    this.counts.pagesDelta++;
+    return true;
+  }
+
+  /** Completes the Delta laid out in `deltaOut` (its ranges already there, `length` bytes) and sends it in the record's place. */
+  private emitDelta(page: number, base: number, baseDigest: Uint8Array, baseAt: number, length: number): void {
+    const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + length);
+    out.writeUInt32BE(page, 0);
+    out.writeUInt32BE(base, 4);
+    out.set(baseDigest.subarray(baseAt, baseAt + DIGEST_BYTES), DELTA_BASE_DIGEST_AT);
+    out.set(this.retainer.digest, DELTA_NEW_DIGEST_AT);
     const payload = this.deltaOut.take(DELTA_HEADER_BYTES + length);
     this.closeRun();
     // The record's header goes as it is; the Delta stands for its page data, the record's last bytes.
@@ -345,9 +370,17 @@ export class StreamEncoder {
     if (!this.sink.delta) throw new Error('StreamEncoder: deltas are on but the sink takes no Delta frames');
     this.sink.delta(payload);
     this.skipTo(this.parser.offset);
-    this.counts.pagesDelta++;
     this.counts.deltaBytes += payload.length;
-    return true;
+  }
+
+  /** The content index over what `reference` says the receiver holds, built the first time it is asked for. */
+  private contentIndexOf(reference: Uint8Array): ContentIndex {
+    if (this.contentIndex === null || this.indexed !== reference) {
+      this.contentIndex = new ContentIndex(reference.length / DIGEST_BYTES, reference);
+      this.contentIndex.addAll();
+      this.indexed = reference;
+    }
+    return this.contentIndex;
   }
 
   private addToRun(held: boolean, record: RamPageRecord): void {

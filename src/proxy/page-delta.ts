@@ -1,18 +1,22 @@
 import { DIGEST_BYTES, nativeFunction } from '../digest';
 
 /**
- * A Delta frame's payload: one RAM page that changed since the version both gateways hold, as the
- * byte ranges that differ from that version (`native/pagedelta.c`: ULEB128 unchanged bytes, ULEB128
- * changed bytes, the changed bytes; the rest of the page is unchanged).
+ * A Delta frame's payload: one RAM page given as a page the receiver holds (the base) and the byte
+ * ranges where the new content differs from it (`native/pagedelta.c`: ULEB128 unchanged bytes, ULEB128
+ * changed bytes, the changed bytes; the rest of the page is the base's).
  *
- *   u32 page index (in the stream's RAM layout) | 16-byte XXH3-128 of the version it patches
- *   | 16-byte XXH3-128 of the new content | the ranges
+ *   u32 page index (in the stream's RAM layout) | u32 base page index
+ *   | 16-byte XXH3-128 of the base | 16-byte XXH3-128 of the new content | the ranges
  *
+ * The base is the version of the same page both sides hold (a page changed in a few bytes), or another
+ * page the receiver holds with the very same content and no ranges at all (a content match).
  * The Delta stands for the page's 4 KiB of data only: the record's header word (and block name) goes
- * before it as Literal bytes. The receiver patches the version it holds, checks the result against
- * the new digest, and passes the page on; any mismatch fails the migration.
+ * before it as Literal bytes. The receiver patches the base it holds, checks the result against the
+ * new digest, and passes the page on; any mismatch fails the migration.
  */
-export const DELTA_HEADER_BYTES = 4 + 2 * DIGEST_BYTES;
+export const DELTA_HEADER_BYTES = 8 + 2 * DIGEST_BYTES;
+export const DELTA_BASE_DIGEST_AT = 8;
+export const DELTA_NEW_DIGEST_AT = 8 + DIGEST_BYTES;
 
 /**
  * Largest delta worth sending: above it the page goes whole. A delta costs a store read on both sides

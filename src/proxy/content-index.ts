@@ -1,0 +1,75 @@
+import { DIGEST_BYTES } from '../digest';
+import { sameDigest } from './retained';
+
+const EMPTY = 0xffffffff;
+/** Slots per bucket: a page's content is looked for in one bucket of four. */
+const WAYS = 4;
+
+/**
+ * Where the receiver holds a page of given content: digest → page index, for pages the receiver holds
+ * at another place than the one a record names (page cache that moved, identical pages of one VM).
+ *
+ * A hint table, not a map: u32 page indices in buckets of four slots, the bucket chosen by the
+ * digest's first 32 bits (XXH3-128 output is uniform). A hit is believed only when the digest table
+ * (`reference`: what the receiver holds now) still says that page holds that digest, so a stale or
+ * colliding slot costs a miss, never a wrong page; a full bucket gives up a stale slot first. Two slots
+ * per page rounded up to a power of two: 8 to 16 bytes per guest page (at most 32 MiB for an 8 GiB VM),
+ * beside the digest table's 16, and only on the sending gateway.
+ */
+export class ContentIndex {
+  private readonly slots: Uint32Array;
+  private readonly bucketMask: number;
+  private victim = 0;
+
+  constructor(
+    pageCount: number,
+    /** What the receiver holds now: 16 bytes per page, all zero = not held. Updated by its owner. */
+    private readonly reference: Uint8Array,
+  ) {
+    let size = 1024;
+    while (size < 2 * pageCount) size *= 2;
+    this.slots = new Uint32Array(size).fill(EMPTY);
+    this.bucketMask = size / WAYS - 1;
+  }
+
+  private bucket(digests: Uint8Array, at: number): number {
+    return (((digests[at] << 24) | (digests[at + 1] << 16) | (digests[at + 2] << 8) | digests[at + 3]) & this.bucketMask) * WAYS;
+  }
+
+  /** Indexes every page the reference holds. */
+  addAll(): void {
+    const table = this.reference;
+    const pages = table.length / DIGEST_BYTES;
+    for (let page = 0; page < pages; page++) {
+      const at = page * DIGEST_BYTES;
+      // The first 8 bytes decide: a held digest with them all zero is as rare as a collision, and is only a miss.
+      if ((table[at] | table[at + 1] | table[at + 2] | table[at + 3] | table[at + 4] | table[at + 5] | table[at + 6] | table[at + 7]) === 0) continue;
+      this.add(page, table, at);
+    }
+  }
+
+  /** The receiver now holds the content of `digest[at…]` at `page`. */
+  add(page: number, digest: Uint8Array, at: number): void {
+    const first = this.bucket(digest, at);
+    const slots = this.slots;
+    let free = -1;
+    for (let s = first; s < first + WAYS; s++) {
+      const held = slots[s];
+      if (held === page) return;
+      // A slot whose page no longer holds content of this bucket is as good as empty.
+      if (free < 0 && (held === EMPTY || this.bucket(this.reference, held * DIGEST_BYTES) !== first)) free = s;
+    }
+    if (free < 0) free = first + (this.victim++ & (WAYS - 1));
+    slots[free] = page;
+  }
+
+  /** A page the receiver holds with the content `digest[at…]`, or -1. */
+  find(digest: Uint8Array, at: number): number {
+    const first = this.bucket(digest, at);
+    for (let s = first; s < first + WAYS; s++) {
+      const page = this.slots[s];
+      if (page !== EMPTY && sameDigest(this.reference, page * DIGEST_BYTES, digest, at)) return page;
+    }
+    return -1;
+  }
+}
