@@ -1,12 +1,15 @@
 import type { Socket } from 'node:net';
 import { errorMessage } from '../common/errors';
-import type { TransferCounts } from '../proxy/encoder';
+import { newCounts, type TransferCounts } from '../proxy/encoder';
 import type { StreamFallback } from '../qemu/records';
 import { PageStore, UndoableStore } from '../store';
 import { saveMigrationRecord } from '../store/migration-record';
 import { encodeJson, FrameType } from '../wire/frames';
 import { type Direction, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 import { noteStoreError } from './store-space';
+
+/** The counts of a session whose codec does not exist yet. */
+const NO_COUNTS: Readonly<TransferCounts> = newCounts();
 
 /** The moves a session's phase may make: from each phase, the phases it may go to next. */
 export type PhaseMoves<P extends string> = Readonly<Record<P, readonly P[]>>;
@@ -81,6 +84,21 @@ export class SessionLifecycle {
   /** The store has just begun a migration (the codec knows the layout): the gateway keeps it within budget. */
   storeGrows(): void {
     this.options.observer.storeGrows(this.vm, this.retained);
+  }
+
+  /**
+   * Tells the observer the totals so far: the codec's counters (zero before it exists) and the WAN
+   * bytes this direction moves (out when sending, in when receiving).
+   */
+  tellProgress(phase: string, codec: Codec | null): void {
+    this.options.observer.progress(this.vm, this.direction, {
+      phase,
+      startedAt: this.started,
+      streamBytes: codec?.counts.streamBytes ?? 0,
+      wanBytes: this.direction === 'send' ? this.wanOut : this.wanIn,
+      counts: codec?.counts ?? NO_COUNTS,
+      layout: codec?.layout ?? null,
+    });
   }
 
   /** Tells the observer, once, as soon as the codec has fallen back to relaying the stream as it is. */
