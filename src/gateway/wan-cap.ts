@@ -15,7 +15,7 @@ export interface WanCapConfig {
 }
 
 /** How far a bucket may fill while no one writes: a short burst, so the cap holds over short windows too. */
-const BURST_SECONDS = 0.05;
+const BURST_SECONDS = 0.1;
 const MIN_BURST_BYTES = 64 * 1024;
 /** How far ahead (bytes charged) one waiting session may get of another before it waits for it. */
 const FAIR_QUANTUM_BYTES = 256 * 1024;

@@ -75,6 +75,8 @@ export interface Received {
 export class HashingDestination {
   private readonly outcomes: Received[] = [];
   private readonly waiting: Array<(r: Received) => void> = [];
+  /** Bytes received so far over every connection, as they arrive. */
+  bytesReceived = 0;
 
   private constructor(private readonly server: net.Server) {
     server.on('connection', (socket) => {
@@ -84,6 +86,7 @@ export class HashingDestination {
       socket.on('data', (chunk: Buffer) => {
         hash.update(chunk);
         bytes += chunk.length;
+        this.bytesReceived += chunk.length;
       });
       socket.on('error', () => (reset = true));
       socket.on('end', () => socket.end());
