@@ -8,9 +8,6 @@ import { encodeJson, FrameType } from '../wire/frames';
 import { type Direction, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 import { noteStoreError } from './store-space';
 
-/** The counts of a session whose codec does not exist yet. */
-const NO_COUNTS: Readonly<TransferCounts> = newCounts();
-
 /** The moves a session's phase may make: from each phase, the phases it may go to next. */
 export type PhaseMoves<P extends string> = Readonly<Record<P, readonly P[]>>;
 
@@ -96,7 +93,8 @@ export class SessionLifecycle {
       startedAt: this.started,
       streamBytes: codec?.counts.streamBytes ?? 0,
       wanBytes: this.direction === 'send' ? this.wanOut : this.wanIn,
-      counts: codec?.counts ?? NO_COUNTS,
+      // A copy, once a second: the codec's counters move on, the tick stays what it was.
+      counts: codec ? { ...codec.counts } : newCounts(),
       layout: codec?.layout ?? null,
     });
   }
