@@ -3,7 +3,7 @@
  * progress lines and stall detection, with a source stand-in that goes quiet halfway through its stream
  * (a migration that stops moving) and later sends the rest.
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import * as http from 'node:http';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
@@ -122,6 +122,25 @@ describe('a migration in flight: /status, bfmig status, progress lines, stalls',
     expect(after).toContain('bfmig_migrations_stalled{vm="vm1",direction="send"} 0');
     expect(after).toContain('bfmig_migration_stalls_total{vm="vm1",direction="send"} 1');
     expect(a.logs.filter((l) => l.msg === 'migration stalled: no bytes moved')).toHaveLength(1);
+  });
+
+  test('bfmig status --watch --json: one line per refresh, until stopped', async () => {
+    const child = spawn(process.execPath, [path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'status', '--gateway', `127.0.0.1:${metricsAt(a).port}`, '--watch', '--json']);
+    let out = '';
+    const lines = await new Promise<string[]>((resolve) => {
+      child.stdout.on('data', (chunk: Buffer) => {
+        out += chunk.toString();
+        const complete = out.split('\n').slice(0, -1);
+        if (complete.length >= 2) resolve(complete);
+      });
+    });
+    child.kill();
+    const answers = lines.map((l) => JSON.parse(l) as GatewayStatus);
+    expect(answers.map((s) => ({ site: s.site, migrations: s.migrations }))).toEqual([
+      { site: 'site-a', migrations: [] },
+      { site: 'site-a', migrations: [] },
+    ]);
+    expect(answers[1].time > answers[0].time).toBe(true);
   });
 
   test('bfmig status: a gateway that cannot be asked exits 1', async () => {
