@@ -24,6 +24,7 @@ routes:
     listen: 127.0.0.1:7101
     peer: gw-b.example:7300
     target: 10.1.0.5:4444
+    wan: { maxMbit: 50 }
   - vm: vm2
     listen: "[::1]:7102"
     peer: "[2001:db8::2]:7300"
@@ -32,6 +33,12 @@ allowTargets:
   - 10.1.0.0/24:4444
   - dest.example:4445
   - "[fd00::/64]:*"
+peers:
+  - peer: gw-b.example:7300
+    wan: { maxMbit: 100 }
+progress:
+  logSeconds: 10
+  stallSeconds: 5
 `;
 
 /** A minimal valid config, with lines replaced or appended to make variations. */
@@ -67,12 +74,14 @@ describe('parseConfig', () => {
           listen: { host: '127.0.0.1', port: 7101 },
           peer: { host: 'gw-b.example', port: 7300 },
           target: { host: '10.1.0.5', port: 4444 },
+          wan: { maxMbit: 50 },
         },
         {
           vm: 'vm2',
           listen: { host: '::1', port: 7102 },
           peer: { host: '2001:db8::2', port: 7300 },
           target: { host: 'dest.example', port: 4445 },
+          wan: null,
         },
       ],
       allowTargets: [
@@ -83,7 +92,23 @@ describe('parseConfig', () => {
       tls: null,
       limits: { handshakeSeconds: 10, idleSeconds: 120, maxFrameBytes: 4 * 1024 * 1024, maxConnections: 64, maxPendingConnections: 32, maxPendingPerAddress: 16, maxGuestRamBytes: 256 * 2 ** 30, maxStores: 1024 },
       peerVms: null,
+      progress: { logSeconds: 10, stallSeconds: 5 },
+      peers: [{ peer: { host: 'gw-b.example', port: 7300 }, wan: { maxMbit: 100 } }],
     });
+  });
+
+  test('progress and WAN caps: defaults, and each mistake named by its key', () => {
+    const c = parseConfig(minimal());
+    expect(c.progress).toEqual({ logSeconds: 60, stallSeconds: 30 });
+    expect(c.peers).toEqual([]);
+    const route = 'routes:\n  - vm: vm1\n    listen: 127.0.0.1:7101\n    peer: 127.0.0.1:7301\n    target: 127.0.0.1:4444\n';
+    expect(errorOf(minimal('progress:\n  stallSeconds: 0\n')).key).toBe('progress.stallSeconds');
+    expect(errorOf(minimal('progress:\n  every: 3\n')).key).toBe('progress.every');
+    expect(errorOf(minimal(`${route}    wan: { maxMbit: "fast" }\n`)).key).toBe('routes[0].wan.maxMbit');
+    expect(errorOf(minimal(`${route}    wan: { maxMbps: 10 }\n`)).key).toBe('routes[0].wan.maxMbps');
+    expect(errorOf(minimal(`${route}peers:\n  - peer: 127.0.0.1:7399\n    wan: { maxMbit: 10 }\n`)).detail).toMatch(/no route dials 127.0.0.1:7399/);
+    expect(errorOf(minimal(`${route}peers:\n  - peer: 127.0.0.1:7301\n  - peer: 127.0.0.1:7301\n`)).key).toBe('peers[1].peer');
+    expect(parseConfig(minimal(`${route}peers:\n  - peer: 127.0.0.1:7301\n    wan: { maxMbit: 0.5 }\n`)).peers[0].wan).toEqual({ maxMbit: 0.5 });
   });
 
   test('defaults for a minimal receive-only config', () => {

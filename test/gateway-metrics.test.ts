@@ -104,6 +104,8 @@ describe('GatewayMetrics over HTTP', () => {
       'bfmig_connections_refused_total',
       'bfmig_idle_timeouts_total',
       'bfmig_last_migration_duration_seconds',
+      'bfmig_migration_stalls_total',
+      'bfmig_migrations_stalled',
       'bfmig_migrations_total',
       'bfmig_migrations_unretained_total',
       'bfmig_pages_total',

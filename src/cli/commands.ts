@@ -98,6 +98,14 @@ export const SNAPSHOTS_ACTIONS = {
   rm: command({ name: 'snapshots rm', synopsis: ['snapshots rm VM --data DIR'], summary: ["remove a VM's store (never while it is in use)"], options: SNAPSHOTS_OPTIONS, positionals: ['VM'] }),
 } as const;
 
+export const STATUS = command({
+  name: 'status',
+  synopsis: ['status --gateway HOST:PORT [--watch] [--json]'],
+  summary: ["the migrations in flight through a gateway, from its metrics listener's", '/status: progress, rates, saving, what is left; --watch refreshes it'],
+  options: { gateway: { type: 'string' }, watch: { type: 'boolean' }, json: { type: 'boolean' } },
+  positionals: [],
+});
+
 export const CAPTURE = command({
   name: 'capture',
   synopsis: ['capture --listen HOST:PORT --out FILE [--forward HOST:PORT]'],
@@ -133,7 +141,7 @@ export const PREDICT = command({
 });
 
 /** In the order `bfmig --help` lists them. */
-export const COMMANDS: readonly Command[] = [INSPECT, DEMO, GATEWAY, CERTS, RESTORE, SNAPSHOTS, CAPTURE, PREDICT];
+export const COMMANDS: readonly Command[] = [INSPECT, DEMO, GATEWAY, CERTS, RESTORE, SNAPSHOTS, CAPTURE, PREDICT, STATUS];
 
 /** `bfmig --help`: every command's synopsis and summary. */
 export const USAGE =

@@ -1,10 +1,11 @@
 import { parseArgs } from 'node:util';
 import { parseEndpoint, formatEndpoint } from '../gateway/address';
 import { configSnippets, issueCerts } from './certs';
-import { CAPTURE, CERTS, DEMO, GATEWAY, INSPECT, PREDICT, RESTORE, SNAPSHOTS, SNAPSHOTS_ACTIONS, USAGE } from './commands';
+import { CAPTURE, CERTS, DEMO, GATEWAY, INSPECT, PREDICT, RESTORE, SNAPSHOTS, SNAPSHOTS_ACTIONS, STATUS, USAGE } from './commands';
 import { type Command, converted, HelpRequest, type OptionSchema, parseCommand, required, usageOf, UsageError } from './parse';
 import { runGateway } from './gateway';
 import { runSnapshots } from './snapshots';
+import { runStatus } from './status';
 import { runPredict } from './predict';
 import { restoreSnapshot } from './restore';
 import { formatReport, inspectPath } from './inspect';
@@ -88,6 +89,11 @@ async function run(argv: readonly string[]): Promise<number> {
     case 'gateway': {
       const { values } = parse(GATEWAY, rest);
       return runGateway(required(values.config, 'config'), values['log-level']);
+    }
+    case 'status': {
+      const { values } = parse(STATUS, rest);
+      const at = converted(required(values.gateway, 'gateway'), 'gateway', parseEndpoint);
+      return runStatus(at, { watch: values.watch === true, json: values.json === true }, (text) => process.stdout.write(text), process.stdout.isTTY === true);
     }
     case 'certs': {
       const { values } = parse(CERTS, rest);

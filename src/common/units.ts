@@ -8,3 +8,15 @@ export function parseSize(text: string): number {
   const base = unit.endsWith('I') || unit === '' ? 1024 : 1000;
   return Math.round(Number(m[1]) * base ** powers[unit]);
 }
+
+/** Bytes as people read them: "512 B", "3.2 MiB", "1.5 GiB" (the units parseSize reads back). */
+export function formatSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = bytes;
+  let unit = 0;
+  while (Math.abs(value) >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
+}

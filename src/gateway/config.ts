@@ -18,6 +18,13 @@
  * tls: ...                     # mutual TLS between gateways, see security-config.ts
  * peerVms: ...                 # which VMs each peer may migrate here, see security-config.ts
  * limits: ...                  # handshake / idle timeouts, frame size, connections, see security-config.ts
+ * progress:                    # optional, see progress.ts
+ *   logSeconds: 60             # a migration in flight logs its progress this often (0: never)
+ *   stallSeconds: 30           # no byte moved this long: logged once, counted as stalled
+ * peers:                       # optional: settings per far gateway, by the address routes dial
+ *   - peer: gw-b.example:7300
+ *     wan: { maxMbit: 100 }    # WAN cap all migrations to this peer share, see wan-cap.ts
+ * (a route may have its own `wan: { maxMbit: N }` too)
  * ```
  *
  * Every problem is reported as a {@link ConfigError} whose `key` names the offending setting,
@@ -32,6 +39,8 @@ import { parseSize } from '../common/units';
 import { describe, type Fail, isMapping, SITE_NAME } from './config-schema';
 import { type Limits, parseLimits, parsePeerVms, parseTls, type PeerVmRule, type TlsConfig } from './security-config';
 import { errorMessage } from '../common/errors';
+import { parseProgress, type ProgressConfig } from './progress';
+import { parseWanCap, type WanCapConfig } from './wan-cap';
 import { VM_NAME_RE } from '../store/meta';
 
 export class ConfigError extends Error {
@@ -60,6 +69,15 @@ export interface RouteConfig {
   peer: Endpoint;
   /** The destination QEMU's -incoming address, as the far gateway reaches it. */
   target: Endpoint;
+  /** This route's WAN cap (`wan: { maxMbit }`), or null. */
+  wan: WanCapConfig | null;
+}
+
+/** A `peers:` entry: settings for one far gateway, by the address routes dial it at. */
+export interface PeerConfig {
+  peer: Endpoint;
+  /** The cap all migrations to this peer share, or null. */
+  wan: WanCapConfig | null;
 }
 
 /** One parsed `allowTargets` entry. */
@@ -102,6 +120,9 @@ export interface GatewayConfig {
   /** The VMs each peer may migrate to this gateway (`peerVms:`), or null: any VM. */
   peerVms: PeerVmRule[] | null;
   limits: Limits;
+  /** Progress log interval and stall detection (`progress:`). */
+  progress: ProgressConfig;
+  peers: PeerConfig[];
 }
 
 export const DEFAULT_SOURCE = '<config>';
@@ -121,8 +142,11 @@ const TOP_LEVEL_KEYS = [
   'tls',
   'peerVms',
   'limits',
+  'progress',
+  'peers',
 ] as const;
-const ROUTE_KEYS = ['vm', 'listen', 'peer', 'target'] as const;
+const ROUTE_KEYS = ['vm', 'listen', 'peer', 'target', 'wan'] as const;
+const PEER_KEYS = ['peer', 'wan'] as const;
 
 export function loadConfig(file: string): GatewayConfig {
   let text: string;
@@ -221,7 +245,22 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     claim(`${at}.listen`, listen);
     const peer = endpoint(requiredString(item, 'peer', `${at}.peer`, fail), `${at}.peer`, true, fail);
     const target = endpoint(requiredString(item, 'target', `${at}.target`, fail), `${at}.target`, true, fail);
-    routes.push({ vm, listen, peer, target });
+    routes.push({ vm, listen, peer, target, wan: parseWanCap(optional(item, 'wan'), `${at}.wan`, fail) });
+  });
+
+  const peersValue = optional(root, 'peers') ?? [];
+  if (!Array.isArray(peersValue)) fail('peers', `must be a list, not ${describe(peersValue)}`);
+  const peers: PeerConfig[] = [];
+  (peersValue as unknown[]).forEach((item, i) => {
+    const at = `peers[${i}]`;
+    if (!isMapping(item)) return fail(at, `must be a mapping with peer and wan; not ${describe(item)}`);
+    checkKeys(item, PEER_KEYS, `${at}.`, fail);
+    const peer = endpoint(requiredString(item, 'peer', `${at}.peer`, fail), `${at}.peer`, true, fail);
+    const text = formatEndpoint(peer);
+    if (peers.some((p) => formatEndpoint(p.peer) === text)) fail(`${at}.peer`, `${text} is listed twice`);
+    // Settings for a peer no route dials would never apply: most likely a typo.
+    if (!routes.some((r) => formatEndpoint(r.peer) === text)) fail(`${at}.peer`, `no route dials ${text} (routes[].peer)`);
+    peers.push({ peer, wan: parseWanCap(optional(item, 'wan'), `${at}.wan`, fail) });
   });
 
   // No default: a gateway dials for its peers only what its operator listed. Loopback used to be the
@@ -248,6 +287,8 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     tls,
     peerVms,
     limits,
+    progress: parseProgress(optional(root, 'progress'), fail),
+    peers,
   };
 }
 

@@ -13,9 +13,11 @@ import { ReceiveSession } from './receive';
 import { SendSession } from './send';
 import { StoreSpace } from './store-space';
 import { errorMessage } from '../common/errors';
-import { type Direction, type MigrationReport, type SessionObserver } from './session';
+import { type Direction, type MigrationReport, type ProgressTick, type SessionObserver } from './session';
 import { peerVmError } from './security-config';
 import { PeerTransport, peerNameOf, peerNamesOf } from './transport';
+import { LiveMigrations, type MigrationStatus } from './progress';
+import { WanCaps } from './wan-cap';
 
 interface Totals {
   streamBytes: number;
@@ -51,6 +53,9 @@ export class Gateway implements SessionObserver {
   private readonly remotes = new WeakMap<Socket, string>();
   /** Accepted sockets whose connection a session reads through another Socket object (PooledReads). */
   private readonly adopted = new WeakMap<Socket, Socket>();
+  /** Migrations in flight: GET /status, progress lines, stalls. */
+  private readonly live: LiveMigrations;
+  private readonly wanCaps: WanCaps;
 
   constructor(
     private readonly config: GatewayConfig,
@@ -60,6 +65,11 @@ export class Gateway implements SessionObserver {
     this.budget = config.storeBudget !== null ? new StoreBudget(config.data, config.storeBudget) : null;
     this.space = new StoreSpace(config.data);
     this.transport = new PeerTransport(config.tls);
+    this.live = new LiveMigrations(config.progress);
+    this.wanCaps = new WanCaps({
+      peers: config.peers.map((p) => ({ peer: formatEndpoint(p.peer), wan: p.wan })),
+      routes: config.routes.map((r) => ({ vm: r.vm, peerKey: formatEndpoint(r.peer), wan: r.wan })),
+    });
     this.gate = new ConnectionGate(
       config.limits,
       (socket, listener, reason, detail) => {
@@ -90,7 +100,8 @@ export class Gateway implements SessionObserver {
       const admit = (socket: Socket): boolean => this.admit(socket, 'metrics');
       const { handshakeSeconds, idleSeconds } = c.limits;
       const refused = (socket: Socket, reason: RefusalReason, detail: string): void => this.refused('metrics', socket, reason, detail);
-      this.bound.set('metrics', await this.metrics.serve(c.metrics, { admit, refused, headersTimeoutMs: handshakeSeconds * 1000, idleTimeoutMs: idleSeconds * 1000 }));
+      const status = (): GatewayStatus => this.status();
+      this.bound.set('metrics', await this.metrics.serve(c.metrics, { admit, refused, status, headersTimeoutMs: handshakeSeconds * 1000, idleTimeoutMs: idleSeconds * 1000 }));
     }
     this.log.info(
       { site: c.name, listening: Object.fromEntries([...this.bound].map(([k, v]) => [k, formatEndpoint(v)])), tls: this.transport.secure, limits: c.limits, ...(c.tls ? { certValidTo: c.tls.validTo.toISOString(), allowPeers: c.tls.allowPeers } : {}) },
@@ -173,6 +184,7 @@ export class Gateway implements SessionObserver {
         idleMs: limits.idleSeconds * 1000,
         maxFrameBytes: limits.maxFrameBytes,
         maxGuestPages: Math.floor(limits.maxGuestRamBytes / X86_PAGE_SIZE),
+        wan: this.wanCaps.share(vm, formatEndpoint(route.peer)),
       });
       this.track(session.done, session.qemu, () => this.busy.delete(vm));
     });
@@ -319,7 +331,13 @@ export class Gateway implements SessionObserver {
     this.log.info({ vm, direction, ...fields }, message);
   }
 
-  progress(vm: string, direction: Direction, now: { streamBytes: number; wanBytes: number; counts: { pagesSent: number; pagesReused: number; pagesZero: number; pagesDelta: number; pagesMatched: number } }): void {
+  /** What GET /status serves: the migrations in flight now. */
+  status(): GatewayStatus {
+    return { site: this.config.name, time: new Date().toISOString(), migrations: this.live.all() };
+  }
+
+  progress(vm: string, direction: Direction, now: ProgressTick): void {
+    this.watch(vm, direction, now);
     const key = `${vm}\u0000${direction}`;
     const before = this.totals.get(key) ?? { streamBytes: 0, wanBytes: 0, sent: 0, reused: 0, zero: 0, delta: 0, matched: 0 };
     const m = this.metrics;
@@ -335,6 +353,21 @@ export class Gateway implements SessionObserver {
     this.totals.set(key, { streamBytes: now.streamBytes, wanBytes: now.wanBytes, sent: now.counts.pagesSent, reused: now.counts.pagesReused, zero: now.counts.pagesZero, delta: now.counts.pagesDelta, matched: now.counts.pagesMatched });
   }
 
+  /** A migration's tick as the live view sees it: a progress line when due, a stall as it starts and ends. */
+  private watch(vm: string, direction: Direction, tick: ProgressTick): void {
+    const outcome = this.live.tick(vm, direction, tick);
+    if (outcome.change !== null) {
+      const stalled = outcome.change === 'stalled';
+      this.metrics?.stalledNow(vm, direction, stalled);
+      const fields = { vm, direction, phase: tick.phase, streamBytes: tick.streamBytes, wanBytes: tick.wanBytes };
+      if (stalled) this.log.warn({ ...fields, stallSeconds: this.config.progress.stallSeconds }, 'migration stalled: no bytes moved');
+      else this.log.info(fields, 'migration moving again');
+    }
+    if (!outcome.logDue) return;
+    const s = this.live.status(vm, direction);
+    if (s) this.log.info(s, 'migration progress');
+  }
+
   finished(report: MigrationReport): void {
     // A store left claiming nothing (a failed first migration, or one that retained nothing) is removed:
     // otherwise every accepted Hello could leave a store directory behind for good.
@@ -344,6 +377,7 @@ export class Gateway implements SessionObserver {
       this.log.warn({ vm: report.vm, error: errorMessage(err) }, 'could not remove a store that claims no snapshot');
     }
     this.totals.delete(`${report.vm}\u0000${report.direction}`);
+    if (this.live.finished(report.vm, report.direction)) this.metrics?.stalledNow(report.vm, report.direction, false);
     const wanBytes = report.direction === 'send' ? report.wanBytesOut : report.wanBytesIn;
     this.metrics?.migrationFinished(report.vm, report.direction, { result: report.result, seconds: report.seconds, qemuBytes: report.streamBytes, wanBytes, verbatimReason: report.verbatim?.code ?? null });
 
@@ -370,6 +404,13 @@ export class Gateway implements SessionObserver {
     if (report.result === 'completed') this.log.info(fields, 'migration completed');
     else this.log.warn(fields, 'migration failed');
   }
+}
+
+/** What GET /status serves. */
+export interface GatewayStatus {
+  site: string;
+  time: string;
+  migrations: MigrationStatus[];
 }
 
 /** The process's memory now, in MiB, for the log line of each finished migration. */

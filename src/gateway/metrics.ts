@@ -121,7 +121,23 @@ export class GatewayMetrics {
     registers: [this.registry],
   });
 
+  private readonly stalled = new Gauge<VmLabels>({
+    name: 'bfmig_migrations_stalled',
+    help: 'Migrations in flight that moved no byte for progress.stallSeconds (1), until bytes flow again (0)',
+    labelNames: ['vm', 'direction'],
+    registers: [this.registry],
+  });
+
+  private readonly stalls = new Counter<VmLabels>({
+    name: 'bfmig_migration_stalls_total',
+    help: 'Times a migration in flight stalled (moved no byte for progress.stallSeconds)',
+    labelNames: ['vm', 'direction'],
+    registers: [this.registry],
+  });
+
   private server: http.Server | null = null;
+  /** What GET /status serves (JSON), when the gateway gave it. */
+  private status: (() => object) | null = null;
 
   constructor(opts: { defaultMetrics?: boolean } = {}) {
     if (opts.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
@@ -159,6 +175,12 @@ export class GatewayMetrics {
     this.idleTimeouts.inc({ direction });
   }
 
+  /** A migration stalled (counted once per stall) or moves again, or ended. */
+  stalledNow(vm: string, direction: Direction, stalled: boolean): void {
+    if (stalled) this.stalls.inc({ vm, direction });
+    this.stalled.set({ vm, direction }, stalled ? 1 : 0);
+  }
+
   addPages(vm: string, direction: Direction, kind: PageKind, n: number): void {
     this.pages.inc({ vm, direction, kind }, n);
   }
@@ -182,7 +204,8 @@ export class GatewayMetrics {
   }
 
   /**
-   * Serve GET /metrics on `endpoint` (port 0 = any); resolves to the bound address. `admit` may turn
+   * Serve GET /metrics (and GET /status, the JSON `status` returns, when given) on `endpoint` (port 0 =
+   * any); resolves to the bound address. `admit` may turn
    * a connection away (the gateway's connection limits); a client gets `headersTimeoutMs` to send its
    * request headers and is dropped after `idleTimeoutMs` without traffic. A client whose request is
    * refused (headers not complete in time: reset; malformed or too large: answered 400 or 431) is
@@ -190,9 +213,10 @@ export class GatewayMetrics {
    */
   serve(
     endpoint: Endpoint,
-    limits: { admit?: (socket: Socket) => boolean; headersTimeoutMs?: number; idleTimeoutMs?: number; refused?: (socket: Socket, reason: RefusalReason, detail: string) => void } = {},
+    limits: { admit?: (socket: Socket) => boolean; headersTimeoutMs?: number; idleTimeoutMs?: number; refused?: (socket: Socket, reason: RefusalReason, detail: string) => void; status?: () => object } = {},
   ): Promise<Endpoint> {
     if (this.server) return Promise.reject(new Error('metrics server already running'));
+    this.status = limits.status ?? null;
     // Header and request timeouts are checked this often (Node's default, 30 s, would stretch them).
     const server = http.createServer({ connectionsCheckingInterval: 1000 }, (req, res) => this.handle(req, res));
     const admit = limits.admit;
@@ -245,12 +269,18 @@ export class GatewayMetrics {
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     const pathname = (req.url ?? '/').split('?')[0];
-    if (pathname !== '/metrics') {
-      res.writeHead(404, { 'Content-Type': 'text/plain; charset=utf-8' }).end('not found; try /metrics\n');
+    const status = pathname === '/status' ? this.status : null;
+    if (pathname !== '/metrics' && !status) {
+      res.writeHead(404, { 'Content-Type': 'text/plain; charset=utf-8' }).end(`not found; try /metrics${this.status ? ' or /status' : ''}\n`);
       return;
     }
     if (req.method !== 'GET' && req.method !== 'HEAD') {
       res.writeHead(405, { Allow: 'GET, HEAD', 'Content-Type': 'text/plain; charset=utf-8' }).end('method not allowed\n');
+      return;
+    }
+    if (status) {
+      res.writeHead(200, { 'Content-Type': 'application/json; charset=utf-8', 'Cache-Control': 'no-store' });
+      res.end(req.method === 'HEAD' ? undefined : `${JSON.stringify(status())}\n`);
       return;
     }
     this.registry.metrics().then(

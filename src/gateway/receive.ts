@@ -395,8 +395,8 @@ export class ReceiveSession {
       this.fail(`no bytes moved for ${this.options.idleMs / 1000} s (limits.idleSeconds)`);
       return;
     }
-    if (!this.decoder) return;
-    this.options.observer.progress(this.life.vm, 'receive', { streamBytes: this.decoder.counts.streamBytes, wanBytes: this.life.wanIn, counts: this.decoder.counts });
+    // Before its Hello is accepted a connection is not a migration yet.
+    if (this.holdsVm) this.life.tellProgress(this.phase, this.decoder);
   }
 
   /** A store write that failed for lack of space turns retention off for this VM until there is room. */

@@ -42,6 +42,7 @@ import { errorMessage } from '../common/errors';
 import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, IdleWatch, peerText, type ReuseMode, type SessionObserver } from './session';
 import { checkedMove, type PhaseMoves, SessionLifecycle } from './session-lifecycle';
 import { decodePayload, ProtocolViolation } from './protocol-violation';
+import type { WanShare } from './wan-cap';
 
 /**
  * A source that sends nothing for this long in its device-state tail, without closing, is taken to have
@@ -74,6 +75,8 @@ export interface SendOptions {
   maxFrameBytes: number;
   /** Largest guest a stream may declare, in pages (limits.maxGuestRam). */
   maxGuestPages: number;
+  /** This migration's part of the WAN caps on its route and peer: charged for every byte to the peer. */
+  wan: WanShare;
 }
 
 /**
@@ -107,6 +110,7 @@ export class SendSession {
   private offerTimer: NodeJS.Timeout | null = null;
   private readonly idle: IdleWatch;
   private readonly reads: PooledReads;
+  private readonly resumeLater = (): void => this.resumeSource();
 
   /** The source QEMU's connection. */
   readonly qemu: Socket;
@@ -323,7 +327,8 @@ export class SendSession {
     this.life.noteVerbatim(this.encoder);
     if (this.encoder.sealPoint > this.sealedBytes) this.seal(this.encoder);
     else (this.quietTimer ??= setTimeout(() => this.onQuiet(), QUIET_SEAL_MS).unref()).refresh();
-    if (this.peer.writableNeedDrain) this.qemu.pause();
+    // Backpressure from the peer socket, or a WAN cap in debt (resumed once it has refilled).
+    if (this.peer.writableNeedDrain || this.options.wan.hold(this.resumeLater)) this.qemu.pause();
   }
 
   /**
@@ -345,7 +350,7 @@ export class SendSession {
     const encoder = this.encoder;
     if (this.over || this.sourceEnded || !encoder) return;
     // Quiet because this session stopped reading is not the source's doing.
-    if (this.table || this.peer.writableNeedDrain) return void this.quietTimer?.refresh();
+    if (this.table || this.peer.writableNeedDrain || this.options.wan.held) return void this.quietTimer?.refresh();
     if (encoder.counts.streamBytes === this.sealedBytes) return;
     this.peer.cork();
     try {
@@ -376,14 +381,15 @@ export class SendSession {
 
   private resumeSource(): void {
     const ready = (): boolean => !this.over && this.encoder !== null && this.table === null && !this.peer.writableNeedDrain;
-    if (!ready()) return;
+    if (!ready() || this.options.wan.hold(this.resumeLater)) return;
     const early = this.reads.takeEarly();
     if (early) this.onSourceData(early);
-    if (ready()) this.qemu.resume();
+    if (ready() && !this.options.wan.held) this.qemu.resume();
   }
 
   private writeFrame(bytes: Buffer): void {
     this.life.wanOut += bytes.length;
+    this.options.wan.charge(bytes.length);
     this.peer.write(bytes);
   }
 
@@ -393,8 +399,7 @@ export class SendSession {
       this.fail(`no bytes moved for ${this.options.idleMs / 1000} s (limits.idleSeconds)`);
       return;
     }
-    if (!this.encoder) return;
-    this.options.observer.progress(this.life.vm, 'send', { streamBytes: this.encoder.counts.streamBytes, wanBytes: this.life.wanOut, counts: this.encoder.counts });
+    this.life.tellProgress(this.phase, this.encoder);
   }
 
   private complete(): void {
@@ -430,6 +435,7 @@ export class SendSession {
   private report(result: 'completed' | 'failed', error: string | null): void {
     if (this.offerTimer) clearTimeout(this.offerTimer);
     if (this.quietTimer) clearTimeout(this.quietTimer);
+    this.options.wan.close();
     this.life.report(this.encoder, { result, error, mode: this.mode, snapshotId: result === 'completed' ? this.claimed : null });
   }
 }

@@ -1,6 +1,6 @@
 import type { Socket } from 'node:net';
 import { errorMessage } from '../common/errors';
-import type { TransferCounts } from '../proxy/encoder';
+import { newCounts, type TransferCounts } from '../proxy/encoder';
 import type { StreamFallback } from '../qemu/records';
 import { PageStore, UndoableStore } from '../store';
 import { saveMigrationRecord } from '../store/migration-record';
@@ -81,6 +81,22 @@ export class SessionLifecycle {
   /** The store has just begun a migration (the codec knows the layout): the gateway keeps it within budget. */
   storeGrows(): void {
     this.options.observer.storeGrows(this.vm, this.retained);
+  }
+
+  /**
+   * Tells the observer the totals so far: the codec's counters (zero before it exists) and the WAN
+   * bytes this direction moves (out when sending, in when receiving).
+   */
+  tellProgress(phase: string, codec: Codec | null): void {
+    this.options.observer.progress(this.vm, this.direction, {
+      phase,
+      startedAt: this.started,
+      streamBytes: codec?.counts.streamBytes ?? 0,
+      wanBytes: this.direction === 'send' ? this.wanOut : this.wanIn,
+      // A copy, once a second: the codec's counters move on, the tick stays what it was.
+      counts: codec ? { ...codec.counts } : newCounts(),
+      layout: codec?.layout ?? null,
+    });
   }
 
   /** Tells the observer, once, as soon as the codec has fallen back to relaying the stream as it is. */

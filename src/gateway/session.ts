@@ -31,6 +31,21 @@ export interface MigrationReport {
   postcopy: boolean;
 }
 
+/** One progress tick of a session: cumulative totals since its start. */
+export interface ProgressTick {
+  /** The session's phase (send.ts and receive.ts name them). */
+  phase: string;
+  /** When the session began (Date.now() time). */
+  startedAt: number;
+  /** QEMU stream bytes so far. */
+  streamBytes: number;
+  /** Bytes this migration put on (send) or took off (receive) the WAN so far. */
+  wanBytes: number;
+  counts: TransferCounts;
+  /** The guest's RAM as the stream's setup declared it, once known. */
+  layout: { pageCount: number; pageSize: number } | null;
+}
+
 /** What a migration session tells the gateway: log lines, live totals, the outcome. */
 export interface SessionObserver {
   /**
@@ -48,7 +63,7 @@ export interface SessionObserver {
   /** No byte moved on the migration's connections for limits.idleSeconds; it fails next. */
   idleTimeout(vm: string, direction: Direction): void;
   /** Cumulative totals so far (about once a second and at the end). */
-  progress(vm: string, direction: Direction, totals: { streamBytes: number; wanBytes: number; counts: TransferCounts }): void;
+  progress(vm: string, direction: Direction, tick: ProgressTick): void;
   finished(report: MigrationReport): void;
   /** Whether this migration may write the VM's store: false while a full filesystem keeps retention off. */
   retains(vm: string, direction: Direction): boolean;

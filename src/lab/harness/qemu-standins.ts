@@ -75,6 +75,8 @@ export interface Received {
 export class HashingDestination {
   private readonly outcomes: Received[] = [];
   private readonly waiting: Array<(r: Received) => void> = [];
+  /** Bytes received so far over every connection, as they arrive. */
+  bytesReceived = 0;
 
   private constructor(private readonly server: net.Server) {
     server.on('connection', (socket) => {
@@ -84,6 +86,7 @@ export class HashingDestination {
       socket.on('data', (chunk: Buffer) => {
         hash.update(chunk);
         bytes += chunk.length;
+        this.bytesReceived += chunk.length;
       });
       socket.on('error', () => (reset = true));
       socket.on('end', () => socket.end());
@@ -144,4 +147,16 @@ export function checkingDestination(expected: Buffer, port = 0): Promise<{ port:
     });
     server.listen(port, '127.0.0.1', () => resolveListen({ port: (server.address() as net.AddressInfo).port, done }));
   });
+}
+
+/**
+ * A source stand-in that sends `stream` up to byte `pauseAt` and holds its connection open, quiet,
+ * until `go()`: then it sends the rest and ends. A migration that stops moving mid-stream.
+ */
+export function pausingSource(port: number, stream: Buffer, pauseAt: number): { go: () => void; closed: Promise<void> } {
+  const socket = net.connect({ host: '127.0.0.1', port, noDelay: true }, () => socket.write(stream.subarray(0, pauseAt)));
+  socket.resume(); // QEMU's return path, unused in precopy
+  socket.on('error', () => undefined); // the migration's outcome is the gateways' to report
+  const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()));
+  return { go: () => socket.end(stream.subarray(pauseAt)), closed };
 }

@@ -1,0 +1,60 @@
+import { WanCap, WanShare } from '../src/gateway/wan-cap';
+
+/**
+ * A writer on the caps: writes `chunk` bytes each time it may, as a sending session writes what one read
+ * of its source turned into, and counts what it wrote until `stop()`.
+ */
+function writer(caps: WanCap[], chunk: number): { share: WanShare; written: () => number; stop: () => void } {
+  const share = new WanShare(caps);
+  let written = 0;
+  let stopped = false;
+  const go = (): void => {
+    while (!stopped && !share.hold(go)) {
+      share.charge(chunk);
+      written += chunk;
+    }
+  };
+  queueMicrotask(go);
+  return {
+    share,
+    written: () => written,
+    stop: () => {
+      stopped = true;
+      share.close();
+    },
+  };
+}
+
+describe('WanCap', () => {
+  test('writers of very different chunk sizes get about the same bytes from one cap', async () => {
+    const cap = new WanCap({ maxMbit: 80 });
+    const big = writer([cap], 256 * 1024);
+    const small = writer([cap], 16 * 1024);
+    await new Promise<void>((resolve) => {
+      const check = setInterval(() => {
+        if (big.written() + small.written() < 8 * 1024 * 1024) return;
+        clearInterval(check);
+        resolve();
+      }, 5);
+    });
+    const [b, s] = [big.written(), small.written()];
+    big.stop();
+    small.stop();
+    expect(Math.min(b, s) / Math.max(b, s)).toBeGreaterThan(0.8);
+  });
+
+  test('a share on no cap never holds; one that closed is not resumed', () => {
+    const free = new WanShare([]);
+    free.charge(1 << 30);
+    expect(free.hold(() => undefined)).toBe(false);
+    const cap = new WanCap({ maxMbit: 1 });
+    const share = new WanShare([cap]);
+    share.charge(1 << 20);
+    let resumed = false;
+    expect(share.hold(() => (resumed = true))).toBe(true);
+    expect(share.held).toBe(true);
+    share.close();
+    expect(share.held).toBe(false);
+    expect(resumed).toBe(false);
+  });
+});
