@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import { type Endpoint, formatEndpoint } from './address';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { holdsNothing, removeStore, removeUnclaimedStores, scanStores, StoreBudget, type UndoableStore } from '../store';
+import { storeBytes } from '../store/budget';
 import { type GatewayConfig, targetAllowed } from './config';
 import { type Admission, awaitStreamMagic, ConnectionGate, type Listener, Refusal, type RefusalReason } from './limits';
 import type { Logger } from './log';
@@ -15,7 +16,7 @@ import { StoreSpace } from './store-space';
 import { errorMessage } from '../common/errors';
 import { type Direction, type MigrationReport, type SessionObserver } from './session';
 import { peerVmError } from './security-config';
-import { PeerTransport, peerNameOf, peerNamesOf } from './transport';
+import { certificateNames, PeerTransport, peerNameOf, peerNamesOf } from './transport';
 
 interface Totals {
   streamBytes: number;
@@ -57,7 +58,12 @@ export class Gateway implements SessionObserver {
   ) {
     this.budget = config.storeBudget !== null ? new StoreBudget(config.data, config.storeBudget) : null;
     this.space = new StoreSpace(config.data);
-    this.transport = new PeerTransport(config.tls);
+    this.transport = new PeerTransport(config.tls, (peer) => metrics?.certificateExpires('peer', certificateNames(peer).join(','), new Date(peer.valid_to)));
+    metrics?.watchStore(() => storeBytes(config.data), config.storeBudget);
+    if (config.tls) {
+      metrics?.certificateExpires('own', '', config.tls.validTo);
+      metrics?.certificateExpires('ca', '', config.tls.caValidTo);
+    }
     this.gate = new ConnectionGate(
       config.limits,
       (socket, listener, reason, detail) => {
