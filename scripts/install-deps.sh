@@ -2,10 +2,11 @@
 # Debian packages bfmig needs: QEMU for real migrations, a kernel and busybox for the test guest,
 # gcc for the guest's workload program, libxxhash-dev for the native page-digest addon, openssl for
 # `bfmig certs` (it issues the gateways' TLS certificates), prometheus for promtool and a real
-# Prometheus server (the tests of deploy/prometheus' rules and of scraping a migration); then QEMU 10.0 from bookworm-backports,
+# Prometheus server (the tests of deploy/prometheus' rules and of scraping a migration), systemd for
+# `systemd-analyze verify` of deploy/systemd's unit; then QEMU 10.0 from bookworm-backports,
 # unpacked beside 7.2 (scripts/install-qemu10.sh).
 set -euo pipefail
-packages=(qemu-system-x86 linux-image-amd64 busybox-static cpio gzip libxxhash-dev gcc libc6-dev make g++ python3 openssl prometheus)
+packages=(qemu-system-x86 linux-image-amd64 busybox-static cpio gzip libxxhash-dev gcc libc6-dev make g++ python3 openssl prometheus systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

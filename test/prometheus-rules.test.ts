@@ -7,8 +7,8 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parse } from 'yaml';
-import { exportedMetricNames, onPath, promqlMetricNames } from './promql-names';
-import { requireInCi } from './mounts';
+import { exportedMetricNames, promqlMetricNames } from './promql-names';
+import { onPath, requireInCi } from './mounts';
 
 const DIR = path.join(__dirname, '..', 'deploy', 'prometheus');
 const RULES = path.join(DIR, 'bfmig-rules.yml');

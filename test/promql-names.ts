@@ -3,7 +3,6 @@
  * gateway exports: so that a rule or a panel naming a metric that does not exist fails a test instead
  * of silently matching nothing.
  */
-import { spawnSync } from 'node:child_process';
 import { GatewayMetrics } from '../src/gateway/metrics';
 
 /** Series Prometheus makes itself for every target. */
@@ -36,9 +35,4 @@ export function promqlMetricNames(expr: string): string[] {
 /** Every metric name a gateway's /metrics serves (its own and Node's default process metrics), and Prometheus's per-target series. */
 export function exportedMetricNames(): Set<string> {
   return new Set([...new GatewayMetrics().registry.getMetricsAsArray().map((m) => m.name), ...PROMETHEUS_SERIES]);
-}
-
-/** Whether `command` runs here (`command --version` exits 0). */
-export function onPath(command: string): boolean {
-  return spawnSync(command, ['--version'], { stdio: 'ignore' }).status === 0;
 }
