@@ -139,6 +139,26 @@ describe('GatewayMetrics over HTTP', () => {
 });
 
 describe('GatewayMetrics store use and certificates', () => {
+  test('startSeries creates a VM\'s counters at 0, so that the first increment of each is an increase', async () => {
+    const m = new GatewayMetrics({ defaultMetrics: false });
+    m.startSeries('vm1', 'send');
+    const zeros = samples(await m.text()).filter((l) => l.endsWith(' 0'));
+    expect(zeros.sort()).toEqual([
+      'bfmig_migrations_total{vm="vm1",direction="send",result="completed"} 0',
+      'bfmig_migrations_total{vm="vm1",direction="send",result="failed"} 0',
+      'bfmig_pages_total{vm="vm1",direction="send",kind="reused"} 0',
+      'bfmig_pages_total{vm="vm1",direction="send",kind="sent"} 0',
+      'bfmig_pages_total{vm="vm1",direction="send",kind="zero"} 0',
+      'bfmig_qemu_stream_bytes_total{vm="vm1",direction="send"} 0',
+      'bfmig_store_budget_bytes 0',
+      'bfmig_store_bytes 0',
+      'bfmig_wan_bytes_total{vm="vm1",direction="send"} 0',
+    ]);
+    m.migrationFinished('vm1', 'send', { result: 'failed', seconds: 1, qemuBytes: 0, wanBytes: 0, verbatimReason: null });
+    expect(samples(await m.text())).toContain('bfmig_migrations_total{vm="vm1",direction="send",result="failed"} 1');
+  });
+
+
   test('the store use is read at each scrape; the budget is 0 without one', async () => {
     const m = new GatewayMetrics({ defaultMetrics: false });
     let used = 1234;

@@ -86,6 +86,7 @@ export class Gateway implements SessionObserver {
     for (const gone of removeUnclaimedStores(c.data)) this.log.info({ vm: gone.vm, bytes: gone.bytes }, 'removed a store that holds nothing');
     this.bound.set('peer', await this.listen(c.peerListen, 'peer', (socket) => this.acceptPeer(socket)));
     for (const route of c.routes) {
+      this.metrics?.startSeries(route.vm, 'send');
       this.bound.set(`route:${route.vm}`, await this.listen(route.listen, 'source', (socket) => this.acceptSource(socket, route.vm)));
     }
     if (c.metrics && this.metrics) {

@@ -155,6 +155,19 @@ export class GatewayMetrics {
     if (opts.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
   }
 
+  /**
+   * Creates `vm`'s counters for `direction` at 0 (a route's VM, at start): Prometheus's rate() and
+   * increase() count only what a series gains after it first sees it, so a counter that appeared at its
+   * first increment would lose the first migration's bytes, or its first failure, to them.
+   */
+  startSeries(vm: string, direction: Direction): void {
+    const labels = { vm, direction };
+    this.streamBytes.inc(labels, 0);
+    this.wanBytes.inc(labels, 0);
+    for (const kind of ['sent', 'reused', 'zero'] as const) this.pages.inc({ ...labels, kind }, 0);
+    for (const result of ['completed', 'failed'] as const) this.migrations.inc({ ...labels, result }, 0);
+  }
+
   addStreamBytes(vm: string, direction: Direction, n: number): void {
     this.streamBytes.inc({ vm, direction }, n);
   }
