@@ -11,7 +11,8 @@ import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
 import { freePort } from '../src/lab/vm/ports';
 import { disposeAllVms, QemuVm } from '../src/lab/vm/qemu-vm';
 import { onPath, requireInCi } from './mounts';
-import { eventually, PrometheusServer } from './prometheus-server';
+import { eventually } from './eventually';
+import { PrometheusServer } from './prometheus-server';
 import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';

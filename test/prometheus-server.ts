@@ -9,6 +9,7 @@ import * as http from 'node:http';
 import * as path from 'node:path';
 import type { Endpoint } from '../src/gateway/address';
 import { freePort } from '../src/lab/vm/ports';
+import { eventually } from './eventually';
 
 export const RULES_FILE = path.join(__dirname, '..', 'deploy', 'prometheus', 'bfmig-rules.yml');
 
@@ -84,14 +85,5 @@ export class PrometheusServer {
       });
       req.on('error', () => resolve({ status: 0, body: '' }));
     });
-  }
-}
-
-/** Polls `condition` until it holds; fails with `why()` after `timeoutMs`. */
-export async function eventually(condition: () => Promise<boolean>, timeoutMs: number, why: () => string): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (!(await condition())) {
-    if (Date.now() > until) throw new Error(why());
-    await new Promise((r) => setTimeout(r, 200));
   }
 }
