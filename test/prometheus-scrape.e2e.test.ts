@@ -4,8 +4,7 @@
  * the recording rules of deploy/prometheus agree, and no alert fires.
  */
 import * as path from 'node:path';
-import type { Gateway } from '../src/gateway/gateway';
-import { startLoggedGateway } from '../src/lab/harness/gateway-pair';
+import { type LoggedGateway, startLoggedGateway } from '../src/lab/harness/gateway-pair';
 import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
 import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
 import { freePort } from '../src/lab/vm/ports';
@@ -18,13 +17,8 @@ import { suiteTempDir } from './temp-dir';
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
 const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
 
-interface Site {
-  name: string;
-  gateway: Gateway;
-  routePort: number;
-  qemuPort: number;
-  logs: Array<Record<string, unknown>>;
-}
+/** A site: its gateway (with its log lines), the port its source QEMU migrates to, the port its destination QEMU listens on. */
+type Site = Pick<LoggedGateway, 'gateway' | 'logs'> & { name: string; routePort: number; qemuPort: number };
 
 /** A 'migration completed' log line: the gateway's own account of one migration. */
 interface Completed {
