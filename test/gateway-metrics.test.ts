@@ -111,9 +111,12 @@ describe('GatewayMetrics over HTTP', () => {
       'bfmig_pages_total',
       'bfmig_qemu_stream_bytes_total',
       'bfmig_saving_ratio',
+      'bfmig_store_budget_bytes',
+      'bfmig_store_bytes',
       'bfmig_store_evictions_total',
       'bfmig_store_full_total',
       'bfmig_streams_relayed_verbatim_total',
+      'bfmig_tls_certificate_expiry_timestamp_seconds',
       'bfmig_wan_bytes_total',
     ]);
     for (const name of ours) {
@@ -134,6 +137,53 @@ describe('GatewayMetrics over HTTP', () => {
     expect((await request(at, '/')).status).toBe(404);
     expect((await request(at, '/metricsx')).status).toBe(404);
     expect((await request(at, '/metrics', 'POST')).status).toBe(405);
+  });
+});
+
+describe('GatewayMetrics store use and certificates', () => {
+  test('startSeries creates a VM\'s counters at 0, so that the first increment of each is an increase', async () => {
+    const m = new GatewayMetrics({ defaultMetrics: false });
+    m.startSeries('vm1', 'send');
+    const zeros = samples(await m.text()).filter((l) => l.endsWith(' 0'));
+    expect(zeros.sort()).toEqual([
+      'bfmig_migrations_total{vm="vm1",direction="send",result="completed"} 0',
+      'bfmig_migrations_total{vm="vm1",direction="send",result="failed"} 0',
+      'bfmig_pages_total{vm="vm1",direction="send",kind="reused"} 0',
+      'bfmig_pages_total{vm="vm1",direction="send",kind="sent"} 0',
+      'bfmig_pages_total{vm="vm1",direction="send",kind="zero"} 0',
+      'bfmig_qemu_stream_bytes_total{vm="vm1",direction="send"} 0',
+      'bfmig_store_budget_bytes 0',
+      'bfmig_store_bytes 0',
+      'bfmig_wan_bytes_total{vm="vm1",direction="send"} 0',
+    ]);
+    m.migrationFinished('vm1', 'send', { result: 'failed', seconds: 1, qemuBytes: 0, wanBytes: 0, verbatimReason: null });
+    expect(samples(await m.text())).toContain('bfmig_migrations_total{vm="vm1",direction="send",result="failed"} 1');
+  });
+
+
+  test('the store use is read at each scrape; the budget is 0 without one', async () => {
+    const m = new GatewayMetrics({ defaultMetrics: false });
+    let used = 1234;
+    m.watchStore(() => used, 4096);
+    expect(samples(await m.text())).toEqual(expect.arrayContaining(['bfmig_store_bytes 1234', 'bfmig_store_budget_bytes 4096']));
+    used = 2048;
+    expect(samples(await m.text())).toContain('bfmig_store_bytes 2048');
+    m.watchStore(() => 7, null);
+    expect(samples(await m.text())).toEqual(expect.arrayContaining(['bfmig_store_bytes 7', 'bfmig_store_budget_bytes 0']));
+  });
+
+  test('certificate expiry is a Unix timestamp per certificate; a peer shown again updates its own series', async () => {
+    const m = new GatewayMetrics({ defaultMetrics: false });
+    m.certificateExpires('own', '', new Date('2030-01-02T00:00:00Z'));
+    m.certificateExpires('peer', 'site-b', new Date('2029-06-01T00:00:00Z'));
+    m.certificateExpires('peer', 'site-b', new Date('2031-06-01T00:00:00Z'));
+    m.certificateExpires('peer', 'site-c', new Date('2028-01-01T00:00:00Z'));
+    const lines = samples(await m.text()).filter((l) => l.startsWith('bfmig_tls_certificate_expiry_timestamp_seconds'));
+    expect(lines.sort()).toEqual([
+      `bfmig_tls_certificate_expiry_timestamp_seconds{certificate="own",peer=""} ${Date.UTC(2030, 0, 2) / 1000}`,
+      `bfmig_tls_certificate_expiry_timestamp_seconds{certificate="peer",peer="site-b"} ${Date.UTC(2031, 5, 1) / 1000}`,
+      `bfmig_tls_certificate_expiry_timestamp_seconds{certificate="peer",peer="site-c"} ${Date.UTC(2028, 0, 1) / 1000}`,
+    ]);
   });
 });
 

@@ -66,6 +66,20 @@ describe('storeBudget at the receiving gateway', () => {
     expect(fs.readdirSync(b.data).sort()).toEqual(['lost', 'other']);
   });
 
+  test('the metrics show what the stores take now and the budget they are held to', async () => {
+    const metric = async (name: string): Promise<number> => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(await b.metrics.text())?.[1]);
+    const fileBytes = (dir: string): number => fs.readdirSync(dir).reduce((sum, f) => sum + fs.lstatSync(path.join(dir, f)).size, 0);
+    const onDisk = fileBytes(path.join(b.data, 'lost')) + fileBytes(path.join(b.data, 'other'));
+    expect(onDisk).toBeGreaterThan(0);
+    expect(await metric('bfmig_store_bytes')).toBe(onDisk);
+    expect(await metric('bfmig_store_budget_bytes')).toBe(1024 * 1024);
+    // Read at each scrape: a store planted now counts at once.
+    plant(b.data, 'planted', 'snap-planted');
+    expect(await metric('bfmig_store_bytes')).toBe(onDisk + fileBytes(path.join(b.data, 'planted')));
+    fs.rmSync(path.join(b.data, 'planted'), { recursive: true });
+    expect(await metric('bfmig_store_bytes')).toBe(onDisk);
+  });
+
   test('a failed first migration leaves no store behind at either gateway (whether the budget let it retain or not)', async () => {
     await migrate(a, b, stream.subarray(0, stream.length >> 1));
     expect(last(a)).toMatchObject({ direction: 'send', result: 'failed' });

@@ -5,6 +5,7 @@
  * allowTargets, a VM name that could leave the store directory, an oversized frame — is refused,
  * logged and counted before anything reaches a store.
  */
+import { X509Certificate } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
@@ -98,6 +99,22 @@ describe('gateways over mutual TLS', () => {
     // A verified peer that leaves without a Hello is a refusal too (logged, counted, nothing stored).
     await waitFor(() => refusals(b).length > logged);
     expect(refusals(b)[logged]).toMatchObject({ reason: 'closed' });
+  });
+
+  test('each gateway exports when its own, the CA\'s and its verified peer\'s certificates expire', async () => {
+    // After the migrations above, A has dialled B and accepted B's dial: both paths verified a peer.
+    const notAfter = (name: string): number => new Date(new X509Certificate(read(certs, name)).validTo).getTime() / 1000;
+    for (const [site, self, peer] of [
+      [a, 'site-a', 'site-b'],
+      [b, 'site-b', 'site-a'],
+    ] as const) {
+      const lines = (await site.metrics.text()).split('\n').filter((l) => l.startsWith('bfmig_tls_certificate_expiry_timestamp_seconds{'));
+      expect(lines.sort()).toEqual([
+        `bfmig_tls_certificate_expiry_timestamp_seconds{certificate="ca",peer=""} ${notAfter('ca.crt')}`,
+        `bfmig_tls_certificate_expiry_timestamp_seconds{certificate="own",peer=""} ${notAfter(`${self}.crt`)}`,
+        `bfmig_tls_certificate_expiry_timestamp_seconds{certificate="peer",peer="${peer}"} ${notAfter(`${peer}.crt`)}`,
+      ]);
+    }
   });
 
   test('a peer whose certificate another CA issued is refused before any store write', async () => {

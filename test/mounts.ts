@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { makeTempDir, removeTempDir } from '../src/lab/harness/temp-dir';
 
 /**
@@ -11,6 +11,11 @@ export function requireInCi(available: boolean, what: string): boolean {
   if (process.env.CI === 'true') throw new Error(`CI must provide ${what}; the tests that need it would otherwise skip`);
   console.warn(`skipping the tests that need ${what}: not available here`);
   return false;
+}
+
+/** Whether `command` runs here (`command --version` exits 0). */
+export function onPath(command: string): boolean {
+  return spawnSync(command, ['--version'], { stdio: 'ignore' }).status === 0;
 }
 
 /** Whether this process may mount a tmpfs (root with CAP_SYS_ADMIN): the full-disk tests need one. */

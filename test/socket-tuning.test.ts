@@ -62,6 +62,7 @@ describe('the WAN queue', () => {
       ca: read('ca.crt'),
       allowPeers: null,
       validTo: new Date(Date.now() + 86_400_000),
+      caValidTo: new Date(Date.now() + 86_400_000),
     };
     expect(dialledQueue(tls)).toBe(WAN_QUEUE_BYTES);
   });

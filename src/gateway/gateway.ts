@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import { type Endpoint, formatEndpoint } from './address';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { holdsNothing, removeStore, removeUnclaimedStores, scanStores, StoreBudget, type UndoableStore } from '../store';
+import { storeBytes } from '../store/budget';
 import { type GatewayConfig, targetAllowed } from './config';
 import { type Admission, awaitStreamMagic, ConnectionGate, type Listener, Refusal, type RefusalReason } from './limits';
 import type { Logger } from './log';
@@ -15,7 +16,7 @@ import { StoreSpace } from './store-space';
 import { errorMessage } from '../common/errors';
 import { type Direction, type MigrationReport, type ProgressTick, type SessionObserver } from './session';
 import { peerVmError } from './security-config';
-import { PeerTransport, peerNameOf, peerNamesOf } from './transport';
+import { certificateNames, PeerTransport, peerNameOf, peerNamesOf } from './transport';
 import { LiveMigrations, type MigrationStatus } from './progress';
 import { WanCaps } from './wan-cap';
 
@@ -64,7 +65,12 @@ export class Gateway implements SessionObserver {
   ) {
     this.budget = config.storeBudget !== null ? new StoreBudget(config.data, config.storeBudget) : null;
     this.space = new StoreSpace(config.data);
-    this.transport = new PeerTransport(config.tls);
+    this.transport = new PeerTransport(config.tls, (peer) => metrics?.certificateExpires('peer', certificateNames(peer).join(','), new Date(peer.valid_to)));
+    metrics?.watchStore(() => storeBytes(config.data), config.storeBudget);
+    if (config.tls) {
+      metrics?.certificateExpires('own', '', config.tls.validTo);
+      metrics?.certificateExpires('ca', '', config.tls.caValidTo);
+    }
     this.live = new LiveMigrations(config.progress);
     this.wanCaps = new WanCaps({
       peers: config.peers.map((p) => ({ peer: formatEndpoint(p.peer), wan: p.wan })),
@@ -92,6 +98,7 @@ export class Gateway implements SessionObserver {
     for (const gone of removeUnclaimedStores(c.data)) this.log.info({ vm: gone.vm, bytes: gone.bytes }, 'removed a store that holds nothing');
     this.bound.set('peer', await this.listen(c.peerListen, 'peer', (socket) => this.acceptPeer(socket)));
     for (const route of c.routes) {
+      this.metrics?.startSeries(route.vm, 'send');
       this.bound.set(`route:${route.vm}`, await this.listen(route.listen, 'source', (socket) => this.acceptSource(socket, route.vm)));
     }
     if (c.metrics && this.metrics) {

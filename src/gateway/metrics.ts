@@ -27,6 +27,9 @@ export interface MigrationSummary {
 
 type VmLabels = 'vm' | 'direction';
 
+/** Whose TLS certificate: this site's own, the CA's, or a peer's (as it last presented it). */
+export type CertificateRole = 'own' | 'ca' | 'peer';
+
 export class GatewayMetrics {
   readonly registry = new Registry();
 
@@ -135,12 +138,50 @@ export class GatewayMetrics {
     registers: [this.registry],
   });
 
+  private readonly certificateExpiry = new Gauge<'certificate' | 'peer'>({
+    name: 'bfmig_tls_certificate_expiry_timestamp_seconds',
+    help: 'When a TLS certificate stops being valid (its notAfter, Unix time): certificate="own" (this site\'s, tls.cert), "ca" (tls.ca), "peer" (as a peer gateway last presented it, peer = the names it gives)',
+    labelNames: ['certificate', 'peer'],
+    registers: [this.registry],
+  });
+
+  /** What the store directory holds now, read at each scrape (see watchStore). */
+  private storeUsedBytes: (() => number) | null = null;
+
+  private readonly storeBytes = new Gauge({
+    name: 'bfmig_store_bytes',
+    help: 'Bytes the retained stores in the data directory take now (file sizes, as storeBudget counts them)',
+    registers: [this.registry],
+    collect: () => {
+      if (this.storeUsedBytes) this.storeBytes.set(this.storeUsedBytes());
+    },
+  });
+
+  private readonly storeBudget = new Gauge({
+    name: 'bfmig_store_budget_bytes',
+    help: 'storeBudget: the bound on bfmig_store_bytes (0 when none is configured)',
+    registers: [this.registry],
+  });
+
   private server: http.Server | null = null;
   /** What GET /status serves (JSON), when the gateway gave it. */
   private status: (() => object) | null = null;
 
   constructor(opts: { defaultMetrics?: boolean } = {}) {
     if (opts.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
+  }
+
+  /**
+   * Creates `vm`'s counters for `direction` at 0 (a route's VM, at start): Prometheus's rate() and
+   * increase() count only what a series gains after it first sees it, so a counter that appeared at its
+   * first increment would lose the first migration's bytes, or its first failure, to them.
+   */
+  startSeries(vm: string, direction: Direction): void {
+    const labels = { vm, direction };
+    this.streamBytes.inc(labels, 0);
+    this.wanBytes.inc(labels, 0);
+    for (const kind of ['sent', 'reused', 'zero'] as const) this.pages.inc({ ...labels, kind }, 0);
+    for (const result of ['completed', 'failed'] as const) this.migrations.inc({ ...labels, result }, 0);
   }
 
   addStreamBytes(vm: string, direction: Direction, n: number): void {
@@ -179,6 +220,17 @@ export class GatewayMetrics {
   stalledNow(vm: string, direction: Direction, stalled: boolean): void {
     if (stalled) this.stalls.inc({ vm, direction });
     this.stalled.set({ vm, direction }, stalled ? 1 : 0);
+  }
+
+  /** Report the store directory's use at each scrape: `usedBytes` is called then; `budgetBytes` null = no storeBudget. */
+  watchStore(usedBytes: () => number, budgetBytes: number | null): void {
+    this.storeUsedBytes = usedBytes;
+    this.storeBudget.set(budgetBytes ?? 0);
+  }
+
+  /** A certificate this gateway holds or was shown, and when it stops being valid. */
+  certificateExpires(certificate: CertificateRole, peer: string, notAfter: Date): void {
+    this.certificateExpiry.set({ certificate, peer }, notAfter.getTime() / 1000);
   }
 
   addPages(vm: string, direction: Direction, kind: PageKind, n: number): void {

@@ -40,6 +40,8 @@ export interface TlsConfig {
   allowPeers: string[] | null;
   /** When this site's certificate stops being valid. */
   validTo: Date;
+  /** When the CA's certificate stops being valid (every certificate it issued is then refused). */
+  caValidTo: Date;
 }
 
 export interface Limits {
@@ -141,7 +143,7 @@ export function parseTls(value: unknown, baseDir: string, fail: Fail): TlsConfig
       return name;
     });
   }
-  return { certFile: certPem.file, keyFile: keyPem.file, caFile: caPem.file, cert: certPem.bytes, key: keyPem.bytes, ca: caPem.bytes, allowPeers, validTo };
+  return { certFile: certPem.file, keyFile: keyPem.file, caFile: caPem.file, cert: certPem.bytes, key: keyPem.bytes, ca: caPem.bytes, allowPeers, validTo, caValidTo: new Date(ca.validTo) };
 }
 
 /** The `limits:` block; every key optional. */

@@ -23,7 +23,11 @@ export class PeerTransport {
   /** Accepted connections in their TLS handshake, by remote address:port. */
   private readonly handshaking = new Map<string, { settle: (result: Socket | Refusal) => void }>();
 
-  constructor(private readonly tls: TlsConfig | null) {
+  /** `verified` is told of every peer certificate accepted, in both directions (the expiry metric). */
+  constructor(
+    private readonly tls: TlsConfig | null,
+    private readonly verified: (peer: PeerCertificate) => void = () => undefined,
+  ) {
     this.context = tls ? createSecureContext({ cert: tls.cert, key: tls.key, ca: tls.ca, minVersion: 'TLSv1.3', maxVersion: 'TLSv1.3' }) : null;
     if (!tls) {
       this.server = null;
@@ -39,7 +43,9 @@ export class PeerTransport {
         pending.settle(new Refusal('tls', `peer certificate not accepted: ${String(socket.authorizationError ?? 'none presented')}`));
         return;
       }
-      const denied = allowedPeerError(this.tls, certificateNames(socket.getPeerCertificate()));
+      const cert = socket.getPeerCertificate();
+      const denied = allowedPeerError(this.tls, certificateNames(cert));
+      if (!denied) this.verified(cert);
       pending.settle(denied ? new Refusal('peer-not-allowed', denied) : socket);
     });
     this.server.on('tlsClientError', (err: Error, socket: TLSSocket) => {
@@ -109,7 +115,10 @@ export class PeerTransport {
     };
     const socket = connectTls(options);
     socket.setNoDelay(true);
-    socket.once('secureConnect', onReady);
+    socket.once('secureConnect', () => {
+      this.verified(socket.getPeerCertificate());
+      onReady();
+    });
     return socket;
   }
 }

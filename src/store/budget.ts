@@ -34,6 +34,11 @@ export interface StoreEntry {
   lastRelayedVerbatim: boolean;
 }
 
+/** Bytes every store under root holds now (what storeBudget bounds). */
+export function storeBytes(root: string): number {
+  return scanStores(root).reduce((sum, e) => sum + e.bytes, 0);
+}
+
 /** Prefix of a store directory being removed; never a VM name (those start with a letter or digit). */
 const REMOVING_PREFIX = '.removing-';
 
@@ -206,7 +211,7 @@ export class StoreBudget {
 
   /** Bytes every store in the directory holds now. */
   get totalBytes(): number {
-    return scanStores(this.root).reduce((sum, e) => sum + e.bytes, 0);
+    return storeBytes(this.root);
   }
 
   /**
