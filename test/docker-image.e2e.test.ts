@@ -30,8 +30,18 @@ function findEngine(): string | null {
   return null;
 }
 
-const engine = SKIP ? null : findEngine();
-if (!SKIP && engine === null) console.warn('skipping the Docker image test: no container engine (podman or docker) works here');
+const BASE_IMAGE = process.env.BFMIG_NODE_IMAGE ?? 'node:20-bookworm-slim';
+
+/** Whether `engine` has the Node base image or can pull it (a registry may be out of reach). */
+function baseImageAvailable(engine: string): boolean {
+  if (spawnSync(engine, ['image', 'inspect', BASE_IMAGE], { stdio: 'ignore', timeout: 60_000 }).status === 0) return true;
+  return spawnSync(engine, ['pull', BASE_IMAGE], { stdio: 'ignore', timeout: 180_000 }).status === 0;
+}
+
+const found = SKIP ? null : findEngine();
+const engine = found !== null && baseImageAvailable(found) ? found : null;
+if (!SKIP && found === null) console.warn('skipping the Docker image test: no container engine (podman or docker) works here');
+else if (!SKIP && engine === null) console.warn(`skipping the Docker image test: ${found} cannot get the base image ${BASE_IMAGE} (set BFMIG_NODE_IMAGE to one it has)`);
 
 function run(args: readonly string[], timeoutMs = 120_000): { status: number | null; out: string } {
   const r = spawnSync(engine ?? 'false', args, { cwd: ROOT, encoding: 'utf8', timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024 });

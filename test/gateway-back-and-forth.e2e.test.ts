@@ -123,7 +123,8 @@ interface Site {
     expect(fourth.mode).toBe('shared-snapshot');
     expect(fourth.wanBytesIn).toBeGreaterThan(first.wanBytesIn);
     expect(first.mode).toBe('none');
-    expect(first.counts.pagesReused).toBe(0);
+    // Nothing held at B: only pages QEMU sent twice with the same content (in a later pass) are reused.
+    expect(first.counts.pagesReused).toBeLessThan(0.01 * first.counts.pagesSent);
     expect(second.mode).toBe('shared-snapshot');
     expect(third.mode).toBe('shared-snapshot');
     // An idle guest's way back costs a small fraction of the first leg.

@@ -111,7 +111,9 @@ interface Site {
     const [a, b] = sites;
     const there = await migrate(a, b);
     const back = await migrate(b, a);
-    expect(there).toMatchObject({ mode: 'none', counts: { pagesReused: 0 } });
+    // Nothing held at B: only pages QEMU sent twice with the same content (in a later pass) are reused.
+    expect(there.mode).toBe('none');
+    expect(there.counts.pagesReused).toBeLessThan(0.01 * there.counts.pagesSent);
     expect(back.mode).toBe('shared-snapshot');
     // The workload's 16384 pages (64 MiB) at least, and the way back costs a small fraction of the way there.
     expect(back.counts.pagesReused).toBeGreaterThan(16384);
