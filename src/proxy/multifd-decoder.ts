@@ -1,0 +1,193 @@
+import { DIGEST_BYTES, digestContiguous, digestOne, StreamHash } from '../digest';
+import { X86_PAGE_SIZE } from '../qemu/constants';
+import { MultifdParser, type MultifdRecord, MultifdRecordKind } from '../qemu/multifd';
+import type { RamBlock, StreamFallback } from '../qemu/records';
+import { errorMessage } from '../common/errors';
+import { RebuildError } from './decoder';
+import { newCounts, type TransferCounts } from './encoder';
+import { type MultifdChannelCodec, type MultifdMigration, MultifdPageView } from './multifd-migration';
+import { PageRetainer, sameDigest } from './retained';
+import { decodeRun, MAX_RUN_HELD } from './run';
+
+/** A frame that arrived while the channel was parked: a copy, replayed once it may go on. */
+interface QueuedFrame {
+  run: boolean;
+  payload: Buffer;
+}
+
+/**
+ * The receiving gateway's codec for one multifd channel: turns MultifdEncoder's Literal bytes and Run
+ * payloads back into the channel's exact bytes. API, beside the main channel's StreamDecoder:
+ *
+ *   const migration = new MultifdMigration(store, channelCount);   // one per migration
+ *   mainDecoder = new StreamDecoder(out, store, (layout) => migration.begin(layout));
+ *   const channel = new MultifdDecoder(channelOut, migration);      // per channel
+ *   channel.literal(bytes) | channel.run(payload) … channel.end(streamBytes, streamCheck);
+ *
+ * A Run stands for the next `count` normal pages of the packet being rebuilt, whose header (with the
+ * pages' offsets) came before it as Literal bytes: it must start at the page the header lists next, in
+ * the block the header names. Its pages are read from the store and checked against the sender's digest
+ * before a byte of them goes to `out`. The rebuilt channel is parsed again as it goes out, which keeps
+ * the store in step exactly as on the sending side. `parked` (see MultifdMigration): the channel waits
+ * at a SYNC for the others; frames given meanwhile are copied and queued, so the caller should stop
+ * reading this channel's frames until it clears. end() checks the channel's length and XXH3-64.
+ */
+export class MultifdDecoder implements MultifdChannelCodec {
+  readonly counts: TransferCounts = newCounts();
+  syncs = 0;
+  private readonly parser: MultifdParser;
+  private readonly retainer: PageRetainer;
+  private readonly view = new MultifdPageView();
+  private readonly streamHash = new StreamHash();
+  private ended = false;
+  private readonly queued: QueuedFrame[] = [];
+  private block: RamBlock | null = null;
+  /** Pages of the run being parsed again: read from the store already, nothing to keep. */
+  private replaying = 0;
+  private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
+  private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
+
+  constructor(
+    /** Receives the rebuilt channel; it owns each buffer (Literal bytes: views of what literal() got). */
+    private readonly out: (bytes: Buffer) => void,
+    private readonly migration: MultifdMigration,
+    /** Where a Run's pages are laid out; `out` then owns the buffer. */
+    private readonly allocate: (size: number) => Buffer = (size) => Buffer.allocUnsafe(size),
+  ) {
+    this.retainer = new PageRetainer(migration.store);
+    this.parser = new MultifdParser((record) => this.onRecord(record));
+    migration.join(this);
+  }
+
+  get parked(): boolean {
+    return this.parser.isPaused || this.queued.length > 0;
+  }
+
+  get synchronising(): boolean {
+    return !this.ended && this.parser.fallenBack === null;
+  }
+
+  get fallback(): StreamFallback | null {
+    return this.parser.fallenBack;
+  }
+
+  literal(bytes: Buffer): void {
+    if (this.parked) {
+      this.queued.push({ run: false, payload: Buffer.from(bytes) });
+      return;
+    }
+    this.rebuilt(bytes);
+    this.migration.settle();
+  }
+
+  run(payload: Buffer): void {
+    if (this.parked) {
+      this.queued.push({ run: true, payload: Buffer.from(payload) });
+      return;
+    }
+    this.rebuildRun(payload);
+    this.migration.settle();
+  }
+
+  /** The sender's channel ended: the rebuilt channel must be complete, of its length and XXH3-64. */
+  end(streamBytes: number, streamCheck: string): void {
+    if (this.parked) throw new RebuildError('multifd channel ended while waiting at a SYNC for the other channels');
+    this.parser.end();
+    this.ended = true;
+    this.migration.settle();
+    if (streamBytes !== this.counts.streamBytes) throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes of a multifd channel, the source sent ${streamBytes}`);
+    const rebuilt = this.streamHash.digest();
+    if (rebuilt !== streamCheck) throw new RebuildError(`the rebuilt multifd channel's XXH3-64 is ${rebuilt}, the source's ${streamCheck}`);
+  }
+
+  unpark(): void {
+    this.parser.resume();
+    while (!this.parser.isPaused && this.queued.length > 0) {
+      const frame = this.queued.shift() as QueuedFrame;
+      if (frame.run) this.rebuildRun(frame.payload);
+      else this.rebuilt(frame.payload);
+    }
+  }
+
+  /** Passes bytes of the channel on, parsing them (a parked parser reads the rest on resume()). */
+  private rebuilt(bytes: Buffer): void {
+    this.counts.streamBytes += bytes.length;
+    this.streamHash.update(bytes);
+    this.parser.push(bytes);
+    this.out(bytes);
+  }
+
+  private rebuildRun(payload: Buffer): void {
+    const run = decodeRun(payload);
+    const next = this.parser.nextPageIndex;
+    const packet = this.parser.currentPacket;
+    const block = this.block;
+    if (next < 0 || block === null) throw new RebuildError('a Run where no page of a packet comes next');
+    if (run.held !== run.count || run.count > packet.normalPages - next) {
+      throw new RebuildError(`a Run of ${run.count} pages (${run.held} held) where the packet has ${packet.normalPages - next} pages left`);
+    }
+    if (run.blockIndex !== block.index || run.firstOffset !== packet.offsets[next]) {
+      throw new RebuildError(`a Run at block ${run.blockIndex} offset ${run.firstOffset}, the packet's next page is at block ${block.index} offset ${packet.offsets[next]}`);
+    }
+    const store = this.migration.store;
+    if (!store) throw new RebuildError('Run of held pages, but this gateway keeps no store');
+    const bytes = this.allocate(run.count * X86_PAGE_SIZE);
+    for (let k = 0; k < run.count; ) {
+      const first = block.firstPage + packet.offsets[next + k] / X86_PAGE_SIZE;
+      let end = k + 1;
+      while (end < run.count && packet.offsets[next + end] === packet.offsets[next + end - 1] + X86_PAGE_SIZE) end++;
+      if (first + (end - k) > block.firstPage + block.pages) throw new RebuildError(`Run pages beyond block ${block.name}`);
+      try {
+        store.readPages(first, end - k, bytes, k * X86_PAGE_SIZE);
+      } catch (err) {
+        throw new RebuildError(`pages ${first}..${first + end - k - 1} are not held: ${errorMessage(err)}`);
+      }
+      k = end;
+    }
+    digestContiguous(bytes, 0, run.count, X86_PAGE_SIZE, this.digests, 0);
+    digestOne(this.digests, 0, run.count * DIGEST_BYTES, this.runDigest, 0);
+    if (!sameDigest(this.runDigest, 0, run.digest, 0)) {
+      throw new RebuildError(`retained pages of a multifd Run at block ${block.name} offset ${run.firstOffset} do not match the sender's digest`);
+    }
+    this.counts.pagesReused += run.count;
+    this.replaying = run.count;
+    try {
+      this.rebuilt(bytes);
+    } finally {
+      this.replaying = 0;
+    }
+  }
+
+  private onRecord(record: MultifdRecord): void {
+    switch (record.kind) {
+      case MultifdRecordKind.Packet:
+        this.block = record.normalPages + record.zeroPages > 0 ? this.migration.block(record.block, record.streamOffset) : null;
+        return;
+      case MultifdRecordKind.Page: {
+        const page = this.view.set(record, this.block as RamBlock);
+        if (this.replaying > 0) {
+          this.replaying--;
+          return;
+        }
+        this.counts.pagesSent++;
+        this.retainer.retain(page, this.retainer.digestOf(page));
+        return;
+      }
+      case MultifdRecordKind.ZeroPage: {
+        const page = this.view.set(record, this.block as RamBlock);
+        this.counts.pagesZero++;
+        this.retainer.retain(page, this.retainer.digestOf(page));
+        return;
+      }
+      case MultifdRecordKind.PacketEnd:
+        if (record.sync) {
+          this.syncs++;
+          if (!this.migration.mayPass(this.syncs)) this.parser.pause();
+        }
+        return;
+      case MultifdRecordKind.Init:
+      case MultifdRecordKind.Fallback:
+        return;
+    }
+  }
+}

@@ -1,0 +1,211 @@
+import { DIGEST_BYTES, digestOne, StreamHash } from '../digest';
+import { X86_PAGE_SIZE } from '../qemu/constants';
+import { MultifdParser, type MultifdRecord, MultifdRecordKind } from '../qemu/multifd';
+import type { RamBlock, RamPageRecord, StreamFallback } from '../qemu/records';
+import { type EncoderSink, newCounts, type TransferCounts } from './encoder';
+import { type MultifdChannelCodec, type MultifdMigration, MultifdPageView } from './multifd-migration';
+import { PageRetainer, sameDigest } from './retained';
+import { encodeRun, MAX_RUN_HELD } from './run';
+
+/**
+ * The sending gateway's codec for one multifd channel (src/qemu/multifd.ts has the format). Its API, for
+ * the gateway that accepts the channels:
+ *
+ *   const migration = new MultifdMigration(store, channelCount);   // one per migration, beside the
+ *   mainEncoder = new StreamEncoder(sink, store, (layout) => {      // main channel's StreamEncoder
+ *     migration.begin(layout); ...; migration.reference = mainEncoder.reference; });
+ *   const channel = new MultifdEncoder(channelSink, migration);     // per channel, as it is accepted
+ *   channel.push(chunk) … channel.end();                            // then End: sentBytes, streamCheck
+ *
+ * The channel's bytes go to its sink as Literal bytes (views of the pushed chunks, which must not change
+ * afterwards) and Run payloads: each stretch of consecutive normal pages of one packet that the
+ * receiver holds (by `migration.reference`) becomes one Run (proxy/run.ts: block index, first page's
+ * offset, count, one digest over the pages' digests, every bitmap bit set); MultifdDecoder rebuilds them
+ * from the pages' offsets in the packet header it has already received. Zero pages carry no bytes and
+ * stay in the header. Every page is written to the store as it passes, like the main channel's.
+ *
+ * Channel bytes may be pushed only once `migration.begin()` has had the main channel's block list
+ * (QEMU sends the list before any page). `parked` says the channel waits at a SYNC for the others
+ * (see MultifdMigration): what is pushed meanwhile is queued, so the caller should stop reading the
+ * socket until it clears. A compressed packet or an unknown version makes the rest of the channel go
+ * out as Literal bytes (`fallback`).
+ */
+export class MultifdEncoder implements MultifdChannelCodec {
+  readonly counts: TransferCounts = newCounts();
+  syncs = 0;
+  private readonly parser: MultifdParser;
+  private readonly retainer: PageRetainer;
+  private readonly view = new MultifdPageView();
+  private readonly streamHash = new StreamHash();
+  private ended = false;
+  /** Pushed and not yet sent (as Literal bytes or a Run): views, from stream offset heldFrom on. */
+  private readonly held: Buffer[] = [];
+  private heldFrom = 0;
+  private literalFrom = 0;
+  /** Pushed while parked: not yet given to the parser. */
+  private readonly queued: Buffer[] = [];
+  private block: RamBlock | null = null;
+  // The open run: consecutive held normal pages of the current packet.
+  private runCount = 0;
+  private runFirstOffset = 0;
+  private readonly runDigests = Buffer.alloc(MAX_RUN_HELD * DIGEST_BYTES);
+  private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
+  /** Every page of a run is held: all bits set, but none past the run's last page (decodeRun checks). */
+  private readonly runBitmap = Buffer.alloc(MAX_RUN_HELD / 8, 0xff);
+
+  constructor(
+    private readonly sink: EncoderSink,
+    private readonly migration: MultifdMigration,
+  ) {
+    this.retainer = new PageRetainer(migration.store);
+    this.parser = new MultifdParser((record) => this.onRecord(record));
+    migration.join(this);
+  }
+
+  get parked(): boolean {
+    return this.parser.isPaused;
+  }
+
+  get synchronising(): boolean {
+    return !this.ended && this.parser.fallenBack === null;
+  }
+
+  get fallback(): StreamFallback | null {
+    return this.parser.fallenBack;
+  }
+
+  /** Channel bytes gone to the sink, as Literal bytes or the Runs standing for them. */
+  get sentBytes(): number {
+    return this.literalFrom;
+  }
+
+  /** XXH3-64 of the channel's bytes; complete once end() has returned. */
+  get streamCheck(): string {
+    return this.streamHash.digest();
+  }
+
+  /** Throws StreamError on malformed input. */
+  push(chunk: Buffer): void {
+    if (chunk.length === 0) return;
+    this.counts.streamBytes += chunk.length;
+    this.streamHash.update(chunk);
+    this.held.push(chunk);
+    if (this.parked) {
+      this.queued.push(chunk);
+      return;
+    }
+    this.parse(chunk);
+    this.migration.settle();
+  }
+
+  /** The channel closed: everything pushed is sent (a parked channel must be unparked first). */
+  end(): void {
+    if (this.parked || this.queued.length > 0) throw new Error('multifd channel ended while waiting at a SYNC for the other channels');
+    this.parser.end();
+    this.ended = true;
+    this.send(this.counts.streamBytes);
+    this.migration.settle();
+  }
+
+  unpark(): void {
+    this.parser.resume();
+    this.afterParse();
+    while (!this.parked && this.queued.length > 0) this.parse(this.queued.shift() as Buffer);
+  }
+
+  private parse(chunk: Buffer): void {
+    this.parser.push(chunk);
+    this.afterParse();
+  }
+
+  /** Sends what the parser has settled; an open run stays open, its pages already skipped. */
+  private afterParse(): void {
+    if (this.runCount === 0) this.send(this.parser.settledTo);
+  }
+
+  private onRecord(record: MultifdRecord): void {
+    switch (record.kind) {
+      case MultifdRecordKind.Packet:
+        this.block = record.normalPages + record.zeroPages > 0 ? this.migration.block(record.block, record.streamOffset) : null;
+        return;
+      case MultifdRecordKind.Page:
+      case MultifdRecordKind.ZeroPage:
+        this.onPage(record.kind === MultifdRecordKind.Page, this.view.set(record, this.block as RamBlock));
+        return;
+      case MultifdRecordKind.PacketEnd:
+        this.closeRun();
+        if (record.sync) {
+          this.syncs++;
+          if (!this.migration.mayPass(this.syncs)) this.parser.pause();
+        }
+        return;
+      case MultifdRecordKind.Init:
+      case MultifdRecordKind.Fallback:
+        return;
+    }
+  }
+
+  private onPage(normal: boolean, page: RamPageRecord): void {
+    const retainer = this.retainer;
+    retainer.digestOf(page);
+    const at = page.pageIndex * DIGEST_BYTES;
+    const reference = this.migration.reference;
+    if (!normal) {
+      this.counts.pagesZero++;
+    } else if (reference !== null && sameDigest(reference, at, retainer.digest, 0)) {
+      this.counts.pagesReused++;
+      this.addToRun(page.streamOffset, page.offset);
+    } else {
+      this.closeRun();
+      this.counts.pagesSent++;
+    }
+    // The receiver now holds this version of the page.
+    if (reference !== null && reference !== this.migration.store?.digests) reference.set(retainer.digest, at);
+    retainer.retain(page, true);
+  }
+
+  private addToRun(streamOffset: number, offset: number): void {
+    if (this.runCount === MAX_RUN_HELD) this.closeRun();
+    if (this.runCount === 0) {
+      this.send(streamOffset); // the packet's header and any pages sent in full go first
+      this.runFirstOffset = offset;
+    }
+    this.retainer.digest.copy(this.runDigests, this.runCount * DIGEST_BYTES);
+    this.runCount++;
+    this.skip(streamOffset + X86_PAGE_SIZE);
+  }
+
+  private closeRun(): void {
+    const count = this.runCount;
+    if (count === 0) return;
+    digestOne(this.runDigests, 0, count * DIGEST_BYTES, this.runDigest, 0);
+    const last = (count - 1) >>> 3;
+    if (count % 8 !== 0) this.runBitmap[last] = (1 << count % 8) - 1;
+    this.sink.run(encodeRun(0, 0, (this.block as RamBlock).index, count, this.runFirstOffset, this.runDigest, this.runBitmap));
+    this.runBitmap[last] = 0xff;
+    this.runCount = 0;
+  }
+
+  private send(to: number): void {
+    this.consume(to, true);
+  }
+
+  private skip(to: number): void {
+    this.consume(to, false);
+  }
+
+  /** Lets go of the input in [literalFrom, to), as Literal bytes or not (a run stands for it). */
+  private consume(to: number, send: boolean): void {
+    while (this.literalFrom < to) {
+      const chunk = this.held[0];
+      const start = this.literalFrom - this.heldFrom;
+      const end = Math.min(chunk.length, to - this.heldFrom);
+      if (send) this.sink.literal(chunk.subarray(start, end));
+      this.literalFrom = this.heldFrom + end;
+      if (end === chunk.length) {
+        this.held.shift();
+        this.heldFrom += chunk.length;
+      }
+    }
+  }
+}
