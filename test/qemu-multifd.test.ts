@@ -106,8 +106,9 @@ describe('MultifdParser', () => {
       return bad;
     };
     expect(rejection(mutate(12, 0x10000))).toBe(StreamErrorCode.AbsurdLength); // pages_alloc
-    expect(rejection(mutate(12, 0))).toBe(StreamErrorCode.AbsurdLength);
-    expect(rejection(mutate(16, 129))).toBe(StreamErrorCode.Malformed); // normal > alloc
+    expect(rejection(mutate(12, 129))).toBe(StreamErrorCode.AbsurdLength);
+    expect(rejection(mutate(12, 0))).toBe(StreamErrorCode.Malformed); // normal > alloc
+    expect(rejection(mutate(16, 129))).toBe(StreamErrorCode.Malformed);
     expect(rejection(mutate(32, 128))).toBe(StreamErrorCode.Malformed); // normal + zero > alloc
     expect(rejection(mutate(20, 4095))).toBe(StreamErrorCode.Malformed); // next_packet_size
     expect(rejection(mutate(320 + 4, 0x800))).toBe(StreamErrorCode.PageOutOfRange); // unaligned offset

@@ -13,11 +13,13 @@ import type { FallbackCode, StreamFallback } from './records';
  *                                 | u32 normal_pages | u32 next_packet_size | u64 packet_num
  *                                 | u32 zero_pages (10.0; 7.2: reserved, always 0) | 4 + 24 bytes reserved
  *                                 | 256-byte RAM block name, NUL-terminated
- *                                 | pages_alloc × u64 offset: the normal pages', then the zero pages'
- *                                 | normal_pages × page: the normal pages' bytes (next_packet_size of them)
+ *                                 | slots × u64 offset: the normal pages', then the zero pages', then 0s
+ *                                 | normal_pages × page: the normal pages' bytes
  *
- * Every packet has pages_alloc offset slots (QEMU sends its whole, fixed-size packet buffer; the unused
- * slots are zero). Zero pages (10.0 with zero-page-detection=multifd, the default) have an offset and
+ * Every packet has the same number of offset slots, whatever it carries: QEMU sends (and its receiver
+ * reads) a fixed-size packet of MULTIFD_PACKET_SIZE / page size = 128 slots for 4 KiB pages. pages_alloc
+ * says the same for a packet with pages, and is 0 in a 10.0 SYNC packet; next_packet_size is the page
+ * bytes' length where there are pages, and may be stale in a 7.2 SYNC packet without any. Zero pages (10.0 with zero-page-detection=multifd, the default) have an offset and
  * no bytes: the destination zeroes them. In 7.2 zero pages go on the main channel instead. A SYNC packet
  * (flag bit 0) marks a synchronisation point: its pages (7.2 may send some with it) are the last of the
  * round. Compressed packets (zlib, zstd, qpl, uadk, qatzip: flag bits 1..5), device-state packets (bit
@@ -40,11 +42,8 @@ export const enum MultifdFlag {
   DeviceState = 1 << 6,
 }
 
-/**
- * Most offset slots a packet may have: QEMU has 128 (a 512 KiB packet of 4 KiB pages); the bound keeps
- * a hostile header from making us gather more than 8 KiB of offsets.
- */
-export const MAX_PAGES_PER_PACKET = 1024;
+/** Offset slots per packet: MULTIFD_PACKET_SIZE (512 KiB) / the 4 KiB x86 page. */
+export const MULTIFD_SLOTS = 128;
 
 export const enum MultifdRecordKind {
   Init = 1,
@@ -143,7 +142,7 @@ export class MultifdParser {
   private state = State.Init;
   private error: StreamError | null = null;
   private paused = false;
-  private readonly input = new ByteCursor(Math.max(X86_PAGE_SIZE, MAX_PAGES_PER_PACKET * 8));
+  private readonly input = new ByteCursor(Math.max(X86_PAGE_SIZE, MULTIFD_SLOTS * 8));
   private recordStart = 0;
   private readonly packet: MultifdPacketRecord = {
     kind: MultifdRecordKind.Packet,
@@ -155,7 +154,7 @@ export class MultifdParser {
     nextPacketSize: 0,
     packetNumber: 0,
     block: '',
-    offsets: new Float64Array(MAX_PAGES_PER_PACKET),
+    offsets: new Float64Array(MULTIFD_SLOTS),
     streamOffset: 0,
   };
   private readonly page: MultifdPageRecord = { kind: MultifdRecordKind.Page, index: 0, offset: 0, data: NO_DATA, dataStart: 0, streamOffset: 0 };
@@ -286,11 +285,12 @@ export class MultifdParser {
     p.nextPacketSize = input.u32(20);
     p.packetNumber = input.u32(24) * 0x1_0000_0000 + input.u32(28);
     p.zeroPages = input.u32(32);
-    if (p.pagesAlloc === 0 || p.pagesAlloc > MAX_PAGES_PER_PACKET) this.fail(StreamErrorCode.AbsurdLength, `packet of ${p.pagesAlloc} page slots`);
+    // As QEMU's receiver checks them (multifd_ram_unfill_packet).
+    if (p.pagesAlloc > MULTIFD_SLOTS) this.fail(StreamErrorCode.AbsurdLength, `packet of ${p.pagesAlloc} pages, more than ${MULTIFD_SLOTS}`);
     if (p.normalPages > p.pagesAlloc || p.zeroPages > p.pagesAlloc - p.normalPages) {
-      this.fail(StreamErrorCode.Malformed, `packet of ${p.normalPages} normal and ${p.zeroPages} zero pages in ${p.pagesAlloc} slots`);
+      this.fail(StreamErrorCode.Malformed, `packet of ${p.normalPages} normal and ${p.zeroPages} zero pages out of ${p.pagesAlloc}`);
     }
-    if (p.nextPacketSize !== p.normalPages * X86_PAGE_SIZE) {
+    if (p.normalPages > 0 && p.nextPacketSize !== p.normalPages * X86_PAGE_SIZE) {
       this.fail(StreamErrorCode.Malformed, `uncompressed packet of ${p.normalPages} pages says ${p.nextPacketSize} bytes follow`);
     }
     p.block = p.normalPages + p.zeroPages > 0 ? this.blockName() : '';
@@ -311,7 +311,7 @@ export class MultifdParser {
   private readOffsets(): boolean {
     const input = this.input;
     const p = this.packet;
-    if (!input.take(p.pagesAlloc * 8)) return false;
+    if (!input.take(MULTIFD_SLOTS * 8)) return false;
     const pages = p.normalPages + p.zeroPages;
     for (let i = 0; i < pages; i++) {
       const high = input.u32(i * 8);

@@ -3,7 +3,7 @@
  * packets of QEMU 7.2's or 10.0's kind, and whole migrations of a guest memory image spread over N
  * channels in rounds, each round closed by a SYNC packet on every channel, as QEMU sends them.
  */
-import { MULTIFD_BLOCK_NAME_AT, MULTIFD_HEADER_BYTES, MULTIFD_INIT_BYTES, MULTIFD_MAGIC, MULTIFD_VERSION, MultifdFlag } from '../../qemu/multifd';
+import { MULTIFD_BLOCK_NAME_AT, MULTIFD_HEADER_BYTES, MULTIFD_INIT_BYTES, MULTIFD_MAGIC, MULTIFD_SLOTS, MULTIFD_VERSION, MultifdFlag } from '../../qemu/multifd';
 import { MultifdDecoder } from '../../proxy/multifd-decoder';
 import { MultifdEncoder } from '../../proxy/multifd-encoder';
 import { MultifdMigration } from '../../proxy/multifd-migration';
@@ -12,9 +12,6 @@ import { type GuestMemory, PAGE } from './migration-stream';
 
 /** 7.2: no zero pages in packets (they go on the main channel). 10.0: zero pages as offsets. */
 export type MultifdFormat = 'qemu-7.2' | 'qemu-10.0';
-
-/** QEMU's slots per packet: a 512 KiB packet of 4 KiB pages. */
-export const QEMU_PAGES_PER_PACKET = 128;
 
 export function multifdInit(channel: number, version = MULTIFD_VERSION): Buffer {
   const out = Buffer.alloc(MULTIFD_INIT_BYTES);
@@ -37,20 +34,20 @@ export interface PacketSpec {
   /** Extra flag bits (compression, device state) and a version, to build packets the parser refuses. */
   extraFlags?: number;
   version?: number;
-  pagesAlloc?: number;
 }
 
 export function multifdPacket(spec: PacketSpec): Buffer {
   const zero = spec.zeroOffsets ?? [];
   if (spec.format === 'qemu-7.2' && zero.length > 0) throw new Error('QEMU 7.2 packets carry no zero pages');
-  const slots = spec.pagesAlloc ?? QEMU_PAGES_PER_PACKET;
-  const header = Buffer.alloc(MULTIFD_HEADER_BYTES + slots * 8);
+  const header = Buffer.alloc(MULTIFD_HEADER_BYTES + MULTIFD_SLOTS * 8);
+  // 10.0 leaves pages_alloc 0 in a SYNC packet; 7.2 sends it always, and a stale next_packet_size.
+  const bare = spec.sync === true && spec.pages.length === 0;
   header.writeUInt32BE(MULTIFD_MAGIC, 0);
   header.writeUInt32BE(spec.version ?? MULTIFD_VERSION, 4);
   header.writeUInt32BE((spec.sync ? MultifdFlag.Sync : 0) | (spec.extraFlags ?? 0), 8);
-  header.writeUInt32BE(slots, 12);
+  header.writeUInt32BE(bare && spec.format === 'qemu-10.0' ? 0 : MULTIFD_SLOTS, 12);
   header.writeUInt32BE(spec.pages.length, 16);
-  header.writeUInt32BE(spec.pages.length * PAGE, 20);
+  header.writeUInt32BE(bare && spec.format === 'qemu-7.2' ? MULTIFD_SLOTS * PAGE : spec.pages.length * PAGE, 20);
   header.writeBigUInt64BE(BigInt(spec.packetNumber), 24);
   header.writeUInt32BE(zero.length, 32);
   header.write(spec.block, MULTIFD_BLOCK_NAME_AT, 'latin1');
@@ -85,7 +82,7 @@ const isZero = (page: Buffer): boolean => page.every((b) => b === 0);
  */
 export function multifdMigration(memory: GuestMemory, shape: MultifdMigrationShape): MultifdChannels {
   const parts: Buffer[][] = Array.from({ length: shape.channels }, (_, c) => [multifdInit(c)]);
-  const perPacket = shape.pagesPerPacket ?? QEMU_PAGES_PER_PACKET;
+  const perPacket = shape.pagesPerPacket ?? MULTIFD_SLOTS;
   let packetNumber = 0;
   let next = 0;
   let normalPages = 0;
@@ -127,7 +124,7 @@ export function multifdMigration(memory: GuestMemory, shape: MultifdMigrationSha
   return { channels: parts.map((p) => Buffer.concat(p)), normalPages, zeroPages };
 }
 
-/** A channel's frames as MultifdEncoder sent them: Literal bytes (copied) and Run payloads. */
+/** A channel's frames as MultifdEncoder sent them: Literal bytes and Run payloads. */
 export interface ChannelFrames {
   frames: { run: boolean; payload: Buffer }[];
   streamBytes: number;
@@ -156,7 +153,8 @@ export function multifdRoundTrip(
   const encoders = sent.map(
     (out) =>
       new MultifdEncoder(
-        { literal: (bytes) => out.frames.push({ run: false, payload: Buffer.from(bytes) }), run: (payload) => out.frames.push({ run: true, payload }) },
+        // Views of the channels' bytes, which nothing changes: no copy is needed.
+        { literal: (bytes) => out.frames.push({ run: false, payload: bytes }), run: (payload) => out.frames.push({ run: true, payload }) },
         sending,
       ),
   );
@@ -171,7 +169,8 @@ export function multifdRoundTrip(
   const receiving = new MultifdMigration(receiver, channels.length);
   receiving.begin(layout);
   const rebuilt: Buffer[][] = channels.map(() => []);
-  const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => out.push(Buffer.from(bytes)), receiving));
+  // The decoder hands over buffers of its own, or views of the frames', which nothing changes.
+  const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => out.push(bytes), receiving));
   for (const c of order) {
     for (const frame of sent[c].frames) {
       if (frame.run) decoders[c].run(frame.payload);
