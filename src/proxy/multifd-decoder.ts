@@ -72,21 +72,11 @@ export class MultifdDecoder implements MultifdChannelCodec {
   }
 
   literal(bytes: Buffer): void {
-    if (this.parked) {
-      this.queued.push({ run: false, payload: Buffer.from(bytes) });
-      return;
-    }
-    this.rebuilt(bytes);
-    this.migration.settle();
+    this.frame({ run: false, payload: bytes });
   }
 
   run(payload: Buffer): void {
-    if (this.parked) {
-      this.queued.push({ run: true, payload: Buffer.from(payload) });
-      return;
-    }
-    this.rebuildRun(payload);
-    this.migration.settle();
+    this.frame({ run: true, payload });
   }
 
   /** The sender's channel ended: the rebuilt channel must be complete, of its length and XXH3-64. */
@@ -102,11 +92,21 @@ export class MultifdDecoder implements MultifdChannelCodec {
 
   unpark(): void {
     this.parser.resume();
-    while (!this.parser.isPaused && this.queued.length > 0) {
-      const frame = this.queued.shift() as QueuedFrame;
-      if (frame.run) this.rebuildRun(frame.payload);
-      else this.rebuilt(frame.payload);
+    while (!this.parser.isPaused && this.queued.length > 0) this.apply(this.queued.shift() as QueuedFrame);
+  }
+
+  private frame(frame: QueuedFrame): void {
+    if (this.parked) {
+      this.queued.push({ run: frame.run, payload: Buffer.from(frame.payload) });
+      return;
     }
+    this.apply(frame);
+    this.migration.settle();
+  }
+
+  private apply(frame: QueuedFrame): void {
+    if (frame.run) this.rebuildRun(frame.payload);
+    else this.rebuilt(frame.payload);
   }
 
   /** Passes bytes of the channel on, parsing them (a parked parser reads the rest on resume()). */

@@ -45,6 +45,8 @@ export class MultifdEncoder implements MultifdChannelCodec {
   /** Pushed while parked: not yet given to the parser. */
   private readonly queued: Buffer[] = [];
   private block: RamBlock | null = null;
+  /** The channel's SYNC packets say pages_alloc 0: QEMU 9.0 or later, which sends no page twice in an epoch. */
+  private modernQemu = false;
   // The open run: consecutive held normal pages of the current packet.
   private runCount = 0;
   private runFirstOffset = 0;
@@ -126,11 +128,12 @@ export class MultifdEncoder implements MultifdChannelCodec {
   private onRecord(record: MultifdRecord): void {
     switch (record.kind) {
       case MultifdRecordKind.Packet:
+        if (record.sync && record.normalPages === 0) this.modernQemu = record.pagesAlloc === 0;
         this.block = record.normalPages + record.zeroPages > 0 ? this.migration.block(record.block, record.streamOffset) : null;
         return;
       case MultifdRecordKind.Page:
       case MultifdRecordKind.ZeroPage:
-        this.onPage(record.kind === MultifdRecordKind.Page, this.view.set(record, this.block as RamBlock));
+        this.onPage(record.kind === MultifdRecordKind.Page, this.view.set(record, this.block as RamBlock), record.index);
         return;
       case MultifdRecordKind.PacketEnd:
         this.closeRun();
@@ -145,14 +148,20 @@ export class MultifdEncoder implements MultifdChannelCodec {
     }
   }
 
-  private onPage(normal: boolean, page: RamPageRecord): void {
+  /** Whether the packet's `index`-th page may be named in a Run (see MultifdMigration on QEMU < 9.0). */
+  private mayName(index: number): boolean {
+    return this.modernQemu || (index !== 0 && index !== this.parser.currentPacket.normalPages - 1);
+  }
+
+  private onPage(normal: boolean, page: RamPageRecord, index: number): void {
     const retainer = this.retainer;
     retainer.digestOf(page);
     const at = page.pageIndex * DIGEST_BYTES;
     const reference = this.migration.reference;
+    const first = this.migration.claim(page.pageIndex, this.syncs);
     if (!normal) {
       this.counts.pagesZero++;
-    } else if (reference !== null && sameDigest(reference, at, retainer.digest, 0)) {
+    } else if (reference !== null && first && this.mayName(index) && sameDigest(reference, at, retainer.digest, 0)) {
       this.counts.pagesReused++;
       this.addToRun(page.streamOffset, page.offset);
     } else {

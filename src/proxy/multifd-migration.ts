@@ -29,8 +29,16 @@ import type { PageLayout, RetainedPages } from './retained';
  * work of epoch k on all channels, on both gateways, happens before any of epoch k + 1, whatever order
  * the channels are read in, and within an epoch the channels touch disjoint pages: the store keeps each
  * page's final version, and a Run's pages read at the receiver are the ones the sender named. A channel
- * that has fallen back or ended holds nobody up. Should a source break the rule, a Run's digest check
- * fails the migration; no wrong byte reaches the destination.
+ * that has fallen back or ended holds nobody up.
+ *
+ * QEMU before 9.0 breaks the at-most-once rule in one way (seen on 7.2's channels): the last page of a
+ * packet may go again as the first page of the next packet, often on another channel, in the same
+ * epoch (QEMU counts it once). Its two copies are applied in either order, by QEMU's destination as by
+ * the gateways, so the sender must not name such a page in a Run, which the receiver might resolve after
+ * it has stored the other copy: a page sent once already in the current epoch is never named in a Run
+ * (`claim`), and until a channel has shown it comes from a QEMU of 9.0 or later (its SYNC packets carry
+ * no pages, and say pages_alloc 0) neither is a packet's first or last page. Should a source break the
+ * rules some other way, a Run's digest check fails the migration; no wrong byte reaches the destination.
  */
 export interface MultifdChannelCodec {
   /** SYNC packets this channel has passed. */
@@ -49,6 +57,8 @@ export class MultifdMigration {
    */
   reference: Uint8Array | null = null;
   private readonly blocks = new Map<string, RamBlock>();
+  /** Sender: per page, 1 + the epoch its reference was last updated in; 0 = not in this migration. */
+  private referenceEpochs = new Uint32Array(0);
   private readonly channels: MultifdChannelCodec[] = [];
   private settling = false;
 
@@ -71,6 +81,17 @@ export class MultifdMigration {
       this.blocks.set(name, { index, name, length, firstPage, pages });
       firstPage += pages;
     });
+    this.referenceEpochs = new Uint32Array(firstPage);
+  }
+
+  /**
+   * Sender: the page is being sent in epoch `epoch`; returns whether it may be named in a Run, which it
+   * may not if it was sent already in this epoch.
+   */
+  claim(pageIndex: number, epoch: number): boolean {
+    const first = this.referenceEpochs[pageIndex] <= epoch;
+    this.referenceEpochs[pageIndex] = epoch + 1;
+    return first;
   }
 
   get started(): boolean {
