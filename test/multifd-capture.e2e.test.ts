@@ -70,12 +70,21 @@ function count(connections: Buffer[]): Counted {
   parser.end();
   expect(parser.fallenBack).toBeNull();
   let syncs = -1;
+  // QEMU counts a page as it queues it; before 9.0 it may put one page in two packets of an epoch (see
+  // MultifdMigration), so pages are counted once per epoch, block and offset.
+  const sent = new Set<string>();
   for (const channel of channels) {
     let channelSyncs = 0;
     const p = new MultifdParser((r) => {
+      if (r.kind !== MultifdRecordKind.Page && r.kind !== MultifdRecordKind.ZeroPage) {
+        if (r.kind === MultifdRecordKind.PacketEnd && r.sync) channelSyncs++;
+        return;
+      }
+      const key = `${channelSyncs} ${p.currentPacket.block} ${r.offset}`;
+      if (sent.has(key)) return;
+      sent.add(key);
       if (r.kind === MultifdRecordKind.Page) normal++;
-      else if (r.kind === MultifdRecordKind.ZeroPage) zero++;
-      else if (r.kind === MultifdRecordKind.PacketEnd && r.sync) channelSyncs++;
+      else zero++;
     });
     p.push(channel);
     p.end();
@@ -110,7 +119,9 @@ const haveQemu10 = SKIP ? false : requireInCi(qemuInstalled('10.0'), 'QEMU 10.0 
   });
 
   test('page counts match query-migrate, every channel rebuilds byte for byte, a second migration reuses most pages', async () => {
-    const vm = new QemuVm({ name: 'source', memMiB: 128, qemuBinary: qemuBinary(release), workload: { mib: 16, seed: 3, rewritePct: 2, intervalMs: 300 } });
+    // 10.0 on its own machine type: older ones synchronise at each section's EOS, as 7.2 does.
+    const machine = release === '7.2' ? 'pc-i440fx-7.2' : 'pc-i440fx-10.0';
+    const vm = new QemuVm({ name: 'source', machine, memMiB: 128, qemuBinary: qemuBinary(release), workload: { mib: 16, seed: 3, rewritePct: 2, intervalMs: 300 } });
     await vm.start();
     await vm.waitForSerial(/WORKLOAD READY pages=\d+/, 180_000);
     await vm.setMigrationCapabilities({ multifd: true });
