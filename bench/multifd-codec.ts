@@ -29,7 +29,7 @@ function filledStores(channels: readonly Buffer[], layout: PageLayout): { sender
 
 function timedTrip(channels: readonly Buffer[], layout: PageLayout, stores: { sender: MemoryPages; receiver: MemoryPages }, kind: Case): number {
   const start = performance.now();
-  multifdRoundTrip(channels, layout, { store: stores.sender, reference: kind === 'warm' ? stores.sender.digests : null }, stores.receiver);
+  multifdRoundTrip(channels, layout, { store: stores.sender, reference: kind === 'warm' ? stores.sender.digests : null }, stores.receiver, { discardOutput: true });
   return (performance.now() - start) / 1000;
 }
 
@@ -68,24 +68,27 @@ async function main(): Promise<void> {
     const bytes = built.channels.reduce((sum, c) => sum + c.length, 0);
     const stores = filledStores(built.channels, layout);
     for (const kind of ['cold', 'warm'] as const) {
+      timedTrip(built.channels, layout, stores, kind); // warm-up
       const seconds = median(Array.from({ length: runs }, () => timedTrip(built.channels, layout, stores, kind)));
       console.log(`${channels} channel(s), one thread, ${kind}: ${(bytes / seconds / 1e9).toFixed(2)} GB/s encode+decode (${(seconds * 1000).toFixed(0)} ms for ${(bytes / 2 ** 20).toFixed(0)} MiB)`);
     }
     if (channels === 1) continue;
     const workers = built.channels.map((channel) => new Worker(__filename, { workerData: { channel, layout } satisfies WorkerJob }));
-    const next = (w: Worker): Promise<unknown> => new Promise((resolve, reject) => {
-      w.once('message', resolve);
-      w.once('error', reject);
-    });
+    for (const w of workers) {
+      w.on('error', (err) => {
+        throw err;
+      });
+    }
+    const next = (w: Worker): Promise<unknown> => new Promise((resolve) => w.once('message', resolve));
     await Promise.all(workers.map(next));
     for (const kind of ['cold', 'warm'] as const) {
       const times: number[] = [];
-      for (let r = 0; r < runs; r++) {
+      for (let r = -1; r < runs; r++) {
         const start = performance.now();
         const done = workers.map(next);
         for (const w of workers) w.postMessage(kind);
         await Promise.all(done);
-        times.push((performance.now() - start) / 1000);
+        if (r >= 0) times.push((performance.now() - start) / 1000); // run -1 warms up
       }
       const seconds = median(times);
       console.log(`${channels} channels, ${channels} worker threads, ${kind}: ${(bytes / seconds / 1e9).toFixed(2)} GB/s encode+decode (${(seconds * 1000).toFixed(0)} ms)`);

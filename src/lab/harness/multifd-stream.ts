@@ -135,14 +135,15 @@ export interface ChannelFrames {
  * Runs a migration's channels through one gateway pair's multifd codecs, in memory: every channel is
  * pushed to its encoder in `chunk`-byte pieces, the channels taken whole one after the other in `order`
  * (a parked channel's input waits in its codec), then every channel's frames to its decoder in
- * `decodeOrder` (default: the same). Returns the rebuilt channels and both sides' codecs.
+ * `decodeOrder` (default: the same). Returns the rebuilt channels (empty with `discardOutput`, for
+ * benchmarks) and both sides' codecs.
  */
 export function multifdRoundTrip(
   channels: readonly Buffer[],
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[] } = {},
+  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; discardOutput?: boolean } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -170,7 +171,7 @@ export function multifdRoundTrip(
   receiving.begin(layout);
   const rebuilt: Buffer[][] = channels.map(() => []);
   // The decoder hands over buffers of its own, or views of the frames', which nothing changes.
-  const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => out.push(bytes), receiving));
+  const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => options.discardOutput || out.push(bytes), receiving));
   for (const c of options.decodeOrder ?? order) {
     for (const frame of sent[c].frames) {
       if (frame.run) decoders[c].run(frame.payload);
