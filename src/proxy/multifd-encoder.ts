@@ -4,6 +4,7 @@ import { MultifdParser, type MultifdRecord, MultifdRecordKind } from '../qemu/mu
 import type { RamBlock, RamPageRecord, StreamFallback } from '../qemu/records';
 import { type EncoderSink, newCounts, type TransferCounts } from './encoder';
 import { type MultifdChannelCodec, type MultifdMigration, MultifdPageView } from './multifd-migration';
+import { HeldInput } from './held-input';
 import { PageRetainer, sameDigest } from './retained';
 import { encodeRun, MAX_RUN_HELD } from './run';
 
@@ -38,10 +39,9 @@ export class MultifdEncoder implements MultifdChannelCodec {
   private readonly view = new MultifdPageView();
   private readonly streamHash = new StreamHash();
   private ended = false;
-  /** Pushed and not yet sent (as Literal bytes or a Run): views, from stream offset heldFrom on. */
-  private readonly held: Buffer[] = [];
-  private heldFrom = 0;
-  private literalFrom = 0;
+  /** Pushed and not yet sent (as Literal bytes or a Run). */
+  private readonly held = new HeldInput();
+  private readonly sendPiece = (bytes: Buffer): void => this.sink.literal(bytes);
   /** Pushed while parked: not yet given to the parser. */
   private readonly queued: Buffer[] = [];
   private block: RamBlock | null = null;
@@ -78,7 +78,7 @@ export class MultifdEncoder implements MultifdChannelCodec {
 
   /** Channel bytes gone to the sink, as Literal bytes or the Runs standing for them. */
   get sentBytes(): number {
-    return this.literalFrom;
+    return this.held.from;
   }
 
   /** XXH3-64 of the channel's bytes; complete once end() has returned. */
@@ -195,26 +195,13 @@ export class MultifdEncoder implements MultifdChannelCodec {
     this.runCount = 0;
   }
 
+  /** Sends the input up to stream offset `to` as Literal bytes. */
   private send(to: number): void {
-    this.consume(to, true);
+    this.held.release(to, this.sendPiece, null);
   }
 
+  /** Drops the input up to `to`: a Run stands for it. */
   private skip(to: number): void {
-    this.consume(to, false);
-  }
-
-  /** Lets go of the input in [literalFrom, to), as Literal bytes or not (a run stands for it). */
-  private consume(to: number, send: boolean): void {
-    while (this.literalFrom < to) {
-      const chunk = this.held[0];
-      const start = this.literalFrom - this.heldFrom;
-      const end = Math.min(chunk.length, to - this.heldFrom);
-      if (send) this.sink.literal(chunk.subarray(start, end));
-      this.literalFrom = this.heldFrom + end;
-      if (end === chunk.length) {
-        this.held.shift();
-        this.heldFrom += chunk.length;
-      }
-    }
+    this.held.release(to, null, null);
   }
 }
