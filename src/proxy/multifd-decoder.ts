@@ -1,12 +1,12 @@
-import { DIGEST_BYTES, digestContiguous, digestOne, StreamHash } from '../digest';
+import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
-import { MultifdParser, type MultifdRecord, MultifdRecordKind } from '../qemu/multifd';
-import type { RamBlock, StreamFallback } from '../qemu/records';
+import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
+import type { RamPageRecord } from '../qemu/records';
 import { errorMessage } from '../common/errors';
 import { RebuildError } from './decoder';
-import { newCounts, type TransferCounts } from './encoder';
-import { type MultifdChannelCodec, type MultifdMigration, MultifdPageView } from './multifd-migration';
-import { PageRetainer, sameDigest } from './retained';
+import { MultifdChannel } from './multifd-channel';
+import type { MultifdMigration } from './multifd-migration';
+import { sameDigest } from './retained';
 import { decodeRun, MAX_RUN_HELD } from './run';
 
 /** A frame that arrived while the channel was parked: a copy, replayed once it may go on. */
@@ -32,16 +32,8 @@ interface QueuedFrame {
  * at a SYNC for the others; frames given meanwhile are copied and queued, so the caller should stop
  * reading this channel's frames until it clears. end() checks the channel's length and XXH3-64.
  */
-export class MultifdDecoder implements MultifdChannelCodec {
-  readonly counts: TransferCounts = newCounts();
-  syncs = 0;
-  private readonly parser: MultifdParser;
-  private readonly retainer: PageRetainer;
-  private readonly view = new MultifdPageView();
-  private readonly streamHash = new StreamHash();
-  private ended = false;
+export class MultifdDecoder extends MultifdChannel {
   private readonly queued: QueuedFrame[] = [];
-  private block: RamBlock | null = null;
   /** Pages of the run being parsed again: read from the store already, nothing to keep. */
   private replaying = 0;
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
@@ -50,25 +42,15 @@ export class MultifdDecoder implements MultifdChannelCodec {
   constructor(
     /** Receives the rebuilt channel; it owns each buffer (Literal bytes: views of what literal() got). */
     private readonly out: (bytes: Buffer) => void,
-    private readonly migration: MultifdMigration,
+    migration: MultifdMigration,
     /** Where a Run's pages are laid out; `out` then owns the buffer. */
     private readonly allocate: (size: number) => Buffer = (size) => Buffer.allocUnsafe(size),
   ) {
-    this.retainer = new PageRetainer(migration.store);
-    this.parser = new MultifdParser((record) => this.onRecord(record));
-    migration.join(this);
+    super(migration);
   }
 
   get parked(): boolean {
     return this.parser.isPaused || this.queued.length > 0;
-  }
-
-  get synchronising(): boolean {
-    return !this.ended && this.parser.fallenBack === null;
-  }
-
-  get fallback(): StreamFallback | null {
-    return this.parser.fallenBack;
   }
 
   literal(bytes: Buffer): void {
@@ -158,36 +140,15 @@ export class MultifdDecoder implements MultifdChannelCodec {
     }
   }
 
-  private onRecord(record: MultifdRecord): void {
-    switch (record.kind) {
-      case MultifdRecordKind.Packet:
-        this.block = record.normalPages + record.zeroPages > 0 ? this.migration.block(record.block, record.streamOffset) : null;
-        return;
-      case MultifdRecordKind.Page: {
-        const page = this.view.set(record, this.block as RamBlock);
-        if (this.replaying > 0) {
-          this.replaying--;
-          return;
-        }
-        this.counts.pagesSent++;
-        this.retainer.retain(page, this.retainer.digestOf(page));
-        return;
-      }
-      case MultifdRecordKind.ZeroPage: {
-        const page = this.view.set(record, this.block as RamBlock);
-        this.counts.pagesZero++;
-        this.retainer.retain(page, this.retainer.digestOf(page));
-        return;
-      }
-      case MultifdRecordKind.PacketEnd:
-        if (record.sync) {
-          this.syncs++;
-          if (!this.migration.mayPass(this.syncs)) this.parser.pause();
-        }
-        return;
-      case MultifdRecordKind.Init:
-      case MultifdRecordKind.Fallback:
-        return;
+  protected onPage(record: MultifdPageRecord, page: RamPageRecord): void {
+    if (record.kind === MultifdRecordKind.ZeroPage) {
+      this.counts.pagesZero++;
+    } else if (this.replaying > 0) {
+      this.replaying--;
+      return;
+    } else {
+      this.counts.pagesSent++;
     }
+    this.retainer.retain(page, this.retainer.digestOf(page));
   }
 }

@@ -1,11 +1,12 @@
-import { DIGEST_BYTES, digestOne, StreamHash } from '../digest';
+import { DIGEST_BYTES, digestOne } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
-import { MultifdParser, type MultifdRecord, MultifdRecordKind } from '../qemu/multifd';
-import type { RamBlock, RamPageRecord, StreamFallback } from '../qemu/records';
-import { type EncoderSink, newCounts, type TransferCounts } from './encoder';
-import { type MultifdChannelCodec, type MultifdMigration, MultifdPageView } from './multifd-migration';
+import { type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
+import type { RamBlock, RamPageRecord } from '../qemu/records';
+import type { EncoderSink } from './encoder';
 import { HeldInput } from './held-input';
-import { PageRetainer, sameDigest } from './retained';
+import { MultifdChannel } from './multifd-channel';
+import type { MultifdMigration } from './multifd-migration';
+import { sameDigest } from './retained';
 import { encodeRun, MAX_RUN_HELD } from './run';
 
 /**
@@ -31,20 +32,12 @@ import { encodeRun, MAX_RUN_HELD } from './run';
  * socket until it clears. A compressed packet or an unknown version makes the rest of the channel go
  * out as Literal bytes (`fallback`).
  */
-export class MultifdEncoder implements MultifdChannelCodec {
-  readonly counts: TransferCounts = newCounts();
-  syncs = 0;
-  private readonly parser: MultifdParser;
-  private readonly retainer: PageRetainer;
-  private readonly view = new MultifdPageView();
-  private readonly streamHash = new StreamHash();
-  private ended = false;
+export class MultifdEncoder extends MultifdChannel {
   /** Pushed and not yet sent (as Literal bytes or a Run). */
   private readonly held = new HeldInput();
   private readonly sendPiece = (bytes: Buffer): void => this.sink.literal(bytes);
   /** Pushed while parked: not yet given to the parser. */
   private readonly queued: Buffer[] = [];
-  private block: RamBlock | null = null;
   /** The channel's SYNC packets say pages_alloc 0: QEMU 9.0 or later, which sends no page twice in an epoch. */
   private modernQemu = false;
   // The open run: consecutive held normal pages of the current packet.
@@ -57,23 +50,13 @@ export class MultifdEncoder implements MultifdChannelCodec {
 
   constructor(
     private readonly sink: EncoderSink,
-    private readonly migration: MultifdMigration,
+    migration: MultifdMigration,
   ) {
-    this.retainer = new PageRetainer(migration.store);
-    this.parser = new MultifdParser((record) => this.onRecord(record));
-    migration.join(this);
+    super(migration);
   }
 
   get parked(): boolean {
     return this.parser.isPaused;
-  }
-
-  get synchronising(): boolean {
-    return !this.ended && this.parser.fallenBack === null;
-  }
-
-  get fallback(): StreamFallback | null {
-    return this.parser.fallenBack;
   }
 
   /** Channel bytes gone to the sink, as Literal bytes or the Runs standing for them. */
@@ -125,27 +108,12 @@ export class MultifdEncoder implements MultifdChannelCodec {
     if (this.runCount === 0) this.send(this.parser.settledTo);
   }
 
-  private onRecord(record: MultifdRecord): void {
-    switch (record.kind) {
-      case MultifdRecordKind.Packet:
-        if (record.sync && record.normalPages === 0) this.modernQemu = record.pagesAlloc === 0;
-        this.block = record.normalPages + record.zeroPages > 0 ? this.migration.block(record.block, record.streamOffset) : null;
-        return;
-      case MultifdRecordKind.Page:
-      case MultifdRecordKind.ZeroPage:
-        this.onPage(record.kind === MultifdRecordKind.Page, this.view.set(record, this.block as RamBlock), record.index);
-        return;
-      case MultifdRecordKind.PacketEnd:
-        this.closeRun();
-        if (record.sync) {
-          this.syncs++;
-          if (!this.migration.mayPass(this.syncs)) this.parser.pause();
-        }
-        return;
-      case MultifdRecordKind.Init:
-      case MultifdRecordKind.Fallback:
-        return;
-    }
+  protected override onPacket(packet: MultifdPacketRecord): void {
+    if (packet.sync && packet.normalPages === 0) this.modernQemu = packet.pagesAlloc === 0;
+  }
+
+  protected override onPacketEnd(): void {
+    this.closeRun();
   }
 
   /** Whether the packet's `index`-th page may be named in a Run (see MultifdMigration on QEMU < 9.0). */
@@ -153,7 +121,8 @@ export class MultifdEncoder implements MultifdChannelCodec {
     return this.modernQemu || (index !== 0 && index !== this.parser.currentPacket.normalPages - 1);
   }
 
-  private onPage(normal: boolean, page: RamPageRecord, index: number): void {
+  protected onPage(record: MultifdPageRecord, page: RamPageRecord): void {
+    const normal = record.kind === MultifdRecordKind.Page;
     const retainer = this.retainer;
     retainer.digestOf(page);
     const at = page.pageIndex * DIGEST_BYTES;
@@ -161,7 +130,7 @@ export class MultifdEncoder implements MultifdChannelCodec {
     const first = this.migration.claim(page.pageIndex, this.syncs);
     if (!normal) {
       this.counts.pagesZero++;
-    } else if (reference !== null && first && this.mayName(index) && sameDigest(reference, at, retainer.digest, 0)) {
+    } else if (reference !== null && first && this.mayName(record.index) && sameDigest(reference, at, retainer.digest, 0)) {
       this.counts.pagesReused++;
       this.addToRun(page.streamOffset, page.offset);
     } else {
