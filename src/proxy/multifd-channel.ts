@@ -19,6 +19,8 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
   private readonly view = new MultifdPageView();
   /** The block the current packet names (null: it carries no page). */
   protected block: RamBlock | null = null;
+  /** The channel's end, come while it was parked: run once it has read all it was given. */
+  private pendingEnd: (() => void) | null = null;
 
   constructor(protected readonly migration: MultifdMigration) {
     this.retainer = new PageRetainer(migration.store);
@@ -36,6 +38,24 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
   /** Where and why the channel stopped being parsed (null: it was parsed whole). */
   get fallback(): StreamFallback | null {
     return this.parser.fallenBack;
+  }
+
+  /**
+   * Runs `finish` (the channel's end) now, or, if the channel is parked (it may well be: its last SYNC
+   * can come before another channel's), once it has read on through everything queued. Errors of a
+   * deferred end surface from the call that let the channel read on (another channel's).
+   */
+  protected endWhenDrained(finish: () => void): void {
+    if (this.parked) this.pendingEnd = finish;
+    else finish();
+  }
+
+  /** Subclasses call it at the end of unpark(). */
+  protected afterUnpark(): void {
+    const finish = this.pendingEnd;
+    if (finish === null || this.parked) return;
+    this.pendingEnd = null;
+    finish();
   }
 
   /** A page of the current packet, `page` presenting it as a main-channel RAM record. */

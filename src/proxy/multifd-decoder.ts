@@ -30,7 +30,8 @@ interface QueuedFrame {
  * before a byte of them goes to `out`. The rebuilt channel is parsed again as it goes out, which keeps
  * the store in step exactly as on the sending side. `parked` (see MultifdMigration): the channel waits
  * at a SYNC for the others; frames given meanwhile are copied and queued, so the caller should stop
- * reading this channel's frames until it clears. end() checks the channel's length and XXH3-64.
+ * reading this channel's frames until it clears. end() checks the channel's length and XXH3-64 (once
+ * the channel has read on, if it is parked).
  */
 export class MultifdDecoder extends MultifdChannel {
   private readonly queued: QueuedFrame[] = [];
@@ -63,18 +64,20 @@ export class MultifdDecoder extends MultifdChannel {
 
   /** The sender's channel ended: the rebuilt channel must be complete, of its length and XXH3-64. */
   end(streamBytes: number, streamCheck: string): void {
-    if (this.parked) throw new RebuildError('multifd channel ended while waiting at a SYNC for the other channels');
-    this.parser.end();
-    this.ended = true;
+    this.endWhenDrained(() => {
+      this.parser.end();
+      this.ended = true;
+      if (streamBytes !== this.counts.streamBytes) throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes of a multifd channel, the source sent ${streamBytes}`);
+      const rebuilt = this.streamHash.digest();
+      if (rebuilt !== streamCheck) throw new RebuildError(`the rebuilt multifd channel's XXH3-64 is ${rebuilt}, the source's ${streamCheck}`);
+    });
     this.migration.settle();
-    if (streamBytes !== this.counts.streamBytes) throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes of a multifd channel, the source sent ${streamBytes}`);
-    const rebuilt = this.streamHash.digest();
-    if (rebuilt !== streamCheck) throw new RebuildError(`the rebuilt multifd channel's XXH3-64 is ${rebuilt}, the source's ${streamCheck}`);
   }
 
   unpark(): void {
     this.parser.resume();
     while (!this.parser.isPaused && this.queued.length > 0) this.apply(this.queued.shift() as QueuedFrame);
+    this.afterUnpark();
   }
 
   private frame(frame: QueuedFrame): void {

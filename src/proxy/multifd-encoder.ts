@@ -17,7 +17,7 @@ import { encodeRun, MAX_RUN_HELD } from './run';
  *   mainEncoder = new StreamEncoder(sink, store, (layout) => {      // main channel's StreamEncoder
  *     migration.begin(layout); ...; migration.reference = mainEncoder.reference; });
  *   const channel = new MultifdEncoder(channelSink, migration);     // per channel, as it is accepted
- *   channel.push(chunk) … channel.end();                            // then End: sentBytes, streamCheck
+ *   channel.push(chunk) … channel.end(() => …);                     // then End: sentBytes, streamCheck
  *
  * The channel's bytes go to its sink as Literal bytes (views of the pushed chunks, which must not change
  * afterwards) and Run payloads: each stretch of consecutive normal pages of one packet that the
@@ -64,7 +64,7 @@ export class MultifdEncoder extends MultifdChannel {
     return this.held.from;
   }
 
-  /** XXH3-64 of the channel's bytes; complete once end() has returned. */
+  /** XXH3-64 of the channel's bytes; complete once end() has called back. */
   get streamCheck(): string {
     return this.streamHash.digest();
   }
@@ -83,12 +83,17 @@ export class MultifdEncoder extends MultifdChannel {
     this.migration.settle();
   }
 
-  /** The channel closed: everything pushed is sent (a parked channel must be unparked first). */
-  end(): void {
-    if (this.parked || this.queued.length > 0) throw new Error('multifd channel ended while waiting at a SYNC for the other channels');
-    this.parser.end();
-    this.ended = true;
-    this.send(this.counts.streamBytes);
+  /**
+   * The channel closed. Once everything pushed has been sent (at once, or when a parked channel has
+   * read on), `ended` is called: the End check (sentBytes, streamCheck) may go.
+   */
+  end(ended: () => void = () => undefined): void {
+    this.endWhenDrained(() => {
+      this.parser.end();
+      this.ended = true;
+      this.send(this.counts.streamBytes);
+      ended();
+    });
     this.migration.settle();
   }
 
@@ -96,6 +101,7 @@ export class MultifdEncoder extends MultifdChannel {
     this.parser.resume();
     this.afterParse();
     while (!this.parked && this.queued.length > 0) this.parse(this.queued.shift() as Buffer);
+    this.afterUnpark();
   }
 
   private parse(chunk: Buffer): void {

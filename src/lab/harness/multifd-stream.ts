@@ -159,14 +159,17 @@ export function multifdRoundTrip(
         sending,
       ),
   );
+  let ended = 0;
   for (const c of order) {
     for (let at = 0; at < channels[c].length; at += chunk) encoders[c].push(channels[c].subarray(at, at + chunk));
+    // A channel closes as soon as its bytes are in; one parked at its last SYNC ends when let go.
+    encoders[c].end(() => {
+      sent[c].streamBytes = encoders[c].sentBytes;
+      sent[c].streamCheck = encoders[c].streamCheck;
+      ended++;
+    });
   }
-  encoders.forEach((encoder, c) => {
-    encoder.end();
-    sent[c].streamBytes = encoder.sentBytes;
-    sent[c].streamCheck = encoder.streamCheck;
-  });
+  if (ended !== channels.length) throw new Error(`${channels.length - ended} multifd channels never finished`);
   const receiving = new MultifdMigration(receiver, channels.length);
   receiving.begin(layout);
   const rebuilt: Buffer[][] = channels.map(() => []);
@@ -177,7 +180,8 @@ export function multifdRoundTrip(
       if (frame.run) decoders[c].run(frame.payload);
       else decoders[c].literal(frame.payload);
     }
+    decoders[c].end(sent[c].streamBytes, sent[c].streamCheck);
   }
-  decoders.forEach((decoder, c) => decoder.end(sent[c].streamBytes, sent[c].streamCheck));
+  if (decoders.some((d) => d.synchronising)) throw new Error('a multifd channel never finished rebuilding');
   return { rebuilt: rebuilt.map((parts) => Buffer.concat(parts)), encoders, decoders };
 }
