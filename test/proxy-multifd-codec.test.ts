@@ -136,6 +136,24 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     b.push(sync);
     expect([a.parked, b.parked]).toEqual([false, false]);
   });
+
+  test('a channel that closes while it waits at its last SYNC ends once the others reach it', () => {
+    const memory = guestMemory([['pc.ram', 8]], 3, 0);
+    const migration = new MultifdMigration(null, 2);
+    migration.begin(layoutOf(memory.blocks));
+    const sync = multifdPacket({ format, packetNumber: 0, block: '', pages: [], sync: true });
+    const [a, b] = [0, 1].map(() => new MultifdEncoder({ literal: () => undefined, run: () => undefined }, migration));
+    const ended: string[] = [];
+    a.push(Buffer.concat([multifdInit(0), sync]));
+    a.end(() => ended.push('a'));
+    expect(ended).toEqual([]);
+    b.push(multifdInit(1));
+    b.push(sync);
+    expect(ended).toEqual(['a']);
+    b.end(() => ended.push('b'));
+    expect(ended).toEqual(['a', 'b']);
+    expect(a.sentBytes).toBe(64 + sync.length);
+  });
 });
 
 describe('multifd codec under mutated input', () => {
