@@ -4,8 +4,10 @@
  * - "one thread": every channel's codecs in this thread, with the SYNC barrier between them;
  * - "workers": each channel's codecs in a worker thread of its own, with stores of its own (no barrier
  *   across threads: an upper bound of what independent channels give on more than one core).
- * Two cases: "cold" (the receiver holds nothing: every page goes in full, digested and stored on both
- * sides) and "warm" (the receiver holds every page: each becomes part of a Run, read back and checked).
+ * Two cases: "cold" (no reference: every page goes in full and is digested on both sides; the stores
+ * hold it already, so nothing is written) and "warm" (the receiver holds every page: each becomes part
+ * of a Run, read back from the in-memory store and checked). The machine's other load shows in the
+ * figures: compare runs made together.
  * Usage: node dist/bench/multifd-codec.js [MiB=256] [channels=4] [runs=3]
  */
 import { performance } from 'node:perf_hooks';
