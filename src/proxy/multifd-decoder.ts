@@ -55,11 +55,11 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   literal(bytes: Buffer): void {
-    this.frame({ run: false, payload: bytes });
+    this.frame(false, bytes);
   }
 
   run(payload: Buffer): void {
-    this.frame({ run: true, payload });
+    this.frame(true, payload);
   }
 
   /** The sender's channel ended: the rebuilt channel must be complete, of its length and XXH3-64. */
@@ -76,22 +76,25 @@ export class MultifdDecoder extends MultifdChannel {
 
   unpark(): void {
     this.parser.resume();
-    while (!this.parser.isPaused && this.queued.length > 0) this.apply(this.queued.shift() as QueuedFrame);
+    while (!this.parser.isPaused && this.queued.length > 0) {
+      const frame = this.queued.shift() as QueuedFrame;
+      this.apply(frame.run, frame.payload);
+    }
     this.afterUnpark();
   }
 
-  private frame(frame: QueuedFrame): void {
+  private frame(run: boolean, payload: Buffer): void {
     if (this.parked) {
-      this.queued.push({ run: frame.run, payload: Buffer.from(frame.payload) });
+      this.queued.push({ run, payload: Buffer.from(payload) });
       return;
     }
-    this.apply(frame);
+    this.apply(run, payload);
     this.migration.settle();
   }
 
-  private apply(frame: QueuedFrame): void {
-    if (frame.run) this.rebuildRun(frame.payload);
-    else this.rebuilt(frame.payload);
+  private apply(run: boolean, payload: Buffer): void {
+    if (run) this.rebuildRun(payload);
+    else this.rebuilt(payload);
   }
 
   /** Passes bytes of the channel on, parsing them (a parked parser reads the rest on resume()). */
