@@ -39,6 +39,13 @@ import type { PageLayout, RetainedPages } from './retained';
  * (`claim`), and until a channel has shown it comes from a QEMU of 9.0 or later (its SYNC packets carry
  * no pages, and say pages_alloc 0) neither is a packet's first or last page. Should a source break the
  * rules some other way, a Run's digest check fails the migration; no wrong byte reaches the destination.
+ *
+ * Not covered yet: the main channel's own pages (7.2 sends zero pages there; 10.0 too with
+ * zero-page-detection=legacy) are kept by its StreamEncoder/StreamDecoder outside the barrier. Their
+ * epoch is the count of MULTIFD_FLUSH records on the main channel (10.0), or of RAM EOS records when no
+ * MULTIFD_FLUSH comes before the first EOS (7.2, and 10.0 on machine types before 8.0); until the main
+ * channel joins the barrier, a page it sends and a channel sends again in another epoch may end in
+ * either version in a store, and a Run naming it may fail its digest check.
  */
 export interface MultifdChannelCodec {
   /** SYNC packets this channel has passed. */
