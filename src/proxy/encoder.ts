@@ -5,6 +5,7 @@ import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord 
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
 import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES } from './page-delta';
 import { ContentIndex } from './content-index';
+import { HeldInput } from './held-input';
 import { StreamParts } from './stream-parts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 
@@ -71,17 +72,21 @@ export class StreamEncoder {
   layout: PageLayout | null = null;
   /** Of the stream pushed so far, for the End message. */
   private readonly streamHash = new StreamHash();
-  /** The stream hash covers [0, hashedTo); heldFrom ≤ hashedTo ≤ literalFrom. */
+  /** The stream hash covers [0, hashedTo); held.chunkStart ≤ hashedTo ≤ held.from. */
   private hashedTo = 0;
 
   private readonly parser: StreamParser;
   private readonly retainer: PageRetainer;
   /** The stream's head and device-state tail, kept for rebuilding a whole stream from the store. */
   readonly parts: StreamParts;
-  /** Input not yet sent: views of the pushed chunks, from stream offset `literalFrom` on. */
-  private held: Buffer[] = [];
-  private heldFrom = 0;
-  private literalFrom = 0;
+  /** Input not yet sent: views of the pushed chunks, from stream offset `held.from` on. */
+  private readonly held = new HeldInput();
+  private readonly sendPiece = (bytes: Buffer): void => this.sink.literal(bytes);
+  /** A chunk let go of whole is hashed (one call per chunk, not one per record). */
+  private readonly hashDropped = (chunk: Buffer, start: number): void => {
+    this.streamHash.update(this.hashedTo > start ? chunk.subarray(this.hashedTo - start) : chunk);
+    this.hashedTo = start + chunk.length;
+  };
   private pushedEnd = 0;
   /** Stream offset just past the postcopy package (-1 until one has been read). */
   private packageEnd = -1;
@@ -122,7 +127,7 @@ export class StreamEncoder {
    * against them.
    */
   get sentBytes(): number {
-    return this.literalFrom;
+    return this.held.from;
   }
 
   get streamCheck(): string {
@@ -141,8 +146,8 @@ export class StreamEncoder {
    */
   get sealPoint(): number {
     if (this.runOpen) return -1;
-    if (this.parser.ended) return this.literalFrom === this.pushedEnd ? this.pushedEnd : -1;
-    return this.packageEnd >= 0 && this.literalFrom >= this.packageEnd ? this.packageEnd : -1;
+    if (this.parser.ended) return this.held.from === this.pushedEnd ? this.pushedEnd : -1;
+    return this.packageEnd >= 0 && this.held.from >= this.packageEnd ? this.packageEnd : -1;
   }
 
   /**
@@ -184,7 +189,7 @@ export class StreamEncoder {
     this.parts.feed(chunk);
     this.parser.push(chunk);
     // Bytes of records the parser has finished can go; a record still being read may yet join a run.
-    this.sendLiteral(Math.max(this.literalFrom, this.parser.recordsEnd));
+    this.sendLiteral(Math.max(this.held.from, this.parser.recordsEnd));
     // Once the destination runs the guest (postcopy), a page it asked for must not wait in an open run
     // for pages that may never come: every run ends with the chunk it arrived in.
     if (this.packageEnd >= 0 && this.parser.recordsEnd >= this.packageEnd) this.closeRun();
@@ -196,20 +201,21 @@ export class StreamEncoder {
 
   /** Replaces the views still held (the record being read, at most a page or so) by one copy. */
   private ownHeld(): void {
-    if (this.held.length === 0) return;
+    const held = this.held;
+    if (held.chunks.length === 0) return;
     // What has gone of the first chunk is dropped here: hash it first.
     this.hashConsumedHead();
-    const from = this.literalFrom;
+    const from = held.from;
     const copy = Buffer.allocUnsafe(this.pushedEnd - from);
     let at = 0;
-    let chunkStart = this.heldFrom;
-    for (const chunk of this.held) {
+    let chunkStart = held.chunkStart;
+    for (const chunk of held.chunks) {
       const start = Math.max(0, from - chunkStart);
       at += chunk.copy(copy, at, start);
       chunkStart += chunk.length;
     }
-    this.held = [copy];
-    this.heldFrom = from;
+    held.chunks = [copy];
+    held.chunkStart = from;
   }
 
   end(): void {
@@ -218,7 +224,7 @@ export class StreamEncoder {
     this.sendLiteral(this.pushedEnd);
   }
 
-  /** Sends the input in [literalFrom, to) as Literal bytes and lets go of it. */
+  /** Sends the input in [held.from, to) as Literal bytes and lets go of it. */
   private sendLiteral(to: number): void {
     this.consume(to, true);
   }
@@ -229,32 +235,21 @@ export class StreamEncoder {
   }
 
   /**
-   * Lets go of the input in [literalFrom, to), sending it as Literal bytes or not (a run stands for it).
+   * Lets go of the input in [held.from, to), sending it as Literal bytes or not (a run stands for it).
    * The stream hash follows what has been let go of, so that it covers exactly the stream a Seal at
    * `sentBytes` covers: a chunk is hashed whole once it has all gone (one call per chunk, not one per
    * record), the rest of the first one only when a check is asked for.
    */
   private consume(to: number, send: boolean): void {
-    while (this.literalFrom < to) {
-      const chunk = this.held[0];
-      const start = this.literalFrom - this.heldFrom;
-      const end = Math.min(chunk.length, to - this.heldFrom);
-      if (send) this.sink.literal(chunk.subarray(start, end));
-      this.literalFrom = this.heldFrom + end;
-      if (end === chunk.length) {
-        this.streamHash.update(this.hashedTo > this.heldFrom ? chunk.subarray(this.hashedTo - this.heldFrom) : chunk);
-        this.held.shift();
-        this.heldFrom += chunk.length;
-        this.hashedTo = this.heldFrom;
-      }
-    }
+    this.held.release(to, send ? this.sendPiece : null, this.hashDropped);
   }
 
   /** Hashes what has gone of the first held chunk (everything before it is hashed already). */
   private hashConsumedHead(): void {
-    if (this.literalFrom <= this.hashedTo) return;
-    this.streamHash.update(this.held[0].subarray(this.hashedTo - this.heldFrom, this.literalFrom - this.heldFrom));
-    this.hashedTo = this.literalFrom;
+    const held = this.held;
+    if (held.from <= this.hashedTo) return;
+    this.streamHash.update(held.chunks[0].subarray(this.hashedTo - held.chunkStart, held.from - held.chunkStart));
+    this.hashedTo = held.from;
   }
 
   private onRecord(record: StreamRecord): void {

@@ -172,7 +172,8 @@ export interface VmDescriptionHeaderRecord {
  * What made the parser give up and relay the rest verbatim, in a few stable words (a metric label):
  * a newer stream version, an unknown section type, a live section other than RAM, a second or FULL
  * RAM section, RDMA, unknown RAM flags, a command it does not follow (COLO, unknown ones), bytes
- * after the end, a configuration it does not know.
+ * after the end, a configuration it does not know; on a multifd channel (qemu/multifd.ts): a packet
+ * version other than 1, compressed pages, flags it does not know (device state, newer ones).
  */
 export type FallbackCode =
   | 'stream-version'
@@ -183,7 +184,10 @@ export type FallbackCode =
   | 'ram-flags'
   | 'command'
   | 'after-end'
-  | 'configuration';
+  | 'configuration'
+  | 'multifd-version'
+  | 'multifd-compression'
+  | 'multifd-flags';
 
 /** Where and why a stream stopped being parsed: everything from `streamOffset` on was relayed as it was. */
 export interface StreamFallback {

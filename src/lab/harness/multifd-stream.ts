@@ -1,0 +1,187 @@
+/**
+ * Hand-built multifd channels (the format is in src/qemu/multifd.ts), for tests and benchmarks: single
+ * packets of QEMU 7.2's or 10.0's kind, and whole migrations of a guest memory image spread over N
+ * channels in rounds, each round closed by a SYNC packet on every channel, as QEMU sends them.
+ */
+import { MULTIFD_BLOCK_NAME_AT, MULTIFD_HEADER_BYTES, MULTIFD_INIT_BYTES, MULTIFD_MAGIC, MULTIFD_SLOTS, MULTIFD_VERSION, MultifdFlag } from '../../qemu/multifd';
+import { MultifdDecoder } from '../../proxy/multifd-decoder';
+import { MultifdEncoder } from '../../proxy/multifd-encoder';
+import { MultifdMigration } from '../../proxy/multifd-migration';
+import type { PageLayout, RetainedPages } from '../../proxy/retained';
+import { type GuestMemory, PAGE } from './migration-stream';
+
+/** 7.2: no zero pages in packets (they go on the main channel). 10.0: zero pages as offsets. */
+export type MultifdFormat = 'qemu-7.2' | 'qemu-10.0';
+
+export function multifdInit(channel: number, version = MULTIFD_VERSION): Buffer {
+  const out = Buffer.alloc(MULTIFD_INIT_BYTES);
+  out.writeUInt32BE(MULTIFD_MAGIC, 0);
+  out.writeUInt32BE(version, 4);
+  out.fill(0xab, 8, 24); // the VM's UUID
+  out[24] = channel;
+  return out;
+}
+
+export interface PacketSpec {
+  format: MultifdFormat;
+  packetNumber: number;
+  block: string;
+  /** The normal pages, each a whole page. */
+  pages: { offset: number; data: Buffer }[];
+  /** Offsets of zero pages (10.0 only). */
+  zeroOffsets?: number[];
+  sync?: boolean;
+  /** Extra flag bits (compression, device state) and a version, to build packets the parser refuses. */
+  extraFlags?: number;
+  version?: number;
+}
+
+export function multifdPacket(spec: PacketSpec): Buffer {
+  const zero = spec.zeroOffsets ?? [];
+  if (spec.format === 'qemu-7.2' && zero.length > 0) throw new Error('QEMU 7.2 packets carry no zero pages');
+  const header = Buffer.alloc(MULTIFD_HEADER_BYTES + MULTIFD_SLOTS * 8);
+  // 10.0 leaves pages_alloc 0 in a SYNC packet; 7.2 sends it always, and a stale next_packet_size.
+  const bare = spec.sync === true && spec.pages.length === 0;
+  header.writeUInt32BE(MULTIFD_MAGIC, 0);
+  header.writeUInt32BE(spec.version ?? MULTIFD_VERSION, 4);
+  header.writeUInt32BE((spec.sync ? MultifdFlag.Sync : 0) | (spec.extraFlags ?? 0), 8);
+  header.writeUInt32BE(bare && spec.format === 'qemu-10.0' ? 0 : MULTIFD_SLOTS, 12);
+  header.writeUInt32BE(spec.pages.length, 16);
+  header.writeUInt32BE(bare && spec.format === 'qemu-7.2' ? MULTIFD_SLOTS * PAGE : spec.pages.length * PAGE, 20);
+  header.writeBigUInt64BE(BigInt(spec.packetNumber), 24);
+  header.writeUInt32BE(zero.length, 32);
+  header.write(spec.block, MULTIFD_BLOCK_NAME_AT, 'latin1');
+  const offsets = [...spec.pages.map((p) => p.offset), ...zero];
+  offsets.forEach((offset, i) => header.writeBigUInt64BE(BigInt(offset), MULTIFD_HEADER_BYTES + i * 8));
+  return Buffer.concat([header, ...spec.pages.map((p) => p.data)]);
+}
+
+export interface MultifdMigrationShape {
+  format: MultifdFormat;
+  channels: number;
+  /** The page indexes each round sends, in order (round 0 is usually every page). */
+  rounds: number[][];
+  /** Page memory as each round sees it: pagesOf(round)[i]; default: memory.pages throughout. */
+  pagesOf?: (round: number) => Buffer[];
+  pagesPerPacket?: number;
+}
+
+/** What one migration put on its channels, and what QEMU would count. */
+export interface MultifdChannels {
+  channels: Buffer[];
+  normalPages: number;
+  zeroPages: number;
+}
+
+const isZero = (page: Buffer): boolean => page.every((b) => b === 0);
+
+/**
+ * A migration's multifd channels: packets of up to pagesPerPacket pages of one block, dealt to the
+ * channels in turn (one packet number sequence, as QEMU's), every round closed by a SYNC packet on each
+ * channel. 7.2 leaves zero pages out (they go on its main channel); 10.0 lists them as zero offsets.
+ */
+export function multifdMigration(memory: GuestMemory, shape: MultifdMigrationShape): MultifdChannels {
+  const parts: Buffer[][] = Array.from({ length: shape.channels }, (_, c) => [multifdInit(c)]);
+  const perPacket = shape.pagesPerPacket ?? MULTIFD_SLOTS;
+  let packetNumber = 0;
+  let next = 0;
+  let normalPages = 0;
+  let zeroPages = 0;
+  const emit = (packet: Omit<PacketSpec, 'format' | 'packetNumber'>): void => {
+    parts[next].push(multifdPacket({ ...packet, format: shape.format, packetNumber: packetNumber++ }));
+    next = (next + 1) % shape.channels;
+  };
+  shape.rounds.forEach((round, r) => {
+    const pages = shape.pagesOf ? shape.pagesOf(r) : memory.pages;
+    let block = -1;
+    let normal: { offset: number; data: Buffer }[] = [];
+    let zero: number[] = [];
+    const flush = (): void => {
+      if (normal.length + zero.length > 0) emit({ block: memory.blocks[block].name, pages: normal, zeroOffsets: zero });
+      normal = [];
+      zero = [];
+    };
+    for (const index of round) {
+      const b = memory.blocks.findIndex((x) => index >= x.firstPage && index < x.firstPage + x.pages);
+      if (b !== block || normal.length + zero.length === perPacket) {
+        flush();
+        block = b;
+      }
+      const offset = (index - memory.blocks[b].firstPage) * PAGE;
+      if (!isZero(pages[index])) {
+        normal.push({ offset, data: pages[index] });
+        normalPages++;
+      } else if (shape.format === 'qemu-10.0') {
+        zero.push(offset);
+        zeroPages++;
+      }
+    }
+    flush();
+    for (let c = 0; c < shape.channels; c++) {
+      parts[c].push(multifdPacket({ format: shape.format, packetNumber: packetNumber++, block: '', pages: [], sync: true }));
+    }
+  });
+  return { channels: parts.map((p) => Buffer.concat(p)), normalPages, zeroPages };
+}
+
+/** A channel's frames as MultifdEncoder sent them: Literal bytes and Run payloads. */
+export interface ChannelFrames {
+  frames: { run: boolean; payload: Buffer }[];
+  streamBytes: number;
+  streamCheck: string;
+}
+
+/**
+ * Runs a migration's channels through one gateway pair's multifd codecs, in memory: every channel is
+ * pushed to its encoder in `chunk`-byte pieces, the channels taken whole one after the other in `order`
+ * (a parked channel's input waits in its codec), then every channel's frames to its decoder in
+ * `decodeOrder` (default: the same). Returns the rebuilt channels (empty with `discardOutput`, for
+ * benchmarks) and both sides' codecs.
+ */
+export function multifdRoundTrip(
+  channels: readonly Buffer[],
+  layout: PageLayout,
+  sender: { store: RetainedPages | null; reference: Uint8Array | null },
+  receiver: RetainedPages | null,
+  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; discardOutput?: boolean } = {},
+): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
+  const order = options.order ?? channels.map((_, i) => i);
+  const chunk = options.chunk ?? 64 * 1024;
+  const sending = new MultifdMigration(sender.store, channels.length);
+  sending.begin(layout);
+  sending.reference = sender.reference;
+  const sent: ChannelFrames[] = channels.map(() => ({ frames: [], streamBytes: 0, streamCheck: '' }));
+  const encoders = sent.map(
+    (out) =>
+      new MultifdEncoder(
+        // Views of the channels' bytes, which nothing changes: no copy is needed.
+        { literal: (bytes) => out.frames.push({ run: false, payload: bytes }), run: (payload) => out.frames.push({ run: true, payload }) },
+        sending,
+      ),
+  );
+  let ended = 0;
+  for (const c of order) {
+    for (let at = 0; at < channels[c].length; at += chunk) encoders[c].push(channels[c].subarray(at, at + chunk));
+    // A channel closes as soon as its bytes are in; one parked at its last SYNC ends when let go.
+    encoders[c].end(() => {
+      sent[c].streamBytes = encoders[c].sentBytes;
+      sent[c].streamCheck = encoders[c].streamCheck;
+      ended++;
+    });
+  }
+  if (ended !== channels.length) throw new Error(`${channels.length - ended} multifd channels never finished`);
+  const receiving = new MultifdMigration(receiver, channels.length);
+  receiving.begin(layout);
+  const rebuilt: Buffer[][] = channels.map(() => []);
+  // The decoder hands over buffers of its own, or views of the frames', which nothing changes.
+  const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => options.discardOutput || out.push(bytes), receiving));
+  for (const c of options.decodeOrder ?? order) {
+    for (const frame of sent[c].frames) {
+      if (frame.run) decoders[c].run(frame.payload);
+      else decoders[c].literal(frame.payload);
+    }
+    decoders[c].end(sent[c].streamBytes, sent[c].streamCheck);
+  }
+  if (decoders.some((d) => d.synchronising)) throw new Error('a multifd channel never finished rebuilding');
+  return { rebuilt: rebuilt.map((parts) => Buffer.concat(parts)), encoders, decoders };
+}

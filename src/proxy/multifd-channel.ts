@@ -1,0 +1,88 @@
+import { StreamHash } from '../digest';
+import { type MultifdPacketRecord, type MultifdPageRecord, MultifdParser, type MultifdRecord, MultifdRecordKind } from '../qemu/multifd';
+import type { RamBlock, RamPageRecord, StreamFallback } from '../qemu/records';
+import { newCounts, type TransferCounts } from './encoder';
+import { type MultifdChannelCodec, type MultifdMigration, MultifdPageView } from './multifd-migration';
+import { PageRetainer } from './retained';
+
+/**
+ * What MultifdEncoder and MultifdDecoder share: the channel's parser, its place in the migration's SYNC
+ * barrier (see MultifdMigration), the block the current packet names, and the channel's XXH3-64.
+ */
+export abstract class MultifdChannel implements MultifdChannelCodec {
+  readonly counts: TransferCounts = newCounts();
+  syncs = 0;
+  protected ended = false;
+  protected readonly parser: MultifdParser;
+  protected readonly retainer: PageRetainer;
+  protected readonly streamHash = new StreamHash();
+  private readonly view = new MultifdPageView();
+  /** The block the current packet names (null: it carries no page). */
+  protected block: RamBlock | null = null;
+  /** The channel's end, come while it was parked: run once it has read all it was given. */
+  private pendingEnd: (() => void) | null = null;
+
+  constructor(protected readonly migration: MultifdMigration) {
+    this.retainer = new PageRetainer(migration.store);
+    this.parser = new MultifdParser((record) => this.onRecord(record));
+    migration.join(this);
+  }
+
+  abstract get parked(): boolean;
+  abstract unpark(): void;
+
+  get synchronising(): boolean {
+    return !this.ended && this.parser.fallenBack === null;
+  }
+
+  /** Where and why the channel stopped being parsed (null: it was parsed whole). */
+  get fallback(): StreamFallback | null {
+    return this.parser.fallenBack;
+  }
+
+  /**
+   * Runs `finish` (the channel's end) now, or, if the channel is parked (it may well be: its last SYNC
+   * can come before another channel's), once it has read on through everything queued. Errors of a
+   * deferred end surface from the call that let the channel read on (another channel's).
+   */
+  protected endWhenDrained(finish: () => void): void {
+    if (this.parked) this.pendingEnd = finish;
+    else finish();
+  }
+
+  /** Subclasses call it at the end of unpark(). */
+  protected afterUnpark(): void {
+    const finish = this.pendingEnd;
+    if (finish === null || this.parked) return;
+    this.pendingEnd = null;
+    finish();
+  }
+
+  /** A page of the current packet, `page` presenting it as a main-channel RAM record. */
+  protected abstract onPage(record: MultifdPageRecord, page: RamPageRecord): void;
+  protected onPacket(_packet: MultifdPacketRecord): void {}
+  protected onPacketEnd(): void {}
+
+  private onRecord(record: MultifdRecord): void {
+    switch (record.kind) {
+      case MultifdRecordKind.Packet:
+        this.block = record.normalPages + record.zeroPages > 0 ? this.migration.block(record.block, record.streamOffset) : null;
+        this.onPacket(record);
+        return;
+      case MultifdRecordKind.Page:
+      case MultifdRecordKind.ZeroPage:
+        this.onPage(record, this.view.set(record, this.block as RamBlock));
+        return;
+      case MultifdRecordKind.PacketEnd:
+        this.onPacketEnd();
+        if (record.sync) {
+          this.syncs++;
+          if (!this.migration.mayPass(this.syncs)) this.parser.pause();
+        }
+        return;
+      case MultifdRecordKind.Init:
+      case MultifdRecordKind.Fallback:
+        return;
+    }
+  }
+}

@@ -1,0 +1,160 @@
+import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
+import { X86_PAGE_SIZE } from '../qemu/constants';
+import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
+import type { RamPageRecord } from '../qemu/records';
+import { errorMessage } from '../common/errors';
+import { RebuildError } from './decoder';
+import { MultifdChannel } from './multifd-channel';
+import type { MultifdMigration } from './multifd-migration';
+import { sameDigest } from './retained';
+import { decodeRun, MAX_RUN_HELD } from './run';
+
+/** A frame that arrived while the channel was parked: a copy, replayed once it may go on. */
+interface QueuedFrame {
+  run: boolean;
+  payload: Buffer;
+}
+
+/**
+ * The receiving gateway's codec for one multifd channel: turns MultifdEncoder's Literal bytes and Run
+ * payloads back into the channel's exact bytes. API, beside the main channel's StreamDecoder:
+ *
+ *   const migration = new MultifdMigration(store, channelCount);   // one per migration
+ *   mainDecoder = new StreamDecoder(out, store, (layout) => migration.begin(layout));
+ *   const channel = new MultifdDecoder(channelOut, migration);      // per channel
+ *   channel.literal(bytes) | channel.run(payload) … channel.end(streamBytes, streamCheck);
+ *
+ * A Run stands for the next `count` normal pages of the packet being rebuilt, whose header (with the
+ * pages' offsets) came before it as Literal bytes: it must start at the page the header lists next, in
+ * the block the header names. Its pages are read from the store and checked against the sender's digest
+ * before a byte of them goes to `out`. The rebuilt channel is parsed again as it goes out, which keeps
+ * the store in step exactly as on the sending side. `parked` (see MultifdMigration): the channel waits
+ * at a SYNC for the others; frames given meanwhile are copied and queued, so the caller should stop
+ * reading this channel's frames until it clears. end() checks the channel's length and XXH3-64 (once
+ * the channel has read on, if it is parked).
+ */
+export class MultifdDecoder extends MultifdChannel {
+  private readonly queued: QueuedFrame[] = [];
+  /** Pages of the run being parsed again: read from the store already, nothing to keep. */
+  private replaying = 0;
+  private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
+  private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
+
+  constructor(
+    /** Receives the rebuilt channel; it owns each buffer (Literal bytes: views of what literal() got). */
+    private readonly out: (bytes: Buffer) => void,
+    migration: MultifdMigration,
+    /** Where a Run's pages are laid out; `out` then owns the buffer. */
+    private readonly allocate: (size: number) => Buffer = (size) => Buffer.allocUnsafe(size),
+  ) {
+    super(migration);
+  }
+
+  get parked(): boolean {
+    return this.parser.isPaused || this.queued.length > 0;
+  }
+
+  literal(bytes: Buffer): void {
+    this.frame(false, bytes);
+  }
+
+  run(payload: Buffer): void {
+    this.frame(true, payload);
+  }
+
+  /** The sender's channel ended: the rebuilt channel must be complete, of its length and XXH3-64. */
+  end(streamBytes: number, streamCheck: string): void {
+    this.endWhenDrained(() => {
+      this.parser.end();
+      this.ended = true;
+      if (streamBytes !== this.counts.streamBytes) throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes of a multifd channel, the source sent ${streamBytes}`);
+      const rebuilt = this.streamHash.digest();
+      if (rebuilt !== streamCheck) throw new RebuildError(`the rebuilt multifd channel's XXH3-64 is ${rebuilt}, the source's ${streamCheck}`);
+    });
+    this.migration.settle();
+  }
+
+  unpark(): void {
+    this.parser.resume();
+    while (!this.parser.isPaused && this.queued.length > 0) {
+      const frame = this.queued.shift() as QueuedFrame;
+      this.apply(frame.run, frame.payload);
+    }
+    this.afterUnpark();
+  }
+
+  private frame(run: boolean, payload: Buffer): void {
+    if (this.parked) {
+      this.queued.push({ run, payload: Buffer.from(payload) });
+      return;
+    }
+    this.apply(run, payload);
+    this.migration.settle();
+  }
+
+  private apply(run: boolean, payload: Buffer): void {
+    if (run) this.rebuildRun(payload);
+    else this.rebuilt(payload);
+  }
+
+  /** Passes bytes of the channel on, parsing them (a parked parser reads the rest on resume()). */
+  private rebuilt(bytes: Buffer): void {
+    this.counts.streamBytes += bytes.length;
+    this.streamHash.update(bytes);
+    this.parser.push(bytes);
+    this.out(bytes);
+  }
+
+  private rebuildRun(payload: Buffer): void {
+    const run = decodeRun(payload);
+    const next = this.parser.nextPageIndex;
+    const packet = this.parser.currentPacket;
+    const block = this.block;
+    if (next < 0 || block === null) throw new RebuildError('a Run where no page of a packet comes next');
+    if (run.held !== run.count || run.count > packet.normalPages - next) {
+      throw new RebuildError(`a Run of ${run.count} pages (${run.held} held) where the packet has ${packet.normalPages - next} pages left`);
+    }
+    if (run.blockIndex !== block.index || run.firstOffset !== packet.offsets[next]) {
+      throw new RebuildError(`a Run at block ${run.blockIndex} offset ${run.firstOffset}, the packet's next page is at block ${block.index} offset ${packet.offsets[next]}`);
+    }
+    const store = this.migration.store;
+    if (!store) throw new RebuildError('Run of held pages, but this gateway keeps no store');
+    const bytes = this.allocate(run.count * X86_PAGE_SIZE);
+    for (let k = 0; k < run.count; ) {
+      const first = block.firstPage + packet.offsets[next + k] / X86_PAGE_SIZE;
+      let end = k + 1;
+      while (end < run.count && packet.offsets[next + end] === packet.offsets[next + end - 1] + X86_PAGE_SIZE) end++;
+      if (first + (end - k) > block.firstPage + block.pages) throw new RebuildError(`Run pages beyond block ${block.name}`);
+      try {
+        store.readPages(first, end - k, bytes, k * X86_PAGE_SIZE);
+      } catch (err) {
+        throw new RebuildError(`pages ${first}..${first + end - k - 1} are not held: ${errorMessage(err)}`);
+      }
+      k = end;
+    }
+    digestContiguous(bytes, 0, run.count, X86_PAGE_SIZE, this.digests, 0);
+    digestOne(this.digests, 0, run.count * DIGEST_BYTES, this.runDigest, 0);
+    if (!sameDigest(this.runDigest, 0, run.digest, 0)) {
+      throw new RebuildError(`retained pages of a multifd Run at block ${block.name} offset ${run.firstOffset} do not match the sender's digest`);
+    }
+    this.counts.pagesReused += run.count;
+    this.replaying = run.count;
+    try {
+      this.rebuilt(bytes);
+    } finally {
+      this.replaying = 0;
+    }
+  }
+
+  protected onPage(record: MultifdPageRecord, page: RamPageRecord): void {
+    if (record.kind === MultifdRecordKind.ZeroPage) {
+      this.counts.pagesZero++;
+    } else if (this.replaying > 0) {
+      this.replaying--;
+      return;
+    } else {
+      this.counts.pagesSent++;
+    }
+    this.retainer.retain(page, this.retainer.digestOf(page));
+  }
+}

@@ -1,0 +1,182 @@
+import { DIGEST_BYTES, digestOne } from '../digest';
+import { X86_PAGE_SIZE } from '../qemu/constants';
+import { type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
+import type { RamBlock, RamPageRecord } from '../qemu/records';
+import type { EncoderSink } from './encoder';
+import { HeldInput } from './held-input';
+import { MultifdChannel } from './multifd-channel';
+import type { MultifdMigration } from './multifd-migration';
+import { sameDigest } from './retained';
+import { encodeRun, MAX_RUN_HELD } from './run';
+
+/**
+ * The sending gateway's codec for one multifd channel (src/qemu/multifd.ts has the format). Its API, for
+ * the gateway that accepts the channels:
+ *
+ *   const migration = new MultifdMigration(store, channelCount);   // one per migration, beside the
+ *   mainEncoder = new StreamEncoder(sink, store, (layout) => {      // main channel's StreamEncoder
+ *     migration.begin(layout); ...; migration.reference = mainEncoder.reference; });
+ *   const channel = new MultifdEncoder(channelSink, migration);     // per channel, as it is accepted
+ *   channel.push(chunk) … channel.end(() => …);                     // then End: sentBytes, streamCheck
+ *
+ * The channel's bytes go to its sink as Literal bytes (views of the pushed chunks, which must not change
+ * afterwards) and Run payloads: each stretch of consecutive normal pages of one packet that the
+ * receiver holds (by `migration.reference`) becomes one Run (proxy/run.ts: block index, first page's
+ * offset, count, one digest over the pages' digests, every bitmap bit set); MultifdDecoder rebuilds them
+ * from the pages' offsets in the packet header it has already received. Zero pages carry no bytes and
+ * stay in the header. Every page is written to the store as it passes, like the main channel's.
+ *
+ * Channel bytes may be pushed only once `migration.begin()` has had the main channel's block list
+ * (QEMU sends the list before any page). `parked` says the channel waits at a SYNC for the others
+ * (see MultifdMigration): what is pushed meanwhile is queued, so the caller should stop reading the
+ * socket until it clears. A compressed packet or an unknown version makes the rest of the channel go
+ * out as Literal bytes (`fallback`).
+ */
+export class MultifdEncoder extends MultifdChannel {
+  /** Pushed and not yet sent (as Literal bytes or a Run). */
+  private readonly held = new HeldInput();
+  private readonly sendPiece = (bytes: Buffer): void => this.sink.literal(bytes);
+  /** Pushed while parked: not yet given to the parser. */
+  private readonly queued: Buffer[] = [];
+  /** The channel's SYNC packets say pages_alloc 0: QEMU 9.0 or later, which sends no page twice in an epoch. */
+  private modernQemu = false;
+  // The open run: consecutive held normal pages of the current packet.
+  private runCount = 0;
+  private runFirstOffset = 0;
+  private readonly runDigests = Buffer.alloc(MAX_RUN_HELD * DIGEST_BYTES);
+  private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
+  /** Every page of a run is held: all bits set, but none past the run's last page (decodeRun checks). */
+  private readonly runBitmap = Buffer.alloc(MAX_RUN_HELD / 8, 0xff);
+
+  constructor(
+    private readonly sink: EncoderSink,
+    migration: MultifdMigration,
+  ) {
+    super(migration);
+  }
+
+  get parked(): boolean {
+    return this.parser.isPaused;
+  }
+
+  /** Channel bytes gone to the sink, as Literal bytes or the Runs standing for them. */
+  get sentBytes(): number {
+    return this.held.from;
+  }
+
+  /** XXH3-64 of the channel's bytes; complete once end() has called back. */
+  get streamCheck(): string {
+    return this.streamHash.digest();
+  }
+
+  /** Throws StreamError on malformed input. */
+  push(chunk: Buffer): void {
+    if (chunk.length === 0) return;
+    this.counts.streamBytes += chunk.length;
+    this.streamHash.update(chunk);
+    this.held.push(chunk);
+    if (this.parked) {
+      this.queued.push(chunk);
+      return;
+    }
+    this.parse(chunk);
+    this.migration.settle();
+  }
+
+  /**
+   * The channel closed. Once everything pushed has been sent (at once, or when a parked channel has
+   * read on), `ended` is called: the End check (sentBytes, streamCheck) may go.
+   */
+  end(ended: () => void = () => undefined): void {
+    this.endWhenDrained(() => {
+      this.parser.end();
+      this.ended = true;
+      this.send(this.counts.streamBytes);
+      ended();
+    });
+    this.migration.settle();
+  }
+
+  unpark(): void {
+    this.parser.resume();
+    this.afterParse();
+    while (!this.parked && this.queued.length > 0) this.parse(this.queued.shift() as Buffer);
+    this.afterUnpark();
+  }
+
+  private parse(chunk: Buffer): void {
+    this.parser.push(chunk);
+    this.afterParse();
+  }
+
+  /** Sends what the parser has settled; an open run stays open, its pages already skipped. */
+  private afterParse(): void {
+    if (this.runCount === 0) this.send(this.parser.settledTo);
+  }
+
+  protected override onPacket(packet: MultifdPacketRecord): void {
+    if (packet.sync && packet.normalPages === 0) this.modernQemu = packet.pagesAlloc === 0;
+  }
+
+  protected override onPacketEnd(): void {
+    this.closeRun();
+  }
+
+  /** Whether the packet's `index`-th page may be named in a Run (see MultifdMigration on QEMU < 9.0). */
+  private mayName(index: number): boolean {
+    return this.modernQemu || (index !== 0 && index !== this.parser.currentPacket.normalPages - 1);
+  }
+
+  protected onPage(record: MultifdPageRecord, page: RamPageRecord): void {
+    const normal = record.kind === MultifdRecordKind.Page;
+    const retainer = this.retainer;
+    retainer.digestOf(page);
+    const at = page.pageIndex * DIGEST_BYTES;
+    const reference = this.migration.reference;
+    const first = this.migration.claim(page.pageIndex, this.syncs);
+    if (!normal) {
+      this.counts.pagesZero++;
+    } else if (reference !== null && first && this.mayName(record.index) && sameDigest(reference, at, retainer.digest, 0)) {
+      this.counts.pagesReused++;
+      this.addToRun(page.streamOffset, page.offset);
+    } else {
+      this.closeRun();
+      this.counts.pagesSent++;
+    }
+    // The receiver now holds this version of the page.
+    if (reference !== null && reference !== this.migration.store?.digests) reference.set(retainer.digest, at);
+    retainer.retain(page, true);
+  }
+
+  private addToRun(streamOffset: number, offset: number): void {
+    if (this.runCount === MAX_RUN_HELD) this.closeRun();
+    if (this.runCount === 0) {
+      this.send(streamOffset); // the packet's header and any pages sent in full go first
+      this.runFirstOffset = offset;
+    }
+    this.retainer.digest.copy(this.runDigests, this.runCount * DIGEST_BYTES);
+    this.runCount++;
+    this.skip(streamOffset + X86_PAGE_SIZE);
+  }
+
+  private closeRun(): void {
+    const count = this.runCount;
+    if (count === 0) return;
+    digestOne(this.runDigests, 0, count * DIGEST_BYTES, this.runDigest, 0);
+    const last = (count - 1) >>> 3;
+    if (count % 8 !== 0) this.runBitmap[last] = (1 << count % 8) - 1;
+    this.sink.run(encodeRun(0, 0, (this.block as RamBlock).index, count, this.runFirstOffset, this.runDigest, this.runBitmap));
+    this.runBitmap[last] = 0xff;
+    this.runCount = 0;
+  }
+
+  /** Sends the input up to stream offset `to` as Literal bytes. */
+  private send(to: number): void {
+    this.held.release(to, this.sendPiece, null);
+  }
+
+  /** Drops the input up to `to`: a Run stands for it. */
+  private skip(to: number): void {
+    this.held.release(to, null, null);
+  }
+}

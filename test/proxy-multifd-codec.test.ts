@@ -1,0 +1,245 @@
+import { DIGEST_BYTES, digestOne } from '../src/digest';
+import { MemoryPages, Rng } from '../src/lab/harness/fuzz';
+import { dirty, guestMemory, type GuestMemory } from '../src/lab/harness/migration-stream';
+import { multifdInit, multifdMigration, multifdPacket, multifdRoundTrip, type MultifdFormat } from '../src/lab/harness/multifd-stream';
+import { RebuildError } from '../src/proxy/decoder';
+import { MultifdEncoder } from '../src/proxy/multifd-encoder';
+import { MultifdMigration } from '../src/proxy/multifd-migration';
+import { layoutOf } from '../src/proxy/retained';
+import { RunError } from '../src/proxy/run';
+import { StreamError } from '../src/qemu/errors';
+import { MultifdParser, MultifdRecordKind } from '../src/qemu/multifd';
+
+const PAGE = 4096;
+
+function stores(memory: GuestMemory): { sender: MemoryPages; receiver: MemoryPages } {
+  const sender = new MemoryPages();
+  const receiver = new MemoryPages();
+  sender.begin(layoutOf(memory.blocks));
+  receiver.begin(layoutOf(memory.blocks));
+  return { sender, receiver };
+}
+
+function digestOf(page: Buffer): Buffer {
+  const d = Buffer.alloc(DIGEST_BYTES);
+  digestOne(page, 0, PAGE, d, 0);
+  return d;
+}
+
+/** Whether the store holds exactly `page` at `index`, by content and by digest. */
+function holds(store: MemoryPages, index: number, page: Buffer): boolean {
+  const read = Buffer.alloc(PAGE);
+  store.readPages(index, 1, read, 0);
+  return read.equals(page) && Buffer.from(store.digests.subarray(index * DIGEST_BYTES, (index + 1) * DIGEST_BYTES)).equals(digestOf(page));
+}
+
+const all = (memory: GuestMemory): number[] => memory.pages.map((_, i) => i);
+
+describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packets', (format) => {
+  test('rebuilds every channel byte for byte, and a second migration reuses the pages both stores keep', () => {
+    const memory = guestMemory([['pc.ram', 1500], ['vga.vram', 300]], 11);
+    const layout = layoutOf(memory.blocks);
+    const { sender, receiver } = stores(memory);
+    const first = multifdMigration(memory, { format, channels: 3, rounds: [all(memory)] });
+    const one = multifdRoundTrip(first.channels, layout, { store: sender, reference: null }, receiver, { chunk: 10_000 });
+    one.rebuilt.forEach((bytes, c) => expect(bytes.equals(first.channels[c])).toBe(true));
+    const sum = (key: 'pagesSent' | 'pagesZero' | 'pagesReused', side: { counts: Record<typeof key, number> }[]): number => side.reduce((n, x) => n + x.counts[key], 0);
+    expect(sum('pagesSent', one.encoders)).toBe(first.normalPages);
+    expect(sum('pagesZero', one.decoders)).toBe(first.zeroPages);
+    expect(sender.digests).toEqual(receiver.digests);
+
+    // Back the other way and again: 10 % of the pages changed; the rest are rebuilt from the store.
+    const changed = dirty(memory, 0.1, 5);
+    const second = multifdMigration(memory, { format, channels: 3, rounds: [all(memory), changed] });
+    const two = multifdRoundTrip(second.channels, layout, { store: sender, reference: sender.digests }, receiver, { chunk: 777 });
+    two.rebuilt.forEach((bytes, c) => expect(bytes.equals(second.channels[c])).toBe(true));
+    const reused = sum('pagesReused', two.encoders);
+    expect(sum('pagesReused', two.decoders)).toBe(reused);
+    expect(reused).toBeGreaterThan(0.8 * (first.normalPages));
+    const wire = two.encoders.reduce((n, e) => n + e.sentBytes, 0);
+    expect(wire).toBe(second.channels.reduce((n, b) => n + b.length, 0));
+    memory.pages.forEach((page, i) => {
+      if (format === 'qemu-10.0' || page.some((b) => b !== 0)) expect(holds(receiver, i, page)).toBe(true);
+    });
+    expect(sender.digests).toEqual(receiver.digests);
+  });
+
+  test.each([
+    ['the earlier channel first', [0, 1]],
+    ['the later channel first', [1, 0]],
+  ])('a page sent again on another channel after a SYNC ends in its final version on both sides, %s', (_, order) => {
+    const memory = guestMemory([['pc.ram', 64]], 3, 0);
+    const layout = layoutOf(memory.blocks);
+    const oldPage = Buffer.alloc(PAGE, 0x11);
+    const newPage = Buffer.alloc(PAGE, 0x22);
+    const blockOf = { block: 'pc.ram', format };
+    // Both stores hold the old version already, so the first send is a Run and the second is not.
+    const { sender, receiver } = stores(memory);
+    sender.writePage(5, oldPage, 0, digestOf(oldPage), 0);
+    receiver.writePage(5, oldPage, 0, digestOf(oldPage), 0);
+    const sync = (n: number): Buffer => multifdPacket({ format, packetNumber: n, block: '', pages: [], sync: true });
+    const channels = [
+      // Channel 0: page 5's old version (between two others: QEMU 7.2 may repeat a packet's first and
+      // last page), then the SYNC of round 1; round 2 has nothing for it.
+      Buffer.concat([multifdInit(0), multifdPacket({ ...blockOf, packetNumber: 0, pages: [4, 5, 6].map((i) => ({ offset: i * PAGE, data: i === 5 ? oldPage : memory.pages[i] })) }), sync(1), sync(4)]),
+      // Channel 1: nothing in round 1; page 5's new version in round 2.
+      Buffer.concat([multifdInit(1), sync(2), multifdPacket({ ...blockOf, packetNumber: 3, pages: [{ offset: 5 * PAGE, data: newPage }] }), sync(5)]),
+    ];
+    const trip = multifdRoundTrip(channels, layout, { store: sender, reference: sender.digests }, receiver, { chunk: 500, order });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(channels[c])).toBe(true));
+    expect(trip.encoders[0].counts.pagesReused).toBe(1);
+    expect(trip.encoders[1].counts.pagesSent).toBe(1);
+    expect(holds(sender, 5, newPage)).toBe(true);
+    expect(holds(receiver, 5, newPage)).toBe(true);
+  });
+
+  test.each([
+    ['in the same order', [0, 1], [0, 1]],
+    ['in opposite orders', [0, 1], [1, 0]],
+    ['in opposite orders, the other way', [1, 0], [0, 1]],
+  ])('a page QEMU 7.2 sends twice in one epoch (last of a packet, first of the next) is never named in a Run, channels read %s', (_, order, decodeOrder) => {
+    const memory = guestMemory([['pc.ram', 64]], 3, 0);
+    const layout = layoutOf(memory.blocks);
+    const { sender, receiver } = stores(memory);
+    for (const i of [8, 9, 10, 11, 12]) {
+      sender.writePage(i, memory.pages[i], 0, digestOf(memory.pages[i]), 0);
+      receiver.writePage(i, memory.pages[i], 0, digestOf(memory.pages[i]), 0);
+    }
+    const changed = Buffer.alloc(PAGE, 0x33);
+    const pages = (indexes: number[], override: Buffer | null): { offset: number; data: Buffer }[] =>
+      indexes.map((i) => ({ offset: i * PAGE, data: i === 10 && override ? override : memory.pages[i] }));
+    const channels = [
+      Buffer.concat([multifdInit(0), multifdPacket({ format, block: 'pc.ram', packetNumber: 0, pages: pages([8, 9, 10], null) })]),
+      // The guest rewrote page 10 between the two reads.
+      Buffer.concat([multifdInit(1), multifdPacket({ format, block: 'pc.ram', packetNumber: 1, pages: pages([10, 11, 12], changed) })]),
+    ];
+    const trip = multifdRoundTrip(channels, layout, { store: sender, reference: sender.digests }, receiver, { chunk: 1000, order, decodeOrder });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(channels[c])).toBe(true));
+    expect(trip.encoders[0].counts.pagesReused + trip.encoders[1].counts.pagesReused).toBe(2); // pages 9 and 11
+  });
+
+  test('a channel waits at a SYNC until every channel has reached it', () => {
+    const memory = guestMemory([['pc.ram', 8]], 3, 0);
+    const migration = new MultifdMigration(null, 2);
+    migration.begin(layoutOf(memory.blocks));
+    const sync = multifdPacket({ format, packetNumber: 0, block: '', pages: [], sync: true });
+    const literal: number[] = [0, 0];
+    const [a, b] = [0, 1].map((c) => new MultifdEncoder({ literal: (bytes) => (literal[c] += bytes.length), run: () => undefined }, migration));
+    a.push(Buffer.concat([multifdInit(0), sync, sync]));
+    expect(a.parked).toBe(true);
+    expect(literal[0]).toBe(64 + sync.length);
+    b.push(multifdInit(1));
+    expect(a.parked).toBe(true);
+    b.push(sync);
+    // b passed the first SYNC (a was there already, so b goes on): a reads on to its second and waits.
+    expect(literal[0]).toBe(64 + 2 * sync.length);
+    expect([a.parked, b.parked]).toEqual([true, false]);
+    b.push(sync);
+    expect([a.parked, b.parked]).toEqual([false, false]);
+  });
+
+  test('a channel that closes while it waits at its last SYNC ends once the others reach it', () => {
+    const memory = guestMemory([['pc.ram', 8]], 3, 0);
+    const migration = new MultifdMigration(null, 2);
+    migration.begin(layoutOf(memory.blocks));
+    const sync = multifdPacket({ format, packetNumber: 0, block: '', pages: [], sync: true });
+    const [a, b] = [0, 1].map(() => new MultifdEncoder({ literal: () => undefined, run: () => undefined }, migration));
+    const ended: string[] = [];
+    a.push(Buffer.concat([multifdInit(0), sync]));
+    a.end(() => ended.push('a'));
+    expect(ended).toEqual([]);
+    b.push(multifdInit(1));
+    b.push(sync);
+    expect(ended).toEqual(['a']);
+    b.end(() => ended.push('b'));
+    expect(ended).toEqual(['a', 'b']);
+    expect(a.sentBytes).toBe(64 + sync.length);
+  });
+});
+
+describe('multifd codec under mutated input', () => {
+  /** Every outcome allowed: rejected with a typed error, or rebuilt byte for byte. Anything else fails. */
+  test('never crashes and never rebuilds a byte wrong', () => {
+    const memory = guestMemory([['pc.ram', 400]], 21);
+    const layout = layoutOf(memory.blocks);
+    const seedStores = stores(memory);
+    const base = multifdMigration(memory, { format: 'qemu-10.0', channels: 1, rounds: [all(memory)], pagesPerPacket: 16 });
+    multifdRoundTrip(base.channels, layout, { store: seedStores.sender, reference: null }, seedStores.receiver);
+    const rng = new Rng(0x5eed);
+    let rebuilt = 0;
+    let rejected = 0;
+    for (let i = 0; i < 300; i++) {
+      const input = Buffer.from(base.channels[0]);
+      const edits = 1 + rng.below(4);
+      for (let e = 0; e < edits; e++) {
+        const at = rng.below(input.length);
+        // Mostly in headers and offsets, where the length fields are.
+        const inHeader = rng.below(3) > 0 ? at - (at % (320 + 128 * 8 + 16 * PAGE)) + rng.below(320 + 128 * 8) : at;
+        input[Math.min(inHeader, input.length - 1)] = rng.below(4) === 0 ? 0xff : rng.below(256);
+      }
+      const cut = rng.below(3) === 0 ? input.subarray(0, rng.below(input.length)) : input;
+      const sender = seedStores.sender.clone();
+      const receiver = seedStores.receiver.clone();
+      try {
+        const trip = multifdRoundTrip([cut], layout, { store: sender, reference: sender.digests }, receiver, { chunk: 1 + rng.below(9000) });
+        expect(trip.rebuilt[0].equals(cut)).toBe(true);
+        rebuilt++;
+      } catch (err) {
+        if (!(err instanceof StreamError || err instanceof RebuildError || err instanceof RunError)) throw err;
+        rejected++;
+      }
+    }
+    expect(rebuilt).toBeGreaterThan(0);
+    expect(rejected).toBeGreaterThan(0);
+  });
+
+  test('pages moved to other offsets across channels, read in any order, are rebuilt exactly or rejected', () => {
+    const memory = guestMemory([['pc.ram', 300]], 23);
+    const layout = layoutOf(memory.blocks);
+    const seedStores = stores(memory);
+    const before = multifdMigration(memory, { format: 'qemu-7.2', channels: 2, rounds: [all(memory)], pagesPerPacket: 8 });
+    multifdRoundTrip(before.channels, layout, { store: seedStores.sender, reference: null }, seedStores.receiver);
+    const changed = dirty(memory, 0.2, 9);
+    const base = multifdMigration(memory, { format: 'qemu-7.2', channels: 2, rounds: [all(memory), changed], pagesPerPacket: 8 });
+    const rng = new Rng(0xc0ffee);
+    const packetBytes = 320 + 128 * 8;
+    // Where each channel's offset slots in use are.
+    const slots = base.channels.map((channel) => {
+      const at: number[] = [];
+      const parser = new MultifdParser((r) => {
+        if (r.kind === MultifdRecordKind.Packet) for (let k = 0; k < r.normalPages + r.zeroPages; k++) at.push(r.streamOffset + 320 + 8 * k);
+      });
+      parser.push(channel);
+      return at;
+    });
+    let moved = 0;
+    let rebuilt = 0;
+    for (let i = 0; i < 100; i++) {
+      const channels = base.channels.map((c) => Buffer.from(c));
+      for (let e = 0; e < 1 + rng.below(6); e++) {
+        const c = rng.below(2);
+        // A page moved to another page of the block (perhaps one the other channel sends in the same
+        // epoch), or a byte anywhere flipped.
+        if (rng.below(3) > 0) {
+          channels[c].writeUInt32BE(rng.below(300) * PAGE, rng.pick(slots[c]) + 4);
+          moved++;
+        } else {
+          channels[c][64 + rng.below(channels[c].length - 64)] ^= 1 + rng.below(255);
+        }
+      }
+      const sender = seedStores.sender.clone();
+      const receiver = seedStores.receiver.clone();
+      try {
+        const order = rng.below(2) === 0 ? [0, 1] : [1, 0];
+        const decodeOrder = rng.below(2) === 0 ? [0, 1] : [1, 0];
+        const trip = multifdRoundTrip(channels, layout, { store: sender, reference: sender.digests }, receiver, { chunk: 256 + rng.below(packetBytes * 3), order, decodeOrder });
+        trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(channels[c])).toBe(true));
+        rebuilt++;
+      } catch (err) {
+        if (!(err instanceof StreamError || err instanceof RebuildError || err instanceof RunError)) throw err;
+      }
+    }
+    expect(moved).toBeGreaterThan(100);
+    expect(rebuilt).toBeGreaterThan(0);
+  });
+});
