@@ -102,6 +102,7 @@ describe('GatewayMetrics over HTTP', () => {
     for (const m of body.matchAll(/^# TYPE (\S+) (\S+)$/gm)) types.set(m[1], m[2]);
     const ours = [...types.keys()].filter((n) => n.startsWith('bfmig_'));
     expect(ours.sort()).toEqual([
+      'bfmig_compression_saved_bytes_total',
       'bfmig_connections_open',
       'bfmig_connections_refused_total',
       'bfmig_idle_timeouts_total',
