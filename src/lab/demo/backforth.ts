@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { loopbackSiteYaml } from '../harness/loopback-config';
@@ -180,6 +181,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         { name: 'site-b', peer: peerB, farWan: wanA.port, route: routeB, qemu: qemuB, farQemu: qemuA, inbound: inboundB },
       ];
       const pair: Site[] = [];
+      fs.mkdirSync(path.join(tmp, dir), { recursive: true });
       for (const s of specs) {
         const yaml = loopbackSiteYaml({ name: s.name, data: path.join(tmp, dir, s.name), peerPort: s.peer, vm: 'demo-vm', routePort: s.route, farPeerPort: s.farWan, targetPort: s.farQemu }) + more;
         const gateway = await startSiteGateway(path.join(tmp, dir), s.name, yaml, o.gatewayProcesses ? 'child-process' : 'in-process');
