@@ -18,11 +18,17 @@
 #include <string.h>
 #include <zstd.h>
 
+/* Tags: a handle of the other kind (or of page I/O) is refused, never used as this one. */
+#define ZC_TAG 0x7a637478u /* "zctx" */
+#define ZD_TAG 0x7a647478u /* "zdtx" */
+
 typedef struct {
+  uint32_t tag;
   ZSTD_CCtx *cctx;
 } zc;
 
 typedef struct {
+  uint32_t tag;
   ZSTD_DCtx *dctx;
 } zd;
 
@@ -51,11 +57,11 @@ static int z_int(napi_env env, napi_value v, int32_t *out) {
   return napi_get_value_int32(env, v, out) == napi_ok;
 }
 
-static void *z_handle(napi_env env, napi_value v) {
+static void *z_handle(napi_env env, napi_value v, uint32_t tag) {
   void *data = NULL;
   napi_valuetype t;
   if (napi_typeof(env, v, &t) != napi_ok || t != napi_external || napi_get_value_external(env, v, &data) != napi_ok) return NULL;
-  return data;
+  return data != NULL && *(uint32_t *)data == tag ? data : NULL;
 }
 
 static void zc_finalize(napi_env env, void *data, void *hint) {
@@ -70,15 +76,34 @@ static void zd_finalize(napi_env env, void *data, void *hint) {
   free(d);
 }
 
+/* The handle JS holds: freed by `fin` when collected, or at once when it cannot be made. */
+static napi_value z_external(napi_env env, void *p, napi_finalize fin) {
+  napi_value handle;
+  if (napi_create_external(env, p, fin, NULL, &handle) != napi_ok) {
+    fin(env, p, NULL);
+    return z_throw(env, "napi_create_external");
+  }
+  return handle;
+}
+
+/* The one handle argument of a reset call. */
+static void *z_only_handle(napi_env env, napi_callback_info info, uint32_t tag) {
+  size_t argc = 1;
+  napi_value argv[1];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return NULL;
+  return z_handle(env, argv[0], tag);
+}
+
 /* zstdCompressorNew(level, windowLog) -> handle */
 static napi_value CompressorNew(napi_env env, napi_callback_info info) {
   size_t argc = 2;
-  napi_value argv[2], handle;
+  napi_value argv[2];
   int32_t level = 0, window_log = 0;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2 || !z_int(env, argv[0], &level) ||
       !z_int(env, argv[1], &window_log))
     return z_throw(env, "zstdCompressorNew expects (level, windowLog)");
   zc *c = calloc(1, sizeof *c);
+  if (c != NULL) c->tag = ZC_TAG;
   if (c == NULL || (c->cctx = ZSTD_createCCtx()) == NULL) {
     free(c);
     return z_throw(env, "out of memory for a zstd compressor");
@@ -88,16 +113,10 @@ static napi_value CompressorNew(napi_env env, napi_callback_info info) {
   /* The receiver knows each batch's length from the frame; no checksum: the stream check covers it. */
   if (!ZSTD_isError(r)) r = ZSTD_CCtx_setParameter(c->cctx, ZSTD_c_checksumFlag, 0);
   if (ZSTD_isError(r)) {
-    ZSTD_freeCCtx(c->cctx);
-    free(c);
+    zc_finalize(env, c, NULL);
     return z_throw_zstd(env, "zstd compressor parameters", r);
   }
-  if (napi_create_external(env, c, zc_finalize, NULL, &handle) != napi_ok) {
-    ZSTD_freeCCtx(c->cctx);
-    free(c);
-    return z_throw(env, "napi_create_external");
-  }
-  return handle;
+  return z_external(env, c, zc_finalize);
 }
 
 /*
@@ -114,7 +133,7 @@ static napi_value Compress(napi_env env, napi_callback_info info) {
   size_t out_len = 0;
   int32_t out_off = 0;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 4) return z_throw(env, "zstdCompress expects (handle, inputs, out, outOffset)");
-  zc *c = (zc *)z_handle(env, argv[0]);
+  zc *c = (zc *)z_handle(env, argv[0], ZC_TAG);
   if (c == NULL || c->cctx == NULL) return z_throw(env, "expected a zstd compressor");
   if (napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array || napi_get_array_length(env, argv[1], &count) != napi_ok)
     return z_throw(env, "zstdCompress: inputs must be an array");
@@ -161,11 +180,8 @@ static napi_value Compress(napi_env env, napi_callback_info info) {
 
 /* zstdCompressorReset(handle): the next batch starts a new zstd frame (the receiver restarts too). */
 static napi_value CompressorReset(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return z_throw(env, "zstdCompressorReset expects a handle");
-  zc *c = (zc *)z_handle(env, argv[0]);
-  if (c == NULL || c->cctx == NULL) return z_throw(env, "expected a zstd compressor");
+  zc *c = (zc *)z_only_handle(env, info, ZC_TAG);
+  if (c == NULL || c->cctx == NULL) return z_throw(env, "zstdCompressorReset expects a zstd compressor");
   ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
   return NULL;
 }
@@ -173,27 +189,22 @@ static napi_value CompressorReset(napi_env env, napi_callback_info info) {
 /* zstdDecompressorNew(windowLogMax) -> handle */
 static napi_value DecompressorNew(napi_env env, napi_callback_info info) {
   size_t argc = 1;
-  napi_value argv[1], handle;
+  napi_value argv[1];
   int32_t window_log_max = 0;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1 || !z_int(env, argv[0], &window_log_max))
     return z_throw(env, "zstdDecompressorNew expects (windowLogMax)");
   zd *d = calloc(1, sizeof *d);
+  if (d != NULL) d->tag = ZD_TAG;
   if (d == NULL || (d->dctx = ZSTD_createDCtx()) == NULL) {
     free(d);
     return z_throw(env, "out of memory for a zstd decompressor");
   }
   size_t r = ZSTD_DCtx_setParameter(d->dctx, ZSTD_d_windowLogMax, window_log_max);
   if (ZSTD_isError(r)) {
-    ZSTD_freeDCtx(d->dctx);
-    free(d);
+    zd_finalize(env, d, NULL);
     return z_throw_zstd(env, "zstd decompressor parameters", r);
   }
-  if (napi_create_external(env, d, zd_finalize, NULL, &handle) != napi_ok) {
-    ZSTD_freeDCtx(d->dctx);
-    free(d);
-    return z_throw(env, "napi_create_external");
-  }
-  return handle;
+  return z_external(env, d, zd_finalize);
 }
 
 /*
@@ -206,7 +217,7 @@ static napi_value Decompress(napi_env env, napi_callback_info info) {
   uint8_t *in = NULL, *out = NULL;
   size_t in_len = 0, out_len = 0;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3) return z_throw(env, "zstdDecompress expects (handle, input, out)");
-  zd *d = (zd *)z_handle(env, argv[0]);
+  zd *d = (zd *)z_handle(env, argv[0], ZD_TAG);
   if (d == NULL || d->dctx == NULL) return z_throw(env, "expected a zstd decompressor");
   if (!z_bytes(env, argv[1], &in, &in_len) || !z_bytes(env, argv[2], &out, &out_len)) return z_throw(env, "zstdDecompress: input and out must be Uint8Arrays");
   ZSTD_inBuffer input = {in, in_len, 0};
@@ -235,11 +246,8 @@ static napi_value Decompress(napi_env env, napi_callback_info info) {
 
 /* zstdDecompressorReset(handle): the sender restarted its stream (it sent a batch raw). */
 static napi_value DecompressorReset(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return z_throw(env, "zstdDecompressorReset expects a handle");
-  zd *d = (zd *)z_handle(env, argv[0]);
-  if (d == NULL || d->dctx == NULL) return z_throw(env, "expected a zstd decompressor");
+  zd *d = (zd *)z_only_handle(env, info, ZD_TAG);
+  if (d == NULL || d->dctx == NULL) return z_throw(env, "zstdDecompressorReset expects a zstd decompressor");
   ZSTD_DCtx_reset(d->dctx, ZSTD_reset_session_only);
   return NULL;
 }
