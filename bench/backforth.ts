@@ -7,6 +7,11 @@
  *       [--changes 0,1,10]   percent of guest RAM rewritten before leg 2, 3, … (the guest quiet while it migrates)
  *       [--out FILE.json]    also write every leg to FILE.json and FILE.csv
  *       [--qemu 7.2|10.0] [--machine pc-i440fx-7.2] [--capabilities postcopy-ram,return-path]
+ *       [--content random|files]   the guest's pages: pseudo-random (default, the worst case for
+ *                                  compression) or pages of real files (binaries, libraries, text, .gz)
+ *       [--scribble BYTES:PER_SECOND]  database-like updates in the guest, also while it migrates
+ *       [--uncompressed]           also migrate through a gateway pair with `compression: off`, and
+ *                                  print what compression changed (WAN bytes, throughput, CPU per GiB)
  * A grid of runs (bench/backforth-grid.json), every leg written to JSON and CSV as it finishes:
  *   node dist/bench/backforth.js --grid bench/backforth-grid.json --out docs/benchmarks/backforth.json [--only ID,ID [--merge]]
  * (--merge: re-measure the --only runs and replace them in an existing results file, keeping the others)
@@ -42,7 +47,7 @@ function hostInfo(): BenchResults['host'] {
 const CSV_COLUMNS: Array<keyof GridRun | keyof LegResult> = [
   'id', 'mbit', 'delayMs', 'memMiB', 'workloadMiB', 'rewritePct', 'leg', 'path', 'from', 'to', 'changedPages', 'secondsAtSource', 'pageWritesAtSource', 'wanBytes', 'wanBytesForward', 'wanBytesBackward',
   'streamBytes', 'qemuTransferredBytes', 'totalTimeMs', 'downtimeMs', 'setupTimeMs', 'untilRunningMs', 'pausedMs', 'pagesSent', 'pagesReused', 'qemuNormalPages', 'qemuZeroPages', 'dirtySyncCount',
-  'gatewayCpuSecondsSend', 'gatewayCpuSecondsReceive', 'verified',
+  'gatewayCpuSecondsSend', 'gatewayCpuSecondsReceive', 'compressionSavedBytes', 'verified',
 ];
 
 function writeResults(file: string, results: BenchResults): void {
@@ -68,7 +73,16 @@ interface QemuChoice {
 
 const DEFAULT_QEMU: QemuChoice = { qemu: '7.2', machine: 'pc-i440fx-7.2' };
 
-function runOptions(run: GridRun, downtimeLimitMs: number, q: QemuChoice = DEFAULT_QEMU): BackForthOptions {
+/** What the command line may change of the guest and the gateways. */
+interface GuestChoice {
+  content: 'random' | 'files';
+  scribble?: { bytes: number; perSecond: number };
+  uncompressed: boolean;
+}
+
+const DEFAULT_GUEST: GuestChoice = { content: 'random', uncompressed: false };
+
+function runOptions(run: GridRun, downtimeLimitMs: number, q: QemuChoice = DEFAULT_QEMU, g: GuestChoice = DEFAULT_GUEST): BackForthOptions {
   return {
     legs: run.changePcts.length + 1,
     memMiB: run.memMiB,
@@ -84,12 +98,47 @@ function runOptions(run: GridRun, downtimeLimitMs: number, q: QemuChoice = DEFAU
     out: process.stdout,
     qemuAt: [qemuBinary(q.qemu), qemuBinary(q.qemu)],
     capabilities: q.capabilities,
+    content: g.content,
+    scribble: g.scribble,
+    uncompressed: g.uncompressed,
   };
 }
 
 /** Every bfmig leg must leave the guest verified: a figure from a guest that broke is no figure. */
 function allBfmigVerified(legs: LegResult[]): boolean {
-  return legs.filter((l) => l.path === 'bfmig').every((l) => l.verified);
+  return legs.filter((l) => l.path !== 'direct').every((l) => l.verified);
+}
+
+const MiB = 2 ** 20;
+
+/**
+ * Per leg, direct against bfmig without and with compression: WAN bytes, throughput (QEMU stream
+ * bytes over QEMU's total time) and the gateways' CPU seconds per GiB of QEMU stream. With
+ * pseudo-random memory compression must cost no more than 1% of WAN bytes (PASS/FAIL).
+ */
+function compressionSummary(legs: LegResult[], content: 'random' | 'files'): boolean {
+  let ok = true;
+  const perGiB = (cpu: number | null, bytes: number): string => (cpu === null || bytes === 0 ? '?' : (cpu / (bytes / 2 ** 30)).toFixed(2));
+  const rate = (l: LegResult): string => `${((l.streamBytes / MiB) / (l.totalTimeMs / 1000)).toFixed(1)} MiB/s`;
+  for (const leg of [...new Set(legs.map((l) => l.leg))]) {
+    const at = (p: LegResult['path']): LegResult | undefined => legs.find((l) => l.leg === leg && l.path === p);
+    const direct = at('direct');
+    const plain = at('bfmig-uncompressed');
+    const zstd = at('bfmig');
+    if (!plain || !zstd) continue;
+    const ratio = zstd.wanBytes / plain.wanBytes;
+    const bounded = content === 'files' || ratio <= 1.01;
+    ok &&= bounded;
+    console.log(
+      `leg ${leg}: WAN ${direct ? `direct ${(direct.wanBytes / MiB).toFixed(1)} MiB (${rate(direct)}), ` : ''}` +
+        `bfmig ${(plain.wanBytes / MiB).toFixed(1)} MiB (${rate(plain)}), bfmig+zstd ${(zstd.wanBytes / MiB).toFixed(1)} MiB (${rate(zstd)}) = ${(ratio * 100).toFixed(1)}% of bfmig, ` +
+        `${(zstd.compressionSavedBytes / MiB).toFixed(1)} MiB saved by compression; ` +
+        `gateway CPU s/GiB of QEMU stream: send ${perGiB(plain.gatewayCpuSecondsSend, plain.streamBytes)} → ${perGiB(zstd.gatewayCpuSecondsSend, zstd.streamBytes)}, ` +
+        `receive ${perGiB(plain.gatewayCpuSecondsReceive, plain.streamBytes)} → ${perGiB(zstd.gatewayCpuSecondsReceive, zstd.streamBytes)}` +
+        (content === 'random' ? `; pseudo-random memory: zstd ≤ 101% of uncompressed ${bounded ? 'PASS' : 'FAIL'}` : ''),
+    );
+  }
+  return ok;
 }
 
 async function runGrid(gridPath: string, outFile: string, only: string[] | null, merge: boolean): Promise<boolean> {
@@ -122,7 +171,7 @@ async function main(): Promise<void> {
     options: {
       merge: { type: 'boolean' }, out: text, grid: text, only: text, changes: text, 'rewrite-pcts': text,
       'mem-mib': text, 'downtime-limit-ms': text, mbit: text, 'delay-ms': text, 'workload-mib': text, legs: text,
-      qemu: text, machine: text, capabilities: text,
+      qemu: text, machine: text, capabilities: text, content: text, scribble: text, uncompressed: { type: 'boolean' },
     },
     strict: true,
   });
@@ -144,6 +193,15 @@ async function main(): Promise<void> {
     machine: args.machine ?? DEFAULT_QEMU.machine,
     capabilities: args.capabilities ? Object.fromEntries(args.capabilities.split(',').map((c) => [c, true])) : undefined,
   };
+  const content = args.content ?? 'random';
+  if (content !== 'random' && content !== 'files') throw new Error('--content takes random or files');
+  const scribbleMatch = args.scribble === undefined ? null : /^(\d+):(\d+(?:\.\d+)?)$/.exec(args.scribble);
+  if (args.scribble !== undefined && !scribbleMatch) throw new Error('--scribble takes BYTES:PER_SECOND, e.g. 64:2000');
+  const guest: GuestChoice = {
+    content,
+    scribble: scribbleMatch ? { bytes: Number(scribbleMatch[1]), perSecond: Number(scribbleMatch[2]) } : undefined,
+    uncompressed: args.uncompressed === true,
+  };
   const memMiB = num('mem-mib', 256);
   const changes = args.changes?.split(',').map(Number);
   const downtimeLimitMs = num('downtime-limit-ms', 500);
@@ -153,8 +211,9 @@ async function main(): Promise<void> {
   for (const rewritePct of (args['rewrite-pcts'] ?? '0,1').split(',').map(Number)) {
     const run: GridRun = { id: `cli-rewrite${rewritePct}`, ...base, rewritePct, changePcts: changes ?? Array.from({ length: num('legs', 3) - 1 }, () => 0) };
     console.log(`\n== QEMU ${choice.qemu} (${qemuVersion(qemuBinary(choice.qemu)) ?? '?'}), ${choice.machine}${choice.capabilities ? `, ${Object.keys(choice.capabilities).join(', ')}` : ''}: guest rewriting ${rewritePct}% of its ${base.workloadMiB} MiB workload per second ==`);
-    const results_ = await runBackForth({ ...runOptions(run, downtimeLimitMs, choice), changePcts: changes });
+    const results_ = await runBackForth({ ...runOptions(run, downtimeLimitMs, choice, guest), changePcts: changes });
     console.log(formatTable(results_));
+    if (guest.uncompressed) ok &&= compressionSummary(results_, guest.content);
     results.runs.push({ ...run, finished: new Date().toISOString(), legs: results_ });
     if (outFile) writeResults(outFile, results);
     ok &&= allBfmigVerified(results_);

@@ -29,6 +29,18 @@
  * every page with probability pct/100 (distinct pages, a new generation each), so a benchmark can
  * change a share of memory between two migrations and keep the guest quiet during them.
  * A failing page is not repaired: the failure is reported again every round.
+ *
+ * Content (--content): "random" (the default, above) is the worst case for compression and the
+ * strongest check. "files" makes guest memory look like a real guest's: words 2..511 of a page are
+ * bytes 16..4095 of one page of a real file (binaries, libraries, text, already-compressed files taken
+ * from the build machine's Debian packages, see scripts/build-guest.sh), picked by
+ * splitmix64(seed, index, generation) among the pages of the files under --corpus. The files are
+ * mapped, not copied: they are in the guest's page cache (its initramfs), and the heap holds copies.
+ *
+ * Database-like writes (--scribble-bytes N --scribble-rate R): R times a second, N bytes at a random
+ * offset of a random page (past its header) are overwritten, as a database updates rows in place. The
+ * workload then keeps a 64-bit sum of every page it wrote and checks each page against it, so a page
+ * that lost an update is caught too (reported as word=-1 with the sums as expected/got).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,7 +50,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <dirent.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -76,11 +90,31 @@ static inline uint64_t hdr1(uint64_t seed, uint32_t gen) {
     return ((uint64_t)gen << 32) | (seed & 0xFFFFFFFFull);
 }
 
+/* --content files: the pages of the corpus files, mapped read-only (NULL: --content random). */
+static const uint8_t **corpus;
+static uint64_t corpus_pages;
+
+/* The corpus page a (seed, index, generation) page copies. */
+static const uint8_t *corpus_page(uint64_t seed, uint64_t index, uint32_t gen) {
+    return corpus[page_state(seed, index, gen) % corpus_pages];
+}
+
 static void fill_page(uint64_t *p, uint64_t seed, uint64_t index, uint32_t gen) {
-    uint64_t s = page_state(seed, index, gen);
     p[0] = hdr0(index);
     p[1] = hdr1(seed, gen);
+    if (corpus) {
+        memcpy(p + 2, corpus_page(seed, index, gen) + 16, PAGE_SIZE - 16);
+        return;
+    }
+    uint64_t s = page_state(seed, index, gen);
     for (unsigned w = 2; w < WORDS_PER_PAGE; w++) p[w] = xorshift64(&s);
+}
+
+/* With --scribble-bytes: what every page must sum to (the page as last written, updates included). */
+static uint64_t page_sum(const uint64_t *p) {
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (unsigned w = 0; w < WORDS_PER_PAGE; w++) h = (h ^ p[w]) * 0x100000001B3ull + w;
+    return h;
 }
 
 /* Returns the index of the first mismatching word, or -1 if the page is intact. */
@@ -88,6 +122,13 @@ static int check_page(const uint64_t *p, uint64_t seed, uint64_t index, uint32_t
                       uint64_t *expected_out) {
     if (p[0] != hdr0(index)) { *expected_out = hdr0(index); return 0; }
     if (p[1] != hdr1(seed, gen)) { *expected_out = hdr1(seed, gen); return 1; }
+    if (corpus) {
+        const uint64_t *c = (const uint64_t *)corpus_page(seed, index, gen);
+        for (unsigned w = 2; w < WORDS_PER_PAGE; w++) {
+            if (p[w] != c[w]) { *expected_out = c[w]; return (int)w; }
+        }
+        return -1;
+    }
     uint64_t s = page_state(seed, index, gen);
     uint64_t diff = 0;
     for (unsigned w = 2; w < WORDS_PER_PAGE; w++) diff |= p[w] ^ xorshift64(&s);
@@ -98,6 +139,41 @@ static int check_page(const uint64_t *p, uint64_t seed, uint64_t index, uint32_t
         if (p[w] != e) { *expected_out = e; return (int)w; }
     }
     return -1; /* not reached */
+}
+
+/* Maps every regular file under dir (recursively) and lists its pages in corpus; 0 on success. */
+static int map_corpus_dir(const char *dir, uint64_t *cap) {
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        struct stat st;
+        if (stat(path, &st) != 0) continue;
+        if (S_ISDIR(st.st_mode)) {
+            map_corpus_dir(path, cap);
+            continue;
+        }
+        if (!S_ISREG(st.st_mode) || st.st_size == 0) continue;
+        int fd = open(path, O_RDONLY);
+        if (fd < 0) continue;
+        /* Past the end of the file the last page reads as zeros, as in the page cache. */
+        uint8_t *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+        close(fd);
+        if (m == MAP_FAILED) continue;
+        for (off_t at = 0; at < st.st_size; at += PAGE_SIZE) {
+            if (corpus_pages == *cap) {
+                *cap = *cap ? *cap * 2 : 4096;
+                corpus = realloc(corpus, *cap * sizeof *corpus);
+                if (!corpus) return -1;
+            }
+            corpus[corpus_pages++] = m + at;
+        }
+    }
+    closedir(d);
+    return 0;
 }
 
 static uint64_t now_ns(void) {
@@ -173,7 +249,11 @@ static void usage(const char *argv0) {
             "  --rounds R       stop after R rounds, 0 = run forever (default 0)\n"
             "  --report-every K print VERIFY OK every K rounds (default 1); FAIL always printed\n"
             "  --inject-fault-round R  self-test: flip one bit of one page in round R\n"
-            "  --control PATH   read \"change <seq> <pct>\" commands from PATH (e.g. /dev/ttyS1)\n",
+            "  --control PATH   read \"change <seq> <pct>\" commands from PATH (e.g. /dev/ttyS1)\n"
+            "  --content random|files  page content (default random)\n"
+            "  --corpus DIR     the files --content files copies pages of (default /corpus)\n"
+            "  --scribble-bytes N  bytes each database-like update overwrites (default 0: none)\n"
+            "  --scribble-rate R   database-like updates per second (default 0)\n",
             argv0);
 }
 
@@ -197,8 +277,9 @@ static int parse_double(const char *s, double *out) {
 
 int main(int argc, char **argv) {
     uint64_t mib = 64, seed = 1, interval_ms = 1000, rounds = 0, report_every = 1, fault_round = 0;
-    double rewrite_pct = 0.0;
-    const char *control_path = NULL;
+    double rewrite_pct = 0.0, scribble_rate = 0.0;
+    uint64_t scribble_bytes = 0;
+    const char *control_path = NULL, *content = "random", *corpus_dir = "/corpus";
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -213,6 +294,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--report-every")) bad = !v || parse_u64(v, &report_every) || report_every == 0;
         else if (!strcmp(a, "--inject-fault-round")) bad = !v || parse_u64(v, &fault_round);
         else if (!strcmp(a, "--control")) bad = !v || (control_path = v, 0);
+        else if (!strcmp(a, "--content")) bad = !v || (strcmp(v, "random") && strcmp(v, "files")) || (content = v, 0);
+        else if (!strcmp(a, "--corpus")) bad = !v || (corpus_dir = v, 0);
+        else if (!strcmp(a, "--scribble-bytes")) bad = !v || parse_u64(v, &scribble_bytes) || scribble_bytes > PAGE_SIZE - 16;
+        else if (!strcmp(a, "--scribble-rate")) bad = !v || parse_double(v, &scribble_rate) || scribble_rate < 0;
         else bad = 2;
         if (bad) {
             if (bad == 2) fprintf(stderr, "workload: unknown option %s\n", a);
@@ -229,6 +314,15 @@ int main(int argc, char **argv) {
     if (npages > 0xFFFFFFFFull) { fprintf(stderr, "workload: too many pages\n"); return 2; }
     const size_t bytes = (size_t)npages * PAGE_SIZE;
 
+    if (!strcmp(content, "files")) {
+        uint64_t cap = 0;
+        if (map_corpus_dir(corpus_dir, &cap) != 0 || corpus_pages == 0) {
+            printf("WORKLOAD ERROR no corpus files under %s (build the guest with its corpus)\n", corpus_dir);
+            return 1;
+        }
+    }
+    const int scribbling = scribble_bytes > 0 && scribble_rate > 0;
+
     int locked = mlockall(MCL_CURRENT | MCL_FUTURE) == 0;
     uint8_t *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (mem == MAP_FAILED) {
@@ -239,10 +333,19 @@ int main(int argc, char **argv) {
     if (!gens) { printf("WORKLOAD ERROR calloc generations failed\n"); return 1; }
     madvise(mem, bytes, MADV_NOHUGEPAGE); /* keep dirty tracking at 4 KiB granularity */
 
-    printf("WORKLOAD START mib=%" PRIu64 " pages=%" PRIu64 " seed=%" PRIu64 " rewrite_pct=%g interval_ms=%" PRIu64
-           " mlock=%d\n", mib, npages, seed, rewrite_pct, interval_ms, locked);
+    uint64_t *sums = scribbling ? calloc((size_t)npages, sizeof(uint64_t)) : NULL;
+    if (scribbling && !sums) { printf("WORKLOAD ERROR calloc sums failed\n"); return 1; }
 
-    for (uint64_t i = 0; i < npages; i++) fill_page((uint64_t *)(mem + i * PAGE_SIZE), seed, i, 0);
+    printf("WORKLOAD START mib=%" PRIu64 " pages=%" PRIu64 " seed=%" PRIu64 " rewrite_pct=%g interval_ms=%" PRIu64
+           " mlock=%d content=%s corpus_pages=%" PRIu64 " scribble_bytes=%" PRIu64 " scribble_rate=%g\n",
+           mib, npages, seed, rewrite_pct, interval_ms, locked, content, corpus_pages, scribble_bytes, scribble_rate);
+
+#define WRITE_PAGE(i) do { \
+        uint64_t *page_ = (uint64_t *)(mem + (i) * PAGE_SIZE); \
+        fill_page(page_, seed, (i), gens[i]); \
+        if (sums) sums[i] = page_sum(page_); \
+    } while (0)
+    for (uint64_t i = 0; i < npages; i++) WRITE_PAGE(i);
     int control_fd = -1;
     if (control_path && control_path[0]) {
         control_fd = open_control(control_path);
@@ -258,6 +361,9 @@ int main(int argc, char **argv) {
     const double per_round = (double)npages * rewrite_pct / 100.0 * (double)interval_ms / 1000.0;
     double carry = 0.0;
     uint64_t pick = seed ^ 0x5DEECE66Dull;
+    const double scribbles_per_round = scribble_rate * (double)interval_ms / 1000.0;
+    double scribble_carry = 0.0;
+    uint64_t scribble_pick = seed ^ 0x9E3779B97F4A7C15ull;
     uint64_t next = now_ns();
 
     for (uint64_t round = 1; rounds == 0 || round <= rounds; round++) {
@@ -271,7 +377,21 @@ int main(int argc, char **argv) {
         for (uint64_t j = 0; j < k; j++) {
             uint64_t i = splitmix64(&pick) % npages;
             gens[i]++;
-            fill_page((uint64_t *)(mem + i * PAGE_SIZE), seed, i, gens[i]);
+            WRITE_PAGE(i);
+        }
+        if (scribbling) {
+            scribble_carry += scribbles_per_round;
+            uint64_t u = (uint64_t)scribble_carry;
+            scribble_carry -= (double)u;
+            for (uint64_t j = 0; j < u; j++) {
+                uint64_t i = splitmix64(&scribble_pick) % npages;
+                uint8_t *page = mem + i * PAGE_SIZE;
+                uint64_t at = 16 + splitmix64(&scribble_pick) % (PAGE_SIZE - 16 - scribble_bytes + 1);
+                uint64_t r = splitmix64(&scribble_pick) | 1;
+                for (uint64_t b = 0; b < scribble_bytes; b++) page[at + b] = (uint8_t)(xorshift64(&r) >> 56);
+                sums[i] = page_sum((const uint64_t *)page);
+            }
+            if (control_fd >= 0 && u > 0) printf("WORKLOAD SCRIBBLED round=%" PRIu64 " updates=%" PRIu64 "\n", round, u);
         }
         /* With a control port, say at once what was rewritten (the VERIFY line comes after the whole
          * check), so a benchmark knows what changed before it starts a migration. */
@@ -287,7 +407,7 @@ int main(int argc, char **argv) {
                 for (uint64_t i = 0; i < npages; i++) {
                     if (share < 1.0 && splitmix64(&change_pick) >= cut) continue;
                     gens[i]++;
-                    fill_page((uint64_t *)(mem + i * PAGE_SIZE), seed, i, gens[i]);
+                    WRITE_PAGE(i);
                     changed++;
                 }
                 k += changed;
@@ -301,12 +421,19 @@ int main(int argc, char **argv) {
         for (uint64_t i = 0; i < npages; i++) {
             const uint64_t *p = (const uint64_t *)(mem + i * PAGE_SIZE);
             uint64_t expected = 0;
-            int w = check_page(p, seed, i, gens[i], &expected);
-            if (w < 0) continue;
+            int w;
+            if (sums) {
+                /* Updated pages differ from their generation's content: the sum is the check. */
+                expected = sums[i];
+                w = page_sum(p) == expected ? -1 : -2;
+            } else {
+                w = check_page(p, seed, i, gens[i], &expected);
+            }
+            if (w == -1) continue;
             if (bad < MAX_FAIL_LINES_PER_ROUND) {
                 printf("WORKLOAD VERIFY FAIL page=%" PRIu64 " round=%" PRIu64 " gen=%" PRIu32 " word=%d expected=0x%016" PRIx64
                        " got=0x%016" PRIx64 " hdr_page=%" PRIu64 " hdr_gen=%" PRIu64 "\n",
-                       i, round, gens[i], w, expected, p[w], (uint64_t)(p[0] & 0xFFFFFFFFu), (uint64_t)(p[1] >> 32));
+                       i, round, gens[i], w < 0 ? -1 : w, expected, w < 0 ? page_sum(p) : p[w], (uint64_t)(p[0] & 0xFFFFFFFFu), (uint64_t)(p[1] >> 32));
             }
             bad++;
         }

@@ -11,7 +11,7 @@
  * (npm_config_nodedir, e.g. `nodedir=/usr` in .npmrc) we point node-gyp at
  * the running Node's own headers and need no network.
  *
- * Needs: a C compiler, make, python3 and xxhash.h (Debian: libxxhash-dev).
+ * Needs: a C compiler, make, python3, xxhash.h (Debian: libxxhash-dev) and libzstd (libzstd-dev).
  */
 const { spawnSync } = require('node:child_process');
 const fs = require('node:fs');
@@ -46,6 +46,6 @@ if (r.error) {
   process.exit(1);
 }
 if (r.status !== 0) {
-  console.error('bfmig: building the native digest addon failed; it needs g++ (or cc), make, python3 and libxxhash-dev');
+  console.error('bfmig: building the native digest addon failed; it needs g++ (or cc), make, python3, libxxhash-dev and libzstd-dev');
 }
 process.exit(r.status === null ? 1 : r.status);

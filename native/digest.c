@@ -548,6 +548,7 @@ static napi_value TuneSocket(napi_env env, napi_callback_info info) {
 
 napi_status bf_pageio_register(napi_env env, napi_value exports); /* native/pageio.c */
 napi_status bf_pagedelta_register(napi_env env, napi_value exports); /* native/pagedelta.c */
+napi_status bf_zstd_register(napi_env env, napi_value exports);   /* native/zstd.c */
 
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
@@ -569,7 +570,8 @@ NAPI_MODULE_INIT() {
     initialised = 1;
   }
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok ||
-      bf_pageio_register(env, exports) != napi_ok || bf_pagedelta_register(env, exports) != napi_ok)
+      bf_pageio_register(env, exports) != napi_ok || bf_pagedelta_register(env, exports) != napi_ok ||
+      bf_zstd_register(env, exports) != napi_ok)
     return bf_rethrow(env, "napi_define_properties");
   return exports;
 }

@@ -2,6 +2,9 @@
 # Build the bfmig end-to-end test guest into .cache/guest/ (gitignored; never commit it):
 #   .cache/guest/vmlinuz            the host's Debian kernel (newest /boot/vmlinuz-*)
 #   .cache/guest/initramfs.cpio.gz  busybox-static + /init (guest/init) + /bin/workload
+#   .cache/guest/initramfs-files.cpio.gz  the same plus /corpus: real files from this machine's Debian
+#                                   packages (executables, libraries, text, already-compressed files),
+#                                   for workload.content=files (never committed: built here)
 #   .cache/guest/workload           the static workload binary (also inside the initramfs)
 #   .cache/guest/guest.json         what was built, for the test harness
 # Idempotent: if no input changed since the last build it only says "up to date".
@@ -13,6 +16,7 @@
 #   BFMIG_BUSYBOX       static busybox binary (default /bin/busybox)
 #   BFMIG_SKIP_QEMU_CHECK=1  do not require qemu-system-x86 (building only)
 #   SOURCE_DATE_EPOCH   mtime stamped on every archive member (default 0)
+#   BFMIG_GUEST_CORPUS_MIB  MiB of each of the corpus's four kinds of files (default 8)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -78,17 +82,42 @@ flock 9 # concurrent builders (parallel jest workers) wait for each other
 
 KERNEL_REAL="$(readlink -f "$KERNEL")"
 BUSYBOX_REAL="$(readlink -f "$BUSYBOX")"
+CORPUS_BYTES=$(( ${BFMIG_GUEST_CORPUS_MIB:-8} * 1024 * 1024 ))
+
+# The corpus: files of installed Debian packages, four kinds of what a guest's memory holds, each up to
+# CORPUS_BYTES, chosen in a fixed order (files over 4 MiB skipped). Prints "<kind> <path>" lines.
+# Listed only to build: the up-to-date check takes the package database's state instead.
+is_elf() { local magic; LC_ALL=C IFS= read -r -d '' -n 4 magic <"$1" 2>/dev/null; [[ "$magic" == $'\x7fELF' ]]; }
+corpus_list() {
+	local kind total f size
+	for kind in bin lib text gz; do
+		total=0
+		while read -r size f; do
+			((size > 0 && size <= 4194304 && total + size <= CORPUS_BYTES)) || continue
+			case "$kind" in bin | lib) is_elf "$f" || continue ;; esac
+			total=$((total + size))
+			printf '%s %s\n' "$kind" "$f"
+		done < <(case "$kind" in
+			bin) find -L /usr/bin /usr/sbin -maxdepth 1 -type f -printf '%s %p\n' ;;
+			lib) find -L /usr/lib/x86_64-linux-gnu -maxdepth 1 -type f -name '*.so*' -printf '%s %p\n' ;;
+			text) find /usr/share/doc -name copyright -type f -printf '%s %p\n'; find /usr/include -name '*.h' -type f -printf '%s %p\n' ;;
+			gz) find /usr/share/man /usr/share/doc -name '*.gz' -type f -printf '%s %p\n' ;;
+			esac 2>/dev/null | LC_ALL=C sort -k2)
+	done
+}
 inputs_hash="$(
 	{
 		echo "format 1 epoch $EPOCH"
 		sha256sum "$WORKLOAD_SRC" "$INIT_SRC" "$SELF"
+		echo "corpus $CORPUS_BYTES"
+		stat -c '%n %s %Y' /var/lib/dpkg/status
 		stat -c '%n %s %Y' "$KERNEL_REAL" "$BUSYBOX_REAL"
 		gcc -dumpfullversion -dumpversion 2>/dev/null | head -n 1
 		gcc -print-file-name=libc.a
 	} | sha256sum | cut -d' ' -f1
 )"
 
-outputs=("$OUT/vmlinuz" "$OUT/initramfs.cpio.gz" "$OUT/workload" "$OUT/guest.json")
+outputs=("$OUT/vmlinuz" "$OUT/initramfs.cpio.gz" "$OUT/initramfs-files.cpio.gz" "$OUT/workload" "$OUT/guest.json")
 uptodate=1
 for f in "${outputs[@]}"; do [[ -s "$f" ]] || uptodate=0; done
 if ((uptodate)) && [[ -f "$OUT/.stamp" && "$(cat "$OUT/.stamp")" == "$inputs_hash" ]]; then
@@ -120,6 +149,19 @@ log "packing initramfs"
 (cd "$ROOT" && find . -mindepth 1 -print | LC_ALL=C sort |
 	cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -n -9 >"$STAGE/initramfs.cpio.gz"
 
+CORPUS_LIST="$(corpus_list)"
+log "packing initramfs with the corpus ($(printf '%s\n' "$CORPUS_LIST" | grep -c .) files)"
+n=0
+while read -r kind f; do
+	[[ -n "$kind" ]] || continue
+	mkdir -p "$ROOT/corpus/$kind"
+	cp -L "$f" "$ROOT/corpus/$kind/$(printf '%05d' "$n")-$(basename "$f")"
+	n=$((n + 1))
+done <<<"$CORPUS_LIST"
+find "$ROOT/corpus" -exec touch -h -d "@$EPOCH" {} +
+(cd "$ROOT" && find . -mindepth 1 -print | LC_ALL=C sort |
+	cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -n -1 >"$STAGE/initramfs-files.cpio.gz"
+
 install -m 0644 "$KERNEL_REAL" "$STAGE/vmlinuz"
 kver="$(basename "$KERNEL_REAL")"
 kver="${kver#vmlinuz-}"
@@ -127,6 +169,7 @@ cat >"$STAGE/guest.json" <<EOF
 {
   "kernel": "vmlinuz",
   "initrd": "initramfs.cpio.gz",
+  "initrdWithFiles": "initramfs-files.cpio.gz",
   "workload": "workload",
   "kernelSource": "$KERNEL_REAL",
   "kernelVersion": "$kver",
@@ -136,7 +179,7 @@ cat >"$STAGE/guest.json" <<EOF
 }
 EOF
 
-for f in vmlinuz initramfs.cpio.gz workload guest.json; do mv -f "$STAGE/$f" "$OUT/$f"; done
+for f in vmlinuz initramfs.cpio.gz initramfs-files.cpio.gz workload guest.json; do mv -f "$STAGE/$f" "$OUT/$f"; done
 printf '%s\n' "$inputs_hash" >"$OUT/.stamp"
 end_ns=$(date +%s%N)
 log "built $OUT (kernel $kver, initramfs $(stat -c %s "$OUT/initramfs.cpio.gz") bytes) in $(((end_ns - start_ns) / 1000000)) ms"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages bfmig needs: QEMU for real migrations, a kernel and busybox for the test guest,
-# gcc for the guest's workload program, libxxhash-dev for the native page-digest addon, openssl for
+# gcc for the guest's workload program, libxxhash-dev and libzstd-dev for the native addon (page
+# digests, WAN compression), openssl for
 # `bfmig certs` (it issues the gateways' TLS certificates), prometheus for promtool and a real
 # Prometheus server (the tests of deploy/prometheus' rules and of scraping a migration), systemd for
 # `systemd-analyze verify` of deploy/systemd's unit; libvirt's daemon, QEMU driver and virsh for
@@ -8,7 +9,7 @@
 # drivers, LVM, every QEMU target); then QEMU 10.0 from bookworm-backports, unpacked beside 7.2
 # (scripts/install-qemu10.sh).
 set -euo pipefail
-packages=(qemu-system-x86 linux-image-amd64 busybox-static cpio gzip libxxhash-dev gcc libc6-dev make g++ python3 openssl systemd)
+packages=(qemu-system-x86 linux-image-amd64 busybox-static cpio gzip libxxhash-dev libzstd-dev gcc libc6-dev make g++ python3 openssl systemd)
 bare_packages=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients prometheus)
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

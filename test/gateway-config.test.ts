@@ -67,6 +67,7 @@ describe('parseConfig', () => {
       metrics: { host: '127.0.0.1', port: 9464 },
       insecurePlaintext: true,
       shutdownGraceSeconds: 12.5,
+      compression: true,
       storeBudget: 200 * 2 ** 30,
       routes: [
         {
@@ -116,10 +117,16 @@ describe('parseConfig', () => {
     expect(c.metrics).toBeNull();
     expect(c.insecurePlaintext).toBe(false);
     expect(c.shutdownGraceSeconds).toBe(30);
+    expect(c.compression).toBe(true);
     expect(c.routes).toEqual([]);
     // Nothing to dial unless listed: a peer cannot reach any service through a gateway by default.
     expect(c.allowTargets).toEqual([]);
     expect(c.tls).toBeNull();
+  });
+
+  test('compression: off turns WAN compression off', () => {
+    expect(parseConfig(minimal('compression: off\n')).compression).toBe(false);
+    expect(parseConfig(minimal('compression: zstd\n')).compression).toBe(true);
   });
 
   test('keys written with no value count as absent', () => {
@@ -162,6 +169,7 @@ describe('parseConfig', () => {
     ['metrics collides with peerListen', minimal('metrics: 127.0.0.1:7300\n'), 'metrics', /collides with peerListen/],
     ['insecurePlaintext not boolean', minimal('insecurePlaintext: "yes"\n'), 'insecurePlaintext', /true or false/],
     ['shutdownGraceSeconds not a number', minimal('shutdownGraceSeconds: soon\n'), 'shutdownGraceSeconds', /must be a number/],
+    ['compression unknown', minimal('compression: gzip\n'), 'compression', /must be zstd or off/],
     ['storeBudget not a size', minimal('storeBudget: lots\n'), 'storeBudget', /not a size/],
     ['storeBudget zero', minimal('storeBudget: 0GiB\n'), 'storeBudget', /more than 0/],
     ['shutdownGraceSeconds zero', minimal('shutdownGraceSeconds: 0\n'), 'shutdownGraceSeconds', /out of range/],

@@ -83,6 +83,8 @@ describe('a hostile receiving peer against the sending gateway', () => {
     ['an Offer whose layoutId is a number', () => onHello(json(FrameType.Offer, { ...NOTHING, layoutId: 42 })), /field layoutId/],
     ['an Offer that is an array', () => onHello(json(FrameType.Offer, [1, 2])), /Offer: field site/],
     ['a second Offer', () => onHello(json(FrameType.Offer, NOTHING), json(FrameType.Offer, NOTHING)), /a second Offer/],
+    ['an Offer choosing a compression that was not offered', () => onHello(json(FrameType.Offer, { ...NOTHING, compression: 'gzip' })), /compression "gzip" was not offered/],
+    ['a Compressed frame from the receiver', () => onHello(json(FrameType.Offer, NOTHING), rawFrame(FrameType.Compressed, Buffer.alloc(8))), /unexpected frame type 13/],
     ['an absurd pageCount, then a table that overflows ours', () => onTable(() => [rawFrame(FrameType.TableData, Buffer.alloc(pageCount * 16 + 16))], { pageCount: 2 ** 53, presentPages: 2 ** 53 }), /unexpected digest table data/],
     ['TableData before any TableRequest', () => onHello(json(FrameType.Offer, NOTHING), rawFrame(FrameType.TableData, Buffer.alloc(16))), /unexpected digest table data/],
     ['TableEnd before any TableRequest', () => onHello(json(FrameType.Offer, NOTHING), rawFrame(FrameType.TableEnd)), /unexpected TableEnd/],

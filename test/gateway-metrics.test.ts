@@ -49,12 +49,12 @@ describe('GatewayMetrics over HTTP', () => {
     metrics.addPages('vm1', 'send', 'reused', 70);
     metrics.addPages('vm1', 'send', 'zero', 20);
     metrics.addPages('vm1', 'send', 'reused', 5);
-    metrics.migrationFinished('vm1', 'send', { result: 'completed', seconds: 2.5, qemuBytes: 4000, wanBytes: 1000, verbatimReason: null });
+    metrics.migrationFinished('vm1', 'send', { result: 'completed', seconds: 2.5, qemuBytes: 4000, wanBytes: 1000, verbatimReason: null, compressionSavedBytes: 300 });
 
     metrics.addStreamBytes('vm2', 'receive', 512);
     metrics.addWanBytes('vm2', 'receive', 128);
-    metrics.migrationFinished('vm2', 'receive', { result: 'failed', seconds: 0.25, qemuBytes: 512, wanBytes: 128, verbatimReason: null });
-    metrics.migrationFinished('vm2', 'receive', { result: 'failed', seconds: 0.5, qemuBytes: 0, wanBytes: 0, verbatimReason: 'command' });
+    metrics.migrationFinished('vm2', 'receive', { result: 'failed', seconds: 0.25, qemuBytes: 512, wanBytes: 128, verbatimReason: null, compressionSavedBytes: 0 });
+    metrics.migrationFinished('vm2', 'receive', { result: 'failed', seconds: 0.5, qemuBytes: 0, wanBytes: 0, verbatimReason: 'command', compressionSavedBytes: 0 });
   });
 
   afterAll(() => metrics.close());
@@ -73,6 +73,8 @@ describe('GatewayMetrics over HTTP', () => {
     expect(lines).toEqual(
       expect.arrayContaining([
         'bfmig_qemu_stream_bytes_total{vm="vm1",direction="send"} 4000',
+        'bfmig_compression_saved_bytes_total{vm="vm1",direction="send"} 300',
+        'bfmig_compression_saved_bytes_total{vm="vm2",direction="receive"} 0',
         'bfmig_streams_relayed_verbatim_total{vm="vm2",direction="receive",reason="command"} 1',
         'bfmig_qemu_stream_bytes_total{vm="vm2",direction="receive"} 512',
         'bfmig_wan_bytes_total{vm="vm1",direction="send"} 1000',
@@ -100,6 +102,7 @@ describe('GatewayMetrics over HTTP', () => {
     for (const m of body.matchAll(/^# TYPE (\S+) (\S+)$/gm)) types.set(m[1], m[2]);
     const ours = [...types.keys()].filter((n) => n.startsWith('bfmig_'));
     expect(ours.sort()).toEqual([
+      'bfmig_compression_saved_bytes_total',
       'bfmig_connections_open',
       'bfmig_connections_refused_total',
       'bfmig_idle_timeouts_total',
@@ -156,7 +159,7 @@ describe('GatewayMetrics store use and certificates', () => {
       'bfmig_store_bytes 0',
       'bfmig_wan_bytes_total{vm="vm1",direction="send"} 0',
     ]);
-    m.migrationFinished('vm1', 'send', { result: 'failed', seconds: 1, qemuBytes: 0, wanBytes: 0, verbatimReason: null });
+    m.migrationFinished('vm1', 'send', { result: 'failed', seconds: 1, qemuBytes: 0, wanBytes: 0, verbatimReason: null, compressionSavedBytes: 0 });
     expect(samples(await m.text())).toContain('bfmig_migrations_total{vm="vm1",direction="send",result="failed"} 1');
   });
 

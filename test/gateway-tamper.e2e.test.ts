@@ -114,7 +114,9 @@ class TamperLink {
     const site = (name: string, peer: number, farPeer: number, routeAt: number, target: number): string => {
       const data = path.join(tmp, name);
       fs.mkdirSync(data);
-      return loopbackMultiRouteYaml({ name, data, peerPort: peer, farPeerPort: farPeer, routes: [{ vm: VM, routePort: routeAt, targetPort: target }] });
+      // The relay finds what it damages in Literal payloads: compression off, so none is hidden in a
+      // Compressed frame (damage there is refused by zstd or, decoded, caught by the same stream check).
+      return loopbackMultiRouteYaml({ name, data, peerPort: peer, farPeerPort: farPeer, routes: [{ vm: VM, routePort: routeAt, targetPort: target }] }) + 'compression: off\n';
     };
     sender = await startSiteGateway(tmp, 'site-a', site('site-a', peerA, linkPort, routePort, destPort), 'child-process');
     receiver = await startSiteGateway(tmp, 'site-b', site('site-b', peerB, peerA, unused, unused), 'child-process');

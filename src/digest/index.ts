@@ -16,7 +16,7 @@
  *
  * The addon is loaded when this module is first imported, so a missing build
  * fails at startup, not in the middle of a migration. Build it with
- * `npm run build:native` (needs g++, make, python3 and libxxhash-dev).
+ * `npm run build:native` (needs g++, make, python3, libxxhash-dev and libzstd-dev).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -81,7 +81,7 @@ type StreamHashState = { readonly [streamHashState]: true };
 const ADDON_RELATIVE_PATH = path.join('build', 'Release', 'bfmig_digest.node');
 export const DIGEST_ADDON_PATH: string = path.join(PACKAGE_ROOT, ADDON_RELATIVE_PATH);
 
-const BUILD_HINT = 'run `npm run build:native` (needs g++, make, python3 and libxxhash-dev)';
+const BUILD_HINT = 'run `npm run build:native` (needs g++, make, python3, libxxhash-dev and libzstd-dev)';
 
 function isDigestAddon(m: unknown): m is DigestAddon {
   if (typeof m !== 'object' || m === null) return false;

@@ -8,6 +8,7 @@
  * metrics: 127.0.0.1:9464      # optional: Prometheus /metrics endpoint
  * insecurePlaintext: false     # optional (default false)
  * shutdownGraceSeconds: 30     # optional, 0 < n <= 86400 (default 30)
+ * compression: zstd            # optional: zstd (default) or off, for Literal bytes across the WAN
  * routes:                      # optional
  *   - vm: vm1                  # VM name
  *     listen: 127.0.0.1:7101   # the source QEMU migrates here
@@ -111,6 +112,8 @@ export interface GatewayConfig {
   metrics: Endpoint | null;
   insecurePlaintext: boolean;
   shutdownGraceSeconds: number;
+  /** Compress Literal bytes across the WAN when the peer can (`compression: zstd`, the default; `off`). */
+  compression: boolean;
   /** Disk budget of the store directory in bytes (`storeBudget: 200GiB`), or null for none. */
   storeBudget: number | null;
   routes: RouteConfig[];
@@ -136,6 +139,7 @@ const TOP_LEVEL_KEYS = [
   'metrics',
   'insecurePlaintext',
   'shutdownGraceSeconds',
+  'compression',
   'storeBudget',
   'routes',
   'allowTargets',
@@ -200,6 +204,9 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     fail('shutdownGraceSeconds', `must be a number, not ${describe(grace)}`);
   }
   const shutdownGraceSeconds = grace as number;
+  const compressionValue = optional(root, 'compression') ?? 'zstd';
+  if (compressionValue !== 'zstd' && compressionValue !== 'off') fail('compression', `must be zstd or off, not ${describe(compressionValue)}`);
+  const compression = compressionValue === 'zstd';
   if (shutdownGraceSeconds <= 0 || shutdownGraceSeconds > MAX_SHUTDOWN_GRACE_SECONDS) {
     fail('shutdownGraceSeconds', `${shutdownGraceSeconds} is out of range (must be > 0 and <= ${MAX_SHUTDOWN_GRACE_SECONDS})`);
   }
@@ -281,6 +288,7 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     metrics,
     insecurePlaintext: insecurePlaintext as boolean,
     shutdownGraceSeconds,
+    compression,
     storeBudget,
     routes,
     allowTargets,

@@ -192,6 +192,7 @@ export class Gateway implements SessionObserver {
         maxFrameBytes: limits.maxFrameBytes,
         maxGuestPages: Math.floor(limits.maxGuestRamBytes / X86_PAGE_SIZE),
         wan: this.wanCaps.share(vm, formatEndpoint(route.peer)),
+        compression: this.config.compression,
       });
       this.track(session.done, session.qemu, () => this.busy.delete(vm));
     });
@@ -220,6 +221,7 @@ export class Gateway implements SessionObserver {
         idleMs: limits.idleSeconds * 1000,
         maxFrameBytes: limits.maxFrameBytes,
         maxGuestPages: Math.floor(limits.maxGuestRamBytes / X86_PAGE_SIZE),
+        compression: this.config.compression,
         refused: (reason, detail) => this.refused('peer', raw, reason, detail, peerName),
       });
       if (session.peer !== socket) this.adopted.set(raw, session.peer);
@@ -386,7 +388,7 @@ export class Gateway implements SessionObserver {
     this.totals.delete(`${report.vm}\u0000${report.direction}`);
     if (this.live.finished(report.vm, report.direction)) this.metrics?.stalledNow(report.vm, report.direction, false);
     const wanBytes = report.direction === 'send' ? report.wanBytesOut : report.wanBytesIn;
-    this.metrics?.migrationFinished(report.vm, report.direction, { result: report.result, seconds: report.seconds, qemuBytes: report.streamBytes, wanBytes, verbatimReason: report.verbatim?.code ?? null });
+    this.metrics?.migrationFinished(report.vm, report.direction, { result: report.result, seconds: report.seconds, qemuBytes: report.streamBytes, wanBytes, verbatimReason: report.verbatim?.code ?? null, compressionSavedBytes: report.compressionSavedBytes });
 
     this.history.push(report);
     if (this.history.length > 100) this.history.shift();
@@ -397,6 +399,7 @@ export class Gateway implements SessionObserver {
       seconds: report.seconds,
       streamBytes: report.streamBytes,
       wanBytes,
+      ...(report.compressionSavedBytes !== 0 ? { compressionSavedBytes: report.compressionSavedBytes } : {}),
       pagesSent: report.counts.pagesSent,
       pagesReused: report.counts.pagesReused,
       pagesZero: report.counts.pagesZero,

@@ -23,6 +23,8 @@ export interface MigrationSummary {
   wanBytes: number;
   /** Why its stream was relayed verbatim from some point on (a fallback code), or null. */
   verbatimReason: string | null;
+  /** WAN bytes compression saved (Literal bytes less the Compressed frames that carried them). */
+  compressionSavedBytes: number;
 }
 
 type VmLabels = 'vm' | 'direction';
@@ -92,6 +94,13 @@ export class GatewayMetrics {
   private readonly lastDuration = new Gauge<VmLabels>({
     name: 'bfmig_last_migration_duration_seconds',
     help: 'Duration of the last finished (completed or failed) migration',
+    labelNames: ['vm', 'direction'],
+    registers: [this.registry],
+  });
+
+  private readonly compressionSaved = new Counter<VmLabels>({
+    name: 'bfmig_compression_saved_bytes_total',
+    help: 'WAN bytes zstd compression saved, beside what reuse saved: Literal bytes less the Compressed frames that carried them',
     labelNames: ['vm', 'direction'],
     registers: [this.registry],
   });
@@ -245,6 +254,7 @@ export class GatewayMetrics {
     const labels = { vm, direction };
     this.migrations.inc({ ...labels, result: m.result });
     if (m.verbatimReason !== null) this.verbatim.inc({ ...labels, reason: m.verbatimReason });
+    this.compressionSaved.inc(labels, m.compressionSavedBytes);
     this.lastDuration.set(labels, m.seconds);
     if (m.qemuBytes > 0) this.savingRatio.set(labels, 1 - m.wanBytes / m.qemuBytes);
     else this.savingRatio.remove(labels);

@@ -32,6 +32,7 @@ import {
   PROTOCOL_VERSION,
   Feature,
 } from '../wire/frames';
+import { chooseCompression, LiteralInflater } from '../wire/compression';
 import { Refusal, type RefusalReason } from './limits';
 import { type PooledDownstream, PooledReads } from './pooled-reads';
 import { errorMessage } from '../common/errors';
@@ -77,6 +78,8 @@ export interface ReceiveOptions {
   maxGuestPages: number;
   /** A connection turned away before its migration began (the observer logs and counts it). */
   refused: (reason: RefusalReason, detail: string) => void;
+  /** Accept a sender's offer of zstd compression (config `compression`). */
+  compression: boolean;
 }
 
 /**
@@ -90,6 +93,8 @@ export class ReceiveSession {
   private readonly frames: FrameParser;
   /** From the accepted Hello on. */
   private destination: DestinationWriter | null = null;
+  /** Set when the Offer chose compression: Compressed frames back into Literal bytes. */
+  private inflater: LiteralInflater | null = null;
   /** How far the digest table has been queued for the peer (it asks at most once per migration). */
   private table: 'not-asked' | 'queuing' | 'sent' = 'not-asked';
   /** Bytes of the digest table queued for the peer so far. */
@@ -209,7 +214,15 @@ export class ReceiveSession {
         return;
       case FrameType.Literal: {
         const decoder = this.requireDecoder();
+        this.inflater?.raw();
         decoder.literal(payload);
+        this.life.noteVerbatim(decoder);
+        return;
+      }
+      case FrameType.Compressed: {
+        const decoder = this.requireDecoder();
+        if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a Compressed frame, but compression was not chosen');
+        decoder.literal(this.inflater.inflate(payload));
         this.life.noteVerbatim(decoder);
         return;
       }
@@ -275,7 +288,13 @@ export class ReceiveSession {
     this.options.identified();
     clearTimeout(this.handshakeTimer);
     this.frames.maxPayload = this.options.maxFrameBytes;
-    this.life.event('migration offered', { peerSite: hello.site, target: hello.target });
+    const compression = chooseCompression(hello, this.options.compression);
+    if (compression !== null) {
+      const inflater = new LiteralInflater();
+      this.inflater = inflater;
+      this.life.compressionSaved = () => inflater.savedBytes;
+    }
+    this.life.event('migration offered', { peerSite: hello.site, target: hello.target, compression });
     // Without retention (its filesystem is full) the store is left as it is and the peer is offered nothing.
     this.life.openStore();
     const store = this.life.store;
@@ -291,6 +310,7 @@ export class ReceiveSession {
             layoutId: meta?.layoutId ?? null,
             pageCount: meta?.pageCount ?? 0,
             presentPages: meta?.presentPages ?? 0,
+            compression,
             // Deltas patch pages this store holds: without a store there is nothing to patch.
             features: store ? [Feature.Delta] : [],
           }),

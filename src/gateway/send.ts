@@ -23,9 +23,9 @@ import {
   decodeDone,
   decodeOffer,
   encodeFrame,
+  frameHeader,
   encodeJson,
   FrameParser,
-  frameHeader,
   FrameType,
   MAX_HANDSHAKE_PAYLOAD,
   type OfferMessage,
@@ -33,6 +33,7 @@ import {
   Feature,
   offers,
 } from '../wire/frames';
+import { helloCompression, LiteralFrames, offeredCompression } from '../wire/compression';
 import type { RouteConfig } from './config';
 import { ReturnPathMessages } from './return-path-relay';
 import { PooledReads } from './pooled-reads';
@@ -77,6 +78,8 @@ export interface SendOptions {
   maxGuestPages: number;
   /** This migration's part of the WAN caps on its route and peer: charged for every byte to the peer. */
   wan: WanShare;
+  /** Offer the peer zstd compression of Literal bytes (config `compression`). */
+  compression: boolean;
 }
 
 /**
@@ -93,6 +96,8 @@ export class SendSession {
   private localSnapshot: string | null = null;
   /** From the peer's Offer on. */
   private encoder: StreamEncoder | null = null;
+  /** Literal bytes on their way to the peer, compressed when the Offer chose it (from the Offer on). */
+  private literals: LiteralFrames | null = null;
   private mode: ReuseMode = 'none';
   /** The receiver's digest table as it arrives: set while the source waits for it (until TableEnd). */
   private table: Uint8Array | null = null;
@@ -200,7 +205,13 @@ export class SendSession {
       return;
     }
     this.writeFrame(
-      encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: this.options.site, vm: this.life.vm, target: formatEndpoint(this.options.route.target) }),
+      encodeJson(FrameType.Hello, {
+        protocol: PROTOCOL_VERSION,
+        site: this.options.site,
+        vm: this.life.vm,
+        target: formatEndpoint(this.options.route.target),
+        compression: helloCompression(this.options.compression),
+      }),
     );
   }
 
@@ -258,17 +269,18 @@ export class SendSession {
   private onOffer(payload: Buffer): void {
     if (this.phase !== 'awaiting-offer') throw new ProtocolViolation('unexpected-frame', 'a second Offer');
     const offer = decodePayload(decodeOffer, payload);
+    const compression = offeredCompression(offer, helloCompression(this.options.compression));
     this.transition('streaming');
     this.frames.maxPayload = this.options.maxFrameBytes;
     this.peer.setTimeout(0);
     const { site, snapshotId } = offer;
-    this.life.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: offer.presentPages, localSnapshot: this.localSnapshot });
+    this.life.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: offer.presentPages, localSnapshot: this.localSnapshot, compression });
+    const literals = new LiteralFrames((bytes) => this.send(bytes), compression);
+    this.literals = literals;
+    this.life.compressionSaved = () => literals.savedBytes;
     this.encoder = new StreamEncoder(
       {
-        literal: (bytes) => {
-          this.writeFrame(frameHeader(FrameType.Literal, bytes.length));
-          this.writeFrame(bytes);
-        },
+        literal: (bytes) => literals.literal(bytes),
         run: (run) => this.writeFrame(encodeFrame(FrameType.Run, run)),
         delta: (delta) => {
           this.writeFrame(frameHeader(FrameType.Delta, delta.length));
@@ -313,10 +325,14 @@ export class SendSession {
 
   private onSourceData(chunk: Buffer): void {
     if (!this.encoder || this.over) return;
+    // Whether the WAN still holds what the last chunk produced: compression pays only then.
+    this.literals?.policy.observeWan(this.peer.writableLength);
     // Every frame this chunk produces leaves in one writev.
     this.peer.cork();
     try {
       this.encoder.push(chunk);
+      // The batch holds views of the chunk, which is read into again once the WAN socket has it.
+      this.literals?.flush();
     } catch (err) {
       this.storeError(err);
       this.fail(`source stream: ${errorMessage(err)}`);
@@ -355,6 +371,7 @@ export class SendSession {
     this.peer.cork();
     try {
       if (encoder.flush()) this.seal(encoder);
+      this.literals?.flush();
     } finally {
       this.peer.uncork();
     }
@@ -387,7 +404,13 @@ export class SendSession {
     if (ready() && !this.options.wan.held) this.qemu.resume();
   }
 
+  /** A frame other than Literal bytes: the Literal bytes before it leave first. */
   private writeFrame(bytes: Buffer): void {
+    this.literals?.flush();
+    this.send(bytes);
+  }
+
+  private send(bytes: Buffer): void {
     this.life.wanOut += bytes.length;
     this.options.wan.charge(bytes.length);
     this.peer.write(bytes);

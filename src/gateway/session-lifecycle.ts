@@ -54,6 +54,8 @@ export class SessionLifecycle {
   /** Bytes sent to and received from the peer gateway, frames included. */
   wanOut = 0;
   wanIn = 0;
+  /** What compression kept off the WAN, as the session's LiteralFrames or LiteralInflater counts it. */
+  compressionSaved: () => number = () => 0;
 
   constructor(
     readonly direction: Direction,
@@ -182,7 +184,7 @@ export class SessionLifecycle {
       this.event('store close failed', { error: errorMessage(err) });
     }
     this.options.observer.finished(
-      migrationReport({ vm: this.vm, direction: this.direction, startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn }, codec, outcome),
+      migrationReport({ vm: this.vm, direction: this.direction, startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn, compressionSavedBytes: this.compressionSaved() }, codec, outcome),
     );
     this.resolveDone();
   }

@@ -22,6 +22,8 @@ export interface MigrationReport {
   wanBytesOut: number;
   /** Bytes it received over the WAN. */
   wanBytesIn: number;
+  /** WAN bytes compression saved (zero when the migration was not compressed). */
+  compressionSavedBytes: number;
   counts: TransferCounts;
   mode: ReuseMode;
   snapshotId: string | null;
@@ -81,7 +83,7 @@ export const TABLE_FRAME_BYTES = 1024 * 1024;
 
 /** What a session knows when it ends, as the report the observer gets. */
 export function migrationReport(
-  session: { vm: string; direction: Direction; startedAt: number; wanBytesOut: number; wanBytesIn: number },
+  session: { vm: string; direction: Direction; startedAt: number; wanBytesOut: number; wanBytesIn: number; compressionSavedBytes: number },
   codec: { counts: TransferCounts; fallback: StreamFallback | null; postcopy: boolean } | null,
   outcome: { result: 'completed' | 'failed'; error: string | null; mode: ReuseMode; snapshotId: string | null },
 ): MigrationReport {
@@ -94,6 +96,7 @@ export function migrationReport(
     streamBytes: c.streamBytes,
     wanBytesOut: session.wanBytesOut,
     wanBytesIn: session.wanBytesIn,
+    compressionSavedBytes: session.compressionSavedBytes,
     counts: c,
     verbatim: codec?.fallback ?? null,
     postcopy: codec?.postcopy ?? false,

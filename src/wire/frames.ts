@@ -9,6 +9,8 @@
 /**
  * 2: End carries a check of the whole stream; 3: that check is XXH3-64 (was CRC-32); 4: Seal checks
  * the stream as soon as the sender has parsed its end, before the receiver lets the destination finish.
+ * Compression is not a version: it is negotiated within 4 (Hello.compression, Offer.compression), so a
+ * gateway from before it still migrates with one after it, uncompressed.
  */
 export const PROTOCOL_VERSION = 4;
 export const FRAME_HEADER_BYTES = 5;
@@ -48,10 +50,15 @@ export const enum FrameType {
    */
   Seal = 12,
   /**
+   * Sender → receiver, only when the Offer chose compression: Literal bytes, zstd-compressed
+   * (wire/compression.ts). A peer that was not offered compression never receives one.
+   */
+  Compressed = 13,
+  /**
    * Sender → receiver: a page that changed since the version both sides hold, as a delta against it
    * (payload defined by the proxy layer). Sent only to a receiver whose Offer lists `delta`.
    */
-  Delta = 13,
+  Delta = 14,
 }
 
 /**
@@ -69,6 +76,8 @@ export interface HelloMessage {
   vm: string;
   /** HOST:PORT of the destination QEMU, as the receiving gateway reaches it. */
   target: string;
+  /** What the sender can compress Literal bytes with (wire/compression.ts); absent before compression. */
+  compression?: string[];
 }
 
 export interface OfferMessage {
@@ -79,6 +88,8 @@ export interface OfferMessage {
   layoutId: string | null;
   pageCount: number;
   presentPages: number;
+  /** The compression the receiver chose from the Hello's list; absent or null: none. */
+  compression?: string | null;
   /** Feature names the receiver takes (absent from older receivers: none). */
   features?: string[];
 }

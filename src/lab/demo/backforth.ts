@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import { loopbackSiteYaml } from '../harness/loopback-config';
@@ -44,11 +45,20 @@ export interface BackForthOptions {
   postcopyAfterBytes?: number;
   /** QEMU's own TLS on every leg (x509 credentials made for the run): the stream is encrypted end to end. */
   qemuTls?: boolean;
+  /** The workload's page content: pseudo-random (default) or pages of real files (see guest/workload.c). */
+  content?: 'random' | 'files';
+  /** Database-like updates the guest makes, also while it migrates: `bytes` at a random offset, `perSecond` times a second. */
+  scribble?: { bytes: number; perSecond: number };
+  /** Also migrate through a second gateway pair with `compression: off`, path 'bfmig-uncompressed'. */
+  uncompressed?: boolean;
 }
+
+/** How a leg crossed: QEMU to QEMU, through bfmig (compressing), through bfmig with `compression: off`. */
+export type LegPath = 'direct' | 'bfmig' | 'bfmig-uncompressed';
 
 export interface LegResult {
   leg: number;
-  path: 'direct' | 'bfmig';
+  path: LegPath;
   from: string;
   to: string;
   /** WAN bytes both ways, and each way (forward: towards the destination). */
@@ -94,6 +104,8 @@ export interface LegResult {
   postcopyStarted: boolean;
   /** Why the sending gateway relayed (part of) the stream verbatim (a fallback code); null when it parsed it all, or direct. */
   verbatim: string | null;
+  /** WAN bytes the sending gateway's compression saved (0: direct, or not compressed). */
+  compressionSavedBytes: number;
 }
 
 interface Site {
@@ -145,11 +157,13 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
   ensureGuestBuilt();
   const tmp = makeTempDir('bfmig-backforth-');
   const say = (line: string): void => void o.out.write(line + '\n');
-  const sites: Site[] = [];
+  /** The gateway pair each bfmig path goes through. */
+  const pairs = new Map<LegPath, Site[]>();
   const results: LegResult[] = [];
   const changes = o.changePcts ?? [];
   const control = changes.length > 0;
-  const vmOptions = { machine: o.machine, memMiB: o.memMiB, workload: { mib: o.workloadMiB, seed: 5, rewritePct: o.rewritePct, intervalMs: 1000, control } };
+  const workload = { mib: o.workloadMiB, seed: 5, rewritePct: o.rewritePct, intervalMs: 1000, control, content: o.content, scribbleBytes: o.scribble?.bytes, scribbleRate: o.scribble?.perSecond };
+  const vmOptions = { machine: o.machine, memMiB: o.memMiB, workload };
   const siteIndex = (name: string): number => (name === 'site-a' ? 0 : 1);
   const tls = o.qemuTls ? makeQemuTlsCredentials(path.join(tmp, 'qemu-tls')) : null;
   const startVm = (options: ConstructorParameters<typeof QemuVm>[0], site: string): QemuVm => {
@@ -158,36 +172,50 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
     return vm;
   };
   try {
-    const [peerA, peerB, routeA, routeB, qemuA, qemuB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
-    const inboundA = new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: peerA }, rateMbit: o.rateMbit, delayMs: o.delayMs });
-    const inboundB = new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: peerB }, rateMbit: o.rateMbit, delayMs: o.delayMs });
-    const wanA = await inboundA.listen();
-    const wanB = await inboundB.listen();
-    const specs = [
-      { name: 'site-a', peer: peerA, farWan: wanB.port, route: routeA, qemu: qemuA, farQemu: qemuB, inbound: inboundA },
-      { name: 'site-b', peer: peerB, farWan: wanA.port, route: routeB, qemu: qemuB, farQemu: qemuA, inbound: inboundB },
-    ];
-    for (const s of specs) {
-      const yaml = loopbackSiteYaml({ name: s.name, data: path.join(tmp, s.name), peerPort: s.peer, vm: 'demo-vm', routePort: s.route, farPeerPort: s.farWan, targetPort: s.farQemu });
-      const gateway = await startSiteGateway(tmp, s.name, yaml, o.gatewayProcesses ? 'child-process' : 'in-process');
-      sites.push({ name: s.name, gateway, routePort: s.route, qemuPort: s.qemu, inbound: s.inbound });
-    }
+    const [qemuA, qemuB] = await Promise.all([freePort(), freePort()]);
+    /** A gateway pair joined by WAN emulators; `more` is YAML both configs end with. */
+    const startPair = async (dir: string, more: string): Promise<Site[]> => {
+      const [peerA, peerB, routeA, routeB] = await Promise.all(Array.from({ length: 4 }, () => freePort()));
+      const inboundA = new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: peerA }, rateMbit: o.rateMbit, delayMs: o.delayMs });
+      const inboundB = new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: peerB }, rateMbit: o.rateMbit, delayMs: o.delayMs });
+      const wanA = await inboundA.listen();
+      const wanB = await inboundB.listen();
+      const specs = [
+        { name: 'site-a', peer: peerA, farWan: wanB.port, route: routeA, qemu: qemuA, farQemu: qemuB, inbound: inboundA },
+        { name: 'site-b', peer: peerB, farWan: wanA.port, route: routeB, qemu: qemuB, farQemu: qemuA, inbound: inboundB },
+      ];
+      const pair: Site[] = [];
+      fs.mkdirSync(path.join(tmp, dir), { recursive: true });
+      for (const s of specs) {
+        const yaml = loopbackSiteYaml({ name: s.name, data: path.join(tmp, dir, s.name), peerPort: s.peer, vm: 'demo-vm', routePort: s.route, farPeerPort: s.farWan, targetPort: s.farQemu }) + more;
+        const gateway = await startSiteGateway(path.join(tmp, dir), s.name, yaml, o.gatewayProcesses ? 'child-process' : 'in-process');
+        pair.push({ name: s.name, gateway, routePort: s.route, qemuPort: s.qemu, inbound: s.inbound });
+      }
+      return pair;
+    };
+    pairs.set('bfmig', await startPair('compressed', ''));
+    if (o.uncompressed) pairs.set('bfmig-uncompressed', await startPair('uncompressed', 'compression: off\n'));
+    const sites = pairs.get('bfmig') as Site[];
 
-    say(`guest: ${o.memMiB} MiB RAM (${o.machine}), workload ${o.workloadMiB} MiB of pseudo-random pages, rewriting ${o.rewritePct}%/s`);
+    const content = o.content === 'files' ? 'pages of real files' : 'pseudo-random pages';
+    const scribble = o.scribble ? `, updating ${o.scribble.bytes} bytes ${o.scribble.perSecond} times a second` : '';
+    say(`guest: ${o.memMiB} MiB RAM (${o.machine}), workload ${o.workloadMiB} MiB of ${content}, rewriting ${o.rewritePct}%/s${scribble}`);
     if (control) say(`before legs 2..${changes.length + 1}: ${changes.join('%, ')}% of the guest's RAM pages rewritten at the site it is at`);
     say(`WAN: ${o.rateMbit} Mbit/s, ${o.delayMs} ms one way (user-space emulator); QEMU max-bandwidth raised to 10 GiB/s`);
     const memPages = (o.memMiB * 2 ** 20) / X86_PAGE_SIZE;
     const workloadPages = (o.workloadMiB * 2 ** 20) / X86_PAGE_SIZE;
-    for (const path_ of o.direct ? (['direct', 'bfmig'] as const) : (['bfmig'] as const)) {
-      let vm = startVm({ ...vmOptions, name: `${path_}-origin` }, sites[0].name);
+    const paths: LegPath[] = [...(o.direct ? (['direct'] as const) : []), ...pairs.keys()];
+    for (const path_ of paths) {
+      const pathSites = pairs.get(path_) ?? sites;
+      let vm = startVm({ ...vmOptions, name: `${path_}-origin` }, pathSites[0].name);
       await vm.start();
       await vm.waitForSerial(/WORKLOAD READY/, 300_000);
       await vm.waitForSerial(VERIFIED, 120_000);
       let arrivedAt = Date.now();
       let arrivedMark = vm.serialMark();
       for (let leg = 1; leg <= o.legs; leg++) {
-        const from = sites[(leg - 1) % 2];
-        const to = sites[leg % 2];
+        const from = pathSites[(leg - 1) % 2];
+        const to = pathSites[leg % 2];
         const changePct = leg >= 2 ? changes[leg - 2] ?? 0 : 0;
         let changedPages = 0;
         if (changePct > 0) {
@@ -276,6 +304,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           verified: verified && info.status === 'completed' && (report === undefined || report.result === 'completed'),
           postcopyStarted,
           verbatim: report?.verbatim ?? null,
+          compressionSavedBytes: report?.compressionSavedBytes ?? 0,
         };
         results.push(result);
         say(`leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}: ${mib(result.wanBytes)} over the WAN in ${(result.totalTimeMs / 1000).toFixed(1)} s, guest memory ${result.verified ? 'verified' : 'NOT VERIFIED'}`);
@@ -298,7 +327,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
     return results;
   } finally {
     await disposeAllVms();
-    for (const s of sites) {
+    for (const s of [...pairs.values()].flat()) {
       await s.gateway.stop();
       await s.inbound.close();
     }

@@ -4,7 +4,7 @@
  * non-zero on the first direct leg), never from the leg's own measured bytes or times. Used by
  * bench/model-check.ts and by the model's tests.
  */
-import type { BenchResults, GridRun, LegResult } from '../demo/backforth';
+import type { BenchResults, GridRun, LegPath, LegResult } from '../demo/backforth';
 import { BENCH_PLATFORM } from '../../model/calibration';
 import { PAGE_BYTES, type PathPrediction, predictBfmig, predictDirect, type ModelInputs } from '../../model/precopy';
 
@@ -31,7 +31,7 @@ export function calibratedOn(run: GridRun, leg: LegResult): boolean {
 export interface CheckedLeg {
   run: string;
   leg: number;
-  path: 'direct' | 'bfmig';
+  path: LegPath;
   changedPct: number;
   measured: { wanBytes: number; totalSeconds: number; downtimeMs: number; verified: boolean };
   predicted: PathPrediction;

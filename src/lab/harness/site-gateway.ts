@@ -27,6 +27,8 @@ export interface GatewayLegReport {
   /** Why the stream was relayed verbatim from some point on (the fallback code), null when parsed whole. */
   verbatim: string | null;
   postcopy: boolean;
+  /** WAN bytes compression saved (0: not compressed). */
+  compressionSavedBytes: number;
 }
 
 export interface SiteGateway {
@@ -69,7 +71,7 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
   await gateway.start();
   return {
     get reports(): GatewayLegReport[] {
-      return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, streamBytes: r.streamBytes, ...pick(r.counts), snapshotId: r.snapshotId, verbatim: r.verbatim?.code ?? null, postcopy: r.postcopy }));
+      return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, streamBytes: r.streamBytes, ...pick(r.counts), snapshotId: r.snapshotId, verbatim: r.verbatim?.code ?? null, postcopy: r.postcopy, compressionSavedBytes: r.compressionSavedBytes }));
     },
     cpuSeconds: () => null,
     peakRssMiB: () => null,
@@ -89,6 +91,7 @@ const pick = (c: { pagesSent: number; pagesReused: number; pagesZero: number }):
 
 interface FinishedLine {
   msg?: string;
+  compressionSavedBytes?: number;
   vm?: string;
   direction?: Direction;
   result?: 'completed' | 'failed';
@@ -122,7 +125,7 @@ async function startChild(configPath: string, logPath: string, nodeArgs: readonl
         return;
       }
       if (f.direction && f.result) {
-        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false });
+        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
       }
     });
     child.once('exit', (code) => {

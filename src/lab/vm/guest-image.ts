@@ -19,6 +19,8 @@ export interface GuestImage {
   dir: string;
   kernel: string;
   initrd: string;
+  /** The initrd with the corpus of real files under /corpus (workload.content=files), or null in an older build. */
+  initrdWithFiles: string | null;
   /** Kernel command line without workload parameters, e.g. `console=ttyS0 quiet panic=-1`. */
   baseCmdline: string;
   kernelVersion: string;
@@ -27,6 +29,7 @@ export interface GuestImage {
 interface GuestJson {
   kernel: string;
   initrd: string;
+  initrdWithFiles?: string;
   baseCmdline: string;
   kernelVersion: string;
 }
@@ -38,6 +41,7 @@ export function readGuestImage(dir: string): GuestImage | null {
       dir,
       kernel: path.join(dir, meta.kernel),
       initrd: path.join(dir, meta.initrd),
+      initrdWithFiles: meta.initrdWithFiles === undefined ? null : path.join(dir, meta.initrdWithFiles),
       baseCmdline: meta.baseCmdline,
       kernelVersion: meta.kernelVersion,
     };

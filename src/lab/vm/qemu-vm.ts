@@ -52,6 +52,15 @@ export interface WorkloadParams {
   reportEvery?: number;
   /** Self-test: corrupt one page in round R (workload.fault). */
   faultRound?: number;
+  /**
+   * Page content (workload.content): 'random' (default: pseudo-random, the worst case for compression)
+   * or 'files' (pages of real files from Debian packages, the guest booted with the corpus initrd).
+   */
+  content?: 'random' | 'files';
+  /** Database-like updates: each overwrites this many bytes at a random offset of a page (workload.scribble). */
+  scribbleBytes?: number;
+  /** Such updates per second (workload.scribblerate). */
+  scribbleRate?: number;
   /** run (default), shell (busybox sh on the console), idle (nothing). */
   mode?: 'run' | 'shell' | 'idle';
   /**
@@ -72,6 +81,9 @@ export function guestKernelCmdline(img: GuestImage, w: WorkloadParams, appendExt
   if (w.faultRound !== undefined) words.push(`workload.fault=${w.faultRound}`);
   if (w.mode !== undefined) words.push(`workload.mode=${w.mode}`);
   if (w.control) words.push('workload.control=ttyS1');
+  if (w.content !== undefined) words.push(`workload.content=${w.content}`);
+  if (w.scribbleBytes !== undefined) words.push(`workload.scribble=${w.scribbleBytes}`);
+  if (w.scribbleRate !== undefined) words.push(`workload.scribblerate=${w.scribbleRate}`);
   if (appendExtra) words.push(appendExtra);
   return words.join(' ');
 }
@@ -216,6 +228,13 @@ export class QemuVm {
     return this.qmpClient?.events ?? [];
   }
 
+  /** The corpus initrd only for workload.content=files: it costs every other guest boot time and RAM. */
+  private initrd(img: GuestImage): string {
+    if (this.options.workload?.content !== 'files') return img.initrd;
+    if (img.initrdWithFiles === null) throw new Error(`${this.name}: the guest in ${img.dir} has no corpus initrd; rebuild it (scripts/build-guest.sh)`);
+    return img.initrdWithFiles;
+  }
+
   private async accelArgs(qemu: string, img: GuestImage, guestDir: string): Promise<string[]> {
     const env = process.env.BFMIG_QEMU_ACCEL;
     const fromEnv: Accel | undefined = env === 'kvm' || env === 'tcg' || env === 'auto' ? env : undefined;
@@ -254,7 +273,7 @@ export class QemuVm {
       '-kernel',
       img.kernel,
       '-initrd',
-      img.initrd,
+      this.initrd(img),
       '-append',
       guestKernelCmdline(img, this.options.workload ?? {}, this.options.appendExtra),
     ];

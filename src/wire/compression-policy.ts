@@ -1,0 +1,59 @@
+/**
+ * When the sending gateway compresses: only while it pays. Compression saves WAN bytes but costs the
+ * gateway CPU; it must never make a migration slower or its bytes more. The policy decides from what it
+ * is told, without clocks of its own:
+ *
+ * - The WAN is the bottleneck while the peer socket still holds bytes when the source's next chunk
+ *   arrives: then compressing costs nothing the migration waits for, and every byte saved is time saved.
+ * - Once the socket has drained completely before each of DRAINED_CHUNKS chunks in a row, the link is
+ *   faster than this gateway produces (its CPU, or the source, is the bottleneck): compression backs
+ *   off, and comes back when the socket queues again.
+ * - A batch that did not shrink went raw; the next batches skip compression, twice as many after each
+ *   further raw batch (up to MAX_SKIP), so incompressible memory costs a probe now and then, not a
+ *   compression pass per batch.
+ */
+
+/** Drained observations in a row after which compression backs off. */
+export const DRAINED_CHUNKS = 4;
+/** Most batches skipped after incompressible ones before compression is tried again. */
+export const MAX_SKIP = 64;
+
+export class CompressionPolicy {
+  /** Compressing while the WAN is the bottleneck (starts so: a first leg fills the link at once). */
+  private wanBound = true;
+  private drained = 0;
+  /** Batches still to go raw after incompressible ones, and how many the next raw batch skips. */
+  private skipLeft = 0;
+  private nextSkip = 1;
+
+  /** The source's next chunk arrived; `queuedBytes` the peer socket had not yet handed to the kernel. */
+  observeWan(queuedBytes: number): void {
+    if (queuedBytes > 0) {
+      this.wanBound = true;
+      this.drained = 0;
+    } else if (++this.drained >= DRAINED_CHUNKS) {
+      this.wanBound = false;
+    }
+  }
+
+  /** Whether the next batch is to be compressed; a batch it says no to goes raw. */
+  compressNext(): boolean {
+    if (!this.wanBound) return false;
+    if (this.skipLeft > 0) {
+      this.skipLeft--;
+      return false;
+    }
+    return true;
+  }
+
+  /** The batch compressed smaller: compress on. */
+  shrank(): void {
+    this.nextSkip = 1;
+  }
+
+  /** The batch did not shrink and went raw: skip the next ones. */
+  didNotShrink(): void {
+    this.skipLeft = this.nextSkip;
+    this.nextSkip = Math.min(this.nextSkip * 2, MAX_SKIP);
+  }
+}

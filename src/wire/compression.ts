@@ -1,0 +1,195 @@
+/**
+ * zstd compression of the Literal bytes that cross the WAN (changed pages, page headers, device state):
+ * one streaming context per migration on each side (native/zstd.c, libzstd), so each batch is
+ * compressed against the stream before it.
+ *
+ * Negotiated in the handshake, within protocol 4: the sender's Hello lists what it can decompress for
+ * (`compression: ["zstd"]`), the receiver's Offer names what it chose (`compression: "zstd"`). A
+ * gateway that predates compression ignores the Hello's field and offers none, and one that is not
+ * offered compression never sends a Compressed frame: both then carry Literal frames as before.
+ *
+ *   Compressed payload = u32 raw length | zstd bytes (a flushed part of the migration's zstd stream)
+ *
+ * A Literal frame (sent raw: incompressible, or the policy backed off) restarts the stream on both
+ * sides: the sender's context has seen bytes the receiver's never will. Frames never grow: a batch whose
+ * Compressed frame would not be smaller than its Literal frames goes as those.
+ */
+import { errorMessage } from '../common/errors';
+import { nativeFunction } from '../digest';
+import { CompressionPolicy } from './compression-policy';
+import { FRAME_HEADER_BYTES, frameHeader, FrameType, WireError } from './frames';
+
+export const ZSTD = 'zstd';
+/** zstd's fastest regular level: at 1 it keeps up with a 1 Gbit/s link on one core. */
+const ZSTD_LEVEL = 1;
+/** 1 MiB of history on both sides; a decompressor refuses streams that need more. */
+const ZSTD_WINDOW_LOG = 20;
+/** Literal bytes compressed as one batch at most, and the most a Compressed frame may declare. */
+export const MAX_BATCH_BYTES = 256 * 1024;
+/** The raw length before a Compressed frame's zstd bytes. */
+export const COMPRESSED_HEADER_BYTES = 4;
+/** Smaller batches are not worth a zstd call. */
+const MIN_BATCH_BYTES = 64;
+
+type Handle = object;
+
+interface ZstdAddon {
+  zstdCompressorNew(level: number, windowLog: number): Handle;
+  zstdCompress(h: Handle, inputs: Uint8Array[], out: Uint8Array, outOffset: number): number;
+  zstdCompressorReset(h: Handle): void;
+  zstdDecompressorNew(windowLogMax: number): Handle;
+  zstdDecompress(h: Handle, input: Uint8Array, out: Uint8Array): void;
+  zstdDecompressorReset(h: Handle): void;
+}
+
+function zstdAddon(): ZstdAddon {
+  const names: (keyof ZstdAddon)[] = ['zstdCompressorNew', 'zstdCompress', 'zstdCompressorReset', 'zstdDecompressorNew', 'zstdDecompress', 'zstdDecompressorReset'];
+  const fns = names.map((n) => nativeFunction(n));
+  if (!fns.every((f) => typeof f === 'function')) throw new Error('bfmig: the native addon was built without zstd; run `npm run build:native` (needs libzstd-dev)');
+  return Object.fromEntries(names.map((n, i) => [n, fns[i]])) as unknown as ZstdAddon;
+}
+
+let addon: ZstdAddon | null = null;
+const zstd = (): ZstdAddon => (addon ??= zstdAddon());
+
+/** The Hello's offer: what this sender can compress with (nothing when compression is off here). */
+export function helloCompression(enabled: boolean): string[] {
+  return enabled ? [ZSTD] : [];
+}
+
+/** The receiver's choice from a Hello (any JSON a peer sent): zstd when both sides have it, else null. */
+export function chooseCompression(hello: { compression?: unknown }, enabled: boolean): typeof ZSTD | null {
+  const offered = hello.compression;
+  return enabled && Array.isArray(offered) && offered.includes(ZSTD) ? ZSTD : null;
+}
+
+/** The sender's reading of the Offer: what the receiver chose, which must be what the Hello offered. */
+export function offeredCompression(offer: { compression?: unknown }, helloOffered: readonly string[]): typeof ZSTD | null {
+  const chosen = offer.compression;
+  if (chosen === undefined || chosen === null) return null;
+  if (chosen !== ZSTD || !helloOffered.includes(ZSTD)) throw new WireError(`Offer: compression ${JSON.stringify(chosen)} was not offered`);
+  return ZSTD;
+}
+
+/**
+ * The sending side: Literal bytes in, Literal or Compressed frames out. Without compression each
+ * Literal goes at once as it always has; with it, they are gathered (views, not copies) into batches of
+ * up to MAX_BATCH_BYTES that leave at flush(), which the session calls before any other frame and
+ * before the chunk the views point into may be reused.
+ */
+export class LiteralFrames {
+  /** Literal bytes compression kept off the WAN (raw bytes less Compressed frames' payloads). */
+  savedBytes = 0;
+  private readonly compressor: Handle | null;
+  readonly policy = new CompressionPolicy();
+  private batch: Buffer[] = [];
+  private batchBytes = 0;
+  /** The zstd stream has data the receiver decompressed since the last restart. */
+  private streamOpen = false;
+
+  constructor(
+    private readonly write: (bytes: Buffer) => void,
+    compression: typeof ZSTD | null,
+  ) {
+    this.compressor = compression === ZSTD ? zstd().zstdCompressorNew(ZSTD_LEVEL, ZSTD_WINDOW_LOG) : null;
+  }
+
+  get compressing(): boolean {
+    return this.compressor !== null;
+  }
+
+  literal(bytes: Buffer): void {
+    if (this.compressor === null) {
+      this.writeRaw(bytes);
+      return;
+    }
+    let rest = bytes;
+    while (rest.length > 0) {
+      const take = Math.min(rest.length, MAX_BATCH_BYTES - this.batchBytes);
+      this.batch.push(take === rest.length ? rest : rest.subarray(0, take));
+      this.batchBytes += take;
+      rest = rest.subarray(take);
+      if (this.batchBytes === MAX_BATCH_BYTES) this.flush();
+    }
+  }
+
+  /** Sends the batch gathered so far. */
+  flush(): void {
+    if (this.batchBytes === 0) return;
+    const batch = this.batch;
+    const total = this.batchBytes;
+    this.batch = [];
+    this.batchBytes = 0;
+    if (total >= MIN_BATCH_BYTES && this.policy.compressNext() && this.compressed(batch, total)) {
+      this.policy.shrank();
+      return;
+    }
+    if (this.streamOpen) {
+      zstd().zstdCompressorReset(this.compressor as Handle);
+      this.streamOpen = false;
+    }
+    for (const bytes of batch) this.writeRaw(bytes);
+  }
+
+  /** Writes the batch as one Compressed frame, if that is smaller than its Literal frames. */
+  private compressed(batch: Buffer[], total: number): boolean {
+    const start = FRAME_HEADER_BYTES + COMPRESSED_HEADER_BYTES;
+    // Room for fewer zstd bytes than the batch holds less one frame header: never more on the WAN.
+    const frame = Buffer.allocUnsafe(start + total - FRAME_HEADER_BYTES);
+    const n = zstd().zstdCompress(this.compressor as Handle, batch, frame, start);
+    if (n < 0) {
+      // The native side restarted its stream already.
+      this.streamOpen = false;
+      this.policy.didNotShrink();
+      return false;
+    }
+    this.streamOpen = true;
+    const payload = COMPRESSED_HEADER_BYTES + n;
+    frame[0] = FrameType.Compressed;
+    frame.writeUInt32BE(payload, 1);
+    frame.writeUInt32BE(total, FRAME_HEADER_BYTES);
+    this.savedBytes += total - payload;
+    this.write(frame.subarray(0, start + n));
+    return true;
+  }
+
+  private writeRaw(bytes: Buffer): void {
+    this.write(frameHeader(FrameType.Literal, bytes.length));
+    this.write(bytes);
+  }
+}
+
+/**
+ * The receiving side: Compressed frames back into the Literal bytes they were, each checked to decode
+ * to exactly the length it declares (at most MAX_BATCH_BYTES). Anything else a peer sends is a
+ * WireError that ends the migration.
+ */
+export class LiteralInflater {
+  /** Literal bytes that crossed compressed: decompressed bytes less Compressed frames' payloads. */
+  savedBytes = 0;
+  private readonly decompressor: Handle = zstd().zstdDecompressorNew(ZSTD_WINDOW_LOG);
+  private streamOpen = false;
+
+  /** A Literal frame came: the sender restarted its stream. */
+  raw(): void {
+    if (!this.streamOpen) return;
+    zstd().zstdDecompressorReset(this.decompressor);
+    this.streamOpen = false;
+  }
+
+  /** The Literal bytes of a Compressed frame's payload: a buffer of their own. */
+  inflate(payload: Buffer): Buffer {
+    if (payload.length <= COMPRESSED_HEADER_BYTES) throw new WireError(`Compressed frame of ${payload.length} bytes`);
+    const rawBytes = payload.readUInt32BE(0);
+    if (rawBytes === 0 || rawBytes > MAX_BATCH_BYTES) throw new WireError(`Compressed frame declares ${rawBytes} bytes (1..${MAX_BATCH_BYTES})`);
+    const out = Buffer.allocUnsafe(rawBytes);
+    try {
+      zstd().zstdDecompress(this.decompressor, payload.subarray(COMPRESSED_HEADER_BYTES), out);
+    } catch (err) {
+      throw new WireError(`Compressed frame: ${errorMessage(err)}`);
+    }
+    this.streamOpen = true;
+    this.savedBytes += rawBytes - payload.length;
+    return out;
+  }
+}

@@ -1,0 +1,260 @@
+/**
+ * zstd compression of Literal bytes (wire/compression.ts) without sockets: what LiteralFrames writes is
+ * parsed by a FrameParser and inflated by a LiteralInflater, as the receiving gateway does, and must
+ * give back the exact bytes; frames never grow; the negotiation; hostile Compressed frames; and the
+ * adaptive policy (compression-policy.ts) from the observations it is given.
+ */
+import { randomBytes } from 'node:crypto';
+import { chooseCompression, COMPRESSED_HEADER_BYTES, helloCompression, LiteralFrames, LiteralInflater, MAX_BATCH_BYTES, offeredCompression, ZSTD } from '../src/wire/compression';
+import { CompressionPolicy, DRAINED_CHUNKS, MAX_SKIP } from '../src/wire/compression-policy';
+import { FRAME_HEADER_BYTES, FrameParser, FrameType, WireError } from '../src/wire/frames';
+
+/** Text-like bytes: words from a small vocabulary, as logs and source files are. */
+function textBytes(length: number, seed: number): Buffer {
+  const words = ['migration', 'page', 'guest', 'kernel', 'memory', 'the', 'of', 'a', 'store', 'digest', '\n', 'static', 'int', '{', '}', ';'];
+  const out = Buffer.alloc(length);
+  let x = seed >>> 0 || 1;
+  let at = 0;
+  while (at < length) {
+    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+    at += out.write(`${words[x >>> 28]} `, at);
+  }
+  return out;
+}
+
+interface Wire {
+  bytes: number;
+  frames: Array<{ type: FrameType; length: number }>;
+  /** The Literal bytes the receiving side got back, in order. */
+  received: Buffer[];
+  inflater: LiteralInflater;
+  parser: FrameParser;
+}
+
+/** A receiving side as ReceiveSession is one: Literal frames restart the inflater, Compressed frames inflate. */
+function receiver(): Wire {
+  const inflater = new LiteralInflater();
+  const wire: Wire = { bytes: 0, frames: [], received: [], inflater, parser: undefined as unknown as FrameParser };
+  wire.parser = new FrameParser((type, payload) => {
+    wire.frames.push({ type, length: payload.length });
+    if (type === FrameType.Literal) {
+      inflater.raw();
+      wire.received.push(Buffer.from(payload));
+    } else if (type === FrameType.Compressed) {
+      wire.received.push(inflater.inflate(payload));
+    } else {
+      throw new Error(`unexpected frame ${type}`);
+    }
+  });
+  return wire;
+}
+
+function sender(wire: Wire, compression: typeof ZSTD | null): LiteralFrames {
+  return new LiteralFrames((bytes) => {
+    wire.bytes += bytes.length;
+    // A copy: the frames are parsed as the peer would, from bytes of their own.
+    wire.parser.push(Buffer.from(bytes));
+  }, compression);
+}
+
+describe('Literal bytes compressed across the WAN', () => {
+  test('a mix of text, zero, random and repeated batches comes back byte-identical, and smaller', () => {
+    const wire = receiver();
+    const frames = sender(wire, ZSTD);
+    const plain = receiver();
+    const uncompressed = sender(plain, null);
+    const sent: Buffer[] = [];
+    const text = textBytes(3 * MAX_BATCH_BYTES + 1234, 5);
+    const pieces = [
+      text.subarray(0, 4096),
+      text.subarray(4096, 100_000),
+      Buffer.alloc(70_000),
+      randomBytes(300_000), // larger than a batch: split, goes raw, restarts the stream
+      text.subarray(100_000), // larger than a batch too, compressed after the restart
+      text.subarray(5000, 9000), // repeats earlier text: within the window
+      randomBytes(10),
+    ];
+    for (const [i, piece] of pieces.entries()) {
+      frames.literal(piece);
+      uncompressed.literal(piece);
+      sent.push(piece);
+      if (i % 2 === 1) frames.flush(); // as a Run or the end of a source chunk would
+    }
+    frames.flush();
+    expect(Buffer.concat(wire.received).equals(Buffer.concat(sent))).toBe(true);
+    const types = new Set(wire.frames.map((f) => f.type));
+    expect(types).toEqual(new Set([FrameType.Literal, FrameType.Compressed]));
+    expect(wire.frames.every((f) => f.type !== FrameType.Compressed || f.length <= MAX_BATCH_BYTES + COMPRESSED_HEADER_BYTES)).toBe(true);
+    expect(wire.bytes).toBeLessThan(plain.bytes * 0.6);
+    expect(frames.savedBytes).toBe(wire.inflater.savedBytes);
+    expect(frames.savedBytes).toBeGreaterThan(0);
+  });
+
+  test('incompressible bytes cost exactly what they cost uncompressed', () => {
+    const wire = receiver();
+    const frames = sender(wire, ZSTD);
+    const plain = receiver();
+    const uncompressed = sender(plain, null);
+    for (let i = 0; i < 200; i++) {
+      const piece = randomBytes(1000 + ((i * 7919) % 60_000));
+      frames.literal(piece);
+      uncompressed.literal(piece);
+      frames.flush();
+    }
+    expect(wire.bytes).toBe(plain.bytes);
+    expect(wire.frames.every((f) => f.type === FrameType.Literal)).toBe(true);
+    expect(frames.savedBytes).toBe(0);
+  });
+
+  test('without compression every Literal leaves at once, as a Literal frame', () => {
+    const wire = receiver();
+    const frames = sender(wire, null);
+    frames.literal(textBytes(10_000, 3));
+    expect(wire.frames).toEqual([{ type: FrameType.Literal, length: 10_000 }]);
+    expect(frames.compressing).toBe(false);
+  });
+});
+
+describe('negotiation', () => {
+  test('the receiver chooses zstd only when the Hello lists it and compression is on here', () => {
+    expect(chooseCompression({ compression: helloCompression(true) }, true)).toBe(ZSTD);
+    expect(chooseCompression({ compression: helloCompression(true) }, false)).toBeNull();
+    expect(chooseCompression({ compression: helloCompression(false) }, true)).toBeNull();
+    // A sender from before compression sends no list.
+    expect(chooseCompression({}, true)).toBeNull();
+    expect(chooseCompression({ compression: 'zstd' }, true)).toBeNull();
+    expect(chooseCompression({ compression: [1, 'gzip'] }, true)).toBeNull();
+  });
+
+  test('the sender takes only what it offered; a receiver from before compression chooses nothing', () => {
+    expect(offeredCompression({ compression: ZSTD }, helloCompression(true))).toBe(ZSTD);
+    expect(offeredCompression({}, helloCompression(true))).toBeNull();
+    expect(offeredCompression({ compression: null }, helloCompression(true))).toBeNull();
+    expect(() => offeredCompression({ compression: ZSTD }, helloCompression(false))).toThrow(/was not offered/);
+    expect(() => offeredCompression({ compression: 'gzip' }, helloCompression(true))).toThrow(WireError);
+    expect(() => offeredCompression({ compression: 7 }, helloCompression(true))).toThrow(/was not offered/);
+  });
+});
+
+describe('hostile Compressed frames', () => {
+  /** The payload of one honest Compressed frame of `bytes`, from a fresh stream. */
+  function compressedPayload(bytes: Buffer): Buffer {
+    const wire = receiver();
+    let payload: Buffer | null = null;
+    const frames = new LiteralFrames((b) => {
+      if (b[0] === FrameType.Compressed && b.length > FRAME_HEADER_BYTES) payload = Buffer.from(b.subarray(FRAME_HEADER_BYTES));
+      wire.parser.push(Buffer.from(b));
+    }, ZSTD);
+    frames.literal(bytes);
+    frames.flush();
+    if (payload === null) throw new Error('not compressed');
+    return payload;
+  }
+  const text = textBytes(50_000, 9);
+  const honest = compressedPayload(text);
+
+  const withLength = (payload: Buffer, length: number): Buffer => {
+    const copy = Buffer.from(payload);
+    copy.writeUInt32BE(length, 0);
+    return copy;
+  };
+
+  test.each<[string, () => Buffer, RegExp]>([
+    ['an empty payload', () => Buffer.alloc(0), /Compressed frame of 0 bytes/],
+    ['a raw length and nothing else', () => Buffer.from([0, 0, 1, 0]), /Compressed frame of 4 bytes/],
+    ['a declared length of zero', () => withLength(honest, 0), /declares 0 bytes/],
+    ['a declared length over the batch limit', () => withLength(honest, MAX_BATCH_BYTES + 1), /declares/],
+    ['a declared length of 4 GiB', () => withLength(honest, 0xffffffff), /declares/],
+    ['a declared length shorter than the content', () => withLength(honest, text.length - 1), /more bytes than its frame declared/],
+    ['a declared length longer than the content', () => withLength(honest, text.length + 1), /fewer bytes than its frame declared/],
+    ['garbage instead of zstd', () => Buffer.concat([Buffer.from([0, 0, 16, 0]), randomBytes(200)]), /zstd decompress/],
+    ['a zstd stream cut short', () => honest.subarray(0, honest.length >> 1), /fewer bytes|zstd decompress/],
+    [
+      'a zstd frame asking for a 128 MiB window',
+      () => {
+        // Frame header: magic, descriptor with a window byte and no content size, window 2^27.
+        const header = Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x00, (27 - 10) << 3]);
+        return Buffer.concat([Buffer.from([0, 0, 16, 0]), header, Buffer.from([1, 0, 0, 0])]);
+      },
+      /zstd decompress/,
+    ],
+  ])('%s ends the migration', (_what, payload, error) => {
+    const inflater = new LiteralInflater();
+    expect(() => inflater.inflate(payload())).toThrow(WireError);
+    expect(() => new LiteralInflater().inflate(payload())).toThrow(error);
+  });
+
+  test('a batch replayed out of its stream is refused or decodes to other bytes, never accepted as if in place', () => {
+    // The second batch refers to the first (same text): on a fresh stream it cannot decode.
+    const wire = receiver();
+    const payloads: Buffer[] = [];
+    const frames = new LiteralFrames((b) => {
+      if (b[0] === FrameType.Compressed && b.length > FRAME_HEADER_BYTES) payloads.push(Buffer.from(b.subarray(FRAME_HEADER_BYTES)));
+      wire.parser.push(Buffer.from(b));
+    }, ZSTD);
+    frames.literal(text);
+    frames.flush();
+    frames.literal(text);
+    frames.flush();
+    expect(payloads).toHaveLength(2);
+    expect(payloads[1].length).toBeLessThan(payloads[0].length / 4);
+    const fresh = new LiteralInflater();
+    let out: Buffer | null = null;
+    try {
+      out = fresh.inflate(payloads[1]);
+    } catch (err) {
+      expect(err).toBeInstanceOf(WireError);
+    }
+    if (out !== null) expect(out.equals(text)).toBe(false);
+  });
+});
+
+describe('CompressionPolicy', () => {
+  test('compresses while the WAN socket keeps bytes queued', () => {
+    const policy = new CompressionPolicy();
+    for (let i = 0; i < 100; i++) {
+      policy.observeWan(64 * 1024);
+      expect(policy.compressNext()).toBe(true);
+      policy.shrank();
+    }
+  });
+
+  test('backs off once the socket has drained before DRAINED_CHUNKS chunks in a row, and resumes when it queues again', () => {
+    const policy = new CompressionPolicy();
+    for (let i = 0; i < DRAINED_CHUNKS - 1; i++) {
+      policy.observeWan(0);
+      expect(policy.compressNext()).toBe(true);
+    }
+    // One queued observation starts the count again.
+    policy.observeWan(1);
+    for (let i = 0; i < DRAINED_CHUNKS - 1; i++) policy.observeWan(0);
+    expect(policy.compressNext()).toBe(true);
+    policy.observeWan(0);
+    expect(policy.compressNext()).toBe(false);
+    for (let i = 0; i < 50; i++) {
+      policy.observeWan(0);
+      expect(policy.compressNext()).toBe(false);
+    }
+    policy.observeWan(4096);
+    expect(policy.compressNext()).toBe(true);
+  });
+
+  test('after batches that did not shrink it skips 1, 2, 4 … up to MAX_SKIP batches; one that shrinks ends the skipping', () => {
+    const policy = new CompressionPolicy();
+    const skips: number[] = [];
+    expect(policy.compressNext()).toBe(true);
+    policy.didNotShrink();
+    for (let probe = 0; probe < 9; probe++) {
+      let skipped = 0;
+      while (!policy.compressNext()) skipped++;
+      skips.push(skipped);
+      policy.didNotShrink(); // the probe did not shrink either
+    }
+    expect(skips).toEqual([1, 2, 4, 8, 16, 32, MAX_SKIP, MAX_SKIP, MAX_SKIP]);
+    while (!policy.compressNext());
+    policy.shrank();
+    policy.didNotShrink();
+    expect(policy.compressNext()).toBe(false);
+    expect(policy.compressNext()).toBe(true);
+  });
+});
