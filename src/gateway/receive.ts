@@ -30,6 +30,7 @@ import {
   FrameType,
   MAX_HANDSHAKE_PAYLOAD,
   PROTOCOL_VERSION,
+  SINGLE_CHANNEL_PROTOCOL,
 } from '../wire/frames';
 import { Refusal, type RefusalReason } from './limits';
 import { type PooledDownstream, PooledReads } from './pooled-reads';
@@ -38,6 +39,7 @@ import { IdleWatch, peerText, type SessionObserver, TABLE_FRAME_BYTES } from './
 import { checkedMove, type PhaseMoves, SessionLifecycle } from './session-lifecycle';
 import { DestinationWriter } from './destination-writer';
 import { decodePayload, ProtocolViolation, refusalReason } from './protocol-violation';
+import type { ChannelGroup, MainChannel } from './migration-channels';
 
 /** The digest table is queued for the peer no further ahead than this. */
 const TABLE_QUEUE_BYTES = 2 * 1024 * 1024;
@@ -76,6 +78,8 @@ export interface ReceiveOptions {
   maxGuestPages: number;
   /** A connection turned away before its migration began (the observer logs and counts it). */
   refused: (reason: RefusalReason, detail: string) => void;
+  /** Groups the extra channels of the migration a (protocol 5) Hello names with this, its main channel. */
+  openGroup: (migration: string, vm: string, target: string, main: MainChannel) => ChannelGroup;
 }
 
 /**
@@ -95,6 +99,8 @@ export class ReceiveSession {
   private tableQueued = 0;
   private readonly handshakeTimer: NodeJS.Timeout;
   private readonly idle: IdleWatch;
+  /** The migration's extra channels, when its Hello named it (a version-4 sender's has none). */
+  private group: ChannelGroup | null = null;
 
   /** The peer gateway's connection as this session reads it (plain TCP: adopted by PooledReads). */
   readonly peer: Socket;
@@ -247,7 +253,10 @@ export class ReceiveSession {
   private onHello(payload: Buffer): void {
     if (this.phase !== 'awaiting-hello') throw new ProtocolViolation('unexpected-frame', 'a second Hello');
     const hello = decodePayload(decodeHello, payload);
-    if (hello.protocol !== PROTOCOL_VERSION) throw new Refusal('protocol', `protocol ${hello.protocol}; this gateway speaks ${PROTOCOL_VERSION}`);
+    if (hello.protocol !== PROTOCOL_VERSION && hello.protocol !== SINGLE_CHANNEL_PROTOCOL) {
+      throw new Refusal('protocol', `protocol ${hello.protocol}; this gateway speaks ${SINGLE_CHANNEL_PROTOCOL} and ${PROTOCOL_VERSION}`);
+    }
+    if (hello.channel) throw new Refusal('protocol', 'an extra channel where a migration begins');
     let vm: string;
     let target: Endpoint;
     try {
@@ -272,6 +281,9 @@ export class ReceiveSession {
     clearTimeout(this.handshakeTimer);
     this.frames.maxPayload = this.options.maxFrameBytes;
     this.life.event('migration offered', { peerSite: hello.site, target: hello.target });
+    if (hello.migration !== undefined) {
+      this.group = this.options.openGroup(hello.migration, vm, hello.target, { abort: (reason) => this.fail(reason), postcopyAdvised: () => false });
+    }
     // Without retention (its filesystem is full) the store is left as it is and the peer is offered nothing.
     this.life.openStore();
     const store = this.life.store;
@@ -280,6 +292,7 @@ export class ReceiveSession {
       connected: () => {
         if (this.phase !== 'dialling') return;
         this.transition('streaming');
+        this.group?.ready();
         this.writeFrame(
           encodeJson(FrameType.Offer, {
             site: this.options.site,
@@ -369,7 +382,8 @@ export class ReceiveSession {
     // Commit once the destination has been handed every byte.
     destination.end(() => {
       if (this.over) return;
-      const claimed = this.life.settle(decoder, snapshotId);
+      // Pages that crossed on extra channels never reached the store: it keeps the snapshot it held.
+      const claimed = this.life.settle(decoder, this.group?.carriedExtra ? null : snapshotId);
       this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
       this.finish('completed', null, claimed);
       this.peer.end();
@@ -432,5 +446,6 @@ export class ReceiveSession {
       mode: this.table === 'sent' ? 'digest-table' : (decoder?.counts.pagesReused ?? 0) > 0 ? 'shared-snapshot' : 'none',
       snapshotId,
     });
+    this.group?.mainEnded(result === 'completed', error);
   }
 }

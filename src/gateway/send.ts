@@ -29,7 +29,7 @@ import {
   FrameType,
   MAX_HANDSHAKE_PAYLOAD,
   type OfferMessage,
-  PROTOCOL_VERSION,
+  SINGLE_CHANNEL_PROTOCOL,
 } from '../wire/frames';
 import type { RouteConfig } from './config';
 import { ReturnPathMessages } from './return-path-relay';
@@ -40,6 +40,7 @@ import { errorMessage } from '../common/errors';
 import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, IdleWatch, peerText, type ReuseMode, type SessionObserver } from './session';
 import { checkedMove, type PhaseMoves, SessionLifecycle } from './session-lifecycle';
 import { decodePayload, ProtocolViolation } from './protocol-violation';
+import type { ChannelGroup, MainChannel } from './migration-channels';
 
 /**
  * A source that sends nothing for this long in its device-state tail, without closing, is taken to have
@@ -72,6 +73,10 @@ export interface SendOptions {
   maxFrameBytes: number;
   /** Largest guest a stream may declare, in pages (limits.maxGuestRam). */
   maxGuestPages: number;
+  /** The migration's id, which its extra channels name (migration-channels.ts). */
+  migration: string;
+  /** Groups the migration's extra channels with this, its main channel. */
+  openGroup: (main: MainChannel) => ChannelGroup;
 }
 
 /**
@@ -105,6 +110,7 @@ export class SendSession {
   private offerTimer: NodeJS.Timeout | null = null;
   private readonly idle: IdleWatch;
   private readonly reads: PooledReads;
+  private readonly group: ChannelGroup;
 
   /** The source QEMU's connection. */
   readonly qemu: Socket;
@@ -114,6 +120,7 @@ export class SendSession {
     private readonly options: SendOptions,
   ) {
     this.life = new SessionLifecycle('send', options.route.vm, options, () => this.progress());
+    this.group = options.openGroup({ abort: (reason) => this.fail(reason), postcopyAdvised: () => this.encoder?.postcopyAdvised ?? false });
     accepted.pause();
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
     // Until the peer's Offer, only small frames: a peer cannot make us buffer (or log) megabytes of it.
@@ -194,7 +201,13 @@ export class SendSession {
       return;
     }
     this.writeFrame(
-      encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: this.options.site, vm: this.life.vm, target: formatEndpoint(this.options.route.target) }),
+      encodeJson(FrameType.Hello, {
+        protocol: SINGLE_CHANNEL_PROTOCOL,
+        site: this.options.site,
+        vm: this.life.vm,
+        target: formatEndpoint(this.options.route.target),
+        migration: this.options.migration,
+      }),
     );
   }
 
@@ -269,6 +282,7 @@ export class SendSession {
       (layout) => this.chooseReference(layout, offer),
       this.reads.pooled,
     );
+    this.group.ready();
     this.resumeSource();
   }
 
@@ -390,7 +404,8 @@ export class SendSession {
     this.transition('completed');
     // Reported is what the store now claims: not the migration's id when the stream was relayed
     // verbatim or the store could not keep it.
-    this.claimed = this.life.settle(this.encoder, this.snapshotId);
+    // Pages that crossed on extra channels never reached the store: it keeps the snapshot it held.
+    this.claimed = this.life.settle(this.encoder, this.group.carriedExtra ? null : this.snapshotId);
     this.peer.end();
     this.qemu.end();
     this.report('completed', null);
@@ -419,5 +434,6 @@ export class SendSession {
     if (this.offerTimer) clearTimeout(this.offerTimer);
     if (this.quietTimer) clearTimeout(this.quietTimer);
     this.life.report(this.encoder, { result, error, mode: this.mode, snapshotId: result === 'completed' ? this.claimed : null });
+    this.group.mainEnded(result === 'completed', error);
   }
 }

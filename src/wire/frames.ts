@@ -8,9 +8,16 @@
 
 /**
  * 2: End carries a check of the whole stream; 3: that check is XXH3-64 (was CRC-32); 4: Seal checks
- * the stream as soon as the sender has parsed its end, before the receiver lets the destination finish.
+ * the stream as soon as the sender has parsed its end, before the receiver lets the destination finish;
+ * 5: a migration has extra channels (multifd, postcopy-preempt), one connection each, whose Hello names
+ * the migration and the channel (HelloMessage.channel).
  */
-export const PROTOCOL_VERSION = 4;
+export const PROTOCOL_VERSION = 5;
+/**
+ * What a main channel's Hello says: a version-4 peer accepts it (and ignores its `migration`), so a
+ * single-channel migration still goes to a peer that knows no extra channels. Receivers take both.
+ */
+export const SINGLE_CHANNEL_PROTOCOL = 4;
 export const FRAME_HEADER_BYTES = 5;
 /** Larger frames are refused: a peer cannot make us buffer more than this per frame. */
 export const MAX_FRAME_PAYLOAD = 4 * 1024 * 1024;
@@ -35,7 +42,10 @@ export const enum FrameType {
   Run = 7,
   /** Receiver → sender: bytes the destination sent back (QEMU's return path). */
   Return = 8,
-  /** Sender → receiver: the source's stream ended: JSON EndMessage. */
+  /**
+   * Sender → receiver: the source's stream ended: JSON EndMessage. On an extra channel it carries only
+   * the SealMessage fields (the channel's length and check), and the connection closes after it.
+   */
   End = 9,
   /** Receiver → sender: the destination has every byte and the store committed: JSON DoneMessage. */
   Done = 10,
@@ -56,6 +66,17 @@ export interface HelloMessage {
   vm: string;
   /** HOST:PORT of the destination QEMU, as the receiving gateway reaches it. */
   target: string;
+  /** Protocol 5: the migration's id (a random UUID), which its extra channels name. */
+  migration?: string;
+  /** Protocol 5: this connection carries an extra channel of migration `migration`, not its stream. */
+  channel?: ChannelName;
+}
+
+/** An extra channel of a migration: a multifd channel by its index, or the postcopy-preempt channel. */
+export interface ChannelName {
+  kind: 'multifd' | 'preempt';
+  /** The multifd channel's id (0 for the preempt channel). */
+  index: number;
 }
 
 export interface OfferMessage {
@@ -141,8 +162,18 @@ function decodeJson<T>(payload: Buffer, what: string, fields: Record<string, Fie
   return value as T;
 }
 
-export const decodeHello = (p: Buffer): HelloMessage =>
-  decodeJson(p, 'Hello', { protocol: 'number', site: 'string', vm: 'string', target: 'string' });
+export function decodeHello(p: Buffer): HelloMessage {
+  const hello = decodeJson<HelloMessage>(p, 'Hello', { protocol: 'number', site: 'string', vm: 'string', target: 'string' });
+  if (hello.migration !== undefined && typeof hello.migration !== 'string') throw new WireError('Hello: field migration is not a string');
+  const channel: unknown = hello.channel;
+  if (channel === undefined) return hello;
+  if (hello.migration === undefined) throw new WireError('Hello: a channel without its migration');
+  const c = channel as Partial<ChannelName> | null;
+  if (typeof c !== 'object' || c === null || (c.kind !== 'multifd' && c.kind !== 'preempt') || !Number.isInteger(c.index) || (c.index as number) < 0 || (c.index as number) > 255) {
+    throw new WireError('Hello: field channel is not {kind: "multifd" | "preempt", index: 0..255}');
+  }
+  return { ...hello, channel: { kind: c.kind, index: c.index as number } };
+}
 export const decodeOffer = (p: Buffer): OfferMessage =>
   decodeJson(p, 'Offer', { site: 'string', snapshotId: 'nullableString', layoutId: 'nullableString', pageCount: 'number', presentPages: 'number' });
 export const decodeEnd = (p: Buffer): EndMessage => decodeJson(p, 'End', { streamBytes: 'number', streamCheck: 'string', snapshotId: 'string' });

@@ -1,0 +1,290 @@
+/**
+ * A migration's extra channels (multifd, postcopy-preempt) across the WAN: one peer connection per
+ * channel, whose Hello names the migration and the channel (protocol 5). The sending side reads the
+ * source QEMU's channel through a ChannelEncoder into Literal frames and ends with End (the channel's
+ * length and XXH3-64); the receiving side dials the destination QEMU once the main channel's
+ * destination has answered (QEMU takes the main channel first), writes what its ChannelDecoder
+ * rebuilds, checks End, and returns what the destination sends back as Return frames (passed on as
+ * they are). Anything wrong on one channel fails its whole migration (ChannelGroup.fail).
+ */
+import { connect, type Socket } from 'node:net';
+import { errorMessage } from '../common/errors';
+import { type ChannelDecoder, type ChannelEncoder, VerbatimChannelDecoder, VerbatimChannelEncoder } from '../proxy/channel-codec';
+import {
+  type ChannelName,
+  decodeAbort,
+  decodeSeal,
+  encodeJson,
+  FrameParser,
+  frameHeader,
+  FrameType,
+  type HelloMessage,
+  PROTOCOL_VERSION,
+} from '../wire/frames';
+import { formatEndpoint, parseEndpoint } from './address';
+import type { RouteConfig } from './config';
+import { channelLabel, type ChannelGroup, type ExtraChannel } from './migration-channels';
+import { decodePayload, ProtocolViolation } from './protocol-violation';
+import { CONNECT_TIMEOUT_MS, peerText } from './session';
+import type { PeerTransport } from './transport';
+
+/** What both relays need of the gateway. */
+interface RelayOptions {
+  group: ChannelGroup;
+  channel: ChannelName;
+  /** Largest frame accepted from the peer. */
+  maxFrameBytes: number;
+}
+
+export interface ChannelSenderOptions extends RelayOptions {
+  site: string;
+  route: RouteConfig;
+  transport: PeerTransport;
+}
+
+/** Bytes a relay lets queue on its outgoing socket before it stops reading the other one. */
+const RELAY_QUEUE_BYTES = 1024 * 1024;
+
+/** Sending side: the source QEMU's channel → the peer gateway. */
+export class ChannelSender implements ExtraChannel {
+  private peer: Socket | null = null;
+  private readonly frames: FrameParser;
+  private readonly encoder: ChannelEncoder;
+  private over = false;
+  private ended = false;
+
+  constructor(
+    /** The source QEMU's channel, paused, its first bytes put back. */
+    private readonly source: Socket,
+    private readonly options: ChannelSenderOptions,
+  ) {
+    this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
+    this.frames.maxPayload = options.maxFrameBytes;
+    this.encoder = new VerbatimChannelEncoder({
+      literal: (bytes) => {
+        const peer = this.peer as Socket;
+        peer.write(frameHeader(FrameType.Literal, bytes.length));
+        peer.write(bytes);
+      },
+    });
+  }
+
+  /** Dials the peer once the main channel's peer has offered, then relays. Called once the channel has joined its group. */
+  start(): void {
+    const { source, options } = this;
+    source.on('error', (err) => this.fail(`source ${channelLabel(options.channel)}: ${err.message}`));
+    source.on('close', () => {
+      if (!this.ended) this.fail(`the source closed ${channelLabel(options.channel)} before its end`);
+    });
+    this.options.group.whenReady().then(
+      () => this.dial(),
+      (err: unknown) => this.abort(errorMessage(err)),
+    );
+  }
+
+  private dial(): void {
+    if (this.over) return;
+    const { group, channel, route, transport } = this.options;
+    const peer = transport.connect(route.peer, () => {
+      peer.setTimeout(0);
+      const hello: HelloMessage = { protocol: PROTOCOL_VERSION, site: this.options.site, vm: group.vm, target: formatEndpoint(route.target), migration: group.migration, channel };
+      peer.write(encodeJson(FrameType.Hello, hello));
+      this.source.on('data', (chunk: Buffer) => {
+        peer.cork();
+        this.encoder.push(chunk);
+        peer.uncork();
+        if (peer.writableLength >= RELAY_QUEUE_BYTES) this.source.pause();
+      });
+      this.source.on('end', () => this.onSourceEnd());
+      this.source.resume();
+    });
+    this.peer = peer;
+    peer.setNoDelay(true);
+    peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${channelLabel(channel)}: the peer gateway did not answer in time`));
+    peer.on('drain', () => {
+      if (!this.over) this.source.resume();
+    });
+    peer.on('data', (chunk: Buffer) => {
+      try {
+        this.frames.push(chunk);
+      } catch (err) {
+        this.fail(`peer ${channelLabel(channel)}: ${errorMessage(err)}`);
+      }
+    });
+    peer.on('error', (err) => this.fail(`peer ${channelLabel(channel)}: ${err.message}`));
+    peer.on('close', () => {
+      if (this.ended) this.finish();
+      else this.fail(`the peer gateway closed ${channelLabel(channel)}`);
+    });
+  }
+
+  private onFrame(type: FrameType, payload: Buffer): void {
+    if (type === FrameType.Return) {
+      if (this.source.writable) this.source.write(payload);
+      return;
+    }
+    if (type === FrameType.Abort) return this.fail(`the peer gateway aborted ${channelLabel(this.options.channel)}: ${peerText(decodePayload(decodeAbort, payload).error)}`);
+    throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type} on an extra channel`);
+  }
+
+  /** QEMU closed the channel: the peer hears how long it was and its check, then the connection closes. */
+  private onSourceEnd(): void {
+    const peer = this.peer;
+    if (this.over || !peer) return;
+    this.ended = true;
+    peer.end(encodeJson(FrameType.End, { streamBytes: this.encoder.streamBytes, streamCheck: this.encoder.streamCheck }));
+    this.source.end();
+  }
+
+  private finish(): void {
+    if (this.over) return;
+    this.over = true;
+    this.options.group.left(this);
+  }
+
+  private fail(reason: string): void {
+    if (this.over) return;
+    this.options.group.fail(reason);
+    this.abort(reason);
+  }
+
+  abort(_reason: string): void {
+    if (this.over) return;
+    this.over = true;
+    this.source.resetAndDestroy();
+    this.peer?.destroy();
+    this.options.group.left(this);
+  }
+}
+
+/** Receiving side: the peer gateway's channel → the destination QEMU. */
+export class ChannelReceiver implements ExtraChannel {
+  private destination: Socket | null = null;
+  private readonly frames: FrameParser;
+  private readonly decoder: ChannelDecoder;
+  private over = false;
+  private ended = false;
+
+  constructor(
+    /** The peer gateway's connection, paused, its Hello put back. */
+    private readonly peer: Socket,
+    private readonly options: RelayOptions,
+  ) {
+    // The Hello (already checked) comes first again; Literal bytes pass through as they arrive.
+    let hello = true;
+    this.frames = new FrameParser(
+      (type, payload) => {
+        if (hello && type === FrameType.Hello) hello = false;
+        else this.onFrame(type, payload);
+      },
+      (type) => type === FrameType.Literal,
+    );
+    this.frames.maxPayload = options.maxFrameBytes;
+    this.decoder = new VerbatimChannelDecoder((bytes) => {
+      const destination = this.destination as Socket;
+      if (!destination.write(bytes)) {
+        this.frames.pause();
+        this.peer.pause();
+      }
+    });
+  }
+
+  /** Dials the destination once the main channel's destination has answered, then relays. Called once the channel has joined its group. */
+  start(): void {
+    const { peer, options } = this;
+    peer.on('data', (chunk: Buffer) => {
+      try {
+        this.frames.push(chunk);
+      } catch (err) {
+        this.fail(`peer ${channelLabel(options.channel)}: ${errorMessage(err)}`);
+      }
+    });
+    peer.on('error', (err) => this.fail(`peer ${channelLabel(options.channel)}: ${err.message}`));
+    peer.on('close', () => {
+      if (!this.ended) this.fail(`the sending gateway closed ${channelLabel(options.channel)} before its end`);
+    });
+    this.options.group.whenReady().then(
+      () => this.dial(),
+      (err: unknown) => this.abort(errorMessage(err)),
+    );
+  }
+
+  private dial(): void {
+    if (this.over) return;
+    const { group, channel } = this.options;
+    const target = parseEndpoint(group.target);
+    const destination = connect({ host: target.host, port: target.port, noDelay: true });
+    this.destination = destination;
+    destination.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${channelLabel(channel)}: destination ${group.target} did not answer in time`));
+    destination.once('connect', () => {
+      destination.setTimeout(0);
+      this.peer.resume();
+    });
+    destination.on('drain', () => {
+      if (this.over) return;
+      try {
+        this.frames.resume();
+      } catch (err) {
+        return this.fail(`peer ${channelLabel(channel)}: ${errorMessage(err)}`);
+      }
+      if (!this.frames.isPaused) this.peer.resume();
+    });
+    // Verbatim for now: a QEMU sends nothing back on these channels today.
+    destination.on('data', (chunk: Buffer) => {
+      this.peer.write(frameHeader(FrameType.Return, chunk.length));
+      this.peer.write(chunk);
+    });
+    destination.on('error', (err) => this.fail(`destination ${channelLabel(channel)}: ${err.message}`));
+    destination.on('close', () => {
+      if (!this.ended) this.fail(`destination closed ${channelLabel(channel)}`);
+    });
+  }
+
+  private onFrame(type: FrameType, payload: Buffer): void {
+    if (this.over) return;
+    switch (type) {
+      case FrameType.Literal:
+        if (this.ended) throw new ProtocolViolation('unexpected-frame', 'channel bytes after its End');
+        this.decoder.literal(payload);
+        return;
+      case FrameType.End:
+        this.onEnd(payload);
+        return;
+      case FrameType.Abort:
+        this.fail(`the sending gateway aborted ${channelLabel(this.options.channel)}: ${peerText(decodePayload(decodeAbort, payload).error)}`);
+        return;
+      default:
+        throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type} on an extra channel`);
+    }
+  }
+
+  private onEnd(payload: Buffer): void {
+    const end = decodePayload(decodeSeal, payload);
+    const { streamBytes, streamCheck } = this.decoder;
+    if (end.streamBytes !== streamBytes || end.streamCheck !== streamCheck) {
+      throw new ProtocolViolation('bad-payload', `${channelLabel(this.options.channel)}: ${streamBytes} bytes (XXH3-64 ${streamCheck}) passed on, the sender read ${end.streamBytes} (${peerText(end.streamCheck)})`);
+    }
+    this.ended = true;
+    const destination = this.destination as Socket;
+    destination.end(() => {
+      this.peer.end();
+      if (this.over) return;
+      this.over = true;
+      this.options.group.left(this);
+    });
+  }
+
+  private fail(reason: string): void {
+    if (this.over) return;
+    this.options.group.fail(reason);
+    this.abort(reason);
+  }
+
+  abort(_reason: string): void {
+    if (this.over) return;
+    this.over = true;
+    this.destination?.resetAndDestroy();
+    this.peer.destroy();
+    this.options.group.left(this);
+  }
+}
