@@ -177,7 +177,13 @@ export class Gateway implements SessionObserver {
       this.handshake(socket, 'source', Promise.resolve(), () => this.relaySourceChannel(socket, route, migrating, { kind: 'preempt', index: 0 }, null));
       return;
     }
-    const channel = awaitChannelHead(socket).then(async (head) => ({ head, group: head.kind === 'multifd' ? await this.sending.awaitGroup(vm, this.mainWait()) : null }));
+    const channel = awaitChannelHead(socket).then(async (head) => {
+      if (head.kind === 'main') return { head, group: null };
+      // A whole multifd initial packet says what it is: QEMU may open all its channels before the main
+      // channel's first bytes come, and they must not fill the pending pools meanwhile (awaitGroup bounds them).
+      this.gate.identified(socket);
+      return { head, group: await this.sending.awaitGroup(vm, this.mainWait()) };
+    });
     this.handshake(socket, 'source', channel, ({ head, group }) => {
       if (head.kind === 'multifd') {
         this.relaySourceChannel(socket, route, group as ChannelGroup, { kind: 'multifd', index: head.init.id }, head.init.uuid);

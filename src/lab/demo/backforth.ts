@@ -37,7 +37,10 @@ export interface BackForthOptions {
   qemuAt?: readonly [string, string];
   /** migrate-set-capabilities at both ends of every leg (destinations start with -incoming defer). */
   capabilities?: Record<string, boolean>;
-  /** migrate-set-parameters at the source of every leg, besides the harness's bandwidth and downtime. */
+  /**
+   * migrate-set-parameters at the source of every leg, besides the harness's bandwidth and downtime, and
+   * (when `capabilities` are set, so the destination starts with -incoming defer) at its destination too.
+   */
   parameters?: Record<string, unknown>;
   /** Switch each leg to postcopy (migrate-start-postcopy) once QEMU has sent this many bytes. */
   postcopyAfterBytes?: number;
@@ -196,6 +199,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         if (o.capabilities) {
           // Capabilities such as postcopy-ram must be on at the destination before the stream arrives.
           await dest.setMigrationCapabilities(o.capabilities);
+          // Some must match at both ends (multifd-channels).
+          if (o.parameters) await dest.setMigrationParameters(o.parameters);
           await dest.migrateIncoming(incoming);
           await vm.setMigrationCapabilities(o.capabilities);
         }
