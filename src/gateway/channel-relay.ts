@@ -90,6 +90,7 @@ export class ChannelSender implements ExtraChannel {
       const hello: HelloMessage = { protocol: PROTOCOL_VERSION, site: this.options.site, vm: group.vm, target: formatEndpoint(route.target), migration: group.migration, channel };
       peer.write(encodeJson(FrameType.Hello, hello));
       this.source.on('data', (chunk: Buffer) => {
+        if (this.ended) return; // the destination has closed the channel: nobody reads on
         peer.cork();
         this.encoder.push(chunk);
         peer.uncork();
@@ -123,6 +124,13 @@ export class ChannelSender implements ExtraChannel {
       if (this.source.writable) this.source.write(payload);
       return;
     }
+    if (type === FrameType.End) {
+      // The destination closed the channel (QEMU does once it is done with it): so does the source's.
+      this.ended = true;
+      this.source.end();
+      this.peer?.end();
+      return;
+    }
     if (type === FrameType.Abort) return this.fail(`the peer gateway aborted ${channelLabel(this.options.channel)}: ${peerText(decodePayload(decodeAbort, payload).error)}`);
     throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type} on an extra channel`);
   }
@@ -130,7 +138,7 @@ export class ChannelSender implements ExtraChannel {
   /** QEMU closed the channel: the peer hears how long it was and its check, then the connection closes. */
   private onSourceEnd(): void {
     const peer = this.peer;
-    if (this.over || !peer) return;
+    if (this.over || this.ended || !peer) return;
     this.ended = true;
     peer.end(encodeJson(FrameType.End, { streamBytes: this.encoder.streamBytes, streamCheck: this.encoder.streamCheck }));
     this.source.end();
@@ -182,6 +190,7 @@ export class ChannelReceiver implements ExtraChannel {
     this.frames.maxPayload = options.maxFrameBytes;
     this.decoder = new VerbatimChannelDecoder((bytes) => {
       const destination = this.destination as Socket;
+      if (destination.writableEnded) return; // the destination closed the channel: nobody reads on
       if (!destination.write(bytes)) {
         this.frames.pause();
         this.peer.pause();
@@ -201,7 +210,10 @@ export class ChannelReceiver implements ExtraChannel {
     });
     peer.on('error', (err) => this.fail(`peer ${channelLabel(options.channel)}: ${err.message}`));
     peer.on('close', () => {
-      if (!this.ended) this.fail(`the sending gateway closed ${channelLabel(options.channel)} before its end`);
+      if (!this.ended) return this.fail(`the sending gateway closed ${channelLabel(options.channel)} before its end`);
+      if (this.over) return;
+      this.over = true;
+      this.options.group.left(this);
     });
     this.options.group.whenReady().then(
       () => this.dial(),
@@ -213,7 +225,9 @@ export class ChannelReceiver implements ExtraChannel {
     if (this.over) return;
     const { group, channel } = this.options;
     const target = parseEndpoint(group.target);
-    const destination = connect({ host: target.host, port: target.port, noDelay: true });
+    // Half-open: a destination that closes its side (QEMU does once it is done with the channel) is told
+    // to the sender, and the connection closes once the sender has closed its own.
+    const destination = connect({ host: target.host, port: target.port, noDelay: true, allowHalfOpen: true });
     this.destination = destination;
     destination.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${channelLabel(channel)}: destination ${group.target} did not answer in time`));
     destination.once('connect', () => {
@@ -234,6 +248,12 @@ export class ChannelReceiver implements ExtraChannel {
       this.peer.write(frameHeader(FrameType.Return, chunk.length));
       this.peer.write(chunk);
     });
+    destination.on('end', () => {
+      if (this.over || this.ended) return;
+      this.ended = true;
+      this.peer.end(encodeJson(FrameType.End, { streamBytes: this.decoder.streamBytes, streamCheck: this.decoder.streamCheck }));
+      destination.end();
+    });
     destination.on('error', (err) => this.fail(`destination ${channelLabel(channel)}: ${err.message}`));
     destination.on('close', () => {
       if (!this.ended) this.fail(`destination closed ${channelLabel(channel)}`);
@@ -244,7 +264,6 @@ export class ChannelReceiver implements ExtraChannel {
     if (this.over) return;
     switch (type) {
       case FrameType.Literal:
-        if (this.ended) throw new ProtocolViolation('unexpected-frame', 'channel bytes after its End');
         this.decoder.literal(payload);
         return;
       case FrameType.End:
@@ -264,14 +283,10 @@ export class ChannelReceiver implements ExtraChannel {
     if (end.streamBytes !== streamBytes || end.streamCheck !== streamCheck) {
       throw new ProtocolViolation('bad-payload', `${channelLabel(this.options.channel)}: ${streamBytes} bytes (XXH3-64 ${streamCheck}) passed on, the sender read ${end.streamBytes} (${peerText(end.streamCheck)})`);
     }
+    if (this.ended) return; // the destination had closed it first
     this.ended = true;
     const destination = this.destination as Socket;
-    destination.end(() => {
-      this.peer.end();
-      if (this.over) return;
-      this.over = true;
-      this.options.group.left(this);
-    });
+    destination.end(() => this.peer.end());
   }
 
   private fail(reason: string): void {
