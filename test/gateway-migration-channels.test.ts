@@ -91,6 +91,7 @@ describe('migration channels through a gateway pair', () => {
       [channelBytes(1, 10), 'duplicate-channel'],
       [channelBytes(2, 10, Buffer.alloc(16, 1)), 'channel-mismatch'],
       [channelBytes(4, 10), 'channel-limit'],
+      [multifdInitPacket(UUID, 2, 2), 'not-qemu'],
     ];
     for (const [bytes, reason] of cases) {
       const hostile = await sourceChannel(a.routePort);
@@ -157,5 +158,36 @@ describe('migration channels through a gateway pair', () => {
     expect(got[0].bytes.equals(advised)).toBe(true);
     expect(got[1].bytes.equals(pages)).toBe(true);
     expect(await report(a.gateway, before + 1)).toMatchObject({ result: 'completed' });
+  });
+});
+
+describe('migration channels that stall', () => {
+  let a: Site;
+  let b: Site;
+  let dest: ChannelsDestination | null = null;
+
+  beforeAll(async () => {
+    const limits = 'limits:\n  idleSeconds: 1\n';
+    [a, b] = await startPair(suiteTempDir('bfmig-channels-idle-'), [limits, limits]);
+  });
+
+  afterAll(async () => {
+    await dest?.close();
+    await stopPair([a, b]);
+  });
+
+  test('a migration whose channels move nothing for limits.idleSeconds fails on both gateways: every connection is reset', async () => {
+    dest = await ChannelsDestination.listen(b.destPort);
+    const stream = migrationStream(guestMemory([['pc.ram', 64]], 9), []);
+    const main = await sourceChannel(a.routePort);
+    await main.write(stream.subarray(0, stream.length >> 1));
+    const channels = await Promise.all([0, 1].map(() => sourceChannel(a.routePort)));
+    await Promise.all(channels.map((c, id) => c.write(channelBytes(id, 1000))));
+    // Then nothing more: QEMU's channels wait on each other at every sync, so one that stalls stalls them all.
+    expect(await Promise.all([main, ...channels].map((c) => c.closed))).toEqual(['reset', 'reset', 'reset']);
+    const got = await dest.settled(3);
+    expect(got.every((c) => c.reset)).toBe(true);
+    expect(await report(a.gateway, 1)).toMatchObject({ result: 'failed', error: expect.stringMatching(/limits.idleSeconds/) });
+    expect(await report(b.gateway, 1)).toMatchObject({ result: 'failed' });
   });
 });
