@@ -45,21 +45,86 @@ export interface ChannelSenderOptions extends RelayOptions {
 /** Bytes a relay lets queue on its outgoing socket before it stops reading the other one. */
 const RELAY_QUEUE_BYTES = 1024 * 1024;
 
+/** What both relays share: their group, and how a channel ends (cleanly, or failing its migration). */
+abstract class ChannelRelay implements ExtraChannel {
+  protected over = false;
+  /** The channel ended cleanly on one side (its End was sent or taken): its connections close next. */
+  protected ended = false;
+
+  constructor(protected readonly options: RelayOptions) {}
+
+  /** Dials onward once the group's main channel is connected; `dial` sets the relay going. */
+  protected whenReady(dial: () => void): void {
+    this.options.group.whenReady().then(
+      () => {
+        if (!this.over) dial();
+      },
+      (err: unknown) => this.abort(errorMessage(err)),
+    );
+  }
+
+  /** Something went wrong on this channel: the whole migration fails. */
+  protected fail(reason: string): void {
+    if (this.over) return;
+    this.options.group.fail(reason);
+    this.abort(reason);
+  }
+
+  abort(_reason: string): void {
+    if (this.over) return;
+    this.over = true;
+    this.cut();
+    this.options.group.left(this);
+  }
+
+  /** Both connections closed after the channel ended cleanly. */
+  protected finish(): void {
+    if (this.over) return;
+    this.over = true;
+    this.options.group.left(this);
+  }
+
+  /**
+   * Feeds the peer gateway's bytes to `frames`; a frame it cannot take, an error, or the connection
+   * closing before the channel ended fails the migration.
+   */
+  protected readPeer(peer: Socket, frames: FrameParser, who: string): void {
+    peer.on('data', (chunk: Buffer) => {
+      try {
+        frames.push(chunk);
+      } catch (err) {
+        this.fail(`peer ${this.label}: ${errorMessage(err)}`);
+      }
+    });
+    peer.on('error', (err) => this.fail(`peer ${this.label}: ${err.message}`));
+    peer.on('close', () => {
+      if (this.ended) this.finish();
+      else this.fail(`${who} closed ${this.label} before its end`);
+    });
+  }
+
+  /** Resets both of the channel's connections. */
+  protected abstract cut(): void;
+
+  protected get label(): string {
+    return channelLabel(this.options.channel);
+  }
+}
+
 /** Sending side: the source QEMU's channel → the peer gateway. */
-export class ChannelSender implements ExtraChannel {
+export class ChannelSender extends ChannelRelay {
   private peer: Socket | null = null;
   private readonly frames: FrameParser;
   private readonly encoder: ChannelEncoder;
-  private over = false;
-  private ended = false;
 
   constructor(
     /** The source QEMU's channel, paused, its first bytes put back. */
     private readonly source: Socket,
-    private readonly options: ChannelSenderOptions,
+    private readonly sender: ChannelSenderOptions,
   ) {
+    super(sender);
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
-    this.frames.maxPayload = options.maxFrameBytes;
+    this.frames.maxPayload = sender.maxFrameBytes;
     this.encoder = new VerbatimChannelEncoder({
       literal: (bytes) => {
         const peer = this.peer as Socket;
@@ -71,23 +136,18 @@ export class ChannelSender implements ExtraChannel {
 
   /** Dials the peer once the main channel's peer has offered, then relays. Called once the channel has joined its group. */
   start(): void {
-    const { source, options } = this;
-    source.on('error', (err) => this.fail(`source ${channelLabel(options.channel)}: ${err.message}`));
-    source.on('close', () => {
-      if (!this.ended) this.fail(`the source closed ${channelLabel(options.channel)} before its end`);
+    this.source.on('error', (err) => this.fail(`source ${this.label}: ${err.message}`));
+    this.source.on('close', () => {
+      if (!this.ended) this.fail(`the source closed ${this.label} before its end`);
     });
-    this.options.group.whenReady().then(
-      () => this.dial(),
-      (err: unknown) => this.abort(errorMessage(err)),
-    );
+    this.whenReady(() => this.dial());
   }
 
   private dial(): void {
-    if (this.over) return;
-    const { group, channel, route, transport } = this.options;
+    const { group, channel, route, transport, site } = this.sender;
     const peer = transport.connect(route.peer, () => {
       peer.setTimeout(0);
-      const hello: HelloMessage = { protocol: PROTOCOL_VERSION, site: this.options.site, vm: group.vm, target: formatEndpoint(route.target), migration: group.migration, channel };
+      const hello: HelloMessage = { protocol: PROTOCOL_VERSION, site, vm: group.vm, target: formatEndpoint(route.target), migration: group.migration, channel };
       peer.write(encodeJson(FrameType.Hello, hello));
       this.source.on('data', (chunk: Buffer) => {
         if (this.ended) return; // the destination has closed the channel: nobody reads on
@@ -101,22 +161,11 @@ export class ChannelSender implements ExtraChannel {
     });
     this.peer = peer;
     peer.setNoDelay(true);
-    peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${channelLabel(channel)}: the peer gateway did not answer in time`));
+    peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${this.label}: the peer gateway did not answer in time`));
     peer.on('drain', () => {
       if (!this.over) this.source.resume();
     });
-    peer.on('data', (chunk: Buffer) => {
-      try {
-        this.frames.push(chunk);
-      } catch (err) {
-        this.fail(`peer ${channelLabel(channel)}: ${errorMessage(err)}`);
-      }
-    });
-    peer.on('error', (err) => this.fail(`peer ${channelLabel(channel)}: ${err.message}`));
-    peer.on('close', () => {
-      if (this.ended) this.finish();
-      else this.fail(`the peer gateway closed ${channelLabel(channel)}`);
-    });
+    this.readPeer(peer, this.frames, 'the peer gateway');
   }
 
   private onFrame(type: FrameType, payload: Buffer): void {
@@ -131,7 +180,7 @@ export class ChannelSender implements ExtraChannel {
       this.peer?.end();
       return;
     }
-    if (type === FrameType.Abort) return this.fail(`the peer gateway aborted ${channelLabel(this.options.channel)}: ${peerText(decodePayload(decodeAbort, payload).error)}`);
+    if (type === FrameType.Abort) return this.fail(`the peer gateway aborted ${this.label}: ${peerText(decodePayload(decodeAbort, payload).error)}`);
     throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type} on an extra channel`);
   }
 
@@ -144,40 +193,24 @@ export class ChannelSender implements ExtraChannel {
     this.source.end();
   }
 
-  private finish(): void {
-    if (this.over) return;
-    this.over = true;
-    this.options.group.left(this);
-  }
-
-  private fail(reason: string): void {
-    if (this.over) return;
-    this.options.group.fail(reason);
-    this.abort(reason);
-  }
-
-  abort(_reason: string): void {
-    if (this.over) return;
-    this.over = true;
+  protected cut(): void {
     this.source.resetAndDestroy();
     this.peer?.destroy();
-    this.options.group.left(this);
   }
 }
 
 /** Receiving side: the peer gateway's channel → the destination QEMU. */
-export class ChannelReceiver implements ExtraChannel {
+export class ChannelReceiver extends ChannelRelay {
   private destination: Socket | null = null;
   private readonly frames: FrameParser;
   private readonly decoder: ChannelDecoder;
-  private over = false;
-  private ended = false;
 
   constructor(
     /** The peer gateway's connection, paused, its Hello put back. */
     private readonly peer: Socket,
-    private readonly options: RelayOptions,
+    options: RelayOptions,
   ) {
+    super(options);
     // The Hello (already checked) comes first again; Literal bytes pass through as they arrive.
     let hello = true;
     this.frames = new FrameParser(
@@ -200,36 +233,18 @@ export class ChannelReceiver implements ExtraChannel {
 
   /** Dials the destination once the main channel's destination has answered, then relays. Called once the channel has joined its group. */
   start(): void {
-    const { peer, options } = this;
-    peer.on('data', (chunk: Buffer) => {
-      try {
-        this.frames.push(chunk);
-      } catch (err) {
-        this.fail(`peer ${channelLabel(options.channel)}: ${errorMessage(err)}`);
-      }
-    });
-    peer.on('error', (err) => this.fail(`peer ${channelLabel(options.channel)}: ${err.message}`));
-    peer.on('close', () => {
-      if (!this.ended) return this.fail(`the sending gateway closed ${channelLabel(options.channel)} before its end`);
-      if (this.over) return;
-      this.over = true;
-      this.options.group.left(this);
-    });
-    this.options.group.whenReady().then(
-      () => this.dial(),
-      (err: unknown) => this.abort(errorMessage(err)),
-    );
+    this.readPeer(this.peer, this.frames, 'the sending gateway');
+    this.whenReady(() => this.dial());
   }
 
   private dial(): void {
-    if (this.over) return;
-    const { group, channel } = this.options;
+    const { group } = this.options;
     const target = parseEndpoint(group.target);
     // Half-open: a destination that closes its side (QEMU does once it is done with the channel) is told
     // to the sender, and the connection closes once the sender has closed its own.
     const destination = connect({ host: target.host, port: target.port, noDelay: true, allowHalfOpen: true });
     this.destination = destination;
-    destination.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${channelLabel(channel)}: destination ${group.target} did not answer in time`));
+    destination.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${this.label}: destination ${group.target} did not answer in time`));
     destination.once('connect', () => {
       destination.setTimeout(0);
       this.peer.resume();
@@ -239,7 +254,7 @@ export class ChannelReceiver implements ExtraChannel {
       try {
         this.frames.resume();
       } catch (err) {
-        return this.fail(`peer ${channelLabel(channel)}: ${errorMessage(err)}`);
+        return this.fail(`peer ${this.label}: ${errorMessage(err)}`);
       }
       if (!this.frames.isPaused) this.peer.resume();
     });
@@ -254,9 +269,9 @@ export class ChannelReceiver implements ExtraChannel {
       this.peer.end(encodeJson(FrameType.End, { streamBytes: this.decoder.streamBytes, streamCheck: this.decoder.streamCheck }));
       destination.end();
     });
-    destination.on('error', (err) => this.fail(`destination ${channelLabel(channel)}: ${err.message}`));
+    destination.on('error', (err) => this.fail(`destination ${this.label}: ${err.message}`));
     destination.on('close', () => {
-      if (!this.ended) this.fail(`destination closed ${channelLabel(channel)}`);
+      if (!this.ended) this.fail(`destination closed ${this.label}`);
     });
   }
 
@@ -270,7 +285,7 @@ export class ChannelReceiver implements ExtraChannel {
         this.onEnd(payload);
         return;
       case FrameType.Abort:
-        this.fail(`the sending gateway aborted ${channelLabel(this.options.channel)}: ${peerText(decodePayload(decodeAbort, payload).error)}`);
+        this.fail(`the sending gateway aborted ${this.label}: ${peerText(decodePayload(decodeAbort, payload).error)}`);
         return;
       default:
         throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type} on an extra channel`);
@@ -281,7 +296,7 @@ export class ChannelReceiver implements ExtraChannel {
     const end = decodePayload(decodeSeal, payload);
     const { streamBytes, streamCheck } = this.decoder;
     if (end.streamBytes !== streamBytes || end.streamCheck !== streamCheck) {
-      throw new ProtocolViolation('bad-payload', `${channelLabel(this.options.channel)}: ${streamBytes} bytes (XXH3-64 ${streamCheck}) passed on, the sender read ${end.streamBytes} (${peerText(end.streamCheck)})`);
+      throw new ProtocolViolation('bad-payload', `${this.label}: ${streamBytes} bytes (XXH3-64 ${streamCheck}) passed on, the sender read ${end.streamBytes} (${peerText(end.streamCheck)})`);
     }
     if (this.ended) return; // the destination had closed it first
     this.ended = true;
@@ -289,17 +304,8 @@ export class ChannelReceiver implements ExtraChannel {
     destination.end(() => this.peer.end());
   }
 
-  private fail(reason: string): void {
-    if (this.over) return;
-    this.options.group.fail(reason);
-    this.abort(reason);
-  }
-
-  abort(_reason: string): void {
-    if (this.over) return;
-    this.over = true;
+  protected cut(): void {
     this.destination?.resetAndDestroy();
     this.peer.destroy();
-    this.options.group.left(this);
   }
 }
