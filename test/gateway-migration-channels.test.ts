@@ -116,6 +116,21 @@ describe('migration channels through a gateway pair', () => {
     expect(refusals(b).at(-1)).toMatchObject({ listener: 'peer', reason: 'no-migration' });
   });
 
+  test("a peer's second migration naming the id of one in progress fails (it could otherwise take that migration's channels)", async () => {
+    dest = await ChannelsDestination.listen(b.destPort);
+    const hello = (vm: string): Buffer => encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: 'raw', vm, target: `127.0.0.1:${b.destPort}`, migration: 'taken' });
+    const first = await rawPeer(b.peerPort);
+    first.socket.write(hello('vm-first'));
+    await waitFor(() => first.frames.some((f) => f.type === FrameType.Offer));
+    const second = await rawPeer(b.peerPort);
+    second.socket.write(hello('vm-second'));
+    await second.closed;
+    expect(second.abortText()).toMatch(/migration taken is already in progress/);
+    expect(b.gateway.history.at(-1)).toMatchObject({ vm: 'vm-second', result: 'failed' });
+    first.socket.destroy();
+    await waitFor(() => b.gateway.history.at(-1)?.vm === 'vm-first');
+  });
+
   test('one channel cut mid-migration fails the whole migration on both gateways: every connection is reset', async () => {
     const beforeA = a.gateway.history.length;
     const beforeB = b.gateway.history.length;

@@ -171,6 +171,8 @@ export class MigrationChannels {
 
   /** Opens the group of a new migration under `key`; it leaves the registry once closed (see ChannelGroup). */
   open(key: string, m: { migration: string; vm: string; target: string; origin: string; main: MainChannel; event: GroupEvent; graceMs: number }): ChannelGroup {
+    // A second migration naming the id of one in progress would take its channels.
+    if (this.find(key)) throw new Refusal('duplicate-channel', `migration ${key} is already in progress`);
     const group = new ChannelGroup(m.migration, m.vm, m.target, m.origin, this.maxChannels, m.main, m.event, m.graceMs, () => {
       if (this.groups.get(key) === group) this.groups.delete(key);
     });
