@@ -11,7 +11,8 @@ import type { MigrationReport } from '../src/gateway/session';
 import { rawPeer, refusals, startPair, stopPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 import { ChannelsDestination, multifdInitPacket, sourceChannel } from '../src/lab/harness/qemu-standins';
-import { encodeJson, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
+import { StreamHash } from '../src/digest';
+import { encodeJson, frameHeader, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
 import { suiteTempDir } from './temp-dir';
 
 const LIMITS = 'limits:\n  handshakeSeconds: 2\n  maxChannels: 4\n';
@@ -129,6 +130,36 @@ describe('migration channels through a gateway pair', () => {
     expect(b.gateway.history.at(-1)).toMatchObject({ vm: 'vm-second', result: 'failed' });
     first.socket.destroy();
     await waitFor(() => b.gateway.history.at(-1)?.vm === 'vm-first');
+  });
+
+  test('the receiving gateway completes a migration only once every channel the sender had has joined', async () => {
+    const before = b.gateway.history.length;
+    dest = await ChannelsDestination.listen(b.destPort);
+    const target = `127.0.0.1:${b.destPort}`;
+    const main = await rawPeer(b.peerPort);
+    main.socket.write(encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: 'raw', vm: 'vm-late', target, migration: 'late' }));
+    await waitFor(() => main.frames.some((f) => f.type === FrameType.Offer));
+    // The whole stream and its End, naming one extra channel that has not joined yet (as a source QEMU
+    // that sent everything before its last channel crossed the WAN).
+    const check = new StreamHash();
+    check.update(stream);
+    main.socket.write(Buffer.concat([frameHeader(FrameType.Literal, stream.length), stream]));
+    main.socket.write(encodeJson(FrameType.End, { streamBytes: stream.length, streamCheck: check.digest(), snapshotId: 'late-snapshot', channels: 1 }));
+    await waitFor(() => b.logs.some((l) => l.vm === 'vm-late' && l.msg === 'waiting for extra channels'));
+    const bytes = channelBytes(0, 1000);
+    const channelCheck = new StreamHash();
+    channelCheck.update(bytes);
+    expect(main.frames.some((f) => f.type === FrameType.Done)).toBe(false);
+    const channel = await rawPeer(b.peerPort);
+    channel.socket.write(encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: 'raw', vm: 'vm-late', target, migration: 'late', channel: { kind: 'multifd', index: 0 } }));
+    channel.socket.write(Buffer.concat([frameHeader(FrameType.Literal, bytes.length), bytes]));
+    channel.socket.end(encodeJson(FrameType.End, { streamBytes: bytes.length, streamCheck: channelCheck.digest() }));
+    await waitFor(() => main.frames.some((f) => f.type === FrameType.Done));
+    main.socket.end();
+    const got = await dest.settled(2);
+    expect(got[0].bytes.equals(stream)).toBe(true);
+    expect(got[1].bytes.equals(bytes)).toBe(true);
+    expect(await report(b.gateway, before + 1)).toMatchObject({ vm: 'vm-late', result: 'completed' });
   });
 
   test('one channel cut mid-migration fails the whole migration on both gateways: every connection is reset', async () => {

@@ -42,6 +42,8 @@ export class ChannelGroup {
   private preempt = false;
   private uuid: string | null = null;
   private readonly readyWaiters: { resolve: () => void; reject: (err: Error) => void }[] = [];
+  /** Waiting for `count` extra channels to have joined (see whenJoined). */
+  private readonly joinWaiters: { count: number; resolve: () => void; reject: (err: Error) => void }[] = [];
   private failure = '';
   /** After the main channel completed, extra channels still open are given this long to end. */
   private graceTimer: NodeJS.Timeout | null = null;
@@ -61,9 +63,21 @@ export class ChannelGroup {
     private readonly closed: () => void,
   ) {}
 
+  /** Extra channels that joined so far. */
+  get joined(): number {
+    return this.ids.size + (this.preempt ? 1 : 0);
+  }
+
   /** Whether an extra channel ever joined: then pages bypassed the main channel, and its store claims no snapshot. */
   get carriedExtra(): boolean {
-    return this.ids.size > 0 || this.preempt;
+    return this.joined > 0;
+  }
+
+  /** Resolves once `count` extra channels have joined (the sender's End says how many it had); rejects if the migration fails first. */
+  whenJoined(count: number): Promise<void> {
+    if (this.joined >= count) return Promise.resolve();
+    if (!this.open) return Promise.reject(new Error(this.failure || 'the migration has ended'));
+    return new Promise((resolve, reject) => this.joinWaiters.push({ count, resolve, reject }));
   }
 
   /** Whether a connection with no magic from the main channel's address is this migration's postcopy-preempt channel. */
@@ -95,7 +109,11 @@ export class ChannelGroup {
       this.ids.add(channel.index);
     }
     this.extras.add(relay);
-    this.event('channel joined', { channel: channelLabel(channel), channels: this.extras.size });
+    this.event('channel joined', { channel: channelLabel(channel), channels: this.joined });
+    for (const w of this.joinWaiters.filter((w) => this.joined >= w.count)) {
+      this.joinWaiters.splice(this.joinWaiters.indexOf(w), 1);
+      w.resolve();
+    }
   }
 
   /** The channel's relay is over (it ended or failed). */
@@ -125,7 +143,7 @@ export class ChannelGroup {
     if (!this.open) return;
     this.state = 'failed';
     this.failure = reason;
-    for (const w of this.readyWaiters.splice(0)) w.reject(new Error(reason));
+    for (const w of [...this.readyWaiters.splice(0), ...this.joinWaiters.splice(0)]) w.reject(new Error(reason));
     this.main.abort(reason);
     for (const extra of [...this.extras]) extra.abort(reason);
     this.extras.clear();

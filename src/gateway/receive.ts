@@ -232,7 +232,7 @@ export class ReceiveSession {
       }
       case FrameType.End: {
         const end = decodePayload(decodeEnd, payload);
-        this.onEnd(end.streamBytes, end.streamCheck, end.snapshotId);
+        this.onEnd(end.streamBytes, end.streamCheck, end.snapshotId, end.channels ?? 0);
         return;
       }
       case FrameType.Abort:
@@ -374,12 +374,20 @@ export class ReceiveSession {
     this.life.event('digest table sent', { bytes: table.length });
   }
 
-  private onEnd(streamBytes: number, streamCheck: string, snapshotId: string): void {
+  private onEnd(streamBytes: number, streamCheck: string, snapshotId: string, channels: number): void {
     const decoder = this.requireDecoder();
     const destination = this.destination as DestinationWriter; // streaming: dialled
     decoder.end(streamBytes, streamCheck);
     this.transition('committing');
-    // Commit once the destination has been handed every byte.
+    if (channels > 0 && !this.group) throw new ProtocolViolation('bad-payload', `End names ${channels} extra channels of a migration that has none`);
+    // Not before every extra channel the sender had has joined (the idle limit bounds the wait).
+    if (this.group && this.group.joined < channels) this.life.event('waiting for extra channels', { joined: this.group.joined, channels });
+    (this.group?.whenJoined(channels) ?? Promise.resolve()).then(() => this.commit(decoder, destination, streamBytes, snapshotId), (err: unknown) => this.fail(errorMessage(err)));
+  }
+
+  /** Commits once the destination has been handed every byte. */
+  private commit(decoder: StreamDecoder, destination: DestinationWriter, streamBytes: number, snapshotId: string): void {
+    if (this.over) return;
     destination.end(() => {
       if (this.over) return;
       // Pages that crossed on extra channels never reached the store: it keeps the snapshot it held.

@@ -371,7 +371,7 @@ export class SendSession {
       return;
     }
     this.snapshotId = randomUUID();
-    this.writeFrame(encodeJson(FrameType.End, { streamBytes: encoder.sentBytes, streamCheck: encoder.streamCheck, snapshotId: this.snapshotId }));
+    this.writeFrame(encodeJson(FrameType.End, { streamBytes: encoder.sentBytes, streamCheck: encoder.streamCheck, snapshotId: this.snapshotId, channels: this.group.joined }));
     this.transition('awaiting-done');
     this.life.event('source stream ended', { streamBytes: encoder.counts.streamBytes });
   }

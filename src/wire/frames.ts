@@ -104,6 +104,11 @@ export interface SealMessage {
 export interface EndMessage extends SealMessage {
   /** The id both stores will give the snapshot this migration leaves. */
   snapshotId: string;
+  /**
+   * Protocol 5: the extra channels the migration had at the sender. The receiver completes it only once
+   * as many have joined: a source QEMU may have sent everything before its last channel crossed the WAN.
+   */
+  channels?: number;
 }
 
 export interface DoneMessage {
@@ -176,7 +181,11 @@ export function decodeHello(p: Buffer): HelloMessage {
 }
 export const decodeOffer = (p: Buffer): OfferMessage =>
   decodeJson(p, 'Offer', { site: 'string', snapshotId: 'nullableString', layoutId: 'nullableString', pageCount: 'number', presentPages: 'number' });
-export const decodeEnd = (p: Buffer): EndMessage => decodeJson(p, 'End', { streamBytes: 'number', streamCheck: 'string', snapshotId: 'string' });
+export function decodeEnd(p: Buffer): EndMessage {
+  const end = decodeJson<EndMessage>(p, 'End', { streamBytes: 'number', streamCheck: 'string', snapshotId: 'string' });
+  if (end.channels !== undefined && !(Number.isInteger(end.channels) && end.channels >= 0 && end.channels <= 256)) throw new WireError('End: field channels is not 0..256');
+  return end;
+}
 export const decodeSeal = (p: Buffer): SealMessage => decodeJson(p, 'Seal', { streamBytes: 'number', streamCheck: 'string' });
 export const decodeDone = (p: Buffer): DoneMessage => decodeJson(p, 'Done', { snapshotId: 'string', streamBytes: 'number' });
 export const decodeAbort = (p: Buffer): AbortMessage => decodeJson(p, 'Abort', { error: 'string' });
