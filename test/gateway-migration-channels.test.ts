@@ -6,6 +6,8 @@
  * the whole migration on both gateways.
  */
 import { randomBytes } from 'node:crypto';
+import * as path from 'node:path';
+import { issueCerts } from '../src/cli/certs';
 import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
 import { rawPeer, refusals, startPair, stopPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
@@ -235,5 +237,42 @@ describe('migration channels that stall', () => {
     expect(got.every((c) => c.reset)).toBe(true);
     expect(await report(a.gateway, 1)).toMatchObject({ result: 'failed', error: expect.stringMatching(/limits.idleSeconds/) });
     expect(await report(b.gateway, 1)).toMatchObject({ result: 'failed' });
+  });
+});
+
+describe('migration channels over mutual TLS', () => {
+  let a: Site;
+  let b: Site;
+  let dest: ChannelsDestination | null = null;
+
+  beforeAll(async () => {
+    const tmp = suiteTempDir('bfmig-channels-tls-');
+    const certs = path.join(tmp, 'certs');
+    issueCerts(certs, ['site-a', 'site-b'], 30);
+    const block = (site: string, peer: string): string => `tls:\n  cert: ${certs}/${site}.crt\n  key: ${certs}/${site}.key\n  ca: ${certs}/ca.crt\n  allowPeers: [${peer}]\n`;
+    [a, b] = await startPair(tmp, [block('site-a', 'site-b'), block('site-b', 'site-a')]);
+  });
+
+  afterAll(async () => {
+    await dest?.close();
+    await stopPair([a, b]);
+  });
+
+  test('a main channel and 2 multifd channels cross, each on a TLS connection of its own, verbatim', async () => {
+    dest = await ChannelsDestination.listen(b.destPort);
+    const stream = migrationStream(guestMemory([['pc.ram', 64]], 3), []);
+    const sent = [0, 1].map((id) => channelBytes(id, 200_000));
+    const main = await sourceChannel(a.routePort);
+    await main.write(stream.subarray(0, stream.length >> 1));
+    const channels = await Promise.all(sent.map(() => sourceChannel(a.routePort)));
+    await Promise.all(channels.map((c, i) => c.write(sent[i])));
+    for (const c of channels) c.socket.end();
+    await main.write(stream.subarray(stream.length >> 1));
+    main.socket.end();
+    const got = await dest.settled(3);
+    expect(got[0].bytes.equals(stream)).toBe(true);
+    const byId = new Map(got.slice(1).map((c) => [c.bytes[24], c.bytes]));
+    expect(sent.every((bytes, id) => byId.get(id)?.equals(bytes))).toBe(true);
+    expect(await report(b.gateway, 1)).toMatchObject({ result: 'completed' });
   });
 });
