@@ -91,7 +91,7 @@ describe('parseConfig', () => {
         { kind: 'net', text: '[fd00::/64]:*', family: 6, address: 'fd00::', prefix: 64, port: '*' },
       ],
       tls: null,
-      limits: { handshakeSeconds: 10, idleSeconds: 120, maxFrameBytes: 4 * 1024 * 1024, maxConnections: 64, maxPendingConnections: 32, maxPendingPerAddress: 16, maxGuestRamBytes: 256 * 2 ** 30, maxStores: 1024 },
+      limits: { handshakeSeconds: 10, idleSeconds: 120, maxFrameBytes: 4 * 1024 * 1024, maxConnections: 64, maxPendingConnections: 32, maxPendingPerAddress: 16, maxGuestRamBytes: 256 * 2 ** 30, maxStores: 1024, maxChannels: 16 },
       peerVms: null,
       progress: { logSeconds: 10, stallSeconds: 5 },
       peers: [{ peer: { host: 'gw-b.example', port: 7300 }, wan: { maxMbit: 100 } }],

@@ -327,6 +327,29 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
     });
   });
 
+  test('multifd: one channel’s WAN connection drops mid-migration', async () => {
+    const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
+    const to = there();
+    const multifd = { 'return-path': true, multifd: true };
+    const channels = { 'multifd-channels': 4 };
+    const dest = new QemuVm({ ...options, name: `multifd-at-${to.name}`, incoming: 'defer' });
+    await dest.start();
+    await dest.setMigrationCapabilities(multifd);
+    await dest.setMigrationParameters(channels);
+    await dest.migrateIncoming(`tcp:127.0.0.1:${to.qemuPort}`);
+    await vm.setMigrationCapabilities(multifd);
+    await vm.setMigrationParameters(channels);
+    vm.setMaxBandwidth(SLOW);
+    await vm.migrate(`tcp:127.0.0.1:${here.routePort}`);
+    await waitUntil('the migration to get under way', async () => ((await vm.queryMigrate()).ram?.transferred ?? 0) >= 8 * 1024 * 1024);
+    // The main channel and its 4 multifd channels, one WAN connection each; the last one opened is a channel.
+    expect(to.link.stats().active).toBe(5);
+    expect(await to.link.cutNewest()).toBe(1);
+    const destination = await expectCleanFailure(dest);
+    await vm.setMigrationCapabilities({ multifd: false });
+    outcomes.push({ fault: 'multifd: one channel’s WAN connection drops', source: 'failed, VM runs and verifies', destination, storeClaims: claims(before, true), restart: await restartSucceeds() });
+  });
+
   for (const role of ['sending', 'receiving'] as const) {
     test(`kill -9 of the ${role} gateway mid-migration, then restart`, async () => {
       const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];

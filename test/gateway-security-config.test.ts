@@ -70,6 +70,7 @@ describe('tls: and limits: config', () => {
     ['maxPendingConnections above maxConnections', () => config('limits:\n  maxConnections: 10\n  maxPendingConnections: 20\n'), 'limits.maxPendingConnections', /more than limits\.maxConnections/],
     ['maxPendingPerAddress above maxPendingConnections', () => config('limits:\n  maxPendingConnections: 4\n  maxPendingPerAddress: 5\n'), 'limits.maxPendingPerAddress', /more than limits\.maxPendingConnections/],
     ['maxPendingPerAddress zero', () => config('limits:\n  maxPendingPerAddress: 0\n'), 'limits.maxPendingPerAddress', /out of range/],
+    ['maxChannels past what QEMU numbers', () => config('limits:\n  maxChannels: 256\n'), 'limits.maxChannels', /out of range/],
     ['peerVms without tls', () => config('peerVms:\n  site-b: [vm1]\n'), 'peerVms', /needs a tls block/],
     ['peerVms not a mapping', () => config(`${tlsBlock()}peerVms: [vm1]\n`), 'peerVms', /must be a mapping/],
     ['peerVms peer not in allowPeers', () => config(`${tlsBlock(undefined, undefined, undefined, '  allowPeers: [site-b]\n')}peerVms:\n  site-x: [vm1]\n`), 'peerVms.site-x', /not in tls\.allowPeers/],
@@ -106,11 +107,12 @@ describe('tls: and limits: config', () => {
       maxPendingPerAddress: 16,
       maxGuestRamBytes: 256 * 2 ** 30,
       maxStores: 1024,
+      maxChannels: 16,
     });
     expect(
       parse(
         config(
-          'limits:\n  handshakeSeconds: 2.5\n  idleSeconds: 30\n  maxFrameBytes: 2MiB\n  maxConnections: 500\n  maxPendingConnections: 100\n  maxPendingPerAddress: 3\n  maxGuestRam: 512GiB\n  maxStores: 20\n',
+          'limits:\n  handshakeSeconds: 2.5\n  idleSeconds: 30\n  maxFrameBytes: 2MiB\n  maxConnections: 500\n  maxPendingConnections: 100\n  maxPendingPerAddress: 3\n  maxGuestRam: 512GiB\n  maxStores: 20\n  maxChannels: 8\n',
           '127.0.0.1:7300',
         ),
       ).limits,
@@ -123,6 +125,7 @@ describe('tls: and limits: config', () => {
       maxPendingPerAddress: 3,
       maxGuestRamBytes: 512 * 2 ** 30,
       maxStores: 20,
+      maxChannels: 8,
     });
     // A small maxConnections alone stays valid: the pending limits' defaults shrink to fit under it.
     expect(parse(config('limits:\n  maxConnections: 6\n', '127.0.0.1:7300')).limits).toMatchObject({ maxPendingConnections: 6, maxPendingPerAddress: 6 });

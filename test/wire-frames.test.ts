@@ -80,6 +80,17 @@ describe('frames', () => {
     expect(() => decodeOffer(Buffer.from(JSON.stringify({ ...base, features: 'delta' })))).toThrow(/features/);
     expect(() => decodeOffer(Buffer.from(JSON.stringify({ ...base, features: [1] })))).toThrow(/features/);
   });
+
+  test("a Hello's channel names its migration and a kind and index QEMU could use", () => {
+    const hello = (more: object): Buffer => Buffer.from(JSON.stringify({ protocol: 5, site: 's', vm: 'v', target: 'h:1', ...more }));
+    expect(decodeHello(hello({ migration: 'm', channel: { kind: 'multifd', index: 3 } })).channel).toEqual({ kind: 'multifd', index: 3 });
+    expect(decodeHello(hello({ migration: 'm' })).channel).toBeUndefined();
+    expect(() => decodeHello(hello({ channel: { kind: 'multifd', index: 3 } }))).toThrow(/without its migration/);
+    expect(() => decodeHello(hello({ migration: 7 }))).toThrow(/migration/);
+    for (const channel of [{ kind: 'multifd', index: 256 }, { kind: 'rdma', index: 0 }, { kind: 'preempt', index: 0.5 }, null]) {
+      expect(() => decodeHello(hello({ migration: 'm', channel }))).toThrow(/field channel/);
+    }
+  });
 });
 
 describe('streamed frames', () => {

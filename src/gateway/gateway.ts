@@ -1,4 +1,5 @@
 import type { StreamFallback } from '../qemu/records';
+import { randomUUID } from 'node:crypto';
 import * as fs from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import * as path from 'node:path';
@@ -6,8 +7,11 @@ import { type Endpoint, formatEndpoint } from './address';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { holdsNothing, removeStore, removeUnclaimedStores, scanStores, StoreBudget, type UndoableStore } from '../store';
 import { storeBytes } from '../store/budget';
-import { type GatewayConfig, targetAllowed } from './config';
-import { type Admission, awaitStreamMagic, ConnectionGate, type Listener, Refusal, type RefusalReason } from './limits';
+import { type GatewayConfig, type RouteConfig, targetAllowed } from './config';
+import { type Admission, awaitChannelHead, ConnectionGate, type Listener, peekHello, Refusal, type RefusalReason } from './limits';
+import { ChannelReceiver, ChannelSender } from './channel-relay';
+import { type ChannelGroup, type GroupEvent, MigrationChannels } from './migration-channels';
+import { type ChannelName, PROTOCOL_VERSION } from '../wire/frames';
 import type { Logger } from './log';
 import type { GatewayMetrics } from './metrics';
 import { ReceiveSession } from './receive';
@@ -57,6 +61,9 @@ export class Gateway implements SessionObserver {
   /** Migrations in flight: GET /status, progress lines, stalls. */
   private readonly live: LiveMigrations;
   private readonly wanCaps: WanCaps;
+  /** Migrations going out, by route VM, and coming in, by migration id: their channels join them. */
+  private readonly sending: MigrationChannels;
+  private readonly receiving: MigrationChannels;
 
   constructor(
     private readonly config: GatewayConfig,
@@ -76,6 +83,8 @@ export class Gateway implements SessionObserver {
       peers: config.peers.map((p) => ({ peer: formatEndpoint(p.peer), wan: p.wan })),
       routes: config.routes.map((r) => ({ vm: r.vm, peerKey: formatEndpoint(r.peer), wan: r.wan })),
     });
+    this.sending = new MigrationChannels(config.limits.maxChannels);
+    this.receiving = new MigrationChannels(config.limits.maxChannels);
     this.gate = new ConnectionGate(
       config.limits,
       (socket, listener, reason, detail) => {
@@ -171,17 +180,39 @@ export class Gateway implements SessionObserver {
   }
 
   /**
-   * A source connection: nothing is opened or dialled until it has sent QEMU's stream magic, within
-   * limits.handshakeSeconds; only then does it claim the VM.
+   * A source connection: nothing is opened or dialled until it has said what it is, within
+   * limits.handshakeSeconds: QEMU's stream magic (a migration's main channel, which claims the VM) or a
+   * multifd channel's initial packet (which joins the migration on this route, see
+   * migration-channels.ts). A connection with no magic is the postcopy-preempt channel only when the
+   * route's migration has advised postcopy, comes from the same address and has none yet: QEMU sends
+   * nothing on that channel until a page is urgent, so it is taken before any byte arrives.
    */
   private acceptSource(socket: Socket, vm: string): void {
     const route = this.config.routes.find((r) => r.vm === vm);
     if (!route) return void socket.destroy();
     const { limits } = this.config;
-    this.handshake(socket, 'source', awaitStreamMagic(socket), () => {
+    const remote = socket.remoteAddress ?? '?';
+    const migrating = this.sending.find(vm);
+    if (migrating?.awaitsPreempt && remote === migrating.origin) {
+      this.handshake(socket, 'source', Promise.resolve(), () => this.relaySourceChannel(socket, route, migrating, { kind: 'preempt', index: 0 }, null));
+      return;
+    }
+    const channel = awaitChannelHead(socket).then(async (head) => {
+      if (head.kind === 'main') return { head, group: null };
+      // A whole multifd initial packet says what it is: QEMU may open all its channels before the main
+      // channel's first bytes come, and they must not fill the pending pools meanwhile (awaitGroup bounds them).
+      this.gate.identified(socket);
+      return { head, group: await this.sending.awaitGroup(vm, this.mainWait()) };
+    });
+    this.handshake(socket, 'source', channel, ({ head, group }) => {
+      if (head.kind === 'multifd') {
+        this.relaySourceChannel(socket, route, group as ChannelGroup, { kind: 'multifd', index: head.init.id }, head.init.uuid);
+        return;
+      }
       this.gate.identified(socket);
       if (this.busy.has(vm)) throw new Refusal('busy', `VM ${vm} is already migrating through this gateway`);
       this.busy.add(vm);
+      const migration = randomUUID();
       const session = new SendSession(socket, {
         site: this.config.name,
         route,
@@ -193,22 +224,48 @@ export class Gateway implements SessionObserver {
         maxGuestPages: Math.floor(limits.maxGuestRamBytes / X86_PAGE_SIZE),
         wan: this.wanCaps.share(vm, formatEndpoint(route.peer)),
         compression: this.config.compression,
+        migration,
+        openGroup: (main) => this.sending.open(vm, { migration, vm, target: formatEndpoint(route.target), origin: remote, main, event: this.groupEvent(vm, 'send'), graceMs: limits.idleSeconds * 1000 }),
       });
       this.track(session.done, session.qemu, () => this.busy.delete(vm));
     });
   }
 
+  /** An extra channel of the route's migration: joins its group (or is refused) and relays to the peer. */
+  private relaySourceChannel(socket: Socket, route: RouteConfig, group: ChannelGroup, channel: ChannelName, uuid: string | null): void {
+    const relay = new ChannelSender(socket, { site: this.config.name, route, transport: this.transport, group, channel, maxFrameBytes: this.config.limits.maxFrameBytes });
+    group.join(channel, socket.remoteAddress ?? '?', uuid, relay);
+    this.gate.identified(socket);
+    relay.start();
+  }
+
   /**
    * A peer connection: the TLS handshake (when configured) and a valid Hello must both be done within
    * limits.handshakeSeconds of the TCP accept; the receive session checks the Hello (and peerVms),
-   * and the connection stays pending (see ConnectionGate) until it has accepted it.
+   * and the connection stays pending (see ConnectionGate) until it has accepted it. A Hello that names
+   * an extra channel of a migration (protocol 5) joins that migration's group instead.
    */
   private acceptPeer(raw: Socket): void {
     const { limits } = this.config;
     const deadline = Date.now() + limits.handshakeSeconds * 1000;
-    this.handshake(raw, 'peer', this.transport.accept(raw), (socket) => {
+    const linked = this.transport.accept(raw).then(async (socket) => {
+      const hello = await peekHello(socket);
+      const migration = hello?.channel ? hello.migration : undefined;
+      return { socket, hello, group: migration !== undefined ? await this.receiving.awaitGroup(migration, this.mainWait()) : null };
+    });
+    this.handshake(raw, 'peer', linked, ({ socket, hello, group }) => {
       const peerName = peerNameOf(socket);
       const peerNames = peerNamesOf(socket);
+      if (group && hello?.channel) {
+        if (hello.protocol !== PROTOCOL_VERSION) throw new Refusal('protocol', `an extra channel in protocol ${hello.protocol}, not ${PROTOCOL_VERSION}`);
+        if (hello.vm !== group.vm || hello.target !== group.target) throw new Refusal('channel-mismatch', `a channel for VM ${hello.vm} to ${hello.target}, but its migration is of ${group.vm} to ${group.target}`);
+        const relay = new ChannelReceiver(socket, { group, channel: hello.channel, maxFrameBytes: limits.maxFrameBytes });
+        group.join(hello.channel, peerKey(raw, peerNames), null, relay);
+        this.gate.identified(raw);
+        if (socket !== raw) this.adopted.set(raw, socket);
+        relay.start();
+        return;
+      }
       const session = new ReceiveSession(socket, {
         site: this.config.name,
         storeRoot: this.config.data,
@@ -223,10 +280,25 @@ export class Gateway implements SessionObserver {
         maxGuestPages: Math.floor(limits.maxGuestRamBytes / X86_PAGE_SIZE),
         compression: this.config.compression,
         refused: (reason, detail) => this.refused('peer', raw, reason, detail, peerName),
+        openGroup: (migration, vm, target, main) =>
+          this.receiving.open(migration, { migration, vm, target, origin: peerKey(raw, peerNames), main, event: this.groupEvent(vm, 'receive'), graceMs: limits.idleSeconds * 1000 }),
       });
       if (session.peer !== socket) this.adopted.set(raw, session.peer);
       this.track(session.done, session.peer, () => undefined);
     });
+  }
+
+  /**
+   * Until when a channel that has said what it is may wait for its migration's main channel: half of
+   * limits.handshakeSeconds, so that it is refused for that ('no-migration') and not for a handshake
+   * timeout. QEMU opens the main channel first; the wait covers its first bytes arriving later.
+   */
+  private mainWait(): number {
+    return Date.now() + (this.config.limits.handshakeSeconds * 1000) / 2;
+  }
+
+  private groupEvent(vm: string, direction: Direction): GroupEvent {
+    return (message, fields) => this.event(vm, direction, message, fields);
   }
 
   /** Resets an accepted connection, through the Socket that now holds it if a session adopted it. */
@@ -421,6 +493,14 @@ export interface GatewayStatus {
   site: string;
   time: string;
   migrations: MigrationStatus[];
+}
+
+/**
+ * Who a peer connection is, for telling whether an extra channel comes from its migration's sender:
+ * the names its certificate gives (TLS), or its address (plain TCP).
+ */
+function peerKey(raw: Socket, names: string[]): string {
+  return names.length > 0 ? names.join(',') : (raw.remoteAddress ?? '?');
 }
 
 /** The process's memory now, in MiB, for the log line of each finished migration. */

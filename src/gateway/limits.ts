@@ -1,11 +1,13 @@
 /**
  * What a connection must do before it costs the gateway anything: fit under the connection limits,
- * and say who it is in time (a peer: TLS and a valid Hello; a source: QEMU's stream magic; a metrics
+ * and say who it is in time (a peer: TLS and a valid Hello; a source: QEMU's stream magic or a multifd
+ * channel's initial packet; a metrics
  * client: its request headers, in time, though it never leaves the pending pools). Until then a
  * connection holds no store, no VM and no outgoing connection, and at most a few KiB of input.
  */
 import { isIP, type Socket } from 'node:net';
-import { FILE_MAGIC } from '../qemu/constants';
+import { type ChannelHead, classifyChannelHead } from '../qemu/channel-head';
+import { decodeHello, FRAME_HEADER_BYTES, FrameType, type HelloMessage, MAX_HANDSHAKE_PAYLOAD } from '../wire/frames';
 
 /** Which listener a connection came in on. */
 export type Listener = 'peer' | 'source' | 'metrics';
@@ -25,6 +27,13 @@ export type RefusalReason =
   | 'vm-not-allowed'
   | 'busy'
   | 'not-qemu'
+  /** A migration channel (multifd, postcopy-preempt) of no migration in progress on that route, in time. */
+  | 'no-migration'
+  /** A channel from another address than its migration's main channel, or naming another VM UUID or destination. */
+  | 'channel-mismatch'
+  | 'duplicate-channel'
+  /** More channels than limits.maxChannels. */
+  | 'channel-limit'
   | 'closed';
 
 export class Refusal extends Error {
@@ -192,11 +201,11 @@ export function addressGroup(address: string): string {
 }
 
 /**
- * Reads the first 4 bytes a source sent and checks they are QEMU's stream magic ("QEVM"). Resolves
- * with the socket paused and the bytes put back, so the session reads the stream from its start.
- * Rejects with a Refusal when the bytes are something else, or the socket closes or fails first.
+ * Reads a connection's first bytes until `need(head)` asks for no more than it has. Resolves with them,
+ * the socket paused and the bytes put back, so whoever reads it next reads from the start. Rejects with
+ * a Refusal when the socket closes or fails first.
  */
-export function awaitStreamMagic(socket: Socket): Promise<void> {
+function readHead(socket: Socket, who: string, need: (head: Buffer) => number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const parts: Buffer[] = [];
     let got = 0;
@@ -208,28 +217,61 @@ export function awaitStreamMagic(socket: Socket): Promise<void> {
     const onData = (chunk: Buffer): void => {
       parts.push(chunk);
       got += chunk.length;
-      if (got < 4) return;
+      const head = parts.length === 1 ? chunk : Buffer.concat(parts);
+      if (need(head) > got) return;
       socket.pause();
       cleanup();
-      const head = Buffer.concat(parts);
       socket.unshift(head);
-      if (head.readUInt32BE(0) !== FILE_MAGIC) {
-        reject(new Refusal('not-qemu', `the source did not start a QEMU migration stream (first bytes ${head.subarray(0, 4).toString('hex')})`));
-        return;
-      }
-      resolve();
+      resolve(head);
     };
     const onClose = (): void => {
       cleanup();
-      reject(new Refusal('closed', `the source closed the connection after ${got} bytes, before a QEMU stream began`));
+      reject(new Refusal('closed', `the ${who} closed the connection after ${got} bytes, before it said what it is`));
     };
     const onError = (err: Error): void => {
       cleanup();
-      reject(new Refusal('closed', `source: ${err.message}`));
+      reject(new Refusal('closed', `${who}: ${err.message}`));
     };
     socket.on('data', onData);
     socket.once('close', onClose);
     socket.once('error', onError);
     socket.resume();
   });
+}
+
+/**
+ * What a source connection is, from its first bytes: a main channel (QEMU's stream magic, "QEVM") or
+ * a multifd channel (its whole initial packet). Rejects with a Refusal ('not-qemu') for anything else.
+ */
+export async function awaitChannelHead(socket: Socket): Promise<Exclude<ChannelHead, { kind: 'need' | 'other' }>> {
+  const head = classifyChannelHead(
+    await readHead(socket, 'source', (bytes) => {
+      const c = classifyChannelHead(bytes);
+      return c.kind === 'need' ? c.bytes : 0;
+    }),
+  );
+  if (head.kind === 'need' || head.kind === 'other') {
+    throw new Refusal('not-qemu', `the source did not start a QEMU migration channel (${head.kind === 'other' ? head.reason : 'too few bytes'})`);
+  }
+  return head;
+}
+
+/**
+ * A peer connection's Hello, read ahead so the gateway can tell an extra channel's connection from a
+ * migration's main one; null when the first frame is not a well-formed Hello (the receive session then
+ * refuses it as it does any other). The bytes are put back.
+ */
+export async function peekHello(socket: Socket): Promise<HelloMessage | null> {
+  const head = await readHead(socket, 'peer', (bytes) => {
+    if (bytes.length < FRAME_HEADER_BYTES) return FRAME_HEADER_BYTES;
+    const length = bytes.readUInt32BE(1);
+    return bytes[0] === FrameType.Hello && length <= MAX_HANDSHAKE_PAYLOAD ? FRAME_HEADER_BYTES + length : 0;
+  });
+  const length = head.readUInt32BE(1);
+  if (head[0] !== FrameType.Hello || length > MAX_HANDSHAKE_PAYLOAD) return null;
+  try {
+    return decodeHello(head.subarray(FRAME_HEADER_BYTES, FRAME_HEADER_BYTES + length));
+  } catch {
+    return null;
+  }
 }

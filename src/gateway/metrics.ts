@@ -121,7 +121,7 @@ export class GatewayMetrics {
 
   private readonly connectionsRefused = new Counter<'listener' | 'reason'>({
     name: 'bfmig_connections_refused_total',
-    help: 'Connections turned away before a migration began, by listener and reason (connection-limit, pending-limit, per-address-limit, tls, peer-not-allowed, handshake-timeout, frame-too-large, protocol, bad-vm-name, target-not-allowed, vm-not-allowed, busy, not-qemu, closed)',
+    help: 'Connections turned away before a migration began, by listener and reason (connection-limit, pending-limit, per-address-limit, tls, peer-not-allowed, handshake-timeout, frame-too-large, protocol, bad-vm-name, target-not-allowed, vm-not-allowed, busy, not-qemu, no-migration, channel-mismatch, duplicate-channel, channel-limit, closed)',
     labelNames: ['listener', 'reason'],
     registers: [this.registry],
   });

@@ -31,6 +31,7 @@ import {
   MAX_HANDSHAKE_PAYLOAD,
   PROTOCOL_VERSION,
   Feature,
+  SINGLE_CHANNEL_PROTOCOL,
 } from '../wire/frames';
 import { chooseCompression, LiteralInflater } from '../wire/compression';
 import { Refusal, type RefusalReason } from './limits';
@@ -40,6 +41,7 @@ import { IdleWatch, peerText, type SessionObserver, TABLE_FRAME_BYTES } from './
 import { checkedMove, type PhaseMoves, SessionLifecycle } from './session-lifecycle';
 import { DestinationWriter } from './destination-writer';
 import { decodePayload, ProtocolViolation, refusalReason } from './protocol-violation';
+import type { ChannelGroup, MainChannel } from './migration-channels';
 
 /** The digest table is queued for the peer no further ahead than this. */
 const TABLE_QUEUE_BYTES = 2 * 1024 * 1024;
@@ -80,6 +82,8 @@ export interface ReceiveOptions {
   refused: (reason: RefusalReason, detail: string) => void;
   /** Accept a sender's offer of zstd compression (config `compression`). */
   compression: boolean;
+  /** Groups the extra channels of the migration a (protocol 5) Hello names with this, its main channel. */
+  openGroup: (migration: string, vm: string, target: string, main: MainChannel) => ChannelGroup;
 }
 
 /**
@@ -101,6 +105,8 @@ export class ReceiveSession {
   private tableQueued = 0;
   private readonly handshakeTimer: NodeJS.Timeout;
   private readonly idle: IdleWatch;
+  /** The migration's extra channels, when its Hello named it (a version-4 sender's has none). */
+  private group: ChannelGroup | null = null;
 
   /** The peer gateway's connection as this session reads it (plain TCP: adopted by PooledReads). */
   readonly peer: Socket;
@@ -243,7 +249,7 @@ export class ReceiveSession {
       }
       case FrameType.End: {
         const end = decodePayload(decodeEnd, payload);
-        this.onEnd(end.streamBytes, end.streamCheck, end.snapshotId);
+        this.onEnd(end.streamBytes, end.streamCheck, end.snapshotId, end.channels ?? 0);
         return;
       }
       case FrameType.Abort:
@@ -264,7 +270,10 @@ export class ReceiveSession {
   private onHello(payload: Buffer): void {
     if (this.phase !== 'awaiting-hello') throw new ProtocolViolation('unexpected-frame', 'a second Hello');
     const hello = decodePayload(decodeHello, payload);
-    if (hello.protocol !== PROTOCOL_VERSION) throw new Refusal('protocol', `protocol ${hello.protocol}; this gateway speaks ${PROTOCOL_VERSION}`);
+    if (hello.protocol !== PROTOCOL_VERSION && hello.protocol !== SINGLE_CHANNEL_PROTOCOL) {
+      throw new Refusal('protocol', `protocol ${hello.protocol}; this gateway speaks ${SINGLE_CHANNEL_PROTOCOL} and ${PROTOCOL_VERSION}`);
+    }
+    if (hello.channel) throw new Refusal('protocol', 'an extra channel where a migration begins');
     let vm: string;
     let target: Endpoint;
     try {
@@ -295,6 +304,9 @@ export class ReceiveSession {
       this.life.compressionSaved = () => inflater.savedBytes;
     }
     this.life.event('migration offered', { peerSite: hello.site, target: hello.target, compression });
+    if (hello.migration !== undefined) {
+      this.group = this.options.openGroup(hello.migration, vm, hello.target, { abort: (reason) => this.fail(reason), postcopyAdvised: () => false });
+    }
     // Without retention (its filesystem is full) the store is left as it is and the peer is offered nothing.
     this.life.openStore();
     const store = this.life.store;
@@ -303,6 +315,7 @@ export class ReceiveSession {
       connected: () => {
         if (this.phase !== 'dialling') return;
         this.transition('streaming');
+        this.group?.ready();
         this.writeFrame(
           encodeJson(FrameType.Offer, {
             site: this.options.site,
@@ -387,15 +400,24 @@ export class ReceiveSession {
     this.life.event('digest table sent', { bytes: table.length });
   }
 
-  private onEnd(streamBytes: number, streamCheck: string, snapshotId: string): void {
+  private onEnd(streamBytes: number, streamCheck: string, snapshotId: string, channels: number): void {
     const decoder = this.requireDecoder();
     const destination = this.destination as DestinationWriter; // streaming: dialled
     decoder.end(streamBytes, streamCheck);
     this.transition('committing');
-    // Commit once the destination has been handed every byte.
+    if (channels > 0 && !this.group) throw new ProtocolViolation('bad-payload', `End names ${channels} extra channels of a migration that has none`);
+    // Not before every extra channel the sender had has joined (the idle limit bounds the wait).
+    if (this.group && this.group.joined < channels) this.life.event('waiting for extra channels', { joined: this.group.joined, channels });
+    (this.group?.whenJoined(channels) ?? Promise.resolve()).then(() => this.commit(decoder, destination, streamBytes, snapshotId), (err: unknown) => this.fail(errorMessage(err)));
+  }
+
+  /** Commits once the destination has been handed every byte. */
+  private commit(decoder: StreamDecoder, destination: DestinationWriter, streamBytes: number, snapshotId: string): void {
+    if (this.over) return;
     destination.end(() => {
       if (this.over) return;
-      const claimed = this.life.settle(decoder, snapshotId);
+      // Pages that crossed on extra channels never reached the store: it keeps the snapshot it held.
+      const claimed = this.life.settle(decoder, this.group?.carriedExtra ? null : snapshotId);
       this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
       this.finish('completed', null, claimed);
       this.peer.end();
@@ -458,5 +480,6 @@ export class ReceiveSession {
       mode: this.table === 'sent' ? 'digest-table' : (decoder?.counts.pagesReused ?? 0) > 0 ? 'shared-snapshot' : 'none',
       snapshotId,
     });
+    this.group?.mainEnded(result === 'completed', error);
   }
 }

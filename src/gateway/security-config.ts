@@ -18,6 +18,7 @@
  *   maxPendingPerAddress: 16   # not yet identified, from one remote address (IPv6: one /64) across all listeners
  *   maxGuestRam: 256GiB        # largest guest RAM a stream may declare (the store keeps 16 B a page in memory)
  *   maxStores: 1024            # store directories (VMs) kept; a new VM above it migrates without retention
+ *   maxChannels: 16            # multifd channels one migration may open (QEMU's multifd-channels; 1..255)
  * ```
  */
 import { createPrivateKey, type KeyObject, X509Certificate } from 'node:crypto';
@@ -57,6 +58,8 @@ export interface Limits {
   maxGuestRamBytes: number;
   /** Most store directories the data directory holds: a peer naming ever new VMs cannot fill it with stores. */
   maxStores: number;
+  /** Multifd channels one migration may open besides its main channel (and a postcopy-preempt channel). */
+  maxChannels: number;
 }
 
 export const DEFAULT_LIMITS: Readonly<Limits> = {
@@ -68,6 +71,7 @@ export const DEFAULT_LIMITS: Readonly<Limits> = {
   maxPendingPerAddress: 16,
   maxGuestRamBytes: 256 * 2 ** 30,
   maxStores: 1024,
+  maxChannels: 16,
 };
 /** The store's own ceiling: 2^28 pages of 4 KiB (a 4 GiB digest table). */
 const MAX_GUEST_RAM_BYTES = 2 ** 40;
@@ -75,7 +79,7 @@ const MAX_GUEST_RAM_BYTES = 2 ** 40;
 export const MIN_FRAME_BYTES = TABLE_FRAME_BYTES;
 
 const TLS_KEYS = ['cert', 'key', 'ca', 'allowPeers'] as const;
-const LIMIT_KEYS = ['handshakeSeconds', 'idleSeconds', 'maxFrameBytes', 'maxConnections', 'maxPendingConnections', 'maxPendingPerAddress', 'maxGuestRam', 'maxStores'] as const;
+const LIMIT_KEYS = ['handshakeSeconds', 'idleSeconds', 'maxFrameBytes', 'maxConnections', 'maxPendingConnections', 'maxPendingPerAddress', 'maxGuestRam', 'maxStores', 'maxChannels'] as const;
 /** A VM name (see the store's validateVmName) or a glob of one: * any run of characters, ? one. */
 const VM_PATTERN = /^[A-Za-z0-9._*?-]{1,64}$/;
 
@@ -152,7 +156,7 @@ export function parseLimits(value: unknown, fail: Fail): Limits {
   if (!isMapping(value)) return fail('limits', `must be a mapping of ${LIMIT_KEYS.join(', ')}, not ${describe(value)}`);
   const unknown = Object.keys(value).filter((k) => !(LIMIT_KEYS as readonly string[]).includes(k));
   if (unknown.length > 0) fail(`limits.${unknown[0]}`, `unknown key "limits.${unknown[0]}" (expected ${LIMIT_KEYS.join(', ')})`);
-  const number = (name: 'handshakeSeconds' | 'idleSeconds' | 'maxConnections' | 'maxPendingConnections' | 'maxPendingPerAddress' | 'maxStores', min: number, max: number, integer: boolean): number => {
+  const number = (name: 'handshakeSeconds' | 'idleSeconds' | 'maxConnections' | 'maxPendingConnections' | 'maxPendingPerAddress' | 'maxStores' | 'maxChannels', min: number, max: number, integer: boolean): number => {
     const v = value[name];
     if (v === undefined || v === null) return DEFAULT_LIMITS[name];
     if (typeof v !== 'number' || !Number.isFinite(v) || (integer && !Number.isInteger(v))) {
@@ -197,6 +201,8 @@ export function parseLimits(value: unknown, fail: Fail): Limits {
     maxPendingPerAddress,
     maxGuestRamBytes,
     maxStores: number('maxStores', 1, 1_000_000, true),
+    // QEMU numbers multifd channels with one byte.
+    maxChannels: number('maxChannels', 1, 255, true),
   };
 }
 

@@ -29,9 +29,9 @@ import {
   FrameType,
   MAX_HANDSHAKE_PAYLOAD,
   type OfferMessage,
-  PROTOCOL_VERSION,
   Feature,
   offers,
+  SINGLE_CHANNEL_PROTOCOL,
 } from '../wire/frames';
 import { helloCompression, LiteralFrames, offeredCompression } from '../wire/compression';
 import type { RouteConfig } from './config';
@@ -44,6 +44,7 @@ import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, IdleWatch, peerText, type Reu
 import { checkedMove, type PhaseMoves, SessionLifecycle } from './session-lifecycle';
 import { decodePayload, ProtocolViolation } from './protocol-violation';
 import type { WanShare } from './wan-cap';
+import type { ChannelGroup, MainChannel } from './migration-channels';
 
 /**
  * A source that sends nothing for this long in its device-state tail, without closing, is taken to have
@@ -80,6 +81,10 @@ export interface SendOptions {
   wan: WanShare;
   /** Offer the peer zstd compression of Literal bytes (config `compression`). */
   compression: boolean;
+  /** The migration's id, which its extra channels name (migration-channels.ts). */
+  migration: string;
+  /** Groups the migration's extra channels with this, its main channel. */
+  openGroup: (main: MainChannel) => ChannelGroup;
 }
 
 /**
@@ -116,6 +121,7 @@ export class SendSession {
   private readonly idle: IdleWatch;
   private readonly reads: PooledReads;
   private readonly resumeLater = (): void => this.resumeSource();
+  private readonly group: ChannelGroup;
 
   /** The source QEMU's connection. */
   readonly qemu: Socket;
@@ -125,6 +131,7 @@ export class SendSession {
     private readonly options: SendOptions,
   ) {
     this.life = new SessionLifecycle('send', options.route.vm, options, () => this.progress());
+    this.group = options.openGroup({ abort: (reason) => this.fail(reason), postcopyAdvised: () => this.encoder?.postcopyAdvised ?? false });
     accepted.pause();
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
     // Until the peer's Offer, only small frames: a peer cannot make us buffer (or log) megabytes of it.
@@ -206,11 +213,12 @@ export class SendSession {
     }
     this.writeFrame(
       encodeJson(FrameType.Hello, {
-        protocol: PROTOCOL_VERSION,
+        protocol: SINGLE_CHANNEL_PROTOCOL,
         site: this.options.site,
         vm: this.life.vm,
         target: formatEndpoint(this.options.route.target),
         compression: helloCompression(this.options.compression),
+        migration: this.options.migration,
       }),
     );
   }
@@ -292,6 +300,7 @@ export class SendSession {
       this.reads.pooled,
     );
     this.encoder.deltas = offers(offer, Feature.Delta);
+    this.group.ready();
     this.resumeSource();
   }
 
@@ -391,7 +400,7 @@ export class SendSession {
       return;
     }
     this.snapshotId = randomUUID();
-    this.writeFrame(encodeJson(FrameType.End, { streamBytes: encoder.sentBytes, streamCheck: encoder.streamCheck, snapshotId: this.snapshotId }));
+    this.writeFrame(encodeJson(FrameType.End, { streamBytes: encoder.sentBytes, streamCheck: encoder.streamCheck, snapshotId: this.snapshotId, channels: this.group.joined }));
     this.transition('awaiting-done');
     this.life.event('source stream ended', { streamBytes: encoder.counts.streamBytes });
   }
@@ -430,7 +439,8 @@ export class SendSession {
     this.transition('completed');
     // Reported is what the store now claims: not the migration's id when the stream was relayed
     // verbatim or the store could not keep it.
-    this.claimed = this.life.settle(this.encoder, this.snapshotId);
+    // Pages that crossed on extra channels never reached the store: it keeps the snapshot it held.
+    this.claimed = this.life.settle(this.encoder, this.group.carriedExtra ? null : this.snapshotId);
     this.peer.end();
     this.qemu.end();
     this.report('completed', null);
@@ -460,5 +470,6 @@ export class SendSession {
     if (this.quietTimer) clearTimeout(this.quietTimer);
     this.options.wan.close();
     this.life.report(this.encoder, { result, error, mode: this.mode, snapshotId: result === 'completed' ? this.claimed : null });
+    this.group.mainEnded(result === 'completed', error);
   }
 }

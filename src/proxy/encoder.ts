@@ -175,6 +175,11 @@ export class StreamEncoder {
     return this.parts.postcopyStarted;
   }
 
+  /** The source advised postcopy with postcopy-ram on: a postcopy-preempt channel may come. */
+  get postcopyAdvised(): boolean {
+    return this.parser.postcopyAdvised;
+  }
+
   /** Whether sections end with footers (null until the stream shows it). */
   get footers(): boolean | null {
     return this.parser.framing.footers;

@@ -185,6 +185,8 @@ export class StreamParser {
   private packageEnd = -1;
   /** A postcopy package has been read: the destination runs the guest while RAM still arrives. */
   private postcopy = false;
+  /** POSTCOPY_ADVISE with page sizes: postcopy-ram is on (a postcopy-preempt channel may follow). */
+  private advised = false;
   private vmDescriptionRemaining = 0;
   /** The last byte of unframed device data, held back until we know whether it is EOF. */
   private heldByte = -1;
@@ -231,6 +233,11 @@ export class StreamParser {
   /** The RAM block list, once the MEM_SIZE record has been parsed. */
   get ramBlocks(): readonly RamBlock[] {
     return this.blocks;
+  }
+
+  /** The source advised postcopy with postcopy-ram on (POSTCOPY_ADVISE carrying its page sizes). */
+  get postcopyAdvised(): boolean {
+    return this.advised;
   }
 
   /** Bytes consumed so far. */
@@ -923,6 +930,7 @@ export class StreamParser {
       this.fallback('command', `POSTCOPY_ADVISE of ${data.length} bytes`);
       return;
     }
+    if (data.length === 16) this.advised = true;
     this.state = State.NextRecord;
   }
 

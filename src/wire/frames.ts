@@ -8,11 +8,19 @@
 
 /**
  * 2: End carries a check of the whole stream; 3: that check is XXH3-64 (was CRC-32); 4: Seal checks
- * the stream as soon as the sender has parsed its end, before the receiver lets the destination finish.
- * Compression is not a version: it is negotiated within 4 (Hello.compression, Offer.compression), so a
- * gateway from before it still migrates with one after it, uncompressed.
+ * the stream as soon as the sender has parsed its end, before the receiver lets the destination finish;
+ * 5: a migration has extra channels (multifd, postcopy-preempt), one connection each, whose Hello names
+ * the migration and the channel (HelloMessage.channel).
+ * Compression and deltas are not versions: they are negotiated within 4 (Hello.compression,
+ * Offer.compression, Offer.features), so a gateway from before them still migrates with one after
+ * them, without them.
  */
-export const PROTOCOL_VERSION = 4;
+export const PROTOCOL_VERSION = 5;
+/**
+ * What a main channel's Hello says: a version-4 peer accepts it (and ignores its `migration`), so a
+ * single-channel migration still goes to a peer that knows no extra channels. Receivers take both.
+ */
+export const SINGLE_CHANNEL_PROTOCOL = 4;
 export const FRAME_HEADER_BYTES = 5;
 /** Larger frames are refused: a peer cannot make us buffer more than this per frame. */
 export const MAX_FRAME_PAYLOAD = 4 * 1024 * 1024;
@@ -37,7 +45,10 @@ export const enum FrameType {
   Run = 7,
   /** Receiver → sender: bytes the destination sent back (QEMU's return path). */
   Return = 8,
-  /** Sender → receiver: the source's stream ended: JSON EndMessage. */
+  /**
+   * Sender → receiver: the source's stream ended: JSON EndMessage. On an extra channel it carries only
+   * the SealMessage fields (the channel's length and check), and the connection closes after it.
+   */
   End = 9,
   /** Receiver → sender: the destination has every byte and the store committed: JSON DoneMessage. */
   Done = 10,
@@ -78,6 +89,17 @@ export interface HelloMessage {
   target: string;
   /** What the sender can compress Literal bytes with (wire/compression.ts); absent before compression. */
   compression?: string[];
+  /** Protocol 5: the migration's id (a random UUID), which its extra channels name. */
+  migration?: string;
+  /** Protocol 5: this connection carries an extra channel of migration `migration`, not its stream. */
+  channel?: ChannelName;
+}
+
+/** An extra channel of a migration: a multifd channel by its index, or the postcopy-preempt channel. */
+export interface ChannelName {
+  kind: 'multifd' | 'preempt';
+  /** The multifd channel's id (0 for the preempt channel). */
+  index: number;
 }
 
 export interface OfferMessage {
@@ -109,6 +131,11 @@ export interface SealMessage {
 export interface EndMessage extends SealMessage {
   /** The id both stores will give the snapshot this migration leaves. */
   snapshotId: string;
+  /**
+   * Protocol 5: the extra channels the migration had at the sender. The receiver completes it only once
+   * as many have joined: a source QEMU may have sent everything before its last channel crossed the WAN.
+   */
+  channels?: number;
 }
 
 export interface DoneMessage {
@@ -167,8 +194,18 @@ function decodeJson<T>(payload: Buffer, what: string, fields: Record<string, Fie
   return value as T;
 }
 
-export const decodeHello = (p: Buffer): HelloMessage =>
-  decodeJson(p, 'Hello', { protocol: 'number', site: 'string', vm: 'string', target: 'string' });
+export function decodeHello(p: Buffer): HelloMessage {
+  const hello = decodeJson<HelloMessage>(p, 'Hello', { protocol: 'number', site: 'string', vm: 'string', target: 'string' });
+  if (hello.migration !== undefined && typeof hello.migration !== 'string') throw new WireError('Hello: field migration is not a string');
+  const channel: unknown = hello.channel;
+  if (channel === undefined) return hello;
+  if (hello.migration === undefined) throw new WireError('Hello: a channel without its migration');
+  const c = channel as Partial<ChannelName> | null;
+  if (typeof c !== 'object' || c === null || (c.kind !== 'multifd' && c.kind !== 'preempt') || !Number.isInteger(c.index) || (c.index as number) < 0 || (c.index as number) > 255) {
+    throw new WireError('Hello: field channel is not {kind: "multifd" | "preempt", index: 0..255}');
+  }
+  return { ...hello, channel: { kind: c.kind, index: c.index as number } };
+}
 export const decodeOffer = (p: Buffer): OfferMessage => {
   const offer = decodeJson<OfferMessage>(p, 'Offer', { site: 'string', snapshotId: 'nullableString', layoutId: 'nullableString', pageCount: 'number', presentPages: 'number' });
   const features: unknown = offer.features;
@@ -180,7 +217,11 @@ export const decodeOffer = (p: Buffer): OfferMessage => {
 
 /** Whether an Offer lists a feature. */
 export const offers = (offer: OfferMessage, feature: Feature): boolean => offer.features?.includes(feature) ?? false;
-export const decodeEnd = (p: Buffer): EndMessage => decodeJson(p, 'End', { streamBytes: 'number', streamCheck: 'string', snapshotId: 'string' });
+export function decodeEnd(p: Buffer): EndMessage {
+  const end = decodeJson<EndMessage>(p, 'End', { streamBytes: 'number', streamCheck: 'string', snapshotId: 'string' });
+  if (end.channels !== undefined && !(Number.isInteger(end.channels) && end.channels >= 0 && end.channels <= 256)) throw new WireError('End: field channels is not 0..256');
+  return end;
+}
 export const decodeSeal = (p: Buffer): SealMessage => decodeJson(p, 'Seal', { streamBytes: 'number', streamCheck: 'string' });
 export const decodeDone = (p: Buffer): DoneMessage => decodeJson(p, 'Done', { snapshotId: 'string', streamBytes: 'number' });
 export const decodeAbort = (p: Buffer): AbortMessage => decodeJson(p, 'Abort', { error: 'string' });

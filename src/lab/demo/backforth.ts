@@ -39,7 +39,10 @@ export interface BackForthOptions {
   qemuAt?: readonly [string, string];
   /** migrate-set-capabilities at both ends of every leg (destinations start with -incoming defer). */
   capabilities?: Record<string, boolean>;
-  /** migrate-set-parameters at the source of every leg, besides the harness's bandwidth and downtime. */
+  /**
+   * migrate-set-parameters at the source of every leg, besides the harness's bandwidth and downtime, and
+   * (when `capabilities` are set, so the destination starts with -incoming defer) at its destination too.
+   */
   parameters?: Record<string, unknown>;
   /** Switch each leg to postcopy (migrate-start-postcopy) once QEMU has sent this many bytes. */
   postcopyAfterBytes?: number;
@@ -230,6 +233,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           // Capabilities such as postcopy-ram, and TLS credentials, must be set at the destination before the stream arrives.
           if (o.capabilities) await dest.setMigrationCapabilities(o.capabilities);
           if (tls) await dest.setMigrationParameters(tls.incoming);
+          // Some parameters must match at both ends (multifd-channels).
+          if (o.parameters) await dest.setMigrationParameters(o.parameters);
           await dest.migrateIncoming(incoming);
           if (o.capabilities) await vm.setMigrationCapabilities(o.capabilities);
         }

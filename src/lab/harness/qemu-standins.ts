@@ -5,6 +5,7 @@
  */
 import { createHash } from 'node:crypto';
 import * as net from 'node:net';
+import { MULTIFD_INIT_BYTES, MULTIFD_MAGIC, MULTIFD_VERSION } from '../../qemu/channel-head';
 
 /** A source stand-in: sends `stream` to the route, reports how the connection ended. */
 export function sourceStandIn(port: number, stream: Buffer): Promise<'closed' | 'reset'> {
@@ -159,4 +160,106 @@ export function pausingSource(port: number, stream: Buffer, pauseAt: number): { 
   socket.on('error', () => undefined); // the migration's outcome is the gateways' to report
   const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()));
   return { go: () => socket.end(stream.subarray(pauseAt)), closed };
+}
+
+/**
+ * A multifd channel's initial packet as QEMU sends it (MultiFDInit_t: magic, version 1, the VM's UUID,
+ * the channel id, reserved bytes), for stand-ins and hostile cases.
+ */
+export function multifdInitPacket(uuid: Buffer, id: number, version = MULTIFD_VERSION): Buffer {
+  const packet = Buffer.alloc(MULTIFD_INIT_BYTES);
+  packet.writeUInt32BE(MULTIFD_MAGIC, 0);
+  packet.writeUInt32BE(version, 4);
+  uuid.copy(packet, 8, 0, 16);
+  packet[24] = id;
+  return packet;
+}
+
+/** One connection of a stand-in source: written to and ended by hand, as QEMU drives each of its channels. */
+export interface SourceChannel {
+  socket: net.Socket;
+  /** Resolves once the connection is gone: 'reset' when it failed (the gateway cut it). */
+  closed: Promise<'closed' | 'reset'>;
+  /** Writes `bytes`, resolving once the socket has taken them. */
+  write(bytes: Buffer): Promise<void>;
+}
+
+/** Opens one channel of a stand-in source to `port` (resolves once connected). */
+export function sourceChannel(port: number): Promise<SourceChannel> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: '127.0.0.1', port, noDelay: true });
+    let reset = false;
+    const closed = new Promise<'closed' | 'reset'>((r) => socket.on('close', () => r(reset ? 'reset' : 'closed')));
+    socket.on('error', (err) => {
+      reset = true;
+      reject(err);
+    });
+    socket.resume(); // a return path, if any, is not read here
+    socket.once('connect', () =>
+      resolve({
+        socket,
+        closed,
+        write: (bytes) => new Promise<void>((done) => (socket.write(bytes) ? done() : socket.once('drain', () => done()))),
+      }),
+    );
+  });
+}
+
+/** What one connection to a channel-keeping destination brought, in the order the connections came. */
+export interface ReceivedChannel {
+  /** 0 for the first connection accepted. */
+  order: number;
+  bytes: Buffer;
+  reset: boolean;
+}
+
+/**
+ * A destination stand-in that takes any number of connections (a migration's main channel and its
+ * extra channels) and keeps what each brought, in the order they were accepted.
+ */
+export class ChannelsDestination {
+  private readonly channels: ReceivedChannel[] = [];
+  private readonly open = new Set<net.Socket>();
+  private readonly closedWaiters: Array<() => void> = [];
+
+  private constructor(private readonly server: net.Server) {
+    server.on('connection', (socket) => {
+      const channel: ReceivedChannel = { order: this.channels.length, bytes: Buffer.alloc(0), reset: false };
+      this.channels.push(channel);
+      this.open.add(socket);
+      const parts: Buffer[] = [];
+      socket.on('data', (chunk: Buffer) => parts.push(chunk));
+      socket.on('error', () => (channel.reset = true));
+      socket.on('end', () => socket.end());
+      socket.on('close', () => {
+        channel.bytes = Buffer.concat(parts);
+        this.open.delete(socket);
+        for (const w of this.closedWaiters.splice(0)) w();
+      });
+    });
+  }
+
+  static listen(port: number): Promise<ChannelsDestination> {
+    return new Promise((resolve, reject) => {
+      const server = net.createServer();
+      server.once('error', reject);
+      server.listen(port, '127.0.0.1', () => resolve(new ChannelsDestination(server)));
+    });
+  }
+
+  /** Resolves with every connection once `count` have come and all of them have closed. */
+  async settled(count: number): Promise<ReceivedChannel[]> {
+    while (this.channels.length < count || this.open.size > 0) await new Promise<void>((r) => this.closedWaiters.push(r));
+    return this.channels;
+  }
+
+  /** Connections accepted so far. */
+  get accepted(): number {
+    return this.channels.length;
+  }
+
+  close(): Promise<void> {
+    for (const socket of this.open) socket.destroy();
+    return new Promise((r) => this.server.close(() => r()));
+  }
 }

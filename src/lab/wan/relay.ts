@@ -61,6 +61,15 @@ export class TcpRelay {
     return pairs.length;
   }
 
+  /** Cuts the connection opened last with a TCP reset (one channel of a multi-connection migration); 0 when none is open. */
+  async cutNewest(): Promise<number> {
+    const pair = [...this.live].at(-1);
+    if (!pair) return 0;
+    pair.teardown(true);
+    await pair.closed;
+    return 1;
+  }
+
   private accept(client: Socket): void {
     this.connections++;
     client.setNoDelay(true);
