@@ -29,6 +29,7 @@ routes:
     listen: "[::1]:7102"
     peer: "[2001:db8::2]:7300"
     target: dest.example:4445
+    encrypted: refuse
 allowTargets:
   - 10.1.0.0/24:4444
   - dest.example:4445
@@ -76,6 +77,7 @@ describe('parseConfig', () => {
           peer: { host: 'gw-b.example', port: 7300 },
           target: { host: '10.1.0.5', port: 4444 },
           wan: { maxMbit: 50 },
+          encrypted: true,
         },
         {
           vm: 'vm2',
@@ -83,6 +85,7 @@ describe('parseConfig', () => {
           peer: { host: '2001:db8::2', port: 7300 },
           target: { host: 'dest.example', port: 4445 },
           wan: null,
+          encrypted: false,
         },
       ],
       allowTargets: [

@@ -34,6 +34,8 @@ interface RelayOptions {
   channel: ChannelName;
   /** Largest frame accepted from the peer. */
   maxFrameBytes: number;
+  /** Told once how the channel ended, with the bytes of QEMU's stream it carried towards the destination. */
+  over?: (outcome: { completed: boolean; error: string | null; streamBytes: number }) => void;
 }
 
 export interface ChannelSenderOptions extends RelayOptions {
@@ -70,11 +72,12 @@ abstract class ChannelRelay implements ExtraChannel {
     this.abort(reason);
   }
 
-  abort(_reason: string): void {
+  abort(reason: string): void {
     if (this.over) return;
     this.over = true;
     this.cut();
     this.options.group.left(this);
+    this.options.over?.({ completed: false, error: reason, streamBytes: this.streamBytes });
   }
 
   /** Both connections closed after the channel ended cleanly. */
@@ -82,7 +85,11 @@ abstract class ChannelRelay implements ExtraChannel {
     if (this.over) return;
     this.over = true;
     this.options.group.left(this);
+    this.options.over?.({ completed: true, error: null, streamBytes: this.streamBytes });
   }
+
+  /** Bytes of QEMU's stream this channel carried towards the destination. */
+  protected abstract get streamBytes(): number;
 
   /**
    * Feeds the peer gateway's bytes to `frames`; a frame it cannot take, an error, or the connection
@@ -197,6 +204,10 @@ export class ChannelSender extends ChannelRelay {
     this.source.resetAndDestroy();
     this.peer?.destroy();
   }
+
+  protected get streamBytes(): number {
+    return this.encoder.streamBytes;
+  }
 }
 
 /** Receiving side: the peer gateway's channel → the destination QEMU. */
@@ -290,6 +301,10 @@ export class ChannelReceiver extends ChannelRelay {
       default:
         throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type} on an extra channel`);
     }
+  }
+
+  protected get streamBytes(): number {
+    return this.decoder.streamBytes;
   }
 
   private onEnd(payload: Buffer): void {

@@ -14,6 +14,8 @@
  *     listen: 127.0.0.1:7101   # the source QEMU migrates here
  *     peer: gw-b.example:7300  # far gateway's peerListen
  *     target: 10.1.0.5:4444    # destination QEMU's -incoming address, as the far gateway reaches it
+ *     encrypted: relay         # optional: a migration under QEMU's own TLS is carried as it is (relay, the
+ *                              # default) or refused (refuse); see encrypted-tunnel.ts
  * allowTargets:                # what this gateway may dial when receiving; none unless listed
  *   - 10.1.0.0/24:4444
  * tls: ...                     # mutual TLS between gateways, see security-config.ts
@@ -72,6 +74,8 @@ export interface RouteConfig {
   target: Endpoint;
   /** This route's WAN cap (`wan: { maxMbit }`), or null. */
   wan: WanCapConfig | null;
+  /** Carry a migration under QEMU's own TLS as it is (`encrypted: relay`, the default), or refuse it (`refuse`). */
+  encrypted: boolean;
 }
 
 /** A `peers:` entry: settings for one far gateway, by the address routes dial it at. */
@@ -149,7 +153,7 @@ const TOP_LEVEL_KEYS = [
   'progress',
   'peers',
 ] as const;
-const ROUTE_KEYS = ['vm', 'listen', 'peer', 'target', 'wan'] as const;
+const ROUTE_KEYS = ['vm', 'listen', 'peer', 'target', 'wan', 'encrypted'] as const;
 const PEER_KEYS = ['peer', 'wan'] as const;
 
 export function loadConfig(file: string): GatewayConfig {
@@ -252,7 +256,9 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     claim(`${at}.listen`, listen);
     const peer = endpoint(requiredString(item, 'peer', `${at}.peer`, fail), `${at}.peer`, true, fail);
     const target = endpoint(requiredString(item, 'target', `${at}.target`, fail), `${at}.target`, true, fail);
-    routes.push({ vm, listen, peer, target, wan: parseWanCap(optional(item, 'wan'), `${at}.wan`, fail) });
+    const encrypted = optional(item, 'encrypted') ?? 'relay';
+    if (encrypted !== 'relay' && encrypted !== 'refuse') fail(`${at}.encrypted`, `must be relay or refuse, not ${describe(encrypted)}`);
+    routes.push({ vm, listen, peer, target, wan: parseWanCap(optional(item, 'wan'), `${at}.wan`, fail), encrypted: encrypted === 'relay' });
   });
 
   const peersValue = optional(root, 'peers') ?? [];

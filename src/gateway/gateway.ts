@@ -3,13 +3,14 @@ import { randomUUID } from 'node:crypto';
 import * as fs from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import * as path from 'node:path';
-import { type Endpoint, formatEndpoint } from './address';
+import { type Endpoint, formatEndpoint, parseEndpoint } from './address';
 import { X86_PAGE_SIZE } from '../qemu/constants';
-import { holdsNothing, removeStore, removeUnclaimedStores, scanStores, StoreBudget, type UndoableStore } from '../store';
+import { holdsNothing, removeStore, removeUnclaimedStores, scanStores, StoreBudget, type UndoableStore, validateVmName } from '../store';
 import { storeBytes } from '../store/budget';
 import { type GatewayConfig, type RouteConfig, targetAllowed } from './config';
 import { type Admission, awaitChannelHead, ConnectionGate, type Listener, peekHello, Refusal, type RefusalReason } from './limits';
 import { ChannelReceiver, ChannelSender } from './channel-relay';
+import { type TunnelContext, tunnelFromSource, tunnelToDestination } from './encrypted-tunnel';
 import { type ChannelGroup, type GroupEvent, MigrationChannels } from './migration-channels';
 import { type ChannelName, PROTOCOL_VERSION } from '../wire/frames';
 import type { Logger } from './log';
@@ -64,6 +65,8 @@ export class Gateway implements SessionObserver {
   /** Migrations going out, by route VM, and coming in, by migration id: their channels join them. */
   private readonly sending: MigrationChannels;
   private readonly receiving: MigrationChannels;
+  /** Connections under QEMU's own TLS, carried as they are (encrypted-tunnel.ts). */
+  private readonly tunnels: TunnelContext;
 
   constructor(
     private readonly config: GatewayConfig,
@@ -85,6 +88,7 @@ export class Gateway implements SessionObserver {
     });
     this.sending = new MigrationChannels(config.limits.maxChannels);
     this.receiving = new MigrationChannels(config.limits.maxChannels);
+    this.tunnels = { observer: this, storeRoot: config.data, maxFrameBytes: config.limits.maxFrameBytes, event: (vm, direction) => this.groupEvent(vm, direction) };
     this.gate = new ConnectionGate(
       config.limits,
       (socket, listener, reason, detail) => {
@@ -198,13 +202,19 @@ export class Gateway implements SessionObserver {
       return;
     }
     const channel = awaitChannelHead(socket).then(async (head) => {
-      if (head.kind === 'main') return { head, group: null };
+      if (head.kind === 'main' || head.kind === 'encrypted') return { head, group: null };
       // A whole multifd initial packet says what it is: QEMU may open all its channels before the main
       // channel's first bytes come, and they must not fill the pending pools meanwhile (awaitGroup bounds them).
       this.gate.identified(socket);
       return { head, group: await this.sending.awaitGroup(vm, this.mainWait()) };
     });
     this.handshake(socket, 'source', channel, ({ head, group }) => {
+      if (head.kind === 'encrypted') {
+        if (!route.encrypted) throw new Refusal('not-qemu', `the source started QEMU's own TLS (tls-creds), which route ${vm} refuses (routes[].encrypted: refuse)`);
+        this.gate.identified(socket);
+        tunnelFromSource(socket, route, this.config.name, this.transport, this.tunnels).start();
+        return;
+      }
       if (head.kind === 'multifd') {
         this.relaySourceChannel(socket, route, group as ChannelGroup, { kind: 'multifd', index: head.init.id }, head.init.uuid);
         return;
@@ -250,12 +260,31 @@ export class Gateway implements SessionObserver {
     const deadline = Date.now() + limits.handshakeSeconds * 1000;
     const linked = this.transport.accept(raw).then(async (socket) => {
       const hello = await peekHello(socket);
-      const migration = hello?.channel ? hello.migration : undefined;
+      const migration = hello?.channel && hello.channel.kind !== 'encrypted' ? hello.migration : undefined;
       return { socket, hello, group: migration !== undefined ? await this.receiving.awaitGroup(migration, this.mainWait()) : null };
     });
     this.handshake(raw, 'peer', linked, ({ socket, hello, group }) => {
       const peerName = peerNameOf(socket);
       const peerNames = peerNamesOf(socket);
+      if (hello?.channel?.kind === 'encrypted') {
+        // A connection under QEMU's own TLS: checked as a migration's Hello is, then carried as it is.
+        if (hello.protocol !== PROTOCOL_VERSION) throw new Refusal('protocol', `an encrypted connection in protocol ${hello.protocol}, not ${PROTOCOL_VERSION}`);
+        let target: Endpoint;
+        try {
+          validateVmName(hello.vm);
+          target = parseEndpoint(hello.target);
+        } catch (err) {
+          throw new Refusal('bad-vm-name', errorMessage(err));
+        }
+        if (!targetAllowed(this.config, target)) throw new Refusal('target-not-allowed', `destination ${hello.target} is not in allowTargets`);
+        const vmRefused = peerVmError(this.config.peerVms, peerNames, hello.vm);
+        if (vmRefused !== null) throw new Refusal('vm-not-allowed', vmRefused);
+        const relay = tunnelToDestination(socket, hello.vm, hello.target, peerKey(raw, peerNames), this.tunnels);
+        this.gate.identified(raw);
+        if (socket !== raw) this.adopted.set(raw, socket);
+        relay.start();
+        return;
+      }
       if (group && hello?.channel) {
         if (hello.protocol !== PROTOCOL_VERSION) throw new Refusal('protocol', `an extra channel in protocol ${hello.protocol}, not ${PROTOCOL_VERSION}`);
         if (hello.vm !== group.vm || hello.target !== group.target) throw new Refusal('channel-mismatch', `a channel for VM ${hello.vm} to ${hello.target}, but its migration is of ${group.vm} to ${group.target}`);

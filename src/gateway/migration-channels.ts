@@ -96,7 +96,9 @@ export class ChannelGroup {
   join(channel: ChannelName, remote: string, uuid: string | null, relay: ExtraChannel): void {
     if (!this.open) throw new Refusal('no-migration', `the migration of VM ${this.vm} has ended`);
     if (remote !== this.origin) throw new Refusal('channel-mismatch', `a channel from ${remote}, but the migration's main channel came from ${this.origin}`);
-    if (channel.kind === 'preempt') {
+    if (channel.kind === 'encrypted') {
+      if (this.extras.size > 0) throw new Refusal('duplicate-channel', 'a second connection in an encrypted tunnel');
+    } else if (channel.kind === 'preempt') {
       if (this.preempt) throw new Refusal('duplicate-channel', 'a second postcopy-preempt channel');
       this.preempt = true;
     } else {
@@ -174,7 +176,7 @@ export class ChannelGroup {
 
 /** "multifd 3", "preempt": a channel as logs name it. */
 export function channelLabel(channel: ChannelName): string {
-  return channel.kind === 'preempt' ? 'preempt' : `multifd ${channel.index}`;
+  return channel.kind === 'multifd' ? `multifd ${channel.index}` : channel.kind;
 }
 
 /**

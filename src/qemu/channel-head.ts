@@ -12,6 +12,9 @@
  */
 import { FILE_MAGIC } from './constants';
 
+/** A TLS record of content type handshake: how a TLS client's first bytes begin (RFC 8446 §5.1). */
+const TLS_HANDSHAKE = 22;
+
 /** MULTIFD_MAGIC in QEMU's migration/multifd.c. */
 export const MULTIFD_MAGIC = 0x11223344;
 /** MULTIFD_VERSION: the only initial-packet version QEMU 7.2 … 10.0 send and accept. */
@@ -34,6 +37,11 @@ export type ChannelHead =
   | { kind: 'need'; bytes: number }
   | { kind: 'main' }
   | { kind: 'multifd'; init: MultifdInit }
+  /**
+   * A TLS handshake record (content type 22, version 3.x): QEMU's own TLS (`tls-creds`), whose channels
+   * are all encrypted end to end, main and multifd alike. Nothing in it can be read: relay it as it is.
+   */
+  | { kind: 'encrypted' }
   /** Neither: `reason` says what was wrong. */
   | { kind: 'other'; reason: string };
 
@@ -43,6 +51,7 @@ export function classifyChannelHead(head: Uint8Array): ChannelHead {
   const view = Buffer.from(head.buffer, head.byteOffset, head.length);
   const magic = view.readUInt32BE(0);
   if (magic === FILE_MAGIC) return { kind: 'main' };
+  if (view[0] === TLS_HANDSHAKE && view[1] === 3 && view[2] <= 4) return { kind: 'encrypted' };
   if (magic !== MULTIFD_MAGIC) return { kind: 'other', reason: `first bytes ${view.subarray(0, CHANNEL_MAGIC_BYTES).toString('hex')} are neither QEMU's stream magic nor multifd's` };
   if (view.length < MULTIFD_INIT_BYTES) return { kind: 'need', bytes: MULTIFD_INIT_BYTES };
   const version = view.readUInt32BE(4);

@@ -187,7 +187,9 @@ export type FallbackCode =
   | 'configuration'
   | 'multifd-version'
   | 'multifd-compression'
-  | 'multifd-flags';
+  | 'multifd-flags'
+  /** QEMU's own TLS (`tls-creds`): the whole stream is encrypted end to end. */
+  | 'encrypted';
 
 /** Where and why a stream stopped being parsed: everything from `streamOffset` on was relayed as it was. */
 export interface StreamFallback {

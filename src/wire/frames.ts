@@ -97,7 +97,8 @@ export interface HelloMessage {
 
 /** An extra channel of a migration: a multifd channel by its index, or the postcopy-preempt channel. */
 export interface ChannelName {
-  kind: 'multifd' | 'preempt';
+  /** 'encrypted': one connection of a migration under QEMU's own TLS, carried as it is on its own. */
+  kind: 'multifd' | 'preempt' | 'encrypted';
   /** The multifd channel's id (0 for the preempt channel). */
   index: number;
 }
@@ -201,8 +202,8 @@ export function decodeHello(p: Buffer): HelloMessage {
   if (channel === undefined) return hello;
   if (hello.migration === undefined) throw new WireError('Hello: a channel without its migration');
   const c = channel as Partial<ChannelName> | null;
-  if (typeof c !== 'object' || c === null || (c.kind !== 'multifd' && c.kind !== 'preempt') || !Number.isInteger(c.index) || (c.index as number) < 0 || (c.index as number) > 255) {
-    throw new WireError('Hello: field channel is not {kind: "multifd" | "preempt", index: 0..255}');
+  if (typeof c !== 'object' || c === null || (c.kind !== 'multifd' && c.kind !== 'preempt' && c.kind !== 'encrypted') || !Number.isInteger(c.index) || (c.index as number) < 0 || (c.index as number) > 255) {
+    throw new WireError('Hello: field channel is not {kind: "multifd" | "preempt" | "encrypted", index: 0..255}');
   }
   return { ...hello, channel: { kind: c.kind, index: c.index as number } };
 }

@@ -23,6 +23,8 @@ export interface CompatRow {
   parameters?: Record<string, unknown>;
   /** Switch to postcopy once the source has sent this many bytes. */
   postcopyAfterBytes?: number;
+  /** QEMU's own TLS: the gateways relay every connection as it is, and must say so. */
+  qemuTls?: boolean;
   /** 2: there and back (the back leg shows reuse); 1: one way only (a 7.2 → 10.0 upgrade). */
   legs: 1 | 2;
   /** Whether the back leg should reuse what the first leg left at the site it returns to. */
@@ -84,6 +86,16 @@ export const COMPAT_ROWS: readonly CompatRow[] = [
     postcopyAfterBytes: POSTCOPY_AFTER,
     expectReuse: false,
   }),
+  // QEMU's own TLS: encrypted end to end, so each connection is relayed as it is and nothing is reused.
+  row('7.2', 'pc-i440fx-7.2', "QEMU's own TLS (relayed as it is: no reuse)", { tail: 'tls', qemuTls: true, expectReuse: false }),
+  row('10.0', 'pc-i440fx-10.0', "QEMU's own TLS (relayed as it is: no reuse)", { tail: 'tls', qemuTls: true, expectReuse: false, everyRun: true }),
+  row('10.0', 'pc-i440fx-10.0', "QEMU's own TLS with multifd, 4 channels (relayed as it is: no reuse)", {
+    tail: 'tls-multifd-4',
+    qemuTls: true,
+    capabilities: { multifd: true },
+    parameters: { 'multifd-channels': 4 },
+    expectReuse: false,
+  }),
   { id: '7.2→10.0/pc-i440fx-7.2', qemu: ['7.2', '10.0'], machine: 'pc-i440fx-7.2', label: 'QEMU 7.2 source, 10.0 destination', legs: 1, expectReuse: false, everyRun: true },
 ];
 
@@ -106,6 +118,8 @@ export function compatPassed(o: CompatOutcome): boolean {
   // A row that promises reuse must have been parsed whole: a stream relayed verbatim reuses little.
   if (o.row.expectReuse && o.legs.some((l) => l.verbatim !== null)) return false;
   if (o.row.postcopyAfterBytes !== undefined && !o.legs.every((l) => l.postcopyStarted)) return false;
+  // Never silent: every leg of an encrypted migration must be reported as relayed as it is.
+  if (o.row.qemuTls && !o.legs.every((l) => l.verbatim === 'encrypted')) return false;
   return !o.row.expectReuse || (o.backShare !== null && o.backShare <= REUSE_MAX_BACK_SHARE);
 }
 
@@ -125,6 +139,7 @@ export async function runCompatRow(row: CompatRow, opts: { mbit?: number; delayM
     capabilities: row.capabilities,
     parameters: row.parameters,
     postcopyAfterBytes: row.postcopyAfterBytes,
+    qemuTls: row.qemuTls,
   });
   const first = legs[0];
   const back = legs.length > 1 ? legs[1] : null;
