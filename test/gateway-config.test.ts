@@ -69,6 +69,7 @@ describe('parseConfig', () => {
       insecurePlaintext: true,
       shutdownGraceSeconds: 12.5,
       compression: true,
+      deltas: 'auto',
       storeBudget: 200 * 2 ** 30,
       routes: [
         {

@@ -9,6 +9,8 @@
  * insecurePlaintext: false     # optional (default false)
  * shutdownGraceSeconds: 30     # optional, 0 < n <= 86400 (default 30)
  * compression: zstd            # optional: zstd (default) or off, for Literal bytes across the WAN
+ * deltas: auto                 # optional: a changed page as the bytes that changed: auto (when the
+ *                              # WAN sets the pace or the store reads are quick), always, or off
  * routes:                      # optional
  *   - vm: vm1                  # VM name
  *     listen: 127.0.0.1:7101   # the source QEMU migrates here
@@ -62,6 +64,9 @@ export class ConfigError extends Error {
     this.name = 'ConfigError';
   }
 }
+
+/** Config `deltas`: send a changed page as the bytes that changed when that pays (auto), always, or never. */
+export type DeltaMode = 'auto' | 'always' | 'off';
 
 export interface RouteConfig {
   /** VM name; also the key both gateways use for the VM's retained pages. */
@@ -118,6 +123,8 @@ export interface GatewayConfig {
   shutdownGraceSeconds: number;
   /** Compress Literal bytes across the WAN when the peer can (`compression: zstd`, the default; `off`). */
   compression: boolean;
+  /** Changed pages as deltas against the version both sites hold: `auto` (when they pay), `always`, `off`. */
+  deltas: DeltaMode;
   /** Disk budget of the store directory in bytes (`storeBudget: 200GiB`), or null for none. */
   storeBudget: number | null;
   routes: RouteConfig[];
@@ -144,6 +151,7 @@ const TOP_LEVEL_KEYS = [
   'insecurePlaintext',
   'shutdownGraceSeconds',
   'compression',
+  'deltas',
   'storeBudget',
   'routes',
   'allowTargets',
@@ -211,6 +219,9 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
   const compressionValue = optional(root, 'compression') ?? 'zstd';
   if (compressionValue !== 'zstd' && compressionValue !== 'off') fail('compression', `must be zstd or off, not ${describe(compressionValue)}`);
   const compression = compressionValue === 'zstd';
+  const deltasValue = optional(root, 'deltas') ?? 'auto';
+  if (deltasValue !== 'auto' && deltasValue !== 'always' && deltasValue !== 'off') fail('deltas', `must be auto, always or off, not ${describe(deltasValue)}`);
+  const deltas = deltasValue as DeltaMode;
   if (shutdownGraceSeconds <= 0 || shutdownGraceSeconds > MAX_SHUTDOWN_GRACE_SECONDS) {
     fail('shutdownGraceSeconds', `${shutdownGraceSeconds} is out of range (must be > 0 and <= ${MAX_SHUTDOWN_GRACE_SECONDS})`);
   }
@@ -295,6 +306,7 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     insecurePlaintext: insecurePlaintext as boolean,
     shutdownGraceSeconds,
     compression,
+    deltas,
     storeBudget,
     routes,
     allowTargets,

@@ -234,6 +234,7 @@ export class Gateway implements SessionObserver {
         maxGuestPages: Math.floor(limits.maxGuestRamBytes / X86_PAGE_SIZE),
         wan: this.wanCaps.share(vm, formatEndpoint(route.peer)),
         compression: this.config.compression,
+        deltas: this.config.deltas,
         migration,
         openGroup: (main) => this.sending.open(vm, { migration, vm, target: formatEndpoint(route.target), origin: remote, main, event: this.groupEvent(vm, 'send'), graceMs: limits.idleSeconds * 1000 }),
       });
@@ -308,6 +309,7 @@ export class Gateway implements SessionObserver {
         maxFrameBytes: limits.maxFrameBytes,
         maxGuestPages: Math.floor(limits.maxGuestRamBytes / X86_PAGE_SIZE),
         compression: this.config.compression,
+        deltas: this.config.deltas,
         refused: (reason, detail) => this.refused('peer', raw, reason, detail, peerName),
         openGroup: (migration, vm, target, main) =>
           this.receiving.open(migration, { migration, vm, target, origin: peerKey(raw, peerNames), main, event: this.groupEvent(vm, 'receive'), graceMs: limits.idleSeconds * 1000 }),

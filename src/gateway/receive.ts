@@ -17,6 +17,7 @@ import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import { type Endpoint, parseEndpoint } from './address';
 import type { StreamDecoder } from '../proxy/decoder';
+import type { DeltaMode } from './config';
 import { validateVmName } from '../store';
 import {
   decodeAbort,
@@ -82,6 +83,8 @@ export interface ReceiveOptions {
   refused: (reason: RefusalReason, detail: string) => void;
   /** Accept a sender's offer of zstd compression (config `compression`). */
   compression: boolean;
+  /** Take Delta frames (config `deltas`, not `off`). */
+  deltas: DeltaMode;
   /** Groups the extra channels of the migration a (protocol 5) Hello names with this, its main channel. */
   openGroup: (migration: string, vm: string, target: string, main: MainChannel) => ChannelGroup;
 }
@@ -325,7 +328,7 @@ export class ReceiveSession {
             presentPages: meta?.presentPages ?? 0,
             compression,
             // Deltas patch pages this store holds: without a store there is nothing to patch.
-            features: store ? [Feature.Delta] : [],
+            features: store && this.options.deltas !== 'off' ? [Feature.Delta] : [],
           }),
         );
       },

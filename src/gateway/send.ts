@@ -34,7 +34,7 @@ import {
   SINGLE_CHANNEL_PROTOCOL,
 } from '../wire/frames';
 import { helloCompression, LiteralFrames, offeredCompression } from '../wire/compression';
-import type { RouteConfig } from './config';
+import type { DeltaMode, RouteConfig } from './config';
 import { ReturnPathMessages } from './return-path-relay';
 import { PooledReads } from './pooled-reads';
 import { SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './socket-tuning';
@@ -81,6 +81,8 @@ export interface SendOptions {
   wan: WanShare;
   /** Offer the peer zstd compression of Literal bytes (config `compression`). */
   compression: boolean;
+  /** Send changed pages as deltas (config `deltas`): when they pay, always, or never. */
+  deltas: DeltaMode;
   /** The migration's id, which its extra channels name (migration-channels.ts). */
   migration: string;
   /** Groups the migration's extra channels with this, its main channel. */
@@ -299,7 +301,7 @@ export class SendSession {
       (layout) => this.chooseReference(layout, offer),
       this.reads.pooled,
     );
-    this.encoder.deltas = offers(offer, Feature.Delta);
+    this.encoder.deltas = this.options.deltas !== 'off' && offers(offer, Feature.Delta);
     this.group.ready();
     this.resumeSource();
   }
@@ -336,6 +338,8 @@ export class SendSession {
     if (!this.encoder || this.over) return;
     // Whether the WAN still holds what the last chunk produced: compression pays only then.
     this.literals?.policy.observeWan(this.peer.writableLength);
+    // A delta costs a store read: paid whatever it takes only while the WAN, not this gateway, sets the pace.
+    this.encoder.deltaReadsFree = this.options.deltas === 'always' || (this.literals?.policy.wanIsBottleneck ?? true);
     // Every frame this chunk produces leaves in one writev.
     this.peer.cork();
     try {

@@ -36,6 +36,9 @@ export interface TransferCounts {
   deltaBytes: number;
 }
 
+/** A page crosses 100 Mbit/s in 330 µs: a store read slower than this costs more than the bytes a delta saves. */
+const DELTA_READ_BUDGET_US = 250;
+
 /** The digest of a page the receiver does not hold. */
 const ABSENT = new Uint8Array(DIGEST_BYTES);
 
@@ -65,6 +68,15 @@ export class StreamEncoder {
   /** Candidates to pass over before trying a delta again: random content makes every try a loss. */
   private deltaSkip = 0;
   private deltaMisses = 0;
+  /**
+   * Whether a delta's store read may be paid whatever it costs: the WAN sets the pace now (the session
+   * says so per chunk), or the operator said `deltas: always`. Otherwise a delta is tried only while
+   * the store reads it took stay cheaper than sending a page whole at 100 Mbit/s.
+   */
+  deltaReadsFree = true;
+  /** Mean microseconds of a delta's store read, recent ones weighing most. */
+  private deltaReadUs = 0;
+  private deltaProbe = 0;
   private contentIndex: ContentIndex | null = null;
   /** The reference the content index was built over. */
   private indexed: Uint8Array | null = null;
@@ -334,11 +346,15 @@ export class StreamEncoder {
       return false;
     }
     if (reference !== store.digests && !sameDigest(reference, at, store.digests, at)) return false;
+    // Slow reads (a busy disk, a page still in the store's write queue) are tried again now and then.
+    if (!this.deltaReadsFree && this.deltaReadUs > DELTA_READ_BUDGET_US && (++this.deltaProbe & 63) !== 0) return false;
+    const readAt = performance.now();
     try {
       store.readPages(page, 1, this.basePage, 0);
     } catch {
       return false; // not readable here: the page goes whole
     }
+    this.deltaReadUs += ((performance.now() - readAt) * 1000 - this.deltaReadUs) / 8;
     digestOne(this.basePage, 0, X86_PAGE_SIZE, this.baseDigest, 0);
     if (!sameDigest(this.baseDigest, 0, reference, at)) return false;
     const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);

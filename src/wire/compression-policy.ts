@@ -36,6 +36,14 @@ export class CompressionPolicy {
     }
   }
 
+  /**
+   * Whether the WAN is the bottleneck now: what the gateway spends on saving WAN bytes (compression,
+   * a delta's store reads) costs the migration nothing the link would not have cost anyway.
+   */
+  get wanIsBottleneck(): boolean {
+    return this.wanBound;
+  }
+
   /** Whether the next batch is to be compressed; a batch it says no to goes raw. */
   compressNext(): boolean {
     if (!this.wanBound) return false;

@@ -13,6 +13,7 @@ import { Gateway } from '../../gateway/gateway';
 import { createLogger } from '../../gateway/log';
 import { GatewayMetrics } from '../../gateway/metrics';
 import { freePort } from '../vm/ports';
+import { WanEmulator } from '../wan/emulator';
 import { encodeJson, FrameParser, FrameType, PROTOCOL_VERSION } from '../../wire/frames';
 
 export interface TestSite {
@@ -25,6 +26,8 @@ export interface TestSite {
   /** The destination stand-in at this site listens here. */
   destPort: number;
   logs: Array<Record<string, unknown>>;
+  /** The WAN emulator the far gateway reaches this one through (startPair's `wan`). */
+  inbound?: WanEmulator;
 }
 
 export interface LoggedGateway {
@@ -49,23 +52,33 @@ export async function startLoggedGateway(name: string, yaml: string, configPath?
   return { gateway, metrics, logs };
 }
 
-/** Two gateways routing vm1 to each other; `extra[i]` is YAML appended to site i's config (tls:, limits:). */
-export async function startPair(tmp: string, extra: [string, string] = ['', '']): Promise<[TestSite, TestSite]> {
+/**
+ * Two gateways routing vm1 to each other; `extra[i]` is YAML appended to site i's config (tls:, limits:).
+ * With `wan`, each gateway reaches the other through a WAN emulator of that rate and delay, closed with
+ * the pair (stopPair).
+ */
+export async function startPair(tmp: string, extra: [string, string] = ['', ''], wan?: { rateMbit: number; delayMs: number }): Promise<[TestSite, TestSite]> {
   const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
+  const [inboundA, inboundB] = wan ? [peerA, peerB].map((port) => new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port }, ...wan })) : [];
+  const farA = inboundA ? (await inboundA.listen()).port : peerA;
+  const farB = inboundB ? (await inboundB.listen()).port : peerB;
   const make = async (name: string, peer: number, route: number, farPeer: number, farDest: number, dest: number, more: string): Promise<TestSite> => {
     const data = path.join(tmp, name);
     const yaml = loopbackSiteYaml({ name, data, peerPort: peer, vm: 'vm1', routePort: route, farPeerPort: farPeer, targetPort: farDest }) + 'metrics: 127.0.0.1:0\n' + more;
     const { gateway, metrics, logs } = await startLoggedGateway(name, yaml, path.join(tmp, `${name}.yaml`));
     return { name, gateway, metrics, data, routePort: route, peerPort: peer, destPort: dest, logs };
   };
-  const a = await make('site-a', peerA, routeA, peerB, destB, destA, extra[0]);
-  const b = await make('site-b', peerB, routeB, peerA, destA, destB, extra[1]);
-  return [a, b];
+  const a = await make('site-a', peerA, routeA, farB, destB, destA, extra[0]);
+  const b = await make('site-b', peerB, routeB, farA, destA, destB, extra[1]);
+  return [{ ...a, inbound: inboundA }, { ...b, inbound: inboundB }];
 }
 
 /** Stops both gateways of a pair (a second's grace for their sessions); a site that never started is passed over. */
 export async function stopPair(sites: readonly (TestSite | undefined)[]): Promise<void> {
-  for (const site of sites) await site?.gateway.stop(1);
+  for (const site of sites) {
+    await site?.gateway.stop(1);
+    await site?.inbound?.close();
+  }
 }
 
 export interface RawPeer {
