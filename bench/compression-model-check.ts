@@ -2,9 +2,10 @@
  * The model beside legs measured with compression and deltas (docs/benchmarks.md, "Compression, deltas
  * and content match"): each leg's inputs as bench/model-check.ts takes them, plus what the leg's own
  * sending gateway measured — the compression ratio (WAN bytes over WAN bytes + bytes zstd saved), the
- * mean Delta and the share of changed pages that went as deltas, and (back legs) the pages it had to
- * carry as the changed share — and the guest's database-like updates while it migrates as page writes.
- * Usage: node dist/bench/compression-model-check.js RESULTS.json... [--scribble-rate 2000]
+ * mean Delta and the share of the pages it carried that went as deltas, and (back legs) the pages it
+ * carried as the changed share. The guest's writes while it migrates are in the model's inputs already:
+ * its used share comes from the direct first leg's page count, re-sent pages included.
+ * Usage: node dist/bench/compression-model-check.js RESULTS.json...
  */
 import * as fs from 'node:fs';
 import { parseArgs } from 'node:util';
@@ -26,8 +27,7 @@ function measuredInputs(leg: LegResult, base: ModelInputs): ModelInputs {
 }
 
 function main(): void {
-  const { values, positionals } = parseArgs({ args: process.argv.slice(2), options: { 'scribble-rate': { type: 'string' } }, strict: true, allowPositionals: true });
-  const scribblePerS = Number(values['scribble-rate'] ?? 0);
+  const { positionals } = parseArgs({ args: process.argv.slice(2), options: {}, strict: true, allowPositionals: true });
   let worst = 0;
   let legs = 0;
   for (const file of positionals) {
@@ -36,8 +36,7 @@ function main(): void {
       const firstDirect = run.legs.find((l) => l.path === 'direct' && l.leg === 1) ?? run.legs[0];
       console.log(`\n${file}: ${run.mbit} Mbit/s, ${run.delayMs} ms, ${run.memMiB} MiB guest`);
       for (const leg of run.legs) {
-        const base = inputsFor(run, leg, firstDirect, results.downtimeLimitMs);
-        const inputs = measuredInputs(leg, { ...base, dirtyMbit: base.dirtyMbit + (scribblePerS * PAGE_BYTES * 8) / 1e6 });
+        const inputs = leg.path === 'direct' ? inputsFor(run, leg, firstDirect, results.downtimeLimitMs) : measuredInputs(leg, inputsFor(run, leg, firstDirect, results.downtimeLimitMs));
         const predicted = leg.path === 'direct' ? predictDirect(inputs) : predictBfmig(inputs, leg.leg > 1);
         const wanError = predicted.wanBytes / leg.wanBytes - 1;
         const timeError = predicted.totalSeconds / (leg.totalTimeMs / 1000) - 1;
@@ -46,7 +45,7 @@ function main(): void {
         const given = [
           inputs.compressionRatio !== undefined ? `ratio ${inputs.compressionRatio.toFixed(3)}` : '',
           inputs.delta ? `delta ${inputs.delta.bytes.toFixed(0)} B × ${(inputs.delta.share * 100).toFixed(1)}%` : '',
-          leg.leg > 1 ? `changed ${(inputs.changedShare * 100).toFixed(2)}%` : '',
+          leg.leg > 1 && leg.path !== 'direct' ? `changed ${(inputs.changedShare * 100).toFixed(2)}%` : '',
         ].filter((s) => s !== '').join(', ');
         console.log(
           `leg ${leg.leg} ${leg.path.padEnd(18)} WAN ${mb(leg.wanBytes).padStart(8)} MB model ${mb(predicted.wanBytes).padStart(8)} (${pct(wanError).padStart(7)}${Math.abs(wanError) <= 0.25 ? '' : ' >25%'})  ` +

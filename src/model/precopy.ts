@@ -93,8 +93,9 @@ export interface ModelInputs {
    */
   compressionRatio?: number;
   /**
-   * Changed pages of a warm leg sent as deltas: `share` of them (0..1), `bytes` each on average (the
-   * Delta payload, the gateway's deltaBytes / (pagesDelta + pagesMatched)); absent: every one whole.
+   * Pages the far site lacks (changed, or all on a first leg) sent as deltas: `share` of them (0..1),
+   * `bytes` each on average (the Delta payload, the gateway's deltaBytes / (pagesDelta + pagesMatched));
+   * absent: every one whole.
    */
   delta?: { bytes: number; share: number };
   platform: Platform;
@@ -342,7 +343,9 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
   const runSeconds = runsPerChanged * p.gatewaySecondsPerRun;
   // A delta: the record's header as a Literal frame of its own (the Delta frame flushes the batch before
   // it, too small to compress), then the Delta frame.
-  const deltaShare = warm && inputs.delta ? inputs.delta.share : 0;
+  // On a first leg too: a page whose content the leg already sent elsewhere, or sent before the guest
+  // changed it again, goes as a Delta.
+  const deltaShare = inputs.delta ? inputs.delta.share : 0;
   const deltaWan = deltaShare > 0 && inputs.delta ? 2 * FRAME_HEADER_BYTES + RECORD_HEADER_BYTES + inputs.delta.bytes : 0;
   const changedPage = (wholeWan: number, wholeSeconds: number): PageKind => ({
     stream: NORMAL_PAGE_STREAM_BYTES,
