@@ -5,7 +5,9 @@
  * mean Delta and the share of the pages it carried that went as deltas, and (back legs) the pages it
  * carried as the changed share. The guest's writes while it migrates are in the model's inputs already:
  * its used share comes from the direct first leg's page count, re-sent pages included.
- * Usage: node dist/bench/compression-model-check.js RESULTS.json...
+ * Usage: node dist/bench/compression-model-check.js RESULTS.json... [--ratio R]
+ *   --ratio R: the compression ratio of every compressing leg is R instead (`bfmig inspect` on a capture
+ *              of the guest: what zstd makes of its stream when it compresses throughout)
  */
 import * as fs from 'node:fs';
 import { parseArgs } from 'node:util';
@@ -14,20 +16,21 @@ import { inputsFor, mb, pct } from '../src/lab/harness/model-check';
 import { PAGE_BYTES, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
 
 /** What the leg's sending gateway measured, as model inputs. */
-function measuredInputs(leg: LegResult, base: ModelInputs): ModelInputs {
+function measuredInputs(leg: LegResult, base: ModelInputs, ratio: number | null): ModelInputs {
   const deltas = leg.pagesDelta + leg.pagesMatched;
   const carried = leg.pagesSent + deltas;
   const ramPages = base.ramBytes / PAGE_BYTES;
   return {
     ...base,
-    ...(leg.compressionSavedBytes > 0 ? { compressionRatio: leg.wanBytes / (leg.wanBytes + leg.compressionSavedBytes) } : {}),
+    ...(leg.compressionSavedBytes > 0 ? { compressionRatio: ratio ?? leg.wanBytes / (leg.wanBytes + leg.compressionSavedBytes) } : {}),
     ...(deltas > 0 ? { delta: { bytes: leg.deltaBytes / deltas, share: deltas / carried } } : {}),
     ...(leg.leg > 1 ? { changedShare: Math.min(base.usedShare, carried / ramPages) } : {}),
   };
 }
 
 function main(): void {
-  const { positionals } = parseArgs({ args: process.argv.slice(2), options: {}, strict: true, allowPositionals: true });
+  const { values, positionals } = parseArgs({ args: process.argv.slice(2), options: { ratio: { type: 'string' } }, strict: true, allowPositionals: true });
+  const ratio = values.ratio === undefined ? null : Number(values.ratio);
   let worst = 0;
   let legs = 0;
   for (const file of positionals) {
@@ -36,7 +39,7 @@ function main(): void {
       const firstDirect = run.legs.find((l) => l.path === 'direct' && l.leg === 1) ?? run.legs[0];
       console.log(`\n${file}: ${run.mbit} Mbit/s, ${run.delayMs} ms, ${run.memMiB} MiB guest`);
       for (const leg of run.legs) {
-        const inputs = leg.path === 'direct' ? inputsFor(run, leg, firstDirect, results.downtimeLimitMs) : measuredInputs(leg, inputsFor(run, leg, firstDirect, results.downtimeLimitMs));
+        const inputs = leg.path === 'direct' ? inputsFor(run, leg, firstDirect, results.downtimeLimitMs) : measuredInputs(leg, inputsFor(run, leg, firstDirect, results.downtimeLimitMs), ratio);
         const predicted = leg.path === 'direct' ? predictDirect(inputs) : predictBfmig(inputs, leg.leg > 1);
         const wanError = predicted.wanBytes / leg.wanBytes - 1;
         const timeError = predicted.totalSeconds / (leg.totalTimeMs / 1000) - 1;
