@@ -23,7 +23,7 @@ function measuredInputs(leg: LegResult, base: ModelInputs, ratio: number | null)
   return {
     ...base,
     ...(leg.compressionSavedBytes > 0 ? { compressionRatio: ratio ?? leg.wanBytes / (leg.wanBytes + leg.compressionSavedBytes) } : {}),
-    ...(deltas > 0 ? { delta: { bytes: leg.deltaBytes / deltas, share: deltas / carried } } : {}),
+    ...(deltas > 0 ? { delta: { bytes: leg.deltaBytes / deltas, share: deltas / carried, firstLegShare: deltas / carried } } : {}),
     ...(leg.leg > 1 ? { changedShare: Math.min(base.usedShare, carried / ramPages) } : {}),
   };
 }

@@ -124,8 +124,10 @@ describe('through bfmig', () => {
     // Deltas and compression together: only the whole pages shrink.
     const both = predictBfmig({ ...BASE, delta: { bytes: 300, share: 0.75 }, compressionRatio: 0.5 }, true);
     expect(both.wanBytes).toBeCloseTo(100 * (0.75 * delta + 0.25 * (0.5 * 4104 + 5) + 0.9 * 38) + HELD_AND_FRAME, 0);
-    // A first leg's deltas (content it sent already elsewhere, pages re-sent after a change) break no Runs.
-    expect(predictBfmig({ ...BASE, delta: { bytes: 300, share: 0.5 } }, false).wanBytes).toBeCloseTo(1000 * (0.5 * delta + 0.5 * 4109) + 5, 0);
+    // A first leg sends whole what has no first-leg share; its deltas (content it sent already elsewhere,
+    // pages re-sent after a change) break no Runs.
+    expect(predictBfmig({ ...BASE, delta: { bytes: 300, share: 0.5 } }, false).wanBytes).toBeCloseTo(1000 * 4109 + 5, 0);
+    expect(predictBfmig({ ...BASE, delta: { bytes: 300, share: 1, firstLegShare: 0.5 } }, false).wanBytes).toBeCloseTo(1000 * (0.5 * delta + 0.5 * 4109) + 5, 0);
   });
 
   test('nothing retained: every page as a Literal, a round trip for Hello/Offer first', () => {

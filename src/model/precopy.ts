@@ -93,11 +93,12 @@ export interface ModelInputs {
    */
   compressionRatio?: number;
   /**
-   * Pages the far site lacks (changed, or all on a first leg) sent as deltas: `share` of them (0..1),
-   * `bytes` each on average (the Delta payload, the gateway's deltaBytes / (pagesDelta + pagesMatched));
-   * absent: every one whole.
+   * Deltas, `bytes` each on average (the Delta payload, the gateway's deltaBytes / (pagesDelta +
+   * pagesMatched)): `share` (0..1) of a warm leg's changed pages go as deltas, and `firstLegShare`
+   * (default 0) of a first leg's pages (content it sent already at another place, pages re-sent after
+   * the guest changed them); absent: every page whole.
    */
-  delta?: { bytes: number; share: number };
+  delta?: { bytes: number; share: number; firstLegShare?: number };
   platform: Platform;
 }
 
@@ -290,7 +291,8 @@ export function checkInputs(i: ModelInputs): void {
   bad('maxBandwidthBytesPerS', i.maxBandwidthBytesPerS > 0);
   bad('compressionRatio', i.compressionRatio === undefined || (i.compressionRatio > 0 && i.compressionRatio <= 1));
   bad('delta.bytes', i.delta === undefined || (Number.isFinite(i.delta.bytes) && i.delta.bytes >= 0 && i.delta.bytes <= PAGE_BYTES));
-  bad('delta.share', i.delta === undefined || (i.delta.share >= 0 && i.delta.share <= 1));
+  const share = (x: number | undefined): boolean => x === undefined || (x >= 0 && x <= 1);
+  bad('delta.share', i.delta === undefined || (share(i.delta.share) && share(i.delta.firstLegShare)));
   const p = i.platform;
   for (const [name, v] of Object.entries(p)) bad(`platform.${name}`, typeof v === 'number' && v >= 0 && !Number.isNaN(v));
   bad('platform.gatewayBytesPerS', p.gatewayBytesPerS > 0 && p.sourceBytesPerS > 0 && p.compressorBytesPerS > 0);
@@ -343,9 +345,7 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
   const runSeconds = runsPerChanged * p.gatewaySecondsPerRun;
   // A delta: the record's header as a Literal frame of its own (the Delta frame flushes the batch before
   // it, too small to compress), then the Delta frame.
-  // On a first leg too: a page whose content the leg already sent elsewhere, or sent before the guest
-  // changed it again, goes as a Delta.
-  const deltaShare = inputs.delta ? inputs.delta.share : 0;
+  const deltaShare = inputs.delta ? (warm ? inputs.delta.share : inputs.delta.firstLegShare ?? 0) : 0;
   const deltaWan = deltaShare > 0 && inputs.delta ? 2 * FRAME_HEADER_BYTES + RECORD_HEADER_BYTES + inputs.delta.bytes : 0;
   const changedPage = (wholeWan: number, wholeSeconds: number): PageKind => ({
     stream: NORMAL_PAGE_STREAM_BYTES,
