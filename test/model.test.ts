@@ -24,6 +24,7 @@ const BARE: Platform = {
   stopSeconds: 0,
   setupSeconds: 0,
   bfmigControlBytes: 0,
+  compressorBytesPerS: Infinity,
 };
 
 /** 1000 pages over a link of 8.208 Mbit/s = 1,026,000 B/s = 250 normal records (4104 B) a second. */
@@ -97,6 +98,38 @@ describe('through bfmig', () => {
     expect(r.totalSeconds).toBeCloseTo(expected / 1_026_000, 2);
   });
 
+  /** The 900 held pages and the device-state frame of BASE's warm leg. */
+  const HELD_AND_FRAME = 900 * (1 / 8 + 38 / 256) + 5;
+
+  test('compressed: changed pages cost the ratio of their record, plus the frame and Run as before', () => {
+    const r = predictBfmig({ ...BASE, compressionRatio: 0.5 }, true);
+    const expected = 100 * (0.5 * 4104 + 5 + 0.9 * 38) + HELD_AND_FRAME;
+    expect(r.wanBytes).toBeCloseTo(expected, 0);
+    expect(r.totalSeconds).toBeCloseTo(expected / 1_026_000, 2);
+    // A first leg shrinks the same way: 1000 × (0.5 × 4104 + 5) + 5.
+    expect(predictBfmig({ ...BASE, compressionRatio: 0.5 }, false).wanBytes).toBeCloseTo(1000 * 2057 + 5, 0);
+  });
+
+  test('not compressed where the compressor is slower than the link: the policy backs off', () => {
+    // zstd at 102,600 B/s takes 0.04 s a page, the link 0.004 s: sending raw lets more through.
+    const slowZstd = predictBfmig({ ...BASE, compressionRatio: 0.5, platform: { ...BARE, compressorBytesPerS: 102_600 } }, true);
+    expect(slowZstd.wanBytes).toBeCloseTo(predictBfmig(BASE, true).wanBytes, 0);
+  });
+
+  test('deltas: a page costs its record header and the Delta, in two frames, instead of its record', () => {
+    const r = predictBfmig({ ...BASE, delta: { bytes: 300, share: 0.75 } }, true);
+    const delta = 5 + 8 + 5 + 300;
+    const expected = 100 * (0.75 * delta + 0.25 * (4104 + 5) + 0.9 * 38) + HELD_AND_FRAME;
+    expect(r.wanBytes).toBeCloseTo(expected, 0);
+    // Deltas and compression together: only the whole pages shrink.
+    const both = predictBfmig({ ...BASE, delta: { bytes: 300, share: 0.75 }, compressionRatio: 0.5 }, true);
+    expect(both.wanBytes).toBeCloseTo(100 * (0.75 * delta + 0.25 * (0.5 * 4104 + 5) + 0.9 * 38) + HELD_AND_FRAME, 0);
+    // A first leg sends whole what has no first-leg share; its deltas (content it sent already elsewhere,
+    // pages re-sent after a change) break no Runs.
+    expect(predictBfmig({ ...BASE, delta: { bytes: 300, share: 0.5 } }, false).wanBytes).toBeCloseTo(1000 * 4109 + 5, 0);
+    expect(predictBfmig({ ...BASE, delta: { bytes: 300, share: 1, firstLegShare: 0.5 } }, false).wanBytes).toBeCloseTo(1000 * (0.5 * delta + 0.5 * 4109) + 5, 0);
+  });
+
   test('nothing retained: every page as a Literal, a round trip for Hello/Offer first', () => {
     const r = predictBfmig({ ...BASE, rttMs: 100 }, false);
     expect(r.wanBytes).toBeCloseTo(1000 * 4109 + 5, 0);
@@ -130,6 +163,8 @@ describe('through bfmig', () => {
   test('inputs it has no answer for are refused', () => {
     expect(() => predictDirect({ ...BASE, rateMbit: 0 })).toThrow(/rateMbit/);
     expect(() => predictDirect({ ...BASE, usedShare: Number.NaN })).toThrow(/usedShare/);
+    expect(() => predictBfmig({ ...BASE, compressionRatio: 1.5 }, true)).toThrow(/compressionRatio/);
+    expect(() => predictBfmig({ ...BASE, delta: { bytes: 5000, share: 1 } }, true)).toThrow(/delta.bytes/);
   });
 });
 
@@ -146,6 +181,19 @@ describe('bfmig predict', () => {
     expect(i.maxBandwidthBytesPerS).toBe(128 * 2 ** 20);
     expect(() => predictInputs(args('--ram 8GiB --mbit 100'))).toThrow(/--rtt-ms is required/);
     expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --changed 120%'))).toThrow(/percentage/);
+  });
+
+  test('compression ratio and delta size', () => {
+    const plain = predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40'));
+    expect(plain.compressionRatio).toBeUndefined();
+    expect(plain.delta).toBeUndefined();
+    const i = predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --compression 0.45 --delta-bytes 300 --delta-share 80%'));
+    expect(i.compressionRatio).toBeCloseTo(0.45);
+    expect(i.delta).toEqual({ bytes: 300, share: 0.8 });
+    expect(predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --delta-bytes 120')).delta).toEqual({ bytes: 120, share: 1 });
+    expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --compression 45'))).toThrow(/--compression/);
+    expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --delta-bytes 5000'))).toThrow(/--delta-bytes/);
+    expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --delta-share 50%'))).toThrow(/needs --delta-bytes/);
   });
 
   test('--json gives every path and the break-even', () => {

@@ -1,14 +1,40 @@
 import { createReadStream } from 'node:fs';
 import type { Readable } from 'node:stream';
 import { type InspectReport, StreamInspector } from '../qemu/inspect';
+import { RecordKind } from '../qemu/records';
+import { StreamWriter } from '../qemu/writer';
+import { CompressionMeter } from '../wire/compression';
 
-export async function inspectSource(source: Readable): Promise<InspectReport> {
-  const inspector = new StreamInspector();
-  for await (const chunk of source) inspector.push(chunk as Buffer);
-  return inspector.end();
+/** What a sending gateway's zstd would make of the stream's Literal bytes on a first leg. */
+export interface CompressionReport {
+  /** Bytes that go as Literal on a first leg: the whole stream but its zero-page records (those go in Runs). */
+  literalBytes: number;
+  /** The frames they become when the WAN is the bottleneck throughout (Compressed, or Literal where zstd did not shrink a batch). */
+  frameBytes: number;
+  /** frameBytes / literalBytes: `bfmig predict --compression`. */
+  ratio: number;
 }
 
-export async function inspectPath(path: string): Promise<InspectReport> {
+export interface InspectResult extends InspectReport {
+  compression: CompressionReport;
+}
+
+export async function inspectSource(source: Readable): Promise<InspectResult> {
+  const meter = new CompressionMeter();
+  // The Literal bytes rebuilt from the records (byte-identical, inspect checks it): a writer's buffers are never reused.
+  const literal = new StreamWriter((bytes) => meter.literal(bytes));
+  const inspector = new StreamInspector((record) => {
+    if (record.kind !== RecordKind.RamZero) literal.write(record);
+  });
+  for await (const chunk of source) inspector.push(chunk as Buffer);
+  const report = inspector.end();
+  literal.flush();
+  meter.end();
+  const ratio = meter.literalBytes === 0 ? 1 : meter.frameBytes / meter.literalBytes;
+  return { ...report, compression: { literalBytes: meter.literalBytes, frameBytes: meter.frameBytes, ratio } };
+}
+
+export async function inspectPath(path: string): Promise<InspectResult> {
   return inspectSource(path === '-' ? process.stdin : createReadStream(path, { highWaterMark: 1 << 20 }));
 }
 
@@ -22,7 +48,7 @@ function table(rows: (string | number)[][], align: ('l' | 'r')[]): string {
     .join('\n');
 }
 
-export function formatReport(r: InspectReport): string {
+export function formatReport(r: InspectResult): string {
   const lines: string[] = [];
   const framing = [
     r.configuration ? `configuration ${r.configuration.machineType}` : 'no configuration',
@@ -67,5 +93,7 @@ export function formatReport(r: InspectReport): string {
   if (r.commands.length) lines.push(`commands   ${r.commands.map((c) => `${c.command}(${c.length})`).join(' ')}`);
   lines.push('bytes by kind');
   lines.push(table(Object.entries(r.bytesByKind).sort((a, b) => b[1] - a[1]), ['l', 'r']));
+  const c = r.compression;
+  lines.push(`zstd       ${n(c.literalBytes)} Literal bytes (all but zero pages) → ${n(c.frameBytes)} bytes of frames: ratio ${c.ratio.toFixed(3)} (bfmig predict --compression)`);
   return lines.join('\n');
 }

@@ -40,6 +40,24 @@ function sizeOption(args: PredictArgs, name: TextOption, fallback?: number): num
   }
 }
 
+/** `--compression 0.45` (WAN bytes per Literal byte, as `bfmig inspect` reports it) and `--delta-bytes 300 [--delta-share 90%]`. */
+function compressionAndDelta(args: PredictArgs): Pick<ModelInputs, 'compressionRatio' | 'delta'> {
+  const out: Pick<ModelInputs, 'compressionRatio' | 'delta'> = {};
+  if (args.compression !== undefined) {
+    const ratio = numberOption(args, 'compression');
+    if (ratio <= 0 || ratio > 1) throw new UsageError(`--compression takes WAN bytes per Literal byte, above 0 and at most 1, not "${args.compression}"`);
+    out.compressionRatio = ratio;
+  }
+  if (args['delta-bytes'] !== undefined) {
+    const bytes = numberOption(args, 'delta-bytes');
+    if (bytes > PAGE_BYTES) throw new UsageError(`--delta-bytes takes the mean bytes of a delta, at most ${PAGE_BYTES}, not "${args['delta-bytes']}"`);
+    out.delta = { bytes, share: percentOption(args, 'delta-share', 1) };
+  } else if (args['delta-share'] !== undefined) {
+    throw new UsageError('--delta-share needs --delta-bytes');
+  }
+  return out;
+}
+
 export function predictInputs(args: PredictArgs): ModelInputs {
   const platformName = args.platform ?? 'default';
   if (platformName !== 'default' && platformName !== 'bench') throw new UsageError(`--platform is default or bench, not "${platformName}"`);
@@ -58,6 +76,7 @@ export function predictInputs(args: PredictArgs): ModelInputs {
     downtimeLimitMs: numberOption(args, 'downtime-limit-ms', 300),
     maxBandwidthBytesPerS: sizeOption(args, 'max-bandwidth', 128 * 2 ** 20),
     senderHasDigests: args['no-digests'] !== true,
+    ...compressionAndDelta(args),
     platform,
   };
   if (inputs.rateMbit <= 0) throw new UsageError('--mbit must be above 0');
@@ -76,7 +95,9 @@ export function formatPrediction(inputs: ModelInputs, p: Prediction): string {
   const saving = (a: number, b: number): string => `${((1 - a / b) * 100).toFixed(1)}%`;
   return [
     `guest ${mb(inputs.ramBytes)} RAM (${(inputs.usedShare * 100).toFixed(0)}% non-zero), ${inputs.rateMbit} Mbit/s, RTT ${inputs.rttMs} ms, ` +
-      `${(inputs.changedShare * 100).toFixed(2)}% changed since it left the destination, dirtying ${inputs.dirtyMbit} Mbit/s`,
+      `${(inputs.changedShare * 100).toFixed(2)}% changed since it left the destination, dirtying ${inputs.dirtyMbit} Mbit/s` +
+      (inputs.compressionRatio !== undefined ? `, compressing Literal bytes to ${(inputs.compressionRatio * 100).toFixed(0)}%` : '') +
+      (inputs.delta ? `, ${(inputs.delta.share * 100).toFixed(0)}% of changed pages as ${inputs.delta.bytes}-byte deltas` : ''),
     '',
     `${'path'.padEnd(26)} ${'WAN'.padStart(10)} ${'total'.padStart(10)} ${'downtime'.padStart(10)} ${'rounds'.padStart(7)}`,
     row('direct QEMU', p.direct),

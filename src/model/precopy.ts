@@ -23,6 +23,8 @@
 export const PAGE_BYTES = 4096;
 /** A normal page record: 8-byte offset|flags word + the page (the block name only on a block's first record). */
 export const NORMAL_PAGE_STREAM_BYTES = 8 + PAGE_BYTES;
+/** The offset|flags word a page record starts with. */
+export const RECORD_HEADER_BYTES = 8;
 /** A zero page record: the word + one fill byte. */
 export const ZERO_PAGE_STREAM_BYTES = 9;
 /** bfmig frame header (u8 type, u32 length) and the fixed part of a Run payload (src/wire, src/proxy/run.ts). */
@@ -61,6 +63,8 @@ export interface Platform {
   setupSeconds: number;
   /** bfmig control frames (Hello, Offer, End, Done) both ways, bytes per migration. */
   bfmigControlBytes: number;
+  /** Literal bytes a sending gateway zstd-compresses a second (one core), when it compresses. */
+  compressorBytesPerS: number;
 }
 
 export interface ModelInputs {
@@ -83,6 +87,18 @@ export interface ModelInputs {
   maxBandwidthBytesPerS: number;
   /** Whether the sending gateway already has the digests of the receiver's snapshot (it took part in it). */
   senderHasDigests: boolean;
+  /**
+   * WAN bytes per Literal byte when the gateway compresses (`bfmig inspect` measures it from a capture);
+   * absent or 1: not compressed. The gateway compresses only while the WAN is the bottleneck.
+   */
+  compressionRatio?: number;
+  /**
+   * Deltas, `bytes` each on average (the Delta payload, the gateway's deltaBytes / (pagesDelta +
+   * pagesMatched)): `share` (0..1) of a warm leg's changed pages go as deltas, and `firstLegShare`
+   * (default 0) of a first leg's pages (content it sent already at another place, pages re-sent after
+   * the guest changed them); absent: every page whole.
+   */
+  delta?: { bytes: number; share: number; firstLegShare?: number };
   platform: Platform;
 }
 
@@ -137,6 +153,8 @@ interface Pending {
 
 interface PathCosts {
   literal: PageKind;
+  /** The literal pages when the gateway compresses them (absent: it never does). */
+  compressedLiteral?: PageKind;
   held: PageKind;
   zero: PageKind;
   /** Stream-byte ceiling of the local stage. */
@@ -180,22 +198,32 @@ function simulate(inputs: ModelInputs, start: Pending, costs: PathCosts): PathPr
   let rounds = 0;
   let converged = true;
 
-  /** Sends up to `budgetS` seconds' worth of pending pages; returns the seconds used. */
-  const sendFor = (budgetS: number, p: Pending): { used: number; sent: Pending } => {
+  /** Pages of `p` the pipeline lets through in `budgetS` with `literal` as the literal pages' costs. */
+  const throughput = (budgetS: number, p: Pending, literal: PageKind): { k: number; used: number; streamPerPage: number; wanPerPage: number } => {
     const n = total(p);
-    if (n === 0) return { used: 0, sent: { literal: 0, held: 0, zero: 0 } };
-    const streamPerPage = (p.literal * costs.literal.stream + p.held * costs.held.stream + p.zero * costs.zero.stream) / n;
-    const wanPerPage = (p.literal * costs.literal.wan + p.held * costs.held.wan + p.zero * costs.zero.wan) / n;
-    // Local-stage seconds a page: its stream bytes at the local ceiling plus any per-Run cost.
-    const localPerPage = streamPerPage / costs.localBytesPerS + (p.literal * (costs.literal.extraSeconds ?? 0)) / n;
+    const streamPerPage = (p.literal * literal.stream + p.held * costs.held.stream + p.zero * costs.zero.stream) / n;
+    const wanPerPage = (p.literal * literal.wan + p.held * costs.held.wan + p.zero * costs.zero.wan) / n;
+    // Local-stage seconds a page: its stream bytes at the local ceiling plus any per-page gateway cost.
+    const localPerPage = streamPerPage / costs.localBytesPerS + (p.literal * (literal.extraSeconds ?? 0)) / n;
     // Pages the local stage lets through in budgetS, and the pages the WAN stage accepts: what it drains
     // meanwhile plus the room left in the buffer.
     const byLocal = budgetS / localPerPage;
     const byWan = wanPerPage > 0 ? (wanBytesPerS * budgetS + Math.max(0, costs.bufferBytes - queue)) / wanPerPage : Infinity;
     const k = Math.min(n, byLocal, byWan);
+    const used = k === n ? Math.max(k * localPerPage, (k * wanPerPage - Math.max(0, costs.bufferBytes - queue)) / wanBytesPerS, 0) : budgetS;
+    return { k, used, streamPerPage, wanPerPage };
+  };
+
+  /** Sends up to `budgetS` seconds' worth of pending pages; returns the seconds used. */
+  const sendFor = (budgetS: number, p: Pending): { used: number; sent: Pending } => {
+    const n = total(p);
+    if (n === 0) return { used: 0, sent: { literal: 0, held: 0, zero: 0 } };
+    // The gateway compresses only while that lets more through (the WAN is the bottleneck, not its CPU).
+    const raw = throughput(budgetS, p, costs.literal);
+    const zipped = costs.compressedLiteral ? throughput(budgetS, p, costs.compressedLiteral) : raw;
+    const { k, used, streamPerPage, wanPerPage } = zipped.k / zipped.used > raw.k / raw.used ? zipped : raw;
     const share = k / n;
     const sent = { literal: p.literal * share, held: p.held * share, zero: p.zero * share };
-    const used = k === n ? Math.max(k * localPerPage, (k * wanPerPage - Math.max(0, costs.bufferBytes - queue)) / wanBytesPerS, 0) : budgetS;
     queue = Math.max(0, queue + k * wanPerPage - wanBytesPerS * used);
     wan += k * wanPerPage;
     stream += k * streamPerPage;
@@ -261,9 +289,13 @@ export function checkInputs(i: ModelInputs): void {
   bad('hotShare', i.hotShare > 0 && i.hotShare <= 1);
   bad('downtimeLimitMs', Number.isFinite(i.downtimeLimitMs) && i.downtimeLimitMs > 0);
   bad('maxBandwidthBytesPerS', i.maxBandwidthBytesPerS > 0);
+  bad('compressionRatio', i.compressionRatio === undefined || (i.compressionRatio > 0 && i.compressionRatio <= 1));
+  bad('delta.bytes', i.delta === undefined || (Number.isFinite(i.delta.bytes) && i.delta.bytes >= 0 && i.delta.bytes <= PAGE_BYTES));
+  const share = (x: number | undefined): boolean => x === undefined || (x >= 0 && x <= 1);
+  bad('delta.share', i.delta === undefined || (share(i.delta.share) && share(i.delta.firstLegShare)));
   const p = i.platform;
   for (const [name, v] of Object.entries(p)) bad(`platform.${name}`, typeof v === 'number' && v >= 0 && !Number.isNaN(v));
-  bad('platform.gatewayBytesPerS', p.gatewayBytesPerS > 0 && p.sourceBytesPerS > 0);
+  bad('platform.gatewayBytesPerS', p.gatewayBytesPerS > 0 && p.sourceBytesPerS > 0 && p.compressorBytesPerS > 0);
 }
 
 /** Pages of the guest by kind at the start of a migration. */
@@ -310,11 +342,19 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
   // Changed pages scattered uniformly over the used pages: a changed page ends a Run when the record
   // before it is held, which it is with probability 1 − (changed share of the used pages).
   const runsPerChanged = warm ? 1 - Math.min(1, inputs.changedShare / inputs.usedShare) : 0;
-  const literal = {
+  const runSeconds = runsPerChanged * p.gatewaySecondsPerRun;
+  // A delta: the record's header as a Literal frame of its own (the Delta frame flushes the batch before
+  // it, too small to compress), then the Delta frame.
+  const deltaShare = inputs.delta ? (warm ? inputs.delta.share : inputs.delta.firstLegShare ?? 0) : 0;
+  const deltaWan = deltaShare > 0 && inputs.delta ? 2 * FRAME_HEADER_BYTES + RECORD_HEADER_BYTES + inputs.delta.bytes : 0;
+  const changedPage = (wholeWan: number, wholeSeconds: number): PageKind => ({
     stream: NORMAL_PAGE_STREAM_BYTES,
-    wan: NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES + runsPerChanged * runFrame,
-    extraSeconds: runsPerChanged * p.gatewaySecondsPerRun,
-  };
+    wan: (1 - deltaShare) * wholeWan + deltaShare * deltaWan + runsPerChanged * runFrame,
+    extraSeconds: runSeconds + (1 - deltaShare) * wholeSeconds,
+  });
+  const literal = changedPage(NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, 0);
+  const ratio = inputs.compressionRatio ?? 1;
+  const compressedLiteral = ratio < 1 ? changedPage(ratio * NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, NORMAL_PAGE_STREAM_BYTES / p.compressorBytesPerS) : undefined;
   const held = { stream: NORMAL_PAGE_STREAM_BYTES, wan: 1 / 8 + runFrame / RUN_MAX_HELD };
   const zero = { stream: ZERO_PAGE_STREAM_BYTES, wan: 1 / 8 + runFrame / RUN_MAX_RECORDS };
   const rttS = inputs.rttMs / 1000;
@@ -327,6 +367,7 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
   const heldShare = warm ? Math.max(0, 1 - inputs.changedShare / Math.max(inputs.usedShare, 1e-12)) : 0;
   return simulate(inputs, startPages(inputs, heldShare), {
     literal,
+    compressedLiteral,
     held,
     zero,
     localBytesPerS: localCeiling(inputs, true),

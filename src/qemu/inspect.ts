@@ -114,7 +114,8 @@ export class StreamInspector {
     identical: false,
   };
 
-  constructor() {
+  /** `observer` sees every record after the inspector (a view of the stream it may keep only while the call lasts). */
+  constructor(private readonly observer: ((record: StreamRecord) => void) | null = null) {
     this.writer = new StreamWriter((bytes) => {
       this.outputDigest.update(bytes);
       this.outputBytes += bytes.length;
@@ -274,6 +275,7 @@ export class StreamInspector {
       case RecordKind.Verbatim:
         break;
     }
+    this.observer?.(record);
   }
 
   /**

@@ -160,6 +160,31 @@ export class LiteralFrames {
 }
 
 /**
+ * What compression makes of a stream's Literal bytes: the batches, zstd stream and policy of a sending
+ * gateway's LiteralFrames while the WAN is the bottleneck throughout (a first leg), its frames counted
+ * instead of sent. `bfmig inspect` measures a capture's compression ratio with it.
+ */
+export class CompressionMeter {
+  literalBytes = 0;
+  /** Bytes of the frames the Literal bytes became (Compressed frames, and Literal frames for what went raw). */
+  frameBytes = 0;
+  private readonly frames = new LiteralFrames((bytes) => {
+    this.frameBytes += bytes.length;
+  }, ZSTD);
+
+  /** Literal bytes, in stream order; kept (not copied) until their batch is full. */
+  literal(bytes: Buffer): void {
+    this.literalBytes += bytes.length;
+    this.frames.literal(bytes);
+  }
+
+  /** Compresses what is gathered; frameBytes / literalBytes is then the ratio. */
+  end(): void {
+    this.frames.flush();
+  }
+}
+
+/**
  * The receiving side: Compressed frames back into the Literal bytes they were, each checked to decode
  * to exactly the length it declares (at most MAX_BATCH_BYTES). Anything else a peer sends is a
  * WireError that ends the migration.

@@ -109,6 +109,10 @@ export interface LegResult {
   verbatim: string | null;
   /** WAN bytes the sending gateway's compression saved (0: direct, or not compressed). */
   compressionSavedBytes: number;
+  /** The sending gateway's deltas (not counted in pagesSent): pages sent as changed ranges, pages matched to the same content elsewhere, the Delta payload bytes both took (0: direct). */
+  pagesDelta: number;
+  pagesMatched: number;
+  deltaBytes: number;
 }
 
 interface Site {
@@ -310,6 +314,9 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           postcopyStarted,
           verbatim: report?.verbatim ?? null,
           compressionSavedBytes: report?.compressionSavedBytes ?? 0,
+          pagesDelta: report?.pagesDelta ?? 0,
+          pagesMatched: report?.pagesMatched ?? 0,
+          deltaBytes: report?.deltaBytes ?? 0,
         };
         results.push(result);
         say(`leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}: ${mib(result.wanBytes)} over the WAN in ${(result.totalTimeMs / 1000).toFixed(1)} s, guest memory ${result.verified ? 'verified' : 'NOT VERIFIED'}`);
@@ -390,7 +397,7 @@ async function waitWithProgress(vm: QemuVm, label: string, out: NodeJS.WriteStre
 }
 
 export function formatTable(results: LegResult[]): string {
-  const rows = [['leg', 'path', 'from → to', 'WAN bytes', 'WAN MiB', 'total time s', 'downtime ms', 'until running s', 'paused ms', 'pages sent', 'pages reused', 'guest']];
+  const rows = [['leg', 'path', 'from → to', 'WAN bytes', 'WAN MiB', 'total time s', 'downtime ms', 'until running s', 'paused ms', 'pages sent', 'pages reused', 'delta pages', 'matched', 'delta bytes', 'guest']];
   for (const r of results) {
     rows.push([
       String(r.leg),
@@ -404,11 +411,14 @@ export function formatTable(results: LegResult[]): string {
       r.pausedMs === null ? '?' : String(r.pausedMs),
       String(r.pagesSent),
       String(r.pagesReused),
+      String(r.pagesDelta),
+      String(r.pagesMatched),
+      r.deltaBytes.toLocaleString('en-US'),
       r.verified ? 'verified' : 'FAILED',
     ]);
   }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
-  return rows.map((r) => r.map((c, i) => (i >= 3 && i <= 10 ? c.padStart(widths[i]) : c.padEnd(widths[i]))).join('  ')).join('\n');
+  return rows.map((r) => r.map((c, i) => (i >= 3 && i <= 13 ? c.padStart(widths[i]) : c.padEnd(widths[i]))).join('  ')).join('\n');
 }
 
 const mib = (bytes: number): string => `${(bytes / 2 ** 20).toFixed(1)} MiB`;

@@ -42,7 +42,7 @@ export interface CheckedLeg {
   calibration: boolean;
 }
 
-function inputsFor(run: GridRun, leg: LegResult, firstDirect: LegResult, downtimeLimitMs: number): ModelInputs {
+export function inputsFor(run: GridRun, leg: LegResult, firstDirect: LegResult, downtimeLimitMs: number): ModelInputs {
   const ramPages = leg.qemuNormalPages + leg.qemuZeroPages;
   const workloadPages = (run.workloadMiB * 2 ** 20) / PAGE_BYTES;
   const dirtyPagesPerS = (run.rewritePct / 100) * workloadPages;

@@ -29,6 +29,10 @@ export interface GatewayLegReport {
   postcopy: boolean;
   /** WAN bytes compression saved (0: not compressed). */
   compressionSavedBytes: number;
+  /** Pages sent as the ranges that changed from the receiver's version, pages sent as a reference to the same content elsewhere, and the Delta payload bytes both took. */
+  pagesDelta: number;
+  pagesMatched: number;
+  deltaBytes: number;
 }
 
 export interface SiteGateway {
@@ -83,10 +87,15 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
   };
 }
 
-const pick = (c: { pagesSent: number; pagesReused: number; pagesZero: number }): Pick<GatewayLegReport, 'pagesSent' | 'pagesReused' | 'pagesZero'> => ({
+type PageCounts = Pick<GatewayLegReport, 'pagesSent' | 'pagesReused' | 'pagesZero' | 'pagesDelta' | 'pagesMatched' | 'deltaBytes'>;
+
+const pick = (c: PageCounts): PageCounts => ({
   pagesSent: c.pagesSent,
   pagesReused: c.pagesReused,
   pagesZero: c.pagesZero,
+  pagesDelta: c.pagesDelta,
+  pagesMatched: c.pagesMatched,
+  deltaBytes: c.deltaBytes,
 });
 
 interface FinishedLine {
@@ -99,6 +108,10 @@ interface FinishedLine {
   pagesSent?: number;
   pagesReused?: number;
   pagesZero?: number;
+  /** Only on a line whose migration sent deltas. */
+  pagesDelta?: number;
+  pagesMatched?: number;
+  deltaBytes?: number;
   snapshotId?: string | null;
   verbatim?: string;
   postcopy?: boolean;
@@ -125,7 +138,7 @@ async function startChild(configPath: string, logPath: string, nodeArgs: readonl
         return;
       }
       if (f.direction && f.result) {
-        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
+        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, pagesDelta: f.pagesDelta ?? 0, pagesMatched: f.pagesMatched ?? 0, deltaBytes: f.deltaBytes ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
       }
     });
     child.once('exit', (code) => {
