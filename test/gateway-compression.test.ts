@@ -6,9 +6,8 @@
  */
 import * as net from 'node:net';
 import * as path from 'node:path';
-import type { MigrationReport } from '../src/gateway/session';
 import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
-import { rawPeer, startLoggedGateway, startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
+import { migrateThroughPair, rawPeer, startLoggedGateway, startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 import { freePort } from '../src/lab/vm/ports';
@@ -35,14 +34,7 @@ function compressibleStream(): Buffer {
 
 const stream = compressibleStream();
 
-async function migrate(from: TestSite, to: TestSite): Promise<{ received: Buffer; sent: MigrationReport; got: MigrationReport }> {
-  const dest = await destinationStandIn(to.destPort);
-  const before = [from.gateway.history.length, to.gateway.history.length];
-  await sourceStandIn(from.routePort, stream);
-  await waitFor(() => from.gateway.history.length > before[0] && to.gateway.history.length > before[1]);
-  dest.close();
-  return { received: (await dest.received).bytes, sent: from.gateway.history[before[0]], got: to.gateway.history[before[1]] };
-}
+const migrate = (from: TestSite, to: TestSite) => migrateThroughPair(from, to, stream);
 
 const offered = (site: TestSite): unknown => site.logs.filter((l) => l.msg === 'peer offered').at(-1)?.compression;
 

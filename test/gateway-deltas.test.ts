@@ -6,19 +6,10 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import type { MigrationReport } from '../src/gateway/session';
-import { startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
-import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { migrateThroughPair, startPair, stopPair, type TestSite } from '../src/lab/harness/gateway-pair';
 import { dirty, guestMemory, migrationStream, PAGE, patchPages } from '../src/lab/harness/migration-stream';
 
-async function migrate(from: TestSite, to: TestSite, stream: Buffer): Promise<{ received: Buffer; sent: MigrationReport; got: MigrationReport }> {
-  const dest = await destinationStandIn(to.destPort);
-  const before = [from.gateway.history.length, to.gateway.history.length];
-  await sourceStandIn(from.routePort, stream);
-  await waitFor(() => from.gateway.history.length > before[0] && to.gateway.history.length > before[1]);
-  dest.close();
-  return { received: (await dest.received).bytes, sent: from.gateway.history[before[0]], got: to.gateway.history[before[1]] };
-}
+const migrate = migrateThroughPair;
 
 describe('page deltas through a gateway pair', () => {
   let tmp = '';

@@ -14,6 +14,8 @@ import { createLogger } from '../../gateway/log';
 import { GatewayMetrics } from '../../gateway/metrics';
 import { freePort } from '../vm/ports';
 import { WanEmulator } from '../wan/emulator';
+import { destinationStandIn, sourceStandIn } from './qemu-standins';
+import type { MigrationReport } from '../../gateway/session';
 import { encodeJson, FrameParser, FrameType, PROTOCOL_VERSION } from '../../wire/frames';
 
 export interface TestSite {
@@ -71,6 +73,19 @@ export async function startPair(tmp: string, extra: [string, string] = ['', ''],
   const a = await make('site-a', peerA, routeA, farB, destB, destA, extra[0]);
   const b = await make('site-b', peerB, routeB, farA, destA, destB, extra[1]);
   return [{ ...a, inbound: inboundA }, { ...b, inbound: inboundB }];
+}
+
+/**
+ * One migration of `stream` from → to with QEMU stand-ins: resolves once both gateways reported it,
+ * with what the destination stand-in received and both reports.
+ */
+export async function migrateThroughPair(from: TestSite, to: TestSite, stream: Buffer): Promise<{ received: Buffer; sent: MigrationReport; got: MigrationReport }> {
+  const dest = await destinationStandIn(to.destPort);
+  const before = [from.gateway.history.length, to.gateway.history.length];
+  await sourceStandIn(from.routePort, stream);
+  await waitFor(() => from.gateway.history.length > before[0] && to.gateway.history.length > before[1]);
+  dest.close();
+  return { received: (await dest.received).bytes, sent: from.gateway.history[before[0]], got: to.gateway.history[before[1]] };
 }
 
 /** Stops both gateways of a pair (a second's grace for their sessions); a site that never started is passed over. */
