@@ -88,10 +88,10 @@ interface Site {
   });
 
   /** `virsh migrate --live` from `from`'s daemon to `to`'s through both gateways; the guest verifies at `to`. */
-  async function migrate(from: Site, to: Site): Promise<MigrationReport> {
+  async function migrate(from: Site, to: Site, more: string[] = []): Promise<MigrationReport> {
     const sentBefore = from.gateway.history.length;
     const receivedBefore = to.gateway.history.length;
-    await from.daemon.virsh('migrate', '--live', DOMAIN, to.daemon.uri, '--migrateuri', `tcp://127.0.0.1:${from.routePort}`, '--listen-address', DEST_QEMU_HOST);
+    await from.daemon.virsh('migrate', '--live', ...more, DOMAIN, to.daemon.uri, '--migrateuri', `tcp://127.0.0.1:${from.routePort}`, '--listen-address', DEST_QEMU_HOST);
     // virsh returns once the source's QEMU is gone: every console line from here on is the destination's.
     const since = consoleFile.mark();
     expect((await from.daemon.virsh('list', '--all', '--name')).trim()).toBe('');
@@ -118,5 +118,13 @@ interface Site {
     // The workload's 16384 pages (64 MiB) at least, and the way back costs a small fraction of the way there.
     expect(back.counts.pagesReused).toBeGreaterThan(16384);
     expect(back.wanBytesOut).toBeLessThan(there.wanBytesOut * 0.05);
+  }, 90_000);
+
+  test('virsh migrate --parallel (multifd, 4 connections): every channel goes through the gateways, the guest verifies', async () => {
+    const [a, b] = sites;
+    const sent = await migrate(a, b, ['--parallel', '--parallel-connections', '4']);
+    const channels = b.logs.filter((l) => l.msg === 'channel joined' && l.direction === 'receive');
+    expect(channels.map((l) => l.channel).sort()).toEqual(['multifd 0', 'multifd 1', 'multifd 2', 'multifd 3']);
+    expect(sent.result).toBe('completed');
   }, 90_000);
 });
