@@ -10,6 +10,7 @@ import {
   parseConfig,
   targetAllowed,
 } from '../src/gateway/config';
+import { DEFAULT_LIMITS } from '../src/gateway/security-config';
 
 const FULL = `
 name: site-a
@@ -95,7 +96,7 @@ describe('parseConfig', () => {
         { kind: 'net', text: '[fd00::/64]:*', family: 6, address: 'fd00::', prefix: 64, port: '*' },
       ],
       tls: null,
-      limits: { handshakeSeconds: 10, idleSeconds: 120, maxFrameBytes: 4 * 1024 * 1024, maxConnections: 64, maxPendingConnections: 32, maxPendingPerAddress: 16, maxGuestRamBytes: 256 * 2 ** 30, maxStores: 1024, maxChannels: 16 },
+      limits: { handshakeSeconds: 10, idleSeconds: 120, maxFrameBytes: 4 * 1024 * 1024, maxConnections: 256, maxPendingConnections: 64, maxPendingPerAddress: 40, maxGuestRamBytes: 256 * 2 ** 30, maxStores: 1024, maxChannels: 16 },
       peerVms: null,
       progress: { logSeconds: 10, stallSeconds: 5 },
       peers: [{ peer: { host: 'gw-b.example', port: 7300 }, wan: { maxMbit: 100 } }],
@@ -138,7 +139,7 @@ describe('parseConfig', () => {
     expect(c.metrics).toBeNull();
     expect(c.routes).toEqual([]);
     expect(c.tls).toBeNull();
-    expect(c.limits.maxConnections).toBe(64);
+    expect(c.limits.maxConnections).toBe(DEFAULT_LIMITS.maxConnections);
   });
 
   test('ConfigError carries key and message "key: detail"', () => {

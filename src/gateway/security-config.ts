@@ -13,9 +13,10 @@
  *   handshakeSeconds: 10       # TCP accept → a valid Hello (TLS handshake included) / QEMU's stream magic
  *   idleSeconds: 120           # a migration whose connections move no byte this long is failed
  *   maxFrameBytes: 4MiB        # largest gateway-to-gateway frame accepted (1MiB..4MiB)
- *   maxConnections: 64         # open connections across all of this gateway's listeners
- *   maxPendingConnections: 32  # of those, not yet identified (TLS+Hello, QEMU's magic; metrics clients: always), per listener kind
- *   maxPendingPerAddress: 16   # not yet identified, from one remote address (IPv6: one /64) across all listeners
+ *   maxConnections: 256        # open connections across all of this gateway's listeners
+ *   maxPendingConnections: 64  # of those, not yet identified (TLS+Hello, QEMU's magic; metrics clients: always), per listener kind
+ *   maxPendingPerAddress: 40   # not yet identified, from one remote address (IPv6: one /64) across all listeners
+ *                              # (a multifd migration opens maxChannels + 1 at once: keep it above that)
  *   maxGuestRam: 256GiB        # largest guest RAM a stream may declare (the store keeps 16 B a page in memory)
  *   maxStores: 1024            # store directories (VMs) kept; a new VM above it migrates without retention
  *   maxChannels: 16            # multifd channels one migration may open (QEMU's multifd-channels; 1..255)
@@ -66,9 +67,11 @@ export const DEFAULT_LIMITS: Readonly<Limits> = {
   handshakeSeconds: 10,
   idleSeconds: 120,
   maxFrameBytes: MAX_FRAME_PAYLOAD,
-  maxConnections: 64,
-  maxPendingConnections: 32,
-  maxPendingPerAddress: 16,
+  // A multifd migration opens maxChannels + 1 connections at once from one hypervisor, and the sending
+  // gateway as many to its peer: with 16 per address, a 16-channel migration lost a connection now and then.
+  maxConnections: 256,
+  maxPendingConnections: 64,
+  maxPendingPerAddress: 40,
   maxGuestRamBytes: 256 * 2 ** 30,
   maxStores: 1024,
   maxChannels: 16,
