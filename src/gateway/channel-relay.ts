@@ -1,19 +1,24 @@
 /**
  * A migration's extra channels (multifd, postcopy-preempt) across the WAN: one peer connection per
  * channel, whose Hello names the migration and the channel (protocol 5). The sending side reads the
- * source QEMU's channel through a ChannelEncoder into Literal frames and ends with End (the channel's
- * length and XXH3-64); the receiving side dials the destination QEMU once the main channel's
- * destination has answered (QEMU takes the main channel first), writes what its ChannelDecoder
- * rebuilds, checks End, and returns what the destination sends back as Return frames (passed on as
- * they are). Anything wrong on one channel fails its whole migration (ChannelGroup.fail).
+ * source QEMU's channel through a ChannelEncoder into Literal and Run frames and ends with End (the
+ * channel's length and XXH3-64, once the encoder has let everything go); the receiving side dials the
+ * destination QEMU once the main channel's destination has answered (QEMU takes the main channel
+ * first), writes what its ChannelDecoder rebuilds, checks End, and returns what the destination sends
+ * back as Return frames (passed on as they are). A multifd channel's codec is made once the main
+ * channel has given the RAM block list (ChannelGroup.whenMultifd); while the codec is parked at the
+ * SYNC barrier the relay stops reading its input. Anything wrong on one channel fails its whole
+ * migration (ChannelGroup.fail).
  */
 import { connect, type Socket } from 'node:net';
 import { errorMessage } from '../common/errors';
-import { type ChannelDecoder, type ChannelEncoder, VerbatimChannelDecoder, VerbatimChannelEncoder } from '../proxy/channel-codec';
+import { type ChannelDecoder, type ChannelEncoder, channelDecoder, channelEncoder } from '../proxy/channel-codec';
+import type { MultifdMigration } from '../proxy/multifd-migration';
 import {
   type ChannelName,
   decodeAbort,
   decodeSeal,
+  encodeFrame,
   encodeJson,
   FrameParser,
   frameHeader,
@@ -52,17 +57,47 @@ abstract class ChannelRelay implements ExtraChannel {
   protected over = false;
   /** The channel ended cleanly on one side (its End was sent or taken): its connections close next. */
   protected ended = false;
+  /** The channel has a multifd codec whose end the group has not been told of yet. */
+  private multifdOpen = false;
 
   constructor(protected readonly options: RelayOptions) {}
 
-  /** Dials onward once the group's main channel is connected; `dial` sets the relay going. */
-  protected whenReady(dial: () => void): void {
-    this.options.group.whenReady().then(
-      () => {
-        if (!this.over) dial();
-      },
-      (err: unknown) => this.abort(errorMessage(err)),
-    );
+  /**
+   * Dials onward once the group's main channel is connected and, for a multifd channel, has given the
+   * block list; `dial` sets the relay going with the migration's MultifdMigration (null: verbatim).
+   */
+  protected whenReady(dial: (multifd: MultifdMigration | null) => void): void {
+    const { group, channel } = this.options;
+    group
+      .whenReady()
+      .then(() => (channel.kind === 'multifd' ? group.whenMultifd() : null))
+      .then(
+        (multifd) => {
+          if (this.over) return;
+          if (multifd) {
+            this.multifdOpen = true;
+            group.multifdStarted();
+          }
+          dial(multifd);
+        },
+        (err: unknown) => this.abort(errorMessage(err)),
+      );
+  }
+
+  /** The channel's multifd codec is done with: `complete` if it ended having kept every page. */
+  protected multifdEnded(complete: boolean): void {
+    if (!this.multifdOpen) return;
+    this.multifdOpen = false;
+    this.options.group.multifdEnded(complete);
+  }
+
+  /** Runs `step`; anything it throws fails the migration. */
+  protected guard(what: string, step: () => void): void {
+    try {
+      step();
+    } catch (err) {
+      this.fail(`${what} ${this.label}: ${errorMessage(err)}`);
+    }
   }
 
   /** Something went wrong on this channel: the whole migration fails. */
@@ -76,6 +111,7 @@ abstract class ChannelRelay implements ExtraChannel {
     if (this.over) return;
     this.over = true;
     this.cut();
+    this.multifdEnded(false);
     this.options.group.left(this);
     this.options.over?.({ completed: false, error: reason, streamBytes: this.streamBytes });
   }
@@ -84,6 +120,8 @@ abstract class ChannelRelay implements ExtraChannel {
   protected finish(): void {
     if (this.over) return;
     this.over = true;
+    // Closed by the destination before the sender's End: its pages may not all have been kept.
+    this.multifdEnded(false);
     this.options.group.left(this);
     this.options.over?.({ completed: true, error: null, streamBytes: this.streamBytes });
   }
@@ -122,7 +160,8 @@ abstract class ChannelRelay implements ExtraChannel {
 export class ChannelSender extends ChannelRelay {
   private peer: Socket | null = null;
   private readonly frames: FrameParser;
-  private readonly encoder: ChannelEncoder;
+  /** From the dial on. */
+  private encoder: ChannelEncoder | null = null;
 
   constructor(
     /** The source QEMU's channel, paused, its first bytes put back. */
@@ -132,13 +171,6 @@ export class ChannelSender extends ChannelRelay {
     super(sender);
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
     this.frames.maxPayload = sender.maxFrameBytes;
-    this.encoder = new VerbatimChannelEncoder({
-      literal: (bytes) => {
-        const peer = this.peer as Socket;
-        peer.write(frameHeader(FrameType.Literal, bytes.length));
-        peer.write(bytes);
-      },
-    });
   }
 
   /** Dials the peer once the main channel's peer has offered, then relays. Called once the channel has joined its group. */
@@ -147,32 +179,54 @@ export class ChannelSender extends ChannelRelay {
     this.source.on('close', () => {
       if (!this.ended) this.fail(`the source closed ${this.label} before its end`);
     });
-    this.whenReady(() => this.dial());
+    this.whenReady((multifd) => this.dial(multifd));
   }
 
-  private dial(): void {
+  private dial(multifd: MultifdMigration | null): void {
     const { group, channel, route, transport, site } = this.sender;
     const peer = transport.connect(route.peer, () => {
       peer.setTimeout(0);
       const hello: HelloMessage = { protocol: PROTOCOL_VERSION, site, vm: group.vm, target: formatEndpoint(route.target), migration: group.migration, channel };
       peer.write(encodeJson(FrameType.Hello, hello));
-      this.source.on('data', (chunk: Buffer) => {
-        if (this.ended) return; // the destination has closed the channel: nobody reads on
-        peer.cork();
-        this.encoder.push(chunk);
-        peer.uncork();
-        if (peer.writableLength >= RELAY_QUEUE_BYTES) this.source.pause();
-      });
+      this.source.on('data', (chunk: Buffer) => this.onSourceData(encoder, peer, chunk));
       this.source.on('end', () => this.onSourceEnd());
       this.source.resume();
     });
+    const encoder = channelEncoder(
+      {
+        literal: (bytes) => {
+          peer.write(frameHeader(FrameType.Literal, bytes.length));
+          peer.write(bytes);
+        },
+        run: (payload) => peer.write(encodeFrame(FrameType.Run, payload)),
+      },
+      multifd,
+    );
+    encoder.onReadOn = () => this.readSource();
+    this.encoder = encoder;
     this.peer = peer;
     peer.setNoDelay(true);
     peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${this.label}: the peer gateway did not answer in time`));
-    peer.on('drain', () => {
-      if (!this.over) this.source.resume();
-    });
+    peer.on('drain', () => this.readSource());
     this.readPeer(peer, this.frames, 'the peer gateway');
+  }
+
+  private onSourceData(encoder: ChannelEncoder, peer: Socket, chunk: Buffer): void {
+    if (this.ended || this.over) return; // the destination has closed the channel: nobody reads on
+    peer.cork();
+    try {
+      this.guard('source', () => encoder.push(chunk));
+    } finally {
+      peer.uncork();
+    }
+    // The peer socket's backpressure, or the codec waiting at a SYNC for the other channels.
+    if (peer.writableLength >= RELAY_QUEUE_BYTES || encoder.parked) this.source.pause();
+  }
+
+  /** Reads the source again once neither the peer socket nor the codec holds it back. */
+  private readSource(): void {
+    if (this.over || !this.peer || this.encoder?.parked || this.peer.writableLength >= RELAY_QUEUE_BYTES) return;
+    this.source.resume();
   }
 
   private onFrame(type: FrameType, payload: Buffer): void {
@@ -181,10 +235,10 @@ export class ChannelSender extends ChannelRelay {
       return;
     }
     if (type === FrameType.End) {
-      // The destination closed the channel (QEMU does once it is done with it): so does the source's.
-      this.ended = true;
+      // The destination closed the channel (QEMU does once it is done with it): so does the source's,
+      // and the peer hears what was read so far.
       this.source.end();
-      this.peer?.end();
+      this.endChannel();
       return;
     }
     if (type === FrameType.Abort) return this.fail(`the peer gateway aborted ${this.label}: ${peerText(decodePayload(decodeAbort, payload).error)}`);
@@ -193,11 +247,21 @@ export class ChannelSender extends ChannelRelay {
 
   /** QEMU closed the channel: the peer hears how long it was and its check, then the connection closes. */
   private onSourceEnd(): void {
-    const peer = this.peer;
-    if (this.over || this.ended || !peer) return;
-    this.ended = true;
-    peer.end(encodeJson(FrameType.End, { streamBytes: this.encoder.streamBytes, streamCheck: this.encoder.streamCheck }));
+    this.endChannel();
     this.source.end();
+  }
+
+  /** Ends the channel once: its End goes once the encoder has let every byte go, then the connection closes. */
+  private endChannel(): void {
+    const { peer, encoder } = this;
+    if (this.over || this.ended || !peer || !encoder) return;
+    this.ended = true;
+    this.guard('source', () =>
+      encoder.end(() => {
+        this.multifdEnded(true);
+        peer.end(encodeJson(FrameType.End, { streamBytes: encoder.streamBytes, streamCheck: encoder.streamCheck }));
+      }),
+    );
   }
 
   protected cut(): void {
@@ -214,7 +278,8 @@ export class ChannelSender extends ChannelRelay {
 export class ChannelReceiver extends ChannelRelay {
   private destination: Socket | null = null;
   private readonly frames: FrameParser;
-  private readonly decoder: ChannelDecoder;
+  /** From the dial on. */
+  private decoder: ChannelDecoder | null = null;
 
   constructor(
     /** The peer gateway's connection, paused, its Hello put back. */
@@ -232,43 +297,34 @@ export class ChannelReceiver extends ChannelRelay {
       (type) => type === FrameType.Literal,
     );
     this.frames.maxPayload = options.maxFrameBytes;
-    this.decoder = new VerbatimChannelDecoder((bytes) => {
-      const destination = this.destination as Socket;
-      if (destination.writableEnded) return; // the destination closed the channel: nobody reads on
-      if (!destination.write(bytes)) {
-        this.frames.pause();
-        this.peer.pause();
-      }
-    });
   }
 
   /** Dials the destination once the main channel's destination has answered, then relays. Called once the channel has joined its group. */
   start(): void {
     this.readPeer(this.peer, this.frames, 'the sending gateway');
-    this.whenReady(() => this.dial());
+    this.whenReady((multifd) => this.dial(multifd));
   }
 
-  private dial(): void {
+  private dial(multifd: MultifdMigration | null): void {
     const { group } = this.options;
     const target = parseEndpoint(group.target);
     // Half-open: a destination that closes its side (QEMU does once it is done with the channel) is told
     // to the sender, and the connection closes once the sender has closed its own.
     const destination = connect({ host: target.host, port: target.port, noDelay: true, allowHalfOpen: true });
     this.destination = destination;
+    const decoder = channelDecoder((bytes) => {
+      if (destination.writableEnded) return; // the destination closed the channel: nobody reads on
+      if (!destination.write(bytes)) this.holdPeer();
+    }, multifd);
+    // Let go from within another channel's codec: read on outside it.
+    decoder.onReadOn = () => setImmediate(() => this.readPeerOn());
+    this.decoder = decoder;
     destination.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${this.label}: destination ${group.target} did not answer in time`));
     destination.once('connect', () => {
       destination.setTimeout(0);
       this.peer.resume();
     });
-    destination.on('drain', () => {
-      if (this.over) return;
-      try {
-        this.frames.resume();
-      } catch (err) {
-        return this.fail(`peer ${this.label}: ${errorMessage(err)}`);
-      }
-      if (!this.frames.isPaused) this.peer.resume();
-    });
+    destination.on('drain', () => this.readPeerOn());
     // Verbatim for now: a QEMU sends nothing back on these channels today.
     destination.on('data', (chunk: Buffer) => {
       this.peer.write(frameHeader(FrameType.Return, chunk.length));
@@ -277,7 +333,7 @@ export class ChannelReceiver extends ChannelRelay {
     destination.on('end', () => {
       if (this.over || this.ended) return;
       this.ended = true;
-      this.peer.end(encodeJson(FrameType.End, { streamBytes: this.decoder.streamBytes, streamCheck: this.decoder.streamCheck }));
+      this.peer.end(encodeJson(FrameType.End, { streamBytes: decoder.streamBytes, streamCheck: decoder.streamCheck }));
       destination.end();
     });
     destination.on('error', (err) => this.fail(`destination ${this.label}: ${err.message}`));
@@ -286,14 +342,35 @@ export class ChannelReceiver extends ChannelRelay {
     });
   }
 
+  /** Stops taking the peer's frames: the destination's backpressure, or the codec parked. */
+  private holdPeer(): void {
+    this.frames.pause();
+    this.peer.pause();
+  }
+
+  /** Takes the peer's frames again once neither the destination nor the codec holds them back. */
+  private readPeerOn(): void {
+    if (this.over || this.decoder?.parked || this.destination?.writableNeedDrain) return;
+    try {
+      this.frames.resume();
+    } catch (err) {
+      return this.fail(`peer ${this.label}: ${errorMessage(err)}`);
+    }
+    if (!this.frames.isPaused) this.peer.resume();
+  }
+
   private onFrame(type: FrameType, payload: Buffer): void {
     if (this.over) return;
+    const decoder = this.decoder as ChannelDecoder; // frames are read from the dial on
     switch (type) {
       case FrameType.Literal:
-        this.decoder.literal(payload);
-        return;
+        decoder.literal(payload);
+        break;
+      case FrameType.Run:
+        decoder.run(payload);
+        break;
       case FrameType.End:
-        this.onEnd(payload);
+        this.onEnd(decoder, payload);
         return;
       case FrameType.Abort:
         this.fail(`the sending gateway aborted ${this.label}: ${peerText(decodePayload(decodeAbort, payload).error)}`);
@@ -301,22 +378,22 @@ export class ChannelReceiver extends ChannelRelay {
       default:
         throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type} on an extra channel`);
     }
+    if (decoder.parked) this.holdPeer();
   }
 
   protected get streamBytes(): number {
-    return this.decoder.streamBytes;
+    return this.decoder?.streamBytes ?? 0;
   }
 
-  private onEnd(payload: Buffer): void {
+  private onEnd(decoder: ChannelDecoder, payload: Buffer): void {
     const end = decodePayload(decodeSeal, payload);
-    const { streamBytes, streamCheck } = this.decoder;
-    if (end.streamBytes !== streamBytes || end.streamCheck !== streamCheck) {
-      throw new ProtocolViolation('bad-payload', `${this.label}: ${streamBytes} bytes (XXH3-64 ${streamCheck}) passed on, the sender read ${end.streamBytes} (${peerText(end.streamCheck)})`);
-    }
-    if (this.ended) return; // the destination had closed it first
-    this.ended = true;
-    const destination = this.destination as Socket;
-    destination.end(() => this.peer.end());
+    decoder.end(end.streamBytes, peerText(end.streamCheck), () => {
+      this.multifdEnded(true);
+      if (this.ended) return; // the destination had closed it first
+      this.ended = true;
+      const destination = this.destination as Socket;
+      destination.end(() => this.peer.end());
+    });
   }
 
   protected cut(): void {

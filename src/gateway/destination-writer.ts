@@ -1,6 +1,7 @@
 import type { Socket } from 'node:net';
 import type { Endpoint } from './address';
 import { StreamDecoder } from '../proxy/decoder';
+import type { PageLayout } from '../proxy/retained';
 import type { UndoableStore } from '../store';
 import { OutputSlabs } from './output-slabs';
 import { ReturnPathMessages, STREAM_HEADER_BYTES } from './return-path-relay';
@@ -26,8 +27,8 @@ export interface DestinationEvents {
   resume(): void;
   /** Bytes the destination sent back, unchecked (see returnMessages()). */
   returned(chunk: Buffer): void;
-  /** The decoder knows the RAM layout: the store begins the migration. */
-  storeGrows(): void;
+  /** The decoder knows the RAM layout: the store has begun the migration. */
+  layout(layout: PageLayout): void;
 }
 
 /**
@@ -70,7 +71,7 @@ export class DestinationWriter {
       this.decoder = new StreamDecoder(
         (bytes) => this.write(bytes),
         retained,
-        () => events.storeGrows(),
+        (layout) => events.layout(layout),
         (size) => this.outputs.take(size),
       );
       events.connected();

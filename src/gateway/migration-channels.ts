@@ -12,7 +12,13 @@
  *
  * One channel failing fails them all: the main session aborts (its store rolls back, its QEMU
  * connection is reset) and every extra channel is reset.
+ *
+ * Multifd channels go through the codecs of the migration's MultifdMigration, which the main session
+ * hands in once its stream has given the RAM block list (useMultifd); a multifd channel reads nothing
+ * before. The store commits the migration's snapshot only when every extra channel was a multifd
+ * channel whose every page was kept (keepsSnapshot).
  */
+import type { MultifdMigration } from '../proxy/multifd-migration';
 import { type ChannelName } from '../wire/frames';
 import { Refusal } from './limits';
 
@@ -45,6 +51,15 @@ export class ChannelGroup {
   /** Waiting for `count` extra channels to have joined (see whenJoined). */
   private readonly joinWaiters: { count: number; resolve: () => void; reject: (err: Error) => void }[] = [];
   private failure = '';
+  /** The multifd channels' shared state, from the main channel's block list on. */
+  private multifd: MultifdMigration | null = null;
+  private readonly multifdWaiters: { resolve: (multifd: MultifdMigration | null) => void; reject: (err: Error) => void }[] = [];
+  /** Extra channels given a multifd codec, and those of them that have not ended cleanly yet. */
+  private multifdCodecs = 0;
+  private multifdOpen = 0;
+  /** A multifd codec was done with before its end (its channel closed early): not every page was kept. */
+  private multifdIncomplete = false;
+  private readonly endWaiters: (() => void)[] = [];
   /** After the main channel completed, extra channels still open are given this long to end. */
   private graceTimer: NodeJS.Timeout | null = null;
 
@@ -68,9 +83,53 @@ export class ChannelGroup {
     return this.ids.size + (this.preempt ? 1 : 0);
   }
 
-  /** Whether an extra channel ever joined: then pages bypassed the main channel, and its store claims no snapshot. */
-  get carriedExtra(): boolean {
-    return this.joined > 0;
+  /**
+   * Whether the store may commit the migration's snapshot: no extra channel joined, or every one was a
+   * multifd channel whose codec ended having kept every page it carried. Pages that took a preempt
+   * channel or a multifd channel relayed verbatim never reached the store.
+   */
+  get keepsSnapshot(): boolean {
+    if (this.joined === 0) return true;
+    return !this.preempt && this.multifd !== null && this.multifdCodecs === this.ids.size && this.multifdOpen === 0 && !this.multifdIncomplete && this.multifd.retainedAll;
+  }
+
+  /** The main channel's stream gave its block list: multifd channels may read on through `multifd`. */
+  useMultifd(multifd: MultifdMigration): void {
+    this.multifd = multifd;
+    for (const w of this.multifdWaiters.splice(0)) w.resolve(multifd);
+  }
+
+  /** The migration's MultifdMigration once there is one; null if the main channel ended without one. */
+  whenMultifd(): Promise<MultifdMigration | null> {
+    if (this.multifd !== null) return Promise.resolve(this.multifd);
+    if (this.state === 'ended') return Promise.resolve(null);
+    if (!this.open) return Promise.reject(new Error(this.failure || 'the migration has ended'));
+    return new Promise((resolve, reject) => this.multifdWaiters.push({ resolve, reject }));
+  }
+
+  /** A channel's relay took a multifd codec: the migration settles only once it has ended (multifdEnded). */
+  multifdStarted(): void {
+    this.multifdCodecs++;
+    this.multifdOpen++;
+  }
+
+  /** A multifd channel's codec is done with: `complete` when it ended cleanly (its End was sent, or checked). */
+  multifdEnded(complete: boolean): void {
+    if (!complete) this.multifdIncomplete = true;
+    this.multifdOpen--;
+    if (this.multifdOpen === 0) for (const resolve of this.endWaiters.splice(0)) resolve();
+  }
+
+  /**
+   * Resolves once `count` extra channels have joined (the sender's End says how many it had) and every
+   * multifd channel has ended cleanly, so the store holds their pages; rejects if the migration fails first.
+   */
+  async whenSettled(count: number): Promise<void> {
+    await this.whenJoined(count);
+    if (this.multifdOpen === 0) return;
+    if (!this.open) throw new Error(this.failure || 'the migration has ended');
+    await new Promise<void>((resolve) => this.endWaiters.push(resolve));
+    if (this.state === 'failed') throw new Error(this.failure);
   }
 
   /** Resolves once `count` extra channels have joined (the sender's End says how many it had); rejects if the migration fails first. */
@@ -145,7 +204,8 @@ export class ChannelGroup {
     if (!this.open) return;
     this.state = 'failed';
     this.failure = reason;
-    for (const w of [...this.readyWaiters.splice(0), ...this.joinWaiters.splice(0)]) w.reject(new Error(reason));
+    for (const w of [...this.readyWaiters.splice(0), ...this.joinWaiters.splice(0), ...this.multifdWaiters.splice(0)]) w.reject(new Error(reason));
+    for (const resolve of this.endWaiters.splice(0)) resolve();
     this.main.abort(reason);
     for (const extra of [...this.extras]) extra.abort(reason);
     this.extras.clear();
@@ -158,6 +218,7 @@ export class ChannelGroup {
     if (!this.open) return;
     this.state = 'ended';
     for (const w of this.readyWaiters.splice(0)) w.reject(new Error('the migration has ended'));
+    for (const w of this.multifdWaiters.splice(0)) w.resolve(null);
     if (this.extras.size === 0) return this.close();
     // QEMU closes its extra channels once the migration is over; one that does not is cut.
     this.graceTimer = setTimeout(() => {

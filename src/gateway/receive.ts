@@ -18,6 +18,8 @@ import { TLSSocket } from 'node:tls';
 import { type Endpoint, parseEndpoint } from './address';
 import type { StreamDecoder } from '../proxy/decoder';
 import type { DeltaMode } from './config';
+import { MultifdMigration } from '../proxy/multifd-migration';
+import type { PageLayout } from '../proxy/retained';
 import { validateVmName } from '../store';
 import {
   decodeAbort,
@@ -336,8 +338,19 @@ export class ReceiveSession {
       pause: () => this.frames.pause(),
       resume: () => this.resumeFrames(),
       returned: (chunk) => this.onReturnPath(chunk),
-      storeGrows: () => this.life.storeGrows(),
+      layout: (layout) => this.onLayout(layout),
     });
+  }
+
+  /** The stream's RAM layout is known: the store grows, and the migration's multifd channels may read on. */
+  private onLayout(layout: PageLayout): void {
+    this.life.storeGrows();
+    const decoder = this.destination?.decoder;
+    if (!this.group || !decoder) return;
+    const multifd = new MultifdMigration(this.life.retained);
+    multifd.begin(layout);
+    decoder.multifd = multifd;
+    this.group.useMultifd(multifd);
   }
 
   /**
@@ -409,9 +422,10 @@ export class ReceiveSession {
     decoder.end(streamBytes, streamCheck);
     this.transition('committing');
     if (channels > 0 && !this.group) throw new ProtocolViolation('bad-payload', `End names ${channels} extra channels of a migration that has none`);
-    // Not before every extra channel the sender had has joined (the idle limit bounds the wait).
+    // Not before every extra channel the sender had has joined, and every multifd channel has ended with
+    // its pages kept (the idle limit bounds the wait).
     if (this.group && this.group.joined < channels) this.life.event('waiting for extra channels', { joined: this.group.joined, channels });
-    (this.group?.whenJoined(channels) ?? Promise.resolve()).then(() => this.commit(decoder, destination, streamBytes, snapshotId), (err: unknown) => this.fail(errorMessage(err)));
+    (this.group?.whenSettled(channels) ?? Promise.resolve()).then(() => this.commit(decoder, destination, streamBytes, snapshotId), (err: unknown) => this.fail(errorMessage(err)));
   }
 
   /** Commits once the destination has been handed every byte. */
@@ -419,8 +433,8 @@ export class ReceiveSession {
     if (this.over) return;
     destination.end(() => {
       if (this.over) return;
-      // Pages that crossed on extra channels never reached the store: it keeps the snapshot it held.
-      const claimed = this.life.settle(decoder, this.group?.carriedExtra ? null : snapshotId);
+      // Pages that crossed on extra channels and were not all kept: the store keeps the snapshot it held.
+      const claimed = this.life.settle(decoder, this.group && !this.group.keepsSnapshot ? null : snapshotId);
       this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
       this.finish('completed', null, claimed);
       this.peer.end();

@@ -17,6 +17,7 @@ import type { Socket } from 'node:net';
 import { formatEndpoint } from './address';
 import { DIGEST_BYTES } from '../digest';
 import { StreamEncoder } from '../proxy/encoder';
+import { MultifdMigration } from '../proxy/multifd-migration';
 import type { PageLayout } from '../proxy/retained';
 import {
   decodeAbort,
@@ -244,6 +245,7 @@ export class SendSession {
         if (this.tableFilled !== table.length) throw new ProtocolViolation('bad-payload', `digest table of ${this.tableFilled} bytes, expected ${table.length}`);
         if (this.encoder) this.encoder.reference = table;
         this.table = null;
+        this.startMultifd();
         this.life.event('digest table received', { bytes: this.tableFilled });
         this.resumeSource();
         return;
@@ -332,6 +334,19 @@ export class SendSession {
       encoder.reference = new Uint8Array(layout.pageCount * DIGEST_BYTES);
     }
     this.life.event('reuse decided', { mode: this.mode, pages: layout.pageCount });
+    if (encoder) {
+      encoder.multifd = new MultifdMigration(this.life.retained);
+      encoder.multifd.begin(layout);
+      if (!this.table) this.startMultifd();
+    }
+  }
+
+  /** The reference is decided (and received): the migration's multifd channels may read on. */
+  private startMultifd(): void {
+    const multifd = this.encoder?.multifd;
+    if (!multifd) return;
+    multifd.reference = this.encoder?.reference ?? null;
+    this.group.useMultifd(multifd);
   }
 
   private onSourceData(chunk: Buffer): void {
@@ -443,8 +458,8 @@ export class SendSession {
     this.transition('completed');
     // Reported is what the store now claims: not the migration's id when the stream was relayed
     // verbatim or the store could not keep it.
-    // Pages that crossed on extra channels never reached the store: it keeps the snapshot it held.
-    this.claimed = this.life.settle(this.encoder, this.group.carriedExtra ? null : this.snapshotId);
+    // Pages that crossed on extra channels and were not all kept: the store keeps the snapshot it held.
+    this.claimed = this.life.settle(this.encoder, this.group.keepsSnapshot ? this.snapshotId : null);
     this.peer.end();
     this.qemu.end();
     this.report('completed', null);

@@ -1,21 +1,37 @@
 /**
- * The codecs of a migration's extra channels (multifd, postcopy-preempt): the seam where a codec that
- * reuses pages on those channels plugs in. Today every extra channel is relayed verbatim; the main
- * channel keeps StreamEncoder / StreamDecoder.
+ * The codecs of a migration's extra channels (multifd, postcopy-preempt): a multifd channel goes
+ * through MultifdEncoder / MultifdDecoder (pages the far site holds as Runs, in the migration's
+ * MultifdMigration beside the main channel's StreamEncoder / StreamDecoder); a preempt channel, or one
+ * whose migration has no block list, is relayed verbatim.
  *
  * Both ends count and check what they carried, as the main channel does: the sender's channel End
  * names the bytes it read and their XXH3-64, and the receiver compares them with what it passed on.
  */
 import { StreamHash } from '../digest';
+import { MultifdDecoder } from './multifd-decoder';
+import { MultifdEncoder } from './multifd-encoder';
+import type { MultifdMigration } from './multifd-migration';
 
-/** Where a channel encoder's output goes: Literal frames (a codec that reuses pages adds its own). */
+/** Where a channel encoder's output goes: Literal bytes and Run payloads, in channel order. */
 export interface ChannelFrames {
   literal(bytes: Buffer): void;
+  run(payload: Buffer): void;
+}
+
+/** What both sides' codecs share: the barrier may park them (see MultifdMigration). */
+interface ParkingCodec {
+  /** Waiting for the migration's other channels: stop reading this channel's input until onReadOn. */
+  readonly parked: boolean;
+  /** Called when a parked codec may read on again. */
+  onReadOn: (() => void) | null;
 }
 
 /** The sending side of one extra channel: the source's bytes in, frames out. */
-export interface ChannelEncoder {
+export interface ChannelEncoder extends ParkingCodec {
+  /** Throws on malformed input. */
   push(chunk: Buffer): void;
+  /** The source closed the channel: `ended` once every byte pushed has gone out (the End may go). */
+  end(ended: () => void): void;
   /** Bytes read from the source. */
   readonly streamBytes: number;
   /** XXH3-64 of them, 16 hex digits. */
@@ -23,11 +39,24 @@ export interface ChannelEncoder {
 }
 
 /** The receiving side: frames in, the channel's bytes out to the destination. */
-export interface ChannelDecoder {
+export interface ChannelDecoder extends ParkingCodec {
   literal(payload: Buffer): void;
+  run(payload: Buffer): void;
+  /** The sender's End: throws unless the channel was rebuilt whole; `ended` once that has been checked. */
+  end(streamBytes: number, streamCheck: string, ended: () => void): void;
   /** Bytes handed to the destination. */
   readonly streamBytes: number;
   readonly streamCheck: string;
+}
+
+/** A multifd channel's encoder when its migration has a MultifdMigration, else a verbatim one. */
+export function channelEncoder(frames: ChannelFrames, multifd: MultifdMigration | null): ChannelEncoder {
+  return multifd ? new MultifdEncoder(frames, multifd) : new VerbatimChannelEncoder(frames);
+}
+
+/** The receiving side's counterpart of channelEncoder. */
+export function channelDecoder(output: (bytes: Buffer) => void, multifd: MultifdMigration | null): ChannelDecoder {
+  return multifd ? new MultifdDecoder(output, multifd) : new VerbatimChannelDecoder(output);
 }
 
 /** Counts and hashes a channel's bytes (both verbatim codecs). */
@@ -48,12 +77,18 @@ class ChannelTally {
 /** Sends the channel as it is: one Literal frame per chunk read. */
 export class VerbatimChannelEncoder implements ChannelEncoder {
   private readonly tally = new ChannelTally();
+  readonly parked = false;
+  onReadOn: (() => void) | null = null;
 
   constructor(private readonly frames: ChannelFrames) {}
 
   push(chunk: Buffer): void {
     this.tally.add(chunk);
     this.frames.literal(chunk);
+  }
+
+  end(ended: () => void): void {
+    ended();
   }
 
   get streamBytes(): number {
@@ -68,12 +103,26 @@ export class VerbatimChannelEncoder implements ChannelEncoder {
 /** Passes Literal bytes on as they are. */
 export class VerbatimChannelDecoder implements ChannelDecoder {
   private readonly tally = new ChannelTally();
+  readonly parked = false;
+  onReadOn: (() => void) | null = null;
 
   constructor(private readonly output: (bytes: Buffer) => void) {}
 
   literal(payload: Buffer): void {
     this.tally.add(payload);
     this.output(payload);
+  }
+
+  run(): void {
+    throw new Error('a Run on a channel relayed verbatim');
+  }
+
+  end(streamBytes: number, streamCheck: string, ended: () => void): void {
+    const passed = this.tally;
+    if (streamBytes !== passed.streamBytes || streamCheck !== passed.streamCheck) {
+      throw new Error(`${passed.streamBytes} bytes (XXH3-64 ${passed.streamCheck}) passed on, the sender read ${streamBytes} (${streamCheck})`);
+    }
+    ended();
   }
 
   get streamBytes(): number {

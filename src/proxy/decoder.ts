@@ -6,6 +6,7 @@ import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
+import { Claim, type MultifdMigration } from './multifd-migration';
 import { newCounts, type TransferCounts } from './encoder';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 import { errorMessage } from '../common/errors';
@@ -47,6 +48,11 @@ export class StreamDecoder {
   private readonly pages = Buffer.allocUnsafe(MAX_RUN_HELD * X86_PAGE_SIZE);
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
+  /**
+   * The migration's multifd channels, when it may have some (set from onLayout): the main channel's
+   * pages and epochs take part in their ordering (see MultifdMigration).
+   */
+  multifd: MultifdMigration | null = null;
   /** Of the stream rebuilt so far. */
   private readonly streamHash = new StreamHash();
   /**
@@ -257,6 +263,7 @@ export class StreamDecoder {
   end(streamBytes: number, streamCheck: string): void {
     this.parser.end();
     this.check(streamBytes, streamCheck);
+    this.multifd?.endMain();
     this.verifiedTo = streamBytes;
     this.holding = false;
     this.releaseHeld();
@@ -345,7 +352,8 @@ export class StreamDecoder {
         this.retainer.store?.begin(this.layout);
         this.onLayout(this.layout);
         return;
-      case RecordKind.RamPage:
+      case RecordKind.RamPage: {
+        const kept = this.kept(record.pageIndex);
         if (this.replaying) {
           this.checkReplayed(record.pageIndex);
           return;
@@ -356,22 +364,29 @@ export class StreamDecoder {
         } else {
           this.counts.pagesSent++;
         }
-        this.retainer.retain(record, this.retainer.digestOf(record));
+        if (kept) this.retainer.retain(record, this.retainer.digestOf(record));
         return;
+      }
       case RecordKind.RamZero:
         if (this.replaying) this.checkReplayed(record.pageIndex);
         this.counts.pagesZero++;
-        this.retainer.retain(record, this.retainer.digestOf(record));
+        if (this.kept(record.pageIndex)) this.retainer.retain(record, this.retainer.digestOf(record));
         return;
       case RecordKind.RamXbzrle:
       case RecordKind.RamCompressed:
         this.counts.pagesOther++;
-        this.retainer.retain(record, false);
+        if (this.kept(record.pageIndex)) this.retainer.retain(record, false);
         return;
       default:
         this.parts.record(record);
+        this.multifd?.mainRecord(record.kind);
         return;
     }
+  }
+
+  /** Whether the main channel's page is kept: not when a multifd channel wrote a later version already. */
+  private kept(pageIndex: number): boolean {
+    return this.multifd === null || this.multifd.mainPage(pageIndex) !== Claim.Stale;
   }
 
   /** A CONTINUE first record is read in the parser's current block: it must be the run's. */

@@ -6,6 +6,7 @@ import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
 import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES } from './page-delta';
 import { ContentIndex } from './content-index';
 import { HeldInput } from './held-input';
+import { Claim, type MultifdMigration } from './multifd-migration';
 import { StreamParts } from './stream-parts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 
@@ -62,6 +63,11 @@ export class StreamEncoder {
    * holds that same version (the receiver said it takes Delta frames).
    */
   deltas = false;
+  /**
+   * The migration's multifd channels, when it may have some (set from onLayout): the main channel's
+   * pages and epochs take part in their ordering (see MultifdMigration).
+   */
+  multifd: MultifdMigration | null = null;
   private readonly deltaOut = new DeltaSlab();
   private readonly basePage = Buffer.alloc(X86_PAGE_SIZE);
   private readonly baseDigest = Buffer.alloc(DIGEST_BYTES);
@@ -239,6 +245,7 @@ export class StreamEncoder {
     this.parser.end();
     this.closeRun();
     this.sendLiteral(this.pushedEnd);
+    this.multifd?.endMain();
   }
 
   /** Sends the input in [held.from, to) as Literal bytes and lets go of it. */
@@ -293,6 +300,7 @@ export class StreamEncoder {
       default:
         this.closeRun();
         this.parts.record(record);
+        this.multifd?.mainRecord(record.kind);
     }
   }
 
@@ -302,19 +310,24 @@ export class StreamEncoder {
     const at = record.pageIndex * DIGEST_BYTES;
     const reference = this.reference;
     const storeTable = retainer.store?.digests;
+    // Only a page no multifd channel may still write an older version of is named by reference.
+    const claim = this.multifd === null ? Claim.First : this.multifd.mainPage(record.pageIndex);
+    const nameable = record.kind === RecordKind.RamPage && reference !== null && claim === Claim.First;
     if (record.kind === RecordKind.RamZero) {
       this.counts.pagesZero++;
       this.addToRun(false, record);
-    } else if (record.kind === RecordKind.RamPage && reference !== null && sameDigest(reference, at, retainer.digest, 0)) {
+    } else if (nameable && sameDigest(reference, at, retainer.digest, 0)) {
       this.counts.pagesReused++;
       this.addToRun(true, record);
-    } else if (record.kind === RecordKind.RamPage && reference !== null && this.deltas && this.sendDelta(record, reference, at)) {
+    } else if (nameable && this.deltas && this.sendDelta(record, reference, at)) {
       // sent as a delta
     } else {
       this.closeRun();
       if (record.kind === RecordKind.RamPage) this.counts.pagesSent++;
       else this.counts.pagesOther++;
     }
+    // A multifd channel wrote a later version of the page already: this one is not kept.
+    if (claim === Claim.Stale) return;
     // The receiver now holds this version of the page (or, for encoded pages, nothing we can name).
     if (reference !== null && reference !== storeTable) {
       if (known) reference.set(retainer.digest, at);

@@ -19,6 +19,8 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
   private readonly view = new MultifdPageView();
   /** The block the current packet names (null: it carries no page). */
   protected block: RamBlock | null = null;
+  /** Called when the barrier lets the parked channel read on (its reader resumes reading). */
+  onReadOn: (() => void) | null = null;
   /** The channel's end, come while it was parked: run once it has read all it was given. */
   private pendingEnd: (() => void) | null = null;
 
@@ -33,6 +35,15 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
 
   get synchronising(): boolean {
     return !this.ended && this.parser.fallenBack === null;
+  }
+
+  get retainedAll(): boolean {
+    return this.ended && this.parser.fallenBack === null;
+  }
+
+  /** Parked at a SYNC: the others have all passed it. */
+  mayReadOn(): boolean {
+    return this.parser.isPaused && this.migration.mayPass(this.syncs);
   }
 
   /** Where and why the channel stopped being parsed (null: it was parsed whole). */
@@ -52,10 +63,11 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
 
   /** Subclasses call it at the end of unpark(). */
   protected afterUnpark(): void {
+    if (this.parked) return;
     const finish = this.pendingEnd;
-    if (finish === null || this.parked) return;
     this.pendingEnd = null;
-    finish();
+    if (finish !== null) finish();
+    else this.onReadOn?.();
   }
 
   /** A page of the current packet, `page` presenting it as a main-channel RAM record. */

@@ -5,7 +5,7 @@ import type { RamPageRecord } from '../qemu/records';
 import { errorMessage } from '../common/errors';
 import { RebuildError } from './decoder';
 import { MultifdChannel } from './multifd-channel';
-import type { MultifdMigration } from './multifd-migration';
+import { Claim, type MultifdMigration } from './multifd-migration';
 import { sameDigest } from './retained';
 import { decodeRun, MAX_RUN_HELD } from './run';
 
@@ -54,6 +54,21 @@ export class MultifdDecoder extends MultifdChannel {
     return this.parser.isPaused || this.queued.length > 0;
   }
 
+  /** Parked at a SYNC, or holding a Run back until the main channel has passed its epoch. */
+  override mayReadOn(): boolean {
+    if (this.parser.isPaused) return super.mayReadOn();
+    return this.queued.length > 0 && this.migration.mainReached(this.syncs);
+  }
+
+  /** Bytes rebuilt and handed on. */
+  get streamBytes(): number {
+    return this.counts.streamBytes;
+  }
+
+  get streamCheck(): string {
+    return this.streamHash.digest();
+  }
+
   literal(bytes: Buffer): void {
     this.frame(false, bytes);
   }
@@ -62,29 +77,38 @@ export class MultifdDecoder extends MultifdChannel {
     this.frame(true, payload);
   }
 
-  /** The sender's channel ended: the rebuilt channel must be complete, of its length and XXH3-64. */
-  end(streamBytes: number, streamCheck: string): void {
+  /**
+   * The sender's channel ended: the rebuilt channel must be complete, of its length and XXH3-64; `ended`
+   * is called once that check has passed (at once, or when a parked channel has read on).
+   */
+  end(streamBytes: number, streamCheck: string, ended: () => void = () => undefined): void {
     this.endWhenDrained(() => {
       this.parser.end();
       this.ended = true;
       if (streamBytes !== this.counts.streamBytes) throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes of a multifd channel, the source sent ${streamBytes}`);
       const rebuilt = this.streamHash.digest();
       if (rebuilt !== streamCheck) throw new RebuildError(`the rebuilt multifd channel's XXH3-64 is ${rebuilt}, the source's ${streamCheck}`);
+      ended();
     });
     this.migration.settle();
   }
 
   unpark(): void {
     this.parser.resume();
-    while (!this.parser.isPaused && this.queued.length > 0) {
+    while (!this.parser.isPaused && this.queued.length > 0 && !this.runWaits(this.queued[0].run)) {
       const frame = this.queued.shift() as QueuedFrame;
       this.apply(frame.run, frame.payload);
     }
     this.afterUnpark();
   }
 
+  /** A Run waits until the main channel has passed its epoch (see MultifdMigration). */
+  private runWaits(run: boolean): boolean {
+    return run && !this.migration.mainReached(this.syncs);
+  }
+
   private frame(run: boolean, payload: Buffer): void {
-    if (this.parked) {
+    if (this.parked || this.runWaits(run)) {
       this.queued.push({ run, payload: Buffer.from(payload) });
       return;
     }
@@ -147,6 +171,7 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   protected onPage(record: MultifdPageRecord, page: RamPageRecord): void {
+    const claim = this.migration.claim(page.pageIndex, this.syncs);
     if (record.kind === MultifdRecordKind.ZeroPage) {
       this.counts.pagesZero++;
     } else if (this.replaying > 0) {
@@ -155,6 +180,7 @@ export class MultifdDecoder extends MultifdChannel {
     } else {
       this.counts.pagesSent++;
     }
-    this.retainer.retain(page, this.retainer.digestOf(page));
+    // A later version of the page was written already: this one is not kept (see MultifdMigration).
+    if (claim !== Claim.Stale) this.retainer.retain(page, this.retainer.digestOf(page));
   }
 }

@@ -5,7 +5,7 @@ import type { RamBlock, RamPageRecord } from '../qemu/records';
 import type { EncoderSink } from './encoder';
 import { HeldInput } from './held-input';
 import { MultifdChannel } from './multifd-channel';
-import type { MultifdMigration } from './multifd-migration';
+import { Claim, type MultifdMigration } from './multifd-migration';
 import { sameDigest } from './retained';
 import { encodeRun, MAX_RUN_HELD } from './run';
 
@@ -62,6 +62,11 @@ export class MultifdEncoder extends MultifdChannel {
   /** Channel bytes gone to the sink, as Literal bytes or the Runs standing for them. */
   get sentBytes(): number {
     return this.held.from;
+  }
+
+  /** Bytes pushed: the channel's length once end() has called back. */
+  get streamBytes(): number {
+    return this.counts.streamBytes;
   }
 
   /** XXH3-64 of the channel's bytes; complete once end() has called back. */
@@ -122,8 +127,13 @@ export class MultifdEncoder extends MultifdChannel {
     this.closeRun();
   }
 
-  /** Whether the packet's `index`-th page may be named in a Run (see MultifdMigration on QEMU < 9.0). */
-  private mayName(index: number): boolean {
+  /**
+   * Whether the packet's `index`-th page, claimed as `claim`, may be named in a Run (see MultifdMigration:
+   * its first write in the epoch, the main channel past the epoch, and on QEMU < 9.0 not a packet's
+   * first or last page).
+   */
+  private mayNameClaimed(claim: Claim, index: number): boolean {
+    if (claim !== Claim.First || !this.migration.mainReached(this.syncs)) return false;
     return this.modernQemu || (index !== 0 && index !== this.parser.currentPacket.normalPages - 1);
   }
 
@@ -133,16 +143,18 @@ export class MultifdEncoder extends MultifdChannel {
     retainer.digestOf(page);
     const at = page.pageIndex * DIGEST_BYTES;
     const reference = this.migration.reference;
-    const first = this.migration.claim(page.pageIndex, this.syncs);
+    const claim = this.migration.claim(page.pageIndex, this.syncs);
     if (!normal) {
       this.counts.pagesZero++;
-    } else if (reference !== null && first && this.mayName(record.index) && sameDigest(reference, at, retainer.digest, 0)) {
+    } else if (reference !== null && this.mayNameClaimed(claim, record.index) && sameDigest(reference, at, retainer.digest, 0)) {
       this.counts.pagesReused++;
       this.addToRun(page.streamOffset, page.offset);
     } else {
       this.closeRun();
       this.counts.pagesSent++;
     }
+    // A later version of the page was written already: this one is not kept (see MultifdMigration).
+    if (claim === Claim.Stale) return;
     // The receiver now holds this version of the page.
     if (reference !== null && reference !== this.migration.store?.digests) reference.set(retainer.digest, at);
     retainer.retain(page, true);

@@ -40,12 +40,23 @@ import type { PageLayout, RetainedPages } from './retained';
  * no pages, and say pages_alloc 0) neither is a packet's first or last page. Should a source break the
  * rules some other way, a Run's digest check fails the migration; no wrong byte reaches the destination.
  *
- * Not covered yet: the main channel's own pages (7.2 sends zero pages there; 10.0 too with
- * zero-page-detection=legacy) are kept by its StreamEncoder/StreamDecoder outside the barrier. Their
- * epoch is the count of MULTIFD_FLUSH records on the main channel (10.0), or of RAM EOS records when no
- * MULTIFD_FLUSH comes before the first EOS (7.2, and 10.0 on machine types before 8.0); until the main
- * channel joins the barrier, a page it sends and a channel sends again in another epoch may end in
- * either version in a store, and a Run naming it may fail its digest check.
+ * The main channel's own pages (7.2 sends zero pages there; 10.0 too with zero-page-detection=legacy)
+ * take part as well: their epoch is the count of MULTIFD_FLUSH records on the main channel (10.0), or of
+ * RAM EOS records when no MULTIFD_FLUSH comes before the first EOS (7.2, and 10.0 on machine types
+ * before 8.0); the k-th of them follows the k-th SYNC on every channel. The main channel cannot wait at
+ * the barrier: QEMU may keep its MULTIFD_FLUSH in a buffer until the channels have taken more pages,
+ * so a channel waiting for it would deadlock the source. Instead every page write, on any channel, is
+ * stamped with its epoch (`claim`) and a write older than the page's last one is dropped, so the store
+ * keeps the final version in whatever order the channels are read. A Run may name a page only once the
+ * main channel has passed the Run's epoch (`mainReached`; the receiving side holds a Run back until its
+ * main channel has too), so the older writes of that page have been made on both gateways alike, and
+ * the main channel names a page of its own only when no channel is behind it.
+ *
+ * The stamps are kept from the first channel's join on (a migration without channels needs none). A
+ * channel that joins once the main channel or another channel has passed its second epoch marker (QEMU
+ * sends the first before any page) may carry pages older than writes made unstamped or already made:
+ * the migration then claims no snapshot (`retainedAll`), and a Run naming such a page fails its digest
+ * check rather than rebuild a wrong byte.
  */
 export interface MultifdChannelCodec {
   /** SYNC packets this channel has passed. */
@@ -53,8 +64,22 @@ export interface MultifdChannelCodec {
   /** Counts towards the barrier: neither fallen back nor ended. */
   readonly synchronising: boolean;
   readonly parked: boolean;
+  /** Ended, having been parsed whole: every page it carried was kept. */
+  readonly retainedAll: boolean;
+  /** Parked, and what it waits for has come: the barrier may unpark it. */
+  mayReadOn(): boolean;
   /** The barrier lets it past its last SYNC: it reads on through its queued input. */
   unpark(): void;
+}
+
+/** What `claim` says of a page write. */
+export enum Claim {
+  /** The page was written in a later epoch already: this version is older, and is dropped. */
+  Stale,
+  /** Written already in this epoch (QEMU before 9.0 sends some twice): kept, never named in a Run. */
+  Again,
+  /** The page's first write in this epoch. */
+  First,
 }
 
 export class MultifdMigration {
@@ -64,10 +89,18 @@ export class MultifdMigration {
    */
   reference: Uint8Array | null = null;
   private readonly blocks = new Map<string, RamBlock>();
-  /** Sender: per page, 1 + the epoch its reference was last updated in; 0 = not in this migration. */
-  private referenceEpochs = new Uint32Array(0);
+  /** Per page, 1 + the epoch it was last written in; 0 = not in this migration. Empty until a channel joins. */
+  private writeEpochs = new Uint32Array(0);
+  private pageCount = 0;
+  /** A channel joined too late for the stamps to order every write (see above). */
+  private joinedLate = false;
   private readonly channels: MultifdChannelCodec[] = [];
   private settling = false;
+  /** The main channel's epoch: its MULTIFD_FLUSH (or RAM EOS) records so far. */
+  private mainEpoch = 0;
+  /** Which of its records the main channel's epoch counts (the first of either decides). */
+  private mainMarker: RecordKind.RamMultifdFlush | RecordKind.RamEos | null = null;
+  private mainEnded = false;
 
   constructor(
     /** The store the main channel's codec keeps (the same object), or null. */
@@ -88,17 +121,43 @@ export class MultifdMigration {
       this.blocks.set(name, { index, name, length, firstPage, pages });
       firstPage += pages;
     });
-    this.referenceEpochs = new Uint32Array(firstPage);
+    this.pageCount = firstPage;
+    this.writeEpochs = new Uint32Array(this.channels.length > 0 ? firstPage : 0);
   }
 
-  /**
-   * Sender: the page is being sent in epoch `epoch`; returns whether it may be named in a Run, which it
-   * may not if it was sent already in this epoch.
-   */
-  claim(pageIndex: number, epoch: number): boolean {
-    const first = this.referenceEpochs[pageIndex] <= epoch;
-    this.referenceEpochs[pageIndex] = epoch + 1;
-    return first;
+  /** A page is being written in epoch `epoch`: whether to keep it, and whether it may be named in a Run. */
+  claim(pageIndex: number, epoch: number): Claim {
+    if (this.writeEpochs.length === 0) return Claim.First;
+    const last = this.writeEpochs[pageIndex];
+    if (last > epoch + 1) return Claim.Stale;
+    this.writeEpochs[pageIndex] = epoch + 1;
+    return last === epoch + 1 ? Claim.Again : Claim.First;
+  }
+
+  /** A RAM marker record of the main channel: EOS or MULTIFD_FLUSH may end an epoch. */
+  mainRecord(kind: RecordKind): void {
+    if (kind !== RecordKind.RamMultifdFlush && kind !== RecordKind.RamEos) return;
+    this.mainMarker ??= kind;
+    if (kind !== this.mainMarker) return;
+    this.mainEpoch++;
+    this.settle();
+  }
+
+  /** A page of the main channel's: as claim(), and First only when no channel is behind the main channel. */
+  mainPage(pageIndex: number): Claim {
+    const claim = this.claim(pageIndex, this.mainEpoch);
+    return claim === Claim.First && !this.mayPass(this.mainEpoch) ? Claim.Again : claim;
+  }
+
+  /** The main channel's stream has ended: nobody waits for it any more. */
+  endMain(): void {
+    this.mainEnded = true;
+    this.settle();
+  }
+
+  /** Whether the main channel has passed into epoch `epoch`: only then may a Run of that epoch be named or rebuilt. */
+  mainReached(epoch: number): boolean {
+    return this.mainEnded || this.mainEpoch >= epoch;
   }
 
   get started(): boolean {
@@ -114,7 +173,14 @@ export class MultifdMigration {
   }
 
   join(channel: MultifdChannelCodec): void {
+    if (this.mainEpoch >= 2 || this.channels.some((c) => c.syncs >= 2)) this.joinedLate = true;
+    if (this.writeEpochs.length === 0) this.writeEpochs = new Uint32Array(this.pageCount);
     this.channels.push(channel);
+  }
+
+  /** Every channel has ended having been parsed whole, so the store holds every page they carried. */
+  get retainedAll(): boolean {
+    return !this.joinedLate && this.channels.every((c) => c.retainedAll);
   }
 
   /** Whether a channel that has just passed its `syncs`-th SYNC may read on. */
@@ -135,7 +201,7 @@ export class MultifdMigration {
       while (moved) {
         moved = false;
         for (const channel of this.channels) {
-          if (channel.parked && this.mayPass(channel.syncs)) {
+          if (channel.parked && channel.mayReadOn()) {
             channel.unpark();
             moved = true;
           }

@@ -149,6 +149,8 @@ export function multifdRoundTrip(
   const chunk = options.chunk ?? 64 * 1024;
   const sending = new MultifdMigration(sender.store, channels.length);
   sending.begin(layout);
+  // No main channel here: nothing on it for a Run to wait for.
+  sending.endMain();
   sending.reference = sender.reference;
   const sent: ChannelFrames[] = channels.map(() => ({ frames: [], streamBytes: 0, streamCheck: '' }));
   const encoders = sent.map(
@@ -172,6 +174,7 @@ export function multifdRoundTrip(
   if (ended !== channels.length) throw new Error(`${channels.length - ended} multifd channels never finished`);
   const receiving = new MultifdMigration(receiver, channels.length);
   receiving.begin(layout);
+  receiving.endMain();
   const rebuilt: Buffer[][] = channels.map(() => []);
   // The decoder hands over buffers of its own, or views of the frames', which nothing changes.
   const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => options.discardOutput || out.push(bytes), receiving));
