@@ -11,7 +11,8 @@ import { issueCerts } from '../src/cli/certs';
 import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
 import { rawPeer, refusals, startPair, stopPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
-import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
+import { guestMemory, migrationStream, PAGE } from '../src/lab/harness/migration-stream';
+import { multifdPacket } from '../src/lab/harness/multifd-stream';
 import { ChannelsDestination, multifdInitPacket, sourceChannel } from '../src/lab/harness/qemu-standins';
 import { StreamHash } from '../src/digest';
 import { encodeJson, frameHeader, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
@@ -25,9 +26,18 @@ async function report(gateway: Gateway, count: number): Promise<MigrationReport>
   return gateway.history[count - 1];
 }
 
-/** A multifd channel's bytes: its initial packet, then `size` bytes standing in for its packets. */
-function channelBytes(id: number, size: number, uuid = UUID): Buffer {
-  return Buffer.concat([multifdInitPacket(uuid, id), randomBytes(size)]);
+/**
+ * A multifd channel's bytes: its initial packet, then packets (QEMU 10.0's) of `pages` random pages of
+ * pc.ram, channel `id`'s own among the block's first `blockPages`.
+ */
+function channelBytes(id: number, pages: number, uuid = UUID, blockPages = 300): Buffer {
+  const packets = [multifdInitPacket(uuid, id)];
+  for (let first = 0; first < pages; first += 16) {
+    const count = Math.min(16, pages - first);
+    const offset = (k: number): number => ((id * pages + first + k) % blockPages) * PAGE;
+    packets.push(multifdPacket({ format: 'qemu-10.0', packetNumber: id * 1000 + first, block: 'pc.ram', pages: Array.from({ length: count }, (_, k) => ({ offset: offset(k), data: randomBytes(PAGE) })) }));
+  }
+  return Buffer.concat(packets);
 }
 
 describe('migration channels through a gateway pair', () => {
@@ -51,9 +61,9 @@ describe('migration channels through a gateway pair', () => {
 
   afterAll(() => stopPair([a, b]));
 
-  test('a main channel and 4 multifd channels, one opened before the main: the destination gets the main first, each channel verbatim', async () => {
+  test('a main channel and 4 multifd channels, one opened before the main: the destination gets the main first, each channel as sent', async () => {
     dest = await ChannelsDestination.listen(b.destPort);
-    const sent = [0, 1, 2, 3].map((id) => channelBytes(id, 300_000 + id));
+    const sent = [0, 1, 2, 3].map((id) => channelBytes(id, 70 + id));
     const early = await sourceChannel(a.routePort);
     await early.write(sent[2]);
     const main = await sourceChannel(a.routePort);
@@ -70,9 +80,11 @@ describe('migration channels through a gateway pair', () => {
     for (const [id, bytes] of sent.entries()) expect(byId.get(id)?.equals(bytes)).toBe(true);
     expect(got.every((c) => !c.reset)).toBe(true);
     expect(await Promise.all([early, main, ...others].map((c) => c.closed))).toEqual(Array(5).fill('closed'));
-    // Pages crossed on channels the store never saw: neither side claims this migration's snapshot.
-    expect(await report(a.gateway, 1)).toMatchObject({ result: 'completed', snapshotId: null });
-    expect(await report(b.gateway, 1)).toMatchObject({ result: 'completed', snapshotId: null });
+    // Every page the channels carried was kept: both sides claim this migration's snapshot.
+    const reports = [await report(a.gateway, 1), await report(b.gateway, 1)];
+    expect(reports).toMatchObject([{ result: 'completed' }, { result: 'completed' }]);
+    expect(reports[0].snapshotId).not.toBeNull();
+    expect(reports[1].snapshotId).toBe(reports[0].snapshotId);
     expect(a.logs.filter((l) => l.msg === 'channel joined')).toHaveLength(4);
   });
 
@@ -80,7 +92,7 @@ describe('migration channels through a gateway pair', () => {
     const before = a.gateway.history.length;
     // No migration on the route within handshakeSeconds.
     const orphan = await sourceChannel(a.routePort);
-    await orphan.write(channelBytes(0, 10));
+    await orphan.write(channelBytes(0, 1));
     expect(await orphan.closed).toBe('reset');
     expect(refusals(a).at(-1)).toMatchObject({ listener: 'source', reason: 'no-migration' });
 
@@ -88,12 +100,12 @@ describe('migration channels through a gateway pair', () => {
     const main = await sourceChannel(a.routePort);
     await main.write(stream.subarray(0, half));
     const good = await sourceChannel(a.routePort);
-    await good.write(channelBytes(1, 1000));
+    await good.write(channelBytes(1, 2));
     await waitFor(() => a.logs.filter((l) => l.msg === 'channel joined').length === 5);
     const cases: Array<[Buffer, string]> = [
-      [channelBytes(1, 10), 'duplicate-channel'],
-      [channelBytes(2, 10, Buffer.alloc(16, 1)), 'channel-mismatch'],
-      [channelBytes(4, 10), 'channel-limit'],
+      [channelBytes(1, 1), 'duplicate-channel'],
+      [channelBytes(2, 1, Buffer.alloc(16, 1)), 'channel-mismatch'],
+      [channelBytes(4, 1), 'channel-limit'],
       [multifdInitPacket(UUID, 2, 2), 'not-qemu'],
     ];
     for (const [bytes, reason] of cases) {
@@ -148,7 +160,7 @@ describe('migration channels through a gateway pair', () => {
     main.socket.write(Buffer.concat([frameHeader(FrameType.Literal, stream.length), stream]));
     main.socket.write(encodeJson(FrameType.End, { streamBytes: stream.length, streamCheck: check.digest(), snapshotId: 'late-snapshot', channels: 1 }));
     await waitFor(() => b.logs.some((l) => l.vm === 'vm-late' && l.msg === 'waiting for extra channels'));
-    const bytes = channelBytes(0, 1000);
+    const bytes = channelBytes(0, 2);
     const channelCheck = new StreamHash();
     channelCheck.update(bytes);
     expect(main.frames.some((f) => f.type === FrameType.Done)).toBe(false);
@@ -171,7 +183,7 @@ describe('migration channels through a gateway pair', () => {
     const main = await sourceChannel(a.routePort);
     await main.write(stream.subarray(0, half));
     const channels = await Promise.all([0, 1].map(() => sourceChannel(a.routePort)));
-    await Promise.all(channels.map((c, id) => c.write(channelBytes(id, 1000))));
+    await Promise.all(channels.map((c, id) => c.write(channelBytes(id, 2, UUID, 64))));
     await waitFor(() => dest?.accepted === 3);
     channels[0].socket.resetAndDestroy();
     expect(await main.closed).toBe('reset');
@@ -230,7 +242,7 @@ describe('migration channels that stall', () => {
     const main = await sourceChannel(a.routePort);
     await main.write(stream.subarray(0, stream.length >> 1));
     const channels = await Promise.all([0, 1].map(() => sourceChannel(a.routePort)));
-    await Promise.all(channels.map((c, id) => c.write(channelBytes(id, 1000))));
+    await Promise.all(channels.map((c, id) => c.write(channelBytes(id, 2, UUID, 64))));
     // Then nothing more: QEMU's channels wait on each other at every sync, so one that stalls stalls them all.
     expect(await Promise.all([main, ...channels].map((c) => c.closed))).toEqual(['reset', 'reset', 'reset']);
     const got = await dest.settled(3);
@@ -258,10 +270,10 @@ describe('migration channels over mutual TLS', () => {
     await stopPair([a, b]);
   });
 
-  test('a main channel and 2 multifd channels cross, each on a TLS connection of its own, verbatim', async () => {
+  test('a main channel and 2 multifd channels cross, each on a TLS connection of its own', async () => {
     dest = await ChannelsDestination.listen(b.destPort);
     const stream = migrationStream(guestMemory([['pc.ram', 64]], 3), []);
-    const sent = [0, 1].map((id) => channelBytes(id, 200_000));
+    const sent = [0, 1].map((id) => channelBytes(id, 40, UUID, 64));
     const main = await sourceChannel(a.routePort);
     await main.write(stream.subarray(0, stream.length >> 1));
     const channels = await Promise.all(sent.map(() => sourceChannel(a.routePort)));

@@ -162,6 +162,8 @@ export class ChannelSender extends ChannelRelay {
   private readonly frames: FrameParser;
   /** From the dial on. */
   private encoder: ChannelEncoder | null = null;
+  /** Frame bytes written to the peer. */
+  private wanBytes = 0;
 
   constructor(
     /** The source QEMU's channel, paused, its first bytes put back. */
@@ -194,11 +196,8 @@ export class ChannelSender extends ChannelRelay {
     });
     const encoder = channelEncoder(
       {
-        literal: (bytes) => {
-          peer.write(frameHeader(FrameType.Literal, bytes.length));
-          peer.write(bytes);
-        },
-        run: (payload) => peer.write(encodeFrame(FrameType.Run, payload)),
+        literal: (bytes) => this.toPeer(frameHeader(FrameType.Literal, bytes.length), bytes),
+        run: (payload) => this.toPeer(encodeFrame(FrameType.Run, payload)),
       },
       multifd,
     );
@@ -209,6 +208,16 @@ export class ChannelSender extends ChannelRelay {
     peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${this.label}: the peer gateway did not answer in time`));
     peer.on('drain', () => this.readSource());
     this.readPeer(peer, this.frames, 'the peer gateway');
+  }
+
+  /** Writes a frame (its header and, apart, its payload) to the peer. */
+  private toPeer(head: Buffer, payload?: Buffer): void {
+    const peer = this.peer as Socket;
+    peer.write(head);
+    this.wanBytes += head.length;
+    if (!payload) return;
+    peer.write(payload);
+    this.wanBytes += payload.length;
   }
 
   private onSourceData(encoder: ChannelEncoder, peer: Socket, chunk: Buffer): void {
@@ -259,7 +268,9 @@ export class ChannelSender extends ChannelRelay {
     this.guard('source', () =>
       encoder.end(() => {
         this.multifdEnded(true);
-        peer.end(encodeJson(FrameType.End, { streamBytes: encoder.streamBytes, streamCheck: encoder.streamCheck }));
+        const { streamBytes, streamCheck } = encoder;
+        peer.end(encodeJson(FrameType.End, { streamBytes, streamCheck }));
+        this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes });
       }),
     );
   }

@@ -73,7 +73,8 @@ export class ChannelGroup {
     readonly origin: string,
     readonly maxChannels: number,
     private readonly main: MainChannel,
-    private readonly event: GroupEvent,
+    /** Tells the log of the migration's channels. */
+    readonly event: GroupEvent,
     private readonly graceMs: number,
     private readonly closed: () => void,
   ) {}

@@ -52,11 +52,14 @@ import type { PageLayout, RetainedPages } from './retained';
  * main channel has too), so the older writes of that page have been made on both gateways alike, and
  * the main channel names a page of its own only when no channel is behind it.
  *
- * The stamps are kept from the first channel's join on (a migration without channels needs none). A
- * channel that joins once the main channel or another channel has passed its second epoch marker (QEMU
- * sends the first before any page) may carry pages older than writes made unstamped or already made:
- * the migration then claims no snapshot (`retainedAll`), and a Run naming such a page fails its digest
- * check rather than rebuild a wrong byte.
+ * The stamps are kept from the first channel's join on (a migration without channels needs none): if
+ * the main channel has passed its second epoch marker by then (QEMU sends the first before any page), its
+ * unstamped writes may be overwritten by older ones, and the migration claims no snapshot
+ * (`retainedAll`). A channel that joins after the others have passed a later SYNC still leaves the final
+ * versions in the store, but a Run naming a page one of them also carries may fail its digest check
+ * (never rebuild a wrong byte): the gateway has every channel join before the first SYNC is read where
+ * it can (they are read only once the main channel has given its block list, which QEMU sends after
+ * opening them all).
  */
 export interface MultifdChannelCodec {
   /** SYNC packets this channel has passed. */
@@ -92,7 +95,7 @@ export class MultifdMigration {
   /** Per page, 1 + the epoch it was last written in; 0 = not in this migration. Empty until a channel joins. */
   private writeEpochs = new Uint32Array(0);
   private pageCount = 0;
-  /** A channel joined too late for the stamps to order every write (see above). */
+  /** The first channel joined too late for the stamps to order every write (see above). */
   private joinedLate = false;
   private readonly channels: MultifdChannelCodec[] = [];
   private settling = false;
@@ -173,8 +176,10 @@ export class MultifdMigration {
   }
 
   join(channel: MultifdChannelCodec): void {
-    if (this.mainEpoch >= 2 || this.channels.some((c) => c.syncs >= 2)) this.joinedLate = true;
-    if (this.writeEpochs.length === 0) this.writeEpochs = new Uint32Array(this.pageCount);
+    if (this.writeEpochs.length === 0) {
+      if (this.mainEpoch >= 2) this.joinedLate = true;
+      this.writeEpochs = new Uint32Array(this.pageCount);
+    }
     this.channels.push(channel);
   }
 

@@ -86,6 +86,13 @@ export interface StreamShape {
    * goes in a package, and the remaining rounds follow it, ending with RAM's END, EOF and no vmdesc.
    */
   postcopyAt?: number;
+  /**
+   * The main channel of a multifd migration (multifd-stream.ts has its channels): one RAM section (one
+   * EOS, matching one SYNC on every channel) per round, with the zero pages only (7.2) or no page (10.0).
+   */
+  multifd?: 'qemu-7.2' | 'qemu-10.0';
+  /** Page memory as each round sees it (default: memory.pages throughout). */
+  pagesOf?: (round: number) => Buffer[];
 }
 
 const command = (w: StreamWriter, code: number, data: Buffer = Buffer.alloc(0)): void =>
@@ -136,10 +143,12 @@ export function migrationStream(memory: GuestMemory, laterRounds: number[][], ma
   };
   endSection();
   let lastBlock = -1;
+  let round = 0;
   const sendPage = (index: number): void => {
     const block = memory.blocks.find((b) => index >= b.firstPage && index < b.firstPage + b.pages) as RamBlock;
-    const page = memory.pages[index];
+    const page = (shape.pagesOf ? shape.pagesOf(round) : memory.pages)[index];
     const zero = page.every((v) => v === 0);
+    if (shape.multifd !== undefined && (!zero || shape.multifd === 'qemu-10.0')) return;
     const flags = (zero ? RamFlag.Zero : RamFlag.Page) | (block.index === lastBlock ? RamFlag.Continue : 0);
     lastBlock = block.index;
     w.write({
@@ -157,7 +166,9 @@ export function migrationStream(memory: GuestMemory, laterRounds: number[][], ma
   };
   const rounds = [memory.pages.map((_, i) => i), ...laterRounds];
   const postcopyRound = shape.postcopyAt === undefined ? -1 : shape.postcopyAt + 1;
-  rounds.forEach((round, r) => {
+  const perSection = shape.multifd !== undefined ? Infinity : 200;
+  rounds.forEach((pages, r) => {
+    round = r;
     // QEMU stops the guest and says so before the last round (precopy) or before the package.
     if (shape.switchoverStart && r === (postcopyRound >= 0 ? postcopyRound : rounds.length - 1)) command(w, VmCommand.SwitchoverStart);
     if (r === postcopyRound) {
@@ -173,10 +184,10 @@ export function migrationStream(memory: GuestMemory, laterRounds: number[][], ma
       parts.push(pkg);
     }
     // Sections of at most 200 pages, as QEMU's rate-limited iterations cut them.
-    for (let at = 0; at < round.length || (at === 0 && r === rounds.length - 1); at += 200) {
-      const last = r === rounds.length - 1 && at + 200 >= round.length;
+    for (let at = 0; at < pages.length || (at === 0 && r === rounds.length - 1); at += perSection) {
+      const last = r === rounds.length - 1 && at + perSection >= pages.length;
       w.write({ ...ram, type: last ? SectionType.End : SectionType.Part, streamOffset: 0 });
-      for (const index of round.slice(at, at + 200)) sendPage(index);
+      for (const index of pages.slice(at, at + perSection)) sendPage(index);
       endSection();
       if (last) break;
     }

@@ -64,6 +64,8 @@ export interface MultifdMigrationShape {
   /** Page memory as each round sees it: pagesOf(round)[i]; default: memory.pages throughout. */
   pagesOf?: (round: number) => Buffer[];
   pagesPerPacket?: number;
+  /** A SYNC on every channel before the first round, as QEMU's setup sends it (main channel: its first EOS). */
+  leadingSync?: boolean;
 }
 
 /** What one migration put on its channels, and what QEMU would count. */
@@ -91,6 +93,12 @@ export function multifdMigration(memory: GuestMemory, shape: MultifdMigrationSha
     parts[next].push(multifdPacket({ ...packet, format: shape.format, packetNumber: packetNumber++ }));
     next = (next + 1) % shape.channels;
   };
+  const sync = (): void => {
+    for (let c = 0; c < shape.channels; c++) {
+      parts[c].push(multifdPacket({ format: shape.format, packetNumber: packetNumber++, block: '', pages: [], sync: true }));
+    }
+  };
+  if (shape.leadingSync) sync();
   shape.rounds.forEach((round, r) => {
     const pages = shape.pagesOf ? shape.pagesOf(r) : memory.pages;
     let block = -1;
@@ -117,9 +125,7 @@ export function multifdMigration(memory: GuestMemory, shape: MultifdMigrationSha
       }
     }
     flush();
-    for (let c = 0; c < shape.channels; c++) {
-      parts[c].push(multifdPacket({ format: shape.format, packetNumber: packetNumber++, block: '', pages: [], sync: true }));
-    }
+    sync();
   });
   return { channels: parts.map((p) => Buffer.concat(p)), normalPages, zeroPages };
 }

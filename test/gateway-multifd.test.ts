@@ -1,0 +1,173 @@
+/**
+ * Multifd channels through a real gateway pair on loopback, with QEMU stand-ins: the pages they carry
+ * are kept in both stores and reused on the way back, every channel is rebuilt byte for byte, each store
+ * keeps every page's final version whichever channel (the main one included) carried it last and in
+ * whatever order the gateways read the channels, and a malformed packet fails the whole migration.
+ */
+import type { Gateway } from '../src/gateway/gateway';
+import type { MigrationReport } from '../src/gateway/session';
+import { startPair, stopPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
+import { guestMemory, migrationStream, PAGE, streamStart } from '../src/lab/harness/migration-stream';
+import { multifdMigration, type MultifdFormat } from '../src/lab/harness/multifd-stream';
+import { ChannelsDestination, type ReceivedChannel, sourceChannel } from '../src/lab/harness/qemu-standins';
+import { checkStores } from '../src/lab/harness/stores';
+import { MULTIFD_MAGIC } from '../src/qemu/multifd';
+import { PageStore } from '../src/store';
+import { suiteTempDir } from './temp-dir';
+
+const LIMITS = 'limits:\n  handshakeSeconds: 2\n  maxChannels: 4\n';
+const BLOCKS: [string, number][] = [['pc.ram', 256]];
+
+async function report(gateway: Gateway, count: number): Promise<MigrationReport> {
+  await waitFor(() => gateway.history.length >= count);
+  return gateway.history[count - 1];
+}
+
+/** A migration's main channel and its multifd channels, as a QEMU of `format` sends them. */
+function multifdRun(format: MultifdFormat, rounds: number[][], pagesOf: (round: number) => Buffer[]): { main: Buffer; channels: Buffer[] } {
+  const memory = guestMemory(BLOCKS, 1);
+  memory.pages = pagesOf(0);
+  const main = migrationStream(memory, rounds.slice(1), { machine: 'pc-i440fx-7.2', multifd: format, pagesOf });
+  const { channels } = multifdMigration(memory, { format, channels: 4, rounds, pagesOf, pagesPerPacket: 16, leadingSync: true });
+  return { main, channels };
+}
+
+/**
+ * One migration from `from` to `to`. `mainFirst`: the whole main channel, then every channel; else the
+ * main channel up to its RAM block list, every channel, then the rest (the gateways see the channels'
+ * pages of every round before the main channel's).
+ */
+async function migrate(from: Site, to: Site, run: { main: Buffer; channels: Buffer[] }, mainFirst: boolean): Promise<ReceivedChannel[]> {
+  const dest = await ChannelsDestination.listen(to.destPort);
+  try {
+    const head = streamStart(BLOCKS).length;
+    if (!run.main.subarray(0, head).equals(streamStart(BLOCKS))) throw new Error('the main channel does not open as streamStart');
+    const split = mainFirst ? run.main.length : head;
+    const main = await sourceChannel(from.routePort);
+    await main.write(run.main.subarray(0, split));
+    const channels = await Promise.all(run.channels.map(() => sourceChannel(from.routePort)));
+    await Promise.all(channels.map((c, i) => c.write(run.channels[i])));
+    for (const c of channels) c.socket.end();
+    await main.write(run.main.subarray(split));
+    main.socket.end();
+    return await dest.settled(1 + run.channels.length);
+  } finally {
+    await dest.close();
+  }
+}
+
+/** Every channel reached the destination as the source sent it, the main one first. */
+function expectRebuilt(got: ReceivedChannel[], run: { main: Buffer; channels: Buffer[] }): void {
+  expect(got.every((c) => !c.reset)).toBe(true);
+  expect(got[0].bytes.equals(run.main)).toBe(true);
+  const byId = new Map(got.slice(1).map((c) => [c.bytes[24], c.bytes]));
+  expect(run.channels.every((bytes, id) => byId.get(id)?.equals(bytes))).toBe(true);
+}
+
+/** Pages of VM vm1's store at `site` that differ from `pages` (the store must be sound). */
+function pagesDiffering(site: Site, pages: Buffer[]): number[] {
+  expect(checkStores(site.data, ['vm1'])[0].badPages).toEqual([]);
+  const store = PageStore.open(site.data, 'vm1');
+  try {
+    const page = Buffer.alloc(PAGE);
+    return pages.flatMap((expected, i) => {
+      store.readPages(i, 1, page, 0);
+      return page.equals(expected) ? [] : [i];
+    });
+  } finally {
+    store.close();
+  }
+}
+
+/** The channels' WAN bytes against their length, from the sending gateway's 'channel ended' lines since `from`. */
+function channelShare(site: Site, from: number): { streamBytes: number; wanBytes: number } {
+  const ended = site.logs.slice(from).filter((l) => l.msg === 'channel ended');
+  expect(ended).toHaveLength(4);
+  const total = (key: string): number => ended.reduce((sum, l) => sum + Number(l[key]), 0);
+  return { streamBytes: total('streamBytes'), wanBytes: total('wanBytes') };
+}
+
+describe('multifd channels through a gateway pair', () => {
+  let a: Site;
+  let b: Site;
+
+  beforeEach(async () => {
+    [a, b] = await startPair(suiteTempDir('bfmig-multifd-'), [LIMITS, LIMITS]);
+  });
+
+  afterEach(() => stopPair([a, b]));
+
+  test('a QEMU 10.0 multifd migration there and back: both stores keep its snapshot, the back leg reuses the pages, every channel is rebuilt byte for byte', async () => {
+    const memory = guestMemory(BLOCKS, 1);
+    const all = memory.pages.map((_, i) => i);
+    const run = multifdRun('qemu-10.0', [all, all.filter((i) => i % 5 === 0)], () => memory.pages);
+
+    expectRebuilt(await migrate(a, b, run, true), run);
+    const there = [await report(a.gateway, 1), await report(b.gateway, 1)];
+    expect(there).toMatchObject([{ result: 'completed' }, { result: 'completed' }]);
+    expect(there[0].snapshotId).not.toBeNull();
+    expect(there[1].snapshotId).toBe(there[0].snapshotId);
+    const first = channelShare(a, 0);
+    expect(first.wanBytes).toBeGreaterThanOrEqual(first.streamBytes);
+    expect(pagesDiffering(a, memory.pages)).toEqual([]);
+    expect(pagesDiffering(b, memory.pages)).toEqual([]);
+
+    const logged = b.logs.length;
+    expectRebuilt(await migrate(b, a, run, true), run);
+    const back = [await report(b.gateway, 2), await report(a.gateway, 2)];
+    expect(back).toMatchObject([{ result: 'completed' }, { result: 'completed' }]);
+    expect(back[0].snapshotId).not.toBeNull();
+    expect(back[1].snapshotId).toBe(back[0].snapshotId);
+    // Every page the channels carry is held at the far site: what crosses is packet headers and Runs.
+    const again = channelShare(b, logged);
+    expect(again.streamBytes).toBe(first.streamBytes);
+    expect(again.wanBytes).toBeLessThan(0.1 * first.wanBytes);
+  });
+
+  test('pages rewritten between rounds, on other channels or on the main channel (QEMU 7.2 zero pages), end in their final version in both stores, whatever channel the gateways read first', async () => {
+    const before = guestMemory(BLOCKS, 2);
+    const after = before.pages.map((p) => Buffer.from(p));
+    const zeroThenData = before.pages.findIndex((p) => p.every((v) => v === 0));
+    const dataThenZero = before.pages.findIndex((p) => p.some((v) => v !== 0));
+    const dataThenData = before.pages.findIndex((p, i) => i > dataThenZero && p.some((v) => v !== 0));
+    after[zeroThenData].fill(0x11);
+    after[dataThenZero].fill(0);
+    after[dataThenData].fill(0x22);
+    const all = before.pages.map((_, i) => i);
+    const rewritten = [zeroThenData, dataThenZero, dataThenData].sort((x, y) => x - y);
+    const run = multifdRun('qemu-7.2', [all, rewritten], (round) => (round === 0 ? before.pages : after));
+
+    expectRebuilt(await migrate(a, b, run, false), run);
+    expect([await report(a.gateway, 1), await report(b.gateway, 1)]).toMatchObject([{ result: 'completed' }, { result: 'completed' }]);
+    expect(pagesDiffering(a, after)).toEqual([]);
+    expect(pagesDiffering(b, after)).toEqual([]);
+  });
+
+  test('a malformed packet on one channel fails the whole migration on both gateways: every connection is reset, no store commits', async () => {
+    const memory = guestMemory(BLOCKS, 3);
+    const all = memory.pages.map((_, i) => i);
+    const run = multifdRun('qemu-10.0', [all], () => memory.pages);
+    // The second packet of channel 1 (after its initial packet and its first SYNC) loses its magic.
+    const bad = Buffer.from(run.channels[1]);
+    const magic = Buffer.alloc(4);
+    magic.writeUInt32BE(MULTIFD_MAGIC);
+    bad.writeUInt32BE(0xdeadbeef, bad.indexOf(magic, bad.indexOf(magic, bad.indexOf(magic, 1) + 1) + 1));
+    const dest = await ChannelsDestination.listen(b.destPort);
+    try {
+      const main = await sourceChannel(a.routePort);
+      await main.write(run.main.subarray(0, run.main.length >> 1));
+      const channels = await Promise.all(run.channels.map(() => sourceChannel(a.routePort)));
+      await Promise.all(channels.map((c, i) => c.write(i === 1 ? bad : run.channels[i])));
+      expect(await Promise.all([main, ...channels].map((c) => c.closed))).toEqual(Array(5).fill('reset'));
+      const got = await dest.settled(5);
+      expect(got.every((c) => c.reset)).toBe(true);
+    } finally {
+      await dest.close();
+    }
+    const failed = [await report(a.gateway, 1), await report(b.gateway, 1)];
+    expect(failed).toMatchObject([{ result: 'failed', snapshotId: null }, { result: 'failed', snapshotId: null }]);
+    expect(failed[0].error).toMatch(/multifd 1/);
+    expect(checkStores(a.data, ['vm1'])[0].snapshotId).toBeNull();
+    expect(checkStores(b.data, ['vm1'])[0].snapshotId).toBeNull();
+  });
+});
