@@ -57,6 +57,10 @@ abstract class ChannelRelay implements ExtraChannel {
   protected over = false;
   /** The channel ended cleanly on one side (its End was sent or taken): its connections close next. */
   protected ended = false;
+  /** The peer's End came, and waits for the codec (parked at a SYNC) before it is taken. */
+  protected endPending = false;
+  /** The peer closed while its frames were held back: they are read first, and must end with End. */
+  protected peerGone = false;
   /** The channel has a multifd codec whose end the group has not been told of yet. */
   private multifdOpen = false;
 
@@ -144,6 +148,7 @@ abstract class ChannelRelay implements ExtraChannel {
     peer.on('error', (err) => this.fail(`peer ${this.label}: ${err.message}`));
     peer.on('close', () => {
       if (this.ended) this.finish();
+      else if (this.endPending || frames.isPaused) this.peerGone = true;
       else this.fail(`${who} closed ${this.label} before its end`);
     });
   }
@@ -367,7 +372,9 @@ export class ChannelReceiver extends ChannelRelay {
     } catch (err) {
       return this.fail(`peer ${this.label}: ${errorMessage(err)}`);
     }
-    if (!this.frames.isPaused) this.peer.resume();
+    if (this.frames.isPaused) return;
+    this.peer.resume();
+    if (this.peerGone && !this.ended && !this.endPending) this.fail(`the sending gateway closed ${this.label} before its end`);
   }
 
   private onFrame(type: FrameType, payload: Buffer): void {
@@ -398,12 +405,18 @@ export class ChannelReceiver extends ChannelRelay {
 
   private onEnd(decoder: ChannelDecoder, payload: Buffer): void {
     const end = decodePayload(decodeSeal, payload);
+    this.endPending = true;
     decoder.end(end.streamBytes, peerText(end.streamCheck), () => {
+      this.endPending = false;
       this.multifdEnded(true);
-      if (this.ended) return; // the destination had closed it first
-      this.ended = true;
-      const destination = this.destination as Socket;
-      destination.end(() => this.peer.end());
+      if (!this.ended) {
+        // Else the destination had closed it first.
+        this.ended = true;
+        const destination = this.destination as Socket;
+        destination.end(() => this.peer.end());
+      }
+      // The sender may have closed its connection while the End waited.
+      if (this.peer.destroyed) this.finish();
     });
   }
 
