@@ -78,10 +78,8 @@ abstract class ChannelRelay implements ExtraChannel {
       .then(
         (multifd) => {
           if (this.over) return;
-          if (multifd) {
-            this.multifdOpen = true;
-            group.multifdStarted();
-          }
+          if (multifd) this.multifdOpen = true;
+          else if (channel.kind === 'multifd') group.multifdEnded(false); // relayed verbatim: its pages are not kept
           dial(multifd);
         },
         (err: unknown) => this.abort(errorMessage(err)),

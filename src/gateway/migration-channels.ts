@@ -54,9 +54,8 @@ export class ChannelGroup {
   /** The multifd channels' shared state, from the main channel's block list on. */
   private multifd: MultifdMigration | null = null;
   private readonly multifdWaiters: { resolve: (multifd: MultifdMigration | null) => void; reject: (err: Error) => void }[] = [];
-  /** Extra channels given a multifd codec, and those of them that have not ended cleanly yet. */
-  private multifdCodecs = 0;
-  private multifdOpen = 0;
+  /** Multifd channels done with their codec (ended, cleanly or not, or relayed verbatim). */
+  private multifdSettled = 0;
   /** A multifd codec was done with before its end (its channel closed early): not every page was kept. */
   private multifdIncomplete = false;
   private readonly endWaiters: (() => void)[] = [];
@@ -91,7 +90,7 @@ export class ChannelGroup {
    */
   get keepsSnapshot(): boolean {
     if (this.joined === 0) return true;
-    return !this.preempt && this.multifd !== null && this.multifdCodecs === this.ids.size && this.multifdOpen === 0 && !this.multifdIncomplete && this.multifd.retainedAll;
+    return !this.preempt && this.multifd !== null && this.multifdSettled === this.ids.size && !this.multifdIncomplete && this.multifd.retainedAll;
   }
 
   /** The main channel's stream gave its block list: multifd channels may read on through `multifd`. */
@@ -108,17 +107,14 @@ export class ChannelGroup {
     return new Promise((resolve, reject) => this.multifdWaiters.push({ resolve, reject }));
   }
 
-  /** A channel's relay took a multifd codec: the migration settles only once it has ended (multifdEnded). */
-  multifdStarted(): void {
-    this.multifdCodecs++;
-    this.multifdOpen++;
-  }
-
-  /** A multifd channel's codec is done with: `complete` when it ended cleanly (its End was sent, or checked). */
+  /**
+   * A multifd channel is done with its codec: `complete` when it ended cleanly (its End was sent, or
+   * checked); false also for one relayed verbatim.
+   */
   multifdEnded(complete: boolean): void {
     if (!complete) this.multifdIncomplete = true;
-    this.multifdOpen--;
-    if (this.multifdOpen === 0) for (const resolve of this.endWaiters.splice(0)) resolve();
+    this.multifdSettled++;
+    if (this.multifdSettled >= this.ids.size) for (const resolve of this.endWaiters.splice(0)) resolve();
   }
 
   /**
@@ -127,7 +123,7 @@ export class ChannelGroup {
    */
   async whenSettled(count: number): Promise<void> {
     await this.whenJoined(count);
-    if (this.multifdOpen === 0) return;
+    if (this.multifdSettled >= this.ids.size) return;
     if (!this.open) throw new Error(this.failure || 'the migration has ended');
     await new Promise<void>((resolve) => this.endWaiters.push(resolve));
     if (this.state === 'failed') throw new Error(this.failure);
