@@ -75,11 +75,10 @@ export const COMPAT_ROWS: readonly CompatRow[] = [
   row('10.0', 'pc-i440fx-10.0', 'xbzrle', { tail: 'xbzrle', capabilities: { xbzrle: true } }),
   row('10.0', 'pc-i440fx-10.0', 'auto-converge', { tail: 'auto-converge', capabilities: { 'auto-converge': true } }),
   row('10.0', 'pc-i440fx-10.0', 'switchover-ack (with return-path)', { tail: 'switchover-ack', capabilities: { ...rp, 'switchover-ack': true } }),
-  // Multifd channels are carried verbatim: reuse only on the main channel, whose RAM section then holds
-  // no pages, and the stores keep the snapshot they held. So these rows promise completion, not reuse.
-  row('7.2', 'pc-i440fx-7.2', 'multifd, 4 channels (carried verbatim: no reuse yet)', { tail: 'multifd-4', capabilities: { multifd: true }, parameters: { 'multifd-channels': 4 }, expectReuse: false }),
-  row('10.0', 'pc-i440fx-10.0', 'multifd, 4 channels (carried verbatim: no reuse yet)', { tail: 'multifd-4', capabilities: { multifd: true }, parameters: { 'multifd-channels': 4 }, expectReuse: false, everyRun: true }),
-  row('10.0', 'pc-i440fx-10.0', 'multifd, 16 channels (carried verbatim: no reuse yet)', { tail: 'multifd-16', capabilities: { multifd: true }, parameters: { 'multifd-channels': 16 }, expectReuse: false }),
+  // Multifd channels go through the multifd codec: their pages are kept and reused like the main channel's.
+  row('7.2', 'pc-i440fx-7.2', 'multifd, 4 channels', { tail: 'multifd-4', capabilities: { multifd: true }, parameters: { 'multifd-channels': 4 } }),
+  row('10.0', 'pc-i440fx-10.0', 'multifd, 4 channels', { tail: 'multifd-4', capabilities: { multifd: true }, parameters: { 'multifd-channels': 4 }, everyRun: true }),
+  row('10.0', 'pc-i440fx-10.0', 'multifd, 16 channels', { tail: 'multifd-16', capabilities: { multifd: true }, parameters: { 'multifd-channels': 16 } }),
   row('10.0', 'pc-i440fx-10.0', 'postcopy-preempt, postcopy started (its channel verbatim)', {
     tail: 'postcopy-preempt',
     capabilities: { ...rp, 'postcopy-ram': true, 'postcopy-preempt': true },
