@@ -43,6 +43,11 @@ interface RelayOptions {
   over?: (outcome: { completed: boolean; error: string | null; streamBytes: number }) => void;
 }
 
+export interface ChannelReceiverOptions extends RelayOptions {
+  /** The multifd channels the sender had when it opened this one (its Hello). */
+  channels?: number;
+}
+
 export interface ChannelSenderOptions extends RelayOptions {
   site: string;
   route: RouteConfig;
@@ -192,6 +197,8 @@ export class ChannelSender extends ChannelRelay {
     const peer = transport.connect(route.peer, () => {
       peer.setTimeout(0);
       const hello: HelloMessage = { protocol: PROTOCOL_VERSION, site, vm: group.vm, target: formatEndpoint(route.target), migration: group.migration, channel };
+      // The receiver's codecs wait at the first SYNC until as many channels have joined there.
+      if (multifd) hello.channels = group.multifdChannels;
       peer.write(encodeJson(FrameType.Hello, hello));
       this.source.on('data', (chunk: Buffer) => this.onSourceData(encoder, peer, chunk));
       this.source.on('end', () => this.onSourceEnd());
@@ -298,9 +305,9 @@ export class ChannelReceiver extends ChannelRelay {
   constructor(
     /** The peer gateway's connection, paused, its Hello put back. */
     private readonly peer: Socket,
-    options: RelayOptions,
+    private readonly receiver: ChannelReceiverOptions,
   ) {
-    super(options);
+    super(receiver);
     // The Hello (already checked) comes first again; Literal bytes pass through as they arrive.
     let hello = true;
     this.frames = new FrameParser(
@@ -310,7 +317,7 @@ export class ChannelReceiver extends ChannelRelay {
       },
       (type) => type === FrameType.Literal,
     );
-    this.frames.maxPayload = options.maxFrameBytes;
+    this.frames.maxPayload = receiver.maxFrameBytes;
   }
 
   /** Dials the destination once the main channel's destination has answered, then relays. Called once the channel has joined its group. */
@@ -326,6 +333,7 @@ export class ChannelReceiver extends ChannelRelay {
     // to the sender, and the connection closes once the sender has closed its own.
     const destination = connect({ host: target.host, port: target.port, noDelay: true, allowHalfOpen: true });
     this.destination = destination;
+    if (multifd && this.receiver.channels !== undefined) multifd.expectChannels(this.receiver.channels);
     const decoder = channelDecoder((bytes) => {
       if (destination.writableEnded) return; // the destination closed the channel: nobody reads on
       if (!destination.write(bytes)) this.holdPeer();

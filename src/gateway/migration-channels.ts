@@ -78,6 +78,11 @@ export class ChannelGroup {
     private readonly closed: () => void,
   ) {}
 
+  /** Multifd channels that joined so far. */
+  get multifdChannels(): number {
+    return this.ids.size;
+  }
+
   /** Extra channels that joined so far. */
   get joined(): number {
     return this.ids.size + (this.preempt ? 1 : 0);

@@ -112,8 +112,13 @@ export class MultifdMigration {
      * Channels the migration has, when known: the barrier waits for this many to have joined. With 0
      * it counts those that have joined, so every channel must join before the first SYNC is read on any.
      */
-    private readonly expectedChannels = 0,
+    private expectedChannels = 0,
   ) {}
+
+  /** At least `count` channels will join (the sending gateway says how many it has): the barrier waits for them. */
+  expectChannels(count: number): void {
+    this.expectedChannels = Math.max(this.expectedChannels, count);
+  }
 
   /** The main channel's block list (its codec's onLayout), needed before any packet with pages. */
   begin(layout: PageLayout): void {

@@ -93,6 +93,8 @@ export interface HelloMessage {
   migration?: string;
   /** Protocol 5: this connection carries an extra channel of migration `migration`, not its stream. */
   channel?: ChannelName;
+  /** A multifd channel's Hello: how many multifd channels the sender had when it opened this one. */
+  channels?: number;
 }
 
 /** An extra channel of a migration: a multifd channel by its index, or the postcopy-preempt channel. */
@@ -201,11 +203,12 @@ export function decodeHello(p: Buffer): HelloMessage {
   const channel: unknown = hello.channel;
   if (channel === undefined) return hello;
   if (hello.migration === undefined) throw new WireError('Hello: a channel without its migration');
+  if (hello.channels !== undefined && !(Number.isInteger(hello.channels) && hello.channels >= 1 && hello.channels <= 256)) throw new WireError('Hello: field channels is not 1..256');
   const c = channel as Partial<ChannelName> | null;
   if (typeof c !== 'object' || c === null || (c.kind !== 'multifd' && c.kind !== 'preempt' && c.kind !== 'encrypted') || !Number.isInteger(c.index) || (c.index as number) < 0 || (c.index as number) > 255) {
     throw new WireError('Hello: field channel is not {kind: "multifd" | "preempt" | "encrypted", index: 0..255}');
   }
-  return { ...hello, channel: { kind: c.kind, index: c.index as number } };
+  return { ...hello, channel: { kind: c.kind, index: c.index as number }, channels: hello.channels };
 }
 export const decodeOffer = (p: Buffer): OfferMessage => {
   const offer = decodeJson<OfferMessage>(p, 'Offer', { site: 'string', snapshotId: 'nullableString', layoutId: 'nullableString', pageCount: 'number', presentPages: 'number' });
