@@ -7,6 +7,7 @@
  *       [--changes 0,1,10]   percent of guest RAM rewritten before leg 2, 3, … (the guest quiet while it migrates)
  *       [--out FILE.json]    also write every leg to FILE.json and FILE.csv
  *       [--qemu 7.2|10.0] [--machine pc-i440fx-7.2] [--capabilities postcopy-ram,return-path]
+ *       [--parameters multifd-channels=4]
  *       [--content random|files]   the guest's pages: pseudo-random (default, the worst case for
  *                                  compression) or pages of real files (binaries, libraries, text, .gz)
  *       [--scribble BYTES:PER_SECOND]  database-like updates in the guest, also while it migrates
@@ -69,6 +70,8 @@ interface QemuChoice {
   qemu: QemuRelease;
   machine: string;
   capabilities?: Record<string, boolean>;
+  /** QEMU migration parameters, e.g. multifd-channels=4. */
+  parameters?: Record<string, number>;
 }
 
 const DEFAULT_QEMU: QemuChoice = { qemu: '7.2', machine: 'pc-i440fx-7.2' };
@@ -98,6 +101,7 @@ function runOptions(run: GridRun, downtimeLimitMs: number, q: QemuChoice = DEFAU
     out: process.stdout,
     qemuAt: [qemuBinary(q.qemu), qemuBinary(q.qemu)],
     capabilities: q.capabilities,
+    parameters: q.parameters,
     content: g.content,
     scribble: g.scribble,
     uncompressed: g.uncompressed,
@@ -188,7 +192,7 @@ async function main(): Promise<void> {
     options: {
       merge: { type: 'boolean' }, out: text, grid: text, only: text, changes: text, 'rewrite-pcts': text,
       'mem-mib': text, 'downtime-limit-ms': text, mbit: text, 'delay-ms': text, 'workload-mib': text, legs: text,
-      qemu: text, machine: text, capabilities: text, content: text, scribble: text, uncompressed: { type: 'boolean' },
+      qemu: text, machine: text, capabilities: text, parameters: text, content: text, scribble: text, uncompressed: { type: 'boolean' },
     },
     strict: true,
   });
@@ -209,6 +213,7 @@ async function main(): Promise<void> {
     qemu: release as QemuRelease,
     machine: args.machine ?? DEFAULT_QEMU.machine,
     capabilities: args.capabilities ? Object.fromEntries(args.capabilities.split(',').map((c) => [c, true])) : undefined,
+    parameters: args.parameters ? Object.fromEntries(args.parameters.split(',').map((p) => p.split('=')).map(([k, v]) => [k, Number(v)])) : undefined,
   };
   const content = args.content ?? 'random';
   if (content !== 'random' && content !== 'files') throw new Error('--content takes random or files');
