@@ -291,7 +291,7 @@ export class ChannelSender extends ChannelRelay {
   }
 
   protected get streamBytes(): number {
-    return this.encoder.streamBytes;
+    return this.encoder?.streamBytes ?? 0;
   }
 }
 
