@@ -5,7 +5,8 @@
  * channel's length and XXH3-64, once the encoder has let everything go); the receiving side dials the
  * destination QEMU once the main channel's destination has answered (QEMU takes the main channel
  * first), writes what its ChannelDecoder rebuilds, checks End, and returns what the destination sends
- * back as Return frames (passed on as they are). A multifd channel's codec is made once the main
+ * back as Return frames (passed on as they are). Literal bytes cross compressed when the main channel's
+ * handshake chose compression, each channel with a zstd stream of its own. A multifd channel's codec is made once the main
  * channel has given the RAM block list (ChannelGroup.whenMultifd); while the codec is parked at the
  * SYNC barrier the relay stops reading its input. Anything wrong on one channel fails its whole
  * migration (ChannelGroup.fail).
@@ -14,6 +15,7 @@ import { connect, type Socket } from 'node:net';
 import { errorMessage } from '../common/errors';
 import { type ChannelDecoder, type ChannelEncoder, channelDecoder, channelEncoder } from '../proxy/channel-codec';
 import type { MultifdMigration } from '../proxy/multifd-migration';
+import { LiteralFrames, LiteralInflater } from '../wire/compression';
 import {
   type ChannelName,
   decodeAbort,
@@ -170,6 +172,8 @@ export class ChannelSender extends ChannelRelay {
   private readonly frames: FrameParser;
   /** From the dial on. */
   private encoder: ChannelEncoder | null = null;
+  /** Literal bytes on their way to the peer (compressed as the main channel's handshake chose); from the dial on. */
+  private literals: LiteralFrames | null = null;
   /** Frame bytes written to the peer. */
   private wanBytes = 0;
 
@@ -204,14 +208,23 @@ export class ChannelSender extends ChannelRelay {
       this.source.on('end', () => this.onSourceEnd());
       this.source.resume();
     });
+    const literals = new LiteralFrames((bytes) => this.toPeer(bytes), group.compression);
+    this.literals = literals;
     const encoder = channelEncoder(
       {
-        literal: (bytes) => this.toPeer(frameHeader(FrameType.Literal, bytes.length), bytes),
-        run: (payload) => this.toPeer(encodeFrame(FrameType.Run, payload)),
+        literal: (bytes) => literals.literal(bytes),
+        run: (payload) => {
+          literals.flush();
+          this.toPeer(encodeFrame(FrameType.Run, payload));
+        },
       },
       multifd,
     );
-    encoder.onReadOn = () => this.readSource();
+    encoder.onReadOn = () => {
+      // Unparked from within another channel's codec: what it let go leaves now.
+      literals.flush();
+      this.readSource();
+    };
     this.encoder = encoder;
     this.peer = peer;
     peer.setNoDelay(true);
@@ -220,21 +233,22 @@ export class ChannelSender extends ChannelRelay {
     this.readPeer(peer, this.frames, 'the peer gateway');
   }
 
-  /** Writes a frame (its header and, apart, its payload) to the peer. */
-  private toPeer(head: Buffer, payload?: Buffer): void {
-    const peer = this.peer as Socket;
-    peer.write(head);
-    this.wanBytes += head.length;
-    if (!payload) return;
-    peer.write(payload);
-    this.wanBytes += payload.length;
+  /** Writes frame bytes to the peer. */
+  private toPeer(bytes: Buffer): void {
+    (this.peer as Socket).write(bytes);
+    this.wanBytes += bytes.length;
   }
 
   private onSourceData(encoder: ChannelEncoder, peer: Socket, chunk: Buffer): void {
     if (this.ended || this.over) return; // the destination has closed the channel: nobody reads on
+    const literals = this.literals as LiteralFrames;
+    literals.policy.observeWan(peer.writableLength);
     peer.cork();
     try {
-      this.guard('source', () => encoder.push(chunk));
+      this.guard('source', () => {
+        encoder.push(chunk);
+        literals.flush();
+      });
     } finally {
       peer.uncork();
     }
@@ -278,6 +292,9 @@ export class ChannelSender extends ChannelRelay {
     this.guard('source', () =>
       encoder.end(() => {
         this.multifdEnded(true);
+        const literals = this.literals as LiteralFrames;
+        literals.flush();
+        this.sender.group.compressionSavedBytes += literals.savedBytes;
         const { streamBytes, streamCheck } = encoder;
         peer.end(encodeJson(FrameType.End, { streamBytes, streamCheck }));
         this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes });
@@ -301,6 +318,8 @@ export class ChannelReceiver extends ChannelRelay {
   private readonly frames: FrameParser;
   /** From the dial on. */
   private decoder: ChannelDecoder | null = null;
+  /** Compressed frames back into Literal bytes, when the main channel's handshake chose compression. */
+  private readonly inflater: LiteralInflater | null;
 
   constructor(
     /** The peer gateway's connection, paused, its Hello put back. */
@@ -308,6 +327,7 @@ export class ChannelReceiver extends ChannelRelay {
     private readonly receiver: ChannelReceiverOptions,
   ) {
     super(receiver);
+    this.inflater = receiver.group.compression === null ? null : new LiteralInflater();
     // The Hello (already checked) comes first again; Literal bytes pass through as they arrive.
     let hello = true;
     this.frames = new FrameParser(
@@ -388,7 +408,12 @@ export class ChannelReceiver extends ChannelRelay {
     const decoder = this.decoder as ChannelDecoder; // frames are read from the dial on
     switch (type) {
       case FrameType.Literal:
+        this.inflater?.raw();
         decoder.literal(payload);
+        break;
+      case FrameType.Compressed:
+        if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a Compressed frame, but compression was not chosen');
+        decoder.literal(this.inflater.inflate(payload));
         break;
       case FrameType.Run:
         decoder.run(payload);
@@ -414,6 +439,7 @@ export class ChannelReceiver extends ChannelRelay {
     this.endPending = true;
     decoder.end(end.streamBytes, peerText(end.streamCheck), () => {
       this.endPending = false;
+      this.options.group.compressionSavedBytes += this.inflater?.savedBytes ?? 0;
       this.multifdEnded(true);
       if (!this.ended) {
         // Else the destination had closed it first.

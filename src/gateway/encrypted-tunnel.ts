@@ -70,7 +70,7 @@ function tunnelGroup(vm: string, direction: Direction, target: string, origin: s
   const startedAt = Date.now();
   ctx.observer.relayedVerbatim(vm, direction, ENCRYPTED);
   // Its only channel is the whole migration: when the channel fails, there is nothing else to abort.
-  const group = new ChannelGroup(randomUUID(), vm, target, origin, 1, { abort: () => undefined, postcopyAdvised: () => false }, ctx.event(vm, direction), 0, () => undefined);
+  const group = new ChannelGroup(randomUUID(), vm, target, origin, 1, { abort: () => undefined, postcopyAdvised: () => false, compression: () => null }, ctx.event(vm, direction), 0, () => undefined);
   group.ready();
   const over = (o: { completed: boolean; error: string | null; streamBytes: number }): void => {
     const result = o.completed ? 'completed' : 'failed';

@@ -19,6 +19,7 @@
  * channel whose every page was kept (keepsSnapshot).
  */
 import type { MultifdMigration } from '../proxy/multifd-migration';
+import type { ZSTD } from '../wire/compression';
 import { type ChannelName } from '../wire/frames';
 import { Refusal } from './limits';
 
@@ -28,6 +29,8 @@ export interface MainChannel {
   abort(reason: string): void;
   /** The stream has advised postcopy with postcopy-ram on (POSTCOPY_ADVISE): a preempt channel may come. */
   postcopyAdvised(): boolean;
+  /** The compression its handshake chose (known once the sender has the Offer): the extra channels use it too. */
+  compression(): typeof ZSTD | null;
 }
 
 /** An extra channel's relay, as its group sees it. */
@@ -77,6 +80,14 @@ export class ChannelGroup {
     private readonly graceMs: number,
     private readonly closed: () => void,
   ) {}
+
+  /** Bytes compression kept off the WAN on the extra channels, added as each one ends. */
+  compressionSavedBytes = 0;
+
+  /** The compression of the migration's Literal bytes, chosen by the main channel's handshake. */
+  get compression(): typeof ZSTD | null {
+    return this.main.compression();
+  }
 
   /** Multifd channels that joined so far. */
   get multifdChannels(): number {

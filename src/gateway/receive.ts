@@ -306,11 +306,11 @@ export class ReceiveSession {
     if (compression !== null) {
       const inflater = new LiteralInflater();
       this.inflater = inflater;
-      this.life.compressionSaved = () => inflater.savedBytes;
+      this.life.compressionSaved = () => inflater.savedBytes + (this.group?.compressionSavedBytes ?? 0);
     }
     this.life.event('migration offered', { peerSite: hello.site, target: hello.target, compression });
     if (hello.migration !== undefined) {
-      this.group = this.options.openGroup(hello.migration, vm, hello.target, { abort: (reason) => this.fail(reason), postcopyAdvised: () => false });
+      this.group = this.options.openGroup(hello.migration, vm, hello.target, { abort: (reason) => this.fail(reason), postcopyAdvised: () => false, compression: () => compression });
     }
     // Without retention (its filesystem is full) the store is left as it is and the peer is offered nothing.
     this.life.openStore();

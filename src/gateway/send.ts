@@ -34,7 +34,7 @@ import {
   offers,
   SINGLE_CHANNEL_PROTOCOL,
 } from '../wire/frames';
-import { helloCompression, LiteralFrames, offeredCompression } from '../wire/compression';
+import { helloCompression, LiteralFrames, offeredCompression, ZSTD } from '../wire/compression';
 import type { DeltaMode, RouteConfig } from './config';
 import { ReturnPathMessages } from './return-path-relay';
 import { PooledReads } from './pooled-reads';
@@ -134,7 +134,7 @@ export class SendSession {
     private readonly options: SendOptions,
   ) {
     this.life = new SessionLifecycle('send', options.route.vm, options, () => this.progress());
-    this.group = options.openGroup({ abort: (reason) => this.fail(reason), postcopyAdvised: () => this.encoder?.postcopyAdvised ?? false });
+    this.group = options.openGroup({ abort: (reason) => this.fail(reason), postcopyAdvised: () => this.encoder?.postcopyAdvised ?? false, compression: () => (this.literals?.compressing ? ZSTD : null) });
     accepted.pause();
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
     // Until the peer's Offer, only small frames: a peer cannot make us buffer (or log) megabytes of it.
@@ -289,7 +289,7 @@ export class SendSession {
     this.life.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: offer.presentPages, localSnapshot: this.localSnapshot, compression });
     const literals = new LiteralFrames((bytes) => this.send(bytes), compression);
     this.literals = literals;
-    this.life.compressionSaved = () => literals.savedBytes;
+    this.life.compressionSaved = () => literals.savedBytes + this.group.compressionSavedBytes;
     this.encoder = new StreamEncoder(
       {
         literal: (bytes) => literals.literal(bytes),
