@@ -6,7 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { chooseCompression, COMPRESSED_HEADER_BYTES, helloCompression, LiteralFrames, LiteralInflater, MAX_BATCH_BYTES, offeredCompression, ZSTD } from '../src/wire/compression';
-import { CompressionPolicy, DRAINED_CHUNKS, MAX_SKIP } from '../src/wire/compression-policy';
+import { CompressionPolicy, DRAINED_CHUNKS, MAX_SKIP, SPARSE_SHARE } from '../src/wire/compression-policy';
 import { FRAME_HEADER_BYTES, FrameParser, FrameType, WireError } from '../src/wire/frames';
 
 /** Text-like bytes: words from a small vocabulary, as logs and source files are. */
@@ -210,11 +210,14 @@ describe('hostile Compressed frames', () => {
 });
 
 describe('CompressionPolicy', () => {
+  /** A source chunk, and a batch of as many Literal bytes: everything read goes as Literal bytes. */
+  const CHUNK = 64 * 1024;
+
   test('compresses while the WAN socket keeps bytes queued', () => {
     const policy = new CompressionPolicy();
     for (let i = 0; i < 100; i++) {
-      policy.observeWan(64 * 1024);
-      expect(policy.compressNext()).toBe(true);
+      policy.observeWan(64 * 1024, CHUNK);
+      expect(policy.compressNext(CHUNK)).toBe(true);
       policy.shrank();
     }
   });
@@ -222,39 +225,52 @@ describe('CompressionPolicy', () => {
   test('backs off once the socket has drained before DRAINED_CHUNKS chunks in a row, and resumes when it queues again', () => {
     const policy = new CompressionPolicy();
     for (let i = 0; i < DRAINED_CHUNKS - 1; i++) {
-      policy.observeWan(0);
-      expect(policy.compressNext()).toBe(true);
+      policy.observeWan(0, CHUNK);
+      expect(policy.compressNext(CHUNK)).toBe(true);
     }
     // One queued observation starts the count again.
-    policy.observeWan(1);
-    for (let i = 0; i < DRAINED_CHUNKS - 1; i++) policy.observeWan(0);
-    expect(policy.compressNext()).toBe(true);
-    policy.observeWan(0);
-    expect(policy.compressNext()).toBe(false);
+    policy.observeWan(1, CHUNK);
+    for (let i = 0; i < DRAINED_CHUNKS - 1; i++) policy.observeWan(0, CHUNK);
+    expect(policy.compressNext(CHUNK)).toBe(true);
+    policy.observeWan(0, CHUNK);
+    expect(policy.compressNext(CHUNK)).toBe(false);
     for (let i = 0; i < 50; i++) {
-      policy.observeWan(0);
-      expect(policy.compressNext()).toBe(false);
+      policy.observeWan(0, CHUNK);
+      expect(policy.compressNext(CHUNK)).toBe(false);
     }
-    policy.observeWan(4096);
-    expect(policy.compressNext()).toBe(true);
+    policy.observeWan(4096, CHUNK);
+    expect(policy.compressNext(CHUNK)).toBe(true);
   });
 
   test('after batches that did not shrink it skips 1, 2, 4 … up to MAX_SKIP batches; one that shrinks ends the skipping', () => {
     const policy = new CompressionPolicy();
     const skips: number[] = [];
-    expect(policy.compressNext()).toBe(true);
+    expect(policy.compressNext(CHUNK)).toBe(true);
     policy.didNotShrink();
     for (let probe = 0; probe < 9; probe++) {
       let skipped = 0;
-      while (!policy.compressNext()) skipped++;
+      while (!policy.compressNext(CHUNK)) skipped++;
       skips.push(skipped);
       policy.didNotShrink(); // the probe did not shrink either
     }
     expect(skips).toEqual([1, 2, 4, 8, 16, 32, MAX_SKIP, MAX_SKIP, MAX_SKIP]);
-    while (!policy.compressNext());
+    while (!policy.compressNext(CHUNK));
     policy.shrank();
     policy.didNotShrink();
-    expect(policy.compressNext()).toBe(false);
-    expect(policy.compressNext()).toBe(true);
+    expect(policy.compressNext(CHUNK)).toBe(false);
+    expect(policy.compressNext(CHUNK)).toBe(true);
+  });
+
+  test('with the WAN drained, compresses Literal bytes only while they are at most 1/SPARSE_SHARE of the input', () => {
+    const policy = new CompressionPolicy();
+    for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(0, CHUNK);
+    expect(policy.wanIsBottleneck).toBe(false);
+    // 4 chunks read, 4 KiB of Literal bytes among them (a back leg's headers among Runs): compressed.
+    expect(policy.compressNext(4096)).toBe(true);
+    // Whole chunks as Literal bytes (a first leg on a fast link): raw.
+    expect(policy.compressNext(CHUNK)).toBe(false);
+    // Until enough input without Literal bytes has passed that the share is sparse again.
+    for (let i = 0; i < SPARSE_SHARE * 2; i++) policy.observeWan(0, CHUNK);
+    expect(policy.compressNext(4096)).toBe(true);
   });
 });

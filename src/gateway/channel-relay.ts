@@ -242,7 +242,7 @@ export class ChannelSender extends ChannelRelay {
   private onSourceData(encoder: ChannelEncoder, peer: Socket, chunk: Buffer): void {
     if (this.ended || this.over) return; // the destination has closed the channel: nobody reads on
     const literals = this.literals as LiteralFrames;
-    literals.policy.observeWan(peer.writableLength);
+    literals.policy.observeWan(peer.writableLength, chunk.length);
     peer.cork();
     try {
       this.guard('source', () => {

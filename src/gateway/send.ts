@@ -352,7 +352,7 @@ export class SendSession {
   private onSourceData(chunk: Buffer): void {
     if (!this.encoder || this.over) return;
     // Whether the WAN still holds what the last chunk produced: compression pays only then.
-    this.literals?.policy.observeWan(this.peer.writableLength);
+    this.literals?.policy.observeWan(this.peer.writableLength, chunk.length);
     // A delta costs a store read: paid whatever it takes only while the WAN, not this gateway, sets the pace.
     this.encoder.deltaReadsFree = this.options.deltas === 'always' || (this.literals?.policy.wanIsBottleneck ?? true);
     // Every frame this chunk produces leaves in one writev.

@@ -8,6 +8,9 @@
  * - Once the socket has drained completely before each of DRAINED_CHUNKS chunks in a row, the link is
  *   faster than this gateway produces (its CPU, or the source, is the bottleneck): compression backs
  *   off, and comes back when the socket queues again.
+ * - Except where Literal bytes are sparse: while they are at most 1/SPARSE_SHARE of what the gateway
+ *   read lately (a back leg: headers and changed pages among Runs), compressing them costs a few percent
+ *   of the gateway's work on that input, and they compress best (multifd packet headers, device state).
  * - A batch that did not shrink went raw; the next batches skip compression, twice as many after each
  *   further raw batch (up to MAX_SKIP), so incompressible memory costs a probe now and then, not a
  *   compression pass per batch.
@@ -17,6 +20,10 @@
 export const DRAINED_CHUNKS = 4;
 /** Most batches skipped after incompressible ones before compression is tried again. */
 export const MAX_SKIP = 64;
+/** Literal bytes at most 1/SPARSE_SHARE of the input read lately are compressed whatever the WAN does. */
+export const SPARSE_SHARE = 32;
+/** Input after which both counts of "lately" halve, so the share follows the stream's recent mix. */
+const SHARE_WINDOW_BYTES = 64 * 1024 * 1024;
 
 export class CompressionPolicy {
   /** Compressing while the WAN is the bottleneck (starts so: a first leg fills the link at once). */
@@ -25,9 +32,20 @@ export class CompressionPolicy {
   /** Batches still to go raw after incompressible ones, and how many the next raw batch skips. */
   private skipLeft = 0;
   private nextSkip = 1;
+  /** Input read and Literal bytes batched lately (both halved every SHARE_WINDOW_BYTES of input). */
+  private readBytes = 0;
+  private literalBytes = 0;
 
-  /** The source's next chunk arrived; `queuedBytes` the peer socket had not yet handed to the kernel. */
-  observeWan(queuedBytes: number): void {
+  /**
+   * The source's next chunk of `chunkBytes` arrived; `queuedBytes` the peer socket had not yet handed
+   * to the kernel.
+   */
+  observeWan(queuedBytes: number, chunkBytes: number): void {
+    this.readBytes += chunkBytes;
+    if (this.readBytes > SHARE_WINDOW_BYTES) {
+      this.readBytes /= 2;
+      this.literalBytes /= 2;
+    }
     if (queuedBytes > 0) {
       this.wanBound = true;
       this.drained = 0;
@@ -44,9 +62,10 @@ export class CompressionPolicy {
     return this.wanBound;
   }
 
-  /** Whether the next batch is to be compressed; a batch it says no to goes raw. */
-  compressNext(): boolean {
-    if (!this.wanBound) return false;
+  /** Whether the next batch, of `batchBytes`, is to be compressed; a batch it says no to goes raw. */
+  compressNext(batchBytes: number): boolean {
+    this.literalBytes += batchBytes;
+    if (!this.wanBound && this.literalBytes * SPARSE_SHARE > this.readBytes) return false;
     if (this.skipLeft > 0) {
       this.skipLeft--;
       return false;

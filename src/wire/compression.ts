@@ -120,7 +120,7 @@ export class LiteralFrames {
     const total = this.batchBytes;
     this.batch = [];
     this.batchBytes = 0;
-    if (total >= MIN_BATCH_BYTES && this.policy.compressNext() && this.compressed(batch, total)) {
+    if (total >= MIN_BATCH_BYTES && this.policy.compressNext(total) && this.compressed(batch, total)) {
       this.policy.shrank();
       return;
     }
