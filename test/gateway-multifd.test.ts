@@ -131,6 +131,13 @@ describe('multifd channels through a gateway pair', () => {
     const again = channelShare(b, logged);
     expect(again.streamBytes).toBe(first.streamBytes);
     expect(again.wanBytes).toBeLessThan(0.1 * first.wanBytes);
+    // Both reports count the whole migration, its channels' bytes and pages with the main channel's.
+    const pageRecords = all.length + all.filter((i) => i % 5 === 0).length;
+    for (const r of back) {
+      expect(r.streamBytes).toBe(run.main.length + run.channels.reduce((n, c) => n + c.length, 0));
+      expect(r.counts).toMatchObject({ pagesSent: 0, pagesDelta: 0, pagesMatched: 0 });
+      expect(r.counts.pagesReused + r.counts.pagesZero).toBe(pageRecords);
+    }
   });
 
   test('pages rewritten between rounds, on other channels or on the main channel (QEMU 7.2 zero pages), end in their final version in both stores, whatever channel the gateways read first', async () => {

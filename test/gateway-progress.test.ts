@@ -1,4 +1,4 @@
-import { newCounts } from '../src/proxy/encoder';
+import { newCounts } from '../src/proxy/transfer-counts';
 import { LiveMigrations } from '../src/gateway/progress';
 import type { ProgressTick } from '../src/gateway/session';
 

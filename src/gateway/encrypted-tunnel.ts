@@ -19,7 +19,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Socket } from 'node:net';
 import type { StreamFallback } from '../qemu/records';
-import { newCounts } from '../proxy/encoder';
+import { newCounts } from '../proxy/transfer-counts';
 import { PageStore } from '../store';
 import { saveMigrationRecord } from '../store/migration-record';
 import { errorMessage } from '../common/errors';

@@ -1,11 +1,10 @@
 import type { Socket } from 'node:net';
 import { errorMessage } from '../common/errors';
-import { newCounts, type TransferCounts } from '../proxy/encoder';
 import type { StreamFallback } from '../qemu/records';
 import { PageStore, UndoableStore } from '../store';
 import { saveMigrationRecord } from '../store/migration-record';
 import { encodeJson, FrameType } from '../wire/frames';
-import { type Direction, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
+import { type CountingCodec, type Direction, migrationCounts, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 import { noteStoreError } from './store-space';
 
 /** The moves a session's phase may make: from each phase, the phases it may go to next. */
@@ -21,8 +20,7 @@ export function checkedMove<P extends string>(direction: Direction, moves: Phase
  * What a session's codec tells the lifecycle: its counts, the RAM layout once it knows it, whether (and
  * where) it relayed the stream verbatim, whether the migration switched to postcopy.
  */
-interface Codec {
-  readonly counts: TransferCounts;
+interface Codec extends CountingCodec {
   readonly layout: { pageCount: number; pageSize: number } | null;
   readonly fallback: StreamFallback | null;
   readonly postcopy: boolean;
@@ -90,13 +88,14 @@ export class SessionLifecycle {
    * bytes this direction moves (out when sending, in when receiving).
    */
   tellProgress(phase: string, codec: Codec | null): void {
+    // A copy, once a second: the codecs' counters move on, the tick stays what it was.
+    const counts = migrationCounts(codec);
     this.options.observer.progress(this.vm, this.direction, {
       phase,
       startedAt: this.started,
-      streamBytes: codec?.counts.streamBytes ?? 0,
+      streamBytes: counts.streamBytes,
       wanBytes: this.direction === 'send' ? this.wanOut : this.wanIn,
-      // A copy, once a second: the codec's counters move on, the tick stays what it was.
-      counts: codec ? { ...codec.counts } : newCounts(),
+      counts,
       layout: codec?.layout ?? null,
     });
   }

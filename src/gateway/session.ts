@@ -2,7 +2,7 @@ import { streamOrigin } from '../qemu';
 import type { StreamFallback } from '../qemu/records';
 import type { PageStore, UndoableStore } from '../store';
 import { saveStreamParts } from '../store/snapshot-parts';
-import { newCounts, type TransferCounts } from '../proxy/encoder';
+import { addCounts, newCounts, type TransferCounts } from '../proxy/transfer-counts';
 
 /** Which way a migration goes through this gateway: 'send' forwards a source QEMU's stream to a peer, 'receive' rebuilds it for a destination QEMU. */
 export type Direction = 'send' | 'receive';
@@ -81,13 +81,28 @@ export const PROGRESS_INTERVAL_MS = 1_000;
 /** Digest-table frames: 64 Ki pages each. */
 export const TABLE_FRAME_BYTES = 1024 * 1024;
 
+/** A main channel's codec: its own counts, and its migration's multifd channels once it has some. */
+export interface CountingCodec {
+  readonly counts: Readonly<TransferCounts>;
+  readonly multifd: { channelCounts(): TransferCounts } | null;
+}
+
+/** What the whole migration carried so far: the main channel's counts and its multifd channels'. */
+export function migrationCounts(codec: CountingCodec | null): TransferCounts {
+  const total = newCounts();
+  if (codec === null) return total;
+  addCounts(total, codec.counts);
+  if (codec.multifd) addCounts(total, codec.multifd.channelCounts());
+  return total;
+}
+
 /** What a session knows when it ends, as the report the observer gets. */
 export function migrationReport(
   session: { vm: string; direction: Direction; startedAt: number; wanBytesOut: number; wanBytesIn: number; compressionSavedBytes: number },
-  codec: { counts: TransferCounts; fallback: StreamFallback | null; postcopy: boolean } | null,
+  codec: (CountingCodec & { fallback: StreamFallback | null; postcopy: boolean }) | null,
   outcome: { result: 'completed' | 'failed'; error: string | null; mode: ReuseMode; snapshotId: string | null },
 ): MigrationReport {
-  const c = codec?.counts ?? newCounts();
+  const c = migrationCounts(codec);
   return {
     vm: session.vm,
     direction: session.direction,

@@ -7,7 +7,7 @@ import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
 import { Claim, type MultifdMigration } from './multifd-migration';
-import { newCounts, type TransferCounts } from './encoder';
+import { newCounts, type TransferCounts } from './transfer-counts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 import { errorMessage } from '../common/errors';
 

@@ -7,6 +7,7 @@ import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSla
 import { ContentIndex } from './content-index';
 import { HeldInput } from './held-input';
 import { Claim, type MultifdMigration } from './multifd-migration';
+import { newCounts, type TransferCounts } from './transfer-counts';
 import { StreamParts } from './stream-parts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
 
@@ -18,24 +19,6 @@ export interface EncoderSink {
   delta?(payload: Buffer): void;
 }
 
-export interface TransferCounts {
-  /** QEMU stream bytes. */
-  streamBytes: number;
-  /** Normal pages sent in full. */
-  pagesSent: number;
-  /** Normal pages the receiver rebuilt from its store. */
-  pagesReused: number;
-  /** QEMU zero (fill) pages. */
-  pagesZero: number;
-  /** XBZRLE and compressed pages, passed on as they are. */
-  pagesOther: number;
-  /** Normal pages sent as a delta against the version the receiver held (not counted in pagesSent). */
-  pagesDelta: number;
-  /** Normal pages sent as a reference to another page the receiver held with the same content. */
-  pagesMatched: number;
-  /** What deltas and content matches took (Delta payloads), against (pagesDelta + pagesMatched) × 4 KiB sent whole. */
-  deltaBytes: number;
-}
 
 /** A page crosses 100 Mbit/s in 330 µs: a store read slower than this costs more than the bytes a delta saves. */
 const DELTA_READ_BUDGET_US = 250;
@@ -43,7 +26,6 @@ const DELTA_READ_BUDGET_US = 250;
 /** The digest of a page the receiver does not hold. */
 const ABSENT = new Uint8Array(DIGEST_BYTES);
 
-export const newCounts = (): TransferCounts => ({ streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesZero: 0, pagesOther: 0, pagesDelta: 0, pagesMatched: 0, deltaBytes: 0 });
 
 /**
  * The sending gateway's codec: parses the source's stream and replaces every run of pages the

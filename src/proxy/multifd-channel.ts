@@ -1,7 +1,7 @@
 import { StreamHash } from '../digest';
 import { type MultifdPacketRecord, type MultifdPageRecord, MultifdParser, type MultifdRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord, StreamFallback } from '../qemu/records';
-import { newCounts, type TransferCounts } from './encoder';
+import { newCounts, type TransferCounts } from './transfer-counts';
 import { type MultifdChannelCodec, type MultifdMigration, MultifdPageView } from './multifd-migration';
 import { PageRetainer } from './retained';
 

@@ -3,6 +3,7 @@ import { StreamError, StreamErrorCode } from '../qemu/errors';
 import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import { type RamBlock, type RamPageRecord, RecordKind } from '../qemu/records';
 import type { PageLayout, RetainedPages } from './retained';
+import { addCounts, newCounts, type TransferCounts } from './transfer-counts';
 
 /**
  * What the multifd channel codecs of one migration share, on one gateway: the RAM block list (from the
@@ -62,6 +63,8 @@ import type { PageLayout, RetainedPages } from './retained';
  * opening them all).
  */
 export interface MultifdChannelCodec {
+  /** What the channel carried, counted as the main channel's codec counts. */
+  readonly counts: Readonly<TransferCounts>;
   /** SYNC packets this channel has passed. */
   readonly syncs: number;
   /** Counts towards the barrier: neither fallen back nor ended. */
@@ -186,6 +189,13 @@ export class MultifdMigration {
       this.writeEpochs = new Uint32Array(this.pageCount);
     }
     this.channels.push(channel);
+  }
+
+  /** What the channels carried so far, all added up. */
+  channelCounts(): TransferCounts {
+    const total = newCounts();
+    for (const channel of this.channels) addCounts(total, channel.counts);
+    return total;
   }
 
   /** Every channel has ended having been parsed whole, so the store holds every page they carried. */
