@@ -18,7 +18,7 @@ async function main(): Promise<void> {
     process.stdout.write(`${row.id} ... `);
     const o = await runCompatRow(row, { mbit: values.mbit ? Number(values.mbit) : undefined, delayMs: values['delay-ms'] ? Number(values['delay-ms']) : undefined });
     outcomes.push(o);
-    const legs = o.legs.map((l) => `leg ${l.leg}: ${l.wanBytes} WAN bytes${l.postcopyStarted ? ' (postcopy)' : ''}${l.verbatim ? ` (relayed verbatim: ${l.verbatim})` : ''}${l.verified ? '' : ' NOT VERIFIED'}`).join('; ');
+    const legs = o.legs.map((l) => `leg ${l.leg}: ${l.wanBytes} WAN bytes${l.postcopyStarted ? ' (postcopy)' : ''}${l.verbatim ? ` (relayed verbatim: ${l.verbatim})` : ''}${l.verified ? '' : ' NOT VERIFIED'}${l.gatewayErrors.map((e) => ` [gateway ${e}]`).join('')}`).join('; ');
     process.stdout.write(`${compatPassed(o) ? 'ok' : 'FAILED'} (${legs})\n`);
   }
   console.log(`\n${COMPAT_TABLE_HEAD}\n${outcomes.map(compatTableRow).join('\n')}`);

@@ -64,6 +64,8 @@ export interface LegResult {
   path: LegPath;
   from: string;
   to: string;
+  /** What the gateways said of a migration that failed on their side, sender's first (empty: none did). */
+  gatewayErrors: string[];
   /** WAN bytes both ways, and each way (forward: towards the destination). */
   wanBytes: number;
   wanBytesForward: number;
@@ -273,12 +275,14 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         );
         let wan: { forward: number; backward: number };
         let report: GatewayLegReport | undefined;
+        const gatewayErrors: string[] = [];
         if (directWan) {
           wan = { forward: directWan.bytesForward, backward: directWan.bytesBackward };
           await directWan.close();
         } else {
           for (let i = 0; i < 400 && (from.gateway.reports.length === sentBefore || to.gateway.reports.length === receivedBefore); i++) await sleep(25);
           report = from.gateway.reports[sentBefore];
+          for (const r of [report, to.gateway.reports[receivedBefore]]) if (r?.error) gatewayErrors.push(`${r.direction}: ${r.error}`);
           wan = { forward: to.inbound.bytesForward - wanBefore.forward, backward: to.inbound.bytesBackward - wanBefore.backward };
         }
         const at = (e: QmpEvent | undefined): number | null => (e?.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : null);
@@ -290,6 +294,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           path: path_,
           from: from.name,
           to: to.name,
+          gatewayErrors,
           wanBytes: wan.forward + wan.backward,
           wanBytesForward: wan.forward,
           wanBytesBackward: wan.backward,
@@ -319,7 +324,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           deltaBytes: report?.deltaBytes ?? 0,
         };
         results.push(result);
-        say(`leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}: ${mib(result.wanBytes)} over the WAN in ${(result.totalTimeMs / 1000).toFixed(1)} s, guest memory ${result.verified ? 'verified' : 'NOT VERIFIED'}`);
+        say(`leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}: ${mib(result.wanBytes)} over the WAN in ${(result.totalTimeMs / 1000).toFixed(1)} s, guest memory ${result.verified ? 'verified' : 'NOT VERIFIED'}${gatewayErrors.map((e) => `; gateway ${e}`).join('')}`);
         await vm.dispose();
         vm = dest;
         if (!result.verified) {

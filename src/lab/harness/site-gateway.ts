@@ -19,6 +19,8 @@ export interface GatewayLegReport {
   vm: string;
   direction: Direction;
   result: 'completed' | 'failed';
+  /** Why it failed (null: it completed). */
+  error: string | null;
   streamBytes: number;
   pagesSent: number;
   pagesReused: number;
@@ -75,7 +77,7 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
   await gateway.start();
   return {
     get reports(): GatewayLegReport[] {
-      return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, streamBytes: r.streamBytes, ...pick(r.counts), snapshotId: r.snapshotId, verbatim: r.verbatim?.code ?? null, postcopy: r.postcopy, compressionSavedBytes: r.compressionSavedBytes }));
+      return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, error: r.error, streamBytes: r.streamBytes, ...pick(r.counts), snapshotId: r.snapshotId, verbatim: r.verbatim?.code ?? null, postcopy: r.postcopy, compressionSavedBytes: r.compressionSavedBytes }));
     },
     cpuSeconds: () => null,
     peakRssMiB: () => null,
@@ -104,6 +106,7 @@ interface FinishedLine {
   vm?: string;
   direction?: Direction;
   result?: 'completed' | 'failed';
+  error?: string;
   streamBytes?: number;
   pagesSent?: number;
   pagesReused?: number;
@@ -138,7 +141,7 @@ async function startChild(configPath: string, logPath: string, nodeArgs: readonl
         return;
       }
       if (f.direction && f.result) {
-        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, pagesDelta: f.pagesDelta ?? 0, pagesMatched: f.pagesMatched ?? 0, deltaBytes: f.deltaBytes ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
+        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, error: f.error ?? null, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, pagesDelta: f.pagesDelta ?? 0, pagesMatched: f.pagesMatched ?? 0, deltaBytes: f.deltaBytes ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
       }
     });
     child.once('exit', (code) => {
