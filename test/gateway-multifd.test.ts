@@ -159,6 +159,34 @@ describe('multifd channels through a gateway pair', () => {
     expect(pagesDiffering(b, after)).toEqual([]);
   });
 
+  test('a destination that closes a channel once it has it all, while both codecs still wait at the SYNC for another channel, sees the migration complete', async () => {
+    const memory = guestMemory(BLOCKS, 4);
+    const all = memory.pages.map((_, i) => i);
+    const run = multifdRun('qemu-10.0', [all], () => memory.pages);
+    // QEMU's destination closes a channel once it is done with it; this one does so as soon as it has
+    // every byte of a multifd channel, before the gateways' codecs have passed the last SYNC.
+    const dest = await ChannelsDestination.listen(b.destPort, (received) => run.channels.some((c) => c.equals(received)));
+    const magic = Buffer.alloc(4);
+    magic.writeUInt32BE(MULTIFD_MAGIC);
+    const lastSync = run.channels[1].lastIndexOf(magic);
+    try {
+      const main = await sourceChannel(a.routePort);
+      await main.write(run.main);
+      const channels = await Promise.all(run.channels.map(() => sourceChannel(a.routePort)));
+      // Channel 1 holds back its last SYNC packet: the others wait at that SYNC on both gateways.
+      await Promise.all(channels.map((c, i) => c.write(i === 1 ? run.channels[1].subarray(0, lastSync) : run.channels[i])));
+      // The destination closed channel 0, the receiving gateway's End and FIN reached the sending one,
+      // which closed the source's channel 0 while its codec still waited.
+      expect(await channels[0].closed).toBe('closed');
+      await channels[1].write(run.channels[1].subarray(lastSync));
+      for (const c of [main, ...channels]) c.socket.end();
+      expectRebuilt(await dest.settled(1 + run.channels.length), run);
+    } finally {
+      await dest.close();
+    }
+    expect([await report(a.gateway, 1), await report(b.gateway, 1)]).toMatchObject([{ result: 'completed' }, { result: 'completed' }]);
+  });
+
   test('a malformed packet on one channel fails the whole migration on both gateways: every connection is reset, no store commits', async () => {
     const memory = guestMemory(BLOCKS, 3);
     const all = memory.pages.map((_, i) => i);

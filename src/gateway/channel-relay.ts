@@ -56,6 +56,17 @@ export interface ChannelSenderOptions extends RelayOptions {
   transport: PeerTransport;
 }
 
+/**
+ * Keeps a channel's peer connection open for writing once the other gateway has ended its side: each
+ * side sends its End when its own end of the channel is done (the sender once the source closed and its
+ * codec let everything go, the receiver once the destination closed), in either order, and a codec
+ * parked at a SYNC may hold its End back until after the other side's FIN. Node's default would end
+ * this side at that FIN, and the End written later would fail the migration ("write after end").
+ */
+function halfOpen(peer: Socket): void {
+  peer.allowHalfOpen = true;
+}
+
 /** Bytes a relay lets queue on its outgoing socket before it stops reading the other one. */
 const RELAY_QUEUE_BYTES = 1024 * 1024;
 
@@ -227,6 +238,7 @@ export class ChannelSender extends ChannelRelay {
     };
     this.encoder = encoder;
     this.peer = peer;
+    halfOpen(peer);
     peer.setNoDelay(true);
     peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${this.label}: the peer gateway did not answer in time`));
     peer.on('drain', () => this.readSource());
@@ -327,6 +339,7 @@ export class ChannelReceiver extends ChannelRelay {
     private readonly receiver: ChannelReceiverOptions,
   ) {
     super(receiver);
+    halfOpen(peer);
     this.inflater = receiver.group.compression === null ? null : new LiteralInflater();
     // The Hello (already checked) comes first again; Literal bytes pass through as they arrive.
     let hello = true;

@@ -222,13 +222,20 @@ export class ChannelsDestination {
   private readonly open = new Set<net.Socket>();
   private readonly closedWaiters: Array<() => void> = [];
 
-  private constructor(private readonly server: net.Server) {
+  private constructor(
+    private readonly server: net.Server,
+    /** Closes a connection's sending side (as QEMU does with a channel it is done with) once this says so of what it received. */
+    private readonly doneWith: ((received: Buffer) => boolean) | null,
+  ) {
     server.on('connection', (socket) => {
       const channel: ReceivedChannel = { order: this.channels.length, bytes: Buffer.alloc(0), reset: false };
       this.channels.push(channel);
       this.open.add(socket);
       const parts: Buffer[] = [];
-      socket.on('data', (chunk: Buffer) => parts.push(chunk));
+      socket.on('data', (chunk: Buffer) => {
+        parts.push(chunk);
+        if (this.doneWith?.(Buffer.concat(parts))) socket.end();
+      });
       socket.on('error', () => (channel.reset = true));
       socket.on('end', () => socket.end());
       socket.on('close', () => {
@@ -239,11 +246,11 @@ export class ChannelsDestination {
     });
   }
 
-  static listen(port: number): Promise<ChannelsDestination> {
+  static listen(port: number, doneWith: ((received: Buffer) => boolean) | null = null): Promise<ChannelsDestination> {
     return new Promise((resolve, reject) => {
-      const server = net.createServer();
+      const server = net.createServer({ allowHalfOpen: true });
       server.once('error', reject);
-      server.listen(port, '127.0.0.1', () => resolve(new ChannelsDestination(server)));
+      server.listen(port, '127.0.0.1', () => resolve(new ChannelsDestination(server, doneWith)));
     });
   }
 
