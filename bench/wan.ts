@@ -10,6 +10,8 @@
  *     server; the figure is the bytes received after the first one over the time from the first to
  *     the last byte received (Mbit/s = 1e6 bit/s);
  *   - both ways: the same, with a stream in each direction at once (figure per direction);
+ *   - 4 connections: four streams at once, a quarter of the bytes each; the figure is their bytes over
+ *     the time from the first byte of any to the last of all (the emulator's connections share its rate);
  *   - RTT: ping-pong of 64-byte messages on one connection, median and 90th percentile after a
  *     warm-up; "added" is the median minus the configured round trip (2 × the one-way delay).
  * `scale` (default 1) multiplies the bytes sent.
@@ -123,6 +125,9 @@ interface Arrival {
   bytes: number;
   /** Bytes per second from the first byte to the last. */
   rate: number;
+  /** When the first and the last byte arrived (process.hrtime.bigint()). */
+  first: bigint;
+  last: bigint;
 }
 
 /** Counts what arrives on `s` until its end. */
@@ -143,7 +148,7 @@ function receive(s: Socket): Promise<Arrival> {
     });
     s.once('end', () => {
       const seconds = Number(last - first) / 1e9;
-      resolve({ bytes, rate: seconds > 0 ? (bytes - firstLen) / seconds : NaN });
+      resolve({ bytes, rate: seconds > 0 ? (bytes - firstLen) / seconds : NaN, first, last });
     });
     s.once('error', reject);
   });
@@ -162,6 +167,21 @@ async function throughput(at: Endpoint, sink: { received: Promise<Arrival>[] }, 
   client.destroy();
   for (const r of results) if (r.bytes !== bytes) throw new Error(`sent ${bytes} bytes, ${r.bytes} arrived`);
   return results;
+}
+
+/** Bytes per second of `count` streams at once through `at` to the sink server, `bytes` in all. */
+async function parallelThroughput(at: Endpoint, sink: { received: Promise<Arrival>[] }, bytes: number, count: number): Promise<number> {
+  sink.received.length = 0;
+  const each = Math.floor(bytes / count);
+  const clients = await Promise.all(Array.from({ length: count }, () => dial(at)));
+  await Promise.all(clients.map((c) => send(c, each).then(() => c.resume())));
+  while (sink.received.length < count) await new Promise((r) => setTimeout(r, 5));
+  const arrivals = await Promise.all(sink.received);
+  for (const c of clients) c.destroy();
+  for (const a of arrivals) if (a.bytes !== each) throw new Error(`sent ${each} bytes, ${a.bytes} arrived`);
+  const first = arrivals.reduce((m, a) => (a.first < m ? a.first : m), arrivals[0].first);
+  const last = arrivals.reduce((m, a) => (a.last > m ? a.last : m), arrivals[0].last);
+  return (each * count) / (Number(last - first) / 1e9);
 }
 
 /** Ping-pong of `size`-byte messages through `at` to the echo server; RTTs in ms. */
@@ -233,6 +253,7 @@ async function main(): Promise<void> {
       const one = await throughput(await via(discard.at), sink, c.bytes, false);
       currentBytes = c.bytes;
       const two = c.bothWays ? await throughput(await via(bothSink.at), sink, c.bytes, true) : null;
+      const four = await parallelThroughput(await via(discard.at), sink, c.bytes, 4);
       const rounds = delay >= 10 ? 50 : 200;
       const rtts = await pingPong(await via(echo.at), rounds, 5);
       const mbit = (bps: number): string => ((bps * 8) / 1e6).toFixed(0);
@@ -244,6 +265,7 @@ async function main(): Promise<void> {
         mbit(one[0].rate),
         pct(one[0].rate),
         two ? `${mbit(two[0].rate)} / ${mbit(two[1].rate)}` : '',
+        mbit(four),
         med.toFixed(3),
         quantile(rtts, 0.9).toFixed(3),
         (2 * delay).toFixed(0),
@@ -255,7 +277,7 @@ async function main(): Promise<void> {
   }
   for (const s of [discard, echo, bothSink]) s.server.close();
 
-  const header = ['case', 'sent', 'Mbit/s', 'of rate', 'both ways Mbit/s (fwd / back)', 'RTT p50 ms', 'RTT p90 ms', '2×delay ms', 'added ms'];
+  const header = ['case', 'sent', 'Mbit/s', 'of rate', 'both ways Mbit/s (fwd / back)', '4 connections Mbit/s', 'RTT p50 ms', 'RTT p90 ms', '2×delay ms', 'added ms'];
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells: string[]): string => cells.map((x, i) => (i === 0 ? x.padEnd(widths[i]) : x.padStart(widths[i]))).join('  ');
   console.log(`node ${process.version}, ${process.platform}/${process.arch}; relays in child processes; loopback`);

@@ -10,6 +10,9 @@
  * token bucket whose refill does not depend on when the timer happens to fire: while a direction is
  * backlogged, a timer that fires late releases what was due meanwhile, so the average rate stays at
  * `rateMbit` despite Node's 1 ms timer granularity; after idling, the link has at most one burst.
+ * All connections through the emulator share each direction's bucket, as connections share one WAN
+ * link (a multifd migration's channels, or a gateway pair's peer connections); `perConnection` gives
+ * each connection a link of its own instead.
  *
  * One timer per direction releases every due chunk at once. The queue of a direction is bounded
  * (`queueBytes`, default bandwidth-delay product + max(512 KiB, 4 bursts)): when full, the source
@@ -34,6 +37,8 @@ export interface WanEmulatorOptions {
   rateMbit: number;
   /** One-way delay of each direction in milliseconds; 0: none. */
   delayMs: number;
+  /** Give each connection the whole rate instead of sharing it (default: shared, one link). */
+  perConnection?: boolean;
   /** Token bucket size in bytes; default max(128 KiB, 1 ms worth of the rate). */
   burstBytes?: number;
   /**
@@ -109,6 +114,11 @@ interface Chunk {
 }
 
 /** One shaped direction of one connection: reads `source`, writes `sink`. */
+/** A direction's token bucket as a virtual clock: the time up to which the link has paid for the bytes released (GCRA). */
+interface Bucket {
+  tat: number;
+}
+
 class Link {
   private chunks: Chunk[] = [];
   private head = 0;
@@ -121,8 +131,6 @@ class Link {
   private sinkBlocked = false;
   private stopped = false;
   private pumping = false;
-  /** Virtual time up to which the bucket has paid for the bytes released (GCRA). */
-  private tat = -Infinity;
   /** When write() last returned false. */
   private blockedAt = 0;
   /**
@@ -139,6 +147,7 @@ class Link {
     private readonly sink: Socket,
     private readonly shape: Shape,
     private readonly stats: DirectionStats,
+    private readonly bucket: Bucket,
   ) {
     source.on('data', (chunk: Buffer) => this.push(chunk));
     source.on('end', () => {
@@ -202,15 +211,16 @@ class Link {
         let n = c.data.length;
         if (bytesPerMs !== Infinity) {
           const eligible = c.due > this.unblockedAt ? c.due : this.unblockedAt;
-          if (this.tat < eligible) this.tat = eligible;
-          const allowance = Math.floor((now - this.tat) * bytesPerMs) + burst;
+          const bucket = this.bucket;
+          if (bucket.tat < eligible) bucket.tat = eligible;
+          const allowance = Math.floor((now - bucket.tat) * bytesPerMs) + burst;
           const need = n < minPiece ? n : minPiece;
           if (allowance < need) {
-            wake = this.tat + (need - burst) / bytesPerMs;
+            wake = bucket.tat + (need - burst) / bytesPerMs;
             break;
           }
           if (allowance < n) n = allowance;
-          this.tat += n / bytesPerMs;
+          bucket.tat += n / bytesPerMs;
         }
         let piece: Buffer;
         if (n === c.data.length) {
@@ -267,6 +277,8 @@ export class WanEmulator {
   private readonly forward: DirectionStats = { bytes: 0, queued: 0, pauses: 0 };
   private readonly backward: DirectionStats = { bytes: 0, queued: 0, pauses: 0 };
   private connections = 0;
+  /** Each direction's bucket, shared by every connection unless `perConnection`. */
+  private readonly buckets = { forward: { tat: -Infinity }, backward: { tat: -Infinity } };
 
   constructor(private readonly options: WanEmulatorOptions) {
     this.shape = resolveShape(options);
@@ -311,8 +323,9 @@ export class WanEmulator {
     this.connections++;
     client.setNoDelay(true);
     const target = connect({ host: this.options.target.host, port: this.options.target.port, allowHalfOpen: true, noDelay: true });
-    const forward = new Link(client, target, this.shape, this.forward);
-    const backward = new Link(target, client, this.shape, this.backward);
+    const own = this.options.perConnection === true;
+    const forward = new Link(client, target, this.shape, this.forward, own ? { tat: -Infinity } : this.buckets.forward);
+    const backward = new Link(target, client, this.shape, this.backward, own ? { tat: -Infinity } : this.buckets.backward);
     const pair = watchPair(
       client,
       target,
