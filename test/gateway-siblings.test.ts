@@ -57,6 +57,16 @@ describe('siblings through a gateway pair', () => {
     await stopPair([a, b]);
   });
 
+  /** A first leg of `vm` (workload `seed`) that verifies without vm0, which site-b passed over for `why`. */
+  async function passedOver(vm: string, seed: number, why: string): Promise<void> {
+    const guest = guestOf(image, seed);
+    const leg = await migrateThroughPair(a, b, guest.stream, vm);
+    expect(leg.received.equals(guest.stream)).toBe(true);
+    expect(leg.got.result).toBe('completed');
+    expect(leg.sent.counts.pagesSibling).toBe(0);
+    expect(lines(b, 'sibling not used', vm)).toEqual([expect.objectContaining({ sibling: 'vm0', why })]);
+  }
+
   test("a first leg sends the pages vm0's retained snapshot holds as references to it, rebuilt byte for byte", async () => {
     const guest = guestOf(image, 17);
     const leg = await migrateThroughPair(a, b, guest.stream, 'vm1');
@@ -80,12 +90,7 @@ describe('siblings through a gateway pair', () => {
     store.begin(meta);
     store.commit('from-elsewhere');
     store.close();
-    const guest = guestOf(image, 18);
-    const leg = await migrateThroughPair(a, b, guest.stream, 'vm2');
-    expect(leg.received.equals(guest.stream)).toBe(true);
-    expect(leg.got.result).toBe('completed');
-    expect(leg.sent.counts.pagesSibling).toBe(0);
-    expect(lines(b, 'sibling not used', 'vm2')).toEqual([expect.objectContaining({ sibling: 'vm0', why: 'another snapshot' })]);
+    await passedOver('vm2', 18, 'another snapshot');
     // vm0 there again, at one snapshot on both sides.
     expect((await migrateThroughPair(a, b, migrationStream(image, []), 'vm0')).got.result).toBe('completed');
   });
@@ -93,12 +98,7 @@ describe('siblings through a gateway pair', () => {
   test('a sibling in use at the far site is passed over; the migration still verifies', async () => {
     const held = PageStore.open(b.data, 'vm0'); // as another process or migration would hold it
     try {
-      const guest = guestOf(image, 19);
-      const leg = await migrateThroughPair(a, b, guest.stream, 'vm3');
-      expect(leg.received.equals(guest.stream)).toBe(true);
-      expect(leg.got.result).toBe('completed');
-      expect(leg.sent.counts.pagesSibling).toBe(0);
-      expect(lines(b, 'sibling not used', 'vm3')).toEqual([expect.objectContaining({ sibling: 'vm0', why: 'in use' })]);
+      await passedOver('vm3', 19, 'in use');
     } finally {
       held.close();
     }

@@ -90,7 +90,11 @@ export class PinnedSiblings {
   release(): void {
     for (const store of this.opened.splice(0)) {
       this.busy.delete(store.vm);
-      store.close();
+      try {
+        store.close();
+      } catch {
+        // Only read: its files are closed anyway, and nothing of it needs saving.
+      }
     }
     this.stores.length = 0;
   }
