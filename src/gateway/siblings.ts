@@ -73,7 +73,7 @@ export class PinnedSiblings {
       }
       const store = openRetainedSnapshot(storeRoot, vm, snapshotId);
       if (typeof store === 'string') {
-        note('sibling not used', { sibling: peerText(vm), why: store });
+        note('sibling not used', { sibling: peerText(vm), why: peerText(store) });
         continue;
       }
       busy.add(vm);
