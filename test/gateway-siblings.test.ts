@@ -23,7 +23,7 @@ import { suiteTempDir } from './temp-dir';
 
 const LAYOUT: [string, number][] = [['pc.ram', 3000]];
 /** Both sites route vm0 (the image's first guest) and three guests booted from the same image. */
-const ROUTES = [{ vm: 'vm0' }, ...['vm1', 'vm2', 'vm3'].map((vm) => ({ vm, siblings: ['vm0'] }))];
+const ROUTES = [{ vm: 'vm0' }, ...['vm1', 'vm2', 'vm3', 'vm5'].map((vm) => ({ vm, siblings: ['vm0'] }))];
 
 /** A guest of the image: 30% of its pages rewritten since boot (`seed`). */
 function guestOf(image: GuestMemory, seed: number): { stream: Buffer; sameIndex: number; fresh: number } {
@@ -101,6 +101,21 @@ describe('siblings through a gateway pair', () => {
       await passedOver('vm3', 19, 'in use');
     } finally {
       held.close();
+    }
+  });
+
+  test('a sibling migrating through the far gateway is passed over; the migration still verifies', async () => {
+    // A migration of vm0 into site-b has begun (its Hello accepted, its destination dialled).
+    const dest = await destinationStandIn(b.destPort);
+    const peer = await rawPeer(b.peerPort);
+    peer.hello('vm0', `127.0.0.1:${b.destPort}`);
+    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
+    try {
+      await passedOver('vm5', 23, 'migrating');
+    } finally {
+      peer.socket.destroy();
+      await peer.closed;
+      dest.close();
     }
   });
 
