@@ -23,10 +23,10 @@ import { suiteTempDir } from './temp-dir';
 
 const LAYOUT: [string, number][] = [['pc.ram', 3000]];
 /** Both sites route vm0 (the image's first guest) and three guests booted from the same image. */
-const ROUTES = [{ vm: 'vm0' }, ...['vm1', 'vm2', 'vm3', 'vm5'].map((vm) => ({ vm, siblings: ['vm0'] }))];
+const ROUTES = [{ vm: 'vm0' }, ...['vm1', 'vm2', 'vm3', 'vm5', 'vm6'].map((vm) => ({ vm, siblings: ['vm0'] }))];
 
-/** A guest of the image: 30% of its pages rewritten since boot (`seed`). */
-function guestOf(image: GuestMemory, seed: number): { stream: Buffer; sameIndex: number; fresh: number } {
+/** A guest of the image: 30% of its pages rewritten since boot (`seed`); `kept`: a non-zero page it kept. */
+function guestOf(image: GuestMemory, seed: number): { stream: Buffer; sameIndex: number; fresh: number; kept: number } {
   const memory: GuestMemory = { blocks: image.blocks, pages: image.pages.map((p) => Buffer.from(p)) };
   dirty(memory, 0.3, seed);
   const nonZero = (p: Buffer): boolean => p.some((x) => x !== 0);
@@ -34,6 +34,7 @@ function guestOf(image: GuestMemory, seed: number): { stream: Buffer; sameIndex:
     stream: migrationStream(memory, []),
     sameIndex: memory.pages.filter((p, i) => nonZero(p) && p.equals(image.pages[i])).length,
     fresh: memory.pages.filter((p, i) => nonZero(p) && !p.equals(image.pages[i])).length,
+    kept: memory.pages.findIndex((p, i) => nonZero(p) && p.equals(image.pages[i])),
   };
 }
 
@@ -207,6 +208,25 @@ describe('siblings through a gateway pair', () => {
     const leg = await migrateThroughPair(a, b, guest.stream, 'vm1');
     expect(leg.received.equals(guest.stream)).toBe(true);
     expect(leg.got.result).toBe('completed');
+  });
+
+  test("a sibling's page damaged on disk at the far site fails that leg only; the sibling is dropped, and the next leg goes without it", async () => {
+    const guest = guestOf(image, 24);
+    const fd = fs.openSync(path.join(b.data, 'vm0', 'pages'), 'r+');
+    try {
+      const byte = Buffer.alloc(1);
+      fs.readSync(fd, byte, 0, 1, guest.kept * PAGE);
+      byte[0] ^= 0xff;
+      fs.writeSync(fd, byte, 0, 1, guest.kept * PAGE);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    const damaged = await migrateThroughPair(a, b, guest.stream, 'vm6');
+    expect(damaged.got.result).toBe('failed');
+    expect(damaged.got.error).toMatch(/page \d+ of sibling vm0 does not match its digest/);
+    expect(lines(b, 'sibling store verified after a damaged page', 'vm6')).toEqual([expect.objectContaining({ sibling: 'vm0', damagedPages: 1 })]);
+    await passedOver('vm6', 24, 'no complete snapshot');
   });
 });
 

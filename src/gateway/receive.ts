@@ -494,7 +494,7 @@ export class ReceiveSession {
     this.transition(result);
     clearTimeout(this.handshakeTimer);
     this.options.busy.delete(this.life.vm);
-    this.siblings?.release();
+    this.siblings?.release(this.decoder?.damagedSiblings ?? [], (message, fields) => this.life.event(message, fields));
     const decoder = this.decoder;
     this.life.report(decoder, {
       result,

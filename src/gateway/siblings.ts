@@ -13,6 +13,7 @@ import { openRetainedSnapshot, readRetainedDigests } from '../store/retained-sna
 import { MAX_SIBLINGS, type OfferMessage, type SiblingSnapshot } from '../wire/frames';
 import { ProtocolViolation } from './protocol-violation';
 import { peerText } from './session';
+import { errorMessage } from '../common/errors';
 
 type Note = (message: string, fields: Record<string, unknown>) => void;
 
@@ -86,14 +87,19 @@ export class PinnedSiblings {
     return this.stores.map((s) => s.vm);
   }
 
-  /** The migration is over: the siblings' stores are closed and free to migrate. */
-  release(): void {
+  /**
+   * The migration is over: the siblings' stores are closed and free to migrate. One in `damaged` (a page
+   * did not match its digest) is verified first: its damaged pages are dropped, and with them its claim
+   * to the snapshot, so no later migration is offered it.
+   */
+  release(damaged: readonly SiblingPages[], note: Note): void {
     for (const store of this.opened.splice(0)) {
       this.busy.delete(store.vm);
       try {
+        if (damaged.includes(store)) note('sibling store verified after a damaged page', { sibling: store.vm, damagedPages: store.verify().length });
         store.close();
-      } catch {
-        // Only read: its files are closed anyway, and nothing of it needs saving.
+      } catch (err) {
+        note('sibling store close failed', { sibling: store.vm, error: errorMessage(err) });
       }
     }
     this.stores.length = 0;

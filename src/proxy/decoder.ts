@@ -36,6 +36,8 @@ export class StreamDecoder {
   layout: PageLayout | null = null;
   /** The siblings' snapshots this receiver confirmed in its Offer, in its order: what SiblingDelta frames name. */
   siblings: readonly SiblingPages[] = [];
+  /** Siblings a page of which did not match its digest: their stores are suspect (the gateway verifies them). */
+  readonly damagedSiblings: SiblingPages[] = [];
 
   private readonly parser: StreamParser;
   private readonly retainer: PageRetainer;
@@ -190,11 +192,13 @@ export class StreamDecoder {
     }
     digestOne(this.pages, 0, X86_PAGE_SIZE, this.digests, 0);
     if (!sameDigest(this.digests, 0, payload, DELTA_BASE_DIGEST_AT)) {
-      // A sibling's store is not this migration's to change: its next own migration finds the damage.
       const own = this.retainer.store;
-      if (sibling === null && own) {
+      if (from === own) {
         if (own.dropCorrupt) own.dropCorrupt(base);
         else own.markAbsent(base);
+      } else {
+        // A sibling's store is not this migration's to write: its owner checks it once the migration is over.
+        this.damagedSiblings.push(from as SiblingPages);
       }
       throw new RebuildError(`retained ${where} does not match its digest`);
     }
