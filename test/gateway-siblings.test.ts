@@ -19,6 +19,8 @@ import { dirty, guestMemory, type GuestMemory, migrationStream, PAGE } from '../
 import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
 import { freePort } from '../src/lab/vm/ports';
 import { SIBLING_DELTA_LEAD_BYTES } from '../src/proxy/page-delta';
+import { SentSiblings } from '../src/gateway/siblings';
+import { ProtocolViolation } from '../src/gateway/protocol-violation';
 import { suiteTempDir } from './temp-dir';
 
 const LAYOUT: [string, number][] = [['pc.ram', 3000]];
@@ -268,3 +270,25 @@ async function offerRelay(farPort: number): Promise<{ port: number; helloSibling
     },
   };
 }
+
+describe("the sender's siblings", () => {
+  test('names only siblings whose store claims a snapshot; an Offer confirming one it did not name is a violation', () => {
+    const root = suiteTempDir('bfmig-sent-siblings-');
+    const store = PageStore.open(root, 'vm0');
+    store.begin({ pageSize: PAGE, pageCount: 4, layoutId: 'layout', layout: {} });
+    store.writePage(1, Buffer.alloc(PAGE, 7), 0, Buffer.alloc(DIGEST_BYTES, 9), 0);
+    store.commit('snap-0');
+    store.close();
+    const notes: Array<Record<string, unknown>> = [];
+    const sent = new SentSiblings(root, ['vm0', 'vm7'], (_message, fields) => notes.push(fields));
+    expect(sent.hello).toEqual([{ vm: 'vm0', snapshotId: 'snap-0' }]);
+    expect(notes).toEqual([{ sibling: 'vm7', why: 'no complete snapshot' }]);
+    const offer = { site: 'b', snapshotId: null, layoutId: null, pageCount: 0, presentPages: 0 };
+    expect(() => sent.confirmed({ ...offer, siblings: ['vm7'] })).toThrow(ProtocolViolation);
+    expect(() => sent.confirmed({ ...offer, siblings: ['vm0', 'vm0'] })).toThrow(/did not name once/);
+    expect(new SentSiblings(root, ['vm0'], () => undefined).confirmed(offer)).toBeNull();
+    const match = new SentSiblings(root, ['vm0'], () => undefined).confirmed({ ...offer, siblings: ['vm0'] });
+    expect(match?.find(1, Buffer.alloc(DIGEST_BYTES, 9), 0)).toBe(true);
+    expect([match?.sibling, match?.page]).toEqual([0, 1]);
+  });
+});
