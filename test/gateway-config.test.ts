@@ -26,6 +26,7 @@ routes:
     peer: gw-b.example:7300
     target: 10.1.0.5:4444
     wan: { maxMbit: 50 }
+    siblings: [vm2, vm3]
   - vm: vm2
     listen: "[::1]:7102"
     peer: "[2001:db8::2]:7300"
@@ -80,6 +81,7 @@ describe('parseConfig', () => {
           target: { host: '10.1.0.5', port: 4444 },
           wan: { maxMbit: 50 },
           encrypted: true,
+          siblings: ['vm2', 'vm3'],
         },
         {
           vm: 'vm2',
@@ -88,6 +90,7 @@ describe('parseConfig', () => {
           target: { host: 'dest.example', port: 4445 },
           wan: null,
           encrypted: false,
+          siblings: [],
         },
       ],
       allowTargets: [
@@ -198,6 +201,11 @@ describe('parseConfig', () => {
     ['duplicate listen', minimal('routes:\n' + route('vm1', '127.0.0.1:7101') + route('vm2', '127.0.0.1:7101')), 'routes[1].listen', /collides with routes\[0\]\.listen/],
     ['listen vs wildcard listen', minimal('routes:\n' + route('vm1', '0.0.0.0:7101') + route('vm2', '10.0.0.1:7101')), 'routes[1].listen', /collides with routes\[0\]\.listen/],
     ['listen vs IPv6 spelling', minimal('routes:\n' + route('vm1', '[::1]:7101') + route('vm2', '[0:0:0:0:0:0:0:1]:7101')), 'routes[1].listen', /collides/],
+    ['siblings not a list', minimal('routes:\n' + route('vm1', '127.0.0.1:7101', '    siblings: vm2\n')), 'routes[0].siblings', /must be a list of VM names/],
+    ['sibling bad name', minimal('routes:\n' + route('vm1', '127.0.0.1:7101', '    siblings: [vm2, -x]\n')), 'routes[0].siblings[1]', /must start with/],
+    ['sibling is the route\'s VM', minimal('routes:\n' + route('vm1', '127.0.0.1:7101', '    siblings: [vm1]\n')), 'routes[0].siblings[0]', /the route's own VM/],
+    ['sibling twice', minimal('routes:\n' + route('vm1', '127.0.0.1:7101', '    siblings: [vm2, vm2]\n')), 'routes[0].siblings[1]', /listed twice/],
+    ['too many siblings', minimal('routes:\n' + route('vm1', '127.0.0.1:7101', '    siblings: [a, b, c, d, e]\n')), 'routes[0].siblings', /at most 4/],
     ['listen collides with peerListen', minimal('routes:\n' + route('vm1', '127.0.0.1:7300')), 'routes[0].listen', /collides with peerListen/],
     ['listen collides with metrics', minimal('metrics: 0.0.0.0:9464\nroutes:\n' + route('vm1', '127.0.0.1:9464')), 'routes[0].listen', /collides with metrics/],
     ['allowTargets not a list', minimal('allowTargets: 10.0.0.0/8:*\n'), 'allowTargets', /must be a list/],

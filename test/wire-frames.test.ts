@@ -1,5 +1,6 @@
 import {
   decodeHello,
+  MAX_SIBLINGS,
   decodeOffer,
   Feature,
   offers,
@@ -79,6 +80,21 @@ describe('frames', () => {
     expect(offers(decodeOffer(Buffer.from(JSON.stringify({ ...base, features: ['later-feature'] }))), Feature.Delta)).toBe(false);
     expect(() => decodeOffer(Buffer.from(JSON.stringify({ ...base, features: 'delta' })))).toThrow(/features/);
     expect(() => decodeOffer(Buffer.from(JSON.stringify({ ...base, features: [1] })))).toThrow(/features/);
+  });
+
+  test("a Hello's siblings and an Offer's are short lists of names; older peers send neither", () => {
+    const hello = (more: object): Buffer => Buffer.from(JSON.stringify({ protocol: 4, site: 's', vm: 'v', target: 'h:1', ...more }));
+    const sibling = { vm: 'w', snapshotId: 'snap' };
+    expect(decodeHello(hello({})).siblings).toBeUndefined();
+    expect(decodeHello(hello({ siblings: [sibling] })).siblings).toEqual([sibling]);
+    expect(() => decodeHello(hello({ siblings: 'w' }))).toThrow(/field siblings/);
+    expect(() => decodeHello(hello({ siblings: [{ vm: 'w' }] }))).toThrow(/field siblings/);
+    expect(() => decodeHello(hello({ siblings: Array.from({ length: MAX_SIBLINGS + 1 }, () => sibling) }))).toThrow(/at most 4/);
+    const offer = (more: object): Buffer => Buffer.from(JSON.stringify({ site: 's', snapshotId: null, layoutId: null, pageCount: 1, presentPages: 0, ...more }));
+    expect(decodeOffer(offer({})).siblings).toBeUndefined();
+    expect(decodeOffer(offer({ siblings: ['w'] })).siblings).toEqual(['w']);
+    expect(() => decodeOffer(offer({ siblings: [1] }))).toThrow(/field siblings/);
+    expect(() => decodeOffer(offer({ siblings: ['a', 'b', 'c', 'd', 'e'] }))).toThrow(/at most 4/);
   });
 
   test("a Hello's channel names its migration and a kind and index QEMU could use", () => {

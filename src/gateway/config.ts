@@ -18,6 +18,9 @@
  *     target: 10.1.0.5:4444    # destination QEMU's -incoming address, as the far gateway reaches it
  *     encrypted: relay         # optional: a migration under QEMU's own TLS is carried as it is (relay, the
  *                              # default) or refused (refuse); see encrypted-tunnel.ts
+ *     siblings: [vm2, vm3]     # optional, at most 4: VMs booted from the same image. A page the far site
+ *                              # holds in a sibling's retained snapshot goes as a reference to it (not
+ *                              # with deltas: off); see proxy/sibling-match.ts
  * allowTargets:                # what this gateway may dial when receiving; none unless listed
  *   - 10.1.0.0/24:4444
  * tls: ...                     # mutual TLS between gateways, see security-config.ts
@@ -47,6 +50,7 @@ import { errorMessage } from '../common/errors';
 import { parseProgress, type ProgressConfig } from './progress';
 import { parseWanCap, type WanCapConfig } from './wan-cap';
 import { VM_NAME_RE } from '../store/meta';
+import { MAX_SIBLINGS } from '../wire/frames';
 
 export class ConfigError extends Error {
   /**
@@ -81,6 +85,8 @@ export interface RouteConfig {
   wan: WanCapConfig | null;
   /** Carry a migration under QEMU's own TLS as it is (`encrypted: relay`, the default), or refuse it (`refuse`). */
   encrypted: boolean;
+  /** VMs booted from the same image (`siblings:`), whose retained snapshots may stand for this VM's pages. */
+  siblings: string[];
 }
 
 /** A `peers:` entry: settings for one far gateway, by the address routes dial it at. */
@@ -161,7 +167,7 @@ const TOP_LEVEL_KEYS = [
   'progress',
   'peers',
 ] as const;
-const ROUTE_KEYS = ['vm', 'listen', 'peer', 'target', 'wan', 'encrypted'] as const;
+const ROUTE_KEYS = ['vm', 'listen', 'peer', 'target', 'wan', 'encrypted', 'siblings'] as const;
 const PEER_KEYS = ['peer', 'wan'] as const;
 
 export function loadConfig(file: string): GatewayConfig {
@@ -269,7 +275,8 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     const target = endpoint(requiredString(item, 'target', `${at}.target`, fail), `${at}.target`, true, fail);
     const encrypted = optional(item, 'encrypted') ?? 'relay';
     if (encrypted !== 'relay' && encrypted !== 'refuse') fail(`${at}.encrypted`, `must be relay or refuse, not ${describe(encrypted)}`);
-    routes.push({ vm, listen, peer, target, wan: parseWanCap(optional(item, 'wan'), `${at}.wan`, fail), encrypted: encrypted === 'relay' });
+    const siblings = parseSiblings(optional(item, 'siblings'), vm, `${at}.siblings`, fail);
+    routes.push({ vm, listen, peer, target, wan: parseWanCap(optional(item, 'wan'), `${at}.wan`, fail), encrypted: encrypted === 'relay', siblings });
   });
 
   const peersValue = optional(root, 'peers') ?? [];
@@ -316,6 +323,21 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     progress: parseProgress(optional(root, 'progress'), fail),
     peers,
   };
+}
+
+/** `routes[].siblings`: distinct VM names other than the route's own, at most MAX_SIBLINGS. */
+function parseSiblings(value: unknown, vm: string, key: string, fail: Fail): string[] {
+  if (value === undefined) return [];
+  if (!Array.isArray(value)) return fail(key, `must be a list of VM names, not ${describe(value)}`);
+  if (value.length > MAX_SIBLINGS) fail(key, `lists ${value.length} VMs, at most ${MAX_SIBLINGS}`);
+  const names: string[] = [];
+  (value as unknown[]).forEach((name, i) => {
+    if (typeof name !== 'string' || !VM_NAME_RE.test(name)) fail(`${key}[${i}]`, `${describe(name)} must start with A-Z a-z 0-9 and be 1-64 characters of A-Z a-z 0-9 . _ -`);
+    if (name === vm) fail(`${key}[${i}]`, `"${vm}" is the route's own VM`);
+    if (names.includes(name as string)) fail(`${key}[${i}]`, `"${name as string}" is listed twice`);
+    names.push(name as string);
+  });
+  return names;
 }
 
 /** May the receiving side dial `target`? IP literals match CIDR / address rules; hostnames only an exact HOST:PORT rule. */

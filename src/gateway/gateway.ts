@@ -33,6 +33,7 @@ interface Totals {
   zero: number;
   delta: number;
   matched: number;
+  sibling: number;
 }
 
 /**
@@ -451,7 +452,7 @@ export class Gateway implements SessionObserver {
   progress(vm: string, direction: Direction, now: ProgressTick): void {
     this.watch(vm, direction, now);
     const key = `${vm}\u0000${direction}`;
-    const before = this.totals.get(key) ?? { streamBytes: 0, wanBytes: 0, sent: 0, reused: 0, zero: 0, delta: 0, matched: 0 };
+    const before = this.totals.get(key) ?? { streamBytes: 0, wanBytes: 0, sent: 0, reused: 0, zero: 0, delta: 0, matched: 0, sibling: 0 };
     const m = this.metrics;
     if (m) {
       m.addStreamBytes(vm, direction, now.streamBytes - before.streamBytes);
@@ -461,8 +462,9 @@ export class Gateway implements SessionObserver {
       m.addPages(vm, direction, 'zero', now.counts.pagesZero - before.zero);
       m.addPages(vm, direction, 'delta', now.counts.pagesDelta - before.delta);
       m.addPages(vm, direction, 'matched', now.counts.pagesMatched - before.matched);
+      m.addPages(vm, direction, 'sibling', now.counts.pagesSibling - before.sibling);
     }
-    this.totals.set(key, { streamBytes: now.streamBytes, wanBytes: now.wanBytes, sent: now.counts.pagesSent, reused: now.counts.pagesReused, zero: now.counts.pagesZero, delta: now.counts.pagesDelta, matched: now.counts.pagesMatched });
+    this.totals.set(key, { streamBytes: now.streamBytes, wanBytes: now.wanBytes, sent: now.counts.pagesSent, reused: now.counts.pagesReused, zero: now.counts.pagesZero, delta: now.counts.pagesDelta, matched: now.counts.pagesMatched, sibling: now.counts.pagesSibling });
   }
 
   /** A migration's tick as the live view sees it: a progress line when due, a stall as it starts and ends. */
@@ -506,7 +508,7 @@ export class Gateway implements SessionObserver {
       pagesSent: report.counts.pagesSent,
       pagesReused: report.counts.pagesReused,
       pagesZero: report.counts.pagesZero,
-      ...(report.counts.deltaBytes > 0 ? { pagesDelta: report.counts.pagesDelta, pagesMatched: report.counts.pagesMatched, deltaBytes: report.counts.deltaBytes } : {}),
+      ...(report.counts.deltaBytes > 0 ? { pagesDelta: report.counts.pagesDelta, pagesMatched: report.counts.pagesMatched, pagesSibling: report.counts.pagesSibling, deltaBytes: report.counts.deltaBytes } : {}),
       mode: report.mode,
       snapshotId: report.snapshotId,
       ...(report.postcopy ? { postcopy: true } : {}),

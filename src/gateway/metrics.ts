@@ -10,7 +10,7 @@ import type { Endpoint } from './address';
 import type { RefusalReason } from './limits';
 import type { Direction } from './session';
 
-export type PageKind = 'sent' | 'reused' | 'zero' | 'delta' | 'matched';
+export type PageKind = 'sent' | 'reused' | 'zero' | 'delta' | 'matched' | 'sibling';
 export type MigrationResult = 'completed' | 'failed';
 
 export interface MigrationSummary {
@@ -72,7 +72,7 @@ export class GatewayMetrics {
 
   private readonly pages = new Counter<VmLabels | 'kind'>({
     name: 'bfmig_pages_total',
-    help: 'RAM pages by how they crossed the WAN: sent in full, reused from the far site, zero, as a delta against the version the far site held, or matched to another page the far site held with the same content',
+    help: 'RAM pages by how they crossed the WAN: sent in full, reused from the far site, zero, as a delta against the version the far site held, matched to another page the far site held with the same content, or matched to a page of a sibling VM snapshot the far site held',
     labelNames: ['vm', 'direction', 'kind'],
     registers: [this.registry],
   });

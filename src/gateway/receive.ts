@@ -31,6 +31,7 @@ import {
   FrameParser,
   frameHeader,
   FrameType,
+  type HelloMessage,
   MAX_HANDSHAKE_PAYLOAD,
   PROTOCOL_VERSION,
   Feature,
@@ -45,6 +46,7 @@ import { checkedMove, type PhaseMoves, SessionLifecycle } from './session-lifecy
 import { DestinationWriter } from './destination-writer';
 import { decodePayload, ProtocolViolation, refusalReason } from './protocol-violation';
 import type { ChannelGroup, MainChannel } from './migration-channels';
+import { PinnedSiblings } from './siblings';
 
 /** The digest table is queued for the peer no further ahead than this. */
 const TABLE_QUEUE_BYTES = 2 * 1024 * 1024;
@@ -112,6 +114,8 @@ export class ReceiveSession {
   private readonly idle: IdleWatch;
   /** The migration's extra channels, when its Hello named it (a version-4 sender's has none). */
   private group: ChannelGroup | null = null;
+  /** The Hello's siblings this site holds at the same snapshot, pinned for the migration (null: the Hello named none). */
+  private siblings: PinnedSiblings | null = null;
 
   /** The peer gateway's connection as this session reads it (plain TCP: adopted by PooledReads). */
   readonly peer: Socket;
@@ -243,6 +247,9 @@ export class ReceiveSession {
       case FrameType.Delta:
         this.requireDecoder().delta(payload);
         return;
+      case FrameType.SiblingDelta:
+        this.requireDecoder().siblingDelta(payload);
+        return;
       case FrameType.TableRequest:
         this.sendTable();
         return;
@@ -316,11 +323,14 @@ export class ReceiveSession {
     this.life.openStore();
     const store = this.life.store;
     const meta = store?.meta() ?? null;
+    // Sibling references rebuild pages as Deltas do: only where Deltas are taken.
+    if (hello.siblings !== undefined && store && this.options.deltas !== 'off') this.pinSiblings(hello.siblings);
     this.destination = new DestinationWriter(target, hello.target, this.life.retained, {
       connected: () => {
         if (this.phase !== 'dialling') return;
         this.transition('streaming');
         this.group?.ready();
+        if (this.siblings && this.decoder) this.decoder.siblings = this.siblings.stores;
         this.writeFrame(
           encodeJson(FrameType.Offer, {
             site: this.options.site,
@@ -331,6 +341,7 @@ export class ReceiveSession {
             compression,
             // Deltas patch pages this store holds: without a store there is nothing to patch.
             features: store && this.options.deltas !== 'off' ? [Feature.Delta] : [],
+            ...(this.siblings ? { siblings: this.siblings.names } : {}),
           }),
         );
       },
@@ -351,6 +362,13 @@ export class ReceiveSession {
     multifd.begin(layout);
     decoder.multifd = multifd;
     this.group.useMultifd(multifd);
+  }
+
+  /** Pins the siblings the Hello names that this site holds at the same snapshot (see siblings.ts). */
+  private pinSiblings(named: NonNullable<HelloMessage['siblings']>): void {
+    const note = (message: string, fields: Record<string, unknown>): void => this.life.event(message, fields);
+    this.siblings = new PinnedSiblings(named, this.options.storeRoot, (vm) => this.options.vmRefused(vm) === null, this.options.busy, note);
+    this.life.event('siblings confirmed', { siblings: this.siblings.names });
   }
 
   /**
@@ -490,6 +508,7 @@ export class ReceiveSession {
     this.transition(result);
     clearTimeout(this.handshakeTimer);
     this.options.busy.delete(this.life.vm);
+    this.siblings?.release(this.decoder?.damagedSiblings ?? [], (message, fields) => this.life.event(message, fields));
     const decoder = this.decoder;
     this.life.report(decoder, {
       result,

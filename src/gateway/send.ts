@@ -46,6 +46,7 @@ import { checkedMove, type PhaseMoves, SessionLifecycle } from './session-lifecy
 import { decodePayload, ProtocolViolation } from './protocol-violation';
 import type { WanShare } from './wan-cap';
 import type { ChannelGroup, MainChannel } from './migration-channels';
+import { SentSiblings } from './siblings';
 
 /**
  * A source that sends nothing for this long in its device-state tail, without closing, is taken to have
@@ -125,6 +126,8 @@ export class SendSession {
   private readonly reads: PooledReads;
   private readonly resumeLater = (): void => this.resumeSource();
   private readonly group: ChannelGroup;
+  /** The route's siblings this site holds snapshots of (from the Hello to the Offer). */
+  private siblings: SentSiblings | null = null;
 
   /** The source QEMU's connection. */
   readonly qemu: Socket;
@@ -222,8 +225,17 @@ export class SendSession {
         target: formatEndpoint(this.options.route.target),
         compression: helloCompression(this.options.compression),
         migration: this.options.migration,
+        ...this.siblingsHello(),
       }),
     );
+  }
+
+  /** The Hello's `siblings`: the route's siblings this site retains a snapshot of (none with deltas off). */
+  private siblingsHello(): { siblings?: SentSiblings['hello'] } {
+    const names = this.options.deltas === 'off' ? [] : this.options.route.siblings;
+    if (names.length === 0) return {};
+    this.siblings = new SentSiblings(this.options.storeRoot, names, (message, fields) => this.life.event(message, fields));
+    return this.siblings.hello.length > 0 ? { siblings: this.siblings.hello } : {};
   }
 
   private onFrame(type: FrameType, payload: Buffer): void {
@@ -298,12 +310,18 @@ export class SendSession {
           this.writeFrame(frameHeader(FrameType.Delta, delta.length));
           this.writeFrame(delta);
         },
+        siblingDelta: (delta) => {
+          this.writeFrame(frameHeader(FrameType.SiblingDelta, delta.length));
+          this.writeFrame(delta);
+        },
       },
       this.life.retained,
       (layout) => this.chooseReference(layout, offer),
       this.reads.pooled,
     );
     this.encoder.deltas = this.options.deltas !== 'off' && offers(offer, Feature.Delta);
+    if (this.encoder.deltas) this.encoder.siblings = this.siblings?.confirmed(offer) ?? null;
+    this.siblings = null;
     this.group.ready();
     this.resumeSource();
   }

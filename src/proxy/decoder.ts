@@ -4,7 +4,7 @@ import { StreamParser } from '../qemu/parser';
 import { type RamBlock, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
-import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES } from './page-delta';
+import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { newCounts, type TransferCounts } from './transfer-counts';
@@ -17,6 +17,9 @@ import { errorMessage } from '../common/errors';
  * reach the destination unchecked.
  */
 const MAX_HELD_TAIL = 64 * 1024 * 1024;
+
+/** A sibling's retained snapshot as the receiver reads it: never written by this migration. */
+export type SiblingPages = Pick<RetainedPages, 'digests' | 'readPages'> & { readonly vm: string };
 
 /** The rebuilt stream cannot be trusted: the migration must fail rather than go on. */
 export class RebuildError extends Error {
@@ -32,6 +35,10 @@ export class RebuildError extends Error {
 export class StreamDecoder {
   readonly counts: TransferCounts = newCounts();
   layout: PageLayout | null = null;
+  /** The siblings' snapshots this receiver confirmed in its Offer, in its order: what SiblingDelta frames name. */
+  siblings: readonly SiblingPages[] = [];
+  /** Siblings a page of which did not match its digest: their stores are suspect (the gateway verifies them). */
+  readonly damagedSiblings: SiblingPages[] = [];
 
   private readonly parser: StreamParser;
   private readonly retainer: PageRetainer;
@@ -158,24 +165,48 @@ export class StreamDecoder {
    * sender's digests before a byte goes on.
    */
   delta(payload: Buffer): void {
-    if (this.sealed) throw new RebuildError('stream bytes after the sealed end of the stream');
-    if (payload.length < DELTA_HEADER_BYTES || payload.length > DELTA_HEADER_BYTES + MAX_DELTA_BYTES) throw new RebuildError(`Delta frame of ${payload.length} bytes`);
     const store = this.retainer.store;
     if (!store) throw new RebuildError('Delta frame, but this gateway keeps no store');
+    this.patch(payload, store, null);
+    const base = payload.readUInt32BE(4);
+    if (base === payload.readUInt32BE(0)) this.counts.pagesDelta++;
+    else this.counts.pagesMatched++;
+  }
+
+  /** A SiblingDelta: as a Delta, from a page of a sibling's snapshot this receiver confirmed. */
+  siblingDelta(payload: Buffer): void {
+    if (payload.length < SIBLING_DELTA_LEAD_BYTES) throw new RebuildError('empty SiblingDelta frame');
+    const sibling = this.siblings[payload[0]];
+    if (sibling === undefined) throw new RebuildError(`SiblingDelta from sibling ${payload[0]}, but ${this.siblings.length} were confirmed`);
+    this.patch(payload.subarray(SIBLING_DELTA_LEAD_BYTES), sibling, sibling.vm);
+    this.counts.pagesSibling++;
+  }
+
+  /** Rebuilds a page from a Delta payload over a page of `from` (this VM's store, or sibling `sibling`'s) and passes it on. */
+  private patch(payload: Buffer, from: SiblingPages | RetainedPages, sibling: string | null): void {
+    if (this.sealed) throw new RebuildError('stream bytes after the sealed end of the stream');
+    if (payload.length < DELTA_HEADER_BYTES || payload.length > DELTA_HEADER_BYTES + MAX_DELTA_BYTES) throw new RebuildError(`Delta frame of ${payload.length} bytes`);
     const page = payload.readUInt32BE(0);
     const base = payload.readUInt32BE(4);
-    if (this.layout === null || page >= this.layout.pageCount || base >= this.layout.pageCount) throw new RebuildError(`Delta for page ${page} from page ${base}, outside the RAM layout`);
-    if (!sameDigest(store.digests, base * DIGEST_BYTES, payload, DELTA_BASE_DIGEST_AT)) throw new RebuildError(`Delta from a version of page ${base} this store does not hold`);
+    const where = sibling === null ? `page ${base}` : `page ${base} of sibling ${sibling}`;
+    if (this.layout === null || page >= this.layout.pageCount || (base + 1) * DIGEST_BYTES > from.digests.length) throw new RebuildError(`Delta for page ${page} from ${where}, outside the RAM layout`);
+    if (!sameDigest(from.digests, base * DIGEST_BYTES, payload, DELTA_BASE_DIGEST_AT)) throw new RebuildError(`Delta from a version of ${where} this store does not hold`);
     try {
-      store.readPages(base, 1, this.pages, 0);
+      from.readPages(base, 1, this.pages, 0);
     } catch (err) {
-      throw new RebuildError(`page ${base} is not held: ${errorMessage(err)}`);
+      throw new RebuildError(`${where} is not held: ${errorMessage(err)}`);
     }
     digestOne(this.pages, 0, X86_PAGE_SIZE, this.digests, 0);
     if (!sameDigest(this.digests, 0, payload, DELTA_BASE_DIGEST_AT)) {
-      if (store.dropCorrupt) store.dropCorrupt(base);
-      else store.markAbsent(base);
-      throw new RebuildError(`retained page ${base} does not match its digest`);
+      const own = this.retainer.store;
+      if (from === own) {
+        if (own.dropCorrupt) own.dropCorrupt(base);
+        else own.markAbsent(base);
+      } else {
+        // A sibling's store is not this migration's to write: its owner checks it once the migration is over.
+        this.damagedSiblings.push(from as SiblingPages);
+      }
+      throw new RebuildError(`retained ${where} does not match its digest`);
     }
     const bytes = this.allocate(X86_PAGE_SIZE);
     try {
@@ -198,9 +229,7 @@ export class StreamDecoder {
     } finally {
       this.deltaPage = -1;
     }
-    if (base === page) this.counts.pagesDelta++;
-    else this.counts.pagesMatched++;
-    this.counts.deltaBytes += payload.length;
+    this.counts.deltaBytes += payload.length + (sibling === null ? 0 : SIBLING_DELTA_LEAD_BYTES);
     this.emit(bytes, at);
   }
 

@@ -3,8 +3,9 @@ import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
 import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
-import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES } from './page-delta';
+import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { ContentIndex } from './content-index';
+import type { SiblingMatch } from './sibling-match';
 import { HeldInput } from './held-input';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { newCounts, type TransferCounts } from './transfer-counts';
@@ -17,6 +18,8 @@ export interface EncoderSink {
   run(payload: Buffer): void;
   /** A Delta payload (`page-delta.ts`): needed once the encoder's `deltas` is on. */
   delta?(payload: Buffer): void;
+  /** A SiblingDelta payload (`page-delta.ts`): needed once the encoder has `siblings`. */
+  siblingDelta?(payload: Buffer): void;
 }
 
 
@@ -50,6 +53,11 @@ export class StreamEncoder {
    * pages and epochs take part in their ordering (see MultifdMigration).
    */
   multifd: MultifdMigration | null = null;
+  /**
+   * The siblings' snapshots the receiver confirmed it holds: a page whose content one holds goes as a
+   * SiblingDelta (with `deltas` on), unless the receiver holds it in this VM's own store.
+   */
+  siblings: SiblingMatch | null = null;
   private readonly deltaOut = new DeltaSlab();
   private readonly basePage = Buffer.alloc(X86_PAGE_SIZE);
   private readonly baseDigest = Buffer.alloc(DIGEST_BYTES);
@@ -330,8 +338,14 @@ export class StreamEncoder {
     const index = this.contentIndexOf(reference);
     const match = index.find(digest, 0);
     if (match >= 0) {
-      this.emitDelta(page, match, digest, 0, 0);
+      this.emitDelta(page, match, digest, 0, 0, -1);
       this.counts.pagesMatched++;
+      return true;
+    }
+    const siblings = this.siblings;
+    if (siblings !== null && siblings.find(page, digest, 0)) {
+      this.emitDelta(page, siblings.page, digest, 0, 0, siblings.sibling);
+      this.counts.pagesSibling++;
       return true;
     }
     const store = this.retainer.store;
@@ -362,24 +376,31 @@ export class StreamEncoder {
       return false;
     }
     this.deltaMisses = 0;
-    this.emitDelta(page, page, this.baseDigest, 0, length);
+    this.emitDelta(page, page, this.baseDigest, 0, length, -1);
     this.counts.pagesDelta++;
     return true;
   }
 
-  /** Completes the Delta laid out in `deltaOut` (its ranges already there, `length` bytes) and sends it in the record's place. */
-  private emitDelta(page: number, base: number, baseDigest: Uint8Array, baseAt: number, length: number): void {
-    const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + length);
-    out.writeUInt32BE(page, 0);
-    out.writeUInt32BE(base, 4);
-    out.set(baseDigest.subarray(baseAt, baseAt + DIGEST_BYTES), DELTA_BASE_DIGEST_AT);
-    out.set(this.retainer.digest, DELTA_NEW_DIGEST_AT);
-    const payload = this.deltaOut.take(DELTA_HEADER_BYTES + length);
+  /**
+   * Completes the Delta laid out in `deltaOut` (its ranges already there, `length` bytes) and sends it in
+   * the record's place; from `sibling`'s snapshot (its place in the Offer's list) as a SiblingDelta, when
+   * that is not -1 (then with no ranges).
+   */
+  private emitDelta(page: number, base: number, baseDigest: Uint8Array, baseAt: number, length: number, sibling: number): void {
+    const lead = sibling >= 0 ? SIBLING_DELTA_LEAD_BYTES : 0;
+    const out = this.deltaOut.reserve(lead + DELTA_HEADER_BYTES + length);
+    if (lead > 0) out[0] = sibling;
+    out.writeUInt32BE(page, lead);
+    out.writeUInt32BE(base, lead + 4);
+    out.set(baseDigest.subarray(baseAt, baseAt + DIGEST_BYTES), lead + DELTA_BASE_DIGEST_AT);
+    out.set(this.retainer.digest, lead + DELTA_NEW_DIGEST_AT);
+    const payload = this.deltaOut.take(lead + DELTA_HEADER_BYTES + length);
     this.closeRun();
     // The record's header goes as it is; the Delta stands for its page data, the record's last bytes.
     this.sendLiteral(this.parser.offset - X86_PAGE_SIZE);
-    if (!this.sink.delta) throw new Error('StreamEncoder: deltas are on but the sink takes no Delta frames');
-    this.sink.delta(payload);
+    const send = lead > 0 ? this.sink.siblingDelta : this.sink.delta;
+    if (!send) throw new Error('StreamEncoder: deltas are on but the sink takes no Delta frames');
+    send.call(this.sink, payload);
     this.skipTo(this.parser.offset);
     this.counts.deltaBytes += payload.length;
   }

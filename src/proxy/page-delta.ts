@@ -15,6 +15,12 @@ import { DIGEST_BYTES, nativeFunction } from '../digest';
  * new digest, and passes the page on; any mismatch fails the migration.
  */
 export const DELTA_HEADER_BYTES = 8 + 2 * DIGEST_BYTES;
+/**
+ * A SiblingDelta frame's payload: u8 the sibling's place in the receiver's Offer (`siblings`), then a
+ * Delta payload whose base page index and digest name a page of that sibling's retained snapshot, with
+ * no ranges (the sender matches whole pages only). Checked on the receiver as a Delta is.
+ */
+export const SIBLING_DELTA_LEAD_BYTES = 1;
 export const DELTA_BASE_DIGEST_AT = 8;
 export const DELTA_NEW_DIGEST_AT = 8 + DIGEST_BYTES;
 

@@ -14,11 +14,13 @@ export interface TransferCounts {
   pagesDelta: number;
   /** Normal pages sent as a reference to another page the receiver held with the same content. */
   pagesMatched: number;
-  /** What deltas and content matches took (Delta payloads), against (pagesDelta + pagesMatched) × 4 KiB sent whole. */
+  /** Normal pages sent as a reference to a page with the same content in a sibling's retained snapshot. */
+  pagesSibling: number;
+  /** What deltas and content matches took (Delta and SiblingDelta payloads), against (pagesDelta + pagesMatched + pagesSibling) × 4 KiB sent whole. */
   deltaBytes: number;
 }
 
-export const newCounts = (): TransferCounts => ({ streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesZero: 0, pagesOther: 0, pagesDelta: 0, pagesMatched: 0, deltaBytes: 0 });
+export const newCounts = (): TransferCounts => ({ streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesZero: 0, pagesOther: 0, pagesDelta: 0, pagesMatched: 0, pagesSibling: 0, deltaBytes: 0 });
 
 /** `into` plus `more`, field by field. */
 export function addCounts(into: TransferCounts, more: Readonly<TransferCounts>): TransferCounts {

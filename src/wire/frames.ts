@@ -11,9 +11,9 @@
  * the stream as soon as the sender has parsed its end, before the receiver lets the destination finish;
  * 5: a migration has extra channels (multifd, postcopy-preempt), one connection each, whose Hello names
  * the migration and the channel (HelloMessage.channel).
- * Compression and deltas are not versions: they are negotiated within 4 (Hello.compression,
- * Offer.compression, Offer.features), so a gateway from before them still migrates with one after
- * them, without them.
+ * Compression, deltas and siblings are not versions: they are negotiated within 4 (Hello.compression,
+ * Offer.compression, Offer.features, Hello.siblings and Offer.siblings), so a gateway from before them
+ * still migrates with one after them, without them.
  */
 export const PROTOCOL_VERSION = 5;
 /**
@@ -70,6 +70,21 @@ export const enum FrameType {
    * (payload defined by the proxy layer). Sent only to a receiver whose Offer lists `delta`.
    */
   Delta = 14,
+  /**
+   * Sender → receiver: a page whose content a sibling's retained snapshot holds, as a Delta from that
+   * sibling's page (payload defined by the proxy layer: the sibling's place in the Offer's `siblings`,
+   * then a Delta payload). Sent only for siblings the receiver's Offer confirmed.
+   */
+  SiblingDelta = 15,
+}
+
+/** Most siblings a Hello may name (and a route list): each costs the sender its digest table and an index. */
+export const MAX_SIBLINGS = 4;
+
+/** A sibling's retained snapshot, as a Hello names it. */
+export interface SiblingSnapshot {
+  vm: string;
+  snapshotId: string;
 }
 
 /**
@@ -95,6 +110,8 @@ export interface HelloMessage {
   channel?: ChannelName;
   /** A multifd channel's Hello: how many multifd channels the sender had when it opened this one. */
   channels?: number;
+  /** The siblings whose snapshots the sender holds (route `siblings`); absent before siblings. */
+  siblings?: SiblingSnapshot[];
 }
 
 /** An extra channel of a migration: a multifd channel by its index, or the postcopy-preempt channel. */
@@ -117,6 +134,11 @@ export interface OfferMessage {
   compression?: string | null;
   /** Feature names the receiver takes (absent from older receivers: none). */
   features?: string[];
+  /**
+   * The Hello's siblings the receiver holds at the same snapshot and has pinned for this migration, by
+   * name; a SiblingDelta names one by its place in this list. Absent from older receivers: none.
+   */
+  siblings?: string[];
 }
 
 /** The length and XXH3-64 of the whole QEMU stream, as the sender read it. */
@@ -200,6 +222,10 @@ function decodeJson<T>(payload: Buffer, what: string, fields: Record<string, Fie
 export function decodeHello(p: Buffer): HelloMessage {
   const hello = decodeJson<HelloMessage>(p, 'Hello', { protocol: 'number', site: 'string', vm: 'string', target: 'string' });
   if (hello.migration !== undefined && typeof hello.migration !== 'string') throw new WireError('Hello: field migration is not a string');
+  const siblings: unknown = hello.siblings;
+  if (siblings !== undefined && !(Array.isArray(siblings) && siblings.length <= MAX_SIBLINGS && siblings.every(isSiblingSnapshot))) {
+    throw new WireError(`Hello: field siblings is not a list of at most ${MAX_SIBLINGS} {vm, snapshotId}`);
+  }
   const channel: unknown = hello.channel;
   if (channel === undefined) return hello;
   if (hello.migration === undefined) throw new WireError('Hello: a channel without its migration');
@@ -210,11 +236,21 @@ export function decodeHello(p: Buffer): HelloMessage {
   }
   return { ...hello, channel: { kind: c.kind, index: c.index as number }, channels: hello.channels };
 }
+function isSiblingSnapshot(v: unknown): v is SiblingSnapshot {
+  if (typeof v !== 'object' || v === null) return false;
+  const { vm, snapshotId } = v as Record<string, unknown>;
+  return typeof vm === 'string' && typeof snapshotId === 'string';
+}
+
 export const decodeOffer = (p: Buffer): OfferMessage => {
   const offer = decodeJson<OfferMessage>(p, 'Offer', { site: 'string', snapshotId: 'nullableString', layoutId: 'nullableString', pageCount: 'number', presentPages: 'number' });
   const features: unknown = offer.features;
   if (features !== undefined && !(Array.isArray(features) && features.length <= 64 && features.every((f) => typeof f === 'string'))) {
     throw new WireError('Offer: field features is not a list of names');
+  }
+  const siblings: unknown = offer.siblings;
+  if (siblings !== undefined && !(Array.isArray(siblings) && siblings.length <= MAX_SIBLINGS && siblings.every((s) => typeof s === 'string'))) {
+    throw new WireError(`Offer: field siblings is not a list of at most ${MAX_SIBLINGS} names`);
   }
   return offer;
 };

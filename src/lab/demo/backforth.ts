@@ -128,7 +128,19 @@ interface Site {
   inbound: WanEmulator;
 }
 
-const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
+/** The test guest's workload has checked every page it wrote. */
+export const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
+
+/** Whether a guest that has just arrived runs and its workload verifies (false: it did not in time). */
+export function arrivedVerified(dest: QemuVm): Promise<boolean> {
+  return dest
+    .waitForStatus('running', 60_000)
+    .then(() => dest.waitForSerial(VERIFIED, 120_000))
+    .then(
+      () => true,
+      () => false,
+    );
+}
 
 /** One run of the grid (bench/backforth-grid.json): a guest migrated `changePcts.length + 1` legs over one link, both paths. */
 export interface GridRun {
@@ -266,13 +278,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         const info = await waitWithProgress(vm, `leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}`, o.out);
         arrivedAt = Date.now(); // the guest runs at the destination from here
         arrivedMark = 0; // and everything on the destination's console is from there
-        const verified = await dest
-          .waitForStatus('running', 60_000)
-          .then(() => dest.waitForSerial(VERIFIED, 120_000))
-          .then(
-          () => true,
-          () => false,
-        );
+        const verified = await arrivedVerified(dest);
         let wan: { forward: number; backward: number };
         let report: GatewayLegReport | undefined;
         const gatewayErrors: string[] = [];

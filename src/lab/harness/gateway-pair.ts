@@ -7,7 +7,7 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { Writable } from 'node:stream';
 import * as tls from 'node:tls';
-import { loopbackSiteYaml } from './loopback-config';
+import { loopbackMultiRouteYaml } from './loopback-config';
 import { parseConfig } from '../../gateway/config';
 import { Gateway } from '../../gateway/gateway';
 import { createLogger } from '../../gateway/log';
@@ -23,9 +23,12 @@ export interface TestSite {
   gateway: Gateway;
   metrics: GatewayMetrics;
   data: string;
+  /** Where the source of the first route's VM (vm1 unless startPair was given routes) migrates to. */
   routePort: number;
+  /** Where the source of each routed VM migrates to. */
+  routePorts: Record<string, number>;
   peerPort: number;
-  /** The destination stand-in at this site listens here. */
+  /** The destination stand-in at this site listens here (every route's target at the far site). */
   destPort: number;
   logs: Array<Record<string, unknown>>;
   /** The WAN emulator the far gateway reaches this one through (startPair's `wan`). */
@@ -54,35 +57,48 @@ export async function startLoggedGateway(name: string, yaml: string, configPath?
   return { gateway, metrics, logs };
 }
 
+/** A VM both gateways of a pair route to each other, and its siblings (routes[].siblings). */
+export interface PairRoute {
+  vm: string;
+  siblings?: readonly string[];
+}
+
 /**
- * Two gateways routing vm1 to each other; `extra[i]` is YAML appended to site i's config (tls:, limits:).
- * With `wan`, each gateway reaches the other through a WAN emulator of that rate and delay, closed with
- * the pair (stopPair).
+ * Two gateways routing vm1 (or `routes`) to each other; `extra[i]` is YAML appended to site i's config
+ * (tls:, limits:). With `wan`, each gateway reaches the other through a WAN emulator of that rate and
+ * delay, closed with the pair (stopPair).
  */
-export async function startPair(tmp: string, extra: [string, string] = ['', ''], wan?: { rateMbit: number; delayMs: number }): Promise<[TestSite, TestSite]> {
-  const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
+export async function startPair(
+  tmp: string,
+  extra: [string, string] = ['', ''],
+  wan?: { rateMbit: number; delayMs: number },
+  routes: readonly PairRoute[] = [{ vm: 'vm1' }],
+): Promise<[TestSite, TestSite]> {
+  const [peerA, peerB, destA, destB, ...routePorts] = await Promise.all(Array.from({ length: 4 + 2 * routes.length }, () => freePort()));
   const [inboundA, inboundB] = wan ? [peerA, peerB].map((port) => new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port }, ...wan })) : [];
   const farA = inboundA ? (await inboundA.listen()).port : peerA;
   const farB = inboundB ? (await inboundB.listen()).port : peerB;
-  const make = async (name: string, peer: number, route: number, farPeer: number, farDest: number, dest: number, more: string): Promise<TestSite> => {
+  const make = async (name: string, peer: number, ports: number[], farPeer: number, farDest: number, dest: number, more: string): Promise<TestSite> => {
     const data = path.join(tmp, name);
-    const yaml = loopbackSiteYaml({ name, data, peerPort: peer, vm: 'vm1', routePort: route, farPeerPort: farPeer, targetPort: farDest }) + 'metrics: 127.0.0.1:0\n' + more;
+    const siteRoutes = routes.map((r, i) => ({ vm: r.vm, siblings: r.siblings, routePort: ports[i], targetPort: farDest }));
+    const yaml = loopbackMultiRouteYaml({ name, data, peerPort: peer, farPeerPort: farPeer, routes: siteRoutes }) + 'metrics: 127.0.0.1:0\n' + more;
     const { gateway, metrics, logs } = await startLoggedGateway(name, yaml, path.join(tmp, `${name}.yaml`));
-    return { name, gateway, metrics, data, routePort: route, peerPort: peer, destPort: dest, logs };
+    const byVm = Object.fromEntries(siteRoutes.map((r) => [r.vm, r.routePort]));
+    return { name, gateway, metrics, data, routePort: ports[0], routePorts: byVm, peerPort: peer, destPort: dest, logs };
   };
-  const a = await make('site-a', peerA, routeA, farB, destB, destA, extra[0]);
-  const b = await make('site-b', peerB, routeB, farA, destA, destB, extra[1]);
+  const a = await make('site-a', peerA, routePorts.slice(0, routes.length), farB, destB, destA, extra[0]);
+  const b = await make('site-b', peerB, routePorts.slice(routes.length), farA, destA, destB, extra[1]);
   return [{ ...a, inbound: inboundA }, { ...b, inbound: inboundB }];
 }
 
 /**
- * One migration of `stream` from → to with QEMU stand-ins: resolves once both gateways reported it,
+ * One migration of `stream` (of `vm`, by default the first route's) from → to with QEMU stand-ins: resolves once both gateways reported it,
  * with what the destination stand-in received and both reports.
  */
-export async function migrateThroughPair(from: TestSite, to: TestSite, stream: Buffer): Promise<{ received: Buffer; sent: MigrationReport; got: MigrationReport }> {
+export async function migrateThroughPair(from: TestSite, to: TestSite, stream: Buffer, vm?: string): Promise<{ received: Buffer; sent: MigrationReport; got: MigrationReport }> {
   const dest = await destinationStandIn(to.destPort);
   const before = [from.gateway.history.length, to.gateway.history.length];
-  await sourceStandIn(from.routePort, stream);
+  await sourceStandIn(vm === undefined ? from.routePort : from.routePorts[vm], stream);
   await waitFor(() => from.gateway.history.length > before[0] && to.gateway.history.length > before[1]);
   dest.close();
   return { received: (await dest.received).bytes, sent: from.gateway.history[before[0]], got: to.gateway.history[before[1]] };

@@ -3,6 +3,8 @@ export interface LoopbackRoute {
   vm: string;
   routePort: number;
   targetPort: number;
+  /** routes[].siblings, when any. */
+  siblings?: readonly string[];
 }
 
 /** The YAML of a gateway whose every address is on loopback: for the demo, benchmarks and tests. */
@@ -17,7 +19,7 @@ export function loopbackMultiRouteYaml(site: { name: string; data: string; peerP
     `data: ${site.data}`,
     `peerListen: 127.0.0.1:${site.peerPort}`,
     'routes:',
-    ...site.routes.flatMap((r) => [`  - vm: ${r.vm}`, `    listen: 127.0.0.1:${r.routePort}`, `    peer: 127.0.0.1:${site.farPeerPort}`, `    target: 127.0.0.1:${r.targetPort}`]),
+    ...site.routes.flatMap((r) => [`  - vm: ${r.vm}`, `    listen: 127.0.0.1:${r.routePort}`, `    peer: 127.0.0.1:${site.farPeerPort}`, `    target: 127.0.0.1:${r.targetPort}`, ...(r.siblings?.length ? [`    siblings: [${r.siblings.join(', ')}]`] : [])]),
     // The destinations the far site's routes name: loopback QEMUs.
     'allowTargets:',
     '  - 127.0.0.0/8:*',

@@ -31,9 +31,10 @@ export interface GatewayLegReport {
   postcopy: boolean;
   /** WAN bytes compression saved (0: not compressed). */
   compressionSavedBytes: number;
-  /** Pages sent as the ranges that changed from the receiver's version, pages sent as a reference to the same content elsewhere, and the Delta payload bytes both took. */
+  /** Pages sent as the ranges that changed from the receiver's version, pages sent as a reference to the same content elsewhere (in this VM, in a sibling's snapshot), and the payload bytes they took. */
   pagesDelta: number;
   pagesMatched: number;
+  pagesSibling: number;
   deltaBytes: number;
 }
 
@@ -89,7 +90,7 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
   };
 }
 
-type PageCounts = Pick<GatewayLegReport, 'pagesSent' | 'pagesReused' | 'pagesZero' | 'pagesDelta' | 'pagesMatched' | 'deltaBytes'>;
+type PageCounts = Pick<GatewayLegReport, 'pagesSent' | 'pagesReused' | 'pagesZero' | 'pagesDelta' | 'pagesMatched' | 'pagesSibling' | 'deltaBytes'>;
 
 const pick = (c: PageCounts): PageCounts => ({
   pagesSent: c.pagesSent,
@@ -97,6 +98,7 @@ const pick = (c: PageCounts): PageCounts => ({
   pagesZero: c.pagesZero,
   pagesDelta: c.pagesDelta,
   pagesMatched: c.pagesMatched,
+  pagesSibling: c.pagesSibling,
   deltaBytes: c.deltaBytes,
 });
 
@@ -114,6 +116,7 @@ interface FinishedLine {
   /** Only on a line whose migration sent deltas. */
   pagesDelta?: number;
   pagesMatched?: number;
+  pagesSibling?: number;
   deltaBytes?: number;
   snapshotId?: string | null;
   verbatim?: string;
@@ -141,7 +144,7 @@ async function startChild(configPath: string, logPath: string, nodeArgs: readonl
         return;
       }
       if (f.direction && f.result) {
-        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, error: f.error ?? null, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, pagesDelta: f.pagesDelta ?? 0, pagesMatched: f.pagesMatched ?? 0, deltaBytes: f.deltaBytes ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
+        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, error: f.error ?? null, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, pagesDelta: f.pagesDelta ?? 0, pagesMatched: f.pagesMatched ?? 0, pagesSibling: f.pagesSibling ?? 0, deltaBytes: f.deltaBytes ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
       }
     });
     child.once('exit', (code) => {
