@@ -6,7 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { chooseCompression, COMPRESSED_HEADER_BYTES, helloCompression, LiteralFrames, LiteralInflater, MAX_BATCH_BYTES, offeredCompression, ZSTD } from '../src/wire/compression';
-import { CompressionPolicy, DRAINED_CHUNKS, MAX_SKIP } from '../src/wire/compression-policy';
+import { CompressionPolicy, DRAINED_CHUNKS, MAX_REJOIN, MAX_SKIP } from '../src/wire/compression-policy';
 import { FRAME_HEADER_BYTES, FrameParser, FrameType, WireError } from '../src/wire/frames';
 
 /** Text-like bytes: words from a small vocabulary, as logs and source files are. */
@@ -219,7 +219,7 @@ describe('CompressionPolicy', () => {
     }
   });
 
-  test('backs off once the socket has drained before DRAINED_CHUNKS chunks in a row, and resumes when it queues again', () => {
+  test('backs off once the socket has drained before DRAINED_CHUNKS chunks in a row, and resumes once it queues again twice in a row', () => {
     const policy = new CompressionPolicy();
     for (let i = 0; i < DRAINED_CHUNKS - 1; i++) {
       policy.observeWan(0);
@@ -235,8 +235,51 @@ describe('CompressionPolicy', () => {
       policy.observeWan(0);
       expect(policy.compressNext()).toBe(false);
     }
+    expect(policy.wanIsBottleneck).toBe(false);
+    // After one back-off, two queued observations in a row bring it back; a drained one between starts over.
     policy.observeWan(4096);
+    expect(policy.compressNext()).toBe(false);
+    policy.observeWan(0);
+    policy.observeWan(4096);
+    expect(policy.compressNext()).toBe(false);
+    policy.observeWan(4096);
+    expect(policy.wanIsBottleneck).toBe(true);
     expect(policy.compressNext()).toBe(true);
+  });
+
+  /**
+   * A gateway whose CPU sets the pace: while it compresses, it is slower than the link (the socket
+   * drains); while it does not, it fills the link (the socket queues). Returns the raw chunks between
+   * one compressing stretch and the next, `backOffs` times.
+   */
+  function swings(policy: CompressionPolicy, backOffs: number): number[] {
+    const raw: number[] = [];
+    for (let b = 0; b < backOffs; b++) {
+      while (policy.wanIsBottleneck) policy.observeWan(0);
+      let chunks = 0;
+      while (!policy.wanIsBottleneck) {
+        policy.observeWan(64 * 1024);
+        chunks++;
+      }
+      raw.push(chunks);
+    }
+    return raw;
+  }
+
+  test('a gateway whose own CPU sets the pace: each back-off doubles the queued chunks it takes to compress again, up to MAX_REJOIN', () => {
+    expect(swings(new CompressionPolicy(), 8)).toEqual([2, 4, 8, 16, 32, 64, 64, 64]);
+    expect(MAX_REJOIN).toBe(64);
+  });
+
+  test('a stretch of MAX_REJOIN chunks with the socket queued while compressing: compression keeps up, one queued chunk brings it back again', () => {
+    const policy = new CompressionPolicy();
+    swings(policy, 6);
+    // Back in, and the link stays the bottleneck while it compresses.
+    for (let i = 0; i < MAX_REJOIN; i++) {
+      policy.observeWan(64 * 1024);
+      expect(policy.compressNext()).toBe(true);
+    }
+    expect(swings(policy, 2)).toEqual([2, 4]);
   });
 
   test('after batches that did not shrink it skips 1, 2, 4 … up to MAX_SKIP batches; one that shrinks ends the skipping', () => {
