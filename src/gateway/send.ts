@@ -338,7 +338,7 @@ export class SendSession {
     if (!this.encoder || this.over) return;
     // Whether the WAN still holds what the last chunk produced: compression pays only then.
     this.literals?.policy.observeWan(this.peer.writableLength);
-    // A delta costs a store read: paid whatever it takes only while the WAN, not this gateway, sets the pace.
+    // A delta costs store reads here and at the receiver, a content match one there: paid whatever they take only while the WAN, not the gateways, sets the pace.
     this.encoder.deltaReadsFree = this.options.deltas === 'always' || (this.literals?.policy.wanIsBottleneck ?? true);
     // Every frame this chunk produces leaves in one writev.
     this.peer.cork();
