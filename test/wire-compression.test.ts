@@ -6,7 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { chooseCompression, COMPRESSED_HEADER_BYTES, helloCompression, LiteralFrames, LiteralInflater, MAX_BATCH_BYTES, offeredCompression, ZSTD } from '../src/wire/compression';
-import { CompressionPolicy, DRAINED_CHUNKS, MAX_REJOIN, MAX_SKIP } from '../src/wire/compression-policy';
+import { CompressionPolicy, DRAINED_CHUNKS, MAX_REJOIN, MAX_SKIP, SWING_CHUNKS } from '../src/wire/compression-policy';
 import { FRAME_HEADER_BYTES, FrameParser, FrameType, WireError } from '../src/wire/frames';
 
 /** Text-like bytes: words from a small vocabulary, as logs and source files are. */
@@ -271,15 +271,30 @@ describe('CompressionPolicy', () => {
     expect(MAX_REJOIN).toBe(64);
   });
 
-  test('a stretch of MAX_REJOIN chunks with the socket queued while compressing: compression keeps up, one queued chunk brings it back again', () => {
+  test('a back-off after a long stretch of compressing with the link busy (the source went quiet): one queued chunk brings it back', () => {
     const policy = new CompressionPolicy();
-    swings(policy, 6);
-    // Back in, and the link stays the bottleneck while it compresses.
-    for (let i = 0; i < MAX_REJOIN; i++) {
+    expect(swings(policy, 6)).toEqual([2, 4, 8, 16, 32, 64]);
+    // Back in, and the link stays the bottleneck while it compresses, SWING_CHUNKS chunks and more.
+    for (let i = 0; i <= SWING_CHUNKS; i++) {
       policy.observeWan(64 * 1024);
       expect(policy.compressNext()).toBe(true);
     }
+    // Zero pages: nothing to send, the socket drains.
+    for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(0);
+    expect(policy.compressNext()).toBe(false);
+    policy.observeWan(4096);
+    expect(policy.compressNext()).toBe(true);
+    // A swing from here doubles again from 1.
     expect(swings(policy, 2)).toEqual([2, 4]);
+  });
+
+  test('at a WAN-bound link whose socket drains now and then, compression stays on', () => {
+    const policy = new CompressionPolicy();
+    // Queued, queued, drained, drained, drained: never DRAINED_CHUNKS drained in a row.
+    for (let i = 0; i < 1000; i++) {
+      policy.observeWan(i % 5 < 2 ? 64 * 1024 : 0);
+      expect(policy.wanIsBottleneck).toBe(true);
+    }
   });
 
   test('after batches that did not shrink it skips 1, 2, 4 … up to MAX_SKIP batches; one that shrinks ends the skipping', () => {

@@ -7,12 +7,12 @@
  *   arrives: then compressing costs nothing the migration waits for, and every byte saved is time saved.
  * - Once the socket has drained completely before each of DRAINED_CHUNKS chunks in a row, the link is
  *   faster than this gateway produces (its CPU, or the source, is the bottleneck): compression backs
- *   off, and comes back once the socket has queued before `rejoin` chunks in a row. Each back-off
- *   doubles `rejoin` (up to MAX_REJOIN): a gateway whose own CPU sets the pace fills the link as soon
- *   as it stops compressing, and would otherwise swing between compressing (slower than the link) and
- *   not (the link queues again) at every other chunk, paying for the compression each time. A long
- *   stretch with the socket queued throughout (MAX_REJOIN chunks) shows compression keeps up with the
- *   link: `rejoin` returns to 1.
+ *   off, and comes back once the socket has queued before `rejoin` chunks in a row. A back-off within
+ *   SWING_CHUNKS chunks of compression coming back doubles `rejoin` (up to MAX_REJOIN): a gateway whose
+ *   own CPU sets the pace fills the link as soon as it stops compressing and drains it as soon as it
+ *   starts, and would otherwise swing between the two at every few chunks, paying for the compression
+ *   each time. A back-off after a longer stretch is the source going quiet (zero or held pages) while
+ *   compression kept up with the link: `rejoin` returns to 1.
  * - A batch that did not shrink went raw; the next batches skip compression, twice as many after each
  *   further raw batch (up to MAX_SKIP), so incompressible memory costs a probe now and then, not a
  *   compression pass per batch.
@@ -24,35 +24,37 @@ export const DRAINED_CHUNKS = 4;
 export const MAX_SKIP = 64;
 /** Most queued observations in a row compression waits for after backing off (64 chunks: 16 MiB of source reads). */
 export const MAX_REJOIN = 64;
+/** A back-off this many observations or fewer after compression came back is a swing: compressing drained the link. */
+export const SWING_CHUNKS = 4 * DRAINED_CHUNKS;
 
 export class CompressionPolicy {
   /** Compressing while the WAN is the bottleneck (starts so: a first leg fills the link at once). */
   private wanBound = true;
   private drained = 0;
-  /** Queued observations in a row (since compression came back, while it is on), and how many bring it back after a back-off. */
+  /** Queued observations in a row while backed off, and how many bring compression back. */
   private queued = 0;
   private rejoin = 1;
+  /** Observations since compression came back (or since the start). */
+  private onFor = 0;
   /** Batches still to go raw after incompressible ones, and how many the next raw batch skips. */
   private skipLeft = 0;
   private nextSkip = 1;
 
   /** The source's next chunk arrived; `queuedBytes` the peer socket had not yet handed to the kernel. */
   observeWan(queuedBytes: number): void {
+    this.onFor++;
     if (queuedBytes > 0) {
       this.drained = 0;
-      this.queued++;
-      if (!this.wanBound && this.queued >= this.rejoin) {
+      if (!this.wanBound && ++this.queued >= this.rejoin) {
         this.wanBound = true;
-        this.queued = 0; // from here the count is of chunks queued while compressing
-      } else if (this.wanBound && this.queued >= MAX_REJOIN) {
-        this.rejoin = 1;
+        this.onFor = 0;
       }
       return;
     }
     this.queued = 0;
     if (++this.drained >= DRAINED_CHUNKS && this.wanBound) {
       this.wanBound = false;
-      this.rejoin = Math.min(this.rejoin * 2, MAX_REJOIN);
+      this.rejoin = this.onFor <= SWING_CHUNKS ? Math.min(this.rejoin * 2, MAX_REJOIN) : 1;
     }
   }
 
