@@ -213,36 +213,41 @@ describe('CompressionPolicy', () => {
   test('compresses while the WAN socket keeps bytes queued', () => {
     const policy = new CompressionPolicy();
     for (let i = 0; i < 100; i++) {
-      policy.observeWan(64 * 1024);
+      policy.observeWan(true);
       expect(policy.compressNext()).toBe(true);
       policy.shrank();
     }
   });
 
-  test('backs off once the socket has drained before DRAINED_CHUNKS chunks in a row, and resumes once it queues again twice in a row', () => {
+  test('backs off once the WAN has not held it back before DRAINED_CHUNKS chunks in a row; after a swing it takes two held-back chunks in a row to come back', () => {
     const policy = new CompressionPolicy();
     for (let i = 0; i < DRAINED_CHUNKS - 1; i++) {
-      policy.observeWan(0);
+      policy.observeWan(false);
       expect(policy.compressNext()).toBe(true);
     }
-    // One queued observation starts the count again.
-    policy.observeWan(1);
-    for (let i = 0; i < DRAINED_CHUNKS - 1; i++) policy.observeWan(0);
+    // One held-back observation starts the count again.
+    policy.observeWan(true);
+    for (let i = 0; i < DRAINED_CHUNKS - 1; i++) policy.observeWan(false);
     expect(policy.compressNext()).toBe(true);
-    policy.observeWan(0);
+    policy.observeWan(false);
     expect(policy.compressNext()).toBe(false);
     for (let i = 0; i < 50; i++) {
-      policy.observeWan(0);
+      policy.observeWan(false);
       expect(policy.compressNext()).toBe(false);
     }
     expect(policy.wanIsBottleneck).toBe(false);
-    // After one back-off, two queued observations in a row bring it back; a drained one between starts over.
-    policy.observeWan(4096);
+    // That back-off followed the start: one held-back chunk brings compression back.
+    policy.observeWan(true);
+    expect(policy.compressNext()).toBe(true);
+    // Backing off again at once is a swing: now two in a row bring it back, a drained one between starts over.
+    for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(false);
     expect(policy.compressNext()).toBe(false);
-    policy.observeWan(0);
-    policy.observeWan(4096);
+    policy.observeWan(true);
     expect(policy.compressNext()).toBe(false);
-    policy.observeWan(4096);
+    policy.observeWan(false);
+    policy.observeWan(true);
+    expect(policy.compressNext()).toBe(false);
+    policy.observeWan(true);
     expect(policy.wanIsBottleneck).toBe(true);
     expect(policy.compressNext()).toBe(true);
   });
@@ -255,10 +260,10 @@ describe('CompressionPolicy', () => {
   function swings(policy: CompressionPolicy, backOffs: number): number[] {
     const raw: number[] = [];
     for (let b = 0; b < backOffs; b++) {
-      while (policy.wanIsBottleneck) policy.observeWan(0);
+      while (policy.wanIsBottleneck) policy.observeWan(false);
       let chunks = 0;
       while (!policy.wanIsBottleneck) {
-        policy.observeWan(64 * 1024);
+        policy.observeWan(true);
         chunks++;
       }
       raw.push(chunks);
@@ -267,22 +272,23 @@ describe('CompressionPolicy', () => {
   }
 
   test('a gateway whose own CPU sets the pace: each back-off doubles the queued chunks it takes to compress again, up to MAX_REJOIN', () => {
-    expect(swings(new CompressionPolicy(), 8)).toEqual([2, 4, 8, 16, 32, 64, 64, 64]);
+    // The first back-off follows the start, not a return: no swing yet.
+    expect(swings(new CompressionPolicy(), 8)).toEqual([1, 2, 4, 8, 16, 32, 64, 64]);
     expect(MAX_REJOIN).toBe(64);
   });
 
   test('a back-off after a long stretch of compressing with the link busy (the source went quiet): one queued chunk brings it back', () => {
     const policy = new CompressionPolicy();
-    expect(swings(policy, 6)).toEqual([2, 4, 8, 16, 32, 64]);
+    expect(swings(policy, 7)).toEqual([1, 2, 4, 8, 16, 32, 64]);
     // Back in, and the link stays the bottleneck while it compresses, SWING_CHUNKS chunks and more.
     for (let i = 0; i <= SWING_CHUNKS; i++) {
-      policy.observeWan(64 * 1024);
+      policy.observeWan(true);
       expect(policy.compressNext()).toBe(true);
     }
     // Zero pages: nothing to send, the socket drains.
-    for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(0);
+    for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(false);
     expect(policy.compressNext()).toBe(false);
-    policy.observeWan(4096);
+    policy.observeWan(true);
     expect(policy.compressNext()).toBe(true);
     // A swing from here doubles again from 1.
     expect(swings(policy, 2)).toEqual([2, 4]);
@@ -292,7 +298,7 @@ describe('CompressionPolicy', () => {
     const policy = new CompressionPolicy();
     // Queued, queued, drained, drained, drained: never DRAINED_CHUNKS drained in a row.
     for (let i = 0; i < 1000; i++) {
-      policy.observeWan(i % 5 < 2 ? 64 * 1024 : 0);
+      policy.observeWan(i % 5 < 2);
       expect(policy.wanIsBottleneck).toBe(true);
     }
   });

@@ -3,9 +3,11 @@
  * gateway CPU; it must never make a migration slower or its bytes more. The policy decides from what it
  * is told, without clocks of its own:
  *
- * - The WAN is the bottleneck while the peer socket still holds bytes when the source's next chunk
- *   arrives: then compressing costs nothing the migration waits for, and every byte saved is time saved.
- * - Once the socket has drained completely before each of DRAINED_CHUNKS chunks in a row, the link is
+ * - The WAN is the bottleneck while it holds the session back: the peer socket still holds bytes when
+ *   the source's next chunk arrives, or the source was paused for it (or for a WAN cap) since the last
+ *   chunk. Then compressing costs nothing the migration waits for, and every byte saved is time saved.
+ *   (A session paused for the socket resumes once it has drained: the socket alone would look idle.)
+ * - Once the WAN has not held the session back before each of DRAINED_CHUNKS chunks in a row, the link is
  *   faster than this gateway produces (its CPU, or the source, is the bottleneck): compression backs
  *   off, and comes back once the socket has queued before `rejoin` chunks in a row. A back-off within
  *   SWING_CHUNKS chunks of compression coming back doubles `rejoin` (up to MAX_REJOIN): a gateway whose
@@ -34,16 +36,16 @@ export class CompressionPolicy {
   /** Queued observations in a row while backed off, and how many bring compression back. */
   private queued = 0;
   private rejoin = 1;
-  /** Observations since compression came back (or since the start). */
-  private onFor = 0;
+  /** Observations since compression came back; a back-off right after the start (the link not yet filled) is no swing. */
+  private onFor = SWING_CHUNKS + 1;
   /** Batches still to go raw after incompressible ones, and how many the next raw batch skips. */
   private skipLeft = 0;
   private nextSkip = 1;
 
-  /** The source's next chunk arrived; `queuedBytes` the peer socket had not yet handed to the kernel. */
-  observeWan(queuedBytes: number): void {
+  /** The source's next chunk arrived; `heldBack`: the WAN held the session back since the last one. */
+  observeWan(heldBack: boolean): void {
     this.onFor++;
-    if (queuedBytes > 0) {
+    if (heldBack) {
       this.drained = 0;
       if (!this.wanBound && ++this.queued >= this.rejoin) {
         this.wanBound = true;
