@@ -19,6 +19,7 @@ import type { BenchResults, LegResult } from '../src/lab/demo/backforth';
 import { inputsFor, mb, pct } from '../src/lab/harness/model-check';
 import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10 } from '../src/model/calibration';
 import { PAGE_BYTES, type Platform, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
+import { median } from '../src/lab/harness/median';
 
 const PLATFORMS: Record<string, Platform> = { bench: BENCH_PLATFORM, 'bench-qemu10': BENCH_PLATFORM_QEMU10 };
 
@@ -33,12 +34,6 @@ function measuredInputs(leg: LegResult, base: ModelInputs, ratio: number | null)
     ...(deltas > 0 ? { delta: { bytes: leg.deltaBytes / deltas, share: deltas / carried, firstLegShare: deltas / carried } } : {}),
     ...(leg.leg > 1 ? { changedShare: Math.min(base.usedShare, carried / ramPages) } : {}),
   };
-}
-
-function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 === 1 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
 }
 
 const flag = (error: number): string => `${pct(error).padStart(7)}${Math.abs(error) <= 0.25 ? '' : ' >25%'}`;

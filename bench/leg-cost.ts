@@ -19,18 +19,13 @@ import { parseArgs } from 'node:util';
 import { type BenchResults, type LegPath, type LegResult, runBackForth } from '../src/lab/demo/backforth';
 import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
 import { QEMU_RELEASES, type QemuRelease, qemuBinary } from '../src/lab/vm/qemu-releases';
+import { median } from '../src/lab/harness/median';
 
 /** Node flags of the gateway processes: the deployment's recommended ones unless overridden (e.g. with --cpu-prof). */
 const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
 
 const PATHS: readonly LegPath[] = ['bfmig', 'bfmig-plain', 'relay'];
 const GiB = 2 ** 30;
-
-function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 === 1 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
-}
 
 /** "median (min–max)" of `values`, each formatted by `f`. */
 function spread(values: number[], f: (v: number) => string): string {
