@@ -5,15 +5,23 @@
  * mean Delta and the share of the pages it carried that went as deltas, and (back legs) the pages it
  * carried as the changed share. The guest's writes while it migrates are in the model's inputs already:
  * its used share comes from the direct first leg's page count, re-sent pages included.
- * Usage: node dist/bench/compression-model-check.js RESULTS.json... [--ratio R]
+ * Usage: node dist/bench/compression-model-check.js RESULTS.json... [--ratio R] [--platform bench|bench-qemu10]
  *   --ratio R: the compression ratio of every compressing leg is R instead (`bfmig inspect` on a capture
  *              of the guest: what zstd makes of its stream when it compresses throughout)
+ *   --platform: the constants of src/model/calibration.ts to use (bench-qemu10 for bench/leg-cost.js
+ *              results: QEMU 10.0 on this host as loaded when they were measured)
+ * Relay legs (bench/leg-cost.js) are predicted as direct ones: two forwarders add no bytes.
+ * Prints each leg, and the worst WAN-bytes and time errors.
  */
 import * as fs from 'node:fs';
 import { parseArgs } from 'node:util';
 import type { BenchResults, LegResult } from '../src/lab/demo/backforth';
 import { inputsFor, mb, pct } from '../src/lab/harness/model-check';
-import { PAGE_BYTES, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
+import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10 } from '../src/model/calibration';
+import { PAGE_BYTES, type Platform, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
+import { median } from '../src/lab/harness/median';
+
+const PLATFORMS: Record<string, Platform> = { bench: BENCH_PLATFORM, 'bench-qemu10': BENCH_PLATFORM_QEMU10 };
 
 /** What the leg's sending gateway measured, as model inputs. */
 function measuredInputs(leg: LegResult, base: ModelInputs, ratio: number | null): ModelInputs {
@@ -28,36 +36,65 @@ function measuredInputs(leg: LegResult, base: ModelInputs, ratio: number | null)
   };
 }
 
+const flag = (error: number): string => `${pct(error).padStart(7)}${Math.abs(error) <= 0.25 ? '' : ' >25%'}`;
+
+/** One leg and the model's figures beside it. */
+interface Checked {
+  group: string;
+  leg: LegResult;
+  wanBytes: number;
+  seconds: number;
+}
+
 function main(): void {
-  const { values, positionals } = parseArgs({ args: process.argv.slice(2), options: { ratio: { type: 'string' } }, strict: true, allowPositionals: true });
+  const { values, positionals } = parseArgs({ args: process.argv.slice(2), options: { ratio: { type: 'string' }, platform: { type: 'string' } }, strict: true, allowPositionals: true });
   const ratio = values.ratio === undefined ? null : Number(values.ratio);
-  let worst = 0;
-  let legs = 0;
+  const platform = PLATFORMS[values.platform ?? 'bench'];
+  if (!platform) throw new Error(`--platform is ${Object.keys(PLATFORMS).join(' or ')}`);
+  const checked: Checked[] = [];
   for (const file of positionals) {
     const results = JSON.parse(fs.readFileSync(file, 'utf8')) as BenchResults;
     for (const run of results.runs) {
       const firstDirect = run.legs.find((l) => l.path === 'direct' && l.leg === 1) ?? run.legs[0];
-      console.log(`\n${file}: ${run.mbit} Mbit/s, ${run.delayMs} ms, ${run.memMiB} MiB guest`);
+      console.log(`\n${file} ${run.id}: ${run.mbit} Mbit/s, ${run.delayMs} ms, ${run.memMiB} MiB guest`);
       for (const leg of run.legs) {
-        const inputs = leg.path === 'direct' ? inputsFor(run, leg, firstDirect, results.downtimeLimitMs) : measuredInputs(leg, inputsFor(run, leg, firstDirect, results.downtimeLimitMs), ratio);
-        const predicted = leg.path === 'direct' ? predictDirect(inputs) : predictBfmig(inputs, leg.leg > 1);
-        const wanError = predicted.wanBytes / leg.wanBytes - 1;
-        const timeError = predicted.totalSeconds / (leg.totalTimeMs / 1000) - 1;
-        worst = Math.max(worst, Math.abs(wanError));
-        legs++;
+        const direct = leg.path === 'direct' || leg.path === 'relay';
+        const base = { ...inputsFor(run, leg, firstDirect, results.downtimeLimitMs), platform };
+        const inputs = direct ? base : measuredInputs(leg, base, ratio);
+        const predicted = direct ? predictDirect(inputs) : predictBfmig(inputs, leg.leg > 1);
+        // Runs of one setting (bench/leg-cost.js names them CONTENT-runN) are one group.
+        checked.push({ group: `${file.replace(/.*\//, '')} ${run.id.replace(/-run\d+$/, '')} ${run.mbit} Mbit/s`, leg, wanBytes: predicted.wanBytes, seconds: predicted.totalSeconds });
         const given = [
           inputs.compressionRatio !== undefined ? `ratio ${inputs.compressionRatio.toFixed(3)}` : '',
           inputs.delta ? `delta ${inputs.delta.bytes.toFixed(0)} B × ${(inputs.delta.share * 100).toFixed(1)}%` : '',
-          leg.leg > 1 && leg.path !== 'direct' ? `changed ${(inputs.changedShare * 100).toFixed(2)}%` : '',
+          leg.leg > 1 && !direct ? `changed ${(inputs.changedShare * 100).toFixed(2)}%` : '',
         ].filter((s) => s !== '').join(', ');
         console.log(
-          `leg ${leg.leg} ${leg.path.padEnd(18)} WAN ${mb(leg.wanBytes).padStart(8)} MB model ${mb(predicted.wanBytes).padStart(8)} (${pct(wanError).padStart(7)}${Math.abs(wanError) <= 0.25 ? '' : ' >25%'})  ` +
-            `time ${(leg.totalTimeMs / 1000).toFixed(2).padStart(6)} s model ${predicted.totalSeconds.toFixed(2).padStart(6)} (${pct(timeError).padStart(7)})  ${given}`,
+          `leg ${leg.leg} ${leg.path.padEnd(18)} WAN ${mb(leg.wanBytes).padStart(8)} MB model ${mb(predicted.wanBytes).padStart(8)} (${flag(predicted.wanBytes / leg.wanBytes - 1)})  ` +
+            `time ${(leg.totalTimeMs / 1000).toFixed(2).padStart(6)} s model ${predicted.totalSeconds.toFixed(2).padStart(6)} (${flag(predicted.totalSeconds / (leg.totalTimeMs / 1000) - 1)})  ${given}`,
         );
       }
     }
   }
-  console.log(`\nworst WAN-bytes error ${(worst * 100).toFixed(1)}% over ${legs} legs`);
+  const worst = (errors: number[]): string => `${(Math.max(...errors.map(Math.abs)) * 100).toFixed(1)}%`;
+  console.log(`\nevery leg: worst WAN-bytes error ${worst(checked.map((c) => c.wanBytes / c.leg.wanBytes - 1))}, worst time error ${worst(checked.map((c) => c.seconds / (c.leg.totalTimeMs / 1000) - 1))} over ${checked.length} legs`);
+  // Where a setting ran more than once: the median of the measured legs against the median of the model's.
+  const groups = new Map<string, Checked[]>();
+  for (const c of checked) {
+    const key = `${c.group}, leg ${c.leg.leg} ${c.leg.path}`;
+    groups.set(key, [...(groups.get(key) ?? []), c]);
+  }
+  if (![...groups.values()].some((g) => g.length > 1)) return;
+  console.log('\nmedians over the runs of each setting:');
+  const errors: number[] = [];
+  for (const [key, g] of groups) {
+    const measured = median(g.map((c) => c.leg.totalTimeMs / 1000));
+    const model = median(g.map((c) => c.seconds));
+    const wanError = median(g.map((c) => c.wanBytes)) / median(g.map((c) => c.leg.wanBytes)) - 1;
+    errors.push(model / measured - 1, wanError);
+    console.log(`${key.padEnd(58)} ${g.length} runs  WAN ${mb(median(g.map((c) => c.leg.wanBytes))).padStart(8)} MB (${flag(wanError)})  time ${measured.toFixed(2).padStart(6)} s model ${model.toFixed(2).padStart(6)} (${flag(model / measured - 1)})`);
+  }
+  console.log(`worst error of the medians (time or WAN bytes): ${worst(errors)} over ${groups.size} settings`);
 }
 
 if (require.main === module) main();

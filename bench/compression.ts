@@ -89,7 +89,7 @@ function zstdStream(input: Buffer): Figures {
   // The policy backs off when the WAN is idle; here the WAN is always the bottleneck.
   const t0 = process.hrtime.bigint();
   for (const batch of batches(input)) {
-    sender.policy.observeWan(1, batch.length);
+    sender.policy.observeWan(true, batch.length);
     sender.literal(batch);
     sender.flush();
   }

@@ -10,7 +10,8 @@ import { checkResults } from '../src/lab/harness/model-check';
 import { PREDICT } from '../src/cli/commands';
 import { parseCommand } from '../src/cli/parse';
 import { predictInputs, runPredict } from '../src/cli/predict';
-import { type ModelInputs, type Platform, predict, predictBfmig, predictDirect } from '../src/model';
+import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10 } from '../src/model/calibration';
+import { type ModelInputs, type Platform, predict, predictBfmig, predictDirect } from '../src/model/precopy';
 
 /** No overheads at all: every figure below follows from pages, record sizes and the link rate. */
 const BARE: Platform = {
@@ -19,6 +20,7 @@ const BARE: Platform = {
   bfmigBufferBytes: 0,
   sourceBytesPerS: Infinity,
   gatewayBytesPerS: Infinity,
+  gatewayLiteralBytesPerS: Infinity,
   gatewaySecondsPerRun: 0,
   linkCeilingBytesPerS: Infinity,
   stopSeconds: 0,
@@ -149,6 +151,24 @@ describe('through bfmig', () => {
     expect(r.totalSeconds).toBeCloseTo(10, 1);
   });
 
+  test('carried pages cost the gateways more than held ones; compressing them costs the compressor on top', () => {
+    // A first leg, the link out of the way: 1000 pages at 410,400 B/s of carried stream = 10 s.
+    const fastLink = { ...BASE, rateMbit: 1e6 };
+    const carried = { ...BARE, gatewayBytesPerS: 820_800, gatewayLiteralBytesPerS: 410_400 };
+    expect(predictBfmig({ ...fastLink, platform: carried }, false).totalSeconds).toBeCloseTo(10, 1);
+    // Held pages still go at the ceiling: an idle warm leg, 1000 pages at 820,800 B/s = 5 s.
+    expect(predictBfmig({ ...fastLink, changedShare: 0, platform: carried }, true).totalSeconds).toBeCloseTo(5, 1);
+    // At 8.208 Mbit/s (1,026,000 B/s) a carried page takes the link 4 ms; with zstd at 1,026,000 B/s on
+    // top of 2,052,000 B/s of carrying it takes the gateway 6 ms: raw wins, the bytes are not compressed.
+    const busy = { ...BARE, gatewayLiteralBytesPerS: 2_052_000, compressorBytesPerS: 1_026_000 };
+    const r = predictBfmig({ ...BASE, compressionRatio: 0.5, platform: busy }, false);
+    expect(r.wanBytes).toBeCloseTo(1000 * 4109 + 5, 0);
+    // With zstd 4× as fast (1 ms a page) it compresses: 3 ms of the gateway a page, 2 ms of the link, 3 s.
+    const zipped = predictBfmig({ ...BASE, compressionRatio: 0.5, platform: { ...busy, compressorBytesPerS: 4_104_000 } }, false);
+    expect(zipped.wanBytes).toBeCloseTo(1000 * (0.5 * 4104 + 5) + 5, 0);
+    expect(zipped.totalSeconds).toBeCloseTo(3, 1);
+  });
+
   test('break-even: bytes only when nearly every page changed; time where the link outruns the gateway', () => {
     const p = predict(BASE);
     // N·[c·(4109 + 38(1 − c)) + (1 − c)(1/8 + 38/256)] = N·4104 → c = 0.99882.
@@ -194,6 +214,16 @@ describe('bfmig predict', () => {
     expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --compression 45'))).toThrow(/--compression/);
     expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --delta-bytes 5000'))).toThrow(/--delta-bytes/);
     expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --delta-share 50%'))).toThrow(/needs --delta-bytes/);
+  });
+
+  test('--platform picks measured constants; --gateway-gbps scales both gateway ceilings alike', () => {
+    const line = '--ram 8GiB --mbit 1000 --rtt-ms 40';
+    expect(predictInputs(args(`${line} --platform bench-qemu10`)).platform).toBe(BENCH_PLATFORM_QEMU10);
+    expect(predictInputs(args(`${line} --platform bench`)).platform).toBe(BENCH_PLATFORM);
+    expect(() => predictInputs(args(`${line} --platform qemu11`))).toThrow(/--platform is default, bench or bench-qemu10/);
+    const p = predictInputs(args(`${line} --platform bench-qemu10 --gateway-gbps 0.36`)).platform;
+    expect(p.gatewayBytesPerS).toBe(360e6);
+    expect(p.gatewayLiteralBytesPerS).toBeCloseTo(2 * BENCH_PLATFORM_QEMU10.gatewayLiteralBytesPerS, 0);
   });
 
   test('--json gives every path and the break-even', () => {

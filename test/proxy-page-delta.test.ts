@@ -89,7 +89,7 @@ const LAYOUT: [string, number][] = [
 ];
 
 /** One migration through an encoder and a decoder over frames; returns the rebuilt stream and WAN bytes. */
-function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void) {
+function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void, readsFree = true) {
   let wan = 0;
   const out: Buffer[] = [];
   const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), receiver);
@@ -114,6 +114,7 @@ function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas:
     () => {
       encoder.reference = sender.digests;
       encoder.deltas = deltas;
+      encoder.deltaReadsFree = readsFree;
     },
   );
   for (let at = 0; at < stream.length; at += 50_000) encoder.push(stream.subarray(at, at + 50_000));
@@ -200,6 +201,18 @@ describe('Delta frames between an encoder and a decoder', () => {
     const page = Buffer.alloc(PAGE);
     a.readPages(150, 1, page, 0);
     expect(page.equals(memory.pages[1050])).toBe(true);
+  });
+
+  test("while store reads are not free (the gateway, not the WAN, sets the pace) such a page goes whole: the receiver's read is not paid", () => {
+    const { memory, b, a } = firstLeg(9);
+    for (let i = 0; i < 100; i++) memory.pages[100 + i] = Buffer.from(memory.pages[1000 + i]);
+    const stream = migrationStream(memory, []);
+    const leg = migrate(stream, b, a, true, undefined, false);
+    expect(leg.rebuilt.equals(stream)).toBe(true);
+    expect(leg.encoder.counts.pagesMatched).toBe(0);
+    expect(leg.decoder.counts.pagesMatched).toBe(0);
+    const nonZero = memory.pages.slice(1000, 1100).filter((p) => p.some((x) => x !== 0)).length;
+    expect(leg.encoder.counts.pagesSent).toBeGreaterThanOrEqual(nonZero);
   });
 
   test.each([

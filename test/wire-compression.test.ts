@@ -6,7 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { chooseCompression, COMPRESSED_HEADER_BYTES, helloCompression, LiteralFrames, LiteralInflater, MAX_BATCH_BYTES, offeredCompression, ZSTD } from '../src/wire/compression';
-import { CompressionPolicy, DRAINED_CHUNKS, MAX_SKIP, SPARSE_SHARE } from '../src/wire/compression-policy';
+import { CompressionPolicy, DRAINED_CHUNKS, MAX_REJOIN, MAX_SKIP, SPARSE_SHARE, SWING_CHUNKS } from '../src/wire/compression-policy';
 import { FRAME_HEADER_BYTES, FrameParser, FrameType, WireError } from '../src/wire/frames';
 
 /** Text-like bytes: words from a small vocabulary, as logs and source files are. */
@@ -216,30 +216,94 @@ describe('CompressionPolicy', () => {
   test('compresses while the WAN socket keeps bytes queued', () => {
     const policy = new CompressionPolicy();
     for (let i = 0; i < 100; i++) {
-      policy.observeWan(64 * 1024, CHUNK);
+      policy.observeWan(true, CHUNK);
       expect(policy.compressNext(CHUNK)).toBe(true);
       policy.shrank();
     }
   });
 
-  test('backs off once the socket has drained before DRAINED_CHUNKS chunks in a row, and resumes when it queues again', () => {
+  test('backs off once the WAN has not held it back before DRAINED_CHUNKS chunks in a row; after a swing it takes two held-back chunks in a row to come back', () => {
     const policy = new CompressionPolicy();
     for (let i = 0; i < DRAINED_CHUNKS - 1; i++) {
-      policy.observeWan(0, CHUNK);
+      policy.observeWan(false, CHUNK);
       expect(policy.compressNext(CHUNK)).toBe(true);
     }
-    // One queued observation starts the count again.
-    policy.observeWan(1, CHUNK);
-    for (let i = 0; i < DRAINED_CHUNKS - 1; i++) policy.observeWan(0, CHUNK);
+    // One held-back observation starts the count again.
+    policy.observeWan(true, CHUNK);
+    for (let i = 0; i < DRAINED_CHUNKS - 1; i++) policy.observeWan(false, CHUNK);
     expect(policy.compressNext(CHUNK)).toBe(true);
-    policy.observeWan(0, CHUNK);
+    policy.observeWan(false, CHUNK);
     expect(policy.compressNext(CHUNK)).toBe(false);
     for (let i = 0; i < 50; i++) {
-      policy.observeWan(0, CHUNK);
+      policy.observeWan(false, CHUNK);
       expect(policy.compressNext(CHUNK)).toBe(false);
     }
-    policy.observeWan(4096, CHUNK);
+    expect(policy.wanIsBottleneck).toBe(false);
+    // That back-off followed the start: one held-back chunk brings compression back.
+    policy.observeWan(true, CHUNK);
     expect(policy.compressNext(CHUNK)).toBe(true);
+    // Backing off again at once is a swing: now two in a row bring it back, a drained one between starts over.
+    for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(false, CHUNK);
+    expect(policy.compressNext(CHUNK)).toBe(false);
+    policy.observeWan(true, CHUNK);
+    expect(policy.compressNext(CHUNK)).toBe(false);
+    policy.observeWan(false, CHUNK);
+    policy.observeWan(true, CHUNK);
+    expect(policy.compressNext(CHUNK)).toBe(false);
+    policy.observeWan(true, CHUNK);
+    expect(policy.wanIsBottleneck).toBe(true);
+    expect(policy.compressNext(CHUNK)).toBe(true);
+  });
+
+  /**
+   * A gateway whose CPU sets the pace: while it compresses, it is slower than the link (the socket
+   * drains); while it does not, it fills the link (the socket queues). Returns the raw chunks between
+   * one compressing stretch and the next, `backOffs` times.
+   */
+  function swings(policy: CompressionPolicy, backOffs: number): number[] {
+    const raw: number[] = [];
+    for (let b = 0; b < backOffs; b++) {
+      while (policy.wanIsBottleneck) policy.observeWan(false, CHUNK);
+      let chunks = 0;
+      while (!policy.wanIsBottleneck) {
+        policy.observeWan(true, CHUNK);
+        chunks++;
+      }
+      raw.push(chunks);
+    }
+    return raw;
+  }
+
+  test('a gateway whose own CPU sets the pace: each back-off doubles the queued chunks it takes to compress again, up to MAX_REJOIN', () => {
+    // The first back-off follows the start, not a return: no swing yet.
+    expect(swings(new CompressionPolicy(), 8)).toEqual([1, 2, 4, 8, 16, 32, 64, 64]);
+    expect(MAX_REJOIN).toBe(64);
+  });
+
+  test('a back-off after a long stretch of compressing with the link busy (the source went quiet): one queued chunk brings it back', () => {
+    const policy = new CompressionPolicy();
+    expect(swings(policy, 7)).toEqual([1, 2, 4, 8, 16, 32, 64]);
+    // Back in, and the link stays the bottleneck while it compresses, SWING_CHUNKS chunks and more.
+    for (let i = 0; i <= SWING_CHUNKS; i++) {
+      policy.observeWan(true, CHUNK);
+      expect(policy.compressNext(CHUNK)).toBe(true);
+    }
+    // Zero pages: nothing to send, the socket drains.
+    for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(false, CHUNK);
+    expect(policy.compressNext(CHUNK)).toBe(false);
+    policy.observeWan(true, CHUNK);
+    expect(policy.compressNext(CHUNK)).toBe(true);
+    // A swing from here doubles again from 1.
+    expect(swings(policy, 2)).toEqual([2, 4]);
+  });
+
+  test('at a WAN-bound link whose socket drains now and then, compression stays on', () => {
+    const policy = new CompressionPolicy();
+    // Queued, queued, drained, drained, drained: never DRAINED_CHUNKS drained in a row.
+    for (let i = 0; i < 1000; i++) {
+      policy.observeWan(i % 5 < 2, CHUNK);
+      expect(policy.wanIsBottleneck).toBe(true);
+    }
   });
 
   test('after batches that did not shrink it skips 1, 2, 4 … up to MAX_SKIP batches; one that shrinks ends the skipping', () => {
@@ -261,16 +325,16 @@ describe('CompressionPolicy', () => {
     expect(policy.compressNext(CHUNK)).toBe(true);
   });
 
-  test('with the WAN drained, compresses Literal bytes only while they are at most 1/SPARSE_SHARE of the input', () => {
+  test('with the WAN not holding it back, compresses Literal bytes only while they are at most 1/SPARSE_SHARE of the input', () => {
     const policy = new CompressionPolicy();
-    for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(0, CHUNK);
+    for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(false, CHUNK);
     expect(policy.wanIsBottleneck).toBe(false);
     // 4 chunks read, 4 KiB of Literal bytes among them (a back leg's headers among Runs): compressed.
     expect(policy.compressNext(4096)).toBe(true);
     // Whole chunks as Literal bytes (a first leg on a fast link): raw.
     expect(policy.compressNext(CHUNK)).toBe(false);
     // Until enough input without Literal bytes has passed that the share is sparse again.
-    for (let i = 0; i < SPARSE_SHARE * 2; i++) policy.observeWan(0, CHUNK);
+    for (let i = 0; i < SPARSE_SHARE * 2; i++) policy.observeWan(false, CHUNK);
     expect(policy.compressNext(4096)).toBe(true);
   });
 });

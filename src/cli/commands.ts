@@ -119,7 +119,7 @@ export const PREDICT = command({
   synopsis: [
     'predict --ram 8GiB --mbit 100 --rtt-ms 40 [--changed 1%] [--used 100%] [--dirty-mbps 0] [--hot 100%]',
     '[--downtime-limit-ms 300] [--max-bandwidth 128MiB] [--no-digests] [--gateway-gbps G]',
-    '[--compression RATIO] [--delta-bytes B [--delta-share 100%]] [--platform default|bench] [--json]',
+    '[--compression RATIO] [--delta-bytes B [--delta-share 100%]] [--platform default|bench|bench-qemu10] [--json]',
   ],
   summary: ['predicted WAN bytes, total time and downtime of a migration, direct', 'and through bfmig, and the break-even point (docs/model.md)'],
   options: {

@@ -1,6 +1,6 @@
 import { parseSize } from '../common/units';
 import { errorMessage } from '../common/errors';
-import { BENCH_PLATFORM, DEFAULT_PLATFORM, type ModelInputs, PAGE_BYTES, type PathPrediction, type Platform, type Prediction, predict } from '../model';
+import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10, DEFAULT_PLATFORM, type ModelInputs, PAGE_BYTES, type PathPrediction, type Platform, type Prediction, predict } from '../model';
 import { PREDICT } from './commands';
 import { type OptionValues, UsageError } from './parse';
 
@@ -60,10 +60,15 @@ function compressionAndDelta(args: PredictArgs): Pick<ModelInputs, 'compressionR
 
 export function predictInputs(args: PredictArgs): ModelInputs {
   const platformName = args.platform ?? 'default';
-  if (platformName !== 'default' && platformName !== 'bench') throw new UsageError(`--platform is default or bench, not "${platformName}"`);
-  let platform: Platform = platformName === 'bench' ? BENCH_PLATFORM : DEFAULT_PLATFORM;
+  const platforms: Record<string, Platform> = { default: DEFAULT_PLATFORM, bench: BENCH_PLATFORM, 'bench-qemu10': BENCH_PLATFORM_QEMU10 };
+  let platform = platforms[platformName];
+  if (!Object.hasOwn(platforms, platformName)) throw new UsageError(`--platform is default, bench or bench-qemu10, not "${platformName}"`);
   const gatewayGbps = args['gateway-gbps'];
-  if (gatewayGbps !== undefined) platform = { ...platform, gatewayBytesPerS: numberOption(args, 'gateway-gbps') * 1e9 };
+  if (gatewayGbps !== undefined) {
+    // The ceiling for held pages; carried pages keep their measured proportion to it.
+    const gatewayBytesPerS = numberOption(args, 'gateway-gbps') * 1e9;
+    platform = { ...platform, gatewayBytesPerS, gatewayLiteralBytesPerS: (platform.gatewayLiteralBytesPerS * gatewayBytesPerS) / platform.gatewayBytesPerS };
+  }
   const usedShare = percentOption(args, 'used', 1);
   const inputs: ModelInputs = {
     ramBytes: sizeOption(args, 'ram'),

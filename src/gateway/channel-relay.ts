@@ -187,6 +187,8 @@ export class ChannelSender extends ChannelRelay {
   private literals: LiteralFrames | null = null;
   /** Frame bytes written to the peer. */
   private wanBytes = 0;
+  /** The source was paused for the peer socket since its last chunk: the WAN held the channel back. */
+  private pausedForWan = false;
 
   constructor(
     /** The source QEMU's channel, paused, its first bytes put back. */
@@ -254,7 +256,9 @@ export class ChannelSender extends ChannelRelay {
   private onSourceData(encoder: ChannelEncoder, peer: Socket, chunk: Buffer): void {
     if (this.ended || this.over) return; // the destination has closed the channel: nobody reads on
     const literals = this.literals as LiteralFrames;
-    literals.policy.observeWan(peer.writableLength, chunk.length);
+    // Whether the WAN held the channel back since the last chunk (see CompressionPolicy).
+    literals.policy.observeWan(peer.writableLength > 0 || this.pausedForWan, chunk.length);
+    this.pausedForWan = false;
     peer.cork();
     try {
       this.guard('source', () => {
@@ -265,7 +269,9 @@ export class ChannelSender extends ChannelRelay {
       peer.uncork();
     }
     // The peer socket's backpressure, or the codec waiting at a SYNC for the other channels.
-    if (peer.writableLength >= RELAY_QUEUE_BYTES || encoder.parked) this.source.pause();
+    const wanFull = peer.writableLength >= RELAY_QUEUE_BYTES;
+    if (wanFull || encoder.parked) this.source.pause();
+    if (wanFull) this.pausedForWan = true;
   }
 
   /** Reads the source again once neither the peer socket nor the codec holds it back. */

@@ -23,6 +23,10 @@ export const BENCH_PLATFORM: Platform = {
   // two runs (0.33–1.56 s for the same legs, an older and slower gateway) had given 0.4 GB/s.
   sourceBytesPerS: Infinity,
   gatewayBytesPerS: 900e6,
+  // bench/throughput.ts, first leg (every page carried) on loopback, where the sending gateway is
+  // CPU-bound on a core of its own: 1.95 CPU s/GiB (docs/benchmarks.md, "WAN compression", plain relay)
+  // → 1 / 1.95 GiB/s = 551 MB/s; its back leg gives 0.84–1.05 s/GiB, ≈ the 0.9 GB/s above.
+  gatewayLiteralBytesPerS: 551e6,
   // Third grid run, r1000-d5-m1024, bfmig leg 4 (10% changed, ≈ 22,000 Runs broken off by changed
   // pages): 1.386 s against 0.883 s for the idle leg 2 of the same run → 23 µs of gateway time per Run
   // (the first run, same method: 70 µs).
@@ -37,6 +41,29 @@ export const BENCH_PLATFORM: Platform = {
   // docs/benchmarks.md, "WAN compression": `bench/compression.js 4`, zstd 1 as shipped, 276 MiB/s of
   // realistic memory (files) on one core of this machine under load.
   compressorBytesPerS: 289e6,
+};
+
+/**
+ * The same machine running QEMU 10.0 (pc-i440fx-10.0, TCG) while other engineers' builds and QEMU runs
+ * shared its 2 cores (load average 11–14): bench/leg-cost.js, docs/benchmarks/leg-cost-1000-calibration.json
+ * (1 Gbit/s, 20 ms, 256 MiB guest, files and pseudo-random memory, 2 interleaved runs), medians. Only its
+ * relay legs and its bfmig-plain legs (compression and deltas off) are read; everything else validates.
+ * The gateways get a share of a core here, not one each: every gateway rate below is what it got.
+ */
+export const BENCH_PLATFORM_QEMU10: Platform = {
+  ...BENCH_PLATFORM,
+  // Relay legs (QEMU → relay → emulator → relay → QEMU, all 8): (stream − the 4.2 MB direct buffer) / QEMU's
+  // total time, median 95.7 MB/s: the 1 Gbit/s emulator and the source QEMU on this loaded host.
+  linkCeilingBytesPerS: 96e6,
+  // bfmig-plain back legs (all pages held but the few the guest changed meanwhile; 4 legs): stream /
+  // (total time − round trip), median 180 MB/s (128–189).
+  gatewayBytesPerS: 180e6,
+  // bfmig-plain first legs (every page carried; 4 legs): stream / (total time − round trip), median
+  // 74 MB/s (58–92): slower than the link, so the gateways, not the WAN, set these legs' pace.
+  gatewayLiteralBytesPerS: 74e6,
+  // The sending gateway used 3.35 CPU s/GiB on those legs (median): 74 MB/s is 23% of a core, and zstd 1
+  // at 289 MB/s a core (compressorBytesPerS above) gets 67 MB/s of it.
+  compressorBytesPerS: 67e6,
 };
 
 /**

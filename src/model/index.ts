@@ -1,2 +1,2 @@
 export * from './precopy';
-export { BENCH_PLATFORM, DEFAULT_PLATFORM } from './calibration';
+export { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10, DEFAULT_PLATFORM } from './calibration';

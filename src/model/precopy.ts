@@ -51,6 +51,11 @@ export interface Platform {
   /** Ceiling of a gateway pair, stream bytes/s, when the WAN is not the limit (parse, hash, store). */
   gatewayBytesPerS: number;
   /**
+   * The same for pages the pair carries (Literal bytes: framed and sent, written to the store at both
+   * ends), at most gatewayBytesPerS: a carried page costs the gateways more CPU than a held one.
+   */
+  gatewayLiteralBytesPerS: number;
+  /**
    * Gateway time per Run a changed page breaks off, seconds: the receiver reads and checks each Run's
    * held pages from its store separately, the sender saves each changed page's old version (undo).
    */
@@ -295,7 +300,7 @@ export function checkInputs(i: ModelInputs): void {
   bad('delta.share', i.delta === undefined || (share(i.delta.share) && share(i.delta.firstLegShare)));
   const p = i.platform;
   for (const [name, v] of Object.entries(p)) bad(`platform.${name}`, typeof v === 'number' && v >= 0 && !Number.isNaN(v));
-  bad('platform.gatewayBytesPerS', p.gatewayBytesPerS > 0 && p.sourceBytesPerS > 0 && p.compressorBytesPerS > 0);
+  bad('platform.gatewayBytesPerS', p.gatewayBytesPerS > 0 && p.gatewayLiteralBytesPerS > 0 && p.sourceBytesPerS > 0 && p.compressorBytesPerS > 0);
 }
 
 /** Pages of the guest by kind at the start of a migration. */
@@ -352,9 +357,11 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
     wan: (1 - deltaShare) * wholeWan + deltaShare * deltaWan + runsPerChanged * runFrame,
     extraSeconds: runSeconds + (1 - deltaShare) * wholeSeconds,
   });
-  const literal = changedPage(NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, 0);
+  // A page carried whole costs the local stage what a held page costs (the ceiling) and the difference.
+  const carriedSeconds = Math.max(0, NORMAL_PAGE_STREAM_BYTES / p.gatewayLiteralBytesPerS - NORMAL_PAGE_STREAM_BYTES / p.gatewayBytesPerS);
+  const literal = changedPage(NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds);
   const ratio = inputs.compressionRatio ?? 1;
-  const compressedLiteral = ratio < 1 ? changedPage(ratio * NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, NORMAL_PAGE_STREAM_BYTES / p.compressorBytesPerS) : undefined;
+  const compressedLiteral = ratio < 1 ? changedPage(ratio * NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds + NORMAL_PAGE_STREAM_BYTES / p.compressorBytesPerS) : undefined;
   const held = { stream: NORMAL_PAGE_STREAM_BYTES, wan: 1 / 8 + runFrame / RUN_MAX_HELD };
   const zero = { stream: ZERO_PAGE_STREAM_BYTES, wan: 1 / 8 + runFrame / RUN_MAX_RECORDS };
   const rttS = inputs.rttMs / 1000;

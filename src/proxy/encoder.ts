@@ -65,9 +65,10 @@ export class StreamEncoder {
   private deltaSkip = 0;
   private deltaMisses = 0;
   /**
-   * Whether a delta's store read may be paid whatever it costs: the WAN sets the pace now (the session
+   * Whether a delta's store reads may be paid whatever they cost: the WAN sets the pace now (the session
    * says so per chunk), or the operator said `deltas: always`. Otherwise a delta is tried only while
-   * the store reads it took stay cheaper than sending a page whole at 100 Mbit/s.
+   * the store reads it took here stay cheaper than sending a page whole at 100 Mbit/s, and a content
+   * match (a read at the receiver only) not at all.
    */
   deltaReadsFree = true;
   /** Mean microseconds of a delta's store read, recent ones weighing most. */
@@ -335,18 +336,22 @@ export class StreamEncoder {
   private sendDelta(record: RamPageRecord, reference: Uint8Array, at: number): boolean {
     const page = record.pageIndex;
     const digest = this.retainer.digest;
-    const index = this.contentIndexOf(reference);
-    const match = index.find(digest, 0);
-    if (match >= 0) {
-      this.emitDelta(page, match, digest, 0, 0, -1);
-      this.counts.pagesMatched++;
-      return true;
-    }
-    const siblings = this.siblings;
-    if (siblings !== null && siblings.find(page, digest, 0)) {
-      this.emitDelta(page, siblings.page, digest, 0, 0, siblings.sibling);
-      this.counts.pagesSibling++;
-      return true;
+    // A match, in this VM or in a sibling, costs the receiver a store read of the page it copies, which
+    // this side cannot time: paid only while reads are free. On a fast link a busy receiver's reads cost
+    // more than the page's WAN time.
+    if (this.deltaReadsFree) {
+      const match = this.contentIndexOf(reference).find(digest, 0);
+      if (match >= 0) {
+        this.emitDelta(page, match, digest, 0, 0, -1);
+        this.counts.pagesMatched++;
+        return true;
+      }
+      const siblings = this.siblings;
+      if (siblings !== null && siblings.find(page, digest, 0)) {
+        this.emitDelta(page, siblings.page, digest, 0, 0, siblings.sibling);
+        this.counts.pagesSibling++;
+        return true;
+      }
     }
     const store = this.retainer.store;
     if (store === null || sameDigest(reference, at, ABSENT, 0)) return false;

@@ -3,11 +3,18 @@
  * gateway CPU; it must never make a migration slower or its bytes more. The policy decides from what it
  * is told, without clocks of its own:
  *
- * - The WAN is the bottleneck while the peer socket still holds bytes when the source's next chunk
- *   arrives: then compressing costs nothing the migration waits for, and every byte saved is time saved.
- * - Once the socket has drained completely before each of DRAINED_CHUNKS chunks in a row, the link is
+ * - The WAN is the bottleneck while it holds the session back: the peer socket still holds bytes when
+ *   the source's next chunk arrives, or the source was paused for it (or for a WAN cap) since the last
+ *   chunk. Then compressing costs nothing the migration waits for, and every byte saved is time saved.
+ *   (A session paused for the socket resumes once it has drained: the socket alone would look idle.)
+ * - Once the WAN has not held the session back before each of DRAINED_CHUNKS chunks in a row, the link is
  *   faster than this gateway produces (its CPU, or the source, is the bottleneck): compression backs
- *   off, and comes back when the socket queues again.
+ *   off, and comes back once the socket has queued before `rejoin` chunks in a row. A back-off within
+ *   SWING_CHUNKS chunks of compression coming back doubles `rejoin` (up to MAX_REJOIN): a gateway whose
+ *   own CPU sets the pace fills the link as soon as it stops compressing and drains it as soon as it
+ *   starts, and would otherwise swing between the two at every few chunks, paying for the compression
+ *   each time. A back-off after a longer stretch is the source going quiet (zero or held pages) while
+ *   compression kept up with the link: `rejoin` returns to 1.
  * - Except where Literal bytes are sparse: while they are at most 1/SPARSE_SHARE of what the gateway
  *   read lately (a back leg: headers and changed pages among Runs), compressing them costs a few percent
  *   of the gateway's work on that input, and they compress best (multifd packet headers, device state).
@@ -20,6 +27,10 @@
 export const DRAINED_CHUNKS = 4;
 /** Most batches skipped after incompressible ones before compression is tried again. */
 export const MAX_SKIP = 64;
+/** Most queued observations in a row compression waits for after backing off (64 chunks: 16 MiB of source reads). */
+export const MAX_REJOIN = 64;
+/** A back-off this many observations or fewer after compression came back is a swing: compressing drained the link. */
+export const SWING_CHUNKS = 4 * DRAINED_CHUNKS;
 /** Literal bytes at most 1/SPARSE_SHARE of the input read lately are compressed whatever the WAN does. */
 export const SPARSE_SHARE = 32;
 /** Input after which both counts of "lately" halve, so the share follows the stream's recent mix. */
@@ -29,6 +40,11 @@ export class CompressionPolicy {
   /** Compressing while the WAN is the bottleneck (starts so: a first leg fills the link at once). */
   private wanBound = true;
   private drained = 0;
+  /** Queued observations in a row while backed off, and how many bring compression back. */
+  private queued = 0;
+  private rejoin = 1;
+  /** Observations since compression came back; a back-off right after the start (the link not yet filled) is no swing. */
+  private onFor = SWING_CHUNKS + 1;
   /** Batches still to go raw after incompressible ones, and how many the next raw batch skips. */
   private skipLeft = 0;
   private nextSkip = 1;
@@ -37,20 +53,28 @@ export class CompressionPolicy {
   private literalBytes = 0;
 
   /**
-   * The source's next chunk of `chunkBytes` arrived; `queuedBytes` the peer socket had not yet handed
-   * to the kernel.
+   * The source's next chunk, of `chunkBytes`, arrived; `heldBack`: the WAN held the session back since
+   * the last one.
    */
-  observeWan(queuedBytes: number, chunkBytes: number): void {
+  observeWan(heldBack: boolean, chunkBytes: number): void {
     this.readBytes += chunkBytes;
     if (this.readBytes > SHARE_WINDOW_BYTES) {
       this.readBytes /= 2;
       this.literalBytes /= 2;
     }
-    if (queuedBytes > 0) {
-      this.wanBound = true;
+    this.onFor++;
+    if (heldBack) {
       this.drained = 0;
-    } else if (++this.drained >= DRAINED_CHUNKS) {
+      if (!this.wanBound && ++this.queued >= this.rejoin) {
+        this.wanBound = true;
+        this.onFor = 0;
+      }
+      return;
+    }
+    this.queued = 0;
+    if (++this.drained >= DRAINED_CHUNKS && this.wanBound) {
       this.wanBound = false;
+      this.rejoin = this.onFor <= SWING_CHUNKS ? Math.min(this.rejoin * 2, MAX_REJOIN) : 1;
     }
   }
 

@@ -11,6 +11,8 @@ import { freePort } from '../vm/ports';
 import { WanEmulator } from '../wan';
 import { X86_PAGE_SIZE } from '../../qemu/constants';
 import { makeQemuTlsCredentials } from '../vm/qemu-tls';
+import { distModule, type NodeChild, startNodeChild } from '../harness/child';
+import { procStats } from './proc-stats';
 
 export interface BackForthOptions {
   legs: number;
@@ -33,6 +35,8 @@ export interface BackForthOptions {
   direct: boolean;
   /** Run each gateway as a `bfmig gateway` child process, so its CPU seconds are measured (default: in this process). */
   gatewayProcesses?: boolean;
+  /** Node flags of those processes (e.g. the deployment's recommended ones, or --cpu-prof). */
+  gatewayNodeArgs?: readonly string[];
   /** Prints progress lines; a TTY gets one updating line per leg. */
   out: NodeJS.WriteStream | Writable;
   /** The QEMU binary at site-a and at site-b (default: $BFMIG_QEMU or the system's at both). */
@@ -54,10 +58,20 @@ export interface BackForthOptions {
   scribble?: { bytes: number; perSecond: number };
   /** Also migrate through a second gateway pair with `compression: off`, path 'bfmig-uncompressed'. */
   uncompressed?: boolean;
+  /** Also migrate through a gateway pair with `compression: off` and `deltas: off` (the gateway before either existed), path 'bfmig-plain'. */
+  plain?: boolean;
+  /**
+   * Also migrate through a plain TCP relay at each site (QEMU → relay → the WAN emulator → relay → QEMU),
+   * each relay a process of its own, path 'relay': what forwarding alone costs in CPU.
+   */
+  relay?: boolean;
 }
 
-/** How a leg crossed: QEMU to QEMU, through bfmig (compressing), through bfmig with `compression: off`. */
-export type LegPath = 'direct' | 'bfmig' | 'bfmig-uncompressed';
+/**
+ * How a leg crossed: QEMU to QEMU, through two plain TCP relays, through bfmig (compressing), through
+ * bfmig with `compression: off`, through bfmig with `compression: off` and `deltas: off`.
+ */
+export type LegPath = 'direct' | 'relay' | 'bfmig' | 'bfmig-uncompressed' | 'bfmig-plain';
 
 export interface LegResult {
   leg: number;
@@ -101,7 +115,7 @@ export interface LegResult {
    * without the control port.
    */
   pageWritesAtSource: number | null;
-  /** CPU seconds of the sending and receiving gateways during the leg (null: direct, or gateways in process). */
+  /** CPU seconds of the sending and receiving gateways (or relays) during the leg (null: direct, or gateways in process). */
   gatewayCpuSecondsSend: number | null;
   gatewayCpuSecondsReceive: number | null;
   verified: boolean;
@@ -209,13 +223,14 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       fs.mkdirSync(path.join(tmp, dir), { recursive: true });
       for (const s of specs) {
         const yaml = loopbackSiteYaml({ name: s.name, data: path.join(tmp, dir, s.name), peerPort: s.peer, vm: 'demo-vm', routePort: s.route, farPeerPort: s.farWan, targetPort: s.farQemu }) + more;
-        const gateway = await startSiteGateway(path.join(tmp, dir), s.name, yaml, o.gatewayProcesses ? 'child-process' : 'in-process');
+        const gateway = await startSiteGateway(path.join(tmp, dir), s.name, yaml, o.gatewayProcesses ? 'child-process' : 'in-process', { nodeArgs: o.gatewayNodeArgs });
         pair.push({ name: s.name, gateway, routePort: s.route, qemuPort: s.qemu, inbound: s.inbound });
       }
       return pair;
     };
     pairs.set('bfmig', await startPair('compressed', ''));
     if (o.uncompressed) pairs.set('bfmig-uncompressed', await startPair('uncompressed', 'compression: off\n'));
+    if (o.plain) pairs.set('bfmig-plain', await startPair('plain', 'compression: off\ndeltas: off\n'));
     const sites = pairs.get('bfmig') as Site[];
 
     const content = o.content === 'files' ? 'pages of real files' : 'pseudo-random pages';
@@ -225,7 +240,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
     say(`WAN: ${o.rateMbit} Mbit/s, ${o.delayMs} ms one way (user-space emulator); QEMU max-bandwidth raised to 10 GiB/s`);
     const memPages = (o.memMiB * 2 ** 20) / X86_PAGE_SIZE;
     const workloadPages = (o.workloadMiB * 2 ** 20) / X86_PAGE_SIZE;
-    const paths: LegPath[] = [...(o.direct ? (['direct'] as const) : []), ...pairs.keys()];
+    const paths: LegPath[] = [...(o.direct ? (['direct'] as const) : []), ...(o.relay ? (['relay'] as const) : []), ...pairs.keys()];
     for (const path_ of paths) {
       const pathSites = pairs.get(path_) ?? sites;
       let vm = startVm({ ...vmOptions, name: `${path_}-origin` }, pathSites[0].name);
@@ -259,16 +274,18 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         if (o.parameters || tls) await vm.setMigrationParameters({ ...o.parameters, ...tls?.outgoing });
         let uri: string;
         let directWan: WanEmulator | null = null;
+        let relays: RelayPair | null = null;
         const wanBefore = { forward: to.inbound.bytesForward, backward: to.inbound.bytesBackward };
-        if (path_ === 'direct') {
-          directWan = new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: to.qemuPort }, rateMbit: o.rateMbit, delayMs: o.delayMs });
-          uri = `tcp:127.0.0.1:${(await directWan.listen()).port}`;
+        if (path_ === 'direct' || path_ === 'relay') {
+          relays = path_ === 'relay' ? await startRelayPair(to.qemuPort, (port) => new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port }, rateMbit: o.rateMbit, delayMs: o.delayMs })) : null;
+          directWan = relays?.wan ?? new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: to.qemuPort }, rateMbit: o.rateMbit, delayMs: o.delayMs });
+          uri = `tcp:127.0.0.1:${relays ? relays.port : (await directWan.listen()).port}`;
         } else {
           uri = `tcp:127.0.0.1:${from.routePort}`;
         }
         const sentBefore = from.gateway.reports.length;
         const receivedBefore = to.gateway.reports.length;
-        const cpuBefore = { send: from.gateway.cpuSeconds(), receive: to.gateway.cpuSeconds() };
+        const cpuBefore = relays ? relays.cpuSeconds() : { send: from.gateway.cpuSeconds(), receive: to.gateway.cpuSeconds() };
         const secondsAtSource = (Date.now() - arrivedAt) / 1000;
         const pageWritesAtSource = control ? pageWritesSince(vm.serial, arrivedMark) : null;
         const migrateAt = Date.now();
@@ -291,10 +308,12 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           for (const r of [report, to.gateway.reports[receivedBefore]]) if (r?.error) gatewayErrors.push(`${r.direction}: ${r.error}`);
           wan = { forward: to.inbound.bytesForward - wanBefore.forward, backward: to.inbound.bytesBackward - wanBefore.backward };
         }
+        const cpuAfter = relays ? relays.cpuSeconds() : { send: from.gateway.cpuSeconds(), receive: to.gateway.cpuSeconds() };
+        await relays?.stop();
         const at = (e: QmpEvent | undefined): number | null => (e?.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : null);
         const stoppedAt = at([...vm.qmpEvents.slice(eventsBefore)].reverse().find((e) => e.event === 'STOP'));
         const resumedAt = at(dest.qmpEvents.find((e) => e.event === 'RESUME'));
-        const cpuDelta = (before: number | null, after: number | null): number | null => (before === null || after === null || directWan ? null : Math.round((after - before) * 100) / 100);
+        const cpuDelta = (before: number | null, after: number | null): number | null => (before === null || after === null || path_ === 'direct' ? null : Math.round((after - before) * 100) / 100);
         const result: LegResult = {
           leg,
           path: path_,
@@ -319,8 +338,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           changedPages,
           secondsAtSource,
           pageWritesAtSource,
-          gatewayCpuSecondsSend: cpuDelta(cpuBefore.send, from.gateway.cpuSeconds()),
-          gatewayCpuSecondsReceive: cpuDelta(cpuBefore.receive, to.gateway.cpuSeconds()),
+          gatewayCpuSecondsSend: cpuDelta(cpuBefore.send, cpuAfter.send),
+          gatewayCpuSecondsReceive: cpuDelta(cpuBefore.receive, cpuAfter.receive),
           verified: verified && info.status === 'completed' && (report === undefined || report.result === 'completed'),
           postcopyStarted,
           verbatim: report?.verbatim ?? null,
@@ -356,6 +375,40 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
     }
     removeTempDir(tmp);
   }
+}
+
+/** The relay path's two relays, each a process of its own, and the WAN emulator between them. */
+interface RelayPair {
+  /** Where the source QEMU migrates to. */
+  port: number;
+  wan: WanEmulator;
+  /** CPU seconds of the source's and the destination's relay so far. */
+  cpuSeconds(): { send: number; receive: number };
+  stop(): Promise<void>;
+}
+
+/** A TcpRelay in a `node` child process, forwarding to `targetPort`; resolves once it listens. */
+async function startRelayProcess(targetPort: number): Promise<{ child: NodeChild; port: number }> {
+  const script = `const { TcpRelay } = require(${distModule('src/lab/wan/relay')});
+new TcpRelay({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: ${targetPort} } }).listen().then((at) => console.log('LISTENING ' + at.port));`;
+  const child = startNodeChild(script);
+  const said = await child.said(/LISTENING \d+/);
+  return { child, port: Number(/LISTENING (\d+)/.exec(said)?.[1]) };
+}
+
+/** QEMU → relay → `wanTo(port)` → relay → `qemuPort`. */
+async function startRelayPair(qemuPort: number, wanTo: (port: number) => WanEmulator): Promise<RelayPair> {
+  const far = await startRelayProcess(qemuPort);
+  const wan = wanTo(far.port);
+  const near = await startRelayProcess((await wan.listen()).port);
+  return {
+    port: near.port,
+    wan,
+    cpuSeconds: () => ({ send: procStats(near.child.pid).cpuSeconds, receive: procStats(far.child.pid).cpuSeconds }),
+    stop: async () => {
+      await Promise.all([near.child.kill(), far.child.kill()]);
+    },
+  };
 }
 
 /**

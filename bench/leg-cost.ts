@@ -1,0 +1,121 @@
+/**
+ * Issue 16's "no leg slower than today's": the same legs of a real guest through bfmig as shipped
+ * (compression zstd adaptive, deltas auto: path 'bfmig') and through bfmig as it was before either
+ * existed (`compression: off`, `deltas: off`: path 'bfmig-plain'), and through a plain TCP relay pair
+ * (path 'relay'), interleaved: each run boots a guest per path and migrates it `--legs` legs, runs
+ * alternate, and every figure printed is the median over the runs (min–max beside it).
+ *
+ *   node dist/bench/leg-cost.js [--runs 2] [--mbit 1000] [--delay-ms 20] [--legs 2] [--contents files,random]
+ *       [--scribble-files 64:500]   updates of the files guest (none for the pseudo-random one)
+ *       [--qemu 10.0] [--machine pc-i440fx-10.0] [--out FILE.json]
+ *
+ * Per content, path and leg: WAN bytes, QEMU's total time, migrate → running at the destination, and
+ * each gateway's (or relay's) CPU seconds per GiB of QEMU stream (its process's /proc counters).
+ * Gateways and relays run as processes of their own, the gateways with the recommended Node flags
+ * ($BFMIG_BENCH_NODE_ARGS instead when set, e.g. "--cpu-prof --cpu-prof-dir=DIR").
+ */
+import * as fs from 'node:fs';
+import { parseArgs } from 'node:util';
+import { type BenchResults, type LegPath, type LegResult, runBackForth } from '../src/lab/demo/backforth';
+import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
+import { QEMU_RELEASES, type QemuRelease, qemuBinary } from '../src/lab/vm/qemu-releases';
+import { median } from '../src/lab/harness/median';
+
+/** Node flags of the gateway processes: the deployment's recommended ones unless overridden (e.g. with --cpu-prof). */
+const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
+
+const PATHS: readonly LegPath[] = ['bfmig', 'bfmig-plain', 'relay'];
+const GiB = 2 ** 30;
+
+/** "median (min–max)" of `values`, each formatted by `f`. */
+function spread(values: number[], f: (v: number) => string): string {
+  if (values.length === 0) return '?';
+  return `${f(median(values))} (${f(Math.min(...values))}–${f(Math.max(...values))})`;
+}
+
+const perGiB = (cpu: number | null, bytes: number): number | null => (cpu === null || bytes === 0 ? null : cpu / (bytes / GiB));
+const present = (values: Array<number | null>): number[] => values.filter((v): v is number => v !== null);
+
+function summarise(label: string, runs: number, legs: LegResult[]): string[] {
+  const lines = [`${label}: median (min–max) over ${runs} runs`];
+  lines.push('leg  path         WAN MiB                 total time s         until running s      CPU s/GiB send       CPU s/GiB receive    guest');
+  for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
+    for (const path of PATHS) {
+      const at = legs.filter((l) => l.leg === leg && l.path === path);
+      if (at.length === 0) continue;
+      lines.push(
+        [
+          String(leg).padEnd(4),
+          path.padEnd(12),
+          spread(at.map((l) => l.wanBytes / 2 ** 20), (v) => v.toFixed(2)).padEnd(23),
+          spread(at.map((l) => l.totalTimeMs / 1000), (v) => v.toFixed(2)).padEnd(20),
+          spread(present(at.map((l) => (l.untilRunningMs === null ? null : l.untilRunningMs / 1000))), (v) => v.toFixed(2)).padEnd(20),
+          spread(present(at.map((l) => perGiB(l.gatewayCpuSecondsSend, l.streamBytes))), (v) => v.toFixed(2)).padEnd(20),
+          spread(present(at.map((l) => perGiB(l.gatewayCpuSecondsReceive, l.streamBytes))), (v) => v.toFixed(2)).padEnd(20),
+          at.every((l) => l.verified) ? 'verified' : 'FAILED',
+        ].join(' '),
+      );
+    }
+  }
+  return lines;
+}
+
+async function main(): Promise<void> {
+  const text = { type: 'string' } as const;
+  const { values: args } = parseArgs({
+    args: process.argv.slice(2),
+    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text },
+    strict: true,
+  });
+  const runs = Number(args.runs ?? 2);
+  const mbit = Number(args.mbit ?? 1000);
+  const delayMs = Number(args['delay-ms'] ?? 20);
+  const legs = Number(args.legs ?? 2);
+  const contents = (args.contents ?? 'files,random').split(',');
+  const release = args.qemu ?? '10.0';
+  if (!(QEMU_RELEASES as readonly string[]).includes(release)) throw new Error(`--qemu takes ${QEMU_RELEASES.join(' or ')}`);
+  const machine = args.machine ?? `pc-i440fx-${release}`;
+  const scribbleMatch = /^(\d+):(\d+)$/.exec(args['scribble-files'] ?? '64:500');
+  if (!scribbleMatch) throw new Error('--scribble-files takes BYTES:PER_SECOND');
+  const results: BenchResults = { host: { cpu: '', cores: 0, node: process.version, qemu: release, accel: process.env.BFMIG_QEMU_ACCEL ?? 'auto', kernel: '' }, downtimeLimitMs: 500, started: new Date().toISOString(), runs: [] };
+  const byContent = new Map<string, LegResult[]>();
+  let ok = true;
+  for (let run = 1; run <= runs; run++) {
+    for (const content of contents) {
+      if (content !== 'files' && content !== 'random') throw new Error('--contents takes files and/or random');
+      const scribble = content === 'files' ? { bytes: Number(scribbleMatch[1]), perSecond: Number(scribbleMatch[2]) } : undefined;
+      console.log(`\n== run ${run}/${runs}: ${content}, ${mbit} Mbit/s, ${delayMs} ms, QEMU ${release} ==`);
+      const legResults = await runBackForth({
+        legs,
+        memMiB: 256,
+        workloadMiB: 128,
+        rewritePct: 0,
+        rateMbit: mbit,
+        delayMs,
+        machine,
+        direct: false,
+        relay: true,
+        plain: true,
+        gatewayProcesses: true,
+        gatewayNodeArgs: nodeArgs,
+        out: process.stdout,
+        qemuAt: [qemuBinary(release as QemuRelease), qemuBinary(release as QemuRelease)],
+        content,
+        scribble,
+      });
+      ok &&= legResults.every((l) => l.verified);
+      byContent.set(content, [...(byContent.get(content) ?? []), ...legResults]);
+      results.runs.push({ id: `${content}-run${run}`, mbit, delayMs, memMiB: 256, workloadMiB: 128, rewritePct: 0, changePcts: [], finished: new Date().toISOString(), legs: legResults });
+      if (args.out) fs.writeFileSync(args.out, JSON.stringify(results, null, 1) + '\n');
+    }
+  }
+  for (const [content, legResults] of byContent) {
+    console.log('\n' + summarise(`${content}${content === 'files' ? ` (updates ${scribbleMatch[1]} B × ${scribbleMatch[2]}/s)` : ''}, ${mbit} Mbit/s, ${delayMs} ms`, runs, legResults).join('\n'));
+  }
+  process.exitCode = ok ? 0 : 1;
+}
+
+main().catch((err: unknown) => {
+  console.error(err);
+  process.exitCode = 1;
+});
