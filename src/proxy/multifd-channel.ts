@@ -13,6 +13,11 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
   readonly counts: TransferCounts = newCounts();
   syncs = 0;
   protected ended = false;
+  /**
+   * The channel's SYNC packets say pages_alloc 0: QEMU 9.0 or later, which sends no page twice in an
+   * epoch (see MultifdMigration).
+   */
+  protected modernQemu = false;
   protected readonly parser: MultifdParser;
   protected readonly retainer: PageRetainer;
   protected readonly streamHash = new StreamHash();
@@ -78,6 +83,7 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
   private onRecord(record: MultifdRecord): void {
     switch (record.kind) {
       case MultifdRecordKind.Packet:
+        if (record.sync && record.normalPages === 0) this.modernQemu = record.pagesAlloc === 0;
         this.block = record.normalPages + record.zeroPages > 0 ? this.migration.block(record.block, record.streamOffset) : null;
         this.onPacket(record);
         return;

@@ -1,6 +1,6 @@
 import { DIGEST_BYTES, digestOne } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
-import { type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
+import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
 import type { EncoderSink } from './encoder';
 import { HeldInput } from './held-input';
@@ -38,8 +38,6 @@ export class MultifdEncoder extends MultifdChannel {
   private readonly sendPiece = (bytes: Buffer): void => this.sink.literal(bytes);
   /** Pushed while parked: not yet given to the parser. */
   private readonly queued: Buffer[] = [];
-  /** The channel's SYNC packets say pages_alloc 0: QEMU 9.0 or later, which sends no page twice in an epoch. */
-  private modernQemu = false;
   // The open run: consecutive held normal pages of the current packet.
   private runCount = 0;
   private runFirstOffset = 0;
@@ -119,22 +117,18 @@ export class MultifdEncoder extends MultifdChannel {
     if (this.runCount === 0) this.send(this.parser.settledTo);
   }
 
-  protected override onPacket(packet: MultifdPacketRecord): void {
-    if (packet.sync && packet.normalPages === 0) this.modernQemu = packet.pagesAlloc === 0;
-  }
-
   protected override onPacketEnd(): void {
     this.closeRun();
   }
 
   /**
-   * Whether the packet's `index`-th page, claimed as `claim`, may be named in a Run (see MultifdMigration:
-   * its first write in the epoch, the main channel past the epoch, and on QEMU < 9.0 not a packet's
-   * first or last page).
+   * Whether a page claimed as `claim` may be named in a Run (see MultifdMigration): the main channel is
+   * past the epoch, and it is the page's first write in the epoch, or the second copy of a page QEMU
+   * < 9.0 repeated whose first copy was named.
    */
-  private mayNameClaimed(claim: Claim, index: number): boolean {
-    if (claim !== Claim.First || !this.migration.mainReached(this.syncs)) return false;
-    return this.modernQemu || (index !== 0 && index !== this.parser.currentPacket.normalPages - 1);
+  private mayNameClaimed(claim: Claim, pageIndex: number): boolean {
+    if (!this.migration.mainReached(this.syncs)) return false;
+    return claim === Claim.First || (claim === Claim.Again && this.migration.namedInRun(pageIndex));
   }
 
   protected onPage(record: MultifdPageRecord, page: RamPageRecord): void {
@@ -146,8 +140,9 @@ export class MultifdEncoder extends MultifdChannel {
     const claim = this.migration.claim(page.pageIndex, this.syncs);
     if (!normal) {
       this.counts.pagesZero++;
-    } else if (reference !== null && this.mayNameClaimed(claim, record.index) && sameDigest(reference, at, retainer.digest, 0)) {
+    } else if (reference !== null && this.mayNameClaimed(claim, page.pageIndex) && sameDigest(reference, at, retainer.digest, 0)) {
       this.counts.pagesReused++;
+      this.migration.nameInRun(page.pageIndex);
       this.addToRun(page.streamOffset, page.offset);
     } else {
       this.closeRun();
