@@ -169,6 +169,7 @@ export class SessionLifecycle {
           result: outcome.result,
           error: outcome.error,
           snapshotId: this.store.snapshotId(),
+          kept: outcome.snapshotId !== null,
           verbatim: codec?.fallback ?? null,
           postcopy: codec?.postcopy ?? false,
         });
