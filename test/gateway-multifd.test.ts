@@ -11,7 +11,7 @@ import { guestMemory, migrationStream, PAGE, streamStart } from '../src/lab/harn
 import { multifdMigration, multifdPacket, type MultifdFormat } from '../src/lab/harness/multifd-stream';
 import { restoreSnapshot } from '../src/cli/restore';
 import { ChannelsDestination, type ReceivedChannel, sourceChannel } from '../src/lab/harness/qemu-standins';
-import { checkStores } from '../src/lab/harness/stores';
+import { checkStores, claimedSnapshot } from '../src/lab/harness/stores';
 import { MULTIFD_INIT_BYTES, MULTIFD_MAGIC } from '../src/qemu/multifd';
 import { PageStore } from '../src/store';
 import { suiteTempDir } from './temp-dir';
@@ -83,16 +83,6 @@ function pagesDiffering(site: Site, pages: Buffer[]): number[] {
       store.readPages(i, 1, page, 0);
       return page.equals(expected) ? [] : [i];
     });
-  } finally {
-    store.close();
-  }
-}
-
-/** The snapshot VM vm1's store at `site` claims. */
-function claimed(site: Site): string | null {
-  const store = PageStore.open(site.data, 'vm1');
-  try {
-    return store.snapshotId();
   } finally {
     store.close();
   }
@@ -180,7 +170,7 @@ describe('multifd channels through a gateway pair', () => {
       { result: 'completed', snapshotId: null },
     ]);
     for (const site of [a, b]) {
-      expect(claimed(site)).toBe(kept);
+      expect(claimedSnapshot(site.data, 'vm1')).toBe(kept);
       await expect(restoreSnapshot(site.data, 'vm1', { host: '127.0.0.1', port: 9 })).rejects.toThrow(
         new RegExp(`last migration \\(${site === a ? 'sent' : 'received'} .*\\) completed without this store keeping its snapshot .*snapshot ${kept} is older than the VM`),
       );

@@ -6,12 +6,12 @@
  * so a store missing any of them, or keeping a stale version, would fail the guest's check.
  */
 import { restoreSnapshot } from '../src/cli/restore';
-import { PageStore } from '../src/store';
 import { disposeAllVms, QemuVm } from '../src/lab/vm/qemu-vm';
 import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
 import { freePort } from '../src/lab/vm/ports';
 import { type QemuRelease, qemuBinary, qemuInstalled } from '../src/lab/vm/qemu-releases';
 import { startPair, stopPair, type TestSite } from '../src/lab/harness/gateway-pair';
+import { claimedSnapshot } from '../src/lab/harness/stores';
 import { suiteTempDir } from './temp-dir';
 
 const SKIP = process.env.BFMIG_SKIP_E2E === '1';
@@ -23,16 +23,6 @@ const MULTIFD = { capabilities: { multifd: true }, parameters: { 'multifd-channe
 async function reported(site: TestSite, count: number): Promise<void> {
   for (let i = 0; i < 400 && site.gateway.history.length < count; i++) await new Promise((r) => setTimeout(r, 50));
   expect(site.gateway.history[count - 1]).toMatchObject({ result: 'completed', verbatim: null });
-}
-
-/** The snapshot a site's store claims for vm1 (null: none). */
-function claimed(site: TestSite): string | null {
-  const store = PageStore.open(site.data, 'vm1');
-  try {
-    return store.snapshotId();
-  } finally {
-    store.close();
-  }
 }
 
 const releases: readonly { release: QemuRelease; machine: string }[] = [
@@ -87,9 +77,9 @@ const releases: readonly { release: QemuRelease; machine: string }[] = [
     const [a, b] = sites as [TestSite, TestSite];
     const site = index === 0 ? a : b;
     // Both stores claim the migration's snapshot: the channels kept every page they carried.
-    const snapshot = claimed(site);
+    const snapshot = claimedSnapshot(site.data, 'vm1');
     expect(snapshot).not.toBeNull();
-    expect(claimed(index === 0 ? b : a)).toBe(snapshot);
+    expect(claimedSnapshot((index === 0 ? b : a).data, 'vm1')).toBe(snapshot);
     const port = await freePort();
     const vm = new QemuVm({ ...options, name: `restored-${index}`, incoming: `tcp:127.0.0.1:${port}` });
     await vm.start();
