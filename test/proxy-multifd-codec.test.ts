@@ -8,6 +8,7 @@ import { MultifdMigration } from '../src/proxy/multifd-migration';
 import { layoutOf } from '../src/proxy/retained';
 import { RunError } from '../src/proxy/run';
 import { StreamError } from '../src/qemu/errors';
+import { RecordKind } from '../src/qemu/records';
 import { MultifdParser, MultifdRecordKind } from '../src/qemu/multifd';
 
 const PAGE = 4096;
@@ -170,6 +171,37 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     expect([a.parked, b.parked]).toEqual([true, false]);
     b.push(sync);
     expect([a.parked, b.parked]).toEqual([false, false]);
+  });
+
+  test('with a timer, a channel past a SYNC also waits for the main channel’s EOS of the new epoch (QEMU 7.2), until it comes or the timer fires', () => {
+    const memory = guestMemory([['pc.ram', 8]], 3, 0);
+    const migration = new MultifdMigration(null, 1);
+    migration.begin(layoutOf(memory.blocks));
+    const timers: { ms: number; step: () => void }[] = [];
+    migration.wakeAfter = (ms, step) => timers.push({ ms, step });
+    const sync = (n: number): Buffer => multifdPacket({ format, packetNumber: n, block: '', pages: [], sync: true });
+    const channel = new MultifdEncoder({ literal: () => undefined, run: () => undefined }, migration);
+    // Setup: the SYNC, then the main channel's first EOS (its epochs are counted by EOS records).
+    channel.push(Buffer.concat([multifdInit(0), sync(0)]));
+    expect(channel.parked).toBe(false);
+    migration.mainRecord(RecordKind.RamEos);
+    // The next SYNC comes before the main channel's EOS: the channel waits for it, one timer set.
+    channel.push(sync(1));
+    expect(channel.parked).toBe(true);
+    expect(timers).toHaveLength(1);
+    migration.mainRecord(RecordKind.RamEos);
+    expect(channel.parked).toBe(false);
+    // Again, and this time the EOS does not come: the timer lets the channel go.
+    channel.push(sync(2));
+    expect([channel.parked, timers.length]).toEqual([true, 2]);
+    timers[0].step(); // a stale timer (of the epoch before) lets nothing go
+    expect(channel.parked).toBe(true);
+    timers[1].step();
+    expect(channel.parked).toBe(false);
+    // Without a timer (QEMU 10.0's MULTIFD_FLUSH may stay in QEMU's buffer) nobody waits for the main channel.
+    migration.wakeAfter = null;
+    channel.push(sync(3));
+    expect(channel.parked).toBe(false);
   });
 
   test('a channel that closes while it waits at its last SYNC ends once the others reach it', () => {

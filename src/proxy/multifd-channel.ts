@@ -48,7 +48,12 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
 
   /** Parked at a SYNC: the others have all passed it. */
   mayReadOn(): boolean {
-    return this.parser.isPaused && this.migration.mayPass(this.syncs);
+    return this.parser.isPaused && this.passes();
+  }
+
+  /** Whether the channel, past its last SYNC, may read on. */
+  protected passes(): boolean {
+    return this.migration.mayPass(this.syncs);
   }
 
   /** Where and why the channel stopped being parsed (null: it was parsed whole). */
@@ -95,7 +100,7 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
         this.onPacketEnd();
         if (record.sync) {
           this.syncs++;
-          if (!this.migration.mayPass(this.syncs)) this.parser.pause();
+          if (!this.passes()) this.parser.pause();
         }
         return;
       case MultifdRecordKind.Init:

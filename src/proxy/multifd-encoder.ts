@@ -32,12 +32,18 @@ import { encodeRun, MAX_RUN_HELD } from './run';
  * socket until it clears. A compressed packet or an unknown version makes the rest of the channel go
  * out as Literal bytes (`fallback`).
  */
+/** The longest a channel waits for the main channel's marker of an epoch (see passes()). */
+const MAIN_WAIT_MS = 50;
+
 export class MultifdEncoder extends MultifdChannel {
   /** Pushed and not yet sent (as Literal bytes or a Run). */
   private readonly held = new HeldInput();
   private readonly sendPiece = (bytes: Buffer): void => this.sink.literal(bytes);
   /** Pushed while parked: not yet given to the parser. */
   private readonly queued: Buffer[] = [];
+  /** The epoch whose main-channel marker the channel has waited for, and whether that wait is over. */
+  private mainWaitEpoch = -1;
+  private mainWaitOver = false;
   // The open run: consecutive held normal pages of the current packet.
   private runCount = 0;
   private runFirstOffset = 0;
@@ -115,6 +121,27 @@ export class MultifdEncoder extends MultifdChannel {
   /** Sends what the parser has settled; an open run stays open, its pages already skipped. */
   private afterParse(): void {
     if (this.runCount === 0) this.send(this.parser.settledTo);
+  }
+
+  /**
+   * Past its SYNC the channel also waits, a little, for the main channel's marker of the new epoch
+   * when QEMU sends it right behind the SYNC packets (see MultifdMigration.wakeAfter): every page read
+   * before it would cross whole.
+   */
+  protected override passes(): boolean {
+    const migration = this.migration;
+    if (!super.passes()) return false;
+    if (migration.mainReached(this.syncs) || !migration.mainFollowsSyncs || migration.wakeAfter === null) return true;
+    if (this.mainWaitEpoch !== this.syncs) {
+      const epoch = this.syncs;
+      this.mainWaitEpoch = epoch;
+      this.mainWaitOver = false;
+      migration.wakeAfter(MAIN_WAIT_MS, () => {
+        if (this.mainWaitEpoch === epoch) this.mainWaitOver = true;
+        migration.settle();
+      });
+    }
+    return this.mainWaitOver;
   }
 
   protected override onPacketEnd(): void {

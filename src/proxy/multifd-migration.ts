@@ -99,6 +99,13 @@ export class MultifdMigration {
    * same table); null for no reuse.
    */
   reference: Uint8Array | null = null;
+  /**
+   * Sender only: runs `step` after `ms` (the gateway's timer, which fails the migration if `step`
+   * throws). With it a channel past a SYNC waits up to MAIN_WAIT_MS for the main channel's marker of
+   * the epoch where QEMU sends it right after the SYNC packets (`mainFollowsSyncs`): pages read before
+   * it has been parsed cannot be named in a Run. Without it (tests) channels never wait for it.
+   */
+  wakeAfter: ((ms: number, step: () => void) => void) | null = null;
   /** Receiver only: pages as they were when the current epoch began, where a repeated page overwrote them. */
   readonly epochStart: EpochStartPages | null;
   private readonly blocks = new Map<string, RamBlock>();
@@ -197,6 +204,16 @@ export class MultifdMigration {
   endMain(): void {
     this.mainEnded = true;
     this.settle();
+  }
+
+  /**
+   * The main channel's epochs are counted by RAM EOS records (QEMU 7.2; 10.0 on machine types before
+   * 8.0): QEMU writes and flushes the EOS right after every channel's SYNC packet and before any page of
+   * the next epoch, so it is on its way when a channel passes its SYNC. (A MULTIFD_FLUSH may stay in
+   * QEMU's buffer until the channels take more pages: a channel must not wait for that one.)
+   */
+  get mainFollowsSyncs(): boolean {
+    return this.mainMarker === RecordKind.RamEos && !this.mainEnded;
   }
 
   /** Whether the main channel has passed into epoch `epoch`: only then may a Run of that epoch be named or rebuilt. */
