@@ -8,9 +8,10 @@ import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
 import { startPair, stopPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
 import { guestMemory, migrationStream, PAGE, streamStart } from '../src/lab/harness/migration-stream';
-import { multifdMigration, type MultifdFormat } from '../src/lab/harness/multifd-stream';
+import { multifdMigration, multifdPacket, type MultifdFormat } from '../src/lab/harness/multifd-stream';
+import { restoreSnapshot } from '../src/cli/restore';
 import { ChannelsDestination, type ReceivedChannel, sourceChannel } from '../src/lab/harness/qemu-standins';
-import { checkStores } from '../src/lab/harness/stores';
+import { checkStores, claimedSnapshot } from '../src/lab/harness/stores';
 import { MULTIFD_INIT_BYTES, MULTIFD_MAGIC } from '../src/qemu/multifd';
 import { PageStore } from '../src/store';
 import { suiteTempDir } from './temp-dir';
@@ -185,6 +186,30 @@ describe('multifd channels through a gateway pair', () => {
       await dest.close();
     }
     expect([await report(a.gateway, 1), await report(b.gateway, 1)]).toMatchObject([{ result: 'completed' }, { result: 'completed' }]);
+  });
+
+  test('a migration whose channel is relayed verbatim from a compressed packet on completes, both stores keep the snapshot they held, and restore refuses that older snapshot', async () => {
+    const memory = guestMemory(BLOCKS, 1);
+    const all = memory.pages.map((_, i) => i);
+    const run = multifdRun('qemu-10.0', [all], () => memory.pages);
+    expectRebuilt(await migrate(a, b, run, true), run);
+    const kept = (await report(b.gateway, 1)).snapshotId;
+    expect(kept).not.toBeNull();
+    // QEMU with multifd-compression: the codec cannot read the packet, so the rest of that channel
+    // crosses as it is and its pages never reach the stores.
+    const compressed = multifdPacket({ format: 'qemu-10.0', packetNumber: 1000, block: 'pc.ram', pages: [], extraFlags: 1 << 1 });
+    const verbatim = { main: run.main, channels: run.channels.map((c, i) => (i === 2 ? Buffer.concat([c, compressed]) : c)) };
+    expectRebuilt(await migrate(a, b, verbatim, true), verbatim);
+    expect([await report(a.gateway, 2), await report(b.gateway, 2)]).toMatchObject([
+      { result: 'completed', snapshotId: null },
+      { result: 'completed', snapshotId: null },
+    ]);
+    for (const site of [a, b]) {
+      expect(claimedSnapshot(site.data, 'vm1')).toBe(kept);
+      await expect(restoreSnapshot(site.data, 'vm1', { host: '127.0.0.1', port: 9 })).rejects.toThrow(
+        new RegExp(`last migration \\(${site === a ? 'sent' : 'received'} .*\\) completed without this store keeping its snapshot .*snapshot ${kept} is older than the VM`),
+      );
+    }
   });
 
   test('a malformed packet on one channel fails the whole migration on both gateways: every connection is reset, no store commits', async () => {

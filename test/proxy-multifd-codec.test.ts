@@ -8,6 +8,7 @@ import { MultifdMigration } from '../src/proxy/multifd-migration';
 import { layoutOf } from '../src/proxy/retained';
 import { RunError } from '../src/proxy/run';
 import { StreamError } from '../src/qemu/errors';
+import { RecordKind } from '../src/qemu/records';
 import { MultifdParser, MultifdRecordKind } from '../src/qemu/multifd';
 
 const PAGE = 4096;
@@ -93,29 +94,63 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     expect(holds(receiver, 5, newPage)).toBe(true);
   });
 
-  test.each([
-    ['in the same order', [0, 1], [0, 1]],
-    ['in opposite orders', [0, 1], [1, 0]],
-    ['in opposite orders, the other way', [1, 0], [0, 1]],
-  ])('a page QEMU 7.2 sends twice in one epoch (last of a packet, first of the next) is never named in a Run, channels read %s', (_, order, decodeOrder) => {
+  /**
+   * Pages 8..12 held by both stores; in one epoch QEMU 7.2 sends page 10 twice, as packet 0's last page
+   * (channel 0) and packet 1's first (channel 1); `repeat` is packet 1's copy. With `final`, a later epoch
+   * sends page 10 once more (it was dirty again), on channel 0.
+   */
+  function repeatedPage(repeat: 'same' | 'rewritten', final: Buffer | null): { memory: GuestMemory; sender: MemoryPages; receiver: MemoryPages; channels: Buffer[] } {
     const memory = guestMemory([['pc.ram', 64]], 3, 0);
-    const layout = layoutOf(memory.blocks);
     const { sender, receiver } = stores(memory);
     for (const i of [8, 9, 10, 11, 12]) {
       sender.writePage(i, memory.pages[i], 0, digestOf(memory.pages[i]), 0);
       receiver.writePage(i, memory.pages[i], 0, digestOf(memory.pages[i]), 0);
     }
-    const changed = Buffer.alloc(PAGE, 0x33);
-    const pages = (indexes: number[], override: Buffer | null): { offset: number; data: Buffer }[] =>
-      indexes.map((i) => ({ offset: i * PAGE, data: i === 10 && override ? override : memory.pages[i] }));
+    const copy = repeat === 'same' ? memory.pages[10] : Buffer.alloc(PAGE, 0x33);
+    const pages = (indexes: number[], page10: Buffer): { offset: number; data: Buffer }[] => indexes.map((i) => ({ offset: i * PAGE, data: i === 10 ? page10 : memory.pages[i] }));
+    const sync = (n: number): Buffer => multifdPacket({ format, packetNumber: n, block: '', pages: [], sync: true });
+    const later = (channel: number): Buffer[] =>
+      final === null ? [] : [sync(2 + channel), ...(channel === 0 ? [multifdPacket({ format, block: 'pc.ram', packetNumber: 4, pages: [{ offset: 10 * PAGE, data: final }] })] : []), sync(5 + channel)];
     const channels = [
-      Buffer.concat([multifdInit(0), multifdPacket({ format, block: 'pc.ram', packetNumber: 0, pages: pages([8, 9, 10], null) })]),
-      // The guest rewrote page 10 between the two reads.
-      Buffer.concat([multifdInit(1), multifdPacket({ format, block: 'pc.ram', packetNumber: 1, pages: pages([10, 11, 12], changed) })]),
+      Buffer.concat([multifdInit(0), multifdPacket({ format, block: 'pc.ram', packetNumber: 0, pages: pages([8, 9, 10], memory.pages[10]) }), ...later(0)]),
+      Buffer.concat([multifdInit(1), multifdPacket({ format, block: 'pc.ram', packetNumber: 1, pages: pages([10, 11, 12], copy) }), ...later(1)]),
     ];
-    const trip = multifdRoundTrip(channels, layout, { store: sender, reference: sender.digests }, receiver, { chunk: 1000, order, decodeOrder });
+    return { memory, sender, receiver, channels };
+  }
+
+  test.each([
+    // The sender reads packet 0's copy first and names it in a Run (the version both stores hold); the
+    // receiver writes packet 1's copy over it before it rebuilds that Run, from the version it kept.
+    ['whole, packet 0 first; decoded packet 1 first', [0, 1], [1, 0], false, 5],
+    ['whole, packet 0 first; decoded in the same order', [0, 1], [0, 1], false, 5],
+    ['whole, packet 1 first; decoded packet 0 first', [1, 0], [0, 1], false, 4],
+    ['interleaved; decoded packet 1 first', [0, 1], [1, 0], true, 4],
+    ['interleaved the other way; decoded packet 0 first', [1, 0], [0, 1], true, 4],
+  ])('a page QEMU 7.2 sends twice in one epoch, rewritten in between, is rebuilt exactly and ends in its final version on both sides: channels read %s', (_, order, decodeOrder, interleave, reused) => {
+    const final = Buffer.alloc(PAGE, 0x44);
+    const { memory, sender, receiver, channels } = repeatedPage('rewritten', final);
+    const trip = multifdRoundTrip(channels, layoutOf(memory.blocks), { store: sender, reference: sender.digests }, receiver, { chunk: 1000, order, decodeOrder, interleave });
     trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(channels[c])).toBe(true));
-    expect(trip.encoders[0].counts.pagesReused + trip.encoders[1].counts.pagesReused).toBe(2); // pages 9 and 11
+    // Pages 8, 9, 11 and 12, and packet 0's copy of page 10 when the sender read it first; never the
+    // rewritten copy, nor the first copy's version once the page was rewritten, nor the final one.
+    expect(trip.encoders.reduce((n, e) => n + e.counts.pagesReused, 0)).toBe(reused);
+    expect(trip.decoders.reduce((n, d) => n + d.counts.pagesReused, 0)).toBe(reused);
+    // Neither copy of the repeated page outlives the later epoch's version, whatever order they came in.
+    for (const store of [sender, receiver]) expect(holds(store, 10, final)).toBe(true);
+    expect(sender.digests).toEqual(receiver.digests);
+  });
+
+  test.each([
+    ['whole, in the same order', [0, 1], [0, 1], false],
+    ['whole, decoded in the opposite order', [0, 1], [1, 0], false],
+    ['interleaved, decoded in the opposite order', [1, 0], [0, 1], true],
+  ])('both copies of a page QEMU 7.2 sends twice in one epoch, unchanged, are named in Runs: channels read %s', (_, order, decodeOrder, interleave) => {
+    const { memory, sender, receiver, channels } = repeatedPage('same', null);
+    const trip = multifdRoundTrip(channels, layoutOf(memory.blocks), { store: sender, reference: sender.digests }, receiver, { chunk: 1000, order, decodeOrder, interleave });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(channels[c])).toBe(true));
+    expect(trip.encoders.reduce((n, e) => n + e.counts.pagesSent, 0)).toBe(0);
+    expect(trip.decoders.reduce((n, d) => n + d.counts.pagesReused, 0)).toBe(6);
+    for (const store of [sender, receiver]) expect(holds(store, 10, memory.pages[10])).toBe(true);
   });
 
   test('a channel waits at a SYNC until every channel has reached it', () => {
@@ -136,6 +171,37 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     expect([a.parked, b.parked]).toEqual([true, false]);
     b.push(sync);
     expect([a.parked, b.parked]).toEqual([false, false]);
+  });
+
+  test('with a timer, a channel past a SYNC also waits for the main channel’s EOS of the new epoch (QEMU 7.2), until it comes or the timer fires', () => {
+    const memory = guestMemory([['pc.ram', 8]], 3, 0);
+    const migration = new MultifdMigration(null, 1);
+    migration.begin(layoutOf(memory.blocks));
+    const timers: { ms: number; step: () => void }[] = [];
+    migration.wakeAfter = (ms, step) => timers.push({ ms, step });
+    const sync = (n: number): Buffer => multifdPacket({ format, packetNumber: n, block: '', pages: [], sync: true });
+    const channel = new MultifdEncoder({ literal: () => undefined, run: () => undefined }, migration);
+    // Setup: the SYNC, then the main channel's first EOS (its epochs are counted by EOS records).
+    channel.push(Buffer.concat([multifdInit(0), sync(0)]));
+    expect(channel.parked).toBe(false);
+    migration.mainRecord(RecordKind.RamEos);
+    // The next SYNC comes before the main channel's EOS: the channel waits for it, one timer set.
+    channel.push(sync(1));
+    expect(channel.parked).toBe(true);
+    expect(timers).toHaveLength(1);
+    migration.mainRecord(RecordKind.RamEos);
+    expect(channel.parked).toBe(false);
+    // Again, and this time the EOS does not come: the timer lets the channel go.
+    channel.push(sync(2));
+    expect([channel.parked, timers.length]).toEqual([true, 2]);
+    timers[0].step(); // a stale timer (of the epoch before) lets nothing go
+    expect(channel.parked).toBe(true);
+    timers[1].step();
+    expect(channel.parked).toBe(false);
+    // Without a timer (QEMU 10.0's MULTIFD_FLUSH may stay in QEMU's buffer) nobody waits for the main channel.
+    migration.wakeAfter = null;
+    channel.push(sync(3));
+    expect(channel.parked).toBe(false);
   });
 
   test('a channel that closes while it waits at its last SYNC ends once the others reach it', () => {

@@ -10,6 +10,7 @@ import { RecordKind } from '../qemu/records';
 import { ReturnPathError, ReturnPathMessage, ReturnPathParser, type ReturnPathRecord } from '../qemu/return-path';
 import { sameDigest } from '../proxy/retained';
 import { PageStore } from '../store';
+import { readMigrationRecord } from '../store/migration-record';
 import { loadStreamParts } from '../store/snapshot-parts';
 
 const BATCH = 256;
@@ -74,6 +75,17 @@ export async function restoreSnapshot(data: string, vm: string, to: Endpoint, op
     if (!meta) throw new RestoreError(`no retained snapshot for VM ${vm} in ${data}`);
     const snapshotId = store.snapshotId();
     if (!snapshotId) throw new RestoreError(`VM ${vm}: the store claims no complete snapshot (its last migration did not complete)`);
+    // A migration that completed without this store keeping its snapshot (part of it relayed verbatim,
+    // a multifd channel whose pages were not kept) left the snapshot of an earlier one: the VM has run
+    // on since, and restoring that state would roll it back behind its disks.
+    const last = readMigrationRecord(store.dir);
+    if (last?.result === 'completed' && last.kept === false) {
+      const why = last.verbatim ? `relayed verbatim from byte ${last.verbatim.streamOffset}: ${last.verbatim.reason}` : 'its pages were not all kept';
+      throw new RestoreError(
+        `VM ${vm}: its last migration (${last.direction === 'send' ? 'sent' : 'received'} ${last.at}) completed without this store keeping its snapshot (${why}); ` +
+          `snapshot ${snapshotId} is older than the VM, so restore refuses it`,
+      );
+    }
     const { head: storedHead, tail, info } = loadStreamParts(store);
     if (!info || !storedHead || !tail || info.snapshotId !== snapshotId) {
       throw new RestoreError(`VM ${vm}: the device state of snapshot ${snapshotId} was not retained`);

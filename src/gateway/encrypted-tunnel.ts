@@ -104,7 +104,7 @@ function noteInStore(ctx: TunnelContext, vm: string, direction: Direction, resul
   try {
     const store = PageStore.open(ctx.storeRoot, vm);
     try {
-      saveMigrationRecord(store, { at: new Date().toISOString(), direction, result, error, snapshotId: store.snapshotId(), verbatim: ENCRYPTED, postcopy: false });
+      saveMigrationRecord(store, { at: new Date().toISOString(), direction, result, error, snapshotId: store.snapshotId(), kept: false, verbatim: ENCRYPTED, postcopy: false });
     } finally {
       store.close();
     }

@@ -355,8 +355,19 @@ export class SendSession {
     }
     this.life.event('reuse decided', { mode: this.mode, pages: layout.pageCount });
     if (encoder) {
-      encoder.multifd = new MultifdMigration(this.life.retained);
-      encoder.multifd.begin(layout);
+      const multifd = new MultifdMigration(this.life.retained);
+      multifd.wakeAfter = (ms, step) => {
+        setTimeout(() => {
+          if (this.over) return;
+          try {
+            step();
+          } catch (err) {
+            this.group.fail(`multifd channels: ${errorMessage(err)}`);
+          }
+        }, ms).unref();
+      };
+      encoder.multifd = multifd;
+      multifd.begin(layout);
       if (!this.table) this.startMultifd();
     }
   }

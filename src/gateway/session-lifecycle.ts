@@ -168,6 +168,7 @@ export class SessionLifecycle {
           result: outcome.result,
           error: outcome.error,
           snapshotId: this.store.snapshotId(),
+          kept: outcome.snapshotId !== null,
           verbatim: codec?.fallback ?? null,
           postcopy: codec?.postcopy ?? false,
         });

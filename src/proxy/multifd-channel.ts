@@ -13,6 +13,11 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
   readonly counts: TransferCounts = newCounts();
   syncs = 0;
   protected ended = false;
+  /**
+   * The channel's SYNC packets say pages_alloc 0: QEMU 9.0 or later, which sends no page twice in an
+   * epoch (see MultifdMigration).
+   */
+  protected modernQemu = false;
   protected readonly parser: MultifdParser;
   protected readonly retainer: PageRetainer;
   protected readonly streamHash = new StreamHash();
@@ -43,7 +48,12 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
 
   /** Parked at a SYNC: the others have all passed it. */
   mayReadOn(): boolean {
-    return this.parser.isPaused && this.migration.mayPass(this.syncs);
+    return this.parser.isPaused && this.passes();
+  }
+
+  /** Whether the channel, past its last SYNC, may read on. */
+  protected passes(): boolean {
+    return this.migration.mayPass(this.syncs);
   }
 
   /** Where and why the channel stopped being parsed (null: it was parsed whole). */
@@ -78,6 +88,7 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
   private onRecord(record: MultifdRecord): void {
     switch (record.kind) {
       case MultifdRecordKind.Packet:
+        if (record.sync && record.normalPages === 0) this.modernQemu = record.pagesAlloc === 0;
         this.block = record.normalPages + record.zeroPages > 0 ? this.migration.block(record.block, record.streamOffset) : null;
         this.onPacket(record);
         return;
@@ -89,7 +100,7 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
         this.onPacketEnd();
         if (record.sync) {
           this.syncs++;
-          if (!this.migration.mayPass(this.syncs)) this.parser.pause();
+          if (!this.passes()) this.parser.pause();
         }
         return;
       case MultifdRecordKind.Init:

@@ -1,7 +1,7 @@
 import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
-import type { RamPageRecord } from '../qemu/records';
+import type { RamBlock, RamPageRecord } from '../qemu/records';
 import { errorMessage } from '../common/errors';
 import { RebuildError } from './decoder';
 import { MultifdChannel } from './multifd-channel';
@@ -156,6 +156,7 @@ export class MultifdDecoder extends MultifdChannel {
       }
       k = end;
     }
+    this.useEpochStartVersions(bytes, next, run.count);
     digestContiguous(bytes, 0, run.count, X86_PAGE_SIZE, this.digests, 0);
     digestOne(this.digests, 0, run.count * DIGEST_BYTES, this.runDigest, 0);
     if (!sameDigest(this.runDigest, 0, run.digest, 0)) {
@@ -170,6 +171,23 @@ export class MultifdDecoder extends MultifdChannel {
     }
   }
 
+  /**
+   * A Run names the version each page had when the epoch began: where a page of it has been written in
+   * the epoch already (the other copy of a page QEMU < 9.0 repeated), that version was kept (see
+   * MultifdMigration) and replaces what the store holds now.
+   */
+  private useEpochStartVersions(bytes: Buffer, next: number, count: number): void {
+    const epochStart = this.migration.epochStart;
+    if (epochStart === null || this.modernQemu) return;
+    const block = this.block as RamBlock;
+    const offsets = this.parser.currentPacket.offsets;
+    for (let k = 0; k < count; k++) {
+      const pageIndex = block.firstPage + offsets[next + k] / X86_PAGE_SIZE;
+      if (!this.migration.writtenIn(pageIndex, this.syncs)) continue;
+      epochStart.version(pageIndex, this.syncs)?.copy(bytes, k * X86_PAGE_SIZE);
+    }
+  }
+
   protected onPage(record: MultifdPageRecord, page: RamPageRecord): void {
     const claim = this.migration.claim(page.pageIndex, this.syncs);
     if (record.kind === MultifdRecordKind.ZeroPage) {
@@ -179,6 +197,9 @@ export class MultifdDecoder extends MultifdChannel {
       return;
     } else {
       this.counts.pagesSent++;
+      // A packet's first or last page may be a copy of one QEMU < 9.0 repeated (see MultifdMigration).
+      const end = record.index === 0 || record.index === this.parser.currentPacket.normalPages - 1;
+      if (claim === Claim.First && end && !this.modernQemu) this.migration.epochStart?.keep(page.pageIndex, this.syncs);
     }
     // A later version of the page was written already: this one is not kept (see MultifdMigration).
     if (claim !== Claim.Stale) this.retainer.retain(page, this.retainer.digestOf(page));

@@ -1,6 +1,6 @@
 import { DIGEST_BYTES, digestOne } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
-import { type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
+import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
 import type { EncoderSink } from './encoder';
 import { HeldInput } from './held-input';
@@ -32,14 +32,18 @@ import { encodeRun, MAX_RUN_HELD } from './run';
  * socket until it clears. A compressed packet or an unknown version makes the rest of the channel go
  * out as Literal bytes (`fallback`).
  */
+/** The longest a channel waits for the main channel's marker of an epoch (see passes()). */
+const MAIN_WAIT_MS = 50;
+
 export class MultifdEncoder extends MultifdChannel {
   /** Pushed and not yet sent (as Literal bytes or a Run). */
   private readonly held = new HeldInput();
   private readonly sendPiece = (bytes: Buffer): void => this.sink.literal(bytes);
   /** Pushed while parked: not yet given to the parser. */
   private readonly queued: Buffer[] = [];
-  /** The channel's SYNC packets say pages_alloc 0: QEMU 9.0 or later, which sends no page twice in an epoch. */
-  private modernQemu = false;
+  /** The epoch whose main-channel marker the channel has waited for, and whether that wait is over. */
+  private mainWaitEpoch = -1;
+  private mainWaitOver = false;
   // The open run: consecutive held normal pages of the current packet.
   private runCount = 0;
   private runFirstOffset = 0;
@@ -119,8 +123,25 @@ export class MultifdEncoder extends MultifdChannel {
     if (this.runCount === 0) this.send(this.parser.settledTo);
   }
 
-  protected override onPacket(packet: MultifdPacketRecord): void {
-    if (packet.sync && packet.normalPages === 0) this.modernQemu = packet.pagesAlloc === 0;
+  /**
+   * Past its SYNC the channel also waits, a little, for the main channel's marker of the new epoch
+   * when QEMU sends it right behind the SYNC packets (see MultifdMigration.wakeAfter): every page read
+   * before it would cross whole.
+   */
+  protected override passes(): boolean {
+    const migration = this.migration;
+    if (!super.passes()) return false;
+    if (migration.mainReached(this.syncs) || !migration.mainFollowsSyncs || migration.wakeAfter === null) return true;
+    if (this.mainWaitEpoch !== this.syncs) {
+      const epoch = this.syncs;
+      this.mainWaitEpoch = epoch;
+      this.mainWaitOver = false;
+      migration.wakeAfter(MAIN_WAIT_MS, () => {
+        if (this.mainWaitEpoch === epoch) this.mainWaitOver = true;
+        migration.settle();
+      });
+    }
+    return this.mainWaitOver;
   }
 
   protected override onPacketEnd(): void {
@@ -128,13 +149,13 @@ export class MultifdEncoder extends MultifdChannel {
   }
 
   /**
-   * Whether the packet's `index`-th page, claimed as `claim`, may be named in a Run (see MultifdMigration:
-   * its first write in the epoch, the main channel past the epoch, and on QEMU < 9.0 not a packet's
-   * first or last page).
+   * Whether a page claimed as `claim` may be named in a Run (see MultifdMigration): the main channel is
+   * past the epoch, and it is the page's first write in the epoch, or the second copy of a page QEMU
+   * < 9.0 repeated whose first copy was named.
    */
-  private mayNameClaimed(claim: Claim, index: number): boolean {
-    if (claim !== Claim.First || !this.migration.mainReached(this.syncs)) return false;
-    return this.modernQemu || (index !== 0 && index !== this.parser.currentPacket.normalPages - 1);
+  private mayNameClaimed(claim: Claim, pageIndex: number): boolean {
+    if (!this.migration.mainReached(this.syncs)) return false;
+    return claim === Claim.First || (claim === Claim.Again && this.migration.namedInRun(pageIndex));
   }
 
   protected onPage(record: MultifdPageRecord, page: RamPageRecord): void {
@@ -146,8 +167,9 @@ export class MultifdEncoder extends MultifdChannel {
     const claim = this.migration.claim(page.pageIndex, this.syncs);
     if (!normal) {
       this.counts.pagesZero++;
-    } else if (reference !== null && this.mayNameClaimed(claim, record.index) && sameDigest(reference, at, retainer.digest, 0)) {
+    } else if (reference !== null && this.mayNameClaimed(claim, page.pageIndex) && sameDigest(reference, at, retainer.digest, 0)) {
       this.counts.pagesReused++;
+      this.migration.nameInRun(page.pageIndex);
       this.addToRun(page.streamOffset, page.offset);
     } else {
       this.closeRun();

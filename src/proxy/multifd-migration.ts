@@ -2,6 +2,7 @@ import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamError, StreamErrorCode } from '../qemu/errors';
 import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import { type RamBlock, type RamPageRecord, RecordKind } from '../qemu/records';
+import { EpochStartPages } from './epoch-start-pages';
 import type { PageLayout, RetainedPages } from './retained';
 import { addCounts, newCounts, type TransferCounts } from './transfer-counts';
 
@@ -32,14 +33,21 @@ import { addCounts, newCounts, type TransferCounts } from './transfer-counts';
  * page's final version, and a Run's pages read at the receiver are the ones the sender named. A channel
  * that has fallen back or ended holds nobody up.
  *
- * QEMU before 9.0 breaks the at-most-once rule in one way (seen on 7.2's channels): the last page of a
- * packet may go again as the first page of the next packet, often on another channel, in the same
- * epoch (QEMU counts it once). Its two copies are applied in either order, by QEMU's destination as by
- * the gateways, so the sender must not name such a page in a Run, which the receiver might resolve after
- * it has stored the other copy: a page sent once already in the current epoch is never named in a Run
- * (`claim`), and until a channel has shown it comes from a QEMU of 9.0 or later (its SYNC packets carry
- * no pages, and say pages_alloc 0) neither is a packet's first or last page. Should a source break the
- * rules some other way, a Run's digest check fails the migration; no wrong byte reaches the destination.
+ * QEMU before 9.0 breaks the at-most-once rule in one way (seen on 7.2's channels, in most packets):
+ * multifd_queue_page hands a full packet to a channel thread, then checks whether the packet still
+ * names the page's block; when the thread has emptied it by then, the page is queued again, so a
+ * packet's last page may go again as the first page of the next packet, often on another channel, in
+ * the same epoch (QEMU counts it once). Its two copies are applied in either order, by QEMU's
+ * destination as by the gateways, and may differ (the guest wrote the page in between: it is dirty
+ * again, and a later epoch sends its final version). The sender names the copy it reads first in a Run
+ * by the version the receiver held, as any page; the copy it reads second only if the first was named
+ * (`namedInRun`: both are then that version, and neither is written). A Run may thus reach the receiver
+ * after the other copy has overwritten the page there: so before the receiver first writes a packet's
+ * first or last page in an epoch (until a channel has shown it comes from a QEMU of 9.0 or later: its
+ * SYNC packets carry no pages, and say pages_alloc 0) it keeps the version it held (`epochStart`), and a
+ * Run naming a page written already in its epoch is rebuilt from that version. Should a source break
+ * the rules some other way, a Run's digest check fails the migration; no wrong byte reaches the
+ * destination.
  *
  * The main channel's own pages (7.2 sends zero pages there; 10.0 too with zero-page-detection=legacy)
  * take part as well: their epoch is the count of MULTIFD_FLUSH records on the main channel (10.0), or of
@@ -94,9 +102,20 @@ export class MultifdMigration {
    * same table); null for no reuse.
    */
   reference: Uint8Array | null = null;
+  /**
+   * Sender only: runs `step` after `ms` (the gateway's timer, which fails the migration if `step`
+   * throws). With it a channel past a SYNC waits up to MAIN_WAIT_MS for the main channel's marker of
+   * the epoch where QEMU sends it right after the SYNC packets (`mainFollowsSyncs`): pages read before
+   * it has been parsed cannot be named in a Run. Without it (tests) channels never wait for it.
+   */
+  wakeAfter: ((ms: number, step: () => void) => void) | null = null;
+  /** Receiver only: pages as they were when the current epoch began, where a repeated page overwrote them. */
+  readonly epochStart: EpochStartPages | null;
   private readonly blocks = new Map<string, RamBlock>();
   /** Per page, 1 + the epoch it was last written in; 0 = not in this migration. Empty until a channel joins. */
   private writeEpochs = new Uint32Array(0);
+  /** Sender only, per page: its first write in its last epoch was named in a Run. */
+  private namedInRuns = new Uint8Array(0);
   private pageCount = 0;
   /** The first channel joined too late for the stamps to order every write (see above). */
   private joinedLate = false;
@@ -116,7 +135,9 @@ export class MultifdMigration {
      * it counts those that have joined, so every channel must join before the first SYNC is read on any.
      */
     private expectedChannels = 0,
-  ) {}
+  ) {
+    this.epochStart = store === null ? null : new EpochStartPages(store);
+  }
 
   /** At least `count` channels will join (the sending gateway says how many it has): the barrier waits for them. */
   expectChannels(count: number): void {
@@ -133,7 +154,12 @@ export class MultifdMigration {
       firstPage += pages;
     });
     this.pageCount = firstPage;
-    this.writeEpochs = new Uint32Array(this.channels.length > 0 ? firstPage : 0);
+    this.stamp(this.channels.length > 0 ? firstPage : 0);
+  }
+
+  private stamp(pages: number): void {
+    this.writeEpochs = new Uint32Array(pages);
+    this.namedInRuns = new Uint8Array(pages);
   }
 
   /** A page is being written in epoch `epoch`: whether to keep it, and whether it may be named in a Run. */
@@ -142,7 +168,24 @@ export class MultifdMigration {
     const last = this.writeEpochs[pageIndex];
     if (last > epoch + 1) return Claim.Stale;
     this.writeEpochs[pageIndex] = epoch + 1;
-    return last === epoch + 1 ? Claim.Again : Claim.First;
+    if (last === epoch + 1) return Claim.Again;
+    this.namedInRuns[pageIndex] = 0;
+    return Claim.First;
+  }
+
+  /** Whether the page has been written (or rebuilt from a Run) in epoch `epoch` already. */
+  writtenIn(pageIndex: number, epoch: number): boolean {
+    return this.writeEpochs.length > 0 && this.writeEpochs[pageIndex] === epoch + 1;
+  }
+
+  /** Sender: the page's write in its epoch is named in a Run. */
+  nameInRun(pageIndex: number): void {
+    if (this.namedInRuns.length > 0) this.namedInRuns[pageIndex] = 1;
+  }
+
+  /** Sender: the page's first write in its last epoch was named in a Run. */
+  namedInRun(pageIndex: number): boolean {
+    return this.namedInRuns.length > 0 && this.namedInRuns[pageIndex] === 1;
   }
 
   /** A RAM marker record of the main channel: EOS or MULTIFD_FLUSH may end an epoch. */
@@ -166,6 +209,16 @@ export class MultifdMigration {
     this.settle();
   }
 
+  /**
+   * The main channel's epochs are counted by RAM EOS records (QEMU 7.2; 10.0 on machine types before
+   * 8.0): QEMU writes and flushes the EOS right after every channel's SYNC packet and before any page of
+   * the next epoch, so it is on its way when a channel passes its SYNC. (A MULTIFD_FLUSH may stay in
+   * QEMU's buffer until the channels take more pages: a channel must not wait for that one.)
+   */
+  get mainFollowsSyncs(): boolean {
+    return this.mainMarker === RecordKind.RamEos && !this.mainEnded;
+  }
+
   /** Whether the main channel has passed into epoch `epoch`: only then may a Run of that epoch be named or rebuilt. */
   mainReached(epoch: number): boolean {
     return this.mainEnded || this.mainEpoch >= epoch;
@@ -186,7 +239,7 @@ export class MultifdMigration {
   join(channel: MultifdChannelCodec): void {
     if (this.writeEpochs.length === 0) {
       if (this.mainEpoch >= 2) this.joinedLate = true;
-      this.writeEpochs = new Uint32Array(this.pageCount);
+      this.stamp(this.pageCount);
     }
     this.channels.push(channel);
   }

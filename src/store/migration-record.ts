@@ -19,6 +19,12 @@ export interface MigrationRecord {
   error: string | null;
   /** The snapshot the store claims after it (null: none). */
   snapshotId: string | null;
+  /**
+   * Whether that snapshot is this migration's: false for one that completed with the store keeping
+   * the snapshot it held (part of it relayed verbatim, a multifd channel's pages not kept, a failed
+   * commit), which is then older than the VM. Absent in records of older versions.
+   */
+  kept?: boolean;
   /** Where and why the stream stopped being parsed and was relayed as it was; null when it was parsed whole. */
   verbatim: { code: string; reason: string; streamOffset: number } | null;
   /** The migration switched to postcopy. */
@@ -53,6 +59,7 @@ function isMigrationRecord(v: unknown): v is MigrationRecord {
     (r.result === 'completed' || r.result === 'failed') &&
     (r.error === null || typeof r.error === 'string') &&
     (r.snapshotId === null || typeof r.snapshotId === 'string') &&
+    (r.kept === undefined || typeof r.kept === 'boolean') &&
     typeof r.postcopy === 'boolean' &&
     (verbatim === null || (typeof verbatim === 'object' && typeof verbatim.code === 'string' && typeof verbatim.reason === 'string' && typeof verbatim.streamOffset === 'number'))
   );

@@ -140,8 +140,8 @@ export interface ChannelFrames {
 /**
  * Runs a migration's channels through one gateway pair's multifd codecs, in memory: every channel is
  * pushed to its encoder in `chunk`-byte pieces, the channels taken whole one after the other in `order`
- * (a parked channel's input waits in its codec), then every channel's frames to its decoder in
- * `decodeOrder` (default: the same). Returns the rebuilt channels (empty with `discardOutput`, for
+ * (a parked channel's input waits in its codec), or with `interleave` a piece of each in turn, then
+ * every channel's frames to its decoder in `decodeOrder` (default: the same). Returns the rebuilt channels (empty with `discardOutput`, for
  * benchmarks) and both sides' codecs.
  */
 export function multifdRoundTrip(
@@ -149,7 +149,7 @@ export function multifdRoundTrip(
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; discardOutput?: boolean } = {},
+  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -168,14 +168,24 @@ export function multifdRoundTrip(
       ),
   );
   let ended = 0;
-  for (const c of order) {
-    for (let at = 0; at < channels[c].length; at += chunk) encoders[c].push(channels[c].subarray(at, at + chunk));
-    // A channel closes as soon as its bytes are in; one parked at its last SYNC ends when let go.
+  // A channel closes as soon as its bytes are in; one parked at its last SYNC ends when let go.
+  const end = (c: number): void =>
     encoders[c].end(() => {
       sent[c].streamBytes = encoders[c].sentBytes;
       sent[c].streamCheck = encoders[c].streamCheck;
       ended++;
     });
+  if (options.interleave) {
+    const longest = Math.max(...channels.map((b) => b.length));
+    for (let at = 0; at < longest; at += chunk) {
+      for (const c of order) if (at < channels[c].length) encoders[c].push(channels[c].subarray(at, at + chunk));
+    }
+    order.forEach(end);
+  } else {
+    for (const c of order) {
+      for (let at = 0; at < channels[c].length; at += chunk) encoders[c].push(channels[c].subarray(at, at + chunk));
+      end(c);
+    }
   }
   if (ended !== channels.length) throw new Error(`${channels.length - ended} multifd channels never finished`);
   const receiving = new MultifdMigration(receiver, channels.length);

@@ -44,3 +44,13 @@ export function checkStores(data: string, vms: readonly string[]): StoreCheck[] 
     }
   });
 }
+
+/** The snapshot VM `vm`'s store in `data` claims (null: none); the store must not be in use. */
+export function claimedSnapshot(data: string, vm: string): string | null {
+  const store = PageStore.open(data, vm);
+  try {
+    return store.snapshotId();
+  } finally {
+    store.close();
+  }
+}
