@@ -7,44 +7,15 @@
  *
  * Usage: node dist/bench/throughput.js [GiB=1] [runs=5]
  */
-import { fork, type ChildProcess } from 'node:child_process';
-import * as path from 'node:path';
-import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
 import { procStats } from '../src/lab/demo/proc-stats';
-import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
 import { freePort } from '../src/lab/vm/ports';
 import { checkingDestination, playStream } from '../src/lab/harness/qemu-standins';
-import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
 import { withTempDir } from '../src/lab/harness/temp-dir';
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
+import { gatewayNodeArgs as nodeArgs, median, startGateway, startRelay } from './loopback-processes';
 
 const gib = Number(process.argv[2] ?? 1);
 const runs = Number(process.argv[3] ?? 5);
-
-/** Node flags of the gateway processes: the deployment's recommended ones (README, docker/Dockerfile) unless overridden. */
-const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
-
-/** A `bfmig gateway` child process routing vm "bench" to the far site; its log goes to $BFMIG_BENCH_LOG.NAME.log when that is set. */
-function startGateway(dir: string, name: string, peerPort: number, routePort: number, farPeer: number, target: number): Promise<SiteGateway> {
-  const yaml = loopbackSiteYaml({ name, data: path.join(dir, name), peerPort, vm: 'bench', routePort, farPeerPort: farPeer, targetPort: target });
-  const logPath = process.env.BFMIG_BENCH_LOG ? `${process.env.BFMIG_BENCH_LOG}.${name}.log` : undefined;
-  return startSiteGateway(dir, name, yaml, 'child-process', { nodeArgs, logPath });
-}
-
-/** A TcpRelay in a child process (bench/wan.js serve). */
-function startRelay(targetPort: number): Promise<{ child: ChildProcess; port: number }> {
-  return new Promise((resolve, reject) => {
-    const request = { kind: 'relay', target: { host: '127.0.0.1', port: targetPort }, rateMbit: 0, delayMs: 0 };
-    const child = fork(path.join(__dirname, 'wan.js'), ['serve', JSON.stringify(request)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
-    child.once('error', reject);
-    child.once('message', (m: { port: number }) => resolve({ child, port: m.port }));
-  });
-}
-
-function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)];
-}
 
 async function main(): Promise<void> {
   const { stream } = syntheticStream(gib);
