@@ -14,6 +14,9 @@
  *                    queued to the store's I/O thread; without, they reach the
  *                    page cache), "+commit" includes the fsyncs.
  *   write overwrite  the same with an unchanged layout (blocks already allocated).
+ *   write N channels as "write fresh", the pages in the order N multifd channels bring them to a
+ *                    gateway: packets of 128 pages dealt to the channels in turn, the channels
+ *                    read 16 pages (a 64 KiB socket read) at a time in turn (BENCH_CHANNELS, default 4,8).
  *   read             readPages() in 64-page runs, in order, into one buffer
  *                    (direct I/O: from the device, read ahead by the I/O thread;
  *                    page cache: hot, the file was just written).
@@ -33,6 +36,24 @@ import { makeTempDir, removeTempDir } from '../src/lab/harness/temp-dir';
 
 const RUNS = 3;
 const READ_RUN = 64;
+/** QEMU's multifd packets carry 128 pages; a 64 KiB socket read brings 16 of them. */
+const PACKET_PAGES = 128;
+const READ_PAGES = 16;
+
+/** Page indexes in the order `channels` multifd channels bring them, read in turn a socket read at a time. */
+function channelOrder(pages: number, channels: number): Uint32Array {
+  const order = new Uint32Array(pages);
+  const next = Array.from({ length: channels }, (_, c) => c * PACKET_PAGES);
+  let n = 0;
+  while (n < pages) {
+    for (let c = 0; c < channels; c++) {
+      for (let k = 0; k < READ_PAGES && next[c] < pages; k++) order[n++] = next[c]++;
+      // Its packet done, the channel goes on with its next one: `channels` packets further on.
+      if (next[c] % PACKET_PAGES === 0) next[c] += (channels - 1) * PACKET_PAGES;
+    }
+  }
+  return order;
+}
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -101,6 +122,20 @@ function main(): void {
       }
     }
     const s = store as PageStore;
+    for (const channels of (process.env.BENCH_CHANNELS ?? '4,8').split(',').map(Number)) {
+      const order = channelOrder(pages, channels);
+      const loops: number[] = [];
+      const alls: number[] = [];
+      for (let r = 0; r < RUNS; r++) {
+        const t0 = process.hrtime.bigint();
+        s.begin(layout(`L${layoutNo++}`));
+        for (const i of order) s.writePage(i, src, i * PAGE, digests, i * DIGEST_BYTES);
+        loops.push(seconds(t0));
+        s.commit(`snap-${layoutNo}`);
+        alls.push(seconds(t0));
+      }
+      console.log(`  write as ${channels} multifd channels (fresh)`.padEnd(49) + `loop ${mbps(total, median(loops))}   +commit ${mbps(total, median(alls))}`);
+    }
 
     // read: 64-page runs in order into one buffer; check the content once, untimed
     const dest = Buffer.allocUnsafeSlow(READ_RUN * PAGE);

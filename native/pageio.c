@@ -39,18 +39,18 @@
 #include <unistd.h>
 
 #define PIO_ALIGN 4096
-/* One read-ahead buffer: a read-ahead moves at most this much. */
+/* One queue buffer; a write or a read-ahead moves at most this much. */
 #define PIO_SLOT_BYTES (1024 * 1024)
-/* One write buffer: a write moves at most this much. Half a read-ahead buffer, twice as many: the store
-   keeps up to half of them open at once (one per multifd channel writing its own stretch of pages,
-   src/store/pages-file.ts), each as large as a QEMU multifd packet's pages (128 x 4 KiB). */
-#define PIO_WRITE_SLOT_BYTES (512 * 1024)
-#define PIO_WRITE_SLOTS 16
+/* Write buffers: the store keeps up to 8 lent at once as open runs (src/store/pages-file.ts: one for
+   each multifd channel writing its own stretch of pages), and at most PIO_WRITE_QUEUE are queued or
+   being written, so a single stream touches no more of them than before runs stayed open. */
+#define PIO_WRITE_SLOTS 12
+#define PIO_WRITE_QUEUE 4
 #define PIO_READ_SLOTS 4
 #define PIO_SLOTS (PIO_WRITE_SLOTS + PIO_READ_SLOTS)
 #define PIO_HUGE_PAGE (2 * 1024 * 1024)
-/* Bytes of a region holding `slots` queue buffers of `bytes` each, in whole huge pages. */
-#define pio_region_bytes(slots, bytes) (((size_t)(slots) * (bytes) + PIO_HUGE_PAGE - 1) / PIO_HUGE_PAGE * PIO_HUGE_PAGE)
+/* Bytes of a region holding `slots` queue buffers, in whole huge pages. */
+#define pio_region_bytes(slots) (((size_t)(slots) * PIO_SLOT_BYTES + PIO_HUGE_PAGE - 1) / PIO_HUGE_PAGE * PIO_HUGE_PAGE)
 /* A stream read this large starts read-ahead without waiting for a second one. */
 #define PIO_STREAM_READ_BYTES (64 * 1024)
 
@@ -232,7 +232,7 @@ static void pio_release(pio *p) {
  * Forgets the exported write buffers' references; with `detach`, first detaches them (JavaScript sees
  * them empty from now on) so that their memory goes back as soon as Node runs their finalizers, not
  * whenever the GC gets round to the ArrayBuffers: a gateway running many migrations in turn would
- * otherwise hold 8 MiB per closed store.
+ * otherwise hold 12 MiB per closed store.
  */
 static void pio_forget_exported(napi_env env, pio *p, int detach) {
   for (int s = 0; s < PIO_WRITE_SLOTS; s++) {
@@ -339,15 +339,15 @@ static napi_value PageioOpen(napi_env env, napi_callback_info info) {
   int err = 0;
   /* Queue buffers are pinned for every O_DIRECT transfer: in huge pages the kernel pins a few folios
      instead of 256 pages a transfer, which halved the time the writes cost the CPU. */
-  err = posix_memalign((void **)&p->write_region, PIO_HUGE_PAGE, pio_region_bytes(PIO_WRITE_SLOTS, PIO_WRITE_SLOT_BYTES));
+  err = posix_memalign((void **)&p->write_region, PIO_HUGE_PAGE, pio_region_bytes(PIO_WRITE_SLOTS));
   if (err == 0) {
-    madvise(p->write_region, pio_region_bytes(PIO_WRITE_SLOTS, PIO_WRITE_SLOT_BYTES), MADV_HUGEPAGE);
-    err = posix_memalign((void **)&p->read_region, PIO_HUGE_PAGE, pio_region_bytes(PIO_READ_SLOTS, PIO_SLOT_BYTES));
+    madvise(p->write_region, pio_region_bytes(PIO_WRITE_SLOTS), MADV_HUGEPAGE);
+    err = posix_memalign((void **)&p->read_region, PIO_HUGE_PAGE, pio_region_bytes(PIO_READ_SLOTS));
   }
-  if (err == 0) madvise(p->read_region, pio_region_bytes(PIO_READ_SLOTS, PIO_SLOT_BYTES), MADV_HUGEPAGE);
+  if (err == 0) madvise(p->read_region, pio_region_bytes(PIO_READ_SLOTS), MADV_HUGEPAGE);
   for (int s = 0; s < PIO_SLOTS && err == 0; s++) {
     p->slots[s].is_write = s < PIO_WRITE_SLOTS;
-    p->slots[s].buf = s < PIO_WRITE_SLOTS ? p->write_region + (size_t)s * PIO_WRITE_SLOT_BYTES
+    p->slots[s].buf = s < PIO_WRITE_SLOTS ? p->write_region + (size_t)s * PIO_SLOT_BYTES
                                           : p->read_region + (size_t)(s - PIO_WRITE_SLOTS) * PIO_SLOT_BYTES;
   }
   if (err == 0) err = posix_memalign((void **)&p->bounce, PIO_ALIGN, PIO_SLOT_BYTES);
@@ -386,7 +386,7 @@ static void release_exported(napi_env env, void *data, void *hint) {
   pio_release((pio *)hint);
 }
 
-/* pageioWriteBuffers(h) -> ArrayBuffer[]: the queue's write buffers (PIO_WRITE_SLOT_BYTES each, 4 KiB aligned),
+/* pageioWriteBuffers(h) -> ArrayBuffer[]: the queue's write buffers (PIO_SLOT_BYTES each, 4 KiB aligned),
  * once per handle. JavaScript writes only into the one pageioAcquire lent it. */
 static napi_value PageioWriteBuffers(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -398,7 +398,7 @@ static napi_value PageioWriteBuffers(napi_env env, napi_callback_info info) {
   if (napi_create_array_with_length(env, PIO_WRITE_SLOTS, &list) != napi_ok) return pio_throw(env, "ERR_BFMIG_PAGEIO", "napi_create_array failed");
   p->exported = 1;
   for (int s = 0; s < PIO_WRITE_SLOTS; s++) {
-    if (napi_create_external_arraybuffer(env, p->slots[s].buf, PIO_WRITE_SLOT_BYTES, release_exported, p, &ab) != napi_ok)
+    if (napi_create_external_arraybuffer(env, p->slots[s].buf, PIO_SLOT_BYTES, release_exported, p, &ab) != napi_ok)
       return pio_throw(env, "ERR_BFMIG_PAGEIO", "napi_create_external_arraybuffer failed");
     p->refs++;
     if (napi_create_reference(env, ab, 0, &p->exported_refs[s]) != napi_ok) p->exported_refs[s] = NULL;
@@ -407,7 +407,8 @@ static napi_value PageioWriteBuffers(napi_env env, napi_callback_info info) {
   return list;
 }
 
-/* pageioAcquire(h) -> index of a free write buffer, now lent to the caller; waits while every one is queued. */
+/* pageioAcquire(h) -> index of a free write buffer, now lent to the caller; waits while none is free or
+ * PIO_WRITE_QUEUE writes are queued or running. */
 static napi_value PageioAcquire(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1], r;
@@ -417,12 +418,15 @@ static napi_value PageioAcquire(napi_env env, napi_callback_info info) {
   int s = -1;
   pthread_mutex_lock(&p->mu);
   for (;;) {
-    int lent = 0;
+    int lent = 0, queued = 0;
+    s = -1;
     for (int i = 0; i < PIO_WRITE_SLOTS; i++) {
       if (p->slots[i].state == SLOT_FREE && s < 0) s = i;
       if (p->slots[i].state == SLOT_FILLING) lent++;
+      if (p->slots[i].state == SLOT_QUEUED || p->slots[i].state == SLOT_BUSY) queued++;
     }
-    if (s >= 0 || lent == PIO_WRITE_SLOTS) break;
+    if ((s >= 0 && queued < PIO_WRITE_QUEUE) || lent == PIO_WRITE_SLOTS) break;
+    s = -1;
     pthread_cond_wait(&p->cv, &p->mu);
   }
   if (s >= 0) p->slots[s].state = SLOT_FILLING;
@@ -443,7 +447,7 @@ static napi_value PageioSubmit(napi_env env, napi_callback_info info) {
   pio *p = pio_arg(env, argv[0]);
   if (p == NULL) return NULL;
   if (napi_get_value_int32(env, argv[1], &s) != napi_ok || s < 0 || s >= PIO_WRITE_SLOTS || !get_num(env, argv[2], &len) ||
-      !get_num(env, argv[3], &pos) || len > PIO_WRITE_SLOT_BYTES || ((int64_t)len % PIO_ALIGN) != 0 || ((int64_t)pos % PIO_ALIGN) != 0)
+      !get_num(env, argv[3], &pos) || len > PIO_SLOT_BYTES || ((int64_t)len % PIO_ALIGN) != 0 || ((int64_t)pos % PIO_ALIGN) != 0)
     return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioSubmit: bad buffer index, or len/pos not multiples of 4096 within a buffer");
   pthread_mutex_lock(&p->mu);
   pio_slot *sl = &p->slots[s];

@@ -8,7 +8,7 @@
  * With O_DIRECT several runs stay open at once (OPEN_RUNS): a migration's multifd channels each write
  * their own stretch of pages, interleaved chunk by chunk, and one open run would cut them into writes of
  * a chunk's few pages, which the device takes at a third of the rate of whole runs (measured:
- * docs/benchmarks.md, multifd channels on loopback).
+ * docs/testing.md, multifd channels on loopback).
  * After the file was recreated empty, all-zero pages are not written at all while their region of the
  * file is known to be a hole.
  *
@@ -25,8 +25,8 @@ import { openRW, preadFully, pwriteFully } from './fsio';
 export const PAGES_FILE = 'pages';
 
 /**
- * Runs open at once with O_DIRECT: a main channel and up to 7 multifd channels each keep theirs. Half
- * the direct write queue's buffers (native/pageio.c), so the other half can be queued or written.
+ * Runs open at once with O_DIRECT: a main channel and up to 7 multifd channels each keep theirs. 8 of
+ * the direct write queue's 12 buffers (native/pageio.c), which keeps 4 for writes in flight.
  */
 const OPEN_RUNS = 8;
 
