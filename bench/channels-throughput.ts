@@ -17,9 +17,8 @@ import { waitFor } from '../src/lab/harness/gateway-pair';
 import { guestMemory, migrationStream, PAGE, streamStart } from '../src/lab/harness/migration-stream';
 import { multifdMigration } from '../src/lab/harness/multifd-stream';
 import { ChannelsDestination, type ReceivedChannel, sourceChannel } from '../src/lab/harness/qemu-standins';
-import { withTempDir } from '../src/lab/harness/temp-dir';
 import { MULTIFD_INIT_BYTES } from '../src/qemu/multifd';
-import { median, startGateway, startRelay } from './loopback-processes';
+import { median, startRelay, withGatewayPair } from './loopback-processes';
 
 const mib = Number(process.argv[2] ?? 256);
 const runs = Number(process.argv[3] ?? 3);
@@ -106,30 +105,14 @@ async function relayRun(run: Migration): Promise<{ seconds: number; cpu: number 
 }
 
 async function gatewayRun(run: Migration, row: Row, relayGBs: number): Promise<void> {
-  await withTempDir(
-    'bfmig-channels-',
-    async (dir) => {
-      const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
-      const a = await startGateway(dir, 'site-a', peerA, routeA, peerB, destB);
-      const b = await startGateway(dir, 'site-b', peerB, routeB, peerA, destA);
-      try {
-        for (const [leg, from, to, routePort, destPort] of [
-          ['first', a, b, routeA, destB],
-          ['back', b, a, routeB, destA],
-        ] as const) {
-          const before = { from: procStats(from.pid!).cpuSeconds, to: procStats(to.pid!).cpuSeconds };
-          const seconds = await migrate(run, routePort, destPort);
-          row.seconds[leg].push(seconds);
-          row.ratio[leg].push(run.bytes / seconds / 1e9 / relayGBs);
-          row.sendCpu[leg].push(procStats(from.pid!).cpuSeconds - before.from);
-          row.receiveCpu[leg].push(procStats(to.pid!).cpuSeconds - before.to);
-        }
-      } finally {
-        await Promise.all([a.stop(), b.stop()]);
-      }
-    },
-    { base: process.env.BFMIG_BENCH_STORE_DIR },
-  );
+  await withGatewayPair('bfmig-channels-', async ({ name: leg, from, to, routePort, destPort }) => {
+    const before = { from: procStats(from.pid!).cpuSeconds, to: procStats(to.pid!).cpuSeconds };
+    const seconds = await migrate(run, routePort, destPort);
+    row.seconds[leg].push(seconds);
+    row.ratio[leg].push(run.bytes / seconds / 1e9 / relayGBs);
+    row.sendCpu[leg].push(procStats(from.pid!).cpuSeconds - before.from);
+    row.receiveCpu[leg].push(procStats(to.pid!).cpuSeconds - before.to);
+  });
 }
 
 async function main(): Promise<void> {

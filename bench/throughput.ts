@@ -8,11 +8,9 @@
  * Usage: node dist/bench/throughput.js [GiB=1] [runs=5]
  */
 import { procStats } from '../src/lab/demo/proc-stats';
-import { freePort } from '../src/lab/vm/ports';
 import { checkingDestination, playStream } from '../src/lab/harness/qemu-standins';
-import { withTempDir } from '../src/lab/harness/temp-dir';
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
-import { gatewayNodeArgs as nodeArgs, median, startGateway, startRelay } from './loopback-processes';
+import { gatewayNodeArgs as nodeArgs, median, startRelay, withGatewayPair } from './loopback-processes';
 
 const gib = Number(process.argv[2] ?? 1);
 const runs = Number(process.argv[3] ?? 5);
@@ -54,43 +52,27 @@ async function main(): Promise<void> {
     relayCpu.push(relay.cpu);
     const relayGBs = stream.length / relay.seconds / 1e9;
     rows.push(`run ${r + 1} relay pair: ${relayGBs.toFixed(2)} GB/s`);
-    await withTempDir(
-      'bfmig-tput-',
-      async (dir) => {
-        const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
-        const a = await startGateway(dir, 'site-a', peerA, routeA, peerB, destB);
-        const b = await startGateway(dir, 'site-b', peerB, routeB, peerA, destA);
-        try {
-          for (const [legName, from, to, routePort, destPort] of [
-            ['first', a, b, routeA, destB],
-            ['back', b, a, routeB, destA],
-          ] as const) {
-            const before = { from: procStats(from.pid!), to: procStats(to.pid!) };
-            // The gateway dials its route's fixed target port: the destination listens there.
-            const sink = await checkingDestination(stream, destPort);
-            const t0 = process.hrtime.bigint();
-            const delivered = sink.done.then(() => process.hrtime.bigint());
-            // The source's connection closes once both gateways have committed their stores (Done): QEMU
-            // does not wait for that, the migration is over when the destination has the whole stream.
-            await playStream(routePort, stream);
-            const seconds = Number((await delivered) - t0) / 1e9;
-            const committedSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
-            committedRatios[legName].push(stream.length / committedSeconds / 1e9 / relayGBs);
-            await new Promise((res) => setTimeout(res, 200));
-            const after = { from: procStats(from.pid!), to: procStats(to.pid!) };
-            ratios[legName].push(stream.length / seconds / 1e9 / relayGBs);
-            legTimes[legName].push(seconds);
-            cpu[`${legName}:send`].push((after.from.cpuSeconds - before.from.cpuSeconds) / GiB);
-            cpu[`${legName}:receive`].push((after.to.cpuSeconds - before.to.cpuSeconds) / GiB);
-            peakRss = Math.max(peakRss, after.from.peakRssMiB, after.to.peakRssMiB);
-            rows.push(`run ${r + 1} ${legName.padEnd(5)} leg: ${(stream.length / seconds / 1e9).toFixed(2)} GB/s to the destination, ${(stream.length / committedSeconds / 1e9).toFixed(2)} GB/s until both stores committed; peak RSS so far: sender ${after.from.peakRssMiB.toFixed(0)} MiB, receiver ${after.to.peakRssMiB.toFixed(0)} MiB`);
-          }
-        } finally {
-          await Promise.all([a.stop(), b.stop()]);
-        }
-      },
-      { base: process.env.BFMIG_BENCH_STORE_DIR },
-    );
+    await withGatewayPair('bfmig-tput-', async ({ name: legName, from, to, routePort, destPort }) => {
+      const before = { from: procStats(from.pid!), to: procStats(to.pid!) };
+      // The gateway dials its route's fixed target port: the destination listens there.
+      const sink = await checkingDestination(stream, destPort);
+      const t0 = process.hrtime.bigint();
+      const delivered = sink.done.then(() => process.hrtime.bigint());
+      // The source's connection closes once both gateways have committed their stores (Done): QEMU
+      // does not wait for that, the migration is over when the destination has the whole stream.
+      await playStream(routePort, stream);
+      const seconds = Number((await delivered) - t0) / 1e9;
+      const committedSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
+      committedRatios[legName].push(stream.length / committedSeconds / 1e9 / relayGBs);
+      await new Promise((res) => setTimeout(res, 200));
+      const after = { from: procStats(from.pid!), to: procStats(to.pid!) };
+      ratios[legName].push(stream.length / seconds / 1e9 / relayGBs);
+      legTimes[legName].push(seconds);
+      cpu[`${legName}:send`].push((after.from.cpuSeconds - before.from.cpuSeconds) / GiB);
+      cpu[`${legName}:receive`].push((after.to.cpuSeconds - before.to.cpuSeconds) / GiB);
+      peakRss = Math.max(peakRss, after.from.peakRssMiB, after.to.peakRssMiB);
+      rows.push(`run ${r + 1} ${legName.padEnd(5)} leg: ${(stream.length / seconds / 1e9).toFixed(2)} GB/s to the destination, ${(stream.length / committedSeconds / 1e9).toFixed(2)} GB/s until both stores committed; peak RSS so far: sender ${after.from.peakRssMiB.toFixed(0)} MiB, receiver ${after.to.peakRssMiB.toFixed(0)} MiB`);
+    });
   }
   for (const row of rows) console.log(row);
   const relayGBs = stream.length / median(relayTimes) / 1e9;

@@ -8,7 +8,7 @@
  * With O_DIRECT several runs stay open at once (OPEN_RUNS): a migration's multifd channels each write
  * their own stretch of pages, interleaved chunk by chunk, and one open run would cut them into writes of
  * a chunk's few pages, which the device takes at a third of the rate of whole runs (measured:
- * docs/testing.md, multifd channels on loopback).
+ * docs/design.md, multifd channels and cores).
  * After the file was recreated empty, all-zero pages are not written at all while their region of the
  * file is known to be a hole.
  *
