@@ -150,6 +150,41 @@ test('stretches of pages written interleaved, as multifd channels write them, mo
   expect(fs.readFileSync(path.join(tmp, 'direct', 'vm1', PAGES_FILE)).equals(fs.readFileSync(path.join(tmp, 'cached', 'vm1', PAGES_FILE)))).toBe(true);
 });
 
+test('packets read strided, as a back leg’s multifd channels read their Runs, read back as their last version, pages rewritten after they were read ahead too', () => {
+  const packet = 128;
+  const packets = 64; // 32 MiB
+  const channels = 4;
+  const store = open(path.join(tmp, 'direct'));
+  store.begin(layout(packets * packet));
+  const last = new Array<number>(packets * packet).fill(1);
+  for (let i = 0; i < last.length; i++) put(store, i, 1);
+  const buf = Buffer.alloc(packet * PAGE);
+  const seen: string[] = [];
+  let reads = 0;
+  // Each channel reads a burst of its packets (every 4th), then the next channel; now and then a page
+  // of a packet the reader has just fetched ahead (two strides on) is written again.
+  for (let burst = 0; burst * 6 * channels < packets; burst++) {
+    for (let c = 0; c < channels; c++) {
+      for (let b = 0; b < 6; b++) {
+        const k = (burst * 6 + b) * channels + c;
+        if (k >= packets) continue;
+        store.readPages(k * packet, packet, buf, 0);
+        for (let p = 0; p < packet; p++) {
+          const [index, generation] = identify(buf, p * PAGE);
+          if (index !== k * packet + p || generation !== last[k * packet + p]) seen.push(`${k * packet + p}: ${index}/${generation}, not ${last[k * packet + p]}`);
+        }
+        const ahead = (k + 2 * channels) * packet + (reads++ % packet);
+        if (reads % 3 === 0 && ahead < last.length) {
+          put(store, ahead, 2 + reads);
+          last[ahead] = 2 + reads;
+        }
+      }
+    }
+  }
+  expect(seen).toEqual([]);
+  directOrSkip(store);
+});
+
 test('a page written after the reader fetched it ahead is read back new', () => {
   const pages = 2048; // 8 MiB
   const store = open(tmp);
