@@ -513,61 +513,44 @@ static napi_value PageioSetSize(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* Queues (mu held) a read-ahead of len bytes at w (cut at the end of the file) unless a read-ahead
+ * buffer holds them already, first freeing the finished ones wholly before `from` (behind the reader);
+ * 0 when no read buffer is free. */
+static int pio_queue_read(pio *p, off_t from, off_t w, size_t len) {
+  if (w + (off_t)len > p->file_size) len = (size_t)(p->file_size - w);
+  len = (len + PIO_ALIGN - 1) / PIO_ALIGN * PIO_ALIGN;
+  int have = 0, free_slot = -1;
+  for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS; s++) {
+    pio_slot *sl = &p->slots[s];
+    if (sl->state != SLOT_FREE && !sl->stale && sl->pos <= w && w + (off_t)len <= sl->pos + (off_t)sl->len) have = 1;
+    if (sl->state == SLOT_DONE && sl->pos + (off_t)sl->len <= from) sl->state = SLOT_FREE;
+    if (sl->state == SLOT_FREE && free_slot < 0) free_slot = s;
+  }
+  if (have) return 1;
+  if (free_slot < 0) return 0;
+  pio_slot *sl = &p->slots[free_slot];
+  sl->pos = w;
+  sl->len = len;
+  sl->got = 0;
+  sl->err = 0;
+  sl->stale = 0;
+  sl->state = SLOT_QUEUED;
+  pio_enqueue(p, free_slot);
+  return 1;
+}
+
 /* Queues (mu held) read-ahead of the windows after `from`, as far as free read slots allow. */
 static void pio_read_ahead(pio *p, off_t from) {
   off_t w = from - from % PIO_SLOT_BYTES;
-  for (int k = 0; k < PIO_READ_SLOTS; k++, w += PIO_SLOT_BYTES) {
-    if (w >= p->file_size) return;
-    int have = 0, free_slot = -1;
-    for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS; s++) {
-      pio_slot *sl = &p->slots[s];
-      if (sl->state != SLOT_FREE && !sl->stale && sl->pos == w) have = 1;
-      if (sl->state == SLOT_DONE && sl->pos + (off_t)sl->len <= from) sl->state = SLOT_FREE; /* behind the reader */
-      if (sl->state == SLOT_FREE && free_slot < 0) free_slot = s;
-    }
-    if (have) continue;
-    if (free_slot < 0) return;
-    pio_slot *sl = &p->slots[free_slot];
-    size_t len = PIO_SLOT_BYTES;
-    if (w + (off_t)len > p->file_size) len = (size_t)(p->file_size - w);
-    len = (len + PIO_ALIGN - 1) / PIO_ALIGN * PIO_ALIGN;
-    sl->pos = w;
-    sl->len = len;
-    sl->got = 0;
-    sl->err = 0;
-    sl->stale = 0;
-    sl->state = SLOT_QUEUED;
-    pio_enqueue(p, free_slot);
-  }
+  for (int k = 0; k < PIO_READ_SLOTS && w < p->file_size; k++, w += PIO_SLOT_BYTES)
+    if (!pio_queue_read(p, from, w, PIO_SLOT_BYTES)) return;
 }
 
 /* Queues (mu held) read-ahead of `len` bytes (at most a buffer) at from + k * stride, k = 1, 2, …, as
  * far as free read slots allow: the reads a strided stream makes next. */
 static void pio_read_ahead_strided(pio *p, off_t from, off_t stride, size_t len) {
-  for (int k = 1; k <= PIO_READ_SLOTS; k++) {
-    off_t w = from + (off_t)k * stride;
-    if (w >= p->file_size) return;
-    int have = 0, free_slot = -1;
-    for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS; s++) {
-      pio_slot *sl = &p->slots[s];
-      if (sl->state != SLOT_FREE && !sl->stale && sl->pos <= w && w + (off_t)len <= sl->pos + (off_t)sl->len) have = 1;
-      if (sl->state == SLOT_DONE && sl->pos + (off_t)sl->len <= from) sl->state = SLOT_FREE; /* behind the reader */
-      if (sl->state == SLOT_FREE && free_slot < 0) free_slot = s;
-    }
-    if (have) continue;
-    if (free_slot < 0) return;
-    pio_slot *sl = &p->slots[free_slot];
-    size_t n = len;
-    if (w + (off_t)n > p->file_size) n = (size_t)(p->file_size - w);
-    n = (n + PIO_ALIGN - 1) / PIO_ALIGN * PIO_ALIGN;
-    sl->pos = w;
-    sl->len = n;
-    sl->got = 0;
-    sl->err = 0;
-    sl->stale = 0;
-    sl->state = SLOT_QUEUED;
-    pio_enqueue(p, free_slot);
-  }
+  for (int k = 1; k <= PIO_READ_SLOTS && from + (off_t)k * stride < p->file_size; k++)
+    if (!pio_queue_read(p, from, from + (off_t)k * stride, len)) return;
 }
 
 /* pageioRead(h, dest, destOff, len, pos, inStream): reads exactly len bytes at pos (multiples of 4096)
