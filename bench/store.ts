@@ -14,9 +14,14 @@
  *                    queued to the store's I/O thread; without, they reach the
  *                    page cache), "+commit" includes the fsyncs.
  *   write overwrite  the same with an unchanged layout (blocks already allocated).
+ *   write N channels as "write fresh", the pages in the order N multifd channels bring them to a
+ *                    gateway: packets of 128 pages dealt to the channels in turn, the channels
+ *                    read 16 pages (a 64 KiB socket read) at a time in turn (BENCH_CHANNELS, default 4,8).
  *   read             readPages() in 64-page runs, in order, into one buffer
  *                    (direct I/O: from the device, read ahead by the I/O thread;
  *                    page cache: hot, the file was just written).
+ *   read N channels  a packet's 128 pages per read, as the Runs of a back leg's N multifd
+ *                    channels come: 64 packets of one channel (every N-th) in a row, then the next.
  *   verify           verify(): read + re-hash every present page.
  *   recovery         open() of a store left "dirty" (as after a crash).
  *
@@ -33,6 +38,26 @@ import { makeTempDir, removeTempDir } from '../src/lab/harness/temp-dir';
 
 const RUNS = 3;
 const READ_RUN = 64;
+/** QEMU's multifd packets carry 128 pages; a 64 KiB socket read brings 16 of them. */
+const PACKET_PAGES = 128;
+const READ_PAGES = 16;
+/** Runs of one channel read in a row: a socket read brings a channel's Run frames for that many packets. */
+const RUN_BURST = 64;
+
+/** Page indexes in the order `channels` multifd channels bring them, read in turn a socket read at a time. */
+function channelOrder(pages: number, channels: number): Uint32Array {
+  const order = new Uint32Array(pages);
+  const next = Array.from({ length: channels }, (_, c) => c * PACKET_PAGES);
+  let n = 0;
+  while (n < pages) {
+    for (let c = 0; c < channels; c++) {
+      for (let k = 0; k < READ_PAGES && next[c] < pages; k++) order[n++] = next[c]++;
+      // Its packet done, the channel goes on with its next one: `channels` packets further on.
+      if (next[c] % PACKET_PAGES === 0) next[c] += (channels - 1) * PACKET_PAGES;
+    }
+  }
+  return order;
+}
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -101,6 +126,20 @@ function main(): void {
       }
     }
     const s = store as PageStore;
+    for (const channels of (process.env.BENCH_CHANNELS ?? '4,8').split(',').map(Number)) {
+      const order = channelOrder(pages, channels);
+      const loops: number[] = [];
+      const alls: number[] = [];
+      for (let r = 0; r < RUNS; r++) {
+        const t0 = process.hrtime.bigint();
+        s.begin(layout(`L${layoutNo++}`));
+        for (const i of order) s.writePage(i, src, i * PAGE, digests, i * DIGEST_BYTES);
+        loops.push(seconds(t0));
+        s.commit(`snap-${layoutNo}`);
+        alls.push(seconds(t0));
+      }
+      console.log(`  write as ${channels} multifd channels (fresh)`.padEnd(49) + `loop ${mbps(total, median(loops))}   +commit ${mbps(total, median(alls))}`);
+    }
 
     // read: 64-page runs in order into one buffer; check the content once, untimed
     const dest = Buffer.allocUnsafeSlow(READ_RUN * PAGE);
@@ -122,6 +161,26 @@ function main(): void {
     }
     const source = s.directIo ? 'from the device, read ahead' : 'hot page cache';
     console.log(`  read  ${READ_RUN}-page runs (${source})`.padEnd(49) + mbps(total, median(reads)));
+    // As a back leg's multifd channels read their Runs: one Run per packet, its pages at once, and a
+    // socket read of a channel brings the Runs of many of its packets (RUN_BURST), every N-th packet.
+    const packet = Buffer.allocUnsafeSlow(PACKET_PAGES * PAGE);
+    const packets = Math.floor(pages / PACKET_PAGES);
+    for (const channels of (process.env.BENCH_CHANNELS ?? '4,8').split(',').map(Number)) {
+      const times: number[] = [];
+      for (let r = 0; r < RUNS; r++) {
+        const t0 = process.hrtime.bigint();
+        for (let burst = 0; burst * RUN_BURST * channels < packets; burst++) {
+          for (let c = 0; c < channels; c++) {
+            for (let b = 0; b < RUN_BURST; b++) {
+              const k = (burst * RUN_BURST + b) * channels + c;
+              if (k < packets) s.readPages(k * PACKET_PAGES, PACKET_PAGES, packet, 0);
+            }
+          }
+        }
+        times.push(seconds(t0));
+      }
+      console.log(`  read  Runs as ${channels} multifd channels`.padEnd(49) + mbps(packets * PACKET_PAGES * PAGE, median(times)));
+    }
 
     const verifies: number[] = [];
     for (let r = 0; r < RUNS; r++) {

@@ -7,44 +7,13 @@
  *
  * Usage: node dist/bench/throughput.js [GiB=1] [runs=5]
  */
-import { fork, type ChildProcess } from 'node:child_process';
-import * as path from 'node:path';
-import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
 import { procStats } from '../src/lab/demo/proc-stats';
-import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
-import { freePort } from '../src/lab/vm/ports';
 import { checkingDestination, playStream } from '../src/lab/harness/qemu-standins';
-import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
-import { withTempDir } from '../src/lab/harness/temp-dir';
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
+import { gatewayNodeArgs as nodeArgs, median, startRelay, withGatewayPair } from './loopback-processes';
 
 const gib = Number(process.argv[2] ?? 1);
 const runs = Number(process.argv[3] ?? 5);
-
-/** Node flags of the gateway processes: the deployment's recommended ones (README, docker/Dockerfile) unless overridden. */
-const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
-
-/** A `bfmig gateway` child process routing vm "bench" to the far site; its log goes to $BFMIG_BENCH_LOG.NAME.log when that is set. */
-function startGateway(dir: string, name: string, peerPort: number, routePort: number, farPeer: number, target: number): Promise<SiteGateway> {
-  const yaml = loopbackSiteYaml({ name, data: path.join(dir, name), peerPort, vm: 'bench', routePort, farPeerPort: farPeer, targetPort: target });
-  const logPath = process.env.BFMIG_BENCH_LOG ? `${process.env.BFMIG_BENCH_LOG}.${name}.log` : undefined;
-  return startSiteGateway(dir, name, yaml, 'child-process', { nodeArgs, logPath });
-}
-
-/** A TcpRelay in a child process (bench/wan.js serve). */
-function startRelay(targetPort: number): Promise<{ child: ChildProcess; port: number }> {
-  return new Promise((resolve, reject) => {
-    const request = { kind: 'relay', target: { host: '127.0.0.1', port: targetPort }, rateMbit: 0, delayMs: 0 };
-    const child = fork(path.join(__dirname, 'wan.js'), ['serve', JSON.stringify(request)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
-    child.once('error', reject);
-    child.once('message', (m: { port: number }) => resolve({ child, port: m.port }));
-  });
-}
-
-function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)];
-}
 
 async function main(): Promise<void> {
   const { stream } = syntheticStream(gib);
@@ -83,43 +52,27 @@ async function main(): Promise<void> {
     relayCpu.push(relay.cpu);
     const relayGBs = stream.length / relay.seconds / 1e9;
     rows.push(`run ${r + 1} relay pair: ${relayGBs.toFixed(2)} GB/s`);
-    await withTempDir(
-      'bfmig-tput-',
-      async (dir) => {
-        const [peerA, peerB, routeA, routeB, destA, destB] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
-        const a = await startGateway(dir, 'site-a', peerA, routeA, peerB, destB);
-        const b = await startGateway(dir, 'site-b', peerB, routeB, peerA, destA);
-        try {
-          for (const [legName, from, to, routePort, destPort] of [
-            ['first', a, b, routeA, destB],
-            ['back', b, a, routeB, destA],
-          ] as const) {
-            const before = { from: procStats(from.pid!), to: procStats(to.pid!) };
-            // The gateway dials its route's fixed target port: the destination listens there.
-            const sink = await checkingDestination(stream, destPort);
-            const t0 = process.hrtime.bigint();
-            const delivered = sink.done.then(() => process.hrtime.bigint());
-            // The source's connection closes once both gateways have committed their stores (Done): QEMU
-            // does not wait for that, the migration is over when the destination has the whole stream.
-            await playStream(routePort, stream);
-            const seconds = Number((await delivered) - t0) / 1e9;
-            const committedSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
-            committedRatios[legName].push(stream.length / committedSeconds / 1e9 / relayGBs);
-            await new Promise((res) => setTimeout(res, 200));
-            const after = { from: procStats(from.pid!), to: procStats(to.pid!) };
-            ratios[legName].push(stream.length / seconds / 1e9 / relayGBs);
-            legTimes[legName].push(seconds);
-            cpu[`${legName}:send`].push((after.from.cpuSeconds - before.from.cpuSeconds) / GiB);
-            cpu[`${legName}:receive`].push((after.to.cpuSeconds - before.to.cpuSeconds) / GiB);
-            peakRss = Math.max(peakRss, after.from.peakRssMiB, after.to.peakRssMiB);
-            rows.push(`run ${r + 1} ${legName.padEnd(5)} leg: ${(stream.length / seconds / 1e9).toFixed(2)} GB/s to the destination, ${(stream.length / committedSeconds / 1e9).toFixed(2)} GB/s until both stores committed; peak RSS so far: sender ${after.from.peakRssMiB.toFixed(0)} MiB, receiver ${after.to.peakRssMiB.toFixed(0)} MiB`);
-          }
-        } finally {
-          await Promise.all([a.stop(), b.stop()]);
-        }
-      },
-      { base: process.env.BFMIG_BENCH_STORE_DIR },
-    );
+    await withGatewayPair('bfmig-tput-', async ({ name: legName, from, to, routePort, destPort }) => {
+      const before = { from: procStats(from.pid!), to: procStats(to.pid!) };
+      // The gateway dials its route's fixed target port: the destination listens there.
+      const sink = await checkingDestination(stream, destPort);
+      const t0 = process.hrtime.bigint();
+      const delivered = sink.done.then(() => process.hrtime.bigint());
+      // The source's connection closes once both gateways have committed their stores (Done): QEMU
+      // does not wait for that, the migration is over when the destination has the whole stream.
+      await playStream(routePort, stream);
+      const seconds = Number((await delivered) - t0) / 1e9;
+      const committedSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
+      committedRatios[legName].push(stream.length / committedSeconds / 1e9 / relayGBs);
+      await new Promise((res) => setTimeout(res, 200));
+      const after = { from: procStats(from.pid!), to: procStats(to.pid!) };
+      ratios[legName].push(stream.length / seconds / 1e9 / relayGBs);
+      legTimes[legName].push(seconds);
+      cpu[`${legName}:send`].push((after.from.cpuSeconds - before.from.cpuSeconds) / GiB);
+      cpu[`${legName}:receive`].push((after.to.cpuSeconds - before.to.cpuSeconds) / GiB);
+      peakRss = Math.max(peakRss, after.from.peakRssMiB, after.to.peakRssMiB);
+      rows.push(`run ${r + 1} ${legName.padEnd(5)} leg: ${(stream.length / seconds / 1e9).toFixed(2)} GB/s to the destination, ${(stream.length / committedSeconds / 1e9).toFixed(2)} GB/s until both stores committed; peak RSS so far: sender ${after.from.peakRssMiB.toFixed(0)} MiB, receiver ${after.to.peakRssMiB.toFixed(0)} MiB`);
+    });
   }
   for (const row of rows) console.log(row);
   const relayGBs = stream.length / median(relayTimes) / 1e9;

@@ -1,6 +1,7 @@
 /*
  * bfmig page I/O: a store's pages file read and written with O_DIRECT, the writes queued to a thread
- * of the store's own, the reads of a sequential stream fetched ahead by that thread.
+ * of the store's own, the reads of a sequential stream fetched ahead by that thread, and those of a
+ * strided one (a back leg's multifd channel reading the Runs of every N-th packet) likewise.
  *
  * Why: the store writes each page once per migration and reads it once in the next one, in stream
  * order. Through the page cache every byte costs a fresh page of kernel memory, and on a virtual
@@ -41,7 +42,11 @@
 #define PIO_ALIGN 4096
 /* One queue buffer; a write or a read-ahead moves at most this much. */
 #define PIO_SLOT_BYTES (1024 * 1024)
-#define PIO_WRITE_SLOTS 4
+/* Write buffers: the store keeps up to 8 lent at once as open runs (src/store/pages-file.ts: one for
+   each multifd channel writing its own stretch of pages), and at most PIO_WRITE_QUEUE are queued or
+   being written, so a single stream touches no more of them than before runs stayed open. */
+#define PIO_WRITE_SLOTS 12
+#define PIO_WRITE_QUEUE 4
 #define PIO_READ_SLOTS 4
 #define PIO_SLOTS (PIO_WRITE_SLOTS + PIO_READ_SLOTS)
 #define PIO_HUGE_PAGE (2 * 1024 * 1024)
@@ -88,6 +93,10 @@ typedef struct {
   off_t werr_start, werr_end;
   /* End of the last read: a read starting there (or a little after) is sequential. */
   off_t last_read_end;
+  /* Start of the last stream read, and the distance from the one before it (0: none yet). A read at
+     the same distance again is strided: a back leg's multifd channel reading every N-th packet. */
+  off_t last_read_pos;
+  off_t last_stride;
   uint8_t *bounce; /* the calling thread's aligned buffer for reads not served ahead */
   uint8_t *write_region; /* the write slots' buffers, one huge-page-aligned region */
   uint8_t *read_region;  /* the read-ahead slots' buffers, likewise */
@@ -228,7 +237,7 @@ static void pio_release(pio *p) {
  * Forgets the exported write buffers' references; with `detach`, first detaches them (JavaScript sees
  * them empty from now on) so that their memory goes back as soon as Node runs their finalizers, not
  * whenever the GC gets round to the ArrayBuffers: a gateway running many migrations in turn would
- * otherwise hold 4 MiB per closed store.
+ * otherwise hold 12 MiB per closed store.
  */
 static void pio_forget_exported(napi_env env, pio *p, int detach) {
   for (int s = 0; s < PIO_WRITE_SLOTS; s++) {
@@ -330,6 +339,7 @@ static napi_value PageioOpen(napi_env env, napi_callback_info info) {
   p->refs = 1;
   p->file_size = (off_t)size;
   p->last_read_end = -1;
+  p->last_stride = 0;
   pthread_mutex_init(&p->mu, NULL);
   pthread_cond_init(&p->cv, NULL);
   int err = 0;
@@ -403,7 +413,8 @@ static napi_value PageioWriteBuffers(napi_env env, napi_callback_info info) {
   return list;
 }
 
-/* pageioAcquire(h) -> index of a free write buffer, now lent to the caller; waits while every one is queued. */
+/* pageioAcquire(h) -> index of a free write buffer, now lent to the caller; waits while none is free or
+ * PIO_WRITE_QUEUE writes are queued or running. */
 static napi_value PageioAcquire(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1], r;
@@ -413,12 +424,15 @@ static napi_value PageioAcquire(napi_env env, napi_callback_info info) {
   int s = -1;
   pthread_mutex_lock(&p->mu);
   for (;;) {
-    int lent = 0;
+    int lent = 0, queued = 0;
+    s = -1;
     for (int i = 0; i < PIO_WRITE_SLOTS; i++) {
       if (p->slots[i].state == SLOT_FREE && s < 0) s = i;
       if (p->slots[i].state == SLOT_FILLING) lent++;
+      if (p->slots[i].state == SLOT_QUEUED || p->slots[i].state == SLOT_BUSY) queued++;
     }
-    if (s >= 0 || lent == PIO_WRITE_SLOTS) break;
+    if ((s >= 0 && queued < PIO_WRITE_QUEUE) || lent == PIO_WRITE_SLOTS) break;
+    s = -1;
     pthread_cond_wait(&p->cv, &p->mu);
   }
   if (s >= 0) p->slots[s].state = SLOT_FILLING;
@@ -474,6 +488,7 @@ static napi_value PageioDrain(napi_env env, napi_callback_info info) {
   pio_drop_reads(p, 0, 0, 1);
   pio_wait_idle(p);
   p->last_read_end = -1;
+  p->last_stride = 0;
   napi_value r = take_error(env, p);
   pthread_mutex_unlock(&p->mu);
   return r;
@@ -493,36 +508,49 @@ static napi_value PageioSetSize(napi_env env, napi_callback_info info) {
   pio_wait_idle(p);
   p->file_size = (off_t)size;
   p->last_read_end = -1;
+  p->last_stride = 0;
   pthread_mutex_unlock(&p->mu);
   return NULL;
+}
+
+/* Queues (mu held) a read-ahead of len bytes at w (cut at the end of the file) unless a read-ahead
+ * buffer holds them already, first freeing the finished ones wholly before `from` (behind the reader);
+ * 0 when no read buffer is free. */
+static int pio_queue_read(pio *p, off_t from, off_t w, size_t len) {
+  if (w + (off_t)len > p->file_size) len = (size_t)(p->file_size - w);
+  len = (len + PIO_ALIGN - 1) / PIO_ALIGN * PIO_ALIGN;
+  int have = 0, free_slot = -1;
+  for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS; s++) {
+    pio_slot *sl = &p->slots[s];
+    if (sl->state != SLOT_FREE && !sl->stale && sl->pos <= w && w + (off_t)len <= sl->pos + (off_t)sl->len) have = 1;
+    if (sl->state == SLOT_DONE && sl->pos + (off_t)sl->len <= from) sl->state = SLOT_FREE;
+    if (sl->state == SLOT_FREE && free_slot < 0) free_slot = s;
+  }
+  if (have) return 1;
+  if (free_slot < 0) return 0;
+  pio_slot *sl = &p->slots[free_slot];
+  sl->pos = w;
+  sl->len = len;
+  sl->got = 0;
+  sl->err = 0;
+  sl->stale = 0;
+  sl->state = SLOT_QUEUED;
+  pio_enqueue(p, free_slot);
+  return 1;
 }
 
 /* Queues (mu held) read-ahead of the windows after `from`, as far as free read slots allow. */
 static void pio_read_ahead(pio *p, off_t from) {
   off_t w = from - from % PIO_SLOT_BYTES;
-  for (int k = 0; k < PIO_READ_SLOTS; k++, w += PIO_SLOT_BYTES) {
-    if (w >= p->file_size) return;
-    int have = 0, free_slot = -1;
-    for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS; s++) {
-      pio_slot *sl = &p->slots[s];
-      if (sl->state != SLOT_FREE && !sl->stale && sl->pos == w) have = 1;
-      if (sl->state == SLOT_DONE && sl->pos + (off_t)sl->len <= from) sl->state = SLOT_FREE; /* behind the reader */
-      if (sl->state == SLOT_FREE && free_slot < 0) free_slot = s;
-    }
-    if (have) continue;
-    if (free_slot < 0) return;
-    pio_slot *sl = &p->slots[free_slot];
-    size_t len = PIO_SLOT_BYTES;
-    if (w + (off_t)len > p->file_size) len = (size_t)(p->file_size - w);
-    len = (len + PIO_ALIGN - 1) / PIO_ALIGN * PIO_ALIGN;
-    sl->pos = w;
-    sl->len = len;
-    sl->got = 0;
-    sl->err = 0;
-    sl->stale = 0;
-    sl->state = SLOT_QUEUED;
-    pio_enqueue(p, free_slot);
-  }
+  for (int k = 0; k < PIO_READ_SLOTS && w < p->file_size; k++, w += PIO_SLOT_BYTES)
+    if (!pio_queue_read(p, from, w, PIO_SLOT_BYTES)) return;
+}
+
+/* Queues (mu held) read-ahead of `len` bytes (at most a buffer) at from + k * stride, k = 1, 2, …, as
+ * far as free read slots allow: the reads a strided stream makes next. */
+static void pio_read_ahead_strided(pio *p, off_t from, off_t stride, size_t len) {
+  for (int k = 1; k <= PIO_READ_SLOTS && from + (off_t)k * stride < p->file_size; k++)
+    if (!pio_queue_read(p, from, from + (off_t)k * stride, len)) return;
 }
 
 /* pageioRead(h, dest, destOff, len, pos, inStream): reads exactly len bytes at pos (multiples of 4096)
@@ -547,6 +575,8 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
   size_t left = (size_t)len;
   pthread_mutex_lock(&p->mu);
   int sequential = in_stream && p->last_read_end >= 0 && at >= p->last_read_end && at - p->last_read_end <= PIO_SLOT_BYTES;
+  off_t stride = in_stream && p->last_read_end >= 0 ? at - p->last_read_pos : 0;
+  int strided = !sequential && stride > (off_t)len && stride == p->last_stride && len <= PIO_SLOT_BYTES;
   if (sequential) pio_read_ahead(p, at);
   while (left > 0) {
     off_t w = at - at % PIO_SLOT_BYTES;
@@ -555,11 +585,12 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
     int served = 0;
     for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS && !served; s++) {
       pio_slot *sl = &p->slots[s];
-      if (sl->state == SLOT_FREE || sl->stale || sl->pos != w) continue;
+      /* A window read ahead (at its aligned start) or a strided read-ahead that covers the part. */
+      if (sl->state == SLOT_FREE || sl->stale || sl->pos > at || at + (off_t)part > sl->pos + (off_t)sl->len) continue;
       while (sl->state != SLOT_DONE && !sl->stale) pthread_cond_wait(&p->cv, &p->mu);
       if (sl->stale || sl->state != SLOT_DONE) break;
-      if (sl->err == 0 && (size_t)(at - w) + part <= sl->got) {
-        memcpy(dest, sl->buf + (at - w), part);
+      if (sl->err == 0 && (size_t)(at - sl->pos) + part <= sl->got) {
+        memcpy(dest, sl->buf + (at - sl->pos), part);
         served = 1;
       }
     }
@@ -585,6 +616,7 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
       pthread_mutex_lock(&p->mu);
       if (err != 0) {
         p->last_read_end = -1;
+  p->last_stride = 0;
         pthread_mutex_unlock(&p->mu);
         return pio_throw_errno(env, err == ENODATA ? EIO : err, err == ENODATA ? "pread O_DIRECT: end of file" : "pread O_DIRECT");
       }
@@ -594,8 +626,11 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
     left -= part;
   }
   if (in_stream) {
+    p->last_stride = stride;
+    p->last_read_pos = (off_t)pos;
     p->last_read_end = at;
-    if (sequential || len >= PIO_STREAM_READ_BYTES) pio_read_ahead(p, at);
+    if (strided) pio_read_ahead_strided(p, (off_t)pos, stride, (size_t)len);
+    else if (sequential || len >= PIO_STREAM_READ_BYTES) pio_read_ahead(p, at);
   }
   pthread_mutex_unlock(&p->mu);
   return NULL;

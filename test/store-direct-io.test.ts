@@ -96,6 +96,95 @@ test('pages rewritten while earlier writes are still queued read back as their l
   expect(again.verify()).toEqual([]);
 });
 
+test('stretches of pages written interleaved, as multifd channels write them, more of them than runs stay open, read back as their last version', () => {
+  const stretches = 12; // more than the runs a store keeps open
+  const perStretch = 300; // more than a run holds
+  const pages = stretches * perStretch;
+  const direct = open(path.join(tmp, 'direct'));
+  const cached = open(path.join(tmp, 'cached'), { directIo: false });
+  const last = new Array<number>(pages).fill(0);
+  for (const store of [direct, cached]) store.begin(layout(pages));
+  const write = (i: number, generation: number): void => {
+    for (const store of [direct, cached]) put(store, i, generation);
+    last[i] = generation;
+  };
+  const buf = Buffer.alloc(8 * PAGE);
+  const seen: string[] = [];
+  const check = (store: PageStore, i: number, n: number): void => {
+    store.readPages(i, n, buf, 0, false);
+    for (let k = 0; k < n; k++) {
+      const [index, generation] = identify(buf, k * PAGE);
+      if (index !== i + k || generation !== last[i + k]) seen.push(`${i + k}: ${index}/${generation}, not ${last[i + k]}`);
+    }
+  };
+  let x = 7;
+  const rand = (n: number): number => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return Math.floor(((x >>> 0) / 2 ** 32) * n);
+  };
+  for (let generation = 1; generation <= 2; generation++) {
+    const next = Array.from({ length: stretches }, () => 0);
+    // Each turn one stretch gets its next few pages (a chunk of one channel), now and then a page
+    // already written elsewhere is written again, and now and then pages written (some still waiting in a run) are read.
+    while (next.some((n) => n < perStretch)) {
+      const s = rand(stretches);
+      for (let k = 0; k < 1 + rand(24) && next[s] < perStretch; k++) write(s * perStretch + next[s]++, generation);
+      if (rand(4) === 0) write(rand(pages), generation + 10);
+      if (rand(8) === 0) {
+        const i = rand(pages - 8);
+        if (last.slice(i, i + 8).every((g) => g > 0)) for (const store of [direct, cached]) check(store, i, 8);
+      }
+    }
+  }
+  for (const store of [direct, cached]) {
+    for (let i = 0; i < pages; i += 8) check(store, i, Math.min(8, pages - i));
+    store.commit('s1');
+    expect(store.verify()).toEqual([]);
+  }
+  expect(seen).toEqual([]);
+  directOrSkip(direct);
+  direct.close();
+  cached.close();
+  expect(fs.readFileSync(path.join(tmp, 'direct', 'vm1', PAGES_FILE)).equals(fs.readFileSync(path.join(tmp, 'cached', 'vm1', PAGES_FILE)))).toBe(true);
+});
+
+test('packets read strided, as a back leg’s multifd channels read their Runs, read back as their last version, pages rewritten after they were read ahead too', () => {
+  const packet = 128;
+  const packets = 64; // 32 MiB
+  const channels = 4;
+  const store = open(path.join(tmp, 'direct'));
+  store.begin(layout(packets * packet));
+  const last = new Array<number>(packets * packet).fill(1);
+  for (let i = 0; i < last.length; i++) put(store, i, 1);
+  const buf = Buffer.alloc(packet * PAGE);
+  const seen: string[] = [];
+  let reads = 0;
+  // Each channel reads a burst of its packets (every 4th), then the next channel; now and then a page
+  // of a packet the reader has just fetched ahead (two strides on) is written again.
+  for (let burst = 0; burst * 6 * channels < packets; burst++) {
+    for (let c = 0; c < channels; c++) {
+      for (let b = 0; b < 6; b++) {
+        const k = (burst * 6 + b) * channels + c;
+        if (k >= packets) continue;
+        store.readPages(k * packet, packet, buf, 0);
+        for (let p = 0; p < packet; p++) {
+          const [index, generation] = identify(buf, p * PAGE);
+          if (index !== k * packet + p || generation !== last[k * packet + p]) seen.push(`${k * packet + p}: ${index}/${generation}, not ${last[k * packet + p]}`);
+        }
+        const ahead = (k + 2 * channels) * packet + (reads++ % packet);
+        if (reads % 3 === 0 && ahead < last.length) {
+          put(store, ahead, 2 + reads);
+          last[ahead] = 2 + reads;
+        }
+      }
+    }
+  }
+  expect(seen).toEqual([]);
+  directOrSkip(store);
+});
+
 test('a page written after the reader fetched it ahead is read back new', () => {
   const pages = 2048; // 8 MiB
   const store = open(tmp);

@@ -1,10 +1,14 @@
 /**
  * The pages file (page i at byte i*pageSize, sparse) and the write path into it.
  *
- * write() copies a page into one run buffer; the run goes to disk in one positioned write per run of
+ * write() copies a page into a run buffer; a run goes to disk in one positioned write per run of
  * consecutive pages: no allocation, promise or syscall per page. Where the filesystem allows, pages
- * move with O_DIRECT (direct-pages.ts): the run buffer is then one the direct write queue lends, runs are
+ * move with O_DIRECT (direct-pages.ts): run buffers are then ones the direct write queue lends, runs are
  * written by its thread, and settle() waits for them before anything relies on their being on disk.
+ * With O_DIRECT several runs stay open at once (OPEN_RUNS): a migration's multifd channels each write
+ * their own stretch of pages, interleaved chunk by chunk, and one open run would cut them into writes of
+ * a chunk's few pages, which the device takes at a third of the rate of whole runs (measured:
+ * docs/design.md, multifd channels and cores).
  * After the file was recreated empty, all-zero pages are not written at all while their region of the
  * file is known to be a hole.
  *
@@ -20,18 +24,33 @@ import { openRW, preadFully, pwriteFully } from './fsio';
 
 export const PAGES_FILE = 'pages';
 
+/**
+ * Runs open at once with O_DIRECT: a main channel and up to 7 multifd channels each keep theirs. 8 of
+ * the direct write queue's 12 buffers (native/pageio.c), which keeps 4 for writes in flight.
+ */
+const OPEN_RUNS = 8;
+
+/** Pages start .. start+length-1, waiting in buffer at slots 0 .. length-1 (length 0: the run is not open). */
+interface PendingRun {
+  start: number;
+  length: number;
+  /** Null until the run first opens (with direct I/O: after each flush, until the queue lends another). */
+  buffer: Buffer | null;
+  /** With direct I/O, the write queue's buffer of this index, lent until the run is flushed. */
+  lent: number;
+  /** When the run was last written to (a count of writes): the least recent one is flushed for a new one. */
+  touched: number;
+}
+
 export class PagesFile {
   private bytesPerPage = 0;
   private pagesInFile = 0;
 
-  /** The run of pages runStart .. runStart+runLength-1 waits in runBuffer at slots 0 .. runLength-1. */
-  private runBuffer: Buffer | null = null;
-  /** Pages runBuffer holds. */
+  /** The runs waiting to be written; disjoint. One through the page cache, OPEN_RUNS with direct I/O. */
+  private runs: PendingRun[] = [];
+  /** Pages a run buffer holds. */
   private runCapacity = 0;
-  /** With direct I/O, runBuffer is the write queue's buffer of this index, lent until flush() submits it. */
-  private lentBuffer = -1;
-  private runStart = 0;
-  private runLength = 0;
+  private writes = 0;
 
   /**
    * After recreate(): bit i set = page i's region of the file is still a hole (reads as zeros), so an
@@ -120,7 +139,7 @@ export class PagesFile {
   /** Readies the write path for the current page size; any run not flushed is dropped. */
   prepareWrites(): void {
     const pageSize = this.bytesPerPage;
-    this.runLength = 0;
+    for (const run of this.runs) run.length = 0;
     if (this.zeroPageDigest === null || this.zeroPageDigestSize !== pageSize) {
       const digest = new Uint8Array(DIGEST_BYTES);
       digestOne(new Uint8Array(pageSize), 0, pageSize, digest, 0);
@@ -129,16 +148,16 @@ export class PagesFile {
     }
     const direct = this.directForPageSize();
     if (direct !== null) {
-      // Pages are laid out in the write queue's own buffers (lent one at a time), not in one of ours.
-      if (this.lentBuffer >= 0) direct.submit(this.lentBuffer, 0, 0);
-      this.lentBuffer = -1;
-      this.runBuffer = null;
+      // Pages are laid out in the write queue's own buffers (lent one per open run), not in ones of ours.
+      for (const run of this.runs) if (run.lent >= 0) direct.submit(run.lent, 0, 0);
+      this.runs = Array.from({ length: OPEN_RUNS }, () => ({ start: 0, length: 0, buffer: null, lent: -1, touched: 0 }));
       this.runCapacity = Math.max(1, Math.floor(Math.min(direct.writeBuffers[0].length, this.runBufferBytes) / pageSize));
       return;
     }
     const capacity = Math.max(1, Math.floor(this.runBufferBytes / pageSize));
-    if (this.runBuffer === null || this.runCapacity !== capacity || this.runBuffer.length !== capacity * pageSize) {
-      this.runBuffer = Buffer.allocUnsafeSlow(capacity * pageSize);
+    const buffer = this.runs[0]?.buffer;
+    if (buffer == null || this.runCapacity !== capacity || buffer.length !== capacity * pageSize) {
+      this.runs = [{ start: 0, length: 0, buffer: Buffer.allocUnsafeSlow(capacity * pageSize), lent: -1, touched: 0 }];
       this.runCapacity = capacity;
     }
   }
@@ -146,7 +165,7 @@ export class PagesFile {
   /**
    * Queues page index = src[srcStart .. srcStart+pageSize), whose digest is digest[digestStart .. +16)
    * (the caller has checked every bound). The bytes are copied: src may be reused at once. Consecutive
-   * indexes, and rewrites of a page still in the run, are coalesced into one write.
+   * indexes, and rewrites of a page still in an open run, are coalesced into one write.
    */
   write(index: number, src: Uint8Array, srcStart: number, digest: Uint8Array, digestStart: number): void {
     const pageSize = this.bytesPerPage;
@@ -156,20 +175,44 @@ export class PagesFile {
       if (this.isZeroPage(digest, digestStart)) return;
       holes[index >>> 3] &= ~(1 << (index & 7));
     }
-    const pending = this.runLength;
-    const rel = index - this.runStart;
-    let slot: number;
-    if (pending > 0 && rel >= 0 && rel < pending) {
-      slot = rel; // rewrite of a pending page
-    } else if (pending > 0 && rel === pending && pending < this.runCapacity) {
-      slot = pending; // extends the run
-    } else {
-      if (pending > 0) this.flush();
-      this.runStart = index;
-      slot = 0;
+    const run = this.runFor(index);
+    const slot = index - run.start;
+    copyBytes(src, srcStart, run.buffer ?? this.lendBuffer(run), slot * pageSize, pageSize);
+    if (slot === run.length) run.length = slot + 1;
+    run.touched = ++this.writes;
+  }
+
+  /**
+   * The open run page `index` goes into: the one that holds it already (a rewrite), else the one it
+   * extends, else a new one, in a free place or in that of the run least recently written (flushed).
+   */
+  private runFor(index: number): PendingRun {
+    const runs = this.runs;
+    let next: PendingRun | null = null;
+    for (const run of runs) {
+      if (run.length === 0) continue;
+      const rel = index - run.start;
+      if (rel >= 0 && rel < run.length) return run;
+      if (rel === run.length) next = run;
     }
-    copyBytes(src, srcStart, this.runBuffer ?? this.lendBuffer(), slot * pageSize, pageSize);
-    if (slot === this.runLength) this.runLength = slot + 1;
+    if (next !== null) {
+      if (next.length < this.runCapacity) return next;
+      // Full: it can only be written, and the page starts a run in its place.
+      this.flushRun(next);
+      next.start = index;
+      return next;
+    }
+    let place = runs[0];
+    for (const run of runs) {
+      if (run.length === 0) {
+        place = run;
+        break;
+      }
+      if (run.touched < place.touched) place = run;
+    }
+    this.flushRun(place);
+    place.start = index;
+    return place;
   }
 
   /**
@@ -180,22 +223,26 @@ export class PagesFile {
     pwriteFully(this.fd, src, srcStart, this.bytesPerPage, index * this.bytesPerPage);
   }
 
-  /** Writes the pending run. On failure its pages are lost (their content on disk is unknown) and it throws. */
+  /** Writes the pending runs. On failure a run's pages are lost (their content on disk is unknown) and it throws. */
   flush(): void {
-    const n = this.runLength;
+    for (const run of this.runs) this.flushRun(run);
+  }
+
+  private flushRun(run: PendingRun): void {
+    const n = run.length;
     if (n === 0) return;
-    const start = this.runStart;
+    const start = run.start;
     const pageSize = this.bytesPerPage;
-    this.runLength = 0;
+    run.length = 0;
     const direct = this.directForPageSize();
     try {
       if (direct !== null) {
-        const lent = this.lentBuffer;
-        this.lentBuffer = -1;
-        this.runBuffer = null;
+        const lent = run.lent;
+        run.lent = -1;
+        run.buffer = null;
         direct.submit(lent, n * pageSize, start * pageSize);
       } else {
-        pwriteFully(this.fd, this.runBuffer as Buffer, 0, n * pageSize, start * pageSize);
+        pwriteFully(this.fd, run.buffer as Buffer, 0, n * pageSize, start * pageSize);
       }
     } catch (err) {
       if (err instanceof DirectWriteError) throw this.directWriteFailed(err);
@@ -225,12 +272,12 @@ export class PagesFile {
 
   /**
    * Reads pages index .. index+count-1 into dest[destStart ..] (bounds checked by the caller), after
-   * writing the pending run if it overlaps them. inStream: one of a series in ascending page order, so
+   * writing the pending runs that overlap them. inStream: one of a series in ascending page order, so
    * the pages after it are worth reading ahead.
    */
   read(index: number, count: number, dest: Uint8Array, destStart: number, inStream: boolean): void {
     const pageSize = this.bytesPerPage;
-    if (this.runLength > 0 && index < this.runStart + this.runLength && this.runStart < index + count) this.flush();
+    for (const run of this.runs) if (run.length > 0 && index < run.start + run.length && run.start < index + count) this.flushRun(run);
     const direct = this.directForPageSize();
     if (direct !== null) direct.read(dest, destStart, count * pageSize, index * pageSize, inStream);
     else preadFully(this.fd, dest, destStart, count * pageSize, index * pageSize);
@@ -247,8 +294,10 @@ export class PagesFile {
   /** Drops the write path's state (the store is closing; a failed finish left a run unwritten). */
   dropWrites(): void {
     this.holes = null;
-    this.runBuffer = null;
-    this.runLength = 0;
+    for (const run of this.runs) {
+      if (run.lent >= 0) run.buffer = null;
+      run.length = 0;
+    }
   }
 
   /**
@@ -285,11 +334,11 @@ export class PagesFile {
     return new Error(`${this.owner}: writing pages ${first}..${last} failed: ${err.message}; they are now absent`, { cause: err });
   }
 
-  /** Borrows a buffer of the direct write queue for the next run of pages (waits while all are queued). */
-  private lendBuffer(): Buffer {
+  /** Borrows a buffer of the direct write queue for the run (waits while all are queued). */
+  private lendBuffer(run: PendingRun): Buffer {
     const direct = this.direct as DirectPages;
-    this.lentBuffer = direct.acquire();
-    this.runBuffer = direct.writeBuffers[this.lentBuffer];
-    return this.runBuffer;
+    run.lent = direct.acquire();
+    run.buffer = direct.writeBuffers[run.lent];
+    return run.buffer;
   }
 }
