@@ -4,7 +4,7 @@
  * says so — reuse on the back leg. The default run takes the rows marked everyRun; BFMIG_COMPAT=all
  * takes every row (CI does). BFMIG_SKIP_E2E=1 skips it.
  */
-import { backShareLimit, COMPAT_ROWS, compatPassed, runCompatRow } from '../src/lab/compat/matrix';
+import { COMPAT_ROWS, compatPassed, REUSE_MAX_BACK_SHARE, runCompatRow } from '../src/lab/compat/matrix';
 import { qemuInstalled } from '../src/lab/vm/qemu-releases';
 import { requireInCi } from './mounts';
 
@@ -17,7 +17,7 @@ const haveQemu10 = SKIP ? false : requireInCi(qemuInstalled('10.0'), 'QEMU 10.0 
   for (const row of rows) {
     const runnable = haveQemu10 || !row.qemu.includes('10.0');
     (runnable ? test : test.skip)(
-      `${row.id}: completes with the guest verified${row.expectReuse ? `, back leg ≤ ${backShareLimit(row) * 100}% of the first` : ''}`,
+      `${row.id}: completes with the guest verified${row.expectReuse ? `, back leg ≤ ${REUSE_MAX_BACK_SHARE * 100}% of the first` : ''}`,
       async () => {
         const outcome = await runCompatRow(row);
         const summary = outcome.legs.map((l) => ({ leg: l.leg, wanBytes: l.wanBytes, verified: l.verified, postcopy: l.postcopyStarted, reused: l.pagesReused }));
