@@ -17,6 +17,7 @@ import {
   fuzzFrames,
   fuzzProxyStream,
   fuzzProxyWire,
+  frameBoundaries,
   INTERESTING_32,
   INTERESTING_8,
   inputSeed,
@@ -116,6 +117,13 @@ describe('mutator loop (the long run, shortened)', () => {
       expect(fuzzProxyStream(p.seed.bytes, new Rng(2), p.ctx)).not.toBe('rejected');
       expect(fuzzProxyWire(p.seed.bytes, p.wire.bytes, new Rng(3), p.ctx)).toBe('rebuilt');
     }
+  });
+
+  test('a sibling’s first leg is in the corpus as SiblingDelta frames, so mutations reach them', () => {
+    const sibling = corpus.proxy.find((p) => p.seed.name === 'synthetic-sibling-first-leg');
+    const wire = sibling?.wire.bytes ?? Buffer.alloc(0);
+    const types = frameBoundaries(wire).slice(0, -1).map((at) => wire[at]);
+    expect(types.filter((t) => t === FrameType.SiblingDelta).length).toBeGreaterThan(10);
   });
 });
 

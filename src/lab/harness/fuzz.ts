@@ -10,6 +10,7 @@
 import { DIGEST_BYTES } from '../../digest';
 import { RebuildError, StreamDecoder } from '../../proxy/decoder';
 import { StreamEncoder } from '../../proxy/encoder';
+import { SiblingMatch } from '../../proxy/sibling-match';
 import type { PageLayout, RetainedPages } from '../../proxy/retained';
 import { RunError, decodeRun } from '../../proxy/run';
 import { RecordKind, StreamError, StreamParser, StreamWriter, type StreamRecord } from '../../qemu';
@@ -496,6 +497,8 @@ export class MemoryPages implements RetainedPages {
 export interface ProxyContext {
   sender: MemoryPages;
   receiver: MemoryPages;
+  /** A sibling VM's retained snapshot at both sites (read only): its pages may go as SiblingDelta frames. */
+  sibling?: { sender: MemoryPages; receiver: MemoryPages };
 }
 
 /** The frame bytes an encoder sends for `stream` (fed in `cuts`), ending with the End frame; or its typed error. */
@@ -507,11 +510,13 @@ function encodeToFrames(stream: Buffer, cuts: readonly number[], ctx: ProxyConte
       literal: (bytes) => frames.push(frameHeader(FrameType.Literal, bytes.length), Buffer.from(bytes)),
       run: (payload) => frames.push(encodeFrame(FrameType.Run, payload)),
       delta: (payload) => frames.push(encodeFrame(FrameType.Delta, payload)),
+      siblingDelta: (payload) => frames.push(encodeFrame(FrameType.SiblingDelta, payload)),
     },
     sender,
     () => {
       if (sender) encoder.reference = sender.digests;
       encoder.deltas = sender !== null;
+      if (ctx?.sibling) encoder.siblings = new SiblingMatch([ctx.sibling.sender.digests]);
     },
   );
   try {
@@ -528,6 +533,8 @@ function encodeToFrames(stream: Buffer, cuts: readonly number[], ctx: ProxyConte
 export function decodeFrames(wire: Buffer, cuts: readonly number[], ctx: ProxyContext | null): { output: Buffer; error: unknown; ended: boolean } {
   const out: Buffer[] = [];
   const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), ctx ? ctx.receiver.clone() : null);
+  const sibling = ctx?.sibling?.receiver;
+  if (sibling) decoder.siblings = [{ vm: 'sibling', digests: sibling.digests, readPages: (index, count, dest, destStart) => sibling.readPages(index, count, dest, destStart) }];
   let ended = false;
   const frames = new FrameParser(
     (type, payload) => {
@@ -535,6 +542,7 @@ export function decodeFrames(wire: Buffer, cuts: readonly number[], ctx: ProxyCo
       if (type === FrameType.Literal) decoder.literal(payload);
       else if (type === FrameType.Run) decoder.run(payload);
       else if (type === FrameType.Delta) decoder.delta(payload);
+      else if (type === FrameType.SiblingDelta) decoder.siblingDelta(payload);
       else if (type === FrameType.End) {
         const end = decodeEnd(payload);
         decoder.end(end.streamBytes, end.streamCheck);
@@ -636,6 +644,10 @@ export function buildCorpus(extra: { name: string; bytes: Buffer }[] = []): Corp
   enc.end();
   leg1.end(first.length, enc.streamCheck);
   const ctx: ProxyContext = { sender, receiver };
+  // A sibling of that guest (booted from the same image) on its first leg: the pages the stores of the
+  // guest hold go as SiblingDelta frames.
+  const siblingCtx: ProxyContext = { sender: new MemoryPages(), receiver: new MemoryPages(), sibling: { sender, receiver } };
+  streams.push(seedOf('synthetic-sibling-first-leg', first));
   dirty(memory, 0.1, 5);
   const second = migrationStream(memory, [[7, 8, 41]]);
   streams.push(seedOf('synthetic-second-leg', second));
@@ -643,7 +655,7 @@ export function buildCorpus(extra: { name: string; bytes: Buffer }[] = []): Corp
 
   const proxy: Corpus['proxy'] = [];
   for (const s of streams) {
-    const withStore = s.name === 'synthetic-second-leg' || s.name === 'synthetic-first-leg' ? ctx : null;
+    const withStore = s.name === 'synthetic-sibling-first-leg' ? siblingCtx : s.name === 'synthetic-second-leg' || s.name === 'synthetic-first-leg' ? ctx : null;
     let wire: Buffer;
     try {
       wire = encodeForWire(s.bytes, withStore);
