@@ -68,7 +68,7 @@ describe('mistakes in the command line: exit 2, the message names them, the usag
     [['capture', '--listen', 'nowhere', '--out', 'f'], /--listen: "nowhere" is not HOST:PORT/, usageOf(COMMANDS[6])],
     [['demo', '--legs', 'x'], /--legs takes a non-negative number, not "x"/, usageOf(COMMANDS[1])],
     [['predict', '--ram', '8GiB', '--mbit', '0', '--rtt-ms', '40'], /--mbit must be above 0/, usageOf(COMMANDS[7])],
-    [['predict', '--ram', '8GiB', '--mbit', '1', '--rtt-ms', '40', '--platform', 'x'], /--platform is default or bench/, usageOf(COMMANDS[7])],
+    [['predict', '--ram', '8GiB', '--mbit', '1', '--rtt-ms', '40', '--platform', 'x'], /--platform is default, bench or bench-qemu10, not "x"/, usageOf(COMMANDS[7])],
     // Positionals: missing, extra, unknown.
     [['inspect'], /inspect needs FILE\|-/, usageOf(COMMANDS[0])],
     [['inspect', 'a', 'b'], /unexpected argument "b" for bfmig inspect/, usageOf(COMMANDS[0])],
