@@ -200,10 +200,12 @@ describe('multifd channels through a gateway pair', () => {
     const compressed = multifdPacket({ format: 'qemu-10.0', packetNumber: 1000, block: 'pc.ram', pages: [], extraFlags: 1 << 1 });
     const verbatim = { main: run.main, channels: run.channels.map((c, i) => (i === 2 ? Buffer.concat([c, compressed]) : c)) };
     expectRebuilt(await migrate(a, b, verbatim, true), verbatim);
+    // Never silent: both reports name the channel's fallback, and both gateways warned of it.
     expect([await report(a.gateway, 2), await report(b.gateway, 2)]).toMatchObject([
-      { result: 'completed', snapshotId: null },
-      { result: 'completed', snapshotId: null },
+      { result: 'completed', snapshotId: null, verbatim: { code: 'multifd-compression' } },
+      { result: 'completed', snapshotId: null, verbatim: { code: 'multifd-compression' } },
     ]);
+    for (const site of [a, b]) expect(site.logs.some((l) => /verbatim/.test(String(l.msg)) && JSON.stringify(l).includes('multifd-compression'))).toBe(true);
     for (const site of [a, b]) {
       expect(claimedSnapshot(site.data, 'vm1')).toBe(kept);
       await expect(restoreSnapshot(site.data, 'vm1', { host: '127.0.0.1', port: 9 })).rejects.toThrow(

@@ -4,7 +4,7 @@ import type { StreamFallback } from '../qemu/records';
 import { PageStore, UndoableStore } from '../store';
 import { saveMigrationRecord } from '../store/migration-record';
 import { encodeJson, FrameType } from '../wire/frames';
-import { type CountingCodec, type Direction, migrationCounts, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
+import { type CountingCodec, type Direction, migrationCounts, migrationFallback, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 import { noteStoreError } from './store-space';
 
 /** The moves a session's phase may make: from each phase, the phases it may go to next. */
@@ -102,9 +102,10 @@ export class SessionLifecycle {
 
   /** Tells the observer, once, as soon as the codec has fallen back to relaying the stream as it is. */
   noteVerbatim(codec: Codec): void {
-    if (this.verbatimTold || codec.fallback === null) return;
+    const fallback = migrationFallback(codec);
+    if (this.verbatimTold || fallback === null) return;
     this.verbatimTold = true;
-    this.options.observer.relayedVerbatim(this.vm, this.direction, codec.fallback);
+    this.options.observer.relayedVerbatim(this.vm, this.direction, fallback);
   }
 
   /** A store write that failed for lack of space turns retention off for this VM until there is room. */
@@ -157,6 +158,8 @@ export class SessionLifecycle {
 
   /** The migration is over: a last progress tick, the store closed, the observer told. Once. */
   report(codec: Codec | null, outcome: { result: 'completed' | 'failed'; error: string | null; mode: ReuseMode; snapshotId: string | null }): void {
+    // A multifd channel relayed as it is (its packets compressed) is said once, like the main channel.
+    if (codec) this.noteVerbatim(codec);
     this.end();
     this.progress();
     try {
@@ -169,7 +172,7 @@ export class SessionLifecycle {
           error: outcome.error,
           snapshotId: this.store.snapshotId(),
           kept: outcome.snapshotId !== null,
-          verbatim: codec?.fallback ?? null,
+          verbatim: migrationFallback(codec),
           postcopy: codec?.postcopy ?? false,
         });
       }

@@ -84,7 +84,15 @@ export const TABLE_FRAME_BYTES = 1024 * 1024;
 /** A main channel's codec: its own counts, and its migration's multifd channels once it has some. */
 export interface CountingCodec {
   readonly counts: Readonly<TransferCounts>;
-  readonly multifd: { channelCounts(): TransferCounts } | null;
+  readonly multifd: { channelCounts(): TransferCounts; channelFallback(): StreamFallback | null } | null;
+}
+
+/**
+ * Where the migration's stream was first relayed as it is, with why: its main channel's, else a
+ * multifd channel's (a compressed packet: QEMU's multifd-compression), or null when parsed whole.
+ */
+export function migrationFallback(codec: (CountingCodec & { fallback: StreamFallback | null }) | null): StreamFallback | null {
+  return codec?.fallback ?? codec?.multifd?.channelFallback() ?? null;
 }
 
 /** What the whole migration carried so far: the main channel's counts and its multifd channels'. */
@@ -113,7 +121,7 @@ export function migrationReport(
     wanBytesIn: session.wanBytesIn,
     compressionSavedBytes: session.compressionSavedBytes,
     counts: c,
-    verbatim: codec?.fallback ?? null,
+    verbatim: migrationFallback(codec),
     postcopy: codec?.postcopy ?? false,
   };
 }

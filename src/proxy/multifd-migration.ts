@@ -1,7 +1,7 @@
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamError, StreamErrorCode } from '../qemu/errors';
 import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
-import { type RamBlock, type RamPageRecord, RecordKind } from '../qemu/records';
+import { type RamBlock, type RamPageRecord, RecordKind, type StreamFallback } from '../qemu/records';
 import { EpochStartPages } from './epoch-start-pages';
 import type { PageLayout, RetainedPages } from './retained';
 import { addCounts, newCounts, type TransferCounts } from './transfer-counts';
@@ -73,6 +73,8 @@ import { addCounts, newCounts, type TransferCounts } from './transfer-counts';
 export interface MultifdChannelCodec {
   /** What the channel carried, counted as the main channel's codec counts. */
   readonly counts: Readonly<TransferCounts>;
+  /** Where and why the channel stopped being parsed (null: it was parsed whole). */
+  readonly fallback: StreamFallback | null;
   /** SYNC packets this channel has passed. */
   readonly syncs: number;
   /** Counts towards the barrier: neither fallen back nor ended. */
@@ -249,6 +251,12 @@ export class MultifdMigration {
     const total = newCounts();
     for (const channel of this.channels) addCounts(total, channel.counts);
     return total;
+  }
+
+  /** Where the first channel that stopped being parsed did, and why (null: every one was parsed whole so far). */
+  channelFallback(): StreamFallback | null {
+    for (const channel of this.channels) if (channel.fallback !== null) return channel.fallback;
+    return null;
   }
 
   /** Every channel has ended having been parsed whole, so the store holds every page they carried. */
