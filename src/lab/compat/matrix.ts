@@ -23,8 +23,10 @@ export interface CompatRow {
   parameters?: Record<string, unknown>;
   /** Switch to postcopy once the source has sent this many bytes. */
   postcopyAfterBytes?: number;
-  /** QEMU's own TLS: the gateways relay every connection as it is, and must say so. */
+  /** QEMU's own TLS: the gateways relay every connection as it is. */
   qemuTls?: boolean;
+  /** The gateways relay (part of) every leg as it is and must say so, with this reason. */
+  verbatim?: string;
   /** 2: there and back (the back leg shows reuse); 1: one way only (a 7.2 → 10.0 upgrade). */
   legs: 1 | 2;
   /** Whether the back leg should reuse what the first leg left at the site it returns to. */
@@ -80,6 +82,24 @@ export const COMPAT_ROWS: readonly CompatRow[] = [
   row('7.2', 'pc-i440fx-7.2', 'multifd, 4 channels', { tail: 'multifd-4', capabilities: { multifd: true }, parameters: { 'multifd-channels': 4 } }),
   row('10.0', 'pc-i440fx-10.0', 'multifd, 4 channels', { tail: 'multifd-4', capabilities: { multifd: true }, parameters: { 'multifd-channels': 4 }, everyRun: true }),
   row('10.0', 'pc-i440fx-10.0', 'multifd, 16 channels', { tail: 'multifd-16', capabilities: { multifd: true }, parameters: { 'multifd-channels': 16 } }),
+  // QEMU's multifd-compression: the codec cannot read compressed packets, so the channels cross as they
+  // are (and the gateways say so); the stores keep the snapshot they held.
+  ...(['zlib', 'zstd'] as const).map((method) =>
+    row('10.0', 'pc-i440fx-10.0', `multifd, 4 channels, multifd-compression ${method} (channels relayed as they are: no reuse)`, {
+      tail: `multifd-4-${method}`,
+      capabilities: { multifd: true },
+      parameters: { 'multifd-channels': 4, 'multifd-compression': method },
+      verbatim: 'multifd-compression',
+      expectReuse: false,
+    }),
+  ),
+  row('7.2', 'pc-i440fx-7.2', 'multifd, 4 channels, multifd-compression zlib (channels relayed as they are: no reuse)', {
+    tail: 'multifd-4-zlib',
+    capabilities: { multifd: true },
+    parameters: { 'multifd-channels': 4, 'multifd-compression': 'zlib' },
+    verbatim: 'multifd-compression',
+    expectReuse: false,
+  }),
   row('10.0', 'pc-i440fx-10.0', 'postcopy-preempt, postcopy started (its channel verbatim)', {
     tail: 'postcopy-preempt',
     capabilities: { ...rp, 'postcopy-ram': true, 'postcopy-preempt': true },
@@ -87,11 +107,12 @@ export const COMPAT_ROWS: readonly CompatRow[] = [
     expectReuse: false,
   }),
   // QEMU's own TLS: encrypted end to end, so each connection is relayed as it is and nothing is reused.
-  row('7.2', 'pc-i440fx-7.2', "QEMU's own TLS (relayed as it is: no reuse)", { tail: 'tls', qemuTls: true, expectReuse: false }),
-  row('10.0', 'pc-i440fx-10.0', "QEMU's own TLS (relayed as it is: no reuse)", { tail: 'tls', qemuTls: true, expectReuse: false, everyRun: true }),
+  row('7.2', 'pc-i440fx-7.2', "QEMU's own TLS (relayed as it is: no reuse)", { tail: 'tls', qemuTls: true, verbatim: 'encrypted', expectReuse: false }),
+  row('10.0', 'pc-i440fx-10.0', "QEMU's own TLS (relayed as it is: no reuse)", { tail: 'tls', qemuTls: true, verbatim: 'encrypted', expectReuse: false, everyRun: true }),
   row('10.0', 'pc-i440fx-10.0', "QEMU's own TLS with multifd, 4 channels (relayed as it is: no reuse)", {
     tail: 'tls-multifd-4',
     qemuTls: true,
+    verbatim: 'encrypted',
     capabilities: { multifd: true },
     parameters: { 'multifd-channels': 4 },
     expectReuse: false,
@@ -119,7 +140,7 @@ export function compatPassed(o: CompatOutcome): boolean {
   if (o.row.expectReuse && o.legs.some((l) => l.verbatim !== null)) return false;
   if (o.row.postcopyAfterBytes !== undefined && !o.legs.every((l) => l.postcopyStarted)) return false;
   // Never silent: every leg of an encrypted migration must be reported as relayed as it is.
-  if (o.row.qemuTls && !o.legs.every((l) => l.verbatim === 'encrypted')) return false;
+  if (o.row.verbatim !== undefined && !o.legs.every((l) => l.verbatim === o.row.verbatim)) return false;
   return !o.row.expectReuse || (o.backShare !== null && o.backShare <= REUSE_MAX_BACK_SHARE);
 }
 
