@@ -286,6 +286,7 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
     await dest.migrateIncoming(`tcp:127.0.0.1:${to.qemuPort}`);
     await vm.setMigrationCapabilities(postcopy);
     vm.setMaxBandwidth(SLOW);
+    const reported = [here.gateway.reports.length, to.gateway.reports.length];
     await vm.migrate(`tcp:127.0.0.1:${here.routePort}`);
     await waitUntil('the migration to get under way', async () => ((await vm.queryMigrate()).ram?.transferred ?? 0) >= 8 * 1024 * 1024);
     await vm.qmp('migrate-start-postcopy');
@@ -298,6 +299,9 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
     expect(await to.link.cut()).toBe(1);
     // Both QEMUs pause (postcopy cannot fail back: the guest already ran at the destination).
     await waitUntil('the source to pause', async () => (await vm.queryMigrate()).status === 'postcopy-paused', 60_000);
+    // The stores claim again only once their gateways have rolled the failed migration back.
+    await reportsAfter(here, reported[0]);
+    await reportsAfter(to, reported[1]);
     const storeClaims = claims(before, true);
     // The gateways failed the migration and closed both QEMU connections; a resumed channel carries no
     // stream header (it opens with RECV_BITMAP commands), so a route cannot take it. QEMU's own
