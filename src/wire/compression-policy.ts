@@ -7,10 +7,13 @@
  *   the source's next chunk arrives, or the source was paused for it (or for a WAN cap) since the last
  *   chunk. Then compressing costs nothing the migration waits for, and every byte saved is time saved.
  *   (A session paused for the socket resumes once it has drained: the socket alone would look idle.)
- * - Once the WAN has not held the session back before each of DRAINED_CHUNKS chunks in a row, the link is
+ * - Once the WAN has not held the session back across DRAINED_BYTES of input in a row, the link is
  *   faster than this gateway produces (its CPU, or the source, is the bottleneck): compression backs
- *   off, and comes back once the socket has queued before `rejoin` chunks in a row. A back-off within
- *   SWING_CHUNKS chunks of compression coming back doubles `rejoin` (up to MAX_REJOIN): a gateway whose
+ *   off, and comes back once the socket has queued before `rejoin` chunks in a row. The streak is
+ *   counted in bytes, and as many as a socket's send buffer holds: while the kernel's buffers grow and
+ *   fill, a WAN-bound session sees several chunks in a row leave at once, which is no fast link (a
+ *   streak of 4 chunks backed compression off in the middle of a 40 Mbit/s leg). A back-off within
+ *   SWING_BYTES of input since compression came back doubles `rejoin` (up to MAX_REJOIN): a gateway whose
  *   own CPU sets the pace fills the link as soon as it stops compressing and drains it as soon as it
  *   starts, and would otherwise swing between the two at every few chunks, paying for the compression
  *   each time. A back-off after a longer stretch is the source going quiet (zero or held pages) while
@@ -23,14 +26,14 @@
  *   compression pass per batch.
  */
 
-/** Drained observations in a row after which compression backs off. */
-export const DRAINED_CHUNKS = 4;
+/** Input read without the WAN holding the session back after which compression backs off (Linux's largest default TCP send buffer). */
+export const DRAINED_BYTES = 4 * 1024 * 1024;
 /** Most batches skipped after incompressible ones before compression is tried again. */
 export const MAX_SKIP = 64;
 /** Most queued observations in a row compression waits for after backing off (64 chunks: 16 MiB of source reads). */
 export const MAX_REJOIN = 64;
-/** A back-off this many observations or fewer after compression came back is a swing: compressing drained the link. */
-export const SWING_CHUNKS = 4 * DRAINED_CHUNKS;
+/** A back-off after this much input or less since compression came back is a swing: compressing drained the link. */
+export const SWING_BYTES = 4 * DRAINED_BYTES;
 /** Literal bytes at most 1/SPARSE_SHARE of the input read lately are compressed whatever the WAN does. */
 export const SPARSE_SHARE = 32;
 /** Input after which both counts of "lately" halve, so the share follows the stream's recent mix. */
@@ -39,12 +42,13 @@ const SHARE_WINDOW_BYTES = 64 * 1024 * 1024;
 export class CompressionPolicy {
   /** Compressing while the WAN is the bottleneck (starts so: a first leg fills the link at once). */
   private wanBound = true;
-  private drained = 0;
+  /** Input read since the WAN last held the session back. */
+  private drainedBytes = 0;
   /** Queued observations in a row while backed off, and how many bring compression back. */
   private queued = 0;
   private rejoin = 1;
-  /** Observations since compression came back; a back-off right after the start (the link not yet filled) is no swing. */
-  private onFor = SWING_CHUNKS + 1;
+  /** Input read since compression came back; a back-off right after the start (the link not yet filled) is no swing. */
+  private onForBytes = SWING_BYTES + 1;
   /** Batches still to go raw after incompressible ones, and how many the next raw batch skips. */
   private skipLeft = 0;
   private nextSkip = 1;
@@ -62,19 +66,20 @@ export class CompressionPolicy {
       this.readBytes /= 2;
       this.literalBytes /= 2;
     }
-    this.onFor++;
+    this.onForBytes += chunkBytes;
     if (heldBack) {
-      this.drained = 0;
+      this.drainedBytes = 0;
       if (!this.wanBound && ++this.queued >= this.rejoin) {
         this.wanBound = true;
-        this.onFor = 0;
+        this.onForBytes = 0;
       }
       return;
     }
     this.queued = 0;
-    if (++this.drained >= DRAINED_CHUNKS && this.wanBound) {
+    this.drainedBytes += chunkBytes;
+    if (this.drainedBytes >= DRAINED_BYTES && this.wanBound) {
       this.wanBound = false;
-      this.rejoin = this.onFor <= SWING_CHUNKS ? Math.min(this.rejoin * 2, MAX_REJOIN) : 1;
+      this.rejoin = this.onForBytes <= SWING_BYTES ? Math.min(this.rejoin * 2, MAX_REJOIN) : 1;
     }
   }
 
