@@ -519,9 +519,16 @@ export class QemuVm {
     const timeoutMs = opts.timeoutMs ?? 300_000;
     const pollMs = opts.pollMs ?? 100;
     const deadline = Date.now() + timeoutMs;
+    let completedAt: number | undefined;
     for (;;) {
       const info = await this.queryMigrate();
-      if (info.status === 'completed') return info;
+      // QEMU 7.2 sets the state to completed in the migration thread and computes total-time only
+      // afterwards (migration_iteration_finish, under the main lock): a query between the two reads
+      // total-time 0, so a completed migration is polled once more until its time is in.
+      if (info.status === 'completed') {
+        completedAt ??= Date.now();
+        if ((info['total-time'] ?? 0) > 0 || Date.now() - completedAt > 2000) return info;
+      }
       if (info.status === 'failed' || info.status === 'cancelled') {
         if (opts.allowFailure) return info;
         throw new MigrationFailedError(info, this.name);
