@@ -140,21 +140,26 @@ describe('gateway failures', () => {
     return parts.tailStart;
   }
 
-  /** A destination that counts what it has been given and can talk back like QEMU's return path. */
-  async function countingDestination(): Promise<{ given: () => number; cut: () => boolean; socket: Promise<net.Socket> }> {
+  /**
+   * A destination that counts what it has been given and can talk back like QEMU's return path; `cut`
+   * once its connection is gone, `reset` if it went with an error rather than an end.
+   */
+  async function countingDestination(): Promise<{ given: () => number; cut: () => boolean; reset: () => boolean; socket: Promise<net.Socket> }> {
     let given = 0;
     let cut = false;
+    let reset = false;
     let accepted!: (s: net.Socket) => void;
     const socket = new Promise<net.Socket>((r) => (accepted = r));
     const server = net.createServer((s) => {
       server.close();
       s.on('data', (chunk: Buffer) => (given += chunk.length));
-      s.on('error', () => (cut = true));
+      s.on('end', () => s.end());
+      s.on('error', () => (cut = reset = true));
       s.on('close', () => (cut = true));
       accepted(s);
     });
     await new Promise<void>((r) => server.listen(b.destPort, '127.0.0.1', () => r()));
-    return { given: () => given, cut: () => cut, socket };
+    return { given: () => given, cut: () => cut, reset: () => reset, socket };
   }
 
   const original = migrationStream(guestMemory([['pc.ram', 64]], 31), []);
@@ -228,5 +233,45 @@ describe('gateway failures', () => {
     expect(dest.cut()).toBe(false);
     peer.socket.destroy();
     await waitFor(() => dest.cut());
+  });
+
+  describe('postcopy', () => {
+    const postcopy = migrationStream(guestMemory([['pc.ram', 64]], 33), [[3, 4]], { machine: 'pc-i440fx-10.0', postcopyAt: 0 });
+    /** Where the package (LISTEN, the device state, RUN) ends: the destination runs the guest once it has loaded it. */
+    const packageEnd = ((): number => {
+      const packaged = postcopy.indexOf(Buffer.of(8, 0, 7, 0, 4)); // QEMU_VM_COMMAND, MIG_CMD_PACKAGED, 4 bytes of length
+      return packaged + 9 + postcopy.readUInt32BE(packaged + 5);
+    })();
+
+    /** A raw sending peer hands the receiving gateway `stream[0, upTo)` (Sealed, when `seal`), then vanishes. */
+    async function failAfter(upTo: number, seal: boolean): Promise<Awaited<ReturnType<typeof countingDestination>>> {
+      const dest = await countingDestination();
+      const peer = await rawPeer(b.peerPort);
+      peer.hello('vm1', `127.0.0.1:${b.destPort}`);
+      await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
+      peer.socket.write(encodeFrame(FrameType.Literal, postcopy.subarray(0, upTo)));
+      if (seal) {
+        const sealed = new StreamHash();
+        sealed.update(postcopy.subarray(0, upTo));
+        peer.socket.write(encodeJson(FrameType.Seal, { streamBytes: upTo, streamCheck: sealed.digest() }));
+      }
+      await waitFor(() => dest.given() === upTo);
+      expect(dest.cut()).toBe(false);
+      peer.socket.destroy();
+      await waitFor(() => dest.cut());
+      return dest;
+    }
+
+    test('a migration that fails once the checked package has gone ends the destination\'s connection: it reads all it was handed (it would run the guest, then pause for recovery)', async () => {
+      expect(postcopy.subarray(packageEnd - 5, packageEnd).equals(Buffer.of(8, 0, 5, 0, 0))).toBe(true); // the package ends with RUN
+      // A reset would have thrown away whatever of the package the destination had not read yet.
+      const dest = await failAfter(packageEnd + 100, true);
+      expect({ given: dest.given(), reset: dest.reset() }).toEqual({ given: packageEnd + 100, reset: false });
+    });
+
+    test('a migration that fails before the package resets the destination\'s connection', async () => {
+      const dest = await failAfter(postcopy.length >> 2, false);
+      expect(dest.reset()).toBe(true);
+    });
   });
 });

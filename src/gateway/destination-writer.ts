@@ -14,6 +14,8 @@ import { connectWithQueue } from './socket-tuning';
  * rest of that read out of the reused read buffer.
  */
 const DEST_QUEUE_BYTES = 1024 * 1024;
+/** How long a postcopy destination has to read what it was handed once the migration failed. */
+const HANG_UP_MS = 30_000;
 
 /** What the destination writer tells its receiving session. */
 export interface DestinationEvents {
@@ -115,5 +117,19 @@ export class DestinationWriter {
   /** Reset, not end: the destination must see a broken stream, never a short one that parses. */
   reset(): void {
     this.socket.resetAndDestroy();
+  }
+
+  /**
+   * The migration failed after the destination was handed a checked postcopy package: it runs the
+   * guest, and the source cannot take it back. A reset would throw away whatever of the package the
+   * destination had not read yet (a peer's reset discards its unread bytes), and a destination that
+   * cannot load its package fails the migration for good; an end lets it read all it was handed, run,
+   * and pause at the end of its stream for QEMU's postcopy recovery. No short stream can parse here:
+   * a postcopy destination that loses its stream before the source's end pauses.
+   */
+  hangUpRunning(): void {
+    this.socket.end();
+    // A destination that no longer reads must not hold the socket open.
+    setTimeout(() => this.socket.destroy(), HANG_UP_MS).unref();
   }
 }

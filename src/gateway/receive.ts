@@ -95,7 +95,8 @@ export interface ReceiveOptions {
 
 /**
  * One incoming migration: a peer gateway's frames, rebuilt into the exact QEMU stream for the
- * destination. Any failure resets the destination's connection before a wrong byte could reach it,
+ * destination. Any failure resets the destination's connection before a wrong byte could reach it (once
+ * a postcopy package has gone, ends it instead: DestinationWriter.hangUpRunning),
  * and the store puts back the snapshot it started from (SessionLifecycle.rollBack).
  */
 export class ReceiveSession {
@@ -489,7 +490,8 @@ export class ReceiveSession {
       return;
     }
     this.life.event('migration failed', { error: reason });
-    this.destination?.reset();
+    if (this.destination?.decoder?.guestRunsAtDestination) this.destination.hangUpRunning();
+    else this.destination?.reset();
     this.life.abortPeer(this.peer, reason, true);
     this.life.rollBack();
     this.finish('failed', reason, null);

@@ -76,7 +76,7 @@ export class StreamDecoder {
   /** A Seal covered the stream's very end: nothing more may follow. */
   private sealed = false;
   /** A Seal covered a postcopy package: the destination runs the guest, nothing more is held. */
-  private guestRunning = false;
+  private packageReleased = false;
 
   constructor(
     /** Receives the rebuilt stream; it owns each buffer. */
@@ -103,6 +103,14 @@ export class StreamDecoder {
   /** The stream switched to postcopy. */
   get postcopy(): boolean {
     return this.parts.postcopyStarted;
+  }
+
+  /**
+   * A checked postcopy package has been handed on: the destination runs (or is about to run) the
+   * guest, and the source can no longer take it back.
+   */
+  get guestRunsAtDestination(): boolean {
+    return this.packageReleased;
   }
 
   /** The destination has been handed every byte rebuilt so far, and a check covered all of them. */
@@ -235,7 +243,7 @@ export class StreamDecoder {
 
   /** Passes rebuilt bytes (at stream offset `at`) on, holding back everything from the tail's start. */
   private emit(bytes: Buffer, at: number): void {
-    if (this.guestRunning) {
+    if (this.packageReleased) {
       this.out(bytes);
       return;
     }
@@ -280,7 +288,7 @@ export class StreamDecoder {
     // Postcopy: once the package is checked and delivered the destination runs the guest and asks for
     // the pages it lacks; the rest of the stream goes on as it is rebuilt (Run pages still checked
     // against their digests, everything by the End check), since the guest cannot wait for the end.
-    if (this.parts.postcopyStarted) this.guestRunning = true;
+    if (this.parts.postcopyStarted) this.packageReleased = true;
     this.releaseHeld();
   }
 
