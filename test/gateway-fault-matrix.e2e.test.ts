@@ -70,10 +70,10 @@ function claimedSnapshot(site: Site): string | null {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-async function waitUntil(what: string, condition: () => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+async function waitUntil(what: string | (() => string), condition: () => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<void> {
   const until = Date.now() + timeoutMs;
   while (!(await condition())) {
-    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+    if (Date.now() > until) throw new Error(`timed out waiting for ${typeof what === 'string' ? what : what()}`);
     await sleep(50);
   }
 }
@@ -95,6 +95,32 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
     workload: { mib: 64, seed: 23, rewritePct: 0, intervalMs: 500 },
   };
   const there = (): Site => (here === a ? b : a);
+
+  /** The QEMUs a row started; the one that is the guest afterwards stays, the others go once the row ends. */
+  const rowVms = new Set<QemuVm>();
+  function rowVm(o: QemuVmOptions): QemuVm {
+    const made = new QemuVm(o);
+    rowVms.add(made);
+    return made;
+  }
+
+  /**
+   * A row that failed midway must not take the rows after it down: its destination QEMUs still hold
+   * the sites' QEMU ports, a gateway it killed is not running, and the guest may still be migrating
+   * with the row's capabilities on. (A row that passed has left nothing of this behind.)
+   */
+  afterEach(async () => {
+    for (const made of rowVms) if (made !== vm) await made.dispose();
+    rowVms.clear();
+    for (const site of [a, b]) if (site && !site.gateway.alive()) await startGateway(site);
+    if (!vm || vm.exit) return;
+    const info = await vm.queryMigrate().catch(() => null);
+    if (info && ['setup', 'active', 'device', 'pre-switchover'].includes(info.status ?? '')) {
+      await vm.qmp('migrate_cancel').catch(() => undefined);
+      await vm.waitForMigration({ timeoutMs: 30_000, allowFailure: true }).catch(() => undefined);
+    }
+    await vm.setMigrationCapabilities({ 'postcopy-ram': false, multifd: false }).catch(() => undefined);
+  });
 
   async function startGateway(site: Site): Promise<void> {
     site.gateway = await startSiteGateway(tmp, site.name, site.yaml, 'child-process');
@@ -148,7 +174,7 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
 
   /** A destination QEMU at `site`, waiting for the stream. */
   async function destinationAt(site: Site, label: string): Promise<QemuVm> {
-    const dest = new QemuVm({ ...options, name: `${label}-at-${site.name}`, incoming: `tcp:127.0.0.1:${site.qemuPort}` });
+    const dest = rowVm({ ...options, name: `${label}-at-${site.name}`, incoming: `tcp:127.0.0.1:${site.qemuPort}` });
     await dest.start();
     // With the return path a destination that fails to load tells the source, which then fails the
     // migration and resumes its VM even when it had already sent its last byte.
@@ -280,7 +306,7 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
     const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
     const to = there();
     const postcopy = { 'return-path': true, 'postcopy-ram': true };
-    const dest = new QemuVm({ ...options, name: `postcopy-at-${to.name}`, incoming: 'defer' });
+    const dest = rowVm({ ...options, name: `postcopy-at-${to.name}`, incoming: 'defer' });
     await dest.start();
     await dest.setMigrationCapabilities(postcopy);
     await dest.migrateIncoming(`tcp:127.0.0.1:${to.qemuPort}`);
@@ -308,9 +334,17 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
     // recovery over a direct connection completes it. migrate-recover succeeds once the destination
     // has paused too (it answers out of band, whatever its main thread waits for).
     const recoverPort = await freePort();
+    let refused = '';
     await waitUntil(
-      'the destination to pause and listen for the recovery',
-      () => dest.qmpOob('migrate-recover', { uri: `tcp:127.0.0.1:${recoverPort}` }).then(() => true, () => false),
+      () => `the destination to pause and listen for the recovery (last answer: ${refused || 'none'}; destination ${dest.exit ? 'exited' : 'alive'})`,
+      () =>
+        dest.qmpOob('migrate-recover', { uri: `tcp:127.0.0.1:${recoverPort}` }).then(
+          () => true,
+          (err: unknown) => {
+            refused = err instanceof Error ? err.message : String(err);
+            return false;
+          },
+        ),
       60_000,
     );
     vm.setMaxBandwidth(FAST);
@@ -336,7 +370,7 @@ async function waitUntil(what: string, condition: () => boolean | Promise<boolea
     const to = there();
     const multifd = { 'return-path': true, multifd: true };
     const channels = { 'multifd-channels': 4 };
-    const dest = new QemuVm({ ...options, name: `multifd-at-${to.name}`, incoming: 'defer' });
+    const dest = rowVm({ ...options, name: `multifd-at-${to.name}`, incoming: 'defer' });
     await dest.start();
     await dest.setMigrationCapabilities(multifd);
     await dest.setMigrationParameters(channels);
