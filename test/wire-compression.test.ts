@@ -320,6 +320,22 @@ describe('CompressionPolicy', () => {
     }
   });
 
+  test('a source paused for the WAN counts as held back at its next chunk (the socket has drained by then), and at that one only', () => {
+    const policy = new CompressionPolicy();
+    for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(false, CHUNK);
+    expect(policy.wanIsBottleneck).toBe(false);
+    policy.pausedForWan();
+    policy.observeWan(false, CHUNK);
+    expect(policy.wanIsBottleneck).toBe(true);
+    for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(false, CHUNK);
+    expect(policy.wanIsBottleneck).toBe(false);
+    policy.pausedForWan();
+    policy.observeWan(false, CHUNK);
+    // A swing: two held-back chunks in a row bring it back now, and the pause counted once.
+    policy.observeWan(false, CHUNK);
+    expect(policy.wanIsBottleneck).toBe(false);
+  });
+
   test('after batches that did not shrink it skips 1, 2, 4 … up to MAX_SKIP batches; one that shrinks ends the skipping', () => {
     const policy = new CompressionPolicy();
     const skips: number[] = [];

@@ -187,8 +187,6 @@ export class ChannelSender extends ChannelRelay {
   private literals: LiteralFrames | null = null;
   /** Frame bytes written to the peer. */
   private wanBytes = 0;
-  /** The source was paused for the peer socket since its last chunk: the WAN held the channel back. */
-  private pausedForWan = false;
 
   constructor(
     /** The source QEMU's channel, paused, its first bytes put back. */
@@ -257,8 +255,7 @@ export class ChannelSender extends ChannelRelay {
     if (this.ended || this.over) return; // the destination has closed the channel: nobody reads on
     const literals = this.literals as LiteralFrames;
     // Whether the WAN held the channel back since the last chunk (see CompressionPolicy).
-    literals.policy.observeWan(peer.writableLength > 0 || this.pausedForWan, chunk.length);
-    this.pausedForWan = false;
+    literals.policy.observeWan(peer.writableLength > 0, chunk.length);
     peer.cork();
     try {
       this.guard('source', () => {
@@ -271,7 +268,7 @@ export class ChannelSender extends ChannelRelay {
     // The peer socket's backpressure, or the codec waiting at a SYNC for the other channels.
     const wanFull = peer.writableLength >= RELAY_QUEUE_BYTES;
     if (wanFull || encoder.parked) this.source.pause();
-    if (wanFull) this.pausedForWan = true;
+    if (wanFull) literals.policy.pausedForWan();
   }
 
   /** Reads the source again once neither the peer socket nor the codec holds it back. */

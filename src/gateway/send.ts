@@ -114,8 +114,6 @@ export class SendSession {
   private readonly returnPath = new ReturnPathMessages();
   /** Stream bytes the last Seal covered. */
   private sealedBytes = 0;
-  /** The source was paused for the peer socket or a WAN cap since its last chunk: the WAN held this session back. */
-  private pausedForWan = false;
   /** Fires when the source has sent nothing for QUIET_SEAL_MS (re-armed by every read). */
   private quietTimer: NodeJS.Timeout | null = null;
   /** The snapshot both stores commit, from the source's end on. */
@@ -384,8 +382,7 @@ export class SendSession {
     if (!this.encoder || this.over) return;
     // Whether the WAN held this session back since the last chunk (the peer socket still holds what that
     // chunk produced, or the source was paused for it): compression pays only then.
-    this.literals?.policy.observeWan(this.peer.writableLength > 0 || this.pausedForWan, chunk.length);
-    this.pausedForWan = false;
+    this.literals?.policy.observeWan(this.peer.writableLength > 0, chunk.length);
     // A delta costs store reads here and at the receiver, a content match one there: paid whatever they take only while the WAN, not the gateways, sets the pace.
     this.encoder.deltaReadsFree = this.options.deltas === 'always' || (this.literals?.policy.wanIsBottleneck ?? true);
     // Every frame this chunk produces leaves in one writev.
@@ -407,7 +404,7 @@ export class SendSession {
     // Backpressure from the peer socket, or a WAN cap in debt (resumed once it has refilled).
     if (this.peer.writableNeedDrain || this.options.wan.hold(this.resumeLater)) {
       this.qemu.pause();
-      this.pausedForWan = true;
+      this.literals?.policy.pausedForWan();
     }
   }
 

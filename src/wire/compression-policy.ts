@@ -56,11 +56,21 @@ export class CompressionPolicy {
   private readBytes = 0;
   private literalBytes = 0;
 
+  /** The session paused its source for the WAN (the peer socket's backpressure, or a WAN cap) since the last chunk. */
+  private paused = false;
+
+  /** The session paused its source for the WAN: the next observation counts as held back whatever the socket shows then. */
+  pausedForWan(): void {
+    this.paused = true;
+  }
+
   /**
-   * The source's next chunk, of `chunkBytes`, arrived; `heldBack`: the WAN held the session back since
-   * the last one.
+   * The source's next chunk, of `chunkBytes`, arrived; `socketQueued`: the peer socket still holds bytes.
+   * The WAN held the session back since the last chunk if so, or if the source was paused for it.
    */
-  observeWan(heldBack: boolean, chunkBytes: number): void {
+  observeWan(socketQueued: boolean, chunkBytes: number): void {
+    const heldBack = socketQueued || this.paused;
+    this.paused = false;
     this.readBytes += chunkBytes;
     if (this.readBytes > SHARE_WINDOW_BYTES) {
       this.readBytes /= 2;
