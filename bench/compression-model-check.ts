@@ -5,11 +5,13 @@
  * mean Delta and the share of the pages it carried that went as deltas, and (back legs) the pages it
  * carried as the changed share. The guest's writes while it migrates are in the model's inputs already:
  * its used share comes from the direct first leg's page count, re-sent pages included.
- * Usage: node dist/bench/compression-model-check.js RESULTS.json... [--ratio R] [--platform bench|bench-qemu10]
+ * Usage: node dist/bench/compression-model-check.js RESULTS.json... [--ratio R] [--platform bench|bench-qemu10|same-run]
  *   --ratio R: the compression ratio of every compressing leg is R instead (`bfmig inspect` on a capture
  *              of the guest: what zstd makes of its stream when it compresses throughout)
  *   --platform: the constants of src/model/calibration.ts to use (bench-qemu10 for bench/leg-cost.js
- *              results: QEMU 10.0 on this host as loaded when they were measured)
+ *              results: QEMU 10.0 on this host as loaded when they were measured), or same-run:
+ *              bench-qemu10's with the host's rates read from each file's own relay and bfmig-plain
+ *              legs (calibrateFromBaseline), which are then not checked: only the new legs are
  * Relay legs (bench/leg-cost.js) are predicted as direct ones: two forwarders add no bytes.
  * Prints each leg, and the worst WAN-bytes and time errors.
  */
@@ -17,9 +19,9 @@ import * as fs from 'node:fs';
 import { parseArgs } from 'node:util';
 import type { BenchResults, LegResult } from '../src/lab/demo/backforth';
 import { inputsFor, mb, pct } from '../src/lab/harness/model-check';
-import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10 } from '../src/model/calibration';
+import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10, calibrateFromBaseline } from '../src/model/calibration';
 import { PAGE_BYTES, type Platform, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
-import { median } from '../src/lab/harness/median';
+import { median } from '../src/common/median';
 
 const PLATFORMS: Record<string, Platform> = { bench: BENCH_PLATFORM, 'bench-qemu10': BENCH_PLATFORM_QEMU10 };
 
@@ -49,21 +51,37 @@ interface Checked {
 function main(): void {
   const { values, positionals } = parseArgs({ args: process.argv.slice(2), options: { ratio: { type: 'string' }, platform: { type: 'string' } }, strict: true, allowPositionals: true });
   const ratio = values.ratio === undefined ? null : Number(values.ratio);
-  const platform = PLATFORMS[values.platform ?? 'bench'];
-  if (!platform) throw new Error(`--platform is ${Object.keys(PLATFORMS).join(' or ')}`);
+  const sameRun = values.platform === 'same-run';
+  const named = PLATFORMS[values.platform ?? 'bench'];
+  if (!named && !sameRun) throw new Error(`--platform is ${[...Object.keys(PLATFORMS), 'same-run'].join(' or ')}`);
+  const baseline = (leg: LegResult): boolean => leg.path === 'relay' || leg.path === 'bfmig-plain';
   const checked: Checked[] = [];
   for (const file of positionals) {
     const results = JSON.parse(fs.readFileSync(file, 'utf8')) as BenchResults;
+    // Runs of one setting (bench/leg-cost.js names them CONTENT-runN) are one group, calibrated together.
+    const setting = (run: BenchResults['runs'][number]): string => run.id.replace(/-run\d+$/, '');
+    const platforms = new Map<string, Platform>();
     for (const run of results.runs) {
+      if (!sameRun || platforms.has(setting(run))) continue;
+      const legs = results.runs.filter((r) => setting(r) === setting(run)).flatMap((r) => r.legs);
+      const p = calibrateFromBaseline(legs, 2 * run.delayMs, BENCH_PLATFORM_QEMU10);
+      platforms.set(setting(run), p);
+      console.log(
+        `${file} ${setting(run)}: calibrated from its relay and bfmig-plain legs: link ${mb(p.linkCeilingBytesPerS)} MB/s, held pages ${mb(p.gatewayBytesPerS)} MB/s, ` +
+          `carried pages ${mb(p.gatewayLiteralBytesPerS)} MB/s, zstd ${mb(p.compressorBytesPerS)} MB/s`,
+      );
+    }
+    for (const run of results.runs) {
+      const platform = platforms.get(setting(run)) ?? (named as Platform);
       const firstDirect = run.legs.find((l) => l.path === 'direct' && l.leg === 1) ?? run.legs[0];
       console.log(`\n${file} ${run.id}: ${run.mbit} Mbit/s, ${run.delayMs} ms, ${run.memMiB} MiB guest`);
       for (const leg of run.legs) {
+        if (sameRun && baseline(leg)) continue;
         const direct = leg.path === 'direct' || leg.path === 'relay';
         const base = { ...inputsFor(run, leg, firstDirect, results.downtimeLimitMs), platform };
         const inputs = direct ? base : measuredInputs(leg, base, ratio);
         const predicted = direct ? predictDirect(inputs) : predictBfmig(inputs, leg.leg > 1);
-        // Runs of one setting (bench/leg-cost.js names them CONTENT-runN) are one group.
-        checked.push({ group: `${file.replace(/.*\//, '')} ${run.id.replace(/-run\d+$/, '')} ${run.mbit} Mbit/s`, leg, wanBytes: predicted.wanBytes, seconds: predicted.totalSeconds });
+        checked.push({ group: `${file.replace(/.*\//, '')} ${setting(run)} ${run.mbit} Mbit/s`, leg, wanBytes: predicted.wanBytes, seconds: predicted.totalSeconds });
         const given = [
           inputs.compressionRatio !== undefined ? `ratio ${inputs.compressionRatio.toFixed(3)}` : '',
           inputs.delta ? `delta ${inputs.delta.bytes.toFixed(0)} B × ${(inputs.delta.share * 100).toFixed(1)}%` : '',

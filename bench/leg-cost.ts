@@ -8,6 +8,8 @@
  *   node dist/bench/leg-cost.js [--runs 2] [--mbit 1000] [--delay-ms 20] [--legs 2] [--contents files,random]
  *       [--scribble-files 64:500]   updates of the files guest (none for the pseudo-random one)
  *       [--qemu 10.0] [--machine pc-i440fx-10.0] [--out FILE.json]
+ *       [--uncompressed]           also through bfmig with `compression: off` (deltas auto): path
+ *                                  'bfmig-uncompressed', which splits bfmig's cost between the two
  *
  * Per content, path and leg: WAN bytes, QEMU's total time, migrate → running at the destination, and
  * each gateway's (or relay's) CPU seconds per GiB of QEMU stream (its process's /proc counters).
@@ -19,12 +21,12 @@ import { parseArgs } from 'node:util';
 import { type BenchResults, type LegPath, type LegResult, runBackForth } from '../src/lab/demo/backforth';
 import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
 import { QEMU_RELEASES, type QemuRelease, qemuBinary } from '../src/lab/vm/qemu-releases';
-import { median } from '../src/lab/harness/median';
+import { median } from '../src/common/median';
 
 /** Node flags of the gateway processes: the deployment's recommended ones unless overridden (e.g. with --cpu-prof). */
 const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
 
-const PATHS: readonly LegPath[] = ['bfmig', 'bfmig-plain', 'relay'];
+const PATHS: readonly LegPath[] = ['bfmig', 'bfmig-uncompressed', 'bfmig-plain', 'relay'];
 const GiB = 2 ** 30;
 
 /** "median (min–max)" of `values`, each formatted by `f`. */
@@ -38,7 +40,7 @@ const present = (values: Array<number | null>): number[] => values.filter((v): v
 
 function summarise(label: string, runs: number, legs: LegResult[]): string[] {
   const lines = [`${label}: median (min–max) over ${runs} runs`];
-  lines.push('leg  path         WAN MiB                 total time s         until running s      CPU s/GiB send       CPU s/GiB receive    guest');
+  lines.push('leg  path               WAN MiB                 total time s         until running s      CPU s/GiB send       CPU s/GiB receive    guest');
   for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
     for (const path of PATHS) {
       const at = legs.filter((l) => l.leg === leg && l.path === path);
@@ -46,7 +48,7 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
       lines.push(
         [
           String(leg).padEnd(4),
-          path.padEnd(12),
+          path.padEnd(18),
           spread(at.map((l) => l.wanBytes / 2 ** 20), (v) => v.toFixed(2)).padEnd(23),
           spread(at.map((l) => l.totalTimeMs / 1000), (v) => v.toFixed(2)).padEnd(20),
           spread(present(at.map((l) => (l.untilRunningMs === null ? null : l.untilRunningMs / 1000))), (v) => v.toFixed(2)).padEnd(20),
@@ -64,7 +66,7 @@ async function main(): Promise<void> {
   const text = { type: 'string' } as const;
   const { values: args } = parseArgs({
     args: process.argv.slice(2),
-    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text },
+    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, uncompressed: { type: 'boolean' } },
     strict: true,
   });
   const runs = Number(args.runs ?? 2);
@@ -96,6 +98,7 @@ async function main(): Promise<void> {
         direct: false,
         relay: true,
         plain: true,
+        uncompressed: args.uncompressed === true,
         gatewayProcesses: true,
         gatewayNodeArgs: nodeArgs,
         out: process.stdout,

@@ -10,7 +10,8 @@ import { checkResults } from '../src/lab/harness/model-check';
 import { PREDICT } from '../src/cli/commands';
 import { parseCommand } from '../src/cli/parse';
 import { predictInputs, runPredict } from '../src/cli/predict';
-import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10 } from '../src/model/calibration';
+import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10, type BaselineLeg, calibrateFromBaseline } from '../src/model/calibration';
+import { SPARSE_SHARE } from '../src/wire/compression-policy';
 import { type ModelInputs, type Platform, predict, predictBfmig, predictDirect } from '../src/model/precopy';
 
 /** No overheads at all: every figure below follows from pages, record sizes and the link rate. */
@@ -118,6 +119,21 @@ describe('through bfmig', () => {
     expect(slowZstd.wanBytes).toBeCloseTo(predictBfmig(BASE, true).wanBytes, 0);
   });
 
+  test('compressed whatever the compressor costs while the carried pages are sparse (at most 1/SPARSE_SHARE of the stream), as the policy does', () => {
+    // 2% changed: 20 carried pages among 980 held ones. zstd 40 times slower than the link, as above.
+    const sparse = { ...BASE, changedShare: 0.02, compressionRatio: 0.5, platform: { ...BARE, compressorBytesPerS: 102_600 } };
+    const held = 980 * (1 / 8 + 38 / 256) + 5;
+    expect(predictBfmig(sparse, true).wanBytes).toBeCloseTo(20 * (0.5 * 4104 + 5 + 0.98 * 38) + held, 0);
+    expect(SPARSE_SHARE).toBe(32);
+  });
+
+  test('the device state crosses at the compression ratio', () => {
+    const device = { ...BARE, deviceStateBytes: 10_000 };
+    const without = predictBfmig({ ...BASE, compressionRatio: 0.5 }, true).wanBytes;
+    expect(predictBfmig({ ...BASE, compressionRatio: 0.5, platform: device }, true).wanBytes - without).toBeCloseTo(5_000, 0);
+    expect(predictBfmig({ ...BASE, platform: device }, true).wanBytes - predictBfmig(BASE, true).wanBytes).toBeCloseTo(10_000, 0);
+  });
+
   test('deltas: a page costs its record header and the Delta, in two frames, instead of its record', () => {
     const r = predictBfmig({ ...BASE, delta: { bytes: 300, share: 0.75 } }, true);
     const delta = 5 + 8 + 5 + 300;
@@ -185,6 +201,38 @@ describe('through bfmig', () => {
     expect(() => predictDirect({ ...BASE, usedShare: Number.NaN })).toThrow(/usedShare/);
     expect(() => predictBfmig({ ...BASE, compressionRatio: 1.5 }, true)).toThrow(/compressionRatio/);
     expect(() => predictBfmig({ ...BASE, delta: { bytes: 5000, share: 1 } }, true)).toThrow(/delta.bytes/);
+  });
+});
+
+describe('calibration from baseline legs of the same run', () => {
+  const leg = (path: string, n: number, streamBytes: number, totalTimeMs: number, cpu: number | null = null): BaselineLeg => ({ path, leg: n, streamBytes, totalTimeMs, gatewayCpuSecondsSend: cpu });
+  const legs = [
+    // Relay legs: (stream − the 4.2 MB direct buffer) / total time: 100, 120 and 110 MB/s.
+    leg('relay', 1, 204.2e6, 2000),
+    leg('relay', 2, 244.2e6, 2000),
+    leg('relay', 1, 224.2e6, 2000),
+    // bfmig-plain first legs: stream / (total time − 40 ms): 100 and 200 MB/s; the sender at 0.5 and 0.3 CPU s per 100 MB.
+    leg('bfmig-plain', 1, 200e6, 2040, 1),
+    leg('bfmig-plain', 1, 400e6, 2040, 1.2),
+    // bfmig-plain back legs: 500 MB/s.
+    leg('bfmig-plain', 2, 200e6, 440),
+    // Not baseline: never read.
+    leg('bfmig', 2, 1, 1),
+  ];
+
+  test('the link from the relay legs, the gateways from the bfmig-plain legs, zstd from the core share the sender used', () => {
+    const p = calibrateFromBaseline(legs, 40, BENCH_PLATFORM_QEMU10);
+    expect(p.linkCeilingBytesPerS).toBeCloseTo(110e6, -3);
+    expect(p.gatewayBytesPerS).toBeCloseTo(500e6, -3);
+    expect(p.gatewayLiteralBytesPerS).toBeCloseTo(150e6, -3);
+    // 150 MB/s at the median 0.4 CPU s per 100 MB is 60% of a core: zstd gets 60% of its core rate.
+    expect(p.compressorBytesPerS).toBeCloseTo(0.6 * BENCH_PLATFORM.compressorBytesPerS, -3);
+    expect(p.deviceStateBytes).toBe(BENCH_PLATFORM_QEMU10.deviceStateBytes);
+  });
+
+  test('a missing kind of baseline leg is an error, not a guess', () => {
+    expect(() => calibrateFromBaseline(legs.filter((l) => l.path !== 'relay'), 40, BENCH_PLATFORM_QEMU10)).toThrow(/no relay legs/);
+    expect(() => calibrateFromBaseline(legs.filter((l) => !(l.path === 'bfmig-plain' && l.leg > 1)), 40, BENCH_PLATFORM_QEMU10)).toThrow(/no bfmig-plain back legs/);
   });
 });
 

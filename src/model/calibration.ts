@@ -1,3 +1,4 @@
+import { median } from '../common/median';
 import type { Platform } from './precopy';
 
 /**
@@ -71,3 +72,43 @@ export const BENCH_PLATFORM_QEMU10: Platform = {
  * real WAN (no emulator ceiling). `--gateway-gbps` and `--platform bench` change it.
  */
 export const DEFAULT_PLATFORM: Platform = { ...BENCH_PLATFORM, linkCeilingBytesPerS: Infinity };
+
+/** What a calibration reads of one measured leg (bench/leg-cost.js writes them). */
+export interface BaselineLeg {
+  /** 'relay' (a plain TCP relay pair) and 'bfmig-plain' (compression and deltas off) legs calibrate. */
+  path: string;
+  /** 1: a first leg (every page carried); above 1: a back leg. */
+  leg: number;
+  streamBytes: number;
+  totalTimeMs: number;
+  /** The sending gateway's CPU seconds for the leg (null: not measured). */
+  gatewayCpuSecondsSend: number | null;
+}
+
+/**
+ * `base` with the host's rates read from baseline legs measured beside the legs to be predicted, in the
+ * same run, the way BENCH_PLATFORM_QEMU10's were read from a calibration run: a shared host's load moves
+ * every rate, and legs of a second or less measure it more than the gateways. The relay legs give the
+ * link's ceiling, the `bfmig-plain` back legs the gateways' rate for held pages, its first legs their
+ * rate for carried ones and, with the sender's CPU seconds, the share of a core zstd would get. Throws
+ * when a kind of baseline leg is missing.
+ */
+export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: number, base: Platform): Platform {
+  const rttS = rttMs / 1000;
+  /** The gateways' rate on `bfmig-plain` first or back legs: stream / (total time − the Hello/Offer round trip). */
+  const gatewayRate = (first: boolean): number => {
+    const at = legs.filter((l) => l.path === 'bfmig-plain' && (l.leg === 1) === first && l.totalTimeMs / 1000 > rttS);
+    if (at.length === 0) throw new Error(`no bfmig-plain ${first ? 'first' : 'back'} legs to calibrate from`);
+    return median(at.map((l) => l.streamBytes / (l.totalTimeMs / 1000 - rttS)));
+  };
+  // Every relay leg carries the whole stream: (stream − what QEMU's buffers hold at the end) / total time.
+  const relay = legs.filter((l) => l.path === 'relay' && l.totalTimeMs > 0);
+  if (relay.length === 0) throw new Error('no relay legs to calibrate from');
+  const linkCeilingBytesPerS = median(relay.map((l) => (l.streamBytes - base.directBufferBytes) / (l.totalTimeMs / 1000)));
+  const gatewayBytesPerS = gatewayRate(false);
+  const gatewayLiteralBytesPerS = gatewayRate(true);
+  const cpu = legs.filter((l) => l.path === 'bfmig-plain' && l.leg === 1 && l.gatewayCpuSecondsSend !== null && l.streamBytes > 0);
+  // The core's share the sender used at that rate, which zstd (compressorBytesPerS a whole core) would get.
+  const coreShare = cpu.length === 0 ? 1 : Math.min(1, gatewayLiteralBytesPerS * median(cpu.map((l) => (l.gatewayCpuSecondsSend as number) / l.streamBytes)));
+  return { ...base, linkCeilingBytesPerS, gatewayBytesPerS, gatewayLiteralBytesPerS, compressorBytesPerS: BENCH_PLATFORM.compressorBytesPerS * coreShare };
+}

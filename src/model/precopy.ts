@@ -19,6 +19,7 @@
  * `bufferBytes` of socket buffers and emulator queue in between. QEMU's total time ends when its last
  * byte enters that pipeline, not when it reaches the destination.
  */
+import { SPARSE_SHARE } from '../wire/compression-policy';
 
 export const PAGE_BYTES = 4096;
 /** A normal page record: 8-byte offset|flags word + the page (the block name only on a block's first record). */
@@ -168,6 +169,8 @@ interface PathCosts {
   setupSeconds: number;
   /** WAN bytes that cross before the stream (digest table) and control frames. */
   extraWanBytes: number;
+  /** WAN bytes of the device state per byte of it (below 1: the gateway compresses it). */
+  deviceWanRatio: number;
 }
 
 const total = (p: Pending): number => p.literal + p.held + p.zero;
@@ -223,10 +226,13 @@ function simulate(inputs: ModelInputs, start: Pending, costs: PathCosts): PathPr
   const sendFor = (budgetS: number, p: Pending): { used: number; sent: Pending } => {
     const n = total(p);
     if (n === 0) return { used: 0, sent: { literal: 0, held: 0, zero: 0 } };
-    // The gateway compresses only while that lets more through (the WAN is the bottleneck, not its CPU).
+    // The gateway compresses while that lets more through (the WAN is the bottleneck, not its CPU), and
+    // whatever the WAN does while the pages it carries are at most 1/SPARSE_SHARE of the stream (a back
+    // leg: compressing them costs little of the gateway's work on that stream).
     const raw = throughput(budgetS, p, costs.literal);
     const zipped = costs.compressedLiteral ? throughput(budgetS, p, costs.compressedLiteral) : raw;
-    const { k, used, streamPerPage, wanPerPage } = zipped.k / zipped.used > raw.k / raw.used ? zipped : raw;
+    const sparse = p.literal * costs.literal.stream * SPARSE_SHARE <= p.literal * costs.literal.stream + p.held * costs.held.stream + p.zero * costs.zero.stream;
+    const { k, used, streamPerPage, wanPerPage } = sparse || zipped.k / zipped.used > raw.k / raw.used ? zipped : raw;
     const share = k / n;
     const sent = { literal: p.literal * share, held: p.held * share, zero: p.zero * share };
     queue = Math.max(0, queue + k * wanPerPage - wanBytesPerS * used);
@@ -272,7 +278,7 @@ function simulate(inputs: ModelInputs, start: Pending, costs: PathCosts): PathPr
     pending = { literal: pending.literal - sent.literal, held: pending.held - sent.held, zero: pending.zero - sent.zero };
     t += used;
   }
-  const deviceWan = platform.deviceStateBytes + FRAME_HEADER_BYTES;
+  const deviceWan = platform.deviceStateBytes * costs.deviceWanRatio + FRAME_HEADER_BYTES;
   t += Math.max(platform.deviceStateBytes / costs.localBytesPerS, (deviceWan - Math.max(0, costs.bufferBytes - queue)) / wanBytesPerS, 0);
   t += platform.stopSeconds;
   wan += deviceWan;
@@ -328,6 +334,7 @@ export function predictDirect(inputs: ModelInputs): PathPrediction {
     bufferBytes: p.directBufferBytes,
     setupSeconds: p.setupSeconds,
     extraWanBytes: 0,
+    deviceWanRatio: 1,
   });
 }
 
@@ -381,6 +388,10 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
     bufferBytes: p.bfmigBufferBytes,
     setupSeconds,
     extraWanBytes: tableBytes + p.bfmigControlBytes,
+    // The device state comes at the end of a leg, when Literal bytes are sparse among the last round's
+    // Runs, so a compressing gateway compresses it whatever the WAN does: at the leg's ratio, the one
+    // figure given (for a back leg, mostly the device state's own).
+    deviceWanRatio: ratio,
   });
 }
 
