@@ -90,9 +90,13 @@ export interface BaselineLeg {
  * same run, the way BENCH_PLATFORM_QEMU10's were read from a calibration run: a shared host's load moves
  * every rate, and legs of a second or less measure it more than the gateways. The relay legs give the
  * link's ceiling, the `bfmig-plain` back legs the gateways' rate for held pages, its first legs their
- * rate for carried ones and, with the sender's CPU seconds, the share of a core zstd would get. Throws
- * when a kind of baseline leg is missing.
+ * rate for carried ones and, with the sender's CPU seconds, the share of a core zstd would get (where the
+ * link, not the gateways, paced those, `base`'s two rates stay). Throws when a kind of baseline leg is
+ * missing.
  */
+/** A plain first leg at most this many times the relay's first leg's time was paced by the link, not the gateways. */
+const LINK_PACED = 1.05;
+
 export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: number, base: Platform): Platform {
   const rttS = rttMs / 1000;
   /** The gateways' rate on `bfmig-plain` first or back legs: stream / (total time − the Hello/Offer round trip). */
@@ -106,6 +110,10 @@ export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: numbe
   if (relay.length === 0) throw new Error('no relay legs to calibrate from');
   const linkCeilingBytesPerS = median(relay.map((l) => (l.streamBytes - base.directBufferBytes) / (l.totalTimeMs / 1000)));
   const gatewayBytesPerS = gatewayRate(false);
+  // A plain first leg within LINK_PACED of the relay's time was paced by the link: it says nothing of the
+  // gateways' rate for carried pages, nor of the CPU they had to spare for zstd, and base's stand.
+  const firstTime = (path: string): number => median(legs.filter((l) => l.path === path && l.leg === 1).map((l) => l.totalTimeMs));
+  if (firstTime('bfmig-plain') <= LINK_PACED * firstTime('relay')) return { ...base, linkCeilingBytesPerS, gatewayBytesPerS };
   const gatewayLiteralBytesPerS = gatewayRate(true);
   const cpu = legs.filter((l) => l.path === 'bfmig-plain' && l.leg === 1 && l.gatewayCpuSecondsSend !== null && l.streamBytes > 0);
   // The core's share the sender used at that rate, which zstd (compressorBytesPerS a whole core) would get.
