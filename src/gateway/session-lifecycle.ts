@@ -102,8 +102,9 @@ export class SessionLifecycle {
 
   /** Tells the observer, once, as soon as the codec has fallen back to relaying the stream as it is. */
   noteVerbatim(codec: Codec): void {
+    if (this.verbatimTold) return;
     const fallback = migrationFallback(codec);
-    if (this.verbatimTold || fallback === null) return;
+    if (fallback === null) return;
     this.verbatimTold = true;
     this.options.observer.relayedVerbatim(this.vm, this.direction, fallback);
   }
