@@ -85,6 +85,9 @@ export interface BaselineLeg {
   gatewayCpuSecondsSend: number | null;
 }
 
+/** A plain first leg at most this many times the relay's first leg's time was paced by the link, not the gateways. */
+const LINK_PACED = 1.05;
+
 /**
  * `base` with the host's rates read from baseline legs measured beside the legs to be predicted, in the
  * same run, the way BENCH_PLATFORM_QEMU10's were read from a calibration run: a shared host's load moves
@@ -94,9 +97,6 @@ export interface BaselineLeg {
  * link, not the gateways, paced those, `base`'s two rates stay). Throws when a kind of baseline leg is
  * missing.
  */
-/** A plain first leg at most this many times the relay's first leg's time was paced by the link, not the gateways. */
-const LINK_PACED = 1.05;
-
 export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: number, base: Platform): Platform {
   const rttS = rttMs / 1000;
   /** The gateways' rate on `bfmig-plain` first or back legs: stream / (total time − the Hello/Offer round trip). */
