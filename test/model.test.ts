@@ -3,10 +3,12 @@
  * `bfmig predict`'s flags and output, and the model against the measured legs its constants were not
  * read from.
  */
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { BenchResults } from '../src/lab/demo/backforth';
 import { checkResults } from '../src/lab/harness/model-check';
+import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { PREDICT } from '../src/cli/commands';
 import { parseCommand } from '../src/cli/parse';
 import { predictInputs, runPredict } from '../src/cli/predict';
@@ -239,6 +241,16 @@ describe('calibration from baseline legs of the same run', () => {
     expect(p.compressorBytesPerS).toBe(BENCH_PLATFORM_QEMU10.compressorBytesPerS);
     expect(p.linkCeilingBytesPerS).toBeCloseTo(110e6, -3);
     expect(p.gatewayBytesPerS).toBeCloseTo(500e6, -3);
+  });
+
+  test('the model check calibrates each setting of a leg-cost file from its own baseline legs and checks only the others', () => {
+    const file = path.join(PACKAGE_ROOT, 'docs', 'benchmarks', 'leg-cost-1000-quiet.json');
+    const out = execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'compression-model-check.js'), file, '--platform', 'same-run'], { encoding: 'utf8' });
+    expect(out.match(/calibrated from its relay and bfmig-plain legs/g)).toHaveLength(2); // files and random
+    const checked = out.split('\n').filter((l) => /^leg \d /.test(l));
+    const results = JSON.parse(fs.readFileSync(file, 'utf8')) as BenchResults;
+    expect(checked).toHaveLength(results.runs.flatMap((r) => r.legs).filter((l) => l.path === 'bfmig').length);
+    expect(checked.every((l) => /^leg \d bfmig +WAN/.test(l))).toBe(true);
   });
 
   test('a missing kind of baseline leg is an error, not a guess', () => {
