@@ -19,7 +19,6 @@
  * `bufferBytes` of socket buffers and emulator queue in between. QEMU's total time ends when its last
  * byte enters that pipeline, not when it reaches the destination.
  */
-import { SPARSE_SHARE } from '../wire/compression-policy';
 
 export const PAGE_BYTES = 4096;
 /** A normal page record: 8-byte offset|flags word + the page (the block name only on a block's first record). */
@@ -34,6 +33,11 @@ export const RUN_FIXED_BYTES = 1 + 2 + 2 + 4 + 8 + 16;
 /** Most held pages and most records in one Run frame. */
 export const RUN_MAX_HELD = 256;
 export const RUN_MAX_RECORDS = 4096;
+/**
+ * Carried pages at most 1/SPARSE_SHARE of the stream are compressed whatever the WAN does: the gateway's
+ * compression policy (SPARSE_SHARE in src/wire/compression-policy.ts; test/model.test.ts keeps them equal).
+ */
+export const SPARSE_SHARE = 32;
 /** Digest-table entry the receiver sends when the sender lacks its snapshot's digests. */
 export const DIGEST_TABLE_BYTES_PER_PAGE = 16;
 /** QEMU's bandwidth window (migration.c BUFFER_DELAY). */
