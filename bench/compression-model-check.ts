@@ -1,7 +1,7 @@
 /**
  * The model beside legs measured with compression and deltas (docs/benchmarks.md, "Compression, deltas
  * and content match"): each leg's inputs as bench/model-check.ts takes them, plus what the leg's own
- * sending gateway measured — the compression ratio (WAN bytes over WAN bytes + bytes zstd saved), the
+ * sending gateway measured — the compression ratio of its Literal bytes (literalRatio), the
  * mean Delta and the share of the pages it carried that went as deltas, and (back legs) the pages it
  * carried as the changed share. The guest's writes while it migrates are in the model's inputs already:
  * its used share comes from the direct first leg's page count, re-sent pages included.
@@ -20,10 +20,23 @@ import { parseArgs } from 'node:util';
 import type { BenchResults, LegResult } from '../src/lab/demo/backforth';
 import { inputsFor, mb, pct } from '../src/lab/harness/model-check';
 import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10, calibrateFromBaseline } from '../src/model/calibration';
-import { PAGE_BYTES, type Platform, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
+import { framingWanBytes, PAGE_BYTES, type Platform, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
 import { median } from '../src/common/median';
 
 const PLATFORMS: Record<string, Platform> = { bench: BENCH_PLATFORM, 'bench-qemu10': BENCH_PLATFORM_QEMU10 };
+
+/**
+ * The compression ratio of the leg's Literal bytes, the model's input: its WAN bytes less what was never
+ * compressed (Runs, deltas, control frames: framingWanBytes), over that plus the bytes zstd saved. Over
+ * all WAN bytes instead, an idle back leg (a third of its bytes Runs) would be given a ratio half again
+ * too high.
+ */
+function literalRatio(leg: LegResult, platform: Platform): number {
+  const deltas = leg.pagesDelta + leg.pagesMatched;
+  const pages = { held: leg.pagesReused, zero: leg.qemuZeroPages, whole: leg.pagesSent, deltas, deltaPayloadBytes: leg.deltaBytes };
+  const literal = leg.wanBytes - framingWanBytes(pages, leg.leg > 1) - platform.bfmigControlBytes;
+  return literal > 0 ? literal / (literal + leg.compressionSavedBytes) : leg.wanBytes / (leg.wanBytes + leg.compressionSavedBytes);
+}
 
 /** What the leg's sending gateway measured, as model inputs. */
 function measuredInputs(leg: LegResult, base: ModelInputs, ratio: number | null): ModelInputs {
@@ -32,7 +45,7 @@ function measuredInputs(leg: LegResult, base: ModelInputs, ratio: number | null)
   const ramPages = base.ramBytes / PAGE_BYTES;
   return {
     ...base,
-    ...(leg.compressionSavedBytes > 0 ? { compressionRatio: ratio ?? leg.wanBytes / (leg.wanBytes + leg.compressionSavedBytes) } : {}),
+    ...(leg.compressionSavedBytes > 0 ? { compressionRatio: ratio ?? literalRatio(leg, base.platform) } : {}),
     ...(deltas > 0 ? { delta: { bytes: leg.deltaBytes / deltas, share: deltas / carried, firstLegShare: deltas / carried } } : {}),
     ...(leg.leg > 1 ? { changedShare: Math.min(base.usedShare, carried / ramPages) } : {}),
   };
@@ -63,7 +76,11 @@ function main(): void {
     const platforms = new Map<string, Platform>();
     for (const run of results.runs) {
       if (!sameRun || platforms.has(setting(run))) continue;
-      const legs = results.runs.filter((r) => setting(r) === setting(run)).flatMap((r) => r.legs);
+      // A plain back leg's inputs (the pages it carried as its changed share) let the model itself read the held-page rate from it.
+      const legs = results.runs.filter((r) => setting(r) === setting(run)).flatMap((r) => {
+        const firstDirect = r.legs.find((l) => l.path === 'direct' && l.leg === 1) ?? r.legs[0];
+        return r.legs.map((leg) => (leg.path === 'bfmig-plain' && leg.leg > 1 ? { ...leg, inputs: measuredInputs(leg, { ...inputsFor(r, leg, firstDirect, results.downtimeLimitMs), platform: BENCH_PLATFORM_QEMU10 }, null) } : leg));
+      });
       const p = calibrateFromBaseline(legs, 2 * run.delayMs, BENCH_PLATFORM_QEMU10);
       platforms.set(setting(run), p);
       console.log(

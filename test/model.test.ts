@@ -253,6 +253,30 @@ describe('calibration from baseline legs of the same run', () => {
     expect(checked.every((l) => /^leg \d bfmig +WAN/.test(l))).toBe(true);
   });
 
+  test('a plain back leg whose inputs are given calibrates the held-page rate through the model', () => {
+    // A back leg the model itself gives at 400 MB/s of held pages: 2% of the pages changed, carried across
+    // the 12.5 MB/s link meanwhile. stream / (time − round trip) would make the held pages slower.
+    const others = calibrateFromBaseline(legs, 40, BENCH_PLATFORM_QEMU10); // the rates the other legs give
+    const inputs: ModelInputs = { ...BASE, ramBytes: 2 ** 28, rateMbit: 100, rttMs: 40, changedShare: 0.02, platform: { ...others, gatewayBytesPerS: 400e6 } };
+    const measured = predictBfmig(inputs, true);
+    const withInputs = legs.map((l) => (l.path === 'bfmig-plain' && l.leg > 1 ? { ...l, streamBytes: measured.streamBytes, totalTimeMs: measured.totalSeconds * 1000, inputs } : l));
+    const p = calibrateFromBaseline(withInputs, 40, BENCH_PLATFORM_QEMU10);
+    expect(p.gatewayBytesPerS / 400e6).toBeCloseTo(1, 2);
+    const plain = calibrateFromBaseline(withInputs.map(({ inputs: _, ...l }) => l), 40, BENCH_PLATFORM_QEMU10);
+    expect(plain.gatewayBytesPerS).toBeLessThan(0.9 * 400e6);
+  });
+
+  test('the model check gives each back leg the compression ratio of its Literal bytes: every setting\'s WAN bytes within 25%', () => {
+    const files = ['leg-cost-1000-quiet.json', 'leg-cost-100-quiet.json'].map((f) => path.join(PACKAGE_ROOT, 'docs', 'benchmarks', f));
+    const out = execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'compression-model-check.js'), ...files, '--platform', 'same-run'], { encoding: 'utf8' });
+    const medians = out.slice(out.indexOf('medians over the runs')).split('\n').filter((l) => / runs +WAN /.test(l));
+    expect(medians).toHaveLength(8); // 2 files × 2 contents × 2 legs
+    for (const line of medians) {
+      const wanError = Number(/WAN +[\d.]+ MB \( *([-+\d.]+)%/.exec(line)?.[1]);
+      expect(Math.abs(wanError)).toBeLessThanOrEqual(25);
+    }
+  });
+
   test('a missing kind of baseline leg is an error, not a guess', () => {
     expect(() => calibrateFromBaseline(legs.filter((l) => l.path !== 'relay'), 40, BENCH_PLATFORM_QEMU10)).toThrow(/no relay legs/);
     expect(() => calibrateFromBaseline(legs.filter((l) => !(l.path === 'bfmig-plain' && l.leg > 1)), 40, BENCH_PLATFORM_QEMU10)).toThrow(/no bfmig-plain back legs/);

@@ -1,5 +1,5 @@
 import { median } from '../common/median';
-import type { Platform } from './precopy';
+import { type ModelInputs, type Platform, predictBfmig } from './precopy';
 
 /**
  * Constants of the machine the benchmarks ran on (2 shared cores, QEMU 7.2 under TCG, the user-space
@@ -83,6 +83,29 @@ export interface BaselineLeg {
   totalTimeMs: number;
   /** The sending gateway's CPU seconds for the leg (null: not measured). */
   gatewayCpuSecondsSend: number | null;
+  /**
+   * The leg's model inputs (its settings, and the pages it carried as its changed share), where known: a
+   * `bfmig-plain` back leg with them calibrates the held-page rate through the model itself.
+   */
+  inputs?: ModelInputs;
+}
+
+/**
+ * The gateways' rate for held pages at which the model gives a back leg its measured time, by bisection
+ * (the model's time falls as the rate rises), within [1 MB/s, 100 GB/s].
+ */
+function heldRateFor(inputs: ModelInputs, seconds: number, platform: Platform): number {
+  const time = (rate: number): number => predictBfmig({ ...inputs, platform: { ...platform, gatewayBytesPerS: rate } }, true).totalSeconds;
+  let lo = 1e6;
+  let hi = 1e11;
+  if (time(hi) >= seconds) return hi;
+  if (time(lo) <= seconds) return lo;
+  for (let i = 0; i < 40; i++) {
+    const mid = Math.sqrt(lo * hi);
+    if (time(mid) > seconds) lo = mid;
+    else hi = mid;
+  }
+  return Math.sqrt(lo * hi);
 }
 
 /** A plain first leg at most this many times the relay's first leg's time was paced by the link, not the gateways. */
@@ -92,7 +115,8 @@ const LINK_PACED = 1.05;
  * `base` with the host's rates read from baseline legs measured beside the legs to be predicted, in the
  * same run, the way BENCH_PLATFORM_QEMU10's were read from a calibration run: a shared host's load moves
  * every rate, and legs of a second or less measure it more than the gateways. The relay legs give the
- * link's ceiling, the `bfmig-plain` back legs the gateways' rate for held pages, its first legs their
+ * link's ceiling, the `bfmig-plain` back legs the gateways' rate for held pages (through the model, where
+ * their inputs are given), its first legs their
  * rate for carried ones and, with the sender's CPU seconds, the share of a core zstd would get (where the
  * link, not the gateways, paced those, `base`'s two rates stay). Throws when a kind of baseline leg is
  * missing.
@@ -109,14 +133,23 @@ export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: numbe
   const relay = legs.filter((l) => l.path === 'relay' && l.totalTimeMs > 0);
   if (relay.length === 0) throw new Error('no relay legs to calibrate from');
   const linkCeilingBytesPerS = median(relay.map((l) => (l.streamBytes - base.directBufferBytes) / (l.totalTimeMs / 1000)));
-  const gatewayBytesPerS = gatewayRate(false);
   // A plain first leg within LINK_PACED of the relay's time was paced by the link: it says nothing of the
   // gateways' rate for carried pages, nor of the CPU they had to spare for zstd, and base's stand.
   const firstTime = (path: string): number => median(legs.filter((l) => l.path === path && l.leg === 1).map((l) => l.totalTimeMs));
-  if (firstTime('bfmig-plain') <= LINK_PACED * firstTime('relay')) return { ...base, linkCeilingBytesPerS, gatewayBytesPerS };
-  const gatewayLiteralBytesPerS = gatewayRate(true);
-  const cpu = legs.filter((l) => l.path === 'bfmig-plain' && l.leg === 1 && l.gatewayCpuSecondsSend !== null && l.streamBytes > 0);
-  // The core's share the sender used at that rate, which zstd (compressorBytesPerS a whole core) would get.
-  const coreShare = cpu.length === 0 ? 1 : Math.min(1, gatewayLiteralBytesPerS * median(cpu.map((l) => (l.gatewayCpuSecondsSend as number) / l.streamBytes)));
-  return { ...base, linkCeilingBytesPerS, gatewayBytesPerS, gatewayLiteralBytesPerS, compressorBytesPerS: BENCH_PLATFORM.compressorBytesPerS * coreShare };
+  let platform: Platform = { ...base, linkCeilingBytesPerS };
+  if (firstTime('bfmig-plain') > LINK_PACED * firstTime('relay')) {
+    const gatewayLiteralBytesPerS = gatewayRate(true);
+    const cpu = legs.filter((l) => l.path === 'bfmig-plain' && l.leg === 1 && l.gatewayCpuSecondsSend !== null && l.streamBytes > 0);
+    // The core's share the sender used at that rate, which zstd (compressorBytesPerS a whole core) would get.
+    const coreShare = cpu.length === 0 ? 1 : Math.min(1, gatewayLiteralBytesPerS * median(cpu.map((l) => (l.gatewayCpuSecondsSend as number) / l.streamBytes)));
+    platform = { ...platform, gatewayLiteralBytesPerS, compressorBytesPerS: BENCH_PLATFORM.compressorBytesPerS * coreShare };
+  }
+  // Held pages: where the back legs' inputs are known, the rate at which the model gives each its
+  // measured time (the pages a plain back leg carried cross the link meanwhile, and QEMU stops at its
+  // threshold: stream / time would charge both to the held pages); else stream / (time − round trip).
+  const back = legs.filter((l) => l.path === 'bfmig-plain' && l.leg > 1 && l.totalTimeMs > 0);
+  const gatewayBytesPerS = back.length > 0 && back.every((l) => l.inputs !== undefined)
+    ? median(back.map((l) => heldRateFor(l.inputs as ModelInputs, l.totalTimeMs / 1000, platform)))
+    : gatewayRate(false);
+  return { ...platform, gatewayBytesPerS };
 }

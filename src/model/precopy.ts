@@ -38,6 +38,17 @@ export const RUN_MAX_RECORDS = 4096;
  * compression policy (SPARSE_SHARE in src/wire/compression-policy.ts; test/model.test.ts keeps them equal).
  */
 export const SPARSE_SHARE = 32;
+/** A Run frame beside its bitmap: the frame header and the Run's fixed part. */
+export const RUN_FRAME_BYTES = FRAME_HEADER_BYTES + RUN_FIXED_BYTES;
+/** WAN bytes of a page the receiver holds: one bit of a Run's bitmap and its share of a Run (≤ 256 held pages a Run). */
+export const HELD_PAGE_WAN_BYTES = 1 / 8 + RUN_FRAME_BYTES / RUN_MAX_HELD;
+/** WAN bytes of a zero page: one bit and its share of a Run (≤ 4096 records a Run). */
+export const ZERO_PAGE_WAN_BYTES = 1 / 8 + RUN_FRAME_BYTES / RUN_MAX_RECORDS;
+/**
+ * WAN bytes of a delta beside its payload: the record's header as a Literal frame of its own (the Delta
+ * frame flushes the batch before it, too small to compress), then the Delta frame's header.
+ */
+export const DELTA_FRAMING_WAN_BYTES = 2 * FRAME_HEADER_BYTES + RECORD_HEADER_BYTES;
 /** Digest-table entry the receiver sends when the sender lacks its snapshot's digests. */
 export const DIGEST_TABLE_BYTES_PER_PAGE = 16;
 /** QEMU's bandwidth window (migration.c BUFFER_DELAY). */
@@ -354,18 +365,15 @@ export function predictDirect(inputs: ModelInputs): PathPrediction {
 export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction {
   const p = inputs.platform;
   const pages = inputs.ramBytes / PAGE_BYTES;
-  const runFrame = FRAME_HEADER_BYTES + RUN_FIXED_BYTES;
   // Changed pages scattered uniformly over the used pages: a changed page ends a Run when the record
   // before it is held, which it is with probability 1 − (changed share of the used pages).
   const runsPerChanged = warm ? 1 - Math.min(1, inputs.changedShare / inputs.usedShare) : 0;
   const runSeconds = runsPerChanged * p.gatewaySecondsPerRun;
-  // A delta: the record's header as a Literal frame of its own (the Delta frame flushes the batch before
-  // it, too small to compress), then the Delta frame.
   const deltaShare = inputs.delta ? (warm ? inputs.delta.share : inputs.delta.firstLegShare ?? 0) : 0;
-  const deltaWan = deltaShare > 0 && inputs.delta ? 2 * FRAME_HEADER_BYTES + RECORD_HEADER_BYTES + inputs.delta.bytes : 0;
+  const deltaWan = deltaShare > 0 && inputs.delta ? DELTA_FRAMING_WAN_BYTES + inputs.delta.bytes : 0;
   const changedPage = (wholeWan: number, wholeSeconds: number): PageKind => ({
     stream: NORMAL_PAGE_STREAM_BYTES,
-    wan: (1 - deltaShare) * wholeWan + deltaShare * deltaWan + runsPerChanged * runFrame,
+    wan: (1 - deltaShare) * wholeWan + deltaShare * deltaWan + runsPerChanged * RUN_FRAME_BYTES,
     extraSeconds: runSeconds + (1 - deltaShare) * wholeSeconds,
   });
   // A page carried whole costs the local stage what a held page costs (the ceiling) and the difference.
@@ -373,8 +381,8 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
   const literal = changedPage(NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds);
   const ratio = inputs.compressionRatio ?? 1;
   const compressedLiteral = ratio < 1 ? changedPage(ratio * NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds + NORMAL_PAGE_STREAM_BYTES / p.compressorBytesPerS) : undefined;
-  const held = { stream: NORMAL_PAGE_STREAM_BYTES, wan: 1 / 8 + runFrame / RUN_MAX_HELD };
-  const zero = { stream: ZERO_PAGE_STREAM_BYTES, wan: 1 / 8 + runFrame / RUN_MAX_RECORDS };
+  const held = { stream: NORMAL_PAGE_STREAM_BYTES, wan: HELD_PAGE_WAN_BYTES };
+  const zero = { stream: ZERO_PAGE_STREAM_BYTES, wan: ZERO_PAGE_WAN_BYTES };
   const rttS = inputs.rttMs / 1000;
   const wanBytesPerS = Math.min((inputs.rateMbit * 1e6) / 8, p.linkCeilingBytesPerS);
   // Hello → Offer costs a round trip before the sender passes the first byte on; a sender that lacks the
@@ -397,6 +405,30 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
     // figure given (for a back leg, mostly the device state's own).
     deviceWanRatio: ratio,
   });
+}
+
+/** What a bfmig leg carried, by kind of page, as its gateways count it. */
+export interface LegPages {
+  /** Pages the receiver rebuilt from its store (in Runs). */
+  held: number;
+  /** QEMU's zero (fill) pages (in Runs). */
+  zero: number;
+  /** Pages sent whole. */
+  whole: number;
+  /** Pages sent as deltas or content matches, and their payloads' bytes. */
+  deltas: number;
+  deltaPayloadBytes: number;
+}
+
+/**
+ * The WAN bytes of a bfmig leg that compression does not work on, as predictBfmig counts them: the
+ * held and zero pages' share of Runs, a Run for each page a back leg carries (its changed pages are
+ * scattered among held ones), the deltas' frames and payloads. A leg's measured WAN bytes less these and
+ * `bfmigControlBytes` are its Literal bytes after compression: what its compression ratio is of.
+ */
+export function framingWanBytes(pages: LegPages, warm: boolean): number {
+  const runsBroken = warm ? pages.whole + pages.deltas : 0;
+  return pages.held * HELD_PAGE_WAN_BYTES + pages.zero * ZERO_PAGE_WAN_BYTES + runsBroken * RUN_FRAME_BYTES + pages.deltas * DELTA_FRAMING_WAN_BYTES + pages.deltaPayloadBytes;
 }
 
 /** Smallest x in [lo, hi] where f turns true, by bisection (f monotone); null when f(hi) is false. */
