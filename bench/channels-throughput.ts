@@ -18,7 +18,8 @@ import { guestMemory, migrationStream, PAGE, streamStart } from '../src/lab/harn
 import { multifdMigration } from '../src/lab/harness/multifd-stream';
 import { ChannelsDestination, type ReceivedChannel, sourceChannel } from '../src/lab/harness/qemu-standins';
 import { MULTIFD_INIT_BYTES } from '../src/qemu/multifd';
-import { median, startRelay, withGatewayPair } from './loopback-processes';
+import { median } from '../src/common/median';
+import { startRelay, withGatewayPair } from './loopback-processes';
 
 const mib = Number(process.argv[2] ?? 256);
 const runs = Number(process.argv[3] ?? 3);

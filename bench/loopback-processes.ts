@@ -1,6 +1,6 @@
 /**
  * What the loopback throughput benchmarks share: each gateway and each plain relay in a process of its
- * own, so that its CPU seconds and memory are its own, and a median.
+ * own, so that its CPU seconds and memory are its own.
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
@@ -59,9 +59,4 @@ export function startRelay(targetPort: number): Promise<{ child: ChildProcess; p
     child.once('error', reject);
     child.once('message', (m: { port: number }) => resolve({ child, port: m.port }));
   });
-}
-
-export function median(values: readonly number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)];
 }

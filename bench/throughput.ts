@@ -10,7 +10,8 @@
 import { procStats } from '../src/lab/demo/proc-stats';
 import { checkingDestination, playStream } from '../src/lab/harness/qemu-standins';
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
-import { gatewayNodeArgs as nodeArgs, median, startRelay, withGatewayPair } from './loopback-processes';
+import { median } from '../src/common/median';
+import { gatewayNodeArgs as nodeArgs, startRelay, withGatewayPair } from './loopback-processes';
 
 const gib = Number(process.argv[2] ?? 1);
 const runs = Number(process.argv[3] ?? 5);
