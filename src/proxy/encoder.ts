@@ -310,10 +310,11 @@ export class StreamEncoder {
     // Only a page no multifd channel may still write an older version of is named by reference.
     const claim = this.multifd === null ? Claim.First : this.multifd.mainPage(record.pageIndex);
     const nameable = record.kind === RecordKind.RamPage && reference !== null && claim === Claim.First;
+    const held = nameable && sameDigest(reference, at, retainer.digest, 0);
     if (record.kind === RecordKind.RamZero) {
       this.counts.pagesZero++;
       this.addToRun(false, record);
-    } else if (nameable && sameDigest(reference, at, retainer.digest, 0)) {
+    } else if (held) {
       this.counts.pagesReused++;
       this.addToRun(true, record);
     } else if (nameable && this.deltas && this.sendDelta(record, reference, at)) {
@@ -325,12 +326,15 @@ export class StreamEncoder {
     }
     // A multifd channel wrote a later version of the page already: this one is not kept.
     if (claim === Claim.Stale) return;
+    retainer.retain(record, known);
+    // A held page changes nothing the receiver holds: its reference entry and its content index slot stand
+    // (a back leg is mostly held pages, and a slot costs a few cache misses to look at).
+    if (held) return;
     // The receiver now holds this version of the page (or, for encoded pages, nothing we can name).
     if (reference !== null && reference !== storeTable) {
       if (known) reference.set(retainer.digest, at);
       else reference.fill(0, at, at + DIGEST_BYTES);
     }
-    retainer.retain(record, known);
     if (known && record.kind === RecordKind.RamPage && this.contentIndex !== null) this.contentIndex.add(record.pageIndex, retainer.digest, 0);
   }
 
