@@ -1,5 +1,5 @@
 import { DIGEST_BYTES, digestOne, StreamHash } from '../digest';
-import { SectionType, X86_PAGE_SIZE } from '../qemu/constants';
+import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
 import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
@@ -71,11 +71,6 @@ export class StreamEncoder {
    * match (a read at the receiver only) not at all.
    */
   deltaReadsFree = true;
-  /**
-   * QEMU has stopped the guest and sends what is left (its RAM section's END, then the device state):
-   * from here every millisecond the gateways spend is the guest's downtime.
-   */
-  private completing = false;
   /** Mean microseconds of a delta's store read, recent ones weighing most. */
   private deltaReadUs = 0;
   private deltaProbe = 0;
@@ -294,7 +289,6 @@ export class StreamEncoder {
         this.parts.record(record);
         return;
       default:
-        if (record.kind === RecordKind.SectionHeader && record.type === SectionType.End) this.completing = true;
         this.closeRun();
         this.parts.record(record);
         this.multifd?.mainRecord(record.kind);
@@ -370,13 +364,8 @@ export class StreamEncoder {
       return false;
     }
     if (reference !== store.digests && !sameDigest(reference, at, store.digests, at)) return false;
-    if (!this.deltaReadsFree) {
-      // In the downtime a delta's two store reads (here and at the receiver, 0.1–0.4 ms each on a busy
-      // disk) hold the guest stopped unless the WAN would have held it as long: the last round's pages go whole.
-      if (this.completing) return false;
-      // Slow reads (a busy disk, a page still in the store's write queue) are tried again now and then.
-      if (this.deltaReadUs > DELTA_READ_BUDGET_US && (++this.deltaProbe & 63) !== 0) return false;
-    }
+    // Slow reads (a busy disk, a page still in the store's write queue) are tried again now and then.
+    if (!this.deltaReadsFree && this.deltaReadUs > DELTA_READ_BUDGET_US && (++this.deltaProbe & 63) !== 0) return false;
     const readAt = performance.now();
     try {
       store.readPages(page, 1, this.basePage, 0);
