@@ -9,7 +9,7 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { StreamEncoder } from '../src/proxy/encoder';
 import { SiblingMatch } from '../src/proxy/sibling-match';
-import { DIGEST_BYTES } from '../src/digest';
+import { DIGEST_BYTES, digestWords } from '../src/digest';
 import { PageStore } from '../src/store';
 import { readRetainedDigests } from '../src/store/retained-snapshot';
 import { decodeOffer, encodeFrame, encodeJson, FrameParser, FrameType, frameHeader, PROTOCOL_VERSION } from '../src/wire/frames';
@@ -288,7 +288,7 @@ describe("the sender's siblings", () => {
     expect(() => sent.confirmed({ ...offer, siblings: ['vm0', 'vm0'] })).toThrow(/did not name once/);
     expect(new SentSiblings(root, ['vm0'], () => undefined).confirmed(offer)).toBeNull();
     const match = new SentSiblings(root, ['vm0'], () => undefined).confirmed({ ...offer, siblings: ['vm0'] });
-    expect(match?.find(1, Buffer.alloc(DIGEST_BYTES, 9), 0)).toBe(true);
+    expect(match?.find(1, digestWords(Buffer.alloc(DIGEST_BYTES, 9)), 0)).toBe(true);
     expect([match?.sibling, match?.page]).toEqual([0, 1]);
   });
 });

@@ -2,7 +2,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DIGEST_BYTES } from '../src/digest';
-import { DigestTable, isAbsentDigest } from '../src/store/digest-table';
+import { isAbsentDigest } from '../src/digest';
+import { DigestTable } from '../src/store/digest-table';
 
 /** Pages per dirty chunk of the table (digest-table.ts): the tests span several chunks and a partial last one. */
 const CHUNK_PAGES = 4096;

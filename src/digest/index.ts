@@ -153,6 +153,43 @@ export function selectDigestVariant(name: DigestVariant | 'auto'): DigestVariant
   return addon.selectVariant(name);
 }
 
+/** 32-bit words in a digest. */
+export const DIGEST_WORDS = DIGEST_BYTES / 4;
+
+/**
+ * `bytes` (a digest, or a table of them) as 32-bit words over the same memory, for the per-page
+ * comparisons: four loads of one typed-array kind instead of sixteen byte loads, which on the data path
+ * also meet Buffers and Uint8Arrays alike and go polymorphic. Every digest buffer and table bfmig
+ * allocates starts on a 4-byte boundary; anything else is refused.
+ */
+export function digestWords(bytes: Uint8Array): Uint32Array {
+  if (bytes.byteOffset % 4 !== 0 || bytes.length % DIGEST_BYTES !== 0) {
+    throw new RangeError(`digestWords: ${bytes.length} bytes at offset ${bytes.byteOffset} are not whole, aligned digests`);
+  }
+  return new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4);
+}
+
+/** A zeroed digest buffer of its own (so on a 4-byte boundary, for digestWords()). */
+export function newDigestBuffer(digests = 1): Buffer {
+  return Buffer.from(new ArrayBuffer(digests * DIGEST_BYTES));
+}
+
+/** Whether the digests at a[aAt .. aAt+4) and b[bAt .. bAt+4) (word offsets) are equal. */
+export function sameDigestWords(a: Uint32Array, aAt: number, b: Uint32Array, bAt: number): boolean {
+  return a[aAt] === b[bAt] && a[aAt + 1] === b[bAt + 1] && a[aAt + 2] === b[bAt + 2] && a[aAt + 3] === b[bAt + 3];
+}
+
+/**
+ * Whether the digest at words[at .. at+4) is all zero, a digest table's mark of an absent page (a held
+ * page has that XXH3-128 digest with probability 2^-128, so all zero is free to mean "absent"):
+ * - four 32-bit words, not sixteen bytes: four loads for a test made for every page of a migration;
+ * - joined with `|`, not `||`: no branch per word, and the result is zero only when every word is;
+ * - `at` counts words (4 per digest), so a caller walking a table steps it by 4, no multiply per page.
+ */
+export function isAbsentDigest(words: Uint32Array, at: number): boolean {
+  return (words[at] | words[at + 1] | words[at + 2] | words[at + 3]) === 0;
+}
+
 /** Lower-case hex of the digest at buf[offset .. offset+16). */
 export function digestHex(buf: Uint8Array, offset = 0): string {
   if (!Number.isInteger(offset) || offset < 0 || offset + DIGEST_BYTES > buf.length) {

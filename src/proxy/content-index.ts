@@ -1,5 +1,4 @@
-import { DIGEST_BYTES } from '../digest';
-import { sameDigest } from './retained';
+import { DIGEST_WORDS, digestWords, isAbsentDigest, sameDigestWords } from '../digest';
 
 const EMPTY = 0xffffffff;
 /** Slots per bucket: a page's content is looked for in one bucket of four. */
@@ -20,36 +19,39 @@ export class ContentIndex {
   private readonly slots: Uint32Array;
   private readonly bucketMask: number;
   private victim = 0;
+  /** The reference as words (digestWords). */
+  private readonly reference: Uint32Array;
 
   constructor(
     pageCount: number,
     /** What the receiver holds now: 16 bytes per page, all zero = not held. Updated by its owner. */
-    private readonly reference: Uint8Array,
+    reference: Uint8Array,
   ) {
     let size = 1024;
     while (size < 2 * pageCount) size *= 2;
     this.slots = new Uint32Array(size).fill(EMPTY);
     this.bucketMask = size / WAYS - 1;
+    this.reference = digestWords(reference);
   }
 
-  private bucket(digests: Uint8Array, at: number): number {
-    return (((digests[at] << 24) | (digests[at + 1] << 16) | (digests[at + 2] << 8) | digests[at + 3]) & this.bucketMask) * WAYS;
+  /** The bucket of the digest at words[at…]: its first four bytes, big-endian, pick it. */
+  private bucket(words: Uint32Array, at: number): number {
+    const w = words[at];
+    return ((((w & 0xff) << 24) | ((w & 0xff00) << 8) | ((w >>> 8) & 0xff00) | (w >>> 24)) & this.bucketMask) * WAYS;
   }
 
   /** Indexes every page the reference holds. */
   addAll(): void {
     const table = this.reference;
-    const pages = table.length / DIGEST_BYTES;
+    const pages = table.length / DIGEST_WORDS;
     for (let page = 0; page < pages; page++) {
-      const at = page * DIGEST_BYTES;
-      // The first 8 bytes decide: a held digest with them all zero is as rare as a collision, and is only a miss.
-      if ((table[at] | table[at + 1] | table[at + 2] | table[at + 3] | table[at + 4] | table[at + 5] | table[at + 6] | table[at + 7]) === 0) continue;
-      this.add(page, table, at);
+      const at = page * DIGEST_WORDS;
+      if (!isAbsentDigest(table, at)) this.add(page, table, at);
     }
   }
 
-  /** The receiver now holds the content of `digest[at…]` at `page`. */
-  add(page: number, digest: Uint8Array, at: number): void {
+  /** The receiver now holds the content of the digest at `digest[at…]` (words) at `page`. */
+  add(page: number, digest: Uint32Array, at: number): void {
     const first = this.bucket(digest, at);
     const slots = this.slots;
     let free = -1;
@@ -57,18 +59,18 @@ export class ContentIndex {
       const held = slots[s];
       if (held === page) return;
       // A slot whose page no longer holds content of this bucket is as good as empty.
-      if (free < 0 && (held === EMPTY || this.bucket(this.reference, held * DIGEST_BYTES) !== first)) free = s;
+      if (free < 0 && (held === EMPTY || this.bucket(this.reference, held * DIGEST_WORDS) !== first)) free = s;
     }
     if (free < 0) free = first + (this.victim++ & (WAYS - 1));
     slots[free] = page;
   }
 
-  /** A page the receiver holds with the content `digest[at…]`, or -1. */
-  find(digest: Uint8Array, at: number): number {
+  /** A page the receiver holds with the content of the digest at `digest[at…]` (words), or -1. */
+  find(digest: Uint32Array, at: number): number {
     const first = this.bucket(digest, at);
     for (let s = first; s < first + WAYS; s++) {
       const page = this.slots[s];
-      if (page !== EMPTY && sameDigest(this.reference, page * DIGEST_BYTES, digest, at)) return page;
+      if (page !== EMPTY && sameDigestWords(this.reference, page * DIGEST_WORDS, digest, at)) return page;
     }
     return -1;
   }

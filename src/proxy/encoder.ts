@@ -1,4 +1,4 @@
-import { DIGEST_BYTES, digestOne, StreamHash } from '../digest';
+import { DIGEST_BYTES, DIGEST_WORDS, digestOne, digestWords, isAbsentDigest, sameDigestWords, StreamHash } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
 import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
@@ -27,7 +27,8 @@ export interface EncoderSink {
 const DELTA_READ_BUDGET_US = 250;
 
 /** The digest of a page the receiver does not hold. */
-const ABSENT = new Uint8Array(DIGEST_BYTES);
+/** An absent page's digest, as words. */
+const ABSENT = new Uint32Array(DIGEST_WORDS);
 
 
 /**
@@ -42,7 +43,18 @@ export class StreamEncoder {
    * the local store holds the same snapshot this is the store's own table. Updated as pages are sent,
    * so it always says what the receiver holds at this point of the stream.
    */
-  reference: Uint8Array | null = null;
+  get reference(): Uint8Array | null {
+    return this.referenceBytes;
+  }
+
+  set reference(table: Uint8Array | null) {
+    this.referenceBytes = table;
+    this.referenceWords = table === null ? null : digestWords(table);
+  }
+
+  private referenceBytes: Uint8Array | null = null;
+  /** The reference as words (digestWords), for the per-page comparisons. */
+  private referenceWords: Uint32Array | null = null;
   /**
    * Send a changed page as a delta against the version the receiver holds, where this site's store
    * holds that same version (the receiver said it takes Delta frames).
@@ -299,19 +311,21 @@ export class StreamEncoder {
     const retainer = this.retainer;
     const known = retainer.digestOf(record);
     const at = record.pageIndex * DIGEST_BYTES;
-    const reference = this.reference;
+    const word = record.pageIndex * DIGEST_WORDS;
+    const reference = this.referenceBytes;
+    const words = this.referenceWords;
     const storeTable = retainer.store?.digests;
     // Only a page no multifd channel may still write an older version of is named by reference.
     const claim = this.multifd === null ? Claim.First : this.multifd.mainPage(record.pageIndex);
-    const nameable = record.kind === RecordKind.RamPage && reference !== null && claim === Claim.First;
-    const held = nameable && sameDigest(reference, at, retainer.digest, 0);
+    const nameable = record.kind === RecordKind.RamPage && words !== null && claim === Claim.First;
+    const held = nameable && sameDigestWords(words, word, retainer.digestWords, 0);
     if (record.kind === RecordKind.RamZero) {
       this.counts.pagesZero++;
       this.addToRun(false, record);
     } else if (held) {
       this.counts.pagesReused++;
       this.addToRun(true, record);
-    } else if (nameable && this.deltas && this.sendDelta(record, reference, at)) {
+    } else if (nameable && this.deltas && this.sendDelta(record, reference as Uint8Array, words, at)) {
       // sent as a delta
     } else {
       this.closeRun();
@@ -325,11 +339,15 @@ export class StreamEncoder {
     // (a back leg is mostly held pages, and a slot costs a few cache misses to look at).
     if (held) return;
     // The receiver now holds this version of the page (or, for encoded pages, nothing we can name).
-    if (reference !== null && reference !== storeTable) {
-      if (known) reference.set(retainer.digest, at);
-      else reference.fill(0, at, at + DIGEST_BYTES);
+    if (words !== null && reference !== storeTable) {
+      const digest = retainer.digestWords;
+      const wordsNow = known ? digest : ABSENT;
+      words[word] = wordsNow[0];
+      words[word + 1] = wordsNow[1];
+      words[word + 2] = wordsNow[2];
+      words[word + 3] = wordsNow[3];
     }
-    if (known && record.kind === RecordKind.RamPage && this.contentIndex !== null) this.contentIndex.add(record.pageIndex, retainer.digest, 0);
+    if (known && record.kind === RecordKind.RamPage && this.contentIndex !== null) this.contentIndex.add(record.pageIndex, retainer.digestWords, 0);
   }
 
   /**
@@ -337,28 +355,29 @@ export class StreamEncoder {
    * or as the ranges that changed from the version of this page the receiver holds, when this site's
    * store holds that same version and they are few. False when the page must go whole.
    */
-  private sendDelta(record: RamPageRecord, reference: Uint8Array, at: number): boolean {
+  private sendDelta(record: RamPageRecord, reference: Uint8Array, words: Uint32Array, at: number): boolean {
     const page = record.pageIndex;
     const digest = this.retainer.digest;
+    const digestWords = this.retainer.digestWords;
     // A match, in this VM or in a sibling, costs the receiver a store read of the page it copies, which
     // this side cannot time: paid only while reads are free. On a fast link a busy receiver's reads cost
     // more than the page's WAN time.
     if (this.deltaReadsFree) {
-      const match = this.contentIndexOf(reference).find(digest, 0);
+      const match = this.contentIndexOf(reference).find(digestWords, 0);
       if (match >= 0) {
         this.emitDelta(page, match, digest, 0, 0, -1);
         this.counts.pagesMatched++;
         return true;
       }
       const siblings = this.siblings;
-      if (siblings !== null && siblings.find(page, digest, 0)) {
+      if (siblings !== null && siblings.find(page, digestWords, 0)) {
         this.emitDelta(page, siblings.page, digest, 0, 0, siblings.sibling);
         this.counts.pagesSibling++;
         return true;
       }
     }
     const store = this.retainer.store;
-    if (store === null || sameDigest(reference, at, ABSENT, 0)) return false;
+    if (store === null || isAbsentDigest(words, page * DIGEST_WORDS)) return false;
     if (this.deltaSkip > 0) {
       this.deltaSkip--;
       return false;

@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { DIGEST_BYTES, digestOne } from '../digest';
+import { DIGEST_BYTES, DIGEST_WORDS, digestOne, digestWords, newDigestBuffer, sameDigestWords } from '../digest';
 import { RamFlag, X86_PAGE_SIZE } from '../qemu/constants';
 import { type RamBlock, type RamPageRecord, RecordKind } from '../qemu/records';
 
@@ -46,8 +46,9 @@ export function sameDigest(a: Uint8Array, aAt: number, b: Uint8Array, bAt: numbe
  * version of each page wins; pages whose content the stream does not give in clear are dropped.
  */
 export class PageRetainer {
-  /** The digest of the last record passed to digestOf(). */
-  readonly digest = Buffer.alloc(DIGEST_BYTES);
+  /** The digest of the last record passed to digestOf(), and the same as words (digestWords). */
+  readonly digest = newDigestBuffer();
+  readonly digestWords = digestWords(this.digest);
   private readonly fillPage = Buffer.alloc(X86_PAGE_SIZE);
   private fillValue = 0;
   private readonly zeroDigest = Buffer.alloc(DIGEST_BYTES);
@@ -83,7 +84,7 @@ export class PageRetainer {
       store.markAbsent(i);
       return;
     }
-    if (sameDigest(store.digests, i * DIGEST_BYTES, this.digest, 0)) return;
+    if (sameDigestWords(this.storeWords(store), i * DIGEST_WORDS, this.digestWords, 0)) return;
     if (record.kind === RecordKind.RamPage) {
       store.writePage(i, record.data, record.dataStart, this.digest, 0);
     } else {
@@ -91,6 +92,19 @@ export class PageRetainer {
       store.writePage(i, this.fillPage, 0, this.digest, 0);
     }
   }
+
+  /** The store's digest table as words, made again only when the store hands out another table. */
+  private storeWords(store: RetainedPages): Uint32Array {
+    const table = store.digests;
+    if (table !== this.storeTable) {
+      this.storeTable = table;
+      this.storeTableWords = digestWords(table);
+    }
+    return this.storeTableWords;
+  }
+
+  private storeTable: Uint8Array | null = null;
+  private storeTableWords: Uint32Array = new Uint32Array(0);
 
   private fill(value: number): void {
     if (this.fillValue !== value) {

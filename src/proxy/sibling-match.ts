@@ -1,6 +1,5 @@
-import { DIGEST_BYTES } from '../digest';
+import { DIGEST_BYTES, DIGEST_WORDS, digestWords, sameDigestWords } from '../digest';
 import { ContentIndex } from './content-index';
-import { sameDigest } from './retained';
 
 /**
  * Where the receiver holds a page's content in a sibling's retained snapshot (another VM booted from
@@ -19,8 +18,12 @@ export class SiblingMatch {
   sibling = -1;
   page = -1;
 
+  /** The siblings' digest tables as words (digestWords). */
+  private readonly tables: readonly Uint32Array[];
+
   /** `tables`: the siblings' digest tables (16 B a page, all zero = not held), in the Offer's order. Never changed. */
-  constructor(private readonly tables: readonly Uint8Array[]) {
+  constructor(tables: readonly Uint8Array[]) {
+    this.tables = tables.map(digestWords);
     this.indexes = tables.map((table) => {
       const index = new ContentIndex(table.length / DIGEST_BYTES, table);
       index.addAll();
@@ -28,12 +31,12 @@ export class SiblingMatch {
     });
   }
 
-  /** Whether a sibling holds the content `digest[at…]`, looked for at page `page` first; sets `sibling` and `page`. */
-  find(page: number, digest: Uint8Array, at: number): boolean {
+  /** Whether a sibling holds the content of the digest at `digest[at…]` (words), looked for at page `page` first; sets `sibling` and `page`. */
+  find(page: number, digest: Uint32Array, at: number): boolean {
     const tables = this.tables;
-    const place = page * DIGEST_BYTES;
+    const place = page * DIGEST_WORDS;
     for (let s = 0; s < tables.length; s++) {
-      if (place + DIGEST_BYTES <= tables[s].length && sameDigest(tables[s], place, digest, at)) return this.found(s, page);
+      if (place + DIGEST_WORDS <= tables[s].length && sameDigestWords(tables[s], place, digest, at)) return this.found(s, page);
     }
     for (let s = 0; s < tables.length; s++) {
       const held = this.indexes[s].find(digest, at);

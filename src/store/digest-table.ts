@@ -4,30 +4,18 @@
  * page passing through a migration is looked up or set), and goes back to the digests file only in the
  * chunks that changed since it was last written.
  */
-import { DIGEST_BYTES } from '../digest';
+import { DIGEST_BYTES, DIGEST_WORDS, isAbsentDigest } from '../digest';
 import { preadFully, pwriteFully } from './fsio';
 
 /** The digests file: the table as it was last written, byte for byte. */
 export const DIGESTS_FILE = 'digests';
 
 /** 32-bit words per digest: the table is read four words at a time. */
-const DIGEST_WORDS = DIGEST_BYTES / 4;
 /** Pages per dirty-tracking chunk of the table (64 KiB of digests). */
 const DIRTY_CHUNK_SHIFT = 12;
 const DIRTY_CHUNK_PAGES = 1 << DIRTY_CHUNK_SHIFT;
 /** Most table bytes written by one write call. */
 const DIGEST_WRITE_MAX_BYTES = 16 * 1024 * 1024;
-
-/**
- * Whether the digest at words[at .. at+4) is all zero, the table's mark of an absent page (a held page
- * has that XXH3-128 digest with probability 2^-128, so all zero is free to mean "absent"):
- * - four 32-bit words, not sixteen bytes: four loads for a test made for every page of a migration;
- * - joined with `|`, not `||`: no branch per word, and the result is zero only when every word is;
- * - `at` counts words (4 per digest), so a caller walking the table steps it by 4, no multiply per page.
- */
-export function isAbsentDigest(words: Uint32Array, at: number): boolean {
-  return (words[at] | words[at + 1] | words[at + 2] | words[at + 3]) === 0;
-}
 
 export class DigestTable {
   /** 16 bytes per page, page i at [16*i, 16*i+16); what the store's `digests` hands out. */
