@@ -339,14 +339,7 @@ export class StreamEncoder {
     // (a back leg is mostly held pages, and a slot costs a few cache misses to look at).
     if (held) return;
     // The receiver now holds this version of the page (or, for encoded pages, nothing we can name).
-    if (words !== null && reference !== storeTable) {
-      const digest = retainer.digestWords;
-      const wordsNow = known ? digest : ABSENT;
-      words[word] = wordsNow[0];
-      words[word + 1] = wordsNow[1];
-      words[word + 2] = wordsNow[2];
-      words[word + 3] = wordsNow[3];
-    }
+    if (words !== null && reference !== storeTable) words.set(known ? retainer.digestWords : ABSENT, word);
     if (known && record.kind === RecordKind.RamPage && this.contentIndex !== null) this.contentIndex.add(record.pageIndex, retainer.digestWords, 0);
   }
 

@@ -1,4 +1,4 @@
-import { DIGEST_BYTES, digestOne } from '../digest';
+import { DIGEST_BYTES, DIGEST_WORDS, digestOne, sameDigestWords } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
@@ -6,7 +6,6 @@ import type { EncoderSink } from './encoder';
 import { HeldInput } from './held-input';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
-import { sameDigest } from './retained';
 import { encodeRun, MAX_RUN_HELD } from './run';
 
 /**
@@ -162,12 +161,13 @@ export class MultifdEncoder extends MultifdChannel {
     const normal = record.kind === MultifdRecordKind.Page;
     const retainer = this.retainer;
     retainer.digestOf(page);
-    const at = page.pageIndex * DIGEST_BYTES;
+    const word = page.pageIndex * DIGEST_WORDS;
     const reference = this.migration.reference;
+    const words = this.migration.referenceWords;
     const claim = this.migration.claim(page.pageIndex, this.syncs);
     if (!normal) {
       this.counts.pagesZero++;
-    } else if (reference !== null && this.mayNameClaimed(claim, page.pageIndex) && sameDigest(reference, at, retainer.digest, 0)) {
+    } else if (words !== null && this.mayNameClaimed(claim, page.pageIndex) && sameDigestWords(words, word, retainer.digestWords, 0)) {
       this.counts.pagesReused++;
       this.migration.nameInRun(page.pageIndex);
       this.addToRun(page.streamOffset, page.offset);
@@ -178,7 +178,7 @@ export class MultifdEncoder extends MultifdChannel {
     // A later version of the page was written already: this one is not kept (see MultifdMigration).
     if (claim === Claim.Stale) return;
     // The receiver now holds this version of the page.
-    if (reference !== null && reference !== this.migration.store?.digests) reference.set(retainer.digest, at);
+    if (words !== null && reference !== this.migration.store?.digests) words.set(retainer.digestWords, word);
     retainer.retain(page, true);
   }
 
