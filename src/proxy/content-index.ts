@@ -40,13 +40,22 @@ export class ContentIndex {
     return ((((w & 0xff) << 24) | ((w & 0xff00) << 8) | ((w >>> 8) & 0xff00) | (w >>> 24)) & this.bucketMask) * WAYS;
   }
 
-  /** Indexes every page the reference holds. */
+  /**
+   * Indexes every page the reference holds, into a new index: nothing in it can be stale or there
+   * already, so each page takes the first empty slot of its bucket (a full one gives up a slot as add()
+   * does) without looking at the pages the others name.
+   */
   addAll(): void {
     const table = this.reference;
+    const slots = this.slots;
     const pages = table.length / DIGEST_WORDS;
     for (let page = 0; page < pages; page++) {
       const at = page * DIGEST_WORDS;
-      if (!isAbsentDigest(table, at)) this.add(page, table, at);
+      if (isAbsentDigest(table, at)) continue;
+      const first = this.bucket(table, at);
+      let s = first;
+      while (s < first + WAYS && slots[s] !== EMPTY) s++;
+      slots[s < first + WAYS ? s : first + (this.victim++ & (WAYS - 1))] = page;
     }
   }
 
