@@ -170,8 +170,8 @@ export function digestWords(bytes: Uint8Array): Uint32Array {
 }
 
 /** A zeroed digest buffer of its own (so on a 4-byte boundary, for digestWords()). */
-export function newDigestBuffer(digests = 1): Buffer {
-  return Buffer.from(new ArrayBuffer(digests * DIGEST_BYTES));
+export function newDigestBuffer(): Buffer {
+  return Buffer.from(new ArrayBuffer(DIGEST_BYTES));
 }
 
 /** Whether the digests at a[aAt .. aAt+4) and b[bAt .. bAt+4) (word offsets) are equal. */
