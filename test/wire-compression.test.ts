@@ -355,35 +355,6 @@ describe('CompressionPolicy', () => {
     expect(policy.compressNext(CHUNK)).toBe(true);
   });
 
-  test('sparse Literal bytes go raw where the link is known to carry them faster than zstd saves them, and only there', () => {
-    /** A back leg: the WAN has not held the session back for DRAINED_BYTES, then 4 KiB of Literal bytes among the Runs. */
-    const backLeg = (linkFloorBytesPerS: number): CompressionPolicy => {
-      const policy = new CompressionPolicy();
-      policy.linkFloorBytesPerS = linkFloorBytesPerS;
-      for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(false, CHUNK);
-      return policy;
-    };
-    // zstd took 1 ms to save 128 KiB: at 100 Mbit/s (12.5 MB/s) those bytes would take 10 ms to cross.
-    const slow = backLeg(12.5e6);
-    expect(slow.compressNext(4096)).toBe(true);
-    slow.observeCompression(128 * 1024, 0.001);
-    expect(slow.compressNext(4096)).toBe(true);
-    // At a path known to carry 1 GB/s they would cross in 0.13 ms: compressing them costs time.
-    const fast = backLeg(1e9);
-    expect(fast.compressNext(4096)).toBe(true); // nothing measured yet: the first batch finds out
-    fast.observeCompression(128 * 1024, 0.001);
-    expect(fast.compressNext(4096)).toBe(false);
-    // No rate known (a first migration through this gateway): as before.
-    const unknown = backLeg(0);
-    unknown.observeCompression(128 * 1024, 0.001);
-    expect(unknown.compressNext(4096)).toBe(true);
-    // While the WAN holds the session back, every byte saved is time saved, whatever the link's rate.
-    fast.observeWan(true, CHUNK);
-    fast.observeWan(true, CHUNK);
-    expect(fast.wanIsBottleneck).toBe(true);
-    expect(fast.compressNext(CHUNK)).toBe(true);
-  });
-
   test('with the WAN not holding it back, compresses Literal bytes only while they are at most 1/SPARSE_SHARE of the input', () => {
     const policy = new CompressionPolicy();
     for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(false, CHUNK);

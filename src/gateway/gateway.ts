@@ -24,7 +24,6 @@ import { peerVmError } from './security-config';
 import { certificateNames, PeerTransport, peerNameOf, peerNamesOf } from './transport';
 import { LiveMigrations, type MigrationStatus } from './progress';
 import { WanCaps } from './wan-cap';
-import { LinkRates } from './link-rates';
 
 interface Totals {
   streamBytes: number;
@@ -50,8 +49,6 @@ export class Gateway implements SessionObserver {
   readonly bound = new Map<string, Endpoint>();
   /** Reports of finished migrations, newest last (bounded). */
   readonly history: MigrationReport[] = [];
-  /** The rate each VM's last sizeable migration crossed the WAN at: what its next one may count on. */
-  private readonly linkRates = new LinkRates();
   private stopping = false;
   private readonly budget: StoreBudget | null;
   private readonly space: StoreSpace;
@@ -238,7 +235,6 @@ export class Gateway implements SessionObserver {
         maxGuestPages: Math.floor(limits.maxGuestRamBytes / X86_PAGE_SIZE),
         wan: this.wanCaps.share(vm, formatEndpoint(route.peer)),
         compression: this.config.compression,
-        linkFloorBytesPerS: this.linkRates.floor(vm),
         deltas: this.config.deltas,
         migration,
         openGroup: (main) => this.sending.open(vm, { migration, vm, target: formatEndpoint(route.target), origin: remote, main, event: this.groupEvent(vm, 'send'), graceMs: limits.idleSeconds * 1000 }),
@@ -501,7 +497,6 @@ export class Gateway implements SessionObserver {
 
     this.history.push(report);
     if (this.history.length > 100) this.history.shift();
-    this.linkRates.observe(report);
     const fields = {
       vm: report.vm,
       direction: report.direction,

@@ -83,8 +83,6 @@ export interface SendOptions {
   wan: WanShare;
   /** Offer the peer zstd compression of Literal bytes (config `compression`). */
   compression: boolean;
-  /** A rate, bytes/s, the VM's last sizeable migration crossed this WAN path at (LinkRates); 0: none. */
-  linkFloorBytesPerS: number;
   /** Send changed pages as deltas (config `deltas`): when they pay, always, or never. */
   deltas: DeltaMode;
   /** The migration's id, which its extra channels name (migration-channels.ts). */
@@ -300,10 +298,8 @@ export class SendSession {
     this.frames.maxPayload = this.options.maxFrameBytes;
     this.peer.setTimeout(0);
     const { site, snapshotId } = offer;
-    const linkFloor = this.options.linkFloorBytesPerS;
-    this.life.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: offer.presentPages, localSnapshot: this.localSnapshot, compression, ...(linkFloor > 0 ? { linkFloorBytesPerS: Math.round(linkFloor) } : {}) });
+    this.life.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: offer.presentPages, localSnapshot: this.localSnapshot, compression });
     const literals = new LiteralFrames((bytes) => this.send(bytes), compression);
-    literals.policy.linkFloorBytesPerS = this.options.linkFloorBytesPerS;
     this.literals = literals;
     this.life.compressionSaved = () => literals.savedBytes + this.group.compressionSavedBytes;
     this.encoder = new StreamEncoder(

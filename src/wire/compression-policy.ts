@@ -21,12 +21,6 @@
  * - Except where Literal bytes are sparse: while they are at most 1/SPARSE_SHARE of what the gateway
  *   read lately (a back leg: headers and changed pages among Runs), compressing them costs a few percent
  *   of the gateway's work on that input, and they compress best (multifd packet headers, device state).
- *   Unless the link is known to carry them faster than zstd saves them: when the session was told a
- *   rate this WAN path has carried before (`linkFloorBytesPerS`, a lower bound of the link's), and the
- *   bytes compression has saved so far in this migration would have crossed at that rate in less time
- *   than compressing them took (`observeCompression`), sparse bytes go raw. At 100 Mbit/s that never
- *   happens (zstd saves bytes ten times faster than such a link carries them); at 1 Gbit/s on a busy
- *   gateway it does, and the bytes that would have saved a few milliseconds cost more in zstd.
  * - A batch that did not shrink went raw; the next batches skip compression, twice as many after each
  *   further raw batch (up to MAX_SKIP), so incompressible memory costs a probe now and then, not a
  *   compression pass per batch.
@@ -64,15 +58,6 @@ export class CompressionPolicy {
 
   /** The session paused its source for the WAN (the peer socket's backpressure, or a WAN cap) since the last chunk. */
   private paused = false;
-  /** Bytes compression kept off the WAN in this migration, and the seconds compressing took (shrunk or not). */
-  private savedBytes = 0;
-  private compressSeconds = 0;
-
-  /**
-   * A rate, bytes/s, this WAN path has been seen to carry (a lower bound of the link's); 0: none known.
-   * Set by the session before the first batch.
-   */
-  linkFloorBytesPerS = 0;
 
   /** The session paused its source for the WAN: the next observation counts as held back whatever the socket shows then. */
   pausedForWan(): void {
@@ -116,21 +101,10 @@ export class CompressionPolicy {
     return this.wanBound;
   }
 
-  /** A batch went through zstd in `seconds`, keeping `savedBytes` off the WAN (0: it did not shrink and went raw). */
-  observeCompression(savedBytes: number, seconds: number): void {
-    this.savedBytes += savedBytes;
-    this.compressSeconds += seconds;
-  }
-
-  /** Whether the link, at the rate it is known to carry, takes the bytes zstd saves faster than zstd saves them. */
-  private linkOutpacesCompression(): boolean {
-    return this.linkFloorBytesPerS > 0 && this.compressSeconds > 0 && this.savedBytes / this.linkFloorBytesPerS < this.compressSeconds;
-  }
-
   /** Whether the next batch, of `batchBytes`, is to be compressed; a batch it says no to goes raw. */
   compressNext(batchBytes: number): boolean {
     this.literalBytes += batchBytes;
-    if (!this.wanBound && (this.literalBytes * SPARSE_SHARE > this.readBytes || this.linkOutpacesCompression())) return false;
+    if (!this.wanBound && this.literalBytes * SPARSE_SHARE > this.readBytes) return false;
     if (this.skipLeft > 0) {
       this.skipLeft--;
       return false;

@@ -136,13 +136,10 @@ export class LiteralFrames {
     const start = FRAME_HEADER_BYTES + COMPRESSED_HEADER_BYTES;
     // Room for fewer zstd bytes than the batch holds less one frame header: never more on the WAN.
     const frame = Buffer.allocUnsafe(start + total - FRAME_HEADER_BYTES);
-    const began = performance.now();
     const n = zstd().zstdCompress(this.compressor as Handle, batch, frame, start);
-    const seconds = (performance.now() - began) / 1000;
     if (n < 0) {
       // The native side restarted its stream already.
       this.streamOpen = false;
-      this.policy.observeCompression(0, seconds);
       this.policy.didNotShrink();
       return false;
     }
@@ -152,7 +149,6 @@ export class LiteralFrames {
     frame.writeUInt32BE(payload, 1);
     frame.writeUInt32BE(total, FRAME_HEADER_BYTES);
     this.savedBytes += total - payload;
-    this.policy.observeCompression(total - payload, seconds);
     this.write(frame.subarray(0, start + n));
     return true;
   }
