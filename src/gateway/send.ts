@@ -374,7 +374,7 @@ export class SendSession {
   private startMultifd(): void {
     const multifd = this.encoder?.multifd;
     if (!multifd) return;
-    multifd.reference = this.encoder?.reference ?? null;
+    multifd.receiverTable = this.encoder?.receiverTable ?? null;
     this.group.useMultifd(multifd);
   }
 

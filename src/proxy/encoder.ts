@@ -1,4 +1,4 @@
-import { DIGEST_BYTES, DIGEST_WORDS, digestOne, digestWords, isAbsentDigest, sameDigestWords, StreamHash } from '../digest';
+import { DIGEST_BYTES, DIGEST_WORDS, digestOne, isAbsentDigest, sameDigestWords, StreamHash } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
 import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
@@ -10,7 +10,7 @@ import { HeldInput } from './held-input';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { newCounts, type TransferCounts } from './transfer-counts';
 import { StreamParts } from './stream-parts';
-import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
+import { continuingFlags, layoutOf, type PageLayout, PageRetainer, ReceiverTable, type RetainedPages, sameDigest } from './retained';
 
 /** Where the encoder's output goes: in stream order, Literal bytes and Run payloads. */
 export interface EncoderSink {
@@ -44,17 +44,15 @@ export class StreamEncoder {
    * so it always says what the receiver holds at this point of the stream.
    */
   get reference(): Uint8Array | null {
-    return this.referenceBytes;
+    return this.receiverTable?.bytes ?? null;
   }
 
   set reference(table: Uint8Array | null) {
-    this.referenceBytes = table;
-    this.referenceWords = table === null ? null : digestWords(table);
+    this.receiverTable = table === null ? null : new ReceiverTable(table);
   }
 
-  private referenceBytes: Uint8Array | null = null;
-  /** The reference as words (digestWords), for the per-page comparisons. */
-  private referenceWords: Uint32Array | null = null;
+  /** The reference, with its words: what the migration's multifd channels are given too. */
+  receiverTable: ReceiverTable | null = null;
   /**
    * Send a changed page as a delta against the version the receiver holds, where this site's store
    * holds that same version (the receiver said it takes Delta frames).
@@ -312,8 +310,8 @@ export class StreamEncoder {
     const known = retainer.digestOf(record);
     const at = record.pageIndex * DIGEST_BYTES;
     const word = record.pageIndex * DIGEST_WORDS;
-    const reference = this.referenceBytes;
-    const words = this.referenceWords;
+    const reference = this.receiverTable?.bytes ?? null;
+    const words = this.receiverTable?.words ?? null;
     const storeTable = retainer.store?.digests;
     // Only a page no multifd channel may still write an older version of is named by reference.
     const claim = this.multifd === null ? Claim.First : this.multifd.mainPage(record.pageIndex);

@@ -14,13 +14,13 @@ import { encodeRun, MAX_RUN_HELD } from './run';
  *
  *   const migration = new MultifdMigration(store, channelCount);   // one per migration, beside the
  *   mainEncoder = new StreamEncoder(sink, store, (layout) => {      // main channel's StreamEncoder
- *     migration.begin(layout); ...; migration.reference = mainEncoder.reference; });
+ *     migration.begin(layout); ...; migration.receiverTable = mainEncoder.receiverTable; });
  *   const channel = new MultifdEncoder(channelSink, migration);     // per channel, as it is accepted
  *   channel.push(chunk) … channel.end(() => …);                     // then End: sentBytes, streamCheck
  *
  * The channel's bytes go to its sink as Literal bytes (views of the pushed chunks, which must not change
  * afterwards) and Run payloads: each stretch of consecutive normal pages of one packet that the
- * receiver holds (by `migration.reference`) becomes one Run (proxy/run.ts: block index, first page's
+ * receiver holds (by `migration.receiverTable`) becomes one Run (proxy/run.ts: block index, first page's
  * offset, count, one digest over the pages' digests, every bitmap bit set); MultifdDecoder rebuilds them
  * from the pages' offsets in the packet header it has already received. Zero pages carry no bytes and
  * stay in the header. Every page is written to the store as it passes, like the main channel's.
@@ -162,8 +162,8 @@ export class MultifdEncoder extends MultifdChannel {
     const retainer = this.retainer;
     retainer.digestOf(page);
     const word = page.pageIndex * DIGEST_WORDS;
-    const reference = this.migration.reference;
-    const words = this.migration.referenceWords;
+    const reference = this.migration.receiverTable?.bytes ?? null;
+    const words = this.migration.receiverTable?.words ?? null;
     const claim = this.migration.claim(page.pageIndex, this.syncs);
     if (!normal) {
       this.counts.pagesZero++;

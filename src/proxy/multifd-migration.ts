@@ -1,10 +1,9 @@
-import { digestWords } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamError, StreamErrorCode } from '../qemu/errors';
 import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import { type RamBlock, type RamPageRecord, RecordKind, type StreamFallback } from '../qemu/records';
 import { EpochStartPages } from './epoch-start-pages';
-import type { PageLayout, RetainedPages } from './retained';
+import type { PageLayout, ReceiverTable, RetainedPages } from './retained';
 import { addCounts, newCounts, type TransferCounts } from './transfer-counts';
 
 /**
@@ -101,21 +100,10 @@ export enum Claim {
 
 export class MultifdMigration {
   /**
-   * Sender only: the receiver's digest table, as StreamEncoder.reference (the gateway gives both the
-   * same table); null for no reuse.
+   * Sender only: the receiver's digest table, the main channel's encoder's own (StreamEncoder.receiverTable);
+   * null for no reuse.
    */
-  get reference(): Uint8Array | null {
-    return this.referenceBytes;
-  }
-
-  set reference(table: Uint8Array | null) {
-    this.referenceBytes = table;
-    this.referenceWords = table === null ? null : digestWords(table);
-  }
-
-  private referenceBytes: Uint8Array | null = null;
-  /** The reference as words (digestWords), for the per-page comparisons. */
-  referenceWords: Uint32Array | null = null;
+  receiverTable: ReceiverTable | null = null;
   /**
    * Sender only: runs `step` after `ms` (the gateway's timer, which fails the migration if `step`
    * throws). With it a channel past a SYNC waits up to MAIN_WAIT_MS for the main channel's marker of

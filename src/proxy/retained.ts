@@ -34,6 +34,19 @@ export function layoutOf(blocks: readonly RamBlock[]): PageLayout {
   };
 }
 
+/**
+ * What the receiver holds, as a sender follows it (16 bytes a page, all zero = not held): the table, and
+ * the same memory as words (digestWords) for the per-page comparisons. A migration's main-channel encoder
+ * and its multifd channels share one.
+ */
+export class ReceiverTable {
+  readonly words: Uint32Array;
+
+  constructor(readonly bytes: Uint8Array) {
+    this.words = digestWords(bytes);
+  }
+}
+
 /** Compares 16-byte digests in place, allocating nothing. */
 export function sameDigest(a: Uint8Array, aAt: number, b: Uint8Array, bAt: number): boolean {
   for (let i = 0; i < DIGEST_BYTES; i++) if (a[aAt + i] !== b[bAt + i]) return false;

@@ -7,7 +7,7 @@ import { MULTIFD_BLOCK_NAME_AT, MULTIFD_HEADER_BYTES, MULTIFD_INIT_BYTES, MULTIF
 import { MultifdDecoder } from '../../proxy/multifd-decoder';
 import { MultifdEncoder } from '../../proxy/multifd-encoder';
 import { MultifdMigration } from '../../proxy/multifd-migration';
-import type { PageLayout, RetainedPages } from '../../proxy/retained';
+import { type PageLayout, ReceiverTable, type RetainedPages } from '../../proxy/retained';
 import { type GuestMemory, PAGE } from './migration-stream';
 
 /** 7.2: no zero pages in packets (they go on the main channel). 10.0: zero pages as offsets. */
@@ -157,7 +157,7 @@ export function multifdRoundTrip(
   sending.begin(layout);
   // No main channel here: nothing on it for a Run to wait for.
   sending.endMain();
-  sending.reference = sender.reference;
+  sending.receiverTable = sender.reference === null ? null : new ReceiverTable(sender.reference);
   const sent: ChannelFrames[] = channels.map(() => ({ frames: [], streamBytes: 0, streamCheck: '' }));
   const encoders = sent.map(
     (out) =>
