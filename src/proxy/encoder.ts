@@ -26,8 +26,7 @@ export interface EncoderSink {
 /** A page crosses 100 Mbit/s in 330 µs: a store read slower than this costs more than the bytes a delta saves. */
 const DELTA_READ_BUDGET_US = 250;
 
-/** The digest of a page the receiver does not hold. */
-/** An absent page's digest, as words. */
+/** The digest of a page the receiver does not hold, as words. */
 const ABSENT = new Uint32Array(DIGEST_WORDS);
 
 
