@@ -1,4 +1,4 @@
-import { DIGEST_WORDS, digestWords, isAbsentDigest, sameDigestWords } from '../digest';
+import { DIGEST_WORDS, isAbsentDigest, sameDigestWords } from '../digest';
 
 const EMPTY = 0xffffffff;
 /** Slots per bucket: a page's content is looked for in one bucket of four. */
@@ -19,19 +19,15 @@ export class ContentIndex {
   private readonly slots: Uint32Array;
   private readonly bucketMask: number;
   private victim = 0;
-  /** The reference as words (digestWords). */
-  private readonly reference: Uint32Array;
-
   constructor(
     pageCount: number,
-    /** What the receiver holds now: 16 bytes per page, all zero = not held. Updated by its owner. */
-    reference: Uint8Array,
+    /** What the receiver holds now, as words (digestWords: 4 per page, all zero = not held). Updated by its owner. */
+    private readonly reference: Uint32Array,
   ) {
     let size = 1024;
     while (size < 2 * pageCount) size *= 2;
     this.slots = new Uint32Array(size).fill(EMPTY);
     this.bucketMask = size / WAYS - 1;
-    this.reference = digestWords(reference);
   }
 
   /** The bucket of the digest at words[at…]: its first four bytes, big-endian, pick it. */

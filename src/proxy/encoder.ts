@@ -85,7 +85,7 @@ export class StreamEncoder {
   private deltaProbe = 0;
   private contentIndex: ContentIndex | null = null;
   /** The reference the content index was built over. */
-  private indexed: Uint8Array | null = null;
+  private indexed: Uint32Array | null = null;
   readonly counts: TransferCounts = newCounts();
   layout: PageLayout | null = null;
   /** Of the stream pushed so far, for the End message. */
@@ -353,7 +353,7 @@ export class StreamEncoder {
     // this side cannot time: paid only while reads are free. On a fast link a busy receiver's reads cost
     // more than the page's WAN time.
     if (this.deltaReadsFree) {
-      const match = this.contentIndexOf(reference).find(digestWords, 0);
+      const match = this.contentIndexOf(words).find(digestWords, 0);
       if (match >= 0) {
         this.emitDelta(page, match, digest, 0, 0, -1);
         this.counts.pagesMatched++;
@@ -424,9 +424,9 @@ export class StreamEncoder {
   }
 
   /** The content index over what `reference` says the receiver holds, built the first time it is asked for. */
-  private contentIndexOf(reference: Uint8Array): ContentIndex {
+  private contentIndexOf(reference: Uint32Array): ContentIndex {
     if (this.contentIndex === null || this.indexed !== reference) {
-      this.contentIndex = new ContentIndex(reference.length / DIGEST_BYTES, reference);
+      this.contentIndex = new ContentIndex(reference.length / DIGEST_WORDS, reference);
       this.contentIndex.addAll();
       this.indexed = reference;
     }

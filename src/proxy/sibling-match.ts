@@ -1,4 +1,4 @@
-import { DIGEST_BYTES, DIGEST_WORDS, digestWords, sameDigestWords } from '../digest';
+import { DIGEST_WORDS, digestWords, sameDigestWords } from '../digest';
 import { ContentIndex } from './content-index';
 
 /**
@@ -24,8 +24,8 @@ export class SiblingMatch {
   /** `tables`: the siblings' digest tables (16 B a page, all zero = not held), in the Offer's order. Never changed. */
   constructor(tables: readonly Uint8Array[]) {
     this.tables = tables.map(digestWords);
-    this.indexes = tables.map((table) => {
-      const index = new ContentIndex(table.length / DIGEST_BYTES, table);
+    this.indexes = this.tables.map((table) => {
+      const index = new ContentIndex(table.length / DIGEST_WORDS, table);
       index.addAll();
       return index;
     });
