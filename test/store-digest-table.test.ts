@@ -57,6 +57,31 @@ describe('DigestTable', () => {
     expect(t.presentPages).toBe(0);
   });
 
+  test('set copies the digest whatever its buffer: reused, unaligned, or at an unaligned offset of an aligned one', () => {
+    const t = DigestTable.empty(8);
+    const reused = digestOf(0x11);
+    const expected = (page: number): Buffer => Buffer.from(t.bytes.subarray(page * DIGEST_BYTES, (page + 1) * DIGEST_BYTES));
+    t.set(0, reused, 0);
+    reused.fill(0x22); // the same buffer with new content: the table takes what it holds now
+    t.set(1, reused, 0);
+    const pool = new Uint8Array(new ArrayBuffer(64));
+    const unaligned = pool.subarray(1, 1 + 2 * DIGEST_BYTES);
+    for (let i = 0; i < unaligned.length; i++) unaligned[i] = 0x30 + i;
+    t.set(2, unaligned, DIGEST_BYTES);
+    const aligned = new Uint8Array(new ArrayBuffer(48));
+    for (let i = 0; i < aligned.length; i++) aligned[i] = 0x80 + i;
+    t.set(3, aligned, 5);
+    t.set(4, aligned, 16);
+    t.set(5, reused, 0); // back to the first buffer after others
+    expect(expected(0).equals(Buffer.alloc(DIGEST_BYTES, 0x11))).toBe(true);
+    expect(expected(1).equals(Buffer.alloc(DIGEST_BYTES, 0x22))).toBe(true);
+    expect(expected(2).equals(Buffer.from(unaligned.subarray(DIGEST_BYTES)))).toBe(true);
+    expect(expected(3).equals(Buffer.from(aligned.subarray(5, 5 + DIGEST_BYTES)))).toBe(true);
+    expect(expected(4).equals(Buffer.from(aligned.subarray(16, 32)))).toBe(true);
+    expect(expected(5).equals(Buffer.alloc(DIGEST_BYTES, 0x22))).toBe(true);
+    expect(t.presentPages).toBe(6);
+  });
+
   test('a digest with a single non-zero byte counts as present', () => {
     const t = DigestTable.empty(4);
     const d = new Uint8Array(DIGEST_BYTES);
