@@ -12,6 +12,7 @@
  * migration (ChannelGroup.fail).
  */
 import { connect, type Socket } from 'node:net';
+import { TLSSocket } from 'node:tls';
 import { errorMessage } from '../common/errors';
 import { type ChannelDecoder, type ChannelEncoder, channelDecoder, channelEncoder } from '../proxy/channel-codec';
 import type { MultifdMigration } from '../proxy/multifd-migration';
@@ -31,6 +32,7 @@ import {
 import { formatEndpoint, parseEndpoint } from './address';
 import type { RouteConfig } from './config';
 import { channelLabel, type ChannelGroup, type ExtraChannel } from './migration-channels';
+import { laterDownstream, PooledReads } from './pooled-reads';
 import { decodePayload, ProtocolViolation } from './protocol-violation';
 import { CONNECT_TIMEOUT_MS, peerText } from './session';
 import type { PeerTransport } from './transport';
@@ -149,18 +151,20 @@ abstract class ChannelRelay implements ExtraChannel {
   /** Bytes of QEMU's stream this channel carried towards the destination. */
   protected abstract get streamBytes(): number;
 
+  /** Feeds a chunk of the peer gateway's bytes to `frames`; a frame it cannot take fails the migration. */
+  protected fromPeer(frames: FrameParser, chunk: Buffer): void {
+    try {
+      frames.push(chunk);
+    } catch (err) {
+      this.fail(`peer ${this.label}: ${errorMessage(err)}`);
+    }
+  }
+
   /**
-   * Feeds the peer gateway's bytes to `frames`; a frame it cannot take, an error, or the connection
-   * closing before the channel ended fails the migration.
+   * Watches the peer gateway's connection (its bytes go to fromPeer): an error, or the connection closing
+   * before the channel ended, fails the migration.
    */
-  protected readPeer(peer: Socket, frames: FrameParser, who: string): void {
-    peer.on('data', (chunk: Buffer) => {
-      try {
-        frames.push(chunk);
-      } catch (err) {
-        this.fail(`peer ${this.label}: ${errorMessage(err)}`);
-      }
-    });
+  protected watchPeer(peer: Socket, frames: FrameParser, who: string): void {
     peer.on('error', (err) => this.fail(`peer ${this.label}: ${err.message}`));
     peer.on('close', () => {
       if (this.ended) this.finish();
@@ -187,19 +191,34 @@ export class ChannelSender extends ChannelRelay {
   private literals: LiteralFrames | null = null;
   /** Frame bytes written to the peer. */
   private wanBytes = 0;
+  /**
+   * The source QEMU's channel: as accepted until start(), then as this relay reads it (adopted by
+   * PooledReads where it can be). Adopted only once the channel has joined its group, so that a channel
+   * refused is closed through the socket the gateway holds.
+   */
+  private source: Socket;
+  private reads: PooledReads | null = null;
 
   constructor(
     /** The source QEMU's channel, paused, its first bytes put back. */
-    private readonly source: Socket,
+    accepted: Socket,
     private readonly sender: ChannelSenderOptions,
   ) {
     super(sender);
+    this.source = accepted;
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
     this.frames.maxPayload = sender.maxFrameBytes;
   }
 
   /** Dials the peer once the main channel's peer has offered, then relays. Called once the channel has joined its group. */
   start(): void {
+    // Read into reused buffers, as the main channel is: the source's bytes reach the peer socket as views
+    // of them, a buffer is read into again only once the peer socket has written them, and the codec
+    // copies what it keeps past a chunk (releaseInput). Nothing is read before the peer is dialled.
+    const reads = new PooledReads(this.source, laterDownstream(() => this.peer), (chunk) => this.onSourceData(chunk, reads.pooled), false);
+    this.reads = reads;
+    this.source = reads.socket;
+    this.source.pause();
     this.source.on('error', (err) => this.fail(`source ${this.label}: ${err.message}`));
     this.source.on('close', () => {
       if (!this.ended) this.fail(`the source closed ${this.label} before its end`);
@@ -215,9 +234,11 @@ export class ChannelSender extends ChannelRelay {
       // The receiver's codecs wait at the first SYNC until as many channels have joined there.
       if (multifd) hello.channels = group.multifdChannels;
       peer.write(encodeJson(FrameType.Hello, hello));
-      this.source.on('data', (chunk: Buffer) => this.onSourceData(encoder, peer, chunk));
       this.source.on('end', () => this.onSourceEnd());
-      this.source.resume();
+      // The bytes read before the source was adopted (its head) go first.
+      const early = this.reads?.takeEarly() ?? null;
+      if (early !== null) this.onSourceData(early, false);
+      this.readSource();
     });
     const literals = new LiteralFrames((bytes) => this.toPeer(bytes), group.compression);
     this.literals = literals;
@@ -242,7 +263,8 @@ export class ChannelSender extends ChannelRelay {
     peer.setNoDelay(true);
     peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${this.label}: the peer gateway did not answer in time`));
     peer.on('drain', () => this.readSource());
-    this.readPeer(peer, this.frames, 'the peer gateway');
+    peer.on('data', (chunk: Buffer) => this.fromPeer(this.frames, chunk));
+    this.watchPeer(peer, this.frames, 'the peer gateway');
   }
 
   /** Writes frame bytes to the peer. */
@@ -251,9 +273,11 @@ export class ChannelSender extends ChannelRelay {
     this.wanBytes += bytes.length;
   }
 
-  private onSourceData(encoder: ChannelEncoder, peer: Socket, chunk: Buffer): void {
-    if (this.ended || this.over) return; // the destination has closed the channel: nobody reads on
-    const literals = this.literals as LiteralFrames;
+  /** reused: the chunk's buffer is read into again once this returns. */
+  private onSourceData(chunk: Buffer, reused: boolean): void {
+    const { encoder, peer, literals } = this;
+    // Nothing is read before the dial; after the destination closed the channel nobody reads on.
+    if (this.ended || this.over || !encoder || !peer || !literals) return;
     // Whether the WAN held the channel back since the last chunk (see CompressionPolicy).
     literals.policy.observeWan(peer.writableLength > 0, chunk.length);
     peer.cork();
@@ -261,6 +285,7 @@ export class ChannelSender extends ChannelRelay {
       this.guard('source', () => {
         encoder.push(chunk);
         literals.flush();
+        if (reused) encoder.releaseInput();
       });
     } finally {
       peer.uncork();
@@ -284,8 +309,10 @@ export class ChannelSender extends ChannelRelay {
     }
     if (type === FrameType.End) {
       // The destination closed the channel (QEMU does once it is done with it): so does the source's,
-      // and the peer hears what was read so far.
+      // and the peer hears what was read so far. The source is read on (what it still sends is dropped)
+      // so that its FIN is seen and the connection closes, though the codec may have paused it.
       this.source.end();
+      this.source.resume();
       this.endChannel();
       return;
     }
@@ -335,14 +362,22 @@ export class ChannelReceiver extends ChannelRelay {
   private decoder: ChannelDecoder | null = null;
   /** Compressed frames back into Literal bytes, when the main channel's handshake chose compression. */
   private readonly inflater: LiteralInflater | null;
+  /**
+   * The peer gateway's connection: as accepted until start(), then as this relay reads it (plain TCP:
+   * adopted by PooledReads). Adopted only once the channel has joined its group, so that a channel
+   * refused is closed through the socket the gateway holds.
+   */
+  private peer: Socket;
+  /** Bytes read before the connection was adopted (its Hello): taken first, once the destination answers. */
+  private early: Buffer | null = null;
 
   constructor(
     /** The peer gateway's connection, paused, its Hello put back. */
-    private readonly peer: Socket,
+    accepted: Socket,
     private readonly receiver: ChannelReceiverOptions,
   ) {
     super(receiver);
-    halfOpen(peer);
+    this.peer = accepted;
     this.inflater = receiver.group.compression === null ? null : new LiteralInflater();
     // The Hello (already checked) comes first again; Literal bytes pass through as they arrive.
     let hello = true;
@@ -358,8 +393,32 @@ export class ChannelReceiver extends ChannelRelay {
 
   /** Dials the destination once the main channel's destination has answered, then relays. Called once the channel has joined its group. */
   start(): void {
-    this.readPeer(this.peer, this.frames, 'the sending gateway');
+    // Plain TCP is read into reused buffers, as the main channel is (a TLS socket decrypts into buffers of
+    // its own): Literal bytes reach the destination as views of them, a buffer is read into again only
+    // once the destination has written them, and the frame parser and codec copy what they keep.
+    // Nothing is read before the destination answers.
+    const accepted = this.peer;
+    if (accepted instanceof TLSSocket) {
+      accepted.pause();
+      accepted.on('data', (chunk: Buffer) => this.onPeerData(chunk, false));
+    } else {
+      const reads = new PooledReads(accepted, laterDownstream(() => this.destination), (chunk) => this.onPeerData(chunk, reads.pooled), true);
+      this.peer = reads.socket;
+      this.peer.pause();
+      this.early = reads.takeEarly();
+    }
+    halfOpen(this.peer);
+    this.watchPeer(this.peer, this.frames, 'the sending gateway');
     this.whenReady((multifd) => this.dial(multifd));
+  }
+
+  /** reused: the chunk's buffer is read into again once this returns. */
+  private onPeerData(chunk: Buffer, reused: boolean): void {
+    this.fromPeer(this.frames, chunk);
+    if (reused) {
+      this.frames.ownRetained();
+      this.decoder?.releaseInput();
+    }
   }
 
   private dial(multifd: MultifdMigration | null): void {
@@ -380,7 +439,10 @@ export class ChannelReceiver extends ChannelRelay {
     destination.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail(`${this.label}: destination ${group.target} did not answer in time`));
     destination.once('connect', () => {
       destination.setTimeout(0);
-      this.peer.resume();
+      const early = this.early;
+      this.early = null;
+      if (early !== null) this.onPeerData(early, false);
+      this.readPeerOn();
     });
     destination.on('drain', () => this.readPeerOn());
     // Verbatim for now: a QEMU sends nothing back on these channels today.

@@ -29,6 +29,26 @@ export interface PooledDownstream {
   write(chunk: Uint8Array, callback: (err?: Error | null) => void): boolean;
 }
 
+/**
+ * A downstream socket dialled after the reads were set up: until it exists nothing is written to it (its
+ * queue reads as empty, so every buffer is free, and no marker is written: PooledReads writes one only
+ * behind queued bytes).
+ */
+export function laterDownstream(socket: () => Socket | null): PooledDownstream {
+  return {
+    get writableLength(): number {
+      return socket()?.writableLength ?? 0;
+    },
+    get writableEnded(): boolean {
+      return socket()?.writableEnded ?? false;
+    },
+    get destroyed(): boolean {
+      return socket()?.destroyed ?? false;
+    },
+    write: (chunk, callback) => (socket() as Socket).write(chunk, callback),
+  };
+}
+
 /** Lent buffers that make it worth queuing a marker write to get them back. */
 const MARK_AFTER_BUFFERS = 2;
 const EMPTY = Buffer.alloc(0);

@@ -39,7 +39,7 @@ import {
 } from '../wire/frames';
 import { chooseCompression, LiteralInflater } from '../wire/compression';
 import { Refusal, type RefusalReason } from './limits';
-import { type PooledDownstream, PooledReads } from './pooled-reads';
+import { laterDownstream, PooledReads } from './pooled-reads';
 import { errorMessage } from '../common/errors';
 import { IdleWatch, peerText, type SessionObserver, TABLE_FRAME_BYTES } from './session';
 import { checkedMove, type PhaseMoves, SessionLifecycle } from './session-lifecycle';
@@ -144,22 +144,7 @@ export class ReceiveSession {
     let pooled = false;
     let peer = accepted;
     if (!(accepted instanceof TLSSocket)) {
-      const session = this;
-      // Before the destination is dialled nothing is written to it: its queue is empty, every buffer
-      // free, and no marker is written (PooledReads writes one only behind queued bytes).
-      const destination: PooledDownstream = {
-        get writableLength(): number {
-          return session.destination?.socket.writableLength ?? 0;
-        },
-        get writableEnded(): boolean {
-          return session.destination?.socket.writableEnded ?? false;
-        },
-        get destroyed(): boolean {
-          return session.destination?.socket.destroyed ?? false;
-        },
-        write: (chunk, callback) => (session.destination as DestinationWriter).socket.write(chunk, callback),
-      };
-      const reads = new PooledReads(accepted, destination, (chunk) => this.onPeerData(chunk, reads.pooled), false);
+      const reads = new PooledReads(accepted, laterDownstream(() => this.destination?.socket ?? null), (chunk) => this.onPeerData(chunk, reads.pooled), false);
       pooled = reads.pooled;
       peer = reads.socket;
       const early = reads.takeEarly();

@@ -30,6 +30,8 @@ interface ParkingCodec {
 export interface ChannelEncoder extends ParkingCodec {
   /** Throws on malformed input. */
   push(chunk: Buffer): void;
+  /** The chunk last pushed is about to be read into again: whatever the codec keeps of it, it copies. */
+  releaseInput(): void;
   /** The source closed the channel: `ended` once every byte pushed has gone out (the End may go). */
   end(ended: () => void): void;
   /** Bytes read from the source. */
@@ -41,6 +43,8 @@ export interface ChannelEncoder extends ParkingCodec {
 /** The receiving side: frames in, the channel's bytes out to the destination. */
 export interface ChannelDecoder extends ParkingCodec {
   literal(payload: Buffer): void;
+  /** The Literal bytes last given are about to be read into again: whatever the codec keeps of them, it copies. */
+  releaseInput(): void;
   run(payload: Buffer): void;
   /** The sender's End: throws unless the channel was rebuilt whole; `ended` once that has been checked. */
   end(streamBytes: number, streamCheck: string, ended: () => void): void;
@@ -87,6 +91,9 @@ export class VerbatimChannelEncoder implements ChannelEncoder {
     this.frames.literal(chunk);
   }
 
+  /** Nothing is kept past a push. */
+  releaseInput(): void {}
+
   end(ended: () => void): void {
     ended();
   }
@@ -112,6 +119,9 @@ export class VerbatimChannelDecoder implements ChannelDecoder {
     this.tally.add(payload);
     this.output(payload);
   }
+
+  /** Nothing is kept past a frame. */
+  releaseInput(): void {}
 
   run(): void {
     throw new Error('a Run on a channel relayed verbatim');

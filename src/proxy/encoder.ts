@@ -224,21 +224,10 @@ export class StreamEncoder {
 
   /** Replaces the views still held (the record being read, at most a page or so) by one copy. */
   private ownHeld(): void {
-    const held = this.held;
-    if (held.chunks.length === 0) return;
+    if (this.held.chunks.length === 0) return;
     // What has gone of the first chunk is dropped here: hash it first.
     this.hashConsumedHead();
-    const from = held.from;
-    const copy = Buffer.allocUnsafe(this.pushedEnd - from);
-    let at = 0;
-    let chunkStart = held.chunkStart;
-    for (const chunk of held.chunks) {
-      const start = Math.max(0, from - chunkStart);
-      at += chunk.copy(copy, at, start);
-      chunkStart += chunk.length;
-    }
-    held.chunks = [copy];
-    held.chunkStart = from;
+    this.held.own(this.pushedEnd);
   }
 
   end(): void {

@@ -15,6 +15,24 @@ export class HeldInput {
   }
 
   /**
+   * Replaces the views still held, [from, end), by one copy: for an encoder whose caller reuses its
+   * chunk buffers once a push has returned (what it holds then is a record being read, a page or so).
+   * What was let go of is dropped with them: a caller that hashes it must do so first.
+   */
+  own(end: number): void {
+    if (this.chunks.length === 0) return;
+    const copy = Buffer.allocUnsafe(end - this.from);
+    let at = 0;
+    let chunkStart = this.chunkStart;
+    for (const chunk of this.chunks) {
+      at += chunk.copy(copy, at, Math.max(0, this.from - chunkStart));
+      chunkStart += chunk.length;
+    }
+    this.chunks = [copy];
+    this.chunkStart = this.from;
+  }
+
+  /**
    * Lets go of [from, to): each piece to `send`, unless it is null (a Run stands for them); each chunk
    * let go of whole to `dropped`, with its stream offset, as it is forgotten.
    */

@@ -73,6 +73,14 @@ export class MultifdDecoder extends MultifdChannel {
     this.frame(false, bytes);
   }
 
+  /**
+   * The buffer of the Literal bytes last given is about to be read into again (pooled socket reads):
+   * what a parser parked at a SYNC has not read of them is copied. Frames queued while parked are copies.
+   */
+  releaseInput(): void {
+    this.parser.ownInput();
+  }
+
   run(payload: Buffer): void {
     this.frame(true, payload);
   }

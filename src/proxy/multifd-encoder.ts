@@ -84,11 +84,22 @@ export class MultifdEncoder extends MultifdChannel {
     this.streamHash.update(chunk);
     this.held.push(chunk);
     if (this.parked) {
-      this.queued.push(chunk);
+      // A copy: the caller may read into the chunk's buffer again (see releaseInput).
+      this.queued.push(Buffer.from(chunk));
       return;
     }
     this.parse(chunk);
     this.migration.settle();
+  }
+
+  /**
+   * The chunk last pushed is about to be read into again (pooled socket reads): what the codec keeps of
+   * it, it copies. The bytes not let go of yet (a page being read, a packet header before its pages) and
+   * what a parser parked at a SYNC has not read; a chunk queued while parked is a copy already.
+   */
+  releaseInput(): void {
+    this.held.own(this.counts.streamBytes);
+    this.parser.ownInput();
   }
 
   /**

@@ -76,6 +76,18 @@ export class ByteCursor {
     return this.carried;
   }
 
+  /**
+   * Makes the unread rest of the current chunk a copy of its own (the cursor reads on in it as before):
+   * for a reader whose caller reuses its chunk buffers once a push has returned, and which may stop
+   * mid-chunk (a paused parser). Fields already taken are not kept: they were read during the push.
+   */
+  ownUnread(): void {
+    const rest = this.pos < this.current.length ? Buffer.from(this.current.subarray(this.pos)) : EMPTY;
+    this.base += this.pos;
+    this.current = rest;
+    this.pos = 0;
+  }
+
   /** Consumes the current chunk up to `index`; the bytes are handed on as views by the caller. */
   moveTo(index: number): void {
     this.pos = index;

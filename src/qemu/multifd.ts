@@ -205,6 +205,14 @@ export class MultifdParser {
     this.guarded();
   }
 
+  /**
+   * Copies what is left unread of the last chunk (a paused parser's rest, read on by resume()): for a
+   * caller that reuses its chunk buffers once push() has returned.
+   */
+  ownInput(): void {
+    this.input.ownUnread();
+  }
+
   /** Called from the sink on a PacketEnd record: parsing stops after that packet. */
   pause(): void {
     this.paused = true;

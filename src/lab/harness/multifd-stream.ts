@@ -143,13 +143,17 @@ export interface ChannelFrames {
  * (a parked channel's input waits in its codec), or with `interleave` a piece of each in turn, then
  * every channel's frames to its decoder in `decodeOrder` (default: the same). Returns the rebuilt channels (empty with `discardOutput`, for
  * benchmarks) and both sides' codecs.
+ *
+ * With `reuseInput`, each codec is fed as a gateway reading into reused buffers feeds it: every piece is
+ * copied into one buffer, pushed, released (releaseInput), and the buffer is then overwritten; what the
+ * codecs hand on is copied at once (a gateway writes it to a socket that holds the buffer meanwhile).
  */
 export function multifdRoundTrip(
   channels: readonly Buffer[],
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean } = {},
+  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -158,15 +162,29 @@ export function multifdRoundTrip(
   // No main channel here: nothing on it for a Run to wait for.
   sending.endMain();
   sending.receiverTable = sender.reference === null ? null : new ReceiverTable(sender.reference);
+  const reuse = options.reuseInput === true;
+  // Without reuseInput, views of the channels' bytes, which nothing changes: no copy is needed.
+  const keep = (bytes: Buffer): Buffer => (reuse ? Buffer.from(bytes) : bytes);
   const sent: ChannelFrames[] = channels.map(() => ({ frames: [], streamBytes: 0, streamCheck: '' }));
   const encoders = sent.map(
     (out) =>
       new MultifdEncoder(
-        // Views of the channels' bytes, which nothing changes: no copy is needed.
-        { literal: (bytes) => out.frames.push({ run: false, payload: bytes }), run: (payload) => out.frames.push({ run: true, payload }) },
+        { literal: (bytes) => out.frames.push({ run: false, payload: keep(bytes) }), run: (payload) => out.frames.push({ run: true, payload: keep(payload) }) },
         sending,
       ),
   );
+  let scratch = Buffer.alloc(chunk);
+  /** Gives `bytes` to `take`, through the one reused buffer when reuseInput asks for it. */
+  const feed = (bytes: Buffer, take: (piece: Buffer) => void, release: () => void): void => {
+    if (!reuse) return take(bytes);
+    if (bytes.length > scratch.length) scratch = Buffer.alloc(bytes.length);
+    const piece = scratch.subarray(0, bytes.length);
+    bytes.copy(piece);
+    take(piece);
+    release();
+    piece.fill(0xa5);
+  };
+  const push = (c: number, bytes: Buffer): void => feed(bytes, (piece) => encoders[c].push(piece), () => encoders[c].releaseInput());
   let ended = 0;
   // A channel closes as soon as its bytes are in; one parked at its last SYNC ends when let go.
   const end = (c: number): void =>
@@ -178,12 +196,12 @@ export function multifdRoundTrip(
   if (options.interleave) {
     const longest = Math.max(...channels.map((b) => b.length));
     for (let at = 0; at < longest; at += chunk) {
-      for (const c of order) if (at < channels[c].length) encoders[c].push(channels[c].subarray(at, at + chunk));
+      for (const c of order) if (at < channels[c].length) push(c, channels[c].subarray(at, at + chunk));
     }
     order.forEach(end);
   } else {
     for (const c of order) {
-      for (let at = 0; at < channels[c].length; at += chunk) encoders[c].push(channels[c].subarray(at, at + chunk));
+      for (let at = 0; at < channels[c].length; at += chunk) push(c, channels[c].subarray(at, at + chunk));
       end(c);
     }
   }
@@ -193,11 +211,11 @@ export function multifdRoundTrip(
   receiving.endMain();
   const rebuilt: Buffer[][] = channels.map(() => []);
   // The decoder hands over buffers of its own, or views of the frames', which nothing changes.
-  const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => options.discardOutput || out.push(bytes), receiving));
+  const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => options.discardOutput || out.push(keep(bytes)), receiving));
   for (const c of options.decodeOrder ?? order) {
     for (const frame of sent[c].frames) {
       if (frame.run) decoders[c].run(frame.payload);
-      else decoders[c].literal(frame.payload);
+      else feed(frame.payload, (piece) => decoders[c].literal(piece), () => decoders[c].releaseInput());
     }
     decoders[c].end(sent[c].streamBytes, sent[c].streamCheck);
   }
