@@ -3,6 +3,7 @@
  * fed in socket-sized chunks. Usage: node dist/bench/parse.js [GiB=2] [chunkKiB=256] [runs=5]
  */
 import { performance } from 'node:perf_hooks';
+import { median } from '../src/common/median';
 import { DIGEST_BYTES, digestOne, digestPages } from '../src/digest';
 import { RecordKind, StreamParser, type StreamRecord } from '../src/qemu';
 import { X86_PAGE_SIZE } from '../src/qemu/constants';
@@ -15,11 +16,6 @@ const runs = Number(process.argv[4] ?? 5);
 const t0 = performance.now();
 const { stream, pages } = syntheticStream(gib);
 console.log(`stream: ${(stream.length / 2 ** 30).toFixed(2)} GiB, ${pages.toLocaleString('en-US')} pages, built in ${((performance.now() - t0) / 1000).toFixed(1)} s; chunks of ${chunkBytes / 1024} KiB`);
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)];
-}
 
 /** Parses the stream; `onChunkPages` sees each chunk's in-chunk page offsets once the chunk is parsed. */
 function parseOnce(withDigest: boolean): { seconds: number; counted: number; checksum: number } {
