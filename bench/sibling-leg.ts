@@ -118,7 +118,7 @@ async function leg(s: Setup, label: string, seed: number, pair: [Site, Site], ro
 function line(l: Leg, direct: Leg | null): string {
   const ratio = direct ? ` = ${(l.wanBytes / direct.wanBytes).toFixed(3)}× direct` : '';
   const r = l.report;
-  const pages = r ? `; zstd saved ${(r.compressionSavedBytes / MiB).toFixed(1)} MiB; pages: ${r.pagesSent} whole, ${r.pagesSibling} from the sibling, ${r.pagesMatched} matched within the VM, ${r.pagesReused} reused, ${r.pagesZero} zero` : '';
+  const pages = r ? `; zstd saved ${(r.compressionSavedBytes / MiB).toFixed(1)} MiB; pages: ${r.pagesSent} whole, ${r.pagesSibling} from the sibling, ${r.pagesMatched} matched within the VM, ${r.pagesDelta} deltas, ${r.pagesReused} reused, ${r.pagesZero} zero` : '';
   return `  ${l.label.padEnd(34)} ${(l.wanBytes / MiB).toFixed(1).padStart(7)} MiB in ${l.seconds.toFixed(1).padStart(5)} s${ratio}${pages}${l.verified ? '' : ', guest NOT VERIFIED'}`;
 }
 
@@ -142,7 +142,7 @@ async function runAt(s: Setup, seeds: [number, number]): Promise<void> {
     const r = sibling.report;
     if (r) {
       const normal = r.pagesSent + r.pagesSibling + r.pagesMatched + r.pagesReused + r.pagesDelta;
-      console.log(`  of B's ${normal} normal pages: ${((r.pagesSibling / normal) * 100).toFixed(1)}% from the sibling, ${((r.pagesMatched / normal) * 100).toFixed(1)}% within the VM, ${((r.pagesSent / normal) * 100).toFixed(1)}% held nowhere (sent whole, compressed where the WAN set the pace)`);
+      console.log(`  of B's ${normal} normal pages: ${((r.pagesSibling / normal) * 100).toFixed(1)}% from the sibling, ${((r.pagesMatched / normal) * 100).toFixed(1)}% within the VM, ${((r.pagesDelta / normal) * 100).toFixed(1)}% as deltas (against a page like it, or its own older version), ${((r.pagesSent / normal) * 100).toFixed(1)}% held nowhere (sent whole, compressed where the WAN set the pace)`);
     }
   } finally {
     for (const site of pair) {

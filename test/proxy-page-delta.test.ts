@@ -2,7 +2,10 @@ import * as path from 'node:path';
 import { DIGEST_BYTES } from '../src/digest';
 import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
 import { StreamEncoder } from '../src/proxy/encoder';
+import { MultifdMigration } from '../src/proxy/multifd-migration';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, encodePageDelta, MAX_DELTA_BYTES } from '../src/proxy/page-delta';
+import { RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceKey } from '../src/proxy/resemblance-cache';
+import { digestOne, digestWords, newDigestBuffer } from '../src/digest';
 import { PageStore } from '../src/store';
 import { FRAME_HEADER_BYTES } from '../src/wire/frames';
 import { dirty, guestMemory, migrationStream, PAGE, patchPages } from '../src/lab/harness/migration-stream';
@@ -88,8 +91,12 @@ const LAYOUT: [string, number][] = [
   ['0000:00:02.0/vga.vram', 64],
 ];
 
-/** One migration through an encoder and a decoder over frames; returns the rebuilt stream and WAN bytes. */
-function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void, readsFree = true) {
+/**
+ * One migration through an encoder and a decoder over frames; returns the rebuilt stream and WAN bytes.
+ * `multifdChannels`: the encoder is given a MultifdMigration, as a sending gateway's always is, expecting
+ * that many channels (none join here).
+ */
+function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void, readsFree = true, multifdChannels?: number) {
   let wan = 0;
   const out: Buffer[] = [];
   const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), receiver);
@@ -111,10 +118,14 @@ function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas:
       },
     },
     sender,
-    () => {
+    (layout) => {
       encoder.reference = sender.digests;
       encoder.deltas = deltas;
       encoder.deltaReadsFree = readsFree;
+      if (multifdChannels !== undefined) {
+        encoder.multifd = new MultifdMigration(sender, multifdChannels);
+        encoder.multifd.begin(layout);
+      }
     },
   );
   for (let at = 0; at < stream.length; at += 50_000) encoder.push(stream.subarray(at, at + 50_000));
@@ -215,6 +226,75 @@ describe('Delta frames between an encoder and a decoder', () => {
     expect(leg.encoder.counts.pagesSent).toBeGreaterThanOrEqual(nonZero);
   });
 
+  /** Pages 500..599 become pages 100..199 with a 16-byte header of their own, as a heap copy of a file page. */
+  function copiesWithHeaders(memory: ReturnType<typeof guestMemory>): number[] {
+    const copies: number[] = [];
+    for (let i = 0; i < 100; i++) {
+      const page = Buffer.from(memory.pages[100 + i]);
+      if (resemblanceKey(page, 0) === 0) continue; // a zero page resembles nothing
+      page.writeUInt32LE(0x574b4c44, 0);
+      page.writeUInt32LE(500 + i, 4);
+      page.writeUInt32LE(7, 8);
+      memory.pages[500 + i] = page;
+      copies.push(500 + i);
+    }
+    return copies;
+  }
+
+  test.each([
+    ['', undefined],
+    [', with a multifd migration no channel joins (as a gateway runs the main channel)', 0],
+  ])('a page like another one the receiver holds (a few bytes apart) goes as a delta against that page, on a first leg too%s', (_how, multifdChannels) => {
+    const memory = guestMemory(LAYOUT, 10);
+    const copies = copiesWithHeaders(memory);
+    expect(copies.length).toBeGreaterThan(50);
+    const a = PageStore.open(path.join(root, 'a'), 'vm');
+    const b = PageStore.open(path.join(root, 'b'), 'vm');
+    const stream = migrationStream(memory, []);
+    const leg = migrate(stream, a, b, true, undefined, true, multifdChannels);
+    expect(leg.rebuilt.equals(stream)).toBe(true);
+    expect(Buffer.from(a.digests).equals(Buffer.from(b.digests))).toBe(true);
+    expect(leg.encoder.counts.pagesDelta).toBeGreaterThanOrEqual(copies.length);
+    expect(leg.decoder.counts.pagesDelta).toBe(leg.encoder.counts.pagesDelta);
+    expect(leg.decoder.counts.pagesMatched).toBe(leg.encoder.counts.pagesMatched);
+    const page = Buffer.alloc(PAGE);
+    b.readPages(copies[7], 1, page, 0);
+    expect(page.equals(memory.pages[copies[7]])).toBe(true);
+    // Without them the copies cross whole: each costs a page, as a delta well under a tenth of one.
+    const plain = migrate(stream, PageStore.open(path.join(root, 'a2'), 'vm'), PageStore.open(path.join(root, 'b2'), 'vm'), false);
+    expect(plain.rebuilt.equals(stream)).toBe(true);
+    expect(plain.wan - leg.wan).toBeGreaterThan(0.9 * copies.length * PAGE);
+  });
+
+  test('with multifd channels, a page like another goes whole: a channel could change the base at the receiver first', () => {
+    const memory = guestMemory(LAYOUT, 10);
+    const copies = copiesWithHeaders(memory);
+    const stream = migrationStream(memory, []);
+    const leg = migrate(stream, PageStore.open(path.join(root, 'a'), 'vm'), PageStore.open(path.join(root, 'b'), 'vm'), true, undefined, true, 2);
+    expect(leg.rebuilt.equals(stream)).toBe(true);
+    expect(leg.encoder.counts.pagesDelta).toBe(0);
+    expect(leg.encoder.counts.pagesSent).toBeGreaterThanOrEqual(copies.length);
+  });
+
+  test('while store reads are not free, a page like another goes whole', () => {
+    const memory = guestMemory(LAYOUT, 10);
+    const copies = copiesWithHeaders(memory);
+    const stream = migrationStream(memory, []);
+    const leg = migrate(stream, PageStore.open(path.join(root, 'a'), 'vm'), PageStore.open(path.join(root, 'b'), 'vm'), true, undefined, false);
+    expect(leg.rebuilt.equals(stream)).toBe(true);
+    expect(leg.encoder.counts.pagesDelta).toBe(0);
+    expect(leg.encoder.counts.pagesSent).toBeGreaterThanOrEqual(copies.length);
+  });
+
+  test('a delta against a page like it, damaged on the way, fails the migration', () => {
+    const memory = guestMemory(LAYOUT, 10);
+    copiesWithHeaders(memory);
+    const stream = migrationStream(memory, []);
+    const a = PageStore.open(path.join(root, 'a'), 'vm');
+    const b = PageStore.open(path.join(root, 'b'), 'vm');
+    expect(() => migrate(stream, a, b, true, (p) => (p[p.length - 1] ^= 1))).toThrow(/does not rebuild/);
+  });
+
   test.each([
     ['names a version the receiver does not hold', (p: Buffer) => void (p[DELTA_BASE_DIGEST_AT] ^= 1), /does not hold/],
     ['names a page outside the layout', (p: Buffer) => void p.writeUInt32BE(0xffffff, 0), /outside the RAM layout/],
@@ -225,5 +305,70 @@ describe('Delta frames between an encoder and a decoder', () => {
     patchPages(memory, 0.05, 16, 14);
     const stream = migrationStream(memory, []);
     expect(() => migrate(stream, b, a, true, tamper)).toThrow(message);
+  });
+});
+
+describe('resemblance keys and index', () => {
+  test('pages alike in their sample share a key; a sample of one repeated word names nothing', () => {
+    const next = lcg(21);
+    const page = randomPage(next);
+    const like = Buffer.from(page);
+    like.fill(0xab, 0, 64); // another header
+    like.fill(0xcd, PAGE - 64); // and another end
+    expect(resemblanceKey(page, 0)).not.toBe(0);
+    expect(resemblanceKey(like, 0)).toBe(resemblanceKey(page, 0));
+    const other = Buffer.from(page);
+    other[RESEMBLANCE_AT + 5] ^= 1;
+    expect(resemblanceKey(other, 0)).not.toBe(resemblanceKey(page, 0));
+    // At an offset within a larger buffer, as a record's page is.
+    const framed = Buffer.concat([Buffer.alloc(13), page]);
+    expect(resemblanceKey(framed, 13)).toBe(resemblanceKey(page, 0));
+    expect(resemblanceKey(Buffer.alloc(PAGE), 0)).toBe(0);
+    expect(resemblanceKey(Buffer.alloc(PAGE, 0x5a), 0)).toBe(0);
+  });
+
+  test('the cache gives the entry last added with a key, holding that page, its content and its digest', () => {
+    const cache = new ResemblanceCache(5000, PAGE);
+    const next = lcg(22);
+    const pages = Array.from({ length: 300 }, () => randomPage(next));
+    const keys = pages.map((p) => resemblanceKey(p, 0));
+    const digest = newDigestBuffer();
+    const words = digestWords(digest);
+    pages.forEach((p, page) => {
+      digestOne(p, 0, PAGE, digest, 0);
+      cache.add(keys[page], page, p, 0, words, 0);
+    });
+    let found = 0;
+    keys.forEach((key, page) => {
+      const entry = cache.find(key);
+      // A later key of the same bucket may have taken its entry; a hit is always a page added with that key.
+      if (entry < 0) return;
+      const held = cache.pageOf(entry);
+      expect(keys[held]).toBe(key);
+      expect(cache.content().subarray(entry * PAGE, (entry + 1) * PAGE).equals(pages[held])).toBe(true);
+      digestOne(pages[held], 0, PAGE, digest, 0);
+      expect(Buffer.from(cache.digests.subarray(entry * DIGEST_BYTES, (entry + 1) * DIGEST_BYTES)).equals(digest)).toBe(true);
+      if (held === page) found++;
+    });
+    expect(found).toBeGreaterThan(250);
+    // Another page of the same key takes the entry: any page of a key serves.
+    const like = Buffer.from(pages[0]);
+    like.fill(1, 0, 16);
+    cache.add(keys[0], 4000, like, 0, words, 0);
+    expect(cache.pageOf(cache.find(keys[0]))).toBe(4000);
+    expect(cache.find(0)).toBe(-1);
+  });
+
+  test('the cache is bounded: no more entries than RESEMBLANCE_CACHE_PAGES, whatever the guest', () => {
+    const cache = new ResemblanceCache(10_000_000, PAGE);
+    const next = lcg(23);
+    const page = randomPage(next);
+    const words = new Uint32Array(4);
+    for (let i = 0; i < 3 * RESEMBLANCE_CACHE_PAGES; i++) {
+      page.writeUInt32LE(next(), RESEMBLANCE_AT);
+      cache.add(resemblanceKey(page, 0), i, page, 0, words, 0);
+    }
+    expect(cache.content().length).toBe(RESEMBLANCE_CACHE_PAGES * PAGE);
+    expect(cache.digests.length).toBe(RESEMBLANCE_CACHE_PAGES * DIGEST_BYTES);
   });
 });

@@ -176,8 +176,8 @@ export class StreamDecoder {
     const store = this.retainer.store;
     if (!store) throw new RebuildError('Delta frame, but this gateway keeps no store');
     this.patch(payload, store, null);
-    const base = payload.readUInt32BE(4);
-    if (base === payload.readUInt32BE(0)) this.counts.pagesDelta++;
+    // Ranges make it a delta, against this page's held version or a page like it; none, a content match.
+    if (payload.length > DELTA_HEADER_BYTES || payload.readUInt32BE(4) === payload.readUInt32BE(0)) this.counts.pagesDelta++;
     else this.counts.pagesMatched++;
   }
 

@@ -5,6 +5,7 @@ import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord 
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
 import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { ContentIndex } from './content-index';
+import { resemblanceKey, ResemblanceCache } from './resemblance-cache';
 import type { SiblingMatch } from './sibling-match';
 import { HeldInput } from './held-input';
 import { Claim, type MultifdMigration } from './multifd-migration';
@@ -25,6 +26,11 @@ export interface EncoderSink {
 
 /** A page crosses 100 Mbit/s in 330 µs: a store read slower than this costs more than the bytes a delta saves. */
 const DELTA_READ_BUDGET_US = 250;
+
+/** rangesFrom(): the page differs from the base in more than MAX_DELTA_BYTES. */
+const NO_DELTA = -1;
+/** rangesFrom(): this store does not hold the receiver's version of the base, or reading it costs too much now. */
+const NOT_READ = -2;
 
 /** The digest of a page the receiver does not hold, as words. */
 const ABSENT = new Uint32Array(DIGEST_WORDS);
@@ -84,6 +90,13 @@ export class StreamEncoder {
   private deltaReadUs = 0;
   private deltaProbe = 0;
   private contentIndex: ContentIndex | null = null;
+  /** Pages sent lately, by a sample of their content: bases for deltas of pages like them elsewhere. */
+  private resemblance: ResemblanceCache | null = null;
+  /** The resemblance key of the page onPage() is on (0: none, or not looked for). */
+  private pageKey = 0;
+  /** Resemblance candidates to pass over before trying one again, as deltaSkip. */
+  private resemblanceSkip = 0;
+  private resemblanceMisses = 0;
   /** The reference the content index was built over. */
   private indexed: Uint32Array | null = null;
   readonly counts: TransferCounts = newCounts();
@@ -296,7 +309,6 @@ export class StreamEncoder {
   private onPage(record: RamPageRecord): void {
     const retainer = this.retainer;
     const known = retainer.digestOf(record);
-    const at = record.pageIndex * DIGEST_BYTES;
     const word = record.pageIndex * DIGEST_WORDS;
     const reference = this.receiverTable?.bytes ?? null;
     const words = this.receiverTable?.words ?? null;
@@ -305,13 +317,18 @@ export class StreamEncoder {
     const claim = this.multifd === null ? Claim.First : this.multifd.mainPage(record.pageIndex);
     const nameable = record.kind === RecordKind.RamPage && words !== null && claim === Claim.First;
     const held = nameable && sameDigestWords(words, word, retainer.digestWords, 0);
+    // Resemblance is looked for within the main channel's stream only (a multifd channel could change a
+    // base at the receiver between this side's look at it and the Delta's arrival), and only while store
+    // reads are free: a delta against another page costs the receiver a read, and keeping the pages sent
+    // in the cache a copy of each.
+    this.pageKey = nameable && !held && this.deltas && this.deltaReadsFree && (this.multifd === null || this.multifd.mainOnly) ? resemblanceKey(record.data, record.dataStart) : 0;
     if (record.kind === RecordKind.RamZero) {
       this.counts.pagesZero++;
       this.addToRun(false, record);
     } else if (held) {
       this.counts.pagesReused++;
       this.addToRun(true, record);
-    } else if (nameable && this.deltas && this.sendDelta(record, reference as Uint8Array, words, at)) {
+    } else if (nameable && this.deltas && this.sendDelta(record, reference as Uint8Array, words)) {
       // sent as a delta
     } else {
       this.closeRun();
@@ -327,14 +344,20 @@ export class StreamEncoder {
     // The receiver now holds this version of the page (or, for encoded pages, nothing we can name).
     if (words !== null && reference !== storeTable) words.set(known ? retainer.digestWords : ABSENT, word);
     if (known && record.kind === RecordKind.RamPage && this.contentIndex !== null) this.contentIndex.add(record.pageIndex, retainer.digestWords, 0);
+    if (this.pageKey !== 0 && known && this.layout !== null) {
+      this.resemblance ??= new ResemblanceCache(this.layout.pageCount, X86_PAGE_SIZE);
+      this.resemblance.add(this.pageKey, record.pageIndex, record.data, record.dataStart, retainer.digestWords, 0);
+    }
   }
 
   /**
    * Sends the page as a Delta: as a reference to another page the receiver holds with the same content,
-   * or as the ranges that changed from the version of this page the receiver holds, when this site's
-   * store holds that same version and they are few. False when the page must go whole.
+   * as the ranges that changed from the version of this page the receiver holds (when this site's store
+   * holds that same version), or as the ranges that differ from a page sent lately that the receiver
+   * still holds and that resembles it (resemblance-cache.ts), when the ranges are few. False when the
+   * page must go whole.
    */
-  private sendDelta(record: RamPageRecord, reference: Uint8Array, words: Uint32Array, at: number): boolean {
+  private sendDelta(record: RamPageRecord, reference: Uint8Array, words: Uint32Array): boolean {
     const page = record.pageIndex;
     const digest = this.retainer.digest;
     const digestWords = this.retainer.digestWords;
@@ -355,37 +378,76 @@ export class StreamEncoder {
         return true;
       }
     }
-    const store = this.retainer.store;
-    if (store === null || isAbsentDigest(words, page * DIGEST_WORDS)) return false;
-    if (this.deltaSkip > 0) {
-      this.deltaSkip--;
+    if (this.retainer.store !== null && !isAbsentDigest(words, page * DIGEST_WORDS)) {
+      if (this.deltaSkip > 0) {
+        this.deltaSkip--;
+      } else {
+        const length = this.rangesFrom(record, page, reference);
+        if (length >= 0) {
+          this.deltaMisses = 0;
+          this.emitDelta(page, page, this.baseDigest, 0, length, -1);
+          this.counts.pagesDelta++;
+          return true;
+        }
+        // Each miss in a row doubles the candidates passed over (up to 255): pseudo-random rewrites cost
+        // a few store reads, not one per page.
+        if (length === NO_DELTA) {
+          this.deltaMisses = Math.min(this.deltaMisses + 1, 8);
+          this.deltaSkip = (1 << this.deltaMisses) - 1;
+        }
+      }
+    }
+    // A page like one sent lately: the receiver reads the base as for a match, this side has it in memory.
+    const cache = this.resemblance;
+    if (!this.deltaReadsFree || this.pageKey === 0 || cache === null) return false;
+    const entry = cache.find(this.pageKey);
+    if (entry < 0) return false;
+    const base = cache.pageOf(entry);
+    // The receiver must still hold, at `base`, the very content kept here.
+    if (!sameDigestWords(words, base * DIGEST_WORDS, cache.digestWords, entry * DIGEST_WORDS)) return false;
+    if (this.resemblanceSkip > 0) {
+      this.resemblanceSkip--;
       return false;
     }
-    if (reference !== store.digests && !sameDigest(reference, at, store.digests, at)) return false;
+    const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);
+    const length = encodePageDelta(cache.content(), entry * X86_PAGE_SIZE, record.data, record.dataStart, X86_PAGE_SIZE, out, DELTA_HEADER_BYTES, MAX_DELTA_BYTES);
+    if (length < 0) {
+      // Misses in a row pass over more and more candidates, as for deltas against a page's own version.
+      this.resemblanceMisses = Math.min(this.resemblanceMisses + 1, 8);
+      this.resemblanceSkip = (1 << this.resemblanceMisses) - 1;
+      return false;
+    }
+    this.resemblanceMisses = 0;
+    this.emitDelta(page, base, cache.digests, entry * DIGEST_BYTES, length, -1);
+    this.counts.pagesDelta++;
+    return true;
+  }
+
+  /**
+   * Lays out in `deltaOut` the ranges by which the record's page differs from page `base` as the
+   * receiver holds it, read from this site's store into `basePage` (its digest in `baseDigest`).
+   * Returns their length; NO_DELTA when they are too many, NOT_READ when this store does not hold the
+   * receiver's version of `base` or a read now would cost too much.
+   */
+  private rangesFrom(record: RamPageRecord, base: number, reference: Uint8Array): number {
+    const store = this.retainer.store;
+    if (store === null) return NOT_READ;
+    const baseAt = base * DIGEST_BYTES;
+    if (reference !== store.digests && !sameDigest(reference, baseAt, store.digests, baseAt)) return NOT_READ;
     // Slow reads (a busy disk, a page still in the store's write queue) are tried again now and then.
-    if (!this.deltaReadsFree && this.deltaReadUs > DELTA_READ_BUDGET_US && (++this.deltaProbe & 63) !== 0) return false;
+    if (!this.deltaReadsFree && this.deltaReadUs > DELTA_READ_BUDGET_US && (++this.deltaProbe & 63) !== 0) return NOT_READ;
     const readAt = performance.now();
     try {
-      store.readPages(page, 1, this.basePage, 0);
+      store.readPages(base, 1, this.basePage, 0);
     } catch {
-      return false; // not readable here: the page goes whole
+      return NOT_READ; // not readable here: the page goes whole
     }
     this.deltaReadUs += ((performance.now() - readAt) * 1000 - this.deltaReadUs) / 8;
     digestOne(this.basePage, 0, X86_PAGE_SIZE, this.baseDigest, 0);
-    if (!sameDigest(this.baseDigest, 0, reference, at)) return false;
+    if (!sameDigest(this.baseDigest, 0, reference, baseAt)) return NOT_READ;
     const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);
     const length = encodePageDelta(this.basePage, 0, record.data, record.dataStart, X86_PAGE_SIZE, out, DELTA_HEADER_BYTES, MAX_DELTA_BYTES);
-    if (length < 0) {
-      // Each miss in a row doubles the candidates passed over (up to 255): pseudo-random rewrites cost
-      // a few store reads, not one per page.
-      this.deltaMisses = Math.min(this.deltaMisses + 1, 8);
-      this.deltaSkip = (1 << this.deltaMisses) - 1;
-      return false;
-    }
-    this.deltaMisses = 0;
-    this.emitDelta(page, page, this.baseDigest, 0, length, -1);
-    this.counts.pagesDelta++;
-    return true;
+    return length < 0 ? NO_DELTA : length;
   }
 
   /**

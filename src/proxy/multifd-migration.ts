@@ -226,6 +226,11 @@ export class MultifdMigration {
     return this.mainEnded || this.mainEpoch >= epoch;
   }
 
+  /** No multifd channel has joined, nor is one expected: the main channel carries every page so far. */
+  get mainOnly(): boolean {
+    return this.channels.length === 0 && this.expectedChannels === 0;
+  }
+
   get started(): boolean {
     return this.blocks.size > 0;
   }

@@ -1,0 +1,121 @@
+/**
+ * Pages that resemble each other: a page whose content is another page's with a few bytes changed, at
+ * another place of the guest's memory (a heap buffer holding a file page with a header of its own, a
+ * record copied and updated). Such a page goes as a Delta against that other page, when the receiver
+ * holds it and this side still has its content in memory (ResemblanceCache).
+ *
+ * Resemblance is judged by one sample of the page: RESEMBLANCE_BYTES at RESEMBLANCE_AT. Two pages
+ * whose samples are equal are candidates; the Delta's ranges (at most MAX_DELTA_BYTES) decide, so a
+ * candidate that differs more costs an encode, never a wrong page. A sample of one repeated 32-bit word
+ * (zeros, a fill pattern) names nothing: pages full of such runs are many and alike only there.
+ */
+
+/** Offset of the sample within a page: past the headers page-sized records often begin with. */
+export const RESEMBLANCE_AT = 2048;
+/** Bytes of the sample. */
+export const RESEMBLANCE_BYTES = 16;
+
+/**
+ * The page's resemblance key (a 32-bit mix of its sample), or 0 for none. Four 32-bit reads: cheap
+ * enough for every page a sending gateway sends.
+ */
+export function resemblanceKey(page: Buffer, pageStart: number): number {
+  const at = pageStart + RESEMBLANCE_AT;
+  const a = page.readUInt32LE(at);
+  const b = page.readUInt32LE(at + 4);
+  const c = page.readUInt32LE(at + 8);
+  const d = page.readUInt32LE(at + 12);
+  if (a === b && b === c && c === d) return 0;
+  const key = (Math.imul(a, 0x85ebca6b) ^ Math.imul(b ^ (b >>> 15), 0xc2b2ae35) ^ Math.imul(c, 0x27d4eb2f) ^ Math.imul(d ^ (d >>> 13), 0x165667b1)) >>> 0;
+  return key === 0 ? 1 : key;
+}
+
+/** Entries per bucket: a key is looked for in one bucket of four. */
+const WAYS = 4;
+/** Most pages a ResemblanceCache keeps: 32 MiB of page content. */
+export const RESEMBLANCE_CACHE_PAGES = 8192;
+
+/**
+ * Pages sent lately, by resemblance key: the bases a page like one of them is given as a Delta against,
+ * with no store read at the sender (a random read costs about as much as the page takes to cross a
+ * 100 Mbit/s link, and blocks the gateway meanwhile). Each entry keeps the page's content as it was
+ * sent, its page index and its digest: the receiver holds that content at that index only while its
+ * digest table (the encoder's reference) still says so, which the encoder checks before it names one.
+ *
+ * Buckets of four entries, the bucket chosen by the key; an entry for the same key is replaced (any
+ * page of a key serves), a full bucket gives up its entries in turn. At most RESEMBLANCE_CACHE_PAGES
+ * entries (fewer for a smaller guest), each 4 KiB of content and 24 bytes of key, page and digest,
+ * the content allocated at the first add: only on the sending gateway, only once it looks for
+ * resemblance, one per migration.
+ */
+export class ResemblanceCache {
+  /** Key and page of each entry side by side. */
+  private readonly entries: Uint32Array;
+  /** The digest of each entry's content, 16 bytes an entry. */
+  readonly digests: Uint8Array;
+  readonly digestWords: Uint32Array;
+  /** Each entry's content, 4 KiB an entry, allocated at the first add. */
+  private pages: Buffer = Buffer.alloc(0);
+  private readonly bucketMask: number;
+  private readonly capacity: number;
+  private victim = 0;
+
+  constructor(
+    /** Pages of the guest's RAM: a smaller guest gets a smaller cache. */
+    pageCount: number,
+    private readonly pageSize: number,
+  ) {
+    let capacity = 1024;
+    while (capacity < pageCount && capacity < RESEMBLANCE_CACHE_PAGES) capacity *= 2;
+    this.capacity = capacity;
+    this.entries = new Uint32Array(2 * capacity);
+    this.digests = new Uint8Array(16 * capacity);
+    this.digestWords = new Uint32Array(this.digests.buffer, this.digests.byteOffset, 4 * capacity);
+    this.bucketMask = capacity / WAYS - 1;
+  }
+
+  /**
+   * The receiver now holds, at `page`, the content at src[srcStart…] with this key (0: nothing to keep)
+   * and the digest at digestWords[digestAt…].
+   */
+  add(key: number, page: number, src: Buffer, srcStart: number, digestWords: Uint32Array, digestAt: number): void {
+    if (key === 0) return;
+    const entries = this.entries;
+    const first = (key & this.bucketMask) * WAYS;
+    let e = first;
+    while (e < first + WAYS && entries[2 * e] !== key && entries[2 * e] !== 0) e++;
+    if (e === first + WAYS) e = first + (this.victim++ & (WAYS - 1));
+    entries[2 * e] = key;
+    entries[2 * e + 1] = page;
+    const words = this.digestWords;
+    words[4 * e] = digestWords[digestAt];
+    words[4 * e + 1] = digestWords[digestAt + 1];
+    words[4 * e + 2] = digestWords[digestAt + 2];
+    words[4 * e + 3] = digestWords[digestAt + 3];
+    src.copy(this.contentBuffer(), e * this.pageSize, srcStart, srcStart + this.pageSize);
+  }
+
+  /** The entry holding a page with this key, or -1. */
+  find(key: number): number {
+    if (key === 0) return -1;
+    const entries = this.entries;
+    const first = (key & this.bucketMask) * WAYS;
+    for (let e = first; e < first + WAYS; e++) if (entries[2 * e] === key) return e;
+    return -1;
+  }
+
+  /** The page index the entry's content was sent for. */
+  pageOf(entry: number): number {
+    return this.entries[2 * entry + 1];
+  }
+
+  /** The buffer holding the entries' content, entry × pageSize on (empty until the first add). */
+  content(): Buffer {
+    return this.pages;
+  }
+
+  private contentBuffer(): Buffer {
+    if (this.pages.length === 0) this.pages = Buffer.allocUnsafe(this.capacity * this.pageSize);
+    return this.pages;
+  }
+}
