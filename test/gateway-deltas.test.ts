@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { migrateThroughPair, startPair, stopPair, type TestSite } from '../src/lab/harness/gateway-pair';
-import { dirty, guestMemory, migrationStream, PAGE, patchPages } from '../src/lab/harness/migration-stream';
+import { copiesWithHeaders, dirty, guestMemory, migrationStream, PAGE, patchPages } from '../src/lab/harness/migration-stream';
 
 const migrate = migrateThroughPair;
 
@@ -20,7 +20,7 @@ describe('page deltas through a gateway pair', () => {
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-deltas-'));
     // `deltas: always`: on loopback the WAN never sets the pace, and whether the store reads count as
     // quick is the machine's doing (`auto`, the default).
-    [a, b] = await startPair(tmp, ['deltas: always\n', 'deltas: always\n']);
+    [a, b] = await startPair(tmp, ['deltas: always\n', 'deltas: always\n'], undefined, [{ vm: 'vm1' }, { vm: 'vm2' }]);
   });
 
   afterAll(async () => {
@@ -57,5 +57,24 @@ describe('page deltas through a gateway pair', () => {
     // Both gateways' log lines say how many pages crossed as deltas, and what they took.
     expect(a.logs.some((l) => l.msg === 'migration completed' && l.direction === 'receive' && l.pagesDelta === leg2.sent.counts.pagesDelta && l.deltaBytes === leg2.sent.counts.deltaBytes)).toBe(true);
     expect(b.logs.some((l) => l.msg === 'migration completed' && l.direction === 'send' && l.pagesDelta === leg2.sent.counts.pagesDelta)).toBe(true);
+  });
+
+  test('a first leg: pages alike in all but a header cross as deltas against the first of them, byte for byte', async () => {
+    const memory = guestMemory([['pc.ram', 3000]], 22);
+    // Three copies of each of pages 0..499 further on, as a heap holding file pages thrice.
+    const copies = [...copiesWithHeaders(memory, 0, 1000, 500), ...copiesWithHeaders(memory, 0, 1500, 500), ...copiesWithHeaders(memory, 0, 2000, 500)];
+    const stream = migrationStream(memory, []);
+    const leg = await migrate(a, b, stream, 'vm2');
+    expect(leg.received.equals(stream)).toBe(true);
+    expect(leg.got.result).toBe('completed');
+    expect(leg.sent.counts.pagesDelta).toBeGreaterThanOrEqual(0.95 * copies.length);
+    expect(leg.got.counts.pagesDelta).toBe(leg.sent.counts.pagesDelta);
+    // Each copy costs its header's ranges and the Delta's digests, not a page.
+    expect(leg.sent.counts.deltaBytes).toBeLessThan(leg.sent.counts.pagesDelta * 80);
+    expect(leg.sent.wanBytesOut).toBeLessThan(stream.length - 0.9 * copies.length * PAGE);
+    // The receiving store holds every copy as the source sent it: the next leg back reuses them all.
+    const back = await migrate(b, a, stream, 'vm2');
+    expect(back.received.equals(stream)).toBe(true);
+    expect(back.sent.counts.pagesReused).toBeGreaterThanOrEqual(copies.length);
   });
 });

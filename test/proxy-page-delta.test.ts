@@ -8,7 +8,7 @@ import { RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceK
 import { digestOne, digestWords, newDigestBuffer } from '../src/digest';
 import { PageStore } from '../src/store';
 import { FRAME_HEADER_BYTES } from '../src/wire/frames';
-import { dirty, guestMemory, migrationStream, PAGE, patchPages } from '../src/lab/harness/migration-stream';
+import { copiesWithHeaders, dirty, guestMemory, migrationStream, PAGE, patchPages } from '../src/lab/harness/migration-stream';
 import { testTempDir } from './temp-dir';
 
 let root = '';
@@ -227,26 +227,14 @@ describe('Delta frames between an encoder and a decoder', () => {
   });
 
   /** Pages 500..599 become pages 100..199 with a 16-byte header of their own, as a heap copy of a file page. */
-  function copiesWithHeaders(memory: ReturnType<typeof guestMemory>): number[] {
-    const copies: number[] = [];
-    for (let i = 0; i < 100; i++) {
-      const page = Buffer.from(memory.pages[100 + i]);
-      if (resemblanceKey(page, 0) === 0) continue; // a zero page resembles nothing
-      page.writeUInt32LE(0x574b4c44, 0);
-      page.writeUInt32LE(500 + i, 4);
-      page.writeUInt32LE(7, 8);
-      memory.pages[500 + i] = page;
-      copies.push(500 + i);
-    }
-    return copies;
-  }
+  const copiesOf = (memory: ReturnType<typeof guestMemory>): number[] => copiesWithHeaders(memory, 100, 500, 100);
 
   test.each([
     ['', undefined],
     [', with a multifd migration no channel joins (as a gateway runs the main channel)', 0],
   ])('a page like another one the receiver holds (a few bytes apart) goes as a delta against that page, on a first leg too%s', (_how, multifdChannels) => {
     const memory = guestMemory(LAYOUT, 10);
-    const copies = copiesWithHeaders(memory);
+    const copies = copiesOf(memory);
     expect(copies.length).toBeGreaterThan(50);
     const a = PageStore.open(path.join(root, 'a'), 'vm');
     const b = PageStore.open(path.join(root, 'b'), 'vm');
@@ -268,7 +256,7 @@ describe('Delta frames between an encoder and a decoder', () => {
 
   test('with multifd channels, a page like another goes whole: a channel could change the base at the receiver first', () => {
     const memory = guestMemory(LAYOUT, 10);
-    const copies = copiesWithHeaders(memory);
+    const copies = copiesOf(memory);
     const stream = migrationStream(memory, []);
     const leg = migrate(stream, PageStore.open(path.join(root, 'a'), 'vm'), PageStore.open(path.join(root, 'b'), 'vm'), true, undefined, true, 2);
     expect(leg.rebuilt.equals(stream)).toBe(true);
@@ -278,7 +266,7 @@ describe('Delta frames between an encoder and a decoder', () => {
 
   test('while store reads are not free, a page like another goes whole', () => {
     const memory = guestMemory(LAYOUT, 10);
-    const copies = copiesWithHeaders(memory);
+    const copies = copiesOf(memory);
     const stream = migrationStream(memory, []);
     const leg = migrate(stream, PageStore.open(path.join(root, 'a'), 'vm'), PageStore.open(path.join(root, 'b'), 'vm'), true, undefined, false);
     expect(leg.rebuilt.equals(stream)).toBe(true);
@@ -288,7 +276,7 @@ describe('Delta frames between an encoder and a decoder', () => {
 
   test('a delta against a page like it, damaged on the way, fails the migration', () => {
     const memory = guestMemory(LAYOUT, 10);
-    copiesWithHeaders(memory);
+    copiesOf(memory);
     const stream = migrationStream(memory, []);
     const a = PageStore.open(path.join(root, 'a'), 'vm');
     const b = PageStore.open(path.join(root, 'b'), 'vm');

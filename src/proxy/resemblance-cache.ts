@@ -65,8 +65,8 @@ export class ResemblanceCache {
     pageCount: number,
     private readonly pageSize: number,
   ) {
-    let capacity = 1024;
-    while (capacity < pageCount && capacity < RESEMBLANCE_CACHE_PAGES) capacity *= 2;
+    // A power of two (buckets are picked by the key's low bits), from 1024 to RESEMBLANCE_CACHE_PAGES.
+    const capacity = Math.min(RESEMBLANCE_CACHE_PAGES, 2 ** Math.max(10, Math.ceil(Math.log2(Math.max(pageCount, 1)))));
     this.capacity = capacity;
     this.entries = new Uint32Array(2 * capacity);
     this.digests = new Uint8Array(16 * capacity);

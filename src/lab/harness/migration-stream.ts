@@ -75,6 +75,26 @@ export function patchPages(memory: GuestMemory, share: number, bytes: number, se
   return changed;
 }
 
+/**
+ * Makes pages to…to+count-1 copies of pages from…from+count-1, each with a 16-byte header of its own, as
+ * the test guest's heap holds file pages: alike in all but their first bytes. Zero pages are passed over
+ * (a copy of one would be a zero page with a header). Returns the pages made.
+ */
+export function copiesWithHeaders(memory: GuestMemory, from: number, to: number, count: number): number[] {
+  const made: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const source = memory.pages[from + i];
+    if (source.every((byte) => byte === 0)) continue;
+    const page = Buffer.from(source);
+    page.writeUInt32LE(0x574b4c44, 0);
+    page.writeUInt32LE(to + i, 4);
+    page.writeUInt32LE(7, 8);
+    memory.pages[to + i] = page;
+    made.push(to + i);
+  }
+  return made;
+}
+
 export interface StreamShape {
   machine?: string;
   /** The source says SWITCHOVER_START as it stops the guest (QEMU 10.0 machine types). */
