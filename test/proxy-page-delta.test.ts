@@ -171,6 +171,49 @@ describe('Delta frames between an encoder and a decoder', () => {
     expect(withDeltas.wan - idle.wan).toBeLessThan(0.1 * changed.length * PAGE);
   });
 
+  /**
+   * Serves the store's reads from `held` (what it holds, page by page), the reads `slow` picks (by their
+   * number, from 1) after a busy wait of `us` µs: read times the test chooses, whatever the disk does.
+   */
+  function timedReads(store: PageStore, held: readonly Buffer[], slow: (n: number) => boolean, us: number): () => number {
+    let reads = 0;
+    store.readPages = (index, count, dest, destStart) => {
+      if (slow(++reads)) {
+        const until = performance.now() + us / 1000;
+        while (performance.now() < until);
+      }
+      for (let k = 0; k < count; k++) held[index + k].copy(dest, destStart + k * PAGE);
+    };
+    return () => reads;
+  }
+
+  test('while store reads are not free, a few reads that waited milliseconds do not turn deltas off for the rest of the leg', () => {
+    const { memory, a, b } = firstLeg(5);
+    const held = memory.pages.slice();
+    const changed = patchPages(memory, 0.1, 64, 11);
+    const stream = migrationStream(memory, []);
+    const reads = timedReads(b, held, (n) => n >= 2 && n <= 4, 6000);
+    const leg = migrate(stream, b, a, true, undefined, false);
+    expect(reads()).toBeGreaterThan(0.9 * changed.length);
+    expect(leg.rebuilt.equals(stream)).toBe(true);
+    expect(leg.encoder.counts.pagesDelta).toBeGreaterThan(0.9 * changed.length);
+  });
+
+  test('while store reads are not free and keep being slow, the pages go whole, with a read now and then', () => {
+    const { memory, a, b } = firstLeg(5);
+    const held = memory.pages.slice();
+    const changed = patchPages(memory, 0.1, 64, 11);
+    const stream = migrationStream(memory, []);
+    const reads = timedReads(b, held, () => true, 400);
+    const leg = migrate(stream, b, a, true, undefined, false);
+    expect(leg.rebuilt.equals(stream)).toBe(true);
+    expect(leg.encoder.counts.pagesDelta).toBeLessThan(0.2 * changed.length);
+    expect(leg.encoder.counts.pagesDelta).toBeGreaterThanOrEqual(9);
+    // The delta reads until more than half of the last 16 were slow, then one try in 64; and the store's
+    // own reads of the old versions it keeps until the migration commits (one a changed page).
+    expect(reads()).toBeLessThan(changed.length + 9 + changed.length / 64 + 2);
+  });
+
   test('pseudo-random rewrites go whole, at no more than 1% above a migration without deltas', () => {
     const { memory, a, b } = firstLeg(6);
     dirty(memory, 0.2, 12);

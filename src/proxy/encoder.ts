@@ -27,6 +27,14 @@ export interface EncoderSink {
 /** A page crosses 100 Mbit/s in 330 µs: a store read slower than this costs more than the bytes a delta saves. */
 const DELTA_READ_BUDGET_US = 250;
 
+/** Bits set in the low 16 bits of x. */
+function bitCount16(x: number): number {
+  x -= (x >>> 1) & 0x5555;
+  x = (x & 0x3333) + ((x >>> 2) & 0x3333);
+  x = (x + (x >>> 4)) & 0x0f0f;
+  return (x + (x >>> 8)) & 0x1f;
+}
+
 /** rangesFrom(): the page differs from the base in more than MAX_DELTA_BYTES. */
 const NO_DELTA = -1;
 /** rangesFrom(): this store does not hold the receiver's version of the base, or reading it costs too much now. */
@@ -86,8 +94,12 @@ export class StreamEncoder {
    * match (a read at the receiver only) not at all.
    */
   deltaReadsFree = true;
-  /** Mean microseconds of a delta's store read, recent ones weighing most. */
-  private deltaReadUs = 0;
+  /**
+   * The last 16 delta reads, a bit each: set for one slower than DELTA_READ_BUDGET_US. Reads are slow
+   * while more than half of them were: a few that waited milliseconds (behind a queued store write, say)
+   * must not close the gate, which then reads one page in 64 and so would forget them slowly.
+   */
+  private slowReads = 0;
   private deltaProbe = 0;
   private contentIndex: ContentIndex | null = null;
   /** Pages sent lately, by a sample of their content: bases for deltas of pages like them elsewhere. */
@@ -435,14 +447,15 @@ export class StreamEncoder {
     const baseAt = base * DIGEST_BYTES;
     if (reference !== store.digests && !sameDigest(reference, baseAt, store.digests, baseAt)) return NOT_READ;
     // Slow reads (a busy disk, a page still in the store's write queue) are tried again now and then.
-    if (!this.deltaReadsFree && this.deltaReadUs > DELTA_READ_BUDGET_US && (++this.deltaProbe & 63) !== 0) return NOT_READ;
+    if (!this.deltaReadsFree && bitCount16(this.slowReads) > 8 && (++this.deltaProbe & 63) !== 0) return NOT_READ;
     const readAt = performance.now();
     try {
       store.readPages(base, 1, this.basePage, 0);
     } catch {
       return NOT_READ; // not readable here: the page goes whole
     }
-    this.deltaReadUs += ((performance.now() - readAt) * 1000 - this.deltaReadUs) / 8;
+    const slow = (performance.now() - readAt) * 1000 > DELTA_READ_BUDGET_US;
+    this.slowReads = ((this.slowReads << 1) | (slow ? 1 : 0)) & 0xffff;
     digestOne(this.basePage, 0, X86_PAGE_SIZE, this.baseDigest, 0);
     if (!sameDigest(this.baseDigest, 0, reference, baseAt)) return NOT_READ;
     const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);
