@@ -4,7 +4,7 @@
  */
 import { Readable } from 'node:stream';
 import { inspectSource } from '../src/cli/inspect';
-import { guestMemory, migrationStream, PAGE } from '../src/lab/harness/migration-stream';
+import { copiesWithHeaders, guestMemory, migrationStream, PAGE } from '../src/lab/harness/migration-stream';
 
 const LAYOUT: [string, number][] = [['pc.ram', 512], ['vga.vram', 32]];
 
@@ -41,5 +41,27 @@ describe('bfmig inspect: compression ratio', () => {
     expect(report.compression.literalBytes).toBe(report.bytes - report.bytesByKind.ramZeroPages);
     expect(report.compression.literalBytes).toBeGreaterThan(nonZero * (PAGE + 8));
     expect(report.compression.ratio).toBeLessThan(0.1);
+  });
+
+  test('a first leg with deltas: pages alike go as deltas, and what is left is what zstd is given', async () => {
+    const memory = guestMemory(LAYOUT, 8, 0.3);
+    const copies = copiesWithHeaders(memory, 0, 256, 200);
+    const report = await inspect(migrationStream(memory, []));
+    const d = report.firstLegDeltas;
+    expect(d.error).toBeUndefined();
+    expect(d.carriedPages).toBe(report.ram.records.normal);
+    expect(d.deltaPages).toBeGreaterThanOrEqual(copies.length);
+    expect(d.share).toBeCloseTo(d.deltaPages / d.carriedPages);
+    // A copy differs from its page in its 16-byte header: a few ranges besides the Delta's 40-byte header.
+    expect(d.meanDeltaBytes).toBeLessThan(80);
+    expect(d.compression.literalBytes).toBeLessThan(report.compression.literalBytes - 0.95 * copies.length * PAGE);
+    expect(d.compression.ratio).toBeGreaterThan(0.98);
+  });
+
+  test('pseudo-random pages: nothing alike, a first leg with deltas carries them all whole', async () => {
+    const report = await inspect(migrationStream(guestMemory(LAYOUT, 7, 0.3), []));
+    expect(report.firstLegDeltas.error).toBeUndefined();
+    expect(report.firstLegDeltas.deltaPages).toBe(0);
+    expect(report.firstLegDeltas.compression.literalBytes).toBe(report.compression.literalBytes);
   });
 });

@@ -304,11 +304,27 @@ describe('bfmig predict', () => {
     expect(plain.delta).toBeUndefined();
     const i = predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --compression 0.45 --delta-bytes 300 --delta-share 80%'));
     expect(i.compressionRatio).toBeCloseTo(0.45);
-    expect(i.delta).toEqual({ bytes: 300, share: 0.8 });
-    expect(predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --delta-bytes 120')).delta).toEqual({ bytes: 120, share: 1 });
+    expect(i.delta).toEqual({ bytes: 300, share: 0.8, firstLegShare: 0 });
+    expect(predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --delta-bytes 120')).delta).toEqual({ bytes: 120, share: 1, firstLegShare: 0 });
+    expect(predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --delta-bytes 160 --first-leg-deltas 55%')).delta).toEqual({ bytes: 160, share: 1, firstLegShare: 0.55 });
+    expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --first-leg-deltas 50%'))).toThrow(/--first-leg-deltas needs --delta-bytes/);
     expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --compression 45'))).toThrow(/--compression/);
     expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --delta-bytes 5000'))).toThrow(/--delta-bytes/);
     expect(() => predictInputs(args('--ram 8GiB --mbit 100 --rtt-ms 40 --delta-share 50%'))).toThrow(/needs --delta-bytes/);
+  });
+
+  test('a first leg whose pages go as deltas: fewer WAN bytes by that share, whole pages for the rest', () => {
+    const line = '--ram 1GiB --mbit 100 --rtt-ms 40 --compression 0.5 --delta-bytes 160';
+    const cold = (extra: string): number => {
+      let out = '';
+      runPredict(args(`${line} ${extra} --json`.replace(/ +/g, ' ')), (t) => (out += t));
+      return (JSON.parse(out) as { bfmigCold: { wanBytes: number } }).bfmigCold.wanBytes;
+    };
+    const none = cold('');
+    const half = cold('--first-leg-deltas 50%');
+    // Half the pages at 160 B and some framing instead of half a page's compressed 2 KiB each.
+    expect(half).toBeLessThan(0.6 * none);
+    expect(half).toBeGreaterThan(0.45 * none);
   });
 
   test('--platform picks measured constants; --gateway-gbps scales both gateway ceilings alike', () => {

@@ -4,6 +4,9 @@ import { type InspectReport, StreamInspector } from '../qemu/inspect';
 import { RecordKind } from '../qemu/records';
 import { StreamWriter } from '../qemu/writer';
 import { CompressionMeter } from '../wire/compression';
+import { DIGEST_BYTES } from '../digest';
+import { StreamEncoder } from '../proxy/encoder';
+import { errorMessage } from '../common/errors';
 
 /** What a sending gateway's zstd would make of the stream's Literal bytes on a first leg. */
 export interface CompressionReport {
@@ -15,8 +18,66 @@ export interface CompressionReport {
   ratio: number;
 }
 
+/**
+ * What a first leg with deltas would carry (the receiver holding nothing of the VM yet, the WAN setting
+ * the pace): pages whose content came earlier in the stream go as references, pages like one sent lately
+ * as deltas against it (`proxy/resemblance-cache.ts`), the rest whole, compressed.
+ */
+export interface FirstLegDeltaReport {
+  /** Normal pages sent whole or as deltas and references (not zero pages). */
+  carriedPages: number;
+  /** Of them, as deltas or references. */
+  deltaPages: number;
+  /** deltaPages / carriedPages: `bfmig predict --first-leg-deltas`. */
+  share: number;
+  /** Mean bytes of a Delta payload: `bfmig predict --delta-bytes`. */
+  meanDeltaBytes: number;
+  /** The Literal bytes left and their compression: `bfmig predict --compression` with deltas. */
+  compression: CompressionReport;
+  /** Why the codec could not take the stream (then the figures are those of no deltas at all). */
+  error?: string;
+}
+
 export interface InspectResult extends InspectReport {
   compression: CompressionReport;
+  firstLegDeltas: FirstLegDeltaReport;
+}
+
+/** The first leg's deltas: the source's chunks through a sending gateway's codec, without a store. */
+class FirstLegDeltaMeter {
+  private readonly meter = new CompressionMeter();
+  private readonly encoder: StreamEncoder;
+
+  constructor() {
+    this.encoder = new StreamEncoder(
+      { literal: (bytes) => this.meter.literal(bytes), run: () => undefined, delta: () => undefined },
+      null,
+      (layout) => {
+        this.encoder.reference = new Uint8Array(layout.pageCount * DIGEST_BYTES);
+        this.encoder.deltas = true;
+      },
+    );
+  }
+
+  push(chunk: Buffer): void {
+    this.encoder.push(chunk);
+  }
+
+  end(): FirstLegDeltaReport {
+    this.encoder.end();
+    this.meter.end();
+    const c = this.encoder.counts;
+    const deltaPages = c.pagesDelta + c.pagesMatched;
+    const carriedPages = c.pagesSent + deltaPages;
+    const { literalBytes, frameBytes } = this.meter;
+    return {
+      carriedPages,
+      deltaPages,
+      share: carriedPages === 0 ? 0 : deltaPages / carriedPages,
+      meanDeltaBytes: deltaPages === 0 ? 0 : c.deltaBytes / deltaPages,
+      compression: { literalBytes, frameBytes, ratio: literalBytes === 0 ? 1 : frameBytes / literalBytes },
+    };
+  }
 }
 
 export async function inspectSource(source: Readable): Promise<InspectResult> {
@@ -26,12 +87,31 @@ export async function inspectSource(source: Readable): Promise<InspectResult> {
   const inspector = new StreamInspector((record) => {
     if (record.kind !== RecordKind.RamZero) literal.write(record);
   });
-  for await (const chunk of source) inspector.push(chunk as Buffer);
+  const firstLeg = new FirstLegDeltaMeter();
+  // A stream the codec cannot take still gets the rest of its report, and says why this part is missing.
+  let firstLegError: string | null = null;
+  for await (const chunk of source) {
+    inspector.push(chunk as Buffer);
+    if (firstLegError !== null) continue;
+    try {
+      firstLeg.push(chunk as Buffer);
+    } catch (err) {
+      firstLegError = errorMessage(err);
+    }
+  }
   const report = inspector.end();
   literal.flush();
   meter.end();
   const ratio = meter.literalBytes === 0 ? 1 : meter.frameBytes / meter.literalBytes;
-  return { ...report, compression: { literalBytes: meter.literalBytes, frameBytes: meter.frameBytes, ratio } };
+  const compression = { literalBytes: meter.literalBytes, frameBytes: meter.frameBytes, ratio };
+  if (firstLegError === null) {
+    try {
+      return { ...report, compression, firstLegDeltas: firstLeg.end() };
+    } catch (err) {
+      firstLegError = errorMessage(err);
+    }
+  }
+  return { ...report, compression, firstLegDeltas: { carriedPages: 0, deltaPages: 0, share: 0, meanDeltaBytes: 0, compression, error: firstLegError } };
 }
 
 export async function inspectPath(path: string): Promise<InspectResult> {
@@ -95,5 +175,15 @@ export function formatReport(r: InspectResult): string {
   lines.push(table(Object.entries(r.bytesByKind).sort((a, b) => b[1] - a[1]), ['l', 'r']));
   const c = r.compression;
   lines.push(`zstd       ${n(c.literalBytes)} Literal bytes (all but zero pages) → ${n(c.frameBytes)} bytes of frames: ratio ${c.ratio.toFixed(3)} (bfmig predict --compression)`);
+  const d = r.firstLegDeltas;
+  if (d.error !== undefined) lines.push(`deltas     not measured: ${d.error}`);
+  else if (d.deltaPages > 0) {
+    const pct = (d.share * 100).toFixed(1);
+    lines.push(
+      `deltas     on a first leg, ${n(d.deltaPages)} of ${n(d.carriedPages)} pages as references or deltas (${pct}%, ${d.meanDeltaBytes.toFixed(0)} B each), ` +
+        `the ${n(d.compression.literalBytes)} Literal bytes left → ${n(d.compression.frameBytes)}: ratio ${d.compression.ratio.toFixed(3)} ` +
+        `(bfmig predict --compression ${d.compression.ratio.toFixed(3)} --delta-bytes ${d.meanDeltaBytes.toFixed(0)} --first-leg-deltas ${pct}%)`,
+    );
+  }
   return lines.join('\n');
 }

@@ -40,7 +40,11 @@ function sizeOption(args: PredictArgs, name: TextOption, fallback?: number): num
   }
 }
 
-/** `--compression 0.45` (WAN bytes per Literal byte, as `bfmig inspect` reports it) and `--delta-bytes 300 [--delta-share 90%]`. */
+/**
+ * `--compression 0.45` (WAN bytes per Literal byte, as `bfmig inspect` reports it) and `--delta-bytes 300
+ * [--delta-share 90%] [--first-leg-deltas 50%]` (the share of a warm leg's changed pages, and of a first
+ * leg's pages, that go as deltas or references; `bfmig inspect` measures the first leg's on a capture).
+ */
 function compressionAndDelta(args: PredictArgs): Pick<ModelInputs, 'compressionRatio' | 'delta'> {
   const out: Pick<ModelInputs, 'compressionRatio' | 'delta'> = {};
   if (args.compression !== undefined) {
@@ -51,9 +55,9 @@ function compressionAndDelta(args: PredictArgs): Pick<ModelInputs, 'compressionR
   if (args['delta-bytes'] !== undefined) {
     const bytes = numberOption(args, 'delta-bytes');
     if (bytes > PAGE_BYTES) throw new UsageError(`--delta-bytes takes the mean bytes of a delta, at most ${PAGE_BYTES}, not "${args['delta-bytes']}"`);
-    out.delta = { bytes, share: percentOption(args, 'delta-share', 1) };
-  } else if (args['delta-share'] !== undefined) {
-    throw new UsageError('--delta-share needs --delta-bytes');
+    out.delta = { bytes, share: percentOption(args, 'delta-share', 1), firstLegShare: percentOption(args, 'first-leg-deltas', 0) };
+  } else if (args['delta-share'] !== undefined || args['first-leg-deltas'] !== undefined) {
+    throw new UsageError(`--${args['delta-share'] !== undefined ? 'delta-share' : 'first-leg-deltas'} needs --delta-bytes`);
   }
   return out;
 }
