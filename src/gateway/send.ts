@@ -16,7 +16,8 @@ import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
 import { formatEndpoint } from './address';
 import { DIGEST_BYTES } from '../digest';
-import { StreamEncoder } from '../proxy/encoder';
+import { DELTA_READ_BUDGET_US, StreamEncoder } from '../proxy/encoder';
+import { X86_PAGE_SIZE } from '../qemu/constants';
 import { MultifdMigration } from '../proxy/multifd-migration';
 import type { PageLayout } from '../proxy/retained';
 import {
@@ -47,6 +48,10 @@ import { decodePayload, ProtocolViolation } from './protocol-violation';
 import type { WanShare } from './wan-cap';
 import type { ChannelGroup, MainChannel } from './migration-channels';
 import { SentSiblings } from './siblings';
+import { WanRate } from './wan-rate';
+
+/** A link slower than this takes longer for a page than the store read a delta or a content match costs. */
+const READS_PAY_BELOW_BYTES_PER_S = X86_PAGE_SIZE / (DELTA_READ_BUDGET_US / 1e6);
 
 /**
  * A source that sends nothing for this long in its device-state tail, without closing, is taken to have
@@ -112,6 +117,8 @@ export class SendSession {
   private table: Uint8Array | null = null;
   private tableFilled = 0;
   private readonly returnPath = new ReturnPathMessages();
+  /** How fast the WAN takes this session's frames: whether a page crosses slower than a store read. */
+  private readonly wanRate = new WanRate();
   /** Stream bytes the last Seal covered. */
   private sealedBytes = 0;
   /** Fires when the source has sent nothing for QUIET_SEAL_MS (re-armed by every read). */
@@ -383,8 +390,12 @@ export class SendSession {
     // Whether the WAN held this session back since the last chunk (the peer socket still holds what that
     // chunk produced, or the source was paused for it): compression pays only then.
     this.literals?.policy.observeWan(this.peer.writableLength > 0, chunk.length);
-    // A delta costs store reads here and at the receiver, a content match one there: paid whatever they take only while the WAN, not the gateways, sets the pace.
-    this.encoder.deltaReadsFree = this.options.deltas === 'always' || (this.literals?.policy.wanIsBottleneck ?? true);
+    // A delta costs store reads here and at the receiver, a content match one there: paid whatever they
+    // take only while the WAN, not the gateways, sets the pace, and the link is slow enough that a page
+    // takes longer to cross than such a read.
+    this.wanRate.observe(this.life.wanOut - this.peer.writableLength, performance.now());
+    this.encoder.deltaReadsFree =
+      this.options.deltas === 'always' || ((this.literals?.policy.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
     // Every frame this chunk produces leaves in one writev.
     this.peer.cork();
     try {

@@ -25,7 +25,7 @@ export interface EncoderSink {
 
 
 /** A page crosses 100 Mbit/s in 330 µs: a store read slower than this costs more than the bytes a delta saves. */
-const DELTA_READ_BUDGET_US = 250;
+export const DELTA_READ_BUDGET_US = 250;
 
 /** Bits set in the low 16 bits of x. */
 function bitCount16(x: number): number {

@@ -1,0 +1,34 @@
+/**
+ * WanRate: what a sending session's WAN takes a second, which decides whether a store read at the
+ * receiver is worth a page's crossing.
+ */
+import { WanRate, WINDOW_MS } from '../src/gateway/wan-rate';
+
+describe('WanRate', () => {
+  test('unmeasured until a whole window has passed, then bytes handed on over that window', () => {
+    const rate = new WanRate();
+    expect(rate.slowerThan(1e12)).toBe(false);
+    rate.observe(0, 1000);
+    rate.observe(5_000_000, 1000 + WINDOW_MS / 2); // a first burst into the kernel's buffer
+    expect(rate.bytesPerSecond).toBe(-1);
+    expect(rate.slowerThan(1e12)).toBe(false);
+    rate.observe(6_000_000, 1000 + 2 * WINDOW_MS);
+    expect(rate.bytesPerSecond).toBeCloseTo(6_000_000 / ((2 * WINDOW_MS) / 1000));
+    // 12.5 MB/s (100 Mbit/s) from then on: slower than 16 MB/s, a page there takes longer than 250 µs.
+    rate.observe(6_000_000 + 12_500_000 * 0.2, 1000 + 2 * WINDOW_MS + 200);
+    expect(rate.bytesPerSecond).toBeCloseTo(12_500_000);
+    expect(rate.slowerThan(16_384_000)).toBe(true);
+    // 1 Gbit/s: faster.
+    rate.observe(8_500_000 + 125_000_000 * 0.1, 1000 + 2 * WINDOW_MS + 300);
+    expect(rate.bytesPerSecond).toBeCloseTo(125_000_000);
+    expect(rate.slowerThan(16_384_000)).toBe(false);
+  });
+
+  test('a link that took nothing over a window is slow, not unmeasured', () => {
+    const rate = new WanRate();
+    rate.observe(100, 0);
+    rate.observe(100, 2 * WINDOW_MS);
+    expect(rate.bytesPerSecond).toBe(0);
+    expect(rate.slowerThan(1)).toBe(true);
+  });
+});
