@@ -35,10 +35,36 @@ function bitCount16(x: number): number {
   return (x + (x >>> 8)) & 0x1f;
 }
 
-/** rangesFrom(): the page differs from the base in more than MAX_DELTA_BYTES. */
+/** rangesFromOwnVersion(): the page differs from the base in more than MAX_DELTA_BYTES. */
 const NO_DELTA = -1;
-/** rangesFrom(): this store does not hold the receiver's version of the base, or reading it costs too much now. */
+/** rangesFromOwnVersion(): this store does not hold the receiver's version of the base, or reading it costs too much now. */
 const NOT_READ = -2;
+
+/**
+ * Tries of a kind of delta that missed (the page differed too much) in a row: each doubles the
+ * candidates passed over before the next try, up to 255, so pseudo-random rewrites cost a few tries,
+ * not one a page; a hit starts over.
+ */
+class MissBackoff {
+  private skip = 0;
+  private misses = 0;
+
+  /** Whether to try the next candidate (else it is passed over). */
+  tryNow(): boolean {
+    if (this.skip === 0) return true;
+    this.skip--;
+    return false;
+  }
+
+  miss(): void {
+    this.misses = Math.min(this.misses + 1, 8);
+    this.skip = (1 << this.misses) - 1;
+  }
+
+  hit(): void {
+    this.misses = 0;
+  }
+}
 
 /** The digest of a page the receiver does not hold, as words. */
 const ABSENT = new Uint32Array(DIGEST_WORDS);
@@ -84,9 +110,8 @@ export class StreamEncoder {
   private readonly deltaOut = new DeltaSlab();
   private readonly basePage = Buffer.alloc(X86_PAGE_SIZE);
   private readonly baseDigest = Buffer.alloc(DIGEST_BYTES);
-  /** Candidates to pass over before trying a delta again: random content makes every try a loss. */
-  private deltaSkip = 0;
-  private deltaMisses = 0;
+  /** Deltas against a page's own version: random content makes every try a loss. */
+  private readonly ownVersionTries = new MissBackoff();
   /**
    * Whether a delta's store reads may be paid whatever they cost: the WAN sets the pace now (the session
    * says so per chunk), or the operator said `deltas: always`. Otherwise a delta is tried only while
@@ -106,9 +131,8 @@ export class StreamEncoder {
   private resemblance: ResemblanceCache | null = null;
   /** The resemblance key of the page onPage() is on (0: none, or not looked for). */
   private pageKey = 0;
-  /** Resemblance candidates to pass over before trying one again, as deltaSkip. */
-  private resemblanceSkip = 0;
-  private resemblanceMisses = 0;
+  /** Deltas against a page like it: a cheap miss (no read), but a miss all the same. */
+  private readonly resemblanceTries = new MissBackoff();
   /** The reference the content index was built over. */
   private indexed: Uint32Array | null = null;
   readonly counts: TransferCounts = newCounts();
@@ -390,24 +414,15 @@ export class StreamEncoder {
         return true;
       }
     }
-    if (this.retainer.store !== null && !isAbsentDigest(words, page * DIGEST_WORDS)) {
-      if (this.deltaSkip > 0) {
-        this.deltaSkip--;
-      } else {
-        const length = this.rangesFrom(record, page, reference);
-        if (length >= 0) {
-          this.deltaMisses = 0;
-          this.emitDelta(page, page, this.baseDigest, 0, length, -1);
-          this.counts.pagesDelta++;
-          return true;
-        }
-        // Each miss in a row doubles the candidates passed over (up to 255): pseudo-random rewrites cost
-        // a few store reads, not one per page.
-        if (length === NO_DELTA) {
-          this.deltaMisses = Math.min(this.deltaMisses + 1, 8);
-          this.deltaSkip = (1 << this.deltaMisses) - 1;
-        }
+    if (this.retainer.store !== null && !isAbsentDigest(words, page * DIGEST_WORDS) && this.ownVersionTries.tryNow()) {
+      const length = this.rangesFromOwnVersion(record, reference);
+      if (length >= 0) {
+        this.ownVersionTries.hit();
+        this.emitDelta(page, page, this.baseDigest, 0, length, -1);
+        this.counts.pagesDelta++;
+        return true;
       }
+      if (length === NO_DELTA) this.ownVersionTries.miss();
     }
     // A page like one sent lately: the receiver reads the base as for a match, this side has it in memory.
     const cache = this.resemblance;
@@ -417,33 +432,29 @@ export class StreamEncoder {
     const base = cache.pageOf(entry);
     // The receiver must still hold, at `base`, the very content kept here.
     if (!sameDigestWords(words, base * DIGEST_WORDS, cache.digestWords, entry * DIGEST_WORDS)) return false;
-    if (this.resemblanceSkip > 0) {
-      this.resemblanceSkip--;
-      return false;
-    }
+    if (!this.resemblanceTries.tryNow()) return false;
     const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);
     const length = encodePageDelta(cache.content(), entry * X86_PAGE_SIZE, record.data, record.dataStart, X86_PAGE_SIZE, out, DELTA_HEADER_BYTES, MAX_DELTA_BYTES);
     if (length < 0) {
-      // Misses in a row pass over more and more candidates, as for deltas against a page's own version.
-      this.resemblanceMisses = Math.min(this.resemblanceMisses + 1, 8);
-      this.resemblanceSkip = (1 << this.resemblanceMisses) - 1;
+      this.resemblanceTries.miss();
       return false;
     }
-    this.resemblanceMisses = 0;
+    this.resemblanceTries.hit();
     this.emitDelta(page, base, cache.digests, entry * DIGEST_BYTES, length, -1);
     this.counts.pagesDelta++;
     return true;
   }
 
   /**
-   * Lays out in `deltaOut` the ranges by which the record's page differs from page `base` as the
-   * receiver holds it, read from this site's store into `basePage` (its digest in `baseDigest`).
-   * Returns their length; NO_DELTA when they are too many, NOT_READ when this store does not hold the
-   * receiver's version of `base` or a read now would cost too much.
+   * Lays out in `deltaOut` the ranges by which the record's page differs from the version the receiver
+   * holds, read from this site's store into `basePage` (its digest in `baseDigest`). Returns their
+   * length; NO_DELTA when they are too many, NOT_READ when this store does not hold the receiver's
+   * version or a read now would cost too much.
    */
-  private rangesFrom(record: RamPageRecord, base: number, reference: Uint8Array): number {
+  private rangesFromOwnVersion(record: RamPageRecord, reference: Uint8Array): number {
     const store = this.retainer.store;
     if (store === null) return NOT_READ;
+    const base = record.pageIndex;
     const baseAt = base * DIGEST_BYTES;
     if (reference !== store.digests && !sameDigest(reference, baseAt, store.digests, baseAt)) return NOT_READ;
     // Slow reads (a busy disk, a page still in the store's write queue) are tried again now and then.
