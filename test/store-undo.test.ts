@@ -54,6 +54,41 @@ describe('a failed migration keeps the last complete snapshot', () => {
     reopened.close();
   });
 
+  test('a page read alone right before it is overwritten is journalled from that read, not read again; rollback puts back the very page', () => {
+    const store = PageStore.open(data, 'vm1');
+    const undo = new UndoableStore(store);
+    undo.begin(layout);
+    const read = store.readPages.bind(store);
+    let diskReads = 0;
+    store.readPages = (index, count, dest, destStart, inStream) => {
+      diskReads++;
+      read(index, count, dest, destStart, inStream);
+    };
+    const base = Buffer.alloc(4096);
+    const next = (v: number): Buffer => Buffer.alloc(4096, v);
+    // As a codec does for a delta: the held version, then the new one.
+    undo.readPages(4, 1, base, 0);
+    expect(base.equals(original[4])).toBe(true);
+    undo.writePage(4, next(0xa4), 0, digestOf(next(0xa4)), 0);
+    expect(diskReads).toBe(1);
+    // A page read, then another page read, then the first overwritten: that one is read again.
+    undo.readPages(6, 1, base, 0);
+    undo.readPages(7, 1, base, 0);
+    undo.writePage(6, next(0xa6), 0, digestOf(next(0xa6)), 0);
+    expect(diskReads).toBe(4);
+    // Dropping the page last read journals it from that read too; the next page read and overwritten
+    // likewise. Rollback puts every one back as the snapshot held it.
+    undo.markAbsent(7);
+    undo.readPages(8, 1, base, 0);
+    undo.writePage(8, next(0xa8), 0, digestOf(next(0xa8)), 0);
+    expect(diskReads).toBe(5);
+    undo.rollback();
+    expect(store.snapshotId()).toBe('snap-1');
+    expect(contents(store).every((b, i) => b.equals(original[i]))).toBe(true);
+    expect(store.verify()).toEqual([]);
+    store.close();
+  });
+
   test('a completed migration replaces the snapshot; a corrupted page means no snapshot is claimed after a failure', () => {
     const store = PageStore.open(data, 'vm1');
     const undo = new UndoableStore(store);

@@ -22,6 +22,14 @@ export class UndoableStore {
   private layout: StoreLayout | null = null;
   /** Set by overBudget() for a store that keeps nothing this migration: the digests it shows, all absent. */
   private withheld: Uint8Array | null = null;
+  /**
+   * The page last read alone through readPages() and its index (-1: none), as the store holds it until
+   * this object writes or drops that page. A codec reads a page's held version (a delta's base) right
+   * before it writes the page's new one: the journal takes the old version from here instead of a
+   * second read of the disk.
+   */
+  private lastReadIndex = -1;
+  private lastRead: Buffer | null = null;
 
   constructor(readonly store: PageStore) {}
 
@@ -79,6 +87,7 @@ export class UndoableStore {
 
   begin(layout: StoreLayout): void {
     this.withheld = null;
+    this.lastReadIndex = -1;
     this.layout = layout;
     const before = this.store.meta();
     const snapshot = this.store.snapshotId();
@@ -106,12 +115,14 @@ export class UndoableStore {
   writePage(index: number, src: Uint8Array, srcStart: number, digest: Uint8Array, digestStart: number): void {
     if (this.withheld !== null) return;
     this.save(index);
+    this.forget(index);
     this.store.writePage(index, src, srcStart, digest, digestStart);
   }
 
   markAbsent(index: number): void {
     if (this.withheld !== null) return;
     this.save(index);
+    this.forget(index);
     this.store.markAbsent(index);
   }
 
@@ -124,11 +135,22 @@ export class UndoableStore {
   dropCorrupt(index: number): void {
     if (this.withheld !== null) return;
     this.corrupted = true;
+    this.forget(index);
     this.store.markAbsent(index);
   }
 
   readPages(index: number, count: number, dest: Uint8Array, destStart: number): void {
     this.store.readPages(index, count, dest, destStart);
+    if (count !== 1 || this.saved === null) return;
+    const pageSize = (this.layout as StoreLayout).pageSize;
+    this.lastRead ??= Buffer.allocUnsafe(pageSize);
+    this.lastRead.set(dest.subarray(destStart, destStart + pageSize));
+    this.lastReadIndex = index;
+  }
+
+  /** The page is about to change: what readPages() kept of it is no longer what the store holds. */
+  private forget(index: number): void {
+    if (index === this.lastReadIndex) this.lastReadIndex = -1;
   }
 
   /** The migration completed: the new snapshot replaces the old one. */
@@ -166,7 +188,8 @@ export class UndoableStore {
     const saved = this.saved;
     if (saved === null || (saved[index >>> 3] & (1 << (index & 7))) !== 0) return;
     saved[index >>> 3] |= 1 << (index & 7);
-    (this.journal as UndoJournal).append(index, this.store.digests, (dest, at) => this.store.readPages(index, 1, dest, at, false));
+    const kept = index === this.lastReadIndex ? this.lastRead : null;
+    (this.journal as UndoJournal).append(index, this.store.digests, (dest, at) => (kept !== null ? void dest.set(kept, at) : this.store.readPages(index, 1, dest, at, false)));
   }
 
   private discard(): void {
@@ -178,5 +201,6 @@ export class UndoableStore {
     this.saved = null;
     this.snapshot = null;
     this.corrupted = false;
+    this.lastReadIndex = -1;
   }
 }
