@@ -4,7 +4,7 @@
  * record copied and updated). Such a page goes as a Delta against that other page, when the receiver
  * holds it and this side still has its content in memory (ResemblanceCache).
  *
- * Resemblance is judged by one sample of the page: RESEMBLANCE_BYTES at RESEMBLANCE_AT. Two pages
+ * Resemblance is judged by one sample of the page: its 16 bytes at RESEMBLANCE_AT. Two pages
  * whose samples are equal are candidates; the Delta's ranges (at most MAX_DELTA_BYTES) decide, so a
  * candidate that differs more costs an encode, never a wrong page. A sample of one repeated 32-bit word
  * (zeros, a fill pattern) names nothing: pages full of such runs are many and alike only there.
@@ -12,8 +12,6 @@
 
 /** Offset of the sample within a page: past the headers page-sized records often begin with. */
 export const RESEMBLANCE_AT = 2048;
-/** Bytes of the sample. */
-export const RESEMBLANCE_BYTES = 16;
 
 /**
  * The page's resemblance key (a 32-bit mix of its sample), or 0 for none. Four 32-bit reads: cheap
