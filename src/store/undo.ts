@@ -141,7 +141,9 @@ export class UndoableStore {
 
   readPages(index: number, count: number, dest: Uint8Array, destStart: number): void {
     this.store.readPages(index, count, dest, destStart);
-    if (count !== 1 || this.saved === null) return;
+    // Kept only where the journal may still want it: a page it has not saved yet.
+    const saved = this.saved;
+    if (count !== 1 || saved === null || (saved[index >>> 3] & (1 << (index & 7))) !== 0) return;
     const pageSize = (this.layout as StoreLayout).pageSize;
     this.lastRead ??= Buffer.allocUnsafe(pageSize);
     this.lastRead.set(dest.subarray(destStart, destStart + pageSize));
