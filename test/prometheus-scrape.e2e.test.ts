@@ -136,7 +136,12 @@ const completed = (site: Site): Completed[] => site.logs.filter((l) => l.msg ===
       () => `vm:bfmig_saving:ratio1h is not near ${saving}`,
     );
     // WAN bytes per second per VM and direction: the route's send series count from 0, so each is seen.
-    const rates = await query('vm_direction:bfmig_wan_bytes:rate5m{vm="vm1"}');
+    // Waited for, as the totals above are: once (a CI run on a loaded host) the rule's output lacked the
+    // receive series right after the legs, which a scrape that overran its 1 s interval would explain.
+    const rateExpr = 'vm_direction:bfmig_wan_bytes:rate5m{vm="vm1"}';
+    const directions = async (): Promise<string> => (await query(rateExpr)).map((r) => r.metric.direction).sort().join(',');
+    await eventually(async () => (await directions()) === 'receive,send', 30_000, () => `${rateExpr} has no receive and send series`);
+    const rates = await query(rateExpr);
     expect(rates.map((r) => r.metric.direction).sort()).toEqual(['receive', 'send']);
     expect(rates.find((r) => r.metric.direction === 'send')?.value).toBeGreaterThan(0);
 
