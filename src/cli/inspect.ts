@@ -43,6 +43,12 @@ export interface InspectResult extends InspectReport {
   firstLegDeltas: FirstLegDeltaReport;
 }
 
+/** What an ended meter's Literal bytes became. */
+function compressionOf(meter: CompressionMeter): CompressionReport {
+  const { literalBytes, frameBytes } = meter;
+  return { literalBytes, frameBytes, ratio: literalBytes === 0 ? 1 : frameBytes / literalBytes };
+}
+
 /** The first leg's deltas: the source's chunks through a sending gateway's codec, without a store. */
 class FirstLegDeltaMeter {
   private readonly meter = new CompressionMeter();
@@ -69,13 +75,12 @@ class FirstLegDeltaMeter {
     const c = this.encoder.counts;
     const deltaPages = c.pagesDelta + c.pagesMatched;
     const carriedPages = c.pagesSent + deltaPages;
-    const { literalBytes, frameBytes } = this.meter;
     return {
       carriedPages,
       deltaPages,
       share: carriedPages === 0 ? 0 : deltaPages / carriedPages,
       meanDeltaBytes: deltaPages === 0 ? 0 : c.deltaBytes / deltaPages,
-      compression: { literalBytes, frameBytes, ratio: literalBytes === 0 ? 1 : frameBytes / literalBytes },
+      compression: compressionOf(this.meter),
     };
   }
 }
@@ -102,8 +107,7 @@ export async function inspectSource(source: Readable): Promise<InspectResult> {
   const report = inspector.end();
   literal.flush();
   meter.end();
-  const ratio = meter.literalBytes === 0 ? 1 : meter.frameBytes / meter.literalBytes;
-  const compression = { literalBytes: meter.literalBytes, frameBytes: meter.frameBytes, ratio };
+  const compression = compressionOf(meter);
   if (firstLegError === null) {
     try {
       return { ...report, compression, firstLegDeltas: firstLeg.end() };

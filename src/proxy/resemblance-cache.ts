@@ -10,6 +10,8 @@
  * (zeros, a fill pattern) names nothing: pages full of such runs are many and alike only there.
  */
 
+import { digestWords } from '../digest';
+
 /** Offset of the sample within a page: past the headers page-sized records often begin with. */
 export const RESEMBLANCE_AT = 2048;
 
@@ -68,7 +70,7 @@ export class ResemblanceCache {
     this.capacity = capacity;
     this.entries = new Uint32Array(2 * capacity);
     this.digests = new Uint8Array(16 * capacity);
-    this.digestWords = new Uint32Array(this.digests.buffer, this.digests.byteOffset, 4 * capacity);
+    this.digestWords = digestWords(this.digests);
     this.bucketMask = capacity / WAYS - 1;
   }
 
