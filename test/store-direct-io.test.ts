@@ -211,6 +211,74 @@ test('a page written after the reader fetched it ahead is read back new', () => 
   expect(store.verify()).toEqual([]);
 });
 
+test('lone pages prefetched read back as their last version: rewritten before the prefetch, after it, in an open run, queued, or on disk', () => {
+  const pages = 4000; // more than the prefetch pool holds (128) and the write queue (16 MiB)
+  const store = open(tmp);
+  store.begin(layout(pages));
+  if (!directOrSkip(store)) return;
+  for (let i = 0; i < pages; i++) put(store, i, 1);
+  store.commit('s1');
+  store.begin(layout(pages));
+  const last = new Uint32Array(pages).fill(1);
+  const rewrite = (i: number, generation: number): void => {
+    put(store, i, generation);
+    last[i] = generation;
+  };
+  // A scattered set of pages, in an order no read-ahead guesses.
+  const scattered = (seed: number, n: number): Uint32Array => {
+    const out = new Uint32Array(n);
+    for (let k = 0, x = seed; k < n; k++) out[k] = x = (x * 2654435761 + 12345) % pages;
+    return out;
+  };
+  const out = Buffer.alloc(PAGE);
+  const check = (list: Uint32Array): void => {
+    const wrong: string[] = [];
+    for (const i of list) {
+      store.readPages(i, 1, out, 0, false);
+      const [index, generation] = identify(out, 0);
+      if (index !== i || generation !== last[i]) wrong.push(`${i}: ${index}/${generation}, want ${last[i]}`);
+    }
+    expect(wrong).toEqual([]);
+  };
+  for (let round = 0; round < 6; round++) {
+    const list = scattered(round + 1, 300);
+    // Some pages rewritten before the prefetch (queued, or still in an open run), some after it.
+    for (let k = 0; k < list.length; k += 5) rewrite(list[k], 10 + round);
+    store.prefetchPages(list.slice(), list.length); // a copy: prefetchPages compacts its argument
+    for (let k = 2; k < list.length; k += 7) rewrite(list[k], 20 + round);
+    // Enough stream writes to flush the open runs and queue them behind the prefetch.
+    for (let i = round * 600; i < round * 600 + 600; i++) if (i % 3 === round % 3) rewrite(i, 30 + round);
+    check(list);
+    // Read again, now that every prefetched page has been taken or dropped.
+    check(list.subarray(0, 50));
+  }
+  store.commit('s2');
+  expect(store.verify()).toEqual([]);
+});
+
+test('prefetching pages absent, out of range or off a page boundary does no harm, and a bad argument throws', () => {
+  const store = open(tmp);
+  store.begin(layout(64));
+  if (!directOrSkip(store)) return;
+  for (let i = 0; i < 64; i += 2) put(store, i, 1);
+  store.prefetchPages(Uint32Array.from([1, 3, 5, 1000, 2, 4]), 6);
+  const out = Buffer.alloc(PAGE);
+  store.readPages(2, 1, out, 0, false);
+  expect(identify(out, 0)).toEqual([2, 1]);
+  expect(() => store.readPages(3, 1, out, 0, false)).toThrow(/absent/);
+  fs.writeFileSync(path.join(tmp, 'raw'), '');
+  const direct = DirectPages.open(path.join(tmp, 'raw'), 0);
+  expect(direct).not.toBeNull();
+  if (direct === null) return;
+  try {
+    // Not a 4 KiB boundary, negative, past the end of the file: skipped; a count past the array: refused.
+    expect(direct.prefetch(Float64Array.from([4095, -4096, 8192]), 3)).toBe(0);
+    expect(() => direct.prefetch(new Float64Array(2), 3)).toThrow(/pageioPrefetch/);
+  } finally {
+    direct.close();
+  }
+});
+
 const MOUNT = canMountTmpfs();
 (MOUNT ? test : test.skip)('a queued write that fails leaves its pages absent, names ENOSPC, and the store verifies', () => {
   const mounted = path.join(tmp, 'small');

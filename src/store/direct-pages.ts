@@ -5,7 +5,8 @@
  * gains nothing from holding them, and filling it costs a fresh page of kernel memory per page (on a
  * virtual machine with free page reporting, more CPU than the rest of the gateway's work on it).
  *
- * The calls are synchronous; ordering is the native side's: a read sees every write before it.
+ * The calls are synchronous (prefetch() only queues); ordering is the native side's: a read sees every
+ * write before it.
  */
 import { getSystemErrorMap } from 'node:util';
 import { nativeFunction } from '../digest';
@@ -28,13 +29,14 @@ interface PageioAddon {
   pageioAcquire(h: Handle): number;
   pageioSubmit(h: Handle, index: number, len: number, pos: number): NativeWriteFailure | null;
   pageioRead(h: Handle, dest: Uint8Array, destOff: number, len: number, pos: number, inStream: boolean): void;
+  pageioPrefetch(h: Handle, positions: Float64Array, count: number): number;
   pageioDrain(h: Handle): NativeWriteFailure | null;
   pageioSetSize(h: Handle, fileSize: number): void;
   pageioClose(h: Handle): NativeWriteFailure | null;
 }
 
 function pageioAddon(): PageioAddon | null {
-  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
+  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioPrefetch', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
   const fns = names.map((n) => nativeFunction(n));
   if (!fns.every((f) => typeof f === 'function')) return null;
   return Object.fromEntries(names.map((n, i) => [n, fns[i]])) as unknown as PageioAddon;
@@ -108,6 +110,15 @@ export class DirectPages {
   /** Reads exactly len bytes at pos into dest[destOff..]; inStream: one of an ascending series (read ahead). */
   read(dest: Uint8Array, destOff: number, len: number, pos: number, inStream: boolean): void {
     (addon as PageioAddon).pageioRead(this.handle, dest, destOff, len, pos, inStream);
+  }
+
+  /**
+   * Has the lone pages at positions[0 .. count-1] read ahead by a pool of reader threads, in that order,
+   * for read()s of them to come: a device serves many reads at once far faster than one after another.
+   * Returns how many were queued (pages prefetched already, or that a queued write holds, are not).
+   */
+  prefetch(positions: Float64Array, count: number): number {
+    return (addon as PageioAddon).pageioPrefetch(this.handle, positions, count);
   }
 
   /** Waits for every queued write and forgets what was read ahead. Throws DirectWriteError. */

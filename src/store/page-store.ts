@@ -290,6 +290,23 @@ export class PageStore {
   }
 
   /**
+   * Has the held pages among indices[0 .. count-1] read ahead, for lone readPages() of them to come soon
+   * (a receiver's Delta bases). Only a hint: nothing is read where the store moves pages through the page
+   * cache, and a page written meanwhile is read again. `indices` is compacted in place.
+   */
+  prefetchPages(indices: Uint32Array, count: number): void {
+    this.checkOpen();
+    const table = this.loadTable();
+    const pageCount = this.pages.pageCount;
+    let n = 0;
+    for (let i = 0; i < count; i++) {
+      const index = indices[i];
+      if (index < pageCount && table.isPresent(index)) indices[n++] = index;
+    }
+    this.pages.prefetch(indices, n);
+  }
+
+  /**
    * Ends the migration successfully: flushes, fsyncs the pages, writes and
    * fsyncs the digest table, then persists {snapshotId, state: clean}. If it
    * throws, the migration stays in progress (meta on disk still "dirty"):

@@ -30,6 +30,9 @@ export const PAGES_FILE = 'pages';
  */
 const OPEN_RUNS = 8;
 
+/** Most pages one prefetch() hands the direct queue (it holds 128: native/pageio.c). */
+const PREFETCH_BATCH = 128;
+
 /** Pages start .. start+length-1, waiting in buffer at slots 0 .. length-1 (length 0: the run is not open). */
 interface PendingRun {
   start: number;
@@ -60,6 +63,8 @@ export class PagesFile {
   /** Digest of an all-zero page of zeroPageDigestSize bytes. */
   private zeroPageDigest: Uint8Array | null = null;
   private zeroPageDigestSize = 0;
+  /** File positions handed to prefetch(), reused. */
+  private prefetchAt: Float64Array | null = null;
 
   private constructor(
     private readonly fd: number,
@@ -271,16 +276,46 @@ export class PagesFile {
   }
 
   /**
-   * Reads pages index .. index+count-1 into dest[destStart ..] (bounds checked by the caller), after
-   * writing the pending runs that overlap them. inStream: one of a series in ascending page order, so
-   * the pages after it are worth reading ahead.
+   * Reads pages index .. index+count-1 into dest[destStart ..] (bounds checked by the caller): a lone
+   * page an open run holds from its buffer, others after writing the pending runs that overlap them.
+   * inStream: one of a series in ascending page order, so the pages after it are worth reading ahead.
    */
   read(index: number, count: number, dest: Uint8Array, destStart: number, inStream: boolean): void {
     const pageSize = this.bytesPerPage;
+    if (count === 1) {
+      // A lone page still in an open run: its buffer holds it, and writing the run early would only wait.
+      const run = this.runHolding(index);
+      if (run !== null) {
+        copyBytes(run.buffer as Buffer, (index - run.start) * pageSize, dest, destStart, pageSize);
+        return;
+      }
+    }
     for (const run of this.runs) if (run.length > 0 && index < run.start + run.length && run.start < index + count) this.flushRun(run);
     const direct = this.directForPageSize();
     if (direct !== null) direct.read(dest, destStart, count * pageSize, index * pageSize, inStream);
     else preadFully(this.fd, dest, destStart, count * pageSize, index * pageSize);
+  }
+
+  /**
+   * Has lone pages indices[0 .. count-1] (in range, checked by the caller) read ahead for read()s to come,
+   * when the pages move with direct I/O: a receiver's Delta bases, scattered over the file. Not those an
+   * open run holds; at most PREFETCH_BATCH.
+   */
+  prefetch(indices: Uint32Array, count: number): void {
+    const direct = this.directForPageSize();
+    if (direct === null) return;
+    const at = (this.prefetchAt ??= new Float64Array(PREFETCH_BATCH));
+    let n = 0;
+    for (let i = 0; i < count && n < PREFETCH_BATCH; i++) {
+      if (this.runHolding(indices[i]) === null) at[n++] = indices[i] * this.bytesPerPage;
+    }
+    if (n > 0) direct.prefetch(at, n);
+  }
+
+  /** The open run holding page index, or null. */
+  private runHolding(index: number): PendingRun | null {
+    for (const run of this.runs) if (run.length > 0 && index >= run.start && index < run.start + run.length) return run;
+    return null;
   }
 
   /**

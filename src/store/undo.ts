@@ -139,8 +139,8 @@ export class UndoableStore {
     this.store.markAbsent(index);
   }
 
-  readPages(index: number, count: number, dest: Uint8Array, destStart: number): void {
-    this.store.readPages(index, count, dest, destStart);
+  readPages(index: number, count: number, dest: Uint8Array, destStart: number, inStream = true): void {
+    this.store.readPages(index, count, dest, destStart, inStream);
     // Kept only where the journal may still want it: a page it has not saved yet.
     const saved = this.saved;
     if (count !== 1 || saved === null || (saved[index >>> 3] & (1 << (index & 7))) !== 0) return;
@@ -148,6 +148,10 @@ export class UndoableStore {
     this.lastRead ??= Buffer.allocUnsafe(pageSize);
     this.lastRead.set(dest.subarray(destStart, destStart + pageSize));
     this.lastReadIndex = index;
+  }
+
+  prefetchPages(indices: Uint32Array, count: number): void {
+    if (this.withheld === null) this.store.prefetchPages(indices, count);
   }
 
   /** The page is about to change: what readPages() kept of it is no longer what the store holds. */
