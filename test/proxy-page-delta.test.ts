@@ -2,6 +2,7 @@ import * as path from 'node:path';
 import { DIGEST_BYTES } from '../src/digest';
 import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
 import { StreamEncoder } from '../src/proxy/encoder';
+import { RECENT_PAGES, RecentPages } from '../src/proxy/recent-pages';
 import { MultifdMigration } from '../src/proxy/multifd-migration';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, encodePageDelta, MAX_DELTA_BYTES } from '../src/proxy/page-delta';
 import { RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceKey } from '../src/proxy/resemblance-cache';
@@ -96,7 +97,7 @@ const LAYOUT: [string, number][] = [
  * `multifdChannels`: the encoder is given a MultifdMigration, as a sending gateway's always is, expecting
  * that many channels (none join here).
  */
-function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void, readsFree = true, multifdChannels?: number) {
+function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void, readsFree = true, multifdChannels?: number, receiverReadsAhead = false) {
   let wan = 0;
   const out: Buffer[] = [];
   const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), receiver);
@@ -122,6 +123,7 @@ function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas:
       encoder.reference = sender.digests;
       encoder.deltas = deltas;
       encoder.deltaReadsFree = readsFree;
+      encoder.receiverReadsAhead = receiverReadsAhead;
       if (multifdChannels !== undefined) {
         encoder.multifd = new MultifdMigration(sender, multifdChannels);
         encoder.multifd.begin(layout);
@@ -317,6 +319,103 @@ describe('Delta frames between an encoder and a decoder', () => {
     expect(leg.encoder.counts.pagesSent).toBeGreaterThanOrEqual(copies.length);
   });
 
+  /** Counts the store's reads of lone pages (a Delta's base), as the receiver makes them. */
+  const countLoneReads = (store: PageStore): (() => number) => {
+    let reads = 0;
+    const read = store.readPages.bind(store);
+    store.readPages = (index, count, dest, destStart, inStream) => {
+      if (count === 1) reads++;
+      read(index, count, dest, destStart, inStream);
+    };
+    return () => reads;
+  };
+
+  test('while store reads are not free but the receiver reads bases ahead, a page like another still goes as a delta; the receiver takes its base from the pages it stored last, not from its store', () => {
+    const memory = guestMemory(LAYOUT, 10);
+    const copies = copiesOf(memory);
+    const stream = migrationStream(memory, []);
+    const b = PageStore.open(path.join(root, 'b'), 'vm');
+    const loneReads = countLoneReads(b);
+    const leg = migrate(stream, PageStore.open(path.join(root, 'a'), 'vm'), b, true, undefined, false, undefined, true);
+    expect(leg.rebuilt.equals(stream)).toBe(true);
+    expect(leg.encoder.counts.pagesDelta).toBeGreaterThanOrEqual(copies.length);
+    expect(leg.decoder.counts.pagesDelta).toBe(leg.encoder.counts.pagesDelta);
+    // Content matches name any page the receiver holds, stored lately or not: only those may read.
+    expect(loneReads()).toBeLessThanOrEqual(leg.decoder.counts.pagesMatched);
+    // A receiver that keeps no recent pages reads every base from its store, and rebuilds the same.
+    const c = PageStore.open(path.join(root, 'c'), 'vm');
+    const cReads = countLoneReads(c);
+    const out: Buffer[] = [];
+    const decoder = new StreamDecoder((bytes) => out.push(Buffer.from(bytes)), c);
+    decoder.takesDeltas = false;
+    const a3 = PageStore.open(path.join(root, 'a3'), 'vm');
+    const encoder = new StreamEncoder(
+      { literal: (bytes) => decoder.literal(Buffer.from(bytes)), run: (payload) => decoder.run(payload), delta: (payload) => decoder.delta(Buffer.from(payload)) },
+      a3,
+      () => {
+        encoder.reference = a3.digests;
+        encoder.deltas = true;
+        encoder.deltaReadsFree = true;
+      },
+    );
+    encoder.push(stream);
+    encoder.end();
+    decoder.end(stream.length, encoder.streamCheck);
+    expect(Buffer.concat(out).equals(stream)).toBe(true);
+    expect(encoder.counts.pagesDelta).toBeGreaterThanOrEqual(copies.length);
+    expect(cReads()).toBe(encoder.counts.pagesDelta + encoder.counts.pagesMatched);
+  });
+
+  test('a base kept in memory that changed in the store behind the decoder (as a multifd channel writes pages) is read from the store, never patched from the stale copy', () => {
+    const memory = guestMemory(LAYOUT, 10);
+    const copies = copiesOf(memory);
+    const stream = migrationStream(memory, []);
+    const a = PageStore.open(path.join(root, 'a'), 'vm');
+    const b = PageStore.open(path.join(root, 'b'), 'vm');
+    const loneReads = countLoneReads(b);
+    const out: Buffer[] = [];
+    const decoder = new StreamDecoder((bytes) => out.push(Buffer.from(bytes)), b);
+    let changed = 0;
+    const encoder = new StreamEncoder(
+      {
+        literal: (bytes) => decoder.literal(Buffer.from(bytes)),
+        run: (payload) => decoder.run(payload),
+        delta: (payload) => {
+          const page = payload.readUInt32BE(0);
+          const base = payload.readUInt32BE(4);
+          if (changed > 0 || base === page || payload.length === DELTA_HEADER_BYTES) return decoder.delta(Buffer.from(payload));
+          // Another writer gives the base new content in b; the Delta is made against that content.
+          const other = Buffer.from(memory.pages[base]);
+          other[9] ^= 0x77;
+          const otherDigest = newDigestBuffer();
+          digestOne(other, 0, PAGE, otherDigest, 0);
+          b.writePage(base, other, 0, otherDigest, 0);
+          const redone = Buffer.alloc(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);
+          payload.copy(redone, 0, 0, DELTA_HEADER_BYTES);
+          otherDigest.copy(redone, DELTA_BASE_DIGEST_AT);
+          const length = encodePageDelta(other, 0, memory.pages[page], 0, PAGE, redone, DELTA_HEADER_BYTES, MAX_DELTA_BYTES);
+          expect(length).toBeGreaterThan(0);
+          changed++;
+          decoder.delta(redone.subarray(0, DELTA_HEADER_BYTES + length));
+        },
+      },
+      a,
+      () => {
+        encoder.reference = a.digests;
+        encoder.deltas = true;
+        encoder.deltaReadsFree = false;
+        encoder.receiverReadsAhead = true;
+      },
+    );
+    encoder.push(stream);
+    encoder.end();
+    decoder.end(stream.length, encoder.streamCheck);
+    expect(copies.length).toBeGreaterThan(0);
+    expect(changed).toBe(1);
+    expect(Buffer.concat(out).equals(stream)).toBe(true);
+    expect(loneReads()).toBe(1 + decoder.counts.pagesMatched);
+  });
+
   test('a delta against a page like it, damaged on the way, fails the migration', () => {
     const memory = guestMemory(LAYOUT, 10);
     copiesOf(memory);
@@ -401,5 +500,42 @@ describe('resemblance keys and index', () => {
     }
     expect(cache.content().length).toBe(RESEMBLANCE_CACHE_PAGES * PAGE);
     expect(cache.digests.length).toBe(RESEMBLANCE_CACHE_PAGES * DIGEST_BYTES);
+  });
+});
+
+describe('recent pages', () => {
+  const pageOf = (n: number): Buffer => Buffer.alloc(PAGE, n & 0xff).fill(n >> 8, 0, 4);
+
+  test('keeps the last version of each page stored, until as many newer pages have pushed it out, and drops one told stale', () => {
+    const recent = new RecentPages(1000, PAGE, 4);
+    const holds = (page: number, n: number): boolean => {
+      const at = recent.find(page);
+      return at >= 0 && recent.content.subarray(at, at + PAGE).equals(pageOf(n));
+    };
+    for (const p of [10, 11, 12]) recent.add(p, pageOf(p), 0);
+    recent.add(10, pageOf(99), 0); // a rewrite keeps its slot, with the new content
+    expect(holds(10, 99)).toBe(true);
+    expect(holds(11, 11)).toBe(true);
+    recent.add(13, pageOf(13), 0);
+    recent.add(14, Buffer.concat([Buffer.alloc(7), pageOf(14)]), 7); // the fifth page pushes out the oldest slot's
+    expect(recent.find(10)).toBe(-1);
+    expect(holds(11, 11) && holds(12, 12) && holds(13, 13) && holds(14, 14)).toBe(true);
+    recent.forget(12);
+    expect(recent.find(12)).toBe(-1);
+    recent.add(15, pageOf(15), 0);
+    expect(holds(11, 11)).toBe(false); // 11 had the oldest slot left
+    expect(holds(13, 13) && holds(14, 14) && holds(15, 15)).toBe(true);
+    expect(recent.find(5000)).toBe(-1);
+  });
+
+  test('holds RECENT_PAGES pages at most, whatever the guest', () => {
+    const recent = new RecentPages(3 * RECENT_PAGES, PAGE);
+    const page = Buffer.alloc(PAGE);
+    for (let p = 0; p < 3 * RECENT_PAGES; p++) recent.add(p, page, 0);
+    let kept = 0;
+    for (let p = 0; p < 3 * RECENT_PAGES; p++) if (recent.find(p) >= 0) kept++;
+    expect(kept).toBe(RECENT_PAGES);
+    expect(recent.find(3 * RECENT_PAGES - 1)).toBeGreaterThanOrEqual(0);
+    expect(recent.content.length).toBe(RECENT_PAGES * PAGE);
   });
 });

@@ -128,3 +128,68 @@ describe('streamed frames', () => {
     }
   });
 });
+
+describe('lookahead', () => {
+  test('each wanted frame is looked at once, with its payload head, and its batch closed before it is delivered, whatever the chunking and pauses', () => {
+    const delta = (n: number): Buffer => {
+      const p = Buffer.alloc(40 + (n % 3) * 7, n);
+      p.writeUInt32BE(n, 0);
+      return encodeFrame(FrameType.Delta, p);
+    };
+    const literal = Buffer.alloc(5000, 0x4c);
+    const frames: Buffer[] = [];
+    for (let n = 0; n < 30; n++) {
+      frames.push(delta(n));
+      if (n % 4 === 0) frames.push(encodeFrame(FrameType.Literal, literal.subarray(0, 100 + n * 150)));
+      if (n % 5 === 0) frames.push(encodeFrame(FrameType.Run, Buffer.alloc(3 + n, 1)));
+      if (n % 7 === 0) frames.push(encodeFrame(FrameType.Delta, Buffer.alloc(2, 0xee))); // shorter than the head
+    }
+    const input = Buffer.concat(frames);
+    for (const size of [1, 3, 7, 64, 999, 4096, input.length]) {
+      for (const pauseEvery of [0, 3]) {
+        const events: string[] = [];
+        const looked = new Set<number>();
+        let delivered = 0;
+        const parser: FrameParser = new FrameParser(
+          (type, payload) => {
+            if (type !== FrameType.Delta) return;
+            delivered++;
+            if (payload.length >= 8) events.push(`deliver ${payload.readUInt32BE(0)}`);
+            if (pauseEvery > 0 && delivered % pauseEvery === 0) parser.pause();
+          },
+          (type) => type === FrameType.Literal,
+          {
+            headBytes: 8,
+            wants: (type) => type === FrameType.Delta,
+            look: (type, head) => {
+              expect(type).toBe(FrameType.Delta);
+              if (head.length < 8) return events.push(`short ${head.toString('hex')}`);
+              const n = head.readUInt32BE(0);
+              expect(head.subarray(4, 8).equals(Buffer.alloc(4, n))).toBe(true);
+              expect(looked.has(n)).toBe(false);
+              looked.add(n);
+              events.push(`look ${n}`);
+            },
+            looked: () => events.push('batch'),
+          },
+        );
+        for (let at = 0; at < input.length; at += size) {
+          parser.push(input.subarray(at, at + size));
+          while (parser.isPaused) parser.resume();
+        }
+        expect(parser.atBoundary).toBe(true);
+        // Every Delta looked at before it is delivered; a batch closes each group of looks.
+        const order = events.filter((e) => !e.startsWith('short'));
+        for (let n = 0; n < 30; n++) {
+          const l = order.indexOf(`look ${n}`);
+          const d = order.indexOf(`deliver ${n}`);
+          expect(l).toBeGreaterThanOrEqual(0);
+          expect(order.indexOf('batch', l)).toBeGreaterThan(l);
+          expect(d).toBeGreaterThan(order.indexOf('batch', l));
+        }
+        expect(events.filter((e) => e.startsWith('short'))).toEqual(Array(5).fill('short eeee'));
+        expect(delivered).toBe(35);
+      }
+    }
+  });
+});

@@ -16,7 +16,8 @@
 import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import { type Endpoint, parseEndpoint } from './address';
-import type { StreamDecoder } from '../proxy/decoder';
+import { DELTA_AHEAD_BYTES, type StreamDecoder } from '../proxy/decoder';
+import { SIBLING_DELTA_LEAD_BYTES } from '../proxy/page-delta';
 import type { DeltaMode } from './config';
 import { MultifdMigration } from '../proxy/multifd-migration';
 import type { PageLayout } from '../proxy/retained';
@@ -132,9 +133,19 @@ export class ReceiveSession {
     );
     this.idle = new IdleWatch(options.idleMs);
     // Literal bytes pass through as they arrive; only control frames and Runs are assembled.
+    // The Deltas of a chunk are looked at before it is rebuilt: their bases are read all at once.
     this.frames = new FrameParser(
       (type, payload) => this.onFrame(type, payload),
       (type) => type === FrameType.Literal,
+      {
+        headBytes: SIBLING_DELTA_LEAD_BYTES + DELTA_AHEAD_BYTES,
+        wants: (type) => type === FrameType.Delta || type === FrameType.SiblingDelta,
+        look: (type, head) => {
+          if (type === FrameType.Delta) this.decoder?.aheadOfDelta(head, -1);
+          else if (head.length > SIBLING_DELTA_LEAD_BYTES) this.decoder?.aheadOfDelta(head.subarray(SIBLING_DELTA_LEAD_BYTES), head[0]);
+        },
+        looked: () => this.decoder?.prefetchAhead(),
+      },
     );
     // A peer that has not said who it is gets no more than a Hello's worth of buffer.
     this.frames.maxPayload = MAX_HANDSHAKE_PAYLOAD;
@@ -317,6 +328,8 @@ export class ReceiveSession {
         this.transition('streaming');
         this.group?.ready();
         if (this.siblings && this.decoder) this.decoder.siblings = this.siblings.stores;
+        const deltas = store !== null && this.options.deltas !== 'off';
+        if (this.decoder) this.decoder.takesDeltas = deltas;
         this.writeFrame(
           encodeJson(FrameType.Offer, {
             site: this.options.site,
@@ -326,7 +339,7 @@ export class ReceiveSession {
             presentPages: meta?.presentPages ?? 0,
             compression,
             // Deltas patch pages this store holds: without a store there is nothing to patch.
-            features: store && this.options.deltas !== 'off' ? [Feature.Delta] : [],
+            features: deltas ? [Feature.Delta, Feature.BasesAhead] : [],
             ...(this.siblings ? { siblings: this.siblings.names } : {}),
           }),
         );

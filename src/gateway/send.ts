@@ -327,6 +327,7 @@ export class SendSession {
       this.reads.pooled,
     );
     this.encoder.deltas = this.options.deltas !== 'off' && offers(offer, Feature.Delta);
+    this.encoder.receiverReadsAhead = offers(offer, Feature.BasesAhead);
     if (this.encoder.deltas) this.encoder.siblings = this.siblings?.confirmed(offer) ?? null;
     this.siblings = null;
     this.group.ready();

@@ -6,6 +6,7 @@ import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
+import { RecentPages } from './recent-pages';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { newCounts, type TransferCounts } from './transfer-counts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
@@ -19,7 +20,19 @@ import { errorMessage } from '../common/errors';
 const MAX_HELD_TAIL = 64 * 1024 * 1024;
 
 /** A sibling's retained snapshot as the receiver reads it: never written by this migration. */
-export type SiblingPages = Pick<RetainedPages, 'digests' | 'readPages'> & { readonly vm: string };
+export type SiblingPages = Pick<RetainedPages, 'digests' | 'readPages' | 'prefetchPages'> & { readonly vm: string };
+
+/** Delta bases gathered for one prefetch, per store (this VM's, each sibling's): the native queue takes 128. */
+const BASES_AHEAD = 128;
+
+/** A Delta payload's first bytes that name its base: what aheadOfDelta() needs to see. */
+export const DELTA_AHEAD_BYTES = DELTA_BASE_DIGEST_AT + DIGEST_BYTES;
+
+/** Base pages of Deltas that have arrived and are not rebuilt yet, to be read from one store together. */
+class BasesAhead {
+  readonly pages = new Uint32Array(BASES_AHEAD);
+  count = 0;
+}
 
 /** The rebuilt stream cannot be trusted: the migration must fail rather than go on. */
 export class RebuildError extends Error {
@@ -55,6 +68,15 @@ export class StreamDecoder {
   private readonly pages = Buffer.allocUnsafe(MAX_RUN_HELD * X86_PAGE_SIZE);
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
+  /** Bases of the Deltas seen ahead (aheadOfDelta), for this VM's store and each sibling's (in siblings' order). */
+  private readonly ownAhead = new BasesAhead();
+  private siblingsAhead: BasesAhead[] = [];
+  /**
+   * Delta frames may come (the receiver's Offer listed them): the pages stored last are kept in memory
+   * from the RAM layout on (RecentPages), since most Deltas name one of them as their base.
+   */
+  takesDeltas = true;
+  private recent: RecentPages | null = null;
   /**
    * The migration's multifd channels, when it may have some (set from onLayout): the main channel's
    * pages and epochs take part in their ordering (see MultifdMigration).
@@ -181,6 +203,41 @@ export class StreamDecoder {
     else this.counts.pagesMatched++;
   }
 
+  /**
+   * A Delta frame has arrived and will be rebuilt soon: its base page is noted for prefetchAhead(), which
+   * has the store read the bases of many Deltas at once. `head`: the payload's first bytes (a SiblingDelta's
+   * after its lead byte). Only a hint: nothing is checked here that rebuilding does not check again.
+   */
+  aheadOfDelta(head: Buffer, sibling: number): void {
+    if (head.length < DELTA_AHEAD_BYTES || this.layout === null) return;
+    const from: SiblingPages | RetainedPages | null | undefined = sibling < 0 ? this.retainer.store : this.siblings[sibling];
+    if (from === null || from === undefined || from.prefetchPages === undefined) return;
+    const base = head.readUInt32BE(4);
+    if (sibling < 0 && this.recent !== null && this.recent.find(base) >= 0) return;
+    // Only a version the store holds; rebuilding fails the migration otherwise, with no read.
+    if ((base + 1) * DIGEST_BYTES > from.digests.length || !sameDigest(from.digests, base * DIGEST_BYTES, head, DELTA_BASE_DIGEST_AT)) return;
+    let ahead = this.ownAhead;
+    if (sibling >= 0) {
+      while (this.siblingsAhead.length <= sibling) this.siblingsAhead.push(new BasesAhead());
+      ahead = this.siblingsAhead[sibling];
+    }
+    if (ahead.count < BASES_AHEAD) ahead.pages[ahead.count++] = base;
+  }
+
+  /** Has each store read ahead the bases aheadOfDelta() noted. */
+  prefetchAhead(): void {
+    if (this.ownAhead.count > 0) {
+      this.retainer.store?.prefetchPages?.(this.ownAhead.pages, this.ownAhead.count);
+      this.ownAhead.count = 0;
+    }
+    for (let k = 0; k < this.siblingsAhead.length; k++) {
+      const ahead = this.siblingsAhead[k];
+      if (ahead.count === 0) continue;
+      this.siblings[k]?.prefetchPages?.(ahead.pages, ahead.count);
+      ahead.count = 0;
+    }
+  }
+
   /** A SiblingDelta: as a Delta, from a page of a sibling's snapshot this receiver confirmed. */
   siblingDelta(payload: Buffer): void {
     if (payload.length < SIBLING_DELTA_LEAD_BYTES) throw new RebuildError('empty SiblingDelta frame');
@@ -199,12 +256,18 @@ export class StreamDecoder {
     const where = sibling === null ? `page ${base}` : `page ${base} of sibling ${sibling}`;
     if (this.layout === null || page >= this.layout.pageCount || (base + 1) * DIGEST_BYTES > from.digests.length) throw new RebuildError(`Delta for page ${page} from ${where}, outside the RAM layout`);
     if (!sameDigest(from.digests, base * DIGEST_BYTES, payload, DELTA_BASE_DIGEST_AT)) throw new RebuildError(`Delta from a version of ${where} this store does not hold`);
-    try {
-      from.readPages(base, 1, this.pages, 0);
-    } catch (err) {
-      throw new RebuildError(`${where} is not held: ${errorMessage(err)}`);
+    // A page stored moments ago is still in memory; one whose copy there is stale is read from the store.
+    let baseBytes: Buffer = this.pages;
+    let baseAt = 0;
+    const recent = from === this.retainer.store ? this.recent : null;
+    if (recent !== null) {
+      baseAt = recent.find(base);
+      if (baseAt >= 0) digestOne(recent.content, baseAt, X86_PAGE_SIZE, this.digests, 0);
+      if (baseAt >= 0 && sameDigest(this.digests, 0, payload, DELTA_BASE_DIGEST_AT)) baseBytes = recent.content;
+      else baseAt = 0;
     }
-    digestOne(this.pages, 0, X86_PAGE_SIZE, this.digests, 0);
+    // The page's own version comes in stream order (worth reading ahead); another page is a lone read.
+    if (baseBytes === this.pages) this.readBase(from, base, where, base === page && sibling === null);
     if (!sameDigest(this.digests, 0, payload, DELTA_BASE_DIGEST_AT)) {
       const own = this.retainer.store;
       if (from === own) {
@@ -218,7 +281,7 @@ export class StreamDecoder {
     }
     const bytes = this.allocate(X86_PAGE_SIZE);
     try {
-      applyPageDelta(this.pages, 0, payload, DELTA_HEADER_BYTES, payload.length - DELTA_HEADER_BYTES, X86_PAGE_SIZE, bytes, 0);
+      applyPageDelta(baseBytes, baseAt, payload, DELTA_HEADER_BYTES, payload.length - DELTA_HEADER_BYTES, X86_PAGE_SIZE, bytes, 0);
     } catch (err) {
       throw new RebuildError(`Delta for page ${page}: ${errorMessage(err)}`);
     }
@@ -239,6 +302,16 @@ export class StreamDecoder {
     }
     this.counts.deltaBytes += payload.length + (sibling === null ? 0 : SIBLING_DELTA_LEAD_BYTES);
     this.emit(bytes, at);
+  }
+
+  /** Reads page `base` of `from` into this.pages and its digest into this.digests. */
+  private readBase(from: SiblingPages | RetainedPages, base: number, where: string, inStream: boolean): void {
+    try {
+      from.readPages(base, 1, this.pages, 0, inStream);
+    } catch (err) {
+      throw new RebuildError(`${where} is not held: ${errorMessage(err)}`);
+    }
+    digestOne(this.pages, 0, X86_PAGE_SIZE, this.digests, 0);
   }
 
   /** Passes rebuilt bytes (at stream offset `at`) on, holding back everything from the tail's start. */
@@ -387,6 +460,7 @@ export class StreamDecoder {
       case RecordKind.RamBlockList:
         this.layout = layoutOf(record.blocks);
         this.retainer.store?.begin(this.layout);
+        this.recent = this.retainer.store !== null && this.takesDeltas ? new RecentPages(this.layout.pageCount, X86_PAGE_SIZE) : null;
         this.onLayout(this.layout);
         return;
       case RecordKind.RamPage: {
@@ -401,18 +475,27 @@ export class StreamDecoder {
         } else {
           this.counts.pagesSent++;
         }
-        if (kept) this.retainer.retain(record, this.retainer.digestOf(record));
+        if (kept) {
+          this.retainer.retain(record, this.retainer.digestOf(record));
+          this.recent?.add(record.pageIndex, record.data, record.dataStart);
+        }
         return;
       }
       case RecordKind.RamZero:
         if (this.replaying) this.checkReplayed(record.pageIndex);
         this.counts.pagesZero++;
-        if (this.kept(record.pageIndex)) this.retainer.retain(record, this.retainer.digestOf(record));
+        if (this.kept(record.pageIndex)) {
+          this.retainer.retain(record, this.retainer.digestOf(record));
+          this.recent?.forget(record.pageIndex);
+        }
         return;
       case RecordKind.RamXbzrle:
       case RecordKind.RamCompressed:
         this.counts.pagesOther++;
-        if (this.kept(record.pageIndex)) this.retainer.retain(record, false);
+        if (this.kept(record.pageIndex)) {
+          this.retainer.retain(record, false);
+          this.recent?.forget(record.pageIndex);
+        }
         return;
       default:
         this.parts.record(record);

@@ -120,6 +120,12 @@ export class StreamEncoder {
    */
   deltaReadsFree = true;
   /**
+   * The receiver reads the bases of the Deltas in a chunk together, in parallel (Feature.BasesAhead): a
+   * base read there costs little, so matches and deltas against pages like one sent lately pay on any
+   * link. A delta against a page's own version still reads this side's store, and waits for deltaReadsFree.
+   */
+  receiverReadsAhead = false;
+  /**
    * The last 16 delta reads, a bit each: set for one slower than DELTA_READ_BUDGET_US. Reads are slow
    * while more than half of them were: a few that waited milliseconds (behind a queued store write, say)
    * must not close the gate, which then reads one page in 64 and so would forget them slowly.
@@ -354,10 +360,10 @@ export class StreamEncoder {
     const nameable = record.kind === RecordKind.RamPage && words !== null && claim === Claim.First;
     const held = nameable && sameDigestWords(words, word, retainer.digestWords, 0);
     // Resemblance is looked for within the main channel's stream only (a multifd channel could change a
-    // base at the receiver between this side's look at it and the Delta's arrival), and only while store
-    // reads are free: a delta against another page costs the receiver a read, and keeping the pages sent
-    // in the cache a copy of each.
-    this.pageKey = nameable && !held && this.deltas && this.deltaReadsFree && (this.multifd === null || this.multifd.mainOnly) ? resemblanceKey(record.data, record.dataStart) : 0;
+    // base at the receiver between this side's look at it and the Delta's arrival), and only while the
+    // receiver's reads pay: a delta against another page costs the receiver a read, and keeping the pages
+    // sent in the cache a copy of each.
+    this.pageKey = nameable && !held && this.deltas && this.receiverReadsPay && (this.multifd === null || this.multifd.mainOnly) ? resemblanceKey(record.data, record.dataStart) : 0;
     if (record.kind === RecordKind.RamZero) {
       this.counts.pagesZero++;
       this.addToRun(false, record);
@@ -398,9 +404,9 @@ export class StreamEncoder {
     const digest = this.retainer.digest;
     const digestWords = this.retainer.digestWords;
     // A match, in this VM or in a sibling, costs the receiver a store read of the page it copies, which
-    // this side cannot time: paid only while reads are free. On a fast link a busy receiver's reads cost
-    // more than the page's WAN time.
-    if (this.deltaReadsFree) {
+    // this side cannot time: paid only while reads are free or the receiver reads ahead. On a fast link a
+    // busy receiver's reads, one after another, cost more than the page's WAN time.
+    if (this.receiverReadsPay) {
       const match = this.contentIndexOf(words).find(digestWords, 0);
       if (match >= 0) {
         this.emitDelta(page, match, digest, 0, 0, -1);
@@ -426,7 +432,7 @@ export class StreamEncoder {
     }
     // A page like one sent lately: the receiver reads the base as for a match, this side has it in memory.
     const cache = this.resemblance;
-    if (!this.deltaReadsFree || this.pageKey === 0 || cache === null) return false;
+    if (!this.receiverReadsPay || this.pageKey === 0 || cache === null) return false;
     const entry = cache.find(this.pageKey);
     if (entry < 0) return false;
     const base = cache.pageOf(entry);
@@ -443,6 +449,11 @@ export class StreamEncoder {
     this.emitDelta(page, base, cache.digests, entry * DIGEST_BYTES, length, -1);
     this.counts.pagesDelta++;
     return true;
+  }
+
+  /** Whether a Delta that only the receiver reads a base for is worth its read there. */
+  private get receiverReadsPay(): boolean {
+    return this.deltaReadsFree || this.receiverReadsAhead;
   }
 
   /**

@@ -12,7 +12,10 @@ export interface RetainedPages {
   markAbsent(index: number): void;
   /** The page's content no longer matches its digest: it stops being held (default: markAbsent). */
   dropCorrupt?(index: number): void;
-  readPages(index: number, count: number, dest: Uint8Array, destStart: number): void;
+  /** inStream (default true): one of a series read in ascending order, worth reading ahead; false for a lone page. */
+  readPages(index: number, count: number, dest: Uint8Array, destStart: number, inStream?: boolean): void;
+  /** A hint: lone pages among indices[0 .. count-1] will be read soon (the array may be compacted in place). */
+  prefetchPages?(indices: Uint32Array, count: number): void;
 }
 
 export interface PageLayout {

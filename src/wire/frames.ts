@@ -93,6 +93,11 @@ export interface SiblingSnapshot {
  */
 export const enum Feature {
   Delta = 'delta',
+  /**
+   * The receiver reads the base pages of the Deltas in each chunk it receives together, before it
+   * rebuilds them (its device serves them in parallel): a Delta against another page costs it little.
+   */
+  BasesAhead = 'bases-ahead',
 }
 
 export interface HelloMessage {
@@ -269,6 +274,20 @@ export const decodeAbort = (p: Buffer): AbortMessage => decodeJson(p, 'Abort', {
 export type FrameHandler = (type: FrameType, payload: Buffer) => void;
 
 /**
+ * Shown the frames of each chunk pushed before any of them is delivered: for work that pays to start
+ * early (a receiver's store reads for the Deltas in the chunk, which the device serves in parallel).
+ */
+export interface FrameLookahead {
+  /** Payload bytes wanted of each frame of the types `wants` names. */
+  readonly headBytes: number;
+  wants(type: FrameType): boolean;
+  /** A whole frame has arrived: its first min(headBytes, length) payload bytes (valid during the call). */
+  look(type: FrameType, head: Buffer): void;
+  /** Every whole frame that arrived has been looked at; their delivery follows. */
+  looked(): void;
+}
+
+/**
  * An incremental frame parser. Payloads that arrived within one chunk are views of it; others are
  * assembled in a buffer of their own — except for the frame types `streamed` names, whose payloads are
  * delivered piece by piece as they arrive (views, never copies), for bytes that need no assembling.
@@ -286,9 +305,16 @@ export class FrameParser {
   /** Largest payload accepted, checked on the header before any payload is buffered; may change between frames. */
   maxPayload = MAX_FRAME_PAYLOAD;
 
+  /** Bytes taken from the front since the first push: where chunks[0] starts in the input. */
+  private taken = 0;
+  /** Where in the input the first frame not yet looked at starts (FrameLookahead). */
+  private lookedTo = 0;
+  private lookHead: Buffer | null = null;
+
   constructor(
     private readonly handler: FrameHandler,
     private readonly streamed: (type: FrameType) => boolean = () => false,
+    private readonly lookahead: FrameLookahead | null = null,
   ) {}
 
   get isPaused(): boolean {
@@ -304,7 +330,65 @@ export class FrameParser {
     if (chunk.length === 0) return;
     this.chunks.push(chunk);
     this.buffered += chunk.length;
+    if (this.lookahead !== null) this.lookAhead(this.lookahead);
     this.deliver();
+  }
+
+  /**
+   * Shows the lookahead the whole frames that arrived since it last looked. A frame whose payload is
+   * still arriving is looked at once it is whole; a streamed frame is stepped over from its header.
+   */
+  private lookAhead(lookahead: FrameLookahead): void {
+    const end = this.taken + this.buffered;
+    let at = this.lookedTo;
+    if (at + FRAME_HEADER_BYTES > end) return;
+    const head = (this.lookHead ??= Buffer.allocUnsafe(Math.max(FRAME_HEADER_BYTES, lookahead.headBytes)));
+    // A cursor on the chunks: chunk ci, byte off of it is input byte `at`.
+    let ci = 0;
+    let off = at - this.taken;
+    while (off >= this.chunks[ci].length) off -= this.chunks[ci++].length;
+    const copy = (n: number): void => {
+      for (let filled = 0; filled < n; ) {
+        const c = this.chunks[ci];
+        const take = Math.min(c.length - off, n - filled);
+        c.copy(head, filled, off, off + take);
+        filled += take;
+        off += take;
+        if (off === c.length && ci + 1 < this.chunks.length) {
+          ci++;
+          off = 0;
+        }
+      }
+    };
+    const skip = (n: number): void => {
+      off += n;
+      while (ci < this.chunks.length - 1 && off >= this.chunks[ci].length) off -= this.chunks[ci++].length;
+    };
+    let seen = false;
+    while (at + FRAME_HEADER_BYTES <= end) {
+      copy(FRAME_HEADER_BYTES);
+      const type = head[0] as FrameType;
+      const length = head.readUInt32BE(1);
+      if (length > 0 && this.streamed(type)) {
+        at += FRAME_HEADER_BYTES + length;
+        if (at >= end) break;
+        skip(length);
+        continue;
+      }
+      if (at + FRAME_HEADER_BYTES + length > end) break;
+      if (lookahead.wants(type)) {
+        const n = Math.min(lookahead.headBytes, length);
+        copy(n);
+        lookahead.look(type, head.subarray(0, n));
+        seen = true;
+        skip(length - n);
+      } else {
+        skip(length);
+      }
+      at += FRAME_HEADER_BYTES + length;
+    }
+    this.lookedTo = at;
+    if (seen) lookahead.looked();
   }
 
   pause(): void {
@@ -384,6 +468,7 @@ export class FrameParser {
       if (first.length === n) this.chunks.shift();
       else this.chunks[0] = first.subarray(n);
       this.buffered -= n;
+      this.taken += n;
       return out;
     }
     const out = Buffer.allocUnsafe(n);
@@ -404,7 +489,10 @@ export class FrameParser {
         i++;
       }
     }
-    if (remove) this.buffered -= n;
+    if (remove) {
+      this.buffered -= n;
+      this.taken += n;
+    }
     return out;
   }
 }
