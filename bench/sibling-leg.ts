@@ -19,6 +19,7 @@ import { freePort } from '../src/lab/vm/ports';
 import { disposeAllVms, QemuVm } from '../src/lab/vm/qemu-vm';
 import { QEMU_RELEASES, type QemuRelease, qemuBinary } from '../src/lab/vm/qemu-releases';
 import { WanEmulator } from '../src/lab/wan/emulator';
+import { gatewayNodeArgs } from './loopback-processes';
 
 const MiB = 2 ** 20;
 
@@ -61,7 +62,7 @@ async function startPair(dir: string, s: Setup, qemuPorts: [number, number]): Pr
       { vm: 'guest-b-alone', routePort: ports[4 + 3 * i], targetPort: qemuPorts[1 - i] },
     ];
     const yaml = loopbackMultiRouteYaml({ name, data: path.join(dir, name), peerPort: ports[i], farPeerPort: far[i], routes });
-    const gateway = await startSiteGateway(dir, name, yaml, 'child-process');
+    const gateway = await startSiteGateway(dir, name, yaml, 'child-process', { nodeArgs: gatewayNodeArgs });
     sites.push({ gateway, inbound: inbound[i], routePorts: Object.fromEntries(routes.map((r) => [r.vm, r.routePort])), qemuPort: qemuPorts[i] });
   }
   return [sites[0], sites[1]];
