@@ -78,3 +78,30 @@ describe('page deltas through a gateway pair', () => {
     expect(back.sent.counts.pagesReused).toBeGreaterThanOrEqual(copies.length);
   });
 });
+
+describe('with deltas: auto, on loopback (the gateways, not the WAN, set the pace)', () => {
+  let tmp = '';
+  let a: TestSite;
+  let b: TestSite;
+
+  beforeAll(async () => {
+    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-deltas-auto-'));
+    [a, b] = await startPair(tmp, ['', ''], undefined, [{ vm: 'vm1' }]);
+  });
+
+  afterAll(async () => {
+    await stopPair([a, b]);
+    fs.rmSync(tmp, { recursive: true, force: true });
+  });
+
+  test('pages alike still cross as deltas: the receiver reads their bases ahead or has them in memory (bases-ahead)', async () => {
+    const memory = guestMemory([['pc.ram', 3000]], 23);
+    const copies = [...copiesWithHeaders(memory, 0, 1000, 500), ...copiesWithHeaders(memory, 0, 2000, 500)];
+    const stream = migrationStream(memory, []);
+    const leg = await migrate(a, b, stream, 'vm1');
+    expect(leg.received.equals(stream)).toBe(true);
+    expect(leg.got.result).toBe('completed');
+    expect(leg.sent.counts.pagesDelta + leg.sent.counts.pagesMatched).toBeGreaterThanOrEqual(0.95 * copies.length);
+    expect(leg.got.counts.pagesDelta).toBe(leg.sent.counts.pagesDelta);
+  });
+});

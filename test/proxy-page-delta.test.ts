@@ -3,6 +3,7 @@ import { DIGEST_BYTES } from '../src/digest';
 import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
 import { StreamEncoder } from '../src/proxy/encoder';
 import { RECENT_PAGES, RecentPages } from '../src/proxy/recent-pages';
+import { BASES_WINDOW, BasesAhead } from '../src/proxy/bases-ahead';
 import { MultifdMigration } from '../src/proxy/multifd-migration';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, encodePageDelta, MAX_DELTA_BYTES } from '../src/proxy/page-delta';
 import { RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceKey } from '../src/proxy/resemblance-cache';
@@ -537,5 +538,35 @@ describe('recent pages', () => {
     expect(kept).toBe(RECENT_PAGES);
     expect(recent.find(3 * RECENT_PAGES - 1)).toBeGreaterThanOrEqual(0);
     expect(recent.content.length).toBe(RECENT_PAGES * PAGE);
+  });
+});
+
+describe('bases read ahead', () => {
+  test('every base noted is read once, before its frame is rebuilt, with never more than BASES_WINDOW reads ahead of the frames rebuilt', () => {
+    const issued: number[] = [];
+    const ahead = new BasesAhead({ prefetchPages: (indices, count) => void issued.push(...indices.subarray(0, count)) });
+    const noted = new Set<number>();
+    const frames = 3000;
+    // Bases noted a chunk at a time (a chunk of frames arrives), rebuilt one by one; some frames need no read.
+    let seen = 0;
+    for (let rebuilt = 0; rebuilt < frames; rebuilt++) {
+      if (rebuilt === seen) {
+        for (let k = 0; k < 700 && seen < frames; k++) {
+          seen++;
+          if (seen % 7 !== 0) {
+            ahead.note(seen, 100000 + seen);
+            noted.add(100000 + seen);
+          }
+        }
+        ahead.advance(rebuilt);
+      }
+      const frame = rebuilt + 1;
+      if (frame % 7 !== 0) expect(issued).toContain(100000 + frame);
+      ahead.advance(frame);
+      const inFlight = issued.filter((p) => p - 100000 > frame).length;
+      expect(inFlight).toBeLessThanOrEqual(BASES_WINDOW);
+    }
+    expect(issued.length).toBe(noted.size);
+    expect(new Set(issued).size).toBe(noted.size);
   });
 });

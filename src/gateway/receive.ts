@@ -142,7 +142,7 @@ export class ReceiveSession {
         wants: (type) => type === FrameType.Delta || type === FrameType.SiblingDelta,
         look: (type, head) => {
           if (type === FrameType.Delta) this.decoder?.aheadOfDelta(head, -1);
-          else if (head.length > SIBLING_DELTA_LEAD_BYTES) this.decoder?.aheadOfDelta(head.subarray(SIBLING_DELTA_LEAD_BYTES), head[0]);
+          else this.decoder?.aheadOfDelta(head.subarray(Math.min(SIBLING_DELTA_LEAD_BYTES, head.length)), head.length > 0 ? head[0] : -1);
         },
         looked: () => this.decoder?.prefetchAhead(),
       },

@@ -7,6 +7,7 @@ import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
 import { RecentPages } from './recent-pages';
+import { BasesAhead } from './bases-ahead';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { newCounts, type TransferCounts } from './transfer-counts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
@@ -22,17 +23,8 @@ const MAX_HELD_TAIL = 64 * 1024 * 1024;
 /** A sibling's retained snapshot as the receiver reads it: never written by this migration. */
 export type SiblingPages = Pick<RetainedPages, 'digests' | 'readPages' | 'prefetchPages'> & { readonly vm: string };
 
-/** Delta bases gathered for one prefetch, per store (this VM's, each sibling's): the native queue takes 128. */
-const BASES_AHEAD = 128;
-
 /** A Delta payload's first bytes that name its base: what aheadOfDelta() needs to see. */
 export const DELTA_AHEAD_BYTES = DELTA_BASE_DIGEST_AT + DIGEST_BYTES;
-
-/** Base pages of Deltas that have arrived and are not rebuilt yet, to be read from one store together. */
-class BasesAhead {
-  readonly pages = new Uint32Array(BASES_AHEAD);
-  count = 0;
-}
 
 /** The rebuilt stream cannot be trusted: the migration must fail rather than go on. */
 export class RebuildError extends Error {
@@ -69,8 +61,11 @@ export class StreamDecoder {
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
   /** Bases of the Deltas seen ahead (aheadOfDelta), for this VM's store and each sibling's (in siblings' order). */
-  private readonly ownAhead = new BasesAhead();
-  private siblingsAhead: BasesAhead[] = [];
+  private ownAhead: BasesAhead | null = null;
+  private readonly siblingsAhead: BasesAhead[] = [];
+  /** Delta and SiblingDelta frames seen ahead, and rebuilt (or being rebuilt): the same frames, numbered alike. */
+  private deltasSeen = 0;
+  private deltasRebuilt = 0;
   /**
    * Delta frames may come (the receiver's Offer listed them): the pages stored last are kept in memory
    * from the RAM layout on (RecentPages), since most Deltas name one of them as their base.
@@ -195,6 +190,7 @@ export class StreamDecoder {
    * sender's digests before a byte goes on.
    */
   delta(payload: Buffer): void {
+    this.rebuilding();
     const store = this.retainer.store;
     if (!store) throw new RebuildError('Delta frame, but this gateway keeps no store');
     this.patch(payload, store, null);
@@ -204,11 +200,14 @@ export class StreamDecoder {
   }
 
   /**
-   * A Delta frame has arrived and will be rebuilt soon: its base page is noted for prefetchAhead(), which
-   * has the store read the bases of many Deltas at once. `head`: the payload's first bytes (a SiblingDelta's
-   * after its lead byte). Only a hint: nothing is checked here that rebuilding does not check again.
+   * A Delta frame (`sibling` < 0) or SiblingDelta frame (from sibling `sibling`) has arrived and will be
+   * rebuilt soon, after those before it: its base page is noted, to be read ahead (BasesAhead) once
+   * prefetchAhead() is called. `head`: the payload's first bytes (a SiblingDelta's after its lead byte).
+   * Must see every such frame, in order, as delta() and siblingDelta() will. Only a hint: nothing is
+   * checked here that rebuilding does not check again.
    */
   aheadOfDelta(head: Buffer, sibling: number): void {
+    const frame = ++this.deltasSeen;
     if (head.length < DELTA_AHEAD_BYTES || this.layout === null) return;
     const from: SiblingPages | RetainedPages | null | undefined = sibling < 0 ? this.retainer.store : this.siblings[sibling];
     if (from === null || from === undefined || from.prefetchPages === undefined) return;
@@ -216,30 +215,31 @@ export class StreamDecoder {
     if (sibling < 0 && this.recent !== null && this.recent.find(base) >= 0) return;
     // Only a version the store holds; rebuilding fails the migration otherwise, with no read.
     if ((base + 1) * DIGEST_BYTES > from.digests.length || !sameDigest(from.digests, base * DIGEST_BYTES, head, DELTA_BASE_DIGEST_AT)) return;
-    let ahead = this.ownAhead;
-    if (sibling >= 0) {
-      while (this.siblingsAhead.length <= sibling) this.siblingsAhead.push(new BasesAhead());
+    let ahead: BasesAhead;
+    if (sibling < 0) {
+      ahead = this.ownAhead ??= new BasesAhead(from);
+    } else {
+      while (this.siblingsAhead.length <= sibling) this.siblingsAhead.push(new BasesAhead(this.siblings[this.siblingsAhead.length] ?? {}));
       ahead = this.siblingsAhead[sibling];
     }
-    if (ahead.count < BASES_AHEAD) ahead.pages[ahead.count++] = base;
+    ahead.note(frame, base);
   }
 
-  /** Has each store read ahead the bases aheadOfDelta() noted. */
+  /** Has each store start reading the bases aheadOfDelta() noted, a window ahead of the frames rebuilt. */
   prefetchAhead(): void {
-    if (this.ownAhead.count > 0) {
-      this.retainer.store?.prefetchPages?.(this.ownAhead.pages, this.ownAhead.count);
-      this.ownAhead.count = 0;
-    }
-    for (let k = 0; k < this.siblingsAhead.length; k++) {
-      const ahead = this.siblingsAhead[k];
-      if (ahead.count === 0) continue;
-      this.siblings[k]?.prefetchPages?.(ahead.pages, ahead.count);
-      ahead.count = 0;
-    }
+    this.ownAhead?.advance(this.deltasRebuilt);
+    for (const ahead of this.siblingsAhead) ahead.advance(this.deltasRebuilt);
+  }
+
+  /** A Delta or SiblingDelta is being rebuilt: the reads ahead move on past it. */
+  private rebuilding(): void {
+    this.deltasRebuilt++;
+    this.prefetchAhead();
   }
 
   /** A SiblingDelta: as a Delta, from a page of a sibling's snapshot this receiver confirmed. */
   siblingDelta(payload: Buffer): void {
+    this.rebuilding();
     if (payload.length < SIBLING_DELTA_LEAD_BYTES) throw new RebuildError('empty SiblingDelta frame');
     const sibling = this.siblings[payload[0]];
     if (sibling === undefined) throw new RebuildError(`SiblingDelta from sibling ${payload[0]}, but ${this.siblings.length} were confirmed`);
