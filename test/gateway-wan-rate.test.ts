@@ -8,6 +8,7 @@ describe('WanRate', () => {
   test('unmeasured until a whole window has passed, then bytes handed on over that window', () => {
     const rate = new WanRate();
     expect(rate.slowerThan(1e12)).toBe(false);
+    expect(rate.fasterThan(0)).toBe(false);
     rate.observe(0, 1000);
     rate.observe(5_000_000, 1000 + WINDOW_MS / 2); // a first burst into the kernel's buffer
     expect(rate.bytesPerSecond).toBe(-1);
@@ -22,6 +23,10 @@ describe('WanRate', () => {
     rate.observe(8_500_000 + 125_000_000 * 0.1, 1000 + 2 * WINDOW_MS + 300);
     expect(rate.bytesPerSecond).toBeCloseTo(125_000_000);
     expect(rate.slowerThan(16_384_000)).toBe(false);
+    // Slower than the 256 MB/s past which a match's work here costs more than the page's crossing.
+    expect(rate.fasterThan(4096 / 16e-6)).toBe(false);
+    rate.observe(21_000_000 + 500_000_000 * 0.1, 1000 + 2 * WINDOW_MS + 400);
+    expect(rate.fasterThan(4096 / 16e-6)).toBe(true);
   });
 
   test('a link that took nothing over a window is slow, not unmeasured', () => {

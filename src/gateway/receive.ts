@@ -329,7 +329,6 @@ export class ReceiveSession {
         this.group?.ready();
         if (this.siblings && this.decoder) this.decoder.siblings = this.siblings.stores;
         const deltas = store !== null && this.options.deltas !== 'off';
-        if (this.decoder) this.decoder.takesDeltas = deltas;
         this.writeFrame(
           encodeJson(FrameType.Offer, {
             site: this.options.site,

@@ -52,6 +52,13 @@ import { WanRate } from './wan-rate';
 
 /** A link slower than this takes longer for a page than the store read a delta or a content match costs. */
 const READS_PAY_BELOW_BYTES_PER_S = X86_PAGE_SIZE / (DELTA_READ_BUDGET_US / 1e6);
+/**
+ * To a receiver that reads bases ahead: a link slower than this (about 2 Gbit/s) takes longer for a page
+ * than the work a match or a delta against a page alike costs this gateway (a copy into the resemblance
+ * cache, a lookup, an encode now and then: a few µs). Faster (loopback, a LAN) they cost more time than
+ * the bytes they save, on guests whose pages resemble nothing most of all.
+ */
+const RECEIVER_READS_PAY_BELOW_BYTES_PER_S = X86_PAGE_SIZE / 16e-6;
 
 /**
  * A source that sends nothing for this long in its device-state tail, without closing, is taken to have
@@ -119,6 +126,8 @@ export class SendSession {
   private readonly returnPath = new ReturnPathMessages();
   /** How fast the WAN takes this session's frames: whether a page crosses slower than a store read. */
   private readonly wanRate = new WanRate();
+  /** The receiver's Offer lists `bases-ahead`: it reads Delta bases ahead, in parallel or from memory. */
+  private receiverReadsAhead = false;
   /** Stream bytes the last Seal covered. */
   private sealedBytes = 0;
   /** Fires when the source has sent nothing for QUIET_SEAL_MS (re-armed by every read). */
@@ -327,7 +336,7 @@ export class SendSession {
       this.reads.pooled,
     );
     this.encoder.deltas = this.options.deltas !== 'off' && offers(offer, Feature.Delta);
-    this.encoder.receiverReadsAhead = offers(offer, Feature.BasesAhead);
+    this.receiverReadsAhead = offers(offer, Feature.BasesAhead);
     if (this.encoder.deltas) this.encoder.siblings = this.siblings?.confirmed(offer) ?? null;
     this.siblings = null;
     this.group.ready();
@@ -397,6 +406,7 @@ export class SendSession {
     this.wanRate.observe(this.life.wanOut - this.peer.writableLength, performance.now());
     this.encoder.deltaReadsFree =
       this.options.deltas === 'always' || ((this.literals?.policy.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
+    this.encoder.receiverReadsAhead = this.receiverReadsAhead && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);
     // Every frame this chunk produces leaves in one writev.
     this.peer.cork();
     try {

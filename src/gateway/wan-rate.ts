@@ -30,6 +30,11 @@ export class WanRate {
     this.windowBytes = sentBytes;
   }
 
+  /** Whether the WAN was measured to take `bytesPerSecond` or more; false until measured. */
+  fasterThan(bytesPerSecond: number): boolean {
+    return this.bytesPerSecond >= bytesPerSecond;
+  }
+
   /** Whether the WAN was measured to take fewer than `bytesPerSecond`; false until measured. */
   slowerThan(bytesPerSecond: number): boolean {
     return this.bytesPerSecond >= 0 && this.bytesPerSecond < bytesPerSecond;

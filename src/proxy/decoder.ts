@@ -67,10 +67,10 @@ export class StreamDecoder {
   private deltasSeen = 0;
   private deltasRebuilt = 0;
   /**
-   * Delta frames may come (the receiver's Offer listed them): the pages stored last are kept in memory
-   * from the RAM layout on (RecentPages), since most Deltas name one of them as their base.
+   * The pages stored last, kept from the first Delta against another page on (most such Deltas name one
+   * of them): before that, copying every page stored would cost a receiver that gets none (a guest whose
+   * pages resemble nothing, a fast link) a microsecond a page.
    */
-  takesDeltas = true;
   private recent: RecentPages | null = null;
   /**
    * The migration's multifd channels, when it may have some (set from onLayout): the main channel's
@@ -212,7 +212,8 @@ export class StreamDecoder {
     const from: SiblingPages | RetainedPages | null | undefined = sibling < 0 ? this.retainer.store : this.siblings[sibling];
     if (from === null || from === undefined || from.prefetchPages === undefined) return;
     const base = head.readUInt32BE(4);
-    if (sibling < 0 && this.recent !== null && this.recent.find(base) >= 0) return;
+    // A page's own version is read in stream order, with the Runs around it: the store reads that ahead.
+    if (sibling < 0 && (base === head.readUInt32BE(0) || (this.recent !== null && this.recent.find(base) >= 0))) return;
     // Only a version the store holds; rebuilding fails the migration otherwise, with no read.
     if ((base + 1) * DIGEST_BYTES > from.digests.length || !sameDigest(from.digests, base * DIGEST_BYTES, head, DELTA_BASE_DIGEST_AT)) return;
     let ahead: BasesAhead;
@@ -259,6 +260,7 @@ export class StreamDecoder {
     // A page stored moments ago is still in memory; one whose copy there is stale is read from the store.
     let baseBytes: Buffer = this.pages;
     let baseAt = 0;
+    if (sibling === null && base !== page) this.recent ??= new RecentPages(this.layout.pageCount, X86_PAGE_SIZE);
     const recent = from === this.retainer.store ? this.recent : null;
     if (recent !== null) {
       baseAt = recent.find(base);
@@ -460,7 +462,7 @@ export class StreamDecoder {
       case RecordKind.RamBlockList:
         this.layout = layoutOf(record.blocks);
         this.retainer.store?.begin(this.layout);
-        this.recent = this.retainer.store !== null && this.takesDeltas ? new RecentPages(this.layout.pageCount, X86_PAGE_SIZE) : null;
+        this.recent = null;
         this.onLayout(this.layout);
         return;
       case RecordKind.RamPage: {

@@ -120,9 +120,11 @@ export class StreamEncoder {
    */
   deltaReadsFree = true;
   /**
-   * The receiver reads the bases of the Deltas in a chunk together, in parallel (Feature.BasesAhead): a
-   * base read there costs little, so matches and deltas against pages like one sent lately pay on any
-   * link. A delta against a page's own version still reads this side's store, and waits for deltaReadsFree.
+   * The receiver reads the bases of the Deltas it gets ahead, in parallel or from memory
+   * (Feature.BasesAhead), and the link is one where bytes still cost more than this side's work on a page
+   * (the session says so per chunk): matches and deltas against pages like one sent lately pay although
+   * the gateways set the pace. A delta against a page's own version still reads this side's store, and
+   * waits for deltaReadsFree.
    */
   receiverReadsAhead = false;
   /**
