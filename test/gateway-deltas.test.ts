@@ -11,24 +11,28 @@ import { copiesWithHeaders, dirty, guestMemory, migrationStream, PAGE, patchPage
 
 const migrate = migrateThroughPair;
 
-describe('page deltas through a gateway pair', () => {
+/** Has a gateway pair started (startPair's arguments after the directory) before the enclosing describe's tests, stopped after. */
+function pairForTests(...args: Parameters<typeof startPair> extends [string, ...infer Rest] ? Rest : never): () => [TestSite, TestSite] {
   let tmp = '';
-  let a: TestSite;
-  let b: TestSite;
-
+  let pair: [TestSite, TestSite] | null = null;
   beforeAll(async () => {
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-deltas-'));
-    // `deltas: always`: on loopback the WAN never sets the pace, and whether the store reads count as
-    // quick is the machine's doing (`auto`, the default).
-    [a, b] = await startPair(tmp, ['deltas: always\n', 'deltas: always\n'], undefined, [{ vm: 'vm1' }, { vm: 'vm2' }]);
+    pair = await startPair(tmp, ...args);
   });
-
   afterAll(async () => {
-    await stopPair([a, b]);
+    if (pair) await stopPair(pair);
     fs.rmSync(tmp, { recursive: true, force: true });
   });
+  return () => pair as [TestSite, TestSite];
+}
+
+describe('page deltas through a gateway pair', () => {
+  // `deltas: always`: on loopback the WAN never sets the pace, and whether the store reads count as
+  // quick is the machine's doing (`auto`, the default).
+  const pair = pairForTests(['deltas: always\n', 'deltas: always\n'], undefined, [{ vm: 'vm1' }, { vm: 'vm2' }]);
 
   test('there, back with small in-page changes, and back again with pages rewritten whole', async () => {
+    const [a, b] = pair();
     const memory = guestMemory([['pc.ram', 4000]], 21);
     const first = migrationStream(memory, []);
     const leg1 = await migrate(a, b, first);
@@ -60,6 +64,7 @@ describe('page deltas through a gateway pair', () => {
   });
 
   test('a first leg: pages alike in all but a header cross as deltas against the first of them, byte for byte', async () => {
+    const [a, b] = pair();
     const memory = guestMemory([['pc.ram', 3000]], 22);
     // Three copies of each of pages 0..499 further on, as a heap holding file pages thrice.
     const copies = [...copiesWithHeaders(memory, 0, 1000, 500), ...copiesWithHeaders(memory, 0, 1500, 500), ...copiesWithHeaders(memory, 0, 2000, 500)];
@@ -80,23 +85,12 @@ describe('page deltas through a gateway pair', () => {
 });
 
 describe('with deltas: auto, over an 800 Mbit/s link (the gateways, not the WAN, set the pace)', () => {
-  let tmp = '';
-  let a: TestSite;
-  let b: TestSite;
-
-  beforeAll(async () => {
-    tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-deltas-auto-'));
-    // Faster than the 130 Mbit/s below which store reads count as free, slower than the 2 Gbit/s past which
-    // a match's work costs the sender more than the page's crossing.
-    [a, b] = await startPair(tmp, ['', ''], { rateMbit: 800, delayMs: 1 }, [{ vm: 'vm1' }]);
-  });
-
-  afterAll(async () => {
-    await stopPair([a, b]);
-    fs.rmSync(tmp, { recursive: true, force: true });
-  });
+  // Faster than the 130 Mbit/s below which store reads count as free, slower than the 2 Gbit/s past which
+  // a match's work costs the sender more than the page's crossing.
+  const pair = pairForTests(['', ''], { rateMbit: 800, delayMs: 1 }, [{ vm: 'vm1' }]);
 
   test('pages alike still cross as deltas: the receiver reads their bases ahead or has them in memory (bases-ahead)', async () => {
+    const [a, b] = pair();
     const memory = guestMemory([['pc.ram', 12000]], 23);
     const copies = [...copiesWithHeaders(memory, 0, 4000, 2000), ...copiesWithHeaders(memory, 0, 8000, 2000)];
     const stream = migrationStream(memory, []);
