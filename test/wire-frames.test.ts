@@ -161,7 +161,8 @@ describe('lookahead', () => {
           {
             headBytes: 8,
             wants: (type) => type === FrameType.Delta,
-            look: (type, head) => {
+            look: (type, buffer, length) => {
+              const head = buffer.subarray(0, length);
               expect(type).toBe(FrameType.Delta);
               if (head.length < 8) return events.push(`short ${head.toString('hex')}`);
               const n = head.readUInt32BE(0);

@@ -140,9 +140,9 @@ export class ReceiveSession {
       {
         headBytes: SIBLING_DELTA_LEAD_BYTES + DELTA_AHEAD_BYTES,
         wants: (type) => type === FrameType.Delta || type === FrameType.SiblingDelta,
-        look: (type, head) => {
-          if (type === FrameType.Delta) this.decoder?.aheadOfDelta(head, -1);
-          else this.decoder?.aheadOfDelta(head.subarray(Math.min(SIBLING_DELTA_LEAD_BYTES, head.length)), head.length > 0 ? head[0] : -1);
+        look: (type, head, length) => {
+          if (type === FrameType.Delta) this.decoder?.aheadOfDelta(head, 0, length, -1);
+          else this.decoder?.aheadOfDelta(head, SIBLING_DELTA_LEAD_BYTES, length, length > 0 ? head[0] : -1);
         },
         looked: () => this.decoder?.prefetchAhead(),
       },

@@ -202,20 +202,20 @@ export class StreamDecoder {
   /**
    * A Delta frame (`sibling` < 0) or SiblingDelta frame (from sibling `sibling`) has arrived and will be
    * rebuilt soon, after those before it: its base page is noted, to be read ahead (BasesAhead) once
-   * prefetchAhead() is called. `head`: the payload's first bytes (a SiblingDelta's after its lead byte).
-   * Must see every such frame, in order, as delta() and siblingDelta() will. Only a hint: nothing is
-   * checked here that rebuilding does not check again.
+   * prefetchAhead() is called. head[0 .. length): the payload's first bytes, the Delta payload starting
+   * at `at` (a SiblingDelta's after its lead byte). Must see every such frame, in order, as delta() and
+   * siblingDelta() will. Only a hint: nothing is checked here that rebuilding does not check again.
    */
-  aheadOfDelta(head: Buffer, sibling: number): void {
+  aheadOfDelta(head: Buffer, at: number, length: number, sibling: number): void {
     const frame = ++this.deltasSeen;
-    if (head.length < DELTA_AHEAD_BYTES || this.layout === null) return;
+    if (length - at < DELTA_AHEAD_BYTES || this.layout === null) return;
     const from: SiblingPages | RetainedPages | null | undefined = sibling < 0 ? this.retainer.store : this.siblings[sibling];
     if (from === null || from === undefined || from.prefetchPages === undefined) return;
-    const base = head.readUInt32BE(4);
+    const base = head.readUInt32BE(at + 4);
     // A page's own version is read in stream order, with the Runs around it: the store reads that ahead.
-    if (sibling < 0 && (base === head.readUInt32BE(0) || (this.recent !== null && this.recent.find(base) >= 0))) return;
+    if (sibling < 0 && (base === head.readUInt32BE(at) || (this.recent !== null && this.recent.find(base) >= 0))) return;
     // Only a version the store holds; rebuilding fails the migration otherwise, with no read.
-    if ((base + 1) * DIGEST_BYTES > from.digests.length || !sameDigest(from.digests, base * DIGEST_BYTES, head, DELTA_BASE_DIGEST_AT)) return;
+    if ((base + 1) * DIGEST_BYTES > from.digests.length || !sameDigest(from.digests, base * DIGEST_BYTES, head, at + DELTA_BASE_DIGEST_AT)) return;
     let ahead: BasesAhead;
     if (sibling < 0) {
       ahead = this.ownAhead ??= new BasesAhead(from);

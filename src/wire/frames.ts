@@ -281,8 +281,11 @@ export interface FrameLookahead {
   /** Payload bytes wanted of each frame of the types `wants` names. */
   readonly headBytes: number;
   wants(type: FrameType): boolean;
-  /** A whole frame has arrived: its first min(headBytes, length) payload bytes (valid during the call). */
-  look(type: FrameType, head: Buffer): void;
+  /**
+   * A whole frame has arrived: its first `length` = min(headBytes, payload length) payload bytes are
+   * head[0 .. length) (a buffer reused from call to call: valid during the call only).
+   */
+  look(type: FrameType, head: Buffer, length: number): void;
   /** Every whole frame that arrived has been looked at; their delivery follows. */
   looked(): void;
 }
@@ -379,7 +382,7 @@ export class FrameParser {
       if (lookahead.wants(type)) {
         const n = Math.min(lookahead.headBytes, length);
         copy(n);
-        lookahead.look(type, head.subarray(0, n));
+        lookahead.look(type, head, n);
         seen = true;
         skip(length - n);
       } else {
