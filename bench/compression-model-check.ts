@@ -20,22 +20,22 @@ import { parseArgs } from 'node:util';
 import type { BenchResults, LegResult } from '../src/lab/demo/backforth';
 import { inputsFor, mb, pct } from '../src/lab/harness/model-check';
 import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10, calibrateFromBaseline } from '../src/model/calibration';
-import { framingWanBytes, PAGE_BYTES, type Platform, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
+import { NORMAL_PAGE_STREAM_BYTES, PAGE_BYTES, type Platform, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
 import { median } from '../src/common/median';
 
 const PLATFORMS: Record<string, Platform> = { bench: BENCH_PLATFORM, 'bench-qemu10': BENCH_PLATFORM_QEMU10 };
 
 /**
- * The compression ratio of the leg's Literal bytes, the model's input: its WAN bytes less what was never
- * compressed (Runs, deltas, control frames: framingWanBytes), over that plus the bytes zstd saved. Over
- * all WAN bytes instead, an idle back leg (a third of its bytes Runs) would be given a ratio half again
- * too high.
+ * The compression ratio of the leg's Literal bytes, the model's input: one less the bytes zstd saved over
+ * the Literal bytes before compression, which are known (the pages sent whole, as records, and the
+ * device state). Taken from the WAN side instead (WAN bytes less the Runs, deltas and control frames
+ * framingWanBytes estimates), a back leg whose changed pages cluster breaks fewer Runs than the model's
+ * scattered pages, its estimate of the framing exceeds its WAN bytes, and its ratio comes out 0.53 where
+ * zstd made 114 kB of device state into 7 kB.
  */
 function literalRatio(leg: LegResult, platform: Platform): number {
-  const deltas = leg.pagesDelta + leg.pagesMatched;
-  const pages = { held: leg.pagesReused, zero: leg.qemuZeroPages, whole: leg.pagesSent, deltas, deltaPayloadBytes: leg.deltaBytes };
-  const literal = leg.wanBytes - framingWanBytes(pages, leg.leg > 1) - platform.bfmigControlBytes;
-  return literal > 0 ? literal / (literal + leg.compressionSavedBytes) : leg.wanBytes / (leg.wanBytes + leg.compressionSavedBytes);
+  const raw = leg.pagesSent * NORMAL_PAGE_STREAM_BYTES + platform.deviceStateBytes;
+  return Math.max(0.001, 1 - leg.compressionSavedBytes / raw);
 }
 
 /** What the leg's sending gateway measured, as model inputs. */

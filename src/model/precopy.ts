@@ -407,30 +407,6 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
   });
 }
 
-/** What a bfmig leg carried, by kind of page, as its gateways count it. */
-export interface LegPages {
-  /** Pages the receiver rebuilt from its store (in Runs). */
-  held: number;
-  /** QEMU's zero (fill) pages (in Runs). */
-  zero: number;
-  /** Pages sent whole. */
-  whole: number;
-  /** Pages sent as deltas or content matches, and their payloads' bytes. */
-  deltas: number;
-  deltaPayloadBytes: number;
-}
-
-/**
- * The WAN bytes of a bfmig leg that compression does not work on, as predictBfmig counts them: the
- * held and zero pages' share of Runs, a Run for each page a back leg carries (its changed pages are
- * scattered among held ones), the deltas' frames and payloads. A leg's measured WAN bytes less these and
- * `bfmigControlBytes` are its Literal bytes after compression: what its compression ratio is of.
- */
-export function framingWanBytes(pages: LegPages, warm: boolean): number {
-  const runsBroken = warm ? pages.whole + pages.deltas : 0;
-  return pages.held * HELD_PAGE_WAN_BYTES + pages.zero * ZERO_PAGE_WAN_BYTES + runsBroken * RUN_FRAME_BYTES + pages.deltas * DELTA_FRAMING_WAN_BYTES + pages.deltaPayloadBytes;
-}
-
 /** Smallest x in [lo, hi] where f turns true, by bisection (f monotone); null when f(hi) is false. */
 function firstTrue(lo: number, hi: number, f: (x: number) => boolean, geometric = false): number | null {
   if (!f(hi)) return null;
