@@ -6,7 +6,7 @@ import { RECENT_PAGES, RecentPages } from '../src/proxy/recent-pages';
 import { BASES_WINDOW, BasesAhead } from '../src/proxy/bases-ahead';
 import { MultifdMigration } from '../src/proxy/multifd-migration';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, encodePageDelta, MAX_DELTA_BYTES } from '../src/proxy/page-delta';
-import { RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceKey } from '../src/proxy/resemblance-cache';
+import { QUIET_ADDS, QUIET_SAMPLE, RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceKey } from '../src/proxy/resemblance-cache';
 import { digestOne, digestWords, newDigestBuffer } from '../src/digest';
 import { PageStore } from '../src/store';
 import { FRAME_HEADER_BYTES } from '../src/wire/frames';
@@ -499,6 +499,28 @@ describe('resemblance keys and index', () => {
     }
     expect(cache.content().length).toBe(RESEMBLANCE_CACHE_PAGES * PAGE);
     expect(cache.digests.length).toBe(RESEMBLANCE_CACHE_PAGES * DIGEST_BYTES);
+  });
+  test('while nothing resembles it keeps one key in QUIET_SAMPLE, and a key found brings every key back', () => {
+    const cache = new ResemblanceCache(10_000_000, PAGE);
+    const next = lcg(24);
+    const page = randomPage(next);
+    const words = new Uint32Array(4);
+    const addNew = (i: number): number => {
+      page.writeUInt32LE(next(), RESEMBLANCE_AT);
+      const key = resemblanceKey(page, 0);
+      cache.add(key, i, page, 0, words, 0);
+      return key;
+    };
+    // QUIET_ADDS pages that nothing looked for found: each kept.
+    for (let i = 0; i < QUIET_ADDS; i++) addNew(i);
+    // Then a sample: of 4,000 more, about one in QUIET_SAMPLE is kept.
+    const late = Array.from({ length: 4000 }, (_, i) => addNew(QUIET_ADDS + i));
+    const keptLate = late.filter((key) => cache.find(key) >= 0).length;
+    expect(keptLate).toBeGreaterThan(4000 / QUIET_SAMPLE / 2);
+    expect(keptLate).toBeLessThan((4000 / QUIET_SAMPLE) * 2);
+    // Those finds found keys: the next pages are kept, every one.
+    const after = Array.from({ length: 200 }, (_, i) => addNew(QUIET_ADDS + 4000 + i));
+    expect(after.filter((key) => cache.find(key) >= 0).length).toBeGreaterThan(195);
   });
 });
 

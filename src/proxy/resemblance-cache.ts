@@ -32,6 +32,13 @@ export function resemblanceKey(page: Buffer, pageStart: number): number {
 
 /** Entries per bucket: a key is looked for in one bucket of four. */
 const WAYS = 4;
+/**
+ * Adds in a row with no key looked for found (nothing resembling what was kept) after which the cache
+ * keeps only the keys of one bucket in QUIET_SAMPLE: on memory that resembles nothing (pseudo-random,
+ * already-compressed) the copy of every page sent and a cache's worth of touched memory buy nothing.
+ */
+export const QUIET_ADDS = 4096;
+export const QUIET_SAMPLE = 16;
 /** Most pages a ResemblanceCache keeps: 32 MiB of page content. */
 export const RESEMBLANCE_CACHE_PAGES = 8192;
 
@@ -45,8 +52,9 @@ export const RESEMBLANCE_CACHE_PAGES = 8192;
  * Buckets of four entries, the bucket chosen by the key; an entry for the same key is replaced (any
  * page of a key serves), a full bucket gives up its entries in turn. At most RESEMBLANCE_CACHE_PAGES
  * entries (fewer for a smaller guest), each 4 KiB of content and 24 bytes of key, page and digest,
- * the content allocated at the first add: only on the sending gateway, only once it looks for
- * resemblance, one per migration.
+ * the content allocated at the first add (and resident only where entries were written: a sixteenth of
+ * it while nothing resembles): only on the sending gateway, only once it looks for resemblance, one per
+ * migration.
  */
 export class ResemblanceCache {
   /** Key and page of each entry side by side. */
@@ -59,6 +67,10 @@ export class ResemblanceCache {
   private readonly bucketMask: number;
   private readonly capacity: number;
   private victim = 0;
+  /** Adds since a key looked for was last found. */
+  private quiet = 0;
+  /** While quiet, only keys of buckets below this are kept. */
+  private readonly sampledBuckets: number;
 
   constructor(
     /** Pages of the guest's RAM: a smaller guest gets a smaller cache. */
@@ -72,6 +84,7 @@ export class ResemblanceCache {
     this.digests = new Uint8Array(16 * capacity);
     this.digestWords = digestWords(this.digests);
     this.bucketMask = capacity / WAYS - 1;
+    this.sampledBuckets = capacity / WAYS / QUIET_SAMPLE;
   }
 
   /**
@@ -80,8 +93,12 @@ export class ResemblanceCache {
    */
   add(key: number, page: number, src: Buffer, srcStart: number, digestWords: Uint32Array, digestAt: number): void {
     if (key === 0) return;
+    const bucket = key & this.bucketMask;
+    // While nothing resembles, a sample by key: two pages alike share their key, so resemblance that
+    // begins is still seen (in one bucket of QUIET_SAMPLE) and brings every key back.
+    if (this.quiet++ >= QUIET_ADDS && bucket >= this.sampledBuckets) return;
     const entries = this.entries;
-    const first = (key & this.bucketMask) * WAYS;
+    const first = bucket * WAYS;
     let e = first;
     while (e < first + WAYS && entries[2 * e] !== key && entries[2 * e] !== 0) e++;
     if (e === first + WAYS) e = first + (this.victim++ & (WAYS - 1));
@@ -100,7 +117,12 @@ export class ResemblanceCache {
     if (key === 0) return -1;
     const entries = this.entries;
     const first = (key & this.bucketMask) * WAYS;
-    for (let e = first; e < first + WAYS; e++) if (entries[2 * e] === key) return e;
+    for (let e = first; e < first + WAYS; e++) {
+      if (entries[2 * e] === key) {
+        this.quiet = 0;
+        return e;
+      }
+    }
     return -1;
   }
 
