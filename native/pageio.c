@@ -22,6 +22,8 @@
  * pageioPrefetch queues such pages to a small pool of reader threads as soon as the caller knows it
  * will want them; a pageioRead of one of them takes the bytes read (waiting if the read is under way).
  * A prefetched page that a later write overlaps is dropped, as a read-ahead is.
+ * pageioPrefetchRanges does the same for ranges of pages (a back leg's multifd Runs, which the channels
+ * read in turn from as many places of the file: one stream read-ahead cannot follow them).
  *
  * A failed write is reported once, by the next pageioWrite or pageioDrain, as the range of the file
  * that may not hold what was written (errno and [start, end)); the caller must stop trusting it.
@@ -63,6 +65,13 @@
    about this many reads at once before more stop paying (measured: 16 in parallel, ~15 us a page). */
 #define PIO_PREFETCH_SLOTS 128
 #define PIO_PREFETCH_THREADS 12
+/* Ranges read ahead by the same pool (pageioPrefetchRanges): a back leg's multifd Runs, a packet's pages
+   each (512 KiB on x86), which a receiver's channels read in turn from all over the file, so that neither
+   the stream read-ahead nor its strides follow them. Slots of their own, allocated at the first use
+   (16 MiB): the channels share them, 4 Runs ahead each (src/proxy/reads-ahead.ts), so 8 channels at once. */
+#define PIO_RANGE_SLOTS 32
+#define PIO_RANGE_BYTES (512 * 1024)
+#define PIO_RANGE_QUEUE (4 * PIO_RANGE_SLOTS)
 /* A stream read this large starts read-ahead without waiting for a second one. */
 #define PIO_STREAM_READ_BYTES (64 * 1024)
 
@@ -93,6 +102,17 @@ typedef struct {
   off_t pos;
   uint64_t seq; /* queue order: the pool reads the oldest first, a new prefetch evicts the oldest unread */
 } pio_page;
+
+/* A range read ahead by the reader pool: state as a slot's (FREE, QUEUED, BUSY, DONE). */
+typedef struct {
+  int state;
+  int stale; /* written since it was queued: never served */
+  int err;
+  off_t pos;
+  size_t len;
+  size_t got;
+  uint64_t seq; /* a new prefetch evicts the oldest range read and not asked for */
+} pio_range;
 
 typedef struct {
   int fd;
@@ -129,6 +149,13 @@ typedef struct {
   pthread_cond_t pf_cv;
   pthread_t pf_threads[PIO_PREFETCH_THREADS];
   int pf_started;
+  /* Ranges read ahead (pageioPrefetchRanges), their buffers (PIO_RANGE_BYTES each) and the pool's queue
+     of them, oldest first (a slot taken over or dropped since is passed over). */
+  pio_range rg[PIO_RANGE_SLOTS];
+  uint8_t *rg_region;
+  uint64_t rg_seq;
+  int rg_queue[PIO_RANGE_QUEUE];
+  int rg_qhead, rg_qlen;
   uint8_t *write_region; /* the write slots' buffers, one huge-page-aligned region */
   uint8_t *read_region;  /* the read-ahead slots' buffers, likewise */
 } pio;
@@ -214,12 +241,29 @@ static void pio_wait_writes(pio *p, off_t pos, size_t len) {
   while (pio_writing(p, pos, len)) pthread_cond_wait(&p->cv, &p->mu);
 }
 
-/* The reader pool: reads the oldest queued prefetch, until the handle closes. */
+/* Reads len bytes at pos into buf with pread (mu not held): how many it got, and the errno in *err. */
+static size_t pio_pread(pio *p, uint8_t *buf, size_t len, off_t pos, int *err) {
+  size_t done = 0;
+  *err = 0;
+  while (done < len) {
+    ssize_t n = pread(p->fd, buf + done, len - done, pos + (off_t)done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      *err = errno;
+      break;
+    }
+    if (n == 0) break;
+    done += (size_t)n;
+  }
+  return done;
+}
+
+/* The reader pool: reads the oldest queued lone page, else the oldest queued range, until the handle closes. */
 static void *pio_pf_thread(void *arg) {
   pio *p = (pio *)arg;
   pthread_mutex_lock(&p->mu);
   for (;;) {
-    int s = -1;
+    int s = -1, r = -1;
     while (!p->closing) {
       while (p->pf_qlen > 0 && s < 0) {
         int q = p->pf_queue[p->pf_qhead];
@@ -227,24 +271,41 @@ static void *pio_pf_thread(void *arg) {
         p->pf_qlen--;
         if (p->pf[q].state == SLOT_QUEUED) s = q;
       }
-      if (s >= 0) break;
+      while (s < 0 && p->rg_qlen > 0 && r < 0) {
+        int q = p->rg_queue[p->rg_qhead];
+        p->rg_qhead = (p->rg_qhead + 1) % PIO_RANGE_QUEUE;
+        p->rg_qlen--;
+        if (p->rg[q].state == SLOT_QUEUED) r = q;
+      }
+      if (s >= 0 || r >= 0) break;
       pthread_cond_wait(&p->pf_cv, &p->mu);
     }
     if (p->closing) break;
-    pio_page *pg = &p->pf[s];
-    pg->state = SLOT_BUSY;
-    off_t pos = pg->pos;
-    uint8_t *buf = p->pf_region + (size_t)s * PIO_ALIGN;
-    pthread_mutex_unlock(&p->mu);
     int err = 0;
-    ssize_t n;
-    do n = pread(p->fd, buf, PIO_ALIGN, pos);
-    while (n < 0 && errno == EINTR);
-    if (n < 0) err = errno;
-    else if (n < PIO_ALIGN) err = EIO;
-    pthread_mutex_lock(&p->mu);
-    pg->err = err;
-    pg->state = pg->stale ? SLOT_FREE : SLOT_DONE;
+    if (s >= 0) {
+      pio_page *pg = &p->pf[s];
+      pg->state = SLOT_BUSY;
+      off_t pos = pg->pos;
+      uint8_t *buf = p->pf_region + (size_t)s * PIO_ALIGN;
+      pthread_mutex_unlock(&p->mu);
+      size_t got = pio_pread(p, buf, PIO_ALIGN, pos, &err);
+      if (err == 0 && got < PIO_ALIGN) err = EIO;
+      pthread_mutex_lock(&p->mu);
+      pg->err = err;
+      pg->state = pg->stale ? SLOT_FREE : SLOT_DONE;
+    } else {
+      pio_range *rg = &p->rg[r];
+      rg->state = SLOT_BUSY;
+      off_t pos = rg->pos;
+      size_t len = rg->len;
+      uint8_t *buf = p->rg_region + (size_t)r * PIO_RANGE_BYTES;
+      pthread_mutex_unlock(&p->mu);
+      size_t got = pio_pread(p, buf, len, pos, &err);
+      pthread_mutex_lock(&p->mu);
+      rg->err = err;
+      rg->got = got;
+      rg->state = rg->stale ? SLOT_FREE : SLOT_DONE;
+    }
     pthread_cond_broadcast(&p->cv);
   }
   pthread_mutex_unlock(&p->mu);
@@ -303,6 +364,13 @@ static void pio_drop_reads(pio *p, off_t pos, size_t len, int all) {
     if (pg->state == SLOT_BUSY) pg->stale = 1;
     else pg->state = SLOT_FREE;
   }
+  for (int i = 0; i < PIO_RANGE_SLOTS; i++) {
+    pio_range *rg = &p->rg[i];
+    if (rg->state == SLOT_FREE || rg->stale) continue;
+    if (!all && !overlaps(rg->pos, rg->len, pos, len)) continue;
+    if (rg->state == SLOT_BUSY) rg->stale = 1;
+    else rg->state = SLOT_FREE;
+  }
 }
 
 static void pio_destroy(pio *p) {
@@ -326,6 +394,8 @@ static void pio_destroy(pio *p) {
   p->read_region = NULL;
   free(p->pf_region);
   p->pf_region = NULL;
+  free(p->rg_region);
+  p->rg_region = NULL;
   /* Exported write buffers stay until their ArrayBuffers are collected (pio_release). */
   free(p->bounce);
   p->bounce = NULL;
@@ -709,6 +779,24 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
         pg->state = SLOT_FREE;
       }
     }
+    for (int r = 0; r < PIO_RANGE_SLOTS && !served; r++) {
+      pio_range *rg = &p->rg[r];
+      if (rg->state == SLOT_FREE || rg->stale || rg->pos > at || at + (off_t)part > rg->pos + (off_t)rg->len) continue;
+      if (rg->state == SLOT_QUEUED) {
+        rg->state = SLOT_FREE; /* no reader has started it: read it here, not behind the others */
+        break;
+      }
+      /* Only this thread drops ranges read ahead, so it stays current while the pool finishes it. */
+      while (rg->state == SLOT_BUSY) pthread_cond_wait(&p->cv, &p->mu);
+      if (rg->state == SLOT_DONE && rg->err == 0 && (size_t)(at - rg->pos) + part <= rg->got) {
+        memcpy(dest, p->rg_region + (size_t)r * PIO_RANGE_BYTES + (at - rg->pos), part);
+        served = 1;
+        /* A Run's pages are read once: a range read to its end is done with. */
+        if (at + (off_t)part == rg->pos + (off_t)rg->len) rg->state = SLOT_FREE;
+      } else if (rg->state == SLOT_DONE) {
+        rg->state = SLOT_FREE;
+      }
+    }
     for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS && !served; s++) {
       pio_slot *sl = &p->slots[s];
       /* A window read ahead (at its aligned start) or a strided read-ahead that covers the part. */
@@ -829,6 +917,92 @@ static napi_value PageioPrefetch(napi_env env, napi_callback_info info) {
   return r;
 }
 
+/* Whether a range read ahead and not dropped covers [pos, pos + len) (mu held). */
+static int pio_rg_covers(pio *p, off_t pos, size_t len) {
+  for (int i = 0; i < PIO_RANGE_SLOTS; i++) {
+    pio_range *rg = &p->rg[i];
+    if (rg->state != SLOT_FREE && !rg->stale && rg->pos <= pos && pos + (off_t)len <= rg->pos + (off_t)rg->len) return 1;
+  }
+  return 0;
+}
+
+/* pageioPrefetchRanges(h, positions: Float64Array, lengths: Float64Array, count) -> how many ranges were
+ * queued: has the reader pool read [positions[i], positions[i] + lengths[i]) (multiples of 4096), oldest
+ * first, in parts of at most PIO_RANGE_BYTES, for pageioRead calls to come. Skipped: a part read ahead
+ * already, one a queued write overlaps (read after it, or from its buffer), what lies past the end of the
+ * file. A range read to its end by pageioRead is freed; one read and never asked for is evicted by later
+ * prefetches, oldest first; when every slot is queued or being read, the rest is not queued. */
+static napi_value PageioPrefetchRanges(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4], r;
+  double count;
+  const double *arrays[2] = {NULL, NULL};
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 4 || !get_num(env, argv[3], &count))
+    return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioPrefetchRanges expects (handle, Float64Array, Float64Array, count)");
+  for (int a = 0; a < 2; a++) {
+    bool is_ta = false;
+    napi_typedarray_type type;
+    size_t length = 0;
+    void *data = NULL;
+    if (napi_is_typedarray(env, argv[1 + a], &is_ta) != napi_ok || !is_ta ||
+        napi_get_typedarray_info(env, argv[1 + a], &type, &length, &data, NULL, NULL) != napi_ok || type != napi_float64_array || count > (double)length)
+      return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioPrefetchRanges expects (handle, Float64Array, Float64Array, count)");
+    arrays[a] = (const double *)data;
+  }
+  pio *p = pio_arg(env, argv[0]);
+  if (p == NULL) return NULL;
+  int queued = 0;
+  pthread_mutex_lock(&p->mu);
+  uint64_t batch = p->rg_seq + 1;
+  if (p->rg_region == NULL && posix_memalign((void **)&p->rg_region, PIO_HUGE_PAGE, (size_t)PIO_RANGE_SLOTS * PIO_RANGE_BYTES) == 0)
+    madvise(p->rg_region, (size_t)PIO_RANGE_SLOTS * PIO_RANGE_BYTES, MADV_HUGEPAGE);
+  int full = p->rg_region == NULL || pio_pf_start(p) != 0;
+  for (size_t i = 0; i < (size_t)count && !full; i++) {
+    double d = arrays[0][i], l = arrays[1][i];
+    if (!(d >= 0) || d != (double)(int64_t)d || ((int64_t)d % PIO_ALIGN) != 0 || !(l > 0) || l != (double)(int64_t)l || ((int64_t)l % PIO_ALIGN) != 0) continue;
+    off_t pos = (off_t)d;
+    if (pos >= p->file_size) continue;
+    size_t left = (size_t)l;
+    if (pos + (off_t)left > p->file_size) left = (size_t)(p->file_size - pos) / PIO_ALIGN * PIO_ALIGN;
+    for (; left > 0 && !full; ) {
+      size_t len = left < PIO_RANGE_BYTES ? left : PIO_RANGE_BYTES;
+      if (!pio_rg_covers(p, pos, len) && !pio_writing(p, pos, len)) {
+        int k = -1;
+        for (int j = 0; j < PIO_RANGE_SLOTS; j++) {
+          pio_range *rg = &p->rg[j];
+          if (rg->state == SLOT_FREE) {
+            k = j;
+            break;
+          }
+          /* Evict the oldest range read and not asked for, never one of this batch. */
+          if (rg->state == SLOT_DONE && rg->seq < batch && (k < 0 || rg->seq < p->rg[k].seq)) k = j;
+        }
+        if (k < 0 || p->rg_qlen == PIO_RANGE_QUEUE) {
+          full = 1;
+          break;
+        }
+        pio_range *rg = &p->rg[k];
+        rg->state = SLOT_QUEUED;
+        rg->stale = 0;
+        rg->err = 0;
+        rg->got = 0;
+        rg->pos = pos;
+        rg->len = len;
+        rg->seq = ++p->rg_seq;
+        p->rg_queue[(p->rg_qhead + p->rg_qlen) % PIO_RANGE_QUEUE] = k;
+        p->rg_qlen++;
+        queued++;
+        pthread_cond_signal(&p->pf_cv);
+      }
+      pos += (off_t)len;
+      left -= len;
+    }
+  }
+  pthread_mutex_unlock(&p->mu);
+  napi_create_int32(env, queued, &r);
+  return r;
+}
+
 /* pageioClose(h) -> null | {errno, start, end}: waits for the queued writes, stops the thread, closes the file. */
 static napi_value PageioClose(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -854,6 +1028,7 @@ napi_status bf_pageio_register(napi_env env, napi_value exports) {
       {"pageioSubmit", NULL, PageioSubmit, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioRead", NULL, PageioRead, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioPrefetch", NULL, PageioPrefetch, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioPrefetchRanges", NULL, PageioPrefetchRanges, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioDrain", NULL, PageioDrain, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioSetSize", NULL, PageioSetSize, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioClose", NULL, PageioClose, NULL, NULL, NULL, napi_enumerable, NULL},

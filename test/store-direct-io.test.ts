@@ -262,6 +262,77 @@ test('lone pages prefetched read back as their last version: rewritten before th
   expect(store.verify()).toEqual([]);
 });
 
+test('ranges prefetched read back as their last version: rewritten before the prefetch, after it, in an open run, queued, or on disk', () => {
+  const pages = 8192; // 32 MiB: more than the range slots hold (16 MiB) and the write queue
+  const store = directStoreHolding(pages);
+  if (store === null) return;
+  const last = new Uint32Array(pages).fill(1);
+  const rewrite = (i: number, generation: number): void => {
+    put(store, i, generation);
+    last[i] = generation;
+  };
+  const RANGE = 128; // a multifd packet's pages
+  const ranges = pages / RANGE;
+  const buf = Buffer.alloc(RANGE * PAGE);
+  const check = (first: number, count: number): string[] => {
+    store.readPages(first, count, buf, 0);
+    const wrong: string[] = [];
+    for (let k = 0; k < count; k++) {
+      const [index, generation] = identify(buf, k * PAGE);
+      if (index !== first + k || generation !== last[first + k]) wrong.push(`${first + k}: ${index}/${generation}, want ${last[first + k]}`);
+    }
+    return wrong;
+  };
+  for (let round = 0; round < 4; round++) {
+    // Every 5th range in turn from a place of its own, as the Runs of a back leg's channels come.
+    const order = Array.from({ length: 24 }, (_, k) => ((round * 7 + k * 5) % ranges) * RANGE);
+    for (const first of order.filter((_, k) => k % 4 === 0)) rewrite(first + 3, 10 + round); // before the prefetch
+    // A whole write buffer's worth (1 MiB) rewritten just before the prefetch: queued, or being written,
+    // as two of the ranges are asked for.
+    const stretch = order[1] - (order[1] % 256);
+    for (let i = stretch; i < stretch + 257; i++) rewrite(i, 40 + round);
+    const starts = Uint32Array.from(order);
+    store.prefetchRanges(starts, new Uint32Array(order.length).fill(RANGE), order.length);
+    // After it: a page in a range being read or read already, one past the middle, and stream writes
+    // enough to flush the open runs and queue them behind the prefetch.
+    for (const first of order.filter((_, k) => k % 3 === 1)) rewrite(first + 64, 20 + round);
+    for (let i = round * 900; i < round * 900 + 900; i++) if (i % 4 === round % 4) rewrite(i, 30 + round);
+    const wrong: string[] = [];
+    // Read whole, and in two pieces (a Run of a packet with a gap in it).
+    order.forEach((first, k) => {
+      if (k % 2 === 0) wrong.push(...check(first, RANGE));
+      else wrong.push(...check(first, 40), ...check(first + 50, RANGE - 50));
+    });
+    expect(wrong).toEqual([]);
+  }
+  store.commit('s2');
+  expect(store.verify()).toEqual([]);
+});
+
+test('prefetching ranges absent, past the end or off a page boundary does no harm, and a bad argument throws', () => {
+  const store = open(tmp);
+  store.begin(layout(512));
+  if (!directOrSkip(store)) return;
+  for (let i = 0; i < 512; i += 2) put(store, i, 1);
+  // Past the store's pages (cut, or passed over), of no pages, and the odd pages never written.
+  store.prefetchRanges(Uint32Array.from([0, 480, 600, 10]), Uint32Array.from([128, 128, 4, 0]), 4);
+  const out = Buffer.alloc(64 * PAGE);
+  store.readPages(480, 1, out, 0, false);
+  expect(identify(out, 0)).toEqual([480, 1]);
+  expect(() => store.readPages(3, 1, out, 0, false)).toThrow(/absent/);
+  fs.writeFileSync(path.join(tmp, 'raw'), '');
+  const direct = DirectPages.open(path.join(tmp, 'raw'), 0);
+  expect(direct).not.toBeNull();
+  if (direct === null) return;
+  try {
+    // Not a 4 KiB boundary, negative, of no length, past the end of the file: skipped; a count past either array: refused.
+    expect(direct.prefetchRanges(Float64Array.from([4095, -4096, 0, 8192]), Float64Array.from([4096, 4096, 0, 4096]), 4)).toBe(0);
+    expect(() => direct.prefetchRanges(new Float64Array(3), new Float64Array(2), 3)).toThrow(/pageioPrefetchRanges/);
+  } finally {
+    direct.close();
+  }
+});
+
 test('prefetching pages absent, out of range or off a page boundary does no harm, and a bad argument throws', () => {
   const store = open(tmp);
   store.begin(layout(64));

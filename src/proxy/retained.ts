@@ -16,6 +16,8 @@ export interface RetainedPages {
   readPages(index: number, count: number, dest: Uint8Array, destStart: number, inStream?: boolean): void;
   /** A hint: lone pages among indices[0 .. count-1] will be read soon (the array may be compacted in place). */
   prefetchPages?(indices: Uint32Array, count: number): void;
+  /** A hint: ranges [starts[i], starts[i] + counts[i]) will be read soon, each at once (the arrays may be compacted in place). */
+  prefetchRanges?(starts: Uint32Array, counts: Uint32Array, count: number): void;
 }
 
 export interface PageLayout {

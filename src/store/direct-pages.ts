@@ -30,13 +30,14 @@ interface PageioAddon {
   pageioSubmit(h: Handle, index: number, len: number, pos: number): NativeWriteFailure | null;
   pageioRead(h: Handle, dest: Uint8Array, destOff: number, len: number, pos: number, inStream: boolean): void;
   pageioPrefetch(h: Handle, positions: Float64Array, count: number): number;
+  pageioPrefetchRanges(h: Handle, positions: Float64Array, lengths: Float64Array, count: number): number;
   pageioDrain(h: Handle): NativeWriteFailure | null;
   pageioSetSize(h: Handle, fileSize: number): void;
   pageioClose(h: Handle): NativeWriteFailure | null;
 }
 
 function pageioAddon(): PageioAddon | null {
-  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioPrefetch', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
+  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioPrefetch', 'pageioPrefetchRanges', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
   const fns = names.map((n) => nativeFunction(n));
   if (!fns.every((f) => typeof f === 'function')) return null;
   return Object.fromEntries(names.map((n, i) => [n, fns[i]])) as unknown as PageioAddon;
@@ -119,6 +120,15 @@ export class DirectPages {
    */
   prefetch(positions: Float64Array, count: number): number {
     return (addon as PageioAddon).pageioPrefetch(this.handle, positions, count);
+  }
+
+  /**
+   * Has the ranges [positions[i], positions[i] + lengths[i]) read ahead by the reader pool, in that order
+   * and at most 512 KiB a part, for read()s of them to come: a back leg's multifd Runs, read in turn from
+   * as many places of the file. Returns how many parts were queued (the pool holds 32 at a time).
+   */
+  prefetchRanges(positions: Float64Array, lengths: Float64Array, count: number): number {
+    return (addon as PageioAddon).pageioPrefetchRanges(this.handle, positions, lengths, count);
   }
 
   /** Waits for every queued write and forgets what was read ahead. Throws DirectWriteError. */

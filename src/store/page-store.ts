@@ -307,6 +307,23 @@ export class PageStore {
   }
 
   /**
+   * A hint: ranges of pages [starts[i], starts[i] + counts[i]) will be read soon, each in one readPages()
+   * (a back leg's multifd Runs). Nothing is read where the store moves pages through the page cache, and
+   * a range written meanwhile is read again. Ranges past the store's pages are cut or passed over.
+   */
+  prefetchRanges(starts: Uint32Array, counts: Uint32Array, count: number): void {
+    this.checkOpen();
+    const pageCount = this.pages.pageCount;
+    let n = 0;
+    for (let i = 0; i < count; i++) {
+      if (starts[i] >= pageCount || counts[i] === 0) continue;
+      starts[n] = starts[i];
+      counts[n++] = Math.min(counts[i], pageCount - starts[i]);
+    }
+    this.pages.prefetchRanges(starts, counts, n);
+  }
+
+  /**
    * Ends the migration successfully: flushes, fsyncs the pages, writes and
    * fsyncs the digest table, then persists {snapshotId, state: clean}. If it
    * throws, the migration stays in progress (meta on disk still "dirty"):

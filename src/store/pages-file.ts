@@ -32,6 +32,8 @@ const OPEN_RUNS = 8;
 
 /** Most pages one prefetch() hands the direct queue (it holds 128: native/pageio.c). */
 const PREFETCH_BATCH = 128;
+/** Most ranges handed to the reader pool at once (it holds 32 parts of 512 KiB: native/pageio.c). */
+const PREFETCH_RANGES = 16;
 
 /** Pages start .. start+length-1, waiting in buffer at slots 0 .. length-1 (length 0: the run is not open). */
 interface PendingRun {
@@ -65,6 +67,9 @@ export class PagesFile {
   private zeroPageDigestSize = 0;
   /** File positions handed to prefetch(), reused. */
   private prefetchAt: Float64Array | null = null;
+  /** File positions and lengths handed to prefetchRanges(), reused. */
+  private rangeAt: Float64Array | null = null;
+  private rangeLengths: Float64Array | null = null;
 
   private constructor(
     private readonly fd: number,
@@ -310,6 +315,31 @@ export class PagesFile {
       if (this.runHolding(indices[i]) === null) at[n++] = indices[i] * this.bytesPerPage;
     }
     if (n > 0) direct.prefetch(at, n);
+  }
+
+  /**
+   * Has ranges of pages [starts[i], starts[i] + counts[i]) (in range, checked by the caller) read ahead for
+   * read()s to come, when the pages move with direct I/O: a back leg's multifd Runs. Not a range an open
+   * run overlaps (read() writes that run first); at most PREFETCH_RANGES.
+   */
+  prefetchRanges(starts: Uint32Array, counts: Uint32Array, count: number): void {
+    const direct = this.directForPageSize();
+    if (direct === null) return;
+    const at = (this.rangeAt ??= new Float64Array(PREFETCH_RANGES));
+    const lengths = (this.rangeLengths ??= new Float64Array(PREFETCH_RANGES));
+    let n = 0;
+    for (let i = 0; i < count && n < PREFETCH_RANGES; i++) {
+      if (this.runOverlapping(starts[i], counts[i])) continue;
+      at[n] = starts[i] * this.bytesPerPage;
+      lengths[n++] = counts[i] * this.bytesPerPage;
+    }
+    if (n > 0) direct.prefetchRanges(at, lengths, n);
+  }
+
+  /** Whether an open run holds any of pages [index, index + count). */
+  private runOverlapping(index: number, count: number): boolean {
+    for (const run of this.runs) if (run.length > 0 && index < run.start + run.length && run.start < index + count) return true;
+    return false;
   }
 
   /** The open run holding page index, or null. */

@@ -154,6 +154,10 @@ export class UndoableStore {
     if (this.withheld === null) this.store.prefetchPages(indices, count);
   }
 
+  prefetchRanges(starts: Uint32Array, counts: Uint32Array, count: number): void {
+    if (this.withheld === null) this.store.prefetchRanges(starts, counts, count);
+  }
+
   /** The page is about to change: what readPages() kept of it is no longer what the store holds. */
   private forget(index: number): void {
     if (index === this.lastReadIndex) this.lastReadIndex = -1;
