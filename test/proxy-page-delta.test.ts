@@ -3,7 +3,7 @@ import { DIGEST_BYTES } from '../src/digest';
 import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
 import { StreamEncoder } from '../src/proxy/encoder';
 import { RECENT_PAGES, RecentPages } from '../src/proxy/recent-pages';
-import { BASES_WINDOW, BasesAhead } from '../src/proxy/bases-ahead';
+import { BASES_WINDOW, ReadsAhead } from '../src/proxy/reads-ahead';
 import { MultifdMigration } from '../src/proxy/multifd-migration';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, encodePageDelta, MAX_DELTA_BYTES } from '../src/proxy/page-delta';
 import { QUIET_ADDS, QUIET_SAMPLE, RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceKey } from '../src/proxy/resemblance-cache';
@@ -564,7 +564,7 @@ describe('recent pages', () => {
 describe('bases read ahead', () => {
   test('every base noted is read once, before its frame is rebuilt, with never more than BASES_WINDOW reads ahead of the frames rebuilt', () => {
     const issued: number[] = [];
-    const ahead = new BasesAhead({ prefetchPages: (indices, count) => void issued.push(...indices.subarray(0, count)) });
+    const ahead = new ReadsAhead(BASES_WINDOW, (indices, _counts, count) => void issued.push(...indices.subarray(0, count)));
     const noted = new Set<number>();
     const frames = 3000;
     // Bases noted a chunk at a time (a chunk of frames arrives), rebuilt one by one; some frames need no read.

@@ -46,6 +46,13 @@ export interface ChannelDecoder extends ParkingCodec {
   /** The Literal bytes last given are about to be read into again: whatever the codec keeps of them, it copies. */
   releaseInput(): void;
   run(payload: Buffer): void;
+  /**
+   * A Run frame has arrived, to be given to run() after the frames before it: head[0 .. length) are its
+   * payload's first bytes (RUN_LEAD_BYTES at most; valid during the call only). Every Run frame, in order.
+   */
+  aheadOfRun?(head: Buffer, length: number): void;
+  /** The frames that arrived have all been shown to aheadOfRun(): reads ahead may start. */
+  prefetchAhead?(): void;
   /** The sender's End: throws unless the channel was rebuilt whole; `ended` once that has been checked. */
   end(streamBytes: number, streamCheck: string, ended: () => void): void;
   /** Bytes handed to the destination. */
@@ -58,9 +65,12 @@ export function channelEncoder(frames: ChannelFrames, multifd: MultifdMigration 
   return multifd ? new MultifdEncoder(frames, multifd) : new VerbatimChannelEncoder(frames);
 }
 
-/** The receiving side's counterpart of channelEncoder. */
-export function channelDecoder(output: (bytes: Buffer) => void, multifd: MultifdMigration | null): ChannelDecoder {
-  return multifd ? new MultifdDecoder(output, multifd) : new VerbatimChannelDecoder(output);
+/**
+ * The receiving side's counterpart of channelEncoder. `allocate`: where a multifd Run's pages are laid
+ * out (output then owns the buffer).
+ */
+export function channelDecoder(output: (bytes: Buffer) => void, multifd: MultifdMigration | null, allocate?: (size: number) => Buffer): ChannelDecoder {
+  return multifd ? new MultifdDecoder(output, multifd, allocate) : new VerbatimChannelDecoder(output);
 }
 
 /** Counts and hashes a channel's bytes (both verbatim codecs). */

@@ -7,7 +7,7 @@ import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
 import { RecentPages } from './recent-pages';
-import { BasesAhead } from './bases-ahead';
+import { BASES_WINDOW, ReadsAhead } from './reads-ahead';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { newCounts, type TransferCounts } from './transfer-counts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
@@ -25,6 +25,11 @@ export type SiblingPages = Pick<RetainedPages, 'digests' | 'readPages' | 'prefet
 
 /** A Delta payload's first bytes that name its base: what aheadOfDelta() needs to see. */
 export const DELTA_AHEAD_BYTES = DELTA_BASE_DIGEST_AT + DIGEST_BYTES;
+
+/** Delta bases read ahead from a store: lone pages, through its reader pool. */
+function basesAhead(from: Pick<RetainedPages, 'prefetchPages'>): ReadsAhead {
+  return new ReadsAhead(BASES_WINDOW, (pages, _counts, count) => from.prefetchPages?.(pages, count));
+}
 
 /** The rebuilt stream cannot be trusted: the migration must fail rather than go on. */
 export class RebuildError extends Error {
@@ -61,8 +66,8 @@ export class StreamDecoder {
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
   /** Bases of the Deltas seen ahead (aheadOfDelta), for this VM's store and each sibling's (in siblings' order). */
-  private ownAhead: BasesAhead | null = null;
-  private readonly siblingsAhead: BasesAhead[] = [];
+  private ownAhead: ReadsAhead | null = null;
+  private readonly siblingsAhead: ReadsAhead[] = [];
   /** Delta and SiblingDelta frames seen ahead, and rebuilt (or being rebuilt): the same frames, numbered alike. */
   private deltasSeen = 0;
   private deltasRebuilt = 0;
@@ -201,7 +206,7 @@ export class StreamDecoder {
 
   /**
    * A Delta frame (`sibling` < 0) or SiblingDelta frame (from sibling `sibling`) has arrived and will be
-   * rebuilt soon, after those before it: its base page is noted, to be read ahead (BasesAhead) once
+   * rebuilt soon, after those before it: its base page is noted, to be read ahead (ReadsAhead) once
    * prefetchAhead() is called. head[0 .. length): the payload's first bytes, the Delta payload starting
    * at `at` (a SiblingDelta's after its lead byte). Must see every such frame, in order, as delta() and
    * siblingDelta() will. Only a hint: nothing is checked here that rebuilding does not check again.
@@ -216,11 +221,11 @@ export class StreamDecoder {
     if (sibling < 0 && (base === head.readUInt32BE(at) || (this.recent !== null && this.recent.find(base) >= 0))) return;
     // Only a version the store holds; rebuilding fails the migration otherwise, with no read.
     if ((base + 1) * DIGEST_BYTES > from.digests.length || !sameDigest(from.digests, base * DIGEST_BYTES, head, at + DELTA_BASE_DIGEST_AT)) return;
-    let ahead: BasesAhead;
+    let ahead: ReadsAhead;
     if (sibling < 0) {
-      ahead = this.ownAhead ??= new BasesAhead(from);
+      ahead = this.ownAhead ??= basesAhead(from);
     } else {
-      while (this.siblingsAhead.length <= sibling) this.siblingsAhead.push(new BasesAhead(this.siblings[this.siblingsAhead.length] ?? {}));
+      while (this.siblingsAhead.length <= sibling) this.siblingsAhead.push(basesAhead(this.siblings[this.siblingsAhead.length] ?? {}));
       ahead = this.siblingsAhead[sibling];
     }
     ahead.note(frame, base);

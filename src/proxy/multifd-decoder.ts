@@ -1,13 +1,14 @@
 import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
-import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
+import { MULTIFD_SLOTS, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
 import { errorMessage } from '../common/errors';
 import { RebuildError } from './decoder';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { sameDigest } from './retained';
-import { decodeRun, MAX_RUN_HELD } from './run';
+import { ReadsAhead, RUNS_WINDOW } from './reads-ahead';
+import { decodeRun, MAX_RUN_HELD, runPlace } from './run';
 
 /** A frame that arrived while the channel was parked: a copy, replayed once it may go on. */
 interface QueuedFrame {
@@ -39,6 +40,16 @@ export class MultifdDecoder extends MultifdChannel {
   private replaying = 0;
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
+  /** Run frames seen ahead (aheadOfRun) and rebuilt, counted alike; their pages read ahead. */
+  private runsSeen = 0;
+  private runsRebuilt = 0;
+  private runsAhead: ReadsAhead | null = null;
+  /**
+   * Pages a Run's records span, per record, the most the Runs rebuilt lately showed: a packet's pages are
+   * consecutive as a rule, but the zero pages among them (sent on the main channel before QEMU 9.0) are
+   * not the Run's. How far past its first page a Run's reads go ahead.
+   */
+  private spanPerRecord = 1;
 
   constructor(
     /** Receives the rebuilt channel; it owns each buffer (Literal bytes: views of what literal() got). */
@@ -137,7 +148,40 @@ export class MultifdDecoder extends MultifdChannel {
     this.out(bytes);
   }
 
+  /**
+   * A Run frame has arrived and will be rebuilt after those before it: its pages are noted, to be read
+   * ahead (ReadsAhead) once prefetchAhead() is called. On a back leg each channel's Runs name every N-th
+   * packet of the guest, and the channels take turns: the store's own read-ahead follows no such order.
+   * head[0 .. length): the payload's first bytes. Must see every Run frame, in order, as run() will. Only
+   * a hint: the range read is the Run's first page on, as far as its records span (spanPerRecord) and at
+   * least a packet's worth (since QEMU 9.0 a packet lists its zero pages, which the Run does not count,
+   * among the others); nothing is checked here that rebuilding does not check again.
+   */
+  aheadOfRun(head: Buffer, length: number): void {
+    const frame = ++this.runsSeen;
+    const store = this.migration.store;
+    const place = runPlace(head, length);
+    if (place === null || store === null || store.prefetchRanges === undefined) return;
+    const block = this.migration.blockAt(place.blockIndex);
+    if (block === null || place.firstOffset % X86_PAGE_SIZE !== 0 || place.firstOffset >= block.pages * X86_PAGE_SIZE) return;
+    const first = block.firstPage + place.firstOffset / X86_PAGE_SIZE;
+    const count = Math.min(place.count, MAX_RUN_HELD, block.firstPage + block.pages - first);
+    if (count <= 0) return;
+    this.runsAhead ??= new ReadsAhead(RUNS_WINDOW, (starts, counts, n) => {
+      for (let i = 0; i < n; i++) counts[i] = Math.min(MAX_RUN_HELD, Math.max(MULTIFD_SLOTS, Math.ceil(counts[i] * this.spanPerRecord)));
+      store.prefetchRanges?.(starts, counts, n);
+    });
+    this.runsAhead.note(frame, first, count);
+  }
+
+  /** Has the store start reading the Runs aheadOfRun() noted, a window ahead of the Runs rebuilt. */
+  prefetchAhead(): void {
+    this.runsAhead?.advance(this.runsRebuilt);
+  }
+
   private rebuildRun(payload: Buffer): void {
+    this.runsRebuilt++;
+    this.prefetchAhead();
     const run = decodeRun(payload);
     const next = this.parser.nextPageIndex;
     const packet = this.parser.currentPacket;
@@ -164,6 +208,10 @@ export class MultifdDecoder extends MultifdChannel {
       }
       k = end;
     }
+    // Offsets ascend within a packet as a rule; any other order spans no less than its records.
+    const span = (packet.offsets[next + run.count - 1] - packet.offsets[next]) / X86_PAGE_SIZE + 1;
+    const perRecord = Math.min(4, Math.max(1, span / run.count));
+    this.spanPerRecord = perRecord > this.spanPerRecord ? perRecord : this.spanPerRecord + (perRecord - this.spanPerRecord) / 64;
     this.useEpochStartVersions(bytes, next, run.count);
     digestContiguous(bytes, 0, run.count, X86_PAGE_SIZE, this.digests, 0);
     digestOne(this.digests, 0, run.count * DIGEST_BYTES, this.runDigest, 0);

@@ -114,6 +114,8 @@ export class MultifdMigration {
   /** Receiver only: pages as they were when the current epoch began, where a repeated page overwrote them. */
   readonly epochStart: EpochStartPages | null;
   private readonly blocks = new Map<string, RamBlock>();
+  /** The same blocks by index (a Run names its block so). */
+  private readonly blockList: RamBlock[] = [];
   /** Per page, 1 + the epoch it was last written in; 0 = not in this migration. Empty until a channel joins. */
   private writeEpochs = new Uint32Array(0);
   /** Sender only, per page: its first write in its last epoch was named in a Run. */
@@ -149,10 +151,13 @@ export class MultifdMigration {
   /** The main channel's block list (its codec's onLayout), needed before any packet with pages. */
   begin(layout: PageLayout): void {
     this.blocks.clear();
+    this.blockList.length = 0;
     let firstPage = 0;
     layout.layout.blocks.forEach(({ name, length }, index) => {
       const pages = Math.ceil(length / X86_PAGE_SIZE);
-      this.blocks.set(name, { index, name, length, firstPage, pages });
+      const block = { index, name, length, firstPage, pages };
+      this.blocks.set(name, block);
+      this.blockList.push(block);
       firstPage += pages;
     });
     this.pageCount = firstPage;
@@ -241,6 +246,11 @@ export class MultifdMigration {
     const block = this.blocks.get(name);
     if (!block) throw new StreamError(StreamErrorCode.UnknownBlock, streamOffset, `multifd packet names RAM block "${name}"`);
     return block;
+  }
+
+  /** The block of that index, or null. */
+  blockAt(index: number): RamBlock | null {
+    return this.blockList[index] ?? null;
   }
 
   join(channel: MultifdChannelCodec): void {

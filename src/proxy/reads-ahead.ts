@@ -1,42 +1,58 @@
 /**
- * The base pages of Delta frames that have arrived and are not rebuilt yet, for one store (a receiver's
- * own, or a sibling's): read ahead a window at a time, as the frames are rebuilt. A device serves many
- * random reads at once far faster than one after another (`native/pageio.c`), and a chunk of frames can
- * hold thousands of Deltas in a row (a sibling's kernel and libraries, page after page): the window keeps
- * WINDOW reads in flight ahead of the decoder, never more than the store's reader pool holds.
+ * Store pages that frames already arrived will need and that are not rebuilt yet, for one store (a
+ * receiver's own, or a sibling's): read ahead a window at a time, as the frames are rebuilt. A device
+ * serves many reads at once far faster than one after another (`native/pageio.c`), and a chunk of frames
+ * can name thousands of them: Delta bases (a sibling's kernel and libraries, page after page, each a lone
+ * page somewhere), or a back leg's multifd Runs (each a packet's pages, the channels' packets in turn from
+ * all over the store). The window keeps that many reads in flight ahead of the decoder, never more than
+ * the store's reader pool holds.
  *
- * Frames are numbered as they are seen (note) and as they are rebuilt (advance): a base is dropped from
- * the queue once its frame is rebuilt, whether or not its read was used, so a Delta whose base did not
- * need the store (a page kept in memory) leaves nothing behind.
+ * Frames are numbered as they are seen (note) and as they are rebuilt (advance): a read is dropped from
+ * the queue once its frame is rebuilt, whether or not it was used, so a frame that did not need the store
+ * (a base kept in memory) leaves nothing behind.
  */
 
-/** What a store offers for reading ahead (RetainedPages.prefetchPages). */
-export interface Prefetching {
-  prefetchPages?(indices: Uint32Array, count: number): void;
-}
+/** Issues reads of pages [starts[i], starts[i] + counts[i]), i < count, to a store (which may compact the arrays). */
+export type IssueReads = (starts: Uint32Array, counts: Uint32Array, count: number) => void;
 
-/** Bases noted ahead at most: a 256 KiB chunk of the smallest Delta frames (46 bytes) holds fewer. */
+/** Reads noted ahead at most: a 256 KiB chunk of the smallest Delta frames (46 bytes) holds fewer. */
 const QUEUED = 8192;
-/** Reads in flight at most; the native pool holds 128 pages a store. */
+/** Delta bases in flight at most; the native pool holds 128 lone pages a store. */
 export const BASES_WINDOW = 96;
+/**
+ * Multifd Runs in flight at most, per channel: the native pool holds 32 ranges of 512 KiB a store, shared
+ * by the channels, which take turns a few Runs at a time (as their destination sockets drain): with 8
+ * channels, 4 each. A larger window would evict other channels' Runs before they are read.
+ */
+export const RUNS_WINDOW = 4;
 
-export class BasesAhead {
+export class ReadsAhead {
   private readonly frames = new Float64Array(QUEUED);
-  private readonly pages = new Uint32Array(QUEUED);
-  private readonly batch = new Uint32Array(BASES_WINDOW);
-  /** Counters, not indexes (index = counter % QUEUED): the oldest base not rebuilt, the next to read, the next free. */
+  private readonly starts = new Uint32Array(QUEUED);
+  private readonly counts = new Uint32Array(QUEUED);
+  private readonly batchStarts: Uint32Array;
+  private readonly batchCounts: Uint32Array;
+  /** Counters, not indexes (index = counter % QUEUED): the oldest read not rebuilt, the next to issue, the next free. */
   private head = 0;
   private issued = 0;
   private tail = 0;
 
-  constructor(private readonly store: Prefetching) {}
+  constructor(
+    /** Reads in flight at most. */
+    private readonly window: number,
+    private readonly issue: IssueReads,
+  ) {
+    this.batchStarts = new Uint32Array(window);
+    this.batchCounts = new Uint32Array(window);
+  }
 
-  /** Frame `frame`'s base is page `page` of this store. */
-  note(frame: number, page: number): void {
+  /** Frame `frame` will read pages [start, start + count) of this store. */
+  note(frame: number, start: number, count = 1): void {
     if (this.tail - this.head === QUEUED) return; // read when it comes, like any other
     const at = this.tail % QUEUED;
     this.frames[at] = frame;
-    this.pages[at] = page;
+    this.starts[at] = start;
+    this.counts[at] = count;
     this.tail++;
   }
 
@@ -44,10 +60,14 @@ export class BasesAhead {
   advance(rebuilt: number): void {
     while (this.head < this.tail && this.frames[this.head % QUEUED] <= rebuilt) this.head++;
     if (this.issued < this.head) this.issued = this.head;
-    // In batches: a call to the store for every Delta would cost more than the reads save.
-    if (this.issued === this.tail || this.issued - this.head > BASES_WINDOW / 2) return;
+    // In batches: a call to the store for every frame would cost more than the reads save.
+    if (this.issued === this.tail || this.issued - this.head > this.window / 2) return;
     let n = 0;
-    while (this.issued < this.tail && this.issued - this.head < BASES_WINDOW) this.batch[n++] = this.pages[this.issued++ % QUEUED];
-    this.store.prefetchPages?.(this.batch, n);
+    while (this.issued < this.tail && this.issued - this.head < this.window) {
+      const at = this.issued++ % QUEUED;
+      this.batchStarts[n] = this.starts[at];
+      this.batchCounts[n++] = this.counts[at];
+    }
+    this.issue(this.batchStarts, this.batchCounts, n);
   }
 }

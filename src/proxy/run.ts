@@ -23,6 +23,17 @@ export interface Run {
 }
 
 const FIXED = 1 + 2 + 2 + 4 + 8 + DIGEST_BYTES;
+/** A Run payload's first bytes, up to its first offset: where its records are (runPlace). */
+export const RUN_LEAD_BYTES = 1 + 2 + 2 + 4 + 8;
+
+/**
+ * Where a Run's records are, read from its first RUN_LEAD_BYTES (head[0 .. length)) without checking the
+ * rest: for a receiver that reads its pages ahead, nothing more than a hint. Null when too short.
+ */
+export function runPlace(head: Buffer, length: number): { blockIndex: number; count: number; firstOffset: number } | null {
+  if (length < RUN_LEAD_BYTES) return null;
+  return { blockIndex: head.readUInt16BE(3), count: head.readUInt32BE(5), firstOffset: head.readUInt32BE(9) * 0x1_0000_0000 + head.readUInt32BE(13) };
+}
 /** Most held pages in one Run: the receiver reads and checks them all before passing any on. */
 export const MAX_RUN_HELD = 256;
 /** Most records in one Run. */

@@ -8,6 +8,7 @@ import { MultifdDecoder } from '../../proxy/multifd-decoder';
 import { MultifdEncoder } from '../../proxy/multifd-encoder';
 import { MultifdMigration } from '../../proxy/multifd-migration';
 import { type PageLayout, ReceiverTable, type RetainedPages } from '../../proxy/retained';
+import { RUN_LEAD_BYTES } from '../../proxy/run';
 import { type GuestMemory, PAGE } from './migration-stream';
 
 /** 7.2: no zero pages in packets (they go on the main channel). 10.0: zero pages as offsets. */
@@ -142,7 +143,8 @@ export interface ChannelFrames {
  * pushed to its encoder in `chunk`-byte pieces, the channels taken whole one after the other in `order`
  * (a parked channel's input waits in its codec), or with `interleave` a piece of each in turn, then
  * every channel's frames to its decoder in `decodeOrder` (default: the same). Returns the rebuilt channels (empty with `discardOutput`, for
- * benchmarks) and both sides' codecs.
+ * benchmarks) and both sides' codecs. With `readAhead`, each decoder is shown its channel's Run frames
+ * before it rebuilds them, as a receiving gateway shows it those of each chunk it reads (aheadOfRun).
  *
  * With `reuseInput`, each codec is fed as a gateway reading into reused buffers feeds it: every piece is
  * copied into one buffer, pushed, released (releaseInput), and the buffer is then overwritten; what the
@@ -153,7 +155,7 @@ export function multifdRoundTrip(
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean } = {},
+  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -213,6 +215,10 @@ export function multifdRoundTrip(
   // The decoder hands over buffers of its own, or views of the frames', which nothing changes.
   const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => options.discardOutput || out.push(keep(bytes)), receiving));
   for (const c of options.decodeOrder ?? order) {
+    if (options.readAhead) {
+      for (const frame of sent[c].frames) if (frame.run) decoders[c].aheadOfRun(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
+      decoders[c].prefetchAhead();
+    }
     for (const frame of sent[c].frames) {
       if (frame.run) decoders[c].run(frame.payload);
       else feed(frame.payload, (piece) => decoders[c].literal(piece), () => decoders[c].releaseInput());
