@@ -35,7 +35,7 @@ import { DIGEST_BYTES, digestContiguous } from '../src/digest';
 import { PageStore, type StoreLayout, storeCopyMode } from '../src/store';
 import { X86_PAGE_SIZE as PAGE } from '../src/qemu/constants';
 import { makeTempDir, removeTempDir } from '../src/lab/harness/temp-dir';
-import { ReadsAhead, RUNS_WINDOW } from '../src/proxy/reads-ahead';
+import { ReadsAhead, runsWindow } from '../src/proxy/reads-ahead';
 
 const RUNS = 3;
 const READ_RUN = 64;
@@ -173,7 +173,7 @@ function main(): void {
         const times: number[] = [];
         for (let r = 0; r < RUNS; r++) {
           const t0 = process.hrtime.bigint();
-          const runs = new ReadsAhead(RUNS_WINDOW, (starts, counts, n) => s.prefetchRanges(starts, counts, n));
+          const runs = new ReadsAhead(runsWindow(channels), (starts, counts, n) => s.prefetchRanges(starts, counts, n));
           let seen = 0;
           let rebuilt = 0;
           for (let burst = 0; burst * RUN_BURST * channels < packets; burst++) {

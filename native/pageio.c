@@ -72,6 +72,9 @@
 #define PIO_RANGE_SLOTS 32
 #define PIO_RANGE_BYTES (512 * 1024)
 #define PIO_RANGE_QUEUE (4 * PIO_RANGE_SLOTS)
+/* Ranges read at once at most: the device is as fast with a few large reads in flight, and every pool
+   thread woken for one competes for the cores with the gateway it reads for. */
+#define PIO_RANGE_READERS 4
 /* A stream read this large starts read-ahead without waiting for a second one. */
 #define PIO_STREAM_READ_BYTES (64 * 1024)
 
@@ -111,7 +114,8 @@ typedef struct {
   off_t pos;
   size_t len;
   size_t got;
-  uint64_t seq; /* a new prefetch evicts the oldest range read and not asked for */
+  uint64_t seq; /* queue order: a new prefetch evicts, of ranges not served from, the oldest only */
+  int used;     /* a read was served from it: the rest of it is likely not wanted (a Run's last pages zero) */
 } pio_range;
 
 typedef struct {
@@ -156,6 +160,7 @@ typedef struct {
   uint64_t rg_seq;
   int rg_queue[PIO_RANGE_QUEUE];
   int rg_qhead, rg_qlen;
+  int rg_reading; /* ranges being read now */
   uint8_t *write_region; /* the write slots' buffers, one huge-page-aligned region */
   uint8_t *read_region;  /* the read-ahead slots' buffers, likewise */
 } pio;
@@ -271,7 +276,7 @@ static void *pio_pf_thread(void *arg) {
         p->pf_qlen--;
         if (p->pf[q].state == SLOT_QUEUED) s = q;
       }
-      while (s < 0 && p->rg_qlen > 0 && r < 0) {
+      while (s < 0 && p->rg_qlen > 0 && r < 0 && p->rg_reading < PIO_RANGE_READERS) {
         int q = p->rg_queue[p->rg_qhead];
         p->rg_qhead = (p->rg_qhead + 1) % PIO_RANGE_QUEUE;
         p->rg_qlen--;
@@ -296,6 +301,7 @@ static void *pio_pf_thread(void *arg) {
     } else {
       pio_range *rg = &p->rg[r];
       rg->state = SLOT_BUSY;
+      p->rg_reading++;
       off_t pos = rg->pos;
       size_t len = rg->len;
       uint8_t *buf = p->rg_region + (size_t)r * PIO_RANGE_BYTES;
@@ -305,6 +311,8 @@ static void *pio_pf_thread(void *arg) {
       rg->err = err;
       rg->got = got;
       rg->state = rg->stale ? SLOT_FREE : SLOT_DONE;
+      p->rg_reading--;
+      if (p->rg_qlen > 0) pthread_cond_signal(&p->pf_cv);
     }
     pthread_cond_broadcast(&p->cv);
   }
@@ -791,6 +799,7 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
       if (rg->state == SLOT_DONE && rg->err == 0 && (size_t)(at - rg->pos) + part <= rg->got) {
         memcpy(dest, p->rg_region + (size_t)r * PIO_RANGE_BYTES + (at - rg->pos), part);
         served = 1;
+        rg->used = 1;
         /* A Run's pages are read once: a range read to its end is done with. */
         if (at + (off_t)part == rg->pos + (off_t)rg->len) rg->state = SLOT_FREE;
       } else if (rg->state == SLOT_DONE) {
@@ -974,8 +983,12 @@ static napi_value PageioPrefetchRanges(napi_env env, napi_callback_info info) {
             k = j;
             break;
           }
-          /* Evict the oldest range read and not asked for, never one of this batch. */
-          if (rg->state == SLOT_DONE && rg->seq < batch && (k < 0 || rg->seq < p->rg[k].seq)) k = j;
+          /* Evict a range served from already (the read of its Run is over, or nearly), else the oldest
+             one read and not asked for since PIO_RANGE_SLOTS more were queued (a hint that missed). One
+             more recent waits for its read: other channels' Runs are in them, and evicting those makes
+             every channel read its own again. */
+          if (rg->state != SLOT_DONE || (!rg->used && rg->seq + PIO_RANGE_SLOTS >= batch)) continue;
+          if (k < 0 || (rg->used && !p->rg[k].used) || (rg->used == p->rg[k].used && rg->seq < p->rg[k].seq)) k = j;
         }
         if (k < 0 || p->rg_qlen == PIO_RANGE_QUEUE) {
           full = 1;
@@ -986,6 +999,7 @@ static napi_value PageioPrefetchRanges(napi_env env, napi_callback_info info) {
         rg->stale = 0;
         rg->err = 0;
         rg->got = 0;
+        rg->used = 0;
         rg->pos = pos;
         rg->len = len;
         rg->seq = ++p->rg_seq;

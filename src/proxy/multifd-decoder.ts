@@ -7,7 +7,7 @@ import { RebuildError } from './decoder';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { sameDigest } from './retained';
-import { ReadsAhead, RUNS_WINDOW } from './reads-ahead';
+import { ReadsAhead, runsWindow } from './reads-ahead';
 import { decodeRun, MAX_RUN_HELD, runPlace } from './run';
 
 /** A frame that arrived while the channel was parked: a copy, replayed once it may go on. */
@@ -167,8 +167,8 @@ export class MultifdDecoder extends MultifdChannel {
     const first = block.firstPage + place.firstOffset / X86_PAGE_SIZE;
     const count = Math.min(place.count, MAX_RUN_HELD, block.firstPage + block.pages - first);
     if (count <= 0) return;
-    this.runsAhead ??= new ReadsAhead(RUNS_WINDOW, (starts, counts, n) => {
-      for (let i = 0; i < n; i++) counts[i] = Math.min(MAX_RUN_HELD, Math.max(MULTIFD_SLOTS, Math.ceil(counts[i] * this.spanPerRecord)));
+    this.runsAhead ??= new ReadsAhead(runsWindow(this.migration.channelCount), (starts, counts, n) => {
+      for (let i = 0; i < n; i++) counts[i] = Math.min(MAX_RUN_HELD, Math.max(MULTIFD_SLOTS, Math.round(counts[i] * this.spanPerRecord)));
       store.prefetchRanges?.(starts, counts, n);
     });
     this.runsAhead.note(frame, first, count);

@@ -231,6 +231,11 @@ export class MultifdMigration {
     return this.mainEnded || this.mainEpoch >= epoch;
   }
 
+  /** The multifd channels that have joined or are expected, whichever are more. */
+  get channelCount(): number {
+    return Math.max(this.channels.length, this.expectedChannels);
+  }
+
   /** No multifd channel has joined, nor is one expected: the main channel carries every page so far. */
   get mainOnly(): boolean {
     return this.channels.length === 0 && this.expectedChannels === 0;
