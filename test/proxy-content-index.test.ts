@@ -18,54 +18,52 @@ function holding(reference: Uint32Array, page: number, digest: Uint32Array): voi
   reference.set(digest, page * DIGEST_WORDS);
 }
 
+/** An empty digest table (nothing held) and an index over it. */
+function emptyIndex(): { reference: Uint32Array; index: ContentIndex } {
+  const reference = new Uint32Array(PAGES * DIGEST_WORDS);
+  return { reference, index: new ContentIndex(PAGES, reference) };
+}
+
+/** The receiver now holds `digest` at `page`, and the index is told so. */
+function store(reference: Uint32Array, index: ContentIndex, page: number, digest: Uint32Array): void {
+  holding(reference, page, digest);
+  index.add(page, digest, 0);
+}
+
 describe('ContentIndex', () => {
   test('finds the page holding a content, and nothing for a content no page holds', () => {
-    const reference = new Uint32Array(PAGES * DIGEST_WORDS);
-    const index = new ContentIndex(PAGES, reference);
+    const { reference, index } = emptyIndex();
     const d = digestIn(7, 1);
-    holding(reference, 40, d);
-    index.add(40, d, 0);
+    store(reference, index, 40, d);
     expect(index.find(d, 0)).toBe(40);
     expect(index.find(digestIn(7, 2), 0)).toBe(-1);
     expect(index.find(digestIn(8, 1), 0)).toBe(-1);
   });
 
   test('a hit is believed only while the reference still says the page holds that content', () => {
-    const reference = new Uint32Array(PAGES * DIGEST_WORDS);
-    const index = new ContentIndex(PAGES, reference);
+    const { reference, index } = emptyIndex();
     const d = digestIn(3, 9);
-    holding(reference, 11, d);
-    index.add(11, d, 0);
+    store(reference, index, 11, d);
     holding(reference, 11, digestIn(3, 10));
     expect(index.find(d, 0)).toBe(-1);
   });
 
   test('a full bucket gives up a slot whose page moved to another bucket before a current one', () => {
-    const reference = new Uint32Array(PAGES * DIGEST_WORDS);
-    const index = new ContentIndex(PAGES, reference);
+    const { reference, index } = emptyIndex();
     // Four pages fill bucket 5; page 2's content then changes to one of bucket 6 (its slot is stale).
-    for (let page = 0; page < 4; page++) {
-      holding(reference, page, digestIn(5, page + 100));
-      index.add(page, digestIn(5, page + 100), 0);
-    }
+    for (let page = 0; page < 4; page++) store(reference, index, page, digestIn(5, page + 100));
     holding(reference, 2, digestIn(6, 1));
     // A fifth page of bucket 5 takes page 2's slot: the other three stay findable.
-    holding(reference, 4, digestIn(5, 104));
-    index.add(4, digestIn(5, 104), 0);
+    store(reference, index, 4, digestIn(5, 104));
     for (const page of [0, 1, 3, 4]) expect(index.find(digestIn(5, page + 100), 0)).toBe(page);
   });
 
   test('adding a page already in its bucket takes no second slot', () => {
-    const reference = new Uint32Array(PAGES * DIGEST_WORDS);
-    const index = new ContentIndex(PAGES, reference);
+    const { reference, index } = emptyIndex();
     const d = digestIn(9, 1);
-    holding(reference, 20, d);
-    for (let i = 0; i < 5; i++) index.add(20, d, 0);
+    for (let i = 0; i < 5; i++) store(reference, index, 20, d);
     // Three more pages of that bucket all fit beside it: a duplicate would have pushed one out.
-    for (let page = 21; page < 24; page++) {
-      holding(reference, page, digestIn(9, page));
-      index.add(page, digestIn(9, page), 0);
-    }
+    for (let page = 21; page < 24; page++) store(reference, index, page, digestIn(9, page));
     expect(index.find(d, 0)).toBe(20);
     for (let page = 21; page < 24; page++) expect(index.find(digestIn(9, page), 0)).toBe(page);
   });

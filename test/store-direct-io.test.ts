@@ -199,6 +199,18 @@ function directStoreHolding(pages: number): PageStore | null {
   return store;
 }
 
+/** A store holding generation 1 of every page, the generation each page holds now (`last`), and a way to write a new one. */
+function rewritableStore(pages: number): { store: PageStore; last: Uint32Array; rewrite: (i: number, generation: number) => void } | null {
+  const store = directStoreHolding(pages);
+  if (store === null) return null;
+  const last = new Uint32Array(pages).fill(1);
+  const rewrite = (i: number, generation: number): void => {
+    put(store, i, generation);
+    last[i] = generation;
+  };
+  return { store, last, rewrite };
+}
+
 test('a page written after the reader fetched it ahead is read back new', () => {
   const pages = 2048; // 8 MiB
   const store = directStoreHolding(pages);
@@ -223,13 +235,9 @@ test('a page written after the reader fetched it ahead is read back new', () => 
 
 test('lone pages prefetched read back as their last version: rewritten before the prefetch, after it, in an open run, queued, or on disk', () => {
   const pages = 4000; // more than the prefetch pool holds (128) and the write queue (16 MiB)
-  const store = directStoreHolding(pages);
-  if (store === null) return;
-  const last = new Uint32Array(pages).fill(1);
-  const rewrite = (i: number, generation: number): void => {
-    put(store, i, generation);
-    last[i] = generation;
-  };
+  const held = rewritableStore(pages);
+  if (held === null) return;
+  const { store, last, rewrite } = held;
   // A scattered set of pages, in an order no read-ahead guesses.
   const scattered = (seed: number, n: number): Uint32Array => {
     const out = new Uint32Array(n);
@@ -264,13 +272,9 @@ test('lone pages prefetched read back as their last version: rewritten before th
 
 test('ranges prefetched read back as their last version: rewritten before the prefetch, after it, in an open run, queued, or on disk', () => {
   const pages = 8192; // 32 MiB: more than the range slots hold (16 MiB) and the write queue
-  const store = directStoreHolding(pages);
-  if (store === null) return;
-  const last = new Uint32Array(pages).fill(1);
-  const rewrite = (i: number, generation: number): void => {
-    put(store, i, generation);
-    last[i] = generation;
-  };
+  const held = rewritableStore(pages);
+  if (held === null) return;
+  const { store, last, rewrite } = held;
   const RANGE = 128; // a multifd packet's pages
   const ranges = pages / RANGE;
   const buf = Buffer.alloc(RANGE * PAGE);
@@ -309,51 +313,57 @@ test('ranges prefetched read back as their last version: rewritten before the pr
   expect(store.verify()).toEqual([]);
 });
 
-test('prefetching ranges absent, past the end or off a page boundary does no harm, and a bad argument throws', () => {
+/** A store of `pages` pages holding the even ones (generation 1), mid-migration; null where O_DIRECT is not to be had. */
+function storeHoldingEvenPages(pages: number): PageStore | null {
   const store = open(tmp);
-  store.begin(layout(512));
-  if (!directOrSkip(store)) return;
-  for (let i = 0; i < 512; i += 2) put(store, i, 1);
+  store.begin(layout(pages));
+  if (!directOrSkip(store)) return null;
+  for (let i = 0; i < pages; i += 2) put(store, i, 1);
+  return store;
+}
+
+/** Runs `check` on the direct I/O of an empty file: any position is past its end. */
+function onEmptyDirectFile(check: (direct: DirectPages) => void): void {
+  fs.writeFileSync(path.join(tmp, 'raw'), '');
+  const direct = DirectPages.open(path.join(tmp, 'raw'), 0);
+  expect(direct).not.toBeNull();
+  if (direct === null) return;
+  try {
+    check(direct);
+  } finally {
+    direct.close();
+  }
+}
+
+test('prefetching ranges absent, past the end or off a page boundary does no harm, and a bad argument throws', () => {
+  const store = storeHoldingEvenPages(512);
+  if (store === null) return;
   // Past the store's pages (cut, or passed over), of no pages, and the odd pages never written.
   store.prefetchRanges(Uint32Array.from([0, 480, 600, 10]), Uint32Array.from([128, 128, 4, 0]), 4);
   const out = Buffer.alloc(64 * PAGE);
   store.readPages(480, 1, out, 0, false);
   expect(identify(out, 0)).toEqual([480, 1]);
   expect(() => store.readPages(3, 1, out, 0, false)).toThrow(/absent/);
-  fs.writeFileSync(path.join(tmp, 'raw'), '');
-  const direct = DirectPages.open(path.join(tmp, 'raw'), 0);
-  expect(direct).not.toBeNull();
-  if (direct === null) return;
-  try {
+  onEmptyDirectFile((direct) => {
     // Not a 4 KiB boundary, negative, of no length, past the end of the file: skipped; a count past either array: refused.
     expect(direct.prefetchRanges(Float64Array.from([4095, -4096, 0, 8192]), Float64Array.from([4096, 4096, 0, 4096]), 4)).toBe(0);
     expect(() => direct.prefetchRanges(new Float64Array(3), new Float64Array(2), 3)).toThrow(/pageioPrefetchRanges/);
-  } finally {
-    direct.close();
-  }
+  });
 });
 
 test('prefetching pages absent, out of range or off a page boundary does no harm, and a bad argument throws', () => {
-  const store = open(tmp);
-  store.begin(layout(64));
-  if (!directOrSkip(store)) return;
-  for (let i = 0; i < 64; i += 2) put(store, i, 1);
+  const store = storeHoldingEvenPages(64);
+  if (store === null) return;
   store.prefetchPages(Uint32Array.from([1, 3, 5, 1000, 2, 4]), 6);
   const out = Buffer.alloc(PAGE);
   store.readPages(2, 1, out, 0, false);
   expect(identify(out, 0)).toEqual([2, 1]);
   expect(() => store.readPages(3, 1, out, 0, false)).toThrow(/absent/);
-  fs.writeFileSync(path.join(tmp, 'raw'), '');
-  const direct = DirectPages.open(path.join(tmp, 'raw'), 0);
-  expect(direct).not.toBeNull();
-  if (direct === null) return;
-  try {
+  onEmptyDirectFile((direct) => {
     // Not a 4 KiB boundary, negative, past the end of the file: skipped; a count past the array: refused.
     expect(direct.prefetch(Float64Array.from([4095, -4096, 8192]), 3)).toBe(0);
     expect(() => direct.prefetch(new Float64Array(2), 3)).toThrow(/pageioPrefetch/);
-  } finally {
-    direct.close();
-  }
+  });
 });
 
 const MOUNT = canMountTmpfs();
