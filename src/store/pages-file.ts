@@ -329,23 +329,22 @@ export class PagesFile {
     const lengths = (this.rangeLengths ??= new Float64Array(PREFETCH_RANGES));
     let n = 0;
     for (let i = 0; i < count && n < PREFETCH_RANGES; i++) {
-      if (this.runOverlapping(starts[i], counts[i])) continue;
+      if (this.runOverlapping(starts[i], counts[i]) !== null) continue;
       at[n] = starts[i] * this.bytesPerPage;
       lengths[n++] = counts[i] * this.bytesPerPage;
     }
     if (n > 0) direct.prefetchRanges(at, lengths, n);
   }
 
-  /** Whether an open run holds any of pages [index, index + count). */
-  private runOverlapping(index: number, count: number): boolean {
-    for (const run of this.runs) if (run.length > 0 && index < run.start + run.length && run.start < index + count) return true;
-    return false;
+  /** The first open run holding any of pages [index, index + count), or null. */
+  private runOverlapping(index: number, count: number): PendingRun | null {
+    for (const run of this.runs) if (run.length > 0 && index < run.start + run.length && run.start < index + count) return run;
+    return null;
   }
 
   /** The open run holding page index, or null. */
   private runHolding(index: number): PendingRun | null {
-    for (const run of this.runs) if (run.length > 0 && index >= run.start && index < run.start + run.length) return run;
-    return null;
+    return this.runOverlapping(index, 1);
   }
 
   /**
