@@ -59,15 +59,25 @@ export class ContentIndex {
   add(page: number, digest: Uint32Array, at: number): void {
     const first = this.bucket(digest, at);
     const slots = this.slots;
+    // The bucket's own slots first (one cache line): the page there already, or an empty slot. Only a
+    // full bucket looks up its pages in the reference, a cache miss each, for one gone stale.
     let free = -1;
     for (let s = first; s < first + WAYS; s++) {
       const held = slots[s];
       if (held === page) return;
-      // A slot whose page no longer holds content of this bucket is as good as empty.
-      if (free < 0 && (held === EMPTY || this.bucket(this.reference, held * DIGEST_WORDS) !== first)) free = s;
+      if (free < 0 && held === EMPTY) free = s;
     }
+    if (free < 0) free = this.staleSlot(first);
     if (free < 0) free = first + (this.victim++ & (WAYS - 1));
     slots[free] = page;
+  }
+
+  /** A slot of the full bucket at `first` whose page no longer holds content of this bucket, or -1. */
+  private staleSlot(first: number): number {
+    for (let s = first; s < first + WAYS; s++) {
+      if (this.bucket(this.reference, this.slots[s] * DIGEST_WORDS) !== first) return s;
+    }
+    return -1;
   }
 
   /** A page the receiver holds with the content of the digest at `digest[at…]` (words), or -1. */
