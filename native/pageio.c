@@ -320,6 +320,13 @@ static void *pio_pf_thread(void *arg) {
   return NULL;
 }
 
+/* Wakes up to `most` readers for `queued` new reads, with mu released: a reader woken while the caller
+ * holds the lock only waits for it, and on a host short of cores takes the caller's core to do so. A reader
+ * not yet waiting sees the queue under the lock before it waits, so none of them is missed. */
+static void pio_wake_readers(pio *p, int queued, int most) {
+  for (int i = 0; i < queued && i < most; i++) pthread_cond_signal(&p->pf_cv);
+}
+
 /* Starts the reader pool (mu held); 0 or an errno. */
 static int pio_pf_start(pio *p) {
   if (p->pf_started > 0) return 0;
@@ -918,10 +925,10 @@ static napi_value PageioPrefetch(napi_env env, napi_callback_info info) {
         break;
       }
       queued++;
-      pthread_cond_signal(&p->pf_cv);
     }
   }
   pthread_mutex_unlock(&p->mu);
+  pio_wake_readers(p, queued, PIO_PREFETCH_THREADS);
   napi_create_int32(env, queued, &r);
   return r;
 }
@@ -1006,13 +1013,13 @@ static napi_value PageioPrefetchRanges(napi_env env, napi_callback_info info) {
         p->rg_queue[(p->rg_qhead + p->rg_qlen) % PIO_RANGE_QUEUE] = k;
         p->rg_qlen++;
         queued++;
-        pthread_cond_signal(&p->pf_cv);
       }
       pos += (off_t)len;
       left -= len;
     }
   }
   pthread_mutex_unlock(&p->mu);
+  pio_wake_readers(p, queued, PIO_RANGE_READERS);
   napi_create_int32(env, queued, &r);
   return r;
 }
