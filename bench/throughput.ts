@@ -11,6 +11,8 @@ import { procStats } from '../src/lab/demo/proc-stats';
 import { checkingDestination, playStream } from '../src/lab/harness/qemu-standins';
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
 import { median } from '../src/common/median';
+import { ContentIndex } from '../src/proxy/content-index';
+import { QUIET_ADDS } from '../src/proxy/resemblance-cache';
 import { gatewayNodeArgs as nodeArgs, startRelay, withGatewayPair } from './loopback-processes';
 
 const gib = Number(process.argv[2] ?? 1);
@@ -86,7 +88,28 @@ async function main(): Promise<void> {
   console.log(
     `until both stores committed (fsync included): first leg ${median(committedRatios.first).toFixed(2)}×, back leg ${median(committedRatios.back).toFixed(2)}× the relay pair`,
   );
-  console.log(`peak RSS of a gateway process ${peakRss.toFixed(0)} MiB (budget 100 MiB + 16 B × ${Math.round(pages)} pages = ${(100 + (16 * pages) / 2 ** 20).toFixed(0)} MiB)`);
+  const budget = memoryBudget(pages);
+  console.log(`peak RSS of a gateway process ${peakRss.toFixed(0)} MiB (budget ${budget.mib.toFixed(0)} MiB: ${budget.parts})`);
+}
+
+/**
+ * What a gateway process may hold for one migration of `pages` pages, MiB: the process (Node, the store's
+ * write queue and read-ahead, socket buffers) 100 MiB, the store's digest table 16 B a page, and on the
+ * sending gateway the receiver's digest table (16 B a page), the content index (ContentIndex.slotsFor,
+ * 4 B a slot) and the resemblance cache's pages written before it samples (QUIET_ADDS of 4 KiB: on
+ * pseudo-random memory nothing resembles, so it samples from then on).
+ */
+function memoryBudget(pages: number): { mib: number; parts: string } {
+  const MiB = 2 ** 20;
+  const parts: [string, number][] = [
+    ['process', 100 * MiB],
+    ['digest table 16 B a page', 16 * pages],
+    ["the receiver's table 16 B a page", 16 * pages],
+    ['content index', 4 * ContentIndex.slotsFor(pages)],
+    [`resemblance cache ${QUIET_ADDS} pages`, QUIET_ADDS * 4096],
+  ];
+  const mib = parts.reduce((sum, [, bytes]) => sum + bytes, 0) / MiB;
+  return { mib, parts: parts.map(([name, bytes]) => `${name} ${(bytes / MiB).toFixed(0)}`).join(' + ') };
 }
 
 main().catch((err: unknown) => {

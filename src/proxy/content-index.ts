@@ -24,10 +24,16 @@ export class ContentIndex {
     /** What the receiver holds now, as words (digestWords: 4 per page, all zero = not held). Updated by its owner. */
     private readonly reference: Uint32Array,
   ) {
-    let size = 1024;
-    while (size < 2 * pageCount) size *= 2;
+    const size = ContentIndex.slotsFor(pageCount);
     this.slots = new Uint32Array(size).fill(EMPTY);
     this.bucketMask = size / WAYS - 1;
+  }
+
+  /** Slots of the index of a guest of pageCount pages: two a page, rounded up to a power of two (4 B a slot). */
+  static slotsFor(pageCount: number): number {
+    let size = 1024;
+    while (size < 2 * pageCount) size *= 2;
+    return size;
   }
 
   /** The bucket of the digest at words[at…]: its first four bytes, big-endian, pick it. */
