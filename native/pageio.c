@@ -68,8 +68,10 @@
 /* Ranges read ahead by the same pool (pageioPrefetchRanges): a back leg's multifd Runs, a packet's pages
    each (512 KiB on x86), which a receiver's channels read in turn from all over the file, so that neither
    the stream read-ahead nor its strides follow them. Slots of their own, allocated at the first use
-   (16 MiB): the channels share them, 4 Runs ahead each (src/proxy/reads-ahead.ts), so 8 channels at once. */
-#define PIO_RANGE_SLOTS 32
+   (32 MiB, resident as slots are read into): the channels share them, 4 Runs ahead each up to 10
+   channels, fewer beyond (src/proxy/reads-ahead.ts). 32 slots had 8 channels read 2 Runs ahead each,
+   and their back legs ran at 0.22 GB/s against 0.31 with 64 (docs/benchmarks.md). */
+#define PIO_RANGE_SLOTS 64
 #define PIO_RANGE_BYTES (512 * 1024)
 #define PIO_RANGE_QUEUE (4 * PIO_RANGE_SLOTS)
 /* Ranges read at once at most: the device is as fast with a few large reads in flight, and every pool

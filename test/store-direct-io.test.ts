@@ -271,7 +271,7 @@ test('lone pages prefetched read back as their last version: rewritten before th
 });
 
 test('ranges prefetched read back as their last version: rewritten before the prefetch, after it, in an open run, queued, or on disk', () => {
-  const pages = 8192; // 32 MiB: more than the range slots hold (16 MiB) and the write queue
+  const pages = 16384; // 64 MiB: more than the range slots hold (32 MiB) and the write queue
   const held = rewritableStore(pages);
   if (held === null) return;
   const { store, last, rewrite } = held;

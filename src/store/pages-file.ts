@@ -32,7 +32,7 @@ const OPEN_RUNS = 8;
 
 /** Most pages one prefetch() hands the direct queue (it holds 128: native/pageio.c). */
 const PREFETCH_BATCH = 128;
-/** Most ranges handed to the reader pool at once (it holds 32 parts of 512 KiB: native/pageio.c). */
+/** Most ranges handed to the reader pool at once (it holds 64 parts of 512 KiB: native/pageio.c). */
 const PREFETCH_RANGES = 16;
 
 /** Pages start .. start+length-1, waiting in buffer at slots 0 .. length-1 (length 0: the run is not open). */
