@@ -167,14 +167,9 @@ typedef struct {
   uint8_t *read_region;  /* the read-ahead slots' buffers, likewise */
 } pio;
 
-/* Queues slot s for the I/O thread (mu held); the caller wakes it. */
-static void pio_queue_slot(pio *p, int s) {
+static void pio_enqueue(pio *p, int s) {
   p->queue[(p->qhead + p->qlen) % PIO_SLOTS] = s;
   p->qlen++;
-}
-
-static void pio_enqueue(pio *p, int s) {
-  pio_queue_slot(p, s);
   pthread_cond_broadcast(&p->cv);
 }
 
@@ -666,18 +661,16 @@ static napi_value PageioSubmit(napi_env env, napi_callback_info info) {
   }
   if (len == 0) {
     sl->state = SLOT_FREE;
+    pthread_cond_broadcast(&p->cv);
   } else {
     pio_drop_reads(p, (off_t)pos, (size_t)len, 0);
     sl->pos = (off_t)pos;
     sl->len = (size_t)len;
     sl->state = SLOT_QUEUED;
-    pio_queue_slot(p, s);
+    pio_enqueue(p, s);
   }
   napi_value r = take_error(env, p);
   pthread_mutex_unlock(&p->mu);
-  /* The I/O thread (or an acquire waiting for the slot) woken once the lock is free, as the readers are:
-     woken under it, it would only wait for it, and on a host short of cores take this thread's core. */
-  pthread_cond_broadcast(&p->cv);
   return r;
 }
 
