@@ -173,7 +173,7 @@ function main(): void {
         const times: number[] = [];
         for (let r = 0; r < RUNS; r++) {
           const t0 = process.hrtime.bigint();
-          const runs = new ReadsAhead(runsWindow(channels), (starts, counts, n) => s.prefetchRanges(starts, counts, n));
+          const runs = new ReadsAhead(runsWindow(channels, s.rangeSlots), (starts, counts, n) => s.prefetchRanges(starts, counts, n));
           let seen = 0;
           let rebuilt = 0;
           for (let burst = 0; burst * RUN_BURST * channels < packets; burst++) {

@@ -1044,7 +1044,12 @@ static napi_value PageioClose(napi_env env, napi_callback_info info) {
 }
 
 napi_status bf_pageio_register(napi_env env, napi_value exports) {
+  /* The number of ranges read ahead at once, for the callers that share them out (one place). */
+  napi_value range_slots;
+  napi_status st = napi_create_uint32(env, PIO_RANGE_SLOTS, &range_slots);
+  if (st != napi_ok) return st;
   napi_property_descriptor props[] = {
+      {"pageioRangeSlots", NULL, NULL, NULL, NULL, range_slots, napi_enumerable, NULL},
       {"pageioOpen", NULL, PageioOpen, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioWriteBuffers", NULL, PageioWriteBuffers, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioAcquire", NULL, PageioAcquire, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -69,6 +69,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     /** A store that records the ranges asked for ahead, and which reads of its pages one of them covered. */
     class HintedPages extends MemoryPages {
       readonly asked: [number, number][] = [];
+      readonly rangeSlots = 64;
       reads = 0;
       covered = 0;
       prefetchRanges(starts: Uint32Array, counts: Uint32Array, count: number): void {

@@ -3,7 +3,8 @@ import { DIGEST_BYTES } from '../src/digest';
 import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
 import { StreamEncoder } from '../src/proxy/encoder';
 import { RECENT_PAGES, RecentPages } from '../src/proxy/recent-pages';
-import { BASES_WINDOW, RANGE_SLOTS, ReadsAhead, runsWindow } from '../src/proxy/reads-ahead';
+import { BASES_WINDOW, ReadsAhead, runsWindow } from '../src/proxy/reads-ahead';
+import { DirectPages } from '../src/store/direct-pages';
 import { MultifdMigration } from '../src/proxy/multifd-migration';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, encodePageDelta, MAX_DELTA_BYTES } from '../src/proxy/page-delta';
 import { QUIET_ADDS, QUIET_SAMPLE, RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceKey } from '../src/proxy/resemblance-cache';
@@ -563,9 +564,14 @@ describe('recent pages', () => {
 
 describe('bases read ahead', () => {
   test('a multifd channel reads fewer Runs ahead the more channels share the store, never none', () => {
-    expect([1, 4, 5, 6, 8, 10, 11, 12, 13, 16, 17, 64].map(runsWindow)).toEqual([4, 4, 4, 4, 4, 4, 3, 3, 2, 2, 1, 1]);
-    // Every channel's window, its Run being read and one read in part fit the store's ranges up to 21 channels.
-    for (let channels = 1; channels <= 21; channels++) expect(channels * (runsWindow(channels) + 2)).toBeLessThanOrEqual(RANGE_SLOTS);
+    const windows = (slots: number): number[] => [1, 4, 5, 6, 8, 10, 11, 12, 13, 16, 17, 64].map((channels) => runsWindow(channels, slots));
+    expect(windows(64)).toEqual([4, 4, 4, 4, 4, 4, 3, 3, 2, 2, 1, 1]);
+    expect(windows(32)).toEqual([4, 4, 4, 3, 2, 1, 1, 1, 1, 1, 1, 1]);
+    // Every channel's window, its Run being read and one read in part fit the ranges a direct-I/O store
+    // reads ahead (the native pool's own count) up to a third of that many channels.
+    const slots = DirectPages.rangeSlots;
+    expect(slots).toBeGreaterThanOrEqual(32);
+    for (let channels = 1; channels <= Math.floor(slots / 3); channels++) expect(channels * (runsWindow(channels, slots) + 2)).toBeLessThanOrEqual(slots);
   });
 
 

@@ -112,10 +112,10 @@ function loadAddon(file: string): DigestAddon {
 const addon: DigestAddon = loadAddon(DIGEST_ADDON_PATH);
 
 /**
- * The addon's other functions (socket options, the store's direct page I/O), for the modules that wrap
- * them; undefined where an older build lacks one.
+ * The addon's other exports (socket options, the store's direct page I/O and its constants), for the
+ * modules that wrap them; undefined where an older build lacks one.
  */
-export function nativeFunction(name: string): unknown {
+export function nativeExport(name: string): unknown {
   return (addon as unknown as Record<string, unknown>)[name];
 }
 

@@ -6,7 +6,7 @@
  * project's native addon sets them.
  */
 import { connect, type NetConnectOpts, type Socket } from 'node:net';
-import { nativeFunction } from '../digest';
+import { nativeExport } from '../digest';
 
 /** The accepted source connection's receive buffer (the kernel doubles it for its bookkeeping). */
 export const SOURCE_RECV_BUFFER_BYTES = 256 * 1024;
@@ -32,7 +32,7 @@ export function connectWithQueue(options: NetConnectOpts, queueBytes: number): S
 type TuneSocket = (fd: number, recvBufferBytes: number, notSentLowatBytes: number) => boolean;
 
 function tuner(): TuneSocket | null {
-  const fn = nativeFunction('tuneSocket');
+  const fn = nativeExport('tuneSocket');
   return typeof fn === 'function' ? (fn as TuneSocket) : null;
 }
 

@@ -161,13 +161,13 @@ export class MultifdDecoder extends MultifdChannel {
     const frame = ++this.runsSeen;
     const store = this.migration.store;
     const place = runPlace(head, length);
-    if (place === null || store === null || store.prefetchRanges === undefined) return;
+    if (place === null || store === null || store.prefetchRanges === undefined || !store.rangeSlots) return;
     const block = this.migration.blockAt(place.blockIndex);
     if (block === null || place.firstOffset % X86_PAGE_SIZE !== 0 || place.firstOffset >= block.pages * X86_PAGE_SIZE) return;
     const first = block.firstPage + place.firstOffset / X86_PAGE_SIZE;
     const count = Math.min(place.count, MAX_RUN_HELD, block.firstPage + block.pages - first);
     if (count <= 0) return;
-    this.runsAhead ??= new ReadsAhead(runsWindow(this.migration.channelCount), (starts, counts, n) => {
+    this.runsAhead ??= new ReadsAhead(runsWindow(this.migration.channelCount, store.rangeSlots), (starts, counts, n) => {
       for (let i = 0; i < n; i++) counts[i] = Math.min(MAX_RUN_HELD, Math.max(MULTIFD_SLOTS, Math.round(counts[i] * this.spanPerRecord)));
       store.prefetchRanges?.(starts, counts, n);
     });

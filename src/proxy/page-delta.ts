@@ -1,4 +1,4 @@
-import { DIGEST_BYTES, nativeFunction } from '../digest';
+import { DIGEST_BYTES, nativeExport } from '../digest';
 
 /**
  * A Delta frame's payload: one RAM page given as a page the receiver holds (the base) and the byte
@@ -34,7 +34,7 @@ type EncodeFn = (old: Uint8Array, oldStart: number, next: Uint8Array, nextStart:
 type ApplyFn = (old: Uint8Array, oldStart: number, delta: Uint8Array, deltaStart: number, deltaLen: number, pageSize: number, out: Uint8Array, outStart: number) => void;
 
 function native<T>(name: string): T {
-  const fn = nativeFunction(name);
+  const fn = nativeExport(name);
   if (typeof fn !== 'function') throw new Error(`bfmig: the native addon lacks ${name}; rebuild it (npm run build:native)`);
   return fn as T;
 }

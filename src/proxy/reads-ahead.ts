@@ -19,18 +19,16 @@ export type IssueReads = (starts: Uint32Array, counts: Uint32Array, count: numbe
 const QUEUED = 8192;
 /** Delta bases in flight at most; the native pool holds 128 lone pages a store. */
 export const BASES_WINDOW = 96;
-/** Ranges the native pool holds a store (512 KiB each), which a migration's channels share. */
-export const RANGE_SLOTS = 64;
-
 /**
- * Multifd Runs in flight at most, per channel, with `channels` channels reading ahead from one store:
- * they take turns a few Runs at a time (as their destination sockets drain), and each holds besides its
- * window the range it is reading and one it read part of (a Run ending in zero pages). More would evict
- * other channels' Runs before they are read: 4 Runs each up to 10 channels, 3 for 11 or 12, 2 up to 16,
- * 1 from 17 on.
+ * Multifd Runs in flight at most, per channel, with `channels` channels reading ahead from one store
+ * that holds `slots` ranges read ahead (RetainedPages.rangeSlots): they take turns a few Runs at a time
+ * (as their destination sockets drain), and each holds besides its window the range it is reading and
+ * one it read part of (a Run ending in zero pages). More would evict other channels' Runs before they
+ * are read: with the store's 64 ranges, 4 Runs each up to 10 channels, 3 for 11 or 12, 2 up to 16, 1 from
+ * 17 on.
  */
-export function runsWindow(channels: number): number {
-  return Math.max(1, Math.min(4, Math.floor(RANGE_SLOTS / Math.max(1, channels)) - 2));
+export function runsWindow(channels: number, slots: number): number {
+  return Math.max(1, Math.min(4, Math.floor(slots / Math.max(1, channels)) - 2));
 }
 
 export class ReadsAhead {

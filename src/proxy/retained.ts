@@ -18,6 +18,8 @@ export interface RetainedPages {
   prefetchPages?(indices: Uint32Array, count: number): void;
   /** A hint: ranges [starts[i], starts[i] + counts[i]) will be read soon, each at once (the arrays may be compacted in place). */
   prefetchRanges?(starts: Uint32Array, counts: Uint32Array, count: number): void;
+  /** How many such ranges the store holds read ahead at once, shared by a migration's channels (0 or absent: none). */
+  readonly rangeSlots?: number;
 }
 
 export interface PageLayout {

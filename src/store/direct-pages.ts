@@ -9,7 +9,7 @@
  * write before it.
  */
 import { getSystemErrorMap } from 'node:util';
-import { nativeFunction } from '../digest';
+import { nativeExport } from '../digest';
 
 /** Alignment O_DIRECT asks of file offsets and lengths here. */
 export const DIRECT_IO_ALIGN = 4096;
@@ -24,6 +24,8 @@ interface NativeWriteFailure {
 type Handle = object;
 
 interface PageioAddon {
+  /** Ranges the reader pool holds read ahead at once (pageioPrefetchRanges). */
+  pageioRangeSlots: number;
   pageioOpen(file: string, fileSize: number): Handle;
   pageioWriteBuffers(h: Handle): ArrayBuffer[];
   pageioAcquire(h: Handle): number;
@@ -38,9 +40,10 @@ interface PageioAddon {
 
 function pageioAddon(): PageioAddon | null {
   const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioPrefetch', 'pageioPrefetchRanges', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
-  const fns = names.map((n) => nativeFunction(n));
-  if (!fns.every((f) => typeof f === 'function')) return null;
-  return Object.fromEntries(names.map((n, i) => [n, fns[i]])) as unknown as PageioAddon;
+  const fns = names.map((n) => nativeExport(n));
+  const rangeSlots = nativeExport('pageioRangeSlots');
+  if (!fns.every((f) => typeof f === 'function') || typeof rangeSlots !== 'number') return null;
+  return { ...Object.fromEntries(names.map((n, i) => [n, fns[i]])), pageioRangeSlots: rangeSlots } as unknown as PageioAddon;
 }
 
 const addon = pageioAddon();
@@ -71,6 +74,9 @@ function check(failure: NativeWriteFailure | null): void {
 }
 
 export class DirectPages {
+  /** Ranges prefetchRanges() holds read ahead at once, a store (native/pageio.c PIO_RANGE_SLOTS). */
+  static readonly rangeSlots: number = addon?.pageioRangeSlots ?? 0;
+
   /**
    * The write queue's buffers (4 KiB aligned, all of one size): the store lays pages out in the one
    * acquire() lends it, then submit()s it, so that each page is copied once on its way to the device.
@@ -125,7 +131,7 @@ export class DirectPages {
   /**
    * Has the ranges [positions[i], positions[i] + lengths[i]) read ahead by the reader pool, in that order
    * and at most 512 KiB a part, for read()s of them to come: a back leg's multifd Runs, read in turn from
-   * as many places of the file. Returns how many parts were queued (the pool holds 32 at a time).
+   * as many places of the file. Returns how many parts were queued (the pool holds rangeSlots at a time).
    */
   prefetchRanges(positions: Float64Array, lengths: Float64Array, count: number): number {
     return (addon as PageioAddon).pageioPrefetchRanges(this.handle, positions, lengths, count);

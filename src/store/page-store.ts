@@ -311,6 +311,11 @@ export class PageStore {
    * (a back leg's multifd Runs). Nothing is read where the store moves pages through the page cache, and
    * a range written meanwhile is read again. Ranges past the store's pages are cut or passed over.
    */
+  /** Ranges prefetchRanges() reads ahead at once (the channels of a migration share them); 0: it reads none. */
+  get rangeSlots(): number {
+    return this.pages.rangeSlots;
+  }
+
   prefetchRanges(starts: Uint32Array, counts: Uint32Array, count: number): void {
     this.checkOpen();
     const pageCount = this.pages.pageCount;

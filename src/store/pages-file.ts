@@ -322,6 +322,11 @@ export class PagesFile {
    * read()s to come, when the pages move with direct I/O: a back leg's multifd Runs. Not a range an open
    * run overlaps (read() writes that run first); at most PREFETCH_RANGES.
    */
+  /** Ranges prefetchRanges() holds read ahead at once: none where the pages move through the page cache. */
+  get rangeSlots(): number {
+    return this.directForPageSize() === null ? 0 : DirectPages.rangeSlots;
+  }
+
   prefetchRanges(starts: Uint32Array, counts: Uint32Array, count: number): void {
     const direct = this.directForPageSize();
     if (direct === null) return;

@@ -154,6 +154,10 @@ export class UndoableStore {
     if (this.withheld === null) this.store.prefetchPages(indices, count);
   }
 
+  get rangeSlots(): number {
+    return this.store.rangeSlots;
+  }
+
   prefetchRanges(starts: Uint32Array, counts: Uint32Array, count: number): void {
     if (this.withheld === null) this.store.prefetchRanges(starts, counts, count);
   }

@@ -15,7 +15,7 @@
  * Compressed frame would not be smaller than its Literal frames goes as those.
  */
 import { errorMessage } from '../common/errors';
-import { nativeFunction } from '../digest';
+import { nativeExport } from '../digest';
 import { CompressionPolicy } from './compression-policy';
 import { FRAME_HEADER_BYTES, frameHeader, FrameType, WireError } from './frames';
 
@@ -44,7 +44,7 @@ interface ZstdAddon {
 
 function zstdAddon(): ZstdAddon {
   const names: (keyof ZstdAddon)[] = ['zstdCompressorNew', 'zstdCompress', 'zstdCompressorReset', 'zstdDecompressorNew', 'zstdDecompress', 'zstdDecompressorReset'];
-  const fns = names.map((n) => nativeFunction(n));
+  const fns = names.map((n) => nativeExport(n));
   if (!fns.every((f) => typeof f === 'function')) throw new Error('bfmig: the native addon was built without zstd; run `npm run build:native` (needs libzstd-dev)');
   return Object.fromEntries(names.map((n, i) => [n, fns[i]])) as unknown as ZstdAddon;
 }
