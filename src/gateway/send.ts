@@ -15,6 +15,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
 import { formatEndpoint } from './address';
+import { afterTimeAndReads } from './after-reads';
 import { DIGEST_BYTES } from '../digest';
 import { DELTA_READ_BUDGET_US, StreamEncoder } from '../proxy/encoder';
 import { X86_PAGE_SIZE } from '../qemu/constants';
@@ -372,14 +373,14 @@ export class SendSession {
     if (encoder) {
       const multifd = new MultifdMigration(this.life.retained);
       multifd.wakeAfter = (ms, step) => {
-        setTimeout(() => {
+        afterTimeAndReads(ms, () => {
           if (this.over) return;
           try {
             step();
           } catch (err) {
             this.group.fail(`multifd channels: ${errorMessage(err)}`);
           }
-        }, ms).unref();
+        });
       };
       encoder.multifd = multifd;
       multifd.begin(layout);
