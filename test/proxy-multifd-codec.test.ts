@@ -5,7 +5,7 @@ import { multifdInit, multifdMigration, multifdPacket, multifdRoundTrip, type Mu
 import { RebuildError } from '../src/proxy/decoder';
 import { MultifdEncoder } from '../src/proxy/multifd-encoder';
 import { MultifdMigration } from '../src/proxy/multifd-migration';
-import { layoutOf } from '../src/proxy/retained';
+import { layoutOf, ReceiverTable } from '../src/proxy/retained';
 import { MAX_RUN_HELD, RunError } from '../src/proxy/run';
 import { StreamError } from '../src/qemu/errors';
 import { RecordKind } from '../src/qemu/records';
@@ -197,6 +197,8 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     // rewritten copy, nor the first copy's version once the page was rewritten, nor the final one.
     expect(trip.encoders.reduce((n, e) => n + e.counts.pagesReused, 0)).toBe(reused);
     expect(trip.decoders.reduce((n, d) => n + d.counts.pagesReused, 0)).toBe(reused);
+    // Read after the rewritten copy, packet 0's is no longer what the receiver holds: sent, not unordered.
+    expect(trip.encoders.reduce((n, e) => n + e.counts.pagesUnordered, 0)).toBe(0);
     // Neither copy of the repeated page outlives the later epoch's version, whatever order they came in.
     for (const store of [sender, receiver]) expect(holds(store, 10, final)).toBe(true);
     expect(sender.digests).toEqual(receiver.digests);
@@ -264,6 +266,36 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     migration.wakeAfter = null;
     channel.push(sync(3));
     expect(channel.parked).toBe(false);
+  });
+
+  test('pages the receiver holds, read while the main channel is behind their epoch, go whole and are counted unordered', () => {
+    const memory = guestMemory([['pc.ram', 8]], 3, 0);
+    const layout = layoutOf(memory.blocks);
+    const { sender } = stores(memory);
+    for (const i of [0, 1, 2, 3]) sender.writePage(i, memory.pages[i], 0, digestOf(memory.pages[i]), 0);
+    const migration = new MultifdMigration(sender, 1);
+    migration.begin(layout);
+    migration.receiverTable = new ReceiverTable(sender.digests);
+    const timers: (() => void)[] = [];
+    migration.wakeAfter = (_ms, step) => timers.push(step);
+    const sync = (n: number): Buffer => multifdPacket({ format, packetNumber: n, block: '', pages: [], sync: true });
+    const packet = (n: number, indexes: number[]): Buffer => multifdPacket({ format, packetNumber: n, block: 'pc.ram', pages: indexes.map((i) => ({ offset: i * PAGE, data: memory.pages[i] })) });
+    const runs: Buffer[] = [];
+    const channel = new MultifdEncoder({ literal: () => undefined, run: (payload) => runs.push(payload) }, migration);
+    channel.push(Buffer.concat([multifdInit(0), sync(0)]));
+    migration.mainRecord(RecordKind.RamEos);
+    // The next epoch's main-channel EOS is late: the wait runs out, and pages 0 and 1 cross whole.
+    channel.push(sync(1));
+    expect(timers).toHaveLength(1);
+    timers[0]();
+    channel.push(packet(2, [0, 1]));
+    expect(channel.counts).toMatchObject({ pagesSent: 2, pagesUnordered: 2, pagesReused: 0 });
+    // Once the EOS is in, held pages are named in a Run again.
+    migration.mainRecord(RecordKind.RamEos);
+    channel.push(packet(3, [2, 3]));
+    channel.end(() => undefined);
+    expect(channel.counts).toMatchObject({ pagesSent: 2, pagesUnordered: 2, pagesReused: 2 });
+    expect(runs).toHaveLength(1);
   });
 
   test('a channel that closes while it waits at its last SYNC ends once the others reach it', () => {

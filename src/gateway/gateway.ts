@@ -508,6 +508,7 @@ export class Gateway implements SessionObserver {
       pagesSent: report.counts.pagesSent,
       pagesReused: report.counts.pagesReused,
       pagesZero: report.counts.pagesZero,
+      ...(report.counts.pagesUnordered > 0 ? { pagesUnordered: report.counts.pagesUnordered } : {}),
       ...(report.counts.deltaBytes > 0 ? { pagesDelta: report.counts.pagesDelta, pagesMatched: report.counts.pagesMatched, pagesSibling: report.counts.pagesSibling, deltaBytes: report.counts.deltaBytes } : {}),
       mode: report.mode,
       snapshotId: report.snapshotId,

@@ -376,8 +376,11 @@ export class StreamEncoder {
       // sent as a delta
     } else {
       this.closeRun();
-      if (record.kind === RecordKind.RamPage) this.counts.pagesSent++;
-      else this.counts.pagesOther++;
+      if (record.kind !== RecordKind.RamPage) this.counts.pagesOther++;
+      else {
+        this.counts.pagesSent++;
+        if (claim !== Claim.First && words !== null && sameDigestWords(words, word, retainer.digestWords, 0)) this.counts.pagesUnordered++;
+      }
     }
     // A multifd channel wrote a later version of the page already: this one is not kept.
     if (claim === Claim.Stale) return;

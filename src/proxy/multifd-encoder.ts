@@ -178,13 +178,14 @@ export class MultifdEncoder extends MultifdChannel {
     const claim = this.migration.claim(page.pageIndex, this.syncs);
     if (!normal) {
       this.counts.pagesZero++;
-    } else if (words !== null && this.mayNameClaimed(claim, page.pageIndex) && sameDigestWords(words, word, retainer.digestWords, 0)) {
+    } else if (words !== null && sameDigestWords(words, word, retainer.digestWords, 0) && this.mayNameClaimed(claim, page.pageIndex)) {
       this.counts.pagesReused++;
       this.migration.nameInRun(page.pageIndex);
       this.addToRun(page.streamOffset, page.offset);
     } else {
       this.closeRun();
       this.counts.pagesSent++;
+      if (words !== null && sameDigestWords(words, word, retainer.digestWords, 0)) this.counts.pagesUnordered++;
     }
     // A later version of the page was written already: this one is not kept (see MultifdMigration).
     if (claim === Claim.Stale) return;

@@ -6,6 +6,12 @@ export interface TransferCounts {
   pagesSent: number;
   /** Normal pages the receiver rebuilt from its store. */
   pagesReused: number;
+  /**
+   * Normal pages the receiver held that went in full all the same (counted in pagesSent too): in a
+   * multifd migration, pages whose order against another channel's write of them was not yet known (the
+   * main channel behind their epoch, the second copy of a page QEMU < 9.0 sent twice in one) or was older.
+   */
+  pagesUnordered: number;
   /** QEMU zero (fill) pages. */
   pagesZero: number;
   /** XBZRLE and compressed pages, passed on as they are. */
@@ -20,7 +26,7 @@ export interface TransferCounts {
   deltaBytes: number;
 }
 
-export const newCounts = (): TransferCounts => ({ streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesZero: 0, pagesOther: 0, pagesDelta: 0, pagesMatched: 0, pagesSibling: 0, deltaBytes: 0 });
+export const newCounts = (): TransferCounts => ({ streamBytes: 0, pagesSent: 0, pagesReused: 0, pagesUnordered: 0, pagesZero: 0, pagesOther: 0, pagesDelta: 0, pagesMatched: 0, pagesSibling: 0, deltaBytes: 0 });
 
 /** `into` plus `more`, field by field. */
 export function addCounts(into: TransferCounts, more: Readonly<TransferCounts>): TransferCounts {

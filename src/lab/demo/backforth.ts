@@ -100,6 +100,8 @@ export interface LegResult {
   /** Pages sent in full over the WAN (QEMU's ram.normal direct). */
   pagesSent: number;
   pagesReused: number;
+  /** Of pagesSent, pages the receiver held that a multifd migration sent whole all the same (0: direct). */
+  pagesUnordered: number;
   /** QEMU's own counts for the migration: pages sent in full, zero pages, dirty-bitmap syncs (≈ rounds). */
   qemuNormalPages: number;
   qemuZeroPages: number;
@@ -331,6 +333,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           pausedMs: resumedAt === null || stoppedAt === null ? null : Math.round(resumedAt - stoppedAt),
           pagesSent: report ? report.pagesSent : info.ram?.normal ?? 0,
           pagesReused: report?.pagesReused ?? 0,
+          pagesUnordered: report?.pagesUnordered ?? 0,
           qemuNormalPages: info.ram?.normal ?? 0,
           qemuZeroPages: info.ram?.duplicate ?? 0,
           qemuTransferredBytes: info.ram?.transferred ?? 0,

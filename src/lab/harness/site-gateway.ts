@@ -25,6 +25,8 @@ export interface GatewayLegReport {
   pagesSent: number;
   pagesReused: number;
   pagesZero: number;
+  /** Pages the receiver held that a multifd migration sent whole all the same (TransferCounts.pagesUnordered). */
+  pagesUnordered: number;
   snapshotId: string | null;
   /** Why the stream was relayed verbatim from some point on (the fallback code), null when parsed whole. */
   verbatim: string | null;
@@ -90,11 +92,12 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
   };
 }
 
-type PageCounts = Pick<GatewayLegReport, 'pagesSent' | 'pagesReused' | 'pagesZero' | 'pagesDelta' | 'pagesMatched' | 'pagesSibling' | 'deltaBytes'>;
+type PageCounts = Pick<GatewayLegReport, 'pagesSent' | 'pagesReused' | 'pagesUnordered' | 'pagesZero' | 'pagesDelta' | 'pagesMatched' | 'pagesSibling' | 'deltaBytes'>;
 
 const pick = (c: PageCounts): PageCounts => ({
   pagesSent: c.pagesSent,
   pagesReused: c.pagesReused,
+  pagesUnordered: c.pagesUnordered,
   pagesZero: c.pagesZero,
   pagesDelta: c.pagesDelta,
   pagesMatched: c.pagesMatched,
@@ -113,6 +116,8 @@ interface FinishedLine {
   pagesSent?: number;
   pagesReused?: number;
   pagesZero?: number;
+  /** Only on a line with some. */
+  pagesUnordered?: number;
   /** Only on a line whose migration sent deltas. */
   pagesDelta?: number;
   pagesMatched?: number;
@@ -144,7 +149,7 @@ async function startChild(configPath: string, logPath: string, nodeArgs: readonl
         return;
       }
       if (f.direction && f.result) {
-        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, error: f.error ?? null, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesZero: f.pagesZero ?? 0, pagesDelta: f.pagesDelta ?? 0, pagesMatched: f.pagesMatched ?? 0, pagesSibling: f.pagesSibling ?? 0, deltaBytes: f.deltaBytes ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
+        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, error: f.error ?? null, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesUnordered: f.pagesUnordered ?? 0, pagesZero: f.pagesZero ?? 0, pagesDelta: f.pagesDelta ?? 0, pagesMatched: f.pagesMatched ?? 0, pagesSibling: f.pagesSibling ?? 0, deltaBytes: f.deltaBytes ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
       }
     });
     child.once('exit', (code) => {
