@@ -176,16 +176,17 @@ export class MultifdEncoder extends MultifdChannel {
     const reference = this.migration.receiverTable?.bytes ?? null;
     const words = this.migration.receiverTable?.words ?? null;
     const claim = this.migration.claim(page.pageIndex, this.syncs);
+    const held = normal && words !== null && sameDigestWords(words, word, retainer.digestWords, 0);
     if (!normal) {
       this.counts.pagesZero++;
-    } else if (words !== null && sameDigestWords(words, word, retainer.digestWords, 0) && this.mayNameClaimed(claim, page.pageIndex)) {
+    } else if (held && this.mayNameClaimed(claim, page.pageIndex)) {
       this.counts.pagesReused++;
       this.migration.nameInRun(page.pageIndex);
       this.addToRun(page.streamOffset, page.offset);
     } else {
       this.closeRun();
       this.counts.pagesSent++;
-      if (words !== null && sameDigestWords(words, word, retainer.digestWords, 0)) this.counts.pagesUnordered++;
+      if (held) this.counts.pagesUnordered++;
     }
     // A later version of the page was written already: this one is not kept (see MultifdMigration).
     if (claim === Claim.Stale) return;

@@ -106,9 +106,10 @@ export class MultifdMigration {
   receiverTable: ReceiverTable | null = null;
   /**
    * Sender only: runs `step` after `ms`, and after the input that came meanwhile has been read (the
-   * gateway's timer, which fails the migration if `step` throws). With it a channel past a SYNC waits up to MAIN_WAIT_MS for the main channel's marker of
-   * the epoch where QEMU sends it right after the SYNC packets (`mainFollowsSyncs`): pages read before
-   * it has been parsed cannot be named in a Run. Without it (tests) channels never wait for it.
+   * gateway's timer, which fails the migration if `step` throws). With it a channel past a SYNC waits
+   * up to MAIN_WAIT_MS for the main channel's marker of the epoch where QEMU sends it right after the
+   * SYNC packets (`mainFollowsSyncs`): pages read before it has been parsed cannot be named in a Run.
+   * Without it (tests) channels never wait for it.
    */
   wakeAfter: ((ms: number, step: () => void) => void) | null = null;
   /** Receiver only: pages as they were when the current epoch began, where a repeated page overwrote them. */

@@ -24,8 +24,8 @@ export const BASES_WINDOW = 96;
  * that holds `slots` ranges read ahead (RetainedPages.rangeSlots): they take turns a few Runs at a time
  * (as their destination sockets drain), and each holds besides its window the range it is reading and
  * one it read part of (a Run ending in zero pages). More would evict other channels' Runs before they
- * are read: with the store's 64 ranges, 4 Runs each up to 10 channels, 3 for 11 or 12, 2 up to 16, 1 from
- * 17 on.
+ * are read: with 64 ranges (the native store's today), 4 Runs each up to 10 channels, 3 for 11 or 12, 2 up
+ * to 16, 1 from 17 on.
  */
 export function runsWindow(channels: number, slots: number): number {
   return Math.max(1, Math.min(4, Math.floor(slots / Math.max(1, channels)) - 2));
