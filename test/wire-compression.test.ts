@@ -367,4 +367,25 @@ describe('CompressionPolicy', () => {
     for (let i = 0; i < SPARSE_SHARE * 2 * DRAINED_CHUNKS; i++) policy.observeWan(false, CHUNK);
     expect(policy.compressNext(4096)).toBe(true);
   });
+
+  test('saving pays (compression, and Deltas the receiver reads a base for) while the WAN holds the session back or little must cross whole', () => {
+    const policy = new CompressionPolicy();
+    expect(policy.savingPays).toBe(true); // a first leg starts WAN-bound
+    // A first leg whose gateways set the pace: everything read goes as Literal bytes, the WAN never waits.
+    for (let i = 0; i < DRAINED_CHUNKS; i++) {
+      policy.observeWan(false, CHUNK);
+      policy.compressNext(CHUNK);
+    }
+    expect([policy.wanIsBottleneck, policy.savingPays]).toEqual([false, false]);
+    // The link fills: saving pays again.
+    policy.observeWan(true, CHUNK);
+    expect([policy.wanIsBottleneck, policy.savingPays]).toEqual([true, true]);
+    // A back leg on a fast link: the WAN never waits, but little crosses whole, so saving on it pays.
+    const back = new CompressionPolicy();
+    for (let i = 0; i < 4 * DRAINED_CHUNKS; i++) {
+      back.observeWan(false, CHUNK);
+      back.compressNext(CHUNK / (2 * SPARSE_SHARE));
+    }
+    expect([back.wanIsBottleneck, back.savingPays]).toEqual([false, true]);
+  });
 });

@@ -403,11 +403,15 @@ export class SendSession {
     this.literals?.policy.observeWan(this.peer.writableLength > 0, chunk.length);
     // A delta costs store reads here and at the receiver, a content match one there: paid whatever they
     // take only while the WAN, not the gateways, sets the pace, and the link is slow enough that a page
-    // takes longer to cross than such a read.
+    // takes longer to cross than such a read. A match or a delta against a page alike, read ahead by the
+    // receiver, costs both gateways CPU (at the receiver a read, at the sender a lookup, a copy, an
+    // encode): paid while saving pays as compression does (the WAN sets the pace, or little must cross),
+    // on a link slow enough. On a host whose gateways set a first leg's pace at 1 Gbit/s they made it a
+    // quarter slower than no saving at all (docs/benchmarks.md, "Sixth session").
     this.wanRate.observe(this.life.wanOut - this.peer.writableLength, performance.now());
-    this.encoder.deltaReadsFree =
-      this.options.deltas === 'always' || ((this.literals?.policy.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
-    this.encoder.receiverReadsAhead = this.receiverReadsAhead && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);
+    const policy = this.literals?.policy;
+    this.encoder.deltaReadsFree = this.options.deltas === 'always' || ((policy?.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
+    this.encoder.receiverReadsAhead = this.receiverReadsAhead && (policy?.savingPays ?? true) && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);
     // Every frame this chunk produces leaves in one writev.
     this.peer.cork();
     try {

@@ -101,10 +101,19 @@ export class CompressionPolicy {
     return this.wanBound;
   }
 
+  /**
+   * Whether the gateway's work on saving WAN bytes pays now: the WAN is the bottleneck, or what must
+   * cross whole is a small share of what is read lately (a back leg), so that saving on it costs little
+   * of the gateway's time. Compression, and the Deltas that cost the receiver a store read, wait for it.
+   */
+  get savingPays(): boolean {
+    return this.wanBound || this.literalBytes * SPARSE_SHARE <= this.readBytes;
+  }
+
   /** Whether the next batch, of `batchBytes`, is to be compressed; a batch it says no to goes raw. */
   compressNext(batchBytes: number): boolean {
     this.literalBytes += batchBytes;
-    if (!this.wanBound && this.literalBytes * SPARSE_SHARE > this.readBytes) return false;
+    if (!this.savingPays) return false;
     if (this.skipLeft > 0) {
       this.skipLeft--;
       return false;
