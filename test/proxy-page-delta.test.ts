@@ -535,6 +535,7 @@ describe('recent pages', () => {
       return at >= 0 && recent.content.subarray(at, at + PAGE).equals(pageOf(n));
     };
     for (const p of [10, 11, 12]) recent.add(p, pageOf(p), 0);
+    recent.used(); // Deltas against other pages keep coming
     recent.add(10, pageOf(99), 0); // a rewrite keeps its slot, with the new content
     expect(holds(10, 99)).toBe(true);
     expect(holds(11, 11)).toBe(true);
@@ -544,16 +545,35 @@ describe('recent pages', () => {
     expect(holds(11, 11) && holds(12, 12) && holds(13, 13) && holds(14, 14)).toBe(true);
     recent.forget(12);
     expect(recent.find(12)).toBe(-1);
+    recent.used();
     recent.add(15, pageOf(15), 0);
     expect(holds(11, 11)).toBe(false); // 11 had the oldest slot left
     expect(holds(13, 13) && holds(14, 14) && holds(15, 15)).toBe(true);
     expect(recent.find(5000)).toBe(-1);
   });
 
+  test('stops copying once as many pages as it keeps were stored with no Delta naming another page, and starts again at the next', () => {
+    const recent = new RecentPages(1000, PAGE, 4);
+    for (const p of [1, 2, 3, 4]) recent.add(p, pageOf(p), 0);
+    expect(recent.copying).toBe(false);
+    recent.add(5, pageOf(5), 0); // not kept, and pushes nothing out
+    recent.add(2, pageOf(99), 0); // rewritten meanwhile: its stale copy is forgotten
+    expect([recent.find(5), recent.find(2)]).toEqual([-1, -1]);
+    expect([1, 3, 4].every((p) => recent.find(p) >= 0)).toBe(true);
+    recent.used();
+    expect(recent.copying).toBe(true);
+    recent.add(6, pageOf(6), 0);
+    const at = recent.find(6);
+    expect(at >= 0 && recent.content.subarray(at, at + PAGE).equals(pageOf(6))).toBe(true);
+  });
+
   test('holds RECENT_PAGES pages at most, whatever the guest', () => {
     const recent = new RecentPages(3 * RECENT_PAGES, PAGE);
     const page = Buffer.alloc(PAGE);
-    for (let p = 0; p < 3 * RECENT_PAGES; p++) recent.add(p, page, 0);
+    for (let p = 0; p < 3 * RECENT_PAGES; p++) {
+      if (p % 1000 === 0) recent.used();
+      recent.add(p, page, 0);
+    }
     let kept = 0;
     for (let p = 0; p < 3 * RECENT_PAGES; p++) if (recent.find(p) >= 0) kept++;
     expect(kept).toBe(RECENT_PAGES);

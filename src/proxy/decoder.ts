@@ -265,7 +265,7 @@ export class StreamDecoder {
     // A page stored moments ago is still in memory; one whose copy there is stale is read from the store.
     let baseBytes: Buffer = this.pages;
     let baseAt = 0;
-    if (sibling === null && base !== page) this.recent ??= new RecentPages(this.layout.pageCount, X86_PAGE_SIZE);
+    if (sibling === null && base !== page) (this.recent ??= new RecentPages(this.layout.pageCount, X86_PAGE_SIZE)).used();
     const recent = from === this.retainer.store ? this.recent : null;
     if (recent !== null) {
       baseAt = recent.find(base);

@@ -7,6 +7,12 @@
  *
  * Only a hint: a Delta's base is checked against its digest wherever it came from, and read from the
  * store when this copy does not match.
+ *
+ * Copying pauses once as many pages as are kept have been stored with no Delta naming another page
+ * (used()): the sender has stopped sending them (its policy backed off, or nothing resembles), and a
+ * copy of every page into memory touched for the first time cost a first leg 260 ms of the receiving
+ * gateway's main thread at 1 Gbit/s (docs/benchmarks.md, "Sixth session"). The next such Delta reads
+ * its base from the store and starts the copies again.
  */
 
 /** Pages kept: 32 MiB, as many as the sender's resemblance cache holds. */
@@ -21,6 +27,8 @@ export class RecentPages {
   private readonly pageIn: Int32Array;
   /** The slot the next new page goes into: the oldest. */
   private next = 0;
+  /** Pages stored since a Delta last named another page: copying pauses at as many as there are slots. */
+  private storedSinceUse = 0;
 
   constructor(
     pageCount: number,
@@ -32,8 +40,20 @@ export class RecentPages {
     this.pageIn = new Int32Array(slots).fill(-1);
   }
 
-  /** Page `page` now holds src[srcStart .. +pageSize): kept, in its slot if it has one. */
+  /** A Delta named another page as its base: the pages stored from now on are kept again. */
+  used(): void {
+    this.storedSinceUse = 0;
+  }
+
+  /** Whether pages stored are copied: a Delta named another page within the last slots' worth of them. */
+  get copying(): boolean {
+    return this.storedSinceUse < this.pageIn.length;
+  }
+
+  /** Page `page` now holds src[srcStart .. +pageSize): kept, in its slot if it has one; forgotten while copying pauses. */
   add(page: number, src: Buffer, srcStart: number): void {
+    if (!this.copying) return this.forget(page);
+    this.storedSinceUse++;
     let slot = this.slotOf[page];
     if (slot < 0) {
       slot = this.next;
