@@ -387,5 +387,13 @@ describe('CompressionPolicy', () => {
       back.compressNext(CHUNK / (2 * SPARSE_SHARE));
     }
     expect([back.wanIsBottleneck, back.savingPays]).toEqual([false, true]);
+    // Without compression the Literal bytes still count: a first leg that sets its own pace, no saving.
+    const plain = new LiteralFrames(() => undefined, null);
+    const bytes = Buffer.alloc(CHUNK);
+    for (let i = 0; i < DRAINED_CHUNKS; i++) {
+      plain.policy.observeWan(false, CHUNK);
+      plain.literal(bytes);
+    }
+    expect([plain.compressing, plain.policy.savingPays]).toEqual([false, false]);
   });
 });

@@ -110,9 +110,14 @@ export class CompressionPolicy {
     return this.wanBound || this.literalBytes * SPARSE_SHARE <= this.readBytes;
   }
 
+  /** Literal bytes that went raw without a compression decision (compression is off): they count towards the share. */
+  noteLiteral(bytes: number): void {
+    this.literalBytes += bytes;
+  }
+
   /** Whether the next batch, of `batchBytes`, is to be compressed; a batch it says no to goes raw. */
   compressNext(batchBytes: number): boolean {
-    this.literalBytes += batchBytes;
+    this.noteLiteral(batchBytes);
     if (!this.savingPays) return false;
     if (this.skipLeft > 0) {
       this.skipLeft--;

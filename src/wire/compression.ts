@@ -100,6 +100,8 @@ export class LiteralFrames {
 
   literal(bytes: Buffer): void {
     if (this.compressor === null) {
+      // No compression, but the policy still judges for the Deltas whether saving pays.
+      this.policy.noteLiteral(bytes.length);
       this.writeRaw(bytes);
       return;
     }
