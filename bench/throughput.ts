@@ -24,19 +24,23 @@ async function main(): Promise<void> {
   console.log(`stream: ${GiB.toFixed(2)} GiB synthetic QEMU 7.2 stream of random pages; ${runs} runs each, medians; gateways run with node ${nodeArgs.join(' ') || '(no flags)'}`);
 
   /** Seconds for the stream through a plain relay pair, each relay in a process of its own as each gateway is. */
-  async function relayRun(): Promise<{ seconds: number; cpu: number }> {
+  async function relayRun(): Promise<{ seconds: number; cpu: number; systemCpu: number }> {
     const sink = await checkingDestination(stream);
     const second = await startRelay(sink.port);
     const first = await startRelay(second.port);
-    const before = procStats(first.child.pid!).cpuSeconds + procStats(second.child.pid!).cpuSeconds;
+    const stats = (): { cpu: number; system: number } => {
+      const [a, b] = [procStats(first.child.pid!), procStats(second.child.pid!)];
+      return { cpu: a.cpuSeconds + b.cpuSeconds, system: a.systemSeconds + b.systemSeconds };
+    };
+    const before = stats();
     const t0 = process.hrtime.bigint();
     const delivered = sink.done.then(() => process.hrtime.bigint());
     await playStream(first.port, stream);
     const seconds = Number((await delivered) - t0) / 1e9;
-    const cpu = (procStats(first.child.pid!).cpuSeconds + procStats(second.child.pid!).cpuSeconds - before) / 2 / GiB;
+    const after = stats();
     first.child.kill();
     second.child.kill();
-    return { seconds, cpu };
+    return { seconds, cpu: (after.cpu - before.cpu) / 2 / GiB, systemCpu: (after.system - before.system) / 2 / GiB };
   }
 
   const rows: string[] = [];
@@ -44,8 +48,10 @@ async function main(): Promise<void> {
   const committedRatios: Record<string, number[]> = { first: [], back: [] };
   const legTimes: Record<string, number[]> = { first: [], back: [] };
   const cpu: Record<string, number[]> = { 'first:send': [], 'first:receive': [], 'back:send': [], 'back:receive': [] };
+  const systemCpu: Record<string, number[]> = { 'first:send': [], 'first:receive': [], 'back:send': [], 'back:receive': [] };
   const relayTimes: number[] = [];
   const relayCpu: number[] = [];
+  const relaySystemCpu: number[] = [];
   let peakRss = 0;
   for (let r = 0; r < runs; r++) {
     // The relay pair is measured in every run, right before the gateways: each leg is compared with the
@@ -53,6 +59,7 @@ async function main(): Promise<void> {
     const relay = await relayRun();
     relayTimes.push(relay.seconds);
     relayCpu.push(relay.cpu);
+    relaySystemCpu.push(relay.systemCpu);
     const relayGBs = stream.length / relay.seconds / 1e9;
     rows.push(`run ${r + 1} relay pair: ${relayGBs.toFixed(2)} GB/s`);
     await withGatewayPair('bfmig-tput-', async ({ name: legName, from, to, routePort, destPort }) => {
@@ -73,18 +80,21 @@ async function main(): Promise<void> {
       legTimes[legName].push(seconds);
       cpu[`${legName}:send`].push((after.from.cpuSeconds - before.from.cpuSeconds) / GiB);
       cpu[`${legName}:receive`].push((after.to.cpuSeconds - before.to.cpuSeconds) / GiB);
+      systemCpu[`${legName}:send`].push((after.from.systemSeconds - before.from.systemSeconds) / GiB);
+      systemCpu[`${legName}:receive`].push((after.to.systemSeconds - before.to.systemSeconds) / GiB);
       peakRss = Math.max(peakRss, after.from.peakRssMiB, after.to.peakRssMiB);
       rows.push(`run ${r + 1} ${legName.padEnd(5)} leg: ${(stream.length / seconds / 1e9).toFixed(2)} GB/s to the destination, ${(stream.length / committedSeconds / 1e9).toFixed(2)} GB/s until both stores committed; peak RSS so far: sender ${after.from.peakRssMiB.toFixed(0)} MiB, receiver ${after.to.peakRssMiB.toFixed(0)} MiB`);
     });
   }
   for (const row of rows) console.log(row);
   const relayGBs = stream.length / median(relayTimes) / 1e9;
-  console.log(`plain Node relay pair      ${relayGBs.toFixed(2)} GB/s; CPU s/GiB per relay ${median(relayCpu).toFixed(2)}`);
+  console.log(`plain Node relay pair      ${relayGBs.toFixed(2)} GB/s; CPU s/GiB per relay ${median(relayCpu).toFixed(2)} (system ${median(relaySystemCpu).toFixed(2)})`);
+  const cpuOf = (key: string): string => `${median(cpu[key]).toFixed(2)} (system ${median(systemCpu[key]).toFixed(2)})`;
   const pages = stream.length / 4104;
   const legGBs = (legName: string): number => stream.length / median(legTimes[legName]) / 1e9;
   console.log(`ratios are medians of each run's leg over that run's relay pair`);
-  console.log(`first leg (nothing to reuse)  ${legGBs('first').toFixed(2)} GB/s = ${median(ratios.first).toFixed(2)}× the relay pair; CPU s/GiB: sending gateway ${median(cpu['first:send']).toFixed(2)}, receiving ${median(cpu['first:receive']).toFixed(2)}`);
-  console.log(`back leg (all reused)         ${legGBs('back').toFixed(2)} GB/s = ${median(ratios.back).toFixed(2)}× the relay pair; CPU s/GiB: sending gateway ${median(cpu['back:send']).toFixed(2)}, receiving ${median(cpu['back:receive']).toFixed(2)}`);
+  console.log(`first leg (nothing to reuse)  ${legGBs('first').toFixed(2)} GB/s = ${median(ratios.first).toFixed(2)}× the relay pair; CPU s/GiB: sending gateway ${cpuOf('first:send')}, receiving ${cpuOf('first:receive')}`);
+  console.log(`back leg (all reused)         ${legGBs('back').toFixed(2)} GB/s = ${median(ratios.back).toFixed(2)}× the relay pair; CPU s/GiB: sending gateway ${cpuOf('back:send')}, receiving ${cpuOf('back:receive')}`);
   console.log(
     `until both stores committed (fsync included): first leg ${median(committedRatios.first).toFixed(2)}×, back leg ${median(committedRatios.back).toFixed(2)}× the relay pair`,
   );

@@ -6,6 +6,8 @@ const CLOCK_TICKS = 100;
 export interface ProcStats {
   /** User + system CPU seconds the process has used so far. */
   cpuSeconds: number;
+  /** Of those, the seconds spent in the kernel (socket and disk system calls, page faults). */
+  systemSeconds: number;
   /** Peak resident set size (VmHWM), MiB. */
   peakRssMiB: number;
 }
@@ -14,8 +16,9 @@ export interface ProcStats {
 export function procStats(pid: number): ProcStats {
   const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const cpu = (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS;
+  const system = Number(fields[12]) / CLOCK_TICKS;
+  const cpu = Number(fields[11]) / CLOCK_TICKS + system;
   const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
   const hwm = /VmHWM:\s+(\d+) kB/.exec(status);
-  return { cpuSeconds: cpu, peakRssMiB: hwm ? Number(hwm[1]) / 1024 : NaN };
+  return { cpuSeconds: cpu, systemSeconds: system, peakRssMiB: hwm ? Number(hwm[1]) / 1024 : NaN };
 }
