@@ -8,6 +8,7 @@ import { DirectPages } from '../src/store/direct-pages';
 import { MultifdMigration } from '../src/proxy/multifd-migration';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, encodePageDelta, MAX_DELTA_BYTES } from '../src/proxy/page-delta';
 import { QUIET_ADDS, QUIET_SAMPLE, RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceKey } from '../src/proxy/resemblance-cache';
+import { pageBuffers, ReusedBuffers } from '../src/proxy/reused-buffers';
 import { digestOne, digestWords, newDigestBuffer } from '../src/digest';
 import { PageStore } from '../src/store';
 import { FRAME_HEADER_BYTES } from '../src/wire/frames';
@@ -352,6 +353,11 @@ describe('Delta frames between an encoder and a decoder', () => {
     expect(leg.decoder.counts.pagesDelta).toBe(leg.encoder.counts.pagesDelta);
     // The first Delta's base was stored before the receiver kept pages; content matches name any page.
     expect(loneReads()).toBeLessThanOrEqual(1 + leg.decoder.counts.pagesMatched);
+    // Over, the leg gives the sender's resemblance cache and the receiver's recent pages back to the pool.
+    const idle = pageBuffers.idleByteCount;
+    leg.encoder.release();
+    leg.decoder.release();
+    expect(pageBuffers.idleByteCount).toBeGreaterThan(idle);
     // Bases all stored before the first Delta (the copies come later in the stream) are read from the store.
     const later = guestMemory(LAYOUT, 10);
     const farCopies = copiesOf(later);
@@ -489,6 +495,30 @@ describe('resemblance keys and index', () => {
     expect(cache.find(0)).toBe(-1);
   });
 
+  test('released at the end of a migration, the cache forgets every entry and its content serves the next cache, which starts empty', () => {
+    const pool = new ReusedBuffers(64 * 1024 * 1024);
+    const cache = new ResemblanceCache(5000, PAGE, pool);
+    const next = lcg(23);
+    const pages = Array.from({ length: 50 }, () => randomPage(next));
+    const keys = pages.map((p) => resemblanceKey(p, 0));
+    const words = digestWords(newDigestBuffer());
+    pages.forEach((p, page) => cache.add(keys[page], page, p, 0, words, 0));
+    const content = cache.content();
+    expect(keys.filter((key) => cache.find(key) >= 0).length).toBeGreaterThan(40);
+    cache.release();
+    expect(keys.every((key) => cache.find(key) < 0)).toBe(true);
+    expect(cache.content().length).toBe(0);
+    // The next cache of that size takes the same memory, and holds none of what the last one did.
+    expect(pool.idleByteCount).toBe(content.length);
+    const later = new ResemblanceCache(5000, PAGE, pool);
+    expect(keys.every((key) => later.find(key) < 0)).toBe(true);
+    later.add(keys[0], 7, pages[0], 0, words, 0);
+    expect(later.content().buffer).toBe(content.buffer);
+    expect(later.pageOf(later.find(keys[0]))).toBe(7);
+    expect(keys.slice(1).every((key) => later.find(key) < 0)).toBe(true);
+    later.release();
+  });
+
   test('the cache is bounded: no more entries than RESEMBLANCE_CACHE_PAGES, whatever the guest', () => {
     const cache = new ResemblanceCache(10_000_000, PAGE);
     const next = lcg(23);
@@ -550,6 +580,24 @@ describe('recent pages', () => {
     expect(holds(11, 11)).toBe(false); // 11 had the oldest slot left
     expect(holds(13, 13) && holds(14, 14) && holds(15, 15)).toBe(true);
     expect(recent.find(5000)).toBe(-1);
+  });
+
+  test('released, it forgets every page and keeps none stored later; its content goes back to the pool', () => {
+    const pool = new ReusedBuffers(1024 * 1024);
+    const recent = new RecentPages(1000, PAGE, 4, pool);
+    for (const p of [1, 2, 3]) recent.add(p, pageOf(p), 0);
+    const content = recent.content;
+    recent.release();
+    expect(pool.idleByteCount).toBe(4 * PAGE);
+    expect([1, 2, 3].map((p) => recent.find(p))).toEqual([-1, -1, -1]);
+    recent.used();
+    recent.add(4, pageOf(4), 0);
+    expect(recent.find(4)).toBe(-1);
+    // The next one of that size takes the same memory, knowing none of those pages.
+    const next = new RecentPages(1000, PAGE, 4, pool);
+    expect(next.content.buffer).toBe(content.buffer);
+    expect([1, 2, 3, 4].map((p) => next.find(p))).toEqual([-1, -1, -1, -1]);
+    next.release();
   });
 
   test('stops copying once as many pages as it keeps were stored with no Delta naming another page, and starts again at the next', () => {

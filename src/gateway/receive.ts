@@ -515,6 +515,7 @@ export class ReceiveSession {
       mode: this.table === 'sent' ? 'digest-table' : (decoder?.counts.pagesReused ?? 0) > 0 ? 'shared-snapshot' : 'none',
       snapshotId,
     });
+    decoder?.release();
     this.group?.mainEnded(result === 'completed', error);
   }
 }

@@ -549,6 +549,7 @@ export class SendSession {
     if (this.quietTimer) clearTimeout(this.quietTimer);
     this.options.wan.close();
     this.life.report(this.encoder, { result, error, mode: this.mode, snapshotId: result === 'completed' ? this.claimed : null });
+    this.encoder?.release();
     this.group.mainEnded(result === 'completed', error);
   }
 }

@@ -386,6 +386,12 @@ export class StreamDecoder {
     this.releaseHeld();
   }
 
+  /** The migration is over, whichever way: the recent pages go back to the pool for the next one. */
+  release(): void {
+    this.recent?.release();
+    this.recent = null;
+  }
+
   private check(streamBytes: number, streamCheck: string): void {
     if (streamBytes !== this.counts.streamBytes) {
       throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes, the source sent ${streamBytes}`);
@@ -467,7 +473,7 @@ export class StreamDecoder {
       case RecordKind.RamBlockList:
         this.layout = layoutOf(record.blocks);
         this.retainer.store?.begin(this.layout);
-        this.recent = null;
+        this.release();
         this.onLayout(this.layout);
         return;
       case RecordKind.RamPage: {

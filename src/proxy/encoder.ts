@@ -294,6 +294,12 @@ export class StreamEncoder {
     this.multifd?.endMain();
   }
 
+  /** The migration is over, whichever way: the resemblance cache's pages go back to the pool for the next one. */
+  release(): void {
+    this.resemblance?.release();
+    this.resemblance = null;
+  }
+
   /** Sends the input in [held.from, to) as Literal bytes and lets go of it. */
   private sendLiteral(to: number): void {
     this.consume(to, true);

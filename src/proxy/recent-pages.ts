@@ -15,12 +15,14 @@
  * its base from the store and starts the copies again.
  */
 
+import { pageBuffers, type ReusedBuffers } from './reused-buffers';
+
 /** Pages kept: 32 MiB, as many as the sender's resemblance cache holds. */
 export const RECENT_PAGES = 8192;
 
 export class RecentPages {
-  /** Page content, a slot per page kept. */
-  readonly content: Buffer;
+  /** Page content, a slot per page kept (from the pool of page buffers: empty once released). */
+  content: Buffer;
   /** Slot of each page of the layout (-1: not kept). */
   private readonly slotOf: Int32Array;
   /** Page each slot holds (-1: none). */
@@ -34,10 +36,23 @@ export class RecentPages {
     pageCount: number,
     private readonly pageSize: number,
     slots = RECENT_PAGES,
+    /** Where the content comes from and goes back to. */
+    private readonly buffers: ReusedBuffers = pageBuffers,
   ) {
-    this.content = Buffer.allocUnsafe(slots * pageSize);
+    this.content = buffers.take(slots * pageSize);
     this.slotOf = new Int32Array(pageCount).fill(-1);
     this.pageIn = new Int32Array(slots).fill(-1);
+  }
+
+  /**
+   * No longer used (the migration is over, or its block list starts another): the content goes back to
+   * the pool, and every page is forgotten, so that nothing here names bytes it no longer has.
+   */
+  release(): void {
+    this.slotOf.fill(-1);
+    this.pageIn.fill(-1);
+    this.buffers.give(this.content);
+    this.content = Buffer.alloc(0);
   }
 
   /** A Delta named another page as its base: the pages stored from now on are kept again. */
@@ -50,9 +65,9 @@ export class RecentPages {
     return this.storedSinceUse < this.pageIn.length;
   }
 
-  /** Page `page` now holds src[srcStart .. +pageSize): kept, in its slot if it has one; forgotten while copying pauses. */
+  /** Page `page` now holds src[srcStart .. +pageSize): kept, in its slot if it has one; forgotten while copying pauses and once released. */
   add(page: number, src: Buffer, srcStart: number): void {
-    if (!this.copying) return this.forget(page);
+    if (!this.copying || this.content.length === 0) return this.forget(page);
     this.storedSinceUse++;
     let slot = this.slotOf[page];
     if (slot < 0) {

@@ -11,6 +11,7 @@
  */
 
 import { digestWords } from '../digest';
+import { pageBuffers, type ReusedBuffers } from './reused-buffers';
 
 /** Offset of the sample within a page: past the headers page-sized records often begin with. */
 export const RESEMBLANCE_AT = 2048;
@@ -52,9 +53,10 @@ export const RESEMBLANCE_CACHE_PAGES = 8192;
  * Buckets of four entries, the bucket chosen by the key; an entry for the same key is replaced (any
  * page of a key serves), a full bucket gives up its entries in turn. At most RESEMBLANCE_CACHE_PAGES
  * entries (fewer for a smaller guest), each 4 KiB of content and 24 bytes of key, page and digest,
- * the content allocated at the first add (and resident only where entries were written: a sixteenth of
- * it while nothing resembles): only on the sending gateway, only once it looks for resemblance, one per
- * migration.
+ * the content taken at the first add from the pool of page buffers (reused-buffers.ts; resident, when
+ * new, only where entries were written: a sixteenth of it while nothing resembles) and given back by
+ * release() at the migration's end: only on the sending gateway, only once it looks for resemblance, one
+ * per migration.
  */
 export class ResemblanceCache {
   /** Key and page of each entry side by side. */
@@ -62,7 +64,7 @@ export class ResemblanceCache {
   /** The digest of each entry's content, 16 bytes an entry. */
   readonly digests: Uint8Array;
   readonly digestWords: Uint32Array;
-  /** Each entry's content, 4 KiB an entry, allocated at the first add. */
+  /** Each entry's content, 4 KiB an entry, taken from the pool of page buffers at the first add. */
   private pages: Buffer = Buffer.alloc(0);
   private readonly bucketMask: number;
   private readonly capacity: number;
@@ -76,6 +78,8 @@ export class ResemblanceCache {
     /** Pages of the guest's RAM: a smaller guest gets a smaller cache. */
     pageCount: number,
     private readonly pageSize: number,
+    /** Where the content comes from and goes back to. */
+    private readonly buffers: ReusedBuffers = pageBuffers,
   ) {
     // A power of two (buckets are picked by the key's low bits), from 1024 to RESEMBLANCE_CACHE_PAGES.
     const capacity = Math.min(RESEMBLANCE_CACHE_PAGES, 2 ** Math.max(10, Math.ceil(Math.log2(Math.max(pageCount, 1)))));
@@ -137,7 +141,17 @@ export class ResemblanceCache {
   }
 
   private contentBuffer(): Buffer {
-    if (this.pages.length === 0) this.pages = Buffer.allocUnsafe(this.capacity * this.pageSize);
+    if (this.pages.length === 0) this.pages = this.buffers.take(this.capacity * this.pageSize);
     return this.pages;
+  }
+
+  /**
+   * The migration is over: the content buffer goes back to the pool for the next one, and the cache
+   * forgets every entry (a later add starts it afresh), so that nothing here names bytes it no longer has.
+   */
+  release(): void {
+    this.entries.fill(0);
+    this.buffers.give(this.pages);
+    this.pages = Buffer.alloc(0);
   }
 }
