@@ -80,7 +80,7 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
   await gateway.start();
   return {
     get reports(): GatewayLegReport[] {
-      return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, error: r.error, streamBytes: r.streamBytes, ...pick(r.counts), snapshotId: r.snapshotId, verbatim: r.verbatim?.code ?? null, postcopy: r.postcopy, compressionSavedBytes: r.compressionSavedBytes }));
+      return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, error: r.error, streamBytes: r.streamBytes, ...pageCounts(r.counts), snapshotId: r.snapshotId, verbatim: r.verbatim?.code ?? null, postcopy: r.postcopy, compressionSavedBytes: r.compressionSavedBytes }));
     },
     cpuSeconds: () => null,
     peakRssMiB: () => null,
@@ -92,20 +92,16 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
   };
 }
 
-type PageCounts = Pick<GatewayLegReport, 'pagesSent' | 'pagesReused' | 'pagesUnordered' | 'pagesZero' | 'pagesDelta' | 'pagesMatched' | 'pagesSibling' | 'deltaBytes'>;
+const PAGE_COUNTS = ['pagesSent', 'pagesReused', 'pagesUnordered', 'pagesZero', 'pagesDelta', 'pagesMatched', 'pagesSibling', 'deltaBytes'] as const;
+type PageCounts = Pick<GatewayLegReport, (typeof PAGE_COUNTS)[number]>;
 
-const pick = (c: PageCounts): PageCounts => ({
-  pagesSent: c.pagesSent,
-  pagesReused: c.pagesReused,
-  pagesUnordered: c.pagesUnordered,
-  pagesZero: c.pagesZero,
-  pagesDelta: c.pagesDelta,
-  pagesMatched: c.pagesMatched,
-  pagesSibling: c.pagesSibling,
-  deltaBytes: c.deltaBytes,
-});
+/** A report's page counts, from a migration's counts or from its log line (which leaves out counts of 0). */
+function pageCounts(c: Partial<PageCounts>): PageCounts {
+  return Object.fromEntries(PAGE_COUNTS.map((name) => [name, c[name] ?? 0])) as PageCounts;
+}
 
-interface FinishedLine {
+/** A `migration completed` or `migration failed` line; its page counts are there only when not 0. */
+interface FinishedLine extends Partial<PageCounts> {
   msg?: string;
   compressionSavedBytes?: number;
   vm?: string;
@@ -113,16 +109,6 @@ interface FinishedLine {
   result?: 'completed' | 'failed';
   error?: string;
   streamBytes?: number;
-  pagesSent?: number;
-  pagesReused?: number;
-  pagesZero?: number;
-  /** Only on a line with some. */
-  pagesUnordered?: number;
-  /** Only on a line whose migration sent deltas. */
-  pagesDelta?: number;
-  pagesMatched?: number;
-  pagesSibling?: number;
-  deltaBytes?: number;
   snapshotId?: string | null;
   verbatim?: string;
   postcopy?: boolean;
@@ -149,7 +135,7 @@ async function startChild(configPath: string, logPath: string, nodeArgs: readonl
         return;
       }
       if (f.direction && f.result) {
-        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, error: f.error ?? null, streamBytes: f.streamBytes ?? 0, pagesSent: f.pagesSent ?? 0, pagesReused: f.pagesReused ?? 0, pagesUnordered: f.pagesUnordered ?? 0, pagesZero: f.pagesZero ?? 0, pagesDelta: f.pagesDelta ?? 0, pagesMatched: f.pagesMatched ?? 0, pagesSibling: f.pagesSibling ?? 0, deltaBytes: f.deltaBytes ?? 0, snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
+        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, error: f.error ?? null, streamBytes: f.streamBytes ?? 0, ...pageCounts(f), snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
       }
     });
     child.once('exit', (code) => {
