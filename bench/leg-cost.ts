@@ -12,7 +12,8 @@
  *                                  'bfmig-uncompressed', which splits bfmig's cost between the two
  *
  * Per content, path and leg: WAN bytes, QEMU's total time, migrate → running at the destination, and
- * each gateway's (or relay's) CPU seconds per GiB of QEMU stream (its process's /proc counters).
+ * each gateway's (or relay's) CPU seconds per GiB of QEMU stream (its process's /proc counters), with the
+ * medians of the kernel's share of them (system time: sockets, the disk, page faults) beside.
  * Gateways and relays run as processes of their own, the gateways with the recommended Node flags
  * ($BFMIG_BENCH_NODE_ARGS instead when set, e.g. "--cpu-prof --cpu-prof-dir=DIR").
  */
@@ -35,12 +36,14 @@ function spread(values: number[], f: (v: number) => string): string {
   return `${f(median(values))} (${f(Math.min(...values))}–${f(Math.max(...values))})`;
 }
 
+/** The median of `values` to two places, "?" for none. */
+const medianOf = (values: number[]): string => (values.length === 0 ? '?' : median(values).toFixed(2));
 const perGiB = (cpu: number | null, bytes: number): number | null => (cpu === null || bytes === 0 ? null : cpu / (bytes / GiB));
 const present = (values: Array<number | null>): number[] => values.filter((v): v is number => v !== null);
 
 function summarise(label: string, runs: number, legs: LegResult[]): string[] {
   const lines = [`${label}: median (min–max) over ${runs} runs`];
-  lines.push('leg  path               WAN MiB                 total time s         until running s      CPU s/GiB send       CPU s/GiB receive    guest');
+  lines.push('leg  path               WAN MiB                 total time s         until running s      CPU s/GiB send       CPU s/GiB receive    system s/GiB send, receive  guest');
   for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
     for (const path of PATHS) {
       const at = legs.filter((l) => l.leg === leg && l.path === path);
@@ -54,6 +57,7 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
           spread(present(at.map((l) => (l.untilRunningMs === null ? null : l.untilRunningMs / 1000))), (v) => v.toFixed(2)).padEnd(20),
           spread(present(at.map((l) => perGiB(l.gatewayCpuSecondsSend, l.streamBytes))), (v) => v.toFixed(2)).padEnd(20),
           spread(present(at.map((l) => perGiB(l.gatewayCpuSecondsReceive, l.streamBytes))), (v) => v.toFixed(2)).padEnd(20),
+          `${medianOf(present(at.map((l) => perGiB(l.gatewaySystemSecondsSend, l.streamBytes))))}, ${medianOf(present(at.map((l) => perGiB(l.gatewaySystemSecondsReceive, l.streamBytes))))}`.padEnd(27),
           at.every((l) => l.verified) ? 'verified' : 'FAILED',
         ].join(' '),
       );

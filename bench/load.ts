@@ -93,11 +93,11 @@ async function main(): Promise<void> {
           const rates: number[] = [];
           const phases: Array<[string, VmStream[]]> = [...solos.map((s, i): [string, VmStream[]] => [`one stream #${i + 1}`, [s]]), [`${vmCount} streams  `, streams]];
           for (const [phase, group] of phases) {
-            const cpuBefore = [from.gateway.cpuSeconds() ?? NaN, to.gateway.cpuSeconds() ?? NaN];
+            const cpuBefore = [from.gateway.cpu()?.cpuSeconds ?? NaN, to.gateway.cpu()?.cpuSeconds ?? NaN];
             const result = await runPass(from, to, group);
             finished += group.length;
             await Promise.all([awaitReports(from, finished), awaitReports(to, finished)]);
-            const cpu = [(from.gateway.cpuSeconds() ?? NaN) - cpuBefore[0], (to.gateway.cpuSeconds() ?? NaN) - cpuBefore[1]];
+            const cpu = [(from.gateway.cpu()?.cpuSeconds ?? NaN) - cpuBefore[0], (to.gateway.cpu()?.cpuSeconds ?? NaN) - cpuBefore[1]];
             const bad = result.outcomes.filter((o) => !o.intact);
             const failed = [from, to].flatMap((s) => s.gateway.reports.slice(-group.length).filter((r) => r.result !== 'completed'));
             const reused = from.gateway.reports.slice(-group.length).reduce((n, r) => n + r.pagesReused, 0);

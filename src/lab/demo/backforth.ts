@@ -12,7 +12,7 @@ import { WanEmulator } from '../wan';
 import { X86_PAGE_SIZE } from '../../qemu/constants';
 import { makeQemuTlsCredentials } from '../vm/qemu-tls';
 import { distModule, type NodeChild, startNodeChild } from '../harness/child';
-import { procStats } from './proc-stats';
+import { type CpuTime, cpuTime, procStats } from './proc-stats';
 
 export interface BackForthOptions {
   legs: number;
@@ -120,6 +120,9 @@ export interface LegResult {
   /** CPU seconds of the sending and receiving gateways (or relays) during the leg (null: direct, or gateways in process). */
   gatewayCpuSecondsSend: number | null;
   gatewayCpuSecondsReceive: number | null;
+  /** Of those, the seconds in the kernel (sockets, disk, page faults). */
+  gatewaySystemSecondsSend: number | null;
+  gatewaySystemSecondsReceive: number | null;
   verified: boolean;
   /** Whether migrate-start-postcopy was issued while the leg was still active. */
   postcopyStarted: boolean;
@@ -287,7 +290,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         }
         const sentBefore = from.gateway.reports.length;
         const receivedBefore = to.gateway.reports.length;
-        const cpuBefore = relays ? relays.cpuSeconds() : { send: from.gateway.cpuSeconds(), receive: to.gateway.cpuSeconds() };
+        const cpuBefore = relays ? relays.cpu() : { send: from.gateway.cpu(), receive: to.gateway.cpu() };
         const secondsAtSource = (Date.now() - arrivedAt) / 1000;
         const pageWritesAtSource = control ? pageWritesSince(vm.serial, arrivedMark) : null;
         const migrateAt = Date.now();
@@ -310,12 +313,13 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           for (const r of [report, to.gateway.reports[receivedBefore]]) if (r?.error) gatewayErrors.push(`${r.direction}: ${r.error}`);
           wan = { forward: to.inbound.bytesForward - wanBefore.forward, backward: to.inbound.bytesBackward - wanBefore.backward };
         }
-        const cpuAfter = relays ? relays.cpuSeconds() : { send: from.gateway.cpuSeconds(), receive: to.gateway.cpuSeconds() };
+        const cpuAfter = relays ? relays.cpu() : { send: from.gateway.cpu(), receive: to.gateway.cpu() };
         await relays?.stop();
         const at = (e: QmpEvent | undefined): number | null => (e?.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : null);
         const stoppedAt = at([...vm.qmpEvents.slice(eventsBefore)].reverse().find((e) => e.event === 'STOP'));
         const resumedAt = at(dest.qmpEvents.find((e) => e.event === 'RESUME'));
-        const cpuDelta = (before: number | null, after: number | null): number | null => (before === null || after === null || path_ === 'direct' ? null : Math.round((after - before) * 100) / 100);
+        const cpuDelta = (before: CpuTime | null, after: CpuTime | null, part: keyof CpuTime): number | null =>
+          before === null || after === null || path_ === 'direct' ? null : Math.round((after[part] - before[part]) * 100) / 100;
         const result: LegResult = {
           leg,
           path: path_,
@@ -341,8 +345,10 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           changedPages,
           secondsAtSource,
           pageWritesAtSource,
-          gatewayCpuSecondsSend: cpuDelta(cpuBefore.send, cpuAfter.send),
-          gatewayCpuSecondsReceive: cpuDelta(cpuBefore.receive, cpuAfter.receive),
+          gatewayCpuSecondsSend: cpuDelta(cpuBefore.send, cpuAfter.send, 'cpuSeconds'),
+          gatewayCpuSecondsReceive: cpuDelta(cpuBefore.receive, cpuAfter.receive, 'cpuSeconds'),
+          gatewaySystemSecondsSend: cpuDelta(cpuBefore.send, cpuAfter.send, 'systemSeconds'),
+          gatewaySystemSecondsReceive: cpuDelta(cpuBefore.receive, cpuAfter.receive, 'systemSeconds'),
           verified: verified && info.status === 'completed' && (report === undefined || report.result === 'completed'),
           postcopyStarted,
           verbatim: report?.verbatim ?? null,
@@ -385,8 +391,8 @@ interface RelayPair {
   /** Where the source QEMU migrates to. */
   port: number;
   wan: WanEmulator;
-  /** CPU seconds of the source's and the destination's relay so far. */
-  cpuSeconds(): { send: number; receive: number };
+  /** CPU time of the source's and the destination's relay so far. */
+  cpu(): { send: CpuTime; receive: CpuTime };
   stop(): Promise<void>;
 }
 
@@ -407,7 +413,7 @@ async function startRelayPair(qemuPort: number, wanTo: (port: number) => WanEmul
   return {
     port: near.port,
     wan,
-    cpuSeconds: () => ({ send: procStats(near.child.pid).cpuSeconds, receive: procStats(far.child.pid).cpuSeconds }),
+    cpu: () => ({ send: cpuTime(procStats(near.child.pid)), receive: cpuTime(procStats(far.child.pid)) }),
     stop: async () => {
       await Promise.all([near.child.kill(), far.child.kill()]);
     },

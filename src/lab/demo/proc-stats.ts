@@ -12,6 +12,14 @@ export interface ProcStats {
   peakRssMiB: number;
 }
 
+/** A process's CPU seconds so far, and of them the seconds in the kernel. */
+export type CpuTime = Pick<ProcStats, 'cpuSeconds' | 'systemSeconds'>;
+
+/** The CPU time of `stats`. */
+export function cpuTime(stats: ProcStats): CpuTime {
+  return { cpuSeconds: stats.cpuSeconds, systemSeconds: stats.systemSeconds };
+}
+
 /** CPU time and peak RSS of a running process on this host, from /proc. */
 export function procStats(pid: number): ProcStats {
   const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');

@@ -12,7 +12,7 @@ import { createLogger } from '../../gateway/log';
 import { GatewayMetrics } from '../../gateway/metrics';
 import type { Direction } from '../../gateway/session';
 import { PACKAGE_ROOT } from '../../digest/package-root';
-import { procStats } from '../demo/proc-stats';
+import { type CpuTime, cpuTime, procStats } from '../demo/proc-stats';
 
 /** What a gateway says about one finished migration (its report, or its 'migration completed' log line). */
 export interface GatewayLegReport {
@@ -43,8 +43,8 @@ export interface GatewayLegReport {
 export interface SiteGateway {
   /** Reports of finished migrations, oldest first. */
   readonly reports: readonly GatewayLegReport[];
-  /** CPU seconds the gateway has used so far, or null when it shares this process. */
-  cpuSeconds(): number | null;
+  /** CPU seconds the gateway has used so far (and of them in the kernel), or null when it shares this process. */
+  cpu(): CpuTime | null;
   /** Peak resident set size (VmHWM) in MiB so far, or null when it shares this process. */
   peakRssMiB(): number | null;
   /** The child's process id, or null when the gateway shares this process. */
@@ -82,7 +82,7 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
     get reports(): GatewayLegReport[] {
       return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, error: r.error, streamBytes: r.streamBytes, ...pageCounts(r.counts), snapshotId: r.snapshotId, verbatim: r.verbatim?.code ?? null, postcopy: r.postcopy, compressionSavedBytes: r.compressionSavedBytes }));
     },
-    cpuSeconds: () => null,
+    cpu: () => null,
     peakRssMiB: () => null,
     pid: null,
     alive: () => true,
@@ -145,7 +145,7 @@ async function startChild(configPath: string, logPath: string, nodeArgs: readonl
   });
   return {
     reports,
-    cpuSeconds: () => (exited || child.pid === undefined ? null : procStats(child.pid).cpuSeconds),
+    cpu: () => (exited || child.pid === undefined ? null : cpuTime(procStats(child.pid))),
     peakRssMiB: () => (exited || child.pid === undefined ? null : procStats(child.pid).peakRssMiB),
     pid: child.pid ?? null,
     alive: () => !exited,
