@@ -1,9 +1,11 @@
 /**
  * The codecs' own cost per page, in one process, no sockets: a first leg (nothing to reuse) through a
  * StreamEncoder and a StreamDecoder, each with a store of its own on disk as a gateway has, fed in
- * 256 KiB chunks (the size a gateway reads). Prints µs of CPU per page for each side: the per-page work a
- * gateway adds to a relay, apart from the sockets. The stream is in memory, so the figures are the
- * codecs' and the stores', not the loopback's.
+ * 256 KiB chunks (the size a gateway reads). Prints µs per page: each side's wall time, and the main
+ * thread's CPU time for both sides together (from /proc, without the stores' I/O threads): the per-page
+ * work a gateway adds to a relay, apart from the sockets. With stores on disk the wall times include the
+ * encoder's waits for free write buffers (both stores write to one disk here), the CPU time does not.
+ * The stream is in memory, so the figures are the codecs' and the stores', not the loopback's.
  *
  * Usage: node dist/bench/codec.js [GiB=1] [runs=5]
  */
@@ -16,12 +18,17 @@ import { StreamEncoder } from '../src/proxy/encoder';
 import { PageStore } from '../src/store';
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
 import { median } from '../src/common/median';
+import { threadCpuSeconds } from '../src/lab/demo/proc-stats';
 
 const gib = Number(process.argv[2] ?? 1);
 const runs = Number(process.argv[3] ?? 5);
 const CHUNK = 256 * 1024;
 
-function firstLeg(stream: Buffer, pages: number, root: string, withStore: boolean, readsFree: boolean): { encodeUs: number; decodeUs: number } {
+/** The main thread's CPU seconds so far: the codecs' own work, without the stores' I/O threads or their waits. */
+const mainThreadCpu = (): number => threadCpuSeconds(process.pid, process.pid);
+
+function firstLeg(stream: Buffer, pages: number, root: string, withStore: boolean, readsFree: boolean): { encodeUs: number; decodeUs: number; cpuUs: number } {
+  const cpuBefore = mainThreadCpu();
   const sender = withStore ? PageStore.open(path.join(root, 'a'), 'vm') : null;
   const receiver = withStore ? PageStore.open(path.join(root, 'b'), 'vm') : null;
   let decodeUs = 0;
@@ -71,29 +78,33 @@ function firstLeg(stream: Buffer, pages: number, root: string, withStore: boolea
   decodeUs += Number(process.hrtime.bigint() - t3) / 1e3;
   sender?.close();
   receiver?.close();
-  return { encodeUs: encodeUs / pages, decodeUs: decodeUs / pages };
+  return { encodeUs: encodeUs / pages, decodeUs: decodeUs / pages, cpuUs: ((mainThreadCpu() - cpuBefore) * 1e6) / pages };
 }
 
 function main(): void {
   const { stream, pages } = syntheticStream(gib);
-  console.log(`stream: ${(stream.length / 2 ** 30).toFixed(2)} GiB synthetic QEMU 7.2 stream, ${pages.toLocaleString('en-US')} random pages; ${runs} runs, medians of the codec's thread's µs per page (wall: its store's writer thread runs beside it)`);
+  console.log(
+    `stream: ${(stream.length / 2 ** 30).toFixed(2)} GiB synthetic QEMU 7.2 stream, ${pages.toLocaleString('en-US')} random pages; ${runs} runs, medians of µs per page: each codec's wall time (with stores, waits for the disk included), and the main thread's CPU time for both`,
+  );
   // Store reads are free while the WAN sets the pace (content matches and deltas against other pages are
   // looked for); not while the gateway does (a fast link), as on loopback.
   for (const [withStore, readsFree] of [[false, true], [true, true], [true, false]]) {
     const enc: number[] = [];
     const dec: number[] = [];
+    const cpu: number[] = [];
     for (let r = 0; r < runs; r++) {
       const root = fs.mkdtempSync(path.join(os.tmpdir(), 'bfmig-codec-'));
       try {
-        const { encodeUs, decodeUs } = firstLeg(stream, pages, root, withStore, readsFree);
+        const { encodeUs, decodeUs, cpuUs } = firstLeg(stream, pages, root, withStore, readsFree);
         enc.push(encodeUs);
         dec.push(decodeUs);
+        cpu.push(cpuUs);
       } finally {
         fs.rmSync(root, { recursive: true, force: true });
       }
     }
     const label = `${withStore ? 'stores on disk' : 'no stores     '}, ${readsFree ? 'the WAN sets the pace   ' : 'the gateway sets the pace'}`;
-    console.log(`${label}  encoder ${median(enc).toFixed(2)} µs/page (${Math.min(...enc).toFixed(2)}–${Math.max(...enc).toFixed(2)}), decoder ${median(dec).toFixed(2)} µs/page (${Math.min(...dec).toFixed(2)}–${Math.max(...dec).toFixed(2)})`);
+    console.log(`${label}  encoder ${median(enc).toFixed(2)} µs/page (${Math.min(...enc).toFixed(2)}–${Math.max(...enc).toFixed(2)}), decoder ${median(dec).toFixed(2)} µs/page (${Math.min(...dec).toFixed(2)}–${Math.max(...dec).toFixed(2)}); main thread CPU, both, ${median(cpu).toFixed(2)} µs/page`);
   }
 }
 

@@ -30,3 +30,14 @@ export function procStats(pid: number): ProcStats {
   const hwm = /VmHWM:\s+(\d+) kB/.exec(status);
   return { cpuSeconds: cpu, systemSeconds: system, peakRssMiB: hwm ? Number(hwm[1]) / 1024 : NaN };
 }
+
+/**
+ * CPU seconds one thread of a process has used so far, from /proc (10 ms ticks): the main thread is the
+ * one whose id is the process's. Node 20's process.cpuUsage() counts every thread, the store's writer
+ * and reader threads too.
+ */
+export function threadCpuSeconds(pid: number, tid: number): number {
+  const stat = fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS;
+}
