@@ -5,8 +5,9 @@
  * StreamDecoder in one process, with stores on disk, the sender looking for pages alike and the receiver
  * keeping the pages it stored last (as when it reads bases ahead). Rounds alternate: "fresh" lets go of
  * every idle buffer first (each migration allocates its resemblance cache and recent pages anew, as before
- * the pool), "reused" takes the buffers the round before gave back. Prints each side's main-thread time
- * per page, medians over the rounds.
+ * the pool), "reused" takes the buffers the round before gave back. Prints each side's wall time per
+ * page (both run on the main thread, the encoder's waits for free store write buffers included), medians
+ * over the rounds, after the mechanism alone: pages copied into fresh and into touched memory.
  *
  * Usage: node dist/bench/page-buffers.js [MiB=256] [rounds=6]
  */
