@@ -12,7 +12,7 @@ import { checkingDestination, playStream } from '../src/lab/harness/qemu-standin
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
 import { median } from '../src/common/median';
 import { ContentIndex } from '../src/proxy/content-index';
-import { QUIET_ADDS } from '../src/proxy/resemblance-cache';
+import { MAX_IDLE_BYTES } from '../src/proxy/reused-buffers';
 import { gatewayNodeArgs as nodeArgs, startRelay, withGatewayPair } from './loopback-processes';
 
 const gib = Number(process.argv[2] ?? 1);
@@ -105,9 +105,9 @@ async function main(): Promise<void> {
 /**
  * What a gateway process may hold for one migration of `pages` pages, MiB: the process (Node, the store's
  * write queue and read-ahead, socket buffers) 100 MiB, the store's digest table 16 B a page, and on the
- * sending gateway the receiver's digest table (16 B a page), the content index (ContentIndex.slotsFor,
- * 4 B a slot) and the resemblance cache's pages written before it samples (QUIET_ADDS of 4 KiB: on
- * pseudo-random memory nothing resembles, so it samples from then on).
+ * sending gateway the receiver's digest table (16 B a page) and the content index (ContentIndex.slotsFor,
+ * 4 B a slot), and the page buffers a gateway with deltas on touches when it starts (the resemblance
+ * cache's and the recent pages' content, MAX_IDLE_BYTES of reused-buffers.ts).
  */
 function memoryBudget(pages: number): { mib: number; parts: string } {
   const MiB = 2 ** 20;
@@ -116,7 +116,7 @@ function memoryBudget(pages: number): { mib: number; parts: string } {
     ['digest table 16 B a page', 16 * pages],
     ["the receiver's table 16 B a page", 16 * pages],
     ['content index', 4 * ContentIndex.slotsFor(pages)],
-    [`resemblance cache ${QUIET_ADDS} pages`, QUIET_ADDS * 4096],
+    ['page buffers', MAX_IDLE_BYTES],
   ];
   const mib = parts.reduce((sum, [, bytes]) => sum + bytes, 0) / MiB;
   return { mib, parts: parts.map(([name, bytes]) => `${name} ${(bytes / MiB).toFixed(0)}`).join(' + ') };

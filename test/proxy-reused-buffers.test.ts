@@ -37,4 +37,24 @@ describe('reused page buffers', () => {
     pool.give(Buffer.alloc(0));
     expect(pool.idleByteCount).toBe(64 * 1024);
   });
+
+  test('prefill makes a touched buffer of each length idle, counts those idle already, and keeps to the bound', () => {
+    const pool = new ReusedBuffers(200 * 1024);
+    const kept = pool.take(64 * 1024);
+    kept.fill(7);
+    pool.give(kept);
+    pool.prefill([64 * 1024, 64 * 1024, 32 * 1024]);
+    // One 64 KiB buffer was idle already: one more of it, and one of 32 KiB.
+    expect(pool.idleByteCount).toBe(160 * 1024);
+    pool.prefill([64 * 1024, 64 * 1024, 32 * 1024]);
+    expect(pool.idleByteCount).toBe(160 * 1024);
+    const taken = [pool.take(64 * 1024), pool.take(64 * 1024), pool.take(32 * 1024)];
+    expect(taken.filter((b) => b.buffer === kept.buffer)).toHaveLength(1);
+    // The new ones are zero: written once, their memory the process's own.
+    for (const b of taken.filter((b) => b.buffer !== kept.buffer)) expect(b.every((byte) => byte === 0)).toBe(true);
+    expect(pool.idleByteCount).toBe(0);
+    // Past the bound it stops: two 128 KiB buffers would be 256 KiB.
+    pool.prefill([128 * 1024, 128 * 1024]);
+    expect(pool.idleByteCount).toBe(128 * 1024);
+  });
 });

@@ -6,6 +6,9 @@
  * into one already touched 5-7 ms, per migration and side (docs/benchmarks.md, "Seventh session"). A
  * buffer kept here stays touched: the process holds on to it, so the kernel never takes it back.
  *
+ * A gateway with deltas on fills the pool when it starts (prefill), so that not even its first migration
+ * pays for the first touches.
+ *
  * Only the content is reused, never what it meant: a cache that takes a buffer starts with no entries,
  * so bytes a former migration left in it are never read as pages.
  */
@@ -36,6 +39,19 @@ export class ReusedBuffers {
     else if (list.includes(buffer)) return;
     else list.push(buffer);
     this.idleBytes += buffer.length;
+  }
+
+  /**
+   * Makes a buffer of each of `lengths` idle here, touched once (as far as the bound allows, counting
+   * those idle already): called before any migration, so that not even a process's first migration pays
+   * for the first touch of its buffers while its stream waits.
+   */
+  prefill(lengths: readonly number[]): void {
+    const wanted = new Map<number, number>();
+    for (const bytes of lengths) wanted.set(bytes, (wanted.get(bytes) ?? 0) + 1);
+    for (const [bytes, count] of wanted) {
+      for (let i = this.idle.get(bytes)?.length ?? 0; i < count && this.idleBytes + bytes <= this.maxIdleBytes; i++) this.give(Buffer.allocUnsafeSlow(bytes).fill(0));
+    }
   }
 
   /** Lets go of every idle buffer (the next take()s allocate anew). */
