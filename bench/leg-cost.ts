@@ -13,7 +13,9 @@
  *
  * Per content, path and leg: WAN bytes, QEMU's total time, migrate → running at the destination, and
  * each gateway's (or relay's) CPU seconds per GiB of QEMU stream (its process's /proc counters), with the
- * medians of the kernel's share of them (system time: sockets, the disk, page faults) beside.
+ * medians of the kernel's share of them (system time: sockets, the disk, page faults) beside. Then each
+ * bfmig path's total time less bfmig-plain's, run by run: paths of one run meet the host in the same
+ * minutes, so the pairs show a difference smaller than the spread between runs.
  * Gateways and relays run as processes of their own, the gateways with the recommended Node flags
  * ($BFMIG_BENCH_NODE_ARGS instead when set, e.g. "--cpu-prof --cpu-prof-dir=DIR").
  */
@@ -60,6 +62,21 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
           `${medianOf(present(at.map((l) => perGiB(l.gatewaySystemSecondsSend, l.streamBytes))))}, ${medianOf(present(at.map((l) => perGiB(l.gatewaySystemSecondsReceive, l.streamBytes))))}`.padEnd(27),
           at.every((l) => l.verified) ? 'verified' : 'FAILED',
         ].join(' '),
+      );
+    }
+  }
+  lines.push('', 'paired by run (each run migrates every path): total time of each bfmig path less bfmig-plain\'s in that run');
+  for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
+    const plain = legs.filter((l) => l.leg === leg && l.path === 'bfmig-plain');
+    for (const path of PATHS.filter((p) => p !== 'bfmig-plain' && p !== 'relay')) {
+      const at = legs.filter((l) => l.leg === leg && l.path === path);
+      // Runs add their legs in order, so the i-th leg of a path is run i's.
+      const diffs = at.slice(0, plain.length).map((l, i) => (l.totalTimeMs - plain[i].totalTimeMs) / 1000);
+      if (diffs.length === 0) continue;
+      const slower = diffs.filter((d) => d > 0).length;
+      const relative = at.slice(0, plain.length).map((l, i) => l.totalTimeMs / plain[i].totalTimeMs - 1);
+      lines.push(
+        `${String(leg).padEnd(4)} ${path.padEnd(18)} ${spread(diffs, (v) => `${v >= 0 ? '+' : ''}${v.toFixed(3)} s`)}  median ${(median(relative) * 100).toFixed(1)}%, slower in ${slower} of ${diffs.length}`,
       );
     }
   }
