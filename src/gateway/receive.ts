@@ -449,11 +449,15 @@ export class ReceiveSession {
     if (this.over) return;
     destination.end(() => {
       if (this.over) return;
-      // Pages that crossed on extra channels and were not all kept: the store keeps the snapshot it held.
-      const claimed = this.life.settle(decoder, this.group && !this.group.keepsSnapshot ? null : snapshotId);
-      this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
-      this.finish('completed', null, claimed);
-      this.peer.end();
+      void this.life.syncStoreInBackground().then(() => {
+        // A failure while the pages were synced (the peer gone, the idle limit) rolled the store back.
+        if (this.over) return;
+        // Pages that crossed on extra channels and were not all kept: the store keeps the snapshot it held.
+        const claimed = this.life.settle(decoder, this.group && !this.group.keepsSnapshot ? null : snapshotId);
+        this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
+        this.finish('completed', null, claimed);
+        this.peer.end();
+      });
     });
   }
 

@@ -516,13 +516,16 @@ export class SendSession {
   private complete(): void {
     if (this.over) return;
     this.transition('completed');
-    // Reported is what the store now claims: not the migration's id when the stream was relayed
-    // verbatim or the store could not keep it.
-    // Pages that crossed on extra channels and were not all kept: the store keeps the snapshot it held.
-    this.claimed = this.life.settle(this.encoder, this.group.keepsSnapshot ? this.snapshotId : null);
-    this.peer.end();
-    this.qemu.end();
-    this.report('completed', null);
+    // Completed from here on: nothing fails it while the store's pages are synced in the background.
+    void this.life.syncStoreInBackground().then(() => {
+      // Reported is what the store now claims: not the migration's id when the stream was relayed
+      // verbatim or the store could not keep it.
+      // Pages that crossed on extra channels and were not all kept: the store keeps the snapshot it held.
+      this.claimed = this.life.settle(this.encoder, this.group.keepsSnapshot ? this.snapshotId : null);
+      this.peer.end();
+      this.qemu.end();
+      this.report('completed', null);
+    });
   }
 
   /** A store write that failed for lack of space turns retention off for this VM until there is room. */

@@ -149,6 +149,20 @@ export class SessionLifecycle {
     }
   }
 
+  /**
+   * Before settle(): the store's pages made durable in the thread pool, so that settle()'s synchronous
+   * file operations do not hold this gateway's main thread (and every other migration through it) while
+   * the file system commits a large write phase. Never rejects: a failure here is met again, and
+   * reported, by settle().
+   */
+  async syncStoreInBackground(): Promise<void> {
+    try {
+      await this.store?.syncInBackground();
+    } catch {
+      // settle() fsyncs again and says what failed.
+    }
+  }
+
   /** A completed migration: see settleStore(). Returns the snapshot the store now claims, or null. */
   settle(codec: (NonNullable<Parameters<typeof settleStore>[2]> & Codec) | null, snapshotId: string | null): string | null {
     return settleStore(this.store, this.retained, codec, snapshotId, (what, err) => {

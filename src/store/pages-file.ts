@@ -280,6 +280,11 @@ export class PagesFile {
     fs.fsyncSync(this.fd);
   }
 
+  /** sync() in libuv's thread pool: the caller's thread goes on while the file system commits. */
+  syncInBackground(): Promise<void> {
+    return new Promise((resolve, reject) => fs.fsync(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+
   /**
    * Reads pages index .. index+count-1 into dest[destStart ..] (bounds checked by the caller): a lone
    * page an open run holds from its buffer, others after writing the pending runs that overlap them.
