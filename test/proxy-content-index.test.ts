@@ -79,4 +79,24 @@ describe('ContentIndex', () => {
     for (let page = 0; page < 4; page++) expect(index.find(digestIn(0, page + 1), 0)).toBe(page * 100);
     for (let page = 1; page < PAGES; page += 3) if (page % 100 !== 0) expect(index.find(digestIn(1 + (page % 200), page + 1), 0)).toBe(page);
   });
+
+  test('fill indexes the reference a slice at a time: until whole, a page not reached yet is missed, never named wrong', () => {
+    const reference = new Uint32Array(PAGES * DIGEST_WORDS);
+    for (let page = 0; page < PAGES; page += 2) holding(reference, page, digestIn(page % 97, page + 1));
+    const index = new ContentIndex(PAGES, reference);
+    const slice = Math.floor(PAGES / 3);
+    index.fill(slice);
+    expect(index.filled).toBe(false);
+    for (let page = 0; page < PAGES; page += 2) expect(index.find(digestIn(page % 97, page + 1), 0)).toBe(page < slice ? page : -1);
+    // A page added meanwhile beyond the slice is found, and found once more after fill() reaches it.
+    const late = PAGES - 2;
+    index.add(late, reference, late * DIGEST_WORDS);
+    expect(index.find(digestIn(late % 97, late + 1), 0)).toBe(late);
+    index.fill(slice);
+    index.fill(slice);
+    index.fill(slice);
+    expect(index.filled).toBe(true);
+    for (let page = 0; page < PAGES; page += 2) expect(index.find(digestIn(page % 97, page + 1), 0)).toBe(page);
+    for (let page = 1; page < PAGES; page += 2) expect(index.find(digestIn(page % 97, page + 1), 0)).toBe(-1);
+  });
 });

@@ -42,16 +42,32 @@ export class ContentIndex {
     return ((((w & 0xff) << 24) | ((w & 0xff00) << 8) | ((w >>> 8) & 0xff00) | (w >>> 24)) & this.bucketMask) * WAYS;
   }
 
-  /**
-   * Indexes every page the reference holds, into a new index: nothing in it can be stale or there
-   * already, so each page takes the first empty slot of its bucket (a full one gives up a slot as add()
-   * does) without looking at the pages the others name.
-   */
+  /** Pages of the reference fill() has looked at: [0, filledTo). */
+  private filledTo = 0;
+
+  /** Whether fill() has looked at every page of the reference. */
+  get filled(): boolean {
+    return this.filledTo * DIGEST_WORDS >= this.reference.length;
+  }
+
+  /** Indexes every page the reference holds at once (fill() without a limit). */
   addAll(): void {
+    this.fill(Infinity);
+  }
+
+  /**
+   * Indexes the next `limit` pages of the reference that fill() has not looked at yet, of those the
+   * reference holds: an index that must not stop its caller for long (2 M pages of an 8 GiB guest take
+   * a good part of a second) is filled a slice at a time, and until it is whole a find() may miss a
+   * page it would have found, never name a wrong one. A page add() put there already may be indexed
+   * again beside itself, which costs a slot of its bucket, nothing more.
+   */
+  fill(limit: number): void {
     const table = this.reference;
     const slots = this.slots;
     const pages = table.length / DIGEST_WORDS;
-    for (let page = 0; page < pages; page++) {
+    const end = Math.min(pages, this.filledTo + limit);
+    for (let page = this.filledTo; page < end; page++) {
       const at = page * DIGEST_WORDS;
       if (isAbsentDigest(table, at)) continue;
       const first = this.bucket(table, at);
@@ -59,6 +75,7 @@ export class ContentIndex {
       while (s < first + WAYS && slots[s] !== EMPTY) s++;
       slots[s < first + WAYS ? s : first + (this.victim++ & (WAYS - 1))] = page;
     }
+    this.filledTo = end;
   }
 
   /** The receiver now holds the content of the digest at `digest[at…]` (words) at `page`. */
