@@ -457,7 +457,7 @@ export class ReceiveSession {
         this.writeFrame(encodeJson(FrameType.Done, { snapshotId, streamBytes }));
         this.finish('completed', null, claimed);
         this.peer.end();
-      });
+      }).catch((err: unknown) => this.life.event('settling the completed migration failed', { error: errorMessage(err) }));
     });
   }
 

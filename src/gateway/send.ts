@@ -525,7 +525,7 @@ export class SendSession {
       this.peer.end();
       this.qemu.end();
       this.report('completed', null);
-    });
+    }).catch((err: unknown) => this.life.event('settling the completed migration failed', { error: errorMessage(err) }));
   }
 
   /** A store write that failed for lack of space turns retention off for this VM until there is room. */
