@@ -15,6 +15,7 @@ import type { GatewayMetrics } from '../src/gateway/metrics';
 import type { MigrationReport } from '../src/gateway/session';
 import { MigrationFailedError } from '../src/lab/vm/qmp-types';
 import { QemuVm, disposeAllVms } from '../src/lab/vm/qemu-vm';
+import { resumeSource, verifiedOrSourceBroken } from '../src/lab/vm/replay-verdict';
 import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
 import { freePort } from '../src/lab/vm/ports';
 import { suiteTempDir } from './temp-dir';
@@ -62,7 +63,7 @@ interface Site {
   });
 
   /** One leg: the VM running at `from` migrates through both gateways to a fresh QEMU at `to`. */
-  async function leg(source: QemuVm, from: Site, to: Site, n: number, returnPath = false): Promise<{ dest: QemuVm; sent: MigrationReport; received: MigrationReport }> {
+  async function leg(source: QemuVm, from: Site, to: Site, n: number, returnPath = false, repeated = false): Promise<{ dest: QemuVm; sent: MigrationReport; received: MigrationReport; firstSent: MigrationReport }> {
     const dest = new QemuVm({ ...options, name: `leg${n}-${to.name}`, incoming: `tcp:127.0.0.1:${to.qemuPort}` });
     await dest.start();
     if (returnPath) {
@@ -83,9 +84,8 @@ interface Site {
     if (a.error || b.error) console.log(lastLines(from), '\n----\n', lastLines(to));
     expect(a.error).toBeNull();
     expect(b.error).toBeNull();
-    await dest.waitForStatus('running', 60_000);
-    await dest.waitForSerial(VERIFIED, 60_000);
-    // The destination QEMU received exactly the bytes the source QEMU sent.
+    // The destination QEMU received exactly the bytes the source QEMU sent (checked before the guest, so
+    // that a guest failure after an identical rebuild is known to lie outside the gateways).
     const sent = fs.readFileSync(path.join(tmp, `leg${n}-source.mig`));
     const received = fs.readFileSync(path.join(tmp, `leg${n}-dest.mig`));
     expect(received.length).toBe(sent.length);
@@ -97,7 +97,20 @@ interface Site {
     const receivedReport = to.gateway.history[historyTo];
     expect(sentReport).toMatchObject({ direction: 'send', result: 'completed', streamBytes: sent.length });
     expect(receivedReport).toMatchObject({ direction: 'receive', result: 'completed', streamBytes: sent.length, snapshotId: sentReport.snapshotId });
-    return { dest, sent: sentReport, received: receivedReport };
+    // QEMU 7.2's TCG now and then sends a state that does not run (README, "Known problem"). The bytes
+    // were identical; if the source's own bytes fail in a fresh QEMU with no gateway too, the leg is
+    // repeated once from the source, which still holds the intact guest. Otherwise the test fails.
+    const verdict = await verifiedOrSourceBroken(dest, path.join(tmp, `leg${n}-source.mig`), VERIFIED);
+    if (verdict) {
+      if (repeated) throw new Error(`leg ${n} repeated: ${verdict.detail}`);
+      // eslint-disable-next-line no-console
+      console.log(`leg ${n}: the destination guest failed after a byte-identical rebuild and ${verdict.detail}: repeating the leg once`);
+      await dest.dispose();
+      await resumeSource(source, VERIFIED);
+      // The gateways' figures are the first attempt's (what they did with the bytes is checked above).
+      return { ...(await leg(source, from, to, n, returnPath, true)), firstSent: sentReport };
+    }
+    return { dest, sent: sentReport, received: receivedReport, firstSent: sentReport };
   }
 
   test('A → B → A → B → A: byte-identical rebuilds, verified guest, back legs cost only what changed', async () => {
@@ -106,6 +119,7 @@ interface Site {
     await vm.start();
     await vm.waitForSerial(/WORKLOAD READY/, 180_000);
     const legs: MigrationReport[] = [];
+    let lastSnapshotId = '';
     const route: [Site, Site][] = [
       [a, b],
       [b, a],
@@ -117,7 +131,8 @@ interface Site {
       const result = await leg(vm, from, to, n + 1, n === 3);
       await vm.dispose();
       vm = result.dest;
-      legs.push(result.sent);
+      legs.push(result.firstSent);
+      lastSnapshotId = result.sent.snapshotId ?? '';
     }
     const [first, second, third, fourth] = legs;
     expect(fourth.mode).toBe('shared-snapshot');
@@ -138,9 +153,9 @@ interface Site {
     const restorePort = await freePort();
     const restored = new QemuVm({ ...options, name: 'restored-at-b', incoming: `tcp:127.0.0.1:${restorePort}` });
     await restored.start();
-    expect(listSnapshots(path.join(tmp, 'site-b'))).toMatchObject([{ vm: 'vm1', snapshotId: fourth.snapshotId, restorable: true, machineType: 'pc-i440fx-7.2', minQemuRelease: '7.2' }]);
+    expect(listSnapshots(path.join(tmp, 'site-b'))).toMatchObject([{ vm: 'vm1', snapshotId: lastSnapshotId, restorable: true, machineType: 'pc-i440fx-7.2', minQemuRelease: '7.2' }]);
     const result = await restoreSnapshot(path.join(tmp, 'site-b'), 'vm1', { host: '127.0.0.1', port: restorePort });
-    expect(result.snapshotId).toBe(fourth.snapshotId);
+    expect(result.snapshotId).toBe(lastSnapshotId);
     await restored.waitForStatus('running', 60_000);
     await restored.waitForSerial(VERIFIED, 60_000);
     vm = restored;

@@ -21,6 +21,7 @@ import { loopbackMultiRouteYaml } from '../src/lab/harness/loopback-config';
 import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
 import { TcpRelay } from '../src/lab/wan';
 import { QemuVm, disposeAllVms, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
+import { resumeSource, verifiedOrSourceBroken } from '../src/lab/vm/replay-verdict';
 import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
 import { freePort } from '../src/lab/vm/ports';
 import { qemuBinary, qemuInstalled, type QemuRelease } from '../src/lab/vm/qemu-releases';
@@ -183,21 +184,35 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
   }
 
   /** The guest moves from `here` to the other site; it must complete and verify there. Returns the send report. */
-  async function migrateOn(): Promise<GatewayLegReport> {
+  async function migrateOn(repeated = false): Promise<GatewayLegReport> {
     const from = here;
     const to = there();
     const counts = [from.gateway.reports.length, to.gateway.reports.length];
     const dest = await destinationAt(to, 'next');
+    // What the source sent, kept to tell a guest state QEMU 7.2 sent broken from one the gateways broke.
+    const capturePort = await freePort();
+    const out = path.join(tmp, 'leg.mig');
+    const capture = new Capture({ listen: { host: '127.0.0.1', port: capturePort }, out, forward: { host: '127.0.0.1', port: from.routePort } });
+    await capture.listen();
     vm.setMaxBandwidth(FAST);
-    await vm.migrate(`tcp:127.0.0.1:${from.routePort}`);
+    await vm.migrate(`tcp:127.0.0.1:${capturePort}`);
     const info = await vm.waitForMigration({ timeoutMs: 300_000 });
     expect(info.status).toBe('completed');
-    await dest.waitForStatus('running', 60_000);
-    await dest.waitForSerial(VERIFIED, 60_000);
+    expect((await capture.done).error).toBeNull();
     const [sent] = await reportsAfter(from, counts[0]);
     const [received] = await reportsAfter(to, counts[1]);
     expect(sent).toMatchObject({ vm: VM, direction: 'send', result: 'completed' });
     expect(received).toMatchObject({ vm: VM, direction: 'receive', result: 'completed' });
+    const verdict = await verifiedOrSourceBroken(dest, out, VERIFIED);
+    if (verdict) {
+      // The source's own bytes fail with no gateway too (README, "Known problem"): once, the leg is
+      // repeated from the source, which still holds the intact guest.
+      if (repeated) throw new Error(`leg repeated: ${verdict.detail}`);
+      console.log(`the destination guest failed and ${verdict.detail}: repeating the leg once`);
+      await dest.dispose();
+      await resumeSource(vm, VERIFIED);
+      return migrateOn(true);
+    }
     await vm.dispose();
     vm = dest;
     here = to;
@@ -271,18 +286,28 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
   };
 
   test('first leg, captured: A → B completes and verifies', async () => {
-    const capturePort = await freePort();
     const out = path.join(tmp, 'first-leg.mig');
-    const capture = new Capture({ listen: { host: '127.0.0.1', port: capturePort }, out, forward: { host: '127.0.0.1', port: a.routePort } });
-    await capture.listen();
-    const dest = await destinationAt(b, 'first');
-    vm.setMaxBandwidth(FAST);
-    await vm.migrate(`tcp:127.0.0.1:${capturePort}`);
-    expect((await vm.waitForMigration({ timeoutMs: 300_000 })).status).toBe('completed');
-    expect((await capture.done).error).toBeNull();
-    await dest.waitForSerial(VERIFIED, 60_000);
-    await vm.dispose();
-    vm = dest;
+    for (let attempt = 1; ; attempt++) {
+      const capturePort = await freePort();
+      const capture = new Capture({ listen: { host: '127.0.0.1', port: capturePort }, out, forward: { host: '127.0.0.1', port: a.routePort } });
+      await capture.listen();
+      const dest = await destinationAt(b, 'first');
+      vm.setMaxBandwidth(FAST);
+      await vm.migrate(`tcp:127.0.0.1:${capturePort}`);
+      expect((await vm.waitForMigration({ timeoutMs: 300_000 })).status).toBe('completed');
+      expect((await capture.done).error).toBeNull();
+      const verdict = await verifiedOrSourceBroken(dest, out, VERIFIED);
+      if (!verdict) {
+        await vm.dispose();
+        vm = dest;
+        break;
+      }
+      // As in migrateOn: QEMU 7.2 sent a state that fails with no gateway too; once, the leg is repeated.
+      if (attempt > 1) throw new Error(`first leg repeated: ${verdict.detail}`);
+      console.log(`first leg: the destination guest failed and ${verdict.detail}: repeating the leg once`);
+      await dest.dispose();
+      await resumeSource(vm, VERIFIED);
+    }
     here = b;
     captured = fs.readFileSync(out);
     expect(captured.length).toBeGreaterThan(64 * 1024 * 1024);

@@ -16,6 +16,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { suiteTempDir } from './temp-dir';
+import { replayVerdict } from '../src/lab/vm/replay-verdict';
 import { QemuVm, disposeAllVms, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
 import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
 import { freePort } from '../src/lab/vm/ports';
@@ -241,7 +242,15 @@ describeE2e(`e2e: self-verifying guest migrates under QEMU (${MACHINE})`, () => 
       expect(victims).toContain(Number(fail[1]));
       note('corrupted capture', `${victims.length} pages flipped, guest reported page ${fail[1]}`);
       await vm.dispose();
+
+      // How the gateway e2e tests tell a state QEMU sent broken from one the gateways could have broken:
+      // the intact capture replayed verifies, the corrupted one fails, in a fresh QEMU each.
+      const intact = await replayVerdict({ ...base, name: 'intact' }, streamFile, OK_RE);
+      expect(intact).toMatchObject({ sourceStateBroken: false });
+      const broken = await replayVerdict({ ...base, name: 'corrupt' }, corrupt, OK_RE);
+      expect(broken.sourceStateBroken).toBe(true);
+      expect(broken.detail).toMatch(/WORKLOAD VERIFY FAIL/);
     },
-    STEP_TIMEOUT_MS + 60_000,
+    STEP_TIMEOUT_MS + 120_000,
   );
 });

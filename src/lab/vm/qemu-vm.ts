@@ -133,6 +133,9 @@ export interface WaitForMigrationOptions {
   allowFailure?: boolean;
 }
 
+/** The guest visibly failed (its console matched a failure pattern) or its QEMU exited while a test waited on it. */
+export class GuestFailedError extends Error {}
+
 export const DEFAULT_SERIAL_FAIL = /WORKLOAD VERIFY FAIL|WORKLOAD EXITED|WORKLOAD ERROR|Kernel panic/;
 
 const liveVms = new Set<QemuVm>();
@@ -387,7 +390,7 @@ export class QemuVm {
     const deadline = Date.now() + timeoutMs;
     let last: StatusInfo | null = null;
     for (;;) {
-      if (this.exitInfo) throw new Error(`${this.name}: QEMU exited while waiting for status ${want}\n${this.describe()}`);
+      if (this.exitInfo) throw new GuestFailedError(`${this.name}: QEMU exited while waiting for status ${want}\n${this.describe()}`);
       last = await this.status();
       if (last.status === want) return last;
       if (Date.now() >= deadline) {
@@ -424,7 +427,7 @@ export class QemuVm {
             if (f) {
               const line = text.slice(0, (opts.since ?? 0) + f.index).lastIndexOf('\n') + 1;
               const failLine = text.slice(line, text.indexOf('\n', line));
-              finish(new Error(`${this.name}: console shows failure "${failLine}" while waiting for ${re}\n${this.describe()}`));
+              finish(new GuestFailedError(`${this.name}: console shows failure "${failLine}" while waiting for ${re}\n${this.describe()}`));
               return;
             }
           }
@@ -441,7 +444,7 @@ export class QemuVm {
           scanFrom = end;
         }
         if (this.exitInfo) {
-          finish(new Error(`${this.name}: QEMU exited while waiting for ${re} on the console\n${this.describe()}`));
+          finish(new GuestFailedError(`${this.name}: QEMU exited while waiting for ${re} on the console\n${this.describe()}`));
         }
       };
       const timer = setTimeout(
