@@ -246,11 +246,26 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
     await vm.waitForSerial(VERIFIED, 60_000, { since: mark });
     if (!dest) return 'n/a';
     const exited = await dest.waitForExit(30_000);
+    let how = exited ? `exited (code ${dest.exit?.code ?? dest.exit?.signal})` : 'still waiting, never ran';
     if (!exited) {
       // Still waiting for a stream that will not come: it must not be running the guest.
-      expect((await dest.status()).status).not.toBe('running');
+      const status = await dest.qmp<{ status: string }>('query-status', undefined, 10_000).then(
+        (reply) => reply.status,
+        (err: unknown) => {
+          // QEMU 7.2's destination waits in its main thread for every multifd channel's SYNC packet
+          // (multifd_recv_sync_main) and a channel thread that failed never posts it: that QEMU hangs,
+          // monitor and all (fixed in later releases).
+          if (RELEASE === '7.2' && err instanceof Error && /no reply/.test(err.message)) return null;
+          throw err;
+        },
+      );
+      expect(status).not.toBe('running');
+      if (status === null) {
+        // It never ran: its guest printed nothing.
+        expect(dest.serial).not.toMatch(/WORKLOAD/);
+        how = 'hung in QEMU 7.2’s multifd sync, never ran';
+      }
     }
-    const how = exited ? `exited (code ${dest.exit?.code ?? dest.exit?.signal})` : 'still waiting, never ran';
     await dest.dispose();
     return how;
   }
