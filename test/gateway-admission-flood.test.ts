@@ -11,7 +11,9 @@ import * as http from 'node:http';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { issueCerts } from '../src/cli/certs';
+import { Capture } from '../src/lab/capture';
 import { disposeAllVms, QemuVm, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
+import { resumeSource, verifiedOrSourceBroken } from '../src/lab/vm/replay-verdict';
 import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
 import { refusals, startPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
 import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
@@ -188,13 +190,26 @@ describe('admission under a flood of unidentified connections (TLS pair, synthet
       expect(text).toMatch(/bfmig_connections_refused_total\{listener="(peer|source|metrics)",reason="(pending-limit|per-address-limit)"\} [1-9]/);
       if (guest) {
         // A real QEMU migrates through the same flood, and its guest verifies its memory at B.
-        const destination = new QemuVm({ ...options, name: 'flood-destination', incoming: `tcp:127.0.0.1:${b.destPort}` });
-        await destination.start();
-        await guest.migrate(`tcp:127.0.0.1:${a.routePort}`);
-        expect((await guest.waitForMigration({ timeoutMs: 120_000 })).status).toBe('completed');
-        await destination.waitForSerial(/WORKLOAD VERIFY OK round=\d+ pages=\d+/, 60_000);
-        await waitFor(() => a.gateway.history.length === 2 && b.gateway.history.length === 2, 30_000);
-        expect(b.gateway.history[1]).toMatchObject({ direction: 'receive', result: 'completed' });
+        // What the source sent is kept to tell a guest state QEMU 7.2 sent broken from one the gateways
+        // broke (README, "Known problem"): if the source's own bytes fail too, the leg is repeated once.
+        for (let attempt = 1; ; attempt++) {
+          const history = b.gateway.history.length;
+          const capture = new Capture({ listen: { host: '127.0.0.1', port: 0 }, out: path.join(tmp, 'flood-leg.mig'), forward: { host: '127.0.0.1', port: a.routePort } });
+          const { port } = await capture.listen();
+          const destination = new QemuVm({ ...options, name: 'flood-destination', incoming: `tcp:127.0.0.1:${b.destPort}` });
+          await destination.start();
+          await guest.migrate(`tcp:127.0.0.1:${port}`);
+          expect((await guest.waitForMigration({ timeoutMs: 120_000 })).status).toBe('completed');
+          expect((await capture.done).error).toBeNull();
+          await waitFor(() => b.gateway.history.length === history + 1, 30_000);
+          expect(b.gateway.history[history]).toMatchObject({ direction: 'receive', result: 'completed' });
+          const verdict = await verifiedOrSourceBroken(destination, path.join(tmp, 'flood-leg.mig'), /WORKLOAD VERIFY OK round=\d+ pages=\d+/);
+          if (!verdict) break;
+          if (attempt > 1) throw new Error(`repeated: ${verdict.detail}`);
+          console.log(`flood: the destination guest failed and ${verdict.detail}: repeating the leg once`);
+          await destination.dispose();
+          await resumeSource(guest, /WORKLOAD VERIFY OK round=\d+ pages=\d+/);
+        }
         console.log(`flood: a real QEMU 7.2 guest migrated A → B through it and verified at B (${flood.stats.connects} connects so far)`);
       }
     } finally {
