@@ -6,7 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { chooseCompression, COMPRESSED_HEADER_BYTES, helloCompression, LiteralFrames, LiteralInflater, MAX_BATCH_BYTES, offeredCompression, ZSTD } from '../src/wire/compression';
-import { CompressionPolicy, DRAINED_BYTES, MAX_REJOIN, MAX_SKIP, SPARSE_SHARE, SWING_BYTES } from '../src/wire/compression-policy';
+import { CompressionPolicy, DRAINED_BYTES, MAX_REJOIN, MAX_SKIP, SPARSE_SHARE, SWING_BYTES, WORTH_FACTOR } from '../src/wire/compression-policy';
 import { FRAME_HEADER_BYTES, FrameParser, FrameType, WireError } from '../src/wire/frames';
 
 /** Text-like bytes: words from a small vocabulary, as logs and source files are. */
@@ -353,6 +353,35 @@ describe('CompressionPolicy', () => {
     policy.didNotShrink();
     expect(policy.compressNext(CHUNK)).toBe(false);
     expect(policy.compressNext(CHUNK)).toBe(true);
+  });
+
+  test('a batch that shrank by less than it cost (its saved bytes\' WAN time against WORTH_FACTOR times its compression time) skips as one that did not shrink', () => {
+    const policy = new CompressionPolicy();
+    /** The batch after the next `skipped` ones the policy compresses, and how many it skipped before it. */
+    const nextCompressed = (): number => {
+      let skipped = 0;
+      while (!policy.compressNext(CHUNK)) skipped++;
+      return skipped;
+    };
+    const MB = 1e6;
+    // Not measured yet: any saving pays.
+    expect(nextCompressed()).toBe(0);
+    policy.compressedBatch(1, 1);
+    expect(nextCompressed()).toBe(0);
+    // At 125 MB/s (1 Gbit/s), 6,500 bytes saved took the WAN 52 µs: a batch that took a little more than
+    // that over WORTH_FACTOR to compress did not pay, one that took a little less did.
+    const worth = 6500 / (125 * MB) / WORTH_FACTOR;
+    policy.observeWanRate(125 * MB);
+    policy.compressedBatch(6500, 1.2 * worth);
+    expect(nextCompressed()).toBe(1);
+    policy.compressedBatch(6500, 1.2 * worth);
+    expect(nextCompressed()).toBe(2);
+    policy.compressedBatch(6500, 0.8 * worth);
+    expect(nextCompressed()).toBe(0);
+    // At 12.5 MB/s (100 Mbit/s) the same bytes are worth ten times as much: that batch pays.
+    policy.observeWanRate(12.5 * MB);
+    policy.compressedBatch(6500, 1.2 * worth);
+    expect(nextCompressed()).toBe(0);
   });
 
   test('with the WAN not holding it back, compresses Literal bytes only while they are at most 1/SPARSE_SHARE of the input', () => {

@@ -24,6 +24,13 @@
  * - A batch that did not shrink went raw; the next batches skip compression, twice as many after each
  *   further raw batch (up to MAX_SKIP), so incompressible memory costs a probe now and then, not a
  *   compression pass per batch.
+ * - So does a batch that shrank by less than it cost: the WAN time its saved bytes would have taken at
+ *   the rate the WAN was last measured to take them, against WORTH_FACTOR times the time compressing it
+ *   took (the caller measures both: the policy keeps no clock). On a fast link a batch of mostly
+ *   incompressible pages that shrank by a few percent costs the sending gateway, and the receiving one
+ *   that decompresses it, more time than its bytes saved: a 1 Gbit/s first leg of a guest of
+ *   pseudo-random pages took 20% longer with compression than without, 6% without it
+ *   (docs/benchmarks.md, "Ninth session").
  */
 
 /** Input read without the WAN holding the session back after which compression backs off (Linux's largest default TCP send buffer). */
@@ -36,6 +43,12 @@ export const MAX_REJOIN = 64;
 export const SWING_BYTES = 4 * DRAINED_BYTES;
 /** Literal bytes at most 1/SPARSE_SHARE of the input read lately are compressed whatever the WAN does. */
 export const SPARSE_SHARE = 32;
+/**
+ * A compressed batch pays when the WAN time its saved bytes would have taken is at least this many times
+ * the time compressing it took: the receiver decompresses it (zstd decompresses at about twice the rate
+ * it compresses here) and both sides copy it once more than a raw batch.
+ */
+export const WORTH_FACTOR = 2;
 /** Input after which both counts of "lately" halve, so the share follows the stream's recent mix. */
 const SHARE_WINDOW_BYTES = 64 * 1024 * 1024;
 
@@ -124,6 +137,25 @@ export class CompressionPolicy {
       return false;
     }
     return true;
+  }
+
+  /** Bytes a second the WAN was last measured to take (-1: not measured yet, when every shrink pays). */
+  private wanBytesPerSecond = -1;
+
+  /** The WAN was measured to take `bytesPerSecond` lately (negative: not measured yet). */
+  observeWanRate(bytesPerSecond: number): void {
+    this.wanBytesPerSecond = bytesPerSecond;
+  }
+
+  /**
+   * A batch of `rawBytes` went out compressed, `savedBytes` fewer, and compressing it took `seconds`:
+   * compress on if the saving paid for that (or the WAN's rate is not known yet), else skip as after a
+   * batch that did not shrink.
+   */
+  compressedBatch(savedBytes: number, seconds: number): void {
+    const rate = this.wanBytesPerSecond;
+    if (rate > 0 && savedBytes / rate < WORTH_FACTOR * seconds) this.didNotShrink();
+    else this.shrank();
   }
 
   /** The batch compressed smaller: compress on. */

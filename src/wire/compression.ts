@@ -122,9 +122,14 @@ export class LiteralFrames {
     const total = this.batchBytes;
     this.batch = [];
     this.batchBytes = 0;
-    if (total >= MIN_BATCH_BYTES && this.policy.compressNext(total) && this.compressed(batch, total)) {
-      this.policy.shrank();
-      return;
+    if (total >= MIN_BATCH_BYTES && this.policy.compressNext(total)) {
+      // Timed as a whole (the frame's buffer, zstd, the header): what the policy weighs the saving against.
+      const started = process.hrtime.bigint();
+      const saved = this.compressed(batch, total);
+      if (saved >= 0) {
+        this.policy.compressedBatch(saved, Number(process.hrtime.bigint() - started) / 1e9);
+        return;
+      }
     }
     if (this.streamOpen) {
       zstd().zstdCompressorReset(this.compressor as Handle);
@@ -133,8 +138,8 @@ export class LiteralFrames {
     for (const bytes of batch) this.writeRaw(bytes);
   }
 
-  /** Writes the batch as one Compressed frame, if that is smaller than its Literal frames. */
-  private compressed(batch: Buffer[], total: number): boolean {
+  /** Writes the batch as one Compressed frame, if that is smaller than its Literal frames: the bytes saved, or -1. */
+  private compressed(batch: Buffer[], total: number): number {
     const start = FRAME_HEADER_BYTES + COMPRESSED_HEADER_BYTES;
     // Room for fewer zstd bytes than the batch holds less one frame header: never more on the WAN.
     const frame = Buffer.allocUnsafe(start + total - FRAME_HEADER_BYTES);
@@ -143,7 +148,7 @@ export class LiteralFrames {
       // The native side restarted its stream already.
       this.streamOpen = false;
       this.policy.didNotShrink();
-      return false;
+      return -1;
     }
     this.streamOpen = true;
     const payload = COMPRESSED_HEADER_BYTES + n;
@@ -152,7 +157,7 @@ export class LiteralFrames {
     frame.writeUInt32BE(total, FRAME_HEADER_BYTES);
     this.savedBytes += total - payload;
     this.write(frame.subarray(0, start + n));
-    return true;
+    return total - payload;
   }
 
   private writeRaw(bytes: Buffer): void {
