@@ -442,13 +442,12 @@ export class ChannelReceiver extends ChannelRelay {
     const destination = connect({ host: target.host, port: target.port, noDelay: true, allowHalfOpen: true });
     this.destination = destination;
     if (multifd && this.receiver.channels !== undefined) multifd.expectChannels(this.receiver.channels);
-    // A Run's pages are laid out in one of a few reused slabs, each free again once written.
+    // Rebuilt Runs are laid out in a few reused slabs, each free again once its pieces are written.
     const outputs = new OutputSlabs(RUN_SLAB_BYTES, RUN_SLABS);
     const decoder = channelDecoder(
       (bytes) => {
         if (destination.writableEnded) return; // the destination closed the channel: nobody reads on
-        const slab = outputs.owner(bytes);
-        if (!destination.write(bytes, slab ? () => outputs.release(slab) : undefined)) {
+        if (!destination.write(bytes, outputs.releaser(bytes))) {
           this.holdPeer();
         } else if (outputs.exhausted) {
           // The socket took it all, but its slabs are not free yet: let the event loop run first.

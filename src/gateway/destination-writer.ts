@@ -37,7 +37,8 @@ export interface DestinationEvents {
  * The receiving side's connection to the destination QEMU and the StreamDecoder that feeds it. The
  * decoder holds the stream's device-state tail back until the sender's Seal or End check has passed,
  * so a destination that closes before it has been handed the whole stream is a failure, and one that
- * closes after it is not. Rebuilt Runs are laid out in reused slabs, each free again once written.
+ * closes after it is not. Rebuilt Runs and pages are laid out in reused slabs, each free again once its
+ * pieces are written.
  */
 export class DestinationWriter {
   readonly socket: Socket;
@@ -88,9 +89,7 @@ export class DestinationWriter {
   private write(bytes: Buffer): void {
     if (bytes.length === 0) return;
     this.given += bytes.length;
-    const slab = this.outputs.owner(bytes);
-    const release = slab ? () => this.outputs.release(slab) : undefined;
-    if (!this.socket.write(bytes, release)) {
+    if (!this.socket.write(bytes, this.outputs.releaser(bytes))) {
       this.events.pause(); // 'drain' resumes
     } else if (this.outputs.exhausted) {
       // The socket took it all, but its buffers are not free yet: let the event loop run first.
