@@ -193,6 +193,9 @@ describe('multifd channels through a gateway pair', () => {
     const all = memory.pages.map((_, i) => i);
     const run = multifdRun('qemu-10.0', [all], () => memory.pages);
     expectRebuilt(await migrate(a, b, run, true), run);
+    // The next migration of vm1 starts once the sender, too, is done with this one (its store synced), as a
+    // real source QEMU's would: it hears "completed" only then.
+    await report(a.gateway, 1);
     const kept = (await report(b.gateway, 1)).snapshotId;
     expect(kept).not.toBeNull();
     // QEMU with multifd-compression: the codec cannot read the packet, so the rest of that channel
