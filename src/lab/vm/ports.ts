@@ -28,15 +28,35 @@ function tryListen(port: number): Promise<number | null> {
   });
 }
 
+/**
+ * Ports this process handed out lately, oldest first: a port handed out is free only until its server
+ * binds it, and several are often picked together (a site's peer, route and QEMU ports) before any is
+ * bound. Without this, two of them came out the same now and then, and a QEMU's listen failed with
+ * "Address already in use".
+ */
+const handedOut = new Set<number>();
+const HANDED_OUT_KEPT = 4096;
+
+function handOut(port: number): number {
+  handedOut.add(port);
+  if (handedOut.size > HANDED_OUT_KEPT) handedOut.delete(handedOut.values().next().value as number);
+  return port;
+}
+
 /** A loopback port nothing listens on now, for a server the caller starts soon after. */
 export async function freePort(): Promise<number> {
   const range = portsOutsideEphemeralRange();
   for (let attempt = 0; range && attempt < 64; attempt++) {
-    const port = await tryListen(range[0] + Math.floor(Math.random() * (range[1] - range[0] + 1)));
-    if (port !== null) return port;
+    const candidate = range[0] + Math.floor(Math.random() * (range[1] - range[0] + 1));
+    if (handedOut.has(candidate)) continue;
+    // Taken before the check listens: a call running meanwhile must not pick it too.
+    handOut(candidate);
+    if ((await tryListen(candidate)) !== null) return candidate;
   }
-  const port = await tryListen(0);
-  if (port === null) throw new Error('freePort: no port');
-  return port;
+  for (let attempt = 0; attempt < 64; attempt++) {
+    const port = await tryListen(0);
+    if (port !== null && !handedOut.has(port)) return handOut(port);
+  }
+  throw new Error('freePort: no port');
 }
 
