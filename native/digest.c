@@ -81,6 +81,14 @@ static XXH128_hash_t bf_hash_avx2(const void *input, size_t len) {
                                bf_hashLong_avx2);
 }
 
+/* The stream hash (XXH3-64, streaming) through the AVX2 kernel: the same
+ * state and the same result as XXH3_64bits_update's SSE2 kernel. */
+XXH_NO_INLINE XXH_TARGET_AVX2 XXH_errorcode
+bf_stream_update_avx2(XXH3_state_t *state, const void *input, size_t len) {
+  return XXH3_update(state, (const xxh_u8 *)input, len, XXH3_accumulate_512_avx2,
+                     XXH3_scrambleAcc_avx2);
+}
+
 static int bf_cpu_has_avx2(void) {
   /* GCC/Clang's cpu model also checks XGETBV, i.e. that the OS saves
    * the YMM state, before reporting AVX/AVX2. */
@@ -89,17 +97,20 @@ static int bf_cpu_has_avx2(void) {
 }
 #endif
 
+typedef XXH_errorcode (*bf_stream_update_fn)(XXH3_state_t *state, const void *input, size_t len);
+
 typedef struct {
   const char *name;
   bf_hash_fn fn;
+  bf_stream_update_fn stream_update;
 } bf_variant;
 
 static const bf_variant bf_variants[] = {
 #if BF_X86_DISPATCH
-    {"sse2", bf_hash_default},
-    {"avx2", bf_hash_avx2},
+    {"sse2", bf_hash_default, XXH3_64bits_update},
+    {"avx2", bf_hash_avx2, bf_stream_update_avx2},
 #else
-    {"default", bf_hash_default},
+    {"default", bf_hash_default, XXH3_64bits_update},
 #endif
 };
 #define BF_VARIANT_COUNT (sizeof(bf_variants) / sizeof(bf_variants[0]))
@@ -431,7 +442,7 @@ static napi_value StreamHashUpdate(napi_env env, napi_callback_info info) {
              (double)start + (double)len, src_len);
     return bf_range(env, msg);
   }
-  if (len > 0) XXH3_64bits_update(state, src + start, len);
+  if (len > 0) bf_current->stream_update(state, src + start, len);
   return NULL;
 }
 

@@ -347,7 +347,11 @@ describe('argument validation', () => {
   });
 });
 
-describe('StreamHash', () => {
+describe.each(variants)('StreamHash (%s kernel)', (variant) => {
+  beforeAll(() => {
+    expect(selectDigestVariant(variant)).toBe(variant);
+  });
+
   test('hashes a stream the same however it is split, as an independent XXH3-64 does, and tells streams apart', async () => {
     const bytes = Buffer.alloc(300_000);
     for (let i = 0; i < bytes.length; i++) bytes[i] = (i * 2654435761) >>> 24;
@@ -364,5 +368,18 @@ describe('StreamHash', () => {
     const other = new StreamHash();
     other.update(flipped);
     expect(other.digest()).not.toBe(whole.digest());
+  });
+});
+
+describe('StreamHash across kernels', () => {
+  test('a stream hashed partly with one kernel and partly with another hashes as it would with either', async () => {
+    const bytes = randomBytes(1_000_000);
+    const mixed = new StreamHash();
+    for (let at = 0, i = 0; at < bytes.length; at += 65_537, i++) {
+      selectDigestVariant(variants[i % variants.length]);
+      mixed.update(bytes.subarray(at, at + 65_537));
+    }
+    selectDigestVariant('auto');
+    expect(mixed.digest()).toBe(await xxhash3(bytes));
   });
 });
