@@ -147,6 +147,7 @@ export class StreamDecoder {
     this.streamHash.update(bytes);
     this.parts.feed(bytes);
     // Parsed before it goes out, so that the tail is known before any byte of it could leave.
+    this.retainer.newInput(bytes);
     this.parser.push(bytes);
     this.emit(bytes, at);
   }
@@ -182,6 +183,7 @@ export class StreamDecoder {
     this.replayFirst = first;
     this.replayNext = 0;
     try {
+      this.retainer.newInput(bytes);
       this.parser.push(bytes);
     } finally {
       this.replaying = null;
@@ -301,6 +303,7 @@ export class StreamDecoder {
     this.deltaPage = page;
     this.deltaDone = false;
     try {
+      this.retainer.newInput(bytes);
       this.parser.push(bytes);
       // The rebuilt data must be exactly the rest of that page's record.
       if (!this.deltaDone || this.parser.recordsEnd !== this.counts.streamBytes) throw new RebuildError(`Delta for page ${page} does not complete that page's record`);

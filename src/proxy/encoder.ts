@@ -276,6 +276,7 @@ export class StreamEncoder {
     this.held.push(chunk);
     this.pushedEnd += chunk.length;
     this.parts.feed(chunk);
+    this.retainer.newInput(chunk);
     this.parser.push(chunk);
     // Bytes of records the parser has finished can go; a record still being read may yet join a run.
     this.sendLiteral(Math.max(this.held.from, this.parser.recordsEnd));

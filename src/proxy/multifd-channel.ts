@@ -82,6 +82,14 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
 
   /** A page of the current packet, `page` presenting it as a main-channel RAM record. */
   protected abstract onPage(record: MultifdPageRecord, page: RamPageRecord): void;
+
+  /** Normal pages of the current packet. */
+  private packetNormalPages = 0;
+
+  /** How many of the packet's pages follow the record's back to back (PageRetainer.digestOf). */
+  protected pagesAfter(record: MultifdPageRecord): number {
+    return record.kind === MultifdRecordKind.Page ? this.packetNormalPages - 1 - record.index : -1;
+  }
   protected onPacket(_packet: MultifdPacketRecord): void {}
   protected onPacketEnd(): void {}
 
@@ -90,6 +98,7 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
       case MultifdRecordKind.Packet:
         if (record.sync && record.normalPages === 0) this.modernQemu = record.pagesAlloc === 0;
         this.block = record.normalPages + record.zeroPages > 0 ? this.migration.block(record.block, record.streamOffset) : null;
+        this.packetNormalPages = record.normalPages;
         this.onPacket(record);
         return;
       case MultifdRecordKind.Page:

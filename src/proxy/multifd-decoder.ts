@@ -144,6 +144,7 @@ export class MultifdDecoder extends MultifdChannel {
   private rebuilt(bytes: Buffer): void {
     this.counts.streamBytes += bytes.length;
     this.streamHash.update(bytes);
+    this.retainer.newInput(bytes);
     this.parser.push(bytes);
     this.out(bytes);
   }
@@ -258,6 +259,6 @@ export class MultifdDecoder extends MultifdChannel {
       if (claim === Claim.First && end && !this.modernQemu) this.migration.epochStart?.keep(page.pageIndex, this.syncs);
     }
     // A later version of the page was written already: this one is not kept (see MultifdMigration).
-    if (claim !== Claim.Stale) this.retainer.retain(page, this.retainer.digestOf(page));
+    if (claim !== Claim.Stale) this.retainer.retain(page, this.retainer.digestOf(page, this.pagesAfter(record)));
   }
 }

@@ -124,6 +124,7 @@ export class MultifdEncoder extends MultifdChannel {
   }
 
   private parse(chunk: Buffer): void {
+    this.retainer.newInput(chunk);
     this.parser.push(chunk);
     this.afterParse();
   }
@@ -171,7 +172,7 @@ export class MultifdEncoder extends MultifdChannel {
   protected onPage(record: MultifdPageRecord, page: RamPageRecord): void {
     const normal = record.kind === MultifdRecordKind.Page;
     const retainer = this.retainer;
-    retainer.digestOf(page);
+    retainer.digestOf(page, this.pagesAfter(record));
     const word = page.pageIndex * DIGEST_WORDS;
     const reference = this.migration.receiverTable?.bytes ?? null;
     const words = this.migration.receiverTable?.words ?? null;

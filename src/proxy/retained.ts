@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
-import { DIGEST_BYTES, DIGEST_WORDS, digestOne, digestWords, newDigestBuffer, sameDigestWords } from '../digest';
+import { DIGEST_BYTES, DIGEST_WORDS, digestOne, digestPages, digestWords, newDigestBuffer, sameDigestWords } from '../digest';
 import { RamFlag, X86_PAGE_SIZE } from '../qemu/constants';
+import { pageDataAhead } from '../qemu/pages-ahead';
 import { type RamBlock, type RamPageRecord, RecordKind } from '../qemu/records';
 
 /** The store's data-path face (src/store PageStore implements it). */
@@ -61,9 +62,17 @@ export function sameDigest(a: Uint8Array, aAt: number, b: Uint8Array, bAt: numbe
 }
 
 
+/** Most pages digested ahead at once: a 256 KiB read holds 63 page records. */
+const AHEAD_PAGES = 64;
+
 /**
  * Keeps a store in step with the RAM records of a stream, the same way on both gateways: the last
  * version of each page wins; pages whose content the stream does not give in clear are dropped.
+ *
+ * The page records that follow a page in the input the parser reads (told by newInput()) are digested
+ * ahead, all in one call: a call a page cost about twice as much as the digest itself. A digest made
+ * ahead is used only for the record the parser finds at that very place of that very input, within the
+ * push that input was given in (newInput() forgets them all: the input's buffer may be read into again).
  */
 export class PageRetainer {
   /** The digest of the last record passed to digestOf(), and the same as words (digestWords). */
@@ -72,15 +81,55 @@ export class PageRetainer {
   private readonly fillPage = Buffer.alloc(X86_PAGE_SIZE);
   private fillValue = 0;
   private readonly zeroDigest = Buffer.alloc(DIGEST_BYTES);
+  /** The input the parser reads now: only its pages are digested ahead. */
+  private input: Buffer | null = null;
+  /** Where in `input` the pages digested ahead begin, their digests, and which of them is next. */
+  private readonly aheadOffsets = new Uint32Array(AHEAD_PAGES);
+  private readonly aheadDigests = new Uint8Array(AHEAD_PAGES * DIGEST_BYTES);
+  private readonly aheadWords = digestWords(this.aheadDigests);
+  private aheadCount = 0;
+  private aheadNext = 0;
 
   constructor(readonly store: RetainedPages | null) {
     digestOne(this.fillPage, 0, X86_PAGE_SIZE, this.zeroDigest, 0);
   }
 
-  /** Computes the record's page digest into `digest`; false when its content is not in clear. */
-  digestOf(record: RamPageRecord): boolean {
+  /** The parser is about to read `bytes`: pages digested ahead in an earlier input are forgotten. */
+  newInput(bytes: Buffer): void {
+    this.input = bytes;
+    this.aheadCount = 0;
+    this.aheadNext = 0;
+  }
+
+  /**
+   * Computes the record's page digest into `digest`; false when its content is not in clear.
+   * `pagesAfter`: how many pages follow this one's data back to back (a multifd packet's), or -1 for
+   * a main channel's page, whose next records are looked for.
+   */
+  digestOf(record: RamPageRecord, pagesAfter = -1): boolean {
     if (record.kind === RecordKind.RamPage) {
-      digestOne(record.data, record.dataStart, X86_PAGE_SIZE, this.digest, 0);
+      const data = record.data;
+      const start = record.dataStart;
+      if (data === this.input && this.aheadCount > 0) {
+        // Records passed over (a page not kept) leave their digests unused; offsets only grow.
+        const offsets = this.aheadOffsets;
+        let next = this.aheadNext;
+        while (next < this.aheadCount && offsets[next] < start) next++;
+        this.aheadNext = next;
+        if (next < this.aheadCount && offsets[next] === start) {
+          const from = next * DIGEST_WORDS;
+          const words = this.digestWords;
+          const ahead = this.aheadWords;
+          words[0] = ahead[from];
+          words[1] = ahead[from + 1];
+          words[2] = ahead[from + 2];
+          words[3] = ahead[from + 3];
+          this.aheadNext = next + 1;
+          return true;
+        }
+      }
+      digestOne(data, start, X86_PAGE_SIZE, this.digest, 0);
+      if (data === this.input) this.digestAhead(data, start + X86_PAGE_SIZE, pagesAfter);
       return true;
     }
     if (record.kind === RecordKind.RamZero) {
@@ -93,6 +142,24 @@ export class PageRetainer {
       return true;
     }
     return false;
+  }
+
+  /**
+   * Digests the pages that follow from `at` in the input: `pagesAfter` pages back to back, or (-1) those
+   * of the records that seem to follow one another there.
+   */
+  private digestAhead(input: Buffer, at: number, pagesAfter: number): void {
+    const offsets = this.aheadOffsets;
+    let count = 0;
+    if (pagesAfter < 0) {
+      count = pageDataAhead(input, at, X86_PAGE_SIZE, offsets);
+    } else {
+      const most = Math.min(pagesAfter, offsets.length, Math.floor((input.length - at) / X86_PAGE_SIZE));
+      for (; count < most; count++) offsets[count] = at + count * X86_PAGE_SIZE;
+    }
+    this.aheadCount = count;
+    this.aheadNext = 0;
+    if (count > 0) digestPages(input, this.aheadOffsets, count, X86_PAGE_SIZE, this.aheadDigests, 0);
   }
 
   /** Stores the record's page (digestOf() must have been called for it) unless the store has it already. */
