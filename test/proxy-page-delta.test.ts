@@ -7,7 +7,7 @@ import { BASES_WINDOW, ReadsAhead, runsWindow } from '../src/proxy/reads-ahead';
 import { DirectPages } from '../src/store/direct-pages';
 import { MultifdMigration } from '../src/proxy/multifd-migration';
 import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, encodePageDelta, MAX_DELTA_BYTES } from '../src/proxy/page-delta';
-import { QUIET_ADDS, QUIET_SAMPLE, RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceKey } from '../src/proxy/resemblance-cache';
+import { QUIET_ADDS, QUIET_SAMPLE, RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceKey, ResemblanceWorth, WORTH_OFF_PAGES, WORTH_WINDOW_PAGES } from '../src/proxy/resemblance-cache';
 import { pageBuffers, ReusedBuffers } from '../src/proxy/reused-buffers';
 import { digestOne, digestWords, newDigestBuffer } from '../src/digest';
 import { PageStore } from '../src/store';
@@ -100,7 +100,7 @@ const LAYOUT: [string, number][] = [
  * `multifdChannels`: the encoder is given a MultifdMigration, as a sending gateway's always is, expecting
  * that many channels (none join here).
  */
-function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void, readsFree = true, multifdChannels?: number, receiverReadsAhead = false) {
+function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void, readsFree = true, multifdChannels?: number, receiverReadsAhead = false, wanBytesPerSecond = -1) {
   let wan = 0;
   const out: Buffer[] = [];
   const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), receiver);
@@ -127,6 +127,7 @@ function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas:
       encoder.deltas = deltas;
       encoder.deltaReadsFree = readsFree;
       encoder.receiverReadsAhead = receiverReadsAhead;
+      encoder.resemblanceWorth.observeWanRate(wanBytesPerSecond);
       if (multifdChannels !== undefined) {
         encoder.multifd = new MultifdMigration(sender, multifdChannels);
         encoder.multifd.begin(layout);
@@ -302,6 +303,30 @@ describe('Delta frames between an encoder and a decoder', () => {
     expect(plain.wan - leg.wan).toBeGreaterThan(0.9 * copies.length * PAGE);
   });
 
+  test('on a fast link the resemblance cache turns off once a window of pages kept saved less WAN time than it cost; on a slow one it stays', () => {
+    // Pages alike early on (in the first window of pages kept) and late (after it); zero pages make none.
+    const memory = guestMemory([['pc.ram', 9000]], 12);
+    const early = copiesWithHeaders(memory, 100, 400, 100);
+    const late = copiesWithHeaders(memory, 6000, 8700, 200);
+    expect(early.length).toBeGreaterThan(50);
+    expect(late.length).toBeGreaterThan(100);
+    const stream = migrationStream(memory, []);
+    const legAt = (bytesPerSecond: number, dir: string) => migrate(stream, PageStore.open(path.join(root, `${dir}a`), 'vm'), PageStore.open(path.join(root, `${dir}b`), 'vm'), true, undefined, true, undefined, false, bytesPerSecond);
+    // 1 Gbit/s: the early Deltas saved about 3 ms of WAN time, keeping 4096 pages and making them cost
+    // about 5 ms: the cache goes off for the rest of this guest, and the late pages alike go whole.
+    const fast = legAt(125e6, 'fast');
+    expect(fast.rebuilt.equals(stream)).toBe(true);
+    expect(fast.encoder.resemblanceWorth.on).toBe(false);
+    expect(fast.encoder.counts.pagesDelta).toBeGreaterThanOrEqual(early.length);
+    expect(fast.encoder.counts.pagesDelta).toBeLessThan(early.length + late.length / 4);
+    // 100 Mbit/s: the same Deltas saved ten times the WAN time; the pages alike go as Deltas.
+    const slow = legAt(12.5e6, 'slow');
+    expect(slow.rebuilt.equals(stream)).toBe(true);
+    expect(slow.encoder.resemblanceWorth.on).toBe(true);
+    expect(slow.encoder.counts.pagesDelta).toBeGreaterThan(early.length + 0.9 * late.length);
+    expect(fast.wan - slow.wan).toBeGreaterThan(0.9 * late.length * PAGE);
+  });
+
   test('with multifd channels, a page like another goes whole: a channel could change the base at the receiver first', () => {
     const memory = guestMemory(LAYOUT, 10);
     const copies = copiesOf(memory);
@@ -445,6 +470,35 @@ describe('Delta frames between an encoder and a decoder', () => {
 });
 
 describe('resemblance keys and index', () => {
+  /** A window of WORTH_WINDOW_PAGES pages kept, with `deltas` Deltas each `saved` bytes under a page. */
+  const windowOf = (worth: ResemblanceWorth, deltas: number, saved: number): void => {
+    for (let i = 0; i < deltas; i++) worth.delta(saved);
+    for (let i = 0; i < WORTH_WINDOW_PAGES; i++) worth.pageKept();
+  };
+
+  test('the cache pays while its Deltas save more WAN time than keeping pages and making Deltas costs', () => {
+    const worth = new ResemblanceWorth();
+    // Until the WAN's rate is known, every window pays.
+    windowOf(worth, 0, 0);
+    expect(worth.on).toBe(true);
+    // 1 Gbit/s, 600 Deltas saving 3.5 KB each (a guest of files): 16.8 ms saved against 9.3 ms.
+    worth.observeWanRate(125e6);
+    windowOf(worth, 600, 3500);
+    expect(worth.on).toBe(true);
+    // 1 Gbit/s, 100 Deltas saving 3.3 KB each (pseudo-random pages): 2.6 ms saved against 5.3 ms.
+    windowOf(worth, 100, 3300);
+    expect(worth.on).toBe(false);
+    // Off for WORTH_OFF_PAGES candidate pages, then tried again.
+    for (let i = 0; i < WORTH_OFF_PAGES - 1; i++) worth.passedOver();
+    expect(worth.on).toBe(false);
+    worth.passedOver();
+    expect(worth.on).toBe(true);
+    // 100 Mbit/s: the same window saves 26 ms, and pays.
+    worth.observeWanRate(12.5e6);
+    windowOf(worth, 100, 3300);
+    expect(worth.on).toBe(true);
+  });
+
   test('pages alike in their sample share a key; a sample of one repeated word names nothing', () => {
     const next = lcg(21);
     const page = randomPage(next);

@@ -411,6 +411,7 @@ export class SendSession {
     this.wanRate.observe(this.life.wanOut - this.peer.writableLength, performance.now());
     const policy = this.literals?.policy;
     policy?.observeWanRate(this.wanRate.bytesPerSecond);
+    this.encoder.resemblanceWorth.observeWanRate(this.wanRate.bytesPerSecond);
     this.encoder.deltaReadsFree = this.options.deltas === 'always' || ((policy?.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
     this.encoder.receiverReadsAhead = this.receiverReadsAhead && (policy?.savingPays ?? true) && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);
     // Every frame this chunk produces leaves in one writev.

@@ -5,7 +5,7 @@ import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord 
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
 import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { ContentIndex } from './content-index';
-import { resemblanceKey, ResemblanceCache } from './resemblance-cache';
+import { resemblanceKey, ResemblanceCache, ResemblanceWorth } from './resemblance-cache';
 import type { SiblingMatch } from './sibling-match';
 import { HeldInput } from './held-input';
 import { Claim, type MultifdMigration } from './multifd-migration';
@@ -149,6 +149,8 @@ export class StreamEncoder {
   private pageKey = 0;
   /** Deltas against a page like it: a cheap miss (no read), but a miss all the same. */
   private readonly resemblanceTries = new MissBackoff();
+  /** Whether the resemblance cache pays for itself (the session tells it the WAN's rate). */
+  readonly resemblanceWorth = new ResemblanceWorth();
   /** The reference the content index was built over. */
   private indexed: Uint32Array | null = null;
   readonly counts: TransferCounts = newCounts();
@@ -380,8 +382,11 @@ export class StreamEncoder {
     // Resemblance is looked for within the main channel's stream only (a multifd channel could change a
     // base at the receiver between this side's look at it and the Delta's arrival), and only while the
     // receiver's reads pay: a delta against another page costs the receiver a read, and keeping the pages
-    // sent in the cache a copy of each.
-    this.pageKey = nameable && !held && this.deltas && this.receiverReadsPay && (this.multifd === null || this.multifd.mainOnly) ? resemblanceKey(record.data, record.dataStart) : 0;
+    // sent in the cache a copy of each; and only while the cache pays for itself (ResemblanceWorth).
+    const resembles = nameable && !held && this.deltas && this.receiverReadsPay && (this.multifd === null || this.multifd.mainOnly);
+    const worth = this.resemblanceWorth;
+    if (resembles && !worth.on) worth.passedOver();
+    this.pageKey = resembles && worth.on ? resemblanceKey(record.data, record.dataStart) : 0;
     if (record.kind === RecordKind.RamZero) {
       this.counts.pagesZero++;
       this.addToRun(false, record);
@@ -410,6 +415,7 @@ export class StreamEncoder {
     if (this.pageKey !== 0 && known && this.layout !== null) {
       this.resemblance ??= new ResemblanceCache(this.layout.pageCount, X86_PAGE_SIZE);
       this.resemblance.add(this.pageKey, record.pageIndex, record.data, record.dataStart, retainer.digestWords, 0);
+      this.resemblanceWorth.pageKept();
     }
   }
 
@@ -467,6 +473,7 @@ export class StreamEncoder {
       return false;
     }
     this.resemblanceTries.hit();
+    this.resemblanceWorth.delta(X86_PAGE_SIZE - DELTA_HEADER_BYTES - length);
     this.emitDelta(page, base, cache.digests, entry * DIGEST_BYTES, length, -1);
     this.counts.pagesDelta++;
     return true;

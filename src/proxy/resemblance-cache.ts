@@ -43,6 +43,69 @@ export const QUIET_SAMPLE = 16;
 /** Most pages a ResemblanceCache keeps: 32 MiB of page content. */
 export const RESEMBLANCE_CACHE_PAGES = 8192;
 
+/** Pages kept in the cache after which its worth is judged. */
+export const WORTH_WINDOW_PAGES = 4096;
+/** Candidate pages the cache then stays off for when it did not pay (64 MiB of pages), before it is tried again. */
+export const WORTH_OFF_PAGES = 16384;
+/**
+ * What keeping a page costs the two gateways, in seconds: its key and its copy into this cache at the
+ * sender, its copy into RecentPages at the receiver (0.15, 0.4 and 0.55 µs in a profile of a 1 Gbit/s
+ * first leg, docs/benchmarks.md, "Eleventh session").
+ */
+const KEEP_SECONDS = 1.1e-6;
+/** What a Delta against a page alike costs the two gateways, in seconds: the encode here, the rebuild and its digest there. */
+const DELTA_SECONDS = 8e-6;
+
+/**
+ * Whether the resemblance cache pays for itself: the WAN time its Deltas saved (bytes saved at the rate
+ * the WAN was last measured to take them) against what keeping the pages and making the Deltas cost
+ * both gateways, judged every WORTH_WINDOW_PAGES pages kept. A window that did not pay turns the cache
+ * off for WORTH_OFF_PAGES candidate pages, then it is tried again. While zstd compresses, a page alike
+ * one sent shortly before compresses against it anyway: on a guest of pseudo-random pages at 1 Gbit/s
+ * the cache's 1,100 Deltas a leg saved no WAN byte and cost both gateways CPU; on a guest of files its
+ * 2,600–6,500 saved about 7 MB (docs/benchmarks.md, "Eleventh session"). Until the WAN's rate is
+ * known every window pays. No clock of its own: the costs are the profile's.
+ */
+export class ResemblanceWorth {
+  private kept = 0;
+  private deltas = 0;
+  private savedBytes = 0;
+  private offLeft = 0;
+  /** Bytes a second the WAN was last measured to take (-1: not measured yet). */
+  private wanBytesPerSecond = -1;
+
+  /** Whether pages are kept and looked for now. */
+  get on(): boolean {
+    return this.offLeft === 0;
+  }
+
+  observeWanRate(bytesPerSecond: number): void {
+    this.wanBytesPerSecond = bytesPerSecond;
+  }
+
+  /** A page that could have been kept went by while the cache is off. */
+  passedOver(): void {
+    if (this.offLeft > 0) this.offLeft--;
+  }
+
+  /** A Delta against a page alike was sent, `savedBytes` fewer than the page. */
+  delta(savedBytes: number): void {
+    this.deltas++;
+    this.savedBytes += savedBytes;
+  }
+
+  /** A page was kept; every WORTH_WINDOW_PAGES of them the window is judged. */
+  pageKept(): void {
+    if (++this.kept < WORTH_WINDOW_PAGES) return;
+    const rate = this.wanBytesPerSecond;
+    const pays = rate <= 0 || this.savedBytes / rate >= this.kept * KEEP_SECONDS + this.deltas * DELTA_SECONDS;
+    if (!pays) this.offLeft = WORTH_OFF_PAGES;
+    this.kept = 0;
+    this.deltas = 0;
+    this.savedBytes = 0;
+  }
+}
+
 /**
  * Pages sent lately, by resemblance key: the bases a page like one of them is given as a Delta against,
  * with no store read at the sender (a random read costs about as much as the page takes to cross a
