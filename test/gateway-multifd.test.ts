@@ -6,7 +6,7 @@
  */
 import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
-import { startPair, stopPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
+import { refusals, startPair, stopPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
 import { guestMemory, migrationStream, PAGE, streamStart } from '../src/lab/harness/migration-stream';
 import { multifdMigration, multifdPacket, type MultifdFormat } from '../src/lab/harness/multifd-stream';
 import { restoreSnapshot } from '../src/cli/restore';
@@ -14,9 +14,10 @@ import { ChannelsDestination, type ReceivedChannel, sourceChannel } from '../src
 import { checkStores, claimedSnapshot } from '../src/lab/harness/stores';
 import { MULTIFD_INIT_BYTES, MULTIFD_MAGIC } from '../src/qemu/multifd';
 import { PageStore } from '../src/store';
+import { slowSyncs } from './slow-syncs';
 import { suiteTempDir } from './temp-dir';
 
-const LIMITS = 'limits:\n  handshakeSeconds: 2\n  maxChannels: 4\n';
+const LIMITS = 'limits:\n  handshakeSeconds: 4\n  maxChannels: 4\n';
 const BLOCKS: [string, number][] = [['pc.ram', 256]];
 
 async function report(gateway: Gateway, count: number): Promise<MigrationReport> {
@@ -214,6 +215,34 @@ describe('multifd channels through a gateway pair', () => {
       await expect(restoreSnapshot(site.data, 'vm1', { host: '127.0.0.1', port: 9 })).rejects.toThrow(
         new RegExp(`last migration \\(${site === a ? 'sent' : 'received'} .*\\) completed without this store keeping its snapshot .*snapshot ${kept} is older than the VM`),
       );
+    }
+  });
+
+  test('a multifd migration begun while the last one of its VM still settles its stores: its channels join the new migration, not the one settling', async () => {
+    // Each store's sync before its commit takes 600 ms more: the first migration is still ending (the
+    // receiving gateway syncs before its Done, the sending one awaits that Done, then syncs) while the
+    // second one's channels arrive.
+    const syncs = slowSyncs(600);
+    try {
+      const memory = guestMemory(BLOCKS, 5);
+      const all = memory.pages.map((_, i) => i);
+      const first = multifdRun('qemu-10.0', [all], () => memory.pages);
+      const changed = memory.pages.map((p, i) => (i % 7 === 0 ? Buffer.alloc(PAGE, i & 0xff) : p));
+      const second = multifdRun('qemu-10.0', [all], () => changed);
+      expectRebuilt(await migrate(a, b, first, true), first);
+      // The destination has every channel; the first migration has not ended on the sending gateway.
+      expect(a.gateway.history).toHaveLength(0);
+      expect(syncs.running).toBeGreaterThan(0);
+      expectRebuilt(await migrate(a, b, second, true), second);
+      const reports = [await report(a.gateway, 2), await report(b.gateway, 2)];
+      expect(reports).toMatchObject([{ result: 'completed' }, { result: 'completed' }]);
+      expect(reports[1].snapshotId).toBe(reports[0].snapshotId);
+      expect([...a.gateway.history, ...b.gateway.history].map((r) => r.result)).toEqual(Array(4).fill('completed'));
+      for (const site of [a, b]) expect(refusals(site)).toEqual([]);
+      expect(pagesDiffering(a, changed)).toEqual([]);
+      expect(pagesDiffering(b, changed)).toEqual([]);
+    } finally {
+      jest.restoreAllMocks();
     }
   });
 

@@ -22,6 +22,7 @@ import { ReceiveSession } from './receive';
 import { SendSession } from './send';
 import { StoreSpace } from './store-space';
 import { errorMessage } from '../common/errors';
+import { VmClaims } from './vm-claims';
 import { type Direction, type MigrationReport, type ProgressTick, type SessionObserver } from './session';
 import { peerVmError } from './security-config';
 import { certificateNames, PeerTransport, peerNameOf, peerNamesOf } from './transport';
@@ -46,7 +47,8 @@ interface Totals {
 export class Gateway implements SessionObserver {
   private readonly servers: Server[] = [];
   private readonly sessions = new Set<{ done: Promise<void>; socket: Socket }>();
-  private readonly busy = new Set<string>();
+  /** VMs migrating through this gateway now, in either direction. */
+  private readonly claims = new VmClaims();
   private readonly totals = new Map<string, Totals>();
   /** Addresses actually bound, by role: "peer", "metrics", "route:<vm>". */
   readonly bound = new Map<string, Endpoint>();
@@ -210,6 +212,8 @@ export class Gateway implements SessionObserver {
       return;
     }
     const channel = awaitChannelHead(socket).then(async (head) => {
+      // A new migration of a VM whose last one is ending (its stream over, its stores settling) waits for it.
+      if (head.kind === 'main') await this.claims.whenFree(vm, this.mainWait());
       if (head.kind === 'main' || head.kind === 'encrypted') return { head, group: null };
       // A whole multifd initial packet says what it is: QEMU may open all its channels before the main
       // channel's first bytes come, and they must not fill the pending pools meanwhile (awaitGroup bounds them).
@@ -228,8 +232,8 @@ export class Gateway implements SessionObserver {
         return;
       }
       this.gate.identified(socket);
-      if (this.busy.has(vm)) throw new Refusal('busy', `VM ${vm} is already migrating through this gateway`);
-      this.busy.add(vm);
+      if (this.claims.has(vm)) throw new Refusal('busy', `VM ${vm} is already migrating through this gateway`);
+      this.claims.add(vm);
       const migration = randomUUID();
       const session = new SendSession(socket, {
         site: this.config.name,
@@ -246,7 +250,7 @@ export class Gateway implements SessionObserver {
         migration,
         openGroup: (main) => this.sending.open(vm, { migration, vm, target: formatEndpoint(route.target), origin: remote, main, event: this.groupEvent(vm, 'send'), graceMs: limits.idleSeconds * 1000 }),
       });
-      this.track(session.done, session.qemu, () => this.busy.delete(vm));
+      this.track(session.done, session.qemu, () => this.claims.delete(vm));
     });
   }
 
@@ -311,7 +315,7 @@ export class Gateway implements SessionObserver {
         targetAllowed: (target) => targetAllowed(this.config, target),
         vmRefused: (vm) => peerVmError(this.config.peerVms, peerNames, vm),
         identified: () => this.gate.identified(raw),
-        busy: this.busy,
+        claims: this.claims,
         handshakeDeadline: deadline,
         idleMs: limits.idleSeconds * 1000,
         maxFrameBytes: limits.maxFrameBytes,
@@ -487,6 +491,10 @@ export class Gateway implements SessionObserver {
     if (!outcome.logDue) return;
     const s = this.live.status(vm, direction);
     if (s) this.log.info(s, 'migration progress');
+  }
+
+  settling(vm: string, settled: Promise<void>): void {
+    this.claims.settling(vm, settled);
   }
 
   finished(report: MigrationReport): void {

@@ -161,12 +161,28 @@ export class ChannelGroup {
     return this.state === 'starting' || this.state === 'ready';
   }
 
+  /** Whether a channel may still join: open, and its main channel's stream not over yet. */
+  get joinable(): boolean {
+    return this.open && !this.joinsEnded;
+  }
+
+  /**
+   * The main channel's stream is over (the sender sent End, naming the channels joined): a channel that
+   * comes now belongs to the VM's next migration, which may begin while this one settles, and must wait
+   * for that one's group (a sending gateway finds groups by VM).
+   */
+  endJoins(): void {
+    this.joinsEnded = true;
+  }
+
+  private joinsEnded = false;
+
   /**
    * Takes `channel` into the group, or throws the Refusal that says why not. `uuid`: a multifd
    * channel's VM UUID (sending side; the receiving side trusts its authenticated peer's sender).
    */
   join(channel: ChannelName, remote: string, uuid: string | null, relay: ExtraChannel): void {
-    if (!this.open) throw new Refusal('no-migration', `the migration of VM ${this.vm} has ended`);
+    if (!this.joinable) throw new Refusal('no-migration', `the migration of VM ${this.vm} has ended`);
     if (remote !== this.origin) throw new Refusal('channel-mismatch', `a channel from ${remote}, but the migration's main channel came from ${this.origin}`);
     if (channel.kind === 'encrypted') {
       if (this.extras.size > 0) throw new Refusal('duplicate-channel', 'a second connection in an encrypted tunnel');
@@ -277,10 +293,10 @@ export class MigrationChannels {
     return group;
   }
 
-  /** The group open under `key` now, if any. */
+  /** The group under `key` that channels may join now, if any. */
   find(key: string): ChannelGroup | null {
     const group = this.groups.get(key);
-    return group?.open ? group : null;
+    return group?.joinable ? group : null;
   }
 
   /**

@@ -48,9 +48,15 @@ import { DestinationWriter } from './destination-writer';
 import { decodePayload, ProtocolViolation, refusalReason } from './protocol-violation';
 import type { ChannelGroup, MainChannel } from './migration-channels';
 import { PinnedSiblings } from './siblings';
+import type { VmClaims } from './vm-claims';
 
 /** The digest table is queued for the peer no further ahead than this. */
 const TABLE_QUEUE_BYTES = 2 * 1024 * 1024;
+/**
+ * A Hello waiting for the last migration of its VM to settle gives up this long before the handshake's
+ * deadline: refused as 'busy', saying why, rather than as a handshake that never finished.
+ */
+const SETTLE_WAIT_MARGIN_MS = 500;
 
 type ReceivePhase = 'awaiting-hello' | 'dialling' | 'streaming' | 'committing' | 'completed' | 'failed' | 'refused';
 
@@ -75,7 +81,7 @@ export interface ReceiveOptions {
   /** The Hello was accepted: the connection has said who it is (it leaves the gateway's pending pool). */
   identified: () => void;
   /** VMs migrating through this gateway now, in either direction: one migration per VM at a time. */
-  busy: Set<string>;
+  claims: VmClaims;
   /** When (Date.now() time) a valid Hello must have arrived: the connection was accepted before. */
   handshakeDeadline: number;
   /** A migration whose connections move no byte this long fails. */
@@ -102,6 +108,8 @@ export interface ReceiveOptions {
  */
 export class ReceiveSession {
   private phase: ReceivePhase = 'awaiting-hello';
+  /** The Hello was taken and waits for the last migration of its VM to settle (see VmClaims). */
+  private helloWaits = false;
   private readonly life: SessionLifecycle;
   private readonly frames: FrameParser;
   /** From the accepted Hello on. */
@@ -277,7 +285,7 @@ export class ReceiveSession {
   }
 
   private onHello(payload: Buffer): void {
-    if (this.phase !== 'awaiting-hello') throw new ProtocolViolation('unexpected-frame', 'a second Hello');
+    if (this.phase !== 'awaiting-hello' || this.helloWaits) throw new ProtocolViolation('unexpected-frame', 'a second Hello');
     const hello = decodePayload(decodeHello, payload);
     if (hello.protocol !== PROTOCOL_VERSION && hello.protocol !== SINGLE_CHANNEL_PROTOCOL) {
       throw new Refusal('protocol', `protocol ${hello.protocol}; this gateway speaks ${SINGLE_CHANNEL_PROTOCOL} and ${PROTOCOL_VERSION}`);
@@ -298,10 +306,35 @@ export class ReceiveSession {
     if (!this.options.targetAllowed(target)) throw new Refusal('target-not-allowed', `destination ${hello.target} is not in allowTargets`);
     const vmRefused = this.options.vmRefused(vm);
     if (vmRefused !== null) throw new Refusal('vm-not-allowed', vmRefused);
-    if (this.options.busy.has(vm)) throw new Refusal('busy', `VM ${vm} is already migrating through this gateway`);
+    if (this.options.claims.has(vm)) {
+      // A migration of this VM whose stream is over may still be ending (its stores settling): this one
+      // waits for it, short of the handshake's deadline, and takes nothing meanwhile (a second Hello is refused).
+      this.helloWaits = true;
+      void this.options.claims.whenFree(vm, this.options.handshakeDeadline - SETTLE_WAIT_MARGIN_MS).then(
+        () => this.guardHello(() => this.acceptHello(hello, vm, target)),
+        (err: unknown) => this.fail(errorMessage(err), refusalReason(err)),
+      );
+      return;
+    }
+    this.acceptHello(hello, vm, target);
+  }
+
+  /** Runs a step of the Hello taken after a wait: what it throws ends the session as a frame's would. */
+  private guardHello(step: () => void): void {
+    if (this.over) return;
+    try {
+      step();
+    } catch (err) {
+      this.framesFailed(err);
+    }
+  }
+
+  /** The Hello names a VM no migration holds here now: the migration begins. */
+  private acceptHello(hello: HelloMessage, vm: string, target: Endpoint): void {
+    if (this.options.claims.has(vm)) throw new Refusal('busy', `VM ${vm} is already migrating through this gateway`);
     // Accepted: from here on this is a migration of a valid VM name, reported as one.
     this.life.vm = vm;
-    this.options.busy.add(vm);
+    this.options.claims.add(vm);
     this.transition('dialling');
     this.options.identified();
     clearTimeout(this.handshakeTimer);
@@ -365,7 +398,7 @@ export class ReceiveSession {
   /** Pins the siblings the Hello names that this site holds at the same snapshot (see siblings.ts). */
   private pinSiblings(named: NonNullable<HelloMessage['siblings']>): void {
     const note = (message: string, fields: Record<string, unknown>): void => this.life.event(message, fields);
-    this.siblings = new PinnedSiblings(named, this.options.storeRoot, (vm) => this.options.vmRefused(vm) === null, this.options.busy, note);
+    this.siblings = new PinnedSiblings(named, this.options.storeRoot, (vm) => this.options.vmRefused(vm) === null, this.options.claims, note);
     this.life.event('siblings confirmed', { siblings: this.siblings.names });
   }
 
@@ -449,6 +482,7 @@ export class ReceiveSession {
     if (this.over) return;
     destination.end(() => {
       if (this.over) return;
+      this.options.observer.settling(this.life.vm, this.life.done);
       void this.life.syncStoreInBackground().then(() => {
         // A failure while the pages were synced (the peer gone, the idle limit) rolled the store back.
         if (this.over) return;
@@ -510,7 +544,7 @@ export class ReceiveSession {
   private finish(result: 'completed' | 'failed', error: string | null, snapshotId: string | null): void {
     this.transition(result);
     clearTimeout(this.handshakeTimer);
-    this.options.busy.delete(this.life.vm);
+    this.options.claims.delete(this.life.vm);
     this.siblings?.release(this.decoder?.damagedSiblings ?? [], (message, fields) => this.life.event(message, fields));
     const decoder = this.decoder;
     this.life.report(decoder, {

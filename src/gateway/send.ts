@@ -484,6 +484,11 @@ export class SendSession {
     this.writeFrame(encodeJson(FrameType.End, { streamBytes: encoder.sentBytes, streamCheck: encoder.streamCheck, snapshotId: this.snapshotId, channels: this.group.joined }));
     this.transition('awaiting-done');
     this.life.event('source stream ended', { streamBytes: encoder.counts.streamBytes });
+    // Its source has sent it all and may see it complete before the receiver's Done (that waits for the
+    // far store's commit): a migration of the VM begun meanwhile waits for this one to end, and its
+    // channels for that migration's group.
+    this.group.endJoins();
+    this.options.observer.settling(this.life.vm, this.life.done);
   }
 
   private resumeSource(): void {

@@ -66,6 +66,12 @@ export interface SessionObserver {
   idleTimeout(vm: string, direction: Direction): void;
   /** Cumulative totals so far (about once a second and at the end). */
   progress(vm: string, direction: Direction, tick: ProgressTick): void;
+  /**
+   * The VM's migration is over as its source may see it (a sender sent End; a receiver handed the
+   * destination every byte) and only ends now (the receiver's commit, the stores' sync): `settled`
+   * resolves once it has ended, either way, and let the VM go. Meanwhile a new migration of the VM waits.
+   */
+  settling(vm: string, settled: Promise<void>): void;
   finished(report: MigrationReport): void;
   /** Whether this migration may write the VM's store: false while a full filesystem keeps retention off. */
   retains(vm: string, direction: Direction): boolean;

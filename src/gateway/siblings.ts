@@ -6,6 +6,7 @@
  * snapshots in its Hello; the receiver pins those it holds at the same snapshot and confirms them in
  * its Offer. A peer of the previous release neither names nor confirms any: no references, no harm.
  */
+import type { VmClaims } from './vm-claims';
 import type { SiblingPages } from '../proxy/decoder';
 import { SiblingMatch } from '../proxy/sibling-match';
 import type { PageStore } from '../store';
@@ -57,19 +58,19 @@ export class PinnedSiblings {
 
   /**
    * Pins each named sibling this peer may migrate here (`allowed`), not migrating through this gateway
-   * (`busy`, which then holds it until release()) and whose store claims the named snapshot and is not
+   * (`claims`, which then holds it until release()) and whose store claims the named snapshot and is not
    * in use (its lock, against other processes). Others are passed over.
    */
   constructor(
     named: readonly SiblingSnapshot[],
     storeRoot: string,
     allowed: (vm: string) => boolean,
-    private readonly busy: Set<string>,
+    private readonly claims: Pick<VmClaims, 'has' | 'add' | 'delete'>,
     note: Note,
   ) {
     for (const { vm, snapshotId } of named.slice(0, MAX_SIBLINGS)) {
-      if (busy.has(vm) || !allowed(vm) || this.stores.some((s) => s.vm === vm)) {
-        note('sibling not used', { sibling: peerText(vm), why: busy.has(vm) ? 'migrating' : 'not allowed or named twice' });
+      if (claims.has(vm) || !allowed(vm) || this.stores.some((s) => s.vm === vm)) {
+        note('sibling not used', { sibling: peerText(vm), why: claims.has(vm) ? 'migrating' : 'not allowed or named twice' });
         continue;
       }
       const store = openRetainedSnapshot(storeRoot, vm, snapshotId);
@@ -77,7 +78,7 @@ export class PinnedSiblings {
         note('sibling not used', { sibling: peerText(vm), why: peerText(store) });
         continue;
       }
-      busy.add(vm);
+      claims.add(vm);
       this.opened.push(store);
       this.stores.push(store);
     }
@@ -94,7 +95,7 @@ export class PinnedSiblings {
    */
   release(damaged: readonly SiblingPages[], note: Note): void {
     for (const store of this.opened.splice(0)) {
-      this.busy.delete(store.vm);
+      this.claims.delete(store.vm);
       try {
         if (damaged.includes(store)) note('sibling store verified after a damaged page', { sibling: store.vm, damagedPages: store.verify().length });
         store.close();
