@@ -173,6 +173,9 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
     return site.gateway.reports.slice(count);
   }
 
+  /** The last lines `site`'s gateway logged, for a failure's message. */
+  const logTail = (site: Site): string => [`${site.name}:`, ...site.gateway.logLines.slice(-12)].join('\n');
+
   /** A destination QEMU at `site`, waiting for the stream. */
   async function destinationAt(site: Site, label: string): Promise<QemuVm> {
     const dest = rowVm({ ...options, name: `${label}-at-${site.name}`, incoming: `tcp:127.0.0.1:${site.qemuPort}` });
@@ -334,6 +337,8 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
     const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
     let cut = 0;
     const destination = await failingMigration(async () => {
+      // What QEMU counts as sent may still sit in socket buffers before the gateway has dialled its peer.
+      await waitUntil('the main channel\'s WAN connection', () => there().link.stats().active === 1);
       cut = await there().link.cut();
     });
     expect(cut).toBe(1);
@@ -419,9 +424,14 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
     await vm.setMigrationParameters(channels);
     vm.setMaxBandwidth(SLOW);
     await vm.migrate(`tcp:127.0.0.1:${here.routePort}`);
-    await waitUntil('the migration to get under way', async () => ((await vm.queryMigrate()).ram?.transferred ?? 0) >= 8 * 1024 * 1024);
-    // The main channel and its 4 multifd channels, one WAN connection each; the last one opened is a channel.
-    expect(to.link.stats().active).toBe(5);
+    // Under way on every channel: the main channel and its 4 multifd channels, one WAN connection each.
+    // Bytes sent alone do not say so: a channel dials the peer only once the main channel's peer has
+    // offered, and until then QEMU's writes to it fill the sockets' buffers, counted as transferred.
+    await waitUntil(
+      () => `the migration to get under way on all 5 WAN connections (${to.link.stats().active} open); the gateways' last log lines:\n${[here, to].map(logTail).join('\n')}`,
+      async () => to.link.stats().active === 5 && ((await vm.queryMigrate()).ram?.transferred ?? 0) >= 8 * 1024 * 1024,
+    );
+    // The last one opened is a channel.
     expect(await to.link.cutNewest()).toBe(1);
     const destination = await expectCleanFailure(dest);
     await vm.setMigrationCapabilities({ multifd: false });
