@@ -10,7 +10,7 @@ import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
 import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
 import { freePort } from '../src/lab/vm/ports';
 import { disposeAllVms, QemuVm } from '../src/lab/vm/qemu-vm';
-import { qemuBinary, qemuInstalled } from '../src/lab/vm/qemu-releases';
+import { steadiestQemu } from '../src/lab/vm/qemu-releases';
 import { onPath, requireInCi } from './mounts';
 import { eventually } from './eventually';
 import { PrometheusServer } from './prometheus-server';
@@ -23,7 +23,8 @@ const VERIFIED = /WORKLOAD VERIFY OK round=\d+ pages=\d+/;
  * QEMU 7.2's software emulation now and then panics a guest right after it resumes (README, "Known
  * problem"; seen here once in CI, on the first leg's destination).
  */
-const QEMU = qemuInstalled('10.0') ? { machine: 'pc-i440fx-10.0', qemuBinary: qemuBinary('10.0') } : { machine: 'pc-i440fx-7.2' };
+const { machine, qemuBinary } = steadiestQemu();
+const QEMU = { machine, qemuBinary };
 
 /** A site: its gateway (with its log lines), the port its source QEMU migrates to, the port its destination QEMU listens on. */
 type Site = Pick<LoggedGateway, 'gateway' | 'logs'> & { name: string; routePort: number; qemuPort: number };
