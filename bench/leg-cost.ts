@@ -10,6 +10,7 @@
  *       [--qemu 10.0] [--machine pc-i440fx-10.0] [--out FILE.json]
  *       [--uncompressed]           also through bfmig with `compression: off` (deltas auto): path
  *                                  'bfmig-uncompressed', which splits bfmig's cost between the two
+ *       [--multifd N]              every leg with QEMU's multifd on, N channels (each path carries them)
  *
  * Per content, path and leg: WAN bytes, QEMU's total time, migrate → running at the destination, and
  * each gateway's (or relay's) CPU seconds per GiB of QEMU stream (its process's /proc counters), with the
@@ -87,7 +88,7 @@ async function main(): Promise<void> {
   const text = { type: 'string' } as const;
   const { values: args } = parseArgs({
     args: process.argv.slice(2),
-    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, uncompressed: { type: 'boolean' } },
+    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, multifd: text, uncompressed: { type: 'boolean' } },
     strict: true,
   });
   const runs = Number(args.runs ?? 2);
@@ -98,6 +99,9 @@ async function main(): Promise<void> {
   const release = args.qemu ?? '10.0';
   if (!(QEMU_RELEASES as readonly string[]).includes(release)) throw new Error(`--qemu takes ${QEMU_RELEASES.join(' or ')}`);
   const machine = args.machine ?? `pc-i440fx-${release}`;
+  const channels = args.multifd === undefined ? 0 : Number(args.multifd);
+  if (!Number.isInteger(channels) || channels < 0) throw new Error('--multifd takes a number of channels');
+  const multifd = channels > 0 ? { capabilities: { multifd: true }, parameters: { 'multifd-channels': channels } } : {};
   const scribbleMatch = /^(\d+):(\d+)$/.exec(args['scribble-files'] ?? '64:500');
   if (!scribbleMatch) throw new Error('--scribble-files takes BYTES:PER_SECOND');
   const results: BenchResults = { host: { cpu: '', cores: 0, node: process.version, qemu: release, accel: process.env.BFMIG_QEMU_ACCEL ?? 'auto', kernel: '' }, downtimeLimitMs: 500, started: new Date().toISOString(), runs: [] };
@@ -107,7 +111,7 @@ async function main(): Promise<void> {
     for (const content of contents) {
       if (content !== 'files' && content !== 'random') throw new Error('--contents takes files and/or random');
       const scribble = content === 'files' ? { bytes: Number(scribbleMatch[1]), perSecond: Number(scribbleMatch[2]) } : undefined;
-      console.log(`\n== run ${run}/${runs}: ${content}, ${mbit} Mbit/s, ${delayMs} ms, QEMU ${release} ==`);
+      console.log(`\n== run ${run}/${runs}: ${content}, ${mbit} Mbit/s, ${delayMs} ms, QEMU ${release}${channels > 0 ? `, multifd ${channels} channels` : ''} ==`);
       const legResults = await runBackForth({
         legs,
         memMiB: 256,
@@ -126,6 +130,7 @@ async function main(): Promise<void> {
         qemuAt: [qemuBinary(release as QemuRelease), qemuBinary(release as QemuRelease)],
         content,
         scribble,
+        ...multifd,
       });
       ok &&= legResults.every((l) => l.verified);
       byContent.set(content, [...(byContent.get(content) ?? []), ...legResults]);

@@ -284,7 +284,10 @@ export class ChannelSender extends ChannelRelay {
     const { encoder, peer, literals } = this;
     // Nothing is read before the dial; after the destination closed the channel nobody reads on.
     if (this.ended || this.over || !encoder || !peer || !literals) return;
-    // Whether the WAN held the channel back since the last chunk (see CompressionPolicy).
+    // Whether the WAN held the channel back since the last chunk (see CompressionPolicy). The policy is
+    // given no WAN rate here, so every batch that shrinks pays: judged at the rate of all the channels
+    // together, 4-channel first legs at 1 Gbit/s compressed less and took longer (docs/benchmarks.md,
+    // "Tenth session").
     literals.policy.observeWan(peer.writableLength > 0, chunk.length);
     peer.cork();
     try {
