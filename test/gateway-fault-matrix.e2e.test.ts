@@ -37,6 +37,12 @@ const PAGE = 4096;
 /** Slow enough that a fault lands mid-migration: the guest's 64 MiB of data take some 4 s. */
 const SLOW = 16 * 1024 * 1024;
 const FAST = 4 * 1024 * 1024 * 1024;
+/**
+ * A row takes some 15 s, but one whose leg QEMU 7.2 sent broken repeats it (migrateOn): the wait for the
+ * guest, the replay of the capture and the second leg can each take a minute on a busy machine, past
+ * jest's default of two.
+ */
+jest.setTimeout(480_000);
 
 interface Site {
   name: string;
