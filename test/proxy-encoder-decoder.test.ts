@@ -6,11 +6,12 @@ import { StreamEncoder } from '../src/proxy/encoder';
 import { PageStore } from '../src/store';
 import { encodeFrame, FRAME_HEADER_BYTES, FrameParser, FrameType } from '../src/wire/frames';
 import { dirty, guestMemory, migrationStream, PAGE } from '../src/lab/harness/migration-stream';
-import { testTempDir } from './temp-dir';
+import { TestStores } from './test-stores';
 
 let root = '';
+const stores = new TestStores();
 beforeEach(() => {
-  root = testTempDir('bfmig-proxy-');
+  root = stores.dir('bfmig-proxy-');
 });
 
 type Reference = 'none' | 'shared' | 'table';
@@ -90,8 +91,8 @@ describe('encoder → decoder', () => {
   test('first leg: nothing to reuse, the stream is rebuilt byte for byte and both stores hold every page', () => {
     const memory = guestMemory(LAYOUT, 1);
     const stream = migrationStream(memory, [[5, 6, 7, 1200]]);
-    const a = PageStore.open(root, 'vm1');
-    const b = PageStore.open(path.join(root, 'b'), 'vm1');
+    const a = stores.open(root, 'vm1');
+    const b = stores.open(path.join(root, 'b'), 'vm1');
     const { rebuilt, encoder, decoder } = transfer(stream, a, b, 'none');
     expect(rebuilt.equals(stream)).toBe(true);
     expect(encoder.counts.pagesReused).toBe(0);
@@ -105,8 +106,8 @@ describe('encoder → decoder', () => {
 
   test('back legs reuse the shared snapshot: idle costs bytes, changed pages cost themselves', () => {
     const memory = guestMemory(LAYOUT, 2);
-    const a = PageStore.open(root, 'vm1');
-    const b = PageStore.open(path.join(root, 'b'), 'vm1');
+    const a = stores.open(root, 'vm1');
+    const b = stores.open(path.join(root, 'b'), 'vm1');
     const first = migrationStream(memory, [[10, 11]]);
     const leg1 = wanBytesOf(first, a, b, 'none');
     expect(leg1.rebuilt.equals(first)).toBe(true);
@@ -135,14 +136,14 @@ describe('encoder → decoder', () => {
 
   test('a receiver whose snapshot the sender lacks is matched through its digest table', () => {
     const memory = guestMemory(LAYOUT, 3);
-    const a = PageStore.open(root, 'vm1');
-    const b = PageStore.open(path.join(root, 'b'), 'vm1');
+    const a = stores.open(root, 'vm1');
+    const b = stores.open(path.join(root, 'b'), 'vm1');
     wanBytesOf(migrationStream(memory, []), a, b, 'none');
     a.commit('snap-ab');
     b.commit('snap-ab');
     dirty(memory, 0.02, 4);
     // C never saw this VM: it learns what A holds from A's digest table.
-    const c = PageStore.open(path.join(root, 'c'), 'vm1');
+    const c = stores.open(path.join(root, 'c'), 'vm1');
     const stream = migrationStream(memory, []);
     const { rebuilt, encoder } = transfer(stream, c, a, 'table', 5);
     expect(rebuilt.equals(stream)).toBe(true);
@@ -151,8 +152,8 @@ describe('encoder → decoder', () => {
 
   test('a retained page that no longer matches fails the rebuild before it is passed on', () => {
     const memory = guestMemory(LAYOUT, 4, 0);
-    const a = PageStore.open(root, 'vm1');
-    const b = PageStore.open(path.join(root, 'b'), 'vm1');
+    const a = stores.open(root, 'vm1');
+    const b = stores.open(path.join(root, 'b'), 'vm1');
     wanBytesOf(migrationStream(memory, []), a, b, 'none');
     a.commit('s');
     b.commit('s');

@@ -13,12 +13,15 @@ import { digestOne, digestWords, newDigestBuffer } from '../src/digest';
 import { PageStore } from '../src/store';
 import { FRAME_HEADER_BYTES } from '../src/wire/frames';
 import { copiesWithHeaders, dirty, guestMemory, migrationStream, PAGE, patchPages } from '../src/lab/harness/migration-stream';
-import { testTempDir } from './temp-dir';
+import { TestStores } from './test-stores';
 
 let root = '';
+const stores = new TestStores();
 beforeEach(() => {
-  root = testTempDir('bfmig-delta-');
+  root = stores.dir('bfmig-delta-');
 });
+
+const openStore = (dir: string): PageStore => stores.open(dir, 'vm');
 
 function lcg(seed: number): () => number {
   let x = seed >>> 0 || 1;
@@ -142,8 +145,8 @@ function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas:
 
 function firstLeg(seed: number) {
   const memory = guestMemory(LAYOUT, seed);
-  const a = PageStore.open(path.join(root, 'a'), 'vm');
-  const b = PageStore.open(path.join(root, 'b'), 'vm');
+  const a = openStore(path.join(root, 'a'));
+  const b = openStore(path.join(root, 'b'));
   const first = migrationStream(memory, []);
   expect(migrate(first, a, b, true).rebuilt.equals(first)).toBe(true);
   a.commit('snap-1');
@@ -224,8 +227,8 @@ describe('Delta frames between an encoder and a decoder', () => {
     const { memory, a, b } = firstLeg(6);
     dirty(memory, 0.2, 12);
     const stream = migrationStream(memory, []);
-    const aCopy = PageStore.open(path.join(root, 'a2'), 'vm');
-    const bCopy = PageStore.open(path.join(root, 'b2'), 'vm');
+    const aCopy = openStore(path.join(root, 'a2'));
+    const bCopy = openStore(path.join(root, 'b2'));
     // The same two stores once more, so the two runs start alike.
     const again = migrationStream(guestMemory(LAYOUT, 6), []);
     migrate(again, aCopy, bCopy, false);
@@ -285,8 +288,8 @@ describe('Delta frames between an encoder and a decoder', () => {
     const memory = guestMemory(LAYOUT, 10);
     const copies = copiesOf(memory);
     expect(copies.length).toBeGreaterThan(50);
-    const a = PageStore.open(path.join(root, 'a'), 'vm');
-    const b = PageStore.open(path.join(root, 'b'), 'vm');
+    const a = openStore(path.join(root, 'a'));
+    const b = openStore(path.join(root, 'b'));
     const stream = migrationStream(memory, []);
     const leg = migrate(stream, a, b, true, undefined, true, multifdChannels);
     expect(leg.rebuilt.equals(stream)).toBe(true);
@@ -298,7 +301,7 @@ describe('Delta frames between an encoder and a decoder', () => {
     b.readPages(copies[7], 1, page, 0);
     expect(page.equals(memory.pages[copies[7]])).toBe(true);
     // Without them the copies cross whole: each costs a page, as a delta well under a tenth of one.
-    const plain = migrate(stream, PageStore.open(path.join(root, 'a2'), 'vm'), PageStore.open(path.join(root, 'b2'), 'vm'), false);
+    const plain = migrate(stream, openStore(path.join(root, 'a2')), openStore(path.join(root, 'b2')), false);
     expect(plain.rebuilt.equals(stream)).toBe(true);
     expect(plain.wan - leg.wan).toBeGreaterThan(0.9 * copies.length * PAGE);
   });
@@ -311,7 +314,7 @@ describe('Delta frames between an encoder and a decoder', () => {
     expect(early.length).toBeGreaterThan(50);
     expect(late.length).toBeGreaterThan(100);
     const stream = migrationStream(memory, []);
-    const legAt = (bytesPerSecond: number, dir: string) => migrate(stream, PageStore.open(path.join(root, `${dir}a`), 'vm'), PageStore.open(path.join(root, `${dir}b`), 'vm'), true, undefined, true, undefined, false, bytesPerSecond);
+    const legAt = (bytesPerSecond: number, dir: string) => migrate(stream, openStore(path.join(root, `${dir}a`)), openStore(path.join(root, `${dir}b`)), true, undefined, true, undefined, false, bytesPerSecond);
     // 1 Gbit/s: the early Deltas saved about 3 ms of WAN time, keeping 4096 pages and making them cost
     // about 5 ms: the cache goes off for the rest of this guest, and the late pages alike go whole.
     const fast = legAt(125e6, 'fast');
@@ -331,7 +334,7 @@ describe('Delta frames between an encoder and a decoder', () => {
     const memory = guestMemory(LAYOUT, 10);
     const copies = copiesOf(memory);
     const stream = migrationStream(memory, []);
-    const leg = migrate(stream, PageStore.open(path.join(root, 'a'), 'vm'), PageStore.open(path.join(root, 'b'), 'vm'), true, undefined, true, 2);
+    const leg = migrate(stream, openStore(path.join(root, 'a')), openStore(path.join(root, 'b')), true, undefined, true, 2);
     expect(leg.rebuilt.equals(stream)).toBe(true);
     expect(leg.encoder.counts.pagesDelta).toBe(0);
     expect(leg.encoder.counts.pagesSent).toBeGreaterThanOrEqual(copies.length);
@@ -341,7 +344,7 @@ describe('Delta frames between an encoder and a decoder', () => {
     const memory = guestMemory(LAYOUT, 10);
     const copies = copiesOf(memory);
     const stream = migrationStream(memory, []);
-    const leg = migrate(stream, PageStore.open(path.join(root, 'a'), 'vm'), PageStore.open(path.join(root, 'b'), 'vm'), true, undefined, false);
+    const leg = migrate(stream, openStore(path.join(root, 'a')), openStore(path.join(root, 'b')), true, undefined, false);
     expect(leg.rebuilt.equals(stream)).toBe(true);
     expect(leg.encoder.counts.pagesDelta).toBe(0);
     expect(leg.encoder.counts.pagesSent).toBeGreaterThanOrEqual(copies.length);
@@ -370,9 +373,9 @@ describe('Delta frames between an encoder and a decoder', () => {
     const copies = copiesInterleaved(memory);
     expect(copies.length).toBeGreaterThan(50);
     const stream = migrationStream(memory, []);
-    const b = PageStore.open(path.join(root, 'b'), 'vm');
+    const b = openStore(path.join(root, 'b'));
     const loneReads = countLoneReads(b);
-    const leg = migrate(stream, PageStore.open(path.join(root, 'a'), 'vm'), b, true, undefined, false, undefined, true);
+    const leg = migrate(stream, openStore(path.join(root, 'a')), b, true, undefined, false, undefined, true);
     expect(leg.rebuilt.equals(stream)).toBe(true);
     expect(leg.encoder.counts.pagesDelta).toBeGreaterThanOrEqual(copies.length);
     expect(leg.decoder.counts.pagesDelta).toBe(leg.encoder.counts.pagesDelta);
@@ -387,9 +390,9 @@ describe('Delta frames between an encoder and a decoder', () => {
     const later = guestMemory(LAYOUT, 10);
     const farCopies = copiesOf(later);
     const laterStream = migrationStream(later, []);
-    const c = PageStore.open(path.join(root, 'c'), 'vm');
+    const c = openStore(path.join(root, 'c'));
     const cReads = countLoneReads(c);
-    const farLeg = migrate(laterStream, PageStore.open(path.join(root, 'a2'), 'vm'), c, true, undefined, false, undefined, true);
+    const farLeg = migrate(laterStream, openStore(path.join(root, 'a2')), c, true, undefined, false, undefined, true);
     expect(farLeg.rebuilt.equals(laterStream)).toBe(true);
     expect(cReads()).toBeGreaterThanOrEqual(farCopies.length);
   });
@@ -398,8 +401,8 @@ describe('Delta frames between an encoder and a decoder', () => {
     const memory = guestMemory(LAYOUT, 10);
     const copies = copiesInterleaved(memory);
     const stream = migrationStream(memory, []);
-    const a = PageStore.open(path.join(root, 'a'), 'vm');
-    const b = PageStore.open(path.join(root, 'b'), 'vm');
+    const a = openStore(path.join(root, 'a'));
+    const b = openStore(path.join(root, 'b'));
     const loneReads = countLoneReads(b);
     const out: Buffer[] = [];
     const decoder = new StreamDecoder((bytes) => out.push(Buffer.from(bytes)), b);
@@ -451,8 +454,8 @@ describe('Delta frames between an encoder and a decoder', () => {
     const memory = guestMemory(LAYOUT, 10);
     copiesOf(memory);
     const stream = migrationStream(memory, []);
-    const a = PageStore.open(path.join(root, 'a'), 'vm');
-    const b = PageStore.open(path.join(root, 'b'), 'vm');
+    const a = openStore(path.join(root, 'a'));
+    const b = openStore(path.join(root, 'b'));
     expect(() => migrate(stream, a, b, true, (p) => (p[p.length - 1] ^= 1))).toThrow(/does not rebuild/);
   });
 

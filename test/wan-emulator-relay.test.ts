@@ -45,9 +45,20 @@ async function stopServer(s: { server: Server; sockets: Socket[] }): Promise<voi
   await new Promise<void>((resolve) => s.server.close(() => resolve()));
 }
 
+/**
+ * Client sockets dialled by a test, destroyed after it: one that only saw the relay's end stays half-open
+ * (allowHalfOpen), and a socket left open keeps the jest worker from exiting when the run ends.
+ */
+const dialled = new Set<Socket>();
+afterEach(() => {
+  for (const s of dialled) s.destroy();
+  dialled.clear();
+});
+
 function dial(at: Endpoint): Promise<Socket> {
   return new Promise((resolve, reject) => {
     const s = connect({ host: at.host, port: at.port, allowHalfOpen: true });
+    dialled.add(s);
     s.once('connect', () => {
       s.off('error', reject);
       resolve(s);
