@@ -5,14 +5,17 @@
  * 2.0 one (which has no trailer), with QEMU's return path off and on. Each time the source QEMU must
  * report a failed migration while its VM runs on and verifies, and the destination QEMU must never
  * reach `completed` or `running`. A control migration through the same relay, untouched, completes:
- * the relay itself breaks nothing, so the failures are the damage's doing.
+ * the relay itself breaks nothing, so the failures are the damage's doing; its guest must verify at the
+ * destination, unless the source's own capture fails too (QEMU 7.2's known problem), when it is repeated once.
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
+import { Capture } from '../src/lab/capture';
 import { loopbackMultiRouteYaml } from '../src/lab/harness/loopback-config';
 import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
 import { QemuVm, disposeAllVms, type QemuVmOptions } from '../src/lab/vm/qemu-vm';
+import { resumeSource, verifiedOrSourceBroken } from '../src/lab/vm/replay-verdict';
 import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
 import { freePort } from '../src/lab/vm/ports';
 import { encodeFrame, FrameParser, FrameType, MAX_FRAME_PAYLOAD } from '../src/wire/frames';
@@ -200,17 +203,30 @@ class TamperLink {
           outcomes.push(`- ${machine}, return path ${returnPath ? 'on' : 'off'}, byte flipped in ${where}: source ${source}; destination ${exited ? `exited (${dest.exit?.code ?? dest.exit?.signal})` : 'waiting, never ran'}`);
           await dest.dispose();
         }
-        // The control: the same link, nothing flipped.
+        // The control: the same link, nothing flipped. What the source sent is kept to tell a guest state
+        // QEMU 7.2 sent broken from one the gateways broke (README, "Known problem"): if the source's own
+        // bytes fail too, the control is repeated once.
         link.target = null;
-        const dest = await destination('control');
-        await vm.migrate(`tcp:127.0.0.1:${routePort}`);
-        expect((await vm.waitForMigration({ timeoutMs: 120_000 })).status).toBe('completed');
-        await dest.waitForStatus('running', 60_000);
-        await dest.waitForSerial(VERIFIED, 60_000);
+        const controlCapture = path.join(tmp, 'control.mig');
+        for (let attempt = 1; ; attempt++) {
+          const dest = await destination('control');
+          const capturePort = await freePort();
+          const capture = new Capture({ listen: { host: '127.0.0.1', port: capturePort }, out: controlCapture, forward: { host: '127.0.0.1', port: routePort } });
+          await capture.listen();
+          await vm.migrate(`tcp:127.0.0.1:${capturePort}`);
+          expect((await vm.waitForMigration({ timeoutMs: 120_000 })).status).toBe('completed');
+          expect((await capture.done).error).toBeNull();
+          const verdict = await verifiedOrSourceBroken(dest, controlCapture, VERIFIED);
+          await dest.dispose();
+          if (!verdict) break;
+          if (attempt > 1) throw new Error(`control repeated: ${verdict.detail}`);
+          console.log(`${machine}: the control's destination guest failed and ${verdict.detail}: repeating the control once`);
+          await resumeSource(vm, VERIFIED);
+        }
         outcomes.push(`- ${machine}, return path ${returnPath ? 'on' : 'off'}, nothing flipped: completed, guest verified at the destination`);
-        await dest.dispose();
         await vm.dispose();
-      });
+        // A repeated control (a guest's wait, the replay, the second leg) can take minutes on a busy machine.
+      }, 300_000);
     }
   }
 });
