@@ -47,7 +47,7 @@ function hostInfo(): BenchResults['host'] {
 
 const CSV_COLUMNS: Array<keyof GridRun | keyof LegResult> = [
   'id', 'mbit', 'delayMs', 'memMiB', 'workloadMiB', 'rewritePct', 'leg', 'path', 'from', 'to', 'changedPages', 'secondsAtSource', 'pageWritesAtSource', 'wanBytes', 'wanBytesForward', 'wanBytesBackward',
-  'streamBytes', 'qemuTransferredBytes', 'totalTimeMs', 'downtimeMs', 'setupTimeMs', 'untilRunningMs', 'pausedMs', 'pagesSent', 'pagesReused', 'qemuNormalPages', 'qemuZeroPages', 'dirtySyncCount',
+  'streamBytes', 'qemuTransferredBytes', 'totalTimeMs', 'downtimeMs', 'setupTimeMs', 'untilRunningMs', 'openingMs', 'pausedMs', 'pagesSent', 'pagesReused', 'qemuNormalPages', 'qemuZeroPages', 'dirtySyncCount',
   'gatewayCpuSecondsSend', 'gatewayCpuSecondsReceive', 'compressionSavedBytes', 'pagesDelta', 'pagesMatched', 'deltaBytes', 'verified',
 ];
 

@@ -12,7 +12,9 @@
  *                                  'bfmig-uncompressed', which splits bfmig's cost between the two
  *       [--multifd N]              every leg with QEMU's multifd on, N channels (each path carries them)
  *
- * Per content, path and leg: WAN bytes, QEMU's total time, migrate → running at the destination, and
+ * Per content, path and leg: WAN bytes, QEMU's total time, migrate → running at the destination, the
+ * opening (migrate → the leg's first 8 MiB out of the WAN emulator: the handshake and the records the
+ * gateway, not yet the link, sets the pace of), and
  * each gateway's (or relay's) CPU seconds per GiB of QEMU stream (its process's /proc counters), with the
  * medians of the kernel's share of them (system time: sockets, the disk, page faults) beside. Then each
  * bfmig path's total time less bfmig-plain's, run by run: paths of one run meet the host in the same
@@ -46,7 +48,7 @@ const present = (values: Array<number | null>): number[] => values.filter((v): v
 
 function summarise(label: string, runs: number, legs: LegResult[]): string[] {
   const lines = [`${label}: median (min–max) over ${runs} runs`];
-  lines.push('leg  path               WAN MiB                 total time s         until running s      CPU s/GiB send       CPU s/GiB receive    system s/GiB send, receive  guest');
+  lines.push('leg  path               WAN MiB                 total time s         until running s      first 8 MiB s        CPU s/GiB send       CPU s/GiB receive    system s/GiB send, receive  guest');
   for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
     for (const path of PATHS) {
       const at = legs.filter((l) => l.leg === leg && l.path === path);
@@ -58,6 +60,7 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
           spread(at.map((l) => l.wanBytes / 2 ** 20), (v) => v.toFixed(2)).padEnd(23),
           spread(at.map((l) => l.totalTimeMs / 1000), (v) => v.toFixed(2)).padEnd(20),
           spread(present(at.map((l) => (l.untilRunningMs === null ? null : l.untilRunningMs / 1000))), (v) => v.toFixed(2)).padEnd(20),
+          spread(present(at.map((l) => (l.openingMs === null ? null : l.openingMs / 1000))), (v) => v.toFixed(2)).padEnd(20),
           spread(present(at.map((l) => perGiB(l.gatewayCpuSecondsSend, l.streamBytes))), (v) => v.toFixed(2)).padEnd(20),
           spread(present(at.map((l) => perGiB(l.gatewayCpuSecondsReceive, l.streamBytes))), (v) => v.toFixed(2)).padEnd(20),
           `${medianOf(present(at.map((l) => perGiB(l.gatewaySystemSecondsSend, l.streamBytes))))}, ${medianOf(present(at.map((l) => perGiB(l.gatewaySystemSecondsReceive, l.streamBytes))))}`.padEnd(27),

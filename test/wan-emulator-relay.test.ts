@@ -331,6 +331,31 @@ describe('WanEmulator', () => {
     }
   });
 
+  test('a forward mark notes when the bytes sent forward first reach its count, and no sooner', async () => {
+    const received: Buffer[] = [];
+    const target = await startServer((s) => s.on('data', (chunk: Buffer) => received.push(chunk)));
+    const emu = new WanEmulator({ listen: LOOPBACK, target: target.endpoint, rateMbit: 0, delayMs: 0 });
+    try {
+      const at = await emu.listen();
+      const mark = emu.markForward(3 * MiB);
+      expect(mark.reachedAt).toBeNull();
+      const client = await dial(at);
+      client.write(up.subarray(0, 2 * MiB));
+      await until('2 MiB through', () => emu.bytesForward >= 2 * MiB);
+      expect(mark.reachedAt).toBeNull();
+      const before = performance.now();
+      client.write(up.subarray(2 * MiB, 4 * MiB));
+      await until('the mark', () => mark.reachedAt !== null);
+      expect(mark.reachedAt).toBeGreaterThanOrEqual(before);
+      expect(emu.bytesForward).toBeGreaterThanOrEqual(3 * MiB);
+      // A count already passed is reached at once.
+      expect(emu.markForward(1 * MiB).reachedAt).not.toBeNull();
+    } finally {
+      await emu.close();
+      await stopServer(target);
+    }
+  });
+
   test('options are checked', () => {
     const target = { host: '127.0.0.1', port: 1 };
     expect(() => new WanEmulator({ listen: LOOPBACK, target, rateMbit: -1, delayMs: 0 })).toThrow(/rateMbit/);

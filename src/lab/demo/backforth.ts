@@ -9,6 +9,9 @@ import { type QmpEvent, QemuVm, disposeAllVms } from '../vm/qemu-vm';
 import { ensureGuestBuilt } from '../vm/guest-image';
 import { freePort } from '../vm/ports';
 import { WanEmulator } from '../wan';
+
+/** What a leg's opening is timed to: its first 8 MiB across the WAN (LegResult.openingMs). */
+export const OPENING_BYTES = 8 * 2 ** 20;
 import { X86_PAGE_SIZE } from '../../qemu/constants';
 import { makeQemuTlsCredentials } from '../vm/qemu-tls';
 import { distModule, type NodeChild, startNodeChild } from '../harness/child';
@@ -97,6 +100,12 @@ export interface LegResult {
    */
   untilRunningMs: number | null;
   pausedMs: number | null;
+  /**
+   * The leg's opening: from the migrate command until its first OPENING_BYTES had crossed the WAN
+   * towards the destination (null: the leg carried fewer). The handshake, and a first leg's first
+   * records while the gateway rather than the link sets the pace, fall in it.
+   */
+  openingMs: number | null;
   /** Pages sent in full over the WAN (QEMU's ram.normal direct). */
   pagesSent: number;
   pagesReused: number;
@@ -295,6 +304,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         const pageWritesAtSource = control ? pageWritesSince(vm.serial, arrivedMark) : null;
         const migrateAt = Date.now();
         const eventsBefore = vm.qmpEvents.length;
+        const opening = (directWan ?? to.inbound).markForward((directWan ? 0 : wanBefore.forward) + OPENING_BYTES);
+        const migrateAtMs = performance.now();
         await vm.migrate(uri);
         const postcopyStarted = o.postcopyAfterBytes === undefined ? false : await startPostcopyAfter(vm, o.postcopyAfterBytes);
         const info = await waitWithProgress(vm, `leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}`, o.out);
@@ -334,6 +345,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           downtimeMs: info.downtime ?? 0,
           setupTimeMs: info['setup-time'] ?? 0,
           untilRunningMs: resumedAt === null ? null : Math.round(resumedAt - migrateAt),
+          openingMs: opening.reachedAt === null ? null : Math.round(opening.reachedAt - migrateAtMs),
           pausedMs: resumedAt === null || stoppedAt === null ? null : Math.round(resumedAt - stoppedAt),
           pagesSent: report ? report.pagesSent : info.ram?.normal ?? 0,
           pagesReused: report?.pagesReused ?? 0,

@@ -70,6 +70,12 @@ export interface WanEmulatorStats {
   queueBytes: number;
 }
 
+/** When the bytes released forward first reached `bytes` (performance.now()); null: not yet. */
+export interface ForwardMark {
+  readonly bytes: number;
+  reachedAt: number | null;
+}
+
 /** The shaping parameters of one direction, resolved from the options. */
 interface Shape {
   /** Bytes per millisecond; Infinity: unlimited. */
@@ -148,6 +154,8 @@ class Link {
     private readonly shape: Shape,
     private readonly stats: DirectionStats,
     private readonly bucket: Bucket,
+    /** Told the direction's byte count after each piece it releases (milestones). */
+    private readonly released: (bytes: number) => void = () => {},
   ) {
     source.on('data', (chunk: Buffer) => this.push(chunk));
     source.on('end', () => {
@@ -234,6 +242,7 @@ class Link {
         this.queued -= n;
         this.stats.queued -= n;
         this.stats.bytes += n;
+        this.released(this.stats.bytes);
         if (!this.sink.write(piece)) {
           this.sinkBlocked = true;
           this.blockedAt = now;
@@ -277,6 +286,8 @@ export class WanEmulator {
   private readonly forward: DirectionStats = { bytes: 0, queued: 0, pauses: 0 };
   private readonly backward: DirectionStats = { bytes: 0, queued: 0, pauses: 0 };
   private connections = 0;
+  /** Forward byte counts being waited for, and when each was reached (performance.now()). */
+  private readonly forwardMarks: ForwardMark[] = [];
   /** Each direction's bucket, shared by every connection unless `perConnection`. */
   private readonly buckets = { forward: { tat: -Infinity }, backward: { tat: -Infinity } };
 
@@ -294,6 +305,25 @@ export class WanEmulator {
   get bytesBackward(): number {
     return this.backward.bytes;
   }
+
+  /**
+   * A mark that notes when the bytes released forward (all connections) first reach `bytes`: the
+   * benchmarks time a leg's opening by it (how long its first megabytes took to cross).
+   */
+  markForward(bytes: number): ForwardMark {
+    const mark: ForwardMark = { bytes, reachedAt: this.forward.bytes >= bytes ? performance.now() : null };
+    if (mark.reachedAt === null) this.forwardMarks.push(mark);
+    return mark;
+  }
+
+  private readonly forwardReleased = (bytes: number): void => {
+    const marks = this.forwardMarks;
+    for (let i = marks.length - 1; i >= 0; i--) {
+      if (marks[i].bytes > bytes) continue;
+      marks[i].reachedAt = performance.now();
+      marks.splice(i, 1);
+    }
+  };
 
   stats(): WanEmulatorStats {
     const o = this.options;
@@ -324,7 +354,7 @@ export class WanEmulator {
     client.setNoDelay(true);
     const target = connect({ host: this.options.target.host, port: this.options.target.port, allowHalfOpen: true, noDelay: true });
     const own = this.options.perConnection === true;
-    const forward = new Link(client, target, this.shape, this.forward, own ? { tat: -Infinity } : this.buckets.forward);
+    const forward = new Link(client, target, this.shape, this.forward, own ? { tat: -Infinity } : this.buckets.forward, this.forwardReleased);
     const backward = new Link(target, client, this.shape, this.backward, own ? { tat: -Infinity } : this.buckets.backward);
     const pair = watchPair(
       client,
