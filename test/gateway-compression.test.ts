@@ -1,8 +1,9 @@
 /**
- * WAN compression between real gateways on loopback: a compressible guest crosses in Compressed frames
- * and reaches the destination byte-identical, with the savings reported on both sides; compression off
- * at either site leaves it uncompressed; and peers from before compression (no Hello list, no Offer
- * choice) still migrate, uncompressed.
+ * WAN compression between real gateways on loopback: a compressible guest crosses compressed (its Runs
+ * inside the batches: CompressedFrames) and reaches the destination byte-identical, with the savings
+ * reported on both sides; compression off at either site leaves it uncompressed; and peers from before
+ * compression (no Hello list, no Offer choice) still migrate, uncompressed, and receivers from before
+ * compressed-frames get Compressed frames of Literal bytes only.
  */
 import * as net from 'node:net';
 import * as path from 'node:path';
@@ -11,7 +12,8 @@ import { migrateThroughPair, rawPeer, startLoggedGateway, startPair, stopPair, t
 import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 import { freePort } from '../src/lab/vm/ports';
-import { decodeEnd, decodeHello, encodeJson, FrameParser, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
+import { decodeEnd, decodeHello, encodeJson, FRAME_HEADER_BYTES, FrameParser, frameHeader, FrameType, PROTOCOL_VERSION } from '../src/wire/frames';
+import { LiteralFrames, ZSTD } from '../src/wire/compression';
 import { suiteTempDir } from './temp-dir';
 
 const PAGES = 3000;
@@ -71,8 +73,9 @@ describe('WAN compression between gateways', () => {
       const [a, b] = slow;
       const { received, sent } = await migrateThroughPair(a, b, stream);
       expect(received.equals(stream)).toBe(true);
-      // Two thirds of the pages are text of a dozen words, each (between zero pages' Runs) a batch of its
-      // own, which zstd shrinks to about a quarter (all compressed: 6.0 MB saved). Taking the socket alone as the signal saved 0.45 MB here.
+      // Two thirds of the pages are text of a dozen words, which zstd shrinks to about a quarter (all
+      // compressed: 6.0 MB saved; each page between zero pages' Runs was a batch of its own before
+      // compressed-frames). Taking the socket alone as the signal saved 0.45 MB here.
       const textBytes = (PAGES * 2 * 4096) / 3;
       expect(sent.compressionSavedBytes).toBeGreaterThan(0.4 * textBytes);
     } finally {
@@ -124,9 +127,45 @@ describe('WAN compression between gateways', () => {
     expect((await dest.received).reset).toBe(true);
   }, 30_000);
 
-  test('a receiver from before compression (no choice in its Offer) gets Literal frames only, and the migration completes', async () => {
+  /** The payload of an honest CompressedFrames frame carrying `frames` (whole frames), from a fresh stream. */
+  function batchPayload(frames: Buffer[]): Buffer {
+    let payload: Buffer | null = null;
+    const literals = new LiteralFrames((bytes) => {
+      if (bytes[0] === FrameType.CompressedFrames) payload = Buffer.from(bytes.subarray(FRAME_HEADER_BYTES));
+    }, ZSTD);
+    literals.carryFrames();
+    for (const frame of frames) literals.frame(frame.subarray(0, FRAME_HEADER_BYTES), frame.subarray(FRAME_HEADER_BYTES));
+    literals.flush();
+    if (payload === null) throw new Error('not compressed');
+    return payload;
+  }
+  const endFrame = encodeJson(FrameType.End, { streamBytes: 0, streamCheck: '0'.repeat(16), snapshotId: 'x'.repeat(600) });
+
+  test.each<[string, string[] | undefined, () => Buffer, RegExp]>([
+    ['when compression was not chosen', undefined, () => batchPayload([endFrame]), /CompressedFrames frame, but compression was not chosen/],
+    ['carrying an End frame', ['zstd'], () => batchPayload([endFrame]), /frame type 9 cannot be carried/],
+    ['carrying a frame cut short', ['zstd'], () => batchPayload([Buffer.concat([frameHeader(FrameType.Run, 600), Buffer.alloc(300, 120)])]), /runs past the batch/],
+  ])('a sending peer that sends a CompressedFrames frame %s is aborted, its destination reset', async (_what, compression, payload, error) => {
+    if (!pair) throw new Error('needs the first test’s pair');
+    const b = pair[1];
+    const dest = await destinationStandIn(b.destPort);
+    const peer = await rawPeer(b.peerPort);
+    peer.socket.write(encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: 'raw', vm: 'vm-hostile-batch', target: `127.0.0.1:${b.destPort}`, compression }));
+    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
+    const bytes = payload();
+    peer.socket.write(Buffer.concat([frameHeader(FrameType.CompressedFrames, bytes.length), bytes]));
+    await peer.closed;
+    expect(peer.abortText()).toMatch(error);
+    expect((await dest.received).reset).toBe(true);
+  }, 30_000);
+
+  test.each<[string, Record<string, unknown>, FrameType[], FrameType[]]>([
+    ['from before compression (no choice in its Offer) gets Literal frames only', {}, [FrameType.Literal], [FrameType.Compressed, FrameType.CompressedFrames]],
+    ['from before compressed-frames (zstd, no feature) gets Compressed frames, never a batch of frames', { compression: 'zstd' }, [FrameType.Compressed], [FrameType.CompressedFrames]],
+    ['listing compressed-frames gets its Runs in CompressedFrames batches', { compression: 'zstd', features: ['compressed-frames'] }, [FrameType.CompressedFrames], [FrameType.Compressed]],
+  ])('a receiver %s, and the migration completes', async (_what, offer, seen, unseen) => {
     const [peerPort, routePort, targetPort, oldPort] = await Promise.all([freePort(), freePort(), freePort(), freePort()]);
-    // The old receiver: answers Hello with an Offer of protocol 4 as it was, and End with Done.
+    // The receiver: answers Hello with an Offer as a gateway of that release does, and End with Done.
     const types = new Set<FrameType>();
     let helloCompression: unknown;
     let literalBytes = 0;
@@ -135,7 +174,7 @@ describe('WAN compression between gateways', () => {
         types.add(type);
         if (type === FrameType.Hello) {
           helloCompression = decodeHello(payload).compression;
-          socket.write(encodeJson(FrameType.Offer, { site: 'old', snapshotId: null, layoutId: null, pageCount: 0, presentPages: 0 }));
+          socket.write(encodeJson(FrameType.Offer, { site: 'old', snapshotId: null, layoutId: null, pageCount: 0, presentPages: 0, ...offer }));
         } else if (type === FrameType.Literal) {
           literalBytes += payload.length;
         } else if (type === FrameType.End) {
@@ -149,7 +188,7 @@ describe('WAN compression between gateways', () => {
     await new Promise<void>((resolve) => server.listen(oldPort, '127.0.0.1', resolve));
     const a = await startLoggedGateway(
       'site-a',
-      loopbackSiteYaml({ name: 'site-a', data: path.join(tmp, 'old-receiver'), peerPort, vm: 'vm1', routePort, farPeerPort: oldPort, targetPort }),
+      loopbackSiteYaml({ name: 'site-a', data: path.join(tmp, `receiver-${Object.keys(offer).join('-') || 'old'}`), peerPort, vm: 'vm1', routePort, farPeerPort: oldPort, targetPort }),
     );
     try {
       await sourceStandIn(routePort, stream);
@@ -157,9 +196,14 @@ describe('WAN compression between gateways', () => {
       const sent = a.gateway.history[0];
       expect(sent.result).toBe('completed');
       expect(helloCompression).toEqual(['zstd']);
-      expect(types.has(FrameType.Compressed)).toBe(false);
-      expect(literalBytes).toBeGreaterThan(stream.length / 2);
-      expect(sent.compressionSavedBytes).toBe(0);
+      for (const type of seen) expect(types.has(type)).toBe(true);
+      for (const type of unseen) expect(types.has(type)).toBe(false);
+      if (offer.compression === undefined) {
+        expect(literalBytes).toBeGreaterThan(stream.length / 2);
+        expect(sent.compressionSavedBytes).toBe(0);
+      } else {
+        expect(sent.compressionSavedBytes).toBeGreaterThan(0);
+      }
     } finally {
       await a.gateway.stop(1);
       server.close();

@@ -7,7 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import { chooseCompression, COMPRESSED_HEADER_BYTES, helloCompression, LiteralFrames, LiteralInflater, MAX_BATCH_BYTES, offeredCompression, ZSTD } from '../src/wire/compression';
 import { CompressionPolicy, DRAINED_BYTES, MAX_REJOIN, MAX_SKIP, SPARSE_SHARE, SWING_BYTES, WORTH_FACTOR } from '../src/wire/compression-policy';
-import { FRAME_HEADER_BYTES, FrameParser, FrameType, WireError } from '../src/wire/frames';
+import { carriedInBatches, checkCarriedFrames, FRAME_HEADER_BYTES, FrameParser, frameHeader, FrameType, WireError } from '../src/wire/frames';
 
 /** Text-like bytes: words from a small vocabulary, as logs and source files are. */
 function textBytes(length: number, seed: number): Buffer {
@@ -112,6 +112,196 @@ describe('Literal bytes compressed across the WAN', () => {
     frames.literal(textBytes(10_000, 3));
     expect(wire.frames).toEqual([{ type: FrameType.Literal, length: 10_000 }]);
     expect(frames.compressing).toBe(false);
+  });
+});
+
+/** A stream frame as the receiving session is handed it: its type, and a copy of its payload. */
+interface Delivered {
+  type: FrameType;
+  payload: Buffer;
+}
+
+/**
+ * A receiving side as ReceiveSession is one with a sender that batches whole frames: CompressedFrames
+ * batches are checked and nested, and once one has come, any stream frame outside a batch restarts the
+ * inflater (as a Literal frame always does). `pauseOn`: the handler pauses at each carried frame of this
+ * type, as a slow destination would, and the test resumes it.
+ */
+function framedReceiver(pauseOn?: FrameType): { wire: Wire; delivered: Delivered[] } {
+  const inflater = new LiteralInflater();
+  const delivered: Delivered[] = [];
+  const wire: Wire = { bytes: 0, frames: [], received: [], inflater, parser: undefined as unknown as FrameParser };
+  let batched = false;
+  wire.parser = new FrameParser((type, payload, carried) => {
+    if (!carried) wire.frames.push({ type, length: payload.length });
+    if (!carried && (type === FrameType.Literal || (batched && carriedInBatches(type)))) inflater.raw();
+    if (type === FrameType.CompressedFrames) {
+      const batch = inflater.inflate(payload);
+      batched = true;
+      checkCarriedFrames(batch, () => undefined);
+      wire.parser.nest(batch);
+      return;
+    }
+    if (!carriedInBatches(type)) throw new Error(`unexpected frame ${type}`);
+    delivered.push({ type, payload: Buffer.from(payload) });
+    if (carried && type === pauseOn) wire.parser.pause();
+  });
+  return { wire, delivered };
+}
+
+/** What a sequence of frames comes to: its Literal bytes joined between the other frames. */
+function joinLiterals(frames: Delivered[]): Delivered[] {
+  const out: Delivered[] = [];
+  let literal: Buffer[] = [];
+  const endLiteral = (): void => {
+    if (literal.length > 0) out.push({ type: FrameType.Literal, payload: Buffer.concat(literal) });
+    literal = [];
+  };
+  for (const f of frames) {
+    if (f.type === FrameType.Literal) {
+      if (f.payload.length > 0) literal.push(f.payload);
+      continue;
+    }
+    endLiteral();
+    out.push(f);
+  }
+  endLiteral();
+  return out;
+}
+
+/** Whether two sequences of frames carry the same frames, byte for byte (Literal frames split anywhere). */
+function sameFrames(a: Delivered[], b: Delivered[]): boolean {
+  const x = joinLiterals(a);
+  const y = joinLiterals(b);
+  return x.length === y.length && x.every((f, i) => f.type === y[i].type && f.payload.equals(y[i].payload));
+}
+
+describe('whole frames in the batches (compressed-frames)', () => {
+  /** A kernel's pages as a sender sees them: a page that crosses, then a Run or a Delta, over and over. */
+  function alternating(pages: number, seed: number): Delivered[] {
+    const text = textBytes(pages * 4096, seed);
+    const out: Delivered[] = [];
+    for (let i = 0; i < pages; i++) {
+      out.push({ type: FrameType.Literal, payload: text.subarray(i * 4096, (i + 1) * 4096) });
+      const other = i % 3 === 0 ? FrameType.Delta : i % 3 === 1 ? FrameType.Run : FrameType.SiblingDelta;
+      out.push({ type: other, payload: randomBytes(40 + (i % 50)) });
+    }
+    return out;
+  }
+
+  function send(frames: LiteralFrames, sequence: Delivered[], flushEvery = 16): void {
+    sequence.forEach((f, i) => {
+      if (f.type === FrameType.Literal) frames.literal(f.payload);
+      else frames.frame(frameHeader(f.type, f.payload.length), f.payload);
+      if (i % flushEvery === flushEvery - 1) frames.flush(); // the end of a source chunk
+    });
+    frames.flush();
+  }
+
+  test('Literal bytes, Runs and Deltas come back in their order, byte for byte, in batches the Runs and Deltas do not cut', () => {
+    const { wire, delivered } = framedReceiver();
+    const frames = sender(wire, ZSTD);
+    frames.carryFrames();
+    expect(frames.carriesFrames).toBe(true);
+    const sequence = alternating(600, 7);
+    send(frames, sequence, 64);
+    expect(sameFrames(delivered, sequence)).toBe(true);
+    // 1,200 frames crossed in a batch per 64 (the chunks), not one per page: and each batch is smaller.
+    expect(wire.frames.every((f) => f.type === FrameType.CompressedFrames)).toBe(true);
+    expect(wire.frames.length).toBe(Math.ceil(sequence.length / 64));
+    const rawBytes = sequence.reduce((n, f) => n + FRAME_HEADER_BYTES + f.payload.length, 0);
+    expect(wire.bytes).toBeLessThan(rawBytes * 0.6);
+    expect(frames.savedBytes).toBe(wire.inflater.savedBytes);
+
+    // The same pages through a sender whose Runs and Deltas cut the batches, as with a receiver from before.
+    const cut = receiver();
+    const old = sender(cut, ZSTD);
+    let otherBytes = 0;
+    for (const f of sequence) {
+      if (f.type === FrameType.Literal) {
+        old.literal(f.payload);
+      } else {
+        old.flush();
+        otherBytes += FRAME_HEADER_BYTES + f.payload.length; // sent on their own
+      }
+    }
+    old.flush();
+    expect(cut.frames.length).toBeGreaterThan(500);
+    expect(wire.bytes).toBeLessThan(cut.bytes + otherBytes);
+  });
+
+  test('a batch that goes raw is its frames as they are, and the stream restarts in step on both sides', () => {
+    const { wire, delivered } = framedReceiver();
+    const frames = sender(wire, ZSTD);
+    frames.carryFrames();
+    // Compressible; then a batch of Runs that does not shrink (raw: its first Run restarts the stream),
+    // and one of Runs skipped after it (raw); then compressible again, with no Literal frame between.
+    const runs = (n: number): Delivered[] => Array.from({ length: n }, () => ({ type: FrameType.Run, payload: randomBytes(60) }));
+    const before = alternating(40, 1);
+    const incompressible = runs(4);
+    const skipped = runs(2);
+    const after = alternating(200, 2);
+    for (const part of [before, incompressible, skipped, after]) send(frames, part, 8);
+    expect(sameFrames(delivered, [...before, ...incompressible, ...skipped, ...after])).toBe(true);
+    const types = wire.frames.map((f) => f.type);
+    const first = types.indexOf(FrameType.Run);
+    // Batches compressed, the six Runs as they are, batches compressed again: the receiver restarted its
+    // stream at the first Run, in step with the sender, or the next batch would not have decoded.
+    expect(types.slice(0, first).length).toBe(10);
+    expect(types.slice(0, first).every((t) => t === FrameType.CompressedFrames)).toBe(true);
+    expect(types.slice(first, first + 6)).toEqual(Array(6).fill(FrameType.Run));
+    expect(types.slice(first + 6).length).toBe(50);
+    expect(types.slice(first + 6).every((t) => t === FrameType.CompressedFrames)).toBe(true);
+  });
+
+  test('incompressible batches cost no more than their frames', () => {
+    const { wire, delivered } = framedReceiver();
+    const frames = sender(wire, ZSTD);
+    frames.carryFrames();
+    const sequence: Delivered[] = [];
+    for (let i = 0; i < 300; i++) {
+      sequence.push({ type: FrameType.Literal, payload: randomBytes(1000 + ((i * 7919) % 20_000)) });
+      sequence.push({ type: FrameType.Delta, payload: randomBytes(100) });
+    }
+    send(frames, sequence, 10);
+    expect(sameFrames(delivered, sequence)).toBe(true);
+    const rawBytes = sequence.reduce((n, f) => n + FRAME_HEADER_BYTES + f.payload.length, 0);
+    expect(wire.bytes).toBeLessThanOrEqual(rawBytes);
+  });
+
+  test('a receiver that pauses at a carried frame gets the rest of the batch, then the frames after it, once resumed', () => {
+    const { wire, delivered } = framedReceiver(FrameType.Run);
+    const frames = sender(wire, ZSTD);
+    frames.carryFrames();
+    const sequence = alternating(30, 3);
+    send(frames, sequence, 1000); // one batch
+    frames.literal(Buffer.from('after the batch'));
+    frames.flush();
+    let rounds = 0;
+    while (wire.parser.isPaused && rounds++ < 100) wire.parser.resume();
+    expect(rounds).toBeGreaterThanOrEqual(10); // a Run every third page: paused at each
+    expect(sameFrames(delivered, [...sequence, { type: FrameType.Literal, payload: Buffer.from('after the batch') }])).toBe(true);
+    expect(wire.parser.atBoundary).toBe(true);
+  });
+
+  test('without compression there is nothing to batch: carryFrames() leaves Runs and Deltas to the caller', () => {
+    const frames = sender(receiver(), null);
+    frames.carryFrames();
+    expect(frames.carriesFrames).toBe(false);
+    expect(() => frames.frame(frameHeader(FrameType.Run, 1), Buffer.alloc(1))).toThrow(/no CompressedFrames/);
+  });
+
+  const frame = (type: number, payload: Buffer): Buffer => Buffer.concat([frameHeader(type as FrameType, payload.length), payload]);
+  test.each<[string, Buffer, RegExp]>([
+    ['a frame header cut off', Buffer.concat([frame(FrameType.Literal, Buffer.from('abc')), Buffer.from([FrameType.Run, 0, 0])]), /header cut off/],
+    ['a frame running past the batch', Buffer.concat([frame(FrameType.Run, Buffer.alloc(10)).subarray(0, 12)]), /runs past/],
+    ['a control frame (End)', frame(FrameType.End, Buffer.from('{}')), /cannot be carried/],
+    ['a batch inside a batch', frame(FrameType.CompressedFrames, Buffer.alloc(8)), /cannot be carried/],
+    ['a Compressed frame inside a batch', frame(FrameType.Compressed, Buffer.alloc(8)), /cannot be carried/],
+    ['an unknown frame type', frame(99, Buffer.alloc(3)), /cannot be carried/],
+  ])('a batch holding %s is refused before any of its frames is delivered', (_what, batch, error) => {
+    expect(() => checkCarriedFrames(batch, () => undefined)).toThrow(WireError);
+    expect(() => checkCarriedFrames(batch, () => undefined)).toThrow(error);
   });
 });
 

@@ -23,6 +23,8 @@ import { MultifdMigration } from '../proxy/multifd-migration';
 import type { PageLayout } from '../proxy/retained';
 import { validateVmName } from '../store';
 import {
+  carriedInBatches,
+  checkCarriedFrames,
   decodeAbort,
   decodeEnd,
   decodeHello,
@@ -116,6 +118,11 @@ export class ReceiveSession {
   private destination: DestinationWriter | null = null;
   /** Set when the Offer chose compression: Compressed frames back into Literal bytes. */
   private inflater: LiteralInflater | null = null;
+  /**
+   * A CompressedFrames frame has come: the sender batches whole frames, and a Run or Delta outside a
+   * batch, like a Literal frame, is one it sent raw, restarting its zstd stream.
+   */
+  private framesBatched = false;
   /** How far the digest table has been queued for the peer (it asks at most once per migration). */
   private table: 'not-asked' | 'queuing' | 'sent' = 'not-asked';
   /** Bytes of the digest table queued for the peer so far. */
@@ -143,7 +150,7 @@ export class ReceiveSession {
     // Literal bytes pass through as they arrive; only control frames and Runs are assembled.
     // The Deltas of a chunk are looked at before it is rebuilt: their bases are read all at once.
     this.frames = new FrameParser(
-      (type, payload) => this.onFrame(type, payload),
+      (type, payload, carried) => this.onFrame(type, payload, carried),
       (type) => type === FrameType.Literal,
       {
         headBytes: SIBLING_DELTA_LEAD_BYTES + DELTA_AHEAD_BYTES,
@@ -225,16 +232,18 @@ export class ReceiveSession {
     this.fail(errorMessage(err), refusalReason(err));
   }
 
-  private onFrame(type: FrameType, payload: Buffer): void {
+  /** `carried`: the frame came in a CompressedFrames batch (checkCarriedFrames let only stream data in). */
+  private onFrame(type: FrameType, payload: Buffer, carried: boolean): void {
     if (this.over) return;
     if (this.phase === 'awaiting-hello' && type !== FrameType.Hello) throw new ProtocolViolation('unexpected-frame', `frame type ${type} before Hello`);
+    // Stream data sent raw restarts the zstd stream (wire/compression.ts).
+    if (!carried && (type === FrameType.Literal || (this.framesBatched && carriedInBatches(type)))) this.inflater?.raw();
     switch (type) {
       case FrameType.Hello:
         this.onHello(payload);
         return;
       case FrameType.Literal: {
         const decoder = this.requireDecoder();
-        this.inflater?.raw();
         decoder.literal(payload);
         this.life.noteVerbatim(decoder);
         return;
@@ -242,10 +251,14 @@ export class ReceiveSession {
       case FrameType.Compressed: {
         const decoder = this.requireDecoder();
         if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a Compressed frame, but compression was not chosen');
+        if (this.framesBatched) throw new ProtocolViolation('unexpected-frame', 'a Compressed frame after CompressedFrames');
         decoder.literal(this.inflater.inflate(payload));
         this.life.noteVerbatim(decoder);
         return;
       }
+      case FrameType.CompressedFrames:
+        this.onCompressedFrames(payload);
+        return;
       case FrameType.Run:
         this.requireDecoder().run(payload);
         return;
@@ -275,6 +288,26 @@ export class ReceiveSession {
       default:
         throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type}`);
     }
+  }
+
+  /**
+   * A batch of whole frames: checked whole, its Deltas' bases read ahead as a chunk's are, then its
+   * frames delivered one by one before the frames after it (FrameParser.nest), pausing as those do.
+   */
+  private onCompressedFrames(payload: Buffer): void {
+    const decoder = this.requireDecoder();
+    if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a CompressedFrames frame, but compression was not chosen');
+    const batch = this.inflater.inflate(payload);
+    this.framesBatched = true;
+    let deltas = false;
+    checkCarriedFrames(batch, (type, bytes, at, length) => {
+      if (type === FrameType.Delta) decoder.aheadOfDelta(bytes, at, at + length, -1);
+      else if (type === FrameType.SiblingDelta) decoder.aheadOfDelta(bytes, at + SIBLING_DELTA_LEAD_BYTES, at + length, length > 0 ? bytes[at] : -1);
+      else return;
+      deltas = true;
+    });
+    if (deltas) decoder.prefetchAhead();
+    this.frames.nest(batch);
   }
 
   /** Stream data is taken only while streaming. */
@@ -371,7 +404,7 @@ export class ReceiveSession {
             presentPages: meta?.presentPages ?? 0,
             compression,
             // Deltas patch pages this store holds: without a store there is nothing to patch.
-            features: deltas ? [Feature.Delta, Feature.BasesAhead] : [],
+            features: [...(deltas ? [Feature.Delta, Feature.BasesAhead] : []), ...(compression !== null ? [Feature.CompressedFrames] : [])],
             ...(this.siblings ? { siblings: this.siblings.names } : {}),
           }),
         );

@@ -317,20 +317,15 @@ export class SendSession {
     const { site, snapshotId } = offer;
     this.life.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: offer.presentPages, localSnapshot: this.localSnapshot, compression });
     const literals = new LiteralFrames((bytes) => this.send(bytes), compression);
+    if (offers(offer, Feature.CompressedFrames)) literals.carryFrames();
     this.literals = literals;
     this.life.compressionSaved = () => literals.savedBytes + this.group.compressionSavedBytes;
     this.encoder = new StreamEncoder(
       {
         literal: (bytes) => literals.literal(bytes),
-        run: (run) => this.writeFrame(encodeFrame(FrameType.Run, run)),
-        delta: (delta) => {
-          this.writeFrame(frameHeader(FrameType.Delta, delta.length));
-          this.writeFrame(delta);
-        },
-        siblingDelta: (delta) => {
-          this.writeFrame(frameHeader(FrameType.SiblingDelta, delta.length));
-          this.writeFrame(delta);
-        },
+        run: (run) => this.dataFrame(FrameType.Run, run),
+        delta: (delta) => this.dataFrame(FrameType.Delta, delta),
+        siblingDelta: (delta) => this.dataFrame(FrameType.SiblingDelta, delta),
       },
       this.life.retained,
       (layout) => this.chooseReference(layout, offer),
@@ -497,6 +492,17 @@ export class SendSession {
     const early = this.reads.takeEarly();
     if (early) this.onSourceData(early);
     if (ready() && !this.options.wan.held) this.qemu.resume();
+  }
+
+  /** A Run or a Delta: into the Literal bytes' batch when the receiver takes CompressedFrames, else after them. */
+  private dataFrame(type: FrameType, payload: Buffer): void {
+    const literals = this.literals;
+    if (literals?.carriesFrames) {
+      literals.frame(frameHeader(type, payload.length), payload);
+    } else {
+      this.writeFrame(frameHeader(type, payload.length));
+      this.writeFrame(payload);
+    }
   }
 
   /** A frame other than Literal bytes: the Literal bytes before it leave first. */

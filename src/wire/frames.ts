@@ -22,6 +22,7 @@ export const PROTOCOL_VERSION = 5;
  */
 export const SINGLE_CHANNEL_PROTOCOL = 4;
 export const FRAME_HEADER_BYTES = 5;
+const NO_BYTES = Buffer.alloc(0);
 /** Larger frames are refused: a peer cannot make us buffer more than this per frame. */
 export const MAX_FRAME_PAYLOAD = 4 * 1024 * 1024;
 /** Control frames exchanged before a migration is accepted (Hello, Offer) are small: a peer that has
@@ -76,6 +77,36 @@ export const enum FrameType {
    * then a Delta payload). Sent only for siblings the receiver's Offer confirmed.
    */
   SiblingDelta = 15,
+  /**
+   * Sender → receiver, only when the Offer chose compression and lists `compressed-frames`: whole
+   * frames (Literal, Run, Delta, SiblingDelta, in stream order) compressed as one batch, so that the
+   * Runs and Deltas between Literal bytes do not cut the batches short (wire/compression.ts).
+   */
+  CompressedFrames = 16,
+}
+
+/** What a CompressedFrames batch may carry: stream data, never control frames or another batch. */
+export function carriedInBatches(type: FrameType): boolean {
+  return type === FrameType.Literal || type === FrameType.Run || type === FrameType.Delta || type === FrameType.SiblingDelta;
+}
+
+/**
+ * Checks that `batch` (a CompressedFrames payload, inflated) is whole frames of the types a batch may
+ * carry, end to end, and shows each to `look` (its payload is batch[at, at + length)): a bad batch
+ * throws a WireError before any of its frames is delivered.
+ */
+export function checkCarriedFrames(batch: Buffer, look: (type: FrameType, batch: Buffer, at: number, length: number) => void): void {
+  let at = 0;
+  while (at < batch.length) {
+    if (at + FRAME_HEADER_BYTES > batch.length) throw new WireError(`CompressedFrames: a frame header cut off at byte ${at} of ${batch.length}`);
+    const type = batch[at] as FrameType;
+    const length = batch.readUInt32BE(at + 1);
+    if (!carriedInBatches(type)) throw new WireError(`CompressedFrames: frame type ${type} cannot be carried in a batch`);
+    const end = at + FRAME_HEADER_BYTES + length;
+    if (end > batch.length) throw new WireError(`CompressedFrames: a frame of ${length} bytes at byte ${at} runs past the batch's ${batch.length}`);
+    look(type, batch, at + FRAME_HEADER_BYTES, length);
+    at = end;
+  }
 }
 
 /** Most siblings a Hello may name (and a route list): each costs the sender its digest table and an index. */
@@ -98,6 +129,8 @@ export const enum Feature {
    * rebuilds them (its device serves them in parallel): a Delta against another page costs it little.
    */
   BasesAhead = 'bases-ahead',
+  /** The receiver takes CompressedFrames: Runs and Deltas travel inside the compressed batches. */
+  CompressedFrames = 'compressed-frames',
 }
 
 export interface HelloMessage {
@@ -271,7 +304,8 @@ export const decodeSeal = (p: Buffer): SealMessage => decodeJson(p, 'Seal', { st
 export const decodeDone = (p: Buffer): DoneMessage => decodeJson(p, 'Done', { snapshotId: 'string', streamBytes: 'number' });
 export const decodeAbort = (p: Buffer): AbortMessage => decodeJson(p, 'Abort', { error: 'string' });
 
-export type FrameHandler = (type: FrameType, payload: Buffer) => void;
+/** `carried`: the frame came inside a CompressedFrames batch (FrameParser.nest), not on its own. */
+export type FrameHandler = (type: FrameType, payload: Buffer, carried: boolean) => void;
 
 /**
  * Shown the frames of each chunk pushed before any of them is delivered: for work that pays to start
@@ -307,6 +341,10 @@ export class FrameParser {
   private streamRemaining = 0;
   /** Largest payload accepted, checked on the header before any payload is buffered; may change between frames. */
   maxPayload = MAX_FRAME_PAYLOAD;
+
+  /** Frames a frame carried (nest()), delivered before any frame after it, and where the next one starts. */
+  private nested: Buffer = NO_BYTES;
+  private nestedAt = 0;
 
   /** Bytes taken from the front since the first push: where chunks[0] starts in the input. */
   private taken = 0;
@@ -398,6 +436,29 @@ export class FrameParser {
     this.paused = true;
   }
 
+  /**
+   * From the handler, for a frame whose payload carries frames (an inflated CompressedFrames batch,
+   * checked whole by checkCarriedFrames): they are delivered next, before any frame after it, pausing
+   * between them as between any others, so a slow destination stops a batch's Runs midway too.
+   */
+  nest(batch: Buffer): void {
+    if (!this.delivering || this.nestedAt < this.nested.length) throw new Error('FrameParser.nest: only from the handler, one batch at a time');
+    this.nested = batch;
+    this.nestedAt = 0;
+  }
+
+  /** Delivers the next carried frame; false when none is left. */
+  private deliverNested(): boolean {
+    const batch = this.nested;
+    const at = this.nestedAt;
+    if (at >= batch.length) return false;
+    const end = at + FRAME_HEADER_BYTES + batch.readUInt32BE(at + 1);
+    this.nestedAt = end;
+    if (end >= batch.length) this.nested = NO_BYTES;
+    this.handler(batch[at] as FrameType, batch.subarray(at + FRAME_HEADER_BYTES, end), true);
+    return true;
+  }
+
   resume(): void {
     this.paused = false;
     this.deliver();
@@ -405,7 +466,7 @@ export class FrameParser {
 
   /** True when the input ended between frames. */
   get atBoundary(): boolean {
-    return this.buffered === 0 && this.streamRemaining === 0;
+    return this.buffered === 0 && this.streamRemaining === 0 && this.nestedAt >= this.nested.length;
   }
 
   /**
@@ -423,11 +484,12 @@ export class FrameParser {
     this.delivering = true;
     try {
       while (!this.paused) {
+        if (this.nestedAt < this.nested.length && this.deliverNested()) continue;
         if (this.streamRemaining > 0) {
           if (this.buffered === 0) break;
           const piece = this.consume(Math.min(this.chunks[0].length, this.streamRemaining));
           this.streamRemaining -= piece.length;
-          this.handler(this.streamType, piece);
+          this.handler(this.streamType, piece, false);
           continue;
         }
         if (this.buffered < FRAME_HEADER_BYTES) break;
@@ -444,7 +506,7 @@ export class FrameParser {
         if (this.buffered < FRAME_HEADER_BYTES + length) break;
         this.consume(FRAME_HEADER_BYTES);
         const payload = this.consume(length);
-        this.handler(type, payload);
+        this.handler(type, payload, false);
       }
     } finally {
       this.delivering = false;
