@@ -107,33 +107,14 @@ describe('WAN compression between gateways', () => {
     dest.close();
   }, 30_000);
 
-  test.each<[string, string[] | undefined, Buffer, RegExp]>([
-    ['a Compressed frame when compression was not chosen', undefined, Buffer.from([0, 0, 0, 8, 1, 2, 3, 4]), /compression was not chosen/],
-    ['a Compressed frame of garbage', ['zstd'], Buffer.from([0, 0, 0, 8, 1, 2, 3, 4]), /Compressed frame: .*zstd decompress/],
-    ['a Compressed frame declaring 1 GiB', ['zstd'], Buffer.from([0x40, 0, 0, 0, 1, 2, 3, 4]), /declares 1073741824 bytes/],
-  ])('a sending peer that sends %s is aborted', async (_what, compression, payload, error) => {
-    if (!pair) throw new Error('needs the first test’s pair');
-    const b = pair[1];
-    const dest = await destinationStandIn(b.destPort);
-    const peer = await rawPeer(b.peerPort);
-    peer.socket.write(encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: 'raw', vm: 'vm-hostile', target: `127.0.0.1:${b.destPort}`, compression }));
-    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
-    const frame = Buffer.alloc(5);
-    frame[0] = FrameType.Compressed;
-    frame.writeUInt32BE(payload.length, 1);
-    peer.socket.write(Buffer.concat([frame, payload]));
-    await peer.closed;
-    expect(peer.abortText()).toMatch(error);
-    expect((await dest.received).reset).toBe(true);
-  }, 30_000);
-
-  /** The payload of an honest CompressedFrames frame carrying `frames` (whole frames), from a fresh stream. */
+  /** The payload of an honest CompressedFrames frame carrying 2 KiB of Literal bytes, then `frames` (whole frames). */
   function batchPayload(frames: Buffer[]): Buffer {
     let payload: Buffer | null = null;
     const literals = new LiteralFrames((bytes) => {
       if (bytes[0] === FrameType.CompressedFrames) payload = Buffer.from(bytes.subarray(FRAME_HEADER_BYTES));
     }, ZSTD);
     literals.carryFrames();
+    literals.literal(Buffer.alloc(2048, 'literal bytes '));
     for (const frame of frames) literals.frame(frame.subarray(0, FRAME_HEADER_BYTES), frame.subarray(FRAME_HEADER_BYTES));
     literals.flush();
     if (payload === null) throw new Error('not compressed');
@@ -141,19 +122,22 @@ describe('WAN compression between gateways', () => {
   }
   const endFrame = encodeJson(FrameType.End, { streamBytes: 0, streamCheck: '0'.repeat(16), snapshotId: 'x'.repeat(600) });
 
-  test.each<[string, string[] | undefined, () => Buffer, RegExp]>([
-    ['when compression was not chosen', undefined, () => batchPayload([endFrame]), /CompressedFrames frame, but compression was not chosen/],
-    ['carrying an End frame', ['zstd'], () => batchPayload([endFrame]), /frame type 9 cannot be carried/],
-    ['carrying a frame cut short', ['zstd'], () => batchPayload([Buffer.concat([frameHeader(FrameType.Run, 600), Buffer.alloc(300, 120)])]), /runs past the batch/],
-  ])('a sending peer that sends a CompressedFrames frame %s is aborted, its destination reset', async (_what, compression, payload, error) => {
+  test.each<[string, string[] | undefined, FrameType, () => Buffer, RegExp]>([
+    ['a Compressed frame when compression was not chosen', undefined, FrameType.Compressed, () => Buffer.from([0, 0, 0, 8, 1, 2, 3, 4]), /compression was not chosen/],
+    ['a Compressed frame of garbage', ['zstd'], FrameType.Compressed, () => Buffer.from([0, 0, 0, 8, 1, 2, 3, 4]), /Compressed frame: .*zstd decompress/],
+    ['a Compressed frame declaring 1 GiB', ['zstd'], FrameType.Compressed, () => Buffer.from([0x40, 0, 0, 0, 1, 2, 3, 4]), /declares 1073741824 bytes/],
+    ['a CompressedFrames frame when compression was not chosen', undefined, FrameType.CompressedFrames, () => batchPayload([endFrame]), /CompressedFrames frame, but compression was not chosen/],
+    ['a CompressedFrames frame carrying an End frame', ['zstd'], FrameType.CompressedFrames, () => batchPayload([endFrame]), /frame type 9 cannot be carried/],
+    ['a CompressedFrames frame carrying a frame cut short', ['zstd'], FrameType.CompressedFrames, () => batchPayload([Buffer.concat([frameHeader(FrameType.Run, 600), Buffer.alloc(300, 120)])]), /runs past the batch/],
+  ])('a sending peer that sends %s is aborted, its destination reset', async (_what, compression, type, payload, error) => {
     if (!pair) throw new Error('needs the first test’s pair');
     const b = pair[1];
+    const bytes = payload();
     const dest = await destinationStandIn(b.destPort);
     const peer = await rawPeer(b.peerPort);
-    peer.socket.write(encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: 'raw', vm: 'vm-hostile-batch', target: `127.0.0.1:${b.destPort}`, compression }));
+    peer.socket.write(encodeJson(FrameType.Hello, { protocol: PROTOCOL_VERSION, site: 'raw', vm: 'vm-hostile', target: `127.0.0.1:${b.destPort}`, compression }));
     await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
-    const bytes = payload();
-    peer.socket.write(Buffer.concat([frameHeader(FrameType.CompressedFrames, bytes.length), bytes]));
+    peer.socket.write(Buffer.concat([frameHeader(type, bytes.length), bytes]));
     await peer.closed;
     expect(peer.abortText()).toMatch(error);
     expect((await dest.received).reset).toBe(true);

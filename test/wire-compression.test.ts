@@ -123,9 +123,9 @@ interface Delivered {
 
 /**
  * A receiving side as ReceiveSession is one with a sender that batches whole frames: CompressedFrames
- * batches are checked and nested, and once one has come, any stream frame outside a batch restarts the
- * inflater (as a Literal frame always does). `pauseOn`: the handler pauses at each carried frame of this
- * type, as a slow destination would, and the test resumes it.
+ * batches are checked and nested, one declaring 0 bytes restarts the inflater, and once one has come a
+ * Literal frame outside a batch no longer does. `pauseOn`: the handler pauses at each carried frame of
+ * this type, as a slow destination would, and the test resumes it.
  */
 function framedReceiver(pauseOn?: FrameType): { wire: Wire; delivered: Delivered[] } {
   const inflater = new LiteralInflater();
@@ -134,10 +134,11 @@ function framedReceiver(pauseOn?: FrameType): { wire: Wire; delivered: Delivered
   let batched = false;
   wire.parser = new FrameParser((type, payload, carried) => {
     if (!carried) wire.frames.push({ type, length: payload.length });
-    if (!carried && (type === FrameType.Literal || (batched && carriedInBatches(type)))) inflater.raw();
+    if (type === FrameType.Literal && !carried && !batched) inflater.raw();
     if (type === FrameType.CompressedFrames) {
-      const batch = inflater.inflate(payload);
       batched = true;
+      const batch = inflater.inflateBatch(payload);
+      if (batch === null) return;
       checkCarriedFrames(batch, () => undefined);
       wire.parser.nest(batch);
       return;
@@ -230,28 +231,50 @@ describe('whole frames in the batches (compressed-frames)', () => {
     expect(wire.bytes).toBeLessThan(cut.bytes + otherBytes);
   });
 
-  test('a batch that goes raw is its frames as they are, and the stream restarts in step on both sides', () => {
+  test('raw batches keep the stream going; a failed attempt restarts it, and says so', () => {
     const { wire, delivered } = framedReceiver();
     const frames = sender(wire, ZSTD);
     frames.carryFrames();
-    // Compressible; then a batch of Runs that does not shrink (raw: its first Run restarts the stream),
-    // and one of Runs skipped after it (raw); then compressible again, with no Literal frame between.
-    const runs = (n: number): Delivered[] => Array.from({ length: n }, () => ({ type: FrameType.Run, payload: randomBytes(60) }));
-    const before = alternating(40, 1);
-    const incompressible = runs(4);
-    const skipped = runs(2);
-    const after = alternating(200, 2);
-    for (const part of [before, incompressible, skipped, after]) send(frames, part, 8);
-    expect(sameFrames(delivered, [...before, ...incompressible, ...skipped, ...after])).toBe(true);
+    const text = (seed: number): Delivered[] => alternating(8, seed);
+    const light: Delivered[] = [{ type: FrameType.Literal, payload: randomBytes(70) }, { type: FrameType.Run, payload: randomBytes(400) }];
+    // Compressible; a batch mostly of a Run (raw, unweighed); the first text again (compressed against
+    // the stream, which went on across the raw batch); an incompressible batch (its attempt fails: the
+    // stream restarts); one skipped after it (raw); then text compressed on the restarted stream.
+    const parts: Delivered[][] = [text(1), light, text(1), [{ type: FrameType.Literal, payload: randomBytes(100_000) }], text(2), text(3)];
+    for (const part of parts) send(frames, part, 1000);
+    expect(sameFrames(delivered, parts.flat())).toBe(true);
+    const kinds = wire.frames.map((f) => (f.type === FrameType.CompressedFrames && f.length === COMPRESSED_HEADER_BYTES ? 'restart' : f.type));
+    const batches = wire.frames.filter((f) => f.type === FrameType.CompressedFrames && f.length > COMPRESSED_HEADER_BYTES);
+    expect(kinds.slice(0, 4)).toEqual([FrameType.CompressedFrames, FrameType.Literal, FrameType.Run, FrameType.CompressedFrames]);
+    expect(batches[1].length).toBeLessThan(batches[0].length / 4);
+    expect(kinds.slice(4, 6)).toEqual(['restart', FrameType.Literal]);
+    expect(kinds.slice(6, -1).every((k) => k === FrameType.Literal || k === FrameType.Run || k === FrameType.Delta || k === FrameType.SiblingDelta)).toBe(true);
+    expect(kinds.at(-1)).toBe(FrameType.CompressedFrames);
+    expect(batches).toHaveLength(3);
+  });
+
+  test('a batch mostly of Runs and Deltas goes raw, unweighed: it does not make the policy skip the compressible batches after it', () => {
+    const { wire, delivered } = framedReceiver();
+    const frames = sender(wire, ZSTD);
+    frames.carryFrames();
+    // A back leg: chunk after chunk of Runs and Deltas (digests, changed bytes) with a record header
+    // between them, then the device state.
+    const chunks: Delivered[][] = [];
+    for (let c = 0; c < 20; c++) {
+      const chunk: Delivered[] = [];
+      for (let i = 0; i < 6; i++) {
+        chunk.push({ type: FrameType.Literal, payload: randomBytes(9) });
+        chunk.push({ type: i % 2 === 0 ? FrameType.Delta : FrameType.Run, payload: randomBytes(110) });
+      }
+      chunks.push(chunk);
+    }
+    const deviceState: Delivered[] = [{ type: FrameType.Literal, payload: textBytes(100_000, 4) }];
+    for (const chunk of [...chunks, deviceState]) send(frames, chunk, 1000);
+    expect(sameFrames(delivered, [...chunks.flat(), ...deviceState])).toBe(true);
     const types = wire.frames.map((f) => f.type);
-    const first = types.indexOf(FrameType.Run);
-    // Batches compressed, the six Runs as they are, batches compressed again: the receiver restarted its
-    // stream at the first Run, in step with the sender, or the next batch would not have decoded.
-    expect(types.slice(0, first).length).toBe(10);
-    expect(types.slice(0, first).every((t) => t === FrameType.CompressedFrames)).toBe(true);
-    expect(types.slice(first, first + 6)).toEqual(Array(6).fill(FrameType.Run));
-    expect(types.slice(first + 6).length).toBe(50);
-    expect(types.slice(first + 6).every((t) => t === FrameType.CompressedFrames)).toBe(true);
+    expect(types.slice(0, -1).every((t) => t !== FrameType.CompressedFrames)).toBe(true);
+    expect(types.at(-1)).toBe(FrameType.CompressedFrames);
+    expect(frames.savedBytes).toBeGreaterThan(deviceState[0].payload.length / 2);
   });
 
   test('incompressible batches cost no more than their frames', () => {

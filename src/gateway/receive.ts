@@ -23,7 +23,6 @@ import { MultifdMigration } from '../proxy/multifd-migration';
 import type { PageLayout } from '../proxy/retained';
 import { validateVmName } from '../store';
 import {
-  carriedInBatches,
   checkCarriedFrames,
   decodeAbort,
   decodeEnd,
@@ -119,8 +118,8 @@ export class ReceiveSession {
   /** Set when the Offer chose compression: Compressed frames back into Literal bytes. */
   private inflater: LiteralInflater | null = null;
   /**
-   * A CompressedFrames frame has come: the sender batches whole frames, and a Run or Delta outside a
-   * batch, like a Literal frame, is one it sent raw, restarting its zstd stream.
+   * A CompressedFrames frame has come: the sender batches whole frames, its zstd stream goes on across
+   * the batches it sends raw (a Literal frame no longer restarts it) until it says so.
    */
   private framesBatched = false;
   /** How far the digest table has been queued for the peer (it asks at most once per migration). */
@@ -236,8 +235,8 @@ export class ReceiveSession {
   private onFrame(type: FrameType, payload: Buffer, carried: boolean): void {
     if (this.over) return;
     if (this.phase === 'awaiting-hello' && type !== FrameType.Hello) throw new ProtocolViolation('unexpected-frame', `frame type ${type} before Hello`);
-    // Stream data sent raw restarts the zstd stream (wire/compression.ts).
-    if (!carried && (type === FrameType.Literal || (this.framesBatched && carriedInBatches(type)))) this.inflater?.raw();
+    // A Literal frame sent raw restarts the zstd stream of Compressed frames (wire/compression.ts).
+    if (type === FrameType.Literal && !carried && !this.framesBatched) this.inflater?.raw();
     switch (type) {
       case FrameType.Hello:
         this.onHello(payload);
@@ -297,8 +296,9 @@ export class ReceiveSession {
   private onCompressedFrames(payload: Buffer): void {
     const decoder = this.requireDecoder();
     if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a CompressedFrames frame, but compression was not chosen');
-    const batch = this.inflater.inflate(payload);
     this.framesBatched = true;
+    const batch = this.inflater.inflateBatch(payload);
+    if (batch === null) return;
     let deltas = false;
     checkCarriedFrames(batch, (type, bytes, at, length) => {
       if (type === FrameType.Delta) decoder.aheadOfDelta(bytes, at, at + length, -1);

@@ -20,11 +20,15 @@
  * in order), and where a guest's pages alternate between ones that cross and ones that do not (a
  * kernel's, a page cache's) that made batches of a page or two: a zstd call, a frame buffer and a
  * frame each (a first leg of a guest of real files made 12,690 batches under 32 KiB, 25 MB of its 179).
- * A batch that goes raw is its frames as they are; the first of them restarts the stream as a Literal
- * frame does (the receiver restarts at any Literal, Run, Delta or SiblingDelta frame outside a batch once
- * it has had a CompressedFrames frame).
+ * A batch that goes raw is its frames as they are, and the stream goes on across it (both sides' zstd
+ * contexts saw neither), so device state after a stretch of raw batches still compresses against what
+ * came before; only a compression attempt that failed restarts it, which the sender says with a
+ * CompressedFrames frame declaring 0 bytes. A batch mostly of Runs and Deltas (held pages' digests,
+ * changed bytes) is not worth a zstd call and goes raw without the policy weighing it: such batches, on
+ * a back leg, failed to shrink enough and made the policy skip the compressible ones after them.
  *
  *   CompressedFrames payload = u32 raw length | zstd bytes of whole frames (FrameType.CompressedFrames)
+ *                            | u32 0 (the stream restarts)
  */
 import { errorMessage } from '../common/errors';
 import { nativeExport } from '../digest';
@@ -42,6 +46,8 @@ export const MAX_BATCH_BYTES = 256 * 1024;
 export const COMPRESSED_HEADER_BYTES = 4;
 /** Smaller batches are not worth a zstd call. */
 const MIN_BATCH_BYTES = 64;
+/** A CompressedFrames frame declaring 0 bytes: the sender's zstd stream restarted (a failed attempt). */
+const RESTART_FRAME = Buffer.from([FrameType.CompressedFrames, 0, 0, 0, COMPRESSED_HEADER_BYTES, 0, 0, 0, 0]);
 
 type Handle = object;
 
@@ -175,7 +181,9 @@ export class LiteralFrames {
     this.batch = [];
     this.batchBytes = 0;
     this.batchLiteralBytes = 0;
-    if (total >= MIN_BATCH_BYTES && this.policy.compressNext(literalBytes)) {
+    // A framed batch mostly of Runs and Deltas goes raw, unweighed (see above).
+    const worthTrying = this.framed ? literalBytes >= MIN_BATCH_BYTES && literalBytes * 2 >= total : total >= MIN_BATCH_BYTES;
+    if (worthTrying && this.policy.compressNext(literalBytes)) {
       // Timed as a whole (the frame's buffer, zstd, the header): what the policy weighs the saving against.
       const started = process.hrtime.bigint();
       const saved = this.compressed(batch, total);
@@ -183,13 +191,19 @@ export class LiteralFrames {
         this.policy.compressedBatch(saved, Number(process.hrtime.bigint() - started) / 1e9);
         return;
       }
+    } else if (this.framed && !worthTrying) {
+      this.policy.noteLiteral(literalBytes);
     }
+    if (this.framed) {
+      for (const piece of batch) this.write(piece);
+      return;
+    }
+    // A Literal frame restarts the receiver's stream: the sender's restarts with it.
     if (this.streamOpen) {
       zstd().zstdCompressorReset(this.compressor as Handle);
       this.streamOpen = false;
     }
-    if (this.framed) for (const piece of batch) this.write(piece);
-    else for (const bytes of batch) this.writeRaw(bytes);
+    for (const bytes of batch) this.writeRaw(bytes);
   }
 
   /**
@@ -204,7 +218,8 @@ export class LiteralFrames {
     const frame = Buffer.allocUnsafe(this.framed ? total : start + total - FRAME_HEADER_BYTES);
     const n = zstd().zstdCompress(this.compressor as Handle, batch, frame, start);
     if (n < 0) {
-      // The native side restarted its stream already.
+      // The native side restarted its stream already; a receiver of whole frames is told so.
+      if (this.framed && this.streamOpen) this.write(RESTART_FRAME);
       this.streamOpen = false;
       this.policy.didNotShrink();
       return -1;
@@ -261,11 +276,20 @@ export class LiteralInflater {
   private readonly decompressor: Handle = zstd().zstdDecompressorNew(ZSTD_WINDOW_LOG);
   private streamOpen = false;
 
-  /** A Literal frame came: the sender restarted its stream. */
+  /** The sender restarted its stream: a Literal frame came (Compressed frames), or a restart (CompressedFrames). */
   raw(): void {
     if (!this.streamOpen) return;
     zstd().zstdDecompressorReset(this.decompressor);
     this.streamOpen = false;
+  }
+
+  /** The frames a CompressedFrames payload carries (a buffer of their own), or null for a restart of the stream. */
+  inflateBatch(payload: Buffer): Buffer | null {
+    if (payload.length === COMPRESSED_HEADER_BYTES && payload.readUInt32BE(0) === 0) {
+      this.raw();
+      return null;
+    }
+    return this.inflate(payload);
   }
 
   /** The Literal bytes of a Compressed frame's payload: a buffer of their own. */
