@@ -307,6 +307,17 @@ describe('whole frames in the batches (compressed-frames)', () => {
     expect(wire.parser.atBoundary).toBe(true);
   });
 
+  test('a frame larger than a batch may declare leaves raw, in its place', () => {
+    const { wire, delivered } = framedReceiver();
+    const frames = sender(wire, ZSTD);
+    frames.carryFrames();
+    const big: Delivered = { type: FrameType.Run, payload: randomBytes(MAX_BATCH_BYTES + 1) };
+    const sequence = [...alternating(10, 5), big, ...alternating(10, 6)];
+    send(frames, sequence, 1000);
+    expect(sameFrames(delivered, sequence)).toBe(true);
+    expect(wire.frames.map((f) => f.type)).toEqual([FrameType.CompressedFrames, FrameType.Run, FrameType.CompressedFrames]);
+  });
+
   test('without compression there is nothing to batch: carryFrames() leaves Runs and Deltas to the caller', () => {
     const frames = sender(receiver(), null);
     frames.carryFrames();

@@ -165,11 +165,17 @@ export class LiteralFrames {
     if (!this.framed) throw new Error('LiteralFrames.frame: the receiver takes no CompressedFrames');
     const size = header.length + payload.length;
     if (this.batchBytes + size > MAX_BATCH_BYTES) this.flush();
+    if (size > MAX_BATCH_BYTES) {
+      // Larger than a batch may declare: it leaves raw, after the batch (no Run or Delta is this large:
+      // MAX_RUN_RECORDS bits and a digest, a page's ranges).
+      this.write(header);
+      this.write(payload);
+      return;
+    }
     this.batch.push(header);
     if (payload.length > 0) this.batch.push(payload);
     this.batchBytes += size;
-    // A frame larger than a batch leaves at once, raw (no Run or Delta is: MAX_RUN_RECORDS bits and digests, a page).
-    if (this.batchBytes >= MAX_BATCH_BYTES) this.flush();
+    if (this.batchBytes === MAX_BATCH_BYTES) this.flush();
   }
 
   /** Sends the batch gathered so far. */

@@ -11,9 +11,9 @@
  * the stream as soon as the sender has parsed its end, before the receiver lets the destination finish;
  * 5: a migration has extra channels (multifd, postcopy-preempt), one connection each, whose Hello names
  * the migration and the channel (HelloMessage.channel).
- * Compression, deltas and siblings are not versions: they are negotiated within 4 (Hello.compression,
- * Offer.compression, Offer.features, Hello.siblings and Offer.siblings), so a gateway from before them
- * still migrates with one after them, without them.
+ * Compression, deltas, siblings and batches of whole frames are not versions: they are negotiated within
+ * 4 (Hello.compression, Offer.compression, Offer.features, Hello.siblings and Offer.siblings), so a
+ * gateway from before them still migrates with one after them, without them.
  */
 export const PROTOCOL_VERSION = 5;
 /**
