@@ -6,6 +6,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
+import { Writable } from 'node:stream';
 import { parseConfig } from '../../gateway/config';
 import { Gateway } from '../../gateway/gateway';
 import { createLogger } from '../../gateway/log';
@@ -73,9 +74,25 @@ export async function startSiteGateway(dir: string, name: string, yaml: string, 
   return own === 'child-process' ? startChild(configPath, logPath, options.nodeArgs ?? []) : startInProcess(yaml, logPath);
 }
 
+/**
+ * The log file of a gateway in this process, closed once the gateway has stopped: a line logged after
+ * that (a timer of a session still ending) is dropped, where writing it after the end would throw.
+ */
+function inProcessLog(logPath: string): { destination: Writable; close: () => Promise<void> } {
+  const file = fs.createWriteStream(logPath);
+  const destination = new Writable({
+    write(chunk: Buffer, _encoding, done) {
+      if (file.writableEnded) done();
+      else file.write(chunk, done);
+    },
+  });
+  return { destination, close: () => new Promise<void>((resolve) => file.end(resolve)) };
+}
+
 async function startInProcess(yaml: string, logPath: string): Promise<SiteGateway> {
   const config = parseConfig(yaml);
-  const log = createLogger({ name: config.name, level: 'warn', destination: fs.createWriteStream(logPath) });
+  const logFile = inProcessLog(logPath);
+  const log = createLogger({ name: config.name, level: 'warn', destination: logFile.destination });
   const gateway = new Gateway(config, log, new GatewayMetrics({ defaultMetrics: false }));
   await gateway.start();
   return {
@@ -87,7 +104,10 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
     pid: null,
     alive: () => true,
     logLines: [],
-    stop: () => gateway.stop(1),
+    stop: async () => {
+      await gateway.stop(1);
+      await logFile.close();
+    },
     kill: () => Promise.reject(new Error('a gateway in this process cannot be killed')),
   };
 }
