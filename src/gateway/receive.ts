@@ -154,10 +154,7 @@ export class ReceiveSession {
       {
         headBytes: SIBLING_DELTA_LEAD_BYTES + DELTA_AHEAD_BYTES,
         wants: (type) => type === FrameType.Delta || type === FrameType.SiblingDelta,
-        look: (type, head, length) => {
-          if (type === FrameType.Delta) this.decoder?.aheadOfDelta(head, 0, length, -1);
-          else this.decoder?.aheadOfDelta(head, SIBLING_DELTA_LEAD_BYTES, length, length > 0 ? head[0] : -1);
-        },
+        look: (type, head, length) => void this.lookAtDelta(type, head, 0, length),
         looked: () => this.decoder?.prefetchAhead(),
       },
     );
@@ -301,13 +298,21 @@ export class ReceiveSession {
     if (batch === null) return;
     let deltas = false;
     checkCarriedFrames(batch, (type, bytes, at, length) => {
-      if (type === FrameType.Delta) decoder.aheadOfDelta(bytes, at, at + length, -1);
-      else if (type === FrameType.SiblingDelta) decoder.aheadOfDelta(bytes, at + SIBLING_DELTA_LEAD_BYTES, at + length, length > 0 ? bytes[at] : -1);
-      else return;
-      deltas = true;
+      if (this.lookAtDelta(type, bytes, at, length)) deltas = true;
     });
     if (deltas) decoder.prefetchAhead();
     this.frames.nest(batch);
+  }
+
+  /**
+   * Shows the decoder a Delta or SiblingDelta that will be rebuilt soon (its base is read ahead): its
+   * payload is bytes[at, at + length). False for a frame of another type.
+   */
+  private lookAtDelta(type: FrameType, bytes: Buffer, at: number, length: number): boolean {
+    if (type === FrameType.Delta) this.decoder?.aheadOfDelta(bytes, at, at + length, -1);
+    else if (type === FrameType.SiblingDelta) this.decoder?.aheadOfDelta(bytes, at + SIBLING_DELTA_LEAD_BYTES, at + length, length > 0 ? bytes[at] : -1);
+    else return false;
+    return true;
   }
 
   /** Stream data is taken only while streaming. */
