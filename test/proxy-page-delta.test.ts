@@ -103,7 +103,7 @@ const LAYOUT: [string, number][] = [
  * `multifdChannels`: the encoder is given a MultifdMigration, as a sending gateway's always is, expecting
  * that many channels (none join here).
  */
-function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void, readsFree = true, multifdChannels?: number, receiverReadsAhead = false, wanBytesPerSecond = -1, pageWanUs = 0) {
+function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void, readsFree = true, multifdChannels?: number, receiverReadsAhead = false, wanBytesPerSecond = -1, pageWanUs = 0, beforePush?: (encoder: StreamEncoder, at: number) => void, chunkBytes = 50_000) {
   let wan = 0;
   const out: Buffer[] = [];
   const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), receiver);
@@ -138,7 +138,10 @@ function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas:
       }
     },
   );
-  for (let at = 0; at < stream.length; at += 50_000) encoder.push(stream.subarray(at, at + 50_000));
+  for (let at = 0; at < stream.length; at += chunkBytes) {
+    beforePush?.(encoder, at);
+    encoder.push(stream.subarray(at, at + chunkBytes));
+  }
   encoder.end();
   decoder.end(stream.length, encoder.streamCheck);
   return { rebuilt: Buffer.concat(out), wan, encoder, decoder };
@@ -292,6 +295,34 @@ describe('Delta frames between an encoder and a decoder', () => {
     const slow = legWith(100, 330);
     expect(slow.counts.pagesSent).toBe(1);
     expect(slow.counts.pagesMatched).toBeGreaterThanOrEqual(slow.nonZero - 1);
+  });
+
+  test('pages sent while the content index is not looked in are not added to it: a copy of one later goes whole', () => {
+    const { memory, a, b } = firstLeg(9);
+    const next = lcg(21);
+    const nonZero = (from: number, count: number) => memory.pages.slice(from, from + count).filter((p) => p.some((x) => x !== 0)).length;
+    // At B: pages 100..119 take 1000..1019's content (the receiver holds it there); 300..319 get new
+    // content, which 1500..1519 then copy.
+    for (let i = 0; i < 20; i++) memory.pages[100 + i] = Buffer.from(memory.pages[1000 + i]);
+    for (let i = 0; i < 20; i++) memory.pages[300 + i] = randomPage(next);
+    for (let i = 0; i < 20; i++) memory.pages[1500 + i] = Buffer.from(memory.pages[300 + i]);
+    memory.pages[1499] = randomPage(next);
+    const stream = migrationStream(memory, []);
+    // Lookups pay up to page 300, not from there to page 1499, and pay again from it.
+    const off = stream.indexOf(memory.pages[300]) - 64;
+    const onAgain = stream.indexOf(memory.pages[1499]);
+    expect(off).toBeGreaterThan(stream.indexOf(memory.pages[119]));
+    const lookups = (encoder: StreamEncoder, at: number) => {
+      const on = at < off || at >= onAgain;
+      encoder.deltaReadsFree = on;
+      encoder.receiverReadsAhead = on;
+    };
+    const leg = migrate(stream, b, a, true, undefined, true, undefined, false, -1, 0, lookups, 4096);
+    expect(leg.rebuilt.equals(stream)).toBe(true);
+    expect(leg.encoder.counts.pagesMatched).toBe(nonZero(1000, 20));
+    expect(leg.decoder.counts.pagesMatched).toBe(leg.encoder.counts.pagesMatched);
+    // 300..319, 1499 and 1500..1519.
+    expect(leg.encoder.counts.pagesSent).toBe(41);
   });
 
   test("while store reads are not free (the gateway, not the WAN, sets the pace) such a page goes whole: the receiver's read is not paid", () => {

@@ -423,7 +423,9 @@ export class StreamEncoder {
     if (held) return;
     // The receiver now holds this version of the page (or, for encoded pages, nothing we can name).
     if (words !== null && reference !== storeTable) words.set(known ? retainer.digestWords : ABSENT, word);
-    if (known && record.kind === RecordKind.RamPage && this.contentIndex !== null) this.contentIndex.add(record.pageIndex, retainer.digestWords, 0);
+    // Indexed only while pages are looked up in it: an add costs a cache miss or two, and a page left
+    // out costs at most a match later (a hint table: a slot is believed only when the reference agrees).
+    if (known && record.kind === RecordKind.RamPage && this.contentIndex !== null && this.receiverReadsPay) this.contentIndex.add(record.pageIndex, retainer.digestWords, 0);
     if (this.pageKey !== 0 && known && this.layout !== null) {
       this.resemblance ??= new ResemblanceCache(this.layout.pageCount, X86_PAGE_SIZE);
       this.resemblance.add(this.pageKey, record.pageIndex, record.data, record.dataStart, retainer.digestWords, 0);
