@@ -2,7 +2,7 @@
  * WanRate: what a sending session's WAN takes a second, which decides whether a store read at the
  * receiver is worth a page's crossing.
  */
-import { WanRate, WINDOW_MS } from '../src/gateway/wan-rate';
+import { ASSUMED_BYTES_PER_SECOND, WanRate, WINDOW_MS } from '../src/gateway/wan-rate';
 
 describe('WanRate', () => {
   test('unmeasured until a whole window has passed, then bytes handed on over that window', () => {
@@ -35,5 +35,26 @@ describe('WanRate', () => {
     rate.observe(100, 2 * WINDOW_MS);
     expect(rate.bytesPerSecond).toBe(0);
     expect(rate.slowerThan(1)).toBe(true);
+  });
+
+  test("a page's WAN time: at the measured rate while the WAN holds the session back, else at most a fast link's", () => {
+    const rate = new WanRate();
+    const fastLinkPage = (4096 * 1e6) / ASSUMED_BYTES_PER_SECOND;
+    // Unmeasured: a fast link's, held back or not.
+    expect(rate.pageMicros(4096, true)).toBeCloseTo(fastLinkPage);
+    expect(rate.pageMicros(4096, false)).toBeCloseTo(fastLinkPage);
+    // 12.5 MB/s measured: the link's rate while it holds the session back (328 µs a page)...
+    rate.observe(0, 0);
+    rate.observe(12_500_000 * 0.2, 200);
+    expect(rate.pageMicros(4096, true)).toBeCloseTo(327.68);
+    // ...and otherwise only what the session used of it, which a fast link's price bounds.
+    expect(rate.pageMicros(4096, false)).toBeCloseTo(fastLinkPage);
+    // A back leg that sent next to nothing: the link is no slower for it.
+    rate.observe(12_500_000 * 0.2 + 100, 400);
+    expect(rate.pageMicros(4096, false)).toBeCloseTo(fastLinkPage);
+    // Faster than the assumed link, measured either way: its own rate.
+    rate.observe(12_500_000 * 0.2 + 100 + 500_000_000 * 0.2, 600);
+    expect(rate.pageMicros(4096, false)).toBeCloseTo(8.192);
+    expect(rate.pageMicros(4096, true)).toBeCloseTo(8.192);
   });
 });

@@ -60,11 +60,6 @@ const READS_PAY_BELOW_BYTES_PER_S = X86_PAGE_SIZE / (DELTA_READ_BUDGET_US / 1e6)
  * the bytes they save, on guests whose pages resemble nothing most of all.
  */
 const RECEIVER_READS_PAY_BELOW_BYTES_PER_S = X86_PAGE_SIZE / 16e-6;
-/**
- * The WAN rate a session prices its own work against until it has measured one (WanRate: after 100 ms):
- * a fast link's (1 Gbit/s), on which that work costs most against the bytes it saves.
- */
-const ASSUMED_WAN_BYTES_PER_S = 125e6;
 
 /**
  * A source that sends nothing for this long in its device-state tail, without closing, is taken to have
@@ -412,8 +407,7 @@ export class SendSession {
     const policy = this.literals?.policy;
     policy?.observeWanRate(this.wanRate.bytesPerSecond);
     this.encoder.resemblanceWorth.observeWanRate(this.wanRate.bytesPerSecond);
-    const wanBytesPerSecond = this.wanRate.bytesPerSecond > 0 ? this.wanRate.bytesPerSecond : ASSUMED_WAN_BYTES_PER_S;
-    this.encoder.pageWanUs = this.options.deltas === 'always' ? 0 : (X86_PAGE_SIZE * 1e6) / wanBytesPerSecond;
+    this.encoder.pageWanUs = this.options.deltas === 'always' ? 0 : this.wanRate.pageMicros(X86_PAGE_SIZE, policy?.wanIsBottleneck ?? false);
     this.encoder.deltaReadsFree = this.options.deltas === 'always' || ((policy?.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
     this.encoder.receiverReadsAhead = this.receiverReadsAhead && (policy?.savingPays ?? true) && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);
     // Every frame this chunk produces leaves in one writev.

@@ -10,6 +10,9 @@
 /** Shortest window: a socket's first bursts (filling the kernel's send buffer) average out over it. */
 export const WINDOW_MS = 100;
 
+/** A fast link's rate (1 Gbit/s): what a session prices its own work against where it knows no better. */
+export const ASSUMED_BYTES_PER_SECOND = 125e6;
+
 export class WanRate {
   /** Bytes a second over the last whole window; -1 until one has passed. */
   bytesPerSecond = -1;
@@ -33,6 +36,18 @@ export class WanRate {
   /** Whether the WAN was measured to take `bytesPerSecond` or more; false until measured. */
   fasterThan(bytesPerSecond: number): boolean {
     return this.bytesPerSecond >= bytesPerSecond;
+  }
+
+  /**
+   * What `pageBytes` cost to cross, in µs, as far as the session can tell: at the measured rate while the
+   * WAN holds the session back (`wanHeldBack`: the rate the session used is then the link's). Otherwise
+   * the link takes at least what was measured, and a fast link's rate is assumed: a back leg that sends
+   * little measures next to nothing.
+   */
+  pageMicros(pageBytes: number, wanHeldBack: boolean): number {
+    const measured = this.bytesPerSecond;
+    const rate = wanHeldBack && measured > 0 ? measured : Math.max(measured, ASSUMED_BYTES_PER_SECOND);
+    return (pageBytes * 1e6) / rate;
   }
 
   /** Whether the WAN was measured to take fewer than `bytesPerSecond`; false until measured. */
