@@ -10,7 +10,7 @@ import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, encodePageDel
 import { QUIET_ADDS, QUIET_SAMPLE, RESEMBLANCE_AT, RESEMBLANCE_CACHE_PAGES, ResemblanceCache, resemblanceKey, ResemblanceWorth, WORTH_OFF_PAGES, WORTH_WINDOW_PAGES } from '../src/proxy/resemblance-cache';
 import { pageBuffers, ReusedBuffers } from '../src/proxy/reused-buffers';
 import { digestOne, digestWords, newDigestBuffer } from '../src/digest';
-import { PageStore } from '../src/store';
+import { PageStore, UndoableStore } from '../src/store';
 import { FRAME_HEADER_BYTES } from '../src/wire/frames';
 import { copiesWithHeaders, dirty, guestMemory, migrationStream, PAGE, patchPages } from '../src/lab/harness/migration-stream';
 import { TestStores } from './test-stores';
@@ -103,7 +103,7 @@ const LAYOUT: [string, number][] = [
  * `multifdChannels`: the encoder is given a MultifdMigration, as a sending gateway's always is, expecting
  * that many channels (none join here).
  */
-function migrate(stream: Buffer, sender: PageStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void, readsFree = true, multifdChannels?: number, receiverReadsAhead = false, wanBytesPerSecond = -1, pageWanUs = 0, beforePush?: (encoder: StreamEncoder, at: number) => void, chunkBytes = 50_000) {
+function migrate(stream: Buffer, sender: PageStore | UndoableStore, receiver: PageStore, deltas: boolean, tamper?: (payload: Buffer) => void, readsFree = true, multifdChannels?: number, receiverReadsAhead = false, wanBytesPerSecond = -1, pageWanUs = 0, beforePush?: (encoder: StreamEncoder, at: number) => void, chunkBytes = 50_000) {
   let wan = 0;
   const out: Buffer[] = [];
   const decoder = new StreamDecoder((b) => out.push(Buffer.from(b)), receiver);
@@ -225,6 +225,29 @@ describe('Delta frames between an encoder and a decoder', () => {
     // The delta reads until more than half of the last 16 were slow, then one try in 64; and the store's
     // own reads of the old versions it keeps until the migration commits (one a changed page).
     expect(reads()).toBeLessThan(changed.length + 9 + changed.length / 64 + 2);
+  });
+
+  test("with an undo journal, a Delta's read is the one the journal would make: made however slow reads are, and never made twice", () => {
+    const { memory, a, b } = firstLeg(5);
+    const held = memory.pages.slice();
+    const changed = patchPages(memory, 0.1, 64, 11);
+    const stream = migrationStream(memory, []);
+    // Every read as slow as the one before, which without a journal leaves the pages whole (test above).
+    const reads = timedReads(b, held, () => true, 400);
+    const sender = new UndoableStore(b);
+    const leg = migrate(stream, sender, a, true, undefined, false);
+    expect(leg.rebuilt.equals(stream)).toBe(true);
+    expect(leg.encoder.counts.pagesDelta).toBeGreaterThan(0.9 * changed.length);
+    // One disk read a changed page: the Delta's, which the journal saved the old version from.
+    expect(reads()).toBe(changed.length);
+    // And the journal holds those old versions: a failed migration puts them back.
+    sender.rollback();
+    const page = Buffer.alloc(PAGE);
+    b.readPages = PageStore.prototype.readPages;
+    for (const i of changed.slice(0, 20)) {
+      b.readPages(i, 1, page, 0);
+      expect(page.equals(held[i])).toBe(true);
+    }
   });
 
   test('pseudo-random rewrites go whole, at no more than 1% above a migration without deltas', () => {

@@ -511,16 +511,21 @@ export class StreamEncoder {
     const base = record.pageIndex;
     const baseAt = base * DIGEST_BYTES;
     if (reference !== store.digests && !sameDigest(reference, baseAt, store.digests, baseAt)) return NOT_READ;
+    // A read the store makes anyway before it writes the page's new version (its undo journal saving the
+    // old one takes it from this read) costs nothing a page sent whole would not: made whatever it takes.
+    const shared = store.readsBeforeWrite?.(base) === true;
     // Slow reads (a busy disk, a page still in the store's write queue) are tried again now and then.
-    if (!this.deltaReadsFree && bitCount16(this.slowReads) > 8 && (++this.deltaProbe & 63) !== 0) return NOT_READ;
+    if (!this.deltaReadsFree && !shared && bitCount16(this.slowReads) > 8 && (++this.deltaProbe & 63) !== 0) return NOT_READ;
     const readAt = performance.now();
     try {
       store.readPages(base, 1, this.basePage, 0);
     } catch {
       return NOT_READ; // not readable here: the page goes whole
     }
-    const slow = (performance.now() - readAt) * 1000 > DELTA_READ_BUDGET_US;
-    this.slowReads = ((this.slowReads << 1) | (slow ? 1 : 0)) & 0xffff;
+    if (!shared) {
+      const slow = (performance.now() - readAt) * 1000 > DELTA_READ_BUDGET_US;
+      this.slowReads = ((this.slowReads << 1) | (slow ? 1 : 0)) & 0xffff;
+    }
     digestOne(this.basePage, 0, X86_PAGE_SIZE, this.baseDigest, 0);
     if (!sameDigest(this.baseDigest, 0, reference, baseAt)) return NOT_READ;
     const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);

@@ -15,6 +15,12 @@ export interface RetainedPages {
   dropCorrupt?(index: number): void;
   /** inStream (default true): one of a series read in ascending order, worth reading ahead; false for a lone page. */
   readPages(index: number, count: number, dest: Uint8Array, destStart: number, inStream?: boolean): void;
+  /**
+   * Whether the store reads page `index` itself before its next version is written (an undo journal
+   * saving the version it replaces), taking it from a lone readPages() of that page made just before:
+   * such a read costs no disk read a plain write of the page would not. Absent: never.
+   */
+  readsBeforeWrite?(index: number): boolean;
   /** A hint: lone pages among indices[0 .. count-1] will be read soon (the array may be compacted in place). */
   prefetchPages?(indices: Uint32Array, count: number): void;
   /** A hint: ranges [starts[i], starts[i] + counts[i]) will be read soon, each at once (the arrays may be compacted in place). */

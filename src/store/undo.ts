@@ -150,6 +150,17 @@ export class UndoableStore {
     this.lastReadIndex = index;
   }
 
+  /**
+   * Whether writing page `index` now would first save its old version in the journal, reading it from
+   * the disk unless a lone readPages() of it just before kept it: then such a read is one the write makes
+   * anyway (a Delta's base at the sender, the page's held version).
+   */
+  readsBeforeWrite(index: number): boolean {
+    const saved = this.saved;
+    if (this.withheld !== null || this.journal === null || saved === null) return false;
+    return (saved[index >>> 3] & (1 << (index & 7))) === 0 && !isZero(this.store.digests, index * DIGEST_BYTES, DIGEST_BYTES);
+  }
+
   prefetchPages(indices: Uint32Array, count: number): void {
     if (this.withheld === null) this.store.prefetchPages(indices, count);
   }
