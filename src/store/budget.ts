@@ -141,7 +141,9 @@ export function removeStore(root: string, vm: string, still: (entry: StoreEntry)
     }
     const away = path.join(root, `${REMOVING_PREFIX}${vm}-${process.pid}-${Date.now()}`);
     fs.renameSync(dir, away);
-    fs.rmSync(away, { recursive: true, force: true });
+    // A process whose lookup of `dir` came before the rename may still create its lock file in `away`
+    // (it finds out and starts again: lock.ts): removal tries again once it has.
+    fs.rmSync(away, { recursive: true, force: true, maxRetries: 3, retryDelay: 5 });
     return entry;
   } catch (err) {
     if (fs.existsSync(dir)) releaseLock(dir);

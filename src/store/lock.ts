@@ -28,16 +28,27 @@ export function lockHolder(dir: string): { host: string; pid: number } | null {
 /**
  * Takes a VM store's lock: a file created exclusively (atomic on local filesystems and NFSv3+), holding
  * "host pid". A lock left by a dead process on this host is taken over; one held elsewhere is not.
+ * Throws an error with code ENOENT when `dir` is gone, or was renamed away as the lock was made.
+ * `afterCreate` runs once the file is made, before that is checked (tests: the eviction race).
  */
-export function acquireLock(dir: string): void {
+export function acquireLock(dir: string, afterCreate: () => void = () => undefined): void {
   const file = path.join(dir, LOCK_FILE);
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
       const fd = fs.openSync(file, 'wx', 0o600);
+      let made: fs.Stats;
       try {
         fs.writeSync(fd, `${os.hostname()} ${process.pid}\n`);
+        made = fs.fstatSync(fd);
       } finally {
         fs.closeSync(fd);
+      }
+      afterCreate();
+      if (!lockIsAt(file, made)) {
+        // The directory was renamed away (a store evicted under its lock: budget.ts) between the path's
+        // lookup and the file's creation, and the lock just made is in it: not this store's. The evicting
+        // process removes it with its directory; the caller starts again, as when the directory is gone.
+        throw Object.assign(new Error(`the store directory ${dir} moved while its lock was taken`), { code: 'ENOENT' });
       }
       return;
     } catch (err) {
@@ -48,6 +59,16 @@ export function acquireLock(dir: string): void {
     fs.rmSync(file, { force: true }); // stale: its process is gone
   }
   throw new StoreBusyError(`the store of ${path.basename(dir)} is being taken by another process`);
+}
+
+/** Whether `file` is still the file `made` describes (the same inode on the same device). */
+function lockIsAt(file: string, made: fs.Stats): boolean {
+  try {
+    const now = fs.lstatSync(file);
+    return now.ino === made.ino && now.dev === made.dev;
+  } catch {
+    return false;
+  }
 }
 
 export function releaseLock(dir: string): void {
