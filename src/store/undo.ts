@@ -142,8 +142,7 @@ export class UndoableStore {
   readPages(index: number, count: number, dest: Uint8Array, destStart: number, inStream = true): void {
     this.store.readPages(index, count, dest, destStart, inStream);
     // Kept only where the journal may still want it: a page it has not saved yet.
-    const saved = this.saved;
-    if (count !== 1 || saved === null || (saved[index >>> 3] & (1 << (index & 7))) !== 0) return;
+    if (count !== 1 || !this.journalWants(index)) return;
     const pageSize = (this.layout as StoreLayout).pageSize;
     this.lastRead ??= Buffer.allocUnsafe(pageSize);
     this.lastRead.set(dest.subarray(destStart, destStart + pageSize));
@@ -156,9 +155,13 @@ export class UndoableStore {
    * anyway (a Delta's base at the sender, the page's held version).
    */
   readsBeforeWrite(index: number): boolean {
+    return this.withheld === null && this.journal !== null && this.journalWants(index) && !isZero(this.store.digests, index * DIGEST_BYTES, DIGEST_BYTES);
+  }
+
+  /** Whether the journal protects a snapshot and has not saved page `index` yet this migration. */
+  private journalWants(index: number): boolean {
     const saved = this.saved;
-    if (this.withheld !== null || this.journal === null || saved === null) return false;
-    return (saved[index >>> 3] & (1 << (index & 7))) === 0 && !isZero(this.store.digests, index * DIGEST_BYTES, DIGEST_BYTES);
+    return saved !== null && (saved[index >>> 3] & (1 << (index & 7))) === 0;
   }
 
   prefetchPages(indices: Uint32Array, count: number): void {
@@ -210,9 +213,8 @@ export class UndoableStore {
   }
 
   private save(index: number): void {
-    const saved = this.saved;
-    if (saved === null || (saved[index >>> 3] & (1 << (index & 7))) !== 0) return;
-    saved[index >>> 3] |= 1 << (index & 7);
+    if (!this.journalWants(index)) return;
+    (this.saved as Uint8Array)[index >>> 3] |= 1 << (index & 7);
     const kept = index === this.lastReadIndex ? this.lastRead : null;
     (this.journal as UndoJournal).append(index, this.store.digests, (dest, at) => (kept !== null ? void dest.set(kept, at) : this.store.readPages(index, 1, dest, at, false)));
   }
