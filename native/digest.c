@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <errno.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
@@ -557,6 +558,23 @@ static napi_value TuneSocket(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * threadCpuSeconds(): CPU time the calling thread has used, in seconds. What a piece of the gateway's
+ * work costs, where the wall clock also counts the time the thread waited for a core (two cores shared
+ * by the QEMUs, the gateways and the WAN emulator, as in the lab, stretch a 0.4 ms zstd call to 4 ms).
+ */
+static napi_value ThreadCpuSeconds(napi_env env, napi_callback_info info) {
+  (void)info;
+  struct timespec ts;
+  napi_value result;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0) {
+    napi_throw_error(env, "ERR_BFMIG_CLOCK", "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+    return NULL;
+  }
+  BF_CALL(env, napi_create_double(env, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9, &result));
+  return result;
+}
+
 napi_status bf_pageio_register(napi_env env, napi_value exports); /* native/pageio.c */
 napi_status bf_pagedelta_register(napi_env env, napi_value exports); /* native/pagedelta.c */
 napi_status bf_zstd_register(napi_env env, napi_value exports);   /* native/zstd.c */
@@ -573,6 +591,7 @@ NAPI_MODULE_INIT() {
       {"streamHashUpdate", NULL, StreamHashUpdate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"streamHashDigest", NULL, StreamHashDigest, NULL, NULL, NULL, napi_enumerable, NULL},
       {"tuneSocket", NULL, TuneSocket, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"threadCpuSeconds", NULL, ThreadCpuSeconds, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   static int initialised = 0;
   if (!initialised) {
