@@ -2,7 +2,7 @@
  * WanRate: what a sending session's WAN takes a second, which decides whether a store read at the
  * receiver is worth a page's crossing.
  */
-import { ASSUMED_BYTES_PER_SECOND, WanRate, WINDOW_MS } from '../src/gateway/wan-rate';
+import { ASSUMED_BYTES_PER_SECOND, LINK_WINDOW_MS, WanRate, WINDOW_MS } from '../src/gateway/wan-rate';
 
 describe('WanRate', () => {
   test('unmeasured until a whole window has passed, then bytes handed on over that window', () => {
@@ -56,5 +56,38 @@ describe('WanRate', () => {
     rate.observe(12_500_000 * 0.2 + 100 + 500_000_000 * 0.2, 600);
     expect(rate.pageMicros(4096, false)).toBeCloseTo(8.192);
     expect(rate.pageMicros(4096, true)).toBeCloseTo(8.192);
+  });
+
+  test("the link's own rate: bytes handed on across held-back intervals only, added up however far apart", () => {
+    const rate = new WanRate();
+    let sent = 0;
+    let now = 0;
+    const step = (ms: number, bytesPerSecond: number, heldBack: boolean): void => {
+      now += ms;
+      sent += (bytesPerSecond * ms) / 1000;
+      rate.observe(sent, now, heldBack);
+    };
+    rate.observe(0, 0, true);
+    // Compressed stretches the link drained through, at 40 MB/s, between short raw ones it held back at
+    // 125 MB/s: the session's rate is the mix, the link's the held-back intervals'.
+    for (let i = 0; i < 10; i++) {
+      step(20, 40e6, false);
+      step(2, 125e6, true);
+      step(2, 125e6, true);
+      step(2, 125e6, true);
+    }
+    expect(rate.bytesPerSecond).toBeGreaterThan(0);
+    expect(rate.bytesPerSecond).toBeLessThan(60e6);
+    expect(rate.linkBytesPerSecond).toBeCloseTo(125e6);
+    // Not measured before LINK_WINDOW_MS of held-back time.
+    const fresh = new WanRate();
+    fresh.observe(0, 0, true);
+    fresh.observe(125_000, 1, true);
+    fresh.observe(125_000 * (LINK_WINDOW_MS - 2), LINK_WINDOW_MS - 2, true);
+    expect(fresh.linkBytesPerSecond).toBe(-1);
+    // A first held-back observation measures no interval: the one before it was not seen.
+    const late = new WanRate();
+    late.observe(1e9, 10_000, true);
+    expect(late.linkBytesPerSecond).toBe(-1);
   });
 });

@@ -6,7 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { chooseCompression, COMPRESSED_HEADER_BYTES, helloCompression, LiteralFrames, LiteralInflater, MAX_BATCH_BYTES, offeredCompression, ZSTD } from '../src/wire/compression';
-import { CompressionPolicy, DRAINED_BYTES, MAX_REJOIN, MAX_SKIP, SPARSE_SHARE, SWING_BYTES, WORTH_FACTOR } from '../src/wire/compression-policy';
+import { BUSY_LOOP_SHARE, CompressionPolicy, DRAINED_BYTES, MAX_REJOIN, MAX_SKIP, SPARSE_SHARE, SWING_BYTES, WORTH_FACTOR } from '../src/wire/compression-policy';
 import { carriedInBatches, checkCarriedFrames, FRAME_HEADER_BYTES, FrameParser, frameHeader, FrameType, WireError } from '../src/wire/frames';
 
 /** Text-like bytes: words from a small vocabulary, as logs and source files are. */
@@ -544,6 +544,86 @@ describe('CompressionPolicy', () => {
     }
   });
 
+  /** Drained chunks, each after the loop was busy `busyMs` and idle `idleMs`, each going as Literal bytes. */
+  function drained(policy: CompressionPolicy, chunks: number, busyMs: number, idleMs: number): void {
+    for (let i = 0; i < chunks; i++) {
+      policy.observeLoop(busyMs, idleMs);
+      policy.observeWan(false, CHUNK);
+      policy.noteLiteral(CHUNK);
+    }
+  }
+
+  test('the source sets the pace (the loop waited between its chunks): the WAN drains, and compression and Deltas stay on', () => {
+    const policy = new CompressionPolicy();
+    // Busy half the time, stretch after stretch: compressing costs the migration nothing it waits for.
+    drained(policy, 10 * DRAINED_CHUNKS, 1, 1);
+    expect(policy.wanIsBottleneck).toBe(false);
+    expect(policy.savingPays).toBe(true);
+    expect(policy.compressNext(CHUNK)).toBe(true);
+    // Just under the share: still the source's pace.
+    const busy = BUSY_LOOP_SHARE - 0.01;
+    drained(policy, DRAINED_CHUNKS, busy, 1 - busy);
+    expect(policy.compressNext(CHUNK)).toBe(true);
+  });
+
+  test('a stretch in which the loop was busy for BUSY_LOOP_SHARE of the time or more is the gateway\'s pace: compression backs off', () => {
+    const policy = new CompressionPolicy();
+    drained(policy, 3 * DRAINED_CHUNKS, 1, 1);
+    expect(policy.savingPays).toBe(true);
+    // A stretch judged on its own: the idle stretches before it do not dilute it.
+    drained(policy, DRAINED_CHUNKS - 1, BUSY_LOOP_SHARE, 1 - BUSY_LOOP_SHARE);
+    expect(policy.savingPays).toBe(true);
+    drained(policy, 1, BUSY_LOOP_SHARE, 1 - BUSY_LOOP_SHARE);
+    expect(policy.savingPays).toBe(false);
+    expect(policy.compressNext(CHUNK)).toBe(false);
+    // Backed off, an idle loop alone brings nothing back: only the WAN holding the session back does.
+    drained(policy, 3 * DRAINED_CHUNKS, 0, 1);
+    expect(policy.savingPays).toBe(false);
+    policy.observeWan(true, CHUNK);
+    expect(policy.compressNext(CHUNK)).toBe(true);
+  });
+
+  test('a stretch the gateway set the pace of, in which it took in the source as fast as the link takes it raw, keeps compression on', () => {
+    const policy = new CompressionPolicy();
+    // 125 MB/s measured at the link; the loop always busy.
+    policy.observeLinkRate(125e6);
+    // DRAINED_BYTES (4 MiB) in 30 ms: 140 MB/s taken in while compressing, more than raw could.
+    drained(policy, DRAINED_CHUNKS, 30 / DRAINED_CHUNKS, 0);
+    expect(policy.savingPays).toBe(true);
+    expect(policy.wanIsBottleneck).toBe(false);
+    // In 40 ms: 105 MB/s, less than the link would take raw: backs off.
+    drained(policy, DRAINED_CHUNKS, 40 / DRAINED_CHUNKS, 0);
+    expect(policy.savingPays).toBe(false);
+  });
+
+  test('where the session measures the link, compression comes back after a back-off only once the link is measured', () => {
+    const policy = new CompressionPolicy();
+    policy.observeLinkRate(-1);
+    drained(policy, DRAINED_CHUNKS, 1, 0);
+    expect(policy.savingPays).toBe(false);
+    // Held back, but the link not measured yet: the next gateway-paced stretch could not be weighed.
+    for (let i = 0; i < 10; i++) policy.observeWan(true, CHUNK);
+    expect(policy.savingPays).toBe(false);
+    policy.observeLinkRate(125e6);
+    policy.observeWan(true, CHUNK);
+    expect(policy.savingPays).toBe(true);
+    // A policy never told of the link (a multifd channel's) comes back at once.
+    const unmeasured = new CompressionPolicy();
+    drained(unmeasured, DRAINED_CHUNKS, 1, 0);
+    unmeasured.observeWan(true, CHUNK);
+    expect(unmeasured.savingPays).toBe(true);
+  });
+
+  test('a chunk the WAN held back starts the stretch over, the loop\'s time with it', () => {
+    const policy = new CompressionPolicy();
+    // Busy through most of a stretch, then held back: that busy time was the WAN's pace, not the gateway's.
+    drained(policy, DRAINED_CHUNKS - 1, 1, 0);
+    policy.observeLoop(1, 0);
+    policy.observeWan(true, CHUNK);
+    drained(policy, DRAINED_CHUNKS, 1, 9);
+    expect(policy.savingPays).toBe(true);
+  });
+
   test('a source paused for the WAN counts as held back at its next chunk (the socket has drained by then), and at that one only', () => {
     const policy = new CompressionPolicy();
     for (let i = 0; i < DRAINED_CHUNKS; i++) policy.observeWan(false, CHUNK);
@@ -579,7 +659,7 @@ describe('CompressionPolicy', () => {
     expect(policy.compressNext(CHUNK)).toBe(true);
   });
 
-  test('a batch that shrank by less than it cost (its saved bytes\' WAN time against WORTH_FACTOR times its compression time) skips as one that did not shrink', () => {
+  test('batches that shrank by less than they cost (saved bytes\' WAN time against WORTH_FACTOR times the CPU time) skip as ones that did not shrink, judged as a running average', () => {
     const policy = new CompressionPolicy();
     /** The batch after the next `skipped` ones the policy compresses, and how many it skipped before it. */
     const nextCompressed = (): number => {
@@ -600,11 +680,24 @@ describe('CompressionPolicy', () => {
     expect(nextCompressed()).toBe(1);
     policy.compressedBatch(6500, 1.2 * worth);
     expect(nextCompressed()).toBe(2);
-    policy.compressedBatch(6500, 0.8 * worth);
+    // One that paid by less than the others lost: the average is still short, and the skipping doubles on.
+    policy.compressedBatch(6500, 0.9 * worth);
+    expect(nextCompressed()).toBe(4);
+    // One that paid well brings the average up: compression goes on.
+    policy.compressedBatch(6500, 0.1 * worth);
     expect(nextCompressed()).toBe(0);
-    // At 12.5 MB/s (100 Mbit/s) the same bytes are worth ten times as much: that batch pays.
+    // Among batches that paid well, one that lost by as much does not stop it...
+    for (let i = 0; i < 8; i++) policy.compressedBatch(6500, 0.2 * worth);
+    policy.compressedBatch(6500, 1.5 * worth);
+    expect(nextCompressed()).toBe(0);
+    // ...a run of them does.
+    policy.compressedBatch(6500, 1.5 * worth);
+    policy.compressedBatch(6500, 1.5 * worth);
+    policy.compressedBatch(6500, 1.5 * worth);
+    expect(nextCompressed()).toBeGreaterThan(0);
+    // At 12.5 MB/s (100 Mbit/s) the same bytes are worth ten times as much: those batches pay.
     policy.observeWanRate(12.5 * MB);
-    policy.compressedBatch(6500, 1.2 * worth);
+    for (let i = 0; i < 4; i++) policy.compressedBatch(6500, 1.2 * worth);
     expect(nextCompressed()).toBe(0);
   });
 

@@ -50,6 +50,7 @@ import type { WanShare } from './wan-cap';
 import type { ChannelGroup, MainChannel } from './migration-channels';
 import { SentSiblings } from './siblings';
 import { WanRate } from './wan-rate';
+import { LoopLoad } from './loop-load';
 
 /** A link slower than this takes longer for a page than the store read a delta or a content match costs. */
 const READS_PAY_BELOW_BYTES_PER_S = X86_PAGE_SIZE / (DELTA_READ_BUDGET_US / 1e6);
@@ -127,6 +128,8 @@ export class SendSession {
   private readonly returnPath = new ReturnPathMessages();
   /** How fast the WAN takes this session's frames: whether a page crosses slower than a store read. */
   private readonly wanRate = new WanRate();
+  /** The event loop's load, told to the compression policy per source chunk. */
+  private readonly loopLoad = new LoopLoad();
   /** The receiver's Offer lists `bases-ahead`: it reads Delta bases ahead, in parallel or from memory. */
   private receiverReadsAhead = false;
   /** Stream bytes the last Seal covered. */
@@ -394,8 +397,14 @@ export class SendSession {
   private onSourceData(chunk: Buffer): void {
     if (!this.encoder || this.over) return;
     // Whether the WAN held this session back since the last chunk (the peer socket still holds what that
-    // chunk produced, or the source was paused for it): compression pays only then.
-    this.literals?.policy.observeWan(this.peer.writableLength > 0, chunk.length);
+    // chunk produced, or the source was paused for it), and how busy the event loop was meanwhile: from
+    // both the policy judges whether the WAN, the source or this gateway's CPU sets the pace.
+    const policy = this.literals?.policy;
+    let heldBack = false;
+    if (policy) {
+      this.loopLoad.tell(policy);
+      heldBack = policy.observeWan(this.peer.writableLength > 0, chunk.length);
+    }
     // A delta costs store reads here and at the receiver, a content match one there: paid whatever they
     // take only while the WAN, not the gateways, sets the pace, and the link is slow enough that a page
     // takes longer to cross than such a read. A match or a delta against a page alike, read ahead by the
@@ -403,10 +412,10 @@ export class SendSession {
     // encode): paid while saving pays as compression does (the WAN sets the pace, or little must cross),
     // on a link slow enough. On a host whose gateways set a first leg's pace at 1 Gbit/s they made it a
     // quarter slower than no saving at all (docs/benchmarks.md, "Sixth session").
-    this.wanRate.observe(this.life.wanOut - this.peer.writableLength, performance.now());
-    const policy = this.literals?.policy;
-    policy?.observeWanRate(this.wanRate.bytesPerSecond);
-    this.encoder.resemblanceWorth.observeWanRate(this.wanRate.bytesPerSecond);
+    this.wanRate.observe(this.life.wanOut - this.peer.writableLength, performance.now(), heldBack);
+    policy?.observeWanRate(this.wanRate.savedByteRate);
+    policy?.observeLinkRate(this.wanRate.linkBytesPerSecond);
+    this.encoder.resemblanceWorth.observeWanRate(this.wanRate.savedByteRate);
     this.encoder.pageWanUs = this.options.deltas === 'always' ? 0 : this.wanRate.pageMicros(X86_PAGE_SIZE, policy?.wanIsBottleneck ?? false);
     this.encoder.deltaReadsFree = this.options.deltas === 'always' || ((policy?.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
     this.encoder.receiverReadsAhead = this.receiverReadsAhead && (policy?.savingPays ?? true) && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);

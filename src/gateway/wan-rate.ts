@@ -10,17 +10,46 @@
 /** Shortest window: a socket's first bursts (filling the kernel's send buffer) average out over it. */
 export const WINDOW_MS = 100;
 
+/** Held-back time over which the link's own rate is measured: a few dozen source chunks at 1 Gbit/s. */
+export const LINK_WINDOW_MS = 50;
+
 /** A fast link's rate (1 Gbit/s): what a session prices its own work against where it knows no better. */
 export const ASSUMED_BYTES_PER_SECOND = 125e6;
 
 export class WanRate {
   /** Bytes a second over the last whole window; -1 until one has passed. */
   bytesPerSecond = -1;
+  /**
+   * Bytes a second the link itself takes: what the socket handed on across LINK_WINDOW_MS of intervals
+   * in which the WAN held the session back, the kernel's send buffer full throughout, added up however
+   * far apart they came. bytesPerSecond is what the session gave the link; this is what it would take.
+   * -1 until measured.
+   */
+  linkBytesPerSecond = -1;
   private windowAt = -1;
   private windowBytes = 0;
+  /** The last observation, and the held-back intervals added up since the link was last measured. */
+  private lastAt = -1;
+  private lastSent = 0;
+  private heldMs = 0;
+  private heldBytes = 0;
 
-  /** `sentBytes`: bytes the socket has handed on so far (written less still queued), at `nowMs`. */
-  observe(sentBytes: number, nowMs: number): void {
+  /**
+   * `sentBytes`: bytes the socket has handed on so far (written less still queued), at `nowMs`;
+   * `heldBack`: the WAN held the session back since the last observation (CompressionPolicy.observeWan).
+   */
+  observe(sentBytes: number, nowMs: number, heldBack = false): void {
+    if (heldBack && this.lastAt >= 0) {
+      this.heldMs += nowMs - this.lastAt;
+      this.heldBytes += sentBytes - this.lastSent;
+      if (this.heldMs >= LINK_WINDOW_MS) {
+        this.linkBytesPerSecond = (this.heldBytes * 1000) / this.heldMs;
+        this.heldMs = 0;
+        this.heldBytes = 0;
+      }
+    }
+    this.lastAt = nowMs;
+    this.lastSent = sentBytes;
     if (this.windowAt < 0) {
       this.windowAt = nowMs;
       this.windowBytes = sentBytes;
@@ -31,6 +60,16 @@ export class WanRate {
     this.bytesPerSecond = ((sentBytes - this.windowBytes) * 1000) / elapsed;
     this.windowAt = nowMs;
     this.windowBytes = sentBytes;
+  }
+
+  /**
+   * What a byte saved is worth, in bytes a second: the link's own rate where measured, else the rate the
+   * session used. The session's own rate falls while it compresses and rises while it does not, and a
+   * saving priced at it swung with it: a batch priced at a raw stretch's rate did not pay, was sent raw,
+   * and kept the rate up.
+   */
+  get savedByteRate(): number {
+    return this.linkBytesPerSecond > 0 ? this.linkBytesPerSecond : this.bytesPerSecond;
   }
 
   /** Whether the WAN was measured to take `bytesPerSecond` or more; false until measured. */
