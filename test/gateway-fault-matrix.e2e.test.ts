@@ -368,10 +368,14 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
     await waitUntil('the migration to get under way', async () => ((await vm.queryMigrate()).ram?.transferred ?? 0) >= 8 * 1024 * 1024);
     await vm.qmp('migrate-start-postcopy');
     // Only the source is asked from here on: the destination's main thread may block on a page that
-    // has not arrived (a postcopy destination answers only out-of-band commands then).
-    await waitUntil('postcopy to move some pages', async () => {
+    // has not arrived (a postcopy destination answers only out-of-band commands then). Its events still
+    // come: the cut must come after its RESUME, once it runs the guest. Cut while it was still loading
+    // the device state the switch sent (the receiving gateway may hold that tail until a check covers
+    // it), the destination failed the load and exited ("load of migration failed: Input/output error")
+    // instead of pausing, and the guest, half of it at each end, was lost.
+    await waitUntil('postcopy to move some pages, and the destination to run the guest', async () => {
       const info = await vm.queryMigrate();
-      return info.status === 'postcopy-active' && (info.ram?.['postcopy-bytes'] ?? 0) >= 4 * 1024 * 1024;
+      return info.status === 'postcopy-active' && (info.ram?.['postcopy-bytes'] ?? 0) >= 4 * 1024 * 1024 && dest.qmpEvents.some((e) => e.event === 'RESUME');
     });
     expect(await to.link.cut()).toBe(1);
     // Both QEMUs pause (postcopy cannot fail back: the guest already ran at the destination).
