@@ -415,7 +415,7 @@ export class SendSession {
     this.wanRate.observe(this.life.wanOut - this.peer.writableLength, performance.now(), heldBack);
     policy?.observeWanRate(this.wanRate.savedByteRate);
     policy?.observeLinkRate(this.wanRate.linkBytesPerSecond);
-    this.encoder.resemblanceWorth.observeWanRate(this.wanRate.savedByteRate);
+    this.encoder.resemblanceWorth.observeWanRate(this.wanRate.bytesPerSecond);
     this.encoder.pageWanUs = this.options.deltas === 'always' ? 0 : this.wanRate.pageMicros(X86_PAGE_SIZE, policy?.wanIsBottleneck ?? false);
     this.encoder.deltaReadsFree = this.options.deltas === 'always' || ((policy?.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
     this.encoder.receiverReadsAhead = this.receiverReadsAhead && (policy?.savingPays ?? true) && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);
