@@ -108,8 +108,14 @@ function heldRateFor(inputs: ModelInputs, seconds: number, platform: Platform): 
   return Math.sqrt(lo * hi);
 }
 
-/** A plain first leg at most this many times the relay's first leg's time was paced by the link, not the gateways. */
-const LINK_PACED = 1.05;
+/**
+ * A plain first leg at most this many times the relay's first leg's time was paced by the link, not the
+ * gateways: a leg of a second or two at 1 Gbit/s spends up to a tenth of it on what a relay does not do
+ * (the handshake, the stores, the commit). At 1.05 the sixteenth session's plain first legs of the files
+ * guest (1.94 s against the relay's 1.78) counted as paced by gateways carrying pages at 121 MB/s, slower
+ * than the link: the model then had compression make them slower still, and the policy did not.
+ */
+const LINK_PACED = 1.1;
 
 /**
  * `base` with the host's rates read from baseline legs measured beside the legs to be predicted, in the
@@ -134,10 +140,19 @@ export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: numbe
   if (relay.length === 0) throw new Error('no relay legs to calibrate from');
   const linkCeilingBytesPerS = median(relay.map((l) => (l.streamBytes - base.directBufferBytes) / (l.totalTimeMs / 1000)));
   // A plain first leg within LINK_PACED of the relay's time was paced by the link: it says nothing of the
-  // gateways' rate for carried pages, nor of the CPU they had to spare for zstd, and base's stand.
+  // gateways' rate for carried pages but that it is at least the link's, nor of the CPU they had to spare
+  // for zstd. A gateway with a core to spare has the machine's own rates then (BENCH_PLATFORM's, where
+  // base's are lower: the share of a core a plain gateway used while it waited for the link is not what
+  // it takes when it compresses).
   const firstTime = (path: string): number => median(legs.filter((l) => l.path === path && l.leg === 1).map((l) => l.totalTimeMs));
   let platform: Platform = { ...base, linkCeilingBytesPerS };
-  if (firstTime('bfmig-plain') > LINK_PACED * firstTime('relay')) {
+  if (firstTime('bfmig-plain') <= LINK_PACED * firstTime('relay')) {
+    platform = {
+      ...platform,
+      gatewayLiteralBytesPerS: Math.max(base.gatewayLiteralBytesPerS, BENCH_PLATFORM.gatewayLiteralBytesPerS),
+      compressorBytesPerS: Math.max(base.compressorBytesPerS, BENCH_PLATFORM.compressorBytesPerS),
+    };
+  } else {
     const gatewayLiteralBytesPerS = gatewayRate(true);
     const cpu = legs.filter((l) => l.path === 'bfmig-plain' && l.leg === 1 && l.gatewayCpuSecondsSend !== null && l.streamBytes > 0);
     // The core's share the sender used at that rate, which zstd (compressorBytesPerS a whole core) would get.
