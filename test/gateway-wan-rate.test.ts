@@ -1,8 +1,11 @@
 /**
  * WanRate: what a sending session's WAN takes a second, which decides whether a store read at the
- * receiver is worth a page's crossing.
+ * receiver is worth a page's crossing; WanPace: what a sending connection tells its compression policy
+ * per source chunk.
  */
+import { type LoopLoadSource, WanPace } from '../src/gateway/wan-pace';
 import { ASSUMED_BYTES_PER_SECOND, LINK_WINDOW_MS, WanRate, WINDOW_MS } from '../src/gateway/wan-rate';
+import { CompressionPolicy, DRAINED_BYTES } from '../src/wire/compression-policy';
 
 describe('WanRate', () => {
   test('unmeasured until a whole window has passed, then bytes handed on over that window', () => {
@@ -89,5 +92,74 @@ describe('WanRate', () => {
     const late = new WanRate();
     late.observe(1e9, 10_000, true);
     expect(late.linkBytesPerSecond).toBe(-1);
+  });
+});
+
+describe('WanPace', () => {
+  const CHUNK = 256 * 1024;
+  /** The loop's load as a test sets it: busy (and idle) milliseconds told to the policy per chunk. */
+  class SetLoad implements LoopLoadSource {
+    busyMs = 0;
+    idleMs = 0;
+    tell(policy: CompressionPolicy): void {
+      policy.observeLoop(this.busyMs, this.idleMs);
+    }
+  }
+
+  /**
+   * A connection held back by a 125 MB/s link for `ms` (1 MiB queued in its socket throughout), then
+   * drained chunks taken in at `drainedMBps` with the loop always busy: whether compression still pays.
+   */
+  function run(ms: number, drainedMBps: number): { pace: WanPace; policy: CompressionPolicy; heldBackSeen: boolean } {
+    const load = new SetLoad();
+    const pace = new WanPace(load);
+    const policy = new CompressionPolicy();
+    let now = 1000;
+    let written = 0;
+    let heldBackSeen = false;
+    const chunkMs = (CHUNK / 125e6) * 1000;
+    load.busyMs = chunkMs / 2;
+    load.idleMs = chunkMs / 2;
+    for (let t = 0; t < ms; t += chunkMs) {
+      written += CHUNK;
+      now += chunkMs;
+      heldBackSeen = pace.observe(policy, 2 ** 20, written, CHUNK, now) || heldBackSeen;
+    }
+    // The socket drains: everything written is handed on, and the gateway's own CPU sets the pace.
+    const drainedMs = (CHUNK / (drainedMBps * 1e6)) * 1000;
+    load.busyMs = drainedMs;
+    load.idleMs = 0;
+    for (let i = 0; i < (3 * DRAINED_BYTES) / CHUNK; i++) {
+      written += CHUNK;
+      now += drainedMs;
+      pace.observe(policy, 0, written, CHUNK, now);
+      policy.noteLiteral(CHUNK); // every chunk crosses as Literal bytes: no back leg's sparse share
+    }
+    return { pace, policy, heldBackSeen };
+  }
+
+  test("tells the policy the link's rate measured while held back: a stretch taken in faster than the link keeps compression on", () => {
+    const { pace, policy, heldBackSeen } = run(2 * LINK_WINDOW_MS, 145);
+    expect(heldBackSeen).toBe(true);
+    expect(pace.rate.linkBytesPerSecond).toBeCloseTo(125e6, -5);
+    expect(policy.savingPays).toBe(true);
+    // Taken in slower than the link would take it raw: backs off.
+    expect(run(2 * LINK_WINDOW_MS, 105).policy.savingPays).toBe(false);
+    // Not held back long enough to measure the link: the stretch cannot be weighed, and backs off.
+    const short = run(LINK_WINDOW_MS / 2, 145);
+    expect(short.pace.rate.linkBytesPerSecond).toBe(-1);
+    expect(short.policy.savingPays).toBe(false);
+  });
+
+  test('without a policy (compression off) the connection is measured all the same, never held back', () => {
+    const pace = new WanPace(new SetLoad());
+    let written = 0;
+    for (let i = 0; i <= 10; i++) {
+      written += 1_250_000;
+      expect(pace.observe(null, 2 ** 20, written, 1_250_000, i * 10 * 2)).toBe(false);
+    }
+    // 1.25 MB every 20 ms: 62.5 MB/s; the link's own rate needs held-back intervals, which only a policy tells.
+    expect(pace.rate.bytesPerSecond).toBeCloseTo(62.5e6, -5);
+    expect(pace.rate.linkBytesPerSecond).toBe(-1);
   });
 });

@@ -35,7 +35,7 @@ import type { RouteConfig } from './config';
 import { channelLabel, type ChannelGroup, type ExtraChannel } from './migration-channels';
 import { OutputSlabs } from './output-slabs';
 import { laterDownstream, PooledReads } from './pooled-reads';
-import { LoopLoad } from './loop-load';
+import { WanPace } from './wan-pace';
 import { decodePayload, ProtocolViolation } from './protocol-violation';
 import { CONNECT_TIMEOUT_MS, peerText } from './session';
 import type { PeerTransport } from './transport';
@@ -196,8 +196,8 @@ export class ChannelSender extends ChannelRelay {
   private encoder: ChannelEncoder | null = null;
   /** Literal bytes on their way to the peer (compressed as the main channel's handshake chose); from the dial on. */
   private literals: LiteralFrames | null = null;
-  /** The event loop's load, told to the compression policy per source chunk. */
-  private readonly loopLoad = new LoopLoad();
+  /** Told of each source chunk: whether the WAN held the channel back, the loop's load, the channel's share of the link. */
+  private readonly pace = new WanPace();
   /** Frame bytes written to the peer. */
   private wanBytes = 0;
   /**
@@ -287,13 +287,12 @@ export class ChannelSender extends ChannelRelay {
     const { encoder, peer, literals } = this;
     // Nothing is read before the dial; after the destination closed the channel nobody reads on.
     if (this.ended || this.over || !encoder || !peer || !literals) return;
-    // Whether the WAN held the channel back since the last chunk, and the event loop's load (see
-    // CompressionPolicy). The policy is given no WAN rate here, so every batch that shrinks pays: judged
-    // at the rate of all the channels together, 4-channel first legs at 1 Gbit/s compressed less and took
-    // longer (docs/benchmarks.md, "Tenth session"). Nor the link's: a channel's stretch its gateway set
-    // the pace of backs compression off, as before.
-    this.loopLoad.tell(literals.policy);
-    literals.policy.observeWan(peer.writableLength > 0, chunk.length);
+    // Whether the WAN held the channel back since the last chunk, the event loop's load, and the rate the
+    // channel's connection takes while held back (WanPace, CompressionPolicy): a drained stretch the
+    // gateway took in at least that fast keeps compression on. No rate to price a batch's saving at, so
+    // every batch that shrinks pays: priced at the rate of all the channels together, 4-channel first
+    // legs at 1 Gbit/s compressed less and took longer (docs/benchmarks.md, "Tenth session").
+    this.pace.observe(literals.policy, peer.writableLength, this.wanBytes, chunk.length, performance.now());
     peer.cork();
     try {
       this.guard('source', () => {

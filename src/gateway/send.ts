@@ -49,8 +49,7 @@ import { decodePayload, ProtocolViolation } from './protocol-violation';
 import type { WanShare } from './wan-cap';
 import type { ChannelGroup, MainChannel } from './migration-channels';
 import { SentSiblings } from './siblings';
-import { WanRate } from './wan-rate';
-import { LoopLoad } from './loop-load';
+import { WanPace } from './wan-pace';
 
 /** A link slower than this takes longer for a page than the store read a delta or a content match costs. */
 const READS_PAY_BELOW_BYTES_PER_S = X86_PAGE_SIZE / (DELTA_READ_BUDGET_US / 1e6);
@@ -126,10 +125,10 @@ export class SendSession {
   private table: Uint8Array | null = null;
   private tableFilled = 0;
   private readonly returnPath = new ReturnPathMessages();
+  /** Told of each source chunk: whether the WAN held the session back, the loop's load, the link's rate. */
+  private readonly pace = new WanPace();
   /** How fast the WAN takes this session's frames: whether a page crosses slower than a store read. */
-  private readonly wanRate = new WanRate();
-  /** The event loop's load, told to the compression policy per source chunk. */
-  private readonly loopLoad = new LoopLoad();
+  private readonly wanRate = this.pace.rate;
   /** The receiver's Offer lists `bases-ahead`: it reads Delta bases ahead, in parallel or from memory. */
   private receiverReadsAhead = false;
   /** Stream bytes the last Seal covered. */
@@ -399,12 +398,7 @@ export class SendSession {
     // Whether the WAN held this session back since the last chunk (the peer socket still holds what that
     // chunk produced, or the source was paused for it), and how busy the event loop was meanwhile: from
     // both the policy judges whether the WAN, the source or this gateway's CPU sets the pace.
-    const policy = this.literals?.policy;
-    let heldBack = false;
-    if (policy) {
-      this.loopLoad.tell(policy);
-      heldBack = policy.observeWan(this.peer.writableLength > 0, chunk.length);
-    }
+    const policy = this.literals?.policy ?? null;
     // A delta costs store reads here and at the receiver, a content match one there: paid whatever they
     // take only while the WAN, not the gateways, sets the pace, and the link is slow enough that a page
     // takes longer to cross than such a read. A match or a delta against a page alike, read ahead by the
@@ -412,9 +406,8 @@ export class SendSession {
     // encode): paid while saving pays as compression does (the WAN sets the pace, or little must cross),
     // on a link slow enough. On a host whose gateways set a first leg's pace at 1 Gbit/s they made it a
     // quarter slower than no saving at all (docs/benchmarks.md, "Sixth session").
-    this.wanRate.observe(this.life.wanOut - this.peer.writableLength, performance.now(), heldBack);
+    this.pace.observe(policy, this.peer.writableLength, this.life.wanOut, chunk.length, performance.now());
     policy?.observeWanRate(this.wanRate.savedByteRate);
-    policy?.observeLinkRate(this.wanRate.linkBytesPerSecond);
     this.encoder.resemblanceWorth.observeWanRate(this.wanRate.bytesPerSecond);
     this.encoder.pageWanUs = this.options.deltas === 'always' ? 0 : this.wanRate.pageMicros(X86_PAGE_SIZE, policy?.wanIsBottleneck ?? false);
     this.encoder.deltaReadsFree = this.options.deltas === 'always' || ((policy?.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
