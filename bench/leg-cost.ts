@@ -2,8 +2,9 @@
  * Issue 16's "no leg slower than today's": the same legs of a real guest through bfmig as shipped
  * (compression zstd adaptive, deltas auto: path 'bfmig') and through bfmig as it was before either
  * existed (`compression: off`, `deltas: off`: path 'bfmig-plain'), and through a plain TCP relay pair
- * (path 'relay'), interleaved: each run boots a guest per path and migrates it `--legs` legs, runs
- * alternate, and every figure printed is the median over the runs (min–max beside it).
+ * (path 'relay'), interleaved: each run boots a guest per path and migrates it `--legs` legs, the paths
+ * in an order turned one place each run (so that no path always follows the same one), and every
+ * figure printed is the median over the runs (min–max beside it).
  *
  *   node dist/bench/leg-cost.js [--runs 2] [--mbit 1000] [--delay-ms 20] [--legs 2] [--contents files,random]
  *       [--scribble-files 64:500]   updates of the files guest (none for the pseudo-random one)
@@ -133,6 +134,7 @@ async function main(): Promise<void> {
         qemuAt: [qemuBinary(release as QemuRelease), qemuBinary(release as QemuRelease)],
         content,
         scribble,
+        rotatePaths: run - 1,
         ...multifd,
       });
       ok &&= legResults.every((l) => l.verified);

@@ -68,6 +68,12 @@ export interface BackForthOptions {
    * each relay a process of its own, path 'relay': what forwarding alone costs in CPU.
    */
   relay?: boolean;
+  /**
+   * Migrate the paths in an order turned this many places from the usual one (direct, relay, the gateway
+   * pairs): a benchmark turns it run by run, so that no path always follows the same one (a leg meets
+   * the memory and disk the path before it left: freshly freed guest memory is slow to touch again here).
+   */
+  rotatePaths?: number;
 }
 
 /**
@@ -254,7 +260,9 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
     say(`WAN: ${o.rateMbit} Mbit/s, ${o.delayMs} ms one way (user-space emulator); QEMU max-bandwidth raised to 10 GiB/s`);
     const memPages = (o.memMiB * 2 ** 20) / X86_PAGE_SIZE;
     const workloadPages = (o.workloadMiB * 2 ** 20) / X86_PAGE_SIZE;
-    const paths: LegPath[] = [...(o.direct ? (['direct'] as const) : []), ...(o.relay ? (['relay'] as const) : []), ...pairs.keys()];
+    const usual: LegPath[] = [...(o.direct ? (['direct'] as const) : []), ...(o.relay ? (['relay'] as const) : []), ...pairs.keys()];
+    const turn = (o.rotatePaths ?? 0) % usual.length;
+    const paths = [...usual.slice(turn), ...usual.slice(0, turn)];
     for (const path_ of paths) {
       const pathSites = pairs.get(path_) ?? sites;
       let vm = startVm({ ...vmOptions, name: `${path_}-origin` }, pathSites[0].name);
