@@ -607,7 +607,7 @@ describe('CompressionPolicy', () => {
     policy.observeLinkRate(125e6);
     policy.observeWan(true, CHUNK);
     expect(policy.savingPays).toBe(true);
-    // A policy never told of the link (a multifd channel's) comes back at once.
+    // A policy never told of the link (a session that does not measure it) comes back at once.
     const unmeasured = new CompressionPolicy();
     drained(unmeasured, DRAINED_CHUNKS, 1, 0);
     unmeasured.observeWan(true, CHUNK);
