@@ -5,6 +5,7 @@
 import { fork, type ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
 import { loopbackSiteYaml } from '../src/lab/harness/loopback-config';
+import { reapWithThisProcess } from '../src/lab/harness/reap-children';
 import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
 import { type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
 import { withTempDir } from '../src/lab/harness/temp-dir';
@@ -56,6 +57,7 @@ export function startRelay(targetPort: number): Promise<{ child: ChildProcess; p
   return new Promise((resolve, reject) => {
     const request = { kind: 'relay', target: { host: '127.0.0.1', port: targetPort }, rateMbit: 0, delayMs: 0 };
     const child = fork(path.join(__dirname, 'wan.js'), ['serve', JSON.stringify(request)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    reapWithThisProcess(child);
     child.once('error', reject);
     child.once('message', (m: { port: number }) => resolve({ child, port: m.port }));
   });

@@ -20,6 +20,7 @@ import { randomBytes } from 'node:crypto';
 import { fork, type ChildProcess } from 'node:child_process';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import type { Endpoint } from '../src/gateway/address';
+import { reapWithThisProcess } from '../src/lab/harness/reap-children';
 import { TcpRelay, WanEmulator } from '../src/lab/wan';
 
 const MiB = 1024 * 1024;
@@ -60,6 +61,7 @@ async function serve(req: ServeRequest): Promise<void> {
 function startChild(req: ServeRequest): Promise<{ child: ChildProcess; at: Endpoint }> {
   return new Promise((resolve, reject) => {
     const child = fork(__filename, ['serve', JSON.stringify(req)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    reapWithThisProcess(child);
     child.once('error', reject);
     child.once('exit', (code) => reject(new Error(`relay process exited with ${code}`)));
     child.once('message', (m: { port: number }) => resolve({ child, at: { host: LOOPBACK, port: m.port } }));

@@ -7,6 +7,7 @@
 import { spawn } from 'node:child_process';
 import * as path from 'node:path';
 import { PACKAGE_ROOT } from '../../digest/package-root';
+import { reapWithThisProcess } from './reap-children';
 
 /**
  * A compiled module of this package, as a JavaScript string literal to paste into a child's script:
@@ -55,6 +56,7 @@ export function startBfmig(args: readonly string[], env?: NodeJS.ProcessEnv): No
 function startNode(argv: readonly string[], env: NodeJS.ProcessEnv = {}): NodeChild {
   const proc = spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   if (proc.pid === undefined) throw new Error('node did not start');
+  reapWithThisProcess(proc);
   let stdout = '';
   let stderr = '';
   const waiting = new Set<() => void>();

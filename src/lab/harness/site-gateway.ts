@@ -14,6 +14,7 @@ import { GatewayMetrics } from '../../gateway/metrics';
 import type { Direction } from '../../gateway/session';
 import { PACKAGE_ROOT } from '../../digest/package-root';
 import { type CpuTime, cpuTime, procStats } from '../demo/proc-stats';
+import { reapWithThisProcess } from './reap-children';
 
 /** What a gateway says about one finished migration (its report, or its 'migration completed' log line). */
 export interface GatewayLegReport {
@@ -136,6 +137,7 @@ interface FinishedLine extends Partial<PageCounts> {
 
 async function startChild(configPath: string, logPath: string, nodeArgs: readonly string[]): Promise<SiteGateway> {
   const child: ChildProcess = spawn(process.execPath, [...nodeArgs, path.join(PACKAGE_ROOT, 'bin', 'bfmig.js'), 'gateway', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
+  reapWithThisProcess(child);
   const logFile = fs.createWriteStream(logPath);
   child.stderr?.pipe(logFile, { end: false });
   const reports: GatewayLegReport[] = [];

@@ -14,14 +14,15 @@
  *   }
  *
  * Every VM gets its own temp dir (QMP socket, serial log, stderr log) that dispose()
- * removes. QEMU runs under `setpriv --pdeathsig KILL` where available, and a process
- * 'exit' hook SIGKILLs any VM still alive, so a crashed or killed test run does not
- * leave QEMU behind.
+ * removes. QEMU runs under `setpriv --pdeathsig KILL` where available, and is SIGKILLed
+ * when this process exits or a signal ends it (harness/reap-children.ts), so a crashed or
+ * killed test run does not leave QEMU behind.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
+import { reapWithThisProcess } from '../harness/reap-children';
 import { QmpClient, type QmpEvent } from './qmp';
 import { defaultGuestDir, ensureGuestBuilt, type GuestImage, readGuestImage } from './guest-image';
 import { deathSignalPrefix, kvmBootsGuest } from './kvm';
@@ -139,14 +140,6 @@ export class GuestFailedError extends Error {}
 export const DEFAULT_SERIAL_FAIL = /WORKLOAD VERIFY FAIL|WORKLOAD EXITED|WORKLOAD ERROR|Kernel panic/;
 
 const liveVms = new Set<QemuVm>();
-let exitHookInstalled = false;
-function installExitHook(): void {
-  if (exitHookInstalled) return;
-  exitHookInstalled = true;
-  process.once('exit', () => {
-    for (const vm of liveVms) vm.killSync();
-  });
-}
 
 /** Disposes every VM this process started and has not disposed yet. */
 export async function disposeAllVms(): Promise<void> {
@@ -193,7 +186,6 @@ export class QemuVm {
     this.stderrLogPath = path.join(this.tempDir, 'stderr.log');
     this.controlSocketPath = path.join(this.tempDir, 'control.sock');
     liveVms.add(this);
-    installExitHook();
   }
 
   /** Options for a migration destination: same machine, memory and guest, given -incoming. */
@@ -304,6 +296,7 @@ export class QemuVm {
     const stderrLog = fs.createWriteStream(this.stderrLogPath);
     this.startedAt = Date.now();
     const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], cwd: this.tempDir });
+    reapWithThisProcess(child);
     this.child = child;
     child.stdout?.setEncoding('latin1');
     child.stdout?.on('data', (chunk: string) => {
@@ -560,17 +553,6 @@ export class QemuVm {
     if (!this.child || this.exitInfo) return;
     this.child.kill('SIGKILL');
     await this.waitForExit(10_000);
-  }
-
-  /** Synchronous SIGKILL (process 'exit' hook). */
-  killSync(): void {
-    if (this.child && !this.exitInfo) {
-      try {
-        this.child.kill('SIGKILL');
-      } catch {
-        // already gone
-      }
-    }
   }
 
   /** QMP `quit`, then SIGKILL if QEMU has not exited within timeoutMs. */
