@@ -614,6 +614,36 @@ describe('CompressionPolicy', () => {
     expect(unmeasured.savingPays).toBe(true);
   });
 
+  test('a connection that starts at full rate does not weigh a stretch in its first SWING_BYTES before the link is measured: compression stays on', () => {
+    // A multifd channel starts with RAM at full speed: its first megabytes fill the kernel's buffers,
+    // its gateway busy throughout, before the WAN has held it back long enough to measure the link.
+    const policy = new CompressionPolicy();
+    policy.startsAtFullRate();
+    policy.observeLinkRate(-1);
+    drained(policy, SWING_CHUNKS - DRAINED_CHUNKS, 1, 0);
+    expect(policy.savingPays).toBe(true);
+    // Past them, still unmeasured: the gateway's pace, backs off.
+    drained(policy, 2 * DRAINED_CHUNKS, 1, 0);
+    expect(policy.savingPays).toBe(false);
+    // Measured meanwhile, the stretch is weighed against the link instead: taken in faster, it stays on.
+    const measured = new CompressionPolicy();
+    measured.startsAtFullRate();
+    measured.observeLinkRate(-1);
+    drained(measured, DRAINED_CHUNKS, 1, 0);
+    measured.observeLinkRate(31e6);
+    drained(measured, 3 * SWING_CHUNKS, 1, 0); // 64 KiB a ms: 65 MB/s
+    expect(measured.savingPays).toBe(true);
+    // A policy never told of the link weighs its first stretch as any other; so does the main channel's.
+    const untold = new CompressionPolicy();
+    untold.startsAtFullRate();
+    drained(untold, DRAINED_CHUNKS, 1, 0);
+    expect(untold.savingPays).toBe(false);
+    const main = new CompressionPolicy();
+    main.observeLinkRate(-1);
+    drained(main, DRAINED_CHUNKS, 1, 0);
+    expect(main.savingPays).toBe(false);
+  });
+
   test('a chunk the WAN held back starts the stretch over, the loop\'s time with it', () => {
     const policy = new CompressionPolicy();
     // Busy through most of a stretch, then held back: that busy time was the WAN's pace, not the gateway's.

@@ -250,6 +250,7 @@ export class ChannelSender extends ChannelRelay {
       this.readSource();
     });
     const literals = new LiteralFrames((bytes) => this.toPeer(bytes), group.compression);
+    literals.policy.startsAtFullRate();
     this.literals = literals;
     const encoder = channelEncoder(
       {

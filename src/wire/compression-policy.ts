@@ -18,6 +18,12 @@
  *   - else the gateway's CPU sets the pace, and raw would go faster: compression backs off, and comes
  *     back once the socket has queued before `rejoin` chunks in a row (and, where the session measures
  *     the link, once it has measured it, so that the next such stretch can be weighed).
+ *   A connection that starts at full rate (startsAtFullRate: a multifd channel, RAM from its first byte)
+ *   does not judge a stretch in its first SWING_BYTES while the link is not measured: the kernel's
+ *   buffers and the WAN's queue take its first megabytes whatever the link. Each channel of a 4-channel
+ *   first leg at 1 Gbit/s had backed off at its first stretch, before it had ever been held back. The
+ *   main channel starts with QEMU's setup and measures the link on the way: given the same grace, its
+ *   first legs at 1 Gbit/s compressed their first megabytes at the gateway's pace and took longer.
  *   Backing off whenever the link drained put back, on a 1 Gbit/s first leg of a guest of real files,
  *   the bytes compression had saved: the link filled again, compression came back and the policy swung,
  *   161 MiB over the WAN instead of 53 and 1.50 s instead of 1.16 (docs/benchmarks.md, "Sixteenth
@@ -92,6 +98,10 @@ export class CompressionPolicy {
   private rejoin = 1;
   /** Input read since compression came back; a back-off right after the start (the link not yet filled) is no swing. */
   private onForBytes = SWING_BYTES + 1;
+  /** Input read since the start, up to graceBytes: the kernel's buffers may still be filling. */
+  private startBytes = 0;
+  /** Input at the start in which a stretch is not weighed until the link is measured (startsAtFullRate). */
+  private graceBytes = 0;
   /** Batches still to go raw after incompressible ones, and how many the next raw batch skips. */
   private skipLeft = 0;
   private nextSkip = 1;
@@ -121,6 +131,7 @@ export class CompressionPolicy {
       this.literalBytes /= 2;
     }
     this.onForBytes += chunkBytes;
+    if (this.startBytes <= this.graceBytes) this.startBytes += chunkBytes;
     if (heldBack) {
       this.drainedBytes = 0;
       this.newStretch();
@@ -141,8 +152,11 @@ export class CompressionPolicy {
     const gatewayBound = loopMs === 0 || this.loopBusyMs >= BUSY_LOOP_SHARE * loopMs;
     // Compressing at its own pace, the gateway still took in the source as fast as the link takes it raw.
     const keptUp = loopMs > 0 && this.linkBytesPerSecond > 0 && this.stretchBytes * 1000 >= this.linkBytesPerSecond * loopMs;
+    // A connection that starts at full rate, in its first SWING_BYTES, the link not measured yet: the
+    // kernel's buffers are still taking the first megabytes whatever the link, and the stretch cannot be weighed.
+    const unweighed = this.linkTold && this.linkBytesPerSecond <= 0 && this.startBytes <= this.graceBytes;
     this.newStretch();
-    if (!gatewayBound || keptUp) return false;
+    if (!gatewayBound || keptUp || unweighed) return false;
     this.savingOn = false;
     this.rejoin = this.onForBytes <= SWING_BYTES ? Math.min(this.rejoin * 2, MAX_REJOIN) : 1;
     return false;
@@ -152,6 +166,15 @@ export class CompressionPolicy {
   private linkBytesPerSecond = -1;
   /** The session measures the link (it calls observeLinkRate). */
   private linkTold = false;
+
+  /**
+   * The connection carries the stream at full rate from its first byte (a multifd channel: RAM packets
+   * at once, where the main channel starts with QEMU's setup): a stretch in its first SWING_BYTES is not
+   * weighed until the link is measured.
+   */
+  startsAtFullRate(): void {
+    this.graceBytes = SWING_BYTES;
+  }
 
   /** The link was measured to take `bytesPerSecond` while the WAN held the session back (negative: not yet). */
   observeLinkRate(bytesPerSecond: number): void {
