@@ -396,9 +396,12 @@ export class SendSession {
   private onSourceData(chunk: Buffer): void {
     if (!this.encoder || this.over) return;
     // Whether the WAN held this session back since the last chunk (the peer socket still holds what that
-    // chunk produced, or the source was paused for it), and how busy the event loop was meanwhile: from
-    // both the policy judges whether the WAN, the source or this gateway's CPU sets the pace.
+    // chunk produced, or the source was paused for it), how busy the event loop was meanwhile, and the
+    // link's rate: from them the policy judges whether the WAN, the source or this gateway's CPU sets the pace.
     const policy = this.literals?.policy ?? null;
+    this.pace.observe(policy, this.peer.writableLength, this.life.wanOut, chunk.length, performance.now());
+    policy?.observeWanRate(this.wanRate.savedByteRate);
+    this.encoder.resemblanceWorth.observeWanRate(this.wanRate.bytesPerSecond);
     // A delta costs store reads here and at the receiver, a content match one there: paid whatever they
     // take only while the WAN, not the gateways, sets the pace, and the link is slow enough that a page
     // takes longer to cross than such a read. A match or a delta against a page alike, read ahead by the
@@ -406,9 +409,6 @@ export class SendSession {
     // encode): paid while saving pays as compression does (the WAN sets the pace, or little must cross),
     // on a link slow enough. On a host whose gateways set a first leg's pace at 1 Gbit/s they made it a
     // quarter slower than no saving at all (docs/benchmarks.md, "Sixth session").
-    this.pace.observe(policy, this.peer.writableLength, this.life.wanOut, chunk.length, performance.now());
-    policy?.observeWanRate(this.wanRate.savedByteRate);
-    this.encoder.resemblanceWorth.observeWanRate(this.wanRate.bytesPerSecond);
     this.encoder.pageWanUs = this.options.deltas === 'always' ? 0 : this.wanRate.pageMicros(X86_PAGE_SIZE, policy?.wanIsBottleneck ?? false);
     this.encoder.deltaReadsFree = this.options.deltas === 'always' || ((policy?.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
     this.encoder.receiverReadsAhead = this.receiverReadsAhead && (policy?.savingPays ?? true) && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);
