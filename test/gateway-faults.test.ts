@@ -123,6 +123,60 @@ describe('gateway failures', () => {
     expect((await next.received).bytes.equals(stream)).toBe(true);
   });
 
+  test('a stream relayed verbatim that its destination refuses after taking every byte fails at both gateways, and the stores stay as they were', async () => {
+    const claimed = [snapshotOf(a), snapshotOf(b)];
+    // A QEMU that refused the stream exits with bytes unread: its connection resets. This one has taken
+    // every byte, and the gateway's end, before it does: the gateway must wait for it.
+    let taken = 0;
+    // Half open, as QEMU is: the gateway's end does not close this side.
+    const server = net.createServer({ allowHalfOpen: true }, (s) => {
+      server.close();
+      s.on('data', (chunk: Buffer) => (taken += chunk.length));
+      s.on('end', () => setTimeout(() => s.resetAndDestroy(), 300));
+      s.on('error', () => undefined);
+    });
+    await new Promise<void>((r) => server.listen(b.destPort, '127.0.0.1', () => r()));
+    const odd = Buffer.concat([stream.subarray(0, 8), Buffer.alloc(5000, 0xee)]);
+    const counts = [a.gateway.history.length, b.gateway.history.length];
+    expect(await migrate(a.routePort, odd)).toBe('reset');
+    expect(taken).toBe(odd.length);
+    const received = await lastReport(b.gateway, counts[1] + 1);
+    expect(received).toMatchObject({ direction: 'receive', result: 'failed', verbatim: { code: 'section-type' } });
+    expect(received.error).toMatch(/refused the stream relayed verbatim \(.*ECONNRESET/);
+    expect(await lastReport(a.gateway, counts[0] + 1)).toMatchObject({ direction: 'send', result: 'failed' });
+    expect([snapshotOf(a), snapshotOf(b)]).toEqual(claimed);
+  });
+
+  test.each([
+    [0, 'completed'],
+    [1, 'failed'],
+  ] as const)('with QEMU\'s return path open, the destination\'s SHUT %d decides the receiving side\'s account: %s', async (shut, result) => {
+    const dest = await countingDestination();
+    const peer = await rawPeer(b.peerPort);
+    const count = b.gateway.history.length;
+    const claimed = snapshotOf(b);
+    peer.hello('vm1', `127.0.0.1:${b.destPort}`);
+    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Offer));
+    peer.socket.write(encodeFrame(FrameType.Literal, original));
+    peer.socket.write(encodeJson(FrameType.Seal, { streamBytes: original.length, streamCheck: check.digest() }));
+    await waitFor(() => dest.given() === original.length);
+    // Loaded (or not): QEMU says so on its return path before it closes, and the source closes after that.
+    const said = Buffer.from([0, 1, 0, 4, 0, 0, 0, shut]);
+    (await dest.socket).write(said);
+    await waitFor(() => peer.frames.some((f) => f.type === FrameType.Return));
+    peer.socket.write(encodeJson(FrameType.End, { streamBytes: original.length, streamCheck: check.digest(), snapshotId: `shut-${shut}` }));
+    await peer.closed;
+    const report = await lastReport(b.gateway, count + 1);
+    expect(report).toMatchObject({ direction: 'receive', result });
+    if (shut === 0) {
+      expect(peer.frames.some((f) => f.type === FrameType.Done)).toBe(true);
+      expect(snapshotOf(b)).toBe('shut-0');
+    } else {
+      expect(peer.abortText()).toMatch(/could not load the stream \(its return path's SHUT said 1\)/);
+      expect(snapshotOf(b)).toBe(claimed);
+    }
+  });
+
   test('an unreachable destination fails the migration at the source', async () => {
     // Nothing listens on B's destination port now.
     expect(await migrate(a.routePort, stream)).toBe('reset');

@@ -47,13 +47,17 @@ export class DestinationWriter {
   /** Stream bytes handed to the socket. */
   private given = 0;
   private closed = false;
+  /** Why the connection broke once the stream was delivered (a reset, mostly), else null. */
+  private brokeAfterDelivery: string | null = null;
+  /** Called once the destination has closed its side: a stream relayed verbatim waits for that. */
+  private whenClosed: (() => void) | null = null;
   private readonly outputs = new OutputSlabs();
   private readonly returnPath = new ReturnPathMessages();
 
   constructor(
     target: Endpoint,
     /** The destination as the peer named it, for messages. */
-    name: string,
+    private readonly name: string,
     retained: UndoableStore | null,
     private readonly events: DestinationEvents,
   ) {
@@ -62,10 +66,12 @@ export class DestinationWriter {
     socket.setTimeout(CONNECT_TIMEOUT_MS, () => events.failed(`destination ${name} did not answer in time`));
     socket.on('error', (err) => {
       if (!this.delivered) events.failed(`destination ${name}: ${err.message}`);
+      else this.brokeAfterDelivery ??= err.message;
     });
     socket.on('close', () => {
       this.closed = true;
       if (!this.delivered) events.failed(`destination ${name} closed the connection`);
+      else this.whenClosed?.();
     });
     socket.on('drain', () => events.resume());
     socket.on('data', (chunk: Buffer) => events.returned(chunk));
@@ -107,10 +113,36 @@ export class DestinationWriter {
     return this.returnPath.check(chunk);
   }
 
-  /** Calls `written` once the destination has every byte (at once if it has closed already). */
-  end(written: () => void): void {
-    if (this.closed) written();
-    else this.socket.end(written);
+  /**
+   * Calls `accepted` once the destination has every byte and has not refused them, else tells the
+   * session it failed. A stream parsed whole was checked end to end, so the destination having every
+   * byte is enough. A stream relayed verbatim was not: the gateways cannot tell a whole stream from a
+   * garbled or cut one, and its socket takes megabytes before QEMU has read the first bad byte. Its
+   * destination's own verdict decides: a QEMU that loaded it closes its side, and one that refused it
+   * exits with bytes unread, which resets the connection. Where QEMU's return path is on, its SHUT says
+   * the same of any stream.
+   */
+  end(accepted: () => void): void {
+    const verdict = (): void => {
+      const refusal = this.refusal();
+      if (refusal === null) accepted();
+      else this.events.failed(refusal);
+    };
+    if (this.closed) verdict();
+    else if (this.decoder?.fallback) {
+      this.whenClosed = verdict;
+      this.socket.end();
+    } else this.socket.end(verdict);
+  }
+
+  /** Why the destination refused what it was handed, as far as it said; null if it did not. */
+  private refusal(): string | null {
+    const shut = this.returnPath.shutValue;
+    if (shut !== null && shut !== 0) return `destination ${this.name} could not load the stream (its return path's SHUT said ${shut})`;
+    if (this.brokeAfterDelivery !== null && this.decoder?.fallback) {
+      return `destination ${this.name} refused the stream relayed verbatim (${this.brokeAfterDelivery})`;
+    }
+    return null;
   }
 
   /** Reset, not end: the destination must see a broken stream, never a short one that parses. */

@@ -10,8 +10,8 @@
  * dialling: the Hello was accepted (the VM is busy here), the store opened, the destination dialled.
  * streaming: the destination answered and the peer was offered the migration; Literal, Run, Seal and
  *   the digest table's request are taken. The decoder holds the device-state tail until a check passes.
- * committing: End was checked; the destination is being handed its last bytes, then the store commits
- *   and the peer hears Done.
+ * committing: End was checked; the destination is being handed its last bytes (a stream relayed verbatim
+ *   also waits for the destination's close: its verdict), then the store commits and the peer hears Done.
  */
 import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
@@ -515,9 +515,10 @@ export class ReceiveSession {
     (this.group?.whenSettled(channels) ?? Promise.resolve()).then(() => this.commit(decoder, destination, streamBytes, snapshotId), (err: unknown) => this.fail(errorMessage(err)));
   }
 
-  /** Commits once the destination has been handed every byte. */
+  /** Commits once the destination has been handed every byte and has not refused them (DestinationWriter.end). */
   private commit(decoder: StreamDecoder, destination: DestinationWriter, streamBytes: number, snapshotId: string): void {
     if (this.over) return;
+    if (decoder.fallback) this.life.event('waiting for the destination to close: a stream relayed verbatim completes on its verdict');
     destination.end(() => {
       if (this.over) return;
       this.options.observer.settling(this.life.vm, this.life.done);

@@ -12,6 +12,11 @@ export class ReturnPathMessages {
   private readonly messages: Buffer[] = [];
   private readonly parser = new ReturnPathParser((message: ReturnPathRecord) => this.messages.push(returnPathBytes(message)));
 
+  /** The value of the destination's SHUT once it has sent one (0: it loaded the stream), else null. */
+  get shutValue(): number | null {
+    return this.parser.shutValue;
+  }
+
   /** The whole messages this chunk completes, in one buffer, or null when it completes none. */
   check(chunk: Buffer): Buffer | null {
     this.parser.push(chunk);
