@@ -31,7 +31,14 @@ function retainedSibling(memory: GuestMemory): PageStore {
 }
 
 /** A first leg of vm1 with `sibling` confirmed on both sides; `tamper` changes SiblingDelta payloads on the way. */
-function firstLeg(stream: Buffer, sibling: PageStore, tamper?: (payload: Buffer) => void) {
+/** What the sending session tells the encoder per chunk (see StreamEncoder): by default, store reads are free. */
+interface Gates {
+  deltaReadsFree: boolean;
+  receiverReadsAhead: boolean;
+  siblingReadsAhead: boolean;
+}
+
+function firstLeg(stream: Buffer, sibling: PageStore, tamper?: (payload: Buffer) => void, gates: Gates = { deltaReadsFree: true, receiverReadsAhead: false, siblingReadsAhead: false }) {
   const out: Buffer[] = [];
   const sender = stores.open(path.join(root, 'a'), 'vm1');
   const receiver = stores.open(path.join(root, 'b'), 'vm1');
@@ -54,6 +61,7 @@ function firstLeg(stream: Buffer, sibling: PageStore, tamper?: (payload: Buffer)
       encoder.reference = new Uint8Array(layout.pageCount * DIGEST_BYTES);
       encoder.deltas = true;
       encoder.siblings = new SiblingMatch([sibling.digests.slice()]);
+      Object.assign(encoder, gates);
     },
   );
   for (let at = 0; at < stream.length; at += 50_000) encoder.push(stream.subarray(at, at + 50_000));
@@ -96,6 +104,25 @@ describe('SiblingDelta frames between an encoder and a decoder', () => {
     const page = Buffer.alloc(PAGE);
     leg.receiver.readPages(2050, 1, page, 0);
     expect(page.equals(image.pages[150])).toBe(true);
+  });
+
+  test("while saving does not pay (compression backed off), a sibling's pages still cross as references where the receiver reads bases ahead; matches within the VM wait", () => {
+    const image = guestMemory(LAYOUT, 33);
+    const sibling = retainedSibling(image);
+    const { memory, sameIndex, moved } = siblingGuest(image);
+    const stream = migrationStream(memory, []);
+    const backedOff = firstLeg(stream, sibling, undefined, { deltaReadsFree: false, receiverReadsAhead: false, siblingReadsAhead: true });
+    expect(backedOff.rebuilt.equals(stream)).toBe(true);
+    // Every page the sibling holds, at its index or moved, is a reference to it: nothing is looked for within the VM.
+    expect(backedOff.encoder.counts.pagesMatched).toBe(0);
+    expect(backedOff.encoder.counts.pagesSibling).toBeGreaterThanOrEqual(sameIndex + 0.9 * moved);
+    expect(backedOff.decoder.counts.pagesSibling).toBe(backedOff.encoder.counts.pagesSibling);
+    // Where the receiver does not read bases ahead (or the link is too fast), they go whole.
+    root = stores.dir('bfmig-sibling-'); // vm1's stores anew
+    const whole = firstLeg(stream, sibling, undefined, { deltaReadsFree: false, receiverReadsAhead: false, siblingReadsAhead: false });
+    expect(whole.rebuilt.equals(stream)).toBe(true);
+    expect(whole.encoder.counts.pagesSibling).toBe(0);
+    expect(whole.encoder.counts.pagesSent).toBeGreaterThanOrEqual(sameIndex + moved);
   });
 
   test.each([

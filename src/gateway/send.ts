@@ -408,10 +408,12 @@ export class SendSession {
     // receiver, costs both gateways CPU (at the receiver a read, at the sender a lookup, a copy, an
     // encode): paid while saving pays as compression does (the WAN sets the pace, or little must cross),
     // on a link slow enough. On a host whose gateways set a first leg's pace at 1 Gbit/s they made it a
-    // quarter slower than no saving at all (docs/benchmarks.md, "Sixth session").
+    // quarter slower than no saving at all (docs/benchmarks.md, "Sixth session"). A sibling's page, which
+    // neither gateway copies for later, on such a link whatever the pace (encoder.siblingReadsAhead).
     this.encoder.pageWanUs = this.options.deltas === 'always' ? 0 : this.wanRate.pageMicros(X86_PAGE_SIZE, policy?.wanIsBottleneck ?? false);
     this.encoder.deltaReadsFree = this.options.deltas === 'always' || ((policy?.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
-    this.encoder.receiverReadsAhead = this.receiverReadsAhead && (policy?.savingPays ?? true) && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);
+    this.encoder.siblingReadsAhead = this.receiverReadsAhead && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);
+    this.encoder.receiverReadsAhead = this.encoder.siblingReadsAhead && (policy?.savingPays ?? true);
     // Every frame this chunk produces leaves in one writev.
     this.peer.cork();
     try {

@@ -141,6 +141,18 @@ export class StreamEncoder {
    */
   receiverReadsAhead = false;
   /**
+   * The receiver reads bases ahead and the link is one where bytes still cost more than this side's work
+   * on a page, as for receiverReadsAhead, but whether or not saving pays otherwise (the session says so
+   * per chunk): a page a sibling holds goes as a reference to it even while the gateways set the pace.
+   * Such a match costs this side a lookup and a frame of a few dozen bytes in the page's place, and the
+   * receiver a read ahead in its reader pool and a digest; unlike a match within the VM or a delta against
+   * a page alike, it has neither gateway copy the pages it stores for later bases (the receiver's recent
+   * pages, the resemblance cache here). Gated like those, a sibling's first leg at 1 Gbit/s lost its
+   * sibling's pages whenever compression backed off: 0.26–0.53× direct QEMU's bytes in six runs
+   * (docs/benchmarks.md, "Eighteenth session").
+   */
+  siblingReadsAhead = false;
+  /**
    * The last 16 delta reads, a bit each: set for one slower than DELTA_READ_BUDGET_US. Reads are slow
    * while more than half of them were: a few that waited milliseconds (behind a queued store write, say)
    * must not close the gate, which then reads one page in 64 and so would forget them slowly.
@@ -455,12 +467,12 @@ export class StreamEncoder {
         this.counts.pagesMatched++;
         return true;
       }
-      const siblings = this.siblings;
-      if (siblings !== null && siblings.find(page, digestWords, 0)) {
-        this.emitDelta(page, siblings.page, digest, 0, 0, siblings.sibling);
-        this.counts.pagesSibling++;
-        return true;
-      }
+    }
+    const siblings = this.siblings;
+    if (siblings !== null && (this.receiverReadsPay || this.siblingReadsAhead) && siblings.find(page, digestWords, 0)) {
+      this.emitDelta(page, siblings.page, digest, 0, 0, siblings.sibling);
+      this.counts.pagesSibling++;
+      return true;
     }
     if (this.retainer.store !== null && !isAbsentDigest(words, page * DIGEST_WORDS) && this.ownVersionTries.tryNow()) {
       const length = this.rangesFromOwnVersion(record, reference);
