@@ -277,14 +277,26 @@ describe('calibration from baseline legs of the same run', () => {
 
   test('the model check gives each back leg the compression ratio of its Literal bytes: every setting\'s WAN bytes within 25%', () => {
     // The quiet runs were measured before the compression policy judged who sets the pace (docs/benchmarks.md,
-    // "Sixteenth session"), the sixteenth's after: both within 25%.
-    const files = ['leg-cost-1000-quiet.json', 'leg-cost-100-quiet.json', 'leg-cost-1000-sixteenth.json', 'leg-cost-100-sixteenth.json'].map((f) => path.join(PACKAGE_ROOT, 'docs', 'benchmarks', f));
+    // "Sixteenth session"), the sixteenth's and eighteenth's after: all within 25%.
+    const files = ['leg-cost-1000-quiet.json', 'leg-cost-100-quiet.json', 'leg-cost-1000-sixteenth.json', 'leg-cost-100-sixteenth.json', 'leg-cost-1000-eighteenth.json'].map((f) => path.join(PACKAGE_ROOT, 'docs', 'benchmarks', f));
     const out = execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'compression-model-check.js'), ...files, '--platform', 'same-run'], { encoding: 'utf8' });
     const medians = out.slice(out.indexOf('medians over the runs')).split('\n').filter((l) => / runs +WAN /.test(l));
-    expect(medians).toHaveLength(14); // 3 files × 2 contents × 2 legs, and one of files only
+    expect(medians).toHaveLength(18); // 4 files × 2 contents × 2 legs, and one of files only
     for (const line of medians) {
       const wanError = Number(/WAN +[\d.]+ MB \( *([-+\d.]+)%/.exec(line)?.[1]);
       expect(Math.abs(wanError)).toBeLessThanOrEqual(25);
+    }
+  });
+
+  test("the eighteenth session's runs, calibrated over all four: every setting's time within 25% too", () => {
+    const file = path.join(PACKAGE_ROOT, 'docs', 'benchmarks', 'leg-cost-1000-eighteenth.json');
+    const out = execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'compression-model-check.js'), file, '--platform', 'same-run'], { encoding: 'utf8' });
+    const medians = out.slice(out.indexOf('medians over the runs')).split('\n').filter((l) => / runs +WAN /.test(l));
+    expect(medians).toHaveLength(4); // files and random, first and back legs, four runs each
+    for (const line of medians) {
+      const timeError = Number(/time +[\d.]+ s model +[\d.]+ \( *([-+\d.]+)%/.exec(line)?.[1]);
+      expect(Number.isFinite(timeError)).toBe(true);
+      expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
     }
   });
 
