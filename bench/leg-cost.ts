@@ -70,6 +70,26 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
       );
     }
   }
+  // QEMU switches over once what is left would cross within its downtime limit at the rate it measured:
+  // a path that QEMU measures faster, or that leaves more for the stop, moves the leg's total time.
+  lines.push('', "QEMU's switchover: median (min–max) over the runs");
+  lines.push("leg  path               downtime ms          downtime MiB         QEMU's rate Mbit/s   dirty syncs");
+  for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
+    for (const path of PATHS) {
+      const at = legs.filter((l) => l.leg === leg && l.path === path);
+      if (at.length === 0) continue;
+      lines.push(
+        [
+          String(leg).padEnd(4),
+          path.padEnd(18),
+          spread(at.map((l) => l.downtimeMs), (v) => v.toFixed(0)).padEnd(20),
+          spread(present(at.map((l) => (l.downtimeBytes === null ? null : l.downtimeBytes / 2 ** 20))), (v) => v.toFixed(2)).padEnd(20),
+          spread(present(at.map((l) => l.qemuMbps)), (v) => v.toFixed(0)).padEnd(20),
+          spread(at.map((l) => l.dirtySyncCount), (v) => v.toFixed(0)),
+        ].join(' '),
+      );
+    }
+  }
   lines.push('', 'paired by run (each run migrates every path): total time of each bfmig path less bfmig-plain\'s in that run');
   for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
     const plain = legs.filter((l) => l.leg === leg && l.path === 'bfmig-plain');

@@ -122,6 +122,13 @@ export interface LegResult {
   qemuZeroPages: number;
   qemuTransferredBytes: number;
   dirtySyncCount: number;
+  /**
+   * What QEMU decided its switchover from: the bytes it sent with the guest stopped (`downtime-bytes`,
+   * QEMU ≥ 8.1; null before), and the rate it last measured its stream to take (`mbps`, Mbit/s), against
+   * which it weighs what is left to send.
+   */
+  downtimeBytes: number | null;
+  qemuMbps: number | null;
   /** Pages the guest rewrote at the source site since it arrived there (the change before this leg). */
   changedPages: number;
   /** Seconds the guest ran at the source site, from its arrival (or boot) to this leg's start. */
@@ -362,6 +369,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           qemuZeroPages: info.ram?.duplicate ?? 0,
           qemuTransferredBytes: info.ram?.transferred ?? 0,
           dirtySyncCount: info.ram?.['dirty-sync-count'] ?? 0,
+          downtimeBytes: info.ram?.['downtime-bytes'] ?? null,
+          qemuMbps: info.ram?.mbps ?? null,
           changedPages,
           secondsAtSource,
           pageWritesAtSource,
