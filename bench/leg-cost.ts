@@ -47,49 +47,45 @@ const medianOf = (values: number[]): string => (values.length === 0 ? '?' : medi
 const perGiB = (cpu: number | null, bytes: number): number | null => (cpu === null || bytes === 0 ? null : cpu / (bytes / GiB));
 const present = (values: Array<number | null>): number[] => values.filter((v): v is number => v !== null);
 
-function summarise(label: string, runs: number, legs: LegResult[]): string[] {
-  const lines = [`${label}: median (min–max) over ${runs} runs`];
-  lines.push('leg  path               WAN MiB                 total time s         until running s      first 8 MiB s        CPU s/GiB send       CPU s/GiB receive    system s/GiB send, receive  guest');
+/** One line per leg and path that has legs: its number, its path, then `cells` of its legs. */
+function perPath(legs: LegResult[], cells: (at: LegResult[]) => string[]): string[] {
+  const lines: string[] = [];
   for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
     for (const path of PATHS) {
       const at = legs.filter((l) => l.leg === leg && l.path === path);
-      if (at.length === 0) continue;
-      lines.push(
-        [
-          String(leg).padEnd(4),
-          path.padEnd(18),
-          spread(at.map((l) => l.wanBytes / 2 ** 20), (v) => v.toFixed(2)).padEnd(23),
-          spread(at.map((l) => l.totalTimeMs / 1000), (v) => v.toFixed(2)).padEnd(20),
-          spread(present(at.map((l) => (l.untilRunningMs === null ? null : l.untilRunningMs / 1000))), (v) => v.toFixed(2)).padEnd(20),
-          spread(present(at.map((l) => (l.openingMs === null ? null : l.openingMs / 1000))), (v) => v.toFixed(2)).padEnd(20),
-          spread(present(at.map((l) => perGiB(l.gatewayCpuSecondsSend, l.streamBytes))), (v) => v.toFixed(2)).padEnd(20),
-          spread(present(at.map((l) => perGiB(l.gatewayCpuSecondsReceive, l.streamBytes))), (v) => v.toFixed(2)).padEnd(20),
-          `${medianOf(present(at.map((l) => perGiB(l.gatewaySystemSecondsSend, l.streamBytes))))}, ${medianOf(present(at.map((l) => perGiB(l.gatewaySystemSecondsReceive, l.streamBytes))))}`.padEnd(27),
-          at.every((l) => l.verified) ? 'verified' : 'FAILED',
-        ].join(' '),
-      );
+      if (at.length > 0) lines.push([String(leg).padEnd(4), path.padEnd(18), ...cells(at)].join(' '));
     }
   }
+  return lines;
+}
+
+function summarise(label: string, runs: number, legs: LegResult[]): string[] {
+  const lines = [`${label}: median (min–max) over ${runs} runs`];
+  lines.push('leg  path               WAN MiB                 total time s         until running s      first 8 MiB s        CPU s/GiB send       CPU s/GiB receive    system s/GiB send, receive  guest');
+  lines.push(
+    ...perPath(legs, (at) => [
+      spread(at.map((l) => l.wanBytes / 2 ** 20), (v) => v.toFixed(2)).padEnd(23),
+      spread(at.map((l) => l.totalTimeMs / 1000), (v) => v.toFixed(2)).padEnd(20),
+      spread(present(at.map((l) => (l.untilRunningMs === null ? null : l.untilRunningMs / 1000))), (v) => v.toFixed(2)).padEnd(20),
+      spread(present(at.map((l) => (l.openingMs === null ? null : l.openingMs / 1000))), (v) => v.toFixed(2)).padEnd(20),
+      spread(present(at.map((l) => perGiB(l.gatewayCpuSecondsSend, l.streamBytes))), (v) => v.toFixed(2)).padEnd(20),
+      spread(present(at.map((l) => perGiB(l.gatewayCpuSecondsReceive, l.streamBytes))), (v) => v.toFixed(2)).padEnd(20),
+      `${medianOf(present(at.map((l) => perGiB(l.gatewaySystemSecondsSend, l.streamBytes))))}, ${medianOf(present(at.map((l) => perGiB(l.gatewaySystemSecondsReceive, l.streamBytes))))}`.padEnd(27),
+      at.every((l) => l.verified) ? 'verified' : 'FAILED',
+    ]),
+  );
   // QEMU switches over once what is left would cross within its downtime limit at the rate it measured:
   // a path that QEMU measures faster, or that leaves more for the stop, moves the leg's total time.
   lines.push('', "QEMU's switchover: median (min–max) over the runs");
   lines.push("leg  path               downtime ms          downtime MiB         QEMU's rate Mbit/s   dirty syncs");
-  for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
-    for (const path of PATHS) {
-      const at = legs.filter((l) => l.leg === leg && l.path === path);
-      if (at.length === 0) continue;
-      lines.push(
-        [
-          String(leg).padEnd(4),
-          path.padEnd(18),
-          spread(at.map((l) => l.downtimeMs), (v) => v.toFixed(0)).padEnd(20),
-          spread(present(at.map((l) => (l.downtimeBytes === null ? null : l.downtimeBytes / 2 ** 20))), (v) => v.toFixed(2)).padEnd(20),
-          spread(present(at.map((l) => l.qemuMbps)), (v) => v.toFixed(0)).padEnd(20),
-          spread(at.map((l) => l.dirtySyncCount), (v) => v.toFixed(0)),
-        ].join(' '),
-      );
-    }
-  }
+  lines.push(
+    ...perPath(legs, (at) => [
+      spread(at.map((l) => l.downtimeMs), (v) => v.toFixed(0)).padEnd(20),
+      spread(present(at.map((l) => (l.downtimeBytes === null ? null : l.downtimeBytes / 2 ** 20))), (v) => v.toFixed(2)).padEnd(20),
+      spread(present(at.map((l) => l.qemuMbps)), (v) => v.toFixed(0)).padEnd(20),
+      spread(at.map((l) => l.dirtySyncCount), (v) => v.toFixed(0)),
+    ]),
+  );
   lines.push('', 'paired by run (each run migrates every path): total time of each bfmig path less bfmig-plain\'s in that run');
   for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
     const plain = legs.filter((l) => l.leg === leg && l.path === 'bfmig-plain');
