@@ -1,6 +1,6 @@
 import { DIGEST_BYTES, digestOne } from '../src/digest';
 import { MemoryPages, Rng } from '../src/lab/harness/fuzz';
-import { dirty, guestMemory, type GuestMemory } from '../src/lab/harness/migration-stream';
+import { dirty, guestMemory, type GuestMemory, patchPages } from '../src/lab/harness/migration-stream';
 import { multifdInit, multifdMigration, multifdPacket, multifdRoundTrip, type MultifdFormat } from '../src/lab/harness/multifd-stream';
 import { RebuildError } from '../src/proxy/decoder';
 import { MultifdEncoder } from '../src/proxy/multifd-encoder';
@@ -36,6 +36,24 @@ function holds(store: MemoryPages, index: number, page: Buffer): boolean {
 
 const all = (memory: GuestMemory): number[] => memory.pages.map((_, i) => i);
 
+/**
+ * A store with an undo journal's one trait that matters to a sender's Deltas: the first write of a held
+ * page in a migration reads its old version anyway (readsBeforeWrite), until newMigration().
+ */
+class JournalledPages extends MemoryPages {
+  private written = new Set<number>();
+  newMigration(): void {
+    this.written = new Set();
+  }
+  readsBeforeWrite(index: number): boolean {
+    return !this.written.has(index) && this.digests.subarray(index * DIGEST_BYTES, (index + 1) * DIGEST_BYTES).some((v) => v !== 0);
+  }
+  override writePage(index: number, src: Uint8Array, srcStart: number, digest: Uint8Array, digestStart: number): void {
+    this.written.add(index);
+    super.writePage(index, src, srcStart, digest, digestStart);
+  }
+}
+
 describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packets', (format) => {
   test('rebuilds every channel byte for byte, and a second migration reuses the pages both stores keep', () => {
     const memory = guestMemory([['pc.ram', 1500], ['vga.vram', 300]], 11);
@@ -63,6 +81,97 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
       if (format === 'qemu-10.0' || page.some((b) => b !== 0)) expect(holds(receiver, i, page)).toBe(true);
     });
     expect(sender.digests).toEqual(receiver.digests);
+  });
+
+  test('with Deltas taken on the channels, pages changed in a few bytes cross as Deltas against the version both sides hold, rebuilt byte for byte', () => {
+    const memory = guestMemory([['pc.ram', 1500], ['vga.vram', 300]], 12);
+    const layout = layoutOf(memory.blocks);
+    const sender = new JournalledPages();
+    sender.begin(layout);
+    const receiver = new MemoryPages();
+    receiver.begin(layout);
+    const first = multifdMigration(memory, { format, channels: 3, rounds: [all(memory)] });
+    multifdRoundTrip(first.channels, layout, { store: sender, reference: null }, receiver, { chunk: 10_000, deltas: true });
+    expect(sender.digests).toEqual(receiver.digests);
+    // 64 bytes changed in 10% of the pages, and one page sent again in a later round.
+    const changed = patchPages(memory, 0.1, 64, 13);
+    const second = multifdMigration(memory, { format, channels: 3, rounds: [all(memory), changed] });
+    const withoutDeltas = multifdRoundTrip(second.channels, layout, { store: sender.clone(), reference: sender.digests.slice() }, receiver.clone(), { chunk: 4321 });
+    sender.newMigration();
+    const two = multifdRoundTrip(second.channels, layout, { store: sender, reference: sender.digests }, receiver, { chunk: 4321, deltas: true });
+    two.rebuilt.forEach((bytes, c) => expect(bytes.equals(second.channels[c])).toBe(true));
+    const sum = (side: { counts: { pagesDelta: number; deltaBytes: number } }[], key: 'pagesDelta' | 'deltaBytes'): number => side.reduce((n, x) => n + x.counts[key], 0);
+    const deltas = sum(two.encoders, 'pagesDelta');
+    expect(sum(two.decoders, 'pagesDelta')).toBe(deltas);
+    expect(sum(two.decoders, 'deltaBytes')).toBe(sum(two.encoders, 'deltaBytes'));
+    // Before QEMU 9.0 a packet's first and last pages go whole (they may be a page QEMU sent twice).
+    expect(deltas).toBeGreaterThan((format === 'qemu-10.0' ? 0.9 : 0.6) * changed.length);
+    expect(sum(withoutDeltas.encoders, 'pagesDelta')).toBe(0);
+    memory.pages.forEach((page, i) => {
+      if (format === 'qemu-10.0' || page.some((b) => b !== 0)) expect(holds(receiver, i, page)).toBe(true);
+    });
+    expect(sender.digests).toEqual(receiver.digests);
+    // What crossed: for each page that went whole before, a Delta under a tenth of its size.
+    const whole = (trip: typeof two): number => trip.encoders.reduce((n, e) => n + e.counts.pagesSent, 0);
+    expect(whole(withoutDeltas) - whole(two)).toBe(deltas);
+    expect(sum(two.encoders, 'deltaBytes')).toBeLessThan(0.1 * deltas * PAGE);
+  });
+
+  test("a back leg's Deltas have their bases read ahead: every lone read of one was asked for before it", () => {
+    /** A store that records the lone pages asked for ahead, and which lone reads (inStream false) one of them covered. */
+    class HintedPages extends MemoryPages {
+      readonly asked = new Set<number>();
+      reads = 0;
+      covered = 0;
+      prefetchPages(indices: Uint32Array, count: number): void {
+        for (let i = 0; i < count; i++) this.asked.add(indices[i]);
+      }
+      override readPages(index: number, count: number, dest: Uint8Array, destStart: number, inStream?: boolean): void {
+        if (inStream === false) {
+          this.reads++;
+          if (this.asked.has(index)) this.covered++;
+        }
+        super.readPages(index, count, dest, destStart);
+      }
+    }
+    const memory = guestMemory([['pc.ram', 3000]], 16);
+    const layout = layoutOf(memory.blocks);
+    const sender = new JournalledPages();
+    const receiver = new HintedPages();
+    sender.begin(layout);
+    receiver.begin(layout);
+    multifdRoundTrip(multifdMigration(memory, { format, channels: 3, rounds: [all(memory)] }).channels, layout, { store: sender, reference: null }, receiver, { readAhead: true, deltas: true });
+    patchPages(memory, 0.1, 64, 17);
+    const second = multifdMigration(memory, { format, channels: 3, rounds: [all(memory)] });
+    sender.newMigration();
+    const [readsBefore, askedBefore] = [receiver.reads, receiver.asked.size];
+    const trip = multifdRoundTrip(second.channels, layout, { store: sender, reference: sender.digests }, receiver, { chunk: 5000, readAhead: true, deltas: true });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(second.channels[c])).toBe(true));
+    const deltas = trip.decoders.reduce((n, d) => n + d.counts.pagesDelta, 0);
+    expect(deltas).toBeGreaterThan(100);
+    expect(askedBefore).toBe(0); // a first leg has no Deltas
+    expect(receiver.asked.size).toBe(deltas);
+    // Every Delta's base was read alone, and asked for before that.
+    expect(receiver.reads - readsBefore).toBe(deltas);
+    expect(receiver.covered).toBe(deltas);
+  });
+
+  test.each([
+    ['a damaged range', (p: Buffer) => void (p[p.length - 1] ^= 0x10), /does not rebuild the sender's page/],
+    ['a base the receiver does not hold', (p: Buffer) => void (p[8] ^= 1), /does not hold/],
+    ['another page', (p: Buffer) => void p.writeUInt32BE(p.readUInt32BE(0) + 1, 0), /the packet's next page is/],
+  ])('a channel Delta with %s fails the migration', (_what, tamper, message) => {
+    const memory = guestMemory([['pc.ram', 600]], 14);
+    const layout = layoutOf(memory.blocks);
+    const sender = new JournalledPages();
+    sender.begin(layout);
+    const receiver = new MemoryPages();
+    receiver.begin(layout);
+    multifdRoundTrip(multifdMigration(memory, { format, channels: 2, rounds: [all(memory)] }).channels, layout, { store: sender, reference: null }, receiver, { deltas: true });
+    patchPages(memory, 0.2, 32, 15);
+    const second = multifdMigration(memory, { format, channels: 2, rounds: [all(memory)] });
+    sender.newMigration();
+    expect(() => multifdRoundTrip(second.channels, layout, { store: sender, reference: sender.digests }, receiver, { deltas: true, tamperDelta: tamper })).toThrow(message);
   });
 
   test('a back leg reads each Run’s pages ahead: every read of them was asked for before it, a window at a time', () => {
@@ -215,6 +324,48 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     expect(trip.encoders.reduce((n, e) => n + e.counts.pagesSent, 0)).toBe(0);
     expect(trip.decoders.reduce((n, d) => n + d.counts.pagesReused, 0)).toBe(6);
     for (const store of [sender, receiver]) expect(holds(store, 10, memory.pages[10])).toBe(true);
+  });
+
+  test.each([
+    ['whole, packet 0 first; decoded packet 1 first', [0, 1], [1, 0], false],
+    ['whole, packet 1 first; decoded packet 0 first', [1, 0], [0, 1], false],
+    ['interleaved; decoded packet 1 first', [0, 1], [1, 0], true],
+  ])('with Deltas on the channels, a page QEMU 7.2 sends twice in one epoch goes whole and the pages around it as Deltas, rebuilt exactly: channels read %s', (_, order, decodeOrder, interleave) => {
+    const memory = guestMemory([['pc.ram', 64]], 3, 0);
+    const layout = layoutOf(memory.blocks);
+    const sender = new JournalledPages();
+    const receiver = new MemoryPages();
+    sender.begin(layout);
+    receiver.begin(layout);
+    for (const i of [8, 9, 10, 11, 12]) {
+      sender.writePage(i, memory.pages[i], 0, digestOf(memory.pages[i]), 0);
+      receiver.writePage(i, memory.pages[i], 0, digestOf(memory.pages[i]), 0);
+    }
+    sender.newMigration();
+    /** Page i's held version with `byte` written at a few places. */
+    const patched = (i: number, byte: number): Buffer => {
+      const page = Buffer.from(memory.pages[i]);
+      for (const at of [17, 900, 2500, 4000]) page[at] = byte;
+      return page;
+    };
+    const [nine, tenFirst, tenAgain, eleven, tenFinal] = [patched(9, 1), patched(10, 2), patched(10, 3), patched(11, 4), patched(10, 5)];
+    const packet = (n: number, pages: [number, Buffer][]): Buffer => multifdPacket({ format, block: 'pc.ram', packetNumber: n, pages: pages.map(([i, data]) => ({ offset: i * PAGE, data })) });
+    const sync = (n: number): Buffer => multifdPacket({ format, packetNumber: n, block: '', pages: [], sync: true });
+    const channels = [
+      Buffer.concat([multifdInit(0), packet(0, [[8, memory.pages[8]], [9, nine], [10, tenFirst]]), sync(2), packet(4, [[10, tenFinal]]), sync(5)]),
+      Buffer.concat([multifdInit(1), packet(1, [[10, tenAgain], [11, eleven], [12, memory.pages[12]]]), sync(3), sync(6)]),
+    ];
+    const trip = multifdRoundTrip(channels, layout, { store: sender, reference: sender.digests }, receiver, { chunk: 1000, order, decodeOrder, interleave, deltas: true });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(channels[c])).toBe(true));
+    // Pages 9 and 11; never page 10, a packet's last and the next one's first.
+    expect(trip.encoders.reduce((n, e) => n + e.counts.pagesDelta, 0)).toBe(2);
+    expect(trip.decoders.reduce((n, d) => n + d.counts.pagesDelta, 0)).toBe(2);
+    for (const store of [sender, receiver]) {
+      expect(holds(store, 9, nine)).toBe(true);
+      expect(holds(store, 10, tenFinal)).toBe(true);
+      expect(holds(store, 11, eleven)).toBe(true);
+    }
+    expect(sender.digests).toEqual(receiver.digests);
   });
 
   test('a channel waits at a SYNC until every channel has reached it', () => {

@@ -5,7 +5,8 @@
  * channel's length and XXH3-64, once the encoder has let everything go); the receiving side dials the
  * destination QEMU once the main channel's destination has answered (QEMU takes the main channel
  * first), writes what its ChannelDecoder rebuilds, checks End, and returns what the destination sends
- * back as Return frames (passed on as they are). Literal bytes cross compressed when the main channel's
+ * back as Return frames (passed on as they are). A multifd channel's changed pages may cross as Delta
+ * frames against the version both sides hold (Feature.ChannelDeltas). Literal bytes cross compressed when the main channel's
  * handshake chose compression, each channel with a zstd stream of its own. A multifd channel's codec is made once the main
  * channel has given the RAM block list (ChannelGroup.whenMultifd); while the codec is parked at the
  * SYNC barrier the relay stops reading its input. Anything wrong on one channel fails its whole
@@ -259,6 +260,11 @@ export class ChannelSender extends ChannelRelay {
           literals.flush();
           this.toPeer(encodeFrame(FrameType.Run, payload));
         },
+        delta: (payload) => {
+          literals.flush();
+          this.toPeer(frameHeader(FrameType.Delta, payload.length));
+          this.toPeer(payload);
+        },
       },
       multifd,
     );
@@ -394,7 +400,7 @@ export class ChannelReceiver extends ChannelRelay {
     this.peer = accepted;
     this.inflater = receiver.group.compression === null ? null : new LiteralInflater();
     // The Hello (already checked) comes first again; Literal bytes pass through as they arrive. The Runs
-    // of a chunk are shown to the codec before it is rebuilt: their pages are read all at once.
+    // and Deltas of a chunk are shown to the codec before it is rebuilt: their pages are read all at once.
     let hello = true;
     this.frames = new FrameParser(
       (type, payload) => {
@@ -404,8 +410,8 @@ export class ChannelReceiver extends ChannelRelay {
       (type) => type === FrameType.Literal,
       {
         headBytes: RUN_LEAD_BYTES,
-        wants: (type) => type === FrameType.Run,
-        look: (_type, head, length) => this.decoder?.aheadOfRun?.(head, length),
+        wants: (type) => type === FrameType.Run || type === FrameType.Delta,
+        look: (type, head, length) => (type === FrameType.Run ? this.decoder?.aheadOfRun?.(head, length) : this.decoder?.aheadOfDelta?.(head, length)),
         looked: () => this.decoder?.prefetchAhead?.(),
       },
     );
@@ -528,6 +534,11 @@ export class ChannelReceiver extends ChannelRelay {
         break;
       case FrameType.Run:
         decoder.run(payload);
+        break;
+      case FrameType.Delta:
+        // Offered (Feature.ChannelDeltas) wherever this gateway keeps a store; a verbatim channel takes none.
+        if (!decoder.delta) throw new ProtocolViolation('unexpected-frame', `a Delta frame on ${this.label}, which is relayed as it is`);
+        decoder.delta(payload);
         break;
       case FrameType.End:
         this.onEnd(decoder, payload);

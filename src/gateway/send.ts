@@ -380,6 +380,7 @@ export class SendSession {
         });
       };
       encoder.multifd = multifd;
+      multifd.channelDeltas = encoder.deltas && offers(offer, Feature.ChannelDeltas);
       multifd.begin(layout);
       if (!this.table) this.startMultifd();
     }

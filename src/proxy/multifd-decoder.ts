@@ -6,13 +6,17 @@ import { errorMessage } from '../common/errors';
 import { RebuildError } from './decoder';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
+import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES } from './page-delta';
 import { sameDigest } from './retained';
-import { ReadsAhead, runsWindow } from './reads-ahead';
+import { BASES_WINDOW, ReadsAhead, runsWindow } from './reads-ahead';
 import { decodeRun, MAX_RUN_HELD, runPlace } from './run';
+
+/** The frames a channel takes. */
+type ChannelFrame = 'literal' | 'run' | 'delta';
 
 /** A frame that arrived while the channel was parked: a copy, replayed once it may go on. */
 interface QueuedFrame {
-  run: boolean;
+  kind: ChannelFrame;
   payload: Buffer;
 }
 
@@ -28,7 +32,9 @@ interface QueuedFrame {
  * A Run stands for the next `count` normal pages of the packet being rebuilt, whose header (with the
  * pages' offsets) came before it as Literal bytes: it must start at the page the header lists next, in
  * the block the header names. Its pages are read from the store and checked against the sender's digest
- * before a byte of them goes to `out`. The rebuilt channel is parsed again as it goes out, which keeps
+ * before a byte of them goes to `out`. A Delta (Feature.ChannelDeltas) stands for the next normal page
+ * alone: its version held here, patched, checked against both of the sender's digests. The rebuilt
+ * channel is parsed again as it goes out, which keeps
  * the store in step exactly as on the sending side. `parked` (see MultifdMigration): the channel waits
  * at a SYNC for the others; frames given meanwhile are copied and queued, so the caller should stop
  * reading this channel's frames until it clears. end() checks the channel's length and XXH3-64 (once
@@ -39,11 +45,19 @@ export class MultifdDecoder extends MultifdChannel {
   /** Pages of the run being parsed again: read from the store already, nothing to keep. */
   private replaying = 0;
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
+  /** A Delta's base page, read from the store (or kept from the epoch's start). */
+  private readonly basePage = Buffer.allocUnsafe(X86_PAGE_SIZE);
+  /** The page being parsed again was rebuilt from a Delta: counted as one. */
+  private replayingDelta = false;
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
   /** Run frames seen ahead (aheadOfRun) and rebuilt, counted alike; their pages read ahead. */
   private runsSeen = 0;
   private runsRebuilt = 0;
   private runsAhead: ReadsAhead | null = null;
+  /** Delta frames seen ahead (aheadOfDelta) and rebuilt, counted alike; their bases read ahead. */
+  private deltasSeen = 0;
+  private deltasRebuilt = 0;
+  private deltasAhead: ReadsAhead | null = null;
   /**
    * Pages a Run's records span, per record, the most the Runs rebuilt lately showed: a packet's pages are
    * consecutive as a rule, but the zero pages among them (sent on the main channel before QEMU 9.0) are
@@ -81,7 +95,7 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   literal(bytes: Buffer): void {
-    this.frame(false, bytes);
+    this.frame('literal', bytes);
   }
 
   /**
@@ -93,7 +107,11 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   run(payload: Buffer): void {
-    this.frame(true, payload);
+    this.frame('run', payload);
+  }
+
+  delta(payload: Buffer): void {
+    this.frame('delta', payload);
   }
 
   /**
@@ -114,29 +132,30 @@ export class MultifdDecoder extends MultifdChannel {
 
   unpark(): void {
     this.parser.resume();
-    while (!this.parser.isPaused && this.queued.length > 0 && !this.runWaits(this.queued[0].run)) {
+    while (!this.parser.isPaused && this.queued.length > 0 && !this.waits(this.queued[0].kind)) {
       const frame = this.queued.shift() as QueuedFrame;
-      this.apply(frame.run, frame.payload);
+      this.apply(frame.kind, frame.payload);
     }
     this.afterUnpark();
   }
 
-  /** A Run waits until the main channel has passed its epoch (see MultifdMigration). */
-  private runWaits(run: boolean): boolean {
-    return run && !this.migration.mainReached(this.syncs);
+  /** A Run or a Delta (each names the version of a page held here) waits until the main channel has passed its epoch (see MultifdMigration). */
+  private waits(kind: ChannelFrame): boolean {
+    return kind !== 'literal' && !this.migration.mainReached(this.syncs);
   }
 
-  private frame(run: boolean, payload: Buffer): void {
-    if (this.parked || this.runWaits(run)) {
-      this.queued.push({ run, payload: Buffer.from(payload) });
+  private frame(kind: ChannelFrame, payload: Buffer): void {
+    if (this.parked || this.waits(kind)) {
+      this.queued.push({ kind, payload: Buffer.from(payload) });
       return;
     }
-    this.apply(run, payload);
+    this.apply(kind, payload);
     this.migration.settle();
   }
 
-  private apply(run: boolean, payload: Buffer): void {
-    if (run) this.rebuildRun(payload);
+  private apply(kind: ChannelFrame, payload: Buffer): void {
+    if (kind === 'run') this.rebuildRun(payload);
+    else if (kind === 'delta') this.rebuildDelta(payload);
     else this.rebuilt(payload);
   }
 
@@ -175,9 +194,25 @@ export class MultifdDecoder extends MultifdChannel {
     this.runsAhead.note(frame, first, count);
   }
 
-  /** Has the store start reading the Runs aheadOfRun() noted, a window ahead of the Runs rebuilt. */
+  /**
+   * A Delta frame has arrived and will be rebuilt after those before it: its base (the page itself) is
+   * noted, to be read ahead by the store's pool of readers with the other channels' (a window each, their
+   * share of what the pool holds). head[0 .. length): the payload's first bytes. Must see every Delta
+   * frame, in order, as delta() will. Only a hint: rebuilding checks everything again.
+   */
+  aheadOfDelta(head: Buffer, length: number): void {
+    const frame = ++this.deltasSeen;
+    const store = this.migration.store;
+    if (length < 4 || store === null || store.prefetchPages === undefined) return;
+    const window = Math.max(8, Math.floor(BASES_WINDOW / Math.max(1, this.migration.channelCount)));
+    this.deltasAhead ??= new ReadsAhead(window, (pages, _counts, count) => store.prefetchPages?.(pages, count));
+    this.deltasAhead.note(frame, head.readUInt32BE(0));
+  }
+
+  /** Has the store start reading the Runs aheadOfRun() and the bases aheadOfDelta() noted, a window ahead of those rebuilt. */
   prefetchAhead(): void {
     this.runsAhead?.advance(this.runsRebuilt);
+    this.deltasAhead?.advance(this.deltasRebuilt);
   }
 
   private rebuildRun(payload: Buffer): void {
@@ -229,6 +264,55 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   /**
+   * A Delta for the packet's next normal page: its version held here (as the epoch began, should it have
+   * been written in the epoch already), patched by the ranges, checked against the sender's digests of
+   * the base and of the result before a byte of it goes to `out`.
+   */
+  private rebuildDelta(payload: Buffer): void {
+    this.deltasRebuilt++;
+    this.prefetchAhead();
+    const next = this.parser.nextPageIndex;
+    const packet = this.parser.currentPacket;
+    const block = this.block;
+    if (next < 0 || block === null || next >= packet.normalPages) throw new RebuildError('a Delta where no page of a packet comes next');
+    if (payload.length < DELTA_HEADER_BYTES || payload.length > DELTA_HEADER_BYTES + MAX_DELTA_BYTES) throw new RebuildError(`multifd Delta frame of ${payload.length} bytes`);
+    const pageIndex = block.firstPage + packet.offsets[next] / X86_PAGE_SIZE;
+    const page = payload.readUInt32BE(0);
+    if (page !== pageIndex || payload.readUInt32BE(4) !== page) {
+      throw new RebuildError(`a multifd Delta for page ${page} from page ${payload.readUInt32BE(4)}, the packet's next page is ${pageIndex}`);
+    }
+    const store = this.migration.store;
+    if (!store) throw new RebuildError('multifd Delta, but this gateway keeps no store');
+    const kept = !this.modernQemu && this.migration.writtenIn(pageIndex, this.syncs) ? (this.migration.epochStart?.version(pageIndex, this.syncs) ?? null) : null;
+    if (kept !== null) kept.copy(this.basePage, 0);
+    else {
+      try {
+        store.readPages(pageIndex, 1, this.basePage, 0, false);
+      } catch (err) {
+        throw new RebuildError(`page ${pageIndex} is not held: ${errorMessage(err)}`);
+      }
+    }
+    digestOne(this.basePage, 0, X86_PAGE_SIZE, this.runDigest, 0);
+    if (!sameDigest(this.runDigest, 0, payload, DELTA_BASE_DIGEST_AT)) throw new RebuildError(`multifd Delta from a version of page ${pageIndex} this store does not hold`);
+    const bytes = this.allocate(X86_PAGE_SIZE);
+    try {
+      applyPageDelta(this.basePage, 0, payload, DELTA_HEADER_BYTES, payload.length - DELTA_HEADER_BYTES, X86_PAGE_SIZE, bytes, 0);
+    } catch (err) {
+      throw new RebuildError(`multifd Delta for page ${pageIndex}: ${errorMessage(err)}`);
+    }
+    digestOne(bytes, 0, X86_PAGE_SIZE, this.runDigest, 0);
+    if (!sameDigest(this.runDigest, 0, payload, DELTA_NEW_DIGEST_AT)) throw new RebuildError(`multifd Delta for page ${pageIndex} does not rebuild the sender's page`);
+    this.counts.pagesDelta++;
+    this.counts.deltaBytes += payload.length;
+    this.replayingDelta = true;
+    try {
+      this.rebuilt(bytes);
+    } finally {
+      this.replayingDelta = false;
+    }
+  }
+
+  /**
    * A Run names the version each page had when the epoch began: where a page of it has been written in
    * the epoch already (the other copy of a page QEMU < 9.0 repeated), that version was kept (see
    * MultifdMigration) and replaces what the store holds now.
@@ -253,7 +337,8 @@ export class MultifdDecoder extends MultifdChannel {
       this.replaying--;
       return;
     } else {
-      this.counts.pagesSent++;
+      // A page rebuilt from a Delta was counted as one; it is kept as a page sent whole is.
+      if (!this.replayingDelta) this.counts.pagesSent++;
       // A packet's first or last page may be a copy of one QEMU < 9.0 repeated (see MultifdMigration).
       const end = record.index === 0 || record.index === this.parser.currentPacket.normalPages - 1;
       if (claim === Claim.First && end && !this.modernQemu) this.migration.epochStart?.keep(page.pageIndex, this.syncs);

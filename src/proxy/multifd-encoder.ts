@@ -1,4 +1,4 @@
-import { DIGEST_BYTES, DIGEST_WORDS, digestOne, sameDigestWords } from '../digest';
+import { DIGEST_BYTES, DIGEST_WORDS, digestOne, isAbsentDigest, sameDigestWords } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
@@ -6,6 +6,8 @@ import type { EncoderSink } from './encoder';
 import { HeldInput } from './held-input';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
+import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES } from './page-delta';
+import { sameDigest } from './retained';
 import { encodeRun, MAX_RUN_HELD } from './run';
 
 /**
@@ -24,6 +26,16 @@ import { encodeRun, MAX_RUN_HELD } from './run';
  * offset, count, one digest over the pages' digests, every bitmap bit set); MultifdDecoder rebuilds them
  * from the pages' offsets in the packet header it has already received. Zero pages carry no bytes and
  * stay in the header. Every page is written to the store as it passes, like the main channel's.
+ *
+ * Where the receiver takes them (`migration.channelDeltas`), a changed page goes as a Delta against the
+ * version of it both sides hold (proxy/page-delta.ts; its base is the page itself) when the ranges that
+ * changed are few. Such a Delta says what a Run says of its pages, that the receiver holds this version
+ * there, so it is sent under the rule that lets a Run name a page (mayNameClaimed), and, before QEMU 9.0,
+ * never for a packet's first or last page: those may be a page sent twice in the epoch, whose other copy
+ * could overwrite the base at the receiver first (see MultifdMigration). The base is read from this
+ * site's store only where the store's undo journal reads it anyway before it writes the new version
+ * (`readsBeforeWrite`: the page's first change in the migration), so a Delta costs this side no read of
+ * its own; the receiver reads it, and checks both digests, as for a Delta on the main channel.
  *
  * Channel bytes may be pushed only once `migration.begin()` has had the main channel's block list
  * (QEMU sends the list before any page). `parked` says the channel waits at a SYNC for the others
@@ -50,6 +62,10 @@ export class MultifdEncoder extends MultifdChannel {
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
   /** Every page of a run is held: all bits set, but none past the run's last page (decodeRun checks). */
   private readonly runBitmap = Buffer.alloc(MAX_RUN_HELD / 8, 0xff);
+  /** Delta payloads (page-delta.ts), laid out in slabs; a base page read from the store, and its digest. */
+  private readonly deltaOut = new DeltaSlab();
+  private readonly basePage = Buffer.alloc(X86_PAGE_SIZE);
+  private readonly baseDigest = Buffer.alloc(DIGEST_BYTES);
 
   constructor(
     private readonly sink: EncoderSink,
@@ -184,6 +200,8 @@ export class MultifdEncoder extends MultifdChannel {
       this.counts.pagesReused++;
       this.migration.nameInRun(page.pageIndex);
       this.addToRun(page.streamOffset, page.offset);
+    } else if (!held && words !== null && reference !== null && claim === Claim.First && this.sendDelta(record, page, reference, words)) {
+      this.counts.pagesDelta++;
     } else {
       this.closeRun();
       this.counts.pagesSent++;
@@ -194,6 +212,43 @@ export class MultifdEncoder extends MultifdChannel {
     // The receiver now holds this version of the page.
     if (words !== null && reference !== this.migration.store?.digests) words.set(retainer.digestWords, word);
     retainer.retain(page, true);
+  }
+
+  /**
+   * Sends the page as a Delta against the version of it the receiver holds, if it may (see above) and
+   * the ranges that changed fit MAX_DELTA_BYTES: whether it did. The page's new digest is the retainer's.
+   */
+  private sendDelta(record: MultifdPageRecord, page: RamPageRecord, reference: Uint8Array, words: Uint32Array): boolean {
+    const migration = this.migration;
+    const store = migration.store;
+    const index = page.pageIndex;
+    if (!migration.channelDeltas || store === null || this.sink.delta === undefined || !this.mayNameClaimed(Claim.First, index)) return false;
+    if (!this.modernQemu && (record.index === 0 || this.pagesAfter(record) === 0)) return false;
+    if (isAbsentDigest(words, index * DIGEST_WORDS) || store.readsBeforeWrite?.(index) !== true) return false;
+    const at = index * DIGEST_BYTES;
+    if (!sameDigest(reference, at, store.digests, at)) return false;
+    try {
+      store.readPages(index, 1, this.basePage, 0);
+    } catch {
+      return false; // not readable here: the page goes whole
+    }
+    digestOne(this.basePage, 0, X86_PAGE_SIZE, this.baseDigest, 0);
+    if (!sameDigest(this.baseDigest, 0, reference, at)) return false;
+    const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);
+    const length = encodePageDelta(this.basePage, 0, page.data, page.dataStart, X86_PAGE_SIZE, out, DELTA_HEADER_BYTES, MAX_DELTA_BYTES);
+    if (length < 0) return false;
+    out.writeUInt32BE(index, 0);
+    out.writeUInt32BE(index, 4);
+    this.baseDigest.copy(out, DELTA_BASE_DIGEST_AT);
+    this.retainer.digest.copy(out, DELTA_NEW_DIGEST_AT);
+    const payload = this.deltaOut.take(DELTA_HEADER_BYTES + length);
+    this.closeRun();
+    // The packet's header and the pages before this one go first; the Delta stands for this page's data.
+    this.send(page.streamOffset);
+    this.sink.delta(payload);
+    this.skip(page.streamOffset + X86_PAGE_SIZE);
+    this.counts.deltaBytes += payload.length;
+    return true;
   }
 
   private addToRun(streamOffset: number, offset: number): void {

@@ -105,6 +105,11 @@ export class MultifdMigration {
    */
   receiverTable: ReceiverTable | null = null;
   /**
+   * Sender only: the receiver takes Delta frames on the channels (Feature.ChannelDeltas): a changed page
+   * may go as the ranges that differ from the version both sides hold (MultifdEncoder).
+   */
+  channelDeltas = false;
+  /**
    * Sender only: runs `step` after `ms`, and after the input that came meanwhile has been read (the
    * gateway's timer, which fails the migration if `step` throws). With it a channel past a SYNC waits
    * up to MAIN_WAIT_MS for the main channel's marker of the epoch where QEMU sends it right after the

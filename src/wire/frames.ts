@@ -131,6 +131,11 @@ export const enum Feature {
   BasesAhead = 'bases-ahead',
   /** The receiver takes CompressedFrames: Runs and Deltas travel inside the compressed batches. */
   CompressedFrames = 'compressed-frames',
+  /**
+   * The receiver takes Delta frames on multifd channels too: a page of a packet as the ranges that changed
+   * from the version of that page both sides hold (proxy/multifd-encoder.ts).
+   */
+  ChannelDeltas = 'channel-deltas',
 }
 
 export interface HelloMessage {

@@ -131,9 +131,9 @@ export function multifdMigration(memory: GuestMemory, shape: MultifdMigrationSha
   return { channels: parts.map((p) => Buffer.concat(p)), normalPages, zeroPages };
 }
 
-/** A channel's frames as MultifdEncoder sent them: Literal bytes and Run payloads. */
+/** A channel's frames as MultifdEncoder sent them: Literal bytes, Run and Delta payloads. */
 export interface ChannelFrames {
-  frames: { run: boolean; payload: Buffer }[];
+  frames: { kind: 'literal' | 'run' | 'delta'; payload: Buffer }[];
   streamBytes: number;
   streamCheck: string;
 }
@@ -149,13 +149,15 @@ export interface ChannelFrames {
  * With `reuseInput`, each codec is fed as a gateway reading into reused buffers feeds it: every piece is
  * copied into one buffer, pushed, released (releaseInput), and the buffer is then overwritten; what the
  * codecs hand on is copied at once (a gateway writes it to a socket that holds the buffer meanwhile).
+ * With `deltas`, the receiver takes Delta frames on the channels (Feature.ChannelDeltas); `tamperDelta`
+ * changes each Delta payload on its way to the decoder.
  */
 export function multifdRoundTrip(
   channels: readonly Buffer[],
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean } = {},
+  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -164,6 +166,7 @@ export function multifdRoundTrip(
   // No main channel here: nothing on it for a Run to wait for.
   sending.endMain();
   sending.receiverTable = sender.reference === null ? null : new ReceiverTable(sender.reference);
+  sending.channelDeltas = options.deltas === true;
   const reuse = options.reuseInput === true;
   // Without reuseInput, views of the channels' bytes, which nothing changes: no copy is needed.
   const keep = (bytes: Buffer): Buffer => (reuse ? Buffer.from(bytes) : bytes);
@@ -171,7 +174,11 @@ export function multifdRoundTrip(
   const encoders = sent.map(
     (out) =>
       new MultifdEncoder(
-        { literal: (bytes) => out.frames.push({ run: false, payload: keep(bytes) }), run: (payload) => out.frames.push({ run: true, payload: keep(payload) }) },
+        {
+          literal: (bytes) => out.frames.push({ kind: 'literal', payload: keep(bytes) }),
+          run: (payload) => out.frames.push({ kind: 'run', payload: keep(payload) }),
+          delta: (payload) => out.frames.push({ kind: 'delta', payload: keep(payload) }),
+        },
         sending,
       ),
   );
@@ -216,11 +223,19 @@ export function multifdRoundTrip(
   const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => options.discardOutput || out.push(keep(bytes)), receiving));
   for (const c of options.decodeOrder ?? order) {
     if (options.readAhead) {
-      for (const frame of sent[c].frames) if (frame.run) decoders[c].aheadOfRun(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
+      for (const frame of sent[c].frames) {
+        if (frame.kind === 'run') decoders[c].aheadOfRun(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
+        if (frame.kind === 'delta') decoders[c].aheadOfDelta(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
+      }
       decoders[c].prefetchAhead();
     }
     for (const frame of sent[c].frames) {
-      if (frame.run) decoders[c].run(frame.payload);
+      if (frame.kind === 'run') decoders[c].run(frame.payload);
+      else if (frame.kind === 'delta') {
+        const payload = options.tamperDelta ? Buffer.from(frame.payload) : frame.payload;
+        options.tamperDelta?.(payload);
+        decoders[c].delta(payload);
+      }
       else feed(frame.payload, (piece) => decoders[c].literal(piece), () => decoders[c].releaseInput());
     }
     decoders[c].end(sent[c].streamBytes, sent[c].streamCheck);
