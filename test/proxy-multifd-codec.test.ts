@@ -36,22 +36,11 @@ function holds(store: MemoryPages, index: number, page: Buffer): boolean {
 
 const all = (memory: GuestMemory): number[] => memory.pages.map((_, i) => i);
 
-/**
- * A store with an undo journal's one trait that matters to a sender's Deltas: the first write of a held
- * page in a migration reads its old version anyway (readsBeforeWrite), until newMigration().
- */
-class JournalledPages extends MemoryPages {
-  private written = new Set<number>();
-  newMigration(): void {
-    this.written = new Set();
-  }
-  readsBeforeWrite(index: number): boolean {
-    return !this.written.has(index) && this.digests.subarray(index * DIGEST_BYTES, (index + 1) * DIGEST_BYTES).some((v) => v !== 0);
-  }
-  override writePage(index: number, src: Uint8Array, srcStart: number, digest: Uint8Array, digestStart: number): void {
-    this.written.add(index);
-    super.writePage(index, src, srcStart, digest, digestStart);
-  }
+/** A sender's store whose first write of each held page in a migration reads its old version (MemoryPages.journalled). */
+function journalledPages(): MemoryPages {
+  const store = new MemoryPages();
+  store.journalled = true;
+  return store;
 }
 
 describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packets', (format) => {
@@ -86,7 +75,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
   test('with Deltas taken on the channels, pages changed in a few bytes cross as Deltas against the version both sides hold, rebuilt byte for byte', () => {
     const memory = guestMemory([['pc.ram', 1500], ['vga.vram', 300]], 12);
     const layout = layoutOf(memory.blocks);
-    const sender = new JournalledPages();
+    const sender = journalledPages();
     sender.begin(layout);
     const receiver = new MemoryPages();
     receiver.begin(layout);
@@ -136,7 +125,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     }
     const memory = guestMemory([['pc.ram', 3000]], 16);
     const layout = layoutOf(memory.blocks);
-    const sender = new JournalledPages();
+    const sender = journalledPages();
     const receiver = new HintedPages();
     sender.begin(layout);
     receiver.begin(layout);
@@ -163,7 +152,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
   ])('a channel Delta with %s fails the migration', (_what, tamper, message) => {
     const memory = guestMemory([['pc.ram', 600]], 14);
     const layout = layoutOf(memory.blocks);
-    const sender = new JournalledPages();
+    const sender = journalledPages();
     sender.begin(layout);
     const receiver = new MemoryPages();
     receiver.begin(layout);
@@ -333,7 +322,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
   ])('with Deltas on the channels, a page QEMU 7.2 sends twice in one epoch goes whole and the pages around it as Deltas, rebuilt exactly: channels read %s', (_, order, decodeOrder, interleave) => {
     const memory = guestMemory([['pc.ram', 64]], 3, 0);
     const layout = layoutOf(memory.blocks);
-    const sender = new JournalledPages();
+    const sender = journalledPages();
     const receiver = new MemoryPages();
     sender.begin(layout);
     receiver.begin(layout);
@@ -470,10 +459,15 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
 
 describe('multifd codec under mutated input', () => {
   /** Every outcome allowed: rejected with a typed error, or rebuilt byte for byte. Anything else fails. */
-  test('never crashes and never rebuilds a byte wrong', () => {
+  test.each([
+    ['', false],
+    [', with Deltas on the channel (a mutated page is a changed page)', true],
+  ])('never crashes and never rebuilds a byte wrong%s', (_how, deltas) => {
     const memory = guestMemory([['pc.ram', 400]], 21);
     const layout = layoutOf(memory.blocks);
     const seedStores = stores(memory);
+    seedStores.sender.journalled = deltas;
+    let deltaPages = 0;
     const base = multifdMigration(memory, { format: 'qemu-10.0', channels: 1, rounds: [all(memory)], pagesPerPacket: 16 });
     multifdRoundTrip(base.channels, layout, { store: seedStores.sender, reference: null }, seedStores.receiver);
     const rng = new Rng(0x5eed);
@@ -492,8 +486,10 @@ describe('multifd codec under mutated input', () => {
       const sender = seedStores.sender.clone();
       const receiver = seedStores.receiver.clone();
       try {
-        const trip = multifdRoundTrip([cut], layout, { store: sender, reference: sender.digests }, receiver, { chunk: 1 + rng.below(9000) });
+        sender.newMigration();
+        const trip = multifdRoundTrip([cut], layout, { store: sender, reference: sender.digests }, receiver, { chunk: 1 + rng.below(9000), deltas });
         expect(trip.rebuilt[0].equals(cut)).toBe(true);
+        deltaPages += trip.decoders[0].counts.pagesDelta;
         rebuilt++;
       } catch (err) {
         if (!(err instanceof StreamError || err instanceof RebuildError || err instanceof RunError)) throw err;
@@ -502,6 +498,7 @@ describe('multifd codec under mutated input', () => {
     }
     expect(rebuilt).toBeGreaterThan(0);
     expect(rejected).toBeGreaterThan(0);
+    if (deltas) expect(deltaPages).toBeGreaterThan(0);
   });
 
   test('pages moved to other offsets across channels, read in any order, are rebuilt exactly or rejected', () => {

@@ -451,6 +451,12 @@ export const MEMORY_STORE_MAX_PAGES = 1 << 20;
 /** A page store in memory, with the same contract as src/store's PageStore on the data path. */
 export class MemoryPages implements RetainedPages {
   digests: Uint8Array = new Uint8Array(0);
+  /**
+   * Behave as a store with an undo journal does to a sender's Deltas: the first write of a held page in
+   * a migration reads its old version anyway (readsBeforeWrite), until newMigration().
+   */
+  journalled = false;
+  private written = new Set<number>();
   private pages: Buffer = Buffer.alloc(0);
   private layoutId = '';
   private pageCount = 0;
@@ -464,8 +470,15 @@ export class MemoryPages implements RetainedPages {
     this.digests = new Uint8Array(layout.pageCount * DIGEST_BYTES);
     this.pages = Buffer.alloc(layout.pageCount * this.pageSize);
   }
+  newMigration(): void {
+    this.written = new Set();
+  }
+  readsBeforeWrite(index: number): boolean {
+    return this.journalled && !this.written.has(index) && this.digests.subarray(index * DIGEST_BYTES, (index + 1) * DIGEST_BYTES).some((v) => v !== 0);
+  }
   writePage(index: number, src: Uint8Array, srcStart: number, digest: Uint8Array, digestStart: number): void {
     this.check(index, 1);
+    this.written.add(index);
     this.pages.set(src.subarray(srcStart, srcStart + this.pageSize), index * this.pageSize);
     this.digests.set(digest.subarray(digestStart, digestStart + DIGEST_BYTES), index * DIGEST_BYTES);
   }
@@ -486,6 +499,7 @@ export class MemoryPages implements RetainedPages {
     copy.pages = Buffer.from(this.pages);
     copy.layoutId = this.layoutId;
     copy.pageCount = this.pageCount;
+    copy.journalled = this.journalled;
     return copy;
   }
   private check(index: number, count: number): void {
