@@ -12,6 +12,7 @@
  *       [--uncompressed]           also through bfmig with `compression: off` (deltas auto): path
  *                                  'bfmig-uncompressed', which splits bfmig's cost between the two
  *       [--multifd N]              every leg with QEMU's multifd on, N channels (each path carries them)
+ *       [--downtime-ms 500]        QEMU's downtime-limit at the source of every leg (QEMU's default is 300)
  *
  * Per content, path and leg: WAN bytes, QEMU's total time, migrate → running at the destination, the
  * opening (migrate → the leg's first 8 MiB out of the WAN emulator: the handshake and the records the
@@ -108,7 +109,7 @@ async function main(): Promise<void> {
   const text = { type: 'string' } as const;
   const { values: args } = parseArgs({
     args: process.argv.slice(2),
-    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, multifd: text, uncompressed: { type: 'boolean' } },
+    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, multifd: text, 'downtime-ms': text, uncompressed: { type: 'boolean' } },
     strict: true,
   });
   const runs = Number(args.runs ?? 2);
@@ -124,14 +125,16 @@ async function main(): Promise<void> {
   const multifd = channels > 0 ? { capabilities: { multifd: true }, parameters: { 'multifd-channels': channels } } : {};
   const scribbleMatch = /^(\d+):(\d+)$/.exec(args['scribble-files'] ?? '64:500');
   if (!scribbleMatch) throw new Error('--scribble-files takes BYTES:PER_SECOND');
-  const results: BenchResults = { host: { cpu: '', cores: 0, node: process.version, qemu: release, accel: process.env.BFMIG_QEMU_ACCEL ?? 'auto', kernel: '' }, downtimeLimitMs: 500, started: new Date().toISOString(), runs: [] };
+  const downtimeLimitMs = Number(args['downtime-ms'] ?? 500);
+  if (!Number.isInteger(downtimeLimitMs) || downtimeLimitMs <= 0) throw new Error('--downtime-ms takes a number of milliseconds');
+  const results: BenchResults = { host: { cpu: '', cores: 0, node: process.version, qemu: release, accel: process.env.BFMIG_QEMU_ACCEL ?? 'auto', kernel: '' }, downtimeLimitMs, started: new Date().toISOString(), runs: [] };
   const byContent = new Map<string, LegResult[]>();
   let ok = true;
   for (let run = 1; run <= runs; run++) {
     for (const content of contents) {
       if (content !== 'files' && content !== 'random') throw new Error('--contents takes files and/or random');
       const scribble = content === 'files' ? { bytes: Number(scribbleMatch[1]), perSecond: Number(scribbleMatch[2]) } : undefined;
-      console.log(`\n== run ${run}/${runs}: ${content}, ${mbit} Mbit/s, ${delayMs} ms, QEMU ${release}${channels > 0 ? `, multifd ${channels} channels` : ''} ==`);
+      console.log(`\n== run ${run}/${runs}: ${content}, ${mbit} Mbit/s, ${delayMs} ms, QEMU ${release}${channels > 0 ? `, multifd ${channels} channels` : ''}, downtime limit ${downtimeLimitMs} ms ==`);
       const legResults = await runBackForth({
         legs,
         memMiB: 256,
@@ -151,6 +154,7 @@ async function main(): Promise<void> {
         content,
         scribble,
         rotatePaths: run - 1,
+        downtimeLimitMs,
         ...multifd,
       });
       ok &&= legResults.every((l) => l.verified);
