@@ -7,7 +7,7 @@
 import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
 import { refusals, startPair, stopPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
-import { guestMemory, migrationStream, PAGE, patchPages, streamStart } from '../src/lab/harness/migration-stream';
+import { dirty, guestMemory, migrationStream, PAGE, patchPages, streamStart } from '../src/lab/harness/migration-stream';
 import { multifdMigration, multifdPacket, type MultifdFormat } from '../src/lab/harness/multifd-stream';
 import { restoreSnapshot } from '../src/cli/restore';
 import { ChannelsDestination, type ReceivedChannel, sourceChannel } from '../src/lab/harness/qemu-standins';
@@ -40,16 +40,16 @@ function multifdRun(format: MultifdFormat, rounds: number[][], pagesOf: (round: 
  * rest of the main channel, then of every channel; else the other way round (the gateways see the
  * channels' pages of every round before the main channel's).
  */
-async function migrate(from: Site, to: Site, run: { main: Buffer; channels: Buffer[] }, mainFirst: boolean): Promise<ReceivedChannel[]> {
+async function migrate(from: Site, to: Site, run: { main: Buffer; channels: Buffer[] }, mainFirst: boolean, vm = 'vm1'): Promise<ReceivedChannel[]> {
   const dest = await ChannelsDestination.listen(to.destPort);
   try {
     const start = streamStart(BLOCKS.map(([name, pages]) => [name, pages * PAGE]));
     if (!run.main.subarray(0, start.length).equals(start)) throw new Error('the main channel does not open as streamStart');
     const joined = (site: Site): number => site.logs.filter((l) => l.msg === 'channel joined').length;
     const [fromJoined, toJoined] = [joined(from), joined(to)];
-    const main = await sourceChannel(from.routePort);
+    const main = await sourceChannel(from.routePorts[vm]);
     await main.write(run.main.subarray(0, start.length));
-    const channels = await Promise.all(run.channels.map(() => sourceChannel(from.routePort)));
+    const channels = await Promise.all(run.channels.map(() => sourceChannel(from.routePorts[vm])));
     await Promise.all(channels.map((c, i) => c.write(run.channels[i].subarray(0, MULTIFD_INIT_BYTES))));
     await waitFor(() => joined(from) === fromJoined + channels.length && joined(to) === toJoined + channels.length);
     const rest = async (): Promise<void> => {
@@ -74,10 +74,10 @@ function expectRebuilt(got: ReceivedChannel[], run: { main: Buffer; channels: Bu
   expect(run.channels.every((bytes, id) => byId.get(id)?.equals(bytes))).toBe(true);
 }
 
-/** Pages of VM vm1's store at `site` that differ from `pages` (the store must be sound). */
-function pagesDiffering(site: Site, pages: Buffer[]): number[] {
-  expect(checkStores(site.data, ['vm1'])[0].badPages).toEqual([]);
-  const store = PageStore.open(site.data, 'vm1');
+/** Pages of VM `vm`'s store at `site` that differ from `pages` (the store must be sound). */
+function pagesDiffering(site: Site, pages: Buffer[], vm = 'vm1'): number[] {
+  expect(checkStores(site.data, [vm])[0].badPages).toEqual([]);
+  const store = PageStore.open(site.data, vm);
   try {
     const page = Buffer.alloc(PAGE);
     return pages.flatMap((expected, i) => {
@@ -297,5 +297,43 @@ describe('multifd channels through a gateway pair', () => {
     expect(failed[0].error).toMatch(/BAD_MAGIC/);
     expect(checkStores(a.data, ['vm1'])[0].snapshotId).toBeNull();
     expect(checkStores(b.data, ['vm1'])[0].snapshotId).toBeNull();
+  });
+});
+
+describe('multifd channels of a sibling VM through a gateway pair', () => {
+  let a: Site;
+  let b: Site;
+
+  beforeEach(async () => {
+    // `deltas: always`: on loopback the WAN never sets the pace (see gateway-deltas.test.ts).
+    const extra = LIMITS + 'deltas: always\n';
+    [a, b] = await startPair(suiteTempDir('bfmig-multifd-siblings-'), [extra, extra], undefined, [{ vm: 'vm1' }, { vm: 'vm2', siblings: ['vm1'] }]);
+  });
+
+  afterEach(() => stopPair([a, b]));
+
+  test("vm2's first leg sends the pages that vm1's retained snapshot holds across the channels as references to it, rebuilt byte for byte and kept", async () => {
+    const image = guestMemory(BLOCKS, 1);
+    const all = image.pages.map((_, i) => i);
+    const first = multifdRun('qemu-10.0', [all], () => image.pages);
+    expectRebuilt(await migrate(a, b, first, true), first);
+    expect([await report(a.gateway, 1), await report(b.gateway, 1)]).toMatchObject([{ result: 'completed' }, { result: 'completed' }]);
+
+    // vm2 booted from vm1's image; its workload rewrote a third of its pages.
+    const memory = { blocks: image.blocks, pages: image.pages.map((p) => Buffer.from(p)) };
+    const changed = new Set(dirty(memory, 0.3, 9));
+    const shared = memory.pages.filter((p, i) => !changed.has(i) && p.some((x) => x !== 0)).length;
+    expect(shared).toBeGreaterThan(100);
+    const run = multifdRun('qemu-10.0', [all], () => memory.pages);
+    const logged = a.logs.length;
+    expectRebuilt(await migrate(a, b, run, true, 'vm2'), run);
+    const reports = [await report(a.gateway, 2), await report(b.gateway, 2)];
+    expect(reports).toMatchObject([{ vm: 'vm2', result: 'completed' }, { vm: 'vm2', result: 'completed' }]);
+    for (const r of reports) expect(r.counts.pagesSibling).toBe(shared);
+    // What crossed the channels: the rewritten pages whole, each shared one as a reference of a few dozen bytes.
+    const wan = channelShare(a, logged);
+    expect(wan.wanBytes).toBeLessThan((memory.pages.length - shared) * PAGE + shared * 100);
+    expect(pagesDiffering(b, memory.pages, 'vm2')).toEqual([]);
+    expect(pagesDiffering(a, memory.pages, 'vm2')).toEqual([]);
   });
 });

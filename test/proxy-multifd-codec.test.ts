@@ -3,9 +3,10 @@ import { MemoryPages, Rng } from '../src/lab/harness/fuzz';
 import { dirty, guestMemory, type GuestMemory, patchPages } from '../src/lab/harness/migration-stream';
 import { multifdInit, multifdMigration, multifdPacket, multifdRoundTrip, type MultifdFormat } from '../src/lab/harness/multifd-stream';
 import { RebuildError } from '../src/proxy/decoder';
+import { DELTA_HEADER_BYTES, SIBLING_DELTA_LEAD_BYTES } from '../src/proxy/page-delta';
 import { MultifdEncoder } from '../src/proxy/multifd-encoder';
 import { MultifdMigration } from '../src/proxy/multifd-migration';
-import { layoutOf, ReceiverTable } from '../src/proxy/retained';
+import { layoutOf, ReceiverTable, type SiblingPages } from '../src/proxy/retained';
 import { MAX_RUN_HELD, RunError } from '../src/proxy/run';
 import { StreamError } from '../src/qemu/errors';
 import { RecordKind } from '../src/qemu/records';
@@ -35,6 +36,13 @@ function holds(store: MemoryPages, index: number, page: Buffer): boolean {
 }
 
 const all = (memory: GuestMemory): number[] => memory.pages.map((_, i) => i);
+
+/** A store of the layout that holds nothing yet. */
+function emptyStore(layout: ReturnType<typeof layoutOf>): MemoryPages {
+  const store = new MemoryPages();
+  store.begin(layout);
+  return store;
+}
 
 /** A sender's store whose first write of each held page in a migration reads its old version (MemoryPages.journalled). */
 function journalledPages(): MemoryPages {
@@ -104,6 +112,87 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     const whole = (trip: typeof two): number => trip.encoders.reduce((n, e) => n + e.counts.pagesSent, 0);
     expect(whole(withoutDeltas) - whole(two)).toBe(deltas);
     expect(sum(two.encoders, 'deltaBytes')).toBeLessThan(0.1 * deltas * PAGE);
+  });
+
+  describe('with SiblingDeltas taken on the channels', () => {
+    /** A sibling's retained snapshot: its pages and digests, the lone reads made of it, and those asked for ahead. */
+    class SiblingStore extends MemoryPages {
+      readonly vm = 'sibling-a';
+      readonly asked = new Set<number>();
+      reads = 0;
+      covered = 0;
+      prefetchPages(indices: Uint32Array, count: number): void {
+        for (let i = 0; i < count; i++) this.asked.add(indices[i]);
+      }
+      override readPages(index: number, count: number, dest: Uint8Array, destStart: number): void {
+        this.reads++;
+        if (this.asked.has(index)) this.covered++;
+        super.readPages(index, count, dest, destStart);
+      }
+    }
+
+    /**
+     * A sibling's memory, retained, and a VM's whose first leg it serves: the VM shares 60% of the
+     * sibling's pages in place and 10% elsewhere (page cache laid out differently); the rest are its own.
+     */
+    function siblings(): { memory: GuestMemory; sibling: SiblingStore; layout: ReturnType<typeof layoutOf>; shared: number } {
+      const theirs = guestMemory([['pc.ram', 1200], ['vga.vram', 200]], 21);
+      const memory = guestMemory([['pc.ram', 1200], ['vga.vram', 200]], 22);
+      const layout = layoutOf(theirs.blocks);
+      const sibling = new SiblingStore();
+      sibling.begin(layout);
+      theirs.pages.forEach((page, i) => sibling.writePage(i, page, 0, digestOf(page), 0));
+      const rng = new Rng(23);
+      let shared = 0;
+      memory.pages.forEach((_, i) => {
+        const roll = rng.below(10);
+        const from = roll < 6 ? i : roll < 7 ? rng.below(theirs.pages.length) : -1;
+        if (from < 0) return;
+        memory.pages[i] = Buffer.from(theirs.pages[from]);
+        if (memory.pages[i].some((b) => b !== 0)) shared++;
+      });
+      return { memory, sibling, layout, shared };
+    }
+
+    test("a first leg's pages that a sibling holds, anywhere in it, cross as references to it, rebuilt byte for byte and retained", () => {
+      const { memory, sibling, layout, shared } = siblings();
+      const { sender, receiver } = stores(memory);
+      const migration = multifdMigration(memory, { format, channels: 3, rounds: [all(memory)] });
+      const plain = multifdRoundTrip(migration.channels, layout, { store: sender.clone(), reference: null }, receiver.clone(), { chunk: 9000 });
+      const trip = multifdRoundTrip(migration.channels, layout, { store: sender, reference: null }, receiver, { chunk: 9000, siblings: [sibling], readAhead: true });
+      trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(migration.channels[c])).toBe(true));
+      const sum = (side: { counts: { pagesSibling: number; pagesSent: number; deltaBytes: number } }[], key: 'pagesSibling' | 'pagesSent' | 'deltaBytes'): number => side.reduce((n, x) => n + x.counts[key], 0);
+      const referenced = sum(trip.encoders, 'pagesSibling');
+      // Every shared page but those QEMU 7.2 sends as zero pages on the main channel, each a reference.
+      expect(referenced).toBe(shared);
+      expect(sum(trip.decoders, 'pagesSibling')).toBe(referenced);
+      expect(sum(plain.encoders, 'pagesSibling')).toBe(0);
+      expect(sum(plain.encoders, 'pagesSent') - sum(trip.encoders, 'pagesSent')).toBe(referenced);
+      expect(sum(trip.encoders, 'deltaBytes')).toBe(referenced * (SIBLING_DELTA_LEAD_BYTES + DELTA_HEADER_BYTES));
+      // Each sibling page was read once, and asked for ahead before that.
+      expect(sibling.reads).toBe(referenced);
+      expect(sibling.covered).toBe(referenced);
+      memory.pages.forEach((page, i) => {
+        if (format === 'qemu-10.0' || page.some((b) => b !== 0)) expect(holds(receiver, i, page)).toBe(true);
+      });
+      expect(sender.digests).toEqual(receiver.digests);
+    });
+
+    test('a sibling page that does not match its digest fails the migration and marks that sibling damaged', () => {
+      const { memory, sibling, layout } = siblings();
+      const { sender, receiver } = stores(memory);
+      // The bytes of a page the VM shares in place change under the sibling's digest (a disk fault).
+      const victim = memory.pages.findIndex((page, i) => page.some((b) => b !== 0) && holds(sibling, i, page) && i > 40);
+      const damaged = Buffer.alloc(PAGE);
+      sibling.readPages(victim, 1, damaged, 0);
+      damaged[100] ^= 0x40;
+      const digest = Buffer.from(sibling.digests.subarray(victim * DIGEST_BYTES, (victim + 1) * DIGEST_BYTES));
+      sibling.writePage(victim, damaged, 0, digest, 0);
+      const migration = multifdMigration(memory, { format, channels: 2, rounds: [all(memory)] });
+      const damagedSiblings: SiblingPages[] = [];
+      expect(() => multifdRoundTrip(migration.channels, layout, { store: sender, reference: null }, receiver, { siblings: [sibling], damagedSiblings })).toThrow(/does not match its digest/);
+      expect(damagedSiblings).toEqual([sibling]);
+    });
   });
 
   test("a back leg's Deltas have their bases read ahead: every lone read of one was asked for before it", () => {
@@ -460,9 +549,10 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
 describe('multifd codec under mutated input', () => {
   /** Every outcome allowed: rejected with a typed error, or rebuilt byte for byte. Anything else fails. */
   test.each([
-    ['', false],
-    [', with Deltas on the channel (a mutated page is a changed page)', true],
-  ])('never crashes and never rebuilds a byte wrong%s', (_how, deltas) => {
+    ['', false, false],
+    [', with Deltas on the channel (a mutated page is a changed page)', true, false],
+    [', with a sibling holding every page (a first leg: pages moved by a mutated offset are found elsewhere in it)', false, true],
+  ])('never crashes and never rebuilds a byte wrong%s', (_how, deltas, withSibling) => {
     const memory = guestMemory([['pc.ram', 400]], 21);
     const layout = layoutOf(memory.blocks);
     const seedStores = stores(memory);
@@ -470,6 +560,8 @@ describe('multifd codec under mutated input', () => {
     let deltaPages = 0;
     const base = multifdMigration(memory, { format: 'qemu-10.0', channels: 1, rounds: [all(memory)], pagesPerPacket: 16 });
     multifdRoundTrip(base.channels, layout, { store: seedStores.sender, reference: null }, seedStores.receiver);
+    const sibling: SiblingPages = Object.assign(seedStores.receiver.clone(), { vm: 'sibling' });
+    let siblingPages = 0;
     const rng = new Rng(0x5eed);
     let rebuilt = 0;
     let rejected = 0;
@@ -487,9 +579,12 @@ describe('multifd codec under mutated input', () => {
       const receiver = seedStores.receiver.clone();
       try {
         sender.newMigration();
-        const trip = multifdRoundTrip([cut], layout, { store: sender, reference: sender.digests }, receiver, { chunk: 1 + rng.below(9000), deltas });
+        const trip = withSibling
+          ? multifdRoundTrip([cut], layout, { store: sender, reference: null }, emptyStore(layout), { chunk: 1 + rng.below(9000), siblings: [sibling], readAhead: rng.below(2) === 0 })
+          : multifdRoundTrip([cut], layout, { store: sender, reference: sender.digests }, receiver, { chunk: 1 + rng.below(9000), deltas });
         expect(trip.rebuilt[0].equals(cut)).toBe(true);
         deltaPages += trip.decoders[0].counts.pagesDelta;
+        siblingPages += trip.decoders[0].counts.pagesSibling;
         rebuilt++;
       } catch (err) {
         if (!(err instanceof StreamError || err instanceof RebuildError || err instanceof RunError)) throw err;
@@ -499,6 +594,7 @@ describe('multifd codec under mutated input', () => {
     expect(rebuilt).toBeGreaterThan(0);
     expect(rejected).toBeGreaterThan(0);
     if (deltas) expect(deltaPages).toBeGreaterThan(0);
+    if (withSibling) expect(siblingPages).toBeGreaterThan(0);
   });
 
   test('pages moved to other offsets across channels, read in any order, are rebuilt exactly or rejected', () => {

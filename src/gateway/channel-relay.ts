@@ -253,6 +253,14 @@ export class ChannelSender extends ChannelRelay {
     const literals = new LiteralFrames((bytes) => this.toPeer(bytes), group.compression);
     literals.policy.startsAtFullRate();
     this.literals = literals;
+    /** A payload of the encoder's own (a slab it does not write again) goes out after the Literal bytes before it. */
+    const frameOf =
+      (type: FrameType) =>
+      (payload: Buffer): void => {
+        literals.flush();
+        this.toPeer(frameHeader(type, payload.length));
+        this.toPeer(payload);
+      };
     const encoder = channelEncoder(
       {
         literal: (bytes) => literals.literal(bytes),
@@ -260,11 +268,8 @@ export class ChannelSender extends ChannelRelay {
           literals.flush();
           this.toPeer(encodeFrame(FrameType.Run, payload));
         },
-        delta: (payload) => {
-          literals.flush();
-          this.toPeer(frameHeader(FrameType.Delta, payload.length));
-          this.toPeer(payload);
-        },
+        delta: frameOf(FrameType.Delta),
+        siblingDelta: frameOf(FrameType.SiblingDelta),
       },
       multifd,
     );
@@ -410,8 +415,12 @@ export class ChannelReceiver extends ChannelRelay {
       (type) => type === FrameType.Literal,
       {
         headBytes: RUN_LEAD_BYTES,
-        wants: (type) => type === FrameType.Run || type === FrameType.Delta,
-        look: (type, head, length) => (type === FrameType.Run ? this.decoder?.aheadOfRun?.(head, length) : this.decoder?.aheadOfDelta?.(head, length)),
+        wants: (type) => type === FrameType.Run || type === FrameType.Delta || type === FrameType.SiblingDelta,
+        look: (type, head, length) => {
+          if (type === FrameType.Run) this.decoder?.aheadOfRun?.(head, length);
+          else if (type === FrameType.Delta) this.decoder?.aheadOfDelta?.(head, length);
+          else this.decoder?.aheadOfSibling?.(head, length);
+        },
         looked: () => this.decoder?.prefetchAhead?.(),
       },
     );
@@ -539,6 +548,11 @@ export class ChannelReceiver extends ChannelRelay {
         // Offered (Feature.ChannelDeltas) wherever this gateway keeps a store; a verbatim channel takes none.
         if (!decoder.delta) throw new ProtocolViolation('unexpected-frame', `a Delta frame on ${this.label}, which is relayed as it is`);
         decoder.delta(payload);
+        break;
+      case FrameType.SiblingDelta:
+        // Offered (Feature.ChannelSiblings) where this gateway pinned siblings; a verbatim channel takes none.
+        if (!decoder.siblingDelta) throw new ProtocolViolation('unexpected-frame', `a SiblingDelta frame on ${this.label}, which is relayed as it is`);
+        decoder.siblingDelta(payload);
         break;
       case FrameType.End:
         this.onEnd(decoder, payload);

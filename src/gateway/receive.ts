@@ -409,7 +409,7 @@ export class ReceiveSession {
             presentPages: meta?.presentPages ?? 0,
             compression,
             // Deltas patch pages this store holds: without a store there is nothing to patch.
-            features: [...(deltas ? [Feature.Delta, Feature.BasesAhead, Feature.ChannelDeltas] : []), ...(compression !== null ? [Feature.CompressedFrames] : [])],
+            features: [...(deltas ? [Feature.Delta, Feature.BasesAhead, Feature.ChannelDeltas, Feature.ChannelSiblings] : []), ...(compression !== null ? [Feature.CompressedFrames] : [])],
             ...(this.siblings ? { siblings: this.siblings.names } : {}),
           }),
         );
@@ -429,6 +429,9 @@ export class ReceiveSession {
     if (!this.group || !decoder) return;
     const multifd = new MultifdMigration(this.life.retained);
     multifd.begin(layout);
+    // A channel's SiblingDeltas name the siblings the main channel's do, and report damage to its list.
+    multifd.siblingPages = decoder.siblings;
+    multifd.damagedSiblings = decoder.damagedSiblings;
     decoder.multifd = multifd;
     this.group.useMultifd(multifd);
   }

@@ -381,6 +381,10 @@ export class SendSession {
       };
       encoder.multifd = multifd;
       multifd.channelDeltas = encoder.deltas && offers(offer, Feature.ChannelDeltas);
+      if (offers(offer, Feature.ChannelSiblings)) {
+        multifd.siblings = encoder.siblings;
+        multifd.siblingsPay = () => encoder.siblingsPay;
+      }
       multifd.begin(layout);
       if (!this.table) this.startMultifd();
     }

@@ -7,7 +7,7 @@
  * its Offer. A peer of the previous release neither names nor confirms any: no references, no harm.
  */
 import type { VmClaims } from './vm-claims';
-import type { SiblingPages } from '../proxy/decoder';
+import type { SiblingPages } from '../proxy/retained';
 import { SiblingMatch } from '../proxy/sibling-match';
 import type { PageStore } from '../store';
 import { openRetainedSnapshot, readRetainedDigests } from '../store/retained-snapshot';

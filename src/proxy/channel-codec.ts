@@ -12,12 +12,14 @@ import { MultifdDecoder } from './multifd-decoder';
 import { MultifdEncoder } from './multifd-encoder';
 import type { MultifdMigration } from './multifd-migration';
 
-/** Where a channel encoder's output goes: Literal bytes, Run and Delta payloads, in channel order. */
+/** Where a channel encoder's output goes: Literal bytes, Run, Delta and SiblingDelta payloads, in channel order. */
 export interface ChannelFrames {
   literal(bytes: Buffer): void;
   run(payload: Buffer): void;
   /** Only where the receiver takes them (MultifdMigration.channelDeltas). */
   delta?(payload: Buffer): void;
+  /** Only where the receiver takes them (MultifdMigration.siblings). */
+  siblingDelta?(payload: Buffer): void;
 }
 
 /** What both sides' codecs share: the barrier may park them (see MultifdMigration). */
@@ -50,6 +52,8 @@ export interface ChannelDecoder extends ParkingCodec {
   run(payload: Buffer): void;
   /** A Delta frame: a multifd channel's only (Feature.ChannelDeltas). */
   delta?(payload: Buffer): void;
+  /** A SiblingDelta frame: a multifd channel's only (Feature.ChannelSiblings). */
+  siblingDelta?(payload: Buffer): void;
   /**
    * A Run frame has arrived, to be given to run() after the frames before it: head[0 .. length) are its
    * payload's first bytes (RUN_LEAD_BYTES at most; valid during the call only). Every Run frame, in order.
@@ -57,7 +61,9 @@ export interface ChannelDecoder extends ParkingCodec {
   aheadOfRun?(head: Buffer, length: number): void;
   /** As aheadOfRun(), for each Delta frame. */
   aheadOfDelta?(head: Buffer, length: number): void;
-  /** The frames that arrived have all been shown to aheadOfRun() and aheadOfDelta(): reads ahead may start. */
+  /** As aheadOfRun(), for each SiblingDelta frame. */
+  aheadOfSibling?(head: Buffer, length: number): void;
+  /** The frames that arrived have all been shown to aheadOf…(): reads ahead may start. */
   prefetchAhead?(): void;
   /** The sender's End: throws unless the channel was rebuilt whole; `ended` once that has been checked. */
   end(streamBytes: number, streamCheck: string, ended: () => void): void;

@@ -10,7 +10,7 @@ import { RecentPages } from './recent-pages';
 import { BASES_WINDOW, ReadsAhead } from './reads-ahead';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { newCounts, type TransferCounts } from './transfer-counts';
-import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest } from './retained';
+import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest, type SiblingPages } from './retained';
 import { errorMessage } from '../common/errors';
 
 /**
@@ -19,9 +19,6 @@ import { errorMessage } from '../common/errors';
  * reach the destination unchecked.
  */
 const MAX_HELD_TAIL = 64 * 1024 * 1024;
-
-/** A sibling's retained snapshot as the receiver reads it: never written by this migration. */
-export type SiblingPages = Pick<RetainedPages, 'digests' | 'readPages' | 'prefetchPages'> & { readonly vm: string };
 
 /** A Delta payload's first bytes that name its base: what aheadOfDelta() needs to see. */
 export const DELTA_AHEAD_BYTES = DELTA_BASE_DIGEST_AT + DIGEST_BYTES;

@@ -469,7 +469,7 @@ export class StreamEncoder {
       }
     }
     const siblings = this.siblings;
-    if (siblings !== null && (this.receiverReadsPay || this.siblingReadsAhead) && siblings.find(page, digestWords, 0)) {
+    if (siblings !== null && this.siblingsPay && siblings.find(page, digestWords, 0)) {
       this.emitDelta(page, siblings.page, digest, 0, 0, siblings.sibling);
       this.counts.pagesSibling++;
       return true;
@@ -509,6 +509,11 @@ export class StreamEncoder {
   /** Whether a Delta that only the receiver reads a base for is worth its read there. */
   private get receiverReadsPay(): boolean {
     return this.deltaReadsFree || this.receiverReadsAhead;
+  }
+
+  /** Whether a reference to a sibling's page is worth the receiver's read of it (the multifd channels ask too). */
+  get siblingsPay(): boolean {
+    return this.receiverReadsPay || this.siblingReadsAhead;
   }
 
   /**

@@ -6,13 +6,13 @@ import { errorMessage } from '../common/errors';
 import { RebuildError } from './decoder';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
-import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES } from './page-delta';
+import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { sameDigest } from './retained';
 import { BASES_WINDOW, ReadsAhead, runsWindow } from './reads-ahead';
 import { decodeRun, MAX_RUN_HELD, runPlace } from './run';
 
 /** The frames a channel takes. */
-type ChannelFrame = 'literal' | 'run' | 'delta';
+type ChannelFrame = 'literal' | 'run' | 'delta' | 'sibling';
 
 /** A frame that arrived while the channel was parked: a copy, replayed once it may go on. */
 interface QueuedFrame {
@@ -58,6 +58,10 @@ export class MultifdDecoder extends MultifdChannel {
   private deltasSeen = 0;
   private deltasRebuilt = 0;
   private deltasAhead: ReadsAhead | null = null;
+  /** SiblingDelta frames seen ahead (aheadOfSibling) and rebuilt; their pages read ahead, a window per sibling. */
+  private siblingsSeen = 0;
+  private siblingsRebuilt = 0;
+  private readonly siblingsAhead: (ReadsAhead | null)[] = [];
   /**
    * Pages a Run's records span, per record, the most the Runs rebuilt lately showed: a packet's pages are
    * consecutive as a rule, but the zero pages among them (sent on the main channel before QEMU 9.0) are
@@ -114,6 +118,11 @@ export class MultifdDecoder extends MultifdChannel {
     this.frame('delta', payload);
   }
 
+  /** A SiblingDelta frame (Feature.ChannelSiblings): the packet's next normal page, from a sibling's page. */
+  siblingDelta(payload: Buffer): void {
+    this.frame('sibling', payload);
+  }
+
   /**
    * The sender's channel ended: the rebuilt channel must be complete, of its length and XXH3-64; `ended`
    * is called once that check has passed (at once, or when a parked channel has read on).
@@ -139,9 +148,13 @@ export class MultifdDecoder extends MultifdChannel {
     this.afterUnpark();
   }
 
-  /** A Run or a Delta (each names the version of a page held here) waits until the main channel has passed its epoch (see MultifdMigration). */
+  /**
+   * A Run or a Delta (each names the version of a page held here) waits until the main channel has passed
+   * its epoch (see MultifdMigration); Literal bytes and a sibling's page (a snapshot pinned for the whole
+   * migration) do not.
+   */
   private waits(kind: ChannelFrame): boolean {
-    return kind !== 'literal' && !this.migration.mainReached(this.syncs);
+    return (kind === 'run' || kind === 'delta') && !this.migration.mainReached(this.syncs);
   }
 
   private frame(kind: ChannelFrame, payload: Buffer): void {
@@ -156,6 +169,7 @@ export class MultifdDecoder extends MultifdChannel {
   private apply(kind: ChannelFrame, payload: Buffer): void {
     if (kind === 'run') this.rebuildRun(payload);
     else if (kind === 'delta') this.rebuildDelta(payload);
+    else if (kind === 'sibling') this.rebuildSibling(payload);
     else this.rebuilt(payload);
   }
 
@@ -209,10 +223,28 @@ export class MultifdDecoder extends MultifdChannel {
     this.deltasAhead.note(frame, head.readUInt32BE(0));
   }
 
-  /** Has the store start reading the Runs aheadOfRun() and the bases aheadOfDelta() noted, a window ahead of those rebuilt. */
+  /**
+   * A SiblingDelta frame has arrived and will be rebuilt after those before it: the sibling's page it names
+   * is noted, to be read ahead by that sibling's store (a window each channel, as for Deltas). Must see
+   * every SiblingDelta frame, in order, as siblingDelta() will. Only a hint: rebuilding checks everything.
+   */
+  aheadOfSibling(head: Buffer, length: number): void {
+    const frame = ++this.siblingsSeen;
+    if (length < SIBLING_DELTA_LEAD_BYTES + 8) return;
+    const sibling = head[0];
+    const from = this.migration.siblingPages[sibling];
+    if (from === undefined || from.prefetchPages === undefined) return;
+    while (this.siblingsAhead.length <= sibling) this.siblingsAhead.push(null);
+    const window = Math.max(8, Math.floor(BASES_WINDOW / Math.max(1, this.migration.channelCount)));
+    const ahead = (this.siblingsAhead[sibling] ??= new ReadsAhead(window, (pages, _counts, count) => from.prefetchPages?.(pages, count)));
+    ahead.note(frame, head.readUInt32BE(SIBLING_DELTA_LEAD_BYTES + 4));
+  }
+
+  /** Has the stores start reading what aheadOfRun(), aheadOfDelta() and aheadOfSibling() noted, a window ahead of the frames rebuilt. */
   prefetchAhead(): void {
     this.runsAhead?.advance(this.runsRebuilt);
     this.deltasAhead?.advance(this.deltasRebuilt);
+    for (const ahead of this.siblingsAhead) ahead?.advance(this.siblingsRebuilt);
   }
 
   private rebuildRun(payload: Buffer): void {
@@ -271,16 +303,8 @@ export class MultifdDecoder extends MultifdChannel {
   private rebuildDelta(payload: Buffer): void {
     this.deltasRebuilt++;
     this.prefetchAhead();
-    const next = this.parser.nextPageIndex;
-    const packet = this.parser.currentPacket;
-    const block = this.block;
-    if (next < 0 || block === null || next >= packet.normalPages) throw new RebuildError('a Delta where no page of a packet comes next');
-    if (payload.length < DELTA_HEADER_BYTES || payload.length > DELTA_HEADER_BYTES + MAX_DELTA_BYTES) throw new RebuildError(`multifd Delta frame of ${payload.length} bytes`);
-    const pageIndex = block.firstPage + packet.offsets[next] / X86_PAGE_SIZE;
-    const page = payload.readUInt32BE(0);
-    if (page !== pageIndex || payload.readUInt32BE(4) !== page) {
-      throw new RebuildError(`a multifd Delta for page ${page} from page ${payload.readUInt32BE(4)}, the packet's next page is ${pageIndex}`);
-    }
+    const pageIndex = this.nextPageFor('Delta', payload, 0);
+    if (payload.readUInt32BE(4) !== pageIndex) throw new RebuildError(`a multifd Delta for page ${pageIndex} from page ${payload.readUInt32BE(4)}`);
     const store = this.migration.store;
     if (!store) throw new RebuildError('multifd Delta, but this gateway keeps no store');
     const kept = !this.modernQemu && this.migration.writtenIn(pageIndex, this.syncs) ? (this.migration.epochStart?.version(pageIndex, this.syncs) ?? null) : null;
@@ -294,15 +318,74 @@ export class MultifdDecoder extends MultifdChannel {
     }
     digestOne(this.basePage, 0, X86_PAGE_SIZE, this.runDigest, 0);
     if (!sameDigest(this.runDigest, 0, payload, DELTA_BASE_DIGEST_AT)) throw new RebuildError(`multifd Delta from a version of page ${pageIndex} this store does not hold`);
+    this.patchBase('Delta', payload, 0, pageIndex);
+    this.counts.pagesDelta++;
+  }
+
+  /**
+   * A SiblingDelta for the packet's next normal page: the page of a sibling's pinned snapshot it names,
+   * checked against the sibling's digest table and the sender's digest, patched by the ranges (a content
+   * match has none) and checked against the sender's digest of the result before a byte of it goes to
+   * `out`. A sibling page that does not match its digest is noted (damagedSiblings): the gateway checks
+   * that store once the migration is over, as for the main channel's.
+   */
+  private rebuildSibling(payload: Buffer): void {
+    this.siblingsRebuilt++;
+    this.prefetchAhead();
+    const at = SIBLING_DELTA_LEAD_BYTES;
+    const pageIndex = this.nextPageFor('SiblingDelta', payload, at);
+    const from = this.migration.siblingPages[payload[0]];
+    if (from === undefined) throw new RebuildError(`multifd SiblingDelta from sibling ${payload[0]}, but ${this.migration.siblingPages.length} were confirmed`);
+    const base = payload.readUInt32BE(at + 4);
+    const where = `page ${base} of sibling ${from.vm}`;
+    if ((base + 1) * DIGEST_BYTES > from.digests.length || !sameDigest(from.digests, base * DIGEST_BYTES, payload, at + DELTA_BASE_DIGEST_AT)) {
+      throw new RebuildError(`multifd SiblingDelta from ${where}, which this site does not hold at that version`);
+    }
+    try {
+      from.readPages(base, 1, this.basePage, 0, false);
+    } catch (err) {
+      throw new RebuildError(`${where} is not readable: ${errorMessage(err)}`);
+    }
+    digestOne(this.basePage, 0, X86_PAGE_SIZE, this.runDigest, 0);
+    if (!sameDigest(this.runDigest, 0, payload, at + DELTA_BASE_DIGEST_AT)) {
+      // The sibling's store is not this migration's to write: its owner checks it once the migration is over.
+      if (!this.migration.damagedSiblings.includes(from)) this.migration.damagedSiblings.push(from);
+      throw new RebuildError(`retained ${where} does not match its digest`);
+    }
+    this.patchBase('SiblingDelta', payload, at, pageIndex);
+    this.counts.pagesSibling++;
+  }
+
+  /**
+   * The page a `what` frame (its Delta header at payload[at…]) must stand for: the packet's next normal
+   * page, which the header names. Throws RebuildError where none comes next, or another is named.
+   */
+  private nextPageFor(what: string, payload: Buffer, at: number): number {
+    const next = this.parser.nextPageIndex;
+    const packet = this.parser.currentPacket;
+    const block = this.block;
+    if (next < 0 || block === null || next >= packet.normalPages) throw new RebuildError(`a ${what} where no page of a packet comes next`);
+    if (payload.length < at + DELTA_HEADER_BYTES || payload.length > at + DELTA_HEADER_BYTES + MAX_DELTA_BYTES) throw new RebuildError(`multifd ${what} frame of ${payload.length} bytes`);
+    const pageIndex = block.firstPage + packet.offsets[next] / X86_PAGE_SIZE;
+    const page = payload.readUInt32BE(at);
+    if (page !== pageIndex) throw new RebuildError(`a multifd ${what} for page ${page}, the packet's next page is ${pageIndex}`);
+    return pageIndex;
+  }
+
+  /**
+   * Patches `basePage` (checked already) by the ranges of the Delta header at payload[at…], checks the
+   * result against the sender's digest, and passes it on as the page's data.
+   */
+  private patchBase(what: string, payload: Buffer, at: number, pageIndex: number): void {
+    const ranges = at + DELTA_HEADER_BYTES;
     const bytes = this.allocate(X86_PAGE_SIZE);
     try {
-      applyPageDelta(this.basePage, 0, payload, DELTA_HEADER_BYTES, payload.length - DELTA_HEADER_BYTES, X86_PAGE_SIZE, bytes, 0);
+      applyPageDelta(this.basePage, 0, payload, ranges, payload.length - ranges, X86_PAGE_SIZE, bytes, 0);
     } catch (err) {
-      throw new RebuildError(`multifd Delta for page ${pageIndex}: ${errorMessage(err)}`);
+      throw new RebuildError(`multifd ${what} for page ${pageIndex}: ${errorMessage(err)}`);
     }
     digestOne(bytes, 0, X86_PAGE_SIZE, this.runDigest, 0);
-    if (!sameDigest(this.runDigest, 0, payload, DELTA_NEW_DIGEST_AT)) throw new RebuildError(`multifd Delta for page ${pageIndex} does not rebuild the sender's page`);
-    this.counts.pagesDelta++;
+    if (!sameDigest(this.runDigest, 0, payload, at + DELTA_NEW_DIGEST_AT)) throw new RebuildError(`multifd ${what} for page ${pageIndex} does not rebuild the sender's page`);
     this.counts.deltaBytes += payload.length;
     this.replayingDelta = true;
     try {

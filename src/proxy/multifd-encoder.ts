@@ -6,7 +6,7 @@ import type { EncoderSink } from './encoder';
 import { HeldInput } from './held-input';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
-import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES } from './page-delta';
+import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { sameDigest } from './retained';
 import { encodeRun, MAX_RUN_HELD } from './run';
 
@@ -36,6 +36,11 @@ import { encodeRun, MAX_RUN_HELD } from './run';
  * site's store only where the store's undo journal reads it anyway before it writes the new version
  * (`readsBeforeWrite`: the page's first change in the migration), so a Delta costs this side no read of
  * its own; the receiver reads it, and checks both digests, as for a Delta on the main channel.
+ *
+ * Where the receiver takes them too (`migration.siblings`), a page whose content the snapshot of a
+ * sibling VM holds (at the same place, or anywhere in it) goes as a SiblingDelta naming that page, as
+ * on the main channel: the sibling's snapshot is pinned at both sites for the whole migration, so the
+ * reference holds whatever the channels' order, for any normal page.
  *
  * Channel bytes may be pushed only once `migration.begin()` has had the main channel's block list
  * (QEMU sends the list before any page). `parked` says the channel waits at a SYNC for the others
@@ -200,6 +205,8 @@ export class MultifdEncoder extends MultifdChannel {
       this.counts.pagesReused++;
       this.migration.nameInRun(page.pageIndex);
       this.addToRun(page.streamOffset, page.offset);
+    } else if (this.sendSibling(page)) {
+      this.counts.pagesSibling++;
     } else if (!held && words !== null && reference !== null && claim === Claim.First && this.sendDelta(record, page, reference, words)) {
       this.counts.pagesDelta++;
     } else {
@@ -212,6 +219,28 @@ export class MultifdEncoder extends MultifdChannel {
     // The receiver now holds this version of the page.
     if (words !== null && reference !== this.migration.store?.digests) words.set(retainer.digestWords, word);
     retainer.retain(page, true);
+  }
+
+  /**
+   * Sends the page as a reference to a sibling's page of the same content (a SiblingDelta without ranges),
+   * where the receiver takes them on the channels and a sibling holds it: whether it did. A page held at
+   * its own place but not nameable in a Run (its claim, or the main channel not past the epoch) may go
+   * so too: the sibling's snapshot does not change during the migration. Before the page's own version
+   * is tried as a Delta's base: a reference is smaller, and this side reads nothing for it.
+   */
+  private sendSibling(page: RamPageRecord): boolean {
+    const siblings = this.migration.siblings;
+    if (siblings === null || this.sink.siblingDelta === undefined || !this.migration.siblingsPay()) return false;
+    if (!siblings.find(page.pageIndex, this.retainer.digestWords, 0)) return false;
+    const digest = this.retainer.digest;
+    const out = this.deltaOut.reserve(SIBLING_DELTA_LEAD_BYTES + DELTA_HEADER_BYTES);
+    out[0] = siblings.sibling;
+    out.writeUInt32BE(page.pageIndex, SIBLING_DELTA_LEAD_BYTES);
+    out.writeUInt32BE(siblings.page, SIBLING_DELTA_LEAD_BYTES + 4);
+    digest.copy(out, SIBLING_DELTA_LEAD_BYTES + DELTA_BASE_DIGEST_AT);
+    digest.copy(out, SIBLING_DELTA_LEAD_BYTES + DELTA_NEW_DIGEST_AT);
+    this.emit(page, this.deltaOut.take(SIBLING_DELTA_LEAD_BYTES + DELTA_HEADER_BYTES), this.sink.siblingDelta);
+    return true;
   }
 
   /**
@@ -244,14 +273,18 @@ export class MultifdEncoder extends MultifdChannel {
     out.writeUInt32BE(index, 4);
     this.baseDigest.copy(out, DELTA_BASE_DIGEST_AT);
     this.retainer.digest.copy(out, DELTA_NEW_DIGEST_AT);
-    const payload = this.deltaOut.take(DELTA_HEADER_BYTES + length);
+    this.emit(page, this.deltaOut.take(DELTA_HEADER_BYTES + length), this.sink.delta);
+    return true;
+  }
+
+  /** Sends a Delta or SiblingDelta `payload` in the place of the page's data. */
+  private emit(page: RamPageRecord, payload: Buffer, frame: (payload: Buffer) => void): void {
     this.closeRun();
-    // The packet's header and the pages before this one go first; the Delta stands for this page's data.
+    // The packet's header and the pages before this one go first; the frame stands for this page's data.
     this.send(page.streamOffset);
-    this.sink.delta(payload);
+    frame.call(this.sink, payload);
     this.skip(page.streamOffset + X86_PAGE_SIZE);
     this.counts.deltaBytes += payload.length;
-    return true;
   }
 
   private addToRun(streamOffset: number, offset: number): void {

@@ -3,7 +3,8 @@ import { StreamError, StreamErrorCode } from '../qemu/errors';
 import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import { type RamBlock, type RamPageRecord, RecordKind, type StreamFallback } from '../qemu/records';
 import { EpochStartPages } from './epoch-start-pages';
-import type { PageLayout, ReceiverTable, RetainedPages } from './retained';
+import type { PageLayout, ReceiverTable, RetainedPages, SiblingPages } from './retained';
+import type { SiblingMatch } from './sibling-match';
 import { addCounts, newCounts, type TransferCounts } from './transfer-counts';
 
 /**
@@ -109,6 +110,28 @@ export class MultifdMigration {
    * may go as the ranges that differ from the version both sides hold (MultifdEncoder).
    */
   channelDeltas = false;
+  /**
+   * Sender only: the siblings the receiver confirmed, where it takes SiblingDelta frames on the channels
+   * (Feature.ChannelSiblings): a page whose content a sibling's snapshot holds goes as a reference to it.
+   * Unlike a Run or a Delta this names nothing of the migrating VM's store, only a snapshot pinned for
+   * the whole migration, so no channel's order matters to it: any normal page may go so, on any channel.
+   * Null: none. The main channel's encoder shares it (StreamEncoder.siblings).
+   */
+  siblings: SiblingMatch | null = null;
+  /**
+   * Sender only: whether such references pay now, as the main channel's encoder judges (StreamEncoder.
+   * siblingsPay, which the sending session updates per chunk): the receiver reads them ahead and the
+   * link is slow enough that a page crossing costs more than the receiver's read of it.
+   */
+  siblingsPay: () => boolean = () => true;
+  /**
+   * Receiver only: the siblings' pinned stores, in the Offer's order (what SiblingDelta frames name),
+   * and where a channel notes one whose page did not match its digest: the main channel's decoder's own
+   * lists (StreamDecoder.siblings, damagedSiblings), so that the gateway checks that store afterwards
+   * whichever channel found it damaged.
+   */
+  siblingPages: readonly SiblingPages[] = [];
+  damagedSiblings: SiblingPages[] = [];
   /**
    * Sender only: runs `step` after `ms`, and after the input that came meanwhile has been read (the
    * gateway's timer, which fails the migration if `step` throws). With it a channel past a SYNC waits

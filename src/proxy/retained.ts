@@ -29,6 +29,9 @@ export interface RetainedPages {
   readonly rangeSlots?: number;
 }
 
+/** A sibling's retained snapshot as the receiver reads it: never written by this migration. */
+export type SiblingPages = Pick<RetainedPages, 'digests' | 'readPages' | 'prefetchPages'> & { readonly vm: string };
+
 export interface PageLayout {
   pageSize: number;
   pageCount: number;

@@ -136,6 +136,11 @@ export const enum Feature {
    * from the version of that page both sides hold (proxy/multifd-encoder.ts).
    */
   ChannelDeltas = 'channel-deltas',
+  /**
+   * The receiver takes SiblingDelta frames on multifd channels too, and reads their pages ahead: a page
+   * of a packet as a reference to a page of a sibling's snapshot it confirmed (proxy/multifd-encoder.ts).
+   */
+  ChannelSiblings = 'channel-siblings',
 }
 
 export interface HelloMessage {

@@ -7,8 +7,9 @@ import { MULTIFD_BLOCK_NAME_AT, MULTIFD_HEADER_BYTES, MULTIFD_INIT_BYTES, MULTIF
 import { MultifdDecoder } from '../../proxy/multifd-decoder';
 import { MultifdEncoder } from '../../proxy/multifd-encoder';
 import { MultifdMigration } from '../../proxy/multifd-migration';
-import { type PageLayout, ReceiverTable, type RetainedPages } from '../../proxy/retained';
+import { type PageLayout, ReceiverTable, type RetainedPages, type SiblingPages } from '../../proxy/retained';
 import { RUN_LEAD_BYTES } from '../../proxy/run';
+import { SiblingMatch } from '../../proxy/sibling-match';
 import { type GuestMemory, PAGE } from './migration-stream';
 
 /** 7.2: no zero pages in packets (they go on the main channel). 10.0: zero pages as offsets. */
@@ -133,7 +134,7 @@ export function multifdMigration(memory: GuestMemory, shape: MultifdMigrationSha
 
 /** A channel's frames as MultifdEncoder sent them: Literal bytes, Run and Delta payloads. */
 export interface ChannelFrames {
-  frames: { kind: 'literal' | 'run' | 'delta'; payload: Buffer }[];
+  frames: { kind: 'literal' | 'run' | 'delta' | 'sibling'; payload: Buffer }[];
   streamBytes: number;
   streamCheck: string;
 }
@@ -150,14 +151,16 @@ export interface ChannelFrames {
  * copied into one buffer, pushed, released (releaseInput), and the buffer is then overwritten; what the
  * codecs hand on is copied at once (a gateway writes it to a socket that holds the buffer meanwhile).
  * With `deltas`, the receiver takes Delta frames on the channels (Feature.ChannelDeltas); `tamperDelta`
- * changes each Delta payload on its way to the decoder.
+ * changes each Delta payload on its way to the decoder. With `siblings`, both sides hold those
+ * snapshots (the sender their digest tables) and the receiver takes SiblingDelta frames on the channels
+ * (Feature.ChannelSiblings), noting any whose page does not match its digest in `damagedSiblings`.
  */
 export function multifdRoundTrip(
   channels: readonly Buffer[],
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void } = {},
+  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[] } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -167,6 +170,7 @@ export function multifdRoundTrip(
   sending.endMain();
   sending.receiverTable = sender.reference === null ? null : new ReceiverTable(sender.reference);
   sending.channelDeltas = options.deltas === true;
+  if (options.siblings !== undefined) sending.siblings = new SiblingMatch(options.siblings.map((sibling) => sibling.digests));
   const reuse = options.reuseInput === true;
   // Without reuseInput, views of the channels' bytes, which nothing changes: no copy is needed.
   const keep = (bytes: Buffer): Buffer => (reuse ? Buffer.from(bytes) : bytes);
@@ -178,6 +182,7 @@ export function multifdRoundTrip(
           literal: (bytes) => out.frames.push({ kind: 'literal', payload: keep(bytes) }),
           run: (payload) => out.frames.push({ kind: 'run', payload: keep(payload) }),
           delta: (payload) => out.frames.push({ kind: 'delta', payload: keep(payload) }),
+          siblingDelta: (payload) => out.frames.push({ kind: 'sibling', payload: keep(payload) }),
         },
         sending,
       ),
@@ -218,6 +223,8 @@ export function multifdRoundTrip(
   const receiving = new MultifdMigration(receiver, channels.length);
   receiving.begin(layout);
   receiving.endMain();
+  receiving.siblingPages = options.siblings ?? [];
+  if (options.damagedSiblings) receiving.damagedSiblings = options.damagedSiblings;
   const rebuilt: Buffer[][] = channels.map(() => []);
   // The decoder hands over buffers of its own, or views of the frames', which nothing changes.
   const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => options.discardOutput || out.push(keep(bytes)), receiving));
@@ -226,11 +233,13 @@ export function multifdRoundTrip(
       for (const frame of sent[c].frames) {
         if (frame.kind === 'run') decoders[c].aheadOfRun(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
         if (frame.kind === 'delta') decoders[c].aheadOfDelta(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
+        if (frame.kind === 'sibling') decoders[c].aheadOfSibling(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
       }
       decoders[c].prefetchAhead();
     }
     for (const frame of sent[c].frames) {
       if (frame.kind === 'run') decoders[c].run(frame.payload);
+      else if (frame.kind === 'sibling') decoders[c].siblingDelta(frame.payload);
       else if (frame.kind === 'delta') {
         const payload = options.tamperDelta ? Buffer.from(frame.payload) : frame.payload;
         options.tamperDelta?.(payload);
