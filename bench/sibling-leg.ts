@@ -5,7 +5,8 @@
  * site-a → site-b for the first time: directly (QEMU to QEMU over the same emulated WAN), through the
  * pair on a route that names A as B's sibling, and through the pair on a route that names none. Prints
  * WAN bytes, times, the ratio to direct, and where B's pages went.
- * Usage: node dist/bench/sibling-leg.js [--mbit 100,1000] [--delay-ms 20] [--mem-mib 256] [--workload-mib 128] [--seeds 5,6] [--qemu 10.0]
+ * With `--multifd N`, every leg has QEMU's multifd on with N channels (each path carries them).
+ * Usage: node dist/bench/sibling-leg.js [--mbit 100,1000] [--delay-ms 20] [--mem-mib 256] [--workload-mib 128] [--seeds 5,6] [--qemu 10.0] [--multifd N]
  * Gateways run as `bfmig gateway` child processes.
  */
 import * as path from 'node:path';
@@ -46,6 +47,8 @@ interface Setup {
   workloadMiB: number;
   mbit: number;
   delayMs: number;
+  /** multifd channels; 0: multifd off. */
+  channels: number;
 }
 
 async function startPair(dir: string, s: Setup, qemuPorts: [number, number]): Promise<[Site, Site]> {
@@ -82,9 +85,18 @@ async function leg(s: Setup, label: string, seed: number, pair: [Site, Site], ro
   const [from, to] = pair;
   const name = `${route ?? 'direct'}-${seed}`; // QEMU's -name takes no commas
   const source = await bootGuest(s, `${name}-src`, seed);
-  const dest = new QemuVm({ ...source.destinationOptions(`tcp:127.0.0.1:${to.qemuPort}`, `${name}-dst`) });
+  const incoming = `tcp:127.0.0.1:${to.qemuPort}`;
+  // multifd must be on at the destination before the stream arrives, and multifd-channels match.
+  const dest = new QemuVm({ ...source.destinationOptions(s.channels > 0 ? 'defer' : incoming, `${name}-dst`) });
   try {
     await dest.start();
+    if (s.channels > 0) {
+      for (const vm of [dest, source]) {
+        await vm.setMigrationCapabilities({ multifd: true });
+        await vm.setMigrationParameters({ 'multifd-channels': s.channels });
+      }
+      await dest.migrateIncoming(incoming);
+    }
     let direct: WanEmulator | null = null;
     let uri: string;
     const wanBefore = to.inbound.bytesForward + to.inbound.bytesBackward;
@@ -128,7 +140,7 @@ async function runAt(s: Setup, seeds: [number, number]): Promise<void> {
   const qemuPorts: [number, number] = [await freePort(), await freePort()];
   const pair = await startPair(dir, s, qemuPorts);
   try {
-    console.log(`WAN ${s.mbit} Mbit/s, ${s.delayMs} ms one way; QEMU ${s.qemu}, ${s.memMiB} MiB guests, ${s.workloadMiB} MiB workload of file pages`);
+    console.log(`WAN ${s.mbit} Mbit/s, ${s.delayMs} ms one way; QEMU ${s.qemu}, ${s.memMiB} MiB guests, ${s.workloadMiB} MiB workload of file pages${s.channels > 0 ? `; multifd, ${s.channels} channels` : ''}`);
     const a = await leg(s, `guest A (seed ${seeds[0]}) through bfmig`, seeds[0], pair, 'guest-a');
     console.log(line(a, null));
     const direct = await leg(s, `guest B (seed ${seeds[1]}) direct`, seeds[1], pair, null);
@@ -158,15 +170,17 @@ async function runAt(s: Setup, seeds: [number, number]): Promise<void> {
 async function main(): Promise<void> {
   const { values } = parseArgs({
     args: process.argv.slice(2),
-    options: { mbit: { type: 'string' }, 'delay-ms': { type: 'string' }, 'mem-mib': { type: 'string' }, 'workload-mib': { type: 'string' }, seeds: { type: 'string' }, qemu: { type: 'string' } },
+    options: { mbit: { type: 'string' }, 'delay-ms': { type: 'string' }, 'mem-mib': { type: 'string' }, 'workload-mib': { type: 'string' }, seeds: { type: 'string' }, qemu: { type: 'string' }, multifd: { type: 'string' } },
     strict: true,
   });
   const qemu = (values.qemu ?? '10.0') as QemuRelease;
   if (!(QEMU_RELEASES as readonly string[]).includes(qemu)) throw new Error(`--qemu takes ${QEMU_RELEASES.join(' or ')}`);
   const [seedA, seedB] = (values.seeds ?? '5,6').split(',').map(Number);
+  const channels = Number(values.multifd ?? 0);
+  if (!Number.isInteger(channels) || channels < 0) throw new Error('--multifd takes a number of channels');
   ensureGuestBuilt();
   for (const mbit of (values.mbit ?? '100,1000').split(',').map(Number)) {
-    await runAt({ qemu, memMiB: Number(values['mem-mib'] ?? 256), workloadMiB: Number(values['workload-mib'] ?? 128), mbit, delayMs: Number(values['delay-ms'] ?? 20) }, [seedA, seedB]);
+    await runAt({ qemu, memMiB: Number(values['mem-mib'] ?? 256), workloadMiB: Number(values['workload-mib'] ?? 128), mbit, delayMs: Number(values['delay-ms'] ?? 20), channels }, [seedA, seedB]);
   }
 }
 

@@ -5,7 +5,7 @@ import { multifdInit, multifdMigration, multifdPacket, multifdRoundTrip, type Mu
 import { RebuildError } from '../src/proxy/decoder';
 import { DELTA_HEADER_BYTES, SIBLING_DELTA_LEAD_BYTES } from '../src/proxy/page-delta';
 import { MultifdEncoder } from '../src/proxy/multifd-encoder';
-import { MultifdMigration } from '../src/proxy/multifd-migration';
+import { Claim, MultifdMigration } from '../src/proxy/multifd-migration';
 import { layoutOf, ReceiverTable, type SiblingPages } from '../src/proxy/retained';
 import { MAX_RUN_HELD, RunError } from '../src/proxy/run';
 import { StreamError } from '../src/qemu/errors';
@@ -543,6 +543,49 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     b.end(() => ended.push('b'));
     expect(ended).toEqual(['a', 'b']);
     expect(a.sentBytes).toBe(64 + sync.length);
+  });
+});
+
+describe('a main channel a whole epoch ahead of the channels (QEMU 7.2 sends zero pages on it)', () => {
+  /**
+   * The source sends an epoch's pages on the channels, their SYNCs, then the main channel's next epoch,
+   * which may zero a page a channel just carried. The sending gateway read them in that order and named
+   * the page in a channel's Run; the receiving gateway reads the main channel first (its connection
+   * carries little and arrives early): the main channel's write of the page in the later epoch is kept
+   * there before the channel's Run of the earlier one is rebuilt.
+   */
+  test.each([
+    ['in a Run', 0],
+    ['as the base of a Delta', 32],
+  ])('a page it overwrites that a channel names %s is rebuilt from the version the sender named', (_how, patchBytes) => {
+    const memory = guestMemory([['pc.ram', 400]], 31);
+    const layout = layoutOf(memory.blocks);
+    const sender = journalledPages();
+    sender.begin(layout);
+    const receiver = new MemoryPages();
+    receiver.begin(layout);
+    multifdRoundTrip(multifdMigration(memory, { format: 'qemu-7.2', channels: 2, rounds: [all(memory)] }).channels, layout, { store: sender, reference: null }, receiver, { deltas: true });
+    // Back: the pages as both sides hold them (as Runs), a few changed in 32 bytes (as Deltas).
+    const patched = patchBytes > 0 ? new Set(patchPages(memory, 0.2, patchBytes, 33)) : new Set<number>();
+    const back = multifdMigration(memory, { format: 'qemu-7.2', channels: 2, rounds: [all(memory)] });
+    // Pages the main channel zeroes in the next epoch: held ones named in Runs, or changed ones sent as Deltas.
+    const zeroed = all(memory).filter((i) => memory.pages[i].some((b) => b !== 0) && (patchBytes === 0 || patched.has(i))).filter((_, k) => k % 7 === 3 && k > 7);
+    expect(zeroed.length).toBeGreaterThan(3);
+    const zero = Buffer.alloc(PAGE);
+    sender.newMigration();
+    const trip = multifdRoundTrip(back.channels, layout, { store: sender, reference: sender.digests }, receiver, {
+      deltas: true,
+      beforeDecode: (receiving) => {
+        // What the receiving main channel's codec does with its next epoch's marker and zero pages.
+        receiving.mainRecord(RecordKind.RamEos);
+        for (const page of zeroed) if (receiving.mainPageReceived(page) !== Claim.Stale) receiver.writePage(page, zero, 0, digestOf(zero), 0);
+      },
+    });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(back.channels[c])).toBe(true));
+    const named = (key: 'pagesReused' | 'pagesDelta'): number => trip.decoders.reduce((n, d) => n + d.counts[key], 0);
+    expect(named(patchBytes === 0 ? 'pagesReused' : 'pagesDelta')).toBeGreaterThan(zeroed.length);
+    // The later version stays: the channels' older writes of those pages are dropped.
+    for (const page of zeroed) expect(holds(receiver, page, zero)).toBe(true);
   });
 });
 

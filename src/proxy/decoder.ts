@@ -519,7 +519,7 @@ export class StreamDecoder {
 
   /** Whether the main channel's page is kept: not when a multifd channel wrote a later version already. */
   private kept(pageIndex: number): boolean {
-    return this.multifd === null || this.multifd.mainPage(pageIndex) !== Claim.Stale;
+    return this.multifd === null || this.multifd.mainPageReceived(pageIndex) !== Claim.Stale;
   }
 
   /** A CONTINUE first record is read in the parser's current block: it must be the run's. */

@@ -281,6 +281,7 @@ export class MultifdDecoder extends MultifdChannel {
     const perRecord = Math.min(4, Math.max(1, span / run.count));
     this.spanPerRecord = perRecord > this.spanPerRecord ? perRecord : this.spanPerRecord + (perRecord - this.spanPerRecord) / 64;
     this.useEpochStartVersions(bytes, next, run.count);
+    this.useOvertakenVersions(bytes, next, run.count);
     digestContiguous(bytes, 0, run.count, X86_PAGE_SIZE, this.digests, 0);
     digestOne(this.digests, 0, run.count * DIGEST_BYTES, this.runDigest, 0);
     if (!sameDigest(this.runDigest, 0, run.digest, 0)) {
@@ -307,7 +308,11 @@ export class MultifdDecoder extends MultifdChannel {
     if (payload.readUInt32BE(4) !== pageIndex) throw new RebuildError(`a multifd Delta for page ${pageIndex} from page ${payload.readUInt32BE(4)}`);
     const store = this.migration.store;
     if (!store) throw new RebuildError('multifd Delta, but this gateway keeps no store');
-    const kept = !this.modernQemu && this.migration.writtenIn(pageIndex, this.syncs) ? (this.migration.epochStart?.version(pageIndex, this.syncs) ?? null) : null;
+    const kept = this.migration.writtenAfter(pageIndex, this.syncs)
+      ? (this.migration.overtaken?.version(pageIndex) ?? null)
+      : !this.modernQemu && this.migration.writtenIn(pageIndex, this.syncs)
+        ? (this.migration.epochStart?.version(pageIndex, this.syncs) ?? null)
+        : null;
     if (kept !== null) kept.copy(this.basePage, 0);
     else {
       try {
@@ -409,6 +414,21 @@ export class MultifdDecoder extends MultifdChannel {
       const pageIndex = block.firstPage + offsets[next + k] / X86_PAGE_SIZE;
       if (!this.migration.writtenIn(pageIndex, this.syncs)) continue;
       epochStart.version(pageIndex, this.syncs)?.copy(bytes, k * X86_PAGE_SIZE);
+    }
+  }
+
+  /**
+   * Where the main channel has overwritten a page of the Run in a later epoch already (see
+   * MultifdMigration.mainPageReceived), the version it replaced, which the Run names, was kept.
+   */
+  private useOvertakenVersions(bytes: Buffer, next: number, count: number): void {
+    const overtaken = this.migration.overtaken;
+    if (overtaken === null || overtaken.size === 0) return;
+    const block = this.block as RamBlock;
+    const offsets = this.parser.currentPacket.offsets;
+    for (let k = 0; k < count; k++) {
+      const pageIndex = block.firstPage + offsets[next + k] / X86_PAGE_SIZE;
+      if (this.migration.writtenAfter(pageIndex, this.syncs)) overtaken.version(pageIndex)?.copy(bytes, k * X86_PAGE_SIZE);
     }
   }
 

@@ -3,6 +3,7 @@ import { StreamError, StreamErrorCode } from '../qemu/errors';
 import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import { type RamBlock, type RamPageRecord, RecordKind, type StreamFallback } from '../qemu/records';
 import { EpochStartPages } from './epoch-start-pages';
+import { OvertakenPages } from './overtaken-pages';
 import type { PageLayout, ReceiverTable, RetainedPages, SiblingPages } from './retained';
 import type { SiblingMatch } from './sibling-match';
 import { addCounts, newCounts, type TransferCounts } from './transfer-counts';
@@ -142,6 +143,8 @@ export class MultifdMigration {
   wakeAfter: ((ms: number, step: () => void) => void) | null = null;
   /** Receiver only: pages as they were when the current epoch began, where a repeated page overwrote them. */
   readonly epochStart: EpochStartPages | null;
+  /** Receiver only: pages as they were before the main channel overwrote them ahead of a channel (mainPageReceived). */
+  readonly overtaken: OvertakenPages | null;
   private readonly blocks = new Map<string, RamBlock>();
   /** The same blocks by index (a Run names its block so). */
   private readonly blockList: RamBlock[] = [];
@@ -170,6 +173,7 @@ export class MultifdMigration {
     private expectedChannels = 0,
   ) {
     this.epochStart = store === null ? null : new EpochStartPages(store);
+    this.overtaken = store === null ? null : new OvertakenPages(store);
   }
 
   /** At least `count` channels will join (the sending gateway says how many it has): the barrier waits for them. */
@@ -209,6 +213,11 @@ export class MultifdMigration {
     return Claim.First;
   }
 
+  /** Whether the page has been written in an epoch later than `epoch` already (only the main channel can have: see mainPageReceived). */
+  writtenAfter(pageIndex: number, epoch: number): boolean {
+    return this.writeEpochs.length > 0 && this.writeEpochs[pageIndex] > epoch + 1;
+  }
+
   /** Whether the page has been written (or rebuilt from a Run) in epoch `epoch` already. */
   writtenIn(pageIndex: number, epoch: number): boolean {
     return this.writeEpochs.length > 0 && this.writeEpochs[pageIndex] === epoch + 1;
@@ -237,6 +246,25 @@ export class MultifdMigration {
   mainPage(pageIndex: number): Claim {
     const claim = this.claim(pageIndex, this.mainEpoch);
     return claim === Claim.First && !this.mayPass(this.mainEpoch) ? Claim.Again : claim;
+  }
+
+  /**
+   * The receiving side's mainPage(): the main channel does not wait at the barrier, and a receiving
+   * gateway may read it a whole epoch ahead of a channel (its connection carries little, a channel's
+   * carries the pages); QEMU's own destination applies it only once every channel has synced. So a page
+   * it writes may be one a channel behind it still names in a Run or a Delta, by the version the sending
+   * gateway, reading them in the source's order, saw the receiver hold: that version is kept first
+   * (`overtaken`), for such a frame to be rebuilt from.
+   */
+  mainPageReceived(pageIndex: number): Claim {
+    const claim = this.mainPage(pageIndex);
+    if (claim !== Claim.Stale && this.overtaken !== null && this.channelBehindMain()) this.overtaken.keep(pageIndex);
+    return claim;
+  }
+
+  /** Some channel still reads an epoch the main channel has left. */
+  private channelBehindMain(): boolean {
+    return this.channels.some((c) => c.synchronising && c.syncs < this.mainEpoch);
   }
 
   /** The main channel's stream has ended: nobody waits for it any more. */
@@ -337,6 +365,8 @@ export class MultifdMigration {
           }
         }
       }
+      // No frame of the epochs the main channel overtook is still to come.
+      if (this.overtaken !== null && this.overtaken.size > 0 && !this.channelBehindMain()) this.overtaken.clear();
     } finally {
       this.settling = false;
     }

@@ -154,13 +154,15 @@ export interface ChannelFrames {
  * changes each Delta payload on its way to the decoder. With `siblings`, both sides hold those
  * snapshots (the sender their digest tables) and the receiver takes SiblingDelta frames on the channels
  * (Feature.ChannelSiblings), noting any whose page does not match its digest in `damagedSiblings`.
+ * `beforeDecode` is called with the receiving side's MultifdMigration before any channel is decoded:
+ * what the main channel did there first, such as writing a page of a later epoch.
  */
 export function multifdRoundTrip(
   channels: readonly Buffer[],
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[] } = {},
+  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -228,6 +230,7 @@ export function multifdRoundTrip(
   const rebuilt: Buffer[][] = channels.map(() => []);
   // The decoder hands over buffers of its own, or views of the frames', which nothing changes.
   const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => options.discardOutput || out.push(keep(bytes)), receiving));
+  options.beforeDecode?.(receiving);
   for (const c of options.decodeOrder ?? order) {
     if (options.readAhead) {
       for (const frame of sent[c].frames) {
