@@ -546,6 +546,92 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
   });
 });
 
+describe('Deltas against other pages of the epoch on the channels', () => {
+  /** A guest whose pages repeat (`copies`) and resemble (`alike`: 16 bytes changed) earlier ones, as page cache and heaps do. */
+  function repetitive(): { memory: GuestMemory; copies: number; alike: number } {
+    const memory = guestMemory([['pc.ram', 1600]], 41);
+    const rng = new Rng(42);
+    let copies = 0;
+    let alike = 0;
+    for (let i = 1; i < memory.pages.length; i++) {
+      const roll = rng.below(10);
+      if (roll >= 4) continue;
+      const from = memory.pages[rng.below(i)];
+      if (from.every((b) => b === 0)) continue;
+      memory.pages[i] = Buffer.from(from);
+      if (roll < 2) {
+        copies++;
+        continue;
+      }
+      for (let k = 0; k < 16; k++) memory.pages[i][rng.below(PAGE)] ^= 1 + rng.below(255);
+      alike++;
+    }
+    return { memory, copies, alike };
+  }
+
+  test.each([
+    ['decoded in the order sent', {}],
+    ['decoded last channel first', { decodeOrder: [2, 1, 0] }],
+    ['read interleaved, decoded last channel first', { interleave: true, decodeOrder: [2, 0, 1] }],
+  ])("a first leg's pages that repeat or resemble another page sent in the epoch cross as Deltas against it, rebuilt byte for byte: %s", (_how, order) => {
+    const { memory, copies, alike } = repetitive();
+    const layout = layoutOf(memory.blocks);
+    const { sender, receiver } = stores(memory);
+    const migration = multifdMigration(memory, { format: 'qemu-10.0', channels: 3, rounds: [all(memory)], leadingSync: true });
+    const empty = (): Uint8Array => new Uint8Array(layout.pageCount * DIGEST_BYTES);
+    const plain = multifdRoundTrip(migration.channels, layout, { store: sender.clone(), reference: empty() }, receiver.clone(), { chunk: 7000, ...order });
+    const trip = multifdRoundTrip(migration.channels, layout, { store: sender, reference: empty() }, receiver, { chunk: 7000, matches: true, ...order });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(migration.channels[c])).toBe(true));
+    const sum = (side: { counts: { pagesMatched: number; pagesDelta: number; pagesSent: number } }[], key: 'pagesMatched' | 'pagesDelta' | 'pagesSent'): number => side.reduce((n, x) => n + x.counts[key], 0);
+    const matched = sum(trip.encoders, 'pagesMatched');
+    const deltas = sum(trip.encoders, 'pagesDelta');
+    expect(sum(trip.decoders, 'pagesMatched')).toBe(matched);
+    expect(sum(trip.decoders, 'pagesDelta')).toBe(deltas);
+    // Nearly every copy finds its original, nearly every page alike one like it (a slot of the cache may
+    // hold another page by then).
+    expect(matched).toBeGreaterThan(0.9 * copies);
+    expect(deltas).toBeGreaterThan(0.5 * alike);
+    expect(sum(plain.encoders, 'pagesMatched') + sum(plain.encoders, 'pagesDelta')).toBe(0);
+    expect(sum(plain.encoders, 'pagesSent') - sum(trip.encoders, 'pagesSent')).toBe(matched + deltas);
+    memory.pages.forEach((page, i) => expect(holds(receiver, i, page)).toBe(true));
+    expect(sender.digests).toEqual(receiver.digests);
+  });
+
+  test.each([
+    ['decoded in the order sent', undefined],
+    ['decoded last channel first', [2, 1, 0]],
+  ])('with the main channel a whole epoch ahead, zeroing every page, each Delta still goes against the version of its epoch: %s', (_how, decodeOrder) => {
+    const { memory } = repetitive();
+    const layout = layoutOf(memory.blocks);
+    const { sender, receiver } = stores(memory);
+    const migration = multifdMigration(memory, { format: 'qemu-10.0', channels: 3, rounds: [all(memory)], leadingSync: true });
+    const zero = Buffer.alloc(PAGE);
+    const trip = multifdRoundTrip(migration.channels, layout, { store: sender, reference: new Uint8Array(layout.pageCount * DIGEST_BYTES) }, receiver, {
+      matches: true,
+      decodeOrder,
+      beforeDecode: (receiving) => {
+        // The channels' pages are of epoch 1 (after their leading SYNC); the main channel reaches epoch 2.
+        receiving.mainRecord(RecordKind.RamEos);
+        receiving.mainRecord(RecordKind.RamEos);
+        for (const page of all(memory)) if (receiving.mainPageReceived(page) !== Claim.Stale) receiver.writePage(page, zero, 0, digestOf(zero), 0);
+      },
+    });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(migration.channels[c])).toBe(true));
+    expect(trip.decoders.reduce((n, d) => n + d.counts.pagesMatched + d.counts.pagesDelta, 0)).toBeGreaterThan(300);
+    for (const page of all(memory)) expect(holds(receiver, page, zero)).toBe(true);
+  });
+
+  test('before QEMU 9.0, which may send a page twice in an epoch, none is sent', () => {
+    const { memory } = repetitive();
+    const layout = layoutOf(memory.blocks);
+    const { sender, receiver } = stores(memory);
+    const migration = multifdMigration(memory, { format: 'qemu-7.2', channels: 3, rounds: [all(memory)], leadingSync: true });
+    const trip = multifdRoundTrip(migration.channels, layout, { store: sender, reference: new Uint8Array(layout.pageCount * DIGEST_BYTES) }, receiver, { matches: true });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(migration.channels[c])).toBe(true));
+    expect(trip.encoders.reduce((n, e) => n + e.counts.pagesMatched + e.counts.pagesDelta, 0)).toBe(0);
+  });
+});
+
 describe('a main channel a whole epoch ahead of the channels (QEMU 7.2 sends zero pages on it)', () => {
   /**
    * The source sends an epoch's pages on the channels, their SYNCs, then the main channel's next epoch,

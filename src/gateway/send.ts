@@ -381,6 +381,7 @@ export class SendSession {
       };
       encoder.multifd = multifd;
       multifd.channelDeltas = encoder.deltas && offers(offer, Feature.ChannelDeltas);
+      if (encoder.deltas && offers(offer, Feature.ChannelMatches)) multifd.elsewhere = encoder;
       if (offers(offer, Feature.ChannelSiblings)) {
         multifd.siblings = encoder.siblings;
         multifd.siblingsPay = () => encoder.siblingsPay;

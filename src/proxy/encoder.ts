@@ -173,6 +173,8 @@ export class StreamEncoder {
   private pageKey = 0;
   /** Deltas against a page like it: a cheap miss (no read), but a miss all the same. */
   private readonly resemblanceTries = new MissBackoff();
+  /** The ranges' length of the Delta resemblingElsewhere() laid out last. */
+  private resembledLength = 0;
   /** Whether the resemblance cache pays for itself (the session tells it the WAN's rate). */
   readonly resemblanceWorth = new ResemblanceWorth();
   /** The reference the content index was built over. */
@@ -297,7 +299,7 @@ export class StreamEncoder {
   /** Throws StreamError on malformed input. */
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
-    if (this.contentIndex !== null && !this.contentIndex.filled) this.contentIndex.fill(CONTENT_INDEX_SLICE);
+    this.advanceContentIndex();
     this.counts.streamBytes += chunk.length;
     this.held.push(chunk);
     this.pushedEnd += chunk.length;
@@ -403,14 +405,10 @@ export class StreamEncoder {
     const claim = this.multifd === null ? Claim.First : this.multifd.mainPage(record.pageIndex);
     const nameable = record.kind === RecordKind.RamPage && words !== null && claim === Claim.First;
     const held = nameable && sameDigestWords(words, word, retainer.digestWords, 0);
-    // Resemblance is looked for within the main channel's stream only (a multifd channel could change a
-    // base at the receiver between this side's look at it and the Delta's arrival), and only while the
-    // receiver's reads pay: a delta against another page costs the receiver a read, and keeping the pages
-    // sent in the cache a copy of each; and only while the cache pays for itself (ResemblanceWorth).
-    const resembles = nameable && !held && this.deltas && this.receiverReadsPay && (this.multifd === null || this.multifd.mainOnly);
-    const worth = this.resemblanceWorth;
-    if (resembles && !worth.on) worth.passedOver();
-    this.pageKey = resembles && worth.on ? resemblanceKey(record.data, record.dataStart) : 0;
+    // Resemblance is looked for in the main channel's pages while no multifd channel may write a base
+    // meanwhile (the channels look for their own: elsewhereKey()), and only while the receiver's reads pay.
+    const resembles = nameable && !held && this.deltas && (this.multifd === null || this.multifd.mainOnly);
+    this.pageKey = resembles ? this.elsewhereKey(record) : 0;
     if (record.kind === RecordKind.RamZero) {
       this.counts.pagesZero++;
       this.addToRun(false, record);
@@ -435,12 +433,42 @@ export class StreamEncoder {
     if (held) return;
     // The receiver now holds this version of the page (or, for encoded pages, nothing we can name).
     if (words !== null && reference !== storeTable) words.set(known ? retainer.digestWords : ABSENT, word);
+    if (known) this.keepForLater(record, retainer.digestWords, this.pageKey);
+  }
+
+  /** A source chunk came (on the main channel or a multifd channel): the content index, once begun, takes in its next slice. */
+  advanceContentIndex(): void {
+    if (this.contentIndex !== null && !this.contentIndex.filled) this.contentIndex.fill(CONTENT_INDEX_SLICE);
+  }
+
+  /**
+   * The resemblance key to look for a page like this one by, and to keep it by for later pages (0: none
+   * now): only while the receiver's reads pay (a delta against another page costs the receiver a read,
+   * and keeping the pages sent in the cache a copy of each) and the cache pays for itself
+   * (ResemblanceWorth). For the main channel's pages, and a multifd channel's (MultifdEncoder).
+   */
+  elsewhereKey(record: RamPageRecord): number {
+    if (!this.receiverReadsPay) return 0;
+    const worth = this.resemblanceWorth;
+    if (!worth.on) {
+      worth.passedOver();
+      return 0;
+    }
+    return resemblanceKey(record.data, record.dataStart);
+  }
+
+  /**
+   * A page sent (whole, or by a Delta or a reference) that the receiver now holds: indexed by content,
+   * and kept by its resemblance key `key` (0: not kept), for later pages to be sent against it. For the
+   * main channel's pages, and a multifd channel's (MultifdEncoder).
+   */
+  keepForLater(record: RamPageRecord, digestWords: Uint32Array, key: number): void {
     // Indexed only while pages are looked up in it: an add costs a cache miss or two, and a page left
     // out costs at most a match later (a hint table: a slot is believed only when the reference agrees).
-    if (known && record.kind === RecordKind.RamPage && this.contentIndex !== null && this.receiverReadsPay) this.contentIndex.add(record.pageIndex, retainer.digestWords, 0);
-    if (this.pageKey !== 0 && known && this.layout !== null) {
+    if (record.kind === RecordKind.RamPage && this.contentIndex !== null && this.receiverReadsPay) this.contentIndex.add(record.pageIndex, digestWords, 0);
+    if (key !== 0 && this.layout !== null) {
       this.resemblance ??= new ResemblanceCache(this.layout.pageCount, X86_PAGE_SIZE);
-      this.resemblance.add(this.pageKey, record.pageIndex, record.data, record.dataStart, retainer.digestWords, 0);
+      this.resemblance.add(key, record.pageIndex, record.data, record.dataStart, digestWords, 0);
       this.resemblanceWorth.pageKept();
     }
   }
@@ -459,14 +487,11 @@ export class StreamEncoder {
     // A match, in this VM or in a sibling, costs the receiver a store read of the page it copies, which
     // this side cannot time: paid only while reads are free or the receiver reads ahead. On a fast link a
     // busy receiver's reads, one after another, cost more than the page's WAN time.
-    if (this.receiverReadsPay) {
-      const index = this.contentIndexOf(words);
-      const match = index === null ? -1 : index.find(digestWords, 0);
-      if (match >= 0) {
-        this.emitDelta(page, match, digest, 0, 0, -1);
-        this.counts.pagesMatched++;
-        return true;
-      }
+    const match = this.matchElsewhere(words, digestWords, null);
+    if (match >= 0) {
+      this.emitDelta(page, match, digest, 0, 0, -1);
+      this.counts.pagesMatched++;
+      return true;
     }
     const siblings = this.siblings;
     if (siblings !== null && this.siblingsPay && siblings.find(page, digestWords, 0)) {
@@ -485,25 +510,65 @@ export class StreamEncoder {
       if (length === NO_DELTA) this.ownVersionTries.miss();
     }
     // A page like one sent lately: the receiver reads the base as for a match, this side has it in memory.
-    const cache = this.resemblance;
-    if (!this.receiverReadsPay || this.pageKey === 0 || cache === null) return false;
-    const entry = cache.find(this.pageKey);
+    const entry = this.resemblingElsewhere(record, words, this.pageKey, null);
     if (entry < 0) return false;
+    const cache = this.resemblance as ResemblanceCache;
+    this.emitDelta(page, cache.pageOf(entry), cache.digests, entry * DIGEST_BYTES, this.resembledLength, -1);
+    this.counts.pagesDelta++;
+    return true;
+  }
+
+  /**
+   * Another page the receiver holds (by `words`) with the content of `digestWords`, that `usable` accepts
+   * (null: any): from the content index, only while the receiver's reads pay. -1 for none.
+   */
+  private matchElsewhere(words: Uint32Array, digestWords: Uint32Array, usable: ((base: number) => boolean) | null): number {
+    if (!this.receiverReadsPay) return -1;
+    const index = this.contentIndexOf(words);
+    const match = index === null ? -1 : index.find(digestWords, 0);
+    return match >= 0 && (usable === null || usable(match)) ? match : -1;
+  }
+
+  /**
+   * A page sent lately, like the record's page (resemblance key `key`), that the receiver (by `words`)
+   * still holds and `usable` accepts (null: any), whose ranges differing from it are few: lays them out
+   * in deltaOut (their length in resembledLength) and returns its resemblance-cache entry; -1 for none.
+   */
+  private resemblingElsewhere(record: RamPageRecord, words: Uint32Array, key: number, usable: ((base: number) => boolean) | null): number {
+    const cache = this.resemblance;
+    if (!this.receiverReadsPay || key === 0 || cache === null) return -1;
+    const entry = cache.find(key);
+    if (entry < 0) return -1;
     const base = cache.pageOf(entry);
     // The receiver must still hold, at `base`, the very content kept here.
-    if (!sameDigestWords(words, base * DIGEST_WORDS, cache.digestWords, entry * DIGEST_WORDS)) return false;
-    if (!this.resemblanceTries.tryNow()) return false;
+    if (!sameDigestWords(words, base * DIGEST_WORDS, cache.digestWords, entry * DIGEST_WORDS)) return -1;
+    if (usable !== null && !usable(base)) return -1;
+    if (!this.resemblanceTries.tryNow()) return -1;
     const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);
     const length = encodePageDelta(cache.content(), entry * X86_PAGE_SIZE, record.data, record.dataStart, X86_PAGE_SIZE, out, DELTA_HEADER_BYTES, MAX_DELTA_BYTES);
     if (length < 0) {
       this.resemblanceTries.miss();
-      return false;
+      return -1;
     }
     this.resemblanceTries.hit();
     this.resemblanceWorth.delta(X86_PAGE_SIZE - DELTA_HEADER_BYTES - length);
-    this.emitDelta(page, base, cache.digests, entry * DIGEST_BYTES, length, -1);
-    this.counts.pagesDelta++;
-    return true;
+    this.resembledLength = length;
+    return entry;
+  }
+
+  /**
+   * For a multifd channel's page that goes neither in a Run nor against its own version (MultifdEncoder):
+   * a Delta payload against another page the receiver holds (by `words`) that `usable` accepts, with the
+   * same content or content like it (resemblance key `key`), found as for the main channel's pages; null
+   * for none. `digest`, `digestWords`: the page's digest. A payload without ranges is a content match.
+   */
+  deltaElsewhere(record: RamPageRecord, words: Uint32Array, digest: Uint8Array, digestWords: Uint32Array, key: number, usable: (base: number) => boolean): Buffer | null {
+    const match = this.matchElsewhere(words, digestWords, usable);
+    if (match >= 0) return this.layOutDelta(record.pageIndex, match, digest, 0, 0, -1, digest);
+    const entry = this.resemblingElsewhere(record, words, key, usable);
+    if (entry < 0) return null;
+    const cache = this.resemblance as ResemblanceCache;
+    return this.layOutDelta(record.pageIndex, cache.pageOf(entry), cache.digests, entry * DIGEST_BYTES, this.resembledLength, -1, digest);
   }
 
   /** Whether a Delta that only the receiver reads a base for is worth its read there. */
@@ -551,19 +616,26 @@ export class StreamEncoder {
   }
 
   /**
-   * Completes the Delta laid out in `deltaOut` (its ranges already there, `length` bytes) and sends it in
-   * the record's place; from `sibling`'s snapshot (its place in the Offer's list) as a SiblingDelta, when
+   * Completes the Delta laid out in `deltaOut` (its ranges already there, `length` bytes) and returns its
+   * payload, now the caller's: page `page` (of digest `newDigest`) from `base` (of digest
+   * baseDigest[baseAt…]), in `sibling`'s snapshot (its place in the Offer's list) as a SiblingDelta when
    * that is not -1 (then with no ranges).
    */
-  private emitDelta(page: number, base: number, baseDigest: Uint8Array, baseAt: number, length: number, sibling: number): void {
+  private layOutDelta(page: number, base: number, baseDigest: Uint8Array, baseAt: number, length: number, sibling: number, newDigest: Uint8Array): Buffer {
     const lead = sibling >= 0 ? SIBLING_DELTA_LEAD_BYTES : 0;
     const out = this.deltaOut.reserve(lead + DELTA_HEADER_BYTES + length);
     if (lead > 0) out[0] = sibling;
     out.writeUInt32BE(page, lead);
     out.writeUInt32BE(base, lead + 4);
     out.set(baseDigest.subarray(baseAt, baseAt + DIGEST_BYTES), lead + DELTA_BASE_DIGEST_AT);
-    out.set(this.retainer.digest, lead + DELTA_NEW_DIGEST_AT);
-    const payload = this.deltaOut.take(lead + DELTA_HEADER_BYTES + length);
+    out.set(newDigest, lead + DELTA_NEW_DIGEST_AT);
+    return this.deltaOut.take(lead + DELTA_HEADER_BYTES + length);
+  }
+
+  /** Lays out the Delta (as layOutDelta) of the record being read and sends it in its place. */
+  private emitDelta(page: number, base: number, baseDigest: Uint8Array, baseAt: number, length: number, sibling: number): void {
+    const lead = sibling >= 0 ? SIBLING_DELTA_LEAD_BYTES : 0;
+    const payload = this.layOutDelta(page, base, baseDigest, baseAt, length, sibling, this.retainer.digest);
     this.closeRun();
     // The record's header goes as it is; the Delta stands for its page data, the record's last bytes.
     this.sendLiteral(this.parser.offset - X86_PAGE_SIZE);

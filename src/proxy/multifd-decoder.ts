@@ -83,10 +83,10 @@ export class MultifdDecoder extends MultifdChannel {
     return this.parser.isPaused || this.queued.length > 0;
   }
 
-  /** Parked at a SYNC, or holding a Run back until the main channel has passed its epoch. */
+  /** Parked at a SYNC, or holding a frame back (see waits()). */
   override mayReadOn(): boolean {
     if (this.parser.isPaused) return super.mayReadOn();
-    return this.queued.length > 0 && this.migration.mainReached(this.syncs);
+    return this.queued.length > 0 && !this.waits(this.queued[0].kind, this.queued[0].payload);
   }
 
   /** Bytes rebuilt and handed on. */
@@ -141,7 +141,7 @@ export class MultifdDecoder extends MultifdChannel {
 
   unpark(): void {
     this.parser.resume();
-    while (!this.parser.isPaused && this.queued.length > 0 && !this.waits(this.queued[0].kind)) {
+    while (!this.parser.isPaused && this.queued.length > 0 && !this.waits(this.queued[0].kind, this.queued[0].payload)) {
       const frame = this.queued.shift() as QueuedFrame;
       this.apply(frame.kind, frame.payload);
     }
@@ -150,15 +150,31 @@ export class MultifdDecoder extends MultifdChannel {
 
   /**
    * A Run or a Delta (each names the version of a page held here) waits until the main channel has passed
-   * its epoch (see MultifdMigration); Literal bytes and a sibling's page (a snapshot pinned for the whole
-   * migration) do not.
+   * its epoch (see MultifdMigration), and a Delta against another page until that page's write in this
+   * epoch, on whatever channel, has been rebuilt here (MultifdMigration.elsewhere); Literal bytes and a
+   * sibling's page (a snapshot pinned for the whole migration) do not.
    */
-  private waits(kind: ChannelFrame): boolean {
-    return (kind === 'run' || kind === 'delta') && !this.migration.mainReached(this.syncs);
+  private waits(kind: ChannelFrame, payload: Buffer): boolean {
+    if (kind !== 'run' && kind !== 'delta') return false;
+    if (!this.migration.mainReached(this.syncs)) return true;
+    return kind === 'delta' && this.baseToCome(payload);
+  }
+
+  /**
+   * A Delta against another page whose write in this epoch has not been rebuilt here yet. Not for one
+   * rebuilding rejects anyway (no such page, or a QEMU before 9.0, which may send a page twice an epoch).
+   */
+  private baseToCome(payload: Buffer): boolean {
+    if (payload.length < 8 || !this.modernQemu) return false;
+    const base = payload.readUInt32BE(4);
+    if (base === payload.readUInt32BE(0) || !this.migration.hasPage(base) || this.migration.writtenIn(base, this.syncs)) return false;
+    // The main channel, ahead, wrote it already: the version of this epoch is kept once a channel's write of it, dropped, has come.
+    if (this.migration.writtenAfter(base, this.syncs)) return this.migration.overtaken?.epochOf(base) !== this.syncs;
+    return true;
   }
 
   private frame(kind: ChannelFrame, payload: Buffer): void {
-    if (this.parked || this.waits(kind)) {
+    if (this.parked || this.waits(kind, payload)) {
       this.queued.push({ kind, payload: Buffer.from(payload) });
       return;
     }
@@ -305,26 +321,32 @@ export class MultifdDecoder extends MultifdChannel {
     this.deltasRebuilt++;
     this.prefetchAhead();
     const pageIndex = this.nextPageFor('Delta', payload, 0);
-    if (payload.readUInt32BE(4) !== pageIndex) throw new RebuildError(`a multifd Delta for page ${pageIndex} from page ${payload.readUInt32BE(4)}`);
+    const base = payload.readUInt32BE(4);
     const store = this.migration.store;
     if (!store) throw new RebuildError('multifd Delta, but this gateway keeps no store');
-    const kept = this.migration.writtenAfter(pageIndex, this.syncs)
-      ? (this.migration.overtaken?.version(pageIndex) ?? null)
-      : !this.modernQemu && this.migration.writtenIn(pageIndex, this.syncs)
-        ? (this.migration.epochStart?.version(pageIndex, this.syncs) ?? null)
+    if (base !== pageIndex) {
+      // Against another page written in this epoch already (waits() held the frame back until it was).
+      if (!this.modernQemu || !this.migration.hasPage(base)) throw new RebuildError(`a multifd Delta for page ${pageIndex} from page ${base}`);
+    }
+    const kept = this.migration.writtenAfter(base, this.syncs)
+      ? (this.migration.overtaken?.version(base) ?? null)
+      : base === pageIndex && !this.modernQemu && this.migration.writtenIn(base, this.syncs)
+        ? (this.migration.epochStart?.version(base, this.syncs) ?? null)
         : null;
     if (kept !== null) kept.copy(this.basePage, 0);
     else {
       try {
-        store.readPages(pageIndex, 1, this.basePage, 0, false);
+        store.readPages(base, 1, this.basePage, 0, false);
       } catch (err) {
-        throw new RebuildError(`page ${pageIndex} is not held: ${errorMessage(err)}`);
+        throw new RebuildError(`page ${base} is not held: ${errorMessage(err)}`);
       }
     }
     digestOne(this.basePage, 0, X86_PAGE_SIZE, this.runDigest, 0);
-    if (!sameDigest(this.runDigest, 0, payload, DELTA_BASE_DIGEST_AT)) throw new RebuildError(`multifd Delta from a version of page ${pageIndex} this store does not hold`);
+    if (!sameDigest(this.runDigest, 0, payload, DELTA_BASE_DIGEST_AT)) throw new RebuildError(`multifd Delta from a version of page ${base} this store does not hold`);
     this.patchBase('Delta', payload, 0, pageIndex);
-    this.counts.pagesDelta++;
+    // Ranges make it a delta, against this page's held version or a page like it; none, a content match.
+    if (base !== pageIndex && payload.length === DELTA_HEADER_BYTES) this.counts.pagesMatched++;
+    else this.counts.pagesDelta++;
   }
 
   /**
@@ -446,7 +468,10 @@ export class MultifdDecoder extends MultifdChannel {
       const end = record.index === 0 || record.index === this.parser.currentPacket.normalPages - 1;
       if (claim === Claim.First && end && !this.modernQemu) this.migration.epochStart?.keep(page.pageIndex, this.syncs);
     }
-    // A later version of the page was written already: this one is not kept (see MultifdMigration).
+    // A later version of the page was written already: this one is not kept (see MultifdMigration), but
+    // a Delta of its epoch on another channel may still go against it (QEMU 9.0 on: the page's only write
+    // in the epoch, so no Run of the epoch names the version the main channel overwrote).
     if (claim !== Claim.Stale) this.retainer.retain(page, this.retainer.digestOf(page, this.pagesAfter(record)));
+    else if (this.modernQemu && record.kind === MultifdRecordKind.Page) this.migration.overtaken?.replace(page.pageIndex, page.data, page.dataStart, this.syncs);
   }
 }

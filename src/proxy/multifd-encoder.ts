@@ -5,7 +5,7 @@ import type { RamBlock, RamPageRecord } from '../qemu/records';
 import type { EncoderSink } from './encoder';
 import { HeldInput } from './held-input';
 import { MultifdChannel } from './multifd-channel';
-import { Claim, type MultifdMigration } from './multifd-migration';
+import { Claim, type MultifdMigration, type PagesElsewhere } from './multifd-migration';
 import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { sameDigest } from './retained';
 import { encodeRun, MAX_RUN_HELD } from './run';
@@ -71,6 +71,9 @@ export class MultifdEncoder extends MultifdChannel {
   private readonly deltaOut = new DeltaSlab();
   private readonly basePage = Buffer.alloc(X86_PAGE_SIZE);
   private readonly baseDigest = Buffer.alloc(DIGEST_BYTES);
+  /** The page sendElsewhere() is on; a base it may go against is another page written in this epoch. */
+  private pageNow = -1;
+  private readonly writtenThisEpoch = (base: number): boolean => base !== this.pageNow && this.migration.writtenIn(base, this.syncs);
 
   constructor(
     private readonly sink: EncoderSink,
@@ -102,6 +105,7 @@ export class MultifdEncoder extends MultifdChannel {
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
     this.counts.streamBytes += chunk.length;
+    this.migration.elsewhere?.advanceContentIndex();
     this.streamHash.update(chunk);
     this.held.push(chunk);
     if (this.parked) {
@@ -199,9 +203,14 @@ export class MultifdEncoder extends MultifdChannel {
     const words = this.migration.receiverTable?.words ?? null;
     const claim = this.migration.claim(page.pageIndex, this.syncs);
     const held = normal && words !== null && sameDigestWords(words, word, retainer.digestWords, 0);
+    const named = held && this.mayNameClaimed(claim, page.pageIndex);
+    // Pages elsewhere in the VM, written in this epoch already, that this page may go against; and this
+    // page, kept for later ones (QEMU 9.0 on: a page goes at most once an epoch).
+    const elsewhere = normal && !named && claim === Claim.First && this.modernQemu && this.sink.delta !== undefined ? this.migration.elsewhere : null;
+    const key = elsewhere === null ? 0 : elsewhere.elsewhereKey(page);
     if (!normal) {
       this.counts.pagesZero++;
-    } else if (held && this.mayNameClaimed(claim, page.pageIndex)) {
+    } else if (named) {
       this.counts.pagesReused++;
       this.migration.nameInRun(page.pageIndex);
       this.addToRun(page.streamOffset, page.offset);
@@ -209,6 +218,8 @@ export class MultifdEncoder extends MultifdChannel {
       this.counts.pagesSibling++;
     } else if (!held && words !== null && reference !== null && claim === Claim.First && this.sendDelta(record, page, reference, words)) {
       this.counts.pagesDelta++;
+    } else if (elsewhere !== null && words !== null && this.sendElsewhere(elsewhere, page, words, key)) {
+      // counted as a match or a delta
     } else {
       this.closeRun();
       this.counts.pagesSent++;
@@ -219,6 +230,23 @@ export class MultifdEncoder extends MultifdChannel {
     // The receiver now holds this version of the page.
     if (words !== null && reference !== this.migration.store?.digests) words.set(retainer.digestWords, word);
     retainer.retain(page, true);
+    elsewhere?.keepForLater(page, retainer.digestWords, key);
+  }
+
+  /**
+   * Sends the page as a Delta against another page the receiver holds, of the same content or like it
+   * (found by the main channel's encoder, `elsewhere`), that has been written in this epoch already, on
+   * any channel: no channel writes it again before the barrier, and the receiver holds the Delta back
+   * until that write has been rebuilt there. Whether it did.
+   */
+  private sendElsewhere(elsewhere: PagesElsewhere, page: RamPageRecord, words: Uint32Array, key: number): boolean {
+    this.pageNow = page.pageIndex;
+    const payload = elsewhere.deltaElsewhere(page, words, this.retainer.digest, this.retainer.digestWords, key, this.writtenThisEpoch);
+    if (payload === null) return false;
+    this.emit(page, payload, this.sink.delta as (payload: Buffer) => void);
+    if (payload.length === DELTA_HEADER_BYTES) this.counts.pagesMatched++;
+    else this.counts.pagesDelta++;
+    return true;
   }
 
   /**

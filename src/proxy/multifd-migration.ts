@@ -90,6 +90,21 @@ export interface MultifdChannelCodec {
   unpark(): void;
 }
 
+/**
+ * The main channel's encoder, as a multifd channel's uses it (StreamEncoder): pages elsewhere in the VM
+ * that a channel's page may go against, found, and kept, as for the main channel's own pages.
+ */
+export interface PagesElsewhere {
+  /** The resemblance key to look for the page by and keep it by, 0 for none now. */
+  elsewhereKey(record: RamPageRecord): number;
+  /** A Delta payload against another page the receiver holds that `usable` accepts, or null. */
+  deltaElsewhere(record: RamPageRecord, words: Uint32Array, digest: Uint8Array, digestWords: Uint32Array, key: number, usable: (base: number) => boolean): Buffer | null;
+  /** The page went (the receiver holds it now): indexed and kept for later pages. */
+  keepForLater(record: RamPageRecord, digestWords: Uint32Array, key: number): void;
+  /** A source chunk came: the content index takes in its next slice. */
+  advanceContentIndex(): void;
+}
+
 /** What `claim` says of a page write. */
 export enum Claim {
   /** The page was written in a later epoch already: this version is older, and is dropped. */
@@ -125,6 +140,15 @@ export class MultifdMigration {
    * link is slow enough that a page crossing costs more than the receiver's read of it.
    */
   siblingsPay: () => boolean = () => true;
+  /**
+   * Sender only: where the receiver takes Deltas against other pages on the channels (Feature.
+   * ChannelMatches), the main channel's encoder, which finds them (a page of the same content, or one
+   * like it, sent lately). A channel sends one only from a QEMU of 9.0 or later, against a page written
+   * in the channel's epoch already: QEMU sends a page at most once an epoch, so no channel writes that
+   * base again before the barrier, and the receiver holds such a Delta back until the base's write, on
+   * whatever channel, has been rebuilt (MultifdDecoder).
+   */
+  elsewhere: PagesElsewhere | null = null;
   /**
    * Receiver only: the siblings' pinned stores, in the Offer's order (what SiblingDelta frames name),
    * and where a channel notes one whose page did not match its digest: the main channel's decoder's own
@@ -213,6 +237,11 @@ export class MultifdMigration {
     return Claim.First;
   }
 
+  /** Whether `pageIndex` is a page of the block list. */
+  hasPage(pageIndex: number): boolean {
+    return Number.isInteger(pageIndex) && pageIndex >= 0 && pageIndex < this.pageCount;
+  }
+
   /** Whether the page has been written in an epoch later than `epoch` already (only the main channel can have: see mainPageReceived). */
   writtenAfter(pageIndex: number, epoch: number): boolean {
     return this.writeEpochs.length > 0 && this.writeEpochs[pageIndex] > epoch + 1;
@@ -257,8 +286,9 @@ export class MultifdMigration {
    * (`overtaken`), for such a frame to be rebuilt from.
    */
   mainPageReceived(pageIndex: number): Claim {
+    const before = this.writeEpochs.length > 0 ? this.writeEpochs[pageIndex] - 1 : -1;
     const claim = this.mainPage(pageIndex);
-    if (claim !== Claim.Stale && this.overtaken !== null && this.channelBehindMain()) this.overtaken.keep(pageIndex);
+    if (claim !== Claim.Stale && this.overtaken !== null && this.channelBehindMain()) this.overtaken.keep(pageIndex, before);
     return claim;
   }
 

@@ -141,6 +141,12 @@ export const enum Feature {
    * of a packet as a reference to a page of a sibling's snapshot it confirmed (proxy/multifd-encoder.ts).
    */
   ChannelSiblings = 'channel-siblings',
+  /**
+   * The receiver takes Delta frames on multifd channels against other pages too (a content match, or a
+   * page like it), written in the same epoch already: it holds such a Delta back until that page's write
+   * has been rebuilt, on whatever channel (proxy/multifd-decoder.ts).
+   */
+  ChannelMatches = 'channel-matches',
 }
 
 export interface HelloMessage {

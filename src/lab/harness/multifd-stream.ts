@@ -10,6 +10,7 @@ import { MultifdMigration } from '../../proxy/multifd-migration';
 import { type PageLayout, ReceiverTable, type RetainedPages, type SiblingPages } from '../../proxy/retained';
 import { RUN_LEAD_BYTES } from '../../proxy/run';
 import { SiblingMatch } from '../../proxy/sibling-match';
+import { StreamEncoder } from '../../proxy/encoder';
 import { type GuestMemory, PAGE } from './migration-stream';
 
 /** 7.2: no zero pages in packets (they go on the main channel). 10.0: zero pages as offsets. */
@@ -154,7 +155,9 @@ export interface ChannelFrames {
  * changes each Delta payload on its way to the decoder. With `siblings`, both sides hold those
  * snapshots (the sender their digest tables) and the receiver takes SiblingDelta frames on the channels
  * (Feature.ChannelSiblings), noting any whose page does not match its digest in `damagedSiblings`.
- * `beforeDecode` is called with the receiving side's MultifdMigration before any channel is decoded:
+ * With `matches`, the receiver takes Deltas against other pages written in the same epoch on the
+ * channels (Feature.ChannelMatches), found by a main-channel encoder of the sender's store that sees no
+ * page of its own. `beforeDecode` is called with the receiving side's MultifdMigration before any channel is decoded:
  * what the main channel did there first, such as writing a page of a later epoch.
  */
 export function multifdRoundTrip(
@@ -162,7 +165,7 @@ export function multifdRoundTrip(
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void } = {},
+  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -173,6 +176,11 @@ export function multifdRoundTrip(
   sending.receiverTable = sender.reference === null ? null : new ReceiverTable(sender.reference);
   sending.channelDeltas = options.deltas === true;
   if (options.siblings !== undefined) sending.siblings = new SiblingMatch(options.siblings.map((sibling) => sibling.digests));
+  if (options.matches) {
+    const main = new StreamEncoder({ literal: () => undefined, run: () => undefined }, sender.store);
+    main.layout = layout;
+    sending.elsewhere = main;
+  }
   const reuse = options.reuseInput === true;
   // Without reuseInput, views of the channels' bytes, which nothing changes: no copy is needed.
   const keep = (bytes: Buffer): Buffer => (reuse ? Buffer.from(bytes) : bytes);
