@@ -576,7 +576,18 @@ describe('Deltas against other pages of the epoch on the channels', () => {
   ])("a first leg's pages that repeat or resemble another page sent in the epoch cross as Deltas against it, rebuilt byte for byte: %s", (_how, order) => {
     const { memory, copies, alike } = repetitive();
     const layout = layoutOf(memory.blocks);
-    const { sender, receiver } = stores(memory);
+    /** A store that counts the pages read from it alone (a Delta's base). */
+    class CountedReads extends MemoryPages {
+      lone = 0;
+      override readPages(index: number, count: number, dest: Uint8Array, destStart: number, inStream?: boolean): void {
+        if (inStream === false) this.lone++;
+        super.readPages(index, count, dest, destStart);
+      }
+    }
+    const sender = new MemoryPages();
+    const receiver = new CountedReads();
+    sender.begin(layout);
+    receiver.begin(layout);
     const migration = multifdMigration(memory, { format: 'qemu-10.0', channels: 3, rounds: [all(memory)], leadingSync: true });
     const empty = (): Uint8Array => new Uint8Array(layout.pageCount * DIGEST_BYTES);
     const plain = multifdRoundTrip(migration.channels, layout, { store: sender.clone(), reference: empty() }, receiver.clone(), { chunk: 7000, ...order });
@@ -593,6 +604,9 @@ describe('Deltas against other pages of the epoch on the channels', () => {
     expect(deltas).toBeGreaterThan(0.5 * alike);
     expect(sum(plain.encoders, 'pagesMatched') + sum(plain.encoders, 'pagesDelta')).toBe(0);
     expect(sum(plain.encoders, 'pagesSent') - sum(trip.encoders, 'pagesSent')).toBe(matched + deltas);
+    // Their bases come from the pages the channels stored last, in memory; from the store only before
+    // the first such Delta has had the receiver keep them.
+    expect(receiver.lone).toBeLessThan(0.05 * (matched + deltas));
     memory.pages.forEach((page, i) => expect(holds(receiver, i, page)).toBe(true));
     expect(sender.digests).toEqual(receiver.digests);
   });

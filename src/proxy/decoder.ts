@@ -390,6 +390,7 @@ export class StreamDecoder {
   release(): void {
     this.recent?.release();
     this.recent = null;
+    this.multifd?.release();
   }
 
   private check(streamBytes: number, streamCheck: string): void {

@@ -328,21 +328,23 @@ export class MultifdDecoder extends MultifdChannel {
       // Against another page written in this epoch already (waits() held the frame back until it was).
       if (!this.modernQemu || !this.migration.hasPage(base)) throw new RebuildError(`a multifd Delta for page ${pageIndex} from page ${base}`);
     }
-    const kept = this.migration.writtenAfter(base, this.syncs)
-      ? (this.migration.overtaken?.version(base) ?? null)
-      : base === pageIndex && !this.modernQemu && this.migration.writtenIn(base, this.syncs)
-        ? (this.migration.epochStart?.version(base, this.syncs) ?? null)
-        : null;
-    if (kept !== null) kept.copy(this.basePage, 0);
-    else {
-      try {
-        store.readPages(base, 1, this.basePage, 0, false);
-      } catch (err) {
-        throw new RebuildError(`page ${base} is not held: ${errorMessage(err)}`);
+    if (base === pageIndex || !this.baseFromRecent(base, payload)) {
+      const kept = this.migration.writtenAfter(base, this.syncs)
+        ? (this.migration.overtaken?.version(base) ?? null)
+        : base === pageIndex && !this.modernQemu && this.migration.writtenIn(base, this.syncs)
+          ? (this.migration.epochStart?.version(base, this.syncs) ?? null)
+          : null;
+      if (kept !== null) kept.copy(this.basePage, 0);
+      else {
+        try {
+          store.readPages(base, 1, this.basePage, 0, false);
+        } catch (err) {
+          throw new RebuildError(`page ${base} is not held: ${errorMessage(err)}`);
+        }
       }
+      digestOne(this.basePage, 0, X86_PAGE_SIZE, this.runDigest, 0);
+      if (!sameDigest(this.runDigest, 0, payload, DELTA_BASE_DIGEST_AT)) throw new RebuildError(`multifd Delta from a version of page ${base} this store does not hold`);
     }
-    digestOne(this.basePage, 0, X86_PAGE_SIZE, this.runDigest, 0);
-    if (!sameDigest(this.runDigest, 0, payload, DELTA_BASE_DIGEST_AT)) throw new RebuildError(`multifd Delta from a version of page ${base} this store does not hold`);
     this.patchBase('Delta', payload, 0, pageIndex);
     // Ranges make it a delta, against this page's held version or a page like it; none, a content match.
     if (base !== pageIndex && payload.length === DELTA_HEADER_BYTES) this.counts.pagesMatched++;
@@ -381,6 +383,19 @@ export class MultifdDecoder extends MultifdChannel {
     }
     this.patchBase('SiblingDelta', payload, at, pageIndex);
     this.counts.pagesSibling++;
+  }
+
+  /**
+   * Whether the channels' recent pages (MultifdMigration.recentPages) hold the version of `base` the
+   * Delta names: then it is in basePage. Only a hint, checked against the Delta's digest of its base.
+   */
+  private baseFromRecent(base: number, payload: Buffer): boolean {
+    const recent = this.migration.recentPages();
+    const at = recent.find(base);
+    if (at < 0) return false;
+    recent.content.copy(this.basePage, 0, at, at + X86_PAGE_SIZE);
+    digestOne(this.basePage, 0, X86_PAGE_SIZE, this.runDigest, 0);
+    return sameDigest(this.runDigest, 0, payload, DELTA_BASE_DIGEST_AT);
   }
 
   /**
@@ -471,7 +486,9 @@ export class MultifdDecoder extends MultifdChannel {
     // A later version of the page was written already: this one is not kept (see MultifdMigration), but
     // a Delta of its epoch on another channel may still go against it (QEMU 9.0 on: the page's only write
     // in the epoch, so no Run of the epoch names the version the main channel overwrote).
-    if (claim !== Claim.Stale) this.retainer.retain(page, this.retainer.digestOf(page, this.pagesAfter(record)));
-    else if (this.modernQemu && record.kind === MultifdRecordKind.Page) this.migration.overtaken?.replace(page.pageIndex, page.data, page.dataStart, this.syncs);
+    if (claim !== Claim.Stale) {
+      this.retainer.retain(page, this.retainer.digestOf(page, this.pagesAfter(record)));
+      this.migration.channelStored(page.pageIndex, record.kind === MultifdRecordKind.Page ? page.data : null, page.dataStart);
+    } else if (this.modernQemu && record.kind === MultifdRecordKind.Page) this.migration.overtaken?.replace(page.pageIndex, page.data, page.dataStart, this.syncs);
   }
 }

@@ -4,6 +4,7 @@ import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import { type RamBlock, type RamPageRecord, RecordKind, type StreamFallback } from '../qemu/records';
 import { EpochStartPages } from './epoch-start-pages';
 import { OvertakenPages } from './overtaken-pages';
+import { RecentPages } from './recent-pages';
 import type { PageLayout, ReceiverTable, RetainedPages, SiblingPages } from './retained';
 import type { SiblingMatch } from './sibling-match';
 import { addCounts, newCounts, type TransferCounts } from './transfer-counts';
@@ -169,6 +170,8 @@ export class MultifdMigration {
   readonly epochStart: EpochStartPages | null;
   /** Receiver only: pages as they were before the main channel overwrote them ahead of a channel (mainPageReceived). */
   readonly overtaken: OvertakenPages | null;
+  /** Receiver only: the pages the channels stored last, made at the first Delta against another page (recentPages()). */
+  private channelsRecent: RecentPages | null = null;
   private readonly blocks = new Map<string, RamBlock>();
   /** The same blocks by index (a Run names its block so). */
   private readonly blockList: RamBlock[] = [];
@@ -295,6 +298,30 @@ export class MultifdMigration {
   /** Some channel still reads an epoch the main channel has left. */
   private channelBehindMain(): boolean {
     return this.channels.some((c) => c.synchronising && c.syncs < this.mainEpoch);
+  }
+
+  /**
+   * Receiver: the pages the channels stored last, in memory, the bases most of their Deltas against
+   * other pages name (written moments ago, on whatever channel), kept from now on (RecentPages.used()).
+   */
+  recentPages(): RecentPages {
+    const recent = (this.channelsRecent ??= new RecentPages(this.pageCount, X86_PAGE_SIZE));
+    recent.used();
+    return recent;
+  }
+
+  /** Receiver: a channel stored page `pageIndex`, data[start…] for a normal page (null: a zero page). */
+  channelStored(pageIndex: number, data: Buffer | null, start: number): void {
+    const recent = this.channelsRecent;
+    if (recent === null) return;
+    if (data === null) recent.forget(pageIndex);
+    else recent.add(pageIndex, data, start);
+  }
+
+  /** The migration is over, whichever way: the recent pages go back to the pool for the next one. */
+  release(): void {
+    this.channelsRecent?.release();
+    this.channelsRecent = null;
   }
 
   /** The main channel's stream has ended: nobody waits for it any more. */
