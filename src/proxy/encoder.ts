@@ -3,7 +3,7 @@ import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
 import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
-import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
+import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
 import { ContentIndex } from './content-index';
 import { resemblanceKey, ResemblanceCache, ResemblanceWorth } from './resemblance-cache';
 import type { SiblingMatch } from './sibling-match';
@@ -625,10 +625,7 @@ export class StreamEncoder {
     const lead = sibling >= 0 ? SIBLING_DELTA_LEAD_BYTES : 0;
     const out = this.deltaOut.reserve(lead + DELTA_HEADER_BYTES + length);
     if (lead > 0) out[0] = sibling;
-    out.writeUInt32BE(page, lead);
-    out.writeUInt32BE(base, lead + 4);
-    out.set(baseDigest.subarray(baseAt, baseAt + DIGEST_BYTES), lead + DELTA_BASE_DIGEST_AT);
-    out.set(newDigest, lead + DELTA_NEW_DIGEST_AT);
+    writeDeltaHeader(out, lead, page, base, baseDigest, baseAt, newDigest);
     return this.deltaOut.take(lead + DELTA_HEADER_BYTES + length);
   }
 

@@ -6,7 +6,7 @@ import type { EncoderSink } from './encoder';
 import { HeldInput } from './held-input';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration, type PagesElsewhere } from './multifd-migration';
-import { DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
+import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
 import { sameDigest } from './retained';
 import { encodeRun, MAX_RUN_HELD } from './run';
 
@@ -40,7 +40,9 @@ import { encodeRun, MAX_RUN_HELD } from './run';
  * Where the receiver takes them too (`migration.siblings`), a page whose content the snapshot of a
  * sibling VM holds (at the same place, or anywhere in it) goes as a SiblingDelta naming that page, as
  * on the main channel: the sibling's snapshot is pinned at both sites for the whole migration, so the
- * reference holds whatever the channels' order, for any normal page.
+ * reference holds whatever the channels' order, for any normal page. And where it takes Deltas against
+ * other pages (`migration.elsewhere`, QEMU 9.0 on), a page that repeats or resembles another page sent
+ * in the epoch already, on any channel, goes as a Delta against it (sendElsewhere).
  *
  * Channel bytes may be pushed only once `migration.begin()` has had the main channel's block list
  * (QEMU sends the list before any page). `parked` says the channel waits at a SYNC for the others
@@ -263,10 +265,7 @@ export class MultifdEncoder extends MultifdChannel {
     const digest = this.retainer.digest;
     const out = this.deltaOut.reserve(SIBLING_DELTA_LEAD_BYTES + DELTA_HEADER_BYTES);
     out[0] = siblings.sibling;
-    out.writeUInt32BE(page.pageIndex, SIBLING_DELTA_LEAD_BYTES);
-    out.writeUInt32BE(siblings.page, SIBLING_DELTA_LEAD_BYTES + 4);
-    digest.copy(out, SIBLING_DELTA_LEAD_BYTES + DELTA_BASE_DIGEST_AT);
-    digest.copy(out, SIBLING_DELTA_LEAD_BYTES + DELTA_NEW_DIGEST_AT);
+    writeDeltaHeader(out, SIBLING_DELTA_LEAD_BYTES, page.pageIndex, siblings.page, digest, 0, digest);
     this.emit(page, this.deltaOut.take(SIBLING_DELTA_LEAD_BYTES + DELTA_HEADER_BYTES), this.sink.siblingDelta);
     return true;
   }
@@ -297,10 +296,7 @@ export class MultifdEncoder extends MultifdChannel {
     const out = this.deltaOut.reserve(DELTA_HEADER_BYTES + MAX_DELTA_BYTES);
     const length = encodePageDelta(this.basePage, 0, page.data, page.dataStart, X86_PAGE_SIZE, out, DELTA_HEADER_BYTES, MAX_DELTA_BYTES);
     if (length < 0) return false;
-    out.writeUInt32BE(index, 0);
-    out.writeUInt32BE(index, 4);
-    this.baseDigest.copy(out, DELTA_BASE_DIGEST_AT);
-    this.retainer.digest.copy(out, DELTA_NEW_DIGEST_AT);
+    writeDeltaHeader(out, 0, index, index, this.baseDigest, 0, this.retainer.digest);
     this.emit(page, this.deltaOut.take(DELTA_HEADER_BYTES + length), this.sink.delta);
     return true;
   }

@@ -25,6 +25,17 @@ export const DELTA_BASE_DIGEST_AT = 8;
 export const DELTA_NEW_DIGEST_AT = 8 + DIGEST_BYTES;
 
 /**
+ * Writes a Delta payload's header at out[at…]: page `page` from page `base`, whose digest is at
+ * baseDigest[baseAt…], and the digest of the page's new content, newDigest[0…].
+ */
+export function writeDeltaHeader(out: Buffer, at: number, page: number, base: number, baseDigest: Uint8Array, baseAt: number, newDigest: Uint8Array): void {
+  out.writeUInt32BE(page, at);
+  out.writeUInt32BE(base, at + 4);
+  out.set(baseDigest.subarray(baseAt, baseAt + DIGEST_BYTES), at + DELTA_BASE_DIGEST_AT);
+  out.set(newDigest.subarray(0, DIGEST_BYTES), at + DELTA_NEW_DIGEST_AT);
+}
+
+/**
  * Largest delta worth sending: above it the page goes whole. A delta costs a store read on both sides
  * and a patch; under a quarter of a page saved it is not worth it.
  */
