@@ -305,6 +305,7 @@ export class ChannelSender extends ChannelRelay {
     // every batch that shrinks pays: priced at the rate of all the channels together, 4-channel first
     // legs at 1 Gbit/s compressed less and took longer (docs/benchmarks.md, "Tenth session").
     this.pace.observe(literals.policy, peer.writableLength, this.wanBytes, chunk.length, performance.now());
+    encoder.savingPays = literals.policy.savingPays;
     peer.cork();
     try {
       this.guard('source', () => {

@@ -36,6 +36,11 @@ export interface ChannelEncoder extends ParkingCodec {
   push(chunk: Buffer): void;
   /** The chunk last pushed is about to be read into again: whatever the codec keeps of it, it copies. */
   releaseInput(): void;
+  /**
+   * Whether saving WAN bytes pays on this channel now (its compression policy's savingPays, which the
+   * relay sets per chunk): a multifd channel looks for pages elsewhere in the VM only then.
+   */
+  savingPays?: boolean;
   /** The source closed the channel: `ended` once every byte pushed has gone out (the End may go). */
   end(ended: () => void): void;
   /** Bytes read from the source. */

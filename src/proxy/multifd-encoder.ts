@@ -73,6 +73,13 @@ export class MultifdEncoder extends MultifdChannel {
   private readonly deltaOut = new DeltaSlab();
   private readonly basePage = Buffer.alloc(X86_PAGE_SIZE);
   private readonly baseDigest = Buffer.alloc(DIGEST_BYTES);
+  /**
+   * Whether saving WAN bytes pays on this channel now (the relay sets it per chunk from the channel's
+   * compression policy): pages elsewhere in the VM are looked for, and this channel's kept for later,
+   * only then, as the main channel's Deltas against pages alike wait for it. On a link faster than the
+   * gateways (loopback) the lookups and copies cost a 4-channel first leg a fifth of its rate.
+   */
+  savingPays = true;
   /** The page sendElsewhere() is on; a base it may go against is another page written in this epoch. */
   private pageNow = -1;
   private readonly writtenThisEpoch = (base: number): boolean => base !== this.pageNow && this.migration.writtenIn(base, this.syncs);
@@ -207,8 +214,8 @@ export class MultifdEncoder extends MultifdChannel {
     const held = normal && words !== null && sameDigestWords(words, word, retainer.digestWords, 0);
     const named = held && this.mayNameClaimed(claim, page.pageIndex);
     // Pages elsewhere in the VM, written in this epoch already, that this page may go against; and this
-    // page, kept for later ones (QEMU 9.0 on: a page goes at most once an epoch).
-    const elsewhere = normal && !named && claim === Claim.First && this.modernQemu && this.sink.delta !== undefined ? this.migration.elsewhere : null;
+    // page, kept for later ones.
+    const elsewhere = normal && !named && claim === Claim.First ? this.elsewhereNow() : null;
     const key = elsewhere === null ? 0 : elsewhere.elsewhereKey(page);
     if (!normal) {
       this.counts.pagesZero++;
@@ -233,6 +240,17 @@ export class MultifdEncoder extends MultifdChannel {
     if (words !== null && reference !== this.migration.store?.digests) words.set(retainer.digestWords, word);
     retainer.retain(page, true);
     elsewhere?.keepForLater(page, retainer.digestWords, key);
+  }
+
+  /**
+   * The main channel's encoder, where a page may go against another page and be kept for later ones now:
+   * from QEMU 9.0 on (a page goes at most once an epoch), while saving pays on this channel or the main
+   * channel's Deltas are paid whatever they cost (`deltas: always`, or a slow link that sets the pace).
+   */
+  private elsewhereNow(): PagesElsewhere | null {
+    const elsewhere = this.migration.elsewhere;
+    if (elsewhere === null || !this.modernQemu || this.sink.delta === undefined) return null;
+    return this.savingPays || elsewhere.deltaReadsFree ? elsewhere : null;
   }
 
   /**

@@ -96,6 +96,8 @@ export interface MultifdChannelCodec {
  * that a channel's page may go against, found, and kept, as for the main channel's own pages.
  */
 export interface PagesElsewhere {
+  /** Whether the main channel's Deltas are paid whatever they cost now (StreamEncoder.deltaReadsFree). */
+  readonly deltaReadsFree: boolean;
   /** The resemblance key to look for the page by and keep it by, 0 for none now. */
   elsewhereKey(record: RamPageRecord): number;
   /** A Delta payload against another page the receiver holds that `usable` accepts, or null. */
