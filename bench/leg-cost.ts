@@ -159,7 +159,7 @@ async function main(): Promise<void> {
       });
       ok &&= legResults.every((l) => l.verified);
       byContent.set(content, [...(byContent.get(content) ?? []), ...legResults]);
-      results.runs.push({ id: `${content}-run${run}`, mbit, delayMs, memMiB: 256, workloadMiB: 128, rewritePct: 0, changePcts: [], finished: new Date().toISOString(), legs: legResults });
+      results.runs.push({ id: `${content}-run${run}`, mbit, delayMs, memMiB: 256, workloadMiB: 128, rewritePct: 0, changePcts: [], ...(channels > 0 ? { multifdChannels: channels } : {}), finished: new Date().toISOString(), legs: legResults });
       if (args.out) fs.writeFileSync(args.out, JSON.stringify(results, null, 1) + '\n');
     }
   }

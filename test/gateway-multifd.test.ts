@@ -66,6 +66,14 @@ async function migrate(from: Site, to: Site, run: { main: Buffer; channels: Buff
   }
 }
 
+/** A QEMU 10.0 multifd first leg of `pages` from `from` to `to` (VM `vm`): every channel rebuilt, both gateways report it completed. */
+async function firstLeg(from: Site, to: Site, pages: Buffer[], vm = 'vm1'): Promise<void> {
+  const run = multifdRun('qemu-10.0', [pages.map((_, i) => i)], () => pages);
+  const [sent, received] = [from.gateway.history.length + 1, to.gateway.history.length + 1];
+  expectRebuilt(await migrate(from, to, run, true, vm), run);
+  expect([await report(from.gateway, sent), await report(to.gateway, received)]).toMatchObject([{ result: 'completed' }, { result: 'completed' }]);
+}
+
 /** Every channel reached the destination as the source sent it, the main one first. */
 function expectRebuilt(got: ReceivedChannel[], run: { main: Buffer; channels: Buffer[] }): void {
   expect(got.every((c) => !c.reset)).toBe(true);
@@ -145,9 +153,7 @@ describe('multifd channels through a gateway pair', () => {
   test('a QEMU 10.0 multifd back leg whose pages changed in a few bytes: they cross the channels as Deltas, rebuilt byte for byte, and both stores keep their new versions', async () => {
     const memory = guestMemory(BLOCKS, 1);
     const all = memory.pages.map((_, i) => i);
-    const first = multifdRun('qemu-10.0', [all], () => memory.pages);
-    expectRebuilt(await migrate(a, b, first, true), first);
-    expect([await report(a.gateway, 1), await report(b.gateway, 1)]).toMatchObject([{ result: 'completed' }, { result: 'completed' }]);
+    await firstLeg(a, b, memory.pages);
 
     // At B the guest changes 64 bytes in a fifth of its pages; it migrates back.
     const changed = patchPages(memory, 0.2, 64, 7).filter((i) => memory.pages[i].some((x) => x !== 0));
@@ -315,9 +321,7 @@ describe('multifd channels through a gateway pair that sends Deltas whatever the
   test("vm2's first leg sends the pages that vm1's retained snapshot holds across the channels as references to it, rebuilt byte for byte and kept", async () => {
     const image = guestMemory(BLOCKS, 1);
     const all = image.pages.map((_, i) => i);
-    const first = multifdRun('qemu-10.0', [all], () => image.pages);
-    expectRebuilt(await migrate(a, b, first, true), first);
-    expect([await report(a.gateway, 1), await report(b.gateway, 1)]).toMatchObject([{ result: 'completed' }, { result: 'completed' }]);
+    await firstLeg(a, b, image.pages);
 
     // vm2 booted from vm1's image; its workload rewrote a third of its pages.
     const memory = { blocks: image.blocks, pages: image.pages.map((p) => Buffer.from(p)) };

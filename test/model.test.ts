@@ -14,7 +14,7 @@ import { parseCommand } from '../src/cli/parse';
 import { predictInputs, runPredict } from '../src/cli/predict';
 import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10, type BaselineLeg, calibrateFromBaseline } from '../src/model/calibration';
 import { SPARSE_SHARE } from '../src/wire/compression-policy';
-import { type ModelInputs, type Platform, predict, predictBfmig, predictDirect, SPARSE_SHARE as MODEL_SPARSE_SHARE } from '../src/model/precopy';
+import { type ModelInputs, MULTIFD_HEADER_STREAM_BYTES, MULTIFD_HEADER_WAN_BYTES, MULTIFD_HELD_PAGE_WAN_BYTES, type Platform, predict, predictBfmig, predictDirect, SPARSE_SHARE as MODEL_SPARSE_SHARE } from '../src/model/precopy';
 
 /** No overheads at all: every figure below follows from pages, record sizes and the link rate. */
 const BARE: Platform = {
@@ -298,6 +298,31 @@ describe('calibration from baseline legs of the same run', () => {
       expect(Number.isFinite(timeError)).toBe(true);
       expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
     }
+  });
+
+  test("the nineteenth session's 4-channel multifd legs (QEMU 10.0): every setting's WAN bytes and time within 25%", () => {
+    // The runs were made with leg-cost.js --multifd 4 before it recorded multifdChannels; the field was added to the file.
+    const file = path.join(PACKAGE_ROOT, 'docs', 'benchmarks', 'leg-cost-1000-multifd-nineteenth.json');
+    const out = execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'compression-model-check.js'), file, '--platform', 'same-run'], { encoding: 'utf8' });
+    const medians = out.slice(out.indexOf('medians over the runs')).split('\n').filter((l) => / runs +WAN /.test(l));
+    expect(medians).toHaveLength(4); // files and random, first and back legs, three runs each
+    for (const line of medians) {
+      const wanError = Number(/WAN +[\d.]+ MB \( *([-+\d.]+)%/.exec(line)?.[1]);
+      const timeError = Number(/time +[\d.]+ s model +[\d.]+ \( *([-+\d.]+)%/.exec(line)?.[1]);
+      expect(Number.isFinite(wanError) && Number.isFinite(timeError)).toBe(true);
+      expect(Math.abs(wanError)).toBeLessThanOrEqual(25);
+      expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
+    }
+  });
+
+  test('with multifd every page brings its packet-header share: a back leg carries more, its stream too', () => {
+    const inputs: ModelInputs = { ...BASE, ramBytes: 2 ** 28, rateMbit: 1000, rttMs: 40, changedShare: 0.01, compressionRatio: 0.5, platform: BENCH_PLATFORM_QEMU10 };
+    const single = predictBfmig(inputs, true);
+    const channels = predictBfmig({ ...inputs, multifdChannels: 4 }, true);
+    const pages = 2 ** 28 / 4096;
+    expect(channels.streamBytes - single.streamBytes).toBeGreaterThan(0.9 * pages * MULTIFD_HEADER_STREAM_BYTES);
+    expect(channels.wanBytes - single.wanBytes).toBeGreaterThan(0.5 * pages * MULTIFD_HEADER_WAN_BYTES);
+    expect(channels.wanBytes - single.wanBytes).toBeLessThan(pages * (MULTIFD_HEADER_WAN_BYTES + MULTIFD_HELD_PAGE_WAN_BYTES));
   });
 
   test('a missing kind of baseline leg is an error, not a guess', () => {

@@ -51,6 +51,15 @@ function journalledPages(): MemoryPages {
   return store;
 }
 
+/** Both sides' stores of the layout, the sender's journalled (journalledPages). */
+function journalledStores(layout: ReturnType<typeof layoutOf>): { sender: MemoryPages; receiver: MemoryPages } {
+  const sender = journalledPages();
+  sender.begin(layout);
+  const receiver = new MemoryPages();
+  receiver.begin(layout);
+  return { sender, receiver };
+}
+
 describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packets', (format) => {
   test('rebuilds every channel byte for byte, and a second migration reuses the pages both stores keep', () => {
     const memory = guestMemory([['pc.ram', 1500], ['vga.vram', 300]], 11);
@@ -83,10 +92,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
   test('with Deltas taken on the channels, pages changed in a few bytes cross as Deltas against the version both sides hold, rebuilt byte for byte', () => {
     const memory = guestMemory([['pc.ram', 1500], ['vga.vram', 300]], 12);
     const layout = layoutOf(memory.blocks);
-    const sender = journalledPages();
-    sender.begin(layout);
-    const receiver = new MemoryPages();
-    receiver.begin(layout);
+    const { sender, receiver } = journalledStores(layout);
     const first = multifdMigration(memory, { format, channels: 3, rounds: [all(memory)] });
     multifdRoundTrip(first.channels, layout, { store: sender, reference: null }, receiver, { chunk: 10_000, deltas: true });
     expect(sender.digests).toEqual(receiver.digests);
@@ -241,10 +247,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
   ])('a channel Delta with %s fails the migration', (_what, tamper, message) => {
     const memory = guestMemory([['pc.ram', 600]], 14);
     const layout = layoutOf(memory.blocks);
-    const sender = journalledPages();
-    sender.begin(layout);
-    const receiver = new MemoryPages();
-    receiver.begin(layout);
+    const { sender, receiver } = journalledStores(layout);
     multifdRoundTrip(multifdMigration(memory, { format, channels: 2, rounds: [all(memory)] }).channels, layout, { store: sender, reference: null }, receiver, { deltas: true });
     patchPages(memory, 0.2, 32, 15);
     const second = multifdMigration(memory, { format, channels: 2, rounds: [all(memory)] });
@@ -660,10 +663,7 @@ describe('a main channel a whole epoch ahead of the channels (QEMU 7.2 sends zer
   ])('a page it overwrites that a channel names %s is rebuilt from the version the sender named', (_how, patchBytes) => {
     const memory = guestMemory([['pc.ram', 400]], 31);
     const layout = layoutOf(memory.blocks);
-    const sender = journalledPages();
-    sender.begin(layout);
-    const receiver = new MemoryPages();
-    receiver.begin(layout);
+    const { sender, receiver } = journalledStores(layout);
     multifdRoundTrip(multifdMigration(memory, { format: 'qemu-7.2', channels: 2, rounds: [all(memory)] }).channels, layout, { store: sender, reference: null }, receiver, { deltas: true });
     // Back: the pages as both sides hold them (as Runs), a few changed in 32 bytes (as Deltas).
     const patched = patchBytes > 0 ? new Set(patchPages(memory, 0.2, patchBytes, 33)) : new Set<number>();

@@ -119,7 +119,7 @@ export const PREDICT = command({
   synopsis: [
     'predict --ram 8GiB --mbit 100 --rtt-ms 40 [--changed 1%] [--used 100%] [--dirty-mbps 0] [--hot 100%]',
     '[--downtime-limit-ms 300] [--max-bandwidth 128MiB] [--no-digests] [--gateway-gbps G]',
-    '[--compression RATIO] [--delta-bytes B [--delta-share 100%] [--first-leg-deltas 0%]] [--platform default|bench|bench-qemu10] [--json]',
+    '[--compression RATIO] [--delta-bytes B [--delta-share 100%] [--first-leg-deltas 0%]] [--multifd N] [--platform default|bench|bench-qemu10] [--json]',
   ],
   summary: ['predicted WAN bytes, total time and downtime of a migration, direct', 'and through bfmig, and the break-even point (docs/model.md)'],
   options: {
@@ -138,6 +138,7 @@ export const PREDICT = command({
     'delta-bytes': { type: 'string' },
     'delta-share': { type: 'string' },
     'first-leg-deltas': { type: 'string' },
+    multifd: { type: 'string' },
     platform: { type: 'string' },
     json: { type: 'boolean' },
   },

@@ -86,8 +86,10 @@ export function predictInputs(args: PredictArgs): ModelInputs {
     maxBandwidthBytesPerS: sizeOption(args, 'max-bandwidth', 128 * 2 ** 20),
     senderHasDigests: args['no-digests'] !== true,
     ...compressionAndDelta(args),
+    ...(args.multifd !== undefined ? { multifdChannels: numberOption(args, 'multifd') } : {}),
     platform,
   };
+  if (inputs.multifdChannels !== undefined && (!Number.isInteger(inputs.multifdChannels) || inputs.multifdChannels < 1)) throw new UsageError(`--multifd takes QEMU's multifd-channels, 1 or more, not "${args.multifd}"`);
   if (inputs.rateMbit <= 0) throw new UsageError('--mbit must be above 0');
   if (inputs.usedShare <= 0 || inputs.hotShare <= 0) throw new UsageError('--used and --hot must be above 0%');
   if (inputs.ramBytes < PAGE_BYTES) throw new UsageError('--ram must be at least one page');

@@ -45,6 +45,19 @@ export const HELD_PAGE_WAN_BYTES = 1 / 8 + RUN_FRAME_BYTES / RUN_MAX_HELD;
 /** WAN bytes of a zero page: one bit and its share of a Run (≤ 4096 records a Run). */
 export const ZERO_PAGE_WAN_BYTES = 1 / 8 + RUN_FRAME_BYTES / RUN_MAX_RECORDS;
 /**
+ * With multifd (QEMU 10.0: 128 pages a packet, zero pages among them), every page, normal or zero, comes
+ * with its share of its packet's header: its 8-byte offset and a share of the fixed part. The gateways
+ * send headers as Literal bytes, through the channel's zstd stream; a held page goes in its packet's Run
+ * (≤ 128 pages a Run), a zero page in the header alone. `node dist/bench/multifd-headers.js` (a 256 MiB
+ * guest's back leg, 4 channels, the test harness's packets): 10.67 B of header a page, Runs 0.477 B a
+ * held page. Over the WAN the harness's headers take 1.78 B a page (zstd 0.166×); real QEMU 10.0's take
+ * about 1.0: the six 4-channel back legs of docs/benchmarks/leg-cost-1000-multifd-nineteenth.json,
+ * less the model's other terms, which the model uses (why the harness's compress less was not traced).
+ */
+export const MULTIFD_HEADER_STREAM_BYTES = 10.67;
+export const MULTIFD_HEADER_WAN_BYTES = 1.0;
+export const MULTIFD_HELD_PAGE_WAN_BYTES = 0.477;
+/**
  * WAN bytes of a delta beside its payload: the record's header as a Literal frame of its own (the Delta
  * frame flushes the batch before it, too small to compress), then the Delta frame's header.
  */
@@ -120,6 +133,8 @@ export interface ModelInputs {
    * the guest changed them); absent: every page whole.
    */
   delta?: { bytes: number; share: number; firstLegShare?: number };
+  /** QEMU 10.0's multifd channels (0 or absent: none): pages travel in packets, each with its header share. */
+  multifdChannels?: number;
   platform: Platform;
 }
 
@@ -378,11 +393,16 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
   });
   // A page carried whole costs the local stage what a held page costs (the ceiling) and the difference.
   const carriedSeconds = Math.max(0, NORMAL_PAGE_STREAM_BYTES / p.gatewayLiteralBytesPerS - NORMAL_PAGE_STREAM_BYTES / p.gatewayBytesPerS);
-  const literal = changedPage(NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds);
   const ratio = inputs.compressionRatio ?? 1;
-  const compressedLiteral = ratio < 1 ? changedPage(ratio * NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds + NORMAL_PAGE_STREAM_BYTES / p.compressorBytesPerS) : undefined;
-  const held = { stream: NORMAL_PAGE_STREAM_BYTES, wan: HELD_PAGE_WAN_BYTES };
-  const zero = { stream: ZERO_PAGE_STREAM_BYTES, wan: ZERO_PAGE_WAN_BYTES };
+  // With multifd every page brings its packet-header share (raw, or through zstd where the leg compresses).
+  const multifd = (inputs.multifdChannels ?? 0) > 0;
+  const header = multifd ? MULTIFD_HEADER_STREAM_BYTES : 0;
+  const headerWan = multifd ? (ratio < 1 ? MULTIFD_HEADER_WAN_BYTES : MULTIFD_HEADER_STREAM_BYTES) : 0;
+  const withHeader = (kind: PageKind): PageKind => ({ ...kind, stream: kind.stream + header, wan: kind.wan + headerWan });
+  const literal = withHeader(changedPage(NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds));
+  const compressedLiteral = ratio < 1 ? withHeader(changedPage(ratio * NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds + NORMAL_PAGE_STREAM_BYTES / p.compressorBytesPerS)) : undefined;
+  const held = multifd ? { stream: NORMAL_PAGE_STREAM_BYTES + header, wan: MULTIFD_HELD_PAGE_WAN_BYTES + headerWan } : { stream: NORMAL_PAGE_STREAM_BYTES, wan: HELD_PAGE_WAN_BYTES };
+  const zero = multifd ? { stream: header, wan: headerWan } : { stream: ZERO_PAGE_STREAM_BYTES, wan: ZERO_PAGE_WAN_BYTES };
   const rttS = inputs.rttMs / 1000;
   const wanBytesPerS = Math.min((inputs.rateMbit * 1e6) / 8, p.linkCeilingBytesPerS);
   // Hello → Offer costs a round trip before the sender passes the first byte on; a sender that lacks the

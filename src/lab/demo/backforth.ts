@@ -194,6 +194,8 @@ export interface GridRun {
   changePcts: number[];
   /** Percent of the workload's pages rewritten per second, also during the migrations. */
   rewritePct: number;
+  /** QEMU's multifd-channels, where the run had multifd on. */
+  multifdChannels?: number;
 }
 
 export interface GridFile {

@@ -67,6 +67,7 @@ export function inputsFor(run: GridRun, leg: LegResult, firstDirect: LegResult, 
     downtimeLimitMs,
     maxBandwidthBytesPerS: 10 * 2 ** 30,
     senderHasDigests: true,
+    ...(run.multifdChannels ? { multifdChannels: run.multifdChannels } : {}),
     platform: BENCH_PLATFORM,
   };
 }

@@ -1,0 +1,68 @@
+/**
+ * What a multifd back leg's channels carry besides their Runs, per guest page: the packets' headers (QEMU
+ * 10.0: the fixed part, then an 8-byte offset for every page, normal or zero, 128 pages a packet), which
+ * MultifdEncoder sends as Literal bytes, through the gateway's zstd stream (LiteralFrames, one per
+ * channel, flushed per 64 KiB of channel as a relay does per source chunk). The model's multifd terms
+ * (src/model/precopy.ts, MULTIFD_*) are these figures.
+ * Usage: node dist/bench/multifd-headers.js [pages=65536] [zero share=0.15] [channels=4]
+ */
+import { MemoryPages } from '../src/lab/harness/fuzz';
+import { guestMemory } from '../src/lab/harness/migration-stream';
+import { multifdMigration, multifdRoundTrip } from '../src/lab/harness/multifd-stream';
+import { MultifdEncoder } from '../src/proxy/multifd-encoder';
+import { MultifdMigration } from '../src/proxy/multifd-migration';
+import { layoutOf, ReceiverTable } from '../src/proxy/retained';
+import { FRAME_HEADER_BYTES } from '../src/wire/frames';
+import { LiteralFrames, ZSTD } from '../src/wire/compression';
+
+const pages = Number(process.argv[2] ?? 65536);
+const zeroShare = Number(process.argv[3] ?? 0.15);
+const channelCount = Number(process.argv[4] ?? 4);
+const CHUNK = Number(process.argv[5] ?? 64 * 1024);
+
+const memory = guestMemory([['pc.ram', pages]], 7, zeroShare);
+const layout = layoutOf(memory.blocks);
+const all = memory.pages.map((_, i) => i);
+const migration = (): ReturnType<typeof multifdMigration> => multifdMigration(memory, { format: 'qemu-10.0', channels: channelCount, rounds: [all], leadingSync: true });
+// The first leg fills both stores; the back leg's every normal page is held.
+const sender = new MemoryPages();
+const receiver = new MemoryPages();
+sender.begin(layout);
+receiver.begin(layout);
+multifdRoundTrip(migration().channels, layout, { store: sender, reference: null }, receiver);
+const back = migration();
+const shared = new MultifdMigration(sender, channelCount);
+shared.begin(layout);
+shared.endMain();
+shared.receiverTable = new ReceiverTable(sender.digests);
+let headerBytes = 0;
+let runBytes = 0;
+let wanBytes = 0;
+for (const channel of back.channels) {
+  const literals = new LiteralFrames((bytes) => (wanBytes += bytes.length), ZSTD);
+  const encoder = new MultifdEncoder(
+    {
+      literal: (bytes) => {
+        headerBytes += bytes.length;
+        literals.literal(bytes);
+      },
+      run: (payload) => {
+        literals.flush();
+        runBytes += FRAME_HEADER_BYTES + payload.length;
+        wanBytes += FRAME_HEADER_BYTES + payload.length;
+      },
+    },
+    shared,
+  );
+  for (let at = 0; at < channel.length; at += CHUNK) {
+    encoder.push(channel.subarray(at, at + CHUNK));
+    literals.flush();
+  }
+  encoder.end();
+  literals.flush();
+}
+const guestPages = back.normalPages + back.zeroPages;
+const headerWan = wanBytes - runBytes;
+console.log(`QEMU 10.0 back leg, ${channelCount} channels, ${back.normalPages} normal and ${back.zeroPages} zero pages, every normal page held:`);
+console.log(`  packet headers ${(headerBytes / guestPages).toFixed(2)} B a guest page, over the WAN ${(headerWan / guestPages).toFixed(2)} (zstd ${(headerWan / headerBytes).toFixed(3)}×)`);
+console.log(`  Runs ${(runBytes / back.normalPages).toFixed(3)} B a held page; WAN in all ${wanBytes} B, ${(wanBytes / guestPages).toFixed(2)} B a guest page`);
