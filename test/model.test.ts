@@ -33,6 +33,22 @@ const BARE: Platform = {
 };
 
 /** 1000 pages over a link of 8.208 Mbit/s = 1,026,000 B/s = 250 normal records (4104 B) a second. */
+/**
+ * The model check (bench/compression-model-check.js, calibrated per file on its baselines) of the files
+ * of docs/benchmarks named: each setting's median WAN-bytes and time errors, in percent.
+ */
+function modelCheckMedians(...files: string[]): { wanError: number; timeError: number }[] {
+  const paths = files.map((f) => path.join(PACKAGE_ROOT, 'docs', 'benchmarks', f));
+  const out = execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'compression-model-check.js'), ...paths, '--platform', 'same-run'], { encoding: 'utf8' });
+  const lines = out.slice(out.indexOf('medians over the runs')).split('\n').filter((l) => / runs +WAN /.test(l));
+  return lines.map((line) => {
+    const wanError = Number(/WAN +[\d.]+ MB \( *([-+\d.]+)%/.exec(line)?.[1]);
+    const timeError = Number(/time +[\d.]+ s model +[\d.]+ \( *([-+\d.]+)%/.exec(line)?.[1]);
+    if (!Number.isFinite(wanError) || !Number.isFinite(timeError)) throw new Error(`unparsed model check line: ${line}`);
+    return { wanError, timeError };
+  });
+}
+
 const BASE: ModelInputs = {
   ramBytes: 1000 * 4096,
   usedShare: 1,
@@ -278,38 +294,22 @@ describe('calibration from baseline legs of the same run', () => {
   test('the model check gives each back leg the compression ratio of its Literal bytes: every setting\'s WAN bytes within 25%', () => {
     // The quiet runs were measured before the compression policy judged who sets the pace (docs/benchmarks.md,
     // "Sixteenth session"), the sixteenth's and eighteenth's after: all within 25%.
-    const files = ['leg-cost-1000-quiet.json', 'leg-cost-100-quiet.json', 'leg-cost-1000-sixteenth.json', 'leg-cost-100-sixteenth.json', 'leg-cost-1000-eighteenth.json'].map((f) => path.join(PACKAGE_ROOT, 'docs', 'benchmarks', f));
-    const out = execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'compression-model-check.js'), ...files, '--platform', 'same-run'], { encoding: 'utf8' });
-    const medians = out.slice(out.indexOf('medians over the runs')).split('\n').filter((l) => / runs +WAN /.test(l));
+    const medians = modelCheckMedians('leg-cost-1000-quiet.json', 'leg-cost-100-quiet.json', 'leg-cost-1000-sixteenth.json', 'leg-cost-100-sixteenth.json', 'leg-cost-1000-eighteenth.json');
     expect(medians).toHaveLength(18); // 4 files × 2 contents × 2 legs, and one of files only
-    for (const line of medians) {
-      const wanError = Number(/WAN +[\d.]+ MB \( *([-+\d.]+)%/.exec(line)?.[1]);
-      expect(Math.abs(wanError)).toBeLessThanOrEqual(25);
-    }
+    for (const { wanError } of medians) expect(Math.abs(wanError)).toBeLessThanOrEqual(25);
   });
 
   test("the eighteenth session's runs, calibrated over all four: every setting's time within 25% too", () => {
-    const file = path.join(PACKAGE_ROOT, 'docs', 'benchmarks', 'leg-cost-1000-eighteenth.json');
-    const out = execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'compression-model-check.js'), file, '--platform', 'same-run'], { encoding: 'utf8' });
-    const medians = out.slice(out.indexOf('medians over the runs')).split('\n').filter((l) => / runs +WAN /.test(l));
+    const medians = modelCheckMedians('leg-cost-1000-eighteenth.json');
     expect(medians).toHaveLength(4); // files and random, first and back legs, four runs each
-    for (const line of medians) {
-      const timeError = Number(/time +[\d.]+ s model +[\d.]+ \( *([-+\d.]+)%/.exec(line)?.[1]);
-      expect(Number.isFinite(timeError)).toBe(true);
-      expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
-    }
+    for (const { timeError } of medians) expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
   });
 
   test("the nineteenth session's 4-channel multifd legs (QEMU 10.0): every setting's WAN bytes and time within 25%", () => {
     // The runs were made with leg-cost.js --multifd 4 before it recorded multifdChannels; the field was added to the file.
-    const file = path.join(PACKAGE_ROOT, 'docs', 'benchmarks', 'leg-cost-1000-multifd-nineteenth.json');
-    const out = execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'compression-model-check.js'), file, '--platform', 'same-run'], { encoding: 'utf8' });
-    const medians = out.slice(out.indexOf('medians over the runs')).split('\n').filter((l) => / runs +WAN /.test(l));
+    const medians = modelCheckMedians('leg-cost-1000-multifd-nineteenth.json');
     expect(medians).toHaveLength(4); // files and random, first and back legs, three runs each
-    for (const line of medians) {
-      const wanError = Number(/WAN +[\d.]+ MB \( *([-+\d.]+)%/.exec(line)?.[1]);
-      const timeError = Number(/time +[\d.]+ s model +[\d.]+ \( *([-+\d.]+)%/.exec(line)?.[1]);
-      expect(Number.isFinite(wanError) && Number.isFinite(timeError)).toBe(true);
+    for (const { wanError, timeError } of medians) {
       expect(Math.abs(wanError)).toBeLessThanOrEqual(25);
       expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
     }
