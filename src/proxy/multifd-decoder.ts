@@ -296,8 +296,7 @@ export class MultifdDecoder extends MultifdChannel {
     const span = (packet.offsets[next + run.count - 1] - packet.offsets[next]) / X86_PAGE_SIZE + 1;
     const perRecord = Math.min(4, Math.max(1, span / run.count));
     this.spanPerRecord = perRecord > this.spanPerRecord ? perRecord : this.spanPerRecord + (perRecord - this.spanPerRecord) / 64;
-    this.useEpochStartVersions(bytes, next, run.count);
-    this.useOvertakenVersions(bytes, next, run.count);
+    this.useKeptVersions(bytes, next, run.count);
     digestContiguous(bytes, 0, run.count, X86_PAGE_SIZE, this.digests, 0);
     digestOne(this.digests, 0, run.count * DIGEST_BYTES, this.runDigest, 0);
     if (!sameDigest(this.runDigest, 0, run.digest, 0)) {
@@ -329,11 +328,7 @@ export class MultifdDecoder extends MultifdChannel {
       if (!this.modernQemu || !this.migration.hasPage(base)) throw new RebuildError(`a multifd Delta for page ${pageIndex} from page ${base}`);
     }
     if (base === pageIndex || !this.baseFromRecent(base, payload)) {
-      const kept = this.migration.writtenAfter(base, this.syncs)
-        ? (this.migration.overtaken?.version(base) ?? null)
-        : base === pageIndex && !this.modernQemu && this.migration.writtenIn(base, this.syncs)
-          ? (this.migration.epochStart?.version(base, this.syncs) ?? null)
-          : null;
+      const kept = this.keptVersion(base);
       if (kept !== null) kept.copy(this.basePage, 0);
       else {
         try {
@@ -438,35 +433,26 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   /**
-   * A Run names the version each page had when the epoch began: where a page of it has been written in
-   * the epoch already (the other copy of a page QEMU < 9.0 repeated), that version was kept (see
-   * MultifdMigration) and replaces what the store holds now.
+   * The version of `pageIndex` a frame of this epoch names, where the store no longer holds it: the main
+   * channel overwrote it in a later epoch already (MultifdMigration.mainPageReceived kept the version it
+   * replaced), or, before QEMU 9.0, the other copy of a page QEMU repeated was written in this epoch
+   * already (`epochStart` kept the version the epoch began with). Null: the store's is the one.
    */
-  private useEpochStartVersions(bytes: Buffer, next: number, count: number): void {
-    const epochStart = this.migration.epochStart;
-    if (epochStart === null || this.modernQemu) return;
-    const block = this.block as RamBlock;
-    const offsets = this.parser.currentPacket.offsets;
-    for (let k = 0; k < count; k++) {
-      const pageIndex = block.firstPage + offsets[next + k] / X86_PAGE_SIZE;
-      if (!this.migration.writtenIn(pageIndex, this.syncs)) continue;
-      epochStart.version(pageIndex, this.syncs)?.copy(bytes, k * X86_PAGE_SIZE);
-    }
+  private keptVersion(pageIndex: number): Buffer | null {
+    const migration = this.migration;
+    if (migration.writtenAfter(pageIndex, this.syncs)) return migration.overtaken?.version(pageIndex) ?? null;
+    if (!this.modernQemu && migration.writtenIn(pageIndex, this.syncs)) return migration.epochStart?.version(pageIndex, this.syncs) ?? null;
+    return null;
   }
 
-  /**
-   * Where the main channel has overwritten a page of the Run in a later epoch already (see
-   * MultifdMigration.mainPageReceived), the version it replaced, which the Run names, was kept.
-   */
-  private useOvertakenVersions(bytes: Buffer, next: number, count: number): void {
+  /** A Run's pages, read from the store: where one's version was kept instead (keptVersion), that replaces it. */
+  private useKeptVersions(bytes: Buffer, next: number, count: number): void {
     const overtaken = this.migration.overtaken;
-    if (overtaken === null || overtaken.size === 0) return;
+    // Nothing kept: no page of a Run needs looking at (a QEMU of 9.0 on repeats none).
+    if (this.modernQemu && (overtaken === null || overtaken.size === 0)) return;
     const block = this.block as RamBlock;
     const offsets = this.parser.currentPacket.offsets;
-    for (let k = 0; k < count; k++) {
-      const pageIndex = block.firstPage + offsets[next + k] / X86_PAGE_SIZE;
-      if (this.migration.writtenAfter(pageIndex, this.syncs)) overtaken.version(pageIndex)?.copy(bytes, k * X86_PAGE_SIZE);
-    }
+    for (let k = 0; k < count; k++) this.keptVersion(block.firstPage + offsets[next + k] / X86_PAGE_SIZE)?.copy(bytes, k * X86_PAGE_SIZE);
   }
 
   protected onPage(record: MultifdPageRecord, page: RamPageRecord): void {
