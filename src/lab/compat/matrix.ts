@@ -82,6 +82,13 @@ export const COMPAT_ROWS: readonly CompatRow[] = [
   row('7.2', 'pc-i440fx-7.2', 'multifd, 4 channels', { tail: 'multifd-4', capabilities: { multifd: true }, parameters: { 'multifd-channels': 4 } }),
   row('10.0', 'pc-i440fx-10.0', 'multifd, 4 channels', { tail: 'multifd-4', capabilities: { multifd: true }, parameters: { 'multifd-channels': 4 }, everyRun: true }),
   row('10.0', 'pc-i440fx-10.0', 'multifd, 16 channels', { tail: 'multifd-16', capabilities: { multifd: true }, parameters: { 'multifd-channels': 16 } }),
+  // Zero pages on the main channel, as 7.2 sends them, beside 10.0's channels and their Deltas against
+  // other pages of the epoch (the receiver keeps what the main channel overwrites ahead of a channel).
+  row('10.0', 'pc-i440fx-10.0', 'multifd, 4 channels, zero-page-detection legacy (zero pages on the main channel)', {
+    tail: 'multifd-4-legacy-zero',
+    capabilities: { multifd: true },
+    parameters: { 'multifd-channels': 4, 'zero-page-detection': 'legacy' },
+  }),
   // QEMU's multifd-compression: the codec cannot read compressed packets, so the channels cross as they
   // are (and the gateways say so); the stores keep the snapshot they held.
   ...(['zlib', 'zstd'] as const).map((method) =>
