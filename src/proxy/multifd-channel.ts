@@ -90,6 +90,15 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
   protected pagesAfter(record: MultifdPageRecord): number {
     return record.kind === MultifdRecordKind.Page ? this.packetNormalPages - 1 - record.index : -1;
   }
+
+  /**
+   * Whether the record's page may be one QEMU sends twice in its epoch: before 9.0, a packet's first or
+   * last normal page (see MultifdMigration). No frame may name such a page's version of the epoch.
+   */
+  protected mayRepeat(record: MultifdPageRecord): boolean {
+    return !this.modernQemu && record.kind === MultifdRecordKind.Page && (record.index === 0 || this.pagesAfter(record) === 0);
+  }
+
   protected onPacket(_packet: MultifdPacketRecord): void {}
   protected onPacketEnd(): void {}
 

@@ -161,16 +161,29 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   /**
-   * A Delta against another page whose write in this epoch has not been rebuilt here yet. Not for one
-   * rebuilding rejects anyway (no such page, or a QEMU before 9.0, which may send a page twice an epoch).
+   * A Delta against another page whose write in this epoch has not been rebuilt here yet, and still may
+   * be. Not for one rebuilding rejects anyway (not for the packet's next page, no such page), nor once
+   * every other channel and the main channel have left the epoch (a hostile peer's: nothing can write
+   * that base in it any more, and rebuilding fails at once rather than at the idle limit).
    */
   private baseToCome(payload: Buffer): boolean {
-    if (payload.length < 8 || !this.modernQemu) return false;
+    if (payload.length < 8) return false;
+    const page = payload.readUInt32BE(0);
     const base = payload.readUInt32BE(4);
-    if (base === payload.readUInt32BE(0) || !this.migration.hasPage(base) || this.migration.writtenIn(base, this.syncs)) return false;
+    if (base === page || page !== this.nextPage() || !this.migration.hasPage(base) || this.migration.writtenIn(base, this.syncs)) return false;
     // The main channel, ahead, wrote it already: the version of this epoch is kept once a channel's write of it, dropped, has come.
-    if (this.migration.writtenAfter(base, this.syncs)) return this.migration.overtaken?.epochOf(base) !== this.syncs;
-    return true;
+    const migration = this.migration;
+    if (migration.writtenAfter(base, this.syncs)) return migration.overtaken?.epochOf(base) !== this.syncs && !migration.epochOverFor(this);
+    return !migration.epochOverFor(this);
+  }
+
+  /** The page the packet being rebuilt lists next (-1: none). */
+  private nextPage(): number {
+    const next = this.parser.nextPageIndex;
+    const packet = this.parser.currentPacket;
+    const block = this.block;
+    if (next < 0 || block === null || next >= packet.normalPages) return -1;
+    return block.firstPage + packet.offsets[next] / X86_PAGE_SIZE;
   }
 
   private frame(kind: ChannelFrame, payload: Buffer): void {
@@ -323,12 +336,10 @@ export class MultifdDecoder extends MultifdChannel {
     const base = payload.readUInt32BE(4);
     const store = this.migration.store;
     if (!store) throw new RebuildError('multifd Delta, but this gateway keeps no store');
-    if (base !== pageIndex) {
-      // Against another page written in this epoch already (waits() held the frame back until it was).
-      if (!this.modernQemu || !this.migration.hasPage(base)) throw new RebuildError(`a multifd Delta for page ${pageIndex} from page ${base}`);
-    }
+    // Against another page written in this epoch already (waits() held the frame back until it was).
+    if (base !== pageIndex && !this.migration.hasPage(base)) throw new RebuildError(`a multifd Delta for page ${pageIndex} from page ${base}`);
     if (base === pageIndex || !this.baseFromRecent(base, payload)) {
-      const kept = this.keptVersion(base);
+      const kept = this.keptVersion(base, base === pageIndex);
       if (kept !== null) kept.copy(this.basePage, 0);
       else {
         try {
@@ -398,12 +409,9 @@ export class MultifdDecoder extends MultifdChannel {
    * page, which the header names. Throws RebuildError where none comes next, or another is named.
    */
   private nextPageFor(what: string, payload: Buffer, at: number): number {
-    const next = this.parser.nextPageIndex;
-    const packet = this.parser.currentPacket;
-    const block = this.block;
-    if (next < 0 || block === null || next >= packet.normalPages) throw new RebuildError(`a ${what} where no page of a packet comes next`);
+    const pageIndex = this.nextPage();
+    if (pageIndex < 0) throw new RebuildError(`a ${what} where no page of a packet comes next`);
     if (payload.length < at + DELTA_HEADER_BYTES || payload.length > at + DELTA_HEADER_BYTES + MAX_DELTA_BYTES) throw new RebuildError(`multifd ${what} frame of ${payload.length} bytes`);
-    const pageIndex = block.firstPage + packet.offsets[next] / X86_PAGE_SIZE;
     const page = payload.readUInt32BE(at);
     if (page !== pageIndex) throw new RebuildError(`a multifd ${what} for page ${page}, the packet's next page is ${pageIndex}`);
     return pageIndex;
@@ -436,12 +444,15 @@ export class MultifdDecoder extends MultifdChannel {
    * The version of `pageIndex` a frame of this epoch names, where the store no longer holds it: the main
    * channel overwrote it in a later epoch already (MultifdMigration.mainPageReceived kept the version it
    * replaced), or, before QEMU 9.0, the other copy of a page QEMU repeated was written in this epoch
-   * already (`epochStart` kept the version the epoch began with). Null: the store's is the one.
+   * already (`epochStart` kept the version the epoch began with), where the frame names that version
+   * (`named`: a Run, a Delta against the page's own version; not one against another page, which names
+   * the version of this epoch). Null: the store's is the one.
    */
-  private keptVersion(pageIndex: number): Buffer | null {
+  private keptVersion(pageIndex: number, named = true): Buffer | null {
     const migration = this.migration;
     if (migration.writtenAfter(pageIndex, this.syncs)) return migration.overtaken?.version(pageIndex) ?? null;
-    if (!this.modernQemu && migration.writtenIn(pageIndex, this.syncs)) return migration.epochStart?.version(pageIndex, this.syncs) ?? null;
+    // A Delta against another page names its version of this epoch, which the store holds.
+    if (named && !this.modernQemu && migration.writtenIn(pageIndex, this.syncs)) return migration.epochStart?.version(pageIndex, this.syncs) ?? null;
     return null;
   }
 
@@ -466,15 +477,14 @@ export class MultifdDecoder extends MultifdChannel {
       // A page rebuilt from a Delta was counted as one; it is kept as a page sent whole is.
       if (!this.replayingDelta) this.counts.pagesSent++;
       // A packet's first or last page may be a copy of one QEMU < 9.0 repeated (see MultifdMigration).
-      const end = record.index === 0 || record.index === this.parser.currentPacket.normalPages - 1;
-      if (claim === Claim.First && end && !this.modernQemu) this.migration.epochStart?.keep(page.pageIndex, this.syncs);
+      if (claim === Claim.First && this.mayRepeat(record)) this.migration.epochStart?.keep(page.pageIndex, this.syncs);
     }
     // A later version of the page was written already: this one is not kept (see MultifdMigration), but
-    // a Delta of its epoch on another channel may still go against it (QEMU 9.0 on: the page's only write
-    // in the epoch, so no Run of the epoch names the version the main channel overwrote).
+    // a Delta of its epoch on another channel may still go against it (a page QEMU sends once in the
+    // epoch: no Run of the epoch names the version the main channel overwrote).
     if (claim !== Claim.Stale) {
       this.retainer.retain(page, this.retainer.digestOf(page, this.pagesAfter(record)));
       this.migration.channelStored(page.pageIndex, record.kind === MultifdRecordKind.Page ? page.data : null, page.dataStart);
-    } else if (this.modernQemu && record.kind === MultifdRecordKind.Page) this.migration.overtaken?.replace(page.pageIndex, page.data, page.dataStart, this.syncs);
+    } else if (record.kind === MultifdRecordKind.Page && !this.mayRepeat(record)) this.migration.overtaken?.replace(page.pageIndex, page.data, page.dataStart, this.syncs);
   }
 }

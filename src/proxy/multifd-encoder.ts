@@ -80,9 +80,12 @@ export class MultifdEncoder extends MultifdChannel {
    * gateways (loopback) the lookups and copies cost a 4-channel first leg a fifth of its rate.
    */
   savingPays = true;
-  /** The page sendElsewhere() is on; a base it may go against is another page written in this epoch. */
+  /**
+   * The page sendElsewhere() is on; a base it may go against is another page written in this epoch, and
+   * not one QEMU may write again in it (mayRepeat).
+   */
   private pageNow = -1;
-  private readonly writtenThisEpoch = (base: number): boolean => base !== this.pageNow && this.migration.writtenIn(base, this.syncs);
+  private readonly writtenThisEpoch = (base: number): boolean => base !== this.pageNow && this.migration.writtenIn(base, this.syncs) && !this.migration.repeatable(base, this.syncs);
 
   constructor(
     private readonly sink: EncoderSink,
@@ -214,8 +217,10 @@ export class MultifdEncoder extends MultifdChannel {
     const held = normal && words !== null && sameDigestWords(words, word, retainer.digestWords, 0);
     const named = held && this.mayNameClaimed(claim, page.pageIndex);
     // Pages elsewhere in the VM, written in this epoch already, that this page may go against; and this
-    // page, kept for later ones.
-    const elsewhere = normal && !named && claim === Claim.First ? this.elsewhereNow() : null;
+    // page, kept for later ones: not one QEMU may send again in the epoch.
+    const repeats = this.mayRepeat(record);
+    if (repeats) this.migration.noteRepeatable(page.pageIndex, this.syncs);
+    const elsewhere = normal && !named && claim === Claim.First && !repeats ? this.elsewhereNow() : null;
     const key = elsewhere === null ? 0 : elsewhere.elsewhereKey(page);
     if (!normal) {
       this.counts.pagesZero++;
@@ -244,12 +249,12 @@ export class MultifdEncoder extends MultifdChannel {
 
   /**
    * The main channel's encoder, where a page may go against another page and be kept for later ones now:
-   * from QEMU 9.0 on (a page goes at most once an epoch), while saving pays on this channel or the main
-   * channel's Deltas are paid whatever they cost (`deltas: always`, or a slow link that sets the pace).
+   * while saving pays on this channel or the main channel's Deltas are paid whatever they cost (`deltas:
+   * always`, or a slow link that sets the pace).
    */
   private elsewhereNow(): PagesElsewhere | null {
     const elsewhere = this.migration.elsewhere;
-    if (elsewhere === null || !this.modernQemu || this.sink.delta === undefined) return null;
+    if (elsewhere === null || this.sink.delta === undefined) return null;
     return this.savingPays || elsewhere.deltaReadsFree ? elsewhere : null;
   }
 
@@ -297,7 +302,7 @@ export class MultifdEncoder extends MultifdChannel {
     const store = migration.store;
     const index = page.pageIndex;
     if (!migration.channelDeltas || store === null || this.sink.delta === undefined || !this.mayNameClaimed(Claim.First, index)) return false;
-    if (!this.modernQemu && (record.index === 0 || this.pagesAfter(record) === 0)) return false;
+    if (this.mayRepeat(record)) return false;
     if (isAbsentDigest(words, index * DIGEST_WORDS) || store.readsBeforeWrite?.(index) !== true) return false;
     const at = index * DIGEST_BYTES;
     if (!sameDigest(reference, at, store.digests, at)) return false;

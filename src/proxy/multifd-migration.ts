@@ -146,10 +146,11 @@ export class MultifdMigration {
   /**
    * Sender only: where the receiver takes Deltas against other pages on the channels (Feature.
    * ChannelMatches), the main channel's encoder, which finds them (a page of the same content, or one
-   * like it, sent lately). A channel sends one only from a QEMU of 9.0 or later, against a page written
-   * in the channel's epoch already: QEMU sends a page at most once an epoch, so no channel writes that
-   * base again before the barrier, and the receiver holds such a Delta back until the base's write, on
-   * whatever channel, has been rebuilt (MultifdDecoder).
+   * like it, sent lately). A channel sends one only against a page written in the channel's epoch
+   * already, and not where QEMU < 9.0 may send that page again in it (a packet's first or last page,
+   * repeatable): QEMU sends every other page at most once an epoch, so no channel writes that base again
+   * before the barrier, and the receiver holds such a Delta back until the base's write, on whatever
+   * channel, has been rebuilt (MultifdDecoder).
    */
   elsewhere: PagesElsewhere | null = null;
   /**
@@ -181,6 +182,8 @@ export class MultifdMigration {
   private writeEpochs = new Uint32Array(0);
   /** Sender only, per page: its first write in its last epoch was named in a Run. */
   private namedInRuns = new Uint8Array(0);
+  /** Sender only, per page: 1 + the last epoch it came where QEMU < 9.0 may send it twice (made at the first). */
+  private repeatEpochs: Uint32Array | null = null;
   private pageCount = 0;
   /** The first channel joined too late for the stamps to order every write (see above). */
   private joinedLate = false;
@@ -229,6 +232,7 @@ export class MultifdMigration {
   private stamp(pages: number): void {
     this.writeEpochs = new Uint32Array(pages);
     this.namedInRuns = new Uint8Array(pages);
+    this.repeatEpochs = null;
   }
 
   /** A page is being written in epoch `epoch`: whether to keep it, and whether it may be named in a Run. */
@@ -255,6 +259,16 @@ export class MultifdMigration {
   /** Whether the page has been written (or rebuilt from a Run) in epoch `epoch` already. */
   writtenIn(pageIndex: number, epoch: number): boolean {
     return this.writeEpochs.length > 0 && this.writeEpochs[pageIndex] === epoch + 1;
+  }
+
+  /** Sender: the page came in epoch `epoch` where QEMU < 9.0 may send it again in that epoch (a packet's first or last). */
+  noteRepeatable(pageIndex: number, epoch: number): void {
+    (this.repeatEpochs ??= new Uint32Array(this.pageCount))[pageIndex] = epoch + 1;
+  }
+
+  /** Sender: whether the page came in epoch `epoch` where it may come again in it: no Delta may go against it. */
+  repeatable(pageIndex: number, epoch: number): boolean {
+    return this.repeatEpochs !== null && this.repeatEpochs[pageIndex] === epoch + 1;
   }
 
   /** Sender: the page's write in its epoch is named in a Run. */
@@ -295,6 +309,15 @@ export class MultifdMigration {
     const claim = this.mainPage(pageIndex);
     if (claim !== Claim.Stale && this.overtaken !== null && this.channelBehindMain()) this.overtaken.keep(pageIndex, before);
     return claim;
+  }
+
+  /**
+   * Whether every channel but `channel` and the main channel have left `channel`'s epoch: nothing but
+   * `channel` itself can write a page in that epoch any more.
+   */
+  epochOverFor(channel: MultifdChannelCodec): boolean {
+    if (this.channels.length < this.expectedChannels || !this.mainReached(channel.syncs + 1)) return false;
+    return this.channels.every((c) => c === channel || !c.synchronising || c.syncs > channel.syncs);
   }
 
   /** Some channel still reads an epoch the main channel has left. */
