@@ -61,6 +61,22 @@ function journalledStores(layout: ReturnType<typeof layoutOf>): { sender: Memory
 }
 
 describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packets', (format) => {
+  /**
+   * Versions of pages 9–11 of `memory` as QEMU 7.2 sends them around a repeated page 10 (each the held
+   * version with a byte written at a few places), and packets of the format.
+   */
+  function repeatedPageParts(memory: GuestMemory): { nine: Buffer; tenFirst: Buffer; tenAgain: Buffer; eleven: Buffer; tenFinal: Buffer; packet: (n: number, pages: [number, Buffer][]) => Buffer; sync: (n: number) => Buffer } {
+    const patched = (i: number, byte: number): Buffer => {
+      const page = Buffer.from(memory.pages[i]);
+      for (const at of [17, 900, 2500, 4000]) page[at] = byte;
+      return page;
+    };
+    const [nine, tenFirst, tenAgain, eleven, tenFinal] = [patched(9, 1), patched(10, 2), patched(10, 3), patched(11, 4), patched(10, 5)];
+    const packet = (n: number, pages: [number, Buffer][]): Buffer => multifdPacket({ format, block: 'pc.ram', packetNumber: n, pages: pages.map(([i, data]) => ({ offset: i * PAGE, data })) });
+    const sync = (n: number): Buffer => multifdPacket({ format, packetNumber: n, block: '', pages: [], sync: true });
+    return { nine, tenFirst, tenAgain, eleven, tenFinal, packet, sync };
+  }
+
   test('rebuilds every channel byte for byte, and a second migration reuses the pages both stores keep', () => {
     const memory = guestMemory([['pc.ram', 1500], ['vga.vram', 300]], 11);
     const layout = layoutOf(memory.blocks);
@@ -423,15 +439,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
       receiver.writePage(i, memory.pages[i], 0, digestOf(memory.pages[i]), 0);
     }
     sender.newMigration();
-    /** Page i's held version with `byte` written at a few places. */
-    const patched = (i: number, byte: number): Buffer => {
-      const page = Buffer.from(memory.pages[i]);
-      for (const at of [17, 900, 2500, 4000]) page[at] = byte;
-      return page;
-    };
-    const [nine, tenFirst, tenAgain, eleven, tenFinal] = [patched(9, 1), patched(10, 2), patched(10, 3), patched(11, 4), patched(10, 5)];
-    const packet = (n: number, pages: [number, Buffer][]): Buffer => multifdPacket({ format, block: 'pc.ram', packetNumber: n, pages: pages.map(([i, data]) => ({ offset: i * PAGE, data })) });
-    const sync = (n: number): Buffer => multifdPacket({ format, packetNumber: n, block: '', pages: [], sync: true });
+    const { nine, tenFirst, tenAgain, eleven, tenFinal, packet, sync } = repeatedPageParts(memory);
     const channels = [
       Buffer.concat([multifdInit(0), packet(0, [[8, memory.pages[8]], [9, nine], [10, tenFirst]]), sync(2), packet(4, [[10, tenFinal]]), sync(5)]),
       Buffer.concat([multifdInit(1), packet(1, [[10, tenAgain], [11, eleven], [12, memory.pages[12]]]), sync(3), sync(6)]),
@@ -457,14 +465,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     const memory = guestMemory([['pc.ram', 64]], 5, 0);
     const layout = layoutOf(memory.blocks);
     const { sender, receiver } = journalledStores(layout);
-    const patched = (i: number, byte: number): Buffer => {
-      const page = Buffer.from(memory.pages[i]);
-      for (const at of [17, 900, 2500, 4000]) page[at] = byte;
-      return page;
-    };
-    const [nine, tenFirst, tenAgain, eleven, tenFinal] = [patched(9, 1), patched(10, 2), patched(10, 3), patched(11, 4), patched(10, 5)];
-    const packet = (n: number, pages: [number, Buffer][]): Buffer => multifdPacket({ format, block: 'pc.ram', packetNumber: n, pages: pages.map(([i, data]) => ({ offset: i * PAGE, data })) });
-    const sync = (n: number): Buffer => multifdPacket({ format, packetNumber: n, block: '', pages: [], sync: true });
+    const { nine, tenFirst, tenAgain, eleven, tenFinal, packet, sync } = repeatedPageParts(memory);
     // Page 10 ends packet 0 and starts packet 1 (QEMU < 9.0 repeating it); pages 21, 22 and 25 repeat 10's
     // first copy, 9 and 11, each in the middle of a later packet of the epoch.
     const channels = [
