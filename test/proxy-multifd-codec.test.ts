@@ -613,11 +613,19 @@ describe('Deltas against other pages of the epoch on the channels', () => {
   ])("a first leg's pages that repeat or resemble another page sent in the epoch cross as Deltas against it, rebuilt byte for byte: %s", (_how, order) => {
     const { memory, copies, alike } = repetitive();
     const layout = layoutOf(memory.blocks);
-    /** A store that counts the pages read from it alone (a Delta's base). */
+    /** A store that counts the pages read from it alone (a Delta's base), and which of them were asked for ahead. */
     class CountedReads extends MemoryPages {
       lone = 0;
+      covered = 0;
+      readonly asked = new Set<number>();
+      prefetchPages(indices: Uint32Array, count: number): void {
+        for (let i = 0; i < count; i++) this.asked.add(indices[i]);
+      }
       override readPages(index: number, count: number, dest: Uint8Array, destStart: number, inStream?: boolean): void {
-        if (inStream === false) this.lone++;
+        if (inStream === false) {
+          this.lone++;
+          if (this.asked.has(index)) this.covered++;
+        }
         super.readPages(index, count, dest, destStart);
       }
     }
@@ -628,7 +636,7 @@ describe('Deltas against other pages of the epoch on the channels', () => {
     const migration = multifdMigration(memory, { format: 'qemu-10.0', channels: 3, rounds: [all(memory)], leadingSync: true });
     const empty = (): Uint8Array => new Uint8Array(layout.pageCount * DIGEST_BYTES);
     const plain = multifdRoundTrip(migration.channels, layout, { store: sender.clone(), reference: empty() }, receiver.clone(), { chunk: 7000, ...order });
-    const trip = multifdRoundTrip(migration.channels, layout, { store: sender, reference: empty() }, receiver, { chunk: 7000, matches: true, ...order });
+    const trip = multifdRoundTrip(migration.channels, layout, { store: sender, reference: empty() }, receiver, { chunk: 7000, matches: true, readAhead: true, ...order });
     trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(migration.channels[c])).toBe(true));
     const sum = (side: { counts: { pagesMatched: number; pagesDelta: number; pagesSent: number } }[], key: 'pagesMatched' | 'pagesDelta' | 'pagesSent'): number => side.reduce((n, x) => n + x.counts[key], 0);
     const matched = sum(trip.encoders, 'pagesMatched');
@@ -644,6 +652,9 @@ describe('Deltas against other pages of the epoch on the channels', () => {
     // Their bases come from the pages the channels stored last, in memory; from the store only before
     // the first such Delta has had the receiver keep them.
     expect(receiver.lone).toBeLessThan(0.05 * (matched + deltas));
+    // Those it read from the store, it had asked for ahead: the base, not the page the Delta stands for.
+    expect(receiver.lone).toBeGreaterThan(0);
+    expect(receiver.covered).toBe(receiver.lone);
     memory.pages.forEach((page, i) => expect(holds(receiver, i, page)).toBe(true));
     expect(sender.digests).toEqual(receiver.digests);
   });

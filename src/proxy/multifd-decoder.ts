@@ -238,18 +238,22 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   /**
-   * A Delta frame has arrived and will be rebuilt after those before it: its base (the page itself) is
-   * noted, to be read ahead by the store's pool of readers with the other channels' (a window each, their
-   * share of what the pool holds). head[0 .. length): the payload's first bytes. Must see every Delta
-   * frame, in order, as delta() will. Only a hint: rebuilding checks everything again.
+   * A Delta frame has arrived and will be rebuilt after those before it: its base (the page's own
+   * version, or another page's) is noted, to be read ahead by the store's pool of readers with the other
+   * channels' (a window each, their share of what the pool holds). A base another channel wrote moments
+   * ago is left to the recent pages in memory (recentPages()), where rebuilding finds it. head[0 ..
+   * length): the payload's first bytes. Must see every Delta frame, in order, as delta() will. Only a
+   * hint: rebuilding checks everything again.
    */
   aheadOfDelta(head: Buffer, length: number): void {
     const frame = ++this.deltasSeen;
     const store = this.migration.store;
-    if (length < 4 || store === null || store.prefetchPages === undefined) return;
+    if (length < 8 || store === null || store.prefetchPages === undefined) return;
+    const base = head.readUInt32BE(4);
+    if (!this.migration.hasPage(base) || (base !== head.readUInt32BE(0) && this.migration.recentlyStored(base))) return;
     const window = Math.max(8, Math.floor(BASES_WINDOW / Math.max(1, this.migration.channelCount)));
     this.deltasAhead ??= new ReadsAhead(window, (pages, _counts, count) => store.prefetchPages?.(pages, count));
-    this.deltasAhead.note(frame, head.readUInt32BE(0));
+    this.deltasAhead.note(frame, base);
   }
 
   /**

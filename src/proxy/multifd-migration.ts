@@ -335,6 +335,11 @@ export class MultifdMigration {
     return recent;
   }
 
+  /** Receiver: whether the channels' recent pages hold a version of the page (a hint; not a use of them, as recentPages() is). */
+  recentlyStored(pageIndex: number): boolean {
+    return this.channelsRecent !== null && this.channelsRecent.find(pageIndex) >= 0;
+  }
+
   /** Receiver: a channel stored page `pageIndex`, data[start…] for a normal page (null: a zero page). */
   channelStored(pageIndex: number, data: Buffer | null, start: number): void {
     const recent = this.channelsRecent;
