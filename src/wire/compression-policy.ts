@@ -16,8 +16,8 @@
  *     (the session measures the link while it holds the session back): sent raw, the stream would wait
  *     for the link instead. Compression stays on;
  *   - else the gateway's CPU sets the pace, and raw would go faster: compression backs off, and comes
- *     back once the socket has queued before `rejoin` chunks in a row (and, where the session measures
- *     the link, once it has measured it, so that the next such stretch can be weighed).
+ *     back once the socket has queued before `rejoin` chunks in a row and the link has been measured
+ *     (observeLinkRate: every sending connection measures it), so that the next such stretch can be weighed.
  *   A connection that starts at full rate (startsAtFullRate: a multifd channel, RAM from its first byte)
  *   does not judge a stretch in its first SWING_BYTES while the link is not measured: the kernel's
  *   buffers and the WAN's queue take its first megabytes whatever the link. Each channel of a 4-channel
@@ -135,9 +135,9 @@ export class CompressionPolicy {
     if (heldBack) {
       this.drainedBytes = 0;
       this.newStretch();
-      // Where the session measures the link, it comes back once the link is measured: until then a stretch
-      // the gateway set the pace of cannot be weighed against it, and would back off again.
-      if (!this.savingOn && ++this.queued >= this.rejoin && (!this.linkTold || this.linkBytesPerSecond > 0)) {
+      // It comes back once the link is measured: until then a stretch the gateway set the pace of cannot be
+      // weighed against it, and would back off again.
+      if (!this.savingOn && ++this.queued >= this.rejoin && this.linkBytesPerSecond > 0) {
         this.savingOn = true;
         this.onForBytes = 0;
       }
@@ -154,7 +154,7 @@ export class CompressionPolicy {
     const keptUp = loopMs > 0 && this.linkBytesPerSecond > 0 && this.stretchBytes * 1000 >= this.linkBytesPerSecond * loopMs;
     // A connection that starts at full rate, in its first SWING_BYTES, the link not measured yet: the
     // kernel's buffers are still taking the first megabytes whatever the link, and the stretch cannot be weighed.
-    const unweighed = this.linkTold && this.linkBytesPerSecond <= 0 && this.startBytes <= this.graceBytes;
+    const unweighed = this.linkBytesPerSecond <= 0 && this.startBytes <= this.graceBytes;
     this.newStretch();
     if (!gatewayBound || keptUp || unweighed) return false;
     this.savingOn = false;
@@ -164,8 +164,6 @@ export class CompressionPolicy {
 
   /** Bytes a second the link takes when the WAN holds the session back (-1: not measured). */
   private linkBytesPerSecond = -1;
-  /** The session measures the link (it calls observeLinkRate). */
-  private linkTold = false;
 
   /**
    * The connection carries the stream at full rate from its first byte (a multifd channel: RAM packets
@@ -179,7 +177,6 @@ export class CompressionPolicy {
   /** The link was measured to take `bytesPerSecond` while the WAN held the session back (negative: not yet). */
   observeLinkRate(bytesPerSecond: number): void {
     this.linkBytesPerSecond = bytesPerSecond;
-    this.linkTold = true;
   }
 
   /**
