@@ -424,11 +424,14 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     for (const store of [sender, receiver]) expect(holds(store, 10, memory.pages[10])).toBe(true);
   });
 
-  test.each([
+  /** The orders the two channels around a page QEMU 7.2 repeats are read and decoded in: [what, order, decodeOrder, interleave]. */
+  const REPEATED_PAGE_ORDERS: [string, number[], number[], boolean][] = [
     ['whole, packet 0 first; decoded packet 1 first', [0, 1], [1, 0], false],
     ['whole, packet 1 first; decoded packet 0 first', [1, 0], [0, 1], false],
     ['interleaved; decoded packet 1 first', [0, 1], [1, 0], true],
-  ])('with Deltas on the channels, a page QEMU 7.2 sends twice in one epoch goes whole and the pages around it as Deltas, rebuilt exactly: channels read %s', (_, order, decodeOrder, interleave) => {
+  ];
+
+  test.each(REPEATED_PAGE_ORDERS)('with Deltas on the channels, a page QEMU 7.2 sends twice in one epoch goes whole and the pages around it as Deltas, rebuilt exactly: channels read %s', (_, order, decodeOrder, interleave) => {
     const memory = guestMemory([['pc.ram', 64]], 3, 0);
     const layout = layoutOf(memory.blocks);
     const sender = journalledPages();
@@ -458,11 +461,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     expect(sender.digests).toEqual(receiver.digests);
   });
 
-  test.each([
-    ['whole, packet 0 first; decoded packet 1 first', [0, 1], [1, 0], false],
-    ['whole, packet 1 first; decoded packet 0 first', [1, 0], [0, 1], false],
-    ['interleaved; decoded packet 1 first', [0, 1], [1, 0], true],
-  ])('with Deltas against other pages on the channels, before QEMU 9.0 none goes against a page QEMU may send twice in the epoch: channels read %s', (_, order, decodeOrder, interleave) => {
+  test.each(REPEATED_PAGE_ORDERS)('with Deltas against other pages on the channels, before QEMU 9.0 none goes against a page QEMU may send twice in the epoch: channels read %s', (_, order, decodeOrder, interleave) => {
     const memory = guestMemory([['pc.ram', 64]], 5, 0);
     const layout = layoutOf(memory.blocks);
     const { sender, receiver } = journalledStores(layout);
