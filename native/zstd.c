@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <zstd.h>
 
 /* Tags: a handle of the other kind (or of page I/O) is refused, never used as this one. */
@@ -24,6 +25,8 @@
 
 typedef struct {
   uint32_t tag;
+  /* A batch is on the thread pool (zstdCompressAsync): every other call is refused until it completes. */
+  int busy;
   ZSTD_CCtx *cctx;
 } zc;
 
@@ -120,6 +123,49 @@ static napi_value CompressorNew(napi_env env, napi_callback_info info) {
 }
 
 /*
+ * Compresses `count` parts into out[0, out_len) and flushes: the bytes written, -1 when they did not fit
+ * (the stream is restarted: the batch is to be sent raw, and the next batch starts a new zstd frame),
+ * or -2 on a zstd error (`*error` says which; the stream is restarted). Touches no JS value: the thread
+ * pool runs it too.
+ */
+static double zc_compress(zc *c, uint8_t *const *parts, const size_t *lengths, uint32_t count, uint8_t *out, size_t out_len,
+                          const char **error, size_t *code) {
+  ZSTD_outBuffer output = {out, out_len, 0};
+  int fits = 1;
+  for (uint32_t i = 0; i < count && fits; i++) {
+    ZSTD_inBuffer input = {parts[i], lengths[i], 0};
+    while (input.pos < input.size) {
+      size_t r = ZSTD_compressStream2(c->cctx, &output, &input, ZSTD_e_continue);
+      if (ZSTD_isError(r)) {
+        ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
+        *error = "zstd compress";
+        *code = r;
+        return -2.0;
+      }
+      if (output.pos == output.size && input.pos < input.size) {
+        fits = 0;
+        break;
+      }
+    }
+  }
+  /* Flush: everything given so far can be decompressed from what was written. */
+  while (fits) {
+    ZSTD_inBuffer none = {NULL, 0, 0};
+    size_t r = ZSTD_compressStream2(c->cctx, &output, &none, ZSTD_e_flush);
+    if (ZSTD_isError(r)) {
+      ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
+      *error = "zstd flush";
+      *code = r;
+      return -2.0;
+    }
+    if (r == 0) break;
+    if (output.pos == output.size) fits = 0;
+  }
+  if (!fits) ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
+  return fits ? (double)output.pos : -1.0;
+}
+
+/*
  * zstdCompress(handle, inputs: Uint8Array[], out: Uint8Array, outOffset) -> bytes written at outOffset,
  * or -1 when the compressed batch did not fit before the end of out: the stream was restarted (the
  * batch is to be sent raw, and the next batch starts a new zstd frame).
@@ -135,53 +181,135 @@ static napi_value Compress(napi_env env, napi_callback_info info) {
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 4) return z_throw(env, "zstdCompress expects (handle, inputs, out, outOffset)");
   zc *c = (zc *)z_handle(env, argv[0], ZC_TAG);
   if (c == NULL || c->cctx == NULL) return z_throw(env, "expected a zstd compressor");
+  if (c->busy) return z_throw(env, "zstdCompress: the compressor is busy with a batch on the thread pool");
   if (napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array || napi_get_array_length(env, argv[1], &count) != napi_ok)
     return z_throw(env, "zstdCompress: inputs must be an array");
   if (!z_bytes(env, argv[2], &out, &out_len) || !z_int(env, argv[3], &out_off) || out_off < 0 || (size_t)out_off > out_len)
     return z_throw(env, "zstdCompress: bad output buffer or offset");
-  ZSTD_outBuffer output = {out + out_off, out_len - (size_t)out_off, 0};
-  int fits = 1;
-  for (uint32_t i = 0; i < count && fits; i++) {
+  /* Per call, not static: worker threads share the addon's statics. */
+  uint8_t **parts = malloc((count + 1) * sizeof *parts);
+  size_t *lengths = malloc((count + 1) * sizeof *lengths);
+  if (parts == NULL || lengths == NULL) {
+    free(parts);
+    free(lengths);
+    return z_throw(env, "out of memory for a zstd batch");
+  }
+  for (uint32_t i = 0; i < count; i++) {
     napi_value item;
-    uint8_t *data = NULL;
-    size_t length = 0;
-    if (napi_get_element(env, argv[1], i, &item) != napi_ok || !z_bytes(env, item, &data, &length)) {
-      ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
+    if (napi_get_element(env, argv[1], i, &item) != napi_ok || !z_bytes(env, item, &parts[i], &lengths[i])) {
+      free(parts);
+      free(lengths);
       return z_throw(env, "zstdCompress: inputs must be Uint8Arrays");
     }
-    ZSTD_inBuffer input = {data, length, 0};
-    while (input.pos < input.size) {
-      size_t r = ZSTD_compressStream2(c->cctx, &output, &input, ZSTD_e_continue);
-      if (ZSTD_isError(r)) {
-        ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
-        return z_throw_zstd(env, "zstd compress", r);
-      }
-      if (output.pos == output.size && input.pos < input.size) {
-        fits = 0;
-        break;
-      }
-    }
   }
-  /* Flush: everything given so far can be decompressed from what was written. */
-  while (fits) {
-    ZSTD_inBuffer none = {NULL, 0, 0};
-    size_t r = ZSTD_compressStream2(c->cctx, &output, &none, ZSTD_e_flush);
-    if (ZSTD_isError(r)) {
-      ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
-      return z_throw_zstd(env, "zstd flush", r);
-    }
-    if (r == 0) break;
-    if (output.pos == output.size) fits = 0;
-  }
-  if (!fits) ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
-  if (napi_create_double(env, fits ? (double)output.pos : -1.0, &result) != napi_ok) return z_throw(env, "napi_create_double");
+  const char *error = NULL;
+  size_t code = 0;
+  double written = zc_compress(c, parts, lengths, count, out + out_off, out_len - (size_t)out_off, &error, &code);
+  free(parts);
+  free(lengths);
+  if (written == -2.0) return z_throw_zstd(env, error, code);
+  if (napi_create_double(env, written, &result) != napi_ok) return z_throw(env, "napi_create_double");
   return result;
+}
+
+/* One batch on the thread pool: what the work reads and writes, held by references until it completes. */
+typedef struct {
+  zc *c;
+  napi_async_work work;
+  napi_ref handle, input, out, done;
+  uint8_t *in_data, *out_data;
+  size_t in_len, out_len;
+  double written, cpu_seconds;
+  const char *error;
+  size_t code;
+} zc_job;
+
+static double thread_cpu_seconds(void) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0) return 0.0;
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void zc_job_execute(napi_env env, void *data) {
+  zc_job *job = (zc_job *)data;
+  double started = thread_cpu_seconds();
+  job->written = zc_compress(job->c, &job->in_data, &job->in_len, 1, job->out_data, job->out_len, &job->error, &job->code);
+  job->cpu_seconds = thread_cpu_seconds() - started;
+}
+
+static void zc_job_free(napi_env env, zc_job *job) {
+  napi_ref refs[4] = {job->handle, job->input, job->out, job->done};
+  for (int i = 0; i < 4; i++)
+    if (refs[i] != NULL) napi_delete_reference(env, refs[i]);
+  if (job->work != NULL) napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+/* Back on the JS thread: done(written, cpuSeconds, error) as zstdCompress would have returned or thrown. */
+static void zc_job_complete(napi_env env, napi_status status, void *data) {
+  zc_job *job = (zc_job *)data;
+  job->c->busy = 0;
+  napi_value done, undefined, argv[3];
+  char message[200] = "";
+  if (status != napi_ok) {
+    snprintf(message, sizeof message, "zstd compression on the thread pool did not run (status %d)", (int)status);
+  } else if (job->written == -2.0) {
+    snprintf(message, sizeof message, "%s: %s", job->error, ZSTD_getErrorName(job->code));
+  }
+  if (napi_get_reference_value(env, job->done, &done) == napi_ok && napi_get_undefined(env, &undefined) == napi_ok &&
+      napi_create_double(env, message[0] ? -2.0 : job->written, &argv[0]) == napi_ok &&
+      napi_create_double(env, job->cpu_seconds, &argv[1]) == napi_ok) {
+    if (message[0]) napi_create_string_utf8(env, message, NAPI_AUTO_LENGTH, &argv[2]);
+    else argv[2] = undefined;
+    zc_job_free(env, job);
+    napi_call_function(env, undefined, done, 3, argv, NULL);
+    return;
+  }
+  zc_job_free(env, job);
+}
+
+/*
+ * zstdCompressAsync(handle, input: Uint8Array, out: Uint8Array, outOffset, done): as zstdCompress of
+ * [input], on libuv's thread pool; done(written, cpuSeconds, error) is called on the JS thread once it
+ * ran (error: a message, written then -2). The caller must leave input and out alone until then, and
+ * the compressor takes no other call meanwhile (it refuses them).
+ */
+static napi_value CompressAsync(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5], name;
+  int32_t out_off = 0;
+  napi_valuetype done_type;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) return z_throw(env, "zstdCompressAsync expects (handle, input, out, outOffset, done)");
+  zc *c = (zc *)z_handle(env, argv[0], ZC_TAG);
+  if (c == NULL || c->cctx == NULL) return z_throw(env, "expected a zstd compressor");
+  if (c->busy) return z_throw(env, "zstdCompressAsync: the compressor is busy with a batch on the thread pool");
+  zc_job *job = calloc(1, sizeof *job);
+  if (job == NULL) return z_throw(env, "out of memory for a zstd batch");
+  job->c = c;
+  if (!z_bytes(env, argv[1], &job->in_data, &job->in_len) || !z_bytes(env, argv[2], &job->out_data, &job->out_len) || !z_int(env, argv[3], &out_off) ||
+      out_off < 0 || (size_t)out_off > job->out_len || napi_typeof(env, argv[4], &done_type) != napi_ok || done_type != napi_function) {
+    free(job);
+    return z_throw(env, "zstdCompressAsync: bad input, output buffer, offset or callback");
+  }
+  job->out_data += out_off;
+  job->out_len -= (size_t)out_off;
+  if (napi_create_reference(env, argv[0], 1, &job->handle) != napi_ok || napi_create_reference(env, argv[1], 1, &job->input) != napi_ok ||
+      napi_create_reference(env, argv[2], 1, &job->out) != napi_ok || napi_create_reference(env, argv[4], 1, &job->done) != napi_ok ||
+      napi_create_string_utf8(env, "bfmig:zstd", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, zc_job_execute, zc_job_complete, job, &job->work) != napi_ok ||
+      napi_queue_async_work(env, job->work) != napi_ok) {
+    zc_job_free(env, job);
+    return z_throw(env, "zstdCompressAsync: could not queue the batch");
+  }
+  c->busy = 1;
+  return NULL;
 }
 
 /* zstdCompressorReset(handle): the next batch starts a new zstd frame (the receiver restarts too). */
 static napi_value CompressorReset(napi_env env, napi_callback_info info) {
   zc *c = (zc *)z_only_handle(env, info, ZC_TAG);
   if (c == NULL || c->cctx == NULL) return z_throw(env, "zstdCompressorReset expects a zstd compressor");
+  if (c->busy) return z_throw(env, "zstdCompressorReset: the compressor is busy with a batch on the thread pool");
   ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
   return NULL;
 }
@@ -256,6 +384,7 @@ napi_status bf_zstd_register(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"zstdCompressorNew", NULL, CompressorNew, NULL, NULL, NULL, napi_enumerable, NULL},
       {"zstdCompress", NULL, Compress, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"zstdCompressAsync", NULL, CompressAsync, NULL, NULL, NULL, napi_enumerable, NULL},
       {"zstdCompressorReset", NULL, CompressorReset, NULL, NULL, NULL, napi_enumerable, NULL},
       {"zstdDecompressorNew", NULL, DecompressorNew, NULL, NULL, NULL, napi_enumerable, NULL},
       {"zstdDecompress", NULL, Decompress, NULL, NULL, NULL, napi_enumerable, NULL},

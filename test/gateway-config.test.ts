@@ -71,6 +71,7 @@ describe('parseConfig', () => {
       insecurePlaintext: true,
       shutdownGraceSeconds: 12.5,
       compression: true,
+      compressOffLoop: true,
       deltas: 'auto',
       storeBudget: 200 * 2 ** 30,
       routes: [
@@ -137,6 +138,12 @@ describe('parseConfig', () => {
     expect(parseConfig(minimal('compression: zstd\n')).compression).toBe(true);
   });
 
+  test('compressionRunsOn: the thread pool by default, or the event loop', () => {
+    expect(parseConfig(minimal()).compressOffLoop).toBe(true);
+    expect(parseConfig(minimal('compressionRunsOn: thread-pool\n')).compressOffLoop).toBe(true);
+    expect(parseConfig(minimal('compressionRunsOn: event-loop\n')).compressOffLoop).toBe(false);
+  });
+
   test('keys written with no value count as absent', () => {
     const c = parseConfig(minimal('metrics:\nroutes:\ntls:\nlimits:\n'));
     expect(c.metrics).toBeNull();
@@ -178,6 +185,7 @@ describe('parseConfig', () => {
     ['insecurePlaintext not boolean', minimal('insecurePlaintext: "yes"\n'), 'insecurePlaintext', /true or false/],
     ['shutdownGraceSeconds not a number', minimal('shutdownGraceSeconds: soon\n'), 'shutdownGraceSeconds', /must be a number/],
     ['compression unknown', minimal('compression: gzip\n'), 'compression', /must be zstd or off/],
+    ['compressionRunsOn unknown', minimal('compressionRunsOn: gpu\n'), 'compressionRunsOn', /must be thread-pool or event-loop/],
     ['storeBudget not a size', minimal('storeBudget: lots\n'), 'storeBudget', /not a size/],
     ['storeBudget zero', minimal('storeBudget: 0GiB\n'), 'storeBudget', /more than 0/],
     ['shutdownGraceSeconds zero', minimal('shutdownGraceSeconds: 0\n'), 'shutdownGraceSeconds', /out of range/],

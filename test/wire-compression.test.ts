@@ -360,6 +360,175 @@ describe('negotiation', () => {
   });
 });
 
+describe('batches compressed on the thread pool (offThread)', () => {
+  /** Until `frames` holds nothing back and has no batch on the pool. */
+  async function settled(frames: LiteralFrames): Promise<void> {
+    while (frames.heldBytes > 0 || frames.poolBusy) await new Promise((resolve) => setImmediate(resolve));
+  }
+
+  /** Every byte a LiteralFrames writes, in order. */
+  function recorder(compression: typeof ZSTD | null, offThread: boolean): { frames: LiteralFrames; bytes: Buffer[] } {
+    const bytes: Buffer[] = [];
+    const frames = new LiteralFrames((b) => bytes.push(Buffer.from(b)), compression, offThread);
+    return { frames, bytes };
+  }
+
+  /** Text pages between Runs and Deltas, a stretch of random bytes, a control frame now and then: a source chunk's frames, `chunks` times. */
+  function chunkOf(i: number): Delivered[] {
+    const out: Delivered[] = [];
+    const text = textBytes(20 * 4096, i + 1);
+    for (let p = 0; p < 20; p++) {
+      out.push({ type: FrameType.Literal, payload: text.subarray(p * 4096, (p + 1) * 4096) });
+      if (p % 4 === 3) out.push({ type: p % 8 === 3 ? FrameType.Run : FrameType.Delta, payload: randomBytes(40 + p) });
+    }
+    if (i % 3 === 1) out.push({ type: FrameType.Literal, payload: randomBytes(150_000) });
+    return out;
+  }
+
+  /** Sends a chunk's frames as a session does; a control frame (`inOrder`) goes after each chunk's flush. */
+  function sendChunk(frames: LiteralFrames, chunk: Delivered[], framed: boolean, control: Buffer): void {
+    for (const f of chunk) {
+      if (f.type === FrameType.Literal) frames.literal(f.payload);
+      else if (framed) frames.frame(frameHeader(f.type, f.payload.length), f.payload);
+      else {
+        frames.flush();
+        frames.inOrder(frameHeader(f.type, f.payload.length));
+        frames.inOrder(f.payload);
+      }
+    }
+    frames.flush();
+    frames.inOrder(frameHeader(FrameType.Run, control.length));
+    frames.inOrder(control);
+  }
+
+  test('the addon compresses on the pool', () => {
+    const { frames } = recorder(ZSTD, true);
+    expect(frames.offThread).toBe(true);
+    expect(recorder(ZSTD, false).frames.offThread).toBe(false);
+    expect(recorder(null, true).frames.offThread).toBe(false);
+  });
+
+  test.each([true, false])('framed %s: when each batch is back before the next, the WAN bytes are those of compressing on the event loop, byte for byte', async (framed) => {
+    const onLoop = recorder(ZSTD, false);
+    const pooled = recorder(ZSTD, true);
+    if (framed) {
+      onLoop.frames.carryFrames();
+      pooled.frames.carryFrames();
+    }
+    let sawPool = false;
+    for (let i = 0; i < 12; i++) {
+      const chunk = chunkOf(i);
+      const control = randomBytes(30);
+      sendChunk(onLoop.frames, chunk, framed, control);
+      sendChunk(pooled.frames, chunk, framed, control);
+      sawPool ||= pooled.frames.poolBusy;
+      await settled(pooled.frames);
+    }
+    expect(sawPool).toBe(true);
+    const a = Buffer.concat(onLoop.bytes);
+    const b = Buffer.concat(pooled.bytes);
+    expect(b.length).toBe(a.length);
+    expect(b.equals(a)).toBe(true);
+    expect(pooled.frames.savedBytes).toBe(onLoop.frames.savedBytes);
+    expect(pooled.frames.savedBytes).toBeGreaterThan(0);
+  });
+
+  test('batches queued behind the one on the pool, and frames written meanwhile, reach the receiver in order; the session is told to stop reading and when to read on', async () => {
+    const { wire, delivered } = framedReceiver();
+    const frames = new LiteralFrames((b) => {
+      wire.bytes += b.length;
+      wire.parser.push(Buffer.from(b));
+    }, ZSTD, true);
+    frames.carryFrames();
+    // What the session sees each time held bytes were written: whether it may read on.
+    const readOn: boolean[] = [];
+    frames.onWritten = () => readOn.push(!frames.backlogged);
+    const sequence: Delivered[] = [];
+    let backlogged = false;
+    for (let i = 0; i < 24; i++) {
+      const chunk = chunkOf(i);
+      const control = randomBytes(20 + i);
+      sendChunk(frames, chunk, true, control);
+      sequence.push(...chunk, { type: FrameType.Run, payload: control });
+      backlogged ||= frames.backlogged;
+    }
+    // Nothing waited for: the batches queued up behind the first.
+    expect(backlogged).toBe(true);
+    await settled(frames);
+    expect(readOn).toContain(false);
+    expect(readOn[readOn.length - 1]).toBe(true);
+    expect(frames.backlogged).toBe(false);
+    expect(sameFrames(delivered, sequence)).toBe(true);
+    expect(frames.savedBytes).toBe(wire.inflater.savedBytes);
+    expect(frames.savedBytes).toBeGreaterThan(0);
+  });
+
+  test('to a receiver of Compressed frames (no whole frames), batches queued on the pool, raw ones among them, come back byte for byte', async () => {
+    const wire = receiver();
+    const pooled = new LiteralFrames((b) => {
+      wire.bytes += b.length;
+      wire.parser.push(Buffer.from(b));
+    }, ZSTD, true);
+    const sent: Buffer[] = [];
+    for (let i = 0; i < 16; i++) {
+      const piece = i % 4 === 2 ? randomBytes(100_000) : textBytes(90_000 + i * 1000, i);
+      pooled.literal(piece);
+      pooled.flush();
+      sent.push(piece);
+    }
+    await settled(pooled);
+    expect(Buffer.concat(wire.received).equals(Buffer.concat(sent))).toBe(true);
+    expect(wire.frames.some((f) => f.type === FrameType.Compressed)).toBe(true);
+    expect(wire.frames.some((f) => f.type === FrameType.Literal)).toBe(true);
+    expect(pooled.savedBytes).toBe(wire.inflater.savedBytes);
+  });
+
+  test('a batch on its way to the pool is reserved at its raw size, and handed back before its frame is written', async () => {
+    const written: number[] = [];
+    let reserved = 0;
+    let reservedWhenWritten = -1;
+    const pooled = new LiteralFrames((b) => {
+      written.push(b.length);
+      if (reservedWhenWritten < 0) reservedWhenWritten = reserved;
+    }, ZSTD, true);
+    pooled.onReserve = (bytes) => (reserved += bytes);
+    pooled.literal(textBytes(100_000, 8));
+    pooled.flush();
+    expect(reserved).toBe(100_000);
+    expect(written).toHaveLength(0);
+    await settled(pooled);
+    expect(reservedWhenWritten).toBe(0);
+    expect(reserved).toBe(0);
+    expect(written.reduce((a, b) => a + b, 0)).toBeLessThan(100_000 / 2);
+  });
+
+  test('the bytes of a batch on the pool may be read into again as soon as flush() returns', async () => {
+    const wire = receiver();
+    const pooled = new LiteralFrames((b) => wire.parser.push(Buffer.from(b)), ZSTD, true);
+    const readBuffer = textBytes(200_000, 3);
+    const original = Buffer.from(readBuffer);
+    pooled.literal(readBuffer);
+    pooled.flush();
+    expect(pooled.poolBusy).toBe(true);
+    readBuffer.fill(0x55); // the next read into the same buffer
+    await settled(pooled);
+    expect(Buffer.concat(wire.received).equals(original)).toBe(true);
+  });
+
+  test('after close() nothing more is written, not even the batch that was on the pool', async () => {
+    const { frames, bytes } = recorder(ZSTD, true);
+    frames.literal(textBytes(100_000, 4));
+    frames.flush();
+    frames.inOrder(Buffer.from('after'));
+    expect(frames.poolBusy).toBe(true);
+    frames.close();
+    expect(frames.heldBytes).toBe(0);
+    await settled(frames);
+    frames.inOrder(Buffer.from('later'));
+    expect(bytes).toHaveLength(0);
+  });
+});
+
 describe('hostile Compressed frames', () => {
   /** The payload of one honest Compressed frame of `bytes`, from a fresh stream. */
   function compressedPayload(bytes: Buffer): Buffer {
@@ -587,6 +756,28 @@ describe('CompressionPolicy', () => {
     expect(policy.savingPays).toBe(false);
     policy.observeWan(true, CHUNK);
     expect(policy.compressNext(CHUNK)).toBe(true);
+  });
+
+  test('idle time the session spent waiting for batches on the thread pool is the gateway\'s pace: a stretch of it backs compression off', () => {
+    const waiting = sessionPolicy();
+    const notWaiting = sessionPolicy();
+    // The loop busy half the time, as when the source sets the pace; but for one policy that idle half was
+    // spent not reading, batches waiting for the pool.
+    for (let i = 0; i < DRAINED_CHUNKS; i++) {
+      waiting.observeCompressionWait(1);
+      for (const policy of [waiting, notWaiting]) {
+        policy.observeLoop(1, 1);
+        policy.observeWan(false, CHUNK);
+        policy.noteLiteral(CHUNK);
+      }
+    }
+    expect(notWaiting.savingPays).toBe(true);
+    expect(waiting.savingPays).toBe(false);
+    // A wait longer than the loop's idle time counts as that idle time only: it is not carried into the next stretch.
+    const policy = sessionPolicy();
+    policy.observeCompressionWait(1000);
+    drained(policy, DRAINED_CHUNKS, 1, 1);
+    expect(policy.savingPays).toBe(true);
   });
 
   test('a stretch the gateway set the pace of, in which it took in the source as fast as the link takes it raw, keeps compression on', () => {

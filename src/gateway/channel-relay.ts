@@ -18,7 +18,7 @@ import { errorMessage } from '../common/errors';
 import { type ChannelDecoder, type ChannelEncoder, channelDecoder, channelEncoder } from '../proxy/channel-codec';
 import type { MultifdMigration } from '../proxy/multifd-migration';
 import { RUN_LEAD_BYTES } from '../proxy/run';
-import { LiteralFrames, LiteralInflater } from '../wire/compression';
+import { LiteralFrames, LiteralInflater, type WriteDone } from '../wire/compression';
 import {
   type ChannelName,
   decodeAbort,
@@ -35,7 +35,7 @@ import { formatEndpoint, parseEndpoint } from './address';
 import type { RouteConfig } from './config';
 import { channelLabel, type ChannelGroup, type ExtraChannel } from './migration-channels';
 import { OutputSlabs } from './output-slabs';
-import { laterDownstream, PooledReads } from './pooled-reads';
+import { heldDownstream, laterDownstream, PooledReads } from './pooled-reads';
 import { WanPace } from './wan-pace';
 import { decodePayload, ProtocolViolation } from './protocol-violation';
 import { CONNECT_TIMEOUT_MS, peerText } from './session';
@@ -58,6 +58,8 @@ export interface ChannelReceiverOptions extends RelayOptions {
 
 export interface ChannelSenderOptions extends RelayOptions {
   site: string;
+  /** Compress on libuv's thread pool, not on the event loop (config `compressionRunsOn`; default true). */
+  compressOffLoop?: boolean;
   route: RouteConfig;
   transport: PeerTransport;
 }
@@ -225,7 +227,7 @@ export class ChannelSender extends ChannelRelay {
     // Read into reused buffers, as the main channel is: the source's bytes reach the peer socket as views
     // of them, a buffer is read into again only once the peer socket has written them, and the codec
     // copies what it keeps past a chunk (releaseInput). Nothing is read before the peer is dialled.
-    const reads = new PooledReads(this.source, laterDownstream(() => this.peer), (chunk) => this.onSourceData(chunk, reads.pooled), false);
+    const reads = new PooledReads(this.source, heldDownstream(laterDownstream(() => this.peer), () => this.literals), (chunk) => this.onSourceData(chunk, reads.pooled), false);
     this.reads = reads;
     this.source = reads.socket;
     this.source.pause();
@@ -250,23 +252,25 @@ export class ChannelSender extends ChannelRelay {
       if (early !== null) this.onSourceData(early, false);
       this.readSource();
     });
-    const literals = new LiteralFrames((bytes) => this.toPeer(bytes), group.compression);
+    const literals = new LiteralFrames((bytes, done) => this.toPeer(bytes, done), group.compression, this.sender.compressOffLoop ?? true);
     literals.policy.startsAtFullRate();
+    literals.onWritten = () => this.readSource();
+    literals.onError = (err) => this.fail(`${this.label}: ${err.message}`);
     this.literals = literals;
     /** A payload of the encoder's own (a slab it does not write again) goes out after the Literal bytes before it. */
     const frameOf =
       (type: FrameType) =>
       (payload: Buffer): void => {
         literals.flush();
-        this.toPeer(frameHeader(type, payload.length));
-        this.toPeer(payload);
+        literals.inOrder(frameHeader(type, payload.length));
+        literals.inOrder(payload);
       };
     const encoder = channelEncoder(
       {
         literal: (bytes) => literals.literal(bytes),
         run: (payload) => {
           literals.flush();
-          this.toPeer(encodeFrame(FrameType.Run, payload));
+          literals.inOrder(encodeFrame(FrameType.Run, payload));
         },
         delta: frameOf(FrameType.Delta),
         siblingDelta: frameOf(FrameType.SiblingDelta),
@@ -288,9 +292,9 @@ export class ChannelSender extends ChannelRelay {
     this.watchPeer(peer, this.frames, 'the peer gateway');
   }
 
-  /** Writes frame bytes to the peer. */
-  private toPeer(bytes: Buffer): void {
-    (this.peer as Socket).write(bytes);
+  /** Writes frame bytes to the peer (LiteralFrames does, in order). */
+  private toPeer(bytes: Buffer, done?: WriteDone): void {
+    (this.peer as Socket).write(bytes, done);
     this.wanBytes += bytes.length;
   }
 
@@ -316,15 +320,16 @@ export class ChannelSender extends ChannelRelay {
     } finally {
       peer.uncork();
     }
-    // The peer socket's backpressure, or the codec waiting at a SYNC for the other channels.
+    // The peer socket's backpressure, the codec waiting at a SYNC for the other channels, or batches
+    // waiting for the thread pool.
     const wanFull = peer.writableLength >= RELAY_QUEUE_BYTES;
-    if (wanFull || encoder.parked) this.source.pause();
+    if (wanFull || encoder.parked || literals.backlogged) this.source.pause();
     if (wanFull) literals.policy.pausedForWan();
   }
 
   /** Reads the source again once neither the peer socket nor the codec holds it back. */
   private readSource(): void {
-    if (this.over || !this.peer || this.encoder?.parked || this.peer.writableLength >= RELAY_QUEUE_BYTES) return;
+    if (this.over || !this.peer || this.encoder?.parked || this.peer.writableLength >= RELAY_QUEUE_BYTES || this.literals?.backlogged) return;
     this.source.resume();
   }
 
@@ -362,15 +367,20 @@ export class ChannelSender extends ChannelRelay {
         this.multifdEnded(true);
         const literals = this.literals as LiteralFrames;
         literals.flush();
-        this.sender.group.compressionSavedBytes += literals.savedBytes;
         const { streamBytes, streamCheck } = encoder;
-        peer.end(encodeJson(FrameType.End, { streamBytes, streamCheck }));
-        this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes });
+        literals.inOrder(encodeJson(FrameType.End, { streamBytes, streamCheck }));
+        // Once the batches on the thread pool have gone, and what waited behind them.
+        literals.afterHeld(() => {
+          peer.end();
+          this.sender.group.compressionSavedBytes += literals.savedBytes;
+          this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes });
+        });
       }),
     );
   }
 
   protected cut(): void {
+    this.literals?.close();
     this.source.resetAndDestroy();
     this.peer?.destroy();
   }

@@ -246,6 +246,7 @@ export class Gateway implements SessionObserver {
         maxGuestPages: Math.floor(limits.maxGuestRamBytes / X86_PAGE_SIZE),
         wan: this.wanCaps.share(vm, formatEndpoint(route.peer)),
         compression: this.config.compression,
+        compressOffLoop: this.config.compressOffLoop,
         deltas: this.config.deltas,
         migration,
         openGroup: (main) => this.sending.open(vm, { migration, vm, target: formatEndpoint(route.target), origin: remote, main, event: this.groupEvent(vm, 'send'), graceMs: limits.idleSeconds * 1000 }),
@@ -256,7 +257,15 @@ export class Gateway implements SessionObserver {
 
   /** An extra channel of the route's migration: joins its group (or is refused) and relays to the peer. */
   private relaySourceChannel(socket: Socket, route: RouteConfig, group: ChannelGroup, channel: ChannelName, uuid: string | null): void {
-    const relay = new ChannelSender(socket, { site: this.config.name, route, transport: this.transport, group, channel, maxFrameBytes: this.config.limits.maxFrameBytes });
+    const relay = new ChannelSender(socket, {
+      site: this.config.name,
+      route,
+      transport: this.transport,
+      group,
+      channel,
+      maxFrameBytes: this.config.limits.maxFrameBytes,
+      compressOffLoop: this.config.compressOffLoop,
+    });
     group.join(channel, socket.remoteAddress ?? '?', uuid, relay);
     this.gate.identified(socket);
     relay.start();

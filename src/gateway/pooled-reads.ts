@@ -49,6 +49,37 @@ export function laterDownstream(socket: () => Socket | null): PooledDownstream {
   };
 }
 
+/** Writes a connection may hold back before they reach its socket (LiteralFrames, behind a batch on the thread pool). */
+export interface HeldWrites {
+  readonly heldBytes: number;
+  inOrder(bytes: Buffer, done?: (err?: Error | null) => void): void;
+}
+
+/**
+ * `socket` with the bytes `held()` still holds counted as queued, and writes (PooledReads' markers) made
+ * behind them: a read buffer whose bytes wait behind a batch on the thread pool is not read into again
+ * before they have reached the socket and it has written them.
+ */
+export function heldDownstream(socket: PooledDownstream, held: () => HeldWrites | null): PooledDownstream {
+  return {
+    get writableLength(): number {
+      return socket.writableLength + (held()?.heldBytes ?? 0);
+    },
+    get writableEnded(): boolean {
+      return socket.writableEnded;
+    },
+    get destroyed(): boolean {
+      return socket.destroyed;
+    },
+    write: (chunk, callback) => {
+      const writes = held();
+      if (writes === null) return socket.write(chunk, callback);
+      writes.inOrder(Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength), callback);
+      return true;
+    },
+  };
+}
+
 /** Lent buffers that make it worth queuing a marker write to get them back. */
 const MARK_AFTER_BUFFERS = 2;
 const EMPTY = Buffer.alloc(0);

@@ -36,10 +36,10 @@ import {
   offers,
   SINGLE_CHANNEL_PROTOCOL,
 } from '../wire/frames';
-import { helloCompression, LiteralFrames, offeredCompression, ZSTD } from '../wire/compression';
+import { helloCompression, LiteralFrames, offeredCompression, type WriteDone, ZSTD } from '../wire/compression';
 import type { DeltaMode, RouteConfig } from './config';
 import { ReturnPathMessages } from './return-path-relay';
-import { PooledReads } from './pooled-reads';
+import { heldDownstream, PooledReads } from './pooled-reads';
 import { SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './socket-tuning';
 import type { PeerTransport } from './transport';
 import { errorMessage } from '../common/errors';
@@ -96,6 +96,8 @@ export interface SendOptions {
   wan: WanShare;
   /** Offer the peer zstd compression of Literal bytes (config `compression`). */
   compression: boolean;
+  /** Compress on libuv's thread pool, not on the event loop (config `compressionRunsOn`; default true). */
+  compressOffLoop?: boolean;
   /** Send changed pages as deltas (config `deltas`): when they pay, always, or never. */
   deltas: DeltaMode;
   /** The migration's id, which its extra channels name (migration-channels.ts). */
@@ -167,7 +169,8 @@ export class SendSession {
     // Source bytes reach the WAN socket as views of the read buffers: PooledReads reuses a buffer only
     // once the WAN socket has written them, and the encoder copies what it keeps across reads.
     // The source's end of its stream is not ours: QEMU's return path stays open until the session ends it.
-    this.reads = new PooledReads(accepted, this.peer, (chunk) => this.onSourceData(chunk), true);
+    // Bytes held back behind a batch on the thread pool are still on their way to the socket.
+    this.reads = new PooledReads(accepted, heldDownstream(this.peer, () => this.literals), (chunk) => this.onSourceData(chunk), true);
     const qemu = this.reads.socket;
     this.qemu = qemu;
     qemu.pause();
@@ -318,7 +321,10 @@ export class SendSession {
     this.peer.setTimeout(0);
     const { site, snapshotId } = offer;
     this.life.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: offer.presentPages, localSnapshot: this.localSnapshot, compression });
-    const literals = new LiteralFrames((bytes) => this.send(bytes), compression);
+    const literals = new LiteralFrames((bytes, done) => this.toWire(bytes, done), compression, this.options.compressOffLoop ?? true);
+    literals.onWritten = () => this.afterHeldWrites();
+    literals.onReserve = (bytes) => this.options.wan.charge(bytes);
+    literals.onError = (err) => this.fail(errorMessage(err));
     if (offers(offer, Feature.CompressedFrames)) literals.carryFrames();
     this.literals = literals;
     this.life.compressionSaved = () => literals.savedBytes + this.group.compressionSavedBytes;
@@ -436,11 +442,25 @@ export class SendSession {
     this.life.noteVerbatim(this.encoder);
     if (this.encoder.sealPoint > this.sealedBytes) this.seal(this.encoder);
     else (this.quietTimer ??= setTimeout(() => this.onQuiet(), QUIET_SEAL_MS).unref()).refresh();
-    // Backpressure from the peer socket, or a WAN cap in debt (resumed once it has refilled).
-    if (this.peer.writableNeedDrain || this.options.wan.hold(this.resumeLater)) {
-      this.qemu.pause();
-      this.literals?.policy.pausedForWan();
-    }
+    this.backpressure();
+  }
+
+  /**
+   * Stops reading the source for the peer socket's backpressure or a WAN cap in debt (resumed once it has
+   * refilled), or for batches waiting for the thread pool; returns whether it did.
+   */
+  private backpressure(): boolean {
+    const wanFull = this.peer.writableNeedDrain || this.options.wan.hold(this.resumeLater);
+    if (wanFull) this.literals?.policy.pausedForWan();
+    if (!wanFull && this.literals?.backlogged !== true) return false;
+    this.qemu.pause();
+    return true;
+  }
+
+  /** Bytes held behind a batch on the thread pool were written (and charged to the WAN caps). */
+  private afterHeldWrites(): void {
+    if (this.over || this.encoder === null) return;
+    if (!this.backpressure()) this.resumeSource();
   }
 
   /**
@@ -498,7 +518,7 @@ export class SendSession {
   }
 
   private resumeSource(): void {
-    const ready = (): boolean => !this.over && this.encoder !== null && this.table === null && !this.peer.writableNeedDrain;
+    const ready = (): boolean => !this.over && this.encoder !== null && this.table === null && !this.peer.writableNeedDrain && this.literals?.backlogged !== true;
     if (!ready() || this.options.wan.hold(this.resumeLater)) return;
     const early = this.reads.takeEarly();
     if (early) this.onSourceData(early);
@@ -518,14 +538,16 @@ export class SendSession {
 
   /** A frame other than Literal bytes: the Literal bytes before it leave first. */
   private writeFrame(bytes: Buffer): void {
-    this.literals?.flush();
-    this.send(bytes);
+    const literals = this.literals;
+    if (literals === null) return this.toWire(bytes);
+    literals.flush();
+    literals.inOrder(bytes);
   }
 
-  private send(bytes: Buffer): void {
+  private toWire(bytes: Buffer, done?: WriteDone): void {
     this.life.wanOut += bytes.length;
     this.options.wan.charge(bytes.length);
-    this.peer.write(bytes);
+    this.peer.write(bytes, done);
   }
 
   private progress(): void {
@@ -562,6 +584,7 @@ export class SendSession {
     // Before the Offer the peer has nothing to abort: the connection is just closed.
     const answered = this.answered;
     this.transition('failed');
+    this.literals?.close();
     this.life.event('migration failed', { error: reason });
     if (answered) this.life.abortPeer(this.peer, reason, true);
     else this.peer.destroy();

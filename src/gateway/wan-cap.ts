@@ -38,7 +38,10 @@ export class WanCap {
     this.tokens = this.burst;
   }
 
-  /** Bytes written: taken from the bucket (it may go into debt: a write is never split). */
+  /**
+   * Bytes written: taken from the bucket (it may go into debt: a write is never split). Negative: bytes
+   * charged ahead of their write (a batch on the thread pool) handed back.
+   */
   charge(bytes: number): void {
     this.tokens -= bytes;
   }

@@ -185,8 +185,23 @@ export class CompressionPolicy {
    * gateway for what sets the pace whenever the WAN does not.
    */
   observeLoop(busyMs: number, idleMs: number): void {
-    this.loopBusyMs += busyMs;
-    this.loopIdleMs += idleMs;
+    // The loop waited for the thread pool's zstd, not for the source: that time the gateway set the pace.
+    const waited = Math.min(this.compressionWaitMs, idleMs);
+    this.compressionWaitMs = 0;
+    this.loopBusyMs += busyMs + waited;
+    this.loopIdleMs += idleMs - waited;
+  }
+
+  /** Of the loop's idle time since the last observeLoop, what the session spent not reading for batches on the thread pool. */
+  private compressionWaitMs = 0;
+
+  /**
+   * The session stopped reading its source for `ms` while batches waited for the thread pool
+   * (LiteralFrames' backlog): compression, not the source, set the pace then, though the event loop was
+   * idle. Counted as the loop busy at the next observeLoop().
+   */
+  observeCompressionWait(ms: number): void {
+    this.compressionWaitMs += ms;
   }
 
   private newStretch(): void {

@@ -50,11 +50,15 @@ const MIN_BATCH_BYTES = 64;
 const RESTART_FRAME = Buffer.from([FrameType.CompressedFrames, 0, 0, 0, COMPRESSED_HEADER_BYTES, 0, 0, 0, 0]);
 
 type Handle = object;
+/** What zstdCompressAsync reports: bytes written (-1: did not fit, -2: failed), the pool thread's CPU seconds, an error message. */
+type CompressDone = (written: number, cpuSeconds: number, error?: string) => void;
 
 interface ZstdAddon {
   zstdCompressorNew(level: number, windowLog: number): Handle;
   zstdCompress(h: Handle, inputs: Uint8Array[], out: Uint8Array, outOffset: number): number;
   zstdCompressorReset(h: Handle): void;
+  /** As zstdCompress of [input], on libuv's thread pool; `done` on this thread (an addon built before it: absent). */
+  zstdCompressAsync?: (h: Handle, input: Uint8Array, out: Uint8Array, outOffset: number, done: CompressDone) => void;
   zstdDecompressorNew(windowLogMax: number): Handle;
   zstdDecompress(h: Handle, input: Uint8Array, out: Uint8Array): void;
   zstdDecompressorReset(h: Handle): void;
@@ -64,11 +68,22 @@ function zstdAddon(): ZstdAddon {
   const names: (keyof ZstdAddon)[] = ['zstdCompressorNew', 'zstdCompress', 'zstdCompressorReset', 'zstdDecompressorNew', 'zstdDecompress', 'zstdDecompressorReset'];
   const fns = names.map((n) => nativeExport(n));
   if (!fns.every((f) => typeof f === 'function')) throw new Error('bfmig: the native addon was built without zstd; run `npm run build:native` (needs libzstd-dev)');
-  return Object.fromEntries(names.map((n, i) => [n, fns[i]])) as unknown as ZstdAddon;
+  const found = Object.fromEntries(names.map((n, i) => [n, fns[i]])) as unknown as ZstdAddon;
+  const async = nativeExport('zstdCompressAsync');
+  if (typeof async === 'function') found.zstdCompressAsync = async as ZstdAddon['zstdCompressAsync'];
+  return found;
 }
 
 let addon: ZstdAddon | null = null;
 const zstd = (): ZstdAddon => (addon ??= zstdAddon());
+
+/** Whether this build of the addon compresses on libuv's thread pool (LiteralFrames' `offThread`). */
+export function compressesOffThread(): boolean {
+  return zstd().zstdCompressAsync !== undefined;
+}
+
+/** Bytes of batches and frames held back behind a batch on the thread pool beyond which the session stops reading. */
+export const MAX_HELD_BYTES = 4 * MAX_BATCH_BYTES;
 
 /**
  * CPU seconds the calling thread has used: what a batch's compression cost, where the wall clock also
@@ -98,11 +113,34 @@ export function offeredCompression(offer: { compression?: unknown }, helloOffere
   return ZSTD;
 }
 
+/** Told once bytes handed to a writer have left (or failed to): a socket write's callback. */
+export type WriteDone = (err?: Error | null) => void;
+
+/** A compressed batch waiting for, or on, the thread pool (LiteralFrames with `offThread`). */
+interface PoolBatch {
+  /** The batch's bytes, copied: the views it was gathered from may be read into again meanwhile. */
+  readonly input: Buffer;
+  readonly total: number;
+  /** The lengths of the pieces it was gathered from: a batch that did not shrink goes raw as they were. */
+  readonly pieces: number[];
+}
+
+/** What waits behind a batch on the thread pool, in stream order. */
+type Held = { bytes: Buffer; done: WriteDone | undefined } | { batch: PoolBatch } | { task: () => void };
+
 /**
  * The sending side: Literal bytes in, Literal or Compressed frames out. Without compression each
  * Literal goes at once as it always has; with it, they are gathered (views, not copies) into batches of
  * up to MAX_BATCH_BYTES that leave at flush(), which the session calls before any other frame and
  * before the chunk the views point into may be reused.
+ *
+ * With `offThread`, a batch to be compressed is copied and compressed on libuv's thread pool, so that
+ * the event loop parses, digests and relays the next source bytes meanwhile (a gateway with cores to
+ * spare is then not held to one core's zstd rate, nor its multifd channels to one core between them).
+ * Batches of a connection are compressed one after another (one zstd stream), and everything written
+ * after a batch, through this object or inOrder(), is held back until the batch's frame has gone:
+ * the WAN stream is the same, byte for byte, as compressing on the event loop would make it. The
+ * session stops reading its source while `backlogged`, and weighs its backpressure again at onWritten.
  */
 export class LiteralFrames {
   /** Bytes compression kept off the WAN (raw bytes less Compressed and CompressedFrames frames' payloads). */
@@ -118,16 +156,92 @@ export class LiteralFrames {
   private framed = false;
   /** The zstd stream has data the receiver decompressed since the last restart. */
   private streamOpen = false;
+  /** Batches are compressed on the thread pool (offThread and an addon that can). */
+  private readonly pooled: boolean;
+  /** A batch is on the thread pool. */
+  private onPool = false;
+  /** What waits behind it, in order. */
+  private readonly held: Held[] = [];
+  /** Bytes of `held` and of the batch on the pool. */
+  private heldByteCount = 0;
+  /** Input buffers of batches done with, for the next ones. */
+  private readonly spareInputs: Buffer[] = [];
+  /** Closed: what the pool still returns is dropped. */
+  private closed = false;
+  /** The batch back from the pool is being written: it goes before everything held, so straight to the writer. */
+  private atHead = false;
+  /** When `backlogged` last turned true (performance.now()). */
+  private backloggedSince = 0;
+  /**
+   * Called once a batch back from the pool, and what waited behind it, went to the writer: the session
+   * weighs its backpressure again (a WAN cap charged for them, the socket, `backlogged`).
+   */
+  onWritten: (() => void) | null = null;
+  /**
+   * Told of a batch's raw size when it goes to the pool, and of the same size negated once it is back
+   * (before its frame is written): a WAN cap charges what is on its way as if it had been written, so
+   * that the session stops reading as soon as it would have compressing on the event loop, not a backlog
+   * later.
+   */
+  onReserve: ((bytes: number) => void) | null = null;
+  /** Called when a batch on the pool failed (a zstd error): the migration ends. */
+  onError: ((err: Error) => void) | null = null;
 
   constructor(
-    private readonly write: (bytes: Buffer) => void,
+    private readonly write: (bytes: Buffer, done?: WriteDone) => void,
     compression: typeof ZSTD | null,
+    offThread = false,
   ) {
     this.compressor = compression === ZSTD ? zstd().zstdCompressorNew(ZSTD_LEVEL, ZSTD_WINDOW_LOG) : null;
+    this.pooled = this.compressor !== null && offThread && zstd().zstdCompressAsync !== undefined;
   }
 
   get compressing(): boolean {
     return this.compressor !== null;
+  }
+
+  /** Whether batches are compressed on the thread pool. */
+  get offThread(): boolean {
+    return this.pooled;
+  }
+
+  /** Bytes written to this object that have not reached the writer yet: held behind a batch on the pool. */
+  get heldBytes(): number {
+    return this.heldByteCount;
+  }
+
+  /** A batch is on the thread pool (until it is back, also after close()). */
+  get poolBusy(): boolean {
+    return this.onPool;
+  }
+
+  /** The session stops reading its source: held bytes passed MAX_HELD_BYTES. */
+  get backlogged(): boolean {
+    return this.heldByteCount >= MAX_HELD_BYTES;
+  }
+
+  /** Bytes of a frame other than Literal bytes, written after everything before them (the batch gathering is not flushed). */
+  inOrder(bytes: Buffer, done?: WriteDone): void {
+    if (this.closed) return;
+    if (!this.atHead && (this.onPool || this.held.length > 0)) {
+      this.held.push({ bytes, done });
+      this.holdBytes(bytes.length);
+      return;
+    }
+    this.write(bytes, done);
+  }
+
+  /** `task` runs after everything written before it has reached the writer (at once, unless a batch is on the pool). */
+  afterHeld(task: () => void): void {
+    if (!this.atHead && (this.onPool || this.held.length > 0)) this.held.push({ task });
+    else task();
+  }
+
+  /** Nothing more is written: what the pool still returns is dropped (the session failed or ended). */
+  close(): void {
+    this.closed = true;
+    this.held.length = 0;
+    this.heldByteCount = 0;
   }
 
   /** The receiver takes CompressedFrames: from here on Runs and Deltas go through frame() (compressing only). */
@@ -177,8 +291,8 @@ export class LiteralFrames {
     if (size > MAX_BATCH_BYTES) {
       // Larger than a batch may declare: it leaves raw, after the batch (no Run or Delta is this large:
       // MAX_RUN_RECORDS bits and a digest, a page's ranges).
-      this.write(header);
-      this.write(payload);
+      this.inOrder(header);
+      this.inOrder(payload);
       return;
     }
     this.batch.push(header);
@@ -199,61 +313,157 @@ export class LiteralFrames {
     // A framed batch mostly of Runs and Deltas goes raw, unweighed (see above).
     const worthTrying = this.framed ? literalBytes >= MIN_BATCH_BYTES && literalBytes * 2 >= total : total >= MIN_BATCH_BYTES;
     if (worthTrying && this.policy.compressNext(literalBytes)) {
+      if (this.pooled) return this.toPool(batch, total);
       // Timed as a whole (the frame's buffer, zstd, the header), in this thread's CPU time: what the policy
       // weighs the saving against. A wall clock, on a host whose cores are shared, put 0.3–6 ms on batches
       // alike, and the policy skipped compressible batches after the slow ones.
       const started = threadCpuSeconds();
-      const saved = this.compressed(batch, total);
-      if (saved >= 0) {
-        this.policy.compressedBatch(saved, threadCpuSeconds() - started);
-        return;
-      }
+      const frame = this.frameBuffer(total);
+      const written = zstd().zstdCompress(this.compressor as Handle, batch, frame, FRAME_HEADER_BYTES + COMPRESSED_HEADER_BYTES);
+      if (this.compressed(frame, written, total, threadCpuSeconds() - started)) return;
     } else if (this.framed && !worthTrying) {
       this.policy.noteLiteral(literalBytes);
     }
-    if (this.framed) {
-      for (const piece of batch) this.write(piece);
-      return;
-    }
-    // A Literal frame restarts the receiver's stream: the sender's restarts with it.
-    if (this.streamOpen) {
-      zstd().zstdCompressorReset(this.compressor as Handle);
-      this.streamOpen = false;
-    }
-    for (const bytes of batch) this.writeRaw(bytes);
+    this.sendRaw(batch);
   }
 
   /**
-   * Writes the batch as one Compressed (or CompressedFrames) frame, if that is smaller than the frames
-   * it stands for: the bytes saved, or -1.
+   * A batch that goes raw. Framed, its frames as they are (the zstd streams go on across it); else each
+   * piece a Literal frame, which restarts the receiver's stream: the sender's restarts with it (in turn
+   * when batches before it are still on the pool).
    */
-  private compressed(batch: Buffer[], total: number): number {
-    const start = FRAME_HEADER_BYTES + COMPRESSED_HEADER_BYTES;
-    // Room for fewer zstd bytes than the batch's frames would take: a Compressed frame must be smaller
-    // than its Literal frames (the batch and one header at least), a CompressedFrames frame than the
-    // frames it carries (the batch, headers included). Never more on the WAN.
-    const frame = Buffer.allocUnsafe(this.framed ? total : start + total - FRAME_HEADER_BYTES);
-    const n = zstd().zstdCompress(this.compressor as Handle, batch, frame, start);
-    if (n < 0) {
+  private sendRaw(batch: Buffer[]): void {
+    if (!this.framed) {
+      this.afterHeld(() => {
+        if (!this.streamOpen) return;
+        zstd().zstdCompressorReset(this.compressor as Handle);
+        this.streamOpen = false;
+      });
+    }
+    for (const piece of batch) {
+      if (this.framed) this.inOrder(piece);
+      else this.writeRaw(piece);
+    }
+  }
+
+  /** A Compressed (or CompressedFrames) frame's buffer: room for fewer zstd bytes than the frames it stands for. */
+  private frameBuffer(total: number): Buffer {
+    // A Compressed frame must be smaller than its Literal frames (the batch and one header at least), a
+    // CompressedFrames frame than the frames it carries (the batch, headers included). Never more on the WAN.
+    return Buffer.allocUnsafe(this.framed ? total : FRAME_HEADER_BYTES + COMPRESSED_HEADER_BYTES + total - FRAME_HEADER_BYTES);
+  }
+
+  /**
+   * What zstd made of a batch of `total` bytes (`written` bytes into `frame` after its headers, or -1:
+   * it did not fit, the stream restarted) in `seconds` of CPU: sends the frame if it shrank, and tells
+   * the policy. Whether it went (else the caller sends the batch raw).
+   */
+  private compressed(frame: Buffer, written: number, total: number, seconds: number): boolean {
+    if (written < 0) {
       // The native side restarted its stream already; a receiver of whole frames is told so.
-      if (this.framed && this.streamOpen) this.write(RESTART_FRAME);
+      if (this.framed && this.streamOpen) this.inOrder(RESTART_FRAME);
       this.streamOpen = false;
       this.policy.didNotShrink();
-      return -1;
+      return false;
     }
     this.streamOpen = true;
-    const payload = COMPRESSED_HEADER_BYTES + n;
+    const start = FRAME_HEADER_BYTES + COMPRESSED_HEADER_BYTES;
+    const payload = COMPRESSED_HEADER_BYTES + written;
     frame[0] = this.framed ? FrameType.CompressedFrames : FrameType.Compressed;
     frame.writeUInt32BE(payload, 1);
     frame.writeUInt32BE(total, FRAME_HEADER_BYTES);
     this.savedBytes += total - payload;
-    this.write(frame.subarray(0, start + n));
-    return total - payload;
+    this.inOrder(frame.subarray(0, start + written));
+    this.policy.compressedBatch(total - payload, seconds);
+    return true;
+  }
+
+  /** A batch to compress on the thread pool: copied, then sent there in turn. */
+  private toPool(batch: Buffer[], total: number): void {
+    let input = this.spareInputs.pop();
+    if (input === undefined || input.length < total) input = Buffer.allocUnsafe(MAX_BATCH_BYTES);
+    const pieces: number[] = [];
+    let at = 0;
+    for (const piece of batch) {
+      at += piece.copy(input, at);
+      pieces.push(piece.length);
+    }
+    const pending: PoolBatch = { input, total, pieces };
+    this.holdBytes(total);
+    this.onReserve?.(total);
+    if (this.onPool || this.held.length > 0) this.held.push({ batch: pending });
+    else this.startOnPool(pending);
+  }
+
+  /** `bytes` more are held back (until pooledDone or releaseHeld counts them out). */
+  private holdBytes(bytes: number): void {
+    if (!this.backlogged && this.heldByteCount + bytes >= MAX_HELD_BYTES) this.backloggedSince = performance.now();
+    this.heldByteCount += bytes;
+  }
+
+  private startOnPool(batch: PoolBatch): void {
+    this.onPool = true;
+    const frame = this.frameBuffer(batch.total);
+    const input = batch.input.subarray(0, batch.total);
+    (zstd().zstdCompressAsync as NonNullable<ZstdAddon['zstdCompressAsync']>)(this.compressor as Handle, input, frame, FRAME_HEADER_BYTES + COMPRESSED_HEADER_BYTES, (written, seconds, error) =>
+      this.pooledDone(batch, frame, written, seconds, error),
+    );
+  }
+
+  /** A batch is back from the pool: its frame (or its pieces raw) goes, then what waited behind it. */
+  private pooledDone(batch: PoolBatch, frame: Buffer, written: number, seconds: number, error: string | undefined): void {
+    this.onPool = false;
+    this.heldByteCount -= batch.total;
+    if (this.closed) return;
+    this.onReserve?.(-batch.total);
+    if (error !== undefined) {
+      this.close();
+      this.onError?.(new Error(`zstd compression failed: ${error}`));
+      return;
+    }
+    const wasBacklogged = this.heldByteCount + batch.total >= MAX_HELD_BYTES;
+    this.atHead = true;
+    try {
+      if (this.compressed(frame, written, batch.total, seconds)) {
+        this.spareInputs.push(batch.input);
+      } else {
+        // Back as it was gathered: the same frames raw as on the event loop (views of the input, which
+        // is not reused: the writer may hold them).
+        const pieces: Buffer[] = [];
+        let at = 0;
+        for (const length of batch.pieces) {
+          pieces.push(batch.input.subarray(at, at + length));
+          at += length;
+        }
+        this.sendRaw(pieces);
+      }
+    } finally {
+      this.atHead = false;
+    }
+    this.releaseHeld();
+    if (this.closed) return;
+    if (wasBacklogged && !this.backlogged) this.policy.observeCompressionWait(performance.now() - this.backloggedSince);
+    this.onWritten?.();
+  }
+
+  /** Writes what waited, in order, up to the next batch for the pool (which then goes there). */
+  private releaseHeld(): void {
+    while (!this.onPool && this.held.length > 0 && !this.closed) {
+      const next = this.held.shift() as Held;
+      if ('bytes' in next) {
+        this.heldByteCount -= next.bytes.length;
+        this.write(next.bytes, next.done);
+      } else if ('batch' in next) {
+        this.startOnPool(next.batch);
+      } else {
+        next.task();
+      }
+    }
   }
 
   private writeRaw(bytes: Buffer): void {
-    this.write(frameHeader(FrameType.Literal, bytes.length));
-    this.write(bytes);
+    this.inOrder(frameHeader(FrameType.Literal, bytes.length));
+    this.inOrder(bytes);
   }
 }
 
