@@ -11,6 +11,8 @@
  *       [--qemu 10.0] [--machine pc-i440fx-10.0] [--out FILE.json]
  *       [--uncompressed]           also through bfmig with `compression: off` (deltas auto): path
  *                                  'bfmig-uncompressed', which splits bfmig's cost between the two
+ *       [--thread-pool]            also through bfmig compressing on libuv's thread pool
+ *                                  (`compressionRunsOn: thread-pool`): path 'bfmig-thread-pool'
  *       [--multifd N]              every leg with QEMU's multifd on, N channels (each path carries them)
  *       [--downtime-ms 500]        QEMU's downtime-limit at the source of every leg (QEMU's default is 300)
  *
@@ -34,7 +36,7 @@ import { median } from '../src/common/median';
 /** Node flags of the gateway processes: the deployment's recommended ones unless overridden (e.g. with --cpu-prof). */
 const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
 
-const PATHS: readonly LegPath[] = ['bfmig', 'bfmig-uncompressed', 'bfmig-plain', 'relay'];
+const PATHS: readonly LegPath[] = ['bfmig', 'bfmig-thread-pool', 'bfmig-uncompressed', 'bfmig-plain', 'relay'];
 const GiB = 2 ** 30;
 
 /** "median (min–max)" of `values`, each formatted by `f`. */
@@ -87,6 +89,21 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
       spread(at.map((l) => l.dirtySyncCount), (v) => v.toFixed(0)),
     ]),
   );
+  // The event loop's share: what bounds a gateway with cores to spare (zstd on the thread pool leaves it).
+  lines.push('', 'main threads (event loops): median CPU s/GiB of QEMU stream, and their share of the process');
+  lines.push('leg  path               main s/GiB send      main s/GiB receive   share send, receive');
+  lines.push(
+    ...perPath(legs, (at) => {
+      const main = (l: LegResult, side: 'Send' | 'Receive'): number | null => l[`gatewayMainThreadSeconds${side}`] ?? null;
+      const share = (side: 'Send' | 'Receive'): string =>
+        medianOf(present(at.map((l) => (main(l, side) === null || !l[`gatewayCpuSeconds${side}`] ? null : (main(l, side) as number) / (l[`gatewayCpuSeconds${side}`] as number)))));
+      return [
+        medianOf(present(at.map((l) => perGiB(main(l, 'Send'), l.streamBytes)))).padEnd(20),
+        medianOf(present(at.map((l) => perGiB(main(l, 'Receive'), l.streamBytes)))).padEnd(20),
+        `${share('Send')}, ${share('Receive')}`,
+      ];
+    }),
+  );
   lines.push('', 'paired by run (each run migrates every path): total time of each bfmig path less bfmig-plain\'s in that run');
   for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
     const plain = legs.filter((l) => l.leg === leg && l.path === 'bfmig-plain');
@@ -109,7 +126,7 @@ async function main(): Promise<void> {
   const text = { type: 'string' } as const;
   const { values: args } = parseArgs({
     args: process.argv.slice(2),
-    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, multifd: text, 'downtime-ms': text, uncompressed: { type: 'boolean' } },
+    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, multifd: text, 'downtime-ms': text, uncompressed: { type: 'boolean' }, 'thread-pool': { type: 'boolean' } },
     strict: true,
   });
   const runs = Number(args.runs ?? 2);
@@ -147,6 +164,7 @@ async function main(): Promise<void> {
         relay: true,
         plain: true,
         uncompressed: args.uncompressed === true,
+        threadPool: args['thread-pool'] === true,
         gatewayProcesses: true,
         gatewayNodeArgs: nodeArgs,
         out: process.stdout,

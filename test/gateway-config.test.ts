@@ -71,7 +71,7 @@ describe('parseConfig', () => {
       insecurePlaintext: true,
       shutdownGraceSeconds: 12.5,
       compression: true,
-      compressOffLoop: true,
+      compressOffLoop: false,
       deltas: 'auto',
       storeBudget: 200 * 2 ** 30,
       routes: [
@@ -138,8 +138,8 @@ describe('parseConfig', () => {
     expect(parseConfig(minimal('compression: zstd\n')).compression).toBe(true);
   });
 
-  test('compressionRunsOn: the thread pool by default, or the event loop', () => {
-    expect(parseConfig(minimal()).compressOffLoop).toBe(true);
+  test('compressionRunsOn: the event loop by default, or the thread pool', () => {
+    expect(parseConfig(minimal()).compressOffLoop).toBe(false);
     expect(parseConfig(minimal('compressionRunsOn: thread-pool\n')).compressOffLoop).toBe(true);
     expect(parseConfig(minimal('compressionRunsOn: event-loop\n')).compressOffLoop).toBe(false);
   });

@@ -105,12 +105,14 @@ function channelShare(site: Site, from: number): { streamBytes: number; wanBytes
   return { streamBytes: total('streamBytes'), wanBytes: total('wanBytes') };
 }
 
-describe('multifd channels through a gateway pair', () => {
+// Each channel's zstd batches on the event loop (the default) and on libuv's thread pool.
+describe.each(['event-loop', 'thread-pool'])('multifd channels through a gateway pair, compressing on the %s', (runsOn) => {
   let a: Site;
   let b: Site;
 
   beforeEach(async () => {
-    [a, b] = await startPair(suiteTempDir('bfmig-multifd-'), [LIMITS, LIMITS]);
+    const config = `${LIMITS}compressionRunsOn: ${runsOn}\n`;
+    [a, b] = await startPair(suiteTempDir('bfmig-multifd-'), [config, config]);
   });
 
   afterEach(() => stopPair([a, b]));

@@ -502,6 +502,31 @@ describe('batches compressed on the thread pool (offThread)', () => {
     expect(written.reduce((a, b) => a + b, 0)).toBeLessThan(100_000 / 2);
   });
 
+  test('a batch back from the pool, and what waited behind it, are written with the writer corked (one writev)', async () => {
+    let corkedNow = false;
+    const writes: Array<{ bytes: number; corked: boolean }> = [];
+    const pooled = new LiteralFrames(
+      (b) => writes.push({ bytes: b.length, corked: corkedNow }),
+      ZSTD,
+      true,
+      (run) => {
+        corkedNow = true;
+        try {
+          run();
+        } finally {
+          corkedNow = false;
+        }
+      },
+    );
+    pooled.literal(textBytes(100_000, 12));
+    pooled.flush();
+    for (let i = 0; i < 10; i++) pooled.inOrder(randomBytes(40));
+    expect(writes).toHaveLength(0);
+    await settled(pooled);
+    expect(writes).toHaveLength(11);
+    expect(writes.every((w) => w.corked)).toBe(true);
+  });
+
   test('the bytes of a batch on the pool may be read into again as soon as flush() returns', async () => {
     const wire = receiver();
     const pooled = new LiteralFrames((b) => wire.parser.push(Buffer.from(b)), ZSTD, true);
@@ -758,24 +783,28 @@ describe('CompressionPolicy', () => {
     expect(policy.compressNext(CHUNK)).toBe(true);
   });
 
-  test('idle time the session spent waiting for batches on the thread pool is the gateway\'s pace: a stretch of it backs compression off', () => {
-    const waiting = sessionPolicy();
-    const notWaiting = sessionPolicy();
-    // The loop busy half the time, as when the source sets the pace; but for one policy that idle half was
-    // spent not reading, batches waiting for the pool.
+  test('CPU time compression took on the thread pool counts as the event loop busy: a stretch whose loop idled while the pool compressed backs compression off', () => {
+    const pooled = sessionPolicy();
+    const onLoop = sessionPolicy();
+    const sourcePaced = sessionPolicy();
+    // Per chunk: the same zstd work (1 ms), on the pool for one policy, on the loop for another; the
+    // third's loop waited that millisecond for the source.
     for (let i = 0; i < DRAINED_CHUNKS; i++) {
-      waiting.observeCompressionWait(1);
-      for (const policy of [waiting, notWaiting]) {
-        policy.observeLoop(1, 1);
+      pooled.observeOffLoopWork(1);
+      pooled.observeLoop(1, 1);
+      onLoop.observeLoop(2, 0);
+      sourcePaced.observeLoop(1, 1);
+      for (const policy of [pooled, onLoop, sourcePaced]) {
         policy.observeWan(false, CHUNK);
         policy.noteLiteral(CHUNK);
       }
     }
-    expect(notWaiting.savingPays).toBe(true);
-    expect(waiting.savingPays).toBe(false);
-    // A wait longer than the loop's idle time counts as that idle time only: it is not carried into the next stretch.
+    expect(sourcePaced.savingPays).toBe(true);
+    expect(onLoop.savingPays).toBe(false);
+    expect(pooled.savingPays).toBe(false);
+    // Pool time beyond the loop's idle time counts as that idle time only, and is not carried into the next stretch.
     const policy = sessionPolicy();
-    policy.observeCompressionWait(1000);
+    policy.observeOffLoopWork(1000);
     drained(policy, DRAINED_CHUNKS, 1, 1);
     expect(policy.savingPays).toBe(true);
   });

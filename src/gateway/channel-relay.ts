@@ -36,6 +36,7 @@ import type { RouteConfig } from './config';
 import { channelLabel, type ChannelGroup, type ExtraChannel } from './migration-channels';
 import { OutputSlabs } from './output-slabs';
 import { heldDownstream, laterDownstream, PooledReads } from './pooled-reads';
+import { corked } from './socket-tuning';
 import { WanPace } from './wan-pace';
 import { decodePayload, ProtocolViolation } from './protocol-violation';
 import { CONNECT_TIMEOUT_MS, peerText } from './session';
@@ -58,7 +59,7 @@ export interface ChannelReceiverOptions extends RelayOptions {
 
 export interface ChannelSenderOptions extends RelayOptions {
   site: string;
-  /** Compress on libuv's thread pool, not on the event loop (config `compressionRunsOn`; default true). */
+  /** Compress on libuv's thread pool, not on the event loop (config `compressionRunsOn: thread-pool`; default false). */
   compressOffLoop?: boolean;
   route: RouteConfig;
   transport: PeerTransport;
@@ -252,7 +253,7 @@ export class ChannelSender extends ChannelRelay {
       if (early !== null) this.onSourceData(early, false);
       this.readSource();
     });
-    const literals = new LiteralFrames((bytes, done) => this.toPeer(bytes, done), group.compression, this.sender.compressOffLoop ?? true);
+    const literals = new LiteralFrames((bytes, done) => this.toPeer(bytes, done), group.compression, this.sender.compressOffLoop ?? false, (writes) => corked(peer, writes));
     literals.policy.startsAtFullRate();
     literals.onWritten = () => this.readSource();
     literals.onError = (err) => this.fail(`${this.label}: ${err.message}`);

@@ -9,8 +9,8 @@
  * insecurePlaintext: false     # optional (default false)
  * shutdownGraceSeconds: 30     # optional, 0 < n <= 86400 (default 30)
  * compression: zstd            # optional: zstd (default) or off, for Literal bytes across the WAN
- * compressionRunsOn: thread-pool # optional: thread-pool (default: libuv's threads, beside the event
- *                              # loop) or event-loop (one core for all of a gateway's migrations)
+ * compressionRunsOn: event-loop # optional: event-loop (default) or thread-pool (libuv's threads, beside
+ *                              # the event loop: for a gateway with cores to spare)
  * deltas: auto                 # optional: a changed page as the bytes that changed: auto (when the
  *                              # WAN sets the pace or the store reads are quick), always, or off
  * routes:                      # optional
@@ -131,7 +131,7 @@ export interface GatewayConfig {
   shutdownGraceSeconds: number;
   /** Compress Literal bytes across the WAN when the peer can (`compression: zstd`, the default; `off`). */
   compression: boolean;
-  /** Compress on libuv's thread pool (`compressionRunsOn: thread-pool`, the default), not on the event loop. */
+  /** Compress on libuv's thread pool (`compressionRunsOn: thread-pool`), not on the event loop (`event-loop`, the default). */
   compressOffLoop: boolean;
   /** Changed pages as deltas against the version both sites hold: `auto` (when they pay), `always`, `off`. */
   deltas: DeltaMode;
@@ -230,7 +230,7 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
   const compressionValue = optional(root, 'compression') ?? 'zstd';
   if (compressionValue !== 'zstd' && compressionValue !== 'off') fail('compression', `must be zstd or off, not ${describe(compressionValue)}`);
   const compression = compressionValue === 'zstd';
-  const runsOn = optional(root, 'compressionRunsOn') ?? 'thread-pool';
+  const runsOn = optional(root, 'compressionRunsOn') ?? 'event-loop';
   if (runsOn !== 'thread-pool' && runsOn !== 'event-loop') fail('compressionRunsOn', `must be thread-pool or event-loop, not ${describe(runsOn)}`);
   const compressOffLoop = runsOn === 'thread-pool';
   const deltasValue = optional(root, 'deltas') ?? 'auto';

@@ -40,7 +40,7 @@ import { helloCompression, LiteralFrames, offeredCompression, type WriteDone, ZS
 import type { DeltaMode, RouteConfig } from './config';
 import { ReturnPathMessages } from './return-path-relay';
 import { heldDownstream, PooledReads } from './pooled-reads';
-import { SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './socket-tuning';
+import { corked, SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './socket-tuning';
 import type { PeerTransport } from './transport';
 import { errorMessage } from '../common/errors';
 import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, IdleWatch, peerText, type ReuseMode, type SessionObserver } from './session';
@@ -96,7 +96,7 @@ export interface SendOptions {
   wan: WanShare;
   /** Offer the peer zstd compression of Literal bytes (config `compression`). */
   compression: boolean;
-  /** Compress on libuv's thread pool, not on the event loop (config `compressionRunsOn`; default true). */
+  /** Compress on libuv's thread pool, not on the event loop (config `compressionRunsOn: thread-pool`; default false). */
   compressOffLoop?: boolean;
   /** Send changed pages as deltas (config `deltas`): when they pay, always, or never. */
   deltas: DeltaMode;
@@ -320,8 +320,9 @@ export class SendSession {
     this.frames.maxPayload = this.options.maxFrameBytes;
     this.peer.setTimeout(0);
     const { site, snapshotId } = offer;
-    this.life.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: offer.presentPages, localSnapshot: this.localSnapshot, compression });
-    const literals = new LiteralFrames((bytes, done) => this.toWire(bytes, done), compression, this.options.compressOffLoop ?? true);
+    const literals = new LiteralFrames((bytes, done) => this.toWire(bytes, done), compression, this.options.compressOffLoop ?? false, (writes) => corked(this.peer, writes));
+    const compressionRunsOn = compression === null ? null : literals.offThread ? 'thread-pool' : 'event-loop';
+    this.life.event('peer offered', { peerSite: peerText(site), snapshotId: snapshotId === null ? null : peerText(snapshotId), presentPages: offer.presentPages, localSnapshot: this.localSnapshot, compression, compressionRunsOn });
     literals.onWritten = () => this.afterHeldWrites();
     literals.onReserve = (bytes) => this.options.wan.charge(bytes);
     literals.onError = (err) => this.fail(errorMessage(err));
@@ -484,13 +485,10 @@ export class SendSession {
     // Quiet because this session stopped reading is not the source's doing.
     if (this.table || this.peer.writableNeedDrain || this.options.wan.held) return void this.quietTimer?.refresh();
     if (encoder.counts.streamBytes === this.sealedBytes) return;
-    this.peer.cork();
-    try {
+    corked(this.peer, () => {
       if (encoder.flush()) this.seal(encoder);
       this.literals?.flush();
-    } finally {
-      this.peer.uncork();
-    }
+    });
   }
 
   private onSourceEnd(): void {

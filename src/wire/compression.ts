@@ -82,6 +82,14 @@ export function compressesOffThread(): boolean {
   return zstd().zstdCompressAsync !== undefined;
 }
 
+/**
+ * Smaller batches are compressed on the event loop even with `offThread`, unless one is on the pool
+ * already (they then queue behind it: one zstd stream). A trip to the pool cost 15–50 µs of CPU more
+ * than the call itself (a 4 KiB batch 29 µs against 14, 64 KiB 162 against 111), and a multifd channel,
+ * whose batches end at every Run and Delta, made mostly small ones: sent to the pool, they made a
+ * 4-channel first leg's sending gateway spend 5.5 CPU s/GiB instead of 3.5.
+ */
+export const POOL_MIN_BATCH_BYTES = 64 * 1024;
 /** Bytes of batches and frames held back behind a batch on the thread pool beyond which the session stops reading. */
 export const MAX_HELD_BYTES = 4 * MAX_BATCH_BYTES;
 
@@ -170,8 +178,6 @@ export class LiteralFrames {
   private closed = false;
   /** The batch back from the pool is being written: it goes before everything held, so straight to the writer. */
   private atHead = false;
-  /** When `backlogged` last turned true (performance.now()). */
-  private backloggedSince = 0;
   /**
    * Called once a batch back from the pool, and what waited behind it, went to the writer: the session
    * weighs its backpressure again (a WAN cap charged for them, the socket, `backlogged`).
@@ -191,6 +197,12 @@ export class LiteralFrames {
     private readonly write: (bytes: Buffer, done?: WriteDone) => void,
     compression: typeof ZSTD | null,
     offThread = false,
+    /**
+     * Runs its argument with the writer's socket corked (what it writes then leaves in one writev): for
+     * what a batch back from the pool writes, outside the session's own corking of a source chunk.
+     * Without it, each held Run or Delta was a write call of its own.
+     */
+    private readonly corked: (writes: () => void) => void = (writes) => writes(),
   ) {
     this.compressor = compression === ZSTD ? zstd().zstdCompressorNew(ZSTD_LEVEL, ZSTD_WINDOW_LOG) : null;
     this.pooled = this.compressor !== null && offThread && zstd().zstdCompressAsync !== undefined;
@@ -225,7 +237,7 @@ export class LiteralFrames {
     if (this.closed) return;
     if (!this.atHead && (this.onPool || this.held.length > 0)) {
       this.held.push({ bytes, done });
-      this.holdBytes(bytes.length);
+      this.heldByteCount += bytes.length;
       return;
     }
     this.write(bytes, done);
@@ -313,7 +325,7 @@ export class LiteralFrames {
     // A framed batch mostly of Runs and Deltas goes raw, unweighed (see above).
     const worthTrying = this.framed ? literalBytes >= MIN_BATCH_BYTES && literalBytes * 2 >= total : total >= MIN_BATCH_BYTES;
     if (worthTrying && this.policy.compressNext(literalBytes)) {
-      if (this.pooled) return this.toPool(batch, total);
+      if (this.pooled && (total >= POOL_MIN_BATCH_BYTES || this.onPool || this.held.length > 0)) return this.toPool(batch, total);
       // Timed as a whole (the frame's buffer, zstd, the header), in this thread's CPU time: what the policy
       // weighs the saving against. A wall clock, on a host whose cores are shared, put 0.3–6 ms on batches
       // alike, and the policy skipped compressible batches after the slow ones.
@@ -389,16 +401,10 @@ export class LiteralFrames {
       pieces.push(piece.length);
     }
     const pending: PoolBatch = { input, total, pieces };
-    this.holdBytes(total);
+    this.heldByteCount += total;
     this.onReserve?.(total);
     if (this.onPool || this.held.length > 0) this.held.push({ batch: pending });
     else this.startOnPool(pending);
-  }
-
-  /** `bytes` more are held back (until pooledDone or releaseHeld counts them out). */
-  private holdBytes(bytes: number): void {
-    if (!this.backlogged && this.heldByteCount + bytes >= MAX_HELD_BYTES) this.backloggedSince = performance.now();
-    this.heldByteCount += bytes;
   }
 
   private startOnPool(batch: PoolBatch): void {
@@ -421,28 +427,30 @@ export class LiteralFrames {
       this.onError?.(new Error(`zstd compression failed: ${error}`));
       return;
     }
-    const wasBacklogged = this.heldByteCount + batch.total >= MAX_HELD_BYTES;
-    this.atHead = true;
-    try {
-      if (this.compressed(frame, written, batch.total, seconds)) {
-        this.spareInputs.push(batch.input);
-      } else {
-        // Back as it was gathered: the same frames raw as on the event loop (views of the input, which
-        // is not reused: the writer may hold them).
-        const pieces: Buffer[] = [];
-        let at = 0;
-        for (const length of batch.pieces) {
-          pieces.push(batch.input.subarray(at, at + length));
-          at += length;
+    this.policy.observeOffLoopWork(seconds * 1000);
+    // Its frame and everything that waited behind it leave in one writev, as a source chunk's frames do.
+    this.corked(() => {
+      this.atHead = true;
+      try {
+        if (this.compressed(frame, written, batch.total, seconds)) {
+          this.spareInputs.push(batch.input);
+        } else {
+          // Back as it was gathered: the same frames raw as on the event loop (views of the input, which
+          // is not reused: the writer may hold them).
+          const pieces: Buffer[] = [];
+          let at = 0;
+          for (const length of batch.pieces) {
+            pieces.push(batch.input.subarray(at, at + length));
+            at += length;
+          }
+          this.sendRaw(pieces);
         }
-        this.sendRaw(pieces);
+      } finally {
+        this.atHead = false;
       }
-    } finally {
-      this.atHead = false;
-    }
-    this.releaseHeld();
+      this.releaseHeld();
+    });
     if (this.closed) return;
-    if (wasBacklogged && !this.backlogged) this.policy.observeCompressionWait(performance.now() - this.backloggedSince);
     this.onWritten?.();
   }
 

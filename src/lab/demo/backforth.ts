@@ -61,6 +61,8 @@ export interface BackForthOptions {
   scribble?: { bytes: number; perSecond: number };
   /** Also migrate through a second gateway pair with `compression: off`, path 'bfmig-uncompressed'. */
   uncompressed?: boolean;
+  /** Also migrate through a gateway pair that compresses on libuv's thread pool (`compressionRunsOn: thread-pool`), path 'bfmig-thread-pool'. */
+  threadPool?: boolean;
   /** Also migrate through a gateway pair with `compression: off` and `deltas: off` (the gateway before either existed), path 'bfmig-plain'. */
   plain?: boolean;
   /**
@@ -77,10 +79,11 @@ export interface BackForthOptions {
 }
 
 /**
- * How a leg crossed: QEMU to QEMU, through two plain TCP relays, through bfmig (compressing), through
- * bfmig with `compression: off`, through bfmig with `compression: off` and `deltas: off`.
+ * How a leg crossed: QEMU to QEMU, through two plain TCP relays, through bfmig (compressing on the event
+ * loop), through bfmig compressing on the thread pool, through bfmig with `compression: off`, through
+ * bfmig with `compression: off` and `deltas: off`.
  */
-export type LegPath = 'direct' | 'relay' | 'bfmig' | 'bfmig-uncompressed' | 'bfmig-plain';
+export type LegPath = 'direct' | 'relay' | 'bfmig' | 'bfmig-thread-pool' | 'bfmig-uncompressed' | 'bfmig-plain';
 
 export interface LegResult {
   leg: number;
@@ -145,6 +148,9 @@ export interface LegResult {
   /** Of those, the seconds in the kernel (sockets, disk, page faults). */
   gatewaySystemSecondsSend: number | null;
   gatewaySystemSecondsReceive: number | null;
+  /** Of those, the main thread's (the event loop: what bounds a gateway with cores to spare); absent in older results. */
+  gatewayMainThreadSecondsSend?: number | null;
+  gatewayMainThreadSecondsReceive?: number | null;
   verified: boolean;
   /** Whether migrate-start-postcopy was issued while the leg was still active. */
   postcopyStarted: boolean;
@@ -258,6 +264,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       return pair;
     };
     pairs.set('bfmig', await startPair('compressed', ''));
+    if (o.threadPool) pairs.set('bfmig-thread-pool', await startPair('thread-pool', 'compressionRunsOn: thread-pool\n'));
     if (o.uncompressed) pairs.set('bfmig-uncompressed', await startPair('uncompressed', 'compression: off\n'));
     if (o.plain) pairs.set('bfmig-plain', await startPair('plain', 'compression: off\ndeltas: off\n'));
     const sites = pairs.get('bfmig') as Site[];
@@ -380,6 +387,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           gatewayCpuSecondsReceive: cpuDelta(cpuBefore.receive, cpuAfter.receive, 'cpuSeconds'),
           gatewaySystemSecondsSend: cpuDelta(cpuBefore.send, cpuAfter.send, 'systemSeconds'),
           gatewaySystemSecondsReceive: cpuDelta(cpuBefore.receive, cpuAfter.receive, 'systemSeconds'),
+          gatewayMainThreadSecondsSend: cpuDelta(cpuBefore.send, cpuAfter.send, 'mainThreadSeconds'),
+          gatewayMainThreadSecondsReceive: cpuDelta(cpuBefore.receive, cpuAfter.receive, 'mainThreadSeconds'),
           verified: verified && info.status === 'completed' && (report === undefined || report.result === 'completed'),
           postcopyStarted,
           verbatim: report?.verbatim ?? null,

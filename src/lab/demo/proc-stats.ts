@@ -8,16 +8,18 @@ export interface ProcStats {
   cpuSeconds: number;
   /** Of those, the seconds spent in the kernel (socket and disk system calls, page faults). */
   systemSeconds: number;
+  /** Of those, the main thread's (a Node process's event loop; the rest: libuv's pool, the store's threads, V8's). */
+  mainThreadSeconds: number;
   /** Peak resident set size (VmHWM), MiB. */
   peakRssMiB: number;
 }
 
 /** A process's CPU seconds so far, and of them the seconds in the kernel. */
-export type CpuTime = Pick<ProcStats, 'cpuSeconds' | 'systemSeconds'>;
+export type CpuTime = Pick<ProcStats, 'cpuSeconds' | 'systemSeconds' | 'mainThreadSeconds'>;
 
 /** The CPU time of `stats`. */
 export function cpuTime(stats: ProcStats): CpuTime {
-  return { cpuSeconds: stats.cpuSeconds, systemSeconds: stats.systemSeconds };
+  return { cpuSeconds: stats.cpuSeconds, systemSeconds: stats.systemSeconds, mainThreadSeconds: stats.mainThreadSeconds };
 }
 
 /** CPU time and peak RSS of a running process on this host, from /proc. */
@@ -28,7 +30,7 @@ export function procStats(pid: number): ProcStats {
   const cpu = Number(fields[11]) / CLOCK_TICKS + system;
   const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
   const hwm = /VmHWM:\s+(\d+) kB/.exec(status);
-  return { cpuSeconds: cpu, systemSeconds: system, peakRssMiB: hwm ? Number(hwm[1]) / 1024 : NaN };
+  return { cpuSeconds: cpu, systemSeconds: system, mainThreadSeconds: threadCpuSeconds(pid, pid), peakRssMiB: hwm ? Number(hwm[1]) / 1024 : NaN };
 }
 
 /**
