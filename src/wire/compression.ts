@@ -84,10 +84,10 @@ export function compressesOffThread(): boolean {
 
 /**
  * Smaller batches are compressed on the event loop even with `offThread`, unless one is on the pool
- * already (they then queue behind it: one zstd stream). A trip to the pool cost 15–50 µs of CPU more
- * than the call itself (a 4 KiB batch 29 µs against 14, 64 KiB 162 against 111), and a multifd channel,
- * whose batches end at every Run and Delta, made mostly small ones: sent to the pool, they made a
- * 4-channel first leg's sending gateway spend 5.5 CPU s/GiB instead of 3.5.
+ * already (they then queue behind it: one zstd stream). A trip to the pool cost 30–45 µs of CPU more
+ * than the call itself, both threads counted (a 4 KiB batch 42 µs against 12, 64 KiB 153 against 111,
+ * 256 KiB 455 against 413, one at a time on a quiet host), and a multifd channel, whose batches end at
+ * every Run and Delta, made mostly small ones.
  */
 export const POOL_MIN_BATCH_BYTES = 64 * 1024;
 /** Bytes of batches and frames held back behind a batch on the thread pool beyond which the session stops reading. */
