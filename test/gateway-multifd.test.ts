@@ -101,6 +101,8 @@ function pagesDiffering(site: Site, pages: Buffer[], vm = 'vm1'): number[] {
 function channelShare(site: Site, from: number): { streamBytes: number; wanBytes: number } {
   const ended = site.logs.slice(from).filter((l) => l.msg === 'channel ended');
   expect(ended).toHaveLength(4);
+  // Both gateways compress: each channel's Runs and Deltas went inside its batches (channel-compressed-frames).
+  expect(ended.map((l) => l.framesBatched)).toEqual([true, true, true, true]);
   const total = (key: string): number => ended.reduce((sum, l) => sum + Number(l[key]), 0);
   return { streamBytes: total('streamBytes'), wanBytes: total('wanBytes') };
 }

@@ -21,9 +21,9 @@ import { RUN_LEAD_BYTES } from '../proxy/run';
 import { LiteralFrames, LiteralInflater, type WriteDone } from '../wire/compression';
 import {
   type ChannelName,
+  checkCarriedFrames,
   decodeAbort,
   decodeSeal,
-  encodeFrame,
   encodeJson,
   FrameParser,
   frameHeader,
@@ -255,24 +255,27 @@ export class ChannelSender extends ChannelRelay {
     });
     const literals = new LiteralFrames((bytes, done) => this.toPeer(bytes, done), group.compression, this.sender.compressOffLoop ?? false, (writes) => corked(peer, writes));
     literals.policy.startsAtFullRate();
+    if (group.channelFramesBatched) literals.carryFrames();
     literals.onWritten = () => this.readSource();
     literals.onError = (err) => this.fail(`${this.label}: ${err.message}`);
     this.literals = literals;
-    /** A payload of the encoder's own (a slab it does not write again) goes out after the Literal bytes before it. */
+    /**
+     * A payload of the encoder's own (a slab it does not write again, a Run's buffer): inside the batch
+     * when the receiver takes CompressedFrames on channels, else after the Literal bytes before it.
+     */
     const frameOf =
       (type: FrameType) =>
       (payload: Buffer): void => {
+        const header = frameHeader(type, payload.length);
+        if (literals.carriesFrames) return literals.frame(header, payload);
         literals.flush();
-        literals.inOrder(frameHeader(type, payload.length));
+        literals.inOrder(header);
         literals.inOrder(payload);
       };
     const encoder = channelEncoder(
       {
         literal: (bytes) => literals.literal(bytes),
-        run: (payload) => {
-          literals.flush();
-          literals.inOrder(encodeFrame(FrameType.Run, payload));
-        },
+        run: frameOf(FrameType.Run),
         delta: frameOf(FrameType.Delta),
         siblingDelta: frameOf(FrameType.SiblingDelta),
       },
@@ -374,7 +377,7 @@ export class ChannelSender extends ChannelRelay {
         literals.afterHeld(() => {
           peer.end();
           this.sender.group.compressionSavedBytes += literals.savedBytes;
-          this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes });
+          this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes, framesBatched: literals.carriesFrames });
         });
       }),
     );
@@ -399,6 +402,8 @@ export class ChannelReceiver extends ChannelRelay {
   private decoder: ChannelDecoder | null = null;
   /** Compressed frames back into Literal bytes, when the main channel's handshake chose compression. */
   private readonly inflater: LiteralInflater | null;
+  /** A CompressedFrames frame has come: the sender batches whole frames, its zstd stream goes on across raw ones. */
+  private framesBatched = false;
   /**
    * The peer gateway's connection: as accepted until start(), then as this relay reads it (plain TCP:
    * adopted by PooledReads). Adopted only once the channel has joined its group, so that a channel
@@ -420,19 +425,15 @@ export class ChannelReceiver extends ChannelRelay {
     // and Deltas of a chunk are shown to the codec before it is rebuilt: their pages are read all at once.
     let hello = true;
     this.frames = new FrameParser(
-      (type, payload) => {
+      (type, payload, carried) => {
         if (hello && type === FrameType.Hello) hello = false;
-        else this.onFrame(type, payload);
+        else this.onFrame(type, payload, carried);
       },
       (type) => type === FrameType.Literal,
       {
         headBytes: RUN_LEAD_BYTES,
         wants: (type) => type === FrameType.Run || type === FrameType.Delta || type === FrameType.SiblingDelta,
-        look: (type, head, length) => {
-          if (type === FrameType.Run) this.decoder?.aheadOfRun?.(head, length);
-          else if (type === FrameType.Delta) this.decoder?.aheadOfDelta?.(head, length);
-          else this.decoder?.aheadOfSibling?.(head, length);
-        },
+        look: (type, head, length) => this.lookAhead(type, head, length),
         looked: () => this.decoder?.prefetchAhead?.(),
       },
     );
@@ -528,6 +529,32 @@ export class ChannelReceiver extends ChannelRelay {
     this.peer.pause();
   }
 
+  /**
+   * A batch of whole frames (Feature.ChannelCompressedFrames): checked whole, its Runs' and Deltas' pages
+   * read ahead as a chunk's are, then its frames delivered one by one before the frames after it.
+   */
+  private onCompressedFrames(payload: Buffer): void {
+    if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a CompressedFrames frame, but compression was not chosen');
+    this.framesBatched = true;
+    const batch = this.inflater.inflateBatch(payload);
+    if (batch === null) return;
+    let looked = false;
+    checkCarriedFrames(batch, (type, bytes, at, length) => {
+      if (type !== FrameType.Run && type !== FrameType.Delta && type !== FrameType.SiblingDelta) return;
+      this.lookAhead(type, bytes.subarray(at, at + Math.min(length, RUN_LEAD_BYTES)), length);
+      looked = true;
+    });
+    if (looked) this.decoder?.prefetchAhead?.();
+    this.frames.nest(batch);
+  }
+
+  /** Shows the codec a Run or a Delta it will rebuild soon (`head`: its payload's first bytes, `length`: the payload's): its pages are read ahead. */
+  private lookAhead(type: FrameType, head: Buffer, length: number): void {
+    if (type === FrameType.Run) this.decoder?.aheadOfRun?.(head, length);
+    else if (type === FrameType.Delta) this.decoder?.aheadOfDelta?.(head, length);
+    else this.decoder?.aheadOfSibling?.(head, length);
+  }
+
   /** Takes the peer's frames again once neither the destination nor the codec holds them back. */
   private readPeerOn(): void {
     if (this.over || this.decoder?.parked || this.destination?.writableNeedDrain) return;
@@ -541,17 +568,23 @@ export class ChannelReceiver extends ChannelRelay {
     if (this.peerGone && !this.ended && !this.endPending) this.fail(`the sending gateway closed ${this.label} before its end`);
   }
 
-  private onFrame(type: FrameType, payload: Buffer): void {
+  /** `carried`: the frame came in a CompressedFrames batch (checkCarriedFrames let only stream data in). */
+  private onFrame(type: FrameType, payload: Buffer, carried: boolean): void {
     if (this.over) return;
     const decoder = this.decoder as ChannelDecoder; // frames are read from the dial on
     switch (type) {
       case FrameType.Literal:
-        this.inflater?.raw();
+        // A raw Literal frame restarts the stream only where batches are of Literal bytes (Compressed).
+        if (!carried && !this.framesBatched) this.inflater?.raw();
         decoder.literal(payload);
         break;
       case FrameType.Compressed:
         if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a Compressed frame, but compression was not chosen');
+        if (this.framesBatched) throw new ProtocolViolation('unexpected-frame', `a Compressed frame on ${this.label} after CompressedFrames`);
         decoder.literal(this.inflater.inflate(payload));
+        break;
+      case FrameType.CompressedFrames:
+        this.onCompressedFrames(payload);
         break;
       case FrameType.Run:
         decoder.run(payload);

@@ -31,6 +31,8 @@ export interface MainChannel {
   postcopyAdvised(): boolean;
   /** The compression its handshake chose (known once the sender has the Offer): the extra channels use it too. */
   compression(): typeof ZSTD | null;
+  /** The receiver takes CompressedFrames on the extra channels (its Offer said so); a receiving group's main: absent. */
+  channelFramesBatched?(): boolean;
 }
 
 /** An extra channel's relay, as its group sees it. */
@@ -87,6 +89,11 @@ export class ChannelGroup {
   /** The compression of the migration's Literal bytes, chosen by the main channel's handshake. */
   get compression(): typeof ZSTD | null {
     return this.main.compression();
+  }
+
+  /** The extra channels' Runs and Deltas go inside their compressed batches (Feature.ChannelCompressedFrames). */
+  get channelFramesBatched(): boolean {
+    return this.main.channelFramesBatched?.() ?? false;
   }
 
   /** Multifd channels that joined so far. */

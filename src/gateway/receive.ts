@@ -409,7 +409,7 @@ export class ReceiveSession {
             presentPages: meta?.presentPages ?? 0,
             compression,
             // Deltas patch pages this store holds: without a store there is nothing to patch.
-            features: [...(deltas ? [Feature.Delta, Feature.BasesAhead, Feature.ChannelDeltas, Feature.ChannelSiblings, Feature.ChannelMatches] : []), ...(compression !== null ? [Feature.CompressedFrames] : [])],
+            features: [...(deltas ? [Feature.Delta, Feature.BasesAhead, Feature.ChannelDeltas, Feature.ChannelSiblings, Feature.ChannelMatches] : []), ...(compression !== null ? [Feature.CompressedFrames, Feature.ChannelCompressedFrames] : [])],
             ...(this.siblings ? { siblings: this.siblings.names } : {}),
           }),
         );

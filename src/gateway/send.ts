@@ -147,6 +147,8 @@ export class SendSession {
   private readonly reads: PooledReads;
   private readonly resumeLater = (): void => this.resumeSource();
   private readonly group: ChannelGroup;
+  /** The receiver takes CompressedFrames on the extra channels (its Offer listed Feature.ChannelCompressedFrames). */
+  private channelFramesBatched = false;
   /** The route's siblings this site holds snapshots of (from the Hello to the Offer). */
   private siblings: SentSiblings | null = null;
 
@@ -158,7 +160,7 @@ export class SendSession {
     private readonly options: SendOptions,
   ) {
     this.life = new SessionLifecycle('send', options.route.vm, options, () => this.progress());
-    this.group = options.openGroup({ abort: (reason) => this.fail(reason), postcopyAdvised: () => this.encoder?.postcopyAdvised ?? false, compression: () => (this.literals?.compressing ? ZSTD : null) });
+    this.group = options.openGroup({ abort: (reason) => this.fail(reason), postcopyAdvised: () => this.encoder?.postcopyAdvised ?? false, compression: () => (this.literals?.compressing ? ZSTD : null), channelFramesBatched: () => this.channelFramesBatched });
     accepted.pause();
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
     // Until the peer's Offer, only small frames: a peer cannot make us buffer (or log) megabytes of it.
@@ -327,6 +329,7 @@ export class SendSession {
     literals.onReserve = (bytes) => this.options.wan.charge(bytes);
     literals.onError = (err) => this.fail(errorMessage(err));
     if (offers(offer, Feature.CompressedFrames)) literals.carryFrames();
+    this.channelFramesBatched = literals.carriesFrames && offers(offer, Feature.ChannelCompressedFrames);
     this.literals = literals;
     this.life.compressionSaved = () => literals.savedBytes + this.group.compressionSavedBytes;
     this.encoder = new StreamEncoder(

@@ -147,6 +147,11 @@ export const enum Feature {
    * has been rebuilt, on whatever channel (proxy/multifd-decoder.ts).
    */
   ChannelMatches = 'channel-matches',
+  /**
+   * The receiver takes CompressedFrames on multifd channels too: a channel's Runs and Deltas travel inside
+   * its compressed batches, which then no longer end at each of them.
+   */
+  ChannelCompressedFrames = 'channel-compressed-frames',
 }
 
 export interface HelloMessage {
