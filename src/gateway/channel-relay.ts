@@ -21,7 +21,6 @@ import { RUN_LEAD_BYTES } from '../proxy/run';
 import { LiteralFrames, LiteralInflater, type WriteDone } from '../wire/compression';
 import {
   type ChannelName,
-  checkCarriedFrames,
   decodeAbort,
   decodeSeal,
   encodeJson,
@@ -536,16 +535,12 @@ export class ChannelReceiver extends ChannelRelay {
   private onCompressedFrames(payload: Buffer): void {
     if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a CompressedFrames frame, but compression was not chosen');
     this.framesBatched = true;
-    const batch = this.inflater.inflateBatch(payload);
-    if (batch === null) return;
-    let looked = false;
-    checkCarriedFrames(batch, (type, bytes, at, length) => {
-      if (type !== FrameType.Run && type !== FrameType.Delta && type !== FrameType.SiblingDelta) return;
+    const looked = this.inflater.nestBatch(payload, this.frames, (type, bytes, at, length) => {
+      if (type !== FrameType.Run && type !== FrameType.Delta && type !== FrameType.SiblingDelta) return false;
       this.lookAhead(type, bytes.subarray(at, at + Math.min(length, RUN_LEAD_BYTES)), length);
-      looked = true;
+      return true;
     });
     if (looked) this.decoder?.prefetchAhead?.();
-    this.frames.nest(batch);
   }
 
   /** Shows the codec a Run or a Delta it will rebuild soon (`head`: its payload's first bytes, `length`: the payload's): its pages are read ahead. */

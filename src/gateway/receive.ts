@@ -23,7 +23,6 @@ import { MultifdMigration } from '../proxy/multifd-migration';
 import type { PageLayout } from '../proxy/retained';
 import { validateVmName } from '../store';
 import {
-  checkCarriedFrames,
   decodeAbort,
   decodeEnd,
   decodeHello,
@@ -294,14 +293,7 @@ export class ReceiveSession {
     const decoder = this.requireDecoder();
     if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a CompressedFrames frame, but compression was not chosen');
     this.framesBatched = true;
-    const batch = this.inflater.inflateBatch(payload);
-    if (batch === null) return;
-    let deltas = false;
-    checkCarriedFrames(batch, (type, bytes, at, length) => {
-      if (this.lookAtDelta(type, bytes, at, length)) deltas = true;
-    });
-    if (deltas) decoder.prefetchAhead();
-    this.frames.nest(batch);
+    if (this.inflater.nestBatch(payload, this.frames, (type, bytes, at, length) => this.lookAtDelta(type, bytes, at, length))) decoder.prefetchAhead();
   }
 
   /**

@@ -33,7 +33,7 @@
 import { errorMessage } from '../common/errors';
 import { nativeExport } from '../digest';
 import { CompressionPolicy } from './compression-policy';
-import { FRAME_HEADER_BYTES, frameHeader, FrameType, WireError } from './frames';
+import { checkCarriedFrames, FRAME_HEADER_BYTES, type FrameParser, frameHeader, FrameType, WireError } from './frames';
 
 export const ZSTD = 'zstd';
 /** zstd's fastest regular level: at 1 it keeps up with a 1 Gbit/s link on one core. */
@@ -525,6 +525,23 @@ export class LiteralInflater {
       return null;
     }
     return this.inflate(payload);
+  }
+
+  /**
+   * A CompressedFrames payload: inflated, checked whole (checkCarriedFrames), each frame shown to `look`
+   * (its type, and its payload's place in the batch) so that its pages can be read ahead, then nested in
+   * `parser`, which delivers its frames before the frames after it. Returns whether `look` said yes to
+   * any (false for a restart of the stream).
+   */
+  nestBatch(payload: Buffer, parser: FrameParser, look: (type: FrameType, batch: Buffer, at: number, length: number) => boolean): boolean {
+    const batch = this.inflateBatch(payload);
+    if (batch === null) return false;
+    let looked = false;
+    checkCarriedFrames(batch, (type, bytes, at, length) => {
+      if (look(type, bytes, at, length)) looked = true;
+    });
+    parser.nest(batch);
+    return looked;
   }
 
   /** The Literal bytes of a Compressed frame's payload: a buffer of their own. */
