@@ -77,11 +77,6 @@ function zstdAddon(): ZstdAddon {
 let addon: ZstdAddon | null = null;
 const zstd = (): ZstdAddon => (addon ??= zstdAddon());
 
-/** Whether this build of the addon compresses on libuv's thread pool (LiteralFrames' `offThread`). */
-export function compressesOffThread(): boolean {
-  return zstd().zstdCompressAsync !== undefined;
-}
-
 /**
  * Smaller batches are compressed on the event loop even with `offThread`, unless one is on the pool
  * already (they then queue behind it: one zstd stream). A trip to the pool cost 30–45 µs of CPU more
@@ -89,9 +84,9 @@ export function compressesOffThread(): boolean {
  * 256 KiB 455 against 413, one at a time on a quiet host), and a multifd channel, whose batches end at
  * every Run and Delta, made mostly small ones.
  */
-export const POOL_MIN_BATCH_BYTES = 64 * 1024;
+const POOL_MIN_BATCH_BYTES = 64 * 1024;
 /** Bytes of batches and frames held back behind a batch on the thread pool beyond which the session stops reading. */
-export const MAX_HELD_BYTES = 4 * MAX_BATCH_BYTES;
+const MAX_HELD_BYTES = 4 * MAX_BATCH_BYTES;
 
 /**
  * CPU seconds the calling thread has used: what a batch's compression cost, where the wall clock also
@@ -227,6 +222,11 @@ export class LiteralFrames {
     return this.onPool;
   }
 
+  /** What is written now waits: a batch is on the pool, or things wait behind one. */
+  private get behindPool(): boolean {
+    return this.onPool || this.held.length > 0;
+  }
+
   /** The session stops reading its source: held bytes passed MAX_HELD_BYTES. */
   get backlogged(): boolean {
     return this.heldByteCount >= MAX_HELD_BYTES;
@@ -235,7 +235,7 @@ export class LiteralFrames {
   /** Bytes of a frame other than Literal bytes, written after everything before them (the batch gathering is not flushed). */
   inOrder(bytes: Buffer, done?: WriteDone): void {
     if (this.closed) return;
-    if (!this.atHead && (this.onPool || this.held.length > 0)) {
+    if (!this.atHead && this.behindPool) {
       this.held.push({ bytes, done });
       this.heldByteCount += bytes.length;
       return;
@@ -245,7 +245,7 @@ export class LiteralFrames {
 
   /** `task` runs after everything written before it has reached the writer (at once, unless a batch is on the pool). */
   afterHeld(task: () => void): void {
-    if (!this.atHead && (this.onPool || this.held.length > 0)) this.held.push({ task });
+    if (!this.atHead && this.behindPool) this.held.push({ task });
     else task();
   }
 
@@ -325,7 +325,7 @@ export class LiteralFrames {
     // A framed batch mostly of Runs and Deltas goes raw, unweighed (see above).
     const worthTrying = this.framed ? literalBytes >= MIN_BATCH_BYTES && literalBytes * 2 >= total : total >= MIN_BATCH_BYTES;
     if (worthTrying && this.policy.compressNext(literalBytes)) {
-      if (this.pooled && (total >= POOL_MIN_BATCH_BYTES || this.onPool || this.held.length > 0)) return this.toPool(batch, total);
+      if (this.pooled && (total >= POOL_MIN_BATCH_BYTES || this.behindPool)) return this.toPool(batch, total);
       // Timed as a whole (the frame's buffer, zstd, the header), in this thread's CPU time: what the policy
       // weighs the saving against. A wall clock, on a host whose cores are shared, put 0.3–6 ms on batches
       // alike, and the policy skipped compressible batches after the slow ones.
@@ -403,7 +403,7 @@ export class LiteralFrames {
     const pending: PoolBatch = { input, total, pieces };
     this.heldByteCount += total;
     this.onReserve?.(total);
-    if (this.onPool || this.held.length > 0) this.held.push({ batch: pending });
+    if (this.behindPool) this.held.push({ batch: pending });
     else this.startOnPool(pending);
   }
 
