@@ -392,8 +392,8 @@ export class LiteralFrames {
 
   /** A batch to compress on the thread pool: copied, then sent there in turn. */
   private toPool(batch: Buffer[], total: number): void {
-    let input = this.spareInputs.pop();
-    if (input === undefined || input.length < total) input = Buffer.allocUnsafe(MAX_BATCH_BYTES);
+    // Every input is MAX_BATCH_BYTES long: a batch never is longer.
+    const input = this.spareInputs.pop() ?? Buffer.allocUnsafe(MAX_BATCH_BYTES);
     const pieces: number[] = [];
     let at = 0;
     for (const piece of batch) {
