@@ -5,7 +5,7 @@
  * FUZZ_SEED=N picks another seed.
  */
 import fc from 'fast-check';
-import { RebuildError } from '../src/proxy/decoder';
+import { RebuildError } from '../src/proxy/rebuild-error';
 import { decodeRun, isHeld } from '../src/proxy/run';
 import { StreamInspector } from '../src/qemu/inspect';
 import { FRAME_HEADER_BYTES, FrameType } from '../src/wire/frames';

@@ -1,7 +1,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { DIGEST_BYTES } from '../src/digest';
-import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
+import { StreamDecoder } from '../src/proxy/decoder';
+import { RebuildError } from '../src/proxy/rebuild-error';
 import { StreamEncoder } from '../src/proxy/encoder';
 import { PageStore } from '../src/store';
 import { encodeFrame, FRAME_HEADER_BYTES, FrameParser, FrameType } from '../src/wire/frames';

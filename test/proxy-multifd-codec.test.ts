@@ -2,11 +2,12 @@ import { DIGEST_BYTES, digestOne } from '../src/digest';
 import { MemoryPages, Rng } from '../src/lab/harness/fuzz';
 import { dirty, guestMemory, type GuestMemory, patchPages } from '../src/lab/harness/migration-stream';
 import { multifdInit, multifdMigration, multifdPacket, multifdRoundTrip, type MultifdFormat } from '../src/lab/harness/multifd-stream';
-import { RebuildError } from '../src/proxy/decoder';
+import { RebuildError } from '../src/proxy/rebuild-error';
 import { DELTA_HEADER_BYTES, SIBLING_DELTA_LEAD_BYTES } from '../src/proxy/page-delta';
 import { MultifdEncoder } from '../src/proxy/multifd-encoder';
 import { Claim, MultifdMigration } from '../src/proxy/multifd-migration';
 import { layoutOf, ReceiverTable, type SiblingPages } from '../src/proxy/retained';
+import { newCounts } from '../src/proxy/transfer-counts';
 import { MAX_RUN_HELD, RunError } from '../src/proxy/run';
 import { StreamError } from '../src/qemu/errors';
 import { RecordKind } from '../src/qemu/records';
@@ -583,35 +584,36 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
   });
 });
 
-describe('Deltas against other pages of the epoch on the channels', () => {
-  /** A guest whose pages repeat (`copies`) and resemble (`alike`: 16 bytes changed) earlier ones, as page cache and heaps do. */
-  function repetitive(): { memory: GuestMemory; copies: number; alike: number } {
-    const memory = guestMemory([['pc.ram', 1600]], 41);
-    const rng = new Rng(42);
-    let copies = 0;
-    let alike = 0;
-    for (let i = 1; i < memory.pages.length; i++) {
-      const roll = rng.below(10);
-      if (roll >= 4) continue;
-      const from = memory.pages[rng.below(i)];
-      if (from.every((b) => b === 0)) continue;
-      memory.pages[i] = Buffer.from(from);
-      if (roll < 2) {
-        copies++;
-        continue;
-      }
-      for (let k = 0; k < 16; k++) memory.pages[i][rng.below(PAGE)] ^= 1 + rng.below(255);
-      alike++;
+/** A guest whose pages repeat (`copies`) and resemble (`alike`: 16 bytes changed) earlier ones, as page cache and heaps do. */
+function repetitiveMemory(): { memory: GuestMemory; copies: number; alike: number } {
+  const memory = guestMemory([['pc.ram', 1600]], 41);
+  const rng = new Rng(42);
+  let copies = 0;
+  let alike = 0;
+  for (let i = 1; i < memory.pages.length; i++) {
+    const roll = rng.below(10);
+    if (roll >= 4) continue;
+    const from = memory.pages[rng.below(i)];
+    if (from.every((b) => b === 0)) continue;
+    memory.pages[i] = Buffer.from(from);
+    if (roll < 2) {
+      copies++;
+      continue;
     }
-    return { memory, copies, alike };
+    for (let k = 0; k < 16; k++) memory.pages[i][rng.below(PAGE)] ^= 1 + rng.below(255);
+    alike++;
   }
+  return { memory, copies, alike };
+}
+
+describe('Deltas against other pages of the epoch on the channels', () => {
 
   test.each([
     ['decoded in the order sent', {}],
     ['decoded last channel first', { decodeOrder: [2, 1, 0] }],
     ['read interleaved, decoded last channel first', { interleave: true, decodeOrder: [2, 0, 1] }],
   ])("a first leg's pages that repeat or resemble another page sent in the epoch cross as Deltas against it, rebuilt byte for byte: %s", (_how, order) => {
-    const { memory, copies, alike } = repetitive();
+    const { memory, copies, alike } = repetitiveMemory();
     const layout = layoutOf(memory.blocks);
     const sender = new MemoryPages();
     const receiver = new LonePagesAskedAhead();
@@ -647,7 +649,7 @@ describe('Deltas against other pages of the epoch on the channels', () => {
     ['decoded in the order sent', undefined],
     ['decoded last channel first', [2, 1, 0]],
   ])('with the main channel a whole epoch ahead, zeroing every page, each Delta still goes against the version of its epoch: %s', (_how, decodeOrder) => {
-    const { memory } = repetitive();
+    const { memory } = repetitiveMemory();
     const layout = layoutOf(memory.blocks);
     const { sender, receiver } = stores(memory);
     const migration = multifdMigration(memory, { format: 'qemu-10.0', channels: 3, rounds: [all(memory)], leadingSync: true });
@@ -668,7 +670,7 @@ describe('Deltas against other pages of the epoch on the channels', () => {
   });
 
   test("QEMU 7.2 packets: pages away from a packet's ends go against other pages away from them", () => {
-    const { memory, copies } = repetitive();
+    const { memory, copies } = repetitiveMemory();
     const layout = layoutOf(memory.blocks);
     const { sender, receiver } = stores(memory);
     const migration = multifdMigration(memory, { format: 'qemu-7.2', channels: 3, rounds: [all(memory)], leadingSync: true });
@@ -681,6 +683,136 @@ describe('Deltas against other pages of the epoch on the channels', () => {
     memory.pages.forEach((page, i) => {
       if (page.some((b) => b !== 0)) expect(holds(receiver, i, page)).toBe(true);
     });
+  });
+});
+
+describe("Deltas against other pages' versions of earlier epochs (QEMU 7.2 syncs the channels after every RAM section)", () => {
+  /** Rounds of `size` pages each, as QEMU 7.2's short epochs slice a first leg. */
+  const slices = (memory: GuestMemory, size: number): number[][] => {
+    const rounds: number[][] = [];
+    for (let at = 0; at < memory.pages.length; at += size) rounds.push(all(memory).slice(at, at + size));
+    return rounds;
+  };
+
+  test.each<[MultifdFormat, readonly number[]]>([
+    ['qemu-10.0', [2, 1, 0]],
+    ['qemu-7.2', [2, 1, 0]],
+    ['qemu-10.0', [0, 1, 2]],
+  ])("%s packets, epochs of 64 pages, decoded in the order %j: a page like one of an earlier epoch goes against it, rebuilt byte for byte", (format, decodeOrder) => {
+    const { memory } = repetitiveMemory();
+    const layout = layoutOf(memory.blocks);
+    const shape = { format, channels: 3, rounds: slices(memory, 64), pagesPerPacket: 16 };
+    const trip = (earlierBases: boolean): ReturnType<typeof multifdRoundTrip> => {
+      const { sender, receiver } = stores(memory);
+      const migration = multifdMigration(memory, shape);
+      const result = multifdRoundTrip(migration.channels, layout, { store: sender, reference: new Uint8Array(layout.pageCount * DIGEST_BYTES) }, receiver, { chunk: 5000, matches: true, earlierBases, decodeOrder });
+      result.rebuilt.forEach((bytes, c) => expect(bytes.equals(migration.channels[c])).toBe(true));
+      memory.pages.forEach((page, i) => {
+        // QEMU 7.2 sends zero pages on the main channel, which this round trip leaves out.
+        if (format === 'qemu-10.0' || page.some((b) => b !== 0)) expect(holds(receiver, i, page)).toBe(true);
+      });
+      return result;
+    };
+    const sameEpoch = trip(false);
+    const earlier = trip(true);
+    const elsewhere = (side: { counts: { pagesMatched: number; pagesDelta: number } }[]): number => side.reduce((n, x) => n + x.counts.pagesMatched + x.counts.pagesDelta, 0);
+    expect(elsewhere(earlier.decoders)).toBe(elsewhere(earlier.encoders));
+    const againstEarlier = earlier.encoders.reduce((n, e) => n + e.earlierBaseDeltas, 0);
+    expect(sameEpoch.encoders.reduce((n, e) => n + e.earlierBaseDeltas, 0)).toBe(0);
+    // Most pages' originals were sent in an earlier epoch: they go against them now.
+    expect(againstEarlier).toBeGreaterThan(200);
+    expect(elsewhere(earlier.encoders)).toBeGreaterThan(elsewhere(sameEpoch.encoders) + 0.9 * againstEarlier);
+  });
+
+  /**
+   * Epoch 0: page 15 (A) on channel 1. Epoch 1: page 21 on channel 0 holds A's old content, and channel 1
+   * writes A anew. The sending gateway reads page 21 first (its chunks end at the SYNC), so the page goes
+   * against A's old version; the receiving gateway rebuilds channel 1 first, and A's new version is in
+   * its store before page 21's Delta is rebuilt.
+   */
+  function overwrittenBase(format: MultifdFormat): { channels: Buffer[]; firstChunk: number; memory: GuestMemory; newA: Buffer } {
+    const memory = guestMemory([['pc.ram', 32]], 77, 0);
+    // Nothing like the old version, nor any other page: it goes whole, and does not wait for page 21.
+    const newA = guestMemory([['pc.ram', 1]], 78, 0).pages[0];
+    memory.pages[21] = Buffer.from(memory.pages[15]);
+    const packet = (n: number, pages: [number, Buffer][]): Buffer => multifdPacket({ format, block: 'pc.ram', packetNumber: n, pages: pages.map(([i, data]) => ({ offset: i * PAGE, data })) });
+    const sync = (n: number): Buffer => multifdPacket({ format, packetNumber: n, block: '', pages: [], sync: true });
+    const range = (from: number, to: number): [number, Buffer][] => all(memory).slice(from, to).map((i) => [i, memory.pages[i]]);
+    const epoch0 = [Buffer.concat([multifdInit(0), packet(0, range(0, 10)), sync(2)]), Buffer.concat([multifdInit(1), packet(1, range(10, 20)), sync(3)])];
+    const channels = [
+      Buffer.concat([epoch0[0], packet(4, [[20, memory.pages[20]], [21, memory.pages[21]], [22, memory.pages[22]]]), sync(6)]),
+      Buffer.concat([epoch0[1], packet(5, [[23, memory.pages[23]], [15, newA], [24, memory.pages[24]]]), sync(7)]),
+    ];
+    memory.pages[15] = newA;
+    return { channels, firstChunk: epoch0[0].length, memory, newA };
+  }
+
+  test.each<MultifdFormat>(['qemu-10.0', 'qemu-7.2'])('%s: a base written again in the epoch on another channel, rebuilt there first, is kept for the Delta (KeepVersion)', (format) => {
+    const { channels, firstChunk, memory } = overwrittenBase(format);
+    expect(channels[1].length - firstChunk).toBe(channels[0].length - firstChunk);
+    const layout = layoutOf(memory.blocks);
+    const { sender, receiver } = stores(memory);
+    const trip = multifdRoundTrip(channels, layout, { store: sender, reference: new Uint8Array(layout.pageCount * DIGEST_BYTES) }, receiver, {
+      chunk: firstChunk,
+      interleave: true,
+      matches: true,
+      earlierBases: true,
+      decodeOrder: [1, 0],
+    });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(channels[c])).toBe(true));
+    expect(trip.encoders[0].earlierBaseDeltas).toBe(1);
+    expect(trip.decoders[0].counts.pagesMatched).toBe(1);
+    expect(trip.encoders[1].versionsKept).toBe(1);
+    for (let i = 0; i < 25; i++) expect(holds(receiver, i, memory.pages[i])).toBe(true);
+  });
+
+  test('without the KeepVersion frame the same Delta fails its digest check: no wrong byte is rebuilt', () => {
+    const { channels, firstChunk, memory } = overwrittenBase('qemu-10.0');
+    const layout = layoutOf(memory.blocks);
+    const { sender, receiver } = stores(memory);
+    const options = { chunk: firstChunk, interleave: true, matches: true, earlierBases: true, decodeOrder: [1, 0], dropKeepVersions: true };
+    expect(() => multifdRoundTrip(channels, layout, { store: sender, reference: new Uint8Array(layout.pageCount * DIGEST_BYTES) }, receiver, options)).toThrow(/Delta from a version of page 15 this store does not hold/);
+  });
+});
+
+describe("the main channel's KeepVersion frames (QEMU 7.2 sends zero pages on it)", () => {
+  /** A receiving side with page 5 held, its main channel in epoch 1, and channels at the SYNCs given. */
+  function receiving(syncs: number[]): { migration: MultifdMigration; page: Buffer } {
+    const memory = guestMemory([['pc.ram', 16]], 5, 0);
+    const layout = layoutOf(memory.blocks);
+    const store = emptyStore(layout);
+    store.writePage(5, memory.pages[5], 0, digestOf(memory.pages[5]), 0);
+    const migration = new MultifdMigration(store, syncs.length);
+    migration.begin(layout);
+    for (const at of syncs) migration.join({ counts: newCounts(), fallback: null, syncs: at, synchronising: true, parked: false, retainedAll: false, mayReadOn: () => false, unpark: () => undefined });
+    migration.mainRecord(RecordKind.RamEos);
+    return { migration, page: memory.pages[5] };
+  }
+
+  test('with every channel in its epoch, the version held is kept for the epoch', () => {
+    const { migration, page } = receiving([1, 1, 2]);
+    migration.keepVersionOnMain(5);
+    expect(migration.epochStart?.version(5, 1)?.equals(page)).toBe(true);
+  });
+
+  test('not with a channel behind it (the write is kept as overtaken), nor once every channel is past it', () => {
+    for (const syncs of [[0, 1], [2, 2]]) {
+      const { migration } = receiving(syncs);
+      migration.keepVersionOnMain(5);
+      expect(migration.epochStart?.version(5, 1) ?? null).toBeNull();
+    }
+  });
+
+  test('the sender asks for one before a main-channel write of a base a channel went against in that epoch, and only then', () => {
+    const memory = guestMemory([['pc.ram', 16]], 6, 0);
+    const migration = new MultifdMigration(null, 1);
+    migration.begin(layoutOf(memory.blocks));
+    migration.mainRecord(RecordKind.RamEos);
+    migration.wentAgainstEarlier(5, 1);
+    expect(migration.mainWriteKeeps(5)).toBe(true);
+    expect(migration.mainWriteKeeps(6)).toBe(false);
+    migration.mainRecord(RecordKind.RamEos);
+    expect(migration.mainWriteKeeps(5)).toBe(false);
   });
 });
 

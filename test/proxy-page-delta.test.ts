@@ -1,6 +1,7 @@
 import * as path from 'node:path';
 import { DIGEST_BYTES } from '../src/digest';
-import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
+import { StreamDecoder } from '../src/proxy/decoder';
+import { RebuildError } from '../src/proxy/rebuild-error';
 import { StreamEncoder } from '../src/proxy/encoder';
 import { RECENT_PAGES, RecentPages } from '../src/proxy/recent-pages';
 import { BASES_WINDOW, ReadsAhead, runsWindow } from '../src/proxy/reads-ahead';

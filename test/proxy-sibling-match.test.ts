@@ -5,7 +5,8 @@
  */
 import * as path from 'node:path';
 import { DIGEST_BYTES } from '../src/digest';
-import { RebuildError, StreamDecoder } from '../src/proxy/decoder';
+import { StreamDecoder } from '../src/proxy/decoder';
+import { RebuildError } from '../src/proxy/rebuild-error';
 import { StreamEncoder } from '../src/proxy/encoder';
 import { DELTA_BASE_DIGEST_AT, DELTA_NEW_DIGEST_AT, SIBLING_DELTA_LEAD_BYTES } from '../src/proxy/page-delta';
 import { SiblingMatch } from '../src/proxy/sibling-match';

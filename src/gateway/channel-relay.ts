@@ -277,6 +277,7 @@ export class ChannelSender extends ChannelRelay {
         run: frameOf(FrameType.Run),
         delta: frameOf(FrameType.Delta),
         siblingDelta: frameOf(FrameType.SiblingDelta),
+        keepVersion: frameOf(FrameType.KeepVersion),
       },
       multifd,
     );
@@ -376,7 +377,8 @@ export class ChannelSender extends ChannelRelay {
         literals.afterHeld(() => {
           peer.end();
           this.sender.group.compressionSavedBytes += literals.savedBytes;
-          this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes, framesBatched: literals.carriesFrames });
+          const { earlierBaseDeltas, versionsKept } = encoder;
+          this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes, framesBatched: literals.carriesFrames, earlierBaseDeltas, versionsKept });
         });
       }),
     );
@@ -593,6 +595,11 @@ export class ChannelReceiver extends ChannelRelay {
         // Offered (Feature.ChannelSiblings) where this gateway pinned siblings; a verbatim channel takes none.
         if (!decoder.siblingDelta) throw new ProtocolViolation('unexpected-frame', `a SiblingDelta frame on ${this.label}, which is relayed as it is`);
         decoder.siblingDelta(payload);
+        break;
+      case FrameType.KeepVersion:
+        // Offered (Feature.ChannelEarlierBases) wherever this gateway keeps a store; a verbatim channel takes none.
+        if (!decoder.keepVersion) throw new ProtocolViolation('unexpected-frame', `a KeepVersion frame on ${this.label}, which is relayed as it is`);
+        decoder.keepVersion(payload);
         break;
       case FrameType.End:
         this.onEnd(decoder, payload);

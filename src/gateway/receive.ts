@@ -263,6 +263,9 @@ export class ReceiveSession {
       case FrameType.SiblingDelta:
         this.requireDecoder().siblingDelta(payload);
         return;
+      case FrameType.KeepVersion:
+        this.requireDecoder().keepVersion(payload);
+        return;
       case FrameType.TableRequest:
         this.sendTable();
         return;
@@ -401,7 +404,7 @@ export class ReceiveSession {
             presentPages: meta?.presentPages ?? 0,
             compression,
             // Deltas patch pages this store holds: without a store there is nothing to patch.
-            features: [...(deltas ? [Feature.Delta, Feature.BasesAhead, Feature.ChannelDeltas, Feature.ChannelSiblings, Feature.ChannelMatches] : []), ...(compression !== null ? [Feature.CompressedFrames, Feature.ChannelCompressedFrames] : [])],
+            features: [...(deltas ? [Feature.Delta, Feature.BasesAhead, Feature.ChannelDeltas, Feature.ChannelSiblings, Feature.ChannelMatches, Feature.ChannelEarlierBases] : []), ...(compression !== null ? [Feature.CompressedFrames, Feature.ChannelCompressedFrames] : [])],
             ...(this.siblings ? { siblings: this.siblings.names } : {}),
           }),
         );

@@ -338,6 +338,7 @@ export class SendSession {
         run: (run) => this.dataFrame(FrameType.Run, run),
         delta: (delta) => this.dataFrame(FrameType.Delta, delta),
         siblingDelta: (delta) => this.dataFrame(FrameType.SiblingDelta, delta),
+        keepVersion: (page) => this.dataFrame(FrameType.KeepVersion, page),
       },
       this.life.retained,
       (layout) => this.chooseReference(layout, offer),
@@ -391,7 +392,10 @@ export class SendSession {
       };
       encoder.multifd = multifd;
       multifd.channelDeltas = encoder.deltas && offers(offer, Feature.ChannelDeltas);
-      if (encoder.deltas && offers(offer, Feature.ChannelMatches)) multifd.elsewhere = encoder;
+      if (encoder.deltas && offers(offer, Feature.ChannelMatches)) {
+        multifd.elsewhere = encoder;
+        multifd.earlierBases = offers(offer, Feature.ChannelEarlierBases);
+      }
       if (offers(offer, Feature.ChannelSiblings)) {
         multifd.siblings = encoder.siblings;
         multifd.siblingsPay = () => encoder.siblingsPay;

@@ -20,6 +20,8 @@ export interface ChannelFrames {
   delta?(payload: Buffer): void;
   /** Only where the receiver takes them (MultifdMigration.siblings). */
   siblingDelta?(payload: Buffer): void;
+  /** Only where the receiver takes them (MultifdMigration.earlierBases). */
+  keepVersion?(payload: Buffer): void;
 }
 
 /** What both sides' codecs share: the barrier may park them (see MultifdMigration). */
@@ -47,6 +49,9 @@ export interface ChannelEncoder extends ParkingCodec {
   readonly streamBytes: number;
   /** XXH3-64 of them, 16 hex digits. */
   readonly streamCheck: string;
+  /** A multifd channel's Deltas against another page's version of an earlier epoch, and its KeepVersion frames. */
+  readonly earlierBaseDeltas?: number;
+  readonly versionsKept?: number;
 }
 
 /** The receiving side: frames in, the channel's bytes out to the destination. */
@@ -59,6 +64,8 @@ export interface ChannelDecoder extends ParkingCodec {
   delta?(payload: Buffer): void;
   /** A SiblingDelta frame: a multifd channel's only (Feature.ChannelSiblings). */
   siblingDelta?(payload: Buffer): void;
+  /** A KeepVersion frame: a multifd channel's only (Feature.ChannelEarlierBases). */
+  keepVersion?(payload: Buffer): void;
   /**
    * A Run frame has arrived, to be given to run() after the frames before it: head[0 .. length) are its
    * payload's first bytes (RUN_LEAD_BYTES at most; valid during the call only). Every Run frame, in order.

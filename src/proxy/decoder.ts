@@ -4,7 +4,7 @@ import { StreamParser } from '../qemu/parser';
 import { type RamBlock, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
-import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
+import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, KEEP_VERSION_BYTES, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
 import { RecentPages } from './recent-pages';
 import { BASES_WINDOW, ReadsAhead } from './reads-ahead';
@@ -12,6 +12,7 @@ import { Claim, type MultifdMigration } from './multifd-migration';
 import { newCounts, type TransferCounts } from './transfer-counts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest, type SiblingPages } from './retained';
 import { errorMessage } from '../common/errors';
+import { RebuildError } from './rebuild-error';
 
 /**
  * Most device-state tail a receiver holds back until the stream is checked: real tails are well under a
@@ -26,11 +27,6 @@ export const DELTA_AHEAD_BYTES = DELTA_BASE_DIGEST_AT + DIGEST_BYTES;
 /** Delta bases read ahead from a store: lone pages, through its reader pool. */
 function basesAhead(from: Pick<RetainedPages, 'prefetchPages'>): ReadsAhead {
   return new ReadsAhead(BASES_WINDOW, (pages, _counts, count) => from.prefetchPages?.(pages, count));
-}
-
-/** The rebuilt stream cannot be trusted: the migration must fail rather than go on. */
-export class RebuildError extends Error {
-  override readonly name = 'RebuildError';
 }
 
 /**
@@ -250,6 +246,16 @@ export class StreamDecoder {
     if (sibling === undefined) throw new RebuildError(`SiblingDelta from sibling ${payload[0]}, but ${this.siblings.length} were confirmed`);
     this.patch(payload.subarray(SIBLING_DELTA_LEAD_BYTES), sibling, sibling.vm);
     this.counts.pagesSibling++;
+  }
+
+  /**
+   * A KeepVersion frame (Feature.ChannelEarlierBases): the main channel's next record writes the page it
+   * names, and a multifd channel's Delta of this epoch may go against the version held now.
+   */
+  keepVersion(payload: Buffer): void {
+    if (this.multifd === null) throw new RebuildError('a KeepVersion frame in a migration without multifd channels');
+    if (payload.length !== KEEP_VERSION_BYTES) throw new RebuildError(`KeepVersion frame of ${payload.length} bytes`);
+    this.multifd.keepVersionOnMain(payload.readUInt32BE(0));
   }
 
   /** Rebuilds a page from a Delta payload over a page of `from` (this VM's store, or sibling `sibling`'s) and passes it on. */

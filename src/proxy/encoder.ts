@@ -3,7 +3,7 @@ import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
 import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
-import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
+import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, KEEP_VERSION_BYTES, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
 import { ContentIndex } from './content-index';
 import { resemblanceKey, ResemblanceCache, ResemblanceWorth } from './resemblance-cache';
 import type { SiblingMatch } from './sibling-match';
@@ -21,6 +21,8 @@ export interface EncoderSink {
   delta?(payload: Buffer): void;
   /** A SiblingDelta payload (`page-delta.ts`): needed once the encoder has `siblings`. */
   siblingDelta?(payload: Buffer): void;
+  /** A KeepVersion payload (`page-delta.ts`): needed once a multifd migration has `earlierBases`. */
+  keepVersion?(payload: Buffer): void;
 }
 
 
@@ -395,6 +397,7 @@ export class StreamEncoder {
   }
 
   private onPage(record: RamPageRecord): void {
+    if (this.multifd?.mainWriteKeeps(record.pageIndex)) this.keepVersion(record);
     const retainer = this.retainer;
     const known = retainer.digestOf(record);
     const word = record.pageIndex * DIGEST_WORDS;
@@ -434,6 +437,20 @@ export class StreamEncoder {
     // The receiver now holds this version of the page (or, for encoded pages, nothing we can name).
     if (words !== null && reference !== storeTable) words.set(known ? retainer.digestWords : ABSENT, word);
     if (known) this.keepForLater(record, retainer.digestWords, this.pageKey);
+  }
+
+  /**
+   * A KeepVersion frame before the record: a multifd channel's Delta of this epoch went against the
+   * page's earlier version (MultifdMigration.keepsBeforeWrite). What comes before the record goes first,
+   * so the receiver counts the main channel's epoch as here.
+   */
+  private keepVersion(record: RamPageRecord): void {
+    if (this.sink.keepVersion === undefined) return;
+    this.closeRun();
+    this.sendLiteral(record.streamOffset);
+    const out = this.deltaOut.reserve(KEEP_VERSION_BYTES);
+    out.writeUInt32BE(record.pageIndex, 0);
+    this.sink.keepVersion(this.deltaOut.take(KEEP_VERSION_BYTES));
   }
 
   /** A source chunk came (on the main channel or a multifd channel): the content index, once begun, takes in its next slice. */

@@ -3,16 +3,17 @@ import { X86_PAGE_SIZE } from '../qemu/constants';
 import { MULTIFD_SLOTS, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
 import { errorMessage } from '../common/errors';
-import { RebuildError } from './decoder';
+import { RebuildError } from './rebuild-error';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
-import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
+import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, KEEP_VERSION_BYTES, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { sameDigest } from './retained';
 import { BASES_WINDOW, ReadsAhead, runsWindow } from './reads-ahead';
+import type { RecentPages } from './recent-pages';
 import { decodeRun, MAX_RUN_HELD, runPlace } from './run';
 
 /** The frames a channel takes. */
-type ChannelFrame = 'literal' | 'run' | 'delta' | 'sibling';
+type ChannelFrame = 'literal' | 'run' | 'delta' | 'sibling' | 'keep';
 
 /** A frame that arrived while the channel was parked: a copy, replayed once it may go on. */
 interface QueuedFrame {
@@ -124,6 +125,14 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   /**
+   * A KeepVersion frame (Feature.ChannelEarlierBases): the page it names is written next in this epoch,
+   * and a Delta of the epoch on another channel may go against the version held now (taken in order).
+   */
+  keepVersion(payload: Buffer): void {
+    this.frame('keep', payload);
+  }
+
+  /**
    * The sender's channel ended: the rebuilt channel must be complete, of its length and XXH3-64; `ended`
    * is called once that check has passed (at once, or when a parked channel has read on).
    */
@@ -167,10 +176,12 @@ export class MultifdDecoder extends MultifdChannel {
    * that base in it any more, and rebuilding fails at once rather than at the idle limit).
    */
   private baseToCome(payload: Buffer): boolean {
-    if (payload.length < 8) return false;
+    if (payload.length < DELTA_HEADER_BYTES) return false;
     const page = payload.readUInt32BE(0);
     const base = payload.readUInt32BE(4);
     if (base === page || page !== this.nextPage() || !this.migration.hasPage(base) || this.migration.writtenIn(base, this.syncs)) return false;
+    // A version held here has the digest it names already: one of an earlier epoch, or the same content.
+    if (this.findBase(base, payload, false)) return false;
     // The main channel, ahead, wrote it already: the version of this epoch is kept once a channel's write of it, dropped, has come.
     const migration = this.migration;
     if (migration.writtenAfter(base, this.syncs)) return migration.overtaken?.epochOf(base) !== this.syncs && !migration.epochOverFor(this);
@@ -199,6 +210,7 @@ export class MultifdDecoder extends MultifdChannel {
     if (kind === 'run') this.rebuildRun(payload);
     else if (kind === 'delta') this.rebuildDelta(payload);
     else if (kind === 'sibling') this.rebuildSibling(payload);
+    else if (kind === 'keep') this.keepFrame(payload);
     else this.rebuilt(payload);
   }
 
@@ -340,10 +352,13 @@ export class MultifdDecoder extends MultifdChannel {
     const base = payload.readUInt32BE(4);
     const store = this.migration.store;
     if (!store) throw new RebuildError('multifd Delta, but this gateway keeps no store');
-    // Against another page written in this epoch already (waits() held the frame back until it was).
+    // Against another page: written in this epoch already (waits() held the frame back until it was), or
+    // its version of an earlier epoch, which a KeepVersion frame had kept should it be written since.
     if (base !== pageIndex && !this.migration.hasPage(base)) throw new RebuildError(`a multifd Delta for page ${pageIndex} from page ${base}`);
-    if (base === pageIndex || !this.baseFromRecent(base, payload)) {
-      const kept = this.keptVersion(base, base === pageIndex);
+    if (base !== pageIndex) {
+      if (!this.findBase(base, payload, true)) throw new RebuildError(`multifd Delta from a version of page ${base} this store does not hold`);
+    } else {
+      const kept = this.keptVersion(base);
       if (kept !== null) kept.copy(this.basePage, 0);
       else {
         try {
@@ -396,16 +411,44 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   /**
-   * Whether the channels' recent pages (MultifdMigration.recentPages) hold the version of `base` the
-   * Delta names: then it is in basePage. Only a hint, checked against the Delta's digest of its base.
+   * Whether a version of `base` held here has the digest the Delta names (payload[DELTA_BASE_DIGEST_AT…]),
+   * which is then in basePage: the channels' recent pages (MultifdMigration.recentPages), the version
+   * kept as the epoch began (a KeepVersion frame, or a page QEMU < 9.0 repeated), the one the main
+   * channel overwrote ahead of this channel, or the store's. With `read` false the store's is only
+   * looked up by digest, not read: whether the Delta need wait for its base (baseToCome).
    */
-  private baseFromRecent(base: number, payload: Buffer): boolean {
-    const recent = this.migration.recentPages();
-    const at = recent.find(base);
-    if (at < 0) return false;
-    recent.content.copy(this.basePage, 0, at, at + X86_PAGE_SIZE);
+  private findBase(base: number, payload: Buffer, read: boolean): boolean {
+    const migration = this.migration;
+    const recent = read ? migration.recentPages() : migration.recentCopies;
+    const at = recent === null ? -1 : recent.find(base);
+    if (at >= 0 && this.namedBase((recent as RecentPages).content, at, payload)) return true;
+    const start = migration.epochStart?.version(base, this.syncs) ?? null;
+    if (start !== null && this.namedBase(start, 0, payload)) return true;
+    const overtaken = migration.writtenAfter(base, this.syncs) ? (migration.overtaken?.version(base) ?? null) : null;
+    if (overtaken !== null && this.namedBase(overtaken, 0, payload)) return true;
+    const store = migration.store;
+    if (store === null || !sameDigest(store.digests, base * DIGEST_BYTES, payload, DELTA_BASE_DIGEST_AT)) return false;
+    if (!read) return true;
+    try {
+      store.readPages(base, 1, this.basePage, 0, false);
+    } catch (err) {
+      throw new RebuildError(`page ${base} is not held: ${errorMessage(err)}`);
+    }
     digestOne(this.basePage, 0, X86_PAGE_SIZE, this.runDigest, 0);
     return sameDigest(this.runDigest, 0, payload, DELTA_BASE_DIGEST_AT);
+  }
+
+  /** Copies the page at page[at…] into basePage: whether its digest is the base digest the Delta names. */
+  private namedBase(page: Buffer, at: number, payload: Buffer): boolean {
+    page.copy(this.basePage, 0, at, at + X86_PAGE_SIZE);
+    digestOne(this.basePage, 0, X86_PAGE_SIZE, this.runDigest, 0);
+    return sameDigest(this.runDigest, 0, payload, DELTA_BASE_DIGEST_AT);
+  }
+
+  /** A KeepVersion frame, in order: the page's version held now is kept for this epoch's Deltas. */
+  private keepFrame(payload: Buffer): void {
+    if (payload.length !== KEEP_VERSION_BYTES) throw new RebuildError(`KeepVersion frame of ${payload.length} bytes`);
+    this.migration.keepVersion(payload.readUInt32BE(0), this.syncs);
   }
 
   /**
@@ -445,18 +488,16 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   /**
-   * The version of `pageIndex` a frame of this epoch names, where the store no longer holds it: the main
-   * channel overwrote it in a later epoch already (MultifdMigration.mainPageReceived kept the version it
-   * replaced), or, before QEMU 9.0, the other copy of a page QEMU repeated was written in this epoch
-   * already (`epochStart` kept the version the epoch began with), where the frame names that version
-   * (`named`: a Run, a Delta against the page's own version; not one against another page, which names
-   * the version of this epoch). Null: the store's is the one.
+   * The version of `pageIndex` a Run or a Delta against the page's own version names, where the store no
+   * longer holds it: the main channel overwrote it in a later epoch already (MultifdMigration.
+   * mainPageReceived kept the version it replaced), or, before QEMU 9.0, the other copy of a page QEMU
+   * repeated was written in this epoch already (`epochStart` kept the version the epoch began with).
+   * Null: the store's is the one. (A Delta against another page finds its base by digest: findBase.)
    */
-  private keptVersion(pageIndex: number, named = true): Buffer | null {
+  private keptVersion(pageIndex: number): Buffer | null {
     const migration = this.migration;
     if (migration.writtenAfter(pageIndex, this.syncs)) return migration.overtaken?.version(pageIndex) ?? null;
-    // A Delta against another page names its version of this epoch, which the store holds.
-    if (named && !this.modernQemu && migration.writtenIn(pageIndex, this.syncs)) return migration.epochStart?.version(pageIndex, this.syncs) ?? null;
+    if (!this.modernQemu && migration.writtenIn(pageIndex, this.syncs)) return migration.epochStart?.version(pageIndex, this.syncs) ?? null;
     return null;
   }
 

@@ -1,12 +1,12 @@
 import { DIGEST_BYTES, DIGEST_WORDS, digestOne, isAbsentDigest, sameDigestWords } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
-import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
+import { type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
 import type { EncoderSink } from './encoder';
 import { HeldInput } from './held-input';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration, type PagesElsewhere } from './multifd-migration';
-import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
+import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, KEEP_VERSION_BYTES, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
 import { sameDigest } from './retained';
 import { encodeRun, MAX_RUN_HELD } from './run';
 
@@ -82,10 +82,19 @@ export class MultifdEncoder extends MultifdChannel {
   savingPays = true;
   /**
    * The page sendElsewhere() is on; a base it may go against is another page written in this epoch, and
-   * not one QEMU may write again in it (mayRepeat).
+   * not one QEMU may write again in it (mayRepeat), or, where the receiver takes them, another page's
+   * version of an earlier epoch (MultifdMigration.mayGoAgainstEarlier).
    */
   private pageNow = -1;
-  private readonly writtenThisEpoch = (base: number): boolean => base !== this.pageNow && this.migration.writtenIn(base, this.syncs) && !this.migration.repeatable(base, this.syncs);
+  private readonly usableBase = (base: number): boolean => {
+    const migration = this.migration;
+    if (base === this.pageNow) return false;
+    if (migration.writtenIn(base, this.syncs)) return !migration.repeatable(base, this.syncs);
+    return migration.mayGoAgainstEarlier(base, this.syncs);
+  };
+  /** Deltas sent against another page's version of an earlier epoch, and KeepVersion frames sent (see MultifdMigration). */
+  earlierBaseDeltas = 0;
+  versionsKept = 0;
 
   constructor(
     private readonly sink: EncoderSink,
@@ -197,6 +206,30 @@ export class MultifdEncoder extends MultifdChannel {
   }
 
   /**
+   * Before any of a packet's pages reaches the receiver: a KeepVersion frame for each page of it that a
+   * Delta of this epoch went against in its earlier version (MultifdMigration.keepsBeforeWrite). The
+   * packets before it go first, so the receiver keeps it in the right epoch; its header has not been
+   * read there whole yet, so none of its pages has been written.
+   */
+  protected override onPacket(packet: MultifdPacketRecord): void {
+    const migration = this.migration;
+    const block = this.block;
+    if (!migration.earlierBases || block === null || this.sink.keepVersion === undefined) return;
+    const pages = packet.normalPages + packet.zeroPages;
+    let sent = false;
+    for (let i = 0; i < pages; i++) {
+      const pageIndex = block.firstPage + packet.offsets[i] / X86_PAGE_SIZE;
+      if (!migration.keepsBeforeWrite(pageIndex, this.syncs)) continue;
+      if (!sent) this.send(packet.streamOffset);
+      sent = true;
+      const out = this.deltaOut.reserve(KEEP_VERSION_BYTES);
+      out.writeUInt32BE(pageIndex, 0);
+      this.sink.keepVersion(this.deltaOut.take(KEEP_VERSION_BYTES));
+      this.versionsKept++;
+    }
+  }
+
+  /**
    * Whether a page claimed as `claim` may be named in a Run (see MultifdMigration): the main channel is
    * past the epoch, and it is the page's first write in the epoch, or the second copy of a page QEMU
    * < 9.0 repeated whose first copy was named.
@@ -266,8 +299,13 @@ export class MultifdEncoder extends MultifdChannel {
    */
   private sendElsewhere(elsewhere: PagesElsewhere, page: RamPageRecord, words: Uint32Array, key: number): boolean {
     this.pageNow = page.pageIndex;
-    const payload = elsewhere.deltaElsewhere(page, words, this.retainer.digest, this.retainer.digestWords, key, this.writtenThisEpoch);
+    const payload = elsewhere.deltaElsewhere(page, words, this.retainer.digest, this.retainer.digestWords, key, this.usableBase);
     if (payload === null) return false;
+    const base = payload.readUInt32BE(4);
+    if (!this.migration.writtenIn(base, this.syncs)) {
+      this.migration.wentAgainstEarlier(base, this.syncs);
+      this.earlierBaseDeltas++;
+    }
     this.emit(page, payload, this.sink.delta as (payload: Buffer) => void);
     if (payload.length === DELTA_HEADER_BYTES) this.counts.pagesMatched++;
     else this.counts.pagesDelta++;

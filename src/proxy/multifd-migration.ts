@@ -1,8 +1,9 @@
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamError, StreamErrorCode } from '../qemu/errors';
+import { RebuildError } from './rebuild-error';
 import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import { type RamBlock, type RamPageRecord, RecordKind, type StreamFallback } from '../qemu/records';
-import { EpochStartPages } from './epoch-start-pages';
+import { EARLIER_BASES_PER_EPOCH, EpochStartPages } from './epoch-start-pages';
 import { OvertakenPages } from './overtaken-pages';
 import { RecentPages } from './recent-pages';
 import type { PageLayout, ReceiverTable, RetainedPages, SiblingPages } from './retained';
@@ -63,6 +64,18 @@ import { addCounts, newCounts, type TransferCounts } from './transfer-counts';
  * main channel has passed the Run's epoch (`mainReached`; the receiving side holds a Run back until its
  * main channel has too), so the older writes of that page have been made on both gateways alike, and
  * the main channel names a page of its own only when no channel is behind it.
+ *
+ * Bases of an earlier epoch. Where QEMU syncs the channels after every RAM section (7.2; later
+ * versions on machine types of 8.0 and before) an epoch is a few megabytes, and a page rarely resembles
+ * one sent in the same epoch. A channel's page may also go as a Delta against another page's version of
+ * an earlier epoch (`earlierBases`, Feature.ChannelEarlierBases): the main channel and the barrier have
+ * passed that version's epoch on both gateways, so the receiver holds it, unless a write of the base in
+ * this epoch, on another channel or the main channel, is rebuilt there before the Delta. The sender
+ * marks each such base for the epoch (`wentAgainstEarlier`), and every later write of it in that epoch
+ * is preceded on its connection by a KeepVersion frame, at the start of its packet (or before its record
+ * on the main channel), on which the receiver keeps the version held then (`epochStart`); the receiver
+ * rebuilds the Delta from whichever version it holds has the base digest the Delta names. At most
+ * EARLIER_BASES_PER_EPOCH bases an epoch, so what the receiver keeps is bounded.
  *
  * The stamps are kept from the first channel's join on (a migration without channels needs none): if
  * the main channel has passed its second epoch marker by then (QEMU sends the first before any page), its
@@ -154,6 +167,11 @@ export class MultifdMigration {
    */
   elsewhere: PagesElsewhere | null = null;
   /**
+   * Sender only: with `elsewhere`, the receiver also takes Deltas against a page's version of an earlier
+   * epoch on the channels, and KeepVersion frames (Feature.ChannelEarlierBases; see above).
+   */
+  earlierBases = false;
+  /**
    * Receiver only: the siblings' pinned stores, in the Offer's order (what SiblingDelta frames name),
    * and where a channel notes one whose page did not match its digest: the main channel's decoder's own
    * lists (StreamDecoder.siblings, damagedSiblings), so that the gateway checks that store afterwards
@@ -184,6 +202,11 @@ export class MultifdMigration {
   private namedInRuns = new Uint8Array(0);
   /** Sender only, per page: 1 + the last epoch it came where QEMU < 9.0 may send it twice (made at the first). */
   private repeatEpochs: Uint32Array | null = null;
+  /** Sender only, per page: 1 + the last epoch a channel's Delta went against its version of an earlier epoch (made at the first). */
+  private earlierBaseEpochs: Uint32Array | null = null;
+  /** Sender only: the epoch of the last such Delta, and the bases marked in it. */
+  private earlierEpoch = -1;
+  private earlierInEpoch = 0;
   private pageCount = 0;
   /** The first channel joined too late for the stamps to order every write (see above). */
   private joinedLate = false;
@@ -233,6 +256,7 @@ export class MultifdMigration {
     this.writeEpochs = new Uint32Array(pages);
     this.namedInRuns = new Uint8Array(pages);
     this.repeatEpochs = null;
+    this.earlierBaseEpochs = null;
   }
 
   /** A page is being written in epoch `epoch`: whether to keep it, and whether it may be named in a Run. */
@@ -269,6 +293,67 @@ export class MultifdMigration {
   /** Sender: whether the page came in epoch `epoch` where it may come again in it: no Delta may go against it. */
   repeatable(pageIndex: number, epoch: number): boolean {
     return this.repeatEpochs !== null && this.repeatEpochs[pageIndex] === epoch + 1;
+  }
+
+  /**
+   * Sender: whether a channel's page of epoch `epoch` may go as a Delta against `base`'s version of an
+   * earlier epoch (see above): written in none of this epoch or later, nor where QEMU < 9.0 may have
+   * sent it twice in its epoch (the two copies may differ, and be applied in either order); the main
+   * channel past the epoch (its older writes made on both sides); and the epoch's bases not used up.
+   */
+  mayGoAgainstEarlier(base: number, epoch: number): boolean {
+    if (!this.earlierBases || this.writeEpochs.length === 0 || !this.mainReached(epoch)) return false;
+    const last = this.writeEpochs[base];
+    if (last > epoch || (last > 0 && this.repeatEpochs !== null && this.repeatEpochs[base] === last)) return false;
+    if (this.earlierBaseEpochs !== null && this.earlierBaseEpochs[base] === epoch + 1) return true;
+    return this.earlierEpoch !== epoch || this.earlierInEpoch < EARLIER_BASES_PER_EPOCH;
+  }
+
+  /**
+   * Sender: a channel's Delta of epoch `epoch` went against `base`'s version of an earlier epoch: every
+   * write of the base later in the epoch is preceded by a KeepVersion frame (keepsBeforeWrite).
+   */
+  wentAgainstEarlier(base: number, epoch: number): void {
+    const epochs = (this.earlierBaseEpochs ??= new Uint32Array(this.pageCount));
+    if (epochs[base] === epoch + 1) return;
+    if (this.earlierEpoch !== epoch) {
+      this.earlierEpoch = epoch;
+      this.earlierInEpoch = 0;
+    }
+    this.earlierInEpoch++;
+    epochs[base] = epoch + 1;
+  }
+
+  /** Sender: whether a write of the page in `epoch` must have the receiver keep the version it holds first. */
+  keepsBeforeWrite(pageIndex: number, epoch: number): boolean {
+    return this.earlierBaseEpochs !== null && this.earlierBaseEpochs[pageIndex] === epoch + 1;
+  }
+
+  /** Sender: keepsBeforeWrite() for a page of the main channel's, in its epoch. */
+  mainWriteKeeps(pageIndex: number): boolean {
+    return this.keepsBeforeWrite(pageIndex, this.mainEpoch);
+  }
+
+  /**
+   * Receiver: a channel's KeepVersion frame, in its epoch `epoch`: the page is about to be written in
+   * it, and a Delta of the epoch on another channel may go against the version held now.
+   */
+  keepVersion(pageIndex: number, epoch: number): void {
+    if (!this.hasPage(pageIndex)) throw new RebuildError(`a KeepVersion for page ${pageIndex}, outside the block list`);
+    if (this.epochStart === null) throw new RebuildError('a KeepVersion, but this gateway keeps no store');
+    this.epochStart.keep(pageIndex, epoch, this.channelsRecent, true);
+  }
+
+  /**
+   * Receiver: the main channel's KeepVersion frame. Kept only where a channel still reads the main
+   * channel's epoch and none is behind it: a channel behind it has the version kept as overtaken when
+   * the main channel writes the page (mainPageReceived), and once every channel is past the epoch no
+   * Delta of it is still to come.
+   */
+  keepVersionOnMain(pageIndex: number): void {
+    const epoch = this.mainEpoch;
+    if (this.channelBehindMain() || !this.channels.some((c) => c.synchronising && c.syncs === epoch)) return;
+    this.keepVersion(pageIndex, epoch);
   }
 
   /** Sender: the page's write in its epoch is named in a Run. */
@@ -333,6 +418,11 @@ export class MultifdMigration {
     const recent = (this.channelsRecent ??= new RecentPages(this.pageCount, X86_PAGE_SIZE));
     recent.used();
     return recent;
+  }
+
+  /** Receiver: the channels' recent pages if they are kept already (a look at them, not a use: see recentPages()). */
+  get recentCopies(): RecentPages | null {
+    return this.channelsRecent;
   }
 
   /** Receiver: whether the channels' recent pages hold a version of the page (a hint; not a use of them, as recentPages() is). */

@@ -21,6 +21,11 @@ export const DELTA_HEADER_BYTES = 8 + 2 * DIGEST_BYTES;
  * no ranges (the sender matches whole pages only). Checked on the receiver as a Delta is.
  */
 export const SIBLING_DELTA_LEAD_BYTES = 1;
+/**
+ * A KeepVersion frame's payload: u32 the index of a page about to be written, whose version held now a
+ * Delta of the epoch may go against (see MultifdMigration, "Bases of an earlier epoch").
+ */
+export const KEEP_VERSION_BYTES = 4;
 export const DELTA_BASE_DIGEST_AT = 8;
 export const DELTA_NEW_DIGEST_AT = 8 + DIGEST_BYTES;
 

@@ -79,15 +79,21 @@ export const enum FrameType {
   SiblingDelta = 15,
   /**
    * Sender → receiver, only when the Offer chose compression and lists `compressed-frames`: whole
-   * frames (Literal, Run, Delta, SiblingDelta, in stream order) compressed as one batch, so that the
+   * frames (Literal, Run, Delta, SiblingDelta, KeepVersion, in stream order) compressed as one batch, so that the
    * Runs and Deltas between Literal bytes do not cut the batches short (wire/compression.ts).
    */
   CompressedFrames = 16,
+  /**
+   * Sender → receiver, only to a receiver whose Offer lists `channel-earlier-bases`: the page the payload
+   * names (defined by the proxy layer) is about to be written; keep the version held now until the
+   * epoch is over, for Deltas that go against it.
+   */
+  KeepVersion = 17,
 }
 
 /** What a CompressedFrames batch may carry: stream data, never control frames or another batch. */
 export function carriedInBatches(type: FrameType): boolean {
-  return type === FrameType.Literal || type === FrameType.Run || type === FrameType.Delta || type === FrameType.SiblingDelta;
+  return type === FrameType.Literal || type === FrameType.Run || type === FrameType.Delta || type === FrameType.SiblingDelta || type === FrameType.KeepVersion;
 }
 
 /**
@@ -152,6 +158,13 @@ export const enum Feature {
    * its compressed batches, which then no longer end at each of them.
    */
   ChannelCompressedFrames = 'channel-compressed-frames',
+  /**
+   * The receiver takes Deltas on multifd channels against another page's version of an earlier epoch
+   * too, and KeepVersion frames, on the channels and the main connection, before a write of such a base
+   * in the epoch (proxy/multifd-migration.ts): where QEMU syncs the channels after every RAM section
+   * (7.2; later versions on machine types of 8.0 and before) an epoch is a few megabytes.
+   */
+  ChannelEarlierBases = 'channel-earlier-bases',
 }
 
 export interface HelloMessage {

@@ -8,7 +8,8 @@
  * result that depends on how the input was split into chunks.
  */
 import { DIGEST_BYTES } from '../../digest';
-import { RebuildError, StreamDecoder } from '../../proxy/decoder';
+import { StreamDecoder } from '../../proxy/decoder';
+import { RebuildError } from '../../proxy/rebuild-error';
 import { StreamEncoder } from '../../proxy/encoder';
 import { SiblingMatch } from '../../proxy/sibling-match';
 import type { PageLayout, RetainedPages } from '../../proxy/retained';

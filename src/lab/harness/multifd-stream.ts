@@ -135,7 +135,7 @@ export function multifdMigration(memory: GuestMemory, shape: MultifdMigrationSha
 
 /** A channel's frames as MultifdEncoder sent them: Literal bytes, Run and Delta payloads. */
 export interface ChannelFrames {
-  frames: { kind: 'literal' | 'run' | 'delta' | 'sibling'; payload: Buffer }[];
+  frames: { kind: 'literal' | 'run' | 'delta' | 'sibling' | 'keep'; payload: Buffer }[];
   streamBytes: number;
   streamCheck: string;
 }
@@ -157,7 +157,9 @@ export interface ChannelFrames {
  * (Feature.ChannelSiblings), noting any whose page does not match its digest in `damagedSiblings`.
  * With `matches`, the receiver takes Deltas against other pages written in the same epoch on the
  * channels (Feature.ChannelMatches), found by a main-channel encoder of the sender's store that sees no
- * page of its own. `beforeDecode` is called with the receiving side's MultifdMigration before any channel is decoded:
+ * page of its own; with `earlierBases` too, against other pages' versions of earlier epochs
+ * (Feature.ChannelEarlierBases; `dropKeepVersions` withholds its KeepVersion frames from the decoders).
+ * `beforeDecode` is called with the receiving side's MultifdMigration before any channel is decoded:
  * what the main channel did there first, such as writing a page of a later epoch.
  */
 export function multifdRoundTrip(
@@ -165,7 +167,7 @@ export function multifdRoundTrip(
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean } = {},
+  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean; earlierBases?: boolean; dropKeepVersions?: boolean } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -180,6 +182,7 @@ export function multifdRoundTrip(
     const main = new StreamEncoder({ literal: () => undefined, run: () => undefined }, sender.store);
     main.layout = layout;
     sending.elsewhere = main;
+    sending.earlierBases = options.earlierBases === true;
   }
   const reuse = options.reuseInput === true;
   // Without reuseInput, views of the channels' bytes, which nothing changes: no copy is needed.
@@ -193,6 +196,7 @@ export function multifdRoundTrip(
           run: (payload) => out.frames.push({ kind: 'run', payload: keep(payload) }),
           delta: (payload) => out.frames.push({ kind: 'delta', payload: keep(payload) }),
           siblingDelta: (payload) => out.frames.push({ kind: 'sibling', payload: keep(payload) }),
+          keepVersion: (payload) => out.frames.push({ kind: 'keep', payload: keep(payload) }),
         },
         sending,
       ),
@@ -251,6 +255,9 @@ export function multifdRoundTrip(
     for (const frame of sent[c].frames) {
       if (frame.kind === 'run') decoders[c].run(frame.payload);
       else if (frame.kind === 'sibling') decoders[c].siblingDelta(frame.payload);
+      else if (frame.kind === 'keep') {
+        if (!options.dropKeepVersions) decoders[c].keepVersion(frame.payload);
+      }
       else if (frame.kind === 'delta') {
         const payload = options.tamperDelta ? Buffer.from(frame.payload) : frame.payload;
         options.tamperDelta?.(payload);
