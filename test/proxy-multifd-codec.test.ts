@@ -766,6 +766,41 @@ describe("Deltas against other pages' versions of earlier epochs (QEMU 7.2 syncs
     for (let i = 0; i < 25; i++) expect(holds(receiver, i, memory.pages[i])).toBe(true);
   });
 
+  test.each<[MultifdFormat, string]>([
+    ['qemu-10.0', 'other content'],
+    ['qemu-7.2', 'other content'],
+    ['qemu-10.0', 'a zero page of the packet'],
+  ])("%s: a base marked after its rewrite's packet began is kept all the same (KeepVersion with the page, not only at its packet's start), rewritten as %s", (format, rewrite) => {
+    const memory = guestMemory([['pc.ram', 32]], 79, 0);
+    const oldA = memory.pages[15];
+    const zeroed = rewrite.startsWith('a zero');
+    const newA = zeroed ? Buffer.alloc(PAGE) : guestMemory([['pc.ram', 1]], 80, 0).pages[0];
+    memory.pages[21] = Buffer.from(oldA);
+    const packet = (n: number, pages: [number, Buffer][]): Buffer =>
+      multifdPacket({ format, block: 'pc.ram', packetNumber: n, pages: pages.filter(([, data]) => data.some((b) => b !== 0)).map(([i, data]) => ({ offset: i * PAGE, data })), zeroOffsets: pages.filter(([, data]) => data.every((b) => b === 0)).map(([i]) => i * PAGE) });
+    const sync = (n: number): Buffer => multifdPacket({ format, packetNumber: n, block: '', pages: [], sync: true });
+    const range = (from: number, to: number): [number, Buffer][] => all(memory).slice(from, to).map((i) => [i, memory.pages[i]]);
+    const epoch0 = [Buffer.concat([multifdInit(0), packet(0, range(0, 10)), sync(2)]), Buffer.concat([multifdInit(1), packet(1, range(10, 20)), sync(3)])];
+    // Channel 0: pages 20, 21 (A's old content), 22, 26. Channel 1: pages 23, 24, A anew, 25 (a zero page
+    // goes after the normal ones, in the packet's header).
+    const channels = [
+      Buffer.concat([epoch0[0], packet(4, [[20, memory.pages[20]], [21, memory.pages[21]], [22, memory.pages[22]], [26, memory.pages[26]]]), sync(6)]),
+      Buffer.concat([epoch0[1], packet(5, [[23, memory.pages[23]], [24, memory.pages[24]], [15, newA], [25, memory.pages[25]]]), sync(7)]),
+    ];
+    memory.pages[15] = newA;
+    const layout = layoutOf(memory.blocks);
+    const { sender, receiver } = stores(memory);
+    const header = channels[0].indexOf(memory.pages[20]) - epoch0[0].length;
+    // Channel 1 reads its packet's header and two pages first; then channel 0 its header and two pages
+    // (page 21 goes against A's old version); then channel 1 page 15, A's new version.
+    const cut = epoch0[0].length + header + 2 * PAGE + 10;
+    const trip = multifdRoundTrip(channels, layout, { store: sender, reference: new Uint8Array(layout.pageCount * DIGEST_BYTES) }, receiver, { cuts: [epoch0[0].length, cut], interleave: true, order: [1, 0], matches: true, earlierBases: true, decodeOrder: [1, 0] });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(channels[c])).toBe(true));
+    expect(trip.encoders[0].earlierBaseDeltas).toBe(1);
+    expect(trip.encoders[1].versionsKept).toBe(1);
+    for (let i = 0; i < 27; i++) expect(holds(receiver, i, memory.pages[i])).toBe(true);
+  });
+
   test('without the KeepVersion frame the same Delta fails its digest check: no wrong byte is rebuilt', () => {
     const { channels, firstChunk, memory } = overwrittenBase('qemu-10.0');
     const layout = layoutOf(memory.blocks);

@@ -206,27 +206,49 @@ export class MultifdEncoder extends MultifdChannel {
   }
 
   /**
-   * Before any of a packet's pages reaches the receiver: a KeepVersion frame for each page of it that a
-   * Delta of this epoch went against in its earlier version (MultifdMigration.keepsBeforeWrite). The
-   * packets before it go first, so the receiver keeps it in the right epoch; its header has not been
-   * read there whole yet, so none of its pages has been written.
+   * A packet of zero pages only: they are written at the receiver as soon as its header is in there.
+   * (Every other packet's are looked at with its last normal page: see keepBeforeWrite.)
    */
   protected override onPacket(packet: MultifdPacketRecord): void {
-    const migration = this.migration;
+    if (packet.normalPages === 0 && this.migration.earlierBases) this.keepBeforeWrites(packet, 0, packet.zeroPages);
+  }
+
+  /**
+   * Before a page's write can reach the receiver: a KeepVersion frame where a Delta of this epoch went
+   * against the page's earlier version (MultifdMigration.keepsBeforeWrite). A normal page is written
+   * there once its data is in, which has not been sent yet; the packet's zero pages once its last normal
+   * page is in, which the frame for that page may bring: they are looked at with it. The base may have
+   * been marked between two of this channel's chunks, after its packet began, so each page is looked at
+   * when it comes, not when the packet does.
+   */
+  private keepBeforeWrite(record: MultifdPageRecord, page: RamPageRecord): void {
+    const packet = this.parser.currentPacket;
+    if (record.kind !== MultifdRecordKind.Page) return;
+    if (this.migration.keepsBeforeWrite(page.pageIndex, this.syncs)) this.sendKeepVersion(page.pageIndex);
+    if (record.index === packet.normalPages - 1) this.keepBeforeWrites(packet, packet.normalPages, packet.zeroPages);
+  }
+
+  /** keepBeforeWrite() for the packet's pages from its `from`-th offset on, `count` of them. */
+  private keepBeforeWrites(packet: MultifdPacketRecord, from: number, count: number): void {
     const block = this.block;
-    if (!migration.earlierBases || block === null || this.sink.keepVersion === undefined) return;
-    const pages = packet.normalPages + packet.zeroPages;
-    let sent = false;
-    for (let i = 0; i < pages; i++) {
+    if (block === null) return;
+    for (let i = from; i < from + count; i++) {
       const pageIndex = block.firstPage + packet.offsets[i] / X86_PAGE_SIZE;
-      if (!migration.keepsBeforeWrite(pageIndex, this.syncs)) continue;
-      if (!sent) this.send(packet.streamOffset);
-      sent = true;
-      const out = this.deltaOut.reserve(KEEP_VERSION_BYTES);
-      out.writeUInt32BE(pageIndex, 0);
-      this.sink.keepVersion(this.deltaOut.take(KEEP_VERSION_BYTES));
-      this.versionsKept++;
+      if (this.migration.keepsBeforeWrite(pageIndex, this.syncs)) this.sendKeepVersion(pageIndex);
     }
+  }
+
+  /**
+   * A KeepVersion frame for the page. The packets before this one go first, so that the receiver keeps
+   * the version in this epoch: its SYNC is past there too.
+   */
+  private sendKeepVersion(pageIndex: number): void {
+    if (this.sink.keepVersion === undefined) return;
+    this.send(this.parser.currentPacket.streamOffset);
+    const out = this.deltaOut.reserve(KEEP_VERSION_BYTES);
+    out.writeUInt32BE(pageIndex, 0);
+    this.sink.keepVersion(this.deltaOut.take(KEEP_VERSION_BYTES));
+    this.versionsKept++;
   }
 
   /**
@@ -240,6 +262,7 @@ export class MultifdEncoder extends MultifdChannel {
   }
 
   protected onPage(record: MultifdPageRecord, page: RamPageRecord): void {
+    if (this.migration.earlierBases) this.keepBeforeWrite(record, page);
     const normal = record.kind === MultifdRecordKind.Page;
     const retainer = this.retainer;
     retainer.digestOf(page, this.pagesAfter(record));

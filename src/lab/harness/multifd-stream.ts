@@ -143,7 +143,8 @@ export interface ChannelFrames {
 /**
  * Runs a migration's channels through one gateway pair's multifd codecs, in memory: every channel is
  * pushed to its encoder in `chunk`-byte pieces, the channels taken whole one after the other in `order`
- * (a parked channel's input waits in its codec), or with `interleave` a piece of each in turn, then
+ * (a parked channel's input waits in its codec), or with `interleave` a piece of each in turn (with
+ * `cuts`, pieces that end at those stream offsets, the same on every channel), then
  * every channel's frames to its decoder in `decodeOrder` (default: the same). Returns the rebuilt channels (empty with `discardOutput`, for
  * benchmarks) and both sides' codecs. With `readAhead`, each decoder is shown its channel's Run frames
  * before it rebuilds them, as a receiving gateway shows it those of each chunk it reads (aheadOfRun).
@@ -167,7 +168,7 @@ export function multifdRoundTrip(
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean; earlierBases?: boolean; dropKeepVersions?: boolean } = {},
+  options: { chunk?: number; cuts?: readonly number[]; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean; earlierBases?: boolean; dropKeepVersions?: boolean } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -223,8 +224,12 @@ export function multifdRoundTrip(
     });
   if (options.interleave) {
     const longest = Math.max(...channels.map((b) => b.length));
-    for (let at = 0; at < longest; at += chunk) {
-      for (const c of order) if (at < channels[c].length) push(c, channels[c].subarray(at, at + chunk));
+    // Pieces end at `cuts` where given, else every `chunk` bytes.
+    const ends = options.cuts !== undefined ? [...options.cuts, longest] : Array.from({ length: Math.ceil(longest / chunk) }, (_, k) => Math.min(longest, (k + 1) * chunk));
+    let at = 0;
+    for (const to of ends) {
+      for (const c of order) if (at < channels[c].length) push(c, channels[c].subarray(at, to));
+      at = to;
     }
     order.forEach(end);
   } else {
