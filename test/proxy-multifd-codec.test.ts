@@ -894,16 +894,20 @@ describe('a main channel a whole epoch ahead of the channels (QEMU 7.2 sends zer
 describe('multifd codec under mutated input', () => {
   /** Every outcome allowed: rejected with a typed error, or rebuilt byte for byte. Anything else fails. */
   test.each([
-    ['', false, false],
-    [', with Deltas on the channel (a mutated page is a changed page)', true, false],
-    [', with a sibling holding every page (a first leg: pages moved by a mutated offset are found elsewhere in it)', false, true],
-  ])('never crashes and never rebuilds a byte wrong%s', (_how, deltas, withSibling) => {
+    ['', false, false, false],
+    [', with Deltas on the channel (a mutated page is a changed page)', true, false, false],
+    [', with a sibling holding every page (a first leg: pages moved by a mutated offset are found elsewhere in it)', false, true, false],
+    [', a first leg in epochs of 25 pages whose pages repeat earlier epochs\' (Deltas against them)', false, false, true],
+  ])('never crashes and never rebuilds a byte wrong%s', (_how, deltas, withSibling, earlier) => {
     const memory = guestMemory([['pc.ram', 400]], 21);
+    if (earlier) for (let i = 100; i < 400; i += 3) memory.pages[i] = Buffer.from(memory.pages[(i * 7) % 100]);
     const layout = layoutOf(memory.blocks);
     const seedStores = stores(memory);
     seedStores.sender.journalled = deltas;
     let deltaPages = 0;
-    const base = multifdMigration(memory, { format: 'qemu-10.0', channels: 1, rounds: [all(memory)], pagesPerPacket: 16 });
+    let againstEarlier = 0;
+    const rounds = earlier ? Array.from({ length: 16 }, (_, r) => all(memory).slice(r * 25, r * 25 + 25)) : [all(memory)];
+    const base = multifdMigration(memory, { format: 'qemu-10.0', channels: 1, rounds, pagesPerPacket: 16 });
     multifdRoundTrip(base.channels, layout, { store: seedStores.sender, reference: null }, seedStores.receiver);
     const sibling: SiblingPages = Object.assign(seedStores.receiver.clone(), { vm: 'sibling' });
     let siblingPages = 0;
@@ -924,11 +928,15 @@ describe('multifd codec under mutated input', () => {
       const receiver = seedStores.receiver.clone();
       try {
         sender.newMigration();
+        const chunk = 1 + rng.below(9000);
         const trip = withSibling
-          ? multifdRoundTrip([cut], layout, { store: sender, reference: null }, emptyStore(layout), { chunk: 1 + rng.below(9000), siblings: [sibling], readAhead: rng.below(2) === 0 })
-          : multifdRoundTrip([cut], layout, { store: sender, reference: sender.digests }, receiver, { chunk: 1 + rng.below(9000), deltas });
+          ? multifdRoundTrip([cut], layout, { store: sender, reference: null }, emptyStore(layout), { chunk, siblings: [sibling], readAhead: rng.below(2) === 0 })
+          : earlier
+            ? multifdRoundTrip([cut], layout, { store: emptyStore(layout), reference: new Uint8Array(layout.pageCount * DIGEST_BYTES) }, emptyStore(layout), { chunk, matches: true, earlierBases: true })
+            : multifdRoundTrip([cut], layout, { store: sender, reference: sender.digests }, receiver, { chunk, deltas });
         expect(trip.rebuilt[0].equals(cut)).toBe(true);
         deltaPages += trip.decoders[0].counts.pagesDelta;
+        againstEarlier += trip.encoders[0].earlierBaseDeltas;
         siblingPages += trip.decoders[0].counts.pagesSibling;
         rebuilt++;
       } catch (err) {
@@ -940,6 +948,7 @@ describe('multifd codec under mutated input', () => {
     expect(rejected).toBeGreaterThan(0);
     if (deltas) expect(deltaPages).toBeGreaterThan(0);
     if (withSibling) expect(siblingPages).toBeGreaterThan(0);
+    if (earlier) expect(againstEarlier).toBeGreaterThan(0);
   });
 
   test('pages moved to other offsets across channels, read in any order, are rebuilt exactly or rejected', () => {
