@@ -377,7 +377,17 @@ describe('multifd channels through a gateway pair that sends Deltas whatever the
     for (const i of [...repeated, ...alike]) memory.pages[i] = Buffer.from(memory.pages[(i * 7) % 32]);
     for (const i of alike) for (let k = 0; k < 16; k++) memory.pages[i][(i * 131 + k * 257) % PAGE] ^= 0x5a;
     const rounds = Array.from({ length: memory.pages.length / 32 }, (_, r) => memory.pages.map((_, i) => i).slice(r * 32, r * 32 + 32));
-    const run = multifdRun('qemu-7.2', rounds, () => memory.pages);
+    // A last epoch rewrites pages 40-55 with the first epoch's pages 0-15, each followed in its packet by
+    // that page itself, rewritten: its KeepVersion frame crosses inside the channel's batches.
+    const last = memory.pages.map((p) => Buffer.from(p));
+    const pairs = Array.from({ length: 16 }, (_, k) => [40 + k, k] as const);
+    for (const [page, base] of pairs) {
+      last[page] = Buffer.from(memory.pages[base]);
+      last[base] = guestMemory([['pc.ram', 1]], 100 + base, 0).pages[0];
+    }
+    rounds.push(pairs.flatMap(([page, base]) => [page, base]));
+    const pagesOf = (round: number): Buffer[] => (round === rounds.length - 1 ? last : memory.pages);
+    const run = multifdRun('qemu-7.2', rounds, pagesOf);
     const logged = a.logs.length;
     expectRebuilt(await migrate(a, b, run, true), run);
     const reports = [await report(a.gateway, 1), await report(b.gateway, 1)];
@@ -386,9 +396,11 @@ describe('multifd channels through a gateway pair that sends Deltas whatever the
     // Their originals all went in the first epoch: against the same epoch's pages alone, none would.
     const ended = a.logs.slice(logged).filter((l) => l.msg === 'channel ended');
     const earlier = ended.reduce((n, l) => n + Number(l.earlierBaseDeltas), 0);
-    expect(earlier).toBeGreaterThan(0.8 * (repeated.length + alike.length));
+    expect(earlier).toBeGreaterThan(0.8 * (repeated.length + alike.length + pairs.length));
     expect(reports[0].counts.pagesMatched + reports[0].counts.pagesDelta).toBeGreaterThanOrEqual(earlier);
-    expect(pagesDiffering(a, memory.pages)).toEqual([]);
-    expect(pagesDiffering(b, memory.pages)).toEqual([]);
+    // A packet's first and last pages (QEMU 7.2 may send them twice) go against nothing: most pairs do.
+    expect(ended.reduce((n, l) => n + Number(l.versionsKept), 0)).toBeGreaterThan(pairs.length / 2);
+    expect(pagesDiffering(a, last)).toEqual([]);
+    expect(pagesDiffering(b, last)).toEqual([]);
   });
 });
