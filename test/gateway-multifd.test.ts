@@ -379,7 +379,7 @@ describe('multifd channels through a gateway pair that sends Deltas whatever the
     const rounds = Array.from({ length: memory.pages.length / 32 }, (_, r) => memory.pages.map((_, i) => i).slice(r * 32, r * 32 + 32));
     // A last epoch rewrites pages 40-55 with the first epoch's pages 0-15, each followed in its packet by
     // that page itself, rewritten: its KeepVersion frame crosses inside the channel's batches.
-    const last = memory.pages.map((p) => Buffer.from(p));
+    const last: Buffer[] = memory.pages.map((p) => Buffer.from(p));
     const pairs = Array.from({ length: 16 }, (_, k) => [40 + k, k] as const);
     for (const [page, base] of pairs) {
       last[page] = Buffer.from(memory.pages[base]);
