@@ -8,6 +8,7 @@ import { MultifdEncoder } from '../src/proxy/multifd-encoder';
 import { Claim, MultifdMigration } from '../src/proxy/multifd-migration';
 import { layoutOf, ReceiverTable, type SiblingPages } from '../src/proxy/retained';
 import { newCounts } from '../src/proxy/transfer-counts';
+import { EARLIER_BASES_PER_EPOCH, EpochStartPages } from '../src/proxy/epoch-start-pages';
 import { MAX_RUN_HELD, RunError } from '../src/proxy/run';
 import { StreamError } from '../src/qemu/errors';
 import { RecordKind } from '../src/qemu/records';
@@ -836,6 +837,23 @@ describe("the main channel's KeepVersion frames (QEMU 7.2 sends zero pages on it
       migration.keepVersionOnMain(5);
       expect(migration.epochStart?.version(5, 1) ?? null).toBeNull();
     }
+  });
+
+  test('a receiver keeps what a sender may ask in an epoch, each page once however often asked, and refuses more', () => {
+    const pages = EARLIER_BASES_PER_EPOCH + 2;
+    const memory = guestMemory([['pc.ram', pages]], 8, 0);
+    const layout = layoutOf(memory.blocks);
+    const store = emptyStore(layout);
+    memory.pages.forEach((page, i) => store.writePage(i, page, 0, digestOf(page), 0));
+    const kept = new EpochStartPages(store);
+    for (let i = 0; i < EARLIER_BASES_PER_EPOCH; i++) kept.keep(i, 3, null, true);
+    kept.keep(0, 3, null, true);
+    expect(kept.version(7, 3)?.equals(memory.pages[7])).toBe(true);
+    expect(() => kept.keep(EARLIER_BASES_PER_EPOCH, 3, null, true)).toThrow(RebuildError);
+    // The next epoch starts over.
+    kept.keep(EARLIER_BASES_PER_EPOCH + 1, 4, null, true);
+    expect(kept.version(EARLIER_BASES_PER_EPOCH + 1, 4)?.equals(memory.pages[EARLIER_BASES_PER_EPOCH + 1])).toBe(true);
+    expect(kept.version(7, 3)).toBeNull();
   });
 
   test('the sender asks for one before a main-channel write of a base a channel went against in that epoch, and only then', () => {

@@ -28,7 +28,7 @@ export class EpochStartPages {
   private epoch = -1;
   private readonly kept = new Map<number, Buffer>();
   private readonly spare: Buffer[] = [];
-  /** Pages kept at a sender's request in the current epoch. */
+  /** Pages kept at a sender's request in the current epoch (each page once, however often it was asked). */
   private asked = 0;
   private readonly digest = Buffer.alloc(DIGEST_BYTES);
 
@@ -41,8 +41,10 @@ export class EpochStartPages {
    */
   keep(pageIndex: number, epoch: number, recent: RecentPages | null = null, asked = false): void {
     if (epoch !== this.epoch) this.begin(epoch);
-    if (asked && ++this.asked > EARLIER_BASES_PER_EPOCH) throw new RebuildError(`the sender asked to keep more than ${EARLIER_BASES_PER_EPOCH} pages' versions in one epoch`);
-    if (this.kept.has(pageIndex) || (!asked && this.kept.size >= MAX_KEPT)) return;
+    // Asked again (QEMU < 9.0 may write the page twice in the epoch), or kept already: the first stands.
+    if (this.kept.has(pageIndex)) return;
+    if (asked && this.asked === EARLIER_BASES_PER_EPOCH) throw new RebuildError(`the sender asked to keep more than ${EARLIER_BASES_PER_EPOCH} pages' versions in one epoch`);
+    if (!asked && this.kept.size - this.asked >= MAX_KEPT) return;
     const at = pageIndex * DIGEST_BYTES;
     if (sameDigest(this.store.digests, at, ABSENT, 0)) return;
     const page = this.spare.pop() ?? Buffer.allocUnsafe(X86_PAGE_SIZE);
@@ -53,6 +55,7 @@ export class EpochStartPages {
     }
     if (copy < 0 || !sameDigest(this.digest, 0, this.store.digests, at)) this.store.readPages(pageIndex, 1, page, 0);
     this.kept.set(pageIndex, page);
+    if (asked) this.asked++;
   }
 
   /** The version `pageIndex` had when `epoch` began, if it was kept. */
