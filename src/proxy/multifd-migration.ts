@@ -1,8 +1,8 @@
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamError, StreamErrorCode } from '../qemu/errors';
-import { RebuildError } from './rebuild-error';
 import { type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import { type RamBlock, type RamPageRecord, RecordKind, type StreamFallback } from '../qemu/records';
+import { RebuildError } from './rebuild-error';
 import { EARLIER_BASES_PER_EPOCH, EpochStartPages } from './epoch-start-pages';
 import { OvertakenPages } from './overtaken-pages';
 import { RecentPages } from './recent-pages';
@@ -72,8 +72,9 @@ import { addCounts, newCounts, type TransferCounts } from './transfer-counts';
  * passed that version's epoch on both gateways, so the receiver holds it, unless a write of the base in
  * this epoch, on another channel or the main channel, is rebuilt there before the Delta. The sender
  * marks each such base for the epoch (`wentAgainstEarlier`), and every later write of it in that epoch
- * is preceded on its connection by a KeepVersion frame, at the start of its packet (or before its record
- * on the main channel), on which the receiver keeps the version held then (`epochStart`); the receiver
+ * is preceded on its connection by a KeepVersion frame, ahead of any byte that completes the write there
+ * (see MultifdEncoder.keepBeforeWrite; on the main channel, before its record), on which the receiver
+ * keeps the version held then (`epochStart`); the receiver
  * rebuilds the Delta from whichever version it holds has the base digest the Delta names. At most
  * EARLIER_BASES_PER_EPOCH bases an epoch, so what the receiver keeps is bounded.
  *
