@@ -81,6 +81,8 @@ export const COMPAT_ROWS: readonly CompatRow[] = [
   // (QEMU 7.2's pages sent twice in an epoch, and its main channel's zero pages, included: measured 0.89%).
   row('7.2', 'pc-i440fx-7.2', 'multifd, 4 channels', { tail: 'multifd-4', capabilities: { multifd: true }, parameters: { 'multifd-channels': 4 } }),
   row('10.0', 'pc-i440fx-10.0', 'multifd, 4 channels', { tail: 'multifd-4', capabilities: { multifd: true }, parameters: { 'multifd-channels': 4 }, everyRun: true }),
+  // Machine types of 8.0 and before sync the channels after every RAM section, as 7.2 does: short epochs.
+  row('10.0', 'pc-i440fx-7.2', 'multifd, 4 channels (a SYNC after every RAM section)', { tail: 'multifd-4', capabilities: { multifd: true }, parameters: { 'multifd-channels': 4 } }),
   row('10.0', 'pc-i440fx-10.0', 'multifd, 16 channels', { tail: 'multifd-16', capabilities: { multifd: true }, parameters: { 'multifd-channels': 16 } }),
   // Zero pages on the main channel, as 7.2 sends them, beside 10.0's channels and their Deltas against
   // other pages of the epoch (the receiver keeps what the main channel overwrites ahead of a channel).
