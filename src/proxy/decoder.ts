@@ -4,7 +4,7 @@ import { StreamParser } from '../qemu/parser';
 import { type RamBlock, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
-import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, KEEP_VERSION_BYTES, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
+import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, keepVersionPage, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
 import { RecentPages } from './recent-pages';
 import { BASES_WINDOW, ReadsAhead } from './reads-ahead';
@@ -254,8 +254,7 @@ export class StreamDecoder {
    */
   keepVersion(payload: Buffer): void {
     if (this.multifd === null) throw new RebuildError('a KeepVersion frame in a migration without multifd channels');
-    if (payload.length !== KEEP_VERSION_BYTES) throw new RebuildError(`KeepVersion frame of ${payload.length} bytes`);
-    this.multifd.keepVersionOnMain(payload.readUInt32BE(0));
+    this.multifd.keepVersionOnMain(keepVersionPage(payload));
   }
 
   /** Rebuilds a page from a Delta payload over a page of `from` (this VM's store, or sibling `sibling`'s) and passes it on. */

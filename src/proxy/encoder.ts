@@ -3,7 +3,7 @@ import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
 import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
-import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, KEEP_VERSION_BYTES, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
+import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, keepVersionPayload, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
 import { ContentIndex } from './content-index';
 import { resemblanceKey, ResemblanceCache, ResemblanceWorth } from './resemblance-cache';
 import type { SiblingMatch } from './sibling-match';
@@ -448,9 +448,7 @@ export class StreamEncoder {
     if (this.sink.keepVersion === undefined) return;
     this.closeRun();
     this.sendLiteral(record.streamOffset);
-    const out = this.deltaOut.reserve(KEEP_VERSION_BYTES);
-    out.writeUInt32BE(record.pageIndex, 0);
-    this.sink.keepVersion(this.deltaOut.take(KEEP_VERSION_BYTES));
+    this.sink.keepVersion(keepVersionPayload(this.deltaOut, record.pageIndex));
   }
 
   /** A source chunk came (on the main channel or a multifd channel): the content index, once begun, takes in its next slice. */

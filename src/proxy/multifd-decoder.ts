@@ -6,7 +6,7 @@ import { errorMessage } from '../common/errors';
 import { RebuildError } from './rebuild-error';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
-import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, KEEP_VERSION_BYTES, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
+import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, keepVersionPage, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { sameDigest } from './retained';
 import { BASES_WINDOW, ReadsAhead, runsWindow } from './reads-ahead';
 import type { RecentPages } from './recent-pages';
@@ -447,8 +447,7 @@ export class MultifdDecoder extends MultifdChannel {
 
   /** A KeepVersion frame, in order: the page's version held now is kept for this epoch's Deltas. */
   private keepFrame(payload: Buffer): void {
-    if (payload.length !== KEEP_VERSION_BYTES) throw new RebuildError(`KeepVersion frame of ${payload.length} bytes`);
-    this.migration.keepVersion(payload.readUInt32BE(0), this.syncs);
+    this.migration.keepVersion(keepVersionPage(payload), this.syncs);
   }
 
   /**

@@ -6,7 +6,7 @@ import type { EncoderSink } from './encoder';
 import { HeldInput } from './held-input';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration, type PagesElsewhere } from './multifd-migration';
-import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, KEEP_VERSION_BYTES, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
+import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, keepVersionPayload, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
 import { sameDigest } from './retained';
 import { encodeRun, MAX_RUN_HELD } from './run';
 
@@ -245,9 +245,7 @@ export class MultifdEncoder extends MultifdChannel {
   private sendKeepVersion(pageIndex: number): void {
     if (this.sink.keepVersion === undefined) return;
     this.send(this.parser.currentPacket.streamOffset);
-    const out = this.deltaOut.reserve(KEEP_VERSION_BYTES);
-    out.writeUInt32BE(pageIndex, 0);
-    this.sink.keepVersion(this.deltaOut.take(KEEP_VERSION_BYTES));
+    this.sink.keepVersion(keepVersionPayload(this.deltaOut, pageIndex));
     this.versionsKept++;
   }
 

@@ -1,4 +1,5 @@
 import { DIGEST_BYTES, nativeExport } from '../digest';
+import { RebuildError } from './rebuild-error';
 
 /**
  * A Delta frame's payload: one RAM page given as a page the receiver holds (the base) and the byte
@@ -26,6 +27,18 @@ export const SIBLING_DELTA_LEAD_BYTES = 1;
  * Delta of the epoch may go against (see MultifdMigration, "Bases of an earlier epoch").
  */
 export const KEEP_VERSION_BYTES = 4;
+
+/** A KeepVersion payload for page `pageIndex`, laid out in `slab`. */
+export function keepVersionPayload(slab: DeltaSlab, pageIndex: number): Buffer {
+  slab.reserve(KEEP_VERSION_BYTES).writeUInt32BE(pageIndex, 0);
+  return slab.take(KEEP_VERSION_BYTES);
+}
+
+/** The page a KeepVersion payload names; RebuildError if it is not one. */
+export function keepVersionPage(payload: Buffer): number {
+  if (payload.length !== KEEP_VERSION_BYTES) throw new RebuildError(`KeepVersion frame of ${payload.length} bytes`);
+  return payload.readUInt32BE(0);
+}
 export const DELTA_BASE_DIGEST_AT = 8;
 export const DELTA_NEW_DIGEST_AT = 8 + DIGEST_BYTES;
 
