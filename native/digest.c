@@ -558,6 +558,40 @@ static napi_value TuneSocket(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* socketTuning(fd): [SO_RCVBUF, TCP_NOTSENT_LOWAT] of a TCP socket as the kernel reports them (Linux
+ * doubles what SO_RCVBUF was set to; -1 where the platform has no TCP_NOTSENT_LOWAT). Lets tests see
+ * that tuneSocket reached every connection it is meant to. */
+static napi_value SocketTuning(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result, value;
+  int32_t fd = -1;
+  int rcv = 0, lowat = -1;
+  socklen_t len = sizeof rcv;
+  BF_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 1 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0) return bf_type(env, "socketTuning expects a file descriptor");
+  if (getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, &len) != 0) {
+    char msg[96];
+    snprintf(msg, sizeof msg, "getsockopt(SO_RCVBUF): %s", strerror(errno));
+    napi_throw_error(env, "ERR_BFMIG_SOCKET", msg);
+    return NULL;
+  }
+#ifdef TCP_NOTSENT_LOWAT
+  len = sizeof lowat;
+  if (getsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, &len) != 0) {
+    char msg[96];
+    snprintf(msg, sizeof msg, "getsockopt(TCP_NOTSENT_LOWAT): %s", strerror(errno));
+    napi_throw_error(env, "ERR_BFMIG_SOCKET", msg);
+    return NULL;
+  }
+#endif
+  BF_CALL(env, napi_create_array_with_length(env, 2, &result));
+  BF_CALL(env, napi_create_int32(env, rcv, &value));
+  BF_CALL(env, napi_set_element(env, result, 0, value));
+  BF_CALL(env, napi_create_int32(env, lowat, &value));
+  BF_CALL(env, napi_set_element(env, result, 1, value));
+  return result;
+}
+
 /*
  * threadCpuSeconds(): CPU time the calling thread has used, in seconds. What a piece of the gateway's
  * work costs, where the wall clock also counts the time the thread waited for a core (two cores shared
@@ -591,6 +625,7 @@ NAPI_MODULE_INIT() {
       {"streamHashUpdate", NULL, StreamHashUpdate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"streamHashDigest", NULL, StreamHashDigest, NULL, NULL, NULL, napi_enumerable, NULL},
       {"tuneSocket", NULL, TuneSocket, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"socketTuning", NULL, SocketTuning, NULL, NULL, NULL, napi_enumerable, NULL},
       {"threadCpuSeconds", NULL, ThreadCpuSeconds, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   static int initialised = 0;

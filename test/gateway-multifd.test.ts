@@ -4,6 +4,7 @@
  * keeps every page's final version whichever channel (the main one included) carried it last and in
  * whatever order the gateways read the channels, and a malformed packet fails the whole migration.
  */
+import { Socket } from 'node:net';
 import type { Gateway } from '../src/gateway/gateway';
 import type { MigrationReport } from '../src/gateway/session';
 import { refusals, startPair, stopPair, type TestSite as Site, waitFor } from '../src/lab/harness/gateway-pair';
@@ -13,6 +14,7 @@ import { restoreSnapshot } from '../src/cli/restore';
 import { ChannelsDestination, type ReceivedChannel, sourceChannel } from '../src/lab/harness/qemu-standins';
 import { checkStores, claimedSnapshot } from '../src/lab/harness/stores';
 import { MULTIFD_INIT_BYTES, MULTIFD_MAGIC } from '../src/qemu/multifd';
+import { SOURCE_RECV_BUFFER_BYTES, socketTuning, WAN_NOT_SENT_BYTES } from '../src/gateway/socket-tuning';
 import { PageStore } from '../src/store';
 import { slowSyncs } from './slow-syncs';
 import { suiteTempDir } from './temp-dir';
@@ -40,7 +42,7 @@ function multifdRun(format: MultifdFormat, rounds: number[][], pagesOf: (round: 
  * rest of the main channel, then of every channel; else the other way round (the gateways see the
  * channels' pages of every round before the main channel's).
  */
-async function migrate(from: Site, to: Site, run: { main: Buffer; channels: Buffer[] }, mainFirst: boolean, vm = 'vm1'): Promise<ReceivedChannel[]> {
+async function migrate(from: Site, to: Site, run: { main: Buffer; channels: Buffer[] }, mainFirst: boolean, vm = 'vm1', whileJoined?: () => void): Promise<ReceivedChannel[]> {
   const dest = await ChannelsDestination.listen(to.destPort);
   try {
     const start = streamStart(BLOCKS.map(([name, pages]) => [name, pages * PAGE]));
@@ -52,6 +54,7 @@ async function migrate(from: Site, to: Site, run: { main: Buffer; channels: Buff
     const channels = await Promise.all(run.channels.map(() => sourceChannel(from.routePorts[vm])));
     await Promise.all(channels.map((c, i) => c.write(run.channels[i].subarray(0, MULTIFD_INIT_BYTES))));
     await waitFor(() => joined(from) === fromJoined + channels.length && joined(to) === toJoined + channels.length);
+    whileJoined?.();
     const rest = async (): Promise<void> => {
       await Promise.all(channels.map((c, i) => c.write(run.channels[i].subarray(MULTIFD_INIT_BYTES))));
       for (const c of channels) c.socket.end();
@@ -278,6 +281,25 @@ describe.each(['event-loop', 'thread-pool'])('multifd channels through a gateway
     } finally {
       jest.restoreAllMocks();
     }
+  });
+
+  test("every connection of a multifd migration queues as little as the main channel's: the source's receive buffer and the WAN socket's unsent bytes are held small", async () => {
+    const memory = guestMemory(BLOCKS, 1);
+    const run = multifdRun('qemu-10.0', [memory.pages.map((_, i) => i)], () => memory.pages);
+    // The sending gateway's sockets, in this process: those it accepted from the source, those it dialled to the peer.
+    const sockets = (): Socket[] => (process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles().filter((h): h is Socket => h instanceof Socket);
+    let fromSource: Array<ReturnType<typeof socketTuning>> = [];
+    let toPeer: Array<ReturnType<typeof socketTuning>> = [];
+    const received = await migrate(a, b, run, true, 'vm1', () => {
+      fromSource = sockets().filter((s) => s.localPort === a.routePort).map(socketTuning);
+      toPeer = sockets().filter((s) => s.remotePort === b.peerPort).map(socketTuning);
+    });
+    expectRebuilt(received, run);
+    // The main channel and each of its 4 channels; Linux reports twice the receive buffer it was given.
+    expect(fromSource).toHaveLength(5);
+    expect(fromSource.map((t) => t?.recvBufferBytes)).toEqual(Array(5).fill(2 * SOURCE_RECV_BUFFER_BYTES));
+    expect(toPeer).toHaveLength(5);
+    expect(toPeer.map((t) => t?.notSentBytes)).toEqual(Array(5).fill(WAN_NOT_SENT_BYTES));
   });
 
   test('a malformed packet on one channel fails the whole migration on both gateways: every connection is reset, no store commits', async () => {

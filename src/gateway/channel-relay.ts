@@ -35,7 +35,7 @@ import type { RouteConfig } from './config';
 import { channelLabel, type ChannelGroup, type ExtraChannel } from './migration-channels';
 import { OutputSlabs } from './output-slabs';
 import { heldDownstream, laterDownstream, PooledReads } from './pooled-reads';
-import { corked } from './socket-tuning';
+import { corked, SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES, WAN_QUEUE_BYTES } from './socket-tuning';
 import { WanPace } from './wan-pace';
 import { decodePayload, ProtocolViolation } from './protocol-violation';
 import { CONNECT_TIMEOUT_MS, peerText } from './session';
@@ -75,8 +75,6 @@ function halfOpen(peer: Socket): void {
   peer.allowHalfOpen = true;
 }
 
-/** Bytes a relay lets queue on its outgoing socket before it stops reading the other one. */
-const RELAY_QUEUE_BYTES = 1024 * 1024;
 /** A multifd Run rebuilt: a packet's pages, 128 on x86 (QEMU's 512 KiB packets); larger ones get a buffer of their own. */
 const RUN_SLAB_BYTES = 512 * 1024;
 /** Slabs a receiving channel keeps: 2 MiB a channel, 32 MiB for 16 channels. */
@@ -231,6 +229,12 @@ export class ChannelSender extends ChannelRelay {
     this.reads = reads;
     this.source = reads.socket;
     this.source.pause();
+    // A channel queues as little as the main channel does, for the same reason (socket-tuning.ts): its
+    // source's receive buffer here, its WAN socket's unsent bytes once dialled, WAN_QUEUE_BYTES in Node.
+    // With Linux's defaults and 1 MiB in Node each channel of a 4-channel first leg at 100 Mbit/s took
+    // 6–10 MiB before the WAN held it back, and the destination ran 1.8–2.4 s after the source had
+    // finished, with the guest stopped throughout; tuned, 1.0–1.6 s (docs/benchmarks.md, "Twenty-third session").
+    tuneSocket(this.source, { recvBufferBytes: SOURCE_RECV_BUFFER_BYTES });
     this.source.on('error', (err) => this.fail(`source ${this.label}: ${err.message}`));
     this.source.on('close', () => {
       if (!this.ended) this.fail(`the source closed ${this.label} before its end`);
@@ -242,6 +246,7 @@ export class ChannelSender extends ChannelRelay {
     const { group, channel, route, transport, site } = this.sender;
     const peer = transport.connect(route.peer, () => {
       peer.setTimeout(0);
+      tuneSocket(peer, { notSentBytes: WAN_NOT_SENT_BYTES });
       const hello: HelloMessage = { protocol: PROTOCOL_VERSION, site, vm: group.vm, target: formatEndpoint(route.target), migration: group.migration, channel };
       // The receiver's codecs wait at the first SYNC until as many channels have joined there.
       if (multifd) hello.channels = group.multifdChannels;
@@ -326,14 +331,14 @@ export class ChannelSender extends ChannelRelay {
     }
     // The peer socket's backpressure, the codec waiting at a SYNC for the other channels, or batches
     // waiting for the thread pool.
-    const wanFull = peer.writableLength >= RELAY_QUEUE_BYTES;
+    const wanFull = peer.writableLength >= WAN_QUEUE_BYTES;
     if (wanFull || encoder.parked || literals.backlogged) this.source.pause();
     if (wanFull) literals.policy.pausedForWan();
   }
 
   /** Reads the source again once neither the peer socket nor the codec holds it back. */
   private readSource(): void {
-    if (this.over || !this.peer || this.encoder?.parked || this.peer.writableLength >= RELAY_QUEUE_BYTES || this.literals?.backlogged) return;
+    if (this.over || !this.peer || this.encoder?.parked || this.peer.writableLength >= WAN_QUEUE_BYTES || this.literals?.backlogged) return;
     this.source.resume();
   }
 

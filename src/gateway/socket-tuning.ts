@@ -2,8 +2,9 @@
  * Keeps the stream queued between the source QEMU and the WAN small. QEMU counts a byte as migrated
  * once its socket has taken it; every byte queued after that (the gateway's receive buffer, the WAN
  * socket's unsent bytes) still has to cross the WAN after QEMU has stopped the guest for the last
- * round, and adds to the guest's real downtime. Node has no API for these socket options on TCP; the
- * project's native addon sets them.
+ * round, and adds to the guest's real downtime. So on every connection that carries the source's stream
+ * (the main channel's session and each multifd channel alike) both are held small. Node has no API for
+ * these socket options on TCP; the project's native addon sets them.
  */
 import { connect, type NetConnectOpts, type Socket } from 'node:net';
 import { nativeExport } from '../digest';
@@ -57,6 +58,21 @@ export function tuneSocket(socket: Socket, options: { recvBufferBytes?: number; 
   } catch {
     return false;
   }
+}
+
+type ReadTuning = (fd: number) => [number, number];
+
+/**
+ * What the kernel reports for a connected socket: its receive buffer (Linux doubles what SO_RCVBUF
+ * was set to) and TCP_NOTSENT_LOWAT (-1 where the platform has none); null with no fd or no addon.
+ * Tests read it to see that every connection tuneSocket is meant for was tuned.
+ */
+export function socketTuning(socket: Socket): { recvBufferBytes: number; notSentBytes: number } | null {
+  const fd = fdOf(socket);
+  const read = nativeExport('socketTuning');
+  if (fd === null || typeof read !== 'function') return null;
+  const [recvBufferBytes, notSentBytes] = (read as ReadTuning)(fd);
+  return { recvBufferBytes, notSentBytes };
 }
 
 /** Runs `writes` with `socket` corked: what they write leaves in one writev, not a write call each. */
