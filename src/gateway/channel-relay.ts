@@ -232,8 +232,8 @@ export class ChannelSender extends ChannelRelay {
     // A channel queues as little as the main channel does, for the same reason (socket-tuning.ts): its
     // source's receive buffer here, its WAN socket's unsent bytes once dialled, WAN_QUEUE_BYTES in Node.
     // With Linux's defaults and 1 MiB in Node each channel of a 4-channel first leg at 100 Mbit/s took
-    // 6–10 MiB before the WAN held it back, and the destination ran 1.8–2.4 s after the source had
-    // finished, with the guest stopped throughout; tuned, 1.0–1.6 s (docs/benchmarks.md, "Twenty-third session").
+    // 6–10 MiB before the WAN held it back, and the guest stayed paused for 3.0–4.0 s (direct QEMU
+    // 1.2–2.1 s); tuned, 1.4–2.4 s (docs/benchmarks.md, "Twenty-third session").
     tuneSocket(this.source, { recvBufferBytes: SOURCE_RECV_BUFFER_BYTES });
     this.source.on('error', (err) => this.fail(`source ${this.label}: ${err.message}`));
     this.source.on('close', () => {
