@@ -35,7 +35,7 @@ import type { RouteConfig } from './config';
 import { channelLabel, type ChannelGroup, type ExtraChannel } from './migration-channels';
 import { OutputSlabs } from './output-slabs';
 import { heldDownstream, laterDownstream, PooledReads } from './pooled-reads';
-import { corked, SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES, WAN_QUEUE_BYTES } from './socket-tuning';
+import { corked, tuneSourceConnection, tuneWanConnection, WAN_QUEUE_BYTES } from './socket-tuning';
 import { WanPace } from './wan-pace';
 import { decodePayload, ProtocolViolation } from './protocol-violation';
 import { CONNECT_TIMEOUT_MS, peerText } from './session';
@@ -234,7 +234,7 @@ export class ChannelSender extends ChannelRelay {
     // With Linux's defaults and 1 MiB in Node each channel of a 4-channel first leg at 100 Mbit/s took
     // 6–10 MiB before the WAN held it back, and the guest stayed paused for 3.0–4.0 s (direct QEMU
     // 1.2–2.1 s); tuned, 1.4–2.4 s (docs/benchmarks.md, "Twenty-third session").
-    tuneSocket(this.source, { recvBufferBytes: SOURCE_RECV_BUFFER_BYTES });
+    tuneSourceConnection(this.source);
     this.source.on('error', (err) => this.fail(`source ${this.label}: ${err.message}`));
     this.source.on('close', () => {
       if (!this.ended) this.fail(`the source closed ${this.label} before its end`);
@@ -246,7 +246,7 @@ export class ChannelSender extends ChannelRelay {
     const { group, channel, route, transport, site } = this.sender;
     const peer = transport.connect(route.peer, () => {
       peer.setTimeout(0);
-      tuneSocket(peer, { notSentBytes: WAN_NOT_SENT_BYTES });
+      tuneWanConnection(peer);
       const hello: HelloMessage = { protocol: PROTOCOL_VERSION, site, vm: group.vm, target: formatEndpoint(route.target), migration: group.migration, channel };
       // The receiver's codecs wait at the first SYNC until as many channels have joined there.
       if (multifd) hello.channels = group.multifdChannels;

@@ -40,7 +40,7 @@ import { helloCompression, LiteralFrames, offeredCompression, type WriteDone, ZS
 import type { DeltaMode, RouteConfig } from './config';
 import { ReturnPathMessages } from './return-path-relay';
 import { heldDownstream, PooledReads } from './pooled-reads';
-import { corked, SOURCE_RECV_BUFFER_BYTES, tuneSocket, WAN_NOT_SENT_BYTES } from './socket-tuning';
+import { corked, tuneSourceConnection, tuneWanConnection } from './socket-tuning';
 import type { PeerTransport } from './transport';
 import { errorMessage } from '../common/errors';
 import { CONNECT_TIMEOUT_MS, HANDSHAKE_TIMEOUT_MS, IdleWatch, peerText, type ReuseMode, type SessionObserver } from './session';
@@ -177,7 +177,7 @@ export class SendSession {
     this.qemu = qemu;
     qemu.pause();
     qemu.setNoDelay(true);
-    tuneSocket(qemu, { recvBufferBytes: SOURCE_RECV_BUFFER_BYTES });
+    tuneSourceConnection(qemu);
     this.peer.setTimeout(CONNECT_TIMEOUT_MS, () => this.fail('the peer gateway did not answer in time'));
     this.peer.on('data', (chunk: Buffer) => {
       this.life.wanIn += chunk.length;
@@ -231,7 +231,7 @@ export class SendSession {
     this.offerTimer = setTimeout(() => {
       if (this.phase === 'awaiting-offer') this.fail(`the peer gateway sent no Offer within ${HANDSHAKE_TIMEOUT_MS / 1000} s`);
     }, HANDSHAKE_TIMEOUT_MS);
-    tuneSocket(this.peer, { notSentBytes: WAN_NOT_SENT_BYTES });
+    tuneWanConnection(this.peer);
     try {
       // Without retention (its filesystem is full) the store is left as it is: every page is sent.
       this.life.openStore();

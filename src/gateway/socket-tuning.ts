@@ -60,6 +60,16 @@ export function tuneSocket(socket: Socket, options: { recvBufferBytes?: number; 
   }
 }
 
+/** Tunes a connection the source QEMU opened (the main channel's or a multifd channel's). */
+export function tuneSourceConnection(socket: Socket): boolean {
+  return tuneSocket(socket, { recvBufferBytes: SOURCE_RECV_BUFFER_BYTES });
+}
+
+/** Tunes a connection that carries the stream to the peer gateway, once it is connected. */
+export function tuneWanConnection(socket: Socket): boolean {
+  return tuneSocket(socket, { notSentBytes: WAN_NOT_SENT_BYTES });
+}
+
 type ReadTuning = (fd: number) => [number, number];
 
 /**
