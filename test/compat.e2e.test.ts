@@ -20,7 +20,7 @@ const haveQemu10 = SKIP ? false : requireInCi(qemuInstalled('10.0'), 'QEMU 10.0 
       `${row.id}: completes with the guest verified${row.expectReuse ? `, back leg ≤ ${REUSE_MAX_BACK_SHARE * 100}% of the first` : ''}`,
       async () => {
         const outcome = await runCompatRow(row);
-        const summary = outcome.legs.map((l) => ({ leg: l.leg, wanBytes: l.wanBytes, verified: l.verified, postcopy: l.postcopyStarted, reused: l.pagesReused, unordered: l.pagesUnordered }));
+        const summary = outcome.legs.map((l) => ({ leg: l.leg, wanBytes: l.wanBytes, verified: l.verified, postcopy: l.postcopyStarted, continued: l.continuedFromPause, reused: l.pagesReused, unordered: l.pagesUnordered }));
         const verdict = compatPassed(outcome) ? 'passed' : `failed: back leg share ${outcome.backShare}, legs ${JSON.stringify(summary)}`;
         expect(verdict).toBe('passed');
       },

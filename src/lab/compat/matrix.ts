@@ -23,6 +23,8 @@ export interface CompatRow {
   parameters?: Record<string, unknown>;
   /** Switch to postcopy once the source has sent this many bytes. */
   postcopyAfterBytes?: number;
+  /** With pause-before-switchover: how long the source waits, its guest stopped, before migrate-continue. */
+  continueAfterPauseMs?: number;
   /** QEMU's own TLS: the gateways relay every connection as it is. */
   qemuTls?: boolean;
   /** The gateways relay (part of) every leg as it is and must say so, with this reason. */
@@ -109,6 +111,18 @@ export const COMPAT_ROWS: readonly CompatRow[] = [
     verbatim: 'multifd-compression',
     expectReuse: false,
   }),
+  // libvirt's way with storage copied alongside: the source stops the guest and waits for migrate-continue
+  // before its last pages and device state, the stream quiet meanwhile.
+  row('10.0', 'pc-i440fx-10.0', "pause-before-switchover, continued after 3 s (libvirt's way when it copies storage too)", {
+    tail: 'pause-before-switchover',
+    capabilities: { ...rp, 'pause-before-switchover': true },
+    continueAfterPauseMs: 3000,
+  }),
+  row('10.0', 'pc-i440fx-10.0', 'multifd, 4 channels, zero-copy-send', {
+    tail: 'multifd-4-zero-copy',
+    capabilities: { multifd: true, 'zero-copy-send': true },
+    parameters: { 'multifd-channels': 4 },
+  }),
   row('10.0', 'pc-i440fx-10.0', 'postcopy-preempt, postcopy started (its channel verbatim)', {
     tail: 'postcopy-preempt',
     capabilities: { ...rp, 'postcopy-ram': true, 'postcopy-preempt': true },
@@ -148,6 +162,7 @@ export function compatPassed(o: CompatOutcome): boolean {
   // A row that promises reuse must have been parsed whole: a stream relayed verbatim reuses little.
   if (o.row.expectReuse && o.legs.some((l) => l.verbatim !== null)) return false;
   if (o.row.postcopyAfterBytes !== undefined && !o.legs.every((l) => l.postcopyStarted)) return false;
+  if (o.row.continueAfterPauseMs !== undefined && !o.legs.every((l) => l.continuedFromPause)) return false;
   // Never silent: every leg of an encrypted migration must be reported as relayed as it is.
   if (o.row.verbatim !== undefined && !o.legs.every((l) => l.verbatim === o.row.verbatim)) return false;
   return !o.row.expectReuse || (o.backShare !== null && o.backShare <= REUSE_MAX_BACK_SHARE);
@@ -169,6 +184,7 @@ export async function runCompatRow(row: CompatRow, opts: { mbit?: number; delayM
     capabilities: row.capabilities,
     parameters: row.parameters,
     postcopyAfterBytes: row.postcopyAfterBytes,
+    continueAfterPauseMs: row.continueAfterPauseMs,
     qemuTls: row.qemuTls,
   });
   const first = legs[0];

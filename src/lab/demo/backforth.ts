@@ -5,7 +5,7 @@ import { loopbackSiteYaml } from '../harness/loopback-config';
 import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../harness/site-gateway';
 import { makeTempDir, removeTempDir } from '../harness/temp-dir';
 import { type MigrationInfo } from '../vm/qmp-types';
-import { type QmpEvent, QemuVm, disposeAllVms } from '../vm/qemu-vm';
+import { type QmpEvent, QemuVm, type WaitForMigrationOptions, disposeAllVms } from '../vm/qemu-vm';
 import { ensureGuestBuilt } from '../vm/guest-image';
 import { freePort } from '../vm/ports';
 import { WanEmulator } from '../wan';
@@ -53,6 +53,8 @@ export interface BackForthOptions {
   parameters?: Record<string, unknown>;
   /** Switch each leg to postcopy (migrate-start-postcopy) once QEMU has sent this many bytes. */
   postcopyAfterBytes?: number;
+  /** With pause-before-switchover: how long each leg waits in `pre-switchover` before migrate-continue. */
+  continueAfterPauseMs?: number;
   /** QEMU's own TLS on every leg (x509 credentials made for the run): the stream is encrypted end to end. */
   qemuTls?: boolean;
   /** The workload's page content: pseudo-random (default) or pages of real files (see guest/workload.c). */
@@ -154,6 +156,8 @@ export interface LegResult {
   verified: boolean;
   /** Whether migrate-start-postcopy was issued while the leg was still active. */
   postcopyStarted: boolean;
+  /** Whether the source waited in pre-switchover and was sent migrate-continue (continueAfterPauseMs). */
+  continuedFromPause: boolean;
   /** Why the sending gateway relayed (part of) the stream verbatim (a fallback code); null when it parsed it all, or direct. */
   verbatim: string | null;
   /** WAN bytes the sending gateway's compression saved (0: direct, or not compressed). */
@@ -332,7 +336,11 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         const migrateAtMs = performance.now();
         await vm.migrate(uri);
         const postcopyStarted = o.postcopyAfterBytes === undefined ? false : await startPostcopyAfter(vm, o.postcopyAfterBytes);
-        const info = await waitWithProgress(vm, `leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}`, o.out);
+        let continuedFromPause = false;
+        const info = await waitWithProgress(vm, `leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}`, o.out, {
+          continueAfterPauseMs: o.continueAfterPauseMs,
+          onContinued: () => (continuedFromPause = true),
+        });
         arrivedAt = Date.now(); // the guest runs at the destination from here
         arrivedMark = 0; // and everything on the destination's console is from there
         const verified = await arrivedVerified(dest);
@@ -391,6 +399,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           gatewayMainThreadSecondsReceive: cpuDelta(cpuBefore.receive, cpuAfter.receive, 'mainThreadSeconds'),
           verified: verified && info.status === 'completed' && (report === undefined || report.result === 'completed'),
           postcopyStarted,
+          continuedFromPause,
           verbatim: report?.verbatim ?? null,
           compressionSavedBytes: report?.compressionSavedBytes ?? 0,
           pagesDelta: report?.pagesDelta ?? 0,
@@ -486,7 +495,7 @@ function pageWritesSince(serial: string, mark: number): number {
   return pages;
 }
 
-async function waitWithProgress(vm: QemuVm, label: string, out: NodeJS.WriteStream | Writable): Promise<MigrationInfo> {
+async function waitWithProgress(vm: QemuVm, label: string, out: NodeJS.WriteStream | Writable, pause: Pick<WaitForMigrationOptions, 'continueAfterPauseMs' | 'onContinued'>): Promise<MigrationInfo> {
   const tty = 'isTTY' in out && out.isTTY === true;
   const timer = tty
     ? setInterval(() => {
@@ -500,7 +509,7 @@ async function waitWithProgress(vm: QemuVm, label: string, out: NodeJS.WriteStre
       }, 500)
     : null;
   try {
-    return await vm.waitForMigration({ timeoutMs: 900_000 });
+    return await vm.waitForMigration({ timeoutMs: 900_000, ...pause });
   } finally {
     if (timer) {
       clearInterval(timer);

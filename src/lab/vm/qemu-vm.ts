@@ -132,6 +132,14 @@ export interface WaitForMigrationOptions {
   pollMs?: number;
   /** Return a failed/cancelled result instead of throwing MigrationFailedError. */
   allowFailure?: boolean;
+  /**
+   * With `pause-before-switchover` on: once the migration waits in `pre-switchover` (the guest stopped,
+   * its last pages and device state not yet sent), send `migrate-continue` this many ms later, as
+   * libvirt does once its storage jobs are ready.
+   */
+  continueAfterPauseMs?: number;
+  /** Called once migrate-continue has been sent (continueAfterPauseMs). */
+  onContinued?: () => void;
 }
 
 /** The guest visibly failed (its console matched a failure pattern) or its QEMU exited while a test waited on it. */
@@ -516,8 +524,15 @@ export class QemuVm {
     const pollMs = opts.pollMs ?? 100;
     const deadline = Date.now() + timeoutMs;
     let completedAt: number | undefined;
+    let continued = false;
     for (;;) {
       const info = await this.queryMigrate();
+      if (info.status === 'pre-switchover' && opts.continueAfterPauseMs !== undefined && !continued) {
+        continued = true;
+        await sleep(opts.continueAfterPauseMs);
+        await this.qmp('migrate-continue', { state: 'pre-switchover' });
+        opts.onContinued?.();
+      }
       // QEMU 7.2 sets the state to completed in the migration thread and computes total-time only
       // afterwards (migration_iteration_finish, under the main lock): a query between the two reads
       // total-time 0, so a completed migration is polled once more until its time is in.
