@@ -364,7 +364,7 @@ export class StreamEncoder {
   private hashConsumedHead(): void {
     const held = this.held;
     if (held.from <= this.hashedTo) return;
-    this.streamHash.update(held.chunks[0].subarray(this.hashedTo - held.chunkStart, held.from - held.chunkStart));
+    this.streamHash.update(held.chunks.at(0).subarray(this.hashedTo - held.chunkStart, held.from - held.chunkStart));
     this.hashedTo = held.from;
   }
 

@@ -1,10 +1,12 @@
+import { Fifo } from '../common/fifo';
+
 /**
  * What an encoder has been pushed and not yet let go of: views of the pushed chunks (no copies), the
  * first of which starts at stream offset `chunkStart` and is let go of up to `from`. Bytes are let go
  * of in stream order, sent as Literal bytes or standing for a Run that replaces them.
  */
 export class HeldInput {
-  chunks: Buffer[] = [];
+  readonly chunks = new Fifo<Buffer>();
   /** Stream offset of chunks[0][0]. */
   chunkStart = 0;
   /** Stream offset of the first byte not let go of. */
@@ -20,15 +22,18 @@ export class HeldInput {
    * What was let go of is dropped with them: a caller that hashes it must do so first.
    */
   own(end: number): void {
-    if (this.chunks.length === 0) return;
+    const chunks = this.chunks;
+    if (chunks.length === 0) return;
     const copy = Buffer.allocUnsafe(end - this.from);
     let at = 0;
     let chunkStart = this.chunkStart;
-    for (const chunk of this.chunks) {
+    for (let i = 0; i < chunks.length; i++) {
+      const chunk = chunks.at(i);
       at += chunk.copy(copy, at, Math.max(0, this.from - chunkStart));
       chunkStart += chunk.length;
     }
-    this.chunks = [copy];
+    chunks.clear();
+    chunks.push(copy);
     this.chunkStart = this.from;
   }
 
@@ -38,7 +43,7 @@ export class HeldInput {
    */
   release(to: number, send: ((bytes: Buffer) => void) | null, dropped: ((chunk: Buffer, start: number) => void) | null): void {
     while (this.from < to) {
-      const chunk = this.chunks[0];
+      const chunk = this.chunks.peek() as Buffer;
       const start = this.from - this.chunkStart;
       const end = Math.min(chunk.length, to - this.chunkStart);
       if (send) send(chunk.subarray(start, end));

@@ -3,6 +3,7 @@ import { X86_PAGE_SIZE } from '../qemu/constants';
 import { MULTIFD_SLOTS, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
 import { errorMessage } from '../common/errors';
+import { Fifo } from '../common/fifo';
 import { RebuildError } from './rebuild-error';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
@@ -42,7 +43,7 @@ interface QueuedFrame {
  * the channel has read on, if it is parked).
  */
 export class MultifdDecoder extends MultifdChannel {
-  private readonly queued: QueuedFrame[] = [];
+  private readonly queued = new Fifo<QueuedFrame>();
   /** Pages of the run being parsed again: read from the store already, nothing to keep. */
   private replaying = 0;
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
@@ -87,7 +88,8 @@ export class MultifdDecoder extends MultifdChannel {
   /** Parked at a SYNC, or holding a frame back (see waits()). */
   override mayReadOn(): boolean {
     if (this.parser.isPaused) return super.mayReadOn();
-    return this.queued.length > 0 && !this.waits(this.queued[0].kind, this.queued[0].payload);
+    const first = this.queued.peek();
+    return first !== undefined && !this.waits(first.kind, first.payload);
   }
 
   /** Bytes rebuilt and handed on. */
@@ -150,8 +152,8 @@ export class MultifdDecoder extends MultifdChannel {
 
   unpark(): void {
     this.parser.resume();
-    while (!this.parser.isPaused && this.queued.length > 0 && !this.waits(this.queued[0].kind, this.queued[0].payload)) {
-      const frame = this.queued.shift() as QueuedFrame;
+    for (let frame = this.queued.peek(); frame !== undefined && !this.parser.isPaused && !this.waits(frame.kind, frame.payload); frame = this.queued.peek()) {
+      this.queued.shift();
       this.apply(frame.kind, frame.payload);
     }
     this.afterUnpark();

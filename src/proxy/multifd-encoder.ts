@@ -3,6 +3,7 @@ import { X86_PAGE_SIZE } from '../qemu/constants';
 import { type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
 import type { EncoderSink } from './encoder';
+import { Fifo } from '../common/fifo';
 import { HeldInput } from './held-input';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration, type PagesElsewhere } from './multifd-migration';
@@ -58,7 +59,7 @@ export class MultifdEncoder extends MultifdChannel {
   private readonly held = new HeldInput();
   private readonly sendPiece = (bytes: Buffer): void => this.sink.literal(bytes);
   /** Pushed while parked: not yet given to the parser. */
-  private readonly queued: Buffer[] = [];
+  private readonly queued = new Fifo<Buffer>();
   /** The epoch whose main-channel marker the channel has waited for, and whether that wait is over. */
   private mainWaitEpoch = -1;
   private mainWaitOver = false;

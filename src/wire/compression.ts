@@ -31,6 +31,7 @@
  *                            | u32 0 (the stream restarts)
  */
 import { errorMessage } from '../common/errors';
+import { Fifo } from '../common/fifo';
 import { nativeExport } from '../digest';
 import { CompressionPolicy } from './compression-policy';
 import { checkCarriedFrames, FRAME_HEADER_BYTES, type FrameParser, frameHeader, FrameType, WireError } from './frames';
@@ -164,7 +165,7 @@ export class LiteralFrames {
   /** A batch is on the thread pool. */
   private onPool = false;
   /** What waits behind it, in order. */
-  private readonly held: Held[] = [];
+  private readonly held = new Fifo<Held>();
   /** Bytes of `held` and of the batch on the pool. */
   private heldByteCount = 0;
   /** Input buffers of batches done with, for the next ones. */
@@ -252,7 +253,7 @@ export class LiteralFrames {
   /** Nothing more is written: what the pool still returns is dropped (the session failed or ended). */
   close(): void {
     this.closed = true;
-    this.held.length = 0;
+    this.held.clear();
     this.heldByteCount = 0;
   }
 

@@ -5,6 +5,7 @@
  *
  *   frame = u8 type | u32 payload length | payload
  */
+import { Fifo } from '../common/fifo';
 
 /**
  * 2: End carries a check of the whole stream; 3: that check is XXH3-64 (was CRC-32); 4: Seal checks
@@ -366,7 +367,7 @@ export interface FrameLookahead {
  * how a receiver whose destination is slow stops expanding frames into megabytes of output.
  */
 export class FrameParser {
-  private chunks: Buffer[] = [];
+  private readonly chunks = new Fifo<Buffer>();
   private buffered = 0;
   private paused = false;
   private delivering = false;
@@ -421,10 +422,10 @@ export class FrameParser {
     // A cursor on the chunks: chunk ci, byte off of it is input byte `at`.
     let ci = 0;
     let off = at - this.taken;
-    while (off >= this.chunks[ci].length) off -= this.chunks[ci++].length;
+    while (off >= this.chunks.at(ci).length) off -= this.chunks.at(ci++).length;
     const copy = (n: number): void => {
       for (let filled = 0; filled < n; ) {
-        const c = this.chunks[ci];
+        const c = this.chunks.at(ci);
         const take = Math.min(c.length - off, n - filled);
         c.copy(head, filled, off, off + take);
         filled += take;
@@ -437,7 +438,7 @@ export class FrameParser {
     };
     const skip = (n: number): void => {
       off += n;
-      while (ci < this.chunks.length - 1 && off >= this.chunks[ci].length) off -= this.chunks[ci++].length;
+      while (ci < this.chunks.length - 1 && off >= this.chunks.at(ci).length) off -= this.chunks.at(ci++).length;
     };
     let seen = false;
     while (at + FRAME_HEADER_BYTES <= end) {
@@ -510,7 +511,7 @@ export class FrameParser {
    */
   ownRetained(): void {
     const last = this.chunks.length - 1;
-    if (last >= 0) this.chunks[last] = Buffer.from(this.chunks[last]);
+    if (last >= 0) this.chunks.set(last, Buffer.from(this.chunks.at(last)));
   }
 
   private deliver(): void {
@@ -521,7 +522,7 @@ export class FrameParser {
         if (this.nestedAt < this.nested.length && this.deliverNested()) continue;
         if (this.streamRemaining > 0) {
           if (this.buffered === 0) break;
-          const piece = this.consume(Math.min(this.chunks[0].length, this.streamRemaining));
+          const piece = this.consume(Math.min(this.chunks.at(0).length, this.streamRemaining));
           this.streamRemaining -= piece.length;
           this.handler(this.streamType, piece, false);
           continue;
@@ -548,7 +549,7 @@ export class FrameParser {
   }
 
   private peekHeader(): Buffer {
-    const first = this.chunks[0];
+    const first = this.chunks.at(0);
     if (first.length >= FRAME_HEADER_BYTES) return first;
     return this.gather(FRAME_HEADER_BYTES, false);
   }
@@ -560,35 +561,33 @@ export class FrameParser {
   }
 
   private gather(n: number, remove: boolean): Buffer {
-    const first = this.chunks[0];
+    const first = this.chunks.at(0);
     if (first.length >= n) {
       if (!remove) return first.subarray(0, n);
       const out = first.subarray(0, n);
       if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
+      else this.chunks.set(0, first.subarray(n));
       this.buffered -= n;
       this.taken += n;
       return out;
     }
     const out = Buffer.allocUnsafe(n);
     let filled = 0;
-    let i = 0;
+    // Chunks [0, whole) are taken whole; the last one taken from may keep a tail.
+    let whole = 0;
     while (filled < n) {
-      const c = this.chunks[i];
+      const c = this.chunks.at(whole);
       const take = Math.min(c.length, n - filled);
       c.copy(out, filled, 0, take);
       filled += take;
-      if (remove) {
-        if (take === c.length) {
-          this.chunks.shift();
-        } else {
-          this.chunks[0] = c.subarray(take);
-        }
-      } else {
-        i++;
+      if (take < c.length) {
+        if (remove) this.chunks.set(whole, c.subarray(take));
+        break;
       }
+      whole++;
     }
     if (remove) {
+      for (let i = 0; i < whole; i++) this.chunks.shift();
       this.buffered -= n;
       this.taken += n;
     }
