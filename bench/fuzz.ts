@@ -2,7 +2,8 @@
  * The long fuzz run: mutated real-shaped inputs against the codec, the frame parser and the proxy
  * pair, with per-input timing, a watchdog for inputs that never finish, and peak memory.
  *
- *   node dist/bench/fuzz.js [--inputs 100000] [--seed N] [--target codec,frames,proxy-stream,proxy-wire]
+ *   node dist/bench/fuzz.js [--inputs 100000] [--seed N]
+ *                           [--target codec,frames,proxy-stream,proxy-wire,multifd-codec,multifd-stream,multifd-wire]
  *                           [--stream FILE]... [--hang-ms 2000] [--replay INDEX --dump FILE]
  *
  * --stream adds a captured stream (e.g. from `bfmig capture`) to the seeds. --replay runs one input of
@@ -14,6 +15,7 @@ import * as path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Worker } from 'node:worker_threads';
 import { buildCorpus, FuzzFailure, inputSeed, makeInput, type Outcome, runInput, type TargetName, TARGETS } from '../src/lab/harness/fuzz';
+import { buildMultifdCorpus, makeMultifdInput, MULTIFD_TARGETS, type MultifdTargetName, runMultifdInput } from '../src/lab/harness/fuzz-multifd';
 
 function option(name: string): string[] {
   const values: string[] = [];
@@ -23,23 +25,29 @@ function option(name: string): string[] {
 }
 const inputs = Number(option('inputs')[0] ?? 100_000);
 const runSeed = Number(option('seed')[0] ?? Date.now() % 1_000_000);
-const targets = (option('target')[0]?.split(',') ?? [...TARGETS]) as TargetName[];
+type AnyTarget = TargetName | MultifdTargetName;
+const ALL_TARGETS: readonly AnyTarget[] = [...TARGETS, ...MULTIFD_TARGETS];
+const isMultifd = (t: AnyTarget): t is MultifdTargetName => (MULTIFD_TARGETS as readonly string[]).includes(t);
+const targets = (option('target')[0]?.split(',') ?? [...ALL_TARGETS]) as AnyTarget[];
 const hangMs = Number(option('hang-ms')[0] ?? 2000);
 const replay = option('replay')[0];
 const dump = option('dump')[0];
-for (const t of targets) if (!TARGETS.includes(t)) throw new Error(`unknown target ${t}; targets: ${TARGETS.join(', ')}`);
+for (const t of targets) if (!ALL_TARGETS.includes(t)) throw new Error(`unknown target ${t}; targets: ${ALL_TARGETS.join(', ')}`);
 
 const extra = option('stream').map((file) => ({ name: path.basename(file), bytes: fs.readFileSync(file) }));
 const corpus = buildCorpus(extra);
+const multifdCorpus = buildMultifdCorpus();
+const run = (target: AnyTarget, seed: number): { outcome: Outcome; bytes: number; from: string } =>
+  isMultifd(target) ? runMultifdInput(target, multifdCorpus, seed) : runInput(target, corpus, seed);
 
 if (replay !== undefined) {
   const target = targets[0];
   const seed = inputSeed(runSeed, Number(replay));
-  const made = makeInput(target, corpus, seed);
+  const made = isMultifd(target) ? makeMultifdInput(target, multifdCorpus, seed) : makeInput(target, corpus, seed);
   console.log(`${target} input ${replay} of seed ${runSeed}: ${made.input.length} bytes from ${made.from}, mutations ${JSON.stringify(made.mutations)}`);
   if (dump) fs.writeFileSync(dump, made.input);
   try {
-    console.log(runInput(target, corpus, seed));
+    console.log(run(target, seed));
   } catch (err) {
     console.log(err instanceof Error ? err.stack : err);
     process.exitCode = 1;
@@ -64,7 +72,10 @@ if (replay !== undefined) {
   );
   watchdog.unref();
 
-  console.log(`fuzz: seed ${runSeed}, ${inputs.toLocaleString('en-US')} inputs per target, ${corpus.streams.length} stream seeds, ${corpus.frames.length} frame seeds`);
+  console.log(
+    `fuzz: seed ${runSeed}, ${inputs.toLocaleString('en-US')} inputs per target, ${corpus.streams.length} stream seeds, ${corpus.frames.length} frame seeds, ` +
+      `${multifdCorpus.channels.length} multifd channel seeds`,
+  );
   let failedAny = false;
   let peakRss = process.memoryUsage().rss;
   let peakHeap = process.memoryUsage().heapUsed;
@@ -81,7 +92,7 @@ if (replay !== undefined) {
       const t0 = performance.now();
       let result: { bytes: number; from: string } | null = null;
       try {
-        const r = runInput(target, corpus, inputSeed(runSeed, i));
+        const r = run(target, inputSeed(runSeed, i));
         outcomes[r.outcome]++;
         result = r;
         bytes += r.bytes;

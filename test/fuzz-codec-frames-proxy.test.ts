@@ -18,37 +18,16 @@ import {
   fuzzProxyStream,
   fuzzProxyWire,
   frameBoundaries,
-  INTERESTING_32,
-  INTERESTING_8,
-  inputSeed,
-  type Mutation,
   Rng,
   runInput,
   TARGETS,
 } from '../src/lab/harness/fuzz';
-import { errorMessage } from '../src/common/errors';
+import { countOutcomes, mutationLists } from './fuzz-arbitraries';
 
 const SEED = Number(process.env.FUZZ_SEED ?? 20240611);
 const corpus = buildCorpus();
 
-const mutation: fc.Arbitrary<Mutation> = fc.oneof(
-  fc.record({ op: fc.constant('flip' as const), at: fc.nat(), bit: fc.nat(7) }),
-  fc.record({ op: fc.constant('set8' as const), at: fc.nat(), value: fc.constantFrom(...INTERESTING_8) }),
-  fc.record({ op: fc.constant('set32' as const), at: fc.nat(), value: fc.constantFrom(...INTERESTING_32) }),
-  fc.record({
-    op: fc.constant('field' as const),
-    record: fc.nat(),
-    delta: fc.nat(13),
-    width: fc.constantFrom(1 as const, 4 as const, 8 as const),
-    value: fc.oneof(fc.constantFrom(...INTERESTING_32), fc.nat()),
-  }),
-  fc.record({ op: fc.constant('insert' as const), at: fc.nat(), bytes: fc.array(fc.nat(255), { minLength: 1, maxLength: 24 }) }),
-  fc.record({ op: fc.constant('delete' as const), at: fc.nat(), length: fc.integer({ min: 1, max: 5000 }) }),
-  fc.record({ op: fc.constant('truncate' as const), at: fc.nat() }),
-  fc.record({ op: fc.constant('splice' as const), record: fc.nat(), donor: fc.nat(), from: fc.nat(), count: fc.integer({ min: 1, max: 4 }) }),
-  fc.record({ op: fc.constant('duplicate' as const), record: fc.nat() }),
-);
-const mutations = fc.array(mutation, { minLength: 0, maxLength: 4 });
+const mutations = mutationLists(13, 0, 4);
 
 describe('fast-check properties (shrinking mutations)', () => {
   test('codec: every mutated stream is rewritten byte-exact, relayed verbatim, or rejected with a StreamError, whatever the chunking', () => {
@@ -97,14 +76,7 @@ describe('fast-check properties (shrinking mutations)', () => {
 
 describe('mutator loop (the long run, shortened)', () => {
   test.each(TARGETS.map((t) => [t]))('%s: 400 inputs', (target) => {
-    const outcomes = { rebuilt: 0, verbatim: 0, rejected: 0 };
-    for (let i = 0; i < 400; i++) {
-      try {
-        outcomes[runInput(target, corpus, inputSeed(SEED, i)).outcome]++;
-      } catch (err) {
-        throw new Error(`input ${i} of seed ${SEED} (replay: node dist/bench/fuzz.js --seed ${SEED} --target ${target} --replay ${i}): ${errorMessage(err)}`);
-      }
-    }
+    const outcomes = countOutcomes(target, 400, SEED, (seed) => runInput(target, corpus, seed).outcome);
     // The mutations reach every outcome: a harness that only ever rejects proves nothing.
     expect(outcomes.rejected).toBeGreaterThan(0);
     expect(outcomes.rebuilt).toBeGreaterThan(0);

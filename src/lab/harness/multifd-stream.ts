@@ -161,14 +161,15 @@ export interface ChannelFrames {
  * page of its own; with `earlierBases` too, against other pages' versions of earlier epochs
  * (Feature.ChannelEarlierBases; `dropKeepVersions` withholds its KeepVersion frames from the decoders).
  * `beforeDecode` is called with the receiving side's MultifdMigration before any channel is decoded:
- * what the main channel did there first, such as writing a page of a later epoch.
+ * what the main channel did there first, such as writing a page of a later epoch. `alterFrames` gives
+ * what reaches each decoder in place of its channel's frames (the fuzzer's damaged wire).
  */
 export function multifdRoundTrip(
   channels: readonly Buffer[],
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; cuts?: readonly number[]; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean; earlierBases?: boolean; dropKeepVersions?: boolean } = {},
+  options: { chunk?: number; cuts?: readonly number[]; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean; earlierBases?: boolean; dropKeepVersions?: boolean; alterFrames?: (channel: number, frames: ChannelFrames['frames']) => ChannelFrames['frames'] } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -249,15 +250,16 @@ export function multifdRoundTrip(
   const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => options.discardOutput || out.push(keep(bytes)), receiving));
   options.beforeDecode?.(receiving);
   for (const c of options.decodeOrder ?? order) {
+    const frames = options.alterFrames ? options.alterFrames(c, sent[c].frames) : sent[c].frames;
     if (options.readAhead) {
-      for (const frame of sent[c].frames) {
+      for (const frame of frames) {
         if (frame.kind === 'run') decoders[c].aheadOfRun(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
         if (frame.kind === 'delta') decoders[c].aheadOfDelta(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
         if (frame.kind === 'sibling') decoders[c].aheadOfSibling(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
       }
       decoders[c].prefetchAhead();
     }
-    for (const frame of sent[c].frames) {
+    for (const frame of frames) {
       if (frame.kind === 'run') decoders[c].run(frame.payload);
       else if (frame.kind === 'sibling') decoders[c].siblingDelta(frame.payload);
       else if (frame.kind === 'keep') {
