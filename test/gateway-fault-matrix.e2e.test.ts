@@ -233,7 +233,7 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
    * left the source. The migration must fail at the source while the guest runs on and verifies; the
    * destination QEMU must not run. Returns what the destination did.
    */
-  async function failingMigration(inject: (dest: QemuVm) => Promise<void>, atBytes = 8 * 1024 * 1024): Promise<string> {
+  async function failingMigration(inject: (dest: QemuVm) => Promise<void>, atBytes = 8 * 1024 * 1024, ending: 'failed' | 'cancelled' = 'failed'): Promise<string> {
     const dest = await destinationAt(there(), 'faulted');
     vm.setMaxBandwidth(SLOW);
     await vm.migrate(`tcp:127.0.0.1:${here.routePort}`);
@@ -243,13 +243,13 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
     });
     expect((await vm.queryMigrate()).status).toBe('active');
     await inject(dest);
-    return expectCleanFailure(dest);
+    return expectCleanFailure(dest, ending);
   }
 
-  /** The source failed and runs on, verified; the destination QEMU exited without running the guest. */
-  async function expectCleanFailure(dest: QemuVm | null): Promise<string> {
+  /** The source failed (or was cancelled) and runs on, verified; the destination QEMU exited without running the guest. */
+  async function expectCleanFailure(dest: QemuVm | null, ending: 'failed' | 'cancelled' = 'failed'): Promise<string> {
     const info = await vm.waitForMigration({ timeoutMs: 120_000, allowFailure: true });
-    expect(info.status).toBe('failed');
+    expect(info.status).toBe(ending);
     expect((await vm.status()).status).toBe('running');
     const mark = vm.serialMark();
     await vm.waitForSerial(VERIFIED, 60_000, { since: mark });
@@ -420,8 +420,11 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
     });
   });
 
-  test('multifd: one channel’s WAN connection drops mid-migration', async () => {
-    const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
+  /**
+   * Starts a slow 4-channel multifd migration to the other site and waits until it is under way on every
+   * channel; returns its destination QEMU. The source's multifd capability is switched off again by `done`.
+   */
+  async function multifdUnderWay(): Promise<{ dest: QemuVm; done: () => Promise<void> }> {
     const to = there();
     const multifd = { 'return-path': true, multifd: true };
     const channels = { 'multifd-channels': 4 };
@@ -441,11 +444,27 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
       () => `the migration to get under way on all 5 WAN connections (${to.link.stats().active} open); the gateways' last log lines:\n${[here, to].map(logTail).join('\n')}`,
       async () => to.link.stats().active === 5 && ((await vm.queryMigrate()).ram?.transferred ?? 0) >= 8 * 1024 * 1024,
     );
+    return { dest, done: () => vm.setMigrationCapabilities({ multifd: false }) };
+  }
+
+  test('multifd: one channel’s WAN connection drops mid-migration', async () => {
+    const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
+    const { dest, done } = await multifdUnderWay();
     // The last one opened is a channel.
-    expect(await to.link.cutNewest()).toBe(1);
+    expect(await there().link.cutNewest()).toBe(1);
     const destination = await expectCleanFailure(dest);
-    await vm.setMigrationCapabilities({ multifd: false });
+    await done();
     outcomes.push({ fault: 'multifd: one channel’s WAN connection drops', source: 'failed, VM runs and verifies', destination, storeClaims: claims(before, true), restart: await restartSucceeds() });
+  });
+
+  test('multifd: the operator cancels the migration (migrate_cancel)', async () => {
+    const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
+    const { dest, done } = await multifdUnderWay();
+    // Every connection closes at the source, the channels' while they may be parked at a SYNC.
+    await vm.qmp('migrate_cancel');
+    const destination = await expectCleanFailure(dest, 'cancelled');
+    await done();
+    outcomes.push({ fault: 'multifd (4 channels): the operator cancels the migration', source: 'cancelled, VM runs and verifies', destination, storeClaims: claims(before, true), restart: await restartSucceeds() });
   });
 
   for (const role of ['sending', 'receiving'] as const) {
@@ -460,6 +479,19 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
       outcomes.push({ fault: `kill -9 of the ${role} gateway mid-migration, restarted`, source: 'failed, VM runs and verifies', destination, storeClaims, restart: await restartSucceeds() });
     });
   }
+
+  test('the operator cancels the migration (migrate_cancel)', async () => {
+    const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
+    const destination = await failingMigration(
+      async () => {
+        // What libvirt's domjobabort and KubeVirt's cancelled migration send: the source closes its connection mid-stream.
+        await vm.qmp('migrate_cancel');
+      },
+      8 * 1024 * 1024,
+      'cancelled',
+    );
+    outcomes.push({ fault: 'the operator cancels the migration (`migrate_cancel`)', source: 'cancelled, VM runs and verifies', destination, storeClaims: claims(before, true), restart: await restartSucceeds() });
+  });
 
   test('the destination QEMU dies mid-migration', async () => {
     const before: [string | null, string | null] = [claimedSnapshot(a), claimedSnapshot(b)];
