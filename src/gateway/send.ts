@@ -424,16 +424,16 @@ export class SendSession {
     this.encoder.resemblanceWorth.observeWanRate(this.wanRate.bytesPerSecond);
     // A delta costs store reads here and at the receiver, a content match one there: paid whatever they
     // take only while the WAN, not the gateways, sets the pace, and the link is slow enough that a page
-    // takes longer to cross than such a read. A match or a delta against a page alike, read ahead by the
-    // receiver, costs both gateways CPU (at the receiver a read, at the sender a lookup, a copy, an
-    // encode): paid while saving pays as compression does (the WAN sets the pace, or little must cross),
-    // on a link slow enough. On a host whose gateways set a first leg's pace at 1 Gbit/s they made it a
-    // quarter slower than no saving at all (docs/benchmarks.md, "Sixth session"). A sibling's page, which
-    // neither gateway copies for later, on such a link whatever the pace (encoder.siblingReadsAhead).
+    // takes longer to cross than such a read. A match, a delta against a page alike or a sibling's page,
+    // read ahead by the receiver, costs both gateways a lookup, a copy or a read from memory, about what
+    // the page's bytes cost their sockets: paid on a link slow enough, whatever the pace. Matches and
+    // deltas against pages alike used to wait, as compression does, for saving to pay (sixth session,
+    // when their copies went into memory touched for the first time); at 1 Gbit/s that stopped them with
+    // compression, and single-channel first legs of the guest of real files carried 54–198 MiB instead
+    // of 53–75, in no less time (docs/benchmarks.md, "Twenty-fourth session").
     this.encoder.pageWanUs = this.options.deltas === 'always' ? 0 : this.wanRate.pageMicros(X86_PAGE_SIZE, policy?.wanIsBottleneck ?? false);
     this.encoder.deltaReadsFree = this.options.deltas === 'always' || ((policy?.wanIsBottleneck ?? true) && this.wanRate.slowerThan(READS_PAY_BELOW_BYTES_PER_S));
-    this.encoder.siblingReadsAhead = this.receiverReadsAhead && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);
-    this.encoder.receiverReadsAhead = this.encoder.siblingReadsAhead && (policy?.savingPays ?? true);
+    this.encoder.receiverReadsAhead = this.receiverReadsAhead && !this.wanRate.fasterThan(RECEIVER_READS_PAY_BELOW_BYTES_PER_S);
     // Every frame this chunk produces leaves in one writev.
     this.peer.cork();
     try {

@@ -137,23 +137,13 @@ export class StreamEncoder {
   /**
    * The receiver reads the bases of the Deltas it gets ahead, in parallel or from memory
    * (Feature.BasesAhead), and the link is one where bytes still cost more than this side's work on a page
-   * (the session says so per chunk): matches and deltas against pages like one sent lately pay although
-   * the gateways set the pace. A delta against a page's own version still reads this side's store, and
-   * waits for deltaReadsFree.
+   * (the session says so per chunk): matches, deltas against pages like one sent lately and references
+   * to a sibling's pages pay whatever sets the pace. Each costs this side a lookup (and for a page alike
+   * a copy into the resemblance cache) and a frame of a few dozen bytes in the page's place, and the
+   * receiver a read ahead or from memory: about what the page's bytes cost both gateways' sockets. A delta
+   * against a page's own version still reads this side's store, and waits for deltaReadsFree.
    */
   receiverReadsAhead = false;
-  /**
-   * The receiver reads bases ahead and the link is one where bytes still cost more than this side's work
-   * on a page, as for receiverReadsAhead, but whether or not saving pays otherwise (the session says so
-   * per chunk): a page a sibling holds goes as a reference to it even while the gateways set the pace.
-   * Such a match costs this side a lookup and a frame of a few dozen bytes in the page's place, and the
-   * receiver a read ahead in its reader pool and a digest; unlike a match within the VM or a delta against
-   * a page alike, it has neither gateway copy the pages it stores for later bases (the receiver's recent
-   * pages, the resemblance cache here). Gated like those, a sibling's first leg at 1 Gbit/s lost its
-   * sibling's pages whenever compression backed off: 0.26–0.53× direct QEMU's bytes in six runs
-   * (docs/benchmarks.md, "Eighteenth session").
-   */
-  siblingReadsAhead = false;
   /**
    * The last 16 delta reads, a bit each: set for one slower than DELTA_READ_BUDGET_US. Reads are slow
    * while more than half of them were: a few that waited milliseconds (behind a queued store write, say)
@@ -593,7 +583,7 @@ export class StreamEncoder {
 
   /** Whether a reference to a sibling's page is worth the receiver's read of it (the multifd channels ask too). */
   get siblingsPay(): boolean {
-    return this.receiverReadsPay || this.siblingReadsAhead;
+    return this.receiverReadsPay;
   }
 
   /**

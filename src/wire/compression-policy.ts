@@ -225,7 +225,8 @@ export class CompressionPolicy {
   /**
    * Whether the gateway's work on saving WAN bytes pays now: the WAN is the bottleneck, or what must
    * cross whole is a small share of what is read lately (a back leg), so that saving on it costs little
-   * of the gateway's time. Compression, and the Deltas that cost the receiver a store read, wait for it.
+   * of the gateway's time. Compression waits for it, and so do a multifd channel's Deltas against other
+   * pages (the main channel's pay on a slow enough link whatever the pace: gateway/send.ts).
    */
   get savingPays(): boolean {
     return this.savingOn || this.literalBytes * SPARSE_SHARE <= this.readBytes;
