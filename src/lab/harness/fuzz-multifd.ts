@@ -21,7 +21,7 @@ import { RunError } from '../../proxy/run';
 import { MultifdParser, MultifdRecordKind } from '../../qemu/multifd';
 import { StreamError } from '../../qemu/errors';
 import { errorMessage } from '../../common/errors';
-import { applyMutations, FuzzFailure, MemoryPages, type Mutation, type Outcome, randomMutations, randomSplits, Rng, type Seed } from './fuzz';
+import { applyMutations, boundariesOf, FuzzFailure, MemoryPages, type Mutation, type Outcome, randomMutations, randomSplits, Rng, type Seed } from './fuzz';
 import { dirty, guestMemory } from './migration-stream';
 import { type ChannelFrames, type MultifdFormat, multifdMigration, multifdRoundTrip } from './multifd-stream';
 
@@ -81,18 +81,13 @@ function framesOfLayout(bytes: Buffer): Frame[] | null {
 
 /** Where a channel's init packet, packets and pages begin (as far as it parses). */
 export function multifdBoundaries(channel: Buffer): number[] {
-  const starts = new Set<number>([0]);
-  const parser = new MultifdParser((r) => {
-    if (r.kind === MultifdRecordKind.Packet || r.kind === MultifdRecordKind.Page) starts.add(r.streamOffset);
-  });
-  try {
-    parser.push(channel);
+  return boundariesOf(channel, (bytes, start) => {
+    const parser = new MultifdParser((r) => {
+      if (r.kind === MultifdRecordKind.Packet || r.kind === MultifdRecordKind.Page) start(r.streamOffset);
+    });
+    parser.push(bytes);
     parser.end();
-  } catch {
-    // A damaged channel still has the boundaries found before the damage.
-  }
-  starts.add(channel.length);
-  return [...starts].sort((a, b) => a - b);
+  });
 }
 
 const channelSeeds = (name: string, channels: readonly Buffer[]): Seed[] => channels.map((bytes, c) => ({ name: `${name}.ch${c}`, bytes, boundaries: multifdBoundaries(bytes) }));

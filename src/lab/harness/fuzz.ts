@@ -78,20 +78,31 @@ export interface Seed {
   boundaries: number[];
 }
 
+/**
+ * Where the records `parse` reports begin in `bytes`, with its start and end: `parse` runs a parser over
+ * the bytes and calls `start` with each record's offset. A seed that is itself an error case still has
+ * the boundaries found before the error.
+ */
+export function boundariesOf(bytes: Buffer, parse: (bytes: Buffer, start: (offset: number) => void) => void): number[] {
+  const starts = new Set<number>([0]);
+  try {
+    parse(bytes, (offset) => starts.add(offset));
+  } catch {
+    // What was found up to the error stands.
+  }
+  starts.add(bytes.length);
+  return [...starts].sort((a, b) => a - b);
+}
+
 /** Where the records of a QEMU stream begin (as far as it parses). */
 export function recordBoundaries(stream: Buffer): number[] {
-  const starts = new Set<number>([0]);
-  const parser = new StreamParser((r) => {
-    if (r.kind !== RecordKind.SectionData && r.kind !== RecordKind.VmDescriptionData && r.kind !== RecordKind.Verbatim) starts.add(r.streamOffset);
-  });
-  try {
-    parser.push(stream);
+  return boundariesOf(stream, (bytes, start) => {
+    const parser = new StreamParser((r) => {
+      if (r.kind !== RecordKind.SectionData && r.kind !== RecordKind.VmDescriptionData && r.kind !== RecordKind.Verbatim) start(r.streamOffset);
+    });
+    parser.push(bytes);
     parser.end();
-  } catch {
-    // A seed that is itself an error case still has the boundaries found before the error.
-  }
-  starts.add(stream.length);
-  return [...starts].sort((a, b) => a - b);
+  });
 }
 
 /** Where the frames of a frame stream begin. */
