@@ -18,6 +18,7 @@ import { DIGEST_BYTES, digestOne } from '../../digest';
 import { RebuildError } from '../../proxy/rebuild-error';
 import { layoutOf, type PageLayout } from '../../proxy/retained';
 import { RunError } from '../../proxy/run';
+import { X86_PAGE_SIZE } from '../../qemu/constants';
 import { MultifdParser, MultifdRecordKind } from '../../qemu/multifd';
 import { StreamError } from '../../qemu/errors';
 import { errorMessage } from '../../common/errors';
@@ -108,18 +109,16 @@ function freshStores(seed: MultifdMigrationSeed): { sender: { store: MemoryPages
  */
 function checkStore(store: MemoryPages | null, side: string): void {
   if (store === null) return;
-  const page = Buffer.alloc(PAGE_BYTES);
+  const page = Buffer.alloc(X86_PAGE_SIZE);
   const digest = Buffer.alloc(DIGEST_BYTES);
   for (let i = 0; i * DIGEST_BYTES < store.digests.length; i++) {
     const held = Buffer.from(store.digests.buffer, store.digests.byteOffset + i * DIGEST_BYTES, DIGEST_BYTES);
     if (held.every((b) => b === 0)) continue;
     store.readPages(i, 1, page, 0);
-    digestOne(page, 0, PAGE_BYTES, digest, 0);
+    digestOne(page, 0, X86_PAGE_SIZE, digest, 0);
     if (!digest.equals(held)) throw new FuzzFailure('silent-corruption', `the ${side} store holds page ${i} under a digest its content does not have`);
   }
 }
-
-const PAGE_BYTES = 4096;
 
 /** Builds the seeds: first and second legs of a small guest in QEMU 7.2's and 10.0's packets. */
 export function buildMultifdCorpus(): MultifdCorpus {
