@@ -7,7 +7,7 @@
 import fc from 'fast-check';
 import { applyMutations, Rng } from '../src/lab/harness/fuzz';
 import { countOutcomes, mutationLists } from './fuzz-arbitraries';
-import { buildMultifdCorpus, fuzzMultifdParser, fuzzMultifdStream, fuzzMultifdWire, MULTIFD_TARGETS, runMultifdInput } from '../src/lab/harness/fuzz-multifd';
+import { buildMultifdCorpus, CODEC_OPTIONS, fuzzMultifdParser, fuzzMultifdStream, fuzzMultifdWire, MULTIFD_TARGETS, runMultifdInput } from '../src/lab/harness/fuzz-multifd';
 import { multifdRoundTrip } from '../src/lab/harness/multifd-stream';
 import { RebuildError } from '../src/proxy/rebuild-error';
 
@@ -93,9 +93,7 @@ describe('multifd mutator loop (the long run, shortened)', () => {
         { store: sender.clone(), reference: sender.digests },
         stores.receiver.clone(),
         {
-          deltas: true,
-          matches: true,
-          earlierBases: true,
+          ...CODEC_OPTIONS,
           tamperDelta: damage ? (payload) => (payload[payload.length - 1] ^= 0x20) : undefined,
         },
       );

@@ -94,7 +94,7 @@ export function multifdBoundaries(channel: Buffer): number[] {
 const channelSeeds = (name: string, channels: readonly Buffer[]): Seed[] => channels.map((bytes, c) => ({ name: `${name}.ch${c}`, bytes, boundaries: multifdBoundaries(bytes) }));
 
 /** How a migration goes through the codecs: Deltas on the channels, matches against other pages, all kept the same for every input. */
-const CODEC_OPTIONS = { deltas: true, matches: true, earlierBases: true } as const;
+export const CODEC_OPTIONS = { deltas: true, matches: true, earlierBases: true } as const;
 
 /** The stores as the seed left them, copied: every input starts from the same state. */
 function freshStores(seed: MultifdMigrationSeed): { sender: { store: MemoryPages | null; reference: Uint8Array | null }; receiver: MemoryPages | null } {
