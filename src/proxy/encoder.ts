@@ -173,23 +173,14 @@ export class StreamEncoder {
   private indexed: Uint32Array | null = null;
   readonly counts: TransferCounts = newCounts();
   layout: PageLayout | null = null;
-  /** Of the stream pushed so far, for the End message. */
-  private readonly streamHash = new StreamHash();
-  /** The stream hash covers [0, hashedTo); held.chunkStart ≤ hashedTo ≤ held.from. */
-  private hashedTo = 0;
 
   private readonly parser: StreamParser;
   private readonly retainer: PageRetainer;
   /** The stream's head and device-state tail, kept for rebuilding a whole stream from the store. */
   readonly parts: StreamParts;
-  /** Input not yet sent: views of the pushed chunks, from stream offset `held.from` on. */
-  private readonly held = new HeldInput();
+  /** Input not yet sent: views of the pushed chunks, from stream offset `held.from` on; hashed as it goes. */
+  private readonly held = new HeldInput(new StreamHash());
   private readonly sendPiece = (bytes: Buffer): void => this.sink.literal(bytes);
-  /** A chunk let go of whole is hashed (one call per chunk, not one per record). */
-  private readonly hashDropped = (chunk: Buffer, start: number): void => {
-    this.streamHash.update(this.hashedTo > start ? chunk.subarray(this.hashedTo - start) : chunk);
-    this.hashedTo = start + chunk.length;
-  };
   private pushedEnd = 0;
   /** Stream offset just past the postcopy package (-1 until one has been read). */
   private packageEnd = -1;
@@ -234,8 +225,7 @@ export class StreamEncoder {
   }
 
   get streamCheck(): string {
-    this.hashConsumedHead();
-    return this.streamHash.digest();
+    return this.held.digest();
   }
 
   /**
@@ -312,8 +302,6 @@ export class StreamEncoder {
   /** Replaces the views still held (the record being read, at most a page or so) by one copy. */
   private ownHeld(): void {
     if (this.held.chunks.length === 0) return;
-    // What has gone of the first chunk is dropped here: hash it first.
-    this.hashConsumedHead();
     this.held.own(this.pushedEnd);
   }
 
@@ -341,21 +329,11 @@ export class StreamEncoder {
   }
 
   /**
-   * Lets go of the input in [held.from, to), sending it as Literal bytes or not (a run stands for it).
-   * The stream hash follows what has been let go of, so that it covers exactly the stream a Seal at
-   * `sentBytes` covers: a chunk is hashed whole once it has all gone (one call per chunk, not one per
-   * record), the rest of the first one only when a check is asked for.
+   * Lets go of the input in [held.from, to), sending it as Literal bytes or not (a run stands for it);
+   * the stream hash follows (HeldInput).
    */
   private consume(to: number, send: boolean): void {
-    this.held.release(to, send ? this.sendPiece : null, this.hashDropped);
-  }
-
-  /** Hashes what has gone of the first held chunk (everything before it is hashed already). */
-  private hashConsumedHead(): void {
-    const held = this.held;
-    if (held.from <= this.hashedTo) return;
-    this.streamHash.update(held.chunks.at(0).subarray(this.hashedTo - held.chunkStart, held.from - held.chunkStart));
-    this.hashedTo = held.from;
+    this.held.release(to, send ? this.sendPiece : null);
   }
 
   private onRecord(record: StreamRecord): void {

@@ -56,7 +56,7 @@ const MAIN_WAIT_MS = 50;
 
 export class MultifdEncoder extends MultifdChannel {
   /** Pushed and not yet sent (as Literal bytes or a Run). */
-  private readonly held = new HeldInput();
+  private readonly held = new HeldInput(this.streamHash);
   private readonly sendPiece = (bytes: Buffer): void => this.sink.literal(bytes);
   /** Pushed while parked: not yet given to the parser. */
   private readonly queued = new Fifo<Buffer>();
@@ -118,9 +118,9 @@ export class MultifdEncoder extends MultifdChannel {
     return this.counts.streamBytes;
   }
 
-  /** XXH3-64 of the channel's bytes; complete once end() has called back. */
+  /** XXH3-64 of the channel's bytes sent (sentBytes of them); all of them once end() has called back. */
   get streamCheck(): string {
-    return this.streamHash.digest();
+    return this.held.digest();
   }
 
   /** Throws StreamError on malformed input. */
@@ -128,7 +128,6 @@ export class MultifdEncoder extends MultifdChannel {
     if (chunk.length === 0) return;
     this.counts.streamBytes += chunk.length;
     this.migration.elsewhere?.advanceContentIndex();
-    this.streamHash.update(chunk);
     this.held.push(chunk);
     if (this.parked) {
       // A copy: the caller may read into the chunk's buffer again (see releaseInput).
@@ -418,11 +417,11 @@ export class MultifdEncoder extends MultifdChannel {
 
   /** Sends the input up to stream offset `to` as Literal bytes. */
   private send(to: number): void {
-    this.held.release(to, this.sendPiece, null);
+    this.held.release(to, this.sendPiece);
   }
 
   /** Drops the input up to `to`: a Run stands for it. */
   private skip(to: number): void {
-    this.held.release(to, null, null);
+    this.held.release(to, null);
   }
 }
