@@ -107,6 +107,13 @@ describe('frames', () => {
       expect(() => decodeHello(hello({ migration: 'm', channel }))).toThrow(/field channel/);
     }
   });
+
+  test("a multifd channel's Hello may say its channel is checked after every SYNC packet; an older sender's says nothing", () => {
+    const hello = (more: object): Buffer => Buffer.from(JSON.stringify({ protocol: 5, site: 's', vm: 'v', target: 'h:1', migration: 'm', channel: { kind: 'multifd', index: 0 }, ...more }));
+    expect(decodeHello(hello({ channelChecks: true })).channelChecks).toBe(true);
+    expect(decodeHello(hello({})).channelChecks).toBeUndefined();
+    expect(() => decodeHello(hello({ channelChecks: 'yes' }))).toThrow(/field channelChecks/);
+  });
 });
 
 describe('streamed frames', () => {

@@ -54,6 +54,8 @@ interface RelayOptions {
 export interface ChannelReceiverOptions extends RelayOptions {
   /** The multifd channels the sender had when it opened this one (its Hello). */
   channels?: number;
+  /** The sender checks the channel after every SYNC packet (its Hello): SYNC packets wait for their check. */
+  checked?: boolean;
 }
 
 export interface ChannelSenderOptions extends RelayOptions {
@@ -250,6 +252,7 @@ export class ChannelSender extends ChannelRelay {
       const hello: HelloMessage = { protocol: PROTOCOL_VERSION, site, vm: group.vm, target: formatEndpoint(route.target), migration: group.migration, channel };
       // The receiver's codecs wait at the first SYNC until as many channels have joined there.
       if (multifd) hello.channels = group.multifdChannels;
+      if (multifd?.channelChecks) hello.channelChecks = true;
       peer.write(encodeJson(FrameType.Hello, hello));
       this.source.on('end', () => this.onSourceEnd());
       // The bytes read before the source was adopted (its head) go first.
@@ -283,6 +286,11 @@ export class ChannelSender extends ChannelRelay {
         delta: frameOf(FrameType.Delta),
         siblingDelta: frameOf(FrameType.SiblingDelta),
         keepVersion: frameOf(FrameType.KeepVersion),
+        // Never inside a batch: the receiver takes a check only in order, between the frames around it.
+        check: (streamBytes, streamCheck) => {
+          literals.flush();
+          literals.inOrder(encodeJson(FrameType.Seal, { streamBytes, streamCheck }));
+        },
       },
       multifd,
     );
@@ -499,6 +507,7 @@ export class ChannelReceiver extends ChannelRelay {
       },
       multifd,
       (size) => outputs.take(size),
+      this.receiver.checked === true,
     );
     // Let go from within another channel's codec: read on outside it.
     decoder.onReadOn = () => setImmediate(() => this.readPeerOn());
@@ -559,7 +568,7 @@ export class ChannelReceiver extends ChannelRelay {
 
   /** Takes the peer's frames again once neither the destination nor the codec holds them back. */
   private readPeerOn(): void {
-    if (this.over || this.decoder?.parked || this.destination?.writableNeedDrain) return;
+    if (this.over || this.parked || this.destination?.writableNeedDrain) return;
     try {
       this.frames.resume();
     } catch (err) {
@@ -606,6 +615,11 @@ export class ChannelReceiver extends ChannelRelay {
         if (!decoder.keepVersion) throw new ProtocolViolation('unexpected-frame', `a KeepVersion frame on ${this.label}, which is relayed as it is`);
         decoder.keepVersion(payload);
         break;
+      case FrameType.Seal: {
+        const seal = decodePayload(decodeSeal, payload);
+        decoder.check(seal.streamBytes, peerText(seal.streamCheck));
+        break;
+      }
       case FrameType.End:
         this.onEnd(decoder, payload);
         return;
@@ -615,7 +629,13 @@ export class ChannelReceiver extends ChannelRelay {
       default:
         throw new ProtocolViolation('unexpected-frame', `unexpected frame type ${type} on an extra channel`);
     }
-    if (decoder.parked) this.holdPeer();
+    if (this.parked) this.holdPeer();
+  }
+
+  /** The codec takes no frame now: parked at a SYNC, unless the check of that SYNC packet is due (it comes next). */
+  private get parked(): boolean {
+    const decoder = this.decoder;
+    return decoder !== null && decoder.parked && decoder.checkDue !== true;
   }
 
   protected get streamBytes(): number {

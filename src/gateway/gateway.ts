@@ -310,7 +310,7 @@ export class Gateway implements SessionObserver {
       if (group && hello?.channel) {
         if (hello.protocol !== PROTOCOL_VERSION) throw new Refusal('protocol', `an extra channel in protocol ${hello.protocol}, not ${PROTOCOL_VERSION}`);
         if (hello.vm !== group.vm || hello.target !== group.target) throw new Refusal('channel-mismatch', `a channel for VM ${hello.vm} to ${hello.target}, but its migration is of ${group.vm} to ${group.target}`);
-        const relay = new ChannelReceiver(socket, { group, channel: hello.channel, channels: hello.channels, maxFrameBytes: limits.maxFrameBytes });
+        const relay = new ChannelReceiver(socket, { group, channel: hello.channel, channels: hello.channels, checked: hello.channelChecks === true, maxFrameBytes: limits.maxFrameBytes });
         group.join(hello.channel, peerKey(raw, peerNames), null, relay);
         this.gate.identified(raw);
         if (socket !== raw) this.adopted.set(raw, socket);

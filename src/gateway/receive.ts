@@ -404,7 +404,11 @@ export class ReceiveSession {
             presentPages: meta?.presentPages ?? 0,
             compression,
             // Deltas patch pages this store holds: without a store there is nothing to patch.
-            features: [...(deltas ? [Feature.Delta, Feature.BasesAhead, Feature.ChannelDeltas, Feature.ChannelSiblings, Feature.ChannelMatches, Feature.ChannelEarlierBases] : []), ...(compression !== null ? [Feature.CompressedFrames, Feature.ChannelCompressedFrames] : [])],
+            features: [
+              Feature.ChannelChecks,
+              ...(deltas ? [Feature.Delta, Feature.BasesAhead, Feature.ChannelDeltas, Feature.ChannelSiblings, Feature.ChannelMatches, Feature.ChannelEarlierBases] : []),
+              ...(compression !== null ? [Feature.CompressedFrames, Feature.ChannelCompressedFrames] : []),
+            ],
             ...(this.siblings ? { siblings: this.siblings.names } : {}),
           }),
         );

@@ -392,6 +392,7 @@ export class SendSession {
       };
       encoder.multifd = multifd;
       multifd.channelDeltas = encoder.deltas && offers(offer, Feature.ChannelDeltas);
+      multifd.channelChecks = offers(offer, Feature.ChannelChecks);
       if (encoder.deltas && offers(offer, Feature.ChannelMatches)) {
         multifd.elsewhere = encoder;
         multifd.earlierBases = offers(offer, Feature.ChannelEarlierBases);

@@ -22,6 +22,8 @@ export interface ChannelFrames {
   siblingDelta?(payload: Buffer): void;
   /** Only where the receiver takes them (MultifdMigration.earlierBases). */
   keepVersion?(payload: Buffer): void;
+  /** Only where the receiver takes them (MultifdMigration.channelChecks): a check of the channel after a SYNC packet. */
+  check?(streamBytes: number, streamCheck: string): void;
 }
 
 /** What both sides' codecs share: the barrier may park them (see MultifdMigration). */
@@ -77,6 +79,16 @@ export interface ChannelDecoder extends ParkingCodec {
   aheadOfSibling?(head: Buffer, length: number): void;
   /** The frames that arrived have all been shown to aheadOf…(): reads ahead may start. */
   prefetchAhead?(): void;
+  /**
+   * A Seal frame (Feature.ChannelChecks): the sender's length and XXH3-64 of the channel so far; throws
+   * unless the channel rebuilt to there matches (taken in order with the frames around it).
+   */
+  check(streamBytes: number, streamCheck: string): void;
+  /**
+   * A SYNC packet is held back for a check that has not come, and no frame waits before it: the next
+   * frame, that check, is taken even while the codec is parked (which it may well be, right after a SYNC).
+   */
+  readonly checkDue?: boolean;
   /** The sender's End: throws unless the channel was rebuilt whole; `ended` once that has been checked. */
   end(streamBytes: number, streamCheck: string, ended: () => void): void;
   /** Bytes handed to the destination. */
@@ -91,10 +103,14 @@ export function channelEncoder(frames: ChannelFrames, multifd: MultifdMigration 
 
 /**
  * The receiving side's counterpart of channelEncoder. `allocate`: where a multifd Run's pages are laid
- * out (output then owns the buffer).
+ * out (output then owns the buffer); `holdsSyncs`: the sender checks the channel after every SYNC
+ * packet, which waits for its check (MultifdDecoder.holdsSyncs).
  */
-export function channelDecoder(output: (bytes: Buffer) => void, multifd: MultifdMigration | null, allocate?: (size: number) => Buffer): ChannelDecoder {
-  return multifd ? new MultifdDecoder(output, multifd, allocate) : new VerbatimChannelDecoder(output);
+export function channelDecoder(output: (bytes: Buffer) => void, multifd: MultifdMigration | null, allocate?: (size: number) => Buffer, holdsSyncs = false): ChannelDecoder {
+  if (!multifd) return new VerbatimChannelDecoder(output);
+  const decoder = new MultifdDecoder(output, multifd, allocate);
+  decoder.holdsSyncs = holdsSyncs;
+  return decoder;
 }
 
 /** Counts and hashes a channel's bytes (both verbatim codecs). */
@@ -161,11 +177,16 @@ export class VerbatimChannelDecoder implements ChannelDecoder {
     throw new Error('a Run on a channel relayed verbatim');
   }
 
-  end(streamBytes: number, streamCheck: string, ended: () => void): void {
+  /** Checked, but nothing was held back for it: a channel not parsed has no SYNC packets to hold. */
+  check(streamBytes: number, streamCheck: string): void {
     const passed = this.tally;
     if (streamBytes !== passed.streamBytes || streamCheck !== passed.streamCheck) {
       throw new Error(`${passed.streamBytes} bytes (XXH3-64 ${passed.streamCheck}) passed on, the sender read ${streamBytes} (${streamCheck})`);
     }
+  }
+
+  end(streamBytes: number, streamCheck: string, ended: () => void): void {
+    this.check(streamBytes, streamCheck);
     ended();
   }
 

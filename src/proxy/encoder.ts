@@ -23,6 +23,11 @@ export interface EncoderSink {
   siblingDelta?(payload: Buffer): void;
   /** A KeepVersion payload (`page-delta.ts`): needed once a multifd migration has `earlierBases`. */
   keepVersion?(payload: Buffer): void;
+  /**
+   * A multifd channel's check after a SYNC packet: its length so far and their XXH3-64, every byte before
+   * sent (MultifdMigration.channelChecks).
+   */
+  check?(streamBytes: number, streamCheck: string): void;
 }
 
 

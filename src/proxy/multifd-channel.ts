@@ -1,5 +1,5 @@
 import { StreamHash } from '../digest';
-import { type MultifdPacketRecord, type MultifdPageRecord, MultifdParser, type MultifdRecord, MultifdRecordKind } from '../qemu/multifd';
+import { type MultifdPacketEndRecord, type MultifdPacketRecord, type MultifdPageRecord, MultifdParser, type MultifdRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord, StreamFallback } from '../qemu/records';
 import { newCounts, type TransferCounts } from './transfer-counts';
 import { type MultifdChannelCodec, type MultifdMigration, MultifdPageView } from './multifd-migration';
@@ -100,7 +100,7 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
   }
 
   protected onPacket(_packet: MultifdPacketRecord): void {}
-  protected onPacketEnd(): void {}
+  protected onPacketEnd(_end: MultifdPacketEndRecord): void {}
 
   private onRecord(record: MultifdRecord): void {
     switch (record.kind) {
@@ -115,7 +115,7 @@ export abstract class MultifdChannel implements MultifdChannelCodec {
         this.onPage(record, this.view.set(record, this.block as RamBlock));
         return;
       case MultifdRecordKind.PacketEnd:
-        this.onPacketEnd();
+        this.onPacketEnd(record);
         if (record.sync) {
           this.syncs++;
           if (!this.passes()) this.parser.pause();

@@ -1,6 +1,6 @@
 import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
-import { MULTIFD_SLOTS, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
+import { MULTIFD_SLOTS, type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
 import { errorMessage } from '../common/errors';
 import { Fifo } from '../common/fifo';
@@ -14,13 +14,24 @@ import type { RecentPages } from './recent-pages';
 import { decodeRun, MAX_RUN_HELD, runPlace } from './run';
 
 /** The frames a channel takes. */
-type ChannelFrame = 'literal' | 'run' | 'delta' | 'sibling' | 'keep';
+type ChannelFrame = 'literal' | 'run' | 'delta' | 'sibling' | 'keep' | 'check';
 
 /** A frame that arrived while the channel was parked: a copy, replayed once it may go on. */
 interface QueuedFrame {
   kind: ChannelFrame;
   payload: Buffer;
+  /** A check's XXH3-64 (its length is in `checkBytes`). */
+  check?: string;
+  checkBytes?: number;
 }
+
+/**
+ * Most bytes a channel holds back from its destination until a check covers them: a SYNC packet, which
+ * before QEMU 9.0 may carry a packet's pages (128 of 4 KiB), and its header.
+ */
+export const MAX_HELD_SYNC_BYTES = 4 * 1024 * 1024;
+
+const EMPTY = Buffer.alloc(0);
 
 /**
  * The receiving gateway's codec for one multifd channel: turns MultifdEncoder's Literal bytes and Run
@@ -70,6 +81,19 @@ export class MultifdDecoder extends MultifdChannel {
    * not the Run's. How far past its first page a Run's reads go ahead.
    */
   private spanPerRecord = 1;
+  /**
+   * The sender checks the channel after every SYNC packet (its Hello said so): each SYNC packet, and what
+   * follows it, is held back from the destination until such a check has passed. A destination QEMU
+   * loads the device state only once every channel's last SYNC packet is in, so a byte damaged between
+   * the gateways on a channel fails the migration before it can run.
+   */
+  holdsSyncs = false;
+  /** Stream offsets where SYNC packets start that no check has covered yet. */
+  private readonly syncsUnchecked = new Fifo<number>();
+  /** Rebuilt bytes held back from the destination (copies), from the first unchecked SYNC packet on. */
+  private heldOut: Buffer[] = [];
+  private heldOutBytes = 0;
+  private holdingOut = false;
 
   constructor(
     /** Receives the rebuilt channel; it owns each buffer (Literal bytes: views of what literal() got). */
@@ -83,6 +107,10 @@ export class MultifdDecoder extends MultifdChannel {
 
   get parked(): boolean {
     return this.parser.isPaused || this.queued.length > 0;
+  }
+
+  get checkDue(): boolean {
+    return this.syncsUnchecked.length > 0 && this.queued.length === 0;
   }
 
   /** Parked at a SYNC, or holding a frame back (see waits()). */
@@ -135,6 +163,21 @@ export class MultifdDecoder extends MultifdChannel {
   }
 
   /**
+   * A check of the channel after a SYNC packet (the sender's Seal frame): taken in order, once the
+   * frames before it have been rebuilt; what it covers goes on to the destination if it matches. A
+   * channel parked at that SYNC has rebuilt it already: the check passes at once, and the destination
+   * has the SYNC packet while the gateways' barrier still waits for another channel (QEMU's destination
+   * closes a channel it is done with, whatever the gateways' codecs wait for).
+   */
+  check(streamBytes: number, streamCheck: string): void {
+    if (this.queued.length > 0) {
+      this.queued.push({ kind: 'check', payload: EMPTY, check: streamCheck, checkBytes: streamBytes });
+      return;
+    }
+    this.checkRebuilt(streamBytes, streamCheck);
+  }
+
+  /**
    * The sender's channel ended: the rebuilt channel must be complete, of its length and XXH3-64; `ended`
    * is called once that check has passed (at once, or when a parked channel has read on).
    */
@@ -142,19 +185,31 @@ export class MultifdDecoder extends MultifdChannel {
     this.endWhenDrained(() => {
       this.parser.end();
       this.ended = true;
-      if (streamBytes !== this.counts.streamBytes) throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes of a multifd channel, the source sent ${streamBytes}`);
-      const rebuilt = this.streamHash.digest();
-      if (rebuilt !== streamCheck) throw new RebuildError(`the rebuilt multifd channel's XXH3-64 is ${rebuilt}, the source's ${streamCheck}`);
+      this.checkRebuilt(streamBytes, streamCheck);
       ended();
     });
     this.migration.settle();
+  }
+
+  /** The channel rebuilt so far must be `streamBytes` long with XXH3-64 `streamCheck`: then nothing need be held back. */
+  private checkRebuilt(streamBytes: number, streamCheck: string): void {
+    if (streamBytes !== this.counts.streamBytes) throw new RebuildError(`rebuilt ${this.counts.streamBytes} bytes of a multifd channel, the source sent ${streamBytes}`);
+    const rebuilt = this.streamHash.digest();
+    if (rebuilt !== streamCheck) throw new RebuildError(`the rebuilt multifd channel's XXH3-64 is ${rebuilt}, the source's ${streamCheck}`);
+    this.syncsUnchecked.clear();
+    this.holdingOut = false;
+    const held = this.heldOut;
+    this.heldOut = [];
+    this.heldOutBytes = 0;
+    for (const bytes of held) this.out(bytes);
   }
 
   unpark(): void {
     this.parser.resume();
     for (let frame = this.queued.peek(); frame !== undefined && !this.parser.isPaused && !this.waits(frame.kind, frame.payload); frame = this.queued.peek()) {
       this.queued.shift();
-      this.apply(frame.kind, frame.payload);
+      if (frame.kind === 'check') this.checkRebuilt(frame.checkBytes as number, frame.check as string);
+      else this.apply(frame.kind, frame.payload);
     }
     this.afterUnpark();
   }
@@ -218,11 +273,35 @@ export class MultifdDecoder extends MultifdChannel {
 
   /** Passes bytes of the channel on, parsing them (a parked parser reads the rest on resume()). */
   private rebuilt(bytes: Buffer): void {
+    const at = this.counts.streamBytes;
     this.counts.streamBytes += bytes.length;
     this.streamHash.update(bytes);
     this.retainer.newInput(bytes);
     this.parser.push(bytes);
-    this.out(bytes);
+    this.emit(bytes, at);
+  }
+
+  /**
+   * Hands rebuilt bytes (at channel offset `at`) to the destination, but for what lies past the start of
+   * a SYNC packet no check has covered yet (holdsSyncs). Parsing came first, so a SYNC packet's header
+   * in these bytes is known; a parser parked at a SYNC has one unchecked behind it, and holds all after.
+   */
+  private emit(bytes: Buffer, at: number): void {
+    if (!this.holdingOut) {
+      const from = this.syncsUnchecked.peek();
+      if (from === undefined || from >= at + bytes.length) return this.out(bytes);
+      const cut = Math.max(0, from - at);
+      if (cut > 0) this.out(bytes.subarray(0, cut));
+      bytes = bytes.subarray(cut);
+      this.holdingOut = true;
+    }
+    if (this.heldOutBytes + bytes.length > MAX_HELD_SYNC_BYTES) throw new RebuildError(`more than ${MAX_HELD_SYNC_BYTES} bytes of a multifd channel held back for a check that has not come`);
+    this.heldOut.push(Buffer.from(bytes));
+    this.heldOutBytes += bytes.length;
+  }
+
+  protected override onPacket(packet: MultifdPacketRecord): void {
+    if (packet.sync && this.holdsSyncs) this.syncsUnchecked.push(packet.streamOffset);
   }
 
   /**

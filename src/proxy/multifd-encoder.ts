@@ -1,6 +1,6 @@
 import { DIGEST_BYTES, DIGEST_WORDS, digestOne, isAbsentDigest, sameDigestWords } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
-import { type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
+import { type MultifdPacketEndRecord, type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
 import type { EncoderSink } from './encoder';
 import { Fifo } from '../common/fifo';
@@ -201,8 +201,17 @@ export class MultifdEncoder extends MultifdChannel {
     return this.mainWaitOver;
   }
 
-  protected override onPacketEnd(): void {
+  /**
+   * After a SYNC packet, where the receiver takes them (MultifdMigration.channelChecks): everything up
+   * to its end goes, then the channel's check to there. The receiver holds the SYNC packet back from its
+   * destination until that check has passed, and a destination QEMU loads the device state only once
+   * every channel's last SYNC packet is in: bytes damaged between the gateways on any channel never run.
+   */
+  protected override onPacketEnd(end: MultifdPacketEndRecord): void {
     this.closeRun();
+    if (!end.sync || !this.migration.channelChecks || this.sink.check === undefined) return;
+    this.send(end.streamOffset);
+    this.sink.check(end.streamOffset, this.held.digest());
   }
 
   /**

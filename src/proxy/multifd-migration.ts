@@ -144,6 +144,11 @@ export class MultifdMigration {
    */
   channelDeltas = false;
   /**
+   * The sending side checks each channel after every SYNC packet (Feature.ChannelChecks): the receiver
+   * holds each SYNC packet back from its destination until the check after it has passed.
+   */
+  channelChecks = false;
+  /**
    * Sender only: the siblings the receiver confirmed, where it takes SiblingDelta frames on the channels
    * (Feature.ChannelSiblings): a page whose content a sibling's snapshot holds goes as a reference to it.
    * Unlike a Run or a Delta this names nothing of the migrating VM's store, only a snapshot pinned for

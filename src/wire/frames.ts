@@ -166,6 +166,12 @@ export const enum Feature {
    * (7.2; later versions on machine types of 8.0 and before) an epoch is a few megabytes.
    */
   ChannelEarlierBases = 'channel-earlier-bases',
+  /**
+   * The receiver takes Seal frames on multifd channels: the sender checks each channel (its length and
+   * XXH3-64 so far) right after every SYNC packet, and says so in the channel's Hello; the receiver holds
+   * each SYNC packet back from its destination until that check has passed (proxy/multifd-decoder.ts).
+   */
+  ChannelChecks = 'channel-checks',
 }
 
 export interface HelloMessage {
@@ -183,6 +189,8 @@ export interface HelloMessage {
   channel?: ChannelName;
   /** A multifd channel's Hello: how many multifd channels the sender had when it opened this one. */
   channels?: number;
+  /** A multifd channel's Hello: a Seal frame follows every SYNC packet on it (Feature.ChannelChecks). */
+  channelChecks?: boolean;
   /** The siblings whose snapshots the sender holds (route `siblings`); absent before siblings. */
   siblings?: SiblingSnapshot[];
 }
@@ -303,11 +311,12 @@ export function decodeHello(p: Buffer): HelloMessage {
   if (channel === undefined) return hello;
   if (hello.migration === undefined) throw new WireError('Hello: a channel without its migration');
   if (hello.channels !== undefined && !(Number.isInteger(hello.channels) && hello.channels >= 1 && hello.channels <= 256)) throw new WireError('Hello: field channels is not 1..256');
+  if (hello.channelChecks !== undefined && typeof hello.channelChecks !== 'boolean') throw new WireError('Hello: field channelChecks is not a boolean');
   const c = channel as Partial<ChannelName> | null;
   if (typeof c !== 'object' || c === null || (c.kind !== 'multifd' && c.kind !== 'preempt' && c.kind !== 'encrypted') || !Number.isInteger(c.index) || (c.index as number) < 0 || (c.index as number) > 255) {
     throw new WireError('Hello: field channel is not {kind: "multifd" | "preempt" | "encrypted", index: 0..255}');
   }
-  return { ...hello, channel: { kind: c.kind, index: c.index as number }, channels: hello.channels };
+  return { ...hello, channel: { kind: c.kind, index: c.index as number }, channels: hello.channels, channelChecks: hello.channelChecks };
 }
 function isSiblingSnapshot(v: unknown): v is SiblingSnapshot {
   if (typeof v !== 'object' || v === null) return false;

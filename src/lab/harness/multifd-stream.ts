@@ -11,6 +11,7 @@ import { type PageLayout, ReceiverTable, type RetainedPages, type SiblingPages }
 import { RUN_LEAD_BYTES } from '../../proxy/run';
 import { SiblingMatch } from '../../proxy/sibling-match';
 import { StreamEncoder } from '../../proxy/encoder';
+import { decodeSeal, encodeJson, FRAME_HEADER_BYTES, FrameType } from '../../wire/frames';
 import { type GuestMemory, PAGE } from './migration-stream';
 
 /** 7.2: no zero pages in packets (they go on the main channel). 10.0: zero pages as offsets. */
@@ -133,9 +134,9 @@ export function multifdMigration(memory: GuestMemory, shape: MultifdMigrationSha
   return { channels: parts.map((p) => Buffer.concat(p)), normalPages, zeroPages };
 }
 
-/** A channel's frames as MultifdEncoder sent them: Literal bytes, Run and Delta payloads. */
+/** A channel's frames as MultifdEncoder sent them: Literal bytes, Run and Delta payloads, checks (a Seal frame's JSON). */
 export interface ChannelFrames {
-  frames: { kind: 'literal' | 'run' | 'delta' | 'sibling' | 'keep'; payload: Buffer }[];
+  frames: { kind: 'literal' | 'run' | 'delta' | 'sibling' | 'keep' | 'check'; payload: Buffer }[];
   streamBytes: number;
   streamCheck: string;
 }
@@ -162,14 +163,16 @@ export interface ChannelFrames {
  * (Feature.ChannelEarlierBases; `dropKeepVersions` withholds its KeepVersion frames from the decoders).
  * `beforeDecode` is called with the receiving side's MultifdMigration before any channel is decoded:
  * what the main channel did there first, such as writing a page of a later epoch. `alterFrames` gives
- * what reaches each decoder in place of its channel's frames (the fuzzer's damaged wire).
+ * what reaches each decoder in place of its channel's frames (the fuzzer's damaged wire). With `checks`,
+ * the sender checks each channel after every SYNC packet and the receiver holds SYNC packets back until
+ * those checks pass (Feature.ChannelChecks); `out` then sees what each decoder handed on as it did.
  */
 export function multifdRoundTrip(
   channels: readonly Buffer[],
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; cuts?: readonly number[]; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean; earlierBases?: boolean; dropKeepVersions?: boolean; alterFrames?: (channel: number, frames: ChannelFrames['frames']) => ChannelFrames['frames'] } = {},
+  options: { chunk?: number; cuts?: readonly number[]; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean; earlierBases?: boolean; dropKeepVersions?: boolean; alterFrames?: (channel: number, frames: ChannelFrames['frames']) => ChannelFrames['frames']; checks?: boolean; out?: (channel: number, bytes: Buffer) => void } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -179,6 +182,7 @@ export function multifdRoundTrip(
   sending.endMain();
   sending.receiverTable = sender.reference === null ? null : new ReceiverTable(sender.reference);
   sending.channelDeltas = options.deltas === true;
+  sending.channelChecks = options.checks === true;
   if (options.siblings !== undefined) sending.siblings = new SiblingMatch(options.siblings.map((sibling) => sibling.digests));
   if (options.matches) {
     const main = new StreamEncoder({ literal: () => undefined, run: () => undefined }, sender.store);
@@ -199,6 +203,7 @@ export function multifdRoundTrip(
           delta: (payload) => out.frames.push({ kind: 'delta', payload: keep(payload) }),
           siblingDelta: (payload) => out.frames.push({ kind: 'sibling', payload: keep(payload) }),
           keepVersion: (payload) => out.frames.push({ kind: 'keep', payload: keep(payload) }),
+          check: (streamBytes, streamCheck) => out.frames.push({ kind: 'check', payload: encodeJson(FrameType.Seal, { streamBytes, streamCheck }).subarray(FRAME_HEADER_BYTES) }),
         },
         sending,
       ),
@@ -247,7 +252,14 @@ export function multifdRoundTrip(
   if (options.damagedSiblings) receiving.damagedSiblings = options.damagedSiblings;
   const rebuilt: Buffer[][] = channels.map(() => []);
   // The decoder hands over buffers of its own, or views of the frames', which nothing changes.
-  const decoders = rebuilt.map((out) => new MultifdDecoder((bytes) => options.discardOutput || out.push(keep(bytes)), receiving));
+  const decoders = rebuilt.map((out, c) => {
+    const decoder = new MultifdDecoder((bytes) => {
+      options.out?.(c, bytes);
+      if (!options.discardOutput) out.push(keep(bytes));
+    }, receiving);
+    decoder.holdsSyncs = options.checks === true;
+    return decoder;
+  });
   options.beforeDecode?.(receiving);
   for (const c of options.decodeOrder ?? order) {
     const frames = options.alterFrames ? options.alterFrames(c, sent[c].frames) : sent[c].frames;
@@ -264,6 +276,10 @@ export function multifdRoundTrip(
       else if (frame.kind === 'sibling') decoders[c].siblingDelta(frame.payload);
       else if (frame.kind === 'keep') {
         if (!options.dropKeepVersions) decoders[c].keepVersion(frame.payload);
+      }
+      else if (frame.kind === 'check') {
+        const check = decodeSeal(frame.payload);
+        decoders[c].check(check.streamBytes, check.streamCheck);
       }
       else if (frame.kind === 'delta') {
         const payload = options.tamperDelta ? Buffer.from(frame.payload) : frame.payload;
