@@ -10,7 +10,9 @@
  *   with a typed error; a migration that completes leaves every page of both stores under its own digest.
  * - `multifd-wire`: the frames between the two codecs damaged (a payload's bytes, frames dropped,
  *   repeated or spliced from another channel): the destination must get each channel's exact bytes,
- *   or the migration must fail with a typed error. Frames are laid out as a byte stream (a kind byte
+ *   or the migration must fail with a typed error, having handed on no SYNC packet after a wrong byte
+ *   (the channels are checked after every SYNC packet: a destination could not load the device state
+ *   behind it). Frames are laid out as a byte stream (a kind byte
  *   and a 32-bit length before each payload) so that fuzz.ts's mutations apply; damage to that layout
  *   is the frame parser's to catch (the `frames` target), so mutations that break it are drawn again.
  */
@@ -25,6 +27,7 @@ import { errorMessage } from '../../common/errors';
 import { applyMutations, boundariesOf, FuzzFailure, MemoryPages, type Mutation, type Outcome, randomMutations, randomSplits, Rng, type Seed } from './fuzz';
 import { dirty, guestMemory } from './migration-stream';
 import { type ChannelFrames, type MultifdFormat, multifdMigration, multifdRoundTrip } from './multifd-stream';
+import { WireError } from '../../wire/frames';
 
 export type MultifdTargetName = 'multifd-codec' | 'multifd-stream' | 'multifd-wire';
 export const MULTIFD_TARGETS: readonly MultifdTargetName[] = ['multifd-codec', 'multifd-stream', 'multifd-wire'];
@@ -46,10 +49,10 @@ export interface MultifdCorpus {
 }
 
 type Frame = ChannelFrames['frames'][number];
-const KINDS: readonly Frame['kind'][] = ['literal', 'run', 'delta', 'sibling', 'keep'];
+const KINDS: readonly Frame['kind'][] = ['literal', 'run', 'delta', 'sibling', 'keep', 'check'];
 const FRAME_HEAD = 5;
 
-/** Frames as bytes: per frame its kind (1..5), the payload's length (u32) and the payload. */
+/** Frames as bytes: per frame its kind (1..6), the payload's length (u32) and the payload. */
 function frameLayout(frames: readonly Frame[]): Seed & { bytes: Buffer } {
   const parts: Buffer[] = [];
   const boundaries: number[] = [];
@@ -93,8 +96,11 @@ export function multifdBoundaries(channel: Buffer): number[] {
 
 const channelSeeds = (name: string, channels: readonly Buffer[]): Seed[] => channels.map((bytes, c) => ({ name: `${name}.ch${c}`, bytes, boundaries: multifdBoundaries(bytes) }));
 
-/** How a migration goes through the codecs: Deltas on the channels, matches against other pages, all kept the same for every input. */
-export const CODEC_OPTIONS = { deltas: true, matches: true, earlierBases: true } as const;
+/**
+ * How a migration goes through the codecs: Deltas on the channels, matches against other pages, each
+ * channel checked after every SYNC packet, all kept the same for every input.
+ */
+export const CODEC_OPTIONS = { deltas: true, matches: true, earlierBases: true, checks: true } as const;
 
 /** The stores as the seed left them, copied: every input starts from the same state. */
 function freshStores(seed: MultifdMigrationSeed): { sender: { store: MemoryPages | null; reference: Uint8Array | null }; receiver: MemoryPages | null } {
@@ -169,7 +175,40 @@ export function buildMultifdCorpus(): MultifdCorpus {
   return { migrations, channels: migrations.flatMap((m) => m.channels) };
 }
 
-const isTyped = (err: unknown): boolean => err instanceof StreamError || err instanceof RebuildError || err instanceof RunError;
+const isTyped = (err: unknown): boolean => err instanceof StreamError || err instanceof RebuildError || err instanceof RunError || err instanceof WireError;
+
+/** How many bytes `a` and `b` have in common from their start. */
+function commonPrefix(a: Buffer, b: Buffer): number {
+  const common = Math.min(a.length, b.length);
+  let at = 0;
+  while (at < common && a[at] === b[at]) at++;
+  return at;
+}
+
+/**
+ * What a destination could act on: every SYNC packet it got whole (parsed from `handedOn` as QEMU would)
+ * follows only bytes of a source channel. A destination loads the device state once every channel's
+ * last SYNC packet is in, so a wrong byte before one never runs. (Frames spliced whole from another
+ * channel rebuild that channel, checks and all: its initial packet names the other channel's id, which
+ * a destination QEMU has already, and refuses. Frames that bring a check of their own from elsewhere,
+ * computed over other bytes, are not the accidents this guards against: only TLS stops an attacker on
+ * the link, who can rewrite checks too; the caller does not ask for this property then.)
+ */
+function checkSyncsHandedOn(handedOn: Buffer, sources: readonly Buffer[], channel: number): void {
+  const firstWrong = Math.max(...sources.map((source) => commonPrefix(handedOn, source)));
+  if (firstWrong === handedOn.length) return;
+  const parser = new MultifdParser((record) => {
+    if (record.kind === MultifdRecordKind.PacketEnd && record.sync && record.streamOffset > firstWrong) {
+      throw new FuzzFailure('silent-corruption', `channel ${channel} handed on a SYNC packet ending at ${record.streamOffset} after a wrong byte at ${firstWrong}`);
+    }
+  });
+  try {
+    parser.push(handedOn);
+  } catch (err) {
+    if (err instanceof FuzzFailure) throw err;
+    // A destination stops at what it cannot parse.
+  }
+}
 
 /** The harness's word for channels that wait for one another for ever: the gateway's idle limit ends such a migration. */
 const STALLED = /never finished/;
@@ -249,16 +288,20 @@ export function fuzzMultifdWire(seed: MultifdMigrationSeed, damaged: number, lay
   if (frames === null) return null;
   const channels = seed.channels.map((c) => c.bytes);
   const { sender, receiver } = freshStores(seed);
+  const handedOn: Buffer[] = [];
   let result: ReturnType<typeof multifdRoundTrip>;
   try {
     result = multifdRoundTrip(channels, seed.layout, sender, receiver, {
       ...CODEC_OPTIONS,
       ...feeding(rng, channels.length),
       alterFrames: (c, sent) => (c === damaged ? frames : sent),
+      out: (c, bytes) => c === damaged && handedOn.push(Buffer.from(bytes)),
     });
   } catch (err) {
-    if (isTyped(err)) return 'rejected';
-    throw new FuzzFailure('crash', `the multifd decoders threw ${errorMessage(err)}`);
+    if (!isTyped(err)) throw new FuzzFailure('crash', `the multifd decoders threw ${errorMessage(err)}`);
+    const checksSent = new Set((framesOfLayout(seed.wires[damaged].bytes) ?? []).filter((f) => f.kind === 'check').map((f) => f.payload.toString('hex')));
+    if (frames.every((f) => f.kind !== 'check' || checksSent.has(f.payload.toString('hex')))) checkSyncsHandedOn(Buffer.concat(handedOn), channels, damaged);
+    return 'rejected';
   }
   result.rebuilt.forEach((bytes, c) => {
     if (!bytes.equals(channels[c])) throw new FuzzFailure('silent-corruption', `channel ${c} completed with ${bytes.length} bytes that differ from its ${channels[c].length}-byte stream`);
