@@ -6,23 +6,15 @@
  * run: these tests show the SYNC packet after a damaged byte never leaves, and that without the checks
  * it did.
  */
-import { MemoryPages } from '../src/lab/harness/fuzz';
 import { guestMemory, type GuestMemory } from '../src/lab/harness/migration-stream';
 import { type ChannelFrames, multifdMigration, multifdRoundTrip, type MultifdFormat } from '../src/lab/harness/multifd-stream';
 import { MAX_HELD_SYNC_BYTES } from '../src/proxy/multifd-decoder';
 import { RebuildError } from '../src/proxy/rebuild-error';
 import { layoutOf } from '../src/proxy/retained';
 import { MultifdParser, MultifdRecordKind } from '../src/qemu/multifd';
+import { stores } from './multifd-stores';
 
 const all = (memory: GuestMemory): number[] => memory.pages.map((_, i) => i);
-
-function emptyStores(memory: GuestMemory): { sender: MemoryPages; receiver: MemoryPages } {
-  const sender = new MemoryPages();
-  const receiver = new MemoryPages();
-  sender.begin(layoutOf(memory.blocks));
-  receiver.begin(layoutOf(memory.blocks));
-  return { sender, receiver };
-}
 
 /** Where each SYNC packet of a channel starts and ends. */
 function syncPackets(channel: Buffer): { start: number; end: number }[] {
@@ -64,7 +56,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd channel checks,
   test('every channel is rebuilt byte for byte, with a check after each of its SYNC packets, first leg and back leg', () => {
     const memory = guestMemory([['pc.ram', 1200], ['vga.vram', 200]], 31);
     const layout = layoutOf(memory.blocks);
-    const { sender, receiver } = emptyStores(memory);
+    const { sender, receiver } = stores(memory);
     const first = multifdMigration(memory, { format, channels: 3, rounds: [all(memory), all(memory).filter((i) => i % 7 === 0)] });
     let frames: ChannelFrames['frames'][] = [];
     const one = multifdRoundTrip(first.channels, layout, { store: sender, reference: null }, receiver, {
@@ -88,7 +80,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd channel checks,
   test('a channel parked at a SYNC hands that SYNC packet on once its check has passed, and nothing after it until the other channels have reached it', () => {
     const memory = guestMemory([['pc.ram', 900]], 32);
     const layout = layoutOf(memory.blocks);
-    const { sender, receiver } = emptyStores(memory);
+    const { sender, receiver } = stores(memory);
     const migration = multifdMigration(memory, { format, channels: 2, rounds: [all(memory), all(memory).slice(0, 300)] });
     const handedOn = [0, 0];
     let channel0WhenChannel1Began = -1;
@@ -109,7 +101,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd channel checks,
   test.each([false, true])('a byte flipped between the codecs in a page (checks: %s): the SYNC packet after it leaves only without checks', (checks) => {
     const memory = guestMemory([['pc.ram', 1000]], 33, 0);
     const layout = layoutOf(memory.blocks);
-    const { sender, receiver } = emptyStores(memory);
+    const { sender, receiver } = stores(memory);
     const migration = multifdMigration(memory, { format, channels: 2, rounds: [all(memory), all(memory).slice(0, 200)] });
     const syncs = syncPackets(migration.channels[1]);
     // A byte of a page well inside channel 1's first round, before its first SYNC packet.
@@ -143,7 +135,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd channel checks,
     const memory = guestMemory([['pc.ram', 600]], 34);
     const layout = layoutOf(memory.blocks);
     for (const alter of ['check', 'length'] as const) {
-      const { sender, receiver } = emptyStores(memory);
+      const { sender, receiver } = stores(memory);
       const migration = multifdMigration(memory, { format, channels: 2, rounds: [all(memory)] });
       const damaged = (frames: ChannelFrames['frames']): ChannelFrames['frames'] =>
         frames.map((frame) => {
@@ -160,7 +152,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd channel checks,
   test(`a sender that says it checks and never does: at most ${MAX_HELD_SYNC_BYTES} bytes are held back, then the channel fails`, () => {
     const memory = guestMemory([['pc.ram', 1500]], 35, 0);
     const layout = layoutOf(memory.blocks);
-    const { sender, receiver } = emptyStores(memory);
+    const { sender, receiver } = stores(memory);
     // One channel: everything after its first SYNC (a whole second round) waits for a check that never comes.
     const migration = multifdMigration(memory, { format, channels: 1, rounds: [all(memory), all(memory)] });
     expect(() =>

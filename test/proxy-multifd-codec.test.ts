@@ -13,16 +13,10 @@ import { MAX_RUN_HELD, RunError } from '../src/proxy/run';
 import { StreamError } from '../src/qemu/errors';
 import { RecordKind } from '../src/qemu/records';
 import { MultifdParser, MultifdRecordKind } from '../src/qemu/multifd';
+import { stores } from './multifd-stores';
 
 const PAGE = 4096;
 
-function stores(memory: GuestMemory): { sender: MemoryPages; receiver: MemoryPages } {
-  const sender = new MemoryPages();
-  const receiver = new MemoryPages();
-  sender.begin(layoutOf(memory.blocks));
-  receiver.begin(layoutOf(memory.blocks));
-  return { sender, receiver };
-}
 
 function digestOf(page: Buffer): Buffer {
   const d = Buffer.alloc(DIGEST_BYTES);
