@@ -40,7 +40,8 @@ const EMPTY = Buffer.alloc(0);
  *   const migration = new MultifdMigration(store, channelCount);   // one per migration
  *   mainDecoder = new StreamDecoder(out, store, (layout) => migration.begin(layout));
  *   const channel = new MultifdDecoder(channelOut, migration);      // per channel
- *   channel.literal(bytes) | channel.run(payload) … channel.end(streamBytes, streamCheck);
+ *   channel.literal(bytes) | channel.run(payload) | channel.check(streamBytes, streamCheck) …
+ *   channel.end(streamBytes, streamCheck);
  *
  * A Run stands for the next `count` normal pages of the packet being rebuilt, whose header (with the
  * pages' offsets) came before it as Literal bytes: it must start at the page the header lists next, in
@@ -51,7 +52,7 @@ const EMPTY = Buffer.alloc(0);
  * the store in step exactly as on the sending side. `parked` (see MultifdMigration): the channel waits
  * at a SYNC for the others; frames given meanwhile are copied and queued, so the caller should stop
  * reading this channel's frames until it clears. end() checks the channel's length and XXH3-64 (once
- * the channel has read on, if it is parked).
+ * the channel has read on, if it is parked), as check() does after each SYNC packet (holdsSyncs).
  */
 export class MultifdDecoder extends MultifdChannel {
   private readonly queued = new Fifo<QueuedFrame>();
