@@ -94,7 +94,6 @@ export class MultifdDecoder extends MultifdChannel {
   /** Rebuilt bytes held back from the destination (copies), from the first unchecked SYNC packet on. */
   private heldOut: Buffer[] = [];
   private heldOutBytes = 0;
-  private holdingOut = false;
 
   constructor(
     /** Receives the rebuilt channel; it owns each buffer (Literal bytes: views of what literal() got). */
@@ -198,7 +197,6 @@ export class MultifdDecoder extends MultifdChannel {
     const rebuilt = this.streamHash.digest();
     if (rebuilt !== streamCheck) throw new RebuildError(`the rebuilt multifd channel's XXH3-64 is ${rebuilt}, the source's ${streamCheck}`);
     this.syncsUnchecked.clear();
-    this.holdingOut = false;
     const held = this.heldOut;
     this.heldOut = [];
     this.heldOutBytes = 0;
@@ -288,13 +286,13 @@ export class MultifdDecoder extends MultifdChannel {
    * in these bytes is known; a parser parked at a SYNC has one unchecked behind it, and holds all after.
    */
   private emit(bytes: Buffer, at: number): void {
-    if (!this.holdingOut) {
+    // Holding already (held bytes are never empty: a SYNC packet starts before the end of what it cut).
+    if (this.heldOut.length === 0) {
       const from = this.syncsUnchecked.peek();
       if (from === undefined || from >= at + bytes.length) return this.out(bytes);
       const cut = Math.max(0, from - at);
       if (cut > 0) this.out(bytes.subarray(0, cut));
       bytes = bytes.subarray(cut);
-      this.holdingOut = true;
     }
     if (this.heldOutBytes + bytes.length > MAX_HELD_SYNC_BYTES) throw new RebuildError(`more than ${MAX_HELD_SYNC_BYTES} bytes of a multifd channel held back for a check that has not come`);
     this.heldOut.push(Buffer.from(bytes));
