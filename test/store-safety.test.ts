@@ -142,6 +142,54 @@ describe('stores that hold nothing are removed, under their lock', () => {
     expect(fs.existsSync(outside)).toBe(true);
   });
 
+  // What a process that looked the store's path up before the eviction's rename does to the directory
+  // renamed away: it makes its lock file there, after the removal has emptied it (lock.ts).
+  const fsModule = require('node:fs') as typeof fs;
+  const realRm = fsModule.rmSync;
+
+  test('a lock file made in a store renamed away for removal, after the removal emptied it, is removed too', () => {
+    committed('vm1', null);
+    let made = 0;
+    const rm = jest.spyOn(fsModule, 'rmSync').mockImplementation((target, options) => {
+      const away = String(target);
+      if (made === 0 && path.basename(away).startsWith('.removing-vm1-')) {
+        made++;
+        for (const name of fs.readdirSync(away)) realRm(path.join(away, name), { recursive: true, force: true });
+        fs.writeFileSync(path.join(away, 'lock'), `${os.hostname()} ${process.pid}\n`);
+        fs.rmdirSync(away); // ENOTEMPTY, as rm's last step meets it
+      }
+      realRm(target, options);
+    });
+    try {
+      expect(removeStore(data, 'vm1')).toMatchObject({ vm: 'vm1' });
+    } finally {
+      rm.mockRestore();
+    }
+    expect(made).toBe(1);
+    expect(fs.readdirSync(data)).toEqual([]);
+  });
+
+  test('a removal that fails after the rename leaves the store opened meanwhile at that path alone', () => {
+    committed('vm1', null);
+    let opened: PageStore | null = null;
+    const rm = jest.spyOn(fsModule, 'rmSync').mockImplementation((target, options) => {
+      if (opened === null && path.basename(String(target)).startsWith('.removing-vm1-')) {
+        opened = PageStore.open(data, 'vm1'); // a new, empty store, locked by its opener
+        throw Object.assign(new Error('EIO: i/o error, rmdir'), { code: 'EIO' });
+      }
+      realRm(target, options);
+    });
+    try {
+      expect(() => removeStore(data, 'vm1')).toThrow('EIO');
+    } finally {
+      rm.mockRestore();
+    }
+    expect(opened).not.toBeNull();
+    expect(fs.existsSync(path.join(data, 'vm1', 'lock'))).toBe(true);
+    expect(removeStore(data, 'vm1')).toBeNull(); // still in use
+    (opened as PageStore | null)?.close();
+  });
+
   test('a store taken by its lock before removal is left alone; once free it can be removed', () => {
     committed('vm1', null, 0);
     const store = PageStore.open(data, 'vm1');

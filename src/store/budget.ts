@@ -132,22 +132,40 @@ export function removeStore(root: string, vm: string, still: (entry: StoreEntry)
     if (err instanceof StoreBusyError || (err as NodeJS.ErrnoException).code === 'ENOENT') return null;
     throw err;
   }
-  let entry: StoreEntry | null = null;
+  let away: string;
+  let entry: StoreEntry | null;
   try {
     entry = statStore(dir, vm);
     if (entry === null || !still(entry)) {
       releaseLock(dir);
       return null;
     }
-    const away = path.join(root, `${REMOVING_PREFIX}${vm}-${process.pid}-${Date.now()}`);
+    away = path.join(root, `${REMOVING_PREFIX}${vm}-${process.pid}-${Date.now()}`);
     fs.renameSync(dir, away);
-    // A process whose lookup of `dir` came before the rename may still create its lock file in `away`
-    // (it finds out and starts again: lock.ts): removal tries again once it has.
-    fs.rmSync(away, { recursive: true, force: true, maxRetries: 3, retryDelay: 5 });
-    return entry;
   } catch (err) {
+    // Only before the rename: once it has happened, `dir` may be a new store another process has locked.
     if (fs.existsSync(dir)) releaseLock(dir);
     throw err;
+  }
+  deleteRenamedAway(away);
+  return entry;
+}
+
+/**
+ * Deletes a store directory renamed away for removal. A process whose lookup of the store's path came
+ * before the rename may still create its lock file in it (it finds out and starts again: lock.ts),
+ * even after the removal has emptied it: the removal fails with ENOTEMPTY and is made again. rm's own
+ * retries would not do: they retry only the last rmdir, not what came into the directory meanwhile.
+ * Each such process makes at most one file there, so a few passes are enough.
+ */
+function deleteRenamedAway(away: string): void {
+  for (let pass = 1; ; pass++) {
+    try {
+      fs.rmSync(away, { recursive: true, force: true });
+      return;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOTEMPTY' || pass === 5) throw err;
+    }
   }
 }
 
