@@ -8,23 +8,10 @@
  * names the bytes it read and their XXH3-64, and the receiver compares them with what it passed on.
  */
 import { StreamHash } from '../digest';
+import type { EncoderSink } from './encoder';
 import { MultifdDecoder } from './multifd-decoder';
 import { MultifdEncoder } from './multifd-encoder';
 import type { MultifdMigration } from './multifd-migration';
-
-/** Where a channel encoder's output goes: Literal bytes, Run, Delta and SiblingDelta payloads, in channel order. */
-export interface ChannelFrames {
-  literal(bytes: Buffer): void;
-  run(payload: Buffer): void;
-  /** Only where the receiver takes them (MultifdMigration.channelDeltas). */
-  delta?(payload: Buffer): void;
-  /** Only where the receiver takes them (MultifdMigration.siblings). */
-  siblingDelta?(payload: Buffer): void;
-  /** Only where the receiver takes them (MultifdMigration.earlierBases). */
-  keepVersion?(payload: Buffer): void;
-  /** Only where the receiver takes them (MultifdMigration.channelChecks): a check of the channel after a SYNC packet. */
-  check?(streamBytes: number, streamCheck: string): void;
-}
 
 /** What both sides' codecs share: the barrier may park them (see MultifdMigration). */
 interface ParkingCodec {
@@ -97,7 +84,7 @@ export interface ChannelDecoder extends ParkingCodec {
 }
 
 /** A multifd channel's encoder when its migration has a MultifdMigration, else a verbatim one. */
-export function channelEncoder(frames: ChannelFrames, multifd: MultifdMigration | null): ChannelEncoder {
+export function channelEncoder(frames: EncoderSink, multifd: MultifdMigration | null): ChannelEncoder {
   return multifd ? new MultifdEncoder(frames, multifd) : new VerbatimChannelEncoder(frames);
 }
 
@@ -134,7 +121,7 @@ export class VerbatimChannelEncoder implements ChannelEncoder {
   readonly parked = false;
   onReadOn: (() => void) | null = null;
 
-  constructor(private readonly frames: ChannelFrames) {}
+  constructor(private readonly frames: EncoderSink) {}
 
   push(chunk: Buffer): void {
     this.tally.add(chunk);

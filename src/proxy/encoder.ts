@@ -13,15 +13,19 @@ import { newCounts, type TransferCounts } from './transfer-counts';
 import { StreamParts } from './stream-parts';
 import { continuingFlags, layoutOf, type PageLayout, PageRetainer, ReceiverTable, type RetainedPages, sameDigest } from './retained';
 
-/** Where the encoder's output goes: in stream order, Literal bytes and Run payloads. */
+/**
+ * Where an encoder's output goes, in stream order: the main channel's StreamEncoder's, and a multifd
+ * channel's (channelEncoder: MultifdEncoder, or Literal bytes alone when relayed verbatim). The optional
+ * frames are needed only where the receiver takes them.
+ */
 export interface EncoderSink {
   literal(bytes: Buffer): void;
   run(payload: Buffer): void;
-  /** A Delta payload (`page-delta.ts`): needed once the encoder's `deltas` is on. */
+  /** A Delta payload (`page-delta.ts`): once the encoder's `deltas` is on (a channel's: MultifdMigration.channelDeltas). */
   delta?(payload: Buffer): void;
-  /** A SiblingDelta payload (`page-delta.ts`): needed once the encoder has `siblings`. */
+  /** A SiblingDelta payload (`page-delta.ts`): once the encoder has `siblings` (a channel's: MultifdMigration.siblings). */
   siblingDelta?(payload: Buffer): void;
-  /** A KeepVersion payload (`page-delta.ts`): needed once a multifd migration has `earlierBases`. */
+  /** A KeepVersion payload (`page-delta.ts`): once a multifd migration has `earlierBases`. */
   keepVersion?(payload: Buffer): void;
   /**
    * A multifd channel's check after a SYNC packet: its length so far and their XXH3-64, every byte before
