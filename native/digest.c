@@ -160,16 +160,16 @@ static napi_value bf_type(napi_env env, const char *msg) {
   return NULL;
 }
 
-/* Reads a byte view (Buffer or Uint8Array). Returns 0 and throws on error. */
-static int bf_get_bytes(napi_env env, napi_value v, const char *name, uint8_t **data,
-                        size_t *len) {
+/* Reads a typed array of type `want` (or `also`), which `what` names in the error. Returns 0 and throws on error. */
+static int bf_get_typed(napi_env env, napi_value v, const char *name, napi_typedarray_type want,
+                        napi_typedarray_type also, const char *what, void **data, size_t *len) {
   bool is_ta = false;
   napi_typedarray_type type;
   size_t length = 0;
   void *ptr = NULL;
   char msg[128];
   if (napi_is_typedarray(env, v, &is_ta) != napi_ok || !is_ta) {
-    snprintf(msg, sizeof msg, "%s must be a Buffer or Uint8Array", name);
+    snprintf(msg, sizeof msg, "%s must be a %s", name, what);
     bf_type(env, msg);
     return 0;
   }
@@ -179,39 +179,31 @@ static int bf_get_bytes(napi_env env, napi_value v, const char *name, uint8_t **
     bf_rethrow(env, "napi_get_typedarray_info");
     return 0;
   }
-  if (type != napi_uint8_array && type != napi_uint8_clamped_array) {
-    snprintf(msg, sizeof msg, "%s must be a Buffer or Uint8Array", name);
+  if (type != want && type != also) {
+    snprintf(msg, sizeof msg, "%s must be a %s", name, what);
     bf_type(env, msg);
     return 0;
   }
-  *data = (uint8_t *)ptr;
+  *data = ptr;
   *len = length;
   return 1;
 }
 
+/* Reads a byte view (Buffer or Uint8Array). Returns 0 and throws on error. */
+static int bf_get_bytes(napi_env env, napi_value v, const char *name, uint8_t **data,
+                        size_t *len) {
+  void *ptr = NULL;
+  if (!bf_get_typed(env, v, name, napi_uint8_array, napi_uint8_clamped_array, "Buffer or Uint8Array", &ptr, len)) return 0;
+  *data = (uint8_t *)ptr;
+  return 1;
+}
+
+/* Reads a Uint32Array; `len` counts its elements. Returns 0 and throws on error. */
 static int bf_get_u32array(napi_env env, napi_value v, const char *name,
                            const uint32_t **data, size_t *len) {
-  bool is_ta = false;
-  napi_typedarray_type type;
-  size_t length = 0;
   void *ptr = NULL;
-  char msg[128];
-  if (napi_is_typedarray(env, v, &is_ta) != napi_ok || !is_ta) {
-    snprintf(msg, sizeof msg, "%s must be a Uint32Array", name);
-    bf_type(env, msg);
-    return 0;
-  }
-  if (napi_get_typedarray_info(env, v, &type, &length, &ptr, NULL, NULL) != napi_ok) {
-    bf_rethrow(env, "napi_get_typedarray_info");
-    return 0;
-  }
-  if (type != napi_uint32_array) {
-    snprintf(msg, sizeof msg, "%s must be a Uint32Array", name);
-    bf_type(env, msg);
-    return 0;
-  }
+  if (!bf_get_typed(env, v, name, napi_uint32_array, napi_uint32_array, "Uint32Array", &ptr, len)) return 0;
   *data = (const uint32_t *)ptr;
-  *len = length;
   return 1;
 }
 
