@@ -3,7 +3,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { listSnapshots, runSnapshots } from '../src/cli/snapshots';
 import { PageStore, StoreBusyError } from '../src/store';
-import { acquireLock } from '../src/store/lock';
+import { spawnSync } from 'node:child_process';
+import { acquireLock, lockHolder, releaseLock, TAKEOVER_FILE } from '../src/store/lock';
 import { distModule, startNodeChild } from '../src/lab/harness/child';
 import { testTempDir } from './temp-dir';
 
@@ -38,6 +39,119 @@ describe('a VM store shared by several gateway processes', () => {
     expect(fs.existsSync(path.join(data, 'vm1', 'lock'))).toBe(false);
   });
 
+  /** A lock file left by a process of this host that is gone. */
+  let gone = 0;
+  function staleLock(dir: string, file = 'lock'): void {
+    gone ||= spawnSync(process.execPath, ['-e', '']).pid as number;
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, file), `${os.hostname()} ${gone}\n`);
+  }
+
+  test('two processes that both found the lock stale: one takes it over, the other is told the store is busy', () => {
+    // The interleaving: this process found the lock stale; before it took it over, another one found it
+    // stale too and took it over (run here, in the hook). Before the takeover file, this process then
+    // removed the other's new lock and made its own: both held the store.
+    const dir = path.join(data, 'vm1');
+    staleLock(dir);
+    let other: unknown = null;
+    let thrown: unknown = null;
+    try {
+      acquireLock(dir, {
+        beforeTakeover: () => {
+          try {
+            acquireLock(dir);
+          } catch (err) {
+            other = err;
+          }
+        },
+      });
+    } catch (err) {
+      thrown = err;
+    }
+    expect(other).toBeNull(); // the other took it over
+    expect(thrown).toBeInstanceOf(StoreBusyError);
+    expect(String(thrown)).toMatch(`in use by process ${process.pid}`);
+    expect(fs.readdirSync(dir)).toEqual(['lock']); // its lock stands; no takeover file is left
+    expect(lockHolder(dir)).toEqual({ host: os.hostname(), pid: process.pid });
+  });
+
+  test('a takeover file left by a process that died taking a lock over is removed; the next try takes the store', () => {
+    const dir = path.join(data, 'vm1');
+    staleLock(dir);
+    staleLock(dir, TAKEOVER_FILE);
+    expect(() => acquireLock(dir)).toThrow(/being taken over by another process/);
+    expect(fs.existsSync(path.join(dir, TAKEOVER_FILE))).toBe(false);
+    acquireLock(dir);
+    expect(fs.readdirSync(dir)).toEqual(['lock']);
+    expect(lockHolder(dir)).toEqual({ host: os.hostname(), pid: process.pid });
+  });
+
+  test('while another process takes a stale lock over, the store is busy and neither file is touched', () => {
+    const dir = path.join(data, 'vm1');
+    staleLock(dir);
+    const taking = `${os.hostname()} ${process.pid}\n`; // a live process's takeover file
+    fs.writeFileSync(path.join(dir, TAKEOVER_FILE), taking);
+    const stale = fs.readFileSync(path.join(dir, 'lock'), 'utf8');
+    expect(() => acquireLock(dir)).toThrow(/being taken over by another process/);
+    expect(fs.readFileSync(path.join(dir, TAKEOVER_FILE), 'utf8')).toBe(taking);
+    expect(fs.readFileSync(path.join(dir, 'lock'), 'utf8')).toBe(stale);
+  });
+
+  test('processes racing for a stale lock: exactly one holds the store each round', async () => {
+    // Two processes try for vm1's store at once, round after round, each round from a stale lock: the one
+    // that takes it holds it until the round is over. A round both won is the race the takeover file closes.
+    const dir = path.join(data, 'vm1');
+    const signals = path.join(data, 'signals');
+    fs.mkdirSync(signals);
+    const ROUNDS = 150;
+    const racer = (name: string) =>
+      startNodeChild(`
+        const fs = require('node:fs');
+        const path = require('node:path');
+        const lock = require(${distModule('src/store/lock')});
+        const signals = ${JSON.stringify(signals)};
+        const pause = new Int32Array(new SharedArrayBuffer(4));
+        const waitFor = (file) => { while (!fs.existsSync(path.join(signals, file))) Atomics.wait(pause, 0, 0, 0.2); };
+        for (let round = 0; round < ${ROUNDS}; round++) {
+          waitFor('go-' + round);
+          let result;
+          try {
+            lock.acquireLock(${JSON.stringify(dir)});
+            result = 'won';
+          } catch (err) {
+            result = err instanceof lock.StoreBusyError ? 'busy' : 'error: ' + err.message;
+          }
+          // Written, then renamed into place: the parent sees it whole or not at all.
+          fs.writeFileSync(path.join(signals, 'tmp-' + ${JSON.stringify(name)}), result);
+          fs.renameSync(path.join(signals, 'tmp-' + ${JSON.stringify(name)}), path.join(signals, ${JSON.stringify(name)} + '-' + round));
+          waitFor('over-' + round);
+          if (result === 'won') lock.releaseLock(${JSON.stringify(dir)});
+          fs.writeFileSync(path.join(signals, ${JSON.stringify(name)} + '-done-' + round), '');
+        }`);
+    const racers = [racer('a'), racer('b')];
+    const until = async (files: string[]): Promise<void> => {
+      while (!files.every((f) => fs.existsSync(path.join(signals, f)))) await new Promise((resolve) => setTimeout(resolve, 1));
+    };
+    const outcomes = new Map<string, number>();
+    try {
+      for (let round = 0; round < ROUNDS; round++) {
+        staleLock(dir);
+        fs.writeFileSync(path.join(signals, `go-${round}`), '');
+        await until([`a-${round}`, `b-${round}`]);
+        const results = ['a', 'b'].map((n) => fs.readFileSync(path.join(signals, `${n}-${round}`), 'utf8')).sort();
+        outcomes.set(results.join(','), (outcomes.get(results.join(',')) ?? 0) + 1);
+        fs.writeFileSync(path.join(signals, `over-${round}`), '');
+        await until([`a-done-${round}`, `b-done-${round}`]);
+        expect(fs.existsSync(path.join(dir, TAKEOVER_FILE))).toBe(false);
+      }
+    } finally {
+      await Promise.all(racers.map((r) => r.kill()));
+    }
+    // Every round: one won, the other found it busy.
+    expect(Object.fromEntries(outcomes)).toEqual({ 'busy,won': ROUNDS });
+    releaseLock(dir);
+  }, 60_000);
+
   test('a lock made in a directory renamed away meanwhile (an eviction) is not taken, and says so as a directory gone', () => {
     // The interleaving the eviction race can give: this process looked up vm1, the evicting process
     // renamed it away, and then this process's lock file was created in the directory renamed away.
@@ -46,7 +160,7 @@ describe('a VM store shared by several gateway processes', () => {
     fs.mkdirSync(dir);
     let thrown: unknown = null;
     try {
-      acquireLock(dir, () => fs.renameSync(dir, away));
+      acquireLock(dir, { afterCreate: () => fs.renameSync(dir, away) });
     } catch (err) {
       thrown = err;
     }

@@ -10,12 +10,23 @@ export class StoreBusyError extends Error {
   override readonly name = 'StoreBusyError';
 }
 
+/**
+ * Held only while a stale lock is taken over (see takeOver): created exclusively, holding "host pid",
+ * removed before acquireLock returns.
+ */
+export const TAKEOVER_FILE = 'lock.takeover';
+
 /** Who holds a store's lock, or null. A holder on this host whose process is gone does not count. */
 export function lockHolder(dir: string): { host: string; pid: number } | null {
+  return holderOf(path.join(dir, LOCK_FILE));
+}
+
+/** Who a lock file (the lock, or the takeover file) names, or null: none, or a process of this host that is gone. */
+function holderOf(file: string): { host: string; pid: number } | null {
   let text: string;
   try {
     // A symbolic link planted as the lock counts as no lock: acquireLock removes it (rm does not follow).
-    text = readFileNoFollow(path.join(dir, LOCK_FILE)).toString('utf8');
+    text = readFileNoFollow(file).toString('utf8');
   } catch {
     return null;
   }
@@ -25,50 +36,101 @@ export function lockHolder(dir: string): { host: string; pid: number } | null {
   return { host: host ?? '?', pid };
 }
 
+/** Hooks for tests: what runs at the points where another process may interleave (the eviction race, the takeover race). */
+export interface LockRaces {
+  /** Runs once the lock file is made, before it is checked to be where it was made. */
+  afterCreate?: () => void;
+  /** Runs once the lock was found stale, before it is taken over. */
+  beforeTakeover?: () => void;
+}
+
 /**
  * Takes a VM store's lock: a file created exclusively (atomic on local filesystems and NFSv3+), holding
  * "host pid". A lock left by a dead process on this host is taken over; one held elsewhere is not.
  * Throws an error with code ENOENT when `dir` is gone, or was renamed away as the lock was made.
- * `afterCreate` runs once the file is made, before that is checked (tests: the eviction race).
  */
-export function acquireLock(dir: string, afterCreate: () => void = () => undefined): void {
+export function acquireLock(dir: string, races: LockRaces = {}): void {
   const file = path.join(dir, LOCK_FILE);
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      const fd = fs.openSync(file, 'wx', 0o600);
-      let made: fs.Stats;
-      try {
-        fs.writeSync(fd, `${os.hostname()} ${process.pid}\n`);
-        made = fs.fstatSync(fd);
-      } finally {
-        fs.closeSync(fd);
-      }
-      afterCreate();
-      if (!lockIsAt(file, made)) {
-        // The directory was renamed away (a store evicted under its lock: budget.ts) between the path's
-        // lookup and the file's creation, and the lock just made is in it: not this store's. The evicting
-        // process removes it with its directory; the caller starts again, as when the directory is gone.
-        throw Object.assign(new Error(`the store directory ${dir} moved while its lock was taken`), { code: 'ENOENT' });
-      }
-      return;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-    }
-    const holder = lockHolder(dir);
-    if (holder) throw new StoreBusyError(`the store of ${path.basename(dir)} is in use by process ${holder.pid} on ${holder.host}`);
-    fs.rmSync(file, { force: true }); // stale: its process is gone
-  }
-  throw new StoreBusyError(`the store of ${path.basename(dir)} is being taken by another process`);
+  if (createLockFile(file, races.afterCreate) !== null) return;
+  const holder = lockHolder(dir);
+  if (holder) throw new StoreBusyError(`the store of ${path.basename(dir)} is in use by process ${holder.pid} on ${holder.host}`);
+  races.beforeTakeover?.();
+  takeOver(dir, races.afterCreate);
 }
 
-/** Whether `file` is still the file `made` describes (the same inode on the same device). */
-function lockIsAt(file: string, made: fs.Stats): boolean {
-  try {
-    const now = fs.lstatSync(file);
-    return now.ino === made.ino && now.dev === made.dev;
-  } catch {
-    return false;
+/**
+ * Replaces a stale lock with this process's. Judging a lock stale and removing it are two steps: two
+ * processes that both judged it stale would each remove it, the later one removing the lock the earlier
+ * had just made in its place, and both would go on holding the store. So a stale lock is judged again,
+ * removed and replaced only by the holder of the takeover file: the second process then finds the
+ * first's lock, alive, and is told the store is busy. Anyone may still make the lock while none exists
+ * (exclusively): only one of them and the takeover succeeds.
+ */
+function takeOver(dir: string, afterCreate?: () => void): void {
+  const vm = path.basename(dir);
+  const guardFile = path.join(dir, TAKEOVER_FILE);
+  const guard = createLockFile(guardFile);
+  if (guard === null) {
+    // Another process is taking the lock over, or died doing so: its file is then removed, and the
+    // caller may try again.
+    if (holderOf(guardFile) === null) removeIfSame(guardFile, statNoFollow(guardFile));
+    throw new StoreBusyError(`the store of ${vm} is being taken over by another process`);
   }
+  try {
+    const holder = lockHolder(dir);
+    if (holder) throw new StoreBusyError(`the store of ${vm} is in use by process ${holder.pid} on ${holder.host}`);
+    fs.rmSync(path.join(dir, LOCK_FILE), { force: true }); // stale (or gone): only a takeover removes it
+    if (createLockFile(path.join(dir, LOCK_FILE), afterCreate) === null) throw new StoreBusyError(`the store of ${vm} is being taken by another process`);
+  } finally {
+    removeIfSame(guardFile, guard);
+  }
+}
+
+/**
+ * Creates `file` exclusively, holding "host pid": its stat, or null when it exists already. Throws an
+ * error with code ENOENT when its directory is gone, or was renamed away as the file was made.
+ */
+function createLockFile(file: string, afterCreate: () => void = () => undefined): fs.Stats | null {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'wx', 0o600);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return null;
+    throw err;
+  }
+  let made: fs.Stats;
+  try {
+    fs.writeSync(fd, `${os.hostname()} ${process.pid}\n`);
+    made = fs.fstatSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  afterCreate();
+  if (!sameFile(statNoFollow(file), made)) {
+    // The directory was renamed away (a store evicted under its lock: budget.ts) between the path's
+    // lookup and the file's creation, and the file just made is in it: not this store's. The evicting
+    // process removes it with its directory; the caller starts again, as when the directory is gone.
+    throw Object.assign(new Error(`the store directory ${path.dirname(file)} moved while its lock was taken`), { code: 'ENOENT' });
+  }
+  return made;
+}
+
+function statNoFollow(file: string): fs.Stats | null {
+  try {
+    return fs.lstatSync(file);
+  } catch {
+    return null;
+  }
+}
+
+/** Whether `now` is the file `made` describes (the same inode on the same device). */
+function sameFile(now: fs.Stats | null, made: fs.Stats | null): boolean {
+  return now !== null && made !== null && now.ino === made.ino && now.dev === made.dev;
+}
+
+/** Removes `file` if it is still the file `made` describes: not one another process made there since. */
+function removeIfSame(file: string, made: fs.Stats | null): void {
+  if (sameFile(statNoFollow(file), made)) fs.rmSync(file, { force: true });
 }
 
 export function releaseLock(dir: string): void {
