@@ -28,7 +28,12 @@ export interface SnapshotSummary {
 function diskBytes(dir: string): number {
   let total = 0;
   for (const name of fs.readdirSync(dir)) {
-    const st = fs.statSync(path.join(dir, name));
+    let st: fs.Stats;
+    try {
+      st = fs.lstatSync(path.join(dir, name));
+    } catch {
+      continue; // removed meanwhile (a lock let go, a takeover file)
+    }
     if (st.isFile()) total += st.blocks * 512;
   }
   return total;
