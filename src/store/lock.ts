@@ -55,7 +55,10 @@ export function acquireLock(dir: string, races: LockRaces = {}): void {
   const holder = lockHolder(dir);
   if (holder) throw new StoreBusyError(`the store of ${path.basename(dir)} is in use by process ${holder.pid} on ${holder.host}`);
   races.beforeTakeover?.();
-  takeOver(dir, races.afterCreate);
+  // A takeover file left by a process that died taking the lock over is removed, and the takeover tried again once.
+  if (!takeOver(dir, races.afterCreate) && !takeOver(dir, races.afterCreate)) {
+    throw new StoreBusyError(`the store of ${path.basename(dir)} is being taken over by another process`);
+  }
 }
 
 /**
@@ -64,17 +67,18 @@ export function acquireLock(dir: string, races: LockRaces = {}): void {
  * had just made in its place, and both would go on holding the store. So a stale lock is judged again,
  * removed and replaced only by the holder of the takeover file: the second process then finds the
  * first's lock, alive, and is told the store is busy. Anyone may still make the lock while none exists
- * (exclusively): only one of them and the takeover succeeds.
+ * (exclusively): only one of them and the takeover succeeds. False when another process's takeover
+ * file was found and it had died (the file is removed): the caller may try again.
  */
-function takeOver(dir: string, afterCreate?: () => void): void {
+function takeOver(dir: string, afterCreate?: () => void): boolean {
   const vm = path.basename(dir);
   const guardFile = path.join(dir, TAKEOVER_FILE);
   const guard = createLockFile(guardFile);
   if (guard === null) {
-    // Another process is taking the lock over, or died doing so: its file is then removed, and the
-    // caller may try again.
-    if (holderOf(guardFile) === null) removeIfSame(guardFile, statNoFollow(guardFile));
-    throw new StoreBusyError(`the store of ${vm} is being taken over by another process`);
+    const taker = holderOf(guardFile);
+    if (taker) throw new StoreBusyError(`the store of ${vm} is being taken over by process ${taker.pid} on ${taker.host}`);
+    removeIfSame(guardFile, statNoFollow(guardFile));
+    return false;
   }
   try {
     const holder = lockHolder(dir);
@@ -84,6 +88,7 @@ function takeOver(dir: string, afterCreate?: () => void): void {
   } finally {
     removeIfSame(guardFile, guard);
   }
+  return true;
 }
 
 /**
