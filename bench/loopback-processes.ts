@@ -14,9 +14,14 @@ import { freePort } from '../src/lab/vm/ports';
 /** Node flags of the gateway processes: the deployment's recommended ones (README, docker/Dockerfile) unless overridden. */
 export const gatewayNodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
 
-/** A `bfmig gateway` child process routing vm "bench" to the far site; its log goes to $BFMIG_BENCH_LOG.NAME.log when that is set. */
+/**
+ * A `bfmig gateway` child process routing vm "bench" to the far site; its log goes to $BFMIG_BENCH_LOG.NAME.log
+ * when that is set. $BFMIG_BENCH_STORE_BUDGET (e.g. 1MiB) sets its `storeBudget`: one too small for the
+ * stream's store leaves the store keeping nothing, which shows what retention itself costs a leg.
+ */
 function startGateway(dir: string, name: string, peerPort: number, routePort: number, farPeer: number, target: number): Promise<SiteGateway> {
-  const yaml = loopbackSiteYaml({ name, data: path.join(dir, name), peerPort, vm: 'bench', routePort, farPeerPort: farPeer, targetPort: target });
+  const budget = process.env.BFMIG_BENCH_STORE_BUDGET;
+  const yaml = loopbackSiteYaml({ name, data: path.join(dir, name), peerPort, vm: 'bench', routePort, farPeerPort: farPeer, targetPort: target }) + (budget ? `storeBudget: ${budget}\n` : '');
   const logPath = process.env.BFMIG_BENCH_LOG ? `${process.env.BFMIG_BENCH_LOG}.${name}.log` : undefined;
   return startSiteGateway(dir, name, yaml, 'child-process', { nodeArgs: gatewayNodeArgs, logPath });
 }

@@ -6,6 +6,8 @@
  * reused). Each gateway runs as its own `bfmig gateway` process, so CPU seconds and peak RSS are its own.
  *
  * Usage: node dist/bench/throughput.js [GiB=1] [runs=5]
+ * With BFMIG_BENCH_STORE_BUDGET=1MiB the gateways' stores keep nothing: the first leg then shows what
+ * retention costs it (and the "back leg" reuses nothing: it is another first leg).
  */
 import { procStats } from '../src/lab/demo/proc-stats';
 import { checkingDestination, playStream } from '../src/lab/harness/qemu-standins';
