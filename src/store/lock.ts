@@ -75,9 +75,12 @@ function takeOver(dir: string, afterCreate?: () => void): boolean {
   const guardFile = path.join(dir, TAKEOVER_FILE);
   const guard = createLockFile(guardFile);
   if (guard === null) {
+    // Which file was judged is taken first: a file another process makes there after this one is gone
+    // must not be the one removed.
+    const seen = statNoFollow(guardFile);
     const taker = holderOf(guardFile);
     if (taker) throw new StoreBusyError(`the store of ${vm} is being taken over by process ${taker.pid} on ${taker.host}`);
-    removeIfSame(guardFile, statNoFollow(guardFile));
+    removeIfSame(guardFile, seen);
     return false;
   }
   try {
