@@ -3,7 +3,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { listSnapshots, runSnapshots } from '../src/cli/snapshots';
 import { PageStore, StoreBusyError } from '../src/store';
-import { acquireLock, lockHolder, releaseLock, TAKEOVER_FILE } from '../src/store/lock';
+import { acquireLock, lockHolder, processStart, releaseLock, TAKEOVER_FILE } from '../src/store/lock';
 import { distModule, startNodeChild } from '../src/lab/harness/child';
 import { testTempDir } from './temp-dir';
 
@@ -92,6 +92,22 @@ describe('a VM store shared by several gateway processes', () => {
     expect(fs.readFileSync(path.join(dir, 'lock'), 'utf8')).toBe(stale);
   });
 
+  test('a lock whose pid was given again to a process started since is taken over; one without a start time counts as held', () => {
+    const dir = path.join(data, 'vm1');
+    fs.mkdirSync(dir);
+    const started = processStart(process.pid);
+    expect(started).toMatch(/^\d+$/);
+    // This process's pid, but a start before it: the process that wrote it is gone.
+    fs.writeFileSync(path.join(dir, 'lock'), `${os.hostname()} ${process.pid} ${Number(started) - 1}\n`);
+    expect(lockHolder(dir)).toBeNull();
+    acquireLock(dir);
+    expect(lockHolder(dir)).toEqual({ host: os.hostname(), pid: process.pid });
+    releaseLock(dir);
+    // An earlier version's lock names no start: a live pid holds it.
+    fs.writeFileSync(path.join(dir, 'lock'), `${os.hostname()} ${process.pid}\n`);
+    expect(() => acquireLock(dir)).toThrow(new RegExp(`in use by process ${process.pid}`));
+  });
+
   test('processes racing for a stale lock: exactly one holds the store each round', async () => {
     // Two processes try for vm1's store at once, round after round, each round from a stale lock: the one
     // that takes it holds it until the round is over. A round both won is the race the takeover file closes.
@@ -167,6 +183,6 @@ describe('a VM store shared by several gateway processes', () => {
     store.close();
     // Not renamed: taken.
     acquireLock(path.join(data, 'vm1'));
-    expect(fs.readFileSync(path.join(dir, 'lock'), 'utf8')).toBe(`${os.hostname()} ${process.pid}\n`);
+    expect(fs.readFileSync(path.join(dir, 'lock'), 'utf8')).toBe(`${os.hostname()} ${process.pid} ${processStart(process.pid)}\n`);
   });
 });

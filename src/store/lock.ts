@@ -11,8 +11,8 @@ export class StoreBusyError extends Error {
 }
 
 /**
- * Held only while a stale lock is taken over (see takeOver): created exclusively, holding "host pid",
- * removed before acquireLock returns.
+ * Held only while a stale lock is taken over (see takeOver): created exclusively, holding what the lock
+ * does, removed before acquireLock returns.
  */
 export const TAKEOVER_FILE = 'lock.takeover';
 
@@ -30,10 +30,37 @@ function holderOf(file: string): { host: string; pid: number } | null {
   } catch {
     return null;
   }
-  const [host, pidText] = text.trim().split(' ');
+  const [host, pidText, started] = text.trim().split(' ');
   const pid = Number(pidText);
-  if (host === os.hostname() && Number.isInteger(pid) && !alive(pid)) return null;
+  if (host === os.hostname() && Number.isInteger(pid)) {
+    if (!alive(pid)) return null;
+    // The pid given again to a process started since (pids wrap, at 32,768 on some hosts): gone too. A
+    // lock without the start time (an earlier version's), or a host without /proc, counts as held.
+    const now = started === undefined ? null : processStart(pid);
+    if (now !== null && now !== started) return null;
+  }
   return { host: host ?? '?', pid };
+}
+
+/** What a lock file holds: this host, this process, and when it started. */
+function lockText(): string {
+  return `${os.hostname()} ${process.pid} ${processStart(process.pid) ?? '-'}\n`;
+}
+
+/**
+ * When this host's process `pid` started, in clock ticks since boot (/proc/PID/stat, field 22), or null
+ * where that cannot be read. Together with the pid it names one process for as long as the host runs.
+ */
+export function processStart(pid: number): string | null {
+  let stat: string;
+  try {
+    stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+  } catch {
+    return null;
+  }
+  // Field 2, the command, is in parentheses and may hold spaces: the fields after it start with field 3.
+  const field22 = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  return field22 !== undefined && /^\d+$/.test(field22) ? field22 : null;
 }
 
 /** Hooks for tests: what runs at the points where another process may interleave (the eviction race, the takeover race). */
@@ -46,7 +73,8 @@ export interface LockRaces {
 
 /**
  * Takes a VM store's lock: a file created exclusively (atomic on local filesystems and NFSv3+), holding
- * "host pid". A lock left by a dead process on this host is taken over; one held elsewhere is not.
+ * "host pid start" (start: see processStart). A lock left by a process on this host that is gone is taken
+ * over; one held elsewhere is not.
  * Throws an error with code ENOENT when `dir` is gone, or was renamed away as the lock was made.
  */
 export function acquireLock(dir: string, races: LockRaces = {}): void {
@@ -95,7 +123,7 @@ function takeOver(dir: string, afterCreate?: () => void): boolean {
 }
 
 /**
- * Creates `file` exclusively, holding "host pid": its stat, or null when it exists already. Throws an
+ * Creates `file` exclusively, holding lockText(): its stat, or null when it exists already. Throws an
  * error with code ENOENT when its directory is gone, or was renamed away as the file was made.
  */
 function createLockFile(file: string, afterCreate: () => void = () => undefined): fs.Stats | null {
@@ -108,7 +136,7 @@ function createLockFile(file: string, afterCreate: () => void = () => undefined)
   }
   let made: fs.Stats;
   try {
-    fs.writeSync(fd, `${os.hostname()} ${process.pid}\n`);
+    fs.writeSync(fd, lockText());
     made = fs.fstatSync(fd);
   } finally {
     fs.closeSync(fd);
