@@ -103,9 +103,11 @@ describe('a VM store shared by several gateway processes', () => {
     acquireLock(dir);
     expect(lockHolder(dir)).toEqual({ host: os.hostname(), pid: process.pid });
     releaseLock(dir);
-    // An earlier version's lock names no start: a live pid holds it.
-    fs.writeFileSync(path.join(dir, 'lock'), `${os.hostname()} ${process.pid}\n`);
-    expect(() => acquireLock(dir)).toThrow(new RegExp(`in use by process ${process.pid}`));
+    // An earlier version's lock names no start, and a writer that could not read its own says '-': a live pid holds either.
+    for (const text of [`${os.hostname()} ${process.pid}\n`, `${os.hostname()} ${process.pid} -\n`]) {
+      fs.writeFileSync(path.join(dir, 'lock'), text);
+      expect(() => acquireLock(dir)).toThrow(new RegExp(`in use by process ${process.pid}`));
+    }
   });
 
   test('processes racing for a stale lock: exactly one holds the store each round', async () => {

@@ -35,8 +35,9 @@ function holderOf(file: string): { host: string; pid: number } | null {
   if (host === os.hostname() && Number.isInteger(pid)) {
     if (!alive(pid)) return null;
     // The pid given again to a process started since (pids wrap, at 32,768 on some hosts): gone too. A
-    // lock without the start time (an earlier version's), or a host without /proc, counts as held.
-    const now = started === undefined ? null : processStart(pid);
+    // lock without the start time (an earlier version's, or '-' from a writer that could not read it),
+    // or a holder whose start this process cannot read, counts as held.
+    const now = started === undefined || !/^\d+$/.test(started) ? null : processStart(pid);
     if (now !== null && now !== started) return null;
   }
   return { host: host ?? '?', pid };
