@@ -573,9 +573,14 @@ export class ChannelReceiver extends ChannelRelay {
 
   /** Takes the peer's frames again once neither the destination nor the codec holds them back. */
   private readPeerOn(): void {
-    if (this.over || this.parked || this.destination?.writableNeedDrain) return;
+    const destination = this.destination;
+    if (this.over || this.parked || destination?.writableNeedDrain) return;
     try {
-      this.frames.resume();
+      // The frames held back are rebuilt here, outside onPeerData: corked as there. Uncorked, a 4-channel
+      // first leg at 1 Gbit/s still spent 0.6 s of the receiving gateway's main thread in write calls of
+      // frames resumed here (docs/benchmarks.md, "Twenty-seventh session").
+      if (destination === null) this.frames.resume();
+      else corked(destination, () => this.frames.resume());
     } catch (err) {
       return this.fail(`peer ${this.label}: ${errorMessage(err)}`);
     }
