@@ -19,11 +19,14 @@
  *
  * Lone pages read at random (a Delta's base on a receiving gateway) cost the device's whole latency
  * each, 100-250 us here, while the device serves many at once (16 in parallel: about 15 us a page).
- * pageioPrefetch queues such pages to a small pool of reader threads as soon as the caller knows it
- * will want them; a pageioRead of one of them takes the bytes read (waiting if the read is under way).
+ * pageioPrefetch submits such pages to the kernel's asynchronous I/O (io_submit: one system call a batch,
+ * no thread to wake) as soon as the caller knows it will want them, or, where the kernel has none for
+ * us, queues them to a small pool of reader threads; a pageioRead of one of them takes the bytes read
+ * (waiting if the read is under way).
  * A prefetched page that a later write overlaps is dropped, as a read-ahead is.
  * pageioPrefetchRanges does the same for ranges of pages (a back leg's multifd Runs, which the channels
- * read in turn from as many places of the file: one stream read-ahead cannot follow them).
+ * read in turn from as many places of the file: one stream read-ahead cannot follow them), all submitted
+ * at once to the kernel's AIO, or read PIO_RANGE_READERS at a time by the pool.
  *
  * A failed write is reported once, by the next pageioWrite or pageioDrain, as the range of the file
  * that may not hold what was written (errno and [start, end)); the caller must stop trusting it.
@@ -38,6 +41,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/aio_abi.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -45,6 +49,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -77,6 +82,8 @@
 /* Ranges read at once at most: the device is as fast with a few large reads in flight, and every pool
    thread woken for one competes for the cores with the gateway it reads for. */
 #define PIO_RANGE_READERS 4
+/* Reads the kernel's AIO may have in flight at once: every lone page and range slot. */
+#define PIO_AIO_SLOTS (PIO_PREFETCH_SLOTS + PIO_RANGE_SLOTS)
 /* A stream read this large starts read-ahead without waiting for a second one. */
 #define PIO_STREAM_READ_BYTES (64 * 1024)
 
@@ -155,6 +162,16 @@ typedef struct {
   pthread_cond_t pf_cv;
   pthread_t pf_threads[PIO_PREFETCH_THREADS];
   int pf_started;
+  /* The kernel's asynchronous I/O context reading the lone pages and the ranges instead of the pool (0:
+     none, the pool reads them): one io_submit a batch and no thread woken a read. On a host short of
+     cores each reader woken took the event loop's core, and queuing a 4-channel first leg's Delta bases
+     cost its receiving gateway's main thread 205 ms (docs/benchmarks.md, "Twenty-seventh session").
+     Only the JavaScript thread submits and reaps, with mu held (released while it waits). An event's
+     data names its slot: a lone page's index, or PIO_PREFETCH_SLOTS + a range's. */
+  aio_context_t aio;
+  struct iocb pf_cb[PIO_PREFETCH_SLOTS];
+  struct iocb rg_cb[PIO_RANGE_SLOTS];
+  int aio_inflight; /* reads submitted and not reaped */
   /* Ranges read ahead (pageioPrefetchRanges), their buffers (PIO_RANGE_BYTES each) and the pool's queue
      of them, oldest first (a slot taken over or dropped since is passed over). */
   pio_range rg[PIO_RANGE_SLOTS];
@@ -329,11 +346,13 @@ static void pio_wake_readers(pio *p, int queued, int most) {
   for (int i = 0; i < queued && i < most; i++) pthread_cond_signal(&p->pf_cv);
 }
 
-/* Starts the reader pool (mu held); 0 or an errno. */
+/* Starts the reader pool (mu held); 0 or an errno. Where the kernel reads the lone pages (p->aio), the
+ * pool reads only ranges, PIO_RANGE_READERS at a time. */
 static int pio_pf_start(pio *p) {
   if (p->pf_started > 0) return 0;
   if (p->pf_region == NULL && posix_memalign((void **)&p->pf_region, PIO_ALIGN, (size_t)PIO_PREFETCH_SLOTS * PIO_ALIGN) != 0) return ENOMEM;
-  for (int i = 0; i < PIO_PREFETCH_THREADS; i++) {
+  int threads = p->aio != 0 ? PIO_RANGE_READERS : PIO_PREFETCH_THREADS;
+  for (int i = 0; i < threads; i++) {
     int err = pthread_create(&p->pf_threads[i], NULL, pio_pf_thread, p);
     if (err != 0) return i > 0 ? 0 : err; /* fewer readers still read */
     p->pf_started = i + 1;
@@ -346,6 +365,54 @@ static int pio_pf_find(pio *p, off_t pos) {
   for (int i = 0; i < PIO_PREFETCH_SLOTS; i++)
     if (p->pf[i].state != SLOT_FREE && !p->pf[i].stale && p->pf[i].pos == pos) return i;
   return -1;
+}
+
+/* Takes (mu held) the lone pages and ranges the kernel has read since: at least `min` of them, waiting
+ * with mu released (only the JavaScript thread submits and reaps, and no other thread touches a slot in
+ * flight). 0, or -1 where the kernel refused (what is in flight stays so). */
+static int pio_aio_reap(pio *p, int min) {
+  if (p->aio_inflight == 0) return 0;
+  struct io_event ev[PIO_AIO_SLOTS];
+  struct timespec none = {0, 0};
+  if (min > 0) pthread_mutex_unlock(&p->mu);
+  long n;
+  do n = syscall(SYS_io_getevents, p->aio, (long)min, (long)PIO_AIO_SLOTS, ev, min > 0 ? NULL : &none);
+  while (n < 0 && errno == EINTR);
+  if (min > 0) pthread_mutex_lock(&p->mu);
+  if (n < 0) return -1;
+  for (long i = 0; i < n; i++) {
+    uint64_t slot = ev[i].data;
+    int64_t res = ev[i].res;
+    if (slot < PIO_PREFETCH_SLOTS) {
+      pio_page *pg = &p->pf[slot];
+      pg->err = res < 0 ? (int)-res : res < PIO_ALIGN ? EIO : 0;
+      pg->state = pg->stale ? SLOT_FREE : SLOT_DONE;
+    } else {
+      pio_range *rg = &p->rg[slot - PIO_PREFETCH_SLOTS];
+      rg->err = res < 0 ? (int)-res : 0;
+      rg->got = res < 0 ? 0 : (size_t)res; /* short at the end of the file */
+      rg->state = rg->stale ? SLOT_FREE : SLOT_DONE;
+    }
+    p->aio_inflight--;
+  }
+  return 0;
+}
+
+/* Submits (mu held) `count` reads of lone pages or ranges to the kernel: how many it took. What it did
+ * not take (its queue full) is not read ahead, and read when asked for. */
+static int pio_aio_submit(pio *p, struct iocb **cbs, int count) {
+  if (count == 0) return 0;
+  long sent;
+  do sent = syscall(SYS_io_submit, p->aio, (long)count, cbs);
+  while (sent < 0 && errno == EINTR);
+  if (sent < 0) sent = 0;
+  for (long i = sent; i < count; i++) {
+    uint64_t slot = cbs[i]->aio_data;
+    if (slot < PIO_PREFETCH_SLOTS) p->pf[slot].state = SLOT_FREE;
+    else p->rg[slot - PIO_PREFETCH_SLOTS].state = SLOT_FREE;
+  }
+  p->aio_inflight += (int)sent;
+  return (int)sent;
 }
 
 /* The queued or running write whose buffer holds the last bytes written to [pos, pos + len), when one
@@ -402,6 +469,15 @@ static void pio_destroy(pio *p) {
   }
   for (int i = 0; i < p->pf_started; i++) pthread_join(p->pf_threads[i], NULL);
   p->pf_started = 0;
+  if (p->aio != 0) {
+    /* The kernel may still read into pf_region and rg_region: wait for those reads before they are freed. */
+    pthread_mutex_lock(&p->mu);
+    while (p->aio_inflight > 0 && pio_aio_reap(p, p->aio_inflight) == 0) {
+    }
+    pthread_mutex_unlock(&p->mu);
+    syscall(SYS_io_destroy, p->aio); /* waits for any read still in flight */
+    p->aio = 0;
+  }
   if (p->fd >= 0) {
     close(p->fd);
     p->fd = -1;
@@ -516,15 +592,16 @@ static uint8_t *bytes_arg(napi_env env, napi_value v, double off, double len) {
 /* pageioOpen(path, fileSize) -> handle. Throws (with .errno) when the file cannot be opened with
  * O_DIRECT, e.g. EINVAL on a filesystem without it. */
 static napi_value PageioOpen(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2], handle;
+  size_t argc = 3;
+  napi_value argv[3], handle;
   char file[4096];
   size_t n = 0;
   double size = 0;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2 ||
+  bool kernel_reads = false;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3 ||
       napi_get_value_string_utf8(env, argv[0], file, sizeof file, &n) != napi_ok || n == 0 || n >= sizeof file - 1 ||
-      !get_num(env, argv[1], &size))
-    return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioOpen expects (path, fileSize)");
+      !get_num(env, argv[1], &size) || napi_get_value_bool(env, argv[2], &kernel_reads) != napi_ok)
+    return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioOpen expects (path, fileSize, kernelReads)");
   int fd = open(file, O_RDWR | O_DIRECT | O_CLOEXEC | O_NOFOLLOW); /* a planted symlink must not redirect the pages */
   if (fd < 0) return pio_throw_errno(env, errno, "open O_DIRECT");
   pio *p = (pio *)calloc(1, sizeof *p);
@@ -555,6 +632,8 @@ static napi_value PageioOpen(napi_env env, napi_callback_info info) {
                                           : p->read_region + (size_t)(s - PIO_WRITE_SLOTS) * PIO_SLOT_BYTES;
   }
   if (err == 0) err = posix_memalign((void **)&p->bounce, PIO_ALIGN, PIO_SLOT_BYTES);
+  /* Lone pages through the kernel's AIO where it has it, unless the caller asked for the pool. */
+  if (err == 0 && kernel_reads && syscall(SYS_io_setup, PIO_AIO_SLOTS, &p->aio) != 0) p->aio = 0;
   if (err == 0) err = pthread_create(&p->thread, NULL, pio_thread, p);
   if (err == 0) p->thread_started = 1;
   if (err != 0) {
@@ -787,13 +866,19 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
       if (pg->state == SLOT_QUEUED) {
         pg->state = SLOT_FREE; /* no reader has started it: read it here, not behind the others */
       } else {
-        /* Only this thread drops prefetched pages, so it stays current while the pool finishes it. */
-        while (pg->state == SLOT_BUSY) pthread_cond_wait(&p->cv, &p->mu);
+        /* Only this thread drops prefetched pages, so it stays current while the pool (or the kernel) finishes it. */
+        int refused = 0;
+        while (pg->state == SLOT_BUSY && !refused) {
+          if (p->aio != 0) refused = pio_aio_reap(p, 1) != 0;
+          else pthread_cond_wait(&p->cv, &p->mu);
+        }
         if (pg->state == SLOT_DONE && pg->err == 0) {
           memcpy(dest, p->pf_region + (size_t)k * PIO_ALIGN, PIO_ALIGN);
           served = 1;
         }
-        pg->state = SLOT_FREE;
+        /* A read the kernel still owns (it would not say) keeps its slot: read the page here instead. */
+        if (pg->state != SLOT_BUSY) pg->state = SLOT_FREE;
+        else pg->stale = 1;
       }
     }
     for (int r = 0; r < PIO_RANGE_SLOTS && !served; r++) {
@@ -803,8 +888,13 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
         rg->state = SLOT_FREE; /* no reader has started it: read it here, not behind the others */
         break;
       }
-      /* Only this thread drops ranges read ahead, so it stays current while the pool finishes it. */
-      while (rg->state == SLOT_BUSY) pthread_cond_wait(&p->cv, &p->mu);
+      /* Only this thread drops ranges read ahead, so it stays current while the pool (or the kernel) finishes it. */
+      int refused = 0;
+      while (rg->state == SLOT_BUSY && !refused) {
+        if (p->aio != 0) refused = pio_aio_reap(p, 1) != 0;
+        else pthread_cond_wait(&p->cv, &p->mu);
+      }
+      if (refused) break; /* read it here; the kernel still owns the slot */
       if (rg->state == SLOT_DONE && rg->err == 0 && (size_t)(at - rg->pos) + part <= rg->got) {
         memcpy(dest, p->rg_region + (size_t)r * PIO_RANGE_BYTES + (at - rg->pos), part);
         served = 1;
@@ -893,9 +983,13 @@ static napi_value PageioPrefetch(napi_env env, napi_callback_info info) {
   if (p == NULL) return NULL;
   const double *positions = (const double *)data;
   int queued = 0;
+  struct iocb *submit[PIO_PREFETCH_SLOTS];
   pthread_mutex_lock(&p->mu);
   uint64_t batch = p->pf_seq + 1;
-  if (pio_pf_start(p) == 0) {
+  /* Pages the kernel has read since are DONE, so their slots may be taken again. */
+  if (p->aio != 0) pio_aio_reap(p, 0);
+  int ready = p->aio != 0 ? (p->pf_region != NULL || posix_memalign((void **)&p->pf_region, PIO_ALIGN, (size_t)PIO_PREFETCH_SLOTS * PIO_ALIGN) == 0) : pio_pf_start(p) == 0;
+  if (ready) {
     for (size_t i = 0; i < (size_t)count; i++) {
       double d = positions[i];
       if (!(d >= 0) || d != (double)(int64_t)d || ((int64_t)d % PIO_ALIGN) != 0 || (off_t)d + PIO_ALIGN > p->file_size) continue;
@@ -918,6 +1012,19 @@ static napi_value PageioPrefetch(napi_env env, napi_callback_info info) {
       pg->err = 0;
       pg->pos = pos;
       pg->seq = ++p->pf_seq;
+      if (p->aio != 0) {
+        struct iocb *cb = &p->pf_cb[k];
+        memset(cb, 0, sizeof *cb);
+        cb->aio_data = (uint64_t)k;
+        cb->aio_lio_opcode = IOCB_CMD_PREAD;
+        cb->aio_fildes = (uint32_t)p->fd;
+        cb->aio_buf = (uint64_t)(uintptr_t)(p->pf_region + (size_t)k * PIO_ALIGN);
+        cb->aio_nbytes = PIO_ALIGN;
+        cb->aio_offset = (int64_t)pos;
+        pg->state = SLOT_BUSY;
+        submit[queued++] = cb;
+        continue;
+      }
       /* A slot queued again before the pool passed its old entry over has two: the pool reads it once. */
       if (p->pf_qlen < PIO_PREFETCH_SLOTS) {
         p->pf_queue[(p->pf_qhead + p->pf_qlen) % PIO_PREFETCH_SLOTS] = k;
@@ -929,8 +1036,9 @@ static napi_value PageioPrefetch(napi_env env, napi_callback_info info) {
       queued++;
     }
   }
+  if (p->aio != 0) queued = pio_aio_submit(p, submit, queued);
   pthread_mutex_unlock(&p->mu);
-  pio_wake_readers(p, queued, PIO_PREFETCH_THREADS);
+  if (p->aio == 0) pio_wake_readers(p, queued, PIO_PREFETCH_THREADS);
   napi_create_int32(env, queued, &r);
   return r;
 }
@@ -970,11 +1078,14 @@ static napi_value PageioPrefetchRanges(napi_env env, napi_callback_info info) {
   pio *p = pio_arg(env, argv[0]);
   if (p == NULL) return NULL;
   int queued = 0;
+  struct iocb *submit[PIO_RANGE_SLOTS];
   pthread_mutex_lock(&p->mu);
   uint64_t batch = p->rg_seq + 1;
   if (p->rg_region == NULL && posix_memalign((void **)&p->rg_region, PIO_HUGE_PAGE, (size_t)PIO_RANGE_SLOTS * PIO_RANGE_BYTES) == 0)
     madvise(p->rg_region, (size_t)PIO_RANGE_SLOTS * PIO_RANGE_BYTES, MADV_HUGEPAGE);
-  int full = p->rg_region == NULL || pio_pf_start(p) != 0;
+  /* Ranges the kernel has read since are DONE, so their slots may be taken again. */
+  if (p->aio != 0) pio_aio_reap(p, 0);
+  int full = p->rg_region == NULL || (p->aio == 0 && pio_pf_start(p) != 0);
   for (size_t i = 0; i < (size_t)count && !full; i++) {
     double d = arrays[0][i], l = arrays[1][i];
     if (!(d >= 0) || d != (double)(int64_t)d || ((int64_t)d % PIO_ALIGN) != 0 || !(l > 0) || l != (double)(int64_t)l || ((int64_t)l % PIO_ALIGN) != 0) continue;
@@ -1012,16 +1123,31 @@ static napi_value PageioPrefetchRanges(napi_env env, napi_callback_info info) {
         rg->pos = pos;
         rg->len = len;
         rg->seq = ++p->rg_seq;
-        p->rg_queue[(p->rg_qhead + p->rg_qlen) % PIO_RANGE_QUEUE] = k;
-        p->rg_qlen++;
-        queued++;
+        if (p->aio != 0) {
+          /* All at once: no thread is woken for them, and the device takes many reads in flight. */
+          struct iocb *cb = &p->rg_cb[k];
+          memset(cb, 0, sizeof *cb);
+          cb->aio_data = (uint64_t)(PIO_PREFETCH_SLOTS + k);
+          cb->aio_lio_opcode = IOCB_CMD_PREAD;
+          cb->aio_fildes = (uint32_t)p->fd;
+          cb->aio_buf = (uint64_t)(uintptr_t)(p->rg_region + (size_t)k * PIO_RANGE_BYTES);
+          cb->aio_nbytes = len;
+          cb->aio_offset = (int64_t)pos;
+          rg->state = SLOT_BUSY;
+          submit[queued++] = cb;
+        } else {
+          p->rg_queue[(p->rg_qhead + p->rg_qlen) % PIO_RANGE_QUEUE] = k;
+          p->rg_qlen++;
+          queued++;
+        }
       }
       pos += (off_t)len;
       left -= len;
     }
   }
+  if (p->aio != 0) queued = pio_aio_submit(p, submit, queued);
   pthread_mutex_unlock(&p->mu);
-  pio_wake_readers(p, queued, PIO_RANGE_READERS);
+  if (p->aio == 0) pio_wake_readers(p, queued, PIO_RANGE_READERS);
   napi_create_int32(env, queued, &r);
   return r;
 }
@@ -1043,6 +1169,17 @@ static napi_value PageioClose(napi_env env, napi_callback_info info) {
   return r;
 }
 
+/* pageioKernelReads(h) -> whether the kernel's AIO reads the lone pages and ranges prefetched (else the reader pool). */
+static napi_value PageioKernelReads(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], r;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioKernelReads expects a handle");
+  pio *p = pio_arg(env, argv[0]);
+  if (p == NULL) return NULL;
+  napi_get_boolean(env, p->aio != 0, &r);
+  return r;
+}
+
 napi_status bf_pageio_register(napi_env env, napi_value exports) {
   /* The number of ranges read ahead at once, for the callers that share them out (one place). */
   napi_value range_slots;
@@ -1057,6 +1194,7 @@ napi_status bf_pageio_register(napi_env env, napi_value exports) {
       {"pageioRead", NULL, PageioRead, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioPrefetch", NULL, PageioPrefetch, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioPrefetchRanges", NULL, PageioPrefetchRanges, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioKernelReads", NULL, PageioKernelReads, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioDrain", NULL, PageioDrain, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioSetSize", NULL, PageioSetSize, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioClose", NULL, PageioClose, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -233,85 +233,197 @@ test('a page written after the reader fetched it ahead is read back new', () => 
   expect(store.verify()).toEqual([]);
 });
 
-test('lone pages prefetched read back as their last version: rewritten before the prefetch, after it, in an open run, queued, or on disk', () => {
-  const pages = 4000; // more than the prefetch pool holds (128) and the write queue (16 MiB)
-  const held = rewritableStore(pages);
-  if (held === null) return;
-  const { store, last, rewrite } = held;
-  // A scattered set of pages, in an order no read-ahead guesses.
-  const scattered = (seed: number, n: number): Uint32Array => {
-    const out = new Uint32Array(n);
-    for (let k = 0, x = seed; k < n; k++) out[k] = x = (x * 2654435761 + 12345) % pages;
-    return out;
-  };
-  const out = Buffer.alloc(PAGE);
-  const check = (list: Uint32Array): void => {
-    const wrong: string[] = [];
-    for (const i of list) {
-      store.readPages(i, 1, out, 0, false);
-      const [index, generation] = identify(out, 0);
-      if (index !== i || generation !== last[i]) wrong.push(`${i}: ${index}/${generation}, want ${last[i]}`);
+/** Who reads the lone pages and ranges prefetched: the kernel's AIO (as shipped, where the kernel has it) or the reader pool. */
+const READERS_AHEAD: Array<[string, string | undefined]> = [
+  ['the kernel (AIO)', undefined],
+  ['the reader pool', '0'],
+];
+
+describe.each(READERS_AHEAD)('pages read ahead by %s', (_readers, aioSetting) => {
+  beforeEach(() => {
+    if (aioSetting === undefined) delete process.env.BFMIG_STORE_AIO;
+    else process.env.BFMIG_STORE_AIO = aioSetting;
+  });
+  afterEach(() => {
+    delete process.env.BFMIG_STORE_AIO;
+  });
+
+  test('lone pages are read by whom the setting says, and read back as written, also when rewritten while being read', () => {
+    const pages = 256; // one write buffer (1 MiB); more than the lone-page slots (128)
+    const file = path.join(tmp, 'lone');
+    fs.writeFileSync(file, Buffer.alloc(0));
+    const direct = DirectPages.open(file, pages * PAGE);
+    if (!requireInCi(direct !== null, `O_DIRECT on the filesystem of ${os.tmpdir()}`) || direct === null) return;
+    try {
+      if (aioSetting === '0') expect(direct.kernelReads).toBe(false);
+      else if (!requireInCi(direct.kernelReads, 'the kernel’s asynchronous I/O (io_setup)')) return;
+      const version = new Uint32Array(pages).fill(1);
+      /** Writes every page of `which` at its version, each page a write of its own buffer. */
+      const write = (which: number[]): void => {
+        for (const i of which) {
+          const index = direct.acquire();
+          const buffer = direct.writeBuffers[index];
+          buffer.fill(version[i] & 0xff, 0, PAGE);
+          buffer.writeUInt32LE(i, 0);
+          buffer.writeUInt32LE(version[i], 4);
+          direct.submit(index, PAGE, i * PAGE);
+        }
+      };
+      write([...Array(pages).keys()]);
+      direct.drain();
+      const order = [...Array(pages).keys()].map((k) => (k * 97) % pages); // no read-ahead guesses it
+      for (let round = 2; round < 5; round++) {
+        const queued = direct.prefetch(Float64Array.from(order, (i) => i * PAGE), pages);
+        expect(queued).toBeGreaterThan(0);
+        expect(queued).toBeLessThanOrEqual(128);
+        // Rewritten after the prefetch: their reads may be under way and must not be served.
+        const rewritten = order.filter((_, k) => k % 5 === round % 5);
+        for (const i of rewritten) version[i] = round;
+        write(rewritten);
+        const wrong: string[] = [];
+        const out = Buffer.alloc(PAGE);
+        for (const i of order) {
+          direct.read(out, 0, PAGE, i * PAGE, false);
+          const expected = Buffer.alloc(PAGE, version[i] & 0xff);
+          expected.writeUInt32LE(i, 0);
+          expected.writeUInt32LE(version[i], 4);
+          if (!out.equals(expected)) wrong.push(`page ${i}: ${out.readUInt32LE(0)}/${out.readUInt32LE(4)}, want version ${version[i]}`);
+        }
+        expect(wrong).toEqual([]);
+      }
+    } finally {
+      direct.close();
     }
-    expect(wrong).toEqual([]);
-  };
-  for (let round = 0; round < 6; round++) {
-    const list = scattered(round + 1, 300);
-    // Some pages rewritten before the prefetch (queued, or still in an open run), some after it.
-    for (let k = 0; k < list.length; k += 5) rewrite(list[k], 10 + round);
-    store.prefetchPages(list.slice(), list.length); // a copy: prefetchPages compacts its argument
-    for (let k = 2; k < list.length; k += 7) rewrite(list[k], 20 + round);
-    // Enough stream writes to flush the open runs and queue them behind the prefetch.
-    for (let i = round * 600; i < round * 600 + 600; i++) if (i % 3 === round % 3) rewrite(i, 30 + round);
-    check(list);
-    // Read again, now that every prefetched page has been taken or dropped.
-    check(list.subarray(0, 50));
-  }
-  store.commit('s2');
-  expect(store.verify()).toEqual([]);
+  });
+
+  test('lone pages prefetched read back as their last version: rewritten before the prefetch, after it, in an open run, queued, or on disk', () => {
+    const pages = 4000; // more than the prefetch pool holds (128) and the write queue (16 MiB)
+    const held = rewritableStore(pages);
+    if (held === null) return;
+    const { store, last, rewrite } = held;
+    // A scattered set of pages, in an order no read-ahead guesses.
+    const scattered = (seed: number, n: number): Uint32Array => {
+      const out = new Uint32Array(n);
+      for (let k = 0, x = seed; k < n; k++) out[k] = x = (x * 2654435761 + 12345) % pages;
+      return out;
+    };
+    const out = Buffer.alloc(PAGE);
+    const check = (list: Uint32Array): void => {
+      const wrong: string[] = [];
+      for (const i of list) {
+        store.readPages(i, 1, out, 0, false);
+        const [index, generation] = identify(out, 0);
+        if (index !== i || generation !== last[i]) wrong.push(`${i}: ${index}/${generation}, want ${last[i]}`);
+      }
+      expect(wrong).toEqual([]);
+    };
+    for (let round = 0; round < 6; round++) {
+      const list = scattered(round + 1, 300);
+      // Some pages rewritten before the prefetch (queued, or still in an open run), some after it.
+      for (let k = 0; k < list.length; k += 5) rewrite(list[k], 10 + round);
+      store.prefetchPages(list.slice(), list.length); // a copy: prefetchPages compacts its argument
+      for (let k = 2; k < list.length; k += 7) rewrite(list[k], 20 + round);
+      // Enough stream writes to flush the open runs and queue them behind the prefetch.
+      for (let i = round * 600; i < round * 600 + 600; i++) if (i % 3 === round % 3) rewrite(i, 30 + round);
+      check(list);
+      // Read again, now that every prefetched page has been taken or dropped.
+      check(list.subarray(0, 50));
+    }
+    store.commit('s2');
+    expect(store.verify()).toEqual([]);
+  });
+
+  test('ranges prefetched read back as their last version: rewritten before the prefetch, after it, in an open run, queued, or on disk', () => {
+    const pages = 16384; // 64 MiB: more than the range slots hold (32 MiB) and the write queue
+    const held = rewritableStore(pages);
+    if (held === null) return;
+    const { store, last, rewrite } = held;
+    const RANGE = 128; // a multifd packet's pages
+    const ranges = pages / RANGE;
+    const buf = Buffer.alloc(RANGE * PAGE);
+    const check = (first: number, count: number): string[] => {
+      store.readPages(first, count, buf, 0);
+      const wrong: string[] = [];
+      for (let k = 0; k < count; k++) {
+        const [index, generation] = identify(buf, k * PAGE);
+        if (index !== first + k || generation !== last[first + k]) wrong.push(`${first + k}: ${index}/${generation}, want ${last[first + k]}`);
+      }
+      return wrong;
+    };
+    for (let round = 0; round < 4; round++) {
+      // Every 5th range in turn from a place of its own, as the Runs of a back leg's channels come.
+      const order = Array.from({ length: 24 }, (_, k) => ((round * 7 + k * 5) % ranges) * RANGE);
+      for (const first of order.filter((_, k) => k % 4 === 0)) rewrite(first + 3, 10 + round); // before the prefetch
+      // A whole write buffer's worth (1 MiB) rewritten just before the prefetch: queued, or being written,
+      // as two of the ranges are asked for.
+      const stretch = order[1] - (order[1] % 256);
+      for (let i = stretch; i < stretch + 257; i++) rewrite(i, 40 + round);
+      const starts = Uint32Array.from(order);
+      store.prefetchRanges(starts, new Uint32Array(order.length).fill(RANGE), order.length);
+      // After it: a page in a range being read or read already, one past the middle, and stream writes
+      // enough to flush the open runs and queue them behind the prefetch.
+      for (const first of order.filter((_, k) => k % 3 === 1)) rewrite(first + 64, 20 + round);
+      for (let i = round * 900; i < round * 900 + 900; i++) if (i % 4 === round % 4) rewrite(i, 30 + round);
+      const wrong: string[] = [];
+      // Read whole, and in two pieces (a Run of a packet with a gap in it).
+      order.forEach((first, k) => {
+        if (k % 2 === 0) wrong.push(...check(first, RANGE));
+        else wrong.push(...check(first, 40), ...check(first + 50, RANGE - 50));
+      });
+      expect(wrong).toEqual([]);
+    }
+    store.commit('s2');
+    expect(store.verify()).toEqual([]);
+  });
+
+  test('ranges rewritten while the reads ahead of them are under way read back as written', () => {
+    const pages = 1024; // 4 MiB: eight ranges of 512 KiB
+    const file = path.join(tmp, 'ranges');
+    fs.writeFileSync(file, Buffer.alloc(0));
+    const direct = DirectPages.open(file, pages * PAGE);
+    if (!requireInCi(direct !== null, `O_DIRECT on the filesystem of ${os.tmpdir()}`) || direct === null) return;
+    try {
+      const version = new Uint32Array(pages).fill(1);
+      const write = (which: number[]): void => {
+        for (const i of which) {
+          const index = direct.acquire();
+          const buffer = direct.writeBuffers[index];
+          buffer.fill(version[i] & 0xff, 0, PAGE);
+          buffer.writeUInt32LE(i, 0);
+          buffer.writeUInt32LE(version[i], 4);
+          direct.submit(index, PAGE, i * PAGE);
+        }
+      };
+      write([...Array(pages).keys()]);
+      direct.drain();
+      const RANGE = 128; // pages: 512 KiB
+      const starts = [5, 2, 7, 0, 3, 6, 1, 4].map((r) => r * RANGE); // the channels' Runs, in turn
+      for (let round = 2; round < 5; round++) {
+        const queued = direct.prefetchRanges(Float64Array.from(starts, (p) => p * PAGE), new Float64Array(starts.length).fill(RANGE * PAGE), starts.length);
+        expect(queued).toBe(starts.length);
+        // A page of every other range rewritten at once: its read may be under way and must not be served.
+        const rewritten = starts.filter((_, k) => k % 2 === round % 2).map((p) => p + 17 * round);
+        for (const i of rewritten) version[i] = round;
+        write(rewritten);
+        const wrong: string[] = [];
+        const out = Buffer.alloc(RANGE * PAGE);
+        for (const first of starts) {
+          direct.read(out, 0, RANGE * PAGE, first * PAGE, false);
+          for (let k = 0; k < RANGE; k++) {
+            const i = first + k;
+            if (out.readUInt32LE(k * PAGE) !== i || out.readUInt32LE(k * PAGE + 4) !== version[i] || out[k * PAGE + 100] !== (version[i] & 0xff)) {
+              wrong.push(`page ${i}: ${out.readUInt32LE(k * PAGE)}/${out.readUInt32LE(k * PAGE + 4)}, want version ${version[i]}`);
+            }
+          }
+        }
+        expect(wrong).toEqual([]);
+      }
+    } finally {
+      direct.close();
+    }
+  });
 });
 
-test('ranges prefetched read back as their last version: rewritten before the prefetch, after it, in an open run, queued, or on disk', () => {
-  const pages = 16384; // 64 MiB: more than the range slots hold (32 MiB) and the write queue
-  const held = rewritableStore(pages);
-  if (held === null) return;
-  const { store, last, rewrite } = held;
-  const RANGE = 128; // a multifd packet's pages
-  const ranges = pages / RANGE;
-  const buf = Buffer.alloc(RANGE * PAGE);
-  const check = (first: number, count: number): string[] => {
-    store.readPages(first, count, buf, 0);
-    const wrong: string[] = [];
-    for (let k = 0; k < count; k++) {
-      const [index, generation] = identify(buf, k * PAGE);
-      if (index !== first + k || generation !== last[first + k]) wrong.push(`${first + k}: ${index}/${generation}, want ${last[first + k]}`);
-    }
-    return wrong;
-  };
-  for (let round = 0; round < 4; round++) {
-    // Every 5th range in turn from a place of its own, as the Runs of a back leg's channels come.
-    const order = Array.from({ length: 24 }, (_, k) => ((round * 7 + k * 5) % ranges) * RANGE);
-    for (const first of order.filter((_, k) => k % 4 === 0)) rewrite(first + 3, 10 + round); // before the prefetch
-    // A whole write buffer's worth (1 MiB) rewritten just before the prefetch: queued, or being written,
-    // as two of the ranges are asked for.
-    const stretch = order[1] - (order[1] % 256);
-    for (let i = stretch; i < stretch + 257; i++) rewrite(i, 40 + round);
-    const starts = Uint32Array.from(order);
-    store.prefetchRanges(starts, new Uint32Array(order.length).fill(RANGE), order.length);
-    // After it: a page in a range being read or read already, one past the middle, and stream writes
-    // enough to flush the open runs and queue them behind the prefetch.
-    for (const first of order.filter((_, k) => k % 3 === 1)) rewrite(first + 64, 20 + round);
-    for (let i = round * 900; i < round * 900 + 900; i++) if (i % 4 === round % 4) rewrite(i, 30 + round);
-    const wrong: string[] = [];
-    // Read whole, and in two pieces (a Run of a packet with a gap in it).
-    order.forEach((first, k) => {
-      if (k % 2 === 0) wrong.push(...check(first, RANGE));
-      else wrong.push(...check(first, 40), ...check(first + 50, RANGE - 50));
-    });
-    expect(wrong).toEqual([]);
-  }
-  store.commit('s2');
-  expect(store.verify()).toEqual([]);
-});
 
 /** A store of `pages` pages holding the even ones (generation 1), mid-migration; null where O_DIRECT is not to be had. */
 function storeHoldingEvenPages(pages: number): PageStore | null {

@@ -26,20 +26,21 @@ type Handle = object;
 interface PageioAddon {
   /** Ranges the reader pool holds read ahead at once (pageioPrefetchRanges). */
   pageioRangeSlots: number;
-  pageioOpen(file: string, fileSize: number): Handle;
+  pageioOpen(file: string, fileSize: number, kernelReads: boolean): Handle;
   pageioWriteBuffers(h: Handle): ArrayBuffer[];
   pageioAcquire(h: Handle): number;
   pageioSubmit(h: Handle, index: number, len: number, pos: number): NativeWriteFailure | null;
   pageioRead(h: Handle, dest: Uint8Array, destOff: number, len: number, pos: number, inStream: boolean): void;
   pageioPrefetch(h: Handle, positions: Float64Array, count: number): number;
   pageioPrefetchRanges(h: Handle, positions: Float64Array, lengths: Float64Array, count: number): number;
+  pageioKernelReads(h: Handle): boolean;
   pageioDrain(h: Handle): NativeWriteFailure | null;
   pageioSetSize(h: Handle, fileSize: number): void;
   pageioClose(h: Handle): NativeWriteFailure | null;
 }
 
 function pageioAddon(): PageioAddon | null {
-  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioPrefetch', 'pageioPrefetchRanges', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
+  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioPrefetch', 'pageioPrefetchRanges', 'pageioKernelReads', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
   const fns = names.map((n) => nativeExport(n));
   const rangeSlots = nativeExport('pageioRangeSlots');
   if (!fns.every((f) => typeof f === 'function') || typeof rangeSlots !== 'number') return null;
@@ -90,11 +91,13 @@ export class DirectPages {
   /**
    * Opens file for direct I/O, or null where that is not to be had (no addon function, a filesystem
    * without O_DIRECT, BFMIG_STORE_DIRECT_IO=0): the store then uses the page cache.
+   * BFMIG_STORE_AIO=0: lone pages and ranges are read ahead by the reader pool, not the kernel's AIO
+   * (kernelReads).
    */
   static open(file: string, fileSize: number): DirectPages | null {
     if (addon === null || process.env.BFMIG_STORE_DIRECT_IO === '0') return null;
     try {
-      return new DirectPages(addon.pageioOpen(file, fileSize));
+      return new DirectPages(addon.pageioOpen(file, fileSize, process.env.BFMIG_STORE_AIO !== '0'));
     } catch {
       return null;
     }
@@ -120,8 +123,8 @@ export class DirectPages {
   }
 
   /**
-   * Has the lone pages at positions[0 .. count-1] read ahead by a pool of reader threads, in that order,
-   * for read()s of them to come: a device serves many reads at once far faster than one after another.
+   * Has the lone pages at positions[0 .. count-1] read ahead (by the kernel's AIO, or by a pool of reader
+   * threads where it has none or BFMIG_STORE_AIO=0: kernelReads), in that order, for read()s of them to come: a device serves many reads at once far faster than one after another.
    * Returns how many were queued (pages prefetched already, or that a queued write holds, are not).
    */
   prefetch(positions: Float64Array, count: number): number {
@@ -129,12 +132,20 @@ export class DirectPages {
   }
 
   /**
-   * Has the ranges [positions[i], positions[i] + lengths[i]) read ahead by the reader pool, in that order
-   * and at most 512 KiB a part, for read()s of them to come: a back leg's multifd Runs, read in turn from
-   * as many places of the file. Returns how many parts were queued (the pool holds rangeSlots at a time).
+   * Has the ranges [positions[i], positions[i] + lengths[i]) read ahead (as prefetch() has its pages), in
+   * that order and at most 512 KiB a part, for read()s of them to come: a back leg's multifd Runs, read in
+   * turn from as many places of the file. Returns how many parts were queued (rangeSlots at a time).
    */
   prefetchRanges(positions: Float64Array, lengths: Float64Array, count: number): number {
     return (addon as PageioAddon).pageioPrefetchRanges(this.handle, positions, lengths, count);
+  }
+
+  /**
+   * Whether the kernel's asynchronous I/O reads what prefetch() and prefetchRanges() queue (one system
+   * call a batch, no thread woken a read); else the reader pool does.
+   */
+  get kernelReads(): boolean {
+    return (addon as PageioAddon).pageioKernelReads(this.handle);
   }
 
   /** Waits for every queued write and forgets what was read ahead. Throws DirectWriteError. */
