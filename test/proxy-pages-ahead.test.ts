@@ -7,8 +7,8 @@ import { DIGEST_BYTES } from '../src/digest';
 import { guestMemory, migrationStream, dirty, PAGE } from '../src/lab/harness/migration-stream';
 import { StreamParser } from '../src/qemu/parser';
 import { pageDataAhead } from '../src/qemu/pages-ahead';
-import { type RamPageRecord, RecordKind } from '../src/qemu/records';
-import { PageRetainer } from '../src/proxy/retained';
+import { type RamBlock, type RamPageRecord, RecordKind } from '../src/qemu/records';
+import { PageRetainer, type RetainedPages } from '../src/proxy/retained';
 
 afterEach(() => jest.restoreAllMocks());
 
@@ -170,5 +170,50 @@ describe('PageRetainer digests ahead', () => {
       expect(batch).toHaveBeenCalledTimes(1);
       expect(batch.mock.calls[0][2]).toBe(packet.pages - 1 - (skipFirst ? 1 : 0));
     }
+  });
+});
+
+describe('PageRetainer reads ahead the held versions of changed pages', () => {
+  /** A store of 256 pages holding versions of some of them, recording what it is asked to read ahead. */
+  function fakeStore(pageCount: number) {
+    const digests = new Uint8Array(pageCount * DIGEST_BYTES);
+    const saved = new Set<number>();
+    const prefetched: number[][] = [];
+    const store: RetainedPages = {
+      begin: () => undefined,
+      digests,
+      writePage: () => undefined,
+      markAbsent: () => undefined,
+      readPages: () => undefined,
+      readsBeforeWrite: (index) => !saved.has(index),
+      prefetchPages: (indices, count) => void prefetched.push(Array.from(indices.subarray(0, count))),
+    };
+    return { store, digests, saved, prefetched };
+  }
+
+  test('of a packet’s pages digested ahead, those changed, held and not yet saved, by their place in the block', () => {
+    const block: RamBlock = { name: 'pc.ram', length: 256 * PAGE, firstPage: 100 } as RamBlock;
+    const { store, digests, saved, prefetched } = fakeStore(400);
+    // A packet of 10 pages back to back, its offsets all over the block.
+    const packet = Buffer.alloc(10 * PAGE);
+    for (let i = 0; i < 10; i++) packet.fill(i + 1, i * PAGE, (i + 1) * PAGE);
+    const offsets = Float64Array.from([7, 3, 200, 41, 9, 120, 66, 5, 250, 1], (p) => p * PAGE);
+    const indexOf = (i: number): number => block.firstPage + offsets[i] / PAGE;
+    // The store: pages 1, 2, 4, 6 and 8 of the packet held at another version (changed since); 3 held at
+    // this very version (unchanged); 5, 7 and 9 not held; 6 already saved by the undo journal.
+    for (const i of [1, 2, 4, 6, 8]) digests.fill(0xa0 + i, indexOf(i) * DIGEST_BYTES, (indexOf(i) + 1) * DIGEST_BYTES);
+    digest.digestContiguous(packet, 3 * PAGE, 1, PAGE, digests, indexOf(3) * DIGEST_BYTES);
+    saved.add(indexOf(6));
+    const retainer = new PageRetainer(store);
+    retainer.newInput(packet);
+    const record = (i: number): RamPageRecord =>
+      ({ kind: RecordKind.RamPage, flags: 0, block, offset: offsets[i], pageIndex: indexOf(i), byteValue: 0, data: packet, dataStart: i * PAGE, dataLength: PAGE, streamOffset: i * PAGE }) as RamPageRecord;
+    retainer.digestOf(record(0), 9);
+    retainer.prefetchChangedAhead(offsets, 1, block.firstPage);
+    expect(prefetched).toEqual([[1, 2, 4, 8].map(indexOf)]);
+    // The next pages' digests were made ahead already: nothing more is read ahead for them.
+    retainer.digestOf(record(1), 8);
+    retainer.prefetchChangedAhead(offsets, 2, block.firstPage);
+    expect(prefetched.length).toBe(1);
   });
 });

@@ -273,6 +273,7 @@ export class MultifdEncoder extends MultifdChannel {
     const normal = record.kind === MultifdRecordKind.Page;
     const retainer = this.retainer;
     retainer.digestOf(page, this.pagesAfter(record));
+    if (normal && this.block !== null) retainer.prefetchChangedAhead(this.parser.currentPacket.offsets, record.index + 1, this.block.firstPage);
     const word = page.pageIndex * DIGEST_WORDS;
     const reference = this.migration.receiverTable?.bytes ?? null;
     const words = this.migration.receiverTable?.words ?? null;
