@@ -398,6 +398,18 @@ static int pio_aio_reap(pio *p, int min) {
   return 0;
 }
 
+/* Lays out `cb` as a read of `len` bytes at `pos` into `buf`, its completion naming `slot`; returns it. */
+static struct iocb *pio_aio_read(pio *p, struct iocb *cb, uint64_t slot, uint8_t *buf, size_t len, off_t pos) {
+  memset(cb, 0, sizeof *cb);
+  cb->aio_data = slot;
+  cb->aio_lio_opcode = IOCB_CMD_PREAD;
+  cb->aio_fildes = (uint32_t)p->fd;
+  cb->aio_buf = (uint64_t)(uintptr_t)buf;
+  cb->aio_nbytes = len;
+  cb->aio_offset = (int64_t)pos;
+  return cb;
+}
+
 /* Submits (mu held) `count` reads of lone pages or ranges to the kernel: how many it took. What it did
  * not take (its queue full) is not read ahead, and read when asked for. */
 static int pio_aio_submit(pio *p, struct iocb **cbs, int count) {
@@ -564,6 +576,19 @@ static pio *pio_arg(napi_env env, napi_value v) {
   return p;
 }
 
+/* The handle of a call that takes nothing else (`name` for the error), or NULL with an error thrown. */
+static pio *pio_only_arg(napi_env env, napi_callback_info info, const char *name) {
+  size_t argc = 1;
+  napi_value argv[1];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) {
+    char msg[64];
+    snprintf(msg, sizeof msg, "%s expects a handle", name);
+    pio_throw(env, "ERR_BFMIG_PAGEIO", msg);
+    return NULL;
+  }
+  return pio_arg(env, argv[0]);
+}
+
 static int get_num(napi_env env, napi_value v, double *out) {
   return napi_get_value_double(env, v, out) == napi_ok && *out >= 0 && *out <= 9007199254740991.0 && *out == (double)(int64_t)*out;
 }
@@ -672,10 +697,8 @@ static void release_exported(napi_env env, void *data, void *hint) {
 /* pageioWriteBuffers(h) -> ArrayBuffer[]: the queue's write buffers (PIO_SLOT_BYTES each, 4 KiB aligned),
  * once per handle. JavaScript writes only into the one pageioAcquire lent it. */
 static napi_value PageioWriteBuffers(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1], list, ab;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioWriteBuffers expects a handle");
-  pio *p = pio_arg(env, argv[0]);
+  napi_value list, ab;
+  pio *p = pio_only_arg(env, info, "pageioWriteBuffers");
   if (p == NULL) return NULL;
   if (p->exported) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioWriteBuffers: already taken");
   if (napi_create_array_with_length(env, PIO_WRITE_SLOTS, &list) != napi_ok) return pio_throw(env, "ERR_BFMIG_PAGEIO", "napi_create_array failed");
@@ -693,10 +716,8 @@ static napi_value PageioWriteBuffers(napi_env env, napi_callback_info info) {
 /* pageioAcquire(h) -> index of a free write buffer, now lent to the caller; waits while none is free or
  * PIO_WRITE_QUEUE writes are queued or running. */
 static napi_value PageioAcquire(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1], r;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioAcquire expects a handle");
-  pio *p = pio_arg(env, argv[0]);
+  napi_value r;
+  pio *p = pio_only_arg(env, info, "pageioAcquire");
   if (p == NULL) return NULL;
   int s = -1;
   pthread_mutex_lock(&p->mu);
@@ -756,10 +777,7 @@ static napi_value PageioSubmit(napi_env env, napi_callback_info info) {
 /* pageioDrain(h) -> null | {errno, start, end}: waits for every queued write and drops the read-ahead
  * (before the file is touched another way: fsync, buffered reads, truncation). */
 static napi_value PageioDrain(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioDrain expects a handle");
-  pio *p = pio_arg(env, argv[0]);
+  pio *p = pio_only_arg(env, info, "pageioDrain");
   if (p == NULL) return NULL;
   pthread_mutex_lock(&p->mu);
   pio_drop_reads(p, 0, 0, 1);
@@ -1013,16 +1031,8 @@ static napi_value PageioPrefetch(napi_env env, napi_callback_info info) {
       pg->pos = pos;
       pg->seq = ++p->pf_seq;
       if (p->aio != 0) {
-        struct iocb *cb = &p->pf_cb[k];
-        memset(cb, 0, sizeof *cb);
-        cb->aio_data = (uint64_t)k;
-        cb->aio_lio_opcode = IOCB_CMD_PREAD;
-        cb->aio_fildes = (uint32_t)p->fd;
-        cb->aio_buf = (uint64_t)(uintptr_t)(p->pf_region + (size_t)k * PIO_ALIGN);
-        cb->aio_nbytes = PIO_ALIGN;
-        cb->aio_offset = (int64_t)pos;
         pg->state = SLOT_BUSY;
-        submit[queued++] = cb;
+        submit[queued++] = pio_aio_read(p, &p->pf_cb[k], (uint64_t)k, p->pf_region + (size_t)k * PIO_ALIGN, PIO_ALIGN, pos);
         continue;
       }
       /* A slot queued again before the pool passed its old entry over has two: the pool reads it once. */
@@ -1125,16 +1135,8 @@ static napi_value PageioPrefetchRanges(napi_env env, napi_callback_info info) {
         rg->seq = ++p->rg_seq;
         if (p->aio != 0) {
           /* All at once: no thread is woken for them, and the device takes many reads in flight. */
-          struct iocb *cb = &p->rg_cb[k];
-          memset(cb, 0, sizeof *cb);
-          cb->aio_data = (uint64_t)(PIO_PREFETCH_SLOTS + k);
-          cb->aio_lio_opcode = IOCB_CMD_PREAD;
-          cb->aio_fildes = (uint32_t)p->fd;
-          cb->aio_buf = (uint64_t)(uintptr_t)(p->rg_region + (size_t)k * PIO_RANGE_BYTES);
-          cb->aio_nbytes = len;
-          cb->aio_offset = (int64_t)pos;
           rg->state = SLOT_BUSY;
-          submit[queued++] = cb;
+          submit[queued++] = pio_aio_read(p, &p->rg_cb[k], (uint64_t)(PIO_PREFETCH_SLOTS + k), p->rg_region + (size_t)k * PIO_RANGE_BYTES, len, pos);
         } else {
           p->rg_queue[(p->rg_qhead + p->rg_qlen) % PIO_RANGE_QUEUE] = k;
           p->rg_qlen++;
@@ -1154,10 +1156,7 @@ static napi_value PageioPrefetchRanges(napi_env env, napi_callback_info info) {
 
 /* pageioClose(h) -> null | {errno, start, end}: waits for the queued writes, stops the thread, closes the file. */
 static napi_value PageioClose(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioClose expects a handle");
-  pio *p = pio_arg(env, argv[0]);
+  pio *p = pio_only_arg(env, info, "pageioClose");
   if (p == NULL) return NULL;
   pthread_mutex_lock(&p->mu);
   pio_drop_reads(p, 0, 0, 1);
@@ -1171,10 +1170,8 @@ static napi_value PageioClose(napi_env env, napi_callback_info info) {
 
 /* pageioKernelReads(h) -> whether the kernel's AIO reads the lone pages and ranges prefetched (else the reader pool). */
 static napi_value PageioKernelReads(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1], r;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) return pio_throw(env, "ERR_BFMIG_PAGEIO", "pageioKernelReads expects a handle");
-  pio *p = pio_arg(env, argv[0]);
+  napi_value r;
+  pio *p = pio_only_arg(env, info, "pageioKernelReads");
   if (p == NULL) return NULL;
   napi_get_boolean(env, p->aio != 0, &r);
   return r;

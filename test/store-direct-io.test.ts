@@ -233,6 +233,34 @@ test('a page written after the reader fetched it ahead is read back new', () => 
   expect(store.verify()).toEqual([]);
 });
 
+/**
+ * A pages file moved by DirectPages alone, every page written at version 1: page i holds i and its
+ * version in its first bytes, the version's low byte after them. write() writes pages at their version
+ * (a write buffer each); wrongAt() says how a page read at out[at…] differs from page i's version.
+ */
+function versionedFile(name: string, pages: number): { direct: DirectPages; version: Uint32Array; write: (which: number[]) => void; wrongAt: (out: Buffer, at: number, i: number) => string | null } | null {
+  const file = path.join(tmp, name);
+  fs.writeFileSync(file, Buffer.alloc(0));
+  const direct = DirectPages.open(file, pages * PAGE);
+  if (!requireInCi(direct !== null, `O_DIRECT on the filesystem of ${os.tmpdir()}`) || direct === null) return null;
+  const version = new Uint32Array(pages).fill(1);
+  const write = (which: number[]): void => {
+    for (const i of which) {
+      const index = direct.acquire();
+      const buffer = direct.writeBuffers[index];
+      buffer.fill(version[i] & 0xff, 0, PAGE);
+      buffer.writeUInt32LE(i, 0);
+      buffer.writeUInt32LE(version[i], 4);
+      direct.submit(index, PAGE, i * PAGE);
+    }
+  };
+  const wrongAt = (out: Buffer, at: number, i: number): string | null =>
+    out.readUInt32LE(at) === i && out.readUInt32LE(at + 4) === version[i] && out[at + PAGE - 1] === (version[i] & 0xff) ? null : `page ${i}: ${out.readUInt32LE(at)}/${out.readUInt32LE(at + 4)}, want version ${version[i]}`;
+  write([...Array(pages).keys()]);
+  direct.drain();
+  return { direct, version, write, wrongAt };
+}
+
 /** Who reads the lone pages and ranges prefetched: the kernel's AIO (as shipped, where the kernel has it) or the reader pool. */
 const READERS_AHEAD: Array<[string, string | undefined]> = [
   ['the kernel (AIO)', undefined],
@@ -249,28 +277,13 @@ describe.each(READERS_AHEAD)('pages read ahead by %s', (_readers, aioSetting) =>
   });
 
   test('lone pages are read by whom the setting says, and read back as written, also when rewritten while being read', () => {
-    const pages = 256; // one write buffer (1 MiB); more than the lone-page slots (128)
-    const file = path.join(tmp, 'lone');
-    fs.writeFileSync(file, Buffer.alloc(0));
-    const direct = DirectPages.open(file, pages * PAGE);
-    if (!requireInCi(direct !== null, `O_DIRECT on the filesystem of ${os.tmpdir()}`) || direct === null) return;
+    const pages = 256; // more than the lone-page slots (128)
+    const file = versionedFile('lone', pages);
+    if (file === null) return;
+    const { direct, version, write, wrongAt } = file;
     try {
       if (aioSetting === '0') expect(direct.kernelReads).toBe(false);
       else if (!requireInCi(direct.kernelReads, 'the kernel’s asynchronous I/O (io_setup)')) return;
-      const version = new Uint32Array(pages).fill(1);
-      /** Writes every page of `which` at its version, each page a write of its own buffer. */
-      const write = (which: number[]): void => {
-        for (const i of which) {
-          const index = direct.acquire();
-          const buffer = direct.writeBuffers[index];
-          buffer.fill(version[i] & 0xff, 0, PAGE);
-          buffer.writeUInt32LE(i, 0);
-          buffer.writeUInt32LE(version[i], 4);
-          direct.submit(index, PAGE, i * PAGE);
-        }
-      };
-      write([...Array(pages).keys()]);
-      direct.drain();
       const order = [...Array(pages).keys()].map((k) => (k * 97) % pages); // no read-ahead guesses it
       for (let round = 2; round < 5; round++) {
         const queued = direct.prefetch(Float64Array.from(order, (i) => i * PAGE), pages);
@@ -284,10 +297,8 @@ describe.each(READERS_AHEAD)('pages read ahead by %s', (_readers, aioSetting) =>
         const out = Buffer.alloc(PAGE);
         for (const i of order) {
           direct.read(out, 0, PAGE, i * PAGE, false);
-          const expected = Buffer.alloc(PAGE, version[i] & 0xff);
-          expected.writeUInt32LE(i, 0);
-          expected.writeUInt32LE(version[i], 4);
-          if (!out.equals(expected)) wrong.push(`page ${i}: ${out.readUInt32LE(0)}/${out.readUInt32LE(4)}, want version ${version[i]}`);
+          const wrongHere = wrongAt(out, 0, i);
+          if (wrongHere !== null) wrong.push(wrongHere);
         }
         expect(wrong).toEqual([]);
       }
@@ -378,24 +389,10 @@ describe.each(READERS_AHEAD)('pages read ahead by %s', (_readers, aioSetting) =>
 
   test('ranges rewritten while the reads ahead of them are under way read back as written', () => {
     const pages = 1024; // 4 MiB: eight ranges of 512 KiB
-    const file = path.join(tmp, 'ranges');
-    fs.writeFileSync(file, Buffer.alloc(0));
-    const direct = DirectPages.open(file, pages * PAGE);
-    if (!requireInCi(direct !== null, `O_DIRECT on the filesystem of ${os.tmpdir()}`) || direct === null) return;
+    const file = versionedFile('ranges', pages);
+    if (file === null) return;
+    const { direct, version, write, wrongAt } = file;
     try {
-      const version = new Uint32Array(pages).fill(1);
-      const write = (which: number[]): void => {
-        for (const i of which) {
-          const index = direct.acquire();
-          const buffer = direct.writeBuffers[index];
-          buffer.fill(version[i] & 0xff, 0, PAGE);
-          buffer.writeUInt32LE(i, 0);
-          buffer.writeUInt32LE(version[i], 4);
-          direct.submit(index, PAGE, i * PAGE);
-        }
-      };
-      write([...Array(pages).keys()]);
-      direct.drain();
       const RANGE = 128; // pages: 512 KiB
       const starts = [5, 2, 7, 0, 3, 6, 1, 4].map((r) => r * RANGE); // the channels' Runs, in turn
       for (let round = 2; round < 5; round++) {
@@ -410,10 +407,8 @@ describe.each(READERS_AHEAD)('pages read ahead by %s', (_readers, aioSetting) =>
         for (const first of starts) {
           direct.read(out, 0, RANGE * PAGE, first * PAGE, false);
           for (let k = 0; k < RANGE; k++) {
-            const i = first + k;
-            if (out.readUInt32LE(k * PAGE) !== i || out.readUInt32LE(k * PAGE + 4) !== version[i] || out[k * PAGE + 100] !== (version[i] & 0xff)) {
-              wrong.push(`page ${i}: ${out.readUInt32LE(k * PAGE)}/${out.readUInt32LE(k * PAGE + 4)}, want version ${version[i]}`);
-            }
+            const wrongHere = wrongAt(out, k * PAGE, first + k);
+            if (wrongHere !== null) wrong.push(wrongHere);
           }
         }
         expect(wrong).toEqual([]);
