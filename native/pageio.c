@@ -346,13 +346,11 @@ static void pio_wake_readers(pio *p, int queued, int most) {
   for (int i = 0; i < queued && i < most; i++) pthread_cond_signal(&p->pf_cv);
 }
 
-/* Starts the reader pool (mu held); 0 or an errno. Where the kernel reads the lone pages (p->aio), the
- * pool reads only ranges, PIO_RANGE_READERS at a time. */
+/* Starts the reader pool (mu held); 0 or an errno. Only where the kernel's AIO does not read ahead. */
 static int pio_pf_start(pio *p) {
   if (p->pf_started > 0) return 0;
   if (p->pf_region == NULL && posix_memalign((void **)&p->pf_region, PIO_ALIGN, (size_t)PIO_PREFETCH_SLOTS * PIO_ALIGN) != 0) return ENOMEM;
-  int threads = p->aio != 0 ? PIO_RANGE_READERS : PIO_PREFETCH_THREADS;
-  for (int i = 0; i < threads; i++) {
+  for (int i = 0; i < PIO_PREFETCH_THREADS; i++) {
     int err = pthread_create(&p->pf_threads[i], NULL, pio_pf_thread, p);
     if (err != 0) return i > 0 ? 0 : err; /* fewer readers still read */
     p->pf_started = i + 1;
@@ -614,8 +612,9 @@ static uint8_t *bytes_arg(napi_env env, napi_value v, double off, double len) {
   return (uint8_t *)data + (size_t)off;
 }
 
-/* pageioOpen(path, fileSize) -> handle. Throws (with .errno) when the file cannot be opened with
- * O_DIRECT, e.g. EINVAL on a filesystem without it. */
+/* pageioOpen(path, fileSize, kernelReads) -> handle. Throws (with .errno) when the file cannot be opened
+ * with O_DIRECT, e.g. EINVAL on a filesystem without it. kernelReads: read ahead through the kernel's AIO
+ * where it gives a context (else, or when false, through the reader pool). */
 static napi_value PageioOpen(napi_env env, napi_callback_info info) {
   size_t argc = 3;
   napi_value argv[3], handle;
@@ -657,7 +656,7 @@ static napi_value PageioOpen(napi_env env, napi_callback_info info) {
                                           : p->read_region + (size_t)(s - PIO_WRITE_SLOTS) * PIO_SLOT_BYTES;
   }
   if (err == 0) err = posix_memalign((void **)&p->bounce, PIO_ALIGN, PIO_SLOT_BYTES);
-  /* Lone pages through the kernel's AIO where it has it, unless the caller asked for the pool. */
+  /* Lone pages and ranges read ahead through the kernel's AIO where it has it, unless the caller asked for the pool. */
   if (err == 0 && kernel_reads && syscall(SYS_io_setup, PIO_AIO_SLOTS, &p->aio) != 0) p->aio = 0;
   if (err == 0) err = pthread_create(&p->thread, NULL, pio_thread, p);
   if (err == 0) p->thread_started = 1;
