@@ -268,19 +268,13 @@ export class ChannelSender extends ChannelRelay {
     this.literals = literals;
     /**
      * A payload of the encoder's own (a slab it does not write again, a Run's buffer): inside the batch
-     * when the receiver takes CompressedFrames on channels, else after the Literal bytes before it. A Run
-     * always goes after the batch, on its own: the receiver reads a Run's pages ahead when its frame
-     * arrives in a chunk, but a Run inside a batch only when that batch is delivered, right before it is
-     * rebuilt. A back leg's batches are a packet header and its Run each, so the Runs of a 4-channel back
-     * leg at 1 Gbit/s were read with no read ahead at all, and its guest ran 0.18 s after bfmig-plain's
-     * (docs/benchmarks.md, "Twenty-seventh session"). A Run is a packet's worth of pages in one small
-     * frame: the batch it ends costs the compression little.
+     * when the receiver takes CompressedFrames on channels, else after the Literal bytes before it.
      */
     const frameOf =
       (type: FrameType) =>
       (payload: Buffer): void => {
         const header = frameHeader(type, payload.length);
-        if (literals.carriesFrames && type !== FrameType.Run) return literals.frame(header, payload);
+        if (literals.carriesFrames) return literals.frame(header, payload);
         literals.flush();
         literals.inOrder(header);
         literals.inOrder(payload);
