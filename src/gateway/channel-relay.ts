@@ -477,16 +477,23 @@ export class ChannelReceiver extends ChannelRelay {
 
   /** reused: the chunk's buffer is read into again once this returns. */
   private onPeerData(chunk: Buffer, reused: boolean): void {
-    // What this chunk rebuilds reaches the destination in one writev, as on the main channel: written one
-    // by one, a 4-channel first leg at 1 Gbit/s spent 0.66 s of the receiving gateway's main thread in
-    // write calls (docs/benchmarks.md, "Twenty-sixth session").
-    const destination = this.destination;
-    if (destination === null) this.fromPeer(this.frames, chunk);
-    else corked(destination, () => this.fromPeer(this.frames, chunk));
+    this.rebuildCorked(() => this.fromPeer(this.frames, chunk));
     if (reused) {
       this.frames.ownRetained();
       this.decoder?.releaseInput();
     }
+  }
+
+  /**
+   * Runs `rebuild` with the destination corked, so that what it rebuilds leaves in one writev, as on the
+   * main channel: written one by one, a 4-channel first leg at 1 Gbit/s spent 0.66 s of the receiving
+   * gateway's main thread in write calls (docs/benchmarks.md, "Twenty-sixth session"), and 0.6 s more
+   * for frames resumed after a pause ("Twenty-seventh session").
+   */
+  private rebuildCorked(rebuild: () => void): void {
+    const destination = this.destination;
+    if (destination === null) rebuild();
+    else corked(destination, rebuild);
   }
 
   private dial(multifd: MultifdMigration | null): void {
@@ -573,14 +580,10 @@ export class ChannelReceiver extends ChannelRelay {
 
   /** Takes the peer's frames again once neither the destination nor the codec holds them back. */
   private readPeerOn(): void {
-    const destination = this.destination;
-    if (this.over || this.parked || destination?.writableNeedDrain) return;
+    if (this.over || this.parked || this.destination?.writableNeedDrain) return;
     try {
-      // The frames held back are rebuilt here, outside onPeerData: corked as there. Uncorked, a 4-channel
-      // first leg at 1 Gbit/s still spent 0.6 s of the receiving gateway's main thread in write calls of
-      // frames resumed here (docs/benchmarks.md, "Twenty-seventh session").
-      if (destination === null) this.frames.resume();
-      else corked(destination, () => this.frames.resume());
+      // The frames held back are rebuilt here, outside onPeerData: corked as there.
+      this.rebuildCorked(() => this.frames.resume());
     } catch (err) {
       return this.fail(`peer ${this.label}: ${errorMessage(err)}`);
     }

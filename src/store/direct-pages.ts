@@ -24,7 +24,7 @@ interface NativeWriteFailure {
 type Handle = object;
 
 interface PageioAddon {
-  /** Ranges the reader pool holds read ahead at once (pageioPrefetchRanges). */
+  /** Ranges the store holds read ahead at once (pageioPrefetchRanges). */
   pageioRangeSlots: number;
   pageioOpen(file: string, fileSize: number, kernelReads: boolean): Handle;
   pageioWriteBuffers(h: Handle): ArrayBuffer[];
@@ -124,7 +124,8 @@ export class DirectPages {
 
   /**
    * Has the lone pages at positions[0 .. count-1] read ahead (by the kernel's AIO, or by a pool of reader
-   * threads where it has none or BFMIG_STORE_AIO=0: kernelReads), in that order, for read()s of them to come: a device serves many reads at once far faster than one after another.
+   * threads where it has none or BFMIG_STORE_AIO=0: kernelReads), in that order, for read()s of them to
+   * come: a device serves many reads at once far faster than one after another.
    * Returns how many were queued (pages prefetched already, or that a queued write holds, are not).
    */
   prefetch(positions: Float64Array, count: number): number {
