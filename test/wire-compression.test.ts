@@ -5,7 +5,7 @@
  * adaptive policy (compression-policy.ts) from the observations it is given.
  */
 import { randomBytes } from 'node:crypto';
-import { chooseCompression, COMPRESSED_HEADER_BYTES, helloCompression, LiteralFrames, LiteralInflater, MAX_BATCH_BYTES, offeredCompression, ZSTD } from '../src/wire/compression';
+import { BatchesAhead, chooseCompression, COMPRESSED_HEADER_BYTES, helloCompression, LiteralFrames, LiteralInflater, MAX_BATCH_BYTES, offeredCompression, ZSTD } from '../src/wire/compression';
 import { BUSY_LOOP_SHARE, CompressionPolicy, DRAINED_BYTES, MAX_REJOIN, MAX_SKIP, SPARSE_SHARE, SWING_BYTES, WORTH_FACTOR } from '../src/wire/compression-policy';
 import { carriedInBatches, checkCarriedFrames, FRAME_HEADER_BYTES, FrameParser, frameHeader, FrameType, WireError } from '../src/wire/frames';
 
@@ -122,32 +122,48 @@ interface Delivered {
 }
 
 /**
- * A receiving side as ReceiveSession is one with a sender that batches whole frames: CompressedFrames
- * batches are checked and nested, one declaring 0 bytes restarts the inflater, and once one has come a
+ * A receiving side as ReceiveSession and ChannelReceiver are with a sender that batches whole frames:
+ * the parser's lookahead hands each CompressedFrames batch to a BatchesAhead as it arrives (inflated
+ * there, its Runs looked at), one declaring 0 bytes restarts the inflater, and once one has come a
  * Literal frame outside a batch no longer does. `pauseOn`: the handler pauses at each carried frame of
- * this type, as a slow destination would, and the test resumes it.
+ * this type, as a slow destination would, and the test resumes it. `lookedRuns`: the carried Runs'
+ * payloads, as the lookahead saw them (the first of them shown when the batch arrived or was delivered).
  */
-function framedReceiver(pauseOn?: FrameType): { wire: Wire; delivered: Delivered[] } {
+function framedReceiver(pauseOn?: FrameType, onFrame?: (type: FrameType, payload: Buffer, carried: boolean) => void): { wire: Wire; delivered: Delivered[]; lookedRuns: string[] } {
   const inflater = new LiteralInflater();
   const delivered: Delivered[] = [];
+  const lookedRuns: string[] = [];
   const wire: Wire = { bytes: 0, frames: [], received: [], inflater, parser: undefined as unknown as FrameParser };
-  let batched = false;
-  wire.parser = new FrameParser((type, payload, carried) => {
-    if (!carried) wire.frames.push({ type, length: payload.length });
-    if (type === FrameType.Literal && !carried && !batched) inflater.raw();
-    if (type === FrameType.CompressedFrames) {
-      batched = true;
-      const batch = inflater.inflateBatch(payload);
-      if (batch === null) return;
-      checkCarriedFrames(batch, () => undefined);
-      wire.parser.nest(batch);
-      return;
-    }
-    if (!carriedInBatches(type)) throw new Error(`unexpected frame ${type}`);
-    delivered.push({ type, payload: Buffer.from(payload) });
-    if (carried && type === pauseOn) wire.parser.pause();
-  });
-  return { wire, delivered };
+  const batches = new BatchesAhead(() => inflater);
+  const look = (type: FrameType, batch: Buffer, at: number, length: number): boolean => {
+    if (type !== FrameType.Run) return false;
+    lookedRuns.push(batch.toString('hex', at, at + length));
+    return true;
+  };
+  wire.parser = new FrameParser(
+    (type, payload, carried) => {
+      onFrame?.(type, payload, carried);
+      if (!carried) wire.frames.push({ type, length: payload.length });
+      if (type === FrameType.Literal && !carried) inflater.rawLiteral();
+      if (type === FrameType.CompressedFrames) {
+        batches.nest(inflater, payload, wire.parser, look);
+        return;
+      }
+      if (!carriedInBatches(type)) throw new Error(`unexpected frame ${type}`);
+      delivered.push({ type, payload: Buffer.from(payload) });
+      if (carried && type === pauseOn) wire.parser.pause();
+    },
+    (type) => type === FrameType.Literal,
+    {
+      headBytes: 0,
+      wants: () => false,
+      look: () => undefined,
+      looked: () => undefined,
+      wantsWhole: (type) => type === FrameType.CompressedFrames,
+      lookWhole: (_type, payload) => batches.arrived(payload, look),
+    },
+  );
+  return { wire, delivered, lookedRuns };
 }
 
 /** What a sequence of frames comes to: its Literal bytes joined between the other frames. */
@@ -290,6 +306,87 @@ describe('whole frames in the batches (compressed-frames)', () => {
     expect(sameFrames(delivered, sequence)).toBe(true);
     const rawBytes = sequence.reduce((n, f) => n + FRAME_HEADER_BYTES + f.payload.length, 0);
     expect(wire.bytes).toBeLessThanOrEqual(rawBytes);
+  });
+
+  /** What a sender puts on the wire for `parts` (each sent, then flushed, as source chunks), gathered. */
+  function wireBytes(parts: Delivered[][]): Buffer {
+    const out: Buffer[] = [];
+    const frames = new LiteralFrames((bytes) => out.push(Buffer.from(bytes)), ZSTD);
+    frames.carryFrames();
+    for (const part of parts) send(frames, part, 1000);
+    return Buffer.concat(out);
+  }
+
+  test('batches are inflated as they arrive, in order, ahead of the frames before them, at most 4 of the largest ahead; the same frames come out whatever the chunking and pauses', () => {
+    const text = (seed: number): Delivered[] => alternating(40, seed);
+    // Batches near the largest (text, with a Run in each), small ones, raw frames between them (a
+    // batch mostly of a Run), a failed attempt (the stream restarts): the receiver must inflate them in
+    // the stream's order whatever it looks at first.
+    const large = (seed: number): Delivered[] => [{ type: FrameType.Literal, payload: textBytes(MAX_BATCH_BYTES - 600, seed) }, { type: FrameType.Run, payload: randomBytes(120) }];
+    const light: Delivered[] = [{ type: FrameType.Literal, payload: randomBytes(70) }, { type: FrameType.Run, payload: randomBytes(400) }];
+    const parts: Delivered[][] = [text(1), light, text(1), [{ type: FrameType.Literal, payload: randomBytes(100_000) }], text(2)];
+    for (let i = 0; i < 8; i++) parts.push(large(10 + i), light);
+    parts.push(text(3));
+    const input = wireBytes(parts);
+    const sequence = parts.flat();
+    const runs = sequence.filter((f) => f.type === FrameType.Run).map((f) => f.payload.toString('hex'));
+
+    for (const size of [7, 1000, 65_536, input.length]) {
+      // Every carried Run was looked at before it is delivered; the batches are counted as they are.
+      let batchesDelivered = 0;
+      let lookedAtFirstRun = -1;
+      const carriedRuns: string[] = [];
+      const { wire, delivered, lookedRuns } = framedReceiver(FrameType.Run, (type, payload, carried) => {
+        if (type === FrameType.CompressedFrames) batchesDelivered++;
+        if (type !== FrameType.Run || !carried) return;
+        expect(lookedRuns).toContain(payload.toString('hex'));
+        carriedRuns.push(payload.toString('hex'));
+        if (lookedAtFirstRun < 0) lookedAtFirstRun = lookedRuns.length;
+      });
+      // Each batch is inflated once; the bytes inflated and not yet delivered stay within the bound.
+      const inflated: number[] = [];
+      let maxAhead = 0;
+      const inflate = wire.inflater.inflateBatch.bind(wire.inflater);
+      jest.spyOn(wire.inflater, 'inflateBatch').mockImplementation((payload) => {
+        const batch = inflate(payload);
+        inflated.push(batch?.length ?? 0);
+        const ahead = inflated.reduce((n, b, i) => (i >= batchesDelivered ? n + b : n), 0);
+        maxAhead = Math.max(maxAhead, ahead);
+        return batch;
+      });
+      for (let at = 0; at < input.length; at += size) {
+        wire.parser.push(input.subarray(at, at + size));
+        while (wire.parser.isPaused) wire.parser.resume();
+      }
+      expect(wire.parser.atBoundary).toBe(true);
+      expect(sameFrames(delivered, sequence)).toBe(true);
+      // Each carried Run looked at once, in order (of the 69 sent, those in batches that did not go raw).
+      expect(lookedRuns).toEqual(carriedRuns);
+      expect(runs).toHaveLength(69);
+      expect(carriedRuns.length).toBeGreaterThan(30);
+      const batches = wire.frames.filter((f) => f.type === FrameType.CompressedFrames).length;
+      expect(inflated).toHaveLength(batches);
+      expect(maxAhead).toBeLessThanOrEqual(4 * MAX_BATCH_BYTES);
+      if (size === input.length) {
+        // All at once: the Runs of the batches after the first were looked at before its Run was
+        // delivered, up to the bound (the large batches past it inflated as they are delivered).
+        expect(lookedAtFirstRun).toBeGreaterThan(3);
+        expect(lookedAtFirstRun).toBeLessThan(carriedRuns.length);
+        expect(maxAhead).toBeGreaterThan(2 * MAX_BATCH_BYTES);
+      }
+    }
+  });
+
+  test('a raw Literal frame delivered after a batch was inflated ahead does not restart the stream', () => {
+    // Raw (incompressible) Literal bytes, then text batches: all arrive in one chunk, the batches are
+    // inflated before the raw frame is delivered, and a restart then would break the next batch.
+    const parts: Delivered[][] = [[{ type: FrameType.Literal, payload: randomBytes(70) }, { type: FrameType.Run, payload: randomBytes(400) }], alternating(40, 5), alternating(40, 5)];
+    const input = wireBytes(parts);
+    const { wire, delivered } = framedReceiver();
+    wire.parser.push(input);
+    expect(wire.frames.map((f) => f.type).slice(0, 3)).toEqual([FrameType.Literal, FrameType.Run, FrameType.CompressedFrames]);
+    expect(wire.inflater.framed).toBe(true);
+    expect(sameFrames(delivered, parts.flat())).toBe(true);
   });
 
   test('a receiver that pauses at a carried frame gets the rest of the batch, then the frames after it, once resumed', () => {

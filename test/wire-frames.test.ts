@@ -200,4 +200,60 @@ describe('lookahead', () => {
       }
     }
   });
+  test('a frame wanted whole is handed over whole, once, before it is delivered, whatever the chunking; one over the limit is refused', () => {
+    const batch = (n: number): Buffer => encodeFrame(FrameType.CompressedFrames, Buffer.alloc(50 + n * 301, n));
+    const frames: Buffer[] = [];
+    for (let n = 0; n < 12; n++) {
+      frames.push(batch(n));
+      frames.push(encodeFrame(FrameType.Literal, Buffer.alloc(100 + n * 97, 0x4c)));
+      if (n % 3 === 0) frames.push(encodeFrame(FrameType.CompressedFrames)); // an empty payload
+    }
+    const input = Buffer.concat(frames);
+    for (const size of [1, 5, 100, 1000, input.length]) {
+      const events: string[] = [];
+      const parser = new FrameParser(
+        (type, payload) => {
+          if (type === FrameType.CompressedFrames) events.push(`deliver ${payload.length}`);
+        },
+        (type) => type === FrameType.Literal,
+        {
+          headBytes: 4,
+          wants: () => false,
+          look: () => undefined,
+          looked: () => events.push('batch'),
+          wantsWhole: (type) => type === FrameType.CompressedFrames,
+          lookWhole: (type, payload) => {
+            expect(type).toBe(FrameType.CompressedFrames);
+            // Exactly the payload: n + 1 ... n bytes of n.
+            const n = payload.length === 0 ? -1 : payload[0];
+            if (n >= 0) expect(payload.equals(Buffer.alloc(50 + n * 301, n))).toBe(true);
+            events.push(`whole ${payload.length}`);
+            return n % 2 === 0;
+          },
+        },
+      );
+      for (let at = 0; at < input.length; at += size) parser.push(input.subarray(at, at + size));
+      expect(parser.atBoundary).toBe(true);
+      const lengths = [...Array(12).keys()].flatMap((n) => (n % 3 === 0 ? [50 + n * 301, 0] : [50 + n * 301]));
+      expect(events.filter((e) => e.startsWith('whole'))).toEqual(lengths.map((l) => `whole ${l}`));
+      expect(events.filter((e) => e.startsWith('deliver'))).toEqual(lengths.map((l) => `deliver ${l}`));
+      for (const l of lengths) expect(events.indexOf(`whole ${l}`)).toBeLessThan(events.indexOf(`deliver ${l}`));
+      // looked() follows the frames whose carried frames were looked at (even n), once per push.
+      expect(events.includes('batch')).toBe(true);
+    }
+    // Larger than the parser takes: refused as it arrives, not copied.
+    const small = new FrameParser(() => undefined, () => false, {
+      headBytes: 0,
+      wants: () => false,
+      look: () => undefined,
+      looked: () => undefined,
+      wantsWhole: (type) => type === FrameType.CompressedFrames,
+      lookWhole: () => {
+        throw new Error('looked at');
+      },
+    });
+    small.maxPayload = 100;
+    const big = encodeFrame(FrameType.CompressedFrames, Buffer.alloc(101));
+    expect(() => small.push(Buffer.concat([encodeFrame(FrameType.Literal, Buffer.alloc(3)), big]))).toThrow(/exceeds 100/);
+  });
 });

@@ -18,7 +18,7 @@ import { errorMessage } from '../common/errors';
 import { type ChannelDecoder, type ChannelEncoder, channelDecoder, channelEncoder } from '../proxy/channel-codec';
 import type { MultifdMigration } from '../proxy/multifd-migration';
 import { RUN_LEAD_BYTES } from '../proxy/run';
-import { LiteralFrames, LiteralInflater, type WriteDone } from '../wire/compression';
+import { BatchesAhead, LiteralFrames, LiteralInflater, type WriteDone } from '../wire/compression';
 import {
   type ChannelName,
   decodeAbort,
@@ -416,8 +416,8 @@ export class ChannelReceiver extends ChannelRelay {
   private decoder: ChannelDecoder | null = null;
   /** Compressed frames back into Literal bytes, when the main channel's handshake chose compression. */
   private readonly inflater: LiteralInflater | null;
-  /** A CompressedFrames frame has come: the sender batches whole frames, its zstd stream goes on across raw ones. */
-  private framesBatched = false;
+  /** CompressedFrames batches inflated as they arrive, so that the Runs they carry are read ahead. */
+  private readonly batches: BatchesAhead;
   /**
    * The peer gateway's connection: as accepted until start(), then as this relay reads it (plain TCP:
    * adopted by PooledReads). Adopted only once the channel has joined its group, so that a channel
@@ -435,8 +435,10 @@ export class ChannelReceiver extends ChannelRelay {
     super(receiver);
     this.peer = accepted;
     this.inflater = receiver.group.compression === null ? null : new LiteralInflater();
+    this.batches = new BatchesAhead(() => this.inflater);
     // The Hello (already checked) comes first again; Literal bytes pass through as they arrive. The Runs
-    // and Deltas of a chunk are shown to the codec before it is rebuilt: their pages are read all at once.
+    // and Deltas of a chunk are shown to the codec before it is rebuilt, those inside its compressed
+    // batches too: their pages are read all at once.
     let hello = true;
     this.frames = new FrameParser(
       (type, payload, carried) => {
@@ -449,6 +451,8 @@ export class ChannelReceiver extends ChannelRelay {
         wants: (type) => type === FrameType.Run || type === FrameType.Delta || type === FrameType.SiblingDelta,
         look: (type, head, length) => this.lookAhead(type, head, length),
         looked: () => this.decoder?.prefetchAhead?.(),
+        wantsWhole: (type) => type === FrameType.CompressedFrames,
+        lookWhole: (_type, payload) => this.batches.arrived(payload, this.lookIntoBatch),
       },
     );
     this.frames.maxPayload = receiver.maxFrameBytes;
@@ -557,19 +561,21 @@ export class ChannelReceiver extends ChannelRelay {
   }
 
   /**
-   * A batch of whole frames (Feature.ChannelCompressedFrames): checked whole, its Runs' and Deltas' pages
-   * read ahead as a chunk's are, then its frames delivered one by one before the frames after it.
+   * A batch of whole frames (Feature.ChannelCompressedFrames): checked whole and its Runs' and Deltas'
+   * pages read ahead as it arrived (BatchesAhead), then its frames delivered one by one before the
+   * frames after it.
    */
   private onCompressedFrames(payload: Buffer): void {
     if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a CompressedFrames frame, but compression was not chosen');
-    this.framesBatched = true;
-    const looked = this.inflater.nestBatch(payload, this.frames, (type, bytes, at, length) => {
-      if (type !== FrameType.Run && type !== FrameType.Delta && type !== FrameType.SiblingDelta) return false;
-      this.lookAhead(type, bytes.subarray(at, at + Math.min(length, RUN_LEAD_BYTES)), length);
-      return true;
-    });
-    if (looked) this.decoder?.prefetchAhead?.();
+    if (this.batches.nest(this.inflater, payload, this.frames, this.lookIntoBatch)) this.decoder?.prefetchAhead?.();
   }
+
+  /** Shows the codec a frame a batch carries, if it is a Run or a Delta (see lookAhead). */
+  private readonly lookIntoBatch = (type: FrameType, bytes: Buffer, at: number, length: number): boolean => {
+    if (type !== FrameType.Run && type !== FrameType.Delta && type !== FrameType.SiblingDelta) return false;
+    this.lookAhead(type, bytes.subarray(at, at + Math.min(length, RUN_LEAD_BYTES)), length);
+    return true;
+  };
 
   /** Shows the codec a Run or a Delta it will rebuild soon (`head`: its payload's first bytes, `length`: the payload's): its pages are read ahead. */
   private lookAhead(type: FrameType, head: Buffer, length: number): void {
@@ -599,12 +605,12 @@ export class ChannelReceiver extends ChannelRelay {
     switch (type) {
       case FrameType.Literal:
         // A raw Literal frame restarts the stream only where batches are of Literal bytes (Compressed).
-        if (!carried && !this.framesBatched) this.inflater?.raw();
+        if (!carried) this.inflater?.rawLiteral();
         decoder.literal(payload);
         break;
       case FrameType.Compressed:
         if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a Compressed frame, but compression was not chosen');
-        if (this.framesBatched) throw new ProtocolViolation('unexpected-frame', `a Compressed frame on ${this.label} after CompressedFrames`);
+        if (this.inflater.framed) throw new ProtocolViolation('unexpected-frame', `a Compressed frame on ${this.label} after CompressedFrames`);
         decoder.literal(this.inflater.inflate(payload));
         break;
       case FrameType.CompressedFrames:

@@ -38,7 +38,7 @@ import {
   Feature,
   SINGLE_CHANNEL_PROTOCOL,
 } from '../wire/frames';
-import { chooseCompression, LiteralInflater } from '../wire/compression';
+import { BatchesAhead, chooseCompression, LiteralInflater } from '../wire/compression';
 import { Refusal, type RefusalReason } from './limits';
 import { laterDownstream, PooledReads } from './pooled-reads';
 import { errorMessage } from '../common/errors';
@@ -116,11 +116,8 @@ export class ReceiveSession {
   private destination: DestinationWriter | null = null;
   /** Set when the Offer chose compression: Compressed frames back into Literal bytes. */
   private inflater: LiteralInflater | null = null;
-  /**
-   * A CompressedFrames frame has come: the sender batches whole frames, its zstd stream goes on across
-   * the batches it sends raw (a Literal frame no longer restarts it) until it says so.
-   */
-  private framesBatched = false;
+  /** CompressedFrames batches inflated as they arrive, so that the Deltas they carry have their bases read ahead. */
+  private readonly batches = new BatchesAhead(() => this.inflater);
   /** How far the digest table has been queued for the peer (it asks at most once per migration). */
   private table: 'not-asked' | 'queuing' | 'sent' = 'not-asked';
   /** Bytes of the digest table queued for the peer so far. */
@@ -155,6 +152,8 @@ export class ReceiveSession {
         wants: (type) => type === FrameType.Delta || type === FrameType.SiblingDelta,
         look: (type, head, length) => void this.lookAtDelta(type, head, 0, length),
         looked: () => this.decoder?.prefetchAhead(),
+        wantsWhole: (type) => type === FrameType.CompressedFrames,
+        lookWhole: (_type, payload) => this.batches.arrived(payload, this.lookAtDelta),
       },
     );
     // A peer that has not said who it is gets no more than a Hello's worth of buffer.
@@ -232,7 +231,7 @@ export class ReceiveSession {
     if (this.over) return;
     if (this.phase === 'awaiting-hello' && type !== FrameType.Hello) throw new ProtocolViolation('unexpected-frame', `frame type ${type} before Hello`);
     // A Literal frame sent raw restarts the zstd stream of Compressed frames (wire/compression.ts).
-    if (type === FrameType.Literal && !carried && !this.framesBatched) this.inflater?.raw();
+    if (type === FrameType.Literal && !carried) this.inflater?.rawLiteral();
     switch (type) {
       case FrameType.Hello:
         this.onHello(payload);
@@ -246,7 +245,7 @@ export class ReceiveSession {
       case FrameType.Compressed: {
         const decoder = this.requireDecoder();
         if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a Compressed frame, but compression was not chosen');
-        if (this.framesBatched) throw new ProtocolViolation('unexpected-frame', 'a Compressed frame after CompressedFrames');
+        if (this.inflater.framed) throw new ProtocolViolation('unexpected-frame', 'a Compressed frame after CompressedFrames');
         decoder.literal(this.inflater.inflate(payload));
         this.life.noteVerbatim(decoder);
         return;
@@ -289,26 +288,25 @@ export class ReceiveSession {
   }
 
   /**
-   * A batch of whole frames: checked whole, its Deltas' bases read ahead as a chunk's are, then its
-   * frames delivered one by one before the frames after it (FrameParser.nest), pausing as those do.
+   * A batch of whole frames: checked whole and its Deltas' bases read ahead as it arrived (BatchesAhead),
+   * then its frames delivered one by one before the frames after it (FrameParser.nest), pausing as those do.
    */
   private onCompressedFrames(payload: Buffer): void {
     const decoder = this.requireDecoder();
     if (!this.inflater) throw new ProtocolViolation('unexpected-frame', 'a CompressedFrames frame, but compression was not chosen');
-    this.framesBatched = true;
-    if (this.inflater.nestBatch(payload, this.frames, (type, bytes, at, length) => this.lookAtDelta(type, bytes, at, length))) decoder.prefetchAhead();
+    if (this.batches.nest(this.inflater, payload, this.frames, this.lookAtDelta)) decoder.prefetchAhead();
   }
 
   /**
    * Shows the decoder a Delta or SiblingDelta that will be rebuilt soon (its base is read ahead): its
    * payload is bytes[at, at + length). False for a frame of another type.
    */
-  private lookAtDelta(type: FrameType, bytes: Buffer, at: number, length: number): boolean {
+  private readonly lookAtDelta = (type: FrameType, bytes: Buffer, at: number, length: number): boolean => {
     if (type === FrameType.Delta) this.decoder?.aheadOfDelta(bytes, at, at + length, -1);
     else if (type === FrameType.SiblingDelta) this.decoder?.aheadOfDelta(bytes, at + SIBLING_DELTA_LEAD_BYTES, at + length, length > 0 ? bytes[at] : -1);
     else return false;
     return true;
-  }
+  };
 
   /** Stream data is taken only while streaming. */
   private requireDecoder(): StreamDecoder {

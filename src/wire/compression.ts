@@ -501,6 +501,18 @@ export class CompressionMeter {
   }
 }
 
+/** Shown a carried frame (its type, and its payload's place in the batch): whether its pages will be read ahead. */
+export type CarriedLook = (type: FrameType, batch: Buffer, at: number, length: number) => boolean;
+
+/** Checks a batch whole (checkCarriedFrames), showing `look` each frame; whether it said yes to any. */
+function lookInto(batch: Buffer, look: CarriedLook): boolean {
+  let looked = false;
+  checkCarriedFrames(batch, (type, bytes, at, length) => {
+    if (look(type, bytes, at, length)) looked = true;
+  });
+  return looked;
+}
+
 /**
  * The receiving side: Compressed frames back into the Literal bytes they were, each checked to decode
  * to exactly the length it declares (at most MAX_BATCH_BYTES). Anything else a peer sends is a
@@ -511,6 +523,21 @@ export class LiteralInflater {
   savedBytes = 0;
   private readonly decompressor: Handle = zstd().zstdDecompressorNew(ZSTD_WINDOW_LOG);
   private streamOpen = false;
+  private batchesCame = false;
+
+  /**
+   * A CompressedFrames payload has been taken (inflated, here or ahead): the sender batches whole frames,
+   * and its stream goes on across the frames it sends raw until it says so. A Compressed frame is then
+   * out of place.
+   */
+  get framed(): boolean {
+    return this.batchesCame;
+  }
+
+  /** A Literal frame sent raw, outside a batch: it restarts a stream of Compressed frames, not of CompressedFrames. */
+  rawLiteral(): void {
+    if (!this.batchesCame) this.raw();
+  }
 
   /** The sender restarted its stream: a Literal frame came (Compressed frames), or a restart (CompressedFrames). */
   raw(): void {
@@ -521,6 +548,7 @@ export class LiteralInflater {
 
   /** The frames a CompressedFrames payload carries (a buffer of their own), or null for a restart of the stream. */
   inflateBatch(payload: Buffer): Buffer | null {
+    this.batchesCame = true;
     if (payload.length === COMPRESSED_HEADER_BYTES && payload.readUInt32BE(0) === 0) {
       this.raw();
       return null;
@@ -534,13 +562,10 @@ export class LiteralInflater {
    * `parser`, which delivers its frames before the frames after it. Returns whether `look` said yes to
    * any (false for a restart of the stream).
    */
-  nestBatch(payload: Buffer, parser: FrameParser, look: (type: FrameType, batch: Buffer, at: number, length: number) => boolean): boolean {
+  nestBatch(payload: Buffer, parser: FrameParser, look: CarriedLook): boolean {
     const batch = this.inflateBatch(payload);
     if (batch === null) return false;
-    let looked = false;
-    checkCarriedFrames(batch, (type, bytes, at, length) => {
-      if (look(type, bytes, at, length)) looked = true;
-    });
+    const looked = lookInto(batch, look);
     parser.nest(batch);
     return looked;
   }
@@ -559,5 +584,67 @@ export class LiteralInflater {
     this.streamOpen = true;
     this.savedBytes += rawBytes - payload.length;
     return out;
+  }
+}
+
+/** A batch looked at on arrival but left for its delivery to inflate (see BatchesAhead). */
+const NOT_INFLATED = 'not-inflated';
+/** Batches inflated ahead of their delivery and not yet delivered, at most (4 of the largest). */
+const MAX_BYTES_AHEAD = 4 * MAX_BATCH_BYTES;
+
+/**
+ * CompressedFrames batches inflated as they arrive whole, ahead of their delivery: a FrameParser's
+ * lookahead hands each one to arrived() (FrameLookahead.lookWhole), and the receiver's handler to
+ * nest() when its turn comes. Inflated only at delivery, a batch's Runs and Deltas were shown to the
+ * codec just before they were rebuilt, so the first of them waited for the device's whole latency: on
+ * a compressed 4-channel back leg, whose batches are a packet header and its Run, none of the Runs'
+ * pages were read ahead (docs/design.md, "What remains").
+ *
+ * One entry per batch that arrived, in the order both calls see them (the parser looks at every frame
+ * before it delivers it), so the zstd stream is inflated in order. A batch is left to its delivery when
+ * no inflater was chosen yet, past MAX_BYTES_AHEAD held, and after any batch so left (the stream is
+ * one): memory stays bounded whatever a peer sends.
+ */
+export class BatchesAhead {
+  private readonly entries = new Fifo<Buffer | null | typeof NOT_INFLATED>();
+  private notInflated = 0;
+  private bytesAhead = 0;
+
+  constructor(private readonly inflater: () => LiteralInflater | null) {}
+
+  /**
+   * A CompressedFrames payload has arrived whole (valid during the call only): inflated and checked
+   * now, its frames shown to `look`, unless left to its delivery. Whether `look` said yes to any.
+   */
+  arrived(payload: Buffer, look: CarriedLook): boolean {
+    const inflater = this.inflater();
+    const declared = payload.length >= COMPRESSED_HEADER_BYTES ? payload.readUInt32BE(0) : 0;
+    if (inflater === null || this.notInflated > 0 || this.bytesAhead + declared > MAX_BYTES_AHEAD) {
+      this.entries.push(NOT_INFLATED);
+      this.notInflated++;
+      return false;
+    }
+    const batch = inflater.inflateBatch(payload);
+    this.entries.push(batch);
+    if (batch === null) return false;
+    this.bytesAhead += batch.length;
+    return lookInto(batch, look);
+  }
+
+  /**
+   * A CompressedFrames payload is delivered: its batch nested in `parser`, inflated ahead or now (its
+   * frames then shown to `look`). Whether `look` said yes to any now (false for a batch looked at ahead).
+   */
+  nest(inflater: LiteralInflater, payload: Buffer, parser: FrameParser, look: CarriedLook): boolean {
+    const entry = this.entries.length > 0 ? this.entries.shift() : NOT_INFLATED;
+    if (entry === NOT_INFLATED) {
+      if (this.notInflated > 0) this.notInflated--;
+      return inflater.nestBatch(payload, parser, look);
+    }
+    if (entry !== null && entry !== undefined) {
+      this.bytesAhead -= entry.length;
+      parser.nest(entry);
+    }
+    return false;
   }
 }

@@ -366,6 +366,13 @@ export interface FrameLookahead {
   look(type: FrameType, head: Buffer, length: number): void;
   /** Every whole frame that arrived has been looked at; their delivery follows. */
   looked(): void;
+  /** Frame types whose whole payload is wanted (a CompressedFrames batch, to inflate as it arrives). */
+  wantsWhole?(type: FrameType): boolean;
+  /**
+   * A whole frame of a type wantsWhole names has arrived: its payload (a view of the input, or a copy
+   * where it spans chunks: valid during the call only). Whether the frames it carries were looked at.
+   */
+  lookWhole?(type: FrameType, payload: Buffer): boolean;
 }
 
 /**
@@ -449,6 +456,25 @@ export class FrameParser {
       off += n;
       while (ci < this.chunks.length - 1 && off >= this.chunks.at(ci).length) off -= this.chunks.at(ci++).length;
     };
+    /** The next n bytes: a view when they lie in one chunk, else a copy; the cursor steps past them. */
+    const whole = (n: number): Buffer => {
+      skip(0);
+      const c = this.chunks.at(ci);
+      if (c.length - off >= n) {
+        const view = c.subarray(off, off + n);
+        skip(n);
+        return view;
+      }
+      const out = Buffer.allocUnsafe(n);
+      for (let filled = 0; filled < n; ) {
+        const from = this.chunks.at(ci);
+        const take = Math.min(from.length - off, n - filled);
+        from.copy(out, filled, off, off + take);
+        filled += take;
+        skip(take);
+      }
+      return out;
+    };
     let seen = false;
     while (at + FRAME_HEADER_BYTES <= end) {
       copy(FRAME_HEADER_BYTES);
@@ -461,7 +487,11 @@ export class FrameParser {
         continue;
       }
       if (at + FRAME_HEADER_BYTES + length > end) break;
-      if (lookahead.wants(type)) {
+      if (lookahead.wantsWhole?.(type) === true) {
+        // Its delivery would refuse it too; a payload is not copied past the limit.
+        if (length > this.maxPayload) throw new FrameTooLargeError(`frame of ${length} bytes exceeds ${this.maxPayload}`);
+        if (lookahead.lookWhole?.(type, whole(length)) === true) seen = true;
+      } else if (lookahead.wants(type)) {
         const n = Math.min(lookahead.headBytes, length);
         copy(n);
         lookahead.look(type, head, n);
