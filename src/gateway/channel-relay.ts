@@ -15,9 +15,8 @@
 import { connect, type Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import { errorMessage } from '../common/errors';
-import { type ChannelDecoder, type ChannelEncoder, channelDecoder, channelEncoder } from '../proxy/channel-codec';
+import { CHANNEL_AHEAD_BYTES, type ChannelDecoder, type ChannelEncoder, channelDecoder, channelEncoder } from '../proxy/channel-codec';
 import type { MultifdMigration } from '../proxy/multifd-migration';
-import { RUN_LEAD_BYTES } from '../proxy/run';
 import { BatchesAhead, LiteralFrames, LiteralInflater, type WriteDone } from '../wire/compression';
 import {
   type ChannelName,
@@ -447,7 +446,7 @@ export class ChannelReceiver extends ChannelRelay {
       },
       (type) => type === FrameType.Literal,
       {
-        headBytes: RUN_LEAD_BYTES,
+        headBytes: CHANNEL_AHEAD_BYTES,
         wants: (type) => type === FrameType.Run || type === FrameType.Delta || type === FrameType.SiblingDelta,
         look: (type, head, length) => this.lookAhead(type, head, length),
         looked: () => this.decoder?.prefetchAhead?.(),
@@ -573,7 +572,7 @@ export class ChannelReceiver extends ChannelRelay {
   /** Shows the codec a frame a batch carries, if it is a Run or a Delta (see lookAhead). */
   private readonly lookIntoBatch = (type: FrameType, bytes: Buffer, at: number, length: number): boolean => {
     if (type !== FrameType.Run && type !== FrameType.Delta && type !== FrameType.SiblingDelta) return false;
-    this.lookAhead(type, bytes.subarray(at, at + Math.min(length, RUN_LEAD_BYTES)), length);
+    this.lookAhead(type, bytes.subarray(at, at + Math.min(length, CHANNEL_AHEAD_BYTES)), length);
     return true;
   };
 

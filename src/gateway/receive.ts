@@ -16,8 +16,8 @@
 import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import { type Endpoint, parseEndpoint } from './address';
-import { DELTA_AHEAD_BYTES, type StreamDecoder } from '../proxy/decoder';
-import { SIBLING_DELTA_LEAD_BYTES } from '../proxy/page-delta';
+import type { StreamDecoder } from '../proxy/decoder';
+import { DELTA_AHEAD_BYTES, SIBLING_DELTA_LEAD_BYTES } from '../proxy/page-delta';
 import type { DeltaMode } from './config';
 import { MultifdMigration } from '../proxy/multifd-migration';
 import type { PageLayout } from '../proxy/retained';

@@ -8,6 +8,8 @@
  * names the bytes it read and their XXH3-64, and the receiver compares them with what it passed on.
  */
 import { StreamHash } from '../digest';
+import { DELTA_AHEAD_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
+import { RUN_LEAD_BYTES } from './run';
 import type { EncoderSink } from './encoder';
 import { MultifdDecoder } from './multifd-decoder';
 import { MultifdEncoder } from './multifd-encoder';
@@ -22,6 +24,12 @@ interface ParkingCodec {
 }
 
 /** The sending side of one extra channel: the source's bytes in, frames out. */
+/**
+ * A channel frame's first bytes its codec is shown ahead of it (aheadOfRun() and the others): where a
+ * Run's pages are, and a Delta's or SiblingDelta's base with the digest it names.
+ */
+export const CHANNEL_AHEAD_BYTES = Math.max(RUN_LEAD_BYTES, SIBLING_DELTA_LEAD_BYTES + DELTA_AHEAD_BYTES);
+
 export interface ChannelEncoder extends ParkingCodec {
   /** Throws on malformed input. */
   push(chunk: Buffer): void;
@@ -57,7 +65,7 @@ export interface ChannelDecoder extends ParkingCodec {
   keepVersion?(payload: Buffer): void;
   /**
    * A Run frame has arrived, to be given to run() after the frames before it: head[0 .. length) are its
-   * payload's first bytes (RUN_LEAD_BYTES at most; valid during the call only). Every Run frame, in order.
+   * payload's first bytes (CHANNEL_AHEAD_BYTES at most; valid during the call only). Every Run frame, in order.
    */
   aheadOfRun?(head: Buffer, length: number): void;
   /** As aheadOfRun(), for each Delta frame. */

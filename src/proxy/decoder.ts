@@ -4,7 +4,7 @@ import { StreamParser } from '../qemu/parser';
 import { type RamBlock, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { writeRamWord, writeShortString } from '../qemu/encode';
 import { decodeRun, isHeld, MAX_RUN_HELD, type Run } from './run';
-import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, keepVersionPage, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
+import { applyPageDelta, DELTA_AHEAD_BYTES, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, keepVersionPage, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { StreamParts } from './stream-parts';
 import { RecentPages } from './recent-pages';
 import { BASES_WINDOW, ReadsAhead } from './reads-ahead';
@@ -20,9 +20,6 @@ import { RebuildError } from './rebuild-error';
  * reach the destination unchecked.
  */
 const MAX_HELD_TAIL = 64 * 1024 * 1024;
-
-/** A Delta payload's first bytes that name its base: what aheadOfDelta() needs to see. */
-export const DELTA_AHEAD_BYTES = DELTA_BASE_DIGEST_AT + DIGEST_BYTES;
 
 /** Delta bases read ahead from a store: lone pages, through its reader pool. */
 function basesAhead(from: Pick<RetainedPages, 'prefetchPages'>): ReadsAhead {

@@ -7,7 +7,7 @@ import { Fifo } from '../common/fifo';
 import { RebuildError } from './rebuild-error';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
-import { applyPageDelta, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, keepVersionPage, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
+import { applyPageDelta, DELTA_AHEAD_BYTES, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, keepVersionPage, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
 import { sameDigest } from './retained';
 import { BASES_WINDOW, ReadsAhead, runsWindow } from './reads-ahead';
 import type { RecentPages } from './recent-pages';
@@ -340,9 +340,14 @@ export class MultifdDecoder extends MultifdChannel {
   aheadOfDelta(head: Buffer, length: number): void {
     const frame = ++this.deltasSeen;
     const store = this.migration.store;
-    if (length < 8 || store === null || store.prefetchPages === undefined) return;
+    if (length < DELTA_AHEAD_BYTES || store === null || store.prefetchPages === undefined) return;
     const base = head.readUInt32BE(4);
     if (!this.migration.hasPage(base) || (base !== head.readUInt32BE(0) && this.migration.recentlyStored(base))) return;
+    // Only the version the store holds now, as the main channel's decoder does. A base another channel
+    // has yet to write (a first leg's Deltas against pages of the epoch) is read when it is rebuilt, or
+    // found among the recent pages: read ahead, it was a read of the device for nothing, and it took a
+    // slot from a base that needed one (docs/benchmarks.md, "Twenty-eighth session").
+    if (!sameDigest(store.digests, base * DIGEST_BYTES, head, DELTA_BASE_DIGEST_AT)) return;
     const window = Math.max(8, Math.floor(BASES_WINDOW / Math.max(1, this.migration.channelCount)));
     this.deltasAhead ??= new ReadsAhead(window, (pages, _counts, count) => store.prefetchPages?.(pages, count));
     this.deltasAhead.note(frame, base);
@@ -355,14 +360,17 @@ export class MultifdDecoder extends MultifdChannel {
    */
   aheadOfSibling(head: Buffer, length: number): void {
     const frame = ++this.siblingsSeen;
-    if (length < SIBLING_DELTA_LEAD_BYTES + 8) return;
+    if (length < SIBLING_DELTA_LEAD_BYTES + DELTA_AHEAD_BYTES) return;
     const sibling = head[0];
     const from = this.migration.siblingPages[sibling];
     if (from === undefined || from.prefetchPages === undefined) return;
+    // Only a version the sibling holds; rebuilding fails the migration otherwise, with no read.
+    const base = head.readUInt32BE(SIBLING_DELTA_LEAD_BYTES + 4);
+    if ((base + 1) * DIGEST_BYTES > from.digests.length || !sameDigest(from.digests, base * DIGEST_BYTES, head, SIBLING_DELTA_LEAD_BYTES + DELTA_BASE_DIGEST_AT)) return;
     while (this.siblingsAhead.length <= sibling) this.siblingsAhead.push(null);
     const window = Math.max(8, Math.floor(BASES_WINDOW / Math.max(1, this.migration.channelCount)));
     const ahead = (this.siblingsAhead[sibling] ??= new ReadsAhead(window, (pages, _counts, count) => from.prefetchPages?.(pages, count)));
-    ahead.note(frame, head.readUInt32BE(SIBLING_DELTA_LEAD_BYTES + 4));
+    ahead.note(frame, base);
   }
 
   /** Has the stores start reading what aheadOfRun(), aheadOfDelta() and aheadOfSibling() noted, a window ahead of the frames rebuilt. */

@@ -41,6 +41,8 @@ export function keepVersionPage(payload: Buffer): number {
 }
 export const DELTA_BASE_DIGEST_AT = 8;
 export const DELTA_NEW_DIGEST_AT = 8 + DIGEST_BYTES;
+/** A Delta payload's first bytes that name its base and the base's digest: what a look ahead of it needs. */
+export const DELTA_AHEAD_BYTES = DELTA_BASE_DIGEST_AT + DIGEST_BYTES;
 
 /**
  * Writes a Delta payload's header at out[at…]: page `page` from page `base`, whose digest is at

@@ -8,7 +8,7 @@ import { MultifdDecoder } from '../../proxy/multifd-decoder';
 import { MultifdEncoder } from '../../proxy/multifd-encoder';
 import { MultifdMigration } from '../../proxy/multifd-migration';
 import { type PageLayout, ReceiverTable, type RetainedPages, type SiblingPages } from '../../proxy/retained';
-import { RUN_LEAD_BYTES } from '../../proxy/run';
+import { CHANNEL_AHEAD_BYTES } from '../../proxy/channel-codec';
 import { SiblingMatch } from '../../proxy/sibling-match';
 import { StreamEncoder } from '../../proxy/encoder';
 import { decodeSeal, encodeJson, FRAME_HEADER_BYTES, FrameType } from '../../wire/frames';
@@ -265,9 +265,10 @@ export function multifdRoundTrip(
     const frames = options.alterFrames ? options.alterFrames(c, sent[c].frames) : sent[c].frames;
     if (options.readAhead) {
       for (const frame of frames) {
-        if (frame.kind === 'run') decoders[c].aheadOfRun(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
-        if (frame.kind === 'delta') decoders[c].aheadOfDelta(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
-        if (frame.kind === 'sibling') decoders[c].aheadOfSibling(frame.payload, Math.min(RUN_LEAD_BYTES, frame.payload.length));
+        const head = frame.payload.subarray(0, CHANNEL_AHEAD_BYTES);
+        if (frame.kind === 'run') decoders[c].aheadOfRun(head, head.length);
+        if (frame.kind === 'delta') decoders[c].aheadOfDelta(head, head.length);
+        if (frame.kind === 'sibling') decoders[c].aheadOfSibling(head, head.length);
       }
       decoders[c].prefetchAhead();
     }
