@@ -284,6 +284,8 @@ describe.each(READERS_AHEAD)('pages read ahead by %s', (_readers, aioSetting) =>
     try {
       if (aioSetting === '0') expect(direct.kernelReads).toBe(false);
       else if (!requireInCi(direct.kernelReads, 'the kernel’s asynchronous I/O (io_setup)')) return;
+      // Not asked for, or had: nothing for the gateway to say (it logs a refusal).
+      expect(direct.kernelReadsRefused).toBe(false);
       const order = [...Array(pages).keys()].map((k) => (k * 97) % pages); // no read-ahead guesses it
       for (let round = 2; round < 5; round++) {
         const queued = direct.prefetch(Float64Array.from(order, (i) => i * PAGE), pages);

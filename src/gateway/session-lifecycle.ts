@@ -76,6 +76,8 @@ export class SessionLifecycle {
     if (!this.options.observer.retains(this.vm, this.direction)) return;
     this.store = PageStore.open(this.options.storeRoot, this.vm, { maxPages: this.options.maxGuestPages });
     this.retained = new UndoableStore(this.store);
+    // Correct all the same, only slower: said, so that an operator can raise the limit.
+    if (this.store.kernelReadsRefused) this.event('store reads ahead with threads: the kernel refused an AIO context (raise fs.aio-max-nr)');
   }
 
   /** The store has just begun a migration (the codec knows the layout): the gateway keeps it within budget. */

@@ -84,7 +84,11 @@ export class DirectPages {
    */
   readonly writeBuffers: Buffer[];
 
-  private constructor(private readonly handle: Handle) {
+  private constructor(
+    private readonly handle: Handle,
+    /** The kernel's AIO was asked for (BFMIG_STORE_AIO is not 0). */
+    private readonly kernelReadsAsked: boolean,
+  ) {
     this.writeBuffers = (addon as PageioAddon).pageioWriteBuffers(handle).map((ab) => Buffer.from(ab));
   }
 
@@ -96,8 +100,9 @@ export class DirectPages {
    */
   static open(file: string, fileSize: number): DirectPages | null {
     if (addon === null || process.env.BFMIG_STORE_DIRECT_IO === '0') return null;
+    const kernelReads = process.env.BFMIG_STORE_AIO !== '0';
     try {
-      return new DirectPages(addon.pageioOpen(file, fileSize, process.env.BFMIG_STORE_AIO !== '0'));
+      return new DirectPages(addon.pageioOpen(file, fileSize, kernelReads), kernelReads);
     } catch {
       return null;
     }
@@ -147,6 +152,14 @@ export class DirectPages {
    */
   get kernelReads(): boolean {
     return (addon as PageioAddon).pageioKernelReads(this.handle);
+  }
+
+  /**
+   * The kernel's AIO was asked for and refused (io_setup failed: most often every context of
+   * `fs.aio-max-nr` is taken, 192 events a store): the reader pool reads ahead instead, slower on a busy host.
+   */
+  get kernelReadsRefused(): boolean {
+    return this.kernelReadsAsked && !this.kernelReads;
   }
 
   /** Waits for every queued write and forgets what was read ahead. Throws DirectWriteError. */

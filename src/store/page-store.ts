@@ -179,6 +179,11 @@ export class PageStore {
     return this.pages.directIo;
   }
 
+  /** The store reads ahead with threads: the kernel refused it an AIO context (DirectPages.kernelReadsRefused). */
+  get kernelReadsRefused(): boolean {
+    return this.pages.kernelReadsRefused;
+  }
+
   /**
    * The in-memory digest table: 16 bytes per page, page i at [16*i, 16*i+16);
    * all zero = absent. Read-only for the caller. The same array stays valid

@@ -110,6 +110,11 @@ export class PagesFile {
     return this.directForPageSize() !== null;
   }
 
+  /** Direct I/O reads ahead with the reader pool because the kernel refused its AIO (DirectPages.kernelReadsRefused). */
+  get kernelReadsRefused(): boolean {
+    return this.direct?.kernelReadsRefused ?? false;
+  }
+
   /** The file's current size in bytes. */
   size(): number {
     return fs.fstatSync(this.fd).size;
