@@ -291,8 +291,9 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
         super.readPages(index, count, dest, destStart);
       }
     }
-    // Enough packets for each channel that most of its Runs are read ahead after the first few are rebuilt.
-    const memory = guestMemory([['pc.ram', 6000], ['vga.vram', 1000]], 11, 0.05);
+    // Enough packets for each channel that most of its Runs are read ahead after the first window of them
+    // (MAX_RUNS_WINDOW) is rebuilt.
+    const memory = guestMemory([['pc.ram', 16000], ['vga.vram', 1000]], 11, 0.05);
     const layout = layoutOf(memory.blocks);
     const sender = new MemoryPages();
     const receiver = new HintedPages();
@@ -313,7 +314,7 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     if (format === 'qemu-10.0') expect(receiver.covered).toBe(receiver.reads);
     else expect(receiver.covered).toBeGreaterThan(0.9 * receiver.reads);
     for (const [, n] of receiver.asked) expect(n).toBeLessThanOrEqual(MAX_RUN_HELD);
-    expect(receiver.asked.some(([start]) => start >= 6000)).toBe(true);
+    expect(receiver.asked.some(([start]) => start >= 16000)).toBe(true);
   });
 
   test.each([

@@ -773,8 +773,8 @@ describe('recent pages', () => {
 describe('bases read ahead', () => {
   test('a multifd channel reads fewer Runs ahead the more channels share the store, never none', () => {
     const windows = (slots: number): number[] => [1, 4, 5, 6, 8, 10, 11, 12, 13, 16, 17, 64].map((channels) => runsWindow(channels, slots));
-    expect(windows(64)).toEqual([4, 4, 4, 4, 4, 4, 3, 3, 2, 2, 1, 1]);
-    expect(windows(32)).toEqual([4, 4, 4, 3, 2, 1, 1, 1, 1, 1, 1, 1]);
+    expect(windows(64)).toEqual([12, 12, 10, 8, 6, 4, 3, 3, 2, 2, 1, 1]);
+    expect(windows(32)).toEqual([12, 6, 4, 3, 2, 1, 1, 1, 1, 1, 1, 1]);
     // Every channel's window, its Run being read and one read in part fit the ranges a direct-I/O store
     // reads ahead (the native pool's own count) up to a third of that many channels.
     const slots = DirectPages.rangeSlots;

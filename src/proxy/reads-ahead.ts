@@ -24,11 +24,15 @@ export const BASES_WINDOW = 96;
  * that holds `slots` ranges read ahead (RetainedPages.rangeSlots): they take turns a few Runs at a time
  * (as their destination sockets drain), and each holds besides its window the range it is reading and
  * one it read part of (a Run ending in zero pages). More would evict other channels' Runs before they
- * are read: with 64 ranges (the native store's today), 4 Runs each up to 10 channels, 3 for 11 or 12, 2 up
- * to 16, 1 from 17 on.
+ * are read: with 64 ranges (the native store's today), 12 Runs each up to 4 channels, fewer beyond (8
+ * for 6, 4 for 10), 2 for 13 to 16, 1 from 17 on. A window of 4 Runs (2 MiB) a channel was a few milliseconds ahead of a
+ * 4-channel back leg's receiver, and a third of its Runs' reads were still under way when needed
+ * (docs/benchmarks.md, "Twenty-eighth session").
  */
+export const MAX_RUNS_WINDOW = 12;
+
 export function runsWindow(channels: number, slots: number): number {
-  return Math.max(1, Math.min(4, Math.floor(slots / Math.max(1, channels)) - 2));
+  return Math.max(1, Math.min(MAX_RUNS_WINDOW, Math.floor(slots / Math.max(1, channels)) - 2));
 }
 
 export class ReadsAhead {
