@@ -6,23 +6,12 @@
  * the store's answer is stood in for here.
  */
 import { PageStore } from '../src/store';
-import { startPair, stopPair, type TestSite, waitFor } from '../src/lab/harness/gateway-pair';
-import { destinationStandIn, sourceStandIn } from '../src/lab/harness/qemu-standins';
+import { migrateThroughPair, startPair, stopPair, type TestSite } from '../src/lab/harness/gateway-pair';
 import { guestMemory, migrationStream } from '../src/lab/harness/migration-stream';
 import { suiteTempDir } from './temp-dir';
 
 const NOTE = 'store reads ahead with threads: the kernel refused an AIO context (raise fs.aio-max-nr)';
 const memory = guestMemory([['pc.ram', 300]], 23);
-
-async function migrate(from: TestSite, to: TestSite, stream: Buffer): Promise<Buffer> {
-  const dest = await destinationStandIn(to.destPort);
-  const before = [from.gateway.history.length, to.gateway.history.length];
-  expect(await sourceStandIn(from.routePort, stream)).toBe('closed');
-  await waitFor(() => from.gateway.history.length > before[0] && to.gateway.history.length > before[1]);
-  const { bytes } = await dest.received;
-  dest.close();
-  return bytes;
-}
 
 const notes = (site: TestSite): unknown[] => site.logs.filter((l) => l.msg === NOTE);
 
@@ -38,19 +27,16 @@ describe('a store without the kernel’s AIO', () => {
   test('migrates as ever, and each gateway says its store reads ahead with threads', async () => {
     jest.spyOn(PageStore.prototype, 'kernelReadsRefused', 'get').mockReturnValue(true);
     const stream = migrationStream(memory, [[2, 3]]);
-    expect((await migrate(a, b, stream)).equals(stream)).toBe(true);
-    for (const [site, direction] of [
-      [a, 'send'],
-      [b, 'receive'],
-    ] as const) {
-      expect(site.gateway.history.at(-1)).toMatchObject({ result: 'completed' });
-      expect(notes(site)).toEqual([expect.objectContaining({ vm: 'vm1', direction })]);
-    }
+    const { received, sent, got } = await migrateThroughPair(a, b, stream);
+    expect(received.equals(stream)).toBe(true);
+    expect([sent.result, got.result]).toEqual(['completed', 'completed']);
+    expect(notes(a)).toEqual([expect.objectContaining({ vm: 'vm1', direction: 'send' })]);
+    expect(notes(b)).toEqual([expect.objectContaining({ vm: 'vm1', direction: 'receive' })]);
   });
 
   test('says nothing where the store has its AIO context', async () => {
     const stream = migrationStream(memory, [[2, 3]]);
-    expect((await migrate(b, a, stream)).equals(stream)).toBe(true);
+    expect((await migrateThroughPair(b, a, stream)).received.equals(stream)).toBe(true);
     for (const site of [a, b]) expect(notes(site)).toHaveLength(1);
   });
 });
