@@ -23,13 +23,13 @@ interface ParkingCodec {
   onReadOn: (() => void) | null;
 }
 
-/** The sending side of one extra channel: the source's bytes in, frames out. */
 /**
  * A channel frame's first bytes its codec is shown ahead of it (aheadOfRun() and the others): where a
  * Run's pages are, and a Delta's or SiblingDelta's base with the digest it names.
  */
 export const CHANNEL_AHEAD_BYTES = Math.max(RUN_LEAD_BYTES, SIBLING_DELTA_LEAD_BYTES + DELTA_AHEAD_BYTES);
 
+/** The sending side of one extra channel: the source's bytes in, frames out. */
 export interface ChannelEncoder extends ParkingCodec {
   /** Throws on malformed input. */
   push(chunk: Buffer): void;
