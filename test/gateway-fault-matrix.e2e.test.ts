@@ -535,13 +535,17 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
     // A 16 MiB filesystem over the receiving store: the guest's 64 MiB of data do not fit.
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', to.data]);
     try {
-      const counts = [to.gateway.reports.length];
+      const counts = [here.gateway.reports.length, to.gateway.reports.length];
       const dest = await destinationAt(to, 'diskfull');
       vm.setMaxBandwidth(FAST);
       await vm.migrate(`tcp:127.0.0.1:${here.routePort}`);
       const destination = await expectCleanFailure(dest);
-      const [received] = await reportsAfter(to, counts[0]);
+      const [received] = await reportsAfter(to, counts[1]);
       expect(received).toMatchObject({ direction: 'receive', result: 'failed' });
+      // The sending gateway reports once its store has rolled back, which may be after the receiving one
+      // did: the next migration's report must not be taken for this one's.
+      const [failedSend] = await reportsAfter(here, counts[0]);
+      expect(failedSend).toMatchObject({ direction: 'send', result: 'failed' });
       // The disk is still full: the next migration goes on without retention there, and completes.
       const sent = await migrateOn();
       expect(sent.pagesReused).toBe(0);
