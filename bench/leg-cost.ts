@@ -80,13 +80,24 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
   // QEMU switches over once what is left would cross within its downtime limit at the rate it measured:
   // a path that QEMU measures faster, or that leaves more for the stop, moves the leg's total time.
   lines.push('', "QEMU's switchover: median (min–max) over the runs");
-  lines.push("leg  path               downtime ms          downtime MiB         QEMU's rate Mbit/s   dirty syncs");
+  // From the source's trace: the windows QEMU measured its rate in before it stopped the guest, the last
+  // one's rate (the one it weighed what was left against), what it left for the stop, and how fast that
+  // went (left ÷ downtime): a leg whose windows ran slow leaves its stop more, or takes it slower.
+  lines.push("leg  path               downtime ms          downtime MiB         QEMU's rate Mbit/s   dirty syncs  windows   last window MB/s     left at stop MiB     left ÷ downtime MB/s");
+  const lastWindow = (l: LegResult): number | null => {
+    const w = l.qemuWindows[l.qemuWindows.length - 1];
+    return w === undefined || w.ms === 0 ? null : w.bytes / 1e6 / (w.ms / 1000);
+  };
   lines.push(
     ...perPath(legs, (at) => [
       spread(at.map((l) => l.downtimeMs), (v) => v.toFixed(0)).padEnd(20),
       spread(present(at.map((l) => (l.downtimeBytes === null ? null : l.downtimeBytes / 2 ** 20))), (v) => v.toFixed(2)).padEnd(20),
       spread(present(at.map((l) => l.qemuMbps)), (v) => v.toFixed(0)).padEnd(20),
-      spread(at.map((l) => l.dirtySyncCount), (v) => v.toFixed(0)),
+      spread(at.map((l) => l.dirtySyncCount), (v) => v.toFixed(0)).padEnd(12),
+      spread(at.map((l) => l.qemuWindows.length), (v) => v.toFixed(0)).padEnd(9),
+      spread(present(at.map(lastWindow)), (v) => v.toFixed(0)).padEnd(20),
+      spread(present(at.map((l) => (l.pendingAtSwitchoverBytes === null ? null : l.pendingAtSwitchoverBytes / 2 ** 20))), (v) => v.toFixed(1)).padEnd(20),
+      spread(present(at.map((l) => (l.pendingAtSwitchoverBytes === null || l.downtimeMs === 0 ? null : l.pendingAtSwitchoverBytes / 1e6 / (l.downtimeMs / 1000)))), (v) => v.toFixed(0)),
     ]),
   );
   // The event loop's share: what bounds a gateway with cores to spare (zstd on the thread pool leaves it).

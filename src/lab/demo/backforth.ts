@@ -8,6 +8,7 @@ import { type MigrationInfo } from '../vm/qmp-types';
 import { type QmpEvent, QemuVm, type WaitForMigrationOptions, disposeAllVms } from '../vm/qemu-vm';
 import { ensureGuestBuilt } from '../vm/guest-image';
 import { freePort } from '../vm/ports';
+import { parseSwitchoverTrace, SWITCHOVER_TRACE_EVENTS } from '../vm/switchover-trace';
 import { WanEmulator } from '../wan';
 
 /** What a leg's opening is timed to: its first 8 MiB across the WAN (LegResult.openingMs). */
@@ -134,6 +135,12 @@ export interface LegResult {
    */
   downtimeBytes: number | null;
   qemuMbps: number | null;
+  /**
+   * From the source's own trace (lab/vm/switchover-trace.ts): the rate windows QEMU measured before it
+   * switched over (bytes, ms), and the bytes it left to send with the guest stopped (null: not traced).
+   */
+  qemuWindows: { bytes: number; ms: number }[];
+  pendingAtSwitchoverBytes: number | null;
   /** Pages the guest rewrote at the source site since it arrived there (the change before this leg). */
   changedPages: number;
   /** Seconds the guest ran at the source site, from its arrival (or boot) to this leg's start. */
@@ -241,7 +248,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
   const siteIndex = (name: string): number => (name === 'site-a' ? 0 : 1);
   const tls = o.qemuTls ? makeQemuTlsCredentials(path.join(tmp, 'qemu-tls')) : null;
   const startVm = (options: ConstructorParameters<typeof QemuVm>[0], site: string): QemuVm => {
-    const vm = new QemuVm({ ...options, qemuBinary: o.qemuAt?.[siteIndex(site)], extraArgs: tls?.args });
+    const vm = new QemuVm({ ...options, qemuBinary: o.qemuAt?.[siteIndex(site)], extraArgs: tls?.args, traceEvents: SWITCHOVER_TRACE_EVENTS });
     if (o.downtimeLimitMs !== undefined) vm.setDowntimeLimit(o.downtimeLimitMs);
     return vm;
   };
@@ -363,6 +370,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         const resumedAt = at(dest.qmpEvents.find((e) => e.event === 'RESUME'));
         const cpuDelta = (before: CpuTime | null, after: CpuTime | null, part: keyof CpuTime): number | null =>
           before === null || after === null || path_ === 'direct' ? null : Math.round((after[part] - before[part]) * 100) / 100;
+        const switchover = parseSwitchoverTrace(vm.stderr);
         const result: LegResult = {
           leg,
           path: path_,
@@ -388,6 +396,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           dirtySyncCount: info.ram?.['dirty-sync-count'] ?? 0,
           downtimeBytes: info.ram?.['downtime-bytes'] ?? null,
           qemuMbps: info.ram?.mbps ?? null,
+          qemuWindows: switchover.windows,
+          pendingAtSwitchoverBytes: switchover.pendingAtSwitchover,
           changedPages,
           secondsAtSource,
           pageWritesAtSource,

@@ -112,6 +112,8 @@ export interface QemuVmOptions {
   /** Pass -nodefaults (no NIC/VGA/floppy/CD; default true: faster boot, smaller state). */
   nodefaults?: boolean;
   extraArgs?: string[];
+  /** QEMU trace events to enable (`-trace NAME`), written to stderr by QEMU's log trace backend. */
+  traceEvents?: readonly string[];
   /** Keep the temp dir after dispose() (also $BFMIG_KEEP_VM_TMP=1). */
   keepTempDir?: boolean;
   /** QMP connect timeout after spawn, ms (default 30000). */
@@ -285,6 +287,7 @@ export class QemuVm {
     }
     if (o.incoming !== undefined) args.push('-incoming', o.incoming);
     if (o.extraArgs) args.push(...o.extraArgs);
+    for (const event of o.traceEvents ?? []) args.push('-trace', event);
     return args;
   }
 
@@ -353,6 +356,11 @@ export class QemuVm {
       throw new Error(`${this.name}: QEMU failed to start: ${msg}\n${this.describe()}`);
     }
     return this;
+  }
+
+  /** What QEMU has written to stderr so far (its trace lines among it). */
+  get stderr(): string {
+    return this.stderrText;
   }
 
   /** Command line, exit status, stderr and console tail, for error messages. */
