@@ -82,7 +82,8 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
   lines.push('', "QEMU's switchover: median (min–max) over the runs");
   // From the source's trace: the windows QEMU measured its rate in before it stopped the guest, the last
   // one's rate (the one it weighed what was left against), what it left for the stop, and how fast that
-  // went (left ÷ downtime): a leg whose windows ran slow leaves its stop more, or takes it slower.
+  // went (left ÷ downtime): through the gateways a back leg leaves about the same whatever its length,
+  // which the stop's pace sets (docs/benchmarks.md, "Twenty-ninth session").
   lines.push("leg  path               downtime ms          downtime MiB         QEMU's rate Mbit/s   dirty syncs  windows   last window MB/s     left at stop MiB     left ÷ downtime MB/s");
   const lastWindow = (l: LegResult): number | null => {
     const w = l.qemuWindows[l.qemuWindows.length - 1];

@@ -2,9 +2,9 @@
  * What a source QEMU's own trace says of how it chose its switchover. QEMU measures its stream's rate in
  * windows of about 100 ms (migration_update_counters) and stops the guest once what is left to send is
  * under that rate × the downtime limit (migration_iteration_run). Through a gateway pair the rate it
- * measures is the pair's pace, not the WAN's: a leg whose first windows run slow switches over later,
- * with a different amount left to send with the guest stopped. These two events, traced by QEMU 7.2 and
- * 10.0 alike through its `log` trace backend (to stderr), tell which way a leg went.
+ * measures is the pair's pace, not the WAN's. These two events, traced by QEMU 7.2 and 10.0 alike
+ * through its `log` trace backend (to stderr), say when it stopped the guest and with how much left;
+ * the downtime then says how fast the pair took the rest.
  */
 
 /** The trace events to enable at a source (`-trace NAME` each). */
