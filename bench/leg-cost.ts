@@ -84,7 +84,9 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
   // one's rate (the one it weighed what was left against), what it left for the stop, and how fast that
   // went (left ÷ downtime): through the gateways a back leg leaves about the same whatever its length,
   // which the stop's pace sets (docs/benchmarks.md, "Twenty-ninth session").
-  lines.push("leg  path               downtime ms          downtime MiB         QEMU's rate Mbit/s   dirty syncs  windows   last window MB/s     left at stop MiB     left ÷ downtime MB/s");
+  // The guest's own pause (its STOP at the source to its RESUME at the destination) beside QEMU's downtime,
+  // which ends when the source has written its last byte to the gateway.
+  lines.push("leg  path               downtime ms          guest paused ms      downtime MiB         QEMU's rate Mbit/s   dirty syncs  windows   last window MB/s     left at stop MiB     left ÷ downtime MB/s");
   const lastWindow = (l: LegResult): number | null => {
     const w = l.qemuWindows[l.qemuWindows.length - 1];
     return w === undefined || w.ms === 0 ? null : w.bytes / 1e6 / (w.ms / 1000);
@@ -92,6 +94,7 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
   lines.push(
     ...perPath(legs, (at) => [
       spread(at.map((l) => l.downtimeMs), (v) => v.toFixed(0)).padEnd(20),
+      spread(present(at.map((l) => l.pausedMs)), (v) => v.toFixed(0)).padEnd(20),
       spread(present(at.map((l) => (l.downtimeBytes === null ? null : l.downtimeBytes / 2 ** 20))), (v) => v.toFixed(2)).padEnd(20),
       spread(present(at.map((l) => l.qemuMbps)), (v) => v.toFixed(0)).padEnd(20),
       spread(at.map((l) => l.dirtySyncCount), (v) => v.toFixed(0)).padEnd(12),
