@@ -10,7 +10,7 @@ import { RecentPages } from './recent-pages';
 import { BASES_WINDOW, ReadsAhead } from './reads-ahead';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { newCounts, type TransferCounts } from './transfer-counts';
-import { continuingFlags, layoutOf, type PageLayout, PageRetainer, type RetainedPages, sameDigest, type SiblingPages } from './retained';
+import { continuingFlags, layoutOf, type PageLayout, holdsVersion, PageRetainer, type RetainedPages, sameDigest, type SiblingPages } from './retained';
 import { errorMessage } from '../common/errors';
 import { RebuildError } from './rebuild-error';
 
@@ -212,7 +212,7 @@ export class StreamDecoder {
     // A page's own version is read in stream order, with the Runs around it: the store reads that ahead.
     if (sibling < 0 && (base === head.readUInt32BE(at) || (this.recent !== null && this.recent.find(base) >= 0))) return;
     // Only a version the store holds; rebuilding fails the migration otherwise, with no read.
-    if ((base + 1) * DIGEST_BYTES > from.digests.length || !sameDigest(from.digests, base * DIGEST_BYTES, head, at + DELTA_BASE_DIGEST_AT)) return;
+    if (!holdsVersion(from.digests, base, head, at + DELTA_BASE_DIGEST_AT)) return;
     let ahead: ReadsAhead;
     if (sibling < 0) {
       ahead = this.ownAhead ??= basesAhead(from);

@@ -8,7 +8,7 @@ import { RebuildError } from './rebuild-error';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { applyPageDelta, DELTA_AHEAD_BYTES, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, keepVersionPage, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
-import { sameDigest } from './retained';
+import { holdsVersion, sameDigest } from './retained';
 import { BASES_WINDOW, ReadsAhead, runsWindow } from './reads-ahead';
 import type { RecentPages } from './recent-pages';
 import { decodeRun, MAX_RUN_HELD, runPlace } from './run';
@@ -347,7 +347,7 @@ export class MultifdDecoder extends MultifdChannel {
     // has yet to write (a first leg's Deltas against pages of the epoch) is read when it is rebuilt, or
     // found among the recent pages: read ahead, it was a read of the device for nothing, and it took a
     // slot from a base that needed one (docs/benchmarks.md, "Twenty-eighth session").
-    if (!sameDigest(store.digests, base * DIGEST_BYTES, head, DELTA_BASE_DIGEST_AT)) return;
+    if (!holdsVersion(store.digests, base, head, DELTA_BASE_DIGEST_AT)) return;
     const window = Math.max(8, Math.floor(BASES_WINDOW / Math.max(1, this.migration.channelCount)));
     this.deltasAhead ??= new ReadsAhead(window, (pages, _counts, count) => store.prefetchPages?.(pages, count));
     this.deltasAhead.note(frame, base);
@@ -366,7 +366,7 @@ export class MultifdDecoder extends MultifdChannel {
     if (from === undefined || from.prefetchPages === undefined) return;
     // Only a version the sibling holds; rebuilding fails the migration otherwise, with no read.
     const base = head.readUInt32BE(SIBLING_DELTA_LEAD_BYTES + 4);
-    if ((base + 1) * DIGEST_BYTES > from.digests.length || !sameDigest(from.digests, base * DIGEST_BYTES, head, SIBLING_DELTA_LEAD_BYTES + DELTA_BASE_DIGEST_AT)) return;
+    if (!holdsVersion(from.digests, base, head, SIBLING_DELTA_LEAD_BYTES + DELTA_BASE_DIGEST_AT)) return;
     while (this.siblingsAhead.length <= sibling) this.siblingsAhead.push(null);
     const window = Math.max(8, Math.floor(BASES_WINDOW / Math.max(1, this.migration.channelCount)));
     const ahead = (this.siblingsAhead[sibling] ??= new ReadsAhead(window, (pages, _counts, count) => from.prefetchPages?.(pages, count)));
@@ -480,7 +480,7 @@ export class MultifdDecoder extends MultifdChannel {
     if (from === undefined) throw new RebuildError(`multifd SiblingDelta from sibling ${payload[0]}, but ${this.migration.siblingPages.length} were confirmed`);
     const base = payload.readUInt32BE(at + 4);
     const where = `page ${base} of sibling ${from.vm}`;
-    if ((base + 1) * DIGEST_BYTES > from.digests.length || !sameDigest(from.digests, base * DIGEST_BYTES, payload, at + DELTA_BASE_DIGEST_AT)) {
+    if (!holdsVersion(from.digests, base, payload, at + DELTA_BASE_DIGEST_AT)) {
       throw new RebuildError(`multifd SiblingDelta from ${where}, which this site does not hold at that version`);
     }
     try {
@@ -515,7 +515,7 @@ export class MultifdDecoder extends MultifdChannel {
     const overtaken = migration.writtenAfter(base, this.syncs) ? (migration.overtaken?.version(base) ?? null) : null;
     if (overtaken !== null && this.namedBase(overtaken, 0, payload)) return true;
     const store = migration.store;
-    if (store === null || !sameDigest(store.digests, base * DIGEST_BYTES, payload, DELTA_BASE_DIGEST_AT)) return false;
+    if (store === null || !holdsVersion(store.digests, base, payload, DELTA_BASE_DIGEST_AT)) return false;
     if (!read) return true;
     try {
       store.readPages(base, 1, this.basePage, 0, false);

@@ -70,6 +70,11 @@ export function sameDigest(a: Uint8Array, aAt: number, b: Uint8Array, bAt: numbe
   return true;
 }
 
+/** Whether a digest table (16 bytes a page) holds page `page` at the version whose digest is digest[digestAt…]. */
+export function holdsVersion(digests: Uint8Array, page: number, digest: Uint8Array, digestAt: number): boolean {
+  return (page + 1) * DIGEST_BYTES <= digests.length && sameDigest(digests, page * DIGEST_BYTES, digest, digestAt);
+}
+
 
 /** Most pages digested ahead at once: a 256 KiB read holds 63 page records. */
 const AHEAD_PAGES = 64;
