@@ -13,7 +13,7 @@ import { multifdMigration, multifdPacket, type MultifdFormat } from '../src/lab/
 import { restoreSnapshot } from '../src/cli/restore';
 import { ChannelsDestination, type ReceivedChannel, sourceChannel } from '../src/lab/harness/qemu-standins';
 import { checkStores, claimedSnapshot } from '../src/lab/harness/stores';
-import { MULTIFD_INIT_BYTES, MULTIFD_MAGIC } from '../src/qemu/multifd';
+import { MULTIFD_INIT_BYTES, MULTIFD_MAGIC, MultifdParser, MultifdRecordKind } from '../src/qemu/multifd';
 import { SOURCE_RECV_BUFFER_BYTES, socketTuning, WAN_NOT_SENT_BYTES } from '../src/gateway/socket-tuning';
 import { PageStore } from '../src/store';
 import { slowSyncs } from './slow-syncs';
@@ -101,13 +101,13 @@ function pagesDiffering(site: Site, pages: Buffer[], vm = 'vm1'): number[] {
 }
 
 /** The channels' WAN bytes against their length, from the sending gateway's 'channel ended' lines since `from`. */
-function channelShare(site: Site, from: number): { streamBytes: number; wanBytes: number } {
+function channelShare(site: Site, from: number): { streamBytes: number; wanBytes: number; headerSavedBytes: number } {
   const ended = site.logs.slice(from).filter((l) => l.msg === 'channel ended');
   expect(ended).toHaveLength(4);
   // Both gateways compress: each channel's Runs and Deltas went inside its batches (channel-compressed-frames).
   expect(ended.map((l) => l.framesBatched)).toEqual([true, true, true, true]);
   const total = (key: string): number => ended.reduce((sum, l) => sum + Number(l[key]), 0);
-  return { streamBytes: total('streamBytes'), wanBytes: total('wanBytes') };
+  return { streamBytes: total('streamBytes'), wanBytes: total('wanBytes'), headerSavedBytes: total('headerSavedBytes') };
 }
 
 // Each channel's zstd batches on the event loop (the default) and on libuv's thread pool.
@@ -148,6 +148,11 @@ describe.each(['event-loop', 'thread-pool'])('multifd channels through a gateway
     const again = channelShare(b, logged);
     expect(again.streamBytes).toBe(first.streamBytes);
     expect(again.wanBytes).toBeLessThan(0.1 * first.wanBytes);
+    // The headers crossed as PacketHeader frames (channel-packet-headers), each a sixth of its 1,344 bytes at most.
+    let packets = 0;
+    for (const channel of run.channels) new MultifdParser((r) => (packets += r.kind === MultifdRecordKind.Packet ? 1 : 0)).push(channel);
+    expect(packets).toBeGreaterThan(8);
+    expect(again.headerSavedBytes).toBeGreaterThanOrEqual(packets * (1344 - 1344 / 6));
     // Both reports count the whole migration, its channels' bytes and pages with the main channel's.
     const pageRecords = all.length + all.filter((i) => i % 5 === 0).length;
     for (const r of back) {

@@ -285,6 +285,7 @@ export class ChannelSender extends ChannelRelay {
         delta: frameOf(FrameType.Delta),
         siblingDelta: frameOf(FrameType.SiblingDelta),
         keepVersion: frameOf(FrameType.KeepVersion),
+        packetHeader: frameOf(FrameType.PacketHeader),
         // Never inside a batch: the receiver takes a check only in order, between the frames around it.
         check: (streamBytes, streamCheck) => {
           literals.flush();
@@ -388,9 +389,10 @@ export class ChannelSender extends ChannelRelay {
         // Once the batches on the thread pool have gone, and what waited behind them.
         literals.afterHeld(() => {
           peer.end();
-          this.sender.group.compressionSavedBytes += literals.savedBytes;
-          const { earlierBaseDeltas, versionsKept } = encoder;
-          this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes, framesBatched: literals.carriesFrames, earlierBaseDeltas, versionsKept });
+          // A PacketHeader frame's saving is compression's too: the same bytes, coded otherwise.
+          const { earlierBaseDeltas, versionsKept, headerSavedBytes } = encoder;
+          this.sender.group.compressionSavedBytes += literals.savedBytes + (headerSavedBytes ?? 0);
+          this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes, framesBatched: literals.carriesFrames, earlierBaseDeltas, versionsKept, headerSavedBytes });
         });
       }),
     );
@@ -633,6 +635,11 @@ export class ChannelReceiver extends ChannelRelay {
         if (!decoder.keepVersion) throw new ProtocolViolation('unexpected-frame', `a KeepVersion frame on ${this.label}, which is relayed as it is`);
         decoder.keepVersion(payload);
         break;
+      case FrameType.PacketHeader:
+        // Offered (Feature.ChannelPacketHeaders) to every multifd channel; a verbatim channel takes none.
+        if (!decoder.packetHeader) throw new ProtocolViolation('unexpected-frame', `a PacketHeader frame on ${this.label}, which is relayed as it is`);
+        decoder.packetHeader(payload);
+        break;
       case FrameType.Seal: {
         const seal = decodePayload(decodeSeal, payload);
         decoder.check(seal.streamBytes, peerText(seal.streamCheck));
@@ -665,7 +672,7 @@ export class ChannelReceiver extends ChannelRelay {
     this.endPending = true;
     decoder.end(end.streamBytes, peerText(end.streamCheck), () => {
       this.endPending = false;
-      this.options.group.compressionSavedBytes += this.inflater?.savedBytes ?? 0;
+      this.options.group.compressionSavedBytes += (this.inflater?.savedBytes ?? 0) + (decoder.headerSavedBytes ?? 0);
       this.multifdEnded(true);
       if (!this.ended) {
         // Else the destination had closed it first.

@@ -404,6 +404,7 @@ export class ReceiveSession {
             // Deltas patch pages this store holds: without a store there is nothing to patch.
             features: [
               Feature.ChannelChecks,
+              Feature.ChannelPacketHeaders,
               ...(deltas ? [Feature.Delta, Feature.BasesAhead, Feature.ChannelDeltas, Feature.ChannelSiblings, Feature.ChannelMatches, Feature.ChannelEarlierBases] : []),
               ...(compression !== null ? [Feature.CompressedFrames, Feature.ChannelCompressedFrames] : []),
             ],

@@ -393,6 +393,7 @@ export class SendSession {
       encoder.multifd = multifd;
       multifd.channelDeltas = encoder.deltas && offers(offer, Feature.ChannelDeltas);
       multifd.channelChecks = offers(offer, Feature.ChannelChecks);
+      multifd.packetHeaders = offers(offer, Feature.ChannelPacketHeaders);
       if (encoder.deltas && offers(offer, Feature.ChannelMatches)) {
         multifd.elsewhere = encoder;
         multifd.earlierBases = offers(offer, Feature.ChannelEarlierBases);

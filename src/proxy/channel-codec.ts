@@ -49,6 +49,8 @@ export interface ChannelEncoder extends ParkingCodec {
   /** A multifd channel's Deltas against another page's version of an earlier epoch, and its KeepVersion frames. */
   readonly earlierBaseDeltas?: number;
   readonly versionsKept?: number;
+  /** Header bytes a multifd channel's PacketHeader frames kept off the WAN. */
+  readonly headerSavedBytes?: number;
 }
 
 /** The receiving side: frames in, the channel's bytes out to the destination. */
@@ -63,6 +65,10 @@ export interface ChannelDecoder extends ParkingCodec {
   siblingDelta?(payload: Buffer): void;
   /** A KeepVersion frame: a multifd channel's only (Feature.ChannelEarlierBases). */
   keepVersion?(payload: Buffer): void;
+  /** A PacketHeader frame: a multifd channel's only (Feature.ChannelPacketHeaders). */
+  packetHeader?(payload: Buffer): void;
+  /** Header bytes a multifd channel's PacketHeader frames kept off the WAN. */
+  readonly headerSavedBytes?: number;
   /**
    * A Run frame has arrived, to be given to run() after the frames before it: head[0 .. length) are its
    * payload's first bytes (CHANNEL_AHEAD_BYTES at most; valid during the call only). Every Run frame, in order.

@@ -27,6 +27,8 @@ export interface EncoderSink {
   siblingDelta?(payload: Buffer): void;
   /** A KeepVersion payload (`page-delta.ts`): once a multifd migration has `earlierBases`. */
   keepVersion?(payload: Buffer): void;
+  /** A PacketHeader payload (`packet-header.ts`): once a multifd migration has `packetHeaders`. */
+  packetHeader?(payload: Buffer): void;
   /**
    * A multifd channel's check after a SYNC packet: its length so far and their XXH3-64, every byte before
    * sent (MultifdMigration.channelChecks).

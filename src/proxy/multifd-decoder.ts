@@ -8,13 +8,14 @@ import { RebuildError } from './rebuild-error';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration } from './multifd-migration';
 import { applyPageDelta, DELTA_AHEAD_BYTES, DELTA_BASE_DIGEST_AT, DELTA_HEADER_BYTES, DELTA_NEW_DIGEST_AT, keepVersionPage, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES } from './page-delta';
+import { PACKET_HEADER_BYTES, PacketHeaders } from './packet-header';
 import { holdsVersion, sameDigest } from './retained';
 import { BASES_WINDOW, ReadsAhead, runsWindow } from './reads-ahead';
 import type { RecentPages } from './recent-pages';
 import { decodeRun, MAX_RUN_HELD, runPlace } from './run';
 
 /** The frames a channel takes. */
-type ChannelFrame = 'literal' | 'run' | 'delta' | 'sibling' | 'keep' | 'check';
+type ChannelFrame = 'literal' | 'header' | 'run' | 'delta' | 'sibling' | 'keep' | 'check';
 
 /** A frame that arrived while the channel was parked: a copy, replayed once it may go on. */
 interface QueuedFrame {
@@ -56,6 +57,8 @@ const EMPTY = Buffer.alloc(0);
  */
 export class MultifdDecoder extends MultifdChannel {
   private readonly queued = new Fifo<QueuedFrame>();
+  /** The channel's previous header that came as a PacketHeader frame (proxy/packet-header.ts). */
+  private readonly headers = new PacketHeaders();
   /** Pages of the run being parsed again: read from the store already, nothing to keep. */
   private replaying = 0;
   private readonly digests = Buffer.allocUnsafe(MAX_RUN_HELD * DIGEST_BYTES);
@@ -139,6 +142,16 @@ export class MultifdDecoder extends MultifdChannel {
    */
   releaseInput(): void {
     this.parser.ownInput();
+  }
+
+  /** A PacketHeader frame (Feature.ChannelPacketHeaders): a packet's header and offsets, coded against the channel's previous one. */
+  packetHeader(payload: Buffer): void {
+    this.frame('header', payload);
+  }
+
+  /** Header bytes PacketHeader frames kept off the WAN. */
+  get headerSavedBytes(): number {
+    return this.headers.savedBytes;
   }
 
   run(payload: Buffer): void {
@@ -267,7 +280,15 @@ export class MultifdDecoder extends MultifdChannel {
     else if (kind === 'delta') this.rebuildDelta(payload);
     else if (kind === 'sibling') this.rebuildSibling(payload);
     else if (kind === 'keep') this.keepFrame(payload);
+    else if (kind === 'header') this.rebuildHeader(payload);
     else this.rebuilt(payload);
+  }
+
+  /** The bytes a PacketHeader frame stands for, passed on as Literal bytes are (parsed again, checked like them). */
+  private rebuildHeader(payload: Buffer): void {
+    const bytes = this.allocate(PACKET_HEADER_BYTES);
+    this.headers.decode(payload, bytes);
+    this.rebuilt(bytes);
   }
 
   /** Passes bytes of the channel on, parsing them (a parked parser reads the rest on resume()). */

@@ -5,6 +5,7 @@ import type { RamBlock, RamPageRecord } from '../qemu/records';
 import type { EncoderSink } from './encoder';
 import { Fifo } from '../common/fifo';
 import { HeldInput } from './held-input';
+import { MAX_PACKET_HEADER_PAYLOAD, PACKET_HEADER_BYTES, PacketHeaders } from './packet-header';
 import { MultifdChannel } from './multifd-channel';
 import { Claim, type MultifdMigration, type PagesElsewhere } from './multifd-migration';
 import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, keepVersionPayload, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
@@ -92,6 +93,13 @@ export class MultifdEncoder extends MultifdChannel {
     if (base === this.pageNow) return false;
     if (migration.writtenIn(base, this.syncs)) return !migration.repeatable(base, this.syncs);
     return migration.mayGoAgainstEarlier(base, this.syncs);
+  };
+  /** Where the receiver takes them (`migration.packetHeaders`): the channel's previous header, and the next one gathered. */
+  private readonly headers = new PacketHeaders();
+  private readonly headerBytes = Buffer.allocUnsafe(PACKET_HEADER_BYTES);
+  private headerFill = 0;
+  private readonly gatherHeader = (bytes: Buffer): void => {
+    this.headerFill += bytes.copy(this.headerBytes, this.headerFill);
   };
   /** Deltas sent against another page's version of an earlier epoch, and KeepVersion frames sent (see MultifdMigration). */
   earlierBaseDeltas = 0;
@@ -220,6 +228,29 @@ export class MultifdEncoder extends MultifdChannel {
    */
   protected override onPacket(packet: MultifdPacketRecord): void {
     if (packet.normalPages === 0 && this.migration.earlierBases) this.keepBeforeWrites(packet, 0, packet.zeroPages);
+    if (this.migration.packetHeaders && this.sink.packetHeader !== undefined) this.sendHeader(packet.streamOffset, this.sink.packetHeader);
+  }
+
+  /**
+   * Sends the packet's header and offsets (at stream offset `at`, all pushed: the parser has read them) as
+   * a PacketHeader frame, after what comes before them; as Literal bytes where that form cannot say them.
+   */
+  private sendHeader(at: number, frame: (payload: Buffer) => void): void {
+    this.send(at);
+    // Never so (the parser settles a packet's start only once its offsets are in), but a header partly
+    // gone as Literal bytes would have to follow as such.
+    if (this.held.from !== at) return;
+    this.headerFill = 0;
+    this.held.release(at + PACKET_HEADER_BYTES, this.gatherHeader);
+    const out = this.deltaOut.reserve(MAX_PACKET_HEADER_PAYLOAD);
+    const length = this.headers.encode(this.headerBytes, 0, out);
+    if (length < 0) this.sink.literal(Buffer.from(this.headerBytes));
+    else frame.call(this.sink, this.deltaOut.take(length));
+  }
+
+  /** Header bytes PacketHeader frames kept off the WAN. */
+  get headerSavedBytes(): number {
+    return this.headers.savedBytes;
   }
 
   /**

@@ -149,6 +149,11 @@ export class MultifdMigration {
    */
   channelChecks = false;
   /**
+   * Sender only: the receiver takes PacketHeader frames on the channels (Feature.ChannelPacketHeaders):
+   * each packet's header and offsets go coded against the channel's previous header (proxy/packet-header.ts).
+   */
+  packetHeaders = false;
+  /**
    * Sender only: the siblings the receiver confirmed, where it takes SiblingDelta frames on the channels
    * (Feature.ChannelSiblings): a page whose content a sibling's snapshot holds goes as a reference to it.
    * Unlike a Run or a Delta this names nothing of the migrating VM's store, only a snapshot pinned for

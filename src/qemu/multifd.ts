@@ -180,10 +180,14 @@ export class MultifdParser {
 
   /**
    * Stream offset up to which every byte has been handed over in a record: the start of a page still
-   * being gathered, else where reading stands (after a fallback: everything).
+   * being gathered, or of a packet whose header and offsets are (its Packet record comes once they are
+   * all in), else where reading stands (after a fallback: everything).
    */
   get settledTo(): number {
-    return this.state === State.Pages ? this.input.offset - this.input.carriedBytes : this.input.offset;
+    const input = this.input;
+    if (this.state === State.Pages) return input.offset - input.carriedBytes;
+    if (this.state === State.Offsets || (this.state === State.Header && input.carriedBytes > 0)) return this.recordStart;
+    return input.offset;
   }
 
   /** The packet being read (valid from its Packet record to its PacketEnd). */

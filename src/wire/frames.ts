@@ -80,7 +80,7 @@ export const enum FrameType {
   SiblingDelta = 15,
   /**
    * Sender → receiver, only when the Offer chose compression and lists `compressed-frames`: whole
-   * frames (Literal, Run, Delta, SiblingDelta, KeepVersion, in stream order) compressed as one batch, so that the
+   * frames (Literal, Run, Delta, SiblingDelta, KeepVersion, PacketHeader, in stream order) compressed as one batch, so that the
    * Runs and Deltas between Literal bytes do not cut the batches short (wire/compression.ts).
    */
   CompressedFrames = 16,
@@ -90,11 +90,24 @@ export const enum FrameType {
    * epoch is over, for Deltas that go against it.
    */
   KeepVersion = 17,
+  /**
+   * Sender → receiver, on a multifd channel, only to a receiver whose Offer lists
+   * `channel-packet-headers`: stream bytes coded against those the channel's previous such frame stood
+   * for (payload defined by the proxy layer: a packet's header and offsets).
+   */
+  PacketHeader = 18,
 }
 
 /** What a CompressedFrames batch may carry: stream data, never control frames or another batch. */
 export function carriedInBatches(type: FrameType): boolean {
-  return type === FrameType.Literal || type === FrameType.Run || type === FrameType.Delta || type === FrameType.SiblingDelta || type === FrameType.KeepVersion;
+  return (
+    type === FrameType.Literal ||
+    type === FrameType.Run ||
+    type === FrameType.Delta ||
+    type === FrameType.SiblingDelta ||
+    type === FrameType.KeepVersion ||
+    type === FrameType.PacketHeader
+  );
 }
 
 /**
@@ -172,6 +185,11 @@ export const enum Feature {
    * each SYNC packet back from its destination until that check has passed (proxy/multifd-decoder.ts).
    */
   ChannelChecks = 'channel-checks',
+  /**
+   * The receiver takes PacketHeader frames on multifd channels: a packet's header and offsets, coded
+   * against the channel's previous header (proxy/packet-header.ts), in place of their Literal bytes.
+   */
+  ChannelPacketHeaders = 'channel-packet-headers',
 }
 
 export interface HelloMessage {

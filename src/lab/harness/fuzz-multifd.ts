@@ -49,7 +49,7 @@ export interface MultifdCorpus {
 }
 
 type Frame = ChannelFrames['frames'][number];
-const KINDS: readonly Frame['kind'][] = ['literal', 'run', 'delta', 'sibling', 'keep', 'check'];
+const KINDS: readonly Frame['kind'][] = ['literal', 'run', 'delta', 'sibling', 'keep', 'check', 'header'];
 const FRAME_HEAD = 5;
 
 /** Frames as bytes: per frame its kind (1..6), the payload's length (u32) and the payload. */
@@ -98,9 +98,9 @@ const channelSeeds = (name: string, channels: readonly Buffer[]): Seed[] => chan
 
 /**
  * How a migration goes through the codecs: Deltas on the channels, matches against other pages, each
- * channel checked after every SYNC packet, all kept the same for every input.
+ * channel checked after every SYNC packet, headers as PacketHeader frames, all kept the same for every input.
  */
-export const CODEC_OPTIONS = { deltas: true, matches: true, earlierBases: true, checks: true } as const;
+export const CODEC_OPTIONS = { deltas: true, matches: true, earlierBases: true, checks: true, packetHeaders: true } as const;
 
 /** The stores as the seed left them, copied: every input starts from the same state. */
 function freshStores(seed: MultifdMigrationSeed): { sender: { store: MemoryPages | null; reference: Uint8Array | null }; receiver: MemoryPages | null } {

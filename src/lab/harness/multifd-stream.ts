@@ -136,7 +136,7 @@ export function multifdMigration(memory: GuestMemory, shape: MultifdMigrationSha
 
 /** A channel's frames as MultifdEncoder sent them: Literal bytes, Run and Delta payloads, checks (a Seal frame's JSON). */
 export interface ChannelFrames {
-  frames: { kind: 'literal' | 'run' | 'delta' | 'sibling' | 'keep' | 'check'; payload: Buffer }[];
+  frames: { kind: 'literal' | 'run' | 'delta' | 'sibling' | 'keep' | 'header' | 'check'; payload: Buffer }[];
   streamBytes: number;
   streamCheck: string;
 }
@@ -166,13 +166,15 @@ export interface ChannelFrames {
  * what reaches each decoder in place of its channel's frames (the fuzzer's damaged wire). With `checks`,
  * the sender checks each channel after every SYNC packet and the receiver holds SYNC packets back until
  * those checks pass (Feature.ChannelChecks); `out` then sees what each decoder handed on as it did.
+ * With `packetHeaders`, each packet's header and offsets go as a PacketHeader frame
+ * (Feature.ChannelPacketHeaders).
  */
 export function multifdRoundTrip(
   channels: readonly Buffer[],
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; cuts?: readonly number[]; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean; earlierBases?: boolean; dropKeepVersions?: boolean; alterFrames?: (channel: number, frames: ChannelFrames['frames']) => ChannelFrames['frames']; checks?: boolean; out?: (channel: number, bytes: Buffer) => void } = {},
+  options: { chunk?: number; cuts?: readonly number[]; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean; earlierBases?: boolean; dropKeepVersions?: boolean; alterFrames?: (channel: number, frames: ChannelFrames['frames']) => ChannelFrames['frames']; checks?: boolean; packetHeaders?: boolean; out?: (channel: number, bytes: Buffer) => void } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -183,6 +185,7 @@ export function multifdRoundTrip(
   sending.receiverTable = sender.reference === null ? null : new ReceiverTable(sender.reference);
   sending.channelDeltas = options.deltas === true;
   sending.channelChecks = options.checks === true;
+  sending.packetHeaders = options.packetHeaders === true;
   if (options.siblings !== undefined) sending.siblings = new SiblingMatch(options.siblings.map((sibling) => sibling.digests));
   if (options.matches) {
     const main = new StreamEncoder({ literal: () => undefined, run: () => undefined }, sender.store);
@@ -203,6 +206,7 @@ export function multifdRoundTrip(
           delta: (payload) => out.frames.push({ kind: 'delta', payload: keep(payload) }),
           siblingDelta: (payload) => out.frames.push({ kind: 'sibling', payload: keep(payload) }),
           keepVersion: (payload) => out.frames.push({ kind: 'keep', payload: keep(payload) }),
+          packetHeader: (payload) => out.frames.push({ kind: 'header', payload: keep(payload) }),
           check: (streamBytes, streamCheck) => out.frames.push({ kind: 'check', payload: encodeJson(FrameType.Seal, { streamBytes, streamCheck }).subarray(FRAME_HEADER_BYTES) }),
         },
         sending,
@@ -275,6 +279,7 @@ export function multifdRoundTrip(
     for (const frame of frames) {
       if (frame.kind === 'run') decoders[c].run(frame.payload);
       else if (frame.kind === 'sibling') decoders[c].siblingDelta(frame.payload);
+      else if (frame.kind === 'header') decoders[c].packetHeader(frame.payload);
       else if (frame.kind === 'keep') {
         if (!options.dropKeepVersions) decoders[c].keepVersion(frame.payload);
       }
