@@ -2,8 +2,8 @@
  * What a multifd back leg's channels carry besides their Runs, per guest page: the packets' headers (QEMU
  * 10.0: the fixed part, then an 8-byte offset for every page, normal or zero, 128 pages a packet), which
  * MultifdEncoder sends as Literal bytes, through the gateway's zstd stream (LiteralFrames, one per
- * channel, flushed per 64 KiB of channel as a relay does per source chunk). The model's multifd terms
- * (src/model/precopy.ts, MULTIFD_*) are these figures.
+ * channel, flushed per 64 KiB of channel as a relay does per source chunk), or as PacketHeader frames
+ * (proxy/packet-header.ts). The model's multifd terms (src/model/precopy.ts, MULTIFD_*) are these figures.
  * Usage: node dist/bench/multifd-headers.js [pages=65536] [zero share=0.15] [channels=4]
  */
 import { MemoryPages } from '../src/lab/harness/fuzz';
@@ -11,6 +11,7 @@ import { guestMemory } from '../src/lab/harness/migration-stream';
 import { multifdMigration, multifdRoundTrip } from '../src/lab/harness/multifd-stream';
 import { MultifdEncoder } from '../src/proxy/multifd-encoder';
 import { MultifdMigration } from '../src/proxy/multifd-migration';
+import { PACKET_HEADER_BYTES } from '../src/proxy/packet-header';
 import { layoutOf, ReceiverTable } from '../src/proxy/retained';
 import { FRAME_HEADER_BYTES } from '../src/wire/frames';
 import { LiteralFrames, ZSTD } from '../src/wire/compression';
@@ -31,38 +32,65 @@ sender.begin(layout);
 receiver.begin(layout);
 multifdRoundTrip(migration().channels, layout, { store: sender, reference: null }, receiver);
 const back = migration();
-const shared = new MultifdMigration(sender, channelCount);
-shared.begin(layout);
-shared.endMain();
-shared.receiverTable = new ReceiverTable(sender.digests);
-let headerBytes = 0;
-let runBytes = 0;
-let wanBytes = 0;
-for (const channel of back.channels) {
-  const literals = new LiteralFrames((bytes) => (wanBytes += bytes.length), ZSTD);
-  const encoder = new MultifdEncoder(
-    {
-      literal: (bytes) => {
-        headerBytes += bytes.length;
-        literals.literal(bytes);
+
+/**
+ * The back leg through the channels' encoders: headers as Literal bytes through each channel's zstd
+ * stream, or as PacketHeader frames (Feature.ChannelPacketHeaders) beside the Runs. Their WAN bytes,
+ * and the CPU seconds the encoders and compressors took.
+ */
+function backLeg(packetHeaders: boolean): { headerBytes: number; headerWan: number; runBytes: number; wanBytes: number; cpuSeconds: number } {
+  const shared = new MultifdMigration(sender, channelCount);
+  shared.begin(layout);
+  shared.endMain();
+  shared.receiverTable = new ReceiverTable(sender.digests);
+  shared.packetHeaders = packetHeaders;
+  let headerBytes = 0;
+  let headerWan = 0;
+  let runBytes = 0;
+  let wanBytes = 0;
+  const started = process.cpuUsage();
+  for (const channel of back.channels) {
+    const literals = new LiteralFrames((bytes) => (wanBytes += bytes.length), ZSTD);
+    const encoder = new MultifdEncoder(
+      {
+        literal: (bytes) => {
+          headerBytes += bytes.length;
+          literals.literal(bytes);
+        },
+        run: (payload) => {
+          literals.flush();
+          runBytes += FRAME_HEADER_BYTES + payload.length;
+          wanBytes += FRAME_HEADER_BYTES + payload.length;
+        },
+        packetHeader: (payload) => {
+          literals.flush();
+          headerBytes += PACKET_HEADER_BYTES;
+          headerWan += FRAME_HEADER_BYTES + payload.length;
+          wanBytes += FRAME_HEADER_BYTES + payload.length;
+        },
       },
-      run: (payload) => {
-        literals.flush();
-        runBytes += FRAME_HEADER_BYTES + payload.length;
-        wanBytes += FRAME_HEADER_BYTES + payload.length;
-      },
-    },
-    shared,
-  );
-  for (let at = 0; at < channel.length; at += CHUNK) {
-    encoder.push(channel.subarray(at, at + CHUNK));
+      shared,
+    );
+    for (let at = 0; at < channel.length; at += CHUNK) {
+      encoder.push(channel.subarray(at, at + CHUNK));
+      literals.flush();
+    }
+    encoder.end();
     literals.flush();
   }
-  encoder.end();
-  literals.flush();
+  const used = process.cpuUsage(started);
+  // Literal bytes' WAN share: all but the Runs and the PacketHeader frames.
+  if (!packetHeaders) headerWan = wanBytes - runBytes;
+  return { headerBytes, headerWan, runBytes, wanBytes, cpuSeconds: (used.user + used.system) / 1e6 };
 }
+
 const guestPages = back.normalPages + back.zeroPages;
-const headerWan = wanBytes - runBytes;
 console.log(`QEMU 10.0 back leg, ${channelCount} channels, ${back.normalPages} normal and ${back.zeroPages} zero pages, every normal page held:`);
-console.log(`  packet headers ${(headerBytes / guestPages).toFixed(2)} B a guest page, over the WAN ${(headerWan / guestPages).toFixed(2)} (zstd ${(headerWan / headerBytes).toFixed(3)}×)`);
-console.log(`  Runs ${(runBytes / back.normalPages).toFixed(3)} B a held page; WAN in all ${wanBytes} B, ${(wanBytes / guestPages).toFixed(2)} B a guest page`);
+// Each way twice, the second timed: the first warms the code up.
+for (const packetHeaders of [false, true]) backLeg(packetHeaders);
+for (const packetHeaders of [false, true]) {
+  const leg = backLeg(packetHeaders);
+  const how = packetHeaders ? 'as PacketHeader frames' : 'as Literal bytes, zstd';
+  console.log(`  packet headers ${how}: ${(leg.headerBytes / guestPages).toFixed(2)} B a guest page, over the WAN ${(leg.headerWan / guestPages).toFixed(3)} (${(leg.headerWan / leg.headerBytes).toFixed(3)}×)`);
+  console.log(`    Runs ${(leg.runBytes / back.normalPages).toFixed(3)} B a held page; WAN in all ${leg.wanBytes} B, ${(leg.wanBytes / guestPages).toFixed(2)} B a guest page; encoders' CPU ${(leg.cpuSeconds * 1000).toFixed(1)} ms`);
+}

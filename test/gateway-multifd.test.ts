@@ -431,3 +431,26 @@ describe('multifd channels through a gateway pair that sends Deltas whatever the
     expect(pagesDiffering(b, last)).toEqual([]);
   });
 });
+
+describe('multifd channels through a gateway pair whose receiving site has compression off', () => {
+  let a: Site;
+  let b: Site;
+
+  beforeEach(async () => {
+    [a, b] = await startPair(suiteTempDir('bfmig-multifd-off-'), [LIMITS, `${LIMITS}compression: off\n`]);
+  });
+
+  afterEach(() => stopPair([a, b]));
+
+  test('packet headers cross as the Literal bytes they are, no PacketHeader frame, and every channel is rebuilt byte for byte', async () => {
+    const memory = guestMemory(BLOCKS, 3);
+    const all = memory.pages.map((_, i) => i);
+    const run = multifdRun('qemu-10.0', [all, all.filter((i) => i % 3 === 0)], () => memory.pages);
+    expectRebuilt(await migrate(a, b, run, true), run);
+    expect([await report(a.gateway, 1), await report(b.gateway, 1)]).toMatchObject([{ result: 'completed', compressionSavedBytes: 0 }, { result: 'completed', compressionSavedBytes: 0 }]);
+    const ended = a.logs.filter((l) => l.msg === 'channel ended');
+    expect(ended).toHaveLength(4);
+    expect(ended.map((l) => l.headerSavedBytes)).toEqual([0, 0, 0, 0]);
+    expect(pagesDiffering(b, memory.pages)).toEqual([]);
+  });
+});

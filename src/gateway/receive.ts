@@ -404,9 +404,9 @@ export class ReceiveSession {
             // Deltas patch pages this store holds: without a store there is nothing to patch.
             features: [
               Feature.ChannelChecks,
-              Feature.ChannelPacketHeaders,
               ...(deltas ? [Feature.Delta, Feature.BasesAhead, Feature.ChannelDeltas, Feature.ChannelSiblings, Feature.ChannelMatches, Feature.ChannelEarlierBases] : []),
-              ...(compression !== null ? [Feature.CompressedFrames, Feature.ChannelCompressedFrames] : []),
+              // A PacketHeader frame is a header compressed: not where compression is off (bytes as they are).
+              ...(compression !== null ? [Feature.CompressedFrames, Feature.ChannelCompressedFrames, Feature.ChannelPacketHeaders] : []),
             ],
             ...(this.siblings ? { siblings: this.siblings.names } : {}),
           }),

@@ -48,7 +48,9 @@ const EMPTY = Buffer.alloc(0);
  * pages' offsets) came before it as Literal bytes: it must start at the page the header lists next, in
  * the block the header names. Its pages are read from the store and checked against the sender's digest
  * before a byte of them goes to `out`. A Delta (Feature.ChannelDeltas) stands for the next normal page
- * alone: its version held here, patched, checked against both of the sender's digests. The rebuilt
+ * alone: its version held here, patched, checked against both of the sender's digests. A PacketHeader
+ * frame (Feature.ChannelPacketHeaders) stands for a packet's header and offsets, rebuilt from the
+ * channel's previous one (proxy/packet-header.ts) and taken as Literal bytes are. The rebuilt
  * channel is parsed again as it goes out, which keeps
  * the store in step exactly as on the sending side. `parked` (see MultifdMigration): the channel waits
  * at a SYNC for the others; frames given meanwhile are copied and queued, so the caller should stop

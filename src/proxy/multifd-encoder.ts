@@ -27,7 +27,9 @@ import { encodeRun, MAX_RUN_HELD } from './run';
  * receiver holds (by `migration.receiverTable`) becomes one Run (proxy/run.ts: block index, first page's
  * offset, count, one digest over the pages' digests, every bitmap bit set); MultifdDecoder rebuilds them
  * from the pages' offsets in the packet header it has already received. Zero pages carry no bytes and
- * stay in the header. Every page is written to the store as it passes, like the main channel's.
+ * stay in the header. Every page is written to the store as it passes, like the main channel's. Where
+ * the receiver takes them (`migration.packetHeaders`), each packet's header and offsets go as a
+ * PacketHeader frame (proxy/packet-header.ts) instead of their 1,344 Literal bytes.
  *
  * Where the receiver takes them (`migration.channelDeltas`), a changed page goes as a Delta against the
  * version of it both sides hold (proxy/page-delta.ts; its base is the page itself) when the ranges that
