@@ -5,13 +5,15 @@
  * mean Delta and the share of the pages it carried that went as deltas, and (back legs) the pages it
  * carried as the changed share. The guest's writes while it migrates are in the model's inputs already:
  * its used share comes from the direct first leg's page count, re-sent pages included.
- * Usage: node dist/bench/compression-model-check.js RESULTS.json... [--ratio R] [--platform bench|bench-qemu10|same-run]
+ * Usage: node dist/bench/compression-model-check.js RESULTS.json... [--ratio R] [--platform bench|bench-qemu10|same-run] [--literal-headers]
  *   --ratio R: the compression ratio of every compressing leg is R instead (`bfmig inspect` on a capture
  *              of the guest: what zstd makes of its stream when it compresses throughout)
  *   --platform: the constants of src/model/calibration.ts to use (bench-qemu10 for bench/leg-cost.js
  *              results: QEMU 10.0 on this host as loaded when they were measured), or same-run:
  *              bench-qemu10's with the host's rates read from each file's own relay and bfmig-plain
  *              legs (calibrateFromBaseline), which are then not checked: only the new legs are
+ *   --literal-headers: the legs were measured before PacketHeader frames (a multifd packet's header as
+ *              Literal bytes through zstd: the model's packetHeaders false)
  * Relay legs (bench/leg-cost.js) are predicted as direct ones: two forwarders add no bytes.
  * Prints each leg, and the worst WAN-bytes and time errors.
  */
@@ -62,7 +64,8 @@ interface Checked {
 }
 
 function main(): void {
-  const { values, positionals } = parseArgs({ args: process.argv.slice(2), options: { ratio: { type: 'string' }, platform: { type: 'string' } }, strict: true, allowPositionals: true });
+  const { values, positionals } = parseArgs({ args: process.argv.slice(2), options: { ratio: { type: 'string' }, platform: { type: 'string' }, 'literal-headers': { type: 'boolean' } }, strict: true, allowPositionals: true });
+  const literalHeaders = values['literal-headers'] === true ? { packetHeaders: false } : {};
   const ratio = values.ratio === undefined ? null : Number(values.ratio);
   const sameRun = values.platform === 'same-run';
   const named = PLATFORMS[values.platform ?? 'bench'];
@@ -95,7 +98,7 @@ function main(): void {
       for (const leg of run.legs) {
         if (sameRun && baseline(leg)) continue;
         const direct = leg.path === 'direct' || leg.path === 'relay';
-        const base = { ...inputsFor(run, leg, firstDirect, results.downtimeLimitMs), platform };
+        const base = { ...inputsFor(run, leg, firstDirect, results.downtimeLimitMs), ...literalHeaders, platform };
         const inputs = direct ? base : measuredInputs(leg, base, ratio);
         const predicted = direct ? predictDirect(inputs) : predictBfmig(inputs, leg.leg > 1);
         checked.push({ group: `${file.replace(/.*\//, '')} ${setting(run)} ${run.mbit} Mbit/s`, leg, wanBytes: predicted.wanBytes, seconds: predicted.totalSeconds });

@@ -37,15 +37,16 @@ const BARE: Platform = {
  * The model check (bench/compression-model-check.js, calibrated per file on its baselines) of the files
  * of docs/benchmarks named: each setting's median WAN-bytes and time errors, in percent.
  */
-function modelCheckMedians(...files: string[]): { wanError: number; timeError: number }[] {
-  const paths = files.map((f) => path.join(PACKAGE_ROOT, 'docs', 'benchmarks', f));
+function modelCheckMedians(...args: string[]): { setting: string; wanError: number; timeError: number }[] {
+  const paths = args.map((f) => (f.startsWith('--') ? f : path.join(PACKAGE_ROOT, 'docs', 'benchmarks', f)));
   const out = execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'compression-model-check.js'), ...paths, '--platform', 'same-run'], { encoding: 'utf8' });
   const lines = out.slice(out.indexOf('medians over the runs')).split('\n').filter((l) => / runs +WAN /.test(l));
   return lines.map((line) => {
+    const setting = line.slice(0, line.indexOf(' runs ')).replace(/ \d+$/, '').trim();
     const wanError = Number(/WAN +[\d.]+ MB \( *([-+\d.]+)%/.exec(line)?.[1]);
     const timeError = Number(/time +[\d.]+ s model +[\d.]+ \( *([-+\d.]+)%/.exec(line)?.[1]);
     if (!Number.isFinite(wanError) || !Number.isFinite(timeError)) throw new Error(`unparsed model check line: ${line}`);
-    return { wanError, timeError };
+    return { setting, wanError, timeError };
   });
 }
 
@@ -305,11 +306,28 @@ describe('calibration from baseline legs of the same run', () => {
     for (const { timeError } of medians) expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
   });
 
-  test("the nineteenth session's 4-channel multifd legs (QEMU 10.0): every setting's WAN bytes and time within 25%", () => {
+  test("the nineteenth session's 4-channel multifd legs (QEMU 10.0, headers through zstd): every setting's WAN bytes and time within 25%", () => {
     // The runs were made with leg-cost.js --multifd 4 before it recorded multifdChannels; the field was added to the file.
-    const medians = modelCheckMedians('leg-cost-1000-multifd-nineteenth.json');
+    // Their gateways sent packet headers as Literal bytes (before PacketHeader frames): as to a peer of that release.
+    const medians = modelCheckMedians('leg-cost-1000-multifd-nineteenth.json', '--literal-headers');
     expect(medians).toHaveLength(4); // files and random, first and back legs, three runs each
     for (const { wanError, timeError } of medians) {
+      expect(Math.abs(wanError)).toBeLessThanOrEqual(25);
+      expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
+    }
+  });
+
+  test("the thirtieth session's 4-channel multifd back legs (QEMU 10.0, headers as PacketHeader frames): WAN bytes and time within 25%", () => {
+    const medians = modelCheckMedians('leg-cost-1000-multifd-thirtieth.json');
+    expect(medians.map((m) => m.setting)).toEqual([
+      'leg-cost-1000-multifd-thirtieth.json files 1000 Mbit/s, leg 1 bfmig',
+      'leg-cost-1000-multifd-thirtieth.json files 1000 Mbit/s, leg 2 bfmig',
+      'leg-cost-1000-multifd-thirtieth.json random 1000 Mbit/s, leg 1 bfmig',
+      'leg-cost-1000-multifd-thirtieth.json random 1000 Mbit/s, leg 2 bfmig',
+    ]);
+    // The back legs. Their first legs are not held to it: the model puts the files guest's 35–51% over
+    // (docs/model.md, "Where the model misses").
+    for (const { wanError, timeError } of medians.filter((m) => m.setting.endsWith('leg 2 bfmig'))) {
       expect(Math.abs(wanError)).toBeLessThanOrEqual(25);
       expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
     }

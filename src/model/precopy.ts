@@ -46,16 +46,18 @@ export const HELD_PAGE_WAN_BYTES = 1 / 8 + RUN_FRAME_BYTES / RUN_MAX_HELD;
 export const ZERO_PAGE_WAN_BYTES = 1 / 8 + RUN_FRAME_BYTES / RUN_MAX_RECORDS;
 /**
  * With multifd (QEMU 10.0: 128 pages a packet, zero pages among them), every page, normal or zero, comes
- * with its share of its packet's header: its 8-byte offset and a share of the fixed part. The gateways
- * send headers as Literal bytes, through the channel's zstd stream; a held page goes in its packet's Run
- * (≤ 128 pages a Run), a zero page in the header alone. `node dist/bench/multifd-headers.js` (a 256 MiB
- * guest's back leg, 4 channels, the test harness's packets): 10.67 B of header a page, Runs 0.477 B a
- * held page. Over the WAN the harness's headers take 1.78 B a page (zstd 0.166×); real QEMU 10.0's take
- * about 1.0: the six 4-channel back legs of docs/benchmarks/leg-cost-1000-multifd-nineteenth.json,
- * less the model's other terms, which the model uses (why the harness's compress less was not traced).
+ * with its share of its packet's header: its 8-byte offset and a share of the fixed part, 10.67 B of
+ * stream a page (`node dist/bench/multifd-headers.js`: a 256 MiB guest's back leg, 4 channels). Where the
+ * leg compresses, the gateways send each header as a PacketHeader frame (proxy/packet-header.ts): a
+ * 4-channel back leg of real QEMU 10.0 packets through bfmig (docs/benchmarks.md, "Thirtieth session")
+ * took 30.7 B a packet, 0.29 B a guest page with the frame's own header. To a peer that takes no such
+ * frames the headers go as Literal bytes through zstd: about 1.0 B a page with real QEMU 10.0 (the six
+ * 4-channel back legs of docs/benchmarks/leg-cost-1000-multifd-nineteenth.json, less the model's other
+ * terms). A held page goes in its packet's Run (≤ 128 pages a Run): 0.477 B.
  */
 export const MULTIFD_HEADER_STREAM_BYTES = 10.67;
-export const MULTIFD_HEADER_WAN_BYTES = 1.0;
+export const MULTIFD_HEADER_WAN_BYTES = 0.29;
+export const MULTIFD_HEADER_ZSTD_WAN_BYTES = 1.0;
 export const MULTIFD_HELD_PAGE_WAN_BYTES = 0.477;
 /**
  * WAN bytes of a delta beside its payload: the record's header as a Literal frame of its own (the Delta
@@ -135,6 +137,11 @@ export interface ModelInputs {
   delta?: { bytes: number; share: number; firstLegShare?: number };
   /** QEMU 10.0's multifd channels (0 or absent: none): pages travel in packets, each with its header share. */
   multifdChannels?: number;
+  /**
+   * Where the leg compresses, the receiving gateway takes PacketHeader frames (Feature.ChannelPacketHeaders,
+   * default true); false: a peer of an earlier release, which takes the headers as Literal bytes, through zstd.
+   */
+  packetHeaders?: boolean;
   platform: Platform;
 }
 
@@ -394,10 +401,11 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
   // A page carried whole costs the local stage what a held page costs (the ceiling) and the difference.
   const carriedSeconds = Math.max(0, NORMAL_PAGE_STREAM_BYTES / p.gatewayLiteralBytesPerS - NORMAL_PAGE_STREAM_BYTES / p.gatewayBytesPerS);
   const ratio = inputs.compressionRatio ?? 1;
-  // With multifd every page brings its packet-header share (raw, or through zstd where the leg compresses).
+  // With multifd every page brings its packet-header share (raw, or as PacketHeader frames where the leg compresses).
   const multifd = (inputs.multifdChannels ?? 0) > 0;
   const header = multifd ? MULTIFD_HEADER_STREAM_BYTES : 0;
-  const headerWan = multifd ? (ratio < 1 ? MULTIFD_HEADER_WAN_BYTES : MULTIFD_HEADER_STREAM_BYTES) : 0;
+  const compressedHeader = inputs.packetHeaders === false ? MULTIFD_HEADER_ZSTD_WAN_BYTES : MULTIFD_HEADER_WAN_BYTES;
+  const headerWan = multifd ? (ratio < 1 ? compressedHeader : MULTIFD_HEADER_STREAM_BYTES) : 0;
   const withHeader = (kind: PageKind): PageKind => ({ ...kind, stream: kind.stream + header, wan: kind.wan + headerWan });
   const literal = withHeader(changedPage(NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds));
   const compressedLiteral = ratio < 1 ? withHeader(changedPage(ratio * NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds + NORMAL_PAGE_STREAM_BYTES / p.compressorBytesPerS)) : undefined;
