@@ -15,6 +15,7 @@
  *                                  (`compressionRunsOn: thread-pool`): path 'bfmig-thread-pool'
  *       [--multifd N]              every leg with QEMU's multifd on, N channels (each path carries them)
  *       [--downtime-ms 500]        QEMU's downtime-limit at the source of every leg (QEMU's default is 300)
+ *   node dist/bench/leg-cost.js --from A.json,B.json,…   the summaries of earlier --out files together
  *
  * Per content, path and leg: WAN bytes, QEMU's total time, migrate → running at the destination, the
  * opening (migrate → the leg's first 8 MiB out of the WAN emulator: the handshake and the records the
@@ -64,10 +65,11 @@ function perPath(legs: LegResult[], cells: (at: LegResult[]) => string[]): strin
 
 function summarise(label: string, runs: number, legs: LegResult[]): string[] {
   const lines = [`${label}: median (min–max) over ${runs} runs`];
-  lines.push('leg  path               WAN MiB                 total time s         until running s      first 8 MiB s        CPU s/GiB send       CPU s/GiB receive    system s/GiB send, receive  guest');
+  lines.push('leg  path               WAN MiB                 pages carried        total time s         until running s      first 8 MiB s        CPU s/GiB send       CPU s/GiB receive    system s/GiB send, receive  guest');
   lines.push(
     ...perPath(legs, (at) => [
       spread(at.map((l) => l.wanBytes / 2 ** 20), (v) => v.toFixed(2)).padEnd(23),
+      spread(at.map(carried), (v) => v.toFixed(0)).padEnd(20),
       spread(at.map((l) => l.totalTimeMs / 1000), (v) => v.toFixed(2)).padEnd(20),
       spread(present(at.map((l) => (l.untilRunningMs === null ? null : l.untilRunningMs / 1000))), (v) => v.toFixed(2)).padEnd(20),
       spread(present(at.map((l) => (l.openingMs === null ? null : l.openingMs / 1000))), (v) => v.toFixed(2)).padEnd(20),
@@ -120,30 +122,51 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
     }),
   );
   lines.push('', 'paired by run (each run migrates every path): total time of each bfmig path less bfmig-plain\'s in that run');
+  lines.push(`and of those pairs only the ones whose guests gave both legs about the same pages to carry (within ${SAME_WORK_SHARE * 100}%)`);
   for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {
     const plain = legs.filter((l) => l.leg === leg && l.path === 'bfmig-plain');
     for (const path of PATHS.filter((p) => p !== 'bfmig-plain' && p !== 'relay')) {
-      const at = legs.filter((l) => l.leg === leg && l.path === path);
       // Runs add their legs in order, so the i-th leg of a path is run i's.
-      const diffs = at.slice(0, plain.length).map((l, i) => (l.totalTimeMs - plain[i].totalTimeMs) / 1000);
-      if (diffs.length === 0) continue;
-      const slower = diffs.filter((d) => d > 0).length;
-      const relative = at.slice(0, plain.length).map((l, i) => l.totalTimeMs / plain[i].totalTimeMs - 1);
-      lines.push(
-        `${String(leg).padEnd(4)} ${path.padEnd(18)} ${spread(diffs, (v) => `${v >= 0 ? '+' : ''}${v.toFixed(3)} s`)}  median ${(median(relative) * 100).toFixed(1)}%, slower in ${slower} of ${diffs.length}`,
-      );
+      const pairs = legs.filter((l) => l.leg === leg && l.path === path).slice(0, plain.length).map((l, i): [LegResult, LegResult] => [l, plain[i]]);
+      if (pairs.length === 0) continue;
+      const same = pairs.filter(([l, p]) => Math.abs(carried(l) - carried(p)) <= SAME_WORK_SHARE * Math.max(carried(l), carried(p), 1));
+      lines.push(`${String(leg).padEnd(4)} ${path.padEnd(18)} ${pairedLine(pairs)}`);
+      if (same.length < pairs.length) lines.push(`${''.padEnd(4)} ${'  same work'.padEnd(18)} ${same.length === 0 ? 'none' : pairedLine(same)}`);
     }
   }
   return lines;
+}
+
+/**
+ * Pairs whose legs' pages to carry differ by at most this share are the same work. A guest of the files
+ * workload gives a back leg either ~45 pages or ~600 to carry, by when its kernel last wrote back (a
+ * path's legs fall either way), and a leg with 600 costs a few hundred ms more on this host's one disk:
+ * paired with one of the other kind, a leg wins or loses by that alone (docs/benchmarks.md,
+ * "Thirtieth session").
+ */
+const SAME_WORK_SHARE = 0.2;
+
+/** Pages the leg's gateways carried: sent whole, as deltas or matches (not reused, not zero). */
+function carried(l: LegResult): number {
+  return l.pagesSent + l.pagesDelta + l.pagesMatched;
+}
+
+/** Total time of each pair's first leg less its second's: their spread, the median relative one, how many slower. */
+function pairedLine(pairs: readonly [LegResult, LegResult][]): string {
+  const diffs = pairs.map(([l, p]) => (l.totalTimeMs - p.totalTimeMs) / 1000);
+  const relative = pairs.map(([l, p]) => l.totalTimeMs / p.totalTimeMs - 1);
+  const slower = diffs.filter((d) => d > 0).length;
+  return `${spread(diffs, (v) => `${v >= 0 ? '+' : ''}${v.toFixed(3)} s`)}  median ${(median(relative) * 100).toFixed(1)}%, slower in ${slower} of ${diffs.length}`;
 }
 
 async function main(): Promise<void> {
   const text = { type: 'string' } as const;
   const { values: args } = parseArgs({
     args: process.argv.slice(2),
-    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, multifd: text, 'downtime-ms': text, uncompressed: { type: 'boolean' }, 'thread-pool': { type: 'boolean' } },
+    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, multifd: text, 'downtime-ms': text, uncompressed: { type: 'boolean' }, 'thread-pool': { type: 'boolean' }, from: text },
     strict: true,
   });
+  if (args.from !== undefined) return summariseFiles(args.from.split(','));
   const runs = Number(args.runs ?? 2);
   const mbit = Number(args.mbit ?? 1000);
   const delayMs = Number(args['delay-ms'] ?? 20);
@@ -200,6 +223,26 @@ async function main(): Promise<void> {
     console.log('\n' + summarise(`${content}${content === 'files' ? ` (updates ${scribbleMatch[1]} B × ${scribbleMatch[2]}/s)` : ''}, ${mbit} Mbit/s, ${delayMs} ms`, runs, legResults).join('\n'));
   }
   process.exitCode = ok ? 0 : 1;
+}
+
+/**
+ * The summaries of earlier --out files together (runs of one setting from several invocations, such as
+ * the halves of an A/B alternated run by run), migrating nothing.
+ */
+function summariseFiles(files: readonly string[]): void {
+  const byContent = new Map<string, { runs: number; legs: LegResult[]; label: string }>();
+  for (const file of files) {
+    const results = JSON.parse(fs.readFileSync(file, 'utf8')) as BenchResults;
+    for (const run of results.runs) {
+      const content = run.id.replace(/-run\d+$/, '');
+      const label = `${content}, ${run.mbit} Mbit/s, ${run.delayMs} ms${run.multifdChannels ? `, multifd ${run.multifdChannels} channels` : ''}`;
+      const at = byContent.get(label) ?? { runs: 0, legs: [], label };
+      at.runs++;
+      at.legs.push(...run.legs);
+      byContent.set(label, at);
+    }
+  }
+  for (const { runs, legs, label } of byContent.values()) console.log('\n' + summarise(label, runs, legs).join('\n'));
 }
 
 main().catch((err: unknown) => {
