@@ -349,6 +349,37 @@ describe('calibration from baseline legs of the same run', () => {
   });
 });
 
+describe("QEMU's avail-switchover-bandwidth (8.2+)", () => {
+  // A 256 MiB guest at 1 Gbit/s with a 500 ms limit, on the QEMU 10.0 bench platform.
+  const inputs: ModelInputs = { ...BASE, ramBytes: 2 ** 28, rateMbit: 1000, rttMs: 40, changedShare: 0.01, downtimeLimitMs: 500, platform: BENCH_PLATFORM_QEMU10 };
+  const link = BENCH_PLATFORM_QEMU10.linkCeilingBytesPerS;
+
+  test("a back leg through bfmig, QEMU told the link's rate: it stops later, with less left, than when it weighs the gateways' faster pace", () => {
+    const measured = predictBfmig(inputs, true);
+    const told = predictBfmig({ ...inputs, availSwitchoverBytesPerS: link }, true);
+    // Held pages go through the pair faster than the link (the platform's 180 MB/s against 96): weighed at
+    // that pace, a 500 ms limit leaves more of the guest for the stop.
+    expect(BENCH_PLATFORM_QEMU10.gatewayBytesPerS).toBeGreaterThan(1.5 * link);
+    expect(measured.downtimeMs).toBeGreaterThan(400);
+    expect(told.downtimeMs).toBeLessThan(0.7 * measured.downtimeMs);
+    // The same bytes cross either way: only when the guest stops moves.
+    expect(told.wanBytes).toBeCloseTo(measured.wanBytes, -3);
+  });
+
+  test('direct, the link sets the rate QEMU measures: told that rate it stops alike, told ten times more it leaves more for the stop', () => {
+    const measured = predictDirect(inputs);
+    expect(Math.abs(predictDirect({ ...inputs, availSwitchoverBytesPerS: link }).downtimeMs / measured.downtimeMs - 1)).toBeLessThan(0.05);
+    expect(predictDirect({ ...inputs, availSwitchoverBytesPerS: 10 * link }).downtimeMs).toBeGreaterThan(2 * measured.downtimeMs);
+  });
+
+  test('bfmig predict takes it in bytes a second, as QEMU does', () => {
+    const args = (line: string): ReturnType<typeof parseCommand<typeof PREDICT.options>>['values'] => parseCommand(PREDICT, line.split(' ')).values;
+    expect(predictInputs(args('--ram 8GiB --mbit 1000 --rtt-ms 40')).availSwitchoverBytesPerS).toBeUndefined();
+    expect(predictInputs(args('--ram 8GiB --mbit 1000 --rtt-ms 40 --avail-switchover-bandwidth 125000000')).availSwitchoverBytesPerS).toBe(125e6);
+    expect(() => predictInputs(args('--ram 8GiB --mbit 1000 --rtt-ms 40 --avail-switchover-bandwidth fast'))).toThrow(/--avail-switchover-bandwidth/);
+  });
+});
+
 describe('bfmig predict', () => {
   const args = (line: string): ReturnType<typeof parseCommand<typeof PREDICT.options>>['values'] => parseCommand(PREDICT, line.split(' ')).values;
 

@@ -118,7 +118,7 @@ export const PREDICT = command({
   name: 'predict',
   synopsis: [
     'predict --ram 8GiB --mbit 100 --rtt-ms 40 [--changed 1%] [--used 100%] [--dirty-mbps 0] [--hot 100%]',
-    '[--downtime-limit-ms 300] [--max-bandwidth 128MiB] [--no-digests] [--gateway-gbps G]',
+    '[--downtime-limit-ms 300] [--max-bandwidth 128MiB] [--avail-switchover-bandwidth B] [--no-digests] [--gateway-gbps G]',
     '[--compression RATIO] [--delta-bytes B [--delta-share 100%] [--first-leg-deltas 0%]] [--multifd N] [--platform default|bench|bench-qemu10] [--json]',
   ],
   summary: ['predicted WAN bytes, total time and downtime of a migration, direct', 'and through bfmig, and the break-even point (docs/model.md)'],
@@ -132,6 +132,7 @@ export const PREDICT = command({
     hot: { type: 'string' },
     'downtime-limit-ms': { type: 'string' },
     'max-bandwidth': { type: 'string' },
+    'avail-switchover-bandwidth': { type: 'string' },
     'no-digests': { type: 'boolean' },
     'gateway-gbps': { type: 'string' },
     compression: { type: 'string' },

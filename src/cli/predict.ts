@@ -84,6 +84,7 @@ export function predictInputs(args: PredictArgs): ModelInputs {
     hotShare: percentOption(args, 'hot', usedShare),
     downtimeLimitMs: numberOption(args, 'downtime-limit-ms', 300),
     maxBandwidthBytesPerS: sizeOption(args, 'max-bandwidth', 128 * 2 ** 20),
+    ...(args['avail-switchover-bandwidth'] !== undefined ? { availSwitchoverBytesPerS: sizeOption(args, 'avail-switchover-bandwidth') } : {}),
     senderHasDigests: args['no-digests'] !== true,
     ...compressionAndDelta(args),
     ...(args.multifd !== undefined ? { multifdChannels: numberOption(args, 'multifd') } : {}),

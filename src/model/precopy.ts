@@ -119,6 +119,11 @@ export interface ModelInputs {
   hotShare: number;
   /** QEMU's downtime-limit, ms (300 by default in 7.2). */
   downtimeLimitMs: number;
+  /**
+   * QEMU 8.2+'s avail-switchover-bandwidth, bytes/s (0 or absent: not set): what QEMU weighs what is left
+   * against instead of the rate it measured in its last window (migration_update_counters).
+   */
+  availSwitchoverBytesPerS?: number;
   /** QEMU's max-bandwidth, bytes/s (128 MiB/s by default in 7.2). */
   maxBandwidthBytesPerS: number;
   /** Whether the sending gateway already has the digests of the receiver's snapshot (it took part in it). */
@@ -302,7 +307,8 @@ function simulate(inputs: ModelInputs, start: Pending, costs: PathCosts): PathPr
     sinceSync += used;
     windowStream += sent.literal * costs.literal.stream + sent.held * costs.held.stream + sent.zero * costs.zero.stream;
     if (t - windowStart >= WINDOW_S) {
-      threshold = (windowStream / (t - windowStart)) * limitS;
+      // The rate it measured in the window, unless the operator told it the link's (avail-switchover-bandwidth).
+      threshold = (inputs.availSwitchoverBytesPerS || windowStream / (t - windowStart)) * limitS;
       windowStart = t;
       windowStream = 0;
     }
@@ -336,6 +342,7 @@ export function checkInputs(i: ModelInputs): void {
   bad('dirtyMbit', Number.isFinite(i.dirtyMbit) && i.dirtyMbit >= 0);
   bad('hotShare', i.hotShare > 0 && i.hotShare <= 1);
   bad('downtimeLimitMs', Number.isFinite(i.downtimeLimitMs) && i.downtimeLimitMs > 0);
+  bad('availSwitchoverBytesPerS', i.availSwitchoverBytesPerS === undefined || (Number.isFinite(i.availSwitchoverBytesPerS) && i.availSwitchoverBytesPerS >= 0));
   bad('maxBandwidthBytesPerS', i.maxBandwidthBytesPerS > 0);
   bad('compressionRatio', i.compressionRatio === undefined || (i.compressionRatio > 0 && i.compressionRatio <= 1));
   bad('delta.bytes', i.delta === undefined || (Number.isFinite(i.delta.bytes) && i.delta.bytes >= 0 && i.delta.bytes <= PAGE_BYTES));
