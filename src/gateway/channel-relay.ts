@@ -636,7 +636,7 @@ export class ChannelReceiver extends ChannelRelay {
         decoder.keepVersion(payload);
         break;
       case FrameType.PacketHeader:
-        // Offered (Feature.ChannelPacketHeaders) to every multifd channel; a verbatim channel takes none.
+        // Offered (Feature.ChannelPacketHeaders) where the handshake chose compression; a verbatim channel takes none.
         if (!decoder.packetHeader) throw new ProtocolViolation('unexpected-frame', `a PacketHeader frame on ${this.label}, which is relayed as it is`);
         decoder.packetHeader(payload);
         break;

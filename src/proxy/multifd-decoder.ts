@@ -45,7 +45,7 @@ const EMPTY = Buffer.alloc(0);
  *   channel.end(streamBytes, streamCheck);
  *
  * A Run stands for the next `count` normal pages of the packet being rebuilt, whose header (with the
- * pages' offsets) came before it as Literal bytes: it must start at the page the header lists next, in
+ * pages' offsets) came before it, as Literal bytes or a PacketHeader frame: it must start at the page the header lists next, in
  * the block the header names. Its pages are read from the store and checked against the sender's digest
  * before a byte of them goes to `out`. A Delta (Feature.ChannelDeltas) stands for the next normal page
  * alone: its version held here, patched, checked against both of the sender's digests. A PacketHeader

@@ -106,18 +106,22 @@ export class PacketHeaders {
     if (payload.length < BITMAP_BYTES) throw new RebuildError(`a PacketHeader frame of ${payload.length} bytes`);
     this.payload = payload;
     this.at = BITMAP_BYTES;
-    for (let w = 0; w < FIXED_WORDS; w++) {
-      if ((payload[w >>> 3] & (1 << (w & 7))) === 0) {
-        out.writeUInt32BE(previous.readUInt32BE(w * 4), w * 4);
-        continue;
+    // The previous fixed part, then the words that differ from it (a few: most bitmap bytes are 0).
+    previous.copy(out, 0, 0, MULTIFD_HEADER_BYTES);
+    for (let b = 0; b < BITMAP_BYTES; b++) {
+      const bits = payload[b];
+      if (bits === 0) continue;
+      for (let k = 0; k < 8; k++) {
+        if ((bits & (1 << k)) === 0) continue;
+        if (this.at + 4 > payload.length) throw new RebuildError('a PacketHeader frame ends inside its words');
+        payload.copy(out, (b * 8 + k) * 4, this.at, this.at + 4);
+        this.at += 4;
       }
-      if (this.at + 4 > payload.length) throw new RebuildError('a PacketHeader frame ends inside its words');
-      out.writeUInt32BE(payload.readUInt32BE(this.at), w * 4);
-      this.at += 4;
     }
     const n = this.readVarint();
     if (n > MULTIFD_SLOTS) throw new RebuildError(`a PacketHeader frame of ${n} offset slots, more than ${MULTIFD_SLOTS}`);
     const slots = MULTIFD_HEADER_BYTES;
+    out.fill(0, slots, PACKET_HEADER_BYTES);
     let expected = 0;
     for (let i = 0; i < n; ) {
       const shift = this.readVarint();
@@ -127,15 +131,16 @@ export class PacketHeaders {
         throw new RebuildError(`a PacketHeader frame's run of ${length} slots from page ${first} at slot ${i} of ${n}`);
       }
       for (let k = 0; k < length; k++) {
+        // The slots are zeros already: a value below 2^32 (a page below 1 Mi) needs its low word only.
         const value = (first + k) * X86_PAGE_SIZE;
-        out.writeUInt32BE(Math.floor(value / 0x1_0000_0000), slots + (i + k) * 8);
-        out.writeUInt32BE(value % 0x1_0000_0000, slots + (i + k) * 8 + 4);
+        const at = slots + (i + k) * 8;
+        if (value >= 0x1_0000_0000) out.writeUInt32BE(Math.floor(value / 0x1_0000_0000), at);
+        out.writeUInt32BE(value % 0x1_0000_0000, at + 4);
       }
       expected = first + length;
       i += length;
     }
     if (this.at !== payload.length) throw new RebuildError(`a PacketHeader frame with ${payload.length - this.at} bytes past its runs`);
-    out.fill(0, slots + n * 8, PACKET_HEADER_BYTES);
     out.copy(previous, 0, 0, PACKET_HEADER_BYTES);
     this.savedBytes += PACKET_HEADER_BYTES - payload.length;
     this.payload = previous;
