@@ -298,9 +298,18 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       await vm.waitForSerial(VERIFIED, 120_000);
       let arrivedAt = Date.now();
       let arrivedMark = vm.serialMark();
+      /** The guest's console up to the workload round that confirmed its arrival (its whole first round: at the start). */
+      let arrivalCheckedMark = -1;
       for (let leg = 1; leg <= o.legs; leg++) {
         const from = pathSites[(leg - 1) % 2];
         const to = pathSites[leg % 2];
+        // Every leg after the first waits for one whole round of the workload at the site the guest arrived
+        // at (the next VERIFY OK after the one that confirmed its arrival). The workload writes once a
+        // second, in a burst: a leg that started right after the arrival's check found that round's writes
+        // sent already or not, by where the last leg's stop fell in the round, and a files guest's back leg
+        // carried ~45 pages or ~600 (docs/benchmarks.md, "Thirtieth session"). A guest that fails its check
+        // says so in the leg's own verification.
+        if (arrivalCheckedMark >= 0) await vm.waitForSerial(VERIFIED, 120_000, { since: arrivalCheckedMark }).catch(() => undefined);
         const changePct = leg >= 2 ? changes[leg - 2] ?? 0 : 0;
         let changedPages = 0;
         if (changePct > 0) {
@@ -351,6 +360,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         arrivedAt = Date.now(); // the guest runs at the destination from here
         arrivedMark = 0; // and everything on the destination's console is from there
         const verified = await arrivedVerified(dest);
+        arrivalCheckedMark = dest.serialMark();
         let wan: { forward: number; backward: number };
         let report: GatewayLegReport | undefined;
         const gatewayErrors: string[] = [];
@@ -430,6 +440,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           await vm.waitForSerial(VERIFIED, 120_000);
           arrivedAt = Date.now();
           arrivedMark = vm.serialMark();
+          arrivalCheckedMark = -1;
         }
       }
       await vm.dispose();
