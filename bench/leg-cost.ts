@@ -138,11 +138,11 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
 }
 
 /**
- * Pairs whose legs' pages to carry differ by at most this share are the same work. A guest of the files
- * workload gives a back leg either ~45 pages or ~600 to carry, by when its kernel last wrote back (a
- * path's legs fall either way), and a leg with 600 costs a few hundred ms more on this host's one disk:
- * paired with one of the other kind, a leg wins or loses by that alone (docs/benchmarks.md,
- * "Thirtieth session").
+ * Pairs whose legs' pages to carry differ by at most this share are the same work. The files guest's
+ * workload writes once a second, in a burst: a back leg carries one burst or two (before the runner
+ * waited a whole round at the arrival site, none or one, ~45 pages or ~600) by where the legs fall in
+ * that second, and a leg with more costs more on this host's one disk: paired with one of the other
+ * kind, a leg wins or loses by that alone (docs/benchmarks.md, "Thirtieth session").
  */
 const SAME_WORK_SHARE = 0.2;
 

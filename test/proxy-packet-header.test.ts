@@ -24,7 +24,7 @@ function roundTrip(headers: readonly Buffer[]): number[] {
   const receiver = new PacketHeaders();
   const out = Buffer.alloc(MAX_PACKET_HEADER_PAYLOAD);
   return headers.map((bytes) => {
-    const length = sender.encode(bytes, 0, out);
+    const length = sender.encode(bytes, out);
     if (length < 0) return length;
     const rebuilt = Buffer.alloc(PACKET_HEADER_BYTES, 0xee);
     receiver.decode(Buffer.from(out.subarray(0, length)), rebuilt);
@@ -87,7 +87,7 @@ describe('PacketHeader frames', () => {
   const twoRuns = header('qemu-10.0', 0, [...range(10, 5), ...range(40, 5)]);
   const good = ((): Buffer => {
     const out = Buffer.alloc(MAX_PACKET_HEADER_PAYLOAD);
-    return Buffer.from(out.subarray(0, new PacketHeaders().encode(twoRuns, 0, out)));
+    return Buffer.from(out.subarray(0, new PacketHeaders().encode(twoRuns, out)));
   })();
   const runsAt = 10 + 4 * [...good.subarray(0, 10)].reduce((n, b) => n + b.toString(2).replace(/0/g, '').length, 0);
   const withRuns = (runs: number[]): Buffer => Buffer.concat([good.subarray(0, runsAt), Buffer.from(runs)]);

@@ -245,7 +245,7 @@ export class MultifdEncoder extends MultifdChannel {
     this.headerFill = 0;
     this.held.release(at + PACKET_HEADER_BYTES, this.gatherHeader);
     const out = this.deltaOut.reserve(MAX_PACKET_HEADER_PAYLOAD);
-    const length = this.headers.encode(this.headerBytes, 0, out);
+    const length = this.headers.encode(this.headerBytes, out);
     if (length < 0) this.sink.literal(Buffer.from(this.headerBytes));
     else frame.call(this.sink, this.deltaOut.take(length));
   }

@@ -56,23 +56,23 @@ export class PacketHeaders {
   savedBytes = 0;
 
   /**
-   * The payload for `header` (PACKET_HEADER_BYTES at header[from]), written at out[0 ..) (room for
+   * The payload for `header` (its first PACKET_HEADER_BYTES), written at out[0 ..) (room for
    * MAX_PACKET_HEADER_PAYLOAD bytes): its length, or -1 when the form cannot say the header exactly in
    * fewer bytes than it has (then nothing changes: it goes raw).
    */
-  encode(header: Buffer, from: number, out: Buffer): number {
+  encode(header: Buffer, out: Buffer): number {
     const previous = this.previous;
     const limit = Math.min(out.length, MAX_PACKET_HEADER_PAYLOAD);
     out.fill(0, 0, BITMAP_BYTES);
     let at = BITMAP_BYTES;
     for (let w = 0; w < FIXED_WORDS; w++) {
-      const word = header.readUInt32BE(from + w * 4);
+      const word = header.readUInt32BE(w * 4);
       if (word === previous.readUInt32BE(w * 4)) continue;
       out[w >>> 3] |= 1 << (w & 7);
       out.writeUInt32BE(word, at);
       at += 4;
     }
-    const slots = from + MULTIFD_HEADER_BYTES;
+    const slots = MULTIFD_HEADER_BYTES;
     let n = MULTIFD_SLOTS;
     while (n > 0 && header.readUInt32BE(slots + (n - 1) * 8) === 0 && header.readUInt32BE(slots + (n - 1) * 8 + 4) === 0) n--;
     at = writeVarint(out, at, limit, n);
@@ -89,7 +89,7 @@ export class PacketHeaders {
       i = end;
     }
     if (at < 0) return -1;
-    header.copy(previous, 0, from, from + PACKET_HEADER_BYTES);
+    header.copy(previous, 0, 0, PACKET_HEADER_BYTES);
     this.savedBytes += PACKET_HEADER_BYTES - at;
     return at;
   }
