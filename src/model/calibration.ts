@@ -42,6 +42,8 @@ export const BENCH_PLATFORM: Platform = {
   // docs/benchmarks.md, "WAN compression": `bench/compression.js 4`, zstd 1 as shipped, 276 MiB/s of
   // realistic memory (files) on one core of this machine under load.
   compressorBytesPerS: 289e6,
+  // bench/throughput.ts's first leg above: the sending gateway is CPU-bound on its core.
+  senderCoreShare: 1,
 };
 
 /**
@@ -63,7 +65,8 @@ export const BENCH_PLATFORM_QEMU10: Platform = {
   // 74 MB/s (58–92): slower than the link, so the gateways, not the WAN, set these legs' pace.
   gatewayLiteralBytesPerS: 74e6,
   // The sending gateway used 3.35 CPU s/GiB on those legs (median): 74 MB/s is 23% of a core, and zstd 1
-  // at 289 MB/s a core (compressorBytesPerS above) gets 67 MB/s of it.
+  // at 289 MB/s a core (compressorBytesPerS above) gets 67 MB/s of it. On that loaded host the gateway got
+  // no more of a core than it used, so zstd has no wait of its own to run in (senderCoreShare stays 1).
   compressorBytesPerS: 67e6,
 };
 
@@ -122,10 +125,10 @@ const LINK_PACED = 1.1;
  * same run, the way BENCH_PLATFORM_QEMU10's were read from a calibration run: a shared host's load moves
  * every rate, and legs of a second or less measure it more than the gateways. The relay legs give the
  * link's ceiling, the `bfmig-plain` back legs the gateways' rate for held pages (through the model, where
- * their inputs are given), its first legs their
- * rate for carried ones and, with the sender's CPU seconds, the share of a core zstd would get (where the
- * link, not the gateways, paced those, `base`'s two rates stay). Throws when a kind of baseline leg is
- * missing.
+ * their inputs are given), its first legs their rate for carried ones and, with the sender's CPU
+ * seconds, the share of a core the sender's own work took at that rate (zstd, at a core's rate, runs in
+ * the rest); where the link, not the gateways, paced those, a gateway with a core to spare: the larger of
+ * `base`'s rates and BENCH_PLATFORM's. Throws when a kind of baseline leg is missing.
  */
 export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: number, base: Platform): Platform {
   const rttS = rttMs / 1000;
@@ -151,13 +154,14 @@ export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: numbe
       ...platform,
       gatewayLiteralBytesPerS: Math.max(base.gatewayLiteralBytesPerS, BENCH_PLATFORM.gatewayLiteralBytesPerS),
       compressorBytesPerS: Math.max(base.compressorBytesPerS, BENCH_PLATFORM.compressorBytesPerS),
+      senderCoreShare: BENCH_PLATFORM.senderCoreShare,
     };
   } else {
     const gatewayLiteralBytesPerS = gatewayRate(true);
     const cpu = legs.filter((l) => l.path === 'bfmig-plain' && l.leg === 1 && l.gatewayCpuSecondsSend !== null && l.streamBytes > 0);
-    // The core's share the sender used at that rate, which zstd (compressorBytesPerS a whole core) would get.
-    const coreShare = cpu.length === 0 ? 1 : Math.min(1, gatewayLiteralBytesPerS * median(cpu.map((l) => (l.gatewayCpuSecondsSend as number) / l.streamBytes)));
-    platform = { ...platform, gatewayLiteralBytesPerS, compressorBytesPerS: BENCH_PLATFORM.compressorBytesPerS * coreShare };
+    // The core's share the sender used at that rate: it waited the rest, and zstd (a whole core's rate) runs in that wait.
+    const senderCoreShare = cpu.length === 0 ? 1 : Math.min(1, gatewayLiteralBytesPerS * median(cpu.map((l) => (l.gatewayCpuSecondsSend as number) / l.streamBytes)));
+    platform = { ...platform, gatewayLiteralBytesPerS, compressorBytesPerS: BENCH_PLATFORM.compressorBytesPerS, senderCoreShare };
   }
   // Held pages: where the back legs' inputs are known, the rate at which the model gives each its
   // measured time (the pages a plain back leg carried cross the link meanwhile, and QEMU stops at its

@@ -99,8 +99,14 @@ export interface Platform {
   setupSeconds: number;
   /** bfmig control frames (Hello, Offer, End, Done) both ways, bytes per migration. */
   bfmigControlBytes: number;
-  /** Literal bytes a sending gateway zstd-compresses a second (one core), when it compresses. */
+  /** Literal bytes a sending gateway zstd-compresses a second on a core of its own, when it compresses. */
   compressorBytesPerS: number;
+  /**
+   * Share of a core (0..1] the sending gateway's own work takes while it carries pages raw at
+   * gatewayLiteralBytesPerS. Below 1 something else sets that pace (the receiver, the stores, the source
+   * QEMU) and the sender waits the rest of the time: zstd runs in that wait before it slows the pages.
+   */
+  senderCoreShare: number;
 }
 
 export interface ModelInputs {
@@ -268,13 +274,14 @@ function simulate(inputs: ModelInputs, start: Pending, costs: PathCosts): PathPr
   const sendFor = (budgetS: number, p: Pending): { used: number; sent: Pending } => {
     const n = total(p);
     if (n === 0) return { used: 0, sent: { literal: 0, held: 0, zero: 0 } };
-    // The gateway compresses while that lets more through (the WAN is the bottleneck, not its CPU), and
-    // whatever the WAN does while the pages it carries are at most 1/SPARSE_SHARE of the stream (a back
-    // leg: compressing them costs little of the gateway's work on that stream).
+    // The gateway compresses unless that lets less through (it backs off only when its CPU, not the WAN,
+    // is the bottleneck: compressing in the time it would wait anyway costs nothing), and whatever the WAN
+    // does while the pages it carries are at most 1/SPARSE_SHARE of the stream (a back leg: compressing
+    // them costs little of the gateway's work on that stream).
     const raw = throughput(budgetS, p, costs.literal);
     const zipped = costs.compressedLiteral ? throughput(budgetS, p, costs.compressedLiteral) : raw;
     const sparse = p.literal * costs.literal.stream * SPARSE_SHARE <= p.literal * costs.literal.stream + p.held * costs.held.stream + p.zero * costs.zero.stream;
-    const { k, used, streamPerPage, wanPerPage } = sparse || zipped.k / zipped.used > raw.k / raw.used ? zipped : raw;
+    const { k, used, streamPerPage, wanPerPage } = sparse || zipped.k / zipped.used >= raw.k / raw.used ? zipped : raw;
     const share = k / n;
     const sent = { literal: p.literal * share, held: p.held * share, zero: p.zero * share };
     queue = Math.max(0, queue + k * wanPerPage - wanBytesPerS * used);
@@ -351,6 +358,7 @@ export function checkInputs(i: ModelInputs): void {
   const p = i.platform;
   for (const [name, v] of Object.entries(p)) bad(`platform.${name}`, typeof v === 'number' && v >= 0 && !Number.isNaN(v));
   bad('platform.gatewayBytesPerS', p.gatewayBytesPerS > 0 && p.gatewayLiteralBytesPerS > 0 && p.sourceBytesPerS > 0 && p.compressorBytesPerS > 0);
+  bad('platform.senderCoreShare', p.senderCoreShare > 0 && p.senderCoreShare <= 1);
 }
 
 /** Pages of the guest by kind at the start of a migration. */
@@ -415,7 +423,11 @@ export function predictBfmig(inputs: ModelInputs, warm: boolean): PathPrediction
   const headerWan = multifd ? (ratio < 1 ? compressedHeader : MULTIFD_HEADER_STREAM_BYTES) : 0;
   const withHeader = (kind: PageKind): PageKind => ({ ...kind, stream: kind.stream + header, wan: kind.wan + headerWan });
   const literal = withHeader(changedPage(NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds));
-  const compressedLiteral = ratio < 1 ? withHeader(changedPage(ratio * NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds + NORMAL_PAGE_STREAM_BYTES / p.compressorBytesPerS)) : undefined;
+  // Compressing a carried page costs the sender zstd's time beyond what it waited for while carrying it raw.
+  const carriedPageSeconds = NORMAL_PAGE_STREAM_BYTES / Math.min(p.gatewayLiteralBytesPerS, p.gatewayBytesPerS);
+  const zstdSeconds = NORMAL_PAGE_STREAM_BYTES / p.compressorBytesPerS;
+  const compressSeconds = Math.max(0, zstdSeconds - (1 - p.senderCoreShare) * carriedPageSeconds);
+  const compressedLiteral = ratio < 1 ? withHeader(changedPage(ratio * NORMAL_PAGE_STREAM_BYTES + FRAME_HEADER_BYTES, carriedSeconds + compressSeconds)) : undefined;
   const held = multifd ? { stream: NORMAL_PAGE_STREAM_BYTES + header, wan: MULTIFD_HELD_PAGE_WAN_BYTES + headerWan } : { stream: NORMAL_PAGE_STREAM_BYTES, wan: HELD_PAGE_WAN_BYTES };
   const zero = multifd ? { stream: header, wan: headerWan } : { stream: ZERO_PAGE_STREAM_BYTES, wan: ZERO_PAGE_WAN_BYTES };
   const rttS = inputs.rttMs / 1000;
