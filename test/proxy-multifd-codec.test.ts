@@ -304,6 +304,50 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     expect(receiver.covered).toBe(deltas);
   });
 
+  test("a back leg's Delta whose base its packet's Run has read ahead asks for no read of its own; every base read is covered all the same", () => {
+    /** A store that reads ahead Runs' ranges and lone pages, and records which reads one of them covered. */
+    class RangesAndPages extends MemoryPages {
+      readonly ranges: [number, number][] = [];
+      readonly lone = new Set<number>();
+      readonly rangeSlots = 64;
+      loneReads = 0;
+      loneCovered = 0;
+      prefetchRanges(starts: Uint32Array, counts: Uint32Array, count: number): void {
+        for (let i = 0; i < count; i++) this.ranges.push([starts[i], counts[i]]);
+      }
+      prefetchPages(indices: Uint32Array, count: number): void {
+        for (let i = 0; i < count; i++) this.lone.add(indices[i]);
+      }
+      override readPages(index: number, count: number, dest: Uint8Array, destStart: number, inStream?: boolean): void {
+        if (inStream === false && count === 1) {
+          this.loneReads++;
+          if (this.lone.has(index) || this.ranges.some(([start, n]) => start <= index && index < start + n)) this.loneCovered++;
+        }
+        super.readPages(index, count, dest, destStart);
+      }
+    }
+    const memory = guestMemory([['pc.ram', 6000]], 26);
+    const layout = layoutOf(memory.blocks);
+    const sender = journalledPages();
+    const receiver = new RangesAndPages();
+    sender.begin(layout);
+    receiver.begin(layout);
+    multifdRoundTrip(multifdMigration(memory, { format, channels: 3, rounds: [all(memory)] }).channels, layout, { store: sender, reference: null }, receiver, { readAhead: true, deltas: true });
+    // Scattered changes of a few bytes: most follow a Run of held pages in their packet.
+    patchPages(memory, 0.02, 64, 27);
+    const second = multifdMigration(memory, { format, channels: 3, rounds: [all(memory)] });
+    sender.newMigration();
+    const trip = multifdRoundTrip(second.channels, layout, { store: sender, reference: sender.digests }, receiver, { chunk: 5000, readAhead: true, deltas: true });
+    trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(second.channels[c])).toBe(true));
+    const deltas = trip.decoders.reduce((n, d) => n + d.counts.pagesDelta, 0);
+    expect(deltas).toBeGreaterThan(50);
+    // Each Delta's base read alone, once, and covered by a read ahead: its own, or its Run's range.
+    expect(receiver.loneReads).toBe(deltas);
+    expect(receiver.loneCovered).toBe(deltas);
+    // Most were its Run's: at most the bases that follow no Run of theirs (a packet's first page) were asked alone.
+    expect(receiver.lone.size).toBeLessThan(0.5 * deltas);
+  });
+
   test.each([
     ['a damaged range', (p: Buffer) => void (p[p.length - 1] ^= 0x10), /does not rebuild the sender's page/],
     ['a base the receiver does not hold', (p: Buffer) => void (p[8] ^= 1), /does not hold/],
