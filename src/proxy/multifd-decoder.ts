@@ -377,9 +377,9 @@ export class MultifdDecoder extends MultifdChannel {
     const base = head.readUInt32BE(4);
     const own = base === head.readUInt32BE(0);
     if (!this.migration.hasPage(base) || (!own && this.migration.recentlyStored(base))) return;
-    // A back leg's changed page most often follows a Run of its packet, whose read ahead spans it: a read
-    // of its own for the base was the device's twice over, beside the senders' reads of theirs (on one
-    // disk here: about 1,100 reads more a 4-channel back leg, where bfmig-plain's receiver reads none).
+    // A back leg's changed page most often follows a Run of its packet, whose range read ahead spans it
+    // (as bfmig-plain's receiver finds the old versions its undo journal saves): a read of its own made
+    // the device read the base twice, about 1,100 reads more a 4-channel back leg.
     if (own && base >= this.runAheadFirst && base < this.runAheadEnd) return;
     // Only the version the store holds now, as the main channel's decoder does. A base another channel
     // has yet to write (a first leg's Deltas against pages of the epoch) is read when it is rebuilt, or
