@@ -250,7 +250,8 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
   async function expectCleanFailure(dest: QemuVm | null, ending: 'failed' | 'cancelled' = 'failed'): Promise<string> {
     const info = await vm.waitForMigration({ timeoutMs: 120_000, allowFailure: true });
     expect(info.status).toBe(ending);
-    expect((await vm.status()).status).toBe('running');
+    // QEMU reports the migration over before its migration thread resumes the VM (finish-migrate until then).
+    await vm.waitForStatus('running', 10_000);
     const mark = vm.serialMark();
     await vm.waitForSerial(VERIFIED, 60_000, { since: mark });
     if (!dest) return 'n/a';

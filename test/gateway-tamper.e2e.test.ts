@@ -194,8 +194,9 @@ class TamperLink {
           } else {
             expect({ where, status: info.status }).toEqual({ where, status: 'failed' });
           }
-          // The source's VM runs and still verifies its memory.
-          expect((await vm.status()).status).toBe('running');
+          // The source's VM runs and still verifies its memory. QEMU reports the migration failed before its
+          // migration thread resumes the VM (finish-migrate until then): wait for it, briefly.
+          await vm.waitForStatus('running', 10_000);
           await vm.waitForSerial(VERIFIED, 60_000, { since: vm.serialMark() });
           // The destination never completed loading nor ran the guest.
           const exited = await dest.waitForExit(30_000);
@@ -262,7 +263,7 @@ class TamperLink {
       await waitFor(() => receiver.reports.length > counts);
       expect(link.flipped).toBe(true);
       expect(info.status).toBe('failed');
-      expect((await vm.status()).status).toBe('running');
+      await vm.waitForStatus('running', 10_000); // resumed once QEMU's migration thread has cleaned up
       await vm.waitForSerial(VERIFIED, 60_000, { since: vm.serialMark() });
       const exited = await dest.waitForExit(30_000);
       let how = exited ? `exited (${dest.exit?.code ?? dest.exit?.signal})` : 'waiting, never ran';
