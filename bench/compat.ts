@@ -20,6 +20,7 @@ async function main(): Promise<void> {
     outcomes.push(o);
     const legs = o.legs.map((l) => `leg ${l.leg}: ${l.wanBytes} WAN bytes${l.postcopyStarted ? ' (postcopy)' : ''}${l.verbatim ? ` (relayed verbatim: ${l.verbatim})` : ''}${l.verified ? '' : ' NOT VERIFIED'}${l.gatewayErrors.map((e) => ` [gateway ${e}]`).join('')}`).join('; ');
     process.stdout.write(`${compatPassed(o) ? 'ok' : 'FAILED'} (${legs})\n`);
+    for (const l of o.legs) if (l.failure !== undefined) process.stderr.write(`leg ${l.leg} did not verify:\n${l.failure}\n`);
   }
   console.log(`\n${COMPAT_TABLE_HEAD}\n${outcomes.map(compatTableRow).join('\n')}`);
   if (values.out) fs.writeFileSync(values.out, JSON.stringify({ measured: new Date().toISOString(), outcomes }, null, 2) + '\n');

@@ -20,8 +20,9 @@ const haveQemu10 = SKIP ? false : requireInCi(qemuInstalled('10.0'), 'QEMU 10.0 
       `${row.id}: completes with the guest verified${row.expectReuse ? `, back leg ≤ ${REUSE_MAX_BACK_SHARE * 100}% of the first` : ''}`,
       async () => {
         const outcome = await runCompatRow(row);
-        const summary = outcome.legs.map((l) => ({ leg: l.leg, wanBytes: l.wanBytes, verified: l.verified, postcopy: l.postcopyStarted, continued: l.continuedFromPause, reused: l.pagesReused, unordered: l.pagesUnordered }));
-        const verdict = compatPassed(outcome) ? 'passed' : `failed: back leg share ${outcome.backShare}, legs ${JSON.stringify(summary)}`;
+        const summary = outcome.legs.map((l) => ({ leg: l.leg, wanBytes: l.wanBytes, verified: l.verified, postcopy: l.postcopyStarted, continued: l.continuedFromPause, reused: l.pagesReused, unordered: l.pagesUnordered, verbatim: l.verbatim, gatewayErrors: l.gatewayErrors }));
+        const failures = outcome.legs.filter((l) => l.failure !== undefined).map((l) => `leg ${l.leg}:\n${l.failure}`);
+        const verdict = compatPassed(outcome) ? 'passed' : `failed: back leg share ${outcome.backShare}, legs ${JSON.stringify(summary)}\n${failures.join('\n')}`;
         expect(verdict).toBe('passed');
       },
       600_000,

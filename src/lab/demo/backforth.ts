@@ -161,6 +161,12 @@ export interface LegResult {
   gatewayMainThreadSecondsSend?: number | null;
   gatewayMainThreadSecondsReceive?: number | null;
   verified: boolean;
+  /**
+   * Why the leg did not verify, for a failure's report (absent when it did): the source's migration
+   * status and error, the gateways' errors and their logs' last lines, and the destination QEMU's
+   * stderr and console tail.
+   */
+  failure?: string;
   /** Whether migrate-start-postcopy was issued while the leg was still active. */
   postcopyStarted: boolean;
   /** Whether the source waited in pre-switchover and was sent migrate-continue (continueAfterPauseMs). */
@@ -184,6 +190,8 @@ interface Site {
   qemuPort: number;
   /** The far gateway's connections to this site arrive through this emulator. */
   inbound: WanEmulator;
+  /** The gateway's log file (warnings and errors). */
+  logPath: string;
 }
 
 /** The test guest's workload has checked every page it wrote. */
@@ -269,8 +277,9 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       fs.mkdirSync(path.join(tmp, dir), { recursive: true });
       for (const s of specs) {
         const yaml = loopbackSiteYaml({ name: s.name, data: path.join(tmp, dir, s.name), peerPort: s.peer, vm: 'demo-vm', routePort: s.route, farPeerPort: s.farWan, targetPort: s.farQemu }) + more;
-        const gateway = await startSiteGateway(path.join(tmp, dir), s.name, yaml, o.gatewayProcesses ? 'child-process' : 'in-process', { nodeArgs: o.gatewayNodeArgs });
-        pair.push({ name: s.name, gateway, routePort: s.route, qemuPort: s.qemu, inbound: s.inbound });
+        const logPath = path.join(tmp, dir, `${s.name}.log`);
+        const gateway = await startSiteGateway(path.join(tmp, dir), s.name, yaml, o.gatewayProcesses ? 'child-process' : 'in-process', { nodeArgs: o.gatewayNodeArgs, logPath });
+        pair.push({ name: s.name, gateway, routePort: s.route, qemuPort: s.qemu, inbound: s.inbound, logPath });
       }
       return pair;
     };
@@ -426,6 +435,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           pagesMatched: report?.pagesMatched ?? 0,
           deltaBytes: report?.deltaBytes ?? 0,
         };
+        if (!result.verified) result.failure = describeFailedLeg(info, gatewayErrors, directWan ? [] : [from, to], dest);
         results.push(result);
         say(`leg ${leg} ${path_.padEnd(6)} ${from.name} → ${to.name}: ${mib(result.wanBytes)} over the WAN in ${(result.totalTimeMs / 1000).toFixed(1)} s, guest memory ${result.verified ? 'verified' : 'NOT VERIFIED'}${gatewayErrors.map((e) => `; gateway ${e}`).join('')}`);
         await vm.dispose();
@@ -454,6 +464,26 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
     }
     removeTempDir(tmp);
   }
+}
+
+/**
+ * What a leg that did not verify left behind, bounded: enough for a CI log to say whether QEMU, a
+ * gateway or the guest failed, without the run's temporary directory (removed when the run ends).
+ */
+function describeFailedLeg(info: MigrationInfo, gatewayErrors: readonly string[], sites: readonly Site[], dest: QemuVm): string {
+  const lines = [`source migration: ${info.status ?? 'unknown'}${info['error-desc'] ? ` (${info['error-desc']})` : ''}`];
+  for (const e of gatewayErrors) lines.push(`gateway ${e}`);
+  for (const site of sites) {
+    let log = '';
+    try {
+      log = fs.readFileSync(site.logPath, 'utf8');
+    } catch {
+      log = '(no log)';
+    }
+    lines.push(`${site.name} log tail: ${log.trim().slice(-3000) || '(empty)'}`);
+  }
+  lines.push(dest.describe());
+  return lines.join('\n');
 }
 
 /** The relay path's two relays, each a process of its own, and the WAN emulator between them. */
