@@ -26,7 +26,9 @@
  * A prefetched page that a later write overlaps is dropped, as a read-ahead is.
  * pageioPrefetchRanges does the same for ranges of pages (a back leg's multifd Runs, which the channels
  * read in turn from as many places of the file: one stream read-ahead cannot follow them), all submitted
- * at once to the kernel's AIO, or read PIO_RANGE_READERS at a time by the pool.
+ * at once to the kernel's AIO, or read PIO_RANGE_READERS at a time by the pool. A stream read that such a
+ * range serves starts no stream read-ahead: its caller reads ahead its own way.
+ * pageioDeviceReadBytes says how many bytes every path has read from the file, used or not.
  *
  * A failed write is reported once, by the next pageioWrite or pageioDrain, as the range of the file
  * that may not hold what was written (errno and [start, end)); the caller must stop trusting it.
@@ -151,6 +153,9 @@ typedef struct {
   off_t last_read_pos;
   off_t last_stride;
   uint8_t *bounce; /* the calling thread's aligned buffer for reads not served ahead */
+  /* Bytes read from the file so far, by every path (read ahead or not; added to atomically: the pool's
+     threads read without mu). What pageioDeviceReadBytes reports. */
+  uint64_t read_bytes;
   /* Prefetched lone pages: their own slots (PIO_ALIGN bytes each), queue order by seq, and the reader
      pool, started on the first pageioPrefetch; the pool waits on pf_cv, readers of its pages on cv. */
   pio_page pf[PIO_PREFETCH_SLOTS];
@@ -221,6 +226,7 @@ static void *pio_thread(void *arg) {
       done += (size_t)n;
     }
 
+    if (!is_write) __atomic_add_fetch(&p->read_bytes, done, __ATOMIC_RELAXED);
     pthread_mutex_lock(&p->mu);
     p->qhead = (p->qhead + 1) % PIO_SLOTS;
     p->qlen--;
@@ -279,6 +285,7 @@ static size_t pio_pread(pio *p, uint8_t *buf, size_t len, off_t pos, int *err) {
     if (n == 0) break;
     done += (size_t)n;
   }
+  __atomic_add_fetch(&p->read_bytes, done, __ATOMIC_RELAXED);
   return done;
 }
 
@@ -416,6 +423,7 @@ static int pio_aio_submit(pio *p, struct iocb **cbs, int count) {
   do sent = syscall(SYS_io_submit, p->aio, (long)count, cbs);
   while (sent < 0 && errno == EINTR);
   if (sent < 0) sent = 0;
+  for (long i = 0; i < sent; i++) __atomic_add_fetch(&p->read_bytes, cbs[i]->aio_nbytes, __ATOMIC_RELAXED);
   for (long i = sent; i < count; i++) {
     uint64_t slot = cbs[i]->aio_data;
     if (slot < PIO_PREFETCH_SLOTS) p->pf[slot].state = SLOT_FREE;
@@ -847,10 +855,20 @@ static void pio_read_ahead_strided(pio *p, off_t from, off_t stride, size_t len)
     if (!pio_queue_read(p, from, from + (off_t)k * stride, len)) return;
 }
 
+/* Whether (mu held) a range read ahead, or being read, holds the byte at pos. */
+static int pio_rg_starts(pio *p, off_t pos) {
+  for (int i = 0; i < PIO_RANGE_SLOTS; i++) {
+    pio_range *rg = &p->rg[i];
+    if (rg->state != SLOT_FREE && !rg->stale && rg->pos <= pos && pos < rg->pos + (off_t)rg->len) return 1;
+  }
+  return 0;
+}
+
 /* pageioRead(h, dest, destOff, len, pos, inStream): reads exactly len bytes at pos (multiples of 4096)
  * after every earlier write to them; throws (with .errno) on an I/O error or the end of the file.
  * inStream: the read is one of a stream read in ascending order (a rebuild), not a lone page; once
- * such reads follow one another (or one is large), the windows after it are read ahead. */
+ * such reads follow one another (or one is large), the windows after it are read ahead, unless a range
+ * read ahead (pageioPrefetchRanges) holds its start. A range serves as much of a read as it holds. */
 static napi_value PageioRead(napi_env env, napi_callback_info info) {
   size_t argc = 6;
   napi_value argv[6];
@@ -871,7 +889,11 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
   int sequential = in_stream && p->last_read_end >= 0 && at >= p->last_read_end && at - p->last_read_end <= PIO_SLOT_BYTES;
   off_t stride = in_stream && p->last_read_end >= 0 ? at - p->last_read_pos : 0;
   int strided = !sequential && stride > (off_t)len && stride == p->last_stride && len <= PIO_SLOT_BYTES;
-  if (sequential) pio_read_ahead(p, at);
+  /* A read that a range read ahead serves is one of a caller that reads ahead its own way (a back leg's
+     multifd Runs, pageioPrefetchRanges): the windows after it are another channel's packets, or ranges
+     asked for already, and reading them too took the device as long again (4-5x what the Runs read). */
+  int ranged = pio_rg_starts(p, at);
+  if (sequential && !ranged) pio_read_ahead(p, at);
   while (left > 0) {
     off_t w = at - at % PIO_SLOT_BYTES;
     size_t part = (size_t)(w + PIO_SLOT_BYTES - at);
@@ -900,7 +922,9 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
     }
     for (int r = 0; r < PIO_RANGE_SLOTS && !served; r++) {
       pio_range *rg = &p->rg[r];
-      if (rg->state == SLOT_FREE || rg->stale || rg->pos > at || at + (off_t)part > rg->pos + (off_t)rg->len) continue;
+      if (rg->state == SLOT_FREE || rg->stale || rg->pos > at || at >= rg->pos + (off_t)rg->len) continue;
+      /* A range that holds the part's start serves as much of it as it holds; the rest is the next part. */
+      if (at + (off_t)part > rg->pos + (off_t)rg->len) part = (size_t)(rg->pos + (off_t)rg->len - at);
       if (rg->state == SLOT_QUEUED) {
         rg->state = SLOT_FREE; /* no reader has started it: read it here, not behind the others */
         break;
@@ -955,6 +979,7 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
         if (n == 0) break;
         done += (size_t)n;
       }
+      __atomic_add_fetch(&p->read_bytes, done, __ATOMIC_RELAXED);
       if (err == 0 && done < part) err = ENODATA;
       if (err == 0 && into != dest) memcpy(dest, into, part);
       pthread_mutex_lock(&p->mu);
@@ -974,7 +999,7 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
     p->last_read_pos = (off_t)pos;
     p->last_read_end = at;
     if (strided) pio_read_ahead_strided(p, (off_t)pos, stride, (size_t)len);
-    else if (sequential || len >= PIO_STREAM_READ_BYTES) pio_read_ahead(p, at);
+    else if (!ranged && (sequential || len >= PIO_STREAM_READ_BYTES)) pio_read_ahead(p, at);
   }
   pthread_mutex_unlock(&p->mu);
   return NULL;
@@ -1167,6 +1192,17 @@ static napi_value PageioClose(napi_env env, napi_callback_info info) {
   return r;
 }
 
+/* pageioDeviceReadBytes(h) -> bytes read from the file so far, by every path: reads made when asked and
+ * every read ahead (stream windows, strides, lone pages, ranges; the kernel's AIO counted as submitted),
+ * used or not. What a store costs its device, beside what its callers took. */
+static napi_value PageioDeviceReadBytes(napi_env env, napi_callback_info info) {
+  pio *p = pio_only_arg(env, info, "pageioDeviceReadBytes");
+  if (p == NULL) return NULL;
+  napi_value r;
+  napi_create_double(env, (double)__atomic_load_n(&p->read_bytes, __ATOMIC_RELAXED), &r);
+  return r;
+}
+
 /* pageioKernelReads(h) -> whether the kernel's AIO reads the lone pages and ranges prefetched (else the reader pool). */
 static napi_value PageioKernelReads(napi_env env, napi_callback_info info) {
   napi_value r;
@@ -1191,6 +1227,7 @@ napi_status bf_pageio_register(napi_env env, napi_value exports) {
       {"pageioPrefetch", NULL, PageioPrefetch, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioPrefetchRanges", NULL, PageioPrefetchRanges, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioKernelReads", NULL, PageioKernelReads, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioDeviceReadBytes", NULL, PageioDeviceReadBytes, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioDrain", NULL, PageioDrain, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioSetSize", NULL, PageioSetSize, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioClose", NULL, PageioClose, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -419,6 +419,36 @@ describe.each(READERS_AHEAD)('pages read ahead by %s', (_readers, aioSetting) =>
       direct.close();
     }
   });
+
+  test('stream reads that ranges read ahead serve cost the device those ranges and no more; one a range holds only the start of is read in two', () => {
+    const pages = 2048; // 8 MiB: room after each range for the stream read-ahead it must not start
+    const file = versionedFile('served', pages);
+    if (file === null) return;
+    const { direct, wrongAt } = file;
+    try {
+      const RANGE = 64; // pages: 256 KiB, a stream read large enough to have started read-ahead of its own
+      const starts = [1024, 0, 1536, 512]; // the channels' Runs, in turn
+      const before = direct.deviceReadBytes;
+      direct.prefetchRanges(Float64Array.from([...starts, 1800], (p) => p * PAGE), Float64Array.from([...starts.map(() => RANGE), 16], (n) => n * PAGE), starts.length + 1);
+      const wrong: string[] = [];
+      const out = Buffer.alloc(RANGE * PAGE);
+      const read = (first: number, count: number): void => {
+        direct.read(out, 0, count * PAGE, first * PAGE, true);
+        for (let k = 0; k < count; k++) {
+          const wrongHere = wrongAt(out, k * PAGE, first + k);
+          if (wrongHere !== null) wrong.push(wrongHere);
+        }
+      };
+      for (const first of starts) read(first, RANGE);
+      // A Run reaching past what was read ahead for it: 16 pages from its range, 16 read there and then.
+      read(1800, 32);
+      direct.drain(); // any read-ahead started meanwhile finishes, and is counted
+      expect(wrong).toEqual([]);
+      expect(direct.deviceReadBytes - before).toBe((starts.length * RANGE + 16 + 16) * PAGE);
+    } finally {
+      direct.close();
+    }
+  });
 });
 
 

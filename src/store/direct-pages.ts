@@ -34,13 +34,14 @@ interface PageioAddon {
   pageioPrefetch(h: Handle, positions: Float64Array, count: number): number;
   pageioPrefetchRanges(h: Handle, positions: Float64Array, lengths: Float64Array, count: number): number;
   pageioKernelReads(h: Handle): boolean;
+  pageioDeviceReadBytes(h: Handle): number;
   pageioDrain(h: Handle): NativeWriteFailure | null;
   pageioSetSize(h: Handle, fileSize: number): void;
   pageioClose(h: Handle): NativeWriteFailure | null;
 }
 
 function pageioAddon(): PageioAddon | null {
-  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioPrefetch', 'pageioPrefetchRanges', 'pageioKernelReads', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
+  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioPrefetch', 'pageioPrefetchRanges', 'pageioKernelReads', 'pageioDeviceReadBytes', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
   const fns = names.map((n) => nativeExport(n));
   const rangeSlots = nativeExport('pageioRangeSlots');
   if (!fns.every((f) => typeof f === 'function') || typeof rangeSlots !== 'number') return null;
@@ -160,6 +161,14 @@ export class DirectPages {
    */
   get kernelReadsRefused(): boolean {
     return this.kernelReadsAsked && !this.kernelReads;
+  }
+
+  /**
+   * Bytes read from the file so far by every path: reads made when asked, and every read ahead (used or
+   * not). Beside what the callers read, what the store's reading cost its device.
+   */
+  get deviceReadBytes(): number {
+    return (addon as PageioAddon).pageioDeviceReadBytes(this.handle);
   }
 
   /** Waits for every queued write and forgets what was read ahead. Throws DirectWriteError. */
