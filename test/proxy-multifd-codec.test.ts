@@ -363,20 +363,24 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     expect(() => multifdRoundTrip(second.channels, layout, { store: sender, reference: sender.digests }, receiver, { deltas: true, tamperDelta: tamper })).toThrow(message);
   });
 
-  test('a back leg reads each Run’s pages ahead: every read of them was asked for before it, a window at a time', () => {
-    /** A store that records the ranges asked for ahead, and which reads of its pages one of them covered. */
+  test('a back leg reads each Run’s pages ahead, a window at a time: the ranges asked for before the reads cover them, and little else', () => {
+    /** A store that records the ranges asked for ahead, and which pages of its reads one of them covered. */
     class HintedPages extends MemoryPages {
       readonly asked: [number, number][] = [];
       readonly rangeSlots = 64;
-      reads = 0;
-      covered = 0;
+      pagesRead = 0;
+      pagesCovered = 0;
       prefetchRanges(starts: Uint32Array, counts: Uint32Array, count: number): void {
         for (let i = 0; i < count; i++) this.asked.push([starts[i], counts[i]]);
       }
       override readPages(index: number, count: number, dest: Uint8Array, destStart: number): void {
-        this.reads++;
-        if (this.asked.some(([start, n]) => start <= index && index + count <= start + n)) this.covered++;
+        this.pagesRead += count;
+        for (let page = index; page < index + count; page++) if (this.asked.some(([start, n]) => start <= page && page < start + n)) this.pagesCovered++;
         super.readPages(index, count, dest, destStart);
+      }
+      /** Pages the ranges asked for hold, each counted as often as asked (a device reads them as often). */
+      pagesAsked(): number {
+        return this.asked.reduce((pages, [, n]) => pages + n, 0);
       }
     }
     // Enough packets for each channel that most of its Runs are read ahead after the first window of them
@@ -390,17 +394,23 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd codec, %s packe
     const first = multifdMigration(memory, { format, channels: 3, rounds: [all(memory)] });
     multifdRoundTrip(first.channels, layout, { store: sender, reference: null }, receiver, { readAhead: true });
     expect(receiver.asked).toEqual([]); // a first leg has no Runs
+    // Pages changed here and there, as on a guest's back leg: they cut their packets' Runs short.
+    patchPages(memory, 0.02, 64, 12);
     const second = multifdMigration(memory, { format, channels: 3, rounds: [all(memory)] });
     const trip = multifdRoundTrip(second.channels, layout, { store: sender, reference: sender.digests }, receiver, { chunk: 5000, readAhead: true });
     trip.rebuilt.forEach((bytes, c) => expect(bytes.equals(second.channels[c])).toBe(true));
     const runs = trip.decoders.reduce((n, d) => n + d.counts.pagesReused, 0);
-    expect(runs).toBeGreaterThan(0.9 * first.normalPages);
-    // Every Run's pages (both blocks') were asked for before they were read. QEMU 7.2 sends zero pages on
-    // the main channel, so a packet's pages span more than its records: the first Runs read ahead of
-    // each channel, before a Run has shown how much more, may fall short by a page or two.
-    expect(receiver.reads).toBeGreaterThan(0);
-    if (format === 'qemu-10.0') expect(receiver.covered).toBe(receiver.reads);
-    else expect(receiver.covered).toBeGreaterThan(0.9 * receiver.reads);
+    expect(runs).toBeGreaterThan(0.85 * first.normalPages);
+    // The Runs' pages (both blocks') were asked for before they were read. A packet's records span more
+    // pages than they count (QEMU 7.2 sends zero pages on the main channel; 10.0 lists them among the
+    // others, after); a Run reads as far as the store says its records lie, and a page that changed
+    // since (a zero page now, or one no longer) puts that a page off, read when it comes.
+    expect(receiver.pagesRead).toBeGreaterThan(0);
+    expect(receiver.pagesCovered).toBeGreaterThan(0.99 * receiver.pagesRead);
+    // And little else: where each Run asked for at least a packet's worth, the changed pages' short Runs
+    // asked for 4 times the pages they read here, and a back leg's receiver 3.5 times what its Runs read
+    // (docs/benchmarks.md, "Thirty-second session").
+    expect(receiver.pagesAsked()).toBeLessThan(1.3 * receiver.pagesRead);
     for (const [, n] of receiver.asked) expect(n).toBeLessThanOrEqual(MAX_RUN_HELD);
     expect(receiver.asked.some(([start]) => start >= 16000)).toBe(true);
   });

@@ -1,6 +1,6 @@
-import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
+import { DIGEST_BYTES, DIGEST_WORDS, digestContiguous, digestOne, digestWords, isAbsentDigest, newDigestBuffer, sameDigestWords } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
-import { MULTIFD_SLOTS, type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
+import { type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
 import { errorMessage } from '../common/errors';
 import { Fifo } from '../common/fifo';
@@ -33,6 +33,8 @@ interface QueuedFrame {
 export const MAX_HELD_SYNC_BYTES = 4 * 1024 * 1024;
 
 const EMPTY = Buffer.alloc(0);
+/** An all-zero page, digested for runSpan(). */
+const ZERO_PAGE = new Uint8Array(X86_PAGE_SIZE);
 
 /**
  * The receiving gateway's codec for one multifd channel: turns MultifdEncoder's Literal bytes and Run
@@ -81,12 +83,10 @@ export class MultifdDecoder extends MultifdChannel {
   private siblingsSeen = 0;
   private siblingsRebuilt = 0;
   private readonly siblingsAhead: (ReadsAhead | null)[] = [];
-  /**
-   * Pages a Run's records span, per record, the most the Runs rebuilt lately showed: a packet's pages are
-   * consecutive as a rule, but the zero pages among them (sent on the main channel before QEMU 9.0) are
-   * not the Run's. How far past its first page a Run's reads go ahead.
-   */
-  private spanPerRecord = 1;
+  /** The store's digest table as words, and an all-zero page's digest: where a Run's records lie (runSpan). */
+  private spanTable: Uint32Array | null = null;
+  private readonly zeroDigest = newDigestBuffer();
+  private readonly zeroWords = digestWords(this.zeroDigest);
   /** Pages [runAheadFirst, runAheadEnd) of the store: what the last Run seen ahead has read ahead. */
   private runAheadFirst = 0;
   private runAheadEnd = 0;
@@ -334,9 +334,8 @@ export class MultifdDecoder extends MultifdChannel {
    * ahead (ReadsAhead) once prefetchAhead() is called. On a back leg each channel's Runs name every N-th
    * packet of the guest, and the channels take turns: the store's own read-ahead follows no such order.
    * head[0 .. length): the payload's first bytes. Must see every Run frame, in order, as run() will. Only
-   * a hint: the range read is the Run's first page on, as far as its records span (spanPerRecord) and at
-   * least a packet's worth (since QEMU 9.0 a packet lists its zero pages, which the Run does not count,
-   * among the others); nothing is checked here that rebuilding does not check again.
+   * a hint: the range read is the Run's first page on, as far as its records lie by the store (runSpan);
+   * nothing is checked here that rebuilding does not check again.
    */
   aheadOfRun(head: Buffer, length: number): void {
     const frame = ++this.runsSeen;
@@ -348,18 +347,38 @@ export class MultifdDecoder extends MultifdChannel {
     const first = block.firstPage + place.firstOffset / X86_PAGE_SIZE;
     const count = Math.min(place.count, MAX_RUN_HELD, block.firstPage + block.pages - first);
     if (count <= 0) return;
-    this.runsAhead ??= new ReadsAhead(runsWindow(this.migration.channelCount, store.rangeSlots), (starts, counts, n) => {
-      for (let i = 0; i < n; i++) counts[i] = this.runReadAhead(counts[i]);
-      store.prefetchRanges?.(starts, counts, n);
-    });
-    this.runsAhead.note(frame, first, count);
+    // One held page more than its records: a Run is most often cut short by a changed page, whose Delta
+    // takes that page's held version as its base (aheadOfDelta finds it in this range).
+    const span = this.runSpan(store.digests, first, count + 1, Math.min(MAX_RUN_HELD, block.firstPage + block.pages - first));
+    this.runsAhead ??= new ReadsAhead(runsWindow(this.migration.channelCount, store.rangeSlots), (starts, counts, n) => store.prefetchRanges?.(starts, counts, n));
+    this.runsAhead.note(frame, first, span);
     this.runAheadFirst = first;
-    this.runAheadEnd = first + this.runReadAhead(count);
+    this.runAheadEnd = first + span;
   }
 
-  /** Pages a Run of `count` records has read ahead from its first page on. */
-  private runReadAhead(count: number): number {
-    return Math.min(MAX_RUN_HELD, Math.max(MULTIFD_SLOTS, Math.round(count * this.spanPerRecord)));
+  /**
+   * Pages from `first` on (at most `limit`) that a Run of `count` records spans, as the store tells: a
+   * Run's pages are held, and none is a zero page (QEMU sends those on the main channel before 9.0, and
+   * lists them after the others since), so its records are the next `count` held pages other than zero
+   * pages, as a rule. A page that changed since (now zero, or no longer zero) makes the span a page off,
+   * which the store reads when it comes. Reading as far as a packet's worth, or as far as the sparsest
+   * Run lately spanned, had a 4-channel back leg's receiver ask for 3.5 times the bytes its Runs read
+   * (docs/benchmarks.md, "Thirty-second session"). At most `limit` pages are looked at.
+   */
+  private runSpan(digests: Uint8Array, first: number, count: number, limit: number): number {
+    let table = this.spanTable;
+    if (table === null || table.buffer !== digests.buffer || table.byteOffset !== digests.byteOffset || table.length * 4 !== digests.length) {
+      table = this.spanTable = digestWords(digests);
+      digestOne(ZERO_PAGE, 0, X86_PAGE_SIZE, this.zeroDigest, 0);
+    }
+    const zero = this.zeroWords;
+    const end = Math.min(first + limit, table.length / DIGEST_WORDS);
+    let records = 0;
+    for (let page = first, at = first * DIGEST_WORDS; page < end; page++, at += DIGEST_WORDS) {
+      if (isAbsentDigest(table, at) || sameDigestWords(table, at, zero, 0)) continue;
+      if (++records === count) return page - first + 1;
+    }
+    return end - first;
   }
 
   /**
@@ -447,10 +466,6 @@ export class MultifdDecoder extends MultifdChannel {
       }
       k = end;
     }
-    // Offsets ascend within a packet as a rule; any other order spans no less than its records.
-    const span = (packet.offsets[next + run.count - 1] - packet.offsets[next]) / X86_PAGE_SIZE + 1;
-    const perRecord = Math.min(4, Math.max(1, span / run.count));
-    this.spanPerRecord = perRecord > this.spanPerRecord ? perRecord : this.spanPerRecord + (perRecord - this.spanPerRecord) / 64;
     this.useKeptVersions(bytes, next, run.count);
     digestContiguous(bytes, 0, run.count, X86_PAGE_SIZE, this.digests, 0);
     digestOne(this.digests, 0, run.count * DIGEST_BYTES, this.runDigest, 0);
