@@ -10,6 +10,7 @@ import {
   digestVariant,
   selectDigestVariant,
   StreamHash,
+  zeroPageDigest,
 } from '../src/digest';
 
 const PAGE = 4096;
@@ -215,6 +216,14 @@ describe.each(variants)('XXH3-128 digests (%s kernel)', (variant) => {
     const out = new Uint8Array(0);
     expect(digestPages(new Uint8Array(0), new Uint32Array(0), 0, PAGE, out, 0)).toBeUndefined();
     expect(digestContiguous(new Uint8Array(0), 0, 0, PAGE, out, 0)).toBeUndefined();
+  });
+
+  test("an all-zero page's digest, per page size, is the reference's, made once each", () => {
+    for (const size of [PAGE, 2 * PAGE]) {
+      expect(digestHex(zeroPageDigest(size))).toBe(refHex(new Uint8Array(size)));
+      expect(zeroPageDigest(size)).toBe(zeroPageDigest(size));
+    }
+    expect(digestHex(zeroPageDigest(PAGE))).not.toBe(digestHex(zeroPageDigest(2 * PAGE)));
   });
 });
 

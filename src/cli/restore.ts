@@ -1,6 +1,6 @@
 import { connect, type Socket } from 'node:net';
 import { type Endpoint, formatEndpoint } from '../gateway/address';
-import { DIGEST_BYTES, digestContiguous, digestOne } from '../digest';
+import { DIGEST_BYTES, digestContiguous, zeroPageDigest } from '../digest';
 import { describeOrigin, RamFlag, SectionType, streamOrigin, VmCommand } from '../qemu';
 import { writeRamWord, writeShortString } from '../qemu/encode';
 import { X86_PAGE_SIZE as PAGE } from '../qemu/constants';
@@ -105,8 +105,7 @@ export async function restoreSnapshot(data: string, vm: string, to: Endpoint, op
     sectionHeader.writeUInt32BE(info.ramSectionId, 1);
     await out.send(sectionHeader);
 
-    const zeroDigest = Buffer.alloc(DIGEST_BYTES);
-    digestOne(Buffer.alloc(PAGE), 0, PAGE, zeroDigest, 0);
+    const zeroDigest = zeroPageDigest(PAGE);
     const digests = store.digests;
     const pages = Buffer.allocUnsafe(BATCH * PAGE);
     const hashes = Buffer.allocUnsafe(BATCH * DIGEST_BYTES);

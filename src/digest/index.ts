@@ -153,6 +153,23 @@ export function selectDigestVariant(name: DigestVariant | 'auto'): DigestVariant
   return addon.selectVariant(name);
 }
 
+/** Digests of all-zero pages, by page size: made once each (every kernel gives the same). */
+const zeroPageDigests = new Map<number, Buffer>();
+
+/**
+ * The digest of an all-zero page of `pageSize` bytes: how a zero page is told from its digest alone.
+ * Shared by every caller, so never written to.
+ */
+export function zeroPageDigest(pageSize: number): Buffer {
+  let digest = zeroPageDigests.get(pageSize);
+  if (digest === undefined) {
+    digest = newDigestBuffer();
+    digestOne(new Uint8Array(pageSize), 0, pageSize, digest, 0);
+    zeroPageDigests.set(pageSize, digest);
+  }
+  return digest;
+}
+
 /** 32-bit words in a digest. */
 export const DIGEST_WORDS = DIGEST_BYTES / 4;
 

@@ -1,4 +1,4 @@
-import { DIGEST_BYTES, DIGEST_WORDS, digestContiguous, digestOne, digestWords, isAbsentDigest, newDigestBuffer, sameDigestWords } from '../digest';
+import { DIGEST_BYTES, DIGEST_WORDS, digestContiguous, digestOne, digestWords, isAbsentDigest, sameDigestWords, zeroPageDigest } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { type MultifdPacketRecord, type MultifdPageRecord, MultifdRecordKind } from '../qemu/multifd';
 import type { RamBlock, RamPageRecord } from '../qemu/records';
@@ -33,8 +33,6 @@ interface QueuedFrame {
 export const MAX_HELD_SYNC_BYTES = 4 * 1024 * 1024;
 
 const EMPTY = Buffer.alloc(0);
-/** An all-zero page, digested for runSpan(). */
-const ZERO_PAGE = new Uint8Array(X86_PAGE_SIZE);
 
 /**
  * The receiving gateway's codec for one multifd channel: turns MultifdEncoder's Literal bytes and Run
@@ -85,8 +83,7 @@ export class MultifdDecoder extends MultifdChannel {
   private readonly siblingsAhead: (ReadsAhead | null)[] = [];
   /** The store's digest table as words, and an all-zero page's digest: where a Run's records lie (runSpan). */
   private spanTable: Uint32Array | null = null;
-  private readonly zeroDigest = newDigestBuffer();
-  private readonly zeroWords = digestWords(this.zeroDigest);
+  private readonly zeroWords = digestWords(zeroPageDigest(X86_PAGE_SIZE));
   /** Pages [runAheadFirst, runAheadEnd) of the store: what the last Run seen ahead has read ahead. */
   private runAheadFirst = 0;
   private runAheadEnd = 0;
@@ -369,7 +366,6 @@ export class MultifdDecoder extends MultifdChannel {
     let table = this.spanTable;
     if (table === null || table.buffer !== digests.buffer || table.byteOffset !== digests.byteOffset || table.length * 4 !== digests.length) {
       table = this.spanTable = digestWords(digests);
-      digestOne(ZERO_PAGE, 0, X86_PAGE_SIZE, this.zeroDigest, 0);
     }
     const zero = this.zeroWords;
     const end = Math.min(first + limit, table.length / DIGEST_WORDS);

@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { DIGEST_BYTES, DIGEST_WORDS, digestOne, digestPages, digestWords, isAbsentDigest, newDigestBuffer, sameDigestWords } from '../digest';
+import { DIGEST_BYTES, DIGEST_WORDS, digestOne, digestPages, digestWords, isAbsentDigest, newDigestBuffer, sameDigestWords, zeroPageDigest } from '../digest';
 import { RamFlag, X86_PAGE_SIZE } from '../qemu/constants';
 import { pageDataAhead } from '../qemu/pages-ahead';
 import { type RamBlock, type RamPageRecord, RecordKind } from '../qemu/records';
@@ -94,7 +94,6 @@ export class PageRetainer {
   readonly digestWords = digestWords(this.digest);
   private readonly fillPage = Buffer.alloc(X86_PAGE_SIZE);
   private fillValue = 0;
-  private readonly zeroDigest = Buffer.alloc(DIGEST_BYTES);
   /** The input the parser reads now: only its pages are digested ahead. */
   private input: Buffer | null = null;
   /** Where in `input` the pages digested ahead begin, their digests, and which of them is next. */
@@ -108,9 +107,7 @@ export class PageRetainer {
   /** Pages to read ahead (prefetchChangedAhead), reused. */
   private readonly changedAhead = new Uint32Array(AHEAD_PAGES);
 
-  constructor(readonly store: RetainedPages | null) {
-    digestOne(this.fillPage, 0, X86_PAGE_SIZE, this.zeroDigest, 0);
-  }
+  constructor(readonly store: RetainedPages | null) {}
 
   /** The parser is about to read `bytes`: pages digested ahead in an earlier input are forgotten. */
   newInput(bytes: Buffer): void {
@@ -153,7 +150,7 @@ export class PageRetainer {
     }
     if (record.kind === RecordKind.RamZero) {
       if (record.byteValue === 0) {
-        this.zeroDigest.copy(this.digest);
+        zeroPageDigest(X86_PAGE_SIZE).copy(this.digest);
       } else {
         this.fill(record.byteValue);
         digestOne(this.fillPage, 0, X86_PAGE_SIZE, this.digest, 0);

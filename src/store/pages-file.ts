@@ -16,7 +16,7 @@
  * the store to mark absent, and the error is thrown.
  */
 import * as fs from 'node:fs';
-import { DIGEST_BYTES, digestOne } from '../digest';
+import { DIGEST_BYTES, zeroPageDigest } from '../digest';
 import { errorMessage } from '../common/errors';
 import { copyBytes } from './copy';
 import { DIRECT_IO_ALIGN, DirectPages, DirectWriteError } from './direct-pages';
@@ -62,9 +62,8 @@ export class PagesFile {
    * all-zero page there needs no write. pageCount/8 bytes; null when unknown (e.g. after reopen).
    */
   private holes: Uint8Array | null = null;
-  /** Digest of an all-zero page of zeroPageDigestSize bytes. */
-  private zeroPageDigest: Uint8Array | null = null;
-  private zeroPageDigestSize = 0;
+  /** Digest of an all-zero page of the current page size (prepareWrites). */
+  private zeroDigest: Uint8Array | null = null;
   /** File positions handed to prefetch(), reused. */
   private prefetchAt: Float64Array | null = null;
   /** File positions and lengths handed to prefetchRanges(), reused. */
@@ -155,12 +154,7 @@ export class PagesFile {
   prepareWrites(): void {
     const pageSize = this.bytesPerPage;
     for (const run of this.runs) run.length = 0;
-    if (this.zeroPageDigest === null || this.zeroPageDigestSize !== pageSize) {
-      const digest = new Uint8Array(DIGEST_BYTES);
-      digestOne(new Uint8Array(pageSize), 0, pageSize, digest, 0);
-      this.zeroPageDigest = digest;
-      this.zeroPageDigestSize = pageSize;
-    }
+    this.zeroDigest = zeroPageDigest(pageSize);
     const direct = this.directForPageSize();
     if (direct !== null) {
       // Pages are laid out in the write queue's own buffers (lent one per open run), not in ones of ours.
@@ -399,7 +393,7 @@ export class PagesFile {
   }
 
   private isZeroPage(digest: Uint8Array, at: number): boolean {
-    const zero = this.zeroPageDigest as Uint8Array;
+    const zero = this.zeroDigest as Uint8Array;
     for (let k = 0; k < DIGEST_BYTES; k++) if (digest[at + k] !== zero[k]) return false;
     return true;
   }
