@@ -107,6 +107,9 @@ export class PageRetainer {
   /** Pages to read ahead (prefetchChangedAhead), reused. */
   private readonly changedAhead = new Uint32Array(AHEAD_PAGES);
 
+  /** Looked up once: a zero page's record takes it on the per-page path. */
+  private readonly zeroDigest = zeroPageDigest(X86_PAGE_SIZE);
+
   constructor(readonly store: RetainedPages | null) {}
 
   /** The parser is about to read `bytes`: pages digested ahead in an earlier input are forgotten. */
@@ -150,7 +153,7 @@ export class PageRetainer {
     }
     if (record.kind === RecordKind.RamZero) {
       if (record.byteValue === 0) {
-        zeroPageDigest(X86_PAGE_SIZE).copy(this.digest);
+        this.zeroDigest.copy(this.digest);
       } else {
         this.fill(record.byteValue);
         digestOne(this.fillPage, 0, X86_PAGE_SIZE, this.digest, 0);
