@@ -280,11 +280,13 @@ describe('calibration from baseline legs of the same run', () => {
     expect(p.gatewayBytesPerS).toBeCloseTo(500e6, -3);
   });
 
-  test('plain first legs up to 10% longer than the relay\'s were paced by the link too (a handshake, the stores, a commit), longer ones by the gateways', () => {
+  test('plain first legs up to 4% longer than the relay\'s were paced by the link too (a handshake, the stores, a commit), longer ones by the gateways', () => {
     const withPlainFirst = (ms: number): BaselineLeg[] => [...legs.filter((l) => !(l.path === 'bfmig-plain' && l.leg === 1)), leg('bfmig-plain', 1, 200e6, ms, 1)];
-    // Relay first legs 2.0 s: 2.18 s is the link's pace, 2.3 s the gateways' (200 MB in 2.26 s).
-    expect(calibrateFromBaseline(withPlainFirst(2180), 40, BENCH_PLATFORM_QEMU10).gatewayLiteralBytesPerS).toBe(BENCH_PLATFORM.gatewayLiteralBytesPerS);
-    expect(calibrateFromBaseline(withPlainFirst(2300), 40, BENCH_PLATFORM_QEMU10).gatewayLiteralBytesPerS).toBeCloseTo(200e6 / 2.26, -3);
+    // Relay first legs 2.0 s: 2.07 s is the link's pace, 2.12 s the gateways' (200 MB in 2.08 s), and so
+    // is 2.18 s (1.09×: the files guest's plain first legs at 1 Gbit/s, docs/model.md).
+    expect(calibrateFromBaseline(withPlainFirst(2070), 40, BENCH_PLATFORM_QEMU10).gatewayLiteralBytesPerS).toBe(BENCH_PLATFORM.gatewayLiteralBytesPerS);
+    expect(calibrateFromBaseline(withPlainFirst(2120), 40, BENCH_PLATFORM_QEMU10).gatewayLiteralBytesPerS).toBeCloseTo(200e6 / 2.08, -3);
+    expect(calibrateFromBaseline(withPlainFirst(2180), 40, BENCH_PLATFORM_QEMU10).gatewayLiteralBytesPerS).toBeCloseTo(200e6 / 2.14, -3);
   });
 
   test('the model check calibrates each setting of a leg-cost file from its own baseline legs and checks only the others', () => {
@@ -351,15 +353,28 @@ describe('calibration from baseline legs of the same run', () => {
     }
   });
 
-  test("the thirty-first session's 4-channel multifd legs, held out of the sender's core share: all but the files guest's first leg within 25%", () => {
+  test("the thirty-first session's 4-channel multifd legs, held out of the sender's core share: every setting's WAN bytes and time within 25%", () => {
     const medians = modelCheckMedians('leg-cost-1000-multifd-thirty-first.json');
     expect(medians).toHaveLength(4);
-    // Its plain first legs of the files guest took 1.08× the relay's: paced by the link, the gateways were
-    // given a core each, and the model sends raw what they compressed (docs/model.md, "Where the model misses").
-    for (const { wanError, timeError } of medians.filter((m) => !m.setting.includes('files 1000 Mbit/s, leg 1'))) {
+    // Its plain first legs of the files guest took 1.08× the relay's: when that counted as the link's pace,
+    // the gateways were given a core each and the model sent raw what they compressed, 32% over on WAN
+    // bytes and 36% short on time (docs/model.md, "Where the model misses").
+    for (const { wanError, timeError } of medians) {
       expect(Math.abs(wanError)).toBeLessThanOrEqual(25);
       expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
     }
+  });
+
+  test("the thirty-third session's 4-channel multifd legs, bfmig-uncompressed beside: WAN bytes within 25%, time too but for one back leg", () => {
+    const medians = modelCheckMedians('leg-cost-1000-multifd-thirty-third.json');
+    // files and random; bfmig first and back legs, bfmig-uncompressed too; three runs each.
+    expect(medians).toHaveLength(8);
+    for (const { wanError } of medians) expect(Math.abs(wanError)).toBeLessThanOrEqual(25);
+    // The pseudo-random guest's back leg through bfmig took 0.54 s in two runs of three where bfmig-plain's
+    // took 0.35 and 0.46: issue 16's back-leg gap, which the model has no term for (docs/model.md).
+    const slow = 'leg-cost-1000-multifd-thirty-third.json random 1000 Mbit/s, leg 2 bfmig';
+    expect(medians.map((m) => m.setting)).toContain(slow);
+    for (const { timeError } of medians.filter((m) => m.setting !== slow)) expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
   });
 
   test('with multifd every page brings its packet-header share: a back leg carries more, its stream too', () => {

@@ -113,12 +113,16 @@ function heldRateFor(inputs: ModelInputs, seconds: number, platform: Platform): 
 
 /**
  * A plain first leg at most this many times the relay's first leg's time was paced by the link, not the
- * gateways: a leg of a second or two at 1 Gbit/s spends up to a tenth of it on what a relay does not do
- * (the handshake, the stores, the commit). At 1.05 the sixteenth session's plain first legs of the files
- * guest (1.94 s against the relay's 1.78) counted as paced by gateways carrying pages at 121 MB/s, slower
- * than the link: the model then had compression make them slower still, and the policy did not.
+ * gateways: a leg spends a little on what a relay does not do (the handshake, the stores, the commit). At
+ * 100 Mbit/s, where the link is many times slower than the gateways, the plain first legs of every
+ * results file took 1.011–1.024 times the relay's (20 s legs, 0.2–0.45 s longer); at 1 Gbit/s on this
+ * host 1.055–1.15, but for one setting at 1.023. With 1.1 here those at 1 Gbit/s below it (the files
+ * guest's of four files, 1.055–1.093) gave the gateways a core each, and the model put their legs with
+ * compression and deltas 11–36% short, where their own rate puts every one within 15% (docs/model.md,
+ * "Where the model misses"). (At 1.05, before zstd ran in the sender's wait, the sixteenth session's
+ * files guest set a fifth of a core for zstd and the model missed its WAN bytes by 85%; no longer.)
  */
-const LINK_PACED = 1.1;
+const LINK_PACED = 1.04;
 
 /**
  * `base` with the host's rates read from baseline legs measured beside the legs to be predicted, in the
