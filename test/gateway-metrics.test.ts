@@ -118,6 +118,8 @@ describe('GatewayMetrics over HTTP', () => {
       'bfmig_store_bytes',
       'bfmig_store_evictions_total',
       'bfmig_store_full_total',
+      'bfmig_store_read_bytes_total',
+      'bfmig_store_written_bytes_total',
       'bfmig_streams_relayed_verbatim_total',
       'bfmig_tls_certificate_expiry_timestamp_seconds',
       'bfmig_wan_bytes_total',
@@ -157,6 +159,8 @@ describe('GatewayMetrics store use and certificates', () => {
       'bfmig_qemu_stream_bytes_total{vm="vm1",direction="send"} 0',
       'bfmig_store_budget_bytes 0',
       'bfmig_store_bytes 0',
+      'bfmig_store_read_bytes_total{vm="vm1",direction="send"} 0',
+      'bfmig_store_written_bytes_total{vm="vm1",direction="send"} 0',
       'bfmig_wan_bytes_total{vm="vm1",direction="send"} 0',
     ]);
     m.migrationFinished('vm1', 'send', { result: 'failed', seconds: 1, qemuBytes: 0, wanBytes: 0, verbatimReason: null, compressionSavedBytes: 0 });

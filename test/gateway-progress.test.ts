@@ -7,7 +7,7 @@ const PAGE = 4096;
 /** A tick of a migration that began at t=0 and has read `pages` pages of a `pageCount`-page guest. */
 function tick(pages: number, wanBytes: number, pageCount: number | null = 1000): ProgressTick {
   const counts = { ...newCounts(), streamBytes: pages * (PAGE + 8), pagesSent: pages };
-  return { phase: 'streaming', startedAt: 0, streamBytes: counts.streamBytes, wanBytes, counts, layout: pageCount === null ? null : { pageCount, pageSize: PAGE } };
+  return { phase: 'streaming', startedAt: 0, streamBytes: counts.streamBytes, wanBytes, counts, layout: pageCount === null ? null : { pageCount, pageSize: PAGE }, storeIo: { readBytes: 0, writtenBytes: 0 } };
 }
 
 describe('LiveMigrations', () => {
@@ -73,5 +73,8 @@ describe('LiveMigrations', () => {
     live.tick('vm2', 'send', tick(0, 0, null), 4000);
     expect(live.status('vm2', 'send', 4000)).toMatchObject({ ramBytes: null, remainingBytes: null, etaSeconds: null, saving: null });
     expect(live.all(4000).map((m) => m.vm)).toEqual(['vm1', 'vm2']);
+    // What the VM's store read and wrote so far, as the tick says it.
+    live.tick('vm2', 'send', { ...tick(10, 100), storeIo: { readBytes: 3 * PAGE, writtenBytes: 10 * PAGE } }, 4500);
+    expect(live.status('vm2', 'send', 4500)).toMatchObject({ storeReadBytes: 3 * PAGE, storeWrittenBytes: 10 * PAGE });
   });
 });

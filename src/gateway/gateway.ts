@@ -38,6 +38,8 @@ interface Totals {
   delta: number;
   matched: number;
   sibling: number;
+  storeRead: number;
+  storeWritten: number;
 }
 
 /**
@@ -472,7 +474,7 @@ export class Gateway implements SessionObserver {
   progress(vm: string, direction: Direction, now: ProgressTick): void {
     this.watch(vm, direction, now);
     const key = `${vm}\u0000${direction}`;
-    const before = this.totals.get(key) ?? { streamBytes: 0, wanBytes: 0, sent: 0, reused: 0, zero: 0, delta: 0, matched: 0, sibling: 0 };
+    const before = this.totals.get(key) ?? { streamBytes: 0, wanBytes: 0, sent: 0, reused: 0, zero: 0, delta: 0, matched: 0, sibling: 0, storeRead: 0, storeWritten: 0 };
     const m = this.metrics;
     if (m) {
       m.addStreamBytes(vm, direction, now.streamBytes - before.streamBytes);
@@ -483,8 +485,20 @@ export class Gateway implements SessionObserver {
       m.addPages(vm, direction, 'delta', now.counts.pagesDelta - before.delta);
       m.addPages(vm, direction, 'matched', now.counts.pagesMatched - before.matched);
       m.addPages(vm, direction, 'sibling', now.counts.pagesSibling - before.sibling);
+      m.addStoreIo(vm, direction, now.storeIo.readBytes - before.storeRead, now.storeIo.writtenBytes - before.storeWritten);
     }
-    this.totals.set(key, { streamBytes: now.streamBytes, wanBytes: now.wanBytes, sent: now.counts.pagesSent, reused: now.counts.pagesReused, zero: now.counts.pagesZero, delta: now.counts.pagesDelta, matched: now.counts.pagesMatched, sibling: now.counts.pagesSibling });
+    this.totals.set(key, {
+      streamBytes: now.streamBytes,
+      wanBytes: now.wanBytes,
+      sent: now.counts.pagesSent,
+      reused: now.counts.pagesReused,
+      zero: now.counts.pagesZero,
+      delta: now.counts.pagesDelta,
+      matched: now.counts.pagesMatched,
+      sibling: now.counts.pagesSibling,
+      storeRead: now.storeIo.readBytes,
+      storeWritten: now.storeIo.writtenBytes,
+    });
   }
 
   /** A migration's tick as the live view sees it: a progress line when due, a stall as it starts and ends. */

@@ -49,6 +49,20 @@ export class GatewayMetrics {
     registers: [this.registry],
   });
 
+  private readonly storeReadBytes = new Counter<VmLabels>({
+    name: 'bfmig_store_read_bytes_total',
+    help: "Bytes of pages the VM's store read from its file for its migrations (with direct I/O what the disk read, reads ahead included)",
+    labelNames: ['vm', 'direction'],
+    registers: [this.registry],
+  });
+
+  private readonly storeWrittenBytes = new Counter<VmLabels>({
+    name: 'bfmig_store_written_bytes_total',
+    help: "Bytes of pages the VM's store wrote to its file for its migrations",
+    labelNames: ['vm', 'direction'],
+    registers: [this.registry],
+  });
+
   private readonly evictions = new Counter<'vm'>({
     name: 'bfmig_store_evictions_total',
     help: 'Retained VM snapshots removed to keep the store directory within storeBudget',
@@ -189,6 +203,8 @@ export class GatewayMetrics {
     const labels = { vm, direction };
     this.streamBytes.inc(labels, 0);
     this.wanBytes.inc(labels, 0);
+    this.storeReadBytes.inc(labels, 0);
+    this.storeWrittenBytes.inc(labels, 0);
     for (const kind of ['sent', 'reused', 'zero'] as const) this.pages.inc({ ...labels, kind }, 0);
     for (const result of ['completed', 'failed'] as const) this.migrations.inc({ ...labels, result }, 0);
   }
@@ -199,6 +215,12 @@ export class GatewayMetrics {
 
   addWanBytes(vm: string, direction: Direction, n: number): void {
     this.wanBytes.inc({ vm, direction }, n);
+  }
+
+  /** Bytes of pages the VM's store read from and wrote to its file since the last call. */
+  addStoreIo(vm: string, direction: Direction, readBytes: number, writtenBytes: number): void {
+    this.storeReadBytes.inc({ vm, direction }, readBytes);
+    this.storeWrittenBytes.inc({ vm, direction }, writtenBytes);
   }
 
   storeEvicted(vm: string): void {

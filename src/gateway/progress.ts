@@ -43,6 +43,9 @@ export interface MigrationStatus {
    */
   remainingBytes: number | null;
   etaSeconds: number | null;
+  /** Bytes of pages the VM's store read from and wrote to its file so far (bfmig_store_read_bytes_total, …_written_…). */
+  storeReadBytes: number;
+  storeWrittenBytes: number;
   /** No byte moved for progress.stallSeconds. */
   stalled: boolean;
 }
@@ -147,6 +150,8 @@ function statusOf(e: Live, now: number): MigrationStatus {
     ramBytes,
     remainingBytes,
     etaSeconds: remainingBytes !== null && qemuRate > 0 ? remainingBytes / qemuRate : null,
+    storeReadBytes: t.storeIo.readBytes,
+    storeWrittenBytes: t.storeIo.writtenBytes,
     stalled: e.stalled,
   };
 }

@@ -7,6 +7,8 @@ import { encodeJson, FrameType } from '../wire/frames';
 import { type CountingCodec, type Direction, migrationCounts, migrationFallback, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 import { noteStoreError } from './store-space';
 
+const NO_STORE_IO = { readBytes: 0, writtenBytes: 0 };
+
 /** The moves a session's phase may make: from each phase, the phases it may go to next. */
 export type PhaseMoves<P extends string> = Readonly<Record<P, readonly P[]>>;
 
@@ -99,6 +101,7 @@ export class SessionLifecycle {
       wanBytes: this.direction === 'send' ? this.wanOut : this.wanIn,
       counts,
       layout: codec?.layout ?? null,
+      storeIo: this.store?.pageIo ?? NO_STORE_IO,
     });
   }
 

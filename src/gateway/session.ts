@@ -46,6 +46,8 @@ export interface ProgressTick {
   counts: TransferCounts;
   /** The guest's RAM as the stream's setup declared it, once known. */
   layout: { pageCount: number; pageSize: number } | null;
+  /** Bytes of pages the VM's store read from and wrote to its file so far (PageStore.pageIo; 0 while it retains nothing). */
+  storeIo: { readBytes: number; writtenBytes: number };
 }
 
 /** What a migration session tells the gateway: log lines, live totals, the outcome. */

@@ -179,6 +179,14 @@ export class PageStore {
     return this.pages.directIo;
   }
 
+  /**
+   * Bytes of pages this store has read from its pages file (with direct I/O, what its device read, reads
+   * ahead included) and written to it since it was opened. Not after close().
+   */
+  get pageIo(): { readBytes: number; writtenBytes: number } {
+    return { readBytes: this.pages.readBytes, writtenBytes: this.pages.writtenBytes };
+  }
+
   /** The store reads ahead with threads: the kernel refused it an AIO context (DirectPages.kernelReadsRefused). */
   get kernelReadsRefused(): boolean {
     return this.pages.kernelReadsRefused;

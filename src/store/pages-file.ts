@@ -56,6 +56,9 @@ export class PagesFile {
   /** Pages a run buffer holds. */
   private runCapacity = 0;
   private writes = 0;
+  /** Bytes of pages written to the file, and read from it through the page cache, since it was opened. */
+  private bytesWritten = 0;
+  private bytesReadPaged = 0;
 
   /**
    * After recreate(): bit i set = page i's region of the file is still a hole (reads as zeros), so an
@@ -107,6 +110,20 @@ export class PagesFile {
   /** Whether pages move with O_DIRECT (else through the page cache). */
   get directIo(): boolean {
     return this.directForPageSize() !== null;
+  }
+
+  /**
+   * Bytes read from the file since it was opened, by every path: with direct I/O what the device read,
+   * reads ahead that went unused included (DirectPages.deviceReadBytes); through the page cache what was
+   * asked of it.
+   */
+  get readBytes(): number {
+    return (this.direct?.deviceReadBytes ?? 0) + this.bytesReadPaged;
+  }
+
+  /** Bytes of pages written to the file since it was opened (handed to the direct queue, or written through the page cache). */
+  get writtenBytes(): number {
+    return this.bytesWritten;
   }
 
   /** Direct I/O reads ahead with the reader pool because the kernel refused its AIO (DirectPages.kernelReadsRefused). */
@@ -230,6 +247,7 @@ export class PagesFile {
    */
   writeThrough(index: number, src: Uint8Array, srcStart: number): void {
     pwriteFully(this.fd, src, srcStart, this.bytesPerPage, index * this.bytesPerPage);
+    this.bytesWritten += this.bytesPerPage;
   }
 
   /** Writes the pending runs. On failure a run's pages are lost (their content on disk is unknown) and it throws. */
@@ -253,6 +271,7 @@ export class PagesFile {
       } else {
         pwriteFully(this.fd, run.buffer as Buffer, 0, n * pageSize, start * pageSize);
       }
+      this.bytesWritten += n * pageSize;
     } catch (err) {
       if (err instanceof DirectWriteError) throw this.directWriteFailed(err);
       this.lose(start, start + n - 1);
@@ -301,8 +320,12 @@ export class PagesFile {
     }
     for (const run of this.runs) if (run.length > 0 && index < run.start + run.length && run.start < index + count) this.flushRun(run);
     const direct = this.directForPageSize();
-    if (direct !== null) direct.read(dest, destStart, count * pageSize, index * pageSize, inStream);
-    else preadFully(this.fd, dest, destStart, count * pageSize, index * pageSize);
+    if (direct !== null) {
+      direct.read(dest, destStart, count * pageSize, index * pageSize, inStream);
+    } else {
+      preadFully(this.fd, dest, destStart, count * pageSize, index * pageSize);
+      this.bytesReadPaged += count * pageSize;
+    }
   }
 
   /**
@@ -362,6 +385,7 @@ export class PagesFile {
    */
   readRaw(dest: Uint8Array, destStart: number, len: number, pos: number): void {
     preadFully(this.fd, dest, destStart, len, pos);
+    this.bytesReadPaged += len;
   }
 
   /** Drops the write path's state (the store is closing; a failed finish left a run unwritten). */
