@@ -289,6 +289,18 @@ describe('calibration from baseline legs of the same run', () => {
     expect(calibrateFromBaseline(withPlainFirst(2180), 40, BENCH_PLATFORM_QEMU10).gatewayLiteralBytesPerS).toBeCloseTo(200e6 / 2.14, -3);
   });
 
+  test('plain first legs whose sender was idle most of them were paced by the link, however much longer than the relay\'s they took', () => {
+    // Half as long again as the relay's, as above, but the sender busy 0.1 CPU s of each 3 s leg (3%):
+    // the link, not the gateways, set that pace (at 100 Mbit/s with multifd the plain legs took 1.10×).
+    const idle = [...legs.filter((l) => !(l.path === 'bfmig-plain' && l.leg === 1)), leg('bfmig-plain', 1, 200e6, 3040, 0.1), leg('bfmig-plain', 1, 400e6, 3040, 0.1)];
+    const p = calibrateFromBaseline(idle, 40, BENCH_PLATFORM_QEMU10);
+    expect(p.gatewayLiteralBytesPerS).toBe(BENCH_PLATFORM.gatewayLiteralBytesPerS);
+    expect(p.senderCoreShare).toBe(BENCH_PLATFORM.senderCoreShare);
+    // Busy a fifth of each leg (0.6 CPU s): the gateways' pace, as above.
+    const busy = [...legs.filter((l) => !(l.path === 'bfmig-plain' && l.leg === 1)), leg('bfmig-plain', 1, 200e6, 3040, 0.6), leg('bfmig-plain', 1, 400e6, 3040, 0.6)];
+    expect(calibrateFromBaseline(busy, 40, BENCH_PLATFORM_QEMU10).gatewayLiteralBytesPerS).toBeCloseTo(100e6, -3);
+  });
+
   test('the model check calibrates each setting of a leg-cost file from its own baseline legs and checks only the others', () => {
     const file = path.join(PACKAGE_ROOT, 'docs', 'benchmarks', 'leg-cost-1000-quiet.json');
     const out = execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'bench', 'compression-model-check.js'), file, '--platform', 'same-run'], { encoding: 'utf8' });
@@ -375,6 +387,16 @@ describe('calibration from baseline legs of the same run', () => {
     const slow = 'leg-cost-1000-multifd-thirty-third.json random 1000 Mbit/s, leg 2 bfmig';
     expect(medians.map((m) => m.setting)).toContain(slow);
     for (const { timeError } of medians.filter((m) => m.setting !== slow)) expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
+  });
+
+  test("the thirty-third session's 4-channel multifd legs at 100 Mbit/s: every setting's WAN bytes and time within 25%", () => {
+    // Their plain first legs took 1.10 and 1.11 times the relay's with the sender busy 6–7% of them: paced by the link.
+    const medians = modelCheckMedians('leg-cost-100-multifd-thirty-third.json');
+    expect(medians).toHaveLength(4); // files and random, first and back legs, two runs each
+    for (const { wanError, timeError } of medians) {
+      expect(Math.abs(wanError)).toBeLessThanOrEqual(25);
+      expect(Math.abs(timeError)).toBeLessThanOrEqual(25);
+    }
   });
 
   test('with multifd every page brings its packet-header share: a back leg carries more, its stream too', () => {

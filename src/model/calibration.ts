@@ -125,14 +125,24 @@ function heldRateFor(inputs: ModelInputs, seconds: number, platform: Platform): 
 const LINK_PACED = 1.04;
 
 /**
+ * A plain first leg whose sending gateway was busy less than this share of it had the link set its pace,
+ * however much longer than the relay's it took. At 100 Mbit/s the senders of every results file were
+ * busy 4–8% of their plain first legs, at 1 Gbit/s 22–37%; and at 100 Mbit/s with 4 multifd channels the
+ * plain first legs took 1.10–1.11 times the relay's (docs/benchmarks.md, "Thirty-third session"): read
+ * as the gateways' pace, their 13.5 MB/s made the model put the files guest's first leg at 2.7 times
+ * its time.
+ */
+const IDLE_SENDER = 0.15;
+
+/**
  * `base` with the host's rates read from baseline legs measured beside the legs to be predicted, in the
  * same run, the way BENCH_PLATFORM_QEMU10's were read from a calibration run: a shared host's load moves
  * every rate, and legs of a second or less measure it more than the gateways. The relay legs give the
  * link's ceiling, the `bfmig-plain` back legs the gateways' rate for held pages (through the model, where
  * their inputs are given), its first legs their rate for carried ones and, with the sender's CPU
  * seconds, the share of a core the sender's own work took at that rate (zstd, at a core's rate, runs in
- * the rest); where the link, not the gateways, paced those, a gateway with a core to spare: the larger of
- * `base`'s rates and BENCH_PLATFORM's. Throws when a kind of baseline leg is missing.
+ * the rest); where the link, not the gateways, paced those (LINK_PACED, IDLE_SENDER), a gateway with a
+ * core to spare: the larger of `base`'s rates and BENCH_PLATFORM's. Throws when a kind of baseline leg is missing.
  */
 export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: number, base: Platform): Platform {
   const rttS = rttMs / 1000;
@@ -146,14 +156,19 @@ export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: numbe
   const relay = legs.filter((l) => l.path === 'relay' && l.totalTimeMs > 0);
   if (relay.length === 0) throw new Error('no relay legs to calibrate from');
   const linkCeilingBytesPerS = median(relay.map((l) => (l.streamBytes - base.directBufferBytes) / (l.totalTimeMs / 1000)));
-  // A plain first leg within LINK_PACED of the relay's time was paced by the link: it says nothing of the
-  // gateways' rate for carried pages but that it is at least the link's, nor of the CPU they had to spare
-  // for zstd. A gateway with a core to spare has the machine's own rates then (BENCH_PLATFORM's, where
-  // base's are lower: the share of a core a plain gateway used while it waited for the link is not what
-  // it takes when it compresses).
+  // The plain first legs' rate for carried pages, and the share of a core the sender used at that rate:
+  // it waited the rest, and zstd (a whole core's rate) runs in that wait.
+  const carriedRate = gatewayRate(true);
+  const cpu = legs.filter((l) => l.path === 'bfmig-plain' && l.leg === 1 && l.gatewayCpuSecondsSend !== null && l.streamBytes > 0);
+  const senderShare = cpu.length === 0 ? 1 : Math.min(1, carriedRate * median(cpu.map((l) => (l.gatewayCpuSecondsSend as number) / l.streamBytes)));
+  // A plain first leg within LINK_PACED of the relay's time, or one whose sender was idle most of it
+  // (IDLE_SENDER), was paced by the link: it says nothing of the gateways' rate for carried pages but that
+  // it is at least the link's, nor of the CPU they had to spare for zstd. A gateway with a core to spare
+  // has the machine's own rates then (BENCH_PLATFORM's, where base's are lower: the share of a core a
+  // plain gateway used while it waited for the link is not what it takes when it compresses).
   const firstTime = (path: string): number => median(legs.filter((l) => l.path === path && l.leg === 1).map((l) => l.totalTimeMs));
   let platform: Platform = { ...base, linkCeilingBytesPerS };
-  if (firstTime('bfmig-plain') <= LINK_PACED * firstTime('relay')) {
+  if (firstTime('bfmig-plain') <= LINK_PACED * firstTime('relay') || senderShare < IDLE_SENDER) {
     platform = {
       ...platform,
       gatewayLiteralBytesPerS: Math.max(base.gatewayLiteralBytesPerS, BENCH_PLATFORM.gatewayLiteralBytesPerS),
@@ -161,11 +176,7 @@ export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: numbe
       senderCoreShare: BENCH_PLATFORM.senderCoreShare,
     };
   } else {
-    const gatewayLiteralBytesPerS = gatewayRate(true);
-    const cpu = legs.filter((l) => l.path === 'bfmig-plain' && l.leg === 1 && l.gatewayCpuSecondsSend !== null && l.streamBytes > 0);
-    // The core's share the sender used at that rate: it waited the rest, and zstd (a whole core's rate) runs in that wait.
-    const senderCoreShare = cpu.length === 0 ? 1 : Math.min(1, gatewayLiteralBytesPerS * median(cpu.map((l) => (l.gatewayCpuSecondsSend as number) / l.streamBytes)));
-    platform = { ...platform, gatewayLiteralBytesPerS, compressorBytesPerS: BENCH_PLATFORM.compressorBytesPerS, senderCoreShare };
+    platform = { ...platform, gatewayLiteralBytesPerS: carriedRate, compressorBytesPerS: BENCH_PLATFORM.compressorBytesPerS, senderCoreShare: senderShare };
   }
   // Held pages: where the back legs' inputs are known, the rate at which the model gives each its
   // measured time (the pages a plain back leg carried cross the link meanwhile, and QEMU stops at its
