@@ -119,7 +119,7 @@ function heldRateFor(inputs: ModelInputs, seconds: number, platform: Platform): 
  * host 1.055–1.15, but for one setting at 1.023. With 1.1 here those at 1 Gbit/s below it (the files
  * guest's of four files, 1.055–1.093) gave the gateways a core each, and the model put their legs with
  * compression and deltas 11–36% short, where their own rate puts every one within 15% (docs/model.md,
- * "Where the model misses"). (At 1.05, before zstd ran in the sender's wait, the sixteenth session's
+ * "Where the model missed until the thirty-third session"). (At 1.05, before zstd ran in the sender's wait, the sixteenth session's
  * files guest set a fifth of a core for zstd and the model missed its WAN bytes by 85%; no longer.)
  */
 const LINK_PACED = 1.04;
