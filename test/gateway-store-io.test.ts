@@ -2,7 +2,8 @@
  * What each migration cost its VM's store file, as the gateways' metrics say it
  * (bfmig_store_read_bytes_total, bfmig_store_written_bytes_total): a first leg writes every page it
  * carried at both sites and reads next to nothing; a back leg whose guest changed nothing writes
- * nothing, and its receiver reads every page it rebuilds from its store.
+ * nothing, and its receiver reads every page it rebuilds from its store. Each migration's report and
+ * last log line ('migration completed') say the same figures.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -53,6 +54,11 @@ describe('store I/O per VM and direction', () => {
     expect(first.received.equals(stream)).toBe(true);
     const firstSend = await storeIo(a, 'send');
     const firstReceive = await storeIo(b, 'receive');
+    // Each migration's report and its last log line say the same of it.
+    expect(first.sent.storeIo).toEqual({ readBytes: firstSend.read, writtenBytes: firstSend.written });
+    expect(first.got.storeIo).toEqual({ readBytes: firstReceive.read, writtenBytes: firstReceive.written });
+    const completed = b.logs.filter((l) => l.msg === 'migration completed' && l.direction === 'receive');
+    expect(completed.at(-1)).toMatchObject({ storeReadBytes: firstReceive.read, storeWrittenBytes: firstReceive.written });
     // Every non-zero page at both sites (zero pages of a fresh store are holes, not written).
     for (const io of [firstSend, firstReceive]) {
       expect(io.written).toBeGreaterThanOrEqual(nonZero * PAGE);
@@ -65,6 +71,7 @@ describe('store I/O per VM and direction', () => {
     expect(back.got.counts.pagesReused).toBe(nonZero);
     const backSend = await storeIo(b, 'send');
     const backReceive = await storeIo(a, 'receive');
+    expect(back.got.storeIo).toEqual({ readBytes: backReceive.read, writtenBytes: backReceive.written });
     // The receiver rebuilt every held page from its store, and had nothing new to keep.
     expect(backReceive.read).toBeGreaterThanOrEqual(nonZero * PAGE);
     expect(backReceive.written).toBe(0);

@@ -27,7 +27,7 @@ import { formatEndpoint } from './address';
 import { ChannelReceiver, ChannelSender } from './channel-relay';
 import type { RouteConfig } from './config';
 import { ChannelGroup, type GroupEvent } from './migration-channels';
-import type { Direction, MigrationReport, SessionObserver } from './session';
+import { type Direction, type MigrationReport, NO_STORE_IO, type SessionObserver } from './session';
 import type { PeerTransport } from './transport';
 import type { ChannelName } from '../wire/frames';
 
@@ -86,6 +86,7 @@ function tunnelGroup(vm: string, direction: Direction, target: string, origin: s
       wanBytesOut: direction === 'send' ? o.streamBytes : 0,
       wanBytesIn: direction === 'receive' ? o.streamBytes : 0,
       compressionSavedBytes: 0,
+      storeIo: NO_STORE_IO,
       counts: newCounts(),
       mode: 'none',
       snapshotId: null,

@@ -543,6 +543,8 @@ export class Gateway implements SessionObserver {
       streamBytes: report.streamBytes,
       wanBytes,
       ...(report.compressionSavedBytes !== 0 ? { compressionSavedBytes: report.compressionSavedBytes } : {}),
+      storeReadBytes: report.storeIo.readBytes,
+      storeWrittenBytes: report.storeIo.writtenBytes,
       pagesSent: report.counts.pagesSent,
       pagesReused: report.counts.pagesReused,
       pagesZero: report.counts.pagesZero,

@@ -4,10 +4,8 @@ import type { StreamFallback } from '../qemu/records';
 import { PageStore, UndoableStore } from '../store';
 import { saveMigrationRecord } from '../store/migration-record';
 import { encodeJson, FrameType } from '../wire/frames';
-import { type CountingCodec, type Direction, migrationCounts, migrationFallback, migrationReport, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
+import { type CountingCodec, type Direction, migrationCounts, migrationFallback, migrationReport, NO_STORE_IO, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore, type StoreIo } from './session';
 import { noteStoreError } from './store-space';
-
-const NO_STORE_IO = { readBytes: 0, writtenBytes: 0 };
 
 /** The moves a session's phase may make: from each phase, the phases it may go to next. */
 export type PhaseMoves<P extends string> = Readonly<Record<P, readonly P[]>>;
@@ -101,7 +99,7 @@ export class SessionLifecycle {
       wanBytes: this.direction === 'send' ? this.wanOut : this.wanIn,
       counts,
       layout: codec?.layout ?? null,
-      storeIo: this.store?.pageIo ?? NO_STORE_IO,
+      storeIo: this.storeIo(),
     });
   }
 
@@ -199,6 +197,7 @@ export class SessionLifecycle {
     } catch (err) {
       this.event('store note of the migration failed', { error: errorMessage(err) });
     }
+    const storeIo = this.storeIo(); // read before the store closes
     try {
       this.store?.close();
     } catch (err) {
@@ -207,7 +206,7 @@ export class SessionLifecycle {
       this.event('store close failed', { error: errorMessage(err) });
     }
     this.options.observer.finished(
-      migrationReport({ vm: this.vm, direction: this.direction, startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn, compressionSavedBytes: this.compressionSaved() }, codec, outcome),
+      migrationReport({ vm: this.vm, direction: this.direction, startedAt: this.started, wanBytesOut: this.wanOut, wanBytesIn: this.wanIn, compressionSavedBytes: this.compressionSaved(), storeIo }, codec, outcome),
     );
     this.resolveDone();
   }
@@ -216,6 +215,11 @@ export class SessionLifecycle {
   endUnreported(): void {
     this.end();
     this.resolveDone();
+  }
+
+  /** What the VM's store has read and written so far in this migration (open until report() closes it). */
+  private storeIo(): StoreIo {
+    return this.store?.pageIo ?? NO_STORE_IO;
   }
 
   private end(): void {

@@ -7,6 +7,15 @@ import { addCounts, newCounts, type TransferCounts } from '../proxy/transfer-cou
 /** Which way a migration goes through this gateway: 'send' forwards a source QEMU's stream to a peer, 'receive' rebuilds it for a destination QEMU. */
 export type Direction = 'send' | 'receive';
 
+/** Bytes of pages a store read from and wrote to its file (PageStore.pageIo). */
+export interface StoreIo {
+  readBytes: number;
+  writtenBytes: number;
+}
+
+/** What a migration that retains nothing did to a store file. */
+export const NO_STORE_IO: Readonly<StoreIo> = { readBytes: 0, writtenBytes: 0 };
+
 /** How the sender knew what the receiver holds. */
 export type ReuseMode = 'shared-snapshot' | 'digest-table' | 'none';
 
@@ -24,6 +33,8 @@ export interface MigrationReport {
   wanBytesIn: number;
   /** WAN bytes compression saved (zero when the migration was not compressed). */
   compressionSavedBytes: number;
+  /** Bytes of pages the VM's store read from and wrote to its file in this migration (PageStore.pageIo). */
+  storeIo: StoreIo;
   counts: TransferCounts;
   mode: ReuseMode;
   snapshotId: string | null;
@@ -46,8 +57,8 @@ export interface ProgressTick {
   counts: TransferCounts;
   /** The guest's RAM as the stream's setup declared it, once known. */
   layout: { pageCount: number; pageSize: number } | null;
-  /** Bytes of pages the VM's store read from and wrote to its file so far (PageStore.pageIo; 0 while it retains nothing). */
-  storeIo: { readBytes: number; writtenBytes: number };
+  /** Bytes of pages the VM's store read from and wrote to its file so far (0 while it retains nothing). */
+  storeIo: StoreIo;
 }
 
 /** What a migration session tells the gateway: log lines, live totals, the outcome. */
@@ -114,7 +125,7 @@ export function migrationCounts(codec: CountingCodec | null): TransferCounts {
 
 /** What a session knows when it ends, as the report the observer gets. */
 export function migrationReport(
-  session: { vm: string; direction: Direction; startedAt: number; wanBytesOut: number; wanBytesIn: number; compressionSavedBytes: number },
+  session: { vm: string; direction: Direction; startedAt: number; wanBytesOut: number; wanBytesIn: number; compressionSavedBytes: number; storeIo: StoreIo },
   codec: (CountingCodec & { fallback: StreamFallback | null; postcopy: boolean }) | null,
   outcome: { result: 'completed' | 'failed'; error: string | null; mode: ReuseMode; snapshotId: string | null },
 ): MigrationReport {
@@ -128,6 +139,7 @@ export function migrationReport(
     wanBytesOut: session.wanBytesOut,
     wanBytesIn: session.wanBytesIn,
     compressionSavedBytes: session.compressionSavedBytes,
+    storeIo: session.storeIo,
     counts: c,
     verbatim: migrationFallback(codec),
     postcopy: codec?.postcopy ?? false,
