@@ -21,7 +21,8 @@
  * opening (migrate → the leg's first 8 MiB out of the WAN emulator: the handshake and the records the
  * gateway, not yet the link, sets the pace of), and
  * each gateway's (or relay's) CPU seconds per GiB of QEMU stream (its process's /proc counters), with the
- * medians of the kernel's share of them (system time: sockets, the disk, page faults) beside. Then each
+ * medians of the kernel's share of them (system time: sockets, the disk, page faults) beside; what each
+ * gateway's store read from and wrote to its file for the leg. Then each
  * bfmig path's total time less bfmig-plain's, run by run: paths of one run meet the host in the same
  * minutes, so the pairs show a difference smaller than the spread between runs.
  * Gateways and relays run as processes of their own, the gateways with the recommended Node flags
@@ -121,6 +122,16 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
       ];
     }),
   );
+  // What each leg cost the stores' disks (gateway paths only; bfmig_store_read/written_bytes_total): a back
+  // leg's receiver reads about the guest's RAM to rebuild it, a first leg writes what it carried at both sites.
+  const stored = legs.filter((l) => l.storeIo);
+  if (stored.length > 0) {
+    lines.push('', "stores' files: median MB of pages read and written for the leg, sending and receiving gateway");
+    lines.push('leg  path               read send            written send         read receive         written receive');
+    const mb = (pick: (io: NonNullable<LegResult['storeIo']>) => number) => (at: LegResult[]): string =>
+      spread(at.map((l) => pick(l.storeIo as NonNullable<LegResult['storeIo']>) / 1e6), (v) => v.toFixed(1)).padEnd(20);
+    lines.push(...perPath(stored, (at) => [mb((io) => io.readSend)(at), mb((io) => io.writtenSend)(at), mb((io) => io.readReceive)(at), mb((io) => io.writtenReceive)(at)]));
+  }
   lines.push('', 'paired by run (each run migrates every path): total time of each bfmig path less bfmig-plain\'s in that run');
   lines.push(`and of those pairs only the ones whose guests gave both legs about the same pages to carry (within ${SAME_WORK_SHARE * 100}%)`);
   for (const leg of [...new Set(legs.map((l) => l.leg))].sort((a, b) => a - b)) {

@@ -175,6 +175,12 @@ export interface LegResult {
   verbatim: string | null;
   /** WAN bytes the sending gateway's compression saved (0: direct, or not compressed). */
   compressionSavedBytes: number;
+  /**
+   * Bytes of pages the sending and the receiving gateway's stores read from and wrote to their files for
+   * the leg (with direct I/O what the disk read, reads ahead included); null: direct or relay, or a
+   * gateway that did not report them. Absent in older results.
+   */
+  storeIo?: { readSend: number; writtenSend: number; readReceive: number; writtenReceive: number } | null;
   /** The sending gateway's deltas (not counted in pagesSent): pages sent as changed ranges, pages matched to the same content elsewhere, the Delta payload bytes both took (0: direct). */
   pagesDelta: number;
   pagesMatched: number;
@@ -372,6 +378,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         arrivalCheckedMark = dest.serialMark();
         let wan: { forward: number; backward: number };
         let report: GatewayLegReport | undefined;
+        let received: GatewayLegReport | undefined;
         const gatewayErrors: string[] = [];
         if (directWan) {
           wan = { forward: directWan.bytesForward, backward: directWan.bytesBackward };
@@ -379,7 +386,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         } else {
           for (let i = 0; i < 400 && (from.gateway.reports.length === sentBefore || to.gateway.reports.length === receivedBefore); i++) await sleep(25);
           report = from.gateway.reports[sentBefore];
-          for (const r of [report, to.gateway.reports[receivedBefore]]) if (r?.error) gatewayErrors.push(`${r.direction}: ${r.error}`);
+          received = to.gateway.reports[receivedBefore];
+          for (const r of [report, received]) if (r?.error) gatewayErrors.push(`${r.direction}: ${r.error}`);
           wan = { forward: to.inbound.bytesForward - wanBefore.forward, backward: to.inbound.bytesBackward - wanBefore.backward };
         }
         const cpuAfter = relays ? relays.cpu() : { send: from.gateway.cpu(), receive: to.gateway.cpu() };
@@ -431,6 +439,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
           continuedFromPause,
           verbatim: report?.verbatim ?? null,
           compressionSavedBytes: report?.compressionSavedBytes ?? 0,
+          storeIo: report && received ? { readSend: report.storeReadBytes, writtenSend: report.storeWrittenBytes, readReceive: received.storeReadBytes, writtenReceive: received.storeWrittenBytes } : null,
           pagesDelta: report?.pagesDelta ?? 0,
           pagesMatched: report?.pagesMatched ?? 0,
           deltaBytes: report?.deltaBytes ?? 0,

@@ -35,6 +35,9 @@ export interface GatewayLegReport {
   postcopy: boolean;
   /** WAN bytes compression saved (0: not compressed). */
   compressionSavedBytes: number;
+  /** Bytes of pages the VM's store read from and wrote to its file in the migration (MigrationReport.storeIo). */
+  storeReadBytes: number;
+  storeWrittenBytes: number;
   /** Pages sent as the ranges that changed from the receiver's version, pages sent as a reference to the same content elsewhere (in this VM, in a sibling's snapshot), and the payload bytes they took. */
   pagesDelta: number;
   pagesMatched: number;
@@ -98,7 +101,7 @@ async function startInProcess(yaml: string, logPath: string): Promise<SiteGatewa
   await gateway.start();
   return {
     get reports(): GatewayLegReport[] {
-      return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, error: r.error, streamBytes: r.streamBytes, ...pageCounts(r.counts), snapshotId: r.snapshotId, verbatim: r.verbatim?.code ?? null, postcopy: r.postcopy, compressionSavedBytes: r.compressionSavedBytes }));
+      return gateway.history.map((r) => ({ vm: r.vm, direction: r.direction, result: r.result, error: r.error, streamBytes: r.streamBytes, ...pageCounts(r.counts), snapshotId: r.snapshotId, verbatim: r.verbatim?.code ?? null, postcopy: r.postcopy, compressionSavedBytes: r.compressionSavedBytes, storeReadBytes: r.storeIo.readBytes, storeWrittenBytes: r.storeIo.writtenBytes }));
     },
     cpu: () => null,
     peakRssMiB: () => null,
@@ -125,6 +128,8 @@ function pageCounts(c: Partial<PageCounts>): PageCounts {
 interface FinishedLine extends Partial<PageCounts> {
   msg?: string;
   compressionSavedBytes?: number;
+  storeReadBytes?: number;
+  storeWrittenBytes?: number;
   vm?: string;
   direction?: Direction;
   result?: 'completed' | 'failed';
@@ -157,7 +162,7 @@ async function startChild(configPath: string, logPath: string, nodeArgs: readonl
         return;
       }
       if (f.direction && f.result) {
-        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, error: f.error ?? null, streamBytes: f.streamBytes ?? 0, ...pageCounts(f), snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0 });
+        reports.push({ vm: f.vm ?? '', direction: f.direction, result: f.result, error: f.error ?? null, streamBytes: f.streamBytes ?? 0, ...pageCounts(f), snapshotId: f.snapshotId ?? null, verbatim: f.verbatim ?? null, postcopy: f.postcopy ?? false, compressionSavedBytes: f.compressionSavedBytes ?? 0, storeReadBytes: f.storeReadBytes ?? 0, storeWrittenBytes: f.storeWrittenBytes ?? 0 });
       }
     });
     child.once('exit', (code) => {
