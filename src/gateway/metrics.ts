@@ -51,7 +51,7 @@ export class GatewayMetrics {
 
   private readonly storeReadBytes = new Counter<VmLabels>({
     name: 'bfmig_store_read_bytes_total',
-    help: "Bytes of pages the VM's store read from its file for its migrations (with direct I/O what the disk read, reads ahead included)",
+    help: "Bytes of pages the VM's store read from its file for its migrations (reads ahead included; with direct I/O the disk read them all but never-written zero pages)",
     labelNames: ['vm', 'direction'],
     registers: [this.registry],
   });

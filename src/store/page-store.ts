@@ -180,8 +180,8 @@ export class PageStore {
   }
 
   /**
-   * Bytes of pages this store has read from its pages file (with direct I/O, what its device read, reads
-   * ahead included) and written to it since it was opened. Not after close().
+   * Bytes of pages this store has read from its pages file (reads ahead included: with direct I/O what its
+   * device read, but for never-written pages, holes of the file) and written to it since it was opened. Not after close().
    */
   get pageIo(): { readBytes: number; writtenBytes: number } {
     return { readBytes: this.pages.readBytes, writtenBytes: this.pages.writtenBytes };

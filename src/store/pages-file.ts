@@ -113,9 +113,9 @@ export class PagesFile {
   }
 
   /**
-   * Bytes read from the file since it was opened, by every path: with direct I/O what the device read,
-   * reads ahead that went unused included (DirectPages.deviceReadBytes); through the page cache what was
-   * asked of it.
+   * Bytes read from the file since it was opened, by every path: with direct I/O what was read from it,
+   * reads ahead that went unused included (DirectPages.deviceReadBytes; the device reads all of it but the
+   * file's holes, pages never written); through the page cache what was asked of it.
    */
   get readBytes(): number {
     return (this.direct?.deviceReadBytes ?? 0) + this.bytesReadPaged;

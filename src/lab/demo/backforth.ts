@@ -177,7 +177,7 @@ export interface LegResult {
   compressionSavedBytes: number;
   /**
    * Bytes of pages the sending and the receiving gateway's stores read from and wrote to their files for
-   * the leg (with direct I/O what the disk read, reads ahead included); null: direct or relay, or a
+   * the leg (reads ahead included; PageStore.pageIo); null: direct or relay, or a
    * gateway that did not report them. Absent in older results.
    */
   storeIo?: { readSend: number; writtenSend: number; readReceive: number; writtenReceive: number } | null;
