@@ -128,9 +128,8 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
   if (stored.length > 0) {
     lines.push('', "stores' files: median MB of pages read and written for the leg, sending and receiving gateway");
     lines.push('leg  path               read send            written send         read receive         written receive');
-    const mb = (pick: (io: NonNullable<LegResult['storeIo']>) => number) => (at: LegResult[]): string =>
-      spread(at.map((l) => pick(l.storeIo as NonNullable<LegResult['storeIo']>) / 1e6), (v) => v.toFixed(1)).padEnd(20);
-    lines.push(...perPath(stored, (at) => [mb((io) => io.readSend)(at), mb((io) => io.writtenSend)(at), mb((io) => io.readReceive)(at), mb((io) => io.writtenReceive)(at)]));
+    const sides = ['readSend', 'writtenSend', 'readReceive', 'writtenReceive'] as const;
+    lines.push(...perPath(stored, (at) => sides.map((side) => spread(at.map((l) => (l.storeIo?.[side] ?? 0) / 1e6), (v) => v.toFixed(1)).padEnd(20))));
   }
   lines.push('', 'paired by run (each run migrates every path): total time of each bfmig path less bfmig-plain\'s in that run');
   lines.push(`and of those pairs only the ones whose guests gave both legs about the same pages to carry (within ${SAME_WORK_SHARE * 100}%)`);
