@@ -1,10 +1,10 @@
 import type { Socket } from 'node:net';
 import { errorMessage } from '../common/errors';
 import type { StreamFallback } from '../qemu/records';
-import { PageStore, UndoableStore } from '../store';
+import { type PageIo, PageStore, UndoableStore } from '../store';
 import { saveMigrationRecord } from '../store/migration-record';
 import { encodeJson, FrameType } from '../wire/frames';
-import { type CountingCodec, type Direction, migrationCounts, migrationFallback, migrationReport, NO_STORE_IO, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore, type StoreIo } from './session';
+import { type CountingCodec, type Direction, migrationCounts, migrationFallback, migrationReport, NO_STORE_IO, PROGRESS_INTERVAL_MS, type ReuseMode, type SessionObserver, settleStore } from './session';
 import { noteStoreError } from './store-space';
 
 /** The moves a session's phase may make: from each phase, the phases it may go to next. */
@@ -218,7 +218,7 @@ export class SessionLifecycle {
   }
 
   /** What the VM's store has read and written so far in this migration (open until report() closes it). */
-  private storeIo(): StoreIo {
+  private storeIo(): PageIo {
     return this.store?.pageIo ?? NO_STORE_IO;
   }
 

@@ -1,20 +1,14 @@
 import { streamOrigin } from '../qemu';
 import type { StreamFallback } from '../qemu/records';
-import type { PageStore, UndoableStore } from '../store';
+import type { PageIo, PageStore, UndoableStore } from '../store';
 import { saveStreamParts } from '../store/snapshot-parts';
 import { addCounts, newCounts, type TransferCounts } from '../proxy/transfer-counts';
 
 /** Which way a migration goes through this gateway: 'send' forwards a source QEMU's stream to a peer, 'receive' rebuilds it for a destination QEMU. */
 export type Direction = 'send' | 'receive';
 
-/** Bytes of pages a store read from and wrote to its file (PageStore.pageIo). */
-export interface StoreIo {
-  readBytes: number;
-  writtenBytes: number;
-}
-
 /** What a migration that retains nothing did to a store file. */
-export const NO_STORE_IO: Readonly<StoreIo> = { readBytes: 0, writtenBytes: 0 };
+export const NO_STORE_IO: Readonly<PageIo> = { readBytes: 0, writtenBytes: 0 };
 
 /** How the sender knew what the receiver holds. */
 export type ReuseMode = 'shared-snapshot' | 'digest-table' | 'none';
@@ -34,7 +28,7 @@ export interface MigrationReport {
   /** WAN bytes compression saved (zero when the migration was not compressed). */
   compressionSavedBytes: number;
   /** Bytes of pages the VM's store read from and wrote to its file in this migration (PageStore.pageIo). */
-  storeIo: StoreIo;
+  storeIo: PageIo;
   counts: TransferCounts;
   mode: ReuseMode;
   snapshotId: string | null;
@@ -58,7 +52,7 @@ export interface ProgressTick {
   /** The guest's RAM as the stream's setup declared it, once known. */
   layout: { pageCount: number; pageSize: number } | null;
   /** Bytes of pages the VM's store read from and wrote to its file so far (0 while it retains nothing). */
-  storeIo: StoreIo;
+  storeIo: PageIo;
 }
 
 /** What a migration session tells the gateway: log lines, live totals, the outcome. */
@@ -125,7 +119,7 @@ export function migrationCounts(codec: CountingCodec | null): TransferCounts {
 
 /** What a session knows when it ends, as the report the observer gets. */
 export function migrationReport(
-  session: { vm: string; direction: Direction; startedAt: number; wanBytesOut: number; wanBytesIn: number; compressionSavedBytes: number; storeIo: StoreIo },
+  session: { vm: string; direction: Direction; startedAt: number; wanBytesOut: number; wanBytesIn: number; compressionSavedBytes: number; storeIo: PageIo },
   codec: (CountingCodec & { fallback: StreamFallback | null; postcopy: boolean }) | null,
   outcome: { result: 'completed' | 'failed'; error: string | null; mode: ReuseMode; snapshotId: string | null },
 ): MigrationReport {

@@ -48,6 +48,12 @@ const DEFAULT_WRITE_BUFFER_BYTES = 1024 * 1024;
 const DEFAULT_HASH_BATCH_BYTES = 8 * 1024 * 1024;
 const MAX_BUFFER_OPTION = 256 * 1024 * 1024;
 
+/** Bytes of pages a store read from and wrote to its pages file (PageStore.pageIo). */
+export interface PageIo {
+  readBytes: number;
+  writtenBytes: number;
+}
+
 /** Store directories open in this process (realpath): two instances on one directory would corrupt it. */
 const openDirs = new Set<string>();
 
@@ -183,7 +189,7 @@ export class PageStore {
    * Bytes of pages this store has read from its pages file (reads ahead included: with direct I/O what its
    * device read, but for never-written pages, holes of the file) and written to it since it was opened. Not after close().
    */
-  get pageIo(): { readBytes: number; writtenBytes: number } {
+  get pageIo(): PageIo {
     return { readBytes: this.pages.readBytes, writtenBytes: this.pages.writtenBytes };
   }
 
