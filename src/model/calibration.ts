@@ -84,6 +84,8 @@ export interface BaselineLeg {
   leg: number;
   streamBytes: number;
   totalTimeMs: number;
+  /** From the migrate command until the guest ran at the destination (null: not seen). */
+  untilRunningMs: number | null;
   /** The sending gateway's CPU seconds for the leg (null: not measured). */
   gatewayCpuSecondsSend: number | null;
   /**
@@ -112,27 +114,19 @@ function heldRateFor(inputs: ModelInputs, seconds: number, platform: Platform): 
 }
 
 /**
- * A plain first leg at most this many times the relay's first leg's time was paced by the link, not the
- * gateways: a leg spends a little on what a relay does not do (the handshake, the stores, the commit). At
- * 100 Mbit/s, where the link is many times slower than the gateways, the plain first legs of every
- * results file took 1.011–1.024 times the relay's (20 s legs, 0.2–0.45 s longer); at 1 Gbit/s on this
- * host 1.055–1.15, but for one setting at 1.023. With 1.1 here those at 1 Gbit/s below it (the files
- * guest's of four files, 1.055–1.093) gave the gateways a core each, and the model put their legs with
- * compression and deltas 11–36% short, where their own rate puts every one within 15% (docs/model.md,
- * "Where the model missed until the thirty-third session"). (At 1.05, before zstd ran in the sender's wait, the sixteenth session's
- * files guest set a fifth of a core for zstd and the model missed its WAN bytes by 85%; no longer.)
+ * A plain first leg whose guest ran at the destination at most this many times as long after the
+ * migrate command as the relay's was paced by the link, not the gateways: a leg spends a little on what
+ * a relay does not do (the handshake, the stores, the commit). In every results file the plain first
+ * legs at 100 Mbit/s ran their guests 1.002–1.024 times as late as the relay's, at 1 Gbit/s 1.062–1.255
+ * times, but for the oldest file's files guest (0.92: faster than the relay's, the link's pace too);
+ * docs/model.md, "Who paced a plain first leg".
+ *
+ * Not QEMU's total time: at 100 Mbit/s with 4 multifd channels the plain first legs took 1.10–1.11
+ * times the relay's by it, their senders busy 6–7% of the leg, because the relays' connections buffer
+ * more of the stream than the gateways' bounded queues and QEMU counts a leg done once its last byte is
+ * buffered; read as the gateways' pace, that put the files guest's first leg at 2.7 times its time.
  */
 const LINK_PACED = 1.04;
-
-/**
- * A plain first leg whose sending gateway was busy less than this share of it had the link set its pace,
- * however much longer than the relay's it took. At 100 Mbit/s the senders of every results file were
- * busy 4–8% of their plain first legs, at 1 Gbit/s 22–37%; and at 100 Mbit/s with 4 multifd channels the
- * plain first legs took 1.10–1.11 times the relay's (docs/benchmarks.md, "Thirty-third session"): read
- * as the gateways' pace, their 13.5 MB/s made the model put the files guest's first leg at 2.7 times
- * its time.
- */
-const IDLE_SENDER = 0.15;
 
 /**
  * `base` with the host's rates read from baseline legs measured beside the legs to be predicted, in the
@@ -141,8 +135,8 @@ const IDLE_SENDER = 0.15;
  * link's ceiling, the `bfmig-plain` back legs the gateways' rate for held pages (through the model, where
  * their inputs are given), its first legs their rate for carried ones and, with the sender's CPU
  * seconds, the share of a core the sender's own work took at that rate (zstd, at a core's rate, runs in
- * the rest); where the link, not the gateways, paced those (LINK_PACED, IDLE_SENDER), a gateway with a
- * core to spare: the larger of `base`'s rates and BENCH_PLATFORM's. Throws when a kind of baseline leg is missing.
+ * the rest); where the link, not the gateways, paced those (LINK_PACED), a gateway with a core to
+ * spare: the larger of `base`'s rates and BENCH_PLATFORM's. Throws when a kind of baseline leg is missing.
  */
 export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: number, base: Platform): Platform {
   const rttS = rttMs / 1000;
@@ -161,14 +155,13 @@ export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: numbe
   const carriedRate = gatewayRate(true);
   const cpu = legs.filter((l) => l.path === 'bfmig-plain' && l.leg === 1 && l.gatewayCpuSecondsSend !== null && l.streamBytes > 0);
   const senderShare = cpu.length === 0 ? 1 : Math.min(1, carriedRate * median(cpu.map((l) => (l.gatewayCpuSecondsSend as number) / l.streamBytes)));
-  // A plain first leg within LINK_PACED of the relay's time, or one whose sender was idle most of it
-  // (IDLE_SENDER), was paced by the link: it says nothing of the gateways' rate for carried pages but that
-  // it is at least the link's, nor of the CPU they had to spare for zstd. A gateway with a core to spare
-  // has the machine's own rates then (BENCH_PLATFORM's, where base's are lower: the share of a core a
-  // plain gateway used while it waited for the link is not what it takes when it compresses).
-  const firstTime = (path: string): number => median(legs.filter((l) => l.path === path && l.leg === 1).map((l) => l.totalTimeMs));
+  // A plain first leg within LINK_PACED of the relay's, by when the guest ran at the destination, was
+  // paced by the link: it says nothing of the gateways' rate for carried pages but that it is at least
+  // the link's, nor of the CPU they had to spare for zstd. A gateway with a core to spare has the
+  // machine's own rates then (BENCH_PLATFORM's, where base's are lower: the share of a core a plain
+  // gateway used while it waited for the link is not what it takes when it compresses).
   let platform: Platform = { ...base, linkCeilingBytesPerS };
-  if (firstTime('bfmig-plain') <= LINK_PACED * firstTime('relay') || senderShare < IDLE_SENDER) {
+  if (firstUntilRunning(legs, 'bfmig-plain') <= LINK_PACED * firstUntilRunning(legs, 'relay')) {
     platform = {
       ...platform,
       gatewayLiteralBytesPerS: Math.max(base.gatewayLiteralBytesPerS, BENCH_PLATFORM.gatewayLiteralBytesPerS),
@@ -186,4 +179,11 @@ export function calibrateFromBaseline(legs: readonly BaselineLeg[], rttMs: numbe
     ? median(back.map((l) => heldRateFor(l.inputs as ModelInputs, l.totalTimeMs / 1000, platform)))
     : gatewayRate(false);
   return { ...platform, gatewayBytesPerS };
+}
+
+/** The median time until the guest ran at the destination of `path`'s first legs (those where it was seen). */
+function firstUntilRunning(legs: readonly BaselineLeg[], path: string): number {
+  const seen = legs.filter((l) => l.path === path && l.leg === 1 && l.untilRunningMs !== null).map((l) => l.untilRunningMs as number);
+  if (seen.length === 0) throw new Error(`no ${path} first legs whose guest was seen running to calibrate from`);
+  return median(seen);
 }
