@@ -105,6 +105,13 @@ export const COMPAT_ROWS: readonly CompatRow[] = [
     capabilities: { multifd: true },
     parameters: { 'multifd-channels': 4, 'zero-page-detection': 'legacy' },
   }),
+  // Zero pages as normal pages in the channels' packets: QEMU looks for none.
+  row('10.0', 'pc-i440fx-10.0', 'multifd, 4 channels, zero-page-detection none (zero pages sent whole)', {
+    tail: 'multifd-4-no-zero-detection',
+    capabilities: { multifd: true },
+    parameters: { 'multifd-channels': 4, 'zero-page-detection': 'none' },
+  }),
+  row('10.0', 'pc-i440fx-10.0', 'zero-page-detection none (zero pages sent whole)', { tail: 'no-zero-detection', parameters: { 'zero-page-detection': 'none' } }),
   // QEMU's multifd-compression: the codec cannot read compressed packets, so the channels cross as they
   // are (and the gateways say so); the stores keep the snapshot they held.
   ...(['zlib', 'zstd'] as const).map((method) =>
@@ -123,6 +130,10 @@ export const COMPAT_ROWS: readonly CompatRow[] = [
     verbatim: 'multifd-compression',
     expectReuse: false,
   }),
+  // QEMU 7.2's compress capability (removed in 9.1): pages zlib-compressed by QEMU's threads cross as
+  // they are, neither retained nor reused (the stream is rebuilt byte for byte, so they cannot be
+  // replaced by a page the far side holds).
+  row('7.2', 'pc-i440fx-7.2', 'compress (the pages QEMU compressed cross as they are: next to no reuse)', { tail: 'compress', capabilities: { compress: true }, expectReuse: false }),
   // libvirt's way with storage copied alongside: the source stops the guest and waits for migrate-continue
   // before its last pages and device state, the stream quiet meanwhile.
   row('10.0', 'pc-i440fx-10.0', "pause-before-switchover, continued after 3 s (libvirt's way when it copies storage too)", {
