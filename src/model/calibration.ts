@@ -117,7 +117,7 @@ function heldRateFor(inputs: ModelInputs, seconds: number, platform: Platform): 
  * A plain first leg whose guest ran at the destination at most this many times as long after the
  * migrate command as the relay's was paced by the link, not the gateways: a leg spends a little on what
  * a relay does not do (the handshake, the stores, the commit). In every results file the plain first
- * legs at 100 Mbit/s ran their guests 1.002–1.024 times as late as the relay's, at 1 Gbit/s 1.062–1.255
+ * legs at 100 Mbit/s ran their guests 1.002–1.024 times as late as the relay's, at 1 Gbit/s 1.062–1.647
  * times, but for the oldest file's files guest (0.92: faster than the relay's, the link's pace too);
  * docs/model.md, "Who paced a plain first leg".
  *
