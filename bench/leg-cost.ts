@@ -50,7 +50,11 @@ function spread(values: number[], f: (v: number) => string): string {
 /** The median of `values` to two places, "?" for none. */
 const medianOf = (values: number[]): string => (values.length === 0 ? '?' : median(values).toFixed(2));
 const perGiB = (cpu: number | null, bytes: number): number | null => (cpu === null || bytes === 0 ? null : cpu / (bytes / GiB));
-const present = (values: Array<number | null>): number[] => values.filter((v): v is number => v !== null);
+/**
+ * The values that are known: not null, and not missing either (a results file of an earlier session lacks
+ * what later ones measured: `--from` reads them all).
+ */
+const present = (values: Array<number | null | undefined>): number[] => values.filter((v): v is number => typeof v === 'number' && Number.isFinite(v));
 
 /** One line per leg and path that has legs: its number, its path, then `cells` of its legs. */
 function perPath(legs: LegResult[], cells: (at: LegResult[]) => string[]): string[] {
@@ -90,8 +94,10 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
   // The guest's own pause (its STOP at the source to its RESUME at the destination) beside QEMU's downtime,
   // which ends when the source has written its last byte to the gateway.
   lines.push("leg  path               downtime ms          guest paused ms      downtime MiB         QEMU's rate Mbit/s   dirty syncs  windows   last window MB/s     left at stop MiB     left ÷ downtime MB/s");
+  // Results files before the source's trace was read have no windows: unknown, not none.
+  const windows = (l: LegResult): LegResult['qemuWindows'] | null => (Array.isArray(l.qemuWindows) ? l.qemuWindows : null);
   const lastWindow = (l: LegResult): number | null => {
-    const w = l.qemuWindows[l.qemuWindows.length - 1];
+    const w = windows(l)?.at(-1);
     return w === undefined || w.ms === 0 ? null : w.bytes / 1e6 / (w.ms / 1000);
   };
   lines.push(
@@ -101,7 +107,7 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
       spread(present(at.map((l) => (l.downtimeBytes === null ? null : l.downtimeBytes / 2 ** 20))), (v) => v.toFixed(2)).padEnd(20),
       spread(present(at.map((l) => l.qemuMbps)), (v) => v.toFixed(0)).padEnd(20),
       spread(at.map((l) => l.dirtySyncCount), (v) => v.toFixed(0)).padEnd(12),
-      spread(at.map((l) => l.qemuWindows.length), (v) => v.toFixed(0)).padEnd(9),
+      spread(present(at.map((l) => windows(l)?.length)), (v) => v.toFixed(0)).padEnd(9),
       spread(present(at.map(lastWindow)), (v) => v.toFixed(0)).padEnd(20),
       spread(present(at.map((l) => (l.pendingAtSwitchoverBytes === null ? null : l.pendingAtSwitchoverBytes / 2 ** 20))), (v) => v.toFixed(1)).padEnd(20),
       spread(present(at.map((l) => (l.pendingAtSwitchoverBytes === null || l.downtimeMs === 0 ? null : l.pendingAtSwitchoverBytes / 1e6 / (l.downtimeMs / 1000)))), (v) => v.toFixed(0)),
@@ -243,6 +249,7 @@ function summariseFiles(files: readonly string[]): void {
   const byContent = new Map<string, { runs: number; legs: LegResult[]; label: string }>();
   for (const file of files) {
     const results = JSON.parse(fs.readFileSync(file, 'utf8')) as BenchResults;
+    if (!Array.isArray(results.runs)) throw new Error(`${file} is not a results file of this benchmark (it has no runs)`);
     for (const run of results.runs) {
       const content = run.id.replace(/-run\d+$/, '');
       const label = `${content}, ${run.mbit} Mbit/s, ${run.delayMs} ms${run.multifdChannels ? `, multifd ${run.multifdChannels} channels` : ''}`;
