@@ -6,7 +6,7 @@ import * as digest from '../src/digest';
 import { DIGEST_BYTES } from '../src/digest';
 import { guestMemory, migrationStream, dirty, PAGE } from '../src/lab/harness/migration-stream';
 import { StreamParser } from '../src/qemu/parser';
-import { pageDataAhead } from '../src/qemu/pages-ahead';
+import { pageDataAhead, pageOffsetBefore } from '../src/qemu/pages-ahead';
 import { type RamBlock, type RamPageRecord, RecordKind } from '../src/qemu/records';
 import { PageRetainer, type RetainedPages } from '../src/proxy/retained';
 
@@ -215,5 +215,64 @@ describe('PageRetainer reads ahead the held versions of changed pages', () => {
     retainer.digestOf(record(1), 8);
     retainer.prefetchChangedAhead(offsets, 2, block.firstPage);
     expect(prefetched.length).toBe(1);
+  });
+
+  /**
+   * A main channel's stream of one block of 64 normal pages: the retainer, given its first page record,
+   * digests the 63 after it ahead, and is asked to read ahead the held versions of those that changed.
+   */
+  function firstPageOfStream(stream: Buffer): { prefetchedFor: (retainer: PageRetainer, bytes?: Buffer) => void; block: RamBlock } {
+    let first: RamPageRecord | null = null;
+    const parser = new StreamParser((r) => {
+      if (r.kind === RecordKind.RamPage && first === null) first = { ...r };
+    });
+    parser.push(stream);
+    parser.end();
+    const record = first as unknown as RamPageRecord;
+    return {
+      block: record.block,
+      // `bytes`: the stream, or a copy of it bent after its first record.
+      prefetchedFor: (retainer, bytes = stream) => {
+        const inBytes = { ...record, data: bytes };
+        retainer.newInput(bytes);
+        retainer.digestOf(inBytes);
+        retainer.prefetchChangedAheadInStream(inBytes);
+      },
+    };
+  }
+
+  test('of a main channel’s records digested ahead, the pages changed, held and not yet saved, by the offsets in their header words', () => {
+    const memory = guestMemory([['pc.ram', 64]], 13, 0);
+    const stream = migrationStream(memory, []);
+    const { store, digests, saved, prefetched } = fakeStore(64);
+    // Every page held at this very version but pages 2, 5, 9 and 40 (changed since) and 11 (not held);
+    // page 9 already saved by the undo journal.
+    for (let i = 0; i < 64; i++) digest.digestContiguous(memory.pages[i], 0, 1, PAGE, digests, i * DIGEST_BYTES);
+    for (const i of [2, 5, 9, 40]) digests.fill(0xc0 + i, i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES);
+    digests.fill(0, 11 * DIGEST_BYTES, 12 * DIGEST_BYTES);
+    saved.add(9);
+    const { prefetchedFor, block } = firstPageOfStream(stream);
+    expect(block.firstPage).toBe(0);
+    prefetchedFor(new PageRetainer(store));
+    expect(prefetched).toEqual([[2, 5, 40]]);
+
+    // A header word naming a page past the block ends the pages read ahead there (they are only a guess
+    // until the parser reads them): page 20's record made to name the block's length.
+    const offsets = new Uint32Array(64);
+    const pageRecordsAt = (bytes: Buffer): number[] => {
+      const starts: number[] = [];
+      new StreamParser((r) => void (r.kind === RecordKind.RamPage && starts.push(r.dataStart))).push(bytes);
+      return starts;
+    };
+    const starts = pageRecordsAt(stream);
+    expect(pageDataAhead(stream, starts[0] + PAGE, PAGE, offsets)).toBe(63);
+    expect(pageOffsetBefore(stream, starts[20], PAGE)).toBe(20 * PAGE);
+    const bent = Buffer.from(stream);
+    const low = bent.readUInt32BE(starts[20] - 4);
+    bent.writeUInt32BE((block.length + (low & (PAGE - 1))) >>> 0, starts[20] - 4);
+    expect(pageOffsetBefore(bent, starts[20], PAGE)).toBe(block.length);
+    prefetched.length = 0;
+    prefetchedFor(new PageRetainer(store), bent);
+    expect(prefetched).toEqual([[2, 5]]);
   });
 });

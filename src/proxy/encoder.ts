@@ -379,6 +379,7 @@ export class StreamEncoder {
     if (this.multifd?.mainWriteKeeps(record.pageIndex)) this.keepVersion(record);
     const retainer = this.retainer;
     const known = retainer.digestOf(record);
+    retainer.prefetchChangedAheadInStream(record);
     const word = record.pageIndex * DIGEST_WORDS;
     const reference = this.receiverTable?.bytes ?? null;
     const words = this.receiverTable?.words ?? null;
@@ -594,7 +595,10 @@ export class StreamEncoder {
     if (!this.deltaReadsFree && !shared && bitCount16(this.slowReads) > 8 && (++this.deltaProbe & 63) !== 0) return NOT_READ;
     const readAt = performance.now();
     try {
-      store.readPages(base, 1, this.basePage, 0);
+      // The journal's read is of a lone page, read ahead with the changed pages near it
+      // (prefetchChangedAheadInStream): as a series it started the store's stream read-ahead, which then
+      // read everything held after it. Any other (of a page this migration wrote already) stays a series.
+      store.readPages(base, 1, this.basePage, 0, !shared);
     } catch {
       return NOT_READ; // not readable here: the page goes whole
     }

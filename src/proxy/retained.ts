@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import { DIGEST_BYTES, DIGEST_WORDS, digestOne, digestPages, digestWords, isAbsentDigest, newDigestBuffer, sameDigestWords, zeroPageDigest } from '../digest';
 import { RamFlag, X86_PAGE_SIZE } from '../qemu/constants';
-import { pageDataAhead } from '../qemu/pages-ahead';
+import { pageDataAhead, pageOffsetBefore } from '../qemu/pages-ahead';
 import { type RamBlock, type RamPageRecord, RecordKind } from '../qemu/records';
 
 /** The store's data-path face (src/store PageStore implements it). */
@@ -104,7 +104,8 @@ export class PageRetainer {
   private aheadNext = 0;
   /** Pages the last digestOf() digested ahead (0: it used a digest made before, or made none). */
   private madeAhead = 0;
-  /** Pages to read ahead (prefetchChangedAhead), reused. */
+  /** The pages digested ahead, by index (prefetchChangedAhead), and those of them to read ahead; reused. */
+  private readonly pagesAhead = new Uint32Array(AHEAD_PAGES);
   private readonly changedAhead = new Uint32Array(AHEAD_PAGES);
 
   /** Looked up once: a zero page's record takes it on the per-page path. */
@@ -192,15 +193,51 @@ export class PageRetainer {
    * "Twenty-seventh session"). Only a hint: what is read is checked as before.
    */
   prefetchChangedAhead(offsets: Float64Array, from: number, firstPage: number): void {
-    const store = this.store;
     const count = this.madeAhead;
-    if (count === 0 || !store || store.prefetchPages === undefined || store.readsBeforeWrite === undefined) return;
+    if (count === 0 || !this.prefetchesChanged()) return;
+    const pages = this.pagesAhead;
+    for (let i = 0; i < count; i++) pages[i] = firstPage + offsets[from + i] / X86_PAGE_SIZE;
+    this.prefetchChanged(count);
+  }
+
+  /**
+   * The same for a main channel's page record, just given to digestOf(): the records it digested ahead
+   * follow this one in its block, each naming its page in its header word. Read as a series instead,
+   * a single-channel back leg's sender read its whole store through the stream read-ahead (229 MB for
+   * 4.5 MB of changed pages' old versions, docs/benchmarks.md, "Thirty-fifth session").
+   */
+  prefetchChangedAheadInStream(record: RamPageRecord): void {
+    const count = this.madeAhead;
+    if (count === 0 || record.kind !== RecordKind.RamPage || !this.prefetchesChanged()) return;
+    const block = record.block;
+    const offsets = this.aheadOffsets;
+    const pages = this.pagesAhead;
+    let n = 0;
+    for (; n < count; n++) {
+      // Only a guess until the parser reads the record (pageDataAhead): a page past the block ends it.
+      const offset = pageOffsetBefore(record.data, offsets[n], X86_PAGE_SIZE);
+      if (offset >= block.length) break;
+      pages[n] = block.firstPage + offset / X86_PAGE_SIZE;
+    }
+    this.prefetchChanged(n);
+  }
+
+  /** Whether the store can read pages ahead and says which it reads before writing them. */
+  private prefetchesChanged(): boolean {
+    const store = this.store;
+    return store !== null && store.prefetchPages !== undefined && store.readsBeforeWrite !== undefined;
+  }
+
+  /** Has the store read ahead those of pagesAhead[0 .. count-1] that changed and that it will read before writing them. */
+  private prefetchChanged(count: number): void {
+    const store = this.store as Required<Pick<RetainedPages, 'prefetchPages' | 'readsBeforeWrite'>> & RetainedPages;
     const words = this.storeWords(store);
     const ahead = this.aheadWords;
+    const pages = this.pagesAhead;
     const changed = this.changedAhead;
     let n = 0;
     for (let i = 0; i < count; i++) {
-      const index = firstPage + offsets[from + i] / X86_PAGE_SIZE;
+      const index = pages[i];
       const at = index * DIGEST_WORDS;
       if (at + DIGEST_WORDS > words.length || isAbsentDigest(words, at) || sameDigestWords(words, at, ahead, i * DIGEST_WORDS)) continue;
       if (store.readsBeforeWrite(index)) changed[n++] = index;

@@ -38,3 +38,13 @@ export function pageDataAhead(bytes: Buffer, at: number, pageSize: number, offse
   }
   return count;
 }
+
+/**
+ * The page's byte offset within its block, read from the header word of the RAM record whose page data
+ * pageDataAhead() found at `dataAt` in `bytes` (the word's high bits; its low bits are the flags).
+ */
+export function pageOffsetBefore(bytes: Buffer, dataAt: number, pageSize: number): number {
+  const word = dataAt - RAM_WORD_BYTES;
+  const low = bytes.readUInt32BE(word + 4);
+  return bytes.readUInt32BE(word) * 2 ** 32 + (low - (low & (pageSize - 1)));
+}
