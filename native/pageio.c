@@ -88,6 +88,14 @@
 #define PIO_AIO_SLOTS (PIO_PREFETCH_SLOTS + PIO_RANGE_SLOTS)
 /* A stream read this large starts read-ahead without waiting for a second one. */
 #define PIO_STREAM_READ_BYTES (64 * 1024)
+/* How far a stream is read ahead of its reader: it starts at 4x the read that began it (at least
+   PIO_READ_AHEAD_MIN), doubles each time its reader has used a window read ahead, up to every read slot
+   full, and falls back once a window goes unused. A first leg's stream reads (a page QEMU sent again
+   unchanged, a Delta's base of its own version) are a page or two hundreds of KiB apart: reading the
+   4 MiB after each had a receiver's device read 149 MB for 24 MB of pages (docs/benchmarks.md,
+   "Thirty-sixth session"). */
+#define PIO_READ_AHEAD_MIN (64 * 1024)
+#define PIO_READ_AHEAD_MAX ((off_t)PIO_READ_SLOTS * PIO_SLOT_BYTES)
 
 enum slot_state {
   SLOT_FREE = 0,
@@ -103,6 +111,7 @@ typedef struct {
   int is_write;
   int stale; /* a read-ahead whose range was written since it was queued: never served */
   int err;   /* read-ahead: errno, or 0 */
+  int used;  /* read-ahead: a read was served from it */
   off_t pos;
   size_t len;
   size_t got;
@@ -152,10 +161,15 @@ typedef struct {
      the same distance again is strided: a back leg's multifd channel reading every N-th packet. */
   off_t last_read_pos;
   off_t last_stride;
+  /* The stream's read-ahead: how far ahead of its reader (0: not begun), and where what is queued ends. */
+  off_t ra_bytes;
+  off_t ra_end;
   uint8_t *bounce; /* the calling thread's aligned buffer for reads not served ahead */
   /* Bytes read from the file so far, by every path (read ahead or not; added to atomically: the pool's
      threads read without mu). What pageioDeviceReadBytes reports. */
   uint64_t read_bytes;
+  /* Of those, the bytes pageioRead read itself, the caller waiting: none of the paths ahead held them. */
+  uint64_t caller_read_bytes;
   /* Prefetched lone pages: their own slots (PIO_ALIGN bytes each), queue order by seq, and the reader
      pool, started on the first pageioPrefetch; the pool waits on pf_cv, readers of its pages on cv. */
   pio_page pf[PIO_PREFETCH_SLOTS];
@@ -255,6 +269,14 @@ static void *pio_thread(void *arg) {
 
 static int overlaps(off_t a, size_t alen, off_t b, size_t blen) {
   return a < b + (off_t)blen && b < a + (off_t)alen;
+}
+
+/* Forgets (mu held) the stream being read: the next stream read begins another. */
+static void pio_stream_reset(pio *p) {
+  p->last_read_end = -1;
+  p->last_stride = 0;
+  p->ra_bytes = 0;
+  p->ra_end = -1;
 }
 
 /* Whether a queued or running write overlaps [pos, pos + len) (mu held). */
@@ -644,8 +666,7 @@ static napi_value PageioOpen(napi_env env, napi_callback_info info) {
   p->fd = fd;
   p->refs = 1;
   p->file_size = (off_t)size;
-  p->last_read_end = -1;
-  p->last_stride = 0;
+  pio_stream_reset(p);
   pthread_mutex_init(&p->mu, NULL);
   pthread_cond_init(&p->cv, NULL);
   pthread_cond_init(&p->pf_cv, NULL);
@@ -789,8 +810,7 @@ static napi_value PageioDrain(napi_env env, napi_callback_info info) {
   pthread_mutex_lock(&p->mu);
   pio_drop_reads(p, 0, 0, 1);
   pio_wait_idle(p);
-  p->last_read_end = -1;
-  p->last_stride = 0;
+  pio_stream_reset(p);
   napi_value r = take_error(env, p);
   pthread_mutex_unlock(&p->mu);
   return r;
@@ -809,23 +829,33 @@ static napi_value PageioSetSize(napi_env env, napi_callback_info info) {
   pio_drop_reads(p, 0, 0, 1);
   pio_wait_idle(p);
   p->file_size = (off_t)size;
-  p->last_read_end = -1;
-  p->last_stride = 0;
+  pio_stream_reset(p);
   pthread_mutex_unlock(&p->mu);
   return NULL;
 }
 
+/* Frees (mu held) the finished read-ahead buffers wholly before `from` (behind the reader). A stream's
+ * window its reader used lets the stream read further ahead; one it passed unused, less far. */
+static void pio_free_behind(pio *p, off_t from) {
+  for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS; s++) {
+    pio_slot *sl = &p->slots[s];
+    if (sl->state != SLOT_DONE || sl->pos + (off_t)sl->len > from) continue;
+    sl->state = SLOT_FREE;
+    if (!sl->used) p->ra_bytes = PIO_READ_AHEAD_MIN;
+    else if (p->ra_bytes < PIO_READ_AHEAD_MAX) p->ra_bytes *= 2;
+  }
+}
+
 /* Queues (mu held) a read-ahead of len bytes at w (cut at the end of the file) unless a read-ahead
- * buffer holds them already, first freeing the finished ones wholly before `from` (behind the reader);
- * 0 when no read buffer is free. */
+ * buffer holds them already, first freeing those behind `from`; 0 when no read buffer is free. */
 static int pio_queue_read(pio *p, off_t from, off_t w, size_t len) {
   if (w + (off_t)len > p->file_size) len = (size_t)(p->file_size - w);
   len = (len + PIO_ALIGN - 1) / PIO_ALIGN * PIO_ALIGN;
+  pio_free_behind(p, from);
   int have = 0, free_slot = -1;
   for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS; s++) {
     pio_slot *sl = &p->slots[s];
     if (sl->state != SLOT_FREE && !sl->stale && sl->pos <= w && w + (off_t)len <= sl->pos + (off_t)sl->len) have = 1;
-    if (sl->state == SLOT_DONE && sl->pos + (off_t)sl->len <= from) sl->state = SLOT_FREE;
     if (sl->state == SLOT_FREE && free_slot < 0) free_slot = s;
   }
   if (have) return 1;
@@ -836,16 +866,32 @@ static int pio_queue_read(pio *p, off_t from, off_t w, size_t len) {
   sl->got = 0;
   sl->err = 0;
   sl->stale = 0;
+  sl->used = 0;
   sl->state = SLOT_QUEUED;
   pio_enqueue(p, free_slot);
   return 1;
 }
 
-/* Queues (mu held) read-ahead of the windows after `from`, as far as free read slots allow. */
-static void pio_read_ahead(pio *p, off_t from) {
-  off_t w = from - from % PIO_SLOT_BYTES;
-  for (int k = 0; k < PIO_READ_SLOTS && w < p->file_size; k++, w += PIO_SLOT_BYTES)
-    if (!pio_queue_read(p, from, w, PIO_SLOT_BYTES)) return;
+/* Queues (mu held) read-ahead of the stream's next ra_bytes from `from` (at least 4x a read of `len`)
+ * once its reader is past half of what is queued, beginning where that ends (so the device reads large
+ * parts, not a read's worth at a time), no part across a buffer's boundary in the file, as far as free
+ * read slots allow. `reader`: where the reader is (what lies wholly before it is done with). */
+static void pio_read_ahead(pio *p, off_t reader, off_t from, size_t len) {
+  pio_free_behind(p, reader);
+  off_t want = 4 * (off_t)len;
+  if (want > PIO_READ_AHEAD_MAX) want = PIO_READ_AHEAD_MAX;
+  if (p->ra_bytes < want) p->ra_bytes = want < PIO_READ_AHEAD_MIN ? PIO_READ_AHEAD_MIN : want;
+  if (p->ra_end > from && p->ra_end - from >= p->ra_bytes / 2) return;
+  off_t target = from + p->ra_bytes;
+  if (target > p->file_size) target = p->file_size;
+  off_t w = p->ra_end > from ? p->ra_end : from;
+  while (w < target) {
+    off_t end = w - w % PIO_SLOT_BYTES + PIO_SLOT_BYTES;
+    if (end > target) end = target;
+    if (!pio_queue_read(p, reader, w, (size_t)(end - w))) return;
+    w = end;
+    p->ra_end = w;
+  }
 }
 
 /* Queues (mu held) read-ahead of `len` bytes (at most a buffer) at from + k * stride, k = 1, 2, …, as
@@ -893,7 +939,13 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
      multifd Runs, pageioPrefetchRanges): the windows after it are another channel's packets, or ranges
      asked for already, and reading them too took the device as long again (4-5x what the Runs read). */
   int ranged = pio_rg_starts(p, at);
-  if (sequential && !ranged) pio_read_ahead(p, at);
+  /* Another stream begins: what was read ahead for the last one says nothing of this one. */
+  if (in_stream && !sequential && !strided) {
+    p->ra_bytes = 0;
+    p->ra_end = -1;
+  }
+  /* The device reads on while this thread waits for the read's own bytes. */
+  if (sequential && !ranged) pio_read_ahead(p, at, at + (off_t)len, (size_t)len);
   while (left > 0) {
     off_t w = at - at % PIO_SLOT_BYTES;
     size_t part = (size_t)(w + PIO_SLOT_BYTES - at);
@@ -948,13 +1000,16 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
     }
     for (int s = PIO_WRITE_SLOTS; s < PIO_SLOTS && !served; s++) {
       pio_slot *sl = &p->slots[s];
-      /* A window read ahead (at its aligned start) or a strided read-ahead that covers the part. */
-      if (sl->state == SLOT_FREE || sl->stale || sl->pos > at || at + (off_t)part > sl->pos + (off_t)sl->len) continue;
+      /* A stream's or a stride's read-ahead that holds the part's start serves as much of it as it
+         holds; the rest is the next part. */
+      if (sl->state == SLOT_FREE || sl->stale || sl->pos > at || at >= sl->pos + (off_t)sl->len) continue;
+      if (at + (off_t)part > sl->pos + (off_t)sl->len) part = (size_t)(sl->pos + (off_t)sl->len - at);
       while (sl->state != SLOT_DONE && !sl->stale) pthread_cond_wait(&p->cv, &p->mu);
       if (sl->stale || sl->state != SLOT_DONE) break;
       if (sl->err == 0 && (size_t)(at - sl->pos) + part <= sl->got) {
         memcpy(dest, sl->buf + (at - sl->pos), part);
         served = 1;
+        sl->used = 1;
       }
     }
     const uint8_t *written = served ? NULL : pio_written(p, at, part);
@@ -980,12 +1035,12 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
         done += (size_t)n;
       }
       __atomic_add_fetch(&p->read_bytes, done, __ATOMIC_RELAXED);
+      __atomic_add_fetch(&p->caller_read_bytes, done, __ATOMIC_RELAXED);
       if (err == 0 && done < part) err = ENODATA;
       if (err == 0 && into != dest) memcpy(dest, into, part);
       pthread_mutex_lock(&p->mu);
       if (err != 0) {
-        p->last_read_end = -1;
-  p->last_stride = 0;
+        pio_stream_reset(p);
         pthread_mutex_unlock(&p->mu);
         return pio_throw_errno(env, err == ENODATA ? EIO : err, err == ENODATA ? "pread O_DIRECT: end of file" : "pread O_DIRECT");
       }
@@ -999,7 +1054,7 @@ static napi_value PageioRead(napi_env env, napi_callback_info info) {
     p->last_read_pos = (off_t)pos;
     p->last_read_end = at;
     if (strided) pio_read_ahead_strided(p, (off_t)pos, stride, (size_t)len);
-    else if (!ranged && (sequential || len >= PIO_STREAM_READ_BYTES)) pio_read_ahead(p, at);
+    else if (!ranged && (sequential || len >= PIO_STREAM_READ_BYTES)) pio_read_ahead(p, at, at, (size_t)len);
   }
   pthread_mutex_unlock(&p->mu);
   return NULL;
@@ -1203,6 +1258,16 @@ static napi_value PageioDeviceReadBytes(napi_env env, napi_callback_info info) {
   return r;
 }
 
+/* pageioCallerReadBytes(h) -> of the bytes read from the file, those pageioRead read itself while its
+ * caller waited: what no read-ahead, prefetch or queued write held for it. */
+static napi_value PageioCallerReadBytes(napi_env env, napi_callback_info info) {
+  pio *p = pio_only_arg(env, info, "pageioCallerReadBytes");
+  if (p == NULL) return NULL;
+  napi_value r;
+  napi_create_double(env, (double)__atomic_load_n(&p->caller_read_bytes, __ATOMIC_RELAXED), &r);
+  return r;
+}
+
 /* pageioKernelReads(h) -> whether the kernel's AIO reads the lone pages and ranges prefetched (else the reader pool). */
 static napi_value PageioKernelReads(napi_env env, napi_callback_info info) {
   napi_value r;
@@ -1228,6 +1293,7 @@ napi_status bf_pageio_register(napi_env env, napi_value exports) {
       {"pageioPrefetchRanges", NULL, PageioPrefetchRanges, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioKernelReads", NULL, PageioKernelReads, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioDeviceReadBytes", NULL, PageioDeviceReadBytes, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pageioCallerReadBytes", NULL, PageioCallerReadBytes, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioDrain", NULL, PageioDrain, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioSetSize", NULL, PageioSetSize, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pageioClose", NULL, PageioClose, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -216,14 +216,13 @@ test('a page written after the reader fetched it ahead is read back new', () => 
   const store = directStoreHolding(pages);
   if (store === null) return;
   const buf = Buffer.alloc(64 * PAGE);
-  // Two stream reads: the second starts read-ahead of the megabytes after it.
-  store.readPages(0, 64, buf, 0);
-  store.readPages(64, 64, buf, 0);
+  // Stream reads, each using what was read ahead of it: the read-ahead grows to the megabytes after them.
+  for (let first = 0; first < 256; first += 64) store.readPages(first, 64, buf, 0);
   // Pages in the windows now read ahead, rewritten (one through the coalescing buffer, one as a run).
   put(store, 300, 2);
   for (let i = 500; i < 520; i++) put(store, i, 2);
   put(store, 900, 2);
-  store.readPages(128, 64, buf, 0); // flushes nothing of the rewrites: they are ahead of it
+  store.readPages(256, 64, buf, 0); // flushes nothing of the rewrites: they are ahead of it
   const out = Buffer.alloc(PAGE);
   for (const [i, generation] of [[300, 2], [301, 1], [499, 1], [500, 2], [519, 2], [520, 1], [900, 2], [1200, 1]]) {
     store.readPages(i, 1, out, 0);
@@ -231,6 +230,59 @@ test('a page written after the reader fetched it ahead is read back new', () => 
   }
   store.commit('s2');
   expect(store.verify()).toEqual([]);
+});
+
+test('a stream read a page at a time, hundreds of KiB apart, costs the device little more than its pages', () => {
+  // A first leg's stream reads: pages QEMU sent again unchanged, a Delta's base of its own version.
+  const pages = 2048; // 8 MiB
+  const file = versionedFile('sparse-stream', pages);
+  if (file === null) return;
+  const { direct, wrongAt } = file;
+  try {
+    const out = Buffer.alloc(PAGE);
+    const wrong: string[] = [];
+    const before = direct.deviceReadBytes;
+    let reads = 0;
+    for (let i = 0; i < pages; i += 100, reads++) {
+      direct.read(out, 0, PAGE, i * PAGE, true);
+      const wrongHere = wrongAt(out, 0, i);
+      if (wrongHere !== null) wrong.push(wrongHere);
+    }
+    direct.drain(); // any read-ahead started meanwhile finishes, and is counted
+    expect(wrong).toEqual([]);
+    // Reading the 4 MiB after each read (as the store did) cost the device the whole file.
+    expect(direct.deviceReadBytes - before).toBeLessThanOrEqual(20 * reads * PAGE);
+  } finally {
+    direct.close();
+  }
+});
+
+test('a stream read in order through the file is read ahead: the device reads each byte once, the caller waits for hardly any of it', () => {
+  const pages = 2048; // 8 MiB
+  const file = versionedFile('whole-stream', pages);
+  if (file === null) return;
+  const { direct, wrongAt } = file;
+  try {
+    const READ = 24; // pages: 96 KiB, so that reads straddle what each buffer read ahead holds
+    const out = Buffer.alloc(READ * PAGE);
+    const wrong: string[] = [];
+    const before = direct.deviceReadBytes;
+    const callerBefore = direct.callerReadBytes;
+    for (let first = 0; first < pages; first += READ) {
+      const count = Math.min(READ, pages - first);
+      direct.read(out, 0, count * PAGE, first * PAGE, true);
+      for (let k = 0; k < count; k++) {
+        const wrongHere = wrongAt(out, k * PAGE, first + k);
+        if (wrongHere !== null) wrong.push(wrongHere);
+      }
+    }
+    direct.drain();
+    expect(wrong).toEqual([]);
+    expect(direct.deviceReadBytes - before).toBe(pages * PAGE);
+    expect(direct.callerReadBytes - callerBefore).toBeLessThanOrEqual((pages * PAGE) / 16);
+  } finally {
+    direct.close();
+  }
 });
 
 /**

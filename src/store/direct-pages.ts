@@ -35,13 +35,14 @@ interface PageioAddon {
   pageioPrefetchRanges(h: Handle, positions: Float64Array, lengths: Float64Array, count: number): number;
   pageioKernelReads(h: Handle): boolean;
   pageioDeviceReadBytes(h: Handle): number;
+  pageioCallerReadBytes(h: Handle): number;
   pageioDrain(h: Handle): NativeWriteFailure | null;
   pageioSetSize(h: Handle, fileSize: number): void;
   pageioClose(h: Handle): NativeWriteFailure | null;
 }
 
 function pageioAddon(): PageioAddon | null {
-  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioPrefetch', 'pageioPrefetchRanges', 'pageioKernelReads', 'pageioDeviceReadBytes', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
+  const names: (keyof PageioAddon)[] = ['pageioOpen', 'pageioWriteBuffers', 'pageioAcquire', 'pageioSubmit', 'pageioRead', 'pageioPrefetch', 'pageioPrefetchRanges', 'pageioKernelReads', 'pageioDeviceReadBytes', 'pageioCallerReadBytes', 'pageioDrain', 'pageioSetSize', 'pageioClose'];
   const fns = names.map((n) => nativeExport(n));
   const rangeSlots = nativeExport('pageioRangeSlots');
   if (!fns.every((f) => typeof f === 'function') || typeof rangeSlots !== 'number') return null;
@@ -169,6 +170,14 @@ export class DirectPages {
    */
   get deviceReadBytes(): number {
     return (addon as PageioAddon).pageioDeviceReadBytes(this.handle);
+  }
+
+  /**
+   * Of deviceReadBytes, the bytes read() read itself while its caller waited: those no read-ahead,
+   * prefetch or queued write held for it.
+   */
+  get callerReadBytes(): number {
+    return (addon as PageioAddon).pageioCallerReadBytes(this.handle);
   }
 
   /** Waits for every queued write and forgets what was read ahead. Throws DirectWriteError. */
