@@ -23,10 +23,10 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { type BackForthOptions, type BenchResults, formatTable, type GridFile, type GridRun, type LegResult, runBackForth } from '../src/lab/demo/backforth';
-import { parseArgs } from 'node:util';
 import { defaultGuestDir } from '../src/lab/vm/guest-image';
 import { QEMU_RELEASES, type QemuRelease, qemuBinary, qemuVersion } from '../src/lab/vm/qemu-releases';
 import { X86_PAGE_SIZE } from '../src/qemu/constants';
+import { benchOptions } from './command-line';
 
 function hostInfo(): BenchResults['host'] {
   let qemu = 'unknown';
@@ -187,14 +187,10 @@ async function runGrid(gridPath: string, outFile: string, only: string[] | null,
 
 async function main(): Promise<void> {
   const text = { type: 'string' } as const;
-  const { values: args } = parseArgs({
-    args: process.argv.slice(2),
-    options: {
-      merge: { type: 'boolean' }, out: text, grid: text, only: text, changes: text, 'rewrite-pcts': text,
-      'mem-mib': text, 'downtime-limit-ms': text, mbit: text, 'delay-ms': text, 'workload-mib': text, legs: text,
-      qemu: text, machine: text, capabilities: text, parameters: text, content: text, scribble: text, uncompressed: { type: 'boolean' },
-    },
-    strict: true,
+  const { values: args } = benchOptions({
+    merge: { type: 'boolean' }, out: text, grid: text, only: text, changes: text, 'rewrite-pcts': text,
+    'mem-mib': text, 'downtime-limit-ms': text, mbit: text, 'delay-ms': text, 'workload-mib': text, legs: text,
+    qemu: text, machine: text, capabilities: text, parameters: text, content: text, scribble: text, uncompressed: { type: 'boolean' },
   });
   const num = (name: 'mem-mib' | 'downtime-limit-ms' | 'mbit' | 'delay-ms' | 'workload-mib' | 'legs', fallback: number): number => Number(args[name] ?? fallback);
   const outFile = args.out;

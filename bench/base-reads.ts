@@ -12,12 +12,14 @@ import * as path from 'node:path';
 import { DIGEST_BYTES, digestContiguous } from '../src/digest';
 import { PageStore } from '../src/store';
 import { median } from '../src/common/median';
+import { benchPositionals, numberArg } from './command-line';
 
 const PAGE = 4096;
-const mib = Number(process.argv[2] ?? 1024);
-const perRun = Number(process.argv[3] ?? 4096);
-const runs = Number(process.argv[4] ?? 5);
-const root = fs.mkdtempSync(path.join(process.argv[5] ?? process.env.BENCH_DIR ?? os.tmpdir(), 'bfmig-base-reads-'));
+const argv = benchPositionals();
+const mib = numberArg(argv[0], 1024, 'MiB');
+const perRun = numberArg(argv[1], 4096, 'pages per run');
+const runs = numberArg(argv[2], 5, 'runs');
+const root = fs.mkdtempSync(path.join(argv[3] ?? process.env.BENCH_DIR ?? os.tmpdir(), 'bfmig-base-reads-'));
 
 function fill(store: PageStore, pageCount: number): void {
   store.begin({ pageSize: PAGE, pageCount, layoutId: 'base-reads', layout: { blocks: [{ name: 'pc.ram', length: pageCount * PAGE }] } });

@@ -20,10 +20,12 @@ import { ChannelsDestination, type ReceivedChannel, sourceChannel } from '../src
 import { MULTIFD_INIT_BYTES } from '../src/qemu/multifd';
 import { median } from '../src/common/median';
 import { startRelay, withGatewayPair } from './loopback-processes';
+import { benchPositionals, numberArg } from './command-line';
 
-const mib = Number(process.argv[2] ?? 256);
-const runs = Number(process.argv[3] ?? 3);
-const counts = (process.argv[4] ?? '1,2,4,8').split(',').map(Number);
+const argv = benchPositionals();
+const mib = numberArg(argv[0], 256, 'MiB');
+const runs = numberArg(argv[1], 3, 'runs');
+const counts = (argv[2] ?? '1,2,4,8').split(',').map(Number);
 const BLOCKS: [string, number][] = [['pc.ram', mib * 256]];
 
 interface Migration {

@@ -20,6 +20,7 @@ import { randomBytes } from 'node:crypto';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { WanEmulator } from '../src/lab/wan';
+import { benchPositionals, numberArg } from './command-line';
 
 const MiB = 1024 * 1024;
 const LOOPBACK = '127.0.0.1';
@@ -168,8 +169,9 @@ async function urgent(layout: Layout, rateMbit: number, messages: number): Promi
 }
 
 async function main(): Promise<void> {
-  const mib = Number(process.argv[2] ?? 64);
-  const channels = Number(process.argv[3] ?? 4);
+  const argv = benchPositionals();
+  const mib = numberArg(argv[0], 64, 'MiB');
+  const channels = numberArg(argv[1], 4, 'channels');
   console.log(`extra channels across the WAN emulator: ${2 * ONE_WAY_MS} ms RTT; ${channels} channels × ${mib} MiB bulk (unlimited rate); urgent 64 B every 50 ms behind 100 Mbit/s bulk`);
   for (const layout of ['per-channel', 'multiplexed'] as const) {
     const b = await bulk(layout, channels, mib * MiB);

@@ -19,9 +19,11 @@ import { PageStore } from '../src/store';
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
 import { median } from '../src/common/median';
 import { threadCpuSeconds } from '../src/lab/demo/proc-stats';
+import { benchPositionals, numberArg } from './command-line';
 
-const gib = Number(process.argv[2] ?? 1);
-const runs = Number(process.argv[3] ?? 5);
+const argv = benchPositionals();
+const gib = numberArg(argv[0], 1, 'GiB');
+const runs = numberArg(argv[1], 5, 'runs');
 const CHUNK = 256 * 1024;
 
 /** The main thread's CPU seconds so far: the codecs' own work, without the stores' I/O threads or their waits. */

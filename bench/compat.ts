@@ -5,11 +5,11 @@
  * Exits 1 when a row does not do what it promises.
  */
 import * as fs from 'node:fs';
-import { parseArgs } from 'node:util';
 import { COMPAT_ROWS, COMPAT_TABLE_HEAD, compatPassed, compatTableRow, type CompatOutcome, runCompatRow } from '../src/lab/compat/matrix';
+import { benchOptions } from './command-line';
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { only: { type: 'string' }, mbit: { type: 'string' }, 'delay-ms': { type: 'string' }, out: { type: 'string' } } });
+  const { values } = benchOptions({ only: { type: 'string' }, mbit: { type: 'string' }, 'delay-ms': { type: 'string' }, out: { type: 'string' } });
   const only = values.only?.split(',');
   const rows = COMPAT_ROWS.filter((r) => !only || only.includes(r.id));
   if (rows.length === 0) throw new Error(`no row matches --only ${values.only}; rows: ${COMPAT_ROWS.map((r) => r.id).join(', ')}`);

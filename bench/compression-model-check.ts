@@ -18,12 +18,12 @@
  * Prints each leg, and the worst WAN-bytes and time errors.
  */
 import * as fs from 'node:fs';
-import { parseArgs } from 'node:util';
 import type { BenchResults, LegResult } from '../src/lab/demo/backforth';
 import { inputsFor, mb, pct } from '../src/lab/harness/model-check';
 import { BENCH_PLATFORM, BENCH_PLATFORM_QEMU10, calibrateFromBaseline } from '../src/model/calibration';
 import { NORMAL_PAGE_STREAM_BYTES, PAGE_BYTES, type Platform, predictBfmig, predictDirect, type ModelInputs } from '../src/model/precopy';
 import { median } from '../src/common/median';
+import { benchOptions } from './command-line';
 
 const PLATFORMS: Record<string, Platform> = { bench: BENCH_PLATFORM, 'bench-qemu10': BENCH_PLATFORM_QEMU10 };
 
@@ -64,7 +64,7 @@ interface Checked {
 }
 
 function main(): void {
-  const { values, positionals } = parseArgs({ args: process.argv.slice(2), options: { ratio: { type: 'string' }, platform: { type: 'string' }, 'literal-headers': { type: 'boolean' } }, strict: true, allowPositionals: true });
+  const { values, positionals } = benchOptions({ ratio: { type: 'string' }, platform: { type: 'string' }, 'literal-headers': { type: 'boolean' } }, true);
   const literalHeaders = values['literal-headers'] === true ? { packetHeaders: false } : {};
   const ratio = values.ratio === undefined ? null : Number(values.ratio);
   const sameRun = values.platform === 'same-run';

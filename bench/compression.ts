@@ -17,8 +17,10 @@ import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import { LiteralFrames, LiteralInflater, MAX_BATCH_BYTES, ZSTD } from '../src/wire/compression';
 import { FRAME_HEADER_BYTES, FrameParser, FrameType } from '../src/wire/frames';
+import { benchPositionals, numberArg } from './command-line';
 
-const perKind = Number(process.argv[2] ?? 8) * 2 ** 20;
+const argv = benchPositionals();
+const perKind = numberArg(argv[0], 8, 'MiB per kind') * 2 ** 20;
 const MiB = 2 ** 20;
 
 /** Files of one kind, in name order, until `budget` bytes (files over 4 MiB skipped). */

@@ -19,6 +19,7 @@ import {
   selectDigestVariant,
 } from '../src/digest';
 import { X86_PAGE_SIZE as PAGE } from '../src/qemu/constants';
+import { benchPositionals, numberArg } from './command-line';
 
 const CHUNK = 256 * 1024;
 const PAGES_PER_CHUNK = CHUNK / PAGE;
@@ -43,9 +44,10 @@ function time(fn: () => void): number {
 }
 
 async function main(): Promise<void> {
-  const mib = Number(process.argv[2] ?? process.env.BENCH_MIB ?? 1024);
+  const argv = benchPositionals();
+  const mib = numberArg(argv[0] ?? process.env.BENCH_MIB, 1024, 'MiB');
   if (!Number.isInteger(mib) || mib < 1 || (mib * 1024 * 1024) % CHUNK !== 0) {
-    throw new Error(`size must be a positive whole number of MiB, got ${process.argv[2]}`);
+    throw new Error(`size must be a positive whole number of MiB, got ${argv[0]}`);
   }
   const total = mib * 1024 * 1024;
   const chunks = total / CHUNK;

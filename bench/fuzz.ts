@@ -16,25 +16,22 @@ import { performance } from 'node:perf_hooks';
 import { Worker } from 'node:worker_threads';
 import { buildCorpus, FuzzFailure, inputSeed, makeInput, type Outcome, runInput, type TargetName, TARGETS } from '../src/lab/harness/fuzz';
 import { buildMultifdCorpus, makeMultifdInput, MULTIFD_TARGETS, type MultifdTargetName, runMultifdInput } from '../src/lab/harness/fuzz-multifd';
+import { benchOptions, numberArg } from './command-line';
 
-function option(name: string): string[] {
-  const values: string[] = [];
-  const argv = process.argv.slice(2);
-  for (let i = 0; i < argv.length; i++) if (argv[i] === `--${name}` && i + 1 < argv.length) values.push(argv[++i]);
-  return values;
-}
-const inputs = Number(option('inputs')[0] ?? 100_000);
-const runSeed = Number(option('seed')[0] ?? Date.now() % 1_000_000);
+const text = { type: 'string' } as const;
+const { values: options } = benchOptions({ inputs: text, seed: text, target: text, 'hang-ms': text, replay: text, dump: text, stream: { type: 'string', multiple: true } });
+const inputs = numberArg(options.inputs, 100_000, '--inputs');
+const runSeed = numberArg(options.seed, Date.now() % 1_000_000, '--seed');
 type AnyTarget = TargetName | MultifdTargetName;
 const ALL_TARGETS: readonly AnyTarget[] = [...TARGETS, ...MULTIFD_TARGETS];
 const isMultifd = (t: AnyTarget): t is MultifdTargetName => (MULTIFD_TARGETS as readonly string[]).includes(t);
-const targets = (option('target')[0]?.split(',') ?? [...ALL_TARGETS]) as AnyTarget[];
-const hangMs = Number(option('hang-ms')[0] ?? 2000);
-const replay = option('replay')[0];
-const dump = option('dump')[0];
+const targets = (options.target?.split(',') ?? [...ALL_TARGETS]) as AnyTarget[];
+const hangMs = numberArg(options['hang-ms'], 2000, '--hang-ms');
+const replay = options.replay;
+const dump = options.dump;
 for (const t of targets) if (!ALL_TARGETS.includes(t)) throw new Error(`unknown target ${t}; targets: ${ALL_TARGETS.join(', ')}`);
 
-const extra = option('stream').map((file) => ({ name: path.basename(file), bytes: fs.readFileSync(file) }));
+const extra = (options.stream ?? []).map((file) => ({ name: path.basename(file), bytes: fs.readFileSync(file) }));
 const corpus = buildCorpus(extra);
 const multifdCorpus = buildMultifdCorpus();
 const run = (target: AnyTarget, seed: number): { outcome: Outcome; bytes: number; from: string } =>

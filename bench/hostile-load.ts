@@ -16,10 +16,12 @@
 import { hostileFlood, migrateThroughPair, startHostilePair, stopGateway } from '../src/lab/harness/hostile-flood';
 import { withTempDir } from '../src/lab/harness/temp-dir';
 import { freePort } from '../src/lab/vm/ports';
+import { benchPositionals, numberArg } from './command-line';
 
 async function main(): Promise<void> {
-  const count = Number(process.argv[2] ?? 2000);
-  const concurrency = Number(process.argv[3] ?? 64);
+  const argv = benchPositionals();
+  const count = numberArg(argv[0], 2000, 'count');
+  const concurrency = numberArg(argv[1], 64, 'concurrency');
   await withTempDir('bfmig-hostile-', async (tmp) => {
     const qemuPorts = { a: await freePort(), b: await freePort() };
     const [a, b] = await startHostilePair(tmp, qemuPorts);

@@ -29,11 +29,11 @@
  * ($BFMIG_BENCH_NODE_ARGS instead when set, e.g. "--cpu-prof --cpu-prof-dir=DIR").
  */
 import * as fs from 'node:fs';
-import { parseArgs } from 'node:util';
 import { type BenchResults, type LegPath, type LegResult, runBackForth } from '../src/lab/demo/backforth';
 import { RECOMMENDED_GATEWAY_NODE_OPTIONS } from '../src/gateway/node-options';
 import { QEMU_RELEASES, type QemuRelease, qemuBinary } from '../src/lab/vm/qemu-releases';
 import { median } from '../src/common/median';
+import { benchOptions } from './command-line';
 
 /** Node flags of the gateway processes: the deployment's recommended ones unless overridden (e.g. with --cpu-prof). */
 const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
@@ -177,11 +177,7 @@ function pairedLine(pairs: readonly [LegResult, LegResult][]): string {
 
 async function main(): Promise<void> {
   const text = { type: 'string' } as const;
-  const { values: args } = parseArgs({
-    args: process.argv.slice(2),
-    options: { runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, multifd: text, 'downtime-ms': text, uncompressed: { type: 'boolean' }, 'thread-pool': { type: 'boolean' }, from: text },
-    strict: true,
-  });
+  const { values: args } = benchOptions({ runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, multifd: text, 'downtime-ms': text, uncompressed: { type: 'boolean' }, 'thread-pool': { type: 'boolean' }, from: text });
   if (args.from !== undefined) return summariseFiles(args.from.split(','));
   const runs = Number(args.runs ?? 2);
   const mbit = Number(args.mbit ?? 1000);

@@ -27,6 +27,7 @@ import { syntheticStream } from '../src/lab/harness/synthetic-stream';
 import { PACKAGE_ROOT } from '../src/digest/package-root';
 import { ensureGuestBuilt } from '../src/lab/vm/guest-image';
 import { QemuVm } from '../src/lab/vm/qemu-vm';
+import { benchOptions, numberArg } from './command-line';
 
 /**
  * A real QEMU migration stream of a guest of its own: the test guest booted with workload seed `seed`,
@@ -51,10 +52,10 @@ async function realCapture(dir: string, seed: number, memMiB: number, mib: numbe
 }
 
 async function main(): Promise<void> {
-  const args = process.argv.slice(2).filter((a) => a !== '--real');
-  const real = process.argv.includes('--real');
-  const vmCount = Number(args[0] ?? 16);
-  const mib = Number(args[1] ?? 64);
+  const { values, positionals: args } = benchOptions({ real: { type: 'boolean' } }, true);
+  const real = values.real === true;
+  const vmCount = numberArg(args[0], 16, 'VMs');
+  const mib = numberArg(args[1], 64, 'MiB per VM');
   if (!Number.isInteger(vmCount) || vmCount < 1 || !(mib > 0)) throw new Error('usage: node dist/bench/load.js [vms=16] [MiB per VM=64] [--real]');
   const vms = Array.from({ length: vmCount }, (_, i) => `vm${String(i + 1).padStart(2, '0')}`);
   // One stream alone is measured three times, each a VM of its own (a repeat of one VM would reuse

@@ -5,12 +5,12 @@
  * Usage: node dist/bench/model-check.js [docs/benchmarks/backforth.json] [--markdown] [--out FILE.json]
  */
 import * as fs from 'node:fs';
-import { parseArgs } from 'node:util';
 import type { BenchResults } from '../src/lab/demo/backforth';
 import { type CheckedLeg, checkResults, markdownTable, mb, pct } from '../src/lab/harness/model-check';
+import { benchOptions } from './command-line';
 
 function main(): void {
-  const { values: args, positionals } = parseArgs({ args: process.argv.slice(2), options: { markdown: { type: 'boolean' }, out: { type: 'string' } }, strict: true, allowPositionals: true });
+  const { values: args, positionals } = benchOptions({ markdown: { type: 'boolean' }, out: { type: 'string' } }, true);
   const file = positionals[0] ?? 'docs/benchmarks/backforth.json';
   const results = JSON.parse(fs.readFileSync(file, 'utf8')) as BenchResults;
   const checked = checkResults(results);

@@ -16,6 +16,7 @@ import { MemoryPages } from '../src/lab/harness/fuzz';
 import { guestMemory } from '../src/lab/harness/migration-stream';
 import { multifdMigration, multifdRoundTrip } from '../src/lab/harness/multifd-stream';
 import { layoutOf, type PageLayout } from '../src/proxy/retained';
+import { benchPositionals, numberArg } from './command-line';
 
 type Case = 'cold' | 'warm';
 
@@ -58,9 +59,10 @@ if (!isMainThread) {
 }
 
 async function main(): Promise<void> {
-  const mib = Number(process.argv[2] ?? 256);
-  const n = Number(process.argv[3] ?? 4);
-  const runs = Number(process.argv[4] ?? 3);
+  const argv = benchPositionals();
+  const mib = numberArg(argv[0], 256, 'MiB');
+  const n = numberArg(argv[1], 4, 'channels');
+  const runs = numberArg(argv[2], 3, 'runs');
   const memory = guestMemory([['pc.ram', (mib * 256) >>> 0]], 17, 0.05);
   const layout = layoutOf(memory.blocks);
   const all = memory.pages.map((_, i) => i);

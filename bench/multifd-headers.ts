@@ -15,11 +15,13 @@ import { PACKET_HEADER_BYTES } from '../src/proxy/packet-header';
 import { layoutOf, ReceiverTable } from '../src/proxy/retained';
 import { FRAME_HEADER_BYTES } from '../src/wire/frames';
 import { LiteralFrames, ZSTD } from '../src/wire/compression';
+import { benchPositionals, numberArg } from './command-line';
 
-const pages = Number(process.argv[2] ?? 65536);
-const zeroShare = Number(process.argv[3] ?? 0.15);
-const channelCount = Number(process.argv[4] ?? 4);
-const CHUNK = Number(process.argv[5] ?? 64 * 1024);
+const argv = benchPositionals();
+const pages = numberArg(argv[0], 65536, 'pages');
+const zeroShare = numberArg(argv[1], 0.15, 'zero share');
+const channelCount = numberArg(argv[2], 4, 'channels');
+const CHUNK = numberArg(argv[3], 64 * 1024, 'chunk bytes');
 
 const memory = guestMemory([['pc.ram', pages]], 7, zeroShare);
 const layout = layoutOf(memory.blocks);

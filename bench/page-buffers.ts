@@ -21,9 +21,11 @@ import { StreamDecoder } from '../src/proxy/decoder';
 import { StreamEncoder } from '../src/proxy/encoder';
 import { pageBuffers } from '../src/proxy/reused-buffers';
 import { PageStore } from '../src/store';
+import { benchPositionals, numberArg } from './command-line';
 
-const mib = Number(process.argv[2] ?? 256);
-const rounds = Number(process.argv[3] ?? 6);
+const argv = benchPositionals();
+const mib = numberArg(argv[0], 256, 'MiB');
+const rounds = numberArg(argv[1], 6, 'rounds');
 const CHUNK = 256 * 1024;
 
 function leg(stream: Buffer, root: string): { encodeMs: number; decodeMs: number; deltas: number } {

@@ -8,10 +8,12 @@ import { DIGEST_BYTES, digestOne, digestPages } from '../src/digest';
 import { RecordKind, StreamParser, type StreamRecord } from '../src/qemu';
 import { X86_PAGE_SIZE } from '../src/qemu/constants';
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
+import { benchPositionals, numberArg } from './command-line';
 
-const gib = Number(process.argv[2] ?? 2);
-const chunkBytes = Number(process.argv[3] ?? 256) * 1024;
-const runs = Number(process.argv[4] ?? 5);
+const argv = benchPositionals();
+const gib = numberArg(argv[0], 2, 'GiB');
+const chunkBytes = numberArg(argv[1], 256, 'KiB a chunk') * 1024;
+const runs = numberArg(argv[2], 5, 'runs');
 
 const t0 = performance.now();
 const { stream, pages } = syntheticStream(gib);

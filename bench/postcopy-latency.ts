@@ -11,7 +11,6 @@
  *   node dist/bench/postcopy-latency.js [--requests 2000]
  */
 import * as net from 'node:net';
-import { parseArgs } from 'node:util';
 import { type Endpoint } from '../src/gateway/address';
 import { startPair, stopPair } from '../src/lab/harness/gateway-pair';
 import { withTempDir } from '../src/lab/harness/temp-dir';
@@ -22,6 +21,7 @@ import { StreamParser } from '../src/qemu/parser';
 import { ReturnPathMessage, ReturnPathParser } from '../src/qemu/return-path';
 import { RecordKind } from '../src/qemu/records';
 import { writeRamWord, writeShortString } from '../src/qemu/encode';
+import { benchOptions, numberArg } from './command-line';
 
 const PAGE = 4096;
 const RAM_SECTION = 2;
@@ -131,8 +131,8 @@ function summary(label: string, rtts: number[]): string {
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { requests: { type: 'string' } } });
-  const requests = Number(values.requests ?? 2000);
+  const { values } = benchOptions({ requests: { type: 'string' } });
+  const requests = numberArg(values.requests, 2000, '--requests');
   const memory = guestMemory([['pc.ram', 4096]], 3);
   const results: Array<[string, number[]]> = [];
 

@@ -10,7 +10,6 @@
  * Gateways run as `bfmig gateway` child processes.
  */
 import * as path from 'node:path';
-import { parseArgs } from 'node:util';
 import { loopbackMultiRouteYaml } from '../src/lab/harness/loopback-config';
 import { type GatewayLegReport, type SiteGateway, startSiteGateway } from '../src/lab/harness/site-gateway';
 import { makeTempDir, removeTempDir } from '../src/lab/harness/temp-dir';
@@ -21,6 +20,7 @@ import { disposeAllVms, QemuVm } from '../src/lab/vm/qemu-vm';
 import { QEMU_RELEASES, type QemuRelease, qemuBinary } from '../src/lab/vm/qemu-releases';
 import { WanEmulator } from '../src/lab/wan/emulator';
 import { gatewayNodeArgs } from './loopback-processes';
+import { benchOptions } from './command-line';
 
 const MiB = 2 ** 20;
 
@@ -168,11 +168,7 @@ async function runAt(s: Setup, seeds: [number, number]): Promise<void> {
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({
-    args: process.argv.slice(2),
-    options: { mbit: { type: 'string' }, 'delay-ms': { type: 'string' }, 'mem-mib': { type: 'string' }, 'workload-mib': { type: 'string' }, seeds: { type: 'string' }, qemu: { type: 'string' }, multifd: { type: 'string' } },
-    strict: true,
-  });
+  const { values } = benchOptions({ mbit: { type: 'string' }, 'delay-ms': { type: 'string' }, 'mem-mib': { type: 'string' }, 'workload-mib': { type: 'string' }, seeds: { type: 'string' }, qemu: { type: 'string' }, multifd: { type: 'string' } });
   const qemu = (values.qemu ?? '10.0') as QemuRelease;
   if (!(QEMU_RELEASES as readonly string[]).includes(qemu)) throw new Error(`--qemu takes ${QEMU_RELEASES.join(' or ')}`);
   const [seedA, seedB] = (values.seeds ?? '5,6').split(',').map(Number);

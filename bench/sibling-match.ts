@@ -9,11 +9,11 @@
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { parseArgs } from 'node:util';
 import { RecordKind, StreamParser, type StreamRecord } from '../src/qemu';
 import { makeTempDir, removeTempDir } from '../src/lab/harness/temp-dir';
 import { QemuVm } from '../src/lab/vm/qemu-vm';
 import { QEMU_RELEASES, type QemuRelease, qemuBinary } from '../src/lab/vm/qemu-releases';
+import { benchOptions } from './command-line';
 
 /** Each page's last content in a stream, as a digest (hex), by page index; and the normal pages' digests in stream order. */
 function pageDigests(stream: Buffer): { last: Map<number, string>; order: string[] } {
@@ -45,7 +45,7 @@ async function capture(qemu: QemuRelease, memMiB: number, workloadMiB: number, s
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ args: process.argv.slice(2), options: { qemu: { type: 'string' }, 'mem-mib': { type: 'string' }, 'workload-mib': { type: 'string' }, seeds: { type: 'string' }, keep: { type: 'string' } }, strict: true });
+  const { values } = benchOptions({ qemu: { type: 'string' }, 'mem-mib': { type: 'string' }, 'workload-mib': { type: 'string' }, seeds: { type: 'string' }, keep: { type: 'string' } });
   const qemu = (values.qemu ?? '10.0') as QemuRelease;
   if (!(QEMU_RELEASES as readonly string[]).includes(qemu)) throw new Error(`--qemu takes ${QEMU_RELEASES.join(' or ')}`);
   const memMiB = Number(values['mem-mib'] ?? 256);

@@ -36,6 +36,7 @@ import { PageStore, type StoreLayout, storeCopyMode } from '../src/store';
 import { X86_PAGE_SIZE as PAGE } from '../src/qemu/constants';
 import { makeTempDir, removeTempDir } from '../src/lab/harness/temp-dir';
 import { ReadsAhead, runsWindow } from '../src/proxy/reads-ahead';
+import { benchPositionals, numberArg } from './command-line';
 
 const RUNS = 3;
 const READ_RUN = 64;
@@ -75,9 +76,10 @@ function mbps(bytes: number, s: number): string {
 }
 
 function main(): void {
-  const mib = Number(process.argv[2] ?? process.env.BENCH_MIB ?? 1024);
-  if (!Number.isInteger(mib) || mib < 1) throw new Error(`size must be a positive whole number of MiB, got ${process.argv[2]}`);
-  const base = process.argv[3] ?? process.env.BENCH_DIR ?? os.tmpdir();
+  const argv = benchPositionals();
+  const mib = numberArg(argv[0] ?? process.env.BENCH_MIB, 1024, 'MiB');
+  if (!Number.isInteger(mib) || mib < 1) throw new Error(`size must be a positive whole number of MiB, got ${argv[0]}`);
+  const base = argv[1] ?? process.env.BENCH_DIR ?? os.tmpdir();
   const total = mib * 1024 * 1024;
   const pages = total / PAGE;
   // A directory on the file system under test (O_DIRECT needs a disk, not the tmpfs /tmp may be).

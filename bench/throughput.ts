@@ -16,9 +16,11 @@ import { median } from '../src/common/median';
 import { ContentIndex } from '../src/proxy/content-index';
 import { MAX_IDLE_BYTES } from '../src/proxy/reused-buffers';
 import { gatewayNodeArgs as nodeArgs, startRelay, withGatewayPair } from './loopback-processes';
+import { benchPositionals, numberArg } from './command-line';
 
-const gib = Number(process.argv[2] ?? 1);
-const runs = Number(process.argv[3] ?? 5);
+const argv = benchPositionals();
+const gib = numberArg(argv[0], 1, 'GiB');
+const runs = numberArg(argv[1], 5, 'runs');
 
 async function main(): Promise<void> {
   const { stream } = syntheticStream(gib);

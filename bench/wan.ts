@@ -22,6 +22,7 @@ import { createServer, connect, type Server, type Socket } from 'node:net';
 import type { Endpoint } from '../src/gateway/address';
 import { reapWithThisProcess } from '../src/lab/harness/reap-children';
 import { TcpRelay, WanEmulator } from '../src/lab/wan';
+import { benchPositionals, numberArg } from './command-line';
 
 const MiB = 1024 * 1024;
 const LOOPBACK = '127.0.0.1';
@@ -218,8 +219,9 @@ function quantile(xs: number[], q: number): number {
 // ---- main --------------------------------------------------------------------------------------
 
 async function main(): Promise<void> {
-  const scale = Number(process.argv[2] ?? process.env.BENCH_SCALE ?? 1);
-  if (!(scale > 0)) throw new Error(`scale must be > 0, got ${process.argv[2]}`);
+  const argv = benchPositionals();
+  const scale = numberArg(argv[0] ?? process.env.BENCH_SCALE, 1, 'scale');
+  if (!(scale > 0)) throw new Error(`scale must be > 0, got ${argv[0]}`);
   const cases: Case[] = [
     { name: 'direct loopback (no relay)', kind: 'direct', bytes: 2048 * MiB * scale, bothWays: true },
     { name: 'TcpRelay (plain pipe)', kind: 'relay', bytes: 2048 * MiB * scale, bothWays: true },
