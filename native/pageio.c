@@ -1329,25 +1329,26 @@ static napi_value PageioClose(napi_env env, napi_callback_info info) {
   return r;
 }
 
+/* One of a store's counts of bytes read (read_bytes or caller_read_bytes), for the function `name`. */
+static napi_value pio_read_count(napi_env env, napi_callback_info info, const char *name, int caller) {
+  pio *p = pio_only_arg(env, info, name);
+  if (p == NULL) return NULL;
+  napi_value r;
+  napi_create_double(env, (double)__atomic_load_n(caller ? &p->caller_read_bytes : &p->read_bytes, __ATOMIC_RELAXED), &r);
+  return r;
+}
+
 /* pageioDeviceReadBytes(h) -> bytes read from the file so far, by every path: reads made when asked and
  * every read ahead (stream windows, strides, lone pages, ranges; the kernel's AIO counted as submitted),
  * used or not. What a store costs its device, beside what its callers took. */
 static napi_value PageioDeviceReadBytes(napi_env env, napi_callback_info info) {
-  pio *p = pio_only_arg(env, info, "pageioDeviceReadBytes");
-  if (p == NULL) return NULL;
-  napi_value r;
-  napi_create_double(env, (double)__atomic_load_n(&p->read_bytes, __ATOMIC_RELAXED), &r);
-  return r;
+  return pio_read_count(env, info, "pageioDeviceReadBytes", 0);
 }
 
 /* pageioCallerReadBytes(h) -> of the bytes read from the file, those pageioRead read itself while its
  * caller waited: what no read-ahead, prefetch or queued write held for it. */
 static napi_value PageioCallerReadBytes(napi_env env, napi_callback_info info) {
-  pio *p = pio_only_arg(env, info, "pageioCallerReadBytes");
-  if (p == NULL) return NULL;
-  napi_value r;
-  napi_create_double(env, (double)__atomic_load_n(&p->caller_read_bytes, __ATOMIC_RELAXED), &r);
-  return r;
+  return pio_read_count(env, info, "pageioCallerReadBytes", 1);
 }
 
 /* pageioKernelReads(h) -> whether the kernel's AIO reads the lone pages and ranges prefetched (else the reader pool). */
