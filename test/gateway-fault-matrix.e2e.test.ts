@@ -313,6 +313,7 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
   test('first leg, captured: A → B completes and verifies', async () => {
     const out = path.join(tmp, 'first-leg.mig');
     for (let attempt = 1; ; attempt++) {
+      const counts = [a.gateway.reports.length, b.gateway.reports.length];
       const capturePort = await freePort();
       const capture = new Capture({ listen: { host: '127.0.0.1', port: capturePort }, out, forward: { host: '127.0.0.1', port: a.routePort } });
       await capture.listen();
@@ -321,6 +322,13 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
       await vm.migrate(`tcp:127.0.0.1:${capturePort}`);
       expect((await vm.waitForMigration({ timeoutMs: 300_000 })).status).toBe('completed');
       expect((await capture.done).error).toBeNull();
+      // Both gateways' reports of this leg before the next: a receiving gateway reports once its store
+      // has committed, which can come after QEMU says the migration completed, and a late report here
+      // would be taken for the leg back's.
+      const [sent] = await reportsAfter(a, counts[0]);
+      const [received] = await reportsAfter(b, counts[1]);
+      expect(sent).toMatchObject({ vm: VM, direction: 'send', result: 'completed' });
+      expect(received).toMatchObject({ vm: VM, direction: 'receive', result: 'completed' });
       const verdict = await verifiedOrSourceBroken(dest, out, VERIFIED);
       if (!verdict) {
         await vm.dispose();
