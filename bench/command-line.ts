@@ -28,7 +28,7 @@ function printHelpAndExit(): never {
 }
 
 /** Ends the benchmark: what was wrong with its command line, and where its usage is. */
-export function usageError(message: string): never {
+function usageError(message: string): never {
   console.error(`${message}\n(--help prints the usage)`);
   process.exit(2);
 }
