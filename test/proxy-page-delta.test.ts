@@ -321,6 +321,30 @@ describe('Delta frames between an encoder and a decoder', () => {
     expect(slow.counts.pagesMatched).toBeGreaterThanOrEqual(slow.nonZero - 1);
   });
 
+  test('pages that go against their own version rent no content index: after a back leg of small changes, a few moved pages go whole', () => {
+    root = stores.dir('bfmig-delta-');
+    const { memory, a, b } = firstLeg(9);
+    // At B the guest changes 64 bytes in 5% of its pages (about a hundred, each a Delta of its own version:
+    // at 33 µs a page, what building the index costs fourteen times over had they gone whole)…
+    const changed = new Set(patchPages(memory, 0.05, 64, 13));
+    const kept = (i: number) => !changed.has(i) && memory.pages[i].some((x) => x !== 0);
+    // …then, near the end of the pass, five pages take the content of five the receiver holds unchanged.
+    const sources = [...Array(500).keys()].map((k) => 500 + k).filter(kept).slice(0, 5);
+    const moved = [...Array(60).keys()].map((k) => 2000 + k).filter((i) => !changed.has(i)).slice(0, 5);
+    expect(sources).toHaveLength(5);
+    expect(moved).toHaveLength(5);
+    sources.forEach((from, k) => (memory.pages[moved[k]] = Buffer.from(memory.pages[from])));
+    const stream = migrationStream(memory, []);
+    const leg = migrate(stream, b, a, true, undefined, true, undefined, false, -1, 33);
+    expect(leg.rebuilt.equals(stream)).toBe(true);
+    const { counts } = leg.encoder;
+    expect(counts.pagesDelta).toBeGreaterThanOrEqual(changed.size - 2);
+    // The Deltas paid no rent: five pages cost less than building the index, so they went whole.
+    expect(counts.pagesMatched).toBe(0);
+    expect(counts.pagesSent).toBe(5 + changed.size - counts.pagesDelta);
+    expect(Buffer.from(a.digests).equals(Buffer.from(b.digests))).toBe(true);
+  });
+
   test('pages sent while the content index is not looked in are not added to it: a copy of one later goes whole', () => {
     const { memory, a, b } = firstLeg(9);
     const next = lcg(21);

@@ -172,6 +172,8 @@ export class StreamEncoder {
   private indexRentUs = 0;
   /** Pages sent lately, by a sample of their content: bases for deltas of pages like them elsewhere. */
   private resemblance: ResemblanceCache | null = null;
+  /** Whether the page onPage() is on may be looked for and kept by its resemblance (sendDelta computes its key then). */
+  private pageResembles = false;
   /** The resemblance key of the page onPage() is on (0: none, or not looked for). */
   private pageKey = 0;
   /** Deltas against a page like it: a cheap miss (no read), but a miss all the same. */
@@ -390,8 +392,8 @@ export class StreamEncoder {
     const held = nameable && sameDigestWords(words, word, retainer.digestWords, 0);
     // Resemblance is looked for in the main channel's pages while no multifd channel may write a base
     // meanwhile (the channels look for their own: elsewhereKey()), and only while the receiver's reads pay.
-    const resembles = nameable && !held && this.deltas && (this.multifd === null || this.multifd.mainOnly);
-    this.pageKey = resembles ? this.elsewhereKey(record) : 0;
+    this.pageResembles = nameable && !held && this.deltas && (this.multifd === null || this.multifd.mainOnly);
+    this.pageKey = 0;
     if (record.kind === RecordKind.RamZero) {
       this.counts.pagesZero++;
       this.addToRun(false, record);
@@ -469,16 +471,32 @@ export class StreamEncoder {
   }
 
   /**
-   * Sends the page as a Delta: as a reference to another page the receiver holds with the same content,
-   * as the ranges that changed from the version of this page the receiver holds (when this site's store
-   * holds that same version), or as the ranges that differ from a page sent lately that the receiver
-   * still holds and that resembles it (resemblance-cache.ts), when the ranges are few. False when the
-   * page must go whole.
+   * Sends the page as a Delta, the first of these that serves: the ranges that changed from the version
+   * of this page the receiver holds (when this site's store holds that same version); a reference to
+   * another page the receiver holds with the same content, or to a sibling's; the ranges that differ
+   * from a page sent lately that the receiver still holds and that resembles it (resemblance-cache.ts),
+   * when the ranges are few. False when the page must go whole.
    */
   private sendDelta(record: RamPageRecord, reference: Uint8Array, words: Uint32Array): boolean {
     const page = record.pageIndex;
     const digest = this.retainer.digest;
     const digestWords = this.retainer.digestWords;
+    // The page's own version first (a multifd channel's pages, too, try it before a match): a back leg's
+    // changed pages go against it, and so neither rent the content index (a match would save them a few
+    // dozen bytes, for a read elsewhere at the receiver) nor fill the resemblance cache with pages whose
+    // own version is their base.
+    if (this.retainer.store !== null && !isAbsentDigest(words, page * DIGEST_WORDS) && this.ownVersionTries.tryNow()) {
+      const length = this.rangesFromOwnVersion(record, reference);
+      if (length >= 0) {
+        this.ownVersionTries.hit();
+        this.emitDelta(page, page, this.baseDigest, 0, length, -1);
+        this.counts.pagesDelta++;
+        return true;
+      }
+      if (length === NO_DELTA) this.ownVersionTries.miss();
+    }
+    // Kept for later pages like it (keepForLater) whether it goes whole, matched or against a page alike.
+    if (this.pageResembles) this.pageKey = this.elsewhereKey(record);
     // A match, in this VM or in a sibling, costs the receiver a store read of the page it copies, which
     // this side cannot time: paid only while reads are free or the receiver reads ahead. On a fast link a
     // busy receiver's reads, one after another, cost more than the page's WAN time.
@@ -493,16 +511,6 @@ export class StreamEncoder {
       this.emitDelta(page, siblings.page, digest, 0, 0, siblings.sibling);
       this.counts.pagesSibling++;
       return true;
-    }
-    if (this.retainer.store !== null && !isAbsentDigest(words, page * DIGEST_WORDS) && this.ownVersionTries.tryNow()) {
-      const length = this.rangesFromOwnVersion(record, reference);
-      if (length >= 0) {
-        this.ownVersionTries.hit();
-        this.emitDelta(page, page, this.baseDigest, 0, length, -1);
-        this.counts.pagesDelta++;
-        return true;
-      }
-      if (length === NO_DELTA) this.ownVersionTries.miss();
     }
     // A page like one sent lately: the receiver reads the base as for a match, this side has it in memory.
     const entry = this.resemblingElsewhere(record, words, this.pageKey, null);
