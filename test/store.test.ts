@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { DIGEST_BYTES, digestHex, digestOne } from '../src/digest';
 import { PageStore, type StoreLayout, storeCopyMode, validateVmName } from '../src/store';
-import * as copyModule from '../src/store/copy';
+import * as copyModule from '../src/common/copy';
 import { distModule, startNodeChild } from '../src/lab/harness/child';
 import { TestStores } from './test-stores';
 
@@ -140,7 +140,7 @@ describe('copyBytes (the write path copy)', () => {
       let mod: typeof copyModule | undefined;
       jest.isolateModules(() => {
         // eslint-disable-next-line @typescript-eslint/no-require-imports
-        mod = require('../src/store/copy') as typeof copyModule;
+        mod = require('../src/common/copy') as typeof copyModule;
       });
       return mod!;
     } finally {

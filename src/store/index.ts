@@ -6,7 +6,7 @@ export { type PageIo, PageStore, type PageStoreOptions } from './page-store';
 export { PAGES_FILE } from './pages-file';
 export { DIGESTS_FILE } from './digest-table';
 export { type StoreLayout, type StoreMeta, validateVmName, hasMetaFile, readMetaFile, META_FILE, META_FORMAT, MAX_PAGE_COUNT, MAX_PAGE_SIZE } from './meta';
-export { copyMode as storeCopyMode } from './copy';
+export { copyMode as storeCopyMode } from '../common/copy';
 export { lockHolder, StoreBusyError } from './lock';
 export { StoreBudget, scanStores, statStore, removeStore, removeUnclaimedStores, holdsNothing, type Eviction, type Room, type StoreEntry } from './budget';
 export { UndoableStore } from './undo';

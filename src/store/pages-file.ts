@@ -18,7 +18,7 @@
 import * as fs from 'node:fs';
 import { DIGEST_BYTES, zeroPageDigest } from '../digest';
 import { errorMessage } from '../common/errors';
-import { copyBytes } from './copy';
+import { copyBytes } from '../common/copy';
 import { DIRECT_IO_ALIGN, DirectPages, DirectWriteError } from './direct-pages';
 import { openRW, preadFully, pwriteFully } from './fsio';
 

@@ -1,6 +1,9 @@
 /**
- * Byte copy between two Uint8Arrays at offsets, for the store's write path
- * (one 4 KiB page per call, hundreds of thousands of calls per second).
+ * Byte copy between two Uint8Arrays at offsets, for the data path: the store's
+ * write path, the codecs' copies of pages (a receiver's rebuilt Run records,
+ * its recent pages, the sender's resemblance cache), the frame and record
+ * parsers' carries: one 4 KiB page per call, hundreds of thousands of calls
+ * per second, where an allocation a page would keep the collector busy.
  *
  * Node has no public API that copies a sub-range of one typed array into
  * another without allocating: `dst.set(src.subarray(a, b), o)` allocates a
