@@ -13,6 +13,7 @@ import { newCounts, type TransferCounts } from './transfer-counts';
 import { continuingFlags, layoutOf, type PageLayout, holdsVersion, PageRetainer, type RetainedPages, sameDigest, type SiblingPages } from './retained';
 import { errorMessage } from '../common/errors';
 import { RebuildError } from './rebuild-error';
+import { copyBytes } from '../common/copy';
 
 /**
  * Most device-state tail a receiver holds back until the stream is checked: real tails are well under a
@@ -462,7 +463,8 @@ export class StreamDecoder {
         at = writeShortString(out, at, block.name);
       }
       if (page) {
-        at += this.pages.copy(out, at, held * X86_PAGE_SIZE, (held + 1) * X86_PAGE_SIZE);
+        copyBytes(this.pages, held * X86_PAGE_SIZE, out, at, X86_PAGE_SIZE);
+        at += X86_PAGE_SIZE;
         held++;
       } else {
         out[at++] = run.fill;

@@ -3,6 +3,7 @@ import { X86_PAGE_SIZE } from '../qemu/constants';
 import { RebuildError } from './rebuild-error';
 import type { RecentPages } from './recent-pages';
 import { type RetainedPages, sameDigest } from './retained';
+import { copyBytes } from '../common/copy';
 
 /** Pages kept for one epoch at most where QEMU < 9.0 repeats them (32 MiB); past it a Run naming another one fails its digest check. */
 const MAX_KEPT = 8192;
@@ -50,7 +51,7 @@ export class EpochStartPages {
     const page = this.spare.pop() ?? Buffer.allocUnsafe(X86_PAGE_SIZE);
     const copy = recent === null ? -1 : recent.find(pageIndex);
     if (copy >= 0) {
-      (recent as RecentPages).content.copy(page, 0, copy, copy + X86_PAGE_SIZE);
+      copyBytes((recent as RecentPages).content, copy, page, 0, X86_PAGE_SIZE);
       digestOne(page, 0, X86_PAGE_SIZE, this.digest, 0);
     }
     if (copy < 0 || !sameDigest(this.digest, 0, this.store.digests, at)) this.store.readPages(pageIndex, 1, page, 0);

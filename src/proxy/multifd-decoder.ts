@@ -13,6 +13,7 @@ import { holdsVersion, sameDigest } from './retained';
 import { BASES_WINDOW, ReadsAhead, runsWindow } from './reads-ahead';
 import type { RecentPages } from './recent-pages';
 import { decodeRun, MAX_RUN_HELD, runPlace } from './run';
+import { copyBytes } from '../common/copy';
 
 /** The frames a channel takes. */
 type ChannelFrame = 'literal' | 'header' | 'run' | 'delta' | 'sibling' | 'keep' | 'check';
@@ -577,7 +578,7 @@ export class MultifdDecoder extends MultifdChannel {
 
   /** Copies the page at page[at…] into basePage: whether its digest is the base digest the Delta names. */
   private namedBase(page: Buffer, at: number, payload: Buffer): boolean {
-    page.copy(this.basePage, 0, at, at + X86_PAGE_SIZE);
+    copyBytes(page, at, this.basePage, 0, X86_PAGE_SIZE);
     digestOne(this.basePage, 0, X86_PAGE_SIZE, this.runDigest, 0);
     return sameDigest(this.runDigest, 0, payload, DELTA_BASE_DIGEST_AT);
   }

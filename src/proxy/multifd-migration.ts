@@ -416,9 +416,11 @@ export class MultifdMigration {
     return this.channels.every((c) => c === channel || !c.synchronising || c.syncs > channel.syncs);
   }
 
-  /** Some channel still reads an epoch the main channel has left. */
+  /** Some channel still reads an epoch the main channel has left. Asked for every main-channel page: a loop, no closure. */
   private channelBehindMain(): boolean {
-    return this.channels.some((c) => c.synchronising && c.syncs < this.mainEpoch);
+    const channels = this.channels;
+    for (let i = 0; i < channels.length; i++) if (channels[i].synchronising && channels[i].syncs < this.mainEpoch) return true;
+    return false;
   }
 
   /**
@@ -532,7 +534,10 @@ export class MultifdMigration {
   /** Whether a channel that has just passed its `syncs`-th SYNC may read on. */
   mayPass(syncs: number): boolean {
     if (this.channels.length < this.expectedChannels) return false;
-    return this.channels.every((c) => !c.synchronising || c.syncs >= syncs);
+    // Asked for every main-channel page: a loop, not a closure allocated per call.
+    const channels = this.channels;
+    for (let i = 0; i < channels.length; i++) if (channels[i].synchronising && channels[i].syncs < syncs) return false;
+    return true;
   }
 
   /**

@@ -16,6 +16,7 @@
  */
 
 import { pageBuffers, type ReusedBuffers } from './reused-buffers';
+import { copyBytes } from '../common/copy';
 
 /** Pages kept: 32 MiB, as many as the sender's resemblance cache holds. */
 export const RECENT_PAGES = 8192;
@@ -78,7 +79,7 @@ export class RecentPages {
       this.pageIn[slot] = page;
       this.slotOf[page] = slot;
     }
-    src.copy(this.content, slot * this.pageSize, srcStart, srcStart + this.pageSize);
+    copyBytes(src, srcStart, this.content, slot * this.pageSize, this.pageSize);
   }
 
   /** Page `page` changed to content not kept here (a zero page, an encoded one): its copy is stale. */

@@ -12,6 +12,7 @@
 
 import { digestWords } from '../digest';
 import { pageBuffers, type ReusedBuffers } from './reused-buffers';
+import { copyBytes } from '../common/copy';
 
 /** Offset of the sample within a page: past the headers page-sized records often begin with. */
 export const RESEMBLANCE_AT = 2048;
@@ -176,7 +177,7 @@ export class ResemblanceCache {
     words[4 * e + 1] = digestWords[digestAt + 1];
     words[4 * e + 2] = digestWords[digestAt + 2];
     words[4 * e + 3] = digestWords[digestAt + 3];
-    src.copy(this.contentBuffer(), e * this.pageSize, srcStart, srcStart + this.pageSize);
+    copyBytes(src, srcStart, this.contentBuffer(), e * this.pageSize, this.pageSize);
   }
 
   /** The entry holding a page with this key, or -1. */

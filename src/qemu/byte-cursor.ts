@@ -1,3 +1,5 @@
+import { copyBytes } from '../common/copy';
+
 const EMPTY = Buffer.alloc(0);
 
 /**
@@ -124,7 +126,7 @@ export class ByteCursor {
    */
   gather(n: number): boolean {
     const take = Math.min(n - this.carried, this.current.length - this.pos);
-    this.current.copy(this.carry, this.carried, this.pos, this.pos + take);
+    copyBytes(this.current, this.pos, this.carry, this.carried, take);
     this.carried += take;
     this.pos += take;
     return this.carried >= n;
