@@ -215,7 +215,9 @@ export class PagesFile {
   private runFor(index: number): PendingRun {
     const runs = this.runs;
     let next: PendingRun | null = null;
-    for (const run of runs) {
+    // Index loops on the per-page paths: a for-of's iterator is an allocation wherever it is not optimized away.
+    for (let r = 0; r < runs.length; r++) {
+      const run = runs[r];
       if (run.length === 0) continue;
       const rel = index - run.start;
       if (rel >= 0 && rel < run.length) return run;
@@ -229,7 +231,8 @@ export class PagesFile {
       return next;
     }
     let place = runs[0];
-    for (const run of runs) {
+    for (let r = 0; r < runs.length; r++) {
+      const run = runs[r];
       if (run.length === 0) {
         place = run;
         break;
@@ -318,7 +321,8 @@ export class PagesFile {
         return;
       }
     }
-    for (const run of this.runs) if (run.length > 0 && index < run.start + run.length && run.start < index + count) this.flushRun(run);
+    const runs = this.runs;
+    for (let r = 0; r < runs.length; r++) if (runs[r].length > 0 && index < runs[r].start + runs[r].length && runs[r].start < index + count) this.flushRun(runs[r]);
     const direct = this.directForPageSize();
     if (direct !== null) {
       direct.read(dest, destStart, count * pageSize, index * pageSize, inStream);
@@ -370,7 +374,8 @@ export class PagesFile {
 
   /** The first open run holding any of pages [index, index + count), or null. */
   private runOverlapping(index: number, count: number): PendingRun | null {
-    for (const run of this.runs) if (run.length > 0 && index < run.start + run.length && run.start < index + count) return run;
+    const runs = this.runs;
+    for (let r = 0; r < runs.length; r++) if (runs[r].length > 0 && index < runs[r].start + runs[r].length && runs[r].start < index + count) return runs[r];
     return null;
   }
 
