@@ -47,6 +47,11 @@ interface PendingRun {
   touched: number;
 }
 
+/** Whether the open run holds any of pages [index, index + count). */
+function runHoldsAny(run: PendingRun, index: number, count: number): boolean {
+  return run.length > 0 && index < run.start + run.length && run.start < index + count;
+}
+
 export class PagesFile {
   private bytesPerPage = 0;
   private pagesInFile = 0;
@@ -322,7 +327,7 @@ export class PagesFile {
       }
     }
     const runs = this.runs;
-    for (let r = 0; r < runs.length; r++) if (runs[r].length > 0 && index < runs[r].start + runs[r].length && runs[r].start < index + count) this.flushRun(runs[r]);
+    for (let r = 0; r < runs.length; r++) if (runHoldsAny(runs[r], index, count)) this.flushRun(runs[r]);
     const direct = this.directForPageSize();
     if (direct !== null) {
       direct.read(dest, destStart, count * pageSize, index * pageSize, inStream);
@@ -375,7 +380,7 @@ export class PagesFile {
   /** The first open run holding any of pages [index, index + count), or null. */
   private runOverlapping(index: number, count: number): PendingRun | null {
     const runs = this.runs;
-    for (let r = 0; r < runs.length; r++) if (runs[r].length > 0 && index < runs[r].start + runs[r].length && runs[r].start < index + count) return runs[r];
+    for (let r = 0; r < runs.length; r++) if (runHoldsAny(runs[r], index, count)) return runs[r];
     return null;
   }
 
