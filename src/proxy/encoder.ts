@@ -1,7 +1,8 @@
 import { DIGEST_BYTES, DIGEST_WORDS, digestOne, isAbsentDigest, sameDigestWords, StreamHash } from '../digest';
 import { X86_PAGE_SIZE } from '../qemu/constants';
 import { StreamParser } from '../qemu/parser';
-import { type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
+import { RamRecordWalk } from '../qemu/pages-ahead';
+import { type RamBlock, type RamPageRecord, RecordKind, type StreamFallback, type StreamRecord } from '../qemu/records';
 import { encodeRun, MAX_RUN_HELD, MAX_RUN_RECORDS } from './run';
 import { DELTA_HEADER_BYTES, DeltaSlab, encodePageDelta, keepVersionPayload, MAX_DELTA_BYTES, SIBLING_DELTA_LEAD_BYTES, writeDeltaHeader } from './page-delta';
 import { ContentIndex } from './content-index';
@@ -210,6 +211,14 @@ export class StreamEncoder {
   private readonly runBitmap = Buffer.alloc(MAX_RUN_RECORDS / 8);
   private readonly runDigests = Buffer.alloc(MAX_RUN_HELD * DIGEST_BYTES);
   private readonly runDigest = Buffer.alloc(DIGEST_BYTES);
+  /** Where the pages of reads not pushed yet lie (lookAhead()); walked up to stream offset walkedEnd. */
+  private readonly walk = new RamRecordWalk(X86_PAGE_SIZE, (name) => this.blockNamed(name));
+  private walkedEnd = 0;
+  /** The read lookAhead() walked last (null: none yet). */
+  private lookedAt: Buffer | null = null;
+  /** Where the last RAM page or fill record read ended (stream offset; -1: none yet), and its block. */
+  private lastRamEnd = -1;
+  private lastRamBlock: RamBlock | null = null;
 
   constructor(
     private readonly sink: EncoderSink,
@@ -291,6 +300,57 @@ export class StreamEncoder {
     return this.parser.framing.footers;
   }
 
+  /**
+   * Whether reads are worth walking ahead (lookAhead()): the store reads a changed page's held version
+   * before writing the new one, and can read it ahead. The caller may then hold a read back until the
+   * next has come, so that the store reads the held read's changed pages while the one before is pushed.
+   */
+  get readsAhead(): boolean {
+    return this.retainer.prefetchesChanged() && this.parser.fallenBack === null && (this.multifd === null || this.multifd.mainOnly);
+  }
+
+  /**
+   * `next` is the read to be pushed after the `before` bytes the caller holds and has not pushed yet:
+   * where its page records lie is walked from those before it (or from the parser's position, once it has
+   * pushed them), its pages are digested now for push() to take, and the store reads ahead the held
+   * versions of those that changed. Only a hint: push() checks every digest it takes against the record
+   * the parser finds. Once per read; a read the walk cannot place is passed over.
+   */
+  lookAhead(next: Buffer, before: number): void {
+    if (!this.readsAhead) return;
+    // Each read is walked once: one whose walk was lost in it would be lost there again.
+    if (next === this.lookedAt) return;
+    const start = this.pushedEnd + before;
+    if (this.walkedEnd !== start) this.walk.lose(); // a read pushed without being walked
+    if (!this.walk.synced) return;
+    this.lookedAt = next;
+    this.walkedEnd = start + next.length;
+    this.retainer.lookAhead(next, this.walk);
+  }
+
+  /** The RAM block of that name in the stream's block list, or null. */
+  private blockNamed(name: string): RamBlock | null {
+    const blocks = this.parser.ramBlocks;
+    for (let i = 0; i < blocks.length; i++) if (blocks[i].name === name) return blocks[i];
+    return null;
+  }
+
+  /**
+   * After a push: a walk lost (by records it does not know, or by reads pushed without it) starts again
+   * where the last RAM record the parser read ended, if that was in this read, and walks the rest of it.
+   */
+  private walkOnFrom(chunk: Buffer): void {
+    if (this.walk.synced && this.walkedEnd >= this.pushedEnd) return;
+    const chunkStart = this.pushedEnd - chunk.length;
+    const block = this.lastRamBlock;
+    if (block === null || this.lastRamEnd < chunkStart || !this.readsAhead) {
+      this.walk.lose();
+      return;
+    }
+    this.walk.resync(chunk, this.lastRamEnd - chunkStart, block);
+    this.walkedEnd = this.pushedEnd;
+  }
+
   /** Throws StreamError on malformed input. */
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
@@ -301,6 +361,7 @@ export class StreamEncoder {
     this.parts.feed(chunk);
     this.retainer.newInput(chunk);
     this.parser.push(chunk);
+    this.walkOnFrom(chunk);
     // Bytes of records the parser has finished can go; a record still being read may yet join a run.
     this.sendLiteral(Math.max(this.held.from, this.parser.recordsEnd));
     // Once the destination runs the guest (postcopy), a page it asked for must not wait in an open run
@@ -362,6 +423,8 @@ export class StreamEncoder {
         // The receiver must have the block list before anything onLayout sends (a table request).
         this.sendLiteral(this.parser.recordsEnd);
         this.layout = layoutOf(record.blocks);
+        this.walk.lose();
+        this.lastRamBlock = null;
         this.retainer.store?.begin(this.layout);
         this.onLayout(this.layout);
         return;
@@ -378,6 +441,9 @@ export class StreamEncoder {
   }
 
   private onPage(record: RamPageRecord): void {
+    // The record ends where the parser stands (it calls us as soon as the record is read).
+    this.lastRamEnd = this.parser.offset;
+    this.lastRamBlock = record.block;
     if (this.multifd?.mainWriteKeeps(record.pageIndex)) this.keepVersion(record);
     const retainer = this.retainer;
     const known = retainer.digestOf(record);

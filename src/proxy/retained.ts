@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import { DIGEST_BYTES, DIGEST_WORDS, digestOne, digestPages, digestWords, isAbsentDigest, newDigestBuffer, sameDigestWords, zeroPageDigest } from '../digest';
 import { RamFlag, X86_PAGE_SIZE } from '../qemu/constants';
-import { pageDataAhead, pageOffsetBefore } from '../qemu/pages-ahead';
+import { pageDataAhead, pageOffsetBefore, type RamRecordWalk } from '../qemu/pages-ahead';
 import { type RamBlock, type RamPageRecord, RecordKind } from '../qemu/records';
 
 /** The store's data-path face (src/store PageStore implements it). */
@@ -21,6 +21,8 @@ export interface RetainedPages {
    * such a read costs no disk read a plain write of the page would not. Absent: never.
    */
   readsBeforeWrite?(index: number): boolean;
+  /** False while readsBeforeWrite() says no of every page (no snapshot to save pages of). Absent: ask it. */
+  readonly readsHeldVersions?: boolean;
   /** A hint: lone pages among indices[0 .. count-1] will be read soon (the array may be compacted in place). */
   prefetchPages?(indices: Uint32Array, count: number): void;
   /** A hint: ranges [starts[i], starts[i] + counts[i]) will be read soon, each at once (the arrays may be compacted in place). */
@@ -79,6 +81,19 @@ export function holdsVersion(digests: Uint8Array, page: number, digest: Uint8Arr
 /** Most pages digested ahead at once: a 256 KiB read holds 63 page records. */
 const AHEAD_PAGES = 64;
 
+/** Pages of an input digested ahead: where its pages' data begin, their digests (and as words), their pages. */
+class PagesAhead {
+  /** The input they are of (null: none). */
+  input: Buffer | null = null;
+  readonly offsets = new Uint32Array(AHEAD_PAGES);
+  readonly digests = new Uint8Array(AHEAD_PAGES * DIGEST_BYTES);
+  readonly words = digestWords(this.digests);
+  readonly pages = new Uint32Array(AHEAD_PAGES);
+  count = 0;
+  /** When lookAhead() walked it (a count of walks). */
+  walkedAt = 0;
+}
+
 /**
  * Keeps a store in step with the RAM records of a stream, the same way on both gateways: the last
  * version of each page wins; pages whose content the stream does not give in clear are dropped.
@@ -87,6 +102,7 @@ const AHEAD_PAGES = 64;
  * ahead, all in one call: a call a page cost about twice as much as the digest itself. A digest made
  * ahead is used only for the record the parser finds at that very place of that very input, within the
  * push that input was given in (newInput() forgets them all: the input's buffer may be read into again).
+ * So are those of the inputs to come that lookAhead() was given.
  */
 export class PageRetainer {
   /** The digest of the last record passed to digestOf(), and the same as words (digestWords). */
@@ -96,12 +112,15 @@ export class PageRetainer {
   private fillValue = 0;
   /** The input the parser reads now: only its pages are digested ahead. */
   private input: Buffer | null = null;
-  /** Where in `input` the pages digested ahead begin, their digests, and which of them is next. */
-  private readonly aheadOffsets = new Uint32Array(AHEAD_PAGES);
-  private readonly aheadDigests = new Uint8Array(AHEAD_PAGES * DIGEST_BYTES);
-  private readonly aheadWords = digestWords(this.aheadDigests);
-  private aheadCount = 0;
+  /** The pages of `input` digested ahead (their offsets only grow), and which of them is next. */
+  private ahead = new PagesAhead();
   private aheadNext = 0;
+  /**
+   * The inputs to come that lookAhead() walked: the one the caller holds back and the one just read
+   * (a sending gateway pushes the first while the second is read ahead). newInput() takes either's.
+   */
+  private readonly walked = [new PagesAhead(), new PagesAhead()];
+  private walks = 0;
   /** Pages the last digestOf() digested ahead (0: it used a digest made before, or made none). */
   private madeAhead = 0;
   /** The pages digested ahead, by index (prefetchChangedAhead), and those of them to read ahead; reused. */
@@ -113,11 +132,48 @@ export class PageRetainer {
 
   constructor(readonly store: RetainedPages | null) {}
 
-  /** The parser is about to read `bytes`: pages digested ahead in an earlier input are forgotten. */
+  /**
+   * The parser is about to read `bytes`: pages digested ahead in an earlier input are forgotten, and
+   * those lookAhead() digested in this one are taken.
+   */
   newInput(bytes: Buffer): void {
     this.input = bytes;
-    this.aheadCount = 0;
     this.aheadNext = 0;
+    const walked = this.walked;
+    for (let i = 0; i < walked.length; i++) {
+      if (walked[i].input !== bytes) continue;
+      // The sets trade places: nothing is copied.
+      const spent = this.ahead;
+      this.ahead = walked[i];
+      walked[i] = spent;
+      spent.input = null;
+      return;
+    }
+    this.ahead.input = bytes;
+    this.ahead.count = 0;
+  }
+
+  /**
+   * An input the parser reads after the one it reads now (or next) is `bytes`: `walk` says where its
+   * pages lie. They are digested now (newInput() hands the digests to digestOf()), and the store reads
+   * ahead those that changed and that it will read before writing them, a whole input earlier than
+   * prefetchChangedAheadInStream() would: reads asked for under 50 us before they were wanted held a
+   * back leg's sender 50-100 ms, those asked for 200 us or more before, nothing (docs/design.md,
+   * "Reading a chunk ahead").
+   */
+  lookAhead(bytes: Buffer, walk: RamRecordWalk): void {
+    // Into the set of this input if it was walked before (walked again from the parser's position), else
+    // a free one, else that of the input walked before the other (pushed without it).
+    const walked = this.walked;
+    const [a, b] = walked;
+    const set = a.input === bytes ? a : b.input === bytes ? b : a.input === null ? a : b.input === null ? b : a.walkedAt < b.walkedAt ? a : b;
+    set.walkedAt = ++this.walks;
+    const count = walk.walk(bytes, set.offsets, set.pages);
+    set.input = bytes;
+    set.count = count;
+    if (count === 0) return;
+    digestPages(bytes, set.offsets, count, X86_PAGE_SIZE, set.digests, 0);
+    if (this.prefetchesChanged()) this.prefetchChanged(set.pages, set.words, count);
   }
 
   /**
@@ -130,16 +186,17 @@ export class PageRetainer {
     if (record.kind === RecordKind.RamPage) {
       const data = record.data;
       const start = record.dataStart;
-      if (data === this.input && this.aheadCount > 0) {
+      const pagesAhead = this.ahead;
+      if (data === this.input && pagesAhead.count > 0) {
         // Records passed over (a page not kept) leave their digests unused; offsets only grow.
-        const offsets = this.aheadOffsets;
+        const offsets = pagesAhead.offsets;
         let next = this.aheadNext;
-        while (next < this.aheadCount && offsets[next] < start) next++;
+        while (next < pagesAhead.count && offsets[next] < start) next++;
         this.aheadNext = next;
-        if (next < this.aheadCount && offsets[next] === start) {
+        if (next < pagesAhead.count && offsets[next] === start) {
           const from = next * DIGEST_WORDS;
           const words = this.digestWords;
-          const ahead = this.aheadWords;
+          const ahead = pagesAhead.words;
           words[0] = ahead[from];
           words[1] = ahead[from + 1];
           words[2] = ahead[from + 2];
@@ -169,7 +226,8 @@ export class PageRetainer {
    * of the records that seem to follow one another there.
    */
   private digestAhead(input: Buffer, at: number, pagesAfter: number): void {
-    const offsets = this.aheadOffsets;
+    const ahead = this.ahead;
+    const offsets = ahead.offsets;
     let count = 0;
     if (pagesAfter < 0) {
       count = pageDataAhead(input, at, X86_PAGE_SIZE, offsets);
@@ -177,10 +235,10 @@ export class PageRetainer {
       const most = Math.min(pagesAfter, offsets.length, Math.floor((input.length - at) / X86_PAGE_SIZE));
       for (; count < most; count++) offsets[count] = at + count * X86_PAGE_SIZE;
     }
-    this.aheadCount = count;
+    ahead.count = count;
     this.aheadNext = 0;
     this.madeAhead = count;
-    if (count > 0) digestPages(input, this.aheadOffsets, count, X86_PAGE_SIZE, this.aheadDigests, 0);
+    if (count > 0) digestPages(input, offsets, count, X86_PAGE_SIZE, ahead.digests, 0);
   }
 
   /**
@@ -197,7 +255,7 @@ export class PageRetainer {
     if (count === 0 || !this.prefetchesChanged()) return;
     const pages = this.pagesAhead;
     for (let i = 0; i < count; i++) pages[i] = firstPage + offsets[from + i] / X86_PAGE_SIZE;
-    this.prefetchChanged(count);
+    this.prefetchChanged(pages, this.ahead.words, count);
   }
 
   /**
@@ -210,7 +268,7 @@ export class PageRetainer {
     const count = this.madeAhead;
     if (count === 0 || record.kind !== RecordKind.RamPage || !this.prefetchesChanged()) return;
     const block = record.block;
-    const offsets = this.aheadOffsets;
+    const offsets = this.ahead.offsets;
     const pages = this.pagesAhead;
     let n = 0;
     for (; n < count; n++) {
@@ -219,21 +277,22 @@ export class PageRetainer {
       if (offset >= block.length) break;
       pages[n] = block.firstPage + offset / X86_PAGE_SIZE;
     }
-    this.prefetchChanged(n);
+    this.prefetchChanged(pages, this.ahead.words, n);
   }
 
-  /** Whether the store can read pages ahead and says which it reads before writing them. */
-  private prefetchesChanged(): boolean {
+  /** Whether the store can read pages ahead and says which it reads before writing them (and may read some). */
+  prefetchesChanged(): boolean {
     const store = this.store;
-    return store !== null && store.prefetchPages !== undefined && store.readsBeforeWrite !== undefined;
+    return store !== null && store.prefetchPages !== undefined && store.readsBeforeWrite !== undefined && store.readsHeldVersions !== false;
   }
 
-  /** Has the store read ahead those of pagesAhead[0 .. count-1] that changed and that it will read before writing them. */
-  private prefetchChanged(count: number): void {
+  /**
+   * Has the store read ahead those of pages[0 .. count-1] (of digests ahead[0 .. count-1]) that changed
+   * and that it will read before writing them.
+   */
+  private prefetchChanged(pages: Uint32Array, ahead: Uint32Array, count: number): void {
     const store = this.store as Required<Pick<RetainedPages, 'prefetchPages' | 'readsBeforeWrite'>> & RetainedPages;
     const words = this.storeWords(store);
-    const ahead = this.aheadWords;
-    const pages = this.pagesAhead;
     const changed = this.changedAhead;
     let n = 0;
     for (let i = 0; i < count; i++) {

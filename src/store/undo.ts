@@ -158,6 +158,11 @@ export class UndoableStore {
     return this.withheld === null && this.journal !== null && this.journalWants(index) && !isZero(this.store.digests, index * DIGEST_BYTES, DIGEST_BYTES);
   }
 
+  /** Whether readsBeforeWrite() may say yes of any page: the journal protects a snapshot (a back leg). */
+  get readsHeldVersions(): boolean {
+    return this.withheld === null && this.journal !== null;
+  }
+
   /** Whether the journal protects a snapshot and has not saved page `index` yet this migration. */
   private journalWants(index: number): boolean {
     const saved = this.saved;
