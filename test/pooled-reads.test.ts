@@ -24,21 +24,18 @@ function busyDownstream(completes: boolean): PooledDownstream & { markers: numbe
   return d;
 }
 
-/** Sends `payload` through a connection adopted by PooledReads; resolves with what was read and the buffers made. */
-function readThrough(payload: Buffer, downstream: PooledDownstream): Promise<{ got: Buffer; buffers: number }> {
+/**
+ * Sends `payload` to a connection that `adopt` takes over, a read's worth every 2 ms (slowly enough that
+ * reads go one at a time, so that marker completions keep up); resolves with what `adopt` resolves.
+ */
+function sendSlowly<T>(payload: Buffer, adopt: (accepted: net.Socket, resolve: (result: T) => void, reject: (err: Error) => void) => void): Promise<T> {
   return new Promise((resolve, reject) => {
     const server = net.createServer({ pauseOnConnect: true }, (accepted) => {
       server.close();
-      const parts: Buffer[] = [];
-      const reads = new PooledReads(accepted, downstream, (chunk) => parts.push(Buffer.from(chunk)), false);
-      expect(reads.pooled).toBe(true);
-      reads.socket.on('end', () => resolve({ got: Buffer.concat(parts), buffers: reads.buffers }));
-      reads.socket.on('error', reject);
-      reads.socket.resume();
+      adopt(accepted, resolve, reject);
     });
     server.listen(0, '127.0.0.1', () => {
       const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1', () => {
-        // Slowly enough that reads go one at a time, so the marker's completions can keep up.
         let at = 0;
         const step = (): void => {
           if (at >= payload.length) {
@@ -53,6 +50,18 @@ function readThrough(payload: Buffer, downstream: PooledDownstream): Promise<{ g
       });
       client.on('error', reject);
     });
+  });
+}
+
+/** Sends `payload` through a connection adopted by PooledReads; resolves with what was read and the buffers made. */
+function readThrough(payload: Buffer, downstream: PooledDownstream): Promise<{ got: Buffer; buffers: number }> {
+  return sendSlowly(payload, (accepted, resolve, reject) => {
+    const parts: Buffer[] = [];
+    const reads = new PooledReads(accepted, downstream, (chunk) => parts.push(Buffer.from(chunk)), false);
+    expect(reads.pooled).toBe(true);
+    reads.socket.on('end', () => resolve({ got: Buffer.concat(parts), buffers: reads.buffers }));
+    reads.socket.on('error', reject);
+    reads.socket.resume();
   });
 }
 
@@ -73,4 +82,45 @@ test('without completions nothing comes back (the bound above is the markers’ 
   // One marker is queued and never completes; every later read needs a fresh buffer.
   expect(downstream.markers).toBe(1);
   expect(buffers).toBeGreaterThan(32);
+});
+
+/** A downstream whose queue is always empty: every buffer lent is free again at the next read. */
+const idleDownstream: PooledDownstream = { writableLength: 0, writableEnded: false, destroyed: false, write: () => true };
+
+/**
+ * Sends `sent` through a connection adopted by PooledReads whose reader holds each read back until the
+ * next has come (as a sending gateway does), and takes its bytes only then; with `hold`, telling PooledReads so.
+ */
+function readHoldingBack(sent: Buffer, hold: boolean): Promise<{ got: Buffer; buffers: number }> {
+  return sendSlowly(sent, (accepted, resolve, reject) => {
+    const parts: Buffer[] = [];
+    let held: Buffer | null = null;
+    const reads = new PooledReads(
+      accepted,
+      idleDownstream,
+      (chunk) => {
+        if (held !== null) parts.push(Buffer.from(held));
+        held = chunk;
+        if (hold) reads.hold(chunk);
+      },
+      false,
+    );
+    reads.socket.on('end', () => {
+      if (held !== null) parts.push(Buffer.from(held));
+      resolve({ got: Buffer.concat(parts), buffers: reads.buffers });
+    });
+    reads.socket.on('error', reject);
+    reads.socket.resume();
+  });
+}
+
+test('a read held back until the next has come keeps its bytes: its buffer is not read into meanwhile', async () => {
+  const sent = payload.subarray(0, payload.length / 8);
+  const { got, buffers } = await readHoldingBack(sent, true);
+  expect(got.equals(sent)).toBe(true);
+  // The held buffer and the one being read into.
+  expect(buffers).toBe(2);
+  // Not told, PooledReads reads into the held buffer again at once: the bytes taken later are another read's.
+  const unheld = await readHoldingBack(sent, false);
+  expect(unheld.got.equals(sent)).toBe(false);
 });

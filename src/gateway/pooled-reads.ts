@@ -94,6 +94,8 @@ export class PooledReads {
   private early: Buffer | null = null;
   /** An empty write is queued on downstream to free the buffers lent before it. */
   private marking = false;
+  /** The buffer of the read its reader holds back (hold()): not read into again until let go. */
+  private heldBuffer: ArrayBufferLike | null = null;
 
   constructor(
     accepted: Socket,
@@ -151,13 +153,34 @@ export class PooledReads {
     return this.made;
   }
 
+  /**
+   * The reader keeps `chunk` (a read it was handed) past its call, to hand on later (null: none now): its
+   * buffer is not read into again, whatever the downstream's queue, until the reader lets it go; its bytes
+   * are then tracked as any read's.
+   */
+  hold(chunk: Buffer | null): void {
+    this.heldBuffer = chunk === null ? null : chunk.buffer;
+  }
+
+  /** The lent buffers, less the one held back, which stays lent. */
+  private takeLent(): Buffer[] {
+    const taken: Buffer[] = [];
+    let kept = 0;
+    for (let i = 0; i < this.lent.length; i++) {
+      const b = this.lent[i];
+      if (b.buffer === this.heldBuffer) this.lent[kept++] = b;
+      else taken.push(b);
+    }
+    this.lent.length = kept;
+    return taken;
+  }
+
   private next(): Buffer {
     const downstream = this.downstream;
     if (downstream.writableLength === 0) {
-      for (const b of this.lent) this.free.push(b);
-      this.lent.length = 0;
+      for (const b of this.takeLent()) this.free.push(b);
     } else if (this.lent.length >= MARK_AFTER_BUFFERS && !this.marking && !downstream.writableEnded && !downstream.destroyed) {
-      const written = this.lent.splice(0);
+      const written = this.takeLent();
       this.marking = true;
       // Called once every write queued before it has completed (or failed: then nothing holds them either).
       downstream.write(EMPTY, () => {

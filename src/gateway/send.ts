@@ -137,6 +137,9 @@ export class SendSession {
   private sealedBytes = 0;
   /** Fires when the source has sent nothing for QUIET_SEAL_MS (re-armed by every read). */
   private quietTimer: NodeJS.Timeout | null = null;
+  /** The source read held back (onSourceData), and the turn of the event loop that encodes it if no read comes first. */
+  private heldRead: Buffer | null = null;
+  private heldReadTurn: NodeJS.Immediate | null = null;
   /** The snapshot both stores commit, from the source's end on. */
   private snapshotId: string | null = null;
   /** The snapshot the store claims once the migration completed (null: none). */
@@ -415,7 +418,58 @@ export class SendSession {
     this.group.useMultifd(multifd);
   }
 
+  /**
+   * A source read: held back until the next one comes or the event loop turns (at most one is), so that
+   * its changed pages' held versions are read from the store while the read before it is encoded
+   * (StreamEncoder.lookAhead; docs/design.md, "Reading a chunk ahead"). A read that came while this
+   * session waits (the digest table, the WAN) stays held until it goes on.
+   */
   private onSourceData(chunk: Buffer): void {
+    const encoder = this.encoder;
+    if (!encoder || this.over) return;
+    const held = this.heldRead;
+    encoder.lookAhead(chunk, held?.length ?? 0);
+    if (held !== null && this.waiting) {
+      // Paused for the table or the WAN, yet a read came (the one in flight as it paused): both wait.
+      this.heldRead = Buffer.concat([held, chunk]);
+      this.reads.hold(null);
+      return;
+    }
+    if (held !== null) {
+      this.heldRead = null;
+      this.reads.hold(null);
+      this.encode(held);
+      if (this.over) return;
+    }
+    if (!encoder.readsAhead) {
+      this.encode(chunk);
+      return;
+    }
+    // Walked only now if the walk was lost before the held read's records put it right.
+    encoder.lookAhead(chunk, 0);
+    this.heldRead = chunk;
+    this.reads.hold(chunk);
+    this.heldReadTurn ??= setImmediate(() => {
+      this.heldReadTurn = null;
+      if (!this.waiting) this.encodeHeldRead();
+    });
+  }
+
+  /** Whether this session waits before encoding more: for the digest table, the WAN (its drain, its cap), or batches on the thread pool. */
+  private get waiting(): boolean {
+    return this.table !== null || this.peer.writableNeedDrain || this.options.wan.held || this.literals?.backlogged === true;
+  }
+
+  /** Encodes the read held back, if any. */
+  private encodeHeldRead(): void {
+    const held = this.heldRead;
+    if (held === null || this.over) return;
+    this.heldRead = null;
+    this.reads.hold(null);
+    this.encode(held);
+  }
+
+  private encode(chunk: Buffer): void {
     if (!this.encoder || this.over) return;
     // Whether the WAN held this session back since the last chunk (the peer socket still holds what that
     // chunk produced, or the source was paused for it), how busy the event loop was meanwhile, and the
@@ -492,8 +546,9 @@ export class SendSession {
     const encoder = this.encoder;
     if (this.over || this.sourceEnded || !encoder) return;
     // Quiet because this session stopped reading is not the source's doing.
-    if (this.table || this.peer.writableNeedDrain || this.options.wan.held) return void this.quietTimer?.refresh();
-    if (encoder.counts.streamBytes === this.sealedBytes) return;
+    if (this.waiting) return void this.quietTimer?.refresh();
+    this.encodeHeldRead();
+    if (this.over || encoder.counts.streamBytes === this.sealedBytes) return;
     corked(this.peer, () => {
       if (encoder.flush()) this.seal(encoder);
       this.literals?.flush();
@@ -506,6 +561,8 @@ export class SendSession {
       this.fail('the source ended before the peer answered');
       return;
     }
+    this.encodeHeldRead();
+    if (this.over) return;
     try {
       encoder.end();
     } catch (err) {
@@ -529,6 +586,7 @@ export class SendSession {
     if (!ready() || this.options.wan.hold(this.resumeLater)) return;
     const early = this.reads.takeEarly();
     if (early) this.onSourceData(early);
+    if (ready()) this.encodeHeldRead();
     if (ready() && !this.options.wan.held) this.qemu.resume();
   }
 
@@ -604,6 +662,9 @@ export class SendSession {
   private report(result: 'completed' | 'failed', error: string | null): void {
     if (this.offerTimer) clearTimeout(this.offerTimer);
     if (this.quietTimer) clearTimeout(this.quietTimer);
+    if (this.heldReadTurn) clearImmediate(this.heldReadTurn);
+    this.heldRead = null;
+    this.reads.hold(null);
     this.options.wan.close();
     this.life.report(this.encoder, { result, error, mode: this.mode, snapshotId: result === 'completed' ? this.claimed : null });
     this.encoder?.release();
