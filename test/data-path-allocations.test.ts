@@ -107,8 +107,11 @@ test('a back leg of held pages costs the encoder and the decoder no allocation p
     const small = await backLegAllocations(session, 8192);
     const large = await backLegAllocations(session, 40960);
     const perPage = (large - small) / (40960 - 8192);
-    // Per chunk read (64 pages) there are views and frames, a few hundred bytes; per page, nothing.
-    expect(perPage).toBeLessThan(24);
+    // Per chunk read (64 pages) there are views and frames, a few hundred bytes; per page, nothing: 1-5
+    // bytes a page measured alone, up to 24 while the rest of the suite loads both cores (code the JIT
+    // has not optimized yet boxes numbers). An allocation per page costs far more: 379 bytes before the
+    // codecs' copies stopped allocating a view each.
+    expect(perPage).toBeLessThan(48);
     // The profiler saw the legs at all.
     expect(small).toBeGreaterThan(0);
   } finally {
