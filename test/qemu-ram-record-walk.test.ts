@@ -25,6 +25,9 @@ interface WalkResult {
   /** Reads, and those the walk had been through before the parser read them. */
   reads: number;
   walked: number;
+  /** Pages whose data two reads hold, found by the parser, and of those the ones the walk said so of. */
+  straddling: number;
+  straddlingNamed: number;
 }
 
 /**
@@ -39,6 +42,7 @@ function walkAlongside(stream: Buffer, sizes: () => number): WalkResult {
   let lastRamEnd = -1;
   let lastBlock: RamBlock | null = null;
   const seen = new Map<number, number>(); // data offset in the read -> page, for page records whose data the parser found whole in it
+  let straddler: { page: number; bytes: Buffer } | null = null; // a page record completed in the read whose data began in the one before
   const parser = new StreamParser((r) => {
     if (r.kind === RecordKind.RamBlockList) {
       for (const b of r.blocks) blocks.set(b.name, b);
@@ -48,20 +52,35 @@ function walkAlongside(stream: Buffer, sizes: () => number): WalkResult {
       lastRamEnd = parser.offset;
       lastBlock = r.block;
       if (r.kind === RecordKind.RamPage && r.data === current) seen.set(r.dataStart, r.pageIndex);
+      else if (r.kind === RecordKind.RamPage) straddler = { page: r.pageIndex, bytes: Buffer.from(r.data.subarray(r.dataStart, r.dataStart + PAGE)) };
     }
   });
   const dataAt = new Uint32Array(64);
   const pages = new Uint32Array(64);
-  const result: WalkResult = { named: 0, whole: 0, wrong: [], reads: 0, walked: 0 };
+  const result: WalkResult = { named: 0, whole: 0, wrong: [], reads: 0, walked: 0, straddling: 0, straddlingNamed: 0 };
+  let previous: Buffer | null = null;
   for (let at = 0; at < stream.length; ) {
     const read = Buffer.from(stream.subarray(at, Math.min(stream.length, at + sizes())));
     result.reads++;
     if (walk.synced) result.walked++;
     const count = walk.walk(read, dataAt, pages);
+    // A page the walk says began in the read before: put together as the retainer does.
+    const said =
+      walk.straddledPage >= 0 && previous !== null
+        ? { page: walk.straddledPage, bytes: Buffer.concat([previous.subarray(walk.straddledFrom, walk.straddledFrom + walk.straddledBefore), read.subarray(0, PAGE - walk.straddledBefore)]) }
+        : null;
     current = read;
     seen.clear();
+    straddler = null;
     parser.push(read);
     result.whole += seen.size;
+    const found = straddler as { page: number; bytes: Buffer } | null;
+    if (found !== null) result.straddling++;
+    if (said !== null) {
+      if (found === null || found.page !== said.page || !found.bytes.equals(said.bytes)) result.wrong.push(`read at ${at}: page ${said.page} said to begin in the read before, the parser found ${found?.page ?? 'none'}`);
+      else result.straddlingNamed++;
+    }
+    previous = read;
     for (let i = 0; i < count; i++) {
       result.named++;
       if (seen.get(dataAt[i]) !== pages[i]) result.wrong.push(`read at ${at}: page ${pages[i]} at ${dataAt[i]}, the parser found ${seen.get(dataAt[i]) ?? 'no page'} there`);
@@ -89,6 +108,9 @@ describe('RamRecordWalk', () => {
     // each loss: nearly every page lying whole in a read was named before the read was parsed.
     expect(result.whole).toBeGreaterThan(300);
     expect(result.named).toBeGreaterThan(result.whole * 0.9);
+    // Pages whose data two reads hold: said of nearly every one, and put together right (above).
+    expect(result.straddling).toBeGreaterThan(5);
+    expect(result.straddlingNamed).toBeGreaterThan(result.straddling * 0.8);
   });
 
   test('reads that cut every record head (7 to 300 bytes): the walk pieces the heads together and stays on the records', () => {

@@ -428,7 +428,7 @@ export class SendSession {
     const encoder = this.encoder;
     if (!encoder || this.over) return;
     const held = this.heldRead;
-    encoder.lookAhead(chunk, held?.length ?? 0);
+    encoder.lookAhead(chunk, held);
     if (held !== null && this.waiting) {
       // Paused for the table or the WAN, yet a read came (the one in flight as it paused): both wait.
       this.heldRead = Buffer.concat([held, chunk]);
@@ -446,7 +446,7 @@ export class SendSession {
       return;
     }
     // Walked only now if the walk was lost before the held read's records put it right.
-    encoder.lookAhead(chunk, 0);
+    encoder.lookAhead(chunk, null);
     this.heldRead = chunk;
     this.reads.hold(chunk);
     this.heldReadTurn ??= setImmediate(() => {

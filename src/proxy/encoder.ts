@@ -310,22 +310,24 @@ export class StreamEncoder {
   }
 
   /**
-   * `next` is the read to be pushed after the `before` bytes the caller holds and has not pushed yet:
+   * `next` is the read to be pushed after the one the caller holds and has not pushed yet (`held`; null: none):
    * where its page records lie is walked from those before it (or from the parser's position, once it has
    * pushed them), its pages are digested now for push() to take, and the store reads ahead the held
    * versions of those that changed. Only a hint: push() checks every digest it takes against the record
    * the parser finds. Once per read; a read the walk cannot place is passed over.
    */
-  lookAhead(next: Buffer, before: number): void {
+  lookAhead(next: Buffer, held: Buffer | null): void {
     if (!this.readsAhead) return;
     // Each read is walked once: one whose walk was lost in it would be lost there again.
     if (next === this.lookedAt) return;
-    const start = this.pushedEnd + before;
+    const start = this.pushedEnd + (held?.length ?? 0);
     if (this.walkedEnd !== start) this.walk.lose(); // a read pushed without being walked
     if (!this.walk.synced) return;
+    // The held read, walked just before: a page that it and `next` both hold part of is read ahead too.
+    const before = held !== null && held === this.lookedAt ? held : null;
     this.lookedAt = next;
     this.walkedEnd = start + next.length;
-    this.retainer.lookAhead(next, this.walk);
+    this.retainer.lookAhead(next, this.walk, before);
   }
 
   /** The RAM block of that name in the stream's block list, or null. */

@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
 import { DIGEST_BYTES, DIGEST_WORDS, digestOne, digestPages, digestWords, isAbsentDigest, newDigestBuffer, sameDigestWords, zeroPageDigest } from '../digest';
+import { copyBytes } from '../common/copy';
 import { RamFlag, X86_PAGE_SIZE } from '../qemu/constants';
 import { pageDataAhead, pageOffsetBefore, type RamRecordWalk } from '../qemu/pages-ahead';
 import { type RamBlock, type RamPageRecord, RecordKind } from '../qemu/records';
@@ -121,6 +122,8 @@ export class PageRetainer {
    */
   private readonly walked = [new PagesAhead(), new PagesAhead()];
   private walks = 0;
+  /** A page whose data two reads hold, put together (prefetchStraddled), its index and digest. */
+  private straddled: { bytes: Buffer; index: Uint32Array; digest: Uint8Array; words: Uint32Array } | null = null;
   /** Pages the last digestOf() digested ahead (0: it used a digest made before, or made none). */
   private madeAhead = 0;
   /** The pages digested ahead, by index (prefetchChangedAhead), and those of them to read ahead; reused. */
@@ -161,7 +164,7 @@ export class PageRetainer {
    * back leg's sender 50-100 ms, those asked for 200 us or more before, nothing (docs/design.md,
    * "Reading a chunk ahead").
    */
-  lookAhead(bytes: Buffer, walk: RamRecordWalk): void {
+  lookAhead(bytes: Buffer, walk: RamRecordWalk, before: Buffer | null): void {
     // Into the set of this input if it was walked before (walked again from the parser's position), else
     // a free one, else that of the input walked before the other (pushed without it).
     const walked = this.walked;
@@ -171,9 +174,31 @@ export class PageRetainer {
     const count = walk.walk(bytes, set.offsets, set.pages);
     set.input = bytes;
     set.count = count;
+    if (!this.prefetchesChanged()) return;
+    if (walk.straddledPage >= 0 && before !== null) this.prefetchStraddled(walk, before, bytes);
     if (count === 0) return;
     digestPages(bytes, set.offsets, count, X86_PAGE_SIZE, set.digests, 0);
-    if (this.prefetchesChanged()) this.prefetchChanged(set.pages, set.words, count);
+    this.prefetchChanged(set.pages, set.words, count);
+  }
+
+  /**
+   * The page whose data `walk` found begun in `before` (the read walked before `bytes`) and ended in
+   * `bytes`: put together (a copy of one page), digested, and read ahead as prefetchChanged() would.
+   */
+  private prefetchStraddled(walk: RamRecordWalk, before: Buffer, bytes: Buffer): void {
+    const from = walk.straddledFrom;
+    const head = walk.straddledBefore;
+    if (from + head > before.length || X86_PAGE_SIZE - head > bytes.length) return; // not the read walked before
+    let page = this.straddled;
+    if (page === null) {
+      const digest = newDigestBuffer();
+      page = this.straddled = { bytes: Buffer.alloc(X86_PAGE_SIZE), index: new Uint32Array(1), digest, words: digestWords(digest) };
+    }
+    copyBytes(before, from, page.bytes, 0, head);
+    copyBytes(bytes, 0, page.bytes, head, X86_PAGE_SIZE - head);
+    digestOne(page.bytes, 0, X86_PAGE_SIZE, page.digest, 0);
+    page.index[0] = walk.straddledPage;
+    this.prefetchChanged(page.index, page.words, 1);
   }
 
   /**

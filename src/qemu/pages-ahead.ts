@@ -92,6 +92,21 @@ export class RamRecordWalk {
   private readonly stitch = Buffer.alloc(STITCH_BYTES * 2);
   private stitched = 0;
   private block: RamBlock | null = null;
+  /**
+   * The page whose data the last read walked ends in (-1: none): where its data began there, and how
+   * many of its bytes that read holds (0: all of them are in the next).
+   */
+  private cutPage = -1;
+  private cutFrom = 0;
+  private cutBefore = 0;
+  /**
+   * What walk() found of a page whose data began in the read walked before and ends in this one (whole in
+   * neither): its page (-1: none), where its data began in that read and how many of its bytes that read
+   * holds. The rest are this read's first bytes.
+   */
+  straddledPage = -1;
+  straddledFrom = 0;
+  straddledBefore = 0;
   /** What the last step() found: its head's length, its body's, and the page it carries (-1: none). */
   private headBytes = 0;
   private bodyBytes = 0;
@@ -112,6 +127,7 @@ export class RamRecordWalk {
   lose(): void {
     this.state = Walk.Lost;
     this.skip = 0;
+    this.cutPage = -1;
     this.stitched = 0;
     this.block = null;
   }
@@ -132,15 +148,29 @@ export class RamRecordWalk {
    * in it begins (dataAt) and its page (pages), at most dataAt.length of them, and returns how many.
    */
   walk(bytes: Buffer, dataAt: Uint32Array, pages: Uint32Array): number {
+    this.straddledPage = -1;
     if (this.state === Walk.Lost) return 0;
     let at = 0;
+    let count = 0;
     if (this.skip > 0) {
-      if (this.skip >= bytes.length) {
+      const page = this.cutPage;
+      this.cutPage = -1;
+      if (this.skip > bytes.length) {
         this.skip -= bytes.length;
         return 0;
       }
       at = this.skip;
       this.skip = 0;
+      if (page >= 0 && this.cutBefore === 0) {
+        // Only its head was in the read before: its data is whole here.
+        dataAt[0] = 0;
+        pages[0] = page;
+        count = 1;
+      } else if (page >= 0) {
+        this.straddledPage = page;
+        this.straddledFrom = this.cutFrom;
+        this.straddledBefore = this.cutBefore;
+      }
     }
     if (this.stitched > 0) {
       // The cut head, completed from this read's first bytes (a copy of at most a few hundred bytes a read).
@@ -162,6 +192,7 @@ export class RamRecordWalk {
       const body = this.headBytes - kept;
       at = body + this.bodyBytes;
       if (at > bytes.length) {
+        this.cut(body, bytes.length);
         this.skip = at - bytes.length;
         return 0;
       }
@@ -171,7 +202,14 @@ export class RamRecordWalk {
         return this.walkFrom(bytes, at, dataAt, pages, 1);
       }
     }
-    return this.walkFrom(bytes, at, dataAt, pages, 0);
+    return this.walkFrom(bytes, at, dataAt, pages, count);
+  }
+
+  /** The record step() found last, whose body begins at `body`, goes on past `end`, the end of this read. */
+  private cut(body: number, end: number): void {
+    this.cutPage = this.page;
+    this.cutFrom = body;
+    this.cutBefore = end - body;
   }
 
   /** Walks records from `at` to the end of `bytes`, noting the whole pages when dataAt is given. */
@@ -191,6 +229,7 @@ export class RamRecordWalk {
       const body = at + this.headBytes;
       at = body + this.bodyBytes;
       if (at > end) {
+        this.cut(body, end);
         this.skip = at - end;
         break;
       }
