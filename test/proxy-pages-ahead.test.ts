@@ -6,7 +6,7 @@ import * as digest from '../src/digest';
 import { DIGEST_BYTES } from '../src/digest';
 import { guestMemory, migrationStream, dirty, PAGE } from '../src/lab/harness/migration-stream';
 import { StreamParser } from '../src/qemu/parser';
-import { pageDataAhead, pageOffsetBefore } from '../src/qemu/pages-ahead';
+import { pageDataAhead, pageOffsetBefore, RamRecordWalk } from '../src/qemu/pages-ahead';
 import { type RamBlock, type RamPageRecord, RecordKind } from '../src/qemu/records';
 import { PageRetainer, type RetainedPages } from '../src/proxy/retained';
 
@@ -274,5 +274,56 @@ describe('PageRetainer reads ahead the held versions of changed pages', () => {
     prefetched.length = 0;
     prefetchedFor(new PageRetainer(store), bent);
     expect(prefetched).toEqual([[2, 5]]);
+  });
+});
+
+describe('PageRetainer.lookAhead', () => {
+  test.each([true, false])('the digests it makes are the pages’ own, whether or not the store reads any ahead (it reads held versions: %s)', (readsHeldVersions) => {
+    const memory = guestMemory([['pc.ram', 300]], 17, 0.2);
+    const stream = migrationStream(memory, []);
+    const store: RetainedPages = {
+      begin: () => undefined,
+      digests: new Uint8Array(300 * DIGEST_BYTES).fill(7),
+      writePage: () => undefined,
+      markAbsent: () => undefined,
+      readPages: () => undefined,
+      readsBeforeWrite: () => true,
+      readsHeldVersions,
+      prefetchPages: () => undefined,
+    };
+    const retainer = new PageRetainer(store);
+    // The first read, parsed; the walk starts where its last page record ends, and looks at the second.
+    // (A read of at most 64 pages: as many as are digested ahead at once.)
+    const cut = Math.floor(stream.length / 2);
+    const reads = [Buffer.from(stream.subarray(0, cut)), Buffer.from(stream.subarray(cut, cut + 200 * 1024))];
+    let block: RamBlock | null = null;
+    let lastEnd = 0;
+    let own = 0;
+    let pages = 0;
+    let reading = 0;
+    const parser = new StreamParser((r) => {
+      if (r.kind !== RecordKind.RamPage) return;
+      block = r.block;
+      lastEnd = parser.offset;
+      if (reading === 1) {
+        pages++;
+        if (digestIsOwn(retainer, r as RamPageRecord)) own++;
+      }
+    });
+    retainer.newInput(reads[0]);
+    parser.push(reads[0]);
+    const walk = new RamRecordWalk(PAGE, () => block);
+    walk.resync(reads[0], lastEnd, block as unknown as RamBlock);
+    const batch = jest.spyOn(digest, 'digestPages');
+    retainer.lookAhead(reads[1], walk, reads[0]);
+    expect(batch).toHaveBeenCalledTimes(1);
+    batch.mockClear();
+    reading = 1;
+    retainer.newInput(reads[1]);
+    parser.push(reads[1]);
+    // Every page of the second read digested ahead, none again when parsed (but one that both reads hold).
+    expect(pages).toBeGreaterThan(30);
+    expect(own).toBe(pages);
+    expect(batch).not.toHaveBeenCalled();
   });
 });

@@ -174,11 +174,11 @@ export class PageRetainer {
     const count = walk.walk(bytes, set.offsets, set.pages);
     set.input = bytes;
     set.count = count;
+    // The digests whatever is read ahead: newInput() hands them to digestOf() as those of these pages.
+    if (count > 0) digestPages(bytes, set.offsets, count, X86_PAGE_SIZE, set.digests, 0);
     if (!this.prefetchesChanged()) return;
     if (walk.straddledPage >= 0 && before !== null) this.prefetchStraddled(walk, before, bytes);
-    if (count === 0) return;
-    digestPages(bytes, set.offsets, count, X86_PAGE_SIZE, set.digests, 0);
-    this.prefetchChanged(set.pages, set.words, count);
+    if (count > 0) this.prefetchChanged(set.pages, set.words, count);
   }
 
   /**
