@@ -168,7 +168,8 @@ export class PageRetainer {
     // Into the set of this input if it was walked before (walked again from the parser's position), else
     // a free one, else that of the input walked before the other (pushed without it).
     const walked = this.walked;
-    const [a, b] = walked;
+    const a = walked[0];
+    const b = walked[1];
     const set = a.input === bytes ? a : b.input === bytes ? b : a.input === null ? a : b.input === null ? b : a.walkedAt < b.walkedAt ? a : b;
     set.walkedAt = ++this.walks;
     const count = walk.walk(bytes, set.offsets, set.pages);
