@@ -1,4 +1,8 @@
+import { RUN_SLAB_BYTES, RUN_SLABS } from '../src/gateway/channel-relay';
 import { OutputSlabs } from '../src/gateway/output-slabs';
+import { PACKET_HEADER_BYTES } from '../src/proxy/packet-header';
+import { X86_PAGE_SIZE } from '../src/qemu/constants';
+import { MULTIFD_SLOTS } from '../src/qemu/multifd';
 
 describe('OutputSlabs', () => {
   const SLAB = 64 * 1024;
@@ -64,5 +68,20 @@ describe('OutputSlabs', () => {
     }
     // The slabs were used, not bypassed.
     expect(carved).toBeGreaterThan(takes / 2);
+  });
+
+  test("a receiving channel's slabs hold as many whole packets as there are slabs: each header beside its pages", () => {
+    // What a compressed back leg's channel rebuilds for each packet: its header from a PacketHeader frame,
+    // then its 128 held pages as one Run. The destination socket writes them only later (none released).
+    const packet = (slabs: OutputSlabs): Buffer[] => [slabs.take(PACKET_HEADER_BYTES), slabs.take(MULTIFD_SLOTS * X86_PAGE_SIZE)];
+    const slabs = new OutputSlabs(RUN_SLAB_BYTES, RUN_SLABS);
+    const pieces = Array.from({ length: RUN_SLABS }, () => packet(slabs)).flat();
+    expect(pieces.every((piece) => slabs.releaser(piece) !== undefined)).toBe(true);
+    expect(new Set(pieces.map((piece) => piece.buffer)).size).toBe(RUN_SLABS);
+    // Slabs of a Run's size alone: each header takes a slab and its Run the next, so that the third packet
+    // on gets buffers of its own.
+    const tight = new OutputSlabs(MULTIFD_SLOTS * X86_PAGE_SIZE, RUN_SLABS);
+    const tightPieces = Array.from({ length: RUN_SLABS }, () => packet(tight)).flat();
+    expect(tightPieces.filter((piece) => tight.releaser(piece) === undefined)).toHaveLength(RUN_SLABS);
   });
 });

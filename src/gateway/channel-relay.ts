@@ -17,6 +17,9 @@ import { TLSSocket } from 'node:tls';
 import { errorMessage } from '../common/errors';
 import { CHANNEL_AHEAD_BYTES, type ChannelDecoder, type ChannelEncoder, channelDecoder, channelEncoder } from '../proxy/channel-codec';
 import type { MultifdMigration } from '../proxy/multifd-migration';
+import { PACKET_HEADER_BYTES } from '../proxy/packet-header';
+import { X86_PAGE_SIZE } from '../qemu/constants';
+import { MULTIFD_SLOTS } from '../qemu/multifd';
 import { BatchesAhead, LiteralFrames, LiteralInflater, type WriteDone } from '../wire/compression';
 import {
   type ChannelName,
@@ -76,10 +79,17 @@ function halfOpen(peer: Socket): void {
   peer.allowHalfOpen = true;
 }
 
-/** A multifd Run rebuilt: a packet's pages, 128 on x86 (QEMU's 512 KiB packets); larger ones get a buffer of their own. */
-const RUN_SLAB_BYTES = 512 * 1024;
+/**
+ * A multifd packet rebuilt: its header and offsets (from a PacketHeader frame) and its pages (Runs, pages
+ * rebuilt from Deltas), 128 on x86 (QEMU's 512 KiB packets); larger pieces get a buffer of their own. Sized
+ * for the pages alone, each header's 1,344 bytes took a slab and its Run the next, so that two packets
+ * held all four slabs and the next Runs went into fresh buffers, and the destination ran 50-130 ms later
+ * on a compressed 4-channel back leg than on one without PacketHeader frames (docs/benchmarks.md,
+ * "Thirty-ninth session").
+ */
+export const RUN_SLAB_BYTES = PACKET_HEADER_BYTES + MULTIFD_SLOTS * X86_PAGE_SIZE;
 /** Slabs a receiving channel keeps: 2 MiB a channel, 32 MiB for 16 channels. */
-const RUN_SLABS = 4;
+export const RUN_SLABS = 4;
 
 /** What both relays share: their group, and how a channel ends (cleanly, or failing its migration). */
 abstract class ChannelRelay implements ExtraChannel {
