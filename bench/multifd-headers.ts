@@ -11,7 +11,7 @@ import { guestMemory } from '../src/lab/harness/migration-stream';
 import { multifdMigration, multifdRoundTrip } from '../src/lab/harness/multifd-stream';
 import { MultifdEncoder } from '../src/proxy/multifd-encoder';
 import { MultifdMigration } from '../src/proxy/multifd-migration';
-import { PACKET_HEADER_BYTES } from '../src/proxy/packet-header';
+import { MAX_PACKET_HEADER_PAYLOAD, PACKET_HEADER_BYTES, PacketHeaders } from '../src/proxy/packet-header';
 import { layoutOf, ReceiverTable } from '../src/proxy/retained';
 import { FRAME_HEADER_BYTES } from '../src/wire/frames';
 import { LiteralFrames, ZSTD } from '../src/wire/compression';
@@ -40,7 +40,7 @@ const back = migration();
  * stream, or as PacketHeader frames (Feature.ChannelPacketHeaders) beside the Runs. Their WAN bytes,
  * and the CPU seconds the encoders and compressors took.
  */
-function backLeg(packetHeaders: boolean): { headerBytes: number; headerWan: number; runBytes: number; wanBytes: number; cpuSeconds: number } {
+function backLeg(packetHeaders: boolean, payloads: Buffer[][] = []): { headerBytes: number; headerWan: number; runBytes: number; wanBytes: number; cpuSeconds: number } {
   const shared = new MultifdMigration(sender, channelCount);
   shared.begin(layout);
   shared.endMain();
@@ -52,6 +52,8 @@ function backLeg(packetHeaders: boolean): { headerBytes: number; headerWan: numb
   let wanBytes = 0;
   const started = process.cpuUsage();
   for (const channel of back.channels) {
+    const sent: Buffer[] = [];
+    payloads.push(sent);
     const literals = new LiteralFrames((bytes) => (wanBytes += bytes.length), ZSTD);
     const encoder = new MultifdEncoder(
       {
@@ -69,6 +71,7 @@ function backLeg(packetHeaders: boolean): { headerBytes: number; headerWan: numb
           headerBytes += PACKET_HEADER_BYTES;
           headerWan += FRAME_HEADER_BYTES + payload.length;
           wanBytes += FRAME_HEADER_BYTES + payload.length;
+          sent.push(Buffer.from(payload));
         },
       },
       shared,
@@ -96,3 +99,44 @@ for (const packetHeaders of [false, true]) {
   console.log(`  packet headers ${how}: ${(leg.headerBytes / guestPages).toFixed(2)} B a guest page, over the WAN ${(leg.headerWan / guestPages).toFixed(3)} (${(leg.headerWan / leg.headerBytes).toFixed(3)}×)`);
   console.log(`    Runs ${(leg.runBytes / back.normalPages).toFixed(3)} B a held page; WAN in all ${leg.wanBytes} B, ${(leg.wanBytes / guestPages).toFixed(2)} B a guest page; encoders' CPU ${(leg.cpuSeconds * 1000).toFixed(1)} ms`);
 }
+
+/**
+ * The PacketHeader form's own cost, each channel's headers in order through a fresh PacketHeaders pair:
+ * the receiver's decoding of the payloads the back leg sent, and the sender's encoding of what they stand for.
+ */
+function formCost(payloads: Buffer[][], rounds: number): { encodeNs: number; decodeNs: number; headers: number } {
+  const rebuilt = payloads.map((channel) => {
+    const side = new PacketHeaders();
+    return channel.map((payload) => {
+      const out = Buffer.alloc(PACKET_HEADER_BYTES);
+      side.decode(payload, out);
+      return out;
+    });
+  });
+  const headers = rebuilt.reduce((n, channel) => n + channel.length, 0);
+  const out = Buffer.alloc(PACKET_HEADER_BYTES);
+  const payloadOut = Buffer.alloc(MAX_PACKET_HEADER_PAYLOAD);
+  let started = process.hrtime.bigint();
+  for (let r = 0; r < rounds; r++) {
+    for (const channel of payloads) {
+      const side = new PacketHeaders();
+      for (const payload of channel) side.decode(payload, out);
+    }
+  }
+  const decodeNs = Number(process.hrtime.bigint() - started) / (rounds * headers);
+  started = process.hrtime.bigint();
+  for (let r = 0; r < rounds; r++) {
+    for (const channel of rebuilt) {
+      const side = new PacketHeaders();
+      for (const header of channel) side.encode(header, payloadOut);
+    }
+  }
+  const encodeNs = Number(process.hrtime.bigint() - started) / (rounds * headers);
+  return { encodeNs, decodeNs, headers };
+}
+
+const sentPayloads: Buffer[][] = [];
+backLeg(true, sentPayloads);
+formCost(sentPayloads, 3); // warm-up
+const form = formCost(sentPayloads, 20);
+console.log(`  the PacketHeader form over the leg's ${form.headers} headers: encode ${form.encodeNs.toFixed(0)} ns, decode ${form.decodeNs.toFixed(0)} ns a header`);

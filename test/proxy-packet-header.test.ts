@@ -72,6 +72,12 @@ describe('PacketHeader frames', () => {
     expect(lengths.filter((n) => n < 0)).toEqual([]);
   });
 
+  test('a run of slots across a 4 GiB boundary of guest offsets rebuilds byte for byte (the low word wraps)', () => {
+    const wrap = 2 ** 32 / PAGE;
+    const headers = [header('qemu-10.0', 0, range(wrap - 3, 6)), header('qemu-10.0', 4, range(3 * wrap - 1, 2)), header('qemu-10.0', 8, [...range(wrap - 1, 1), ...range(7 * wrap - 2, 4)])];
+    expect(roundTrip(headers).every((n) => n > 0)).toBe(true);
+  });
+
   test('a header the form cannot say exactly goes raw, and both sides go on from the header before it', () => {
     const offPage = header('qemu-10.0', 4, range(100, 10));
     offPage.writeBigUInt64BE(BigInt(105 * PAGE + 8), MULTIFD_HEADER_BYTES + 5 * 8);
