@@ -77,6 +77,36 @@ describe.each<MultifdFormat>(['qemu-7.2', 'qemu-10.0'])('multifd channel checks,
     expect(two.decoders.reduce((n, d) => n + d.counts.pagesReused, 0)).toBeGreaterThan(0);
   });
 
+  test.each([false, true])('every piece the codec lays out reaches the destination once, those held for a check too (PacketHeader frames: %s)', (packetHeaders) => {
+    // The gateway lays pieces out in output slabs, each free again once every piece taken from it has been
+    // written: a piece held back as a copy of itself was never written, and its slab never free again.
+    const memory = guestMemory([['pc.ram', 1200]], 33);
+    const layout = layoutOf(memory.blocks);
+    const { sender, receiver } = stores(memory);
+    const migration = multifdMigration(memory, { format, channels: 3, rounds: [all(memory), all(memory).filter((i) => i % 5 === 0), all(memory).filter((i) => i % 9 === 0)] });
+    multifdRoundTrip(migration.channels, layout, { store: sender, reference: null }, receiver, { checks: true, packetHeaders });
+    // Each piece in memory of its own: what reaches `out` is known by its memory.
+    const handedOut = new Map<ArrayBufferLike, number>();
+    const back = multifdRoundTrip(migration.channels, layout, { store: sender, reference: sender.digests }, receiver, {
+      chunk: 7_000,
+      checks: true,
+      packetHeaders,
+      allocate: (_c, size) => {
+        const piece = Buffer.allocUnsafeSlow(size);
+        handedOut.set(piece.buffer, 0);
+        return piece;
+      },
+      out: (_c, bytes) => {
+        const times = handedOut.get(bytes.buffer);
+        if (times !== undefined) handedOut.set(bytes.buffer, times + 1);
+      },
+    });
+    back.rebuilt.forEach((bytes, c) => expect(bytes.equals(migration.channels[c])).toBe(true));
+    // Runs after SYNC packets, and with PacketHeader frames each SYNC packet's header, were held for checks.
+    expect(handedOut.size).toBeGreaterThan(migration.channels.length * 3);
+    expect([...handedOut.values()].filter((times) => times !== 1)).toEqual([]);
+  });
+
   test('a channel parked at a SYNC hands that SYNC packet on once its check has passed, and nothing after it until the other channels have reached it', () => {
     const memory = guestMemory([['pc.ram', 900]], 32);
     const layout = layoutOf(memory.blocks);

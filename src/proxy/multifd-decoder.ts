@@ -291,17 +291,20 @@ export class MultifdDecoder extends MultifdChannel {
   private rebuildHeader(payload: Buffer): void {
     const bytes = this.allocate(PACKET_HEADER_BYTES);
     this.headers.decode(payload, bytes);
-    this.rebuilt(bytes);
+    this.rebuilt(bytes, true);
   }
 
-  /** Passes bytes of the channel on, parsing them (a parked parser reads the rest on resume()). */
-  private rebuilt(bytes: Buffer): void {
+  /**
+   * Passes bytes of the channel on, parsing them (a parked parser reads the rest on resume()). `laidOut`:
+   * a piece from `allocate`, which `out` takes once, as it is (Literal bytes are views of the caller's).
+   */
+  private rebuilt(bytes: Buffer, laidOut = false): void {
     const at = this.counts.streamBytes;
     this.counts.streamBytes += bytes.length;
     this.streamHash.update(bytes);
     this.retainer.newInput(bytes);
     this.parser.push(bytes);
-    this.emit(bytes, at);
+    this.emit(bytes, at, laidOut);
   }
 
   /**
@@ -309,17 +312,24 @@ export class MultifdDecoder extends MultifdChannel {
    * a SYNC packet no check has covered yet (holdsSyncs). Parsing came first, so a SYNC packet's header
    * in these bytes is known; a parser parked at a SYNC has one unchecked behind it, and holds all after.
    */
-  private emit(bytes: Buffer, at: number): void {
+  private emit(bytes: Buffer, at: number, laidOut: boolean): void {
     // Holding already (held bytes are never empty: a SYNC packet starts before the end of what it cut).
     if (this.heldOut.length === 0) {
       const from = this.syncsUnchecked.peek();
       if (from === undefined || from >= at + bytes.length) return this.out(bytes);
       const cut = Math.max(0, from - at);
-      if (cut > 0) this.out(bytes.subarray(0, cut));
+      if (cut > 0) {
+        // The piece goes out with its head: the rest is held as a copy.
+        this.out(bytes.subarray(0, cut));
+        laidOut = false;
+      }
       bytes = bytes.subarray(cut);
     }
     if (this.heldOutBytes + bytes.length > MAX_HELD_SYNC_BYTES) throw new RebuildError(`more than ${MAX_HELD_SYNC_BYTES} bytes of a multifd channel held back for a check that has not come`);
-    this.heldOut.push(Buffer.from(bytes));
+    // A piece of `allocate` is held as it is, and reaches `out` once the check has come: copied, it never
+    // did, and the gateway's output slab it lay in was never free again (a rebuilt SYNC packet's header
+    // took one a SYNC, every slab a channel had within four, and the Runs after them fresh buffers).
+    this.heldOut.push(laidOut ? bytes : Buffer.from(bytes));
     this.heldOutBytes += bytes.length;
   }
 
@@ -472,7 +482,7 @@ export class MultifdDecoder extends MultifdChannel {
     this.counts.pagesReused += run.count;
     this.replaying = run.count;
     try {
-      this.rebuilt(bytes);
+      this.rebuilt(bytes, true);
     } finally {
       this.replaying = 0;
     }
@@ -618,7 +628,7 @@ export class MultifdDecoder extends MultifdChannel {
     this.counts.deltaBytes += payload.length;
     this.replayingDelta = true;
     try {
-      this.rebuilt(bytes);
+      this.rebuilt(bytes, true);
     } finally {
       this.replayingDelta = false;
     }

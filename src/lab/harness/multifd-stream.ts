@@ -174,7 +174,7 @@ export function multifdRoundTrip(
   layout: PageLayout,
   sender: { store: RetainedPages | null; reference: Uint8Array | null },
   receiver: RetainedPages | null,
-  options: { chunk?: number; cuts?: readonly number[]; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean; earlierBases?: boolean; dropKeepVersions?: boolean; alterFrames?: (channel: number, frames: ChannelFrames['frames']) => ChannelFrames['frames']; checks?: boolean; packetHeaders?: boolean; out?: (channel: number, bytes: Buffer) => void } = {},
+  options: { chunk?: number; cuts?: readonly number[]; order?: readonly number[]; decodeOrder?: readonly number[]; interleave?: boolean; discardOutput?: boolean; reuseInput?: boolean; readAhead?: boolean; deltas?: boolean; tamperDelta?: (payload: Buffer) => void; siblings?: readonly SiblingPages[]; damagedSiblings?: SiblingPages[]; beforeDecode?: (receiving: MultifdMigration) => void; matches?: boolean; earlierBases?: boolean; dropKeepVersions?: boolean; alterFrames?: (channel: number, frames: ChannelFrames['frames']) => ChannelFrames['frames']; checks?: boolean; packetHeaders?: boolean; out?: (channel: number, bytes: Buffer) => void; allocate?: (channel: number, size: number) => Buffer } = {},
 ): { rebuilt: Buffer[]; encoders: MultifdEncoder[]; decoders: MultifdDecoder[] } {
   const order = options.order ?? channels.map((_, i) => i);
   const chunk = options.chunk ?? 64 * 1024;
@@ -257,10 +257,15 @@ export function multifdRoundTrip(
   const rebuilt: Buffer[][] = channels.map(() => []);
   // The decoder hands over buffers of its own, or views of the frames', which nothing changes.
   const decoders = rebuilt.map((out, c) => {
-    const decoder = new MultifdDecoder((bytes) => {
-      options.out?.(c, bytes);
-      if (!options.discardOutput) out.push(keep(bytes));
-    }, receiving);
+    const allocate = options.allocate;
+    const decoder = new MultifdDecoder(
+      (bytes) => {
+        options.out?.(c, bytes);
+        if (!options.discardOutput) out.push(keep(bytes));
+      },
+      receiving,
+      allocate === undefined ? undefined : (size) => allocate(c, size),
+    );
     decoder.holdsSyncs = options.checks === true;
     return decoder;
   });
