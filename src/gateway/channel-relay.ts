@@ -83,9 +83,8 @@ function halfOpen(peer: Socket): void {
  * A multifd packet rebuilt: its header and offsets (from a PacketHeader frame) and its pages (Runs, pages
  * rebuilt from Deltas), 128 on x86 (QEMU's 512 KiB packets); larger pieces get a buffer of their own. Sized
  * for the pages alone, each header's 1,344 bytes took a slab and its Run the next, so that two packets
- * held all four slabs and the next Runs went into fresh buffers, and the destination ran 50-130 ms later
- * on a compressed 4-channel back leg than on one without PacketHeader frames (docs/benchmarks.md,
- * "Thirty-ninth session").
+ * held all four slabs and the next Runs went into fresh buffers (docs/benchmarks.md, "Thirty-ninth
+ * session").
  */
 export const RUN_SLAB_BYTES = PACKET_HEADER_BYTES + MULTIFD_SLOTS * X86_PAGE_SIZE;
 /** Slabs a receiving channel keeps: 2 MiB a channel, 32 MiB for 16 channels. */

@@ -74,8 +74,8 @@ class HeaderCopy {
  * One channel's side of the PacketHeader form: the header it sent or rebuilt last that way (`previous`),
  * and the one it works on (`current`), which becomes the previous one once it is done. A header is read
  * from and written to copies of its own, in words, not through the caller's buffers a byte or a
- * Buffer#readUInt32BE at a time: that took 5.5 µs to encode a header and 2.3 µs to decode one, 8 and
- * 3.5 ms of a 4-channel back leg of 256 MiB (docs/benchmarks.md, "Thirty-ninth session").
+ * Buffer#readUInt32BE at a time: that took 5.5 µs to encode a header and 2.3 µs to decode one, now about
+ * 0.65 and 0.62 (docs/benchmarks.md, "Thirty-ninth session").
  */
 export class PacketHeaders {
   private previous = new HeaderCopy();
