@@ -19,3 +19,21 @@ test('ports picked one after another, before any is bound, are all different, an
   );
   await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
 });
+
+test('each jest worker picks from a slice of its own: two workers never pick the same port', async () => {
+  const worker = process.env.JEST_WORKER_ID;
+  const picks = async (id: string): Promise<number[]> => {
+    process.env.JEST_WORKER_ID = id;
+    const ports: number[] = [];
+    for (let i = 0; i < 200; i++) ports.push(await freePort());
+    return ports;
+  };
+  try {
+    const one = await picks('1');
+    const two = await picks('2');
+    // Slices of one range, one after the other: every pick of one below (or above) every pick of the other.
+    expect(Math.max(...one) < Math.min(...two) || Math.max(...two) < Math.min(...one)).toBe(true);
+  } finally {
+    process.env.JEST_WORKER_ID = worker;
+  }
+});

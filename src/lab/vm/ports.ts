@@ -15,6 +15,23 @@ function portsOutsideEphemeralRange(): [number, number] | null {
   }
 }
 
+/** Slices of the range, one a jest worker: more than the workers a test run starts. */
+const WORKER_SLICES = 8;
+
+/**
+ * The part of `range` this process picks from: a slice of its own in a jest worker. Each worker process
+ * keeps its own ports handed out (below), and a port one worker's stand-in binds anew for every
+ * migration is free in between: another worker's pick took it, and the stand-in's listen failed with
+ * "address already in use" (test/gateway-hostile-receiver.test.ts, once in a CI run).
+ */
+function slicePicking(range: [number, number]): [number, number] {
+  const worker = Number(process.env.JEST_WORKER_ID);
+  if (!Number.isInteger(worker) || worker < 1) return range;
+  const size = Math.floor((range[1] - range[0] + 1) / WORKER_SLICES);
+  const low = range[0] + ((worker - 1) % WORKER_SLICES) * size;
+  return [low, low + size - 1];
+}
+
 function tryListen(port: number): Promise<number | null> {
   return new Promise((resolve) => {
     const srv = net.createServer();
@@ -45,7 +62,8 @@ function handOut(port: number): number {
 
 /** A loopback port nothing listens on now, for a server the caller starts soon after. */
 export async function freePort(): Promise<number> {
-  const range = portsOutsideEphemeralRange();
+  const outside = portsOutsideEphemeralRange();
+  const range = outside === null ? null : slicePicking(outside);
   for (let attempt = 0; range && attempt < 64; attempt++) {
     const candidate = range[0] + Math.floor(Math.random() * (range[1] - range[0] + 1));
     if (handedOut.has(candidate)) continue;
