@@ -63,6 +63,10 @@ function expectWithin25(medians: { setting: string; wanError: number; timeError:
   }
 }
 
+/** The settings of a 1 Gbit/s leg-cost file of both guests, first and back legs through bfmig, as the model check names them. */
+const bothGuestsAt1000 = (file: string): string[] =>
+  ['files', 'random'].flatMap((content) => [1, 2].map((leg) => `${file} ${content} 1000 Mbit/s, leg ${leg} bfmig`));
+
 const BASE: ModelInputs = {
   ramBytes: 1000 * 4096,
   usedShare: 1,
@@ -376,12 +380,7 @@ describe('calibration from baseline legs of the same run', () => {
 
   test("the thirtieth session's 4-channel multifd legs (QEMU 10.0, headers as PacketHeader frames): every setting's WAN bytes and time within 25%", () => {
     const medians = modelCheckMedians('leg-cost-1000-multifd-thirtieth.json');
-    expect(medians.map((m) => m.setting)).toEqual([
-      'leg-cost-1000-multifd-thirtieth.json files 1000 Mbit/s, leg 1 bfmig',
-      'leg-cost-1000-multifd-thirtieth.json files 1000 Mbit/s, leg 2 bfmig',
-      'leg-cost-1000-multifd-thirtieth.json random 1000 Mbit/s, leg 1 bfmig',
-      'leg-cost-1000-multifd-thirtieth.json random 1000 Mbit/s, leg 2 bfmig',
-    ]);
+    expect(medians.map((m) => m.setting)).toEqual(bothGuestsAt1000('leg-cost-1000-multifd-thirtieth.json'));
     // The files guest's first leg was 46% over on WAN bytes while the model compressed only where that let
     // more through: its gateways compressed throughout, in the time the sender waited anyway.
     expectWithin25(medians);
@@ -434,12 +433,7 @@ describe('calibration from baseline legs of the same run', () => {
     // 26 MB and the leg takes 1.39 s (the thirty-first and thirty-third sessions' 1.48 s): the model, which has
     // no term for those reads, is within 25% again.
     const medians = modelCheckMedians('leg-cost-1000-multifd-thirty-ninth.json');
-    expect(medians.map((m) => m.setting)).toEqual([
-      'leg-cost-1000-multifd-thirty-ninth.json files 1000 Mbit/s, leg 1 bfmig',
-      'leg-cost-1000-multifd-thirty-ninth.json files 1000 Mbit/s, leg 2 bfmig',
-      'leg-cost-1000-multifd-thirty-ninth.json random 1000 Mbit/s, leg 1 bfmig',
-      'leg-cost-1000-multifd-thirty-ninth.json random 1000 Mbit/s, leg 2 bfmig',
-    ]);
+    expect(medians.map((m) => m.setting)).toEqual(bothGuestsAt1000('leg-cost-1000-multifd-thirty-ninth.json'));
     expectWithin25(medians);
   });
 

@@ -21,8 +21,8 @@ const WORKER_SLICES = 8;
 /**
  * The part of `range` this process picks from: a slice of its own in a jest worker. Each worker process
  * keeps its own ports handed out (below), and a port one worker's stand-in binds anew for every
- * migration is free in between: another worker's pick took it, and the stand-in's listen failed with
- * "address already in use" (test/gateway-hostile-receiver.test.ts, once in a CI run).
+ * migration is free in between, where another worker's pick could take it: a stand-in's listen failed
+ * with "address already in use" (test/gateway-hostile-receiver.test.ts, once in a CI run).
  */
 function slicePicking(range: [number, number]): [number, number] {
   const worker = Number(process.env.JEST_WORKER_ID);
