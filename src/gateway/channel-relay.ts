@@ -401,7 +401,7 @@ export class ChannelSender extends ChannelRelay {
           // A PacketHeader frame's saving is compression's too: the same bytes, coded otherwise.
           const { earlierBaseDeltas, versionsKept, headerSavedBytes } = encoder;
           this.sender.group.compressionSavedBytes += literals.savedBytes + (headerSavedBytes ?? 0);
-          this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes, framesBatched: literals.carriesFrames, earlierBaseDeltas, versionsKept, headerSavedBytes });
+          this.sender.group.event('channel ended', { channel: this.label, streamBytes, wanBytes: this.wanBytes, framesBatched: literals.carriesFrames, earlierBaseDeltas, versionsKept, headerSavedBytes, ...this.pace.rate.linkReport });
         });
       }),
     );

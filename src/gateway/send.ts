@@ -573,7 +573,7 @@ export class SendSession {
     this.snapshotId = randomUUID();
     this.writeFrame(encodeJson(FrameType.End, { streamBytes: encoder.sentBytes, streamCheck: encoder.streamCheck, snapshotId: this.snapshotId, channels: this.group.joined }));
     this.transition('awaiting-done');
-    this.life.event('source stream ended', { streamBytes: encoder.counts.streamBytes });
+    this.life.event('source stream ended', { streamBytes: encoder.counts.streamBytes, ...this.wanRate.linkReport });
     // Its source has sent it all and may see it complete before the receiver's Done (that waits for the
     // far store's commit): a migration of the VM begun meanwhile waits for this one to end, and its
     // channels for that migration's group.

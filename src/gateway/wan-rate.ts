@@ -26,6 +26,8 @@ export class WanRate {
    * -1 until measured.
    */
   linkBytesPerSecond = -1;
+  /** How many times linkBytesPerSecond was measured (the session's end logs it beside the rate). */
+  linkMeasurements = 0;
   private windowAt = -1;
   private windowBytes = 0;
   /** The last observation, and the held-back intervals added up since the link was last measured. */
@@ -44,6 +46,7 @@ export class WanRate {
       this.heldBytes += sentBytes - this.lastSent;
       if (this.heldMs >= LINK_WINDOW_MS) {
         this.linkBytesPerSecond = (this.heldBytes * 1000) / this.heldMs;
+        this.linkMeasurements++;
         this.heldMs = 0;
         this.heldBytes = 0;
       }
@@ -60,6 +63,15 @@ export class WanRate {
     this.bytesPerSecond = ((sentBytes - this.windowBytes) * 1000) / elapsed;
     this.windowAt = nowMs;
     this.windowBytes = sentBytes;
+  }
+
+  /**
+   * The link's rate as the session's end logs it: what the compression policy priced a saved byte at
+   * last, and how often it was measured. One measurement early in a leg that compressed throughout is
+   * the sign of a rate taken at the start and kept (docs/benchmarks.md, "Fortieth session").
+   */
+  get linkReport(): { linkBytesPerSecond: number; linkMeasurements: number } {
+    return { linkBytesPerSecond: Math.round(this.linkBytesPerSecond), linkMeasurements: this.linkMeasurements };
   }
 
   /**
