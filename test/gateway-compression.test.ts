@@ -78,7 +78,7 @@ describe('WAN compression between gateways', () => {
       // compressed-frames). Taking the socket alone as the signal saved 0.45 MB here.
       const textBytes = (PAGES * 2 * 4096) / 3;
       expect(sent.compressionSavedBytes).toBeGreaterThan(0.4 * textBytes);
-      // The session's end logs what the policy priced a saved byte at: the link measured while it held
+      // The session's end logs the link's rate as the policy last had it: measured while the WAN held
       // the session back, of the 40 Mbit/s link's order (5 MB/s), not loopback's gigabytes a second. Not
       // closer: this short migration measures it once, early, and four runs here logged 10.7–15.6 MB/s
       // (the emulator's queue and the sockets' buffers take bytes faster than the link at first).

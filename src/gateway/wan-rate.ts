@@ -66,9 +66,10 @@ export class WanRate {
   }
 
   /**
-   * The link's rate as the session's end logs it: what the compression policy priced a saved byte at
-   * last, and how often it was measured. One measurement early in a leg that compressed throughout is
-   * the sign of a rate taken at the start and kept (docs/benchmarks.md, "Fortieth session").
+   * The link's rate as the session's end logs it: as last measured (what the compression policy weighs a
+   * drained stretch against, and the main channel's prices a saved byte at), and how often it was
+   * measured. A leg that compressed throughout on a rate measured once or twice, early and low, is the
+   * case of docs/benchmarks.md, "Fortieth session".
    */
   get linkReport(): { linkBytesPerSecond: number; linkMeasurements: number } {
     return { linkBytesPerSecond: Math.round(this.linkBytesPerSecond), linkMeasurements: this.linkMeasurements };
