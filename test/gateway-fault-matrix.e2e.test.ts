@@ -279,8 +279,8 @@ async function waitUntil(what: string | (() => string), condition: () => boolean
         (err: unknown) => {
           // QEMU 7.2's destination waits in its main thread for every multifd channel's SYNC packet
           // (multifd_recv_sync_main) and a channel thread that failed never posts it: that QEMU hangs,
-          // monitor and all. 10.0's did too once, on a slow host, after one channel's WAN connection
-          // dropped (its monitor silent for 10 s).
+          // monitor and all. 10.0's did too on a slow host (two runs of two), after one channel's WAN
+          // connection dropped (its monitor silent for 10 s): README, "Known problem".
           if (err instanceof Error && /no reply/.test(err.message)) return null;
           throw err;
         },
