@@ -1,6 +1,7 @@
 /**
- * WAN caps on loopback: site A routes vm1 and vm2 to site B through a TCP relay that counts the bytes
- * crossing it (the WAN). vm1's route is capped at 24 Mbit/s, the peer (every route to it) at 32 Mbit/s.
+ * WAN caps on loopback: site A routes vm1, vm2 and vm3 to site B through a TCP relay that counts the
+ * bytes crossing it (the WAN). vm1's route is capped at 24 Mbit/s, the peer (every route to it) at 32
+ * Mbit/s; vm3 migrates with multifd channels, which the peer's cap holds as it holds a main channel.
  * The cap is a property of the limiter, so the tests assert ratios of bytes to time against it, measured
  * over windows of several seconds, never absolute times.
  */
@@ -8,7 +9,10 @@ import { createHash } from 'node:crypto';
 import * as path from 'node:path';
 import { startLoggedGateway, type LoggedGateway, waitFor } from '../src/lab/harness/gateway-pair';
 import { loopbackMultiRouteYaml } from '../src/lab/harness/loopback-config';
-import { HashingDestination, playStream } from '../src/lab/harness/qemu-standins';
+import { guestMemory, migrationStream, PAGE, streamStart } from '../src/lab/harness/migration-stream';
+import { multifdMigration } from '../src/lab/harness/multifd-stream';
+import { ChannelsDestination, HashingDestination, playStream, sourceChannel } from '../src/lab/harness/qemu-standins';
+import { MULTIFD_INIT_BYTES } from '../src/qemu/multifd';
 import { syntheticStream } from '../src/lab/harness/synthetic-stream';
 import { freePort } from '../src/lab/vm/ports';
 import { TcpRelay } from '../src/lab/wan/relay';
@@ -17,6 +21,9 @@ import { suiteTempDir } from './temp-dir';
 const ROUTE_MBIT = 24;
 const PEER_MBIT = 32;
 const MIB = 1024 * 1024;
+/** vm3's guest: 12 MiB of pseudo-random pages (nothing to compress, nothing retained at site B yet). */
+const MULTIFD_BLOCKS: [string, number][] = [['pc.ram', 3072]];
+const MULTIFD_CHANNELS = 4;
 
 /**
  * Records when the bytes through the relay grow (sampled every few milliseconds), and measures the rate
@@ -61,17 +68,20 @@ describe('WAN caps', () => {
   let relay: TcpRelay;
   const routePorts: number[] = [];
   const destinations: HashingDestination[] = [];
+  let channelsDestination: ChannelsDestination;
 
   beforeAll(async () => {
     tmp = suiteTempDir('bfmig-wan-cap-');
-    const [peerA, peerB, route1, route2] = await Promise.all(Array.from({ length: 4 }, () => freePort()));
-    routePorts.push(route1, route2);
+    const [peerA, peerB, route1, route2, route3, target3] = await Promise.all(Array.from({ length: 6 }, () => freePort()));
+    routePorts.push(route1, route2, route3);
     destinations.push(await HashingDestination.listen(), await HashingDestination.listen());
+    channelsDestination = await ChannelsDestination.listen(target3);
     relay = new TcpRelay({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: peerB } });
     const wan = await relay.listen();
     const routes = [
       { vm: 'vm1', routePort: route1, targetPort: destinations[0].port },
       { vm: 'vm2', routePort: route2, targetPort: destinations[1].port },
+      { vm: 'vm3', routePort: route3, targetPort: target3 },
     ];
     const yamlA =
       loopbackMultiRouteYaml({ name: 'site-a', data: path.join(tmp, 'a'), peerPort: peerA, farPeerPort: wan.port, routes }).replace(
@@ -87,6 +97,7 @@ describe('WAN caps', () => {
     await b?.gateway.stop(1);
     await relay?.close();
     for (const d of destinations) await d.close();
+    await channelsDestination?.close();
   });
 
   const sha256 = (bytes: Buffer): string => createHash('sha256').update(bytes).digest('hex');
@@ -131,5 +142,40 @@ describe('WAN caps', () => {
     } finally {
       timeline.stop();
     }
+  }, 60_000);
+
+  test("a multifd migration's channels hold the peer's cap between them, and every channel arrives whole", async () => {
+    const memory = guestMemory(MULTIFD_BLOCKS, 7, 0);
+    const all = memory.pages.map((_, i) => i);
+    const main = migrationStream(memory, [], { machine: 'pc-i440fx-7.2', multifd: 'qemu-10.0' });
+    const { channels } = multifdMigration(memory, { format: 'qemu-10.0', channels: MULTIFD_CHANNELS, rounds: [all], leadingSync: true });
+    const start = streamStart(MULTIFD_BLOCKS.map(([name, pages]) => [name, pages * PAGE]));
+    const timeline = new RelayTimeline(relay);
+    const from = timeline.bytes;
+    try {
+      // As QEMU opens a migration: the main channel to its block list, then every channel's first packet.
+      const source = await sourceChannel(routePorts[2]);
+      await source.write(main.subarray(0, start.length));
+      const sources = await Promise.all(channels.map(() => sourceChannel(routePorts[2])));
+      await Promise.all(sources.map((c, i) => c.write(channels[i].subarray(0, MULTIFD_INIT_BYTES))));
+      const sent = Promise.all([
+        source.write(main.subarray(start.length)).then(() => source.socket.end()),
+        ...sources.map((c, i) => c.write(channels[i].subarray(MULTIFD_INIT_BYTES)).then(() => c.socket.end())),
+      ]);
+      // The channels carry the pages: a window of 8 MiB of the 12 is theirs.
+      const rate = await timeline.rate(from + 2 * MIB, from + 10 * MIB);
+      const cap = (PEER_MBIT * 1e6) / 8;
+      expect(rate / cap).toBeGreaterThan(0.9);
+      expect(rate / cap).toBeLessThan(1.05);
+      await sent;
+      const got = await channelsDestination.settled(1 + MULTIFD_CHANNELS);
+      expect(got.every((c) => !c.reset)).toBe(true);
+      expect(got[0].bytes.equals(main)).toBe(true);
+      const byId = new Map(got.slice(1).map((c) => [c.bytes[24], c.bytes]));
+      expect(channels.every((bytes, id) => byId.get(id)?.equals(bytes))).toBe(true);
+    } finally {
+      timeline.stop();
+    }
+    await waitFor(() => a.logs.some((l) => l.msg === 'migration completed' && l.vm === 'vm3'));
   }, 60_000);
 });

@@ -38,6 +38,7 @@ import { channelLabel, type ChannelGroup, type ExtraChannel } from './migration-
 import { OutputSlabs } from './output-slabs';
 import { heldDownstream, laterDownstream, PooledReads } from './pooled-reads';
 import { corked, tuneSourceConnection, tuneWanConnection, WAN_QUEUE_BYTES } from './socket-tuning';
+import type { WanShare } from './wan-cap';
 import { WanPace } from './wan-pace';
 import { decodePayload, ProtocolViolation } from './protocol-violation';
 import { CONNECT_TIMEOUT_MS, peerText } from './session';
@@ -66,6 +67,11 @@ export interface ChannelSenderOptions extends RelayOptions {
   compressOffLoop?: boolean;
   route: RouteConfig;
   transport: PeerTransport;
+  /**
+   * The channel's part of the WAN caps on its route and peer, a share of its own beside the main
+   * channel's: a multifd channel carries most of a migration's bytes, an encrypted connection all of them.
+   */
+  wan: WanShare;
 }
 
 /**
@@ -150,6 +156,7 @@ abstract class ChannelRelay implements ExtraChannel {
   abort(reason: string): void {
     if (this.over) return;
     this.over = true;
+    this.closed();
     this.cut();
     this.multifdEnded(false);
     this.options.group.left(this);
@@ -160,6 +167,7 @@ abstract class ChannelRelay implements ExtraChannel {
   protected finish(): void {
     if (this.over) return;
     this.over = true;
+    this.closed();
     // Closed by the destination before the sender's End: its pages may not all have been kept.
     this.multifdEnded(false);
     this.options.group.left(this);
@@ -193,6 +201,9 @@ abstract class ChannelRelay implements ExtraChannel {
 
   /** Resets both of the channel's connections. */
   protected abstract cut(): void;
+
+  /** The channel is over, cleanly or not: what it held of the gateway's lets go. */
+  protected closed(): void {}
 
   protected get label(): string {
     return channelLabel(this.options.channel);
@@ -272,6 +283,8 @@ export class ChannelSender extends ChannelRelay {
     literals.policy.startsAtFullRate();
     if (group.channelFramesBatched) literals.carryFrames();
     literals.onWritten = () => this.readSource();
+    // A batch on the thread pool is charged its raw size until it comes back (LiteralFrames.onReserve).
+    literals.onReserve = (bytes) => this.sender.wan.charge(bytes);
     literals.onError = (err) => this.fail(`${this.label}: ${err.message}`);
     this.literals = literals;
     /**
@@ -320,6 +333,7 @@ export class ChannelSender extends ChannelRelay {
 
   /** Writes frame bytes to the peer (LiteralFrames does, in order). */
   private toPeer(bytes: Buffer, done?: WriteDone): void {
+    this.sender.wan.charge(bytes.length);
     (this.peer as Socket).write(bytes, done);
     this.wanBytes += bytes.length;
   }
@@ -348,16 +362,20 @@ export class ChannelSender extends ChannelRelay {
     }
     // The peer socket's backpressure, the codec waiting at a SYNC for the other channels, or batches
     // waiting for the thread pool.
-    const wanFull = peer.writableLength >= WAN_QUEUE_BYTES;
+    const wanFull = peer.writableLength >= WAN_QUEUE_BYTES || this.sender.wan.hold(this.readSourceLater);
     if (wanFull || encoder.parked || literals.backlogged) this.source.pause();
     if (wanFull) literals.policy.pausedForWan();
   }
 
-  /** Reads the source again once neither the peer socket nor the codec holds it back. */
+  /** Reads the source again once neither the peer socket, a WAN cap in debt nor the codec holds it back. */
   private readSource(): void {
     if (this.over || !this.peer || this.encoder?.parked || this.peer.writableLength >= WAN_QUEUE_BYTES || this.literals?.backlogged) return;
+    if (this.sender.wan.hold(this.readSourceLater)) return;
     this.source.resume();
   }
+
+  /** readSource once a WAN cap has refilled. */
+  private readonly readSourceLater = (): void => this.readSource();
 
   private onFrame(type: FrameType, payload: Buffer): void {
     if (type === FrameType.Return) {
@@ -411,6 +429,10 @@ export class ChannelSender extends ChannelRelay {
     this.literals?.close();
     this.source.resetAndDestroy();
     this.peer?.destroy();
+  }
+
+  protected override closed(): void {
+    this.sender.wan.close();
   }
 
   protected get streamBytes(): number {
