@@ -11,6 +11,9 @@
  *       [--qemu 10.0] [--machine pc-i440fx-10.0] [--out FILE.json]
  *       [--uncompressed]           also through bfmig with `compression: off` (deltas auto): path
  *                                  'bfmig-uncompressed', which splits bfmig's cost between the two
+ *       [--link-stated]            also through bfmig whose sites state the link's rate (`peers[].wan.linkMbit`
+ *                                  at --mbit), so that its compression policy need not measure it: path
+ *                                  'bfmig-link-stated'
  *       [--thread-pool]            also through bfmig compressing on libuv's thread pool
  *                                  (`compressionRunsOn: thread-pool`): path 'bfmig-thread-pool'
  *       [--multifd N]              every leg with QEMU's multifd on, N channels (each path carries them)
@@ -38,7 +41,7 @@ import { benchOptions } from './command-line';
 /** Node flags of the gateway processes: the deployment's recommended ones unless overridden (e.g. with --cpu-prof). */
 const nodeArgs = (process.env.BFMIG_BENCH_NODE_ARGS ?? RECOMMENDED_GATEWAY_NODE_OPTIONS).split(' ').filter(Boolean);
 
-const PATHS: readonly LegPath[] = ['bfmig', 'bfmig-thread-pool', 'bfmig-uncompressed', 'bfmig-plain', 'relay'];
+const PATHS: readonly LegPath[] = ['bfmig', 'bfmig-link-stated', 'bfmig-thread-pool', 'bfmig-uncompressed', 'bfmig-plain', 'relay'];
 const GiB = 2 ** 30;
 
 /** "median (min–max)" of `values`, each formatted by `f`. */
@@ -177,7 +180,7 @@ function pairedLine(pairs: readonly [LegResult, LegResult][]): string {
 
 async function main(): Promise<void> {
   const text = { type: 'string' } as const;
-  const { values: args } = benchOptions({ runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, multifd: text, 'downtime-ms': text, uncompressed: { type: 'boolean' }, 'thread-pool': { type: 'boolean' }, from: text });
+  const { values: args } = benchOptions({ runs: text, mbit: text, 'delay-ms': text, legs: text, contents: text, 'scribble-files': text, qemu: text, machine: text, out: text, multifd: text, 'downtime-ms': text, uncompressed: { type: 'boolean' }, 'link-stated': { type: 'boolean' }, 'thread-pool': { type: 'boolean' }, from: text });
   if (args.from !== undefined) return summariseFiles(args.from.split(','));
   const runs = Number(args.runs ?? 2);
   const mbit = Number(args.mbit ?? 1000);
@@ -214,6 +217,7 @@ async function main(): Promise<void> {
         relay: true,
         plain: true,
         uncompressed: args.uncompressed === true,
+        linkStated: args['link-stated'] === true,
         threadPool: args['thread-pool'] === true,
         gatewayProcesses: true,
         gatewayNodeArgs: nodeArgs,

@@ -91,6 +91,35 @@ describe('WAN compression between gateways', () => {
     }
   }, 60_000);
 
+  test("a peer's link rate stated slower than the gateway compresses keeps compression on, though loopback drains", async () => {
+    // Stated (peers[].wan.linkMbit), the link's rate is what the policy weighs a stretch the gateway set
+    // the pace of against, and prices a byte saved at: at 1 Mbit/s the gateway always keeps up with it
+    // compressing, and every byte saved is worth its CPU. Loopback itself drains at gigabytes a second,
+    // which without the statement backs compression off after its first chunks (the first test here).
+    const [b] = await startPair(path.join(tmp, 'stated-b'));
+    const [peerPort, routePort] = await Promise.all([freePort(), freePort()]);
+    const yaml =
+      loopbackSiteYaml({ name: 'site-c', data: path.join(tmp, 'stated-c'), peerPort, vm: 'vm1', routePort, farPeerPort: b.peerPort, targetPort: b.destPort }) +
+      `peers:\n  - peer: 127.0.0.1:${b.peerPort}\n    wan: { linkMbit: 1 }\n`;
+    const c = await startLoggedGateway('site-c', yaml);
+    try {
+      const dest = await destinationStandIn(b.destPort);
+      await sourceStandIn(routePort, stream);
+      await waitFor(() => c.gateway.history.length > 0 && b.gateway.history.length > 0);
+      dest.close();
+      expect((await dest.received).bytes.equals(stream)).toBe(true);
+      const sent = c.gateway.history[0];
+      expect(sent.result).toBe('completed');
+      // All of the text compressed: 6.0 MB saved of its 8.2 MB (above: 0.4 of it behind a 40 Mbit/s WAN).
+      const textBytes = (PAGES * 2 * 4096) / 3;
+      expect(sent.compressionSavedBytes).toBeGreaterThan(0.6 * textBytes);
+      expect(c.logs.filter((l) => l.msg === 'source stream ended').at(-1)).toMatchObject({ linkBytesPerSecond: 125_000, linkStated: true });
+    } finally {
+      await c.gateway.stop(1);
+      await stopPair([b]);
+    }
+  }, 60_000);
+
   test('compressionRunsOn: thread-pool at the sending site, behind a WAN slower than the gateway: batches compressed on the pool, the guest byte-identical there and back', async () => {
     const pooled = await startPair(path.join(tmp, 'pool'), ['compressionRunsOn: thread-pool\n', 'compressionRunsOn: thread-pool\n'], { rateMbit: 40, delayMs: 1 });
     try {

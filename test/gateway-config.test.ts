@@ -103,7 +103,7 @@ describe('parseConfig', () => {
       limits: { handshakeSeconds: 10, idleSeconds: 120, maxFrameBytes: 4 * 1024 * 1024, maxConnections: 256, maxPendingConnections: 64, maxPendingPerAddress: 40, maxGuestRamBytes: 256 * 2 ** 30, maxStores: 1024, maxChannels: 16 },
       peerVms: null,
       progress: { logSeconds: 10, stallSeconds: 5 },
-      peers: [{ peer: { host: 'gw-b.example', port: 7300 }, wan: { maxMbit: 100 } }],
+      peers: [{ peer: { host: 'gw-b.example', port: 7300 }, wan: { maxMbit: 100 }, linkMbit: null }],
     });
   });
 
@@ -119,6 +119,16 @@ describe('parseConfig', () => {
     expect(errorOf(minimal(`${route}peers:\n  - peer: 127.0.0.1:7399\n    wan: { maxMbit: 10 }\n`)).detail).toMatch(/no route dials 127.0.0.1:7399/);
     expect(errorOf(minimal(`${route}peers:\n  - peer: 127.0.0.1:7301\n  - peer: 127.0.0.1:7301\n`)).key).toBe('peers[1].peer');
     expect(parseConfig(minimal(`${route}peers:\n  - peer: 127.0.0.1:7301\n    wan: { maxMbit: 0.5 }\n`)).peers[0].wan).toEqual({ maxMbit: 0.5 });
+
+    // A peer's link rate (what a byte saved is priced at), with or without a cap; a route has no link of its own.
+    const peer = (wan: string): string => minimal(`${route}peers:\n  - peer: 127.0.0.1:7301\n    wan: ${wan}\n`);
+    expect(parseConfig(peer('{ linkMbit: 1000 }')).peers[0]).toMatchObject({ wan: null, linkMbit: 1000 });
+    expect(parseConfig(peer('{ maxMbit: 100, linkMbit: 1000 }')).peers[0]).toMatchObject({ wan: { maxMbit: 100 }, linkMbit: 1000 });
+    expect(parseConfig(peer('{ maxMbit: 100 }')).peers[0]).toMatchObject({ wan: { maxMbit: 100 }, linkMbit: null });
+    expect(errorOf(peer('{ linkMbit: "1G" }')).key).toBe('peers[0].wan.linkMbit');
+    expect(errorOf(peer('{ linkMbit: 0 }')).key).toBe('peers[0].wan.linkMbit');
+    expect(errorOf(peer('{}')).detail).toMatch(/maxMbit, linkMbit or both/);
+    expect(errorOf(minimal(`${route}    wan: { linkMbit: 1000 }\n`)).key).toBe('routes[0].wan.linkMbit');
   });
 
   test('defaults for a minimal receive-only config', () => {

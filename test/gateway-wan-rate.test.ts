@@ -83,18 +83,22 @@ describe('WanRate', () => {
     expect(rate.bytesPerSecond).toBeLessThan(60e6);
     expect(rate.linkBytesPerSecond).toBeCloseTo(125e6);
     // 60 ms held back in all: measured once (each LINK_WINDOW_MS of it), as the session's end logs it.
-    expect(rate.linkReport).toEqual({ linkBytesPerSecond: 125_000_000, linkMeasurements: 1 });
+    expect(rate.linkReport).toEqual({ linkBytesPerSecond: 125_000_000, linkMeasurements: 1, linkStated: false });
     // Not measured before LINK_WINDOW_MS of held-back time.
     const fresh = new WanRate();
     fresh.observe(0, 0, true);
     fresh.observe(125_000, 1, true);
     fresh.observe(125_000 * (LINK_WINDOW_MS - 2), LINK_WINDOW_MS - 2, true);
     expect(fresh.linkBytesPerSecond).toBe(-1);
-    expect(fresh.linkReport).toEqual({ linkBytesPerSecond: -1, linkMeasurements: 0 });
+    expect(fresh.linkReport).toEqual({ linkBytesPerSecond: -1, linkMeasurements: 0, linkStated: false });
     // A first held-back observation measures no interval: the one before it was not seen.
     const late = new WanRate();
     late.observe(1e9, 10_000, true);
     expect(late.linkBytesPerSecond).toBe(-1);
+    // A rate the operator stated stands for the measured one, which is still counted.
+    rate.knownLinkBytesPerSecond = 31.25e6;
+    expect(rate.linkBytesPerSecond).toBe(31.25e6);
+    expect(rate.linkReport).toEqual({ linkBytesPerSecond: 31_250_000, linkMeasurements: 1, linkStated: true });
   });
 });
 

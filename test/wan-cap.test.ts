@@ -1,4 +1,4 @@
-import { WanCap, WanShare } from '../src/gateway/wan-cap';
+import { WanCap, WanCaps, WanLink, WanShare } from '../src/gateway/wan-cap';
 
 /**
  * A writer on the caps: writes `chunk` bytes each time it may, as a sending session writes what one read
@@ -56,5 +56,19 @@ describe('WanCap', () => {
     share.close();
     expect(share.held).toBe(false);
     expect(resumed).toBe(false);
+  });
+});
+
+describe('WanLink', () => {
+  test("the connections open on a peer's stated link share it equally; without one no rate is stated", () => {
+    const caps = new WanCaps({ peers: [{ peer: 'gw-b:7300', wan: null, linkMbit: 1000 }], routes: [] });
+    const main = caps.share('vm1', 'gw-b:7300');
+    expect(main.linkBytesPerSecond).toBe(125e6);
+    const channels = [caps.share('vm1', 'gw-b:7300'), caps.share('vm1', 'gw-b:7300'), caps.share('vm2', 'gw-b:7300')];
+    expect([main, ...channels].map((s) => s.linkBytesPerSecond)).toEqual([31.25e6, 31.25e6, 31.25e6, 31.25e6]);
+    for (const c of channels) c.close();
+    expect(main.linkBytesPerSecond).toBe(125e6);
+    expect(caps.share('vm1', 'gw-c:7300').linkBytesPerSecond).toBe(-1);
+    expect(new WanShare([], new WanLink(1e6)).linkBytesPerSecond).toBe(1e6);
   });
 });

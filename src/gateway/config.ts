@@ -33,7 +33,8 @@
  *   stallSeconds: 30           # no byte moved this long: logged once, counted as stalled
  * peers:                       # optional: settings per far gateway, by the address routes dial
  *   - peer: gw-b.example:7300
- *     wan: { maxMbit: 100 }    # WAN cap all migrations to this peer share, see wan-cap.ts
+ *     wan: { maxMbit: 100 }    # WAN cap all migrations to this peer share, see wan-cap.ts; and/or
+ *                              # linkMbit: the link's rate, what a byte saved is priced at (else measured)
  * (a route may have its own `wan: { maxMbit: N }` too)
  * ```
  *
@@ -50,7 +51,7 @@ import { describe, type Fail, isMapping, SITE_NAME } from './config-schema';
 import { type Limits, parseLimits, parsePeerVms, parseTls, type PeerVmRule, type TlsConfig } from './security-config';
 import { errorMessage } from '../common/errors';
 import { parseProgress, type ProgressConfig } from './progress';
-import { parseWanCap, type WanCapConfig } from './wan-cap';
+import { parsePeerWan, parseWanCap, type WanCapConfig } from './wan-cap';
 import { VM_NAME_RE } from '../store/meta';
 import { MAX_SIBLINGS } from '../wire/frames';
 
@@ -96,6 +97,8 @@ export interface PeerConfig {
   peer: Endpoint;
   /** The cap all migrations to this peer share, or null. */
   wan: WanCapConfig | null;
+  /** The link's rate to this peer in Mbit/s, as the operator knows it (`wan.linkMbit`), or null: measured. */
+  linkMbit: number | null;
 }
 
 /** One parsed `allowTargets` entry. */
@@ -299,7 +302,7 @@ export function parseConfig(text: string, source = DEFAULT_SOURCE): GatewayConfi
     if (peers.some((p) => formatEndpoint(p.peer) === text)) fail(`${at}.peer`, `${text} is listed twice`);
     // Settings for a peer no route dials would never apply: most likely a typo.
     if (!routes.some((r) => formatEndpoint(r.peer) === text)) fail(`${at}.peer`, `no route dials ${text} (routes[].peer)`);
-    peers.push({ peer, wan: parseWanCap(optional(item, 'wan'), `${at}.wan`, fail) });
+    peers.push({ peer, ...parsePeerWan(optional(item, 'wan'), `${at}.wan`, fail) });
   });
 
   // No default: a gateway dials for its peers only what its operator listed. Loopback used to be the

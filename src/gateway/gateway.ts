@@ -91,7 +91,7 @@ export class Gateway implements SessionObserver {
     }
     this.live = new LiveMigrations(config.progress);
     this.wanCaps = new WanCaps({
-      peers: config.peers.map((p) => ({ peer: formatEndpoint(p.peer), wan: p.wan })),
+      peers: config.peers.map((p) => ({ peer: formatEndpoint(p.peer), wan: p.wan, linkMbit: p.linkMbit })),
       routes: config.routes.map((r) => ({ vm: r.vm, peerKey: formatEndpoint(r.peer), wan: r.wan })),
     });
     this.sending = new MigrationChannels(config.limits.maxChannels);

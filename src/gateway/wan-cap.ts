@@ -5,13 +5,40 @@
  * QEMU, never a queue here. The sessions sharing one peer's bucket take turns fairly: when it refills,
  * those that have been charged least go first, and one that has got a quantum ahead of another one
  * waiting waits for it.
+ *
+ * And the link's rate where the operator knows it (`wan: { linkMbit: N }` under a peer): what the
+ * sending connections to that peer price a byte saved at, instead of measuring it (WanRate), each at an
+ * equal share of the link with the others open at the time.
  */
 import { describe, type Fail, isMapping } from './config-schema';
 
-/** A `wan:` block. */
+/** A `wan:` block's cap. */
 export interface WanCapConfig {
   /** Megabits (10^6 bits) per second on the WAN, frames included. */
   maxMbit: number;
+}
+
+/**
+ * A link to a peer of a rate the operator stated: the sending connections on it (a session, each of its
+ * extra channels) share it equally.
+ */
+export class WanLink {
+  private readonly members = new Set<WanShare>();
+
+  constructor(readonly bytesPerSecond: number) {}
+
+  join(share: WanShare): void {
+    this.members.add(share);
+  }
+
+  leave(share: WanShare): void {
+    this.members.delete(share);
+  }
+
+  /** One connection's share of the link now. */
+  get shareBytesPerSecond(): number {
+    return this.bytesPerSecond / Math.max(1, this.members.size);
+  }
 }
 
 /** How far a bucket may fill while no one writes: a short burst, so the cap holds over short windows too. */
@@ -114,8 +141,17 @@ export class WanShare {
   charged = 0;
   private resume: (() => void) | null = null;
 
-  constructor(private readonly caps: readonly WanCap[]) {
+  constructor(
+    private readonly caps: readonly WanCap[],
+    private readonly link: WanLink | null = null,
+  ) {
     for (const cap of caps) this.charged = Math.max(this.charged, cap.join(this));
+    link?.join(this);
+  }
+
+  /** This connection's share of its peer's link where the operator stated its rate (`wan.linkMbit`), bytes a second; -1: not stated. */
+  get linkBytesPerSecond(): number {
+    return this.link === null ? -1 : this.link.shareBytesPerSecond;
   }
 
   /** Waiting for a cap to refill (the source is not read meanwhile). */
@@ -150,33 +186,62 @@ export class WanShare {
   close(): void {
     this.resume = null;
     for (const cap of this.caps) cap.leave(this);
+    this.link?.leave(this);
   }
 }
 
-/** Every cap of a gateway: one per capped peer (shared by all its routes) and one per capped route. */
+/**
+ * Every cap of a gateway: one per capped peer (shared by all its routes) and one per capped route; and
+ * the links of the peers whose rate the operator stated.
+ */
 export class WanCaps {
   private readonly peers = new Map<string, WanCap>();
   private readonly routes = new Map<string, WanCap>();
+  private readonly links = new Map<string, WanLink>();
 
-  constructor(config: { peers: readonly { peer: string; wan: WanCapConfig | null }[]; routes: readonly { vm: string; peerKey: string; wan: WanCapConfig | null }[] }) {
-    for (const p of config.peers) if (p.wan) this.peers.set(p.peer, new WanCap(p.wan));
+  constructor(config: {
+    peers: readonly { peer: string; wan: WanCapConfig | null; linkMbit?: number | null }[];
+    routes: readonly { vm: string; peerKey: string; wan: WanCapConfig | null }[];
+  }) {
+    for (const p of config.peers) {
+      if (p.wan) this.peers.set(p.peer, new WanCap(p.wan));
+      if (p.linkMbit) this.links.set(p.peer, new WanLink((p.linkMbit * 1_000_000) / 8));
+    }
     for (const r of config.routes) if (r.wan) this.routes.set(r.vm, new WanCap(r.wan));
   }
 
-  /** A new share for one migration of `vm` to the peer `peerKey`. */
+  /** A new share for one connection of a migration of `vm` to the peer `peerKey`. */
   share(vm: string, peerKey: string): WanShare {
-    return new WanShare([this.routes.get(vm), this.peers.get(peerKey)].filter((c): c is WanCap => c !== undefined));
+    return new WanShare([this.routes.get(vm), this.peers.get(peerKey)].filter((c): c is WanCap => c !== undefined), this.links.get(peerKey) ?? null);
   }
 }
 
-/** A `wan:` block (under a peer or a route), or null when absent. */
+/** Megabits a second in a `wan:` block: a finite number in 0.1..1000000. */
+function mbitIn(value: Record<string, unknown>, name: string, key: string, fail: Fail): number {
+  const mbit = value[name];
+  if (typeof mbit !== 'number' || !Number.isFinite(mbit)) return fail(`${key}.${name}`, `must be a number of megabits per second, not ${describe(mbit)}`);
+  if (mbit < 0.1 || mbit > 1_000_000) return fail(`${key}.${name}`, `${mbit} is out of range (0.1..1000000)`);
+  return mbit;
+}
+
+/** A route's `wan:` block, or null when absent. */
 export function parseWanCap(value: unknown, key: string, fail: Fail): WanCapConfig | null {
   if (value === undefined || value === null) return null;
   if (!isMapping(value)) return fail(key, `must be a mapping with maxMbit, not ${describe(value)}`);
   const unknown = Object.keys(value).filter((k) => k !== 'maxMbit');
   if (unknown.length > 0) fail(`${key}.${unknown[0]}`, `unknown key "${key}.${unknown[0]}" (expected maxMbit)`);
-  const mbit = value.maxMbit;
-  if (typeof mbit !== 'number' || !Number.isFinite(mbit)) return fail(`${key}.maxMbit`, `must be a number of megabits per second, not ${describe(mbit)}`);
-  if (mbit < 0.1 || mbit > 1_000_000) return fail(`${key}.maxMbit`, `${mbit} is out of range (0.1..1000000)`);
-  return { maxMbit: mbit };
+  return { maxMbit: mbitIn(value, 'maxMbit', key, fail) };
+}
+
+/** A peer's `wan:` block: its cap (maxMbit) and its link's rate (linkMbit), each null when absent. */
+export function parsePeerWan(value: unknown, key: string, fail: Fail): { wan: WanCapConfig | null; linkMbit: number | null } {
+  if (value === undefined || value === null) return { wan: null, linkMbit: null };
+  if (!isMapping(value)) return fail(key, `must be a mapping with maxMbit and/or linkMbit, not ${describe(value)}`);
+  const unknown = Object.keys(value).filter((k) => k !== 'maxMbit' && k !== 'linkMbit');
+  if (unknown.length > 0) fail(`${key}.${unknown[0]}`, `unknown key "${key}.${unknown[0]}" (expected maxMbit, linkMbit)`);
+  if (value.maxMbit === undefined && value.linkMbit === undefined) fail(key, 'must give maxMbit, linkMbit or both');
+  return {
+    wan: value.maxMbit === undefined ? null : { maxMbit: mbitIn(value, 'maxMbit', key, fail) },
+    linkMbit: value.linkMbit === undefined ? null : mbitIn(value, 'linkMbit', key, fail),
+  };
 }

@@ -20,14 +20,20 @@ export class WanRate {
   /** Bytes a second over the last whole window; -1 until one has passed. */
   bytesPerSecond = -1;
   /**
-   * Bytes a second the link itself takes: what the socket handed on across LINK_WINDOW_MS of intervals
-   * in which the WAN held the session back, the kernel's send buffer full throughout, added up however
-   * far apart they came. bytesPerSecond is what the session gave the link; this is what it would take.
-   * -1 until measured.
+   * Bytes a second the link itself takes, as measured: what the socket handed on across LINK_WINDOW_MS
+   * of intervals in which the WAN held the session back, the kernel's send buffer full throughout, added
+   * up however far apart they came. bytesPerSecond is what the session gave the link; this is what it
+   * would take. -1 until measured.
    */
-  linkBytesPerSecond = -1;
-  /** How many times linkBytesPerSecond was measured (the session's end logs it beside the rate). */
+  private measuredLinkBytesPerSecond = -1;
+  /** How many times the link was measured (the session's end logs it beside the rate). */
   linkMeasurements = 0;
+  /**
+   * The connection's share of the link where the operator stated the link's rate (`wan.linkMbit` under
+   * the peer; WanShare.linkBytesPerSecond, set per chunk): it stands for the measured rate, which a busy
+   * host measures low (docs/benchmarks.md, "Fortieth session"). -1: not stated.
+   */
+  knownLinkBytesPerSecond = -1;
   private windowAt = -1;
   private windowBytes = 0;
   /** The last observation, and the held-back intervals added up since the link was last measured. */
@@ -45,7 +51,7 @@ export class WanRate {
       this.heldMs += nowMs - this.lastAt;
       this.heldBytes += sentBytes - this.lastSent;
       if (this.heldMs >= LINK_WINDOW_MS) {
-        this.linkBytesPerSecond = (this.heldBytes * 1000) / this.heldMs;
+        this.measuredLinkBytesPerSecond = (this.heldBytes * 1000) / this.heldMs;
         this.linkMeasurements++;
         this.heldMs = 0;
         this.heldBytes = 0;
@@ -66,13 +72,21 @@ export class WanRate {
   }
 
   /**
-   * The link's rate as the session's end logs it: as last measured (what the compression policy weighs a
-   * drained stretch against, and the main channel's prices a saved byte at), and how often it was
-   * measured. A leg that compressed throughout on a rate measured once or twice, early and low, is the
-   * case of docs/benchmarks.md, "Fortieth session".
+   * The link's rate: the connection's share of it where the operator stated it, else as last measured
+   * (-1 until then).
    */
-  get linkReport(): { linkBytesPerSecond: number; linkMeasurements: number } {
-    return { linkBytesPerSecond: Math.round(this.linkBytesPerSecond), linkMeasurements: this.linkMeasurements };
+  get linkBytesPerSecond(): number {
+    return this.knownLinkBytesPerSecond > 0 ? this.knownLinkBytesPerSecond : this.measuredLinkBytesPerSecond;
+  }
+
+  /**
+   * The link's rate as the session's end logs it: as stated or last measured (what the compression
+   * policy weighs a drained stretch against, and the main channel's prices a saved byte at), how often
+   * it was measured, and whether it was stated. A leg that compressed throughout on a rate measured once
+   * or twice, early and low, is the case of docs/benchmarks.md, "Fortieth session".
+   */
+  get linkReport(): { linkBytesPerSecond: number; linkMeasurements: number; linkStated: boolean } {
+    return { linkBytesPerSecond: Math.round(this.linkBytesPerSecond), linkMeasurements: this.linkMeasurements, linkStated: this.knownLinkBytesPerSecond > 0 };
   }
 
   /**

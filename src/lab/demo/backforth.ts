@@ -64,6 +64,12 @@ export interface BackForthOptions {
   scribble?: { bytes: number; perSecond: number };
   /** Also migrate through a second gateway pair with `compression: off`, path 'bfmig-uncompressed'. */
   uncompressed?: boolean;
+  /**
+   * Also migrate through a gateway pair each of whose sites states the link's rate (`peers[].wan.linkMbit`:
+   * the emulated WAN's `rateMbit`), path 'bfmig-link-stated': what the compression policy does when it
+   * need not measure the link.
+   */
+  linkStated?: boolean;
   /** Also migrate through a gateway pair that compresses on libuv's thread pool (`compressionRunsOn: thread-pool`), path 'bfmig-thread-pool'. */
   threadPool?: boolean;
   /** Also migrate through a gateway pair with `compression: off` and `deltas: off` (the gateway before either existed), path 'bfmig-plain'. */
@@ -83,10 +89,10 @@ export interface BackForthOptions {
 
 /**
  * How a leg crossed: QEMU to QEMU, through two plain TCP relays, through bfmig (compressing on the event
- * loop), through bfmig compressing on the thread pool, through bfmig with `compression: off`, through
- * bfmig with `compression: off` and `deltas: off`.
+ * loop), through bfmig told the link's rate, through bfmig compressing on the thread pool, through bfmig
+ * with `compression: off`, through bfmig with `compression: off` and `deltas: off`.
  */
-export type LegPath = 'direct' | 'relay' | 'bfmig' | 'bfmig-thread-pool' | 'bfmig-uncompressed' | 'bfmig-plain';
+export type LegPath = 'direct' | 'relay' | 'bfmig' | 'bfmig-link-stated' | 'bfmig-thread-pool' | 'bfmig-uncompressed' | 'bfmig-plain';
 
 export interface LegResult {
   leg: number;
@@ -268,8 +274,8 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
   };
   try {
     const [qemuA, qemuB] = await Promise.all([freePort(), freePort()]);
-    /** A gateway pair joined by WAN emulators; `more` is YAML both configs end with. */
-    const startPair = async (dir: string, more: string): Promise<Site[]> => {
+    /** A gateway pair joined by WAN emulators; `more` is YAML both configs end with (given the address each dials its peer at). */
+    const startPair = async (dir: string, more: string | ((farPeer: string) => string)): Promise<Site[]> => {
       const [peerA, peerB, routeA, routeB] = await Promise.all(Array.from({ length: 4 }, () => freePort()));
       const inboundA = new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: peerA }, rateMbit: o.rateMbit, delayMs: o.delayMs });
       const inboundB = new WanEmulator({ listen: { host: '127.0.0.1', port: 0 }, target: { host: '127.0.0.1', port: peerB }, rateMbit: o.rateMbit, delayMs: o.delayMs });
@@ -282,7 +288,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       const pair: Site[] = [];
       fs.mkdirSync(path.join(tmp, dir), { recursive: true });
       for (const s of specs) {
-        const yaml = loopbackSiteYaml({ name: s.name, data: path.join(tmp, dir, s.name), peerPort: s.peer, vm: 'demo-vm', routePort: s.route, farPeerPort: s.farWan, targetPort: s.farQemu }) + more;
+        const yaml = loopbackSiteYaml({ name: s.name, data: path.join(tmp, dir, s.name), peerPort: s.peer, vm: 'demo-vm', routePort: s.route, farPeerPort: s.farWan, targetPort: s.farQemu }) + (typeof more === 'string' ? more : more(`127.0.0.1:${s.farWan}`));
         const logPath = path.join(tmp, dir, `${s.name}.log`);
         const gateway = await startSiteGateway(path.join(tmp, dir), s.name, yaml, o.gatewayProcesses ? 'child-process' : 'in-process', { nodeArgs: o.gatewayNodeArgs, logPath });
         pair.push({ name: s.name, gateway, routePort: s.route, qemuPort: s.qemu, inbound: s.inbound, logPath });
@@ -290,6 +296,7 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
       return pair;
     };
     pairs.set('bfmig', await startPair('compressed', ''));
+    if (o.linkStated) pairs.set('bfmig-link-stated', await startPair('link-stated', (peer) => `peers:\n  - peer: ${peer}\n    wan: { linkMbit: ${o.rateMbit} }\n`));
     if (o.threadPool) pairs.set('bfmig-thread-pool', await startPair('thread-pool', 'compressionRunsOn: thread-pool\n'));
     if (o.uncompressed) pairs.set('bfmig-uncompressed', await startPair('uncompressed', 'compression: off\n'));
     if (o.plain) pairs.set('bfmig-plain', await startPair('plain', 'compression: off\ndeltas: off\n'));
