@@ -38,7 +38,7 @@ import { channelLabel, type ChannelGroup, type ExtraChannel } from './migration-
 import { OutputSlabs } from './output-slabs';
 import { heldDownstream, laterDownstream, PooledReads } from './pooled-reads';
 import { corked, tuneSourceConnection, tuneWanConnection, WAN_QUEUE_BYTES } from './socket-tuning';
-import type { WanShare } from './wan-cap';
+import { WanShare } from './wan-cap';
 import { WanPace } from './wan-pace';
 import { decodePayload, ProtocolViolation } from './protocol-violation';
 import { CONNECT_TIMEOUT_MS, peerText } from './session';
@@ -67,12 +67,10 @@ export interface ChannelSenderOptions extends RelayOptions {
   compressOffLoop?: boolean;
   route: RouteConfig;
   transport: PeerTransport;
-  /**
-   * The channel's part of the WAN caps on its route and peer, a share of its own beside the main
-   * channel's: a multifd channel carries most of a migration's bytes, an encrypted connection all of them.
-   */
-  wan: WanShare;
 }
+
+/** What a sender is on until start(): no cap, no link. */
+const UNCAPPED = new WanShare([]);
 
 /**
  * Keeps a channel's peer connection open for writing once the other gateway has ended its side: each
@@ -220,6 +218,12 @@ export class ChannelSender extends ChannelRelay {
   private literals: LiteralFrames | null = null;
   /** Told of each source chunk: whether the WAN held the channel back, the loop's load, the channel's share of the link. */
   private readonly pace = new WanPace();
+  /**
+   * The channel's part of the WAN caps on its route and peer (from start() on), a share of its own beside
+   * the main channel's: a multifd channel carries most of a migration's bytes, an encrypted connection
+   * all of them.
+   */
+  private wan = UNCAPPED;
   /** Frame bytes written to the peer. */
   private wanBytes = 0;
   /**
@@ -241,8 +245,14 @@ export class ChannelSender extends ChannelRelay {
     this.frames.maxPayload = sender.maxFrameBytes;
   }
 
-  /** Dials the peer once the main channel's peer has offered, then relays. Called once the channel has joined its group. */
-  start(): void {
+  /**
+   * Dials the peer once the main channel's peer has offered, then relays, on the WAN caps through `wan`
+   * (let go when the channel is over). Called once the channel has joined its group: a channel refused
+   * never holds a share.
+   */
+  start(wan: WanShare): void {
+    if (this.over) return wan.close();
+    this.wan = wan;
     // Read into reused buffers, as the main channel is: the source's bytes reach the peer socket as views
     // of them, a buffer is read into again only once the peer socket has written them, and the codec
     // copies what it keeps past a chunk (releaseInput). Nothing is read before the peer is dialled.
@@ -284,7 +294,7 @@ export class ChannelSender extends ChannelRelay {
     if (group.channelFramesBatched) literals.carryFrames();
     literals.onWritten = () => this.readSource();
     // A batch on the thread pool is charged its raw size until it comes back (LiteralFrames.onReserve).
-    literals.onReserve = (bytes) => this.sender.wan.charge(bytes);
+    literals.onReserve = (bytes) => this.wan.charge(bytes);
     literals.onError = (err) => this.fail(`${this.label}: ${err.message}`);
     this.literals = literals;
     /**
@@ -333,7 +343,7 @@ export class ChannelSender extends ChannelRelay {
 
   /** Writes frame bytes to the peer (LiteralFrames does, in order). */
   private toPeer(bytes: Buffer, done?: WriteDone): void {
-    this.sender.wan.charge(bytes.length);
+    this.wan.charge(bytes.length);
     (this.peer as Socket).write(bytes, done);
     this.wanBytes += bytes.length;
   }
@@ -348,7 +358,7 @@ export class ChannelSender extends ChannelRelay {
     // gateway took in at least that fast keeps compression on. No rate to price a batch's saving at, so
     // every batch that shrinks pays: priced at the rate of all the channels together, 4-channel first
     // legs at 1 Gbit/s compressed less and took longer (docs/benchmarks.md, "Tenth session").
-    this.pace.rate.knownLinkBytesPerSecond = this.sender.wan.linkBytesPerSecond;
+    this.pace.rate.knownLinkBytesPerSecond = this.wan.linkBytesPerSecond;
     this.pace.observe(literals.policy, peer.writableLength, this.wanBytes, chunk.length, performance.now());
     encoder.savingPays = literals.policy.savingPays;
     peer.cork();
@@ -363,7 +373,7 @@ export class ChannelSender extends ChannelRelay {
     }
     // The peer socket's backpressure, the codec waiting at a SYNC for the other channels, or batches
     // waiting for the thread pool.
-    const wanFull = peer.writableLength >= WAN_QUEUE_BYTES || this.sender.wan.hold(this.readSourceLater);
+    const wanFull = peer.writableLength >= WAN_QUEUE_BYTES || this.wan.hold(this.readSourceLater);
     if (wanFull || encoder.parked || literals.backlogged) this.source.pause();
     if (wanFull) literals.policy.pausedForWan();
   }
@@ -371,7 +381,7 @@ export class ChannelSender extends ChannelRelay {
   /** Reads the source again once neither the peer socket, a WAN cap in debt nor the codec holds it back. */
   private readSource(): void {
     if (this.over || !this.peer || this.encoder?.parked || this.peer.writableLength >= WAN_QUEUE_BYTES || this.literals?.backlogged) return;
-    if (this.sender.wan.hold(this.readSourceLater)) return;
+    if (this.wan.hold(this.readSourceLater)) return;
     this.source.resume();
   }
 
@@ -433,7 +443,7 @@ export class ChannelSender extends ChannelRelay {
   }
 
   protected override closed(): void {
-    this.sender.wan.close();
+    this.wan.close();
   }
 
   protected get streamBytes(): number {

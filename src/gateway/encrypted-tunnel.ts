@@ -29,7 +29,6 @@ import type { RouteConfig } from './config';
 import { ChannelGroup, type GroupEvent } from './migration-channels';
 import { type Direction, type MigrationReport, NO_STORE_IO, type SessionObserver } from './session';
 import type { PeerTransport } from './transport';
-import type { WanShare } from './wan-cap';
 import type { ChannelName } from '../wire/frames';
 
 export const ENCRYPTED: StreamFallback = {
@@ -49,11 +48,11 @@ export interface TunnelContext {
   event: (vm: string, direction: Direction) => GroupEvent;
 }
 
-/** Sending side: one encrypted connection of the source QEMU, on `route`, to the far gateway, on its WAN caps through `wan`. */
-export function tunnelFromSource(source: Socket, route: RouteConfig, site: string, transport: PeerTransport, ctx: TunnelContext, wan: WanShare): ChannelSender {
+/** Sending side: one encrypted connection of the source QEMU, on `route`, to the far gateway. */
+export function tunnelFromSource(source: Socket, route: RouteConfig, site: string, transport: PeerTransport, ctx: TunnelContext): ChannelSender {
   const target = formatEndpoint(route.target);
   const { group, over } = tunnelGroup(route.vm, 'send', target, source.remoteAddress ?? '?', ctx);
-  const relay = new ChannelSender(source, { site, route, transport, group, channel: CHANNEL, maxFrameBytes: ctx.maxFrameBytes, over, wan });
+  const relay = new ChannelSender(source, { site, route, transport, group, channel: CHANNEL, maxFrameBytes: ctx.maxFrameBytes, over });
   group.join(CHANNEL, source.remoteAddress ?? '?', null, relay);
   return relay;
 }

@@ -226,7 +226,7 @@ export class Gateway implements SessionObserver {
       if (head.kind === 'encrypted') {
         if (!route.encrypted) throw new Refusal('not-qemu', `the source started QEMU's own TLS (tls-creds), which route ${vm} refuses (routes[].encrypted: refuse)`);
         this.gate.identified(socket);
-        tunnelFromSource(socket, route, this.config.name, this.transport, this.tunnels, this.wanCaps.share(vm, formatEndpoint(route.peer))).start();
+        tunnelFromSource(socket, route, this.config.name, this.transport, this.tunnels).start(this.wanCaps.share(vm, formatEndpoint(route.peer)));
         return;
       }
       if (head.kind === 'multifd') {
@@ -267,11 +267,10 @@ export class Gateway implements SessionObserver {
       channel,
       maxFrameBytes: this.config.limits.maxFrameBytes,
       compressOffLoop: this.config.compressOffLoop,
-      wan: this.wanCaps.share(route.vm, formatEndpoint(route.peer)),
     });
     group.join(channel, socket.remoteAddress ?? '?', uuid, relay);
     this.gate.identified(socket);
-    relay.start();
+    relay.start(this.wanCaps.share(route.vm, formatEndpoint(route.peer)));
   }
 
   /**
