@@ -371,8 +371,8 @@ export class ChannelSender extends ChannelRelay {
     } finally {
       peer.uncork();
     }
-    // The peer socket's backpressure, the codec waiting at a SYNC for the other channels, or batches
-    // waiting for the thread pool.
+    // The peer socket's backpressure or a WAN cap in debt, the codec waiting at a SYNC for the other
+    // channels, or batches waiting for the thread pool.
     const wanFull = peer.writableLength >= WAN_QUEUE_BYTES || this.wan.hold(this.readSourceLater);
     if (wanFull || encoder.parked || literals.backlogged) this.source.pause();
     if (wanFull) literals.policy.pausedForWan();
