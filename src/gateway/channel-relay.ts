@@ -358,8 +358,7 @@ export class ChannelSender extends ChannelRelay {
     // gateway took in at least that fast keeps compression on. No rate to price a batch's saving at, so
     // every batch that shrinks pays: priced at the rate of all the channels together, 4-channel first
     // legs at 1 Gbit/s compressed less and took longer (docs/benchmarks.md, "Tenth session").
-    this.pace.rate.knownLinkBytesPerSecond = this.wan.linkBytesPerSecond;
-    this.pace.observe(literals.policy, peer.writableLength, this.wanBytes, chunk.length, performance.now());
+    this.pace.observe(literals.policy, peer.writableLength, this.wanBytes, chunk.length, performance.now(), this.wan.linkBytesPerSecond);
     encoder.savingPays = literals.policy.savingPays;
     peer.cork();
     try {

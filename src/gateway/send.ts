@@ -475,8 +475,7 @@ export class SendSession {
     // chunk produced, or the source was paused for it), how busy the event loop was meanwhile, and the
     // link's rate: from them the policy judges whether the WAN, the source or this gateway's CPU sets the pace.
     const policy = this.literals?.policy ?? null;
-    this.wanRate.knownLinkBytesPerSecond = this.options.wan.linkBytesPerSecond;
-    this.pace.observe(policy, this.peer.writableLength, this.life.wanOut, chunk.length, performance.now());
+    this.pace.observe(policy, this.peer.writableLength, this.life.wanOut, chunk.length, performance.now(), this.options.wan.linkBytesPerSecond);
     policy?.observeWanRate(this.wanRate.savedByteRate);
     this.encoder.resemblanceWorth.observeWanRate(this.wanRate.bytesPerSecond);
     // A delta costs store reads here and at the receiver, a content match one there: paid whatever they

@@ -23,10 +23,13 @@ export class WanPace {
 
   /**
    * The source's next chunk, of `chunkBytes`, arrived at `nowMs`: `queuedBytes` is what the peer socket
-   * still holds, `writtenBytes` all that was written to it. Tells `policy` (null: compression is off,
-   * the rate is measured all the same) and returns whether the WAN held the connection back.
+   * still holds, `writtenBytes` all that was written to it; `statedLinkBytesPerSecond`: the connection's
+   * share of a link whose rate the operator stated (WanShare.linkBytesPerSecond; -1: none), which stands
+   * for the measured one. Tells `policy` (null: compression is off, the rate is measured all the same)
+   * and returns whether the WAN held the connection back.
    */
-  observe(policy: CompressionPolicy | null, queuedBytes: number, writtenBytes: number, chunkBytes: number, nowMs: number): boolean {
+  observe(policy: CompressionPolicy | null, queuedBytes: number, writtenBytes: number, chunkBytes: number, nowMs: number, statedLinkBytesPerSecond = -1): boolean {
+    this.rate.knownLinkBytesPerSecond = statedLinkBytesPerSecond;
     let heldBack = false;
     if (policy !== null) {
       this.loop.tell(policy);
