@@ -158,10 +158,12 @@ function summarise(label: string, runs: number, legs: LegResult[]): string[] {
 
 /**
  * Pairs whose legs' pages to carry differ by at most this share are the same work. The files guest's
- * workload writes once a second, in a burst: a back leg carries one burst or two (before the runner
- * waited a whole round at the arrival site, none or one, ~45 pages or ~600) by where the legs fall in
- * that second, and a leg with more costs more on this host's one disk: paired with one of the other
- * kind, a leg wins or loses by that alone (docs/benchmarks.md, "Thirtieth session").
+ * workload wrote its updates once a second, in a burst: a back leg carried one burst or two (before the
+ * runner waited a whole round at the arrival site, none or one, ~45 pages or ~600) by where the legs
+ * fell in that second, and a leg with more costs more on this host's one disk: paired with one of the
+ * other kind, a leg won or lost by that alone (docs/benchmarks.md, "Thirtieth session"). Spread through
+ * the second since the forty-second session, the updates a leg carries follow how long it and the wait
+ * before it took: a slower leg carries more, which is its own cost.
  */
 const SAME_WORK_SHARE = 0.2;
 

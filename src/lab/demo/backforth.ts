@@ -326,11 +326,12 @@ export async function runBackForth(o: BackForthOptions): Promise<LegResult[]> {
         const from = pathSites[(leg - 1) % 2];
         const to = pathSites[leg % 2];
         // Every leg after the first waits for one whole round of the workload at the site the guest arrived
-        // at (the next VERIFY OK after the one that confirmed its arrival). The workload writes once a
-        // second, in a burst: a leg that started right after the arrival's check found that round's writes
-        // sent already or not, by where the last leg's stop fell in the round, and a files guest's back leg
-        // carried ~45 pages or ~600 (docs/benchmarks.md, "Thirtieth session"). A guest that fails its check
-        // says so in the leg's own verification.
+        // at (the next VERIFY OK after the one that confirmed its arrival). The workload rewrote its pages
+        // once a round, in a burst: a leg that started right after the arrival's check found that round's
+        // writes sent already or not, by where the last leg's stop fell in the round, and a files guest's
+        // back leg carried ~45 pages or ~600 (docs/benchmarks.md, "Thirtieth session"). Its database-like
+        // updates are spread through the round since the forty-second session. A guest that fails its
+        // check says so in the leg's own verification.
         if (arrivalCheckedMark >= 0) await vm.waitForSerial(VERIFIED, 120_000, { since: arrivalCheckedMark }).catch(() => undefined);
         const changePct = leg >= 2 ? changes[leg - 2] ?? 0 : 0;
         let changedPages = 0;
