@@ -2,6 +2,7 @@
  * WAN caps on loopback: site A routes vm1, vm2 and vm3 to site B through a TCP relay that counts the
  * bytes crossing it (the WAN). vm1's route is capped at 24 Mbit/s, the peer (every route to it) at 32
  * Mbit/s; vm3 migrates with multifd channels, which the peer's cap holds as it holds a main channel.
+ * The peer's link is stated at the cap's rate (linkMbit), as an operator whose cap is the link would.
  * The cap is a property of the limiter, so the tests assert ratios of bytes to time against it, measured
  * over windows of several seconds, never absolute times.
  */
@@ -87,7 +88,7 @@ describe('WAN caps', () => {
       loopbackMultiRouteYaml({ name: 'site-a', data: path.join(tmp, 'a'), peerPort: peerA, farPeerPort: wan.port, routes }).replace(
         `    target: 127.0.0.1:${destinations[0].port}\n`,
         `    target: 127.0.0.1:${destinations[0].port}\n    wan: { maxMbit: ${ROUTE_MBIT} }\n`,
-      ) + `peers:\n  - peer: 127.0.0.1:${wan.port}\n    wan: { maxMbit: ${PEER_MBIT} }\n`;
+      ) + `peers:\n  - peer: 127.0.0.1:${wan.port}\n    wan: { maxMbit: ${PEER_MBIT}, linkMbit: ${PEER_MBIT} }\n`;
     a = await startLoggedGateway('site-a', yamlA);
     b = await startLoggedGateway('site-b', loopbackMultiRouteYaml({ name: 'site-b', data: path.join(tmp, 'b'), peerPort: peerB, farPeerPort: peerA, routes: [] }));
   });
@@ -177,5 +178,11 @@ describe('WAN caps', () => {
       timeline.stop();
     }
     await waitFor(() => a.logs.some((l) => l.msg === 'migration completed' && l.vm === 'vm3'));
+    // The link stated at the cap's rate: each channel worked with a quarter of it while all four were
+    // open (its main channel, carrying no pages meanwhile, took no share of its own), more as others ended.
+    const ended = a.logs.filter((l) => l.msg === 'channel ended' && l.vm === 'vm3');
+    expect(ended).toHaveLength(MULTIFD_CHANNELS);
+    expect(ended.every((l) => l.linkStated === true)).toBe(true);
+    expect(Math.min(...ended.map((l) => Number(l.linkBytesPerSecond)))).toBe((PEER_MBIT * 1e6) / 8 / MULTIFD_CHANNELS);
   }, 60_000);
 });

@@ -71,4 +71,31 @@ describe('WanLink', () => {
     expect(caps.share('vm1', 'gw-c:7300').linkBytesPerSecond).toBe(-1);
     expect(new WanShare([], new WanLink(1e6)).linkBytesPerSecond).toBe(1e6);
   });
+
+  test("a migration's main channel counts as no connection of its own while extra channels of it are open", () => {
+    const caps = new WanCaps({ peers: [{ peer: 'gw-b:7300', wan: null, linkMbit: 1000 }], routes: [] });
+    const main = caps.share('vm1', 'gw-b:7300');
+    const channels = Array.from({ length: 4 }, () => caps.share('vm1', 'gw-b:7300', main));
+    // Four multifd channels: a quarter of the link each (a fifth when the main channel counted), and the
+    // main channel works with a channel's share.
+    expect([main, ...channels].map((s) => s.linkBytesPerSecond)).toEqual(Array(5).fill(31.25e6));
+    // Another VM's migration on the same link counts as a connection.
+    const other = caps.share('vm2', 'gw-b:7300');
+    expect(other.linkBytesPerSecond).toBe(25e6);
+    other.close();
+    for (const c of channels.slice(1)) c.close();
+    expect([main.linkBytesPerSecond, channels[0].linkBytesPerSecond]).toEqual([125e6, 125e6]);
+    // The last channel gone (closed twice, as an aborted channel may be), the main channel counts again.
+    channels[0].close();
+    channels[0].close();
+    const late = caps.share('vm2', 'gw-b:7300');
+    expect([main.linkBytesPerSecond, late.linkBytesPerSecond]).toEqual([62.5e6, 62.5e6]);
+    late.close();
+    // A main channel that ends first (its migration failed) leaves its channels sharing as any connections.
+    const next = caps.share('vm3', 'gw-b:7300');
+    const nextChannels = [caps.share('vm3', 'gw-b:7300', next), caps.share('vm3', 'gw-b:7300', next)];
+    next.close();
+    main.close();
+    expect(nextChannels.map((s) => s.linkBytesPerSecond)).toEqual([62.5e6, 62.5e6]);
+  });
 });

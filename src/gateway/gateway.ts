@@ -270,7 +270,9 @@ export class Gateway implements SessionObserver {
     });
     group.join(channel, socket.remoteAddress ?? '?', uuid, relay);
     this.gate.identified(socket);
-    relay.start(this.wanCaps.share(route.vm, formatEndpoint(route.peer)));
+    // A multifd channel's share is taken beside its main channel's (WanLink); a postcopy preempt channel
+    // carries the pages the destination asks for while the main channel goes on with the rest: one more.
+    relay.start(this.wanCaps.share(route.vm, formatEndpoint(route.peer), channel.kind === 'multifd' ? group.mainWanShare : null));
   }
 
   /**

@@ -22,6 +22,7 @@ import type { MultifdMigration } from '../proxy/multifd-migration';
 import type { ZSTD } from '../wire/compression';
 import { type ChannelName } from '../wire/frames';
 import { Refusal } from './limits';
+import type { WanShare } from './wan-cap';
 
 /** What a group needs of its main channel's session. */
 export interface MainChannel {
@@ -33,6 +34,8 @@ export interface MainChannel {
   compression(): typeof ZSTD | null;
   /** The receiver takes CompressedFrames on the extra channels (its Offer said so); a receiving group's main: absent. */
   channelFramesBatched?(): boolean;
+  /** The main channel's share of the WAN caps and the stated link (its extra channels' are taken beside it); a receiving group's main: absent. */
+  wanShare?(): WanShare;
 }
 
 /** An extra channel's relay, as its group sees it. */
@@ -94,6 +97,11 @@ export class ChannelGroup {
   /** The extra channels' Runs and Deltas go inside their compressed batches (Feature.ChannelCompressedFrames). */
   get channelFramesBatched(): boolean {
     return this.main.channelFramesBatched?.() ?? false;
+  }
+
+  /** The main channel's WAN share, beside which an extra channel takes its own (null: a receiving group). */
+  get mainWanShare(): WanShare | null {
+    return this.main.wanShare?.() ?? null;
   }
 
   /** Multifd channels that joined so far. */

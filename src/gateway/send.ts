@@ -163,7 +163,7 @@ export class SendSession {
     private readonly options: SendOptions,
   ) {
     this.life = new SessionLifecycle('send', options.route.vm, options, () => this.progress());
-    this.group = options.openGroup({ abort: (reason) => this.fail(reason), postcopyAdvised: () => this.encoder?.postcopyAdvised ?? false, compression: () => (this.literals?.compressing ? ZSTD : null), channelFramesBatched: () => this.channelFramesBatched });
+    this.group = options.openGroup({ abort: (reason) => this.fail(reason), postcopyAdvised: () => this.encoder?.postcopyAdvised ?? false, compression: () => (this.literals?.compressing ? ZSTD : null), channelFramesBatched: () => this.channelFramesBatched, wanShare: () => this.options.wan });
     accepted.pause();
     this.frames = new FrameParser((type, payload) => this.onFrame(type, payload));
     // Until the peer's Offer, only small frames: a peer cannot make us buffer (or log) megabytes of it.

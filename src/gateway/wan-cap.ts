@@ -20,24 +20,37 @@ export interface WanCapConfig {
 
 /**
  * A link to a peer of a rate the operator stated: the sending connections on it (a session, each of its
- * extra channels) share it equally.
+ * extra channels) share it equally, except a migration's main channel while multifd channels of it are
+ * open: it carries QEMU's setup, device state and sync points while they carry the pages, and counted
+ * as one more connection it took a share they then lacked (each of 4 channels worked with a fifth of
+ * the link). It works with a channel's share meanwhile.
  */
 export class WanLink {
   private readonly members = new Set<WanShare>();
+  /** Main channels with multifd channels open beside them, and how many. */
+  private readonly beside = new Map<WanShare, number>();
 
   constructor(readonly bytesPerSecond: number) {}
 
-  join(share: WanShare): void {
+  /** `share` joins, as a multifd channel of the migration whose main channel holds `main` (null: any other connection). */
+  join(share: WanShare, main: WanShare | null = null): void {
     this.members.add(share);
+    if (main !== null) this.beside.set(main, (this.beside.get(main) ?? 0) + 1);
   }
 
-  leave(share: WanShare): void {
-    this.members.delete(share);
+  leave(share: WanShare, main: WanShare | null = null): void {
+    if (!this.members.delete(share)) return;
+    if (main === null) return;
+    const open = (this.beside.get(main) ?? 0) - 1;
+    if (open > 0) this.beside.set(main, open);
+    else this.beside.delete(main);
   }
 
   /** One connection's share of the link now. */
   get shareBytesPerSecond(): number {
-    return this.bytesPerSecond / Math.max(1, this.members.size);
+    let counted = this.members.size;
+    for (const main of this.beside.keys()) if (this.members.has(main)) counted--;
+    return this.bytesPerSecond / Math.max(1, counted);
   }
 }
 
@@ -144,9 +157,11 @@ export class WanShare {
   constructor(
     private readonly caps: readonly WanCap[],
     private readonly link: WanLink | null = null,
+    /** For a multifd channel of a migration: its main channel's share (WanLink). */
+    private readonly main: WanShare | null = null,
   ) {
     for (const cap of caps) this.charged = Math.max(this.charged, cap.join(this));
-    link?.join(this);
+    link?.join(this, main);
   }
 
   /** This connection's share of its peer's link where the operator stated its rate (`wan.linkMbit`), bytes a second; -1: not stated. */
@@ -186,7 +201,7 @@ export class WanShare {
   close(): void {
     this.resume = null;
     for (const cap of this.caps) cap.leave(this);
-    this.link?.leave(this);
+    this.link?.leave(this, this.main);
   }
 }
 
@@ -210,9 +225,9 @@ export class WanCaps {
     for (const r of config.routes) if (r.wan) this.routes.set(r.vm, new WanCap(r.wan));
   }
 
-  /** A new share for one connection of a migration of `vm` to the peer `peerKey`. */
-  share(vm: string, peerKey: string): WanShare {
-    return new WanShare([this.routes.get(vm), this.peers.get(peerKey)].filter((c): c is WanCap => c !== undefined), this.links.get(peerKey) ?? null);
+  /** A new share for one connection of a migration of `vm` to the peer `peerKey`; `main`: the main channel's, for a multifd channel. */
+  share(vm: string, peerKey: string, main: WanShare | null = null): WanShare {
+    return new WanShare([this.routes.get(vm), this.peers.get(peerKey)].filter((c): c is WanCap => c !== undefined), this.links.get(peerKey) ?? null, main);
   }
 }
 
